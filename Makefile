@@ -1,0 +1,35 @@
+# Quick start: `make run` (set up, then train the default model on Fashion-MNIST) and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup run test data bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@# torch is an optional test/bench dependency (cross-checks); a CPU build lies on this machine's disk.
+	-$(PY) -m pip install -q torch==2.13.0 || echo "torch not installed: PyTorch cross-checks will be skipped"
+	touch $(STAMP)
+
+# Fashion-MNIST comes from Debian's package; hetnet also downloads it (with checksums) when online.
+data:
+	@if [ ! -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)) >/dev/null || true; \
+	fi
+
+run: setup data
+	$(VENV)/bin/hetnet train
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(VENV)/bin/hetnet bench
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

@@ -1,0 +1,338 @@
+"""Parameter, Layer and Sequential: the device-independent part of every layer.
+
+A layer owns its parameters, their gradients and the cache its forward pass leaves for backward. The arithmetic is
+the backend's (`self.backend.<op>_forward / _backward`); layers never branch on the device.
+
+    >>> import hetnet as hn
+    >>> model = hn.Sequential([hn.Flatten(), hn.Dense(784, 10)]).to("cpu")
+    >>> [p.data.shape for p in model.parameters()]
+    [(10, 784), (10,)]
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+
+from ..device import get_backend
+
+
+class Parameter:
+    """A trainable array and its gradient (same shape). Assigning to `.data` copies into the existing storage."""
+
+    def __init__(self, data: np.ndarray, backend=None):
+        self.backend = backend or get_backend("cpu")
+        self._data = self.backend.asarray(np.asarray(data))
+        self._grad = self.backend.zeros(self._data.shape)
+        self._pack = None  # the FlatPack whose buffers hold data and grad, if any
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self._data.shape)
+
+    @property
+    def data(self):
+        return self._data
+
+    @data.setter
+    def data(self, value) -> None:
+        value = _host(value)
+        if tuple(value.shape) != self.shape:
+            raise ValueError(f"cannot assign an array of shape {tuple(value.shape)} to a parameter of shape {self.shape}")
+        self._data[...] = self.backend.asarray(value)
+
+    @property
+    def grad(self):
+        return self._grad
+
+    @grad.setter
+    def grad(self, value) -> None:
+        value = _host(value)
+        if tuple(value.shape) != self.shape:
+            raise ValueError(f"cannot assign a gradient of shape {tuple(value.shape)} to a parameter of shape {self.shape}")
+        self._grad[...] = self.backend.asarray(value)
+
+    def zero_grad(self) -> None:
+        self._grad[...] = 0
+
+    def to(self, backend) -> None:
+        """Move to another backend (a fresh, unshared storage)."""
+        if backend is self.backend:
+            return
+        data, grad = self.backend.to_numpy(self._data), self.backend.to_numpy(self._grad)
+        self.backend = backend
+        self._data, self._grad = backend.asarray(data), backend.asarray(grad)
+        self._pack = None
+
+    def _bind(self, data, grad) -> None:
+        """Use views of a flat buffer as storage (see `pack_parameters`); values are copied over."""
+        data[...] = self._data
+        grad[...] = self._grad
+        self._data, self._grad = data, grad
+
+    def __repr__(self) -> str:
+        return f"Parameter(shape={self.shape}, device={self.backend.name})"
+
+
+def _host(value):
+    """A NumPy view of value (CuPy arrays are copied to the host)."""
+    if isinstance(value, np.ndarray):
+        return value
+    if hasattr(value, "get"):
+        return value.get()
+    return np.asarray(value)
+
+
+class FlatPack:
+    """All parameters of a model in one flat data buffer and one flat gradient buffer; each Parameter holds views.
+
+    One buffer each lets an optimiser update every parameter in one call (one kernel launch on the GPU) and prepares
+    an all-reduce of the gradients.
+    """
+
+    def __init__(self, params: list[Parameter], backend):
+        self.params = params
+        self.backend = backend
+        total = sum(int(np.prod(p.shape)) for p in params)
+        self.data = backend.zeros((total,))
+        self.grad = backend.zeros((total,))
+        offset = 0
+        for p in params:
+            n = int(np.prod(p.shape))
+            p._bind(self.data[offset:offset + n].reshape(p.shape), self.grad[offset:offset + n].reshape(p.shape))
+            offset += n
+        for p in params:
+            p._pack = self
+
+
+class Layer:
+    """Base class. Subclasses set `self.params` (name -> Parameter) and `self.buffers` (name -> array) and implement
+    `forward`, `backward` and `output_shape`."""
+
+    def __init__(self):
+        self.backend = get_backend("cpu")
+        self.training = True
+        self.params: "OrderedDict[str, Parameter]" = OrderedDict()
+        self.buffers: "OrderedDict[str, object]" = OrderedDict()
+        self.cache = None
+
+    # -- parameters as attributes: layer.weight, layer.bias, layer.running_mean ...
+    def __getattr__(self, name):
+        d = self.__dict__
+        if "params" in d and name in d["params"]:
+            return d["params"][name]
+        if "buffers" in d and name in d["buffers"]:
+            return d["buffers"][name]
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    def __setattr__(self, name, value):
+        d = self.__dict__
+        if "buffers" in d and name in d["buffers"]:
+            d["buffers"][name][...] = self.backend.asarray(_host(value))
+        else:
+            object.__setattr__(self, name, value)
+
+    # -- device and mode
+    def to(self, device) -> "Layer":
+        """Move parameters and buffers to a device ('reference', 'cpu', 'cuda', 'cuda:N'); returns self."""
+        backend = device if not isinstance(device, str) else get_backend(device)
+        if backend is not self.backend:
+            for p in self.params.values():
+                p.to(backend)
+            for k, v in list(self.buffers.items()):
+                self.buffers[k] = backend.asarray(self.backend.to_numpy(v))
+            self.backend = backend
+            self.cache = None
+        return self
+
+    @property
+    def device(self) -> str:
+        return self.backend.name
+
+    def train(self, mode: bool = True) -> "Layer":
+        self.training = mode
+        return self
+
+    def eval(self) -> "Layer":
+        return self.train(False)
+
+    def parameters(self) -> list[Parameter]:
+        return list(self.params.values())
+
+    def zero_grad(self) -> None:
+        for p in self.parameters():
+            p.zero_grad()
+
+    def named_arrays(self, prefix: str = ""):
+        """(name, array) for parameters then buffers, names like 'weight', 'running_mean'."""
+        for k, p in self.params.items():
+            yield prefix + k, p.data
+        for k, v in self.buffers.items():
+            yield prefix + k, v
+
+    def state_dict(self) -> "OrderedDict[str, np.ndarray]":
+        return OrderedDict((k, self.backend.to_numpy(v).copy()) for k, v in self.named_arrays())
+
+    def load_state_dict(self, state: dict, strict: bool = True) -> None:
+        _load_state(self, state, strict)
+
+    # -- shapes
+    def output_shape(self, input_shape: tuple) -> tuple:
+        """Per-sample output shape for a per-sample input shape (no batch axis); ValueError naming the layer if the
+        input does not fit. Shape-preserving layers keep the default."""
+        return tuple(input_shape)
+
+    def _check_input(self, x) -> None:
+        """Validate a batch against output_shape (raises ValueError naming the layer)."""
+        if x.ndim < 1:
+            raise ValueError(f"{self!r}: expected a batched input, got a scalar")
+        self.output_shape(tuple(x.shape[1:]))
+
+    def __call__(self, x):
+        return self.forward(x)
+
+    def forward(self, x):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def backward(self, dy):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _init_kind(self) -> str | None:
+        """'he' / 'glorot' for layers with weights initialised by hetnet.init, None otherwise."""
+        return None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def _load_state(module, state: dict, strict: bool) -> None:
+    own = dict(module.named_arrays())
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if strict and (missing or unexpected):
+        raise ValueError(f"state_dict mismatch: missing {missing}, unexpected {unexpected}")
+    for k, arr in own.items():
+        if k not in state:
+            continue
+        value = _host(state[k])
+        if tuple(value.shape) != tuple(arr.shape):
+            raise ValueError(f"state_dict entry {k!r}: expected shape {tuple(arr.shape)}, got {tuple(value.shape)}")
+        arr[...] = module.backend.asarray(value)
+
+
+_SKIP_FOR_INIT = ("BatchNorm1D", "BatchNorm2D", "Dropout")
+
+
+class Sequential(Layer):
+    """Layers applied in order. Dense/Conv2D layers followed by ReLU (BatchNorm and Dropout in between allowed) are
+    re-initialised He-normal, as in the thesis; others keep Glorot.
+
+        >>> import hetnet as hn, numpy as np
+        >>> m = hn.Sequential([hn.Dense(4, 3), hn.ReLU(), hn.Dense(3, 2)]).to("reference")
+        >>> m.forward(np.ones((5, 4))).shape
+        (5, 2)
+    """
+
+    def __init__(self, layers: list[Layer]):
+        super().__init__()
+        self.layers = list(layers)
+        for i, layer in enumerate(self.layers):
+            if not isinstance(layer, Layer):
+                raise TypeError(f"Sequential: item {i} is {type(layer).__name__}, not a hetnet layer")
+        self._reinit_for_relu()
+        self._pack: FlatPack | None = None
+        self._checked_shape = None
+
+    def _reinit_for_relu(self) -> None:
+        for i, layer in enumerate(self.layers):
+            if layer._init_kind() is None:
+                continue
+            nxt = next((lyr for lyr in self.layers[i + 1:] if type(lyr).__name__ not in _SKIP_FOR_INIT), None)
+            if type(nxt).__name__ == "ReLU":
+                layer.reset_parameters("he")
+
+    # -- device, mode, parameters
+    def to(self, device) -> "Sequential":
+        backend = device if not isinstance(device, str) else get_backend(device)
+        for layer in self.layers:
+            layer.to(backend)
+        changed = backend is not self.backend or self._pack is None
+        self.backend = backend
+        if changed:
+            params = self.parameters()
+            self._pack = FlatPack(params, backend) if params else None
+        return self
+
+    def train(self, mode: bool = True) -> "Sequential":
+        self.training = mode
+        for layer in self.layers:
+            layer.train(mode)
+        return self
+
+    def parameters(self) -> list[Parameter]:
+        return [p for layer in self.layers for p in layer.parameters()]
+
+    def zero_grad(self) -> None:
+        if self._pack is not None and self._pack.backend is self.backend:
+            self._pack.grad[...] = 0
+        else:
+            super().zero_grad()
+
+    def named_arrays(self, prefix: str = ""):
+        for i, layer in enumerate(self.layers):
+            yield from layer.named_arrays(f"{prefix}{i}.")
+
+    # -- shapes
+    def output_shape(self, input_shape: tuple) -> tuple:
+        shape = tuple(input_shape)
+        for layer in self.layers:
+            shape = layer.output_shape(shape)
+        return shape
+
+    # -- passes
+    def forward(self, x):
+        shape = tuple(x.shape[1:])
+        if shape != self._checked_shape:
+            self.output_shape(shape)  # ValueError naming the first layer that does not fit
+            self._checked_shape = shape
+        for layer in self.layers:
+            x = layer.forward(x)
+        return x
+
+    def backward(self, dy, need_dx: bool = True):
+        """Backpropagate dy through every layer (accumulating parameter gradients); returns d(input)."""
+        for i in range(len(self.layers) - 1, -1, -1):
+            layer = self.layers[i]
+            if i == 0 and not need_dx and hasattr(layer, "need_dx"):
+                layer.need_dx = False
+                try:
+                    dy = layer.backward(dy)
+                finally:
+                    layer.need_dx = True
+            else:
+                dy = layer.backward(dy)
+        return dy
+
+    def predict(self, x, batch_size: int = 256):
+        """Class probabilities for a batch (eval mode, softmax of the logits), as a NumPy array."""
+        from .. import losses
+
+        was_training = self.training
+        self.eval()
+        try:
+            out = []
+            for i in range(0, x.shape[0], batch_size):
+                out.append(self.backend.to_numpy(losses.softmax(self.forward(x[i:i + batch_size]))))
+        finally:
+            self.train(was_training)
+        return np.concatenate(out) if out else np.zeros((0,))
+
+    def __repr__(self) -> str:
+        inner = ",\n".join(f"  ({i}) {layer!r}" for i, layer in enumerate(self.layers))
+        return f"Sequential(\n{inner}\n)"
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, i):
+        return self.layers[i]

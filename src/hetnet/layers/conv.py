@@ -1,0 +1,81 @@
+"""2-D convolution (cross-correlation, as every framework): weight (K, C, R, S), zero padding, square stride."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..init import initial_weight
+from .base import Layer, Parameter
+
+
+def conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
+    """Output length along one axis: floor((size + 2*padding - kernel) / stride) + 1."""
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+class Conv2D(Layer):
+    """y[n,k,p,q] = b[k] + sum_{c,r,s} w[k,c,r,s] * xpad[n, c, p*stride + r, q*stride + s].
+
+        >>> import hetnet as hn, numpy as np
+        >>> hn.Conv2D(3, 8, 3, padding=1).to("reference").forward(np.ones((2, 3, 5, 7))).shape
+        (2, 8, 5, 7)
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
+                 bias: bool = True):
+        super().__init__()
+        ks = _single(kernel_size, "kernel_size")
+        for name, v, lo in (("in_channels", in_channels, 1), ("out_channels", out_channels, 1),
+                            ("kernel_size", ks, 1), ("stride", stride, 1), ("padding", padding, 0)):
+            if int(v) < lo:
+                raise ValueError(f"Conv2D: {name} must be >= {lo}, got {v}")
+        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
+        self.kernel_size, self.stride, self.padding = ks, int(_single(stride, "stride")), int(_single(padding, "padding"))
+        self.use_bias = bool(bias)
+        self.need_dx = True
+        k = self.kernel_size
+        self.params["weight"] = Parameter(np.zeros((self.out_channels, self.in_channels, k, k)), self.backend)
+        if self.use_bias:
+            self.params["bias"] = Parameter(np.zeros(self.out_channels), self.backend)
+        self.reset_parameters("glorot")
+
+    def _init_kind(self) -> str:
+        return "glorot"
+
+    def reset_parameters(self, kind: str) -> None:
+        self.weight.data = initial_weight(self.weight.shape, kind)
+        if self.use_bias:
+            self.bias.data = np.zeros(self.out_channels)
+
+    def output_shape(self, input_shape: tuple) -> tuple:
+        if len(input_shape) != 3 or input_shape[0] != self.in_channels:
+            raise ValueError(f"{self!r}: expected input of shape (N, {self.in_channels}, H, W), "
+                             f"got (N, {', '.join(map(str, input_shape))})")
+        _, h, w = input_shape
+        p, q = (conv_out(s, self.kernel_size, self.stride, self.padding) for s in (h, w))
+        if p < 1 or q < 1:
+            raise ValueError(f"{self!r}: input of {h}x{w} is smaller than the {self.kernel_size}x{self.kernel_size} "
+                             f"kernel with padding {self.padding}")
+        return (self.out_channels, p, q)
+
+    def forward(self, x):
+        self._check_input(x)
+        bias = self.bias.data if self.use_bias else None
+        y, self.cache = self.backend.conv2d_forward(x, self.weight.data, bias, self.stride, self.padding)
+        return y
+
+    def backward(self, dy):
+        db = self.bias.grad if self.use_bias else None
+        return self.backend.conv2d_backward(dy, self.cache, self.weight.grad, db, need_dx=self.need_dx)
+
+    def __repr__(self) -> str:
+        return (f"Conv2D({self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, bias={self.use_bias})")
+
+
+def _single(v, name: str) -> int:
+    """Accept an int or a square pair (k, k)."""
+    if isinstance(v, (tuple, list)):
+        if len(v) != 2 or v[0] != v[1]:
+            raise ValueError(f"{name}: only square values are supported, got {tuple(v)}")
+        v = v[0]
+    return int(v)
