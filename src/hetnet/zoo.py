@@ -1,0 +1,155 @@
+"""Named models: the thesis's five CNNs, an MLP and the default Fashion-MNIST CNN; and JSON specs.
+
+Thesis models: every convolution 3x3 with padding 1, followed by ReLU and 2x2 max pooling; hidden dense layers use
+ReLU; trained with softmax cross-entropy and plain SGD at batch 32.
+
+    >>> from hetnet import zoo
+    >>> model = zoo.build("thesis-m1")
+    >>> zoo.PRESETS["thesis-m1"].input_shape
+    (3, 32, 32)
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import layers as L
+from .errors import ModelFileError, UsageError
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named model and its default training recipe."""
+    input_shape: tuple
+    layers: list                       # JSON-style layer specs: {"type": "Conv2D", ...constructor arguments}
+    lr: float = 0.01
+    optimizer: str = "sgd"             # sgd | momentum | adam | adamw
+    batch_size: int = 32
+    epochs: int = 10
+    schedule: str = "constant"         # constant | step | cosine | onecycle
+    weight_decay: float = 0.0
+    warmup_epochs: float = 0.0
+    label_smoothing: float = 0.0
+    augment: tuple = field(default=())  # "crop" (random crop, padding 2 for 28x28 / 4 for 32x32), "flip"
+    description: str = ""
+
+
+def _thesis(input_shape: tuple, convs: list[int], dense: list[int], lr: float, classes: int = 10) -> list:
+    c, h, w = input_shape
+    specs = []
+    for k in convs:
+        specs += [{"type": "Conv2D", "in_channels": c, "out_channels": k, "kernel_size": 3, "padding": 1},
+                  {"type": "ReLU"}, {"type": "MaxPool2D", "kernel_size": 2}]
+        c, h, w = k, h // 2, w // 2
+    specs.append({"type": "Flatten"})
+    f = c * h * w
+    for d in dense:
+        specs += [{"type": "Dense", "in_features": f, "out_features": d}, {"type": "ReLU"}]
+        f = d
+    specs.append({"type": "Dense", "in_features": f, "out_features": classes})
+    return specs
+
+
+def _thesis_preset(shape, convs, dense, lr, name) -> Preset:
+    return Preset(shape, _thesis(shape, convs, dense, lr), lr=lr, optimizer="sgd", batch_size=32, epochs=10,
+                  description=f"thesis {name}: conv {'-'.join(map(str, convs))}, dense {'-'.join(map(str, dense))}-10")
+
+
+PRESETS: dict[str, Preset] = {
+    "thesis-m0": _thesis_preset((3, 12, 12), [16, 32], [100], 0.01, "model 0"),
+    "thesis-m1": _thesis_preset((3, 32, 32), [16, 32], [100], 0.01, "model 1"),
+    "thesis-m2": _thesis_preset((3, 40, 40), [16, 32], [100], 0.001, "model 2"),
+    "thesis-m3": _thesis_preset((3, 40, 40), [16, 32, 32], [128, 50], 0.00001, "model 3"),
+    "thesis-m4": _thesis_preset((3, 50, 50), [32, 32, 32], [200, 50], 0.00001, "model 4"),
+    "mlp": Preset((1, 28, 28), [
+        {"type": "Flatten"},
+        {"type": "Dense", "in_features": 784, "out_features": 512}, {"type": "ReLU"},
+        {"type": "Dense", "in_features": 512, "out_features": 256}, {"type": "ReLU"},
+        {"type": "Dense", "in_features": 256, "out_features": 10},
+    ], lr=0.05, optimizer="momentum", batch_size=128, epochs=10, schedule="cosine", weight_decay=5e-4,
+        description="MLP 784-512-256-10"),
+    "fashion-cnn": Preset((1, 28, 28), [
+        {"type": "Conv2D", "in_channels": 1, "out_channels": 32, "kernel_size": 3, "padding": 1, "bias": False},
+        {"type": "BatchNorm2D", "num_features": 32}, {"type": "ReLU"}, {"type": "MaxPool2D", "kernel_size": 2},
+        {"type": "Conv2D", "in_channels": 32, "out_channels": 64, "kernel_size": 3, "padding": 1, "bias": False},
+        {"type": "BatchNorm2D", "num_features": 64}, {"type": "ReLU"}, {"type": "MaxPool2D", "kernel_size": 2},
+        {"type": "Flatten"},
+        {"type": "Dense", "in_features": 64 * 7 * 7, "out_features": 128}, {"type": "ReLU"},
+        {"type": "Dropout", "p": 0.3},
+        {"type": "Dense", "in_features": 128, "out_features": 10},
+    ], lr=0.05, optimizer="momentum", batch_size=128, epochs=15, schedule="cosine", weight_decay=5e-4,
+        warmup_epochs=0.5, label_smoothing=0.0, augment=("crop", "flip"),
+        description="conv32-BN-ReLU-pool, conv64-BN-ReLU-pool, dense 128, dropout, dense 10"),
+}
+
+LAYER_TYPES = {name: getattr(L, name) for name in L.__all__ if name not in ("Layer", "Parameter", "Sequential")}
+
+
+def layers_from_specs(specs: list, source: str = "spec") -> L.Sequential:
+    """Build a Sequential from JSON-style layer specs; UsageError/ModelFileError naming the bad entry."""
+    if not isinstance(specs, list) or not specs:
+        raise ModelFileError(f"{source}: 'layers' must be a non-empty list")
+    built = []
+    for i, spec in enumerate(specs):
+        if not isinstance(spec, dict) or "type" not in spec:
+            raise ModelFileError(f"{source}: layer {i} must be an object with a 'type'")
+        kind = spec["type"]
+        if kind not in LAYER_TYPES:
+            raise ModelFileError(f"{source}: layer {i} has unknown type {kind!r} "
+                                 f"(known: {', '.join(sorted(LAYER_TYPES))})")
+        kwargs = {k: v for k, v in spec.items() if k != "type"}
+        try:
+            built.append(LAYER_TYPES[kind](**kwargs))
+        except (TypeError, ValueError) as e:
+            raise ModelFileError(f"{source}: layer {i} ({kind}): {e}") from None
+    return L.Sequential(built)
+
+
+def build_from_spec(spec: dict, source: str = "spec") -> tuple[L.Sequential, tuple]:
+    """(model, input_shape) from a spec dict {"input_shape": [C, H, W], "layers": [...]}; shapes checked now."""
+    if not isinstance(spec, dict) or "layers" not in spec or "input_shape" not in spec:
+        raise ModelFileError(f"{source}: a model spec needs 'input_shape' and 'layers'")
+    shape = spec["input_shape"]
+    if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(v, int) and v > 0 for v in shape)):
+        raise ModelFileError(f"{source}: 'input_shape' must be [C, H, W] of positive integers, got {shape!r}")
+    model = layers_from_specs(spec["layers"], source)
+    try:
+        model.output_shape(tuple(shape))
+    except ValueError as e:
+        raise ModelFileError(f"{source}: layer shapes do not chain: {e}") from None
+    return model, tuple(shape)
+
+
+def load_spec_file(path: str | Path) -> dict:
+    p = Path(path)
+    try:
+        return json.loads(p.read_text())
+    except OSError as e:
+        raise ModelFileError(f"{p}: cannot read model spec: {e.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelFileError(f"{p}: not a JSON model spec: {e}") from None
+
+
+def spec_of(name: str) -> dict:
+    """The JSON spec of a preset."""
+    preset = PRESETS[name]
+    return {"input_shape": list(preset.input_shape), "layers": [dict(s) for s in preset.layers]}
+
+
+def build(name_or_path: str) -> L.Sequential:
+    """A fresh model from a preset name or a JSON spec file path (weights drawn from hetnet's generator)."""
+    return resolve(name_or_path)[0]
+
+
+def resolve(name_or_path: str) -> tuple[L.Sequential, tuple, dict]:
+    """(model, input_shape, spec) for a preset name or a spec file path."""
+    if name_or_path in PRESETS:
+        spec = spec_of(name_or_path)
+        model, shape = build_from_spec(spec, name_or_path)
+        return model, shape, spec
+    if name_or_path.endswith(".json") or Path(name_or_path).exists():
+        spec = load_spec_file(name_or_path)
+        model, shape = build_from_spec(spec, str(name_or_path))
+        return model, shape, spec
+    raise UsageError(f"--model: unknown model {name_or_path!r} (presets: {', '.join(PRESETS)}; or a SPEC.json)")
