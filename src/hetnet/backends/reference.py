@@ -1,0 +1,403 @@
+"""The float64 reference backend: every op written straight from its derivation. It is the oracle every other
+backend is tested against, so it is meant to be obviously right, never fast.
+
+Loops run over kernel offsets or output pixels and vectorise only over the batch and channel axes, so each line reads
+like the formula it implements. Forward returns (y, cache); backward reads the cache, *adds* parameter gradients into
+the arrays it is given and returns dx. No function modifies its inputs (x, dy, w, b, labels, targets, g); the only
+in-place effects are gradient accumulators, BatchNorm's running statistics and the optimiser's p and state arrays.
+
+Shape legend: N batch, C input channels, K output channels, H/W input height/width, P/Q output height/width,
+R/S kernel height/width, F features.
+
+    >>> import numpy as np
+    >>> from hetnet.backends import reference as ref
+    >>> y, cache = ref.relu_forward(np.array([[-1.0, 2.0]]))
+    >>> y.tolist(), ref.relu_backward(np.ones((1, 2)), cache).tolist()
+    ([[0.0, 2.0]], [[0.0, 1.0]])
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..random import counter_uniform
+
+name = "reference"
+dtype = np.float64
+xp = np
+
+
+# --- conversions and allocation ------------------------------------------------------------------------------------
+
+
+def asarray(a) -> np.ndarray:
+    """A float64 copy of a (never a view of the caller's array)."""
+    return np.array(a, dtype=np.float64, copy=True)
+
+
+def to_numpy(arr) -> np.ndarray:
+    """A host copy, dtype kept."""
+    return np.array(arr, copy=True)
+
+
+def zeros(shape) -> np.ndarray:
+    return np.zeros(shape, dtype=np.float64)
+
+
+def labels(a) -> np.ndarray:
+    return np.array(a, dtype=np.int64, copy=True)
+
+
+def synchronize() -> None:
+    return None
+
+
+def _f64(a) -> np.ndarray:
+    """a as float64 without copying when it already is (read-only use)."""
+    return np.asarray(a, dtype=np.float64)
+
+
+# --- dense ---------------------------------------------------------------------------------------------------------
+# y[n,k] = sum_f x[n,f] w[k,f] + b[k]
+
+
+def dense_forward(x, w, b):
+    x, w = _f64(x), _f64(w)
+    y = np.einsum("nf,kf->nk", x, w)                              # x[N,F] . w[K,F] -> y[N,K]
+    if b is not None:
+        y = y + _f64(b)[None, :]
+    return y, (x, w)
+
+
+def dense_backward(dy, cache, dw, db, need_dx: bool = True):
+    x, w = cache
+    dy = _f64(dy)
+    # dL/dw[k,f] = sum_n dL/dy[n,k] * dy[n,k]/dw[k,f] = sum_n dy[n,k] x[n,f]
+    dw += np.einsum("nk,nf->kf", dy, x)
+    # dL/db[k] = sum_n dy[n,k]                                   (dy[n,k]/db[k] = 1)
+    if db is not None:
+        db += dy.sum(axis=0)
+    if not need_dx:
+        return None
+    # dL/dx[n,f] = sum_k dy[n,k] w[k,f]
+    return np.einsum("nk,kf->nf", dy, w)
+
+
+# --- conv2d --------------------------------------------------------------------------------------------------------
+# y[n,k,p,q] = b[k] + sum_{c,r,s} w[k,c,r,s] * xpad[n, c, p*stride + r, q*stride + s]
+# Loop over kernel offsets (r, s): for a fixed offset the input pixels that meet w[:,:,r,s] form a strided
+# [N,C,P,Q] slice of the padded input, and the sum over c is a small matrix product.
+
+
+def _window(r: int, s: int, stride: int, p: int, q: int):
+    """Index of xpad[:, :, p'*stride + r, q'*stride + s] for all output pixels p' < P, q' < Q."""
+    return (slice(None), slice(None), slice(r, r + stride * (p - 1) + 1, stride),
+            slice(s, s + stride * (q - 1) + 1, stride))
+
+
+def conv2d_forward(x, w, b, stride: int, padding: int):
+    x, w = _f64(x), _f64(w)
+    n, c, h, wd = x.shape
+    k, c2, r_, s_ = w.shape
+    assert c == c2, f"conv2d: x has {c} channels, w expects {c2}"
+    p_ = (h + 2 * padding - r_) // stride + 1
+    q_ = (wd + 2 * padding - s_) // stride + 1
+    xpad = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))     # [N,C,H+2pad,W+2pad]
+    y = np.zeros((n, k, p_, q_))
+    for r in range(r_):
+        for s in range(s_):
+            patch = xpad[_window(r, s, stride, p_, q_)]                               # [N,C,P,Q]
+            y += np.einsum("ncpq,kc->nkpq", patch, w[:, :, r, s])
+    if b is not None:
+        y += _f64(b)[None, :, None, None]
+    return y, (xpad, w, stride, padding, x.shape)
+
+
+def conv2d_backward(dy, cache, dw, db, need_dx: bool = True):
+    xpad, w, stride, padding, xshape = cache
+    dy = _f64(dy)
+    _, _, p_, q_ = dy.shape
+    _, _, r_, s_ = w.shape
+    # dL/db[k] = sum_{n,p,q} dy[n,k,p,q]
+    if db is not None:
+        db += dy.sum(axis=(0, 2, 3))
+    dxpad = np.zeros(xpad.shape) if need_dx else None
+    for r in range(r_):
+        for s in range(s_):
+            win = _window(r, s, stride, p_, q_)
+            # dL/dw[k,c,r,s] = sum_{n,p,q} dy[n,k,p,q] * xpad[n,c,p*stride+r,q*stride+s]
+            dw[:, :, r, s] += np.einsum("nkpq,ncpq->kc", dy, xpad[win])
+            # dL/dxpad[n,c,p*stride+r,q*stride+s] += sum_k dy[n,k,p,q] w[k,c,r,s]  (every (p,q,r,s) that reads it)
+            if need_dx:
+                dxpad[win] += np.einsum("nkpq,kc->ncpq", dy, w[:, :, r, s])
+    if not need_dx:
+        return None
+    # padding is a constant: the gradient of the padded border is dropped
+    h, wd = xshape[2], xshape[3]
+    return dxpad[:, :, padding:padding + h, padding:padding + wd].copy()
+
+
+# --- pooling -------------------------------------------------------------------------------------------------------
+# No padding; P = (H - kernel)//stride + 1. Loop over output pixels.
+
+
+def maxpool2d_forward(x, kernel: int, stride: int):
+    x = _f64(x)
+    n, c, h, w = x.shape
+    p_, q_ = (h - kernel) // stride + 1, (w - kernel) // stride + 1
+    y = np.empty((n, c, p_, q_))
+    arg = np.empty((n, c, p_, q_), dtype=np.int64)      # flat index r*kernel + s of the first maximum in the window
+    for p in range(p_):
+        for q in range(q_):
+            win = x[:, :, p * stride:p * stride + kernel, q * stride:q * stride + kernel].reshape(n, c, -1)
+            arg[:, :, p, q] = np.argmax(win, axis=2)    # argmax returns the first maximum (row-major)
+            y[:, :, p, q] = np.max(win, axis=2)
+    return y, (arg, x.shape, kernel, stride)
+
+
+def maxpool2d_backward(dy, cache):
+    arg, xshape, kernel, stride = cache
+    dy = _f64(dy)
+    n, c, p_, q_ = dy.shape
+    dx = np.zeros(xshape)
+    nn_, cc = np.meshgrid(np.arange(n), np.arange(c), indexing="ij")
+    for p in range(p_):
+        for q in range(q_):
+            # y = x[argmax] so dL/dx[argmax] += dy; the other window elements get nothing. Overlapping windows add.
+            rr = p * stride + arg[:, :, p, q] // kernel
+            ss = q * stride + arg[:, :, p, q] % kernel
+            dx[nn_, cc, rr, ss] += dy[:, :, p, q]       # (n, c) pairs are distinct, so += does not lose updates
+    return dx
+
+
+def avgpool2d_forward(x, kernel: int, stride: int):
+    x = _f64(x)
+    n, c, h, w = x.shape
+    p_, q_ = (h - kernel) // stride + 1, (w - kernel) // stride + 1
+    y = np.empty((n, c, p_, q_))
+    for p in range(p_):
+        for q in range(q_):
+            y[:, :, p, q] = x[:, :, p * stride:p * stride + kernel, q * stride:q * stride + kernel].mean(axis=(2, 3))
+    return y, (x.shape, kernel, stride)
+
+
+def avgpool2d_backward(dy, cache):
+    xshape, kernel, stride = cache
+    dy = _f64(dy)
+    _, _, p_, q_ = dy.shape
+    dx = np.zeros(xshape)
+    for p in range(p_):
+        for q in range(q_):
+            # y = (1/kernel^2) sum_window x, so each window element gets dy / kernel^2; overlapping windows add
+            dx[:, :, p * stride:p * stride + kernel, q * stride:q * stride + kernel] += \
+                dy[:, :, p, q][:, :, None, None] / (kernel * kernel)
+    return dx
+
+
+def global_avgpool2d_forward(x):
+    x = _f64(x)
+    return x.mean(axis=(2, 3)), x.shape            # [N,C,H,W] -> [N,C]
+
+
+def global_avgpool2d_backward(dy, cache):
+    n, c, h, w = cache
+    # y[n,c] = (1/(H*W)) sum_{h,w} x[n,c,h,w]  ->  dx[n,c,h,w] = dy[n,c] / (H*W)
+    return np.broadcast_to(_f64(dy)[:, :, None, None] / (h * w), (n, c, h, w)).copy()
+
+
+# --- activations ---------------------------------------------------------------------------------------------------
+
+
+def relu_forward(x):
+    x = _f64(x)
+    positive = x > 0
+    return np.where(positive, x, 0.0), positive
+
+
+def relu_backward(dy, cache):
+    # dy/dx = 1 where x > 0, else 0
+    return np.where(cache, _f64(dy), 0.0)
+
+
+def sigmoid_forward(x):
+    x = _f64(x)
+    # 1/(1+exp(-x)) for x >= 0 and exp(x)/(1+exp(x)) for x < 0: the same function, no overflow either side
+    e = np.exp(-np.abs(x))
+    y = np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+    return y, y
+
+
+def sigmoid_backward(dy, cache):
+    y = cache
+    # d sigmoid/dx = y (1 - y)
+    return _f64(dy) * y * (1.0 - y)
+
+
+def tanh_forward(x):
+    y = np.tanh(_f64(x))
+    return y, y
+
+
+def tanh_backward(dy, cache):
+    y = cache
+    # d tanh/dx = 1 - y^2
+    return _f64(dy) * (1.0 - y * y)
+
+
+def softmax_forward(x):
+    x = _f64(x)
+    e = np.exp(x - x.max(axis=1, keepdims=True))     # shift by the row maximum: same softmax, no overflow
+    y = e / e.sum(axis=1, keepdims=True)
+    return y, y
+
+
+def softmax_backward(dy, cache):
+    y = cache
+    dy = _f64(dy)
+    # Jacobian dy_i/dx_j = y_i (delta_ij - y_j), so dx_j = sum_i dy_i y_i (delta_ij - y_j) = y_j (dy_j - sum_i dy_i y_i)
+    return y * (dy - (dy * y).sum(axis=1, keepdims=True))
+
+
+# --- batch normalisation -------------------------------------------------------------------------------------------
+# x [N,C] or [N,C,H,W]; statistics per channel c over the axes A = (0,) or (0, 2, 3), m = number of values per channel.
+# xhat = (x - mean) / sqrt(var + eps);  y = gamma * xhat + beta.
+
+
+def _bn_axes(x) -> tuple:
+    return (0,) if x.ndim == 2 else (0, 2, 3)
+
+
+def _per_channel(v, ndim: int):
+    """[C] -> broadcastable against [N,C] or [N,C,H,W]."""
+    return v.reshape((1, -1) + (1,) * (ndim - 2))
+
+
+def batchnorm_forward(x, gamma, beta, running_mean, running_var, momentum: float, eps: float, training: bool):
+    x = _f64(x)
+    axes = _bn_axes(x)
+    m = x.size // x.shape[1]
+    g, bt = _per_channel(_f64(gamma), x.ndim), _per_channel(_f64(beta), x.ndim)
+    if training:
+        mean = x.mean(axis=axes)                                      # [C]
+        var = ((x - _per_channel(mean, x.ndim)) ** 2).mean(axis=axes)  # [C], biased (divide by m)
+        # running statistics as PyTorch: exponential moving average, unbiased variance m/(m-1)
+        running_mean[...] = (1.0 - momentum) * running_mean + momentum * mean
+        running_var[...] = (1.0 - momentum) * running_var + momentum * var * (m / (m - 1))
+    else:
+        mean, var = _f64(running_mean).copy(), _f64(running_var).copy()
+    inv_std = 1.0 / np.sqrt(var + eps)                                 # [C]
+    xc = x - _per_channel(mean, x.ndim)                                # x - mean
+    xhat = xc * _per_channel(inv_std, x.ndim)
+    y = g * xhat + bt
+    return y, (training, xc, xhat, inv_std, _f64(gamma), axes, m)
+
+
+def batchnorm_backward(dy, cache, dgamma, dbeta):
+    training, xc, xhat, inv_std, gamma, axes, m = cache
+    dy = _f64(dy)
+    nd = dy.ndim
+    # dL/dbeta = sum_A dy;  dL/dgamma = sum_A dy * xhat
+    dbeta += dy.sum(axis=axes)
+    dgamma += (dy * xhat).sum(axis=axes)
+    dxhat = dy * _per_channel(gamma, nd)                              # dL/dxhat = dy * gamma
+    if not training:
+        # mean and var are constants in eval: xhat = (x - rm) * inv_std
+        return dxhat * _per_channel(inv_std, nd)
+    # training: x reaches xhat directly and through mean and var (var = (1/m) sum_A (x - mean)^2)
+    # dL/dvar  = sum_A dxhat * (x - mean) * (-1/2) (var + eps)^(-3/2)
+    dvar = (dxhat * xc).sum(axis=axes) * -0.5 * inv_std ** 3
+    # dL/dmean = sum_A dxhat * (-inv_std) + dL/dvar * (-2/m) sum_A (x - mean)     (the last sum is 0 in exact maths)
+    dmean = -(dxhat.sum(axis=axes)) * inv_std + dvar * (-2.0 / m) * xc.sum(axis=axes)
+    # term 1: direct path, dxhat * inv_std
+    # term 2: through var,  dL/dvar * dvar/dx = dL/dvar * 2 (x - mean) / m
+    # term 3: through mean, dL/dmean * dmean/dx = dL/dmean / m
+    return (dxhat * _per_channel(inv_std, nd)
+            + _per_channel(dvar, nd) * 2.0 * xc / m
+            + _per_channel(dmean, nd) / m)
+
+
+# --- dropout -------------------------------------------------------------------------------------------------------
+
+
+def dropout_forward(x, p: float, seed: int):
+    x = _f64(x)
+    # keep element i (flat C order) iff u_i >= p; the mask is the same on every backend for the same seed
+    keep = (counter_uniform(seed, x.size) >= p).reshape(x.shape)
+    scale = 1.0 / (1.0 - p)
+    return np.where(keep, x * scale, 0.0), (keep, scale)
+
+
+def dropout_backward(dy, cache):
+    keep, scale = cache
+    # y = x * keep * scale  ->  dx = dy * keep * scale
+    return np.where(keep, _f64(dy) * scale, 0.0)
+
+
+# --- losses (mean over the batch) ----------------------------------------------------------------------------------
+
+
+def _log_softmax(z):
+    """log softmax_k(z) = z_k - logsumexp(z), with the row maximum subtracted first."""
+    shifted = z - z.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
+def softmax_cross_entropy(logits, labels, label_smoothing: float = 0.0):
+    z = _f64(logits)
+    lab = np.asarray(labels, dtype=np.int64)
+    n, k = z.shape
+    logp = _log_softmax(z)                                              # [N,K]
+    t = np.full((n, k), label_smoothing / k)                           # target distribution
+    t[np.arange(n), lab] += 1.0 - label_smoothing
+    loss = float(-(t * logp).sum() / n)
+    # d/dz_j of -sum_k t_k log softmax_k = softmax_j sum_k t_k - t_j = softmax_j - t_j (sum_k t_k = 1); mean -> / N
+    dlogits = (np.exp(logp) - t) / n
+    return loss, dlogits
+
+
+def softmax_cross_entropy_stats(logits, labels):
+    z = _f64(logits)
+    lab = np.asarray(labels, dtype=np.int64)
+    n = z.shape[0]
+    logp = _log_softmax(z)
+    loss_sum = float(-logp[np.arange(n), lab].sum())
+    correct = int((np.argmax(z, axis=1) == lab).sum())
+    return loss_sum, correct
+
+
+def binary_cross_entropy_with_logits(logits, targets):
+    z, t = _f64(logits), _f64(targets)
+    # -t log sigmoid(z) - (1-t) log(1 - sigmoid(z)) = max(z,0) - z t + log(1 + exp(-|z|)), finite for any z
+    loss = float(np.mean(np.maximum(z, 0.0) - z * t + np.log1p(np.exp(-np.abs(z)))))
+    sig, _ = sigmoid_forward(z)
+    # dloss/dz = sigmoid(z) - t; mean over all elements -> / size
+    return loss, (sig - t) / z.size
+
+
+# --- optimiser updates (in place on p and the state arrays) --------------------------------------------------------
+
+
+def sgd_update(p, g, buf, lr: float, momentum: float, dampening: float, nesterov: bool, weight_decay: float,
+               first_step: bool) -> None:
+    d = _f64(g) + weight_decay * p                      # L2 weight decay adds wd * p to the gradient
+    if momentum:
+        if first_step:
+            buf[...] = d                                # torch: the buffer starts as the first gradient
+        else:
+            buf[...] = momentum * buf + (1.0 - dampening) * d
+        d = d + momentum * buf if nesterov else buf.copy()
+    p -= lr * d
+
+
+def adam_update(p, g, m, v, step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+                decoupled: bool) -> None:
+    d = _f64(g)
+    if weight_decay:
+        if decoupled:
+            p *= 1.0 - lr * weight_decay                # AdamW: decay the weights, not the gradient
+        else:
+            d = d + weight_decay * p                    # Adam: L2 term in the gradient
+    m[...] = beta1 * m + (1.0 - beta1) * d              # first moment
+    v[...] = beta2 * v + (1.0 - beta2) * d * d          # second moment
+    m_hat = m / (1.0 - beta1 ** step)                   # bias corrections (step counts from 1)
+    v_hat = v / (1.0 - beta2 ** step)
+    p -= lr * m_hat / (np.sqrt(v_hat) + eps)
