@@ -1,0 +1,179 @@
+"""hetnet `cpu` backend vs PyTorch CPU: time of one SGD+momentum training step (forward, softmax cross-entropy,
+backward, update) on the same model, weights, batch and thread count, measured in the same run with alternating
+repetitions (median of many after warm-up).
+
+    python benchmarks/cpu_step.py                 # all rows, threads = CPUs available
+    python benchmarks/cpu_step.py --threads 1 --reps 20 --rows thesis-m1:32
+
+Writes benchmarks/results/cpu/<hostname>.json and prints a table. Before timing, one step on each side is checked to
+give the same loss and updated weights (dropout off for that check, since torch draws its own masks).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_ROWS = ("thesis-m1:32", "thesis-m1:128", "fashion-cnn:128")
+
+
+def _parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", nargs="+", default=list(DEFAULT_ROWS), help="MODEL:BATCH pairs (zoo presets)")
+    ap.add_argument("--threads", type=int, default=0, help="threads for both (default: CPUs available)")
+    ap.add_argument("--reps", type=int, default=40, help="timed repetitions per side and row")
+    ap.add_argument("--warmup", type=int, default=5, help="untimed steps per side before timing")
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/cpu/<hostname>.json)")
+    ap.add_argument("--no-save", action="store_true", help="print only")
+    return ap.parse_args(argv)
+
+
+ARGS = _parse_args()
+THREADS = ARGS.threads or len(os.sched_getaffinity(0))
+# BLAS and hetnet's own pool read these at import time, so set them before numpy is imported.
+for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "HETNET_NUM_THREADS"):
+    os.environ[var] = str(THREADS)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import hetnet as hn  # noqa: E402
+from hetnet import zoo  # noqa: E402
+from hetnet.interop import to_torch, torch_state  # noqa: E402
+
+LR, MOMENTUM = 0.01, 0.9
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def blas_info() -> str:
+    try:
+        cfg = np.show_config(mode="dicts")
+        return cfg["Build Dependencies"]["blas"].get("openblas configuration", cfg["Build Dependencies"]["blas"]["name"])
+    except Exception:
+        return "unknown"
+
+
+class Pair:
+    """The same model, batch and optimiser in hetnet (cpu backend) and torch."""
+
+    def __init__(self, model_name: str, batch: int):
+        hn.seed(0)
+        self.model, shape, _ = zoo.resolve(model_name)
+        self.model.to("cpu").train()
+        self.tmodel = to_torch(self.model)
+        self.tmodel.train()
+        rng = np.random.default_rng(1)
+        x = rng.standard_normal((batch,) + tuple(shape)).astype(np.float32)
+        n_classes = self.model.output_shape(tuple(shape))[0]
+        y = rng.integers(0, n_classes, batch)
+        self.x, self.y = hn.get_backend("cpu").asarray(x), hn.get_backend("cpu").labels(y)
+        self.tx, self.ty = torch.from_numpy(x.copy()), torch.from_numpy(y.astype(np.int64))
+        self.opt = hn.optim.SGD(self.model.parameters(), lr=LR, momentum=MOMENTUM)
+        self.topt = torch.optim.SGD(self.tmodel.parameters(), lr=LR, momentum=MOMENTUM)
+
+    def step(self) -> float:
+        logits = self.model.forward(self.x)
+        loss, dlogits = hn.losses.softmax_cross_entropy(logits, self.y)
+        self.model.backward(dlogits, need_dx=False)
+        self.opt.step()
+        self.opt.zero_grad()
+        return loss
+
+    def tstep(self) -> float:
+        self.topt.zero_grad()
+        loss = F.cross_entropy(self.tmodel(self.tx), self.ty)
+        loss.backward()
+        self.topt.step()
+        return loss.item()
+
+    def check(self) -> float:
+        """One step on each side from equal weights, dropout off; returns the largest relative weight difference."""
+        drops = [m for m in self.model.layers if type(m).__name__ == "Dropout"]
+        tdrops = [m for m in self.tmodel if isinstance(m, torch.nn.Dropout)]
+        saved = [m.p for m in drops]
+        for m in drops + tdrops:
+            m.p = 0.0
+        try:
+            l1, l2 = self.step(), self.tstep()
+        finally:
+            for m, p in zip(drops, saved):
+                m.p = p
+            for m, p in zip(tdrops, saved):
+                m.p = p
+        if abs(l1 - l2) > 1e-4 * max(1.0, abs(l2)):
+            raise SystemExit(f"check failed: loss hetnet {l1} vs torch {l2}")
+        ours, theirs = self.model.state_dict(), torch_state(self.tmodel)
+        worst = 0.0
+        for k, v in theirs.items():
+            err = float(np.linalg.norm(ours[k] - v) / max(np.linalg.norm(v), 1e-30))
+            worst = max(worst, err)
+        if worst > 1e-4:
+            raise SystemExit(f"check failed: weights differ after one step (relative {worst:.3g})")
+        return worst
+
+
+def time_row(model_name: str, batch: int, reps: int, warmup: int) -> dict:
+    pair = Pair(model_name, batch)
+    err = pair.check()
+    for _ in range(warmup):
+        pair.step()
+        pair.tstep()
+    ours, theirs = [], []
+    for i in range(reps):
+        order = (pair.step, pair.tstep) if i % 2 == 0 else (pair.tstep, pair.step)
+        for fn in order:
+            t0 = time.perf_counter()
+            fn()
+            dt = time.perf_counter() - t0
+            (ours if fn == pair.step else theirs).append(dt)
+    h, t = statistics.median(ours) * 1e3, statistics.median(theirs) * 1e3
+    return {"model": model_name, "batch": batch, "hetnet_ms": round(h, 3), "torch_ms": round(t, 3),
+            "ratio": round(h / t, 3), "hetnet_min_ms": round(min(ours) * 1e3, 3),
+            "torch_min_ms": round(min(theirs) * 1e3, 3), "reps": reps, "check_rel_err": err}
+
+
+def main() -> None:
+    torch.set_num_threads(THREADS)
+    rows = []
+    for spec in ARGS.rows:
+        model_name, batch = spec.rsplit(":", 1)
+        rows.append(time_row(model_name, int(batch), ARGS.reps, ARGS.warmup))
+        r = rows[-1]
+        print(f"{r['model']:<12} batch {r['batch']:>4}: hetnet {r['hetnet_ms']:8.2f} ms  torch {r['torch_ms']:8.2f} ms"
+              f"  ratio {r['ratio']:.2f}", flush=True)
+    result = {
+        "host": socket.gethostname(), "cpu": cpu_model(), "threads": THREADS, "python": platform.python_version(),
+        "numpy": np.__version__, "torch": torch.__version__, "blas": blas_info(),
+        "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"), "step": f"SGD lr={LR} momentum={MOMENTUM}",
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows,
+    }
+    print()
+    print(f"| model | batch | hetnet ms/step | torch ms/step | ratio |   ({result['cpu']}, {THREADS} threads)")
+    print("|---|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['model']} | {r['batch']} | {r['hetnet_ms']:.2f} | {r['torch_ms']:.2f} | {r['ratio']:.2f} |")
+    if not ARGS.no_save:
+        out = Path(ARGS.out) if ARGS.out else Path(__file__).resolve().parent / "results" / "cpu" / f"{socket.gethostname()}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"\nwrote {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
