@@ -22,7 +22,7 @@ import numpy as np
 from ..random import counter_uniform
 
 name = "reference"
-dtype = np.float64
+dtype = np.dtype(np.float64)
 xp = np
 
 

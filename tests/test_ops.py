@@ -1,0 +1,460 @@
+"""Every backend op, forward and backward, against the float64 reference on fresh random inputs at odd shapes.
+
+Each comparison also checks that the op leaves its inputs (x, w, b, dy, g, labels, targets) untouched, and the
+parametric ops check that backward *adds* into the gradient arrays it is given.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import RTOL, assert_close
+from hetnet.backends import reference as ref
+from hetnet.device import cuda_available, get_backend
+from hetnet.random import counter_uniform
+
+BACKENDS = ["cpu"] + ([pytest.param("cuda", marks=pytest.mark.gpu)] if cuda_available() else [])
+
+
+@pytest.fixture(params=BACKENDS)
+def bk(request):
+    return get_backend(request.param)
+
+
+def f32(rng, *shape, scale=1.0, shift=0.0):
+    """Random float64 values that are exact in float32, so backends differ by their arithmetic only."""
+    return (rng.normal(shift, scale, size=shape)).astype(np.float32).astype(np.float64)
+
+
+def run(b, fwd: str, args: list, bwd: str | None, dy_seed=None, accum=(), mutable=(), bwd_kw=None):
+    """Run b.<fwd>(*args) then b.<bwd>(dy, cache, *accumulators). NumPy float64 arrays among args are moved to the
+    device; the rest pass through. Returns host arrays: y, dx, accumulator values, final values of `mutable` args.
+    Asserts that every non-mutable input and dy are unchanged."""
+    dev = [b.asarray(a) if isinstance(a, np.ndarray) else a for a in args]
+    before = [b.to_numpy(a).copy() if isinstance(a, np.ndarray) or hasattr(a, "shape") else None for a in dev]
+    y, cache = getattr(b, fwd)(*dev)
+    out = {"y": b.to_numpy(y)}
+    if bwd is not None:
+        dy = b.asarray(dy_seed.normal(size=out["y"].shape).astype(np.float32))
+        dy_before = b.to_numpy(dy).copy()
+        acc = [None if s is None else b.zeros(s) for s in accum]
+        dx = getattr(b, bwd)(dy, cache, *acc, **(bwd_kw or {}))
+        out["dx"] = None if dx is None else b.to_numpy(dx)
+        out["acc"] = [None if a is None else b.to_numpy(a) for a in acc]
+        np.testing.assert_array_equal(b.to_numpy(dy), dy_before, err_msg=f"{bwd} modified dy")
+    for i, (d, bf) in enumerate(zip(dev, before)):
+        if bf is None:
+            continue
+        if i in mutable:
+            out.setdefault("mutable", []).append(b.to_numpy(d))
+        else:
+            np.testing.assert_array_equal(b.to_numpy(d), bf, err_msg=f"{fwd}/{bwd} modified input {i}")
+    return out
+
+
+def compare(b, fwd, args, bwd, seed, **kw):
+    """The same op on the reference and on b, same inputs and same dy; every output compared."""
+    got = run(b, fwd, args, bwd, np.random.default_rng(seed), **kw)
+    want = run(ref, fwd, args, bwd, np.random.default_rng(seed), **kw)
+    assert_close(got["y"], want["y"], b.dtype, f"{fwd} y")
+    if bwd is not None:
+        if want["dx"] is None:
+            assert got["dx"] is None, f"{bwd}: need_dx=False must return None"
+        else:
+            assert_close(got["dx"], want["dx"], b.dtype, f"{bwd} dx")
+        for i, (g, w) in enumerate(zip(got["acc"], want["acc"])):
+            if w is not None:
+                assert_close(g, w, b.dtype, f"{bwd} gradient {i}")
+    for i, (g, w) in enumerate(zip(got.get("mutable", []), want.get("mutable", []))):
+        assert_close(g, w, b.dtype, f"{fwd} in-place state {i}")
+    return got, want
+
+
+# --- dense -------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n,f,k,bias", [(1, 1, 1, True), (1, 7, 3, True), (5, 13, 4, False), (8, 31, 10, True)])
+def test_dense(bk, rng, n, f, k, bias):
+    x, w, b = f32(rng, n, f), f32(rng, k, f), (f32(rng, k) if bias else None)
+    compare(bk, "dense_forward", [x, w, b], "dense_backward", rng.integers(1 << 30),
+            accum=[(k, f), (k,) if bias else None])
+
+
+def test_dense_need_dx_false(bk, rng):
+    x, w, b = f32(rng, 3, 5), f32(rng, 4, 5), f32(rng, 4)
+    compare(bk, "dense_forward", [x, w, b], "dense_backward", rng.integers(1 << 30),
+            accum=[(4, 5), (4,)], bwd_kw={"need_dx": False})
+
+
+# --- conv2d ------------------------------------------------------------------------------------------------------
+
+CONV_CASES = [  # (N, C, H, W, K, kernel, stride, padding, bias)
+    (1, 1, 5, 5, 1, 1, 1, 0, True),
+    (1, 3, 7, 5, 4, 3, 1, 1, True),      # batch 1, non-square
+    (2, 2, 9, 6, 3, 3, 2, 0, True),      # stride 2, padding 0
+    (2, 3, 8, 11, 2, 5, 1, 2, True),     # kernel 5, padding 2
+    (3, 2, 10, 7, 5, 3, 3, 2, False),    # stride 3, padding 2, no bias
+    (2, 4, 6, 9, 3, 1, 2, 1, True),      # 1x1 kernel with stride and padding
+    (1, 2, 5, 5, 2, 5, 2, 2, True),      # kernel as big as the input
+]
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "N{}C{}H{}W{}K{}k{}s{}p{}b{:d}".format(*c))
+def test_conv2d(bk, rng, case):
+    n, c, h, w_, k, ks, stride, pad, bias = case
+    x, w, b = f32(rng, n, c, h, w_), f32(rng, k, c, ks, ks), (f32(rng, k) if bias else None)
+    got, _ = compare(bk, "conv2d_forward", [x, w, b, stride, pad], "conv2d_backward", rng.integers(1 << 30),
+                     accum=[(k, c, ks, ks), (k,) if bias else None])
+    assert got["y"].shape == (n, k, (h + 2 * pad - ks) // stride + 1, (w_ + 2 * pad - ks) // stride + 1)
+
+
+def test_conv2d_need_dx_false(bk, rng):
+    x, w, b = f32(rng, 2, 3, 6, 5), f32(rng, 4, 3, 3, 3), f32(rng, 4)
+    compare(bk, "conv2d_forward", [x, w, b, 1, 1], "conv2d_backward", rng.integers(1 << 30),
+            accum=[(4, 3, 3, 3), (4,)], bwd_kw={"need_dx": False})
+
+
+def test_reference_conv2d_is_the_definition(rng):
+    """The reference conv against its defining sum, written as seven plain loops (tiny shape)."""
+    n, c, h, w_, k, ks, stride, pad = 2, 2, 5, 4, 3, 3, 2, 1
+    x, w, b = rng.normal(size=(n, c, h, w_)), rng.normal(size=(k, c, ks, ks)), rng.normal(size=k)
+    y, _ = ref.conv2d_forward(x, w, b, stride, pad)
+    xpad = np.zeros((n, c, h + 2 * pad, w_ + 2 * pad))
+    xpad[:, :, pad:pad + h, pad:pad + w_] = x
+    want = np.zeros(y.shape)
+    for i in range(n):
+        for o in range(k):
+            for p in range(y.shape[2]):
+                for q in range(y.shape[3]):
+                    acc = b[o]
+                    for ci in range(c):
+                        for r in range(ks):
+                            for s in range(ks):
+                                acc += w[o, ci, r, s] * xpad[i, ci, p * stride + r, q * stride + s]
+                    want[i, o, p, q] = acc
+    assert_close(y, want, np.float64, "conv2d by definition")
+
+
+# --- pooling -----------------------------------------------------------------------------------------------------
+
+POOL_CASES = [  # (N, C, H, W, kernel, stride)
+    (1, 1, 4, 4, 2, 2),
+    (2, 3, 7, 5, 2, 2),       # odd sizes floor
+    (2, 2, 9, 8, 3, 2),       # overlapping windows
+    (1, 3, 6, 7, 3, 1),       # stride 1, heavy overlap
+    (3, 2, 10, 7, 3, 3),
+    (2, 2, 5, 5, 1, 1),
+]
+
+
+@pytest.mark.parametrize("op", ["maxpool2d", "avgpool2d"])
+@pytest.mark.parametrize("case", POOL_CASES, ids=lambda c: "N{}C{}H{}W{}k{}s{}".format(*c))
+def test_pool(bk, rng, op, case):
+    n, c, h, w, ks, stride = case
+    got, _ = compare(bk, f"{op}_forward", [f32(rng, n, c, h, w), ks, stride], f"{op}_backward",
+                     rng.integers(1 << 30))
+    assert got["y"].shape == (n, c, (h - ks) // stride + 1, (w - ks) // stride + 1)
+
+
+@pytest.mark.parametrize("name", ["reference"] + BACKENDS)
+def test_maxpool_ties_go_to_first_maximum(name):
+    """All-equal windows: the whole gradient goes to the first element (row-major) of each window."""
+    b = get_backend(name)
+    x = np.ones((1, 1, 4, 4))
+    y, cache = b.maxpool2d_forward(b.asarray(x), 2, 2)
+    dx = b.to_numpy(b.maxpool2d_backward(b.asarray(np.ones((1, 1, 2, 2))), cache))
+    want = np.zeros((1, 1, 4, 4))
+    want[0, 0, ::2, ::2] = 1
+    np.testing.assert_array_equal(dx, want)
+    # overlapping windows (kernel 3, stride 1) on a single peak: the peak gets every window's gradient
+    x = np.zeros((1, 1, 4, 4))
+    x[0, 0, 1, 2] = 5.0
+    y, cache = b.maxpool2d_forward(b.asarray(x), 3, 1)
+    dx = b.to_numpy(b.maxpool2d_backward(b.asarray(np.ones((1, 1, 2, 2))), cache))
+    assert dx[0, 0, 1, 2] == 4 and dx.sum() == 4
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 3, 5, 4), (3, 2, 7, 7)])
+def test_global_avgpool(bk, rng, shape):
+    compare(bk, "global_avgpool2d_forward", [f32(rng, *shape)], "global_avgpool2d_backward", rng.integers(1 << 30))
+
+
+# --- activations -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("op", ["relu", "sigmoid", "tanh"])
+@pytest.mark.parametrize("shape", [(1, 3), (3, 7), (2, 3, 5, 4)])
+def test_activation(bk, rng, op, shape):
+    # scale 1: deep in saturation y(1-y) and 1-y^2 from a float32 y lose all digits (see the test below)
+    compare(bk, f"{op}_forward", [f32(rng, *shape)], f"{op}_backward", rng.integers(1 << 30))
+
+
+@pytest.mark.parametrize("op", ["sigmoid", "tanh"])
+def test_activation_saturates_finitely(bk, op):
+    x = np.array([[-1e4, -100.0, -20.0, 0.0, 20.0, 100.0, 1e4]])
+    y, cache = getattr(bk, f"{op}_forward")(bk.asarray(x))
+    dx = getattr(bk, f"{op}_backward")(bk.asarray(np.ones_like(x)), cache)
+    y, dx = bk.to_numpy(y), bk.to_numpy(dx)
+    assert np.all(np.isfinite(y)) and np.all(np.isfinite(dx))
+    lo = 0.0 if op == "sigmoid" else -1.0
+    assert y[0, 0] == pytest.approx(lo) and y[0, -1] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("shape,scale", [((1, 1), 1.0), ((4, 10), 3.0), ((3, 7), 10.0)])
+def test_softmax(bk, rng, shape, scale):
+    got, _ = compare(bk, "softmax_forward", [f32(rng, *shape, scale=scale)], "softmax_backward",
+                     rng.integers(1 << 30))
+    np.testing.assert_allclose(got["y"].sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_softmax_large_logits(bk, rng):
+    """Logits of size 1e4 (exp overflows without the max shift): forward still matches and sums to 1. (Backward
+    is not compared here: near one-hot rows make y * (dy - sum(dy y)) a cancellation float32 cannot resolve.)"""
+    compare(bk, "softmax_forward", [f32(rng, 3, 7, scale=1e4)], None, None)
+
+
+def test_relu_gradient_is_zero_at_and_below_zero(bk):
+    x = bk.asarray(np.array([[-2.0, 0.0, 3.0]]))
+    y, cache = bk.relu_forward(x)
+    dx = bk.to_numpy(bk.relu_backward(bk.asarray(np.array([[5.0, 5.0, 5.0]])), cache))
+    np.testing.assert_array_equal(bk.to_numpy(y), [[0.0, 0.0, 3.0]])
+    np.testing.assert_array_equal(dx, [[0.0, 0.0, 5.0]])
+
+
+# --- batch normalisation -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(4, 3), (7, 5), (1, 2, 3, 4), (3, 4, 5, 2)], ids=str)  # m >= 4: at m = 2 dx is ~0
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_batchnorm(bk, rng, shape, training):
+    c = shape[1]
+    x = f32(rng, *shape, scale=2.0, shift=0.7)
+    gamma, beta = f32(rng, c), f32(rng, c)
+    rm0, rv0 = f32(rng, c), np.abs(f32(rng, c)) + 0.5
+    momentum, eps = 0.1, 1e-5
+    got, want = compare(bk, "batchnorm_forward", [x, gamma, beta, rm0, rv0, momentum, eps, training],
+                        "batchnorm_backward", rng.integers(1 << 30), accum=[(c,), (c,)], mutable=(3, 4))
+    axes = (0,) if len(shape) == 2 else (0, 2, 3)
+    if training:
+        # running statistics as PyTorch: EMA with the unbiased batch variance
+        m = x.size // c
+        rm = (1 - momentum) * rm0 + momentum * x.mean(axis=axes)
+        rv = (1 - momentum) * rv0 + momentum * x.var(axis=axes) * m / (m - 1)
+        y = (x - x.mean(axis=axes, keepdims=True)) / np.sqrt(x.var(axis=axes, keepdims=True) + eps)
+    else:
+        rm, rv = rm0, rv0       # eval leaves them alone
+        bc = (1, c) + (1,) * (len(shape) - 2)
+        y = (x - rm0.reshape(bc)) / np.sqrt(rv0.reshape(bc) + eps)
+    bc = (1, c) + (1,) * (len(shape) - 2)
+    y = y * gamma.reshape(bc) + beta.reshape(bc)
+    assert_close(want["y"], y, np.float64, "reference batchnorm y by formula")
+    for out, dt in ((want, np.float64), (got, bk.dtype)):
+        assert_close(out["mutable"][0], rm, dt, "running_mean")
+        assert_close(out["mutable"][1], rv, dt, "running_var")
+
+
+# --- dropout -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.5, 0.9])
+@pytest.mark.parametrize("shape", [(1, 1), (4, 33), (2, 3, 5, 4)])
+def test_dropout(bk, rng, p, shape):
+    seed = int(rng.integers(0, 2**32))
+    x = f32(rng, *shape) + 3.0      # no zeros in x, so zeros in y are exactly the dropped elements
+    got, want = compare(bk, "dropout_forward", [x, p, seed], "dropout_backward", rng.integers(1 << 30))
+    keep = (counter_uniform(seed, x.size) >= p).reshape(shape)
+    np.testing.assert_array_equal(got["y"] != 0, keep, err_msg="mask differs from counter_uniform")
+    np.testing.assert_array_equal(want["y"] != 0, keep, err_msg="reference mask differs from counter_uniform")
+    np.testing.assert_array_equal(got["dx"] == 0, ~keep, err_msg="dropout_backward mask")
+    if p == 0.0:
+        np.testing.assert_array_equal(got["y"], x.astype(bk.dtype), err_msg="p=0 must be the identity")
+
+
+def test_dropout_rate_and_scale(bk):
+    x = np.ones((100, 100))
+    y, _ = bk.dropout_forward(bk.asarray(x), 0.3, 12345)
+    y = bk.to_numpy(y)
+    assert abs((y == 0).mean() - 0.3) < 0.02
+    np.testing.assert_allclose(y[y != 0], 1 / 0.7, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["reference"] + BACKENDS)
+def test_dropout_layer_eval_is_identity(name, rng):
+    import hetnet as hn
+
+    b = get_backend(name)
+    layer = hn.Dropout(0.5).to(name).eval()
+    x = b.asarray(f32(rng, 3, 8))
+    y = layer.forward(x)
+    np.testing.assert_array_equal(b.to_numpy(y), b.to_numpy(x))
+    np.testing.assert_array_equal(b.to_numpy(layer.backward(x)), b.to_numpy(x))
+
+
+# --- losses ------------------------------------------------------------------------------------------------------
+
+
+def _loss_both(b, fn, args, seed_labels=None):
+    out = {}
+    for be in (b, ref):
+        dev = [be.asarray(a) if isinstance(a, np.ndarray) and a.dtype.kind == "f" else
+               (be.labels(a) if isinstance(a, np.ndarray) else a) for a in args]
+        before = [be.to_numpy(d).copy() if hasattr(d, "shape") else None for d in dev]
+        res = getattr(be, fn)(*dev)
+        for d, bf in zip(dev, before):
+            if bf is not None:
+                np.testing.assert_array_equal(be.to_numpy(d), bf, err_msg=f"{fn} modified an input")
+        out[be.name] = res
+    return out[b.name], out["reference"]
+
+
+@pytest.mark.parametrize("n,k", [(1, 2), (5, 10), (16, 3)])
+@pytest.mark.parametrize("ls", [0.0, 0.1, 0.3])
+@pytest.mark.parametrize("scale", [1.0, 50.0, 1e4])
+def test_softmax_cross_entropy(bk, rng, n, k, ls, scale):
+    z, lab = f32(rng, n, k, scale=scale), rng.integers(0, k, size=n)
+    (loss, dz), (rloss, rdz) = _loss_both(bk, "softmax_cross_entropy", [z, lab, ls])
+    assert isinstance(loss, float) and np.isfinite(loss)
+    # a confident right answer has a loss below float32 resolution: compare relative to max(loss, 1)
+    assert abs(loss - rloss) <= RTOL[np.dtype(bk.dtype)] * max(1.0, abs(rloss)), f"loss {loss} vs {rloss}"
+    if scale == 1.0:
+        assert_close(bk.to_numpy(dz), rdz, bk.dtype, "dlogits")
+    else:
+        # near one-hot softmax: 1 - softmax_label is below float32 resolution, so compare in units of 1/N
+        assert np.abs(bk.to_numpy(dz) - rdz).max() <= RTOL[np.dtype(bk.dtype)] / n, "dlogits"
+    # reference by its definition: t = (1-ls) onehot + ls/K; loss = mean -sum t log softmax; dz = (softmax - t)/N
+    t = np.full((n, k), ls / k)
+    t[np.arange(n), lab] += 1 - ls
+    zs = z - z.max(axis=1, keepdims=True)
+    logp = zs - np.log(np.exp(zs).sum(axis=1, keepdims=True))
+    assert_close(np.array(rloss), np.array(-(t * logp).sum() / n), np.float64, "reference loss by definition")
+    assert_close(rdz, (np.exp(logp) - t) / n, np.float64, "reference dlogits by definition")
+
+
+def test_softmax_cross_entropy_stats(bk, rng):
+    z, lab = f32(rng, 13, 6), rng.integers(0, 6, size=13)
+    (s, c), (rs, rc) = _loss_both(bk, "softmax_cross_entropy_stats", [z, lab])
+    assert isinstance(c, int) and c == rc == int((z.argmax(axis=1) == lab).sum())
+    assert_close(np.array(s), np.array(rs), bk.dtype, "loss sum")
+    rloss, _ = ref.softmax_cross_entropy(z, lab)
+    assert_close(np.array(rs), np.array(rloss * 13), np.float64, "stats loss sum = N * mean loss")
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (6, 1), (4, 5)])
+@pytest.mark.parametrize("scale", [1.0, 30.0, 1e4])
+def test_binary_cross_entropy_with_logits(bk, rng, shape, scale):
+    z, t = f32(rng, *shape, scale=scale), rng.uniform(size=shape).astype(np.float32).astype(np.float64)
+    t[..., 0] = np.round(t[..., 0])         # some hard 0/1 targets too
+    (loss, dz), (rloss, rdz) = _loss_both(bk, "binary_cross_entropy_with_logits", [z, t])
+    assert isinstance(loss, float) and np.isfinite(loss) and np.all(np.isfinite(bk.to_numpy(dz)))
+    assert_close(np.array(loss), np.array(rloss), bk.dtype, "loss")
+    if scale == 1.0:
+        assert_close(bk.to_numpy(dz), rdz, bk.dtype, "dlogits")
+    else:
+        # saturated sigmoids: sigmoid(z) - t is below float32 resolution for some elements, so compare in units of
+        # the gradient's natural scale 1/size instead of relative to a norm that may itself be ~1e-14
+        unit = 1.0 / z.size
+        assert np.abs(bk.to_numpy(dz) - rdz).max() <= RTOL[np.dtype(bk.dtype)] * unit, "dlogits"
+
+
+def test_binary_cross_entropy_large_logits_exact(bk):
+    """|z| = 1000: the naive formula overflows; the stable one gives max(z,0) - z t exactly."""
+    z = np.array([[1000.0, -1000.0, 1000.0, -1000.0]])
+    t = np.array([[1.0, 0.0, 0.0, 1.0]])
+    loss, dz = bk.binary_cross_entropy_with_logits(bk.asarray(z), bk.asarray(t))
+    assert loss == pytest.approx((0 + 0 + 1000 + 1000) / 4)
+    np.testing.assert_allclose(bk.to_numpy(dz), [[0.0, 0.0, 0.25, -0.25]], atol=1e-7)
+
+
+# --- optimiser updates -------------------------------------------------------------------------------------------
+
+
+def _update_both(b, fn, arrays, n_steps, kwargs_of_step, mutable, rng):
+    """Apply fn n_steps times on both backends with the same gradients; return the final arrays per backend."""
+    grads = [f32(rng, *arrays[0].shape) for _ in range(n_steps)]
+    out = {}
+    for be in (b, ref):
+        dev = [be.asarray(a) if a is not None else None for a in arrays]
+        for i, g in enumerate(grads):
+            gd = be.asarray(g)
+            getattr(be, fn)(dev[0], gd, *dev[1:], **kwargs_of_step(i))
+            np.testing.assert_array_equal(be.to_numpy(gd), g.astype(be.dtype), err_msg=f"{fn} modified g")
+        out[be.name] = [be.to_numpy(d) for d in dev if d is not None]
+    for i, (g, w) in enumerate(zip(out[b.name], out["reference"])):
+        assert_close(g, w, b.dtype, f"{fn} array {i}")
+    return out
+
+
+@pytest.mark.parametrize("momentum,dampening,nesterov,wd", [
+    (0.0, 0.0, False, 0.0), (0.0, 0.0, False, 0.01), (0.9, 0.0, False, 0.0), (0.9, 0.0, True, 5e-4),
+    (0.5, 0.3, False, 0.1)])
+def test_sgd_update(bk, rng, momentum, dampening, nesterov, wd):
+    p = f32(rng, 37)
+    buf = np.zeros(37) if momentum else None
+    _update_both(bk, "sgd_update", [p, buf], 4,
+                 lambda i: dict(lr=0.1, momentum=momentum, dampening=dampening, nesterov=nesterov,
+                                weight_decay=wd, first_step=i == 0), None, rng)
+
+
+@pytest.mark.parametrize("wd,decoupled", [(0.0, False), (0.1, False), (0.01, True)])
+def test_adam_update(bk, rng, wd, decoupled):
+    p = f32(rng, 4, 9)
+    _update_both(bk, "adam_update", [p, np.zeros((4, 9)), np.zeros((4, 9))], 4,
+                 lambda i: dict(step=i + 1, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=wd,
+                                decoupled=decoupled), None, rng)
+
+
+# --- conversions -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["reference"] + BACKENDS)
+def test_conversions(name):
+    b = get_backend(name)
+    a = np.arange(6, dtype=np.int32).reshape(2, 3)
+    d = b.asarray(a)
+    assert d.dtype == b.dtype and d.shape == (2, 3)
+    h = b.to_numpy(d)
+    assert isinstance(h, np.ndarray) and h.dtype == b.dtype
+    np.testing.assert_array_equal(h, a)
+    a[0, 0] = 99                                   # asarray copied
+    assert b.to_numpy(d)[0, 0] == 0
+    z = b.zeros((3, 2))
+    assert z.dtype == b.dtype and not b.to_numpy(z).any()
+    lab = b.labels(np.array([1, 0, 2], dtype=np.uint8))
+    assert np.dtype(lab.dtype).kind == "i" and b.to_numpy(lab).tolist() == [1, 0, 2]
+    b.synchronize()
+
+
+# --- backward accumulates ----------------------------------------------------------------------------------------
+
+
+ACCUM_CASES = {
+    "dense": (lambda r: [f32(r, 3, 5), f32(r, 4, 5), f32(r, 4)], [(4, 5), (4,)]),
+    "conv2d": (lambda r: [f32(r, 2, 3, 6, 5), f32(r, 4, 3, 3, 3), f32(r, 4), 2, 1], [(4, 3, 3, 3), (4,)]),
+    "batchnorm": (lambda r: [f32(r, 4, 3, 2, 2), f32(r, 3), f32(r, 3), np.zeros(3), np.ones(3), 0.1, 1e-5, True],
+                  [(3,), (3,)]),
+}
+
+
+@pytest.mark.parametrize("name", ["reference"] + BACKENDS)
+@pytest.mark.parametrize("op", sorted(ACCUM_CASES))
+def test_backward_adds_into_gradients(name, op, rng):
+    """Two backward calls on the same cache give twice the gradient (dw += ..., PyTorch semantics), and a
+    pre-filled accumulator keeps its value."""
+    b = get_backend(name)
+    make, shapes = ACCUM_CASES[op]
+    args = [b.asarray(a) if isinstance(a, np.ndarray) else a for a in make(rng)]
+    y, cache = getattr(b, f"{op}_forward")(*args)
+    dy = b.asarray(f32(rng, *b.to_numpy(y).shape))
+    once = [b.zeros(s) for s in shapes]
+    getattr(b, f"{op}_backward")(dy, cache, *once)
+    twice = [b.zeros(s) for s in shapes]
+    getattr(b, f"{op}_backward")(dy, cache, *twice)
+    getattr(b, f"{op}_backward")(dy, cache, *twice)
+    start = [f32(rng, *s) for s in shapes]
+    prefilled = [b.asarray(s) for s in start]
+    getattr(b, f"{op}_backward")(dy, cache, *prefilled)
+    for o, t, s, p in zip(once, twice, start, prefilled):
+        o = b.to_numpy(o)
+        assert np.abs(o).max() > 0
+        assert_close(b.to_numpy(t), 2 * o, b.dtype, f"{op}: second backward must add")
+        assert_close(b.to_numpy(p), s + o, b.dtype, f"{op}: backward must add to the existing gradient")
