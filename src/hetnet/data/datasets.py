@@ -1,0 +1,140 @@
+"""One entry point for every data set: `load_dataset(name, ...)` -> Dataset (uint8 NCHW images, int64 labels).
+
+    >>> from hetnet.data import load_dataset, split_train_val
+    >>> d = load_dataset("fashion-mnist")                        # Debian package, cache folder, or download
+    >>> d.train_x.shape, d.test_x.shape, d.class_names[0]
+    ((60000, 1, 28, 28), (10000, 1, 28, 28), 'T-shirt/top')
+    >>> tx, ty, vx, vy = split_train_val(d.train_x, d.train_y, 0.1, seed=0)
+    >>> d = load_dataset("cifar10", "cifar10-jpg-train.tar.gz", input_shape=(3, 40, 40))   # resized on reading
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DataError, UsageError
+from . import cifar, folder, idx
+from .transforms import convert_channels, resize_batch
+
+DATASETS = ("fashion-mnist", "mnist", "cifar10", "folder")
+
+
+@dataclass
+class Dataset:
+    name: str
+    train_x: np.ndarray                     # (N, C, H, W) uint8
+    train_y: np.ndarray                     # (N,) int64
+    test_x: np.ndarray | None               # None when the source has no test split
+    test_y: np.ndarray | None
+    class_names: list[str]
+    source: str                             # the folder or file the data came from
+    skipped: int = 0                        # unreadable images skipped (skip_bad_images=True)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(int(v) for v in self.train_x.shape[1:])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def __repr__(self) -> str:
+        test = "no test split" if self.test_x is None else f"{len(self.test_x)} test"
+        return (f"Dataset({self.name!r}, {len(self.train_x)} train, {test}, shape {self.input_shape}, "
+                f"{self.num_classes} classes, from {self.source})")
+
+
+def _shared_cifar_jpg() -> Path:
+    """The CIFAR-10 JPEG archive this project's workspace keeps next to the repository (../shared/datasets)."""
+    return Path(__file__).resolve().parents[4] / "shared" / "datasets" / "cifar10-jpg-train.tar.gz"
+
+
+def cifar10_candidates() -> list[Path]:
+    """Places searched for CIFAR-10 when no path is given, in order."""
+    cache = idx.cache_dir("cifar10")
+    return [cache, cache.with_name("cifar10-jpg-train.tar.gz"), _shared_cifar_jpg()]
+
+
+def _locate_cifar10() -> Path | None:
+    for p in cifar10_candidates():
+        if (p.is_dir() and cifar.detect_format(p)) or (p.is_file() and folder.is_tar(p)):
+            return p
+    return None
+
+
+def _conform(x: np.ndarray | None, input_shape) -> np.ndarray | None:
+    """Images converted to input_shape's channels and resized to its H x W."""
+    if x is None or input_shape is None:
+        return x
+    c, h, w = (int(v) for v in input_shape)
+    if c not in (1, 3):
+        raise UsageError(f"input shape {tuple(input_shape)}: images can be given 1 (grey) or 3 (RGB) channels")
+    if c > x.shape[1]:          # resize the fewer channels, then repeat them
+        return convert_channels(resize_batch(x, (h, w)), c)
+    return resize_batch(convert_channels(x, c), (h, w))
+
+
+def load_dataset(name: str, path: str | os.PathLike | None = None, input_shape: tuple[int, int, int] | None = None,
+                 skip_bad_images: bool = False, download: bool = True) -> Dataset:
+    """Load a data set by name: "fashion-mnist", "mnist" (IDX files), "cifar10" (python batches, binary batches,
+    or an image folder/tar of it, detected), "folder" (any image folder or tar; `path` required).
+
+    input_shape (C, H, W): convert channels and resize every image to it. Raises DataError for missing or bad data.
+    """
+    if name not in DATASETS:
+        raise UsageError(f"--dataset {name!r}: expected one of {', '.join(DATASETS)}")
+    if name in ("fashion-mnist", "mnist"):
+        tx, ty, vx, vy, src = idx.load(name, path, download_ok=download)
+        return Dataset(name, _conform(tx, input_shape), ty, _conform(vx, input_shape), vy,
+                       list(idx.SOURCES[name]["classes"]), str(src))
+    if name == "cifar10":
+        p = Path(path) if path is not None else _locate_cifar10()
+        if p is None:
+            raise DataError(f"cifar10: data not found in {' or '.join(map(str, cifar10_candidates()))}; put the "
+                            "official python or binary batches (cifar-10-batches-py/ or cifar-10-batches-bin/) in "
+                            f"{idx.cache_dir('cifar10')}, or pass --data DIR (batches, an image folder or a tar)")
+        if p.is_dir() and cifar.detect_format(p):
+            d = cifar.load_cifar10(p)
+            return Dataset(name, _conform(d["train_x"], input_shape), d["train_y"],
+                           _conform(d["test_x"], input_shape), d["test_y"], d["class_names"], str(d["source"]))
+    elif path is None:
+        raise UsageError("--dataset folder needs --data PATH (an image folder, or a .tar/.tar.gz of one)")
+    else:
+        p = Path(path)
+    f = folder.load_image_folder(p, input_shape=input_shape, skip_bad_images=skip_bad_images)
+    return Dataset(name, f.train_x, f.train_y, f.test_x, f.test_y, f.class_names, str(f.source), f.skipped)
+
+
+def split_train_val(x: np.ndarray, y: np.ndarray, val_fraction: float, seed: int = 0):
+    """(train_x, train_y, val_x, val_y): a stratified split, round(n_c * val_fraction) examples of each class c to
+    validation, chosen by a generator seeded with `seed`. Both parts come in a seeded random order (so taking the
+    first N training examples gives a mix of classes). val_fraction 0 gives an empty validation set."""
+    if not 0 <= val_fraction < 1:
+        raise UsageError(f"validation fraction must be in [0, 1), got {val_fraction}")
+    y = np.asarray(y)
+    rng = np.random.default_rng([int(seed), 7])
+    val_idx = []
+    for c in np.unique(y):
+        members = np.flatnonzero(y == c)
+        k = int(round(len(members) * val_fraction))
+        val_idx.append(rng.permutation(members)[:k])
+    val = np.concatenate(val_idx) if val_idx else np.zeros(0, dtype=np.int64)
+    mask = np.ones(len(y), dtype=bool)
+    mask[val] = False
+    train = rng.permutation(np.flatnonzero(mask))
+    val = rng.permutation(val)
+    return x[train], y[train], x[val], y[val]
+
+
+def describe_data_locations() -> list[tuple[str, str | None]]:
+    """(data set, where it would be loaded from, or None) for `hetnet info`; touches no network."""
+    out = []
+    for name in ("fashion-mnist", "mnist"):
+        found = idx.locate(name)
+        out.append((name, str(found) if found else None))
+    found = _locate_cifar10()
+    out.append(("cifar10", str(found) if found else None))
+    return out

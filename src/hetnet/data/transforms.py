@@ -1,0 +1,135 @@
+"""Image batch transforms on uint8 NCHW arrays: resizing, grey <-> RGB, normalisation statistics, augmentation.
+
+    >>> x = resize_batch(x_uint8, (40, 40))                 # (N, C, 40, 40) uint8, Pillow bilinear
+    >>> x = convert_channels(x, 3)                          # grey -> RGB by repetition
+    >>> mean, std = channel_stats(x)                        # per channel, in [0, 1] units, float32 (C,)
+    >>> xf = normalize(x, mean, std)                        # float32 (N, C, H, W)
+    >>> x = random_crop(x, 4, rng); x = random_hflip(x, rng)
+"""
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+
+def resize_batch(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """x (N, C, H, W) uint8 resized to size (H', W') with Pillow's bilinear filter, each channel separately."""
+    h, w = int(size[0]), int(size[1])
+    n, c = x.shape[:2]
+    if x.shape[2:] == (h, w):
+        return x
+    out = np.empty((n, c, h, w), dtype=np.uint8)
+    if c == 3:      # one RGB image per call (Pillow filters each band the same way)
+        hwc = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+        for i in range(n):
+            out[i] = np.asarray(Image.fromarray(hwc[i], "RGB").resize((w, h), Image.BILINEAR)).transpose(2, 0, 1)
+        return out
+    for i in range(n):
+        for j in range(c):
+            out[i, j] = np.asarray(Image.fromarray(x[i, j]).resize((w, h), Image.BILINEAR))
+    return out
+
+
+def convert_channels(x: np.ndarray, channels: int) -> np.ndarray:
+    """x (N, C, H, W) uint8 with C in {1, 3} converted to `channels`: grey -> RGB repeats the plane; RGB -> grey is
+    ITU-R 601-2 luma, L = (299 R + 587 G + 114 B) / 1000 rounded, as Pillow's convert("L")."""
+    c = x.shape[1]
+    if c == channels:
+        return x
+    if c == 1 and channels == 3:
+        return np.ascontiguousarray(np.repeat(x, 3, axis=1))
+    if c == 3 and channels == 1:
+        r, g, b = (x[:, k].astype(np.uint32) for k in range(3))
+        return ((r * 299 + g * 587 + b * 114 + 500) // 1000).astype(np.uint8)[:, None]
+    raise ValueError(f"cannot convert {c} channels to {channels}")
+
+
+def channel_stats(x: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and standard deviation of uint8 images x (N, C, H, W), in [0, 1] units, float32 (C,).
+    Accumulated in float64 over chunks, so memory stays small for large sets."""
+    n, c = x.shape[:2]
+    s = np.zeros(c)
+    s2 = np.zeros(c)
+    for i in range(0, n, chunk):
+        v = x[i:i + chunk].astype(np.float64)
+        s += v.sum(axis=(0, 2, 3))
+        s2 += np.square(v).sum(axis=(0, 2, 3))
+    count = n * x.shape[2] * x.shape[3]
+    mean = s / count
+    var = np.maximum(s2 / count - mean ** 2, 0.0)
+    std = np.sqrt(var)
+    std[std == 0] = 255.0          # a constant channel: leave it unscaled rather than divide by zero
+    return (mean / 255).astype(np.float32), (std / 255).astype(np.float32)
+
+
+def normalize(x: np.ndarray, mean, std, out: np.ndarray | None = None) -> np.ndarray:
+    """float32 (x / 255 - mean) / std per channel for uint8 x (N, C, H, W); mean/std None -> x / 255 only."""
+    c = x.shape[1]
+    if mean is None:
+        scale = np.full(c, 1 / 255, dtype=np.float32)
+        shift = np.zeros(c, dtype=np.float32)
+    else:
+        mean = np.asarray(mean, dtype=np.float64).reshape(c)
+        std = np.asarray(std, dtype=np.float64).reshape(c)
+        scale = (1 / (255 * std)).astype(np.float32)        # x * scale + shift == (x/255 - mean)/std
+        shift = (-mean / std).astype(np.float32)
+    if out is None:
+        out = np.empty(x.shape, dtype=np.float32)
+    np.multiply(x, scale[None, :, None, None], out=out, dtype=np.float32)
+    out += shift[None, :, None, None]
+    return out
+
+
+def random_crop(x: np.ndarray, padding: int, rng: np.random.Generator) -> np.ndarray:
+    """Each image padded with `padding` zeros on every side, then cropped back to H x W at a random offset."""
+    if padding <= 0:
+        return x
+    n, c, h, w = x.shape
+    p = int(padding)
+    padded = np.zeros((n, c, h + 2 * p, w + 2 * p), dtype=x.dtype)
+    padded[:, :, p:p + h, p:p + w] = x
+    dy = rng.integers(0, 2 * p + 1, size=n)
+    dx = rng.integers(0, 2 * p + 1, size=n)
+    out = np.empty_like(x)
+    for i in range(n):
+        out[i] = padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w]
+    return out
+
+
+def random_hflip(x: np.ndarray, rng: np.random.Generator, p: float = 0.5) -> np.ndarray:
+    """Each image mirrored left-right with probability p."""
+    flip = rng.random(len(x)) < p
+    if not flip.any():
+        return x
+    out = x.copy()
+    out[flip] = x[flip, :, :, ::-1]
+    return out
+
+
+AUGMENTATIONS = ("crop", "flip")
+
+
+def parse_augment(spec) -> list[tuple[str, int]]:
+    """("crop", "flip") / "crop:4,flip" -> [("crop", 4), ("flip", 0)]; crop padding defaults to 4."""
+    if isinstance(spec, str):
+        spec = [s for s in spec.split(",") if s.strip()]
+    out = []
+    for item in spec or ():
+        name, _, arg = str(item).strip().partition(":")
+        if name not in AUGMENTATIONS:
+            raise ValueError(f"unknown augmentation {item!r}: expected one of {', '.join(AUGMENTATIONS)}")
+        if name == "crop":
+            pad = int(arg) if arg else 4
+            if pad < 0:
+                raise ValueError(f"crop padding must be >= 0, got {pad}")
+            out.append(("crop", pad))
+        else:
+            out.append(("flip", 0))
+    return out
+
+
+def apply_augment(x: np.ndarray, ops: list[tuple[str, int]], rng: np.random.Generator) -> np.ndarray:
+    """Apply parsed augmentations to a uint8 batch in order, drawing from `rng`."""
+    for name, arg in ops:
+        x = random_crop(x, arg, rng) if name == "crop" else random_hflip(x, rng)
+    return x
