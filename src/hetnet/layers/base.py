@@ -336,3 +336,16 @@ class Sequential(Layer):
 
     def __getitem__(self, i):
         return self.layers[i]
+
+    # -- training conveniences (the loops live in hetnet.train)
+    def fit(self, x, y, **kwargs) -> list:
+        """Train on arrays; see hetnet.train.fit for the options. Returns one metrics record per epoch."""
+        from ..train import fit
+
+        return fit(self, x, y, **kwargs)
+
+    def evaluate(self, x, y, batch_size: int = 256) -> tuple:
+        """(mean loss, accuracy) on arrays, in eval mode."""
+        from ..train import evaluate_arrays
+
+        return evaluate_arrays(self, x, y, batch_size)

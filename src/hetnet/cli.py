@@ -1,0 +1,305 @@
+"""The `hetnet` command: train | evaluate | predict | info | bench.
+
+    hetnet train                                   # fashion-cnn on Fashion-MNIST on the best device
+    hetnet train --model thesis-m1 --dataset folder --data cifar10-jpg-train.tar.gz --epochs 10
+    hetnet train --resume runs/20261127-031500-fashion-cnn-fashion-mnist
+    hetnet evaluate runs/20261127-031500-fashion-cnn-fashion-mnist
+    hetnet predict runs/.../model.safetensors shoe.png --top-k 3
+    hetnet info
+
+Bad input (a missing or corrupt file, a bad flag) ends with one line `error: ...` on stderr and exit status 2;
+Ctrl-C ends with exit status 130. Tracebacks are for bugs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+from .errors import HetnetError
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with bad-flag errors as one line `error: ...` (exit 2) instead of usage + message."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        sys.stderr.write(f"error: {message} (see `{self.prog} --help`)\n")
+        raise SystemExit(EXIT_USAGE)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}") from None
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
+    return v
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not (math.isfinite(v) and v >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return v
+
+
+def _fraction(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0 <= v < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .optim import SCHEDULES
+    from .runs import DATASETS
+    from .train import OPTIMIZERS
+
+    parser = _Parser(prog="hetnet", description="A readable deep-learning engine for image classification.")
+    sub = parser.add_subparsers(dest="command", metavar="{train,evaluate,predict,info,bench}", parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train a model (no flags: fashion-cnn on Fashion-MNIST, the main job)",
+                       description="Train a model into a run directory. Flags not given come from the model "
+                                   "preset's recipe.")
+    t.add_argument("--model", default="fashion-cnn", help="preset name (see `hetnet info`) or a SPEC.json file "
+                                                           "(default: fashion-cnn)")
+    t.add_argument("--dataset", default="fashion-mnist", choices=DATASETS, help="default: fashion-mnist")
+    t.add_argument("--data", metavar="PATH", help="data folder (IDX files, CIFAR-10 batches, class folders) or "
+                                                   ".tar/.tar.gz of class folders")
+    t.add_argument("--device", help="cpu | reference | cuda | cuda:N (default: the best available)")
+    t.add_argument("--epochs", type=_positive_int)
+    t.add_argument("--batch-size", type=_positive_int)
+    t.add_argument("--lr", type=_positive_float, help="learning rate (peak, for schedules)")
+    t.add_argument("--optimizer", choices=OPTIMIZERS, help="sgd (plain), momentum (Nesterov 0.9), adam, adamw")
+    t.add_argument("--schedule", choices=tuple(SCHEDULES), help="learning-rate schedule, stepped per batch")
+    t.add_argument("--weight-decay", type=_nonneg_float)
+    t.add_argument("--warmup-epochs", type=_nonneg_float, help="linear warm-up length, in epochs")
+    t.add_argument("--label-smoothing", type=_fraction)
+    aug = t.add_mutually_exclusive_group()
+    aug.add_argument("--augment", metavar="LIST", help="comma-separated: crop[:PAD], flip (e.g. crop:2,flip)")
+    aug.add_argument("--no-augment", action="store_true", help="no augmentation")
+    t.add_argument("--val-fraction", type=_fraction, help="held-out stratified validation share (default 0.1 "
+                                                          "for data sets without a test split, else 0)")
+    t.add_argument("--seed", type=_int, default=0)
+    t.add_argument("--limit", type=_positive_int, metavar="N", help="use only the first N training examples")
+    t.add_argument("--skip-bad-images", action="store_true", help="skip unreadable image files (and count them)")
+    t.add_argument("--out", metavar="DIR", help="run directory (default runs/<UTC time>-<model>-<dataset>)")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its checkpoint")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar, even on a terminal")
+
+    e = sub.add_parser("evaluate", help="loss, accuracy and per-class accuracy of a saved model")
+    e.add_argument("model", metavar="RUN_DIR|MODEL_FILE")
+    e.add_argument("--dataset", choices=DATASETS, help="default: the data set the model was trained on")
+    e.add_argument("--data", metavar="PATH")
+    e.add_argument("--device")
+    e.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    p = sub.add_parser("predict", help="top-k classes of image files")
+    p.add_argument("model", metavar="RUN_DIR|MODEL_FILE")
+    p.add_argument("images", metavar="IMAGE", nargs="+")
+    p.add_argument("--top-k", type=_positive_int, default=3)
+    p.add_argument("--device")
+
+    sub.add_parser("info", help="versions, devices, models and where data sets were found")
+    sub.add_parser("bench", help="benchmarks (arguments go to hetnet.bench)", add_help=False)
+    return parser
+
+
+# --- commands --------------------------------------------------------------------------------------------------
+
+
+def _print(line: str) -> None:
+    print(line, flush=True)
+
+
+def cmd_train(args) -> int:
+    from .runs import RunConfig, default_run_dir, resume_run, train_run
+    from .train import default_log
+
+    progress = False if args.no_progress else None
+    if args.resume:
+        given = [f for f in ("epochs", "batch_size", "lr", "optimizer", "schedule", "weight_decay", "limit", "out",
+                             "data", "augment") if getattr(args, f) is not None]
+        if given:
+            print(f"note: --resume continues the run as configured; ignoring --{given[0].replace('_', '-')}"
+                  + (" and others" if len(given) > 1 else ""), file=sys.stderr)
+        run_dir = Path(args.resume)
+        try:
+            resume_run(run_dir, log=default_log, progress=progress)
+        except KeyboardInterrupt:
+            return _interrupted(run_dir)
+        return 0
+    augment = [] if args.no_augment else (None if args.augment is None else
+                                          [s for s in args.augment.split(",") if s.strip()])
+    cfg = RunConfig(model=args.model, dataset=args.dataset, data=args.data, device=args.device, epochs=args.epochs,
+                    batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer, schedule=args.schedule,
+                    weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
+                    label_smoothing=args.label_smoothing, augment=augment, val_fraction=args.val_fraction,
+                    seed=args.seed, limit=args.limit, skip_bad_images=args.skip_bad_images,
+                    out=args.out or str(default_run_dir(args.model, args.dataset)))
+    try:
+        train_run(cfg, log=default_log, progress=progress)
+    except KeyboardInterrupt:
+        return _interrupted(Path(cfg.out))
+    return 0
+
+
+def _interrupted(run_dir: Path) -> int:
+    from .serialize import checkpoint_path
+
+    if checkpoint_path(run_dir).exists():
+        sys.stderr.write(f"\ninterrupted: continue with `hetnet train --resume {run_dir}`\n")
+    else:
+        sys.stderr.write("\ninterrupted\n")
+    return EXIT_INTERRUPTED
+
+
+def cmd_evaluate(args) -> int:
+    from .runs import evaluate_model
+
+    result = evaluate_model(args.model, dataset=args.dataset, data=args.data, device=args.device,
+                            log=None if args.json else _print)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .runs import predict_images
+
+    predict_images(args.model, args.images, top_k=args.top_k, device=args.device, log=_print)
+    return 0
+
+
+def cmd_info(args) -> int:
+    from . import zoo
+    from .runs import versions
+
+    print("hetnet " + versions()["hetnet"])
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in versions().items() if k != "hetnet"))
+    print("devices:")
+    print(f"  cpu        fast CPU backend, float32 ({os.cpu_count()} logical cores)")
+    print("  reference  float64 oracle (slow; for tests)")
+    print("  cuda       " + _cuda_description())
+    try:
+        from .device import best_device
+
+        print(f"best device: {best_device()}")
+    except Exception as e:  # info must never crash
+        print(f"best device: cpu ({type(e).__name__}: {e})")
+    print("data sets:")
+    for line in _data_locations():
+        print("  " + line)
+    print("models: " + ", ".join(zoo.PRESETS))
+    return 0
+
+
+def _cuda_description() -> str:
+    """The CUDA backend's own description, or why there is none; never raises."""
+    try:
+        import importlib
+
+        cuda = importlib.import_module("hetnet.backends.cuda")
+    except Exception as e:
+        return f"unavailable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'import failed'})"
+    describe = getattr(cuda, "describe", None)
+    if describe is None:
+        return "unavailable (hetnet.backends.cuda has no describe())"
+    try:
+        text = describe()
+    except Exception as e:
+        return f"unavailable ({type(e).__name__}: {e})"
+    if isinstance(text, (list, tuple)):
+        text = "\n             ".join(map(str, text))
+    elif isinstance(text, dict):
+        text = ", ".join(f"{k}: {v}" for k, v in text.items())
+    return str(text)
+
+
+def _data_locations() -> list[str]:
+    try:
+        from . import data
+
+        found = data.describe_data_locations()
+    except Exception as e:  # info must never crash
+        return [f"(could not look: {type(e).__name__}: {e})"]
+    if isinstance(found, str):
+        return found.splitlines()
+    if isinstance(found, dict):
+        found = list(found.items())
+    return [f"{x[0]}: {x[1] or 'not found'}" if isinstance(x, tuple) and len(x) == 2 else str(x) for x in found]
+
+
+def cmd_bench(argv: list[str]) -> int:
+    try:
+        import importlib
+
+        bench = importlib.import_module("hetnet.bench")
+    except ModuleNotFoundError as e:
+        if e.name in ("hetnet.bench",):
+            sys.stderr.write("error: hetnet bench: the benchmark module hetnet.bench is not installed\n")
+            return EXIT_USAGE
+        raise
+    rc = bench.main(argv)
+    return int(rc or 0)
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "info": cmd_info}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `hetnet` command and `python -m hetnet`; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] == "bench":
+            return cmd_bench(argv[1:])
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 0
+        return COMMANDS[args.command](args)
+    except HetnetError as e:
+        msg = " ".join(str(e).split("\n"))
+        sys.stderr.write(f"error: {msg}\n")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        sys.stderr.write("\ninterrupted\n")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `hetnet info | head`
+        sys.stderr.close()
+        return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

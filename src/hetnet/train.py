@@ -1,0 +1,389 @@
+"""Training and evaluation loops: the part of `fit` that is the same on every device.
+
+The work of one batch goes through a *step object*, so that a backend can plug in a fast path:
+
+- `make_train_step(model, optimizer, schedule, label_smoothing)` returns an object with
+  `step(xb, yb)` -- forward, loss, backward, optimiser and schedule step for one batch of device arrays; loss and
+  number of correct predictions are accumulated (on the device, for a GPU backend) -- and
+  `collect() -> (loss_sum: float, correct: int, count: int)`: the sums since the previous `collect()` (or since
+  creation), which it then resets to zero. `loss_sum` is the sum of the per-batch mean losses times the batch sizes.
+- `make_eval_step(model)` returns the same kind of object without the update (model in eval mode).
+
+If the backend has an attribute of the same name, it is used; otherwise `TrainStep` / `EvalStep` below, which call
+only the documented backend ops. Batches reach the device through `backend.asarray(xb)` and `backend.labels(yb)`.
+
+    >>> import hetnet as hn, numpy as np
+    >>> model = hn.Sequential([hn.Flatten(), hn.Dense(4, 3)]).to("cpu")
+    >>> x, y = np.random.rand(64, 1, 2, 2).astype(np.float32), np.arange(64) % 3
+    >>> history = model.fit(x, y, epochs=2, batch_size=16, optimizer="sgd", lr=0.1)      # doctest: +SKIP
+    >>> history[-1]["train_accuracy"]                                                      # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from typing import Callable, Iterable
+
+import numpy as np
+
+from . import optim
+from .errors import TrainingDiverged, UsageError
+
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
+METRIC_KEYS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "test_loss", "test_accuracy",
+               "seconds", "images_per_second")
+
+
+# --- optimiser and schedule by name ----------------------------------------------------------------------------
+
+
+def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0, momentum: float = 0.9):
+    """'sgd' (plain, the thesis's), 'momentum' (SGD with Nesterov momentum), 'adam', 'adamw'."""
+    if name == "sgd":
+        return optim.SGD(params, lr=lr, weight_decay=weight_decay)
+    if name == "momentum":
+        return optim.SGD(params, lr=lr, momentum=momentum, nesterov=True, weight_decay=weight_decay)
+    if name == "adam":
+        return optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    raise UsageError(f"--optimizer: unknown optimizer {name!r} (expected one of {', '.join(OPTIMIZERS)})")
+
+
+def make_schedule(name: str, optimizer, total_steps: int, warmup_steps: int = 0):
+    """A per-batch schedule from hetnet.optim.SCHEDULES: constant, step (x0.1 at 1/3 and 2/3), cosine, onecycle."""
+    if name not in optim.SCHEDULES:
+        raise UsageError(f"--schedule: unknown schedule {name!r} (expected one of {', '.join(optim.SCHEDULES)})")
+    total_steps, warmup_steps = max(1, int(total_steps)), max(0, int(warmup_steps))
+    if name == "constant":
+        return optim.ConstantLR(optimizer, warmup_steps=warmup_steps)
+    if name == "step":
+        return optim.StepLR(optimizer, step_size=max(1, (total_steps - warmup_steps) // 3), gamma=0.1,
+                            warmup_steps=warmup_steps)
+    if name == "cosine":
+        return optim.CosineLR(optimizer, total_steps=total_steps, warmup_steps=warmup_steps)
+    return optim.OneCycleLR(optimizer, total_steps=total_steps)
+
+
+# --- the generic step objects ----------------------------------------------------------------------------------
+
+
+class TrainStep:
+    """One optimisation step per batch, with running sums of loss and correct predictions."""
+
+    def __init__(self, model, optimizer, schedule=None, label_smoothing: float = 0.0):
+        self.model, self.optimizer, self.schedule = model, optimizer, schedule
+        self.label_smoothing = float(label_smoothing)
+        self.backend = model.backend
+        self._reset()
+
+    def _reset(self) -> None:
+        self.loss_sum, self.correct, self.count = 0.0, 0, 0
+
+    def step(self, xb, yb) -> None:
+        self.optimizer.zero_grad()
+        logits = self.model.forward(xb)
+        loss, dlogits = self.backend.softmax_cross_entropy(logits, yb, self.label_smoothing)
+        if not math.isfinite(loss):
+            raise TrainingDiverged(f"the training loss became {loss}")
+        self.model.backward(dlogits, need_dx=False)
+        self.optimizer.step()
+        if self.schedule is not None:
+            self.schedule.step()
+        n = int(xb.shape[0])
+        self.loss_sum += loss * n
+        self.correct += int((self.backend.xp.argmax(logits, axis=1) == yb).sum())
+        self.count += n
+
+    def collect(self) -> tuple[float, int, int]:
+        out = (float(self.loss_sum), int(self.correct), int(self.count))
+        self._reset()
+        return out
+
+
+class EvalStep:
+    """Loss and correct predictions without an update (call with the model in eval mode)."""
+
+    def __init__(self, model):
+        self.model, self.backend = model, model.backend
+        self.loss_sum, self.correct, self.count = 0.0, 0, 0
+
+    def step(self, xb, yb) -> None:
+        logits = self.model.forward(xb)
+        loss_sum, correct = self.backend.softmax_cross_entropy_stats(logits, yb)
+        self.loss_sum += float(loss_sum)
+        self.correct += int(correct)
+        self.count += int(xb.shape[0])
+
+    def collect(self) -> tuple[float, int, int]:
+        out = (float(self.loss_sum), int(self.correct), int(self.count))
+        self.loss_sum, self.correct, self.count = 0.0, 0, 0
+        return out
+
+
+def make_train_step(model, optimizer, schedule=None, label_smoothing: float = 0.0):
+    factory = getattr(model.backend, "make_train_step", None)
+    if factory is not None:
+        return factory(model, optimizer, schedule, label_smoothing)
+    return TrainStep(model, optimizer, schedule, label_smoothing)
+
+
+def make_eval_step(model):
+    factory = getattr(model.backend, "make_eval_step", None)
+    if factory is not None:
+        return factory(model)
+    return EvalStep(model)
+
+
+# --- loaders for plain arrays (model.fit on NumPy data) ----------------------------------------------------------
+
+
+class ArrayLoader:
+    """Batches of float arrays already normalised; the order of epoch e depends only on (seed, e)."""
+
+    def __init__(self, x, y, batch_size: int, shuffle: bool = True, seed: int = 0, drop_last: bool = False):
+        self.x, self.y = np.asarray(x), np.asarray(y, dtype=np.int64)
+        if self.x.shape[0] != self.y.shape[0]:
+            raise UsageError(f"fit: {self.x.shape[0]} inputs but {self.y.shape[0]} labels")
+        self.batch_size, self.shuffle, self.seed, self.drop_last = int(batch_size), shuffle, int(seed), drop_last
+
+    def __len__(self) -> int:
+        n = self.x.shape[0]
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def epoch(self, e: int):
+        n = self.x.shape[0]
+        order = np.random.default_rng([self.seed, e]).permutation(n) if self.shuffle else np.arange(n)
+        for i in range(len(self)):
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            yield self.x[idx], self.y[idx]
+
+
+def _num_batches(loader) -> int | None:
+    try:
+        return len(loader)
+    except TypeError:
+        return None
+
+
+# --- progress --------------------------------------------------------------------------------------------------
+
+
+def _bar(total: int | None, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="batch", leave=False, file=sys.stderr, dynamic_ncols=True)
+
+
+def default_log(line: str) -> None:
+    """Print a line to stdout, above any progress bar."""
+    from tqdm import tqdm
+
+    tqdm.write(line, file=sys.stdout)
+    sys.stdout.flush()
+
+
+def format_epoch(rec: dict, epochs: int, elapsed: float | None = None) -> str:
+    parts = [f"epoch {rec['epoch']}/{epochs}",
+             f"train loss {rec['train_loss']:.4f} acc {100 * rec['train_accuracy']:.2f}%"]
+    for split in ("val", "test"):
+        if rec.get(f"{split}_loss") is not None:
+            parts.append(f"{split} loss {rec[f'{split}_loss']:.4f} acc {100 * rec[f'{split}_accuracy']:.2f}%")
+    parts.append(f"{rec['seconds']:.1f} s")
+    parts.append(f"{rec['images_per_second']:.0f} img/s")
+    if elapsed is not None:
+        parts.append(f"elapsed {int(elapsed) // 60}:{int(elapsed) % 60:02d}")
+    return "  ".join(parts)
+
+
+# --- the trainer -----------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Runs epochs: train on a loader, then evaluate on the validation and test loaders; one record per epoch.
+
+    A loader is anything with `epoch(e) -> iterable of (xb, yb)` (host arrays; float inputs, int labels) and,
+    ideally, `len()` in batches (hetnet.data.BatchLoader, ArrayLoader).
+
+        >>> trainer = Trainer(model, optimizer, schedule)                                  # doctest: +SKIP
+        >>> history = trainer.fit(train_loader, epochs=5, test_loader=test_loader)       # doctest: +SKIP
+    """
+
+    def __init__(self, model, optimizer, schedule=None, label_smoothing: float = 0.0, progress: bool | None = None,
+                 log: Callable[[str], None] | None = default_log):
+        self.model, self.optimizer, self.schedule = model, optimizer, schedule
+        self.label_smoothing = float(label_smoothing)
+        self.progress = sys.stderr.isatty() if progress is None else bool(progress)
+        self.log = log
+        self._train_step = None
+
+    @property
+    def backend(self):
+        return self.model.backend
+
+    def train_epoch(self, loader, epoch: int, epochs: int | None = None) -> tuple[float, float, float, int]:
+        """One pass over loader.epoch(epoch) (0-based); (mean loss, accuracy, seconds, images)."""
+        if self._train_step is None:
+            self._train_step = make_train_step(self.model, self.optimizer, self.schedule, self.label_smoothing)
+        step, backend = self._train_step, self.backend
+        self.model.train()
+        bar = _bar(_num_batches(loader), f"epoch {epoch + 1}" + (f"/{epochs}" if epochs else ""), self.progress)
+        loss_sum, correct, count = 0.0, 0, 0
+        t0 = time.perf_counter()
+        # overflow in a diverging run is reported once, as TrainingDiverged, not as NumPy warnings
+        errstate = np.errstate(over="ignore", invalid="ignore", divide="ignore")
+        errstate.__enter__()
+        try:
+            for i, (xb, yb) in enumerate(loader.epoch(epoch)):
+                step.step(backend.asarray(xb), backend.labels(yb))
+                if bar is not None:
+                    bar.update(1)
+                    if i % 20 == 19:  # a device sync every 20 batches, only when someone watches
+                        ls, c, n = step.collect()
+                        loss_sum, correct, count = loss_sum + ls, correct + c, count + n
+                        dt = time.perf_counter() - t0
+                        bar.set_postfix_str(f"loss {loss_sum / max(count, 1):.4f} acc {100 * correct / max(count, 1):.2f}%"
+                                            f" {count / max(dt, 1e-9):.0f} img/s", refresh=False)
+            ls, c, n = step.collect()
+            backend.synchronize()
+        finally:
+            errstate.__exit__(None, None, None)
+            if bar is not None:
+                bar.close()
+        loss_sum, correct, count = loss_sum + ls, correct + c, count + n
+        seconds = time.perf_counter() - t0
+        if count == 0:
+            raise UsageError("training set is empty (check --limit and --batch-size)")
+        loss = loss_sum / count
+        if not math.isfinite(loss):
+            raise TrainingDiverged(f"the training loss became {loss}")
+        return loss, correct / count, seconds, count
+
+    def evaluate(self, loader) -> tuple[float, float]:
+        """(mean loss, accuracy) over loader.epoch(0), model in eval mode."""
+        return evaluate(self.model, loader)
+
+    def fit(self, train_loader, epochs: int, val_loader=None, test_loader=None, start_epoch: int = 0,
+            history: list | None = None, on_epoch_end: Callable[[dict, list], None] | None = None) -> list[dict]:
+        """Train epochs start_epoch+1 .. epochs (1-based in the records); returns the history of records.
+
+        A non-finite loss raises TrainingDiverged naming the epoch. `on_epoch_end(record, history)` runs after each
+        epoch (the run directory writes its checkpoint there)."""
+        history = list(history or [])
+        t_start = time.perf_counter()
+        for e in range(start_epoch, epochs):
+            t0 = time.perf_counter()
+            try:
+                loss, acc, train_s, n = self.train_epoch(train_loader, e, epochs)
+            except TrainingDiverged as err:
+                raise TrainingDiverged(f"training diverged in epoch {e + 1}: {err} "
+                                       f"(try a lower --lr)") from None
+            rec = {"epoch": e + 1, "train_loss": loss, "train_accuracy": acc,
+                   "val_loss": None, "val_accuracy": None, "test_loss": None, "test_accuracy": None}
+            for split, loader in (("val", val_loader), ("test", test_loader)):
+                if loader is not None:
+                    rec[f"{split}_loss"], rec[f"{split}_accuracy"] = evaluate(self.model, loader)
+            rec["seconds"] = time.perf_counter() - t0
+            rec["images_per_second"] = n / max(train_s, 1e-9)
+            history.append(rec)
+            if self.log is not None:
+                self.log(format_epoch(rec, epochs, time.perf_counter() - t_start))
+            if on_epoch_end is not None:
+                on_epoch_end(rec, history)
+        return history
+
+
+def evaluate(model, loader) -> tuple[float, float]:
+    """(mean loss, accuracy) of a model over loader.epoch(0), in eval mode (mode restored afterwards)."""
+    backend = model.backend
+    was_training = model.training
+    model.eval()
+    try:
+        step = make_eval_step(model)
+        for xb, yb in loader.epoch(0):
+            step.step(backend.asarray(xb), backend.labels(yb))
+        loss_sum, correct, count = step.collect()
+        backend.synchronize()
+    finally:
+        model.train(was_training)
+    if count == 0:
+        return float("nan"), float("nan")
+    return loss_sum / count, correct / count
+
+
+def predict_labels(model, loader) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted class, true class) for every example of loader.epoch(0), eval mode."""
+    backend = model.backend
+    was_training = model.training
+    model.eval()
+    preds, trues = [], []
+    try:
+        for xb, yb in loader.epoch(0):
+            logits = model.forward(backend.asarray(xb))
+            preds.append(backend.to_numpy(backend.xp.argmax(logits, axis=1)).astype(np.int64))
+            trues.append(np.asarray(yb, dtype=np.int64))
+    finally:
+        model.train(was_training)
+    if not preds:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(preds), np.concatenate(trues)
+
+
+def confusion_matrix(pred: np.ndarray, true: np.ndarray, num_classes: int) -> np.ndarray:
+    """m[t, p] = number of examples of class t predicted as p."""
+    m = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(m, (true, pred), 1)
+    return m
+
+
+# --- model.fit / model.evaluate on arrays ------------------------------------------------------------------------
+
+
+def fit(model, x, y, epochs: int = 1, batch_size: int = 32, optimizer: str = "sgd", lr: float = 0.01,
+        schedule: str = "constant", weight_decay: float = 0.0, warmup_epochs: float = 0.0,
+        label_smoothing: float = 0.0, validation_data: tuple | None = None, seed: int = 0,
+        progress: bool | None = None, log: Callable[[str], None] | None = None) -> list[dict]:
+    """Train `model` (already on its device) on arrays x (N, ...) float, y (N,) int; returns one record per epoch
+    (validation columns filled from validation_data=(x_val, y_val))."""
+    check_positive_int(epochs, "epochs")
+    check_positive_int(batch_size, "batch_size")
+    check_lr(lr, "lr")
+    loader = ArrayLoader(x, y, batch_size, shuffle=True, seed=seed)
+    val = ArrayLoader(*validation_data, batch_size=max(batch_size, 256), shuffle=False) if validation_data else None
+    opt = make_optimizer(optimizer, model.parameters(), lr, weight_decay)
+    steps = len(loader)
+    sched = make_schedule(schedule, opt, steps * epochs, int(round(warmup_epochs * steps)))
+    trainer = Trainer(model, opt, sched, label_smoothing, progress=progress, log=log)
+    return trainer.fit(loader, epochs, val_loader=val)
+
+
+def evaluate_arrays(model, x, y, batch_size: int = 256) -> tuple[float, float]:
+    """(mean loss, accuracy) on arrays."""
+    return evaluate(model, ArrayLoader(x, y, batch_size, shuffle=False))
+
+
+# --- argument checks shared with the command line --------------------------------------------------------------
+
+
+def check_positive_int(v, flag: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
+        raise UsageError(f"--{flag.replace('_', '-')}: expected a positive integer, got {v!r}")
+    return int(v)
+
+
+def check_lr(v, flag: str = "lr") -> float:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise UsageError(f"--{flag}: expected a positive finite number, got {v!r}") from None
+    if not (math.isfinite(f) and f > 0):
+        raise UsageError(f"--{flag}: expected a positive finite number, got {v!r}")
+    return f
+
+
+def records_iter(history: Iterable[dict]) -> list[dict]:
+    """Records with exactly METRIC_KEYS, in that order (None where not applicable)."""
+    return [{k: r.get(k) for k in METRIC_KEYS} for r in history]
