@@ -40,29 +40,32 @@ RECORD_BYTES = 1 + IMAGE_BYTES
 # Each allowed global is a small wrapper that checks its arguments, so even the allowed functions can only build a
 # plain numeric array from bytes.
 
+class Refused(pickle.UnpicklingError):
+    """The pickle asked for something other than plain data."""
+
 def _plain_dtype(*args):
     dt = np.dtype(*args)
     if dt.hasobject or dt.fields is not None or dt.subdtype is not None:
-        raise pickle.UnpicklingError(f"dtype {dt} is not a plain numeric dtype")
+        raise Refused(f"dtype {dt} is not a plain numeric dtype")
     return dt
 
 
 def _reconstruct(subtype, shape, dtype):
     if subtype is not np.ndarray:
-        raise pickle.UnpicklingError(f"array subtype {subtype!r} is not numpy.ndarray")
+        raise Refused(f"array subtype {subtype!r} is not numpy.ndarray")
     return _multiarray._reconstruct(np.ndarray, shape, _plain_dtype(dtype))
 
 
 def _frombuffer(buf, dtype, shape, order):
     if not isinstance(buf, (bytes, bytearray, pickle.PickleBuffer)):
-        raise pickle.UnpicklingError("array buffer is not bytes")
+        raise Refused("array buffer is not bytes")
     return _numeric._frombuffer(buf, _plain_dtype(dtype), shape, order)
 
 
 def _encode(obj, encoding="utf-8"):
     # protocol-2 pickles written by Python 3 store bytes as _codecs.encode(str, 'latin1')
     if not isinstance(obj, str) or encoding.replace("-", "").replace("_", "").lower() != "latin1":
-        raise pickle.UnpicklingError("_codecs.encode is allowed only for latin1 text")
+        raise Refused("_codecs.encode is allowed only for latin1 text")
     return obj.encode("latin1")
 
 
@@ -84,17 +87,17 @@ class RestrictedUnpickler(pickle.Unpickler):
         try:
             return _ALLOWED[(module, name)]
         except KeyError:
-            raise pickle.UnpicklingError(f"refused to load global {module}.{name}") from None
+            raise Refused(f"refused to load global {module}.{name}") from None
 
     def persistent_load(self, pid):
-        raise pickle.UnpicklingError("persistent ids are not allowed")
+        raise Refused("persistent ids are not allowed")
 
 
 def restricted_load(data: bytes, name: str = "<bytes>"):
     """Unpickle `data` with RestrictedUnpickler (Python 2 strings read as bytes); any failure is a DataError."""
     try:
         return RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
-    except pickle.UnpicklingError as e:
+    except Refused as e:
         raise DataError(f"{name}: not a plain-data pickle: {e}") from None
     except Exception as e:  # truncated or garbled pickles raise EOFError, ValueError, TypeError, ...
         raise DataError(f"{name}: unreadable pickle ({type(e).__name__}: {e})") from None

@@ -11,6 +11,7 @@ unless `skip_bad_images` is set, when it is skipped and counted.
 """
 from __future__ import annotations
 
+import gzip
 import io
 import os
 import tarfile
@@ -71,17 +72,40 @@ def _iter_dir(root: Path):
                 yield parts, data, str(path)
 
 
+class _TarInfo(tarfile.TarInfo):
+    """Records why the archive ended: tarfile stops silently at a truncated header, we want to say so."""
+
+    @classmethod
+    def fromtarfile(cls, tf):
+        try:
+            return super().fromtarfile(tf)
+        except tarfile.EOFHeaderError:          # a zero block: the proper end-of-archive marker
+            tf.hetnet_end = "marker"
+            raise
+        except (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError):
+            tf.hetnet_end = "truncated"
+            raise
+
+
 def _iter_tar(path: Path):
-    """(parts, bytes) for every image-named regular file of the archive, in archive order (one streaming pass)."""
+    """(parts, bytes) for every image-named regular file of the archive, in archive order (one streaming pass).
+    A truncated archive or gzip stream, or a gzip CRC mismatch, is a DataError."""
     try:
-        with tarfile.open(path, mode="r|*") as tf:
-            for m in tf:
-                if not m.isfile():
-                    continue
-                parts = tuple(p for p in m.name.split("/") if p not in ("", "."))
-                if _wanted(parts):
-                    f = tf.extractfile(m)
-                    yield parts, f.read(), f"{path}:{m.name}"
+        with open(path, "rb") as raw:
+            gz = raw.read(2) == b"\x1f\x8b"
+            raw.seek(0)
+            stream = gzip.GzipFile(fileobj=raw, mode="rb") if gz else raw
+            with tarfile.open(fileobj=stream, mode="r|", tarinfo=_TarInfo) as tf:
+                for m in tf:
+                    if not m.isfile():
+                        continue
+                    parts = tuple(p for p in m.name.split("/") if p not in ("", "."))
+                    if _wanted(parts):
+                        yield parts, tf.extractfile(m).read(), f"{path}:{m.name}"
+                if getattr(tf, "hetnet_end", "marker") != "marker":
+                    raise tarfile.ReadError("archive ends without its end-of-archive marker (truncated?)")
+            while stream.read(1 << 20):     # the rest of a gzip stream: checks its CRC and that it is complete
+                pass
     except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
         raise DataError(f"{path}: corrupt or unreadable tar archive ({e})") from None
 
