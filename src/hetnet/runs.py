@@ -375,6 +375,8 @@ def resume_run(run_dir: str | Path, log: Callable[[str], None] | None = default_
     if not isinstance(config, dict) or any(k not in config for k in needed) or \
             not isinstance(state.get("epoch"), int) or not isinstance(state.get("metrics"), list):
         raise ModelFileError(f"{ckpt.path}: checkpoint metadata is incomplete (config/epoch/metrics missing)")
+    for stale in [*run_dir.glob(".*.tmp"), *run_dir.glob(".*.tmp.png"), *ckpt.path.parent.glob(".*.tmp")]:
+        stale.unlink(missing_ok=True)   # left by a kill in the middle of an atomic write
     p = prepare(config, log)
     if p.fingerprint != state.get("fingerprint"):
         raise UsageError(f"--resume: the training data at {p.data_source} differ from the data this run started "

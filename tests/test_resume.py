@@ -1,0 +1,155 @@
+"""The resume guarantee: a `hetnet train` killed with SIGKILL at any moment and resumed ends bit-identical to an
+uninterrupted run with the same seed, with the same metrics.jsonl lines (cpu backend)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hetnet import serialize
+from hetnet.data.idx import write_idx
+
+# BatchNorm (running statistics), Dropout (masks from hetnet's RNG), Nesterov momentum, cosine schedule with
+# warm-up and crop+flip augmentation: every piece of state a resume has to restore.
+SPEC = {"input_shape": [1, 28, 28], "layers": [
+    {"type": "Conv2D", "in_channels": 1, "out_channels": 4, "kernel_size": 3, "padding": 1, "bias": False},
+    {"type": "BatchNorm2D", "num_features": 4}, {"type": "ReLU"}, {"type": "MaxPool2D", "kernel_size": 2},
+    {"type": "Flatten"}, {"type": "Dropout", "p": 0.25},
+    {"type": "Dense", "in_features": 4 * 14 * 14, "out_features": 10}]}
+EPOCHS = 6
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    rng = np.random.default_rng(0)
+    data = root / "data"
+    data.mkdir()
+    for split, n in (("train", 600), ("t10k", 60)):
+        y = rng.integers(0, 10, n).astype(np.uint8)
+        x = rng.integers(0, 255, (n, 28, 28)).astype(np.uint8)
+        write_idx(data / f"{split}-images-idx3-ubyte.gz", x)
+        write_idx(data / f"{split}-labels-idx1-ubyte.gz", y)
+    spec = root / "spec.json"
+    spec.write_text(json.dumps(SPEC))
+    return root, data, spec
+
+
+def _argv(data, spec, out):
+    return [sys.executable, "-m", "hetnet", "train", "--model", str(spec), "--data", str(data), "--device", "cpu",
+            "--epochs", str(EPOCHS), "--batch-size", "32", "--optimizer", "momentum", "--lr", "0.05",
+            "--schedule", "cosine", "--warmup-epochs", "1", "--weight-decay", "5e-4", "--augment", "crop:2,flip",
+            "--limit", "400", "--val-fraction", "0.1", "--seed", "7", "--out", str(out)]
+
+
+def _run(argv):
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return r
+
+
+def _kill_when(argv, ready, timeout=60.0):
+    """Start a run and SIGKILL it as soon as ready() is true; returns True if it was killed mid-run."""
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.monotonic()
+    try:
+        while proc.poll() is None and time.monotonic() - t0 < timeout:
+            if ready():
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                return True
+            time.sleep(0.002)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return False
+
+
+def _epochs_done(out: Path) -> int:
+    try:
+        return len((out / "metrics.jsonl").read_text().splitlines())
+    except FileNotFoundError:
+        return 0
+
+
+def _weights(path: Path) -> dict:
+    arrays, _ = serialize.read_safetensors(path)
+    return arrays
+
+
+def test_sigkill_and_resume_is_bit_identical(setup):
+    root, data, spec = setup
+    ref = root / "uninterrupted"
+    _run(_argv(data, spec, ref))
+
+    out = root / "killed"
+    # kill 1: just after the run directory appears (before or during the first epoch)
+    assert _kill_when(_argv(data, spec, out), lambda: (out / "config.json").exists())
+    assert not (out / "model.safetensors").exists()
+    # kill 2: in the middle of the resumed run, once two more epochs have been written
+    resume = [sys.executable, "-m", "hetnet", "train", "--resume", str(out)]
+    start = _epochs_done(out)
+    killed = _kill_when(resume, lambda: _epochs_done(out) >= start + 2)
+    assert killed and not (out / "model.safetensors").exists()
+    # a partial last line in metrics.jsonl must not survive a resume
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 99, "train_lo')
+    r = _run(resume)
+    assert "resuming after epoch" in r.stdout
+
+    a, b = _weights(ref / "model.safetensors"), _weights(out / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k       # bit-identical, not close
+    # (the files' bytes may differ: safetensors writes the metadata keys in hash order)
+    assert serialize.read_safetensors(ref / "model.safetensors")[1] == \
+        serialize.read_safetensors(out / "model.safetensors")[1]
+    ref_lines = [json.loads(s) for s in (ref / "metrics.jsonl").read_text().splitlines()]
+    out_lines = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in out_lines] == list(range(1, EPOCHS + 1)) == [r["epoch"] for r in ref_lines]
+    for x, y in zip(ref_lines, out_lines):
+        for k in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "test_loss", "test_accuracy"):
+            assert x[k] == y[k], k
+
+
+def test_resume_of_a_finished_run_is_refused(setup):
+    root, data, spec = setup
+    out = root / "uninterrupted"
+    if not (out / "model.safetensors").exists():
+        _run(_argv(data, spec, out))
+    r = subprocess.run([sys.executable, "-m", "hetnet", "train", "--resume", str(out)], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.startswith("error: --resume") and "finished" in r.stderr
+
+
+def test_resume_with_changed_data_is_refused(setup, tmp_path):
+    root, data, spec = setup
+    out = tmp_path / "run"
+    argv = _argv(data, spec, out)
+    argv[argv.index("--epochs") + 1] = "1"
+    assert _kill_when(argv, lambda: (out / "config.json").exists())
+    cfg_changed = root / "data2"
+    cfg_changed.mkdir(exist_ok=True)
+    for f in data.iterdir():
+        (cfg_changed / f.name).write_bytes(f.read_bytes())
+    rng = np.random.default_rng(1)
+    write_idx(cfg_changed / "train-labels-idx1-ubyte.gz", rng.integers(0, 10, 600).astype(np.uint8))
+    # point the checkpoint's config at the changed data, as if the files had been replaced in place
+    ck = serialize.read_checkpoint(out)
+    ck.state["config"]["data"] = str(cfg_changed)
+    arrays, meta = serialize.read_safetensors(ck.path, "checkpoint")
+    meta["state"] = ck.state
+    serialize.write_safetensors(ck.path, arrays, meta)
+    r = subprocess.run([sys.executable, "-m", "hetnet", "train", "--resume", str(out)], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and "differ" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (out / "model.safetensors").exists()
+    os.sync()
