@@ -69,7 +69,7 @@ def write_binary_set(folder: Path, meta=True) -> dict:
     return out
 
 
-# --- python batches ------------------------------------------------------------------------------------------------
+# --- python batches -----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("fmt", ["py2", "py3-2", "py3-4", "py3-5"])
 def test_python_batch_formats(tmp_path, fmt):
@@ -198,7 +198,7 @@ def test_default_class_names_without_meta(tmp_path):
     assert cifar.load_cifar10(tmp_path)["class_names"] == list(cifar.CIFAR10_CLASSES)
 
 
-# --- binary batches ------------------------------------------------------------------------------------------------
+# --- binary batches -----------------------------------------------------------------------------------------
 
 def test_binary_folder(tmp_path):
     written = write_binary_set(tmp_path / "cifar-10-batches-bin")

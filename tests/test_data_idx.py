@@ -44,7 +44,7 @@ def isolated(monkeypatch, tmp_path):
     return tmp_path / "cache"
 
 
-# --- the file format ---------------------------------------------------------------------------------------------
+# --- the file format ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.int16, np.int32, np.float32, np.float64])
 @pytest.mark.parametrize("name", ["a-idx", "a-idx.gz"])
@@ -108,7 +108,7 @@ def test_missing_file(tmp_path):
         idx.read_idx(tmp_path / "nope")
 
 
-# --- image/label pairs ---------------------------------------------------------------------------------------------
+# --- image/label pairs --------------------------------------------------------------------------------------
 
 def test_pair(tmp_path):
     arrays = write_set(tmp_path)
@@ -143,7 +143,7 @@ def test_pair_wrong_kinds(tmp_path):
         idx.load_idx_pair(tmp_path / "i", tmp_path / "lf")
 
 
-# --- finding, downloading, load_dataset ----------------------------------------------------------------------------
+# --- finding, downloading, load_dataset ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("gz", [True, False])
 def test_load_dataset_from_path(tmp_path, gz):
@@ -221,9 +221,10 @@ def test_download_checked_and_atomic(isolated, monkeypatch, tmp_path):
         if url.startswith(mirrors[0]):
             return files[name][:-3] + b"bad"          # first mirror serves a corrupted copy: checksum rejects it
         return files[name]
-    tx, ty, vx, vy, src = idx.load("fashion-mnist", fetch=fetch)
+    _, ty, _, vy, src = idx.load("fashion-mnist", fetch=fetch)
     assert src == isolated / "fashion-mnist"
     np.testing.assert_array_equal(ty, arrays["train"][1])
+    np.testing.assert_array_equal(vy, arrays["test"][1])
     assert sorted(p.name for p in src.iterdir()) == sorted(files)         # no partial files left behind
     for name, data in files.items():
         assert (src / name).read_bytes() == data
@@ -235,7 +236,7 @@ def test_download_checked_and_atomic(isolated, monkeypatch, tmp_path):
 
 
 def test_download_bad_checksum_everywhere(isolated, monkeypatch, tmp_path):
-    _, files = _fake_upstream(monkeypatch, tmp_path, "mnist")
+    _fake_upstream(monkeypatch, tmp_path, "mnist")
     with pytest.raises(DataError, match="SHA-256"):
         idx.load("mnist", fetch=lambda url, timeout: b"not the file")
     assert not any((isolated / "mnist").iterdir())                       # nothing written
@@ -252,6 +253,6 @@ REAL = Path("/usr/share/datasets/fashion-mnist")
 
 @pytest.mark.skipif(not (REAL / "train-images-idx3-ubyte.gz").exists(), reason="dataset-fashion-mnist not installed")
 def test_real_fashion_mnist():
-    tx, ty, vx, vy, src = idx.load("fashion-mnist", REAL)
+    tx, ty, vx, vy, _ = idx.load("fashion-mnist", REAL)
     assert tx.shape == (60000, 1, 28, 28) and vx.shape == (10000, 1, 28, 28)
     assert np.array_equal(np.bincount(ty), [6000] * 10) and np.array_equal(np.bincount(vy), [1000] * 10)

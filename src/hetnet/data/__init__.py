@@ -12,5 +12,5 @@ from .datasets import DATASETS, Dataset, describe_data_locations, load_dataset, 
 from .loader import BatchLoader
 from .transforms import channel_stats, convert_channels, normalize, resize_batch
 
-__all__ = ["DATASETS", "Dataset", "load_dataset", "split_train_val", "describe_data_locations", "BatchLoader",
-           "channel_stats", "normalize", "resize_batch", "convert_channels"]
+__all__ = ["DATASETS", "BatchLoader", "Dataset", "channel_stats", "convert_channels", "describe_data_locations",
+           "load_dataset", "normalize", "resize_batch", "split_train_val"]

@@ -36,7 +36,7 @@ IMAGE_BYTES = 3 * 32 * 32
 RECORD_BYTES = 1 + IMAGE_BYTES
 
 
-# --- the restricted unpickler ------------------------------------------------------------------------------------
+# --- the restricted unpickler -------------------------------------------------------------------------------
 # Each allowed global is a small wrapper that checks its arguments, so even the allowed functions can only build a
 # plain numeric array from bytes.
 
@@ -99,7 +99,7 @@ def restricted_load(data: bytes, name: str = "<bytes>"):
         return RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
     except Refused as e:
         raise DataError(f"{name}: not a plain-data pickle: {e}") from None
-    except Exception as e:  # truncated or garbled pickles raise EOFError, ValueError, TypeError, ...
+    except Exception as e:  # noqa: BLE001 - truncated or garbled pickles raise EOFError, ValueError, ...
         raise DataError(f"{name}: unreadable pickle ({type(e).__name__}: {e})") from None
 
 
@@ -124,7 +124,7 @@ def _check_labels(labels: np.ndarray, path) -> np.ndarray:
     return labels.astype(np.int64)
 
 
-# --- python batches ----------------------------------------------------------------------------------------------
+# --- python batches -----------------------------------------------------------------------------------------
 
 def load_python_batch(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """Images (N, 3, 32, 32) uint8 and labels (N,) int64 from one python batch (a dict with 'data': N x 3072
@@ -159,7 +159,7 @@ def load_python_meta(path: str | os.PathLike) -> list[str]:
     return [n.decode("latin1") if isinstance(n, bytes) else n for n in names]
 
 
-# --- binary batches ----------------------------------------------------------------------------------------------
+# --- binary batches -----------------------------------------------------------------------------------------
 
 def load_binary_batch(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """Images (N, 3, 32, 32) uint8 and labels (N,) int64 from one binary batch (N records of 1 label byte + 3072
@@ -183,7 +183,7 @@ def load_text_meta(path: str | os.PathLike) -> list[str]:
     return names
 
 
-# --- a whole folder ----------------------------------------------------------------------------------------------
+# --- a whole folder -----------------------------------------------------------------------------------------
 
 def detect_format(folder: str | os.PathLike) -> tuple[str, Path] | None:
     """("python" | "binary", folder holding the batches) for `folder` or its cifar-10-batches-py/-bin subfolder."""

@@ -119,7 +119,7 @@ def split_train_val(x: np.ndarray, y: np.ndarray, val_fraction: float, seed: int
     val_idx = []
     for c in np.unique(y):
         members = np.flatnonzero(y == c)
-        k = int(round(len(members) * val_fraction))
+        k = round(len(members) * val_fraction)
         val_idx.append(rng.permutation(members)[:k])
     val = np.concatenate(val_idx) if val_idx else np.zeros(0, dtype=np.int64)
     mask = np.ones(len(y), dtype=bool)

@@ -137,7 +137,7 @@ def _decode(data, name: str, mode: str | None, size: tuple[int, int] | None) -> 
             if size is not None and out.size != (size[1], size[0]):
                 out = out.resize((size[1], size[0]), Image.BILINEAR)
             return np.asarray(out)
-    except Exception as e:  # Pillow raises UnidentifiedImageError, OSError (truncated), SyntaxError, ValueError...
+    except Exception as e:  # noqa: BLE001 - Pillow raises UnidentifiedImageError, OSError (truncated), SyntaxError, ValueError...
         raise _BadImage(f"{type(e).__name__}: {e}") from None
 
 

@@ -20,8 +20,8 @@ import tempfile
 import urllib.error
 import urllib.request
 import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -73,7 +73,7 @@ SOURCES = {
 DOWNLOAD_TIMEOUT_S = 5.0
 
 
-# --- reading and writing -----------------------------------------------------------------------------------------
+# --- reading and writing ------------------------------------------------------------------------------------
 
 def _read_bytes(path: Path) -> bytes:
     try:
@@ -151,7 +151,7 @@ def load_idx_pair(images_path: str | os.PathLike, labels_path: str | os.PathLike
     return images[:, None, :, :], labels.astype(np.int64)
 
 
-# --- finding the files -------------------------------------------------------------------------------------------
+# --- finding the files --------------------------------------------------------------------------------------
 
 def cache_dir(dataset: str) -> Path:
     """$HETNET_DATA/<dataset> if HETNET_DATA is set, else ~/.cache/hetnet/<dataset> (XDG_CACHE_HOME honoured)."""
@@ -185,7 +185,7 @@ def locate(dataset: str) -> Path | None:
     return None
 
 
-# --- downloading -------------------------------------------------------------------------------------------------
+# --- downloading --------------------------------------------------------------------------------------------
 
 Fetch = Callable[[str, float], bytes]
 

@@ -104,7 +104,7 @@ class BatchLoader:
                     if not put(self.batch(epoch, b, order)):
                         return
                 put(_DONE)
-            except BaseException as e:  # handed to the consumer, re-raised there
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer, re-raised there
                 put(e)
 
         t = threading.Thread(target=work, name=f"hetnet-loader-epoch{epoch}", daemon=True)
