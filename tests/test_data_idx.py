@@ -4,6 +4,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import struct
+import threading
 import time
 import urllib.error
 from pathlib import Path
@@ -199,6 +200,22 @@ def test_offline_default_fetch_gives_up_fast(isolated, monkeypatch):
     # one attempt per mirror for the first file, then it gives up; every attempt has a short timeout
     assert len(calls) == len(idx.SOURCES["mnist"]["mirrors"])
     assert all(0 < to <= 10 for _, to in calls)
+
+
+def test_stalled_name_lookup_is_abandoned(monkeypatch):
+    release = threading.Event()
+
+    def stalls(url, timeout=None):
+        release.wait(10)                          # like a DNS lookup that ignores the socket timeout
+        raise urllib.error.URLError("late")
+    monkeypatch.setattr(idx.urllib.request, "urlopen", stalls)
+    t = time.perf_counter()
+    try:
+        with pytest.raises(TimeoutError):
+            idx.urllib_fetch("http://example.invalid/x", 0.2)
+        assert time.perf_counter() - t < 2
+    finally:
+        release.set()
 
 
 def _fake_upstream(monkeypatch, tmp_path, dataset):

@@ -17,6 +17,7 @@ import math
 import os
 import struct
 import tempfile
+import threading
 import urllib.error
 import urllib.request
 import zlib
@@ -191,8 +192,26 @@ Fetch = Callable[[str, float], bytes]
 
 
 def urllib_fetch(url: str, timeout: float) -> bytes:
-    """GET `url` (the default fetch function; tests inject their own)."""
-    with urllib.request.urlopen(url, timeout=timeout) as r:
+    """GET `url` (the default fetch function; tests inject their own).
+
+    The socket timeout bounds each read but not the name lookup, which can stall for long on a machine without
+    network; so the connection is made in a helper thread that is abandoned after `timeout` seconds."""
+    box: dict = {}
+
+    def connect():
+        try:
+            box["response"] = urllib.request.urlopen(url, timeout=timeout)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            box["error"] = e
+
+    t = threading.Thread(target=connect, name="hetnet-download", daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        raise TimeoutError(f"no answer within {timeout:g} s")
+    if "error" in box:
+        raise box["error"]
+    with box["response"] as r:
         return r.read()
 
 
@@ -278,7 +297,8 @@ def load(dataset: str, path: str | os.PathLike | None = None, download_ok: bool 
             try:
                 folder = download(dataset, fetch=fetch, timeout=timeout)
             except DataError as e:
-                raise DataError(not_found_message(dataset, f" and {e}")) from None
+                why = str(e).removeprefix(f"{dataset}: ")
+                raise DataError(not_found_message(dataset, f", and the {why}")) from None
     out = []
     for split in ("train", "test"):
         img, lab = (_find_file(folder, stem) for stem in IDX_FILES[split])
