@@ -6,9 +6,9 @@ import importlib
 
 import numpy as np
 import pytest
+from conftest import assert_close
 
 import hetnet as hn
-from conftest import assert_close
 from hetnet.device import cuda_available
 from hetnet.errors import DeviceError
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import RTOL, assert_close
+
 from hetnet.backends import reference as ref
 from hetnet.device import cuda_available, get_backend
 from hetnet.random import counter_uniform
@@ -161,7 +161,7 @@ def test_maxpool_ties_go_to_first_maximum(name):
     """All-equal windows: the whole gradient goes to the first element (row-major) of each window."""
     b = get_backend(name)
     x = np.ones((1, 1, 4, 4))
-    y, cache = b.maxpool2d_forward(b.asarray(x), 2, 2)
+    _, cache = b.maxpool2d_forward(b.asarray(x), 2, 2)
     dx = b.to_numpy(b.maxpool2d_backward(b.asarray(np.ones((1, 1, 2, 2))), cache))
     want = np.zeros((1, 1, 4, 4))
     want[0, 0, ::2, ::2] = 1
@@ -169,7 +169,7 @@ def test_maxpool_ties_go_to_first_maximum(name):
     # overlapping windows (kernel 3, stride 1) on a single peak: the peak gets every window's gradient
     x = np.zeros((1, 1, 4, 4))
     x[0, 0, 1, 2] = 5.0
-    y, cache = b.maxpool2d_forward(b.asarray(x), 3, 1)
+    _, cache = b.maxpool2d_forward(b.asarray(x), 3, 1)
     dx = b.to_numpy(b.maxpool2d_backward(b.asarray(np.ones((1, 1, 2, 2))), cache))
     assert dx[0, 0, 1, 2] == 4 and dx.sum() == 4
 
@@ -293,7 +293,9 @@ def test_dropout_layer_eval_is_identity(name, rng):
 # --- losses ------------------------------------------------------------------------------------------------------
 
 
-def _loss_both(b, fn, args, seed_labels=None):
+def _loss_both(b, fn, args):
+    """fn on b and on the reference with the same arguments (float arrays moved, int arrays as labels); checks
+    that no input changed. Returns (b's result, reference result)."""
     out = {}
     for be in (b, ref):
         dev = [be.asarray(a) if isinstance(a, np.ndarray) and a.dtype.kind == "f" else
@@ -368,7 +370,7 @@ def test_binary_cross_entropy_large_logits_exact(bk):
 # --- optimiser updates -------------------------------------------------------------------------------------------
 
 
-def _update_both(b, fn, arrays, n_steps, kwargs_of_step, mutable, rng):
+def _update_both(b, fn, arrays, n_steps, kwargs_of_step, rng):
     """Apply fn n_steps times on both backends with the same gradients; return the final arrays per backend."""
     grads = [f32(rng, *arrays[0].shape) for _ in range(n_steps)]
     out = {}
@@ -391,16 +393,16 @@ def test_sgd_update(bk, rng, momentum, dampening, nesterov, wd):
     p = f32(rng, 37)
     buf = np.zeros(37) if momentum else None
     _update_both(bk, "sgd_update", [p, buf], 4,
-                 lambda i: dict(lr=0.1, momentum=momentum, dampening=dampening, nesterov=nesterov,
-                                weight_decay=wd, first_step=i == 0), None, rng)
+                 lambda i: {"lr": 0.1, "momentum": momentum, "dampening": dampening, "nesterov": nesterov,
+                            "weight_decay": wd, "first_step": i == 0}, rng)
 
 
 @pytest.mark.parametrize("wd,decoupled", [(0.0, False), (0.1, False), (0.01, True)])
 def test_adam_update(bk, rng, wd, decoupled):
     p = f32(rng, 4, 9)
     _update_both(bk, "adam_update", [p, np.zeros((4, 9)), np.zeros((4, 9))], 4,
-                 lambda i: dict(step=i + 1, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=wd,
-                                decoupled=decoupled), None, rng)
+                 lambda i: {"step": i + 1, "lr": 1e-2, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8,
+                            "weight_decay": wd, "decoupled": decoupled}, rng)
 
 
 # --- conversions -------------------------------------------------------------------------------------------------

@@ -7,9 +7,9 @@ import math
 
 import numpy as np
 import pytest
+from conftest import assert_close, torch_or_skip
 
 import hetnet as hn
-from conftest import assert_close, torch_or_skip
 from hetnet.device import get_backend
 
 SHAPES = [(4, 3), (4,), (2, 4), (2,)]        # Dense(3, 4) -> Dense(4, 2)

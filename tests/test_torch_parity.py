@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import assert_close, torch_or_skip
 
 import hetnet as hn
-from conftest import assert_close, torch_or_skip
 from hetnet import zoo
 from hetnet.device import cuda_available, get_backend
 from hetnet.interop import to_torch, torch_grads, torch_state

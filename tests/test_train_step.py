@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import assert_close
 
 import hetnet as hn
-from conftest import assert_close
 from hetnet import zoo
 from hetnet.device import cuda_available, get_backend
 
