@@ -1,0 +1,84 @@
+"""`hetnet bench` on tiny sizes: the JSON it writes, and the gate that refuses to time disagreeing models."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import RTOL, torch_or_skip
+
+from hetnet import bench, interop
+from hetnet.errors import UsageError
+
+ROW_KEYS = {"model", "batch_size", "hetnet_backend", "status", "hetnet_img_per_s", "hetnet_ms_per_step",
+            "torch_eager_img_per_s", "torch_eager_ms_per_step", "torch_graph_img_per_s", "hetnet_peak_mib",
+            "torch_peak_mib", "hetnet_infer_img_per_s", "torch_infer_img_per_s", "check_max_rel_err",
+            "check_tolerance", "speedup_vs_torch_eager"}
+TINY = ["--batch-sizes", "3", "--repeats", "1", "--warmup", "1", "--side-seconds", "0.001"]
+
+
+def test_gate_tolerance_is_the_tests_float32_tolerance():
+    assert bench.RTOL_F32 == RTOL[np.dtype(np.float32)]
+
+
+def test_train_step_rows_and_files(tmp_path):
+    torch_or_skip()
+    rc = bench.main(["--models", "mlp,thesis-m0", "--devices", "reference,cpu", "--reference-rows", "thesis-m0:3",
+                     "--out", str(tmp_path), *TINY])
+    assert rc == 0
+    doc = json.loads((tmp_path / "train_step.json").read_text())
+    env = doc["environment"]
+    for k in ("host", "cpu", "threads", "torch", "numpy", "python"):
+        assert env.get(k), k
+    rows = doc["rows"]
+    assert [(r["model"], r["hetnet_backend"]) for r in rows] == [("thesis-m0", "reference"), ("mlp", "cpu"),
+                                                                  ("thesis-m0", "cpu")]
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert ROW_KEYS <= set(r), ROW_KEYS - set(r)
+        assert r["batch_size"] == 3
+        assert r["torch_graph_img_per_s"] is None  # CPU: no graph side
+        assert r["hetnet_img_per_s"] > 0 and r["torch_eager_img_per_s"] > 0
+        assert r["check_max_rel_err"] <= r["check_tolerance"] == bench.RTOL_F32
+    md = (tmp_path / "train_step.md").read_text()
+    assert "| thesis-m0 | 3 | cpu |" in md
+    assert (tmp_path / "speedup.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_gate_refuses_a_row_whose_outputs_disagree(monkeypatch):
+    torch = torch_or_skip()
+    real = interop.to_torch
+
+    def perturbed(model, *a, **k):
+        tm = real(model, *a, **k)
+        with torch.no_grad():
+            next(iter(tm.parameters())).mul_(1.01)  # a 1% change in the first layer's weights
+        return tm
+
+    monkeypatch.setattr(interop, "to_torch", perturbed)
+    args = bench.parse_args(["--models", "mlp", "--devices", "cpu", *TINY])
+    row = bench.bench_train_step("mlp", 3, "cpu", args)
+    assert row["status"] == "refused"
+    assert "disagree" in row["reason"] and row["check_max_rel_err"] > bench.RTOL_F32
+    assert "hetnet_ms_per_step" not in row  # never timed
+
+
+def test_layers_table(tmp_path):
+    torch_or_skip()
+    rc = bench.main(["--devices", "cpu", "--no-train-step", "--layers", "--layer-batch", "2", "--out", str(tmp_path),
+                     *TINY])
+    assert rc == 0
+    doc = json.loads((tmp_path / "layers.json").read_text())
+    assert doc["ceilings"]["gemm_gflops"] > 0 and doc["ceilings"]["copy_gbps"] > 0
+    rows = doc["devices"][0]["rows"]
+    assert {(r["layer"], r["op"].split()[0]) for r in rows} >= {("conv1", "forward"), ("conv3", "backward"),
+                                                               ("pool2", "backward"), ("dense1", "forward")}
+    assert all(r["status"] == "ok" for r in rows), [r for r in rows if r["status"] != "ok"]
+    assert "| conv1 |" in (tmp_path / "layers.md").read_text()
+
+
+@pytest.mark.parametrize("argv, flag", [(["--models", "nope"], "--models"), (["--batch-sizes", "0"], "--batch-sizes"),
+                                        (["--devices", "tpu"], "--devices")])
+def test_bad_flags_are_usage_errors(argv, flag):
+    with pytest.raises(UsageError, match=flag):
+        bench.parse_args(argv)
