@@ -10,7 +10,9 @@ import pytest
 from conftest import assert_close, torch_or_skip
 
 import hetnet as hn
-from hetnet.device import get_backend
+from hetnet.device import cuda_available, get_backend
+
+DEVICES = ["reference", "cpu"] + ([pytest.param("cuda", marks=pytest.mark.gpu)] if cuda_available() else [])
 
 SHAPES = [(4, 3), (4,), (2, 4), (2,)]        # Dense(3, 4) -> Dense(4, 2)
 
@@ -66,7 +68,7 @@ def run_steps(name, hyper, device, flat, init, grads, schedule=None):
 
 
 @pytest.mark.parametrize("flat", [True, False], ids=["flat", "per-param"])
-@pytest.mark.parametrize("device", ["reference", "cpu"])
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_optimizer_vs_torch(case, device, flat, rng):
     torch = torch_or_skip()
@@ -220,7 +222,7 @@ SCHEDULES = {
 
 @pytest.mark.parametrize("sched_name", sorted(SCHEDULES))
 @pytest.mark.parametrize("case", [CASES[2], CASES[3], CASES[5], CASES[7]], ids=case_id)
-@pytest.mark.parametrize("device", ["reference", "cpu"])
+@pytest.mark.parametrize("device", DEVICES)
 def test_state_dict_round_trip_continues_exactly(case, sched_name, device, rng):
     """Train 3 steps, save model/optimiser/schedule state, load into fresh objects and train 3 more: the same
     weights, bit for bit, as 6 uninterrupted steps."""
@@ -270,7 +272,7 @@ def test_load_state_dict_rejects_other_optimizer():
 # --- flat buffer vs per-parameter ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("device", ["reference", "cpu"])
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_flat_and_per_parameter_paths_agree(case, device, rng):
     name, hyper = case
