@@ -178,3 +178,20 @@ def test_cifar10_jpeg_archive():
     assert d.train_x.shape == (50000, 3, 32, 32) and d.test_x is None and d.skipped == 0
     assert d.class_names == ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
     assert np.array_equal(np.bincount(d.train_y), [5000] * 10)
+
+
+def test_many_decode_chunks(tmp_path, monkeypatch):
+    from hetnet.data import folder as folder_mod
+    monkeypatch.setattr(folder_mod, "_CHUNK", 2)
+    files = classes_tree(n_per_class=5)
+    root = make_tree(tmp_path / "root", files)
+    d = load_image_folder(root)
+    monkeypatch.setattr(folder_mod, "_CHUNK", 500)
+    ref = load_image_folder(root)
+    np.testing.assert_array_equal(d.train_x, ref.train_x)
+    np.testing.assert_array_equal(d.train_y, ref.train_y)
+    monkeypatch.setattr(folder_mod, "_CHUNK", 2)
+    make_tree(root, {"dog/003x.png": b"junk", "emu/001x.png": b""})
+    with pytest.raises(DataError, match="dog/003x.png"):          # the first bad file in reading order
+        load_image_folder(root)
+    assert load_image_folder(root, skip_bad_images=True).skipped == 2

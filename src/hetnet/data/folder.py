@@ -16,6 +16,7 @@ import io
 import os
 import tarfile
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
 _FORMAT_OF = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP"}
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 SPLITS = ("train", "test")
+_CHUNK = 500                            # images decoded per task
 _GREY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
 
 
@@ -141,6 +143,52 @@ def _decode(data, name: str, mode: str | None, size: tuple[int, int] | None) -> 
         raise _BadImage(f"{type(e).__name__}: {e}") from None
 
 
+def _decode_chunk(chunk: list, mode: str, size: tuple[int, int]) -> list:
+    out = []
+    for parts, data, name in chunk:
+        try:
+            out.append((parts, name, _decode(data, parts[-1], mode, size)))
+        except _BadImage as e:
+            out.append((parts, name, e))
+    return out
+
+
+def _decode_all(entries, mode: str | None, size: tuple[int, int] | None, skip_bad_images: bool):
+    """([(parts, image array)], [skipped file names]) in entry order. Decoding runs on a few threads in chunks
+    (Pillow releases the GIL while it decodes) while this thread keeps reading files or the archive."""
+    results: list = []          # finished (parts, name, array | _BadImage) and futures of chunks, in order
+    chunk: list = []
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        for parts, data, name in entries:
+            if mode is None:    # the first readable image fixes channels and size for all the others
+                try:
+                    a = _decode(data, parts[-1], None, None)
+                    mode, size = ("L" if a.ndim == 2 else "RGB"), a.shape[:2]
+                except _BadImage as e:
+                    a = e
+                results.append([(parts, name, a)])
+                continue
+            chunk.append((parts, data, name))
+            if len(chunk) == _CHUNK:
+                results.append(pool.submit(_decode_chunk, chunk, mode, size))
+                chunk = []
+        if chunk:
+            results.append(pool.submit(_decode_chunk, chunk, mode, size))
+        images, skipped = [], []
+        for r in results:
+            for parts, name, a in (r if isinstance(r, list) else r.result()):
+                if isinstance(a, _BadImage):
+                    if not skip_bad_images:
+                        for f in results:           # stop the decoding still queued
+                            if not isinstance(f, list):
+                                f.cancel()
+                        raise DataError(f"{name}: not a readable image ({a}); --skip-bad-images skips such files")
+                    skipped.append(name)
+                else:
+                    images.append((parts, a))
+    return images, skipped
+
+
 def load_image_folder(root: str | os.PathLike, input_shape: tuple[int, int, int] | None = None,
                       skip_bad_images: bool = False) -> FolderData:
     """Read an image folder or tar archive of one. input_shape (C, H, W) with C in {1, 3} sets the channels and
@@ -163,20 +211,7 @@ def load_image_folder(root: str | os.PathLike, input_shape: tuple[int, int, int]
     else:
         raise DataError(f"{root}: no such image folder or archive")
 
-    images: list[tuple[tuple[str, ...], np.ndarray]] = []
-    skipped: list[str] = []
-    for parts, data, name in entries:
-        try:
-            a = _decode(data, parts[-1], mode, size)
-        except _BadImage as e:
-            if not skip_bad_images:
-                raise DataError(f"{name}: not a readable image ({e}); --skip-bad-images skips such files") from None
-            skipped.append(name)
-            continue
-        if mode is None:            # the first image fixes channels and size
-            mode, size = ("L" if a.ndim == 2 else "RGB"), a.shape[:2]
-        images.append((parts, a))
-
+    images, skipped = _decode_all(entries, mode, size, skip_bad_images)
     if not images:
         raise DataError(f"{root}: no readable images found (expected ROOT/<class>/<image> or "
                         "ROOT/{train,test}/<class>/<image>, PNG/JPEG/BMP)")
