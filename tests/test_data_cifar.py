@@ -5,6 +5,7 @@ import builtins
 import os
 import pickle
 import struct
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -244,3 +245,37 @@ def test_not_cifar(tmp_path):
         cifar.load_cifar10(tmp_path)
     with pytest.raises(DataError, match="no such image folder"):
         load_dataset("cifar10", tmp_path / "nothing")
+
+
+# --- the official archives, read without extracting ----------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", ["python", "binary"])
+def test_official_archive(tmp_path, fmt):
+    sub = "cifar-10-batches-py" if fmt == "python" else "cifar-10-batches-bin"
+    written = (write_python_set if fmt == "python" else write_binary_set)(tmp_path / "x" / sub)
+    (tmp_path / "x" / sub / "readme.html").write_text("<html></html>")
+    archive = tmp_path / f"cifar-10-{fmt}.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        tf.add(tmp_path / "x" / sub, arcname=sub)
+    assert cifar.tar_format(archive) == fmt
+    d = load_dataset("cifar10", archive)
+    ref = load_dataset("cifar10", tmp_path / "x")
+    assert d.source == str(archive) and d.class_names == ref.class_names
+    np.testing.assert_array_equal(d.train_x, ref.train_x)
+    np.testing.assert_array_equal(d.test_y, written["test_batch"][1])
+
+
+def test_archive_with_bad_batch(tmp_path):
+    write_python_set(tmp_path / "x")
+    (tmp_path / "x" / "data_batch_3").write_bytes(pickle.dumps(EvilSystem(str(tmp_path / "pwned"))))
+    archive = tmp_path / "c.tar"
+    with tarfile.open(archive, "w") as tf:
+        tf.add(tmp_path / "x", arcname="cifar-10-batches-py")
+    with pytest.raises(DataError, match=r"c.tar:data_batch_3: not a plain-data pickle"):
+        load_dataset("cifar10", archive)
+    assert not (tmp_path / "pwned").exists()
+    (tmp_path / "x" / "data_batch_3").unlink()
+    with tarfile.open(archive, "w") as tf:
+        tf.add(tmp_path / "x", arcname="cifar-10-batches-py")
+    with pytest.raises(DataError, match="missing CIFAR-10 python batches: data_batch_3"):
+        load_dataset("cifar10", archive)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -110,9 +112,9 @@ def _get(d: dict, key: str):
     return d.get(key.encode())
 
 
-def _read(path: Path) -> bytes:
+def _read(path) -> bytes:
     try:
-        return path.read_bytes()
+        return Path(path).read_bytes()
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
 
@@ -126,11 +128,11 @@ def _check_labels(labels: np.ndarray, path) -> np.ndarray:
 
 # --- python batches -----------------------------------------------------------------------------------------
 
-def load_python_batch(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+def load_python_batch(path: str | os.PathLike, raw: bytes | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Images (N, 3, 32, 32) uint8 and labels (N,) int64 from one python batch (a dict with 'data': N x 3072
-    uint8 and 'labels': N ints in 0..9; N is 10000 in the official files)."""
-    path = Path(path)
-    d = restricted_load(_read(path), str(path))
+    uint8 and 'labels': N ints in 0..9; N is 10000 in the official files). `raw`: the file's bytes, when they
+    come from elsewhere (an archive); `path` then only names it in messages."""
+    d = restricted_load(_read(path) if raw is None else raw, str(path))
     if not isinstance(d, dict):
         raise DataError(f"{path}: expected a dict with 'data' and 'labels', found {type(d).__name__}")
     data, labels = _get(d, "data"), _get(d, "labels")
@@ -148,10 +150,9 @@ def load_python_batch(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(data.reshape(-1, 3, 32, 32)), y
 
 
-def load_python_meta(path: str | os.PathLike) -> list[str]:
+def load_python_meta(path: str | os.PathLike, raw: bytes | None = None) -> list[str]:
     """Class names from batches.meta (a dict with 'label_names')."""
-    path = Path(path)
-    d = restricted_load(_read(path), str(path))
+    d = restricted_load(_read(path) if raw is None else raw, str(path))
     names = _get(d, "label_names") if isinstance(d, dict) else None
     if not isinstance(names, list) or len(names) != len(CIFAR10_CLASSES) or not all(
             isinstance(n, (str, bytes)) for n in names):
@@ -161,11 +162,10 @@ def load_python_meta(path: str | os.PathLike) -> list[str]:
 
 # --- binary batches -----------------------------------------------------------------------------------------
 
-def load_binary_batch(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+def load_binary_batch(path: str | os.PathLike, raw: bytes | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Images (N, 3, 32, 32) uint8 and labels (N,) int64 from one binary batch (N records of 1 label byte + 3072
     pixel bytes, red then green then blue planes)."""
-    path = Path(path)
-    raw = _read(path)
+    raw = _read(path) if raw is None else raw
     if len(raw) == 0 or len(raw) % RECORD_BYTES:
         raise DataError(f"{path}: size {len(raw)} bytes is not a positive multiple of the {RECORD_BYTES}-byte "
                         "CIFAR-10 record")
@@ -174,10 +174,10 @@ def load_binary_batch(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(rec[:, 1:].reshape(-1, 3, 32, 32)), y
 
 
-def load_text_meta(path: str | os.PathLike) -> list[str]:
+def load_text_meta(path: str | os.PathLike, raw: bytes | None = None) -> list[str]:
     """Class names from batches.meta.txt (one per line; blank lines ignored)."""
-    path = Path(path)
-    names = [line.strip() for line in _read(path).decode("utf-8", "replace").splitlines() if line.strip()]
+    raw = _read(path) if raw is None else raw
+    names = [line.strip() for line in raw.decode("utf-8", "replace").splitlines() if line.strip()]
     if len(names) != len(CIFAR10_CLASSES):
         raise DataError(f"{path}: expected {len(CIFAR10_CLASSES)} class names, found {len(names)}")
     return names
@@ -196,6 +196,28 @@ def detect_format(folder: str | os.PathLike) -> tuple[str, Path] | None:
     return None
 
 
+_READERS = {"python": ("", load_python_batch, "batches.meta", load_python_meta),
+            "binary": (".bin", load_binary_batch, "batches.meta.txt", load_text_meta)}
+
+
+def _assemble(fmt: str, files: dict, where) -> dict:
+    """The data set from `files` (file name -> Path or bytes) of the given format."""
+    suffix, reader, meta_name, meta_reader = _READERS[fmt]
+    names = [n + suffix for n in TRAIN_BATCHES + (TEST_BATCH,)]
+    missing = [n for n in names if n not in files]
+    if missing:
+        raise DataError(f"{where}: missing CIFAR-10 {fmt} batches: {', '.join(missing)}")
+
+    def read(fn, name):
+        f = files[name]
+        return fn(f) if isinstance(f, Path) else fn(f"{where}:{name}", f)
+    parts = [read(reader, n) for n in names]
+    class_names = read(meta_reader, meta_name) if meta_name in files else list(CIFAR10_CLASSES)
+    return {"train_x": np.concatenate([p[0] for p in parts[:-1]]),
+            "train_y": np.concatenate([p[1] for p in parts[:-1]]),
+            "test_x": parts[-1][0], "test_y": parts[-1][1], "class_names": class_names, "source": where}
+
+
 def load_cifar10(folder: str | os.PathLike) -> dict:
     """{"train_x", "train_y", "test_x", "test_y", "class_names", "source"} from a folder of CIFAR-10 batches in
     either official format. All five training batches and the test batch must be there."""
@@ -204,17 +226,43 @@ def load_cifar10(folder: str | os.PathLike) -> dict:
         raise DataError(f"{folder}: no CIFAR-10 batches found: expected data_batch_1..5 and test_batch (python "
                         "version) or data_batch_1..5.bin and test_batch.bin (binary version)")
     fmt, d = found
-    suffix, reader = ("", load_python_batch) if fmt == "python" else (".bin", load_binary_batch)
-    names = [n + suffix for n in TRAIN_BATCHES + (TEST_BATCH,)]
-    missing = [n for n in names if not (d / n).is_file()]
-    if missing:
-        raise DataError(f"{d}: missing CIFAR-10 {fmt} batches: {', '.join(missing)}")
-    parts = [reader(d / n) for n in names]
-    class_names = list(CIFAR10_CLASSES)
-    if fmt == "python" and (d / "batches.meta").is_file():
-        class_names = load_python_meta(d / "batches.meta")
-    elif fmt == "binary" and (d / "batches.meta.txt").is_file():
-        class_names = load_text_meta(d / "batches.meta.txt")
-    return {"train_x": np.concatenate([p[0] for p in parts[:-1]]),
-            "train_y": np.concatenate([p[1] for p in parts[:-1]]),
-            "test_x": parts[-1][0], "test_y": parts[-1][1], "class_names": class_names, "source": d}
+    return _assemble(fmt, {p.name: p for p in d.iterdir() if p.is_file()}, d)
+
+
+_BATCH_NAMES = {n + s for n in TRAIN_BATCHES + (TEST_BATCH,) for s in ("", ".bin")}
+
+
+def tar_format(path: str | os.PathLike, peek: int = 12) -> str | None:
+    """"python" / "binary" if the first members of the archive are CIFAR-10 batches (the official
+    cifar-10-python.tar.gz / cifar-10-binary.tar.gz), else None (an image archive, or not a tar at all)."""
+    try:
+        with tarfile.open(path, mode="r|*") as tf:
+            for k, m in enumerate(tf):
+                base = m.name.rsplit("/", 1)[-1]
+                if m.isfile() and base in _BATCH_NAMES:
+                    return "binary" if base.endswith(".bin") else "python"
+                if k >= peek:
+                    break
+    except (tarfile.TarError, EOFError, zlib.error, OSError):
+        return None
+    return None
+
+
+def load_cifar10_tar(path: str | os.PathLike) -> dict:
+    """Like load_cifar10, from the official archive itself (read in one pass, nothing extracted to disk)."""
+    path = Path(path)
+    fmt = tar_format(path)
+    if fmt is None:
+        raise DataError(f"{path}: not a CIFAR-10 batches archive (expected cifar-10-python.tar.gz or "
+                        "cifar-10-binary.tar.gz)")
+    wanted = {n + _READERS[fmt][0] for n in TRAIN_BATCHES + (TEST_BATCH,)} | {_READERS[fmt][2]}
+    files = {}
+    try:
+        with tarfile.open(path, mode="r|*") as tf:
+            for m in tf:
+                base = m.name.rsplit("/", 1)[-1]
+                if m.isfile() and base in wanted:
+                    files[base] = tf.extractfile(m).read()
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
+        raise DataError(f"{path}: corrupt or unreadable tar archive ({e})") from None
+    return _assemble(fmt, files, path)

@@ -55,7 +55,8 @@ def _shared_cifar_jpg() -> Path:
 def cifar10_candidates() -> list[Path]:
     """Places searched for CIFAR-10 when no path is given, in order."""
     cache = idx.cache_dir("cifar10")
-    return [cache, cache.with_name("cifar10-jpg-train.tar.gz"), _shared_cifar_jpg()]
+    return [cache, cache / "cifar-10-python.tar.gz", cache / "cifar-10-binary.tar.gz",
+            cache / "cifar10-jpg-train.tar.gz", _shared_cifar_jpg()]
 
 
 def _locate_cifar10() -> Path | None:
@@ -79,8 +80,9 @@ def _conform(x: np.ndarray | None, input_shape) -> np.ndarray | None:
 
 def load_dataset(name: str, path: str | os.PathLike | None = None, input_shape: tuple[int, int, int] | None = None,
                  skip_bad_images: bool = False, download: bool = True) -> Dataset:
-    """Load a data set by name: "fashion-mnist", "mnist" (IDX files), "cifar10" (python batches, binary batches,
-    or an image folder/tar of it, detected), "folder" (any image folder or tar; `path` required).
+    """Load a data set by name: "fashion-mnist", "mnist" (IDX files), "cifar10" (python or binary batches, a folder
+    of them or the official .tar.gz, or an image folder/tar; detected), "folder" (any image folder or tar of one;
+    `path` required).
 
     input_shape (C, H, W): convert channels and resize every image to it. Raises DataError for missing or bad data.
     """
@@ -94,10 +96,12 @@ def load_dataset(name: str, path: str | os.PathLike | None = None, input_shape: 
         p = Path(path) if path is not None else _locate_cifar10()
         if p is None:
             raise DataError(f"cifar10: data not found in {' or '.join(map(str, cifar10_candidates()))}; put the "
-                            "official python or binary batches (cifar-10-batches-py/ or cifar-10-batches-bin/) in "
-                            f"{idx.cache_dir('cifar10')}, or pass --data DIR (batches, an image folder or a tar)")
-        if p.is_dir() and cifar.detect_format(p):
-            d = cifar.load_cifar10(p)
+                            "official cifar-10-python.tar.gz or cifar-10-binary.tar.gz (or their extracted "
+                            f"cifar-10-batches-py/ or -bin/ folder) in {idx.cache_dir('cifar10')}, or pass --data "
+                            "PATH (batches, an image folder, or a tar of either)")
+        batches = p.is_dir() and cifar.detect_format(p)
+        if batches or (p.is_file() and folder.is_tar(p) and cifar.tar_format(p)):
+            d = cifar.load_cifar10(p) if batches else cifar.load_cifar10_tar(p)
             return Dataset(name, _conform(d["train_x"], input_shape), d["train_y"],
                            _conform(d["test_x"], input_shape), d["test_y"], d["class_names"], str(d["source"]))
     elif path is None:
