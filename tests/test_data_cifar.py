@@ -279,3 +279,24 @@ def test_archive_with_bad_batch(tmp_path):
         tf.add(tmp_path / "x", arcname="cifar-10-batches-py")
     with pytest.raises(DataError, match="missing CIFAR-10 python batches: data_batch_3"):
         load_dataset("cifar10", archive)
+
+
+def test_search_and_describe(tmp_path, monkeypatch):
+    from hetnet.data import datasets, describe_data_locations, idx
+    for name in idx.SOURCES:
+        monkeypatch.setitem(idx.SOURCES[name], "system_dirs", ())
+    monkeypatch.setenv("HETNET_DATA", str(tmp_path / "cache"))
+    monkeypatch.setattr(datasets, "_shared_cifar_jpg", lambda: tmp_path / "absent.tar.gz")
+    with pytest.raises(DataError, match="cifar10: data not found .*cifar-10-python.tar.gz"):
+        load_dataset("cifar10")
+    assert describe_data_locations() == [("fashion-mnist", None), ("mnist", None), ("cifar10", None)]
+    write_binary_set(tmp_path / "cache" / "cifar10" / "cifar-10-batches-bin")
+    d = load_dataset("cifar10")
+    assert d.source == str(tmp_path / "cache" / "cifar10" / "cifar-10-batches-bin") and len(d.train_x) == 5 * N
+    assert dict(describe_data_locations())["cifar10"] == str(tmp_path / "cache" / "cifar10")
+
+
+def test_unknown_dataset():
+    from hetnet.errors import UsageError
+    with pytest.raises(UsageError, match="--dataset 'imagenet'"):
+        load_dataset("imagenet")
