@@ -130,7 +130,7 @@ def environment(threads: int, want_gpu: bool) -> dict:
            "numpy": np.__version__, "blas": _blas(),
            "thread_env": {k: os.environ.get(k) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
                                                          "MKL_NUM_THREADS", "HETNET_NUM_THREADS")},
-           "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+           "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "load_average_at_start": _load()}
     try:
         import torch
 
@@ -150,6 +150,14 @@ def environment(threads: int, want_gpu: bool) -> dict:
         except Exception as e:
             env["cupy"] = f"unavailable ({type(e).__name__})"
     return env
+
+
+def _load() -> list | None:
+    """1, 5 and 15 minute load averages: other work on the machine while it was measured."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def _slug(text: str) -> str:
@@ -696,8 +704,10 @@ def _fmt(v, digits: int = 2) -> str:
 def _header(env: dict) -> list[str]:
     where = f"**{env['card']}** (GPU), host `{env['host']}`" if env.get("card") else f"host `{env['host']}`"
     libs = ", ".join(f"{k} {env[k]}" for k in ("torch", "numpy", "cupy", "cudnn") if env.get(k))
-    return [f"Machine: {where}; CPU: {env['cpu']}, {env['threads']} threads of {env['cpus_available']}; "
-            f"{libs}; BLAS {env['blas']}; measured {env['time_utc']}.", ""]
+    load = env.get("load_average_at_start")
+    return [(f"Machine: {where}; CPU: {env['cpu']}, {env['threads']} threads of {env['cpus_available']}; "
+             f"{libs}; BLAS {env['blas']}; measured {env['time_utc']}"
+             + (f", load average {load[0]} at the start." if load else ".")), ""]
 
 
 def train_step_markdown(doc: dict) -> str:
@@ -798,6 +808,7 @@ def run_train_step(args, devices: list[str], env: dict, out: Path, deadline: flo
     gpu = any(d.startswith("cuda") for d in devices)
     doc = {"environment": env, "method": method_text(gpu), "tolerances": {"float32": RTOL_F32, "tf32": RTOL_TF32},
            "optimizer": f"SGD lr={LR} momentum={MOMENTUM}", "errors": errors, "rows": rows}
+    doc["load_average_at_end"] = _load()
     (out / "train_step.json").write_text(json.dumps(doc, indent=1) + "\n")
     (out / "train_step.md").write_text(train_step_markdown(doc))
     try:
@@ -866,7 +877,7 @@ def layer_shapes(model_name: str = "thesis-m4", batch: int = 32) -> list[dict]:
     return out
 
 
-def ceilings(gpu: bool, backend) -> dict:
+def ceilings(gpu: bool) -> dict:
     """This machine's measured GEMM rate (float32) and copy bandwidth, the roofs the layer numbers sit under."""
     import torch
 
@@ -1061,15 +1072,16 @@ def bench_layers(device: str, args) -> dict:
 
 def layers_markdown(doc: dict) -> str:
     lines = ["# thesis-m4's layers at batch 32: hetnet kernels vs PyTorch", ""] + _header(doc["environment"])
-    c = doc.get("ceilings", {})
-    if c:
-        lines += [f"Measured ceilings: GEMM {c.get('gemm_gflops')} GFLOP/s ({c.get('gemm')}); copy "
-                  f"{c.get('copy_gbps')} GB/s ({c.get('copy')}). Pool GB/s count input + output bytes "
-                  "(forward: x read, y written; backward: dy read, dx written).", ""]
+    lines += [("Each op is checked against PyTorch's before it is timed. Pool GB/s count input + output bytes "
+               "(forward: x read, y written; backward: dy read, dx written)."), ""]
     for sec in doc["devices"]:
-        lines += [f"## hetnet `{sec['device']}` vs PyTorch {sec['torch_device']}", "",
-                  "| layer | input | op | hetnet ms | torch ms | torch/hetnet | hetnet GFLOP/s or GB/s | "
-                  "torch GFLOP/s or GB/s |", "|---|---|---|---:|---:|---:|---:|---:|"]
+        lines += [f"## hetnet `{sec['device']}` vs PyTorch {sec['torch_device']}", ""]
+        c = sec.get("ceilings", {})
+        if c:
+            lines += [(f"Measured ceilings: GEMM {c.get('gemm_gflops')} GFLOP/s ({c.get('gemm')}); copy "
+                       f"{c.get('copy_gbps')} GB/s ({c.get('copy')})."), ""]
+        lines += [("| layer | input | op | hetnet ms | torch ms | torch/hetnet | hetnet GFLOP/s or GB/s | "
+                   "torch GFLOP/s or GB/s |"), "|---|---|---|---:|---:|---:|---:|---:|"]
         for r in sec["rows"]:
             shape = "x".join(map(str, r["input_shape"]))
             if r.get("status") != "ok":
@@ -1089,19 +1101,20 @@ def layers_markdown(doc: dict) -> str:
 
 def run_layers(args, devices: list[str], env: dict, out: Path) -> dict:
     doc = {"environment": env, "devices": [], "errors": []}
-    gpu = any(d.startswith("cuda") for d in devices)
-    try:
-        doc["ceilings"] = ceilings(gpu, None)
-    except Exception as e:
-        doc["errors"].append(f"ceilings: {_short(e)}")
     for device in devices:
         if device == "reference":
             continue  # the oracle's speed is not the point of this table
         try:
-            doc["devices"].append(bench_layers(device, args))
+            sec = bench_layers(device, args)
+            try:
+                sec["ceilings"] = ceilings(device.startswith("cuda"))
+            except Exception as e:
+                doc["errors"].append(f"ceilings on {device}: {_short(e)}")
+            doc["devices"].append(sec)
             print(f"  layers on {device}: done", flush=True)
         except Exception as e:
             doc["errors"].append(f"{device}: {_short(e)}")
+    doc["load_average_at_end"] = _load()
     (out / "layers.json").write_text(json.dumps(doc, indent=1) + "\n")
     (out / "layers.md").write_text(layers_markdown(doc))
     return doc
@@ -1292,6 +1305,7 @@ def run_thesis_epochs(args, devices: list[str], env: dict, out: Path, deadline: 
                   "epochs")
     doc = {"environment": env, "experiment": experiment,
            "data": sources, "thesis": THESIS_FIGURES, "thesis_note": THESIS_NOTE, "errors": errors, "rows": rows}
+    doc["load_average_at_end"] = _load()
     (out / "thesis_epochs.json").write_text(json.dumps(doc, indent=1) + "\n")
     (out / "thesis_epochs.md").write_text(thesis_markdown(doc))
     return doc
@@ -1355,8 +1369,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference-rows", default=",".join(REFERENCE_ROWS),
                    help="MODEL:BATCH pairs at which the slow float64 reference backend is timed")
     p.add_argument("--threads", type=int, default=None,
-                   help="PyTorch CPU threads (default: CPUs available; hetnet cpu uses the BLAS's own count, set "
-                        "OPENBLAS_NUM_THREADS before starting to change it)")
+                   help="threads for PyTorch and hetnet's cpu backend (default: the CPUs this process may use)")
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds after which remaining rows are skipped (default: 330 with cuda, none otherwise)")
     return p
@@ -1421,9 +1434,19 @@ def main(argv: list[str] | None = None) -> int:
                          "(pip install 'hetnet[bench]')") from None
     threads = args.threads or cpu_count()
     torch.set_num_threads(threads)
+    hetnet_threads = None
+    try:  # the cpu backend's own pool (hetnet.backends._cpu_threads), when it has one
+        from .backends import _cpu_threads
+
+        if args.threads:
+            _cpu_threads.set_threads(threads)
+        hetnet_threads = _cpu_threads.threads()
+    except (ImportError, AttributeError):
+        pass
     _glibc_return_big_blocks()
     gpu = any(d.startswith("cuda") for d in args.devices)
     env = environment(threads, gpu)
+    env["hetnet_cpu_threads"] = hetnet_threads
     out = Path(args.out) if args.out else Path("benchmarks") / "results" / _slug(env.get("card") or env["host"])
     try:
         out.mkdir(parents=True, exist_ok=True)
