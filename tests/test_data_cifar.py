@@ -82,6 +82,7 @@ def test_python_batch_formats(tmp_path, fmt):
     (tmp_path / "b").write_bytes(raw)
     x, y = cifar.load_python_batch(tmp_path / "b")
     assert x.shape == (N, 3, 32, 32) and x.dtype == np.uint8 and y.dtype == np.int64
+    assert x.flags.writeable and x.flags.c_contiguous
     np.testing.assert_array_equal(x.reshape(N, -1), data)
     np.testing.assert_array_equal(y, labels)
 

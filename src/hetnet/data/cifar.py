@@ -147,7 +147,8 @@ def load_python_batch(path: str | os.PathLike, raw: bytes | None = None) -> tupl
     if len(labels) != len(data):
         raise DataError(f"{path}: {len(data)} images but {len(labels)} labels")
     y = _check_labels(np.asarray(labels, dtype=np.int64), path)
-    return np.ascontiguousarray(data.reshape(-1, 3, 32, 32)), y
+    x = data.reshape(-1, 3, 32, 32)
+    return (x if x.flags.writeable and x.flags.c_contiguous else x.copy()), y
 
 
 def load_python_meta(path: str | os.PathLike, raw: bytes | None = None) -> list[str]:
