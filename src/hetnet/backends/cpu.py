@@ -18,15 +18,22 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from ..random import counter_uniform
+from . import _cpu_threads as _thr
 
 name = "cpu"
 dtype = np.dtype(np.float32)
 xp = np
 
 _F = np.float32
+_GEMM_SPLIT = 1 << 40   # dense GEMMs: no cache chunking, just one share per thread
 
 
 # --- conversions and allocation -------------------------------------------------------------------------------------
+
+
+def _f32c(a) -> np.ndarray:
+    """a as C-contiguous float32 (no copy when it already is)."""
+    return np.ascontiguousarray(a, dtype=_F)
 
 
 def asarray(a) -> np.ndarray:
@@ -54,101 +61,250 @@ def synchronize() -> None:
 
 
 def dense_forward(x, w, b):
-    """y[N,K] = x[N,F] @ w[K,F]^T + b[K]."""
-    y = x @ w.T
-    if b is not None:
-        y += b
+    """y[N,K] = x[N,F] @ w[K,F]^T + b[K]; rows of the batch split over the threads."""
+    x = _f32c(x)
+    n, f = x.shape
+    k = w.shape[0]
+    wt = w.T
+    y = np.empty((n, k), dtype=_F)
+
+    def body(s, e, _):
+        np.matmul(x[s:e], wt, out=y[s:e])
+        if b is not None:
+            y[s:e] += b
+
+    _thr.parallel(n, _thr.chunk_size(n, 4 * (f + k) * 4, target=_GEMM_SPLIT), body)
     return y, (x, w)
 
 
 def dense_backward(dy, cache, dw, db, need_dx=True):
     x, w = cache
-    dw += dy.T @ x                      # dE/dw[k,f] = sum_n dy[n,k] x[n,f]
+    dy = _f32c(dy)
+    n, f = x.shape
+    k = w.shape[0]
+
+    def body_dw(s, e, _):
+        dw[s:e] += dy[:, s:e].T @ x                   # dE/dw[k,f] = sum_n dy[n,k] x[n,f]
+
+    _thr.parallel(k, _thr.chunk_size(k, 4 * (n + f) * 4, target=_GEMM_SPLIT), body_dw)
     if db is not None:
-        db += dy.sum(axis=0)            # dE/db[k] = sum_n dy[n,k]
-    return dy @ w if need_dx else None  # dE/dx[n,f] = sum_k dy[n,k] w[k,f]
+        db += dy.sum(axis=0)                          # dE/db[k] = sum_n dy[n,k]
+    if not need_dx:
+        return None
+    dx = np.empty((n, f), dtype=_F)
+
+    def body_dx(s, e, _):
+        np.matmul(dy[s:e], w, out=dx[s:e])            # dE/dx[n,f] = sum_k dy[n,k] w[k,f]
+
+    _thr.parallel(n, _thr.chunk_size(n, 4 * (f + k) * 4, target=_GEMM_SPLIT), body_dx)
+    return dx
 
 
 # --- convolution ----------------------------------------------------------------------------------------------------
+# Per chunk of B images (sized so it stays in L2), im2col writes columns in layout cols[c, r, s, b, p, q] =
+# xpad[b, c, p*stride + r, q*stride + s] straight from x (the zero padding is the never-written border of a reused,
+# zero-filled buffer), so one GEMM covers the chunk: yT[k, (b,p,q)] = w2[k, (c,r,s)] @ cols[(c,r,s), (b,p,q)].
+# Backward recomputes the chunk's columns (cheaper than keeping 9x the input in memory) and does
+#   dw += dyT @ cols^T,  db += sum(dyT),  dcols = w2^T @ dyT,  dx = col2im(dcols)   (the three conv derivatives).
 
 
-def _windows(xp_, r, s, stride, p, q):
-    """Strided view xw[n, c, p, q, r, s] = xp_[n, c, p*stride + r, q*stride + s] (no copy)."""
-    n, c, _, _ = xp_.shape
-    sn, sc, sh, sw = xp_.strides
-    return as_strided(xp_, (n, c, p, q, r, s), (sn, sc, sh * stride, sw * stride, sh, sw), writeable=False)
+class _ConvGeom:
+    __slots__ = ("c", "h", "w", "k", "r", "s", "stride", "pad", "p", "q", "taps")
+
+    def __init__(self, xshape, wshape, stride, pad):
+        _, self.c, self.h, self.w = xshape
+        self.k, _, self.r, self.s = wshape
+        self.stride, self.pad = stride, pad
+        self.p = (self.h + 2 * pad - self.r) // stride + 1
+        self.q = (self.w + 2 * pad - self.s) // stride + 1
+        # for each kernel tap (i, j): the output rows/cols whose input is inside the image, and the input slices
+        taps = []
+        for i in range(self.r):
+            plo, phi = _valid(self.p, self.h, i, stride, pad)
+            for j in range(self.s):
+                qlo, qhi = _valid(self.q, self.w, j, stride, pad)
+                if plo < phi and qlo < qhi:
+                    hs, ws = plo * stride + i - pad, qlo * stride + j - pad
+                    taps.append((i, j, plo, phi, qlo, qhi,
+                                 slice(hs, hs + (phi - plo - 1) * stride + 1, stride),
+                                 slice(ws, ws + (qhi - qlo - 1) * stride + 1, stride)))
+        self.taps = taps
+
+    def key(self):
+        return (self.c, self.h, self.w, self.r, self.s, self.stride, self.pad)
 
 
-def _pad(x, padding):
-    if padding == 0:
-        return x
-    n, c, h, w = x.shape
-    out = np.zeros((n, c, h + 2 * padding, w + 2 * padding), dtype=x.dtype)
-    out[:, :, padding:padding + h, padding:padding + w] = x
-    return out
+def _valid(out: int, size: int, tap: int, stride: int, pad: int) -> tuple[int, int]:
+    """Output positions o in [lo, hi) with 0 <= o*stride + tap - pad < size."""
+    lo = max(0, -(-(pad - tap) // stride))
+    hi = min(out, (size - 1 + pad - tap) // stride + 1)
+    return lo, max(lo, hi)
+
+
+def _im2col(x, b0, b1, g: _ConvGeom) -> np.ndarray:
+    """Columns (C*R*S, B*P*Q) of images b0..b1 (a per-thread buffer, valid until the next call on this thread)."""
+    nb = b1 - b0
+    cols = _thr.scratch(("cols",) + g.key(), (g.c, g.r, g.s, nb, g.p, g.q), zero=True)
+    xb = x[b0:b1]
+    for i, j, plo, phi, qlo, qhi, hsl, wsl in g.taps:
+        np.copyto(cols[:, i, j, :, plo:phi, qlo:qhi], xb[:, :, hsl, wsl].transpose(1, 0, 2, 3))
+    return cols.reshape(g.c * g.r * g.s, nb * g.p * g.q)
 
 
 def conv2d_forward(x, w, b, stride, padding):
-    """y[n,k,p,q] = b[k] + sum_{c,r,s} w[k,c,r,s] xpad[n,c,p*stride+r,q*stride+s], as cols[NPQ, CRS] @ w2[K, CRS]^T."""
-    n, c, h, wd = x.shape
-    k, _, r, s = w.shape
-    p = (h + 2 * padding - r) // stride + 1
-    q = (wd + 2 * padding - s) // stride + 1
-    xw = _windows(_pad(x, padding), r, s, stride, p, q)
-    cols = np.ascontiguousarray(xw.transpose(0, 2, 3, 1, 4, 5)).reshape(n * p * q, c * r * s)
-    w2 = w.reshape(k, c * r * s)
-    y = cols @ w2.T                                                  # [NPQ, K]
-    if b is not None:
-        y += b
-    y = np.ascontiguousarray(y.reshape(n, p, q, k).transpose(0, 3, 1, 2))
-    return y, (cols, w, x.shape, stride, padding)
+    """y[n,k,p,q] = b[k] + sum_{c,r,s} w[k,c,r,s] xpad[n,c,p*stride+r,q*stride+s]."""
+    x = _f32c(x)
+    n = x.shape[0]
+    g = _ConvGeom(x.shape, w.shape, stride, padding)
+    k, pq = g.k, g.p * g.q
+    w2 = np.ascontiguousarray(w, dtype=_F).reshape(k, -1)
+    bias = None if b is None else np.asarray(b, dtype=_F).reshape(1, k, 1)
+    y = np.empty((n, k, g.p, g.q), dtype=_F)
+
+    def body(b0, b1, _):
+        nb = b1 - b0
+        cols = _im2col(x, b0, b1, g)
+        yt = _thr.scratch("conv_yt", (k, nb * pq))
+        np.matmul(w2, cols, out=yt)
+        src = yt.reshape(k, nb, pq).transpose(1, 0, 2)        # (B, K, PQ) view of the GEMM result
+        dst = y[b0:b1].reshape(nb, k, pq)
+        if bias is None:
+            np.copyto(dst, src)
+        else:
+            np.add(src, bias, out=dst)
+
+    _thr.parallel(n, _thr.chunk_size(n, 4 * (w2.shape[1] + k) * pq), body)
+    return y, (x, w2, g)
 
 
 def conv2d_backward(dy, cache, dw, db, need_dx=True):
-    cols, w, xshape, stride, padding = cache
-    n, c, h, wd = xshape
-    k, _, r, s = w.shape
-    _, _, p, q = dy.shape
-    dy2 = np.ascontiguousarray(dy.transpose(0, 2, 3, 1)).reshape(n * p * q, k)
-    dw += (dy2.T @ cols).reshape(w.shape)          # dE/dw = dy2^T cols
+    x, w2, g = cache
+    dy = _f32c(dy)
+    n = x.shape[0]
+    k, crs, pq = g.k, w2.shape[1], g.p * g.q
+    dx = np.empty(x.shape, dtype=_F) if need_dx else None
+    w2t = w2.T
+
+    def make_acc():
+        return [np.zeros((k, crs), dtype=_F), np.zeros(k, dtype=_F) if db is not None else None]
+
+    def body(b0, b1, acc):
+        nb = b1 - b0
+        cols = _im2col(x, b0, b1, g)
+        dyt = _thr.scratch("conv_dyt", (k, nb * pq))
+        np.copyto(dyt.reshape(k, nb, pq), dy[b0:b1].reshape(nb, k, pq).transpose(1, 0, 2))
+        part = _thr.scratch("conv_dw", (k, crs))
+        np.matmul(dyt, cols.T, out=part)                     # term 1: dE/dw = dy^T cols
+        acc[0] += part
+        if acc[1] is not None:
+            acc[1] += dyt.sum(axis=1)                        # term 2: dE/db = sum of dy over n, p, q
+        if dx is not None:
+            dcols = _thr.scratch(("conv_dcols",) + g.key(), (crs, nb * pq))
+            np.matmul(w2t, dyt, out=dcols)                   # term 3: dE/dcols = w^T dy, then col2im
+            d6 = dcols.reshape(g.c, g.r, g.s, nb, g.p, g.q)
+            dxb = dx[b0:b1]
+            dxb.fill(0)
+            for i, j, plo, phi, qlo, qhi, hsl, wsl in g.taps:
+                dst = dxb[:, :, hsl, wsl]
+                np.add(dst, d6[:, i, j, :, plo:phi, qlo:qhi].transpose(1, 0, 2, 3), out=dst)
+
+    accs = _thr.parallel(n, _thr.chunk_size(n, 4 * (2 * crs + k) * pq), body, make_acc)
+    dw += sum(a[0] for a in accs).reshape(dw.shape)
     if db is not None:
-        db += dy2.sum(axis=0)                      # dE/db[k] = sum over n, p, q
-    if not need_dx:
-        return None
-    dcols = (dy2 @ w.reshape(k, -1)).reshape(n, p, q, c, r, s)   # dE/dcols, scattered back (col2im)
-    hp, wp = h + 2 * padding, wd + 2 * padding
-    dxp = np.zeros((n, c, hp, wp), dtype=_F)
-    for i in range(r):
-        for j in range(s):
-            dxp[:, :, i:i + stride * (p - 1) + 1:stride, j:j + stride * (q - 1) + 1:stride] += \
-                dcols[:, :, :, :, i, j].transpose(0, 3, 1, 2)
-    if padding:
-        return np.ascontiguousarray(dxp[:, :, padding:padding + h, padding:padding + wd])
-    return dxp
+        db += sum(a[1] for a in accs)
+    return dx
 
 
 # --- pooling --------------------------------------------------------------------------------------------------------
 
 
+def _windows(x, r, s, stride, p, q):
+    """Strided view xw[n, c, p, q, i, j] = x[n, c, p*stride + i, q*stride + j] (no copy)."""
+    n, c, _, _ = x.shape
+    sn, sc, sh, sw = x.strides
+    return as_strided(x, (n, c, p, q, r, s), (sn, sc, sh * stride, sw * stride, sh, sw), writeable=False)
+
+
+def _quads(x, p, q):
+    """The four corners of each 2x2 window of x[N, C, 2p(+1), 2q(+1)]: views a, b (top row), c, d (bottom row)."""
+    n, c, _, _ = x.shape
+    sn, sc, sh, sw = x.strides
+    v = as_strided(x, (n, c, p, 2, q, 2), (sn, sc, 2 * sh, sh, 2 * sw, sw))
+    return v[:, :, :, 0, :, 0], v[:, :, :, 0, :, 1], v[:, :, :, 1, :, 0], v[:, :, :, 1, :, 1]
+
+
 def maxpool2d_forward(x, kernel, stride):
-    """y[n,c,p,q] = max over the window; the cache holds each window's first argmax (row-major)."""
+    """y[n,c,p,q] = max over the window. The cache says where each window's first maximum (row-major) is."""
+    x = _f32c(x)
     n, c, h, w = x.shape
     p = (h - kernel) // stride + 1
     q = (w - kernel) // stride + 1
+    if kernel == 2 and stride == 2:
+        return _maxpool2x2_forward(x, p, q)
     xw = _windows(x, kernel, kernel, stride, p, q).reshape(n, c, p, q, kernel * kernel)
     arg = xw.argmax(axis=-1)
     y = np.take_along_axis(xw, arg[..., None], axis=-1)[..., 0]
-    return np.ascontiguousarray(y), (arg, x.shape, kernel, stride)
+    return np.ascontiguousarray(y), ("general", arg, x.shape, kernel, stride)
+
+
+def _maxpool2x2_forward(x, p, q):
+    # Per window with corners a b / c d: right = b > a, right2 = d > c, low = max(c,d) > max(a,b) (strict, so ties
+    # keep the earlier corner); the first maximum is then fully described by these three bits.
+    n, c = x.shape[:2]
+    y = np.empty((n, c, p, q), dtype=_F)
+    right, right2, low = (np.empty((n, c, p, q), dtype=np.bool_) for _ in range(3))
+
+    def body(b0, b1, _):
+        a, b, cc, d = _quads(x[b0:b1], p, q)
+        top = _thr.scratch("mp_top", a.shape)
+        bot = _thr.scratch("mp_bot", a.shape)
+        np.greater(b, a, out=right[b0:b1])
+        np.maximum(a, b, out=top)
+        np.greater(d, cc, out=right2[b0:b1])
+        np.maximum(cc, d, out=bot)
+        np.greater(bot, top, out=low[b0:b1])
+        np.maximum(top, bot, out=y[b0:b1])
+
+    _thr.parallel(n, _thr.chunk_size(n, 4 * c * 4 * p * q), body)
+    return y, ("2x2", (right, right2, low), x.shape, 2, 2)
 
 
 def maxpool2d_backward(dy, cache):
-    arg, xshape, kernel, stride = cache
+    kind, arg, xshape, kernel, stride = cache
+    dy = _f32c(dy)
     n, c, p, q = dy.shape
+    if kind == "2x2":
+        return _maxpool2x2_backward(dy, arg, xshape, p, q)
     dx = np.zeros(xshape, dtype=_F)
     for i in range(kernel):
         for j in range(kernel):
             sel = arg == i * kernel + j
-            dx[:, :, i:i + stride * (p - 1) + 1:stride, j:j + stride * (q - 1) + 1:stride] += np.where(sel, dy, 0)
+            dst = dx[:, :, i:i + stride * (p - 1) + 1:stride, j:j + stride * (q - 1) + 1:stride]
+            dst += dy * sel
+    return dx
+
+
+def _maxpool2x2_backward(dy, masks, xshape, p, q):
+    right, right2, low = masks
+    n, c, h, w = xshape
+    dx = np.empty(xshape, dtype=_F)
+    if h != 2 * p:
+        dx[:, :, 2 * p:, :] = 0
+    if w != 2 * q:
+        dx[:, :, :, 2 * q:] = 0
+
+    def body(b0, b1, _):
+        a, b, cc, d = _quads(dx[b0:b1], p, q)
+        g1 = _thr.scratch("mp_g1", a.shape)
+        g0 = _thr.scratch("mp_g0", a.shape)
+        np.multiply(dy[b0:b1], low[b0:b1], out=g1)     # the bottom row's share of dy
+        np.subtract(dy[b0:b1], g1, out=g0)             # the top row's (exact: one of the two is 0)
+        np.multiply(g0, right[b0:b1], out=b)
+        np.subtract(g0, b, out=a)
+        np.multiply(g1, right2[b0:b1], out=d)
+        np.subtract(g1, d, out=cc)
+
+    _thr.parallel(n, _thr.chunk_size(n, 4 * c * 4 * p * q), body)
     return dx
 
 
@@ -187,12 +343,37 @@ def global_avgpool2d_backward(dy, cache):
 # --- activations ----------------------------------------------------------------------------------------------------
 
 
+def _elementwise(n_items: int, bytes_per_item: int, body) -> None:
+    _thr.parallel(n_items, _thr.chunk_size(n_items, bytes_per_item), body)
+
+
 def relu_forward(x):
-    return np.maximum(x, _F(0)), x
+    """y = max(x, 0); the cache is x itself (ops never modify their inputs, so no copy is needed)."""
+    x = _f32c(x)
+    y = np.empty_like(x)
+    xf, yf = x.reshape(-1), y.reshape(-1)
+
+    def body(s, e, _):
+        np.maximum(xf[s:e], _F(0), out=yf[s:e])
+
+    _elementwise(x.size, 8, body)
+    return y, x
 
 
 def relu_backward(dy, cache):
-    return np.where(cache > 0, dy, _F(0))
+    """dx = dy where x > 0, else 0."""
+    x = cache
+    dy = _f32c(dy)
+    dx = np.empty_like(dy)
+    xf, dyf, dxf = x.reshape(-1), dy.reshape(-1), dx.reshape(-1)
+
+    def body(s, e, _):
+        mask = _thr.scratch("relu_mask", (e - s,), np.bool_)
+        np.greater(xf[s:e], _F(0), out=mask)
+        np.multiply(dyf[s:e], mask, out=dxf[s:e])
+
+    _elementwise(dy.size, 13, body)
+    return dx
 
 
 def sigmoid_forward(x):
@@ -231,23 +412,69 @@ def softmax_backward(dy, cache):
 
 
 # --- batch normalisation --------------------------------------------------------------------------------------------
+# Per-channel sums come from BLAS over the rows (n, c) of x viewed as (N*C, HW): sum(x) = rows @ ones and
+# sum(x*x) = a batched row dot, then combined over rows in float64. var = E[x^2] - mean^2 loses digits when
+# mean^2 >> var; above _BN_SHIFT_LIMIT the exact centred formulas (x - mean) are used instead (one more pass).
+_BN_SHIFT_LIMIT = 10.0
 
 
-def _bn_axes(x):
-    return (0,) if x.ndim == 2 else (0, 2, 3)
+def _rows(a3, b0, b1):
+    """Rows (B*C, HW) of images b0..b1 of a (N, C, HW) array."""
+    return a3[b0:b1].reshape(-1, a3.shape[2])
 
 
-def _bn_bcast(v, ndim):
-    return v.reshape(1, -1) if ndim == 2 else v.reshape(1, -1, 1, 1)
+def _rowdot(a, b):
+    """sum_j a[i, j] * b[i, j] for each row i (float32, BLAS)."""
+    return np.matmul(a[:, None, :], b[:, :, None]).reshape(-1)
+
+
+def _bn_sums(a3, b3=None, centre=None):
+    """Per channel, in float64: (sum a, sum a*b) where b defaults to a; with centre (C,), a - centre replaces a in
+    the product (and b - centre when b is None)."""
+    n, c, hw = a3.shape
+    ones = np.ones(hw, dtype=_F)
+    cen = None if centre is None else centre.astype(_F).reshape(1, c, 1)
+
+    def make_acc():
+        return [np.zeros(c), np.zeros(c)]
+
+    def body(b0, b1, acc):
+        ra = _rows(a3, b0, b1)
+        acc[0] += (ra @ ones).reshape(-1, c).sum(axis=0, dtype=np.float64)
+        if cen is not None:
+            t = _thr.scratch("bn_centred", (b1 - b0, c, hw))
+            np.subtract(a3[b0:b1], cen, out=t)
+            ra = t.reshape(-1, hw)
+        rb = ra if b3 is None else _rows(b3, b0, b1)
+        acc[1] += _rowdot(ra, rb).reshape(-1, c).sum(axis=0, dtype=np.float64)
+
+    accs = _thr.parallel(n, _thr.chunk_size(n, 8 * c * hw), body, make_acc)
+    return sum(a[0] for a in accs), sum(a[1] for a in accs)
+
+
+def _bn_3d(x):
+    n, c = x.shape[:2]
+    return x.reshape(n, c, -1)
 
 
 def batchnorm_forward(x, gamma, beta, running_mean, running_var, momentum, eps, training):
-    """y = gamma * (x - mean) / sqrt(var + eps) + beta, per channel."""
-    axes = _bn_axes(x)
-    m = x.size // x.shape[1]
+    """y = gamma * (x - mean) / sqrt(var + eps) + beta per channel, computed as y = x * scale + shift."""
+    x = _f32c(x)
+    x3 = _bn_3d(x)
+    n, c, hw = x3.shape
+    m = n * hw
+    centred = False
     if training:
-        mean = x.mean(axis=axes, dtype=np.float64)
-        var = ((x - _bn_bcast(mean.astype(_F), x.ndim)) ** 2).mean(axis=axes, dtype=np.float64)
+        if hw == 1:   # (N, C): small, plain two-pass statistics
+            mean = x3.mean(axis=(0, 2), dtype=np.float64)
+            var = ((x3 - mean.astype(_F).reshape(1, c, 1)) ** 2).mean(axis=(0, 2), dtype=np.float64)
+        else:
+            s, ss = _bn_sums(x3)
+            mean = s / m
+            var = np.maximum(ss / m - mean * mean, 0.0)
+            if np.any(mean * mean > _BN_SHIFT_LIMIT * var):
+                centred = True
+                var = _bn_sums(x3, centre=mean)[1] / m
         running_mean *= _F(1 - momentum)
         running_mean += (momentum * mean).astype(_F)
         running_var *= _F(1 - momentum)
@@ -255,28 +482,85 @@ def batchnorm_forward(x, gamma, beta, running_mean, running_var, momentum, eps, 
     else:
         mean = running_mean.astype(np.float64)
         var = running_var.astype(np.float64)
-    inv_std = (1.0 / np.sqrt(var + eps)).astype(_F)
-    xhat = (x - _bn_bcast(mean.astype(_F), x.ndim)) * _bn_bcast(inv_std, x.ndim)
-    y = xhat * _bn_bcast(gamma, x.ndim) + _bn_bcast(beta, x.ndim)
-    return y, (xhat, inv_std, gamma, training)
+        centred = bool(np.any(mean * mean > _BN_SHIFT_LIMIT * var))
+    inv_std = 1.0 / np.sqrt(var + eps)
+    scale = gamma.astype(np.float64) * inv_std
+    shift = beta.astype(np.float64) - mean * scale
+    sc, sh = scale.astype(_F).reshape(1, c, 1), shift.astype(_F).reshape(1, c, 1)
+    y = np.empty_like(x)
+    y3 = _bn_3d(y)
+
+    def body(b0, b1, _):
+        np.multiply(x3[b0:b1], sc, out=y3[b0:b1])
+        y3[b0:b1] += sh
+
+    _elementwise(n, 8 * c * hw, body)
+    return y, (x3, x.shape, mean, inv_std, gamma.astype(np.float64), training, centred)
 
 
 def batchnorm_backward(dy, cache, dgamma, dbeta):
-    xhat, inv_std, gamma, training = cache
-    axes = _bn_axes(dy)
-    nd = dy.ndim
-    sum_dy = dy.sum(axis=axes)
-    sum_dy_xhat = (dy * xhat).sum(axis=axes)
-    dgamma += sum_dy_xhat          # dE/dgamma = sum dy * xhat
-    dbeta += sum_dy                # dE/dbeta = sum dy
-    scale = gamma * inv_std
-    if not training:
-        return dy * _bn_bcast(scale, nd)
-    m = dy.size // dy.shape[1]
-    # dx = gamma*inv_std * (dy - mean(dy) - xhat * mean(dy * xhat))
-    dx = dy - _bn_bcast(sum_dy / m, nd) - xhat * _bn_bcast(sum_dy_xhat / m, nd)
-    dx *= _bn_bcast(scale, nd)
+    x3, shape, mean, inv_std, gamma, training, centred = cache
+    dy3 = _bn_3d(_f32c(dy))
+    n, c, hw = x3.shape
+    m = n * hw
+    if centred or hw == 1:
+        sum_dy, sum_dy_xc = _bn_sums_centred(dy3, x3, mean)
+    else:
+        sum_dy, sum_dy_x = _bn_sums(dy3, x3)
+        sum_dy_xc = sum_dy_x - mean * sum_dy
+    sum_dy_xhat = inv_std * sum_dy_xc
+    dgamma += sum_dy_xhat.astype(_F)        # dE/dgamma = sum dy * xhat
+    dbeta += sum_dy.astype(_F)              # dE/dbeta = sum dy
+    a = gamma * inv_std
+    if training:
+        # dx = a * (dy - mean(dy) - xhat * mean(dy * xhat)) = a*dy + bc*(x - mean) + cc
+        bc = -a * inv_std * sum_dy_xhat / m
+        cc = -a * sum_dy / m
+    else:
+        # eval: the statistics are constants, dx = a * dy
+        bc = np.zeros(c)
+        cc = np.zeros(c)
+    if not centred:
+        cc = cc - bc * mean                 # fold the centring into the constant: a*dy + bc*x + cc'
+    af, bf, cf = (v.astype(_F).reshape(1, c, 1) for v in (a, bc, cc))
+    mf = mean.astype(_F).reshape(1, c, 1)
+    dx = np.empty(shape, dtype=_F)
+    dx3 = _bn_3d(dx)
+
+    def body(b0, b1, _):
+        out = dx3[b0:b1]
+        np.multiply(dy3[b0:b1], af, out=out)
+        if training:
+            t = _thr.scratch("bn_t", out.shape)
+            if centred:
+                np.subtract(x3[b0:b1], mf, out=t)
+                t *= bf
+            else:
+                np.multiply(x3[b0:b1], bf, out=t)
+            out += t
+            out += cf
+
+    _elementwise(n, 12 * c * hw, body)
     return dx
+
+
+def _bn_sums_centred(dy3, x3, mean):
+    """(sum dy, sum dy * (x - mean)) per channel, in float64, with the subtraction done on the data."""
+    n, c, hw = x3.shape
+    ones = np.ones(hw, dtype=_F)
+    cen = mean.astype(_F).reshape(1, c, 1)
+
+    def make_acc():
+        return [np.zeros(c), np.zeros(c)]
+
+    def body(b0, b1, acc):
+        acc[0] += (_rows(dy3, b0, b1) @ ones).reshape(-1, c).sum(axis=0, dtype=np.float64)
+        t = _thr.scratch("bn_centred", (b1 - b0, c, hw))
+        np.subtract(x3[b0:b1], cen, out=t)
+        acc[1] += _rowdot(t.reshape(-1, hw), _rows(dy3, b0, b1)).reshape(-1, c).sum(axis=0, dtype=np.float64)
+
+    accs = _thr.parallel(n, _thr.chunk_size(n, 8 * c * hw), body, make_acc)
+    return sum(a[0] for a in accs), sum(a[1] for a in accs)
 
 
 # --- dropout --------------------------------------------------------------------------------------------------------
