@@ -1,0 +1,417 @@
+"""What every bench table shares: the machine's description, peak-memory probes, clocks, and the pieces of a
+training step on each side (hetnet's step object, PyTorch's CUDA-graph step)."""
+from __future__ import annotations
+
+import gc
+import math
+import os
+import platform
+import socket
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UsageError
+
+# Tolerances of the correctness gate: relative error ||a - b|| / ||b||, the float32 value of tests/conftest.py's RTOL
+# (tests/test_bench.py checks that the two agree). Rows where either side may use TF32 (the cuda backend, whose
+# GEMMs can, and the TF32 row) are gated at the TF32 tolerance, and each row records the error it actually had.
+RTOL_F32 = 1e-4
+RTOL_TF32 = 1e-2
+LR, MOMENTUM = 0.01, 0.9
+FILES_LIMIT_CHARS = 400  # longest error text kept in a JSON row
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _blas() -> str:
+    try:
+        cfg = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
+        return f"{cfg.get('name')} {cfg.get('version', '')}".strip()
+    except Exception:
+        return "unknown"
+
+
+def _gpu_name() -> str | None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(0)
+    except Exception:
+        pass
+    try:
+        import cupy
+
+        name = cupy.cuda.runtime.getDeviceProperties(0)["name"]
+        return name.decode() if isinstance(name, bytes) else str(name)
+    except Exception:
+        return None
+
+
+def environment(threads: int, want_gpu: bool) -> dict:
+    """Host, CPU, GPU and library versions for the top of every JSON file."""
+    from .. import __version__
+
+    env = {"host": socket.gethostname(), "cpu": cpu_model(), "cpus_available": cpu_count(), "threads": threads,
+           "card": _gpu_name() if want_gpu else None, "python": platform.python_version(), "hetnet": __version__,
+           "numpy": np.__version__, "blas": _blas(),
+           "thread_env": {k: os.environ.get(k) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
+                                                         "MKL_NUM_THREADS", "HETNET_NUM_THREADS")},
+           "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "load_average_at_start": load_average()}
+    try:
+        import torch
+
+        env["torch"] = torch.__version__
+        if want_gpu and torch.cuda.is_available():
+            env["torch_cuda"] = torch.version.cuda
+            env["cudnn"] = torch.backends.cudnn.version()
+    except Exception:
+        env["torch"] = None
+    if want_gpu:
+        try:
+            import cupy
+
+            env["cupy"] = cupy.__version__
+            env["cuda_runtime"] = cupy.cuda.runtime.runtimeGetVersion()
+            env["cuda_driver"] = cupy.cuda.runtime.driverGetVersion()
+        except Exception as e:
+            env["cupy"] = f"unavailable ({type(e).__name__})"
+    return env
+
+
+def load_average() -> list | None:
+    """1, 5 and 15 minute load averages: other work on the machine while it was measured."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def slug(text: str) -> str:
+    keep = "".join(c if c.isalnum() else "-" for c in text.lower())
+    return "-".join(p for p in keep.split("-") if p) or "unknown"
+
+
+def _libc():
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def _glibc_return_big_blocks() -> None:
+    """Serve blocks >= 64 KiB by mmap (freed straight back to the system), so freed memory of one side does not
+    make the next side's RSS rise look smaller. mallopt(M_MMAP_THRESHOLD = -3)."""
+    libc = _libc()
+    if libc is not None:
+        try:
+            libc.mallopt(-3, 64 * 1024)
+        except AttributeError:
+            pass
+
+
+def _status_kib(key: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+class RssPeak:
+    """Peak RSS rise over a span, in MiB: `with RssPeak() as m: ...; m.mib`. None where /proc is missing."""
+
+    def __enter__(self):
+        gc.collect()
+        libc = _libc()
+        if libc is not None:
+            try:
+                libc.malloc_trim(0)
+            except AttributeError:
+                pass
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+            self.ok = True
+        except OSError:
+            self.ok = False
+        self.start = _status_kib("VmRSS")
+        self.mib = None
+        return self
+
+    def __exit__(self, *exc):
+        hwm = _status_kib("VmHWM")
+        if self.ok and hwm is not None and self.start is not None:
+            self.mib = round(max(0, hwm - self.start) / 1024, 1)
+        return False
+
+
+class CupyPoolPeak:
+    """Bytes CuPy's default pool holds after the span, having been emptied before it (its high-water mark)."""
+
+    def __enter__(self):
+        import cupy
+
+        self.pool = cupy.get_default_memory_pool()
+        cupy.cuda.Device().synchronize()
+        gc.collect()
+        self.pool.free_all_blocks()
+        self.start = self.pool.total_bytes()
+        self.mib = None
+        return self
+
+    def __exit__(self, *exc):
+        import cupy
+
+        cupy.cuda.Device().synchronize()
+        self.mib = round((self.pool.total_bytes() - self.start) / 2**20, 1)
+        return False
+
+
+class TorchCudaPeak:
+    def __enter__(self):
+        import torch
+
+        gc.collect()
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        self.start = torch.cuda.memory_allocated()
+        self.mib = None
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        torch.cuda.synchronize()
+        self.mib = round((torch.cuda.max_memory_allocated() - self.start) / 2**20, 1)
+        return False
+
+
+def _wall(fn: Callable, inner: int, sync: Callable | None) -> float:
+    if sync:
+        sync()
+    t0 = time.perf_counter()
+    for _ in range(inner):
+        fn()
+    if sync:
+        sync()
+    return (time.perf_counter() - t0) / inner
+
+
+class Clock:
+    """Seconds per call of fn over a block of `inner` calls. kind: 'cpu' (perf_counter), 'torch' (torch.cuda
+    events) or 'cupy' (CuPy events on `stream` -- the hetnet step object's own stream when it has one -- else the
+    current stream; falling back to synchronized wall time when the events saw less than half of it, which means the
+    work ran on a stream the events were not ordered with)."""
+
+    def __init__(self, kind: str, backend=None, stream=None):
+        self.kind, self.backend, self.stream, self.fallbacks = kind, backend, stream, 0
+        if kind == "torch":
+            import torch
+
+            self.sync = torch.cuda.synchronize
+        elif kind == "cupy":
+            self.sync = backend.synchronize
+        else:
+            self.sync = backend.synchronize if backend is not None else None
+
+    def __call__(self, fn: Callable, inner: int = 1) -> float:
+        if self.kind == "torch":
+            import torch
+
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(inner):
+                fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3 / inner
+        if self.kind == "cupy":
+            import cupy
+
+            stream = self.stream
+            if not isinstance(stream, (cupy.cuda.Stream, getattr(cupy.cuda, "ExternalStream", cupy.cuda.Stream))):
+                stream = cupy.cuda.get_current_stream()
+            self.sync()
+            t0 = time.perf_counter()
+            try:
+                start, end = cupy.cuda.Event(), cupy.cuda.Event()
+                start.record(stream)
+                for _ in range(inner):
+                    fn()
+                end.record(stream)
+                end.synchronize()
+                ev = cupy.cuda.get_elapsed_time(start, end) / 1e3 / inner
+            except cupy.cuda.runtime.CUDARuntimeError:
+                ev = 0.0  # events unusable here: the synchronized wall time below stands
+            self.sync()
+            wall = (time.perf_counter() - t0) / inner
+            if ev < 0.5 * wall:
+                self.fallbacks += 1
+                return wall
+            return ev
+        return _wall(fn, inner, self.sync)
+
+
+def plan(seconds_per_call: float, gpu: bool, repeats: int, side_seconds: float) -> tuple[int, int]:
+    """(repetitions, calls per repetition): GPU blocks last >= 10 ms; total time per side about side_seconds, never
+    fewer than min(3, repeats) repetitions nor more than `repeats`."""
+    t = max(seconds_per_call, 1e-6)
+    inner = min(50, max(1, math.ceil(0.01 / t))) if gpu else 1
+    reps = max(min(3, repeats), min(repeats, int(side_seconds / (t * inner))))
+    return reps, inner
+
+
+def time_sides(sides: dict[str, tuple[Callable, Clock]], reps: int, inner: int) -> dict[str, float]:
+    """Median seconds per call for each side; within a repetition the sides take turns, each time starting one
+    later."""
+    names = list(sides)
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(reps):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            fn, clock = sides[n]
+            samples[n].append(clock(fn, inner))
+    return {n: statistics.median(v) for n, v in samples.items()}
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        return math.inf
+    if not np.all(np.isfinite(a)):
+        return math.inf
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def make_step(model, opt):
+    """The step the trainer would use: hetnet.train.make_train_step (a backend's fast path when it has one)."""
+    try:
+        from ..train import make_train_step
+
+        ts = make_train_step(model, opt, None, 0.0)
+        path = "backend.make_train_step" if hasattr(model.backend, "make_train_step") else "train.TrainStep"
+        return ts, path
+    except ImportError:
+        return _PlainStep(model, opt), "forward/backward/step"
+
+
+class _PlainStep:
+    """forward, softmax cross-entropy, backward, SGD update (used when hetnet.train is unavailable)."""
+
+    def __init__(self, model, opt):
+        self.model, self.opt = model, opt
+
+    def step(self, x, y):
+        self.opt.zero_grad()
+        logits = self.model.forward(x)
+        _, dlogits = self.model.backend.softmax_cross_entropy(logits, y, 0.0)
+        self.model.backward(dlogits, need_dx=False)
+        self.opt.step()
+
+    def collect(self):
+        return (0.0, 0, 0)
+
+
+class TorchGraphStep:
+    """PyTorch's fastest mode for these models: forward, loss, backward and SGD step captured once as a CUDA graph
+    (static input tensors; warmed up on a side stream first, as the torch.cuda.graphs documentation shows; SGD keeps
+    no step counter, so it needs no `capturable` flag) and replayed."""
+
+    def __init__(self, tmodel, topt, x, y, warmup: int = 3):
+        import torch
+        import torch.nn.functional as F
+
+        self.sx, self.sy = x.clone(), y.clone()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(warmup):
+                topt.zero_grad(set_to_none=True)
+                F.cross_entropy(tmodel(self.sx), self.sy).backward()
+                topt.step()
+        torch.cuda.current_stream().wait_stream(s)
+        self.graph = torch.cuda.CUDAGraph()
+        topt.zero_grad(set_to_none=True)
+        with torch.cuda.graph(self.graph):
+            self.loss = F.cross_entropy(tmodel(self.sx), self.sy)
+            self.loss.backward()
+            topt.step()
+
+    def step(self):
+        self.graph.replay()
+
+
+def torch_flags(tf32: bool) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+        torch.backends.cudnn.benchmark = True
+
+
+def hetnet_tf32(backend, on: bool) -> str:
+    """Ask the hetnet backend for TF32 GEMMs; says what happened."""
+    for name in ("set_tf32",):
+        fn = getattr(backend, name, None)
+        if callable(fn):
+            fn(on)
+            return "on" if on else "off"
+    if hasattr(backend, "tf32"):
+        backend.tf32 = on
+        return "on" if on else "off"
+    return "off (backend has no TF32 switch)" if on else "off"
+
+
+def short_error(e: BaseException) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"[:FILES_LIMIT_CHARS]
+
+
+def parse_list(text: str, flag: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise UsageError(f"{flag}: expected a comma-separated list, got {text!r}")
+    return items
+
+
+def fmt(v, digits: int = 2) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        if abs(v) >= 1000:
+            return f"{v:,.0f}"
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def md_header(env: dict) -> list[str]:
+    where = f"**{env['card']}** (GPU), host `{env['host']}`" if env.get("card") else f"host `{env['host']}`"
+    libs = ", ".join(f"{k} {env[k]}" for k in ("torch", "numpy", "cupy", "cudnn") if env.get(k))
+    load = env.get("load_average_at_start")
+    return [(f"Machine: {where}; CPU: {env['cpu']}, {env['threads']} threads of {env['cpus_available']}; "
+             f"{libs}; BLAS {env['blas']}; measured {env['time_utc']}"
+             + (f", load average {load[0]} at the start." if load else ".")), ""]

@@ -1,0 +1,419 @@
+"""The train-step table: one SGD+momentum step and one inference pass per model x batch x backend, hetnet vs
+PyTorch, gated on agreement before it is timed -> train_step.json / .md and speedup.png."""
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .. import interop, optim, zoo
+from ..device import get_backend
+from .common import (
+    LR,
+    MOMENTUM,
+    RTOL_F32,
+    RTOL_TF32,
+    Clock,
+    CupyPoolPeak,
+    RssPeak,
+    TorchCudaPeak,
+    TorchGraphStep,
+    fmt,
+    hetnet_tf32,
+    load_average,
+    make_step,
+    md_header,
+    plan,
+    rel_err,
+    short_error,
+    time_sides,
+    torch_flags,
+)
+
+MODELS = ("thesis-m0", "thesis-m1", "thesis-m2", "thesis-m3", "thesis-m4", "fashion-cnn", "mlp")
+BATCHES = (32, 128, 1024)
+QUICK_MODELS = ("thesis-m1", "fashion-cnn", "mlp")
+QUICK_BATCHES = (32, 128)
+# the float64 reference backend is an oracle, not a fast path: it is timed only at these (model, batch) pairs
+REFERENCE_ROWS = ("thesis-m0:32", "mlp:32")
+TF32_ROW = ("thesis-m1", 1024)
+
+
+def _set_dropout(hmodel, tmodels, p_or_saved):
+    """Set every dropout probability to p (a float), or restore saved values (a list); returns the old values."""
+    import torch
+
+    hd = [m for m in hmodel.layers if type(m).__name__ == "Dropout"]
+    td = [[m for m in t.modules() if isinstance(m, torch.nn.Dropout)] for t in tmodels]
+    old = [m.p for m in hd]
+    new = p_or_saved if isinstance(p_or_saved, list) else [p_or_saved] * len(hd)
+    for i, m in enumerate(hd):
+        m.p = new[i]
+        for t in td:
+            t[i].p = new[i]
+    return old
+
+
+def _named_grads(model) -> dict:
+    out = {}
+    for i, layer in enumerate(model.layers):
+        for k, p in layer.params.items():
+            out[f"{i}.{k}"] = model.backend.to_numpy(p.grad)
+    return out
+
+
+def _named_weights(model) -> dict:
+    out = {}
+    for i, layer in enumerate(model.layers):
+        for k, p in layer.params.items():
+            out[f"{i}.{k}"] = np.array(model.backend.to_numpy(p.data), dtype=np.float64)
+    return out
+
+
+def _torch_weights(tmodel) -> dict:
+    return {k: v for k, v in interop.torch_state(tmodel).items() if not k.endswith(("running_mean", "running_var"))}
+
+
+def bench_train_step(model_name: str, batch: int, device: str, args, tf32: bool = False) -> dict:
+    """One row of train_step.json. Raises nothing a caller must handle except programming errors in hetnet."""
+    import torch
+    import torch.nn.functional as F
+
+    backend = get_backend(device)
+    gpu = device.startswith("cuda")
+    tdev = "cuda" if gpu else "cpu"
+    row = {"model": model_name, "batch_size": batch, "hetnet_backend": backend.name, "torch_device": tdev,
+           "tf32": tf32, "status": "ok", "reason": None}
+    if gpu:
+        torch_flags(tf32)
+        row["hetnet_tf32"] = hetnet_tf32(backend, tf32)
+    tol = RTOL_TF32 if (gpu or tf32) else RTOL_F32
+    row["check_tolerance"] = tol
+
+    # same weights, same inputs
+    from .. import seed as hn_seed
+
+    hn_seed(0)
+    hmodel, shape, _ = zoo.resolve(model_name)
+    hmodel.to(backend).train()
+    tmodel = interop.to_torch(hmodel, device=tdev)
+    tmodel.train()
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((batch,) + tuple(shape)).astype(np.float32)
+    y = rng.integers(0, hmodel.output_shape(tuple(shape))[0], batch)
+    hx, hy = backend.asarray(x), backend.labels(y)
+    tx, ty = torch.from_numpy(x).to(tdev), torch.from_numpy(y.astype(np.int64)).to(tdev)
+    hopt = optim.SGD(hmodel.parameters(), lr=LR, momentum=MOMENTUM)
+    topt = torch.optim.SGD(tmodel.parameters(), lr=LR, momentum=MOMENTUM)
+    hstep, row["hetnet_path"] = make_step(hmodel, hopt)
+    tgraph_model = copy.deepcopy(tmodel) if gpu else None
+
+    # --- the gate: logits, loss, gradients, then the update made by the timed step, dropout off
+    saved = _set_dropout(hmodel, [tmodel] + ([tgraph_model] if gpu else []), 0.0)
+    try:
+        hmodel.zero_grad()
+        logits = hmodel.forward(hx)
+        hloss, dlogits = backend.softmax_cross_entropy(logits, hy, 0.0)
+        hmodel.backward(dlogits, need_dx=False)
+        topt.zero_grad(set_to_none=True)
+        tlogits = tmodel(tx)
+        tloss = F.cross_entropy(tlogits, ty)
+        tloss.backward()
+        errs = {"logits": rel_err(backend.to_numpy(logits), tlogits.detach().cpu().numpy()),
+                "loss": abs(float(hloss) - tloss.item()) / max(abs(tloss.item()), 1e-30)}
+        tg = interop.torch_grads(tmodel)
+        for k, g in _named_grads(hmodel).items():
+            errs[f"grad {k}"] = rel_err(g, tg[k])
+        hmodel.zero_grad()
+        topt.zero_grad(set_to_none=True)
+        # the updates of the first two timed steps from equal weights (the first SGD step, then one with momentum;
+        # a fast path that runs its first batch eagerly and replays a captured graph after is checked both ways)
+        for s in (1, 2):
+            w0, tw0 = _named_weights(hmodel), _torch_weights(tmodel)
+            hstep.step(hx, hy)
+            hstep.collect()
+            backend.synchronize()
+            topt.zero_grad(set_to_none=True)
+            F.cross_entropy(tmodel(tx), ty).backward()
+            topt.step()
+            w1, tw1 = _named_weights(hmodel), _torch_weights(tmodel)
+            for k in w0:
+                errs[f"step {s} update {k}"] = rel_err(w1[k] - w0[k], tw1[k] - tw0[k])
+    finally:
+        _set_dropout(hmodel, [tmodel] + ([tgraph_model] if gpu else []), saved)
+    worst = max(errs, key=errs.get)
+    row["check_max_rel_err"] = float(f"{errs[worst]:.3g}")
+    row["check_worst"] = worst
+    if not errs[worst] <= tol:
+        row["status"] = "refused"
+        row["reason"] = (f"hetnet and PyTorch disagree before timing: {worst} relative error {errs[worst]:.3g} "
+                         f"> {tol:g}")
+        return row
+
+    def hetnet_train():
+        hstep.step(hx, hy)
+
+    def torch_train():
+        topt.zero_grad(set_to_none=True)
+        F.cross_entropy(tmodel(tx), ty).backward()
+        topt.step()
+
+    def hetnet_infer():
+        hmodel.forward(hx)
+
+    def torch_infer():
+        with torch.inference_mode():
+            tmodel(tx)
+
+    hclock = Clock("cupy", backend, getattr(hstep, "stream", None)) if gpu else Clock("cpu", backend)
+    iclock = Clock("cupy", backend) if gpu else hclock
+    tclock = Clock("torch") if gpu else Clock("cpu")
+    sides = {"hetnet": (hetnet_train, hclock), "torch_eager": (torch_train, tclock)}
+
+    if gpu:
+        try:
+            gopt = torch.optim.SGD(tgraph_model.parameters(), lr=LR, momentum=MOMENTUM)
+            with TorchCudaPeak() as gm:
+                tgraph = TorchGraphStep(tgraph_model, gopt, tx, ty)
+                tgraph.step()
+            row["torch_graph_peak_mib"] = gm.mib
+            sides["torch_graph"] = (tgraph.step, tclock)
+        except Exception as e:  # a capture that fails is recorded, the rest of the row still runs
+            row["torch_graph_error"] = short_error(e)
+
+    # warm-up (also gives the per-step estimate that sets the number of repetitions)
+    est = 0.0
+    for fn, clock in sides.values():
+        for _ in range(max(0, args.warmup - 1)):
+            fn()
+        est = max(est, clock(fn, 1))
+    reps, inner = plan(est, gpu, args.repeats, args.side_seconds)
+    med = time_sides(sides, reps, inner)
+    row["repeats"], row["steps_per_repeat"] = reps, inner
+    if hclock.fallbacks or iclock.fallbacks:
+        row["hetnet_timer"] = "wall clock (CuPy events were not on the backend's stream)"
+
+    # inference (eval mode; PyTorch under inference_mode)
+    hmodel.eval()
+    tmodel.eval()
+    try:
+        isides = {"hetnet": (hetnet_infer, iclock), "torch": (torch_infer, tclock)}
+        iest = max(clock(fn, 1) for fn, clock in isides.values())
+        ireps, iinner = plan(iest, gpu, args.repeats, args.side_seconds / 2)
+        imed = time_sides(isides, ireps, iinner)
+    finally:
+        hmodel.train()
+        tmodel.train()
+
+    # peak memory, each side on its own fresh model
+    row["hetnet_peak_mib"], row["torch_peak_mib"] = _peak_memory(model_name, backend, x, y, tdev, gpu)
+
+    def ms(s):
+        return round(s * 1e3, 4)
+
+    def ips(s):
+        return round(batch / s, 1)
+
+    row.update({"hetnet_ms_per_step": ms(med["hetnet"]), "hetnet_img_per_s": ips(med["hetnet"]),
+                "torch_eager_ms_per_step": ms(med["torch_eager"]), "torch_eager_img_per_s": ips(med["torch_eager"]),
+                "torch_graph_ms_per_step": ms(med["torch_graph"]) if "torch_graph" in med else None,
+                "torch_graph_img_per_s": ips(med["torch_graph"]) if "torch_graph" in med else None,
+                "hetnet_infer_img_per_s": ips(imed["hetnet"]), "torch_infer_img_per_s": ips(imed["torch"]),
+                "speedup_vs_torch_eager": round(med["torch_eager"] / med["hetnet"], 3)})
+    row["speedup_vs_torch_graph"] = (round(med["torch_graph"] / med["hetnet"], 3) if "torch_graph" in med else None)
+    return row
+
+
+def _peak_memory(model_name, backend, x, y, tdev, gpu) -> tuple:
+    """(hetnet MiB, torch MiB): a fresh model per side, one training step and one inference pass."""
+    import torch
+    import torch.nn.functional as F
+
+    from .. import seed as hn_seed
+
+    hpeak = tpeak = None
+    try:
+        with (CupyPoolPeak() if gpu else RssPeak()) as m:
+            hn_seed(0)
+            hm, _, _ = zoo.resolve(model_name)
+            hm.to(backend).train()
+            hx, hy = backend.asarray(x), backend.labels(y)
+            st, _ = make_step(hm, optim.SGD(hm.parameters(), lr=LR, momentum=MOMENTUM))
+            for _ in range(2 if gpu else 1):  # on the GPU the second step is the captured graph's first replay
+                st.step(hx, hy)
+            st.collect()
+            hm.eval()
+            hm.forward(hx)
+            backend.synchronize()
+        hpeak = m.mib
+        pool = getattr(st, "pool", None)  # a step object's private pool for its CUDA graphs
+        if gpu and hpeak is not None and hasattr(pool, "total_bytes"):
+            hpeak = round(hpeak + pool.total_bytes() / 2**20, 1)
+        del hm, st, hx, hy
+        with (TorchCudaPeak() if gpu else RssPeak()) as m:
+            hn_seed(0)
+            tm = interop.to_torch(zoo.resolve(model_name)[0], device=tdev)
+            tx, ty = torch.from_numpy(x).to(tdev), torch.from_numpy(y.astype(np.int64)).to(tdev)
+            to = torch.optim.SGD(tm.parameters(), lr=LR, momentum=MOMENTUM)
+            to.zero_grad(set_to_none=True)
+            F.cross_entropy(tm(tx), ty).backward()
+            to.step()
+            with torch.inference_mode():
+                tm.eval()(tx)
+        tpeak = m.mib
+    except Exception:
+        pass
+    return hpeak, tpeak
+
+
+def train_step_markdown(doc: dict) -> str:
+    lines = ["# One training step: hetnet vs PyTorch", ""] + md_header(doc["environment"])
+    lines += [doc["method"], "",
+              "| model | batch | hetnet backend | hetnet ms/step | torch eager ms/step | torch graph ms/step | "
+              "speed-up vs eager | vs graph | hetnet img/s | hetnet infer img/s | torch infer img/s | "
+              "hetnet peak MiB | torch peak MiB | check rel. err |",
+              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    bad = []
+    for r in doc["rows"]:
+        if r.get("status") != "ok":
+            bad.append(r)
+            continue
+        name = r["model"] + (" (TF32)" if r.get("tf32") else "")
+        lines.append(f"| {name} | {r['batch_size']} | {r['hetnet_backend']} | {fmt(r['hetnet_ms_per_step'])} | "
+                     f"{fmt(r['torch_eager_ms_per_step'])} | {fmt(r.get('torch_graph_ms_per_step'))} | "
+                     f"{fmt(r['speedup_vs_torch_eager'])}x | "
+                     f"{fmt(r.get('speedup_vs_torch_graph')) + 'x' if r.get('speedup_vs_torch_graph') else '—'} | "
+                     f"{fmt(r['hetnet_img_per_s'])} | {fmt(r['hetnet_infer_img_per_s'])} | "
+                     f"{fmt(r['torch_infer_img_per_s'])} | {fmt(r.get('hetnet_peak_mib'), 1)} | "
+                     f"{fmt(r.get('torch_peak_mib'), 1)} | {r['check_max_rel_err']:.1e} |")
+    if bad:
+        lines += ["", "Rows not timed:", ""]
+        lines += [f"- {r['model']} batch {r['batch_size']} on {r['hetnet_backend']}: {r['status']}: {r['reason']}"
+                  for r in bad]
+    for e in doc.get("errors", []):
+        lines.append(f"- {e}")
+    return "\n".join(lines) + "\n"
+
+
+def speedup_chart(rows: list[dict], path: Path, title: str) -> bool:
+    """Bars of PyTorch time / hetnet time per model, one bar per batch size; one panel per (backend, baseline)."""
+    ok = [r for r in rows if r.get("status") == "ok" and not r.get("tf32")]
+    if not ok:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = []
+    for be in dict.fromkeys(r["hetnet_backend"] for r in ok):
+        for key, label in (("speedup_vs_torch_eager", "PyTorch eager"), ("speedup_vs_torch_graph",
+                                                                          "PyTorch CUDA graph")):
+            if any(r.get(key) for r in ok if r["hetnet_backend"] == be):
+                panels.append((be, key, label))
+    fig, axes = plt.subplots(len(panels), 1, figsize=(9, 3.2 * len(panels)), squeeze=False)
+    for ax, (be, key, label) in zip(axes[:, 0], panels, strict=True):
+        sel = [r for r in ok if r["hetnet_backend"] == be and r.get(key)]
+        models = list(dict.fromkeys(r["model"] for r in sel))
+        batches = sorted({r["batch_size"] for r in sel})
+        width = 0.8 / max(1, len(batches))
+        for j, b in enumerate(batches):
+            vals = [next((r[key] for r in sel if r["model"] == m and r["batch_size"] == b), 0.0) for m in models]
+            xs = [i + (j - (len(batches) - 1) / 2) * width for i in range(len(models))]
+            bars = ax.bar(xs, vals, width, label=f"batch {b}")
+            ax.bar_label(bars, fmt="%.2f", fontsize=7)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xticks(range(len(models)), models, fontsize=8)
+        ax.set_ylabel("speed-up (x)")
+        ax.set_title(f"hetnet {be} vs {label}: training step (higher is faster)", fontsize=10)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def run_train_step(args, devices: list[str], env: dict, out: Path, deadline: float) -> dict:
+    rows, errors = [], []
+    reference_rows = set(args.reference_rows)
+    for device in devices:
+        try:
+            get_backend(device)
+        except Exception as e:
+            errors.append(f"{device}: backend unavailable: {short_error(e)}")
+            continue
+        for model_name in args.models:
+            for batch in args.batch_sizes:
+                if device == "reference" and f"{model_name}:{batch}" not in reference_rows:
+                    continue
+                if time.monotonic() > deadline:
+                    rows.append({"model": model_name, "batch_size": batch, "hetnet_backend": device,
+                                 "status": "skipped", "reason": "the run's time budget (--time-budget) was spent"})
+                    continue
+                rows.append(_safe_row(model_name, batch, device, args, False))
+                _progress(rows[-1])
+        if device.startswith("cuda") and args.tf32_row and time.monotonic() <= deadline:
+            rows.append(_safe_row(TF32_ROW[0], TF32_ROW[1], device, args, True))
+            _progress(rows[-1])
+            try:
+                torch_flags(False)
+                hetnet_tf32(get_backend(device), False)
+            except Exception:
+                pass
+    gpu = any(d.startswith("cuda") for d in devices)
+    doc = {"environment": env, "method": method_text(gpu), "tolerances": {"float32": RTOL_F32, "tf32": RTOL_TF32},
+           "optimizer": f"SGD lr={LR} momentum={MOMENTUM}", "errors": errors, "rows": rows}
+    doc["load_average_at_end"] = load_average()
+    (out / "train_step.json").write_text(json.dumps(doc, indent=1) + "\n")
+    (out / "train_step.md").write_text(train_step_markdown(doc))
+    try:
+        where = env.get("card") or env["host"]
+        if speedup_chart(rows, out / "speedup.png", f"{where} — {env['cpu']}, {env['threads']} threads"):
+            doc["chart"] = "speedup.png"
+    except Exception as e:
+        errors.append(f"chart: {short_error(e)}")
+    return doc
+
+
+def method_text(gpu: bool) -> str:
+    text = (f"One step = forward, softmax cross-entropy, backward, SGD (lr {LR}, momentum {MOMENTUM}) update, "
+            "float32. "
+            "Same weights and inputs on both sides; before timing, logits, loss, every gradient and the first "
+            "update must agree with PyTorch within the tolerance in the row (float32 1e-4 relative; 1e-2 where TF32 "
+            "may be in use: GPU rows). Median over repetitions after warm-up, sides alternating. ")
+    if gpu:
+        text += ("GPU: CUDA events around blocks of steps; PyTorch with cudnn.benchmark on and TF32 off except in "
+                 "the row marked TF32; 'graph' = the whole PyTorch step captured as a CUDA graph. Peak memory: "
+                 "CuPy pool high-water mark (hetnet) and torch.cuda.max_memory_allocated (PyTorch eager).")
+    else:
+        text += ("CPU: perf_counter per step; PyTorch with the same thread count. Peak memory: rise of the RSS "
+                 "high-water mark (VmHWM) over a fresh model's build, one step and one inference pass.")
+    return text
+
+
+def _safe_row(model_name, batch, device, args, tf32) -> dict:
+    try:
+        return bench_train_step(model_name, batch, device, args, tf32)
+    except Exception as e:
+        return {"model": model_name, "batch_size": batch, "hetnet_backend": device, "tf32": tf32,
+                "status": "error", "reason": short_error(e)}
+    finally:
+        gc.collect()
+
+
+def _progress(row: dict) -> None:
+    if row.get("status") == "ok":
+        g = row.get("torch_graph_ms_per_step")
+        print(f"  {row['model']:<12} batch {row['batch_size']:>5} {row['hetnet_backend']:<9}"
+              f"{' TF32' if row.get('tf32') else ''}: hetnet {row['hetnet_ms_per_step']:9.3f} ms, "
+              f"torch eager {row['torch_eager_ms_per_step']:9.3f} ms"
+              + (f", graph {g:8.3f} ms" if g else "") + f"  (x{row['speedup_vs_torch_eager']:.2f} vs eager)",
+              flush=True)
+    else:
+        print(f"  {row['model']:<12} batch {row['batch_size']:>5} {row['hetnet_backend']:<9}: "
+              f"{row['status']}: {row.get('reason')}", flush=True)
