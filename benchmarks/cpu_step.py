@@ -129,6 +129,7 @@ class Pair:
 
 
 def time_row(model_name: str, batch: int, reps: int, warmup: int) -> dict:
+    load_before = os.getloadavg()[0]
     pair = Pair(model_name, batch)
     err = pair.check()
     for _ in range(warmup):
@@ -145,7 +146,8 @@ def time_row(model_name: str, batch: int, reps: int, warmup: int) -> dict:
     h, t = statistics.median(ours) * 1e3, statistics.median(theirs) * 1e3
     return {"model": model_name, "batch": batch, "hetnet_ms": round(h, 3), "torch_ms": round(t, 3),
             "ratio": round(h / t, 3), "hetnet_min_ms": round(min(ours) * 1e3, 3),
-            "torch_min_ms": round(min(theirs) * 1e3, 3), "reps": reps, "check_rel_err": err}
+            "torch_min_ms": round(min(theirs) * 1e3, 3), "min_ratio": round(min(ours) / min(theirs), 3),
+            "reps": reps, "check_rel_err": err, "loadavg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
 
 
 def main() -> None:
@@ -156,7 +158,7 @@ def main() -> None:
         rows.append(time_row(model_name, int(batch), ARGS.reps, ARGS.warmup))
         r = rows[-1]
         print(f"{r['model']:<12} batch {r['batch']:>4}: hetnet {r['hetnet_ms']:8.2f} ms  torch {r['torch_ms']:8.2f} ms"
-              f"  ratio {r['ratio']:.2f}", flush=True)
+              f"  ratio {r['ratio']:.2f}  (min ratio {r['min_ratio']:.2f}, load {r['loadavg_1min']})", flush=True)
     result = {
         "host": socket.gethostname(), "cpu": cpu_model(), "threads": THREADS, "python": platform.python_version(),
         "numpy": np.__version__, "torch": torch.__version__, "blas": blas_info(),

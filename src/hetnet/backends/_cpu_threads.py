@@ -20,6 +20,8 @@ import numpy as np
 
 # Bytes of one chunk's main working set (im2col columns, activations of a few images): well inside a 1-2 MiB L2.
 CHUNK_BYTES = 4 * 1024 * 1024
+# Chains of element-wise ops: the chunk's operands and temporaries should fit in L2.
+ELEMENTWISE_CHUNK_BYTES = 512 * 1024
 # Work smaller than this runs on the calling thread alone (handing it to the pool costs more than it saves).
 PARALLEL_MIN_BYTES = 256 * 1024
 
