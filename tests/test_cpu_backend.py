@@ -1,0 +1,142 @@
+"""cpu-backend internals: its code paths (threaded chunks, per-image vs batched GEMM, the 2x2 max-pool fast path, the
+centred BatchNorm statistics) agree with each other and with the float64 reference. The general cpu-vs-reference
+op tests are in test_ops.py."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hetnet.backends import _cpu_threads as thr
+from hetnet.backends import cpu, reference as ref
+
+from conftest import assert_close
+
+F32 = np.float32
+
+
+@pytest.fixture
+def many_chunks(monkeypatch):
+    """Force tiny chunks on two threads, so every op runs its multi-chunk, multi-thread path."""
+    monkeypatch.setattr(thr, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(thr, "ELEMENTWISE_CHUNK_BYTES", 1)
+    monkeypatch.setattr(thr, "PARALLEL_MIN_BYTES", 0)
+    old = thr.threads()
+    thr.set_threads(2)
+    yield
+    thr.set_threads(old)
+
+
+def _conv_all(x, w, b, stride, pad, dy):
+    y, cache = cpu.conv2d_forward(cpu.asarray(x), cpu.asarray(w), None if b is None else cpu.asarray(b), stride, pad)
+    dw, db = cpu.zeros(w.shape), None if b is None else cpu.zeros(b.shape)
+    dx = cpu.conv2d_backward(cpu.asarray(dy), cache, dw, db)
+    return y, dx, dw, db
+
+
+@pytest.mark.parametrize("case", [(5, 3, 9, 7, 4, 3, 1, 1), (3, 16, 8, 8, 8, 3, 2, 0), (4, 2, 11, 6, 3, 5, 3, 2),
+                                  (6, 9, 6, 6, 5, 1, 1, 0)])
+def test_conv_chunked_threads_match_reference(rng, many_chunks, case):
+    n, c, h, w_, k, r, stride, pad = case
+    x = rng.standard_normal((n, c, h, w_))
+    w = rng.standard_normal((k, c, r, r))
+    b = rng.standard_normal(k)
+    yr, cr = ref.conv2d_forward(x, w, b, stride, pad)
+    dy = rng.standard_normal(yr.shape)
+    dwr, dbr = np.zeros(w.shape), np.zeros(k)
+    dxr = ref.conv2d_backward(dy, cr, dwr, dbr)
+    y, dx, dw, db = _conv_all(x, w, b, stride, pad, dy)
+    for got, want, what in ((y, yr, "y"), (dx, dxr, "dx"), (dw, dwr, "dw"), (db, dbr, "db")):
+        assert_close(got, want, F32, f"conv {case} {what}")
+
+
+@pytest.mark.parametrize("crs_limit", [0, 10**9])
+def test_conv_per_image_and_batched_gemm_agree(rng, monkeypatch, crs_limit):
+    monkeypatch.setattr(cpu, "_PER_IMAGE_GEMM_MAX_CRS", crs_limit)
+    x = rng.standard_normal((3, 4, 7, 6))
+    w = rng.standard_normal((5, 4, 3, 3))
+    b = rng.standard_normal(5)
+    yr, _ = ref.conv2d_forward(x, w, b, 1, 1)
+    y, _ = cpu.conv2d_forward(cpu.asarray(x), cpu.asarray(w), cpu.asarray(b), 1, 1)
+    assert_close(y, yr, F32, f"conv forward, per-image limit {crs_limit}")
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 8, 8), (3, 2, 9, 7), (1, 1, 2, 2), (4, 5, 7, 10)])
+def test_maxpool_2x2_fast_path_ties_and_odd_sizes(rng, many_chunks, shape):
+    # small integers: many ties, including whole windows of equal values (as after a ReLU)
+    x = rng.integers(-1, 2, size=shape).astype(np.float64)
+    yr, cr = ref.maxpool2d_forward(x, 2, 2)
+    dy = rng.standard_normal(yr.shape)
+    dxr = ref.maxpool2d_backward(dy, cr)
+    y, c = cpu.maxpool2d_forward(cpu.asarray(x), 2, 2)
+    dx = cpu.maxpool2d_backward(cpu.asarray(dy), c)
+    np.testing.assert_array_equal(y, yr.astype(F32))
+    assert_close(dx, dxr, F32, "maxpool 2x2 dx")
+    assert np.count_nonzero(dx) == np.count_nonzero(dxr)  # exactly one position per window
+
+
+@pytest.mark.parametrize("offset", [0.0, 100.0])
+@pytest.mark.parametrize("training", [True, False])
+def test_batchnorm_both_statistics_paths(rng, many_chunks, offset, training):
+    # offset 100: mean^2 >> var, so the backend switches to its exact centred sums
+    shape = (6, 5, 4, 3)
+    x = rng.standard_normal(shape) * 0.5 + offset
+    g, b = rng.standard_normal(5), rng.standard_normal(5)
+    rm, rv = rng.standard_normal(5) + offset, rng.random(5) + 0.5
+    rm32, rv32 = cpu.asarray(rm), cpu.asarray(rv)
+    yr, cr = ref.batchnorm_forward(x, g, b, rm, rv, 0.1, 1e-5, training)
+    y, c = cpu.batchnorm_forward(cpu.asarray(x), cpu.asarray(g), cpu.asarray(b), rm32, rv32, 0.1, 1e-5, training)
+    assert_close(y, yr, F32, "bn y")
+    assert_close(rm32, rm, F32, "bn running_mean")
+    assert_close(rv32, rv, F32, "bn running_var")
+    dy = rng.standard_normal(shape)
+    dgr, dbr = np.zeros(5), np.zeros(5)
+    dxr = ref.batchnorm_backward(dy, cr, dgr, dbr)
+    dg, db = cpu.zeros(5), cpu.zeros(5)
+    dx = cpu.batchnorm_backward(cpu.asarray(dy), c, dg, db)
+    assert_close(dx, dxr, F32, "bn dx")
+    assert_close(dg, dgr, F32, "bn dgamma")
+    assert_close(db, dbr, F32, "bn dbeta")
+
+
+def test_threaded_elementwise_and_dense_match(rng, many_chunks):
+    x = rng.standard_normal((7, 3, 5, 4))
+    y, c = cpu.relu_forward(cpu.asarray(x))
+    np.testing.assert_array_equal(y, np.maximum(x, 0).astype(F32))
+    dy = rng.standard_normal(x.shape)
+    np.testing.assert_array_equal(cpu.relu_backward(cpu.asarray(dy), c), (dy * (x > 0)).astype(F32))
+    a, w, bias = rng.standard_normal((9, 6)), rng.standard_normal((4, 6)), rng.standard_normal(4)
+    yr, cr = ref.dense_forward(a, w, bias)
+    yd, cd = cpu.dense_forward(cpu.asarray(a), cpu.asarray(w), cpu.asarray(bias))
+    assert_close(yd, yr, F32, "dense y")
+    g = rng.standard_normal(yr.shape)
+    dwr, dbr = np.zeros(w.shape), np.zeros(4)
+    dxr = ref.dense_backward(g, cr, dwr, dbr)
+    dwc, dbc = cpu.zeros(w.shape), cpu.zeros(4)
+    dxc = cpu.dense_backward(cpu.asarray(g), cd, dwc, dbc)
+    assert_close(dxc, dxr, F32, "dense dx")
+    assert_close(dwc, dwr, F32, "dense dw")
+
+
+def test_results_are_fresh_float32_arrays(rng):
+    """Scratch buffers are reused between calls; nothing returned may alias them or an earlier result."""
+    x = cpu.asarray(rng.standard_normal((4, 3, 8, 8)))
+    w = cpu.asarray(rng.standard_normal((5, 3, 3, 3)))
+    y1, c1 = cpu.conv2d_forward(x, w, None, 1, 1)
+    keep = y1.copy()
+    y2, _ = cpu.conv2d_forward(x * 2, w, None, 1, 1)
+    np.testing.assert_array_equal(y1, keep)
+    for arr in (y1, y2, cpu.maxpool2d_forward(y1, 2, 2)[0], cpu.relu_forward(y1)[0]):
+        assert arr.dtype == F32 and arr.flags.c_contiguous
+    dx1 = cpu.conv2d_backward(y1, c1, cpu.zeros(w.shape), None)
+    keep = dx1.copy()
+    cpu.conv2d_backward(y1 * 3, c1, cpu.zeros(w.shape), None)
+    np.testing.assert_array_equal(dx1, keep)
+
+
+def test_blas_thread_setting_is_restored():
+    if thr._blas_get is None:
+        pytest.skip("NumPy is not linked to a recognised OpenBLAS")
+    before = thr._blas_get()
+    x = cpu.asarray(np.ones((64, 8, 16, 16)))
+    cpu.conv2d_forward(x, cpu.asarray(np.ones((8, 8, 3, 3))), None, 1, 1)
+    assert thr._blas_get() == before
