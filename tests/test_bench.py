@@ -31,8 +31,8 @@ def test_train_step_rows_and_files(tmp_path):
     for k in ("host", "cpu", "threads", "torch", "numpy", "python"):
         assert env.get(k), k
     rows = doc["rows"]
-    assert [(r["model"], r["hetnet_backend"]) for r in rows] == [("thesis-m0", "reference"), ("mlp", "cpu"),
-                                                                  ("thesis-m0", "cpu")]
+    assert [(r["model"], r["hetnet_backend"]) for r in rows] == [("mlp", "cpu"), ("thesis-m0", "cpu"),
+                                                                  ("thesis-m0", "reference")]
     for r in rows:
         assert r["status"] == "ok", r
         assert ROW_KEYS <= set(r), ROW_KEYS - set(r)

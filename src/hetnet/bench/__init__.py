@@ -5,7 +5,7 @@ Three tables, each written to --out as JSON (the record) and markdown (to read),
 - train_step.json / .md / speedup.png: for each model x batch size x hetnet backend, one SGD+momentum training step
   (forward, softmax cross-entropy, backward, update) and one inference pass, against PyTorch on the same device
   (CPU with the same thread count; on a GPU: eager and the whole step captured as a CUDA graph), float32 with TF32 off
-  on both sides (plus one TF32 row with --tf32-row). Before timing, the logits, the loss, every parameter gradient
+  on both sides (plus one TF32 row on the GPU). Before timing, the logits, the loss, every parameter gradient
   and the update made by the timed step must agree with PyTorch's within the float32 tolerance; a row that does not
   is refused (kept in the JSON with its reason, never timed).
 - layers.json / .md (--layers): thesis-m4's layers at batch 32, hetnet's kernels vs PyTorch's (cuDNN/cuBLAS on a
@@ -15,7 +15,7 @@ Three tables, each written to --out as JSON (the record) and markdown (to read),
 
     hetnet bench --quick                                  # a minute on a laptop: 3 models, batch 32 and 128
     hetnet bench --devices cpu,reference --out benchmarks/results/$(hostname)
-    hetnet bench --devices cuda --all --out DIR           # on a GPU machine: everything, about 6 minutes
+    hetnet bench --devices cuda --out DIR                 # on a GPU machine: all three tables, about 6 minutes
 
 Timing: median over repetitions after warm-up; sides alternate within each repetition so that drift in a shared
 machine's load falls on both. CPU: time.perf_counter per step. GPU: CUDA events around blocks of steps (block >= 10
@@ -69,15 +69,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="about how long each side of a row is timed (default 4 on CPU, 1 on GPU; quick 1)")
     p.add_argument("--quick", action="store_true",
                    help=f"models {','.join(QUICK_MODELS)}, batches 32,128, few repetitions")
-    p.add_argument("--layers", action="store_true", help="also the per-layer table (layers.json / .md)")
+    p.add_argument("--layers", action="store_true", default=None,
+                   help="also the per-layer table (layers.json / .md); on by default when cuda is among --devices")
     p.add_argument("--layer-batch", type=int, default=32, help=argparse.SUPPRESS)
-    p.add_argument("--thesis-epochs", action="store_true", help="also the thesis's epoch timings (thesis_epochs.*)")
+    p.add_argument("--thesis-epochs", action="store_true", default=None,
+                   help="also the thesis's epoch timings (thesis_epochs.*); on by default when cuda is among --devices")
     p.add_argument("--thesis-models", default=",".join(m for m, _ in THESIS_EPOCHS), help=argparse.SUPPRESS)
     p.add_argument("--cifar-tar", default=None, help=f"path of {CIFAR_TAR} for --thesis-epochs")
     p.add_argument("--reference-epoch-steps", type=int, default=8, help=argparse.SUPPRESS)
-    p.add_argument("--tf32-row", action="store_true", help=f"also one TF32 row on the GPU ({TF32_ROW[0]}, batch "
-                                                           f"{TF32_ROW[1]})")
+    p.add_argument("--tf32-row", action="store_true", default=None,
+                   help=f"also one TF32 row on the GPU ({TF32_ROW[0]}, batch {TF32_ROW[1]}); on by default with cuda")
     p.add_argument("--all", action="store_true", help="--layers --thesis-epochs --tf32-row")
+    p.add_argument("--no-extras", action="store_true",
+                   help="the train-step table only, also on a GPU (the GPU's default adds the three tables above)")
     p.add_argument("--no-train-step", action="store_true", help="skip the train-step table")
     p.add_argument("--reference-rows", default=",".join(REFERENCE_ROWS),
                    help="MODEL:BATCH pairs at which the slow float64 reference backend is timed")
@@ -103,8 +107,6 @@ def _positive_ints(text: str, flag: str) -> list[int]:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
-    if args.all:
-        args.layers = args.thesis_epochs = args.tf32_row = True
     args.models = (parse_list(args.models, "--models") if args.models
                    else list(QUICK_MODELS if args.quick else MODELS))
     for m in args.models:
@@ -121,8 +123,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             except DeviceError as e:
                 raise UsageError(f"--devices: {e}") from None
     else:
-        args.devices = ["reference", "cpu"] + (["cuda"] if cuda_available() else [])
+        args.devices = (["cuda"] if cuda_available() else []) + ["cpu", "reference"]
+    # GPU rows first, so that a time budget spent on slow CPU rows never costs the GPU's
+    args.devices.sort(key=lambda d: {"cuda": 0, "cpu": 1, "reference": 2}[parse_device(d)[0]])
     gpu = any(d.startswith("cuda") for d in args.devices)
+    # GPU time is the scarce kind: a plain `hetnet bench --devices cuda` measures everything in one go
+    for extra in ("layers", "thesis_epochs", "tf32_row"):
+        if args.all:
+            setattr(args, extra, True)
+        elif getattr(args, extra) is None:
+            setattr(args, extra, gpu and not args.quick and not args.no_extras)
     if args.repeats is None:
         args.repeats = 8 if args.quick else 30
     if args.repeats < 1:
@@ -151,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.threads:
             _cpu_threads.set_threads(threads)
+            if getattr(_cpu_threads, "_blas_set", None) is not None:
+                _cpu_threads._blas_set(threads)  # OpenBLAS's own count, for GEMMs outside hetnet's pool
         hetnet_threads = _cpu_threads.threads()
     except (ImportError, AttributeError):
         pass
@@ -169,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_train_step:
         print("train step:", flush=True)
         run_train_step(args, args.devices, env, out, deadline)
-    if args.layers:
+    if args.layers and time.monotonic() <= deadline:
         print(f"layers (thesis-m4, batch {args.layer_batch}):", flush=True)
         run_layers(args, args.devices, env, out)
     if args.thesis_epochs:

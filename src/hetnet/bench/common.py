@@ -278,22 +278,27 @@ class Clock:
 
 
 def plan(seconds_per_call: float, gpu: bool, repeats: int, side_seconds: float) -> tuple[int, int]:
-    """(repetitions, calls per repetition): GPU blocks last >= 10 ms; total time per side about side_seconds, never
-    fewer than min(3, repeats) repetitions nor more than `repeats`."""
+    """(repetitions, calls per repetition): blocks last >= 10 ms on a GPU, >= 50 ms on a CPU (so a hand-over between
+    two libraries' thread pools falls on few calls); total time per side about side_seconds, never fewer than
+    min(3, repeats) repetitions nor more than `repeats`."""
     t = max(seconds_per_call, 1e-6)
-    inner = min(50, max(1, math.ceil(0.01 / t))) if gpu else 1
+    inner = min(50, max(1, math.ceil(0.01 / t))) if gpu else min(20, max(1, math.ceil(0.05 / t)))
     reps = max(min(3, repeats), min(repeats, int(side_seconds / (t * inner))))
     return reps, inner
 
 
-def time_sides(sides: dict[str, tuple[Callable, Clock]], reps: int, inner: int) -> dict[str, float]:
+def time_sides(sides: dict[str, tuple[Callable, Clock]], reps: int, inner: int, settle: bool = False
+               ) -> dict[str, float]:
     """Median seconds per call for each side; within a repetition the sides take turns, each time starting one
-    later."""
+    later. settle: one untimed call before each timed block (CPU: the other side's BLAS/OpenMP threads may still be
+    spinning or asleep when a side takes over, and the first call pays for it)."""
     names = list(sides)
     samples: dict[str, list[float]] = {n: [] for n in names}
     for r in range(reps):
         for n in names[r % len(names):] + names[:r % len(names)]:
             fn, clock = sides[n]
+            if settle:
+                fn()
             samples[n].append(clock(fn, inner))
     return {n: statistics.median(v) for n, v in samples.items()}
 

@@ -91,6 +91,9 @@ def bench_train_step(model_name: str, batch: int, device: str, args, tf32: bool 
     if gpu:
         torch_flags(tf32)
         row["hetnet_tf32"] = hetnet_tf32(backend, tf32)
+        row["torch_tf32"] = {"matmul": bool(torch.backends.cuda.matmul.allow_tf32),
+                             "cudnn": bool(torch.backends.cudnn.allow_tf32),
+                             "cudnn_benchmark": bool(torch.backends.cudnn.benchmark)}
     tol = RTOL_TF32 if (gpu or tf32) else RTOL_F32
     row["check_tolerance"] = tol
 
@@ -192,7 +195,7 @@ def bench_train_step(model_name: str, batch: int, device: str, args, tf32: bool 
             fn()
         est = max(est, clock(fn, 1))
     reps, inner = plan(est, gpu, args.repeats, args.side_seconds)
-    med = time_sides(sides, reps, inner)
+    med = time_sides(sides, reps, inner, settle=not gpu and est < 0.25)
     row["repeats"], row["steps_per_repeat"] = reps, inner
     if hclock.fallbacks or iclock.fallbacks:
         row["hetnet_timer"] = "wall clock (CuPy events were not on the backend's stream)"
@@ -204,7 +207,7 @@ def bench_train_step(model_name: str, batch: int, device: str, args, tf32: bool 
         isides = {"hetnet": (hetnet_infer, iclock), "torch": (torch_infer, tclock)}
         iest = max(clock(fn, 1) for fn, clock in isides.values())
         ireps, iinner = plan(iest, gpu, args.repeats, args.side_seconds / 2)
-        imed = time_sides(isides, ireps, iinner)
+        imed = time_sides(isides, ireps, iinner, settle=not gpu and iest < 0.25)
     finally:
         hmodel.train()
         tmodel.train()
@@ -287,8 +290,8 @@ def train_step_markdown(doc: dict) -> str:
                      f"{fmt(r['torch_eager_ms_per_step'])} | {fmt(r.get('torch_graph_ms_per_step'))} | "
                      f"{fmt(r['speedup_vs_torch_eager'])}x | "
                      f"{fmt(r.get('speedup_vs_torch_graph')) + 'x' if r.get('speedup_vs_torch_graph') else '—'} | "
-                     f"{fmt(r['hetnet_img_per_s'])} | {fmt(r['hetnet_infer_img_per_s'])} | "
-                     f"{fmt(r['torch_infer_img_per_s'])} | {fmt(r.get('hetnet_peak_mib'), 1)} | "
+                     f"{fmt(r['hetnet_img_per_s'], 0)} | {fmt(r['hetnet_infer_img_per_s'], 0)} | "
+                     f"{fmt(r['torch_infer_img_per_s'], 0)} | {fmt(r.get('hetnet_peak_mib'), 1)} | "
                      f"{fmt(r.get('torch_peak_mib'), 1)} | {r['check_max_rel_err']:.1e} |")
     if bad:
         lines += ["", "Rows not timed:", ""]
@@ -369,6 +372,13 @@ def run_train_step(args, devices: list[str], env: dict, out: Path, deadline: flo
     doc = {"environment": env, "method": method_text(gpu), "tolerances": {"float32": RTOL_F32, "tf32": RTOL_TF32},
            "optimizer": f"SGD lr={LR} momentum={MOMENTUM}", "errors": errors, "rows": rows}
     doc["load_average_at_end"] = load_average()
+    for device in devices:  # the cuda backend's convolution-algorithm measurements, when it keeps them
+        try:
+            log = getattr(get_backend(device), "tune_log", None) if device.startswith("cuda") else None
+            if log:
+                doc.setdefault("tune_log", {})[device] = json.loads(json.dumps(list(log)[:300], default=str))
+        except Exception as e:
+            errors.append(f"tune_log of {device}: {short_error(e)}")
     (out / "train_step.json").write_text(json.dumps(doc, indent=1) + "\n")
     (out / "train_step.md").write_text(train_step_markdown(doc))
     try:
