@@ -89,7 +89,7 @@ def test_dense_need_dx_false(bk, rng):
 # --- conv2d ------------------------------------------------------------------------------------------------------
 
 CONV_CASES = [  # (N, C, H, W, K, kernel, stride, padding, bias)
-    (1, 1, 5, 5, 1, 1, 1, 0, True),
+    (1, 2, 5, 5, 3, 1, 1, 0, True),      # 1x1 kernel (dw of a single channel pair would be one cancelling sum)
     (1, 3, 7, 5, 4, 3, 1, 1, True),      # batch 1, non-square
     (2, 2, 9, 6, 3, 3, 2, 0, True),      # stride 2, padding 0
     (2, 3, 8, 11, 2, 5, 1, 2, True),     # kernel 5, padding 2
@@ -200,7 +200,7 @@ def test_activation_saturates_finitely(bk, op):
     assert y[0, 0] == pytest.approx(lo) and y[0, -1] == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("shape,scale", [((1, 1), 1.0), ((4, 10), 3.0), ((3, 7), 10.0)])
+@pytest.mark.parametrize("shape,scale", [((1, 1), 1.0), ((4, 10), 3.0), ((3, 7), 3.0)])  # larger: see below
 def test_softmax(bk, rng, shape, scale):
     got, _ = compare(bk, "softmax_forward", [f32(rng, *shape, scale=scale)], "softmax_backward",
                      rng.integers(1 << 30))
@@ -318,11 +318,9 @@ def test_softmax_cross_entropy(bk, rng, n, k, ls, scale):
     assert isinstance(loss, float) and np.isfinite(loss)
     # a confident right answer has a loss below float32 resolution: compare relative to max(loss, 1)
     assert abs(loss - rloss) <= RTOL[np.dtype(bk.dtype)] * max(1.0, abs(rloss)), f"loss {loss} vs {rloss}"
-    if scale == 1.0:
-        assert_close(bk.to_numpy(dz), rdz, bk.dtype, "dlogits")
-    else:
-        # near one-hot softmax: 1 - softmax_label is below float32 resolution, so compare in units of 1/N
-        assert np.abs(bk.to_numpy(dz) - rdz).max() <= RTOL[np.dtype(bk.dtype)] / n, "dlogits"
+    # dlogits = (softmax - t) / N is a difference of numbers in [0, 1] that may cancel (a near one-hot softmax, or
+    # softmax close to a smoothed t), so compare in units of its natural scale 1/N, not relative to its norm
+    assert np.abs(bk.to_numpy(dz) - rdz).max() <= RTOL[np.dtype(bk.dtype)] / n, "dlogits"
     # reference by its definition: t = (1-ls) onehot + ls/K; loss = mean -sum t log softmax; dz = (softmax - t)/N
     t = np.full((n, k), ls / k)
     t[np.arange(n), lab] += 1 - ls
@@ -349,13 +347,9 @@ def test_binary_cross_entropy_with_logits(bk, rng, shape, scale):
     (loss, dz), (rloss, rdz) = _loss_both(bk, "binary_cross_entropy_with_logits", [z, t])
     assert isinstance(loss, float) and np.isfinite(loss) and np.all(np.isfinite(bk.to_numpy(dz)))
     assert_close(np.array(loss), np.array(rloss), bk.dtype, "loss")
-    if scale == 1.0:
-        assert_close(bk.to_numpy(dz), rdz, bk.dtype, "dlogits")
-    else:
-        # saturated sigmoids: sigmoid(z) - t is below float32 resolution for some elements, so compare in units of
-        # the gradient's natural scale 1/size instead of relative to a norm that may itself be ~1e-14
-        unit = 1.0 / z.size
-        assert np.abs(bk.to_numpy(dz) - rdz).max() <= RTOL[np.dtype(bk.dtype)] * unit, "dlogits"
+    # sigmoid(z) - t may cancel (saturated sigmoids, or sigmoid close to t), so compare in units of the gradient's
+    # natural scale 1/size instead of relative to a norm that may itself be ~1e-14
+    assert np.abs(bk.to_numpy(dz) - rdz).max() <= RTOL[np.dtype(bk.dtype)] / z.size, "dlogits"
 
 
 def test_binary_cross_entropy_large_logits_exact(bk):
