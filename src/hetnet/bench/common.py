@@ -403,6 +403,13 @@ def parse_list(text: str, flag: str) -> list[str]:
     return items
 
 
+def fmt_ms(v) -> str:
+    """Milliseconds to 3 significant figures or so."""
+    if v is None:
+        return "—"
+    return f"{v:.3f}" if v < 1 else f"{v:.2f}" if v < 100 else f"{v:,.0f}"
+
+
 def fmt(v, digits: int = 2) -> str:
     if v is None:
         return "—"

@@ -13,6 +13,7 @@ from .common import (
     RTOL_F32,
     RTOL_TF32,
     Clock,
+    fmt_ms,
     load_average,
     md_header,
     plan,
@@ -252,7 +253,7 @@ def layers_markdown(doc: dict) -> str:
             unit = "GFLOP/s" if "hetnet_gflops" in r else "GB/s"
             hv = r.get("hetnet_gflops", r.get("hetnet_gbps"))
             tv = r.get("torch_gflops", r.get("torch_gbps"))
-            lines.append(f"| {r['layer']} | {shape} | {r['op']} | {r['hetnet_ms']:.3f} | {r['torch_ms']:.3f} | "
+            lines.append(f"| {r['layer']} | {shape} | {r['op']} | {fmt_ms(r['hetnet_ms'])} | {fmt_ms(r['torch_ms'])} | "
                          f"{r['hetnet_vs_torch']:.2f}x | {hv} {unit} | {tv} {unit} |")
         lines.append("")
     for e in doc.get("errors", []):
