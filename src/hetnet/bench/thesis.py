@@ -3,6 +3,7 @@ CIFAR-10 images, hetnet's backends and PyTorch, beside the thesis's own figures 
 from __future__ import annotations
 
 import copy
+import functools
 import gc
 import json
 import math
@@ -46,15 +47,11 @@ def find_cifar_tar(explicit: str | None) -> Path | None:
     return None
 
 
-def cifar_subset(tar_path: Path, n: int, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """The first n/10 images of each class in the archive's order (train/<class>/<image>.jpg), resized to size
-    (bilinear), as uint8 NHWC and int labels."""
-    import io
+@functools.lru_cache(maxsize=2)
+def _cifar_bytes(tar_path: Path, per_class: int) -> dict[str, tuple[bytes, ...]]:
+    """The encoded bytes of the first per_class images of each class, in the archive's order (one pass)."""
     import tarfile
 
-    from PIL import Image
-
-    per_class = math.ceil(n / 10)
     found: dict[str, list[bytes]] = {}
     with tarfile.open(tar_path, "r:*") as tf:
         for m in tf:
@@ -63,12 +60,23 @@ def cifar_subset(tar_path: Path, n: int, size: tuple[int, int]) -> tuple[np.ndar
             parts = m.name.split("/")
             if len(parts) < 2:
                 continue
-            cls = parts[-2]
-            lst = found.setdefault(cls, [])
+            lst = found.setdefault(parts[-2], [])
             if len(lst) < per_class:
                 lst.append(tf.extractfile(m).read())
             if len(found) >= 10 and all(len(v) >= per_class for v in found.values()):
                 break
+    return {k: tuple(v) for k, v in found.items()}
+
+
+def cifar_subset(tar_path: Path, n: int, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """n images, the first n/10 of each class in the archive's order (ROOT/<class>/<image>.jpg), interleaved by
+    class and resized to size (bilinear), as uint8 NHWC, with int labels and the class names."""
+    import io
+
+    from PIL import Image
+
+    per_class = math.ceil(n / 10)
+    found = _cifar_bytes(Path(tar_path), max(per_class, 250))  # one read serves every model
     classes = sorted(found)
     imgs, labels = [], []
     for i in range(per_class):
