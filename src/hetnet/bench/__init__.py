@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None,
                    help="folder for the results (default: benchmarks/results/<GPU card or host name>)")
     p.add_argument("--repeats", type=int, default=None, help="most timed repetitions per side (default 30; quick 8)")
+    p.add_argument("--block-ms", type=float, default=None, help=argparse.SUPPRESS)
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per side before timing (default 3)")
     p.add_argument("--side-seconds", type=float, default=None,
                    help="about how long each side of a row is timed (default 4 on CPU, 1 on GPU; quick 1)")

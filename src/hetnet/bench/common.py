@@ -277,12 +277,14 @@ class Clock:
         return _wall(fn, inner, self.sync)
 
 
-def plan(seconds_per_call: float, gpu: bool, repeats: int, side_seconds: float) -> tuple[int, int]:
-    """(repetitions, calls per repetition): blocks last >= 10 ms on a GPU, >= 50 ms on a CPU (so a hand-over between
-    two libraries' thread pools falls on few calls); total time per side about side_seconds, never fewer than
-    min(3, repeats) repetitions nor more than `repeats`."""
+def plan(seconds_per_call: float, gpu: bool, repeats: int, side_seconds: float, block_ms: float | None = None
+         ) -> tuple[int, int]:
+    """(repetitions, calls per repetition): blocks last >= block_ms (default 10 ms on a GPU; 50 ms on a CPU, so a
+    hand-over between two libraries' thread pools falls on few calls); total time per side about side_seconds, never
+    fewer than min(3, repeats) repetitions nor more than `repeats`."""
     t = max(seconds_per_call, 1e-6)
-    inner = min(50, max(1, math.ceil(0.01 / t))) if gpu else min(20, max(1, math.ceil(0.05 / t)))
+    block = (block_ms if block_ms is not None else 10.0 if gpu else 50.0) / 1e3
+    inner = min(50 if gpu else 20, max(1, math.ceil(block / t)))
     reps = max(min(3, repeats), min(repeats, int(side_seconds / (t * inner))))
     return reps, inner
 

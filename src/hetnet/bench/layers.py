@@ -215,7 +215,7 @@ def bench_layers(device: str, args) -> dict:
                 for _ in range(2):
                     hfn(), tfn()
                 est = max(hclock(hfn, 1), tclock(tfn, 1))
-                reps, inner = plan(est, gpu, args.repeats, args.side_seconds / 2)
+                reps, inner = plan(est, gpu, args.repeats, args.side_seconds / 2, args.block_ms)
                 med = time_sides({"hetnet": (hfn, hclock), "torch": (tfn, tclock)}, reps, inner, settle=not gpu)
                 r.update(status="ok", hetnet_ms=round(med["hetnet"] * 1e3, 4), torch_ms=round(med["torch"] * 1e3, 4),
                          hetnet_vs_torch=round(med["torch"] / med["hetnet"], 3), repeats=reps)

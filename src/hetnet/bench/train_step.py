@@ -195,7 +195,7 @@ def bench_train_step(model_name: str, batch: int, device: str, args, tf32: bool 
         for _ in range(max(0, args.warmup - 1)):
             fn()
         est = max(est, clock(fn, 1))
-    reps, inner = plan(est, gpu, args.repeats, args.side_seconds)
+    reps, inner = plan(est, gpu, args.repeats, args.side_seconds, args.block_ms)
     med = time_sides(sides, reps, inner, settle=not gpu and est < 0.25)
     row["repeats"], row["steps_per_repeat"] = reps, inner
     if hclock.fallbacks or iclock.fallbacks:
@@ -207,7 +207,7 @@ def bench_train_step(model_name: str, batch: int, device: str, args, tf32: bool 
     try:
         isides = {"hetnet": (hetnet_infer, iclock), "torch": (torch_infer, tclock)}
         iest = max(clock(fn, 1) for fn, clock in isides.values())
-        ireps, iinner = plan(iest, gpu, args.repeats, args.side_seconds / 2)
+        ireps, iinner = plan(iest, gpu, args.repeats, args.side_seconds / 2, args.block_ms)
         imed = time_sides(isides, ireps, iinner, settle=not gpu and iest < 0.25)
     finally:
         hmodel.train()
