@@ -31,6 +31,8 @@ def _parse_args(argv=None):
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps per side before timing")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/cpu/<hostname>.json)")
     ap.add_argument("--no-save", action="store_true", help="print only")
+    ap.add_argument("--quiet-wait", type=float, default=120.0,
+                    help="seconds to wait, before each row, for the other processes to leave the CPUs idle")
     return ap.parse_args(argv)
 
 
@@ -128,9 +130,35 @@ class Pair:
         return worst
 
 
+def _cpu_busy(interval: float = 0.5) -> float:
+    """Fraction of all CPUs busy (any process) over `interval` seconds, from /proc/stat; 0 where unavailable."""
+    def snap():
+        with open("/proc/stat") as f:
+            v = [int(t) for t in f.readline().split()[1:]]
+        return sum(v), v[3] + v[4]   # total, idle + iowait
+    try:
+        t0, i0 = snap()
+        time.sleep(interval)
+        t1, i1 = snap()
+    except OSError:
+        return 0.0
+    return 1.0 - (i1 - i0) / max(1, t1 - t0)
+
+
+def wait_quiet(limit_s: float, threshold: float = 0.1) -> float:
+    """Wait (up to limit_s) until other processes use under `threshold` of the CPUs; returns the last reading."""
+    deadline = time.monotonic() + limit_s
+    busy = _cpu_busy()
+    while busy > threshold and time.monotonic() < deadline:
+        time.sleep(1.0)
+        busy = _cpu_busy()
+    return busy
+
+
 def time_row(model_name: str, batch: int, reps: int, warmup: int) -> dict:
-    load_before = os.getloadavg()[0]
     pair = Pair(model_name, batch)
+    busy_before = wait_quiet(ARGS.quiet_wait)
+    load_before = os.getloadavg()[0]
     err = pair.check()
     for _ in range(warmup):
         pair.step()
@@ -144,9 +172,12 @@ def time_row(model_name: str, batch: int, reps: int, warmup: int) -> dict:
             dt = time.perf_counter() - t0
             (ours if fn == pair.step else theirs).append(dt)
     h, t = statistics.median(ours) * 1e3, statistics.median(theirs) * 1e3
+    # each repetition's hetnet and torch steps ran back to back, under the same load: the median of their ratios
+    pair_ratio = statistics.median(a / b for a, b in zip(ours, theirs))
     return {"model": model_name, "batch": batch, "hetnet_ms": round(h, 3), "torch_ms": round(t, 3),
             "ratio": round(h / t, 3), "hetnet_min_ms": round(min(ours) * 1e3, 3),
             "torch_min_ms": round(min(theirs) * 1e3, 3), "min_ratio": round(min(ours) / min(theirs), 3),
+            "pair_median_ratio": round(pair_ratio, 3), "cpu_busy_before": round(busy_before, 3),
             "reps": reps, "check_rel_err": err, "loadavg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
 
 
@@ -158,7 +189,8 @@ def main() -> None:
         rows.append(time_row(model_name, int(batch), ARGS.reps, ARGS.warmup))
         r = rows[-1]
         print(f"{r['model']:<12} batch {r['batch']:>4}: hetnet {r['hetnet_ms']:8.2f} ms  torch {r['torch_ms']:8.2f} ms"
-              f"  ratio {r['ratio']:.2f}  (min ratio {r['min_ratio']:.2f}, load {r['loadavg_1min']})", flush=True)
+              f"  ratio {r['ratio']:.2f}  (pairs {r['pair_median_ratio']:.2f}, min {r['min_ratio']:.2f}, "
+              f"busy before {r['cpu_busy_before']:.0%}, load {r['loadavg_1min']})", flush=True)
     result = {
         "host": socket.gethostname(), "cpu": cpu_model(), "threads": THREADS, "python": platform.python_version(),
         "numpy": np.__version__, "torch": torch.__version__, "blas": blas_info(),

@@ -50,14 +50,20 @@ def test_conv_chunked_threads_match_reference(rng, many_chunks, case):
 
 
 @pytest.mark.parametrize("crs_limit", [0, 10**9])
-def test_conv_per_image_and_batched_gemm_agree(rng, monkeypatch, crs_limit):
+@pytest.mark.parametrize("stride, pad", [(1, 1), (2, 0)])
+def test_conv_backward_per_image_and_batched_gemm_agree(rng, monkeypatch, crs_limit, stride, pad):
+    """Backward has two GEMM layouts: per-image GEMMs (short columns) and one GEMM over the chunk."""
     monkeypatch.setattr(cpu, "_PER_IMAGE_GEMM_MAX_CRS", crs_limit)
     x = rng.standard_normal((3, 4, 7, 6))
     w = rng.standard_normal((5, 4, 3, 3))
     b = rng.standard_normal(5)
-    yr, _ = ref.conv2d_forward(x, w, b, 1, 1)
-    y, _ = cpu.conv2d_forward(cpu.asarray(x), cpu.asarray(w), cpu.asarray(b), 1, 1)
-    assert_close(y, yr, F32, f"conv forward, per-image limit {crs_limit}")
+    yr, cr = ref.conv2d_forward(x, w, b, stride, pad)
+    dy = rng.standard_normal(yr.shape)
+    dwr, dbr = np.zeros(w.shape), np.zeros(5)
+    dxr = ref.conv2d_backward(dy, cr, dwr, dbr)
+    y, dx, dw, db = _conv_all(x, w, b, stride, pad, dy)
+    for got, want, what in ((y, yr, "y"), (dx, dxr, "dx"), (dw, dwr, "dw"), (db, dbr, "db")):
+        assert_close(got, want, F32, f"conv {what}, per-image limit {crs_limit}")
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 8, 8), (3, 2, 9, 7), (1, 1, 2, 2), (4, 5, 7, 10)])

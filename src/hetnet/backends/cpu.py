@@ -25,8 +25,8 @@ dtype = np.dtype(np.float32)
 xp = np
 
 _F = np.float32
-_GEMM_SPLIT = 1 << 40
-_PER_IMAGE_GEMM_MAX_CRS = 64  # conv forward: per-image GEMMs when C*R*S is at most this   # dense GEMMs: no cache chunking, just one share per thread
+_GEMM_SPLIT = 1 << 40          # dense GEMMs: no cache chunking, just one share per thread
+_PER_IMAGE_GEMM_MAX_CRS = 64   # conv backward: per-image GEMMs (no transposed copy of dy) when C*R*S <= this
 
 
 # --- conversions and allocation -------------------------------------------------------------------------------------
@@ -167,30 +167,21 @@ def conv2d_forward(x, w, b, stride, padding):
     g = _ConvGeom(x.shape, w.shape, stride, padding)
     k, pq = g.k, g.p * g.q
     w2 = np.ascontiguousarray(w, dtype=_F).reshape(k, -1)
-    bias = None if b is None else _per_channel(b, k, g.p * g.q)
-    y = np.empty((n, k, g.p, g.q), dtype=_F)
-
     crs = w2.shape[1]
+    y = np.empty((n, k, g.p, g.q), dtype=_F)
+    bias = None if b is None else _per_channel(b, k, pq)
 
     def body(b0, b1, _):
         nb = b1 - b0
         cols = _im2col(x, b0, b1, g)
         dst = y[b0:b1].reshape(nb, k, pq)
-        if crs <= _PER_IMAGE_GEMM_MAX_CRS:
-            # short columns: one GEMM per image straight into NCHW beats one big GEMM plus a transposing copy
-            np.matmul(w2, cols.reshape(crs, nb, pq).transpose(1, 0, 2), out=dst)
-            if bias is not None:
-                dst += bias
-            return
-        yt = _thr.scratch("conv_yt", (k, nb * pq))
-        np.matmul(w2, cols, out=yt)
-        src = yt.reshape(k, nb, pq).transpose(1, 0, 2)        # (B, K, PQ) view of the GEMM result
-        if bias is None:
-            np.copyto(dst, src)
-        else:
-            np.add(src, bias, out=dst)
+        # one GEMM per image, y[b] = w2 @ cols[:, b], straight into NCHW (measured faster than one GEMM over the
+        # chunk followed by a transposing copy)
+        np.matmul(w2, cols.reshape(crs, nb, pq).transpose(1, 0, 2), out=dst)
+        if bias is not None:
+            dst += bias
 
-    _thr.parallel(n, _thr.chunk_size(n, 4 * (w2.shape[1] + k) * pq), body)
+    _thr.parallel(n, _thr.chunk_size(n, 4 * (crs + k) * pq), body)
     return y, (x, w2, g)
 
 
@@ -201,6 +192,8 @@ def conv2d_backward(dy, cache, dw, db, need_dx=True):
     k, crs, pq = g.k, w2.shape[1], g.p * g.q
     dx = np.empty(x.shape, dtype=_F) if need_dx else None
     w2t = w2.T
+    per_image = crs <= _PER_IMAGE_GEMM_MAX_CRS
+    ones = np.ones(pq, dtype=_F)
 
     def make_acc():
         return [np.zeros((k, crs), dtype=_F), np.zeros(k, dtype=_F) if db is not None else None]
@@ -208,28 +201,48 @@ def conv2d_backward(dy, cache, dw, db, need_dx=True):
     def body(b0, b1, acc):
         nb = b1 - b0
         cols = _im2col(x, b0, b1, g)
+        dyb = dy[b0:b1].reshape(nb, k, pq)
+        if acc[1] is not None:
+            acc[1] += (dyb.reshape(-1, pq) @ ones).reshape(nb, k).sum(axis=0)   # term 2: dE/db = sum of dy
+        if per_image:
+            # short columns: per-image GEMMs on dy as it is, no transposed copy of dy
+            part = np.matmul(dyb, cols.reshape(crs, nb, pq).transpose(1, 2, 0))  # term 1: dE/dw = sum_b dy_b cols_b^T
+            acc[0] += part.sum(axis=0)
+            if dx is None:
+                return
+            dcols = _thr.scratch(("conv_dcols_img",) + g.key(), (nb, crs, pq))
+            np.matmul(w2t, dyb, out=dcols)                   # term 3: dE/dcols = w^T dy, then col2im
+            _col2im(dcols.reshape(nb, g.c, g.r, g.s, g.p, g.q), dx[b0:b1], g, image_major=True)
+            return
         dyt = _thr.scratch("conv_dyt", (k, nb * pq))
-        np.copyto(dyt.reshape(k, nb, pq), dy[b0:b1].reshape(nb, k, pq).transpose(1, 0, 2))
+        np.copyto(dyt.reshape(k, nb, pq), dyb.transpose(1, 0, 2))
         part = _thr.scratch("conv_dw", (crs, k))
         np.matmul(cols, dyt.T, out=part)                     # term 1: dE/dw = (cols dy^T)^T (BLAS likes this way)
         acc[0] += part.T
-        if acc[1] is not None:
-            acc[1] += dyt.sum(axis=1)                        # term 2: dE/db = sum of dy over n, p, q
-        if dx is not None:
-            dcols = _thr.scratch(("conv_dcols",) + g.key(), (crs, nb * pq))
-            np.matmul(w2t, dyt, out=dcols)                   # term 3: dE/dcols = w^T dy, then col2im
-            d6 = dcols.reshape(g.c, g.r, g.s, nb, g.p, g.q)
-            dxb = dx[b0:b1]
-            dxb.fill(0)
-            for i, j, plo, phi, qlo, qhi, hsl, wsl in g.taps:
-                dst = dxb[:, :, hsl, wsl]
-                np.add(dst, d6[:, i, j, :, plo:phi, qlo:qhi].transpose(1, 0, 2, 3), out=dst)
+        if dx is None:
+            return
+        dcols = _thr.scratch(("conv_dcols",) + g.key(), (crs, nb * pq))
+        np.matmul(w2t, dyt, out=dcols)                       # term 3: dE/dcols = w^T dy, then col2im
+        _col2im(dcols.reshape(g.c, g.r, g.s, nb, g.p, g.q), dx[b0:b1], g, image_major=False)
 
     accs = _thr.parallel(n, _thr.chunk_size(n, 4 * (2 * crs + k) * pq), body, make_acc)
     dw += sum(a[0] for a in accs).reshape(dw.shape)
     if db is not None:
         db += sum(a[1] for a in accs)
     return dx
+
+
+def _col2im(d6, dxb, g: _ConvGeom, image_major: bool) -> None:
+    """dxb[B, C, H, W] = sum over kernel taps of the column gradients d6, laid out (B, C, R, S, P, Q) when
+    image_major else (C, R, S, B, P, Q)."""
+    dxb.fill(0)
+    for i, j, plo, phi, qlo, qhi, hsl, wsl in g.taps:
+        dst = dxb[:, :, hsl, wsl]
+        if image_major:
+            src = d6[:, :, i, j, plo:phi, qlo:qhi]
+        else:
+            src = d6[:, i, j, :, plo:phi, qlo:qhi].transpose(1, 0, 2, 3)
+        np.add(dst, src, out=dst)
 
 
 # --- pooling --------------------------------------------------------------------------------------------------------
