@@ -1,0 +1,483 @@
+"""The cuda backend: hetnet's own CUDA kernels (the .cu files beside this module), CuPy arrays, cuBLAS for GEMMs.
+
+`hetnet.device.get_backend("cuda:N")` creates one `CudaBackend(N)` per device. It implements every op of the
+interface in `hetnet.backends` (float32, NCHW) and adds the fast training path `make_train_step` (the whole step
+captured once as a CUDA graph and replayed; see step.py).
+
+    >>> import hetnet as hn                                        # doctest: +SKIP
+    >>> model = hn.zoo.build("thesis-m1").to("cuda")               # doctest: +SKIP
+
+Environment: HETNET_CUDA_GRAPH=0 runs the fast step without graph capture; HETNET_TF32=1 lets cuBLAS GEMMs use TF32
+(our own kernels stay float32); HETNET_CONV_ALGO=implicit|im2col forces a convolution algorithm instead of measuring.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+
+from ...errors import DeviceError
+from . import conv as _conv
+from .kernels import NULL, check, device_props, get_kernel, grid_for
+
+_i32, _i64, _f32 = np.int32, np.int64, np.float32
+
+
+def describe() -> dict:
+    """GPU name, memory and CuPy/CUDA versions for `hetnet info`; never raises (says why CUDA is unusable)."""
+    info: dict = {"available": False}
+    try:
+        import cupy
+    except ImportError as e:  # also a CuPy whose CUDA libraries are missing
+        info["reason"] = f"CuPy is not installed ({type(e).__name__}: {e})".splitlines()[0]
+        return info
+    info["cupy"] = cupy.__version__
+    try:
+        info["cuda_runtime"] = _version(cupy.cuda.runtime.runtimeGetVersion())
+        info["cuda_driver"] = _version(cupy.cuda.runtime.driverGetVersion())
+        n = cupy.cuda.runtime.getDeviceCount()
+    except cupy.cuda.runtime.CUDARuntimeError as e:
+        info["reason"] = f"no usable CUDA driver or GPU ({type(e).__name__}: {e})".splitlines()[0]
+        return info
+    if n == 0:
+        info["reason"] = "no CUDA GPU found"
+        return info
+    info["available"] = True
+    info["devices"] = []
+    for i in range(n):
+        try:
+            p = device_props(i)
+            with cupy.cuda.Device(i):
+                free, total = cupy.cuda.runtime.memGetInfo()
+            info["devices"].append({"index": i, "name": p["name"], "compute_capability": p["cc"],
+                                    "memory_total_gib": round(total / 2**30, 2),
+                                    "memory_free_gib": round(free / 2**30, 2), "multiprocessors": p["sms"]})
+        except cupy.cuda.runtime.CUDARuntimeError as e:
+            info["devices"].append({"index": i, "error": str(e).splitlines()[0]})
+    return info
+
+
+_sgemm = None
+
+
+def _raw_sgemm():
+    """cublasSgemm_v2 from the libcublas CuPy has loaded (found in /proc/self/maps), through ctypes."""
+    global _sgemm
+    if _sgemm is None:
+        import ctypes
+
+        path = None
+        with open("/proc/self/maps") as f:
+            for line in f:
+                name = line.rsplit(" ", 1)[-1].strip()
+                if "/libcublas.so" in name:
+                    path = name
+                    break
+        if path is None:
+            raise RuntimeError("libcublas is not loaded")
+        fn = ctypes.CDLL(path).cublasSgemm_v2
+        p, i = ctypes.c_void_p, ctypes.c_int
+        fn.argtypes = [p, i, i, i, i, i, p, p, i, p, i, p, p, i]
+        fn.restype = i
+        _sgemm = fn
+    return _sgemm
+
+
+def _version(v: int) -> str:
+    return f"{v // 1000}.{(v % 1000) // 10}"
+
+
+def _env_flag(name: str, default: bool) -> bool:
+    v = os.environ.get(name)
+    if v is None or v.strip() == "":
+        return default
+    return v.strip().lower() not in ("0", "false", "no", "off")
+
+
+class CudaBackend:
+    """The backend object for one GPU. Attributes and ops as documented in `hetnet.backends`."""
+
+    def __init__(self, device_id: int = 0):
+        try:
+            import cupy
+        except ImportError as e:
+            raise DeviceError(f"device 'cuda:{device_id}' needs CuPy, which is not installed or does not load "
+                              f"({type(e).__name__}); install it with pip install hetnet[cuda]") from None
+        try:
+            count = cupy.cuda.runtime.getDeviceCount()
+        except cupy.cuda.runtime.CUDARuntimeError as e:
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise DeviceError(f"device 'cuda:{device_id}': no usable NVIDIA driver or GPU ({msg})") from None
+        if count == 0:
+            raise DeviceError(f"device 'cuda:{device_id}': no CUDA GPU found")
+        if not 0 <= device_id < count:
+            raise DeviceError(f"device 'cuda:{device_id}': only {count} GPU(s) found (cuda:0 .. cuda:{count - 1})")
+        self.cupy = cupy
+        self.xp = cupy
+        self.device_id = int(device_id)
+        self.name = f"cuda:{device_id}"
+        self.dtype = np.dtype(np.float32)
+        self.device = cupy.cuda.Device(device_id)
+        props = device_props(device_id)
+        self.gpu_name, self.sms = props["name"], props["sms"]
+        self.tf32 = _env_flag("HETNET_TF32", False)
+        self.cuda_graph = _env_flag("HETNET_CUDA_GRAPH", True)
+        self.force_conv_algo: str | None = None   # "implicit" | "im2col" to skip the measurement (tests)
+        self._cache: dict = {}                     # gather tables, scratch buffers
+        self._tune: dict = {}                      # (op, shape) -> chosen algorithm
+        self._tune_times: dict = {}                # (op, shape) -> {algorithm: ms}
+        self.tune_log: list = []                   # the measurements behind each choice
+        self._alpha_beta = {}
+        self.capturing = None                      # the stream a graph capture runs on, while it does
+        self.graph_cublas = True                   # False after cuBLAS failed inside a capture: own kernels only
+
+    def __repr__(self) -> str:
+        return f"CudaBackend({self.device_id}: {self.gpu_name})"
+
+    # --- helpers ---------------------------------------------------------------------------------------------------
+
+    def launch(self, module: str, kernel: str, n: int, *args) -> None:
+        """A grid-stride kernel over n elements."""
+        if n <= 0:
+            return
+        get_kernel(self.device_id, module, kernel)((grid_for(int(n), self.sms),), (256,), args)
+
+    def gemm(self, c, a, trans_a: bool, b, trans_b: bool, alpha: float = 1.0, beta: float = 0.0) -> None:
+        """Row-major c[M,N] = alpha * op(a) @ op(b) + beta * c through cuBLAS (on the current stream).
+        a and b may be C-contiguous or transposed views of C-contiguous arrays."""
+        from cupy_backends.cuda.libs import cublas
+
+        if not a.flags.c_contiguous:
+            a, trans_a = a.T, not trans_a
+        if not b.flags.c_contiguous:
+            b, trans_b = b.T, not trans_b
+        check(a, b, c)
+        m, n = c.shape
+        k = a.shape[0] if trans_a else a.shape[1]
+        handle = self.cupy.cuda.device.get_cublas_handle()
+        key = (float(alpha), float(beta))
+        ab = self._alpha_beta.get(key)
+        if ab is None:
+            ab = self._alpha_beta[key] = np.array([alpha, beta], dtype=np.float32)
+        op_a = cublas.CUBLAS_OP_T if trans_a else cublas.CUBLAS_OP_N
+        op_b = cublas.CUBLAS_OP_T if trans_b else cublas.CUBLAS_OP_N
+        # column-major view: c^T[N,M] = op(b)^T op(a)^T
+        args = (handle, op_b, op_a, n, m, k, ab.ctypes.data, b.data.ptr, k if trans_b else n, a.data.ptr,
+                m if trans_a else k, ab.ctypes.data + 4, c.data.ptr, n)
+        if self.capturing is not None:
+            # CuPy's cuBLAS wrappers refuse to run inside a stream capture (they re-bind the stream first), so
+            # the captured call goes to libcublas directly; the handle was bound to the capture stream before.
+            status = _raw_sgemm()(*args)
+            if status != 0:
+                raise RuntimeError(f"cublasSgemm_v2 failed with status {status} during graph capture")
+            return
+        cublas.setStream(handle, self.cupy.cuda.get_current_stream().ptr)
+        cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
+        if hasattr(cublas, "setMathMode"):
+            cublas.setMathMode(handle, getattr(cublas, "CUBLAS_TF32_TENSOR_OP_MATH", 3) if self.tf32
+                               else getattr(cublas, "CUBLAS_DEFAULT_MATH", 0))
+        cublas.sgemm(*args)
+
+    def prepare_capture(self, stream) -> None:
+        """Bind the cuBLAS handle to `stream` (host scalars, math mode) before a capture on it begins."""
+        from cupy_backends.cuda.libs import cublas
+
+        handle = self.cupy.cuda.device.get_cublas_handle()
+        cublas.setStream(handle, stream.ptr)
+        cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
+        if hasattr(cublas, "setMathMode"):
+            cublas.setMathMode(handle, getattr(cublas, "CUBLAS_TF32_TENSOR_OP_MATH", 3) if self.tf32
+                               else getattr(cublas, "CUBLAS_DEFAULT_MATH", 0))
+
+    def scratch(self, name: str, shape, dtype):
+        """A persistent zeroed device buffer (kernels that use it leave it zeroed)."""
+        key = ("scratch", name, tuple(shape), np.dtype(dtype).str)
+        buf = self._cache.get(key)
+        if buf is None:
+            buf = self._cache[key] = self.xp.zeros(shape, dtype=dtype)
+        return buf
+
+    # --- conversions and allocation --------------------------------------------------------------------------------
+
+    def asarray(self, a):
+        if isinstance(a, self.cupy.ndarray):
+            return self.cupy.array(a, dtype=self.cupy.float32, order="C", copy=True)
+        return self.cupy.asarray(np.ascontiguousarray(a, dtype=np.float32))
+
+    def to_numpy(self, arr) -> np.ndarray:
+        if isinstance(arr, np.ndarray):
+            return arr.copy()
+        return self.cupy.asnumpy(arr)
+
+    def zeros(self, shape):
+        return self.cupy.zeros(shape, dtype=self.cupy.float32)
+
+    def labels(self, a):
+        if isinstance(a, self.cupy.ndarray):
+            return self.cupy.ascontiguousarray(a, dtype=self.cupy.int32)
+        return self.cupy.asarray(np.ascontiguousarray(a, dtype=np.int32))
+
+    def synchronize(self) -> None:
+        self.cupy.cuda.get_current_stream().synchronize()
+
+    def _c(self, a):
+        return a if a.flags.c_contiguous else self.cupy.ascontiguousarray(a)
+
+    # --- dense and convolution -------------------------------------------------------------------------------------
+
+    def dense_forward(self, x, w, b):
+        x = self._c(x)
+        return _conv.dense_forward(self, x, w, b), (x, w)
+
+    def dense_backward(self, dy, cache, dw, db, need_dx=True):
+        x, w = cache
+        return _conv.dense_backward(self, self._c(dy), x, w, dw, db, need_dx)
+
+    def conv2d_forward(self, x, w, b, stride, padding):
+        x = self._c(x)
+        return _conv.conv_forward(self, x, w, b, int(stride), int(padding)), (x, w, int(stride), int(padding))
+
+    def conv2d_backward(self, dy, cache, dw, db, need_dx=True):
+        x, w, stride, padding = cache
+        return _conv.conv_backward(self, self._c(dy), x, w, dw, db, stride, padding, need_dx)
+
+    # --- pooling ---------------------------------------------------------------------------------------------------
+
+    def maxpool2d_forward(self, x, kernel, stride, _relu_input=False):
+        x = self._c(x)
+        n, c, h, w = x.shape
+        p, q = (h - kernel) // stride + 1, (w - kernel) // stride + 1
+        if kernel * kernel > 256:
+            raise ValueError(f"maxpool2d: kernel {kernel} too large for the cuda backend (at most 16)")
+        y = self.xp.empty((n, c, p, q), dtype=self.xp.float32)
+        arg = self.xp.empty((n, c, p, q), dtype=self.xp.uint8)
+        self.launch("pool", "maxpool_fwd", y.size, x, y, arg, _i32(n * c), _i32(h), _i32(w), _i32(p), _i32(q),
+                    _i32(kernel), _i32(stride))
+        return y, (x, arg, kernel, stride)
+
+    def maxpool2d_backward(self, dy, cache, relu_mask=False):
+        x, arg, kernel, stride = cache
+        dy = self._c(dy)
+        n, c, h, w = x.shape
+        p, q = dy.shape[2], dy.shape[3]
+        dx = self.xp.empty(x.shape, dtype=self.xp.float32)
+        self.launch("pool", "maxpool_bwd", dx.size, dy, arg, x, dx, _i32(n * c), _i32(h), _i32(w), _i32(p),
+                    _i32(q), _i32(kernel), _i32(stride), _i32(1 if relu_mask else 0))
+        return dx
+
+    def avgpool2d_forward(self, x, kernel, stride):
+        x = self._c(x)
+        n, c, h, w = x.shape
+        p, q = (h - kernel) // stride + 1, (w - kernel) // stride + 1
+        y = self.xp.empty((n, c, p, q), dtype=self.xp.float32)
+        self.launch("pool", "avgpool_fwd", y.size, x, y, _i32(n * c), _i32(h), _i32(w), _i32(p), _i32(q),
+                    _i32(kernel), _i32(stride))
+        return y, (x.shape, kernel, stride)
+
+    def avgpool2d_backward(self, dy, cache):
+        (n, c, h, w), kernel, stride = cache
+        dy = self._c(dy)
+        dx = self.xp.empty((n, c, h, w), dtype=self.xp.float32)
+        self.launch("pool", "avgpool_bwd", dx.size, dy, dx, _i32(n * c), _i32(h), _i32(w), _i32(dy.shape[2]),
+                    _i32(dy.shape[3]), _i32(kernel), _i32(stride))
+        return dx
+
+    def global_avgpool2d_forward(self, x):
+        x = self._c(x)
+        n, c, h, w = x.shape
+        y = self.xp.empty((n, c), dtype=self.xp.float32)
+        rows = n * c
+        get_kernel(self.device_id, "pool", "global_avgpool_fwd")((math.ceil(rows * 32 / 256),), (256,),
+                                                                  (x, y, _i32(rows), _i32(h * w)))
+        return y, x.shape
+
+    def global_avgpool2d_backward(self, dy, cache):
+        n, c, h, w = cache
+        dx = self.xp.empty(cache, dtype=self.xp.float32)
+        self.launch("pool", "global_avgpool_bwd", dx.size, self._c(dy), dx, _i32(n * c), _i32(h * w))
+        return dx
+
+    # --- activations -----------------------------------------------------------------------------------------------
+
+    def _unary(self, kernel, x):
+        x = self._c(x)
+        y = self.xp.empty_like(x)
+        self.launch("elementwise", kernel, x.size, x, y, _i64(x.size))
+        return y
+
+    def _binary(self, kernel, dy, c):
+        dy = self._c(dy)
+        dx = self.xp.empty_like(dy)
+        self.launch("elementwise", kernel, dy.size, dy, c, dx, _i64(dy.size))
+        return dx
+
+    def relu_forward(self, x):
+        x = self._c(x)
+        return self._unary("relu_fwd", x), x
+
+    def relu_backward(self, dy, cache):
+        return self._binary("relu_bwd", dy, cache)
+
+    def sigmoid_forward(self, x):
+        y = self._unary("sigmoid_fwd", x)
+        return y, y
+
+    def sigmoid_backward(self, dy, cache):
+        return self._binary("sigmoid_bwd", dy, cache)
+
+    def tanh_forward(self, x):
+        y = self._unary("tanh_fwd", x)
+        return y, y
+
+    def tanh_backward(self, dy, cache):
+        return self._binary("tanh_bwd", dy, cache)
+
+    def softmax_forward(self, x):
+        x = self._c(x)
+        n, k = x.shape
+        y = self.xp.empty_like(x)
+        get_kernel(self.device_id, "elementwise", "softmax_fwd")((max(1, math.ceil(n * 32 / 256)),), (256,),
+                                                                  (x, y, _i32(n), _i32(k)))
+        return y, y
+
+    def softmax_backward(self, dy, cache):
+        y = cache
+        dy = self._c(dy)
+        n, k = y.shape
+        dx = self.xp.empty_like(y)
+        get_kernel(self.device_id, "elementwise", "softmax_bwd")((max(1, math.ceil(n * 32 / 256)),), (256,),
+                                                                  (dy, y, dx, _i32(n), _i32(k)))
+        return dx
+
+    # --- batch normalisation ---------------------------------------------------------------------------------------
+
+    def _bn_grid(self, n, c, hw):
+        return (c, max(1, min(math.ceil(n * hw / 1024), math.ceil(4 * self.sms / c))), 1)
+
+    def batchnorm_forward(self, x, gamma, beta, running_mean, running_var, momentum, eps, training, act=0):
+        x = self._c(x)
+        n, c = x.shape[0], x.shape[1]
+        hw = x.size // max(n * c, 1)
+        y = self.xp.empty_like(x)
+        if training:
+            stats = self.xp.empty((2 * c,), dtype=self.xp.float32)
+            acc = self.scratch("bn_acc", (2 * c,), np.float64)
+            cnt = self.scratch("bn_cnt", (c,), np.uint32)
+            get_kernel(self.device_id, "norm", "bn_stats")(self._bn_grid(n, c, hw), (256,), (
+                x, stats, running_mean, running_var, acc, cnt, _i32(n), _i32(c), _i32(hw), _f32(momentum)))
+            mean, var = stats[:c], stats[c:]
+        else:
+            mean, var = running_mean.copy(), running_var.copy()
+        self.launch("norm", "bn_apply", x.size, x, y, mean, var, gamma, beta, _i32(n), _i32(c), _i32(hw),
+                    _f32(eps), _i32(act))
+        return y, (x, mean, var, gamma, float(eps), bool(training))
+
+    def batchnorm_backward(self, dy, cache, dgamma, dbeta, relu_y=None):
+        x, mean, var, gamma, eps, training = cache
+        dy = self._c(dy)
+        n, c = x.shape[0], x.shape[1]
+        hw = x.size // max(n * c, 1)
+        red = self.xp.empty((2 * c,), dtype=self.xp.float32)
+        acc = self.scratch("bn_acc", (2 * c,), np.float64)
+        cnt = self.scratch("bn_cnt", (c,), np.uint32)
+        get_kernel(self.device_id, "norm", "bn_bwd_reduce")(self._bn_grid(n, c, hw), (256,), (
+            dy, x, mean, var, red, dgamma, dbeta, acc, cnt, _i32(n), _i32(c), _i32(hw), _f32(eps)))
+        dx = self.xp.empty_like(x)
+        self.launch("norm", "bn_bwd_dx", x.size, dy, x, mean, var, gamma, red if training else NULL, dx, _i32(n),
+                    _i32(c), _i32(hw), _f32(eps))
+        return dx
+
+    # --- dropout ---------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def dropout_threshold(p: float) -> tuple[int, float]:
+        """(hash threshold, scale): keep iff hash >= ceil(p * 2^32), i.e. hash / 2^32 >= p exactly."""
+        return math.ceil(float(p) * 4294967296.0), float(np.float32(1.0 / (1.0 - p)))
+
+    def dropout_forward(self, x, p, seed, seed_ptr=None):
+        x = self._c(x)
+        thr, scale = self.dropout_threshold(p)
+        y = self.xp.empty_like(x)
+        self.launch("elementwise", "dropout_apply", x.size, x, y, seed_ptr if seed_ptr is not None else NULL,
+                    np.uint32(int(seed) & 0xFFFFFFFF), np.uint64(thr), _f32(scale), _i64(x.size))
+        return y, (int(seed) & 0xFFFFFFFF, thr, scale, seed_ptr)
+
+    def dropout_backward(self, dy, cache):
+        seed, thr, scale, seed_ptr = cache
+        dy = self._c(dy)
+        dx = self.xp.empty_like(dy)
+        self.launch("elementwise", "dropout_apply", dy.size, dy, dx, seed_ptr if seed_ptr is not None else NULL,
+                    np.uint32(seed), np.uint64(thr), _f32(scale), _i64(dy.size))
+        return dx
+
+    # --- losses ----------------------------------------------------------------------------------------------------
+
+    def softmax_xent_into(self, logits, labels, dlogits, loss_acc, correct, label_smoothing=0.0):
+        """The fused loss kernel: dlogits (or None), loss_acc += sum of losses, correct += right argmaxes."""
+        n, k = logits.shape
+        get_kernel(self.device_id, "loss", "softmax_xent")((max(1, math.ceil(n * 32 / 256)),), (256,), (
+            logits, labels, dlogits if dlogits is not None else NULL, loss_acc if loss_acc is not None else NULL,
+            correct if correct is not None else NULL, _i32(n), _i32(k), _f32(label_smoothing),
+            _f32(1.0 / max(n, 1))))
+
+    def _labels32(self, labels):
+        if isinstance(labels, np.ndarray) or not isinstance(labels, self.cupy.ndarray):
+            return self.labels(np.asarray(labels))
+        return labels if labels.dtype == self.cupy.int32 and labels.flags.c_contiguous else \
+            self.cupy.ascontiguousarray(labels, dtype=self.cupy.int32)
+
+    def softmax_cross_entropy(self, logits, labels, label_smoothing=0.0):
+        logits = self._c(logits)
+        n = logits.shape[0]
+        d = self.xp.empty_like(logits)
+        acc = self.xp.zeros((1,), dtype=self.xp.float64)
+        self.softmax_xent_into(logits, self._labels32(labels), d, acc, None, label_smoothing)
+        return (float(acc.get()[0]) / n if n else 0.0), d
+
+    def softmax_cross_entropy_stats(self, logits, labels):
+        logits = self._c(logits)
+        acc = self.xp.zeros((1,), dtype=self.xp.float64)
+        correct = self.xp.zeros((1,), dtype=self.xp.uint64)
+        self.softmax_xent_into(logits, self._labels32(labels), None, acc, correct)
+        return float(acc.get()[0]), int(correct.get()[0])
+
+    def binary_cross_entropy_with_logits(self, logits, targets):
+        z = self._c(logits)
+        t = self.cupy.ascontiguousarray(targets, dtype=self.cupy.float32)
+        d = self.xp.empty_like(z)
+        acc = self.xp.zeros((1,), dtype=self.xp.float64)
+        n = z.size
+        get_kernel(self.device_id, "loss", "bce_logits")((grid_for(n, self.sms),), (256,), (
+            z, t, d, acc, _i64(n), _f32(1.0 / max(n, 1))))
+        return (float(acc.get()[0]) / n if n else 0.0), d
+
+    # --- optimiser updates -----------------------------------------------------------------------------------------
+
+    def sgd_update(self, p, g, buf, lr, momentum, dampening, nesterov, weight_decay, first_step, hp=None):
+        check(p, g, buf)
+        self.launch("optim", "sgd_update", p.size, p, g, buf if buf is not None and momentum else NULL,
+                    hp if hp is not None else NULL, _f32(lr), _i32(1 if first_step else 0), _f32(momentum),
+                    _f32(dampening), _f32(weight_decay), _i32(1 if nesterov else 0), _i64(p.size))
+
+    def adam_update(self, p, g, m, v, step, lr, beta1, beta2, eps, weight_decay, decoupled, hp=None):
+        check(p, g, m, v)
+        bc1, bc2 = 1 - beta1 ** step, 1 - beta2 ** step
+        self.launch("optim", "adam_update", p.size, p, g, m, v, hp if hp is not None else NULL, _f32(lr),
+                    _f32(lr / bc1), _f32(1.0 / bc2), _f32(beta1), _f32(beta2), _f32(eps), _f32(weight_decay),
+                    _i32(1 if decoupled else 0), _i64(p.size))
+
+    # --- the fast training path ------------------------------------------------------------------------------------
+
+    def make_train_step(self, model, optimizer, schedule=None, label_smoothing: float = 0.0):
+        """A step object whose whole step is captured once as a CUDA graph and replayed (see step.py)."""
+        from .step import GraphTrainStep
+
+        return GraphTrainStep(self, model, optimizer, schedule, label_smoothing, use_graph=self.cuda_graph)
+
+    def make_eval_step(self, model):
+        """Loss sum and correct count per batch without an update, accumulated on the device (model in eval mode
+        when the plan is built: call model.eval() first, as hetnet.train does)."""
+        from .step import GraphEvalStep
+
+        return GraphEvalStep(self, model, use_graph=self.cuda_graph)

@@ -1,0 +1,48 @@
+// Shared helpers for hetnet's CUDA kernels (compiled by NVRTC through cupy.RawModule, and by nvcc in the compile test).
+// Shape legend as in hetnet/backends/__init__.py: N batch, C in-channels, K out-channels, H/W input, P/Q output,
+// R/S kernel. All tensors are float32, NCHW, C-contiguous.
+#pragma once
+
+#define HN_RELU 1
+#define HN_INF __int_as_float(0x7f800000)  // NVRTC has no math.h, so no INFINITY
+
+// Block-wide sum of a double (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
+__device__ __forceinline__ double hn_block_sum(double v, double* shm /* >= 32 doubles */) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    __syncthreads();
+    if (lane == 0) shm[warp] = v;
+    __syncthreads();
+    v = lane < nw ? shm[lane] : 0.0;
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float hn_warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float hn_warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// "lowbias32" (Chris Wellons); the same hash as hetnet.random.lowbias32.
+__device__ __forceinline__ unsigned hn_lowbias32(unsigned x) {
+    x ^= x >> 16;
+    x *= 0x7FEB352Du;
+    x ^= x >> 15;
+    x *= 0x846CA68Bu;
+    x ^= x >> 16;
+    return x;
+}
+
+// Element i of the counter-based uniform stream of `seed`, as the raw 32-bit hash (uniform = hash / 2^32).
+__device__ __forceinline__ unsigned hn_counter_hash(unsigned seed, unsigned i) {
+    return hn_lowbias32((i * 0x9E3779B1u) ^ seed);
+}
+
+#define HN_GRID_STRIDE(i, n) \
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (long long)(n); \
+         i += (long long)gridDim.x * blockDim.x)

@@ -1,0 +1,264 @@
+"""Convolution and dense launchers: implicit GEMM (conv.cu) or im2col + cuBLAS, chosen per shape by measurement.
+
+Every op here has an optional fused epilogue used by the fast training step (`step.py`): `act` (ReLU after bias in the
+forward) and `relu_x` (the input of this layer is a ReLU output, so the data gradient is zeroed where relu_x <= 0).
+Dense layers are 1x1 convolutions of 1x1 images for the implicit kernels; their second algorithm is a plain cuBLAS
+GEMM.
+
+Shapes: x[N,C,H,W], w[K,C,R,S], y[N,K,P,Q]; dense x[N,F], w[K,F], y[N,K].
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+
+from .kernels import NULL, check, get_kernel
+
+FWD_CFGS = {"64x64": (64, 64), "128x32": (128, 32), "128x16": (128, 16), "256x16": (256, 16)}
+DATA_CFGS = {"64x64": (64, 64), "128x32": (128, 32), "128x16": (128, 16)}
+FILTER_CFGS = {"16x64": (16, 64), "32x64": (32, 64), "64x64": (64, 64)}
+BK = 16
+_i32 = np.int32
+
+
+class Geometry:
+    """The sizes of one convolution (dense: H = W = R = S = 1)."""
+
+    def __init__(self, n, c, h, w, k, r, s, stride, pad):
+        self.n, self.c, self.h, self.w, self.k, self.r, self.s = n, c, h, w, k, r, s
+        self.stride, self.pad = stride, pad
+        self.p = (h + 2 * pad - r) // stride + 1
+        self.q = (w + 2 * pad - s) // stride + 1
+        self.crs, self.krs = c * r * s, k * r * s
+        self.npq = n * self.p * self.q
+
+    def key(self):
+        return (self.n, self.c, self.h, self.w, self.k, self.r, self.s, self.stride, self.pad)
+
+    def ints(self):
+        return tuple(_i32(v) for v in (self.n, self.c, self.h, self.w, self.k, self.p, self.q))
+
+
+def _tables(be, g: Geometry):
+    """Gather tables (see conv.cu), cached per shape: (tab over CRS, tab over KRS)."""
+    key = ("tab", g.c, g.h, g.w, g.k, g.r, g.s, g.p, g.q)
+    t = be._cache.get(key)
+    if t is None:
+        c, r, s = np.meshgrid(np.arange(g.c), np.arange(g.r), np.arange(g.s), indexing="ij")
+        fwd = np.zeros((g.crs, 4), np.int32)
+        fwd[:, 0] = (c * g.h * g.w + r * g.w + s).ravel()
+        fwd[:, 1] = ((r << 16) | s).ravel()
+        k, r2, s2 = np.meshgrid(np.arange(g.k), np.arange(g.r), np.arange(g.s), indexing="ij")
+        dat = np.zeros((g.krs, 4), np.int32)
+        dat[:, 0] = (k * g.p * g.q).ravel()
+        dat[:, 1] = ((r2 << 16) | s2).ravel()
+        dat[:, 2] = (k * g.c * g.r * g.s + r2 * g.s + s2).ravel()
+        t = be._cache[key] = (be.xp.asarray(fwd), be.xp.asarray(dat))
+    return t
+
+
+# --- the algorithms ------------------------------------------------------------------------------------------------
+
+
+def _fwd_implicit(be, cfg, g, x, w, b, y, act):
+    bm, bn = FWD_CFGS[cfg]
+    tab, _ = _tables(be, g)
+    kern = get_kernel(be.device_id, "conv", f"conv_fwd_{cfg}")
+    grid = (math.ceil(g.npq / bm), math.ceil(g.k / bn), 1)
+    kern(grid, (256,), (x, w, b if b is not None else NULL, y, tab, *g.ints(), _i32(g.crs), _i32(g.stride),
+                        _i32(g.pad), _i32(act)))
+
+
+def _fwd_im2col(be, g, x, w, b, y, act):
+    xp = be.xp
+    pq = g.p * g.q
+    if g.h == g.w == g.r == g.s == 1 and g.pad == 0:           # dense: y = x w^T, then bias + activation
+        be.gemm(y.reshape(g.n, g.k), x.reshape(g.n, g.c), False, w.reshape(g.k, g.c), True)
+        be.launch("conv", "bias_act_rows", g.n * g.k, y, b if b is not None else NULL, _i32(g.n), _i32(g.k),
+                  _i32(act))
+        return
+    col = _im2col(be, g, x)
+    yk = xp.empty((g.k, g.npq), dtype=xp.float32)
+    be.gemm(yk, w.reshape(g.k, g.crs), False, col, False)           # yk[K, NPQ] = w2[K, CRS] @ col[CRS, NPQ]
+    del col
+    be.launch("conv", "km_to_nchw_bias_act", g.n * g.k * pq, yk, b if b is not None else NULL, y, _i32(g.n),
+              _i32(g.k), _i32(pq), _i32(act))
+
+
+def _im2col(be, g, x):
+    col = be.xp.empty((g.crs, g.npq), dtype=be.xp.float32)
+    tab, _ = _tables(be, g)
+    be.launch("conv", "im2col", g.crs * g.npq, x, col, tab, _i32(g.n), _i32(g.c), _i32(g.h), _i32(g.w), _i32(g.p),
+              _i32(g.q), _i32(g.crs), _i32(g.stride), _i32(g.pad))
+    return col
+
+
+def _dyk(be, g, dy):
+    pq = g.p * g.q
+    if pq == 1:
+        return dy.reshape(g.n, g.k).T           # a transposed view; gemm takes it as such
+    dyk = be.xp.empty((g.k, g.npq), dtype=be.xp.float32)
+    be.launch("conv", "nchw_to_km", g.n * g.k * pq, dy, dyk, _i32(g.n), _i32(g.k), _i32(pq))
+    return dyk
+
+
+def _data_implicit(be, cfg, g, dy, w, dx, relu_x):
+    bm, bn = DATA_CFGS[cfg]
+    _, tab = _tables(be, g)
+    kern = get_kernel(be.device_id, "conv", f"conv_bwd_data_{cfg}")
+    grid = (math.ceil(g.n * g.h * g.w / bm), math.ceil(g.c / bn), 1)
+    kern(grid, (256,), (dy, w, relu_x if relu_x is not None else NULL, dx, tab, *g.ints(), _i32(g.krs),
+                        _i32(g.stride), _i32(g.pad)))
+
+
+def _data_im2col(be, g, dy, w, dx, relu_x):
+    xp = be.xp
+    if g.h == g.w == g.r == g.s == 1 and g.pad == 0:           # dense: dx = dy w
+        be.gemm(dx.reshape(g.n, g.c), dy.reshape(g.n, g.k), False, w.reshape(g.k, g.c), False)
+    else:
+        dyk = _dyk(be, g, dy)
+        dcol = xp.empty((g.crs, g.npq), dtype=xp.float32)
+        be.gemm(dcol, w.reshape(g.k, g.crs), True, dyk, False)  # dcol[CRS, NPQ] = w2^T @ dyk
+        del dyk
+        be.launch("conv", "col2im", dx.size, dcol, relu_x if relu_x is not None else NULL, dx, _i32(g.n),
+                  _i32(g.c), _i32(g.h), _i32(g.w), _i32(g.p), _i32(g.q), _i32(g.r), _i32(g.s), _i32(g.stride),
+                  _i32(g.pad))
+        return
+    if relu_x is not None:
+        be.launch("conv", "relu_mask_inplace", dx.size, dx, relu_x, np.int64(dx.size))
+
+
+def _filter_split(be, cfg, g):
+    bm, bn = FILTER_CFGS[cfg]
+    gx, gy = math.ceil(g.k / bm), math.ceil(g.crs / bn)
+    splits = max(1, min(math.ceil(4 * be.sms / (gx * gy)), math.ceil(g.npq / (4 * BK))))
+    chunk = math.ceil(math.ceil(g.npq / splits) / BK) * BK
+    return (gx, gy, math.ceil(g.npq / chunk)), chunk
+
+
+def _filter_implicit(be, cfg, g, dy, x, dw, db):
+    tab, _ = _tables(be, g)
+    grid, chunk = _filter_split(be, cfg, g)
+    kern = get_kernel(be.device_id, "conv", f"conv_bwd_filter_{cfg}")
+    kern(grid, (256,), (dy, x, dw, db if db is not None else NULL, tab, *g.ints(), _i32(g.crs), _i32(g.stride),
+                        _i32(g.pad), _i32(chunk)))
+
+
+def _filter_im2col(be, g, dy, x, dw, db):
+    if g.h == g.w == g.r == g.s == 1 and g.pad == 0:           # dense: dw += dy^T x
+        be.gemm(dw.reshape(g.k, g.c), dy.reshape(g.n, g.k), True, x.reshape(g.n, g.c), False, beta=1.0)
+    else:
+        col = _im2col(be, g, x)
+        dyk = _dyk(be, g, dy)
+        be.gemm(dw.reshape(g.k, g.crs), dyk, False, col, True, beta=1.0)   # dw += dyk @ col^T
+    if db is not None:
+        channel_sum(be, dy, db, g.n, g.k, g.p * g.q)
+
+
+def channel_sum(be, x, out, n, c, hw):
+    """out[c] += sum over n and hw of x[n, c, hw]."""
+    splits = max(1, min(math.ceil(n * hw / 1024), math.ceil(4 * be.sms / c)))
+    get_kernel(be.device_id, "conv", "channel_sum")((c, splits, 1), (256,), (x, out, _i32(n), _i32(c), _i32(hw)))
+
+
+# --- choice by measurement -----------------------------------------------------------------------------------------
+
+
+def _forced() -> str | None:
+    v = os.environ.get("HETNET_CONV_ALGO", "").strip().lower()
+    return v if v in ("implicit", "im2col") else None
+
+
+def _choose(be, op: str, g: Geometry, candidates: dict, run_scratch):
+    """The fastest candidate for (op, shape), measured once with CUDA events (median of 3 after a warm-up) and
+    cached. `run_scratch(fn)` runs a candidate on scratch outputs. Never measures during a graph capture."""
+    key = (op, g.key())
+    forced = be.force_conv_algo or _forced()
+    if forced:
+        if be.capturing is not None and not be.graph_cublas:
+            forced = "implicit"
+        return next(n for n in candidates if (n == "im2col") == (forced == "im2col"))
+    choice = be._tune.get(key)
+    if choice is not None and (be.capturing is None or be.graph_cublas or choice != "im2col"):
+        return choice
+    if be.capturing is not None:     # no measuring inside a capture; the best of our own kernels
+        times = be._tune_times.get(key, {})
+        own = [n for n in candidates if n != "im2col"]
+        return min(own, key=lambda n: times.get(n, float("inf")))
+    import cupy
+
+    times = {}
+    for name, fn in candidates.items():
+        try:
+            run_scratch(fn)
+            ts = []
+            for _ in range(3):
+                start, end = cupy.cuda.Event(), cupy.cuda.Event()
+                start.record()
+                run_scratch(fn)
+                end.record()
+                end.synchronize()
+                ts.append(cupy.cuda.get_elapsed_time(start, end))
+            times[name] = sorted(ts)[1]
+        except cupy.cuda.memory.OutOfMemoryError:
+            continue
+    choice = min(times, key=times.get)
+    be._tune[key] = choice
+    be._tune_times[key] = times
+    be.tune_log.append({"op": op, "shape": list(g.key()), "ms": times, "choice": choice})
+    return choice
+
+
+def conv_forward(be, x, w, b, stride, pad, act=0, geometry=None):
+    """y = act(conv(x, w) + b) (act 1 = ReLU)."""
+    check(x, w, b)
+    n, c, h, wd = x.shape
+    k, _, r, s = w.shape
+    g = geometry or Geometry(n, c, h, wd, k, r, s, stride, pad)
+    y = be.xp.empty((n, k, g.p, g.q), dtype=be.xp.float32)
+    cands = {cfg: (lambda out, cfg=cfg: _fwd_implicit(be, cfg, g, x, w, b, out, act)) for cfg in FWD_CFGS}
+    cands["im2col"] = lambda out: _fwd_im2col(be, g, x, w, b, out, act)
+    choice = _choose(be, "fwd", g, cands, lambda fn: fn(y))
+    cands[choice](y)
+    return y
+
+
+def conv_backward(be, dy, x, w, dw, db, stride, pad, need_dx=True, relu_x=None):
+    """dw += dE/dw, db += dE/db; returns dE/dx (zeroed where relu_x <= 0 when given) or None."""
+    check(dy, x, w, dw, db, relu_x)
+    n, c, h, wd = x.shape
+    k, _, r, s = w.shape
+    g = Geometry(n, c, h, wd, k, r, s, stride, pad)
+    xp = be.xp
+    fc = {cfg: (lambda dw_, db_, cfg=cfg: _filter_implicit(be, cfg, g, dy, x, dw_, db_)) for cfg in FILTER_CFGS}
+    fc["im2col"] = lambda dw_, db_: _filter_im2col(be, g, dy, x, dw_, db_)
+
+    def scratch_filter(fn):
+        fn(xp.zeros_like(dw), xp.zeros_like(db) if db is not None else None)
+
+    fc[_choose(be, "filter", g, fc, scratch_filter)](dw, db)
+    if not need_dx:
+        return None
+    dx = xp.empty(x.shape, dtype=xp.float32)
+    dc = {cfg: (lambda out, cfg=cfg: _data_implicit(be, cfg, g, dy, w, out, relu_x)) for cfg in DATA_CFGS}
+    dc["im2col"] = lambda out: _data_im2col(be, g, dy, w, out, relu_x)
+    dc[_choose(be, "data", g, dc, lambda fn: fn(dx))](dx)
+    return dx
+
+
+def dense_forward(be, x, w, b, act=0):
+    n, f = x.shape
+    k = w.shape[0]
+    y = conv_forward(be, x.reshape(n, f, 1, 1), w.reshape(k, f, 1, 1), b, 1, 0, act)
+    return y.reshape(n, k)
+
+
+def dense_backward(be, dy, x, w, dw, db, need_dx=True, relu_x=None):
+    n, f = x.shape
+    k = w.shape[0]
+    dx = conv_backward(be, dy.reshape(n, k, 1, 1), x.reshape(n, f, 1, 1), w.reshape(k, f, 1, 1),
+                       dw.reshape(k, f, 1, 1), db, 1, 0, need_dx,
+                       relu_x.reshape(n, f, 1, 1) if relu_x is not None else None)
+    return dx.reshape(n, f) if dx is not None else None

@@ -1,0 +1,367 @@
+"""The cuda backend on a GPU: each algorithm and fused epilogue against the float64 reference, the fast training
+step (CUDA graph) against eager execution and against the cpu backend, and the user-facing errors.
+
+Every op of the interface is also covered by tests/test_ops.py, which runs each op on cuda when a GPU is present.
+Skips cleanly without CuPy or without a GPU (as in CI); on a GPU machine run scripts/gpu-check.
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+cupy = pytest.importorskip("cupy", reason="CuPy not installed")
+try:
+    _N_GPUS = cupy.cuda.runtime.getDeviceCount()
+except cupy.cuda.runtime.CUDARuntimeError:  # no driver
+    _N_GPUS = 0
+if _N_GPUS == 0:
+    pytest.skip("no CUDA GPU", allow_module_level=True)
+
+from conftest import assert_close
+
+import hetnet as hn
+from hetnet import train as T
+from hetnet.backends import reference as ref
+from hetnet.backends.cuda import conv as C
+from hetnet.backends.cuda import describe
+from hetnet.backends.cuda.step import _oom_error, compile_plan
+from hetnet.device import get_backend
+from hetnet.errors import DeviceError
+from hetnet.random import counter_uniform
+
+F32 = np.float32
+
+
+@pytest.fixture(scope="module")
+def be():
+    return get_backend("cuda")
+
+
+def f32(rng, *shape, scale=1.0):
+    return rng.normal(0, scale, size=shape).astype(F32).astype(np.float64)
+
+
+# --- convolution: every algorithm and tile configuration, with the fused epilogues --------------------------------
+
+CONV_CASES = [  # (N, C, H, W, K, kernel, stride, padding)
+    (1, 1, 5, 5, 1, 1, 1, 0),
+    (1, 3, 7, 5, 4, 3, 1, 1),
+    (2, 2, 9, 6, 3, 3, 2, 0),
+    (2, 3, 8, 11, 2, 5, 1, 2),
+    (3, 2, 10, 7, 5, 3, 3, 2),
+    (2, 4, 6, 9, 3, 1, 2, 1),
+    (2, 17, 9, 13, 70, 3, 1, 1),     # more than one tile in every direction
+    (1, 5, 12, 12, 33, 3, 2, 1),
+]
+FWD = list(C.FWD_CFGS) + ["im2col"]
+DATA = list(C.DATA_CFGS) + ["im2col"]
+FILTER = list(C.FILTER_CFGS) + ["im2col"]
+
+
+def _force(monkeypatch, fwd, data, filt):
+    choice = {"fwd": fwd, "data": data, "filter": filt}
+    monkeypatch.setattr(C, "_choose", lambda be_, op, g, cands, run: choice[op])
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "N{}C{}H{}W{}K{}k{}s{}p{}".format(*c))
+@pytest.mark.parametrize("algo", range(4))
+def test_conv_algorithms(be, rng, monkeypatch, case, algo):
+    fwd, data, filt = FWD[algo % len(FWD)], DATA[algo % len(DATA)], FILTER[algo % len(FILTER)]
+    _force(monkeypatch, fwd, data, filt)
+    n, c, h, w_, k, ks, stride, pad = case
+    x, w, b = f32(rng, n, c, h, w_), f32(rng, k, c, ks, ks), f32(rng, k)
+    relu_x = f32(rng, n, c, h, w_)            # the mask of a fused ReLU backward
+    y_ref, cache = ref.conv2d_forward(x, w, b, stride, pad)
+    dy = f32(rng, *y_ref.shape)
+    dw_ref, db_ref = np.ones(w.shape), np.ones(k)          # accumulate into non-zero gradients
+    dx_ref = ref.conv2d_backward(dy, cache, dw_ref, db_ref) * (relu_x > 0)
+    for act in (0, 1):
+        y = C.conv_forward(be, be.asarray(x), be.asarray(w), be.asarray(b), stride, pad, act)
+        assert_close(be.to_numpy(y), np.maximum(y_ref, 0) if act else y_ref, F32, f"{fwd} forward act={act}")
+    dw, db = be.asarray(np.ones(w.shape)), be.asarray(np.ones(k))
+    dx = C.conv_backward(be, be.asarray(dy), be.asarray(x), be.asarray(w), dw, db, stride, pad, True,
+                         be.asarray(relu_x))
+    assert_close(be.to_numpy(dx), dx_ref, F32, f"{data} data gradient (relu mask)")
+    assert_close(be.to_numpy(dw), dw_ref, F32, f"{filt} filter gradient")
+    assert_close(be.to_numpy(db), db_ref, F32, f"{filt} bias gradient")
+
+
+@pytest.mark.parametrize("n,f,k", [(1, 1, 1), (3, 7, 5), (33, 130, 70), (128, 2048, 100)])
+@pytest.mark.parametrize("algo", ["64x64", "128x16", "im2col"])
+def test_dense_algorithms(be, rng, monkeypatch, n, f, k, algo):
+    _force(monkeypatch, algo, algo if algo != "128x16" else "128x32", "32x64" if algo != "im2col" else "im2col")
+    x, w, b, relu_x = f32(rng, n, f), f32(rng, k, f), f32(rng, k), f32(rng, n, f)
+    y_ref, cache = ref.dense_forward(x, w, b)
+    dy = f32(rng, n, k)
+    dw_ref, db_ref = np.zeros(w.shape), np.zeros(k)
+    dx_ref = ref.dense_backward(dy, cache, dw_ref, db_ref) * (relu_x > 0)
+    y = C.dense_forward(be, be.asarray(x), be.asarray(w), be.asarray(b), act=1)
+    assert_close(be.to_numpy(y), np.maximum(y_ref, 0), F32, "dense forward + relu")
+    dw, db = be.zeros(w.shape), be.zeros((k,))
+    dx = C.dense_backward(be, be.asarray(dy), be.asarray(x), be.asarray(w), dw, db, True, be.asarray(relu_x))
+    assert_close(be.to_numpy(dx), dx_ref, F32, "dense dx")
+    assert_close(be.to_numpy(dw), dw_ref, F32, "dense dw")
+    assert_close(be.to_numpy(db), db_ref, F32, "dense db")
+
+
+def test_conv_choice_is_measured_once(be, rng):
+    be.force_conv_algo = None
+    x, w = be.asarray(f32(rng, 4, 3, 16, 16)), be.asarray(f32(rng, 8, 3, 3, 3))
+    n_log = len(be.tune_log)
+    be.conv2d_forward(x, w, None, 1, 1)
+    be.conv2d_forward(x, w, None, 1, 1)
+    new = [e for e in be.tune_log[n_log:] if e["op"] == "fwd"]
+    assert len(new) == 1 and new[0]["choice"] in new[0]["ms"] and len(new[0]["ms"]) == len(FWD)
+
+
+# --- fused pooling / batch norm / dropout variants ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape,k,s", [((2, 3, 8, 8), 2, 2), ((1, 2, 9, 7), 3, 2), ((2, 1, 6, 6), 3, 1)])
+def test_maxpool_relu_mask(be, rng, shape, k, s):
+    x = np.maximum(f32(rng, *shape), 0)       # a ReLU output: many exact zeros
+    y_ref, cache = ref.maxpool2d_forward(x, k, s)
+    dy = f32(rng, *y_ref.shape)
+    dx_ref = ref.maxpool2d_backward(dy, cache) * (x > 0)
+    y, c = be.maxpool2d_forward(be.asarray(x), k, s)
+    dx = be.maxpool2d_backward(be.asarray(dy), c, relu_mask=True)
+    assert_close(be.to_numpy(y), y_ref, F32, "maxpool y")
+    assert_close(be.to_numpy(dx), dx_ref, F32, "maxpool dx with relu mask")
+
+
+def test_batchnorm_relu_epilogue(be, rng):
+    x, g, b = f32(rng, 3, 4, 5, 6), f32(rng, 4), f32(rng, 4)
+    y_ref, _ = ref.batchnorm_forward(x, g, b, np.zeros(4), np.ones(4), 0.1, 1e-5, True)
+    y, _ = be.batchnorm_forward(be.asarray(x), be.asarray(g), be.asarray(b), be.zeros((4,)), be.asarray(np.ones(4)),
+                                0.1, 1e-5, True, act=1)
+    assert_close(be.to_numpy(y), np.maximum(y_ref, 0), F32, "bn + relu")
+
+
+def test_batchnorm_large_channel_count_and_repeat(be, rng):
+    """Many blocks per channel (the last-block reduction) and the scratch reset between calls."""
+    x = f32(rng, 64, 3, 40, 40, scale=3.0) + 5.0
+    for _ in range(2):
+        y, _ = be.batchnorm_forward(be.asarray(x), be.asarray(np.ones(3)), be.zeros((3,)), be.zeros((3,)),
+                                    be.asarray(np.ones(3)), 0.1, 1e-5, True)
+        y_ref, _ = ref.batchnorm_forward(x, np.ones(3), np.zeros(3), np.zeros(3), np.ones(3), 0.1, 1e-5, True)
+        assert_close(be.to_numpy(y), y_ref, F32, "bn over 102400 values per channel")
+
+
+def test_dropout_seed_from_device_memory(be, rng):
+    seed = int(rng.integers(0, 2**32))
+    x = be.asarray(f32(rng, 7, 300) + 3.0)
+    dev_seed = cupy.asarray(np.array([seed], dtype=np.uint32))
+    y1, _ = be.dropout_forward(x, 0.3, seed)
+    y2, c2 = be.dropout_forward(x, 0.3, 0, seed_ptr=dev_seed)
+    np.testing.assert_array_equal(be.to_numpy(y1), be.to_numpy(y2))
+    keep = (counter_uniform(seed, 7 * 300) >= 0.3).reshape(7, 300)
+    np.testing.assert_array_equal(be.to_numpy(y2) != 0, keep)
+    dx = be.dropout_backward(be.asarray(np.ones((7, 300))), c2)
+    np.testing.assert_array_equal(be.to_numpy(dx) != 0, keep)
+
+
+# --- the fast training step --------------------------------------------------------------------------------------
+
+
+def small_cnn(dropout=0.25):
+    return hn.Sequential([
+        hn.Conv2D(1, 6, 3, padding=1, bias=False), hn.BatchNorm2D(6), hn.ReLU(), hn.MaxPool2D(2),
+        hn.Conv2D(6, 8, 3, padding=1), hn.ReLU(), hn.MaxPool2D(2),
+        hn.Flatten(), hn.Dense(8 * 3 * 3, 16), hn.ReLU(), hn.Dropout(dropout), hn.Dense(16, 4)])
+
+
+def test_plan_fuses_relus(be):
+    nodes, seeds, pos = compile_plan(be, small_cnn())
+    names = [type(n).__name__ for n in nodes]
+    assert names == ["_ConvNode", "_BNNode", "_MaxPoolNode", "_ConvNode", "_MaxPoolNode", "_ReshapeNode",
+                     "_ConvNode", "_DropoutNode", "_ConvNode"]
+    assert seeds == 1 and not pos
+    assert [n.mask_input for n in nodes] == [False, False, True, False, True, False, False, False, True]
+
+
+def _data(rng, n=96):
+    x = rng.normal(size=(n, 1, 12, 12)).astype(F32)
+    y = rng.integers(0, 4, size=n)
+    x[np.arange(n), 0, y * 3, y * 3] += 3.0     # a learnable signal
+    return x, y
+
+
+def _run_steps(device, model_state, x, y, steps, opt_name, batch, use_graph=None, ls=0.0, dropout=0.25):
+    hn.seed(123)
+    model = small_cnn(dropout)
+    model.load_state_dict(model_state)
+    model.to(device)
+    b = model.backend
+    opt = T.make_optimizer(opt_name, model.parameters(), lr=0.05, weight_decay=5e-4)
+    sched = T.make_schedule("cosine", opt, total_steps=steps, warmup_steps=1)
+    if use_graph is None:
+        step = T.TrainStep(model, opt, sched, ls)
+    else:
+        step = b.make_train_step(model, opt, sched, ls)
+        step.use_graph = use_graph and step.opt_kind is not None
+    hn.seed(7)
+    for i in range(steps):
+        s = slice((i * batch) % len(x), (i * batch) % len(x) + batch)
+        step.step(b.asarray(x[s]), b.labels(y[s]))
+    loss, correct, count = step.collect()
+    return model.state_dict(), loss, correct, count
+
+
+@pytest.mark.parametrize("opt_name", ["momentum", "adamw"])
+def test_graph_step_matches_eager_and_cpu(rng, opt_name):
+    x, y = _data(rng)
+    hn.seed(1)
+    state = small_cnn().state_dict()
+    cpu = _run_steps("cpu", state, x, y, 4, opt_name, 32)
+    eager = _run_steps("cuda", state, x, y, 4, opt_name, 32, use_graph=False, ls=0.0)
+    graph = _run_steps("cuda", state, x, y, 4, opt_name, 32, use_graph=True)
+    generic = _run_steps("cuda", state, x, y, 4, opt_name, 32, use_graph=None)
+    for name, run in (("eager plan", eager), ("graph", graph), ("generic cuda step", generic)):
+        for k in cpu[0]:
+            assert_close(run[0][k], cpu[0][k], F32, f"{name}: {k} after 4 steps")
+        assert run[3] == cpu[3] == 128
+        assert abs(run[1] - cpu[1]) <= 1e-4 * abs(cpu[1]), f"{name}: loss sum {run[1]} vs cpu {cpu[1]}"
+        assert abs(run[2] - cpu[2]) <= 1, f"{name}: correct {run[2]} vs cpu {cpu[2]}"
+
+
+@pytest.mark.parametrize("algo", ["implicit", "im2col"])
+def test_graph_replay_equals_eager_plan(rng, algo):
+    """The captured graph computes what the same plan computes without capture, with each algorithm forced
+    (im2col puts cuBLAS GEMMs into the graph)."""
+    be = get_backend("cuda")
+    x, y = _data(rng)
+    hn.seed(11)
+    state = small_cnn().state_dict()
+    be.force_conv_algo = algo
+    try:
+        eager = _run_steps("cuda", state, x, y, 5, "momentum", 32, use_graph=False)
+        graph = _run_steps("cuda", state, x, y, 5, "momentum", 32, use_graph=True)
+    finally:
+        be.force_conv_algo = None
+    for k in eager[0]:
+        assert_close(graph[0][k], eager[0][k], F32, f"{algo}: {k}")
+    assert abs(graph[1] - eager[1]) <= 1e-5 * abs(eager[1]) and graph[2] == eager[2]
+    assert be.graph_cublas, f"cuBLAS could not be captured: {getattr(be, 'capture_error', '')}"
+
+
+def test_graph_step_odd_last_batch_and_label_smoothing(rng):
+    """A second batch shape gets its own graph; label smoothing reaches the fused loss kernel."""
+    x, y = _data(rng, 80)
+    hn.seed(2)
+    state = small_cnn().state_dict()
+    results = []
+    for device, graph in (("cpu", None), ("cuda", True)):
+        hn.seed(123)
+        model = small_cnn()
+        model.load_state_dict(state)
+        model.to(device)
+        b = model.backend
+        opt = T.make_optimizer("momentum", model.parameters(), lr=0.05)
+        step = T.TrainStep(model, opt, None, 0.1) if graph is None else b.make_train_step(model, opt, None, 0.1)
+        hn.seed(9)
+        for _ in range(2):
+            for s in (slice(0, 32), slice(32, 64), slice(64, 80)):
+                step.step(b.asarray(x[s]), b.labels(y[s]))
+        results.append((model.state_dict(), step.collect()))
+    for k in results[0][0]:
+        assert_close(results[1][0][k], results[0][0][k], F32, k)
+    assert abs(results[1][1][0] - results[0][1][0]) <= 1e-4 * abs(results[0][1][0])
+
+
+def test_few_epochs_same_curve_as_cpu(rng):
+    x, y = _data(rng, 256)
+    hn.seed(3)
+    state = small_cnn(0.0).state_dict()
+    curves = {}
+    for device in ("cpu", "cuda"):
+        hn.seed(5)
+        model = small_cnn(0.0)
+        model.load_state_dict(state)
+        model.to(device)
+        b = model.backend
+        opt = T.make_optimizer("momentum", model.parameters(), lr=0.05)
+        step = T.make_train_step(model, opt, None, 0.0)
+        curve = []
+        for _ in range(4):
+            for i in range(0, 256, 64):
+                step.step(b.asarray(x[i:i + 64]), b.labels(y[i:i + 64]))
+            loss, correct, count = step.collect()
+            curve.append((loss / count, correct / count))
+        curves[device] = np.array(curve)
+    np.testing.assert_allclose(curves["cuda"][:, 0], curves["cpu"][:, 0], rtol=1e-3, err_msg="loss curve")
+    np.testing.assert_allclose(curves["cuda"][:, 1], curves["cpu"][:, 1], atol=2 / 256, err_msg="accuracy curve")
+    assert curves["cuda"][-1, 0] < curves["cuda"][0, 0], "the loss did not go down"
+
+
+def test_eval_step_matches_cpu(rng):
+    x, y = _data(rng, 100)
+    hn.seed(4)
+    model = small_cnn()
+    state = model.state_dict()
+    out = {}
+    for device in ("cpu", "cuda"):
+        m = small_cnn()
+        m.load_state_dict(state)
+        m.to(device).eval()
+        b = m.backend
+        step = T.make_eval_step(m)
+        for _ in range(2):                          # the second pass replays the captured graphs
+            for i in range(0, 100, 32):
+                step.step(b.asarray(x[i:i + 32]), b.labels(y[i:i + 32]))
+        out[device] = step.collect()
+    assert out["cuda"][2] == out["cpu"][2] == 200 and abs(out["cuda"][1] - out["cpu"][1]) <= 1   # float32 near-ties
+    assert abs(out["cuda"][0] - out["cpu"][0]) <= 1e-4 * abs(out["cpu"][0])
+
+
+def test_fit_uses_the_fast_step(rng):
+    x, y = _data(rng, 128)
+    model = small_cnn().to("cuda")
+    history = model.fit(x, y, epochs=2, batch_size=32, optimizer="momentum", lr=0.05, progress=False)
+    assert len(history) == 2 and np.isfinite(history[-1]["train_loss"])
+
+
+# --- user-facing information and errors --------------------------------------------------------------------------
+
+
+def test_describe(be):
+    info = describe()
+    assert info["available"] and info["devices"][0]["name"] and info["cupy"]
+    assert info["devices"][0]["memory_total_gib"] > 0
+
+
+def test_bad_device_index_is_one_line_error():
+    with pytest.raises(DeviceError, match=r"cuda:\d+': only \d+ GPU"):
+        get_backend(f"cuda:{_N_GPUS + 3}")
+
+
+def test_out_of_memory_message(be):
+    err = _oom_error(be, 4096, cupy.cuda.memory.OutOfMemoryError(3 * 2**30, 0))
+    msg = str(err)
+    assert "batch size 4096" in msg and "3072.0 MiB" in msg and "\n" not in msg
+
+
+def test_train_step_out_of_memory_is_device_error(be, monkeypatch):
+    model = small_cnn().to("cuda")
+    opt = T.make_optimizer("sgd", model.parameters(), lr=0.01)
+    step = be.make_train_step(model, opt)
+
+    def boom(*a, **k):
+        raise cupy.cuda.memory.OutOfMemoryError(2**40, 0)
+
+    monkeypatch.setattr(step, "_run_plan", boom)
+    with pytest.raises(DeviceError, match="batch size 8"):
+        step.step(be.asarray(np.zeros((8, 1, 12, 12))), be.labels(np.zeros(8, dtype=np.int64)))
+
+
+def test_model_state_is_independent_of_the_step_object(rng):
+    """The fast step updates the model's own parameters (views of the flat buffer) in place."""
+    model = small_cnn().to("cuda")
+    before = copy.deepcopy(model.state_dict())
+    opt = T.make_optimizer("sgd", model.parameters(), lr=0.1)
+    step = T.make_train_step(model, opt)
+    x, y = _data(rng, 16)
+    step.step(model.backend.asarray(x), model.backend.labels(y))
+    after = model.state_dict()
+    assert any(not np.array_equal(before[k], after[k]) for k in before if k.endswith("weight"))
