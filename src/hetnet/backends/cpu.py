@@ -27,6 +27,7 @@ xp = np
 _F = np.float32
 _GEMM_SPLIT = 1 << 40          # dense GEMMs: no cache chunking, just one share per thread
 _PER_IMAGE_GEMM_MAX_CRS = 64   # conv backward: per-image GEMMs (no transposed copy of dy) when C*R*S <= this
+_CONV_FORWARD_CHUNK_BYTES = 1 << 20   # forward columns + outputs per chunk: per-image GEMMs like them in L2
 
 
 # --- conversions and allocation -------------------------------------------------------------------------------------
@@ -118,7 +119,7 @@ def dense_backward(dy, cache, dw, db, need_dx=True):
 
 
 class _ConvGeom:
-    __slots__ = ("c", "h", "w", "k", "r", "s", "stride", "pad", "p", "q", "taps")
+    __slots__ = ("c", "h", "w", "k", "r", "s", "stride", "pad", "p", "q", "taps", "full_tap")
 
     def __init__(self, xshape, wshape, stride, pad):
         _, self.c, self.h, self.w = xshape
@@ -138,6 +139,9 @@ class _ConvGeom:
                                  slice(hs, hs + (phi - plo - 1) * stride + 1, stride),
                                  slice(ws, ws + (qhi - qlo - 1) * stride + 1, stride)))
         self.taps = taps
+        # a tap whose input slice is the whole image (stride 1 and the centre tap, typically), or None
+        self.full_tap = next((t for t in taps if t[6] == slice(0, self.h, stride) and t[7] == slice(0, self.w, stride)
+                              and stride == 1), None)
 
     def key(self):
         return (self.c, self.h, self.w, self.r, self.s, self.stride, self.pad)
@@ -181,7 +185,7 @@ def conv2d_forward(x, w, b, stride, padding):
         if bias is not None:
             dst += bias
 
-    _thr.parallel(n, _thr.chunk_size(n, 4 * (crs + k) * pq), body)
+    _thr.parallel(n, _thr.chunk_size(n, 4 * (crs + k) * pq, target=_CONV_FORWARD_CHUNK_BYTES), body)
     return y, (x, w2, g)
 
 
@@ -235,14 +239,22 @@ def conv2d_backward(dy, cache, dw, db, need_dx=True):
 def _col2im(d6, dxb, g: _ConvGeom, image_major: bool) -> None:
     """dxb[B, C, H, W] = sum over kernel taps of the column gradients d6, laid out (B, C, R, S, P, Q) when
     image_major else (C, R, S, B, P, Q)."""
-    dxb.fill(0)
-    for i, j, plo, phi, qlo, qhi, hsl, wsl in g.taps:
+    taps = g.taps
+    full = g.full_tap
+    if full is None:
+        dxb.fill(0)
+    else:   # a tap that reaches every input pixel (the centre, for stride 1): copy it instead of zero + add
+        taps = [full] + [t for t in taps if t is not full]
+    for n_tap, (i, j, plo, phi, qlo, qhi, hsl, wsl) in enumerate(taps):
         dst = dxb[:, :, hsl, wsl]
         if image_major:
             src = d6[:, :, i, j, plo:phi, qlo:qhi]
         else:
             src = d6[:, i, j, :, plo:phi, qlo:qhi].transpose(1, 0, 2, 3)
-        np.add(dst, src, out=dst)
+        if n_tap == 0 and full is not None:
+            np.copyto(dst, src)
+        else:
+            np.add(dst, src, out=dst)
 
 
 # --- pooling --------------------------------------------------------------------------------------------------------
