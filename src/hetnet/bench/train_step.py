@@ -394,8 +394,8 @@ def train_step_markdown(doc: dict) -> str:
                   for r in retried]
     if doc.get("targets"):
         lines += ["", "Targets:", ""]
-        lines += [f"- {t['target']}: {'met' if t['met'] else 'missed'} on {t['rows'] - len(t['missed'])} of "
-                  f"{t['rows']} rows" + (f" (missed: {', '.join(t['missed'])})" if t["missed"] else "")
+        lines += [f"- {t['target']}: {'met' if t['met'] else 'not met'}, {t['rows'] - len(t['missed'])} of "
+                  f"{t['rows']} rows reach it" + (f" (short: {', '.join(t['missed'])})" if t["missed"] else "")
                   for t in doc["targets"]]
     if bad:
         lines += ["", "Rows not timed:", ""]
