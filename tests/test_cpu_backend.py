@@ -34,7 +34,7 @@ def _conv_all(x, w, b, stride, pad, dy):
 
 
 @pytest.mark.parametrize("case", [(5, 3, 9, 7, 4, 3, 1, 1), (3, 16, 8, 8, 8, 3, 2, 0), (4, 2, 11, 6, 3, 5, 3, 2),
-                                  (6, 9, 6, 6, 5, 1, 1, 0)])
+                                  (6, 9, 6, 6, 5, 1, 1, 0), (2, 3, 7, 9, 4, 5, 1, 2), (3, 2, 5, 1, 3, 3, 1, 1)])
 def test_conv_chunked_threads_match_reference(rng, many_chunks, case):
     n, c, h, w_, k, r, stride, pad = case
     x = rng.standard_normal((n, c, h, w_))

@@ -119,7 +119,7 @@ def dense_backward(dy, cache, dw, db, need_dx=True):
 
 
 class _ConvGeom:
-    __slots__ = ("c", "h", "w", "k", "r", "s", "stride", "pad", "p", "q", "taps", "full_tap")
+    __slots__ = ("c", "h", "w", "k", "r", "s", "stride", "pad", "p", "q", "taps", "full_tap", "same")
 
     def __init__(self, xshape, wshape, stride, pad):
         _, self.c, self.h, self.w = xshape
@@ -139,6 +139,7 @@ class _ConvGeom:
                                  slice(hs, hs + (phi - plo - 1) * stride + 1, stride),
                                  slice(ws, ws + (qhi - qlo - 1) * stride + 1, stride)))
         self.taps = taps
+        self.same = stride == 1 and self.p == self.h and self.q == self.w   # output the size of the input
         # a tap whose input slice is the whole image (stride 1 and the centre tap, typically), or None
         self.full_tap = next((t for t in taps if t[6] == slice(0, self.h, stride) and t[7] == slice(0, self.w, stride)
                               and stride == 1), None)
@@ -159,9 +160,34 @@ def _im2col(x, b0, b1, g: _ConvGeom) -> np.ndarray:
     nb = b1 - b0
     cols = _thr.scratch(("cols",) + g.key(), (g.c, g.r, g.s, nb, g.p, g.q), zero=True)
     xb = x[b0:b1]
+    if g.same:
+        # "same" stride-1 conv: each tap is a flat shift of whole images (long contiguous copies); the few pixels
+        # that wrap around a row end are zeroed afterwards
+        hw = g.h * g.w
+        xf, cf = xb.reshape(nb, g.c, hw), cols.reshape(g.c, g.r, g.s, nb, hw)
+        for i, j, plo, phi, qlo, qhi, _, _ in g.taps:
+            (d0, d1), (s0, s1) = _flat_ranges(plo * g.w, phi * g.w, (i - g.pad) * g.w + j - g.pad, hw)
+            np.copyto(cf[:, i, j, :, d0:d1], xf[:, :, s0:s1].transpose(1, 0, 2))
+            _zero_wrapped(cols[:, i, j, :, plo:phi], qlo, qhi, g.q)
+        return cols.reshape(g.c * g.r * g.s, nb * g.p * g.q)
     for i, j, plo, phi, qlo, qhi, hsl, wsl in g.taps:
         np.copyto(cols[:, i, j, :, plo:phi, qlo:qhi], xb[:, :, hsl, wsl].transpose(1, 0, 2, 3))
     return cols.reshape(g.c * g.r * g.s, nb * g.p * g.q)
+
+
+def _flat_ranges(a: int, e: int, off: int, size: int):
+    """Column range [a, e) shifted by off into pixel range [a+off, e+off), both clipped to [0, size)."""
+    s0, s1 = a + off, e + off
+    lo, hi = max(0, -s0), max(0, s1 - size)
+    return (a + lo, e - hi), (s0 + lo, s1 - hi)
+
+
+def _zero_wrapped(block, qlo: int, qhi: int, q: int) -> None:
+    """Zero the columns outside [qlo, qhi) of block[..., P', Q] (the ones a flat shift wrapped to another row)."""
+    if qlo > 0:
+        block[..., :qlo] = 0
+    if qhi < q:
+        block[..., qhi:] = 0
 
 
 def conv2d_forward(x, w, b, stride, padding):
@@ -238,20 +264,33 @@ def conv2d_backward(dy, cache, dw, db, need_dx=True):
 
 def _col2im(d6, dxb, g: _ConvGeom, image_major: bool) -> None:
     """dxb[B, C, H, W] = sum over kernel taps of the column gradients d6, laid out (B, C, R, S, P, Q) when
-    image_major else (C, R, S, B, P, Q)."""
+    image_major else (C, R, S, B, P, Q). d6 is scratch and may be overwritten."""
     taps = g.taps
     full = g.full_tap
     if full is None:
         dxb.fill(0)
     else:   # a tap that reaches every input pixel (the centre, for stride 1): copy it instead of zero + add
         taps = [full] + [t for t in taps if t is not full]
+    nb = dxb.shape[0]
+    hw = g.h * g.w
     for n_tap, (i, j, plo, phi, qlo, qhi, hsl, wsl) in enumerate(taps):
-        dst = dxb[:, :, hsl, wsl]
-        if image_major:
-            src = d6[:, :, i, j, plo:phi, qlo:qhi]
+        first = n_tap == 0 and full is not None
+        if g.same:
+            # flat shifted adds over whole images; the source columns that would wrap around a row are zeroed first
+            if image_major:
+                block, flat = d6[:, :, i, j], d6[:, :, i, j].reshape(nb, g.c, hw)
+            else:
+                block, flat = d6[:, i, j], d6[:, i, j].reshape(g.c, nb, hw).transpose(1, 0, 2)
+            _zero_wrapped(block[..., plo:phi, :], qlo, qhi, g.q)
+            (s0, s1), (d0, d1) = _flat_ranges(plo * g.w, phi * g.w, (i - g.pad) * g.w + j - g.pad, hw)
+            dst, src = dxb.reshape(nb, g.c, hw)[:, :, d0:d1], flat[:, :, s0:s1]
         else:
-            src = d6[:, i, j, :, plo:phi, qlo:qhi].transpose(1, 0, 2, 3)
-        if n_tap == 0 and full is not None:
+            dst = dxb[:, :, hsl, wsl]
+            if image_major:
+                src = d6[:, :, i, j, plo:phi, qlo:qhi]
+            else:
+                src = d6[:, i, j, :, plo:phi, qlo:qhi].transpose(1, 0, 2, 3)
+        if first:
             np.copyto(dst, src)
         else:
             np.add(dst, src, out=dst)
