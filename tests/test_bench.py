@@ -82,3 +82,26 @@ def test_layers_table(tmp_path):
 def test_bad_flags_are_usage_errors(argv, flag):
     with pytest.raises(UsageError, match=flag):
         bench.parse_args(argv)
+
+
+def test_gpu_shaped_rows_render(tmp_path):
+    """The markdown, targets and chart of a GPU run (made up numbers: no GPU here)."""
+    from hetnet.bench import train_step
+
+    rows = [dict(model=m, batch_size=b, hetnet_backend="cuda:0", status="ok", tf32=False, hetnet_ms_per_step=0.2,
+                 torch_eager_ms_per_step=2.0, torch_graph_ms_per_step=0.25, speedup_vs_torch_eager=10.0,
+                 speedup_vs_torch_graph=1.25 if b < 1024 else 0.9, hetnet_img_per_s=1e5, hetnet_infer_img_per_s=3e5,
+                 torch_infer_img_per_s=2e5, hetnet_peak_mib=12.0, torch_peak_mib=20.0, check_max_rel_err=3e-6)
+            for m in ("thesis-m1", "fashion-cnn") for b in (32, 128, 1024)]
+    rows.append({"model": "mlp", "batch_size": 32, "hetnet_backend": "cuda:0", "status": "error", "reason": "Boom"})
+    env = {"host": "h", "card": "NVIDIA H100", "cpu": "x", "threads": 16, "cpus_available": 16, "blas": "b",
+           "time_utc": "t", "torch": "2.11", "load_average_at_start": [0.1, 0.1, 0.1]}
+    t = {x["target"][:40]: x for x in train_step.targets(rows)}
+    assert [x["met"] for x in t.values()] == [True, False]
+    doc = {"environment": env, "method": train_step.method_text(True), "rows": rows,
+           "targets": train_step.targets(rows), "errors": []}
+    md = train_step.train_step_markdown(doc)
+    assert "| thesis-m1 | 1024 | cuda:0 | 0.200 | 2.00 | 0.250 | 10.00x | 0.90x |" in md
+    assert "4 of 6 rows reach it (short: thesis-m1@1024: 0.90x, fashion-cnn@1024: 0.90x)" in md
+    assert "mlp batch 32 on cuda:0: error: Boom" in md
+    assert train_step.speedup_chart(rows, tmp_path / "s.png", "NVIDIA H100")
