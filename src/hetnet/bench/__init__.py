@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", default=None, help=f"comma-separated presets (default: {','.join(MODELS)})")
     p.add_argument("--batch-sizes", default=None, help="comma-separated (default: 32,128,1024)")
     p.add_argument("--devices", default=None,
-                   help="comma-separated hetnet backends (default: reference,cpu, and cuda when a GPU is usable)")
+                   help="comma-separated hetnet backends (default: cuda when a GPU is usable, cpu, reference)")
     p.add_argument("--out", default=None,
                    help="folder for the results (default: benchmarks/results/<GPU card or host name>)")
     p.add_argument("--repeats", type=int, default=None, help="most timed repetitions per side (default 30; quick 8)")
@@ -136,6 +136,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             setattr(args, extra, gpu and not args.quick and not args.no_extras)
     if args.repeats is None:
         args.repeats = 8 if args.quick else 30
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads: expected a positive integer, got {args.threads}")
     if args.repeats < 1:
         raise UsageError(f"--repeats: expected a positive integer, got {args.repeats}")
     if args.side_seconds is None:
