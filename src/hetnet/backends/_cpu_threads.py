@@ -22,6 +22,8 @@ import numpy as np
 CHUNK_BYTES = 4 * 1024 * 1024
 # Chains of element-wise ops: the chunk's operands and temporaries should fit in L2.
 ELEMENTWISE_CHUNK_BYTES = 512 * 1024
+# Largest chunk when several threads share the work (bounds the per-thread scratch buffers).
+MAX_CHUNK_BYTES = 32 * 1024 * 1024
 # Work smaller than this runs on the calling thread alone (handing it to the pool costs more than it saves).
 PARALLEL_MIN_BYTES = 256 * 1024
 
@@ -120,11 +122,19 @@ def _pool() -> ThreadPoolExecutor:
 
 
 def chunk_size(n: int, bytes_per_item: int, target: int | None = None) -> int:
-    """Items per chunk: about `target` (default CHUNK_BYTES) bytes of working set, at least 1, and at least one
-    chunk per thread."""
+    """Items per chunk.
+
+    One thread: about `target` (default CHUNK_BYTES) bytes of working set per chunk, so a chunk's chain of ops runs
+    in cache. Several threads: one chunk per thread (up to MAX_CHUNK_BYTES), because every NumPy call is a GIL
+    hand-over between the threads, and those cost more than the cache misses (measured: chunks this size ran
+    thesis-m1 at batch 128 in about 30 ms instead of 35 on two threads, while on one thread cache-sized chunks
+    win, about 50 ms against 57).
+    """
     if n * bytes_per_item < PARALLEL_MIN_BYTES:
         return max(1, n)
     per = max(1, (target or CHUNK_BYTES) // max(1, bytes_per_item))
+    if _threads > 1:
+        per = max(per, min(-(-n // _threads), MAX_CHUNK_BYTES // max(1, bytes_per_item)))
     per_thread = -(-n // _threads)
     return max(1, min(per, per_thread))
 
