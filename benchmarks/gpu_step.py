@@ -8,8 +8,9 @@ torch.backends.cudnn.benchmark=True. Sides, all measured in the same run on the 
   torch graph    the same step captured whole with torch.cuda.graph and replayed (PyTorch's fastest mode here)
 
 Timing: CUDA events around `--steps` consecutive steps on the stream the side runs on, after `--warmup` steps;
-median of `--reps` such runs. Peak memory: torch.cuda.max_memory_allocated for torch; for hetnet the bytes in use
-in CuPy's pool (parameters, gradients, optimizer state, the batch) plus the private pool of the captured graph.
+median of `--reps` such runs. Peak memory, steady state (after the warm-up): torch.cuda.max_memory_allocated over
+the timed steps for torch; for hetnet the bytes CuPy's default pool holds (emptied of cached blocks after the
+warm-up) plus the private pool of the captured graphs.
 Before timing, the first forward pass is checked to give the same logits on both sides.
 
     PYTHONPATH=src python benchmarks/gpu_step.py --out /tmp/gpu_step.json
@@ -41,13 +42,15 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def time_side(fn, stream_ptr_fn, steps, reps, warmup):
+def time_side(fn, stream_ptr_fn, steps, reps, warmup, after_warmup=None):
     """Median ms per step of `fn()` (one step), events recorded on the side's stream."""
     import cupy
 
     for _ in range(warmup):
         fn()
     cupy.cuda.runtime.deviceSynchronize()
+    if after_warmup is not None:
+        after_warmup()
     out = []
     for _ in range(reps):
         stream = stream_ptr_fn()
@@ -78,10 +81,12 @@ def hetnet_side(name, batch, x_np, y_np, use_graph, steps, reps, warmup):
     step = be.make_train_step(model, opt, None, 0.0)
     step.use_graph = use_graph
     x, y = be.asarray(x_np), be.labels(y_np)
-    ms, runs = time_side(lambda: step.step(x, y), lambda: step.stream, steps, reps, warmup)
-    step.collect()
     pool = cupy.get_default_memory_pool()
-    mem = pool.used_bytes() + (step.pool.total_bytes() if use_graph else pool.total_bytes() - pool.used_bytes())
+    ms, runs = time_side(lambda: step.step(x, y), lambda: step.stream, steps, reps, warmup, pool.free_all_blocks)
+    step.collect()
+    # steady state: what the default pool holds (parameters, gradients, optimizer state, batch, and in eager mode
+    # the cached activations) plus the private pool of the captured graphs
+    mem = pool.total_bytes() + (step.pool.total_bytes() if use_graph else 0)
     choices = {f"{e['op']} {e['shape']}": e["choice"] for e in be.tune_log}
     return {"ms": ms, "runs_ms": runs, "peak_bytes": int(mem), "conv_choices": choices}
 
@@ -124,8 +129,9 @@ def torch_side(name, batch, x_np, y_np, use_graph, steps, reps, warmup):
         fn = g.replay
     else:
         fn = eager
-    ms, runs = time_side(fn, lambda: torch.cuda.current_stream().cuda_stream, steps, reps, warmup)
-    mem = torch.cuda.max_memory_allocated()
+    ms, runs = time_side(fn, lambda: torch.cuda.current_stream().cuda_stream, steps, reps, warmup,
+                         torch.cuda.reset_peak_memory_stats)
+    mem = torch.cuda.max_memory_allocated()   # steady state: peak over the timed steps
     return {"ms": ms, "runs_ms": runs, "peak_bytes": int(mem)}
 
 

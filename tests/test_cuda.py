@@ -66,7 +66,7 @@ def _force(monkeypatch, fwd, data, filt):
 
 
 @pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "N{}C{}H{}W{}K{}k{}s{}p{}".format(*c))
-@pytest.mark.parametrize("algo", range(4))
+@pytest.mark.parametrize("algo", range(7))
 def test_conv_algorithms(be, rng, monkeypatch, case, algo):
     fwd, data, filt = FWD[algo % len(FWD)], DATA[algo % len(DATA)], FILTER[algo % len(FILTER)]
     _force(monkeypatch, fwd, data, filt)
@@ -175,10 +175,36 @@ def small_cnn(dropout=0.25):
 def test_plan_fuses_relus(be):
     nodes, seeds, pos = compile_plan(be, small_cnn())
     names = [type(n).__name__ for n in nodes]
-    assert names == ["_ConvNode", "_BNNode", "_MaxPoolNode", "_ConvNode", "_MaxPoolNode", "_ReshapeNode",
+    assert names == ["_ConvNode", "_BNPoolNode", "_ConvNode", "_MaxPoolNode", "_ReshapeNode",
                      "_ConvNode", "_DropoutNode", "_ConvNode"]
     assert seeds == 1 and not pos
-    assert [n.mask_input for n in nodes] == [False, False, True, False, True, False, False, False, True]
+    assert [n.mask_input for n in nodes] == [False, False, False, True, False, False, False, True]
+    # without the pool after it, BN + ReLU stays a BN node whose consumer masks
+    nodes, _, _ = compile_plan(be, hn.Sequential([hn.BatchNorm1D(4), hn.ReLU(), hn.Dense(4, 2)]))
+    assert [type(n).__name__ for n in nodes] == ["_BNNode", "_ConvNode"] and nodes[1].mask_input
+
+
+@pytest.mark.parametrize("shape,k,s", [((3, 4, 8, 8), 2, 2), ((2, 3, 9, 7), 3, 2), ((2, 2, 6, 5), 2, 1)])
+def test_bn_relu_maxpool_fused(be, rng, shape, k, s):
+    c = shape[1]
+    x, g, b = f32(rng, *shape), f32(rng, c), f32(rng, c)
+    rm, rv = np.zeros(c), np.ones(c)
+    a, bn_cache = ref.batchnorm_forward(x, g, b, rm.copy(), rv.copy(), 0.1, 1e-5, True)
+    r, relu_cache = ref.relu_forward(a)
+    y_ref, pool_cache = ref.maxpool2d_forward(r, k, s)
+    dy = f32(rng, *y_ref.shape)
+    dg_ref, db_ref = np.zeros(c), np.zeros(c)
+    dx_ref = ref.batchnorm_backward(ref.relu_backward(ref.maxpool2d_backward(dy, pool_cache), relu_cache),
+                                    bn_cache, dg_ref, db_ref)
+    rm_d, rv_d = be.zeros((c,)), be.asarray(np.ones(c))
+    y, cache = be.bn_relu_maxpool_forward(be.asarray(x), be.asarray(g), be.asarray(b), rm_d, rv_d, 0.1, 1e-5, True,
+                                          k, s)
+    dg, db = be.zeros((c,)), be.zeros((c,))
+    dx = be.bn_relu_maxpool_backward(be.asarray(dy), cache, dg, db)
+    assert_close(be.to_numpy(y), y_ref, F32, "y")
+    assert_close(be.to_numpy(dx), dx_ref, F32, "dx")
+    assert_close(be.to_numpy(dg), dg_ref, F32, "dgamma")
+    assert_close(be.to_numpy(db), db_ref, F32, "dbeta")
 
 
 def _data(rng, n=96):

@@ -388,6 +388,46 @@ class CudaBackend:
                     _i32(c), _i32(hw), _f32(eps))
         return dx
 
+    def bn_relu_maxpool_forward(self, x, gamma, beta, running_mean, running_var, momentum, eps, training, kernel,
+                                stride):
+        """maxpool(relu(batchnorm(x))) in two kernels (statistics, then normalise + ReLU + pool); the BN output is
+        never stored. Same statistics and running-stat update as batchnorm_forward."""
+        x = self._c(x)
+        n, c, h, w = x.shape
+        p, q = (h - kernel) // stride + 1, (w - kernel) // stride + 1
+        if training:
+            stats = self.xp.empty((2 * c,), dtype=self.xp.float32)
+            acc = self.scratch("bn_acc", (2 * c,), np.float64)
+            cnt = self.scratch("bn_cnt", (c,), np.uint32)
+            get_kernel(self.device_id, "norm", "bn_stats")(self._bn_grid(n, c, h * w), (256,), (
+                x, stats, running_mean, running_var, acc, cnt, _i32(n), _i32(c), _i32(h * w), _f32(momentum)))
+            mean, var = stats[:c], stats[c:]
+        else:
+            mean, var = running_mean.copy(), running_var.copy()
+        y = self.xp.empty((n, c, p, q), dtype=self.xp.float32)
+        arg = self.xp.empty((n, c, p, q), dtype=self.xp.uint8)
+        self.launch("norm", "bn_relu_maxpool_fwd", y.size, x, y, arg, mean, var, gamma, beta, _i32(n), _i32(c),
+                    _i32(h), _i32(w), _i32(p), _i32(q), _i32(kernel), _i32(stride), _f32(eps))
+        return y, (x, arg, mean, var, gamma, beta, float(eps), bool(training), kernel, stride)
+
+    def bn_relu_maxpool_backward(self, dy, cache, dgamma, dbeta):
+        """dE/dx of maxpool(relu(batchnorm(x))) in training mode; dgamma += and dbeta += as batchnorm_backward."""
+        x, arg, mean, var, gamma, beta, eps, training, kernel, stride = cache
+        if not training:
+            raise NotImplementedError("bn_relu_maxpool_backward: eval-mode backward is not fused")
+        dy = self._c(dy)
+        n, c, h, w = x.shape
+        p, q = dy.shape[2], dy.shape[3]
+        red = self.xp.empty((2 * c,), dtype=self.xp.float32)
+        acc = self.scratch("bn_acc", (2 * c,), np.float64)
+        cnt = self.scratch("bn_cnt", (c,), np.uint32)
+        dims = (_i32(n), _i32(c), _i32(h), _i32(w), _i32(p), _i32(q), _i32(kernel), _i32(stride), _f32(eps))
+        get_kernel(self.device_id, "norm", "bn_relu_maxpool_bwd_reduce")(self._bn_grid(n, c, h * w), (256,), (
+            dy, arg, x, mean, var, gamma, beta, red, dgamma, dbeta, acc, cnt, *dims))
+        dx = self.xp.empty_like(x)
+        self.launch("norm", "bn_relu_maxpool_bwd_dx", x.size, dy, arg, x, mean, var, gamma, beta, red, dx, *dims)
+        return dx
+
     # --- dropout ---------------------------------------------------------------------------------------------------
 
     @staticmethod

@@ -46,3 +46,18 @@ __device__ __forceinline__ unsigned hn_counter_hash(unsigned seed, unsigned i) {
 #define HN_GRID_STRIDE(i, n) \
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (long long)(n); \
          i += (long long)gridDim.x * blockDim.x)
+
+// Max-pooling backward at one input element (n*C + c = nc, h, w): the sum of dy over the windows whose first
+// maximum is this element (arg holds each window's argmax position, row-major). Windows p with p*st <= h < p*st+k.
+__device__ __forceinline__ float hn_pool_grad(const float* __restrict__ dy, const unsigned char* __restrict__ arg,
+                                              long long nc, int h, int w, int P, int Q, int k, int st) {
+    const int p_lo = h >= k ? (h - k) / st + 1 : 0, p_hi = min(P - 1, h / st);
+    const int q_lo = w >= k ? (w - k) / st + 1 : 0, q_hi = min(Q - 1, w / st);
+    float v = 0.f;
+    for (int p = p_lo; p <= p_hi; ++p)
+        for (int q = q_lo; q <= q_hi; ++q) {
+            const long long o = nc * P * Q + (long long)p * Q + q;
+            if (arg[o] == (h - p * st) * k + (w - q * st)) v += dy[o];
+        }
+    return v;
+}

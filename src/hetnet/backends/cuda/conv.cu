@@ -312,12 +312,18 @@ HN_FWD(64x64, 64, 64, 4, 4)
 HN_FWD(128x32, 128, 32, 4, 4)
 HN_FWD(128x16, 128, 16, 4, 2)
 HN_FWD(256x16, 256, 16, 8, 2)
+HN_FWD(64x32, 64, 32, 4, 2)     // smaller tiles: more blocks for small batches
+HN_FWD(64x16, 64, 16, 4, 1)
 HN_BWD_DATA(64x64, 64, 64, 4, 4)
 HN_BWD_DATA(128x32, 128, 32, 4, 4)
 HN_BWD_DATA(128x16, 128, 16, 4, 2)
+HN_BWD_DATA(64x32, 64, 32, 2, 4)
+HN_BWD_DATA(64x16, 64, 16, 2, 2)
 HN_BWD_FILTER(32x64, 32, 64, 2, 4)
 HN_BWD_FILTER(16x64, 16, 64, 1, 4)
 HN_BWD_FILTER(64x64, 64, 64, 4, 4)
+HN_BWD_FILTER(16x32, 16, 32, 1, 2)  // short filters (C*R*S = 9, 27)
+HN_BWD_FILTER(32x32, 32, 32, 2, 2)
 
 // --- im2col path ---------------------------------------------------------------------------------------------------
 

@@ -34,18 +34,7 @@ extern "C" __global__ void maxpool_bwd(const float* __restrict__ dy, const unsig
     HN_GRID_STRIDE(e, (long long)NC * H * W) {
         const int w = (int)(e % W), h = (int)((e / W) % H);
         const long long nc = e / ((long long)H * W);
-        float v = 0.f;
-        if (!(relu_mask && x[e] <= 0.f)) {
-            // windows p with p*st <= h < p*st + k
-            const int p_lo = h >= k ? (h - k) / st + 1 : 0, p_hi = min(P - 1, h / st);
-            const int q_lo = w >= k ? (w - k) / st + 1 : 0, q_hi = min(Q - 1, w / st);
-            for (int p = p_lo; p <= p_hi; ++p)
-                for (int q = q_lo; q <= q_hi; ++q) {
-                    const long long o = nc * P * Q + (long long)p * Q + q;
-                    if (arg[o] == (h - p * st) * k + (w - q * st)) v += dy[o];
-                }
-        }
-        dx[e] = v;
+        dx[e] = (relu_mask && x[e] <= 0.f) ? 0.f : hn_pool_grad(dy, arg, nc, h, w, P, Q, k, st);
     }
 }
 

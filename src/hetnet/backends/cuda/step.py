@@ -81,6 +81,25 @@ class _BNNode(_Node):
         return _mask(self.be, dx, ctx, self) if need_dx else None
 
 
+class _BNPoolNode(_Node):
+    """BatchNorm2D -> ReLU -> MaxPool2D in one forward kernel (after the statistics) and two backward kernels."""
+
+    def __init__(self, be, bn, pool):
+        self.be, self.layer, self.pool = be, bn, pool
+
+    def fwd(self, x, ctx):
+        lyr = self.layer
+        y, self.cache = self.be.bn_relu_maxpool_forward(x, lyr.weight.data, lyr.bias.data, lyr.running_mean,
+                                                        lyr.running_var, lyr.momentum, lyr.eps, lyr.training,
+                                                        self.pool.kernel_size, self.pool.stride)
+        return y
+
+    def bwd(self, dy, need_dx, ctx):
+        dx = self.be.bn_relu_maxpool_backward(dy, self.cache, self.layer.weight.grad, self.layer.bias.grad)
+        self.cache = None
+        return _mask(self.be, dx, ctx, self) if need_dx else None
+
+
 class _MaxPoolNode(_Node):
     def __init__(self, be, layer):
         self.be, self.layer = be, layer
@@ -172,6 +191,12 @@ def compile_plan(be, model):
             act = 1 if nxt == "ReLU" else 0
             nodes.append(_ConvNode(be, lyr, act, t == "Dense"))
             i += 1 + act
+            continue
+        nxt2 = layers[i + 2] if i + 2 < len(layers) else None
+        if (t == "BatchNorm2D" and nxt == "ReLU" and type(nxt2).__name__ == "MaxPool2D"
+                and nxt2.kernel_size ** 2 <= 256):
+            nodes.append(_BNPoolNode(be, lyr, nxt2))
+            i += 3
             continue
         if t in ("BatchNorm1D", "BatchNorm2D"):
             act = 1 if nxt == "ReLU" else 0
@@ -313,8 +338,15 @@ class GraphTrainStep:
                 yb = self.be._labels32(yb)
                 self._upload()
                 key = tuple(xb.shape)
-                if not self.use_graph or key not in self.seen:
-                    self._run_plan(xb, yb)      # eager: first batch of a shape (measures conv algorithms)
+                if not self.use_graph:
+                    self._run_plan(xb, yb)
+                elif key not in self.seen:
+                    # eager: first batch of a shape (measures conv algorithms), in the private pool, whose
+                    # cached blocks are then released so that only the graph's working set stays
+                    with cp.cuda.using_allocator(self.pool.malloc):
+                        self._run_plan(xb, yb)
+                    self.stream.synchronize()
+                    self.pool.free_all_blocks()
                     self.seen.add(key)
                 else:
                     g = self.graphs.get(key)

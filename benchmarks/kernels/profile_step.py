@@ -1,0 +1,88 @@
+"""Where the time of one fast training step goes: per-node CUDA-event times of the fused plan (no graph, so each
+node's kernels run back to back), and an NVTX range "prof" around one step for Nsight Compute.
+
+    PYTHONPATH=src python benchmarks/kernels/profile_step.py --model fashion-cnn --batch 32
+    ncu --nvtx --nvtx-include "prof/" --metrics gpu__time_duration.sum --csv \\
+        python benchmarks/kernels/profile_step.py --model thesis-m1 --batch 1024 --quiet
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="thesis-m1")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--quiet", action="store_true", help="only the NVTX-marked step (for ncu)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+
+    import cupy
+
+    import hetnet as hn
+    from hetnet import zoo
+    from hetnet.optim import SGD
+
+    hn.seed(0)
+    model = zoo.build(args.model).to("cuda")
+    be = model.backend
+    step = be.make_train_step(model, SGD(model.parameters(), lr=0.01, momentum=0.9))
+    step.use_graph = False
+    rng = np.random.default_rng(0)
+    x = be.asarray(rng.normal(size=(args.batch, *zoo.PRESETS[args.model].input_shape)).astype(np.float32))
+    y = be.labels(rng.integers(0, 10, size=args.batch))
+    for _ in range(3):
+        step.step(x, y)
+    cupy.cuda.runtime.deviceSynchronize()
+    cupy.cuda.nvtx.RangePush("prof")
+    step.step(x, y)
+    cupy.cuda.runtime.deviceSynchronize()
+    cupy.cuda.nvtx.RangePop()
+    if args.quiet:
+        return
+
+    # per-node times: wrap each node's fwd/bwd with events on the step's stream
+    times: dict[str, list] = {}
+
+    def wrap(node, name, kind):
+        orig = getattr(node, kind)
+
+        def timed(*a, **k):
+            s, e = cupy.cuda.Event(), cupy.cuda.Event()
+            s.record(step.stream)
+            out = orig(*a, **k)
+            e.record(step.stream)
+            times.setdefault(f"{name} {kind}", []).append((s, e))
+            return out
+
+        setattr(node, kind, timed)
+
+    for i, node in enumerate(step.nodes):
+        name = f"{i}:{type(node).__name__.strip('_')}"
+        wrap(node, name, "fwd")
+        wrap(node, name, "bwd")
+    s_all, e_all = cupy.cuda.Event(), cupy.cuda.Event()
+    s_all.record(step.stream)
+    for _ in range(args.reps):
+        step.step(x, y)
+    e_all.record(step.stream)
+    e_all.synchronize()
+    total = cupy.cuda.get_elapsed_time(s_all, e_all) / args.reps
+    rows = {k: float(np.median([cupy.cuda.get_elapsed_time(s, e) for s, e in v])) * 1000 for k, v in times.items()}
+    print(f"{args.model} batch {args.batch}, eager plan, {be.gpu_name}: {total * 1000:.1f} us/step "
+          f"(nodes below; the rest is loss, zeroing, update and launch gaps)")
+    for k, v in sorted(rows.items(), key=lambda kv: -kv[1]):
+        print(f"  {k:<28} {v:8.1f} us")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": args.model, "batch": args.batch, "us_per_step": total * 1000, "nodes_us": rows,
+                       "conv_choices": {f"{e['op']} {e['shape']}": e["choice"] for e in be.tune_log}}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
