@@ -1,0 +1,89 @@
+"""Model zoo: the thesis's five CNNs exactly, the MLP, fashion-cnn and its recipe, JSON specs."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import hetnet as hn
+from hetnet import zoo
+from hetnet.errors import ModelFileError, UsageError
+
+THESIS = {  # preset: (input, conv channels, dense widths, learning rate)
+    "thesis-m0": ((3, 12, 12), [16, 32], [100], 0.01),
+    "thesis-m1": ((3, 32, 32), [16, 32], [100], 0.01),
+    "thesis-m2": ((3, 40, 40), [16, 32], [100], 0.001),
+    "thesis-m3": ((3, 40, 40), [16, 32, 32], [128, 50], 0.00001),
+    "thesis-m4": ((3, 50, 50), [32, 32, 32], [200, 50], 0.00001),
+}
+
+
+@pytest.mark.parametrize("name", list(THESIS))
+def test_thesis_models_are_exactly_as_described(name):
+    shape, convs, dense, lr = THESIS[name]
+    preset = zoo.PRESETS[name]
+    assert preset.input_shape == shape and preset.lr == lr
+    assert preset.optimizer == "sgd" and preset.batch_size == 32 and preset.schedule == "constant"
+    assert preset.weight_decay == 0 and not preset.augment
+    model = zoo.build(name)
+    kinds = [type(layer).__name__ for layer in model.layers]
+    conv = [layer for layer in model.layers if type(layer).__name__ == "Conv2D"]
+    assert [c.out_channels for c in conv] == convs
+    assert all(c.kernel_size == 3 and c.padding == 1 and c.stride == 1 for c in conv)
+    for i, k in enumerate(kinds):
+        if k == "Conv2D":
+            assert kinds[i + 1:i + 3] == ["ReLU", "MaxPool2D"] and model.layers[i + 2].kernel_size == 2
+    dense_layers = [layer for layer in model.layers if type(layer).__name__ == "Dense"]
+    assert [d.out_features for d in dense_layers] == dense + [10]
+    assert kinds[-1] == "Dense" and kinds.count("ReLU") == len(convs) + len(dense)
+    assert model.output_shape(shape) == (10,)
+
+
+def test_mlp_and_fashion_cnn():
+    assert zoo.build("mlp").output_shape((1, 28, 28)) == (10,)
+    assert [d.out_features for d in zoo.build("mlp").layers if type(d).__name__ == "Dense"] == [512, 256, 10]
+    model = zoo.build("fashion-cnn")
+    kinds = [type(layer).__name__ for layer in model.layers]
+    assert "BatchNorm2D" in kinds and model.output_shape((1, 28, 28)) == (10,)
+
+
+def test_fashion_cnn_recipe_is_valid_for_the_trainer():
+    from hetnet.data.transforms import parse_augment
+    from hetnet.optim import SCHEDULES
+    from hetnet.train import OPTIMIZERS
+
+    p = zoo.PRESETS["fashion-cnn"]
+    assert p.optimizer in OPTIMIZERS and p.schedule in SCHEDULES and p.lr > 0 and p.epochs >= 10
+    assert 0 < p.weight_decay < 1e-2 and p.batch_size == 128
+    parse_augment(p.augment)                         # names the data loader understands
+
+
+def test_spec_round_trip_and_seeded_build(tmp_path):
+    spec = zoo.spec_of("fashion-cnn")
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec))
+    hn.seed(3)
+    a, shape, spec_a = zoo.resolve(str(path))
+    hn.seed(3)
+    b = zoo.build("fashion-cnn")
+    assert shape == (1, 28, 28) and spec_a == spec
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and np.array_equal(va, vb)
+
+
+def test_resolve_errors(tmp_path):
+    with pytest.raises(UsageError, match="--model"):
+        zoo.resolve("no-such-model")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"input_shape": [1, 28, 28], "layers": [{"type": "Flatten"},
+                                                                      {"type": "Dense", "in_features": 100,
+                                                                       "out_features": 10}]}))
+    with pytest.raises(ModelFileError, match="chain"):
+        zoo.resolve(str(bad))
+    for content in ({"layers": []}, {"input_shape": [1, 28], "layers": [{"type": "Flatten"}]},
+                    {"input_shape": [1, 2, 2], "layers": [{"type": "Warp"}]},
+                    {"input_shape": [1, 2, 2], "layers": [{"type": "Dense", "in_features": -1}]}):
+        bad.write_text(json.dumps(content))
+        with pytest.raises(ModelFileError, match="bad.json"):
+            zoo.resolve(str(bad))
