@@ -199,7 +199,7 @@ def test_spec_input_channels_do_not_fit_the_data(capsys, tmp_path, data):
     spec["layers"][0]["in_channels"] = 2
     p = tmp_path / "two-channel.json"
     p.write_text(json.dumps(spec))
-    _train_fails(capsys, tmp_path, "--data", str(data), "--model", str(p), needles=["(2, 28, 28)"])
+    _train_fails(capsys, tmp_path, "--data", str(data), "--model", str(p), needles=["--model", str(p), "[2, 28, 28]"])
 
 
 def test_spec_with_wrong_number_of_classes(capsys, tmp_path, data):
@@ -289,3 +289,23 @@ def test_subprocess_bad_input_has_no_traceback(tmp_path):
     r = _hetnet("train", "--data", str(tmp_path / "nowhere"), "--device", "cpu", "--out", str(tmp_path / "o"))
     _assert_usage_error(r.returncode, r.stderr, str(tmp_path / "nowhere"))
     assert not (tmp_path / "o").exists()
+
+
+def test_ctrl_c_exits_130_with_one_line(tmp_path, data, spec_file):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "hetnet", "train", "--model", str(spec_file), "--data", str(data),
+                             "--epochs", "200", "--device", "cpu", "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    t0 = time.monotonic()
+    while not (out / "metrics.jsonl").exists() and time.monotonic() - t0 < 60:
+        time.sleep(0.01)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 130, err
+    lines = [s for s in err.splitlines() if s.strip()]
+    assert len(lines) == 1 and "--resume" in lines[0] and "Traceback" not in err
+    assert not (out / "model.safetensors").exists()

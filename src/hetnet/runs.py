@@ -177,11 +177,15 @@ def versions() -> dict:
     return out
 
 
-def load_data(dataset: str, data: str | None, input_shape: tuple, skip_bad_images: bool = False):
-    """hetnet.data.load_dataset, then images fitted to the model input: same channels required, size resized."""
+def load_data(dataset: str, data: str | None, input_shape: tuple, skip_bad_images: bool = False,
+              model: str = "the model"):
+    """hetnet.data.load_dataset, images converted to the model's channels (grey <-> RGB) and resized to its input."""
     from . import data as hdata
     from .data import transforms
 
+    if input_shape[0] not in (1, 3):
+        raise UsageError(f"--model: {model} has input_shape {list(input_shape)}, but images can only be fed as 1 "
+                         f"(grey) or 3 (RGB) channels")
     if dataset not in DATASETS:
         raise UsageError(f"--dataset: unknown data set {dataset!r} (expected one of {', '.join(DATASETS)})")
     if dataset == "folder" and data is None:
@@ -212,7 +216,8 @@ def prepare(config: dict, log: Callable[[str], None] | None = None) -> _Prepared
     hrandom.seed(config["seed"])
     spec = config["spec"]
     model, input_shape = zoo.build_from_spec(spec, config.get("model") or "spec")
-    ds = load_data(config["dataset"], config.get("data"), input_shape, config.get("skip_bad_images", False))
+    ds = load_data(config["dataset"], config.get("data"), input_shape, config.get("skip_bad_images", False),
+                   config.get("model") or "the model")
     class_names = [str(c) for c in ds.class_names]
     k = len(class_names)
     if k < 2:
