@@ -31,6 +31,8 @@ def _parse_args(argv=None):
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps per side before timing")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/cpu/<hostname>.json)")
     ap.add_argument("--no-save", action="store_true", help="print only")
+    ap.add_argument("--gap-ms", type=float, default=0.0,
+                    help="idle pause before each timed step (lets the other library's worker threads go to sleep)")
     ap.add_argument("--quiet-wait", type=float, default=120.0,
                     help="seconds to wait, before each row, for the other processes to leave the CPUs idle")
     return ap.parse_args(argv)
@@ -167,6 +169,8 @@ def time_row(model_name: str, batch: int, reps: int, warmup: int) -> dict:
     for i in range(reps):
         order = (pair.step, pair.tstep) if i % 2 == 0 else (pair.tstep, pair.step)
         for fn in order:
+            if ARGS.gap_ms:
+                time.sleep(ARGS.gap_ms / 1e3)
             t0 = time.perf_counter()
             fn()
             dt = time.perf_counter() - t0

@@ -700,16 +700,34 @@ def binary_cross_entropy_with_logits(logits, targets):
 
 
 def sgd_update(p, g, buf, lr, momentum, dampening, nesterov, weight_decay, first_step):
-    """torch.optim.SGD, in place on p and buf."""
-    d = g + _F(weight_decay) * p if weight_decay else g
+    """torch.optim.SGD, in place on p and buf (one per-thread scratch array for the step)."""
+    t = _thr.scratch("sgd_t", p.shape)
+    if weight_decay:
+        np.multiply(p, _F(weight_decay), out=t)
+        t += g                                       # d = g + wd * p
+        d = t
+    else:
+        d = g
     if momentum:
         if first_step:
-            buf[...] = d
+            np.copyto(buf, d)                        # buf = d
         else:
-            buf *= _F(momentum)
+            buf *= _F(momentum)                      # buf = momentum * buf + (1 - dampening) * d
             buf += _F(1 - dampening) * d if dampening else d
-        d = d + _F(momentum) * buf if nesterov else buf
-    p -= _F(lr) * d
+        if nesterov:                                 # d = d + momentum * buf
+            if d is t:
+                t += _F(momentum) * buf
+            else:
+                np.multiply(buf, _F(momentum), out=t)
+                t += d
+            d = t
+        else:
+            d = buf
+    if d is t:
+        t *= _F(lr)
+    else:
+        np.multiply(d, _F(lr), out=t)
+    p -= t                                           # p = p - lr * d
 
 
 def adam_update(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay, decoupled):
