@@ -248,7 +248,8 @@ class GraphTrainStep:
         self.seeds = self.hp[HP_SLOTS:].view(cupy.uint32)
         self.ctx = {"seeds": self.seeds}
         self.host = cupyx.empty_pinned((RING, self.hp.size), dtype=np.float32)
-        self.events = [None] * RING
+        self.events = [cupy.cuda.Event(disable_timing=True) for _ in range(RING)]
+        self.recorded = [False] * RING
         self.slot = 0
         self.loss_acc = cupy.zeros((1,), dtype=cupy.float64)
         self.correct = cupy.zeros((1,), dtype=cupy.uint64)
@@ -311,8 +312,8 @@ class GraphTrainStep:
             return
         vals = self.host[self.slot]
         ev = self.events[self.slot]
-        if ev is not None:
-            ev.synchronize()
+        if self.recorded[self.slot]:
+            ev.synchronize()          # the copy that last read this pinned slot has run
         if self.opt_kind == "SGD":
             vals[0], vals[1] = opt.lr, 1.0 if opt.steps == 0 else 0.0
         elif self.opt_kind in ("Adam", "AdamW"):
@@ -325,7 +326,8 @@ class GraphTrainStep:
             seeds[j] = int(generator().integers(0, 2**32))
         self.cp.cuda.runtime.memcpyAsync(self.hp.data.ptr, vals.ctypes.data, vals.nbytes,
                                          self.cp.cuda.runtime.memcpyHostToDevice, self.stream.ptr)
-        self.events[self.slot] = self.stream.record()
+        ev.record(self.stream)
+        self.recorded[self.slot] = True
         self.slot = (self.slot + 1) % RING
 
     def step(self, xb, yb) -> None:
