@@ -73,39 +73,6 @@ extern "C" __global__ void softmax_bwd(const float* __restrict__ dy, const float
     for (int k = lane; k < K; k += 32) dx[row * K + k] = y[row * K + k] * (dy[row * K + k] - d);
 }
 
-// y[i] = a[i] (uint8 data set) gathered by index, normalised, randomly cropped (zero padding) and flipped:
-// the GPU-side input pipeline. Images are [C, H, W]; per-image crop offsets and flip come from the counter hash of
-// (seed, image index in the batch).
-extern "C" __global__ void gather_augment_u8(const unsigned char* __restrict__ data, const int* __restrict__ index,
-                                             float* __restrict__ out, const float* __restrict__ mean,
-                                             const float* __restrict__ inv_std, const unsigned* __restrict__ seed_ptr,
-                                             int B, int C, int H, int W, int pad, int flip) {
-    const unsigned sd = seed_ptr ? *seed_ptr : 0u;
-    const long long CHW = (long long)C * H * W;
-    HN_GRID_STRIDE(e, (long long)B * CHW) {
-        const int b = (int)(e / CHW);
-        const int rem = (int)(e - (long long)b * CHW);
-        const int c = rem / (H * W), hw = rem - c * H * W, h = hw / W, w = hw - h * W;
-        int dh = 0, dw = 0;
-        bool fl = false;
-        if (pad > 0 || flip) {
-            const unsigned r = hn_counter_hash(sd, (unsigned)b);
-            if (pad > 0) {
-                dh = (int)(r % (2 * pad + 1)) - pad;
-                dw = (int)((r >> 8) % (2 * pad + 1)) - pad;
-            }
-            fl = flip && ((r >> 31) & 1u);
-        }
-        const int sh = h + dh, swc = (fl ? W - 1 - w : w) + dw;
-        float v = 0.f;
-        if (sh >= 0 && sh < H && swc >= 0 && swc < W) {
-            const float raw = data[(long long)index[b] * CHW + (long long)c * H * W + sh * W + swc];
-            v = (raw * (1.f / 255.f) - mean[c]) * inv_std[c];
-        }
-        out[e] = v;
-    }
-}
-
 // Keeps one SM busy for about `cycles` clock cycles: the conv algorithm measurement queues the runs it times behind
 // this, so the events between them see GPU time only, not Python's launch latency.
 extern "C" __global__ void hn_spin(long long cycles) {
