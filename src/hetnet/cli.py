@@ -149,7 +149,8 @@ def cmd_train(args) -> int:
     progress = False if args.no_progress else None
     if args.resume:
         given = [f for f in ("epochs", "batch_size", "lr", "optimizer", "schedule", "weight_decay", "limit", "out",
-                             "data", "augment") if getattr(args, f) is not None]
+                             "data", "augment", "device", "val_fraction", "label_smoothing", "warmup_epochs")
+                 if getattr(args, f) is not None]
         if given:
             print(f"note: --resume continues the run as configured; ignoring --{given[0].replace('_', '-')}"
                   + (" and others" if len(given) > 1 else ""), file=sys.stderr)

@@ -169,7 +169,8 @@ def versions() -> dict:
     from . import __version__
 
     out = {"hetnet": __version__, "python": platform.python_version()}
-    for dist in ("numpy", "safetensors", "pillow", "tqdm", "matplotlib", "cupy-cuda12x", "cupy", "torch"):
+    for dist in ("numpy", "safetensors", "pillow", "tqdm", "matplotlib", "cupy-cuda12x", "cupy-cuda13x",
+                 "cupy", "torch"):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:

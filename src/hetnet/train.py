@@ -219,6 +219,7 @@ class Trainer:
         self.progress = sys.stderr.isatty() if progress is None else bool(progress)
         self.log = log
         self._train_step = None
+        self._eval_step = None
 
     @property
     def backend(self):
@@ -263,8 +264,11 @@ class Trainer:
         return loss, correct / count, seconds, count
 
     def evaluate(self, loader) -> tuple[float, float]:
-        """(mean loss, accuracy) over loader.epoch(0), model in eval mode."""
-        return evaluate(self.model, loader)
+        """(mean loss, accuracy) over loader.epoch(0), model in eval mode; one eval step object reused."""
+        if self._eval_step is None:
+            self.model.eval()
+            self._eval_step = make_eval_step(self.model)
+        return evaluate(self.model, loader, self._eval_step)
 
     def fit(self, train_loader, epochs: int, val_loader=None, test_loader=None, start_epoch: int = 0,
             history: list | None = None, on_epoch_end: Callable[[dict, list], None] | None = None) -> list[dict]:
@@ -285,7 +289,7 @@ class Trainer:
                    "val_loss": None, "val_accuracy": None, "test_loss": None, "test_accuracy": None}
             for split, loader in (("val", val_loader), ("test", test_loader)):
                 if loader is not None:
-                    rec[f"{split}_loss"], rec[f"{split}_accuracy"] = evaluate(self.model, loader)
+                    rec[f"{split}_loss"], rec[f"{split}_accuracy"] = self.evaluate(loader)
             rec["seconds"] = time.perf_counter() - t0
             rec["images_per_second"] = n / max(train_s, 1e-9)
             history.append(rec)
@@ -296,13 +300,15 @@ class Trainer:
         return history
 
 
-def evaluate(model, loader) -> tuple[float, float]:
-    """(mean loss, accuracy) of a model over loader.epoch(0), in eval mode (mode restored afterwards)."""
+def evaluate(model, loader, step=None) -> tuple[float, float]:
+    """(mean loss, accuracy) of a model over loader.epoch(0), in eval mode (mode restored afterwards).
+    `step`: an eval step object of this model to reuse (from make_eval_step)."""
     backend = model.backend
     was_training = model.training
     model.eval()
     try:
-        step = make_eval_step(model)
+        step = step if step is not None else make_eval_step(model)
+        step.collect()  # start from zero
         for xb, yb in loader.epoch(0):
             step.step(backend.asarray(xb), backend.labels(yb))
         loss_sum, correct, count = step.collect()
