@@ -139,5 +139,6 @@ def test_corrupt_checkpoint_is_a_model_file_error(tmp_path):
 
 
 def test_never_pickle():
-    src = open(serialize.__file__).read()
+    with open(serialize.__file__) as f:
+        src = f.read()
     assert "pickle" not in src.replace("Never pickle", "")

@@ -158,7 +158,7 @@ def test_predict_labels_and_confusion():
 
 
 def test_array_loader_order_depends_only_on_seed_and_epoch():
-    x, y = _toy(30)
+    x, _ = _toy(30)
     a = [yb.tolist() for _, yb in train.ArrayLoader(x, np.arange(30), 7, seed=5).epoch(3)]
     b = [yb.tolist() for _, yb in train.ArrayLoader(x, np.arange(30), 7, seed=5).epoch(3)]
     c = [yb.tolist() for _, yb in train.ArrayLoader(x, np.arange(30), 7, seed=5).epoch(4)]

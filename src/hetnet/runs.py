@@ -25,17 +25,17 @@ import math
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from . import random as hrandom
 from . import serialize, zoo
 from .device import best_device, get_backend
-from .errors import HetnetError, ModelFileError, TrainingDiverged, UsageError
+from .errors import ModelFileError, TrainingDiverged, UsageError
 from .train import (OPTIMIZERS, Trainer, check_lr, check_positive_int, confusion_matrix, default_log,
                     make_optimizer, make_schedule, predict_labels, records_iter)
 
@@ -289,7 +289,7 @@ def make_config(cfg: RunConfig) -> dict:
         raise UsageError(f"--dataset: unknown data set {cfg.dataset!r} (expected one of {', '.join(DATASETS)})")
     recipe = _recipe(cfg, preset)
     hrandom.seed(cfg.seed)
-    _, input_shape, spec = zoo.resolve(cfg.model)
+    spec = zoo.resolve(cfg.model)[2]
     return {
         "model": cfg.model, "spec": spec, "adapt_classes": preset is not None,
         "dataset": cfg.dataset, "data": None if cfg.data is None else str(Path(cfg.data).resolve()),
@@ -457,8 +457,8 @@ def _summary(run_dir: Path, history: list, epochs: int) -> str:
     lines = [f"done: {len(history)}/{epochs} epochs in {int(total) // 60}:{int(total) % 60:02d}; "
              f"{split} accuracy {100 * last.get(key, float('nan')):.2f}%"
              + (f" (best {100 * best[key]:.2f}% at epoch {best['epoch']})" if best else ""),
-             f"artefacts in {run_dir}/: model.safetensors, metrics.jsonl, curves.png, confusion.png, config.json, "
-             f"checkpoint/"]
+             (f"artefacts in {run_dir}/: model.safetensors, metrics.jsonl, curves.png, confusion.png, "
+              f"config.json, checkpoint/")]
     return "\n".join(lines)
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
@@ -235,25 +235,24 @@ class Trainer:
         loss_sum, correct, count = 0.0, 0, 0
         t0 = time.perf_counter()
         # overflow in a diverging run is reported once, as TrainingDiverged, not as NumPy warnings
-        errstate = np.errstate(over="ignore", invalid="ignore", divide="ignore")
-        errstate.__enter__()
-        try:
-            for i, (xb, yb) in enumerate(loader.epoch(epoch)):
-                step.step(backend.asarray(xb), backend.labels(yb))
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            try:
+                for i, (xb, yb) in enumerate(loader.epoch(epoch)):
+                    step.step(backend.asarray(xb), backend.labels(yb))
+                    if bar is not None:
+                        bar.update(1)
+                        if i % 20 == 19:  # a device sync every 20 batches, only when someone watches
+                            ls, c, n = step.collect()
+                            loss_sum, correct, count = loss_sum + ls, correct + c, count + n
+                            rate = count / max(time.perf_counter() - t0, 1e-9)
+                            bar.set_postfix_str(f"loss {loss_sum / max(count, 1):.4f} "
+                                                f"acc {100 * correct / max(count, 1):.2f}% {rate:.0f} img/s",
+                                                refresh=False)
+                ls, c, n = step.collect()
+                backend.synchronize()
+            finally:
                 if bar is not None:
-                    bar.update(1)
-                    if i % 20 == 19:  # a device sync every 20 batches, only when someone watches
-                        ls, c, n = step.collect()
-                        loss_sum, correct, count = loss_sum + ls, correct + c, count + n
-                        dt = time.perf_counter() - t0
-                        bar.set_postfix_str(f"loss {loss_sum / max(count, 1):.4f} acc {100 * correct / max(count, 1):.2f}%"
-                                            f" {count / max(dt, 1e-9):.0f} img/s", refresh=False)
-            ls, c, n = step.collect()
-            backend.synchronize()
-        finally:
-            errstate.__exit__(None, None, None)
-            if bar is not None:
-                bar.close()
+                    bar.close()
         loss_sum, correct, count = loss_sum + ls, correct + c, count + n
         seconds = time.perf_counter() - t0
         if count == 0:
