@@ -243,7 +243,15 @@ def _cuda_description() -> str:
     if isinstance(text, (list, tuple)):
         text = "\n             ".join(map(str, text))
     elif isinstance(text, dict):
-        text = ", ".join(f"{k}: {v}" for k, v in text.items())
+        if text.get("available") is False:
+            return f"unavailable ({text.get('reason', 'no reason given')})"
+        devices = text.get("devices") if isinstance(text.get("devices"), list) else []
+        lines = [", ".join(f"{k} {v}" for k, v in text.items() if k not in ("available", "devices"))]
+        for d in devices:
+            if isinstance(d, dict):
+                lines.append(f"cuda:{d.get('index', '?')}  " +
+                             ", ".join(f"{k} {v}" for k, v in d.items() if k != "index"))
+        text = "\n             ".join(lines)
     return str(text)
 
 
