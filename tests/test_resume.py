@@ -46,7 +46,7 @@ def _argv(data, spec, out):
     return [sys.executable, "-m", "hetnet", "train", "--model", str(spec), "--data", str(data), "--device", "cpu",
             "--epochs", str(EPOCHS), "--batch-size", "32", "--optimizer", "momentum", "--lr", "0.05",
             "--schedule", "cosine", "--warmup-epochs", "1", "--weight-decay", "5e-4", "--augment", "crop:2,flip",
-            "--limit", "400", "--val-fraction", "0.1", "--seed", "7", "--out", str(out)]
+            "--limit", "400", "--val-fraction", "0.1", "--seed", "7", "--ema", "0.99", "--out", str(out)]
 
 
 def _run(argv):

@@ -171,3 +171,44 @@ def test_fit_rejects_bad_arguments(bad):
     x, y = _toy(16)
     with pytest.raises(UsageError):
         _model().fit(x, y, **{"log": None, **bad})
+
+
+def _bn_model():
+    hn.seed(0)
+    return hn.Sequential([hn.Flatten(), hn.Dense(4, 8), hn.BatchNorm1D(8), hn.ReLU(), hn.Dense(8, 3)]).to("cpu")
+
+
+def test_weight_average_is_the_ema_of_weights_and_bn_statistics():
+    from conftest import assert_close
+
+    x, y = _toy(64)
+    model = _bn_model()
+    avg = train.WeightAverage(model, 0.9)
+    expected = {k: v.astype(np.float64) for k, v in model.state_dict().items()}
+    step = train.TrainStep(model, train.make_optimizer("momentum", model.parameters(), 0.1))
+    for i in range(4):
+        step.step(x[16 * i:16 * (i + 1)], y[16 * i:16 * (i + 1)])
+        avg.update()
+        d = min(0.9, (1 + i) / (10 + i))
+        for k, v in model.state_dict().items():
+            expected[k] = d * expected[k] + (1 - d) * v
+    live = model.state_dict()
+    got = avg.state_dict()["arrays"]
+    assert set(got) == set(expected) and "2.running_var" in got
+    for k in expected:
+        assert_close(got[k], expected[k], np.float32, k)
+    with avg.applied():
+        assert all(np.array_equal(v, got[k]) for k, v in model.state_dict().items())
+    assert all(np.array_equal(v, live[k]) for k, v in model.state_dict().items())
+
+
+def test_fit_with_weight_average_keeps_the_evaluated_weights():
+    x, y = _toy(64)
+    model = _bn_model()
+    opt = train.make_optimizer("momentum", model.parameters(), 0.1)
+    trainer = train.Trainer(model, opt, log=None, progress=False, ema=0.95)
+    hist = trainer.fit(train.ArrayLoader(x, y, 16), 3, test_loader=train.ArrayLoader(x, y, 32, shuffle=False))
+    avg = trainer.average.state_dict()["arrays"]
+    assert all(np.array_equal(v, avg[k]) for k, v in model.state_dict().items())
+    assert train.evaluate(model, train.ArrayLoader(x, y, 32, shuffle=False)) == \
+        (hist[-1]["test_loss"], hist[-1]["test_accuracy"])

@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--weight-decay", type=_nonneg_float)
     t.add_argument("--warmup-epochs", type=_nonneg_float, help="linear warm-up length, in epochs")
     t.add_argument("--label-smoothing", type=_fraction)
+    t.add_argument("--ema", type=_fraction, metavar="DECAY", help="evaluate and keep an exponential moving average "
+                                                                  "of the weights with this decay (0: off)")
     aug = t.add_mutually_exclusive_group()
     aug.add_argument("--augment", metavar="LIST", help="comma-separated: crop[:PAD], flip (e.g. crop:2,flip)")
     aug.add_argument("--no-augment", action="store_true", help="no augmentation")
@@ -149,7 +151,7 @@ def cmd_train(args) -> int:
     progress = False if args.no_progress else None
     if args.resume:
         given = [f for f in ("epochs", "batch_size", "lr", "optimizer", "schedule", "weight_decay", "limit", "out",
-                             "data", "augment", "device", "val_fraction", "label_smoothing", "warmup_epochs")
+                             "data", "augment", "device", "val_fraction", "label_smoothing", "warmup_epochs", "ema")
                  if getattr(args, f) is not None]
         if given:
             print(f"note: --resume continues the run as configured; ignoring --{given[0].replace('_', '-')}"
@@ -165,7 +167,7 @@ def cmd_train(args) -> int:
     cfg = RunConfig(model=args.model, dataset=args.dataset, data=args.data, device=args.device, epochs=args.epochs,
                     batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer, schedule=args.schedule,
                     weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
-                    label_smoothing=args.label_smoothing, augment=augment, val_fraction=args.val_fraction,
+                    label_smoothing=args.label_smoothing, ema=args.ema, augment=augment, val_fraction=args.val_fraction,
                     seed=args.seed, limit=args.limit, skip_bad_images=args.skip_bad_images,
                     out=args.out or str(default_run_dir(args.model, args.dataset)))
     try:

@@ -36,7 +36,7 @@ from . import random as hrandom
 from . import serialize, zoo
 from .device import best_device, get_backend
 from .errors import ModelFileError, TrainingDiverged, UsageError
-from .train import (OPTIMIZERS, Trainer, check_lr, check_positive_int, confusion_matrix, default_log,
+from .train import (OPTIMIZERS, Trainer, WeightAverage, check_lr, check_positive_int, confusion_matrix, default_log,
                     make_optimizer, make_schedule, predict_labels, records_iter)
 
 DATASETS = ("fashion-mnist", "mnist", "cifar10", "folder")
@@ -58,6 +58,7 @@ class RunConfig:
     weight_decay: float | None = None
     warmup_epochs: float | None = None
     label_smoothing: float | None = None
+    ema: float | None = None
     augment: list | None = None
     val_fraction: float | None = None
     seed: int = 0
@@ -91,6 +92,7 @@ class _Prepared:
     optimizer: object
     schedule: object
     fingerprint: str
+    average: object | None = None
     counts: dict = field(default_factory=dict)
     data_source: str = ""
     skipped: int = 0
@@ -111,6 +113,7 @@ def _recipe(cfg: RunConfig, preset: zoo.Preset | None) -> dict:
         "weight_decay": base.weight_decay if cfg.weight_decay is None else cfg.weight_decay,
         "warmup_epochs": base.warmup_epochs if cfg.warmup_epochs is None else cfg.warmup_epochs,
         "label_smoothing": base.label_smoothing if cfg.label_smoothing is None else cfg.label_smoothing,
+        "ema": base.ema if cfg.ema is None else cfg.ema,
         "augment": list(base.augment) if cfg.augment is None else list(cfg.augment),
     }
     r["epochs"] = check_positive_int(r["epochs"], "epochs")
@@ -123,7 +126,7 @@ def _recipe(cfg: RunConfig, preset: zoo.Preset | None) -> dict:
     if r["schedule"] not in SCHEDULES:
         raise UsageError(f"--schedule: unknown schedule {r['schedule']!r} (expected one of {', '.join(SCHEDULES)})")
     for key, lo, hi in (("weight_decay", 0.0, math.inf), ("warmup_epochs", 0.0, math.inf),
-                        ("label_smoothing", 0.0, 1.0)):
+                        ("label_smoothing", 0.0, 1.0), ("ema", 0.0, 1.0)):
         v = _number(r[key], key)
         if not (lo <= v < hi) or (hi == math.inf and not math.isfinite(v)):
             raise UsageError(f"--{key.replace('_', '-')}: expected a number in [{lo:g}, {hi:g}), got {r[key]!r}")
@@ -271,11 +274,12 @@ def prepare(config: dict, log: Callable[[str], None] | None = None) -> _Prepared
     steps = len(train_loader)
     schedule = make_schedule(recipe["schedule"], optimizer, steps * recipe["epochs"],
                              int(round(recipe["warmup_epochs"] * steps)))
+    average = WeightAverage(model, recipe["ema"]) if recipe.get("ema") else None
     counts = {"train": int(len(tx)), "val": int(len(vx)) if vx is not None else 0,
               "test": int(len(ds.test_x)) if has_test else 0}
     return _Prepared(config, model, spec, tuple(input_shape), class_names, [float(v) for v in mean],
                      [float(v) for v in std], train_loader, val_loader, test_loader, optimizer, schedule,
-                     _fingerprint(tx, ty), counts, str(ds.source), int(getattr(ds, "skipped", 0) or 0))
+                     _fingerprint(tx, ty), average, counts, str(ds.source), int(getattr(ds, "skipped", 0) or 0))
 
 
 def make_config(cfg: RunConfig) -> dict:
@@ -317,7 +321,7 @@ def _write_metrics(run_dir: Path, history: list) -> None:
 def _checkpoint(run_dir: Path, p: _Prepared, epoch: int, history: list) -> None:
     state = {"epoch": epoch, "rng": hrandom.get_state(), "metrics": records_iter(history), "config": p.config,
              "mean": p.mean, "std": p.std, "class_names": p.class_names, "fingerprint": p.fingerprint}
-    serialize.save_checkpoint(run_dir, p.model, p.optimizer, p.schedule, state)
+    serialize.save_checkpoint(run_dir, p.model, p.optimizer, p.schedule, state, p.average)
 
 
 def _describe(p: _Prepared, run_dir: Path) -> str:
@@ -330,7 +334,8 @@ def _describe(p: _Prepared, run_dir: Path) -> str:
     skipped = f" ({p.skipped} unreadable images skipped)" if p.skipped else ""
     return (f"training {c['model']} on {c['dataset']} ({split} from {p.data_source}){skipped} on {c['device']}: "
             f"{r['epochs']} epochs, batch {r['batch_size']}, {r['optimizer']} lr {r['lr']:g} {r['schedule']}, "
-            f"weight decay {r['weight_decay']:g}, augment {','.join(r['augment']) or 'none'}, seed {c['seed']}"
+            f"weight decay {r['weight_decay']:g}, augment {','.join(r['augment']) or 'none'}"
+            + (f", weight average {r['ema']:g}" if r.get("ema") else "") + f", seed {c['seed']}"
             f"\nrun directory: {run_dir}")
 
 
@@ -387,7 +392,7 @@ def resume_run(run_dir: str | Path, log: Callable[[str], None] | None = default_
     if p.fingerprint != state.get("fingerprint"):
         raise UsageError(f"--resume: the training data at {p.data_source} differ from the data this run started "
                          f"with")
-    serialize.restore_checkpoint(ckpt, p.model, p.optimizer, p.schedule)
+    serialize.restore_checkpoint(ckpt, p.model, p.optimizer, p.schedule, p.average)
     try:
         hrandom.set_state(state["rng"])
     except (KeyError, TypeError, ValueError) as e:
@@ -403,7 +408,7 @@ def resume_run(run_dir: str | Path, log: Callable[[str], None] | None = default_
 def _run_epochs(run_dir: Path, p: _Prepared, start: int, history: list, log, progress, on_epoch) -> RunResult:
     epochs = p.config["recipe"]["epochs"]
     trainer = Trainer(p.model, p.optimizer, p.schedule, p.config["recipe"]["label_smoothing"], progress=progress,
-                      log=log)
+                      log=log, average=p.average)
     t0 = time.perf_counter()
 
     def after_epoch(rec: dict, hist: list) -> None:

@@ -212,16 +212,20 @@ def checkpoint_path(run_dir: str | Path) -> Path:
     return Path(run_dir) / CHECKPOINT_DIR / CHECKPOINT_FILE
 
 
-def save_checkpoint(run_dir: str | Path, model, optimizer, schedule, state: dict) -> Path:
-    """Latest resumable state, atomically: model arrays ('model.*'), optimiser arrays ('optim.*') and, as JSON,
-    optimiser step count and hyperparameters, schedule position, plus `state` (epoch, RNG state, metrics lines,
-    config, normalisation...)."""
+def save_checkpoint(run_dir: str | Path, model, optimizer, schedule, state: dict, average=None) -> Path:
+    """Latest resumable state, atomically: model arrays ('model.*'), optimiser arrays ('optim.*'), the weight
+    average's arrays ('average.*', if any) and, as JSON, optimiser step count and hyperparameters, schedule
+    position, plus `state` (epoch, RNG state, metrics lines, config, normalisation...)."""
     opt = optimizer.state_dict()
     arrays = {f"model.{k}": v for k, v in model.state_dict().items()}
     arrays.update({f"optim.{k}": v for k, v in opt["arrays"].items()})
+    avg = average.state_dict() if average is not None else None
+    if avg is not None:
+        arrays.update({f"average.{k}": v for k, v in avg["arrays"].items()})
     metadata = {"format": CHECKPOINT_FORMAT, "format_version": FORMAT_VERSION,
                 "optimizer": {"type": opt["type"], "steps": opt["steps"], "hyper": opt["hyper"]},
                 "schedule": schedule.state_dict() if schedule is not None else None,
+                "average": None if avg is None else {"decay": avg["decay"], "updates": avg["updates"]},
                 "state": state}
     path = checkpoint_path(run_dir)
     write_safetensors(path, arrays, metadata)
@@ -235,6 +239,7 @@ class Checkpoint:
     optimizer: dict
     schedule: dict | None
     state: dict
+    average: dict | None = None
 
 
 def read_checkpoint(run_dir: str | Path) -> Checkpoint:
@@ -245,10 +250,10 @@ def read_checkpoint(run_dir: str | Path) -> Checkpoint:
     opt, state = meta.get("optimizer"), meta.get("state")
     if not (isinstance(opt, dict) and isinstance(state, dict) and isinstance(opt.get("hyper"), dict)):
         raise ModelFileError(f"{path}: checkpoint metadata is incomplete (optimizer/state missing)")
-    return Checkpoint(path, arrays, opt, meta.get("schedule"), state)
+    return Checkpoint(path, arrays, opt, meta.get("schedule"), state, meta.get("average"))
 
 
-def restore_checkpoint(ckpt: Checkpoint, model, optimizer, schedule) -> None:
+def restore_checkpoint(ckpt: Checkpoint, model, optimizer, schedule, average=None) -> None:
     """Load a checkpoint's arrays into an already built model/optimizer/schedule; ModelFileError if they differ."""
     path = ckpt.path
     own = dict(model.named_arrays())
@@ -261,5 +266,10 @@ def restore_checkpoint(ckpt: Checkpoint, model, optimizer, schedule) -> None:
         optimizer.load_state_dict({**ckpt.optimizer, "arrays": opt_arrays})
         if schedule is not None and ckpt.schedule is not None:
             schedule.load_state_dict(ckpt.schedule)
+        if (average is None) != (ckpt.average is None):
+            raise ValueError("weight averaging is configured differently")
+        if average is not None:
+            avg_arrays = {k[8:]: v for k, v in ckpt.arrays.items() if k.startswith("average.")}
+            average.load_state_dict({**ckpt.average, "arrays": avg_arrays})
     except (KeyError, ValueError, TypeError) as e:
         raise ModelFileError(f"{path}: optimiser/schedule state does not fit the run's recipe: {e}") from None

@@ -199,6 +199,96 @@ def format_epoch(rec: dict, epochs: int, elapsed: float | None = None) -> str:
     return "  ".join(parts)
 
 
+# --- weight averaging ------------------------------------------------------------------------------------------
+
+
+class WeightAverage:
+    """Exponential moving average of a model's parameters and buffers (BN statistics), updated after every step:
+    avg = d * avg + (1 - d) * w with d = min(decay, (1 + n) / (10 + n)) at update n (short memory at the start).
+
+    Evaluating with the average instead of the latest weights smooths the noise of a high learning rate: test
+    accuracy rises earlier in a run, and the end of a cosine schedule loses nothing. The arrays live on the model's
+    device; parameters are averaged as one flat buffer when the model has one (two device ops per step).
+
+        >>> avg = WeightAverage(model, 0.998)                                            # doctest: +SKIP
+        >>> avg.update()                    # after each optimiser step                  # doctest: +SKIP
+        >>> with avg.applied(): loss, acc = evaluate(model, loader)                      # doctest: +SKIP
+    """
+
+    def __init__(self, model, decay: float):
+        if not 0.0 < float(decay) < 1.0:
+            raise UsageError(f"weight averaging: decay must be in (0, 1), got {decay!r}")
+        self.model, self.decay, self.updates = model, float(decay), 0
+        pack = getattr(model, "_pack", None)
+        params = model.parameters()
+        self._flat = pack is not None and pack.params == params and pack.backend is model.backend
+        # (live array, average array) pairs; the average starts as a copy of the live weights
+        if self._flat:
+            self.pairs = [(pack.data, pack.data.copy())]
+            views, offset, flat = {}, 0, self.pairs[0][1]
+            for prm in params:
+                n = int(np.prod(prm.shape))
+                views[id(prm.data)] = flat[offset:offset + n].reshape(prm.shape)
+                offset += n
+        else:
+            self.pairs = []
+        names = []
+        for name, arr in model.named_arrays():
+            names.append(name)
+            if self._flat and id(arr) in views:
+                continue
+            self.pairs.append((arr, arr.copy()))
+        # name -> average array, in state_dict order (views into the flat average for parameters)
+        self.named = {}
+        extra = iter(self.pairs[1:] if self._flat else self.pairs)
+        for name, arr in model.named_arrays():
+            self.named[name] = views[id(arr)] if self._flat and id(arr) in views else next(extra)[1]
+
+    def update(self) -> None:
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for live, avg in self.pairs:
+            avg *= d
+            avg += (1 - d) * live
+        self.updates += 1
+
+    def _swap(self) -> None:
+        for live, avg in self.pairs:
+            tmp = live.copy()
+            live[...] = avg
+            avg[...] = tmp
+
+    def applied(self):
+        """Context manager: the model holds the averaged weights inside, its own weights again outside."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def ctx():
+            self._swap()
+            try:
+                yield self.model
+            finally:
+                self._swap()
+        return ctx()
+
+    def copy_to_model(self) -> None:
+        """Make the averaged weights the model's (the end of training)."""
+        for live, avg in self.pairs:
+            live[...] = avg
+
+    def state_dict(self) -> dict:
+        to_numpy = self.model.backend.to_numpy
+        return {"decay": self.decay, "updates": self.updates,
+                "arrays": {k: to_numpy(v).copy() for k, v in self.named.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay, self.updates = float(state["decay"]), int(state["updates"])
+        for k, v in self.named.items():
+            value = np.asarray(state["arrays"][k])
+            if value.shape != tuple(v.shape):
+                raise ValueError(f"weight average {k}: expected shape {tuple(v.shape)}, got {value.shape}")
+            v[...] = self.model.backend.asarray(value)
+
+
 # --- the trainer -----------------------------------------------------------------------------------------------
 
 
@@ -213,9 +303,12 @@ class Trainer:
     """
 
     def __init__(self, model, optimizer, schedule=None, label_smoothing: float = 0.0, progress: bool | None = None,
-                 log: Callable[[str], None] | None = default_log):
+                 log: Callable[[str], None] | None = default_log, ema: float = 0.0,
+                 average: WeightAverage | None = None):
         self.model, self.optimizer, self.schedule = model, optimizer, schedule
         self.label_smoothing = float(label_smoothing)
+        # evaluate (and finally keep) an exponential moving average of the weights; 0: the weights themselves
+        self.average = average if average is not None else (WeightAverage(model, ema) if ema else None)
         self.progress = sys.stderr.isatty() if progress is None else bool(progress)
         self.log = log
         self._train_step = None
@@ -239,6 +332,8 @@ class Trainer:
             try:
                 for i, (xb, yb) in enumerate(loader.epoch(epoch)):
                     step.step(backend.asarray(xb), backend.labels(yb))
+                    if self.average is not None:
+                        self.average.update()
                     if bar is not None:
                         bar.update(1)
                         if i % 20 == 19:  # a device sync every 20 batches, only when someone watches
@@ -267,7 +362,15 @@ class Trainer:
         if self._eval_step is None:
             self.model.eval()
             self._eval_step = make_eval_step(self.model)
-        return evaluate(self.model, loader, self._eval_step)
+        if self.average is None:
+            return evaluate(self.model, loader, self._eval_step)
+        with self.average.applied():
+            return evaluate(self.model, loader, self._eval_step)
+
+    def finish(self) -> None:
+        """End of training: the model keeps the weights that were evaluated (the average, if any)."""
+        if self.average is not None:
+            self.average.copy_to_model()
 
     def fit(self, train_loader, epochs: int, val_loader=None, test_loader=None, start_epoch: int = 0,
             history: list | None = None, on_epoch_end: Callable[[dict, list], None] | None = None) -> list[dict]:
@@ -296,6 +399,7 @@ class Trainer:
                 self.log(format_epoch(rec, epochs, time.perf_counter() - t_start))
             if on_epoch_end is not None:
                 on_epoch_end(rec, history)
+        self.finish()
         return history
 
 
@@ -349,10 +453,11 @@ def confusion_matrix(pred: np.ndarray, true: np.ndarray, num_classes: int) -> np
 
 def fit(model, x, y, epochs: int = 1, batch_size: int = 32, optimizer: str = "sgd", lr: float = 0.01,
         schedule: str = "constant", weight_decay: float = 0.0, warmup_epochs: float = 0.0,
-        label_smoothing: float = 0.0, validation_data: tuple | None = None, seed: int = 0,
+        label_smoothing: float = 0.0, validation_data: tuple | None = None, seed: int = 0, ema: float = 0.0,
         progress: bool | None = None, log: Callable[[str], None] | None = None) -> list[dict]:
     """Train `model` (already on its device) on arrays x (N, ...) float, y (N,) int; returns one record per epoch
-    (validation columns filled from validation_data=(x_val, y_val))."""
+    (validation columns filled from validation_data=(x_val, y_val)). ema: decay of a weight average that is
+    evaluated and kept at the end (0: none)."""
     check_positive_int(epochs, "epochs")
     check_positive_int(batch_size, "batch_size")
     check_lr(lr, "lr")
@@ -361,7 +466,7 @@ def fit(model, x, y, epochs: int = 1, batch_size: int = 32, optimizer: str = "sg
     opt = make_optimizer(optimizer, model.parameters(), lr, weight_decay)
     steps = len(loader)
     sched = make_schedule(schedule, opt, steps * epochs, int(round(warmup_epochs * steps)))
-    trainer = Trainer(model, opt, sched, label_smoothing, progress=progress, log=log)
+    trainer = Trainer(model, opt, sched, label_smoothing, progress=progress, log=log, ema=ema)
     return trainer.fit(loader, epochs, val_loader=val)
 
 

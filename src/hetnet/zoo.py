@@ -31,6 +31,7 @@ class Preset:
     weight_decay: float = 0.0
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.0
+    ema: float = 0.0                   # decay of the evaluated and kept weight average (0: none)
     augment: tuple = field(default=())  # "crop[:P]" (random crop after padding P pixels, default 4), "flip"
     description: str = ""
 
