@@ -5,7 +5,9 @@ repetitions (median of many after warm-up).
     python benchmarks/cpu_step.py                 # all rows, threads = CPUs available
     python benchmarks/cpu_step.py --threads 1 --reps 20 --rows thesis-m1:32
 
-Writes benchmarks/results/cpu/<hostname>.json and prints a table. Before timing, one step on each side is checked to
+Writes benchmarks/results/cpu/<hostname>.json (<hostname>-1thread.json with --threads 1) and prints a table. The CPUs
+are shared: each row first waits (--quiet-wait) for the other processes to go idle and records how busy they were;
+"pairs" is the median of per-repetition ratios (each hetnet step and its torch neighbour ran under the same load). Before timing, one step on each side is checked to
 give the same loss and updated weights (dropout off for that check, since torch draws its own masks).
 """
 from __future__ import annotations
@@ -29,7 +31,8 @@ def _parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=0, help="threads for both (default: CPUs available)")
     ap.add_argument("--reps", type=int, default=40, help="timed repetitions per side and row")
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps per side before timing")
-    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/cpu/<hostname>.json)")
+    ap.add_argument("--out", default=None,
+                    help="JSON path (default benchmarks/results/cpu/<hostname>.json, <hostname>-1thread.json for 1)")
     ap.add_argument("--no-save", action="store_true", help="print only")
     ap.add_argument("--gap-ms", type=float, default=0.0,
                     help="idle pause before each timed step (lets the other library's worker threads go to sleep)")
@@ -165,24 +168,33 @@ def time_row(model_name: str, batch: int, reps: int, warmup: int) -> dict:
     for _ in range(warmup):
         pair.step()
         pair.tstep()
-    ours, theirs = [], []
+    ours, theirs, ours_cpu, theirs_cpu = [], [], [], []
     for i in range(reps):
         order = (pair.step, pair.tstep) if i % 2 == 0 else (pair.tstep, pair.step)
         for fn in order:
             if ARGS.gap_ms:
                 time.sleep(ARGS.gap_ms / 1e3)
+            c0 = time.thread_time()
             t0 = time.perf_counter()
             fn()
             dt = time.perf_counter() - t0
+            dc = time.thread_time() - c0
             (ours if fn == pair.step else theirs).append(dt)
+            (ours_cpu if fn == pair.step else theirs_cpu).append(dc)
     h, t = statistics.median(ours) * 1e3, statistics.median(theirs) * 1e3
     # each repetition's hetnet and torch steps ran back to back, under the same load: the median of their ratios
     pair_ratio = statistics.median(a / b for a, b in zip(ours, theirs))
-    return {"model": model_name, "batch": batch, "hetnet_ms": round(h, 3), "torch_ms": round(t, 3),
-            "ratio": round(h / t, 3), "hetnet_min_ms": round(min(ours) * 1e3, 3),
-            "torch_min_ms": round(min(theirs) * 1e3, 3), "min_ratio": round(min(ours) / min(theirs), 3),
-            "pair_median_ratio": round(pair_ratio, 3), "cpu_busy_before": round(busy_before, 3),
-            "reps": reps, "check_rel_err": err, "loadavg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+    row = {"model": model_name, "batch": batch, "hetnet_ms": round(h, 3), "torch_ms": round(t, 3),
+           "ratio": round(h / t, 3), "hetnet_min_ms": round(min(ours) * 1e3, 3),
+           "torch_min_ms": round(min(theirs) * 1e3, 3), "min_ratio": round(min(ours) / min(theirs), 3),
+           "pair_median_ratio": round(pair_ratio, 3), "cpu_busy_before": round(busy_before, 3),
+           "loadavg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)], "reps": reps,
+           "check_rel_err": err}
+    if THREADS == 1:
+        # both libraries then compute on this thread alone: its CPU time is the work done, whatever the load
+        row.update(hetnet_cpu_ms=round(min(ours_cpu) * 1e3, 3), torch_cpu_ms=round(min(theirs_cpu) * 1e3, 3),
+                   cpu_ratio=round(min(ours_cpu) / min(theirs_cpu), 3))
+    return row
 
 
 def main() -> None:
@@ -194,7 +206,8 @@ def main() -> None:
         r = rows[-1]
         print(f"{r['model']:<12} batch {r['batch']:>4}: hetnet {r['hetnet_ms']:8.2f} ms  torch {r['torch_ms']:8.2f} ms"
               f"  ratio {r['ratio']:.2f}  (pairs {r['pair_median_ratio']:.2f}, min {r['min_ratio']:.2f}, "
-              f"busy before {r['cpu_busy_before']:.0%}, load {r['loadavg_1min']})", flush=True)
+              f"busy before {r['cpu_busy_before']:.0%}, load {r['loadavg_1min']})"
+              + (f"  CPU-time ratio {r['cpu_ratio']:.2f}" if "cpu_ratio" in r else ""), flush=True)
     result = {
         "host": socket.gethostname(), "cpu": cpu_model(), "threads": THREADS, "python": platform.python_version(),
         "numpy": np.__version__, "torch": torch.__version__, "blas": blas_info(),
@@ -207,7 +220,8 @@ def main() -> None:
     for r in rows:
         print(f"| {r['model']} | {r['batch']} | {r['hetnet_ms']:.2f} | {r['torch_ms']:.2f} | {r['ratio']:.2f} |")
     if not ARGS.no_save:
-        out = Path(ARGS.out) if ARGS.out else Path(__file__).resolve().parent / "results" / "cpu" / f"{socket.gethostname()}.json"
+        stem = socket.gethostname() + ("-1thread" if THREADS == 1 else "")
+        out = Path(ARGS.out) if ARGS.out else Path(__file__).resolve().parent / "results" / "cpu" / f"{stem}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")
         print(f"\nwrote {out}", file=sys.stderr)
