@@ -7,8 +7,9 @@ repetitions (median of many after warm-up).
 
 Writes benchmarks/results/cpu/<hostname>.json (<hostname>-1thread.json with --threads 1) and prints a table. The CPUs
 are shared: each row first waits (--quiet-wait) for the other processes to go idle and records how busy they were;
-"pairs" is the median of per-repetition ratios (each hetnet step and its torch neighbour ran under the same load). Before timing, one step on each side is checked to
-give the same loss and updated weights (dropout off for that check, since torch draws its own masks).
+"pairs" is the median of per-repetition ratios (each hetnet step and its torch neighbour ran under the same load).
+Before timing, one step on each side is checked to give the same loss and updated weights (dropout off for that
+check, since torch draws its own masks).
 """
 from __future__ import annotations
 
@@ -71,7 +72,8 @@ def cpu_model() -> str:
 def blas_info() -> str:
     try:
         cfg = np.show_config(mode="dicts")
-        return cfg["Build Dependencies"]["blas"].get("openblas configuration", cfg["Build Dependencies"]["blas"]["name"])
+        blas = cfg["Build Dependencies"]["blas"]
+        return blas.get("openblas configuration", blas["name"])
     except Exception:
         return "unknown"
 

@@ -12,7 +12,6 @@ channels, K filters, H/W input, P/Q output, R/S kernel).
 """
 from __future__ import annotations
 
-import math
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
