@@ -152,7 +152,10 @@ def _cpu_busy(interval: float = 0.5) -> float:
     return 1.0 - (i1 - i0) / max(1, t1 - t0)
 
 
-def wait_quiet(limit_s: float, threshold: float = 0.1) -> float:
+QUIET_THRESHOLD = 0.1
+
+
+def wait_quiet(limit_s: float, threshold: float = QUIET_THRESHOLD) -> float:
     """Wait (up to limit_s) until other processes use under `threshold` of the CPUs; returns the last reading."""
     deadline = time.monotonic() + limit_s
     busy = _cpu_busy()
@@ -190,6 +193,9 @@ def time_row(model_name: str, batch: int, reps: int, warmup: int) -> dict:
            "ratio": round(h / t, 3), "hetnet_min_ms": round(min(ours) * 1e3, 3),
            "torch_min_ms": round(min(theirs) * 1e3, 3), "min_ratio": round(min(ours) / min(theirs), 3),
            "pair_median_ratio": round(pair_ratio, 3), "cpu_busy_before": round(busy_before, 3),
+           # False: other processes kept the CPUs busy, the timings are not a fair comparison (torch's OpenMP
+           # threads stall when a core is taken; hetnet's dynamically scheduled chunks much less)
+           "idle_cpus": busy_before <= QUIET_THRESHOLD,
            "loadavg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)], "reps": reps,
            "check_rel_err": err}
     if THREADS == 1:
@@ -220,7 +226,8 @@ def main() -> None:
     print(f"| model | batch | hetnet ms/step | torch ms/step | ratio |   ({result['cpu']}, {THREADS} threads)")
     print("|---|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['model']} | {r['batch']} | {r['hetnet_ms']:.2f} | {r['torch_ms']:.2f} | {r['ratio']:.2f} |")
+        note = "" if r["idle_cpus"] else " (CPUs busy: not comparable)"
+        print(f"| {r['model']} | {r['batch']} | {r['hetnet_ms']:.2f} | {r['torch_ms']:.2f} | {r['ratio']:.2f}{note} |")
     if not ARGS.no_save:
         stem = socket.gethostname() + ("-1thread" if THREADS == 1 else "")
         out = Path(ARGS.out) if ARGS.out else Path(__file__).resolve().parent / "results" / "cpu" / f"{stem}.json"
