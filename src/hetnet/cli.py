@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", metavar="DIR", help="run directory (default runs/<UTC time>-<model>-<dataset>)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its checkpoint")
     t.add_argument("--no-progress", action="store_true", help="no progress bar, even on a terminal")
+    t.add_argument("--no-cuda-graph", action="store_true",
+                   help="cuda: run the training step eagerly instead of replaying a captured CUDA graph")
+    t.add_argument("--tf32", action="store_true", help="cuda: let the cuBLAS matrix products use TF32")
 
     e = sub.add_parser("evaluate", help="loss, accuracy and per-class accuracy of a saved model")
     e.add_argument("model", metavar="RUN_DIR|MODEL_FILE")
@@ -149,6 +152,11 @@ def cmd_train(args) -> int:
     from .train import default_log
 
     progress = False if args.no_progress else None
+    # The cuda backend reads these switches when it is created (hetnet.backends.cuda.CudaBackend).
+    if args.no_cuda_graph:
+        os.environ["HETNET_CUDA_GRAPH"] = "0"
+    if args.tf32:
+        os.environ["HETNET_TF32"] = "1"
     if args.resume:
         given = [f for f in ("epochs", "batch_size", "lr", "optimizer", "schedule", "weight_decay", "limit", "out",
                              "data", "augment", "device", "val_fraction", "label_smoothing", "warmup_epochs", "ema")
