@@ -7,6 +7,11 @@ import pytest
 # Relative error ||a - b|| / ||b|| allowed when comparing a result against the float64 reference:
 RTOL = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-4}
 
+# Float64 central-difference gradient check: step H has truncation error O(H^2) and rounding error O(eps/H); at
+# H = 1e-6 both stay near 1e-9 relative, so analytic and numerical gradients must agree to GRADCHECK_RTOL.
+GRADCHECK_H = 1e-6
+GRADCHECK_RTOL = 1e-6
+
 
 def rel_err(a, b) -> float:
     a = np.asarray(a, dtype=np.float64)

@@ -8,10 +8,7 @@ import pytest
 import hetnet as hn
 from hetnet.backends import reference as ref
 
-# Central differences with step H have truncation error O(H^2) and rounding error O(eps/H); at H = 1e-6 in float64
-# both stay near 1e-9 relative. This is the one tolerance of the numerical check (backend comparisons use RTOL).
-H = 1e-6
-GRADCHECK_RTOL = 1e-6
+from conftest import GRADCHECK_H as H, GRADCHECK_RTOL
 
 
 def numerical_grad(f, a: np.ndarray) -> np.ndarray:
