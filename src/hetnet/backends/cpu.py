@@ -1,8 +1,9 @@
 """The fast CPU backend: float32, vectorised NumPy with BLAS (the thesis's OpenMP version).
 
-Convolution is im2col + one GEMM over the whole batch; pooling uses reshapes for non-overlapping windows and strided
-window views otherwise. Every op follows the interface in `hetnet.backends` (shape legend there: N batch, C input
-channels, K filters, H/W input, P/Q output, R/S kernel).
+The batch is cut into chunks that a small thread pool works through (`_cpu_threads`); convolution is im2col fused
+per chunk + BLAS GEMMs, 2x2 max pooling works on strided views with bit masks, BatchNorm takes its sums from BLAS.
+benchmarks/README-cpu.md records which variants were measured and why these won. Every op follows the interface in
+`hetnet.backends` (shape legend there: N batch, C input channels, K filters, H/W input, P/Q output, R/S kernel).
 
     >>> from hetnet.backends import cpu
     >>> import numpy as np
@@ -11,7 +12,6 @@ channels, K filters, H/W input, P/Q output, R/S kernel).
     [0.0, 2.0]
 """
 from __future__ import annotations
-
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
@@ -110,11 +110,11 @@ def dense_backward(dy, cache, dw, db, need_dx=True):
 
 
 # --- convolution ----------------------------------------------------------------------------------------------------
-# Per chunk of B images (sized so it stays in L2), im2col writes columns in layout cols[c, r, s, b, p, q] =
-# xpad[b, c, p*stride + r, q*stride + s] straight from x (the zero padding is the never-written border of a reused,
-# zero-filled buffer), so one GEMM covers the chunk: yT[k, (b,p,q)] = w2[k, (c,r,s)] @ cols[(c,r,s), (b,p,q)].
+# Per chunk of B images, im2col writes columns in layout cols[c, r, s, b, p, q] = xpad[b, c, p*stride + r,
+# q*stride + s] straight from x (the zero padding is the never-written border of a reused, zero-filled buffer).
+# Forward: y[b] = w2[k, (c,r,s)] @ cols[(c,r,s), b, (p,q)], one GEMM per image straight into NCHW.
 # Backward recomputes the chunk's columns (cheaper than keeping 9x the input in memory) and does
-#   dw += dyT @ cols^T,  db += sum(dyT),  dcols = w2^T @ dyT,  dx = col2im(dcols)   (the three conv derivatives).
+#   dw += dy cols^T,  db += sum(dy),  dcols = w2^T dy,  dx = col2im(dcols)   (the three conv derivatives).
 
 
 class _ConvGeom:
