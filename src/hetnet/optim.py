@@ -91,7 +91,8 @@ class Optimizer:
 
 
 class SGD(Optimizer):
-    """Mini-batch SGD (the thesis's), with optional momentum, Nesterov momentum and L2 weight decay (torch.optim.SGD)."""
+    """Mini-batch SGD (the thesis's), with optional momentum, Nesterov momentum and L2 weight decay
+    (as torch.optim.SGD)."""
 
     state_names = ("momentum_buffer",)
 

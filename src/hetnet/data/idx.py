@@ -16,7 +16,6 @@ import hashlib
 import math
 import os
 import struct
-import tempfile
 import threading
 import urllib.error
 import urllib.request
@@ -27,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
+from ..serialize import atomic_write_bytes
 
 # type code -> dtype of the stored values (big-endian where it matters)
 IDX_TYPES = {0x08: np.dtype(np.uint8), 0x09: np.dtype(np.int8), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
@@ -215,20 +215,6 @@ def urllib_fetch(url: str, timeout: float) -> bytes:
         return r.read()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def download(dataset: str, dest: str | os.PathLike | None = None, fetch: Fetch | None = None,
              timeout: float = DOWNLOAD_TIMEOUT_S) -> Path:
     """Download `dataset`'s four .gz files into `dest` (default: its cache folder), checking each SHA-256 and
@@ -260,7 +246,7 @@ def download(dataset: str, dest: str | os.PathLike | None = None, fetch: Fetch |
             if got != sha:
                 errors.append(f"{url}: SHA-256 {got[:16]}... does not match the expected {sha[:16]}...")
                 continue
-            _atomic_write(target, data)
+            atomic_write_bytes(target, data)
             break
         else:
             raise DataError(f"{dataset}: download of {name} failed ({'; '.join(errors)})")

@@ -38,7 +38,8 @@ class Parameter:
     def data(self, value) -> None:
         value = _host(value)
         if tuple(value.shape) != self.shape:
-            raise ValueError(f"cannot assign an array of shape {tuple(value.shape)} to a parameter of shape {self.shape}")
+            raise ValueError(f"cannot assign an array of shape {tuple(value.shape)} "
+                             f"to a parameter of shape {self.shape}")
         self._data[...] = self.backend.asarray(value)
 
     @property
@@ -49,7 +50,8 @@ class Parameter:
     def grad(self, value) -> None:
         value = _host(value)
         if tuple(value.shape) != self.shape:
-            raise ValueError(f"cannot assign a gradient of shape {tuple(value.shape)} to a parameter of shape {self.shape}")
+            raise ValueError(f"cannot assign a gradient of shape {tuple(value.shape)} "
+                             f"to a parameter of shape {self.shape}")
         self._grad[...] = self.backend.asarray(value)
 
     def zero_grad(self) -> None:

@@ -29,7 +29,8 @@ class Conv2D(Layer):
             if int(v) < lo:
                 raise ValueError(f"Conv2D: {name} must be >= {lo}, got {v}")
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
-        self.kernel_size, self.stride, self.padding = ks, int(_single(stride, "stride")), int(_single(padding, "padding"))
+        self.kernel_size = ks
+        self.stride, self.padding = _single(stride, "stride"), _single(padding, "padding")
         self.use_bias = bool(bias)
         self.need_dx = True
         k = self.kernel_size

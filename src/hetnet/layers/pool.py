@@ -22,7 +22,8 @@ class _Pool2D(Layer):
                              f"got (N, {', '.join(map(str, input_shape))})")
         c, h, w = input_shape
         if h < self.kernel_size or w < self.kernel_size:
-            raise ValueError(f"{self!r}: input of {h}x{w} is smaller than the {self.kernel_size}x{self.kernel_size} window")
+            raise ValueError(f"{self!r}: input of {h}x{w} is smaller than the "
+                             f"{self.kernel_size}x{self.kernel_size} window")
         return (c, conv_out(h, self.kernel_size, self.stride, 0), conv_out(w, self.kernel_size, self.stride, 0))
 
     def forward(self, x):
