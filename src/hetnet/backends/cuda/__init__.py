@@ -103,7 +103,8 @@ class CudaBackend:
             import cupy
         except ImportError as e:
             raise DeviceError(f"device 'cuda:{device_id}' needs CuPy, which is not installed or does not load "
-                              f"({type(e).__name__}); install it with pip install hetnet[cuda] (CUDA 12) or hetnet[cuda13] (CUDA 13)") from None
+                              f"({type(e).__name__}); install it with pip install hetnet[cuda] (CUDA 12) "
+                              f"or hetnet[cuda13] (CUDA 13)") from None
         try:
             count = cupy.cuda.runtime.getDeviceCount()
         except cupy.cuda.runtime.CUDARuntimeError as e:
