@@ -36,7 +36,16 @@ from pathlib import Path
 from .. import zoo
 from ..device import cuda_available, parse_device
 from ..errors import DeviceError, UsageError
-from .common import RTOL_F32, RTOL_TF32, _glibc_return_big_blocks, cpu_count, environment, parse_list, slug
+from .common import (
+    RTOL_F32,
+    RTOL_TF32,
+    _glibc_return_big_blocks,
+    cpu_count,
+    environment,
+    parse_list,
+    slug,
+    threads_text,
+)
 from .layers import bench_layers, run_layers
 from .thesis import CIFAR_TAR, THESIS_EPOCHS, run_thesis_epochs
 from .train_step import (
@@ -179,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         raise UsageError(f"--out: cannot create {out}: {e.strerror}") from None
     deadline = time.monotonic() + args.time_budget if args.time_budget > 0 else math.inf
-    print(f"hetnet bench: {env.get('card') or env['host']} ({env['cpu']}, {threads} threads), devices "
+    print(f"hetnet bench: {env.get('card') or env['host']} ({env['cpu']}, {threads_text(threads)}), devices "
           f"{','.join(args.devices)} -> {out}", flush=True)
     if not args.no_train_step:
         print("train step:", flush=True)

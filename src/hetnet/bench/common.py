@@ -405,6 +405,10 @@ def parse_list(text: str, flag: str) -> list[str]:
     return items
 
 
+def threads_text(n: int) -> str:
+    return f"{n} thread" + ("" if n == 1 else "s")
+
+
 def fmt_ms(v) -> str:
     """Milliseconds to 3 significant figures or so."""
     if v is None:
@@ -426,6 +430,6 @@ def md_header(env: dict) -> list[str]:
     where = f"**{env['card']}** (GPU), host `{env['host']}`" if env.get("card") else f"host `{env['host']}`"
     libs = ", ".join(f"{k} {env[k]}" for k in ("torch", "numpy", "cupy", "cudnn") if env.get(k))
     load = env.get("load_average_at_start")
-    return [(f"Machine: {where}; CPU: {env['cpu']}, {env['threads']} threads of {env['cpus_available']}; "
+    return [(f"Machine: {where}; CPU: {env['cpu']}, {threads_text(env['threads'])} of {env['cpus_available']}; "
              f"{libs}; BLAS {env['blas']}; measured {env['time_utc']}"
              + (f", load average {load[0]} at the start." if load else ".")), ""]

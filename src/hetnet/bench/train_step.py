@@ -31,6 +31,7 @@ from .common import (
     plan,
     rel_err,
     short_error,
+    threads_text,
     time_sides,
     torch_flags,
 )
@@ -502,7 +503,7 @@ def run_train_step(args, devices: list[str], env: dict, out: Path, deadline: flo
     (out / "train_step.md").write_text(train_step_markdown(doc))
     try:
         where = env.get("card") or env["host"]
-        if speedup_chart(rows, out / "speedup.png", f"{where} — {env['cpu']}, {env['threads']} threads"):
+        if speedup_chart(rows, out / "speedup.png", f"{where} — {env['cpu']}, {threads_text(env['threads'])}"):
             doc["chart"] = "speedup.png"
     except Exception as e:
         errors.append(f"chart: {short_error(e)}")
