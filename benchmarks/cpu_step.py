@@ -54,19 +54,10 @@ import torch.nn.functional as F  # noqa: E402
 
 import hetnet as hn  # noqa: E402
 from hetnet import zoo  # noqa: E402
+from hetnet.bench.common import cpu_model  # noqa: E402
 from hetnet.interop import to_torch, torch_state  # noqa: E402
 
 LR, MOMENTUM = 0.01, 0.9
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def blas_info() -> str:
