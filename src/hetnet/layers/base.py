@@ -207,6 +207,46 @@ class Layer:
         return f"{type(self).__name__}()"
 
 
+class WeightedLayer(Layer):
+    """A layer with a weight (out, ...) and an optional bias (out,): Dense and Conv2D. Subclasses set `op`
+    (backend ops `<op>_forward(x, w, b, *op_args())` / `<op>_backward`) and call `_make_parameters`."""
+
+    op = ""
+
+    def _make_parameters(self, weight_shape: tuple, bias: bool) -> None:
+        self.use_bias = bool(bias)
+        self.need_dx = True  # Sequential turns this off for the first layer: d(input) is not needed there
+        self.params["weight"] = Parameter(np.zeros(weight_shape), self.backend)
+        if self.use_bias:
+            self.params["bias"] = Parameter(np.zeros(weight_shape[0]), self.backend)
+        self.reset_parameters("glorot")
+
+    def _init_kind(self) -> str:
+        return "glorot"
+
+    def reset_parameters(self, kind: str) -> None:
+        """Weight from hetnet.init ('he' or 'glorot'), bias zero."""
+        from ..init import initial_weight
+
+        self.weight.data = initial_weight(self.weight.shape, kind)
+        if self.use_bias:
+            self.bias.data = np.zeros(self.bias.shape)
+
+    def op_args(self) -> tuple:
+        return ()
+
+    def forward(self, x):
+        self._check_input(x)
+        bias = self.bias.data if self.use_bias else None
+        y, self.cache = getattr(self.backend, f"{self.op}_forward")(x, self.weight.data, bias, *self.op_args())
+        return y
+
+    def backward(self, dy):
+        db = self.bias.grad if self.use_bias else None
+        return getattr(self.backend, f"{self.op}_backward")(dy, self.cache, self.weight.grad, db,
+                                                             need_dx=self.need_dx)
+
+
 def _load_state(module, state: dict, strict: bool) -> None:
     own = dict(module.named_arrays())
     missing = [k for k in own if k not in state]

@@ -1,10 +1,7 @@
 """2-D convolution (cross-correlation, as every framework): weight (K, C, R, S), zero padding, square stride."""
 from __future__ import annotations
 
-import numpy as np
-
-from ..init import initial_weight
-from .base import Layer, Parameter
+from .base import WeightedLayer
 
 
 def conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
@@ -12,7 +9,7 @@ def conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
 
 
-class Conv2D(Layer):
+class Conv2D(WeightedLayer):
     """y[n,k,p,q] = b[k] + sum_{c,r,s} w[k,c,r,s] * xpad[n, c, p*stride + r, q*stride + s].
 
         >>> import hetnet as hn, numpy as np
@@ -20,32 +17,19 @@ class Conv2D(Layer):
         (2, 8, 5, 7)
     """
 
+    op = "conv2d"
+
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
                  bias: bool = True):
         super().__init__()
-        ks = _single(kernel_size, "kernel_size")
+        ks, st, pd = _single(kernel_size, "kernel_size"), _single(stride, "stride"), _single(padding, "padding")
         for name, v, lo in (("in_channels", in_channels, 1), ("out_channels", out_channels, 1),
-                            ("kernel_size", ks, 1), ("stride", stride, 1), ("padding", padding, 0)):
+                            ("kernel_size", ks, 1), ("stride", st, 1), ("padding", pd, 0)):
             if int(v) < lo:
                 raise ValueError(f"Conv2D: {name} must be >= {lo}, got {v}")
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
-        self.kernel_size = ks
-        self.stride, self.padding = _single(stride, "stride"), _single(padding, "padding")
-        self.use_bias = bool(bias)
-        self.need_dx = True
-        k = self.kernel_size
-        self.params["weight"] = Parameter(np.zeros((self.out_channels, self.in_channels, k, k)), self.backend)
-        if self.use_bias:
-            self.params["bias"] = Parameter(np.zeros(self.out_channels), self.backend)
-        self.reset_parameters("glorot")
-
-    def _init_kind(self) -> str:
-        return "glorot"
-
-    def reset_parameters(self, kind: str) -> None:
-        self.weight.data = initial_weight(self.weight.shape, kind)
-        if self.use_bias:
-            self.bias.data = np.zeros(self.out_channels)
+        self.kernel_size, self.stride, self.padding = ks, st, pd
+        self._make_parameters((self.out_channels, self.in_channels, ks, ks), bias)
 
     def output_shape(self, input_shape: tuple) -> tuple:
         if len(input_shape) != 3 or input_shape[0] != self.in_channels:
@@ -58,15 +42,8 @@ class Conv2D(Layer):
                              f"kernel with padding {self.padding}")
         return (self.out_channels, p, q)
 
-    def forward(self, x):
-        self._check_input(x)
-        bias = self.bias.data if self.use_bias else None
-        y, self.cache = self.backend.conv2d_forward(x, self.weight.data, bias, self.stride, self.padding)
-        return y
-
-    def backward(self, dy):
-        db = self.bias.grad if self.use_bias else None
-        return self.backend.conv2d_backward(dy, self.cache, self.weight.grad, db, need_dx=self.need_dx)
+    def op_args(self) -> tuple:
+        return (self.stride, self.padding)
 
     def __repr__(self) -> str:
         return (f"Conv2D({self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..init import initial_weight
-from .base import Layer, Parameter
+from .base import Layer, WeightedLayer
 
 
-class Dense(Layer):
+class Dense(WeightedLayer):
     """y = x w^T + b.
 
         >>> import hetnet as hn, numpy as np
@@ -18,40 +17,20 @@ class Dense(Layer):
         (4, 2)
     """
 
+    op = "dense"
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
         super().__init__()
         if int(in_features) < 1 or int(out_features) < 1:
             raise ValueError(f"Dense: in_features and out_features must be >= 1, got {in_features}, {out_features}")
-        self.in_features, self.out_features, self.use_bias = int(in_features), int(out_features), bool(bias)
-        self.need_dx = True
-        self.params["weight"] = Parameter(np.zeros((self.out_features, self.in_features)), self.backend)
-        if self.use_bias:
-            self.params["bias"] = Parameter(np.zeros(self.out_features), self.backend)
-        self.reset_parameters("glorot")
-
-    def _init_kind(self) -> str:
-        return "glorot"
-
-    def reset_parameters(self, kind: str) -> None:
-        self.weight.data = initial_weight(self.weight.shape, kind)
-        if self.use_bias:
-            self.bias.data = np.zeros(self.out_features)
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self._make_parameters((self.out_features, self.in_features), bias)
 
     def output_shape(self, input_shape: tuple) -> tuple:
         if tuple(input_shape) != (self.in_features,):
             raise ValueError(f"{self!r}: expected input of shape (N, {self.in_features}), "
                              f"got (N, {', '.join(map(str, input_shape))})")
         return (self.out_features,)
-
-    def forward(self, x):
-        self._check_input(x)
-        bias = self.bias.data if self.use_bias else None
-        y, self.cache = self.backend.dense_forward(x, self.weight.data, bias)
-        return y
-
-    def backward(self, dy):
-        db = self.bias.grad if self.use_bias else None
-        return self.backend.dense_backward(dy, self.cache, self.weight.grad, db, need_dx=self.need_dx)
 
     def __repr__(self) -> str:
         return f"Dense({self.in_features}, {self.out_features}, bias={self.use_bias})"
