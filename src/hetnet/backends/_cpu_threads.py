@@ -82,6 +82,31 @@ def _find_openblas():
 
 
 _blas_get, _blas_set = _find_openblas()
+
+
+def find_sgemm():
+    """OpenBLAS's cblas_sgemm as a ctypes function (for compiled loops that call it without the GIL), or None."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "openblas" in line.lower() and ".so" in line}
+    except OSError:
+        return None
+    for path in sorted(paths):
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for name, int_t in (("scipy_cblas_sgemm64_", ctypes.c_int64), ("cblas_sgemm64_", ctypes.c_int64),
+                            ("scipy_cblas_sgemm", ctypes.c_int), ("cblas_sgemm", ctypes.c_int)):
+            if hasattr(lib, name):
+                fn = getattr(lib, name)
+                # (order, transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)
+                fn.argtypes = [ctypes.c_int] * 3 + [int_t] * 3 + [ctypes.c_float, ctypes.c_void_p, int_t,
+                                                                    ctypes.c_void_p, int_t, ctypes.c_float,
+                                                                    ctypes.c_void_p, int_t]
+                fn.restype = None
+                return fn
+    return None
 _blas_lock = threading.Lock()
 _blas_depth = 0
 _blas_saved = 0

@@ -28,6 +28,9 @@ _F = np.float32
 _GEMM_SPLIT = 1 << 40          # dense GEMMs: no cache chunking, just one share per thread
 _PER_IMAGE_GEMM_MAX_CRS = 64   # conv backward: per-image GEMMs (no transposed copy of dy) when C*R*S <= this
 _CONV_FORWARD_CHUNK_BYTES = 1 << 20   # forward columns + outputs per chunk: per-image GEMMs like them in L2
+# compiled convolution (im2col, sgemm, col2im per image in one call per thread), when Numba and OpenBLAS's sgemm are
+# both found; None: the NumPy path below
+_SGEMM = _thr.find_sgemm() if _jit.available() else None
 
 
 # --- conversions and allocation -------------------------------------------------------------------------------------
@@ -199,6 +202,16 @@ def conv2d_forward(x, w, b, stride, padding):
     w2 = np.ascontiguousarray(w, dtype=_F).reshape(k, -1)
     crs = w2.shape[1]
     y = np.empty((n, k, g.p, g.q), dtype=_F)
+    if _SGEMM is not None:
+        bias = np.zeros(k, dtype=_F) if b is None else _f32c(b)
+        cols_shape = (crs, pq)
+
+        def jbody(b0, b1, _):
+            cols = _thr.scratch("jit_cols", cols_shape)
+            _jit.conv_forward(_SGEMM, x[b0:b1], w2, bias, b is not None, g.r, g.s, stride, padding, cols, y[b0:b1])
+
+        _thr.parallel(n, _per_thread(n, 4 * (crs + k) * pq), jbody)
+        return y, (x, w2, g)
     bias = None if b is None else _per_channel(b, k, pq)
 
     def body(b0, b1, _):
@@ -221,6 +234,24 @@ def conv2d_backward(dy, cache, dw, db, need_dx=True):
     n = x.shape[0]
     k, crs, pq = g.k, w2.shape[1], g.p * g.q
     dx = np.empty(x.shape, dtype=_F) if need_dx else None
+    if _SGEMM is not None:
+        ones = np.ones(pq, dtype=_F)
+        dxa = dx if need_dx else np.empty((n, 1, 1, 1), dtype=_F)
+
+        def jacc():
+            return [np.zeros((k, crs), dtype=_F), np.zeros(k, dtype=_F)]
+
+        def jbody(b0, b1, acc):
+            cols = _thr.scratch("jit_cols", (crs, pq))
+            dcols = _thr.scratch("jit_dcols", (crs, pq))
+            _jit.conv_backward(_SGEMM, x[b0:b1], w2, dy[b0:b1], g.r, g.s, g.stride, g.pad, cols, dcols, ones,
+                               acc[0], acc[1], dxa[b0:b1], need_dx)
+
+        accs = _thr.parallel(n, _per_thread(n, 4 * (2 * crs + k) * pq), jbody, jacc)
+        dw += sum(a[0] for a in accs).reshape(dw.shape)
+        if db is not None:
+            db += sum(a[1] for a in accs)
+        return dx
     w2t = w2.T
     per_image = crs <= _PER_IMAGE_GEMM_MAX_CRS
     ones = np.ones(pq, dtype=_F)
@@ -429,10 +460,15 @@ def _elementwise(n_items: int, bytes_per_item: int, body) -> None:
     _thr.parallel(n_items, _thr.chunk_size(n_items, bytes_per_item, target=_thr.ELEMENTWISE_CHUNK_BYTES), body)
 
 
-def _jit_parallel(n_items: int, bytes_per_item: int, body) -> None:
-    """Compiled element-wise passes: one chunk per thread (one call each, no GIL held inside)."""
+def _per_thread(n_items: int, bytes_per_item: int) -> int:
+    """Chunk size for compiled passes: one chunk per thread (one call each, no GIL held inside), or one chunk when
+    the work is too small to share."""
     small = n_items * bytes_per_item < _thr.PARALLEL_MIN_BYTES
-    _thr.parallel(n_items, max(1, n_items if small else -(-n_items // _thr.threads())), body)
+    return max(1, n_items if small else -(-n_items // _thr.threads()))
+
+
+def _jit_parallel(n_items: int, bytes_per_item: int, body) -> None:
+    _thr.parallel(n_items, _per_thread(n_items, bytes_per_item), body)
 
 
 def relu_forward(x):
