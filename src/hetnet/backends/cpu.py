@@ -1,9 +1,12 @@
 """The fast CPU backend: float32, vectorised NumPy with BLAS (the thesis's OpenMP version).
 
-The batch is cut into chunks that a small thread pool works through (`_cpu_threads`); convolution is im2col fused
-per chunk + BLAS GEMMs, 2x2 max pooling works on strided views with bit masks, BatchNorm takes its sums from BLAS.
-benchmarks/README-cpu.md records which variants were measured and why these won. Every op follows the interface in
-`hetnet.backends` (shape legend there: N batch, C input channels, K filters, H/W input, P/Q output, R/S kernel).
+The batch is cut into chunks that a small thread pool works through (`_cpu_threads`). With Numba installed
+(`_cpu_jit`), convolution, ReLU, 2x2 max pooling and BatchNorm are compiled loops, one GIL-free call per thread
+(convolution: im2col + OpenBLAS sgemm + col2im per image); without it the NumPy paths below do the same arithmetic:
+convolution is im2col fused per chunk + BLAS GEMMs, 2x2 max pooling works on strided views with bit masks,
+BatchNorm takes its sums from BLAS. benchmarks/README-cpu.md records which variants were measured and why these won.
+Every op follows the interface in `hetnet.backends` (shape legend there: N batch, C input channels, K filters, H/W
+input, P/Q output, R/S kernel).
 
     >>> from hetnet.backends import cpu
     >>> import numpy as np
