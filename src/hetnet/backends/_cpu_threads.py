@@ -84,22 +84,6 @@ def _find_openblas():
 _blas_get, _blas_set = _find_openblas()
 
 
-def keep_freed_memory() -> bool:
-    """Ask glibc's malloc to keep freed blocks of up to 32 MiB in the heap (and trim it only above 256 MiB) instead
-    of handing each one back to the kernel: a training step allocates and frees the same activation-sized arrays
-    every time, and re-faulting their pages cost about 0.6 ms of a 6.6 ms step (thesis-m1, batch 32, 2 threads;
-    ~700 page faults per step before, ~20 after). Process-wide; HETNET_CPU_MALLOPT=0 leaves malloc alone."""
-    if os.environ.get("HETNET_CPU_MALLOPT", "").strip() == "0":
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):   # not glibc
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 256 << 20))
-
-
 def find_sgemm():
     """OpenBLAS's cblas_sgemm as a ctypes function (for compiled loops that call it without the GIL), or None."""
     try:

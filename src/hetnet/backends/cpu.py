@@ -37,7 +37,6 @@ _CONV_FORWARD_CHUNK_BYTES = 1 << 20   # forward columns + outputs per chunk: per
 # compiled convolution (im2col, sgemm, col2im per image in one call per thread), when Numba and OpenBLAS's sgemm are
 # both found; None: the NumPy path below
 _SGEMM = _thr.find_sgemm() if _jit.available() else None
-_thr.keep_freed_memory()
 
 
 # --- conversions and allocation -------------------------------------------------------------------------------------
