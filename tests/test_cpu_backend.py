@@ -1,11 +1,12 @@
 """cpu-backend internals: its code paths (threaded chunks, per-image vs batched GEMM, the 2x2 max-pool fast path, the
-centred BatchNorm statistics) agree with each other and with the float64 reference. The general cpu-vs-reference
-op tests are in test_ops.py."""
+centred BatchNorm statistics, the Numba-compiled loops and the NumPy fallback used without Numba) agree with each
+other and with the float64 reference. The general cpu-vs-reference op tests are in test_ops.py."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from hetnet.backends import _cpu_jit as jit
 from hetnet.backends import _cpu_threads as thr
 from hetnet.backends import cpu, reference as ref
 
@@ -20,10 +21,22 @@ def many_chunks(monkeypatch):
     monkeypatch.setattr(thr, "CHUNK_BYTES", 1)
     monkeypatch.setattr(thr, "ELEMENTWISE_CHUNK_BYTES", 1)
     monkeypatch.setattr(thr, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(cpu, "_DENSE_PARALLEL_MIN_MACS", 0)
     old = thr.threads()
     thr.set_threads(2)
     yield
     thr.set_threads(old)
+
+
+@pytest.fixture(params=["compiled", "numpy"])
+def path(request, monkeypatch):
+    """Run a test on the Numba-compiled loops (when Numba is installed) and on the NumPy fallback."""
+    if request.param == "numpy":
+        monkeypatch.setattr(jit, "available", lambda: False)
+        monkeypatch.setattr(cpu, "_SGEMM", None)
+    elif not jit.available():
+        pytest.skip("numba not installed: only the NumPy paths exist")
+    return request.param
 
 
 def _conv_all(x, w, b, stride, pad, dy):
@@ -35,7 +48,7 @@ def _conv_all(x, w, b, stride, pad, dy):
 
 @pytest.mark.parametrize("case", [(5, 3, 9, 7, 4, 3, 1, 1), (3, 16, 8, 8, 8, 3, 2, 0), (4, 2, 11, 6, 3, 5, 3, 2),
                                   (6, 9, 6, 6, 5, 1, 1, 0), (2, 3, 7, 9, 4, 5, 1, 2), (3, 2, 5, 1, 3, 3, 1, 1)])
-def test_conv_chunked_threads_match_reference(rng, many_chunks, case):
+def test_conv_chunked_threads_match_reference(path, rng, many_chunks, case):
     n, c, h, w_, k, r, stride, pad = case
     x = rng.standard_normal((n, c, h, w_))
     w = rng.standard_normal((k, c, r, r))
@@ -67,7 +80,7 @@ def test_conv_backward_per_image_and_batched_gemm_agree(rng, monkeypatch, crs_li
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 8, 8), (3, 2, 9, 7), (1, 1, 2, 2), (4, 5, 7, 10)])
-def test_maxpool_2x2_fast_path_ties_and_odd_sizes(rng, many_chunks, shape):
+def test_maxpool_2x2_fast_path_ties_and_odd_sizes(path, rng, many_chunks, shape):
     # small integers: many ties, including whole windows of equal values (as after a ReLU)
     x = rng.integers(-1, 2, size=shape).astype(np.float64)
     yr, cr = ref.maxpool2d_forward(x, 2, 2)
@@ -82,7 +95,7 @@ def test_maxpool_2x2_fast_path_ties_and_odd_sizes(rng, many_chunks, shape):
 
 @pytest.mark.parametrize("offset", [0.0, 100.0])
 @pytest.mark.parametrize("training", [True, False])
-def test_batchnorm_both_statistics_paths(rng, many_chunks, offset, training):
+def test_batchnorm_both_statistics_paths(path, rng, many_chunks, offset, training):
     # offset 100: mean^2 >> var, so the backend switches to its exact centred sums
     shape = (6, 5, 4, 3)
     x = rng.standard_normal(shape) * 0.5 + offset
@@ -104,7 +117,7 @@ def test_batchnorm_both_statistics_paths(rng, many_chunks, offset, training):
     assert_close(db, dbr, F32, "bn dbeta")
 
 
-def test_threaded_elementwise_and_dense_match(rng, many_chunks):
+def test_threaded_elementwise_and_dense_match(path, rng, many_chunks):
     x = rng.standard_normal((7, 3, 5, 4))
     y, c = cpu.relu_forward(cpu.asarray(x))
     np.testing.assert_array_equal(y, np.maximum(x, 0).astype(F32))
@@ -123,7 +136,7 @@ def test_threaded_elementwise_and_dense_match(rng, many_chunks):
     assert_close(dwc, dwr, F32, "dense dw")
 
 
-def test_results_are_fresh_float32_arrays(rng):
+def test_results_are_fresh_float32_arrays(path, rng):
     """Scratch buffers are reused between calls; nothing returned may alias them or an earlier result."""
     x = cpu.asarray(rng.standard_normal((4, 3, 8, 8)))
     w = cpu.asarray(rng.standard_normal((5, 3, 3, 3)))

@@ -1,9 +1,12 @@
 """The fast CPU backend: float32, vectorised NumPy with BLAS (the thesis's OpenMP version).
 
-The batch is cut into chunks that a small thread pool works through (`_cpu_threads`); convolution is im2col fused
-per chunk + BLAS GEMMs, 2x2 max pooling works on strided views with bit masks, BatchNorm takes its sums from BLAS.
-benchmarks/README-cpu.md records which variants were measured and why these won. Every op follows the interface in
-`hetnet.backends` (shape legend there: N batch, C input channels, K filters, H/W input, P/Q output, R/S kernel).
+The batch is cut into chunks that a small thread pool works through (`_cpu_threads`). With Numba installed
+(`_cpu_jit`), convolution, ReLU, 2x2 max pooling and BatchNorm are compiled loops, one GIL-free call per thread
+(convolution: im2col + OpenBLAS sgemm + col2im per image); without it the NumPy paths below do the same arithmetic:
+convolution is im2col fused per chunk + BLAS GEMMs, 2x2 max pooling works on strided views with bit masks,
+BatchNorm takes its sums from BLAS. benchmarks/README-cpu.md records which variants were measured and why these won.
+Every op follows the interface in `hetnet.backends` (shape legend there: N batch, C input channels, K filters, H/W
+input, P/Q output, R/S kernel).
 
     >>> from hetnet.backends import cpu
     >>> import numpy as np
@@ -17,6 +20,7 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from ..random import counter_uniform
+from . import _cpu_jit as _jit
 from . import _cpu_threads as _thr
 
 name = "cpu"
@@ -25,8 +29,14 @@ xp = np
 
 _F = np.float32
 _GEMM_SPLIT = 1 << 40          # dense GEMMs: no cache chunking, just one share per thread
+# dense GEMMs smaller than this (multiply-adds) run on one thread: a second one only re-reads the weights (measured
+# thesis-m1 batch 32, 2 threads: step 6.3 -> 5.7 ms with its 2048x100 dense layer on one thread)
+_DENSE_PARALLEL_MIN_MACS = 1 << 25
 _PER_IMAGE_GEMM_MAX_CRS = 64   # conv backward: per-image GEMMs (no transposed copy of dy) when C*R*S <= this
 _CONV_FORWARD_CHUNK_BYTES = 1 << 20   # forward columns + outputs per chunk: per-image GEMMs like them in L2
+# compiled convolution (im2col, sgemm, col2im per image in one call per thread), when Numba and OpenBLAS's sgemm are
+# both found; None: the NumPy path below
+_SGEMM = _thr.find_sgemm() if _jit.available() else None
 
 
 # --- conversions and allocation -------------------------------------------------------------------------------------
@@ -69,6 +79,14 @@ def synchronize() -> None:
 # --- dense ----------------------------------------------------------------------------------------------------------
 
 
+def _dense_chunk(n: int, f: int, k: int, split: int) -> int:
+    """Chunk of the `split` axis (batch rows or output features) for an (N, F) x (F, K) GEMM."""
+    if n * f * k < _DENSE_PARALLEL_MIN_MACS:
+        return max(1, split)
+    other = (f + k) if split == n else (n + f)
+    return _thr.chunk_size(split, 4 * other * 4, target=_GEMM_SPLIT)
+
+
 def dense_forward(x, w, b):
     """y[N,K] = x[N,F] @ w[K,F]^T + b[K]; rows of the batch split over the threads."""
     x = _f32c(x)
@@ -82,7 +100,7 @@ def dense_forward(x, w, b):
         if b is not None:
             y[s:e] += b
 
-    _thr.parallel(n, _thr.chunk_size(n, 4 * (f + k) * 4, target=_GEMM_SPLIT), body)
+    _thr.parallel(n, _dense_chunk(n, f, k, n), body)
     return y, (x, w)
 
 
@@ -95,7 +113,7 @@ def dense_backward(dy, cache, dw, db, need_dx=True):
     def body_dw(s, e, _):
         dw[s:e] += dy[:, s:e].T @ x                   # dE/dw[k,f] = sum_n dy[n,k] x[n,f]
 
-    _thr.parallel(k, _thr.chunk_size(k, 4 * (n + f) * 4, target=_GEMM_SPLIT), body_dw)
+    _thr.parallel(k, _dense_chunk(n, f, k, k), body_dw)
     if db is not None:
         db += dy.sum(axis=0)                          # dE/db[k] = sum_n dy[n,k]
     if not need_dx:
@@ -105,7 +123,7 @@ def dense_backward(dy, cache, dw, db, need_dx=True):
     def body_dx(s, e, _):
         np.matmul(dy[s:e], w, out=dx[s:e])            # dE/dx[n,f] = sum_k dy[n,k] w[k,f]
 
-    _thr.parallel(n, _thr.chunk_size(n, 4 * (f + k) * 4, target=_GEMM_SPLIT), body_dx)
+    _thr.parallel(n, _dense_chunk(n, f, k, n), body_dx)
     return dx
 
 
@@ -198,6 +216,16 @@ def conv2d_forward(x, w, b, stride, padding):
     w2 = np.ascontiguousarray(w, dtype=_F).reshape(k, -1)
     crs = w2.shape[1]
     y = np.empty((n, k, g.p, g.q), dtype=_F)
+    if _SGEMM is not None:
+        bias = np.zeros(k, dtype=_F) if b is None else _f32c(b)
+        cols_shape = (crs, pq)
+
+        def jbody(b0, b1, _):
+            cols = _thr.scratch("jit_cols", cols_shape)
+            _jit.conv_forward(_SGEMM, x[b0:b1], w2, bias, b is not None, g.r, g.s, stride, padding, cols, y[b0:b1])
+
+        _thr.parallel(n, _per_thread(n, 4 * (crs + k) * pq), jbody)
+        return y, (x, w2, g)
     bias = None if b is None else _per_channel(b, k, pq)
 
     def body(b0, b1, _):
@@ -220,6 +248,24 @@ def conv2d_backward(dy, cache, dw, db, need_dx=True):
     n = x.shape[0]
     k, crs, pq = g.k, w2.shape[1], g.p * g.q
     dx = np.empty(x.shape, dtype=_F) if need_dx else None
+    if _SGEMM is not None:
+        ones = np.ones(pq, dtype=_F)
+        dxa = dx if need_dx else np.empty((n, 1, 1, 1), dtype=_F)
+
+        def jacc():
+            return [np.zeros((k, crs), dtype=_F), np.zeros(k, dtype=_F)]
+
+        def jbody(b0, b1, acc):
+            cols = _thr.scratch("jit_cols", (crs, pq))
+            dcols = _thr.scratch("jit_dcols", (crs, pq))
+            _jit.conv_backward(_SGEMM, x[b0:b1], w2, dy[b0:b1], g.r, g.s, g.stride, g.pad, cols, dcols, ones,
+                               acc[0], acc[1], dxa[b0:b1], need_dx)
+
+        accs = _thr.parallel(n, _per_thread(n, 4 * (2 * crs + k) * pq), jbody, jacc)
+        dw += sum(a[0] for a in accs).reshape(dw.shape)
+        if db is not None:
+            db += sum(a[1] for a in accs)
+        return dx
     w2t = w2.T
     per_image = crs <= _PER_IMAGE_GEMM_MAX_CRS
     ones = np.ones(pq, dtype=_F)
@@ -312,6 +358,11 @@ def maxpool2d_forward(x, kernel, stride):
     p = (h - kernel) // stride + 1
     q = (w - kernel) // stride + 1
     if kernel == 2 and stride == 2:
+        if _jit.available():
+            y = np.empty((n, c, p, q), dtype=_F)
+            idx = np.empty((n, c, p, q), dtype=np.uint8)
+            _jit_parallel(n, 4 * c * h * w, lambda b0, b1, _: _jit.maxpool2x2_forward(x[b0:b1], y[b0:b1], idx[b0:b1]))
+            return y, ("2x2jit", idx, x.shape, 2, 2)
         return _maxpool2x2_forward(x, p, q)
     xw = _windows(x, kernel, kernel, stride, p, q).reshape(n, c, p, q, kernel * kernel)
     arg = xw.argmax(axis=-1)
@@ -345,6 +396,11 @@ def maxpool2d_backward(dy, cache):
     kind, arg, xshape, kernel, stride = cache
     dy = _f32c(dy)
     n, c, p, q = dy.shape
+    if kind == "2x2jit":
+        dx = np.empty(xshape, dtype=_F)
+        _jit_parallel(n, 4 * xshape[1] * xshape[2] * xshape[3],
+                      lambda b0, b1, _: _jit.maxpool2x2_backward(dy[b0:b1], arg[b0:b1], dx[b0:b1]))
+        return dx
     if kind == "2x2":
         return _maxpool2x2_backward(dy, arg, xshape, p, q)
     dx = np.zeros(xshape, dtype=_F)
@@ -418,27 +474,46 @@ def _elementwise(n_items: int, bytes_per_item: int, body) -> None:
     _thr.parallel(n_items, _thr.chunk_size(n_items, bytes_per_item, target=_thr.ELEMENTWISE_CHUNK_BYTES), body)
 
 
+def _per_thread(n_items: int, bytes_per_item: int) -> int:
+    """Chunk size for compiled passes: one chunk per thread (one call each, no GIL held inside), or one chunk when
+    the work is too small to share."""
+    small = n_items * bytes_per_item < _thr.PARALLEL_MIN_BYTES
+    return max(1, n_items if small else -(-n_items // _thr.threads()))
+
+
+def _jit_parallel(n_items: int, bytes_per_item: int, body) -> None:
+    _thr.parallel(n_items, _per_thread(n_items, bytes_per_item), body)
+
+
 def relu_forward(x):
-    """y = max(x, 0); the cache is the mask x > 0 (one byte per element)."""
+    """y = max(x, 0); the cache is y itself (compiled path: dx = dy where y > 0) or the mask x > 0 (one byte per
+    element, NumPy path)."""
     x = _f32c(x)
     y = np.empty_like(x)
+    xf, yf = x.reshape(-1), y.reshape(-1)
+    if _jit.available():
+        _jit_parallel(x.size, 8, lambda s, e, _: _jit.relu_forward(xf[s:e], yf[s:e]))
+        return y, ("y", y)
     mask = np.empty(x.shape, dtype=np.bool_)
-    xf, yf, mf = x.reshape(-1), y.reshape(-1), mask.reshape(-1)
+    mf = mask.reshape(-1)
 
     def body(s, e, _):
         np.greater(xf[s:e], _F(0), out=mf[s:e])
         np.maximum(xf[s:e], _F(0), out=yf[s:e])
 
     _elementwise(x.size, 9, body)
-    return y, mask
+    return y, ("mask", mask)
 
 
 def relu_backward(dy, cache):
     """dx = dy where x > 0, else 0."""
-    mask = cache
+    kind, m = cache
     dy = _f32c(dy)
     dx = np.empty_like(dy)
-    mf, dyf, dxf = mask.reshape(-1), dy.reshape(-1), dx.reshape(-1)
+    mf, dyf, dxf = m.reshape(-1), dy.reshape(-1), dx.reshape(-1)
+    if kind == "y":
+        _jit_parallel(dy.size, 12, lambda s, e, _: _jit.relu_backward(dyf[s:e], mf[s:e], dxf[s:e]))
+        return dx
 
     def body(s, e, _):
         np.multiply(dyf[s:e], mf[s:e], out=dxf[s:e])
@@ -499,10 +574,26 @@ def _rowdot(a, b):
     return np.matmul(a[:, None, :], b[:, :, None]).reshape(-1)
 
 
+def _bn_jit_sums(kernel, n, c, hw, *arrays):
+    """Per-channel float64 sums from a compiled kernel, one partial per thread."""
+    def make_acc():
+        return [np.zeros(c), np.zeros(c)]
+
+    def body(b0, b1, acc):
+        kernel(*(a[b0:b1] for a in arrays[:-1]), arrays[-1], acc[0], acc[1])
+
+    accs = _thr.parallel(n, max(1, -(-n // _thr.threads())) if n * c * hw * 4 >= _thr.PARALLEL_MIN_BYTES else n,
+                         body, make_acc)
+    return sum(a[0] for a in accs), sum(a[1] for a in accs)
+
+
 def _bn_sums(a3, b3=None, centre=None):
     """Per channel, in float64: (sum a, sum a*b) where b defaults to a; with centre (C,), a - centre replaces a in
     the product (and b - centre when b is None)."""
     n, c, hw = a3.shape
+    if _jit.available() and b3 is None and hw > 1:
+        cen = np.zeros(c) if centre is None else np.asarray(centre, dtype=np.float64)
+        return _bn_jit_sums(_jit.bn_sums, n, c, hw, a3, cen)
     ones = np.ones(hw, dtype=_F)
     cen = None if centre is None else _per_channel(centre, c, hw)
 
@@ -557,9 +648,13 @@ def batchnorm_forward(x, gamma, beta, running_mean, running_var, momentum, eps, 
     inv_std = 1.0 / np.sqrt(var + eps)
     scale = gamma.astype(np.float64) * inv_std
     shift = beta.astype(np.float64) - mean * scale
-    sc, sh = _per_channel(scale, c, hw), _per_channel(shift, c, hw)
     y = np.empty_like(x)
     y3 = _bn_3d(y)
+    if _jit.available() and hw > 1:
+        sc, sh = scale.astype(_F), shift.astype(_F)
+        _jit_parallel(n, 8 * c * hw, lambda b0, b1, _: _jit.bn_apply(x3[b0:b1], sc, sh, y3[b0:b1]))
+        return y, (x3, x.shape, mean, inv_std, gamma.astype(np.float64), training, centred)
+    sc, sh = _per_channel(scale, c, hw), _per_channel(shift, c, hw)
 
     def body(b0, b1, _):
         np.multiply(x3[b0:b1], sc, out=y3[b0:b1])
@@ -574,7 +669,10 @@ def batchnorm_backward(dy, cache, dgamma, dbeta):
     dy3 = _bn_3d(_f32c(dy))
     n, c, hw = x3.shape
     m = n * hw
-    if centred or hw == 1:
+    jit = _jit.available() and hw > 1
+    if jit:
+        sum_dy, sum_dy_xc = _bn_jit_sums(_jit.bn_backward_sums, n, c, hw, dy3, x3, mean)
+    elif centred or hw == 1:
         sum_dy, sum_dy_xc = _bn_sums_centred(dy3, x3, mean)
     else:
         sum_dy, sum_dy_x = _bn_sums(dy3, x3)
@@ -591,11 +689,16 @@ def batchnorm_backward(dy, cache, dgamma, dbeta):
         # eval: the statistics are constants, dx = a * dy
         bc = np.zeros(c)
         cc = np.zeros(c)
+    dx = np.empty(shape, dtype=_F)
+    dx3 = _bn_3d(dx)
+    if jit:
+        af, bf, cf, mf = (np.asarray(v, dtype=_F) for v in (a, bc, cc, mean))
+        _jit_parallel(n, 12 * c * hw,
+                      lambda b0, b1, _: _jit.bn_backward_apply(dy3[b0:b1], x3[b0:b1], af, bf, cf, mf, dx3[b0:b1]))
+        return dx
     if not centred:
         cc = cc - bc * mean                 # fold the centring into the constant: a*dy + bc*x + cc'
     af, bf, cf, mf = (_per_channel(v, c, hw) for v in (a, bc, cc, mean))
-    dx = np.empty(shape, dtype=_F)
-    dx3 = _bn_3d(dx)
 
     def body(b0, b1, _):
         out = dx3[b0:b1]

@@ -1,0 +1,312 @@
+"""Compiled loops (Numba) for the cpu backend: ReLU, 2x2 max pooling, BatchNorm and the convolutions.
+
+NumPy does these as many calls (a mask, a strided maximum, a multiply, an add, one copy per kernel tap ...), each a
+pass through memory and, with two threads, a GIL hand-over. Here each op is one call per chunk of the batch that
+holds no GIL (`nogil=True`); `cpu.py` hands the chunks to its own thread pool. A convolution chunk works image by
+image (im2col into an L2-sized buffer, OpenBLAS's sgemm called from the loop through ctypes, col2im), so its columns
+never leave the cache. The loops are serial on purpose: Numba's parallel layer must not be entered from several
+threads at once. Compiled code is cached on disk (`cache=True`): the first run on a machine compiles (about 3 s),
+later processes load it (about 0.3 s, at the first step). The arithmetic is the same IEEE float32 as the NumPy code
+(no fastmath), except that the float64 sums of the BatchNorm statistics may be reassociated (vectorised).
+benchmarks/README-cpu.md has the measurements.
+
+`available()` is False when Numba cannot be imported (or HETNET_NO_NUMBA=1): the cpu backend then keeps its NumPy
+paths. Shape legend as in `hetnet.backends`: N batch (here: the images of one chunk), C channels, H/W, P/Q.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+try:
+    if os.environ.get("HETNET_NO_NUMBA", "").strip() not in ("", "0"):
+        raise ImportError("HETNET_NO_NUMBA is set")
+    from numba import njit
+    from numba import uint64 as _U
+except ImportError:     # numba missing or broken: the NumPy paths in cpu.py are used instead
+    njit = None
+
+_F = np.float32
+
+
+def available() -> bool:
+    return njit is not None
+
+
+if njit is not None:
+    _jit = njit(nogil=True, cache=True, fastmath=False, error_model="numpy")
+    # float64 sums may run in any order (SIMD lanes); nothing else is relaxed
+    _jit_sum = njit(nogil=True, cache=True, fastmath={"reassoc"}, error_model="numpy")
+
+    # --- ReLU: y = max(x, 0) (NaN -> 0, like the reference); backward dx = dy where y > 0 (y > 0 iff x > 0) ------
+
+    @_jit
+    def relu_forward(x, y):
+        zero = _F(0)
+        for i in range(x.size):
+            v = x[i]
+            y[i] = v if v > zero else zero   # noqa: FURB136 - NaN gives 0, as in the reference
+
+    @_jit
+    def relu_backward(dy, y, dx):
+        zero = _F(0)
+        for i in range(dy.size):
+            dx[i] = dy[i] if y[i] > zero else zero
+
+    # --- 2x2 max pooling, stride 2: window a b / c d; idx = 0..3, the first maximum in row-major order ------------
+
+    @_jit
+    def maxpool2x2_forward(x, y, idx):
+        n, c, p, q = y.shape
+        for b in range(n):
+            for ch in range(c):
+                for i in range(p):
+                    top = x[b, ch, 2 * i]
+                    bot = x[b, ch, 2 * i + 1]
+                    yr = y[b, ch, i]
+                    ir = idx[b, ch, i]
+                    for j in range(q):
+                        m = top[2 * j]
+                        k = 0
+                        v = top[2 * j + 1]
+                        if v > m:          # strict: ties keep the earlier element
+                            m = v
+                            k = 1
+                        v = bot[2 * j]
+                        if v > m:
+                            m = v
+                            k = 2
+                        v = bot[2 * j + 1]
+                        if v > m:
+                            m = v
+                            k = 3
+                        yr[j] = m
+                        ir[j] = k
+
+    @_jit
+    def maxpool2x2_backward(dy, idx, dx):
+        # dx[window] = dy at the chosen element, 0 elsewhere; rows/columns no window covers (odd H, W) get 0.
+        # The inner loop runs over whole output rows (contiguous stores: 3.6x faster than a loop over windows).
+        n, c, p, q = dy.shape
+        h, w = dx.shape[2], dx.shape[3]
+        zero = _F(0)
+        for b in range(n):
+            for ch in range(c):
+                for i in range(p):
+                    top = dx[b, ch, 2 * i]
+                    bot = dx[b, ch, 2 * i + 1]
+                    gr = dy[b, ch, i]
+                    ir = idx[b, ch, i]
+                    for jj in range(2 * q):
+                        g = gr[jj >> 1]
+                        k = ir[jj >> 1]
+                        top[jj] = g if k == (jj & 1) else zero
+                        bot[jj] = g if k == (jj & 1) + 2 else zero
+                    for jj in range(2 * q, w):
+                        top[jj] = zero
+                        bot[jj] = zero
+                for r in range(2 * p, h):
+                    dx[b, ch, r] = zero
+
+    # --- BatchNorm (x viewed as (N, C, HW)) -------------------------------------------------------------------------
+
+    @_jit_sum
+    def bn_sums(x3, centre, s, ss):
+        """s[c] += sum x, ss[c] += sum (x - centre[c])^2, over the chunk's images and pixels, in float64."""
+        n, c, hw = x3.shape
+        for b in range(n):
+            for ch in range(c):
+                row = x3[b, ch]
+                m = centre[ch]
+                a = 0.0
+                a2 = 0.0
+                for i in range(hw):
+                    v = np.float64(row[i])
+                    a += v
+                    d = v - m
+                    a2 += d * d
+                s[ch] += a
+                ss[ch] += a2
+
+    @_jit_sum
+    def bn_backward_sums(dy3, x3, mean, s, sx):
+        """s[c] += sum dy, sx[c] += sum dy * (x - mean[c]), in float64."""
+        n, c, hw = x3.shape
+        for b in range(n):
+            for ch in range(c):
+                g = dy3[b, ch]
+                row = x3[b, ch]
+                m = mean[ch]
+                a = 0.0
+                a2 = 0.0
+                for i in range(hw):
+                    d = np.float64(g[i])
+                    a += d
+                    a2 += d * (np.float64(row[i]) - m)
+                s[ch] += a
+                sx[ch] += a2
+
+    @_jit
+    def bn_apply(x3, scale, shift, y3):
+        """y = x * scale[c] + shift[c] (two float32 roundings, as NumPy's multiply then add)."""
+        n, c, hw = x3.shape
+        for b in range(n):
+            for ch in range(c):
+                sc = scale[ch]
+                sh = shift[ch]
+                xr = x3[b, ch]
+                yr = y3[b, ch]
+                for i in range(hw):
+                    yr[i] = xr[i] * sc + sh
+
+    @_jit
+    def bn_backward_apply(dy3, x3, a, bc, cc, mean, dx3):
+        """dx = a[c] * dy + bc[c] * (x - mean[c]) + cc[c] in float32."""
+        n, c, hw = x3.shape
+        for b in range(n):
+            for ch in range(c):
+                ac = a[ch]
+                bcc = bc[ch]
+                ccc = cc[ch]
+                m = mean[ch]
+                g = dy3[b, ch]
+                xr = x3[b, ch]
+                out = dx3[b, ch]
+                for i in range(hw):
+                    out[i] = ac * g[i] + bcc * (xr[i] - m) + ccc
+
+    # --- convolution, one image at a time: columns cols[(c, r, s), (p, q)] = xpad[c, p*stride + r, q*stride + s] ---
+    # The GEMMs are OpenBLAS's sgemm called from the compiled loop (no GIL, no temporaries); `gemm` is that
+    # function as a ctypes object (cblas_sgemm's arguments), found by `_cpu_threads.find_sgemm()`.
+
+    # Indices are unsigned (`_U`): Numba then drops its negative-index wrap-around and LLVM vectorises the copies
+    # (measured 3.5 -> 1.1 ms for fashion-cnn conv2's columns at batch 128; NumPy's per-chunk copies took 1.6).
+
+    @_jit
+    def _im2col_image(xb, r_, s_, stride, pad, p, q, cols):
+        c, h, w = xb.shape
+        hw, pq = h * w, p * q
+        xf = xb.reshape(c * hw)
+        cf = cols.reshape(cols.size)
+        zero = _F(0)
+        same = stride == 1 and p == h and q == w
+        for ch in range(c):
+            for i in range(r_):
+                for j in range(s_):
+                    d0 = _U(((ch * r_ + i) * s_ + j) * pq)
+                    qlo = max(0, -((j - pad) // stride))
+                    qhi = max(qlo, min(q, (w - 1 + pad - j) // stride + 1))
+                    if same:
+                        # a flat shift of the whole image, then the pixels that wrapped around a row end are zeroed
+                        off = (i - pad) * w + (j - pad)
+                        lo = max(0, -off)
+                        hi = max(lo, min(hw, hw - off))
+                        s0 = ch * hw + off
+                        for f in range(lo):
+                            cf[d0 + _U(f)] = zero
+                        for f in range(lo, hi):
+                            cf[d0 + _U(f)] = xf[_U(s0 + f)]
+                        for f in range(hi, hw):
+                            cf[d0 + _U(f)] = zero
+                        for pp in range(p):
+                            for qq in range(qlo):
+                                cf[d0 + _U(pp * q + qq)] = zero
+                            for qq in range(qhi, q):
+                                cf[d0 + _U(pp * q + qq)] = zero
+                        continue
+                    for pp in range(p):
+                        o = d0 + _U(pp * q)
+                        hh = pp * stride + i - pad
+                        if hh < 0 or hh >= h:
+                            for qq in range(q):
+                                cf[o + _U(qq)] = zero
+                            continue
+                        s0 = ch * hw + hh * w + j - pad
+                        for qq in range(qlo):
+                            cf[o + _U(qq)] = zero
+                        for qq in range(qlo, qhi):
+                            cf[o + _U(qq)] = xf[_U(s0 + qq * stride)]
+                        for qq in range(qhi, q):
+                            cf[o + _U(qq)] = zero
+
+    @_jit
+    def _col2im_image(dcols, r_, s_, stride, pad, p, q, dxb):
+        """dxb[c, h, w] = sum over taps of dcols[(c, r, s), (p, q)] with h = p*stride + r - pad (and w); dcols is
+        scratch and may be overwritten."""
+        c, h, w = dxb.shape
+        hw, pq = h * w, p * q
+        img = dxb.reshape(c * hw)
+        sf = dcols.reshape(dcols.size)
+        zero = _F(0)
+        same = stride == 1 and p == h and q == w
+        for ch in range(c):
+            i0 = _U(ch * hw)
+            for f in range(hw):
+                img[i0 + _U(f)] = zero
+            for i in range(r_):
+                for j in range(s_):
+                    d0 = _U(((ch * r_ + i) * s_ + j) * pq)
+                    qlo = max(0, -((j - pad) // stride))
+                    qhi = max(qlo, min(q, (w - 1 + pad - j) // stride + 1))
+                    if same:
+                        # flat shifted add; the source pixels that would wrap around a row end are zeroed first
+                        for pp in range(p):
+                            for qq in range(qlo):
+                                sf[d0 + _U(pp * q + qq)] = zero
+                            for qq in range(qhi, q):
+                                sf[d0 + _U(pp * q + qq)] = zero
+                        off = (i - pad) * w + (j - pad)
+                        lo = max(0, -off)
+                        hi = max(lo, min(hw, hw - off))
+                        t0 = ch * hw + off
+                        for f in range(lo, hi):
+                            img[_U(t0 + f)] += sf[d0 + _U(f)]
+                        continue
+                    for pp in range(p):
+                        hh = pp * stride + i - pad
+                        if hh < 0 or hh >= h:
+                            continue
+                        o = d0 + _U(pp * q)
+                        t0 = ch * hw + hh * w + j - pad
+                        for qq in range(qlo, qhi):
+                            img[_U(t0 + qq * stride)] += sf[o + _U(qq)]
+
+    @_jit
+    def conv_forward(gemm, x, w2, bias, has_bias, r_, s_, stride, pad, cols, y):
+        """y[b] (K, P*Q) = w2 (K, C*R*S) @ cols_b (+ bias[k]) for each image b of the chunk; cols: (CRS, PQ) scratch."""
+        nb = x.shape[0]
+        k, crs = w2.shape
+        p, q = y.shape[2], y.shape[3]
+        pq = p * q
+        for b in range(nb):
+            _im2col_image(x[b], r_, s_, stride, pad, p, q, cols)
+            yb = y[b]
+            gemm(101, 111, 111, k, pq, crs, _F(1), w2.ctypes.data, crs, cols.ctypes.data, pq, _F(0),
+                 yb.ctypes.data, pq)
+            if has_bias:
+                yf = yb.reshape(k, pq)
+                for kk in range(k):
+                    bk = bias[kk]
+                    for f in range(pq):
+                        yf[kk, f] += bk
+
+    @_jit
+    def conv_backward(gemm, x, w2, dy, r_, s_, stride, pad, cols, dcols, ones, dw, db, dx, need_dx):
+        """Per image b: dw += dy_b cols_b^T, db += dy_b 1, and (need_dx) dx_b = col2im(w2^T dy_b) -- the three conv
+        derivatives (terms 1-3 in cpu.py); dw (K, CRS) and db (K,) are this thread's float32 partial sums."""
+        nb = x.shape[0]
+        k, crs = w2.shape
+        p, q = dy.shape[2], dy.shape[3]
+        pq = p * q
+        for b in range(nb):
+            _im2col_image(x[b], r_, s_, stride, pad, p, q, cols)
+            dyb = dy[b]
+            gemm(101, 111, 112, k, crs, pq, _F(1), dyb.ctypes.data, pq, cols.ctypes.data, pq, _F(1),
+                 dw.ctypes.data, crs)
+            gemm(101, 111, 111, k, 1, pq, _F(1), dyb.ctypes.data, pq, ones.ctypes.data, 1, _F(1),
+                 db.ctypes.data, 1)
+            if need_dx:
+                gemm(101, 112, 111, crs, pq, k, _F(1), w2.ctypes.data, crs, dyb.ctypes.data, pq, _F(0),
+                     dcols.ctypes.data, pq)
+                _col2im_image(dcols, r_, s_, stride, pad, p, q, dx[b])
