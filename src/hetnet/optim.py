@@ -40,12 +40,7 @@ class Optimizer:
             pack = self.params[0]._pack
             flat = self.backend.zeros(pack.data.shape)
             self._flat_state[name] = flat
-            views, offset = [], 0
-            for p in self.params:
-                n = int(np.prod(p.shape))
-                views.append(flat[offset:offset + n].reshape(p.shape))
-                offset += n
-            self.state[name] = views
+            self.state[name] = pack.views(flat)
         else:
             self.state[name] = [self.backend.zeros(p.shape) for p in self.params]
 

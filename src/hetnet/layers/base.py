@@ -98,13 +98,18 @@ class FlatPack:
         total = sum(int(np.prod(p.shape)) for p in params)
         self.data = backend.zeros((total,))
         self.grad = backend.zeros((total,))
-        offset = 0
-        for p in params:
-            n = int(np.prod(p.shape))
-            p._bind(self.data[offset:offset + n].reshape(p.shape), self.grad[offset:offset + n].reshape(p.shape))
-            offset += n
-        for p in params:
+        for p, data, grad in zip(params, self.views(self.data), self.views(self.grad)):
+            p._bind(data, grad)
             p._pack = self
+
+    def views(self, flat) -> list:
+        """Per-parameter views (each parameter's shape) of a flat buffer laid out like `data`."""
+        out, offset = [], 0
+        for p in self.params:
+            n = int(np.prod(p.shape))
+            out.append(flat[offset:offset + n].reshape(p.shape))
+            offset += n
+        return out
 
 
 class Layer:
