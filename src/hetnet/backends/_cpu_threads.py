@@ -228,38 +228,45 @@ def chunk_size(n: int, bytes_per_item: int, target: int | None = None) -> int:
 def parallel(n: int, chunk: int, body, make_acc=None) -> list:
     """Run body(start, stop, acc) over [0, n) in chunks of `chunk` items on up to threads() threads.
 
-    make_acc() gives each thread its own accumulator (for partial sums such as weight gradients); the list of the
-    accumulators of the threads that ran is returned. Chunks must write disjoint outputs.
+    make_acc() gives each *chunk* its own accumulator (for partial sums such as weight gradients); they are returned
+    in chunk order. Which thread runs a chunk depends on timing, so per-chunk partial sums, added up by the caller in
+    chunk order, are what keeps results bit-identical from run to run. Chunks must write disjoint outputs.
     """
     starts = list(range(0, n, chunk))
+    accs = [make_acc() if make_acc else None for _ in starts]
     nthreads = min(_threads, len(starts))
     pooled = nthreads > 1 and _pool_lock.acquire(blocking=False)
     _blas_single_enter()  # also when running inline: hetnet never wakes OpenBLAS's own threads
     try:
         if not pooled:
-            acc = make_acc() if make_acc else None
-            for s in starts:
-                body(s, min(s + chunk, n), acc)
-            return [acc]
+            for i, s in enumerate(starts):
+                body(s, min(s + chunk, n), accs[i])
+            return accs
         counter = itertools.count()
 
         def runner():
-            acc = make_acc() if make_acc else None
             while True:
                 i = next(counter)
                 if i >= len(starts):
-                    return acc
+                    return
                 s = starts[i]
-                body(s, min(s + chunk, n), acc)
+                body(s, min(s + chunk, n), accs[i])
 
         workers = _get_workers()[:nthreads - 1]
         for w in workers:
             w.start(runner)
+        errors = []
         try:
-            accs = [runner()]
+            runner()
         finally:
-            accs_rest = [w.join() for w in workers]  # always wait: the workers write into our outputs
-        return accs + accs_rest
+            for w in workers:  # always wait for every worker: they write into our outputs
+                try:
+                    w.join()
+                except BaseException as e:  # noqa: BLE001 - re-raised below, after all have stopped
+                    errors.append(e)
+        if errors:
+            raise errors[0]
+        return accs
     finally:
         _blas_single_exit()
         if pooled:

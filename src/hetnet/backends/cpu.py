@@ -575,7 +575,7 @@ def _rowdot(a, b):
 
 
 def _bn_jit_sums(kernel, n, c, hw, *arrays):
-    """Per-channel float64 sums from a compiled kernel, one partial per thread."""
+    """Per-channel float64 sums from a compiled kernel, one partial per chunk (added in chunk order)."""
     def make_acc():
         return [np.zeros(c), np.zeros(c)]
 
