@@ -348,6 +348,79 @@ def test_fit_uses_the_fast_step(rng):
     assert len(history) == 2 and np.isfinite(history[-1]["train_loss"])
 
 
+# --- the data set on the GPU (hetnet.data.ResidentLoader, data.cu) ------------------------------------------------
+
+
+@pytest.mark.parametrize("augment", ["", "flip", "crop:2,flip", "flip,crop:4", "crop:1"])
+@pytest.mark.parametrize("shape", [(3, 32, 32), (1, 7, 11)])
+def test_resident_batches_equal_host_batches(be, rng, augment, shape):
+    from hetnet.data import BatchLoader, ResidentLoader, channel_stats, on_device
+
+    x = rng.integers(0, 256, size=(203, *shape), dtype=np.uint8)
+    y = rng.integers(0, 10, size=203)
+    host = BatchLoader(x, y, 64, *channel_stats(x), augment=augment, seed=11, prefetch=0)
+    dev = on_device(host, be)
+    assert isinstance(dev, ResidentLoader) and dev.images.dtype == cupy.uint8
+    for epoch in (0, 1):
+        n = 0
+        for (gx, gy), (wx, wy) in zip(dev.epoch(epoch), host.epoch(epoch)):
+            assert isinstance(gx, cupy.ndarray) and gx.dtype == cupy.float32 and gy.dtype == cupy.int32
+            np.testing.assert_array_equal(cupy.asnumpy(gx), wx)        # identical bits, not just close
+            np.testing.assert_array_equal(cupy.asnumpy(gy), wy)
+            n += 1
+        assert n == len(host)
+
+
+def test_training_on_resident_data_matches_host_batches(be, rng):
+    from hetnet.data import BatchLoader, ResidentLoader, channel_stats
+
+    x = rng.integers(0, 256, size=(160, 1, 12, 12), dtype=np.uint8)
+    y = rng.integers(0, 4, size=160)
+    x[np.arange(160), 0, y * 3, y * 3] = 255                  # a learnable signal
+    hn.seed(2)
+    state = small_cnn().state_dict()
+    out = []
+    for resident in (False, True):
+        hn.seed(9)
+        model = small_cnn()
+        model.load_state_dict(state)
+        model.to(be)
+        opt = T.make_optimizer("momentum", model.parameters(), lr=0.05)
+        host = BatchLoader(x, y, 32, *channel_stats(x), augment="crop:1,flip", seed=3)
+        loader = ResidentLoader(host, be) if resident else host
+        hist = T.Trainer(model, opt, progress=False, log=None).fit(loader, 3, val_loader=loader)
+        out.append((model.state_dict(), hist))
+    (w0, h0), (w1, h1) = out
+    for k in w0:
+        assert_close(w1[k], w0[k], F32, k)
+    np.testing.assert_allclose([r["train_loss"] for r in h1], [r["train_loss"] for r in h0], rtol=1e-5)
+
+
+def test_cli_train_on_gpu_keeps_the_data_on_the_device(tmp_path, monkeypatch):
+    """`hetnet train --device cuda` end to end; the training loader must be the device-resident one."""
+    from test_cli import make_idx
+
+    from hetnet import data as hdata
+    from hetnet.cli import main
+
+    made = []
+    real = hdata.ResidentLoader.__init__
+
+    def spy(self, host, backend):
+        made.append(host.shuffle)
+        real(self, host, backend)
+
+    monkeypatch.setattr(hdata.ResidentLoader, "__init__", spy)
+    data = make_idx(tmp_path / "idx")
+    rc = main(["train", "--device", "cuda", "--data", str(data), "--epochs", "2", "--batch-size", "32",
+               "--augment", "crop:1,flip", "--out", str(tmp_path / "run")])
+    assert rc == 0
+    assert True in made and False in made                      # training and test loaders both on the GPU
+    assert (tmp_path / "run" / "model.safetensors").exists()
+    rc = main(["evaluate", str(tmp_path / "run"), "--device", "cuda"])
+    assert rc == 0
+
+
 # --- user-facing information and errors --------------------------------------------------------------------------
 
 

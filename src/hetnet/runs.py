@@ -270,6 +270,9 @@ def prepare(config: dict, log: Callable[[str], None] | None = None) -> _Prepared
                    if has_test else None)
 
     model.to(backend)
+    # on the GPU the uint8 sets go to device memory once, and batches are assembled there (hetnet.data.on_device)
+    train_loader, val_loader, test_loader = (hdata.on_device(ld, backend) if ld is not None else None
+                                             for ld in (train_loader, val_loader, test_loader))
     optimizer = make_optimizer(recipe["optimizer"], model.parameters(), recipe["lr"], recipe["weight_decay"])
     steps = len(train_loader)
     schedule = make_schedule(recipe["schedule"], optimizer, steps * recipe["epochs"],
@@ -446,7 +449,8 @@ def _plots(run_dir: Path, p: _Prepared, history: list) -> None:
     if loader is p.train_loader:
         from . import data as hdata
 
-        loader = hdata.BatchLoader(loader.x, loader.y, EVAL_BATCH, loader.mean, loader.std, shuffle=False)
+        host = getattr(loader, "host", loader)          # a ResidentLoader's BatchLoader
+        loader = hdata.BatchLoader(host.x, host.y, EVAL_BATCH, host.mean, host.std, shuffle=False)
     pred, true = predict_labels(p.model, loader)
     plots.confusion(confusion_matrix(pred, true, len(p.class_names)), p.class_names, run_dir / "confusion.png",
                     title=f"confusion matrix, {split} set ({len(true)} images)")
@@ -512,7 +516,7 @@ def evaluate_model(target: str | Path, dataset: str | None = None, data: str | N
             split = "validation"
         else:
             x, y, split = ds.train_x, ds.train_y, "all"
-    loader = hdata.BatchLoader(x, y, EVAL_BATCH, lm.mean, lm.std, shuffle=False)
+    loader = hdata.on_device(hdata.BatchLoader(x, y, EVAL_BATCH, lm.mean, lm.std, shuffle=False), lm.model.backend)
     loss, acc = evaluate(lm.model, loader)
     pred, true = predict_labels(lm.model, loader)
     cm = confusion_matrix(pred, true, len(lm.class_names))

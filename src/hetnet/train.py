@@ -160,6 +160,16 @@ class ArrayLoader:
             yield self.x[idx], self.y[idx]
 
 
+def device_batches(loader, epoch: int, backend):
+    """The (xb, yb) of loader.epoch(epoch) as device arrays of `backend`: host batches are copied with
+    backend.asarray / backend.labels; a loader with `on_device` (hetnet.data.ResidentLoader) serves them already."""
+    if getattr(loader, "on_device", False):
+        yield from loader.epoch(epoch)
+        return
+    for xb, yb in loader.epoch(epoch):
+        yield backend.asarray(xb), backend.labels(yb)
+
+
 def _num_batches(loader) -> int | None:
     try:
         return len(loader)
@@ -296,7 +306,8 @@ class Trainer:
     """Runs epochs: train on a loader, then evaluate on the validation and test loaders; one record per epoch.
 
     A loader is anything with `epoch(e) -> iterable of (xb, yb)` (host arrays; float inputs, int labels) and,
-    ideally, `len()` in batches (hetnet.data.BatchLoader, ArrayLoader).
+    ideally, `len()` in batches (hetnet.data.BatchLoader, ArrayLoader); or one with `on_device = True` whose batches
+    are already device arrays of the model's backend (hetnet.data.ResidentLoader, see device_batches).
 
         >>> trainer = Trainer(model, optimizer, schedule)                                  # doctest: +SKIP
         >>> history = trainer.fit(train_loader, epochs=5, test_loader=test_loader)       # doctest: +SKIP
@@ -330,8 +341,8 @@ class Trainer:
         # overflow in a diverging run is reported once, as TrainingDiverged, not as NumPy warnings
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             try:
-                for i, (xb, yb) in enumerate(loader.epoch(epoch)):
-                    step.step(backend.asarray(xb), backend.labels(yb))
+                for i, (xb, yb) in enumerate(device_batches(loader, epoch, backend)):
+                    step.step(xb, yb)
                     if self.average is not None:
                         self.average.update()
                     if bar is not None:
@@ -412,8 +423,8 @@ def evaluate(model, loader, step=None) -> tuple[float, float]:
     try:
         step = step if step is not None else make_eval_step(model)
         step.collect()  # start from zero
-        for xb, yb in loader.epoch(0):
-            step.step(backend.asarray(xb), backend.labels(yb))
+        for xb, yb in device_batches(loader, 0, backend):
+            step.step(xb, yb)
         loss_sum, correct, count = step.collect()
         backend.synchronize()
     finally:
@@ -430,10 +441,10 @@ def predict_labels(model, loader) -> tuple[np.ndarray, np.ndarray]:
     model.eval()
     preds, trues = [], []
     try:
-        for xb, yb in loader.epoch(0):
-            logits = model.forward(backend.asarray(xb))
+        for xb, yb in device_batches(loader, 0, backend):
+            logits = model.forward(xb)
             preds.append(backend.to_numpy(backend.xp.argmax(logits, axis=1)).astype(np.int64))
-            trues.append(np.asarray(yb, dtype=np.int64))
+            trues.append(backend.to_numpy(yb).astype(np.int64))
     finally:
         model.train(was_training)
     if not preds:

@@ -20,6 +20,17 @@ to_numpy(arr) -> np.ndarray     copy back to host (float dtype kept)
 zeros(shape) -> arr             zero array of the backend's dtype
 labels(a) -> arr                int labels to the device (int64 on NumPy backends, int32 on cuda)
 synchronize() -> None           wait for queued device work (no-op on CPU)
+upload(a) -> arr                copy a NumPy array to the device keeping its dtype (uint8 images, int32 plans)
+
+Data-set batches (hetnet.data.ResidentLoader)
+---------------------------------------------
+resident_data: bool             True where training should keep the uint8 data set on the device (cuda)
+gather_images(images[N,C,H,W] uint8, labels[N], plan[4,M] int32, start, count, scale[C] f32, shift[C] f32)
+    -> x[count,C,H,W] (backend dtype), y[count]
+    columns start..start+count of the plan (rows: index, oy, ox, flip): pixel (i, j) of example m is
+    v = images[idx, c, i + oy, jj + ox] with jj = W-1-j if flip else j, 0 outside the image, then
+    x = float32(float32(v * scale[c]) + shift[c]) (two roundings, no fused multiply-add), exactly what
+    hetnet.data.BatchLoader serves for the same plan.
 
 Ops: forward returns (y, cache); backward takes the cache. Backward *accumulates* parameter gradients into the arrays it
 is given (dw += ..., db += ...; PyTorch semantics) and returns dx, or None when need_dx is False. No op modifies its

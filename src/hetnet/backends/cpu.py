@@ -850,3 +850,19 @@ def adam_update(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay, decoupled
     denom = np.sqrt(v * _F(1.0 / bc2))
     denom += _F(eps)
     p -= _F(lr / bc1) * (m / denom)
+
+
+# --- data-set batches from a plan (hetnet.data.ResidentLoader; the host loader is the default on this backend) -----
+
+resident_data = False       # host batches come from BatchLoader's background thread, which is faster here
+
+
+def upload(a) -> np.ndarray:
+    """a as a C-contiguous array of its own dtype (uint8 images, int32 plans)."""
+    return np.ascontiguousarray(a)
+
+
+def gather_images(images, labels, plan, start, count, scale, shift):
+    from ..data.transforms import gather_planned
+
+    return gather_planned(images, labels, plan, int(start), int(count), scale, shift)

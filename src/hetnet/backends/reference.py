@@ -51,6 +51,22 @@ def synchronize() -> None:
     return None
 
 
+resident_data = False       # batches come from the host loader
+
+
+def upload(a) -> np.ndarray:
+    """A copy of a, dtype kept (uint8 images, int32 plans)."""
+    return np.array(a, copy=True)
+
+
+def gather_images(images, labels, plan, start, count, scale, shift):
+    """The float32 batch of transforms.gather_planned (what the host loader serves), widened to float64."""
+    from ..data.transforms import gather_planned
+
+    x, y = gather_planned(images, labels, plan, int(start), int(count), scale, shift)
+    return x.astype(np.float64), y
+
+
 def _f64(a) -> np.ndarray:
     """a as float64 without copying when it already is (read-only use)."""
     return np.asarray(a, dtype=np.float64)

@@ -169,7 +169,9 @@ class RssPeak:
 
 
 class CupyPoolPeak:
-    """Bytes CuPy's default pool holds after the span, having been emptied before it (its high-water mark)."""
+    """High-water mark of the bytes live in CuPy's default pool during the span: the same quantity as
+    torch.cuda.max_memory_allocated (memory handed out and not yet freed, not the pool's cached free blocks).
+    Every allocation in the span goes through a wrapper that records the pool's used bytes after it."""
 
     def __enter__(self):
         import cupy
@@ -178,15 +180,25 @@ class CupyPoolPeak:
         cupy.cuda.Device().synchronize()
         gc.collect()
         self.pool.free_all_blocks()
-        self.start = self.pool.total_bytes()
+        self.start = self.pool.used_bytes()
+        self.high = self.start
         self.mib = None
+        self._previous = cupy.cuda.get_allocator()
+
+        def malloc(nbytes):
+            mem = self.pool.malloc(nbytes)
+            self.high = max(self.high, self.pool.used_bytes())
+            return mem
+
+        cupy.cuda.set_allocator(malloc)
         return self
 
     def __exit__(self, *exc):
         import cupy
 
+        cupy.cuda.set_allocator(self._previous)
         cupy.cuda.Device().synchronize()
-        self.mib = round((self.pool.total_bytes() - self.start) / 2**20, 1)
+        self.mib = round((self.high - self.start) / 2**20, 1)
         return False
 
 

@@ -341,9 +341,11 @@ def _peak_memory(model_name, backend, x, y, tdev, gpu) -> tuple:
             hm.forward(hx)
             backend.synchronize()
         hpeak = m.mib
-        pool = getattr(st, "pool", None)  # a step object's private pool for its CUDA graphs
-        if gpu and hpeak is not None and hasattr(pool, "total_bytes"):
-            hpeak = round(hpeak + pool.total_bytes() / 2**20, 1)
+        # a step object's private pool: all of it is held by the CUDA graphs (their buffers are reused on every
+        # replay), and its size before the capture is the first, eager step's working set
+        held = max(getattr(st, "graph_pool_bytes", 0), getattr(st, "eager_pool_bytes", 0))
+        if gpu and hpeak is not None:
+            hpeak = round(hpeak + held / 2**20, 1)
         del hm, st, hx, hy
         with (TorchCudaPeak() if gpu else RssPeak()) as m:
             hn_seed(0)
@@ -523,7 +525,9 @@ def method_text(gpu: bool) -> str:
     if gpu:
         text += ("GPU: CUDA events around blocks of steps; PyTorch with cudnn.benchmark on and TF32 off except in "
                  "the row marked TF32; 'graph' = the whole PyTorch step captured as a CUDA graph. Peak memory: "
-                 "CuPy pool high-water mark (hetnet) and torch.cuda.max_memory_allocated (PyTorch eager).")
+                 "the high-water mark of live bytes in CuPy's pool plus the memory the CUDA graphs hold (hetnet) and "
+                 "torch.cuda.max_memory_allocated (PyTorch eager), over one model's first training step, second "
+                 "step and an inference pass.")
     else:
         text += ("CPU: perf_counter per step; PyTorch with the same thread count. Peak memory: rise of the RSS "
                  "high-water mark (VmHWM) over a fresh model's build, one step and one inference pass.")

@@ -1,5 +1,5 @@
 """Data sets for hetnet: readers for IDX (MNIST, Fashion-MNIST), CIFAR-10 batches and image folders, transforms,
-and a background-thread batch loader.
+and batch loaders (a background thread on the host, or kernels on the device: ResidentLoader).
 
     >>> from hetnet.data import load_dataset, split_train_val, channel_stats, BatchLoader
     >>> d = load_dataset("fashion-mnist")
@@ -9,8 +9,8 @@ and a background-thread batch loader.
     ...     pass
 """
 from .datasets import DATASETS, Dataset, describe_data_locations, load_dataset, split_train_val
-from .loader import BatchLoader
+from .loader import BatchLoader, ResidentLoader, on_device
 from .transforms import channel_stats, convert_channels, normalize, resize_batch
 
-__all__ = ["DATASETS", "BatchLoader", "Dataset", "channel_stats", "convert_channels", "describe_data_locations",
-           "load_dataset", "normalize", "resize_batch", "split_train_val"]
+__all__ = ["DATASETS", "BatchLoader", "Dataset", "ResidentLoader", "channel_stats", "convert_channels",
+           "describe_data_locations", "load_dataset", "normalize", "on_device", "resize_batch", "split_train_val"]

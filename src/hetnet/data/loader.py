@@ -9,6 +9,15 @@ it runs after epoch e-1 or first thing after a resume.
     >>> for xb, yb in loader.epoch(3):      # xb float32 (B, C, H, W) C-contiguous, yb int64 (B,)
     ...     ...
     >>> len(loader)                          # batches per epoch
+
+On a device that keeps data sets in its own memory (the cuda backend), `on_device(loader, backend)` returns a
+`ResidentLoader`: the uint8 images and labels are copied to the device once, and each batch is gathered, cropped,
+flipped and normalised there by one kernel, from a per-epoch plan (indices and augmentation offsets, one upload per
+epoch) drawn from the same generators as here, so both paths serve identical batches.
+
+    >>> loader = on_device(BatchLoader(train_x, train_y, 128, mean, std, augment="crop,flip"), backend)
+    >>> for xb, yb in loader.epoch(3):      # device arrays: float32 (B, C, H, W), labels in the backend's int type
+    ...     ...
 """
 from __future__ import annotations
 
@@ -19,7 +28,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from .transforms import apply_augment, normalize, parse_augment
+from .transforms import apply_augment, gather_planned, normalize, normalize_coefficients, parse_augment
 
 _DONE = object()
 
@@ -77,6 +86,41 @@ class BatchLoader:
             xb = apply_augment(xb, self.augment, np.random.default_rng([self.seed, int(epoch), 1, b]))
         return normalize(xb, self.mean, self.std), self.y[idx]
 
+    @property
+    def plannable(self) -> bool:
+        """Whether the augmentation fits a plan (at most one crop and one flip; see transforms.gather_planned)."""
+        crops = sum(1 for name, arg in self.augment if name == "crop" and arg > 0)
+        flips = sum(1 for name, _ in self.augment if name == "flip")
+        return crops <= 1 and flips <= 1
+
+    def plan(self, epoch: int) -> np.ndarray:
+        """The batches of `epoch` as an int32 plan (4, num_examples): rows index, oy, ox, flip, batch b in columns
+        b*B .. (b+1)*B. Draws the same random numbers as batch() (apply_augment), so gather_planned(plan) gives
+        the same arrays as batch()."""
+        if not self.plannable:
+            raise ValueError(f"augmentation {self.augment} does not fit a plan (at most one crop and one flip)")
+        order = self.order(epoch)
+        m, bs = self.num_examples, self.batch_size
+        out = np.zeros((4, m), dtype=np.int32)
+        for b in range(len(self)):
+            lo, hi = b * bs, min((b + 1) * bs, m)
+            idx = order[lo:hi]
+            out[0, lo:hi] = np.sort(idx) if self.shuffle else idx
+            if not self.augment:
+                continue
+            rng, n = np.random.default_rng([self.seed, int(epoch), 1, b]), hi - lo
+            flipped = np.zeros(n, dtype=bool)
+            for name, pad in self.augment:           # the draws of random_crop / random_hflip, in order
+                if name == "crop" and pad > 0:
+                    dy = rng.integers(0, 2 * pad + 1, size=n)
+                    dx = rng.integers(0, 2 * pad + 1, size=n)
+                    out[1, lo:hi] = dy - pad
+                    out[2, lo:hi] = np.where(flipped, pad - dx, dx - pad)   # flipped before the crop: mirror ox
+                elif name == "flip":
+                    flipped = rng.random(n) < 0.5
+            out[3, lo:hi] = flipped
+        return out
+
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Iterate over the batches of `epoch` from batch `start` on. Stopping early (break, exception, close())
         stops and joins the worker thread."""
@@ -120,3 +164,58 @@ class BatchLoader:
         finally:
             stop.set()
             t.join()
+
+
+class ResidentLoader:
+    """The batches of a BatchLoader, assembled on the backend's device from a copy of its uint8 images kept there.
+
+    Per epoch: the plan (BatchLoader.plan, int32 (4, M)) is uploaded once; each batch is then one
+    `backend.gather_images` call (on the GPU: one kernel that gathers, crops, flips, normalises and gathers the
+    labels). Nothing comes back to the host. Batches are the arrays BatchLoader.epoch serves, on the device.
+    """
+
+    on_device = True        # batches are already device arrays in the backend's dtype (hetnet.train skips asarray)
+
+    def __init__(self, host: BatchLoader, backend):
+        if not host.plannable:
+            raise ValueError(f"augmentation {host.augment} does not fit a plan (at most one crop and one flip)")
+        self.host, self.backend = host, backend
+        self.images = backend.upload(host.x)                      # (N, C, H, W) uint8 on the device
+        self.labels = backend.labels(host.y)
+        scale, shift = normalize_coefficients(host.mean, host.std, host.x.shape[1])
+        self.scale, self.shift = backend.upload(scale), backend.upload(shift)
+        self._fixed_plan = None                                  # evaluation order: the same plan every epoch
+
+    def __len__(self) -> int:
+        return len(self.host)
+
+    @property
+    def batch_size(self) -> int:
+        return self.host.batch_size
+
+    @property
+    def num_examples(self) -> int:
+        return self.host.num_examples
+
+    def _plan(self, epoch: int):
+        if self.host.shuffle or self.host.augment:
+            return self.backend.upload(self.host.plan(epoch))
+        if self._fixed_plan is None:
+            self._fixed_plan = self.backend.upload(self.host.plan(0))
+        return self._fixed_plan
+
+    def epoch(self, epoch: int, start: int = 0):
+        """(xb, yb) device arrays for the batches of `epoch` from batch `start` on."""
+        plan, bs, m = self._plan(epoch), self.host.batch_size, self.host.num_examples
+        for b in range(int(start), len(self)):
+            lo = b * bs
+            yield self.backend.gather_images(self.images, self.labels, plan, lo, min(bs, m - lo), self.scale,
+                                             self.shift)
+
+
+def on_device(loader, backend):
+    """`loader` as the backend wants it: a ResidentLoader where the backend keeps data on its device
+    (backend.resident_data) and the augmentation fits a plan; otherwise `loader` itself (host batches)."""
+    if isinstance(loader, BatchLoader) and getattr(backend, "resident_data", False) and loader.plannable:
+        return ResidentLoader(loader, backend)
+    return loader

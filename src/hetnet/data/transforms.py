@@ -62,17 +62,21 @@ def channel_stats(x: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray, np.ndar
     return (mean / 255).astype(np.float32), (std / 255).astype(np.float32)
 
 
-def normalize(x: np.ndarray, mean, std, out: np.ndarray | None = None) -> np.ndarray:
-    """float32 (x / 255 - mean) / std per channel for uint8 x (N, C, H, W); mean/std None -> x / 255 only."""
-    c = x.shape[1]
+def normalize_coefficients(mean, std, channels: int) -> tuple[np.ndarray, np.ndarray]:
+    """float32 (scale, shift) per channel with x * scale + shift == (x / 255 - mean) / std for uint8 x;
+    mean/std None -> x / 255 only. The one definition of normalisation on every path (host and device)."""
+    c = int(channels)
     if mean is None:
-        scale = np.full(c, 1 / 255, dtype=np.float32)
-        shift = np.zeros(c, dtype=np.float32)
-    else:
-        mean = np.asarray(mean, dtype=np.float64).reshape(c)
-        std = np.asarray(std, dtype=np.float64).reshape(c)
-        scale = (1 / (255 * std)).astype(np.float32)        # x * scale + shift == (x/255 - mean)/std
-        shift = (-mean / std).astype(np.float32)
+        return np.full(c, 1 / 255, dtype=np.float32), np.zeros(c, dtype=np.float32)
+    mean = np.asarray(mean, dtype=np.float64).reshape(c)
+    std = np.asarray(std, dtype=np.float64).reshape(c)
+    return (1 / (255 * std)).astype(np.float32), (-mean / std).astype(np.float32)
+
+
+def normalize(x: np.ndarray, mean, std, out: np.ndarray | None = None) -> np.ndarray:
+    """float32 (x / 255 - mean) / std per channel for uint8 x (N, C, H, W); mean/std None -> x / 255 only.
+    Two float32 roundings per value: x * scale, then + shift (the GPU kernel does exactly the same)."""
+    scale, shift = normalize_coefficients(mean, std, x.shape[1])
     if out is None:
         out = np.empty(x.shape, dtype=np.float32)
     np.multiply(x, scale[None, :, None, None], out=out, dtype=np.float32)
@@ -133,3 +137,32 @@ def apply_augment(x: np.ndarray, ops: list[tuple[str, int]], rng: np.random.Gene
     for name, arg in ops:
         x = random_crop(x, arg, rng) if name == "crop" else random_hflip(x, rng)
     return x
+
+
+# --- batches described by a plan: the device-resident path ------------------------------------------------------
+#
+# A *plan* describes the batches of one epoch as an int32 array (4, M), one column per example served:
+#   row 0: index into the data set; row 1: oy; row 2: ox; row 3: flip (0 or 1).
+# Output pixel (i, j) of example m is  v = x[idx, c, i + oy, jj + ox]  with  jj = W - 1 - j if flip else j,
+# and v = 0 where (i + oy, jj + ox) falls outside the image: "pad with zeros, crop at an offset, then mirror".
+# A flip drawn *before* the crop is the same as one after it with ox negated, so any one crop and one flip, in
+# either order, fit in a plan (hetnet.data.loader.BatchLoader.plan draws the same random numbers as
+# apply_augment, so the two paths give identical batches).
+
+
+def gather_planned(images: np.ndarray, labels: np.ndarray, plan: np.ndarray, start: int, count: int,
+                   scale: np.ndarray, shift: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Columns start .. start+count of `plan` as a normalised float32 batch (count, C, H, W) and its labels.
+    NumPy version of the device kernel (backends/cuda/data.cu, gather_images); the cpu and reference backends'
+    `gather_images` op."""
+    idx, oy, ox, flip = (np.asarray(plan[k, start:start + count], dtype=np.int64) for k in range(4))
+    _, c, h, w = images.shape
+    rows = np.arange(h)[None, :] + oy[:, None]                                   # (B, H) source rows
+    cols = np.where(flip[:, None] != 0, w - 1 - np.arange(w)[None, :], np.arange(w)[None, :]) + ox[:, None]
+    inside = ((rows >= 0) & (rows < h))[:, None, :, None] & ((cols >= 0) & (cols < w))[:, None, None, :]
+    v = images[idx[:, None, None, None], np.arange(c)[None, :, None, None],
+               np.clip(rows, 0, h - 1)[:, None, :, None], np.clip(cols, 0, w - 1)[:, None, None, :]]
+    v = np.where(inside, v, np.uint8(0))
+    out = np.multiply(v, scale.reshape(1, c, 1, 1), dtype=np.float32)
+    out += shift.reshape(1, c, 1, 1)
+    return out, labels[idx]

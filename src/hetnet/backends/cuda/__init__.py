@@ -222,6 +222,36 @@ class CudaBackend:
     def synchronize(self) -> None:
         self.cupy.cuda.get_current_stream().synchronize()
 
+    # --- data sets kept on the GPU (hetnet.data.ResidentLoader) ------------------------------------------------------
+
+    resident_data = True     # train from uint8 images in device memory: no host copy per batch
+
+    def upload(self, a):
+        """a copied to the GPU with its dtype (uint8 images, int32 plans); running out of memory is one line."""
+        a = np.ascontiguousarray(a)
+        try:
+            with self.device:
+                return self.cupy.asarray(a)
+        except self.cupy.cuda.memory.OutOfMemoryError:
+            free, total = self.cupy.cuda.runtime.memGetInfo()
+            raise DeviceError(f"out of GPU memory on {self.name} copying {a.nbytes / 2**20:.1f} MiB of data to "
+                              f"the GPU ({free / 2**20:.0f} MiB free of {total / 2**20:.0f} MiB)") from None
+
+    def gather_images(self, images, labels, plan, start, count, scale, shift):
+        """One batch from the plan, as the op interface says: one launch of data.cu's gather_images."""
+        cp = self.cupy
+        _, c, h, w = images.shape
+        if images.dtype != cp.uint8 or plan.dtype != cp.int32 or labels.dtype != cp.int32:
+            raise ValueError(f"gather_images: expected uint8 images, int32 plan and labels, got {images.dtype}, "
+                             f"{plan.dtype}, {labels.dtype}")
+        check(images, labels, plan, scale, shift)
+        with self.device:
+            x = cp.empty((int(count), c, h, w), dtype=cp.float32)
+            y = cp.empty((int(count),), dtype=cp.int32)
+            self.launch("data", "gather_images", x.size, images, labels, plan, np.int64(plan.shape[1]),
+                        np.int64(start), scale, shift, x, y, np.int32(count), np.int32(c), np.int32(h), np.int32(w))
+        return x, y
+
     def _c(self, a):
         return a if a.flags.c_contiguous else self.cupy.ascontiguousarray(a)
 

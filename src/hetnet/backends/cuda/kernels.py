@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ("conv", "pool", "norm", "elementwise", "loss", "optim")
+SOURCES = ("conv", "pool", "norm", "elementwise", "loss", "optim", "data")
 NULL = np.uint64(0)  # a null pointer argument
 
 _modules: dict[tuple[int, str], object] = {}

@@ -257,7 +257,8 @@ class GraphTrainStep:
         self.graphs: dict = {}              # (x shape) -> (graph, static x, static y)
         self.seen: set = set()
         self.pool = cupy.cuda.MemoryPool()  # private pool: memory a graph uses is never handed out elsewhere
-        self.graph_pool_bytes = 0
+        self.graph_pool_bytes = 0           # the private pool's size after the last capture (held by the graphs)
+        self.eager_pool_bytes = 0           # its largest size after a first, eager step (released before capture)
 
     # --- one step ----------------------------------------------------------------------------------------------
 
@@ -348,6 +349,7 @@ class GraphTrainStep:
                     with cp.cuda.using_allocator(self.pool.malloc):
                         self._run_plan(xb, yb)
                     self.stream.synchronize()
+                    self.eager_pool_bytes = max(self.eager_pool_bytes, self.pool.total_bytes())
                     self.pool.free_all_blocks()
                     self.seen.add(key)
                 else:
