@@ -132,6 +132,7 @@ class CudaBackend:
         self._alpha_beta = {}
         self.capturing = None                      # the stream a graph capture runs on, while it does
         self.graph_cublas = True                   # False after cuBLAS failed inside a capture: own kernels only
+        self._stream = None                        # see compute_stream()
 
     def __repr__(self) -> str:
         return f"CudaBackend({self.device_id}: {self.gpu_name})"
@@ -191,6 +192,15 @@ class CudaBackend:
             cublas.setMathMode(handle, getattr(cublas, "CUBLAS_TF32_TENSOR_OP_MATH", 3) if self.tf32
                                else getattr(cublas, "CUBLAS_DEFAULT_MATH", 0))
 
+    def compute_stream(self):
+        """The stream training runs on: the train and eval steps' graphs and the data kernels that feed them, in
+        order on one stream, so a batch's gather needs no synchronisation with the step before it. A blocking
+        stream (ordered with CuPy's default stream, which everything else uses)."""
+        if self._stream is None:
+            with self.device:
+                self._stream = self.cupy.cuda.Stream(non_blocking=False)
+        return self._stream
+
     def scratch(self, name: str, shape, dtype):
         """A persistent zeroed device buffer (kernels that use it leave it zeroed)."""
         key = ("scratch", name, tuple(shape), np.dtype(dtype).str)
@@ -245,7 +255,7 @@ class CudaBackend:
             raise ValueError(f"gather_images: expected uint8 images, int32 plan and labels, got {images.dtype}, "
                              f"{plan.dtype}, {labels.dtype}")
         check(images, labels, plan, scale, shift)
-        with self.device:
+        with self.device, self.compute_stream():
             x = cp.empty((int(count), c, h, w), dtype=cp.float32)
             y = cp.empty((int(count),), dtype=cp.int32)
             self.launch("data", "gather_images", x.size, images, labels, plan, np.int64(plan.shape[1]),

@@ -243,7 +243,7 @@ class GraphTrainStep:
         self.opt_kind = kind if kind in ("SGD", "Adam", "AdamW") and optimizer._flat else None
         # graphs need every per-step value in device memory: only for optimisers we can drive that way
         self.use_graph = bool(use_graph) and (self.opt_kind is not None or optimizer is None)
-        self.stream = cupy.cuda.Stream(non_blocking=False)
+        self.stream = be.compute_stream()    # shared with the batch kernels of hetnet.data.ResidentLoader
         self.hp = cupy.zeros((HP_SLOTS + max(1, self.n_seeds),), dtype=cupy.float32)
         self.seeds = self.hp[HP_SLOTS:].view(cupy.uint32)
         self.ctx = {"seeds": self.seeds}
@@ -256,9 +256,13 @@ class GraphTrainStep:
         self.count = 0
         self.graphs: dict = {}              # (x shape) -> (graph, static x, static y)
         self.seen: set = set()
-        self.pool = cupy.cuda.MemoryPool()  # private pool: memory a graph uses is never handed out elsewhere
+        # private pools: the graphs' memory is never handed out elsewhere and never released while the graphs
+        # live (their kernels keep using those addresses); the first, eager step of each batch shape runs in a
+        # pool of its own, emptied right after it (releasing it must not touch memory a graph already uses)
+        self.pool = cupy.cuda.MemoryPool()
+        self.eager_pool = cupy.cuda.MemoryPool()
         self.graph_pool_bytes = 0           # the private pool's size after the last capture (held by the graphs)
-        self.eager_pool_bytes = 0           # its largest size after a first, eager step (released before capture)
+        self.eager_pool_bytes = 0           # the eager pool's largest size after a first step (then released)
 
     # --- one step ----------------------------------------------------------------------------------------------
 
@@ -344,13 +348,13 @@ class GraphTrainStep:
                 if not self.use_graph:
                     self._run_plan(xb, yb)
                 elif key not in self.seen:
-                    # eager: first batch of a shape (measures conv algorithms), in the private pool, whose
-                    # cached blocks are then released so that only the graph's working set stays
-                    with cp.cuda.using_allocator(self.pool.malloc):
+                    # eager: first batch of a shape (measures conv algorithms), in its own pool, whose cached
+                    # blocks are then released so that only the graphs' working set stays
+                    with cp.cuda.using_allocator(self.eager_pool.malloc):
                         self._run_plan(xb, yb)
                     self.stream.synchronize()
-                    self.eager_pool_bytes = max(self.eager_pool_bytes, self.pool.total_bytes())
-                    self.pool.free_all_blocks()
+                    self.eager_pool_bytes = max(self.eager_pool_bytes, self.eager_pool.total_bytes())
+                    self.eager_pool.free_all_blocks()
                     self.seen.add(key)
                 else:
                     g = self.graphs.get(key)
