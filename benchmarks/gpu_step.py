@@ -42,27 +42,15 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def time_side(fn, stream_ptr_fn, steps, reps, warmup, after_warmup=None):
-    """Median ms per step of `fn()` (one step), events recorded on the side's stream."""
-    import cupy
-
+def time_side(fn, clock, steps, reps, warmup, after_warmup=None):
+    """Median ms per step of `fn()` (one step): `reps` runs of `steps` consecutive steps, each timed by `clock`
+    (hetnet.bench.common.Clock: CUDA events on the side's stream), after `warmup` untimed steps."""
     for _ in range(warmup):
         fn()
-    cupy.cuda.runtime.deviceSynchronize()
+    clock.sync()
     if after_warmup is not None:
         after_warmup()
-    out = []
-    for _ in range(reps):
-        stream = stream_ptr_fn()
-        if isinstance(stream, int):
-            stream = cupy.cuda.ExternalStream(stream)
-        start, end = cupy.cuda.Event(), cupy.cuda.Event()
-        start.record(stream)
-        for _ in range(steps):
-            fn()
-        end.record(stream)
-        end.synchronize()
-        out.append(cupy.cuda.get_elapsed_time(start, end) / steps)
+    out = [clock(fn, steps) * 1e3 for _ in range(reps)]
     return statistics.median(out), out
 
 
@@ -71,6 +59,7 @@ def hetnet_side(name, batch, x_np, y_np, use_graph, steps, reps, warmup):
 
     import hetnet as hn
     from hetnet import zoo
+    from hetnet.bench.common import Clock
     from hetnet.optim import SGD
 
     cupy.get_default_memory_pool().free_all_blocks()
@@ -82,7 +71,8 @@ def hetnet_side(name, batch, x_np, y_np, use_graph, steps, reps, warmup):
     step.use_graph = use_graph
     x, y = be.asarray(x_np), be.labels(y_np)
     pool = cupy.get_default_memory_pool()
-    ms, runs = time_side(lambda: step.step(x, y), lambda: step.stream, steps, reps, warmup, pool.free_all_blocks)
+    ms, runs = time_side(lambda: step.step(x, y), Clock("cupy", be, step.stream), steps, reps, warmup,
+                         pool.free_all_blocks)
     step.collect()
     # steady state: what the default pool holds (parameters, gradients, optimizer state, batch, and in eager mode
     # the cached activations) plus the private pool of the captured graphs
@@ -97,6 +87,7 @@ def torch_side(name, batch, x_np, y_np, use_graph, steps, reps, warmup):
 
     import hetnet as hn
     from hetnet import zoo
+    from hetnet.bench.common import Clock, TorchGraphStep
     from hetnet.interop import to_torch
 
     hn.seed(0)
@@ -113,24 +104,8 @@ def torch_side(name, batch, x_np, y_np, use_graph, steps, reps, warmup):
         loss.backward()
         opt.step()
 
-    if use_graph:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(3):
-                eager()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        opt.zero_grad(set_to_none=True)
-        with torch.cuda.graph(g):
-            loss = F.cross_entropy(tmodel(x), y)
-            loss.backward()
-            opt.step()
-        fn = g.replay
-    else:
-        fn = eager
-    ms, runs = time_side(fn, lambda: torch.cuda.current_stream().cuda_stream, steps, reps, warmup,
-                         torch.cuda.reset_peak_memory_stats)
+    fn = TorchGraphStep(tmodel, opt, x, y).step if use_graph else eager
+    ms, runs = time_side(fn, Clock("torch"), steps, reps, warmup, torch.cuda.reset_peak_memory_stats)
     mem = torch.cuda.max_memory_allocated()   # steady state: peak over the timed steps
     return {"ms": ms, "runs_ms": runs, "peak_bytes": int(mem)}
 

@@ -355,30 +355,40 @@ class _PlainStep:
         return (0.0, 0, 0)
 
 
+def capture_torch_graph(body: Callable, warmup: int = 3):
+    """A torch.cuda.CUDAGraph of `body()`, after `warmup` calls of it on a side stream (as the torch.cuda.graphs
+    documentation shows: the warm-up lets lazy initialisation and cuDNN's algorithm search happen uncaptured)."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            body()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        body()
+    return graph
+
+
 class TorchGraphStep:
     """PyTorch's fastest mode for these models: forward, loss, backward and SGD step captured once as a CUDA graph
-    (static input tensors; warmed up on a side stream first, as the torch.cuda.graphs documentation shows; SGD keeps
-    no step counter, so it needs no `capturable` flag) and replayed."""
+    (static input tensors; SGD keeps no step counter, so it needs no `capturable` flag) and replayed. Gradients are
+    set to None at the start of the body, so the captured backward allocates them in the graph's pool."""
 
     def __init__(self, tmodel, topt, x, y, warmup: int = 3):
-        import torch
         import torch.nn.functional as F
 
         self.sx, self.sy = x.clone(), y.clone()
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(warmup):
-                topt.zero_grad(set_to_none=True)
-                F.cross_entropy(tmodel(self.sx), self.sy).backward()
-                topt.step()
-        torch.cuda.current_stream().wait_stream(s)
-        self.graph = torch.cuda.CUDAGraph()
-        topt.zero_grad(set_to_none=True)
-        with torch.cuda.graph(self.graph):
+
+        def body():
+            topt.zero_grad(set_to_none=True)
             self.loss = F.cross_entropy(tmodel(self.sx), self.sy)
             self.loss.backward()
             topt.step()
+
+        self.graph = capture_torch_graph(body, warmup)
 
     def step(self):
         self.graph.replay()

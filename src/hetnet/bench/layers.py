@@ -13,6 +13,7 @@ from .common import (
     RTOL_F32,
     RTOL_TF32,
     Clock,
+    capture_torch_graph,
     fmt_ms,
     load_average,
     md_header,
@@ -218,21 +219,13 @@ def _graphed_hetnet(backend, fn, calls: int):
 
 
 def _graphed_torch(fn, calls: int):
-    """`calls` calls of a PyTorch op captured with torch.cuda.graph (warmed up on a side stream first)."""
-    import torch
+    """`calls` calls of a PyTorch op captured as one CUDA graph."""
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    def body():
         for _ in range(calls):
             fn()
-    graph.keep = fn
-    return graph.replay
+
+    return capture_torch_graph(body, warmup=1).replay
 
 
 def bench_layers(device: str, args) -> dict:

@@ -28,7 +28,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from .transforms import apply_augment, gather_planned, normalize, normalize_coefficients, parse_augment
+from .transforms import apply_augment, normalize, normalize_coefficients, parse_augment
 
 _DONE = object()
 
