@@ -14,6 +14,56 @@
 
 #define BK 16
 
+// --- the main loop all three implicit-GEMM kernels share ------------------------------------------------------------
+// acc[TM][TN] (this thread's TM x TN outputs of the block's BM x BN tile) += A[m, kk] * B[kk, n] over the reduction
+// range [k_begin, k_end), BK at a time. Double-buffered: while the block multiplies the tile in shared memory, the
+// thread's global loads of the next tile are in flight into registers (`fetch`), and are written to the other
+// shared buffer afterwards (`put`), so one __syncthreads per tile suffices and load latency hides behind the FMAs.
+// fetch(k0) loads tile k0 into the caller's staging registers; put(As, Bs) stores them; on_tile(As) sees each
+// A tile before it is used (the filter gradient sums db there). Thread t computes rows tm + i*DM, columns tn + j*DN.
+template <int BM, int BN, int TM, int TN>
+__device__ __forceinline__ void hn_tile_mma(float (&acc)[TM][TN], const float (&As)[BK][BM + 1],
+                                            const float (&Bs)[BK][BN + 1], int tm, int tn) {
+    constexpr int DM = BM / TM, DN = BN / TN;
+#pragma unroll
+    for (int kk = 0; kk < BK; ++kk) {
+        float a[TM], b[TN];
+#pragma unroll
+        for (int i = 0; i < TM; ++i) a[i] = As[kk][tm + i * DM];
+#pragma unroll
+        for (int j = 0; j < TN; ++j) b[j] = Bs[kk][tn + j * DN];
+#pragma unroll
+        for (int i = 0; i < TM; ++i)
+#pragma unroll
+            for (int j = 0; j < TN; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+    }
+}
+
+template <int BM, int BN, int TM, int TN, class Fetch, class Put, class OnTile>
+__device__ __forceinline__ void hn_pipelined_gemm(float (&acc)[TM][TN], int k_begin, int k_end, int tm, int tn,
+                                                  Fetch fetch, Put put, OnTile on_tile) {
+    __shared__ float As[2][BK][BM + 1];
+    __shared__ float Bs[2][BK][BN + 1];
+#pragma unroll
+    for (int i = 0; i < TM; ++i)
+#pragma unroll
+        for (int j = 0; j < TN; ++j) acc[i][j] = 0.f;
+    if (k_begin >= k_end) return;      // the same for the whole block
+    fetch(k_begin);
+    put(As[0], Bs[0]);
+    __syncthreads();
+    int buf = 0;
+    for (int k0 = k_begin; k0 < k_end; k0 += BK) {
+        const bool more = k0 + BK < k_end;
+        if (more) fetch(k0 + BK);      // in flight during the multiply below
+        on_tile(As[buf]);
+        hn_tile_mma<BM, BN, TM, TN>(acc, As[buf], Bs[buf], tm, tn);
+        if (more) put(As[buf ^ 1], Bs[buf ^ 1]);   // that buffer was last read before the previous barrier
+        __syncthreads();
+        buf ^= 1;
+    }
+}
+
 // --- forward: y[m = (n,p,q), k] = sum_{j=(c,r,s)} A[m, j] * w[k, j], epilogue bias + activation --------------------
 template <int BM, int BN, int TM, int TN>
 __device__ __forceinline__ void conv_fwd_impl(const float* __restrict__ x, const float* __restrict__ w,
@@ -22,8 +72,6 @@ __device__ __forceinline__ void conv_fwd_impl(const float* __restrict__ x, const
                                               int P, int Q, int CRS, int stride, int pad, int act) {
     constexpr int DM = BM / TM, DN = BN / TN, NT = DM * DN;
     static_assert(NT % BM == 0, "A loads assume each thread keeps one row");
-    __shared__ float As[BK][BM + 1];
-    __shared__ float Bs[BK][BN + 1];
     const int t = threadIdx.x, tm = t % DM, tn = t / DM;
     const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
     const int PQ = P * Q, M = N * PQ, HW = H * W;
@@ -41,47 +89,37 @@ __device__ __forceinline__ void conv_fwd_impl(const float* __restrict__ x, const
         base = (long long)img * C * HW + (long long)h0 * W + w0;
     }
 
-    float acc[TM][TN];
+    constexpr int LA = BM * BK / NT, LB = (BN * BK + NT - 1) / NT;   // values each thread stages per tile
+    float ra[LA], rb[LB];
+    auto fetch = [&](int k0) {
 #pragma unroll
-    for (int i = 0; i < TM; ++i)
-#pragma unroll
-        for (int j = 0; j < TN; ++j) acc[i][j] = 0.f;
-
-    for (int k0 = 0; k0 < CRS; k0 += BK) {
-#pragma unroll
-        for (int i = 0; i < BM * BK / NT; ++i) {
-            const int kl = kl0 + i * (NT / BM), kg = k0 + kl;
+        for (int i = 0; i < LA; ++i) {              // A: column kg of this thread's output pixel, gathered from x
+            const int kg = k0 + kl0 + i * (NT / BM);
             float v = 0.f;
             if (mvalid && kg < CRS) {
                 const int4 tb = tab[kg];
                 const int h = h0 + (tb.y >> 16), ww = w0 + (tb.y & 0xffff);
                 if (h >= 0 && h < H && ww >= 0 && ww < W) v = x[base + tb.x];
             }
-            As[kl][ml] = v;
+            ra[i] = v;
         }
 #pragma unroll
-        for (int i = 0; i < (BN * BK + NT - 1) / NT; ++i) {
+        for (int i = 0; i < LB; ++i) {              // B: w[n, kg], consecutive threads along kg
+            const int e = t + i * NT, kg = k0 + e % BK, n = n0 + e / BK;
+            rb[i] = (e < BN * BK && n < K && kg < CRS) ? w[(long long)n * CRS + kg] : 0.f;
+        }
+    };
+    auto put = [&](float (&As)[BK][BM + 1], float (&Bs)[BK][BN + 1]) {
+#pragma unroll
+        for (int i = 0; i < LA; ++i) As[kl0 + i * (NT / BM)][ml] = ra[i];
+#pragma unroll
+        for (int i = 0; i < LB; ++i) {
             const int e = t + i * NT;
-            if (e < BN * BK) {
-                const int kl = e % BK, nl = e / BK, n = n0 + nl, kg = k0 + kl;
-                Bs[kl][nl] = (n < K && kg < CRS) ? w[(long long)n * CRS + kg] : 0.f;
-            }
+            if (e < BN * BK) Bs[e % BK][e / BK] = rb[i];
         }
-        __syncthreads();
-#pragma unroll
-        for (int kk = 0; kk < BK; ++kk) {
-            float a[TM], b[TN];
-#pragma unroll
-            for (int i = 0; i < TM; ++i) a[i] = As[kk][tm + i * DM];
-#pragma unroll
-            for (int j = 0; j < TN; ++j) b[j] = Bs[kk][tn + j * DN];
-#pragma unroll
-            for (int i = 0; i < TM; ++i)
-#pragma unroll
-                for (int j = 0; j < TN; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
-        }
-        __syncthreads();
-    }
+    };
+    float acc[TM][TN];
+    hn_pipelined_gemm<BM, BN, TM, TN>(acc, 0, CRS, tm, tn, fetch, put, [](const float (&)[BK][BM + 1]) {});
 #pragma unroll
     for (int i = 0; i < TM; ++i) {
         const int mm = m0 + tm + i * DM;
@@ -110,8 +148,6 @@ __device__ __forceinline__ void conv_bwd_data_impl(const float* __restrict__ dy,
                                                    int P, int Q, int KRS, int stride, int pad) {
     constexpr int DM = BM / TM, DN = BN / TN, NT = DM * DN;
     static_assert(NT % BM == 0, "A loads assume each thread keeps one row");
-    __shared__ float As[BK][BM + 1];
-    __shared__ float Bs[BK][BN + 1];
     const int t = threadIdx.x, tm = t % DM, tn = t / DM;
     const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
     const int PQ = P * Q, HW = H * W, M = N * HW, RS = KRS / K;
@@ -128,55 +164,46 @@ __device__ __forceinline__ void conv_bwd_data_impl(const float* __restrict__ dy,
         base = (long long)img * K * PQ;
     }
 
-    float acc[TM][TN];
+    constexpr int LA = BM * BK / NT, LB = (BN * BK + NT - 1) / NT;
+    float ra[LA], rb[LB];
+    auto fetch = [&](int k0) {
 #pragma unroll
-    for (int i = 0; i < TM; ++i)
-#pragma unroll
-        for (int j = 0; j < TN; ++j) acc[i][j] = 0.f;
-
-    for (int k0 = 0; k0 < KRS; k0 += BK) {
-#pragma unroll
-        for (int i = 0; i < BM * BK / NT; ++i) {
-            const int kl = kl0 + i * (NT / BM), kg = k0 + kl;
+        for (int i = 0; i < LA; ++i) {              // A: dy at the output pixel that tap (k, r, s) reads from here
+            const int kg = k0 + kl0 + i * (NT / BM);
             float v = 0.f;
             if (mvalid && kg < KRS) {
                 const int4 tb = tab[kg];
                 int ph = hp - (tb.y >> 16), pw = wp - (tb.y & 0xffff);
                 if (ph >= 0 && pw >= 0) {
                     bool ok = true;
-                    if (stride != 1) {
-                        ok = (ph % stride == 0) && (pw % stride == 0);
-                        ph /= stride;
-                        pw /= stride;
+                    if (stride != 1) {      // one division each (no remainder): keeps sm_80 free of spills
+                        const int qh = ph / stride, qw = pw / stride;
+                        ok = qh * stride == ph && qw * stride == pw;
+                        ph = qh;
+                        pw = qw;
                     }
                     if (ok && ph < P && pw < Q) v = dy[base + tb.x + ph * Q + pw];
                 }
             }
-            As[kl][ml] = v;
+            ra[i] = v;
         }
 #pragma unroll
-        for (int i = 0; i < (BN * BK + NT - 1) / NT; ++i) {
+        for (int i = 0; i < LB; ++i) {              // B: w[k, n, r, s] for kg = (k, r, s)
+            const int e = t + i * NT, kg = k0 + e % BK, n = n0 + e / BK;
+            rb[i] = (e < BN * BK && n < C && kg < KRS) ? w[tab[kg].z + (long long)n * RS] : 0.f;
+        }
+    };
+    auto put = [&](float (&As)[BK][BM + 1], float (&Bs)[BK][BN + 1]) {
+#pragma unroll
+        for (int i = 0; i < LA; ++i) As[kl0 + i * (NT / BM)][ml] = ra[i];
+#pragma unroll
+        for (int i = 0; i < LB; ++i) {
             const int e = t + i * NT;
-            if (e < BN * BK) {
-                const int kl = e % BK, nl = e / BK, n = n0 + nl, kg = k0 + kl;
-                Bs[kl][nl] = (n < C && kg < KRS) ? w[tab[kg].z + (long long)n * RS] : 0.f;
-            }
+            if (e < BN * BK) Bs[e % BK][e / BK] = rb[i];
         }
-        __syncthreads();
-#pragma unroll
-        for (int kk = 0; kk < BK; ++kk) {
-            float a[TM], b[TN];
-#pragma unroll
-            for (int i = 0; i < TM; ++i) a[i] = As[kk][tm + i * DM];
-#pragma unroll
-            for (int j = 0; j < TN; ++j) b[j] = Bs[kk][tn + j * DN];
-#pragma unroll
-            for (int i = 0; i < TM; ++i)
-#pragma unroll
-                for (int j = 0; j < TN; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
-        }
-        __syncthreads();
-    }
+    };
+    float acc[TM][TN];
+    hn_pipelined_gemm<BM, BN, TM, TN>(acc, 0, KRS, tm, tn, fetch, put, [](const float (&)[BK][BM + 1]) {});
 #pragma unroll
     for (int i = 0; i < TM; ++i) {
         const int mm = m0 + tm + i * DM;
@@ -205,8 +232,6 @@ __device__ __forceinline__ void conv_bwd_filter_impl(const float* __restrict__ d
                                                      int K, int P, int Q, int CRS, int stride, int pad, int chunk) {
     constexpr int DM = BM / TM, DN = BN / TN, NT = DM * DN;
     static_assert(NT % BK == 0, "loads assume each thread keeps one reduction index");
-    __shared__ float As[BK][BM + 1];
-    __shared__ float Bs[BK][BN + 1];
     const int t = threadIdx.x, tm = t % DM, tn = t / DM;
     const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
     const int PQ = P * Q, HW = H * W, NPQ = N * PQ;
@@ -214,14 +239,9 @@ __device__ __forceinline__ void conv_bwd_filter_impl(const float* __restrict__ d
     const bool do_db = db != nullptr && blockIdx.y == 0;
     const int kl = t % BK, r0 = t / BK;
 
-    float acc[TM][TN];
-#pragma unroll
-    for (int i = 0; i < TM; ++i)
-#pragma unroll
-        for (int j = 0; j < TN; ++j) acc[i][j] = 0.f;
-    float dbacc = 0.f;
-
-    for (int k0 = i_begin; k0 < i_end; k0 += BK) {
+    constexpr int LA = (BM * BK + NT - 1) / NT, LB = (BN * BK + NT - 1) / NT;
+    float ra[LA], rb[LB];
+    auto fetch = [&](int k0) {                      // this thread's reduction index: output pixel ig = (img, p, q)
         const int ig = k0 + kl;
         const bool ivalid = ig < i_end;
         int img = 0, p = 0, q = 0;
@@ -235,46 +255,43 @@ __device__ __forceinline__ void conv_bwd_filter_impl(const float* __restrict__ d
         const int h0 = p * stride - pad, w0 = q * stride - pad;
         const long long xbase = (long long)img * C * HW + (long long)h0 * W + w0;
 #pragma unroll
-        for (int i = 0; i < (BM * BK + NT - 1) / NT; ++i) {
-            const int ml = r0 + i * (NT / BK);
-            if (ml < BM) {
-                const int mg = m0 + ml;
-                As[kl][ml] = (ivalid && mg < K) ? dy[dybase + (long long)mg * PQ] : 0.f;
-            }
+        for (int i = 0; i < LA; ++i) {              // A: dy[img, k, p, q] for the block's filters k
+            const int ml = r0 + i * (NT / BK), mg = m0 + ml;
+            ra[i] = (ml < BM && ivalid && mg < K) ? dy[dybase + (long long)mg * PQ] : 0.f;
         }
 #pragma unroll
-        for (int i = 0; i < (BN * BK + NT - 1) / NT; ++i) {
-            const int nl = r0 + i * (NT / BK);
-            if (nl < BN) {
-                const int ng = n0 + nl;
-                float v = 0.f;
-                if (ivalid && ng < CRS) {
-                    const int4 tb = tab[ng];
-                    const int h = h0 + (tb.y >> 16), ww = w0 + (tb.y & 0xffff);
-                    if (h >= 0 && h < H && ww >= 0 && ww < W) v = x[xbase + tb.x];
-                }
-                Bs[kl][nl] = v;
+        for (int i = 0; i < LB; ++i) {              // B: x under tap ng = (c, r, s)
+            const int nl = r0 + i * (NT / BK), ng = n0 + nl;
+            float v = 0.f;
+            if (nl < BN && ivalid && ng < CRS) {
+                const int4 tb = tab[ng];
+                const int h = h0 + (tb.y >> 16), ww = w0 + (tb.y & 0xffff);
+                if (h >= 0 && h < H && ww >= 0 && ww < W) v = x[xbase + tb.x];
             }
+            rb[i] = v;
         }
-        __syncthreads();
+    };
+    auto put = [&](float (&As)[BK][BM + 1], float (&Bs)[BK][BN + 1]) {
+#pragma unroll
+        for (int i = 0; i < LA; ++i) {
+            const int ml = r0 + i * (NT / BK);
+            if (ml < BM) As[kl][ml] = ra[i];
+        }
+#pragma unroll
+        for (int i = 0; i < LB; ++i) {
+            const int nl = r0 + i * (NT / BK);
+            if (nl < BN) Bs[kl][nl] = rb[i];
+        }
+    };
+    float dbacc = 0.f;
+    auto sum_db = [&](const float (&As)[BK][BM + 1]) {
         if (do_db && t < BM) {
 #pragma unroll
             for (int kk = 0; kk < BK; ++kk) dbacc += As[kk][t];
         }
-#pragma unroll
-        for (int kk = 0; kk < BK; ++kk) {
-            float a[TM], b[TN];
-#pragma unroll
-            for (int i = 0; i < TM; ++i) a[i] = As[kk][tm + i * DM];
-#pragma unroll
-            for (int j = 0; j < TN; ++j) b[j] = Bs[kk][tn + j * DN];
-#pragma unroll
-            for (int i = 0; i < TM; ++i)
-#pragma unroll
-                for (int j = 0; j < TN; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
-        }
-        __syncthreads();
-    }
+    };
+    float acc[TM][TN];
+    hn_pipelined_gemm<BM, BN, TM, TN>(acc, i_begin, i_end, tm, tn, fetch, put, sum_db);
 #pragma unroll
     for (int i = 0; i < TM; ++i) {
         const int mm = m0 + tm + i * DM;
@@ -295,8 +312,10 @@ __device__ __forceinline__ void conv_bwd_filter_impl(const float* __restrict__ d
         int K, int P, int Q, int CRS, int stride, int pad, int act) {                                              \
         conv_fwd_impl<BM_, BN_, TM_, TN_>(x, w, bias, y, tab, N, C, H, W, K, P, Q, CRS, stride, pad, act);         \
     }
-#define HN_BWD_DATA(name, BM_, BN_, TM_, TN_)                                                                      \
-    extern "C" __global__ void __launch_bounds__(256) conv_bwd_data_##name(                                        \
+// BOUNDS_: the __launch_bounds__ arguments; (256, 3) makes ptxas budget 85 registers for the 64x64 data kernel, which
+// it otherwise squeezes into 64 on sm_80, with a spill
+#define HN_BWD_DATA(name, BM_, BN_, TM_, TN_, BOUNDS_)                                                             \
+    extern "C" __global__ void __launch_bounds__ BOUNDS_ conv_bwd_data_##name(                                     \
         const float* dy, const float* w, const float* relu_x, float* dx, const int4* tab, int N, int C, int H,     \
         int W, int K, int P, int Q, int KRS, int stride, int pad) {                                                \
         conv_bwd_data_impl<BM_, BN_, TM_, TN_>(dy, w, relu_x, dx, tab, N, C, H, W, K, P, Q, KRS, stride, pad);     \
@@ -314,11 +333,11 @@ HN_FWD(128x16, 128, 16, 4, 2)
 HN_FWD(256x16, 256, 16, 8, 2)
 HN_FWD(64x32, 64, 32, 4, 2)     // smaller tiles: more blocks for small batches
 HN_FWD(64x16, 64, 16, 4, 1)
-HN_BWD_DATA(64x64, 64, 64, 4, 4)
-HN_BWD_DATA(128x32, 128, 32, 4, 4)
-HN_BWD_DATA(128x16, 128, 16, 4, 2)
-HN_BWD_DATA(64x32, 64, 32, 2, 4)
-HN_BWD_DATA(64x16, 64, 16, 2, 2)
+HN_BWD_DATA(64x64, 64, 64, 4, 4, (256, 3))
+HN_BWD_DATA(128x32, 128, 32, 4, 4, (256))
+HN_BWD_DATA(128x16, 128, 16, 4, 2, (256))
+HN_BWD_DATA(64x32, 64, 32, 2, 4, (256))
+HN_BWD_DATA(64x16, 64, 16, 2, 2, (256))
 HN_BWD_FILTER(32x64, 32, 64, 2, 4)
 HN_BWD_FILTER(16x64, 16, 64, 1, 4)
 HN_BWD_FILTER(64x64, 64, 64, 4, 4)
