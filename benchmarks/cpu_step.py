@@ -1,6 +1,8 @@
 """hetnet `cpu` backend vs PyTorch CPU: time of one SGD+momentum training step (forward, softmax cross-entropy,
 backward, update) on the same model, weights, batch and thread count, measured in the same run with alternating
-repetitions (median of many after warm-up).
+repetitions (median of many after warm-up). hetnet's step is the one `hetnet train` runs (the backend's step object,
+hetnet.train.make_train_step: on the cpu backend Conv2D -> ReLU -> MaxPool2D(2) fused); the same step through the
+public layer API (model.forward / model.backward, layer by layer) is timed beside it ("layer by layer").
 
     python benchmarks/cpu_step.py                 # all rows, threads = CPUs available
     python benchmarks/cpu_step.py --threads 1 --reps 20 --rows thesis-m1:32
@@ -56,6 +58,7 @@ import hetnet as hn  # noqa: E402
 from hetnet import zoo  # noqa: E402
 from hetnet.bench.common import cpu_model  # noqa: E402
 from hetnet.interop import to_torch, torch_state  # noqa: E402
+from hetnet.train import make_train_step  # noqa: E402
 
 LR, MOMENTUM = 0.01, 0.9
 
@@ -85,9 +88,18 @@ class Pair:
         self.x, self.y = hn.get_backend("cpu").asarray(x), hn.get_backend("cpu").labels(y)
         self.tx, self.ty = torch.from_numpy(x.copy()), torch.from_numpy(y.astype(np.int64))
         self.opt = hn.optim.SGD(self.model.parameters(), lr=LR, momentum=MOMENTUM)
+        # the step `hetnet train` runs: the backend's step object (cpu: conv + ReLU + 2x2 pool fused)
+        self.train_step = make_train_step(self.model, self.opt)
         self.topt = torch.optim.SGD(self.tmodel.parameters(), lr=LR, momentum=MOMENTUM)
 
     def step(self) -> float:
+        """The trainer's step: zero_grad, forward, loss, backward, SGD update (and its loss / accuracy sums)."""
+        self.train_step.step(self.x, self.y)
+        loss_sum, _, count = self.train_step.collect()
+        return loss_sum / count
+
+    def layer_step(self) -> float:
+        """The same step through the public layer API, layer by layer (model.forward / model.backward)."""
         logits = self.model.forward(self.x)
         loss, dlogits = hn.losses.softmax_cross_entropy(logits, self.y)
         self.model.backward(dlogits, need_dx=False)
@@ -164,10 +176,11 @@ def time_row(model_name: str, batch: int, reps: int, warmup: int) -> dict:
     for _ in range(warmup):
         pair.step()
         pair.tstep()
-    ours, theirs, ours_cpu, theirs_cpu = [], [], [], []
+        pair.layer_step()
+    ours, theirs, ours_cpu, theirs_cpu, layered = [], [], [], [], []
     for i in range(reps):
         order = (pair.step, pair.tstep) if i % 2 == 0 else (pair.tstep, pair.step)
-        for fn in order:
+        for fn in order + (pair.layer_step,):
             if ARGS.gap_ms:
                 time.sleep(ARGS.gap_ms / 1e3)
             c0 = time.thread_time()
@@ -175,6 +188,9 @@ def time_row(model_name: str, batch: int, reps: int, warmup: int) -> dict:
             fn()
             dt = time.perf_counter() - t0
             dc = time.thread_time() - c0
+            if fn == pair.layer_step:
+                layered.append(dt)
+                continue
             (ours if fn == pair.step else theirs).append(dt)
             (ours_cpu if fn == pair.step else theirs_cpu).append(dc)
     h, t = statistics.median(ours) * 1e3, statistics.median(theirs) * 1e3
@@ -188,7 +204,10 @@ def time_row(model_name: str, batch: int, reps: int, warmup: int) -> dict:
            # threads stall when a core is taken; hetnet's dynamically scheduled chunks much less)
            "idle_cpus": busy_before <= QUIET_THRESHOLD,
            "loadavg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)], "reps": reps,
-           "check_rel_err": err}
+           "check_rel_err": err,
+           # model.forward / model.backward layer by layer (no fusion), timed after each pair
+           "hetnet_layers_ms": round(statistics.median(layered) * 1e3, 3),
+           "layers_ratio": round(statistics.median(layered) * 1e3 / t, 3)}
     if THREADS == 1:
         # both libraries then compute on this thread alone: its CPU time is the work done, whatever the load
         row.update(hetnet_cpu_ms=round(min(ours_cpu) * 1e3, 3), torch_cpu_ms=round(min(theirs_cpu) * 1e3, 3),
@@ -205,7 +224,8 @@ def main() -> None:
         r = rows[-1]
         print(f"{r['model']:<12} batch {r['batch']:>4}: hetnet {r['hetnet_ms']:8.2f} ms  torch {r['torch_ms']:8.2f} ms"
               f"  ratio {r['ratio']:.2f}  (pairs {r['pair_median_ratio']:.2f}, min {r['min_ratio']:.2f}, "
-              f"busy before {r['cpu_busy_before']:.0%}, load {r['loadavg_1min']})"
+              f"busy before {r['cpu_busy_before']:.0%}, load {r['loadavg_1min']}; layer by layer {r['hetnet_layers_ms']:.2f} ms,"
+              f" ratio {r['layers_ratio']:.2f})"
               + (f"  CPU-time ratio {r['cpu_ratio']:.2f}" if "cpu_ratio" in r else ""), flush=True)
     result = {
         "host": socket.gethostname(), "cpu": cpu_model(), "threads": THREADS, "python": platform.python_version(),

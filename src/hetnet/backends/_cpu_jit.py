@@ -292,21 +292,76 @@ if njit is not None:
                         yf[kk, f] += bk
 
     @_jit
+    def _conv_backward_image(gemm, xb, w2, dyb, r_, s_, stride, pad, cols, dcols, ones, dw, db, dxb, need_dx):
+        """One image: dw += dy cols^T, db += dy 1, and (need_dx) dx = col2im(w2^T dy) -- the three conv derivatives
+        (terms 1-3 in cpu.py); dw (K, CRS) and db (K,) are float32 partial sums."""
+        k, crs = w2.shape
+        p, q = dyb.shape[1], dyb.shape[2]
+        pq = p * q
+        _im2col_image(xb, r_, s_, stride, pad, p, q, cols)
+        gemm(101, 111, 112, k, crs, pq, _F(1), dyb.ctypes.data, pq, cols.ctypes.data, pq, _F(1),
+             dw.ctypes.data, crs)
+        gemm(101, 111, 111, k, 1, pq, _F(1), dyb.ctypes.data, pq, ones.ctypes.data, 1, _F(1),
+             db.ctypes.data, 1)
+        if need_dx:
+            gemm(101, 112, 111, crs, pq, k, _F(1), w2.ctypes.data, crs, dyb.ctypes.data, pq, _F(0),
+                 dcols.ctypes.data, pq)
+            _col2im_image(dcols, r_, s_, stride, pad, p, q, dxb)
+
+    @_jit
     def conv_backward(gemm, x, w2, dy, r_, s_, stride, pad, cols, dcols, ones, dw, db, dx, need_dx):
-        """Per image b: dw += dy_b cols_b^T, db += dy_b 1, and (need_dx) dx_b = col2im(w2^T dy_b) -- the three conv
-        derivatives (terms 1-3 in cpu.py); dw (K, CRS) and db (K,) are this thread's float32 partial sums."""
+        """_conv_backward_image for each image b of the chunk (dx is a dummy when not need_dx)."""
+        for b in range(x.shape[0]):
+            _conv_backward_image(gemm, x[b], w2, dy[b], r_, s_, stride, pad, cols, dcols, ones, dw, db,
+                                 dx[b if need_dx else 0], need_dx)
+
+    # --- convolution + ReLU + 2x2 max pooling fused, one image at a time (the cpu step's fast path) -----------------
+    # Same arithmetic as the three ops one after the other (gemm, += bias, max(v, 0), first maximum), so results are
+    # bit-identical; the conv output (K, P, Q) of one image lives only in an L2-sized scratch buffer, and the ReLU's
+    # mask is not stored: at a window's chosen element the ReLU output is the pooled value.
+
+    @_jit
+    def conv_relu_pool_forward(gemm, x, w2, bias, has_bias, r_, s_, stride, pad, cols, ybuf, y, idx):
+        """y[b] = maxpool2x2(relu(conv(x[b]))), idx[b] = the windows' first maxima (0..3); ybuf: (K, P, Q) scratch."""
         nb = x.shape[0]
         k, crs = w2.shape
-        p, q = dy.shape[2], dy.shape[3]
+        p, q = ybuf.shape[1], ybuf.shape[2]
         pq = p * q
+        zero = _F(0)
         for b in range(nb):
             _im2col_image(x[b], r_, s_, stride, pad, p, q, cols)
-            dyb = dy[b]
-            gemm(101, 111, 112, k, crs, pq, _F(1), dyb.ctypes.data, pq, cols.ctypes.data, pq, _F(1),
-                 dw.ctypes.data, crs)
-            gemm(101, 111, 111, k, 1, pq, _F(1), dyb.ctypes.data, pq, ones.ctypes.data, 1, _F(1),
-                 db.ctypes.data, 1)
-            if need_dx:
-                gemm(101, 112, 111, crs, pq, k, _F(1), w2.ctypes.data, crs, dyb.ctypes.data, pq, _F(0),
-                     dcols.ctypes.data, pq)
-                _col2im_image(dcols, r_, s_, stride, pad, p, q, dx[b])
+            gemm(101, 111, 111, k, pq, crs, _F(1), w2.ctypes.data, crs, cols.ctypes.data, pq, _F(0),
+                 ybuf.ctypes.data, pq)
+            yf = ybuf.reshape(k, pq)
+            for kk in range(k):
+                bk = bias[kk] if has_bias else zero
+                row = yf[kk]
+                for f in range(pq):
+                    v = row[f] + bk if has_bias else row[f]
+                    row[f] = v if v > zero else zero   # noqa: FURB136 - NaN gives 0, as relu_forward
+            maxpool2x2_forward(ybuf.reshape(1, k, p, q), y[b:b + 1], idx[b:b + 1])
+
+    @_jit
+    def conv_backward_from_pool(gemm, x, w2, dpool, ypool, idx, r_, s_, stride, pad, cols, dcols, dybuf, ones,
+                                dw, db, dx, need_dx):
+        """Backward of conv_relu_pool_forward: per image, dy of the conv = dpool routed to each window's chosen
+        element where the pooled output is > 0 (ReLU's backward), 0 elsewhere; then _conv_backward_image."""
+        nb = x.shape[0]
+        k, p, q = dybuf.shape
+        pp, qq = dpool.shape[2], dpool.shape[3]
+        zero = _F(0)
+        for b in range(nb):
+            maxpool2x2_backward(dpool[b:b + 1], idx[b:b + 1], dybuf.reshape(1, k, p, q))
+            for kk in range(k):
+                for i in range(pp):
+                    gr = dybuf[kk, 2 * i]
+                    gr2 = dybuf[kk, 2 * i + 1]
+                    yr = ypool[b, kk, i]
+                    for j in range(qq):
+                        if not yr[j] > zero:
+                            gr[2 * j] = zero
+                            gr[2 * j + 1] = zero
+                            gr2[2 * j] = zero
+                            gr2[2 * j + 1] = zero
+            _conv_backward_image(gemm, x[b], w2, dybuf, r_, s_, stride, pad, cols, dcols, ones, dw, db,
+                                 dx[b if need_dx else 0], need_dx)

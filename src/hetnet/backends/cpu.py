@@ -207,14 +207,17 @@ def _zero_wrapped(block, qlo: int, qhi: int, q: int) -> None:
         block[..., qhi:] = 0
 
 
+def _conv_setup(x, w, stride, padding):
+    """x as float32 C-contiguous, its geometry, and the weight as a (K, C*R*S) matrix."""
+    x = _f32c(x)
+    g = _ConvGeom(x.shape, w.shape, stride, padding)
+    return x, g, np.ascontiguousarray(w, dtype=_F).reshape(g.k, -1)
+
+
 def conv2d_forward(x, w, b, stride, padding):
     """y[n,k,p,q] = b[k] + sum_{c,r,s} w[k,c,r,s] xpad[n,c,p*stride+r,q*stride+s]."""
-    x = _f32c(x)
-    n = x.shape[0]
-    g = _ConvGeom(x.shape, w.shape, stride, padding)
-    k, pq = g.k, g.p * g.q
-    w2 = np.ascontiguousarray(w, dtype=_F).reshape(k, -1)
-    crs = w2.shape[1]
+    x, g, w2 = _conv_setup(x, w, stride, padding)
+    n, k, pq, crs = x.shape[0], g.k, g.p * g.q, w2.shape[1]
     y = np.empty((n, k, g.p, g.q), dtype=_F)
     if _SGEMM is not None:
         bias = np.zeros(k, dtype=_F) if b is None else _f32c(b)
@@ -432,6 +435,76 @@ def _maxpool2x2_backward(dy, masks, xshape, p, q):
 
     _thr.parallel(n, _thr.chunk_size(n, 4 * c * 4 * p * q), body)
     return dx
+
+
+# --- convolution + ReLU + 2x2 max pooling, fused (used by the cpu step object, hetnet.backends._cpu_step) ----------
+
+
+def conv_relu_maxpool_fusable(x_shape, w_shape, stride: int, padding: int) -> bool:
+    """Whether conv2d_relu_maxpool_* can run this convolution (compiled paths present, conv output >= 2x2)."""
+    if _SGEMM is None:
+        return False
+    (_, _, h, w), (_, _, r, s) = x_shape, w_shape
+    return (h + 2 * padding - r) // stride + 1 >= 2 and (w + 2 * padding - s) // stride + 1 >= 2
+
+
+def conv2d_relu_maxpool_forward(x, w, b, stride, padding):
+    """maxpool2d(relu(conv2d(x)), 2, 2) in one pass per image: y[N,K,P//2,Q//2], cache. Bit-identical to the three ops;
+    the full-size conv output is never stored (backward needs only x, the pooled output and each window's choice)."""
+    x, g, w2 = _conv_setup(x, w, stride, padding)
+    n, k, pq, crs = x.shape[0], g.k, g.p * g.q, w2.shape[1]
+    y = np.empty((n, k, g.p // 2, g.q // 2), dtype=_F)
+    idx = np.empty(y.shape, dtype=np.uint8)
+    bias = np.zeros(k, dtype=_F) if b is None else _f32c(b)
+
+    def body(b0, b1, _):
+        cols = _thr.scratch("jit_cols", (crs, pq))
+        ybuf = _thr.scratch("jit_conv_out", (k, g.p, g.q))
+        _jit.conv_relu_pool_forward(_SGEMM, x[b0:b1], w2, bias, b is not None, g.r, g.s, stride, padding, cols,
+                                    ybuf, y[b0:b1], idx[b0:b1])
+
+    _thr.parallel(n, _per_thread(n, 4 * (crs + k) * pq), body)
+    return y, (x, w2, g, y, idx)
+
+
+def conv2d_relu_maxpool_backward(dy, cache, dw, db, need_dx=True):
+    """Backward of conv2d_relu_maxpool_forward (dy: the pooled output's gradient); same sums, in the same chunks, as
+    maxpool2d_backward -> relu_backward -> conv2d_backward."""
+    x, w2, g, ypool, idx = cache
+    dy = _f32c(dy)
+    n = x.shape[0]
+    k, crs, pq = g.k, w2.shape[1], g.p * g.q
+    dx = np.empty(x.shape, dtype=_F) if need_dx else np.empty((n, 1, 1, 1), dtype=_F)
+    ones = np.ones(pq, dtype=_F)
+
+    def make_acc():
+        return [np.zeros((k, crs), dtype=_F), np.zeros(k, dtype=_F)]
+
+    def body(b0, b1, acc):
+        cols = _thr.scratch("jit_cols", (crs, pq))
+        dcols = _thr.scratch("jit_dcols", (crs, pq))
+        dybuf = _thr.scratch("jit_conv_dy", (k, g.p, g.q))
+        _jit.conv_backward_from_pool(_SGEMM, x[b0:b1], w2, dy[b0:b1], ypool[b0:b1], idx[b0:b1], g.r, g.s,
+                                     g.stride, g.pad, cols, dcols, dybuf, ones, acc[0], acc[1], dx[b0:b1], need_dx)
+
+    accs = _thr.parallel(n, _per_thread(n, 4 * (2 * crs + k) * pq), body, make_acc)
+    dw += sum(a[0] for a in accs).reshape(dw.shape)
+    if db is not None:
+        db += sum(a[1] for a in accs)
+    return dx if need_dx else None
+
+
+def make_train_step(model, optimizer, schedule=None, label_smoothing: float = 0.0):
+    """The trainer's step object (hetnet.train): the model with conv + ReLU + 2x2 max pool fused (_cpu_step)."""
+    from ._cpu_step import make_train_step as make
+
+    return make(model, optimizer, schedule, label_smoothing)
+
+
+def make_eval_step(model):
+    from ._cpu_step import make_eval_step as make
+
+    return make(model)
 
 
 def avgpool2d_forward(x, kernel, stride):

@@ -267,6 +267,22 @@ def _load_state(module, state: dict, strict: bool) -> None:
         arr[...] = module.backend.asarray(value)
 
 
+def backward_chain(layers, dy, need_dx: bool = True):
+    """dy backpropagated through `layers` (anything with backward(dy)) from the last to the first; need_dx=False
+    tells the first one, when it has a `need_dx` switch, that d(input) is not wanted (it returns None then)."""
+    for i in range(len(layers) - 1, -1, -1):
+        layer = layers[i]
+        if i == 0 and not need_dx and hasattr(layer, "need_dx"):
+            layer.need_dx = False
+            try:
+                dy = layer.backward(dy)
+            finally:
+                layer.need_dx = True
+        else:
+            dy = layer.backward(dy)
+    return dy
+
+
 _SKIP_FOR_INIT = ("BatchNorm1D", "BatchNorm2D", "Dropout")
 
 
@@ -348,17 +364,7 @@ class Sequential(Layer):
 
     def backward(self, dy, need_dx: bool = True):
         """Backpropagate dy through every layer (accumulating parameter gradients); returns d(input)."""
-        for i in range(len(self.layers) - 1, -1, -1):
-            layer = self.layers[i]
-            if i == 0 and not need_dx and hasattr(layer, "need_dx"):
-                layer.need_dx = False
-                try:
-                    dy = layer.backward(dy)
-                finally:
-                    layer.need_dx = True
-            else:
-                dy = layer.backward(dy)
-        return dy
+        return backward_chain(self.layers, dy, need_dx)
 
     def predict(self, x, batch_size: int = 256):
         """Class probabilities for a batch (eval mode, softmax of the logits), as a NumPy array."""

@@ -1,0 +1,150 @@
+"""The cpu backend's step objects (hetnet.backends._cpu_step): Conv2D -> ReLU -> MaxPool2D(2) fused into one
+compiled op. The fused plan must give exactly the layer-by-layer model's outputs and gradients (same float32
+operations in the same order), and the fused op must match the float64 reference within the float32 tolerance."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import hetnet as hn
+from hetnet.backends import _cpu_jit, cpu, reference
+from hetnet.backends._cpu_step import FusedPlan, _FusedConvReluPool
+from hetnet.train import EvalStep, TrainStep, make_eval_step, make_train_step
+
+from conftest import assert_close
+
+needs_jit = pytest.mark.skipif(cpu._SGEMM is None, reason="compiled cpu paths unavailable (Numba or OpenBLAS)")
+
+
+def _model(c_in, conv_args, tail_in, extra_first=()):
+    """extra_first: layers put before the first conv (so that its d(input) is needed)."""
+    layers = list(extra_first) + [hn.Conv2D(c_in, 6, **conv_args), hn.ReLU(), hn.MaxPool2D(2),
+                                  hn.Conv2D(6, 5, 3, padding=1, bias=False), hn.ReLU(), hn.MaxPool2D(2),
+                                  hn.Flatten(), hn.Dense(tail_in, 7), hn.ReLU(), hn.Dense(7, 3)]
+    return hn.Sequential(layers).to("cpu")
+
+
+CASES = [  # (batch, C, H, W, conv args, flattened features after the two pools)
+    (1, 3, 8, 8, dict(kernel_size=3, padding=1), 5 * 2 * 2),
+    (5, 2, 9, 11, dict(kernel_size=3, padding=1), 5 * 2 * 2),                  # odd sizes: pools floor
+    (4, 3, 13, 10, dict(kernel_size=5, stride=2, padding=2), 5 * 1 * 1),      # stride 2, kernel 5
+    (3, 1, 12, 12, dict(kernel_size=1, padding=0), 5 * 3 * 3),                # 1x1 kernel
+    (6, 2, 10, 10, dict(kernel_size=3, stride=3, padding=2), 5 * 1 * 1),      # stride 3, padding 2
+]
+
+
+def _pass(net, x, y):
+    logits = net.forward(x)
+    loss, d = hn.losses.softmax_cross_entropy(logits, y)
+    return logits, net.backward(d, need_dx=True)
+
+
+@needs_jit
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"N{c[0]}C{c[1]}{c[2]}x{c[3]}{c[4]}")
+@pytest.mark.parametrize("first", [False, True], ids=["conv-first", "dense-before"])
+def test_fused_plan_equals_layer_by_layer(rng, case, first):
+    n, c, h, w, conv_args, tail = case
+    extra = [hn.Conv2D(c, c, 3, padding=1), hn.Tanh()] if first else []
+    hn.seed(int(rng.integers(1 << 30)))
+    model = _model(c, conv_args, tail, extra)
+    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    y = rng.integers(0, 3, n)
+    plan = FusedPlan(model)
+    out1, dx1 = _pass(model, x, y)
+    g1 = [p.grad.copy() for p in model.parameters()]
+    model.zero_grad()
+    x_copy = x.copy()
+    out2, dx2 = _pass(plan, x, y)
+    g2 = [p.grad.copy() for p in model.parameters()]
+    assert sum(isinstance(nd, _FusedConvReluPool) for nd in plan.nodes) == 2
+    np.testing.assert_array_equal(x, x_copy)                 # the input is not modified
+    np.testing.assert_array_equal(out2, out1)
+    np.testing.assert_array_equal(dx2, dx1)
+    for a, b in zip(g2, g1):
+        np.testing.assert_array_equal(a, b)
+    assert any(np.any(g != 0) for g in g2)
+
+
+@needs_jit
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_op_matches_reference(rng, bias):
+    """conv2d_relu_maxpool_* against the float64 reference's conv -> relu -> maxpool, forward and all gradients."""
+    n, c, h, w, k = 3, 4, 11, 9, 5
+    x = rng.standard_normal((n, c, h, w))
+    wt = rng.standard_normal((k, c, 3, 3)) * 0.3
+    b = rng.standard_normal(k) * 0.1 if bias else None
+    dy = rng.standard_normal((n, k, h // 2, w // 2))
+    y32, cache = cpu.conv2d_relu_maxpool_forward(x.astype(np.float32), wt.astype(np.float32),
+                                                 None if b is None else b.astype(np.float32), 1, 1)
+    dw32, db32 = np.zeros(wt.shape, np.float32), np.zeros(k, np.float32)
+    dx32 = cpu.conv2d_relu_maxpool_backward(dy.astype(np.float32), cache, dw32, db32 if bias else None)
+    yc, cc = reference.conv2d_forward(x, wt, b, 1, 1)
+    yr, cr = reference.relu_forward(yc)
+    yp, cp = reference.maxpool2d_forward(yr, 2, 2)
+    dw, db = np.zeros(wt.shape), np.zeros(k)
+    dx = reference.conv2d_backward(reference.relu_backward(reference.maxpool2d_backward(dy, cp), cr), cc, dw,
+                                   db if bias else None)
+    assert_close(y32, yp, np.float32, "forward")
+    assert_close(dx32, dx, np.float32, "dx")
+    assert_close(dw32, dw, np.float32, "dw")
+    if bias:
+        assert_close(db32, db, np.float32, "db")
+    assert np.any(yc < 0) and np.any(yp > 0)       # the ReLU had something to cut
+
+
+@needs_jit
+def test_fused_backward_without_dx(rng):
+    x = rng.standard_normal((2, 3, 6, 6)).astype(np.float32)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    y, cache = cpu.conv2d_relu_maxpool_forward(x, w, None, 1, 1)
+    dw = np.zeros(w.shape, np.float32)
+    assert cpu.conv2d_relu_maxpool_backward(np.ones(y.shape, np.float32), cache, dw, None, need_dx=False) is None
+    assert np.any(dw != 0)
+
+
+@needs_jit
+def test_train_step_equals_generic_step(rng):
+    """Three SGD+momentum steps through the cpu step object and through the generic TrainStep: identical weights,
+    losses and correct counts; the eval step likewise."""
+    x = rng.standard_normal((8, 3, 12, 12)).astype(np.float32)
+    y = rng.integers(0, 3, 8)
+    states, sums = [], []
+    for fused in (True, False):
+        hn.seed(7)
+        model = _model(3, dict(kernel_size=3, padding=1), 5 * 3 * 3)
+        opt = hn.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        step = make_train_step(model, opt) if fused else TrainStep(model, opt)
+        assert isinstance(step.model, FusedPlan) == fused
+        for _ in range(3):
+            step.step(x, y)
+        model.eval()
+        ev = make_eval_step(model) if fused else EvalStep(model)
+        ev.step(x, y)
+        states.append(model.state_dict())
+        sums.append((step.collect(), ev.collect()))
+    for k in states[0]:
+        np.testing.assert_array_equal(states[0][k], states[1][k], err_msg=k)
+    assert sums[0] == sums[1]
+
+
+def test_plan_falls_back_to_layers(monkeypatch, rng):
+    """No compiled paths (or a conv output under 2x2, or a pool other than 2/2): the plan runs the layers."""
+    model = hn.Sequential([hn.Conv2D(2, 3, 3), hn.ReLU(), hn.MaxPool2D(3), hn.Flatten(), hn.Dense(3, 2)]).to("cpu")
+    plan = FusedPlan(model)
+    plan.forward(rng.standard_normal((2, 2, 5, 5)).astype(np.float32))
+    assert plan.nodes == list(model.layers)
+    monkeypatch.setattr(cpu, "_SGEMM", None)
+    model = _model(3, dict(kernel_size=3, padding=1), 5 * 2 * 2)
+    plan = FusedPlan(model)
+    plan.forward(rng.standard_normal((2, 3, 8, 8)).astype(np.float32))
+    assert plan.nodes == list(model.layers)
+
+
+def test_plan_reports_bad_input_shape():
+    model = _model(3, dict(kernel_size=3, padding=1), 5 * 2 * 2)
+    with pytest.raises(ValueError, match="Conv2D"):
+        FusedPlan(model).forward(np.zeros((2, 4, 8, 8), np.float32))
+
+
+def test_jit_module_available_flag_consistent():
+    assert (cpu._SGEMM is None) or _cpu_jit.available()
