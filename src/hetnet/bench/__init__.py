@@ -39,7 +39,6 @@ from ..errors import DeviceError, UsageError
 from .common import (
     RTOL_F32,
     RTOL_TF32,
-    _glibc_return_big_blocks,
     cpu_count,
     environment,
     parse_list,
@@ -178,7 +177,6 @@ def main(argv: list[str] | None = None) -> int:
         hetnet_threads = _cpu_threads.threads()
     except (ImportError, AttributeError):
         pass
-    _glibc_return_big_blocks()
     gpu = any(d.startswith("cuda") for d in args.devices)
     env = environment(threads, gpu)
     env["hetnet_cpu_threads"] = hetnet_threads

@@ -120,17 +120,6 @@ def _libc():
         return None
 
 
-def _glibc_return_big_blocks() -> None:
-    """Serve blocks >= 64 KiB by mmap (freed straight back to the system), so freed memory of one side does not
-    make the next side's RSS rise look smaller. mallopt(M_MMAP_THRESHOLD = -3)."""
-    libc = _libc()
-    if libc is not None:
-        try:
-            libc.mallopt(-3, 64 * 1024)
-        except AttributeError:
-            pass
-
-
 def _status_kib(key: str) -> int | None:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
