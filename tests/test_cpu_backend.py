@@ -136,6 +136,28 @@ def test_threaded_elementwise_and_dense_match(path, rng, many_chunks):
     assert_close(dwc, dwr, F32, "dense dw")
 
 
+@pytest.mark.parametrize("momentum,dampening,nesterov,wd", [
+    (0.0, 0.0, False, 0.0), (0.9, 0.0, False, 0.0), (0.9, 0.0, True, 5e-4), (0.5, 0.3, False, 0.1)])
+def test_sgd_compiled_and_numpy_bit_identical(rng, monkeypatch, many_chunks, momentum, dampening, nesterov, wd):
+    """The compiled SGD pass (split over two threads here) does the NumPy version's float32 operations in the same
+    order: the same bits after a few steps, first step included."""
+    if not jit.available():
+        pytest.skip("numba not installed: only the NumPy path exists")
+    p0 = rng.standard_normal((37, 11)).astype(F32)
+    grads = [rng.standard_normal(p0.shape).astype(F32) for _ in range(3)]
+    out = []
+    for compiled in (True, False):
+        if not compiled:
+            monkeypatch.setattr(jit, "available", lambda: False)
+        p, buf = p0.copy(), np.zeros_like(p0)
+        for i, g in enumerate(grads):
+            cpu.sgd_update(p, g, buf if momentum else None, 0.05, momentum, dampening, nesterov, wd, i == 0)
+        out.append((p, buf))
+    np.testing.assert_array_equal(out[0][0], out[1][0])
+    np.testing.assert_array_equal(out[0][1], out[1][1])
+    assert not np.array_equal(out[0][0], p0)
+
+
 def test_results_are_fresh_float32_arrays(path, rng):
     """Scratch buffers are reused between calls; nothing returned may alias them or an earlier result."""
     x = cpu.asarray(rng.standard_normal((4, 3, 8, 8)))

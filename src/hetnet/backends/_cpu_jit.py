@@ -1,4 +1,4 @@
-"""Compiled loops (Numba) for the cpu backend: ReLU, 2x2 max pooling, BatchNorm and the convolutions.
+"""Compiled loops (Numba) for the cpu backend: ReLU, 2x2 max pooling, BatchNorm, the SGD update and the convolutions.
 
 NumPy does these as many calls (a mask, a strided maximum, a multiply, an add, one copy per kernel tap ...), each a
 pass through memory and, with two threads, a GIL hand-over. Here each op is one call per chunk of the batch that
@@ -108,6 +108,26 @@ if njit is not None:
                         bot[jj] = zero
                 for r in range(2 * p, h):
                     dx[b, ch, r] = zero
+
+    # --- SGD (torch.optim.SGD), one pass over the flat parameter buffer ----------------------------------------------
+    # The float32 operations of cpu.py's NumPy version, in the same order: d = p*wd + g; buf = d (first step) or
+    # buf*momentum + (damp1*d, or d without dampening); d = buf*momentum + d (Nesterov) or buf; p = p - d*lr.
+
+    @_jit
+    def sgd_update(p, g, buf, has_buf, lr, momentum, damp1, dampening, nesterov, wd, first):
+        zero = _F(0)
+        for i in range(p.size):
+            d = g[i]
+            if wd != zero:
+                d = p[i] * wd + d
+            if has_buf:
+                if first:
+                    b = d
+                else:
+                    b = buf[i] * momentum + (damp1 * d if dampening else d)
+                buf[i] = b
+                d = b * momentum + d if nesterov else b
+            p[i] = p[i] - d * lr
 
     # --- BatchNorm (x viewed as (N, C, HW)) -------------------------------------------------------------------------
 

@@ -875,7 +875,16 @@ def binary_cross_entropy_with_logits(logits, targets):
 
 
 def sgd_update(p, g, buf, lr, momentum, dampening, nesterov, weight_decay, first_step):
-    """torch.optim.SGD, in place on p and buf (one per-thread scratch array for the step)."""
+    """torch.optim.SGD, in place on p and buf: compiled, one pass split over the threads (the same float32
+    operations as the NumPy version below, which uses one scratch array and a pass per operation)."""
+    if _jit.available() and p.flags.c_contiguous and g.flags.c_contiguous and (buf is None or buf.flags.c_contiguous):
+        pf, gf = p.reshape(-1), _f32c(g).reshape(-1)
+        has_buf = bool(momentum) and buf is not None
+        bf = buf.reshape(-1) if has_buf else pf
+        args = (has_buf, _F(lr), _F(momentum), _F(1 - dampening), bool(dampening), bool(nesterov),
+                _F(weight_decay), bool(first_step))
+        _jit_parallel(pf.size, 20, lambda s, e, _: _jit.sgd_update(pf[s:e], gf[s:e], bf[s:e], *args))
+        return
     t = _thr.scratch("sgd_t", p.shape)
     if weight_decay:
         np.multiply(p, _F(weight_decay), out=t)
