@@ -25,12 +25,14 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULT_ROWS = ("thesis-m1:32", "thesis-m1:128", "fashion-cnn:128")
+# the core-engine issue's three rows (its Fashion-MNIST CNN, two conv blocks, is benchmarks/specs/fashion-2conv.json),
+# then the fashion-cnn preset that `hetnet train` uses by default (three conv blocks and dropout)
+DEFAULT_ROWS = ("thesis-m1:32", "thesis-m1:128", "benchmarks/specs/fashion-2conv.json:128", "fashion-cnn:128")
 
 
 def _parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rows", nargs="+", default=list(DEFAULT_ROWS), help="MODEL:BATCH pairs (zoo presets)")
+    ap.add_argument("--rows", nargs="+", default=list(DEFAULT_ROWS), help="MODEL:BATCH pairs (zoo presets or SPEC.json paths)")
     ap.add_argument("--threads", type=int, default=0, help="threads for both (default: CPUs available)")
     ap.add_argument("--reps", type=int, default=40, help="timed repetitions per side and row")
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps per side before timing")
@@ -77,6 +79,8 @@ class Pair:
 
     def __init__(self, model_name: str, batch: int):
         hn.seed(0)
+        if model_name.endswith(".json") and not Path(model_name).exists():
+            model_name = str(Path(__file__).resolve().parent.parent / model_name)   # relative to the repository
         self.model, shape, _ = zoo.resolve(model_name)
         self.model.to("cpu").train()
         self.tmodel = to_torch(self.model)
@@ -196,7 +200,8 @@ def time_row(model_name: str, batch: int, reps: int, warmup: int) -> dict:
     h, t = statistics.median(ours) * 1e3, statistics.median(theirs) * 1e3
     # each repetition's hetnet and torch steps ran back to back, under the same load: the median of their ratios
     pair_ratio = statistics.median(a / b for a, b in zip(ours, theirs))
-    row = {"model": model_name, "batch": batch, "hetnet_ms": round(h, 3), "torch_ms": round(t, 3),
+    name = Path(model_name).stem if model_name.endswith(".json") else model_name
+    row = {"model": name, "batch": batch, "hetnet_ms": round(h, 3), "torch_ms": round(t, 3),
            "ratio": round(h / t, 3), "hetnet_min_ms": round(min(ours) * 1e3, 3),
            "torch_min_ms": round(min(theirs) * 1e3, 3), "min_ratio": round(min(ours) / min(theirs), 3),
            "pair_median_ratio": round(pair_ratio, 3), "cpu_busy_before": round(busy_before, 3),
