@@ -32,6 +32,14 @@ gather_images(images[N,C,H,W] uint8, labels[N], plan[4,M] int32, start, count, s
     x = float32(float32(v * scale[c]) + shift[c]) (two roundings, no fused multiply-add), exactly what
     hetnet.data.BatchLoader serves for the same plan.
 
+Training-step hooks (optional; hetnet.train uses them when present)
+--------------------------------------------------------------------
+make_train_step(model, optimizer, schedule, label_smoothing) / make_eval_step(model) -> step object (see
+    hetnet.train). cuda: a fused plan captured as a CUDA graph (cuda/step.py, with ops such as
+    bn_relu_maxpool_forward/backward); cpu: the model with each Conv2D -> ReLU -> MaxPool2D(2) run as
+    conv2d_relu_maxpool_forward/backward (_cpu_step.py), bit-identical to the layers; cuda matches within float32
+    tolerance.
+
 Ops: forward returns (y, cache); backward takes the cache. Backward *accumulates* parameter gradients into the arrays it
 is given (dw += ..., db += ...; PyTorch semantics) and returns dx, or None when need_dx is False. No op modifies its
 inputs (x, dy, w, b); the only in-place effects are the gradient accumulators and BatchNorm's running statistics.
