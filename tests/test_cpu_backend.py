@@ -21,6 +21,7 @@ def many_chunks(monkeypatch):
     monkeypatch.setattr(thr, "CHUNK_BYTES", 1)
     monkeypatch.setattr(thr, "ELEMENTWISE_CHUNK_BYTES", 1)
     monkeypatch.setattr(thr, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(cpu, "_DENSE_PARALLEL_MIN_MACS", 0)
     old = thr.threads()
     thr.set_threads(2)
     yield
@@ -180,17 +181,3 @@ def test_blas_thread_setting_is_restored():
     x = cpu.asarray(np.ones((64, 8, 16, 16)))
     cpu.conv2d_forward(x, cpu.asarray(np.ones((8, 8, 3, 3))), None, 1, 1)
     assert thr._blas_get() == before
-    # dense GEMMs run on OpenBLAS's own threads, threads() of them, and leave its setting as it was
-    old_threads = thr.threads()
-    try:
-        thr.set_threads(2)
-        thr._blas_set(1)
-        with thr.blas_threads():
-            assert thr._blas_get() == 2
-        assert thr._blas_get() == 1
-        y, cache = cpu.dense_forward(cpu.asarray(np.ones((4, 3))), cpu.asarray(np.ones((5, 3))), None)
-        cpu.dense_backward(y, cache, cpu.zeros((5, 3)), None)
-        assert thr._blas_get() == 1
-    finally:
-        thr.set_threads(old_threads)
-        thr._blas_set(before)

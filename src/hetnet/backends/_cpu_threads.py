@@ -5,7 +5,6 @@ L2 cache), and `parallel` lets `threads()` threads pull chunks from a shared cou
 taken by another process slows only its own share). NumPy releases the GIL inside its loops and BLAS calls, so the
 threads run at the same time. While they run, OpenBLAS is switched to one thread per call (its thread setting is
 process-global), so each chunk's GEMM runs on the thread that owns the chunk; the old setting is restored after.
-Dense layers are one GEMM each and are not chunked: `blas_threads()` lets OpenBLAS thread them itself.
 
 Thread count: HETNET_NUM_THREADS, else OPENBLAS_NUM_THREADS / OMP_NUM_THREADS, else the CPUs this process may use.
 """
@@ -133,29 +132,6 @@ def _blas_single_exit() -> None:
         _blas_depth -= 1
         if _blas_depth == 0 and _blas_saved != 1:
             _blas_set(_blas_saved)
-
-
-class blas_threads:
-    """`with blas_threads():` OpenBLAS uses threads() threads for the GEMMs inside (a GEMM called outside the pool,
-    e.g. a dense layer's); the old setting is restored after. Inside a parallel() section nothing changes."""
-
-    def __enter__(self):
-        self.saved = None
-        if _blas_set is None:
-            return self
-        with _blas_lock:
-            if _blas_depth == 0:
-                cur = _blas_get()
-                if cur != _threads:
-                    self.saved = cur
-                    _blas_set(_threads)
-        return self
-
-    def __exit__(self, *exc):
-        if self.saved is not None:
-            with _blas_lock:
-                _blas_set(self.saved)
-        return False
 
 
 # --- the pool ---------------------------------------------------------------------------------------------------
