@@ -22,6 +22,7 @@ def many_chunks(monkeypatch):
     monkeypatch.setattr(thr, "ELEMENTWISE_CHUNK_BYTES", 1)
     monkeypatch.setattr(thr, "PARALLEL_MIN_BYTES", 0)
     monkeypatch.setattr(cpu, "_DENSE_PARALLEL_MIN_MACS", 0)
+    monkeypatch.setattr(cpu, "_DENSE_SPLIT_MIN_MACS", 0)
     old = thr.threads()
     thr.set_threads(2)
     yield
