@@ -91,8 +91,9 @@ def _dense_chunk(n: int, f: int, k: int, split: int) -> int:
 # y[:, K-share] uses that share of w's rows, dx[:, F-share] that share of w's columns, dw[K-share] that share of
 # dy's columns. Each thread then reads only its part of the weights, where a split of the batch made every thread
 # read all of them (measured on 2 threads, separate processes: mlp step at batch 32 2.25 -> 1.65-2.0 ms, batch 128
-# 3.8-4.6 -> 3.3-4.0 ms; the CNNs unchanged). Every output element is still one sgemm dot product in the same
-# order, so the results are the same bits as the NumPy path's.
+# 3.8-4.6 -> 3.3-4.0 ms; the CNNs unchanged). y and dx are the NumPy path's bits (each element is one sgemm dot
+# product in the same order); dw is accumulated inside the GEMM (beta = 1) instead of through a temporary, which
+# rounds differently once the batch spans several of OpenBLAS's K blocks (batch 1024: up to 1.5e-5 apart).
 _DENSE_SPLIT_MIN_MACS = 1 << 20
 
 
