@@ -40,17 +40,16 @@ def plan_nodes(layers, input_shape) -> list:
     nodes, shape, i = [], tuple(input_shape), 0
     while i < len(layers):
         conv = layers[i]
+        out = conv.output_shape(shape)
         if (i + 2 < len(layers) and type(conv).__name__ == "Conv2D" and type(layers[i + 1]).__name__ == "ReLU"
                 and type(layers[i + 2]).__name__ == "MaxPool2D" and layers[i + 2].kernel_size == 2
-                and layers[i + 2].stride == 2
-                and cpu.conv_relu_maxpool_fusable((1,) + shape, conv.weight.shape, conv.stride, conv.padding)):
+                and layers[i + 2].stride == 2 and out[1] >= 2 and out[2] >= 2 and cpu.conv_relu_maxpool_available()):
             nodes.append(_FusedConvReluPool(conv))
-            for lyr in layers[i:i + 3]:
-                shape = lyr.output_shape(shape)
+            shape = layers[i + 2].output_shape(layers[i + 1].output_shape(out))
             i += 3
             continue
         nodes.append(conv)
-        shape = conv.output_shape(shape)
+        shape = out
         i += 1
     return nodes
 

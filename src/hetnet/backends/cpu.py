@@ -290,6 +290,29 @@ def conv2d_forward(x, w, b, stride, padding):
     return y, (x, w2, g)
 
 
+def _conv_backward_compiled(x, w2, g, dw, db, need_dx, body):
+    """The compiled backward's driver, shared by conv2d_backward and conv2d_relu_maxpool_backward: one chunk of
+    images per thread, body(b0, b1, cols, dcols, ones, acc, dx) with this thread's scratch columns and a per-chunk
+    float32 accumulator acc = [dw (K, CRS), db (K,)], added up in chunk order (bit-identical from run to run)."""
+    n = x.shape[0]
+    k, crs, pq = g.k, w2.shape[1], g.p * g.q
+    dx = np.empty(x.shape, dtype=_F) if need_dx else None
+    dxa = dx if need_dx else np.empty((n, 1, 1, 1), dtype=_F)     # a dummy the compiled loop can index
+    ones = np.ones(pq, dtype=_F)
+
+    def make_acc():
+        return [np.zeros((k, crs), dtype=_F), np.zeros(k, dtype=_F)]
+
+    def chunk(b0, b1, acc):
+        body(b0, b1, _thr.scratch("jit_cols", (crs, pq)), _thr.scratch("jit_dcols", (crs, pq)), ones, acc, dxa)
+
+    accs = _thr.parallel(n, _per_thread(n, 4 * (2 * crs + k) * pq), chunk, make_acc)
+    dw += sum(a[0] for a in accs).reshape(dw.shape)
+    if db is not None:
+        db += sum(a[1] for a in accs)
+    return dx
+
+
 def conv2d_backward(dy, cache, dw, db, need_dx=True):
     x, w2, g = cache
     dy = _f32c(dy)
@@ -297,23 +320,11 @@ def conv2d_backward(dy, cache, dw, db, need_dx=True):
     k, crs, pq = g.k, w2.shape[1], g.p * g.q
     dx = np.empty(x.shape, dtype=_F) if need_dx else None
     if _SGEMM is not None:
-        ones = np.ones(pq, dtype=_F)
-        dxa = dx if need_dx else np.empty((n, 1, 1, 1), dtype=_F)
-
-        def jacc():
-            return [np.zeros((k, crs), dtype=_F), np.zeros(k, dtype=_F)]
-
-        def jbody(b0, b1, acc):
-            cols = _thr.scratch("jit_cols", (crs, pq))
-            dcols = _thr.scratch("jit_dcols", (crs, pq))
+        def jbody(b0, b1, cols, dcols, ones, acc, dxa):
             _jit.conv_backward(_SGEMM, x[b0:b1], w2, dy[b0:b1], g.r, g.s, g.stride, g.pad, cols, dcols, ones,
                                acc[0], acc[1], dxa[b0:b1], need_dx)
 
-        accs = _thr.parallel(n, _per_thread(n, 4 * (2 * crs + k) * pq), jbody, jacc)
-        dw += sum(a[0] for a in accs).reshape(dw.shape)
-        if db is not None:
-            db += sum(a[1] for a in accs)
-        return dx
+        return _conv_backward_compiled(x, w2, g, dw, db, need_dx, jbody)
     w2t = w2.T
     per_image = crs <= _PER_IMAGE_GEMM_MAX_CRS
     ones = np.ones(pq, dtype=_F)
@@ -485,12 +496,9 @@ def _maxpool2x2_backward(dy, masks, xshape, p, q):
 # --- convolution + ReLU + 2x2 max pooling, fused (used by the cpu step object, hetnet.backends._cpu_step) ----------
 
 
-def conv_relu_maxpool_fusable(x_shape, w_shape, stride: int, padding: int) -> bool:
-    """Whether conv2d_relu_maxpool_* can run this convolution (compiled paths present, conv output >= 2x2)."""
-    if _SGEMM is None:
-        return False
-    (_, _, h, w), (_, _, r, s) = x_shape, w_shape
-    return (h + 2 * padding - r) // stride + 1 >= 2 and (w + 2 * padding - s) // stride + 1 >= 2
+def conv_relu_maxpool_available() -> bool:
+    """Whether conv2d_relu_maxpool_* can run (they need the compiled paths); the conv output must be >= 2x2."""
+    return _SGEMM is not None
 
 
 def conv2d_relu_maxpool_forward(x, w, b, stride, padding):
@@ -517,26 +525,13 @@ def conv2d_relu_maxpool_backward(dy, cache, dw, db, need_dx=True):
     maxpool2d_backward -> relu_backward -> conv2d_backward."""
     x, w2, g, ypool, idx = cache
     dy = _f32c(dy)
-    n = x.shape[0]
-    k, crs, pq = g.k, w2.shape[1], g.p * g.q
-    dx = np.empty(x.shape, dtype=_F) if need_dx else np.empty((n, 1, 1, 1), dtype=_F)
-    ones = np.ones(pq, dtype=_F)
 
-    def make_acc():
-        return [np.zeros((k, crs), dtype=_F), np.zeros(k, dtype=_F)]
-
-    def body(b0, b1, acc):
-        cols = _thr.scratch("jit_cols", (crs, pq))
-        dcols = _thr.scratch("jit_dcols", (crs, pq))
-        dybuf = _thr.scratch("jit_conv_dy", (k, g.p, g.q))
+    def body(b0, b1, cols, dcols, ones, acc, dxa):
+        dybuf = _thr.scratch("jit_conv_dy", (g.k, g.p, g.q))
         _jit.conv_backward_from_pool(_SGEMM, x[b0:b1], w2, dy[b0:b1], ypool[b0:b1], idx[b0:b1], g.r, g.s,
-                                     g.stride, g.pad, cols, dcols, dybuf, ones, acc[0], acc[1], dx[b0:b1], need_dx)
+                                     g.stride, g.pad, cols, dcols, dybuf, ones, acc[0], acc[1], dxa[b0:b1], need_dx)
 
-    accs = _thr.parallel(n, _per_thread(n, 4 * (2 * crs + k) * pq), body, make_acc)
-    dw += sum(a[0] for a in accs).reshape(dw.shape)
-    if db is not None:
-        db += sum(a[1] for a in accs)
-    return dx if need_dx else None
+    return _conv_backward_compiled(x, w2, g, dw, db, need_dx, body)
 
 
 def make_train_step(model, optimizer, schedule=None, label_smoothing: float = 0.0):
