@@ -212,3 +212,29 @@ def test_fit_with_weight_average_keeps_the_evaluated_weights():
     assert all(np.array_equal(v, avg[k]) for k, v in model.state_dict().items())
     assert train.evaluate(model, train.ArrayLoader(x, y, 32, shuffle=False)) == \
         (hist[-1]["test_loss"], hist[-1]["test_accuracy"])
+
+
+def test_ctrl_c_inside_the_jit_loader_is_kept_for_the_next_batch():
+    """A SIGINT that arrives while Numba / llvmlite code is on the stack (where a raised KeyboardInterrupt would be
+    dropped by a ctypes callback) does not raise there; the training loop raises it after the next batch. Elsewhere
+    it raises at once, and outside interruptible() nothing is remembered."""
+    import signal
+
+    x, y = _toy()
+    model = _model()
+    trainer = train.Trainer(model, hn.optim.SGD(model.parameters(), lr=0.1))
+    loader = train.ArrayLoader(x, y, batch_size=16, shuffle=False)
+    # a frame that looks like llvmlite's object-cache callback
+    fake = compile("def callback(h):\n    h(signal.SIGINT, sys._getframe())\n", "/site-packages/llvmlite/binding/x.py",
+                   "exec")
+    ns = {"signal": signal, "sys": __import__("sys")}
+    exec(fake, ns)
+    with train.interruptible():
+        handler = signal.getsignal(signal.SIGINT)
+        with pytest.raises(KeyboardInterrupt):
+            handler(signal.SIGINT, None)              # an ordinary frame: raised at once
+        ns["callback"](handler)                       # inside the loader: no exception here ...
+        with pytest.raises(KeyboardInterrupt):
+            trainer.train_epoch(loader, 0)            # ... but after the first batch
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    trainer.train_epoch(loader, 0)                    # the block's end forgot it

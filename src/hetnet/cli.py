@@ -123,7 +123,7 @@ def _print(line: str) -> None:
 
 def cmd_train(args) -> int:
     from .runs import RunConfig, default_run_dir, resume_run, train_run
-    from .train import default_log
+    from .train import default_log, interruptible
 
     progress = False if args.no_progress else None
     # The cuda backend reads these switches when it is created (hetnet.backends.cuda.CudaBackend).
@@ -140,7 +140,8 @@ def cmd_train(args) -> int:
                   + (" and others" if len(given) > 1 else ""), file=sys.stderr)
         run_dir = Path(args.resume)
         try:
-            resume_run(run_dir, log=default_log, progress=progress)
+            with interruptible():
+                resume_run(run_dir, log=default_log, progress=progress)
         except KeyboardInterrupt:
             return _interrupted(run_dir)
         return 0
@@ -153,7 +154,8 @@ def cmd_train(args) -> int:
                     seed=args.seed, limit=args.limit, skip_bad_images=args.skip_bad_images,
                     out=args.out or str(default_run_dir(args.model, args.dataset)))
     try:
-        train_run(cfg, log=default_log, progress=progress)
+        with interruptible():
+            train_run(cfg, log=default_log, progress=progress)
     except KeyboardInterrupt:
         return _interrupted(Path(cfg.out))
     return 0

@@ -20,8 +20,11 @@ only the documented backend ops. Batches reach the device through `backend.asarr
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable
 
@@ -64,6 +67,55 @@ def make_schedule(name: str, optimizer, total_steps: int, warmup_steps: int = 0)
     if name == "cosine":
         return optim.CosineLR(optimizer, total_steps=total_steps, warmup_steps=warmup_steps)
     return optim.OneCycleLR(optimizer, total_steps=total_steps)
+
+
+# --- Ctrl-C that cannot get lost -----------------------------------------------------------------------------------
+# A KeyboardInterrupt raised while the main thread is inside a ctypes callback is printed as "Exception ignored"
+# (with a traceback) and dropped. Numba's llvmlite calls back into Python that way while it loads compiled code in a
+# process's first steps, so a Ctrl-C landing there let training run on (seen as a 60 s timeout of
+# test_ctrl_c_exits_130_with_one_line in a fresh clone). Under `interruptible()` the SIGINT handler records the
+# signal and, while Numba / llvmlite code is on the stack, does not raise; the training and evaluation loops raise
+# it after the batch (`check_interrupt`).
+
+_sigint_seen = [False]
+
+
+@contextlib.contextmanager
+def interruptible():
+    """Ctrl-C raises KeyboardInterrupt as usual, except while Numba / llvmlite code runs, where it is kept for
+    check_interrupt (main thread with Python's default handler only; otherwise a no-op)."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+
+    def handler(signum, frame):
+        _sigint_seen[0] = True
+        f = frame
+        while f is not None:
+            if _in_jit_loader(f.f_code.co_filename):
+                return                      # raised by check_interrupt after this batch
+            f = f.f_back
+        raise KeyboardInterrupt
+
+    _sigint_seen[0] = False
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        _sigint_seen[0] = False
+
+
+def _in_jit_loader(filename: str) -> bool:
+    parts = filename.replace("\\", "/").split("/")
+    return "numba" in parts or "llvmlite" in parts
+
+
+def check_interrupt() -> None:
+    """Raise KeyboardInterrupt if a Ctrl-C arrived under interruptible() (even one whose exception was dropped)."""
+    if _sigint_seen[0]:
+        raise KeyboardInterrupt
 
 
 # --- the generic step objects ----------------------------------------------------------------------------------
@@ -343,6 +395,7 @@ class Trainer:
             try:
                 for i, (xb, yb) in enumerate(device_batches(loader, epoch, backend)):
                     step.step(xb, yb)
+                    check_interrupt()
                     if self.average is not None:
                         self.average.update()
                     if bar is not None:
@@ -425,6 +478,7 @@ def evaluate(model, loader, step=None) -> tuple[float, float]:
         step.collect()  # start from zero
         for xb, yb in device_batches(loader, 0, backend):
             step.step(xb, yb)
+            check_interrupt()
         loss_sum, correct, count = step.collect()
         backend.synchronize()
     finally:
