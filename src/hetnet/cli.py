@@ -126,6 +126,11 @@ def cmd_train(args) -> int:
     from .train import default_log, interruptible
 
     progress = False if args.no_progress else None
+    # tqdm makes its write lock on first use (importing multiprocessing); a Ctrl-C in the middle of that left it
+    # half-made and ended in a traceback, so it is made here, before any run starts
+    from tqdm import tqdm
+
+    tqdm.get_lock()
     # The cuda backend reads these switches when it is created (hetnet.backends.cuda.CudaBackend).
     if args.no_cuda_graph:
         os.environ["HETNET_CUDA_GRAPH"] = "0"
