@@ -62,7 +62,7 @@ FILTER = list(C.FILTER_CFGS) + ["im2col"]
 
 def _force(monkeypatch, fwd, data, filt):
     choice = {"fwd": fwd, "data": data, "filter": filt}
-    monkeypatch.setattr(C, "_choose", lambda be_, op, g, cands, run: choice[op])
+    monkeypatch.setattr(C, "_choose", lambda be_, op, g, cands, *run: choice[op])
 
 
 @pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "N{}C{}H{}W{}K{}k{}s{}p{}".format(*c))
@@ -131,6 +131,20 @@ def test_maxpool_relu_mask(be, rng, shape, k, s):
     assert_close(be.to_numpy(dx), dx_ref, F32, "maxpool dx with relu mask")
 
 
+@pytest.mark.parametrize("shape,k,s", [((2, 3, 8, 8), 2, 2), ((1, 2, 9, 7), 3, 2), ((2, 1, 6, 6), 3, 1)])
+@pytest.mark.parametrize("relu_mask", [False, True])
+def test_maxpool_backward_in_place(be, rng, shape, k, s, relu_mask):
+    """Written over x (the fast step's plan), dx equals the out-of-place result, overlapping windows included."""
+    x = np.maximum(f32(rng, *shape), 0)
+    xd = be.asarray(x)
+    y, cache = be.maxpool2d_forward(xd, k, s)
+    dy = be.asarray(f32(rng, *y.shape))
+    expect = be.to_numpy(be.maxpool2d_backward(dy, cache, relu_mask=relu_mask))
+    dx = be.maxpool2d_backward(dy, cache, relu_mask=relu_mask, inplace=True)
+    assert dx.data.ptr == xd.data.ptr, "not in place"
+    np.testing.assert_array_equal(be.to_numpy(dx), expect)
+
+
 def test_batchnorm_relu_epilogue(be, rng):
     x, g, b = f32(rng, 3, 4, 5, 6), f32(rng, 4), f32(rng, 4)
     y_ref, _ = ref.batchnorm_forward(x, g, b, np.zeros(4), np.ones(4), 0.1, 1e-5, True)
@@ -184,6 +198,54 @@ def test_plan_fuses_relus(be):
     assert [type(n).__name__ for n in nodes] == ["_BNNode", "_ConvNode"] and nodes[1].mask_input
 
 
+def test_plan_pools_backward_in_place_only_over_fresh_outputs(be):
+    nodes, _, _ = compile_plan(be, small_cnn())
+    assert [getattr(n, "inplace", None) for n in nodes] == [None, True, None, True, None, None, None, None]
+    # never over the batch itself, nor over a generic layer's output (the layer's cache may hold it)
+    nodes, _, _ = compile_plan(be, hn.Sequential([hn.MaxPool2D(2), hn.Tanh(), hn.MaxPool2D(2), hn.ReLU(),
+                                                   hn.MaxPool2D(2, 1)]))
+    assert [type(n).__name__ for n in nodes] == ["_MaxPoolNode", "_LayerNode", "_MaxPoolNode", "_ReluNode",
+                                                 "_MaxPoolNode"]
+    assert [n.inplace for n in nodes if type(n).__name__ == "_MaxPoolNode"] == [False, False, True]
+
+
+def test_trial_runs_use_their_own_pool_emptied_after(be, rng, monkeypatch):
+    """The algorithm measurement's temporaries (here im2col's column buffer) never reach the step pool."""
+    be.force_conv_algo = None
+    pool, sizes = cupy.cuda.MemoryPool(), []
+
+    class Counting:
+        def malloc(self, n):
+            sizes.append(n)
+            return pool.malloc(n)
+
+        def free_all_blocks(self):
+            pool.free_all_blocks()
+
+    monkeypatch.setattr(be, "_tune_pool", Counting())
+    x, w = be.asarray(f32(rng, 2, 3, 13, 11)), be.asarray(f32(rng, 5, 3, 3, 3))
+    be.conv2d_forward(x, w, None, 1, 1)
+    assert sizes and max(sizes) >= 4 * 27 * 2 * 13 * 11, "the column buffer was not allocated in the trial pool"
+    assert pool.total_bytes() == 0, "the trial pool was not emptied"
+
+
+def test_im2col_left_out_when_its_column_buffer_is_too_large(be, rng, monkeypatch):
+    be.force_conv_algo = None
+    x, w = be.asarray(f32(rng, 3, 2, 9, 8)), be.asarray(f32(rng, 3, 2, 3, 3))    # col = 18 x 216 floats > x + y
+    monkeypatch.setattr(C, "IM2COL_MIN_WORKSPACE", 0)
+    n_log = len(be.tune_log)
+    y, _ = be.conv2d_forward(x, w, None, 1, 1)
+    entry = be.tune_log[n_log]
+    assert "im2col" not in entry["ms"] and "im2col" in entry["skipped"] and entry["choice"] in C.FWD_CFGS
+    y_ref = ref.conv2d_forward(be.to_numpy(x).astype(np.float64), be.to_numpy(w).astype(np.float64), None, 1, 1)[0]
+    assert_close(be.to_numpy(y), y_ref, F32, "conv y")
+    # a dense layer's im2col is a plain GEMM, no column buffer: always measured
+    xd, wd = be.asarray(f32(rng, 5, 11)), be.asarray(f32(rng, 7, 11))
+    n_log = len(be.tune_log)
+    be.dense_forward(xd, wd, None)
+    assert "im2col" in be.tune_log[n_log]["ms"]
+
+
 @pytest.mark.parametrize("shape,k,s", [((3, 4, 8, 8), 2, 2), ((2, 3, 9, 7), 3, 2), ((2, 2, 6, 5), 2, 1)])
 def test_bn_relu_maxpool_fused(be, rng, shape, k, s):
     c = shape[1]
@@ -205,6 +267,11 @@ def test_bn_relu_maxpool_fused(be, rng, shape, k, s):
     assert_close(be.to_numpy(dx), dx_ref, F32, "dx")
     assert_close(be.to_numpy(dg), dg_ref, F32, "dgamma")
     assert_close(be.to_numpy(db), db_ref, F32, "dbeta")
+    # written over x (the fast step's plan): the same values, same parameter gradients added again
+    dx2 = be.bn_relu_maxpool_backward(be.asarray(dy), cache, dg, db, inplace=True)
+    assert dx2.data.ptr == cache[0].data.ptr, "not in place"
+    np.testing.assert_array_equal(be.to_numpy(dx2), be.to_numpy(dx))
+    assert_close(be.to_numpy(dg), 2 * dg_ref, F32, "dgamma, twice")
 
 
 def _data(rng, n=96):
@@ -339,6 +406,41 @@ def test_eval_step_matches_cpu(rng):
         out[device] = step.collect()
     assert out["cuda"][2] == out["cpu"][2] == 200 and abs(out["cuda"][1] - out["cpu"][1]) <= 1   # float32 near-ties
     assert abs(out["cuda"][0] - out["cpu"][0]) <= 1e-4 * abs(out["cpu"][0])
+
+
+def test_train_and_eval_steps_share_the_step_pool(rng):
+    """Train and eval graphs of two batch shapes, interleaved over epochs, run in one private pool that their
+    temporaries share; weights, losses and counts stay those of the cpu backend."""
+    x, y = _data(rng, 80)
+    hn.seed(5)
+    state = small_cnn(0.0).state_dict()
+    out = {}
+    for device in ("cpu", "cuda"):
+        hn.seed(123)
+        m = small_cnn(0.0)
+        m.load_state_dict(state)
+        m.to(device)
+        b = m.backend
+        opt = T.make_optimizer("momentum", m.parameters(), lr=0.05)
+        train, results = T.make_train_step(m, opt, None, 0.0), []
+        m.eval()
+        ev = T.make_eval_step(m)
+        for _ in range(3):
+            m.train()
+            for s in (slice(0, 32), slice(32, 64), slice(64, 80)):
+                train.step(b.asarray(x[s]), b.labels(y[s]))
+            m.eval()
+            for s in (slice(0, 48), slice(48, 80)):
+                ev.step(b.asarray(x[s]), b.labels(y[s]))
+            results.append((train.collect(), ev.collect()))
+        out[device] = (m.state_dict(), results)
+        if device == "cuda":
+            assert train.pool is ev.pool is b.step_pool()
+    for k in out["cpu"][0]:
+        assert_close(out["cuda"][0][k], out["cpu"][0][k], F32, k)
+    for (tc, ec), (tg, eg) in zip(out["cpu"][1], out["cuda"][1]):
+        assert tg[2] == tc[2] == 80 and eg[2] == ec[2] == 80
+        assert abs(tg[0] - tc[0]) <= 1e-4 * abs(tc[0]) and abs(eg[0] - ec[0]) <= 1e-4 * abs(ec[0])
 
 
 def test_fit_uses_the_fast_step(rng):

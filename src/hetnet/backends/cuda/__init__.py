@@ -133,6 +133,8 @@ class CudaBackend:
         self.capturing = None                      # the stream a graph capture runs on, while it does
         self.graph_cublas = True                   # False after cuBLAS failed inside a capture: own kernels only
         self._stream = None                        # see compute_stream()
+        self._step_pool = None                     # see step_pool()
+        self._tune_pool = None                     # see tune_pool()
 
     def __repr__(self) -> str:
         return f"CudaBackend({self.device_id}: {self.gpu_name})"
@@ -201,12 +203,45 @@ class CudaBackend:
                 self._stream = self.cupy.cuda.Stream(non_blocking=False)
         return self._stream
 
+    def step_pool(self):
+        """The private memory pool of the fast step objects (step.py) on this device: their first, eager steps and
+        their captured graphs, train and eval alike. They all run in order on compute_stream(), no step reads what
+        an earlier step freed, and buffers kept across steps come from elsewhere (see persistent()), so a block
+        one step frees can serve the next step of any step object: the pool grows to the largest working set
+        among them, not to their sum. Never emptied while a step object that took it lives (its graphs keep using
+        the addresses they were captured with)."""
+        if self._step_pool is None:
+            with self.device:
+                self._step_pool = self.cupy.cuda.MemoryPool()
+        return self._step_pool
+
+    def tune_pool(self):
+        """The pool of the convolution algorithms' trial runs (conv._choose), emptied after each measurement, so
+        that a workspace tried once and not chosen is not kept by the step pool."""
+        if self._tune_pool is None:
+            with self.device:
+                self._tune_pool = self.cupy.cuda.MemoryPool()
+        return self._tune_pool
+
+    def fresh_step_pool(self):
+        """Start a new step pool for the step objects made from now on (benchmarks that measure one model's
+        memory); the old one is released when the last step object that uses it is gone."""
+        self._step_pool = None
+        return self.step_pool()
+
+    def persistent(self):
+        """Context for allocations that outlive a step (cached tables and scratch buffers): they come from CuPy's
+        default pool even inside a step, never from the step pool, whose free blocks a captured graph may still
+        be using as its temporaries."""
+        return self.cupy.cuda.using_allocator(self.cupy.get_default_memory_pool().malloc)
+
     def scratch(self, name: str, shape, dtype):
         """A persistent zeroed device buffer (kernels that use it leave it zeroed)."""
         key = ("scratch", name, tuple(shape), np.dtype(dtype).str)
         buf = self._cache.get(key)
         if buf is None:
-            buf = self._cache[key] = self.xp.zeros(shape, dtype=dtype)
+            with self.persistent():
+                buf = self._cache[key] = self.xp.zeros(shape, dtype=dtype)
         return buf
 
     # --- conversions and allocation --------------------------------------------------------------------------------
@@ -297,12 +332,14 @@ class CudaBackend:
                     _i32(kernel), _i32(stride))
         return y, (x, arg, kernel, stride)
 
-    def maxpool2d_backward(self, dy, cache, relu_mask=False):
+    def maxpool2d_backward(self, dy, cache, relu_mask=False, inplace=False):
+        """dE/dx; relu_mask: x is a ReLU output (dx = 0 where x <= 0); inplace: dx is written over x (the fast
+        step's plan, where nothing reads the pooled input after this)."""
         x, arg, kernel, stride = cache
         dy = self._c(dy)
         n, c, h, w = x.shape
         p, q = dy.shape[2], dy.shape[3]
-        dx = self.xp.empty(x.shape, dtype=self.xp.float32)
+        dx = x if inplace else self.xp.empty(x.shape, dtype=self.xp.float32)
         self.launch("pool", "maxpool_bwd", dx.size, dy, arg, x, dx, _i32(n * c), _i32(h), _i32(w), _i32(p),
                     _i32(q), _i32(kernel), _i32(stride), _i32(1 if relu_mask else 0))
         return dx
@@ -354,8 +391,9 @@ class CudaBackend:
         return dx
 
     def relu_forward(self, x):
-        x = self._c(x)
-        return self._unary("relu_fwd", x), x
+        # the cache is y, not x: y > 0 exactly where x > 0, and the layer before may then free its output
+        y = self._unary("relu_fwd", self._c(x))
+        return y, y
 
     def relu_backward(self, dy, cache):
         return self._binary("relu_bwd", dy, cache)
@@ -451,8 +489,9 @@ class CudaBackend:
                     _i32(h), _i32(w), _i32(p), _i32(q), _i32(kernel), _i32(stride), _f32(eps))
         return y, (x, arg, mean, var, gamma, beta, float(eps), bool(training), kernel, stride)
 
-    def bn_relu_maxpool_backward(self, dy, cache, dgamma, dbeta):
-        """dE/dx of maxpool(relu(batchnorm(x))) in training mode; dgamma += and dbeta += as batchnorm_backward."""
+    def bn_relu_maxpool_backward(self, dy, cache, dgamma, dbeta, inplace=False):
+        """dE/dx of maxpool(relu(batchnorm(x))) in training mode; dgamma += and dbeta += as batchnorm_backward.
+        inplace: dx is written over x (the fast step's plan, where nothing reads x after this)."""
         x, arg, mean, var, gamma, beta, eps, training, kernel, stride = cache
         if not training:
             raise NotImplementedError("bn_relu_maxpool_backward: eval-mode backward is not fused")
@@ -465,7 +504,7 @@ class CudaBackend:
         dims = (_i32(n), _i32(c), _i32(h), _i32(w), _i32(p), _i32(q), _i32(kernel), _i32(stride), _f32(eps))
         get_kernel(self.device_id, "norm", "bn_relu_maxpool_bwd_reduce")(self._bn_grid(n, c, h * w), (256,), (
             dy, arg, x, mean, var, gamma, beta, red, dgamma, dbeta, acc, cnt, *dims))
-        dx = self.xp.empty_like(x)
+        dx = x if inplace else self.xp.empty_like(x)
         self.launch("norm", "bn_relu_maxpool_bwd_dx", x.size, dy, arg, x, mean, var, gamma, beta, red, dx, *dims)
         return dx
 

@@ -22,6 +22,11 @@ DATA_CFGS = {"64x64": (64, 64), "128x32": (128, 32), "128x16": (128, 16), "64x32
 FILTER_CFGS = {"16x64": (16, 64), "32x64": (32, 64), "64x64": (64, 64), "16x32": (16, 32), "32x32": (32, 32)}
 BK = 16
 TUNE_RUNS = 4      # back-to-back runs per timed sample when measuring the algorithms
+# im2col's column buffer is a workspace on top of the step's live tensors. Like cuDNN's workspace limit, it is a
+# candidate only while the buffer is at most the op's own tensors (x and y, or x and dy) or this many bytes
+# (whichever is larger): a 151 MiB buffer for thesis-m1's second convolution at batch 1024 would otherwise set
+# the first step's peak memory, for an algorithm that loses there anyway.
+IM2COL_MIN_WORKSPACE = 16 << 20
 _i32 = np.int32
 
 
@@ -57,7 +62,8 @@ def _tables(be, g: Geometry):
         dat[:, 0] = (k * g.p * g.q).ravel()
         dat[:, 1] = ((r2 << 16) | s2).ravel()
         dat[:, 2] = (k * g.c * g.r * g.s + r2 * g.s + s2).ravel()
-        t = be._cache[key] = (be.xp.asarray(fwd), be.xp.asarray(dat))
+        with be.persistent():
+            t = be._cache[key] = (be.xp.asarray(fwd), be.xp.asarray(dat))
     return t
 
 
@@ -173,15 +179,29 @@ def _forced() -> str | None:
     return v if v in ("implicit", "im2col") else None
 
 
-def _choose(be, op: str, g: Geometry, candidates: dict, run_scratch):
+def _im2col_workspace(g: Geometry) -> int:
+    """Bytes of im2col's column buffer for this shape (0 for a dense layer: a plain GEMM)."""
+    if g.h == g.w == g.r == g.s == 1 and g.pad == 0:
+        return 0
+    return 4 * g.crs * g.npq
+
+
+def _choose(be, op: str, g: Geometry, candidates: dict, run_scratch, tensor_bytes: int):
     """The fastest candidate for (op, shape), measured once with CUDA events (median of 3 after a warm-up) and
-    cached. `run_scratch(fn)` runs a candidate on scratch outputs. Never measures during a graph capture."""
+    cached. `run_scratch(fn)` runs a candidate on scratch outputs. Never measures during a graph capture.
+    im2col is left out when its column buffer exceeds max(IM2COL_MIN_WORKSPACE, tensor_bytes) (the op's own
+    tensors), unless it is forced."""
     key = (op, g.key())
     forced = be.force_conv_algo or _forced()
     if forced:
         if be.capturing is not None and not be.graph_cublas:
             forced = "implicit"
         return next(n for n in candidates if (n == "im2col") == (forced == "im2col"))
+    skipped = {}
+    workspace, limit = _im2col_workspace(g), max(IM2COL_MIN_WORKSPACE, tensor_bytes)
+    if workspace > limit:
+        skipped["im2col"] = f"column buffer {workspace / 2**20:.1f} MiB > {limit / 2**20:.1f} MiB"
+        candidates = {n: fn for n, fn in candidates.items() if n != "im2col"}
     choice = be._tune.get(key)
     if choice is not None and (be.capturing is None or be.graph_cublas or choice != "im2col"):
         return choice
@@ -193,27 +213,36 @@ def _choose(be, op: str, g: Geometry, candidates: dict, run_scratch):
 
     spin = get_kernel(be.device_id, "elementwise", "hn_spin")
     times = {}
-    for name, fn in candidates.items():
-        try:
-            run_scratch(fn)
-            ts = []
-            for _ in range(3):
-                # GPU time only: the timed runs queue up behind a ~1 ms spin kernel while Python launches them
-                spin((1,), (1,), (np.int64(2_000_000),))
-                start, end = cupy.cuda.Event(), cupy.cuda.Event()
-                start.record()
-                for _ in range(TUNE_RUNS):
+    pool = be.tune_pool()       # the trials' temporaries (column buffers, scratch gradients), released after
+    try:
+        with cupy.cuda.using_allocator(pool.malloc):
+            for name, fn in candidates.items():
+                try:
                     run_scratch(fn)
-                end.record()
-                end.synchronize()
-                ts.append(cupy.cuda.get_elapsed_time(start, end) / TUNE_RUNS)
-            times[name] = sorted(ts)[1]
-        except cupy.cuda.memory.OutOfMemoryError:
-            continue
+                    ts = []
+                    for _ in range(3):
+                        # GPU time only: the timed runs queue up behind a ~1 ms spin kernel while Python launches
+                        spin((1,), (1,), (np.int64(2_000_000),))
+                        start, end = cupy.cuda.Event(), cupy.cuda.Event()
+                        start.record()
+                        for _ in range(TUNE_RUNS):
+                            run_scratch(fn)
+                        end.record()
+                        end.synchronize()
+                        ts.append(cupy.cuda.get_elapsed_time(start, end) / TUNE_RUNS)
+                    times[name] = sorted(ts)[1]
+                except cupy.cuda.memory.OutOfMemoryError:
+                    continue
+    finally:
+        cupy.cuda.get_current_stream().synchronize()
+        pool.free_all_blocks()
     choice = min(times, key=times.get)
     be._tune[key] = choice
     be._tune_times[key] = times
-    be.tune_log.append({"op": op, "shape": list(g.key()), "ms": times, "choice": choice})
+    entry = {"op": op, "shape": list(g.key()), "ms": times, "choice": choice}
+    if skipped:
+        entry["skipped"] = skipped
+    be.tune_log.append(entry)
     return choice
 
 
@@ -226,7 +255,7 @@ def conv_forward(be, x, w, b, stride, pad, act=0, geometry=None):
     y = be.xp.empty((n, k, g.p, g.q), dtype=be.xp.float32)
     cands = {cfg: (lambda out, cfg=cfg: _fwd_implicit(be, cfg, g, x, w, b, out, act)) for cfg in FWD_CFGS}
     cands["im2col"] = lambda out: _fwd_im2col(be, g, x, w, b, out, act)
-    choice = _choose(be, "fwd", g, cands, lambda fn: fn(y))
+    choice = _choose(be, "fwd", g, cands, lambda fn: fn(y), x.nbytes + y.nbytes)
     cands[choice](y)
     return y
 
@@ -248,13 +277,15 @@ def conv_backward(be, dy, x, w, dw, db, stride, pad, need_dx=True, relu_x=None):
             scratch.extend((xp.zeros_like(dw), xp.zeros_like(db) if db is not None else None))
         fn(*scratch)
 
-    fc[_choose(be, "filter", g, fc, scratch_filter)](dw, db)
+    choice = _choose(be, "filter", g, fc, scratch_filter, x.nbytes + dy.nbytes)
+    scratch.clear()
+    fc[choice](dw, db)
     if not need_dx:
         return None
     dx = xp.empty(x.shape, dtype=xp.float32)
     dc = {cfg: (lambda out, cfg=cfg: _data_implicit(be, cfg, g, dy, w, out, relu_x)) for cfg in DATA_CFGS}
     dc["im2col"] = lambda out: _data_im2col(be, g, dy, w, out, relu_x)
-    dc[_choose(be, "data", g, dc, lambda fn: fn(dx))](dx)
+    dc[_choose(be, "data", g, dc, lambda fn: fn(dx), x.nbytes + dy.nbytes)](dx)
     return dx
 
 

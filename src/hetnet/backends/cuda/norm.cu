@@ -197,12 +197,13 @@ extern "C" __global__ void bn_relu_maxpool_bwd_reduce(const float* __restrict__ 
     }
 }
 
-// dz = gamma*inv * (g - sum_g/m - xhat * sum_gxhat/m)
+// dz = gamma*inv * (g - sum_g/m - xhat * sum_gxhat/m). dz may be z itself (in place, after the reduction: each
+// thread reads z[e] only, then writes dz[e]), so z and dz are not __restrict__.
 extern "C" __global__ void bn_relu_maxpool_bwd_dx(const float* __restrict__ dy, const unsigned char* __restrict__ arg,
-                                                  const float* __restrict__ z, const float* __restrict__ mean,
+                                                  const float* z, const float* __restrict__ mean,
                                                   const float* __restrict__ var, const float* __restrict__ gamma,
                                                   const float* __restrict__ beta, const float* __restrict__ red,
-                                                  float* __restrict__ dz, int N, int C, int H, int W, int P, int Q,
+                                                  float* dz, int N, int C, int H, int W, int P, int Q,
                                                   int k, int st, float eps) {
     const float inv_m = 1.f / ((float)N * H * W);
     HN_GRID_STRIDE(e, (long long)N * C * H * W) {

@@ -27,9 +27,11 @@ extern "C" __global__ void maxpool_fwd(const float* __restrict__ x, float* __res
 }
 
 // dx[n,c,h,w] = sum over windows (p,q) whose first maximum is (h,w) of dy[n,c,p,q]; when relu_mask is set, x is a
-// ReLU output and dx = 0 where x <= 0 (the ReLU's backward fused here).
+// ReLU output and dx = 0 where x <= 0 (the ReLU's backward fused here). dx may be x itself (the fast step writes
+// the gradient over the pooled input, which nothing reads afterwards): each thread reads x[e] only, then writes
+// dx[e], so x and dx are not __restrict__.
 extern "C" __global__ void maxpool_bwd(const float* __restrict__ dy, const unsigned char* __restrict__ arg,
-                                       const float* __restrict__ x, float* __restrict__ dx, int NC, int H, int W,
+                                       const float* x, float* dx, int NC, int H, int W,
                                        int P, int Q, int k, int st, int relu_mask) {
     HN_GRID_STRIDE(e, (long long)NC * H * W) {
         const int w = (int)(e % W), h = (int)((e / W) % H);

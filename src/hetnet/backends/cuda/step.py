@@ -9,7 +9,11 @@
 - Loss + gradient are one kernel that also adds the loss and the correct count to device accumulators; the
   optimiser is one launch over the flat parameter buffer; gradients are zeroed with one memset.
 - The first batch of each shape runs eagerly (this also measures the convolution algorithms), then the same plan is
-  captured into a CUDA graph on a private memory pool and replayed for every later batch of that shape. The learning
+  captured into a CUDA graph and replayed for every later batch of that shape. Both run in the backend's private
+  step pool (`CudaBackend.step_pool`), which every train and eval step object of the device shares: it grows to
+  the largest working set among them, not to their sum.
+- Where nothing reads a tensor after a backward kernel, that kernel writes its gradient over it: max pooling (and
+  BatchNorm -> ReLU -> MaxPool) write dE/dx over the pooled input x, the output of the node before (`inplace`). The learning
   rate, the first-step flag, Adam's bias corrections and the dropout seeds are read by the kernels from a small
   device buffer uploaded before each replay, so the schedule and hetnet's random generator behave as in eager mode.
 
@@ -84,6 +88,8 @@ class _BNNode(_Node):
 class _BNPoolNode(_Node):
     """BatchNorm2D -> ReLU -> MaxPool2D in one forward kernel (after the statistics) and two backward kernels."""
 
+    inplace = False       # write dx over x (set by compile_plan)
+
     def __init__(self, be, bn, pool):
         self.be, self.layer, self.pool = be, bn, pool
 
@@ -95,12 +101,15 @@ class _BNPoolNode(_Node):
         return y
 
     def bwd(self, dy, need_dx, ctx):
-        dx = self.be.bn_relu_maxpool_backward(dy, self.cache, self.layer.weight.grad, self.layer.bias.grad)
+        dx = self.be.bn_relu_maxpool_backward(dy, self.cache, self.layer.weight.grad, self.layer.bias.grad,
+                                              inplace=self.inplace)
         self.cache = None
         return _mask(self.be, dx, ctx, self) if need_dx else None
 
 
 class _MaxPoolNode(_Node):
+    inplace = False       # write dx over x (set by compile_plan)
+
     def __init__(self, be, layer):
         self.be, self.layer = be, layer
 
@@ -109,7 +118,7 @@ class _MaxPoolNode(_Node):
         return y
 
     def bwd(self, dy, need_dx, ctx):
-        dx = self.be.maxpool2d_backward(dy, self.cache, relu_mask=self.mask_input)
+        dx = self.be.maxpool2d_backward(dy, self.cache, relu_mask=self.mask_input, inplace=self.inplace)
         self.cache = None
         return dx
 
@@ -218,11 +227,17 @@ def compile_plan(be, model):
             nodes.append(_LayerNode(be, lyr))
         i += 1
     pos = False
-    for node in nodes:
+    for i, node in enumerate(nodes):
         node.mask_input = pos and not isinstance(node, (_ReshapeNode, _DropoutNode, _ReluNode))
         if isinstance(node, (_ReshapeNode, _DropoutNode)):
             node.pos_out = pos
         pos = node.pos_out
+        # a pooling backward may overwrite its input when that input is a fresh output of the node before, which
+        # that node does not keep (a convolution keeps its input, a BatchNorm its input, a ReLU nothing) -- never
+        # the batch itself, a view of a tensor kept elsewhere, or a generic layer's output (its cache may hold it)
+        if isinstance(node, (_MaxPoolNode, _BNPoolNode)) and i > 0:
+            prev = nodes[i - 1]
+            node.inplace = isinstance(prev, (_BNNode, _ReluNode)) or (isinstance(prev, _ConvNode) and not prev.dense)
     return nodes, seeds, pos
 
 
@@ -256,13 +271,10 @@ class GraphTrainStep:
         self.count = 0
         self.graphs: dict = {}              # (x shape) -> (graph, static x, static y)
         self.seen: set = set()
-        # private pools: the graphs' memory is never handed out elsewhere and never released while the graphs
-        # live (their kernels keep using those addresses); the first, eager step of each batch shape runs in a
-        # pool of its own, emptied right after it (releasing it must not touch memory a graph already uses)
-        self.pool = cupy.cuda.MemoryPool()
-        self.eager_pool = cupy.cuda.MemoryPool()
-        self.graph_pool_bytes = 0           # the private pool's size after the last capture (held by the graphs)
-        self.eager_pool_bytes = 0           # the eager pool's largest size after a first step (then released)
+        # the backend's private step pool (see CudaBackend.step_pool): the first, eager step of each batch shape
+        # and the graphs run in it; it is never released while this object lives (the graphs keep using the
+        # addresses they were captured with)
+        self.pool = be.step_pool()
 
     # --- one step ----------------------------------------------------------------------------------------------
 
@@ -348,13 +360,9 @@ class GraphTrainStep:
                 if not self.use_graph:
                     self._run_plan(xb, yb)
                 elif key not in self.seen:
-                    # eager: first batch of a shape (measures conv algorithms), in its own pool, whose cached
-                    # blocks are then released so that only the graphs' working set stays
-                    with cp.cuda.using_allocator(self.eager_pool.malloc):
+                    # eager: first batch of a shape (measures conv algorithms)
+                    with cp.cuda.using_allocator(self.pool.malloc):
                         self._run_plan(xb, yb)
-                    self.stream.synchronize()
-                    self.eager_pool_bytes = max(self.eager_pool_bytes, self.eager_pool.total_bytes())
-                    self.eager_pool.free_all_blocks()
                     self.seen.add(key)
                 else:
                     g = self.graphs.get(key)
@@ -402,7 +410,6 @@ class GraphTrainStep:
                 raise error
             be.graph_cublas = False
             be.capture_error = f"{type(error).__name__}: {error}"
-        self.graph_pool_bytes = self.pool.total_bytes()
         return graph, sx, sy
 
     def collect(self) -> tuple[float, int, int]:
