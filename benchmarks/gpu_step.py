@@ -67,6 +67,7 @@ def hetnet_side(name, batch, x_np, y_np, use_graph, steps, reps, warmup):
     model = zoo.build(name).to("cuda")
     be = model.backend
     opt = SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+    be.fresh_step_pool()            # the step pool is shared per device: count this model's only
     step = be.make_train_step(model, opt, None, 0.0)
     step.use_graph = use_graph
     x, y = be.asarray(x_np), be.labels(y_np)

@@ -320,7 +320,11 @@ def bench_train_step(model_name: str, batch: int, device: str, args, tf32: bool 
 
 
 def _peak_memory(model_name, backend, x, y, tdev, gpu) -> tuple:
-    """(hetnet MiB, torch MiB): a fresh model per side, one training step and one inference pass."""
+    """(hetnet MiB, torch MiB): a fresh model per side, its first training steps and an inference pass, each side
+    on the path it is timed on (hetnet: the trainer's train and eval step objects; PyTorch: eager, inference_mode).
+    PyTorch's is the peak of memory allocated; hetnet's the peak allocated from CuPy's default pool plus the whole
+    private step pool (allocated or cached: the captured graphs hold all of it). Algorithm measurement is left out
+    on both sides (see method_text)."""
     import torch
     import torch.nn.functional as F
 
@@ -328,6 +332,7 @@ def _peak_memory(model_name, backend, x, y, tdev, gpu) -> tuple:
 
     hpeak = tpeak = None
     try:
+        step_pool = backend.fresh_step_pool() if hasattr(backend, "fresh_step_pool") else None
         with (CupyPoolPeak() if gpu else RssPeak()) as m:
             hn_seed(0)
             hm, _, _ = zoo.resolve(model_name)
@@ -338,14 +343,18 @@ def _peak_memory(model_name, backend, x, y, tdev, gpu) -> tuple:
                 st.step(hx, hy)
             st.collect()
             hm.eval()
-            hm.forward(hx)
+            factory = getattr(backend, "make_eval_step", None)
+            if factory is None:
+                hm.forward(hx)
+            else:
+                ev = factory(hm)
+                for _ in range(2 if gpu else 1):
+                    ev.step(hx, hy)
+                ev.collect()
             backend.synchronize()
         hpeak = m.mib
-        # a step object's private pool: all of it is held by the CUDA graphs (their buffers are reused on every
-        # replay), and its size before the capture is the first, eager step's working set
-        held = max(getattr(st, "graph_pool_bytes", 0), getattr(st, "eager_pool_bytes", 0))
-        if gpu and hpeak is not None:
-            hpeak = round(hpeak + held / 2**20, 1)
+        if gpu and hpeak is not None and step_pool is not None:
+            hpeak = round(hpeak + step_pool.total_bytes() / 2**20, 1)
         del hm, st, hx, hy
         with (TorchCudaPeak() if gpu else RssPeak()) as m:
             hn_seed(0)
@@ -524,13 +533,16 @@ def method_text(gpu: bool) -> str:
             "alternating. ")
     if gpu:
         text += ("GPU: CUDA events around blocks of steps; PyTorch with cudnn.benchmark on and TF32 off except in "
-                 "the row marked TF32; 'graph' = the whole PyTorch step captured as a CUDA graph. Peak memory: "
-                 "the high-water mark of live bytes in CuPy's pool plus the memory the CUDA graphs hold (hetnet) and "
-                 "torch.cuda.max_memory_allocated (PyTorch eager), over one model's first training step, second "
-                 "step and an inference pass.")
+                 "the row marked TF32; 'graph' = the whole PyTorch step captured as a CUDA graph. Peak memory, over a "
+                 "fresh model's first two training steps and two evaluation passes on the paths timed here: "
+                 "hetnet, the high-water mark of live bytes in CuPy's default pool plus the whole private step "
+                 "pool that its train and eval steps and their CUDA graphs share (cached blocks included); "
+                 "PyTorch eager, torch.cuda.max_memory_allocated. Neither counts its one-time algorithm "
+                 "measurement: PyTorch's cudnn.benchmark cache is warm from the timing, and hetnet's trial runs "
+                 "use a pool of their own, emptied after each measurement.")
     else:
         text += ("CPU: perf_counter per step; PyTorch with the same thread count. Peak memory: rise of the RSS "
-                 "high-water mark (VmHWM) over a fresh model's build, one step and one inference pass.")
+                 "high-water mark (VmHWM) over a fresh model's build, one step and one evaluation pass.")
     return text
 
 
