@@ -47,17 +47,40 @@ __device__ __forceinline__ unsigned hn_counter_hash(unsigned seed, unsigned i) {
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (long long)(n); \
          i += (long long)gridDim.x * blockDim.x)
 
+// Index types. The pooling and batch-norm kernels come twice: "<name>" with 64-bit indices and "<name>_i32" with
+// unsigned 32-bit ones, for tensors under 2^31 elements (CudaBackend.launch_ix picks). Their index arithmetic divides
+// by image sizes, and a 64-bit integer division costs several times a 32-bit one: with 64-bit indices, max-pool and
+// BN -> ReLU -> pool backward were bound by those divisions (~0.6 and ~0.14 TB/s on an H200).
+#define HN_GRID_STRIDE_T(I, i, n) \
+    for (I i = (I)blockIdx.x * blockDim.x + threadIdx.x; i < (I)(n); i += (I)gridDim.x * blockDim.x)
+
+// Both versions of a kernel whose body is the template function name##_body<I>:
+// HN_TWO_INDEX_KERNELS(name, (parameter list), (argument list))
+#define HN_TWO_INDEX_KERNELS(name, params, args) \
+    extern "C" __global__ void name params { name##_body<long long> args; } \
+    extern "C" __global__ void name##_i32 params { name##_body<unsigned> args; }
+
 // Max-pooling backward at one input element (n*C + c = nc, h, w): the sum of dy over the windows whose first
-// maximum is this element (arg holds each window's argmax position, row-major). Windows p with p*st <= h < p*st+k.
+// maximum is this element (arg holds each window's argmax position, row-major), skipping windows whose pooled
+// value y is <= 0 when y is given (the ReLU mask read from the pooled output). Windows p with p*st <= h < p*st+k;
+// exactly one (or none, past the last window) when the windows do not overlap (k == st), found without a loop.
+template <typename I>
 __device__ __forceinline__ float hn_pool_grad(const float* __restrict__ dy, const unsigned char* __restrict__ arg,
-                                              long long nc, int h, int w, int P, int Q, int k, int st) {
+                                              const float* __restrict__ y, I nc, int h, int w, int P, int Q, int k,
+                                              int st) {
+    if (k == st) {
+        const int p = h / k, q = w / k;
+        if (p >= P || q >= Q) return 0.f;
+        const I o = nc * (I)(P * Q) + (I)(p * Q + q);
+        return (arg[o] == (h - p * k) * k + (w - q * k) && !(y && y[o] <= 0.f)) ? dy[o] : 0.f;
+    }
     const int p_lo = h >= k ? (h - k) / st + 1 : 0, p_hi = min(P - 1, h / st);
     const int q_lo = w >= k ? (w - k) / st + 1 : 0, q_hi = min(Q - 1, w / st);
     float v = 0.f;
     for (int p = p_lo; p <= p_hi; ++p)
         for (int q = q_lo; q <= q_hi; ++q) {
-            const long long o = nc * P * Q + (long long)p * Q + q;
-            if (arg[o] == (h - p * st) * k + (w - q * st)) v += dy[o];
+            const I o = nc * (I)(P * Q) + (I)(p * Q + q);
+            if (arg[o] == (h - p * st) * k + (w - q * st) && !(y && y[o] <= 0.f)) v += dy[o];
         }
     return v;
 }

@@ -1,16 +1,18 @@
 // Pooling: max and average over k x k windows with stride st (no padding, floor output), and global average.
 // x[N,C,H,W] -> y[N,C,P,Q]. Backward kernels run one thread per *input* element and gather from the windows that
-// cover it (deterministic, no atomics, overlapping windows add).
+// cover it (deterministic, no atomics, overlapping windows add). Each kernel with image-size index arithmetic comes
+// in a 64-bit and a 32-bit index version (common.cuh, HN_TWO_INDEX_KERNELS).
 #include "common.cuh"
 
 // Max pooling keeps, per output, the position of the first maximum of its window (row-major) as one byte.
-extern "C" __global__ void maxpool_fwd(const float* __restrict__ x, float* __restrict__ y,
-                                       unsigned char* __restrict__ arg, int NC, int H, int W, int P, int Q, int k,
-                                       int st) {
-    HN_GRID_STRIDE(e, (long long)NC * P * Q) {
-        const int q = (int)(e % Q), p = (int)((e / Q) % P);
-        const long long nc = e / ((long long)P * Q);
-        const float* xp = x + nc * H * W + (long long)(p * st) * W + q * st;
+template <typename I>
+__device__ __forceinline__ void maxpool_fwd_body(const float* __restrict__ x, float* __restrict__ y,
+                                                 unsigned char* __restrict__ arg, int NC, int H, int W, int P, int Q,
+                                                 int k, int st) {
+    HN_GRID_STRIDE_T(I, e, (I)NC * P * Q) {
+        const I pq = e % (I)(P * Q), nc = e / (I)(P * Q);
+        const int p = (int)pq / Q, q = (int)pq - p * Q;
+        const float* xp = x + nc * (I)(H * W) + (I)((p * st) * W + q * st);
         float best = xp[0];
         int bi = 0;
         for (int i = 0; i < k; ++i)
@@ -25,49 +27,83 @@ extern "C" __global__ void maxpool_fwd(const float* __restrict__ x, float* __res
         arg[e] = (unsigned char)bi;
     }
 }
+HN_TWO_INDEX_KERNELS(maxpool_fwd,
+    (const float* __restrict__ x, float* __restrict__ y, unsigned char* __restrict__ arg, int NC, int H, int W, int P,
+     int Q, int k, int st),
+    (x, y, arg, NC, H, W, P, Q, k, st))
 
 // dx[n,c,h,w] = sum over windows (p,q) whose first maximum is (h,w) of dy[n,c,p,q]; when relu_mask is set, x is a
-// ReLU output and dx = 0 where x <= 0 (the ReLU's backward fused here). dx may be x itself (the fast step writes
-// the gradient over the pooled input, which nothing reads afterwards): each thread reads x[e] only, then writes
-// dx[e], so x and dx are not __restrict__.
-extern "C" __global__ void maxpool_bwd(const float* __restrict__ dy, const unsigned char* __restrict__ arg,
-                                       const float* x, float* dx, int NC, int H, int W,
-                                       int P, int Q, int k, int st, int relu_mask) {
-    HN_GRID_STRIDE(e, (long long)NC * H * W) {
-        const int w = (int)(e % W), h = (int)((e / W) % H);
-        const long long nc = e / ((long long)H * W);
-        dx[e] = (relu_mask && x[e] <= 0.f) ? 0.f : hn_pool_grad(dy, arg, nc, h, w, P, Q, k, st);
+// ReLU output and dx = 0 where x <= 0 (the ReLU's backward fused here).
+template <typename I>
+__device__ __forceinline__ void maxpool_bwd_body(const float* __restrict__ dy, const unsigned char* __restrict__ arg,
+                                                 const float* __restrict__ x, float* __restrict__ dx, int NC, int H,
+                                                 int W, int P, int Q, int k, int st, int relu_mask) {
+    HN_GRID_STRIDE_T(I, e, (I)NC * H * W) {
+        const I hw = e % (I)(H * W), nc = e / (I)(H * W);
+        const int h = (int)hw / W, w = (int)hw - h * W;
+        dx[e] = (relu_mask && x[e] <= 0.f) ? 0.f : hn_pool_grad<I>(dy, arg, nullptr, nc, h, w, P, Q, k, st);
     }
 }
+HN_TWO_INDEX_KERNELS(maxpool_bwd,
+    (const float* __restrict__ dy, const unsigned char* __restrict__ arg, const float* __restrict__ x,
+     float* __restrict__ dx, int NC, int H, int W, int P, int Q, int k, int st, int relu_mask),
+    (dy, arg, x, dx, NC, H, W, P, Q, k, st, relu_mask))
 
-extern "C" __global__ void avgpool_fwd(const float* __restrict__ x, float* __restrict__ y, int NC, int H, int W,
-                                       int P, int Q, int k, int st) {
+// The same dx from the pooled output y instead of x, so that x need not be kept (the fast step's plan): dx is zero
+// except at a window's first maximum, where x == y[p,q] (NaN included), so the ReLU mask x <= 0 reads y[p,q] <= 0
+// window by window. Bit for bit the result of maxpool_bwd.
+template <typename I>
+__device__ __forceinline__ void maxpool_bwd_pooled_body(const float* __restrict__ dy,
+                                                        const unsigned char* __restrict__ arg,
+                                                        const float* __restrict__ y, float* __restrict__ dx, int NC,
+                                                        int H, int W, int P, int Q, int k, int st, int relu_mask) {
+    HN_GRID_STRIDE_T(I, e, (I)NC * H * W) {
+        const I hw = e % (I)(H * W), nc = e / (I)(H * W);
+        const int h = (int)hw / W, w = (int)hw - h * W;
+        dx[e] = hn_pool_grad<I>(dy, arg, relu_mask ? y : nullptr, nc, h, w, P, Q, k, st);
+    }
+}
+HN_TWO_INDEX_KERNELS(maxpool_bwd_pooled,
+    (const float* __restrict__ dy, const unsigned char* __restrict__ arg, const float* __restrict__ y,
+     float* __restrict__ dx, int NC, int H, int W, int P, int Q, int k, int st, int relu_mask),
+    (dy, arg, y, dx, NC, H, W, P, Q, k, st, relu_mask))
+
+template <typename I>
+__device__ __forceinline__ void avgpool_fwd_body(const float* __restrict__ x, float* __restrict__ y, int NC, int H,
+                                                 int W, int P, int Q, int k, int st) {
     const float inv = 1.f / (k * k);
-    HN_GRID_STRIDE(e, (long long)NC * P * Q) {
-        const int q = (int)(e % Q), p = (int)((e / Q) % P);
-        const long long nc = e / ((long long)P * Q);
-        const float* xp = x + nc * H * W + (long long)(p * st) * W + q * st;
+    HN_GRID_STRIDE_T(I, e, (I)NC * P * Q) {
+        const I pq = e % (I)(P * Q), nc = e / (I)(P * Q);
+        const int p = (int)pq / Q, q = (int)pq - p * Q;
+        const float* xp = x + nc * (I)(H * W) + (I)((p * st) * W + q * st);
         float s = 0.f;
         for (int i = 0; i < k; ++i)
             for (int j = 0; j < k; ++j) s += xp[i * W + j];
         y[e] = s * inv;
     }
 }
+HN_TWO_INDEX_KERNELS(avgpool_fwd,
+    (const float* __restrict__ x, float* __restrict__ y, int NC, int H, int W, int P, int Q, int k, int st),
+    (x, y, NC, H, W, P, Q, k, st))
 
-extern "C" __global__ void avgpool_bwd(const float* __restrict__ dy, float* __restrict__ dx, int NC, int H, int W,
-                                       int P, int Q, int k, int st) {
+template <typename I>
+__device__ __forceinline__ void avgpool_bwd_body(const float* __restrict__ dy, float* __restrict__ dx, int NC, int H,
+                                                 int W, int P, int Q, int k, int st) {
     const float inv = 1.f / (k * k);
-    HN_GRID_STRIDE(e, (long long)NC * H * W) {
-        const int w = (int)(e % W), h = (int)((e / W) % H);
-        const long long nc = e / ((long long)H * W);
+    HN_GRID_STRIDE_T(I, e, (I)NC * H * W) {
+        const I hw = e % (I)(H * W), nc = e / (I)(H * W);
+        const int h = (int)hw / W, w = (int)hw - h * W;
         const int p_lo = h >= k ? (h - k) / st + 1 : 0, p_hi = min(P - 1, h / st);
         const int q_lo = w >= k ? (w - k) / st + 1 : 0, q_hi = min(Q - 1, w / st);
         float v = 0.f;
         for (int p = p_lo; p <= p_hi; ++p)
-            for (int q = q_lo; q <= q_hi; ++q) v += dy[nc * P * Q + (long long)p * Q + q];
+            for (int q = q_lo; q <= q_hi; ++q) v += dy[nc * (I)(P * Q) + (I)(p * Q + q)];
         dx[e] = v * inv;
     }
 }
+HN_TWO_INDEX_KERNELS(avgpool_bwd,
+    (const float* __restrict__ dy, float* __restrict__ dx, int NC, int H, int W, int P, int Q, int k, int st),
+    (dy, dx, NC, H, W, P, Q, k, st))
 
 // y[nc] = mean over HW of x[nc, :]: one warp per (n, c) row.
 extern "C" __global__ void global_avgpool_fwd(const float* __restrict__ x, float* __restrict__ y, int NC, int HW) {
