@@ -133,16 +133,51 @@ def test_maxpool_relu_mask(be, rng, shape, k, s):
 
 @pytest.mark.parametrize("shape,k,s", [((2, 3, 8, 8), 2, 2), ((1, 2, 9, 7), 3, 2), ((2, 1, 6, 6), 3, 1)])
 @pytest.mark.parametrize("relu_mask", [False, True])
-def test_maxpool_backward_in_place(be, rng, shape, k, s, relu_mask):
-    """Written over x (the fast step's plan), dx equals the out-of-place result, overlapping windows included."""
+def test_maxpool_backward_from_pooled_output(be, rng, shape, k, s, relu_mask):
+    """From y and the argmax bytes alone (the fast step's plan), dx is bit for bit the one computed from x,
+    overlapping windows and exact zeros (ReLU outputs, masked or not) included."""
     x = np.maximum(f32(rng, *shape), 0)
+    x[0, 0, :3, :3] = 0.0                       # a window that is all zeros: its maximum is 0
     xd = be.asarray(x)
     y, cache = be.maxpool2d_forward(xd, k, s)
     dy = be.asarray(f32(rng, *y.shape))
     expect = be.to_numpy(be.maxpool2d_backward(dy, cache, relu_mask=relu_mask))
-    dx = be.maxpool2d_backward(dy, cache, relu_mask=relu_mask, inplace=True)
-    assert dx.data.ptr == xd.data.ptr, "not in place"
+    dx = be.maxpool2d_backward_pooled(dy, y, cache[1], x.shape, k, s, relu_mask=relu_mask)
     np.testing.assert_array_equal(be.to_numpy(dx), expect)
+    if relu_mask:
+        assert not np.array_equal(expect, be.to_numpy(be.maxpool2d_backward(dy, cache))), "the mask did nothing"
+
+
+def test_64_bit_index_kernels_match_the_32_bit_ones(be, rng, monkeypatch):
+    """Pooling and batch norm use 32-bit index kernels below 2^31 elements; the 64-bit versions (larger tensors)
+    give the same results (bit for bit where no atomics are involved)."""
+    assert be.ix("maxpool_fwd", 10) == "maxpool_fwd_i32" and be.ix("maxpool_fwd", 2**31) == "maxpool_fwd"
+    x = be.asarray(np.maximum(f32(rng, 2, 3, 9, 7), 0))
+    dy_pool, dy_avg, dy_bn = f32(rng, 2, 3, 4, 3), f32(rng, 2, 3, 4, 3), f32(rng, 2, 3, 9, 7)
+    g, b = be.asarray(f32(rng, 3)), be.asarray(f32(rng, 3))
+    runs = {}
+    for wide in (False, True):
+        monkeypatch.setattr(be, "index64", wide)
+        assert be.ix("bn_stats", 10) == ("bn_stats" if wide else "bn_stats_i32")
+        y, cache = be.maxpool2d_forward(x, 3, 2)
+        exact = [y, be.maxpool2d_backward(be.asarray(dy_pool), cache, relu_mask=True),
+                 be.maxpool2d_backward_pooled(be.asarray(dy_pool), y, cache[1], x.shape, 3, 2, relu_mask=True)]
+        ya, ca = be.avgpool2d_forward(x, 3, 2)
+        exact += [ya, be.avgpool2d_backward(be.asarray(dy_avg), ca)]
+        close = []
+        for k, s in ((2, 2), (3, 2)):
+            rm, rv = be.zeros((3,)), be.asarray(np.ones(3))
+            yb, cb = be.bn_relu_maxpool_forward(x, g, b, rm, rv, 0.1, 1e-5, True, k, s)
+            dg, db = be.zeros((3,)), be.zeros((3,))
+            dyb = be.asarray(f32(np.random.default_rng(k), *yb.shape))
+            close += [yb, be.bn_relu_maxpool_backward(dyb, cb, dg, db), dg, db, rm, rv]
+        yn, cn = be.batchnorm_forward(x, g, b, be.zeros((3,)), be.asarray(np.ones(3)), 0.1, 1e-5, True)
+        close += [yn, be.batchnorm_backward(be.asarray(dy_bn), cn, be.zeros((3,)), be.zeros((3,)))]
+        runs[wide] = ([be.to_numpy(a) for a in exact], [be.to_numpy(a) for a in close])
+    for a, b_ in zip(runs[False][0], runs[True][0]):
+        np.testing.assert_array_equal(a, b_)
+    for i, (a, b_) in enumerate(zip(runs[False][1], runs[True][1])):
+        assert_close(b_.astype(np.float64), a.astype(np.float64), F32, f"batch-norm output {i}")
 
 
 def test_batchnorm_relu_epilogue(be, rng):
@@ -198,15 +233,17 @@ def test_plan_fuses_relus(be):
     assert [type(n).__name__ for n in nodes] == ["_BNNode", "_ConvNode"] and nodes[1].mask_input
 
 
-def test_plan_pools_backward_in_place_only_over_fresh_outputs(be):
+def test_plan_bn_pool_backward_in_place_only_over_fresh_outputs(be):
     nodes, _, _ = compile_plan(be, small_cnn())
-    assert [getattr(n, "inplace", None) for n in nodes] == [None, True, None, True, None, None, None, None]
+    assert [getattr(n, "inplace", None) for n in nodes] == [None, True, None, None, None, None, None, None]
     # never over the batch itself, nor over a generic layer's output (the layer's cache may hold it)
-    nodes, _, _ = compile_plan(be, hn.Sequential([hn.MaxPool2D(2), hn.Tanh(), hn.MaxPool2D(2), hn.ReLU(),
-                                                   hn.MaxPool2D(2, 1)]))
-    assert [type(n).__name__ for n in nodes] == ["_MaxPoolNode", "_LayerNode", "_MaxPoolNode", "_ReluNode",
-                                                 "_MaxPoolNode"]
-    assert [n.inplace for n in nodes if type(n).__name__ == "_MaxPoolNode"] == [False, False, True]
+    def bn_pool():
+        return [hn.BatchNorm2D(2), hn.ReLU(), hn.MaxPool2D(2)]
+
+    nodes, _, _ = compile_plan(be, hn.Sequential(bn_pool() + [hn.Tanh()] + bn_pool() + [hn.ReLU()] + bn_pool()))
+    assert [type(n).__name__ for n in nodes] == ["_BNPoolNode", "_LayerNode", "_BNPoolNode", "_ReluNode",
+                                                 "_BNPoolNode"]
+    assert [n.inplace for n in nodes if type(n).__name__ == "_BNPoolNode"] == [False, False, True]
 
 
 def test_trial_runs_use_their_own_pool_emptied_after(be, rng, monkeypatch):
@@ -229,21 +266,45 @@ def test_trial_runs_use_their_own_pool_emptied_after(be, rng, monkeypatch):
     assert pool.total_bytes() == 0, "the trial pool was not emptied"
 
 
-def test_im2col_left_out_when_its_column_buffer_is_too_large(be, rng, monkeypatch):
-    be.force_conv_algo = None
-    x, w = be.asarray(f32(rng, 3, 2, 9, 8)), be.asarray(f32(rng, 3, 2, 3, 3))    # col = 18 x 216 floats > x + y
-    monkeypatch.setattr(C, "IM2COL_MIN_WORKSPACE", 0)
-    n_log = len(be.tune_log)
-    y, _ = be.conv2d_forward(x, w, None, 1, 1)
-    entry = be.tune_log[n_log]
-    assert "im2col" not in entry["ms"] and "im2col" in entry["skipped"] and entry["choice"] in C.FWD_CFGS
-    y_ref = ref.conv2d_forward(be.to_numpy(x).astype(np.float64), be.to_numpy(w).astype(np.float64), None, 1, 1)[0]
-    assert_close(be.to_numpy(y), y_ref, F32, "conv y")
-    # a dense layer's im2col is a plain GEMM, no column buffer: always measured
-    xd, wd = be.asarray(f32(rng, 5, 11)), be.asarray(f32(rng, 7, 11))
-    n_log = len(be.tune_log)
-    be.dense_forward(xd, wd, None)
-    assert "im2col" in be.tune_log[n_log]["ms"]
+@pytest.mark.parametrize("op", ["fwd", "data", "filter"])
+def test_im2col_in_chunks_of_images(be, rng, monkeypatch, op):
+    """With a small workspace budget, im2col builds its column buffer a few images at a time: no buffer as large
+    as the whole batch's, and the same results as the float64 reference (with the fused ReLU mask for data)."""
+    n, c, h, w_, k = 5, 4, 7, 6, 8
+    x = np.maximum(f32(rng, n, c, h, w_), 0)
+    wt, b = f32(rng, k, c, 3, 3), f32(rng, k)
+    y_ref, cache = ref.conv2d_forward(x, wt, b, 1, 1)
+    dy = f32(rng, *y_ref.shape)
+    dw_ref, db_ref = np.zeros_like(wt), np.zeros_like(b)
+    dx_ref = ref.conv2d_backward(dy, cache, dw_ref, db_ref) * (x > 0)
+    full_col = 4 * c * 9 * n * h * w_
+    monkeypatch.setattr(C, "IM2COL_MIN_CHUNK", 0)    # budget = the op's tensors: 2 images per chunk here
+    geom, tensors = C.Geometry(n, c, h, w_, k, 3, 3, 1, 1), 4 * (n * c + n * k) * h * w_
+    assert C._chunks(be, geom, tensors) == [(0, 2), (2, 4), (4, 5)]
+    with monkeypatch.context() as m:            # room under the step's peak (a capture): all images at once
+        m.setattr(be, "workspace_headroom", lambda: full_col)
+        assert C._chunks(be, geom, tensors) == [(0, n)]
+    _force(monkeypatch, "im2col", "im2col", "im2col")
+    xd, wd, bd, dyd = be.asarray(x), be.asarray(wt), be.asarray(b), be.asarray(dy)
+    sizes = []
+
+    def counting(size):
+        sizes.append(size)
+        return cupy.get_default_memory_pool().malloc(size)
+
+    dw, db = be.zeros(wt.shape), be.zeros(b.shape)
+    with cupy.cuda.using_allocator(counting):
+        if op == "fwd":
+            out, expect = C.conv_forward(be, xd, wd, bd, 1, 1), y_ref
+        elif op == "data":
+            out, expect = C.conv_backward(be, dyd, xd, wd, dw, db, 1, 1, True, relu_x=xd), dx_ref
+        else:
+            C.conv_backward(be, dyd, xd, wd, dw, db, 1, 1, False)
+            out, expect = dw, dw_ref
+    assert sizes and max(sizes) < full_col, f"a column buffer of the whole batch was allocated: {sizes}"
+    assert_close(be.to_numpy(out), expect, F32, f"{op} in chunks")
+    if op == "filter":
+        assert_close(be.to_numpy(db), db_ref, F32, "db")
 
 
 @pytest.mark.parametrize("shape,k,s", [((3, 4, 8, 8), 2, 2), ((2, 3, 9, 7), 3, 2), ((2, 2, 6, 5), 2, 1)])

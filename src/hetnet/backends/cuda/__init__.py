@@ -95,8 +95,42 @@ def _env_flag(name: str, default: bool) -> bool:
     return v.strip().lower() not in ("0", "false", "no", "off")
 
 
+def _rows_contiguous(m) -> bool:
+    """A 2-D view whose rows are contiguous (any row stride at least the row length)."""
+    return m.ndim == 2 and (m.flags.c_contiguous or (m.strides[1] == m.itemsize and m.strides[0] >= m.shape[1]
+                                                     * m.itemsize and m.strides[0] % m.itemsize == 0))
+
+
+def _ld(m) -> int:
+    """Leading dimension (elements between rows) of a row-major view with contiguous rows."""
+    return max(1, m.shape[1], m.strides[0] // m.itemsize if m.shape[0] > 1 else 0)
+
+
+def _no_headroom() -> int:
+    return 0
+
+
+class _WatchedPool:
+    """A CuPy memory pool that calls on_malloc() after each allocation (see CudaBackend.fresh_step_pool)."""
+
+    def __init__(self, pool, on_malloc):
+        self.pool, self.on_malloc = pool, on_malloc
+
+    def malloc(self, size):
+        mem = self.pool.malloc(size)
+        self.on_malloc()
+        return mem
+
+    def __getattr__(self, name):
+        return getattr(self.pool, name)
+
+
 class CudaBackend:
     """The backend object for one GPU. Attributes and ops as documented in `hetnet.backends`."""
+
+    # bytes a workspace may take right now without raising the step's peak (conv._chunks); a step object sets it
+    # on the instance while it captures a graph
+    workspace_headroom = staticmethod(_no_headroom)
 
     def __init__(self, device_id: int = 0):
         try:
@@ -131,6 +165,8 @@ class CudaBackend:
         self.tune_log: list = []                   # the measurements behind each choice
         self._alpha_beta = {}
         self.capturing = None                      # the stream a graph capture runs on, while it does
+        self._trial = False                        # True while conv._choose runs the algorithm trials
+        self.index64 = False                       # True: always the 64-bit index kernels (see ix())
         self.graph_cublas = True                   # False after cuBLAS failed inside a capture: own kernels only
         self._stream = None                        # see compute_stream()
         self._step_pool = None                     # see step_pool()
@@ -147,16 +183,25 @@ class CudaBackend:
             return
         get_kernel(self.device_id, module, kernel)((grid_for(int(n), self.sms),), (256,), args)
 
+    def ix(self, kernel: str, size: int) -> str:
+        """The version of a pooling / batch-norm kernel for tensors of `size` elements: 32-bit indices below 2^31
+        (common.cuh, HN_TWO_INDEX_KERNELS), unless index64 is set (tests of the 64-bit versions)."""
+        return kernel if self.index64 or size >= 2**31 else kernel + "_i32"
+
     def gemm(self, c, a, trans_a: bool, b, trans_b: bool, alpha: float = 1.0, beta: float = 0.0) -> None:
         """Row-major c[M,N] = alpha * op(a) @ op(b) + beta * c through cuBLAS (on the current stream).
-        a and b may be C-contiguous or transposed views of C-contiguous arrays."""
+        Each matrix is row-major with contiguous rows and any row stride (a column slice such as yk[:, i:j]), or
+        the transpose of such a view (a and b only)."""
         from cupy_backends.cuda.libs import cublas
 
-        if not a.flags.c_contiguous:
+        if not _rows_contiguous(a):
             a, trans_a = a.T, not trans_a
-        if not b.flags.c_contiguous:
+        if not _rows_contiguous(b):
             b, trans_b = b.T, not trans_b
-        check(a, b, c)
+        for name, mat in (("a", a), ("b", b), ("c", c)):
+            if mat.dtype != np.float32 or not _rows_contiguous(mat):
+                raise ValueError(f"gemm: {name} of shape {mat.shape}, strides {mat.strides} is not a float32 "
+                                 "matrix with contiguous rows")
         m, n = c.shape
         k = a.shape[0] if trans_a else a.shape[1]
         handle = self.cupy.cuda.device.get_cublas_handle()
@@ -167,8 +212,8 @@ class CudaBackend:
         op_a = cublas.CUBLAS_OP_T if trans_a else cublas.CUBLAS_OP_N
         op_b = cublas.CUBLAS_OP_T if trans_b else cublas.CUBLAS_OP_N
         # column-major view: c^T[N,M] = op(b)^T op(a)^T
-        args = (handle, op_b, op_a, n, m, k, ab.ctypes.data, b.data.ptr, k if trans_b else n, a.data.ptr,
-                m if trans_a else k, ab.ctypes.data + 4, c.data.ptr, n)
+        args = (handle, op_b, op_a, n, m, k, ab.ctypes.data, b.data.ptr, _ld(b), a.data.ptr, _ld(a),
+                ab.ctypes.data + 4, c.data.ptr, _ld(c))
         if self.capturing is not None:
             # CuPy's cuBLAS wrappers refuse to run inside a stream capture (they re-bind the stream first), so
             # the captured call goes to libcublas directly; the handle was bound to the capture stream before.
@@ -223,11 +268,15 @@ class CudaBackend:
                 self._tune_pool = self.cupy.cuda.MemoryPool()
         return self._tune_pool
 
-    def fresh_step_pool(self):
+    def fresh_step_pool(self, on_malloc=None):
         """Start a new step pool for the step objects made from now on (benchmarks that measure one model's
-        memory); the old one is released when the last step object that uses it is gone."""
+        memory); the old one is released when the last step object that uses it is gone. on_malloc: called
+        after each allocation from the new pool (a memory probe)."""
         self._step_pool = None
-        return self.step_pool()
+        pool = self.step_pool()
+        if on_malloc is not None:
+            self._step_pool = pool = _WatchedPool(pool, on_malloc)
+        return pool
 
     def persistent(self):
         """Context for allocations that outlive a step (cached tables and scratch buffers): they come from CuPy's
@@ -328,20 +377,30 @@ class CudaBackend:
             raise ValueError(f"maxpool2d: kernel {kernel} too large for the cuda backend (at most 16)")
         y = self.xp.empty((n, c, p, q), dtype=self.xp.float32)
         arg = self.xp.empty((n, c, p, q), dtype=self.xp.uint8)
-        self.launch("pool", "maxpool_fwd", y.size, x, y, arg, _i32(n * c), _i32(h), _i32(w), _i32(p), _i32(q),
-                    _i32(kernel), _i32(stride))
+        self.launch("pool", self.ix("maxpool_fwd", x.size), y.size, x, y, arg, _i32(n * c), _i32(h), _i32(w), _i32(p),
+                    _i32(q), _i32(kernel), _i32(stride))
         return y, (x, arg, kernel, stride)
 
-    def maxpool2d_backward(self, dy, cache, relu_mask=False, inplace=False):
-        """dE/dx; relu_mask: x is a ReLU output (dx = 0 where x <= 0); inplace: dx is written over x (the fast
-        step's plan, where nothing reads the pooled input after this)."""
+    def maxpool2d_backward(self, dy, cache, relu_mask=False):
+        """dE/dx; relu_mask: x is a ReLU output (dx = 0 where x <= 0)."""
         x, arg, kernel, stride = cache
         dy = self._c(dy)
         n, c, h, w = x.shape
         p, q = dy.shape[2], dy.shape[3]
-        dx = x if inplace else self.xp.empty(x.shape, dtype=self.xp.float32)
-        self.launch("pool", "maxpool_bwd", dx.size, dy, arg, x, dx, _i32(n * c), _i32(h), _i32(w), _i32(p),
-                    _i32(q), _i32(kernel), _i32(stride), _i32(1 if relu_mask else 0))
+        dx = self.xp.empty(x.shape, dtype=self.xp.float32)
+        self.launch("pool", self.ix("maxpool_bwd", dx.size), dx.size, dy, arg, x, dx, _i32(n * c), _i32(h), _i32(w),
+                    _i32(p), _i32(q), _i32(kernel), _i32(stride), _i32(1 if relu_mask else 0))
+        return dx
+
+    def maxpool2d_backward_pooled(self, dy, y, arg, x_shape, kernel, stride, relu_mask=False):
+        """maxpool2d_backward from the pooled output y and the argmax bytes, without x (the fast step keeps y,
+        which the next layer needs anyway, and frees x after the forward); the same bits."""
+        dy = self._c(dy)
+        n, c, h, w = x_shape
+        dx = self.xp.empty(x_shape, dtype=self.xp.float32)
+        self.launch("pool", self.ix("maxpool_bwd_pooled", dx.size), dx.size, dy, arg, y, dx, _i32(n * c), _i32(h),
+                    _i32(w), _i32(y.shape[2]), _i32(y.shape[3]), _i32(kernel), _i32(stride),
+                    _i32(1 if relu_mask else 0))
         return dx
 
     def avgpool2d_forward(self, x, kernel, stride):
@@ -349,16 +408,16 @@ class CudaBackend:
         n, c, h, w = x.shape
         p, q = (h - kernel) // stride + 1, (w - kernel) // stride + 1
         y = self.xp.empty((n, c, p, q), dtype=self.xp.float32)
-        self.launch("pool", "avgpool_fwd", y.size, x, y, _i32(n * c), _i32(h), _i32(w), _i32(p), _i32(q),
-                    _i32(kernel), _i32(stride))
+        self.launch("pool", self.ix("avgpool_fwd", x.size), y.size, x, y, _i32(n * c), _i32(h), _i32(w), _i32(p),
+                    _i32(q), _i32(kernel), _i32(stride))
         return y, (x.shape, kernel, stride)
 
     def avgpool2d_backward(self, dy, cache):
         (n, c, h, w), kernel, stride = cache
         dy = self._c(dy)
         dx = self.xp.empty((n, c, h, w), dtype=self.xp.float32)
-        self.launch("pool", "avgpool_bwd", dx.size, dy, dx, _i32(n * c), _i32(h), _i32(w), _i32(dy.shape[2]),
-                    _i32(dy.shape[3]), _i32(kernel), _i32(stride))
+        self.launch("pool", self.ix("avgpool_bwd", dx.size), dx.size, dy, dx, _i32(n * c), _i32(h), _i32(w),
+                    _i32(dy.shape[2]), _i32(dy.shape[3]), _i32(kernel), _i32(stride))
         return dx
 
     def global_avgpool2d_forward(self, x):
@@ -443,13 +502,13 @@ class CudaBackend:
             stats = self.xp.empty((2 * c,), dtype=self.xp.float32)
             acc = self.scratch("bn_acc", (2 * c,), np.float64)
             cnt = self.scratch("bn_cnt", (c,), np.uint32)
-            get_kernel(self.device_id, "norm", "bn_stats")(self._bn_grid(n, c, hw), (256,), (
+            get_kernel(self.device_id, "norm", self.ix("bn_stats", x.size))(self._bn_grid(n, c, hw), (256,), (
                 x, stats, running_mean, running_var, acc, cnt, _i32(n), _i32(c), _i32(hw), _f32(momentum)))
             mean, var = stats[:c], stats[c:]
         else:
             mean, var = running_mean.copy(), running_var.copy()
-        self.launch("norm", "bn_apply", x.size, x, y, mean, var, gamma, beta, _i32(n), _i32(c), _i32(hw),
-                    _f32(eps), _i32(act))
+        self.launch("norm", self.ix("bn_apply", x.size), x.size, x, y, mean, var, gamma, beta, _i32(n), _i32(c),
+                    _i32(hw), _f32(eps), _i32(act))
         return y, (x, mean, var, gamma, float(eps), bool(training))
 
     def batchnorm_backward(self, dy, cache, dgamma, dbeta, relu_y=None):
@@ -460,11 +519,11 @@ class CudaBackend:
         red = self.xp.empty((2 * c,), dtype=self.xp.float32)
         acc = self.scratch("bn_acc", (2 * c,), np.float64)
         cnt = self.scratch("bn_cnt", (c,), np.uint32)
-        get_kernel(self.device_id, "norm", "bn_bwd_reduce")(self._bn_grid(n, c, hw), (256,), (
+        get_kernel(self.device_id, "norm", self.ix("bn_bwd_reduce", x.size))(self._bn_grid(n, c, hw), (256,), (
             dy, x, mean, var, red, dgamma, dbeta, acc, cnt, _i32(n), _i32(c), _i32(hw), _f32(eps)))
         dx = self.xp.empty_like(x)
-        self.launch("norm", "bn_bwd_dx", x.size, dy, x, mean, var, gamma, red if training else NULL, dx, _i32(n),
-                    _i32(c), _i32(hw), _f32(eps))
+        self.launch("norm", self.ix("bn_bwd_dx", x.size), x.size, dy, x, mean, var, gamma, red if training else NULL,
+                    dx, _i32(n), _i32(c), _i32(hw), _f32(eps))
         return dx
 
     def bn_relu_maxpool_forward(self, x, gamma, beta, running_mean, running_var, momentum, eps, training, kernel,
@@ -478,15 +537,15 @@ class CudaBackend:
             stats = self.xp.empty((2 * c,), dtype=self.xp.float32)
             acc = self.scratch("bn_acc", (2 * c,), np.float64)
             cnt = self.scratch("bn_cnt", (c,), np.uint32)
-            get_kernel(self.device_id, "norm", "bn_stats")(self._bn_grid(n, c, h * w), (256,), (
+            get_kernel(self.device_id, "norm", self.ix("bn_stats", x.size))(self._bn_grid(n, c, h * w), (256,), (
                 x, stats, running_mean, running_var, acc, cnt, _i32(n), _i32(c), _i32(h * w), _f32(momentum)))
             mean, var = stats[:c], stats[c:]
         else:
             mean, var = running_mean.copy(), running_var.copy()
         y = self.xp.empty((n, c, p, q), dtype=self.xp.float32)
         arg = self.xp.empty((n, c, p, q), dtype=self.xp.uint8)
-        self.launch("norm", "bn_relu_maxpool_fwd", y.size, x, y, arg, mean, var, gamma, beta, _i32(n), _i32(c),
-                    _i32(h), _i32(w), _i32(p), _i32(q), _i32(kernel), _i32(stride), _f32(eps))
+        self.launch("norm", self.ix("bn_relu_maxpool_fwd", x.size), y.size, x, y, arg, mean, var, gamma, beta, _i32(n),
+                    _i32(c), _i32(h), _i32(w), _i32(p), _i32(q), _i32(kernel), _i32(stride), _f32(eps))
         return y, (x, arg, mean, var, gamma, beta, float(eps), bool(training), kernel, stride)
 
     def bn_relu_maxpool_backward(self, dy, cache, dgamma, dbeta, inplace=False):
@@ -502,10 +561,12 @@ class CudaBackend:
         acc = self.scratch("bn_acc", (2 * c,), np.float64)
         cnt = self.scratch("bn_cnt", (c,), np.uint32)
         dims = (_i32(n), _i32(c), _i32(h), _i32(w), _i32(p), _i32(q), _i32(kernel), _i32(stride), _f32(eps))
-        get_kernel(self.device_id, "norm", "bn_relu_maxpool_bwd_reduce")(self._bn_grid(n, c, h * w), (256,), (
-            dy, arg, x, mean, var, gamma, beta, red, dgamma, dbeta, acc, cnt, *dims))
+        reduce = get_kernel(self.device_id, "norm", self.ix("bn_relu_maxpool_bwd_reduce", x.size))
+        reduce(self._bn_grid(n, c, h * w), (256,), (dy, arg, x, mean, var, gamma, beta, red, dgamma, dbeta, acc, cnt,
+                                                     *dims))
         dx = x if inplace else self.xp.empty_like(x)
-        self.launch("norm", "bn_relu_maxpool_bwd_dx", x.size, dy, arg, x, mean, var, gamma, beta, red, dx, *dims)
+        self.launch("norm", self.ix("bn_relu_maxpool_bwd_dx", x.size), x.size, dy, arg, x, mean, var, gamma, beta, red,
+                    dx, *dims)
         return dx
 
     # --- dropout ---------------------------------------------------------------------------------------------------

@@ -22,11 +22,15 @@ DATA_CFGS = {"64x64": (64, 64), "128x32": (128, 32), "128x16": (128, 16), "64x32
 FILTER_CFGS = {"16x64": (16, 64), "32x64": (32, 64), "64x64": (64, 64), "16x32": (16, 32), "32x32": (32, 32)}
 BK = 16
 TUNE_RUNS = 4      # back-to-back runs per timed sample when measuring the algorithms
-# im2col's column buffer is a workspace on top of the step's live tensors. Like cuDNN's workspace limit, it is a
-# candidate only while the buffer is at most the op's own tensors (x and y, or x and dy) or this many bytes
-# (whichever is larger): a 151 MiB buffer for thesis-m1's second convolution at batch 1024 would otherwise set
-# the first step's peak memory, for an algorithm that loses there anyway.
-IM2COL_MIN_WORKSPACE = 16 << 20
+# im2col's column buffer is a workspace on top of the step's live tensors: it is built for a few images at a time
+# (a GEMM and an im2col / col2im per chunk), each chunk's buffer at most the largest of: the op's own tensors (x and
+# y, or x and dy), IM2COL_MIN_CHUNK bytes, and the headroom under the step's peak (be.workspace_headroom(): while a
+# CUDA graph is captured, the first, eager step's high-water mark minus the bytes live now) -- never less than one
+# image's columns. Unchunked, thesis-m1's second convolution would need 151 MiB at batch 1024 and fashion-cnn's
+# 6.9 MiB at batch 32, more than the step's activations at that point. Each chunk costs two more launches, which
+# show at batch 32 (fashion-cnn's step: 0.30 ms unchunked, 0.36 ms in 1 MiB chunks on an H200), hence 4 MiB.
+# The algorithm trials run unchunked.
+IM2COL_MIN_CHUNK = 4 << 20
 _i32 = np.int32
 
 
@@ -79,7 +83,19 @@ def _fwd_implicit(be, cfg, g, x, w, b, y, act):
                         _i32(g.pad), _i32(act)))
 
 
-def _fwd_im2col(be, g, x, w, b, y, act):
+def _chunks(be, g, tensor_bytes: int):
+    """Image ranges [n0, n1) for im2col: each chunk's column buffer (CRS x n*PQ floats) within the budget above
+    (all images at once during an algorithm trial), and never less than one image; equal chunks but the last."""
+    if be._trial:
+        return [(0, g.n)]
+    per_image = 4 * g.crs * g.p * g.q
+    budget = max(tensor_bytes, IM2COL_MIN_CHUNK, be.workspace_headroom())
+    count = max(1, min(g.n, math.ceil(per_image * g.n / budget)))
+    nb = math.ceil(g.n / count)
+    return [(n0, min(g.n, n0 + nb)) for n0 in range(0, g.n, nb)]
+
+
+def _fwd_im2col(be, g, x, w, b, y, act, budget):
     xp = be.xp
     pq = g.p * g.q
     if g.h == g.w == g.r == g.s == 1 and g.pad == 0:           # dense: y = x w^T, then bias + activation
@@ -87,18 +103,21 @@ def _fwd_im2col(be, g, x, w, b, y, act):
         be.launch("conv", "bias_act_rows", g.n * g.k, y, b if b is not None else NULL, _i32(g.n), _i32(g.k),
                   _i32(act))
         return
-    col = _im2col(be, g, x)
     yk = xp.empty((g.k, g.npq), dtype=xp.float32)
-    be.gemm(yk, w.reshape(g.k, g.crs), False, col, False)           # yk[K, NPQ] = w2[K, CRS] @ col[CRS, NPQ]
-    del col
+    w2 = w.reshape(g.k, g.crs)
+    for n0, n1 in _chunks(be, g, budget):                                # yk[K, NPQ] = w2[K, CRS] @ col[CRS, NPQ]
+        col = _im2col(be, g, x[n0:n1], n1 - n0)
+        be.gemm(yk[:, n0 * pq:n1 * pq], w2, False, col, False)
+        del col
     be.launch("conv", "km_to_nchw_bias_act", g.n * g.k * pq, yk, b if b is not None else NULL, y, _i32(g.n),
               _i32(g.k), _i32(pq), _i32(act))
 
 
-def _im2col(be, g, x):
-    col = be.xp.empty((g.crs, g.npq), dtype=be.xp.float32)
+def _im2col(be, g, x, n):
+    """col[CRS, n*PQ] of the n images x[0:n]."""
+    col = be.xp.empty((g.crs, n * g.p * g.q), dtype=be.xp.float32)
     tab, _ = _tables(be, g)
-    be.launch("conv", "im2col", g.crs * g.npq, x, col, tab, _i32(g.n), _i32(g.c), _i32(g.h), _i32(g.w), _i32(g.p),
+    be.launch("conv", "im2col", col.size, x, col, tab, _i32(n), _i32(g.c), _i32(g.h), _i32(g.w), _i32(g.p),
               _i32(g.q), _i32(g.crs), _i32(g.stride), _i32(g.pad))
     return col
 
@@ -121,18 +140,21 @@ def _data_implicit(be, cfg, g, dy, w, dx, relu_x):
                         _i32(g.stride), _i32(g.pad)))
 
 
-def _data_im2col(be, g, dy, w, dx, relu_x):
+def _data_im2col(be, g, dy, w, dx, relu_x, budget):
     xp = be.xp
     if g.h == g.w == g.r == g.s == 1 and g.pad == 0:           # dense: dx = dy w
         be.gemm(dx.reshape(g.n, g.c), dy.reshape(g.n, g.k), False, w.reshape(g.k, g.c), False)
     else:
+        pq = g.p * g.q
         dyk = _dyk(be, g, dy)
-        dcol = xp.empty((g.crs, g.npq), dtype=xp.float32)
-        be.gemm(dcol, w.reshape(g.k, g.crs), True, dyk, False)  # dcol[CRS, NPQ] = w2^T @ dyk
-        del dyk
-        be.launch("conv", "col2im", dx.size, dcol, relu_x if relu_x is not None else NULL, dx, _i32(g.n),
-                  _i32(g.c), _i32(g.h), _i32(g.w), _i32(g.p), _i32(g.q), _i32(g.r), _i32(g.s), _i32(g.stride),
-                  _i32(g.pad))
+        w2 = w.reshape(g.k, g.crs)
+        for n0, n1 in _chunks(be, g, budget):                      # dcol[CRS, NPQ] = w2^T @ dyk, a chunk at a time
+            dcol = xp.empty((g.crs, (n1 - n0) * pq), dtype=xp.float32)
+            be.gemm(dcol, w2, True, dyk[:, n0 * pq:n1 * pq], False)
+            be.launch("conv", "col2im", (n1 - n0) * g.c * g.h * g.w, dcol,
+                      relu_x[n0:n1] if relu_x is not None else NULL, dx[n0:n1], _i32(n1 - n0), _i32(g.c),
+                      _i32(g.h), _i32(g.w), _i32(g.p), _i32(g.q), _i32(g.r), _i32(g.s), _i32(g.stride), _i32(g.pad))
+            del dcol
         return
     if relu_x is not None:
         be.launch("conv", "relu_mask_inplace", dx.size, dx, relu_x, np.int64(dx.size))
@@ -154,13 +176,16 @@ def _filter_implicit(be, cfg, g, dy, x, dw, db):
                         _i32(g.pad), _i32(chunk)))
 
 
-def _filter_im2col(be, g, dy, x, dw, db):
+def _filter_im2col(be, g, dy, x, dw, db, budget):
     if g.h == g.w == g.r == g.s == 1 and g.pad == 0:           # dense: dw += dy^T x
         be.gemm(dw.reshape(g.k, g.c), dy.reshape(g.n, g.k), True, x.reshape(g.n, g.c), False, beta=1.0)
     else:
-        col = _im2col(be, g, x)
+        pq = g.p * g.q
         dyk = _dyk(be, g, dy)
-        be.gemm(dw.reshape(g.k, g.crs), dyk, False, col, True, beta=1.0)   # dw += dyk @ col^T
+        for n0, n1 in _chunks(be, g, budget):                      # dw += dyk @ col^T, a chunk at a time
+            col = _im2col(be, g, x[n0:n1], n1 - n0)
+            be.gemm(dw.reshape(g.k, g.crs), dyk[:, n0 * pq:n1 * pq], False, col, True, beta=1.0)
+            del col
     if db is not None:
         channel_sum(be, dy, db, g.n, g.k, g.p * g.q)
 
@@ -179,29 +204,15 @@ def _forced() -> str | None:
     return v if v in ("implicit", "im2col") else None
 
 
-def _im2col_workspace(g: Geometry) -> int:
-    """Bytes of im2col's column buffer for this shape (0 for a dense layer: a plain GEMM)."""
-    if g.h == g.w == g.r == g.s == 1 and g.pad == 0:
-        return 0
-    return 4 * g.crs * g.npq
-
-
-def _choose(be, op: str, g: Geometry, candidates: dict, run_scratch, tensor_bytes: int):
+def _choose(be, op: str, g: Geometry, candidates: dict, run_scratch):
     """The fastest candidate for (op, shape), measured once with CUDA events (median of 3 after a warm-up) and
-    cached. `run_scratch(fn)` runs a candidate on scratch outputs. Never measures during a graph capture.
-    im2col is left out when its column buffer exceeds max(IM2COL_MIN_WORKSPACE, tensor_bytes) (the op's own
-    tensors), unless it is forced."""
+    cached. `run_scratch(fn)` runs a candidate on scratch outputs. Never measures during a graph capture."""
     key = (op, g.key())
     forced = be.force_conv_algo or _forced()
     if forced:
         if be.capturing is not None and not be.graph_cublas:
             forced = "implicit"
         return next(n for n in candidates if (n == "im2col") == (forced == "im2col"))
-    skipped = {}
-    workspace, limit = _im2col_workspace(g), max(IM2COL_MIN_WORKSPACE, tensor_bytes)
-    if workspace > limit:
-        skipped["im2col"] = f"column buffer {workspace / 2**20:.1f} MiB > {limit / 2**20:.1f} MiB"
-        candidates = {n: fn for n, fn in candidates.items() if n != "im2col"}
     choice = be._tune.get(key)
     if choice is not None and (be.capturing is None or be.graph_cublas or choice != "im2col"):
         return choice
@@ -214,6 +225,7 @@ def _choose(be, op: str, g: Geometry, candidates: dict, run_scratch, tensor_byte
     spin = get_kernel(be.device_id, "elementwise", "hn_spin")
     times = {}
     pool = be.tune_pool()       # the trials' temporaries (column buffers, scratch gradients), released after
+    be._trial = True
     try:
         with cupy.cuda.using_allocator(pool.malloc):
             for name, fn in candidates.items():
@@ -234,15 +246,13 @@ def _choose(be, op: str, g: Geometry, candidates: dict, run_scratch, tensor_byte
                 except cupy.cuda.memory.OutOfMemoryError:
                     continue
     finally:
+        be._trial = False
         cupy.cuda.get_current_stream().synchronize()
         pool.free_all_blocks()
     choice = min(times, key=times.get)
     be._tune[key] = choice
     be._tune_times[key] = times
-    entry = {"op": op, "shape": list(g.key()), "ms": times, "choice": choice}
-    if skipped:
-        entry["skipped"] = skipped
-    be.tune_log.append(entry)
+    be.tune_log.append({"op": op, "shape": list(g.key()), "ms": times, "choice": choice})
     return choice
 
 
@@ -254,8 +264,8 @@ def conv_forward(be, x, w, b, stride, pad, act=0, geometry=None):
     g = geometry or Geometry(n, c, h, wd, k, r, s, stride, pad)
     y = be.xp.empty((n, k, g.p, g.q), dtype=be.xp.float32)
     cands = {cfg: (lambda out, cfg=cfg: _fwd_implicit(be, cfg, g, x, w, b, out, act)) for cfg in FWD_CFGS}
-    cands["im2col"] = lambda out: _fwd_im2col(be, g, x, w, b, out, act)
-    choice = _choose(be, "fwd", g, cands, lambda fn: fn(y), x.nbytes + y.nbytes)
+    cands["im2col"] = lambda out: _fwd_im2col(be, g, x, w, b, out, act, x.nbytes + y.nbytes)
+    choice = _choose(be, "fwd", g, cands, lambda fn: fn(y))
     cands[choice](y)
     return y
 
@@ -268,7 +278,7 @@ def conv_backward(be, dy, x, w, dw, db, stride, pad, need_dx=True, relu_x=None):
     g = Geometry(n, c, h, wd, k, r, s, stride, pad)
     xp = be.xp
     fc = {cfg: (lambda dw_, db_, cfg=cfg: _filter_implicit(be, cfg, g, dy, x, dw_, db_)) for cfg in FILTER_CFGS}
-    fc["im2col"] = lambda dw_, db_: _filter_im2col(be, g, dy, x, dw_, db_)
+    fc["im2col"] = lambda dw_, db_: _filter_im2col(be, g, dy, x, dw_, db_, x.nbytes + dy.nbytes)
 
     scratch = []
 
@@ -277,15 +287,15 @@ def conv_backward(be, dy, x, w, dw, db, stride, pad, need_dx=True, relu_x=None):
             scratch.extend((xp.zeros_like(dw), xp.zeros_like(db) if db is not None else None))
         fn(*scratch)
 
-    choice = _choose(be, "filter", g, fc, scratch_filter, x.nbytes + dy.nbytes)
+    choice = _choose(be, "filter", g, fc, scratch_filter)
     scratch.clear()
     fc[choice](dw, db)
     if not need_dx:
         return None
     dx = xp.empty(x.shape, dtype=xp.float32)
     dc = {cfg: (lambda out, cfg=cfg: _data_implicit(be, cfg, g, dy, w, out, relu_x)) for cfg in DATA_CFGS}
-    dc["im2col"] = lambda out: _data_im2col(be, g, dy, w, out, relu_x)
-    dc[_choose(be, "data", g, dc, lambda fn: fn(dx), x.nbytes + dy.nbytes)](dx)
+    dc["im2col"] = lambda out: _data_im2col(be, g, dy, w, out, relu_x, x.nbytes + dy.nbytes)
+    dc[_choose(be, "data", g, dc, lambda fn: fn(dx))](dx)
     return dx
 
 

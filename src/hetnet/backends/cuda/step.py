@@ -12,8 +12,10 @@
   captured into a CUDA graph and replayed for every later batch of that shape. Both run in the backend's private
   step pool (`CudaBackend.step_pool`), which every train and eval step object of the device shares: it grows to
   the largest working set among them, not to their sum.
-- Where nothing reads a tensor after a backward kernel, that kernel writes its gradient over it: max pooling (and
-  BatchNorm -> ReLU -> MaxPool) write dE/dx over the pooled input x, the output of the node before (`inplace`). The learning
+- Memory: max pooling keeps its output and argmax bytes, not its input (the backward reads the ReLU mask from the
+  pooled output), so a convolution's full-size output is freed right after the pooling; BatchNorm -> ReLU ->
+  MaxPool writes its dE/dx over its input, which nothing reads afterwards (`inplace`); an evaluation plan drops each
+  node's cache as soon as the node has run. The learning
   rate, the first-step flag, Adam's bias corrections and the dropout seeds are read by the kernels from a small
   device buffer uploaded before each replay, so the schedule and hetnet's random generator behave as in eager mode.
 
@@ -108,17 +110,20 @@ class _BNPoolNode(_Node):
 
 
 class _MaxPoolNode(_Node):
-    inplace = False       # write dx over x (set by compile_plan)
+    """Keeps (x's shape, y, argmax), not x: the backward takes the ReLU mask from y (maxpool2d_backward_pooled)."""
 
     def __init__(self, be, layer):
         self.be, self.layer = be, layer
 
     def fwd(self, x, ctx):
-        y, self.cache = self.be.maxpool2d_forward(x, self.layer.kernel_size, self.layer.stride)
+        y, (_, arg, _, _) = self.be.maxpool2d_forward(x, self.layer.kernel_size, self.layer.stride)
+        self.cache = (x.shape, y, arg)
         return y
 
     def bwd(self, dy, need_dx, ctx):
-        dx = self.be.maxpool2d_backward(dy, self.cache, relu_mask=self.mask_input, inplace=self.inplace)
+        shape, y, arg = self.cache
+        dx = self.be.maxpool2d_backward_pooled(dy, y, arg, shape, self.layer.kernel_size, self.layer.stride,
+                                               relu_mask=self.mask_input)
         self.cache = None
         return dx
 
@@ -232,12 +237,15 @@ def compile_plan(be, model):
         if isinstance(node, (_ReshapeNode, _DropoutNode)):
             node.pos_out = pos
         pos = node.pos_out
-        # a pooling backward may overwrite its input when that input is a fresh output of the node before, which
-        # that node does not keep (a convolution keeps its input, a BatchNorm its input, a ReLU nothing) -- never
-        # the batch itself, a view of a tensor kept elsewhere, or a generic layer's output (its cache may hold it)
-        if isinstance(node, (_MaxPoolNode, _BNPoolNode)) and i > 0:
+        # the fused BN pooling backward may overwrite its input when that input is a fresh output of the node
+        # before, which that node does not keep (a convolution keeps its input, a BatchNorm its input, a ReLU
+        # nothing) -- never the batch itself, a view of a tensor kept elsewhere, or a generic layer's output (its
+        # cache may hold it)
+        if isinstance(node, _BNPoolNode) and i > 0:
             prev = nodes[i - 1]
             node.inplace = isinstance(prev, (_BNNode, _ReluNode)) or (isinstance(prev, _ConvNode) and not prev.dense)
+        # generic nodes read their input back for the ReLU mask (_mask); the others keep what they need themselves
+        node.ref_input = node.mask_input and isinstance(node, (_LayerNode, _BNNode, _BNPoolNode))
     return nodes, seeds, pos
 
 
@@ -271,6 +279,7 @@ class GraphTrainStep:
         self.count = 0
         self.graphs: dict = {}              # (x shape) -> (graph, static x, static y)
         self.seen: set = set()
+        self.eager_high: dict = {}          # (x shape) -> the pool's bytes in use at most in the eager step
         # the backend's private step pool (see CudaBackend.step_pool): the first, eager step of each batch shape
         # and the graphs run in it; it is never released while this object lives (the graphs keep using the
         # addresses they were captured with)
@@ -281,16 +290,16 @@ class GraphTrainStep:
     def _run_plan(self, x, y):
         """Forward, loss, backward, update: only device work, no host synchronisation."""
         be, ctx = self.be, self.ctx
+        evaluating = self.optimizer is None
         for node in self.nodes:
-            node._x = x
+            node._x = x if node.ref_input and not evaluating else None
             x = node.fwd(x, ctx)
-        logits = x
-        if self.optimizer is None:       # evaluation: loss sum and correct count only
-            be.softmax_xent_into(logits, y, None, self.loss_acc, self.correct, 0.0)
-            for node in self.nodes:
-                node._x = None
+            if evaluating:              # no backward: drop what the node kept for it at once
                 node.__dict__.pop("cache", None)
                 node.__dict__.pop("x", None)
+        logits = x
+        if evaluating:                  # loss sum and correct count only
+            be.softmax_xent_into(logits, y, None, self.loss_acc, self.correct, 0.0)
             return
         dlogits = be.xp.empty_like(logits)
         be.softmax_xent_into(logits, y, dlogits, self.loss_acc, self.correct, self.label_smoothing)
@@ -360,14 +369,23 @@ class GraphTrainStep:
                 if not self.use_graph:
                     self._run_plan(xb, yb)
                 elif key not in self.seen:
-                    # eager: first batch of a shape (measures conv algorithms)
-                    with cp.cuda.using_allocator(self.pool.malloc):
+                    # eager: first batch of a shape (measures conv algorithms); its high-water mark in the pool
+                    # bounds the captured graph's workspaces (see _capture)
+                    pool, high = self.pool, [self.pool.used_bytes()]
+
+                    def malloc(size):
+                        mem = pool.malloc(size)
+                        high[0] = max(high[0], pool.used_bytes())
+                        return mem
+
+                    with cp.cuda.using_allocator(malloc):
                         self._run_plan(xb, yb)
                     self.seen.add(key)
+                    self.eager_high[key] = high[0]
                 else:
                     g = self.graphs.get(key)
                     if g is None:
-                        g = self.graphs[key] = self._capture(xb, yb)
+                        g = self.graphs[key] = self._capture(xb, yb, self.eager_high.get(key, 0))
                     graph, sx, sy = g
                     sx.data.copy_from_device_async(xb.data, xb.nbytes, self.stream)
                     sy.data.copy_from_device_async(yb.data, yb.nbytes, self.stream)
@@ -384,14 +402,17 @@ class GraphTrainStep:
             self.schedule.step()
         self.count += n
 
-    def _capture(self, xb, yb):
+    def _capture(self, xb, yb, high: int):
         """Record the plan into a CUDA graph. If a cuBLAS GEMM cannot be recorded, record again with our own
-        kernels only (the fastest measured implicit-GEMM variant for each such layer)."""
+        kernels only (the fastest measured implicit-GEMM variant for each such layer). im2col's column buffers
+        may fill the room under `high`, the eager step's high-water mark (conv._chunks)."""
         cp, be = self.cp, self.be
         sx, sy = cp.empty_like(xb), cp.empty_like(yb)
+        pool = self.pool
         for attempt in range(2):
             be.prepare_capture(self.stream)
             be.capturing = self.stream
+            be.workspace_headroom = lambda: max(0, high - pool.used_bytes())
             graph, error = None, None
             try:
                 with cp.cuda.using_allocator(self.pool.malloc):
@@ -404,6 +425,7 @@ class GraphTrainStep:
                 error = e
             finally:
                 be.capturing = None
+                del be.workspace_headroom       # back to the class default (no headroom)
             if error is None:
                 break
             if attempt == 1 or not be.graph_cublas:
