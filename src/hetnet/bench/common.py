@@ -157,30 +157,51 @@ class RssPeak:
         return False
 
 
+_PROBE_POOLS: list = []   # CupyPoolPeak's pools, kept alive for the arrays made in their spans
+
+
 class CupyPoolPeak:
-    """High-water mark of the bytes live in CuPy's default pool during the span: the same quantity as
-    torch.cuda.max_memory_allocated (memory handed out and not yet freed, not the pool's cached free blocks).
-    Every allocation in the span goes through a wrapper that records the pool's used bytes after it."""
+    """High-water marks over the span, of a fresh CuPy pool that serves every allocation made in it (nothing
+    allocated before can be freed into it and hide a rise) together with a backend's private step pool (when
+    `backend` has one: a fresh one is started for the span):
+    - mib: bytes live (handed out and not yet freed), the same quantity as torch.cuda.max_memory_allocated;
+    - reserved_mib: bytes the pools hold (live or cached), as torch.cuda.max_memory_reserved.
+    Every allocation in the span goes through a wrapper that records both after it."""
+
+    def __init__(self, backend=None):
+        self.backend = backend
 
     def __enter__(self):
         import cupy
 
-        self.pool = cupy.get_default_memory_pool()
         cupy.cuda.Device().synchronize()
         gc.collect()
-        self.pool.free_all_blocks()
-        self.start = self.pool.used_bytes()
-        self.high = self.start
-        self.mib = None
+        for old in _PROBE_POOLS:
+            old.free_all_blocks()
+        self.pool = cupy.cuda.MemoryPool()
+        _PROBE_POOLS.append(self.pool)
+        self.step_pool = None
+        fresh = getattr(self.backend, "fresh_step_pool", None)
+        if fresh is not None:
+            self.step_pool = fresh(on_malloc=self._note)
+        self.start, self.start_held = self.pool.used_bytes(), self.pool.total_bytes()
+        self.high, self.high_held = self.start, self.start_held
+        self.mib = self.reserved_mib = None
         self._previous = cupy.cuda.get_allocator()
 
         def malloc(nbytes):
             mem = self.pool.malloc(nbytes)
-            self.high = max(self.high, self.pool.used_bytes())
+            self._note()
             return mem
 
         cupy.cuda.set_allocator(malloc)
         return self
+
+    def _note(self):
+        live, held = self.pool.used_bytes(), self.pool.total_bytes()
+        if self.step_pool is not None:
+            live, held = live + self.step_pool.used_bytes(), held + self.step_pool.total_bytes()
+        self.high, self.high_held = max(self.high, live), max(self.high_held, held)
 
     def __exit__(self, *exc):
         import cupy
@@ -188,10 +209,13 @@ class CupyPoolPeak:
         cupy.cuda.set_allocator(self._previous)
         cupy.cuda.Device().synchronize()
         self.mib = round((self.high - self.start) / 2**20, 1)
+        self.reserved_mib = round((self.high_held - self.start_held) / 2**20, 1)
         return False
 
 
 class TorchCudaPeak:
+    """Rise of torch.cuda.max_memory_allocated (mib) and max_memory_reserved (reserved_mib) over the span."""
+
     def __enter__(self):
         import torch
 
@@ -199,8 +223,8 @@ class TorchCudaPeak:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        self.start = torch.cuda.memory_allocated()
-        self.mib = None
+        self.start, self.start_held = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+        self.mib = self.reserved_mib = None
         return self
 
     def __exit__(self, *exc):
@@ -208,6 +232,7 @@ class TorchCudaPeak:
 
         torch.cuda.synchronize()
         self.mib = round((torch.cuda.max_memory_allocated() - self.start) / 2**20, 1)
+        self.reserved_mib = round((torch.cuda.max_memory_reserved() - self.start_held) / 2**20, 1)
         return False
 
 

@@ -300,8 +300,12 @@ def bench_train_step(model_name: str, batch: int, device: str, args, tf32: bool 
     if hclock.fallbacks or iclock.fallbacks:
         row["hetnet_timer"] = "wall clock (CuPy events were not on the backend's stream)"
 
-    # peak memory, each side on its own fresh model
-    row["hetnet_peak_mib"], row["torch_peak_mib"] = _peak_memory(model_name, backend, x, y, tdev, gpu)
+    # peak memory, each side on its own fresh model; ratio > 1: hetnet needs less
+    row.update(_peak_memory(model_name, backend, x, y, tdev, gpu))
+    for kind in ("peak", "reserved"):
+        h, t = row.get(f"hetnet_{kind}_mib"), row.get(f"torch_{kind}_mib")
+        if h and t:
+            row[f"{kind}_memory_ratio"] = round(t / h, 3)
 
     def ms(s):
         return round(s * 1e3, 4)
@@ -319,27 +323,28 @@ def bench_train_step(model_name: str, batch: int, device: str, args, tf32: bool 
     return row
 
 
-def _peak_memory(model_name, backend, x, y, tdev, gpu) -> tuple:
-    """(hetnet MiB, torch MiB): a fresh model per side, its first training steps and an inference pass, each side
-    on the path it is timed on (hetnet: the trainer's train and eval step objects; PyTorch: eager, inference_mode).
-    PyTorch's is the peak of memory allocated; hetnet's the peak allocated from CuPy's default pool plus the whole
-    private step pool (allocated or cached: the captured graphs hold all of it). Algorithm measurement is left out
-    on both sides (see method_text)."""
+def _peak_memory(model_name, backend, x, y, tdev, gpu) -> dict:
+    """hetnet_peak_mib / torch_peak_mib (and on the GPU hetnet_reserved_mib / torch_reserved_mib): a fresh model
+    per side, its first training steps and evaluation passes, each side on the path it is timed on (hetnet: the
+    trainer's train and eval step objects; PyTorch: eager, inference_mode). Peak = the high-water mark of bytes
+    allocated and live (torch.cuda.max_memory_allocated; hetnet: CuPy's default pool plus the private step pool);
+    reserved = of bytes the allocators hold, cached blocks included (the memory CUDA graphs keep is held).
+    Algorithm measurement is left out on both sides (see method_text)."""
     import torch
     import torch.nn.functional as F
 
     from .. import seed as hn_seed
 
-    hpeak = tpeak = None
+    out = {"hetnet_peak_mib": None, "torch_peak_mib": None}
+    passes = 2 if gpu else 1      # on the GPU the second step is the captured graph's first replay
     try:
-        step_pool = backend.fresh_step_pool() if hasattr(backend, "fresh_step_pool") else None
-        with (CupyPoolPeak() if gpu else RssPeak()) as m:
+        with (CupyPoolPeak(backend) if gpu else RssPeak()) as m:
             hn_seed(0)
             hm, _, _ = zoo.resolve(model_name)
             hm.to(backend).train()
             hx, hy = backend.asarray(x), backend.labels(y)
             st, _ = make_step(hm, optim.SGD(hm.parameters(), lr=LR, momentum=MOMENTUM))
-            for _ in range(2 if gpu else 1):  # on the GPU the second step is the captured graph's first replay
+            for _ in range(passes):
                 st.step(hx, hy)
             st.collect()
             hm.eval()
@@ -348,28 +353,33 @@ def _peak_memory(model_name, backend, x, y, tdev, gpu) -> tuple:
                 hm.forward(hx)
             else:
                 ev = factory(hm)
-                for _ in range(2 if gpu else 1):
+                for _ in range(passes):
                     ev.step(hx, hy)
                 ev.collect()
             backend.synchronize()
-        hpeak = m.mib
-        if gpu and hpeak is not None and step_pool is not None:
-            hpeak = round(hpeak + step_pool.total_bytes() / 2**20, 1)
+        out["hetnet_peak_mib"] = m.mib
+        if gpu:
+            out["hetnet_reserved_mib"] = m.reserved_mib
         del hm, st, hx, hy
         with (TorchCudaPeak() if gpu else RssPeak()) as m:
             hn_seed(0)
             tm = interop.to_torch(zoo.resolve(model_name)[0], device=tdev)
             tx, ty = torch.from_numpy(x).to(tdev), torch.from_numpy(y.astype(np.int64)).to(tdev)
             to = torch.optim.SGD(tm.parameters(), lr=LR, momentum=MOMENTUM)
-            to.zero_grad(set_to_none=True)
-            F.cross_entropy(tm(tx), ty).backward()
-            to.step()
+            for _ in range(passes):
+                to.zero_grad(set_to_none=True)
+                F.cross_entropy(tm(tx), ty).backward()
+                to.step()
             with torch.inference_mode():
-                tm.eval()(tx)
-        tpeak = m.mib
+                tm.eval()
+                for _ in range(passes):
+                    tm(tx)
+        out["torch_peak_mib"] = m.mib
+        if gpu:
+            out["torch_reserved_mib"] = m.reserved_mib
     except Exception:
         pass
-    return hpeak, tpeak
+    return out
 
 
 def targets(rows: list[dict]) -> list[dict]:
@@ -383,6 +393,10 @@ def targets(rows: list[dict]) -> list[dict]:
          [r for r in gpu if r.get("speedup_vs_torch_graph")], "speedup_vs_torch_graph", 1.0),
         ("CPU: hetnet cpu step time <= PyTorch CPU's", [r for r in ok if r["hetnet_backend"] == "cpu"],
          "speedup_vs_torch_eager", 1.0),
+        ("GPU: hetnet peak memory allocated <= PyTorch eager's (thesis-m1, fashion-cnn; torch/hetnet)",
+         [r for r in gpu if r.get("peak_memory_ratio")], "peak_memory_ratio", 1.0),
+        ("GPU: hetnet memory reserved <= PyTorch eager's (thesis-m1, fashion-cnn; torch/hetnet)",
+         [r for r in gpu if r.get("reserved_memory_ratio")], "reserved_memory_ratio", 1.0),
     ]
     out = []
     for text, sel, key, need in checks:
@@ -534,12 +548,13 @@ def method_text(gpu: bool) -> str:
     if gpu:
         text += ("GPU: CUDA events around blocks of steps; PyTorch with cudnn.benchmark on and TF32 off except in "
                  "the row marked TF32; 'graph' = the whole PyTorch step captured as a CUDA graph. Peak memory, over a "
-                 "fresh model's first two training steps and two evaluation passes on the paths timed here: "
-                 "hetnet, the high-water mark of live bytes in CuPy's default pool plus the whole private step "
-                 "pool that its train and eval steps and their CUDA graphs share (cached blocks included); "
-                 "PyTorch eager, torch.cuda.max_memory_allocated. Neither counts its one-time algorithm "
-                 "measurement: PyTorch's cudnn.benchmark cache is warm from the timing, and hetnet's trial runs "
-                 "use a pool of their own, emptied after each measurement.")
+                 "fresh model's first two training steps and two evaluation passes on the paths timed here (hetnet: "
+                 "the trainer's step objects and their CUDA graphs; PyTorch: eager), as the high-water mark of "
+                 "bytes allocated and live (torch.cuda.max_memory_allocated; hetnet: CuPy's default pool plus its "
+                 "private step pool) and, in the JSON, of bytes reserved (cached blocks included; "
+                 "max_memory_reserved). Neither side counts its one-time algorithm measurement: PyTorch's "
+                 "cudnn.benchmark cache is warm from the timing, and hetnet's trial runs use a pool of their own, "
+                 "emptied after each measurement.")
     else:
         text += ("CPU: perf_counter per step; PyTorch with the same thread count. Peak memory: rise of the RSS "
                  "high-water mark (VmHWM) over a fresh model's build, one step and one evaluation pass.")
