@@ -66,11 +66,12 @@ class Parameter:
         self._data, self._grad = backend.asarray(data), backend.asarray(grad)
         self._pack = None
 
-    def _bind(self, data, grad) -> None:
-        """Use views of a flat buffer as storage (see `pack_parameters`); values are copied over."""
-        data[...] = self._data
-        grad[...] = self._grad
-        self._data, self._grad = data, grad
+    def _bind(self, data, grad, backend) -> None:
+        """Use views of a flat buffer on `backend` as storage (see FlatPack); values are copied over, from
+        whichever backend holds them now."""
+        data[...] = backend.asarray(self.backend.to_numpy(self._data))
+        grad[...] = backend.asarray(self.backend.to_numpy(self._grad))
+        self.backend, self._data, self._grad = backend, data, grad
 
     def __repr__(self) -> str:
         return f"Parameter(shape={self.shape}, device={self.backend.name})"
@@ -89,7 +90,8 @@ class FlatPack:
     """All parameters of a model in one flat data buffer and one flat gradient buffer; each Parameter holds views.
 
     One buffer each lets an optimiser update every parameter in one call (one kernel launch on the GPU) and prepares
-    an all-reduce of the gradients.
+    an all-reduce of the gradients. The parameters' values are copied in from whichever backend holds them, so a
+    model moving to a device goes straight into its flat buffers there (no second, per-parameter copy on the device).
     """
 
     def __init__(self, params: list[Parameter], backend):
@@ -99,7 +101,7 @@ class FlatPack:
         self.data = backend.zeros((total,))
         self.grad = backend.zeros((total,))
         for p, data, grad in zip(params, self.views(self.data), self.views(self.grad)):
-            p._bind(data, grad)
+            p._bind(data, grad, backend)
             p._pack = self
 
     def views(self, flat) -> list:
@@ -317,13 +319,12 @@ class Sequential(Layer):
     # -- device, mode, parameters
     def to(self, device) -> "Sequential":
         backend = device if not isinstance(device, str) else get_backend(device)
-        for layer in self.layers:
-            layer.to(backend)
-        changed = backend is not self.backend or self._pack is None
-        self.backend = backend
-        if changed:
-            params = self.parameters()
+        if backend is not self.backend or self._pack is None:
+            params = self.parameters()      # straight into flat buffers on the new backend
             self._pack = FlatPack(params, backend) if params else None
+        for layer in self.layers:           # the buffers (BatchNorm's running statistics); parameters are there
+            layer.to(backend)
+        self.backend = backend
         return self
 
     def train(self, mode: bool = True) -> "Sequential":
