@@ -135,6 +135,27 @@ def test_backward_accumulates_and_zero_grad(device, rng):
     assert not dense.weight.grad.any() and not dense.bias.grad.any()
 
 
+def test_backward_without_dx_stops_at_the_first_layer_with_parameters(rng, monkeypatch):
+    """need_dx=False (the trainer's call): no backward through the parameter-free layers in front (a Flatten),
+    no d(input) from the first Dense, the same gradients, None returned."""
+    m = hn.Sequential([hn.Flatten(), hn.Dense(12, 5), hn.ReLU(), hn.Dense(5, 3)]).to("cpu")
+    x, dy = rng.normal(size=(4, 3, 2, 2)).astype(np.float32), rng.normal(size=(4, 3)).astype(np.float32)
+    m.forward(x)
+    assert m.backward(dy).shape == x.shape
+    full = [p.grad.copy() for p in m.parameters()]
+    calls, flags = [], []
+    flatten_backward, dense_backward = m.layers[0].backward, m.backend.dense_backward
+    monkeypatch.setattr(m.layers[0], "backward", lambda d: calls.append(1) or flatten_backward(d))
+    monkeypatch.setattr(m.backend, "dense_backward",
+                        lambda *a, **k: flags.append(k["need_dx"]) or dense_backward(*a, **k))
+    m.zero_grad()
+    m.forward(x)
+    assert m.backward(dy, need_dx=False) is None
+    assert calls == [] and flags == [True, False]
+    for p, g in zip(m.parameters(), full):
+        np.testing.assert_array_equal(p.grad, g)
+
+
 def test_state_dict_names_and_round_trip(rng):
     def make():
         return hn.Sequential([hn.Conv2D(1, 2, 3), hn.BatchNorm2D(2), hn.ReLU(), hn.Flatten(),

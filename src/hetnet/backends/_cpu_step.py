@@ -17,6 +17,7 @@ class _FusedConvReluPool:
 
     def __init__(self, conv):
         self.conv = conv
+        self.params = conv.params       # the Conv2D's (backward_chain stops at the first node with parameters)
         self.cache = None
         self.need_dx = True
 

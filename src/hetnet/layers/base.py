@@ -270,11 +270,16 @@ def _load_state(module, state: dict, strict: bool) -> None:
 
 
 def backward_chain(layers, dy, need_dx: bool = True):
-    """dy backpropagated through `layers` (anything with backward(dy)) from the last to the first; need_dx=False
-    tells the first one, when it has a `need_dx` switch, that d(input) is not wanted (it returns None then)."""
-    for i in range(len(layers) - 1, -1, -1):
+    """dy backpropagated through `layers` (anything with backward(dy) and a `params` dict) from the last to the
+    first; returns d(input). need_dx=False: d(input) is not wanted, so the chain stops at the first layer with
+    parameters (the layers before it, e.g. a Flatten, would only produce d(input)), tells that layer so when it has
+    a `need_dx` switch, and returns None."""
+    first = 0
+    if not need_dx:
+        first = next((i for i, layer in enumerate(layers) if getattr(layer, "params", None)), len(layers))
+    for i in range(len(layers) - 1, first - 1, -1):
         layer = layers[i]
-        if i == 0 and not need_dx and hasattr(layer, "need_dx"):
+        if i == first and not need_dx and hasattr(layer, "need_dx"):
             layer.need_dx = False
             try:
                 dy = layer.backward(dy)
@@ -282,7 +287,7 @@ def backward_chain(layers, dy, need_dx: bool = True):
                 layer.need_dx = True
         else:
             dy = layer.backward(dy)
-    return dy
+    return dy if need_dx else None
 
 
 _SKIP_FOR_INIT = ("BatchNorm1D", "BatchNorm2D", "Dropout")
