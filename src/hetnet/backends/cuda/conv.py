@@ -28,7 +28,8 @@ TUNE_RUNS = 4      # back-to-back runs per timed sample when measuring the algor
 # CUDA graph is captured, the first, eager step's high-water mark minus the bytes live now) -- never less than one
 # image's columns. Unchunked, thesis-m1's second convolution would need 151 MiB at batch 1024 and fashion-cnn's
 # 6.9 MiB at batch 32, more than the step's activations at that point. Each chunk costs two more launches, which
-# show at batch 32 (fashion-cnn's step: 0.30 ms unchunked, 0.36 ms in 1 MiB chunks on an H200), hence 4 MiB.
+# show at batch 32 (fashion-cnn's step in `hetnet bench` on an H200: 0.39 ms in 1 MiB chunks, 0.35 unchunked),
+# hence 4 MiB.
 # The algorithm trials run unchunked.
 IM2COL_MIN_CHUNK = 4 << 20
 _i32 = np.int32

@@ -9,15 +9,16 @@
 - Loss + gradient are one kernel that also adds the loss and the correct count to device accumulators; the
   optimiser is one launch over the flat parameter buffer; gradients are zeroed with one memset.
 - The first batch of each shape runs eagerly (this also measures the convolution algorithms), then the same plan is
-  captured into a CUDA graph and replayed for every later batch of that shape. Both run in the backend's private
-  step pool (`CudaBackend.step_pool`), which every train and eval step object of the device shares: it grows to
-  the largest working set among them, not to their sum.
-- Memory: max pooling keeps its output and argmax bytes, not its input (the backward reads the ReLU mask from the
-  pooled output), so a convolution's full-size output is freed right after the pooling; BatchNorm -> ReLU ->
+  captured into a CUDA graph and replayed for every later batch of that shape. The learning rate, the first-step
+  flag, Adam's bias corrections and the dropout seeds are read by the kernels from a small device buffer uploaded
+  before each replay, so the schedule and hetnet's random generator behave as in eager mode.
+- Memory: the eager steps and the graphs run in the backend's private step pool (`CudaBackend.step_pool`), which
+  every train and eval step object of the device shares, so it grows to the largest working set among them, not
+  to their sum. Max pooling keeps its output and argmax bytes, not its input (the backward reads the ReLU mask from
+  the pooled output), so a convolution's full-size output is freed right after the pooling; BatchNorm -> ReLU ->
   MaxPool writes its dE/dx over its input, which nothing reads afterwards (`inplace`); an evaluation plan drops each
-  node's cache as soon as the node has run. The learning
-  rate, the first-step flag, Adam's bias corrections and the dropout seeds are read by the kernels from a small
-  device buffer uploaded before each replay, so the schedule and hetnet's random generator behave as in eager mode.
+  node's cache as soon as the node has run; im2col's column buffers may fill the room under the eager step's
+  high-water mark while a graph is captured (conv._chunks).
 
 No host synchronisation happens in `step`; `collect()` reads the accumulators once (and raises TrainingDiverged
 when the loss sum is not finite). HETNET_CUDA_GRAPH=0 (or use_graph=False) runs the same plan without capture.
