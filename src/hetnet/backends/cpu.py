@@ -318,13 +318,13 @@ def conv2d_backward(dy, cache, dw, db, need_dx=True):
     dy = _f32c(dy)
     n = x.shape[0]
     k, crs, pq = g.k, w2.shape[1], g.p * g.q
-    dx = np.empty(x.shape, dtype=_F) if need_dx else None
     if _SGEMM is not None:
         def jbody(b0, b1, cols, dcols, ones, acc, dxa):
             _jit.conv_backward(_SGEMM, x[b0:b1], w2, dy[b0:b1], g.r, g.s, g.stride, g.pad, cols, dcols, ones,
                                acc[0], acc[1], dxa[b0:b1], need_dx)
 
-        return _conv_backward_compiled(x, w2, g, dw, db, need_dx, jbody)
+        return _conv_backward_compiled(x, w2, g, dw, db, need_dx, jbody)   # allocates its own dx
+    dx = np.empty(x.shape, dtype=_F) if need_dx else None
     w2t = w2.T
     per_image = crs <= _PER_IMAGE_GEMM_MAX_CRS
     ones = np.ones(pq, dtype=_F)
