@@ -69,8 +69,12 @@ class Parameter:
     def _bind(self, data, grad, backend) -> None:
         """Use views of a flat buffer on `backend` as storage (see FlatPack); values are copied over, from
         whichever backend holds them now."""
-        data[...] = backend.asarray(self.backend.to_numpy(self._data))
-        grad[...] = backend.asarray(self.backend.to_numpy(self._grad))
+        if backend is self.backend:          # a repack on the same device: no trip through the host
+            data[...] = self._data
+            grad[...] = self._grad
+        else:
+            data[...] = backend.asarray(self.backend.to_numpy(self._data))
+            grad[...] = backend.asarray(self.backend.to_numpy(self._grad))
         self.backend, self._data, self._grad = backend, data, grad
 
     def __repr__(self) -> str:
