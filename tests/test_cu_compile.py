@@ -48,3 +48,18 @@ def test_compiles_without_spills(results, src, arch):
               if re.search(r"[1-9]\d* bytes (spill stores|spill loads|stack frame)", line)]
     assert not spills, f"{src} ({arch}) spills registers:\n" + "\n".join(spills)
     assert "warning" not in log.lower(), f"{src} ({arch}) compiles with warnings:\n{log}"
+
+
+def test_tile_tables_match_the_kernels():
+    """conv.py's (BM, BN, threads) per tile configuration must be what conv.cu instantiates: a launch with another
+    block size would leave tile elements unloaded or computed twice (no GPU needed to check the tables)."""
+    from hetnet.backends.cuda import conv as C
+
+    text = (CUDA_DIR / "conv.cu").read_text()
+    for macro, table in (("HN_FWD", C.FWD_CFGS), ("HN_BWD_DATA", C.DATA_CFGS), ("HN_BWD_FILTER", C.FILTER_CFGS)):
+        made = {m[0]: tuple(map(int, m[1:])) for m in
+                re.findall(rf"^{macro}\((\w+), (\d+), (\d+), (\d+), (\d+),", text, re.M)}
+        assert set(made) == set(table), f"{macro}: kernels {sorted(made)} vs table {sorted(table)}"
+        for name, (bm, bn, tm, tn) in made.items():
+            assert table[name] == (bm, bn, (bm // tm) * (bn // tn)), f"{macro}({name})"
+            assert name.endswith("c") == bool(re.search(rf"^{macro}\({name},.*, true", text, re.M)), name

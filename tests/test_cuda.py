@@ -54,6 +54,12 @@ CONV_CASES = [  # (N, C, H, W, K, kernel, stride, padding)
     (2, 4, 6, 9, 3, 1, 2, 1),
     (2, 17, 9, 13, 70, 3, 1, 1),     # more than one tile in every direction
     (1, 5, 12, 12, 33, 3, 2, 1),
+    (2, 32, 7, 9, 48, 3, 1, 1),      # C and K multiples of 16: the "c" (channels inside taps) tiles apply
+    (3, 16, 9, 8, 16, 3, 2, 1),
+    (1, 32, 6, 7, 32, 5, 1, 2),
+    (2, 16, 5, 7, 32, 1, 1, 0),
+    (2, 48, 11, 10, 80, 3, 3, 0),
+    (2, 64, 5, 6, 16, 3, 1, 1),
 ]
 FWD = list(C.FWD_CFGS) + ["im2col"]
 DATA = list(C.DATA_CFGS) + ["im2col"]
@@ -66,11 +72,15 @@ def _force(monkeypatch, fwd, data, filt):
 
 
 @pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "N{}C{}H{}W{}K{}k{}s{}p{}".format(*c))
-@pytest.mark.parametrize("algo", range(7))
+@pytest.mark.parametrize("algo", range(max(len(FWD), len(DATA), len(FILTER))))
 def test_conv_algorithms(be, rng, monkeypatch, case, algo):
     fwd, data, filt = FWD[algo % len(FWD)], DATA[algo % len(DATA)], FILTER[algo % len(FILTER)]
-    _force(monkeypatch, fwd, data, filt)
     n, c, h, w_, k, ks, stride, pad = case
+    g = C.Geometry(n, c, h, w_, k, ks, ks, stride, pad)
+    fwd = fwd if C._fits(fwd, "fwd", g) else "64x32"        # a "c" tile where the channels do not fill its tiles
+    data = data if C._fits(data, "data", g) else "64x32"
+    filt = filt if C._fits(filt, "filter", g) else "32x32"
+    _force(monkeypatch, fwd, data, filt)
     x, w, b = f32(rng, n, c, h, w_), f32(rng, k, c, ks, ks), f32(rng, k)
     relu_x = f32(rng, n, c, h, w_)            # the mask of a fused ReLU backward
     y_ref, cache = ref.conv2d_forward(x, w, b, stride, pad)
@@ -113,7 +123,9 @@ def test_conv_choice_is_measured_once(be, rng):
     be.conv2d_forward(x, w, None, 1, 1)
     be.conv2d_forward(x, w, None, 1, 1)
     new = [e for e in be.tune_log[n_log:] if e["op"] == "fwd"]
-    assert len(new) == 1 and new[0]["choice"] in new[0]["ms"] and len(new[0]["ms"]) == len(FWD)
+    fits = [a for a in FWD if C._fits(a, "fwd", C.Geometry(4, 3, 16, 16, 8, 3, 3, 1, 1))]
+    assert len(new) == 1 and new[0]["choice"] in new[0]["ms"] and set(new[0]["ms"]) == set(fits)
+    assert len(fits) < len(FWD)          # no channels-inside-taps tile for 3 input channels
 
 
 # --- fused pooling / batch norm / dropout variants ----------------------------------------------------------------
@@ -246,9 +258,8 @@ def test_plan_bn_pool_backward_in_place_only_over_fresh_outputs(be):
     assert [n.inplace for n in nodes if type(n).__name__ == "_BNPoolNode"] == [False, False, True]
 
 
-def test_trial_runs_use_their_own_pool_emptied_after(be, rng, monkeypatch):
-    """The algorithm measurement's temporaries (here im2col's column buffer) never reach the step pool."""
-    be.force_conv_algo = None
+def _counting_trial_pool(be, monkeypatch):
+    """Replace the backend's trial pool with one that records each allocation's size: (pool, sizes)."""
     pool, sizes = cupy.cuda.MemoryPool(), []
 
     class Counting:
@@ -260,10 +271,30 @@ def test_trial_runs_use_their_own_pool_emptied_after(be, rng, monkeypatch):
             pool.free_all_blocks()
 
     monkeypatch.setattr(be, "_tune_pool", Counting())
+    return pool, sizes
+
+
+def test_trial_runs_use_their_own_pool_emptied_after(be, rng, monkeypatch):
+    """The algorithm measurement's temporaries (here im2col's column buffer) never reach the step pool."""
+    be.force_conv_algo = None
+    pool, sizes = _counting_trial_pool(be, monkeypatch)
     x, w = be.asarray(f32(rng, 2, 3, 13, 11)), be.asarray(f32(rng, 5, 3, 3, 3))
     be.conv2d_forward(x, w, None, 1, 1)
     assert sizes and max(sizes) >= 4 * 27 * 2 * 13 * 11, "the column buffer was not allocated in the trial pool"
     assert pool.total_bytes() == 0, "the trial pool was not emptied"
+
+
+def test_trial_times_im2col_in_the_chunks_it_will_run_in(be, rng, monkeypatch):
+    """Outside a capture im2col runs a few images at a time; its trial must time that form, not the whole batch's
+    column buffer (which once made the layer API pick im2col where its chunked form was the slower)."""
+    be.force_conv_algo = None
+    monkeypatch.setattr(C, "IM2COL_MIN_CHUNK", 0)    # budget = the op's tensors: a fraction of the batch
+    _, sizes = _counting_trial_pool(be, monkeypatch)
+    monkeypatch.setattr(be, "_tune", {})          # measure even if another test met this shape
+    n, c, h, w_, k = 6, 8, 9, 9, 4
+    be.conv2d_forward(be.asarray(f32(rng, n, c, h, w_)), be.asarray(f32(rng, k, c, 3, 3)), None, 1, 1)
+    full_col = 4 * c * 9 * n * h * w_
+    assert sizes and max(sizes) < full_col, "the trial built the whole batch's column buffer"
 
 
 @pytest.mark.parametrize("op", ["fwd", "data", "filter"])
@@ -627,3 +658,35 @@ def test_model_state_is_independent_of_the_step_object(rng):
     step.step(model.backend.asarray(x), model.backend.labels(y))
     after = model.state_dict()
     assert any(not np.array_equal(before[k], after[k]) for k in before if k.endswith("weight"))
+
+
+def test_step_asks_no_input_gradient_of_the_first_dense_layer(be, rng, monkeypatch):
+    """Flatten -> Dense first (the mlp): the fast step's backward stops at that Dense and asks it for no d(input),
+    as the layer API's backward_chain does; the update still equals the cpu backend's."""
+    calls = []
+    real = C.dense_backward
+
+    def spy(be_, dy, x, w, dw, db, need_dx=True, relu_x=None):
+        calls.append(need_dx)
+        return real(be_, dy, x, w, dw, db, need_dx, relu_x)
+
+    monkeypatch.setattr(C, "dense_backward", spy)
+    hn.seed(3)
+    layers = [hn.Flatten(), hn.Dense(2 * 3 * 3, 8), hn.ReLU(), hn.Dense(8, 4)]
+    state = hn.Sequential(layers).state_dict()
+    x, y = f32(rng, 8, 2, 3, 3), rng.integers(0, 4, 8)
+    weights = {}
+    for dev in ("cpu", "cuda"):
+        hn.seed(3)
+        model = hn.Sequential([hn.Flatten(), hn.Dense(2 * 3 * 3, 8), hn.ReLU(), hn.Dense(8, 4)]).to(dev)
+        model.load_state_dict(state)
+        opt = T.make_optimizer("momentum", model.parameters(), lr=0.1)
+        step = T.make_train_step(model, opt, None, 0.0)
+        b = model.backend
+        step.step(b.asarray(x), b.labels(y))
+        step.collect()
+        weights[dev] = model.state_dict()
+    # last layer first; a capture after the eager step runs the plan again
+    assert calls[:2] == [True, False] and calls[1::2] == [False] * (len(calls) // 2), f"need_dx: {calls}"
+    for k in weights["cpu"]:
+        assert_close(weights["cuda"][k], weights["cpu"][k], F32, k)

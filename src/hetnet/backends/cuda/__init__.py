@@ -165,7 +165,6 @@ class CudaBackend:
         self.tune_log: list = []                   # the measurements behind each choice
         self._alpha_beta = {}
         self.capturing = None                      # the stream a graph capture runs on, while it does
-        self._trial = False                        # True while conv._choose runs the algorithm trials
         self.index64 = False                       # True: always the 64-bit index kernels (see ix())
         self.graph_cublas = True                   # False after cuBLAS failed inside a capture: own kernels only
         self._stream = None                        # see compute_stream()

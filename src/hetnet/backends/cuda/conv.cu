@@ -16,22 +16,51 @@
 
 // --- the main loop all three implicit-GEMM kernels share ------------------------------------------------------------
 // acc[TM][TN] (this thread's TM x TN outputs of the block's BM x BN tile) += A[m, kk] * B[kk, n] over the reduction
-// range [k_begin, k_end), BK at a time. Double-buffered: while the block multiplies the tile in shared memory, the
-// thread's global loads of the next tile are in flight into registers (`fetch`), and are written to the other
-// shared buffer afterwards (`put`), so one __syncthreads per tile suffices and load latency hides behind the FMAs.
-// fetch(k0) loads tile k0 into the caller's staging registers; put(As, Bs) stores them; on_tile(As) sees each
-// A tile before it is used (the filter gradient sums db there). Thread t computes rows tm + i*DM, columns tn + j*DN.
+// range [k_begin, k_end), BK at a time, the tiles staged in shared memory by one of two pipelines
+// (hn_pipelined_gemm below); on_tile(As) sees each A tile before it is used (the filter gradient sums db there).
+//
+// Which rows thread tm owns (hn_owned; columns likewise with TN, DN, tn). With 32 or more outputs per thread (the
+// "v" configurations: 8x4, 4x8) and TM a multiple of 4: TM/4 runs of 4 consecutive rows, DM*4 apart, read from
+// shared memory as float4 (one LDS.128 feeds 4 rows' FMAs, so the loop is mostly FMAs, as in cuDNN's and CUTLASS's
+// SIMT kernels). Otherwise TM single rows, DM apart, read one by one: consecutive threads then also write
+// consecutive output rows in the epilogue, which matters when the reduction is short (C*R*S = 27: two tiles).
+// Shared rows are padded (hn_ld) so that the scattered stores of the tile loads spread over the banks: by 4 floats
+// where rows are read as float4 (keeps the 16-byte alignment), by 1 otherwise.
+__host__ __device__ constexpr bool hn_vec(int tm, int tn) { return tm * tn >= 32; }
+__host__ __device__ constexpr int hn_ld(int b, int t, bool vec) { return b + (vec && t % 4 == 0 ? 4 : 1); }
+
+template <int T, int D, bool V>
+__device__ __forceinline__ int hn_owned(int t, int i) {
+    if constexpr (V && T % 4 == 0) return (i / 4) * (D * 4) + t * 4 + (i % 4);
+    else return t + i * D;
+}
+
+template <int T, int D, bool V, int LD>
+__device__ __forceinline__ void hn_read_owned(float (&v)[T], const float (&row)[LD], int t) {
+    if constexpr (V && T % 4 == 0) {
+#pragma unroll
+        for (int g = 0; g < T / 4; ++g) {
+            const float4 f = *reinterpret_cast<const float4*>(&row[g * D * 4 + t * 4]);
+            v[4 * g] = f.x;
+            v[4 * g + 1] = f.y;
+            v[4 * g + 2] = f.z;
+            v[4 * g + 3] = f.w;
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < T; ++i) v[i] = row[t + i * D];
+    }
+}
+
 template <int BM, int BN, int TM, int TN>
-__device__ __forceinline__ void hn_tile_mma(float (&acc)[TM][TN], const float (&As)[BK][BM + 1],
-                                            const float (&Bs)[BK][BN + 1], int tm, int tn) {
+__device__ __forceinline__ void hn_tile_mma(float (&acc)[TM][TN], const float (&As)[BK][hn_ld(BM, TM, hn_vec(TM, TN))],
+                                            const float (&Bs)[BK][hn_ld(BN, TN, hn_vec(TM, TN))], int tm, int tn) {
     constexpr int DM = BM / TM, DN = BN / TN;
 #pragma unroll
     for (int kk = 0; kk < BK; ++kk) {
         float a[TM], b[TN];
-#pragma unroll
-        for (int i = 0; i < TM; ++i) a[i] = As[kk][tm + i * DM];
-#pragma unroll
-        for (int j = 0; j < TN; ++j) b[j] = Bs[kk][tn + j * DN];
+        hn_read_owned<TM, DM, hn_vec(TM, TN)>(a, As[kk], tm);
+        hn_read_owned<TN, DN, hn_vec(TM, TN)>(b, Bs[kk], tn);
 #pragma unroll
         for (int i = 0; i < TM; ++i)
 #pragma unroll
@@ -39,38 +68,125 @@ __device__ __forceinline__ void hn_tile_mma(float (&acc)[TM][TN], const float (&
     }
 }
 
-template <int BM, int BN, int TM, int TN, class Fetch, class Put, class OnTile>
+// Copy 4 bytes from global to shared memory without a register (sm_80+), or write 0 when src is null (zero-fill:
+// src-size 0 reads nothing; `any` is just some valid address to name).
+__device__ __forceinline__ void hn_cp_async4(float* dst, const float* src, const float* any) {
+    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(d), "l"(src ? src : any), "r"(src ? 4 : 0));
+}
+__device__ __forceinline__ void hn_cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void hn_cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+// The tile loads are described once per kernel and used by both pipelines below:
+//   begin(k0)            per-thread set-up for tile k0 (the filter gradient decodes its output pixel there);
+//   a_src(k0, i) / b_src  the address of the i-th value this thread loads for tile k0, or null for a zero (padding,
+//                        beyond the matrix);
+//   a_dst(i, As) / b_dst  where that value goes in the shared tile, or null when this thread has no i-th value.
+// STAGES 2: the values go through registers: while the block multiplies the tile in shared memory, the thread's
+//   global loads of the next tile are in flight into registers, written to the other buffer after the multiply, so
+//   one __syncthreads per tile suffices and load latency hides behind the FMAs.
+// STAGES 3 ("a" configurations): cp.async copies global -> shared directly, two tiles ahead of the multiply, with no
+//   staging registers (more blocks per SM) and one __syncthreads per tile (the CUTLASS "multistage" loop).
+template <int BM, int BN, int TM, int TN, int LA, int LB, int STAGES, class Begin, class ASrc, class ADst, class BSrc,
+          class BDst, class OnTile>
 __device__ __forceinline__ void hn_pipelined_gemm(float (&acc)[TM][TN], int k_begin, int k_end, int tm, int tn,
-                                                  Fetch fetch, Put put, OnTile on_tile) {
-    __shared__ float As[2][BK][BM + 1];
-    __shared__ float Bs[2][BK][BN + 1];
+                                                  Begin begin, ASrc a_src, ADst a_dst, BSrc b_src, BDst b_dst,
+                                                  OnTile on_tile, const float* any) {
+    constexpr int LDA = hn_ld(BM, TM, hn_vec(TM, TN)), LDB = hn_ld(BN, TN, hn_vec(TM, TN));
+    __shared__ __align__(16) float As[STAGES][BK][LDA];
+    __shared__ __align__(16) float Bs[STAGES][BK][LDB];
 #pragma unroll
     for (int i = 0; i < TM; ++i)
 #pragma unroll
         for (int j = 0; j < TN; ++j) acc[i][j] = 0.f;
     if (k_begin >= k_end) return;      // the same for the whole block
-    fetch(k_begin);
-    put(As[0], Bs[0]);
-    __syncthreads();
-    int buf = 0;
-    for (int k0 = k_begin; k0 < k_end; k0 += BK) {
-        const bool more = k0 + BK < k_end;
-        if (more) fetch(k0 + BK);      // in flight during the multiply below
-        on_tile(As[buf]);
-        hn_tile_mma<BM, BN, TM, TN>(acc, As[buf], Bs[buf], tm, tn);
-        if (more) put(As[buf ^ 1], Bs[buf ^ 1]);   // that buffer was last read before the previous barrier
+    if constexpr (STAGES == 2) {
+        float ra[LA], rb[LB];
+        auto fetch = [&](int k0) {
+            begin(k0);
+#pragma unroll
+            for (int i = 0; i < LA; ++i) {
+                const float* p = a_src(k0, i);
+                ra[i] = p ? *p : 0.f;
+            }
+#pragma unroll
+            for (int i = 0; i < LB; ++i) {
+                const float* p = b_src(k0, i);
+                rb[i] = p ? *p : 0.f;
+            }
+        };
+        auto put = [&](int buf) {
+#pragma unroll
+            for (int i = 0; i < LA; ++i)
+                if (float* d = a_dst(i, As[buf])) *d = ra[i];
+#pragma unroll
+            for (int i = 0; i < LB; ++i)
+                if (float* d = b_dst(i, Bs[buf])) *d = rb[i];
+        };
+        fetch(k_begin);
+        put(0);
         __syncthreads();
-        buf ^= 1;
+        int buf = 0;
+        for (int k0 = k_begin; k0 < k_end; k0 += BK) {
+            const bool more = k0 + BK < k_end;
+            if (more) fetch(k0 + BK);      // in flight during the multiply below
+            on_tile(As[buf]);
+            hn_tile_mma<BM, BN, TM, TN>(acc, As[buf], Bs[buf], tm, tn);
+            if (more) put(buf ^ 1);        // that buffer was last read before the previous barrier
+            __syncthreads();
+            buf ^= 1;
+        }
+    } else {
+        auto issue = [&](int k0, int st) {
+            begin(k0);
+#pragma unroll
+            for (int i = 0; i < LA; ++i)
+                if (float* d = a_dst(i, As[st])) hn_cp_async4(d, a_src(k0, i), any);
+#pragma unroll
+            for (int i = 0; i < LB; ++i)
+                if (float* d = b_dst(i, Bs[st])) hn_cp_async4(d, b_src(k0, i), any);
+        };
+#pragma unroll
+        for (int st = 0; st < STAGES - 1; ++st) {
+            if (k_begin + st * BK < k_end) issue(k_begin + st * BK, st);
+            hn_cp_async_commit();          // one group per tile, empty ones included, so the count below holds
+        }
+        int st = 0;
+        for (int k0 = k_begin; k0 < k_end; k0 += BK) {
+            hn_cp_async_wait<STAGES - 2>();    // this thread's copies of tile k0 have landed ...
+            __syncthreads();                   // ... everyone's; and everyone is done with the stage refilled next
+            const int kn = k0 + (STAGES - 1) * BK;
+            if (kn < k_end) issue(kn, st == 0 ? STAGES - 1 : st - 1);
+            hn_cp_async_commit();
+            on_tile(As[st]);
+            hn_tile_mma<BM, BN, TM, TN>(acc, As[st], Bs[st], tm, tn);
+            st = st + 1 == STAGES ? 0 : st + 1;
+        }
+    }
+}
+
+// The "c" configurations' reduction order: taps (r, s) outside, channels inside, BK channels per tile. Advance
+// (first channel c0, r, s) by one tile (nc channels per tap, a multiple of BK); start from c0 = -BK, r = s = 0.
+__device__ __forceinline__ void hn_next_tile_tap(int& c0, int& r, int& s, int nc, int S) {
+    c0 += BK;
+    if (c0 == nc) {
+        c0 = 0;
+        if (++s == S) {
+            s = 0;
+            ++r;
+        }
     }
 }
 
 // --- forward: y[m = (n,p,q), k] = sum_{j=(c,r,s)} A[m, j] * w[k, j], epilogue bias + activation --------------------
-template <int BM, int BN, int TM, int TN>
+template <int BM, int BN, int TM, int TN, int STAGES, bool CI>
 __device__ __forceinline__ void conv_fwd_impl(const float* __restrict__ x, const float* __restrict__ w,
                                               const float* __restrict__ bias, float* __restrict__ y,
                                               const int4* __restrict__ tab, int N, int C, int H, int W, int K,
-                                              int P, int Q, int CRS, int stride, int pad, int act) {
+                                              int P, int Q, int CRS, int stride, int pad, int S, int act) {
     constexpr int DM = BM / TM, DN = BN / TN, NT = DM * DN;
+    constexpr int LDA = hn_ld(BM, TM, hn_vec(TM, TN)), LDB = hn_ld(BN, TN, hn_vec(TM, TN));
     static_assert(NT % BM == 0, "A loads assume each thread keeps one row");
     const int t = threadIdx.x, tm = t % DM, tn = t / DM;
     const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
@@ -89,46 +205,55 @@ __device__ __forceinline__ void conv_fwd_impl(const float* __restrict__ x, const
         base = (long long)img * C * HW + (long long)h0 * W + w0;
     }
 
-    constexpr int LA = BM * BK / NT, LB = (BN * BK + NT - 1) / NT;   // values each thread stages per tile
-    float ra[LA], rb[LB];
-    auto fetch = [&](int k0) {
-#pragma unroll
-        for (int i = 0; i < LA; ++i) {              // A: column kg of this thread's output pixel, gathered from x
-            const int kg = k0 + kl0 + i * (NT / BM);
-            float v = 0.f;
-            if (mvalid && kg < CRS) {
-                const int4 tb = tab[kg];
-                const int h = h0 + (tb.y >> 16), ww = w0 + (tb.y & 0xffff);
-                if (h >= 0 && h < H && ww >= 0 && ww < W) v = x[base + tb.x];
-            }
-            ra[i] = v;
-        }
-#pragma unroll
-        for (int i = 0; i < LB; ++i) {              // B: w[n, kg], consecutive threads along kg
-            const int e = t + i * NT, kg = k0 + e % BK, n = n0 + e / BK;
-            rb[i] = (e < BN * BK && n < K && kg < CRS) ? w[(long long)n * CRS + kg] : 0.f;
+    constexpr int LA = BM * BK / NT, LB = (BN * BK + NT - 1) / NT;   // values each thread loads per tile
+    // CI ("c" configurations, for C % BK == 0): the reduction index runs over the taps (r, s) outside and the
+    // channels c inside, j = (r*S + s)*C + c, so a tile's BK columns are one tap and BK consecutive channels: one
+    // bounds check per tile instead of one per value, no table, and the values lie H*W apart. begin() advances
+    // (c0, r, s) by one tile: it is called once per tile, in order, from the first.
+    int c0 = -BK, r = 0, s = 0;
+    bool tile_ok = false;
+    const float* tile_x = x;
+    auto begin = [&](int) {
+        if constexpr (CI) {
+            hn_next_tile_tap(c0, r, s, C, S);
+            tile_ok = mvalid && (unsigned)(h0 + r) < (unsigned)H && (unsigned)(w0 + s) < (unsigned)W;
+            tile_x = x + base + (long long)c0 * HW + r * W + s;
         }
     };
-    auto put = [&](float (&As)[BK][BM + 1], float (&Bs)[BK][BN + 1]) {
-#pragma unroll
-        for (int i = 0; i < LA; ++i) As[kl0 + i * (NT / BM)][ml] = ra[i];
-#pragma unroll
-        for (int i = 0; i < LB; ++i) {
-            const int e = t + i * NT;
-            if (e < BN * BK) Bs[e % BK][e / BK] = rb[i];
+    auto a_src = [&](int k0, int i) -> const float* {   // A: column kg of this thread's output pixel, gathered from x
+        if constexpr (CI) return tile_ok ? tile_x + (kl0 + i * (NT / BM)) * HW : nullptr;
+        const int kg = k0 + kl0 + i * (NT / BM);
+        if (mvalid && kg < CRS) {
+            const int4 tb = tab[kg];
+            const int h = h0 + (tb.y >> 16), ww = w0 + (tb.y & 0xffff);
+            if (h >= 0 && h < H && ww >= 0 && ww < W) return x + base + tb.x;
         }
+        return nullptr;
+    };
+    auto a_dst = [&](int i, float (&As)[BK][LDA]) -> float* { return &As[kl0 + i * (NT / BM)][ml]; };
+    auto b_src = [&](int k0, int i) -> const float* {   // B: w[n, kg], consecutive threads along kg
+        const int e = t + i * NT, kl = e % BK, n = n0 + e / BK;
+        if constexpr (CI)
+            return (e < BN * BK && n < K) ? w + (long long)n * CRS + (c0 + kl) * (CRS / C) + r * S + s : nullptr;
+        const int kg = k0 + kl;
+        return (e < BN * BK && n < K && kg < CRS) ? w + (long long)n * CRS + kg : nullptr;
+    };
+    auto b_dst = [&](int i, float (&Bs)[BK][LDB]) -> float* {
+        const int e = t + i * NT;
+        return e < BN * BK ? &Bs[e % BK][e / BK] : nullptr;
     };
     float acc[TM][TN];
-    hn_pipelined_gemm<BM, BN, TM, TN>(acc, 0, CRS, tm, tn, fetch, put, [](const float (&)[BK][BM + 1]) {});
+    hn_pipelined_gemm<BM, BN, TM, TN, LA, LB, STAGES>(acc, 0, CRS, tm, tn, begin, a_src, a_dst, b_src, b_dst,
+                                                      [](const float (&)[BK][LDA]) {}, x);
 #pragma unroll
     for (int i = 0; i < TM; ++i) {
-        const int mm = m0 + tm + i * DM;
+        const int mm = m0 + hn_owned<TM, DM, hn_vec(TM, TN)>(tm, i);
         if (mm >= M) continue;
         const int img = mm / PQ, pq = mm - img * PQ;
         float* yrow = y + (long long)img * K * PQ + pq;
 #pragma unroll
         for (int j = 0; j < TN; ++j) {
-            const int n = n0 + tn + j * DN;
+            const int n = n0 + hn_owned<TN, DN, hn_vec(TM, TN)>(tn, j);
             if (n >= K) continue;
             float v = acc[i][j];
             if (bias) v += bias[n];
@@ -141,12 +266,13 @@ __device__ __forceinline__ void conv_fwd_impl(const float* __restrict__ x, const
 // --- backward data: dx[m = (n,h,w), c] = sum_{j=(k,r,s)} dy[n,k,(h+pad-r)/st,(w+pad-s)/st] * w[k,c,r,s] -----------
 // Epilogue: when relu_x is given (the input x of this layer is a ReLU output), dx = 0 where relu_x <= 0, so the
 // ReLU's backward is fused here.
-template <int BM, int BN, int TM, int TN>
+template <int BM, int BN, int TM, int TN, int STAGES, bool CI>
 __device__ __forceinline__ void conv_bwd_data_impl(const float* __restrict__ dy, const float* __restrict__ w,
                                                    const float* __restrict__ relu_x, float* __restrict__ dx,
                                                    const int4* __restrict__ tab, int N, int C, int H, int W, int K,
-                                                   int P, int Q, int KRS, int stride, int pad) {
+                                                   int P, int Q, int KRS, int stride, int pad, int S) {
     constexpr int DM = BM / TM, DN = BN / TN, NT = DM * DN;
+    constexpr int LDA = hn_ld(BM, TM, hn_vec(TM, TN)), LDB = hn_ld(BN, TN, hn_vec(TM, TN));
     static_assert(NT % BM == 0, "A loads assume each thread keeps one row");
     const int t = threadIdx.x, tm = t % DM, tn = t / DM;
     const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
@@ -165,54 +291,69 @@ __device__ __forceinline__ void conv_bwd_data_impl(const float* __restrict__ dy,
     }
 
     constexpr int LA = BM * BK / NT, LB = (BN * BK + NT - 1) / NT;
-    float ra[LA], rb[LB];
-    auto fetch = [&](int k0) {
-#pragma unroll
-        for (int i = 0; i < LA; ++i) {              // A: dy at the output pixel that tap (k, r, s) reads from here
-            const int kg = k0 + kl0 + i * (NT / BM);
-            float v = 0.f;
-            if (mvalid && kg < KRS) {
-                const int4 tb = tab[kg];
-                int ph = hp - (tb.y >> 16), pw = wp - (tb.y & 0xffff);
-                if (ph >= 0 && pw >= 0) {
-                    bool ok = true;
-                    if (stride != 1) {      // one division each (no remainder): keeps sm_80 free of spills
-                        const int qh = ph / stride, qw = pw / stride;
-                        ok = qh * stride == ph && qw * stride == pw;
-                        ph = qh;
-                        pw = qw;
-                    }
-                    if (ok && ph < P && pw < Q) v = dy[base + tb.x + ph * Q + pw];
-                }
+    // CI ("c" configurations, for K % BK == 0): as in the forward, taps (r, s) outside and filters k inside,
+    // j = (r*S + s)*K + k: one tap per tile, whose source pixel and bounds are worked out once per tile.
+    int k0t = -BK, r = 0, s = 0;
+    bool tile_ok = false;
+    const float* tile_dy = dy;
+    auto begin = [&](int) {
+        if constexpr (CI) {
+            hn_next_tile_tap(k0t, r, s, K, S);
+            int ph = hp - r, pw = wp - s;
+            bool ok = mvalid && ph >= 0 && pw >= 0;
+            if (ok && stride != 1) {
+                const int qh = ph / stride, qw = pw / stride;
+                ok = qh * stride == ph && qw * stride == pw;
+                ph = qh;
+                pw = qw;
             }
-            ra[i] = v;
-        }
-#pragma unroll
-        for (int i = 0; i < LB; ++i) {              // B: w[k, n, r, s] for kg = (k, r, s)
-            const int e = t + i * NT, kg = k0 + e % BK, n = n0 + e / BK;
-            rb[i] = (e < BN * BK && n < C && kg < KRS) ? w[tab[kg].z + (long long)n * RS] : 0.f;
+            tile_ok = ok && ph < P && pw < Q;
+            tile_dy = dy + base + (long long)k0t * PQ + ph * Q + pw;
         }
     };
-    auto put = [&](float (&As)[BK][BM + 1], float (&Bs)[BK][BN + 1]) {
-#pragma unroll
-        for (int i = 0; i < LA; ++i) As[kl0 + i * (NT / BM)][ml] = ra[i];
-#pragma unroll
-        for (int i = 0; i < LB; ++i) {
-            const int e = t + i * NT;
-            if (e < BN * BK) Bs[e % BK][e / BK] = rb[i];
+    auto a_src = [&](int k0, int i) -> const float* {   // A: dy at the output pixel that tap (k, r, s) reads from here
+        if constexpr (CI) return tile_ok ? tile_dy + (kl0 + i * (NT / BM)) * PQ : nullptr;
+        const int kg = k0 + kl0 + i * (NT / BM);
+        if (mvalid && kg < KRS) {
+            const int4 tb = tab[kg];
+            int ph = hp - (tb.y >> 16), pw = wp - (tb.y & 0xffff);
+            if (ph >= 0 && pw >= 0) {
+                bool ok = true;
+                if (stride != 1) {      // one division each (no remainder): keeps sm_80 free of spills
+                    const int qh = ph / stride, qw = pw / stride;
+                    ok = qh * stride == ph && qw * stride == pw;
+                    ph = qh;
+                    pw = qw;
+                }
+                if (ok && ph < P && pw < Q) return dy + base + tb.x + ph * Q + pw;
+            }
         }
+        return nullptr;
+    };
+    auto a_dst = [&](int i, float (&As)[BK][LDA]) -> float* { return &As[kl0 + i * (NT / BM)][ml]; };
+    auto b_src = [&](int k0, int i) -> const float* {   // B: w[k, n, r, s] for kg = (k, r, s)
+        const int e = t + i * NT, kl = e % BK, n = n0 + e / BK;
+        if constexpr (CI)
+            return (e < BN * BK && n < C) ? w + ((long long)(k0t + kl) * C + n) * RS + r * S + s : nullptr;
+        const int kg = k0 + kl;
+        return (e < BN * BK && n < C && kg < KRS) ? w + tab[kg].z + (long long)n * RS : nullptr;
+    };
+    auto b_dst = [&](int i, float (&Bs)[BK][LDB]) -> float* {
+        const int e = t + i * NT;
+        return e < BN * BK ? &Bs[e % BK][e / BK] : nullptr;
     };
     float acc[TM][TN];
-    hn_pipelined_gemm<BM, BN, TM, TN>(acc, 0, KRS, tm, tn, fetch, put, [](const float (&)[BK][BM + 1]) {});
+    hn_pipelined_gemm<BM, BN, TM, TN, LA, LB, STAGES>(acc, 0, KRS, tm, tn, begin, a_src, a_dst, b_src, b_dst,
+                                                      [](const float (&)[BK][LDA]) {}, dy);
 #pragma unroll
     for (int i = 0; i < TM; ++i) {
-        const int mm = m0 + tm + i * DM;
+        const int mm = m0 + hn_owned<TM, DM, hn_vec(TM, TN)>(tm, i);
         if (mm >= M) continue;
         const int img = mm / HW, hw = mm - img * HW;
         const long long row = (long long)img * C * HW + hw;
 #pragma unroll
         for (int j = 0; j < TN; ++j) {
-            const int n = n0 + tn + j * DN;
+            const int n = n0 + hn_owned<TN, DN, hn_vec(TM, TN)>(tn, j);
             if (n >= C) continue;
             const long long idx = row + (long long)n * HW;
             float v = acc[i][j];
@@ -225,12 +366,14 @@ __device__ __forceinline__ void conv_bwd_data_impl(const float* __restrict__ dy,
 // --- backward filter: dw[k, j=(c,r,s)] += sum_{i=(n,p,q)} dy[n,k,p,q] * x[n,c,p*st-pad+r,q*st-pad+s] ---------------
 // Split over i (blockIdx.z): each block adds its partial sums with atomics, so the result accumulates into dw as the
 // interface asks. db[k] += sum_i dy[n,k,p,q] is added by the blocks of the first column tile.
-template <int BM, int BN, int TM, int TN>
+template <int BM, int BN, int TM, int TN, int STAGES, bool CI>
 __device__ __forceinline__ void conv_bwd_filter_impl(const float* __restrict__ dy, const float* __restrict__ x,
                                                      float* __restrict__ dw, float* __restrict__ db,
                                                      const int4* __restrict__ tab, int N, int C, int H, int W,
-                                                     int K, int P, int Q, int CRS, int stride, int pad, int chunk) {
+                                                     int K, int P, int Q, int CRS, int stride, int pad, int S,
+                                                     int chunk) {
     constexpr int DM = BM / TM, DN = BN / TN, NT = DM * DN;
+    constexpr int LDA = hn_ld(BM, TM, hn_vec(TM, TN)), LDB = hn_ld(BN, TN, hn_vec(TM, TN));
     static_assert(NT % BK == 0, "loads assume each thread keeps one reduction index");
     const int t = threadIdx.x, tm = t % DM, tn = t / DM;
     const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
@@ -240,10 +383,16 @@ __device__ __forceinline__ void conv_bwd_filter_impl(const float* __restrict__ d
     const int kl = t % BK, r0 = t / BK;
 
     constexpr int LA = (BM * BK + NT - 1) / NT, LB = (BN * BK + NT - 1) / NT;
-    float ra[LA], rb[LB];
-    auto fetch = [&](int k0) {                      // this thread's reduction index: output pixel ig = (img, p, q)
+    // CI ("c" configurations, for C % BN == 0): the columns are ordered taps outside, channels inside,
+    // j = (r*S + s)*C + c, so all of this block's columns are one tap (r_b, s_b) and BN consecutive channels from
+    // c_b: one bounds check per tile, values H*W apart; the epilogue maps j back to dw's (c, r, s) order.
+    const int rs_b = CI ? n0 / C : 0, c_b = CI ? n0 - rs_b * C : 0, r_b = CI ? rs_b / S : 0, s_b = rs_b - r_b * S;
+    bool ivalid = false, tap_ok = false;             // this thread's reduction index: output pixel ig = (img, p, q)
+    long long dybase = 0, xbase = 0;
+    int h0 = 0, w0 = 0;
+    auto begin = [&](int k0) {
         const int ig = k0 + kl;
-        const bool ivalid = ig < i_end;
+        ivalid = ig < i_end;
         int img = 0, p = 0, q = 0;
         if (ivalid) {
             img = ig / PQ;
@@ -251,98 +400,131 @@ __device__ __forceinline__ void conv_bwd_filter_impl(const float* __restrict__ d
             p = pq / Q;
             q = pq - p * Q;
         }
-        const long long dybase = (long long)img * K * PQ + p * Q + q;
-        const int h0 = p * stride - pad, w0 = q * stride - pad;
-        const long long xbase = (long long)img * C * HW + (long long)h0 * W + w0;
-#pragma unroll
-        for (int i = 0; i < LA; ++i) {              // A: dy[img, k, p, q] for the block's filters k
-            const int ml = r0 + i * (NT / BK), mg = m0 + ml;
-            ra[i] = (ml < BM && ivalid && mg < K) ? dy[dybase + (long long)mg * PQ] : 0.f;
-        }
-#pragma unroll
-        for (int i = 0; i < LB; ++i) {              // B: x under tap ng = (c, r, s)
-            const int nl = r0 + i * (NT / BK), ng = n0 + nl;
-            float v = 0.f;
-            if (nl < BN && ivalid && ng < CRS) {
-                const int4 tb = tab[ng];
-                const int h = h0 + (tb.y >> 16), ww = w0 + (tb.y & 0xffff);
-                if (h >= 0 && h < H && ww >= 0 && ww < W) v = x[xbase + tb.x];
-            }
-            rb[i] = v;
-        }
+        dybase = (long long)img * K * PQ + p * Q + q;
+        h0 = p * stride - pad;
+        w0 = q * stride - pad;
+        xbase = (long long)img * C * HW + (long long)h0 * W + w0;
+        if constexpr (CI) tap_ok = ivalid && (unsigned)(h0 + r_b) < (unsigned)H && (unsigned)(w0 + s_b) < (unsigned)W;
     };
-    auto put = [&](float (&As)[BK][BM + 1], float (&Bs)[BK][BN + 1]) {
-#pragma unroll
-        for (int i = 0; i < LA; ++i) {
-            const int ml = r0 + i * (NT / BK);
-            if (ml < BM) As[kl][ml] = ra[i];
-        }
-#pragma unroll
-        for (int i = 0; i < LB; ++i) {
+    auto a_src = [&](int, int i) -> const float* {      // A: dy[img, k, p, q] for the block's filters k
+        const int mg = m0 + r0 + i * (NT / BK);
+        return (ivalid && mg < K) ? dy + dybase + (long long)mg * PQ : nullptr;
+    };
+    auto a_dst = [&](int i, float (&As)[BK][LDA]) -> float* {
+        const int ml = r0 + i * (NT / BK);
+        return ml < BM ? &As[kl][ml] : nullptr;
+    };
+    auto b_src = [&](int, int i) -> const float* {      // B: x under tap ng = (c, r, s)
+        if constexpr (CI) {
             const int nl = r0 + i * (NT / BK);
-            if (nl < BN) Bs[kl][nl] = rb[i];
+            return (nl < BN && tap_ok) ? x + xbase + (long long)(c_b + nl) * HW + r_b * W + s_b : nullptr;
         }
+        const int ng = n0 + r0 + i * (NT / BK);
+        if (ivalid && ng < CRS) {
+            const int4 tb = tab[ng];
+            const int h = h0 + (tb.y >> 16), ww = w0 + (tb.y & 0xffff);
+            if (h >= 0 && h < H && ww >= 0 && ww < W) return x + xbase + tb.x;
+        }
+        return nullptr;
+    };
+    auto b_dst = [&](int i, float (&Bs)[BK][LDB]) -> float* {
+        const int nl = r0 + i * (NT / BK);
+        return nl < BN ? &Bs[kl][nl] : nullptr;
     };
     float dbacc = 0.f;
-    auto sum_db = [&](const float (&As)[BK][BM + 1]) {
+    auto sum_db = [&](const float (&As)[BK][LDA]) {
         if (do_db && t < BM) {
 #pragma unroll
             for (int kk = 0; kk < BK; ++kk) dbacc += As[kk][t];
         }
     };
     float acc[TM][TN];
-    hn_pipelined_gemm<BM, BN, TM, TN>(acc, i_begin, i_end, tm, tn, fetch, put, sum_db);
+    hn_pipelined_gemm<BM, BN, TM, TN, LA, LB, STAGES>(acc, i_begin, i_end, tm, tn, begin, a_src, a_dst, b_src, b_dst,
+                                                      sum_db, x);
 #pragma unroll
     for (int i = 0; i < TM; ++i) {
-        const int mm = m0 + tm + i * DM;
+        const int mm = m0 + hn_owned<TM, DM, hn_vec(TM, TN)>(tm, i);
         if (mm >= K) continue;
 #pragma unroll
         for (int j = 0; j < TN; ++j) {
-            const int n = n0 + tn + j * DN;
-            if (n < CRS) atomicAdd(dw + (long long)mm * CRS + n, acc[i][j]);
+            const int nl = hn_owned<TN, DN, hn_vec(TM, TN)>(tn, j), n = n0 + nl;
+            if constexpr (CI)
+                atomicAdd(dw + (long long)mm * CRS + (c_b + nl) * (CRS / C) + rs_b, acc[i][j]);
+            else if (n < CRS)
+                atomicAdd(dw + (long long)mm * CRS + n, acc[i][j]);
         }
     }
     if (do_db && t < BM && m0 + t < K) atomicAdd(db + m0 + t, dbacc);
 }
 
-// Tile configurations <BM, BN, TM, TN>, all 256 threads: the launcher picks one per shape (by measurement).
-#define HN_FWD(name, BM_, BN_, TM_, TN_)                                                                           \
-    extern "C" __global__ void __launch_bounds__(256) conv_fwd_##name(                                             \
+// Tile configurations <BM, BN, TM, TN, STAGES, CI>, (BM/TM) * (BN/TN) threads: the launcher picks one per shape (by
+// measurement; conv.py lists them with their thread counts). "v": 8x4 outputs per thread, read as float4; "a": the
+// cp.async pipeline (STAGES 3); "c": channels inside taps (CI; forward: when C is a multiple of BK, data: K, filter: C a multiple of BN).
+#define HN_FWD(name, BM_, BN_, TM_, TN_, ST_, CI_)                                                                 \
+    extern "C" __global__ void __launch_bounds__((BM_ / TM_) * (BN_ / TN_)) conv_fwd_##name(                       \
         const float* x, const float* w, const float* bias, float* y, const int4* tab, int N, int C, int H, int W, \
-        int K, int P, int Q, int CRS, int stride, int pad, int act) {                                              \
-        conv_fwd_impl<BM_, BN_, TM_, TN_>(x, w, bias, y, tab, N, C, H, W, K, P, Q, CRS, stride, pad, act);         \
+        int K, int P, int Q, int CRS, int stride, int pad, int S, int act) {                                       \
+        conv_fwd_impl<BM_, BN_, TM_, TN_, ST_, CI_>(x, w, bias, y, tab, N, C, H, W, K, P, Q, CRS, stride, pad, S,  \
+                                                    act);                                                          \
     }
 // BOUNDS_: the __launch_bounds__ arguments; (256, 3) makes ptxas budget 85 registers for the 64x64 data kernel, which
-// it otherwise squeezes into 64 on sm_80, with a spill
-#define HN_BWD_DATA(name, BM_, BN_, TM_, TN_, BOUNDS_)                                                             \
+// it otherwise squeezes into 64 on sm_80, with a spill; the other bounds with a block count likewise keep sm_90's
+// data kernels free of spills
+#define HN_BWD_DATA(name, BM_, BN_, TM_, TN_, ST_, CI_, BOUNDS_)                                                   \
     extern "C" __global__ void __launch_bounds__ BOUNDS_ conv_bwd_data_##name(                                     \
         const float* dy, const float* w, const float* relu_x, float* dx, const int4* tab, int N, int C, int H,     \
-        int W, int K, int P, int Q, int KRS, int stride, int pad) {                                                \
-        conv_bwd_data_impl<BM_, BN_, TM_, TN_>(dy, w, relu_x, dx, tab, N, C, H, W, K, P, Q, KRS, stride, pad);     \
+        int W, int K, int P, int Q, int KRS, int stride, int pad, int S) {                                         \
+        conv_bwd_data_impl<BM_, BN_, TM_, TN_, ST_, CI_>(dy, w, relu_x, dx, tab, N, C, H, W, K, P, Q, KRS, stride, \
+                                                         pad, S);                                                  \
     }
-#define HN_BWD_FILTER(name, BM_, BN_, TM_, TN_)                                                                    \
-    extern "C" __global__ void __launch_bounds__(256) conv_bwd_filter_##name(                                      \
+#define HN_BWD_FILTER(name, BM_, BN_, TM_, TN_, ST_, CI_)                                                          \
+    extern "C" __global__ void __launch_bounds__((BM_ / TM_) * (BN_ / TN_)) conv_bwd_filter_##name(                \
         const float* dy, const float* x, float* dw, float* db, const int4* tab, int N, int C, int H, int W, int K, \
-        int P, int Q, int CRS, int stride, int pad, int chunk) {                                                   \
-        conv_bwd_filter_impl<BM_, BN_, TM_, TN_>(dy, x, dw, db, tab, N, C, H, W, K, P, Q, CRS, stride, pad, chunk); \
+        int P, int Q, int CRS, int stride, int pad, int S, int chunk) {                                            \
+        conv_bwd_filter_impl<BM_, BN_, TM_, TN_, ST_, CI_>(dy, x, dw, db, tab, N, C, H, W, K, P, Q, CRS, stride,   \
+                                                           pad, S, chunk);                                         \
     }
 
-HN_FWD(64x64, 64, 64, 4, 4)
-HN_FWD(128x32, 128, 32, 4, 4)
-HN_FWD(128x16, 128, 16, 4, 2)
-HN_FWD(256x16, 256, 16, 8, 2)
-HN_FWD(64x32, 64, 32, 4, 2)     // smaller tiles: more blocks for small batches
-HN_FWD(64x16, 64, 16, 4, 1)
-HN_BWD_DATA(64x64, 64, 64, 4, 4, (256, 3))
-HN_BWD_DATA(128x32, 128, 32, 4, 4, (256))
-HN_BWD_DATA(128x16, 128, 16, 4, 2, (256))
-HN_BWD_DATA(64x32, 64, 32, 2, 4, (256))
-HN_BWD_DATA(64x16, 64, 16, 2, 2, (256))
-HN_BWD_FILTER(32x64, 32, 64, 2, 4)
-HN_BWD_FILTER(16x64, 16, 64, 1, 4)
-HN_BWD_FILTER(64x64, 64, 64, 4, 4)
-HN_BWD_FILTER(16x32, 16, 32, 1, 2)  // short filters (C*R*S = 9, 27)
-HN_BWD_FILTER(32x32, 32, 32, 2, 2)
+HN_FWD(64x64, 64, 64, 4, 4, 2, false)
+HN_FWD(128x32, 128, 32, 4, 4, 2, false)
+HN_FWD(128x16, 128, 16, 4, 2, 2, false)
+HN_FWD(256x16, 256, 16, 8, 2, 2, false)
+HN_FWD(64x32, 64, 32, 4, 2, 2, false)     // smaller tiles: more blocks for small batches
+HN_FWD(64x16, 64, 16, 4, 1, 2, false)
+HN_FWD(128x32v, 128, 32, 8, 4, 2, false)  // 128 threads
+HN_FWD(64x32a, 64, 32, 4, 2, 3, false)
+HN_FWD(128x32c, 128, 32, 4, 4, 2, true)
+HN_FWD(64x32c, 64, 32, 4, 2, 2, true)
+HN_FWD(64x16c, 64, 16, 4, 1, 2, true)
+HN_FWD(32x32c, 32, 32, 2, 2, 2, true)    // more blocks for small batches
+HN_FWD(128x32vc, 128, 32, 8, 4, 2, true)  // 128 threads
+HN_FWD(128x64vc, 128, 64, 8, 8, 2, true)  // 128 threads
+HN_FWD(128x32vac, 128, 32, 8, 4, 3, true) // 128 threads
+HN_BWD_DATA(64x64, 64, 64, 4, 4, 2, false, (256, 3))
+HN_BWD_DATA(128x32, 128, 32, 4, 4, 2, false, (256, 2))
+HN_BWD_DATA(128x16, 128, 16, 4, 2, 2, false, (256, 4))
+HN_BWD_DATA(64x32, 64, 32, 2, 4, 2, false, (256))
+HN_BWD_DATA(64x16, 64, 16, 2, 2, 2, false, (256))
+HN_BWD_DATA(128x32v, 128, 32, 8, 4, 2, false, (128, 3))
+HN_BWD_DATA(128x32c, 128, 32, 4, 4, 2, true, (256, 2))
+HN_BWD_DATA(64x32c, 64, 32, 2, 4, 2, true, (256))
+HN_BWD_DATA(64x16c, 64, 16, 2, 2, 2, true, (256))
+HN_BWD_DATA(32x32c, 32, 32, 2, 2, 2, true, (256))
+HN_BWD_DATA(128x32vc, 128, 32, 8, 4, 2, true, (128, 3))
+HN_BWD_DATA(64x32vc, 64, 32, 8, 4, 2, true, (64))
+HN_BWD_DATA(64x32ac, 64, 32, 2, 4, 3, true, (256))
+HN_BWD_FILTER(32x64, 32, 64, 2, 4, 2, false)
+HN_BWD_FILTER(16x64, 16, 64, 1, 4, 2, false)
+HN_BWD_FILTER(64x64, 64, 64, 4, 4, 2, false)
+HN_BWD_FILTER(16x32, 16, 32, 1, 2, 2, false)  // short filters (C*R*S = 9, 27)
+HN_BWD_FILTER(32x32, 32, 32, 2, 2, 2, false)
+HN_BWD_FILTER(32x64v, 32, 64, 4, 8, 2, false)    // 64 threads
+HN_BWD_FILTER(32x32v, 32, 32, 4, 4, 2, false)    // 64 threads
+HN_BWD_FILTER(64x64a, 64, 64, 4, 4, 3, false)
+HN_BWD_FILTER(32x32c, 32, 32, 2, 2, 2, true)
+HN_BWD_FILTER(32x64c, 32, 64, 2, 4, 2, true)
+HN_BWD_FILTER(32x32vc, 32, 32, 4, 4, 2, true)   // 64 threads
+HN_BWD_FILTER(32x64vc, 32, 64, 4, 8, 2, true)   // 64 threads
 
 // --- im2col path ---------------------------------------------------------------------------------------------------
 

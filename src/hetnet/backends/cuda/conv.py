@@ -16,10 +16,20 @@ import numpy as np
 
 from .kernels import NULL, check, get_kernel
 
-FWD_CFGS = {"64x64": (64, 64), "128x32": (128, 32), "128x16": (128, 16), "256x16": (256, 16), "64x32": (64, 32),
-            "64x16": (64, 16)}
-DATA_CFGS = {"64x64": (64, 64), "128x32": (128, 32), "128x16": (128, 16), "64x32": (64, 32), "64x16": (64, 16)}
-FILTER_CFGS = {"16x64": (16, 64), "32x64": (32, 64), "64x64": (64, 64), "16x32": (16, 32), "32x32": (32, 32)}
+# name: (BM, BN, threads) of each tile configuration in conv.cu. "v": 8x4 or 8x8 outputs per thread; "a": the cp.async
+# pipeline; "c": channels inside taps, only where C % BK == 0 (forward), K % BK == 0 (data gradient) or C % BN == 0
+# (filter gradient) (`_fits`)
+FWD_CFGS = {"64x64": (64, 64, 256), "128x32": (128, 32, 256), "128x16": (128, 16, 256), "256x16": (256, 16, 256),
+            "64x32": (64, 32, 256), "64x16": (64, 16, 256), "128x32v": (128, 32, 128), "64x32a": (64, 32, 256),
+            "128x32c": (128, 32, 256), "64x32c": (64, 32, 256), "64x16c": (64, 16, 256), "32x32c": (32, 32, 256),
+            "128x32vc": (128, 32, 128), "128x64vc": (128, 64, 128), "128x32vac": (128, 32, 128)}
+DATA_CFGS = {"64x64": (64, 64, 256), "128x32": (128, 32, 256), "128x16": (128, 16, 256), "64x32": (64, 32, 256),
+             "64x16": (64, 16, 256), "128x32v": (128, 32, 128), "128x32c": (128, 32, 256), "64x32c": (64, 32, 256),
+             "64x16c": (64, 16, 256), "32x32c": (32, 32, 256), "128x32vc": (128, 32, 128), "64x32vc": (64, 32, 64),
+             "64x32ac": (64, 32, 256)}
+FILTER_CFGS = {"16x64": (16, 64, 256), "32x64": (32, 64, 256), "64x64": (64, 64, 256), "16x32": (16, 32, 256),
+               "32x32": (32, 32, 256), "32x64v": (32, 64, 64), "32x32v": (32, 32, 64), "64x64a": (64, 64, 256),
+               "32x32c": (32, 32, 256), "32x64c": (32, 64, 256), "32x32vc": (32, 32, 64), "32x64vc": (32, 64, 64)}
 BK = 16
 TUNE_RUNS = 4      # back-to-back runs per timed sample when measuring the algorithms
 # im2col's column buffer is a workspace on top of the step's live tensors: it is built for a few images at a time
@@ -30,7 +40,8 @@ TUNE_RUNS = 4      # back-to-back runs per timed sample when measuring the algor
 # 6.9 MiB at batch 32, more than the step's activations at that point. Each chunk costs two more launches, which
 # show at batch 32 (fashion-cnn's step in `hetnet bench` on an H200: 0.39 ms in 1 MiB chunks, 0.35 unchunked),
 # hence 4 MiB.
-# The algorithm trials run unchunked.
+# The algorithm trials time im2col in the chunks of the moment (an eager call: no headroom), so the layer API gets the
+# faster of the two as it runs it; a captured step, with its larger chunks, reuses that choice.
 IM2COL_MIN_CHUNK = 4 << 20
 _i32 = np.int32
 
@@ -76,19 +87,27 @@ def _tables(be, g: Geometry):
 
 
 def _fwd_implicit(be, cfg, g, x, w, b, y, act):
-    bm, bn = FWD_CFGS[cfg]
+    bm, bn, nt = FWD_CFGS[cfg]
     tab, _ = _tables(be, g)
     kern = get_kernel(be.device_id, "conv", f"conv_fwd_{cfg}")
     grid = (math.ceil(g.npq / bm), math.ceil(g.k / bn), 1)
-    kern(grid, (256,), (x, w, b if b is not None else NULL, y, tab, *g.ints(), _i32(g.crs), _i32(g.stride),
-                        _i32(g.pad), _i32(act)))
+    kern(grid, (nt,), (x, w, b if b is not None else NULL, y, tab, *g.ints(), _i32(g.crs), _i32(g.stride),
+                        _i32(g.pad), _i32(g.s), _i32(act)))
+
+
+def _fits(cfg: str, op: str, g: Geometry) -> bool:
+    """Whether a tile configuration applies: the "c" ones need whole tiles of channels (forward: C, data: K, filter:
+    C in whole column tiles)."""
+    if not cfg.endswith("c"):
+        return True
+    if op == "filter":
+        return g.c % FILTER_CFGS[cfg][1] == 0
+    return (g.c if op == "fwd" else g.k) % BK == 0
 
 
 def _chunks(be, g, tensor_bytes: int):
-    """Image ranges [n0, n1) for im2col: each chunk's column buffer (CRS x n*PQ floats) within the budget above
-    (all images at once during an algorithm trial), and never less than one image; equal chunks but the last."""
-    if be._trial:
-        return [(0, g.n)]
+    """Image ranges [n0, n1) for im2col: each chunk's column buffer (CRS x n*PQ floats) within the budget above, and
+    never less than one image; equal chunks but the last."""
     per_image = 4 * g.crs * g.p * g.q
     budget = max(tensor_bytes, IM2COL_MIN_CHUNK, be.workspace_headroom())
     count = max(1, min(g.n, math.ceil(per_image * g.n / budget)))
@@ -133,12 +152,12 @@ def _dyk(be, g, dy):
 
 
 def _data_implicit(be, cfg, g, dy, w, dx, relu_x):
-    bm, bn = DATA_CFGS[cfg]
+    bm, bn, nt = DATA_CFGS[cfg]
     _, tab = _tables(be, g)
     kern = get_kernel(be.device_id, "conv", f"conv_bwd_data_{cfg}")
     grid = (math.ceil(g.n * g.h * g.w / bm), math.ceil(g.c / bn), 1)
-    kern(grid, (256,), (dy, w, relu_x if relu_x is not None else NULL, dx, tab, *g.ints(), _i32(g.krs),
-                        _i32(g.stride), _i32(g.pad)))
+    kern(grid, (nt,), (dy, w, relu_x if relu_x is not None else NULL, dx, tab, *g.ints(), _i32(g.krs),
+                        _i32(g.stride), _i32(g.pad), _i32(g.s)))
 
 
 def _data_im2col(be, g, dy, w, dx, relu_x, budget):
@@ -162,19 +181,21 @@ def _data_im2col(be, g, dy, w, dx, relu_x, budget):
 
 
 def _filter_split(be, cfg, g):
-    bm, bn = FILTER_CFGS[cfg]
+    """Grid and reduction chunk of the filter gradient: the N*P*Q sum is split over blockIdx.z (partial sums added
+    with atomics) until there are about 4 x 256 threads per SM, each split at least 4 tiles long."""
+    bm, bn, nt = FILTER_CFGS[cfg]
     gx, gy = math.ceil(g.k / bm), math.ceil(g.crs / bn)
-    splits = max(1, min(math.ceil(4 * be.sms / (gx * gy)), math.ceil(g.npq / (4 * BK))))
+    splits = max(1, min(math.ceil(4 * be.sms * (256 // nt) / (gx * gy)), math.ceil(g.npq / (4 * BK))))
     chunk = math.ceil(math.ceil(g.npq / splits) / BK) * BK
-    return (gx, gy, math.ceil(g.npq / chunk)), chunk
+    return (gx, gy, math.ceil(g.npq / chunk)), chunk, nt
 
 
 def _filter_implicit(be, cfg, g, dy, x, dw, db):
     tab, _ = _tables(be, g)
-    grid, chunk = _filter_split(be, cfg, g)
+    grid, chunk, nt = _filter_split(be, cfg, g)
     kern = get_kernel(be.device_id, "conv", f"conv_bwd_filter_{cfg}")
-    kern(grid, (256,), (dy, x, dw, db if db is not None else NULL, tab, *g.ints(), _i32(g.crs), _i32(g.stride),
-                        _i32(g.pad), _i32(chunk)))
+    kern(grid, (nt,), (dy, x, dw, db if db is not None else NULL, tab, *g.ints(), _i32(g.crs), _i32(g.stride),
+                        _i32(g.pad), _i32(g.s), _i32(chunk)))
 
 
 def _filter_im2col(be, g, dy, x, dw, db, budget):
@@ -226,7 +247,6 @@ def _choose(be, op: str, g: Geometry, candidates: dict, run_scratch):
     spin = get_kernel(be.device_id, "elementwise", "hn_spin")
     times = {}
     pool = be.tune_pool()       # the trials' temporaries (column buffers, scratch gradients), released after
-    be._trial = True
     try:
         with cupy.cuda.using_allocator(pool.malloc):
             for name, fn in candidates.items():
@@ -247,7 +267,6 @@ def _choose(be, op: str, g: Geometry, candidates: dict, run_scratch):
                 except cupy.cuda.memory.OutOfMemoryError:
                     continue
     finally:
-        be._trial = False
         cupy.cuda.get_current_stream().synchronize()
         pool.free_all_blocks()
     choice = min(times, key=times.get)
@@ -264,7 +283,8 @@ def conv_forward(be, x, w, b, stride, pad, act=0, geometry=None):
     k, _, r, s = w.shape
     g = geometry or Geometry(n, c, h, wd, k, r, s, stride, pad)
     y = be.xp.empty((n, k, g.p, g.q), dtype=be.xp.float32)
-    cands = {cfg: (lambda out, cfg=cfg: _fwd_implicit(be, cfg, g, x, w, b, out, act)) for cfg in FWD_CFGS}
+    cands = {cfg: (lambda out, cfg=cfg: _fwd_implicit(be, cfg, g, x, w, b, out, act)) for cfg in FWD_CFGS
+             if _fits(cfg, "fwd", g)}
     cands["im2col"] = lambda out: _fwd_im2col(be, g, x, w, b, out, act, x.nbytes + y.nbytes)
     choice = _choose(be, "fwd", g, cands, lambda fn: fn(y))
     cands[choice](y)
@@ -278,7 +298,8 @@ def conv_backward(be, dy, x, w, dw, db, stride, pad, need_dx=True, relu_x=None):
     k, _, r, s = w.shape
     g = Geometry(n, c, h, wd, k, r, s, stride, pad)
     xp = be.xp
-    fc = {cfg: (lambda dw_, db_, cfg=cfg: _filter_implicit(be, cfg, g, dy, x, dw_, db_)) for cfg in FILTER_CFGS}
+    fc = {cfg: (lambda dw_, db_, cfg=cfg: _filter_implicit(be, cfg, g, dy, x, dw_, db_)) for cfg in FILTER_CFGS
+          if _fits(cfg, "filter", g)}
     fc["im2col"] = lambda dw_, db_: _filter_im2col(be, g, dy, x, dw_, db_, x.nbytes + dy.nbytes)
 
     scratch = []
@@ -294,7 +315,8 @@ def conv_backward(be, dy, x, w, dw, db, stride, pad, need_dx=True, relu_x=None):
     if not need_dx:
         return None
     dx = xp.empty(x.shape, dtype=xp.float32)
-    dc = {cfg: (lambda out, cfg=cfg: _data_implicit(be, cfg, g, dy, w, out, relu_x)) for cfg in DATA_CFGS}
+    dc = {cfg: (lambda out, cfg=cfg: _data_implicit(be, cfg, g, dy, w, out, relu_x)) for cfg in DATA_CFGS
+          if _fits(cfg, "data", g)}
     dc["im2col"] = lambda out: _data_im2col(be, g, dy, w, out, relu_x, x.nbytes + dy.nbytes)
     dc[_choose(be, "data", g, dc, lambda fn: fn(dx))](dx)
     return dx

@@ -261,6 +261,10 @@ class GraphTrainStep:
         self.label_smoothing = float(label_smoothing)
         self.cp = cupy
         self.nodes, self.n_seeds, self.logits_pos = compile_plan(be, model)
+        # the backward stops at the first node with parameters, which is told that its d(input) is not wanted (a
+        # leading Flatten would otherwise pull a first Dense layer's unused d(input) GEMM along), as backward_chain
+        self.first_param = next((i for i, n in enumerate(self.nodes) if getattr(getattr(n, "layer", None),
+                                                                                 "params", None)), len(self.nodes))
         for node in self.nodes:             # for _mask on generic nodes: the input seen in the last forward
             node.input_ref = (lambda n=node: n._x)
         kind = type(optimizer).__name__
@@ -312,9 +316,9 @@ class GraphTrainStep:
         else:
             self.optimizer.zero_grad()
         d = dlogits
-        for i in range(len(self.nodes) - 1, -1, -1):
+        for i in range(len(self.nodes) - 1, self.first_param - 1, -1):    # the nodes before it only make d(input)
             node = self.nodes[i]
-            d = node.bwd(d, i > 0, ctx)
+            d = node.bwd(d, i > self.first_param, ctx)
         for node in self.nodes:
             node._x = None
         self._update(pack)
