@@ -108,23 +108,33 @@ def test_train_step_equals_generic_step(rng):
     losses and correct counts; the eval step likewise."""
     x = rng.standard_normal((8, 3, 12, 12)).astype(np.float32)
     y = rng.integers(0, 3, 8)
-    states, sums = [], []
+    states, sums, _ = _fused_and_generic(lambda: _model(3, dict(kernel_size=3, padding=1), 5 * 3 * 3), x, y, 7)
+    for k in states[0]:
+        np.testing.assert_array_equal(states[0][k], states[1][k], err_msg=k)
+    assert sums[0] == sums[1]
+
+
+def _fused_and_generic(make_model, x, y, seed):
+    """Three SGD+momentum steps, then an evaluation pass, through the cpu step objects and through the generic
+    (layer-by-layer) ones, from the same start: ([state_dict] * 2, [(train sums, eval sums)] * 2, fused plan's
+    node list), fused first."""
+    states, sums, nodes = [], [], None
     for fused in (True, False):
-        hn.seed(7)
-        model = _model(3, dict(kernel_size=3, padding=1), 5 * 3 * 3)
+        hn.seed(seed)
+        model = make_model()
         opt = hn.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         step = make_train_step(model, opt) if fused else TrainStep(model, opt)
         assert isinstance(step.model, FusedPlan) == fused
         for _ in range(3):
             step.step(x, y)
+        if fused:
+            nodes = step.model.nodes
         model.eval()
         ev = make_eval_step(model) if fused else EvalStep(model)
         ev.step(x, y)
         states.append(model.state_dict())
         sums.append((step.collect(), ev.collect()))
-    for k in states[0]:
-        np.testing.assert_array_equal(states[0][k], states[1][k], err_msg=k)
-    assert sums[0] == sums[1]
+    return states, sums, nodes
 
 
 def test_plan_falls_back_to_layers(monkeypatch, rng):
@@ -148,3 +158,78 @@ def test_plan_reports_bad_input_shape():
 
 def test_jit_module_available_flag_consistent():
     assert (cpu._SGEMM is None) or _cpu_jit.available()
+
+
+# --- BatchNorm2D -> ReLU -> MaxPool2D(2), fused ----------------------------------------------------------------------
+
+needs_numba = pytest.mark.skipif(not _cpu_jit.available(), reason="Numba unavailable: no fused batch norm")
+
+
+def _bn_chain(be, x, gamma, beta, rm, rv, training, dy, dgamma, dbeta):
+    """batchnorm -> relu -> maxpool 2x2 forward and backward through backend `be`'s own ops, one after the other."""
+    yb, cb = be.batchnorm_forward(x, gamma, beta, rm, rv, 0.1, 1e-5, training)
+    yr, cr = be.relu_forward(yb)
+    yp, cp = be.maxpool2d_forward(yr, 2, 2)
+    dx = be.batchnorm_backward(be.relu_backward(be.maxpool2d_backward(dy, cp), cr), cb, dgamma, dbeta)
+    return yp, dx
+
+
+@needs_numba
+@pytest.mark.parametrize("shape", [(1, 3, 4, 4), (3, 2, 7, 5), (2, 4, 6, 9), (4, 1, 4, 3)])
+@pytest.mark.parametrize("training", [True, False])
+def test_fused_bn_relu_pool_matches_the_three_ops_and_reference(rng, shape, training):
+    """Odd sizes leave a row / column no window covers (its gradient comes from batch norm's sums alone). The
+    output and running statistics are the three cpu ops' bits; the gradients are within float32 rounding of them
+    (the sums run in another order) and of the float64 reference."""
+    n, c, h, w = shape
+    x = (rng.standard_normal(shape) * 2 + 0.5).astype(np.float32)
+    x[:, :, :2, :2] = -20                # each channel's first window: the ReLU closes it
+    gamma = (np.abs(rng.standard_normal(c)) + 0.5).astype(np.float32)
+    beta = (rng.standard_normal(c) * 0.3).astype(np.float32)
+    dy = rng.standard_normal((n, c, h // 2, w // 2)).astype(np.float32)
+    stats = [(rng.random(c).astype(np.float32), (rng.random(c) + 0.5).astype(np.float32)) for _ in range(3)]
+    stats[1] = (stats[0][0].copy(), stats[0][1].copy())
+    stats[2] = (stats[0][0].astype(np.float64), stats[0][1].astype(np.float64))
+    grads = [(np.zeros(c, np.float32) + 0.5, np.zeros(c, np.float32) - 0.25) for _ in range(2)]
+    grads.append((np.zeros(c) + 0.5, np.zeros(c) - 0.25))
+    x_copy = x.copy()
+    y1, dx1 = _bn_chain(cpu, x, gamma, beta, *stats[0], training, dy, *grads[0])
+    y2, cache = cpu.bn_relu_maxpool_forward(x, gamma, beta, *stats[1], 0.1, 1e-5, training)
+    dx2 = cpu.bn_relu_maxpool_backward(dy, cache, *grads[1])
+    yr, dxr = _bn_chain(reference, x.astype(np.float64), gamma.astype(np.float64), beta.astype(np.float64),
+                        *stats[2], training, dy.astype(np.float64), *grads[2])
+    np.testing.assert_array_equal(x, x_copy)
+    np.testing.assert_array_equal(y2, y1)
+    for a, b in zip(stats[1], stats[0]):
+        np.testing.assert_array_equal(a, b)
+    assert_close(y2, yr, np.float32, "y vs reference")
+    for got, want, what in ((dx2, dx1, "dx"), (grads[1][0], grads[0][0], "dgamma"), (grads[1][1], grads[0][1], "dbeta")):
+        assert_close(got, want, np.float32, f"{what} vs the three cpu ops")
+    for got, want, what in ((dx2, dxr, "dx"), (grads[1][0], grads[2][0], "dgamma"), (grads[1][1], grads[2][1], "dbeta")):
+        assert_close(got, want, np.float32, f"{what} vs reference")
+    assert np.any(dx2 != 0) and np.any(y2 > 0) and np.all(y2[:, :, 0, 0] == 0)   # both sides of the ReLU
+    dg = np.zeros(c, np.float32) + 0.5          # as grads[1][0] started
+    assert cpu.bn_relu_maxpool_backward(dy, cache, dg, np.zeros(c, np.float32), need_dx=False) is None
+    np.testing.assert_array_equal(dg, grads[1][0])
+
+
+def _bn_model():
+    return hn.Sequential([hn.Conv2D(2, 4, 3, padding=1, bias=False), hn.BatchNorm2D(4), hn.ReLU(), hn.MaxPool2D(2),
+                          hn.Conv2D(4, 5, 3, padding=1, bias=False), hn.BatchNorm2D(5), hn.ReLU(), hn.MaxPool2D(2),
+                          hn.Flatten(), hn.Dense(5 * 2 * 2, 3)]).to("cpu")
+
+
+@needs_numba
+def test_train_step_with_batch_norm_pools_matches_generic_step(rng):
+    """fashion-cnn's pattern: the cpu step object fuses each BatchNorm2D -> ReLU -> MaxPool2D(2); three SGD steps
+    and an evaluation pass agree with the generic (layer-by-layer) step within float32 rounding."""
+    from hetnet.backends._cpu_step import _FusedBNReluPool
+
+    x = rng.standard_normal((6, 2, 9, 11)).astype(np.float32)
+    y = rng.integers(0, 3, 6)
+    states, sums, nodes = _fused_and_generic(_bn_model, x, y, 5)
+    assert sum(isinstance(nd, _FusedBNReluPool) for nd in nodes) == 2
+    for k in states[0]:
+        assert_close(states[0][k], states[1][k], np.float32, k)
+    (t0, e0), (t1, e1) = sums
+    assert t0[2] == t1[2] and e0[2] == e1[2] and abs(t0[0] - t1[0]) <= 1e-4 * abs(t1[0])

@@ -732,10 +732,10 @@ def _bn_3d(x):
     return x.reshape(n, c, -1)
 
 
-def batchnorm_forward(x, gamma, beta, running_mean, running_var, momentum, eps, training):
-    """y = gamma * (x - mean) / sqrt(var + eps) + beta per channel, computed as y = x * scale + shift."""
-    x = _f32c(x)
-    x3 = _bn_3d(x)
+def _bn_statistics(x3, gamma, running_mean, running_var, momentum, eps, training):
+    """The batch's (training: updating the running statistics) or the running statistics of x3 (N, C, HW), as
+    float64 per channel: (mean, inv_std, scale = gamma * inv_std, centred), where centred says the sums had to be
+    taken about the mean (a large mean against the spread)."""
     n, c, hw = x3.shape
     m = n * hw
     centred = False
@@ -759,7 +759,15 @@ def batchnorm_forward(x, gamma, beta, running_mean, running_var, momentum, eps, 
         var = running_var.astype(np.float64)
         centred = bool(np.any(mean * mean > _BN_SHIFT_LIMIT * var))
     inv_std = 1.0 / np.sqrt(var + eps)
-    scale = gamma.astype(np.float64) * inv_std
+    return mean, inv_std, gamma.astype(np.float64) * inv_std, centred
+
+
+def batchnorm_forward(x, gamma, beta, running_mean, running_var, momentum, eps, training):
+    """y = gamma * (x - mean) / sqrt(var + eps) + beta per channel, computed as y = x * scale + shift."""
+    x = _f32c(x)
+    x3 = _bn_3d(x)
+    n, c, hw = x3.shape
+    mean, inv_std, scale, centred = _bn_statistics(x3, gamma, running_mean, running_var, momentum, eps, training)
     shift = beta.astype(np.float64) - mean * scale
     y = np.empty_like(x)
     y3 = _bn_3d(y)
@@ -790,18 +798,7 @@ def batchnorm_backward(dy, cache, dgamma, dbeta):
     else:
         sum_dy, sum_dy_x = _bn_sums(dy3, x3)
         sum_dy_xc = sum_dy_x - mean * sum_dy
-    sum_dy_xhat = inv_std * sum_dy_xc
-    dgamma += sum_dy_xhat.astype(_F)        # dE/dgamma = sum dy * xhat
-    dbeta += sum_dy.astype(_F)              # dE/dbeta = sum dy
-    a = gamma * inv_std
-    if training:
-        # dx = a * (dy - mean(dy) - xhat * mean(dy * xhat)) = a*dy + bc*(x - mean) + cc
-        bc = -a * inv_std * sum_dy_xhat / m
-        cc = -a * sum_dy / m
-    else:
-        # eval: the statistics are constants, dx = a * dy
-        bc = np.zeros(c)
-        cc = np.zeros(c)
+    a, bc, cc = _bn_backward_coefficients(sum_dy, sum_dy_xc, inv_std, gamma, training, m, dgamma, dbeta)
     dx = np.empty(shape, dtype=_F)
     dx3 = _bn_3d(dx)
     if jit:
@@ -828,6 +825,60 @@ def batchnorm_backward(dy, cache, dgamma, dbeta):
 
     _elementwise(n, 12 * c * hw, body)
     return dx
+
+
+# --- BatchNorm2D + ReLU + 2x2 max pooling, fused (the cpu step object's op for that chain, _cpu_step) --------------
+
+
+def bn_relu_maxpool_available() -> bool:
+    """Whether bn_relu_maxpool_* can run (they need the compiled paths); the input must be at least 2x2."""
+    return _jit.available()
+
+
+def bn_relu_maxpool_forward(x, gamma, beta, running_mean, running_var, momentum, eps, training):
+    """maxpool2d(relu(batchnorm2d(x)), 2, 2): y[N,C,H//2,W//2], cache. After the statistics, one pass over x; the
+    normalised and the ReLU outputs are never stored. y is bit-identical to the three ops one after the other."""
+    x = _f32c(x)
+    n, c, h, w = x.shape
+    mean, inv_std, scale, _ = _bn_statistics(x.reshape(n, c, h * w), gamma, running_mean, running_var, momentum, eps,
+                                             training)
+    sc, sh = scale.astype(_F), (beta.astype(np.float64) - mean * scale).astype(_F)
+    y = np.empty((n, c, h // 2, w // 2), dtype=_F)
+    idx = np.empty(y.shape, dtype=np.uint8)
+    _jit_parallel(n, 5 * c * h * w, lambda b0, b1, _: _jit.bn_relu_pool2_forward(x[b0:b1], sc, sh, y[b0:b1],
+                                                                                  idx[b0:b1]))
+    return y, (x, mean, inv_std, gamma.astype(np.float64), training, y, idx)
+
+
+def bn_relu_maxpool_backward(dy, cache, dgamma, dbeta, need_dx=True):
+    """Adds dE/dgamma, dE/dbeta; returns dE/dx (or None). The gradient max pooling and ReLU pass back is dy at each
+    window's maximum where the pooled value is > 0; BN's sums visit only those (float64 sums in another order than
+    batchnorm_backward's: float32 rounding apart), dx is one pass over x."""
+    x, mean, inv_std, gamma, training, y, idx = cache
+    dy = _f32c(dy)
+    n, c, h, w = x.shape
+    sum_dy, sum_dy_xc = _bn_jit_sums(_jit.bn_relu_pool2_backward_sums, n, c, h * w, dy, y, idx, x, mean)
+    a, bc, cc = _bn_backward_coefficients(sum_dy, sum_dy_xc, inv_std, gamma, training, n * h * w, dgamma, dbeta)
+    if not need_dx:
+        return None
+    dx = np.empty(x.shape, dtype=_F)
+    af, bf, cf, mf = (np.asarray(v, dtype=_F) for v in (a, bc, cc, mean))
+    _jit_parallel(n, 12 * c * h * w, lambda b0, b1, _: _jit.bn_relu_pool2_backward_apply(
+        dy[b0:b1], y[b0:b1], idx[b0:b1], x[b0:b1], af, bf, cf, mf, dx[b0:b1]))
+    return dx
+
+
+def _bn_backward_coefficients(sum_dy, sum_dy_xc, inv_std, gamma, training, m, dgamma, dbeta):
+    """Add dE/dgamma and dE/dbeta; return (a, bc, cc) per channel (float64) with dx = a*dy + bc*(x - mean) + cc."""
+    sum_dy_xhat = inv_std * sum_dy_xc
+    dgamma += sum_dy_xhat.astype(_F)        # dE/dgamma = sum dy * xhat
+    dbeta += sum_dy.astype(_F)              # dE/dbeta = sum dy
+    a = gamma * inv_std
+    if training:
+        # dx = a * (dy - mean(dy) - xhat * mean(dy * xhat)) = a*dy + bc*(x - mean) + cc
+        return a, -a * inv_std * sum_dy_xhat / m, -a * sum_dy / m
+    # eval: the statistics are constants, dx = a * dy
+    return a, np.zeros_like(a), np.zeros_like(a)
 
 
 def _bn_sums_centred(dy3, x3, mean):
