@@ -1,6 +1,8 @@
-"""The cpu backend's step objects (hetnet.backends._cpu_step): Conv2D -> ReLU -> MaxPool2D(2) fused into one
-compiled op. The fused plan must give exactly the layer-by-layer model's outputs and gradients (same float32
-operations in the same order), and the fused op must match the float64 reference within the float32 tolerance."""
+"""The cpu backend's step objects (hetnet.backends._cpu_step): Conv2D -> ReLU -> MaxPool2D(2) and
+BatchNorm2D -> ReLU -> MaxPool2D(2) each fused into one compiled op. The conv fusion must give exactly the
+layer-by-layer model's outputs and gradients (same float32 operations in the same order); the batch-norm fusion its
+outputs exactly and its gradients within the float32 tolerance (float64 sums in another order); both fused ops must
+match the float64 reference within the float32 tolerance."""
 from __future__ import annotations
 
 import numpy as np

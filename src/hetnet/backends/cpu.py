@@ -840,8 +840,7 @@ def bn_relu_maxpool_forward(x, gamma, beta, running_mean, running_var, momentum,
     normalised and the ReLU outputs are never stored. y is bit-identical to the three ops one after the other."""
     x = _f32c(x)
     n, c, h, w = x.shape
-    mean, inv_std, scale, _ = _bn_statistics(x.reshape(n, c, h * w), gamma, running_mean, running_var, momentum, eps,
-                                             training)
+    mean, inv_std, scale, _ = _bn_statistics(_bn_3d(x), gamma, running_mean, running_var, momentum, eps, training)
     sc, sh = scale.astype(_F), (beta.astype(np.float64) - mean * scale).astype(_F)
     y = np.empty((n, c, h // 2, w // 2), dtype=_F)
     idx = np.empty(y.shape, dtype=np.uint8)
