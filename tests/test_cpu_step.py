@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import hetnet as hn
-from hetnet.backends import _cpu_jit, cpu, reference
-from hetnet.backends._cpu_step import FusedPlan, _FusedConvReluPool
+from hetnet.backends import _cpu_jit, _cpu_step, cpu, reference
+from hetnet.backends._cpu_step import FusedPlan, _DenseChain, _FusedConvReluPool
 from hetnet.train import EvalStep, TrainStep, make_eval_step, make_train_step
 
 from conftest import assert_close
@@ -41,10 +41,16 @@ def _pass(net, x, y):
     return logits, net.backward(d, need_dx=True)
 
 
+@pytest.fixture
+def no_dense_chain(monkeypatch):
+    """Plans without _DenseChain nodes (their bias gradients are float64 sums: not the layers' bits)."""
+    monkeypatch.setattr(_cpu_step, "DENSE_CHAIN_MIN", 0)
+
+
 @needs_jit
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"N{c[0]}C{c[1]}{c[2]}x{c[3]}{c[4]}")
 @pytest.mark.parametrize("first", [False, True], ids=["conv-first", "dense-before"])
-def test_fused_plan_equals_layer_by_layer(rng, case, first):
+def test_fused_plan_equals_layer_by_layer(rng, case, first, no_dense_chain):
     n, c, h, w, conv_args, tail = case
     extra = [hn.Conv2D(c, c, 3, padding=1), hn.Tanh()] if first else []
     hn.seed(int(rng.integers(1 << 30)))
@@ -105,7 +111,7 @@ def test_fused_backward_without_dx(rng):
 
 
 @needs_jit
-def test_train_step_equals_generic_step(rng):
+def test_train_step_equals_generic_step(rng, no_dense_chain):
     """Three SGD+momentum steps through the cpu step object and through the generic TrainStep: identical weights,
     losses and correct counts; the eval step likewise."""
     x = rng.standard_normal((8, 3, 12, 12)).astype(np.float32)
@@ -236,3 +242,76 @@ def test_train_step_with_batch_norm_pools_matches_generic_step(rng):
         assert_close(states[0][k], states[1][k], np.float32, k)
     (t0, e0), (t1, e1) = sums
     assert t0[2] == t1[2] and e0[2] == e1[2] and abs(t0[0] - t1[0]) <= 1e-4 * abs(t1[0])
+
+
+# --- Dense chains (feature-major Dense [ReLU] Dense ... runs) and the step's written gradients ---------------------
+
+CHAINS = [  # (batch, [(in, out, bias, ReLU after)])
+    (1, [(7, 5, True, True), (5, 3, True, False)]),
+    (6, [(9, 8, True, True), (8, 4, False, True), (4, 3, True, False)]),
+    (33, [(20, 11, False, False), (11, 6, True, True)]),         # no ReLU between; the chain ends with one
+    (70, [(40, 130, True, True), (130, 10, True, False)]),
+]
+
+
+@needs_jit
+@pytest.mark.parametrize("case", CHAINS, ids=lambda c: f"N{c[0]}-" + "-".join(f"{f}x{k}" for f, k, _, _ in c[1]))
+@pytest.mark.parametrize("accumulate", [True, False])
+def test_dense_chain_matches_reference(rng, case, accumulate):
+    """dense_chain_* against the float64 reference's Dense and ReLU ops, forward, dx and every gradient; the
+    gradients are added to what the buffers hold (accumulate) or written over it (the buffers start non-zero)."""
+    n, spec = case
+    x = rng.standard_normal((n, spec[0][0]))
+    ws = [(rng.standard_normal((k, f)) * 0.5, rng.standard_normal(k) * 0.1 if bias else None, relu)
+          for f, k, bias, relu in spec]
+    dy = rng.standard_normal((n, spec[-1][1]))
+    h, caches = x, []
+    for w, b, relu in ws:
+        h, c = reference.dense_forward(h, w, b)
+        r = reference.relu_forward(h) if relu else None
+        caches.append((c, r and r[1]))
+        h = r[0] if relu else h
+    start = [(rng.standard_normal(w.shape), None if b is None else rng.standard_normal(b.shape)) for w, b, _ in ws]
+    ref = [(np.zeros(w.shape), None if b is None else np.zeros(b.shape)) for w, b, _ in ws]
+    d = dy
+    for (w, b, relu), (c, rc), (dw, db) in reversed(list(zip(ws, caches, ref))):
+        d = reference.relu_backward(d, rc) if relu else d
+        d = reference.dense_backward(d, c, dw, db)
+    f32 = [(w.astype(np.float32), None if b is None else b.astype(np.float32), r) for w, b, r in ws]
+    x32 = x.astype(np.float32)
+    y32, cache = cpu.dense_chain_forward(x32, f32)
+    grads = [(dw.astype(np.float32), None if db is None else db.astype(np.float32)) for dw, db in start]
+    dx32 = cpu.dense_chain_backward(dy.astype(np.float32), cache, grads, need_dx=True, accumulate=accumulate)
+    assert_close(y32, h, np.float32, "y")
+    assert_close(dx32, d, np.float32, "dx")
+    for i, ((dw, db), (dw0, db0), (g, gb)) in enumerate(zip(ref, start, grads)):
+        assert_close(g, dw + dw0 if accumulate else dw, np.float32, f"dw{i}")
+        if db is not None:
+            assert_close(gb, db + db0 if accumulate else db, np.float32, f"db{i}")
+    assert cpu.dense_chain_backward(dy.astype(np.float32), cache, grads, need_dx=False) is None
+
+
+def _mlp(shared=False):
+    d = hn.Dense(12, 12)
+    layers = ([hn.Conv2D(2, 3, 3, padding=1), hn.ReLU(), hn.MaxPool2D(2), hn.Flatten(), hn.Dense(3 * 2 * 2, 12),
+               hn.ReLU()] + ([d, hn.ReLU(), d] if shared else [hn.Dense(12, 12)]) + [hn.ReLU(), hn.Dense(12, 3)])
+    return hn.Sequential(layers).to("cpu")
+
+
+@needs_jit
+def test_plan_uses_dense_chain_and_matches_layer_by_layer(rng):
+    hn.seed(3)
+    model = _mlp()
+    x = rng.standard_normal((9, 2, 4, 4)).astype(np.float32)
+    y = rng.integers(0, 3, 9)
+    plan = FusedPlan(model)
+    out1, dx1 = _pass(model, x, y)
+    g1 = [p.grad.copy() for p in model.parameters()]
+    model.zero_grad()
+    out2, dx2 = _pass(plan, x, y)
+    assert [type(nd).__name__ for nd in plan.nodes] == ["_FusedConvReluPool", "Flatten", "_DenseChain"]
+    assert len(plan.nodes[-1].denses) == 3 and plan.nodes[-1].relus == [True, True, False]
+    assert_close(out2, out1, np.float32, "logits")
+    assert_close(dx2, dx1, np.float32, "dx")
+    for i, (p, g) in enumerate(zip(model.parameters(), g1)):
+        assert_close(p.grad, g, np.float32, f"grad {i}")

@@ -130,6 +130,37 @@ if njit is not None:
                 d = b * momentum + d if nesterov else b
             p[i] = p[i] - d * lr
 
+    # --- Dense chains in feature-major layout (yT[K, N], one row per output feature; cpu.dense_chain_*) ------------
+
+    @_jit
+    def bias_relu_rows(yt, b, has_bias, relu):
+        """In place on yT[K', N]: yT[k] += b[k] (one float32 rounding, as NumPy's y += b), then max(., 0)."""
+        zero = _F(0)
+        for k in range(yt.shape[0]):
+            row = yt[k]
+            bk = b[k] if has_bias else zero
+            for j in range(row.size):
+                v = row[j] + bk if has_bias else row[j]
+                row[j] = (v if v > zero else zero) if relu else v   # noqa: FURB136 - NaN gives 0
+
+    @_jit_sum
+    def relu_mask_rowsum(dht, ht, relu, db, has_db, accumulate):
+        """In place on dhT[K', N]: dz = dh where h > 0 (relu), else dh; db[k] (+)= sum_n dz[k, n], summed in
+        float64 and rounded once."""
+        zero = _F(0)
+        for k in range(dht.shape[0]):
+            row = dht[k]
+            hr = ht[k]
+            s = 0.0
+            for j in range(row.size):
+                v = row[j]
+                if relu and not hr[j] > zero:
+                    v = zero
+                row[j] = v
+                s += np.float64(v)
+            if has_db:
+                db[k] = db[k] + _F(s) if accumulate else _F(s)
+
     # --- BatchNorm (x viewed as (N, C, HW)) -------------------------------------------------------------------------
 
     @_jit_sum

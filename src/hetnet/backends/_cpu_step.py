@@ -1,16 +1,20 @@
 """The cpu backend's step objects (hetnet.train's `make_train_step` / `make_eval_step`): the model run as a plan in
 which every Conv2D -> ReLU -> MaxPool2D(2) is one fused op (`cpu.conv2d_relu_maxpool_*`, compiled, one image at a
 time), so the full-size convolution output and the ReLU's output never go through memory, and every
-BatchNorm2D -> ReLU -> MaxPool2D(2) likewise (`cpu.bn_relu_maxpool_*`: the statistics, then one pass). Every other
-layer runs its own forward / backward. Outputs are bit-identical to the layer-by-layer model, and so are the
-gradients but for the fused batch norm's, whose float64 sums run in another order (float32 rounding apart;
-tests/test_cpu_step.py); the public `model.forward` / `model.backward` are unchanged.
+BatchNorm2D -> ReLU -> MaxPool2D(2) likewise (`cpu.bn_relu_maxpool_*`: the statistics, then one pass), and every
+run of Dense layers with only ReLUs between is one op that keeps the activations feature-major (`cpu.dense_chain_*`,
+the GEMM orientation OpenBLAS runs fastest at short batches). Every other layer runs its own forward / backward.
+The conv fusion's outputs and gradients are bit-identical to the layer-by-layer model's; the fused batch norm's
+gradients (float64 sums in another order) and the dense chains' outputs and gradients (GEMMs in another orientation,
+float64 bias sums) are float32 rounding apart (tests/test_cpu_step.py). The public `model.forward` /
+`model.backward` are unchanged.
 
 Measured (benchmarks/cpu_step.py, thesis-m1 at batch 32, 2 threads): see benchmarks/README-cpu.md, v13.
 """
 from __future__ import annotations
 
 from ..layers.base import backward_chain
+from ..train import EvalStep, TrainStep
 from . import cpu
 
 
@@ -67,15 +71,69 @@ def _relu_pool2(layers, i) -> bool:
             and layers[i + 1].kernel_size == 2 and layers[i + 1].stride == 2)
 
 
+class _DenseChain:
+    """Dense layers, each followed by a ReLU or not, one after the other, as one op that keeps the activations
+    feature-major (`cpu.dense_chain_*`); gradients go to the Dense layers' parameters. accumulate=False writes them
+    instead of adding to them."""
+
+    def __init__(self, denses, relus):
+        self.denses = denses
+        self.params = {f"{i}.{k}": p for i, d in enumerate(denses) for k, p in d.params.items()}
+        self.relus = relus
+        self.cache = None
+        self.need_dx = True
+        self.accumulate = True
+
+    def forward(self, x):
+        self.denses[0]._check_input(x)
+        layers = [(d.weight.data, d.bias.data if d.use_bias else None, r) for d, r in zip(self.denses, self.relus)]
+        y, self.cache = cpu.dense_chain_forward(x, layers)
+        return y
+
+    def backward(self, dy):
+        grads = [(d.weight.grad, d.bias.grad if d.use_bias else None) for d in self.denses]
+        dx = cpu.dense_chain_backward(dy, self.cache, grads, need_dx=self.need_dx, accumulate=self.accumulate)
+        self.cache = None
+        return dx
+
+
+# runs of at least this many Dense layers become a _DenseChain (0: never; tests and A/B timings switch it)
+DENSE_CHAIN_MIN = 2
+
+
+def _dense_chain_at(layers, i) -> tuple[list, list]:
+    """The Dense layers (and whether a ReLU follows each) of the run Dense [ReLU] Dense [ReLU] ... at layers[i:],
+    those whose float32 weights and gradients are C-contiguous (so sgemm can read and write them)."""
+    denses, relus = [], []
+    while i < len(layers) and type(layers[i]).__name__ == "Dense":
+        d = layers[i]
+        arrays = [d.weight.data, d.weight.grad] + ([d.bias.data, d.bias.grad] if d.use_bias else [])
+        if not all(a.flags.c_contiguous and a.dtype == cpu.dtype for a in arrays):
+            break
+        relu = i + 1 < len(layers) and type(layers[i + 1]).__name__ == "ReLU"
+        denses.append(d)
+        relus.append(relu)
+        i += 2 if relu else 1
+    return denses, relus
+
+
 def plan_nodes(layers, input_shape) -> list:
     """The node list for one per-sample input shape: a _FusedConvReluPool for each Conv2D -> ReLU -> MaxPool2D with
     kernel 2 and stride 2 whose conv output is at least 2x2, a _FusedBNReluPool for each such BatchNorm2D -> ReLU ->
-    MaxPool2D, the layer itself otherwise."""
+    MaxPool2D, a _DenseChain for each run of DENSE_CHAIN_MIN or more Dense layers with only ReLUs between, the layer
+    itself otherwise."""
     nodes, shape, i = [], tuple(input_shape), 0
     while i < len(layers):
         layer = layers[i]
         out = layer.output_shape(shape)
         kind = type(layer).__name__
+        if kind == "Dense" and DENSE_CHAIN_MIN and cpu.dense_chain_available():
+            denses, relus = _dense_chain_at(layers, i)
+            if len(denses) >= DENSE_CHAIN_MIN:
+                nodes.append(_DenseChain(denses, relus))
+                shape = (denses[-1].out_features,)
+                i += len(denses) + sum(relus)
+                continue
         fused = None
         if kind in ("Conv2D", "BatchNorm2D") and _relu_pool2(layers, i + 1) and out[1] >= 2 and out[2] >= 2:
             if kind == "Conv2D" and cpu.conv_relu_maxpool_available():
@@ -118,12 +176,8 @@ class FusedPlan:
 
 
 def make_train_step(model, optimizer, schedule=None, label_smoothing: float = 0.0):
-    from ..train import TrainStep
-
     return TrainStep(FusedPlan(model), optimizer, schedule, label_smoothing)
 
 
 def make_eval_step(model):
-    from ..train import EvalStep
-
     return EvalStep(FusedPlan(model))
