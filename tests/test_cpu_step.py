@@ -315,3 +315,41 @@ def test_plan_uses_dense_chain_and_matches_layer_by_layer(rng):
     assert_close(dx2, dx1, np.float32, "dx")
     for i, (p, g) in enumerate(zip(model.parameters(), g1)):
         assert_close(p.grad, g, np.float32, f"grad {i}")
+
+
+def _steps(model, opt, x, y, overwrite, n=3):
+    step = make_train_step(model, opt)
+    step.overwrite = overwrite
+    for _ in range(n):
+        step.step(x, y)
+    return model.state_dict(), [p.grad.copy() for p in model.parameters()], step.collect()
+
+
+@needs_jit
+@pytest.mark.parametrize("which", ["all", "last-dense", "shared-layer"])
+def test_written_gradients_equal_zeroed_ones(rng, which):
+    """The step object's shortcut (the chain writes its gradients, nothing zeroes them first) gives the bits of
+    zero_grad + accumulate, weight decay and momentum included; parameters the optimiser does not own keep
+    accumulating over the steps (so the shortcut must not touch them), and so does a layer used twice."""
+    x = rng.standard_normal((5, 2, 4, 4)).astype(np.float32)
+    y = rng.integers(0, 3, 5)
+    out = []
+    for overwrite in (True, False):
+        hn.seed(11)
+        model = _mlp(shared=which == "shared-layer")
+        params = model.parameters()[-2:] if which == "last-dense" else model.parameters()
+        opt = hn.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=0.01)
+        out.append(_steps(model, opt, x, y, overwrite))
+    (s0, g0, c0), (s1, g1, c1) = out
+    for k in s0:
+        np.testing.assert_array_equal(s0[k], s1[k], err_msg=k)
+    for a, b in zip(g0, g1):
+        np.testing.assert_array_equal(a, b)
+    assert c0 == c1
+    if which == "last-dense":      # the first conv's gradient is three steps' worth: not zeroed by anyone
+        hn.seed(11)
+        model = _mlp()
+        plan = FusedPlan(model)
+        logits = plan.forward(x)
+        plan.backward(hn.losses.softmax_cross_entropy(logits, y)[1])
+        assert np.abs(g0[0]).max() > 2 * np.abs(model.parameters()[0].grad).max()

@@ -134,12 +134,12 @@ class TrainStep:
         self.loss_sum, self.correct, self.count = 0.0, 0, 0
 
     def step(self, xb, yb) -> None:
-        self.optimizer.zero_grad()
+        self._zero_grad()
         logits = self.model.forward(xb)
         loss, dlogits = self.backend.softmax_cross_entropy(logits, yb, self.label_smoothing)
         if not math.isfinite(loss):
             raise TrainingDiverged(f"the training loss became {loss}")
-        self.model.backward(dlogits, need_dx=False)
+        self._backward(dlogits)
         self.optimizer.step()
         if self.schedule is not None:
             self.schedule.step()
@@ -147,6 +147,13 @@ class TrainStep:
         self.loss_sum += loss * n
         self.correct += int((self.backend.xp.argmax(logits, axis=1) == yb).sum())
         self.count += n
+
+    def _zero_grad(self) -> None:
+        """Before the forward pass (a backend's step object may leave to its backward the gradients it writes)."""
+        self.optimizer.zero_grad()
+
+    def _backward(self, dlogits) -> None:
+        self.model.backward(dlogits, need_dx=False)
 
     def collect(self) -> tuple[float, int, int]:
         out = (float(self.loss_sum), int(self.correct), int(self.count))
