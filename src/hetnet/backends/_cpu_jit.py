@@ -1,4 +1,5 @@
-"""Compiled loops (Numba) for the cpu backend: ReLU, 2x2 max pooling, BatchNorm, the SGD update and the convolutions.
+"""Compiled loops (Numba) for the cpu backend: ReLU, 2x2 max pooling, BatchNorm, the SGD update, the convolutions,
+the dense chains' bias / ReLU passes and the softmax cross-entropy.
 
 NumPy does these as many calls (a mask, a strided maximum, a multiply, an add, one copy per kernel tap ...), each a
 pass through memory and, with two threads, a GIL hand-over. Here each op is one call per chunk of the batch that
@@ -160,6 +161,43 @@ if njit is not None:
                 s += np.float64(v)
             if has_db:
                 db[k] = db[k] + _F(s) if accumulate else _F(s)
+
+    # --- softmax cross-entropy: the NumPy version's float32 operations row by row, in one call -------------------
+
+    @_jit
+    def softmax_xent(logits, labels, ls, d):
+        """d = (softmax(z) - t) / N for the target t = (1 - ls) one-hot + ls / K; returns the mean loss (float64).
+        Per row: z = x - max, e = exp z (one exp per element), softmax = e / sum e, log-softmax z - log(sum e)."""
+        n, k = logits.shape
+        inv_n = _F(1.0 / max(n, 1))
+        off = _F(ls / k)
+        hit = _F(1.0 - ls)
+        total = 0.0
+        for i in range(n):
+            row = logits[i]
+            out = d[i]
+            m = row[0]
+            for j in range(1, k):
+                m = max(m, row[j])
+            s = _F(0)
+            for j in range(k):
+                e = np.exp(row[j] - m)
+                out[j] = e
+                s += e
+            lse = np.log(s)
+            inv_s = _F(1) / s
+            for j in range(k):
+                out[j] = (out[j] * inv_s - off) * inv_n
+            lab = labels[i]
+            out[lab] -= hit * inv_n
+            nll = -np.float64((row[lab] - m) - lse)
+            if ls != 0.0:
+                zsum = 0.0
+                for j in range(k):
+                    zsum += np.float64(row[j] - m)
+                nll = (1.0 - ls) * nll + ls * (np.float64(lse) - zsum / k)   # -mean_j logp_j = lse - mean z
+            total += nll
+        return total / n if n else 0.0
 
     # --- BatchNorm (x viewed as (N, C, HW)) -------------------------------------------------------------------------
 
