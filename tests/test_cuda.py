@@ -7,6 +7,7 @@ Skips cleanly without CuPy or without a GPU (as in CI); on a GPU machine run scr
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -96,6 +97,50 @@ def test_conv_algorithms(be, rng, monkeypatch, case, algo):
     assert_close(be.to_numpy(dx), dx_ref, F32, f"{data} data gradient (relu mask)")
     assert_close(be.to_numpy(dw), dw_ref, F32, f"{filt} filter gradient")
     assert_close(be.to_numpy(db), db_ref, F32, f"{filt} bias gradient")
+
+
+SPLIT_CASES = [  # (N, C, H, W, K, kernel, stride, padding): grids of a few tiles with long reductions
+    (2, 17, 9, 13, 70, 3, 1, 1),
+    (2, 32, 7, 9, 48, 3, 1, 1),
+    (3, 32, 12, 12, 32, 3, 1, 1),        # thesis-m4's third convolution's shape at batch 3
+    (2, 48, 11, 10, 80, 3, 3, 0),
+]
+
+
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=lambda c: "N{}C{}H{}W{}K{}k{}s{}p{}".format(*c))
+@pytest.mark.parametrize("cfg", ["64x32", "128x32vc", "64x32c", "64x32a", "64x32ac", "32x32vac"])
+def test_split_reduction(be, rng, monkeypatch, case, cfg):
+    """The forward and data gradient reduced in several splits (the splits of a tile add into the output one after
+    another, the last applies bias + ReLU / the ReLU mask) give the unsplit results, at every split count the
+    launcher tries and twice in a row (the tile counters must be back at zero after each launch)."""
+    n, c, h, w_, k, ks, stride, pad = case
+    g = C.Geometry(n, c, h, w_, k, ks, ks, stride, pad)
+    x, w, b = f32(rng, n, c, h, w_), f32(rng, k, c, ks, ks), f32(rng, k)
+    relu_x = f32(rng, n, c, h, w_)
+    y_ref, cache = ref.conv2d_forward(x, w, b, stride, pad)
+    dy = f32(rng, *y_ref.shape)
+    dx_ref = ref.conv2d_backward(dy, cache, np.zeros(w.shape), np.zeros(k)) * (relu_x > 0)
+    ran = 0
+    for op, cfgs, m, nn, length in (("fwd", C.FWD_CFGS, g.npq, g.k, g.crs),
+                                    ("data", C.DATA_CFGS, n * h * w_, g.c, g.krs)):
+        if cfg not in cfgs or not C._fits(cfg, op, g):
+            continue
+        bm, bn, nt = cfgs[cfg]
+        splits = C._split_options(be, math.ceil(m / bm) * math.ceil(nn / bn), nt, length)
+        assert splits, f"no split for {cfg} {op} {case}"
+        for sp in splits:
+            _force(monkeypatch, f"{cfg}/{sp}", f"{cfg}/{sp}", "32x32")
+            for _ in range(2):
+                if op == "fwd":
+                    y = C.conv_forward(be, be.asarray(x), be.asarray(w), be.asarray(b), stride, pad, 1)
+                    assert_close(be.to_numpy(y), np.maximum(y_ref, 0), F32, f"{cfg}/{sp} forward + relu")
+                else:
+                    dx = C.conv_backward(be, be.asarray(dy), be.asarray(x), be.asarray(w), be.zeros(w.shape),
+                                         be.zeros((k,)), stride, pad, True, be.asarray(relu_x))
+                    assert_close(be.to_numpy(dx), dx_ref, F32, f"{cfg}/{sp} data gradient (relu mask)")
+            ran += 1
+    if ran == 0:
+        pytest.skip(f"{cfg} does not apply to {case}")
 
 
 @pytest.mark.parametrize("n,f,k", [(1, 1, 1), (3, 7, 5), (33, 130, 70), (128, 2048, 100)])

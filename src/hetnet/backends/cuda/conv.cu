@@ -24,13 +24,15 @@
 // (hn_pipelined_gemm below); on_tile(As) sees each A tile before it is used (the filter gradient sums db there).
 //
 // Which rows thread tm owns (hn_owned; columns likewise with TN, DN, tn). With 32 or more outputs per thread (the
-// "v" configurations: 8x4, 4x8) and TM a multiple of 4: TM/4 runs of 4 consecutive rows, DM*4 apart, read from
+// "v" configurations: 8x4, 4x8), or 4x4 in blocks of 64 threads (the "v" 32x32 ones), and TM a multiple of 4: TM/4 runs of 4 consecutive rows, DM*4 apart, read from
 // shared memory as float4 (one LDS.128 feeds 4 rows' FMAs, so the loop is mostly FMAs, as in cuDNN's and CUTLASS's
 // SIMT kernels). Otherwise TM single rows, DM apart, read one by one: consecutive threads then also write
 // consecutive output rows in the epilogue, which matters when the reduction is short (C*R*S = 27: two tiles).
 // Shared rows are padded (hn_ld) so that the scattered stores of the tile loads spread over the banks: by 4 floats
 // where rows are read as float4 (keeps the 16-byte alignment), by 1 otherwise.
-__host__ __device__ constexpr bool hn_vec(int tm, int tn) { return tm * tn >= 32; }
+__host__ __device__ constexpr bool hn_vec(int bm, int bn, int tm, int tn) {
+    return tm * tn >= 32 || (tm * tn == 16 && (bm / tm) * (bn / tn) == 64);
+}
 __host__ __device__ constexpr int hn_ld(int b, int t, bool vec) { return b + (vec && t % 4 == 0 ? 4 : 1); }
 
 template <int T, int D, bool V>
@@ -57,14 +59,16 @@ __device__ __forceinline__ void hn_read_owned(float (&v)[T], const float (&row)[
 }
 
 template <int BM, int BN, int TM, int TN>
-__device__ __forceinline__ void hn_tile_mma(float (&acc)[TM][TN], const float (&As)[BK][hn_ld(BM, TM, hn_vec(TM, TN))],
-                                            const float (&Bs)[BK][hn_ld(BN, TN, hn_vec(TM, TN))], int tm, int tn) {
+__device__ __forceinline__ void hn_tile_mma(float (&acc)[TM][TN],
+                                            const float (&As)[BK][hn_ld(BM, TM, hn_vec(BM, BN, TM, TN))],
+                                            const float (&Bs)[BK][hn_ld(BN, TN, hn_vec(BM, BN, TM, TN))], int tm,
+                                            int tn) {
     constexpr int DM = BM / TM, DN = BN / TN;
 #pragma unroll
     for (int kk = 0; kk < BK; ++kk) {
         float a[TM], b[TN];
-        hn_read_owned<TM, DM, hn_vec(TM, TN)>(a, As[kk], tm);
-        hn_read_owned<TN, DN, hn_vec(TM, TN)>(b, Bs[kk], tn);
+        hn_read_owned<TM, DM, hn_vec(BM, BN, TM, TN)>(a, As[kk], tm);
+        hn_read_owned<TN, DN, hn_vec(BM, BN, TM, TN)>(b, Bs[kk], tn);
 #pragma unroll
         for (int i = 0; i < TM; ++i)
 #pragma unroll
@@ -72,11 +76,25 @@ __device__ __forceinline__ void hn_tile_mma(float (&acc)[TM][TN], const float (&
     }
 }
 
-// Copy 4 bytes from global to shared memory without a register (sm_80+), or write 0 when src is null (zero-fill:
-// src-size 0 reads nothing; `any` is just some valid address to name).
-__device__ __forceinline__ void hn_cp_async4(float* dst, const float* src, const float* any) {
+// A value a thread moves into a shared tile: where it comes from (global) or goes (shared), and whether there is one
+// (ok false: a zero -- padding, beyond the matrix -- or, for a destination, no such value for this thread; p is then
+// never dereferenced). A flag rather than a null pointer: a null test of a computed 64-bit address costs two compares
+// and a select per value, which had made the loops' address work outweigh their FMAs.
+struct hn_src {
+    const float* p;
+    bool ok;
+};
+struct hn_dst {
+    float* p;
+    bool ok;
+};
+
+// Copy 4 bytes from global to shared memory without a register (sm_80+), or write 0 when !ok (zero-fill: src-size 0
+// reads nothing; `any` is just some valid address to name).
+__device__ __forceinline__ void hn_cp_async4(float* dst, hn_src src, const float* any) {
     const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(d), "l"(src ? src : any), "r"(src ? 4 : 0));
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(d), "l"(src.ok ? src.p : any),
+                 "r"(src.ok ? 4 : 0));
 }
 __device__ __forceinline__ void hn_cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
@@ -84,9 +102,8 @@ __device__ __forceinline__ void hn_cp_async_wait() { asm volatile("cp.async.wait
 
 // The tile loads are described once per kernel and used by both pipelines below:
 //   begin(k0)            per-thread set-up for tile k0 (the filter gradient decodes its output pixel there);
-//   a_src(k0, i) / b_src  the address of the i-th value this thread loads for tile k0, or null for a zero (padding,
-//                        beyond the matrix);
-//   a_dst(i, As) / b_dst  where that value goes in the shared tile, or null when this thread has no i-th value.
+//   a_src(k0, i) / b_src  the i-th value this thread loads for tile k0 (hn_src: not ok for a zero);
+//   a_dst(i, As) / b_dst  where that value goes in the shared tile (hn_dst: not ok when this thread has no i-th value).
 // STAGES 2: the values go through registers: while the block multiplies the tile in shared memory, the thread's
 //   global loads of the next tile are in flight into registers, written to the other buffer after the multiply, so
 //   one __syncthreads per tile suffices and load latency hides behind the FMAs.
@@ -97,7 +114,7 @@ template <int BM, int BN, int TM, int TN, int LA, int LB, int STAGES, class Begi
 __device__ __forceinline__ void hn_pipelined_gemm(float (&acc)[TM][TN], int k_begin, int k_end, int tm, int tn,
                                                   Begin begin, ASrc a_src, ADst a_dst, BSrc b_src, BDst b_dst,
                                                   OnTile on_tile, const float* any) {
-    constexpr int LDA = hn_ld(BM, TM, hn_vec(TM, TN)), LDB = hn_ld(BN, TN, hn_vec(TM, TN));
+    constexpr int LDA = hn_ld(BM, TM, hn_vec(BM, BN, TM, TN)), LDB = hn_ld(BN, TN, hn_vec(BM, BN, TM, TN));
     __shared__ __align__(16) float As[STAGES][BK][LDA];
     __shared__ __align__(16) float Bs[STAGES][BK][LDB];
 #pragma unroll
@@ -111,22 +128,22 @@ __device__ __forceinline__ void hn_pipelined_gemm(float (&acc)[TM][TN], int k_be
             begin(k0);
 #pragma unroll
             for (int i = 0; i < LA; ++i) {
-                const float* p = a_src(k0, i);
-                ra[i] = p ? *p : 0.f;
+                const hn_src v = a_src(k0, i);
+                ra[i] = v.ok ? *v.p : 0.f;
             }
 #pragma unroll
             for (int i = 0; i < LB; ++i) {
-                const float* p = b_src(k0, i);
-                rb[i] = p ? *p : 0.f;
+                const hn_src v = b_src(k0, i);
+                rb[i] = v.ok ? *v.p : 0.f;
             }
         };
         auto put = [&](int buf) {
 #pragma unroll
             for (int i = 0; i < LA; ++i)
-                if (float* d = a_dst(i, As[buf])) *d = ra[i];
+                if (const hn_dst d = a_dst(i, As[buf]); d.ok) *d.p = ra[i];
 #pragma unroll
             for (int i = 0; i < LB; ++i)
-                if (float* d = b_dst(i, Bs[buf])) *d = rb[i];
+                if (const hn_dst d = b_dst(i, Bs[buf]); d.ok) *d.p = rb[i];
         };
         fetch(k_begin);
         put(0);
@@ -146,10 +163,10 @@ __device__ __forceinline__ void hn_pipelined_gemm(float (&acc)[TM][TN], int k_be
             begin(k0);
 #pragma unroll
             for (int i = 0; i < LA; ++i)
-                if (float* d = a_dst(i, As[st])) hn_cp_async4(d, a_src(k0, i), any);
+                if (const hn_dst d = a_dst(i, As[st]); d.ok) hn_cp_async4(d.p, a_src(k0, i), any);
 #pragma unroll
             for (int i = 0; i < LB; ++i)
-                if (float* d = b_dst(i, Bs[st])) hn_cp_async4(d, b_src(k0, i), any);
+                if (const hn_dst d = b_dst(i, Bs[st]); d.ok) hn_cp_async4(d.p, b_src(k0, i), any);
         };
 #pragma unroll
         for (int st = 0; st < STAGES - 1; ++st) {
@@ -183,18 +200,65 @@ __device__ __forceinline__ void hn_next_tile_tap(int& c0, int& r, int& s, int nc
     }
 }
 
+// Split reduction ("/s" candidates in conv.py: layers whose grid alone would leave the SMs short of warps, e.g.
+// thesis-m4's 12x12 convolution at batch 32 has 72 tiles of 64x32). blockIdx.z = split z of gridDim.z, each summing
+// `chunk` (a multiple of BK) of the reduction; the splits of one output tile then add their partial sums into the
+// output one after another, in the order they arrive (so the sum's rounding order may differ between runs, as with
+// the filter gradient's atomics): the first stores its partial, each next one adds its own to what is there, and the
+// last one also applies the epilogue (bias + activation, or the ReLU mask). No workspace, no memset: `tickets`
+// holds two counters per tile (arrivals, finished), zero before the launch and reset to zero by the tile's last split.
+// A split waits only for splits that have already arrived, i.e. are running, so the wait cannot deadlock.
+// hn_split_enter returns this block's arrival rank (0 without a split).
+__device__ __forceinline__ int hn_split_enter(int* tickets, int tile) {
+    if (gridDim.z == 1) return 0;
+    __shared__ int rank;
+    if (threadIdx.x == 0) {
+        const int tk = atomicAdd(&tickets[2 * tile], 1);
+        while (*(volatile int*)&tickets[2 * tile + 1] < tk) {
+        }
+        rank = tk;
+    }
+    __syncthreads();
+    __threadfence();                    // the earlier splits' stores are visible (the loads below read L2: __ldcg)
+    return rank;
+}
+__device__ __forceinline__ void hn_split_leave(int* tickets, int tile, int rank) {
+    if (gridDim.z == 1) return;
+    __threadfence();                    // this block's stores reach L2 before the next split reads them
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        if (rank == gridDim.z - 1) {
+            tickets[2 * tile] = 0;
+            tickets[2 * tile + 1] = 0;
+        } else {
+            atomicAdd(&tickets[2 * tile + 1], 1);
+        }
+    }
+}
+
+// The "c" order's start at reduction index k_begin (a multiple of BK): (c0, r, s) one tile before it, as
+// hn_next_tile_tap expects.
+__device__ __forceinline__ void hn_tile_tap_at(int k_begin, int nc, int S, int& c0, int& r, int& s) {
+    const int t0 = k_begin / BK, per_tap = nc / BK, tap = t0 / per_tap;
+    c0 = (t0 - tap * per_tap) * BK - BK;
+    r = tap / S;
+    s = tap - r * S;
+}
+
 // --- forward: y[m = (n,p,q), k] = sum_{j=(c,r,s)} A[m, j] * w[k, j], epilogue bias + activation --------------------
 template <int BM, int BN, int TM, int TN, int STAGES, bool CI>
 __device__ __forceinline__ void conv_fwd_impl(const float* __restrict__ x, const float* __restrict__ w,
                                               const float* __restrict__ bias, float* __restrict__ y,
                                               const int4* __restrict__ tab, int N, int C, int H, int W, int K,
-                                              int P, int Q, int CRS, int stride, int pad, int S, int act) {
+                                              int P, int Q, int CRS, int stride, int pad, int S, int act,
+                                              int chunk, int* tickets) {
     constexpr int DM = BM / TM, DN = BN / TN, NT = DM * DN;
-    constexpr int LDA = hn_ld(BM, TM, hn_vec(TM, TN)), LDB = hn_ld(BN, TN, hn_vec(TM, TN));
+    constexpr int LDA = hn_ld(BM, TM, hn_vec(BM, BN, TM, TN)), LDB = hn_ld(BN, TN, hn_vec(BM, BN, TM, TN));
     static_assert(NT % BM == 0, "A loads assume each thread keeps one row");
     const int t = threadIdx.x, tm = t % DM, tn = t / DM;
     const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
     const int PQ = P * Q, M = N * PQ, HW = H * W;
+    const int k_begin = blockIdx.z * chunk, k_end = min(CRS, k_begin + chunk);     // this split's reduction range
 
     // the one output pixel this thread gathers A for
     const int ml = t % BM, kl0 = t / BM;
@@ -214,57 +278,70 @@ __device__ __forceinline__ void conv_fwd_impl(const float* __restrict__ x, const
     // channels c inside, j = (r*S + s)*C + c, so a tile's BK columns are one tap and BK consecutive channels: one
     // bounds check per tile instead of one per value, no table, and the values lie H*W apart. begin() advances
     // (c0, r, s) by one tile: it is called once per tile, in order, from the first.
-    int c0 = -BK, r = 0, s = 0;
+    // B's values in that order: with NT % BK == 0 the thread's i-th value is filter n0 + t/BK + i*NT/BK, channel
+    // c0 + t%BK of the tile's tap; w_t (set up once) and tap_w (per tile) keep the address sums out of the loads.
+    static_assert(!CI || NT % BK == 0, "channels-inside-taps B loads assume one channel per thread");
+    const int RS = CRS / C;
+    const float* w_t = w + (long long)(n0 + t / BK) * CRS + (t % BK) * RS;
+    int c0, r, s, tap_w = 0;
+    hn_tile_tap_at(k_begin, C, S, c0, r, s);
     bool tile_ok = false;
     const float* tile_x = x;
     auto begin = [&](int) {
         if constexpr (CI) {
             hn_next_tile_tap(c0, r, s, C, S);
             tile_ok = mvalid && (unsigned)(h0 + r) < (unsigned)H && (unsigned)(w0 + s) < (unsigned)W;
-            tile_x = x + base + (long long)c0 * HW + r * W + s;
+            tile_x = x + base + (long long)(c0 + kl0) * HW + r * W + s;
+            tap_w = c0 * RS + r * S + s;
         }
     };
-    auto a_src = [&](int k0, int i) -> const float* {   // A: column kg of this thread's output pixel, gathered from x
-        if constexpr (CI) return tile_ok ? tile_x + (kl0 + i * (NT / BM)) * HW : nullptr;
+    auto a_src = [&](int k0, int i) -> hn_src {   // A: column kg of this thread's output pixel, gathered from x
+        if constexpr (CI) return {tile_x + i * (NT / BM) * HW, tile_ok};
         const int kg = k0 + kl0 + i * (NT / BM);
         if (mvalid && kg < CRS) {
             const int4 tb = tab[kg];
             const int h = h0 + (tb.y >> 16), ww = w0 + (tb.y & 0xffff);
-            if (h >= 0 && h < H && ww >= 0 && ww < W) return x + base + tb.x;
+            return {x + base + tb.x, h >= 0 && h < H && ww >= 0 && ww < W};
         }
-        return nullptr;
+        return {x, false};
     };
-    auto a_dst = [&](int i, float (&As)[BK][LDA]) -> float* { return &As[kl0 + i * (NT / BM)][ml]; };
-    auto b_src = [&](int k0, int i) -> const float* {   // B: w[n, kg], consecutive threads along kg
+    auto a_dst = [&](int i, float (&As)[BK][LDA]) -> hn_dst { return {&As[kl0 + i * (NT / BM)][ml], true}; };
+    auto b_src = [&](int k0, int i) -> hn_src {   // B: w[n, kg], consecutive threads along kg
         const int e = t + i * NT, kl = e % BK, n = n0 + e / BK;
-        if constexpr (CI)
-            return (e < BN * BK && n < K) ? w + (long long)n * CRS + (c0 + kl) * (CRS / C) + r * S + s : nullptr;
+        if constexpr (CI) return {w_t + (long long)(i * (NT / BK)) * CRS + tap_w, e < BN * BK && n < K};
         const int kg = k0 + kl;
-        return (e < BN * BK && n < K && kg < CRS) ? w + (long long)n * CRS + kg : nullptr;
+        return {w + (long long)n * CRS + kg, e < BN * BK && n < K && kg < CRS};
     };
-    auto b_dst = [&](int i, float (&Bs)[BK][LDB]) -> float* {
+    auto b_dst = [&](int i, float (&Bs)[BK][LDB]) -> hn_dst {
         const int e = t + i * NT;
-        return e < BN * BK ? &Bs[e % BK][e / BK] : nullptr;
+        return {&Bs[e % BK][e / BK], e < BN * BK};
     };
     float acc[TM][TN];
-    hn_pipelined_gemm<BM, BN, TM, TN, LA, LB, STAGES>(acc, 0, CRS, tm, tn, begin, a_src, a_dst, b_src, b_dst,
-                                                      [](const float (&)[BK][LDA]) {}, x);
+    hn_pipelined_gemm<BM, BN, TM, TN, LA, LB, STAGES>(acc, k_begin, k_end, tm, tn, begin, a_src, a_dst, b_src,
+                                                      b_dst, [](const float (&)[BK][LDA]) {}, x);
+    const int tile = blockIdx.x + blockIdx.y * gridDim.x;
+    const int rank = hn_split_enter(tickets, tile);
+    const bool last = rank == gridDim.z - 1;
 #pragma unroll
     for (int i = 0; i < TM; ++i) {
-        const int mm = m0 + hn_owned<TM, DM, hn_vec(TM, TN)>(tm, i);
+        const int mm = m0 + hn_owned<TM, DM, hn_vec(BM, BN, TM, TN)>(tm, i);
         if (mm >= M) continue;
         const int img = mm / PQ, pq = mm - img * PQ;
         float* yrow = y + (long long)img * K * PQ + pq;
 #pragma unroll
         for (int j = 0; j < TN; ++j) {
-            const int n = n0 + hn_owned<TN, DN, hn_vec(TM, TN)>(tn, j);
+            const int n = n0 + hn_owned<TN, DN, hn_vec(BM, BN, TM, TN)>(tn, j);
             if (n >= K) continue;
             float v = acc[i][j];
-            if (bias) v += bias[n];
-            if (act == HN_RELU) v = fmaxf(v, 0.f);
+            if (rank > 0) v += __ldcg(&yrow[(long long)n * PQ]);
+            if (last) {
+                if (bias) v += bias[n];
+                if (act == HN_RELU) v = fmaxf(v, 0.f);
+            }
             yrow[(long long)n * PQ] = v;
         }
     }
+    hn_split_leave(tickets, tile, rank);
 }
 
 // --- backward data: dx[m = (n,h,w), c] = sum_{j=(k,r,s)} dy[n,k,(h+pad-r)/st,(w+pad-s)/st] * w[k,c,r,s] -----------
@@ -274,13 +351,15 @@ template <int BM, int BN, int TM, int TN, int STAGES, bool CI>
 __device__ __forceinline__ void conv_bwd_data_impl(const float* __restrict__ dy, const float* __restrict__ w,
                                                    const float* __restrict__ relu_x, float* __restrict__ dx,
                                                    const int4* __restrict__ tab, int N, int C, int H, int W, int K,
-                                                   int P, int Q, int KRS, int stride, int pad, int S) {
+                                                   int P, int Q, int KRS, int stride, int pad, int S, int chunk,
+                                                   int* tickets) {
     constexpr int DM = BM / TM, DN = BN / TN, NT = DM * DN;
-    constexpr int LDA = hn_ld(BM, TM, hn_vec(TM, TN)), LDB = hn_ld(BN, TN, hn_vec(TM, TN));
+    constexpr int LDA = hn_ld(BM, TM, hn_vec(BM, BN, TM, TN)), LDB = hn_ld(BN, TN, hn_vec(BM, BN, TM, TN));
     static_assert(NT % BM == 0, "A loads assume each thread keeps one row");
     const int t = threadIdx.x, tm = t % DM, tn = t / DM;
     const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
     const int PQ = P * Q, HW = H * W, M = N * HW, RS = KRS / K;
+    const int k_begin = blockIdx.z * chunk, k_end = min(KRS, k_begin + chunk);     // this split's reduction range
 
     const int ml = t % BM, kl0 = t / BM;
     const int m = m0 + ml;
@@ -297,7 +376,11 @@ __device__ __forceinline__ void conv_bwd_data_impl(const float* __restrict__ dy,
     constexpr int LA = BM * BK / NT, LB = (BN * BK + NT - 1) / NT;
     // CI ("c" configurations, for K % BK == 0): as in the forward, taps (r, s) outside and filters k inside,
     // j = (r*S + s)*K + k: one tap per tile, whose source pixel and bounds are worked out once per tile.
-    int k0t = -BK, r = 0, s = 0;
+    // B's values: as in the forward, the thread's i-th is filter k0t + t%BK, channel n0 + t/BK + i*NT/BK
+    static_assert(!CI || NT % BK == 0, "channels-inside-taps B loads assume one filter per thread");
+    const float* w_t = w + ((long long)(t % BK) * C + n0 + t / BK) * RS;
+    int k0t, r, s, tap_w = 0;
+    hn_tile_tap_at(k_begin, K, S, k0t, r, s);
     bool tile_ok = false;
     const float* tile_dy = dy;
     auto begin = [&](int) {
@@ -312,11 +395,12 @@ __device__ __forceinline__ void conv_bwd_data_impl(const float* __restrict__ dy,
                 pw = qw;
             }
             tile_ok = ok && ph < P && pw < Q;
-            tile_dy = dy + base + (long long)k0t * PQ + ph * Q + pw;
+            tile_dy = dy + base + (long long)(k0t + kl0) * PQ + ph * Q + pw;
+            tap_w = k0t * C * RS + r * S + s;
         }
     };
-    auto a_src = [&](int k0, int i) -> const float* {   // A: dy at the output pixel that tap (k, r, s) reads from here
-        if constexpr (CI) return tile_ok ? tile_dy + (kl0 + i * (NT / BM)) * PQ : nullptr;
+    auto a_src = [&](int k0, int i) -> hn_src {   // A: dy at the output pixel that tap (k, r, s) reads from here
+        if constexpr (CI) return {tile_dy + i * (NT / BM) * PQ, tile_ok};
         const int kg = k0 + kl0 + i * (NT / BM);
         if (mvalid && kg < KRS) {
             const int4 tb = tab[kg];
@@ -329,42 +413,47 @@ __device__ __forceinline__ void conv_bwd_data_impl(const float* __restrict__ dy,
                     ph = qh;
                     pw = qw;
                 }
-                if (ok && ph < P && pw < Q) return dy + base + tb.x + ph * Q + pw;
+                return {dy + base + tb.x + ph * Q + pw, ok && ph < P && pw < Q};
             }
         }
-        return nullptr;
+        return {dy, false};
     };
-    auto a_dst = [&](int i, float (&As)[BK][LDA]) -> float* { return &As[kl0 + i * (NT / BM)][ml]; };
-    auto b_src = [&](int k0, int i) -> const float* {   // B: w[k, n, r, s] for kg = (k, r, s)
+    auto a_dst = [&](int i, float (&As)[BK][LDA]) -> hn_dst { return {&As[kl0 + i * (NT / BM)][ml], true}; };
+    auto b_src = [&](int k0, int i) -> hn_src {   // B: w[k, n, r, s] for kg = (k, r, s)
         const int e = t + i * NT, kl = e % BK, n = n0 + e / BK;
-        if constexpr (CI)
-            return (e < BN * BK && n < C) ? w + ((long long)(k0t + kl) * C + n) * RS + r * S + s : nullptr;
+        if constexpr (CI) return {w_t + (long long)(i * (NT / BK)) * RS + tap_w, e < BN * BK && n < C};
         const int kg = k0 + kl;
-        return (e < BN * BK && n < C && kg < KRS) ? w + tab[kg].z + (long long)n * RS : nullptr;
+        if (e < BN * BK && n < C && kg < KRS) return {w + tab[kg].z + (long long)n * RS, true};
+        return {w, false};
     };
-    auto b_dst = [&](int i, float (&Bs)[BK][LDB]) -> float* {
+    auto b_dst = [&](int i, float (&Bs)[BK][LDB]) -> hn_dst {
         const int e = t + i * NT;
-        return e < BN * BK ? &Bs[e % BK][e / BK] : nullptr;
+        return {&Bs[e % BK][e / BK], e < BN * BK};
     };
     float acc[TM][TN];
-    hn_pipelined_gemm<BM, BN, TM, TN, LA, LB, STAGES>(acc, 0, KRS, tm, tn, begin, a_src, a_dst, b_src, b_dst,
-                                                      [](const float (&)[BK][LDA]) {}, dy);
+    hn_pipelined_gemm<BM, BN, TM, TN, LA, LB, STAGES>(acc, k_begin, k_end, tm, tn, begin, a_src, a_dst, b_src,
+                                                      b_dst, [](const float (&)[BK][LDA]) {}, dy);
+    const int tile = blockIdx.x + blockIdx.y * gridDim.x;
+    const int rank = hn_split_enter(tickets, tile);
+    const bool last = rank == gridDim.z - 1;
 #pragma unroll
     for (int i = 0; i < TM; ++i) {
-        const int mm = m0 + hn_owned<TM, DM, hn_vec(TM, TN)>(tm, i);
+        const int mm = m0 + hn_owned<TM, DM, hn_vec(BM, BN, TM, TN)>(tm, i);
         if (mm >= M) continue;
         const int img = mm / HW, hw = mm - img * HW;
         const long long row = (long long)img * C * HW + hw;
 #pragma unroll
         for (int j = 0; j < TN; ++j) {
-            const int n = n0 + hn_owned<TN, DN, hn_vec(TM, TN)>(tn, j);
+            const int n = n0 + hn_owned<TN, DN, hn_vec(BM, BN, TM, TN)>(tn, j);
             if (n >= C) continue;
             const long long idx = row + (long long)n * HW;
             float v = acc[i][j];
-            if (relu_x && relu_x[idx] <= 0.f) v = 0.f;
+            if (rank > 0) v += __ldcg(&dx[idx]);
+            if (last && relu_x && relu_x[idx] <= 0.f) v = 0.f;
             dx[idx] = v;
         }
     }
+    hn_split_leave(tickets, tile, rank);
 }
 
 // --- backward filter: dw[k, j=(c,r,s)] += sum_{i=(n,p,q)} dy[n,k,p,q] * x[n,c,p*st-pad+r,q*st-pad+s] ---------------
@@ -377,7 +466,7 @@ __device__ __forceinline__ void conv_bwd_filter_impl(const float* __restrict__ d
                                                      int K, int P, int Q, int CRS, int stride, int pad, int S,
                                                      int chunk) {
     constexpr int DM = BM / TM, DN = BN / TN, NT = DM * DN;
-    constexpr int LDA = hn_ld(BM, TM, hn_vec(TM, TN)), LDB = hn_ld(BN, TN, hn_vec(TM, TN));
+    constexpr int LDA = hn_ld(BM, TM, hn_vec(BM, BN, TM, TN)), LDB = hn_ld(BN, TN, hn_vec(BM, BN, TM, TN));
     static_assert(NT % BK == 0, "loads assume each thread keeps one reduction index");
     const int t = threadIdx.x, tm = t % DM, tn = t / DM;
     const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
@@ -410,30 +499,30 @@ __device__ __forceinline__ void conv_bwd_filter_impl(const float* __restrict__ d
         xbase = (long long)img * C * HW + (long long)h0 * W + w0;
         if constexpr (CI) tap_ok = ivalid && (unsigned)(h0 + r_b) < (unsigned)H && (unsigned)(w0 + s_b) < (unsigned)W;
     };
-    auto a_src = [&](int, int i) -> const float* {      // A: dy[img, k, p, q] for the block's filters k
+    auto a_src = [&](int, int i) -> hn_src {      // A: dy[img, k, p, q] for the block's filters k
         const int mg = m0 + r0 + i * (NT / BK);
-        return (ivalid && mg < K) ? dy + dybase + (long long)mg * PQ : nullptr;
+        return {dy + dybase + (long long)mg * PQ, ivalid && mg < K};
     };
-    auto a_dst = [&](int i, float (&As)[BK][LDA]) -> float* {
+    auto a_dst = [&](int i, float (&As)[BK][LDA]) -> hn_dst {
         const int ml = r0 + i * (NT / BK);
-        return ml < BM ? &As[kl][ml] : nullptr;
+        return {&As[kl][ml], ml < BM};
     };
-    auto b_src = [&](int, int i) -> const float* {      // B: x under tap ng = (c, r, s)
+    auto b_src = [&](int, int i) -> hn_src {      // B: x under tap ng = (c, r, s)
         if constexpr (CI) {
             const int nl = r0 + i * (NT / BK);
-            return (nl < BN && tap_ok) ? x + xbase + (long long)(c_b + nl) * HW + r_b * W + s_b : nullptr;
+            return {x + xbase + (long long)(c_b + nl) * HW + r_b * W + s_b, nl < BN && tap_ok};
         }
         const int ng = n0 + r0 + i * (NT / BK);
         if (ivalid && ng < CRS) {
             const int4 tb = tab[ng];
             const int h = h0 + (tb.y >> 16), ww = w0 + (tb.y & 0xffff);
-            if (h >= 0 && h < H && ww >= 0 && ww < W) return x + xbase + tb.x;
+            return {x + xbase + tb.x, h >= 0 && h < H && ww >= 0 && ww < W};
         }
-        return nullptr;
+        return {x, false};
     };
-    auto b_dst = [&](int i, float (&Bs)[BK][LDB]) -> float* {
+    auto b_dst = [&](int i, float (&Bs)[BK][LDB]) -> hn_dst {
         const int nl = r0 + i * (NT / BK);
-        return nl < BN ? &Bs[kl][nl] : nullptr;
+        return {&Bs[kl][nl], nl < BN};
     };
     float dbacc = 0.f;
     auto sum_db = [&](const float (&As)[BK][LDA]) {
@@ -447,11 +536,11 @@ __device__ __forceinline__ void conv_bwd_filter_impl(const float* __restrict__ d
                                                       sum_db, x);
 #pragma unroll
     for (int i = 0; i < TM; ++i) {
-        const int mm = m0 + hn_owned<TM, DM, hn_vec(TM, TN)>(tm, i);
+        const int mm = m0 + hn_owned<TM, DM, hn_vec(BM, BN, TM, TN)>(tm, i);
         if (mm >= K) continue;
 #pragma unroll
         for (int j = 0; j < TN; ++j) {
-            const int nl = hn_owned<TN, DN, hn_vec(TM, TN)>(tn, j), n = n0 + nl;
+            const int nl = hn_owned<TN, DN, hn_vec(BM, BN, TM, TN)>(tn, j), n = n0 + nl;
             if constexpr (CI)
                 atomicAdd(dw + (long long)mm * CRS + (c_b + nl) * (CRS / C) + rs_b, acc[i][j]);
             else if (n < CRS)
@@ -464,22 +553,22 @@ __device__ __forceinline__ void conv_bwd_filter_impl(const float* __restrict__ d
 // Tile configurations <BM, BN, TM, TN, STAGES, CI>, (BM/TM) * (BN/TN) threads: the launcher picks one per shape (by
 // measurement; conv.py lists them with their thread counts). "v": 8x4 outputs per thread, read as float4; "a": the
 // cp.async pipeline (STAGES 3); "c": channels inside taps (CI; forward: when C is a multiple of BK, data: K, filter: C a multiple of BN).
-#define HN_FWD(name, BM_, BN_, TM_, TN_, ST_, CI_)                                                                 \
-    extern "C" __global__ void __launch_bounds__((BM_ / TM_) * (BN_ / TN_)) conv_fwd_##name(                       \
-        const float* x, const float* w, const float* bias, float* y, const int4* tab, int N, int C, int H, int W, \
-        int K, int P, int Q, int CRS, int stride, int pad, int S, int act) {                                       \
-        conv_fwd_impl<BM_, BN_, TM_, TN_, ST_, CI_>(x, w, bias, y, tab, N, C, H, W, K, P, Q, CRS, stride, pad, S,  \
-                                                    act);                                                          \
-    }
 // BOUNDS_: the __launch_bounds__ arguments; (256, 3) makes ptxas budget 85 registers for the 64x64 data kernel, which
 // it otherwise squeezes into 64 on sm_80, with a spill; the other bounds with a block count likewise keep sm_90's
-// data kernels free of spills
+// kernels free of spills (the forward 128x32vc: 96 registers and a spill without its (128, 4))
+#define HN_FWD(name, BM_, BN_, TM_, TN_, ST_, CI_, BOUNDS_)                                                        \
+    extern "C" __global__ void __launch_bounds__ BOUNDS_ conv_fwd_##name(                                          \
+        const float* x, const float* w, const float* bias, float* y, const int4* tab, int N, int C, int H, int W, \
+        int K, int P, int Q, int CRS, int stride, int pad, int S, int act, int chunk, int* tickets) {              \
+        conv_fwd_impl<BM_, BN_, TM_, TN_, ST_, CI_>(x, w, bias, y, tab, N, C, H, W, K, P, Q, CRS, stride, pad, S,  \
+                                                    act, chunk, tickets);                                          \
+    }
 #define HN_BWD_DATA(name, BM_, BN_, TM_, TN_, ST_, CI_, BOUNDS_)                                                   \
     extern "C" __global__ void __launch_bounds__ BOUNDS_ conv_bwd_data_##name(                                     \
         const float* dy, const float* w, const float* relu_x, float* dx, const int4* tab, int N, int C, int H,     \
-        int W, int K, int P, int Q, int KRS, int stride, int pad, int S) {                                         \
+        int W, int K, int P, int Q, int KRS, int stride, int pad, int S, int chunk, int* tickets) {                \
         conv_bwd_data_impl<BM_, BN_, TM_, TN_, ST_, CI_>(dy, w, relu_x, dx, tab, N, C, H, W, K, P, Q, KRS, stride, \
-                                                         pad, S);                                                  \
+                                                         pad, S, chunk, tickets);                                  \
     }
 #define HN_BWD_FILTER(name, BM_, BN_, TM_, TN_, ST_, CI_)                                                          \
     extern "C" __global__ void __launch_bounds__((BM_ / TM_) * (BN_ / TN_)) conv_bwd_filter_##name(                \
@@ -489,21 +578,24 @@ __device__ __forceinline__ void conv_bwd_filter_impl(const float* __restrict__ d
                                                            pad, S, chunk);                                         \
     }
 
-HN_FWD(64x64, 64, 64, 4, 4, 2, false)
-HN_FWD(128x32, 128, 32, 4, 4, 2, false)
-HN_FWD(128x16, 128, 16, 4, 2, 2, false)
-HN_FWD(256x16, 256, 16, 8, 2, 2, false)
-HN_FWD(64x32, 64, 32, 4, 2, 2, false)     // smaller tiles: more blocks for small batches
-HN_FWD(64x16, 64, 16, 4, 1, 2, false)
-HN_FWD(128x32v, 128, 32, 8, 4, 2, false)  // 128 threads
-HN_FWD(64x32a, 64, 32, 4, 2, 3, false)
-HN_FWD(128x32c, 128, 32, 4, 4, 2, true)
-HN_FWD(64x32c, 64, 32, 4, 2, 2, true)
-HN_FWD(64x16c, 64, 16, 4, 1, 2, true)
-HN_FWD(32x32c, 32, 32, 2, 2, 2, true)    // more blocks for small batches
-HN_FWD(128x32vc, 128, 32, 8, 4, 2, true)  // 128 threads
-HN_FWD(128x64vc, 128, 64, 8, 8, 2, true)  // 128 threads
-HN_FWD(128x32vac, 128, 32, 8, 4, 3, true) // 128 threads
+HN_FWD(64x64, 64, 64, 4, 4, 2, false, (256))
+HN_FWD(128x32, 128, 32, 4, 4, 2, false, (256))
+HN_FWD(128x16, 128, 16, 4, 2, 2, false, (256))
+HN_FWD(256x16, 256, 16, 8, 2, 2, false, (256))
+HN_FWD(64x32, 64, 32, 4, 2, 2, false, (256))  // smaller tiles: more blocks for small batches
+HN_FWD(64x16, 64, 16, 4, 1, 2, false, (256))
+HN_FWD(128x32v, 128, 32, 8, 4, 2, false, (128))  // 128 threads
+HN_FWD(64x32a, 64, 32, 4, 2, 3, false, (256))
+HN_FWD(128x32c, 128, 32, 4, 4, 2, true, (256))
+HN_FWD(64x32c, 64, 32, 4, 2, 2, true, (256))
+HN_FWD(64x16c, 64, 16, 4, 1, 2, true, (256))
+HN_FWD(32x32c, 32, 32, 2, 2, 2, true, (256))  // more blocks for small batches
+HN_FWD(128x32vc, 128, 32, 8, 4, 2, true, (128, 4))  // 128 threads
+HN_FWD(128x64vc, 128, 64, 8, 8, 2, true, (128))  // 128 threads
+HN_FWD(128x32vac, 128, 32, 8, 4, 3, true, (128))  // 128 threads
+HN_FWD(32x32v, 32, 32, 4, 4, 2, false, (64))  // 64 threads, 4x4 read as float4: small batches (cuDNN's tile there)
+HN_FWD(32x32vc, 32, 32, 4, 4, 2, true, (64))
+HN_FWD(32x32vac, 32, 32, 4, 4, 3, true, (64))
 HN_BWD_DATA(64x64, 64, 64, 4, 4, 2, false, (256, 3))
 HN_BWD_DATA(128x32, 128, 32, 4, 4, 2, false, (256, 2))
 HN_BWD_DATA(128x16, 128, 16, 4, 2, 2, false, (256, 4))
@@ -517,6 +609,9 @@ HN_BWD_DATA(32x32c, 32, 32, 2, 2, 2, true, (256))
 HN_BWD_DATA(128x32vc, 128, 32, 8, 4, 2, true, (128, 3))
 HN_BWD_DATA(64x32vc, 64, 32, 8, 4, 2, true, (64))
 HN_BWD_DATA(64x32ac, 64, 32, 2, 4, 3, true, (256))
+HN_BWD_DATA(32x32v, 32, 32, 4, 4, 2, false, (64, 8))
+HN_BWD_DATA(32x32vc, 32, 32, 4, 4, 2, true, (64))
+HN_BWD_DATA(32x32vac, 32, 32, 4, 4, 3, true, (64))
 HN_BWD_FILTER(32x64, 32, 64, 2, 4, 2, false)
 HN_BWD_FILTER(16x64, 16, 64, 1, 4, 2, false)
 HN_BWD_FILTER(64x64, 64, 64, 4, 4, 2, false)

@@ -16,17 +16,19 @@ import numpy as np
 
 from .kernels import NULL, check, get_kernel
 
-# name: (BM, BN, threads) of each tile configuration in conv.cu. "v": 8x4 or 8x8 outputs per thread; "a": the cp.async
-# pipeline; "c": channels inside taps, only where C % BK == 0 (forward), K % BK == 0 (data gradient) or C % BN == 0
-# (filter gradient) (`_fits`)
+# name: (BM, BN, threads) of each tile configuration in conv.cu. "v": 8x4, 8x8 or (64 threads) 4x4 outputs per thread
+# read as float4; "a": the cp.async pipeline; "c": channels inside taps, only where C % BK == 0 (forward), K % BK == 0
+# (data gradient) or C % BN == 0 (filter gradient) (`_fits`). Any forward or data-gradient configuration may also run
+# as "<name>/<splits>", its reduction split (`_split_options`).
 FWD_CFGS = {"64x64": (64, 64, 256), "128x32": (128, 32, 256), "128x16": (128, 16, 256), "256x16": (256, 16, 256),
             "64x32": (64, 32, 256), "64x16": (64, 16, 256), "128x32v": (128, 32, 128), "64x32a": (64, 32, 256),
             "128x32c": (128, 32, 256), "64x32c": (64, 32, 256), "64x16c": (64, 16, 256), "32x32c": (32, 32, 256),
-            "128x32vc": (128, 32, 128), "128x64vc": (128, 64, 128), "128x32vac": (128, 32, 128)}
+            "128x32vc": (128, 32, 128), "128x64vc": (128, 64, 128), "128x32vac": (128, 32, 128),
+            "32x32v": (32, 32, 64), "32x32vc": (32, 32, 64), "32x32vac": (32, 32, 64)}
 DATA_CFGS = {"64x64": (64, 64, 256), "128x32": (128, 32, 256), "128x16": (128, 16, 256), "64x32": (64, 32, 256),
              "64x16": (64, 16, 256), "128x32v": (128, 32, 128), "128x32c": (128, 32, 256), "64x32c": (64, 32, 256),
              "64x16c": (64, 16, 256), "32x32c": (32, 32, 256), "128x32vc": (128, 32, 128), "64x32vc": (64, 32, 64),
-             "64x32ac": (64, 32, 256)}
+             "64x32ac": (64, 32, 256), "32x32v": (32, 32, 64), "32x32vc": (32, 32, 64), "32x32vac": (32, 32, 64)}
 FILTER_CFGS = {"16x64": (16, 64, 256), "32x64": (32, 64, 256), "64x64": (64, 64, 256), "16x32": (16, 32, 256),
                "32x32": (32, 32, 256), "32x64v": (32, 64, 64), "32x32v": (32, 32, 64), "64x64a": (64, 64, 256),
                "32x32c": (32, 32, 256), "32x64c": (32, 64, 256), "32x32vc": (32, 32, 64), "32x64vc": (32, 64, 64)}
@@ -86,13 +88,52 @@ def _tables(be, g: Geometry):
 # --- the algorithms ------------------------------------------------------------------------------------------------
 
 
-def _fwd_implicit(be, cfg, g, x, w, b, y, act):
+def _split_options(be, tiles: int, threads: int, length: int):
+    """Split counts worth a trial for a grid of `tiles` blocks of `threads` summing `length` (see conv.cu's split
+    reduction): only when the grid alone is less than one full load of threads on the SMs; each split at least 2
+    tiles of BK long; at most two full loads in all. Distinct splits only (18 tiles in 4 splits of 5 are 4)."""
+    full = be.sms * 2048
+    if tiles * threads >= full:
+        return []
+    steps, out = math.ceil(length / BK), []
+    for want in (2, 3, 4, 6, 9):
+        per = math.ceil(steps / want)
+        splits = math.ceil(steps / per)
+        if per >= 2 and splits > 1 and tiles * threads * splits <= 2 * full and splits not in out:
+            out.append(splits)
+    return out
+
+
+def _split_cands(be, cfgs, op, g, m, n, length, run):
+    """{name: fn} of the tile configurations that fit (op, g), each also as "<cfg>/<splits>" where a split reduction
+    may pay; run(cfg, splits) launches one."""
+    out = {}
+    for cfg, (bm, bn, nt) in cfgs.items():
+        if not _fits(cfg, op, g):
+            continue
+        out[cfg] = lambda *a, cfg=cfg: run(cfg, 1, *a)
+        for sp in _split_options(be, math.ceil(m / bm) * math.ceil(n / bn), nt, length):
+            out[f"{cfg}/{sp}"] = lambda *a, cfg=cfg, sp=sp: run(cfg, sp, *a)
+    return out
+
+
+def _split_launch(be, grid_xy, splits, length):
+    """(grid, chunk, tickets) of an implicit forward / data-gradient launch reduced in `splits` parts."""
+    steps = math.ceil(length / BK)
+    chunk = math.ceil(steps / splits) * BK
+    if splits == 1:
+        return (*grid_xy, 1), chunk, NULL
+    tickets = be.scratch("conv_split_tickets", (2 * grid_xy[0] * grid_xy[1],), np.int32)
+    return (*grid_xy, splits), chunk, tickets
+
+
+def _fwd_implicit(be, cfg, splits, g, x, w, b, y, act):
     bm, bn, nt = FWD_CFGS[cfg]
     tab, _ = _tables(be, g)
     kern = get_kernel(be.device_id, "conv", f"conv_fwd_{cfg}")
-    grid = (math.ceil(g.npq / bm), math.ceil(g.k / bn), 1)
+    grid, chunk, tickets = _split_launch(be, (math.ceil(g.npq / bm), math.ceil(g.k / bn)), splits, g.crs)
     kern(grid, (nt,), (x, w, b if b is not None else NULL, y, tab, *g.ints(), _i32(g.crs), _i32(g.stride),
-                        _i32(g.pad), _i32(g.s), _i32(act)))
+                        _i32(g.pad), _i32(g.s), _i32(act), _i32(chunk), tickets))
 
 
 def _fits(cfg: str, op: str, g: Geometry) -> bool:
@@ -151,13 +192,13 @@ def _dyk(be, g, dy):
     return dyk
 
 
-def _data_implicit(be, cfg, g, dy, w, dx, relu_x):
+def _data_implicit(be, cfg, splits, g, dy, w, dx, relu_x):
     bm, bn, nt = DATA_CFGS[cfg]
     _, tab = _tables(be, g)
     kern = get_kernel(be.device_id, "conv", f"conv_bwd_data_{cfg}")
-    grid = (math.ceil(g.n * g.h * g.w / bm), math.ceil(g.c / bn), 1)
+    grid, chunk, tickets = _split_launch(be, (math.ceil(g.n * g.h * g.w / bm), math.ceil(g.c / bn)), splits, g.krs)
     kern(grid, (nt,), (dy, w, relu_x if relu_x is not None else NULL, dx, tab, *g.ints(), _i32(g.krs),
-                        _i32(g.stride), _i32(g.pad), _i32(g.s)))
+                        _i32(g.stride), _i32(g.pad), _i32(g.s), _i32(chunk), tickets))
 
 
 def _data_im2col(be, g, dy, w, dx, relu_x, budget):
@@ -283,8 +324,8 @@ def conv_forward(be, x, w, b, stride, pad, act=0, geometry=None):
     k, _, r, s = w.shape
     g = geometry or Geometry(n, c, h, wd, k, r, s, stride, pad)
     y = be.xp.empty((n, k, g.p, g.q), dtype=be.xp.float32)
-    cands = {cfg: (lambda out, cfg=cfg: _fwd_implicit(be, cfg, g, x, w, b, out, act)) for cfg in FWD_CFGS
-             if _fits(cfg, "fwd", g)}
+    cands = _split_cands(be, FWD_CFGS, "fwd", g, g.npq, g.k, g.crs,
+                         lambda cfg, sp, out: _fwd_implicit(be, cfg, sp, g, x, w, b, out, act))
     cands["im2col"] = lambda out: _fwd_im2col(be, g, x, w, b, out, act, x.nbytes + y.nbytes)
     choice = _choose(be, "fwd", g, cands, lambda fn: fn(y))
     cands[choice](y)
@@ -315,8 +356,8 @@ def conv_backward(be, dy, x, w, dw, db, stride, pad, need_dx=True, relu_x=None):
     if not need_dx:
         return None
     dx = xp.empty(x.shape, dtype=xp.float32)
-    dc = {cfg: (lambda out, cfg=cfg: _data_implicit(be, cfg, g, dy, w, out, relu_x)) for cfg in DATA_CFGS
-          if _fits(cfg, "data", g)}
+    dc = _split_cands(be, DATA_CFGS, "data", g, g.n * g.h * g.w, g.c, g.krs,
+                      lambda cfg, sp, out: _data_implicit(be, cfg, sp, g, dy, w, out, relu_x))
     dc["im2col"] = lambda out: _data_im2col(be, g, dy, w, out, relu_x, x.nbytes + dy.nbytes)
     dc[_choose(be, "data", g, dc, lambda fn: fn(dx))](dx)
     return dx
