@@ -110,9 +110,9 @@ SPLIT_CASES = [  # (N, C, H, W, K, kernel, stride, padding): grids of a few tile
 @pytest.mark.parametrize("case", SPLIT_CASES, ids=lambda c: "N{}C{}H{}W{}K{}k{}s{}p{}".format(*c))
 @pytest.mark.parametrize("cfg", ["64x32", "128x32vc", "64x32c", "64x32a", "64x32ac", "32x32vac"])
 def test_split_reduction(be, rng, monkeypatch, case, cfg):
-    """The forward and data gradient reduced in several splits (the splits of a tile add into the output one after
-    another, the last applies bias + ReLU / the ReLU mask) give the unsplit results, at every split count the
-    launcher tries and twice in a row (the tile counters must be back at zero after each launch)."""
+    """The forward and data gradient reduced in several splits (each split adds into the zeroed output, the last
+    to arrive applies bias + ReLU / the ReLU mask) give the unsplit results, at every split count the launcher
+    tries and twice in a row (the tile counters must be back at zero after each launch)."""
     n, c, h, w_, k, ks, stride, pad = case
     g = C.Geometry(n, c, h, w_, k, ks, ks, stride, pad)
     x, w, b = f32(rng, n, c, h, w_), f32(rng, k, c, ks, ks), f32(rng, k)
@@ -141,6 +141,28 @@ def test_split_reduction(be, rng, monkeypatch, case, cfg):
             ran += 1
     if ran == 0:
         pytest.skip(f"{cfg} does not apply to {case}")
+
+
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=lambda c: "N{}C{}H{}W{}K{}k{}s{}p{}".format(*c))
+@pytest.mark.parametrize("cfg", ["32x32v", "32x32vc", "16x32"])
+def test_filter_gradient_split_counts(be, rng, case, cfg):
+    """The filter gradient's "<cfg>/<splits>" candidates (fewer, longer reduction runs than the default) give the
+    same accumulated dw and db."""
+    n, c, h, w_, k, ks, stride, pad = case
+    g = C.Geometry(n, c, h, w_, k, ks, ks, stride, pad)
+    if not C._fits(cfg, "filter", g):
+        pytest.skip(f"{cfg} does not apply to {case}")
+    x, w = f32(rng, n, c, h, w_), f32(rng, k, c, ks, ks)
+    y_ref, cache = ref.conv2d_forward(x, w, np.zeros(k), stride, pad)
+    dy = f32(rng, *y_ref.shape)
+    dw_ref, db_ref = np.ones(w.shape), np.ones(k)
+    ref.conv2d_backward(dy, cache, dw_ref, db_ref)
+    base = C._filter_splits(be, cfg, g)
+    for sp in sorted({base, max(1, base // 2), 2, 1}):
+        dw, db = be.asarray(np.ones(w.shape)), be.asarray(np.ones(k))
+        C._filter_implicit(be, cfg, g, be.asarray(dy), be.asarray(x), dw, db, sp)
+        assert_close(be.to_numpy(dw), dw_ref, F32, f"{cfg}/{sp} filter gradient")
+        assert_close(be.to_numpy(db), db_ref, F32, f"{cfg}/{sp} bias gradient")
 
 
 @pytest.mark.parametrize("n,f,k", [(1, 1, 1), (3, 7, 5), (33, 130, 70), (128, 2048, 100)])

@@ -187,6 +187,18 @@ __device__ __forceinline__ void hn_pipelined_gemm(float (&acc)[TM][TN], int k_be
     }
 }
 
+// n / d by a multiply-high instead of a division (Granlund & Montgomery; CUTLASS's FastDivmod), for 0 <= n < 2^31
+// and 1 <= d < 2^31: l = ceil(log2 d), m = floor(2^32 (2^l - d) / d) + 1 (< 2^32), n / d = (umulhi(n, m) + n) >> l.
+// Set up once per thread (one 64-bit division); each use is three instructions instead of some twenty.
+struct hn_divider {
+    unsigned mul, shift;
+    __device__ explicit hn_divider(int d) : shift(0) {
+        while ((1u << shift) < (unsigned)d) ++shift;
+        mul = (unsigned)((((1ull << shift) - (unsigned)d) << 32) / (unsigned)d + 1);
+    }
+    __device__ int operator()(int n) const { return (int)((__umulhi((unsigned)n, mul) + (unsigned)n) >> shift); }
+};
+
 // The "c" configurations' reduction order: taps (r, s) outside, channels inside, BK channels per tile. Advance
 // (first channel c0, r, s) by one tile (nc channels per tap, a multiple of BK); start from c0 = -BK, r = s = 0.
 __device__ __forceinline__ void hn_next_tile_tap(int& c0, int& r, int& s, int nc, int S) {
@@ -200,40 +212,24 @@ __device__ __forceinline__ void hn_next_tile_tap(int& c0, int& r, int& s, int nc
     }
 }
 
-// Split reduction ("/s" candidates in conv.py: layers whose grid alone would leave the SMs short of warps, e.g.
-// thesis-m4's 12x12 convolution at batch 32 has 72 tiles of 64x32). blockIdx.z = split z of gridDim.z, each summing
-// `chunk` (a multiple of BK) of the reduction; the splits of one output tile then add their partial sums into the
-// output one after another, in the order they arrive (so the sum's rounding order may differ between runs, as with
-// the filter gradient's atomics): the first stores its partial, each next one adds its own to what is there, and the
-// last one also applies the epilogue (bias + activation, or the ReLU mask). No workspace, no memset: `tickets`
-// holds two counters per tile (arrivals, finished), zero before the launch and reset to zero by the tile's last split.
-// A split waits only for splits that have already arrived, i.e. are running, so the wait cannot deadlock.
-// hn_split_enter returns this block's arrival rank (0 without a split).
-__device__ __forceinline__ int hn_split_enter(int* tickets, int tile) {
-    if (gridDim.z == 1) return 0;
-    __shared__ int rank;
-    if (threadIdx.x == 0) {
-        const int tk = atomicAdd(&tickets[2 * tile], 1);
-        while (*(volatile int*)&tickets[2 * tile + 1] < tk) {
-        }
-        rank = tk;
-    }
-    __syncthreads();
-    __threadfence();                    // the earlier splits' stores are visible (the loads below read L2: __ldcg)
-    return rank;
-}
-__device__ __forceinline__ void hn_split_leave(int* tickets, int tile, int rank) {
-    if (gridDim.z == 1) return;
-    __threadfence();                    // this block's stores reach L2 before the next split reads them
+// Split reduction ("<cfg>/<splits>" candidates in conv.py: layers whose grid alone would leave the SMs short of
+// warps, e.g. thesis-m4's 12x12 convolution at batch 32 has 144 tiles of 32x32). blockIdx.z = split z of gridDim.z,
+// each summing `chunk` (a multiple of BK) of the reduction. Every split adds its partial sums into the output, which
+// the launcher zeroed, with atomics (so the rounding order may differ between runs, as with the filter gradient's);
+// the split that arrives last at the tile's counter applies the epilogue (bias + activation, or the ReLU mask) to the
+// sums. No split waits for another, and there is no workspace. `tickets`: one counter per tile, zero before the
+// launch and reset to zero by the tile's last split.
+__device__ __forceinline__ bool hn_split_last(int* tickets, int tile) {
+    __shared__ bool last;
+    __threadfence();                    // this block's adds reach L2 before its arrival is counted
     __syncthreads();
     if (threadIdx.x == 0) {
-        if (rank == gridDim.z - 1) {
-            tickets[2 * tile] = 0;
-            tickets[2 * tile + 1] = 0;
-        } else {
-            atomicAdd(&tickets[2 * tile + 1], 1);
-        }
+        last = atomicAdd(&tickets[tile], 1) == (int)gridDim.z - 1;
+        if (last) tickets[tile] = 0;
     }
+    __syncthreads();
+    if (last) __threadfence();          // ... and the last one reads the others' adds after their counts (__ldcg)
+    return last;
 }
 
 // The "c" order's start at reduction index k_begin (a multiple of BK): (c0, r, s) one tile before it, as
@@ -319,29 +315,31 @@ __device__ __forceinline__ void conv_fwd_impl(const float* __restrict__ x, const
     float acc[TM][TN];
     hn_pipelined_gemm<BM, BN, TM, TN, LA, LB, STAGES>(acc, k_begin, k_end, tm, tn, begin, a_src, a_dst, b_src,
                                                       b_dst, [](const float (&)[BK][LDA]) {}, x);
-    const int tile = blockIdx.x + blockIdx.y * gridDim.x;
-    const int rank = hn_split_enter(tickets, tile);
-    const bool last = rank == gridDim.z - 1;
+    auto outputs = [&](auto f) {       // f(&y[img, n, p, q], n, this thread's sum) for each of its outputs
 #pragma unroll
-    for (int i = 0; i < TM; ++i) {
-        const int mm = m0 + hn_owned<TM, DM, hn_vec(BM, BN, TM, TN)>(tm, i);
-        if (mm >= M) continue;
-        const int img = mm / PQ, pq = mm - img * PQ;
-        float* yrow = y + (long long)img * K * PQ + pq;
+        for (int i = 0; i < TM; ++i) {
+            const int mm = m0 + hn_owned<TM, DM, hn_vec(BM, BN, TM, TN)>(tm, i);
+            if (mm >= M) continue;
+            const int img = mm / PQ, pq = mm - img * PQ;
+            float* yrow = y + (long long)img * K * PQ + pq;
 #pragma unroll
-        for (int j = 0; j < TN; ++j) {
-            const int n = n0 + hn_owned<TN, DN, hn_vec(BM, BN, TM, TN)>(tn, j);
-            if (n >= K) continue;
-            float v = acc[i][j];
-            if (rank > 0) v += __ldcg(&yrow[(long long)n * PQ]);
-            if (last) {
-                if (bias) v += bias[n];
-                if (act == HN_RELU) v = fmaxf(v, 0.f);
+            for (int j = 0; j < TN; ++j) {
+                const int n = n0 + hn_owned<TN, DN, hn_vec(BM, BN, TM, TN)>(tn, j);
+                if (n < K) f(yrow + (long long)n * PQ, n, acc[i][j]);
             }
-            yrow[(long long)n * PQ] = v;
         }
+    };
+    const bool split = gridDim.z > 1;
+    if (split) {
+        outputs([](float* o, int, float v) { atomicAdd(o, v); });
+        if (!hn_split_last(tickets, blockIdx.x + blockIdx.y * gridDim.x)) return;
     }
-    hn_split_leave(tickets, tile, rank);
+    outputs([&](float* o, int n, float v) {
+        if (split) v = __ldcg(o);
+        if (bias) v += bias[n];
+        if (act == HN_RELU) v = fmaxf(v, 0.f);
+        *o = v;
+    });
 }
 
 // --- backward data: dx[m = (n,h,w), c] = sum_{j=(k,r,s)} dy[n,k,(h+pad-r)/st,(w+pad-s)/st] * w[k,c,r,s] -----------
@@ -433,27 +431,30 @@ __device__ __forceinline__ void conv_bwd_data_impl(const float* __restrict__ dy,
     float acc[TM][TN];
     hn_pipelined_gemm<BM, BN, TM, TN, LA, LB, STAGES>(acc, k_begin, k_end, tm, tn, begin, a_src, a_dst, b_src,
                                                       b_dst, [](const float (&)[BK][LDA]) {}, dy);
-    const int tile = blockIdx.x + blockIdx.y * gridDim.x;
-    const int rank = hn_split_enter(tickets, tile);
-    const bool last = rank == gridDim.z - 1;
+    auto outputs = [&](auto f) {       // f(index into dx, this thread's sum) for each of its outputs
 #pragma unroll
-    for (int i = 0; i < TM; ++i) {
-        const int mm = m0 + hn_owned<TM, DM, hn_vec(BM, BN, TM, TN)>(tm, i);
-        if (mm >= M) continue;
-        const int img = mm / HW, hw = mm - img * HW;
-        const long long row = (long long)img * C * HW + hw;
+        for (int i = 0; i < TM; ++i) {
+            const int mm = m0 + hn_owned<TM, DM, hn_vec(BM, BN, TM, TN)>(tm, i);
+            if (mm >= M) continue;
+            const int img = mm / HW, hw = mm - img * HW;
+            const long long row = (long long)img * C * HW + hw;
 #pragma unroll
-        for (int j = 0; j < TN; ++j) {
-            const int n = n0 + hn_owned<TN, DN, hn_vec(BM, BN, TM, TN)>(tn, j);
-            if (n >= C) continue;
-            const long long idx = row + (long long)n * HW;
-            float v = acc[i][j];
-            if (rank > 0) v += __ldcg(&dx[idx]);
-            if (last && relu_x && relu_x[idx] <= 0.f) v = 0.f;
-            dx[idx] = v;
+            for (int j = 0; j < TN; ++j) {
+                const int n = n0 + hn_owned<TN, DN, hn_vec(BM, BN, TM, TN)>(tn, j);
+                if (n < C) f(row + (long long)n * HW, acc[i][j]);
+            }
         }
+    };
+    const bool split = gridDim.z > 1;          // as in the forward
+    if (split) {
+        outputs([&](long long idx, float v) { atomicAdd(dx + idx, v); });
+        if (!hn_split_last(tickets, blockIdx.x + blockIdx.y * gridDim.x)) return;
     }
-    hn_split_leave(tickets, tile, rank);
+    outputs([&](long long idx, float v) {
+        if (split) v = __ldcg(dx + idx);
+        if (relu_x && relu_x[idx] <= 0.f) v = 0.f;
+        dx[idx] = v;
+    });
 }
 
 // --- backward filter: dw[k, j=(c,r,s)] += sum_{i=(n,p,q)} dy[n,k,p,q] * x[n,c,p*st-pad+r,q*st-pad+s] ---------------
@@ -483,14 +484,15 @@ __device__ __forceinline__ void conv_bwd_filter_impl(const float* __restrict__ d
     bool ivalid = false, tap_ok = false;             // this thread's reduction index: output pixel ig = (img, p, q)
     long long dybase = 0, xbase = 0;
     int h0 = 0, w0 = 0;
+    const hn_divider by_pq(PQ), by_q(Q);                // a new pixel each tile: decoded without divisions
     auto begin = [&](int k0) {
         const int ig = k0 + kl;
         ivalid = ig < i_end;
         int img = 0, p = 0, q = 0;
         if (ivalid) {
-            img = ig / PQ;
+            img = by_pq(ig);
             const int pq = ig - img * PQ;
-            p = pq / Q;
+            p = by_q(pq);
             q = pq - p * Q;
         }
         dybase = (long long)img * K * PQ + p * Q + q;

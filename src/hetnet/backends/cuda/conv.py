@@ -117,13 +117,15 @@ def _split_cands(be, cfgs, op, g, m, n, length, run):
     return out
 
 
-def _split_launch(be, grid_xy, splits, length):
-    """(grid, chunk, tickets) of an implicit forward / data-gradient launch reduced in `splits` parts."""
+def _split_launch(be, grid_xy, splits, length, out):
+    """(grid, chunk, tickets) of an implicit forward / data-gradient launch reduced in `splits` parts; a split
+    launch adds into `out`, which is zeroed here first (a memset: one graph node)."""
     steps = math.ceil(length / BK)
     chunk = math.ceil(steps / splits) * BK
     if splits == 1:
         return (*grid_xy, 1), chunk, NULL
-    tickets = be.scratch("conv_split_tickets", (2 * grid_xy[0] * grid_xy[1],), np.int32)
+    tickets = be.scratch("conv_split_tickets", (grid_xy[0] * grid_xy[1],), np.int32)
+    be.cupy.cuda.runtime.memsetAsync(out.data.ptr, 0, out.nbytes, be.cupy.cuda.get_current_stream().ptr)
     return (*grid_xy, splits), chunk, tickets
 
 
@@ -131,7 +133,7 @@ def _fwd_implicit(be, cfg, splits, g, x, w, b, y, act):
     bm, bn, nt = FWD_CFGS[cfg]
     tab, _ = _tables(be, g)
     kern = get_kernel(be.device_id, "conv", f"conv_fwd_{cfg}")
-    grid, chunk, tickets = _split_launch(be, (math.ceil(g.npq / bm), math.ceil(g.k / bn)), splits, g.crs)
+    grid, chunk, tickets = _split_launch(be, (math.ceil(g.npq / bm), math.ceil(g.k / bn)), splits, g.crs, y)
     kern(grid, (nt,), (x, w, b if b is not None else NULL, y, tab, *g.ints(), _i32(g.crs), _i32(g.stride),
                         _i32(g.pad), _i32(g.s), _i32(act), _i32(chunk), tickets))
 
@@ -196,7 +198,8 @@ def _data_implicit(be, cfg, splits, g, dy, w, dx, relu_x):
     bm, bn, nt = DATA_CFGS[cfg]
     _, tab = _tables(be, g)
     kern = get_kernel(be.device_id, "conv", f"conv_bwd_data_{cfg}")
-    grid, chunk, tickets = _split_launch(be, (math.ceil(g.n * g.h * g.w / bm), math.ceil(g.c / bn)), splits, g.krs)
+    grid, chunk, tickets = _split_launch(be, (math.ceil(g.n * g.h * g.w / bm), math.ceil(g.c / bn)), splits, g.krs,
+                                         dx)
     kern(grid, (nt,), (dy, w, relu_x if relu_x is not None else NULL, dx, tab, *g.ints(), _i32(g.krs),
                         _i32(g.stride), _i32(g.pad), _i32(g.s), _i32(chunk), tickets))
 
@@ -221,19 +224,26 @@ def _data_im2col(be, g, dy, w, dx, relu_x, budget):
         be.launch("conv", "relu_mask_inplace", dx.size, dx, relu_x, np.int64(dx.size))
 
 
-def _filter_split(be, cfg, g):
-    """Grid and reduction chunk of the filter gradient: the N*P*Q sum is split over blockIdx.z (partial sums added
-    with atomics) until there are about 4 x 256 threads per SM, each split at least 4 tiles long."""
+def _filter_splits(be, cfg, g):
+    """How many parts the filter gradient's N*P*Q sum is split into over blockIdx.z (partial sums added with
+    atomics) by default: until there are about 4 x 256 threads per SM, each split at least 4 tiles long. Fewer
+    splits ("<cfg>/<splits>" candidates) mean longer runs and fewer atomics."""
     bm, bn, nt = FILTER_CFGS[cfg]
     gx, gy = math.ceil(g.k / bm), math.ceil(g.crs / bn)
-    splits = max(1, min(math.ceil(4 * be.sms * (256 // nt) / (gx * gy)), math.ceil(g.npq / (4 * BK))))
+    return max(1, min(math.ceil(4 * be.sms * (256 // nt) / (gx * gy)), math.ceil(g.npq / (4 * BK))))
+
+
+def _filter_split(be, cfg, g, splits=None):
+    """Grid, reduction chunk and threads of a filter-gradient launch in `splits` parts (default: _filter_splits)."""
+    bm, bn, nt = FILTER_CFGS[cfg]
+    splits = splits or _filter_splits(be, cfg, g)
     chunk = math.ceil(math.ceil(g.npq / splits) / BK) * BK
-    return (gx, gy, math.ceil(g.npq / chunk)), chunk, nt
+    return (math.ceil(g.k / bm), math.ceil(g.crs / bn), math.ceil(g.npq / chunk)), chunk, nt
 
 
-def _filter_implicit(be, cfg, g, dy, x, dw, db):
+def _filter_implicit(be, cfg, g, dy, x, dw, db, splits=None):
     tab, _ = _tables(be, g)
-    grid, chunk, nt = _filter_split(be, cfg, g)
+    grid, chunk, nt = _filter_split(be, cfg, g, splits)
     kern = get_kernel(be.device_id, "conv", f"conv_bwd_filter_{cfg}")
     kern(grid, (nt,), (dy, x, dw, db if db is not None else NULL, tab, *g.ints(), _i32(g.crs), _i32(g.stride),
                         _i32(g.pad), _i32(g.s), _i32(chunk)))
@@ -339,8 +349,14 @@ def conv_backward(be, dy, x, w, dw, db, stride, pad, need_dx=True, relu_x=None):
     k, _, r, s = w.shape
     g = Geometry(n, c, h, wd, k, r, s, stride, pad)
     xp = be.xp
-    fc = {cfg: (lambda dw_, db_, cfg=cfg: _filter_implicit(be, cfg, g, dy, x, dw_, db_)) for cfg in FILTER_CFGS
-          if _fits(cfg, "filter", g)}
+    fc = {}
+    for cfg in FILTER_CFGS:
+        if not _fits(cfg, "filter", g):
+            continue
+        fc[cfg] = lambda dw_, db_, cfg=cfg: _filter_implicit(be, cfg, g, dy, x, dw_, db_)
+        base = _filter_splits(be, cfg, g)
+        for sp in sorted({base // 2, base // 4} - {0, 1}, reverse=True):
+            fc[f"{cfg}/{sp}"] = lambda dw_, db_, cfg=cfg, sp=sp: _filter_implicit(be, cfg, g, dy, x, dw_, db_, sp)
     fc["im2col"] = lambda dw_, db_: _filter_im2col(be, g, dy, x, dw_, db_, x.nbytes + dy.nbytes)
 
     scratch = []
