@@ -95,11 +95,15 @@ def _dense_chunk(n: int, f: int, k: int, split: int) -> int:
 # product in the same order); dw is accumulated inside the GEMM (beta = 1) instead of through a temporary, which
 # rounds differently once the batch spans several of OpenBLAS's K blocks (batch 1024: up to 1.5e-5 apart).
 _DENSE_SPLIT_MIN_MACS = 1 << 20
+# ... and only when every share has at least this many rows (a 10-class head's GEMMs at batch 1024 took 0.28 and
+# 0.34 ms as two 5-row halves, 0.15 and 0.26 ms on one thread)
+_DENSE_SPLIT_MIN_ROWS = 16
 
 
 def _dense_share(m: int, macs: int) -> int:
     """Chunk of an output axis of length m: one share per thread, or all of it for small GEMMs."""
-    return max(1, -(-m // _thr.threads())) if macs >= _DENSE_SPLIT_MIN_MACS else max(1, m)
+    split = macs >= _DENSE_SPLIT_MIN_MACS and m >= _DENSE_SPLIT_MIN_ROWS * _thr.threads()
+    return max(1, -(-m // _thr.threads())) if split else max(1, m)
 
 
 def dense_forward(x, w, b):
