@@ -374,9 +374,11 @@ __device__ __forceinline__ void conv_bwd_data_impl(const float* __restrict__ dy,
     constexpr int LA = BM * BK / NT, LB = (BN * BK + NT - 1) / NT;
     // CI ("c" configurations, for K % BK == 0): as in the forward, taps (r, s) outside and filters k inside,
     // j = (r*S + s)*K + k: one tap per tile, whose source pixel and bounds are worked out once per tile.
-    // B's values: as in the forward, the thread's i-th is filter k0t + t%BK, channel n0 + t/BK + i*NT/BK
-    static_assert(!CI || NT % BK == 0, "channels-inside-taps B loads assume one filter per thread");
-    const float* w_t = w + ((long long)(t % BK) * C + n0 + t / BK) * RS;
+    // B's values: the thread's i-th is channel n0 + t%BN of filter k0t + t/BN + i*NT/BN -- consecutive threads
+    // along the channels, R*S floats apart in w (along the filters they would be C*R*S apart: 32 cache lines per
+    // warp load for 32 channels, against 9 this way)
+    static_assert(!CI || NT % BN == 0, "channels-inside-taps B loads assume one channel per thread");
+    const float* w_t = w + ((long long)(t / BN) * C + n0 + t % BN) * RS;
     int k0t, r, s, tap_w = 0;
     hn_tile_tap_at(k_begin, K, S, k0t, r, s);
     bool tile_ok = false;
@@ -418,14 +420,15 @@ __device__ __forceinline__ void conv_bwd_data_impl(const float* __restrict__ dy,
     };
     auto a_dst = [&](int i, float (&As)[BK][LDA]) -> hn_dst { return {&As[kl0 + i * (NT / BM)][ml], true}; };
     auto b_src = [&](int k0, int i) -> hn_src {   // B: w[k, n, r, s] for kg = (k, r, s)
-        const int e = t + i * NT, kl = e % BK, n = n0 + e / BK;
-        if constexpr (CI) return {w_t + (long long)(i * (NT / BK)) * RS + tap_w, e < BN * BK && n < C};
-        const int kg = k0 + kl;
+        const int e = t + i * NT;
+        if constexpr (CI) return {w_t + (long long)(i * (NT / BN)) * C * RS + tap_w, e < BN * BK && n0 + e % BN < C};
+        const int kl = e % BK, n = n0 + e / BK, kg = k0 + kl;
         if (e < BN * BK && n < C && kg < KRS) return {w + tab[kg].z + (long long)n * RS, true};
         return {w, false};
     };
     auto b_dst = [&](int i, float (&Bs)[BK][LDB]) -> hn_dst {
         const int e = t + i * NT;
+        if constexpr (CI) return {&Bs[e / BN][e % BN], e < BN * BK};
         return {&Bs[e % BK][e / BK], e < BN * BK};
     };
     float acc[TM][TN];
