@@ -3,9 +3,10 @@
 // Two algorithms (chosen per layer shape by a one-time measurement in conv.py):
 //  1. implicit GEMM (conv_fwd_*, conv_bwd_data_*, conv_bwd_filter_*): tiled, shared memory, the "column matrix"
 //     is gathered on the fly from x (or dy) into shared memory, never materialised. Each comes in several tile
-//     configurations (the list at the end of the section): tile sizes; "v" 8x4 outputs per thread with float4
-//     shared reads; "a" a cp.async pipeline; "c" a reduction order with the channels inside the taps, which needs no
-//     gather table (for layers whose channels fill whole tiles). benchmarks/conv_algos.py times them per shape.
+//     configurations (the list at the end of the section): tile sizes; "v" 8x4 (or, 64 threads, 4x4) outputs per
+//     thread with float4 shared reads; "a" a cp.async pipeline; "c" a reduction order with the channels inside the
+//     taps, which needs no gather table (for layers whose channels fill whole tiles); and each may split its
+//     reduction over blockIdx.z (hn_split_last). benchmarks/conv_algos.py times them per shape.
 //  2. im2col + cuBLAS GEMM: im2col / col2im / layout kernels below, the GEMM is cuBLAS through CuPy.
 //
 // Shapes: x[N,C,H,W], w[K,C,R,S], y[N,K,P,Q]; CRS = C*R*S, PQ = P*Q.
