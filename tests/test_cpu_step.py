@@ -10,7 +10,7 @@ import pytest
 
 import hetnet as hn
 from hetnet.backends import _cpu_jit, _cpu_step, cpu, reference
-from hetnet.backends._cpu_step import FusedPlan, _DenseChain, _FusedConvReluPool
+from hetnet.backends._cpu_step import FusedPlan, _FusedConvReluPool
 from hetnet.train import EvalStep, TrainStep, make_eval_step, make_train_step
 
 from conftest import assert_close
