@@ -226,9 +226,9 @@ def _chain_layer_grads(dzt, j, s: int, e: int, ins, layers, grads, accumulate: b
     """Rows s:e of layer j's gradients from dzt = its output's gradient, transposed (K_j, N), in place:
     dz = dzt where the ReLU passed (y > 0), db[k] = sum_n dz[k, n], dw[s:e] = dz[s:e] in_j (dE/dw[k,f] =
     sum_n dz[k,n] in[n,f])."""
-    w, b, relu = layers[j]
+    w, _, relu = layers[j]
     dw, db = grads[j]
-    k, f = w.shape
+    f = w.shape[1]
     n = dzt.shape[1]
     if relu or db is not None:
         _jit.relu_mask_rowsum(dzt[s:e], ins[j + 1][s:e], relu, _NO_BIAS if db is None else db[s:e], db is not None,
