@@ -57,9 +57,14 @@ def test_tile_tables_match_the_kernels():
 
     text = (CUDA_DIR / "conv.cu").read_text()
     for macro, table in (("HN_FWD", C.FWD_CFGS), ("HN_BWD_DATA", C.DATA_CFGS), ("HN_BWD_FILTER", C.FILTER_CFGS)):
-        made = {m[0]: tuple(map(int, m[1:])) for m in
-                re.findall(rf"^{macro}\((\w+), (\d+), (\d+), (\d+), (\d+),", text, re.M)}
+        made = {m[0]: (*map(int, m[1:5]), m[5] == "true", int(m[6]), m[7]) for m in
+                re.findall(rf"^{macro}\((\w+), (\d+), (\d+), (\d+), (\d+), \d+, (true|false), (\d+)(?:, \((\d+))?",
+                           text, re.M)}
         assert set(made) == set(table), f"{macro}: kernels {sorted(made)} vs table {sorted(table)}"
-        for name, (bm, bn, tm, tn) in made.items():
-            assert table[name] == (bm, bn, (bm // tm) * (bn // tn)), f"{macro}({name})"
-            assert name.endswith("c") == bool(re.search(rf"^{macro}\({name},.*, true", text, re.M)), name
+        for name, (bm, bn, tm, tn, ci, ks, bound) in made.items():
+            threads = (bm // tm) * (bn // tn) * ks          # KS slices of the tile's threads
+            assert table[name] == (bm, bn, threads), f"{macro}({name})"
+            assert not bound or int(bound) == threads, f"{macro}({name}): __launch_bounds__ {bound}"
+            flags = re.match(r"\d+x\d+([a-z]*)", name).group(1)
+            assert ("c" in flags) == ci and ("s" in flags) == (ks > 1), name
+            assert C._fits(name, "fwd", C.Geometry(1, 3, 4, 4, 16, 3, 3, 1, 1)) == (not ci), name   # C % BK != 0

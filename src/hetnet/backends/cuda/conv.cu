@@ -5,7 +5,8 @@
 //     is gathered on the fly from x (or dy) into shared memory, never materialised. Each comes in several tile
 //     configurations (the list at the end of the section): tile sizes; "v" 8x4 (or, 64 threads, 4x4) outputs per
 //     thread with float4 shared reads; "a" a cp.async pipeline; "c" a reduction order with the channels inside the
-//     taps, which needs no gather table (for layers whose channels fill whole tiles); and each may split its
+//     taps, which needs no gather table (for layers whose channels fill whole tiles); "s<n>" the block's reduction
+//     sliced between n groups of threads and summed in shared memory (hn_pipelined_gemm's KS); and each may split its
 //     reduction over blockIdx.z (hn_split_last). benchmarks/conv_algos.py times them per shape.
 //  2. im2col + cuBLAS GEMM: im2col / col2im / layout kernels below, the GEMM is cuBLAS through CuPy.
 //
@@ -110,19 +111,13 @@ __device__ __forceinline__ void hn_cp_async_wait() { asm volatile("cp.async.wait
 //   one __syncthreads per tile suffices and load latency hides behind the FMAs.
 // STAGES 3 ("a" configurations): cp.async copies global -> shared directly, two tiles ahead of the multiply, with no
 //   staging registers (more blocks per SM) and one __syncthreads per tile (the CUTLASS "multistage" loop).
+// hn_gemm_loop is that loop over one slice's tiles As / Bs ([STAGES][BK][LD]), sync() the slice's barrier;
+// hn_pipelined_gemm (after it) zeroes acc, runs it and adds up the slices.
 template <int BM, int BN, int TM, int TN, int LA, int LB, int STAGES, class Begin, class ASrc, class ADst, class BSrc,
-          class BDst, class OnTile>
-__device__ __forceinline__ void hn_pipelined_gemm(float (&acc)[TM][TN], int k_begin, int k_end, int tm, int tn,
-                                                  Begin begin, ASrc a_src, ADst a_dst, BSrc b_src, BDst b_dst,
-                                                  OnTile on_tile, const float* any) {
-    constexpr int LDA = hn_ld(BM, TM, hn_vec(BM, BN, TM, TN)), LDB = hn_ld(BN, TN, hn_vec(BM, BN, TM, TN));
-    __shared__ __align__(16) float As[STAGES][BK][LDA];
-    __shared__ __align__(16) float Bs[STAGES][BK][LDB];
-#pragma unroll
-    for (int i = 0; i < TM; ++i)
-#pragma unroll
-        for (int j = 0; j < TN; ++j) acc[i][j] = 0.f;
-    if (k_begin >= k_end) return;      // the same for the whole block
+          class BDst, class OnTile, class TA, class TB, class Sync>
+__device__ __forceinline__ void hn_gemm_loop(float (&acc)[TM][TN], int k_begin, int k_end, int tm, int tn,
+                                             Begin begin, ASrc a_src, ADst a_dst, BSrc b_src, BDst b_dst,
+                                             OnTile on_tile, const float* any, TA& As, TB& Bs, Sync sync) {
     if constexpr (STAGES == 2) {
         float ra[LA], rb[LB];
         auto fetch = [&](int k0) {
@@ -148,7 +143,7 @@ __device__ __forceinline__ void hn_pipelined_gemm(float (&acc)[TM][TN], int k_be
         };
         fetch(k_begin);
         put(0);
-        __syncthreads();
+        sync();
         int buf = 0;
         for (int k0 = k_begin; k0 < k_end; k0 += BK) {
             const bool more = k0 + BK < k_end;
@@ -156,7 +151,7 @@ __device__ __forceinline__ void hn_pipelined_gemm(float (&acc)[TM][TN], int k_be
             on_tile(As[buf]);
             hn_tile_mma<BM, BN, TM, TN>(acc, As[buf], Bs[buf], tm, tn);
             if (more) put(buf ^ 1);        // that buffer was last read before the previous barrier
-            __syncthreads();
+            sync();
             buf ^= 1;
         }
     } else {
@@ -177,13 +172,70 @@ __device__ __forceinline__ void hn_pipelined_gemm(float (&acc)[TM][TN], int k_be
         int st = 0;
         for (int k0 = k_begin; k0 < k_end; k0 += BK) {
             hn_cp_async_wait<STAGES - 2>();    // this thread's copies of tile k0 have landed ...
-            __syncthreads();                   // ... everyone's; and everyone is done with the stage refilled next
+            sync();                            // ... everyone's; and everyone is done with the stage refilled next
             const int kn = k0 + (STAGES - 1) * BK;
             if (kn < k_end) issue(kn, st == 0 ? STAGES - 1 : st - 1);
             hn_cp_async_commit();
             on_tile(As[st]);
             hn_tile_mma<BM, BN, TM, TN>(acc, As[st], Bs[st], tm, tn);
             st = st + 1 == STAGES ? 0 : st + 1;
+        }
+        hn_cp_async_wait<0>();          // (the groups left are empty: nothing lands in the tiles after this)
+    }
+}
+
+// KS > 1 (sliced reduction, "s<KS>" configurations): the block is KS slices of (BM/TM)*(BN/TN) threads; slice
+// `slice` runs this loop over its own part [k_begin, k_end) of the block's reduction, in its own shared tiles, and
+// syncs with a named barrier of its own warps only (slices may run different tile counts). At the end the slices'
+// sums are added in shared memory, in slice order (deterministic), into slice 0's acc. For grids too small to fill
+// the SMs (thesis-m4's 12x12 convolution at batch 32: 144 tiles of 32x32) this cuts each warp's serial chain of
+// tiles by KS without atomics, as CUTLASS's "sliced-k" does.
+// Named barrier `id` (1..15; 0 is __syncthreads') for `count` threads, a multiple of 32: one slice's warps.
+__device__ __forceinline__ void hn_bar_sync(int id, int count) {
+    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+
+template <int BM, int BN, int TM, int TN, int LA, int LB, int STAGES, int KS = 1, class Begin, class ASrc, class ADst,
+          class BSrc, class BDst, class OnTile>
+__device__ __forceinline__ void hn_pipelined_gemm(float (&acc)[TM][TN], int k_begin, int k_end, int tm, int tn,
+                                                  Begin begin, ASrc a_src, ADst a_dst, BSrc b_src, BDst b_dst,
+                                                  OnTile on_tile, const float* any, int slice = 0) {
+    constexpr int LDA = hn_ld(BM, TM, hn_vec(BM, BN, TM, TN)), LDB = hn_ld(BN, TN, hn_vec(BM, BN, TM, TN));
+    constexpr int NT = (BM / TM) * (BN / TN);
+    static_assert(KS == 1 || (NT % 32 == 0 && KS <= 15), "slices are whole warps, one named barrier each");
+    static_assert((KS - 1) * BM * BN <= KS * STAGES * BK * LDA, "the slices' sums are added in the A tiles");
+    __shared__ __align__(16) float As_[KS][STAGES][BK][LDA];
+    __shared__ __align__(16) float Bs_[KS][STAGES][BK][LDB];
+    auto& As = As_[slice];
+    auto& Bs = Bs_[slice];
+    auto sync = [&] {
+        if constexpr (KS == 1) __syncthreads();
+        else hn_bar_sync(1 + slice, NT);
+    };
+#pragma unroll
+    for (int i = 0; i < TM; ++i)
+#pragma unroll
+        for (int j = 0; j < TN; ++j) acc[i][j] = 0.f;
+    if (k_begin < k_end) hn_gemm_loop<BM, BN, TM, TN, LA, LB, STAGES>(acc, k_begin, k_end, tm, tn, begin, a_src,
+                                                                       a_dst, b_src, b_dst, on_tile, any, As, Bs,
+                                                                       sync);
+    if constexpr (KS > 1) {
+        float* red = &As_[0][0][0][0];          // [slice - 1][i][j][thread]
+        const int t = tm + tn * (BM / TM);      // (any one-to-one numbering of the slice's threads serves)
+        __syncthreads();                        // every slice is done with its tiles
+        if (slice > 0) {
+#pragma unroll
+            for (int i = 0; i < TM; ++i)
+#pragma unroll
+                for (int j = 0; j < TN; ++j) red[(((slice - 1) * TM + i) * TN + j) * NT + t] = acc[i][j];
+        }
+        __syncthreads();
+        if (slice == 0) {
+            for (int z = 1; z < KS; ++z)
+#pragma unroll
+                for (int i = 0; i < TM; ++i)
+#pragma unroll
+                    for (int j = 0; j < TN; ++j) acc[i][j] += red[(((z - 1) * TM + i) * TN + j) * NT + t];
         }
     }
 }
@@ -242,8 +294,19 @@ __device__ __forceinline__ void hn_tile_tap_at(int k_begin, int nc, int S, int& 
     s = tap - r * S;
 }
 
+// A sliced block's (KS > 1) part of the reduction range [k_begin, k_end): slice `slice` of KS takes the next
+// ceil(tiles / KS) whole tiles (the last slices may get fewer, or none).
+template <int KS>
+__device__ __forceinline__ void hn_slice_range(int& k_begin, int& k_end, int slice) {
+    if constexpr (KS > 1) {
+        const int per = (k_end - k_begin + KS * BK - 1) / (KS * BK) * BK;
+        k_begin = min(k_end, k_begin + slice * per);
+        k_end = min(k_end, k_begin + per);
+    }
+}
+
 // --- forward: y[m = (n,p,q), k] = sum_{j=(c,r,s)} A[m, j] * w[k, j], epilogue bias + activation --------------------
-template <int BM, int BN, int TM, int TN, int STAGES, bool CI>
+template <int BM, int BN, int TM, int TN, int STAGES, bool CI, int KS>
 __device__ __forceinline__ void conv_fwd_impl(const float* __restrict__ x, const float* __restrict__ w,
                                               const float* __restrict__ bias, float* __restrict__ y,
                                               const int4* __restrict__ tab, int N, int C, int H, int W, int K,
@@ -252,10 +315,11 @@ __device__ __forceinline__ void conv_fwd_impl(const float* __restrict__ x, const
     constexpr int DM = BM / TM, DN = BN / TN, NT = DM * DN;
     constexpr int LDA = hn_ld(BM, TM, hn_vec(BM, BN, TM, TN)), LDB = hn_ld(BN, TN, hn_vec(BM, BN, TM, TN));
     static_assert(NT % BM == 0, "A loads assume each thread keeps one row");
-    const int t = threadIdx.x, tm = t % DM, tn = t / DM;
+    const int t = threadIdx.x % NT, slice = threadIdx.x / NT, tm = t % DM, tn = t / DM;   // KS slices of NT
     const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
     const int PQ = P * Q, M = N * PQ, HW = H * W;
-    const int k_begin = blockIdx.z * chunk, k_end = min(CRS, k_begin + chunk);     // this split's reduction range
+    int k_begin = blockIdx.z * chunk, k_end = min(CRS, k_begin + chunk);     // this split's reduction range ...
+    hn_slice_range<KS>(k_begin, k_end, slice);                                 // ... and this slice's part of it
 
     // the one output pixel this thread gathers A for
     const int ml = t % BM, kl0 = t / BM;
@@ -314,8 +378,8 @@ __device__ __forceinline__ void conv_fwd_impl(const float* __restrict__ x, const
         return {&Bs[e % BK][e / BK], e < BN * BK};
     };
     float acc[TM][TN];
-    hn_pipelined_gemm<BM, BN, TM, TN, LA, LB, STAGES>(acc, k_begin, k_end, tm, tn, begin, a_src, a_dst, b_src,
-                                                      b_dst, [](const float (&)[BK][LDA]) {}, x);
+    hn_pipelined_gemm<BM, BN, TM, TN, LA, LB, STAGES, KS>(acc, k_begin, k_end, tm, tn, begin, a_src, a_dst, b_src,
+                                                          b_dst, [](const float (&)[BK][LDA]) {}, x, slice);
     auto outputs = [&](auto f) {       // f(&y[img, n, p, q], n, this thread's sum) for each of its outputs
 #pragma unroll
         for (int i = 0; i < TM; ++i) {
@@ -332,9 +396,10 @@ __device__ __forceinline__ void conv_fwd_impl(const float* __restrict__ x, const
     };
     const bool split = gridDim.z > 1;
     if (split) {
-        outputs([](float* o, int, float v) { atomicAdd(o, v); });
+        if (slice == 0) outputs([](float* o, int, float v) { atomicAdd(o, v); });
         if (!hn_split_last(tickets, blockIdx.x + blockIdx.y * gridDim.x)) return;
     }
+    if (slice != 0) return;            // slice 0 holds the block's sums
     outputs([&](float* o, int n, float v) {
         if (split) v = __ldcg(o);
         if (bias) v += bias[n];
@@ -346,7 +411,7 @@ __device__ __forceinline__ void conv_fwd_impl(const float* __restrict__ x, const
 // --- backward data: dx[m = (n,h,w), c] = sum_{j=(k,r,s)} dy[n,k,(h+pad-r)/st,(w+pad-s)/st] * w[k,c,r,s] -----------
 // Epilogue: when relu_x is given (the input x of this layer is a ReLU output), dx = 0 where relu_x <= 0, so the
 // ReLU's backward is fused here.
-template <int BM, int BN, int TM, int TN, int STAGES, bool CI>
+template <int BM, int BN, int TM, int TN, int STAGES, bool CI, int KS>
 __device__ __forceinline__ void conv_bwd_data_impl(const float* __restrict__ dy, const float* __restrict__ w,
                                                    const float* __restrict__ relu_x, float* __restrict__ dx,
                                                    const int4* __restrict__ tab, int N, int C, int H, int W, int K,
@@ -355,10 +420,11 @@ __device__ __forceinline__ void conv_bwd_data_impl(const float* __restrict__ dy,
     constexpr int DM = BM / TM, DN = BN / TN, NT = DM * DN;
     constexpr int LDA = hn_ld(BM, TM, hn_vec(BM, BN, TM, TN)), LDB = hn_ld(BN, TN, hn_vec(BM, BN, TM, TN));
     static_assert(NT % BM == 0, "A loads assume each thread keeps one row");
-    const int t = threadIdx.x, tm = t % DM, tn = t / DM;
+    const int t = threadIdx.x % NT, slice = threadIdx.x / NT, tm = t % DM, tn = t / DM;   // as in the forward
     const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
     const int PQ = P * Q, HW = H * W, M = N * HW, RS = KRS / K;
-    const int k_begin = blockIdx.z * chunk, k_end = min(KRS, k_begin + chunk);     // this split's reduction range
+    int k_begin = blockIdx.z * chunk, k_end = min(KRS, k_begin + chunk);     // this split's reduction range ...
+    hn_slice_range<KS>(k_begin, k_end, slice);                                 // ... and this slice's part of it
 
     const int ml = t % BM, kl0 = t / BM;
     const int m = m0 + ml;
@@ -433,8 +499,8 @@ __device__ __forceinline__ void conv_bwd_data_impl(const float* __restrict__ dy,
         return {&Bs[e % BK][e / BK], e < BN * BK};
     };
     float acc[TM][TN];
-    hn_pipelined_gemm<BM, BN, TM, TN, LA, LB, STAGES>(acc, k_begin, k_end, tm, tn, begin, a_src, a_dst, b_src,
-                                                      b_dst, [](const float (&)[BK][LDA]) {}, dy);
+    hn_pipelined_gemm<BM, BN, TM, TN, LA, LB, STAGES, KS>(acc, k_begin, k_end, tm, tn, begin, a_src, a_dst, b_src,
+                                                          b_dst, [](const float (&)[BK][LDA]) {}, dy, slice);
     auto outputs = [&](auto f) {       // f(index into dx, this thread's sum) for each of its outputs
 #pragma unroll
         for (int i = 0; i < TM; ++i) {
@@ -451,9 +517,10 @@ __device__ __forceinline__ void conv_bwd_data_impl(const float* __restrict__ dy,
     };
     const bool split = gridDim.z > 1;          // as in the forward
     if (split) {
-        outputs([&](long long idx, float v) { atomicAdd(dx + idx, v); });
+        if (slice == 0) outputs([&](long long idx, float v) { atomicAdd(dx + idx, v); });
         if (!hn_split_last(tickets, blockIdx.x + blockIdx.y * gridDim.x)) return;
     }
+    if (slice != 0) return;
     outputs([&](long long idx, float v) {
         if (split) v = __ldcg(dx + idx);
         if (relu_x && relu_x[idx] <= 0.f) v = 0.f;
@@ -464,7 +531,7 @@ __device__ __forceinline__ void conv_bwd_data_impl(const float* __restrict__ dy,
 // --- backward filter: dw[k, j=(c,r,s)] += sum_{i=(n,p,q)} dy[n,k,p,q] * x[n,c,p*st-pad+r,q*st-pad+s] ---------------
 // Split over i (blockIdx.z): each block adds its partial sums with atomics, so the result accumulates into dw as the
 // interface asks. db[k] += sum_i dy[n,k,p,q] is added by the blocks of the first column tile.
-template <int BM, int BN, int TM, int TN, int STAGES, bool CI>
+template <int BM, int BN, int TM, int TN, int STAGES, bool CI, int KS>
 __device__ __forceinline__ void conv_bwd_filter_impl(const float* __restrict__ dy, const float* __restrict__ x,
                                                      float* __restrict__ dw, float* __restrict__ db,
                                                      const int4* __restrict__ tab, int N, int C, int H, int W,
@@ -473,10 +540,11 @@ __device__ __forceinline__ void conv_bwd_filter_impl(const float* __restrict__ d
     constexpr int DM = BM / TM, DN = BN / TN, NT = DM * DN;
     constexpr int LDA = hn_ld(BM, TM, hn_vec(BM, BN, TM, TN)), LDB = hn_ld(BN, TN, hn_vec(BM, BN, TM, TN));
     static_assert(NT % BK == 0, "loads assume each thread keeps one reduction index");
-    const int t = threadIdx.x, tm = t % DM, tn = t / DM;
+    const int t = threadIdx.x % NT, slice = threadIdx.x / NT, tm = t % DM, tn = t / DM;   // as in the forward
     const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
     const int PQ = P * Q, HW = H * W, NPQ = N * PQ;
-    const int i_begin = blockIdx.z * chunk, i_end = min(NPQ, i_begin + chunk);
+    int i_begin = blockIdx.z * chunk, i_end = min(NPQ, i_begin + chunk);
+    hn_slice_range<KS>(i_begin, i_end, slice);
     const bool do_db = db != nullptr && blockIdx.y == 0;
     const int kl = t % BK, r0 = t / BK;
 
@@ -538,8 +606,10 @@ __device__ __forceinline__ void conv_bwd_filter_impl(const float* __restrict__ d
         }
     };
     float acc[TM][TN];
-    hn_pipelined_gemm<BM, BN, TM, TN, LA, LB, STAGES>(acc, i_begin, i_end, tm, tn, begin, a_src, a_dst, b_src, b_dst,
-                                                      sum_db, x);
+    hn_pipelined_gemm<BM, BN, TM, TN, LA, LB, STAGES, KS>(acc, i_begin, i_end, tm, tn, begin, a_src, a_dst, b_src,
+                                                          b_dst, sum_db, x, slice);
+    if (do_db && t < BM && m0 + t < K) atomicAdd(db + m0 + t, dbacc);     // each slice its own sum
+    if (slice != 0) return;            // slice 0 holds the block's dw sums
 #pragma unroll
     for (int i = 0; i < TM; ++i) {
         const int mm = m0 + hn_owned<TM, DM, hn_vec(BM, BN, TM, TN)>(tm, i);
@@ -553,83 +623,94 @@ __device__ __forceinline__ void conv_bwd_filter_impl(const float* __restrict__ d
                 atomicAdd(dw + (long long)mm * CRS + n, acc[i][j]);
         }
     }
-    if (do_db && t < BM && m0 + t < K) atomicAdd(db + m0 + t, dbacc);
 }
 
-// Tile configurations <BM, BN, TM, TN, STAGES, CI>, (BM/TM) * (BN/TN) threads: the launcher picks one per shape (by
-// measurement; conv.py lists them with their thread counts). "v": 8x4 outputs per thread, read as float4; "a": the
-// cp.async pipeline (STAGES 3); "c": channels inside taps (CI; forward: when C is a multiple of BK, data: K, filter: C a multiple of BN).
+// Tile configurations <BM, BN, TM, TN, STAGES, CI, KS>, (BM/TM) * (BN/TN) * KS threads: the launcher picks one per
+// shape (by measurement; conv.py lists them with their thread counts). "v": 8x4 outputs per thread, read as float4;
+// "a": the cp.async pipeline (STAGES 3); "c": channels inside taps (CI; forward: when C is a multiple of BK, data: K,
+// filter: C a multiple of BN); "s<KS>": KS slices of the reduction (KS * STAGES tiles must fit the 48 KiB of static
+// shared memory: 4 slices of 32x32, 2 of 64x32).
 // BOUNDS_: the __launch_bounds__ arguments; (256, 3) makes ptxas budget 85 registers for the 64x64 data kernel, which
 // it otherwise squeezes into 64 on sm_80, with a spill; the other bounds with a block count likewise keep sm_90's
 // kernels free of spills (the forward 128x32vc: 96 registers and a spill without its (128, 4))
-#define HN_FWD(name, BM_, BN_, TM_, TN_, ST_, CI_, BOUNDS_)                                                        \
+#define HN_FWD(name, BM_, BN_, TM_, TN_, ST_, CI_, KS_, BOUNDS_)                                                        \
     extern "C" __global__ void __launch_bounds__ BOUNDS_ conv_fwd_##name(                                          \
         const float* x, const float* w, const float* bias, float* y, const int4* tab, int N, int C, int H, int W, \
         int K, int P, int Q, int CRS, int stride, int pad, int S, int act, int chunk, int* tickets) {              \
-        conv_fwd_impl<BM_, BN_, TM_, TN_, ST_, CI_>(x, w, bias, y, tab, N, C, H, W, K, P, Q, CRS, stride, pad, S,  \
-                                                    act, chunk, tickets);                                          \
+        conv_fwd_impl<BM_, BN_, TM_, TN_, ST_, CI_, KS_>(x, w, bias, y, tab, N, C, H, W, K, P, Q, CRS, stride,     \
+                                                         pad, S, act, chunk, tickets);                             \
     }
-#define HN_BWD_DATA(name, BM_, BN_, TM_, TN_, ST_, CI_, BOUNDS_)                                                   \
+#define HN_BWD_DATA(name, BM_, BN_, TM_, TN_, ST_, CI_, KS_, BOUNDS_)                                                   \
     extern "C" __global__ void __launch_bounds__ BOUNDS_ conv_bwd_data_##name(                                     \
         const float* dy, const float* w, const float* relu_x, float* dx, const int4* tab, int N, int C, int H,     \
         int W, int K, int P, int Q, int KRS, int stride, int pad, int S, int chunk, int* tickets) {                \
-        conv_bwd_data_impl<BM_, BN_, TM_, TN_, ST_, CI_>(dy, w, relu_x, dx, tab, N, C, H, W, K, P, Q, KRS, stride, \
-                                                         pad, S, chunk, tickets);                                  \
+        conv_bwd_data_impl<BM_, BN_, TM_, TN_, ST_, CI_, KS_>(dy, w, relu_x, dx, tab, N, C, H, W, K, P, Q, KRS,    \
+                                                              stride, pad, S, chunk, tickets);                     \
     }
-#define HN_BWD_FILTER(name, BM_, BN_, TM_, TN_, ST_, CI_)                                                          \
-    extern "C" __global__ void __launch_bounds__((BM_ / TM_) * (BN_ / TN_)) conv_bwd_filter_##name(                \
+#define HN_BWD_FILTER(name, BM_, BN_, TM_, TN_, ST_, CI_, KS_)                                                     \
+    extern "C" __global__ void __launch_bounds__((BM_ / TM_) * (BN_ / TN_) * KS_) conv_bwd_filter_##name(          \
         const float* dy, const float* x, float* dw, float* db, const int4* tab, int N, int C, int H, int W, int K, \
         int P, int Q, int CRS, int stride, int pad, int S, int chunk) {                                            \
-        conv_bwd_filter_impl<BM_, BN_, TM_, TN_, ST_, CI_>(dy, x, dw, db, tab, N, C, H, W, K, P, Q, CRS, stride,   \
-                                                           pad, S, chunk);                                         \
+        conv_bwd_filter_impl<BM_, BN_, TM_, TN_, ST_, CI_, KS_>(dy, x, dw, db, tab, N, C, H, W, K, P, Q, CRS,      \
+                                                                stride, pad, S, chunk);                            \
     }
 
-HN_FWD(64x64, 64, 64, 4, 4, 2, false, (256))
-HN_FWD(128x32, 128, 32, 4, 4, 2, false, (256))
-HN_FWD(128x16, 128, 16, 4, 2, 2, false, (256))
-HN_FWD(256x16, 256, 16, 8, 2, 2, false, (256))
-HN_FWD(64x32, 64, 32, 4, 2, 2, false, (256))  // smaller tiles: more blocks for small batches
-HN_FWD(64x16, 64, 16, 4, 1, 2, false, (256))
-HN_FWD(128x32v, 128, 32, 8, 4, 2, false, (128))  // 128 threads
-HN_FWD(64x32a, 64, 32, 4, 2, 3, false, (256))
-HN_FWD(128x32c, 128, 32, 4, 4, 2, true, (256))
-HN_FWD(64x32c, 64, 32, 4, 2, 2, true, (256))
-HN_FWD(64x16c, 64, 16, 4, 1, 2, true, (256))
-HN_FWD(32x32c, 32, 32, 2, 2, 2, true, (256))  // more blocks for small batches
-HN_FWD(128x32vc, 128, 32, 8, 4, 2, true, (128, 4))  // 128 threads
-HN_FWD(128x64vc, 128, 64, 8, 8, 2, true, (128))  // 128 threads
-HN_FWD(128x32vac, 128, 32, 8, 4, 3, true, (128))  // 128 threads
-HN_FWD(32x32v, 32, 32, 4, 4, 2, false, (64))  // 64 threads, 4x4 read as float4: small batches (cuDNN's tile there)
-HN_FWD(32x32vc, 32, 32, 4, 4, 2, true, (64))
-HN_FWD(32x32vac, 32, 32, 4, 4, 3, true, (64))
-HN_BWD_DATA(64x64, 64, 64, 4, 4, 2, false, (256, 3))
-HN_BWD_DATA(128x32, 128, 32, 4, 4, 2, false, (256, 2))
-HN_BWD_DATA(128x16, 128, 16, 4, 2, 2, false, (256, 4))
-HN_BWD_DATA(64x32, 64, 32, 2, 4, 2, false, (256))
-HN_BWD_DATA(64x16, 64, 16, 2, 2, 2, false, (256))
-HN_BWD_DATA(128x32v, 128, 32, 8, 4, 2, false, (128, 3))
-HN_BWD_DATA(128x32c, 128, 32, 4, 4, 2, true, (256, 2))
-HN_BWD_DATA(64x32c, 64, 32, 2, 4, 2, true, (256))
-HN_BWD_DATA(64x16c, 64, 16, 2, 2, 2, true, (256))
-HN_BWD_DATA(32x32c, 32, 32, 2, 2, 2, true, (256))
-HN_BWD_DATA(128x32vc, 128, 32, 8, 4, 2, true, (128, 3))
-HN_BWD_DATA(64x32vc, 64, 32, 8, 4, 2, true, (64))
-HN_BWD_DATA(64x32ac, 64, 32, 2, 4, 3, true, (256))
-HN_BWD_DATA(32x32v, 32, 32, 4, 4, 2, false, (64, 8))
-HN_BWD_DATA(32x32vc, 32, 32, 4, 4, 2, true, (64))
-HN_BWD_DATA(32x32vac, 32, 32, 4, 4, 3, true, (64))
-HN_BWD_FILTER(32x64, 32, 64, 2, 4, 2, false)
-HN_BWD_FILTER(16x64, 16, 64, 1, 4, 2, false)
-HN_BWD_FILTER(64x64, 64, 64, 4, 4, 2, false)
-HN_BWD_FILTER(16x32, 16, 32, 1, 2, 2, false)  // short filters (C*R*S = 9, 27)
-HN_BWD_FILTER(32x32, 32, 32, 2, 2, 2, false)
-HN_BWD_FILTER(32x64v, 32, 64, 4, 8, 2, false)    // 64 threads
-HN_BWD_FILTER(32x32v, 32, 32, 4, 4, 2, false)    // 64 threads
-HN_BWD_FILTER(64x64a, 64, 64, 4, 4, 3, false)
-HN_BWD_FILTER(32x32c, 32, 32, 2, 2, 2, true)
-HN_BWD_FILTER(32x64c, 32, 64, 2, 4, 2, true)
-HN_BWD_FILTER(32x32vc, 32, 32, 4, 4, 2, true)   // 64 threads
-HN_BWD_FILTER(32x64vc, 32, 64, 4, 8, 2, true)   // 64 threads
+HN_FWD(64x64, 64, 64, 4, 4, 2, false, 1, (256))
+HN_FWD(128x32, 128, 32, 4, 4, 2, false, 1, (256))
+HN_FWD(128x16, 128, 16, 4, 2, 2, false, 1, (256))
+HN_FWD(256x16, 256, 16, 8, 2, 2, false, 1, (256))
+HN_FWD(64x32, 64, 32, 4, 2, 2, false, 1, (256))  // smaller tiles: more blocks for small batches
+HN_FWD(64x16, 64, 16, 4, 1, 2, false, 1, (256))
+HN_FWD(128x32v, 128, 32, 8, 4, 2, false, 1, (128))  // 128 threads
+HN_FWD(64x32a, 64, 32, 4, 2, 3, false, 1, (256))
+HN_FWD(128x32c, 128, 32, 4, 4, 2, true, 1, (256))
+HN_FWD(64x32c, 64, 32, 4, 2, 2, true, 1, (256))
+HN_FWD(64x16c, 64, 16, 4, 1, 2, true, 1, (256))
+HN_FWD(32x32c, 32, 32, 2, 2, 2, true, 1, (256))  // more blocks for small batches
+HN_FWD(128x32vc, 128, 32, 8, 4, 2, true, 1, (128, 4))  // 128 threads
+HN_FWD(128x64vc, 128, 64, 8, 8, 2, true, 1, (128))  // 128 threads
+HN_FWD(128x32vac, 128, 32, 8, 4, 3, true, 1, (128))  // 128 threads
+HN_FWD(32x32v, 32, 32, 4, 4, 2, false, 1, (64))  // 64 threads, 4x4 read as float4: small batches (cuDNN's tile there)
+HN_FWD(32x32vc, 32, 32, 4, 4, 2, true, 1, (64))
+HN_FWD(32x32vac, 32, 32, 4, 4, 3, true, 1, (64))
+HN_FWD(32x32vs4, 32, 32, 4, 4, 2, false, 4, (256))  // sliced reductions: 2, 3 or 4 slices of 64 threads
+HN_FWD(32x32vcs2, 32, 32, 4, 4, 2, true, 2, (128))
+HN_FWD(32x32vcs3, 32, 32, 4, 4, 2, true, 3, (192))
+HN_FWD(32x32vcs4, 32, 32, 4, 4, 2, true, 4, (256))
+HN_FWD(64x32vcs2, 64, 32, 8, 4, 2, true, 2, (128))
+HN_BWD_DATA(64x64, 64, 64, 4, 4, 2, false, 1, (256, 3))
+HN_BWD_DATA(128x32, 128, 32, 4, 4, 2, false, 1, (256, 2))
+HN_BWD_DATA(128x16, 128, 16, 4, 2, 2, false, 1, (256, 4))
+HN_BWD_DATA(64x32, 64, 32, 2, 4, 2, false, 1, (256))
+HN_BWD_DATA(64x16, 64, 16, 2, 2, 2, false, 1, (256))
+HN_BWD_DATA(128x32v, 128, 32, 8, 4, 2, false, 1, (128, 3))
+HN_BWD_DATA(128x32c, 128, 32, 4, 4, 2, true, 1, (256, 2))
+HN_BWD_DATA(64x32c, 64, 32, 2, 4, 2, true, 1, (256))
+HN_BWD_DATA(64x16c, 64, 16, 2, 2, 2, true, 1, (256))
+HN_BWD_DATA(32x32c, 32, 32, 2, 2, 2, true, 1, (256))
+HN_BWD_DATA(128x32vc, 128, 32, 8, 4, 2, true, 1, (128, 3))
+HN_BWD_DATA(64x32vc, 64, 32, 8, 4, 2, true, 1, (64))
+HN_BWD_DATA(64x32ac, 64, 32, 2, 4, 3, true, 1, (256))
+HN_BWD_DATA(32x32v, 32, 32, 4, 4, 2, false, 1, (64, 8))
+HN_BWD_DATA(32x32vc, 32, 32, 4, 4, 2, true, 1, (64))
+HN_BWD_DATA(32x32vac, 32, 32, 4, 4, 3, true, 1, (64))
+HN_BWD_DATA(32x32vcs2, 32, 32, 4, 4, 2, true, 2, (128))
+HN_BWD_DATA(32x32vcs4, 32, 32, 4, 4, 2, true, 4, (256))
+HN_BWD_FILTER(32x64, 32, 64, 2, 4, 2, false, 1)
+HN_BWD_FILTER(16x64, 16, 64, 1, 4, 2, false, 1)
+HN_BWD_FILTER(64x64, 64, 64, 4, 4, 2, false, 1)
+HN_BWD_FILTER(16x32, 16, 32, 1, 2, 2, false, 1)  // short filters (C*R*S = 9, 27)
+HN_BWD_FILTER(32x32, 32, 32, 2, 2, 2, false, 1)
+HN_BWD_FILTER(32x64v, 32, 64, 4, 8, 2, false, 1)    // 64 threads
+HN_BWD_FILTER(32x32v, 32, 32, 4, 4, 2, false, 1)    // 64 threads
+HN_BWD_FILTER(64x64a, 64, 64, 4, 4, 3, false, 1)
+HN_BWD_FILTER(32x32c, 32, 32, 2, 2, 2, true, 1)
+HN_BWD_FILTER(32x64c, 32, 64, 2, 4, 2, true, 1)
+HN_BWD_FILTER(32x32vc, 32, 32, 4, 4, 2, true, 1)   // 64 threads
+HN_BWD_FILTER(32x64vc, 32, 64, 4, 8, 2, true, 1)   // 64 threads
+HN_BWD_FILTER(32x32vs2, 32, 32, 4, 4, 2, false, 2)  // sliced: 2 or 4 slices of 64 threads
+HN_BWD_FILTER(32x32vs4, 32, 32, 4, 4, 2, false, 4)
+HN_BWD_FILTER(32x32vcs4, 32, 32, 4, 4, 2, true, 4)
 
 // --- im2col path ---------------------------------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 
 import numpy as np
 
@@ -18,20 +19,25 @@ from .kernels import NULL, check, get_kernel
 
 # name: (BM, BN, threads) of each tile configuration in conv.cu. "v": 8x4, 8x8 or (64 threads) 4x4 outputs per thread
 # read as float4; "a": the cp.async pipeline; "c": channels inside taps, only where C % BK == 0 (forward), K % BK == 0
-# (data gradient) or C % BN == 0 (filter gradient) (`_fits`). Any forward or data-gradient configuration may also run
-# as "<name>/<splits>", its reduction split (`_split_options`).
+# (data gradient) or C % BN == 0 (filter gradient) (`_fits`); "s<n>": the block's reduction sliced between n groups
+# of threads, summed in shared memory (for grids too small to fill the SMs). Any forward or data-gradient
+# configuration may also run as "<name>/<splits>", its reduction split over blocks (`_split_options`).
 FWD_CFGS = {"64x64": (64, 64, 256), "128x32": (128, 32, 256), "128x16": (128, 16, 256), "256x16": (256, 16, 256),
             "64x32": (64, 32, 256), "64x16": (64, 16, 256), "128x32v": (128, 32, 128), "64x32a": (64, 32, 256),
             "128x32c": (128, 32, 256), "64x32c": (64, 32, 256), "64x16c": (64, 16, 256), "32x32c": (32, 32, 256),
             "128x32vc": (128, 32, 128), "128x64vc": (128, 64, 128), "128x32vac": (128, 32, 128),
-            "32x32v": (32, 32, 64), "32x32vc": (32, 32, 64), "32x32vac": (32, 32, 64)}
+            "32x32v": (32, 32, 64), "32x32vc": (32, 32, 64), "32x32vac": (32, 32, 64),
+            "32x32vs4": (32, 32, 256), "32x32vcs2": (32, 32, 128), "32x32vcs3": (32, 32, 192),
+            "32x32vcs4": (32, 32, 256), "64x32vcs2": (64, 32, 128)}
 DATA_CFGS = {"64x64": (64, 64, 256), "128x32": (128, 32, 256), "128x16": (128, 16, 256), "64x32": (64, 32, 256),
              "64x16": (64, 16, 256), "128x32v": (128, 32, 128), "128x32c": (128, 32, 256), "64x32c": (64, 32, 256),
              "64x16c": (64, 16, 256), "32x32c": (32, 32, 256), "128x32vc": (128, 32, 128), "64x32vc": (64, 32, 64),
-             "64x32ac": (64, 32, 256), "32x32v": (32, 32, 64), "32x32vc": (32, 32, 64), "32x32vac": (32, 32, 64)}
+             "64x32ac": (64, 32, 256), "32x32v": (32, 32, 64), "32x32vc": (32, 32, 64), "32x32vac": (32, 32, 64),
+             "32x32vcs2": (32, 32, 128), "32x32vcs4": (32, 32, 256)}
 FILTER_CFGS = {"16x64": (16, 64, 256), "32x64": (32, 64, 256), "64x64": (64, 64, 256), "16x32": (16, 32, 256),
                "32x32": (32, 32, 256), "32x64v": (32, 64, 64), "32x32v": (32, 32, 64), "64x64a": (64, 64, 256),
-               "32x32c": (32, 32, 256), "32x64c": (32, 64, 256), "32x32vc": (32, 32, 64), "32x64vc": (32, 64, 64)}
+               "32x32c": (32, 32, 256), "32x64c": (32, 64, 256), "32x32vc": (32, 32, 64), "32x64vc": (32, 64, 64),
+               "32x32vs2": (32, 32, 128), "32x32vs4": (32, 32, 256), "32x32vcs4": (32, 32, 256)}
 BK = 16
 TUNE_RUNS = 4      # back-to-back runs per timed sample when measuring the algorithms
 # im2col's column buffer is a workspace on top of the step's live tensors: it is built for a few images at a time
@@ -141,7 +147,8 @@ def _fwd_implicit(be, cfg, splits, g, x, w, b, y, act):
 def _fits(cfg: str, op: str, g: Geometry) -> bool:
     """Whether a tile configuration applies: the "c" ones need whole tiles of channels (forward: C, data: K, filter:
     C in whole column tiles)."""
-    if not cfg.endswith("c"):
+    flags = re.match(r"\d+x\d+([a-z]*)", cfg)      # the letters after the tile size ("im2col": none)
+    if not flags or "c" not in flags.group(1):
         return True
     if op == "filter":
         return g.c % FILTER_CFGS[cfg][1] == 0
