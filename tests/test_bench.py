@@ -62,6 +62,30 @@ def test_gate_refuses_a_row_whose_outputs_disagree(monkeypatch):
     assert "hetnet_ms_per_step" not in row  # never timed
 
 
+def test_float64_check_judges_a_float32_disagreement(monkeypatch):
+    """When PyTorch's float32 side disagrees on both batches (here its float32 model is perturbed; in real runs a
+    max-pool near-tie it rounds the other way), the row stands if hetnet agrees with PyTorch in float64 -- which must
+    start from the same weights, with a fresh optimiser, and compare real updates."""
+    torch = torch_or_skip()
+    real = interop.to_torch
+
+    def perturbed_f32(model, *a, dtype=None, **k):
+        tm = real(model, *a, dtype=dtype, **k)
+        if dtype in (None, torch.float32):
+            with torch.no_grad():
+                next(iter(tm.parameters())).mul_(1.01)
+        return tm
+
+    monkeypatch.setattr(interop, "to_torch", perturbed_f32)
+    args = bench.parse_args(["--models", "mlp", "--devices", "cpu", *TINY])
+    row = bench.bench_train_step("mlp", 3, "cpu", args)
+    assert row["status"] == "ok", row.get("reason")
+    judged = row["check_float64"]
+    assert judged["against_float32"]["rel_err"] > bench.RTOL_F32
+    assert judged["rel_err"] <= bench.RTOL_F32 and row["check_max_rel_err"] == judged["rel_err"]
+    assert row["hetnet_ms_per_step"] > 0
+
+
 def test_layers_table(tmp_path):
     torch_or_skip()
     rc = bench.main(["--devices", "cpu", "--no-train-step", "--layers", "--layer-batch", "2", "--out", str(tmp_path),
