@@ -447,11 +447,17 @@ def _data(rng, n=96):
     return x, y
 
 
-def _run_steps(device, model_state, x, y, steps, opt_name, batch, use_graph=None, ls=0.0, dropout=0.25):
-    hn.seed(123)
+def _cnn_from(state, device, seed, dropout=0.25):
+    """small_cnn(dropout) with the weights `state` on `device`, built after hn.seed(seed) (which also seeds the
+    dropout masks)."""
+    hn.seed(seed)
     model = small_cnn(dropout)
-    model.load_state_dict(model_state)
-    model.to(device)
+    model.load_state_dict(state)
+    return model.to(device)
+
+
+def _run_steps(device, model_state, x, y, steps, opt_name, batch, use_graph=None, ls=0.0, dropout=0.25):
+    model = _cnn_from(model_state, device, 123, dropout)
     b = model.backend
     opt = T.make_optimizer(opt_name, model.parameters(), lr=0.05, weight_decay=5e-4)
     sched = T.make_schedule("cosine", opt, total_steps=steps, warmup_steps=1)
@@ -512,10 +518,7 @@ def test_graph_step_odd_last_batch_and_label_smoothing(rng):
     state = small_cnn().state_dict()
     results = []
     for device, graph in (("cpu", None), ("cuda", True)):
-        hn.seed(123)
-        model = small_cnn()
-        model.load_state_dict(state)
-        model.to(device)
+        model = _cnn_from(state, device, 123)
         b = model.backend
         opt = T.make_optimizer("momentum", model.parameters(), lr=0.05)
         step = T.TrainStep(model, opt, None, 0.1) if graph is None else b.make_train_step(model, opt, None, 0.1)
@@ -535,10 +538,7 @@ def test_few_epochs_same_curve_as_cpu(rng):
     state = small_cnn(0.0).state_dict()
     curves = {}
     for device in ("cpu", "cuda"):
-        hn.seed(5)
-        model = small_cnn(0.0)
-        model.load_state_dict(state)
-        model.to(device)
+        model = _cnn_from(state, device, 5, 0.0)
         b = model.backend
         opt = T.make_optimizer("momentum", model.parameters(), lr=0.05)
         step = T.make_train_step(model, opt, None, 0.0)
@@ -582,10 +582,7 @@ def test_train_and_eval_steps_share_the_step_pool(rng):
     state = small_cnn(0.0).state_dict()
     out = {}
     for device in ("cpu", "cuda"):
-        hn.seed(123)
-        m = small_cnn(0.0)
-        m.load_state_dict(state)
-        m.to(device)
+        m = _cnn_from(state, device, 123, 0.0)
         b = m.backend
         opt = T.make_optimizer("momentum", m.parameters(), lr=0.05)
         train, results = T.make_train_step(m, opt, None, 0.0), []
@@ -649,10 +646,7 @@ def test_training_on_resident_data_matches_host_batches(be, rng):
     state = small_cnn().state_dict()
     out = []
     for resident in (False, True):
-        hn.seed(9)
-        model = small_cnn()
-        model.load_state_dict(state)
-        model.to(be)
+        model = _cnn_from(state, be, 9)
         opt = T.make_optimizer("momentum", model.parameters(), lr=0.05)
         host = BatchLoader(x, y, 32, *channel_stats(x), augment="crop:1,flip", seed=3)
         loader = ResidentLoader(host, be) if resident else host

@@ -273,14 +273,18 @@ def _load_state(module, state: dict, strict: bool) -> None:
         arr[...] = module.backend.asarray(value)
 
 
+def first_with_params(items, params=lambda item: getattr(item, "params", None)) -> int:
+    """Index of the first of `items` that has parameters (len(items) if none): where a backward whose d(input) is
+    not wanted stops (backward_chain; the cuda step's plan, whose nodes hold their layers)."""
+    return next((i for i, item in enumerate(items) if params(item)), len(items))
+
+
 def backward_chain(layers, dy, need_dx: bool = True):
     """dy backpropagated through `layers` (anything with backward(dy) and a `params` dict) from the last to the
     first; returns d(input). need_dx=False: d(input) is not wanted, so the chain stops at the first layer with
     parameters (the layers before it, e.g. a Flatten, would only produce d(input)), tells that layer so when it has
     a `need_dx` switch, and returns None."""
-    first = 0
-    if not need_dx:
-        first = next((i for i, layer in enumerate(layers) if getattr(layer, "params", None)), len(layers))
+    first = 0 if need_dx else first_with_params(layers)
     for i in range(len(layers) - 1, first - 1, -1):
         layer = layers[i]
         if i == first and not need_dx and hasattr(layer, "need_dx"):

@@ -492,20 +492,26 @@ class CudaBackend:
     def _bn_grid(self, n, c, hw):
         return (c, max(1, min(math.ceil(n * hw / 1024), math.ceil(4 * self.sms / c))), 1)
 
+    def _bn_batch_stats(self, x, running_mean, running_var, momentum, training):
+        """(mean, var) per channel of x[N, C, ...]: in training the batch's (one kernel, which also updates the
+        running statistics), else copies of the running ones."""
+        if not training:
+            return running_mean.copy(), running_var.copy()
+        n, c = x.shape[0], x.shape[1]
+        hw = x.size // max(n * c, 1)
+        stats = self.xp.empty((2 * c,), dtype=self.xp.float32)
+        acc = self.scratch("bn_acc", (2 * c,), np.float64)
+        cnt = self.scratch("bn_cnt", (c,), np.uint32)
+        get_kernel(self.device_id, "norm", self.ix("bn_stats", x.size))(self._bn_grid(n, c, hw), (256,), (
+            x, stats, running_mean, running_var, acc, cnt, _i32(n), _i32(c), _i32(hw), _f32(momentum)))
+        return stats[:c], stats[c:]
+
     def batchnorm_forward(self, x, gamma, beta, running_mean, running_var, momentum, eps, training, act=0):
         x = self._c(x)
         n, c = x.shape[0], x.shape[1]
         hw = x.size // max(n * c, 1)
         y = self.xp.empty_like(x)
-        if training:
-            stats = self.xp.empty((2 * c,), dtype=self.xp.float32)
-            acc = self.scratch("bn_acc", (2 * c,), np.float64)
-            cnt = self.scratch("bn_cnt", (c,), np.uint32)
-            get_kernel(self.device_id, "norm", self.ix("bn_stats", x.size))(self._bn_grid(n, c, hw), (256,), (
-                x, stats, running_mean, running_var, acc, cnt, _i32(n), _i32(c), _i32(hw), _f32(momentum)))
-            mean, var = stats[:c], stats[c:]
-        else:
-            mean, var = running_mean.copy(), running_var.copy()
+        mean, var = self._bn_batch_stats(x, running_mean, running_var, momentum, training)
         self.launch("norm", self.ix("bn_apply", x.size), x.size, x, y, mean, var, gamma, beta, _i32(n), _i32(c),
                     _i32(hw), _f32(eps), _i32(act))
         return y, (x, mean, var, gamma, float(eps), bool(training))
@@ -532,15 +538,7 @@ class CudaBackend:
         x = self._c(x)
         n, c, h, w = x.shape
         p, q = (h - kernel) // stride + 1, (w - kernel) // stride + 1
-        if training:
-            stats = self.xp.empty((2 * c,), dtype=self.xp.float32)
-            acc = self.scratch("bn_acc", (2 * c,), np.float64)
-            cnt = self.scratch("bn_cnt", (c,), np.uint32)
-            get_kernel(self.device_id, "norm", self.ix("bn_stats", x.size))(self._bn_grid(n, c, h * w), (256,), (
-                x, stats, running_mean, running_var, acc, cnt, _i32(n), _i32(c), _i32(h * w), _f32(momentum)))
-            mean, var = stats[:c], stats[c:]
-        else:
-            mean, var = running_mean.copy(), running_var.copy()
+        mean, var = self._bn_batch_stats(x, running_mean, running_var, momentum, training)
         y = self.xp.empty((n, c, p, q), dtype=self.xp.float32)
         arg = self.xp.empty((n, c, p, q), dtype=self.xp.uint8)
         self.launch("norm", self.ix("bn_relu_maxpool_fwd", x.size), y.size, x, y, arg, mean, var, gamma, beta, _i32(n),

@@ -305,6 +305,43 @@ __device__ __forceinline__ void hn_slice_range(int& k_begin, int& k_end, int sli
     }
 }
 
+// f(&out[img, n, pix], n, acc[i][j]) for each of this thread's outputs of the BM x BN tile at (m0, n0): rows
+// m = (img, pix) of M = images x `plane` pixels, columns n < cols; out is NCHW, out[img, n, pix] at
+// (img * cols + n) * plane + pix (the forward's y: plane P*Q, cols K; the data gradient's dx: H*W, C).
+template <int BM, int BN, int TM, int TN, class F>
+__device__ __forceinline__ void hn_each_output(const float (&acc)[TM][TN], float* out, int m0, int n0, int tm, int tn,
+                                               int M, int plane, int cols, F f) {
+    constexpr int DM = BM / TM, DN = BN / TN;
+    constexpr bool V = hn_vec(BM, BN, TM, TN);
+#pragma unroll
+    for (int i = 0; i < TM; ++i) {
+        const int mm = m0 + hn_owned<TM, DM, V>(tm, i);
+        if (mm >= M) continue;
+        const int img = mm / plane, pix = mm - img * plane;
+        float* row = out + (long long)img * cols * plane + pix;
+#pragma unroll
+        for (int j = 0; j < TN; ++j) {
+            const int n = n0 + hn_owned<TN, DN, V>(tn, j);
+            if (n < cols) f(row + (long long)n * plane, n, acc[i][j]);
+        }
+    }
+}
+
+// The end of a forward / data-gradient block. outputs(f) calls f(out, column, sum) for each of this thread's outputs
+// (out: its address); epilogue(out, column, v) gives the value stored from the total v. Unsplit, slice 0 stores
+// epilogue(its sums). Split over blockIdx.z (hn_split_last): every split adds slice 0's sums into the zeroed output
+// with atomics, and the last to arrive applies the epilogue to the totals.
+template <class Outputs, class Epilogue>
+__device__ __forceinline__ void hn_store_outputs(Outputs outputs, Epilogue epilogue, int slice, int* tickets) {
+    const bool split = gridDim.z > 1;
+    if (split) {
+        if (slice == 0) outputs([](float* o, int, float v) { atomicAdd(o, v); });
+        if (!hn_split_last(tickets, blockIdx.x + blockIdx.y * gridDim.x)) return;
+    }
+    if (slice != 0) return;            // slice 0 holds the block's sums
+    outputs([&](float* o, int n, float v) { *o = epilogue(o, n, split ? __ldcg(o) : v); });
+}
+
 // --- forward: y[m = (n,p,q), k] = sum_{j=(c,r,s)} A[m, j] * w[k, j], epilogue bias + activation --------------------
 template <int BM, int BN, int TM, int TN, int STAGES, bool CI, int KS>
 __device__ __forceinline__ void conv_fwd_impl(const float* __restrict__ x, const float* __restrict__ w,
@@ -380,32 +417,11 @@ __device__ __forceinline__ void conv_fwd_impl(const float* __restrict__ x, const
     float acc[TM][TN];
     hn_pipelined_gemm<BM, BN, TM, TN, LA, LB, STAGES, KS>(acc, k_begin, k_end, tm, tn, begin, a_src, a_dst, b_src,
                                                           b_dst, [](const float (&)[BK][LDA]) {}, x, slice);
-    auto outputs = [&](auto f) {       // f(&y[img, n, p, q], n, this thread's sum) for each of its outputs
-#pragma unroll
-        for (int i = 0; i < TM; ++i) {
-            const int mm = m0 + hn_owned<TM, DM, hn_vec(BM, BN, TM, TN)>(tm, i);
-            if (mm >= M) continue;
-            const int img = mm / PQ, pq = mm - img * PQ;
-            float* yrow = y + (long long)img * K * PQ + pq;
-#pragma unroll
-            for (int j = 0; j < TN; ++j) {
-                const int n = n0 + hn_owned<TN, DN, hn_vec(BM, BN, TM, TN)>(tn, j);
-                if (n < K) f(yrow + (long long)n * PQ, n, acc[i][j]);
-            }
-        }
-    };
-    const bool split = gridDim.z > 1;
-    if (split) {
-        if (slice == 0) outputs([](float* o, int, float v) { atomicAdd(o, v); });
-        if (!hn_split_last(tickets, blockIdx.x + blockIdx.y * gridDim.x)) return;
-    }
-    if (slice != 0) return;            // slice 0 holds the block's sums
-    outputs([&](float* o, int n, float v) {
-        if (split) v = __ldcg(o);
+    auto outputs = [&](auto f) { hn_each_output<BM, BN, TM, TN>(acc, y, m0, n0, tm, tn, M, PQ, K, f); };
+    hn_store_outputs(outputs, [&](float*, int n, float v) {
         if (bias) v += bias[n];
-        if (act == HN_RELU) v = fmaxf(v, 0.f);
-        *o = v;
-    });
+        return act == HN_RELU ? fmaxf(v, 0.f) : v;
+    }, slice, tickets);
 }
 
 // --- backward data: dx[m = (n,h,w), c] = sum_{j=(k,r,s)} dy[n,k,(h+pad-r)/st,(w+pad-s)/st] * w[k,c,r,s] -----------
@@ -501,31 +517,10 @@ __device__ __forceinline__ void conv_bwd_data_impl(const float* __restrict__ dy,
     float acc[TM][TN];
     hn_pipelined_gemm<BM, BN, TM, TN, LA, LB, STAGES, KS>(acc, k_begin, k_end, tm, tn, begin, a_src, a_dst, b_src,
                                                           b_dst, [](const float (&)[BK][LDA]) {}, dy, slice);
-    auto outputs = [&](auto f) {       // f(index into dx, this thread's sum) for each of its outputs
-#pragma unroll
-        for (int i = 0; i < TM; ++i) {
-            const int mm = m0 + hn_owned<TM, DM, hn_vec(BM, BN, TM, TN)>(tm, i);
-            if (mm >= M) continue;
-            const int img = mm / HW, hw = mm - img * HW;
-            const long long row = (long long)img * C * HW + hw;
-#pragma unroll
-            for (int j = 0; j < TN; ++j) {
-                const int n = n0 + hn_owned<TN, DN, hn_vec(BM, BN, TM, TN)>(tn, j);
-                if (n < C) f(row + (long long)n * HW, acc[i][j]);
-            }
-        }
-    };
-    const bool split = gridDim.z > 1;          // as in the forward
-    if (split) {
-        if (slice == 0) outputs([&](long long idx, float v) { atomicAdd(dx + idx, v); });
-        if (!hn_split_last(tickets, blockIdx.x + blockIdx.y * gridDim.x)) return;
-    }
-    if (slice != 0) return;
-    outputs([&](long long idx, float v) {
-        if (split) v = __ldcg(dx + idx);
-        if (relu_x && relu_x[idx] <= 0.f) v = 0.f;
-        dx[idx] = v;
-    });
+    auto outputs = [&](auto f) { hn_each_output<BM, BN, TM, TN>(acc, dx, m0, n0, tm, tn, M, HW, C, f); };
+    hn_store_outputs(outputs, [&](float* o, int, float v) {
+        return relu_x && relu_x[o - dx] <= 0.f ? 0.f : v;
+    }, slice, tickets);
 }
 
 // --- backward filter: dw[k, j=(c,r,s)] += sum_{i=(n,p,q)} dy[n,k,p,q] * x[n,c,p*st-pad+r,q*st-pad+s] ---------------
@@ -586,6 +581,8 @@ __device__ __forceinline__ void conv_bwd_filter_impl(const float* __restrict__ d
             const int nl = r0 + i * (NT / BK);
             return {x + xbase + (long long)(c_b + nl) * HW + r_b * W + s_b, nl < BN && tap_ok};
         }
+        // (the forward's gather of x, written out again: through a shared helper ptxas allocated the filter
+        // kernels' registers differently, 32x32v 96 -> 121)
         const int ng = n0 + r0 + i * (NT / BK);
         if (ivalid && ng < CRS) {
             const int4 tb = tab[ng];

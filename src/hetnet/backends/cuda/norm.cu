@@ -77,6 +77,32 @@ HN_TWO_INDEX_KERNELS(bn_apply,
      const float* __restrict__ gamma, const float* __restrict__ beta, int N, int C, int HW, float eps, int act),
     (x, y, mean, var, gamma, beta, N, C, HW, eps, act))
 
+// The end of a batch-norm backward reduction for channel c: this block's sums s (of the gradient) and sx (of the
+// gradient times xhat) are added across the block, then across the channel's blocks in double (acc); the last block
+// to finish writes red[c] = s, red[C + c] = sx, adds them to dbeta[c] and dgamma[c], and resets acc and count.
+__device__ __forceinline__ void hn_bn_bwd_finish(double s, double sx, double* shm, float* __restrict__ red,
+                                                 float* __restrict__ dgamma, float* __restrict__ dbeta,
+                                                 double* __restrict__ acc, unsigned* __restrict__ count, int c,
+                                                 int C) {
+    s = hn_block_sum(s, shm);
+    sx = hn_block_sum(sx, shm);
+    if (threadIdx.x == 0) {
+        atomicAdd(acc + 2 * c, s);
+        atomicAdd(acc + 2 * c + 1, sx);
+    }
+    if (!hn_last_block(count, c)) return;
+    if (threadIdx.x == 0) {
+        const float t1 = (float)atomicAdd(acc + 2 * c, 0.0), t2 = (float)atomicAdd(acc + 2 * c + 1, 0.0);
+        red[c] = t1;
+        red[C + c] = t2;
+        dbeta[c] += t1;
+        dgamma[c] += t2;
+        acc[2 * c] = 0.0;
+        acc[2 * c + 1] = 0.0;
+        count[c] = 0u;
+    }
+}
+
 // red[0:C] = sum dy, red[C:2C] = sum dy * xhat; dgamma += red[C:], dbeta += red[:C].
 template <typename I>
 __device__ __forceinline__ void bn_bwd_reduce_body(const float* __restrict__ dy, const float* __restrict__ x,
@@ -95,23 +121,7 @@ __device__ __forceinline__ void bn_bwd_reduce_body(const float* __restrict__ dy,
         s += g;
         sx += (double)g * ((x[idx] - mu) * inv);
     }
-    s = hn_block_sum(s, shm);
-    sx = hn_block_sum(sx, shm);
-    if (threadIdx.x == 0) {
-        atomicAdd(acc + 2 * c, s);
-        atomicAdd(acc + 2 * c + 1, sx);
-    }
-    if (!hn_last_block(count, c)) return;
-    if (threadIdx.x == 0) {
-        const float t1 = (float)atomicAdd(acc + 2 * c, 0.0), t2 = (float)atomicAdd(acc + 2 * c + 1, 0.0);
-        red[c] = t1;
-        red[C + c] = t2;
-        dbeta[c] += t1;
-        dgamma[c] += t2;
-        acc[2 * c] = 0.0;
-        acc[2 * c + 1] = 0.0;
-        count[c] = 0u;
-    }
+    hn_bn_bwd_finish(s, sx, shm, red, dgamma, dbeta, acc, count, c, C);
 }
 HN_TWO_INDEX_KERNELS(bn_bwd_reduce,
     (const float* __restrict__ dy, const float* __restrict__ x, const float* __restrict__ mean,
@@ -210,23 +220,7 @@ __device__ __forceinline__ void bn_relu_maxpool_bwd_reduce_body(
         s += gr;
         sx += (double)gr * ((zv - mu) * inv);
     }
-    s = hn_block_sum(s, shm);
-    sx = hn_block_sum(sx, shm);
-    if (threadIdx.x == 0) {
-        atomicAdd(acc + 2 * c, s);
-        atomicAdd(acc + 2 * c + 1, sx);
-    }
-    if (!hn_last_block(count, c)) return;
-    if (threadIdx.x == 0) {
-        const float t1 = (float)atomicAdd(acc + 2 * c, 0.0), t2 = (float)atomicAdd(acc + 2 * c + 1, 0.0);
-        red[c] = t1;
-        red[C + c] = t2;
-        dbeta[c] += t1;
-        dgamma[c] += t2;
-        acc[2 * c] = 0.0;
-        acc[2 * c + 1] = 0.0;
-        count[c] = 0u;
-    }
+    hn_bn_bwd_finish(s, sx, shm, red, dgamma, dbeta, acc, count, c, C);
 }
 HN_TWO_INDEX_KERNELS(bn_relu_maxpool_bwd_reduce,
     (const float* __restrict__ dy, const unsigned char* __restrict__ arg, const float* __restrict__ z,

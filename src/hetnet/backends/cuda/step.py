@@ -30,6 +30,7 @@ import re
 import numpy as np
 
 from ...errors import DeviceError, TrainingDiverged
+from ...layers.base import first_with_params
 from ...random import generator
 from . import conv as _conv
 
@@ -263,8 +264,8 @@ class GraphTrainStep:
         self.nodes, self.n_seeds, self.logits_pos = compile_plan(be, model)
         # the backward stops at the first node with parameters, which is told that its d(input) is not wanted (a
         # leading Flatten would otherwise pull a first Dense layer's unused d(input) GEMM along), as backward_chain
-        self.first_param = next((i for i, n in enumerate(self.nodes) if getattr(getattr(n, "layer", None),
-                                                                                 "params", None)), len(self.nodes))
+        self.first_param = first_with_params(self.nodes,
+                                             lambda n: getattr(getattr(n, "layer", None), "params", None))
         for node in self.nodes:             # for _mask on generic nodes: the input seen in the last forward
             node.input_ref = (lambda n=node: n._x)
         kind = type(optimizer).__name__
