@@ -306,27 +306,37 @@ class Clock:
 def plan(seconds_per_call: float, gpu: bool, repeats: int, side_seconds: float, block_ms: float | None = None
          ) -> tuple[int, int]:
     """(repetitions, calls per repetition): blocks last >= block_ms (default 10 ms on a GPU; 50 ms on a CPU, so a
-    hand-over between two libraries' thread pools falls on few calls); total time per side about side_seconds, never
-    fewer than min(3, repeats) repetitions nor more than `repeats`."""
+    hand-over between two libraries' thread pools falls on few calls), of at most 50 (GPU) or 100 (CPU) calls; total
+    time per side about side_seconds, never fewer than min(3, repeats) repetitions nor more than `repeats`."""
     t = max(seconds_per_call, 1e-6)
     block = (block_ms if block_ms is not None else 10.0 if gpu else 50.0) / 1e3
-    inner = min(50 if gpu else 20, max(1, math.ceil(block / t)))
+    inner = min(50 if gpu else 100, max(1, math.ceil(block / t)))
     reps = max(min(3, repeats), min(repeats, int(side_seconds / (t * inner))))
     return reps, inner
+
+
+# CPU: untimed calls for at least this long before each timed block. When one side takes over, the other's threads
+# may still be spinning (libgomp's, PyTorch's OpenMP pool, spin for milliseconds after a parallel region) or its own
+# may be asleep; either slows the first few milliseconds of calls, which neither library sees in a training loop of
+# its own (measured, mlp at batch 32: hetnet's first four steps after a PyTorch block 1.1-2.1x its steady time,
+# PyTorch's after a hetnet block 1.2-1.6x).
+SETTLE_SECONDS = 0.015
 
 
 def time_sides(sides: dict[str, tuple[Callable, Clock]], reps: int, inner: int, settle: bool = False
                ) -> dict[str, float]:
     """Median seconds per call for each side; within a repetition the sides take turns, each time starting one
-    later. settle: one untimed call before each timed block (CPU: the other side's BLAS/OpenMP threads may still be
-    spinning or asleep when a side takes over, and the first call pays for it)."""
+    later. settle: untimed calls for SETTLE_SECONDS (at least one) before each timed block."""
     names = list(sides)
     samples: dict[str, list[float]] = {n: [] for n in names}
     for r in range(reps):
         for n in names[r % len(names):] + names[:r % len(names)]:
             fn, clock = sides[n]
             if settle:
+                t0 = time.perf_counter()
                 fn()
+                while time.perf_counter() - t0 < SETTLE_SECONDS:
+                    fn()
             samples[n].append(clock(fn, inner))
     return {n: statistics.median(v) for n, v in samples.items()}
 

@@ -592,8 +592,10 @@ def method_text(gpu: bool) -> str:
                  "cudnn.benchmark cache is warm from the timing, and hetnet's trial runs use a pool of their own, "
                  "emptied after each measurement.")
     else:
-        text += ("CPU: perf_counter per step; PyTorch with the same thread count. Peak memory: rise of the RSS "
-                 "high-water mark (VmHWM) over a fresh model's build, one step and one evaluation pass.")
+        text += ("CPU: perf_counter per step, each block after untimed steps for at least 15 ms (the other side's "
+                 "threads may still be spinning, or one's own asleep); PyTorch with the same thread count. Peak "
+                 "memory: rise of the RSS high-water mark (VmHWM) over a fresh model's build, one step and one "
+                 "evaluation pass.")
     return text
 
 
