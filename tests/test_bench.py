@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
 from conftest import RTOL, torch_or_skip
 
 from hetnet import bench, interop
+from hetnet.bench import common
 from hetnet.errors import UsageError
 
 ROW_KEYS = {"model", "batch_size", "hetnet_backend", "status", "hetnet_img_per_s", "hetnet_ms_per_step",
@@ -84,6 +86,35 @@ def test_float64_check_judges_a_float32_disagreement(monkeypatch):
     assert judged["against_float32"]["rel_err"] > bench.RTOL_F32
     assert judged["rel_err"] <= bench.RTOL_F32 and row["check_max_rel_err"] == judged["rel_err"]
     assert row["hetnet_ms_per_step"] > 0
+
+
+def test_time_sides_settles_each_block_for_a_while(monkeypatch):
+    """CPU blocks start after untimed calls lasting SETTLE_SECONDS (at least one call): the other side's threads
+    may still be spinning when a side takes over."""
+    monkeypatch.setattr(common, "SETTLE_SECONDS", 0.02)
+    calls = {"a": 0, "b": 0}
+    timed = {"a": 0, "b": 0}
+
+    def side(name):
+        def fn():
+            calls[name] += 1
+            time.sleep(0.002)
+
+        def clock(f, inner):
+            timed[name] += inner
+            for _ in range(inner):
+                f()
+            return 0.002
+        return fn, clock
+
+    med = common.time_sides({"a": side("a"), "b": side("b")}, reps=3, inner=2, settle=True)
+    assert med == {"a": 0.002, "b": 0.002} and timed == {"a": 6, "b": 6}
+    for name in calls:       # 3 blocks, each after >= 20 ms of 2 ms calls: at least ~10 untimed calls per block
+        assert calls[name] - timed[name] >= 3 * 8, calls
+    calls.update(a=0, b=0)
+    timed.update(a=0, b=0)
+    common.time_sides({"a": side("a"), "b": side("b")}, reps=3, inner=2, settle=False)
+    assert calls == timed
 
 
 def test_layers_table(tmp_path):
