@@ -463,7 +463,8 @@ def train_step_markdown(doc: dict) -> str:
     judged = [r for r in doc["rows"] if r.get("status") == "ok" and r.get("check_float64")]
     if judged:
         lines += ["", "Checked against PyTorch in float64 (both batches' float32 checks failed; hetnet agrees with the "
-                  "float64 result, PyTorch's float32 did not: a max-pool near-tie rounded the other way):", ""]
+                  "float64 result within the tolerance, as when PyTorch's float32 rounds a max-pool near-tie the "
+                  "other way; see `check_float64`):", ""]
         lines += [f"- {r['model']} batch {r['batch_size']} on {r['hetnet_backend']}: float32 "
                   f"{r['check_float64']['against_float32']['worst']} "
                   f"{r['check_float64']['against_float32']['rel_err']:.2g}; float64 "
