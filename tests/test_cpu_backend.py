@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hetnet.backends import _cpu_jit as jit
-from hetnet.backends import _cpu_threads as thr
+from hetnet.backends.cpu import _jit as jit
+from hetnet.backends.cpu import threads as thr
 from hetnet.backends import cpu, reference as ref
 
 from conftest import assert_close
@@ -21,8 +21,8 @@ def many_chunks(monkeypatch):
     monkeypatch.setattr(thr, "CHUNK_BYTES", 1)
     monkeypatch.setattr(thr, "ELEMENTWISE_CHUNK_BYTES", 1)
     monkeypatch.setattr(thr, "PARALLEL_MIN_BYTES", 0)
-    monkeypatch.setattr(cpu, "_DENSE_PARALLEL_MIN_MACS", 0)
-    monkeypatch.setattr(cpu, "_DENSE_SPLIT_MIN_MACS", 0)
+    monkeypatch.setattr(cpu.dense, "_DENSE_PARALLEL_MIN_MACS", 0)
+    monkeypatch.setattr(cpu.dense, "_DENSE_SPLIT_MIN_MACS", 0)
     old = thr.threads()
     thr.set_threads(2)
     yield
@@ -34,7 +34,7 @@ def path(request, monkeypatch):
     """Run a test on the Numba-compiled loops (when Numba is installed) and on the NumPy fallback."""
     if request.param == "numpy":
         monkeypatch.setattr(jit, "available", lambda: False)
-        monkeypatch.setattr(cpu, "_SGEMM", None)
+        monkeypatch.setattr(cpu._common, "SGEMM", None)
     elif not jit.available():
         pytest.skip("numba not installed: only the NumPy paths exist")
     return request.param
@@ -67,7 +67,7 @@ def test_conv_chunked_threads_match_reference(path, rng, many_chunks, case):
 @pytest.mark.parametrize("stride, pad", [(1, 1), (2, 0)])
 def test_conv_backward_per_image_and_batched_gemm_agree(rng, monkeypatch, crs_limit, stride, pad):
     """Backward has two GEMM layouts: per-image GEMMs (short columns) and one GEMM over the chunk."""
-    monkeypatch.setattr(cpu, "_PER_IMAGE_GEMM_MAX_CRS", crs_limit)
+    monkeypatch.setattr(cpu.conv, "_PER_IMAGE_GEMM_MAX_CRS", crs_limit)
     x = rng.standard_normal((3, 4, 7, 6))
     w = rng.standard_normal((5, 4, 3, 3))
     b = rng.standard_normal(5)

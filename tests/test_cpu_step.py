@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 
 import hetnet as hn
-from hetnet.backends import _cpu_jit, _cpu_step, cpu, reference
+from hetnet.backends import _cpu_step, cpu, reference
+from hetnet.backends.cpu import _jit as _cpu_jit
 from hetnet.backends._cpu_step import FusedPlan, _FusedConvReluPool
 from hetnet.train import EvalStep, TrainStep, make_eval_step, make_train_step
 
 from conftest import assert_close
 
-needs_jit = pytest.mark.skipif(cpu._SGEMM is None, reason="compiled cpu paths unavailable (Numba or OpenBLAS)")
+needs_jit = pytest.mark.skipif(cpu._common.SGEMM is None, reason="compiled cpu paths unavailable (Numba or OpenBLAS)")
 
 
 def _model(c_in, conv_args, tail_in, extra_first=()):
@@ -151,7 +152,7 @@ def test_plan_falls_back_to_layers(monkeypatch, rng):
     plan = FusedPlan(model)
     plan.forward(rng.standard_normal((2, 2, 5, 5)).astype(np.float32))
     assert plan.nodes == list(model.layers)
-    monkeypatch.setattr(cpu, "_SGEMM", None)
+    monkeypatch.setattr(cpu._common, "SGEMM", None)
     model = _model(3, dict(kernel_size=3, padding=1), 5 * 2 * 2)
     plan = FusedPlan(model)
     plan.forward(rng.standard_normal((2, 3, 8, 8)).astype(np.float32))
@@ -165,7 +166,7 @@ def test_plan_reports_bad_input_shape():
 
 
 def test_jit_module_available_flag_consistent():
-    assert (cpu._SGEMM is None) or _cpu_jit.available()
+    assert (cpu._common.SGEMM is None) or _cpu_jit.available()
 
 
 # --- BatchNorm2D -> ReLU -> MaxPool2D(2), fused ----------------------------------------------------------------------

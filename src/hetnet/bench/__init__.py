@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(threads)
     hetnet_threads = None
     try:  # the cpu backend's own pool (hetnet.backends._cpu_threads), when it has one
-        from ..backends import _cpu_threads
+        from ..backends.cpu import threads as _cpu_threads
 
         if args.threads:
             _cpu_threads.set_threads(threads)

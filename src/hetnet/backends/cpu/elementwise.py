@@ -1,0 +1,123 @@
+"""Element-wise ops on the cpu backend: ReLU (compiled, or NumPy with a byte mask), sigmoid, tanh, softmax
+and dropout.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ...random import counter_uniform
+from . import _jit as jit
+from ._common import _F, _elementwise, _f32c, _jit_parallel
+
+
+# --- activations ----------------------------------------------------------------------------------------------------
+
+
+
+def relu_forward(x):
+    """y = max(x, 0); the cache is y itself (compiled path: dx = dy where y > 0) or the mask x > 0 (one byte per
+    element, NumPy path)."""
+    x = _f32c(x)
+    y = np.empty_like(x)
+    xf, yf = x.reshape(-1), y.reshape(-1)
+    if jit.available():
+        _jit_parallel(x.size, 8, lambda s, e, _: relu_forward_loop(xf[s:e], yf[s:e]))
+        return y, ("y", y)
+    mask = np.empty(x.shape, dtype=np.bool_)
+    mf = mask.reshape(-1)
+
+    def body(s, e, _):
+        np.greater(xf[s:e], _F(0), out=mf[s:e])
+        np.maximum(xf[s:e], _F(0), out=yf[s:e])
+
+    _elementwise(x.size, 9, body)
+    return y, ("mask", mask)
+
+
+def relu_backward(dy, cache):
+    """dx = dy where x > 0, else 0."""
+    kind, m = cache
+    dy = _f32c(dy)
+    dx = np.empty_like(dy)
+    mf, dyf, dxf = m.reshape(-1), dy.reshape(-1), dx.reshape(-1)
+    if kind == "y":
+        _jit_parallel(dy.size, 12, lambda s, e, _: relu_backward_loop(dyf[s:e], mf[s:e], dxf[s:e]))
+        return dx
+
+    def body(s, e, _):
+        np.multiply(dyf[s:e], mf[s:e], out=dxf[s:e])
+
+    _elementwise(dy.size, 9, body)
+    return dx
+
+
+def sigmoid_forward(x):
+    # stable: e = exp(-|x|); y = 1/(1+e) for x >= 0, e/(1+e) for x < 0
+    e = np.exp(-np.abs(x))
+    y = np.where(x >= 0, _F(1), e)
+    y /= e + _F(1)
+    return y, y
+
+
+def sigmoid_backward(dy, cache):
+    y = cache
+    return dy * y * (_F(1) - y)
+
+
+def tanh_forward(x):
+    y = np.tanh(x)
+    return y, y
+
+
+def tanh_backward(dy, cache):
+    y = cache
+    return dy * (_F(1) - y * y)
+
+
+def softmax_forward(x):
+    z = x - x.max(axis=1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=1, keepdims=True)
+    return z, z
+
+
+def softmax_backward(dy, cache):
+    y = cache
+    return y * (dy - (dy * y).sum(axis=1, keepdims=True))
+
+
+# --- dropout --------------------------------------------------------------------------------------------------------
+
+
+def dropout_forward(x, p, seed):
+    keep = (counter_uniform(seed, x.size) >= p).reshape(x.shape)
+    scale = _F(1.0 / (1.0 - p))
+    mask = keep.astype(_F)
+    mask *= scale
+    return x * mask, mask
+
+
+def dropout_backward(dy, cache):
+    return dy * cache
+
+
+# --- compiled loops -------------------------------------------------------------------------------------------------
+
+if jit.available():
+    _jit = jit.kernel
+
+    # --- ReLU: y = max(x, 0) (NaN -> 0, like the reference); backward dx = dy where y > 0 (y > 0 iff x > 0) ------
+
+    @_jit
+    def relu_forward_loop(x, y):
+        zero = _F(0)
+        for i in range(x.size):
+            v = x[i]
+            y[i] = v if v > zero else zero   # noqa: FURB136 - NaN gives 0, as in the reference
+
+    @_jit
+    def relu_backward_loop(dy, y, dx):
+        zero = _F(0)
+        for i in range(dy.size):
+            dx[i] = dy[i] if y[i] > zero else zero
+
