@@ -27,9 +27,10 @@ from hetnet import train as T
 from hetnet.backends import reference as ref
 from hetnet.backends.cuda import conv as C
 from hetnet.backends.cuda import describe
-from hetnet.backends.cuda.step import _oom_error, compile_plan
+from hetnet.backends.cuda.graph import _oom_error
 from hetnet.device import get_backend
 from hetnet.errors import DeviceError
+from hetnet.plan import Plan, compile_nodes
 from hetnet.random import counter_uniform
 
 F32 = np.float32
@@ -220,18 +221,20 @@ def test_maxpool_relu_mask(be, rng, shape, k, s):
 @pytest.mark.parametrize("shape,k,s", [((2, 3, 8, 8), 2, 2), ((1, 2, 9, 7), 3, 2), ((2, 1, 6, 6), 3, 1)])
 @pytest.mark.parametrize("relu_mask", [False, True])
 def test_maxpool_backward_from_pooled_output(be, rng, shape, k, s, relu_mask):
-    """From y and the argmax bytes alone (the fast step's plan), dx is bit for bit the one computed from x,
-    overlapping windows and exact zeros (ReLU outputs, masked or not) included."""
+    """The cache keeps y and the argmax bytes, not x (the layer before may free its output); dx from them equals
+    the reference's, overlapping windows and exact zeros (ReLU outputs, masked or not) included."""
     x = np.maximum(f32(rng, *shape), 0)
     x[0, 0, :3, :3] = 0.0                       # a window that is all zeros: its maximum is 0
     xd = be.asarray(x)
     y, cache = be.maxpool2d_forward(xd, k, s)
-    dy = be.asarray(f32(rng, *y.shape))
-    expect = be.to_numpy(be.maxpool2d_backward(dy, cache, relu_mask=relu_mask))
-    dx = be.maxpool2d_backward_pooled(dy, y, cache[1], x.shape, k, s, relu_mask=relu_mask)
-    np.testing.assert_array_equal(be.to_numpy(dx), expect)
+    assert not any(a is xd for a in cache), "the cache holds x"
+    dy = f32(rng, *y.shape)
+    y_ref, c_ref = ref.maxpool2d_forward(x, k, s)
+    expect = ref.maxpool2d_backward(dy, c_ref, relu_mask=relu_mask)
+    dx = be.maxpool2d_backward(be.asarray(dy), cache, relu_mask=relu_mask)
+    assert_close(be.to_numpy(dx), expect, F32, "dx")
     if relu_mask:
-        assert not np.array_equal(expect, be.to_numpy(be.maxpool2d_backward(dy, cache))), "the mask did nothing"
+        assert not np.array_equal(expect, ref.maxpool2d_backward(dy, c_ref)), "the mask did nothing"
 
 
 def test_64_bit_index_kernels_match_the_32_bit_ones(be, rng, monkeypatch):
@@ -246,8 +249,7 @@ def test_64_bit_index_kernels_match_the_32_bit_ones(be, rng, monkeypatch):
         monkeypatch.setattr(be, "index64", wide)
         assert be.ix("bn_stats", 10) == ("bn_stats" if wide else "bn_stats_i32")
         y, cache = be.maxpool2d_forward(x, 3, 2)
-        exact = [y, be.maxpool2d_backward(be.asarray(dy_pool), cache, relu_mask=True),
-                 be.maxpool2d_backward_pooled(be.asarray(dy_pool), y, cache[1], x.shape, 3, 2, relu_mask=True)]
+        exact = [y, be.maxpool2d_backward(be.asarray(dy_pool), cache, relu_mask=True)]
         ya, ca = be.avgpool2d_forward(x, 3, 2)
         exact += [ya, be.avgpool2d_backward(be.asarray(dy_avg), ca)]
         close = []
@@ -270,7 +272,7 @@ def test_batchnorm_relu_epilogue(be, rng):
     x, g, b = f32(rng, 3, 4, 5, 6), f32(rng, 4), f32(rng, 4)
     y_ref, _ = ref.batchnorm_forward(x, g, b, np.zeros(4), np.ones(4), 0.1, 1e-5, True)
     y, _ = be.batchnorm_forward(be.asarray(x), be.asarray(g), be.asarray(b), be.zeros((4,)), be.asarray(np.ones(4)),
-                                0.1, 1e-5, True, act=1)
+                                0.1, 1e-5, True, act="relu")
     assert_close(be.to_numpy(y), np.maximum(y_ref, 0), F32, "bn + relu")
 
 
@@ -289,7 +291,7 @@ def test_dropout_seed_from_device_memory(be, rng):
     x = be.asarray(f32(rng, 7, 300) + 3.0)
     dev_seed = cupy.asarray(np.array([seed], dtype=np.uint32))
     y1, _ = be.dropout_forward(x, 0.3, seed)
-    y2, c2 = be.dropout_forward(x, 0.3, 0, seed_ptr=dev_seed)
+    y2, c2 = be.dropout_forward(x, 0.3, dev_seed)
     np.testing.assert_array_equal(be.to_numpy(y1), be.to_numpy(y2))
     keep = (counter_uniform(seed, 7 * 300) >= 0.3).reshape(7, 300)
     np.testing.assert_array_equal(be.to_numpy(y2) != 0, keep)
@@ -308,28 +310,28 @@ def small_cnn(dropout=0.25):
 
 
 def test_plan_fuses_relus(be):
-    nodes, seeds, pos = compile_plan(be, small_cnn())
+    nodes = compile_nodes(small_cnn().layers, be.fusions)
     names = [type(n).__name__ for n in nodes]
-    assert names == ["_ConvNode", "_BNPoolNode", "_ConvNode", "_MaxPoolNode", "_ReshapeNode",
-                     "_ConvNode", "_DropoutNode", "_ConvNode"]
-    assert seeds == 1 and not pos
-    assert [n.mask_input for n in nodes] == [False, False, False, True, False, False, False, True]
+    assert names == ["ConvNode", "BNReluPoolNode", "ConvReluPoolNode", "FlattenNode", "DenseNode", "DropoutNode",
+                     "DenseNode"]
+    assert [n.mask_input for n in nodes] == [False, False, False, False, False, False, True]
     # without the pool after it, BN + ReLU stays a BN node whose consumer masks
-    nodes, _, _ = compile_plan(be, hn.Sequential([hn.BatchNorm1D(4), hn.ReLU(), hn.Dense(4, 2)]))
-    assert [type(n).__name__ for n in nodes] == ["_BNNode", "_ConvNode"] and nodes[1].mask_input
+    nodes = compile_nodes([hn.BatchNorm1D(4), hn.ReLU(), hn.Dense(4, 2)], be.fusions)
+    assert [type(n).__name__ for n in nodes] == ["BatchNormNode", "DenseNode"] and nodes[1].mask_input
 
 
 def test_plan_bn_pool_backward_in_place_only_over_fresh_outputs(be):
-    nodes, _, _ = compile_plan(be, small_cnn())
-    assert [getattr(n, "inplace", None) for n in nodes] == [None, True, None, None, None, None, None, None]
-    # never over the batch itself, nor over a generic layer's output (the layer's cache may hold it)
+    nodes = [n for n in compile_nodes(small_cnn().layers, be.fusions) if type(n).__name__ == "BNReluPoolNode"]
+    assert [n.inplace for n in nodes] == [True]           # after a convolution, whose output nothing else keeps
+    # never over the batch itself, nor over a generic layer's output (the layer's cache may hold it), nor over a
+    # ReLU's output that its backward must read for the mask
     def bn_pool():
         return [hn.BatchNorm2D(2), hn.ReLU(), hn.MaxPool2D(2)]
 
-    nodes, _, _ = compile_plan(be, hn.Sequential(bn_pool() + [hn.Tanh()] + bn_pool() + [hn.ReLU()] + bn_pool()))
-    assert [type(n).__name__ for n in nodes] == ["_BNPoolNode", "_LayerNode", "_BNPoolNode", "_ReluNode",
-                                                 "_BNPoolNode"]
-    assert [n.inplace for n in nodes if type(n).__name__ == "_BNPoolNode"] == [False, False, True]
+    nodes = compile_nodes(bn_pool() + [hn.Tanh()] + bn_pool() + [hn.ReLU()] + bn_pool(), be.fusions)
+    assert [type(n).__name__ for n in nodes] == ["BNReluPoolNode", "LayerNode", "BNReluPoolNode", "ReluNode",
+                                                 "BNReluPoolNode"]
+    assert [n.inplace for n in nodes if type(n).__name__ == "BNReluPoolNode"] == [False, False, False]
 
 
 def _counting_trial_pool(be, monkeypatch):
@@ -435,7 +437,7 @@ def test_bn_relu_maxpool_fused(be, rng, shape, k, s):
     assert_close(be.to_numpy(db), db_ref, F32, "dbeta")
     # written over x (the fast step's plan): the same values, same parameter gradients added again
     dx2 = be.bn_relu_maxpool_backward(be.asarray(dy), cache, dg, db, inplace=True)
-    assert dx2.data.ptr == cache[0].data.ptr, "not in place"
+    assert dx2.data.ptr == cache[1].data.ptr, "not in place"
     np.testing.assert_array_equal(be.to_numpy(dx2), be.to_numpy(dx))
     assert_close(be.to_numpy(dg), 2 * dg_ref, F32, "dgamma, twice")
 
@@ -456,16 +458,17 @@ def _cnn_from(state, device, seed, dropout=0.25):
     return model.to(device)
 
 
-def _run_steps(device, model_state, x, y, steps, opt_name, batch, use_graph=None, ls=0.0, dropout=0.25):
+def _run_steps(device, model_state, x, y, steps, opt_name, batch, use_graph=True, ls=0.0, dropout=0.25,
+               fuse=True):
+    """use_graph: capture and replay (cuda); fuse=False: every layer its own node."""
     model = _cnn_from(model_state, device, 123, dropout)
+    model.plan = Plan(model, fuse=fuse)
     b = model.backend
     opt = T.make_optimizer(opt_name, model.parameters(), lr=0.05, weight_decay=5e-4)
     sched = T.make_schedule("cosine", opt, total_steps=steps, warmup_steps=1)
-    if use_graph is None:
-        step = T.TrainStep(model, opt, sched, ls)
-    else:
-        step = b.make_train_step(model, opt, sched, ls)
-        step.use_graph = use_graph and step.opt_kind is not None
+    step = T.make_train_step(model, opt, sched, ls)
+    if device != "cpu":
+        step.runner.use_graph = use_graph
     hn.seed(7)
     for i in range(steps):
         s = slice((i * batch) % len(x), (i * batch) % len(x) + batch)
@@ -482,8 +485,8 @@ def test_graph_step_matches_eager_and_cpu(rng, opt_name):
     cpu = _run_steps("cpu", state, x, y, 4, opt_name, 32)
     eager = _run_steps("cuda", state, x, y, 4, opt_name, 32, use_graph=False, ls=0.0)
     graph = _run_steps("cuda", state, x, y, 4, opt_name, 32, use_graph=True)
-    generic = _run_steps("cuda", state, x, y, 4, opt_name, 32, use_graph=None)
-    for name, run in (("eager plan", eager), ("graph", graph), ("generic cuda step", generic)):
+    unfused = _run_steps("cuda", state, x, y, 4, opt_name, 32, fuse=False)
+    for name, run in (("eager plan", eager), ("graph", graph), ("unfused plan", unfused)):
         for k in cpu[0]:
             assert_close(run[0][k], cpu[0][k], F32, f"{name}: {k} after 4 steps")
         assert run[3] == cpu[3] == 128
@@ -517,11 +520,11 @@ def test_graph_step_odd_last_batch_and_label_smoothing(rng):
     hn.seed(2)
     state = small_cnn().state_dict()
     results = []
-    for device, graph in (("cpu", None), ("cuda", True)):
+    for device in ("cpu", "cuda"):
         model = _cnn_from(state, device, 123)
         b = model.backend
         opt = T.make_optimizer("momentum", model.parameters(), lr=0.05)
-        step = T.TrainStep(model, opt, None, 0.1) if graph is None else b.make_train_step(model, opt, None, 0.1)
+        step = T.make_train_step(model, opt, None, 0.1)
         hn.seed(9)
         for _ in range(2):
             for s in (slice(0, 32), slice(32, 64), slice(64, 80)):
@@ -598,7 +601,7 @@ def test_train_and_eval_steps_share_the_step_pool(rng):
             results.append((train.collect(), ev.collect()))
         out[device] = (m.state_dict(), results)
         if device == "cuda":
-            assert train.pool is ev.pool is b.step_pool()
+            assert train.runner.pool is ev.runner.pool is b.step_pool()
     for k in out["cpu"][0]:
         assert_close(out["cuda"][0][k], out["cpu"][0][k], F32, k)
     for (tc, ec), (tg, eg) in zip(out["cpu"][1], out["cuda"][1]):
@@ -706,12 +709,12 @@ def test_out_of_memory_message(be):
 def test_train_step_out_of_memory_is_device_error(be, monkeypatch):
     model = small_cnn().to("cuda")
     opt = T.make_optimizer("sgd", model.parameters(), lr=0.01)
-    step = be.make_train_step(model, opt)
+    step = T.make_train_step(model, opt)
 
     def boom(*a, **k):
         raise cupy.cuda.memory.OutOfMemoryError(2**40, 0)
 
-    monkeypatch.setattr(step, "_run_plan", boom)
+    monkeypatch.setattr(step, "_run", boom)
     with pytest.raises(DeviceError, match="batch size 8"):
         step.step(be.asarray(np.zeros((8, 1, 12, 12))), be.labels(np.zeros(8, dtype=np.int64)))
 
@@ -730,7 +733,7 @@ def test_model_state_is_independent_of_the_step_object(rng):
 
 def test_step_asks_no_input_gradient_of_the_first_dense_layer(be, rng, monkeypatch):
     """Flatten -> Dense first (the mlp): the fast step's backward stops at that Dense and asks it for no d(input),
-    as the layer API's backward_chain does; the update still equals the cpu backend's."""
+    as model.backward(dy, need_dx=False) does; the update still equals the cpu backend's."""
     calls = []
     real = C.dense_backward
 

@@ -135,23 +135,27 @@ def test_backward_accumulates_and_zero_grad(device, rng):
     assert not dense.weight.grad.any() and not dense.bias.grad.any()
 
 
-def test_backward_without_dx_stops_at_the_first_layer_with_parameters(rng, monkeypatch):
+@pytest.mark.parametrize("fuse", [False, True], ids=["layer-by-layer", "fused"])
+def test_backward_without_dx_stops_at_the_first_layer_with_parameters(rng, monkeypatch, fuse):
     """need_dx=False (the trainer's call): no backward through the parameter-free layers in front (a Flatten),
-    no d(input) from the first Dense, the same gradients, None returned."""
+    no d(input) from the first Dense (or from the dense chain holding it), the same gradients, None returned."""
+    from hetnet.plan import Plan
+
     m = hn.Sequential([hn.Flatten(), hn.Dense(12, 5), hn.ReLU(), hn.Dense(5, 3)]).to("cpu")
+    m.plan = Plan(m, fuse=fuse)
     x, dy = rng.normal(size=(4, 3, 2, 2)).astype(np.float32), rng.normal(size=(4, 3)).astype(np.float32)
     m.forward(x)
     assert m.backward(dy).shape == x.shape
     full = [p.grad.copy() for p in m.parameters()]
     calls, flags = [], []
-    flatten_backward, dense_backward = m.layers[0].backward, m.backend.dense_backward
+    op = "dense_chain_backward" if fuse else "dense_backward"
+    flatten_backward, dense_backward = m.layers[0].backward, getattr(m.backend, op)
     monkeypatch.setattr(m.layers[0], "backward", lambda d: calls.append(1) or flatten_backward(d))
-    monkeypatch.setattr(m.backend, "dense_backward",
-                        lambda *a, **k: flags.append(k["need_dx"]) or dense_backward(*a, **k))
+    monkeypatch.setattr(m.backend, op, lambda *a, **k: flags.append(k["need_dx"]) or dense_backward(*a, **k))
     m.zero_grad()
     m.forward(x)
     assert m.backward(dy, need_dx=False) is None
-    assert calls == [] and flags == [True, False]
+    assert calls == [] and flags == ([False] if fuse else [True, False])
     for p, g in zip(m.parameters(), full):
         np.testing.assert_array_equal(p.grad, g)
 

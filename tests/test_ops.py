@@ -26,13 +26,13 @@ def f32(rng, *shape, scale=1.0, shift=0.0):
     return (rng.normal(shift, scale, size=shape)).astype(np.float32).astype(np.float64)
 
 
-def run(b, fwd: str, args: list, bwd: str | None, dy_seed=None, accum=(), mutable=(), bwd_kw=None):
-    """Run b.<fwd>(*args) then b.<bwd>(dy, cache, *accumulators). NumPy float64 arrays among args are moved to the
-    device; the rest pass through. Returns host arrays: y, dx, accumulator values, final values of `mutable` args.
-    Asserts that every non-mutable input and dy are unchanged."""
+def run(b, fwd: str, args: list, bwd: str | None, dy_seed=None, accum=(), mutable=(), bwd_kw=None, fwd_kw=None):
+    """Run b.<fwd>(*args, **fwd_kw) then b.<bwd>(dy, cache, *accumulators, **bwd_kw). NumPy float64 arrays among
+    args are moved to the device; the rest pass through. Returns host arrays: y, dx, accumulator values, final values
+    of `mutable` args. Asserts that every non-mutable input and dy are unchanged."""
     dev = [b.asarray(a) if isinstance(a, np.ndarray) else a for a in args]
     before = [b.to_numpy(a).copy() if isinstance(a, np.ndarray) or hasattr(a, "shape") else None for a in dev]
-    y, cache = getattr(b, fwd)(*dev)
+    y, cache = getattr(b, fwd)(*dev, **(fwd_kw or {}))
     out = {"y": b.to_numpy(y)}
     if bwd is not None:
         dy = b.asarray(dy_seed.normal(size=out["y"].shape).astype(np.float32))
@@ -454,3 +454,212 @@ def test_backward_adds_into_gradients(name, op, rng):
         assert np.abs(o).max() > 0
         assert_close(b.to_numpy(t), 2 * o, b.dtype, f"{op}: second backward must add")
         assert_close(b.to_numpy(p), s + o, b.dtype, f"{op}: backward must add to the existing gradient")
+
+
+# --- activations inside ops, ReLU masks, fused ops (backends.compose defines each; see hetnet.plan) -------------
+
+
+def relu_out(rng, *shape):
+    """A ReLU output: float32-exact values, about half of them exact zeros."""
+    return np.maximum(f32(rng, *shape), 0.0)
+
+
+@pytest.mark.parametrize("mask", [False, True], ids=["plain", "relu-input"])
+@pytest.mark.parametrize("act", [None, "relu"])
+def test_dense_act_and_relu_mask(bk, rng, act, mask):
+    x = relu_out(rng, 5, 13) if mask else f32(rng, 5, 13)
+    got, _ = compare(bk, "dense_forward", [x, f32(rng, 4, 13), f32(rng, 4)], "dense_backward", rng.integers(1 << 30),
+                     accum=[(4, 13), (4,)], fwd_kw={"act": act}, bwd_kw={"relu_mask": mask})
+    if act:
+        assert got["y"].min() == 0.0 and got["y"].max() > 0
+    if mask:
+        assert np.all(got["dx"][x == 0] == 0) and np.any(got["dx"] != 0)
+
+
+@pytest.mark.parametrize("mask", [False, True], ids=["plain", "relu-input"])
+@pytest.mark.parametrize("act", [None, "relu"])
+@pytest.mark.parametrize("case", [(2, 3, 7, 6, 4, 3, 1, 1), (1, 2, 9, 8, 5, 3, 2, 0), (3, 4, 5, 5, 3, 1, 1, 0)],
+                         ids=lambda c: "N{}C{}H{}W{}K{}k{}s{}p{}".format(*c))
+def test_conv2d_act_and_relu_mask(bk, rng, case, act, mask):
+    n, c, h, w_, k, ks, stride, pad = case
+    x = relu_out(rng, n, c, h, w_) if mask else f32(rng, n, c, h, w_)
+    got, _ = compare(bk, "conv2d_forward", [x, f32(rng, k, c, ks, ks), f32(rng, k), stride, pad], "conv2d_backward",
+                     rng.integers(1 << 30), accum=[(k, c, ks, ks), (k,)], fwd_kw={"act": act},
+                     bwd_kw={"relu_mask": mask})
+    if mask:
+        assert np.all(got["dx"][x == 0] == 0)
+
+
+@pytest.mark.parametrize("case", POOL_CASES, ids=lambda c: "N{}C{}H{}W{}k{}s{}".format(*c))
+def test_maxpool_relu_mask(bk, rng, case):
+    n, c, h, w, ks, stride = case
+    x = relu_out(rng, n, c, h, w)
+    x[0, 0, :ks, :ks] = 0.0                  # a window of zeros: its maximum is 0, its gradient masked
+    got, _ = compare(bk, "maxpool2d_forward", [x, ks, stride], "maxpool2d_backward", rng.integers(1 << 30),
+                     bwd_kw={"relu_mask": True})
+    assert np.all(got["dx"][x == 0] == 0)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape", [(6, 3), (2, 3, 5, 4)], ids=str)
+@pytest.mark.parametrize("act,mask,need_dx", [("relu", False, True), (None, True, True), ("relu", True, False)])
+def test_batchnorm_act_relu_mask_need_dx(bk, rng, shape, training, act, mask, need_dx):
+    c = shape[1]
+    x = relu_out(rng, *shape) * 2 if mask else f32(rng, *shape, scale=2.0, shift=0.7)
+    compare(bk, "batchnorm_forward", [x, f32(rng, c), f32(rng, c), f32(rng, c), np.abs(f32(rng, c)) + 0.5, 0.1, 1e-5,
+                                      training], "batchnorm_backward", rng.integers(1 << 30), accum=[(c,), (c,)],
+            mutable=(3, 4), fwd_kw={"act": act}, bwd_kw={"relu_mask": mask, "need_dx": need_dx})
+
+
+def test_relu_mask_op(bk, rng):
+    x, dx = relu_out(rng, 3, 17), f32(rng, 3, 17)
+    got = bk.to_numpy(bk.relu_mask(bk.asarray(dx), bk.asarray(x)))
+    np.testing.assert_array_equal(got, np.where(x > 0, dx, 0.0).astype(bk.dtype))
+    np.testing.assert_array_equal(ref.relu_mask(dx, x), np.where(x > 0, dx, 0.0))
+
+
+FUSED_CONV_CASES = [  # (N, C, H, W, K, kernel, stride, padding, bias, pool kernel, pool stride)
+    (2, 3, 8, 8, 4, 3, 1, 1, True, 2, 2),       # the presets' block
+    (1, 2, 9, 11, 3, 3, 1, 1, False, 2, 2),     # odd sizes: the pool floors, a row / column no window covers
+    (3, 4, 13, 10, 5, 5, 2, 2, True, 2, 2),     # stride 2, kernel 5
+    (2, 1, 12, 12, 3, 1, 1, 0, True, 3, 2),     # 1x1 kernel, overlapping pool windows
+    (2, 2, 7, 7, 6, 3, 1, 0, True, 2, 1),       # pool stride 1
+    (1, 3, 6, 6, 2, 3, 3, 2, True, 2, 2),       # stride 3, padding 2
+    (2, 2, 5, 5, 3, 3, 1, 0, True, 2, 2),       # a 3x3 conv output: one row and column left over
+]
+
+
+@pytest.mark.parametrize("mask,need_dx", [(False, True), (True, True), (False, False)])
+@pytest.mark.parametrize("case", FUSED_CONV_CASES, ids=lambda c: "N{}C{}H{}W{}K{}k{}s{}p{}b{:d}-pool{}s{}".format(*c))
+def test_conv2d_relu_maxpool(bk, rng, case, mask, need_dx):
+    n, c, h, w_, k, ks, stride, pad, bias, pk, ps = case
+    x = relu_out(rng, n, c, h, w_) if mask else f32(rng, n, c, h, w_)
+    w = f32(rng, k, c, ks, ks) * 0.5
+    w[0], w[-1] = -np.abs(w[0]), np.abs(w[-1])     # of a ReLU input: filter 0 is cut everywhere, the last passes
+    b = f32(rng, k) * 0.1
+    b[0], b[-1] = -3.0, 1.0
+    got, want = compare(bk, "conv2d_relu_maxpool_forward", [x, w, b if bias else None, stride, pad, pk, ps],
+                        "conv2d_relu_maxpool_backward", rng.integers(1 << 30),
+                        accum=[(k, c, ks, ks), (k,) if bias else None], bwd_kw={"relu_mask": mask, "need_dx": need_dx})
+    p = ((h + 2 * pad - ks) // stride + 1 - pk) // ps + 1
+    assert got["y"].shape[2] == p and np.any(got["y"] > 0)
+    if mask:
+        assert np.all(got["y"][:, 0] == 0)
+
+
+@pytest.mark.parametrize("mask,need_dx", [(False, True), (True, True), (False, False)])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("case", [(3, 4, 8, 8, 2, 2), (2, 3, 9, 7, 3, 2), (2, 2, 6, 5, 2, 1), (1, 3, 7, 5, 2, 2)],
+                         ids=lambda c: "N{}C{}H{}W{}-pool{}s{}".format(*c))
+def test_bn_relu_maxpool(bk, rng, case, training, mask, need_dx):
+    n, c, h, w, pk, ps = case
+    x = relu_out(rng, n, c, h, w) * 2 if mask else f32(rng, n, c, h, w, scale=2.0, shift=0.5)
+    compare(bk, "bn_relu_maxpool_forward",
+            [x, np.abs(f32(rng, c)) + 0.5, f32(rng, c) * 0.3, f32(rng, c), np.abs(f32(rng, c)) + 0.5, 0.1, 1e-5,
+             training, pk, ps], "bn_relu_maxpool_backward", rng.integers(1 << 30), accum=[(c,), (c,)],
+            mutable=(3, 4), bwd_kw={"relu_mask": mask, "need_dx": need_dx})
+
+
+CHAINS = [  # (batch, [(in, out, bias, ReLU after)])
+    (1, [(7, 5, True, True), (5, 3, True, False)]),
+    (6, [(9, 8, True, True), (8, 4, False, True), (4, 3, True, False)]),
+    (33, [(20, 11, False, False), (11, 6, True, True)]),         # no ReLU between; the chain ends with one
+    (70, [(40, 130, True, True), (130, 10, True, False)]),
+]
+
+
+@pytest.mark.parametrize("mask", [False, True], ids=["plain", "relu-input"])
+@pytest.mark.parametrize("accumulate", [True, False])
+@pytest.mark.parametrize("case", CHAINS, ids=lambda c: f"N{c[0]}-" + "-".join(f"{f}x{k}" for f, k, _, _ in c[1]))
+def test_dense_chain(bk, rng, case, accumulate, mask):
+    """dense_chain_* against the reference's chain of dense ops; the gradients are added to what the buffers hold
+    (accumulate) or written over it (the buffers start non-zero)."""
+    n, spec = case
+    x = relu_out(rng, n, spec[0][0]) if mask else f32(rng, n, spec[0][0])
+    layers = [(f32(rng, k, f) * 0.5, f32(rng, k) * 0.1 if bias else None, relu) for f, k, bias, relu in spec]
+    start = [(f32(rng, k, f), f32(rng, k) if bias else None) for f, k, bias, _ in spec]
+    dy_rng = np.random.default_rng(int(rng.integers(1 << 30)))
+    dy = f32(dy_rng, n, spec[-1][1])
+    out = {}
+    for be in (bk, ref):
+        dev = [(be.asarray(w), None if b is None else be.asarray(b), r) for w, b, r in layers]
+        y, cache = be.dense_chain_forward(be.asarray(x), dev)
+        grads = [(be.asarray(dw), None if db is None else be.asarray(db)) for dw, db in start]
+        dx = be.dense_chain_backward(be.asarray(dy), cache, grads, need_dx=True, relu_mask=mask,
+                                     accumulate=accumulate)
+        out[be.name] = (be.to_numpy(y), be.to_numpy(dx), [[None if g is None else be.to_numpy(g) for g in pair]
+                                                          for pair in grads])
+        assert be.dense_chain_backward(be.asarray(dy), cache, grads, need_dx=False) is None
+    (y, dx, g), (ry, rdx, rg) = out[bk.name], out["reference"]
+    assert_close(y, ry, bk.dtype, "y")
+    assert_close(dx, rdx, bk.dtype, "dx")
+    for i, ((dw, db), (rdw, rdb)) in enumerate(zip(g, rg)):
+        assert_close(dw, rdw, bk.dtype, f"dw{i}")
+        if db is not None:
+            assert_close(db, rdb, bk.dtype, f"db{i}")
+    if mask:
+        assert np.all(dx[x == 0] == 0)
+
+
+def test_reference_fused_ops_are_their_chains(rng):
+    """The oracle of each fused op is literally its chain of reference ops (relu_forward's mask = relu_mask)."""
+    x, w, b = rng.normal(size=(2, 3, 7, 6)), rng.normal(size=(4, 3, 3, 3)), rng.normal(size=4)
+    y, cache = ref.conv2d_relu_maxpool_forward(x, w, b, 1, 1, 2, 2)
+    z, cz = ref.conv2d_forward(x, w, b, 1, 1)
+    r, cr = ref.relu_forward(z)
+    want, cp = ref.maxpool2d_forward(r, 2, 2)
+    np.testing.assert_array_equal(y, want)
+    dy = rng.normal(size=y.shape)
+    dw, dw2 = np.zeros(w.shape), np.zeros(w.shape)
+    dx = ref.conv2d_relu_maxpool_backward(dy, cache, dw, None)
+    dx2 = ref.conv2d_backward(ref.relu_backward(ref.maxpool2d_backward(dy, cp), cr), cz, dw2, None)
+    assert_close(dx, dx2, np.float64, "dx")
+    assert_close(dw, dw2, np.float64, "dw")
+
+
+@pytest.mark.parametrize("ls", [0.0, 0.2])
+def test_softmax_cross_entropy_into(bk, rng, ls):
+    """The steps' loss: sums accumulate across calls; dlogits as softmax_cross_entropy's; None: no gradient."""
+    z, lab = f32(rng, 9, 5, scale=3.0), rng.integers(0, 5, size=9)
+    loss_sum, correct = bk.zeros((1,), np.float64), bk.zeros((1,), np.int64)
+    zd, labd = bk.asarray(z), bk.labels(lab)
+    d = bk.xp.empty_like(zd)
+    bk.softmax_cross_entropy_into(zd, labd, d, loss_sum, correct, ls)
+    bk.softmax_cross_entropy_into(zd, labd, None, loss_sum, correct)
+    rloss, rd = ref.softmax_cross_entropy(z, lab, ls)
+    r0, _ = ref.softmax_cross_entropy(z, lab)
+    assert abs(float(bk.to_numpy(loss_sum)[0]) - 9 * (rloss + r0)) <= RTOL[np.dtype(bk.dtype)] * 9 * (rloss + r0)
+    assert int(bk.to_numpy(correct)[0]) == 2 * int((z.argmax(axis=1) == lab).sum())
+    assert np.abs(bk.to_numpy(d) - rd).max() <= RTOL[np.dtype(bk.dtype)] / 9
+
+
+def test_dropout_seed_as_array(bk, rng):
+    """A seed held in a backend array (what a replayed step fills) gives the mask of the same int seed."""
+    seed = int(rng.integers(0, 2**32))
+    x = bk.asarray(f32(rng, 4, 33) + 3.0)
+    y1, _ = bk.dropout_forward(x, 0.4, seed)
+    y2, c2 = bk.dropout_forward(x, 0.4, bk.upload(np.array([seed], dtype=np.uint32)))
+    np.testing.assert_array_equal(bk.to_numpy(y1), bk.to_numpy(y2))
+    dx = bk.to_numpy(bk.dropout_backward(bk.asarray(np.ones((4, 33))), c2))
+    np.testing.assert_array_equal(dx != 0, bk.to_numpy(y1) != 0)
+
+
+@pytest.mark.parametrize("name", ["reference"] + BACKENDS)
+def test_updates_read_scalars_when_given(name, rng):
+    """sgd_update / adam_update with `scalars` take lr, the first-step flag and Adam's bias corrections from that
+    array, not from their arguments (which are then placeholders)."""
+    b = get_backend(name)
+    for fn, extra, scalars, real, fake in (
+            ("sgd_update", [np.zeros(11)], [0.1, 1.0],
+             {"lr": 0.1, "first_step": True}, {"lr": 9.0, "first_step": False}),
+            ("adam_update", [np.zeros(11), np.zeros(11)], [0.01, 0.0, 0.01 / (1 - 0.9 ** 3), 1 / (1 - 0.999 ** 3)],
+             {"lr": 0.01, "step": 3}, {"lr": 9.0, "step": 1})):
+        fixed = ({"momentum": 0.9, "dampening": 0.0, "nesterov": True, "weight_decay": 0.01} if fn == "sgd_update"
+                 else {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.01, "decoupled": True})
+        p0, g = f32(rng, 11), f32(rng, 11)
+        out = []
+        for kw, sc in ((real, None), (fake, b.asarray(np.array(scalars, dtype=np.float32)))):
+            arrays = [b.asarray(a) for a in [p0] + extra]
+            getattr(b, fn)(arrays[0], b.asarray(g), *arrays[1:], **kw, **fixed, scalars=sc)
+            out.append(b.to_numpy(arrays[0]))
+        assert_close(out[1], out[0], np.float32, fn)

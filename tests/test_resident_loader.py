@@ -1,6 +1,6 @@
 """Batches assembled from a plan (hetnet.data.ResidentLoader, the device-resident path) against the host loader.
 
-BatchLoader.plan draws the same random numbers as BatchLoader.batch, and transforms.gather_planned (the NumPy twin
+BatchLoader.plan draws the same random numbers as BatchLoader.batch, and the cpu backend's gather_images (the NumPy twin
 of the GPU kernel in backends/cuda/data.cu) must then give *identical* arrays: same examples, same crops and flips,
 same float32 bits. tests/test_cuda.py runs the same comparison on the GPU kernel.
 """

@@ -78,24 +78,23 @@ def test_generic_step_matches_a_hand_written_loop():
         assert np.array_equal(pa, pb)
 
 
-def test_backend_fast_path_is_used(monkeypatch):
-    """A backend with make_train_step / make_eval_step supplies the step objects."""
-    backend = hn.get_backend("cpu")
+def test_step_objects_made_once_per_trainer(monkeypatch):
+    """The trainer makes its train and eval step objects once and reuses them every epoch (a GPU step captures its
+    graphs once)."""
     calls = {"train": 0, "eval": 0}
+    make_train, make_eval = train.TrainStep, train.EvalStep
 
-    def make_train_step(model, optimizer, schedule, label_smoothing):
-        calls["train"] += 1
-        return train.TrainStep(model, optimizer, schedule, label_smoothing)
+    def counting(kind, make):
+        def build(*args, **kwargs):
+            calls[kind] += 1
+            return make(*args, **kwargs)
+        return build
 
-    def make_eval_step(model):
-        calls["eval"] += 1
-        return train.EvalStep(model)
-
-    monkeypatch.setattr(backend, "make_train_step", make_train_step, raising=False)
-    monkeypatch.setattr(backend, "make_eval_step", make_eval_step, raising=False)
+    monkeypatch.setattr(train, "TrainStep", counting("train", make_train))
+    monkeypatch.setattr(train, "EvalStep", counting("eval", make_eval))
     x, y = _toy(32)
     _model().fit(x, y, epochs=2, batch_size=8, validation_data=(x, y), log=None)
-    assert calls == {"train": 1, "eval": 1}        # both made once, reused every epoch
+    assert calls == {"train": 1, "eval": 1}
 
 
 def test_divergence_raises_training_diverged():

@@ -10,7 +10,8 @@
 from . import losses, optim
 from .device import best_device, get_backend
 from .layers import (AvgPool2D, BatchNorm1D, BatchNorm2D, Conv2D, Dense, Dropout, Flatten, GlobalAvgPool2D, Layer,
-                     MaxPool2D, Parameter, ReLU, Sequential, Sigmoid, Softmax, Tanh)
+                     MaxPool2D, Parameter, ReLU, Sigmoid, Softmax, Tanh)
+from .model import Sequential
 from .random import seed
 
 __version__ = "0.1.0"

@@ -11,6 +11,7 @@ import re
 
 import numpy as np
 
+from .backends import cpu, reference
 from .errors import DeviceError
 
 _cache: dict[str, object] = {}
@@ -32,11 +33,11 @@ def get_backend(device: str = "cpu"):
     key = f"cuda:{index}" if kind == "cuda" else kind
     if key not in _cache:
         if kind == "reference":
-            from .backends import reference as backend
+            backend = reference
         elif kind == "cpu":
-            from .backends import cpu as backend
+            backend = cpu
         else:
-            cuda = importlib.import_module("hetnet.backends.cuda")
+            cuda = importlib.import_module("hetnet.backends.cuda")     # only here: it needs CuPy
             backend = cuda.CudaBackend(index)  # raises DeviceError with a one-line reason when CUDA is unusable
         _cache[key] = backend
     return _cache[key]

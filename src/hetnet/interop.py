@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import layers as L
+from .model import Sequential
 
 
-def to_torch(model: L.Sequential, device: str = "cpu", dtype=None):
+def to_torch(model: Sequential, device: str = "cpu", dtype=None):
     """A torch.nn.Sequential computing the same function as `model`, weights and BN statistics copied, in the same
     train/eval mode. Dropout is mapped to torch Dropout (its masks differ from hetnet's)."""
     import torch
@@ -68,7 +68,7 @@ def _torch_arrays(tmodel):
     return out
 
 
-def copy_weights_to_torch(model: L.Sequential, tmodel) -> None:
+def copy_weights_to_torch(model: Sequential, tmodel) -> None:
     import torch
 
     state = model.state_dict()

@@ -1,7 +1,10 @@
 """Optimisers (SGD with momentum/Nesterov/weight decay, Adam, AdamW) and learning-rate schedules.
 
-Semantics are PyTorch's, so results can be compared step by step. The update itself is a backend op; when the
-parameters are views of one flat buffer (a Sequential after `.to()`), a single call updates all of them.
+Semantics are PyTorch's, so results can be compared step by step. Each optimiser owns its update (`update`): the
+backend ops it calls, over one flat buffer when the parameters are views of one (a Sequential after `.to()`), so a
+single call updates all of them. `scalars()` lists the values that change from step to step (learning rate, flags,
+bias corrections) in the layout those ops read from a device array, which lets a replayed step (a CUDA graph,
+hetnet.plan) follow the schedule.
 
     >>> import hetnet as hn
     >>> model = hn.Sequential([hn.Dense(4, 2)]).to("cpu")
@@ -16,7 +19,12 @@ import numpy as np
 
 
 class Optimizer:
+    """Base class. A subclass sets `state_names` and implements `update(scalars=None)` -- the parameter update of
+    the coming step through backend ops -- and `scalars()`; `step()` is update + count. One that overrides only
+    `step()` still trains: hetnet.plan then calls its step() after each (replayed) forward and backward."""
+
     state_names: tuple[str, ...] = ()
+    n_scalars = 0       # len(scalars())
 
     def __init__(self, params, lr: float):
         self.params = list(params)
@@ -60,8 +68,27 @@ class Optimizer:
             for p in self.params:
                 p.zero_grad()
 
-    def step(self) -> None:  # pragma: no cover - abstract
+    def scalars(self) -> list[float]:
+        """The per-step values `update(scalars)` reads, for the coming step (see hetnet.backends: optimiser updates)."""
+        return []
+
+    def update(self, scalars=None) -> None:  # pragma: no cover - abstract
+        """Update the parameters from their gradients for the coming step (self.steps not yet counted). scalars: a
+        backend array holding scalars(), which the ops read when they run."""
         raise NotImplementedError
+
+    def step(self) -> None:
+        self.update()
+        self.count_step()
+
+    def count_step(self) -> None:
+        """Count a step whose update() has run (hetnet.plan runs update() inside a step it may replay)."""
+        self.steps += 1
+
+    @property
+    def fused(self) -> bool:
+        """Whether this optimiser's update is its own update() (so a captured step can include it)."""
+        return type(self).update is not Optimizer.update and type(self).step is Optimizer.step
 
     def hyperparameters(self) -> dict:
         return {"lr": self.lr}
@@ -107,11 +134,15 @@ class SGD(Optimizer):
         return {"lr": self.lr, "momentum": self.momentum, "dampening": self.dampening, "nesterov": self.nesterov,
                 "weight_decay": self.weight_decay}
 
-    def step(self) -> None:
+    n_scalars = 2
+
+    def scalars(self) -> list[float]:
+        return [self.lr, 1.0 if self.steps == 0 else 0.0]
+
+    def update(self, scalars=None) -> None:
         for p, g, st in self._groups():
             self.backend.sgd_update(p, g, st.get("momentum_buffer"), self.lr, self.momentum, self.dampening,
-                                    self.nesterov, self.weight_decay, self.steps == 0)
-        self.steps += 1
+                                    self.nesterov, self.weight_decay, self.steps == 0, scalars=scalars)
 
 
 class Adam(Optimizer):
@@ -132,11 +163,16 @@ class Adam(Optimizer):
         super().load_state_dict(state)
         self.betas = tuple(self.betas)
 
-    def step(self) -> None:
-        self.steps += 1
+    n_scalars = 4
+
+    def scalars(self) -> list[float]:
+        t = self.steps + 1
+        return [self.lr, 0.0, self.lr / (1 - self.betas[0] ** t), 1.0 / (1 - self.betas[1] ** t)]
+
+    def update(self, scalars=None) -> None:
         for p, g, st in self._groups():
-            self.backend.adam_update(p, g, st["exp_avg"], st["exp_avg_sq"], self.steps, self.lr, self.betas[0],
-                                     self.betas[1], self.eps, self.weight_decay, self.decoupled)
+            self.backend.adam_update(p, g, st["exp_avg"], st["exp_avg_sq"], self.steps + 1, self.lr, self.betas[0],
+                                     self.betas[1], self.eps, self.weight_decay, self.decoupled, scalars=scalars)
 
 
 class AdamW(Adam):

@@ -1,16 +1,11 @@
-"""Training and evaluation loops: the part of `fit` that is the same on every device.
+"""Training and evaluation loops: epochs, progress, metrics, weight averaging, and fit on arrays.
 
-The work of one batch goes through a *step object*, so that a backend can plug in a fast path:
-
-- `make_train_step(model, optimizer, schedule, label_smoothing)` returns an object with
-  `step(xb, yb)` -- forward, loss, backward, optimiser and schedule step for one batch of device arrays; loss and
-  number of correct predictions are accumulated (on the device, for a GPU backend) -- and
-  `collect() -> (loss_sum: float, correct: int, count: int)`: the sums since the previous `collect()` (or since
-  creation), which it then resets to zero. `loss_sum` is the sum of the per-batch mean losses times the batch sizes.
-- `make_eval_step(model)` returns the same kind of object without the update (model in eval mode).
-
-If the backend has an attribute of the same name, it is used; otherwise `TrainStep` / `EvalStep` below, which call
-only the documented backend ops. Batches reach the device through `backend.asarray(xb)` and `backend.labels(yb)`.
+The work of one batch is a step object of hetnet.plan (`make_train_step` / `make_eval_step`):
+`step(xb, yb)` -- forward, loss, backward, optimiser and schedule step for one batch of device arrays; loss and
+number of correct predictions are accumulated on the device -- and `collect() -> (loss_sum: float, correct: int,
+count: int)`: the sums since the previous `collect()` (or since creation), which it then resets to zero. `loss_sum`
+is the sum of the per-example losses. Batches reach the device through `backend.asarray(xb)` and
+`backend.labels(yb)`, or come from a loader that serves device arrays (hetnet.data.ResidentLoader).
 
     >>> import hetnet as hn, numpy as np
     >>> model = hn.Sequential([hn.Flatten(), hn.Dense(4, 3)]).to("cpu")
@@ -29,9 +24,11 @@ import time
 from collections.abc import Callable, Iterable
 
 import numpy as np
+from tqdm import tqdm
 
 from . import optim
 from .errors import TrainingDiverged, UsageError
+from .plan import EvalStep, TrainStep
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 METRIC_KEYS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "test_loss", "test_accuracy",
@@ -118,80 +115,17 @@ def check_interrupt() -> None:
         raise KeyboardInterrupt
 
 
-# --- the generic step objects ----------------------------------------------------------------------------------
+# --- the step objects ----------------------------------------------------------------------------------------
 
 
-class TrainStep:
-    """One optimisation step per batch, with running sums of loss and correct predictions."""
-
-    def __init__(self, model, optimizer, schedule=None, label_smoothing: float = 0.0):
-        self.model, self.optimizer, self.schedule = model, optimizer, schedule
-        self.label_smoothing = float(label_smoothing)
-        self.backend = model.backend
-        self._reset()
-
-    def _reset(self) -> None:
-        self.loss_sum, self.correct, self.count = 0.0, 0, 0
-
-    def step(self, xb, yb) -> None:
-        self._zero_grad()
-        logits = self.model.forward(xb)
-        loss, dlogits = self.backend.softmax_cross_entropy(logits, yb, self.label_smoothing)
-        if not math.isfinite(loss):
-            raise TrainingDiverged(f"the training loss became {loss}")
-        self._backward(dlogits)
-        self.optimizer.step()
-        if self.schedule is not None:
-            self.schedule.step()
-        n = int(xb.shape[0])
-        self.loss_sum += loss * n
-        self.correct += int((self.backend.xp.argmax(logits, axis=1) == yb).sum())
-        self.count += n
-
-    def _zero_grad(self) -> None:
-        """Before the forward pass (a backend's step object may leave to its backward the gradients it writes)."""
-        self.optimizer.zero_grad()
-
-    def _backward(self, dlogits) -> None:
-        self.model.backward(dlogits, need_dx=False)
-
-    def collect(self) -> tuple[float, int, int]:
-        out = (float(self.loss_sum), int(self.correct), int(self.count))
-        self._reset()
-        return out
-
-
-class EvalStep:
-    """Loss and correct predictions without an update (call with the model in eval mode)."""
-
-    def __init__(self, model):
-        self.model, self.backend = model, model.backend
-        self.loss_sum, self.correct, self.count = 0.0, 0, 0
-
-    def step(self, xb, yb) -> None:
-        logits = self.model.forward(xb)
-        loss_sum, correct = self.backend.softmax_cross_entropy_stats(logits, yb)
-        self.loss_sum += float(loss_sum)
-        self.correct += int(correct)
-        self.count += int(xb.shape[0])
-
-    def collect(self) -> tuple[float, int, int]:
-        out = (float(self.loss_sum), int(self.correct), int(self.count))
-        self.loss_sum, self.correct, self.count = 0.0, 0, 0
-        return out
-
-
-def make_train_step(model, optimizer, schedule=None, label_smoothing: float = 0.0):
-    factory = getattr(model.backend, "make_train_step", None)
-    if factory is not None:
-        return factory(model, optimizer, schedule, label_smoothing)
+def make_train_step(model, optimizer, schedule=None, label_smoothing: float = 0.0) -> TrainStep:
+    """The step object training runs: hetnet.plan.TrainStep (forward, loss, backward, update through the model's
+    plan; on the GPU captured once as a CUDA graph and replayed)."""
     return TrainStep(model, optimizer, schedule, label_smoothing)
 
 
-def make_eval_step(model):
-    factory = getattr(model.backend, "make_eval_step", None)
-    if factory is not None:
-        return factory(model)
+def make_eval_step(model) -> EvalStep:
+    """The step object evaluation runs (call model.eval() first): hetnet.plan.EvalStep."""
     return EvalStep(model)
 
 
@@ -242,15 +176,11 @@ def _num_batches(loader) -> int | None:
 def _bar(total: int | None, desc: str, enabled: bool):
     if not enabled:
         return None
-    from tqdm import tqdm
-
     return tqdm(total=total, desc=desc, unit="batch", leave=False, file=sys.stderr, dynamic_ncols=True)
 
 
 def default_log(line: str) -> None:
     """Print a line to stdout, above any progress bar."""
-    from tqdm import tqdm
-
     tqdm.write(line, file=sys.stdout)
     sys.stdout.flush()
 

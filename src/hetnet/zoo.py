@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import layers as L
+from .model import Sequential
 from .errors import ModelFileError, UsageError
 
 
@@ -96,7 +97,7 @@ PRESETS: dict[str, Preset] = {
 LAYER_TYPES = {name: getattr(L, name) for name in L.__all__ if name not in ("Layer", "Parameter", "Sequential")}
 
 
-def layers_from_specs(specs: list, source: str = "spec") -> L.Sequential:
+def layers_from_specs(specs: list, source: str = "spec") -> Sequential:
     """Build a Sequential from JSON-style layer specs; UsageError/ModelFileError naming the bad entry."""
     if not isinstance(specs, list) or not specs:
         raise ModelFileError(f"{source}: 'layers' must be a non-empty list")
@@ -113,10 +114,10 @@ def layers_from_specs(specs: list, source: str = "spec") -> L.Sequential:
             built.append(LAYER_TYPES[kind](**kwargs))
         except (TypeError, ValueError) as e:
             raise ModelFileError(f"{source}: layer {i} ({kind}): {e}") from None
-    return L.Sequential(built)
+    return Sequential(built)
 
 
-def build_from_spec(spec: dict, source: str = "spec") -> tuple[L.Sequential, tuple]:
+def build_from_spec(spec: dict, source: str = "spec") -> tuple[Sequential, tuple]:
     """(model, input_shape) from a spec dict {"input_shape": [C, H, W], "layers": [...]}; shapes checked now."""
     if not isinstance(spec, dict) or "layers" not in spec or "input_shape" not in spec:
         raise ModelFileError(f"{source}: a model spec needs 'input_shape' and 'layers'")
@@ -147,12 +148,12 @@ def spec_of(name: str) -> dict:
     return {"input_shape": list(preset.input_shape), "layers": [dict(s) for s in preset.layers]}
 
 
-def build(name_or_path: str) -> L.Sequential:
+def build(name_or_path: str) -> Sequential:
     """A fresh model from a preset name or a JSON spec file path (weights drawn from hetnet's generator)."""
     return resolve(name_or_path)[0]
 
 
-def resolve(name_or_path: str) -> tuple[L.Sequential, tuple, dict]:
+def resolve(name_or_path: str) -> tuple[Sequential, tuple, dict]:
     """(model, input_shape, spec) for a preset name or a spec file path."""
     if name_or_path in PRESETS:
         spec = spec_of(name_or_path)

@@ -2,7 +2,9 @@
 
 A backend is a module (`reference`, `cpu`) or an object (`cuda.CudaBackend(device_id)`) exposing the attributes below.
 `hetnet.device.get_backend(name)` is the one place that chooses it. Every backend computes the same functions; the
-float64 `reference` backend is the oracle the others are tested against.
+float64 `reference` backend is the oracle the others are tested against. Everything above the backends -- layers,
+hetnet.plan (the one way a model runs: forward, backward, training and evaluation steps), the optimisers -- calls only
+what this page lists. Backends import nothing above them (errors, random and each other only).
 
 Shape legend: N batch, C input channels, K output channels (filters), H/W input height/width, P/Q output height/width,
 R/S kernel height/width, F features. Activations are NCHW (or NF for dense layers), C-contiguous.
@@ -12,12 +14,14 @@ Attributes
 name: str                       "reference" | "cpu" | "cuda:N"
 dtype: numpy dtype              float64 (reference) or float32 (cpu, cuda)
 xp: module                      numpy or cupy, for the few array ops layers need (zeros_like, views)
+fusions: frozenset[str]         the fusions of hetnet.plan.FUSIONS this backend runs faster than their parts; the plan
+                                uses those (every backend implements every fused op below, natively or composed)
 
 Conversions and allocation
 --------------------------
 asarray(a) -> arr               copy a NumPy array (any dtype) to the device in the backend's dtype
 to_numpy(arr) -> np.ndarray     copy back to host (float dtype kept)
-zeros(shape) -> arr             zero array of the backend's dtype
+zeros(shape, dtype=None) -> arr  zero array of the backend's dtype (or of `dtype`: the steps' loss and count sums)
 labels(a) -> arr                int labels to the device (int64 on NumPy backends, int32 on cuda)
 synchronize() -> None           wait for queued device work (no-op on CPU)
 upload(a) -> arr                copy a NumPy array to the device keeping its dtype (uint8 images, int32 plans)
@@ -32,54 +36,85 @@ gather_images(images[N,C,H,W] uint8, labels[N], plan[4,M] int32, start, count, s
     x = float32(float32(v * scale[c]) + shift[c]) (two roundings, no fused multiply-add), exactly what
     hetnet.data.BatchLoader serves for the same plan.
 
-Training-step hooks (optional; hetnet.train uses them when present)
---------------------------------------------------------------------
-make_train_step(model, optimizer, schedule, label_smoothing) / make_eval_step(model) -> step object (see
-    hetnet.train). cuda: a fused plan captured as a CUDA graph (cuda/step.py, with ops such as
-    bn_relu_maxpool_forward/backward); cpu: the model with each Conv2D -> ReLU -> MaxPool2D(2) run as
-    conv2d_relu_maxpool_forward/backward (_cpu_step.py), bit-identical to the layers; cuda matches within float32
-    tolerance.
+Replayed steps (optional)
+-------------------------
+step_runner(n_scalars) -> runner    how hetnet.plan runs a step here when the backend has a faster way than calling
+                                    it: cuda captures it as a CUDA graph per batch shape and replays it (cuda/graph.py).
+                                    Without it the plan calls the step (plan.EagerRunner). A runner has `scalars` (a
+                                    float32 array of n_scalars the step's ops read: learning rate, flags, dropout
+                                    seeds), `set_scalars(values)` and `run(fn, x, y)`.
 
 Ops: forward returns (y, cache); backward takes the cache. Backward *accumulates* parameter gradients into the arrays it
 is given (dw += ..., db += ...; PyTorch semantics) and returns dx, or None when need_dx is False. No op modifies its
-inputs (x, dy, w, b); the only in-place effects are the gradient accumulators and BatchNorm's running statistics.
+inputs (x, dy, w, b); the only in-place effects are the gradient accumulators, BatchNorm's running statistics, the
+optimiser updates and relu_mask (which writes over its dx).
+
+Activations inside ops. `act` is None or "relu": the forward returns relu(op(x)). The ReLU's derivative is not the
+op's backward but the *consumer's*: a backward given relu_mask=True knows that its input x was a ReLU output and
+returns dE/dx * (x > 0), the gradient of the ReLU's input; `relu_mask(dx, x)` does the same for any other consumer.
+So `conv2d_backward(dy, cache, ...)` after `conv2d_forward(..., act="relu")` takes dy = dE/d(conv output before the
+ReLU). The fused ops below own the ReLUs inside them. `backends.compose` holds each fused op as the chain of ops it
+stands for: that is its definition and the reference backend's version.
 --------------------------------------------------------------------------------------------------------------------
-dense_forward(x[N,F], w[K,F], b[K]|None) -> y[N,K], cache
-dense_backward(dy[N,K], cache, dw[K,F], db[K]|None, need_dx=True) -> dx[N,F]|None
-conv2d_forward(x[N,C,H,W], w[K,C,R,S], b[K]|None, stride:int, padding:int) -> y[N,K,P,Q], cache
+dense_forward(x[N,F], w[K,F], b[K]|None, act=None) -> y[N,K], cache
+dense_backward(dy[N,K], cache, dw[K,F], db[K]|None, need_dx=True, relu_mask=False) -> dx[N,F]|None
+conv2d_forward(x[N,C,H,W], w[K,C,R,S], b[K]|None, stride:int, padding:int, act=None) -> y[N,K,P,Q], cache
     P = (H + 2*padding - R)//stride + 1, Q likewise; zero padding.
-conv2d_backward(dy, cache, dw, db|None, need_dx=True) -> dx|None
+conv2d_backward(dy, cache, dw, db|None, need_dx=True, relu_mask=False) -> dx|None
 maxpool2d_forward(x[N,C,H,W], kernel:int, stride:int) -> y[N,C,P,Q], cache     P = (H - kernel)//stride + 1
-maxpool2d_backward(dy, cache) -> dx        gradient goes to the first maximum of each window (row-major order),
-                                           overlapping windows add
+maxpool2d_backward(dy, cache, relu_mask=False) -> dx     gradient goes to the first maximum of each window
+                                           (row-major order), overlapping windows add
+relu_mask(dx, x) -> dx * (x > 0)           written over dx, which the caller hands over
 avgpool2d_forward(x, kernel, stride) -> y, cache ;  avgpool2d_backward(dy, cache) -> dx
 global_avgpool2d_forward(x[N,C,H,W]) -> y[N,C], cache ; global_avgpool2d_backward(dy, cache) -> dx
 relu_forward(x) -> y, cache ;      relu_backward(dy, cache) -> dx          (dx = dy where x > 0)
 sigmoid_forward / sigmoid_backward, tanh_forward / tanh_backward        (cache holds y)
 softmax_forward(x[N,K]) -> y, cache ; softmax_backward(dy, cache) -> dx = y * (dy - sum(dy*y, axis=1))
 batchnorm_forward(x[N,C] or [N,C,H,W], gamma[C], beta[C], running_mean[C], running_var[C], momentum, eps,
-                  training: bool) -> y, cache
+                  training: bool, act=None) -> y, cache
     training: normalise with the batch's mean and biased variance; update running stats in place as PyTorch:
     running = (1 - momentum) * running + momentum * stat, with the *unbiased* variance for running_var.
     eval: normalise with the running statistics.
-batchnorm_backward(dy, cache, dgamma[C], dbeta[C]) -> dx   (eval-mode cache: dx = dy * gamma / sqrt(rv + eps))
-dropout_forward(x, p: float, seed: int) -> y, cache    keep element i (flat, C order) iff
+batchnorm_backward(dy, cache, dgamma[C], dbeta[C], need_dx=True, relu_mask=False) -> dx|None
+    (eval-mode cache: dx = dy * gamma / sqrt(rv + eps))
+dropout_forward(x, p: float, seed) -> y, cache    keep element i (flat, C order) iff
     hetnet.random.counter_uniform(seed, x.size)[i] >= p; y = x * keep / (1 - p). Same mask on every backend.
+    seed: an int, or a backend array of one uint32 read when the op runs (a replayed step fills it each time).
 dropout_backward(dy, cache) -> dx
+
+Fused ops (hetnet.plan.FUSIONS; definitions in backends.compose):
+conv2d_relu_maxpool_forward(x, w, b, stride, padding, pool_kernel, pool_stride) -> y, cache
+    maxpool2d(relu(conv2d(x))), the ReLU included in the backward
+conv2d_relu_maxpool_backward(dy, cache, dw, db|None, need_dx=True, relu_mask=False) -> dx|None
+bn_relu_maxpool_forward(x, gamma, beta, running_mean, running_var, momentum, eps, training, pool_kernel,
+                        pool_stride) -> y, cache          maxpool2d(relu(batchnorm(x)))
+bn_relu_maxpool_backward(dy, cache, dgamma, dbeta, need_dx=True, relu_mask=False, inplace=False) -> dx|None
+    inplace: dx may be written over x, which the caller will not read again (ignored with relu_mask)
+dense_chain_forward(x[N,F], layers=[(w[K,F], b[K]|None, relu: bool), ...]) -> y[N,K_last], cache
+    Dense layers one after the other, each followed by a ReLU when relu; the chain owns all its ReLUs
+dense_chain_backward(dy, cache, grads=[(dw, db|None), ...], need_dx=True, relu_mask=False, accumulate=True)
+    -> dx|None          accumulate=False writes the gradients instead of adding to them
 
 Losses (mean over the batch):
 softmax_cross_entropy(logits[N,K], labels[N] int, label_smoothing=0.0) -> (loss: float, dlogits[N,K])
     target distribution t = (1 - ls) * onehot + ls / K; loss = mean_n(-sum_k t_k log softmax_k);
     dlogits = (softmax - t) / N. Log-sum-exp stabilised.
 softmax_cross_entropy_stats(logits, labels) -> (loss_sum: float, correct: int)     no gradient, for evaluation
+softmax_cross_entropy_into(logits, labels, dlogits|None, loss_sum[1] float64, correct[1] int64,
+                           label_smoothing=0.0) -> None
+    the steps' loss, without a host round trip: dlogits[...] = the gradient (unless None), loss_sum[0] += the sum of
+    the per-example losses, correct[0] += the number of right argmaxes
 binary_cross_entropy_with_logits(logits, targets same shape, float in [0,1]) -> (loss: float, dlogits)
     loss = mean(max(z,0) - z*t + log1p(exp(-|z|))); dlogits = (sigmoid(z) - t) / z.size
 
-Optimiser updates (in place on p and the state arrays; all arrays the same shape, often one flat buffer):
-sgd_update(p, g, buf|None, lr, momentum, dampening, nesterov, weight_decay, first_step: bool) -> None
+Optimiser updates (in place on p and the state arrays; all arrays the same shape, often one flat buffer). Each takes
+`scalars`, a backend float32 array whose values it reads when it runs instead of the per-step arguments (so that a
+replayed step follows the schedule): [lr, first_step] for SGD, [lr, 0, lr / (1 - beta1^step), 1 / (1 - beta2^step)]
+for Adam. hetnet.optim's optimisers own these calls (Optimizer.update).
+sgd_update(p, g, buf|None, lr, momentum, dampening, nesterov, weight_decay, first_step: bool, scalars=None) -> None
     exactly torch.optim.SGD: d = g + wd*p; if momentum: buf = d on the first step, else
     buf = momentum*buf + (1-dampening)*d; d = d + momentum*buf if nesterov else buf. p -= lr*d. g is not modified.
-adam_update(p, g, m, v, step:int, lr, beta1, beta2, eps, weight_decay, decoupled: bool) -> None
+adam_update(p, g, m, v, step:int, lr, beta1, beta2, eps, weight_decay, decoupled: bool, scalars=None) -> None
     exactly torch Adam (decoupled=False: d = g + wd*p) / AdamW (decoupled=True: p *= 1 - lr*wd); step counts from 1;
     m = b1*m + (1-b1)*d; v = b2*v + (1-b2)*d*d; p -= lr * (m/(1-b1^step)) / (sqrt(v/(1-b2^step)) + eps).
 """

@@ -17,13 +17,18 @@ R/S kernel height/width, F features.
 """
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 from ..random import counter_uniform
+from . import compose, cpu
 
 name = "reference"
 dtype = np.dtype(np.float64)
 xp = np
+# every fusion of hetnet.plan, each the chain of reference ops it stands for (backends.compose)
+fusions = frozenset({"conv_relu_pool", "bn_relu_pool", "dense_chain", "conv_act", "bn_act", "dense_act"})
 
 
 # --- conversions and allocation ------------------------------------------------------------------------------------
@@ -39,8 +44,8 @@ def to_numpy(arr) -> np.ndarray:
     return np.array(arr, copy=True)
 
 
-def zeros(shape) -> np.ndarray:
-    return np.zeros(shape, dtype=np.float64)
+def zeros(shape, dtype=None) -> np.ndarray:
+    return np.zeros(shape, dtype=np.float64 if dtype is None else dtype)
 
 
 def labels(a) -> np.ndarray:
@@ -60,10 +65,8 @@ def upload(a) -> np.ndarray:
 
 
 def gather_images(images, labels, plan, start, count, scale, shift):
-    """The float32 batch of transforms.gather_planned (what the host loader serves), widened to float64."""
-    from ..data.transforms import gather_planned
-
-    x, y = gather_planned(images, labels, plan, int(start), int(count), scale, shift)
+    """The cpu backend's float32 batch (what the host loader serves), widened to float64."""
+    x, y = cpu.gather_images(images, labels, plan, start, count, scale, shift)
     return x.astype(np.float64), y
 
 
@@ -72,19 +75,36 @@ def _f64(a) -> np.ndarray:
     return np.asarray(a, dtype=np.float64)
 
 
+def _act(z, act):
+    """The activation a forward op applies to its result: None or "relu"."""
+    if act is None:
+        return z
+    if act != "relu":
+        raise ValueError(f"unknown activation {act!r} (expected None or 'relu')")
+    return np.maximum(z, 0.0)
+
+
+def _masked(dx, x):
+    """dE/d(the ReLU's input) from dE/dx, where x = relu(z): dx * (x > 0) (see backends.compose)."""
+    return np.where(_f64(x) > 0, _f64(dx), 0.0)
+
+
+relu_mask = _masked     # the contract's name; backward ops take a flag of that name
+
+
 # --- dense ---------------------------------------------------------------------------------------------------------
 # y[n,k] = sum_f x[n,f] w[k,f] + b[k]
 
 
-def dense_forward(x, w, b):
+def dense_forward(x, w, b, act=None):
     x, w = _f64(x), _f64(w)
     y = np.einsum("nf,kf->nk", x, w)                              # x[N,F] . w[K,F] -> y[N,K]
     if b is not None:
         y = y + _f64(b)[None, :]
-    return y, (x, w)
+    return _act(y, act), (x, w)
 
 
-def dense_backward(dy, cache, dw, db, need_dx: bool = True):
+def dense_backward(dy, cache, dw, db, need_dx: bool = True, relu_mask: bool = False):
     x, w = cache
     dy = _f64(dy)
     # dL/dw[k,f] = sum_n dL/dy[n,k] * dy[n,k]/dw[k,f] = sum_n dy[n,k] x[n,f]
@@ -95,7 +115,8 @@ def dense_backward(dy, cache, dw, db, need_dx: bool = True):
     if not need_dx:
         return None
     # dL/dx[n,f] = sum_k dy[n,k] w[k,f]
-    return np.einsum("nk,kf->nf", dy, w)
+    dx = np.einsum("nk,kf->nf", dy, w)
+    return _masked(dx, x) if relu_mask else dx
 
 
 # --- conv2d --------------------------------------------------------------------------------------------------------
@@ -110,7 +131,7 @@ def _window(r: int, s: int, stride: int, p: int, q: int):
             slice(s, s + stride * (q - 1) + 1, stride))
 
 
-def conv2d_forward(x, w, b, stride: int, padding: int):
+def conv2d_forward(x, w, b, stride: int, padding: int, act=None):
     x, w = _f64(x), _f64(w)
     n, c, h, wd = x.shape
     k, c2, r_, s_ = w.shape
@@ -125,10 +146,10 @@ def conv2d_forward(x, w, b, stride: int, padding: int):
             y += np.einsum("ncpq,kc->nkpq", patch, w[:, :, r, s])
     if b is not None:
         y += _f64(b)[None, :, None, None]
-    return y, (xpad, w, stride, padding, x.shape)
+    return _act(y, act), (xpad, w, stride, padding, x.shape)
 
 
-def conv2d_backward(dy, cache, dw, db, need_dx: bool = True):
+def conv2d_backward(dy, cache, dw, db, need_dx: bool = True, relu_mask: bool = False):
     xpad, w, stride, padding, xshape = cache
     dy = _f64(dy)
     _, _, p_, q_ = dy.shape
@@ -149,7 +170,8 @@ def conv2d_backward(dy, cache, dw, db, need_dx: bool = True):
         return None
     # padding is a constant: the gradient of the padded border is dropped
     h, wd = xshape[2], xshape[3]
-    return dxpad[:, :, padding:padding + h, padding:padding + wd].copy()
+    dx = dxpad[:, :, padding:padding + h, padding:padding + wd].copy()
+    return _masked(dx, xpad[:, :, padding:padding + h, padding:padding + wd]) if relu_mask else dx
 
 
 # --- pooling -------------------------------------------------------------------------------------------------------
@@ -167,11 +189,12 @@ def maxpool2d_forward(x, kernel: int, stride: int):
             win = x[:, :, p * stride:p * stride + kernel, q * stride:q * stride + kernel].reshape(n, c, -1)
             arg[:, :, p, q] = np.argmax(win, axis=2)    # argmax returns the first maximum (row-major)
             y[:, :, p, q] = np.max(win, axis=2)
-    return y, (arg, x.shape, kernel, stride)
+    return y, (arg, x, kernel, stride)
 
 
-def maxpool2d_backward(dy, cache):
-    arg, xshape, kernel, stride = cache
+def maxpool2d_backward(dy, cache, relu_mask: bool = False):
+    arg, x, kernel, stride = cache
+    xshape = x.shape
     dy = _f64(dy)
     n, c, p_, q_ = dy.shape
     dx = np.zeros(xshape)
@@ -182,7 +205,7 @@ def maxpool2d_backward(dy, cache):
             rr = p * stride + arg[:, :, p, q] // kernel
             ss = q * stride + arg[:, :, p, q] % kernel
             dx[nn_, cc, rr, ss] += dy[:, :, p, q]       # (n, c) pairs are distinct, so += does not lose updates
-    return dx
+    return _masked(dx, x) if relu_mask else dx
 
 
 def avgpool2d_forward(x, kernel: int, stride: int):
@@ -287,7 +310,8 @@ def _per_channel(v, ndim: int):
     return v.reshape((1, -1) + (1,) * (ndim - 2))
 
 
-def batchnorm_forward(x, gamma, beta, running_mean, running_var, momentum: float, eps: float, training: bool):
+def batchnorm_forward(x, gamma, beta, running_mean, running_var, momentum: float, eps: float, training: bool,
+                      act=None):
     x = _f64(x)
     axes = _bn_axes(x)
     m = x.size // x.shape[1]
@@ -304,20 +328,23 @@ def batchnorm_forward(x, gamma, beta, running_mean, running_var, momentum: float
     xc = x - _per_channel(mean, x.ndim)                                # x - mean
     xhat = xc * _per_channel(inv_std, x.ndim)
     y = g * xhat + bt
-    return y, (training, xc, xhat, inv_std, _f64(gamma), axes, m)
+    return _act(y, act), (training, x, xc, xhat, inv_std, _f64(gamma), axes, m)
 
 
-def batchnorm_backward(dy, cache, dgamma, dbeta):
-    training, xc, xhat, inv_std, gamma, axes, m = cache
+def batchnorm_backward(dy, cache, dgamma, dbeta, need_dx: bool = True, relu_mask: bool = False):
+    training, x, xc, xhat, inv_std, gamma, axes, m = cache
     dy = _f64(dy)
     nd = dy.ndim
     # dL/dbeta = sum_A dy;  dL/dgamma = sum_A dy * xhat
     dbeta += dy.sum(axis=axes)
     dgamma += (dy * xhat).sum(axis=axes)
+    if not need_dx:
+        return None
     dxhat = dy * _per_channel(gamma, nd)                              # dL/dxhat = dy * gamma
     if not training:
         # mean and var are constants in eval: xhat = (x - rm) * inv_std
-        return dxhat * _per_channel(inv_std, nd)
+        dx = dxhat * _per_channel(inv_std, nd)
+        return _masked(dx, x) if relu_mask else dx
     # training: x reaches xhat directly and through mean and var (var = (1/m) sum_A (x - mean)^2)
     # dL/dvar  = sum_A dxhat * (x - mean) * (-1/2) (var + eps)^(-3/2)
     dvar = (dxhat * xc).sum(axis=axes) * -0.5 * inv_std ** 3
@@ -326,16 +353,23 @@ def batchnorm_backward(dy, cache, dgamma, dbeta):
     # term 1: direct path, dxhat * inv_std
     # term 2: through var,  dL/dvar * dvar/dx = dL/dvar * 2 (x - mean) / m
     # term 3: through mean, dL/dmean * dmean/dx = dL/dmean / m
-    return (dxhat * _per_channel(inv_std, nd)
-            + _per_channel(dvar, nd) * 2.0 * xc / m
-            + _per_channel(dmean, nd) / m)
+    dx = (dxhat * _per_channel(inv_std, nd)
+          + _per_channel(dvar, nd) * 2.0 * xc / m
+          + _per_channel(dmean, nd) / m)
+    return _masked(dx, x) if relu_mask else dx
 
 
 # --- dropout -------------------------------------------------------------------------------------------------------
 
 
-def dropout_forward(x, p: float, seed: int):
+def _seed(seed) -> int:
+    """A seed given as an int or as an array of one uint32 (read now: a replayed step fills it each time)."""
+    return int(np.asarray(seed).reshape(-1)[0]) if hasattr(seed, "shape") else int(seed)
+
+
+def dropout_forward(x, p: float, seed):
     x = _f64(x)
+    seed = _seed(seed)
     # keep element i (flat C order) iff u_i >= p; the mask is the same on every backend for the same seed
     keep = (counter_uniform(seed, x.size) >= p).reshape(x.shape)
     scale = 1.0 / (1.0 - p)
@@ -370,6 +404,17 @@ def softmax_cross_entropy(logits, labels, label_smoothing: float = 0.0):
     return loss, dlogits
 
 
+def softmax_cross_entropy_into(logits, labels, dlogits, loss_sum, correct, label_smoothing: float = 0.0) -> None:
+    """Training and evaluation steps' loss: dlogits[...] = the gradient (unless None), loss_sum[0] += the sum of the
+    per-example losses, correct[0] += the number of right argmaxes."""
+    n = logits.shape[0]
+    loss, d = softmax_cross_entropy(logits, labels, label_smoothing)
+    if dlogits is not None:
+        dlogits[...] = d
+    loss_sum[0] += loss * n
+    correct[0] += int((np.argmax(_f64(logits), axis=1) == np.asarray(labels)).sum())
+
+
 def softmax_cross_entropy_stats(logits, labels):
     z = _f64(logits)
     lab = np.asarray(labels, dtype=np.int64)
@@ -393,7 +438,9 @@ def binary_cross_entropy_with_logits(logits, targets):
 
 
 def sgd_update(p, g, buf, lr: float, momentum: float, dampening: float, nesterov: bool, weight_decay: float,
-               first_step: bool) -> None:
+               first_step: bool, scalars=None) -> None:
+    if scalars is not None:                             # [lr, first step] read now (a replayed step fills them)
+        lr, first_step = float(scalars[0]), bool(scalars[1])
     d = _f64(g) + weight_decay * p                      # L2 weight decay adds wd * p to the gradient
     if momentum:
         if first_step:
@@ -405,7 +452,11 @@ def sgd_update(p, g, buf, lr: float, momentum: float, dampening: float, nesterov
 
 
 def adam_update(p, g, m, v, step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-                decoupled: bool) -> None:
+                decoupled: bool, scalars=None) -> None:
+    if scalars is not None:   # [lr, -, lr / (1 - beta1^step), 1 / (1 - beta2^step)] read now
+        lr, step_size, inv_bc2 = float(scalars[0]), float(scalars[2]), float(scalars[3])
+    else:
+        step_size, inv_bc2 = lr / (1.0 - beta1 ** step), 1.0 / (1.0 - beta2 ** step)
     d = _f64(g)
     if weight_decay:
         if decoupled:
@@ -414,6 +465,36 @@ def adam_update(p, g, m, v, step: int, lr: float, beta1: float, beta2: float, ep
             d = d + weight_decay * p                    # Adam: L2 term in the gradient
     m[...] = beta1 * m + (1.0 - beta1) * d              # first moment
     v[...] = beta2 * v + (1.0 - beta2) * d * d          # second moment
-    m_hat = m / (1.0 - beta1 ** step)                   # bias corrections (step counts from 1)
-    v_hat = v / (1.0 - beta2 ** step)
-    p -= lr * m_hat / (np.sqrt(v_hat) + eps)
+    # bias corrections (step counts from 1): m_hat = m / (1 - beta1^step), v_hat = v / (1 - beta2^step)
+    p -= step_size * m / (np.sqrt(v * inv_bc2) + eps)
+
+
+# --- fused ops: the chains of reference ops they stand for (backends.compose) --------------------------------------
+
+_this = sys.modules[__name__]
+
+
+def conv2d_relu_maxpool_forward(x, w, b, stride, padding, pool_kernel, pool_stride):
+    return compose.conv2d_relu_maxpool_forward(_this, x, w, b, stride, padding, pool_kernel, pool_stride)
+
+
+def conv2d_relu_maxpool_backward(dy, cache, dw, db, need_dx=True, relu_mask=False):
+    return compose.conv2d_relu_maxpool_backward(_this, dy, cache, dw, db, need_dx, relu_mask)
+
+
+def bn_relu_maxpool_forward(x, gamma, beta, running_mean, running_var, momentum, eps, training, pool_kernel,
+                            pool_stride):
+    return compose.bn_relu_maxpool_forward(_this, x, gamma, beta, running_mean, running_var, momentum, eps, training,
+                                           pool_kernel, pool_stride)
+
+
+def bn_relu_maxpool_backward(dy, cache, dgamma, dbeta, need_dx=True, relu_mask=False, inplace=False):
+    return compose.bn_relu_maxpool_backward(_this, dy, cache, dgamma, dbeta, need_dx, relu_mask)
+
+
+def dense_chain_forward(x, layers):
+    return compose.dense_chain_forward(_this, x, layers)
+
+
+def dense_chain_backward(dy, cache, grads, need_dx=True, relu_mask=False, accumulate=True):
+    return compose.dense_chain_backward(_this, dy, cache, grads, need_dx, relu_mask, accumulate)

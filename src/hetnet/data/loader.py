@@ -88,14 +88,14 @@ class BatchLoader:
 
     @property
     def plannable(self) -> bool:
-        """Whether the augmentation fits a plan (at most one crop and one flip; see transforms.gather_planned)."""
+        """Whether the augmentation fits a plan (at most one crop and one flip; see the backends' gather_images)."""
         crops = sum(1 for name, arg in self.augment if name == "crop" and arg > 0)
         flips = sum(1 for name, _ in self.augment if name == "flip")
         return crops <= 1 and flips <= 1
 
     def plan(self, epoch: int) -> np.ndarray:
         """The batches of `epoch` as an int32 plan (4, num_examples): rows index, oy, ox, flip, batch b in columns
-        b*B .. (b+1)*B. Draws the same random numbers as batch() (apply_augment), so gather_planned(plan) gives
+        b*B .. (b+1)*B. Draws the same random numbers as batch() (apply_augment), so a backend's gather_images(plan) gives
         the same arrays as batch()."""
         if not self.plannable:
             raise ValueError(f"augmentation {self.augment} does not fit a plan (at most one crop and one flip)")

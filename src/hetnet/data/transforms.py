@@ -148,21 +148,3 @@ def apply_augment(x: np.ndarray, ops: list[tuple[str, int]], rng: np.random.Gene
 # A flip drawn *before* the crop is the same as one after it with ox negated, so any one crop and one flip, in
 # either order, fit in a plan (hetnet.data.loader.BatchLoader.plan draws the same random numbers as
 # apply_augment, so the two paths give identical batches).
-
-
-def gather_planned(images: np.ndarray, labels: np.ndarray, plan: np.ndarray, start: int, count: int,
-                   scale: np.ndarray, shift: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Columns start .. start+count of `plan` as a normalised float32 batch (count, C, H, W) and its labels.
-    NumPy version of the device kernel (backends/cuda/data.cu, gather_images); the cpu and reference backends'
-    `gather_images` op."""
-    idx, oy, ox, flip = (np.asarray(plan[k, start:start + count], dtype=np.int64) for k in range(4))
-    _, c, h, w = images.shape
-    rows = np.arange(h)[None, :] + oy[:, None]                                   # (B, H) source rows
-    cols = np.where(flip[:, None] != 0, w - 1 - np.arange(w)[None, :], np.arange(w)[None, :]) + ox[:, None]
-    inside = ((rows >= 0) & (rows < h))[:, None, :, None] & ((cols >= 0) & (cols < w))[:, None, None, :]
-    v = images[idx[:, None, None, None], np.arange(c)[None, :, None, None],
-               np.clip(rows, 0, h - 1)[:, None, :, None], np.clip(cols, 0, w - 1)[:, None, None, :]]
-    v = np.where(inside, v, np.uint8(0))
-    out = np.multiply(v, scale.reshape(1, c, 1, 1), dtype=np.float32)
-    out += shift.reshape(1, c, 1, 1)
-    return out, labels[idx]

@@ -1,11 +1,11 @@
 """Layers: parameters, gradients and caches; the arithmetic is the backend's."""
 from .activation import ReLU, Sigmoid, Softmax, Tanh
-from .base import Layer, Parameter, Sequential
+from .base import Layer, Parameter
 from .conv import Conv2D
 from .dense import Dense, Flatten
 from .dropout import Dropout
 from .norm import BatchNorm1D, BatchNorm2D
 from .pool import AvgPool2D, GlobalAvgPool2D, MaxPool2D
 
-__all__ = ["Layer", "Parameter", "Sequential", "Dense", "Flatten", "Conv2D", "MaxPool2D", "AvgPool2D",
+__all__ = ["Layer", "Parameter", "Dense", "Flatten", "Conv2D", "MaxPool2D", "AvgPool2D",
            "GlobalAvgPool2D", "ReLU", "Sigmoid", "Tanh", "Softmax", "BatchNorm1D", "BatchNorm2D", "Dropout"]

@@ -1,4 +1,4 @@
-"""Parameter, Layer and Sequential: the device-independent part of every layer.
+"""Parameter, Layer and FlatPack: the device-independent part of every layer (Sequential is hetnet.model).
 
 A layer owns its parameters, their gradients and the cache its forward pass leaves for backward. The arithmetic is
 the backend's (`self.backend.<op>_forward / _backward`); layers never branch on the device.
@@ -15,6 +15,7 @@ from collections import OrderedDict
 import numpy as np
 
 from ..device import get_backend
+from ..init import initial_weight
 
 
 class Parameter:
@@ -226,7 +227,6 @@ class WeightedLayer(Layer):
 
     def _make_parameters(self, weight_shape: tuple, bias: bool) -> None:
         self.use_bias = bool(bias)
-        self.need_dx = True  # Sequential turns this off for the first layer: d(input) is not needed there
         self.params["weight"] = Parameter(np.zeros(weight_shape), self.backend)
         if self.use_bias:
             self.params["bias"] = Parameter(np.zeros(weight_shape[0]), self.backend)
@@ -237,8 +237,6 @@ class WeightedLayer(Layer):
 
     def reset_parameters(self, kind: str) -> None:
         """Weight from hetnet.init ('he' or 'glorot'), bias zero."""
-        from ..init import initial_weight
-
         self.weight.data = initial_weight(self.weight.shape, kind)
         if self.use_bias:
             self.bias.data = np.zeros(self.bias.shape)
@@ -254,8 +252,7 @@ class WeightedLayer(Layer):
 
     def backward(self, dy):
         db = self.bias.grad if self.use_bias else None
-        return getattr(self.backend, f"{self.op}_backward")(dy, self.cache, self.weight.grad, db,
-                                                             need_dx=self.need_dx)
+        return getattr(self.backend, f"{self.op}_backward")(dy, self.cache, self.weight.grad, db)
 
 
 def _load_state(module, state: dict, strict: bool) -> None:
@@ -271,148 +268,3 @@ def _load_state(module, state: dict, strict: bool) -> None:
         if tuple(value.shape) != tuple(arr.shape):
             raise ValueError(f"state_dict entry {k!r}: expected shape {tuple(arr.shape)}, got {tuple(value.shape)}")
         arr[...] = module.backend.asarray(value)
-
-
-def first_with_params(items, params=lambda item: getattr(item, "params", None)) -> int:
-    """Index of the first of `items` that has parameters (len(items) if none): where a backward whose d(input) is
-    not wanted stops (backward_chain; the cuda step's plan, whose nodes hold their layers)."""
-    return next((i for i, item in enumerate(items) if params(item)), len(items))
-
-
-def backward_chain(layers, dy, need_dx: bool = True):
-    """dy backpropagated through `layers` (anything with backward(dy) and a `params` dict) from the last to the
-    first; returns d(input). need_dx=False: d(input) is not wanted, so the chain stops at the first layer with
-    parameters (the layers before it, e.g. a Flatten, would only produce d(input)), tells that layer so when it has
-    a `need_dx` switch, and returns None."""
-    first = 0 if need_dx else first_with_params(layers)
-    for i in range(len(layers) - 1, first - 1, -1):
-        layer = layers[i]
-        if i == first and not need_dx and hasattr(layer, "need_dx"):
-            layer.need_dx = False
-            try:
-                dy = layer.backward(dy)
-            finally:
-                layer.need_dx = True
-        else:
-            dy = layer.backward(dy)
-    return dy if need_dx else None
-
-
-_SKIP_FOR_INIT = ("BatchNorm1D", "BatchNorm2D", "Dropout")
-
-
-class Sequential(Layer):
-    """Layers applied in order. Dense/Conv2D layers followed by ReLU (BatchNorm and Dropout in between allowed) are
-    re-initialised He-normal, as in the thesis; others keep Glorot.
-
-        >>> import hetnet as hn, numpy as np
-        >>> m = hn.Sequential([hn.Dense(4, 3), hn.ReLU(), hn.Dense(3, 2)]).to("reference")
-        >>> m.forward(np.ones((5, 4))).shape
-        (5, 2)
-    """
-
-    def __init__(self, layers: list[Layer]):
-        super().__init__()
-        self.layers = list(layers)
-        for i, layer in enumerate(self.layers):
-            if not isinstance(layer, Layer):
-                raise TypeError(f"Sequential: item {i} is {type(layer).__name__}, not a hetnet layer")
-        self._reinit_for_relu()
-        self._pack: FlatPack | None = None
-        self._checked_shape = None
-
-    def _reinit_for_relu(self) -> None:
-        for i, layer in enumerate(self.layers):
-            if layer._init_kind() is None:
-                continue
-            nxt = next((lyr for lyr in self.layers[i + 1:] if type(lyr).__name__ not in _SKIP_FOR_INIT), None)
-            if type(nxt).__name__ == "ReLU":
-                layer.reset_parameters("he")
-
-    # -- device, mode, parameters
-    def to(self, device) -> "Sequential":
-        backend = device if not isinstance(device, str) else get_backend(device)
-        if backend is not self.backend or self._pack is None:
-            params = self.parameters()      # straight into flat buffers on the new backend
-            self._pack = FlatPack(params, backend) if params else None
-        for layer in self.layers:           # the buffers (BatchNorm's running statistics); parameters are there
-            layer.to(backend)
-        self.backend = backend
-        return self
-
-    def train(self, mode: bool = True) -> "Sequential":
-        self.training = mode
-        for layer in self.layers:
-            layer.train(mode)
-        return self
-
-    def parameters(self) -> list[Parameter]:
-        return [p for layer in self.layers for p in layer.parameters()]
-
-    def zero_grad(self) -> None:
-        if self._pack is not None and self._pack.backend is self.backend:
-            self._pack.grad[...] = 0
-        else:
-            super().zero_grad()
-
-    def named_arrays(self, prefix: str = ""):
-        for i, layer in enumerate(self.layers):
-            yield from layer.named_arrays(f"{prefix}{i}.")
-
-    # -- shapes
-    def output_shape(self, input_shape: tuple) -> tuple:
-        shape = tuple(input_shape)
-        for layer in self.layers:
-            shape = layer.output_shape(shape)
-        return shape
-
-    # -- passes
-    def forward(self, x):
-        shape = tuple(x.shape[1:])
-        if shape != self._checked_shape:
-            self.output_shape(shape)  # ValueError naming the first layer that does not fit
-            self._checked_shape = shape
-        for layer in self.layers:
-            x = layer.forward(x)
-        return x
-
-    def backward(self, dy, need_dx: bool = True):
-        """Backpropagate dy through every layer (accumulating parameter gradients); returns d(input)."""
-        return backward_chain(self.layers, dy, need_dx)
-
-    def predict(self, x, batch_size: int = 256):
-        """Class probabilities for a batch (eval mode, softmax of the logits), as a NumPy array."""
-        from .. import losses
-
-        was_training = self.training
-        self.eval()
-        try:
-            out = []
-            for i in range(0, x.shape[0], batch_size):
-                out.append(self.backend.to_numpy(losses.softmax(self.forward(x[i:i + batch_size]))))
-        finally:
-            self.train(was_training)
-        return np.concatenate(out) if out else np.zeros((0,))
-
-    def __repr__(self) -> str:
-        inner = ",\n".join(f"  ({i}) {layer!r}" for i, layer in enumerate(self.layers))
-        return f"Sequential(\n{inner}\n)"
-
-    def __len__(self) -> int:
-        return len(self.layers)
-
-    def __getitem__(self, i):
-        return self.layers[i]
-
-    # -- training conveniences (the loops live in hetnet.train)
-    def fit(self, x, y, **kwargs) -> list:
-        """Train on arrays; see hetnet.train.fit for the options. Returns one metrics record per epoch."""
-        from ..train import fit
-
-        return fit(self, x, y, **kwargs)
-
-    def evaluate(self, x, y, batch_size: int = 256) -> tuple:
-        """(mean loss, accuracy) on arrays, in eval mode."""
-        from ..train import evaluate_arrays
-
-        return evaluate_arrays(self, x, y, batch_size)

@@ -26,10 +26,14 @@ class _BatchNorm(Layer):
                              f"got (N, {', '.join(map(str, input_shape))})")
         return tuple(input_shape)
 
-    def forward(self, x):
-        self._check_input(x)
+    def check_batch(self, x) -> None:
+        """ValueError when training on a batch with one value per channel (no variance to normalise by)."""
         if self.training and x.shape[0] * int(np.prod(x.shape[2:])) < 2:
             raise ValueError(f"{self!r}: training needs more than one value per channel, got input {tuple(x.shape)}")
+
+    def forward(self, x):
+        self._check_input(x)
+        self.check_batch(x)
         y, self.cache = self.backend.batchnorm_forward(
             x, self.weight.data, self.bias.data, self.running_mean, self.running_var,
             self.momentum, self.eps, self.training)

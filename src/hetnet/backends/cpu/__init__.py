@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from .conv import (conv2d_backward, conv2d_forward, conv2d_relu_maxpool_backward, conv2d_relu_maxpool_forward,
-                   conv_relu_maxpool_available)
-from .dense import dense_backward, dense_chain_available, dense_chain_backward, dense_chain_forward, dense_forward
-from .elementwise import (dropout_backward, dropout_forward, relu_backward, relu_forward, sigmoid_backward,
+from .conv import conv2d_backward, conv2d_forward, conv2d_relu_maxpool_backward, conv2d_relu_maxpool_forward
+from .dense import dense_backward, dense_chain_backward, dense_chain_forward, dense_forward
+from .elementwise import (dropout_backward, dropout_forward, relu_backward, relu_forward, relu_mask, sigmoid_backward,
                           sigmoid_forward, softmax_backward, softmax_forward, tanh_backward, tanh_forward)
-from .loss import binary_cross_entropy_with_logits, softmax_cross_entropy, softmax_cross_entropy_stats
-from .norm import (batchnorm_backward, batchnorm_forward, bn_relu_maxpool_available, bn_relu_maxpool_backward,
-                   bn_relu_maxpool_forward)
+from .loss import (binary_cross_entropy_with_logits, softmax_cross_entropy, softmax_cross_entropy_into,
+                   softmax_cross_entropy_stats)
+from .norm import batchnorm_backward, batchnorm_forward, bn_relu_maxpool_backward, bn_relu_maxpool_forward
 from .optim import adam_update, sgd_update
 from .pool import (avgpool2d_backward, avgpool2d_forward, global_avgpool2d_backward, global_avgpool2d_forward,
                    maxpool2d_backward, maxpool2d_forward)
@@ -35,6 +34,8 @@ name = "cpu"
 dtype = np.dtype(np.float32)
 xp = np
 _F = np.float32
+# the fusions of hetnet.plan this backend runs faster than their parts (the others run as separate ops)
+fusions = frozenset({"conv_relu_pool", "bn_relu_pool", "dense_chain", "conv_act", "bn_act", "dense_act"})
 
 
 # --- conversions and allocation -------------------------------------------------------------------------------------
@@ -62,8 +63,8 @@ def to_numpy(arr) -> np.ndarray:
     return np.array(arr, copy=True)
 
 
-def zeros(shape) -> np.ndarray:
-    return np.zeros(shape, dtype=_F)
+def zeros(shape, dtype=None) -> np.ndarray:
+    return np.zeros(shape, dtype=_F if dtype is None else dtype)
 
 
 def labels(a) -> np.ndarray:
@@ -85,19 +86,19 @@ def upload(a) -> np.ndarray:
 
 
 def gather_images(images, labels, plan, start, count, scale, shift):
-    from ...data.transforms import gather_planned
+    """Columns start .. start+count of `plan` as a normalised float32 batch (count, C, H, W) and its labels: the
+    NumPy version of the device kernel (backends/cuda/data.cu, gather_images), what hetnet.data's host loader
+    serves for the same plan."""
+    start, count = int(start), int(count)
+    idx, oy, ox, flip = (np.asarray(plan[k, start:start + count], dtype=np.int64) for k in range(4))
+    _, c, h, w = images.shape
+    rows = np.arange(h)[None, :] + oy[:, None]                                   # (B, H) source rows
+    cols = np.where(flip[:, None] != 0, w - 1 - np.arange(w)[None, :], np.arange(w)[None, :]) + ox[:, None]
+    inside = ((rows >= 0) & (rows < h))[:, None, :, None] & ((cols >= 0) & (cols < w))[:, None, None, :]
+    v = images[idx[:, None, None, None], np.arange(c)[None, :, None, None],
+               np.clip(rows, 0, h - 1)[:, None, :, None], np.clip(cols, 0, w - 1)[:, None, None, :]]
+    v = np.where(inside, v, np.uint8(0))
+    out = np.multiply(v, scale.reshape(1, c, 1, 1), dtype=np.float32)
+    out += shift.reshape(1, c, 1, 1)
+    return out, labels[idx]
 
-    return gather_planned(images, labels, plan, int(start), int(count), scale, shift)
-
-
-def make_train_step(model, optimizer, schedule=None, label_smoothing: float = 0.0):
-    """The trainer's step object (hetnet.train): the model with conv + ReLU + 2x2 max pool fused (_cpu_step)."""
-    from .._cpu_step import make_train_step as make
-
-    return make(model, optimizer, schedule, label_smoothing)
-
-
-def make_eval_step(model):
-    from .._cpu_step import make_eval_step as make
-
-    return make(model)

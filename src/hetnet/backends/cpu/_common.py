@@ -2,6 +2,8 @@
 into chunks for the thread pool, and OpenBLAS's sgemm for the compiled loops."""
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 from . import _jit as jit
@@ -40,3 +42,8 @@ def _per_thread(n_items: int, bytes_per_item: int) -> int:
 
 def _jit_parallel(n_items: int, bytes_per_item: int, body) -> None:
     _thr.parallel(n_items, _per_thread(n_items, bytes_per_item), body)
+
+
+def backend():
+    """The cpu backend module itself (this package), for the composed fallbacks: backends.compose calls its ops."""
+    return sys.modules[__package__]

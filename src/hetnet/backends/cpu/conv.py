@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import compose
 from . import _jit as jit
 from . import threads as _thr
 from . import _common as _c
 from ._common import _F, _f32c, _per_channel, _per_thread
+from .elementwise import relu_inplace, relu_mask as _masked
 
 _PER_IMAGE_GEMM_MAX_CRS = 64   # backward: per-image GEMMs (no transposed copy of dy) when C*R*S <= this
 _CONV_FORWARD_CHUNK_BYTES = 1 << 20   # forward columns + outputs per chunk: per-image GEMMs like them in L2
@@ -101,8 +103,8 @@ def _conv_setup(x, w, stride, padding):
     return x, g, np.ascontiguousarray(w, dtype=_F).reshape(g.k, -1)
 
 
-def conv2d_forward(x, w, b, stride, padding):
-    """y[n,k,p,q] = b[k] + sum_{c,r,s} w[k,c,r,s] xpad[n,c,p*stride+r,q*stride+s]."""
+def conv2d_forward(x, w, b, stride, padding, act=None):
+    """y[n,k,p,q] = act(b[k] + sum_{c,r,s} w[k,c,r,s] xpad[n,c,p*stride+r,q*stride+s])."""
     x, g, w2 = _conv_setup(x, w, stride, padding)
     n, k, pq, crs = x.shape[0], g.k, g.p * g.q, w2.shape[1]
     y = np.empty((n, k, g.p, g.q), dtype=_F)
@@ -115,6 +117,7 @@ def conv2d_forward(x, w, b, stride, padding):
             conv_forward(_c.SGEMM, x[b0:b1], w2, bias, b is not None, g.r, g.s, stride, padding, cols, y[b0:b1])
 
         _thr.parallel(n, _per_thread(n, 4 * (crs + k) * pq), jbody)
+        relu_inplace(y, act)
         return y, (x, w2, g)
     bias = None if b is None else _per_channel(b, k, pq)
 
@@ -129,6 +132,7 @@ def conv2d_forward(x, w, b, stride, padding):
             dst += bias
 
     _thr.parallel(n, _thr.chunk_size(n, 4 * (crs + k) * pq, target=_CONV_FORWARD_CHUNK_BYTES), body)
+    relu_inplace(y, act)
     return y, (x, w2, g)
 
 
@@ -155,8 +159,14 @@ def _conv_backward_compiled(x, w2, g, dw, db, need_dx, body):
     return dx
 
 
-def conv2d_backward(dy, cache, dw, db, need_dx=True):
+def conv2d_backward(dy, cache, dw, db, need_dx=True, relu_mask=False):
+    """Adds dE/dw, dE/db; returns dE/dx (times (x > 0) with relu_mask: x was a ReLU output) or None."""
     x, w2, g = cache
+    dx = _conv_backward(dy, x, w2, g, dw, db, need_dx)
+    return _masked(dx, x) if relu_mask and dx is not None else dx
+
+
+def _conv_backward(dy, x, w2, g, dw, db, need_dx):
     dy = _f32c(dy)
     n = x.shape[0]
     k, crs, pq = g.k, w2.shape[1], g.p * g.q
@@ -242,18 +252,16 @@ def _col2im(d6, dxb, g: _ConvGeom, image_major: bool) -> None:
             np.add(dst, src, out=dst)
 
 
-# --- convolution + ReLU + 2x2 max pooling, fused (used by the cpu step object, hetnet.backends._cpu_step) ----------
+# --- convolution + ReLU + max pooling, fused --------------------------------------------------------------------
 
 
-def conv_relu_maxpool_available() -> bool:
-    """Whether conv2d_relu_maxpool_* can run (they need the compiled paths); the conv output must be >= 2x2."""
-    return _c.SGEMM is not None
-
-
-def conv2d_relu_maxpool_forward(x, w, b, stride, padding):
-    """maxpool2d(relu(conv2d(x)), 2, 2) in one pass per image: y[N,K,P//2,Q//2], cache. Bit-identical to the three ops;
-    the full-size conv output is never stored (backward needs only x, the pooled output and each window's choice)."""
+def conv2d_relu_maxpool_forward(x, w, b, stride, padding, pool_kernel, pool_stride):
+    """maxpool2d(relu(conv2d(x))): y[N,K,P',Q'], cache. With 2x2 windows, stride 2 (and the compiled paths) one pass
+    per image, bit-identical to the three ops: the full-size conv output is never stored (backward needs only x,
+    the pooled output and each window's choice); other windows run the three ops (backends.compose)."""
     x, g, w2 = _conv_setup(x, w, stride, padding)
+    if not (pool_kernel == 2 and pool_stride == 2 and _c.SGEMM is not None and g.p >= 2 and g.q >= 2):
+        return compose.conv2d_relu_maxpool_forward(_c.backend(), x, w, b, stride, padding, pool_kernel, pool_stride)
     n, k, pq, crs = x.shape[0], g.k, g.p * g.q, w2.shape[1]
     y = np.empty((n, k, g.p // 2, g.q // 2), dtype=_F)
     idx = np.empty(y.shape, dtype=np.uint8)
@@ -266,13 +274,15 @@ def conv2d_relu_maxpool_forward(x, w, b, stride, padding):
                                     ybuf, y[b0:b1], idx[b0:b1])
 
     _thr.parallel(n, _per_thread(n, 4 * (crs + k) * pq), body)
-    return y, (x, w2, g, y, idx)
+    return y, ("native", x, w2, g, y, idx)
 
 
-def conv2d_relu_maxpool_backward(dy, cache, dw, db, need_dx=True):
+def conv2d_relu_maxpool_backward(dy, cache, dw, db, need_dx=True, relu_mask=False):
     """Backward of conv2d_relu_maxpool_forward (dy: the pooled output's gradient); same sums, in the same chunks, as
     maxpool2d_backward -> relu_backward -> conv2d_backward."""
-    x, w2, g, ypool, idx = cache
+    if cache[0] != "native":
+        return compose.conv2d_relu_maxpool_backward(_c.backend(), dy, cache, dw, db, need_dx, relu_mask)
+    _, x, w2, g, ypool, idx = cache
     dy = _f32c(dy)
 
     def body(b0, b1, cols, dcols, ones, acc, dxa):
@@ -280,7 +290,8 @@ def conv2d_relu_maxpool_backward(dy, cache, dw, db, need_dx=True):
         conv_backward_from_pool(_c.SGEMM, x[b0:b1], w2, dy[b0:b1], ypool[b0:b1], idx[b0:b1], g.r, g.s,
                                      g.stride, g.pad, cols, dcols, dybuf, ones, acc[0], acc[1], dxa[b0:b1], need_dx)
 
-    return _conv_backward_compiled(x, w2, g, dw, db, need_dx, body)
+    dx = _conv_backward_compiled(x, w2, g, dw, db, need_dx, body)
+    return _masked(dx, x) if relu_mask and dx is not None else dx
 
 
 # --- compiled loops -------------------------------------------------------------------------------------------------

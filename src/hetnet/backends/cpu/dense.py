@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import compose
 from . import _jit as jit
 from . import threads as _thr
 from . import _common as _c
 from ._common import _F, _f32c
+from .elementwise import relu_inplace, relu_mask as _masked
 
 _GEMM_SPLIT = 1 << 40          # GEMMs: no cache chunking, just one share per thread
 # GEMMs smaller than this (multiply-adds) run on one thread: a second one only re-reads the weights (measured
@@ -46,8 +48,8 @@ def _dense_share(m: int, macs: int) -> int:
     return max(1, -(-m // _thr.threads())) if split else max(1, m)
 
 
-def dense_forward(x, w, b):
-    """y[N,K] = x[N,F] @ w[K,F]^T + b[K]."""
+def dense_forward(x, w, b, act=None):
+    """y[N,K] = act(x[N,F] @ w[K,F]^T + b[K])."""
     x = _f32c(x)
     n, f = x.shape
     k = w.shape[0]
@@ -61,6 +63,7 @@ def dense_forward(x, w, b):
         _thr.parallel(k, _dense_share(k, n * f * k), jbody)
         if b is not None:
             y += b
+        relu_inplace(y, act)
         return y, (x, w)
     wt = w.T
 
@@ -70,10 +73,12 @@ def dense_forward(x, w, b):
             y[s:e] += b
 
     _thr.parallel(n, _dense_chunk(n, f, k, n), body)
+    relu_inplace(y, act)
     return y, (x, w)
 
 
-def dense_backward(dy, cache, dw, db, need_dx=True):
+def dense_backward(dy, cache, dw, db, need_dx=True, relu_mask=False):
+    """Adds dE/dw, dE/db; returns dE/dx (times (x > 0) with relu_mask: x was a ReLU output) or None."""
     x, w = cache
     dy = _f32c(dy)
     n, f = x.shape
@@ -97,7 +102,7 @@ def dense_backward(dy, cache, dw, db, need_dx=True):
                    dx.ctypes.data + 4 * s, f)
 
         _thr.parallel(f, _dense_share(f, macs), jbody_dx)
-        return dx
+        return _masked(dx, x) if relu_mask else dx
 
     def body_dw(s, e, _):
         dw[s:e] += dy[:, s:e].T @ x                   # dE/dw[k,f] = sum_n dy[n,k] x[n,f]
@@ -113,7 +118,7 @@ def dense_backward(dy, cache, dw, db, need_dx=True):
         np.matmul(dy[s:e], w, out=dx[s:e])            # dE/dx[n,f] = sum_k dy[n,k] w[k,f]
 
     _thr.parallel(n, _dense_chunk(n, f, k, n), body_dx)
-    return dx
+    return _masked(dx, x) if relu_mask else dx
 
 
 # --- chains of Dense layers, ReLUs between, feature-major (the cpu step object's op for them, _cpu_step) -----------
@@ -131,9 +136,11 @@ def dense_backward(dy, cache, dw, db, need_dx=True):
 _NO_BIAS = np.zeros(1, dtype=_F)
 
 
-def dense_chain_available() -> bool:
-    """Whether dense_chain_* can run (they call OpenBLAS's sgemm with the compiled paths)."""
-    return _c.SGEMM is not None
+def _chain_native(layers) -> bool:
+    """Whether the feature-major chain can run: OpenBLAS's sgemm with the compiled paths, and float32 C-contiguous
+    weights (sgemm reads them, and writes the gradients, in place)."""
+    return _c.SGEMM is not None and all(a.flags.c_contiguous and a.dtype == _F for w, b, _ in layers
+                                        for a in ((w,) if b is None else (w, b)))
 
 
 def _chain_forward_layer(h, first: bool, w, b, relu: bool):
@@ -154,12 +161,15 @@ def _chain_forward_layer(h, first: bool, w, b, relu: bool):
 
 
 def dense_chain_forward(x, layers):
-    """y[N, K_last] of the chain layers = [(w[K,F], b[K] or None, relu after it)] applied to x[N, F0]; cache."""
+    """y[N, K_last] of the chain layers = [(w[K,F], b[K] or None, relu after it)] applied to x[N, F0]; cache. The
+    chain owns its ReLUs, the last one too (backends.compose)."""
+    if not _chain_native(layers):
+        return compose.dense_chain_forward(_c.backend(), x, layers)
     x = _f32c(x)
     ins = [x]       # layer j's input ins[j]: x (N, F0), then hT (F_j, N); ins[-1] the chain's output, transposed
     for j, (w, b, relu) in enumerate(layers):
         ins.append(_chain_forward_layer(ins[j], j == 0, w, b, relu))
-    return np.ascontiguousarray(ins[-1].T), (ins, layers)
+    return np.ascontiguousarray(ins[-1].T), ("native", ins, layers)
 
 
 def _chain_layer_grads(dzt, j, s: int, e: int, ins, layers, grads, accumulate: bool) -> None:
@@ -178,10 +188,15 @@ def _chain_layer_grads(dzt, j, s: int, e: int, ins, layers, grads, accumulate: b
            f if first else n, _F(1 if accumulate else 0), dw.ctypes.data + 4 * s * f, f)
 
 
-def dense_chain_backward(dy, cache, grads, need_dx=True, accumulate=True):
+def dense_chain_backward(dy, cache, grads, need_dx=True, relu_mask=False, accumulate=True):
     """dy[N, K_last] back through the chain: grads = [(dw, db or None)] per layer, added to (or written, accumulate
-    False); returns dE/dx[N, F0] or None."""
-    ins, layers = cache
+    False); returns dE/dx[N, F0] (times (x > 0) with relu_mask) or None."""
+    if cache[0] != "native" or not all(dw.flags.c_contiguous and dw.dtype == _F and
+                                       (db is None or (db.flags.c_contiguous and db.dtype == _F)) for dw, db in grads):
+        if cache[0] == "native":
+            raise ValueError("dense_chain_backward: the gradients must be float32 C-contiguous arrays")
+        return compose.dense_chain_backward(_c.backend(), dy, cache, grads, need_dx, relu_mask, accumulate)
+    _, ins, layers = cache
     dzt = np.ascontiguousarray(_f32c(dy).T)
     n = dzt.shape[1]
     top = len(layers) - 1
@@ -213,7 +228,7 @@ def dense_chain_backward(dy, cache, grads, need_dx=True, accumulate=True):
                dx.ctypes.data + 4 * s, f)
 
     _thr.parallel(f, _dense_share(f, n * f * k), jbody_dx)
-    return dx
+    return _masked(dx, ins[0]) if relu_mask else dx
 
 
 # --- compiled loops -------------------------------------------------------------------------------------------------

@@ -13,6 +13,29 @@ from ._common import _F, _elementwise, _f32c, _jit_parallel
 # --- activations ----------------------------------------------------------------------------------------------------
 
 
+def relu_inplace(y, act) -> None:
+    """Apply a forward op's activation (None or "relu", see backends.compose) to its fresh output y, in place."""
+    if act is None:
+        return
+    if act != "relu":
+        raise ValueError(f"unknown activation {act!r} (expected None or 'relu')")
+    yf = y.reshape(-1)
+    if jit.available():
+        _jit_parallel(yf.size, 8, lambda s, e, _: relu_forward_loop(yf[s:e], yf[s:e]))
+    else:
+        _elementwise(yf.size, 4, lambda s, e, _: np.maximum(yf[s:e], _F(0), out=yf[s:e]))
+
+
+def relu_mask(dx, x):
+    """dE/d(the ReLU's input) = dx * (x > 0) where x is a ReLU output; written over dx (a fresh gradient that only
+    the caller holds) and returned."""
+    dxf, xf = dx.reshape(-1), _f32c(x).reshape(-1)
+    if jit.available():
+        _jit_parallel(dxf.size, 12, lambda s, e, _: relu_backward_loop(dxf[s:e], xf[s:e], dxf[s:e]))
+    else:
+        _elementwise(dxf.size, 8, lambda s, e, _: np.multiply(dxf[s:e], xf[s:e] > 0, out=dxf[s:e]))
+    return dx
+
 
 def relu_forward(x):
     """y = max(x, 0); the cache is y itself (compiled path: dx = dy where y > 0) or the mask x > 0 (one byte per
@@ -89,7 +112,13 @@ def softmax_backward(dy, cache):
 # --- dropout --------------------------------------------------------------------------------------------------------
 
 
+def _seed(seed) -> int:
+    """A seed given as an int or as an array of one uint32 (read now: a replayed step fills it each time)."""
+    return int(np.asarray(seed).reshape(-1)[0]) if hasattr(seed, "shape") else int(seed)
+
+
 def dropout_forward(x, p, seed):
+    seed = _seed(seed)
     keep = (counter_uniform(seed, x.size) >= p).reshape(x.shape)
     scale = _F(1.0 / (1.0 - p))
     mask = keep.astype(_F)

@@ -45,6 +45,21 @@ def softmax_cross_entropy(logits, labels, label_smoothing=0.0):
     return loss, d
 
 
+def softmax_cross_entropy_into(logits, labels, dlogits, loss_sum, correct, label_smoothing=0.0) -> None:
+    """The steps' loss: dlogits[...] = the gradient (unless None), loss_sum[0] += the sum of the per-example losses
+    (the mean times N, in float64), correct[0] += the number of right argmaxes."""
+    n = logits.shape[0]
+    if dlogits is None:
+        s, c = softmax_cross_entropy_stats(logits, labels)
+        loss_sum[0] += s
+        correct[0] += c
+        return
+    loss, d = softmax_cross_entropy(logits, labels, label_smoothing)
+    dlogits[...] = d
+    loss_sum[0] += loss * n
+    correct[0] += int((logits.argmax(axis=1) == labels).sum())
+
+
 def softmax_cross_entropy_stats(logits, labels):
     n = logits.shape[0]
     logp = _log_softmax(logits)

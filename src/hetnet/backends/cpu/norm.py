@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import compose
 from . import _jit as jit
 from . import threads as _thr
+from . import _common as _c
 from ._common import _F, _elementwise, _f32c, _jit_parallel, _per_channel
+from .elementwise import relu_inplace, relu_mask as _masked
 
 
 # --- batch normalisation --------------------------------------------------------------------------------------------
@@ -102,8 +105,8 @@ def _bn_statistics(x3, gamma, running_mean, running_var, momentum, eps, training
     return mean, inv_std, gamma.astype(np.float64) * inv_std, centred
 
 
-def batchnorm_forward(x, gamma, beta, running_mean, running_var, momentum, eps, training):
-    """y = gamma * (x - mean) / sqrt(var + eps) + beta per channel, computed as y = x * scale + shift."""
+def batchnorm_forward(x, gamma, beta, running_mean, running_var, momentum, eps, training, act=None):
+    """y = act(gamma * (x - mean) / sqrt(var + eps) + beta) per channel, computed as y = x * scale + shift."""
     x = _f32c(x)
     x3 = _bn_3d(x)
     n, c, hw = x3.shape
@@ -114,6 +117,7 @@ def batchnorm_forward(x, gamma, beta, running_mean, running_var, momentum, eps, 
     if jit.available() and hw > 1:
         sc, sh = scale.astype(_F), shift.astype(_F)
         _jit_parallel(n, 8 * c * hw, lambda b0, b1, _: bn_apply(x3[b0:b1], sc, sh, y3[b0:b1]))
+        relu_inplace(y, act)
         return y, (x3, x.shape, mean, inv_std, gamma.astype(np.float64), training, centred)
     sc, sh = _per_channel(scale, c, hw), _per_channel(shift, c, hw)
 
@@ -122,10 +126,18 @@ def batchnorm_forward(x, gamma, beta, running_mean, running_var, momentum, eps, 
         y3[b0:b1] += sh
 
     _elementwise(n, 8 * c * hw, body)
+    relu_inplace(y, act)
     return y, (x3, x.shape, mean, inv_std, gamma.astype(np.float64), training, centred)
 
 
-def batchnorm_backward(dy, cache, dgamma, dbeta):
+def batchnorm_backward(dy, cache, dgamma, dbeta, need_dx=True, relu_mask=False):
+    """Adds dE/dgamma, dE/dbeta; returns dE/dx (times (x > 0) with relu_mask: x was a ReLU output) or None."""
+    x3, shape = cache[0], cache[1]
+    dx = _batchnorm_backward(dy, cache, dgamma, dbeta, need_dx)
+    return _masked(dx, x3.reshape(shape)) if relu_mask and dx is not None else dx
+
+
+def _batchnorm_backward(dy, cache, dgamma, dbeta, need_dx):
     x3, shape, mean, inv_std, gamma, training, centred = cache
     dy3 = _bn_3d(_f32c(dy))
     n, c, hw = x3.shape
@@ -139,6 +151,8 @@ def batchnorm_backward(dy, cache, dgamma, dbeta):
         sum_dy, sum_dy_x = _bn_sums(dy3, x3)
         sum_dy_xc = sum_dy_x - mean * sum_dy
     a, bc, cc = _bn_backward_coefficients(sum_dy, sum_dy_xc, inv_std, gamma, training, m, dgamma, dbeta)
+    if not need_dx:
+        return None
     dx = np.empty(shape, dtype=_F)
     dx3 = _bn_3d(dx)
     if compiled:
@@ -167,33 +181,36 @@ def batchnorm_backward(dy, cache, dgamma, dbeta):
     return dx
 
 
-# --- BatchNorm2D + ReLU + 2x2 max pooling, fused (the cpu step object's op for that chain, _cpu_step) --------------
+# --- BatchNorm2D + ReLU + max pooling, fused ------------------------------------------------------------------------
 
 
-def bn_relu_maxpool_available() -> bool:
-    """Whether bn_relu_maxpool_* can run (they need the compiled paths); the input must be at least 2x2."""
-    return jit.available()
-
-
-def bn_relu_maxpool_forward(x, gamma, beta, running_mean, running_var, momentum, eps, training):
-    """maxpool2d(relu(batchnorm2d(x)), 2, 2): y[N,C,H//2,W//2], cache. After the statistics, one pass over x; the
-    normalised and the ReLU outputs are never stored. y is bit-identical to the three ops one after the other."""
+def bn_relu_maxpool_forward(x, gamma, beta, running_mean, running_var, momentum, eps, training, pool_kernel,
+                            pool_stride):
+    """maxpool2d(relu(batchnorm2d(x))): y[N,C,P,Q], cache. With 2x2 windows, stride 2 (and the compiled loops), after
+    the statistics one pass over x; the normalised and the ReLU outputs are never stored, and y is bit-identical to
+    the three ops one after the other. Other windows run the three ops (backends.compose)."""
     x = _f32c(x)
     n, c, h, w = x.shape
+    if not (pool_kernel == 2 and pool_stride == 2 and jit.available()):
+        return compose.bn_relu_maxpool_forward(_c.backend(), x, gamma, beta, running_mean, running_var, momentum,
+                                               eps, training, pool_kernel, pool_stride)
     mean, inv_std, scale, _ = _bn_statistics(_bn_3d(x), gamma, running_mean, running_var, momentum, eps, training)
     sc, sh = scale.astype(_F), (beta.astype(np.float64) - mean * scale).astype(_F)
     y = np.empty((n, c, h // 2, w // 2), dtype=_F)
     idx = np.empty(y.shape, dtype=np.uint8)
     _jit_parallel(n, 5 * c * h * w, lambda b0, b1, _: bn_relu_pool2_forward(x[b0:b1], sc, sh, y[b0:b1],
                                                                                   idx[b0:b1]))
-    return y, (x, mean, inv_std, gamma.astype(np.float64), training, y, idx)
+    return y, ("native", x, mean, inv_std, gamma.astype(np.float64), training, y, idx)
 
 
-def bn_relu_maxpool_backward(dy, cache, dgamma, dbeta, need_dx=True):
+def bn_relu_maxpool_backward(dy, cache, dgamma, dbeta, need_dx=True, relu_mask=False, inplace=False):
     """Adds dE/dgamma, dE/dbeta; returns dE/dx (or None). The gradient max pooling and ReLU pass back is dy at each
     window's maximum where the pooled value is > 0; BN's sums visit only those (float64 sums in another order than
-    batchnorm_backward's: float32 rounding apart), dx is one pass over x."""
-    x, mean, inv_std, gamma, training, y, idx = cache
+    batchnorm_backward's: float32 rounding apart), dx is one pass over x. relu_mask: x was a ReLU output (dx is
+    multiplied by x > 0); inplace (dx may overwrite x) is a memory saving this backend does not need."""
+    if cache[0] != "native":
+        return compose.bn_relu_maxpool_backward(_c.backend(), dy, cache, dgamma, dbeta, need_dx, relu_mask)
+    _, x, mean, inv_std, gamma, training, y, idx = cache
     dy = _f32c(dy)
     n, c, h, w = x.shape
     sum_dy, sum_dy_xc = _bn_jit_sums(bn_relu_pool2_backward_sums, n, c, h * w, dy, y, idx, x, mean)
@@ -204,7 +221,7 @@ def bn_relu_maxpool_backward(dy, cache, dgamma, dbeta, need_dx=True):
     af, bf, cf, mf = (np.asarray(v, dtype=_F) for v in (a, bc, cc, mean))
     _jit_parallel(n, 12 * c * h * w, lambda b0, b1, _: bn_relu_pool2_backward_apply(
         dy[b0:b1], y[b0:b1], idx[b0:b1], x[b0:b1], af, bf, cf, mf, dx[b0:b1]))
-    return dx
+    return _masked(dx, x) if relu_mask else dx
 
 
 def _bn_backward_coefficients(sum_dy, sum_dy_xc, inv_std, gamma, training, m, dgamma, dbeta):

@@ -13,9 +13,12 @@ from ._common import _F, _f32c, _jit_parallel
 # --- optimiser updates ----------------------------------------------------------------------------------------------
 
 
-def sgd_update(p, g, buf, lr, momentum, dampening, nesterov, weight_decay, first_step):
+def sgd_update(p, g, buf, lr, momentum, dampening, nesterov, weight_decay, first_step, scalars=None):
     """torch.optim.SGD, in place on p and buf: compiled, one pass split over the threads (the same float32
-    operations as the NumPy version below, which uses one scratch array and a pass per operation)."""
+    operations as the NumPy version below, which uses one scratch array and a pass per operation). scalars:
+    [lr, first step] read now, instead of the arguments."""
+    if scalars is not None:
+        lr, first_step = float(scalars[0]), bool(scalars[1])
     if jit.available() and p.flags.c_contiguous and g.flags.c_contiguous and (buf is None or buf.flags.c_contiguous):
         pf, gf = p.reshape(-1), _f32c(g).reshape(-1)
         has_buf = bool(momentum) and buf is not None
@@ -53,8 +56,13 @@ def sgd_update(p, g, buf, lr, momentum, dampening, nesterov, weight_decay, first
     p -= t                                           # p = p - lr * d
 
 
-def adam_update(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay, decoupled):
-    """torch Adam / AdamW, in place on p, m and v."""
+def adam_update(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay, decoupled, scalars=None):
+    """torch Adam / AdamW, in place on p, m and v. scalars: [lr, -, lr / (1 - beta1^step), 1 / (1 - beta2^step)]
+    read now, instead of lr and step."""
+    if scalars is not None:
+        lr, step_size, inv_bc2 = float(scalars[0]), float(scalars[2]), float(scalars[3])
+    else:
+        step_size, inv_bc2 = lr / (1 - beta1 ** step), 1.0 / (1 - beta2 ** step)
     if weight_decay and decoupled:
         p *= _F(1 - lr * weight_decay)
         d = g
@@ -66,11 +74,9 @@ def adam_update(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay, decoupled
     m += _F(1 - beta1) * d
     v *= _F(beta2)
     v += _F(1 - beta2) * (d * d)
-    bc1 = 1 - beta1 ** step
-    bc2 = 1 - beta2 ** step
-    denom = np.sqrt(v * _F(1.0 / bc2))
+    denom = np.sqrt(v * _F(inv_bc2))
     denom += _F(eps)
-    p -= _F(lr / bc1) * (m / denom)
+    p -= _F(step_size) * (m / denom)
 
 
 # --- compiled loops -------------------------------------------------------------------------------------------------

@@ -22,7 +22,8 @@ def _windows(x, r, s, stride, p, q):
 
 
 def maxpool2d_forward(x, kernel, stride):
-    """y[n,c,p,q] = max over the window. The cache says where each window's first maximum (row-major) is."""
+    """y[n,c,p,q] = max over the window. The cache says where each window's first maximum (row-major) is, and
+    keeps y (the ReLU mask of a backward with relu_mask)."""
     x = _f32c(x)
     n, c, h, w = x.shape
     p = (h - kernel) // stride + 1
@@ -32,12 +33,13 @@ def maxpool2d_forward(x, kernel, stride):
             y = np.empty((n, c, p, q), dtype=_F)
             idx = np.empty((n, c, p, q), dtype=np.uint8)
             _jit_parallel(n, 4 * c * h * w, lambda b0, b1, _: maxpool2x2_forward_loop(x[b0:b1], y[b0:b1], idx[b0:b1]))
-            return y, ("2x2jit", idx, x.shape, 2, 2)
+            return y, ("2x2jit", idx, x.shape, 2, 2, y)
         return _maxpool2x2_forward(x, p, q)
     xw = _windows(x, kernel, kernel, stride, p, q).reshape(n, c, p, q, kernel * kernel)
     arg = xw.argmax(axis=-1)
     y = np.take_along_axis(xw, arg[..., None], axis=-1)[..., 0]
-    return np.ascontiguousarray(y), ("general", arg, x.shape, kernel, stride)
+    y = np.ascontiguousarray(y)
+    return y, ("general", arg, x.shape, kernel, stride, y)
 
 
 def _maxpool2x2_forward(x, p, q):
@@ -59,12 +61,16 @@ def _maxpool2x2_forward(x, p, q):
         np.maximum(hm[:, :, 0::2], hm[:, :, 1::2], out=y[b0:b1])
 
     _thr.parallel(n, _thr.chunk_size(n, 4 * c * 4 * p * q), body)
-    return y, ("2x2", (right, low), x.shape, 2, 2)
+    return y, ("2x2", (right, low), x.shape, 2, 2, y)
 
 
-def maxpool2d_backward(dy, cache):
-    kind, arg, xshape, kernel, stride = cache
+def maxpool2d_backward(dy, cache, relu_mask=False):
+    """dE/dx: dy at each window's first maximum, overlapping windows adding. relu_mask (x was a ReLU output): dy
+    where the window's maximum y is > 0 -- the same as dx * (x > 0), since x = y where dx is routed."""
+    kind, arg, xshape, kernel, stride, y = cache
     dy = _f32c(dy)
+    if relu_mask:
+        dy = np.where(y > 0, dy, _F(0))
     n, c, p, q = dy.shape
     if kind == "2x2jit":
         dx = np.empty(xshape, dtype=_F)

@@ -1,8 +1,8 @@
 """The cuda backend: hetnet's own CUDA kernels (the .cu files beside this module), CuPy arrays, cuBLAS for GEMMs.
 
 `hetnet.device.get_backend("cuda:N")` creates one `CudaBackend(N)` per device. It implements every op of the
-interface in `hetnet.backends` (float32, NCHW) and adds the fast training path `make_train_step` (the whole step
-captured once as a CUDA graph and replayed; see step.py).
+interface in `hetnet.backends` (float32, NCHW), and `step_runner()`: hetnet.plan's training and evaluation steps
+captured once as a CUDA graph and replayed (graph.py).
 
     >>> import hetnet as hn                                        # doctest: +SKIP
     >>> model = hn.zoo.build("thesis-m1").to("cuda")               # doctest: +SKIP
@@ -12,16 +12,20 @@ Environment: HETNET_CUDA_GRAPH=0 runs the fast step without graph capture; HETNE
 """
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 
 import numpy as np
 
 from ...errors import DeviceError
+from .. import compose
 from . import conv as _conv
+from .graph import GraphRunner
 from .kernels import NULL, check, device_props, get_kernel, grid_for
 
 _i32, _i64, _f32 = np.int32, np.int64, np.float32
+_ACT = {None: 0, "relu": 1}     # the activation code of the kernels' epilogues
 
 
 def describe() -> dict:
@@ -65,8 +69,6 @@ def _raw_sgemm():
     """cublasSgemm_v2 from the libcublas CuPy has loaded (found in /proc/self/maps), through ctypes."""
     global _sgemm
     if _sgemm is None:
-        import ctypes
-
         path = None
         with open("/proc/self/maps") as f:
             for line in f:
@@ -125,8 +127,17 @@ class _WatchedPool:
         return getattr(self.pool, name)
 
 
+def _act(act) -> int:
+    if act not in _ACT:
+        raise ValueError(f"unknown activation {act!r} (expected None or 'relu')")
+    return _ACT[act]
+
+
 class CudaBackend:
     """The backend object for one GPU. Attributes and ops as documented in `hetnet.backends`."""
+
+    # the fusions of hetnet.plan this backend runs faster than their parts; a dense chain runs layer by layer
+    fusions = frozenset({"conv_relu_pool", "bn_relu_pool", "conv_act", "bn_act", "dense_act"})
 
     # bytes a workspace may take right now without raising the step's peak (conv._chunks); a step object sets it
     # on the instance while it captures a graph
@@ -304,8 +315,8 @@ class CudaBackend:
             return arr.copy()
         return self.cupy.asnumpy(arr)
 
-    def zeros(self, shape):
-        return self.cupy.zeros(shape, dtype=self.cupy.float32)
+    def zeros(self, shape, dtype=None):
+        return self.cupy.zeros(shape, dtype=self.cupy.float32 if dtype is None else dtype)
 
     def labels(self, a):
         if isinstance(a, self.cupy.ndarray):
@@ -350,25 +361,47 @@ class CudaBackend:
 
     # --- dense and convolution -------------------------------------------------------------------------------------
 
-    def dense_forward(self, x, w, b):
+    def dense_forward(self, x, w, b, act=None):
         x = self._c(x)
-        return _conv.dense_forward(self, x, w, b), (x, w)
+        return _conv.dense_forward(self, x, w, b, _act(act)), (x, w)
 
-    def dense_backward(self, dy, cache, dw, db, need_dx=True):
+    def dense_backward(self, dy, cache, dw, db, need_dx=True, relu_mask=False):
         x, w = cache
-        return _conv.dense_backward(self, self._c(dy), x, w, dw, db, need_dx)
+        return _conv.dense_backward(self, self._c(dy), x, w, dw, db, need_dx, x if relu_mask else None)
 
-    def conv2d_forward(self, x, w, b, stride, padding):
+    def conv2d_forward(self, x, w, b, stride, padding, act=None):
         x = self._c(x)
-        return _conv.conv_forward(self, x, w, b, int(stride), int(padding)), (x, w, int(stride), int(padding))
+        y = _conv.conv_forward(self, x, w, b, int(stride), int(padding), _act(act))
+        return y, (x, w, int(stride), int(padding))
 
-    def conv2d_backward(self, dy, cache, dw, db, need_dx=True):
+    def conv2d_backward(self, dy, cache, dw, db, need_dx=True, relu_mask=False):
         x, w, stride, padding = cache
-        return _conv.conv_backward(self, self._c(dy), x, w, dw, db, stride, padding, need_dx)
+        return _conv.conv_backward(self, self._c(dy), x, w, dw, db, stride, padding, need_dx,
+                                   x if relu_mask else None)
+
+    def relu_mask(self, dx, x):
+        """dx * (x > 0), written over dx."""
+        self.launch("conv", "relu_mask_inplace", dx.size, dx, self._c(x), np.int64(dx.size))
+        return dx
+
+    # the fused ops that are this backend's own ops in a row (their caches keep what each op keeps)
+    def conv2d_relu_maxpool_forward(self, x, w, b, stride, padding, pool_kernel, pool_stride):
+        return compose.conv2d_relu_maxpool_forward(self, x, w, b, stride, padding, pool_kernel, pool_stride)
+
+    def conv2d_relu_maxpool_backward(self, dy, cache, dw, db, need_dx=True, relu_mask=False):
+        return compose.conv2d_relu_maxpool_backward(self, dy, cache, dw, db, need_dx, relu_mask)
+
+    def dense_chain_forward(self, x, layers):
+        return compose.dense_chain_forward(self, x, layers)
+
+    def dense_chain_backward(self, dy, cache, grads, need_dx=True, relu_mask=False, accumulate=True):
+        return compose.dense_chain_backward(self, dy, cache, grads, need_dx, relu_mask, accumulate)
 
     # --- pooling ---------------------------------------------------------------------------------------------------
 
-    def maxpool2d_forward(self, x, kernel, stride, _relu_input=False):
+    def maxpool2d_forward(self, x, kernel, stride):
+        """The cache keeps (x's shape, y, argmax bytes), not x: the backward reads the ReLU mask from y, and the
+        layer before may free its output after the forward."""
         x = self._c(x)
         n, c, h, w = x.shape
         p, q = (h - kernel) // stride + 1, (w - kernel) // stride + 1
@@ -378,22 +411,12 @@ class CudaBackend:
         arg = self.xp.empty((n, c, p, q), dtype=self.xp.uint8)
         self.launch("pool", self.ix("maxpool_fwd", x.size), y.size, x, y, arg, _i32(n * c), _i32(h), _i32(w), _i32(p),
                     _i32(q), _i32(kernel), _i32(stride))
-        return y, (x, arg, kernel, stride)
+        return y, (x.shape, y, arg, kernel, stride)
 
     def maxpool2d_backward(self, dy, cache, relu_mask=False):
-        """dE/dx; relu_mask: x is a ReLU output (dx = 0 where x <= 0)."""
-        x, arg, kernel, stride = cache
-        dy = self._c(dy)
-        n, c, h, w = x.shape
-        p, q = dy.shape[2], dy.shape[3]
-        dx = self.xp.empty(x.shape, dtype=self.xp.float32)
-        self.launch("pool", self.ix("maxpool_bwd", dx.size), dx.size, dy, arg, x, dx, _i32(n * c), _i32(h), _i32(w),
-                    _i32(p), _i32(q), _i32(kernel), _i32(stride), _i32(1 if relu_mask else 0))
-        return dx
-
-    def maxpool2d_backward_pooled(self, dy, y, arg, x_shape, kernel, stride, relu_mask=False):
-        """maxpool2d_backward from the pooled output y and the argmax bytes, without x (the fast step keeps y,
-        which the next layer needs anyway, and frees x after the forward); the same bits."""
+        """dE/dx from the pooled output y and the argmax bytes; relu_mask: x is a ReLU output (dx = 0 where the
+        window's maximum y <= 0)."""
+        x_shape, y, arg, kernel, stride = cache
         dy = self._c(dy)
         n, c, h, w = x_shape
         dx = self.xp.empty(x_shape, dtype=self.xp.float32)
@@ -506,17 +529,17 @@ class CudaBackend:
             x, stats, running_mean, running_var, acc, cnt, _i32(n), _i32(c), _i32(hw), _f32(momentum)))
         return stats[:c], stats[c:]
 
-    def batchnorm_forward(self, x, gamma, beta, running_mean, running_var, momentum, eps, training, act=0):
+    def batchnorm_forward(self, x, gamma, beta, running_mean, running_var, momentum, eps, training, act=None):
         x = self._c(x)
         n, c = x.shape[0], x.shape[1]
         hw = x.size // max(n * c, 1)
         y = self.xp.empty_like(x)
         mean, var = self._bn_batch_stats(x, running_mean, running_var, momentum, training)
         self.launch("norm", self.ix("bn_apply", x.size), x.size, x, y, mean, var, gamma, beta, _i32(n), _i32(c),
-                    _i32(hw), _f32(eps), _i32(act))
+                    _i32(hw), _f32(eps), _i32(_act(act)))
         return y, (x, mean, var, gamma, float(eps), bool(training))
 
-    def batchnorm_backward(self, dy, cache, dgamma, dbeta, relu_y=None):
+    def batchnorm_backward(self, dy, cache, dgamma, dbeta, need_dx=True, relu_mask=False):
         x, mean, var, gamma, eps, training = cache
         dy = self._c(dy)
         n, c = x.shape[0], x.shape[1]
@@ -526,15 +549,22 @@ class CudaBackend:
         cnt = self.scratch("bn_cnt", (c,), np.uint32)
         get_kernel(self.device_id, "norm", self.ix("bn_bwd_reduce", x.size))(self._bn_grid(n, c, hw), (256,), (
             dy, x, mean, var, red, dgamma, dbeta, acc, cnt, _i32(n), _i32(c), _i32(hw), _f32(eps)))
+        if not need_dx:
+            return None
         dx = self.xp.empty_like(x)
         self.launch("norm", self.ix("bn_bwd_dx", x.size), x.size, dy, x, mean, var, gamma, red if training else NULL,
                     dx, _i32(n), _i32(c), _i32(hw), _f32(eps))
-        return dx
+        return self.relu_mask(dx, x) if relu_mask else dx
 
-    def bn_relu_maxpool_forward(self, x, gamma, beta, running_mean, running_var, momentum, eps, training, kernel,
-                                stride):
+    def bn_relu_maxpool_forward(self, x, gamma, beta, running_mean, running_var, momentum, eps, training, pool_kernel,
+                                pool_stride):
         """maxpool(relu(batchnorm(x))) in two kernels (statistics, then normalise + ReLU + pool); the BN output is
-        never stored. Same statistics and running-stat update as batchnorm_forward."""
+        never stored. Same statistics and running-stat update as batchnorm_forward. Windows of more than 256
+        elements run the three ops (backends.compose)."""
+        kernel, stride = int(pool_kernel), int(pool_stride)
+        if kernel * kernel > 256:
+            return compose.bn_relu_maxpool_forward(self, x, gamma, beta, running_mean, running_var, momentum, eps,
+                                                   training, kernel, stride)
         x = self._c(x)
         n, c, h, w = x.shape
         p, q = (h - kernel) // stride + 1, (w - kernel) // stride + 1
@@ -543,14 +573,18 @@ class CudaBackend:
         arg = self.xp.empty((n, c, p, q), dtype=self.xp.uint8)
         self.launch("norm", self.ix("bn_relu_maxpool_fwd", x.size), y.size, x, y, arg, mean, var, gamma, beta, _i32(n),
                     _i32(c), _i32(h), _i32(w), _i32(p), _i32(q), _i32(kernel), _i32(stride), _f32(eps))
-        return y, (x, arg, mean, var, gamma, beta, float(eps), bool(training), kernel, stride)
+        return y, ("native", x, arg, mean, var, gamma, beta, float(eps), bool(training), kernel, stride, y)
 
-    def bn_relu_maxpool_backward(self, dy, cache, dgamma, dbeta, inplace=False):
-        """dE/dx of maxpool(relu(batchnorm(x))) in training mode; dgamma += and dbeta += as batchnorm_backward.
-        inplace: dx is written over x (the fast step's plan, where nothing reads x after this)."""
-        x, arg, mean, var, gamma, beta, eps, training, kernel, stride = cache
-        if not training:
-            raise NotImplementedError("bn_relu_maxpool_backward: eval-mode backward is not fused")
+    def bn_relu_maxpool_backward(self, dy, cache, dgamma, dbeta, need_dx=True, relu_mask=False, inplace=False):
+        """dE/dx of maxpool(relu(batchnorm(x))); dgamma += and dbeta += as batchnorm_backward. inplace: dx may be
+        written over x (the plan says so where nothing reads x after this; not with relu_mask, which reads x)."""
+        if cache[0] == "native" and not cache[8]:
+            # evaluation mode has no fused backward: the unfused ops' caches are these arrays
+            _, x, arg, mean, var, gamma, beta, eps, training, kernel, stride, y = cache
+            cache = ((x, mean, var, gamma, eps, training), (x.shape, y, arg, kernel, stride))
+        if cache[0] != "native":
+            return compose.bn_relu_maxpool_backward(self, dy, cache, dgamma, dbeta, need_dx, relu_mask)
+        _, x, arg, mean, var, gamma, beta, eps, _, kernel, stride, _ = cache
         dy = self._c(dy)
         n, c, h, w = x.shape
         p, q = dy.shape[2], dy.shape[3]
@@ -561,10 +595,12 @@ class CudaBackend:
         reduce = get_kernel(self.device_id, "norm", self.ix("bn_relu_maxpool_bwd_reduce", x.size))
         reduce(self._bn_grid(n, c, h * w), (256,), (dy, arg, x, mean, var, gamma, beta, red, dgamma, dbeta, acc, cnt,
                                                      *dims))
-        dx = x if inplace else self.xp.empty_like(x)
+        if not need_dx:
+            return None
+        dx = x if inplace and not relu_mask else self.xp.empty_like(x)
         self.launch("norm", self.ix("bn_relu_maxpool_bwd_dx", x.size), x.size, dy, arg, x, mean, var, gamma, beta, red,
                     dx, *dims)
-        return dx
+        return self.relu_mask(dx, x) if relu_mask else dx
 
     # --- dropout ---------------------------------------------------------------------------------------------------
 
@@ -573,8 +609,11 @@ class CudaBackend:
         """(hash threshold, scale): keep iff hash >= ceil(p * 2^32), i.e. hash / 2^32 >= p exactly."""
         return math.ceil(float(p) * 4294967296.0), float(np.float32(1.0 / (1.0 - p)))
 
-    def dropout_forward(self, x, p, seed, seed_ptr=None):
+    def dropout_forward(self, x, p, seed):
+        """seed: an int, or a device array of one uint32 read when the kernel runs (a replayed step fills it)."""
         x = self._c(x)
+        seed_ptr = seed if isinstance(seed, self.cupy.ndarray) else None
+        seed = 0 if seed_ptr is not None else seed
         thr, scale = self.dropout_threshold(p)
         y = self.xp.empty_like(x)
         self.launch("elementwise", "dropout_apply", x.size, x, y, seed_ptr if seed_ptr is not None else NULL,
@@ -605,6 +644,9 @@ class CudaBackend:
         return labels if labels.dtype == self.cupy.int32 and labels.flags.c_contiguous else \
             self.cupy.ascontiguousarray(labels, dtype=self.cupy.int32)
 
+    def softmax_cross_entropy_into(self, logits, labels, dlogits, loss_sum, correct, label_smoothing=0.0):
+        self.softmax_xent_into(self._c(logits), self._labels32(labels), dlogits, loss_sum, correct, label_smoothing)
+
     def softmax_cross_entropy(self, logits, labels, label_smoothing=0.0):
         logits = self._c(logits)
         n = logits.shape[0]
@@ -632,30 +674,22 @@ class CudaBackend:
 
     # --- optimiser updates -----------------------------------------------------------------------------------------
 
-    def sgd_update(self, p, g, buf, lr, momentum, dampening, nesterov, weight_decay, first_step, hp=None):
+    def sgd_update(self, p, g, buf, lr, momentum, dampening, nesterov, weight_decay, first_step, scalars=None):
         check(p, g, buf)
         self.launch("optim", "sgd_update", p.size, p, g, buf if buf is not None and momentum else NULL,
-                    hp if hp is not None else NULL, _f32(lr), _i32(1 if first_step else 0), _f32(momentum),
+                    scalars if scalars is not None else NULL, _f32(lr), _i32(1 if first_step else 0), _f32(momentum),
                     _f32(dampening), _f32(weight_decay), _i32(1 if nesterov else 0), _i64(p.size))
 
-    def adam_update(self, p, g, m, v, step, lr, beta1, beta2, eps, weight_decay, decoupled, hp=None):
+    def adam_update(self, p, g, m, v, step, lr, beta1, beta2, eps, weight_decay, decoupled, scalars=None):
         check(p, g, m, v)
         bc1, bc2 = 1 - beta1 ** step, 1 - beta2 ** step
-        self.launch("optim", "adam_update", p.size, p, g, m, v, hp if hp is not None else NULL, _f32(lr),
+        self.launch("optim", "adam_update", p.size, p, g, m, v, scalars if scalars is not None else NULL, _f32(lr),
                     _f32(lr / bc1), _f32(1.0 / bc2), _f32(beta1), _f32(beta2), _f32(eps), _f32(weight_decay),
                     _i32(1 if decoupled else 0), _i64(p.size))
 
-    # --- the fast training path ------------------------------------------------------------------------------------
+    # --- replayed steps ------------------------------------------------------------------------------------------
 
-    def make_train_step(self, model, optimizer, schedule=None, label_smoothing: float = 0.0):
-        """A step object whose whole step is captured once as a CUDA graph and replayed (see step.py)."""
-        from .step import GraphTrainStep
-
-        return GraphTrainStep(self, model, optimizer, schedule, label_smoothing, use_graph=self.cuda_graph)
-
-    def make_eval_step(self, model):
-        """Loss sum and correct count per batch without an update, accumulated on the device (model in eval mode
-        when the plan is built: call model.eval() first, as hetnet.train does)."""
-        from .step import GraphEvalStep
-
-        return GraphEvalStep(self, model, use_graph=self.cuda_graph)
+    def step_runner(self, n_scalars: int, n_seeds: int):
+        """hetnet.plan's step runner here: the step captured as a CUDA graph per batch shape and replayed (graph.py);
+        HETNET_CUDA_GRAPH=0 runs it eagerly on the same stream."""
+        return GraphRunner(self, n_scalars, n_seeds, use_graph=self.cuda_graph)

@@ -32,26 +32,10 @@ HN_TWO_INDEX_KERNELS(maxpool_fwd,
      int Q, int k, int st),
     (x, y, arg, NC, H, W, P, Q, k, st))
 
-// dx[n,c,h,w] = sum over windows (p,q) whose first maximum is (h,w) of dy[n,c,p,q]; when relu_mask is set, x is a
-// ReLU output and dx = 0 where x <= 0 (the ReLU's backward fused here).
-template <typename I>
-__device__ __forceinline__ void maxpool_bwd_body(const float* __restrict__ dy, const unsigned char* __restrict__ arg,
-                                                 const float* __restrict__ x, float* __restrict__ dx, int NC, int H,
-                                                 int W, int P, int Q, int k, int st, int relu_mask) {
-    HN_GRID_STRIDE_T(I, e, (I)NC * H * W) {
-        const I hw = e % (I)(H * W), nc = e / (I)(H * W);
-        const int h = (int)hw / W, w = (int)hw - h * W;
-        dx[e] = (relu_mask && x[e] <= 0.f) ? 0.f : hn_pool_grad<I>(dy, arg, nullptr, nc, h, w, P, Q, k, st);
-    }
-}
-HN_TWO_INDEX_KERNELS(maxpool_bwd,
-    (const float* __restrict__ dy, const unsigned char* __restrict__ arg, const float* __restrict__ x,
-     float* __restrict__ dx, int NC, int H, int W, int P, int Q, int k, int st, int relu_mask),
-    (dy, arg, x, dx, NC, H, W, P, Q, k, st, relu_mask))
-
-// The same dx from the pooled output y instead of x, so that x need not be kept (the fast step's plan): dx is zero
-// except at a window's first maximum, where x == y[p,q] (NaN included), so the ReLU mask x <= 0 reads y[p,q] <= 0
-// window by window. Bit for bit the result of maxpool_bwd.
+// dx[n,c,h,w] = sum over windows (p,q) whose first maximum is (h,w) of dy[n,c,p,q], read from the pooled output y
+// and the argmax bytes, so that x need not be kept: dx is zero except at a window's first maximum, where x == y[p,q]
+// (NaN included). When relu_mask is set, x is a ReLU output and dx = 0 where x <= 0 (the ReLU's backward fused
+// here), which reads y[p,q] <= 0 window by window.
 template <typename I>
 __device__ __forceinline__ void maxpool_bwd_pooled_body(const float* __restrict__ dy,
                                                         const unsigned char* __restrict__ arg,
