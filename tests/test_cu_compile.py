@@ -1,5 +1,5 @@
-"""Every CUDA source of the cuda backend compiles with nvcc for sm_80 and sm_90, with no register spills; and the
-convolution tile table (conv_tiles.py), the one source of the tile
+"""Every CUDA source of the cuda backend compiles with nvcc for sm_80 and sm_90, with no register spills, as do the
+kernel sandbox's convolution variants; and the convolution tile table (conv_tiles.py), the one source of the tile
 kernels' entry points and of the launcher's tables, is consistent with conv.cu.
 
 The compiles run where nvcc is installed (CI without the CUDA toolkit skips them), in parallel; no GPU needed. The
@@ -8,6 +8,7 @@ table checks always run.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import re
 import shutil
@@ -25,12 +26,31 @@ from hetnet.backends.cuda import kernels
 ROOT = Path(__file__).resolve().parents[1]
 CUDA_DIR = ROOT / "src" / "hetnet" / "backends" / "cuda"
 SOURCES = sorted(s.stem for s in CUDA_DIR.glob("*.cu"))
+SANDBOX = "conv_variants"          # benchmarks/kernels: the tiles that do not ship, numbered
 ARCHS = ("sm_80", "sm_90")
+
+
+def _runner():
+    """benchmarks/kernels/run_conv_variants.py as a module (it imports no GPU library until run)."""
+    path = ROOT / "benchmarks" / "kernels" / "run_conv_variants.py"
+    spec = importlib.util.spec_from_file_location("run_conv_variants", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _text(name: str) -> str:
+    """What is compiled: a source as the backend compiles it (conv with its generated entry points), or the
+    sandbox's variants (its runner compiles them beside the shipped tiles, which conv's compile covers)."""
+    if name == SANDBOX:
+        run = _runner()
+        return run.sandbox_text(run.VARIANTS)
+    return kernels.cu_text(name)
 
 
 def _compile(name: str, arch: str, out_dir: Path) -> tuple[int, str]:
     src = out_dir / f"{name}_{arch}.cu"
-    src.write_text(kernels.cu_text(name))        # conv with its generated entry points
+    src.write_text(_text(name))
     cmd = ["nvcc", "-cubin", f"-arch={arch}", "-std=c++17", "-I", str(CUDA_DIR), "-Xptxas", "-v", "-o",
            str(src.with_suffix(".cubin")), str(src)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
@@ -42,7 +62,7 @@ def results(tmp_path_factory):
     if shutil.which("nvcc") is None:
         pytest.skip("nvcc not installed")
     out = tmp_path_factory.mktemp("cubin")
-    jobs = [(s, a) for s in SOURCES for a in ARCHS]
+    jobs = [(s, a) for s in [*SOURCES, SANDBOX] for a in ARCHS]
     with ThreadPoolExecutor(max_workers=4) as pool:
         done = list(pool.map(lambda j: _compile(j[0], j[1], out), jobs))
     return dict(zip(jobs, done))
@@ -53,7 +73,7 @@ def test_sources_found():
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("src", SOURCES)
+@pytest.mark.parametrize("src", [*SOURCES, SANDBOX])
 def test_compiles_without_spills(results, src, arch):
     rc, log = results[(src, arch)]
     assert rc == 0, f"nvcc failed for {src} ({arch}):\n{log}"
@@ -63,16 +83,22 @@ def test_compiles_without_spills(results, src, arch):
     assert "warning" not in log.lower(), f"{src} ({arch}) compiles with warnings:\n{log}"
 
 
-def test_compiled_tile_kernels_are_the_table(results):
-    """The compiled conv module has an entry point for each tile of the table and no other tile kernel (the
-    launcher finds every kernel it may choose)."""
+@pytest.mark.parametrize("src,numbered", [("conv", False), (SANDBOX, True)])
+def test_compiled_tile_kernels_are_the_tables(results, src, numbered):
+    """The compiled conv module has an entry point for each shipped tile and no other tile kernel (the launcher
+    finds every kernel it may choose); the sandbox's one for each variant."""
+    tiles = T.TILES if src == "conv" else _runner().VARIANTS
     for arch in ARCHS:
         entries = set(re.findall(r"Compiling entry function '(conv_(?:fwd|bwd_data|bwd_filter)_\w+)'",
-                                 results[("conv", arch)][1]))
-        assert entries == {t.kernel() for t in T.TILES}, arch
+                                 results[(src, arch)][1]))
+        assert entries == {t.kernel(numbered) for t in tiles}, f"{src} ({arch})"
 
 
 # --- the tile table (no compiler needed) ---------------------------------------------------------------------------
+
+
+def _every_tile():
+    return _runner().all_tiles()
 
 
 def test_the_table_is_the_only_source_of_tile_kernels():
@@ -135,9 +161,9 @@ def test_launchers_use_the_tables():
 
 
 def test_tile_numbers_and_names():
-    """Per op, the tiles are numbered 1..n without gaps or repeats, their names (and so their kernels) are distinct,
-    and the letters of a name say what the tile is."""
-    tiles = T.TILES
+    """Per op, the shipped tiles and the sandbox's variants are numbered 1..n without gaps or repeats, their names
+    (and so their kernels) are distinct, and the letters of a name say what the tile is."""
+    tiles = _every_tile()
     hn_vec = re.search(r"constexpr bool hn_vec\(int bm, int bn, int tm, int tn\) \{\s*return (.*?);",
                        (CUDA_DIR / "conv.cu").read_text(), re.DOTALL).group(1)
     as_python = hn_vec.replace("||", " or ").replace("&&", " and ").replace("/", "//")
@@ -145,6 +171,7 @@ def test_tile_numbers_and_names():
         mine = [t for t in tiles if t.op == op]
         assert sorted(t.number for t in mine) == list(range(1, len(mine) + 1)), op
         assert len({t.name for t in mine}) == len(mine), op
+    assert not set(T.TILES) & set(_runner().VARIANTS)
     for t in tiles:
         flags = re.fullmatch(r"(\d+)x(\d+)(v?)(a?)(c?)(?:s(\d))?", t.name)
         assert flags and (int(flags[1]), int(flags[2])) == (t.bm, t.bn), t
@@ -164,3 +191,12 @@ def test_every_measured_winner_ships():
             tile = row["choice"].split("/")[0]
             assert tile == "im2col" or (row["op"], tile) in shipped, f"{f}: {row['layer']} n={row['batch_size']}"
 
+
+def test_variant_runner_without_a_gpu(tmp_path, capsys):
+    """The sandbox's runner imports and writes its CUDA text without a GPU; a selection of no tile is a one-line
+    error with status 2."""
+    run = _runner()
+    assert run.main(["--ops", "filter", "--only", "4", "--emit", str(tmp_path / "v.cu")]) == 0
+    assert re.findall(r"^HN_\w+\((\w+),", (tmp_path / "v.cu").read_text(), re.MULTILINE) == ["v4_16x32"]
+    assert run.main(["--only", "99", "--emit", str(tmp_path / "none.cu")]) == 2
+    assert capsys.readouterr().err.startswith("error: ") and not (tmp_path / "none.cu").exists()

@@ -7,7 +7,10 @@ Skips cleanly without CuPy or without a GPU (as in CI); on a GPU machine run scr
 from __future__ import annotations
 
 import copy
+import importlib.util
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -209,6 +212,21 @@ def test_conv_choice_is_measured_once(be, rng):
     assert len(new) == 1 and new[0]["choice"] in new[0]["ms"] and set(new[0]["ms"]) == set(fits)
     assert len(fits) < len(FWD)          # no channels-inside-taps tile for 3 input channels
 
+
+def test_conv_variant_runner(tmp_path):
+    """The kernel sandbox's runner (benchmarks/kernels/run_conv_variants.py) checks every variant that does not ship
+    against the float64 reference, then times it, on a 3x3 convolution and on a dense layer whose channel counts
+    every tile takes; none fails the check."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels" / "run_conv_variants.py"
+    spec = importlib.util.spec_from_file_location("run_conv_variants", path)
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+    out = tmp_path / "variants.json"
+    assert run.main(["--shapes", "thesis-m4-conv2", "mlp-fc2", "--batch", "2", "--variants-only", "--out",
+                     str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert all(r["ok"] and r["ms"] > 0 for r in rows)
+    assert {(r["op"], r["variant"]) for r in rows} == {(t.op, t.number) for t in run.VARIANTS}
 
 
 # --- fused pooling / batch norm / dropout variants ----------------------------------------------------------------

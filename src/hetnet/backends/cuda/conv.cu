@@ -8,7 +8,7 @@
 //     reduction order with the channels inside the taps, which needs no gather table (for layers whose channels
 //     fill whole tiles); "s<n>" the block's reduction sliced between n groups of threads and summed in shared
 //     memory (hn_pipelined_gemm's KS); and each may split its reduction over blockIdx.z (hn_split_last).
-//     benchmarks/conv_algos.py times them per shape.
+//     benchmarks/conv_algos.py times them per shape; benchmarks/kernels/ keeps the configurations that do not ship.
 //  2. im2col + cuBLAS GEMM: im2col / col2im / layout kernels below, the GEMM is cuBLAS through CuPy.
 //
 // Shapes: x[N,C,H,W], w[K,C,R,S], y[N,K,P,Q]; CRS = C*R*S, PQ = P*Q.

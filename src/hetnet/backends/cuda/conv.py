@@ -17,8 +17,9 @@ import numpy as np
 from .conv_tiles import BK, TILES, Tile
 from .kernels import NULL, check, get_kernel
 
-# name: Tile, the tile configurations of each op (conv_tiles.py: their parameters, and `Tile.fits`, where the "c"
-# ones apply). Each is tried at a few reduction splits over blocks ("<name>/<splits>", `tile_splits`).
+# name: Tile, the tile configurations of each op that ship (conv_tiles.py: their parameters, what each wins, and
+# `Tile.fits`, where the "c" ones apply). Each is tried at a few reduction splits over blocks ("<name>/<splits>",
+# `tile_splits`).
 FWD_CFGS: dict[str, Tile] = {t.name: t for t in TILES if t.op == "fwd"}
 DATA_CFGS: dict[str, Tile] = {t.name: t for t in TILES if t.op == "data"}
 FILTER_CFGS: dict[str, Tile] = {t.name: t for t in TILES if t.op == "filter"}
@@ -134,7 +135,7 @@ def _kernel(be, t: Tile):
 
 def fwd_implicit(be, t: Tile, kern, splits, g, x, w, b, y, act):
     """y = act(conv(x, w) + b) by tile `t` through `kern`, its compiled entry point, the reduction in `splits`
-    parts."""
+    parts (the kernel sandbox, benchmarks/kernels/run_conv_variants.py, launches its variants through this too)."""
     tab, _ = _tables(be, g)
     grid, chunk, tickets = _split_launch(be, (math.ceil(g.npq / t.bm), math.ceil(g.k / t.bn)), splits, g.crs, y)
     kern(grid, (t.threads,), (x, w, b if b is not None else NULL, y, tab, *g.ints(), _i32(g.crs), _i32(g.stride),

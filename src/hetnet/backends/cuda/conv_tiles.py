@@ -14,6 +14,14 @@ channels; filter gradient: filters x C*R*S), TM x TN outputs per thread, in (BM/
 is its block size and letters for its other parameters (conv.cu explains each): "v" the thread's outputs read from
 shared memory as float4 (conv.cu's hn_vec), "a" the cp.async pipeline (STAGES 3), "c" channels inside taps (only
 where the channels fill whole tiles: `fits`), "s<KS>" the block's reduction sliced between KS groups of threads.
+
+Which tiles ship (benchmarks/kernels/NOTES.md has the full account): every tile that wins a row of
+benchmarks/results/NVIDIA-H200/conv_algos.json (each op of the 3x3 convolutions of thesis-m4, thesis-m1 and
+fashion-cnn at batch 32 and 1024, as conv.py's `_choose` measures them), and tiles for shape classes that table
+leaves out, judged by the algorithm trials of the train-step benchmark (train_step.json's tune_log, same card and
+commit): a data-gradient tile for any K (the winners above are all "c" tiles, which need K % 16 == 0), and dense
+layers (1x1 convolutions of 1x1 images). The others are numbered variants in benchmarks/kernels/conv_variants.py,
+checked against the reference and timed by benchmarks/kernels/run_conv_variants.py.
 """
 from __future__ import annotations
 
@@ -86,63 +94,32 @@ def instantiations(tiles: Iterable[Tile], numbered: bool = False) -> str:
     return "".join(lines)
 
 
-# Every tile configuration, numbered per op in the order they were written; conv.py measures each that fits a
-# layer's shape at its first step (`_choose`).
+# What each tile wins: "<layer> n=<batch>" rows of conv_algos.json (of the tile's op); "dense [N, in -> out]" trials
+# of train_step.json's tune_log that would be more than 10 % and 1 us slower without the tile.
 TILES = (
-    Tile("fwd", 1, 64, 64, 4, 4),
-    Tile("fwd", 2, 128, 32, 4, 4),
-    Tile("fwd", 3, 128, 16, 4, 2),
-    Tile("fwd", 4, 256, 16, 8, 2),
-    Tile("fwd", 5, 64, 32, 4, 2),
-    Tile("fwd", 6, 64, 16, 4, 1),
-    Tile("fwd", 7, 128, 32, 8, 4),
-    Tile("fwd", 8, 64, 32, 4, 2, stages=3),
-    Tile("fwd", 9, 128, 32, 4, 4, ci=True),
-    Tile("fwd", 10, 64, 32, 4, 2, ci=True),
-    Tile("fwd", 11, 64, 16, 4, 1, ci=True),
-    Tile("fwd", 12, 32, 32, 2, 2, ci=True),
-    Tile("fwd", 13, 128, 32, 8, 4, ci=True, min_blocks=4),
-    Tile("fwd", 14, 128, 64, 8, 8, ci=True),
-    Tile("fwd", 15, 128, 32, 8, 4, stages=3, ci=True),
-    Tile("fwd", 16, 32, 32, 4, 4),
-    Tile("fwd", 17, 32, 32, 4, 4, ci=True),
-    Tile("fwd", 18, 32, 32, 4, 4, stages=3, ci=True),
-    Tile("fwd", 19, 32, 32, 4, 4, ks=4),
-    Tile("fwd", 20, 32, 32, 4, 4, ci=True, ks=2),
-    Tile("fwd", 21, 32, 32, 4, 4, ci=True, ks=3),
-    Tile("fwd", 22, 32, 32, 4, 4, ci=True, ks=4),
-    Tile("fwd", 23, 64, 32, 8, 4, ci=True, ks=2),
-    Tile("data", 1, 64, 64, 4, 4, min_blocks=3),
-    Tile("data", 2, 128, 32, 4, 4, min_blocks=2),
-    Tile("data", 3, 128, 16, 4, 2, min_blocks=4),
-    Tile("data", 4, 64, 32, 2, 4),
-    Tile("data", 5, 64, 16, 2, 2),
-    Tile("data", 6, 128, 32, 8, 4, min_blocks=3),
-    Tile("data", 7, 128, 32, 4, 4, ci=True, min_blocks=2),
-    Tile("data", 8, 64, 32, 2, 4, ci=True),
-    Tile("data", 9, 64, 16, 2, 2, ci=True),
-    Tile("data", 10, 32, 32, 2, 2, ci=True),
-    Tile("data", 11, 128, 32, 8, 4, ci=True, min_blocks=3),
-    Tile("data", 12, 64, 32, 8, 4, ci=True),
-    Tile("data", 13, 64, 32, 2, 4, stages=3, ci=True),
-    Tile("data", 14, 32, 32, 4, 4, min_blocks=8),
-    Tile("data", 15, 32, 32, 4, 4, ci=True),
-    Tile("data", 16, 32, 32, 4, 4, stages=3, ci=True),
-    Tile("data", 17, 32, 32, 4, 4, ci=True, ks=2),
-    Tile("data", 18, 32, 32, 4, 4, ci=True, ks=4),
-    Tile("filter", 1, 32, 64, 2, 4),
-    Tile("filter", 2, 16, 64, 1, 4),
-    Tile("filter", 3, 64, 64, 4, 4),
-    Tile("filter", 4, 16, 32, 1, 2),
-    Tile("filter", 5, 32, 32, 2, 2),
-    Tile("filter", 6, 32, 64, 4, 8),
-    Tile("filter", 7, 32, 32, 4, 4),
-    Tile("filter", 8, 64, 64, 4, 4, stages=3),
-    Tile("filter", 9, 32, 32, 2, 2, ci=True),
-    Tile("filter", 10, 32, 64, 2, 4, ci=True),
-    Tile("filter", 11, 32, 32, 4, 4, ci=True),
-    Tile("filter", 12, 32, 64, 4, 8, ci=True),
-    Tile("filter", 13, 32, 32, 4, 4, ks=2),
-    Tile("filter", 14, 32, 32, 4, 4, ks=4),
-    Tile("filter", 15, 32, 32, 4, 4, ci=True, ks=4),
+    Tile("fwd", 2, 128, 32, 4, 4),              # thesis-m4 conv1 n=32, n=1024; fashion-cnn conv1 n=1024
+    Tile("fwd", 3, 128, 16, 4, 2),              # thesis-m1 conv1 n=32
+    Tile("fwd", 4, 256, 16, 8, 2),              # thesis-m1 conv1 n=1024
+    Tile("fwd", 5, 64, 32, 4, 2),               # fashion-cnn conv1 n=32
+    Tile("fwd", 6, 64, 16, 4, 1),               # dense [32, 200 -> 50] 8.4 us (9.7 without), [128, 200 -> 50]
+    Tile("fwd", 12, 32, 32, 2, 2, ci=True),     # dense [128, 256 -> 10] 8.5 us (10.1 without; mlp's last layer)
+    Tile("fwd", 14, 128, 64, 8, 8, ci=True),    # fashion-cnn conv2 n=1024
+    Tile("fwd", 15, 128, 32, 8, 4, stages=3, ci=True),    # thesis-m4 conv2, conv3 n=1024; thesis-m1 conv2 n=1024
+    Tile("fwd", 19, 32, 32, 4, 4, ks=4),        # dense [1024, 100 -> 10] 8.7 us (9.7 without)
+    Tile("fwd", 21, 32, 32, 4, 4, ci=True, ks=3),   # thesis-m4 conv3 n=32; thesis-m1 conv2 n=32; fashion-cnn conv2 n=32
+    Tile("fwd", 23, 64, 32, 8, 4, ci=True, ks=2),   # thesis-m4 conv2 n=32
+    Tile("data", 5, 64, 16, 2, 2),              # any K (the others need K % 16 == 0); dense [N, in -> 10],
+                                                # e.g. [128, 100 -> 10] 5.5 us (9.7 without)
+    Tile("data", 11, 128, 32, 8, 4, ci=True, min_blocks=3),   # thesis-m1 conv1 n=32
+    Tile("data", 12, 64, 32, 8, 4, ci=True),    # thesis-m4 conv2, conv3 n=1024; thesis-m1 conv2 n=1024;
+                                                # fashion-cnn conv2 n=1024
+    Tile("data", 15, 32, 32, 4, 4, ci=True),    # thesis-m4 conv2 n=32
+    Tile("data", 18, 32, 32, 4, 4, ci=True, ks=4),   # thesis-m4 conv3 n=32; thesis-m1 conv2 n=32;
+                                                     # fashion-cnn conv2 n=32
+    Tile("filter", 6, 32, 64, 4, 8),            # thesis-m1 conv2 n=1024
+    Tile("filter", 11, 32, 32, 4, 4, ci=True),  # thesis-m4 conv2 n=1024; fashion-cnn conv2 n=1024
+    Tile("filter", 13, 32, 32, 4, 4, ks=2),     # thesis-m4 conv1 n=1024
+    Tile("filter", 14, 32, 32, 4, 4, ks=4),     # thesis-m4 conv1, conv3 n=32; thesis-m1 conv1 n=32, n=1024;
+                                                # thesis-m1 conv2 n=32; fashion-cnn conv1 n=32, n=1024
+    Tile("filter", 15, 32, 32, 4, 4, ci=True, ks=4),   # thesis-m4 conv2 n=32, conv3 n=1024; fashion-cnn conv2 n=32
 )
