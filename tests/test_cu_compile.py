@@ -1,25 +1,58 @@
-"""Every CUDA source of the cuda backend compiles with nvcc for sm_80 and sm_90, with no register spills.
+"""Every CUDA source of the cuda backend compiles with nvcc for sm_80 and sm_90, with no register spills, as do the
+kernel sandbox's convolution variants; and the convolution tile table (conv_tiles.py), the one source of the tile
+kernels' entry points and of the launcher's tables, is consistent with conv.cu.
 
-Runs where nvcc is installed (CI without the CUDA toolkit skips it); no GPU needed. The compiles run in parallel.
+The compiles run where nvcc is installed (CI without the CUDA toolkit skips them), in parallel; no GPU needed. The
+table checks always run.
 """
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import json
 import re
 import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-CUDA_DIR = Path(__file__).resolve().parents[1] / "src" / "hetnet" / "backends" / "cuda"
-SOURCES = sorted(CUDA_DIR.glob("*.cu"))
+from hetnet.backends.cuda import conv as C
+from hetnet.backends.cuda import conv_tiles as T
+from hetnet.backends.cuda import kernels
+
+ROOT = Path(__file__).resolve().parents[1]
+CUDA_DIR = ROOT / "src" / "hetnet" / "backends" / "cuda"
+SOURCES = sorted(s.stem for s in CUDA_DIR.glob("*.cu"))
+SANDBOX = "conv_variants"          # benchmarks/kernels: the tiles that do not ship, numbered
 ARCHS = ("sm_80", "sm_90")
 
 
-def _compile(src: Path, arch: str, out_dir: Path) -> tuple[int, str]:
-    cubin = out_dir / f"{src.stem}_{arch}.cubin"
-    cmd = ["nvcc", "-cubin", f"-arch={arch}", "-std=c++17", "-Xptxas", "-v", "-o", str(cubin), str(src)]
+def _runner():
+    """benchmarks/kernels/run_conv_variants.py as a module (it imports no GPU library until run)."""
+    path = ROOT / "benchmarks" / "kernels" / "run_conv_variants.py"
+    spec = importlib.util.spec_from_file_location("run_conv_variants", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _text(name: str) -> str:
+    """What is compiled: a source as the backend compiles it (conv with its generated entry points), or the
+    sandbox's variants (its runner compiles them beside the shipped tiles, which conv's compile covers)."""
+    if name == SANDBOX:
+        run = _runner()
+        return run.sandbox_text(run.VARIANTS)
+    return kernels.cu_text(name)
+
+
+def _compile(name: str, arch: str, out_dir: Path) -> tuple[int, str]:
+    src = out_dir / f"{name}_{arch}.cu"
+    src.write_text(_text(name))
+    cmd = ["nvcc", "-cubin", f"-arch={arch}", "-std=c++17", "-I", str(CUDA_DIR), "-Xptxas", "-v", "-o",
+           str(src.with_suffix(".cubin")), str(src)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
     return proc.returncode, proc.stdout + proc.stderr
 
@@ -29,18 +62,18 @@ def results(tmp_path_factory):
     if shutil.which("nvcc") is None:
         pytest.skip("nvcc not installed")
     out = tmp_path_factory.mktemp("cubin")
-    jobs = [(s, a) for s in SOURCES for a in ARCHS]
+    jobs = [(s, a) for s in [*SOURCES, SANDBOX] for a in ARCHS]
     with ThreadPoolExecutor(max_workers=4) as pool:
         done = list(pool.map(lambda j: _compile(j[0], j[1], out), jobs))
-    return {(s.name, a): r for (s, a), r in zip(jobs, done)}
+    return dict(zip(jobs, done))
 
 
 def test_sources_found():
-    assert {s.stem for s in SOURCES} >= {"conv", "pool", "norm", "elementwise", "loss", "optim"}
+    assert set(SOURCES) >= {"conv", "pool", "norm", "elementwise", "loss", "optim"}
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("src", [s.name for s in SOURCES])
+@pytest.mark.parametrize("src", [*SOURCES, SANDBOX])
 def test_compiles_without_spills(results, src, arch):
     rc, log = results[(src, arch)]
     assert rc == 0, f"nvcc failed for {src} ({arch}):\n{log}"
@@ -50,21 +83,120 @@ def test_compiles_without_spills(results, src, arch):
     assert "warning" not in log.lower(), f"{src} ({arch}) compiles with warnings:\n{log}"
 
 
-def test_tile_tables_match_the_kernels():
-    """conv.py's (BM, BN, threads) per tile configuration must be what conv.cu instantiates: a launch with another
-    block size would leave tile elements unloaded or computed twice (no GPU needed to check the tables)."""
-    from hetnet.backends.cuda import conv as C
+@pytest.mark.parametrize("src,numbered", [("conv", False), (SANDBOX, True)])
+def test_compiled_tile_kernels_are_the_tables(results, src, numbered):
+    """The compiled conv module has an entry point for each shipped tile and no other tile kernel (the launcher
+    finds every kernel it may choose); the sandbox's one for each variant."""
+    tiles = T.TILES if src == "conv" else _runner().VARIANTS
+    for arch in ARCHS:
+        entries = set(re.findall(r"Compiling entry function '(conv_(?:fwd|bwd_data|bwd_filter)_\w+)'",
+                                 results[(src, arch)][1]))
+        assert entries == {t.kernel(numbered) for t in tiles}, f"{src} ({arch})"
 
+
+# --- the tile table (no compiler needed) ---------------------------------------------------------------------------
+
+
+def _every_tile():
+    return _runner().all_tiles()
+
+
+def test_the_table_is_the_only_source_of_tile_kernels():
+    """conv.cu instantiates no tile itself, its macros take the arguments in the order `instantiations` writes them,
+    and its BK is the table's: the tile kernels compiled are exactly the generated lines."""
     text = (CUDA_DIR / "conv.cu").read_text()
-    for macro, table in (("HN_FWD", C.FWD_CFGS), ("HN_BWD_DATA", C.DATA_CFGS), ("HN_BWD_FILTER", C.FILTER_CFGS)):
-        made = {m[0]: (*map(int, m[1:5]), m[5] == "true", int(m[6]), m[7]) for m in
-                re.findall(rf"^{macro}\((\w+), (\d+), (\d+), (\d+), (\d+), \d+, (true|false), (\d+)(?:, \((\d+))?",
-                           text, re.M)}
-        assert set(made) == set(table), f"{macro}: kernels {sorted(made)} vs table {sorted(table)}"
-        for name, (bm, bn, tm, tn, ci, ks, bound) in made.items():
-            threads = (bm // tm) * (bn // tn) * ks          # KS slices of the tile's threads
-            assert table[name] == (bm, bn, threads), f"{macro}({name})"
-            assert not bound or int(bound) == threads, f"{macro}({name}): __launch_bounds__ {bound}"
-            flags = re.match(r"\d+x\d+([a-z]*)", name).group(1)
-            assert ("c" in flags) == ci and ("s" in flags) == (ks > 1), name
-            assert C._fits(name, "fwd", C.Geometry(1, 3, 4, 4, 16, 3, 3, 1, 1)) == (not ci), name   # C % BK != 0
+    assert not re.findall(r"^\s*HN_(?:FWD|BWD_DATA|BWD_FILTER)\(", text, re.MULTILINE), "a hand-written tile in conv.cu"
+    for macro, _ in T.OPS.values():
+        assert f"#define {macro}(name, BM_, BN_, TM_, TN_, ST_, CI_, KS_, BOUNDS_)" in text, macro
+    assert re.search(r"^#define BK (\d+)$", text, re.MULTILINE).group(1) == str(T.BK) == str(C.BK)
+    generated = kernels.cu_text("conv")[len(text):].strip().splitlines()
+    assert generated == T.instantiations(T.TILES).strip().splitlines()
+    assert len(generated) == len(T.TILES)
+
+
+class _HostOnlyBackend:
+    """What the implicit launchers ask of a backend before the launch itself (gather tables, SM count)."""
+
+    xp, sms, device_id = np, 132, 0
+
+    def __init__(self):
+        self._cache = {}
+
+    def persistent(self):
+        return contextlib.nullcontext()
+
+
+# HN_FWD(name, BM, BN, TM, TN, STAGES, CI, KS, (threads[, blocks per SM])): BM, BN, TM, TN, KS, threads
+INSTANCE = r"HN_\w+\(\w+, (\d+), (\d+), (\d+), (\d+), [23], (?:true|false), (\d+), \((\d+)(?:, \d+)?\)\)"
+
+
+def test_launchers_use_the_tables():
+    """conv.py's tables are the shipped tiles, and each launch has the block the kernel was compiled for ((BM/TM) *
+    (BN/TN) * KS threads, its __launch_bounds__) and a grid that covers the output in BM x BN tiles: with another
+    block size tile elements would be left unloaded or computed twice. (The launch is recorded, not run.)"""
+    be, g = _HostOnlyBackend(), C.Geometry(3, 32, 9, 7, 48, 3, 3, 1, 1)
+    launches = []
+
+    def kern(grid, block, args):
+        launches.append((grid, block))
+
+    sizes = {"fwd": (g.npq, g.k), "data": (g.n * g.h * g.w, g.c), "filter": (g.k, g.crs)}
+    for op, table in (("fwd", C.FWD_CFGS), ("data", C.DATA_CFGS), ("filter", C.FILTER_CFGS)):
+        assert list(table.items()) == [(t.name, t) for t in T.TILES if t.op == op]
+        assert any(not t.ci for t in table.values()), f"{op}: no tile for channel counts the 'c' tiles cannot take"
+        for t in table.values():
+            launches.clear()
+            if op == "fwd":
+                C.fwd_implicit(be, t, kern, 1, g, None, None, None, None, 0)
+            elif op == "data":
+                C.data_implicit(be, t, kern, 1, g, None, None, None, None)
+            else:
+                C.filter_implicit(be, t, kern, g, None, None, None, None)
+            (grid, block), = launches
+            m, n = sizes[op]
+            assert (grid[0] - 1) * t.bm < m <= grid[0] * t.bm and (grid[1] - 1) * t.bn < n <= grid[1] * t.bn, t
+            made = re.fullmatch(INSTANCE, T.instantiations([t]).strip())
+            bm, bn, tm, tn, ks, bound = map(int, made.groups())          # what the kernel is compiled for
+            assert block == (bound,) == ((bm // tm) * (bn // tn) * ks,), t
+
+
+def test_tile_numbers_and_names():
+    """Per op, the shipped tiles and the sandbox's variants are numbered 1..n without gaps or repeats, their names
+    (and so their kernels) are distinct, and the letters of a name say what the tile is."""
+    tiles = _every_tile()
+    hn_vec = re.search(r"constexpr bool hn_vec\(int bm, int bn, int tm, int tn\) \{\s*return (.*?);",
+                       (CUDA_DIR / "conv.cu").read_text(), re.DOTALL).group(1)
+    as_python = hn_vec.replace("||", " or ").replace("&&", " and ").replace("/", "//")
+    for op in T.OPS:
+        mine = [t for t in tiles if t.op == op]
+        assert sorted(t.number for t in mine) == list(range(1, len(mine) + 1)), op
+        assert len({t.name for t in mine}) == len(mine), op
+    assert not set(T.TILES) & set(_runner().VARIANTS)
+    for t in tiles:
+        flags = re.fullmatch(r"(\d+)x(\d+)(v?)(a?)(c?)(?:s(\d))?", t.name)
+        assert flags and (int(flags[1]), int(flags[2])) == (t.bm, t.bn), t
+        assert bool(flags[3]) == t.vec == eval(as_python, {}, {"bm": t.bm, "bn": t.bn, "tm": t.tm, "tn": t.tn}), t
+        assert bool(flags[4]) == (t.stages == 3) and bool(flags[5]) == t.ci and int(flags[6] or 1) == t.ks, t
+        assert t.fits(3, 5) == (not t.ci) and t.fits(128, 128), t      # 3 / 5 channels: whole tiles of none
+
+
+def test_every_measured_winner_ships():
+    """Every tile that won a row of the committed conv_algos table (the fastest candidate per op and layer shape on
+    that card) is in the shipped table."""
+    shipped = {(t.op, t.name) for t in T.TILES}
+    files = sorted((ROOT / "benchmarks" / "results").glob("*/conv_algos.json"))
+    assert files, "no committed conv_algos.json"
+    for f in files:
+        for row in json.loads(f.read_text())["rows"]:
+            tile = row["choice"].split("/")[0]
+            assert tile == "im2col" or (row["op"], tile) in shipped, f"{f}: {row['layer']} n={row['batch_size']}"
+
+
+def test_variant_runner_without_a_gpu(tmp_path, capsys):
+    """The sandbox's runner imports and writes its CUDA text without a GPU; a selection of no tile is a one-line
+    error with status 2."""
+    run = _runner()
+    assert run.main(["--ops", "filter", "--only", "4", "--emit", str(tmp_path / "v.cu")]) == 0
+    assert re.findall(r"^HN_\w+\((\w+),", (tmp_path / "v.cu").read_text(), re.MULTILINE) == ["v4_16x32"]
+    assert run.main(["--only", "99", "--emit", str(tmp_path / "none.cu")]) == 2
+    assert capsys.readouterr().err.startswith("error: ") and not (tmp_path / "none.cu").exists()

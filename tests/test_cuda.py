@@ -7,7 +7,10 @@ Skips cleanly without CuPy or without a GPU (as in CI); on a GPU machine run scr
 from __future__ import annotations
 
 import copy
+import importlib.util
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -63,9 +66,21 @@ CONV_CASES = [  # (N, C, H, W, K, kernel, stride, padding)
     (2, 48, 11, 10, 80, 3, 3, 0),
     (2, 64, 5, 6, 16, 3, 1, 1),
 ]
+TABLES = {"fwd": C.FWD_CFGS, "data": C.DATA_CFGS, "filter": C.FILTER_CFGS}      # the shipped tiles (conv_tiles.py)
 FWD = list(C.FWD_CFGS) + ["im2col"]
 DATA = list(C.DATA_CFGS) + ["im2col"]
 FILTER = list(C.FILTER_CFGS) + ["im2col"]
+
+
+def _fits(cfg, op, g):
+    return cfg == "im2col" or TABLES[op][cfg].fits(g.c, g.k)
+
+
+def _pick(op, cfgs, i, g):
+    """The i-th (cyclically) candidate of op, or where that is a "c" tile the channels of g do not fill, the first
+    tile that takes any channel count."""
+    cfg = cfgs[i % len(cfgs)]
+    return cfg if _fits(cfg, op, g) else next(name for name, t in TABLES[op].items() if not t.ci)
 
 
 def _prior(shape, g):
@@ -83,12 +98,9 @@ def _force(monkeypatch, fwd, data, filt):
 @pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "N{}C{}H{}W{}K{}k{}s{}p{}".format(*c))
 @pytest.mark.parametrize("algo", range(max(len(FWD), len(DATA), len(FILTER))))
 def test_conv_algorithms(be, rng, monkeypatch, case, algo):
-    fwd, data, filt = FWD[algo % len(FWD)], DATA[algo % len(DATA)], FILTER[algo % len(FILTER)]
     n, c, h, w_, k, ks, stride, pad = case
     g = C.Geometry(n, c, h, w_, k, ks, ks, stride, pad)
-    fwd = fwd if C._fits(fwd, "fwd", g) else "64x32"        # a "c" tile where the channels do not fill its tiles
-    data = data if C._fits(data, "data", g) else "64x32"
-    filt = filt if C._fits(filt, "filter", g) else "32x32"
+    fwd, data, filt = _pick("fwd", FWD, algo, g), _pick("data", DATA, algo, g), _pick("filter", FILTER, algo, g)
     _force(monkeypatch, fwd, data, filt)
     x, w, b = f32(rng, n, c, h, w_), f32(rng, k, c, ks, ks), f32(rng, k)
     relu_x = f32(rng, n, c, h, w_)            # the mask of a fused ReLU backward
@@ -116,7 +128,7 @@ SPLIT_CASES = [  # (N, C, H, W, K, kernel, stride, padding): grids of a few tile
 
 
 @pytest.mark.parametrize("case", SPLIT_CASES, ids=lambda c: "N{}C{}H{}W{}K{}k{}s{}p{}".format(*c))
-@pytest.mark.parametrize("cfg", ["64x32", "128x32vc", "64x32c", "64x32a", "64x32ac", "32x32vac", "32x32vcs4"])
+@pytest.mark.parametrize("cfg", sorted(set(C.FWD_CFGS) | set(C.DATA_CFGS)))
 def test_split_reduction(be, rng, monkeypatch, case, cfg):
     """The forward and data gradient reduced in several splits (each split adds into the zeroed output, the last
     to arrive applies bias + ReLU / the ReLU mask) give the unsplit results, at every split count the launcher
@@ -129,15 +141,13 @@ def test_split_reduction(be, rng, monkeypatch, case, cfg):
     dy = f32(rng, *y_ref.shape)
     dx_ref = ref.conv2d_backward(dy, cache, np.zeros(w.shape), np.zeros(k)) * (relu_x > 0)
     ran = 0
-    for op, cfgs, m, nn, length in (("fwd", C.FWD_CFGS, g.npq, g.k, g.crs),
-                                    ("data", C.DATA_CFGS, n * h * w_, g.c, g.krs)):
-        if cfg not in cfgs or not C._fits(cfg, op, g):
+    for op in ("fwd", "data"):
+        if cfg not in TABLES[op] or not _fits(cfg, op, g):
             continue
-        bm, bn, nt = cfgs[cfg]
-        splits = C._split_options(be, math.ceil(m / bm) * math.ceil(nn / bn), nt, length)
+        splits = C.tile_splits(be, TABLES[op][cfg], g)[1:]
         assert splits, f"no split for {cfg} {op} {case}"
         for sp in splits:
-            _force(monkeypatch, f"{cfg}/{sp}", f"{cfg}/{sp}", "32x32")
+            _force(monkeypatch, f"{cfg}/{sp}", f"{cfg}/{sp}", _pick("filter", FILTER, 0, g))
             for _ in range(2):
                 if op == "fwd":
                     y = C.conv_forward(be, be.asarray(x), be.asarray(w), be.asarray(b), stride, pad, 1)
@@ -152,20 +162,20 @@ def test_split_reduction(be, rng, monkeypatch, case, cfg):
 
 
 @pytest.mark.parametrize("case", SPLIT_CASES, ids=lambda c: "N{}C{}H{}W{}K{}k{}s{}p{}".format(*c))
-@pytest.mark.parametrize("cfg", ["32x32v", "32x32vc", "16x32", "32x32vs4"])
+@pytest.mark.parametrize("cfg", list(C.FILTER_CFGS))
 def test_filter_gradient_split_counts(be, rng, case, cfg):
     """The filter gradient's "<cfg>/<splits>" candidates (fewer, longer reduction runs than the default) give the
     same accumulated dw and db."""
     n, c, h, w_, k, ks, stride, pad = case
     g = C.Geometry(n, c, h, w_, k, ks, ks, stride, pad)
-    if not C._fits(cfg, "filter", g):
+    if not _fits(cfg, "filter", g):
         pytest.skip(f"{cfg} does not apply to {case}")
     x, w = f32(rng, n, c, h, w_), f32(rng, k, c, ks, ks)
     y_ref, cache = ref.conv2d_forward(x, w, np.zeros(k), stride, pad)
     dy = f32(rng, *y_ref.shape)
     dw_ref, db_ref = _prior(w.shape, g), _prior(k, g)
     ref.conv2d_backward(dy, cache, dw_ref, db_ref)
-    base = C._filter_splits(be, cfg, g)
+    base = C.filter_splits(be, C.FILTER_CFGS[cfg], g)
     for sp in sorted({base, max(1, base // 2), 2, 1}):
         dw, db = be.asarray(_prior(w.shape, g)), be.asarray(_prior(k, g))
         C._filter_implicit(be, cfg, g, be.asarray(dy), be.asarray(x), dw, db, sp)
@@ -173,10 +183,11 @@ def test_filter_gradient_split_counts(be, rng, case, cfg):
         assert_close(be.to_numpy(db), db_ref, F32, f"{cfg}/{sp} bias gradient")
 
 
-@pytest.mark.parametrize("n,f,k", [(1, 1, 1), (3, 7, 5), (33, 130, 70), (128, 2048, 100)])
-@pytest.mark.parametrize("algo", ["64x64", "128x16", "im2col"])
+@pytest.mark.parametrize("n,f,k", [(1, 1, 1), (3, 7, 5), (33, 130, 70), (128, 2048, 100), (32, 256, 16)])
+@pytest.mark.parametrize("algo", range(max(len(FWD), len(DATA), len(FILTER))))
 def test_dense_algorithms(be, rng, monkeypatch, n, f, k, algo):
-    _force(monkeypatch, algo, algo if algo != "128x16" else "128x32", "32x64" if algo != "im2col" else "im2col")
+    g = C.Geometry(n, f, 1, 1, k, 1, 1, 1, 0)
+    _force(monkeypatch, _pick("fwd", FWD, algo, g), _pick("data", DATA, algo, g), _pick("filter", FILTER, algo, g))
     x, w, b, relu_x = f32(rng, n, f), f32(rng, k, f), f32(rng, k), f32(rng, n, f)
     y_ref, cache = ref.dense_forward(x, w, b)
     dy = f32(rng, n, k)
@@ -198,9 +209,25 @@ def test_conv_choice_is_measured_once(be, rng):
     be.conv2d_forward(x, w, None, 1, 1)
     be.conv2d_forward(x, w, None, 1, 1)
     new = [e for e in be.tune_log[n_log:] if e["op"] == "fwd"]
-    fits = [a for a in FWD if C._fits(a, "fwd", C.Geometry(4, 3, 16, 16, 8, 3, 3, 1, 1))]
+    fits = [a for a in FWD if _fits(a, "fwd", C.Geometry(4, 3, 16, 16, 8, 3, 3, 1, 1))]
     assert len(new) == 1 and new[0]["choice"] in new[0]["ms"] and set(new[0]["ms"]) == set(fits)
     assert len(fits) < len(FWD)          # no channels-inside-taps tile for 3 input channels
+
+
+def test_conv_variant_runner(tmp_path):
+    """The kernel sandbox's runner (benchmarks/kernels/run_conv_variants.py) checks every variant that does not ship
+    against the float64 reference, then times it, on a 3x3 convolution and on a dense layer whose channel counts
+    every tile takes; none fails the check."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels" / "run_conv_variants.py"
+    spec = importlib.util.spec_from_file_location("run_conv_variants", path)
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+    out = tmp_path / "variants.json"
+    assert run.main(["--shapes", "thesis-m4-conv2", "mlp-fc2", "--batch", "2", "--variants-only", "--out",
+                     str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert all(r["ok"] and r["ms"] > 0 for r in rows)
+    assert {(r["op"], r["variant"]) for r in rows} == {(t.op, t.number) for t in run.VARIANTS}
 
 
 # --- fused pooling / batch norm / dropout variants ----------------------------------------------------------------

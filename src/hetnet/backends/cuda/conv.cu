@@ -3,11 +3,12 @@
 // Two algorithms (chosen per layer shape by a one-time measurement in conv.py):
 //  1. implicit GEMM (conv_fwd_*, conv_bwd_data_*, conv_bwd_filter_*): tiled, shared memory, the "column matrix"
 //     is gathered on the fly from x (or dy) into shared memory, never materialised. Each comes in several tile
-//     configurations (the list at the end of the section): tile sizes; "v" 8x4 (or, 64 threads, 4x4) outputs per
-//     thread with float4 shared reads; "a" a cp.async pipeline; "c" a reduction order with the channels inside the
-//     taps, which needs no gather table (for layers whose channels fill whole tiles); "s<n>" the block's reduction
-//     sliced between n groups of threads and summed in shared memory (hn_pipelined_gemm's KS); and each may split its
-//     reduction over blockIdx.z (hn_split_last). benchmarks/conv_algos.py times them per shape.
+//     configurations (the table in conv_tiles.py, whose entry points are appended to this text): tile sizes; "v"
+//     8x4 (or, 64 threads, 4x4) outputs per thread with float4 shared reads; "a" a cp.async pipeline; "c" a
+//     reduction order with the channels inside the taps, which needs no gather table (for layers whose channels
+//     fill whole tiles); "s<n>" the block's reduction sliced between n groups of threads and summed in shared
+//     memory (hn_pipelined_gemm's KS); and each may split its reduction over blockIdx.z (hn_split_last).
+//     benchmarks/conv_algos.py times them per shape; benchmarks/kernels/ keeps the configurations that do not ship.
 //  2. im2col + cuBLAS GEMM: im2col / col2im / layout kernels below, the GEMM is cuBLAS through CuPy.
 //
 // Shapes: x[N,C,H,W], w[K,C,R,S], y[N,K,P,Q]; CRS = C*R*S, PQ = P*Q.
@@ -622,14 +623,12 @@ __device__ __forceinline__ void conv_bwd_filter_impl(const float* __restrict__ d
     }
 }
 
-// Tile configurations <BM, BN, TM, TN, STAGES, CI, KS>, (BM/TM) * (BN/TN) * KS threads: the launcher picks one per
-// shape (by measurement; conv.py lists them with their thread counts). "v": 8x4 outputs per thread, read as float4;
-// "a": the cp.async pipeline (STAGES 3); "c": channels inside taps (CI; forward: when C is a multiple of BK, data: K,
-// filter: C a multiple of BN); "s<KS>": KS slices of the reduction (KS * STAGES tiles must fit the 48 KiB of static
-// shared memory: 4 slices of 32x32, 2 of 64x32).
-// BOUNDS_: the __launch_bounds__ arguments; (256, 3) makes ptxas budget 85 registers for the 64x64 data kernel, which
-// it otherwise squeezes into 64 on sm_80, with a spill; the other bounds with a block count likewise keep sm_90's
-// kernels free of spills (the forward 128x32vc: 96 registers and a spill without its (128, 4))
+// The tile configurations' entry points: one line per tile, HN_FWD(name, BM, BN, TM, TN, STAGES, CI, KS, (launch
+// bounds)) and likewise, generated from the table in conv_tiles.py (which also gives conv.py its launch sizes) and
+// appended to this file's text when it is compiled (kernels.source); (BM/TM) * (BN/TN) * KS threads.
+// The launch bounds' blocks per SM, where the table gives them, set ptxas's register budget: without them it squeezes
+// some of these kernels into fewer registers, with spills (the 64x64 data variant: 64 registers and a spill on
+// sm_80, 85 with (256, 3); the forward 128x32vc variant: 96 and a spill on sm_90 without its (128, 4)).
 #define HN_FWD(name, BM_, BN_, TM_, TN_, ST_, CI_, KS_, BOUNDS_)                                                        \
     extern "C" __global__ void __launch_bounds__ BOUNDS_ conv_fwd_##name(                                          \
         const float* x, const float* w, const float* bias, float* y, const int4* tab, int N, int C, int H, int W, \
@@ -644,70 +643,13 @@ __device__ __forceinline__ void conv_bwd_filter_impl(const float* __restrict__ d
         conv_bwd_data_impl<BM_, BN_, TM_, TN_, ST_, CI_, KS_>(dy, w, relu_x, dx, tab, N, C, H, W, K, P, Q, KRS,    \
                                                               stride, pad, S, chunk, tickets);                     \
     }
-#define HN_BWD_FILTER(name, BM_, BN_, TM_, TN_, ST_, CI_, KS_)                                                     \
-    extern "C" __global__ void __launch_bounds__((BM_ / TM_) * (BN_ / TN_) * KS_) conv_bwd_filter_##name(          \
+#define HN_BWD_FILTER(name, BM_, BN_, TM_, TN_, ST_, CI_, KS_, BOUNDS_)                                                 \
+    extern "C" __global__ void __launch_bounds__ BOUNDS_ conv_bwd_filter_##name(                                   \
         const float* dy, const float* x, float* dw, float* db, const int4* tab, int N, int C, int H, int W, int K, \
         int P, int Q, int CRS, int stride, int pad, int S, int chunk) {                                            \
         conv_bwd_filter_impl<BM_, BN_, TM_, TN_, ST_, CI_, KS_>(dy, x, dw, db, tab, N, C, H, W, K, P, Q, CRS,      \
                                                                 stride, pad, S, chunk);                            \
     }
-
-HN_FWD(64x64, 64, 64, 4, 4, 2, false, 1, (256))
-HN_FWD(128x32, 128, 32, 4, 4, 2, false, 1, (256))
-HN_FWD(128x16, 128, 16, 4, 2, 2, false, 1, (256))
-HN_FWD(256x16, 256, 16, 8, 2, 2, false, 1, (256))
-HN_FWD(64x32, 64, 32, 4, 2, 2, false, 1, (256))  // smaller tiles: more blocks for small batches
-HN_FWD(64x16, 64, 16, 4, 1, 2, false, 1, (256))
-HN_FWD(128x32v, 128, 32, 8, 4, 2, false, 1, (128))  // 128 threads
-HN_FWD(64x32a, 64, 32, 4, 2, 3, false, 1, (256))
-HN_FWD(128x32c, 128, 32, 4, 4, 2, true, 1, (256))
-HN_FWD(64x32c, 64, 32, 4, 2, 2, true, 1, (256))
-HN_FWD(64x16c, 64, 16, 4, 1, 2, true, 1, (256))
-HN_FWD(32x32c, 32, 32, 2, 2, 2, true, 1, (256))  // more blocks for small batches
-HN_FWD(128x32vc, 128, 32, 8, 4, 2, true, 1, (128, 4))  // 128 threads
-HN_FWD(128x64vc, 128, 64, 8, 8, 2, true, 1, (128))  // 128 threads
-HN_FWD(128x32vac, 128, 32, 8, 4, 3, true, 1, (128))  // 128 threads
-HN_FWD(32x32v, 32, 32, 4, 4, 2, false, 1, (64))  // 64 threads, 4x4 read as float4: small batches (cuDNN's tile there)
-HN_FWD(32x32vc, 32, 32, 4, 4, 2, true, 1, (64))
-HN_FWD(32x32vac, 32, 32, 4, 4, 3, true, 1, (64))
-HN_FWD(32x32vs4, 32, 32, 4, 4, 2, false, 4, (256))  // sliced reductions: 2, 3 or 4 slices of 64 threads
-HN_FWD(32x32vcs2, 32, 32, 4, 4, 2, true, 2, (128))
-HN_FWD(32x32vcs3, 32, 32, 4, 4, 2, true, 3, (192))
-HN_FWD(32x32vcs4, 32, 32, 4, 4, 2, true, 4, (256))
-HN_FWD(64x32vcs2, 64, 32, 8, 4, 2, true, 2, (128))
-HN_BWD_DATA(64x64, 64, 64, 4, 4, 2, false, 1, (256, 3))
-HN_BWD_DATA(128x32, 128, 32, 4, 4, 2, false, 1, (256, 2))
-HN_BWD_DATA(128x16, 128, 16, 4, 2, 2, false, 1, (256, 4))
-HN_BWD_DATA(64x32, 64, 32, 2, 4, 2, false, 1, (256))
-HN_BWD_DATA(64x16, 64, 16, 2, 2, 2, false, 1, (256))
-HN_BWD_DATA(128x32v, 128, 32, 8, 4, 2, false, 1, (128, 3))
-HN_BWD_DATA(128x32c, 128, 32, 4, 4, 2, true, 1, (256, 2))
-HN_BWD_DATA(64x32c, 64, 32, 2, 4, 2, true, 1, (256))
-HN_BWD_DATA(64x16c, 64, 16, 2, 2, 2, true, 1, (256))
-HN_BWD_DATA(32x32c, 32, 32, 2, 2, 2, true, 1, (256))
-HN_BWD_DATA(128x32vc, 128, 32, 8, 4, 2, true, 1, (128, 3))
-HN_BWD_DATA(64x32vc, 64, 32, 8, 4, 2, true, 1, (64))
-HN_BWD_DATA(64x32ac, 64, 32, 2, 4, 3, true, 1, (256))
-HN_BWD_DATA(32x32v, 32, 32, 4, 4, 2, false, 1, (64, 8))
-HN_BWD_DATA(32x32vc, 32, 32, 4, 4, 2, true, 1, (64))
-HN_BWD_DATA(32x32vac, 32, 32, 4, 4, 3, true, 1, (64))
-HN_BWD_DATA(32x32vcs2, 32, 32, 4, 4, 2, true, 2, (128))
-HN_BWD_DATA(32x32vcs4, 32, 32, 4, 4, 2, true, 4, (256))
-HN_BWD_FILTER(32x64, 32, 64, 2, 4, 2, false, 1)
-HN_BWD_FILTER(16x64, 16, 64, 1, 4, 2, false, 1)
-HN_BWD_FILTER(64x64, 64, 64, 4, 4, 2, false, 1)
-HN_BWD_FILTER(16x32, 16, 32, 1, 2, 2, false, 1)  // short filters (C*R*S = 9, 27)
-HN_BWD_FILTER(32x32, 32, 32, 2, 2, 2, false, 1)
-HN_BWD_FILTER(32x64v, 32, 64, 4, 8, 2, false, 1)    // 64 threads
-HN_BWD_FILTER(32x32v, 32, 32, 4, 4, 2, false, 1)    // 64 threads
-HN_BWD_FILTER(64x64a, 64, 64, 4, 4, 3, false, 1)
-HN_BWD_FILTER(32x32c, 32, 32, 2, 2, 2, true, 1)
-HN_BWD_FILTER(32x64c, 32, 64, 2, 4, 2, true, 1)
-HN_BWD_FILTER(32x32vc, 32, 32, 4, 4, 2, true, 1)   // 64 threads
-HN_BWD_FILTER(32x64vc, 32, 64, 4, 8, 2, true, 1)   // 64 threads
-HN_BWD_FILTER(32x32vs2, 32, 32, 4, 4, 2, false, 2)  // sliced: 2 or 4 slices of 64 threads
-HN_BWD_FILTER(32x32vs4, 32, 32, 4, 4, 2, false, 4)
-HN_BWD_FILTER(32x32vcs4, 32, 32, 4, 4, 2, true, 4)
 
 // --- im2col path ---------------------------------------------------------------------------------------------------
 

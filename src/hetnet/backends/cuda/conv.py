@@ -11,34 +11,18 @@ from __future__ import annotations
 
 import math
 import os
-import re
 
 import numpy as np
 
+from .conv_tiles import BK, TILES, Tile
 from .kernels import NULL, check, get_kernel
 
-# name: (BM, BN, threads) of each tile configuration in conv.cu. "v": 8x4, 8x8 or (64 threads) 4x4 outputs per thread
-# read as float4; "a": the cp.async pipeline; "c": channels inside taps, only where C % BK == 0 (forward), K % BK == 0
-# (data gradient) or C % BN == 0 (filter gradient) (`_fits`); "s<n>": the block's reduction sliced between n groups
-# of threads, summed in shared memory (for grids too small to fill the SMs). Any forward or data-gradient
-# configuration may also run as "<name>/<splits>", its reduction split over blocks (`_split_options`).
-FWD_CFGS = {"64x64": (64, 64, 256), "128x32": (128, 32, 256), "128x16": (128, 16, 256), "256x16": (256, 16, 256),
-            "64x32": (64, 32, 256), "64x16": (64, 16, 256), "128x32v": (128, 32, 128), "64x32a": (64, 32, 256),
-            "128x32c": (128, 32, 256), "64x32c": (64, 32, 256), "64x16c": (64, 16, 256), "32x32c": (32, 32, 256),
-            "128x32vc": (128, 32, 128), "128x64vc": (128, 64, 128), "128x32vac": (128, 32, 128),
-            "32x32v": (32, 32, 64), "32x32vc": (32, 32, 64), "32x32vac": (32, 32, 64),
-            "32x32vs4": (32, 32, 256), "32x32vcs2": (32, 32, 128), "32x32vcs3": (32, 32, 192),
-            "32x32vcs4": (32, 32, 256), "64x32vcs2": (64, 32, 128)}
-DATA_CFGS = {"64x64": (64, 64, 256), "128x32": (128, 32, 256), "128x16": (128, 16, 256), "64x32": (64, 32, 256),
-             "64x16": (64, 16, 256), "128x32v": (128, 32, 128), "128x32c": (128, 32, 256), "64x32c": (64, 32, 256),
-             "64x16c": (64, 16, 256), "32x32c": (32, 32, 256), "128x32vc": (128, 32, 128), "64x32vc": (64, 32, 64),
-             "64x32ac": (64, 32, 256), "32x32v": (32, 32, 64), "32x32vc": (32, 32, 64), "32x32vac": (32, 32, 64),
-             "32x32vcs2": (32, 32, 128), "32x32vcs4": (32, 32, 256)}
-FILTER_CFGS = {"16x64": (16, 64, 256), "32x64": (32, 64, 256), "64x64": (64, 64, 256), "16x32": (16, 32, 256),
-               "32x32": (32, 32, 256), "32x64v": (32, 64, 64), "32x32v": (32, 32, 64), "64x64a": (64, 64, 256),
-               "32x32c": (32, 32, 256), "32x64c": (32, 64, 256), "32x32vc": (32, 32, 64), "32x64vc": (32, 64, 64),
-               "32x32vs2": (32, 32, 128), "32x32vs4": (32, 32, 256), "32x32vcs4": (32, 32, 256)}
-BK = 16
+# name: Tile, the tile configurations of each op that ship (conv_tiles.py: their parameters, what each wins, and
+# `Tile.fits`, where the "c" ones apply). Each is tried at a few reduction splits over blocks ("<name>/<splits>",
+# `tile_splits`).
+FWD_CFGS: dict[str, Tile] = {t.name: t for t in TILES if t.op == "fwd"}
+DATA_CFGS: dict[str, Tile] = {t.name: t for t in TILES if t.op == "data"}
+FILTER_CFGS: dict[str, Tile] = {t.name: t for t in TILES if t.op == "filter"}
 TUNE_RUNS = 4      # back-to-back runs per timed sample when measuring the algorithms
 # im2col's column buffer is a workspace on top of the step's live tensors: it is built for a few images at a time
 # (a GEMM and an im2col / col2im per chunk), each chunk's buffer at most the largest of: the op's own tensors (x and
@@ -110,16 +94,26 @@ def _split_options(be, tiles: int, threads: int, length: int):
     return out
 
 
-def _split_cands(be, cfgs, op, g, m, n, length, run):
-    """{name: fn} of the tile configurations that fit (op, g), each also as "<cfg>/<splits>" where a split reduction
-    may pay; run(cfg, splits) launches one."""
+def tile_splits(be, t: Tile, g: Geometry) -> list[int]:
+    """The reduction splits tile t is tried at on g, the first its plain candidate ("<cfg>"), the others
+    "<cfg>/<splits>": forward and data gradient unsplit, then `_split_options`; filter gradient its default split
+    (`filter_splits`), then a half and a quarter of it (longer runs, fewer atomics)."""
+    if t.op == "filter":
+        base = filter_splits(be, t, g)
+        return [base, *sorted({base // 2, base // 4} - {0, 1}, reverse=True)]
+    m, n, length = (g.npq, g.k, g.crs) if t.op == "fwd" else (g.n * g.h * g.w, g.c, g.krs)
+    return [1, *_split_options(be, math.ceil(m / t.bm) * math.ceil(n / t.bn), t.threads, length)]
+
+
+def _split_cands(be, cfgs, g, run):
+    """{name: fn} of the tile configurations that fit g, each at the splits of `tile_splits`; run(cfg, splits, ...)
+    launches one."""
     out = {}
-    for cfg, (bm, bn, nt) in cfgs.items():
-        if not _fits(cfg, op, g):
+    for cfg, t in cfgs.items():
+        if not t.fits(g.c, g.k):
             continue
-        out[cfg] = lambda *a, cfg=cfg: run(cfg, 1, *a)
-        for sp in _split_options(be, math.ceil(m / bm) * math.ceil(n / bn), nt, length):
-            out[f"{cfg}/{sp}"] = lambda *a, cfg=cfg, sp=sp: run(cfg, sp, *a)
+        for i, sp in enumerate(tile_splits(be, t, g)):
+            out[cfg if i == 0 else f"{cfg}/{sp}"] = lambda *a, cfg=cfg, sp=sp: run(cfg, sp, *a)
     return out
 
 
@@ -135,24 +129,22 @@ def _split_launch(be, grid_xy, splits, length, out):
     return (*grid_xy, splits), chunk, tickets
 
 
-def _fwd_implicit(be, cfg, splits, g, x, w, b, y, act):
-    bm, bn, nt = FWD_CFGS[cfg]
+def _kernel(be, t: Tile):
+    return get_kernel(be.device_id, "conv", t.kernel())
+
+
+def fwd_implicit(be, t: Tile, kern, splits, g, x, w, b, y, act):
+    """y = act(conv(x, w) + b) by tile `t` through `kern`, its compiled entry point, the reduction in `splits`
+    parts (the kernel sandbox, benchmarks/kernels/run_conv_variants.py, launches its variants through this too)."""
     tab, _ = _tables(be, g)
-    kern = get_kernel(be.device_id, "conv", f"conv_fwd_{cfg}")
-    grid, chunk, tickets = _split_launch(be, (math.ceil(g.npq / bm), math.ceil(g.k / bn)), splits, g.crs, y)
-    kern(grid, (nt,), (x, w, b if b is not None else NULL, y, tab, *g.ints(), _i32(g.crs), _i32(g.stride),
-                        _i32(g.pad), _i32(g.s), _i32(act), _i32(chunk), tickets))
+    grid, chunk, tickets = _split_launch(be, (math.ceil(g.npq / t.bm), math.ceil(g.k / t.bn)), splits, g.crs, y)
+    kern(grid, (t.threads,), (x, w, b if b is not None else NULL, y, tab, *g.ints(), _i32(g.crs), _i32(g.stride),
+                              _i32(g.pad), _i32(g.s), _i32(act), _i32(chunk), tickets))
 
 
-def _fits(cfg: str, op: str, g: Geometry) -> bool:
-    """Whether a tile configuration applies: the "c" ones need whole tiles of channels (forward: C, data: K, filter:
-    C in whole column tiles)."""
-    flags = re.match(r"\d+x\d+([a-z]*)", cfg)      # the letters after the tile size ("im2col": none)
-    if not flags or "c" not in flags.group(1):
-        return True
-    if op == "filter":
-        return g.c % FILTER_CFGS[cfg][1] == 0
-    return (g.c if op == "fwd" else g.k) % BK == 0
+def _fwd_implicit(be, cfg, splits, g, x, w, b, y, act):
+    t = FWD_CFGS[cfg]
+    fwd_implicit(be, t, _kernel(be, t), splits, g, x, w, b, y, act)
 
 
 def _chunks(be, g, tensor_bytes: int):
@@ -201,14 +193,19 @@ def _dyk(be, g, dy):
     return dyk
 
 
-def _data_implicit(be, cfg, splits, g, dy, w, dx, relu_x):
-    bm, bn, nt = DATA_CFGS[cfg]
+def data_implicit(be, t: Tile, kern, splits, g, dy, w, dx, relu_x):
+    """dx = conv_backward_data(dy, w), zeroed where relu_x <= 0 when given, by tile `t` through `kern` (as
+    `fwd_implicit`)."""
     _, tab = _tables(be, g)
-    kern = get_kernel(be.device_id, "conv", f"conv_bwd_data_{cfg}")
-    grid, chunk, tickets = _split_launch(be, (math.ceil(g.n * g.h * g.w / bm), math.ceil(g.c / bn)), splits, g.krs,
-                                         dx)
-    kern(grid, (nt,), (dy, w, relu_x if relu_x is not None else NULL, dx, tab, *g.ints(), _i32(g.krs),
-                        _i32(g.stride), _i32(g.pad), _i32(g.s), _i32(chunk), tickets))
+    grid, chunk, tickets = _split_launch(be, (math.ceil(g.n * g.h * g.w / t.bm), math.ceil(g.c / t.bn)), splits,
+                                         g.krs, dx)
+    kern(grid, (t.threads,), (dy, w, relu_x if relu_x is not None else NULL, dx, tab, *g.ints(), _i32(g.krs),
+                              _i32(g.stride), _i32(g.pad), _i32(g.s), _i32(chunk), tickets))
+
+
+def _data_implicit(be, cfg, splits, g, dy, w, dx, relu_x):
+    t = DATA_CFGS[cfg]
+    data_implicit(be, t, _kernel(be, t), splits, g, dy, w, dx, relu_x)
 
 
 def _data_im2col(be, g, dy, w, dx, relu_x, budget):
@@ -231,29 +228,28 @@ def _data_im2col(be, g, dy, w, dx, relu_x, budget):
         be.launch("conv", "relu_mask_inplace", dx.size, dx, relu_x, np.int64(dx.size))
 
 
-def _filter_splits(be, cfg, g):
+def filter_splits(be, t: Tile, g):
     """How many parts the filter gradient's N*P*Q sum is split into over blockIdx.z (partial sums added with
     atomics) by default: until there are about 4 x 256 threads per SM, each split at least 4 tiles long. Fewer
     splits ("<cfg>/<splits>" candidates) mean longer runs and fewer atomics."""
-    bm, bn, nt = FILTER_CFGS[cfg]
-    gx, gy = math.ceil(g.k / bm), math.ceil(g.crs / bn)
-    return max(1, min(math.ceil(4 * be.sms * (256 // nt) / (gx * gy)), math.ceil(g.npq / (4 * BK))))
+    gx, gy = math.ceil(g.k / t.bm), math.ceil(g.crs / t.bn)
+    return max(1, min(math.ceil(4 * be.sms * (256 // t.threads) / (gx * gy)), math.ceil(g.npq / (4 * BK))))
 
 
-def _filter_split(be, cfg, g, splits=None):
-    """Grid, reduction chunk and threads of a filter-gradient launch in `splits` parts (default: _filter_splits)."""
-    bm, bn, nt = FILTER_CFGS[cfg]
-    splits = splits or _filter_splits(be, cfg, g)
+def filter_implicit(be, t: Tile, kern, g, dy, x, dw, db, splits=None):
+    """dw += dE/dw, db += dE/db (when given) by tile `t` through `kern` (as `fwd_implicit`), the N*P*Q sum in
+    `splits` parts (default: filter_splits)."""
+    tab, _ = _tables(be, g)
+    splits = splits or filter_splits(be, t, g)
     chunk = math.ceil(math.ceil(g.npq / splits) / BK) * BK
-    return (math.ceil(g.k / bm), math.ceil(g.crs / bn), math.ceil(g.npq / chunk)), chunk, nt
+    grid = (math.ceil(g.k / t.bm), math.ceil(g.crs / t.bn), math.ceil(g.npq / chunk))
+    kern(grid, (t.threads,), (dy, x, dw, db if db is not None else NULL, tab, *g.ints(), _i32(g.crs),
+                              _i32(g.stride), _i32(g.pad), _i32(g.s), _i32(chunk)))
 
 
 def _filter_implicit(be, cfg, g, dy, x, dw, db, splits=None):
-    tab, _ = _tables(be, g)
-    grid, chunk, nt = _filter_split(be, cfg, g, splits)
-    kern = get_kernel(be.device_id, "conv", f"conv_bwd_filter_{cfg}")
-    kern(grid, (nt,), (dy, x, dw, db if db is not None else NULL, tab, *g.ints(), _i32(g.crs), _i32(g.stride),
-                        _i32(g.pad), _i32(g.s), _i32(chunk)))
+    t = FILTER_CFGS[cfg]
+    filter_implicit(be, t, _kernel(be, t), g, dy, x, dw, db, splits)
 
 
 def _filter_im2col(be, g, dy, x, dw, db, budget):
@@ -341,8 +337,7 @@ def conv_forward(be, x, w, b, stride, pad, act=0, geometry=None):
     k, _, r, s = w.shape
     g = geometry or Geometry(n, c, h, wd, k, r, s, stride, pad)
     y = be.xp.empty((n, k, g.p, g.q), dtype=be.xp.float32)
-    cands = _split_cands(be, FWD_CFGS, "fwd", g, g.npq, g.k, g.crs,
-                         lambda cfg, sp, out: _fwd_implicit(be, cfg, sp, g, x, w, b, out, act))
+    cands = _split_cands(be, FWD_CFGS, g, lambda cfg, sp, out: _fwd_implicit(be, cfg, sp, g, x, w, b, out, act))
     cands["im2col"] = lambda out: _fwd_im2col(be, g, x, w, b, out, act, x.nbytes + y.nbytes)
     choice = _choose(be, "fwd", g, cands, lambda fn: fn(y))
     cands[choice](y)
@@ -356,14 +351,7 @@ def conv_backward(be, dy, x, w, dw, db, stride, pad, need_dx=True, relu_x=None):
     k, _, r, s = w.shape
     g = Geometry(n, c, h, wd, k, r, s, stride, pad)
     xp = be.xp
-    fc = {}
-    for cfg in FILTER_CFGS:
-        if not _fits(cfg, "filter", g):
-            continue
-        fc[cfg] = lambda dw_, db_, cfg=cfg: _filter_implicit(be, cfg, g, dy, x, dw_, db_)
-        base = _filter_splits(be, cfg, g)
-        for sp in sorted({base // 2, base // 4} - {0, 1}, reverse=True):
-            fc[f"{cfg}/{sp}"] = lambda dw_, db_, cfg=cfg, sp=sp: _filter_implicit(be, cfg, g, dy, x, dw_, db_, sp)
+    fc = _split_cands(be, FILTER_CFGS, g, lambda cfg, sp, dw_, db_: _filter_implicit(be, cfg, g, dy, x, dw_, db_, sp))
     fc["im2col"] = lambda dw_, db_: _filter_im2col(be, g, dy, x, dw_, db_, x.nbytes + dy.nbytes)
 
     scratch = []
@@ -379,8 +367,7 @@ def conv_backward(be, dy, x, w, dw, db, stride, pad, need_dx=True, relu_x=None):
     if not need_dx:
         return None
     dx = xp.empty(x.shape, dtype=xp.float32)
-    dc = _split_cands(be, DATA_CFGS, "data", g, g.n * g.h * g.w, g.c, g.krs,
-                      lambda cfg, sp, out: _data_implicit(be, cfg, sp, g, dy, w, out, relu_x))
+    dc = _split_cands(be, DATA_CFGS, g, lambda cfg, sp, out: _data_implicit(be, cfg, sp, g, dy, w, out, relu_x))
     dc["im2col"] = lambda out: _data_im2col(be, g, dy, w, out, relu_x, x.nbytes + dy.nbytes)
     dc[_choose(be, "data", g, dc, lambda fn: fn(dx))](dx)
     return dx

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from . import conv_tiles
+
 HERE = Path(__file__).resolve().parent
 SOURCES = ("conv", "pool", "norm", "elementwise", "loss", "optim", "data")
 NULL = np.uint64(0)  # a null pointer argument
@@ -22,10 +24,23 @@ _kernels: dict[tuple[int, str, str], object] = {}
 _props: dict[int, dict] = {}
 
 
+def cu_text(name: str) -> str:
+    """A source's CUDA text as nvcc compiles it (with -I this folder): the .cu file, and for conv the entry points of
+    the tiles that ship, generated from their table (conv_tiles.py)."""
+    text = (HERE / f"{name}.cu").read_text()
+    if name == "conv":
+        text += "\n" + conv_tiles.instantiations(conv_tiles.TILES)
+    return text
+
+
+def inline_header(text: str) -> str:
+    """CUDA text with the shared header inlined (NVRTC has no include path for our folder)."""
+    return text.replace('#include "common.cuh"', (HERE / "common.cuh").read_text())
+
+
 def source(name: str) -> str:
-    """The .cu text with the shared header inlined (NVRTC has no include path for our folder)."""
-    header = (HERE / "common.cuh").read_text()
-    return (HERE / f"{name}.cu").read_text().replace('#include "common.cuh"', header)
+    """The text NVRTC compiles for a source."""
+    return inline_header(cu_text(name))
 
 
 def get_module(device_id: int, name: str):
