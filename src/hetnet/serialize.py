@@ -168,13 +168,97 @@ class LoadedModel:
 
 
 def save_model(path: str | Path, model, spec: dict, mean, std, class_names, info: dict | None = None) -> None:
-    """Write final weights (+ BN statistics), normalisation and class names atomically."""
+    """Write final weights (+ BN statistics), normalisation and class names atomically. Everything is checked
+    first (the spec rebuilds a model whose arrays are the model's, one class name per output, one mean and one
+    std > 0 per input channel): a file that could not be loaded back is never written (UsageError naming it)."""
     from . import __version__
 
+    mean, std, class_names = _check_saveable(Path(path), model, spec, mean, std, class_names)
     metadata = {"format": MODEL_FORMAT, "format_version": FORMAT_VERSION, "hetnet_version": __version__,
                 "spec": spec, "mean": [float(v) for v in mean], "std": [float(v) for v in std],
                 "class_names": [str(c) for c in class_names], "info": info or {}}
     write_safetensors(path, model.state_dict(), metadata)
+
+
+def _check_saveable(path: Path, model, spec, mean, std, class_names) -> tuple[list, list, list]:
+    """(mean, std, class names) as plain lists, or UsageError("<path>: cannot save the model: ...")."""
+    from . import random as hrandom
+    from .errors import UsageError
+    from .zoo import build_from_spec
+
+    def refuse(why: str):
+        return UsageError(f"{path}: cannot save the model: {why}")
+
+    if not isinstance(spec, dict) or not spec:
+        raise refuse(f"expected a model spec {{'input_shape': [C, H, W], 'layers': [...]}}, got {spec!r:.60}")
+    try:
+        with hrandom.preserved():       # building the check model draws initial weights: not from the run's sequence
+            twin, shape = build_from_spec(spec, "spec")
+    except ModelFileError as e:
+        raise refuse(str(e)) from None
+    try:
+        own = {k: tuple(v.shape) for k, v in model.named_arrays()}
+    except AttributeError:
+        raise refuse(f"expected a hetnet model, got {type(model).__name__}") from None
+    want = {k: tuple(v.shape) for k, v in twin.named_arrays()}
+    if own != want:
+        diff = sorted(set(own.items()) ^ set(want.items()))[:3]
+        raise refuse(f"the spec does not describe this model (arrays differ: {diff})")
+    c, out = shape[0], twin.output_shape(shape)
+    values = []
+    for name, v in (("mean", mean), ("std", std)):
+        try:
+            v = [float(x) for x in np.asarray(v, dtype=np.float64).reshape(-1)]
+        except (TypeError, ValueError):
+            v = None
+        if v is None or len(v) != c or not all(np.isfinite(v)) or (name == "std" and min(v) <= 0):
+            raise refuse(f"{name} must be {c} finite number(s){' > 0' if name == 'std' else ''}, one per input "
+                         f"channel, got {v if v is not None else mean if name == 'mean' else std!r}")
+        values.append(v)
+    if isinstance(class_names, (str, bytes)) or not hasattr(class_names, "__len__") or len(out) != 1 \
+            or len(class_names) != out[0]:
+        raise refuse(f"expected {out[0] if len(out) == 1 else 'one per output'} class names, got {class_names!r:.80}")
+    return values[0], values[1], [str(name) for name in class_names]
+
+
+def save(model, path: str | Path, classes=None, mean=None, std=None, input_shape=None, info: dict | None = None):
+    """Save any Sequential as a model file that `hetnet evaluate / predict / export` and `load` read.
+
+    input_shape (C, H, W): the images the model takes (default: the shape it last ran on); classes: one name per
+    output (default "0", "1", ...); mean / std: per-channel normalisation of images scaled to [0, 1] (default 0 and
+    1: images are fed as x / 255). Nothing is written if any of it does not fit the model.
+
+        >>> import hetnet as hn
+        >>> hn.save(model, "shoes.safetensors", classes=["boot", "sandal"], mean=[0.29], std=[0.35],
+        ...         input_shape=(1, 28, 28))                                                   # doctest: +SKIP
+        >>> m = hn.load("shoes.safetensors")                                                  # doctest: +SKIP
+        >>> m.model, m.class_names, m.input_shape                                              # doctest: +SKIP
+    """
+    from .errors import UsageError
+    from .zoo import spec_of_model
+
+    path = Path(path)
+    if input_shape is None:
+        input_shape = getattr(model, "_checked_shape", None)
+        if input_shape is None:
+            raise UsageError(f"{path}: cannot save the model: pass input_shape=(C, H, W) (the model has not run "
+                             f"on any input yet)")
+    try:
+        spec = spec_of_model(model, input_shape)
+    except UsageError as e:
+        raise UsageError(f"{path}: cannot save the model: {str(e).removeprefix('spec: ')}") from None
+    c = spec["input_shape"][0]
+    out = model.output_shape(tuple(spec["input_shape"]))
+    if classes is None and len(out) == 1:
+        classes = [str(i) for i in range(out[0])]
+    save_model(path, model, spec, [0.0] * c if mean is None else mean, [1.0] * c if std is None else std,
+               classes, info)
+
+
+def load(path: str | Path, device: str | None = "cpu") -> "LoadedModel":
+    """A model file as a LoadedModel: .model (in eval mode, on `device`), .input_shape, .class_names, .mean,
+    .std, .spec, .info. ModelFileError naming the file if it is missing, corrupt or not hetnet's."""
+    return load_model(path, device)
 
 
 def load_model(path: str | Path, device: str | None = "cpu") -> LoadedModel:

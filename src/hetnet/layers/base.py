@@ -404,6 +404,20 @@ class Sequential(Layer):
     def __getitem__(self, i):
         return self.layers[i]
 
+    # -- describing and exporting (hetnet.zoo, hetnet.export)
+    def spec(self, input_shape: tuple) -> dict:
+        """The JSON spec that rebuilds this architecture (hetnet.zoo.spec_of_model); input_shape is (C, H, W)."""
+        from ..zoo import spec_of_model
+
+        return spec_of_model(self, input_shape)
+
+    def export_onnx(self, path, input_shape: tuple, mean=None, std=None, class_names=None) -> None:
+        """Write an ONNX graph of this model in eval mode (hetnet.export.export_onnx): input `images` float32
+        (N, C, H, W) in [0, 1], normalised inside the graph with mean/std; output `logits`."""
+        from ..export import export_onnx
+
+        export_onnx(self, path, input_shape, mean=mean, std=std, class_names=class_names)
+
     # -- training conveniences (the loops live in hetnet.train)
     def fit(self, x, y, **kwargs) -> list:
         """Train on arrays; see hetnet.train.fit for the options. Returns one metrics record per epoch."""
