@@ -1,10 +1,11 @@
-"""The `hetnet` command: train | evaluate | predict | info | bench.
+"""The `hetnet` command: train | evaluate | predict | export | info | bench.
 
     hetnet train                                   # fashion-cnn on Fashion-MNIST on the best device
     hetnet train --model thesis-m1 --dataset folder --data cifar10-jpg-train.tar.gz --epochs 10
     hetnet train --resume runs/20261127-031500-fashion-cnn-fashion-mnist
     hetnet evaluate runs/20261127-031500-fashion-cnn-fashion-mnist
     hetnet predict runs/.../model.safetensors shoe.png --top-k 3
+    hetnet export runs/20261127-031500-fashion-cnn-fashion-mnist --format onnx --out fashion.onnx
     hetnet info
 
 Bad input (a missing or corrupt file, a bad flag) ends with one line `error: ...` on stderr and exit status 2;
@@ -60,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .train import OPTIMIZERS
 
     parser = _Parser(prog="hetnet", description="A readable deep-learning engine for image classification.")
-    sub = parser.add_subparsers(dest="command", metavar="{train,evaluate,predict,info,bench}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{train,evaluate,predict,export,info,bench}", parser_class=_Parser)
 
     t = sub.add_parser("train", help="train a model (no flags: fashion-cnn on Fashion-MNIST, the main job)",
                        description="Train a model into a run directory. Flags not given come from the model "
@@ -108,6 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", metavar="IMAGE", nargs="+")
     p.add_argument("--top-k", type=_positive_int, default=3)
     p.add_argument("--device")
+
+    x = sub.add_parser("export", help="write a saved model as an ONNX graph",
+                       description="Write a saved model as an ONNX graph (opset 17): input `images` float32 "
+                                   "N x C x H x W in [0, 1] (normalised inside the graph), output `logits`. Needs "
+                                   "the onnx package: pip install 'hetnet[export]'.")
+    x.add_argument("model", metavar="RUN_DIR|MODEL_FILE")
+    x.add_argument("--format", default="onnx", choices=("onnx",), help="default: onnx")
+    x.add_argument("--out", metavar="FILE", help="default: the model file's name with .onnx")
 
     sub.add_parser("info", help="versions, devices, models and where data sets were found")
     sub.add_parser("bench", help="benchmarks (arguments go to hetnet.bench)", add_help=False)
@@ -193,6 +202,14 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import export_model_file
+
+    _, line = export_model_file(args.model, args.out, args.format)
+    print(line)
+    return 0
+
+
 def cmd_info(args) -> int:
     from . import zoo
     from .runs import versions
@@ -274,7 +291,8 @@ def cmd_bench(argv: list[str]) -> int:
     return int(rc or 0)
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "info": cmd_info}
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "export": cmd_export,
+            "info": cmd_info}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -411,12 +411,12 @@ class Sequential(Layer):
 
         return spec_of_model(self, input_shape)
 
-    def export_onnx(self, path, input_shape: tuple, mean=None, std=None, class_names=None) -> None:
+    def export_onnx(self, path, input_shape: tuple, mean=None, std=None, class_names=None):
         """Write an ONNX graph of this model in eval mode (hetnet.export.export_onnx): input `images` float32
-        (N, C, H, W) in [0, 1], normalised inside the graph with mean/std; output `logits`."""
+        (N, C, H, W) in [0, 1], normalised inside the graph with mean/std; output `logits`. Returns the path."""
         from ..export import export_onnx
 
-        export_onnx(self, path, input_shape, mean=mean, std=std, class_names=class_names)
+        return export_onnx(self, path, input_shape, mean=mean, std=std, class_names=class_names)
 
     # -- training conveniences (the loops live in hetnet.train)
     def fit(self, x, y, **kwargs) -> list:
