@@ -97,18 +97,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cuda: run the training step eagerly instead of replaying a captured CUDA graph")
     t.add_argument("--tf32", action="store_true", help="cuda: let the cuBLAS matrix products use TF32")
 
-    e = sub.add_parser("evaluate", help="loss, accuracy and per-class accuracy of a saved model")
+    e = sub.add_parser("evaluate", help="loss, accuracy and per-class accuracy of a saved model",
+                       description="Score a saved model: on its own data set's test split (or the validation split "
+                                   "it was trained with), or on any data given with --dataset/--data, where every "
+                                   "image is scored. Classes are matched by name.")
     e.add_argument("model", metavar="RUN_DIR|MODEL_FILE")
     e.add_argument("--dataset", choices=DATASETS, help="default: the data set the model was trained on")
-    e.add_argument("--data", metavar="PATH")
+    e.add_argument("--data", metavar="PATH", help="folder or .tar/.tar.gz of <class>/..., test/<class>/... or both; "
+                                                   "an IDX folder (the t10k files will do); CIFAR-10 batches")
+    e.add_argument("--split", choices=("train", "test", "all"),
+                   help="which images when the data have both splits (default: test)")
     e.add_argument("--device")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
 
-    p = sub.add_parser("predict", help="top-k classes of image files")
+    p = sub.add_parser("predict", help="top-k classes of images (files, folders, .tar/.tar.gz archives)",
+                       description="The top-k classes of each image. Images are converted to the model's channels "
+                                   "and resized to its input as in training (a note says so). An unreadable image "
+                                   "gets its own `error:` line and the others still get answers; the exit status "
+                                   "is then 2.")
     p.add_argument("model", metavar="RUN_DIR|MODEL_FILE")
-    p.add_argument("images", metavar="IMAGE", nargs="+")
+    p.add_argument("images", metavar="IMAGE", nargs="+", help="image file, folder of images, or .tar/.tar.gz")
     p.add_argument("--top-k", type=_positive_int, default=3)
-    p.add_argument("--device")
+    p.add_argument("--device", help="cpu (default) | reference | cuda | cuda:N")
+    p.add_argument("--json", action="store_true",
+                   help='one JSON object per line and image: {"path": ..., "top_k": [[class, probability], ...]}')
 
     x = sub.add_parser("export", help="write a saved model as an ONNX graph",
                        description="Write a saved model as an ONNX graph (opset 17): input `images` float32 "
@@ -189,17 +201,28 @@ def cmd_evaluate(args) -> int:
     from .runs import evaluate_model
 
     result = evaluate_model(args.model, dataset=args.dataset, data=args.data, device=args.device,
-                            log=None if args.json else _print)
+                            log=None if args.json else _print, split=args.split)
     if args.json:
         print(json.dumps(result, indent=2))
     return 0
 
 
 def cmd_predict(args) -> int:
-    from .runs import predict_images
+    from .predict import predict_images
 
-    predict_images(args.model, args.images, top_k=args.top_k, device=args.device, log=_print)
-    return 0
+    def show(name: str, top: list) -> None:
+        if args.json:
+            _print(json.dumps({"path": name, "top_k": [[c, p] for c, p in top]}))
+        else:
+            _print(f"{name}: " + ", ".join(f"{c} {p:.3f}" for c, p in top))
+
+    def error(message: str) -> None:
+        sys.stderr.write("error: " + " ".join(message.split("\n")) + "\n")
+        sys.stderr.flush()
+
+    _, failed = predict_images(args.model, args.images, top_k=args.top_k, device=args.device, on_result=show,
+                               on_error=error)
+    return EXIT_USAGE if failed else 0
 
 
 def cmd_export(args) -> int:

@@ -181,9 +181,15 @@ def versions() -> dict:
     return out
 
 
+def note(line: str) -> None:
+    """A `note: ...` line on stderr: said once per command, never mixed into results on stdout."""
+    print(f"note: {line}", file=sys.stderr, flush=True)
+
+
 def load_data(dataset: str, data: str | None, input_shape: tuple, skip_bad_images: bool = False,
-              model: str = "the model"):
-    """hetnet.data.load_dataset, images converted to the model's channels (grey <-> RGB) and resized to its input."""
+              model: str = "the model", require_train: bool = True):
+    """hetnet.data.load_dataset, images converted to the model's channels (grey <-> RGB) and resized to its input
+    (a note says so when they were). require_train=False: a test split alone will do (evaluation)."""
     from . import data as hdata
     from .data import transforms
 
@@ -194,7 +200,10 @@ def load_data(dataset: str, data: str | None, input_shape: tuple, skip_bad_image
         raise UsageError(f"--dataset: unknown data set {dataset!r} (expected one of {', '.join(DATASETS)})")
     if dataset == "folder" and data is None:
         raise UsageError("--data: --dataset folder needs --data ROOT (a folder or .tar/.tar.gz of class folders)")
-    ds = hdata.load_dataset(dataset, path=data, input_shape=tuple(input_shape), skip_bad_images=skip_bad_images)
+    ds = hdata.load_dataset(dataset, path=data, input_shape=tuple(input_shape), skip_bad_images=skip_bad_images,
+                            require_train=require_train)
+    if ds.adapted:
+        note(ds.adapted.note())
     c, h, w = input_shape
     for split in ("train", "test"):
         x = getattr(ds, f"{split}_x")
@@ -489,42 +498,67 @@ def resolve_model_path(target: str | Path) -> Path:
 
 
 def evaluate_model(target: str | Path, dataset: str | None = None, data: str | None = None,
-                   device: str | None = None, log: Callable[[str], None] | None = default_log) -> dict:
-    """Loss, accuracy, per-class accuracy and confusion matrix of a saved model on its test set (or, for data sets
-    without one, the validation split it was trained with; or all images when there was none)."""
+                   device: str | None = None, log: Callable[[str], None] | None = default_log,
+                   split: str | None = None) -> dict:
+    """Loss, accuracy, per-class accuracy and confusion matrix of a saved model.
+
+    On the data the model was trained on (no `data` / `dataset` given): its test split, else the validation split
+    it was trained with. On other data (a folder or archive of <class>/..., test/<class>/... or both, an IDX folder
+    with only the t10k files, ...): every image, or the split named by `split` ("train", "test", "all") when both
+    exist (default: test). Classes are matched by name: a class the model does not know is an error; data holding
+    only some of the model's classes are scored on those, with a note."""
     from . import data as hdata
     from .train import evaluate
 
     path = resolve_model_path(target)
     device = device or best_device()
     get_backend(device)
+    if split not in (None, "train", "test", "all"):
+        raise UsageError(f"--split: expected train, test or all, got {split!r}")
     lm = serialize.load_model(path, device=device)
     info = lm.info
     name = dataset or info.get("dataset") or "fashion-mnist"
+    trained_on = name == info.get("dataset") and (data is None or _same_path(data, info.get("data")))
     if data is None and dataset in (None, info.get("dataset")):
         data = info.get("data")
-    ds = load_data(name, data, lm.input_shape)
-    if len(ds.class_names) != len(lm.class_names):
-        raise UsageError(f"--dataset: {name} has {len(ds.class_names)} classes but the model in {path} was trained "
-                         f"on {len(lm.class_names)}")
-    if ds.test_x is not None and len(ds.test_x):
-        x, y, split = ds.test_x, ds.test_y, "test"
-    else:
+    ds = load_data(name, data, lm.input_shape, require_train=False)
+    has = {"train": len(ds.train_x) > 0, "test": ds.test_x is not None and len(ds.test_x) > 0}
+    where = f"{name} at {ds.source}"
+    if split is not None and split != "all" and not has[split]:
+        raise UsageError(f"--split: {where} has no {split} split")
+    if split == "all" or (split is None and not has["test"] and not trained_on):
+        parts = [(getattr(ds, f"{s}_x"), getattr(ds, f"{s}_y")) for s in ("train", "test") if has[s]]
+        x = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
+        y = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
+        kind = "train and test sets" if has["train"] and has["test"] else "images"
+    elif split == "train":
+        x, y, kind = ds.train_x, ds.train_y, "train set"
+    elif has["test"]:
+        x, y, kind = ds.test_x, ds.test_y, "test set"
+    else:   # the model's own training data, which has no test split: the validation split it was trained with
         vf, seed = float(info.get("val_fraction") or 0.0), int(info.get("seed") or 0)
-        if vf > 0 and name == info.get("dataset"):
+        if vf > 0:
             _, _, x, y = hdata.split_train_val(ds.train_x, ds.train_y, vf, seed)
-            split = "validation"
+            kind = "validation set"
         else:
-            x, y, split = ds.train_x, ds.train_y, "all"
+            x, y, kind = ds.train_x, ds.train_y, "images (the training data: no test or validation split)"
+    y, scored = _match_classes(ds.class_names, y, lm.class_names, where, path)
+    notes = []
+    if len(scored) < len(lm.class_names):
+        missing = [c for c in lm.class_names if c not in scored]
+        notes.append(f"{where} holds {len(scored)} of the model's {len(lm.class_names)} classes: accuracy is over "
+                     f"images of those (none of {', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})")
+        note(notes[-1])
     loader = hdata.on_device(hdata.BatchLoader(x, y, EVAL_BATCH, lm.mean, lm.std, shuffle=False), lm.model.backend)
     loss, acc = evaluate(lm.model, loader)
     pred, true = predict_labels(lm.model, loader)
     cm = confusion_matrix(pred, true, len(lm.class_names))
     per_class = {c: (float(cm[i, i] / cm[i].sum()) if cm[i].sum() else None) for i, c in enumerate(lm.class_names)}
-    result = {"model": str(path), "dataset": name, "source": str(ds.source), "split": split, "images": int(len(y)),
-              "loss": loss, "accuracy": acc, "per_class_accuracy": per_class, "confusion": cm.tolist()}
+    result = {"model": str(path), "dataset": name, "source": str(ds.source), "split": kind, "images": int(len(y)),
+              "loss": loss, "accuracy": acc, "per_class_accuracy": per_class, "confusion": cm.tolist(),
+              "classes_scored": scored, "notes": notes + ([ds.adapted.note()] if ds.adapted else [])}
     if log:
-        log(f"{path} on {name} {split} set ({len(y)} images from {ds.source}): loss {loss:.4f}, "
+        log(f"{path} on {name} {kind} ({len(y)} images from {ds.source}): loss {loss:.4f}, "
             f"accuracy {100 * acc:.2f}%")
         width = max(len(c) for c in lm.class_names)
         for c, a in per_class.items():
@@ -532,57 +566,22 @@ def evaluate_model(target: str | Path, dataset: str | None = None, data: str | N
     return result
 
 
-# --- predicting single images ----------------------------------------------------------------------------------
+def _same_path(a, b) -> bool:
+    return b is not None and Path(a).resolve() == Path(b).resolve()
 
 
-def load_image(path: str | Path, input_shape: tuple) -> np.ndarray:
-    """An image file as uint8 (C, H, W) fitted to the model input (grey or RGB, resized bilinearly)."""
-    from PIL import Image, UnidentifiedImageError
-
-    from .errors import DataError
-
-    path = Path(path)
-    c, h, w = input_shape
-    try:
-        with Image.open(path) as im:
-            im = im.convert("L" if c == 1 else "RGB")
-            if im.size != (w, h):
-                im = im.resize((w, h), Image.BILINEAR)
-            a = np.asarray(im, dtype=np.uint8)
-    except FileNotFoundError:
-        raise DataError(f"{path}: image not found") from None
-    except IsADirectoryError:
-        raise DataError(f"{path}: expected an image file, found a directory") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"{path}: not a readable image ({e})") from None
-    if c == 1:
-        return a[None]
-    if c == 3:
-        return np.ascontiguousarray(a.transpose(2, 0, 1))
-    raise UsageError(f"the model expects {c} input channels; only 1 (grey) or 3 (RGB) images can be predicted")
-
-
-def predict_images(model_path: str | Path, images: list, top_k: int = 3, device: str | None = None,
-                   log: Callable[[str], None] | None = default_log) -> list:
-    """[(image, [(class name, probability), ...]), ...] for the top_k classes of each image."""
-    from . import losses
-    from .data.transforms import normalize
-
-    top_k = check_positive_int(top_k, "top_k")
-    path = resolve_model_path(model_path)
-    device = device or "cpu"
-    get_backend(device)
-    lm = serialize.load_model(path, device=device)
-    batch = np.stack([load_image(p, lm.input_shape) for p in images])
-    x = normalize(batch, lm.mean, lm.std)
-    backend = lm.model.backend
-    probs = backend.to_numpy(losses.softmax(lm.model.forward(backend.asarray(x))))
-    k = min(top_k, probs.shape[1])
-    out = []
-    for img, pr in zip(images, probs):
-        order = np.argsort(-pr, kind="stable")[:k]
-        top = [(lm.class_names[i], float(pr[i])) for i in order]
-        out.append((str(img), top))
-        if log:
-            log(f"{img}: " + ", ".join(f"{name} {p:.3f}" for name, p in top))
-    return out
+def _match_classes(data_names: list, y: np.ndarray, model_names: list, where: str, path: Path):
+    """Labels y (indices into data_names) as indices into model_names, matched by name, and the model's classes
+    that have images, in the model's order; UsageError for a class the model does not know."""
+    index = {c: i for i, c in enumerate(model_names)}
+    present = [str(data_names[i]) for i in np.unique(y)]
+    unknown = [c for c in present if c not in index]
+    if unknown:
+        raise UsageError(f"--data: {where} has classes the model in {path} does not know: "
+                         f"{', '.join(unknown[:5])}{', ...' if len(unknown) > 5 else ''} (its classes: "
+                         f"{', '.join(model_names[:10])}{', ...' if len(model_names) > 10 else ''})")
+    if not present:
+        raise UsageError(f"--data: {where} holds no images to score")
+    to_model = np.array([index.get(str(c), -1) for c in data_names], dtype=np.int64)
+    scored = [c for c in model_names if c in set(present)]
+    return to_model[y], scored
