@@ -1,8 +1,10 @@
-"""The `hetnet` command: train | evaluate | predict | export | info | bench.
+"""The `hetnet` command: train | evaluate | predict | export | runs | info | bench.
 
     hetnet train                                   # fashion-cnn on Fashion-MNIST on the best device
     hetnet train --model thesis-m1 --dataset folder --data cifar10-jpg-train.tar.gz --epochs 10
-    hetnet train --resume runs/20261127-031500-fashion-cnn-fashion-mnist
+    hetnet train --resume runs/20261127-031500-fashion-cnn-fashion-mnist [--epochs 30]
+    hetnet train --config runs/20261127-031500-fashion-cnn-fashion-mnist/config.json --seed 1
+    hetnet runs
     hetnet evaluate runs/20261127-031500-fashion-cnn-fashion-mnist
     hetnet predict runs/.../model.safetensors shoe.png --top-k 3
     hetnet export runs/20261127-031500-fashion-cnn-fashion-mnist --format onnx --out fashion.onnx
@@ -61,14 +63,21 @@ def build_parser() -> argparse.ArgumentParser:
     from .train import OPTIMIZERS
 
     parser = _Parser(prog="hetnet", description="A readable deep-learning engine for image classification.")
-    sub = parser.add_subparsers(dest="command", metavar="{train,evaluate,predict,export,info,bench}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{train,evaluate,predict,export,runs,info,bench}", parser_class=_Parser)
 
+    from . import zoo
+
+    width = max(map(len, zoo.PRESETS))
     t = sub.add_parser("train", help="train a model (no flags: fashion-cnn on Fashion-MNIST, the main job)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Train a model into a run directory. Flags not given come from the model "
-                                   "preset's recipe.")
-    t.add_argument("--model", default="fashion-cnn", help="preset name (see `hetnet info`) or a SPEC.json file "
-                                                           "(default: fashion-cnn)")
-    t.add_argument("--dataset", default="fashion-mnist", choices=DATASETS, help="default: fashion-mnist")
+                                   "preset's recipe\n(`hetnet info PRESET` shows its layers). Images are converted "
+                                   "to the model's channels and resized\nto its input when they differ (a note says "
+                                   "so).",
+                       epilog="preset recipes:\n" + "\n".join(f"  {name:<{width}}  {zoo.recipe_line(pr)}"
+                                                              for name, pr in zoo.PRESETS.items()))
+    t.add_argument("--model", help="preset name (see `hetnet info`) or a SPEC.json file (default: fashion-cnn)")
+    t.add_argument("--dataset", choices=DATASETS, help="default: fashion-mnist")
     t.add_argument("--data", metavar="PATH", help="data folder (IDX files, CIFAR-10 batches, class folders) or "
                                                    ".tar/.tar.gz of class folders")
     t.add_argument("--device", help="cpu | reference | cuda | cuda:N (default: the best available)")
@@ -87,11 +96,16 @@ def build_parser() -> argparse.ArgumentParser:
     aug.add_argument("--no-augment", action="store_true", help="no augmentation")
     t.add_argument("--val-fraction", type=_fraction, help="held-out stratified validation share (default 0.1 "
                                                           "for data sets without a test split, else 0)")
-    t.add_argument("--seed", type=_int, default=0)
+    t.add_argument("--seed", type=_int, help="default: 0")
     t.add_argument("--limit", type=_positive_int, metavar="N", help="use only the first N training examples")
     t.add_argument("--skip-bad-images", action="store_true", help="skip unreadable image files (and count them)")
     t.add_argument("--out", metavar="DIR", help="run directory (default runs/<UTC time>-<model>-<dataset>)")
-    t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its checkpoint")
+    again = t.add_mutually_exclusive_group()
+    again.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its checkpoint; with "
+                                                           "--epochs N, train on to N epochs (extends a finished run)")
+    again.add_argument("--config", metavar="CONFIG_JSON", help="rerun a run exactly from its config.json (or run "
+                                                               "directory) into a new run directory; flags given "
+                                                               "beside it override")
     t.add_argument("--no-progress", action="store_true", help="no progress bar, even on a terminal")
     t.add_argument("--no-cuda-graph", action="store_true",
                    help="cuda: run the training step eagerly instead of replaying a captured CUDA graph")
@@ -130,7 +144,18 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--format", default="onnx", choices=("onnx",), help="default: onnx")
     x.add_argument("--out", metavar="FILE", help="default: the model file's name with .onnx")
 
-    sub.add_parser("info", help="versions, devices, models and where data sets were found")
+    r = sub.add_parser("runs", help="list the runs in a directory (default: runs/)",
+                       description="One line per run directory: model, data, epochs, status, the accuracy split "
+                                   "(val if there is one, else test), best accuracy and its epoch, final accuracy, "
+                                   "training time.")
+    r.add_argument("dir", metavar="DIR", nargs="?", default="runs")
+    r.add_argument("--json", action="store_true", help="print the list as JSON")
+
+    i = sub.add_parser("info", help="versions, devices, models and where data sets were found; or one model",
+                       description="Without MODEL: versions, devices, presets and where data sets were found. With "
+                                   "MODEL (a preset name or SPEC.json): its layers, output shapes, parameter count "
+                                   "and recipe.")
+    i.add_argument("name", metavar="MODEL", nargs="?")
     sub.add_parser("bench", help="benchmarks (arguments go to hetnet.bench)", add_help=False)
     return parser
 
@@ -157,33 +182,44 @@ def cmd_train(args) -> int:
         os.environ["HETNET_CUDA_GRAPH"] = "0"
     if args.tf32:
         os.environ["HETNET_TF32"] = "1"
+    augment = [] if args.no_augment else (None if args.augment is None else
+                                          [s for s in args.augment.split(",") if s.strip()])
+    flags = {"model": args.model, "dataset": args.dataset, "data": args.data, "device": args.device,
+             "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "optimizer": args.optimizer,
+             "schedule": args.schedule, "weight_decay": args.weight_decay, "warmup_epochs": args.warmup_epochs,
+             "label_smoothing": args.label_smoothing, "ema": args.ema, "augment": augment,
+             "val_fraction": args.val_fraction, "seed": args.seed, "limit": args.limit,
+             "skip_bad_images": args.skip_bad_images or None}
     if args.resume:
-        given = [f for f in ("epochs", "batch_size", "lr", "optimizer", "schedule", "weight_decay", "limit", "out",
-                             "data", "augment", "device", "val_fraction", "label_smoothing", "warmup_epochs", "ema")
-                 if getattr(args, f) is not None]
+        given = [f for f, v in flags.items() if v is not None and f != "epochs"] + (["out"] if args.out else [])
         if given:
             print(f"note: --resume continues the run as configured; ignoring --{given[0].replace('_', '-')}"
                   + (" and others" if len(given) > 1 else ""), file=sys.stderr)
         run_dir = Path(args.resume)
         try:
             with interruptible():
-                resume_run(run_dir, log=default_log, progress=progress)
+                resume_run(run_dir, log=default_log, progress=progress, epochs=args.epochs)
         except KeyboardInterrupt:
             return _interrupted(run_dir)
         return 0
-    augment = [] if args.no_augment else (None if args.augment is None else
-                                          [s for s in args.augment.split(",") if s.strip()])
-    cfg = RunConfig(model=args.model, dataset=args.dataset, data=args.data, device=args.device, epochs=args.epochs,
-                    batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer, schedule=args.schedule,
-                    weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
-                    label_smoothing=args.label_smoothing, ema=args.ema, augment=augment, val_fraction=args.val_fraction,
-                    seed=args.seed, limit=args.limit, skip_bad_images=args.skip_bad_images,
-                    out=args.out or str(default_run_dir(args.model, args.dataset)))
+    if args.config:
+        from .runs import rerun_config, start_run
+
+        config = rerun_config(args.config, flags)
+        out = Path(args.out or default_run_dir(config["model"] or "spec", config["dataset"]))
+        run = lambda: start_run(config, out, log=default_log, progress=progress)  # noqa: E731
+    else:
+        model, dataset = args.model or "fashion-cnn", args.dataset or "fashion-mnist"
+        cfg = RunConfig(**{**{k: v for k, v in flags.items() if v is not None}, "model": model, "dataset": dataset,
+                           "seed": 0 if args.seed is None else args.seed, "skip_bad_images": args.skip_bad_images,
+                           "out": args.out or str(default_run_dir(model, dataset))})
+        out = Path(cfg.out)
+        run = lambda: train_run(cfg, log=default_log, progress=progress)  # noqa: E731
     try:
         with interruptible():
-            train_run(cfg, log=default_log, progress=progress)
+            run()
     except KeyboardInterrupt:
-        return _interrupted(Path(cfg.out))
+        return _interrupted(out)
     return 0
 
 
@@ -233,9 +269,28 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_runs(args) -> int:
+    from .runs import format_runs, list_runs
+
+    rows = list_runs(args.dir)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif not rows:
+        print(f"no runs in {args.dir} (a run is a directory holding config.json)")
+    else:
+        for line in format_runs(rows):
+            print(line)
+    return 0
+
+
 def cmd_info(args) -> int:
     from . import zoo
     from .runs import versions
+
+    if args.name is not None:
+        for line in zoo.describe(args.name):
+            print(line)
+        return 0
 
     print("hetnet " + versions()["hetnet"])
     print("versions: " + ", ".join(f"{k} {v}" for k, v in versions().items() if k != "hetnet"))
@@ -315,7 +370,7 @@ def cmd_bench(argv: list[str]) -> int:
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "export": cmd_export,
-            "info": cmd_info}
+            "runs": cmd_runs, "info": cmd_info}
 
 
 def main(argv: list[str] | None = None) -> int:

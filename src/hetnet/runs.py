@@ -41,6 +41,7 @@ from .train import (OPTIMIZERS, Trainer, WeightAverage, check_lr, check_positive
 
 DATASETS = ("fashion-mnist", "mnist", "cifar10", "folder")
 EVAL_BATCH = 500
+BEST_MODEL = "model-best.safetensors"
 
 
 @dataclass
@@ -356,6 +357,72 @@ def train_run(cfg: RunConfig, log: Callable[[str], None] | None = default_log, p
     """Train a new run into cfg.out (default runs/<UTC time>-<model>-<dataset>)."""
     config = make_config(cfg)
     run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg.model, cfg.dataset)
+    return start_run(config, run_dir, log, progress, on_epoch)
+
+
+RERUN_KEYS = ("model", "spec", "dataset", "data", "device", "recipe", "val_fraction", "seed", "limit",
+              "skip_bad_images")
+
+
+def rerun_config(path: str | Path, flags: dict | None = None) -> dict:
+    """The config of a new run repeating the run whose config.json is `path` (or a run directory holding one): the
+    same spec, data, split, recipe, seed and device, so that on the cpu backend it trains to the same weights and
+    metrics. `flags` (RunConfig field -> value, only the flags given) change what they name; a new --model brings
+    its spec (the recipe stays the run's)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    try:
+        old = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"--config: {path}: no such file (expected a run's config.json)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"--config: {path}: not a readable run config ({e})") from None
+    missing = [k for k in ("spec", "dataset", "device", "recipe", "seed", "val_fraction") if
+               not isinstance(old, dict) or k not in old]
+    if missing:
+        raise UsageError(f"--config: {path}: not a hetnet run config (missing {', '.join(missing)})")
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    config = {k: json.loads(json.dumps(old.get(k))) for k in RERUN_KEYS}
+    config["adapt_classes"] = False             # the spec was fitted to the data's classes when the run was made
+    if "model" in flags:
+        hrandom.seed(int(flags.get("seed", config["seed"])))
+        config["model"], config["spec"] = flags["model"], zoo.resolve(flags["model"])[2]
+        config["adapt_classes"] = flags["model"] in zoo.PRESETS
+    else:
+        try:
+            zoo.build_from_spec(config["spec"], f"--config: {path}: spec")
+        except ModelFileError as e:
+            raise UsageError(str(e)) from None
+    recipe_keys = ("epochs", "batch_size", "lr", "optimizer", "schedule", "weight_decay", "warmup_epochs",
+                   "label_smoothing", "ema", "augment")
+    recipe = {**config["recipe"], **{k: flags[k] for k in recipe_keys if k in flags}}
+    if not isinstance(config["recipe"], dict) or any(k not in recipe for k in recipe_keys):
+        raise UsageError(f"--config: {path}: incomplete recipe (expected {', '.join(recipe_keys)})")
+    config["recipe"] = _recipe(RunConfig(**{k: recipe[k] for k in recipe_keys}), None)
+    for k in ("dataset", "device", "seed", "limit", "val_fraction", "skip_bad_images"):
+        if k in flags:
+            config[k] = flags[k]
+    if "data" in flags:
+        config["data"] = str(Path(flags["data"]).resolve())
+    elif "dataset" in flags and flags["dataset"] != old.get("dataset"):
+        config["data"] = None
+    if ("dataset" in flags or "data" in flags) and "val_fraction" not in flags:
+        config["val_fraction"] = None           # the new data's default
+    if config["dataset"] not in DATASETS:
+        raise UsageError(f"--dataset: unknown data set {config['dataset']!r} (expected one of {', '.join(DATASETS)})")
+    get_backend(config["device"])
+    if config.get("limit") is not None:
+        check_positive_int(config["limit"], "limit")
+    config.update({"created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                   "command": " ".join(sys.argv), "versions": versions(), "rerun_of": str(path)})
+    return config
+
+
+def start_run(config: dict, run_dir: str | Path, log: Callable[[str], None] | None = default_log,
+              progress: bool | None = None, on_epoch: Callable[[dict], None] | None = None) -> RunResult:
+    """Train a new run from a config dict (make_config, rerun_config) into run_dir."""
+    run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"--out: {run_dir} exists and is not a directory")
     if (run_dir / "config.json").exists() or serialize.checkpoint_path(run_dir).exists() or \
@@ -382,8 +449,10 @@ def train_run(cfg: RunConfig, log: Callable[[str], None] | None = default_log, p
 
 
 def resume_run(run_dir: str | Path, log: Callable[[str], None] | None = default_log, progress: bool | None = None,
-               on_epoch: Callable[[dict], None] | None = None) -> RunResult:
-    """Continue an interrupted run from its checkpoint (see the module docstring)."""
+               on_epoch: Callable[[dict], None] | None = None, epochs: int | None = None) -> RunResult:
+    """Continue an interrupted run from its checkpoint (see the module docstring). epochs: train to this many
+    epochs instead of the configured number, which also extends a finished run (its schedule is rebuilt for the
+    new length and continues from where it was)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UsageError(f"--resume: {run_dir} is not a run directory")
@@ -391,13 +460,23 @@ def resume_run(run_dir: str | Path, log: Callable[[str], None] | None = default_
         raise UsageError(f"--resume: {run_dir} has no checkpoint ({serialize.checkpoint_path(run_dir)} missing)")
     ckpt = serialize.read_checkpoint(run_dir)
     state = ckpt.state
-    if (run_dir / "model.safetensors").exists():
-        raise UsageError(f"--resume: the run in {run_dir} has already finished (model.safetensors is there)")
     config = state.get("config")
     needed = ("spec", "dataset", "device", "recipe", "seed", "val_fraction")
     if not isinstance(config, dict) or any(k not in config for k in needed) or \
             not isinstance(state.get("epoch"), int) or not isinstance(state.get("metrics"), list):
         raise ModelFileError(f"{ckpt.path}: checkpoint metadata is incomplete (config/epoch/metrics missing)")
+    done, planned = state["epoch"], config["recipe"].get("epochs")
+    if epochs is None and (run_dir / "model.safetensors").exists() and done >= planned:
+        raise UsageError(f"--resume: the run in {run_dir} has already finished ({done} epochs; model.safetensors is "
+                         f"there); extend it with --resume {run_dir} --epochs N, N > {done}")
+    if epochs is not None:
+        epochs = check_positive_int(epochs, "epochs")
+        if epochs < done or (epochs == done and (run_dir / "model.safetensors").exists()):
+            raise UsageError(f"--epochs: the run in {run_dir} has already trained {done} epochs; give more to "
+                             f"extend it")
+    if epochs is not None and epochs != planned:
+        config["recipe"]["epochs"] = epochs
+        config.setdefault("epochs_before", []).append(planned)
     for stale in [*run_dir.glob(".*.tmp"), *run_dir.glob(".*.tmp.png"), *ckpt.path.parent.glob(".*.tmp")]:
         stale.unlink(missing_ok=True)   # left by a kill in the middle of an atomic write
     p = prepare(config, log)
@@ -411,6 +490,11 @@ def resume_run(run_dir: str | Path, log: Callable[[str], None] | None = default_
         raise ModelFileError(f"{ckpt.path}: bad RNG state in checkpoint: {e}") from None
     p.mean, p.std = state.get("mean", p.mean), state.get("std", p.std)
     history = list(state["metrics"])[:state["epoch"]]
+    if config["recipe"]["epochs"] != planned:
+        serialize.atomic_write_text(run_dir / "config.json", json.dumps(config, indent=2) + "\n")
+        if config["recipe"]["schedule"] != "constant" or config["recipe"]["warmup_epochs"]:
+            note(f"the {config['recipe']['schedule']} schedule now spans {config['recipe']['epochs']} epochs "
+                 f"instead of {planned}: epoch {done + 1} starts at learning rate {p.optimizer.lr:.4g}")
     _write_metrics(run_dir, history)
     if log:
         log(_describe(p, run_dir) + f"\nresuming after epoch {state['epoch']}/{config['recipe']['epochs']}")
@@ -423,7 +507,18 @@ def _run_epochs(run_dir: Path, p: _Prepared, start: int, history: list, log, pro
                       log=log, average=p.average)
     t0 = time.perf_counter()
 
+    best_key = "val_accuracy" if p.val_loader is not None else ("test_accuracy" if p.test_loader is not None else None)
+
     def after_epoch(rec: dict, hist: list) -> None:
+        # the best epoch's weights (as evaluated: the average, if any) first, then the checkpoint; a kill between
+        # the two repeats the epoch on resume and writes the same file again
+        if best_key is not None and rec[best_key] > max((r[best_key] for r in hist[:-1]), default=-math.inf):
+            info = {**_model_info(p), "epoch": rec["epoch"], "selected_by": best_key, best_key: rec[best_key]}
+            if p.average is not None:
+                with p.average.applied():
+                    serialize.save_model(run_dir / BEST_MODEL, p.model, p.spec, p.mean, p.std, p.class_names, info)
+            else:
+                serialize.save_model(run_dir / BEST_MODEL, p.model, p.spec, p.mean, p.std, p.class_names, info)
         _checkpoint(run_dir, p, rec["epoch"], hist)
         _write_metrics(run_dir, hist)
         if on_epoch is not None:
@@ -437,9 +532,7 @@ def _run_epochs(run_dir: Path, p: _Prepared, start: int, history: list, log, pro
         raise TrainingDiverged(f"{e}; the last good checkpoint (epoch {last}) is in "
                                f"{serialize.checkpoint_path(run_dir).parent}, no model.safetensors written") from None
     seconds = time.perf_counter() - t0
-    info = {"dataset": p.config["dataset"], "data": p.config.get("data"), "val_fraction": p.config["val_fraction"],
-            "seed": p.config["seed"], "limit": p.config.get("limit"), "model": p.config.get("model"),
-            "epochs": epochs}
+    info = _model_info(p)
     _plots(run_dir, p, history)
     model_path = run_dir / "model.safetensors"   # written last: its presence marks a finished run
     serialize.save_model(model_path, p.model, p.spec, p.mean, p.std, p.class_names, info)
@@ -447,6 +540,13 @@ def _run_epochs(run_dir: Path, p: _Prepared, start: int, history: list, log, pro
     if log:
         log(summary)
     return RunResult(run_dir, history, model_path, seconds, summary)
+
+
+def _model_info(p: _Prepared) -> dict:
+    """What a model file of this run says about where it came from (evaluate reads dataset, data, split)."""
+    return {"dataset": p.config["dataset"], "data": p.config.get("data"), "val_fraction": p.config["val_fraction"],
+            "seed": p.config["seed"], "limit": p.config.get("limit"), "model": p.config.get("model"),
+            "epochs": p.config["recipe"]["epochs"]}
 
 
 def _plots(run_dir: Path, p: _Prepared, history: list) -> None:
@@ -472,12 +572,75 @@ def _summary(run_dir: Path, history: list, epochs: int) -> str:
     key = f"{split}_accuracy"
     total = sum(r["seconds"] for r in history)
     best = max(history, key=lambda r: r[key]) if history else None
+    # model-best.safetensors is chosen on the validation split when there is one (see _run_epochs)
+    sel = "val_accuracy" if last.get("val_accuracy") is not None else key
+    chosen = max(history, key=lambda r: r[sel]) if history else None
     lines = [f"done: {len(history)}/{epochs} epochs in {int(total) // 60}:{int(total) % 60:02d}; "
              f"{split} accuracy {100 * last.get(key, float('nan')):.2f}%"
              + (f" (best {100 * best[key]:.2f}% at epoch {best['epoch']})" if best else ""),
-             (f"artefacts in {run_dir}/: model.safetensors, metrics.jsonl, curves.png, confusion.png, "
-              f"config.json, checkpoint/")]
+             (f"artefacts in {run_dir}/: model.safetensors"
+              + (f", {BEST_MODEL} (epoch {chosen['epoch']}, best {sel.replace('_', ' ')})"
+                 if (run_dir / BEST_MODEL).exists() and chosen else "")
+              + ", metrics.jsonl, curves.png, confusion.png, config.json, checkpoint/")]
     return "\n".join(lines)
+
+
+# --- listing runs ---------------------------------------------------------------------------------------------
+
+
+def list_runs(root: str | Path = "runs") -> list[dict]:
+    """One summary per run directory under root (or root itself, if it is one), oldest name first: run, model,
+    data, epochs done / planned, status, the accuracy split, best accuracy and its epoch, final accuracy, seconds
+    of training. A run whose files cannot be read is listed with the reason as its status."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UsageError(f"{root}: no such directory of runs")
+    dirs = [root] if (root / "config.json").is_file() else \
+        sorted(d for d in root.iterdir() if d.is_dir() and (d / "config.json").is_file())
+    return [_run_summary(d) for d in dirs]
+
+
+def _run_summary(run_dir: Path) -> dict:
+    row = {"run": str(run_dir), "model": "?", "data": "?", "epochs": 0, "planned": None, "status": "?",
+           "split": None, "best": None, "best_epoch": None, "final": None, "seconds": 0.0}
+    try:
+        cfg = json.loads((run_dir / "config.json").read_text())
+        lines = [json.loads(s) for s in (run_dir / "metrics.jsonl").read_text().splitlines() if s.strip()]
+    except FileNotFoundError as e:
+        return {**row, "status": f"no {Path(e.filename).name}"}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {**row, "status": "unreadable config.json or metrics.jsonl"}
+    recipe = cfg.get("recipe") if isinstance(cfg.get("recipe"), dict) else {}
+    data = cfg.get("data")
+    row.update(model=str(cfg.get("model") or "spec"), planned=recipe.get("epochs"), epochs=len(lines),
+               data=str(cfg.get("dataset")) + (f" ({Path(data).name})" if data else ""),
+               seconds=float(sum(r.get("seconds") or 0 for r in lines)))
+    finished = (run_dir / "model.safetensors").is_file() and row["planned"] is not None and \
+        row["epochs"] >= row["planned"]
+    row["status"] = "finished" if finished else "stopped"
+    for split in ("val", "test", "train"):
+        values = [(r.get(f"{split}_accuracy"), r.get("epoch")) for r in lines if r.get(f"{split}_accuracy") is not None]
+        if values:
+            best = max(values, key=lambda v: v[0])
+            row.update(split=split, best=best[0], best_epoch=best[1], final=values[-1][0])
+            break
+    return row
+
+
+def format_runs(rows: list[dict]) -> list[str]:
+    """`hetnet runs` as a table, one line per run."""
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.2f}%"
+
+    table = [("run", "model", "data", "epochs", "status", "split", "best (epoch)", "final", "time")]
+    for r in rows:
+        t = int(r["seconds"])
+        table.append((Path(r["run"]).name, r["model"], r["data"],
+                      f"{r['epochs']}/{r['planned'] if r['planned'] is not None else '?'}", r["status"],
+                      r["split"] or "-", f"{pct(r['best'])} ({r['best_epoch']})" if r["best"] is not None else "-",
+                      pct(r["final"]), f"{t // 60}:{t % 60:02d}"))
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(table[0]))]
+    return ["  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip() for row in table]
 
 
 # --- evaluating a saved model ----------------------------------------------------------------------------------
