@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from test_data_folder import classes_tree, image_bytes, make_tar, make_tree
 
 import hetnet as hn
 from hetnet import zoo
@@ -16,7 +17,6 @@ from hetnet.data.idx import FASHION_MNIST_CLASSES, write_idx
 from hetnet.data.transforms import normalize
 from hetnet.errors import UsageError
 from hetnet.runs import evaluate_model
-from test_data_folder import classes_tree, image_bytes, make_tar, make_tree
 
 CLASSES = ["cat", "dog", "emu"]
 SPEC = {"input_shape": [3, 5, 6], "layers": [

@@ -7,9 +7,9 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import EVERY_LAYER_SPECS, ONNX_RTOL, randomize_batchnorm, rel_err
 
 import hetnet as hn
-from conftest import EVERY_LAYER_SPECS, ONNX_RTOL, randomize_batchnorm, rel_err
 from hetnet import zoo
 from hetnet.cli import main
 from hetnet.data.transforms import normalize

@@ -8,12 +8,12 @@ import shutil
 
 import numpy as np
 import pytest
+from test_cli import TINY_SPEC, make_idx
 
 import hetnet as hn
 from hetnet import serialize, train, zoo
 from hetnet.cli import main
 from hetnet.runs import evaluate_model
-from test_cli import TINY_SPEC, make_idx
 
 EXACT = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "test_loss", "test_accuracy")
 
@@ -94,7 +94,6 @@ def test_config_bad_input(setup, first, tmp_path, capsys, case):
 
 
 def test_resume_epochs_extends_a_finished_run_as_if_planned(setup, first, tmp_path, capsys):
-    root, data, spec = setup
     ext = tmp_path / "extended"
     shutil.copytree(first, ext)
     rc = main(["train", "--resume", str(ext)])
@@ -114,7 +113,7 @@ def test_resume_epochs_extends_a_finished_run_as_if_planned(setup, first, tmp_pa
 
 
 def test_extending_a_cosine_schedule_says_where_it_restarts(setup, tmp_path, capsys):
-    root, data, spec = setup
+    _, data, spec = setup
     out = tmp_path / "cos"
     _train("--model", str(spec), "--data", str(data), "--epochs", "1", "--schedule", "cosine", "--limit", "64",
            "--out", str(out))
@@ -125,7 +124,7 @@ def test_extending_a_cosine_schedule_says_where_it_restarts(setup, tmp_path, cap
 
 
 def test_model_best_is_the_best_epoch(setup, tmp_path):
-    root, data, spec = setup
+    _, data, spec = setup
     for flags, key in (([], "test_accuracy"), (["--val-fraction", "0.25"], "val_accuracy")):
         out = tmp_path / key
         _train("--model", str(spec), "--data", str(data), "--epochs", "3", "--lr", "0.2", "--out", str(out), *flags)
@@ -183,12 +182,12 @@ def test_info_preset_and_train_help(capsys):
 
 
 def test_one_note_when_the_data_are_adapted_to_the_model(setup, tmp_path, capsys):
-    root, data, spec = setup
+    data = setup[1]
     _train("--model", "thesis-m0", "--data", str(data), "--epochs", "1", "--limit", "64", "--out",
            str(tmp_path / "m0"))
     notes = [s for s in capsys.readouterr().err.splitlines() if s.startswith("note:")]
-    assert notes == ["note: images adapted to the model's input 3x12x12: 300 converted from grey to RGB; "
-                     "300 resized from 28x28 to 12x12 (bilinear)"]
+    assert notes == [("note: images adapted to the model's input 3x12x12: 300 converted from grey to RGB; "
+                      "300 resized from 28x28 to 12x12 (bilinear)")]
 
 
 # --- speed figures --------------------------------------------------------------------------------------------
@@ -217,7 +216,10 @@ def test_warmup_steps_are_timed_apart_and_change_nothing():
         if untimed:      # as if the shape had been seen: no step is timed apart
             trainer._steps_at_shape[(16, 1, 6, 6)] = train.WARMUP_STEPS_PER_SHAPE
         warm = []
-        hist = trainer.fit(train.ArrayLoader(x, y, 16), 3, on_epoch_end=lambda r, h: warm.append(trainer.last_warmup))
+        def record(rec, hist, trainer=trainer, warm=warm):
+            warm.append(trainer.last_warmup)
+
+        hist = trainer.fit(train.ArrayLoader(x, y, 16), 3, on_epoch_end=record)
         runs.append((hist, model.state_dict(), warm))
     (h1, w1, warm), (h2, w2, none) = runs
     assert [r["train_loss"] for r in h1] == [r["train_loss"] for r in h2]          # bit-identical training

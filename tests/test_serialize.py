@@ -211,10 +211,11 @@ def test_saving_what_cannot_be_loaded_is_refused(tmp_path, case):
 
     model, _ = _trained_model()
     path = tmp_path / "m.safetensors"
-    args = dict(classes=NAMES, mean=[0.25], std=[0.5], input_shape=(1, 8, 8))
+    args = {"classes": NAMES, "mean": [0.25], "std": [0.5], "input_shape": (1, 8, 8)}
     if case.startswith("spec-"):
         spec = {"spec-none": None, "spec-empty": {}, "spec-other-model": zoo.spec_of("mlp")}[case]
-        call = lambda: serialize.save_model(path, model, spec, [0.25], [0.5], NAMES)   # noqa: E731
+        def call():
+            serialize.save_model(path, model, spec, [0.25], [0.5], NAMES)
     else:
         if case == "empty-model":
             model = hn.Sequential([])
@@ -234,7 +235,8 @@ def test_saving_what_cannot_be_loaded_is_refused(tmp_path, case):
             args["mean"] = [0.1, 0.2]
         elif case == "not-a-model":
             model = {"weight": np.zeros(3)}
-        call = lambda: hn.save(model, path, **args)   # noqa: E731
+        def call():
+            hn.save(model, path, **args)
     with pytest.raises(UsageError) as err:
         call()
     assert str(path) in str(err.value) and "cannot save" in str(err.value) and "\n" not in str(err.value)

@@ -17,6 +17,6 @@ from .serialize import load, save
 
 __version__ = "0.1.0"
 
-__all__ = ["losses", "optim", "seed", "save", "load", "get_backend", "best_device", "Layer", "Parameter", "Sequential", "Dense",
-           "Flatten", "Conv2D", "MaxPool2D", "AvgPool2D", "GlobalAvgPool2D", "ReLU", "Sigmoid", "Tanh", "Softmax",
-           "BatchNorm1D", "BatchNorm2D", "Dropout", "__version__"]
+__all__ = ["losses", "optim", "seed", "save", "load", "get_backend", "best_device", "Layer", "Parameter",
+           "Sequential", "Dense", "Flatten", "Conv2D", "MaxPool2D", "AvgPool2D", "GlobalAvgPool2D", "ReLU", "Sigmoid",
+           "Tanh", "Softmax", "BatchNorm1D", "BatchNorm2D", "Dropout", "__version__"]

@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .train import OPTIMIZERS
 
     parser = _Parser(prog="hetnet", description="A readable deep-learning engine for image classification.")
-    sub = parser.add_subparsers(dest="command", metavar="{train,evaluate,predict,export,runs,info,bench}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{train,evaluate,predict,export,runs,info,bench}",
+                                parser_class=_Parser)
 
     from . import zoo
 
@@ -207,14 +208,18 @@ def cmd_train(args) -> int:
 
         config = rerun_config(args.config, flags)
         out = Path(args.out or default_run_dir(config["model"] or "spec", config["dataset"]))
-        run = lambda: start_run(config, out, log=default_log, progress=progress)  # noqa: E731
+
+        def run():
+            start_run(config, out, log=default_log, progress=progress)
     else:
         model, dataset = args.model or "fashion-cnn", args.dataset or "fashion-mnist"
         cfg = RunConfig(**{**{k: v for k, v in flags.items() if v is not None}, "model": model, "dataset": dataset,
                            "seed": 0 if args.seed is None else args.seed, "skip_bad_images": args.skip_bad_images,
                            "out": args.out or str(default_run_dir(model, dataset))})
         out = Path(cfg.out)
-        run = lambda: train_run(cfg, log=default_log, progress=progress)  # noqa: E731
+
+        def run():
+            train_run(cfg, log=default_log, progress=progress)
     try:
         with interruptible():
             run()

@@ -230,6 +230,7 @@ def export_model_file(target: str | Path, out: str | Path | None = None, fmt: st
         raise UsageError(f"--out: {out} is a directory; expected a file name such as {out / 'model.onnx'}")
     export_onnx(lm.model, out, lm.input_shape, lm.mean, lm.std, lm.class_names)
     k = lm.model.output_shape(lm.input_shape)
-    return out, (f"wrote {out} (ONNX opset {OPSET}): input {INPUT_NAME} float32 [N, {', '.join(map(str, lm.input_shape))}]"
-                 f" in [0, 1], normalised inside the graph; output {OUTPUT_NAME} [N, {', '.join(map(str, k))}] "
+    shape = ", ".join(map(str, lm.input_shape))
+    return out, (f"wrote {out} (ONNX opset {OPSET}): input {INPUT_NAME} float32 [N, {shape}] in [0, 1], normalised "
+                 f"inside the graph; output {OUTPUT_NAME} [N, {', '.join(map(str, k))}] "
                  f"for {len(lm.class_names)} classes")

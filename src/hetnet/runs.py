@@ -5,13 +5,18 @@
         metrics.jsonl       one JSON object per finished epoch
         checkpoint/         the latest resumable state (rewritten atomically after every epoch)
         model.safetensors   final weights + normalisation + class names (only when training completes)
+        model-best.safetensors  the epoch with the best validation (else test) accuracy, as evaluated
         curves.png          loss and accuracy per epoch
         confusion.png       confusion matrix on the test (else validation) set
 
 Resuming (`--resume DIR`) rebuilds the model, data split and loaders from the checkpoint's copy of the config,
 restores weights, optimiser, schedule and hetnet's RNG state, rewrites metrics.jsonl from the checkpoint's lines and
 carries on at the next epoch. Batch order and augmentation depend only on (seed, epoch), so on the cpu backend a
-resumed run ends bit-identical to an uninterrupted one.
+resumed run ends bit-identical to an uninterrupted one. `--resume DIR --epochs N` trains on to N epochs, also past
+the end of a finished run (the schedule is rebuilt for N epochs and continues from its position).
+
+`--config RUN/config.json` (rerun_config) starts a new run with the same spec, data, split, recipe, seed and
+device: on the cpu backend it ends with the same weights and metrics; flags given beside it change what they name.
 
     >>> from hetnet.runs import RunConfig, train_run
     >>> result = train_run(RunConfig(model="mlp", dataset="fashion-mnist", epochs=1, limit=1000))   # doctest: +SKIP
@@ -36,8 +41,19 @@ from . import random as hrandom
 from . import serialize, zoo
 from .device import best_device, get_backend
 from .errors import ModelFileError, TrainingDiverged, UsageError
-from .train import (OPTIMIZERS, Trainer, WeightAverage, check_lr, check_positive_int, confusion_matrix, default_log,
-                    make_optimizer, make_schedule, predict_labels, records_iter)
+from .train import (
+    OPTIMIZERS,
+    Trainer,
+    WeightAverage,
+    check_lr,
+    check_positive_int,
+    confusion_matrix,
+    default_log,
+    make_optimizer,
+    make_schedule,
+    predict_labels,
+    records_iter,
+)
 
 DATASETS = ("fashion-mnist", "mnist", "cifar10", "folder")
 EVAL_BATCH = 500

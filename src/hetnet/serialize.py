@@ -255,7 +255,7 @@ def save(model, path: str | Path, classes=None, mean=None, std=None, input_shape
                classes, info)
 
 
-def load(path: str | Path, device: str | None = "cpu") -> "LoadedModel":
+def load(path: str | Path, device: str | None = "cpu") -> LoadedModel:
     """A model file as a LoadedModel: .model (in eval mode, on `device`), .input_shape, .class_names, .mean,
     .std, .spec, .info. ModelFileError naming the file if it is missing, corrupt or not hetnet's."""
     return load_model(path, device)

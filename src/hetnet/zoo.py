@@ -152,8 +152,8 @@ def spec_of(name: str) -> dict:
 def spec_of_model(model: L.Sequential, input_shape) -> dict:
     """The JSON spec {"input_shape": [C, H, W], "layers": [...]} that rebuilds `model`'s architecture exactly
     (weights are not part of a spec). Every constructor argument is written out, read from the layer's attribute
-    of the same name (`use_<name>` first, for a flag such as Dense's `bias`). UsageError for anything a spec cannot hold:
-    an empty model, a layer type hetnet does not know, input shapes that do not chain.
+    of the same name (`use_<name>` first, for a flag such as Dense's `bias`). UsageError for anything a spec cannot
+    hold: an empty model, a layer type hetnet does not know, input shapes that do not chain.
 
         >>> model = hn.Sequential([hn.Flatten(), hn.Dense(784, 10)])
         >>> spec_of_model(model, (1, 28, 28))["layers"][1]

@@ -144,7 +144,7 @@ def decode_image(data, name: str, mode: str | None, size: tuple[int, int] | None
             if size is not None and out.size != (size[1], size[0]):
                 out = out.resize((size[1], size[0]), Image.BILINEAR)
             return np.asarray(out), own_mode, own_size
-    except Exception as e:  # noqa: BLE001 - Pillow raises UnidentifiedImageError, OSError (truncated), SyntaxError, ValueError...
+    except Exception as e:
         raise _BadImage(f"{type(e).__name__}: {e}") from None
 
 

@@ -182,8 +182,9 @@ class Adaptation:
 
         >>> a = Adaptation((3, 32, 32))
         >>> a.record("grey", (28, 28), n=60000)
-        >>> a.note()
-        "images adapted to the model's input 3x32x32: 60000 converted from grey to RGB, 60000 resized from 28x28 (bilinear)"
+        >>> a.note()                                                                  # doctest: +NORMALIZE_WHITESPACE
+        "images adapted to the model's input 3x32x32: 60000 converted from grey to RGB;
+         60000 resized from 28x28 to 32x32 (bilinear)"
     """
 
     def __init__(self, to_shape):
@@ -200,7 +201,7 @@ class Adaptation:
         if size != self.to[1:]:
             self.resized[size] = self.resized.get(size, 0) + int(n)
 
-    def merge(self, other: "Adaptation | None") -> "Adaptation":
+    def merge(self, other: Adaptation | None) -> Adaptation:
         for k, n in ((other.converted.items()) if other else ()):
             self.converted[k] = self.converted.get(k, 0) + n
         for k, n in ((other.resized.items()) if other else ()):
