@@ -39,3 +39,37 @@ def rng():
 
 def torch_or_skip():
     return pytest.importorskip("torch", reason="torch not installed (optional cross-check)")
+
+
+# ONNX export: logits from onnxruntime (CPU, float32) against hetnet's cpu backend on the same images, relative error
+# ||a - b|| / ||b|| as above (both float32; the graph normalises inside, hetnet on the host).
+ONNX_RTOL = 1e-4
+
+# Model specs that together hold every layer type of hetnet.zoo.LAYER_TYPES, at odd shapes (non-square input,
+# stride 2 with padding 2, overlapping pooling, 1x1 convolution, no bias); for save/load and export tests.
+EVERY_LAYER_SPECS = [
+    {"input_shape": [3, 9, 11], "layers": [
+        {"type": "Conv2D", "in_channels": 3, "out_channels": 4, "kernel_size": 3, "stride": 2, "padding": 2},
+        {"type": "BatchNorm2D", "num_features": 4}, {"type": "ReLU"},
+        {"type": "MaxPool2D", "kernel_size": 2, "stride": 1},
+        {"type": "Conv2D", "in_channels": 4, "out_channels": 5, "kernel_size": 1, "bias": False}, {"type": "Tanh"},
+        {"type": "AvgPool2D", "kernel_size": 2}, {"type": "Sigmoid"}, {"type": "Flatten"},
+        {"type": "Dropout", "p": 0.3},
+        {"type": "Dense", "in_features": 30, "out_features": 6}, {"type": "BatchNorm1D", "num_features": 6},
+        {"type": "ReLU"}, {"type": "Dense", "in_features": 6, "out_features": 4, "bias": False},
+        {"type": "Softmax"}]},
+    {"input_shape": [1, 8, 8], "layers": [
+        {"type": "Conv2D", "in_channels": 1, "out_channels": 3, "kernel_size": 3}, {"type": "ReLU"},
+        {"type": "GlobalAvgPool2D"}, {"type": "Dense", "in_features": 3, "out_features": 2}]},
+]
+
+
+def randomize_batchnorm(model, rng) -> None:
+    """Give every BatchNorm layer of `model` non-trivial gamma, beta and running statistics (eval mode uses them)."""
+    for layer in model.layers:
+        if hasattr(layer, "running_var"):
+            c = layer.num_features
+            layer.weight.data = rng.uniform(0.5, 1.5, c)
+            layer.bias.data = rng.normal(0, 0.5, c)
+            layer.running_mean = rng.normal(0, 0.5, c)
+            layer.running_var = rng.uniform(0.5, 2.0, c)

@@ -142,3 +142,102 @@ def test_never_pickle():
     with open(serialize.__file__) as f:
         src = f.read()
     assert "pickle" not in src.replace("Never pickle", "")
+
+
+# --- saving any model from Python: model.spec(), hn.save / hn.load ------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(zoo.PRESETS))
+def test_spec_of_every_preset_rebuilds_it(name):
+    preset = zoo.PRESETS[name]
+    model = zoo.build(name)
+    spec = model.spec(preset.input_shape)
+    assert json.loads(json.dumps(spec)) == spec
+    assert spec["input_shape"] == list(preset.input_shape) and len(spec["layers"]) == len(preset.layers)
+    for written, given in zip(spec["layers"], preset.layers):
+        assert {k: written[k] for k in given} == given           # what the preset says, plus the defaults
+    twin, shape = zoo.build_from_spec(spec)
+    assert twin.spec(shape) == spec and repr(twin) == repr(model)
+
+
+def test_every_layer_type_is_covered_by_the_specs_of_the_tests():
+    from conftest import EVERY_LAYER_SPECS
+
+    covered = {layer["type"] for spec in EVERY_LAYER_SPECS for layer in spec["layers"]}
+    assert covered == set(zoo.LAYER_TYPES)
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_hn_save_and_load_round_trip_exactly(tmp_path, which):
+    from conftest import EVERY_LAYER_SPECS, randomize_batchnorm
+
+    spec = EVERY_LAYER_SPECS[which]
+    hn.seed(3)
+    built, shape = zoo.build_from_spec(spec)
+    # the same architecture written in Python, weights copied in
+    model = zoo.layers_from_specs(spec["layers"]).to("cpu")
+    model.load_state_dict(built.state_dict())
+    randomize_batchnorm(model, np.random.default_rng(which))
+    x = np.random.default_rng(5).random((4, *shape)).astype(np.float32)
+    model.eval()
+    expected = model.forward(x)
+    names = [f"class {i}" for i in range(model.output_shape(shape)[0])]
+    c = shape[0]
+    state_before = hn.random.get_state()
+    hn.save(model, tmp_path / "m.safetensors", classes=names, mean=[0.5] * c, std=[0.25] * c, input_shape=shape)
+    assert hn.random.get_state() == state_before                 # saving draws nothing from hetnet's generator
+    lm = hn.load(tmp_path / "m.safetensors")
+    assert lm.spec == model.spec(shape) and lm.input_shape == tuple(shape) and lm.class_names == names
+    assert lm.mean == [0.5] * c and lm.std == [0.25] * c
+    for (k, a), (k2, b) in zip(model.state_dict().items(), lm.model.state_dict().items()):
+        assert k == k2 and a.dtype == b.dtype and np.array_equal(a, b), k
+    assert np.array_equal(lm.model.forward(x), expected)
+    # the input shape defaults to the one the model last ran on; class names and normalisation have defaults
+    hn.save(model, tmp_path / "d.safetensors")
+    d = hn.load(tmp_path / "d.safetensors")
+    assert d.input_shape == tuple(shape) and d.class_names == [str(i) for i in range(len(names))]
+    assert d.mean == [0.0] * c and d.std == [1.0] * c
+
+
+class _Custom(hn.ReLU):
+    pass
+
+
+@pytest.mark.parametrize("case", ["spec-none", "spec-empty", "spec-other-model", "empty-model", "custom-layer",
+                                  "no-input-shape", "shape-does-not-chain", "class-count", "std-zero",
+                                  "mean-length", "not-a-model"])
+def test_saving_what_cannot_be_loaded_is_refused(tmp_path, case):
+    from hetnet.errors import UsageError
+
+    model, _ = _trained_model()
+    path = tmp_path / "m.safetensors"
+    args = {"classes": NAMES, "mean": [0.25], "std": [0.5], "input_shape": (1, 8, 8)}
+    if case.startswith("spec-"):
+        spec = {"spec-none": None, "spec-empty": {}, "spec-other-model": zoo.spec_of("mlp")}[case]
+        def call():
+            serialize.save_model(path, model, spec, [0.25], [0.5], NAMES)
+    else:
+        if case == "empty-model":
+            model = hn.Sequential([])
+        elif case == "custom-layer":
+            model = hn.Sequential([hn.Flatten(), _Custom()])
+            args["classes"] = [str(i) for i in range(64)]
+        elif case == "no-input-shape":
+            model, _ = zoo.build_from_spec(SPEC)
+            del args["input_shape"]
+        elif case == "shape-does-not-chain":
+            args["input_shape"] = (1, 10, 8)
+        elif case == "class-count":
+            args["classes"] = NAMES[:3]
+        elif case == "std-zero":
+            args["std"] = [0.0]
+        elif case == "mean-length":
+            args["mean"] = [0.1, 0.2]
+        elif case == "not-a-model":
+            model = {"weight": np.zeros(3)}
+        def call():
+            hn.save(model, path, **args)
+    with pytest.raises(UsageError) as err:
+        call()
+    assert str(path) in str(err.value) and "cannot save" in str(err.value) and "\n" not in str(err.value)
+    assert not path.exists() and not list(tmp_path.iterdir())

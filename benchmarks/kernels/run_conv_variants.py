@@ -40,7 +40,7 @@ from hetnet.backends.cuda.conv_tiles import OPS, TILES, Tile, instantiations
 from hetnet.backends.cuda.kernels import HERE as CUDA_DIR
 from hetnet.backends.cuda.kernels import inline_header
 from hetnet.bench.common import RTOL_F32, environment
-from hetnet.serialize import atomic_write_text
+from hetnet.files import atomic_write_text
 
 WARMUP, REPS, SAMPLES = 3, 10, 9
 # name: (C, H, W, K, kernel, padding): conv_algos.py's 3x3 convolutions and the dense layers (1x1 convolutions of

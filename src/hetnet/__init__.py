@@ -6,6 +6,7 @@
     logits = model.forward(x)                                  # x: (N, 1, 28, 28) float32
     loss, dlogits = hn.losses.softmax_cross_entropy(logits, labels)
     model.backward(dlogits)
+    hn.save(model, "m.safetensors", classes=[...], input_shape=(1, 28, 28)); hn.load("m.safetensors").model
 """
 from . import losses, optim
 from .device import best_device, get_backend
@@ -13,9 +14,10 @@ from .layers import (AvgPool2D, BatchNorm1D, BatchNorm2D, Conv2D, Dense, Dropout
                      MaxPool2D, Parameter, ReLU, Sigmoid, Softmax, Tanh)
 from .model import Sequential
 from .random import seed
+from .serialize import load, save
+from .version import __version__
 
-__version__ = "0.1.0"
 
-__all__ = ["losses", "optim", "seed", "get_backend", "best_device", "Layer", "Parameter", "Sequential", "Dense",
-           "Flatten", "Conv2D", "MaxPool2D", "AvgPool2D", "GlobalAvgPool2D", "ReLU", "Sigmoid", "Tanh", "Softmax",
-           "BatchNorm1D", "BatchNorm2D", "Dropout", "__version__"]
+__all__ = ["losses", "optim", "seed", "save", "load", "get_backend", "best_device", "Layer", "Parameter",
+           "Sequential", "Dense", "Flatten", "Conv2D", "MaxPool2D", "AvgPool2D", "GlobalAvgPool2D", "ReLU", "Sigmoid",
+           "Tanh", "Softmax", "BatchNorm1D", "BatchNorm2D", "Dropout", "__version__"]

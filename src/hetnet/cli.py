@@ -1,10 +1,13 @@
-"""The `hetnet` command: train | evaluate | predict | info | bench.
+"""The `hetnet` command: train | evaluate | predict | export | runs | info | bench.
 
     hetnet train                                   # fashion-cnn on Fashion-MNIST on the best device
     hetnet train --model thesis-m1 --dataset folder --data cifar10-jpg-train.tar.gz --epochs 10
-    hetnet train --resume runs/20261127-031500-fashion-cnn-fashion-mnist
+    hetnet train --resume runs/20261127-031500-fashion-cnn-fashion-mnist [--epochs 30]
+    hetnet train --config runs/20261127-031500-fashion-cnn-fashion-mnist/config.json --seed 1
+    hetnet runs
     hetnet evaluate runs/20261127-031500-fashion-cnn-fashion-mnist
     hetnet predict runs/.../model.safetensors shoe.png --top-k 3
+    hetnet export runs/20261127-031500-fashion-cnn-fashion-mnist --format onnx --out fashion.onnx
     hetnet info
 
 Bad input (a missing or corrupt file, a bad flag) ends with one line `error: ...` on stderr and exit status 2;
@@ -13,13 +16,36 @@ Ctrl-C ends with exit status 130. Tracebacks are for bugs.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import os
 import sys
 from pathlib import Path
 
+from tqdm import tqdm
+
+from . import data, zoo
+from .device import best_device
 from .errors import HetnetError
+from .optim import SCHEDULES
+from .predict import predict_images
+from .runs import (
+    DATASETS,
+    RunConfig,
+    default_run_dir,
+    evaluate_model,
+    export_model_file,
+    format_runs,
+    list_runs,
+    rerun_config,
+    resume_run,
+    start_run,
+    train_run,
+    versions,
+)
+from .serialize import checkpoint_path
+from .train import OPTIMIZERS, default_log, interruptible
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -55,19 +81,23 @@ _fraction = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .optim import SCHEDULES
-    from .runs import DATASETS
-    from .train import OPTIMIZERS
 
     parser = _Parser(prog="hetnet", description="A readable deep-learning engine for image classification.")
-    sub = parser.add_subparsers(dest="command", metavar="{train,evaluate,predict,info,bench}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{train,evaluate,predict,export,runs,info,bench}",
+                                parser_class=_Parser)
 
+
+    width = max(map(len, zoo.PRESETS))
     t = sub.add_parser("train", help="train a model (no flags: fashion-cnn on Fashion-MNIST, the main job)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Train a model into a run directory. Flags not given come from the model "
-                                   "preset's recipe.")
-    t.add_argument("--model", default="fashion-cnn", help="preset name (see `hetnet info`) or a SPEC.json file "
-                                                           "(default: fashion-cnn)")
-    t.add_argument("--dataset", default="fashion-mnist", choices=DATASETS, help="default: fashion-mnist")
+                                   "preset's recipe\n(`hetnet info PRESET` shows its layers). Images are converted "
+                                   "to the model's channels and resized\nto its input when they differ (a note says "
+                                   "so).",
+                       epilog="preset recipes:\n" + "\n".join(f"  {name:<{width}}  {zoo.recipe_line(pr)}"
+                                                              for name, pr in zoo.PRESETS.items()))
+    t.add_argument("--model", help="preset name (see `hetnet info`) or a SPEC.json file (default: fashion-cnn)")
+    t.add_argument("--dataset", choices=DATASETS, help="default: fashion-mnist")
     t.add_argument("--data", metavar="PATH", help="data folder (IDX files, CIFAR-10 batches, class folders) or "
                                                    ".tar/.tar.gz of class folders")
     t.add_argument("--device", help="cpu | reference | cuda | cuda:N (default: the best available)")
@@ -86,30 +116,66 @@ def build_parser() -> argparse.ArgumentParser:
     aug.add_argument("--no-augment", action="store_true", help="no augmentation")
     t.add_argument("--val-fraction", type=_fraction, help="held-out stratified validation share (default 0.1 "
                                                           "for data sets without a test split, else 0)")
-    t.add_argument("--seed", type=_int, default=0)
+    t.add_argument("--seed", type=_int, help="default: 0")
     t.add_argument("--limit", type=_positive_int, metavar="N", help="use only the first N training examples")
     t.add_argument("--skip-bad-images", action="store_true", help="skip unreadable image files (and count them)")
     t.add_argument("--out", metavar="DIR", help="run directory (default runs/<UTC time>-<model>-<dataset>)")
-    t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its checkpoint")
+    again = t.add_mutually_exclusive_group()
+    again.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its checkpoint; with "
+                                                           "--epochs N, train on to N epochs (extends a finished run)")
+    again.add_argument("--config", metavar="CONFIG_JSON", help="rerun a run exactly from its config.json (or run "
+                                                               "directory) into a new run directory; flags given "
+                                                               "beside it override")
     t.add_argument("--no-progress", action="store_true", help="no progress bar, even on a terminal")
     t.add_argument("--no-cuda-graph", action="store_true",
                    help="cuda: run the training step eagerly instead of replaying a captured CUDA graph")
     t.add_argument("--tf32", action="store_true", help="cuda: let the cuBLAS matrix products use TF32")
 
-    e = sub.add_parser("evaluate", help="loss, accuracy and per-class accuracy of a saved model")
+    e = sub.add_parser("evaluate", help="loss, accuracy and per-class accuracy of a saved model",
+                       description="Score a saved model: on its own data set's test split (or the validation split "
+                                   "it was trained with), or on any data given with --dataset/--data, where every "
+                                   "image is scored. Classes are matched by name.")
     e.add_argument("model", metavar="RUN_DIR|MODEL_FILE")
     e.add_argument("--dataset", choices=DATASETS, help="default: the data set the model was trained on")
-    e.add_argument("--data", metavar="PATH")
+    e.add_argument("--data", metavar="PATH", help="folder or .tar/.tar.gz of <class>/..., test/<class>/... or both; "
+                                                   "an IDX folder (the t10k files will do); CIFAR-10 batches")
+    e.add_argument("--split", choices=("train", "test", "all"),
+                   help="which images when the data have both splits (default: test)")
     e.add_argument("--device")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
 
-    p = sub.add_parser("predict", help="top-k classes of image files")
+    p = sub.add_parser("predict", help="top-k classes of images (files, folders, .tar/.tar.gz archives)",
+                       description="The top-k classes of each image. Images are converted to the model's channels "
+                                   "and resized to its input as in training (a note says so). An unreadable image "
+                                   "gets its own `error:` line and the others still get answers; the exit status "
+                                   "is then 2.")
     p.add_argument("model", metavar="RUN_DIR|MODEL_FILE")
-    p.add_argument("images", metavar="IMAGE", nargs="+")
+    p.add_argument("images", metavar="IMAGE", nargs="+", help="image file, folder of images, or .tar/.tar.gz")
     p.add_argument("--top-k", type=_positive_int, default=3)
-    p.add_argument("--device")
+    p.add_argument("--device", help="cpu (default) | reference | cuda | cuda:N")
+    p.add_argument("--json", action="store_true",
+                   help='one JSON object per line and image: {"path": ..., "top_k": [[class, probability], ...]}')
 
-    sub.add_parser("info", help="versions, devices, models and where data sets were found")
+    x = sub.add_parser("export", help="write a saved model as an ONNX graph",
+                       description="Write a saved model as an ONNX graph (opset 17): input `images` float32 "
+                                   "N x C x H x W in [0, 1] (normalised inside the graph), output `logits`. Needs "
+                                   "the onnx package: pip install 'hetnet[export]'.")
+    x.add_argument("model", metavar="RUN_DIR|MODEL_FILE")
+    x.add_argument("--format", default="onnx", choices=("onnx",), help="default: onnx")
+    x.add_argument("--out", metavar="FILE", help="default: the model file's name with .onnx")
+
+    r = sub.add_parser("runs", help="list the runs in a directory (default: runs/)",
+                       description="One line per run directory: model, data, epochs, status, the accuracy split "
+                                   "(val if there is one, else test), best accuracy and its epoch, final accuracy, "
+                                   "training time.")
+    r.add_argument("dir", metavar="DIR", nargs="?", default="runs")
+    r.add_argument("--json", action="store_true", help="print the list as JSON")
+
+    i = sub.add_parser("info", help="versions, devices, models and where data sets were found; or one model",
+                       description="Without MODEL: versions, devices, presets and where data sets were found. With "
+                                   "MODEL (a preset name or SPEC.json): its layers, output shapes, parameter count "
+                                   "and recipe.")
+    i.add_argument("name", metavar="MODEL", nargs="?")
     sub.add_parser("bench", help="benchmarks (arguments go to hetnet.bench)", add_help=False)
     return parser
 
@@ -122,13 +188,10 @@ def _print(line: str) -> None:
 
 
 def cmd_train(args) -> int:
-    from .runs import RunConfig, default_run_dir, resume_run, train_run
-    from .train import default_log, interruptible
 
     progress = False if args.no_progress else None
     # tqdm makes its write lock on first use (importing multiprocessing); a Ctrl-C in the middle of that left it
     # half-made and ended in a traceback, so it is made here, before any run starts
-    from tqdm import tqdm
 
     tqdm.get_lock()
     # The cuda backend reads these switches when it is created (hetnet.backends.cuda.CudaBackend).
@@ -136,38 +199,51 @@ def cmd_train(args) -> int:
         os.environ["HETNET_CUDA_GRAPH"] = "0"
     if args.tf32:
         os.environ["HETNET_TF32"] = "1"
+    augment = [] if args.no_augment else (None if args.augment is None else
+                                          [s for s in args.augment.split(",") if s.strip()])
+    flags = {"model": args.model, "dataset": args.dataset, "data": args.data, "device": args.device,
+             "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "optimizer": args.optimizer,
+             "schedule": args.schedule, "weight_decay": args.weight_decay, "warmup_epochs": args.warmup_epochs,
+             "label_smoothing": args.label_smoothing, "ema": args.ema, "augment": augment,
+             "val_fraction": args.val_fraction, "seed": args.seed, "limit": args.limit,
+             "skip_bad_images": args.skip_bad_images or None}
     if args.resume:
-        given = [f for f in ("epochs", "batch_size", "lr", "optimizer", "schedule", "weight_decay", "limit", "out",
-                             "data", "augment", "device", "val_fraction", "label_smoothing", "warmup_epochs", "ema")
-                 if getattr(args, f) is not None]
+        given = [f for f, v in flags.items() if v is not None and f != "epochs"] + (["out"] if args.out else [])
         if given:
             print(f"note: --resume continues the run as configured; ignoring --{given[0].replace('_', '-')}"
                   + (" and others" if len(given) > 1 else ""), file=sys.stderr)
         run_dir = Path(args.resume)
         try:
             with interruptible():
-                resume_run(run_dir, log=default_log, progress=progress)
+                resume_run(run_dir, log=default_log, progress=progress, epochs=args.epochs)
         except KeyboardInterrupt:
             return _interrupted(run_dir)
         return 0
-    augment = [] if args.no_augment else (None if args.augment is None else
-                                          [s for s in args.augment.split(",") if s.strip()])
-    cfg = RunConfig(model=args.model, dataset=args.dataset, data=args.data, device=args.device, epochs=args.epochs,
-                    batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer, schedule=args.schedule,
-                    weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
-                    label_smoothing=args.label_smoothing, ema=args.ema, augment=augment, val_fraction=args.val_fraction,
-                    seed=args.seed, limit=args.limit, skip_bad_images=args.skip_bad_images,
-                    out=args.out or str(default_run_dir(args.model, args.dataset)))
+    if args.config:
+
+        config = rerun_config(args.config, flags)
+        out = Path(args.out or default_run_dir(config["model"] or "spec", config["dataset"]))
+
+        def run():
+            start_run(config, out, log=default_log, progress=progress)
+    else:
+        model, dataset = args.model or "fashion-cnn", args.dataset or "fashion-mnist"
+        cfg = RunConfig(**{**{k: v for k, v in flags.items() if v is not None}, "model": model, "dataset": dataset,
+                           "seed": 0 if args.seed is None else args.seed, "skip_bad_images": args.skip_bad_images,
+                           "out": args.out or str(default_run_dir(model, dataset))})
+        out = Path(cfg.out)
+
+        def run():
+            train_run(cfg, log=default_log, progress=progress)
     try:
         with interruptible():
-            train_run(cfg, log=default_log, progress=progress)
+            run()
     except KeyboardInterrupt:
-        return _interrupted(Path(cfg.out))
+        return _interrupted(out)
     return 0
 
 
 def _interrupted(run_dir: Path) -> int:
-    from .serialize import checkpoint_path
 
     if checkpoint_path(run_dir).exists():
         sys.stderr.write(f"\ninterrupted: continue with `hetnet train --resume {run_dir}`\n")
@@ -177,25 +253,57 @@ def _interrupted(run_dir: Path) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .runs import evaluate_model
 
     result = evaluate_model(args.model, dataset=args.dataset, data=args.data, device=args.device,
-                            log=None if args.json else _print)
+                            log=None if args.json else _print, split=args.split)
     if args.json:
         print(json.dumps(result, indent=2))
     return 0
 
 
 def cmd_predict(args) -> int:
-    from .runs import predict_images
 
-    predict_images(args.model, args.images, top_k=args.top_k, device=args.device, log=_print)
+    def show(name: str, top: list) -> None:
+        if args.json:
+            _print(json.dumps({"path": name, "top_k": [[c, p] for c, p in top]}))
+        else:
+            _print(f"{name}: " + ", ".join(f"{c} {p:.3f}" for c, p in top))
+
+    def error(message: str) -> None:
+        sys.stderr.write("error: " + " ".join(message.split("\n")) + "\n")
+        sys.stderr.flush()
+
+    _, failed = predict_images(args.model, args.images, top_k=args.top_k, device=args.device, on_result=show,
+                               on_error=error)
+    return EXIT_USAGE if failed else 0
+
+
+def cmd_export(args) -> int:
+
+    _, line = export_model_file(args.model, args.out, args.format)
+    print(line)
+    return 0
+
+
+def cmd_runs(args) -> int:
+
+    rows = list_runs(args.dir)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif not rows:
+        print(f"no runs in {args.dir} (a run is a directory holding config.json)")
+    else:
+        for line in format_runs(rows):
+            print(line)
     return 0
 
 
 def cmd_info(args) -> int:
-    from . import zoo
-    from .runs import versions
+
+    if args.name is not None:
+        for line in zoo.describe(args.name):
+            print(line)
+        return 0
 
     print("hetnet " + versions()["hetnet"])
     print("versions: " + ", ".join(f"{k} {v}" for k, v in versions().items() if k != "hetnet"))
@@ -204,7 +312,6 @@ def cmd_info(args) -> int:
     print("  reference  float64 oracle (slow; for tests)")
     print("  cuda       " + _cuda_description())
     try:
-        from .device import best_device
 
         print(f"best device: {best_device()}")
     except Exception as e:  # info must never crash
@@ -219,7 +326,6 @@ def cmd_info(args) -> int:
 def _cuda_description() -> str:
     """The CUDA backend's own description, or why there is none; never raises."""
     try:
-        import importlib
 
         cuda = importlib.import_module("hetnet.backends.cuda")
     except Exception as e:
@@ -248,7 +354,6 @@ def _cuda_description() -> str:
 
 def _data_locations() -> list[str]:
     try:
-        from . import data
 
         found = data.describe_data_locations()
     except Exception as e:  # info must never crash
@@ -262,7 +367,6 @@ def _data_locations() -> list[str]:
 
 def cmd_bench(argv: list[str]) -> int:
     try:
-        import importlib
 
         bench = importlib.import_module("hetnet.bench")
     except ModuleNotFoundError as e:
@@ -274,7 +378,8 @@ def cmd_bench(argv: list[str]) -> int:
     return int(rc or 0)
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "info": cmd_info}
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "export": cmd_export,
+            "runs": cmd_runs, "info": cmd_info}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,11 +8,14 @@ predict.
 """
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 
-from . import losses, train
+from . import export, losses, train
 from .device import get_backend
-from .layers import BatchNorm1D, BatchNorm2D, Dropout, Layer, Parameter, ReLU
+from .errors import UsageError
+from .layers import LAYER_TYPES, BatchNorm1D, BatchNorm2D, Dropout, Layer, Parameter, ReLU
 from .layers.base import FlatPack
 from .plan import Plan
 
@@ -114,6 +117,20 @@ class Sequential(Layer):
     def __getitem__(self, i):
         return self.layers[i]
 
+    @property
+    def input_shape(self) -> tuple | None:
+        """The per-sample shape (C, H, W) the model last ran on, or None."""
+        return self.plan.input_shape
+
+    def spec(self, input_shape: tuple) -> dict:
+        """The JSON spec (hetnet.zoo's format) that rebuilds this architecture; input_shape is (C, H, W)."""
+        return spec_of(self, input_shape)
+
+    def export_onnx(self, path, input_shape: tuple, mean=None, std=None, class_names=None):
+        """Write an ONNX graph of this model in eval mode (hetnet.export): input `images` float32 (N, C, H, W) in
+        [0, 1], normalised inside the graph with mean/std; output `logits`. Returns the path."""
+        return export.export_onnx(self, path, input_shape, mean=mean, std=std, class_names=class_names)
+
     # -- training conveniences (the loops live in hetnet.train)
     def fit(self, x, y, **kwargs) -> list:
         """Train on arrays; see hetnet.train.fit for the options. Returns one metrics record per epoch."""
@@ -122,3 +139,60 @@ class Sequential(Layer):
     def evaluate(self, x, y, batch_size: int = 256) -> tuple:
         """(mean loss, accuracy) on arrays, in eval mode."""
         return train.evaluate_arrays(self, x, y, batch_size)
+
+
+def spec_of(model, input_shape) -> dict:
+    """The JSON spec {"input_shape": [C, H, W], "layers": [...]} that rebuilds `model`'s architecture exactly
+    (weights are not part of a spec). Every constructor argument is written out, read from the layer's attribute
+    of the same name (`use_<name>` first, for a flag such as Dense's `bias`). UsageError for anything a spec cannot
+    hold: an empty model, a layer type hetnet does not know, input shapes that do not chain.
+
+        >>> model = hn.Sequential([hn.Flatten(), hn.Dense(784, 10)])
+        >>> model.spec((1, 28, 28))["layers"][1]
+        {'type': 'Dense', 'in_features': 784, 'out_features': 10, 'bias': True}
+    """
+    if not model.layers:
+        raise UsageError("spec: the model has no layers")
+    shape = _input_shape(input_shape)
+    layers = []
+    for i, layer in enumerate(model.layers):
+        kind = type(layer).__name__
+        if LAYER_TYPES.get(kind) is not type(layer):
+            raise UsageError(f"spec: layer {i} is a {kind}, not one of hetnet's layer types "
+                             f"({', '.join(sorted(LAYER_TYPES))}); a spec cannot rebuild it")
+        entry = {"type": kind}
+        for name, param in inspect.signature(type(layer).__init__).parameters.items():
+            if name == "self" or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+                continue
+            attr = f"use_{name}" if hasattr(layer, f"use_{name}") else name   # Dense.bias is the Parameter
+            if not hasattr(layer, attr):
+                raise UsageError(f"spec: layer {i} ({kind}) keeps no attribute for its argument {name!r}")
+            entry[name] = _json_value(getattr(layer, attr))
+        layers.append(entry)
+    try:
+        model.output_shape(shape)
+    except ValueError as e:
+        raise UsageError(f"spec: input_shape {list(shape)} does not fit the model: {e}") from None
+    return {"input_shape": list(shape), "layers": layers}
+
+
+def _input_shape(input_shape) -> tuple:
+    try:
+        shape = tuple(int(v) for v in input_shape)
+        ok = len(shape) == 3 and all(v > 0 and v == w for v, w in zip(shape, input_shape))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise UsageError(f"input_shape: expected (C, H, W), three positive integers, got {input_shape!r}")
+    return shape
+
+
+def _json_value(v):
+    """A layer attribute as JSON: Python ints, floats, bools (NumPy scalars converted)."""
+    if isinstance(v, (bool, int, float, str)) or v is None:
+        return v
+    if hasattr(v, "item"):
+        return v.item()
+    if isinstance(v, (tuple, list)):
+        return [_json_value(x) for x in v]
+    raise UsageError(f"spec: cannot write {v!r} ({type(v).__name__}) as JSON")

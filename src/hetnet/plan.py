@@ -355,6 +355,7 @@ class Plan:
         self.model, self.fuse = model, fuse
         self._nodes: dict = {}      # (per-sample input shape, backend name) -> node list
         self.nodes: list = []       # those of the last forward
+        self.input_shape = None     # the per-sample shape of the last forward
 
     def nodes_for(self, input_shape) -> list[Node]:
         """The nodes for a per-sample input shape (no batch axis) on the model's backend; ValueError naming the
@@ -377,6 +378,7 @@ class Plan:
         backward follows: evaluation)."""
         be = self.model.backend
         nodes = self.nodes = self.nodes_for(x.shape[1:])
+        self.input_shape = tuple(x.shape[1:])
         for node in nodes:
             x = node.forward(be, x, ctx)
             if not keep:

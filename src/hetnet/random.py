@@ -5,6 +5,8 @@
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 _generator = np.random.default_rng(0)
@@ -27,6 +29,22 @@ def get_state() -> dict:
 
 def set_state(state: dict) -> None:
     _generator.bit_generator.state = state
+
+
+@contextlib.contextmanager
+def preserved():
+    """A block that leaves hetnet's generator as it found it (e.g. building a throwaway model to check a spec).
+
+        >>> with preserved():
+        ...     zoo.build_from_spec(spec)          # draws initial weights; the run's sequence is unchanged
+    """
+    global _generator
+    gen, state = _generator, _generator.bit_generator.state
+    try:
+        yield
+    finally:
+        _generator = gen
+        gen.bit_generator.state = state
 
 
 # --- counter-based random numbers (dropout) -------------------------------------------------------------------

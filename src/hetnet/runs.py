@@ -5,13 +5,18 @@
         metrics.jsonl       one JSON object per finished epoch
         checkpoint/         the latest resumable state (rewritten atomically after every epoch)
         model.safetensors   final weights + normalisation + class names (only when training completes)
+        model-best.safetensors  the epoch with the best validation (else test) accuracy, as evaluated
         curves.png          loss and accuracy per epoch
         confusion.png       confusion matrix on the test (else validation) set
 
 Resuming (`--resume DIR`) rebuilds the model, data split and loaders from the checkpoint's copy of the config,
 restores weights, optimiser, schedule and hetnet's RNG state, rewrites metrics.jsonl from the checkpoint's lines and
 carries on at the next epoch. Batch order and augmentation depend only on (seed, epoch), so on the cpu backend a
-resumed run ends bit-identical to an uninterrupted one.
+resumed run ends bit-identical to an uninterrupted one. `--resume DIR --epochs N` trains on to N epochs, also past
+the end of a finished run (the schedule is rebuilt for N epochs and continues from its position).
+
+`--config RUN/config.json` (rerun_config) starts a new run with the same spec, data, split, recipe, seed and
+device: on the cpu backend it ends with the same weights and metrics; flags given beside it change what they name.
 
     >>> from hetnet.runs import RunConfig, train_run
     >>> result = train_run(RunConfig(model="mlp", dataset="fashion-mnist", epochs=1, limit=1000))   # doctest: +SKIP
@@ -28,19 +33,39 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
+from . import data as hdata
+from . import export, plots, serialize, zoo
 from . import random as hrandom
-from . import serialize, zoo
+from .data import transforms
+from .data.transforms import channel_stats, parse_augment
 from .device import best_device, get_backend
 from .errors import ModelFileError, TrainingDiverged, UsageError
-from .train import (OPTIMIZERS, Trainer, WeightAverage, check_lr, check_positive_int, confusion_matrix, default_log,
-                    make_optimizer, make_schedule, predict_labels, records_iter)
+from .files import atomic_write_text
+from .optim import SCHEDULES
+from .train import (
+    OPTIMIZERS,
+    Trainer,
+    WeightAverage,
+    check_lr,
+    check_positive_int,
+    confusion_matrix,
+    default_log,
+    evaluate,
+    make_optimizer,
+    make_schedule,
+    predict_labels,
+    records_iter,
+)
+from .version import __version__
 
 DATASETS = ("fashion-mnist", "mnist", "cifar10", "folder")
 EVAL_BATCH = 500
+BEST_MODEL = "model-best.safetensors"
 
 
 @dataclass
@@ -121,7 +146,6 @@ def _recipe(cfg: RunConfig, preset: zoo.Preset | None) -> dict:
     r["lr"] = check_lr(r["lr"], "lr")
     if r["optimizer"] not in OPTIMIZERS:
         raise UsageError(f"--optimizer: unknown optimizer {r['optimizer']!r} (expected one of {', '.join(OPTIMIZERS)})")
-    from .optim import SCHEDULES
 
     if r["schedule"] not in SCHEDULES:
         raise UsageError(f"--schedule: unknown schedule {r['schedule']!r} (expected one of {', '.join(SCHEDULES)})")
@@ -131,7 +155,6 @@ def _recipe(cfg: RunConfig, preset: zoo.Preset | None) -> dict:
         if not (lo <= v < hi) or (hi == math.inf and not math.isfinite(v)):
             raise UsageError(f"--{key.replace('_', '-')}: expected a number in [{lo:g}, {hi:g}), got {r[key]!r}")
         r[key] = v
-    from .data.transforms import parse_augment
 
     try:
         parse_augment(r["augment"])
@@ -167,10 +190,6 @@ def _fingerprint(*arrays) -> str:
 
 def versions() -> dict:
     """Versions of Python, hetnet and the libraries it uses (installed ones; nothing is imported)."""
-    from importlib import metadata
-
-    from . import __version__
-
     out = {"hetnet": __version__, "python": platform.python_version()}
     for dist in ("numpy", "safetensors", "pillow", "tqdm", "matplotlib", "cupy-cuda12x", "cupy-cuda13x",
                  "cupy", "torch"):
@@ -181,11 +200,15 @@ def versions() -> dict:
     return out
 
 
+def note(line: str) -> None:
+    """A `note: ...` line on stderr: said once per command, never mixed into results on stdout."""
+    print(f"note: {line}", file=sys.stderr, flush=True)
+
+
 def load_data(dataset: str, data: str | None, input_shape: tuple, skip_bad_images: bool = False,
-              model: str = "the model"):
-    """hetnet.data.load_dataset, images converted to the model's channels (grey <-> RGB) and resized to its input."""
-    from . import data as hdata
-    from .data import transforms
+              model: str = "the model", require_train: bool = True):
+    """hetnet.data.load_dataset, images converted to the model's channels (grey <-> RGB) and resized to its input
+    (a note says so when they were). require_train=False: a test split alone will do (evaluation)."""
 
     if input_shape[0] not in (1, 3):
         raise UsageError(f"--model: {model} has input_shape {list(input_shape)}, but images can only be fed as 1 "
@@ -194,7 +217,10 @@ def load_data(dataset: str, data: str | None, input_shape: tuple, skip_bad_image
         raise UsageError(f"--dataset: unknown data set {dataset!r} (expected one of {', '.join(DATASETS)})")
     if dataset == "folder" and data is None:
         raise UsageError("--data: --dataset folder needs --data ROOT (a folder or .tar/.tar.gz of class folders)")
-    ds = hdata.load_dataset(dataset, path=data, input_shape=tuple(input_shape), skip_bad_images=skip_bad_images)
+    ds = hdata.load_dataset(dataset, path=data, input_shape=tuple(input_shape), skip_bad_images=skip_bad_images,
+                            require_train=require_train)
+    if ds.adapted:
+        note(ds.adapted.note())
     c, h, w = input_shape
     for split in ("train", "test"):
         x = getattr(ds, f"{split}_x")
@@ -212,8 +238,6 @@ def prepare(config: dict, log: Callable[[str], None] | None = None) -> _Prepared
     """Build model, data split, loaders, optimiser and schedule from a config dict (see RunConfig/config.json).
 
     Raises HetnetError subclasses for bad input, before anything is written."""
-    from . import data as hdata
-    from .data.transforms import channel_stats
 
     recipe = config["recipe"]
     backend = get_backend(config["device"])
@@ -318,7 +342,7 @@ def default_run_dir(model: str, dataset: str) -> Path:
 
 def _write_metrics(run_dir: Path, history: list) -> None:
     lines = "".join(json.dumps(r) + "\n" for r in records_iter(history))
-    serialize.atomic_write_text(run_dir / "metrics.jsonl", lines)
+    atomic_write_text(run_dir / "metrics.jsonl", lines)
 
 
 def _checkpoint(run_dir: Path, p: _Prepared, epoch: int, history: list) -> None:
@@ -347,6 +371,72 @@ def train_run(cfg: RunConfig, log: Callable[[str], None] | None = default_log, p
     """Train a new run into cfg.out (default runs/<UTC time>-<model>-<dataset>)."""
     config = make_config(cfg)
     run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg.model, cfg.dataset)
+    return start_run(config, run_dir, log, progress, on_epoch)
+
+
+RERUN_KEYS = ("model", "spec", "dataset", "data", "device", "recipe", "val_fraction", "seed", "limit",
+              "skip_bad_images")
+
+
+def rerun_config(path: str | Path, flags: dict | None = None) -> dict:
+    """The config of a new run repeating the run whose config.json is `path` (or a run directory holding one): the
+    same spec, data, split, recipe, seed and device, so that on the cpu backend it trains to the same weights and
+    metrics. `flags` (RunConfig field -> value, only the flags given) change what they name; a new --model brings
+    its spec (the recipe stays the run's)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    try:
+        old = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"--config: {path}: no such file (expected a run's config.json)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"--config: {path}: not a readable run config ({e})") from None
+    missing = [k for k in ("spec", "dataset", "device", "recipe", "seed", "val_fraction") if
+               not isinstance(old, dict) or k not in old]
+    if missing:
+        raise UsageError(f"--config: {path}: not a hetnet run config (missing {', '.join(missing)})")
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    config = {k: json.loads(json.dumps(old.get(k))) for k in RERUN_KEYS}
+    config["adapt_classes"] = False             # the spec was fitted to the data's classes when the run was made
+    if "model" in flags:
+        hrandom.seed(int(flags.get("seed", config["seed"])))
+        config["model"], config["spec"] = flags["model"], zoo.resolve(flags["model"])[2]
+        config["adapt_classes"] = flags["model"] in zoo.PRESETS
+    else:
+        try:
+            zoo.build_from_spec(config["spec"], f"--config: {path}: spec")
+        except ModelFileError as e:
+            raise UsageError(str(e)) from None
+    recipe_keys = ("epochs", "batch_size", "lr", "optimizer", "schedule", "weight_decay", "warmup_epochs",
+                   "label_smoothing", "ema", "augment")
+    recipe = {**config["recipe"], **{k: flags[k] for k in recipe_keys if k in flags}}
+    if not isinstance(config["recipe"], dict) or any(k not in recipe for k in recipe_keys):
+        raise UsageError(f"--config: {path}: incomplete recipe (expected {', '.join(recipe_keys)})")
+    config["recipe"] = _recipe(RunConfig(**{k: recipe[k] for k in recipe_keys}), None)
+    for k in ("dataset", "device", "seed", "limit", "val_fraction", "skip_bad_images"):
+        if k in flags:
+            config[k] = flags[k]
+    if "data" in flags:
+        config["data"] = str(Path(flags["data"]).resolve())
+    elif "dataset" in flags and flags["dataset"] != old.get("dataset"):
+        config["data"] = None
+    if ("dataset" in flags or "data" in flags) and "val_fraction" not in flags:
+        config["val_fraction"] = None           # the new data's default
+    if config["dataset"] not in DATASETS:
+        raise UsageError(f"--dataset: unknown data set {config['dataset']!r} (expected one of {', '.join(DATASETS)})")
+    get_backend(config["device"])
+    if config.get("limit") is not None:
+        check_positive_int(config["limit"], "limit")
+    config.update({"created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                   "command": " ".join(sys.argv), "versions": versions(), "rerun_of": str(path)})
+    return config
+
+
+def start_run(config: dict, run_dir: str | Path, log: Callable[[str], None] | None = default_log,
+              progress: bool | None = None, on_epoch: Callable[[dict], None] | None = None) -> RunResult:
+    """Train a new run from a config dict (make_config, rerun_config) into run_dir."""
+    run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"--out: {run_dir} exists and is not a directory")
     if (run_dir / "config.json").exists() or serialize.checkpoint_path(run_dir).exists() or \
@@ -365,7 +455,7 @@ def train_run(cfg: RunConfig, log: Callable[[str], None] | None = default_log, p
         raise UsageError(f"--out: cannot create {run_dir}: {e.strerror}") from None
     # the epoch-0 checkpoint first: a directory with a config.json always has a checkpoint to resume from
     _checkpoint(run_dir, p, 0, [])
-    serialize.atomic_write_text(run_dir / "config.json", json.dumps(config, indent=2) + "\n")
+    atomic_write_text(run_dir / "config.json", json.dumps(config, indent=2) + "\n")
     _write_metrics(run_dir, [])
     if log:
         log(_describe(p, run_dir))
@@ -373,8 +463,10 @@ def train_run(cfg: RunConfig, log: Callable[[str], None] | None = default_log, p
 
 
 def resume_run(run_dir: str | Path, log: Callable[[str], None] | None = default_log, progress: bool | None = None,
-               on_epoch: Callable[[dict], None] | None = None) -> RunResult:
-    """Continue an interrupted run from its checkpoint (see the module docstring)."""
+               on_epoch: Callable[[dict], None] | None = None, epochs: int | None = None) -> RunResult:
+    """Continue an interrupted run from its checkpoint (see the module docstring). epochs: train to this many
+    epochs instead of the configured number, which also extends a finished run (its schedule is rebuilt for the
+    new length and continues from where it was)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UsageError(f"--resume: {run_dir} is not a run directory")
@@ -382,13 +474,23 @@ def resume_run(run_dir: str | Path, log: Callable[[str], None] | None = default_
         raise UsageError(f"--resume: {run_dir} has no checkpoint ({serialize.checkpoint_path(run_dir)} missing)")
     ckpt = serialize.read_checkpoint(run_dir)
     state = ckpt.state
-    if (run_dir / "model.safetensors").exists():
-        raise UsageError(f"--resume: the run in {run_dir} has already finished (model.safetensors is there)")
     config = state.get("config")
     needed = ("spec", "dataset", "device", "recipe", "seed", "val_fraction")
     if not isinstance(config, dict) or any(k not in config for k in needed) or \
             not isinstance(state.get("epoch"), int) or not isinstance(state.get("metrics"), list):
         raise ModelFileError(f"{ckpt.path}: checkpoint metadata is incomplete (config/epoch/metrics missing)")
+    done, planned = state["epoch"], config["recipe"].get("epochs")
+    if epochs is None and (run_dir / "model.safetensors").exists() and done >= planned:
+        raise UsageError(f"--resume: the run in {run_dir} has already finished ({done} epochs; model.safetensors is "
+                         f"there); extend it with --resume {run_dir} --epochs N, N > {done}")
+    if epochs is not None:
+        epochs = check_positive_int(epochs, "epochs")
+        if epochs < done or (epochs == done and (run_dir / "model.safetensors").exists()):
+            raise UsageError(f"--epochs: the run in {run_dir} has already trained {done} epochs; give more to "
+                             f"extend it")
+    if epochs is not None and epochs != planned:
+        config["recipe"]["epochs"] = epochs
+        config.setdefault("epochs_before", []).append(planned)
     for stale in [*run_dir.glob(".*.tmp"), *run_dir.glob(".*.tmp.png"), *ckpt.path.parent.glob(".*.tmp")]:
         stale.unlink(missing_ok=True)   # left by a kill in the middle of an atomic write
     p = prepare(config, log)
@@ -402,6 +504,11 @@ def resume_run(run_dir: str | Path, log: Callable[[str], None] | None = default_
         raise ModelFileError(f"{ckpt.path}: bad RNG state in checkpoint: {e}") from None
     p.mean, p.std = state.get("mean", p.mean), state.get("std", p.std)
     history = list(state["metrics"])[:state["epoch"]]
+    if config["recipe"]["epochs"] != planned:
+        atomic_write_text(run_dir / "config.json", json.dumps(config, indent=2) + "\n")
+        if config["recipe"]["schedule"] != "constant" or config["recipe"]["warmup_epochs"]:
+            note(f"the {config['recipe']['schedule']} schedule now spans {config['recipe']['epochs']} epochs "
+                 f"instead of {planned}: epoch {done + 1} starts at learning rate {p.optimizer.lr:.4g}")
     _write_metrics(run_dir, history)
     if log:
         log(_describe(p, run_dir) + f"\nresuming after epoch {state['epoch']}/{config['recipe']['epochs']}")
@@ -414,7 +521,18 @@ def _run_epochs(run_dir: Path, p: _Prepared, start: int, history: list, log, pro
                       log=log, average=p.average)
     t0 = time.perf_counter()
 
+    best_key = "val_accuracy" if p.val_loader is not None else ("test_accuracy" if p.test_loader is not None else None)
+
     def after_epoch(rec: dict, hist: list) -> None:
+        # the best epoch's weights (as evaluated: the average, if any) first, then the checkpoint; a kill between
+        # the two repeats the epoch on resume and writes the same file again
+        if best_key is not None and rec[best_key] > max((r[best_key] for r in hist[:-1]), default=-math.inf):
+            info = {**_model_info(p), "epoch": rec["epoch"], "selected_by": best_key, best_key: rec[best_key]}
+            if p.average is not None:
+                with p.average.applied():
+                    serialize.save_model(run_dir / BEST_MODEL, p.model, p.spec, p.mean, p.std, p.class_names, info)
+            else:
+                serialize.save_model(run_dir / BEST_MODEL, p.model, p.spec, p.mean, p.std, p.class_names, info)
         _checkpoint(run_dir, p, rec["epoch"], hist)
         _write_metrics(run_dir, hist)
         if on_epoch is not None:
@@ -428,9 +546,7 @@ def _run_epochs(run_dir: Path, p: _Prepared, start: int, history: list, log, pro
         raise TrainingDiverged(f"{e}; the last good checkpoint (epoch {last}) is in "
                                f"{serialize.checkpoint_path(run_dir).parent}, no model.safetensors written") from None
     seconds = time.perf_counter() - t0
-    info = {"dataset": p.config["dataset"], "data": p.config.get("data"), "val_fraction": p.config["val_fraction"],
-            "seed": p.config["seed"], "limit": p.config.get("limit"), "model": p.config.get("model"),
-            "epochs": epochs}
+    info = _model_info(p)
     _plots(run_dir, p, history)
     model_path = run_dir / "model.safetensors"   # written last: its presence marks a finished run
     serialize.save_model(model_path, p.model, p.spec, p.mean, p.std, p.class_names, info)
@@ -440,14 +556,19 @@ def _run_epochs(run_dir: Path, p: _Prepared, start: int, history: list, log, pro
     return RunResult(run_dir, history, model_path, seconds, summary)
 
 
+def _model_info(p: _Prepared) -> dict:
+    """What a model file of this run says about where it came from (evaluate reads dataset, data, split)."""
+    return {"dataset": p.config["dataset"], "data": p.config.get("data"), "val_fraction": p.config["val_fraction"],
+            "seed": p.config["seed"], "limit": p.config.get("limit"), "model": p.config.get("model"),
+            "epochs": p.config["recipe"]["epochs"]}
+
+
 def _plots(run_dir: Path, p: _Prepared, history: list) -> None:
-    from . import plots
 
     plots.curves(history, run_dir / "curves.png")
     loader, split = (p.test_loader, "test") if p.test_loader is not None else (
         (p.val_loader, "validation") if p.val_loader is not None else (p.train_loader, "training"))
     if loader is p.train_loader:
-        from . import data as hdata
 
         host = getattr(loader, "host", loader)          # a ResidentLoader's BatchLoader
         loader = hdata.BatchLoader(host.x, host.y, EVAL_BATCH, host.mean, host.std, shuffle=False)
@@ -463,12 +584,75 @@ def _summary(run_dir: Path, history: list, epochs: int) -> str:
     key = f"{split}_accuracy"
     total = sum(r["seconds"] for r in history)
     best = max(history, key=lambda r: r[key]) if history else None
+    # model-best.safetensors is chosen on the validation split when there is one (see _run_epochs)
+    sel = "val_accuracy" if last.get("val_accuracy") is not None else key
+    chosen = max(history, key=lambda r: r[sel]) if history else None
     lines = [f"done: {len(history)}/{epochs} epochs in {int(total) // 60}:{int(total) % 60:02d}; "
              f"{split} accuracy {100 * last.get(key, float('nan')):.2f}%"
              + (f" (best {100 * best[key]:.2f}% at epoch {best['epoch']})" if best else ""),
-             (f"artefacts in {run_dir}/: model.safetensors, metrics.jsonl, curves.png, confusion.png, "
-              f"config.json, checkpoint/")]
+             (f"artefacts in {run_dir}/: model.safetensors"
+              + (f", {BEST_MODEL} (epoch {chosen['epoch']}, best {sel.replace('_', ' ')})"
+                 if (run_dir / BEST_MODEL).exists() and chosen else "")
+              + ", metrics.jsonl, curves.png, confusion.png, config.json, checkpoint/")]
     return "\n".join(lines)
+
+
+# --- listing runs ---------------------------------------------------------------------------------------------
+
+
+def list_runs(root: str | Path = "runs") -> list[dict]:
+    """One summary per run directory under root (or root itself, if it is one), oldest name first: run, model,
+    data, epochs done / planned, status, the accuracy split, best accuracy and its epoch, final accuracy, seconds
+    of training. A run whose files cannot be read is listed with the reason as its status."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UsageError(f"{root}: no such directory of runs")
+    dirs = [root] if (root / "config.json").is_file() else \
+        sorted(d for d in root.iterdir() if d.is_dir() and (d / "config.json").is_file())
+    return [_run_summary(d) for d in dirs]
+
+
+def _run_summary(run_dir: Path) -> dict:
+    row = {"run": str(run_dir), "model": "?", "data": "?", "epochs": 0, "planned": None, "status": "?",
+           "split": None, "best": None, "best_epoch": None, "final": None, "seconds": 0.0}
+    try:
+        cfg = json.loads((run_dir / "config.json").read_text())
+        lines = [json.loads(s) for s in (run_dir / "metrics.jsonl").read_text().splitlines() if s.strip()]
+    except FileNotFoundError as e:
+        return {**row, "status": f"no {Path(e.filename).name}"}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {**row, "status": "unreadable config.json or metrics.jsonl"}
+    recipe = cfg.get("recipe") if isinstance(cfg.get("recipe"), dict) else {}
+    data = cfg.get("data")
+    row.update(model=str(cfg.get("model") or "spec"), planned=recipe.get("epochs"), epochs=len(lines),
+               data=str(cfg.get("dataset")) + (f" ({Path(data).name})" if data else ""),
+               seconds=float(sum(r.get("seconds") or 0 for r in lines)))
+    finished = (run_dir / "model.safetensors").is_file() and row["planned"] is not None and \
+        row["epochs"] >= row["planned"]
+    row["status"] = "finished" if finished else "stopped"
+    for split in ("val", "test", "train"):
+        values = [(r.get(f"{split}_accuracy"), r.get("epoch")) for r in lines if r.get(f"{split}_accuracy") is not None]
+        if values:
+            best = max(values, key=lambda v: v[0])
+            row.update(split=split, best=best[0], best_epoch=best[1], final=values[-1][0])
+            break
+    return row
+
+
+def format_runs(rows: list[dict]) -> list[str]:
+    """`hetnet runs` as a table, one line per run."""
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.2f}%"
+
+    table = [("run", "model", "data", "epochs", "status", "split", "best (epoch)", "final", "time")]
+    for r in rows:
+        t = int(r["seconds"])
+        table.append((Path(r["run"]).name, r["model"], r["data"],
+                      f"{r['epochs']}/{r['planned'] if r['planned'] is not None else '?'}", r["status"],
+                      r["split"] or "-", f"{pct(r['best'])} ({r['best_epoch']})" if r["best"] is not None else "-",
+                      pct(r["final"]), f"{t // 60}:{t % 60:02d}"))
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(table[0]))]
+    return ["  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip() for row in table]
 
 
 # --- evaluating a saved model ----------------------------------------------------------------------------------
@@ -489,42 +673,65 @@ def resolve_model_path(target: str | Path) -> Path:
 
 
 def evaluate_model(target: str | Path, dataset: str | None = None, data: str | None = None,
-                   device: str | None = None, log: Callable[[str], None] | None = default_log) -> dict:
-    """Loss, accuracy, per-class accuracy and confusion matrix of a saved model on its test set (or, for data sets
-    without one, the validation split it was trained with; or all images when there was none)."""
-    from . import data as hdata
-    from .train import evaluate
+                   device: str | None = None, log: Callable[[str], None] | None = default_log,
+                   split: str | None = None) -> dict:
+    """Loss, accuracy, per-class accuracy and confusion matrix of a saved model.
+
+    On the data the model was trained on (no `data` / `dataset` given): its test split, else the validation split
+    it was trained with. On other data (a folder or archive of <class>/..., test/<class>/... or both, an IDX folder
+    with only the t10k files, ...): every image, or the split named by `split` ("train", "test", "all") when both
+    exist (default: test). Classes are matched by name: a class the model does not know is an error; data holding
+    only some of the model's classes are scored on those, with a note."""
 
     path = resolve_model_path(target)
     device = device or best_device()
     get_backend(device)
+    if split not in (None, "train", "test", "all"):
+        raise UsageError(f"--split: expected train, test or all, got {split!r}")
     lm = serialize.load_model(path, device=device)
     info = lm.info
     name = dataset or info.get("dataset") or "fashion-mnist"
+    trained_on = name == info.get("dataset") and (data is None or _same_path(data, info.get("data")))
     if data is None and dataset in (None, info.get("dataset")):
         data = info.get("data")
-    ds = load_data(name, data, lm.input_shape)
-    if len(ds.class_names) != len(lm.class_names):
-        raise UsageError(f"--dataset: {name} has {len(ds.class_names)} classes but the model in {path} was trained "
-                         f"on {len(lm.class_names)}")
-    if ds.test_x is not None and len(ds.test_x):
-        x, y, split = ds.test_x, ds.test_y, "test"
-    else:
+    ds = load_data(name, data, lm.input_shape, require_train=False)
+    has = {"train": len(ds.train_x) > 0, "test": ds.test_x is not None and len(ds.test_x) > 0}
+    where = f"{name} at {ds.source}"
+    if split is not None and split != "all" and not has[split]:
+        raise UsageError(f"--split: {where} has no {split} split")
+    if split == "all" or (split is None and not has["test"] and not trained_on):
+        parts = [(getattr(ds, f"{s}_x"), getattr(ds, f"{s}_y")) for s in ("train", "test") if has[s]]
+        x = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
+        y = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
+        kind = "train and test sets" if has["train"] and has["test"] else "images"
+    elif split == "train":
+        x, y, kind = ds.train_x, ds.train_y, "train set"
+    elif has["test"]:
+        x, y, kind = ds.test_x, ds.test_y, "test set"
+    else:   # the model's own training data, which has no test split: the validation split it was trained with
         vf, seed = float(info.get("val_fraction") or 0.0), int(info.get("seed") or 0)
-        if vf > 0 and name == info.get("dataset"):
+        if vf > 0:
             _, _, x, y = hdata.split_train_val(ds.train_x, ds.train_y, vf, seed)
-            split = "validation"
+            kind = "validation set"
         else:
-            x, y, split = ds.train_x, ds.train_y, "all"
+            x, y, kind = ds.train_x, ds.train_y, "images (the training data: no test or validation split)"
+    y, scored = _match_classes(ds.class_names, y, lm.class_names, where, path)
+    notes = []
+    if len(scored) < len(lm.class_names):
+        missing = [c for c in lm.class_names if c not in scored]
+        notes.append(f"{where} holds {len(scored)} of the model's {len(lm.class_names)} classes: accuracy is over "
+                     f"images of those (none of {', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})")
+        note(notes[-1])
     loader = hdata.on_device(hdata.BatchLoader(x, y, EVAL_BATCH, lm.mean, lm.std, shuffle=False), lm.model.backend)
     loss, acc = evaluate(lm.model, loader)
     pred, true = predict_labels(lm.model, loader)
     cm = confusion_matrix(pred, true, len(lm.class_names))
     per_class = {c: (float(cm[i, i] / cm[i].sum()) if cm[i].sum() else None) for i, c in enumerate(lm.class_names)}
-    result = {"model": str(path), "dataset": name, "source": str(ds.source), "split": split, "images": int(len(y)),
-              "loss": loss, "accuracy": acc, "per_class_accuracy": per_class, "confusion": cm.tolist()}
+    result = {"model": str(path), "dataset": name, "source": str(ds.source), "split": kind, "images": int(len(y)),
+              "loss": loss, "accuracy": acc, "per_class_accuracy": per_class, "confusion": cm.tolist(),
+              "classes_scored": scored, "notes": notes + ([ds.adapted.note()] if ds.adapted else [])}
     if log:
-        log(f"{path} on {name} {split} set ({len(y)} images from {ds.source}): loss {loss:.4f}, "
+        log(f"{path} on {name} {kind} ({len(y)} images from {ds.source}): loss {loss:.4f}, "
             f"accuracy {100 * acc:.2f}%")
         width = max(len(c) for c in lm.class_names)
         for c, a in per_class.items():
@@ -532,57 +739,41 @@ def evaluate_model(target: str | Path, dataset: str | None = None, data: str | N
     return result
 
 
-# --- predicting single images ----------------------------------------------------------------------------------
+def _same_path(a, b) -> bool:
+    return b is not None and Path(a).resolve() == Path(b).resolve()
 
 
-def load_image(path: str | Path, input_shape: tuple) -> np.ndarray:
-    """An image file as uint8 (C, H, W) fitted to the model input (grey or RGB, resized bilinearly)."""
-    from PIL import Image, UnidentifiedImageError
-
-    from .errors import DataError
-
-    path = Path(path)
-    c, h, w = input_shape
-    try:
-        with Image.open(path) as im:
-            im = im.convert("L" if c == 1 else "RGB")
-            if im.size != (w, h):
-                im = im.resize((w, h), Image.BILINEAR)
-            a = np.asarray(im, dtype=np.uint8)
-    except FileNotFoundError:
-        raise DataError(f"{path}: image not found") from None
-    except IsADirectoryError:
-        raise DataError(f"{path}: expected an image file, found a directory") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"{path}: not a readable image ({e})") from None
-    if c == 1:
-        return a[None]
-    if c == 3:
-        return np.ascontiguousarray(a.transpose(2, 0, 1))
-    raise UsageError(f"the model expects {c} input channels; only 1 (grey) or 3 (RGB) images can be predicted")
+def _match_classes(data_names: list, y: np.ndarray, model_names: list, where: str, path: Path):
+    """Labels y (indices into data_names) as indices into model_names, matched by name, and the model's classes
+    that have images, in the model's order; UsageError for a class the model does not know."""
+    index = {c: i for i, c in enumerate(model_names)}
+    present = [str(data_names[i]) for i in np.unique(y)]
+    unknown = [c for c in present if c not in index]
+    if unknown:
+        raise UsageError(f"--data: {where} has classes the model in {path} does not know: "
+                         f"{', '.join(unknown[:5])}{', ...' if len(unknown) > 5 else ''} (its classes: "
+                         f"{', '.join(model_names[:10])}{', ...' if len(model_names) > 10 else ''})")
+    if not present:
+        raise UsageError(f"--data: {where} holds no images to score")
+    to_model = np.array([index.get(str(c), -1) for c in data_names], dtype=np.int64)
+    scored = [c for c in model_names if c in set(present)]
+    return to_model[y], scored
 
 
-def predict_images(model_path: str | Path, images: list, top_k: int = 3, device: str | None = None,
-                   log: Callable[[str], None] | None = default_log) -> list:
-    """[(image, [(class name, probability), ...]), ...] for the top_k classes of each image."""
-    from . import losses
-    from .data.transforms import normalize
-
-    top_k = check_positive_int(top_k, "top_k")
-    path = resolve_model_path(model_path)
-    device = device or "cpu"
-    get_backend(device)
-    lm = serialize.load_model(path, device=device)
-    batch = np.stack([load_image(p, lm.input_shape) for p in images])
-    x = normalize(batch, lm.mean, lm.std)
-    backend = lm.model.backend
-    probs = backend.to_numpy(losses.softmax(lm.model.forward(backend.asarray(x))))
-    k = min(top_k, probs.shape[1])
-    out = []
-    for img, pr in zip(images, probs):
-        order = np.argsort(-pr, kind="stable")[:k]
-        top = [(lm.class_names[i], float(pr[i])) for i in order]
-        out.append((str(img), top))
-        if log:
-            log(f"{img}: " + ", ".join(f"{name} {p:.3f}" for name, p in top))
-    return out
+def export_model_file(target: str | Path, out: str | Path | None = None, fmt: str = "onnx") -> tuple[Path, str]:
+    """`hetnet export`: the model file (or run directory) `target` as ONNX at `out` (default: beside the model file,
+    same name, .onnx). Returns (written path, one line describing the graph)."""
+    if fmt != "onnx":
+        raise UsageError(f"--format: unknown format {fmt!r} (expected onnx)")
+    export.import_onnx()                                  # before reading anything: say what to install first
+    path = resolve_model_path(target)
+    lm = serialize.load_model(path, device="cpu")
+    out = Path(out) if out is not None else path.with_suffix(".onnx")
+    if out.is_dir():
+        raise UsageError(f"--out: {out} is a directory; expected a file name such as {out / 'model.onnx'}")
+    export.export_onnx(lm.model, out, lm.input_shape, lm.mean, lm.std, lm.class_names)
+    k = lm.model.output_shape(lm.input_shape)
+    shape = ", ".join(map(str, lm.input_shape))
+    return out, (f"wrote {out} (ONNX opset {export.OPSET}): input {export.INPUT_NAME} float32 [N, {shape}] in [0, 1], normalised "
+                 f"inside the graph; output {export.OUTPUT_NAME} [N, {', '.join(map(str, k))}] "
+                 f"for {len(lm.class_names)} classes")

@@ -16,16 +16,19 @@ file.
 from __future__ import annotations
 
 import json
-import os
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import safetensors.numpy as stnp
 
-from .errors import ModelFileError
+from . import random as hrandom
+from .errors import ModelFileError, UsageError
+from .files import atomic_write_bytes
+from .model import Sequential
+from .version import __version__
+from .zoo import build_from_spec
 
 MODEL_FORMAT = "hetnet-model"
 CHECKPOINT_FORMAT = "hetnet-checkpoint"
@@ -33,40 +36,7 @@ FORMAT_VERSION = "1"
 _MAX_HEADER = 100 * 1024 * 1024
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_FILE_MODE = 0o666 & ~_umask()   # what open() would give; mkstemp's 0600 is too strict for run artefacts
-
-
 # --- raw safetensors I/O ---------------------------------------------------------------------------------------
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write data to path atomically: temporary file in the same folder, fsync, os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, _FILE_MODE)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def write_safetensors(path: str | Path, arrays: dict, metadata: dict) -> None:
@@ -127,7 +97,6 @@ def _expect_format(path: Path, meta: dict, fmt: str, what: str) -> None:
 
 def _model_from_spec(path: Path, spec, arrays: dict, prefix: str, device: str | None):
     """Build the model its spec describes and load its arrays (names `prefix + state_dict name`)."""
-    from .zoo import build_from_spec
 
     model, input_shape = build_from_spec(spec, f"{path}: spec")
     own = dict(model.named_arrays())
@@ -168,13 +137,93 @@ class LoadedModel:
 
 
 def save_model(path: str | Path, model, spec: dict, mean, std, class_names, info: dict | None = None) -> None:
-    """Write final weights (+ BN statistics), normalisation and class names atomically."""
-    from . import __version__
+    """Write final weights (+ BN statistics), normalisation and class names atomically. Everything is checked
+    first (the spec rebuilds a model whose arrays are the model's, one class name per output, one mean and one
+    std > 0 per input channel): a file that could not be loaded back is never written (UsageError naming it)."""
 
+    mean, std, class_names = _check_saveable(Path(path), model, spec, mean, std, class_names)
     metadata = {"format": MODEL_FORMAT, "format_version": FORMAT_VERSION, "hetnet_version": __version__,
                 "spec": spec, "mean": [float(v) for v in mean], "std": [float(v) for v in std],
                 "class_names": [str(c) for c in class_names], "info": info or {}}
     write_safetensors(path, model.state_dict(), metadata)
+
+
+def _check_saveable(path: Path, model, spec, mean, std, class_names) -> tuple[list, list, list]:
+    """(mean, std, class names) as plain lists, or UsageError("<path>: cannot save the model: ...")."""
+
+    def refuse(why: str):
+        return UsageError(f"{path}: cannot save the model: {why}")
+
+    if not isinstance(spec, dict) or not spec:
+        raise refuse(f"expected a model spec {{'input_shape': [C, H, W], 'layers': [...]}}, got {spec!r:.60}")
+    try:
+        with hrandom.preserved():       # building the check model draws initial weights: not from the run's sequence
+            twin, shape = build_from_spec(spec, "spec")
+    except ModelFileError as e:
+        raise refuse(str(e)) from None
+    try:
+        own = {k: tuple(v.shape) for k, v in model.named_arrays()}
+    except AttributeError:
+        raise refuse(f"expected a hetnet model, got {type(model).__name__}") from None
+    want = {k: tuple(v.shape) for k, v in twin.named_arrays()}
+    if own != want:
+        diff = sorted(set(own.items()) ^ set(want.items()))[:3]
+        raise refuse(f"the spec does not describe this model (arrays differ: {diff})")
+    c, out = shape[0], twin.output_shape(shape)
+    values = []
+    for name, v in (("mean", mean), ("std", std)):
+        try:
+            v = [float(x) for x in np.asarray(v, dtype=np.float64).reshape(-1)]
+        except (TypeError, ValueError):
+            v = None
+        if v is None or len(v) != c or not all(np.isfinite(v)) or (name == "std" and min(v) <= 0):
+            raise refuse(f"{name} must be {c} finite number(s){' > 0' if name == 'std' else ''}, one per input "
+                         f"channel, got {v if v is not None else mean if name == 'mean' else std!r}")
+        values.append(v)
+    if isinstance(class_names, (str, bytes)) or not hasattr(class_names, "__len__") or len(out) != 1 \
+            or len(class_names) != out[0]:
+        raise refuse(f"expected {out[0] if len(out) == 1 else 'one per output'} class names, got {class_names!r:.80}")
+    return values[0], values[1], [str(name) for name in class_names]
+
+
+def save(model, path: str | Path, classes=None, mean=None, std=None, input_shape=None, info: dict | None = None):
+    """Save any Sequential as a model file that `hetnet evaluate / predict / export` and `load` read.
+
+    input_shape (C, H, W): the images the model takes (default: the shape it last ran on); classes: one name per
+    output (default "0", "1", ...); mean / std: per-channel normalisation of images scaled to [0, 1] (default 0 and
+    1: images are fed as x / 255). Nothing is written if any of it does not fit the model.
+
+        >>> import hetnet as hn
+        >>> hn.save(model, "shoes.safetensors", classes=["boot", "sandal"], mean=[0.29], std=[0.35],
+        ...         input_shape=(1, 28, 28))                                                   # doctest: +SKIP
+        >>> m = hn.load("shoes.safetensors")                                                  # doctest: +SKIP
+        >>> m.model, m.class_names, m.input_shape                                              # doctest: +SKIP
+    """
+
+    path = Path(path)
+    if not isinstance(model, Sequential):
+        raise UsageError(f"{path}: cannot save the model: expected a hetnet Sequential, got {type(model).__name__}")
+    if input_shape is None:
+        input_shape = model.input_shape
+        if input_shape is None:
+            raise UsageError(f"{path}: cannot save the model: pass input_shape=(C, H, W) (the model has not run "
+                             f"on any input yet)")
+    try:
+        spec = model.spec(input_shape)
+    except UsageError as e:
+        raise UsageError(f"{path}: cannot save the model: {str(e).removeprefix('spec: ')}") from None
+    c = spec["input_shape"][0]
+    out = model.output_shape(tuple(spec["input_shape"]))
+    if classes is None and len(out) == 1:
+        classes = [str(i) for i in range(out[0])]
+    save_model(path, model, spec, [0.0] * c if mean is None else mean, [1.0] * c if std is None else std,
+               classes, info)
+
+
+def load(path: str | Path, device: str | None = "cpu") -> LoadedModel:
+    """A model file as a LoadedModel: .model (in eval mode, on `device`), .input_shape, .class_names, .mean,
+    .std, .spec, .info. ModelFileError naming the file if it is missing, corrupt or not hetnet's."""
+    return load_model(path, device)
 
 
 def load_model(path: str | Path, device: str | None = "cpu") -> LoadedModel:

@@ -32,7 +32,12 @@ from .plan import EvalStep, TrainStep
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 METRIC_KEYS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "test_loss", "test_accuracy",
-               "seconds", "images_per_second")
+               "seconds", "images_per_second", "warmup_seconds")
+# The first steps at a new batch shape compile (the cpu backend's Numba functions), select kernels and capture a CUDA
+# graph (the cuda backend: the first call of a shape tunes, the second captures). They are timed on their own
+# (device synchronised around them), reported as an epoch's `warmup_seconds` and left out of `images_per_second`,
+# which is the rate of the training steps alone. Nothing else changes: the same steps run on the same batches.
+WARMUP_STEPS_PER_SHAPE = 2
 
 
 # --- optimiser and schedule by name ----------------------------------------------------------------------------
@@ -191,8 +196,10 @@ def format_epoch(rec: dict, epochs: int, elapsed: float | None = None) -> str:
     for split in ("val", "test"):
         if rec.get(f"{split}_loss") is not None:
             parts.append(f"{split} loss {rec[f'{split}_loss']:.4f} acc {100 * rec[f'{split}_accuracy']:.2f}%")
-    parts.append(f"{rec['seconds']:.1f} s")
-    parts.append(f"{rec['images_per_second']:.0f} img/s")
+    parts.append(f"{rec['seconds']:.1f} s" + (f" (warm-up {rec['warmup_seconds']:.1f} s)"
+                                             if rec.get("warmup_seconds") else ""))
+    ips = rec.get("images_per_second")
+    parts.append("- img/s" if ips is None else f"{ips:.0f} img/s")
     if elapsed is not None:
         parts.append(f"elapsed {int(elapsed) // 60}:{int(elapsed) % 60:02d}")
     return "  ".join(parts)
@@ -258,7 +265,6 @@ class WeightAverage:
 
     def applied(self):
         """Context manager: the model holds the averaged weights inside, its own weights again outside."""
-        import contextlib
 
         @contextlib.contextmanager
         def ctx():
@@ -313,6 +319,8 @@ class Trainer:
         self.log = log
         self._train_step = None
         self._eval_step = None
+        self._steps_at_shape: dict[tuple, int] = {}     # train steps made per batch shape (warm-up accounting)
+        self.last_warmup = (0.0, 0)                     # (seconds, images) of the last epoch's warm-up steps
 
     @property
     def backend(self):
@@ -326,12 +334,23 @@ class Trainer:
         self.model.train()
         bar = _bar(_num_batches(loader), f"epoch {epoch + 1}" + (f"/{epochs}" if epochs else ""), self.progress)
         loss_sum, correct, count = 0.0, 0, 0
+        warm_s, warm_n = 0.0, 0
         t0 = time.perf_counter()
         # overflow in a diverging run is reported once, as TrainingDiverged, not as NumPy warnings
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             try:
                 for i, (xb, yb) in enumerate(device_batches(loader, epoch, backend)):
-                    step.step(xb, yb)
+                    shape = tuple(xb.shape)
+                    seen = self._steps_at_shape.get(shape, 0)
+                    if seen < WARMUP_STEPS_PER_SHAPE:       # see WARMUP_STEPS_PER_SHAPE
+                        self._steps_at_shape[shape] = seen + 1
+                        backend.synchronize()
+                        tw = time.perf_counter()
+                        step.step(xb, yb)
+                        backend.synchronize()
+                        warm_s, warm_n = warm_s + time.perf_counter() - tw, warm_n + int(shape[0])
+                    else:
+                        step.step(xb, yb)
                     check_interrupt()
                     if self.average is not None:
                         self.average.update()
@@ -351,6 +370,7 @@ class Trainer:
                     bar.close()
         loss_sum, correct, count = loss_sum + ls, correct + c, count + n
         seconds = time.perf_counter() - t0
+        self.last_warmup = (warm_s, warm_n)
         if count == 0:
             raise UsageError("training set is empty (check --limit and --batch-size)")
         loss = loss_sum / count
@@ -394,7 +414,10 @@ class Trainer:
                 if loader is not None:
                     rec[f"{split}_loss"], rec[f"{split}_accuracy"] = self.evaluate(loader)
             rec["seconds"] = time.perf_counter() - t0
-            rec["images_per_second"] = n / max(train_s, 1e-9)
+            warm_s, warm_n = self.last_warmup
+            # training steps only: no evaluation, no warm-up steps (None when every step of the epoch was one)
+            rec["images_per_second"] = (n - warm_n) / max(train_s - warm_s, 1e-9) if n > warm_n else None
+            rec["warmup_seconds"] = warm_s if warm_n else None
             history.append(rec)
             if self.log is not None:
                 self.log(format_epoch(rec, epochs, time.perf_counter() - t_start))
@@ -456,10 +479,13 @@ def confusion_matrix(pred: np.ndarray, true: np.ndarray, num_classes: int) -> np
 def fit(model, x, y, epochs: int = 1, batch_size: int = 32, optimizer: str = "sgd", lr: float = 0.01,
         schedule: str = "constant", weight_decay: float = 0.0, warmup_epochs: float = 0.0,
         label_smoothing: float = 0.0, validation_data: tuple | None = None, seed: int = 0, ema: float = 0.0,
-        progress: bool | None = None, log: Callable[[str], None] | None = None) -> list[dict]:
+        progress: bool | None = None, log: Callable[[str], None] | None = ..., verbose: bool = True) -> list[dict]:
     """Train `model` (already on its device) on arrays x (N, ...) float, y (N,) int; returns one record per epoch
     (validation columns filled from validation_data=(x_val, y_val)). ema: decay of a weight average that is
-    evaluated and kept at the end (0: none)."""
+    evaluated and kept at the end (0: none). verbose: print one line per epoch (as Keras); log: a function that
+    gets those lines instead (None: silent)."""
+    if log is ...:
+        log = default_log if verbose else None
     check_positive_int(epochs, "epochs")
     check_positive_int(batch_size, "batch_size")
     check_lr(lr, "lr")

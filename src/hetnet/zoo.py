@@ -11,6 +11,7 @@ ReLU; trained with softmax cross-entropy and plain SGD at batch 32.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,7 +95,7 @@ PRESETS: dict[str, Preset] = {
                     "dense 10; Nesterov SGD, cosine, random 1-pixel shifts"),
 }
 
-LAYER_TYPES = {name: getattr(L, name) for name in L.__all__ if name not in ("Layer", "Parameter", "Sequential")}
+LAYER_TYPES = L.LAYER_TYPES
 
 
 def layers_from_specs(specs: list, source: str = "spec") -> Sequential:
@@ -146,6 +147,45 @@ def spec_of(name: str) -> dict:
     """The JSON spec of a preset."""
     preset = PRESETS[name]
     return {"input_shape": list(preset.input_shape), "layers": [dict(s) for s in preset.layers]}
+
+
+def recipe_line(preset: Preset) -> str:
+    """A preset's training recipe in one line (`hetnet train --help`, `hetnet info PRESET`)."""
+    parts = [f"{preset.epochs} epochs", f"batch {preset.batch_size}", f"{preset.optimizer} lr {preset.lr:g}",
+             f"{preset.schedule} schedule"]
+    if preset.warmup_epochs:
+        parts.append(f"warm-up {preset.warmup_epochs:g} epochs")
+    if preset.weight_decay:
+        parts.append(f"weight decay {preset.weight_decay:g}")
+    if preset.label_smoothing:
+        parts.append(f"label smoothing {preset.label_smoothing:g}")
+    if preset.ema:
+        parts.append(f"weight average {preset.ema:g}")
+    parts.append(f"augment {','.join(preset.augment) or 'none'}")
+    return ", ".join(parts)
+
+
+def describe(name_or_path: str) -> list[str]:
+    """`hetnet info PRESET|SPEC.json`: the layers with their output shapes and parameter counts, the total, and the
+    recipe (presets)."""
+    model, shape, _ = resolve(name_or_path)
+    preset = PRESETS.get(name_or_path)
+    lines = [f"{name_or_path}: {preset.description}" if preset and preset.description else name_or_path,
+             f"input {'x'.join(map(str, shape))} (C x H x W)"]
+    rows, total = [("#", "layer", "output", "parameters")], 0
+    for i, layer in enumerate(model.layers):
+        shape = layer.output_shape(shape)
+        n = sum(int(math.prod(prm.shape)) for prm in layer.parameters())
+        total += n
+        rows.append((str(i), repr(layer), "x".join(map(str, shape)), f"{n:,}" if n else ""))
+    widths = [max(len(r[k]) for r in rows) for k in range(4)]
+    lines += ["  " + "  ".join(v.rjust(w) if k in (0, 3) else v.ljust(w) for k, (v, w) in enumerate(zip(r, widths)))
+              .rstrip() for r in rows]
+    lines.append(f"parameters: {total:,}")
+    if preset is not None:
+        lines.append(f"recipe: {recipe_line(preset)}")
+        lines.append(f"train it: hetnet train --model {name_or_path}   (flags override the recipe)")
+    return lines
 
 
 def build(name_or_path: str) -> Sequential:

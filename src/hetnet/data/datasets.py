@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import DataError, UsageError
 from . import cifar, folder, idx
-from .transforms import convert_channels, resize_batch
+from .transforms import Adaptation, convert_channels, resize_batch
 
 DATASETS = ("fashion-mnist", "mnist", "cifar10", "folder")
 
@@ -32,6 +32,7 @@ class Dataset:
     class_names: list[str]
     source: str                             # the folder or file the data came from
     skipped: int = 0                        # unreadable images skipped (skip_bad_images=True)
+    adapted: Adaptation | None = None       # channel conversions and resizes made to fit input_shape
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -66,32 +67,39 @@ def _locate_cifar10() -> Path | None:
     return None
 
 
-def _conform(x: np.ndarray | None, input_shape) -> np.ndarray | None:
-    """Images converted to input_shape's channels and resized to its H x W."""
+def _conform(x: np.ndarray | None, input_shape, adapted: Adaptation | None = None) -> np.ndarray | None:
+    """Images converted to input_shape's channels and resized to its H x W (recorded in `adapted`)."""
     if x is None or input_shape is None:
         return x
     c, h, w = (int(v) for v in input_shape)
     if c not in (1, 3):
         raise UsageError(f"input shape {tuple(input_shape)}: images can be given 1 (grey) or 3 (RGB) channels")
+    if adapted is not None:
+        adapted.record(x.shape[1], x.shape[2:], n=len(x))
     if c > x.shape[1]:          # resize the fewer channels, then repeat them
         return convert_channels(resize_batch(x, (h, w)), c)
     return resize_batch(convert_channels(x, c), (h, w))
 
 
 def load_dataset(name: str, path: str | os.PathLike | None = None, input_shape: tuple[int, int, int] | None = None,
-                 skip_bad_images: bool = False, download: bool = True) -> Dataset:
+                 skip_bad_images: bool = False, download: bool = True, require_train: bool = True) -> Dataset:
     """Load a data set by name: "fashion-mnist", "mnist" (IDX files), "cifar10" (python or binary batches, a folder
     of them or the official .tar.gz, or an image folder/tar; detected), "folder" (any image folder or tar of one;
     `path` required).
 
-    input_shape (C, H, W): convert channels and resize every image to it. Raises DataError for missing or bad data.
+    input_shape (C, H, W): convert channels and resize every image to it (`Dataset.adapted` says what was done).
+    require_train=False (evaluation): a test split alone will do (IDX t10k files, ROOT/test/<class>/...); train_x
+    is then empty. Raises DataError for missing or bad data.
     """
     if name not in DATASETS:
         raise UsageError(f"--dataset {name!r}: expected one of {', '.join(DATASETS)}")
+    adapted = Adaptation(input_shape) if input_shape is not None else None
     if name in ("fashion-mnist", "mnist"):
-        tx, ty, vx, vy, src = idx.load(name, path, download_ok=download)
-        return Dataset(name, _conform(tx, input_shape), ty, _conform(vx, input_shape), vy,
-                       list(idx.SOURCES[name]["classes"]), str(src))
+        tx, ty, vx, vy, src = idx.load(name, path, download_ok=download, require_train=require_train)
+        if tx is None:
+            tx, ty = vx[:0], vy[:0]
+        return Dataset(name, _conform(tx, input_shape, adapted), ty, _conform(vx, input_shape, adapted), vy,
+                       list(idx.SOURCES[name]["classes"]), str(src), adapted=adapted)
     if name == "cifar10":
         p = Path(path) if path is not None else _locate_cifar10()
         if p is None:
@@ -102,14 +110,17 @@ def load_dataset(name: str, path: str | os.PathLike | None = None, input_shape: 
         batches = p.is_dir() and cifar.detect_format(p)
         if batches or (p.is_file() and folder.is_tar(p) and cifar.tar_format(p)):
             d = cifar.load_cifar10(p) if batches else cifar.load_cifar10_tar(p)
-            return Dataset(name, _conform(d["train_x"], input_shape), d["train_y"],
-                           _conform(d["test_x"], input_shape), d["test_y"], d["class_names"], str(d["source"]))
+            return Dataset(name, _conform(d["train_x"], input_shape, adapted), d["train_y"],
+                           _conform(d["test_x"], input_shape, adapted), d["test_y"], d["class_names"],
+                           str(d["source"]), adapted=adapted)
     elif path is None:
         raise UsageError("--dataset folder needs --data PATH (an image folder, or a .tar/.tar.gz of one)")
     else:
         p = Path(path)
-    f = folder.load_image_folder(p, input_shape=input_shape, skip_bad_images=skip_bad_images)
-    return Dataset(name, f.train_x, f.train_y, f.test_x, f.test_y, f.class_names, str(f.source), f.skipped)
+    f = folder.load_image_folder(p, input_shape=input_shape, skip_bad_images=skip_bad_images,
+                                 require_train=require_train)
+    return Dataset(name, f.train_x, f.train_y, f.test_x, f.test_y, f.class_names, str(f.source), f.skipped,
+                   f.adapted)
 
 
 def split_train_val(x: np.ndarray, y: np.ndarray, val_fraction: float, seed: int = 0):

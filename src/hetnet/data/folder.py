@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import DataError
+from .transforms import Adaptation
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
 _FORMAT_OF = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP"}
@@ -43,6 +44,7 @@ class FolderData:
     source: Path
     skipped: int = 0                    # unreadable images skipped (skip_bad_images=True)
     skipped_files: list[str] = field(default_factory=list)
+    adapted: Adaptation | None = None   # channel conversions and resizes done while reading
 
 
 class _BadImage(Exception):
@@ -124,8 +126,10 @@ def _open(data: bytes, name: str) -> Image.Image:
     return Image.open(io.BytesIO(data))
 
 
-def _decode(data, name: str, mode: str | None, size: tuple[int, int] | None) -> np.ndarray:
-    """HW (grey) or HWC (RGB) uint8 array of the image bytes, converted and resized; _BadImage if unreadable."""
+def decode_image(data, name: str, mode: str | None, size: tuple[int, int] | None) -> tuple[np.ndarray, str, tuple]:
+    """(HW (grey) or HWC (RGB) uint8 array, the file's own Pillow mode, its own (H, W)) of the image bytes,
+    converted to `mode` ("L" / "RGB"; None: grey stays grey, anything else becomes RGB) and resized to `size`
+    (H, W) bilinearly; _BadImage if unreadable."""
     if isinstance(data, OSError):
         raise _BadImage(f"cannot read ({data.strerror or data})")
     if not data:
@@ -135,11 +139,12 @@ def _decode(data, name: str, mode: str | None, size: tuple[int, int] | None) -> 
             im.load()
             if mode is None:
                 mode = "L" if im.mode in _GREY_MODES else "RGB"
+            own_mode, own_size = ("L" if im.mode in _GREY_MODES else im.mode), im.size[::-1]
             out = im.convert(mode) if im.mode != mode else im
             if size is not None and out.size != (size[1], size[0]):
                 out = out.resize((size[1], size[0]), Image.BILINEAR)
-            return np.asarray(out)
-    except Exception as e:  # noqa: BLE001 - Pillow raises UnidentifiedImageError, OSError (truncated), SyntaxError, ValueError...
+            return np.asarray(out), own_mode, own_size
+    except Exception as e:
         raise _BadImage(f"{type(e).__name__}: {e}") from None
 
 
@@ -147,23 +152,24 @@ def _decode_chunk(chunk: list, mode: str, size: tuple[int, int]) -> list:
     out = []
     for parts, data, name in chunk:
         try:
-            out.append((parts, name, _decode(data, parts[-1], mode, size)))
+            out.append((parts, name, decode_image(data, parts[-1], mode, size)))
         except _BadImage as e:
             out.append((parts, name, e))
     return out
 
 
 def _decode_all(entries, mode: str | None, size: tuple[int, int] | None, skip_bad_images: bool):
-    """([(parts, image array)], [skipped file names]) in entry order. Decoding runs on a few threads in chunks
-    (Pillow releases the GIL while it decodes) while this thread keeps reading files or the archive."""
+    """([(parts, image array)], [skipped file names], Adaptation or None) in entry order. Decoding runs on a few
+    threads in chunks (Pillow releases the GIL while it decodes) while this thread keeps reading files or the
+    archive."""
     results: list = []          # finished (parts, name, array | _BadImage) and futures of chunks, in order
     chunk: list = []
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
         for parts, data, name in entries:
             if mode is None:    # the first readable image fixes channels and size for all the others
                 try:
-                    a = _decode(data, parts[-1], None, None)
-                    mode, size = ("L" if a.ndim == 2 else "RGB"), a.shape[:2]
+                    a = decode_image(data, parts[-1], None, None)
+                    mode, size = ("L" if a[0].ndim == 2 else "RGB"), a[0].shape[:2]
                 except _BadImage as e:
                     a = e
                 results.append([(parts, name, a)])
@@ -175,6 +181,7 @@ def _decode_all(entries, mode: str | None, size: tuple[int, int] | None, skip_ba
         if chunk:
             results.append(pool.submit(_decode_chunk, chunk, mode, size))
         images, skipped = [], []
+        adapted = Adaptation((1 if mode == "L" else 3, *size)) if mode is not None else None
         for r in results:
             for parts, name, a in (r if isinstance(r, list) else r.result()):
                 if isinstance(a, _BadImage):
@@ -185,15 +192,17 @@ def _decode_all(entries, mode: str | None, size: tuple[int, int] | None, skip_ba
                         raise DataError(f"{name}: not a readable image ({a}); --skip-bad-images skips such files")
                     skipped.append(name)
                 else:
-                    images.append((parts, a))
-    return images, skipped
+                    images.append((parts, a[0]))
+                    adapted.record(a[1], a[2])
+    return images, skipped, adapted
 
 
 def load_image_folder(root: str | os.PathLike, input_shape: tuple[int, int, int] | None = None,
-                      skip_bad_images: bool = False) -> FolderData:
+                      skip_bad_images: bool = False, require_train: bool = True) -> FolderData:
     """Read an image folder or tar archive of one. input_shape (C, H, W) with C in {1, 3} sets the channels and
     size; without it, the first image decides (grey stays grey, anything else becomes RGB) and every other image is
-    resized to its size."""
+    resized to its size. require_train=False (evaluation) also takes ROOT/test/<class>/<image> alone: train_x is
+    then an empty array and the class names are the test folders'."""
     root = Path(root)
     if input_shape is not None:
         c, h, w = (int(v) for v in input_shape)
@@ -211,7 +220,7 @@ def load_image_folder(root: str | os.PathLike, input_shape: tuple[int, int, int]
     else:
         raise DataError(f"{root}: no such image folder or archive")
 
-    images, skipped = _decode_all(entries, mode, size, skip_bad_images)
+    images, skipped, adapted = _decode_all(entries, mode, size, skip_bad_images)
     if not images:
         raise DataError(f"{root}: no readable images found (expected ROOT/<class>/<image> or "
                         "ROOT/{train,test}/<class>/<image>, PNG/JPEG/BMP)")
@@ -229,9 +238,9 @@ def load_image_folder(root: str | os.PathLike, input_shape: tuple[int, int, int]
     groups: dict[str, list] = {s: [] for s in SPLITS} if split_layout else {"train": []}
     for p, a in images:
         groups[p[0] if split_layout else "train"].append((p[-2:], a))
-    if not groups["train"]:
+    if not groups["train"] and require_train:
         raise DataError(f"{root}: no training images: expected a train/<class>/ folder")
-    class_names = sorted({cls for (cls, _), _ in groups["train"]})
+    class_names = sorted({cls for (cls, _), _ in groups["train"] or groups["test"]})
     if len(class_names) < 2:
         raise DataError(f"{root}: found {len(class_names)} class folder ({', '.join(class_names)}); "
                         "classification needs at least two")
@@ -247,8 +256,11 @@ def load_image_folder(root: str | os.PathLike, input_shape: tuple[int, int, int]
         y = np.array([index[cls] for (cls, _), _ in items], dtype=np.int64)
         return np.ascontiguousarray(x), y
 
-    train_x, train_y = stack(groups["train"])
     test_x = test_y = None
     if groups.get("test"):
         test_x, test_y = stack(groups["test"])
-    return FolderData(train_x, train_y, test_x, test_y, class_names, root, len(skipped), skipped)
+    if groups["train"]:
+        train_x, train_y = stack(groups["train"])
+    else:                                           # a test split alone (require_train=False)
+        train_x, train_y = test_x[:0], test_y[:0]
+    return FolderData(train_x, train_y, test_x, test_y, class_names, root, len(skipped), skipped, adapted)

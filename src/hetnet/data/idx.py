@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
-from ..serialize import atomic_write_bytes
+from ..files import atomic_write_bytes
 
 # type code -> dtype of the stored values (big-endian where it matters)
 IDX_TYPES = {0x08: np.dtype(np.uint8), 0x09: np.dtype(np.int8), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
@@ -262,18 +262,21 @@ def not_found_message(dataset: str, why: str = "") -> str:
 
 
 def load(dataset: str, path: str | os.PathLike | None = None, download_ok: bool = True,
-         fetch: Fetch | None = None, timeout: float = DOWNLOAD_TIMEOUT_S):
+         fetch: Fetch | None = None, timeout: float = DOWNLOAD_TIMEOUT_S, require_train: bool = True):
     """(train_x, train_y, test_x, test_y, source folder) for "mnist" / "fashion-mnist" (or any IDX set in `path`).
 
     `path` is a folder holding the four files (raw or .gz). Without it, the search folders are tried, then a
-    download into the cache folder (when `download_ok`).
+    download into the cache folder (when `download_ok`). require_train=False (evaluation): a folder holding only
+    one of the two pairs (e.g. the t10k files) will do; the missing split is None.
     """
+    splits = tuple(IDX_FILES)
     if path is not None:
         folder = Path(path)
         if not folder.is_dir():
             raise DataError(f"{folder}: not a folder: expected one holding the four IDX files of {dataset}")
         missing = missing_files(folder)
-        if missing:
+        splits = tuple(s for s in IDX_FILES if all(_find_file(folder, stem) for stem in IDX_FILES[s]))
+        if missing and (require_train or not splits):
             raise DataError(f"{folder}: missing {', '.join(missing)} (raw or .gz)")
     else:
         folder = locate(dataset)
@@ -287,6 +290,9 @@ def load(dataset: str, path: str | os.PathLike | None = None, download_ok: bool 
                 raise DataError(not_found_message(dataset, f", and the {why}")) from None
     out = []
     for split in ("train", "test"):
+        if split not in splits:
+            out += [None, None]
+            continue
         img, lab = (_find_file(folder, stem) for stem in IDX_FILES[split])
         out += load_idx_pair(img, lab, num_classes=len(SOURCES.get(dataset, SOURCES["mnist"])["classes"]))
     return (*out, folder)

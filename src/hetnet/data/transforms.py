@@ -148,3 +148,61 @@ def apply_augment(x: np.ndarray, ops: list[tuple[str, int]], rng: np.random.Gene
 # A flip drawn *before* the crop is the same as one after it with ox negated, so any one crop and one flip, in
 # either order, fit in a plan (hetnet.data.loader.BatchLoader.plan draws the same random numbers as
 # apply_augment, so the two paths give identical batches).
+
+
+# --- saying what was done to fit the model's input ----------------------------------------------------------------
+
+
+def channels_name(mode) -> str:
+    """'grey' / 'RGB' for 1 / 3 channels or Pillow's "L" / "RGB"; other Pillow modes by name ("RGBA", "P", ...)."""
+    return {1: "grey", 3: "RGB", "L": "grey", "RGB": "RGB", "P": "palette"}.get(mode, str(mode))
+
+
+class Adaptation:
+    """What was done to images to fit a model's input (C, H, W): channel conversions and resizes, counted by
+    source, for one note per command.
+
+        >>> a = Adaptation((3, 32, 32))
+        >>> a.record("grey", (28, 28), n=60000)
+        >>> a.note()                                                                  # doctest: +NORMALIZE_WHITESPACE
+        "images adapted to the model's input 3x32x32: 60000 converted from grey to RGB;
+         60000 resized from 28x28 to 32x32 (bilinear)"
+    """
+
+    def __init__(self, to_shape):
+        self.to = tuple(int(v) for v in to_shape)
+        self.converted: dict[str, int] = {}         # source channels name -> images converted
+        self.resized: dict[tuple, int] = {}         # source (H, W) -> images resized
+
+    def record(self, channels, size: tuple, n: int = 1) -> None:
+        """n images of `channels` (1, 3 or a Pillow mode) and `size` (H, W) were fitted to the model's input."""
+        src, dst = channels_name(channels), channels_name(self.to[0])
+        if src != dst:
+            self.converted[src] = self.converted.get(src, 0) + int(n)
+        size = tuple(int(v) for v in size)
+        if size != self.to[1:]:
+            self.resized[size] = self.resized.get(size, 0) + int(n)
+
+    def merge(self, other: Adaptation | None) -> Adaptation:
+        for k, n in ((other.converted.items()) if other else ()):
+            self.converted[k] = self.converted.get(k, 0) + n
+        for k, n in ((other.resized.items()) if other else ()):
+            self.resized[k] = self.resized.get(k, 0) + n
+        return self
+
+    def __bool__(self) -> bool:
+        return bool(self.converted or self.resized)
+
+    def note(self) -> str | None:
+        """One line naming from and to, or None when nothing was adapted."""
+        if not self:
+            return None
+        c, h, w = self.to
+        parts = [f"{n} converted from {src} to {channels_name(c)}" for src, n in sorted(self.converted.items())]
+        sizes = sorted(self.resized.items(), key=lambda kv: -kv[1])
+        shown = [f"{n} resized from {sh}x{sw}" for (sh, sw), n in sizes[:3]]
+        if len(sizes) > 3:
+            shown.append(f"{sum(n for _, n in sizes[3:])} from {len(sizes) - 3} other sizes")
+        if shown:
+            parts.append(", ".join(shown) + f" to {h}x{w} (bilinear)")
+        return f"images adapted to the model's input {c}x{h}x{w}: " + "; ".join(parts)

@@ -9,3 +9,6 @@ from .pool import AvgPool2D, GlobalAvgPool2D, MaxPool2D
 
 __all__ = ["Layer", "Parameter", "Dense", "Flatten", "Conv2D", "MaxPool2D", "AvgPool2D",
            "GlobalAvgPool2D", "ReLU", "Sigmoid", "Tanh", "Softmax", "BatchNorm1D", "BatchNorm2D", "Dropout"]
+
+# every layer type by its class name: what a JSON model spec (hetnet.zoo) can name
+LAYER_TYPES = {name: globals()[name] for name in __all__ if name not in ("Layer", "Parameter")}

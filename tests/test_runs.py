@@ -1,0 +1,238 @@
+"""Runs: `--config` reruns exactly, `--resume --epochs N` extends a finished run, model-best.safetensors,
+`hetnet runs`, `hetnet info PRESET`, recipes in `train --help`, notes when the data are adapted to the model, and
+honest speed figures (warm-up steps timed apart, one line per epoch from fit)."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from test_cli import TINY_SPEC, make_idx
+
+import hetnet as hn
+from hetnet import serialize, train, zoo
+from hetnet.cli import main
+from hetnet.runs import evaluate_model
+
+EXACT = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "test_loss", "test_accuracy")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    data = make_idx(root / "data", n_train=240, n_test=60)
+    spec = root / "tiny.json"
+    spec.write_text(json.dumps(TINY_SPEC))
+    return root, data, spec
+
+
+def _train(*argv) -> None:
+    assert main(["train", "--device", "cpu", "--no-progress", *argv]) == 0
+
+
+def _metrics(run):
+    return [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _weights(path):
+    return serialize.read_safetensors(path)[0]
+
+
+def _same_weights(a, b) -> bool:
+    wa, wb = _weights(a), _weights(b)
+    return wa.keys() == wb.keys() and all(np.array_equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.fixture(scope="module")
+def first(setup):
+    """A finished 2-epoch run: the spec's default recipe (plain SGD, constant learning rate), dropout and BN."""
+    root, data, spec = setup
+    out = root / "runs" / "a"
+    _train("--model", str(spec), "--data", str(data), "--epochs", "2", "--lr", "0.05", "--augment", "crop:1",
+           "--out", str(out))
+    return out
+
+
+def test_config_reruns_exactly_and_flags_override(setup, first):
+    root = setup[0]
+    again = root / "runs" / "b"
+    _train("--config", str(first / "config.json"), "--out", str(again))
+    for x, y in zip(_metrics(first), _metrics(again), strict=True):
+        assert all(x[k] == y[k] for k in EXACT)
+    assert _same_weights(first / "model.safetensors", again / "model.safetensors")
+    cfg_a, cfg_b = (json.loads((d / "config.json").read_text()) for d in (first, again))
+    assert cfg_b["spec"] == cfg_a["spec"] and cfg_b["recipe"] == cfg_a["recipe"] and cfg_b["seed"] == cfg_a["seed"]
+    assert cfg_b["rerun_of"] == str(first / "config.json")
+    # a flag beside it changes that and nothing else: one epoch, the same first epoch
+    one = root / "runs" / "c"
+    _train("--config", str(first), "--epochs", "1", "--out", str(one))
+    assert len(_metrics(one)) == 1 and all(_metrics(one)[0][k] == _metrics(first)[0][k] for k in EXACT)
+    # a different seed gives a different run
+    seeded = root / "runs" / "d"
+    _train("--config", str(first / "config.json"), "--seed", "5", "--epochs", "1", "--out", str(seeded))
+    assert _metrics(seeded)[0]["train_loss"] != _metrics(first)[0]["train_loss"]
+
+
+@pytest.mark.parametrize("case", ["missing", "not-json", "not-a-run", "bad-flag"])
+def test_config_bad_input(setup, first, tmp_path, capsys, case):
+    path = tmp_path / "config.json"
+    argv = ["train", "--config", str(path), "--out", str(tmp_path / "out")]
+    needle = str(path)
+    if case == "not-json":
+        path.write_text("{oops")
+    elif case == "not-a-run":
+        path.write_text(json.dumps({"model": "mlp"}))
+    elif case == "bad-flag":
+        argv[2] = str(first / "config.json")
+        argv += ["--device", "tpu"]
+        needle = "tpu"
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error:") and len(err.strip().splitlines()) == 1 and needle in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_resume_epochs_extends_a_finished_run_as_if_planned(setup, first, tmp_path, capsys):
+    ext = tmp_path / "extended"
+    shutil.copytree(first, ext)
+    rc = main(["train", "--resume", str(ext)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "already finished" in err and "--epochs" in err
+    rc = main(["train", "--resume", str(ext), "--epochs", "2"])
+    assert rc == 2 and "--epochs" in capsys.readouterr().err
+    assert main(["train", "--resume", str(ext), "--epochs", "3", "--no-progress"]) == 0
+    assert [r["epoch"] for r in _metrics(ext)] == [1, 2, 3]
+    assert json.loads((ext / "config.json").read_text())["recipe"]["epochs"] == 3
+    # with a constant learning rate, 2 epochs extended to 3 are the 3-epoch run (cpu backend: bit-identical)
+    planned = tmp_path / "planned"
+    _train("--config", str(first), "--epochs", "3", "--out", str(planned))
+    for x, y in zip(_metrics(ext), _metrics(planned), strict=True):
+        assert all(x[k] == y[k] for k in EXACT)
+    assert _same_weights(ext / "model.safetensors", planned / "model.safetensors")
+
+
+def test_extending_a_cosine_schedule_says_where_it_restarts(setup, tmp_path, capsys):
+    _, data, spec = setup
+    out = tmp_path / "cos"
+    _train("--model", str(spec), "--data", str(data), "--epochs", "1", "--schedule", "cosine", "--limit", "64",
+           "--out", str(out))
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out), "--epochs", "2", "--no-progress"]) == 0
+    notes = [s for s in capsys.readouterr().err.splitlines() if s.startswith("note:")]
+    assert len(notes) == 1 and "cosine schedule now spans 2 epochs instead of 1" in notes[0]
+
+
+def test_model_best_is_the_best_epoch(setup, tmp_path):
+    _, data, spec = setup
+    for flags, key in (([], "test_accuracy"), (["--val-fraction", "0.25"], "val_accuracy")):
+        out = tmp_path / key
+        _train("--model", str(spec), "--data", str(data), "--epochs", "3", "--lr", "0.2", "--out", str(out), *flags)
+        lines = _metrics(out)
+        best = max(lines, key=lambda r: r[key])
+        lm = hn.load(out / "model-best.safetensors")
+        assert lm.info["epoch"] == best["epoch"] and lm.info["selected_by"] == key
+        if key == "test_accuracy":            # its weights are that epoch's: scoring it again gives that accuracy
+            res = evaluate_model(out / "model-best.safetensors", device="cpu", log=None)
+            assert res["accuracy"] == pytest.approx(best["test_accuracy"], abs=1e-12)
+        if best["epoch"] == lines[-1]["epoch"]:
+            assert _same_weights(out / "model-best.safetensors", out / "model.safetensors")
+
+
+def test_hetnet_runs_lists_runs(setup, first, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    shutil.copytree(first, runs / "20260101-finished")
+    shutil.copytree(first, runs / "20260102-stopped")
+    (runs / "20260102-stopped" / "model.safetensors").unlink()
+    (runs / "20260103-broken").mkdir()
+    (runs / "20260103-broken" / "config.json").write_text("{")
+    (runs / "not-a-run").mkdir()
+    assert main(["runs", str(runs)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4 and lines[0].split()[:3] == ["run", "model", "data"]
+    m = _metrics(first)
+    best = max(r["test_accuracy"] for r in m)
+    assert "20260101-finished" in lines[1] and "finished" in lines[1] and "2/2" in lines[1]
+    assert f"{100 * best:.2f}%" in lines[1] and f"{100 * m[-1]['test_accuracy']:.2f}%" in lines[1]
+    assert "stopped" in lines[2] and "unreadable" in lines[3]
+    assert main(["runs", str(runs), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["status"] for r in rows][:2] == ["finished", "stopped"] and rows[0]["best"] == best
+    assert rows[0]["model"] == str(setup[2]) and rows[0]["split"] == "test"
+    rc = main(["runs", str(tmp_path / "absent")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error:") and str(tmp_path / "absent") in err
+
+
+def test_info_preset_and_train_help(capsys):
+    assert main(["info", "fashion-cnn"]) == 0
+    out = capsys.readouterr().out
+    n = sum(int(np.prod(p.shape)) for p in zoo.build("fashion-cnn").parameters())
+    assert f"parameters: {n:,}" in out and "BatchNorm2D" in out and "64x3x3" in out
+    assert "15 epochs, batch 128, momentum lr 0.05, cosine schedule" in out
+    rc = main(["info", "resnet50"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error:") and "resnet50" in err
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in zoo.PRESETS) and "sgd lr 1e-05" in out
+
+
+def test_one_note_when_the_data_are_adapted_to_the_model(setup, tmp_path, capsys):
+    data = setup[1]
+    _train("--model", "thesis-m0", "--data", str(data), "--epochs", "1", "--limit", "64", "--out",
+           str(tmp_path / "m0"))
+    notes = [s for s in capsys.readouterr().err.splitlines() if s.startswith("note:")]
+    assert notes == [("note: images adapted to the model's input 3x12x12: 300 converted from grey to RGB; "
+                      "300 resized from 28x28 to 12x12 (bilinear)")]
+
+
+# --- speed figures --------------------------------------------------------------------------------------------
+
+
+def _fit_data():
+    rng = np.random.default_rng(0)
+    return rng.random((64, 1, 6, 6)).astype(np.float32), rng.integers(0, 3, 64)
+
+
+def _model():
+    hn.seed(0)
+    return zoo.layers_from_specs([{"type": "Conv2D", "in_channels": 1, "out_channels": 2, "kernel_size": 3},
+                                  {"type": "BatchNorm2D", "num_features": 2}, {"type": "ReLU"}, {"type": "Flatten"},
+                                  {"type": "Dropout", "p": 0.2}, {"type": "Dense", "in_features": 32,
+                                                                  "out_features": 3}]).to("cpu")
+
+
+def test_warmup_steps_are_timed_apart_and_change_nothing():
+    x, y = _fit_data()
+    runs = []
+    for untimed in (False, True):
+        model = _model()
+        opt = train.make_optimizer("momentum", model.parameters(), 0.1)
+        trainer = train.Trainer(model, opt, log=None, progress=False)
+        if untimed:      # as if the shape had been seen: no step is timed apart
+            trainer._steps_at_shape[(16, 1, 6, 6)] = train.WARMUP_STEPS_PER_SHAPE
+        warm = []
+        def record(rec, hist, trainer=trainer, warm=warm):
+            warm.append(trainer.last_warmup)
+
+        hist = trainer.fit(train.ArrayLoader(x, y, 16), 3, on_epoch_end=record)
+        runs.append((hist, model.state_dict(), warm))
+    (h1, w1, warm), (h2, w2, none) = runs
+    assert [r["train_loss"] for r in h1] == [r["train_loss"] for r in h2]          # bit-identical training
+    assert all(np.array_equal(w1[k], w2[k]) for k in w1)
+    assert [n for _, n in warm] == [16 * train.WARMUP_STEPS_PER_SHAPE, 0, 0] and [n for _, n in none] == [0, 0, 0]
+    assert h1[0]["warmup_seconds"] == pytest.approx(warm[0][0]) and h1[1]["warmup_seconds"] is None
+    assert h2[0]["warmup_seconds"] is None and all(r["images_per_second"] > 0 for r in h1 + h2)
+
+
+def test_fit_prints_one_line_per_epoch(capsys):
+    x, y = _fit_data()
+    _model().fit(x, y, epochs=2, batch_size=16, progress=False)
+    lines = capsys.readouterr().out.splitlines()
+    assert [s.split("  ")[0] for s in lines] == ["epoch 1/2", "epoch 2/2"] and "img/s" in lines[0]
+    _model().fit(x, y, epochs=2, batch_size=16, progress=False, verbose=False)
+    assert capsys.readouterr().out == ""
