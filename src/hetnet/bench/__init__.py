@@ -184,8 +184,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.models = parse_list(args.models, "--models") if args.models else None
     args.batch_sizes = _positive_ints(args.batch_sizes, "--batch-sizes") if args.batch_sizes else None
     args.rows = _rows(args.rows, "--rows") if args.rows else None
-    for m in dict.fromkeys((args.models or []) + [m for m, _ in args.rows or []]):
-        check_model(m, "--rows" if args.rows and m in dict(args.rows) and m not in (args.models or []) else "--models")
+    for m in args.models or []:
+        check_model(m, "--models")
+    for m in dict.fromkeys(m for m, _ in args.rows or []):
+        check_model(m, "--rows")
     args.thesis_models = parse_list(args.thesis_models, "--thesis-models")
     if args.precision:
         args.precision = parse_list(args.precision, "--precision")

@@ -477,6 +477,11 @@ def rel_err(a, b) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
+def sig(v: float, digits: int = 4) -> float:
+    """v to `digits` significant figures (TFLOP/s of a tiny CPU row are not 0.0)."""
+    return float(f"{v:.{digits}g}")
+
+
 def short_error(e: BaseException) -> str:
     return f"{type(e).__name__}: {' '.join(str(e).split())}"[:FILES_LIMIT_CHARS]
 

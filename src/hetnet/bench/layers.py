@@ -30,6 +30,7 @@ from .common import (
     plan,
     rel_err,
     short_error,
+    sig,
     time_sides,
     write_result,
     write_text,
@@ -486,19 +487,23 @@ def _conv_precision_rows(spec: dict, backend, tdev: str, precision: str, gpu: bo
                 hfn = {"forward": hfwd, "filter gradient": hwgrad, "data + filter gradient": hboth}[op]
             med, timing = time_op(hfn, tfns[op], backend, gpu, args)
             row.update(torch_ms=round(med["torch"] * 1e3, 4),
-                       torch_tflops=round(flops * _mult(op) / med["torch"] / 1e12, 3),
+                       torch_tflops=sig(flops * _mult(op) / med["torch"] / 1e12),
                        repeats=timing["repeats"], timing=timing["how"])
             if "hetnet" in med:
                 times[op] = med["hetnet"]
             if op == "data gradient" and {"filter gradient", "data + filter gradient"} <= set(times):
-                # hetnet's: the two backward calls' difference (no data-gradient-only call in the op contract)
-                times[op] = max(times["data + filter gradient"] - times["filter gradient"], 1e-9)
-                row.update(hetnet_derived="(data + filter gradient) - filter gradient",
+                # hetnet's: the two backward calls' difference (no data-gradient-only call in the op contract);
+                # none when the difference is not positive (within the timing noise)
+                diff = times["data + filter gradient"] - times["filter gradient"]
+                row.update(hetnet_derived="(data + filter gradient) - filter gradient" + (
+                               "" if diff > 0 else f": {diff * 1e3:.4f} ms, not positive (timing noise)"),
                            check_max_rel_err=next((x["check_max_rel_err"] for x in rows
                                                    if x["op"] == "data + filter gradient"), None))
+                if diff > 0:
+                    times[op] = diff
             if op in times:
                 row.update(hetnet_ms=round(times[op] * 1e3, 4),
-                           hetnet_tflops=round(flops * _mult(op) / times[op] / 1e12, 3),
+                           hetnet_tflops=sig(flops * _mult(op) / times[op] / 1e12),
                            torch_vs_hetnet=round(med["torch"] / times[op], 3))
         except Exception as e:
             row.update(status="error", reason=short_error(e))

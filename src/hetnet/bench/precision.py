@@ -31,6 +31,7 @@ from .common import (
     md_header,
     measure,
     short_error,
+    sig,
     write_result,
     write_text,
 )
@@ -131,7 +132,7 @@ def bench_precision_step(model_name: str, batch: int, device: str, precision: st
     for name in ("hetnet", "torch_graph", "torch_compile", "torch_eager"):
         if name in med:
             row[f"{name}_ms_per_step"] = round(med[name] * 1e3, 4)
-            row[f"{name}_tflops" if name != "hetnet" else "hetnet_tflops"] = round(flops / med[name] / 1e12, 3)
+            row[f"{name}_tflops"] = sig(flops / med[name] / 1e12)
     peer = "torch_graph" if gpu else "torch_eager"
     if "hetnet" in med and peer in med:
         row[f"speedup_vs_{peer}"] = round(med[peer] / med["hetnet"], 3)
