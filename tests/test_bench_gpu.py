@@ -29,13 +29,19 @@ def _env_ok(doc: dict) -> None:
     assert env["card"] and env["host"] and env["commit"] and env["time_utc"]
 
 
-def test_train_step_row_with_the_torch_graph_side(tmp_path):
-    rc = bench.main(["--devices", "cuda", "--rows", "thesis-m0:8", "--no-extras", "--out", str(tmp_path), *TINY])
-    assert rc == 0
-    doc = json.loads((tmp_path / "train_step.json").read_text())
+def _only_row(path) -> dict:
+    """The one row of a result file, which names the card, commit and date and was measured."""
+    doc = json.loads(path.read_text())
     _env_ok(doc)
     (row,) = doc["rows"]
     assert row["status"] == "ok", row
+    return row
+
+
+def test_train_step_row_with_the_torch_graph_side(tmp_path):
+    rc = bench.main(["--devices", "cuda", "--rows", "thesis-m0:8", "--no-extras", "--out", str(tmp_path), *TINY])
+    assert rc == 0
+    row = _only_row(tmp_path / "train_step.json")
     assert row["hetnet_img_per_s"] > 0 and row["torch_graph_img_per_s"] > 0 and row["torch_eager_img_per_s"] > 0
     assert row["hetnet_peak_mib"] is not None and row["torch_peak_mib"] is not None
 
@@ -96,13 +102,7 @@ def test_loader_and_profile_tables(tmp_path):
     rc = bench.main(["--devices", "cuda", "--no-train-step", "--loader-epochs", "--profile", "--rows", "thesis-m0:64",
                      "--epochs", "1", "--loader-images", "640", "--profile-steps", "2", "--out", str(tmp_path)])
     assert rc == 0
-    loaders = json.loads((tmp_path / "loader_epochs.json").read_text())
-    _env_ok(loaders)
-    (row,) = loaders["rows"]
-    assert row["status"] == "ok", row
+    row = _only_row(tmp_path / "loader_epochs.json")
     assert row["steps_only_img_per_s"] > 0 and row["host_img_per_s"] > 0 and row["resident_img_per_s"] > 0
-    prof = json.loads((tmp_path / "profile.json").read_text())
-    _env_ok(prof)
-    (row,) = prof["rows"]
-    assert row["status"] == "ok", row
+    row = _only_row(tmp_path / "profile.json")
     assert row["hetnet"]["kernel_sum_us"] > 0 and row["torch_graph"]["kernel_sum_us"] > 0

@@ -514,6 +514,15 @@ def fmt(v, digits: int = 2) -> str:
     return str(v)
 
 
+def targets_markdown(targets: list[dict], title: str = "Targets:") -> list[str]:
+    """Markdown lines for judged targets ({"target", "rows", "met", "missed"}); none when there are none."""
+    if not targets:
+        return []
+    return ["", title, ""] + [f"- {t['target']}: {'met' if t['met'] else 'not met'}, {t['rows'] - len(t['missed'])} "
+                              f"of {t['rows']} rows reach it"
+                              + (f" (short: {', '.join(t['missed'])})" if t["missed"] else "") for t in targets]
+
+
 def md_header(env: dict) -> list[str]:
     where = f"**{env['card']}** (GPU), host `{env['host']}`" if env.get("card") else f"host `{env['host']}`"
     libs = ", ".join(f"{k} {env[k]}" for k in ("torch", "numpy", "cupy", "cudnn") if env.get(k))

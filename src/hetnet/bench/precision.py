@@ -32,6 +32,7 @@ from .common import (
     measure,
     short_error,
     sig,
+    targets_markdown,
     write_result,
     write_text,
 )
@@ -253,11 +254,7 @@ def precision_markdown(doc: dict) -> str:
         lines += ["", "torch.compile side missing:", ""]
         lines += [f"- {r['model']} batch {r['batch_size']} {r['precision']}: {r['torch_compile_note']}"
                   for r in failed]
-    if doc.get("targets"):
-        lines += ["", "Targets (issue 14):", ""]
-        lines += [f"- {t['target']}: {'met' if t['met'] else 'not met'}, {t['rows'] - len(t['missed'])} of "
-                  f"{t['rows']} rows reach it" + (f" (short: {', '.join(t['missed'])})" if t["missed"] else "")
-                  for t in doc["targets"]]
+    lines += targets_markdown(doc.get("targets"), "Targets (issue 14):")
     if notes:
         lines += ["", "Rows not timed:", ""]
         lines += [f"- {r['model']} batch {r['batch_size']} {r['precision']} on {r.get('hetnet_backend')}: "

@@ -64,7 +64,7 @@ def hetnet_to(model, device, precision: str) -> str | None:
     if not any(p.name == "precision" or p.kind is p.VAR_KEYWORD for p in params):
         model.to(device)
         return HETNET_PRECISION_UNSUPPORTED
-    model.to(device, precision=precision)
+    model.to(getattr(device, "name", device), precision=precision)   # the public form: a device string
     return None
 
 

@@ -22,6 +22,7 @@ from .common import (
     md_header,
     measure,
     short_error,
+    targets_markdown,
     threads_text,
     wait_quiet,
     write_result,
@@ -224,11 +225,7 @@ def train_step_markdown(doc: dict) -> str:
                   f"{r['check_float64']['against_float32']['worst']} "
                   f"{r['check_float64']['against_float32']['rel_err']:.2g}; float64 "
                   f"{r['check_float64']['worst']} {r['check_float64']['rel_err']:.2g}" for r in judged]
-    if doc.get("targets"):
-        lines += ["", "Targets:", ""]
-        lines += [f"- {t['target']}: {'met' if t['met'] else 'not met'}, {t['rows'] - len(t['missed'])} of "
-                  f"{t['rows']} rows reach it" + (f" (short: {', '.join(t['missed'])})" if t["missed"] else "")
-                  for t in doc["targets"]]
+    lines += targets_markdown(doc.get("targets"), "Targets:")
     if bad:
         lines += ["", "Rows not timed:", ""]
         lines += [f"- {r['model']} batch {r['batch_size']} on {r['hetnet_backend']}: {r['status']}: {r['reason']}"
@@ -352,7 +349,10 @@ def method_text(gpu: bool) -> str:
             "step's updates on the whole batch within 1e-2 (float32 max-pool "
             "near-ties, more of them the larger the batch, route a few gradients differently from PyTorch without "
             "either being wrong). A row failing is refused. Median over repetitions after warm-up, sides "
-            "alternating. ")
+            "alternating (`pair_median_speedup_vs_torch_eager`: the median of each repetition's own ratio). "
+            "hetnet's step is the trainer's (hetnet.train.make_train_step), its inference pass the trainer's "
+            "evaluation step (make_eval_step: forward plus loss and accuracy sums); `hetnet_layers_*` (with "
+            "--layer-by-layer): the same SGD step through model.forward / model.backward, layer after layer. ")
     if gpu:
         text += ("GPU: CUDA events around blocks of steps; PyTorch with cudnn.benchmark on and TF32 off except in "
                  "the row marked TF32; 'graph' = the whole PyTorch step captured as a CUDA graph. Peak memory, over a "
