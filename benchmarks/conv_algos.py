@@ -6,14 +6,15 @@ and the backward once through hetnet's launchers, which measure each candidate (
 time for the same op (PyTorch, TF32 off, cudnn.benchmark on) is the mean of 20 launches captured in one CUDA graph,
 median of 5 replays: the forward, the data gradient alone and the filter gradient alone
 (aten.convolution_backward with one output mask each). Both sides count GPU time only, so the ratio compares
-kernels; `hetnet bench --layers` compares whole layers of thesis-m4 the same way.
+kernels; `hetnet bench --layers` compares whole layers of thesis-m4 the same way. The per-kernel tier: it calls the
+cuda backend's launchers directly, and takes its cuDNN timing, machine description and JSON writer from hetnet.bench.
 
     PYTHONPATH=src python benchmarks/conv_algos.py --out /tmp/conv_algos.json
 """
 from __future__ import annotations
 
 import argparse
-import json
+from pathlib import Path
 
 import numpy as np
 
@@ -31,37 +32,14 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def torch_ms(torch, fn, reps=20):
-    """GPU ms per call of fn: `reps` calls captured in one CUDA graph, median of 5 timed replays."""
-    g = torch.cuda.CUDAGraph()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(5):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / reps)
-    return sorted(times)[2]
-
-
 def main(argv=None):
     args = parse_args(argv)
     import cupy
     import torch
 
     from hetnet.backends.cuda import conv as C
+    from hetnet.bench.common import environment, write_result
+    from hetnet.bench.sides import torch_graph_ms
     from hetnet.device import get_backend
 
     torch.backends.cudnn.benchmark = True
@@ -86,9 +64,9 @@ def main(argv=None):
                 return lambda: torch.ops.aten.convolution_backward(tdy, tx, tw, None, [1, 1], [1, 1], [1, 1], False,
                                                                     [0, 0], 1, mask)
 
-            cudnn = {"fwd": torch_ms(torch, lambda: torch.nn.functional.conv2d(tx, tw, None, 1, 1)),
-                     "data": torch_ms(torch, grad([True, False, False])),
-                     "filter": torch_ms(torch, grad([False, True, False]))}
+            cudnn = {"fwd": torch_graph_ms(lambda: torch.nn.functional.conv2d(tx, tw, None, 1, 1)),
+                     "data": torch_graph_ms(grad([True, False, False])),
+                     "filter": torch_graph_ms(grad([False, True, False]))}
             for e in be.tune_log[first:]:
                 best = sorted(e["ms"].items(), key=lambda kv: kv[1])
                 ratio = cudnn[e["op"]] / best[0][1]
@@ -98,9 +76,8 @@ def main(argv=None):
                 print(f"{name:18s} n={n:5d} {e['op']:6s} cuDNN {cudnn[e['op']] * 1000:7.1f} | "
                       + "  ".join(f"{a} {t * 1000:.1f}" for a, t in best[:5]) + f" | {ratio:.2f}x", flush=True)
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"gpu": be.gpu_name, "torch": torch.__version__, "cudnn": torch.backends.cudnn.version(),
-                       "rows": rows}, f, indent=1)
+        write_result(Path(args.out), {"environment": environment(torch.get_num_threads(), True), "tf32": False,
+                                      "rows": rows})
 
 
 if __name__ == "__main__":

@@ -1,16 +1,26 @@
-"""`hetnet bench` on tiny sizes: the JSON it writes, and the gate that refuses to time disagreeing models."""
+"""`hetnet bench` on tiny sizes: the JSON it writes (machine, commit, date), the gate that refuses to time
+disagreeing models, the precision table's rows, the FLOP count, cifar-wide, and the scripts in benchmarks/ that wrap
+the harness. GPU paths: tests/test_bench_gpu.py."""
 from __future__ import annotations
 
+import importlib.util
 import json
+import re
+import sys
 import time
+from datetime import datetime
+from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import RTOL, torch_or_skip
 
+import hetnet as hn
 from hetnet import bench, interop
-from hetnet.bench import common
+from hetnet.bench import common, models, pair, precision, sides, train_step
 from hetnet.errors import UsageError
+
+REPO = Path(__file__).resolve().parents[1]
 
 ROW_KEYS = {"model", "batch_size", "hetnet_backend", "status", "hetnet_img_per_s", "hetnet_ms_per_step",
             "torch_eager_img_per_s", "torch_eager_ms_per_step", "torch_graph_img_per_s", "hetnet_peak_mib",
@@ -133,7 +143,9 @@ def test_layers_table(tmp_path):
 
 
 @pytest.mark.parametrize("argv, flag", [(["--models", "nope"], "--models"), (["--batch-sizes", "0"], "--batch-sizes"),
-                                        (["--devices", "tpu"], "--devices")])
+                                        (["--devices", "tpu"], "--devices"), (["--precision", "fp16"], "--precision"),
+                                        (["--rows", "mlp"], "--rows"), (["--rows", "nope:32"], "--rows"),
+                                        (["--rows", "mlp:0"], "--rows"), (["--layer-batch", "0"], "--layer-batch")])
 def test_bad_flags_are_usage_errors(argv, flag):
     with pytest.raises(UsageError, match=flag):
         bench.parse_args(argv)
@@ -160,3 +172,234 @@ def test_gpu_shaped_rows_render(tmp_path):
     assert "4 of 6 rows reach it (short: thesis-m1@1024: 0.90x, fashion-cnn@1024: 0.90x)" in md
     assert "mlp batch 32 on cuda:0: error: Boom" in md
     assert train_step.speedup_chart(rows, tmp_path / "s.png", "NVIDIA H100")
+
+
+# --- the result files: machine, commit, date ----------------------------------------------------------------------
+
+
+def _check_environment(env: dict) -> None:
+    assert env["host"] and "card" in env
+    assert re.fullmatch(r"[0-9a-f]{7,40}(-dirty)?|unknown", env["commit"]), env["commit"]
+    assert datetime.strptime(env["time_utc"], "%Y-%m-%dT%H:%M:%SZ")
+
+
+def test_every_result_json_names_machine_commit_and_date(tmp_path):
+    torch_or_skip()
+    rc = bench.main(["--rows", "thesis-m0:3", "--devices", "cpu", "--layers", "--layer-batch", "2",
+                     "--models", "thesis-m0", "--out", str(tmp_path), *TINY[2:]])
+    assert rc == 0
+    files = sorted(p.name for p in tmp_path.glob("*.json"))
+    assert files == ["layers.json", "train_step.json"]
+    for name in files:
+        _check_environment(json.loads((tmp_path / name).read_text())["environment"])
+    assert not list(tmp_path.glob(".*.tmp"))          # no temporary file left behind
+
+
+def test_commit_is_the_checkouts_or_the_environments(tmp_path, monkeypatch):
+    if (REPO / ".git").exists():
+        assert re.fullmatch(r"[0-9a-f]{7,40}(-dirty)?", common.git_commit())
+    monkeypatch.setattr(common, "REPO_ROOT", tmp_path)     # not a checkout
+    monkeypatch.setenv("HETNET_GIT_COMMIT", "abc1234")
+    assert common.git_commit() == "abc1234"
+    monkeypatch.delenv("HETNET_GIT_COMMIT")
+    assert common.git_commit() == "unknown"
+
+
+def test_write_result_refuses_a_document_without_machine_commit_or_date(tmp_path):
+    env = common.environment(1, False)
+    common.write_result(tmp_path / "ok.json", {"environment": env, "rows": []})
+    assert json.loads((tmp_path / "ok.json").read_text())["environment"]["commit"] == env["commit"]
+    for key in common.ENVIRONMENT_KEYS:
+        with pytest.raises(ValueError, match=key):
+            common.write_result(tmp_path / "bad.json", {"environment": {**env, key: None}, "rows": []})
+    assert not (tmp_path / "bad.json").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["ok.json"]
+
+
+# --- models, FLOPs, cifar-wide --------------------------------------------------------------------------------------
+
+
+def test_cifar_wide_has_2_29_million_parameters():
+    model, shape = models.resolve_model("cifar-wide")
+    assert shape == (3, 32, 32) and model.output_shape(shape) == (10,)
+    assert models.parameter_count(model) == 2_292_544      # convs 2,287,296 + BN 2,688 + dense 2,560
+    assert round(models.parameter_count(model) / 1e6, 2) == 2.29
+    convs = [(m.in_channels, m.out_channels) for m in model.layers if isinstance(m, hn.Conv2D)]
+    assert convs == [(3, 64), (64, 128), (128, 128), (128, 256), (256, 256), (256, 256), (256, 256)]
+    assert not any(m.use_bias for m in model.layers if isinstance(m, (hn.Conv2D, hn.Dense)))
+    assert models.resolve_model(str(REPO / "benchmarks" / "specs" / "cifar-wide.json"))[1] == shape
+
+
+def test_flops_of_a_tiny_model_by_hand():
+    model = hn.Sequential([hn.Conv2D(1, 2, 3, padding=1), hn.ReLU(), hn.MaxPool2D(2), hn.Flatten(), hn.Dense(8, 3)])
+    # conv: output 2x4x4, each 1*3*3 multiply-adds: 2*32*9 = 576; dense: 2*8*3 = 48; pooling and ReLU not counted
+    assert models.forward_flops(model, (1, 4, 4)) == 576 + 48
+    assert models.train_step_flops(model, (1, 4, 4), batch=5) == 3 * 5 * 624
+
+
+def test_models_resolve_by_preset_spec_name_or_path():
+    assert models.resolve_model("mlp")[1] == (1, 28, 28)
+    assert models.resolve_model("fashion-2conv")[1] == (1, 28, 28)
+    assert models.model_label("benchmarks/specs/fashion-2conv.json") == "fashion-2conv"
+    with pytest.raises(UsageError, match="nope"):
+        models.resolve_model("nope")
+    args = bench.parse_args(["--model", "cifar-wide", "--devices", "cpu"])
+    assert args.models == ["cifar-wide"]
+
+
+def test_section_rows_defaults_and_overrides():
+    defaults = [("a", 1), ("a", 2), ("b", 1)]
+    args = bench.parse_args(["--devices", "cpu"])
+    assert train_step.section_rows(args, defaults) == defaults
+    args = bench.parse_args(["--devices", "cpu", "--models", "mlp"])
+    assert train_step.section_rows(args, defaults) == [("mlp", 1), ("mlp", 2)]
+    args = bench.parse_args(["--devices", "cpu", "--rows", "mlp:4,thesis-m0:8", "--models", "mlp"])
+    assert train_step.section_rows(args, defaults) == [("mlp", 4), ("thesis-m0", 8)]
+
+
+# --- the precision table -------------------------------------------------------------------------------------------
+
+
+def test_tolerances_are_stated_once_and_loosen_with_the_precision():
+    assert precision.PRECISIONS == ("fp32", "tf32", "bf16")
+    assert common.RTOL_PRECISION["fp32"] == bench.RTOL_F32
+    assert bench.RTOL_F32 < common.RTOL_PRECISION["tf32"] < common.RTOL_PRECISION["bf16"]
+
+
+def test_hetnet_to_passes_a_precision_only_to_a_model_that_takes_one():
+    class Takes:
+        def __init__(self):
+            self.calls = []
+
+        def to(self, device, precision="fp32"):
+            self.calls.append((device, precision))
+            return self
+
+    class Plain(Takes):
+        def to(self, device):
+            self.calls.append((device,))
+            return self
+
+    t, p_ = Takes(), Plain()
+    assert sides.hetnet_to(t, "cuda", "bf16") is None and t.calls == [("cuda", "bf16")]
+    assert sides.hetnet_to(t, "cuda", "fp32") is None and t.calls[-1] == ("cuda", "fp32")   # fp32: plain to()
+    assert sides.hetnet_to(p_, "cuda", "tf32") == sides.HETNET_PRECISION_UNSUPPORTED and p_.calls == [("cuda",)]
+    assert sides.hetnet_to(p_, "cuda", "fp32") is None
+
+
+def test_precision_rows_and_files_on_the_cpu(tmp_path):
+    """fp32 rows are timed against PyTorch eager (no CUDA graph on a CPU); tf32 and bf16 rows are GPU rows and
+    skipped here; the per-layer precision table has four ops per convolution, hetnet's data gradient derived."""
+    torch_or_skip()
+    rc = bench.main(["--devices", "cpu", "--precision", "fp32,bf16", "--rows", "thesis-m0:3", "--layers",
+                     "--layer-batch", "2", "--out", str(tmp_path), *TINY[2:]])
+    assert rc == 0
+    doc = json.loads((tmp_path / "precision_step.json").read_text())
+    _check_environment(doc["environment"])
+    assert doc["tolerances"] == common.RTOL_PRECISION
+    fp32, bf16 = doc["rows"]
+    assert set(precision.ROW_KEYS) <= set(fp32) and set(precision.ROW_KEYS) <= set(bf16)
+    assert (fp32["status"], fp32["precision"], bf16["status"], bf16["precision"]) == ("ok", "fp32", "skipped", "bf16")
+    assert fp32["hetnet_img_per_s"] > 0 and fp32["torch_eager_img_per_s"] > 0 and fp32["hetnet_tflops"] > 0
+    assert fp32["torch_graph_img_per_s"] is None and fp32["torch_compile_img_per_s"] is None
+    assert fp32["torch_compile_note"].startswith("not asked")
+    assert fp32["check_max_rel_err"] <= fp32["check_tolerance"] == common.RTOL_PRECISION["fp32"]
+    net, shape = models.resolve_model("thesis-m0")
+    assert fp32["step_gflop"] == round(models.train_step_flops(net, shape, 3) / 1e9, 3)
+    assert fp32["hetnet_peak_mib"] is not None and fp32["torch_peak_mib"] is not None
+    assert "| thesis-m0 | 3 | fp32 |" in (tmp_path / "precision_step.md").read_text()
+
+    layers = json.loads((tmp_path / "precision_layers.json").read_text())
+    _check_environment(layers["environment"])
+    (sec,) = layers["sections"]             # fp32 only: bf16 is a GPU table
+    assert (sec["model"], sec["batch"], sec["precision"]) == ("thesis-m0", 2, "fp32")
+    rows = sec["rows"]
+    assert [(r["layer"], r["op"]) for r in rows[:4]] == [("conv1", op) for op in
+                                                          ("forward", "data gradient", "filter gradient",
+                                                           "data + filter gradient")]
+    assert all(r["status"] == "ok" and r["torch_ms"] > 0 for r in rows), rows
+    assert all(r["hetnet_ms"] > 0 for r in rows if not r.get("hetnet_derived")), rows
+    assert all(r["check_max_rel_err"] <= common.RTOL_PRECISION["fp32"] for r in rows)
+    assert [r["op"] for r in rows if r.get("hetnet_derived")] == ["data gradient", "data gradient"]
+    assert any("bf16" in e and "skipped" in e for e in layers["errors"])
+    assert "| conv2 | 2x16x6x6 |" in (tmp_path / "precision_layers.md").read_text()
+
+
+def test_precision_row_is_refused_when_hetnet_disagrees(monkeypatch):
+    torch = torch_or_skip()
+    real = interop.to_torch
+
+    def perturbed(model, *a, **k):      # float32 and float64 alike: a real disagreement
+        tm = real(model, *a, **k)
+        with torch.no_grad():
+            next(iter(tm.parameters())).mul_(1.01)
+        return tm
+
+    monkeypatch.setattr(interop, "to_torch", perturbed)
+    args = bench.parse_args(["--devices", "cpu", "--precision", "fp32", *TINY])
+    row = precision.bench_precision_step("mlp", 3, "cpu", "fp32", args)
+    assert row["status"] == "refused" and "disagree" in row["reason"]
+    assert row["check_float64"]["rel_err"] > common.RTOL_PRECISION["fp32"]
+    assert row["hetnet_img_per_s"] is None and "repeats" not in row            # never timed
+
+
+def test_precision_row_without_hetnet_support_times_pytorch_alone(monkeypatch):
+    """A model whose `to` takes no precision: the row records why, leaves hetnet's columns empty (no fp32 time
+    passed off as another precision's) and still measures PyTorch."""
+    torch_or_skip()
+
+    def unsupported(model, device, precision_):
+        model.to(device)
+        return sides.HETNET_PRECISION_UNSUPPORTED
+
+    monkeypatch.setattr(pair, "hetnet_to", unsupported)
+    args = bench.parse_args(["--devices", "cpu", "--precision", "fp32", *TINY])
+    row = precision.bench_precision_step("mlp", 3, "cpu", "fp32", args)
+    assert row["status"] == "torch only" and row["reason"] == "hetnet precision not supported"
+    assert row["hetnet_img_per_s"] is None and row["hetnet_tflops"] is None and row["hetnet_peak_mib"] is None
+    assert row["torch_eager_img_per_s"] > 0 and row["torch_peak_mib"] is not None
+
+
+def test_precision_targets_judge_gpu_rows_only():
+    def row(p, b, vs, dev="cuda:0"):
+        return {"model": "cifar-wide", "batch_size": b, "precision": p, "status": "ok", "hetnet_img_per_s": 1.0,
+                "speedup_vs_torch_graph": vs, "hetnet_backend": dev, "hetnet_peak_mib": 1.0, "torch_peak_mib": 2.0}
+
+    t = precision.precision_targets([row("bf16", 512, 1.4), row("bf16", 1024, 1.2), row("fp32", 512, 1.3),
+                                     row("tf32", 512, 0.5, dev="cpu")])
+    by = {x["target"].split(",")[0]: x for x in t}
+    assert by["cifar-wide bf16"]["missed"] == ["1024: 1.20x"] and by["cifar-wide fp32"]["met"]
+    assert "cifar-wide tf32" not in by
+
+
+# --- the scripts in benchmarks/ ------------------------------------------------------------------------------------
+
+
+def _load(path: Path):
+    spec = importlib.util.spec_from_file_location(f"bench_script_{path.stem}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_benchmark_scripts_import_without_a_gpu_and_wrap_the_harness(monkeypatch):
+    """Every script in benchmarks/ imports here (CUDA, CuPy and torch only inside main) and has a main; the
+    whole-model ones are hetnet bench flags or wrappers over it."""
+    scripts = sorted(p.relative_to(REPO / "benchmarks").as_posix() for p in (REPO / "benchmarks").rglob("*.py"))
+    assert scripts == ["conv_algos.py", "cpu_step.py", "kernels/host_overhead.py", "kernels/profile_step.py"]
+    for name in scripts:
+        monkeypatch.setattr(sys, "path", [str((REPO / "benchmarks" / name).parent), *sys.path])
+        assert callable(_load(REPO / "benchmarks" / name).main), name
+    cpu_step = _load(REPO / "benchmarks" / "cpu_step.py")
+    argv = cpu_step.bench_argv(*cpu_step.parse_args(["--threads", "1", "--", "--side-seconds", "1"]))
+    args = bench.parse_args(argv)          # a command line the harness accepts
+    assert args.devices == ["cpu"] and args.layer_by_layer and args.threads == 1 and args.side_seconds == 1
+    assert args.rows == [("thesis-m1", 32), ("thesis-m1", 128), ("fashion-2conv", 128), ("fashion-cnn", 128)]
+    assert argv[argv.index("--out") + 1].endswith("-1thread")
+
+
+def test_gpu_check_calls_the_harness():
+    text = (REPO / "scripts" / "gpu-check").read_text()
+    assert "hetnet bench" in text and "--precision fp32,tf32,bf16" in text and "--loader-epochs" in text
+    for gone in ("gpu_step.py", "gpu_epoch.py", "gpu_profile.py"):
+        assert gone not in text

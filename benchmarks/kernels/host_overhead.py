@@ -16,13 +16,15 @@ def main():
 
     import hetnet as hn
     from hetnet import zoo
+    from hetnet.bench.common import Clock
     from hetnet.optim import SGD
+    from hetnet.train import make_train_step
 
     for name, batch in (("thesis-m1", 32), ("fashion-cnn", 32), ("fashion-cnn", 128)):
         hn.seed(0)
         model = zoo.build(name).to("cuda")
         be = model.backend
-        step = be.make_train_step(model, SGD(model.parameters(), lr=0.01, momentum=0.9))
+        step = make_train_step(model, SGD(model.parameters(), lr=0.01, momentum=0.9))
         rng = np.random.default_rng(0)
         x = be.asarray(rng.normal(size=(batch, *zoo.PRESETS[name].input_shape)).astype(np.float32))
         y = be.labels(rng.integers(0, 10, size=batch))
@@ -36,16 +38,8 @@ def main():
         cupy.cuda.runtime.deviceSynchronize()
         out = {}
         for block in (1, 5, 50):
-            runs = []
-            for _ in range(7):
-                cupy.cuda.runtime.deviceSynchronize()
-                s, e = cupy.cuda.Event(), cupy.cuda.Event()
-                s.record(step.stream)
-                for _ in range(block):
-                    step.step(x, y)
-                e.record(step.stream)
-                e.synchronize()
-                runs.append(cupy.cuda.get_elapsed_time(s, e) / block)
+            clock = Clock("cupy", be, step.stream)      # CUDA events on the step's stream
+            runs = [clock(lambda: step.step(x, y), block) * 1e3 for _ in range(7)]
             out[block] = statistics.median(runs)
         step.collect()
         print(f"{name:<12} b{batch:<4} host {host * 1e3:.3f} ms/step (no sync) | events, block of 1 / 5 / 50 steps: "

@@ -8,7 +8,7 @@ node's kernels run back to back), and an NVTX range "prof" around one step for N
 from __future__ import annotations
 
 import argparse
-import json
+from pathlib import Path
 
 import numpy as np
 
@@ -26,12 +26,14 @@ def main(argv=None):
 
     import hetnet as hn
     from hetnet import zoo
+    from hetnet.bench.common import environment, write_result
     from hetnet.optim import SGD
+    from hetnet.train import make_train_step
 
     hn.seed(0)
     model = zoo.build(args.model).to("cuda")
     be = model.backend
-    step = be.make_train_step(model, SGD(model.parameters(), lr=0.01, momentum=0.9))
+    step = make_train_step(model, SGD(model.parameters(), lr=0.01, momentum=0.9))
     step.use_graph = False
     rng = np.random.default_rng(0)
     x = be.asarray(rng.normal(size=(args.batch, *zoo.PRESETS[args.model].input_shape)).astype(np.float32))
@@ -79,9 +81,9 @@ def main(argv=None):
     for k, v in sorted(rows.items(), key=lambda kv: -kv[1]):
         print(f"  {k:<28} {v:8.1f} us")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"model": args.model, "batch": args.batch, "us_per_step": total * 1000, "nodes_us": rows,
-                       "conv_choices": {f"{e['op']} {e['shape']}": e["choice"] for e in be.tune_log}}, f, indent=1)
+        write_result(Path(args.json), {"environment": environment(1, True), "model": args.model, "batch": args.batch,
+                                       "us_per_step": total * 1000, "nodes_us": rows,
+                                       "conv_choices": {f"{e['op']} {e['shape']}": e["choice"] for e in be.tune_log}})
 
 
 if __name__ == "__main__":

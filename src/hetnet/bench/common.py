@@ -1,13 +1,23 @@
-"""What every bench table shares: the machine's description, peak-memory probes, clocks, and the pieces of a
-training step on each side (hetnet's step object, PyTorch's CUDA-graph step)."""
+"""What every bench table shares: the tolerances of the check before timing, the machine's description (card or
+host, library versions, hetnet's commit, the date), the one writer of result files, clocks and the timing loop,
+peak-memory probes, and the pieces of a training step on each side (hetnet's step object, PyTorch's CUDA-graph
+step).
+
+    >>> from hetnet.bench.common import environment, write_result
+    >>> env = environment(threads=2, want_gpu=False)                      # doctest: +SKIP
+    >>> write_result(Path("out/train_step.json"), {"environment": env, "rows": []})   # doctest: +SKIP
+"""
 from __future__ import annotations
 
 import gc
+import json
 import math
 import os
 import platform
 import socket
 import statistics
+import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,13 +26,23 @@ import numpy as np
 
 from ..errors import UsageError
 
-# Tolerances of the correctness gate: relative error ||a - b|| / ||b||, the float32 value of tests/conftest.py's RTOL
-# (tests/test_bench.py checks that the two agree). Rows where either side may use TF32 (the cuda backend, whose
-# GEMMs can, and the TF32 row) are gated at the TF32 tolerance, and each row records the error it actually had.
+# --- tolerances of the check before timing: relative error ||a - b|| / ||b||, all of them here -------------------
+# RTOL_F32 is the float32 value of tests/conftest.py's RTOL (tests/test_bench.py checks that the two agree). In the
+# train-step table, rows where either side may use TF32 (the cuda backend, whose GEMMs can, and the TF32 row) are
+# gated at RTOL_TF32. The precision table (precision_step.json, the per-layer precision table) gates each row at its
+# precision's RTOL_PRECISION, hetnet at that precision against the exact (float64) result of the same step; its
+# fp32 rows are first held against PyTorch's float32 and judged in float64 only when that fails, as the train-step
+# rows. TF32 rounds each product's inputs to 10 mantissa bits (2^-11 relative), bf16 also stores activations and
+# their gradients in 8 (2^-9 per rounding, compounded over the layers). Each row records the error it actually had.
 RTOL_F32 = 1e-4
 RTOL_TF32 = 1e-2
+RTOL_PRECISION = {"fp32": RTOL_F32, "tf32": 1e-3, "bf16": 2e-2}
+FULL_BATCH_RTOL = 1e-2   # the timed step's updates on the whole batch (float32 max-pool near-ties, see pair.py)
+PRECISIONS = tuple(RTOL_PRECISION)
+
 LR, MOMENTUM = 0.01, 0.9
 FILES_LIMIT_CHARS = 400  # longest error text kept in a JSON row
+REPO_ROOT = Path(__file__).resolve().parents[3]   # src/hetnet/bench/common.py -> the checkout, when run from one
 
 
 def cpu_model() -> str:
@@ -67,16 +87,43 @@ def _gpu_name() -> str | None:
         return None
 
 
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True, timeout=20,
+                             check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout if out.returncode == 0 else None
+
+
+def git_commit() -> str:
+    """hetnet's commit as a short hash, "-dirty" when tracked files differ from it (benchmarks/results/ aside: a
+    run rewrites those). Outside a git checkout (an installed package, a copied tree): $HETNET_GIT_COMMIT, else
+    "unknown"."""
+    if REPO_ROOT.joinpath("src", "hetnet").is_dir() and REPO_ROOT.joinpath(".git").exists():
+        head = _git("rev-parse", "--short", "HEAD")
+        if head:
+            changes = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results")
+            return head.strip() + ("-dirty" if changes is None or changes.strip() else "")
+    return os.environ.get("HETNET_GIT_COMMIT") or "unknown"
+
+
+def utc_now() -> str:
+    """The date and time in UTC, ISO 8601 (2026-12-01T09:57:00Z)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
 def environment(threads: int, want_gpu: bool) -> dict:
-    """Host, CPU, GPU and library versions for the top of every JSON file."""
+    """Host, CPU, GPU, library versions, hetnet's commit and the date, for the top of every JSON file."""
     from .. import __version__
 
     env = {"host": socket.gethostname(), "cpu": cpu_model(), "cpus_available": cpu_count(), "threads": threads,
-           "card": _gpu_name() if want_gpu else None, "python": platform.python_version(), "hetnet": __version__,
-           "numpy": np.__version__, "blas": _blas(),
+           "card": _gpu_name() if want_gpu else None, "commit": git_commit(), "time_utc": utc_now(),
+           "python": platform.python_version(), "hetnet": __version__, "numpy": np.__version__, "blas": _blas(),
            "thread_env": {k: os.environ.get(k) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
                                                          "MKL_NUM_THREADS", "HETNET_NUM_THREADS")},
-           "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "load_average_at_start": load_average()}
+           "hetnet_env": {k: os.environ.get(k) for k in ("HETNET_CUDA_GRAPH", "HETNET_TF32")},
+           "load_average_at_start": load_average()}
     try:
         import torch
 
@@ -104,6 +151,38 @@ def load_average() -> list | None:
         return [round(v, 2) for v in os.getloadavg()]
     except OSError:
         return None
+
+
+ENVIRONMENT_KEYS = ("host", "commit", "time_utc")   # what every result file must name (the card too, on a GPU)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    """Write to a temporary file beside `path`, then rename: a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_result(path: Path, doc: dict) -> None:
+    """The one writer of result JSON: `doc["environment"]` (from `environment`) must name the machine (host; the
+    card, when the run used a GPU, is `card`), hetnet's commit and the date."""
+    env = doc.get("environment") or {}
+    missing = [k for k in ENVIRONMENT_KEYS if not env.get(k)]
+    if missing:
+        raise ValueError(f"{Path(path).name}: the environment lacks {', '.join(missing)}")
+    _atomic_write(path, json.dumps(doc, indent=1, default=str) + "\n")
+
+
+def write_text(path: Path, text: str) -> None:
+    """A markdown table or a log beside the JSON, written the same way."""
+    _atomic_write(path, text)
 
 
 def slug(text: str) -> str:
@@ -323,12 +402,14 @@ def plan(seconds_per_call: float, gpu: bool, repeats: int, side_seconds: float, 
 SETTLE_SECONDS = 0.015
 
 
-def time_sides(sides: dict[str, tuple[Callable, Clock]], reps: int, inner: int, settle: bool = False
-               ) -> dict[str, float]:
+def time_sides(sides: dict[str, tuple[Callable, Clock]], reps: int, inner: int, settle: bool = False,
+               samples: dict | None = None) -> dict[str, float]:
     """Median seconds per call for each side; within a repetition the sides take turns, each time starting one
-    later. settle: untimed calls for SETTLE_SECONDS (at least one) before each timed block."""
+    later. settle: untimed calls for SETTLE_SECONDS (at least one) before each timed block. samples: a dict that
+    receives each side's list of block times (seconds per call), in repetition order."""
     names = list(sides)
-    samples: dict[str, list[float]] = {n: [] for n in names}
+    samples = {} if samples is None else samples
+    samples.update({n: [] for n in names})
     for r in range(reps):
         for n in names[r % len(names):] + names[:r % len(names)]:
             fn, clock = sides[n]
@@ -338,7 +419,53 @@ def time_sides(sides: dict[str, tuple[Callable, Clock]], reps: int, inner: int, 
                 while time.perf_counter() - t0 < SETTLE_SECONDS:
                     fn()
             samples[n].append(clock(fn, inner))
-    return {n: statistics.median(v) for n, v in samples.items()}
+    return {n: statistics.median(samples[n]) for n in names}
+
+
+def measure(sides: dict[str, tuple[Callable, Clock]], gpu: bool, args, seconds_scale: float = 1.0,
+            warmup: int | None = None) -> tuple[dict[str, float], dict]:
+    """Warm-up, then alternating timed blocks (time_sides): the timing of every table. Returns the median seconds
+    per call of each side and {"repeats", "steps_per_repeat", "samples"}. warmup: untimed calls per side (default
+    args.warmup); the last one is timed once, and the slowest side's time sets the block length (plan). On a CPU
+    each block is settled when calls are short (< 0.25 s)."""
+    warmup = args.warmup if warmup is None else warmup
+    est = 0.0
+    for fn, clock in sides.values():
+        for _ in range(max(0, warmup - 1)):
+            fn()
+        est = max(est, clock(fn, 1))
+    reps, inner = plan(est, gpu, args.repeats, args.side_seconds * seconds_scale, args.block_ms)
+    samples: dict = {}
+    med = time_sides(sides, reps, inner, settle=not gpu and est < 0.25, samples=samples)
+    return med, {"repeats": reps, "steps_per_repeat": inner, "samples": samples}
+
+
+def cpu_busy(interval: float = 0.5) -> float:
+    """Fraction of all CPUs busy (any process) over `interval` seconds, from /proc/stat; 0 where unavailable."""
+    def snap():
+        with open("/proc/stat") as f:
+            v = [int(t) for t in f.readline().split()[1:]]
+        return sum(v), v[3] + v[4]   # total, idle + iowait
+    try:
+        t0, i0 = snap()
+        time.sleep(interval)
+        t1, i1 = snap()
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return 1.0 - (i1 - i0) / max(1, t1 - t0)
+
+
+QUIET_THRESHOLD = 0.1
+
+
+def wait_quiet(limit_s: float, threshold: float = QUIET_THRESHOLD) -> float:
+    """Wait (up to limit_s) until other processes use under `threshold` of the CPUs; returns the last reading."""
+    deadline = time.monotonic() + limit_s
+    busy = cpu_busy()
+    while busy > threshold and time.monotonic() < deadline:
+        time.sleep(1.0)
+        busy = cpu_busy()
+    return busy
 
 
 def rel_err(a, b) -> float:
@@ -350,94 +477,9 @@ def rel_err(a, b) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def make_step(model, opt):
-    """The step the trainer would use: hetnet.train.make_train_step (a backend's fast path when it has one)."""
-    try:
-        from ..train import make_train_step
-
-        ts = make_train_step(model, opt, None, 0.0)
-        path = "backend.make_train_step" if hasattr(model.backend, "make_train_step") else "train.TrainStep"
-        return ts, path
-    except ImportError:
-        return _PlainStep(model, opt), "forward/backward/step"
-
-
-class _PlainStep:
-    """forward, softmax cross-entropy, backward, SGD update (used when hetnet.train is unavailable)."""
-
-    def __init__(self, model, opt):
-        self.model, self.opt = model, opt
-
-    def step(self, x, y):
-        self.opt.zero_grad()
-        logits = self.model.forward(x)
-        _, dlogits = self.model.backend.softmax_cross_entropy(logits, y, 0.0)
-        self.model.backward(dlogits, need_dx=False)
-        self.opt.step()
-
-    def collect(self):
-        return (0.0, 0, 0)
-
-
-def capture_torch_graph(body: Callable, warmup: int = 3):
-    """A torch.cuda.CUDAGraph of `body()`, after `warmup` calls of it on a side stream (as the torch.cuda.graphs
-    documentation shows: the warm-up lets lazy initialisation and cuDNN's algorithm search happen uncaptured)."""
-    import torch
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            body()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        body()
-    return graph
-
-
-class TorchGraphStep:
-    """PyTorch's fastest mode for these models: forward, loss, backward and SGD step captured once as a CUDA graph
-    (static input tensors; SGD keeps no step counter, so it needs no `capturable` flag) and replayed. Gradients are
-    set to None at the start of the body, so the captured backward allocates them in the graph's pool."""
-
-    def __init__(self, tmodel, topt, x, y, warmup: int = 3):
-        import torch.nn.functional as F
-
-        self.sx, self.sy = x.clone(), y.clone()
-
-        def body():
-            topt.zero_grad(set_to_none=True)
-            self.loss = F.cross_entropy(tmodel(self.sx), self.sy)
-            self.loss.backward()
-            topt.step()
-
-        self.graph = capture_torch_graph(body, warmup)
-
-    def step(self):
-        self.graph.replay()
-
-
-def torch_flags(tf32: bool) -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        torch.backends.cudnn.allow_tf32 = tf32
-        torch.backends.cudnn.benchmark = True
-
-
-def hetnet_tf32(backend, on: bool) -> str:
-    """Ask the hetnet backend for TF32 GEMMs; says what happened."""
-    for name in ("set_tf32",):
-        fn = getattr(backend, name, None)
-        if callable(fn):
-            fn(on)
-            return "on" if on else "off"
-    if hasattr(backend, "tf32"):
-        backend.tf32 = on
-        return "on" if on else "off"
-    return "off (backend has no TF32 switch)" if on else "off"
+def sig(v: float, digits: int = 4) -> float:
+    """v to `digits` significant figures (TFLOP/s of a tiny CPU row are not 0.0)."""
+    return float(f"{v:.{digits}g}")
 
 
 def short_error(e: BaseException) -> str:
@@ -470,6 +512,15 @@ def fmt(v, digits: int = 2) -> str:
             return f"{v:,.0f}"
         return f"{v:.{digits}f}"
     return str(v)
+
+
+def targets_markdown(targets: list[dict], title: str = "Targets:") -> list[str]:
+    """Markdown lines for judged targets ({"target", "rows", "met", "missed"}); none when there are none."""
+    if not targets:
+        return []
+    return ["", title, ""] + [f"- {t['target']}: {'met' if t['met'] else 'not met'}, {t['rows'] - len(t['missed'])} "
+                              f"of {t['rows']} rows reach it"
+                              + (f" (short: {', '.join(t['missed'])})" if t["missed"] else "") for t in targets]
 
 
 def md_header(env: dict) -> list[str]:

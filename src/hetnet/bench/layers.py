@@ -1,41 +1,56 @@
-"""The per-layer table, as the thesis's: thesis-m4's conv, pool and dense layers at batch 32, forward and backward,
-hetnet's kernels vs PyTorch's, beside this machine's measured GEMM and copy ceilings -> layers.json / .md."""
+"""The per-layer tables.
+
+- layers.json / .md (--layers), as the thesis's: a model's conv, pool and dense layers (thesis-m4 at batch 32 by
+  default), forward and backward, hetnet's kernels vs PyTorch's, beside this machine's measured GEMM and copy
+  ceilings.
+- precision_layers.json / .md (--layers --precision ...): each convolution of a model (cifar-wide at batch 512 by
+  default) in each precision, forward, data gradient and filter gradient, hetnet (a one-layer model moved at the
+  precision) vs cuDNN (PyTorch's convolution ops on tensors of that precision), with achieved TFLOP/s.
+
+    hetnet bench --devices cuda --no-train-step --layers --model cifar-wide --precision fp32,tf32,bf16
+"""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-from .. import zoo
 from ..device import get_backend
+from ..layers import Conv2D, Dense, MaxPool2D, Sequential
 from .common import (
+    PRECISIONS,
     RTOL_F32,
+    RTOL_PRECISION,
     RTOL_TF32,
     Clock,
-    capture_torch_graph,
+    fmt,
     fmt_ms,
     load_average,
     md_header,
     plan,
     rel_err,
     short_error,
+    sig,
     time_sides,
-    torch_flags,
+    write_result,
+    write_text,
 )
+from .models import model_label, resolve_model
+from .sides import capture_torch_graph, hetnet_to, torch_flags, torch_precision
+
+LAYER_KINDS = ((Conv2D, "conv"), (MaxPool2D, "pool"), (Dense, "dense"))
 
 
 def layer_shapes(model_name: str = "thesis-m4", batch: int = 32) -> list[dict]:
-    """The conv, pool and dense layers of a model with their input shapes at a batch size."""
-    model, shape, _ = zoo.resolve(model_name)
+    """The conv, pool and dense layers of a model with their input shapes at a batch size (conv1, pool1, ...)."""
+    model, shape = resolve_model(model_name)
     out, cur = [], tuple(shape)
     counts: dict[str, int] = {}
     for layer in model.layers:
-        t = type(layer).__name__
-        if t in ("Conv2D", "MaxPool2D", "Dense"):
-            counts[t] = counts.get(t, 0) + 1
-            out.append({"name": f"{t.lower().replace('maxpool2d', 'pool').replace('conv2d', 'conv')}{counts[t]}",
-                        "type": t, "input": (batch,) + cur, "layer": layer})
+        kind = next((name for cls, name in LAYER_KINDS if isinstance(layer, cls)), None)
+        if kind is not None:
+            counts[kind] = counts.get(kind, 0) + 1
+            out.append({"name": f"{kind}{counts[kind]}", "kind": kind, "input": (batch,) + cur, "layer": layer})
         cur = layer.output_shape(cur)
     return out
 
@@ -228,22 +243,50 @@ def _graphed_torch(fn, calls: int):
     return capture_torch_graph(body, warmup=1).replay
 
 
-def bench_layers(device: str, args) -> dict:
-    """Each of thesis-m4's conv, pool and dense layers at batch 32, forward and backward, hetnet vs PyTorch."""
+def time_op(hfn, tfn, backend, gpu: bool, args) -> tuple[dict, dict]:
+    """Median seconds per call of one op on each side ({"hetnet", "torch"}; hetnet left out when hfn is None) and
+    {"repeats", "how"}. On a GPU each side's op is captured GRAPH_CALLS times in one CUDA graph (kernels, not the
+    launch overhead), falling back to eager calls when a capture fails (`how` says which)."""
+    for _ in range(2):
+        if hfn is not None:
+            hfn()
+        tfn()
+    per_call, how = 1, "eager"
+    hclock = Clock("cupy", backend) if gpu else Clock("cpu", backend)
+    tclock = Clock("torch") if gpu else Clock("cpu")
+    if gpu:
+        try:
+            hg = hstream = None
+            if hfn is not None:
+                hg, hstream = _graphed_hetnet(backend, hfn, GRAPH_CALLS)
+            tg = _graphed_torch(tfn, GRAPH_CALLS)
+            hfn, tfn, per_call = hg, tg, GRAPH_CALLS
+            hclock = Clock("cupy", backend, hstream)
+            how = f"CUDA graph of {GRAPH_CALLS} calls per side"
+        except Exception as e:
+            how = f"eager (graph capture failed: {short_error(e)})"
+    sides = {"torch": (tfn, tclock)} if hfn is None else {"hetnet": (hfn, hclock), "torch": (tfn, tclock)}
+    est = max(clock(fn, 1) for fn, clock in sides.values())
+    reps, inner = plan(est, gpu, args.repeats, args.side_seconds / 2, args.block_ms)
+    med = time_sides(sides, reps, inner, settle=not gpu)
+    return {k: v / per_call for k, v in med.items()}, {"repeats": reps, "how": how}
+
+
+def bench_layers(device: str, args, model_name: str = "thesis-m4") -> dict:
+    """Each of a model's conv, pool and dense layers at batch args.layer_batch, forward and backward, hetnet vs
+    PyTorch."""
     backend = get_backend(device)
     gpu = device.startswith("cuda")
     tdev = "cuda" if gpu else "cpu"
     if gpu:
         torch_flags(False)
     tol = RTOL_TF32 if gpu else RTOL_F32
-    hclock = Clock("cupy", backend) if gpu else Clock("cpu", backend)
-    tclock = Clock("torch") if gpu else Clock("cpu")
     rng = np.random.default_rng(2)
     rows = []
-    make = {"Conv2D": _conv_ops, "MaxPool2D": _pool_ops, "Dense": _dense_ops}
-    for spec in layer_shapes("thesis-m4", args.layer_batch):
+    make = {"conv": _conv_ops, "pool": _pool_ops, "dense": _dense_ops}
+    for spec in layer_shapes(model_name, args.layer_batch):
         shape = spec["input"]
-        ops = make[spec["type"]](spec["layer"], shape, backend, tdev, rng)
+        ops = make[spec["kind"]](spec["layer"], shape, backend, tdev, rng)
         for op_name, hfn, tfn, hcheck, tcheck, flops, nbytes in ops:
             r = {"layer": spec["name"], "op": op_name, "input_shape": list(shape)}
             try:
@@ -254,23 +297,9 @@ def bench_layers(device: str, args) -> dict:
                     r.update(status="refused", reason=f"outputs disagree: relative error {err:.3g} > {tol:g}")
                     rows.append(r)
                     continue
-                for _ in range(2):
-                    hfn(), tfn()
-                per_call, hc = 1, hclock
-                if gpu:
-                    # kernels, not launch overhead: each side's op captured GRAPH_CALLS times in one CUDA graph
-                    try:
-                        hg, hstream = _graphed_hetnet(backend, hfn, GRAPH_CALLS)
-                        tg = _graphed_torch(tfn, GRAPH_CALLS)
-                        hfn, tfn, per_call = hg, tg, GRAPH_CALLS
-                        hc = Clock("cupy", backend, hstream)
-                        r["timing"] = f"CUDA graph of {GRAPH_CALLS} calls per side"
-                    except Exception as e:
-                        r["timing"] = f"eager (graph capture failed: {short_error(e)})"
-                est = max(hc(hfn, 1), tclock(tfn, 1))
-                reps, inner = plan(est, gpu, args.repeats, args.side_seconds / 2, args.block_ms)
-                med = time_sides({"hetnet": (hfn, hc), "torch": (tfn, tclock)}, reps, inner, settle=not gpu)
-                med = {k: v / per_call for k, v in med.items()}
+                med, timing = time_op(hfn, tfn, backend, gpu, args)
+                reps = timing["repeats"]
+                r["timing"] = timing["how"]
                 r.update(status="ok", hetnet_ms=round(med["hetnet"] * 1e3, 4), torch_ms=round(med["torch"] * 1e3, 4),
                          hetnet_vs_torch=round(med["torch"] / med["hetnet"], 3), repeats=reps)
                 if flops:
@@ -282,18 +311,20 @@ def bench_layers(device: str, args) -> dict:
             except Exception as e:
                 r.update(status="error", reason=short_error(e))
             rows.append(r)
-    return {"device": backend.name, "torch_device": tdev, "batch": args.layer_batch, "model": "thesis-m4",
+    return {"device": backend.name, "torch_device": tdev, "batch": args.layer_batch, "model": model_label(model_name),
             "check_tolerance": tol, "rows": rows}
 
 
 def layers_markdown(doc: dict) -> str:
-    lines = ["# thesis-m4's layers at batch 32: hetnet kernels vs PyTorch", ""] + md_header(doc["environment"])
+    models = ", ".join(dict.fromkeys(sec["model"] for sec in doc["devices"])) or "no model"
+    batch = next((sec["batch"] for sec in doc["devices"]), "")
+    lines = [f"# {models}: layers at batch {batch}, hetnet kernels vs PyTorch", ""] + md_header(doc["environment"])
     lines += [("Each op is checked against PyTorch's before it is timed. Pool GB/s count input + output bytes "
                "(forward: x read, y written; backward: dy read, dx written). On a GPU each side's op is captured "
                f"{GRAPH_CALLS} times in one CUDA graph and the graph is timed with CUDA events, so the table compares "
                "kernels (GPU time per call), not the host's launch overhead (see `timing` in the JSON)."), ""]
     for sec in doc["devices"]:
-        lines += [f"## hetnet `{sec['device']}` vs PyTorch {sec['torch_device']}", ""]
+        lines += [f"## {sec['model']}: hetnet `{sec['device']}` vs PyTorch {sec['torch_device']}", ""]
         c = sec.get("ceilings", {})
         if c:
             lines += [(f"Measured ceilings: GEMM {c.get('gemm_gflops')} GFLOP/s ({c.get('gemm')}); copy "
@@ -317,22 +348,265 @@ def layers_markdown(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_layers(args, devices: list[str], env: dict, out: Path) -> dict:
+def run_layers(args, devices: list[str], env: dict, out: Path, models: list[str]) -> dict:
     doc = {"environment": env, "devices": [], "errors": []}
     for device in devices:
         if device == "reference":
             continue  # the oracle's speed is not the point of this table
-        try:
-            sec = bench_layers(device, args)
+        roofs = None
+        for model_name in models:
             try:
-                sec["ceilings"] = ceilings(device.startswith("cuda"))
+                sec = bench_layers(device, args, model_name)
+                if roofs is None:
+                    try:
+                        roofs = ceilings(device.startswith("cuda"))
+                    except Exception as e:
+                        roofs = {}
+                        doc["errors"].append(f"ceilings on {device}: {short_error(e)}")
+                sec["ceilings"] = roofs
+                doc["devices"].append(sec)
+                print(f"  layers of {model_label(model_name)} on {device}: done", flush=True)
             except Exception as e:
-                doc["errors"].append(f"ceilings on {device}: {short_error(e)}")
-            doc["devices"].append(sec)
-            print(f"  layers on {device}: done", flush=True)
-        except Exception as e:
-            doc["errors"].append(f"{device}: {short_error(e)}")
+                doc["errors"].append(f"{model_label(model_name)} on {device}: {short_error(e)}")
     doc["load_average_at_end"] = load_average()
-    (out / "layers.json").write_text(json.dumps(doc, indent=1) + "\n")
-    (out / "layers.md").write_text(layers_markdown(doc))
+    write_result(out / "layers.json", doc)
+    write_text(out / "layers.md", layers_markdown(doc))
     return doc
+
+
+# --- the precision table: each convolution of a model, per precision, against cuDNN ---------------------------
+
+PRECISION_LAYER_MODEL, PRECISION_LAYER_BATCH = "cifar-wide", 512
+CONV_OPS = ("forward", "data gradient", "filter gradient", "data + filter gradient")
+
+
+def _conv_precision_rows(spec: dict, backend, tdev: str, precision: str, gpu: bool, args, rng) -> list[dict]:
+    """The four ops of one convolution at `precision`, hetnet vs cuDNN (PyTorch's own kernels on a CPU), each checked
+    against float64 first; PyTorch's columns are named torch_*.
+
+    hetnet: a one-layer model (Sequential([Conv2D])) with the layer's shape and fixed weights, moved with
+    sides.hetnet_to; forward = model.forward, filter gradient = model.backward(dy, need_dx=False), data + filter
+    gradient = model.backward(dy). The op contract has no data-gradient-only call, so hetnet's data gradient is
+    (data + filter) - filter, marked `hetnet_derived`. cuDNN: F.conv2d and aten.convolution_backward with one
+    output mask per op, on tensors in the precision's dtype and layout (bf16: bfloat16, channels_last; tf32:
+    float32 with the TF32 switches; fp32: float32, TF32 off)."""
+    import torch
+    import torch.nn.functional as F
+
+    aten = torch.ops.aten
+    layer = spec["layer"]
+    n, c, h, w = spec["input"]
+    k, r, st, pad, bias = layer.out_channels, layer.kernel_size, layer.stride, layer.padding, layer.use_bias
+    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    wt = (rng.standard_normal((k, c, r, r)) * np.sqrt(2.0 / (c * r * r))).astype(np.float32)
+    b = rng.standard_normal(k).astype(np.float32) if bias else None
+    _, p, q = layer.output_shape((c, h, w))
+    dy = rng.standard_normal((n, k, p, q)).astype(np.float32)
+    flops = 2.0 * n * k * p * q * c * r * r
+    base = {"layer": spec["name"], "input_shape": [n, c, h, w], "conv": f"{c}->{k} {r}x{r} stride {st} pad {pad}",
+            "precision": precision, "gflop": round(flops / 1e9, 3)}
+
+    # the exact result, float64
+    x64, w64, dy64 = (torch.from_numpy(a).to(tdev, torch.float64) for a in (x, wt, dy))
+    b64 = torch.from_numpy(b).to(tdev, torch.float64) if bias else None
+    y64 = F.conv2d(x64, w64, b64, st, pad)
+    dx64, dw64, _ = aten.convolution_backward(dy64, x64, w64, [k] if bias else None, [st, st], [pad, pad], [1, 1],
+                                              False, [0, 0], 1, [True, True, False])
+    exact = {"forward": [y64], "filter gradient": [dw64], "data + filter gradient": [dx64, dw64],
+             "data gradient": [dx64]}
+
+    # cuDNN (PyTorch's convolution ops) at the precision
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    fmt_ = torch.channels_last if precision == "bf16" else torch.contiguous_format
+    tx, tw, tdy = (torch.from_numpy(a).to(tdev, dtype).contiguous(memory_format=fmt_) for a in (x, wt, dy))
+    tb = torch.from_numpy(b).to(tdev, dtype) if bias else None
+
+    def grad(mask):
+        return lambda: aten.convolution_backward(tdy, tx, tw, [k] if bias else None, [st, st], [pad, pad], [1, 1],
+                                                 False, [0, 0], 1, mask)
+
+    tfns = {"forward": lambda: F.conv2d(tx, tw, tb, st, pad), "data gradient": grad([True, False, False]),
+            "filter gradient": grad([False, True, bias]), "data + filter gradient": grad([True, True, bias])}
+
+    def torch_out(op):
+        res = tfns[op]()
+        return [res] if op == "forward" else [t for t, m in zip(res, (True, True, False), strict=True)
+                                              if t is not None and m]
+
+    # hetnet at the precision
+    from .. import seed as hn_seed
+
+    hn_seed(0)
+    hm = Sequential([Conv2D(c, k, r, stride=st, padding=pad, bias=bias)])
+    hm.load_state_dict({"0.weight": wt, **({"0.bias": b} if bias else {})})
+    note = hetnet_to(hm, backend, precision)
+    hm.train()
+    conv = hm.layers[0]
+    hx, hdy = backend.asarray(x), backend.asarray(dy)
+
+    def hfwd():
+        return hm.forward(hx)
+
+    def hwgrad():
+        return hm.backward(hdy, need_dx=False)
+
+    def hboth():
+        return hm.backward(hdy, need_dx=True)
+
+    def hetnet_out(op):
+        hm.zero_grad()
+        if op == "forward":
+            return [hfwd()]
+        hfwd()
+        if op == "filter gradient":
+            hwgrad()
+            return [conv.weight.grad]
+        return [hboth(), conv.weight.grad]
+
+    tol = RTOL_PRECISION[precision]
+    rows, times = [], {}
+    for op in ("forward", "filter gradient", "data + filter gradient", "data gradient"):
+        row = dict(base, op=op, status="ok", reason=None, hetnet_ms=None, torch_ms=None)
+        try:
+            cerr = max(rel_err(t.float().cpu().numpy(), e.cpu().numpy())
+                       for t, e in zip(torch_out(op), exact[op], strict=True))
+            row["torch_rel_err"] = float(f"{cerr:.3g}")
+            hfn = None
+            if note is not None:
+                row.update(status="torch only", reason=note)
+            elif op != "data gradient":
+                err = max(rel_err(np.asarray(backend.to_numpy(hv), dtype=np.float64), e.cpu().numpy())
+                          for hv, e in zip(hetnet_out(op), exact[op], strict=True))
+                row.update(check_max_rel_err=float(f"{err:.3g}"), check_tolerance=tol)
+                if not err <= tol:
+                    row.update(status="refused", reason=f"hetnet disagrees with float64: relative error {err:.3g} > "
+                               f"{tol:g}")
+                    rows.append(row)
+                    continue
+                hfwd()                       # the backward ops read this forward's cache
+                hfn = {"forward": hfwd, "filter gradient": hwgrad, "data + filter gradient": hboth}[op]
+            med, timing = time_op(hfn, tfns[op], backend, gpu, args)
+            row.update(torch_ms=round(med["torch"] * 1e3, 4),
+                       torch_tflops=sig(flops * _mult(op) / med["torch"] / 1e12),
+                       repeats=timing["repeats"], timing=timing["how"])
+            if "hetnet" in med:
+                times[op] = med["hetnet"]
+            if op == "data gradient" and {"filter gradient", "data + filter gradient"} <= set(times):
+                # hetnet's: the two backward calls' difference (no data-gradient-only call in the op contract);
+                # none when the difference is not positive (within the timing noise)
+                diff = times["data + filter gradient"] - times["filter gradient"]
+                row.update(hetnet_derived="(data + filter gradient) - filter gradient" + (
+                               "" if diff > 0 else f": {diff * 1e3:.4f} ms, not positive (timing noise)"),
+                           check_max_rel_err=next((x["check_max_rel_err"] for x in rows
+                                                   if x["op"] == "data + filter gradient"), None))
+                if diff > 0:
+                    times[op] = diff
+            if op in times:
+                row.update(hetnet_ms=round(times[op] * 1e3, 4),
+                           hetnet_tflops=sig(flops * _mult(op) / times[op] / 1e12),
+                           torch_vs_hetnet=round(med["torch"] / times[op], 3))
+        except Exception as e:
+            row.update(status="error", reason=short_error(e))
+        rows.append(row)
+    order = {op: i for i, op in enumerate(CONV_OPS)}
+    return sorted(rows, key=lambda x: order[x["op"]])
+
+
+def _mult(op: str) -> int:
+    """GEMMs of the forward's size an op runs (data + filter: two)."""
+    return 2 if op == "data + filter gradient" else 1
+
+
+def conv_layers(model_name: str, batch: int) -> list[dict]:
+    return [spec for spec in layer_shapes(model_name, batch) if spec["kind"] == "conv"]
+
+
+def bench_conv_precision(device: str, args, model_name: str, precision: str) -> dict:
+    """One section of precision_layers.json: every convolution of the model at `precision` on `device`."""
+    backend = get_backend(device)
+    gpu = device.startswith("cuda")
+    tdev = "cuda" if gpu else "cpu"
+    flags = torch_precision(precision) if gpu else None
+    batch = args.layer_batch or PRECISION_LAYER_BATCH
+    rng = np.random.default_rng(2)
+    rows = []
+    for spec in conv_layers(model_name, batch):
+        rows += _conv_precision_rows(spec, backend, tdev, precision, gpu, args, rng)
+    return {"device": backend.name, "torch_device": tdev, "model": model_label(model_name), "batch": batch,
+            "precision": precision, "torch_flags": flags, "check_tolerance": RTOL_PRECISION[precision], "rows": rows}
+
+
+def precision_layers_method() -> str:
+    tols = ", ".join(f"{p} {t:g}" for p, t in RTOL_PRECISION.items())
+    return ("Each convolution of the model at each precision: forward, data gradient, filter gradient, and data + "
+            "filter gradient (the one backward call of a layer whose input gradient is wanted). hetnet: a one-layer "
+            "model moved with `model.to(device, precision=...)`, through model.forward / model.backward (its data "
+            "gradient alone is (data + filter) - filter, `hetnet_derived`: the op contract has no call for it); a "
+            "model that takes no precision leaves hetnet's columns empty. cuDNN: F.conv2d and "
+            "aten.convolution_backward with one output mask per op, fp32 with TF32 off, tf32 with the TF32 "
+            "switches on, bf16 on bfloat16 channels_last tensors (what autocast + channels_last run). Before "
+            f"timing, hetnet's outputs against the float64 result within the precision's tolerance ({tols}); "
+            "cuDNN's own error is recorded beside it (`torch_rel_err`; PyTorch's columns are torch_*). On a GPU "
+            f"each side's op is captured {GRAPH_CALLS} times in one CUDA graph, timed with CUDA events (median of "
+            "repetitions). TFLOP/s count 2 FLOPs per multiply-add of the op's GEMMs (2*N*K*P*Q*C*R*S each).")
+
+
+def precision_layers_markdown(doc: dict) -> str:
+    lines = ["# Convolutions per precision: hetnet vs cuDNN", ""] + md_header(doc["environment"])
+    lines += [doc["method"], ""]
+    for sec in doc["sections"]:
+        peer = "cuDNN" if sec["torch_device"] == "cuda" else "PyTorch"
+        head = (f"| layer | input | conv | op | hetnet ms | {peer} ms | {peer}/hetnet | hetnet TFLOP/s | {peer} "
+                "TFLOP/s | check rel. err |")
+        lines += [f"## {sec['model']} at batch {sec['batch']}, {sec['precision']}: hetnet `{sec['device']}` vs "
+                  f"{peer} ({sec['torch_device']})", "", head, "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+        for r in sec["rows"]:
+            shape = "x".join(map(str, r["input_shape"]))
+            if r["status"] not in ("ok", "torch only"):
+                lines.append(f"| {r['layer']} | {shape} | {r['conv']} | {r['op']} | {r['status']}: {r['reason']} "
+                             "| | | | | |")
+                continue
+            mark = "*" if r.get("hetnet_derived") else ""
+            ratio = r.get("torch_vs_hetnet")
+            lines.append(f"| {r['layer']} | {shape} | {r['conv']} | {r['op']} | {fmt_ms(r['hetnet_ms'])}{mark} | "
+                         f"{fmt_ms(r['torch_ms'])} | {fmt(ratio) + 'x' if ratio else '—'} | "
+                         f"{fmt(r.get('hetnet_tflops'), 3)} | {fmt(r.get('torch_tflops'), 3)} | "
+                         + (f"{r['check_max_rel_err']:.1e} |" if r.get("check_max_rel_err") is not None else "— |"))
+        notes = sorted({r["reason"] for r in sec["rows"] if r["status"] == "torch only"})
+        if notes:
+            lines += ["", "No hetnet columns: " + "; ".join(notes) + "."]
+        if any(r.get("hetnet_derived") for r in sec["rows"]):
+            lines += ["", "\\* (data + filter gradient) - filter gradient."]
+        lines.append("")
+    for e in doc.get("errors", []):
+        lines.append(f"- {e}")
+    return "\n".join(lines) + "\n"
+
+
+def run_conv_precision(args, devices: list[str], env: dict, out: Path, models: list[str]) -> dict:
+    """precision_layers.json / .md: each model's convolutions x args.precision on each device."""
+    doc = {"environment": env, "method": precision_layers_method(), "tolerances": dict(RTOL_PRECISION),
+           "sections": [], "errors": []}
+    for device in devices:
+        if device == "reference":
+            continue
+        for model_name in models:
+            for precision in args.precision:
+                if not device.startswith("cuda") and precision != "fp32":
+                    doc["errors"].append(f"{model_label(model_name)} {precision} on {device}: skipped (tf32 and bf16 "
+                                         "are GPU rows)")
+                    continue
+                try:
+                    doc["sections"].append(bench_conv_precision(device, args, model_name, precision))
+                    print(f"  convolutions of {model_label(model_name)} at {precision} on {device}: done", flush=True)
+                except Exception as e:
+                    doc["errors"].append(f"{model_label(model_name)} {precision} on {device}: {short_error(e)}")
+        if device.startswith("cuda"):
+            torch_flags(False)
+    doc["load_average_at_end"] = load_average()
+    write_result(out / "precision_layers.json", doc)
+    write_text(out / "precision_layers.md", precision_layers_markdown(doc))
+    return doc
+
+
+__all__ = ["PRECISIONS", "bench_layers", "run_layers", "bench_conv_precision", "run_conv_precision", "layer_shapes"]

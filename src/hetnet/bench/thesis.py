@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import functools
 import gc
-import json
 import math
 import os
 import statistics
@@ -16,14 +15,8 @@ import numpy as np
 
 from .. import interop, optim, zoo
 from ..device import get_backend
-from .common import (
-    TorchGraphStep,
-    fmt,
-    load_average,
-    make_step,
-    md_header,
-    short_error,
-)
+from .common import fmt, load_average, md_header, short_error, write_result, write_text
+from .sides import TorchGraphStep, make_step
 
 # the thesis's experiment: model, number of CIFAR-10 training images, and its own figures (seconds per epoch)
 THESIS_EPOCHS = (("thesis-m0", 1000), ("thesis-m1", 1000), ("thesis-m2", 1000), ("thesis-m3", 2000),
@@ -243,8 +236,8 @@ def run_thesis_epochs(args, devices: list[str], env: dict, out: Path, deadline: 
     doc = {"environment": env, "experiment": experiment,
            "data": sources, "thesis": THESIS_FIGURES, "thesis_note": THESIS_NOTE, "errors": errors, "rows": rows}
     doc["load_average_at_end"] = load_average()
-    (out / "thesis_epochs.json").write_text(json.dumps(doc, indent=1) + "\n")
-    (out / "thesis_epochs.md").write_text(thesis_markdown(doc))
+    write_result(out / "thesis_epochs.json", doc)
+    write_text(out / "thesis_epochs.md", thesis_markdown(doc))
     return doc
 
 

@@ -2,15 +2,12 @@
 PyTorch, gated on agreement before it is timed -> train_step.json / .md and speedup.png."""
 from __future__ import annotations
 
-import copy
 import gc
 import json
+import statistics
 import time
 from pathlib import Path
 
-import numpy as np
-
-from .. import interop, optim, zoo
 from ..device import get_backend
 from .common import (
     LR,
@@ -18,23 +15,22 @@ from .common import (
     RTOL_F32,
     RTOL_TF32,
     Clock,
-    CupyPoolPeak,
-    RssPeak,
     TorchCudaPeak,
-    TorchGraphStep,
     fmt,
     fmt_ms,
-    hetnet_tf32,
     load_average,
-    make_step,
     md_header,
-    plan,
-    rel_err,
+    measure,
     short_error,
+    targets_markdown,
     threads_text,
-    time_sides,
-    torch_flags,
+    wait_quiet,
+    write_result,
+    write_text,
 )
+from .models import model_label, resolve_model
+from .pair import Pair, gate, peak_memory
+from .sides import LayerByLayerStep, TorchGraphStep, hetnet_tf32, torch_flags
 
 MODELS = ("thesis-m0", "thesis-m1", "thesis-m2", "thesis-m3", "thesis-m4", "fashion-cnn", "mlp")
 BATCHES = (32, 128, 1024)
@@ -43,150 +39,17 @@ QUICK_BATCHES = (32, 128)
 # the float64 reference backend is an oracle, not a fast path: it is timed only at these (model, batch) pairs
 REFERENCE_ROWS = ("thesis-m0:32", "mlp:32")
 TF32_ROW = ("thesis-m1", 1024)
-CHECK_IMAGES = 32        # the tight check's batch (see _Pair.check)
-FULL_BATCH_RTOL = 1e-2   # the whole-batch check of the timed step's update
 
 
-def _set_dropout(hmodel, tmodels, p_or_saved):
-    """Set every dropout probability to p (a float), or restore saved values (a list); returns the old values."""
-    import torch
+def layer_by_layer_step(model_name: str, backend) -> LayerByLayerStep:
+    """A fresh copy of the model (seed 0) and its optimiser, stepped through the public layer API."""
+    from .. import optim
+    from .. import seed as hn_seed
 
-    hd = [m for m in hmodel.layers if type(m).__name__ == "Dropout"]
-    td = [[m for m in t.modules() if isinstance(m, torch.nn.Dropout)] for t in tmodels]
-    old = [m.p for m in hd]
-    new = p_or_saved if isinstance(p_or_saved, list) else [p_or_saved] * len(hd)
-    for i, m in enumerate(hd):
-        m.p = new[i]
-        for t in td:
-            t[i].p = new[i]
-    return old
-
-
-def _named_grads(model) -> dict:
-    out = {}
-    for i, layer in enumerate(model.layers):
-        for k, p in layer.params.items():
-            out[f"{i}.{k}"] = model.backend.to_numpy(p.grad)
-    return out
-
-
-def _named_weights(model) -> dict:
-    out = {}
-    for i, layer in enumerate(model.layers):
-        for k, p in layer.params.items():
-            out[f"{i}.{k}"] = np.array(model.backend.to_numpy(p.data), dtype=np.float64)
-    return out
-
-
-def _torch_weights(tmodel) -> dict:
-    """Copies (a float64 CPU model's arrays would otherwise be views of its parameters)."""
-    return {k: np.array(v) for k, v in interop.torch_state(tmodel).items()
-            if not k.endswith(("running_mean", "running_var"))}
-
-
-class _Pair:
-    """The same model, weights, batch and SGD+momentum optimiser in hetnet (on `backend`) and PyTorch (on `tdev`),
-    plus, on a GPU, a second PyTorch copy for the CUDA-graph side."""
-
-    def __init__(self, model_name: str, batch: int, backend, tdev: str, data_seed: int, gpu: bool):
-        import torch
-
-        from .. import seed as hn_seed
-
-        hn_seed(0)
-        self.hmodel, shape, _ = zoo.resolve(model_name)
-        self.hmodel.to(backend).train()
-        self.backend = backend
-        self.tmodel = interop.to_torch(self.hmodel, device=tdev)
-        self.tmodel.train()
-        rng = np.random.default_rng(data_seed)
-        self.x = rng.standard_normal((batch,) + tuple(shape)).astype(np.float32)
-        self.y = rng.integers(0, self.hmodel.output_shape(tuple(shape))[0], batch)
-        self.hx, self.hy = backend.asarray(self.x), backend.labels(self.y)
-        self.tx = torch.from_numpy(self.x).to(tdev)
-        self.ty = torch.from_numpy(self.y.astype(np.int64)).to(tdev)
-        self.hopt = optim.SGD(self.hmodel.parameters(), lr=LR, momentum=MOMENTUM)
-        self.topt = torch.optim.SGD(self.tmodel.parameters(), lr=LR, momentum=MOMENTUM)
-        self.hstep, self.path = make_step(self.hmodel, self.hopt)
-        self.tgraph_model = copy.deepcopy(self.tmodel) if gpu else None
-
-    def _float64(self):
-        """A float64 PyTorch copy of the model (hetnet's weights as they are now) and its SGD+momentum optimiser."""
-        import torch
-
-        t64 = interop.to_torch(self.hmodel, device=self.tx.device.type, dtype=torch.float64)
-        t64.train()
-        return t64, torch.optim.SGD(t64.parameters(), lr=LR, momentum=MOMENTUM)
-
-    def check(self, n: int | None = None, float64: bool = False) -> dict:
-        """Relative errors of logits, loss, every gradient and the updates of two timed steps, on the first n images
-        of the batch (all when None), dropout off; against PyTorch in float32, or (float64) in float64.
-
-        A float32 forward may route a max-pool window whose two largest inputs differ in the 7th digit differently
-        from PyTorch's (the two round to the same float32 on one side and not on the other); that moves the gradients
-        upstream of it by ~1e-4-1e-3 without either side being wrong. Such near-ties grow with the batch, so the
-        tight check runs on at most 32 images, and a failing one is repeated on a second batch, and that against
-        PyTorch in float64, before the row is refused (bench_train_step)."""
-        import torch.nn.functional as F
-
-        hmodel, backend = self.hmodel, self.backend
-        tmodel, topt = self._float64() if float64 else (self.tmodel, self.topt)
-        hx, hy, tx, ty = (a[:n] for a in (self.hx, self.hy, self.tx, self.ty))
-        tx = tx.double() if float64 else tx
-        others = [tmodel] + ([self.tgraph_model] if self.tgraph_model is not None else [])
-        saved = _set_dropout(hmodel, others, 0.0)
-        try:
-            hmodel.zero_grad()
-            logits = hmodel.forward(hx)
-            hloss, dlogits = backend.softmax_cross_entropy(logits, hy, 0.0)
-            hmodel.backward(dlogits, need_dx=False)
-            topt.zero_grad(set_to_none=True)
-            tlogits = tmodel(tx)
-            tloss = F.cross_entropy(tlogits, ty)
-            tloss.backward()
-            errs = {"logits": rel_err(backend.to_numpy(logits), tlogits.detach().cpu().numpy()),
-                    "loss": abs(float(hloss) - tloss.item()) / max(abs(tloss.item()), 1e-30)}
-            tg = interop.torch_grads(tmodel)
-            for k, g in _named_grads(hmodel).items():
-                errs[f"grad {k}"] = rel_err(g, tg[k])
-            hmodel.zero_grad()
-            topt.zero_grad(set_to_none=True)
-            errs.update(self.check_updates(hx, hy, tx, ty, tmodel=tmodel, topt=topt))
-        finally:
-            _set_dropout(hmodel, others, saved)
-        return errs
-
-    def check_updates(self, hx, hy, tx, ty, prefix: str = "", tmodel=None, topt=None) -> dict:
-        """Relative errors of the updates two timed steps make (from hetnet's weights on both sides): on the
-        optimiser's first steps the plain SGD update, then one with momentum; a fast path that runs a batch shape
-        eagerly first and replays a captured CUDA graph after is checked both ways. PyTorch's side: the pair's
-        float32 model and optimiser unless others are given."""
-        import torch.nn.functional as F
-
-        tmodel, topt = (tmodel, topt) if tmodel is not None else (self.tmodel, self.topt)
-        errs = {}
-        for s in (1, 2):
-            interop.copy_weights_to_torch(self.hmodel, tmodel)
-            w0, tw0 = _named_weights(self.hmodel), _torch_weights(tmodel)
-            self.hstep.step(hx, hy)
-            self.hstep.collect()
-            self.backend.synchronize()
-            topt.zero_grad(set_to_none=True)
-            F.cross_entropy(tmodel(tx), ty).backward()
-            topt.step()
-            w1, tw1 = _named_weights(self.hmodel), _torch_weights(tmodel)
-            for k in w0:
-                errs[f"{prefix}step {s} update {k}"] = rel_err(w1[k] - w0[k], tw1[k] - tw0[k])
-        return errs
-
-    def check_full_batch(self) -> dict:
-        """The updates of two timed steps on the whole timed batch (dropout off)."""
-        others = [self.tmodel] + ([self.tgraph_model] if self.tgraph_model is not None else [])
-        saved = _set_dropout(self.hmodel, others, 0.0)
-        try:
-            return self.check_updates(self.hx, self.hy, self.tx, self.ty, "full batch ")
-        finally:
-            _set_dropout(self.hmodel, others, saved)
+    hn_seed(0)
+    model, _ = resolve_model(model_name)
+    model.to(backend).train()
+    return LayerByLayerStep(model, optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM))
 
 
 def bench_train_step(model_name: str, batch: int, device: str, args, tf32: bool = False) -> dict:
@@ -194,65 +57,29 @@ def bench_train_step(model_name: str, batch: int, device: str, args, tf32: bool 
     import torch
     import torch.nn.functional as F
 
+    from ..train import make_eval_step
+
     backend = get_backend(device)
     gpu = device.startswith("cuda")
     tdev = "cuda" if gpu else "cpu"
-    row = {"model": model_name, "batch_size": batch, "hetnet_backend": backend.name, "torch_device": tdev,
-           "tf32": tf32, "status": "ok", "reason": None}
+    row = {"model": model_label(model_name), "batch_size": batch, "hetnet_backend": backend.name,
+           "torch_device": tdev, "tf32": tf32, "status": "ok", "reason": None}
     if gpu:
         torch_flags(tf32)
         row["hetnet_tf32"] = hetnet_tf32(backend, tf32)
         row["torch_tf32"] = {"matmul": bool(torch.backends.cuda.matmul.allow_tf32),
                              "cudnn": bool(torch.backends.cudnn.allow_tf32),
                              "cudnn_benchmark": bool(torch.backends.cudnn.benchmark)}
+    elif getattr(args, "quiet_wait", 0) > 0:
+        row["cpu_busy_before"] = round(wait_quiet(args.quiet_wait), 3)
     tol = RTOL_TF32 if (gpu or tf32) else RTOL_F32
     row["check_tolerance"] = tol
-
-    # the gate: tight on <= 32 images (a second batch when the first fails, see _Pair.check); when both fail, the
-    # second batch against PyTorch in float64, the exact result rounded once: a max-pool near-tie that PyTorch's
-    # float32 routes away from it is PyTorch's rounding, not hetnet's error (the row records both). Then the timed
-    # step's updates on the whole batch at a tolerance float32 max-pool near-ties cannot reach.
-    n_check = min(batch, CHECK_IMAGES)
-    first = None
-    for data_seed in (1, 2):
-        pair = _Pair(model_name, batch, backend, tdev, data_seed, gpu)
-        errs = pair.check(n_check)
-        worst = max(errs, key=errs.get)
-        if errs[worst] <= tol:
-            break
-        first = first or {"data_seed": data_seed, "worst": worst, "rel_err": float(f"{errs[worst]:.3g}")}
-    if not errs[worst] <= tol:
-        pair = _Pair(model_name, batch, backend, tdev, data_seed, gpu)   # the last batch afresh: no momentum yet
-        e64 = pair.check(n_check, float64=True)
-        w64 = max(e64, key=e64.get)
-        row["check_float64"] = {"data_seed": data_seed,
-                                "against_float32": {"worst": worst, "rel_err": float(f"{errs[worst]:.3g}")},
-                                "worst": w64, "rel_err": float(f"{e64[w64]:.3g}")}
-        if e64[w64] <= tol:
-            errs, worst = e64, w64
-    row["check_images"] = n_check
-    row["check_max_rel_err"] = float(f"{errs[worst]:.3g}")
-    row["check_worst"] = worst
-    row["hetnet_path"] = pair.path
-    if first:
-        row["check_first_batch_failed"] = first
-    if not errs[worst] <= tol:
-        row["status"] = "refused"
-        row["reason"] = (f"hetnet and PyTorch disagree before timing, on two different batches and in float64: "
-                         f"{worst} relative error {errs[worst]:.3g} > {tol:g}")
+    pair, info, reason = gate(lambda seed: Pair(model_name, batch, backend, tdev, seed), batch, tol)
+    row.update(info)
+    if reason:
+        row.update(status="refused", reason=reason)
         return row
-    if batch > n_check:
-        full = pair.check_full_batch()
-        fworst = max(full, key=full.get)
-        row["check_full_batch_max_rel_err"] = float(f"{full[fworst]:.3g}")
-        row["check_full_batch_tolerance"] = FULL_BATCH_RTOL
-        if not full[fworst] <= FULL_BATCH_RTOL:
-            row["status"] = "refused"
-            row["reason"] = (f"the timed step's update on the whole batch disagrees with PyTorch's: {fworst} "
-                             f"relative error {full[fworst]:.3g} > {FULL_BATCH_RTOL:g}")
-            return row
-    hmodel, tmodel, tgraph_model = pair.hmodel, pair.tmodel, pair.tgraph_model
-    hx, hy, tx, ty, x, y = pair.hx, pair.hy, pair.tx, pair.ty, pair.x, pair.y
+    hmodel, tmodel, hx, hy, tx, ty = pair.hmodel, pair.tmodel, pair.hx, pair.hy, pair.tx, pair.ty
     hstep, topt = pair.hstep, pair.topt
 
     def hetnet_train():
@@ -263,61 +90,45 @@ def bench_train_step(model_name: str, batch: int, device: str, args, tf32: bool 
         F.cross_entropy(tmodel(tx), ty).backward()
         topt.step()
 
-    def hetnet_infer():
-        hmodel.forward(hx)
-
     def torch_infer():
         with torch.inference_mode():
             tmodel(tx)
 
     hclock = Clock("cupy", backend, getattr(hstep, "stream", None)) if gpu else Clock("cpu", backend)
-    iclock = Clock("cupy", backend) if gpu else hclock
     tclock = Clock("torch") if gpu else Clock("cpu")
     sides = {"hetnet": (hetnet_train, hclock), "torch_eager": (torch_train, tclock)}
-
+    if getattr(args, "layer_by_layer", False):    # its own model: the step object keeps state of its own
+        layered = layer_by_layer_step(model_name, backend)
+        sides["hetnet_layers"] = (lambda: layered.step(hx, hy), Clock("cupy", backend) if gpu else hclock)
     if gpu:
         try:
-            gopt = torch.optim.SGD(tgraph_model.parameters(), lr=LR, momentum=MOMENTUM)
+            gmodel, gopt, gx = pair.torch_copy()
             with TorchCudaPeak() as gm:
-                tgraph = TorchGraphStep(tgraph_model, gopt, tx, ty)
+                tgraph = TorchGraphStep(gmodel, gopt, gx, ty)
                 tgraph.step()
             row["torch_graph_peak_mib"] = gm.mib
             sides["torch_graph"] = (tgraph.step, tclock)
         except Exception as e:  # a capture that fails is recorded, the rest of the row still runs
             row["torch_graph_error"] = short_error(e)
 
-    # warm-up (also gives the per-step estimate that sets the number of repetitions)
-    est = 0.0
-    for fn, clock in sides.values():
-        for _ in range(max(0, args.warmup - 1)):
-            fn()
-        est = max(est, clock(fn, 1))
-    reps, inner = plan(est, gpu, args.repeats, args.side_seconds, args.block_ms)
-    med = time_sides(sides, reps, inner, settle=not gpu and est < 0.25)
-    row["repeats"], row["steps_per_repeat"] = reps, inner
+    med, timing = measure(sides, gpu, args)
+    row["repeats"], row["steps_per_repeat"] = timing["repeats"], timing["steps_per_repeat"]
+    s = timing["samples"]
+    # each repetition's hetnet and PyTorch blocks ran back to back, under the same load
+    row["pair_median_speedup_vs_torch_eager"] = round(statistics.median(
+        t / h for h, t in zip(s["hetnet"], s["torch_eager"], strict=True)), 3)
 
-    # inference (eval mode; PyTorch under inference_mode): a backend's own evaluation step when it has one (the
-    # trainer's path: on the GPU a captured graph, with loss and accuracy accumulated on the device), else forward
+    # inference (eval mode; PyTorch under inference_mode): the trainer's evaluation step (hetnet.train.make_eval_step:
+    # on the GPU a captured graph, with loss and accuracy accumulated on the device)
     hmodel.eval()
     tmodel.eval()
     try:
-        infer = hetnet_infer
-        factory = getattr(backend, "make_eval_step", None)
-        row["hetnet_infer_path"] = "forward" if factory is None else "backend.make_eval_step"
-        if factory is not None:
-            ev = factory(hmodel)
-
-            def infer():
-                ev.step(hx, hy)
-
-            iclock = Clock("cupy", backend, getattr(ev, "stream", None)) if gpu else iclock
-        isides = {"hetnet": (infer, iclock), "torch": (torch_infer, tclock)}
-        for fn, _ in isides.values():
-            for _ in range(max(2, args.warmup - 1)):  # a fast path's first call of a shape tunes, the second captures
-                fn()
-        iest = max(clock(fn, 1) for fn, clock in isides.values())
-        ireps, iinner = plan(iest, gpu, args.repeats, args.side_seconds / 2, args.block_ms)
-        imed = time_sides(isides, ireps, iinner, settle=not gpu and iest < 0.25)
+        ev = make_eval_step(hmodel)
+        row["hetnet_infer_path"] = f"{type(ev).__module__}.{type(ev).__qualname__}"
+        iclock = Clock("cupy", backend, getattr(ev, "stream", None)) if gpu else hclock
+        isides = {"hetnet": (lambda: ev.step(hx, hy), iclock), "torch": (torch_infer, tclock)}
+        # a fast path's first call of a shape tunes, the second captures
+        imed, _ = measure(isides, gpu, args, seconds_scale=0.5, warmup=max(3, args.warmup))
     finally:
         hmodel.train()
         tmodel.train()
@@ -326,7 +137,7 @@ def bench_train_step(model_name: str, batch: int, device: str, args, tf32: bool 
         row["hetnet_timer"] = "wall clock (CuPy events were not on the backend's stream)"
 
     # peak memory, each side on its own fresh model; ratio > 1: hetnet needs less
-    row.update(_peak_memory(model_name, backend, x, y, tdev, gpu))
+    row.update(peak_memory(model_name, backend, pair.x, pair.y, tdev, gpu))
     for kind in ("peak", "reserved"):
         h, t = row.get(f"hetnet_{kind}_mib"), row.get(f"torch_{kind}_mib")
         if h and t:
@@ -345,66 +156,11 @@ def bench_train_step(model_name: str, batch: int, device: str, args, tf32: bool 
                 "hetnet_infer_img_per_s": ips(imed["hetnet"]), "torch_infer_img_per_s": ips(imed["torch"]),
                 "speedup_vs_torch_eager": round(med["torch_eager"] / med["hetnet"], 3)})
     row["speedup_vs_torch_graph"] = (round(med["torch_graph"] / med["hetnet"], 3) if "torch_graph" in med else None)
+    if "hetnet_layers" in med:
+        row.update(hetnet_layers_ms_per_step=ms(med["hetnet_layers"]),
+                   hetnet_layers_img_per_s=ips(med["hetnet_layers"]),
+                   layers_speedup_vs_torch_eager=round(med["torch_eager"] / med["hetnet_layers"], 3))
     return row
-
-
-def _peak_memory(model_name, backend, x, y, tdev, gpu) -> dict:
-    """hetnet_peak_mib / torch_peak_mib (and on the GPU hetnet_reserved_mib / torch_reserved_mib): a fresh model
-    per side, its first training steps and evaluation passes, each side on the path it is timed on (hetnet: the
-    trainer's train and eval step objects; PyTorch: eager, inference_mode). Peak = the high-water mark of bytes
-    allocated and live (torch.cuda.max_memory_allocated; hetnet: CuPy's default pool plus the private step pool);
-    reserved = of bytes the allocators hold, cached blocks included (the memory CUDA graphs keep is held).
-    Algorithm measurement is left out on both sides (see method_text)."""
-    import torch
-    import torch.nn.functional as F
-
-    from .. import seed as hn_seed
-
-    out = {"hetnet_peak_mib": None, "torch_peak_mib": None}
-    passes = 2 if gpu else 1      # on the GPU the second step is the captured graph's first replay
-    try:
-        with (CupyPoolPeak(backend) if gpu else RssPeak()) as m:
-            hn_seed(0)
-            hm, _, _ = zoo.resolve(model_name)
-            hm.to(backend).train()
-            hx, hy = backend.asarray(x), backend.labels(y)
-            st, _ = make_step(hm, optim.SGD(hm.parameters(), lr=LR, momentum=MOMENTUM))
-            for _ in range(passes):
-                st.step(hx, hy)
-            st.collect()
-            hm.eval()
-            factory = getattr(backend, "make_eval_step", None)
-            if factory is None:
-                hm.forward(hx)
-            else:
-                ev = factory(hm)
-                for _ in range(passes):
-                    ev.step(hx, hy)
-                ev.collect()
-            backend.synchronize()
-        out["hetnet_peak_mib"] = m.mib
-        if gpu:
-            out["hetnet_reserved_mib"] = m.reserved_mib
-        del hm, st, hx, hy
-        with (TorchCudaPeak() if gpu else RssPeak()) as m:
-            hn_seed(0)
-            tm = interop.to_torch(zoo.resolve(model_name)[0], device=tdev)
-            tx, ty = torch.from_numpy(x).to(tdev), torch.from_numpy(y.astype(np.int64)).to(tdev)
-            to = torch.optim.SGD(tm.parameters(), lr=LR, momentum=MOMENTUM)
-            for _ in range(passes):
-                to.zero_grad(set_to_none=True)
-                F.cross_entropy(tm(tx), ty).backward()
-                to.step()
-            with torch.inference_mode():
-                tm.eval()
-                for _ in range(passes):
-                    tm(tx)
-        out["torch_peak_mib"] = m.mib
-        if gpu:
-            out["torch_reserved_mib"] = m.reserved_mib
-    except Exception:
-        pass
-    return out
 
 
 def targets(rows: list[dict]) -> list[dict]:
@@ -469,11 +225,7 @@ def train_step_markdown(doc: dict) -> str:
                   f"{r['check_float64']['against_float32']['worst']} "
                   f"{r['check_float64']['against_float32']['rel_err']:.2g}; float64 "
                   f"{r['check_float64']['worst']} {r['check_float64']['rel_err']:.2g}" for r in judged]
-    if doc.get("targets"):
-        lines += ["", "Targets:", ""]
-        lines += [f"- {t['target']}: {'met' if t['met'] else 'not met'}, {t['rows'] - len(t['missed'])} of "
-                  f"{t['rows']} rows reach it" + (f" (short: {', '.join(t['missed'])})" if t["missed"] else "")
-                  for t in doc["targets"]]
+    lines += targets_markdown(doc.get("targets"), "Targets:")
     if bad:
         lines += ["", "Rows not timed:", ""]
         lines += [f"- {r['model']} batch {r['batch_size']} on {r['hetnet_backend']}: {r['status']}: {r['reason']}"
@@ -522,6 +274,23 @@ def speedup_chart(rows: list[dict], path: Path, title: str) -> bool:
     return True
 
 
+def section_rows(args, default_rows) -> list[tuple[str, int]]:
+    """(model, batch) pairs of a table: --rows as given; else --models x --batch-sizes, each defaulting to the
+    models / batch sizes of the table's default rows; else the default rows."""
+    if args.rows:
+        return list(args.rows)
+    if args.models or args.batch_sizes:
+        models = args.models or list(dict.fromkeys(m for m, _ in default_rows))
+        batches = args.batch_sizes or sorted({b for _, b in default_rows})
+        return [(m, b) for m in models for b in batches]
+    return list(default_rows)
+
+
+def default_rows(quick: bool) -> list[tuple[str, int]]:
+    models, batches = (QUICK_MODELS, QUICK_BATCHES) if quick else (MODELS, BATCHES)
+    return [(m, b) for m in models for b in batches]
+
+
 def run_train_step(args, devices: list[str], env: dict, out: Path, deadline: float) -> dict:
     rows, errors = [], []
     reference_rows = set(args.reference_rows)
@@ -531,16 +300,15 @@ def run_train_step(args, devices: list[str], env: dict, out: Path, deadline: flo
         except Exception as e:
             errors.append(f"{device}: backend unavailable: {short_error(e)}")
             continue
-        for model_name in args.models:
-            for batch in args.batch_sizes:
-                if device == "reference" and f"{model_name}:{batch}" not in reference_rows:
-                    continue
-                if time.monotonic() > deadline:
-                    rows.append({"model": model_name, "batch_size": batch, "hetnet_backend": device,
-                                 "status": "skipped", "reason": "the run's time budget (--time-budget) was spent"})
-                    continue
-                rows.append(_safe_row(model_name, batch, device, args, False))
-                _progress(rows[-1])
+        for model_name, batch in section_rows(args, default_rows(args.quick)):
+            if device == "reference" and f"{model_label(model_name)}:{batch}" not in reference_rows:
+                continue
+            if time.monotonic() > deadline:
+                rows.append({"model": model_label(model_name), "batch_size": batch, "hetnet_backend": device,
+                             "status": "skipped", "reason": "the run's time budget (--time-budget) was spent"})
+                continue
+            rows.append(_safe_row(model_name, batch, device, args, False))
+            _progress(rows[-1])
         if device.startswith("cuda") and args.tf32_row and time.monotonic() <= deadline:
             rows.append(_safe_row(TF32_ROW[0], TF32_ROW[1], device, args, True))
             _progress(rows[-1])
@@ -560,14 +328,14 @@ def run_train_step(args, devices: list[str], env: dict, out: Path, deadline: flo
                 doc.setdefault("tune_log", {})[device] = json.loads(json.dumps(list(log)[:300], default=str))
         except Exception as e:
             errors.append(f"tune_log of {device}: {short_error(e)}")
-    (out / "train_step.json").write_text(json.dumps(doc, indent=1) + "\n")
-    (out / "train_step.md").write_text(train_step_markdown(doc))
     try:
         where = env.get("card") or env["host"]
         if speedup_chart(rows, out / "speedup.png", f"{where} — {env['cpu']}, {threads_text(env['threads'])}"):
             doc["chart"] = "speedup.png"
     except Exception as e:
         errors.append(f"chart: {short_error(e)}")
+    write_result(out / "train_step.json", doc)
+    write_text(out / "train_step.md", train_step_markdown(doc))
     return doc
 
 
@@ -581,7 +349,10 @@ def method_text(gpu: bool) -> str:
             "step's updates on the whole batch within 1e-2 (float32 max-pool "
             "near-ties, more of them the larger the batch, route a few gradients differently from PyTorch without "
             "either being wrong). A row failing is refused. Median over repetitions after warm-up, sides "
-            "alternating. ")
+            "alternating (`pair_median_speedup_vs_torch_eager`: the median of each repetition's own ratio). "
+            "hetnet's step is the trainer's (hetnet.train.make_train_step), its inference pass the trainer's "
+            "evaluation step (make_eval_step: forward plus loss and accuracy sums); `hetnet_layers_*` (with "
+            "--layer-by-layer): the same SGD step through model.forward / model.backward, layer after layer. ")
     if gpu:
         text += ("GPU: CUDA events around blocks of steps; PyTorch with cudnn.benchmark on and TF32 off except in "
                  "the row marked TF32; 'graph' = the whole PyTorch step captured as a CUDA graph. Peak memory, over a "
@@ -604,7 +375,7 @@ def _safe_row(model_name, batch, device, args, tf32) -> dict:
     try:
         return bench_train_step(model_name, batch, device, args, tf32)
     except Exception as e:
-        return {"model": model_name, "batch_size": batch, "hetnet_backend": device, "tf32": tf32,
+        return {"model": model_label(model_name), "batch_size": batch, "hetnet_backend": device, "tf32": tf32,
                 "status": "error", "reason": short_error(e)}
     finally:
         gc.collect()

@@ -1,0 +1,318 @@
+"""The same model on both sides, and the check every row passes before it is timed.
+
+A Pair is one model, its weights, one batch and an SGD+momentum optimiser in hetnet (on a backend, at a precision)
+and in PyTorch. `gate` runs the check: logits, loss, every parameter gradient and the updates of two timed steps
+must agree with PyTorch's within a tolerance (common.RTOL_*), else the row is refused and never timed.
+`hetnet_peak` / `torch_peak` measure each side's peak memory on a fresh model.
+
+    >>> pair, info, reason = gate(lambda seed: Pair("mlp", 32, get_backend("cpu"), "cpu", seed), 32, 1e-4)
+    ...                                                                            # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+
+from .. import interop, losses, optim
+from ..layers import Dropout
+from .common import FULL_BATCH_RTOL, LR, MOMENTUM, CupyPoolPeak, RssPeak, TorchCudaPeak, rel_err, short_error
+from .models import resolve_model
+from .sides import TorchGraphStep, autocast_for, for_precision, hetnet_to, make_step
+
+CHECK_IMAGES = 32        # the tight check's batch (see Pair.check)
+
+
+def set_dropout(hmodel, tmodels, p_or_saved):
+    """Set every dropout probability to p (a float), or restore saved values (a list); returns the old values."""
+    import torch
+
+    hd = [m for m in hmodel.layers if isinstance(m, Dropout)]
+    td = [[m for m in t.modules() if isinstance(m, torch.nn.Dropout)] for t in tmodels]
+    old = [m.p for m in hd]
+    new = p_or_saved if isinstance(p_or_saved, list) else [p_or_saved] * len(hd)
+    for i, m in enumerate(hd):
+        m.p = new[i]
+        for t in td:
+            t[i].p = new[i]
+    return old
+
+
+def _named_grads(model) -> dict:
+    out = {}
+    for i, layer in enumerate(model.layers):
+        for k, p in layer.params.items():
+            out[f"{i}.{k}"] = model.backend.to_numpy(p.grad)
+    return out
+
+
+def _named_weights(model) -> dict:
+    out = {}
+    for i, layer in enumerate(model.layers):
+        for k, p in layer.params.items():
+            out[f"{i}.{k}"] = np.array(model.backend.to_numpy(p.data), dtype=np.float64)
+    return out
+
+
+def _torch_weights(tmodel) -> dict:
+    """Copies (a float64 CPU model's arrays would otherwise be views of its parameters)."""
+    return {k: np.array(v) for k, v in interop.torch_state(tmodel).items()
+            if not k.endswith(("running_mean", "running_var"))}
+
+
+class Pair:
+    """The same model, weights, batch and SGD+momentum optimiser in hetnet (on `backend`, moved at `precision`
+    through sides.hetnet_to: `hetnet_note` says why when hetnet cannot run it) and in PyTorch float32 (on `tdev`).
+    Inputs: standard normal images and uniform labels drawn from `data_seed`; weights: hetnet's, seed 0."""
+
+    def __init__(self, model_name: str, batch: int, backend, tdev: str, data_seed: int, precision: str = "fp32"):
+        import torch
+
+        from .. import seed as hn_seed
+
+        hn_seed(0)
+        self.hmodel, shape = resolve_model(model_name)
+        self.input_shape = shape
+        self.precision = precision
+        self.hetnet_note = hetnet_to(self.hmodel, backend, precision)
+        self.hmodel.train()
+        self.backend = backend
+        self.tmodel = interop.to_torch(self.hmodel, device=tdev)
+        self.tmodel.train()
+        rng = np.random.default_rng(data_seed)
+        self.x = rng.standard_normal((batch,) + tuple(shape)).astype(np.float32)
+        self.y = rng.integers(0, self.hmodel.output_shape(tuple(shape))[0], batch)
+        self.hx, self.hy = backend.asarray(self.x), backend.labels(self.y)
+        self.tx = torch.from_numpy(self.x).to(tdev)
+        self.ty = torch.from_numpy(self.y.astype(np.int64)).to(tdev)
+        self.hopt = optim.SGD(self.hmodel.parameters(), lr=LR, momentum=MOMENTUM)
+        self.topt = torch.optim.SGD(self.tmodel.parameters(), lr=LR, momentum=MOMENTUM)
+        self.hstep, self.path = make_step(self.hmodel, self.hopt)
+
+    def torch_copy(self, precision: str = "fp32"):
+        """(model, optimizer, input) for another PyTorch side: a copy of the float32 twin, laid out for `precision`
+        (sides.for_precision)."""
+        import torch
+
+        tm, tx = for_precision(copy.deepcopy(self.tmodel), self.tx, precision)
+        return tm, torch.optim.SGD(tm.parameters(), lr=LR, momentum=MOMENTUM), tx
+
+    def _float64(self):
+        """A float64 PyTorch copy of the model (hetnet's weights as they are now) and its SGD+momentum optimiser."""
+        import torch
+
+        t64 = interop.to_torch(self.hmodel, device=self.tx.device.type, dtype=torch.float64)
+        t64.train()
+        return t64, torch.optim.SGD(t64.parameters(), lr=LR, momentum=MOMENTUM)
+
+    def check(self, n: int | None = None, float64: bool = False) -> dict:
+        """Relative errors of logits, loss, every gradient and the updates of two timed steps, on the first n images
+        of the batch (all when None), dropout off; against PyTorch in float32, or (float64) in float64.
+
+        A float32 forward may route a max-pool window whose two largest inputs differ in the 7th digit differently
+        from PyTorch's (the two round to the same float32 on one side and not on the other); that moves the gradients
+        upstream of it by ~1e-4-1e-3 without either side being wrong. Such near-ties grow with the batch, so the
+        tight check runs on at most 32 images, and a failing one is repeated on a second batch, and that against
+        PyTorch in float64, before the row is refused (gate)."""
+        import torch.nn.functional as F
+
+        hmodel = self.hmodel
+        tmodel, topt = self._float64() if float64 else (self.tmodel, self.topt)
+        hx, hy, tx, ty = (a[:n] for a in (self.hx, self.hy, self.tx, self.ty))
+        tx = tx.double() if float64 else tx
+        saved = set_dropout(hmodel, [tmodel], 0.0)
+        try:
+            hmodel.zero_grad()
+            logits = hmodel.forward(hx)
+            hloss, dlogits = losses.softmax_cross_entropy(logits, hy)
+            hmodel.backward(dlogits, need_dx=False)
+            topt.zero_grad(set_to_none=True)
+            tlogits = tmodel(tx)
+            tloss = F.cross_entropy(tlogits, ty)
+            tloss.backward()
+            errs = {"logits": rel_err(self.backend.to_numpy(logits), tlogits.detach().cpu().numpy()),
+                    "loss": abs(float(hloss) - tloss.item()) / max(abs(tloss.item()), 1e-30)}
+            tg = interop.torch_grads(tmodel)
+            for k, g in _named_grads(hmodel).items():
+                errs[f"grad {k}"] = rel_err(g, tg[k])
+            hmodel.zero_grad()
+            topt.zero_grad(set_to_none=True)
+            errs.update(self.check_updates(hx, hy, tx, ty, tmodel=tmodel, topt=topt))
+        finally:
+            set_dropout(hmodel, [tmodel], saved)
+        return errs
+
+    def check_updates(self, hx, hy, tx, ty, prefix: str = "", tmodel=None, topt=None) -> dict:
+        """Relative errors of the updates two timed steps make (from hetnet's weights on both sides): on the
+        optimiser's first steps the plain SGD update, then one with momentum; a fast path that runs a batch shape
+        eagerly first and replays a captured CUDA graph after is checked both ways. PyTorch's side: the pair's
+        float32 model and optimiser unless others are given."""
+        import torch.nn.functional as F
+
+        tmodel, topt = (tmodel, topt) if tmodel is not None else (self.tmodel, self.topt)
+        errs = {}
+        for s in (1, 2):
+            interop.copy_weights_to_torch(self.hmodel, tmodel)
+            w0, tw0 = _named_weights(self.hmodel), _torch_weights(tmodel)
+            self.hstep.step(hx, hy)
+            self.hstep.collect()
+            self.backend.synchronize()
+            topt.zero_grad(set_to_none=True)
+            F.cross_entropy(tmodel(tx), ty).backward()
+            topt.step()
+            w1, tw1 = _named_weights(self.hmodel), _torch_weights(tmodel)
+            for k in w0:
+                errs[f"{prefix}step {s} update {k}"] = rel_err(w1[k] - w0[k], tw1[k] - tw0[k])
+        return errs
+
+    def check_full_batch(self) -> dict:
+        """The updates of two timed steps on the whole timed batch (dropout off)."""
+        saved = set_dropout(self.hmodel, [self.tmodel], 0.0)
+        try:
+            return self.check_updates(self.hx, self.hy, self.tx, self.ty, "full batch ")
+        finally:
+            set_dropout(self.hmodel, [self.tmodel], saved)
+
+
+def _sig(v: float) -> float:
+    return float(f"{v:.3g}")
+
+
+def gate(make_pair, batch: int, tol: float, float32_first: bool = True,
+         full_tol: float = FULL_BATCH_RTOL) -> tuple[Pair, dict, str | None]:
+    """The check before timing: (the pair to time, the row's check fields, None) or (..., the reason to refuse).
+
+    float32_first (fp32 rows): tight on <= 32 images against PyTorch float32, a second batch when the first fails;
+    when both fail, the second batch against PyTorch in float64, the exact result rounded once: a max-pool near-tie
+    that PyTorch's float32 routes away from it is PyTorch's rounding, not hetnet's error (the row records both).
+    Otherwise (tf32 and bf16 rows) against float64 at once, on the first batch and then a second. Then the timed
+    step's updates on the whole batch at `full_tol` (float32 max-pool near-ties cannot reach it). make_pair(seed)
+    builds a fresh Pair on the batch drawn from `seed`."""
+    n_check = min(batch, CHECK_IMAGES)
+    attempts = [(1, False), (2, False), (2, True)] if float32_first else [(1, True), (2, True)]
+    info: dict = {"check_images": n_check, "check_reference": "float32" if float32_first else "float64"}
+    first = last32 = None
+    for data_seed, f64 in attempts:
+        pair = make_pair(data_seed)        # afresh for every attempt: no momentum yet
+        errs = pair.check(n_check, float64=f64)
+        worst = max(errs, key=errs.get)
+        rec = {"data_seed": data_seed, "worst": worst, "rel_err": _sig(errs[worst])}
+        if f64 and float32_first:
+            info["check_float64"] = {"data_seed": data_seed, "against_float32": last32[1],
+                                     "worst": worst, "rel_err": rec["rel_err"]}
+            if not errs[worst] <= tol:
+                errs, worst = last32[0], last32[1]["worst"]   # the row reports its float32 errors
+        if errs[worst] <= tol:
+            break
+        if not f64:
+            last32 = (errs, {"worst": worst, "rel_err": rec["rel_err"]})
+        first = first or rec
+    info.update(check_max_rel_err=_sig(errs[worst]), check_worst=worst, hetnet_path=pair.path)
+    if first:
+        info["check_first_batch_failed"] = first
+    if not errs[worst] <= tol:
+        where = "on two different batches and in float64" if float32_first else "on two different batches"
+        return pair, info, (f"hetnet and PyTorch disagree before timing, {where}: {worst} relative error "
+                            f"{errs[worst]:.3g} > {tol:g}")
+    if batch > n_check:
+        full = pair.check_full_batch()
+        fworst = max(full, key=full.get)
+        info.update(check_full_batch_max_rel_err=_sig(full[fworst]), check_full_batch_tolerance=full_tol)
+        if not full[fworst] <= full_tol:
+            return pair, info, (f"the timed step's update on the whole batch disagrees with PyTorch's: {fworst} "
+                                f"relative error {full[fworst]:.3g} > {full_tol:g}")
+    return pair, info, None
+
+
+# --- peak memory: a fresh model per side, each on the path it is timed on -------------------------------------
+
+
+def hetnet_peak(model_name: str, backend, x, y, gpu: bool, precision: str = "fp32", with_eval: bool = True
+                ) -> dict:
+    """{"hetnet_peak_mib"[, "hetnet_reserved_mib"]}: a fresh model's first training steps (two on a GPU: the second
+    is the captured graph's first replay) and, with_eval, as many evaluation passes, through the trainer's step
+    objects (hetnet.train.make_train_step / make_eval_step). GPU: the high-water mark of bytes live in CuPy's pools
+    (common.CupyPoolPeak), and of bytes they hold (reserved); CPU: the rise of the RSS high-water mark (RssPeak).
+    Empty when hetnet cannot run the model at `precision`."""
+    from .. import seed as hn_seed
+    from ..train import make_eval_step
+
+    passes = 2 if gpu else 1
+    with (CupyPoolPeak(backend) if gpu else RssPeak()) as m:
+        hn_seed(0)
+        hm, _ = resolve_model(model_name)
+        if hetnet_to(hm, backend, precision) is not None:
+            return {}
+        hm.train()
+        hx, hy = backend.asarray(x), backend.labels(y)
+        st, _ = make_step(hm, optim.SGD(hm.parameters(), lr=LR, momentum=MOMENTUM))
+        for _ in range(passes):
+            st.step(hx, hy)
+        st.collect()
+        if with_eval:
+            hm.eval()
+            ev = make_eval_step(hm)
+            for _ in range(passes):
+                ev.step(hx, hy)
+            ev.collect()
+        backend.synchronize()
+    out = {"hetnet_peak_mib": m.mib}
+    if gpu:
+        out["hetnet_reserved_mib"] = m.reserved_mib
+    return out
+
+
+def torch_peak(model_name: str, x, y, tdev: str, gpu: bool, precision: str = "fp32", graph: bool = False,
+               with_eval: bool = True) -> dict:
+    """{"torch_peak_mib"[, "torch_reserved_mib"]}: a fresh PyTorch twin at `precision`, its first training steps
+    (eager, or graph: captured as a CUDA graph and replayed once) and, with_eval, evaluation passes under
+    inference_mode. GPU: torch.cuda.max_memory_allocated (and _reserved) over the span; CPU: RssPeak."""
+    import torch
+    import torch.nn.functional as F
+
+    from .. import seed as hn_seed
+
+    passes = 2 if gpu else 1
+    with (TorchCudaPeak() if gpu else RssPeak()) as m:
+        hn_seed(0)
+        tm = interop.to_torch(resolve_model(model_name)[0], device=tdev)
+        tx, ty = torch.from_numpy(x).to(tdev), torch.from_numpy(y.astype(np.int64)).to(tdev)
+        tm, tx = for_precision(tm, tx, precision)
+        to = torch.optim.SGD(tm.parameters(), lr=LR, momentum=MOMENTUM)
+        if graph:
+            TorchGraphStep(tm, to, tx, ty, precision=precision).step()
+        else:
+            for _ in range(passes):
+                to.zero_grad(set_to_none=True)
+                with autocast_for(precision, tx.device.type):
+                    loss = F.cross_entropy(tm(tx), ty)
+                loss.backward()
+                to.step()
+        if with_eval:
+            with torch.inference_mode(), autocast_for(precision, tx.device.type):
+                tm.eval()
+                for _ in range(passes):
+                    tm(tx)
+    out = {"torch_peak_mib": m.mib}
+    if gpu:
+        out["torch_reserved_mib"] = m.reserved_mib
+    return out
+
+
+def peak_memory(model_name: str, backend, x, y, tdev: str, gpu: bool, precision: str = "fp32",
+                torch_graph: bool = False, with_eval: bool = True) -> dict:
+    """hetnet_peak and torch_peak one after the other (hetnet's freed first); a side that fails leaves its keys
+    out and records why in "peak_memory_error"."""
+    import gc
+
+    out, errors = {}, []
+    for name, fn in (("hetnet", lambda: hetnet_peak(model_name, backend, x, y, gpu, precision, with_eval)),
+                     ("torch", lambda: torch_peak(model_name, x, y, tdev, gpu, precision, torch_graph, with_eval))):
+        try:
+            out.update(fn())
+        except Exception as e:  # memory is one column of the row: the rest stands
+            errors.append(f"{name}: {short_error(e)}")
+        gc.collect()
+    if errors:
+        out["peak_memory_error"] = "; ".join(errors)
+    return out
