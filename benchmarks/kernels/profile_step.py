@@ -34,7 +34,7 @@ def main(argv=None):
     model = zoo.build(args.model).to("cuda")
     be = model.backend
     step = make_train_step(model, SGD(model.parameters(), lr=0.01, momentum=0.9))
-    step.use_graph = False
+    step.runner.use_graph = False
     rng = np.random.default_rng(0)
     x = be.asarray(rng.normal(size=(args.batch, *zoo.PRESETS[args.model].input_shape)).astype(np.float32))
     y = be.labels(rng.integers(0, 10, size=args.batch))
@@ -56,23 +56,23 @@ def main(argv=None):
 
         def timed(*a, **k):
             s, e = cupy.cuda.Event(), cupy.cuda.Event()
-            s.record(step.stream)
+            s.record(step.runner.stream)
             out = orig(*a, **k)
-            e.record(step.stream)
+            e.record(step.runner.stream)
             times.setdefault(f"{name} {kind}", []).append((s, e))
             return out
 
         setattr(node, kind, timed)
 
-    for i, node in enumerate(step.nodes):
+    for i, node in enumerate(model.plan.nodes):
         name = f"{i}:{type(node).__name__.strip('_')}"
-        wrap(node, name, "fwd")
-        wrap(node, name, "bwd")
+        wrap(node, name, "forward")
+        wrap(node, name, "backward")
     s_all, e_all = cupy.cuda.Event(), cupy.cuda.Event()
-    s_all.record(step.stream)
+    s_all.record(step.runner.stream)
     for _ in range(args.reps):
         step.step(x, y)
-    e_all.record(step.stream)
+    e_all.record(step.runner.stream)
     e_all.synchronize()
     total = cupy.cuda.get_elapsed_time(s_all, e_all) / args.reps
     rows = {k: float(np.median([cupy.cuda.get_elapsed_time(s, e) for s, e in v])) * 1000 for k, v in times.items()}

@@ -386,18 +386,23 @@ class Plan:
         self.output = x if keep else None
         return x
 
-    def backward(self, dy, need_dx: bool = True):
+    def backward(self, dy, need_dx: bool = True, keep: bool = True):
         """dy = dE/d(output) back through the nodes of the last forward, accumulating parameter gradients; returns
-        dE/d(input), or None when need_dx is False (then the backward stops at the first node with parameters)."""
+        dE/d(input), or None when need_dx is False (then the backward stops at the first node with parameters).
+        keep=False frees each node's cache as soon as its backward has run (a training step: the memory is reused
+        by the rest of the backward); with keep the backward may run again."""
         be, nodes = self.model.backend, self.nodes
         if nodes and nodes[-1].pos_out:          # the model ends in a ReLU nobody took the derivative of
             dy = be.relu_mask(dy.copy(), self.output)
         first = 0 if need_dx else first_with_params(nodes)
         for i in range(len(nodes) - 1, first - 1, -1):
             dy = nodes[i].backward(be, dy, need_dx or i > first)
-        for node in nodes:
-            node.cache = None
-        self.output = None
+            if not keep:
+                nodes[i].cache = None
+        if not keep:
+            for node in nodes[:first]:
+                node.cache = None
+            self.output = None
         return dy if need_dx else None
 
 
@@ -539,7 +544,7 @@ class TrainStep(EvalStep):
         for nd in written:
             nd.accumulate = False
         try:
-            self.plan.backward(dlogits, need_dx=False)
+            self.plan.backward(dlogits, need_dx=False, keep=False)
         finally:
             for nd in written:
                 nd.accumulate = True

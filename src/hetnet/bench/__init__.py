@@ -48,6 +48,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..backends.cpu import threads as _cpu_threads
 from ..device import cuda_available, parse_device
 from ..errors import DeviceError, UsageError
 from .common import (
@@ -236,7 +237,6 @@ def _set_threads(n: int | None) -> int | None:
 
     torch.set_num_threads(n or cpu_count())
     try:  # the cpu backend's own pool (hetnet.backends.cpu.threads), when it has one
-        from ..backends.cpu import threads as _cpu_threads
 
         if n:
             _cpu_threads.set_threads(n)

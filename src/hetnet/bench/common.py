@@ -9,6 +9,7 @@ step).
 """
 from __future__ import annotations
 
+import ctypes
 import gc
 import json
 import math
@@ -17,7 +18,6 @@ import platform
 import socket
 import statistics
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UsageError
+from ..files import atomic_write_text
+from ..version import __version__
 
 # --- tolerances of the check before timing: relative error ||a - b|| / ||b||, all of them here -------------------
 # RTOL_F32 is the float32 value of tests/conftest.py's RTOL (tests/test_bench.py checks that the two agree). In the
@@ -115,7 +117,6 @@ def utc_now() -> str:
 
 def environment(threads: int, want_gpu: bool) -> dict:
     """Host, CPU, GPU, library versions, hetnet's commit and the date, for the top of every JSON file."""
-    from .. import __version__
 
     env = {"host": socket.gethostname(), "cpu": cpu_model(), "cpus_available": cpu_count(), "threads": threads,
            "card": _gpu_name() if want_gpu else None, "commit": git_commit(), "time_utc": utc_now(),
@@ -156,20 +157,6 @@ def load_average() -> list | None:
 ENVIRONMENT_KEYS = ("host", "commit", "time_utc")   # what every result file must name (the card too, on a GPU)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    """Write to a temporary file beside `path`, then rename: a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_result(path: Path, doc: dict) -> None:
     """The one writer of result JSON: `doc["environment"]` (from `environment`) must name the machine (host; the
     card, when the run used a GPU, is `card`), hetnet's commit and the date."""
@@ -177,12 +164,12 @@ def write_result(path: Path, doc: dict) -> None:
     missing = [k for k in ENVIRONMENT_KEYS if not env.get(k)]
     if missing:
         raise ValueError(f"{Path(path).name}: the environment lacks {', '.join(missing)}")
-    _atomic_write(path, json.dumps(doc, indent=1, default=str) + "\n")
+    atomic_write_text(path, json.dumps(doc, indent=1, default=str) + "\n")
 
 
 def write_text(path: Path, text: str) -> None:
     """A markdown table or a log beside the JSON, written the same way."""
-    _atomic_write(path, text)
+    atomic_write_text(path, text)
 
 
 def slug(text: str) -> str:
@@ -192,7 +179,6 @@ def slug(text: str) -> str:
 
 def _libc():
     try:
-        import ctypes
 
         return ctypes.CDLL("libc.so.6")
     except OSError:

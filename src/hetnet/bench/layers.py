@@ -15,8 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import seed as hn_seed
 from ..device import get_backend
-from ..layers import Conv2D, Dense, MaxPool2D, Sequential
+from ..layers import Conv2D, Dense, MaxPool2D
+from ..model import Sequential
 from .common import (
     PRECISIONS,
     RTOL_F32,
@@ -434,7 +436,6 @@ def _conv_precision_rows(spec: dict, backend, tdev: str, precision: str, gpu: bo
                                               if t is not None and m]
 
     # hetnet at the precision
-    from .. import seed as hn_seed
 
     hn_seed(0)
     hm = Sequential([Conv2D(c, k, r, stride=st, padding=pad, bias=bias)])

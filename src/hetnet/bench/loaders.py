@@ -25,7 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import optim
+from .. import seed as hn_seed
+from ..data import BatchLoader, channel_stats, normalize, on_device
 from ..device import get_backend
+from ..train import make_train_step
 from .common import fmt, load_average, md_header, short_error, write_result, write_text
 from .models import model_label, resolve_model
 
@@ -54,10 +58,6 @@ def _epoch(step, loader, epoch: int, backend) -> tuple[float, int]:
 
 
 def bench_loader_epochs(model_name: str, batch: int, device: str, epochs: int, images: int | None = None) -> dict:
-    from .. import optim
-    from .. import seed as hn_seed
-    from ..data import BatchLoader, channel_stats, normalize, on_device
-    from ..train import make_train_step
 
     backend = get_backend(device)
     _, shape = resolve_model(model_name)

@@ -11,11 +11,14 @@ must agree with PyTorch's within a tolerance (common.RTOL_*), else the row is re
 from __future__ import annotations
 
 import copy
+import gc
 
 import numpy as np
 
 from .. import interop, losses, optim
+from .. import seed as hn_seed
 from ..layers import Dropout
+from ..train import make_eval_step
 from .common import FULL_BATCH_RTOL, LR, MOMENTUM, CupyPoolPeak, RssPeak, TorchCudaPeak, rel_err, short_error
 from .models import resolve_model
 from .sides import TorchGraphStep, autocast_for, for_precision, hetnet_to, make_step
@@ -68,7 +71,6 @@ class Pair:
     def __init__(self, model_name: str, batch: int, backend, tdev: str, data_seed: int, precision: str = "fp32"):
         import torch
 
-        from .. import seed as hn_seed
 
         hn_seed(0)
         self.hmodel, shape = resolve_model(model_name)
@@ -234,8 +236,6 @@ def hetnet_peak(model_name: str, backend, x, y, gpu: bool, precision: str = "fp3
     objects (hetnet.train.make_train_step / make_eval_step). GPU: the high-water mark of bytes live in CuPy's pools
     (common.CupyPoolPeak), and of bytes they hold (reserved); CPU: the rise of the RSS high-water mark (RssPeak).
     Empty when hetnet cannot run the model at `precision`."""
-    from .. import seed as hn_seed
-    from ..train import make_eval_step
 
     passes = 2 if gpu else 1
     with (CupyPoolPeak(backend) if gpu else RssPeak()) as m:
@@ -270,7 +270,6 @@ def torch_peak(model_name: str, x, y, tdev: str, gpu: bool, precision: str = "fp
     import torch
     import torch.nn.functional as F
 
-    from .. import seed as hn_seed
 
     passes = 2 if gpu else 1
     with (TorchCudaPeak() if gpu else RssPeak()) as m:
@@ -303,7 +302,6 @@ def peak_memory(model_name: str, backend, x, y, tdev: str, gpu: bool, precision:
                 torch_graph: bool = False, with_eval: bool = True) -> dict:
     """hetnet_peak and torch_peak one after the other (hetnet's freed first); a side that fails leaves its keys
     out and records why in "peak_memory_error"."""
-    import gc
 
     out, errors = {}, []
     for name, fn in (("hetnet", lambda: hetnet_peak(model_name, backend, x, y, gpu, precision, with_eval)),

@@ -14,6 +14,8 @@ import statistics
 import time
 from collections.abc import Callable
 
+from .. import losses
+from ..train import make_train_step
 from .common import Clock
 
 # --- hetnet ------------------------------------------------------------------------------------------------------
@@ -21,7 +23,6 @@ from .common import Clock
 
 def make_step(model, opt):
     """(step object, its name): the step `hetnet train` runs, hetnet.train.make_train_step."""
-    from ..train import make_train_step
 
     ts = make_train_step(model, opt, None, 0.0)
     return ts, f"{type(ts).__module__}.{type(ts).__qualname__}"
@@ -35,7 +36,6 @@ class LayerByLayerStep:
         self.model, self.opt = model, opt
 
     def step(self, x, y) -> None:
-        from .. import losses
 
         self.opt.zero_grad()
         _, dlogits = losses.softmax_cross_entropy(self.model.forward(x), y)

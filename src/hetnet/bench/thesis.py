@@ -5,15 +5,19 @@ from __future__ import annotations
 import copy
 import functools
 import gc
+import io
 import math
 import os
 import statistics
+import tarfile
 import time
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from .. import interop, optim, zoo
+from .. import seed as hn_seed
 from ..device import get_backend
 from .common import fmt, load_average, md_header, short_error, write_result, write_text
 from .sides import TorchGraphStep, make_step
@@ -43,7 +47,6 @@ def find_cifar_tar(explicit: str | None) -> Path | None:
 @functools.lru_cache(maxsize=2)
 def _cifar_bytes(tar_path: Path, per_class: int) -> dict[str, tuple[bytes, ...]]:
     """The encoded bytes of the first per_class images of each class, in the archive's order (one pass)."""
-    import tarfile
 
     found: dict[str, list[bytes]] = {}
     with tarfile.open(tar_path, "r:*") as tf:
@@ -64,9 +67,7 @@ def _cifar_bytes(tar_path: Path, per_class: int) -> dict[str, tuple[bytes, ...]]
 def cifar_subset(tar_path: Path, n: int, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """n images, the first n/10 of each class in the archive's order (ROOT/<class>/<image>.jpg), interleaved by
     class and resized to size (bilinear), as uint8 NHWC, with int labels and the class names."""
-    import io
 
-    from PIL import Image
 
     per_class = math.ceil(n / 10)
     found = _cifar_bytes(Path(tar_path), max(per_class, 250))  # one read serves every model
@@ -105,7 +106,6 @@ def _epoch_sides(model_name: str, device: str, x: np.ndarray, y: np.ndarray, bat
     import torch
     import torch.nn.functional as F
 
-    from .. import seed as hn_seed
 
     lr = zoo.PRESETS[model_name].lr
     backend = get_backend(device)

@@ -8,7 +8,10 @@ import statistics
 import time
 from pathlib import Path
 
+from .. import optim
+from .. import seed as hn_seed
 from ..device import get_backend
+from ..train import make_eval_step
 from .common import (
     LR,
     MOMENTUM,
@@ -43,8 +46,6 @@ TF32_ROW = ("thesis-m1", 1024)
 
 def layer_by_layer_step(model_name: str, backend) -> LayerByLayerStep:
     """A fresh copy of the model (seed 0) and its optimiser, stepped through the public layer API."""
-    from .. import optim
-    from .. import seed as hn_seed
 
     hn_seed(0)
     model, _ = resolve_model(model_name)
@@ -57,7 +58,6 @@ def bench_train_step(model_name: str, batch: int, device: str, args, tf32: bool 
     import torch
     import torch.nn.functional as F
 
-    from ..train import make_eval_step
 
     backend = get_backend(device)
     gpu = device.startswith("cuda")
