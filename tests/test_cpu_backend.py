@@ -182,3 +182,20 @@ def test_blas_thread_setting_is_restored():
     x = cpu.asarray(np.ones((64, 8, 16, 16)))
     cpu.conv2d_forward(x, cpu.asarray(np.ones((8, 8, 3, 3))), None, 1, 1)
     assert thr._blas_get() == before
+
+
+@pytest.mark.parametrize("shape", [(7, 3, 5, 4), (1, 1)])
+def test_gelu_compiled_and_numpy_paths(path, rng, many_chunks, shape):
+    """Both paths evaluate Phi in float64 (the C library's erfc, or a rational erfc with relative error < 1.2e-7)
+    and round once: each y within a few float32 ulps of the reference, not only in norm; each dx within a few ulps
+    of its terms' size |dy| (Phi + |x| phi) (the two terms cancel near x = -0.75, where GELU has its minimum)."""
+    x = (rng.standard_normal(shape) * 3).astype(F32).astype(np.float64)
+    dy = rng.standard_normal(shape).astype(F32).astype(np.float64)
+    yr, cr = ref.gelu_forward(x)
+    y, c = cpu.gelu_forward(cpu.asarray(x))
+    dx = cpu.gelu_backward(cpu.asarray(dy), c)
+    assert y.dtype == F32 and dx.dtype == F32
+    np.testing.assert_allclose(y, yr, rtol=4e-7, atol=1e-37, err_msg="gelu y")
+    terms = np.abs(dy) * (ref._normal_cdf(x) + np.abs(x) * np.exp(-x * x / 2) / np.sqrt(2 * np.pi))
+    err = np.abs(dx - ref.gelu_backward(dy, cr))
+    assert np.all(err <= 4e-7 * terms + 1e-37), f"gelu dx: worst error {np.max(err / (terms + 1e-37)):.3g} of its terms"

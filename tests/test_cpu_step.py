@@ -221,6 +221,9 @@ def test_fused_bn_relu_pool_matches_the_three_ops_and_reference(rng, shape, trai
     dg = np.zeros(c, np.float32) + 0.5          # as grads[1][0] started
     assert cpu.bn_relu_maxpool_backward(dy, cache, dg, np.zeros(c, np.float32), need_dx=False) is None
     np.testing.assert_array_equal(dg, grads[1][0])
+    db = np.zeros(c, np.float32) - 0.25         # dgamma None (a frozen scale): the same dx and dbeta
+    np.testing.assert_array_equal(cpu.bn_relu_maxpool_backward(dy, cache, None, db), dx2)
+    np.testing.assert_array_equal(db, grads[1][1])
 
 
 def _bn_model():

@@ -56,13 +56,18 @@ avgpool2d_forward(x, kernel, stride) -> y, cache ;  avgpool2d_backward(dy, cache
 global_avgpool2d_forward(x[N,C,H,W]) -> y[N,C], cache ; global_avgpool2d_backward(dy, cache) -> dx
 relu_forward(x) -> y, cache ;      relu_backward(dy, cache) -> dx          (dx = dy where x > 0)
 sigmoid_forward / sigmoid_backward, tanh_forward / tanh_backward        (cache holds y)
+gelu_forward(x) -> y, cache ;      gelu_backward(dy, cache) -> dx          (the exact erf form, PyTorch's default)
+    y = x * Phi(x), Phi(x) = (1 + erf(x / sqrt 2)) / 2 = erfc(-x / sqrt 2) / 2 (the standard normal CDF);
+    dx = dy * (Phi(x) + x * phi(x)), phi(x) = exp(-x^2 / 2) / sqrt(2 pi). The cache holds x.
+scale_forward(x, factor: float) -> y, cache ;  scale_backward(dy, cache) -> dx     y = factor * x; dx = factor * dy
 softmax_forward(x[N,K]) -> y, cache ; softmax_backward(dy, cache) -> dx = y * (dy - sum(dy*y, axis=1))
 batchnorm_forward(x[N,C] or [N,C,H,W], gamma[C], beta[C], running_mean[C], running_var[C], momentum, eps,
                   training: bool) -> y, cache
     training: normalise with the batch's mean and biased variance; update running stats in place as PyTorch:
     running = (1 - momentum) * running + momentum * stat, with the *unbiased* variance for running_var.
     eval: normalise with the running statistics.
-batchnorm_backward(dy, cache, dgamma[C], dbeta[C]) -> dx   (eval-mode cache: dx = dy * gamma / sqrt(rv + eps))
+batchnorm_backward(dy, cache, dgamma[C]|None, dbeta[C]) -> dx   (eval-mode cache: dx = dy * gamma / sqrt(rv + eps))
+    dgamma None: dE/dgamma is not computed (a frozen or constant scale); dx is the same.
 dropout_forward(x, p: float, seed: int) -> y, cache    keep element i (flat, C order) iff
     hetnet.random.counter_uniform(seed, x.size)[i] >= p; y = x * keep / (1 - p). Same mask on every backend.
 dropout_backward(dy, cache) -> dx

@@ -470,6 +470,25 @@ class CudaBackend:
     def tanh_backward(self, dy, cache):
         return self._binary("tanh_bwd", dy, cache)
 
+    def gelu_forward(self, x):
+        x = self._c(x)
+        return self._unary("gelu_fwd", x), x
+
+    def gelu_backward(self, dy, cache):
+        return self._binary("gelu_bwd", dy, cache)
+
+    def _scaled(self, a, factor):
+        a = self._c(a)
+        out = self.xp.empty_like(a)
+        self.launch("elementwise", "scale_apply", a.size, a, out, _f32(factor), _i64(a.size))
+        return out
+
+    def scale_forward(self, x, factor):
+        return self._scaled(x, factor), float(factor)
+
+    def scale_backward(self, dy, cache):
+        return self._scaled(dy, cache)
+
     def softmax_forward(self, x):
         x = self._c(x)
         n, k = x.shape
@@ -525,7 +544,8 @@ class CudaBackend:
         acc = self.scratch("bn_acc", (2 * c,), np.float64)
         cnt = self.scratch("bn_cnt", (c,), np.uint32)
         get_kernel(self.device_id, "norm", self.ix("bn_bwd_reduce", x.size))(self._bn_grid(n, c, hw), (256,), (
-            dy, x, mean, var, red, dgamma, dbeta, acc, cnt, _i32(n), _i32(c), _i32(hw), _f32(eps)))
+            dy, x, mean, var, red, dgamma if dgamma is not None else NULL, dbeta, acc, cnt, _i32(n), _i32(c), _i32(hw),
+            _f32(eps)))
         dx = self.xp.empty_like(x)
         self.launch("norm", self.ix("bn_bwd_dx", x.size), x.size, dy, x, mean, var, gamma, red if training else NULL,
                     dx, _i32(n), _i32(c), _i32(hw), _f32(eps))
@@ -546,7 +566,8 @@ class CudaBackend:
         return y, (x, arg, mean, var, gamma, beta, float(eps), bool(training), kernel, stride)
 
     def bn_relu_maxpool_backward(self, dy, cache, dgamma, dbeta, inplace=False):
-        """dE/dx of maxpool(relu(batchnorm(x))) in training mode; dgamma += and dbeta += as batchnorm_backward.
+        """dE/dx of maxpool(relu(batchnorm(x))) in training mode; dgamma += (unless None) and dbeta += as
+        batchnorm_backward.
         inplace: dx is written over x (the fast step's plan, where nothing reads x after this)."""
         x, arg, mean, var, gamma, beta, eps, training, kernel, stride = cache
         if not training:
@@ -559,8 +580,8 @@ class CudaBackend:
         cnt = self.scratch("bn_cnt", (c,), np.uint32)
         dims = (_i32(n), _i32(c), _i32(h), _i32(w), _i32(p), _i32(q), _i32(kernel), _i32(stride), _f32(eps))
         reduce = get_kernel(self.device_id, "norm", self.ix("bn_relu_maxpool_bwd_reduce", x.size))
-        reduce(self._bn_grid(n, c, h * w), (256,), (dy, arg, x, mean, var, gamma, beta, red, dgamma, dbeta, acc, cnt,
-                                                     *dims))
+        reduce(self._bn_grid(n, c, h * w), (256,), (dy, arg, x, mean, var, gamma, beta, red,
+                                                     dgamma if dgamma is not None else NULL, dbeta, acc, cnt, *dims))
         dx = x if inplace else self.xp.empty_like(x)
         self.launch("norm", self.ix("bn_relu_maxpool_bwd_dx", x.size), x.size, dy, arg, x, mean, var, gamma, beta, red,
                     dx, *dims)
