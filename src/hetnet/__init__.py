@@ -9,12 +9,12 @@
 """
 from . import losses, optim
 from .device import best_device, get_backend
-from .layers import (AvgPool2D, BatchNorm1D, BatchNorm2D, Conv2D, Dense, Dropout, Flatten, GlobalAvgPool2D, Layer,
-                     MaxPool2D, Parameter, ReLU, Sequential, Sigmoid, Softmax, Tanh)
+from .layers import (GELU, AvgPool2D, BatchNorm1D, BatchNorm2D, Conv2D, Dense, Dropout, Flatten, GlobalAvgPool2D,
+                     Layer, MaxPool2D, Parameter, ReLU, Scale, Sequential, Sigmoid, Softmax, Tanh)
 from .random import seed
 
 __version__ = "0.1.0"
 
 __all__ = ["losses", "optim", "seed", "get_backend", "best_device", "Layer", "Parameter", "Sequential", "Dense",
-           "Flatten", "Conv2D", "MaxPool2D", "AvgPool2D", "GlobalAvgPool2D", "ReLU", "Sigmoid", "Tanh", "Softmax",
-           "BatchNorm1D", "BatchNorm2D", "Dropout", "__version__"]
+           "Flatten", "Conv2D", "MaxPool2D", "AvgPool2D", "GlobalAvgPool2D", "ReLU", "GELU", "Sigmoid", "Tanh", "Softmax",
+           "Scale", "BatchNorm1D", "BatchNorm2D", "Dropout", "__version__"]

@@ -35,8 +35,7 @@ class _FusedConvReluPool:
 
     def backward(self, dy):
         c = self.conv
-        dx = cpu.conv2d_relu_maxpool_backward(dy, self.cache, c.weight.grad, c.bias.grad if c.use_bias else None,
-                                              need_dx=self.need_dx)
+        dx = cpu.conv2d_relu_maxpool_backward(dy, self.cache, *c.grad_targets(), need_dx=self.need_dx)
         self.cache = None
         return dx
 
@@ -54,13 +53,13 @@ class _FusedBNReluPool:
     def forward(self, x):
         bn = self.bn
         bn._check_input(x)
-        y, self.cache = cpu.bn_relu_maxpool_forward(x, bn.weight.data, bn.bias.data, bn.running_mean, bn.running_var,
+        y, self.cache = cpu.bn_relu_maxpool_forward(x, bn.gamma, bn.bias.data, bn.running_mean, bn.running_var,
                                                     bn.momentum, bn.eps, bn.training)
         return y
 
     def backward(self, dy):
         bn = self.bn
-        dx = cpu.bn_relu_maxpool_backward(dy, self.cache, bn.weight.grad, bn.bias.grad, need_dx=self.need_dx)
+        dx = cpu.bn_relu_maxpool_backward(dy, self.cache, *bn.grad_targets(), need_dx=self.need_dx)
         self.cache = None
         return dx
 
@@ -91,7 +90,7 @@ class _DenseChain:
         return y
 
     def backward(self, dy):
-        grads = [(d.weight.grad, d.bias.grad if d.use_bias else None) for d in self.denses]
+        grads = [d.grad_targets() for d in self.denses]
         dx = cpu.dense_chain_backward(dy, self.cache, grads, need_dx=self.need_dx, accumulate=self.accumulate)
         self.cache = None
         return dx

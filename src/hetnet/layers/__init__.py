@@ -1,5 +1,5 @@
 """Layers: parameters, gradients and caches; the arithmetic is the backend's."""
-from .activation import ReLU, Sigmoid, Softmax, Tanh
+from .activation import GELU, ReLU, Scale, Sigmoid, Softmax, Tanh
 from .base import Layer, Parameter, Sequential
 from .conv import Conv2D
 from .dense import Dense, Flatten
@@ -8,4 +8,5 @@ from .norm import BatchNorm1D, BatchNorm2D
 from .pool import AvgPool2D, GlobalAvgPool2D, MaxPool2D
 
 __all__ = ["Layer", "Parameter", "Sequential", "Dense", "Flatten", "Conv2D", "MaxPool2D", "AvgPool2D",
-           "GlobalAvgPool2D", "ReLU", "Sigmoid", "Tanh", "Softmax", "BatchNorm1D", "BatchNorm2D", "Dropout"]
+           "GlobalAvgPool2D", "ReLU", "GELU", "Sigmoid", "Tanh", "Softmax", "Scale", "BatchNorm1D", "BatchNorm2D",
+           "Dropout"]

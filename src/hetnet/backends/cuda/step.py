@@ -60,13 +60,13 @@ class _ConvNode(_Node):
 
     def bwd(self, dy, need_dx, ctx):
         lyr, be = self.layer, self.be
-        db = lyr.bias.grad if lyr.use_bias else None
+        dw, db = lyr.grad_targets()
         relu_x = self.x if self.mask_input else None
         if self.dense:
-            dx = _conv.dense_backward(be, dy, self.x, lyr.weight.data, lyr.weight.grad, db, need_dx, relu_x)
+            dx = _conv.dense_backward(be, dy, self.x, lyr.weight.data, dw, db, need_dx, relu_x)
         else:
-            dx = _conv.conv_backward(be, dy, self.x, lyr.weight.data, lyr.weight.grad, db, lyr.stride,
-                                     lyr.padding, need_dx, relu_x)
+            dx = _conv.conv_backward(be, dy, self.x, lyr.weight.data, dw, db, lyr.stride, lyr.padding, need_dx,
+                                     relu_x)
         self.x = None
         return dx
 
@@ -78,13 +78,13 @@ class _BNNode(_Node):
 
     def fwd(self, x, ctx):
         lyr = self.layer
-        y, self.cache = self.be.batchnorm_forward(x, lyr.weight.data, lyr.bias.data, lyr.running_mean,
+        y, self.cache = self.be.batchnorm_forward(x, lyr.gamma, lyr.bias.data, lyr.running_mean,
                                                   lyr.running_var, lyr.momentum, lyr.eps, lyr.training, self.act)
         return y
 
     def bwd(self, dy, need_dx, ctx):
         # with act, the ReLU's backward was applied by the consumer (pos_out), so dy is already masked
-        dx = self.be.batchnorm_backward(dy, self.cache, self.layer.weight.grad, self.layer.bias.grad)
+        dx = self.be.batchnorm_backward(dy, self.cache, *self.layer.grad_targets())
         self.cache = None
         return _mask(self.be, dx, ctx, self) if need_dx else None
 
@@ -99,14 +99,13 @@ class _BNPoolNode(_Node):
 
     def fwd(self, x, ctx):
         lyr = self.layer
-        y, self.cache = self.be.bn_relu_maxpool_forward(x, lyr.weight.data, lyr.bias.data, lyr.running_mean,
+        y, self.cache = self.be.bn_relu_maxpool_forward(x, lyr.gamma, lyr.bias.data, lyr.running_mean,
                                                         lyr.running_var, lyr.momentum, lyr.eps, lyr.training,
                                                         self.pool.kernel_size, self.pool.stride)
         return y
 
     def bwd(self, dy, need_dx, ctx):
-        dx = self.be.bn_relu_maxpool_backward(dy, self.cache, self.layer.weight.grad, self.layer.bias.grad,
-                                              inplace=self.inplace)
+        dx = self.be.bn_relu_maxpool_backward(dy, self.cache, *self.layer.grad_targets(), inplace=self.inplace)
         self.cache = None
         return _mask(self.be, dx, ctx, self) if need_dx else None
 
