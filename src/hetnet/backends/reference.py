@@ -266,8 +266,11 @@ def tanh_backward(dy, cache):
 # (x << 0), where 1 + erf(...) would cancel.
 
 
+_erfc = np.frompyfunc(math.erfc, 1, 1)            # the C library's erfc, element by element (NumPy has none)
+
+
 def _normal_cdf(x):
-    return np.vectorize(lambda v: 0.5 * math.erfc(-v / math.sqrt(2.0)), otypes=[np.float64])(x)
+    return 0.5 * np.asarray(_erfc(-x / math.sqrt(2.0)), dtype=np.float64)
 
 
 def gelu_forward(x):
