@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import init as hinit
 from . import random as hrandom
 from . import serialize, zoo
 from .device import best_device, get_backend
@@ -260,6 +261,8 @@ def prepare(config: dict, log: Callable[[str], None] | None = None) -> _Prepared
     if len(tx) == 0:
         raise UsageError("--val-fraction: no training examples left after the split")
     mean, std = channel_stats(tx)
+    if hinit.needs_data(model):     # a whitening first layer: from the first 5,000 training images, as airbench
+        hinit.data_init(model, tx, mean, std)
     bs = recipe["batch_size"]
     # a last batch of one example would break batch normalisation in training: drop it in that case only
     train_loader = hdata.BatchLoader(tx, ty, bs, mean, std, shuffle=True, augment=tuple(recipe["augment"]),
