@@ -14,7 +14,6 @@ from hetnet import init, zoo
 from hetnet.backends import reference as ref
 from hetnet.errors import ModelFileError
 
-
 # --- dirac_ ------------------------------------------------------------------------------------------------------
 
 DIRAC_SHAPES = [((4, 2, 3, 3), 1), ((2, 3, 3, 3), 1), ((6, 2, 2, 2), 1), ((4, 2, 5), 1), ((2, 2, 3, 3, 3), 1),
@@ -83,7 +82,7 @@ def _smooth_images(rng, n, c, h, w):
 
 def _patches_by_loops(x, k):
     """Every k x k patch (stride 1, no padding) as a row, (c, r, s) order, by plain loops."""
-    n, c, h, w = x.shape
+    n, _, h, w = x.shape
     return np.array([x[i, :, p:p + k, q:q + k].reshape(-1) for i in range(n) for p in range(h - k + 1)
                      for q in range(w - k + 1)])
 

@@ -12,7 +12,6 @@ import numpy as np
 
 from . import layers as L
 
-
 _SCALE_MODULE = None
 
 

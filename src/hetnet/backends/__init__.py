@@ -38,7 +38,7 @@ make_train_step(model, optimizer, schedule, label_smoothing) / make_eval_step(mo
     hetnet.train). cuda: a fused plan captured as a CUDA graph (cuda/step.py, with ops such as
     bn_relu_maxpool_forward/backward); cpu: the model with each Conv2D -> ReLU -> MaxPool2D(2) run as
     conv2d_relu_maxpool_forward/backward (_cpu_step.py), bit-identical to the layers; cuda matches within float32
-    tolerance.
+    tolerance. bn_relu_maxpool_backward takes dgamma=None as batchnorm_backward does.
 
 Ops: forward returns (y, cache); backward takes the cache. Backward *accumulates* parameter gradients into the arrays it
 is given (dw += ..., db += ...; PyTorch semantics) and returns dx, or None when need_dx is False. No op modifies its

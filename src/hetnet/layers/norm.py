@@ -62,7 +62,7 @@ class _BatchNorm(Layer):
         """The scale the ops use: the weight's data, or a constant 1 per channel (scale "none")."""
         return self.weight.data if "weight" in self.params else self._ones
 
-    def to(self, device) -> "_BatchNorm":
+    def to(self, device) -> _BatchNorm:
         super().to(device)
         if self._ones is not None:      # made here, not at the first forward (which may be a captured step)
             self._ones = self.backend.asarray(np.ones(self.num_features))
