@@ -182,3 +182,77 @@ def test_blas_thread_setting_is_restored():
     x = cpu.asarray(np.ones((64, 8, 16, 16)))
     cpu.conv2d_forward(x, cpu.asarray(np.ones((8, 8, 3, 3))), None, 1, 1)
     assert thr._blas_get() == before
+
+
+@pytest.mark.parametrize("shape", [(7, 3, 5, 4), (1, 1)])
+def test_gelu_compiled_and_numpy_paths(path, rng, many_chunks, shape):
+    """Both paths evaluate Phi in float64 (the C library's erfc, or a rational erfc with relative error < 1.2e-7)
+    and round once: each y within a few float32 ulps of the reference, not only in norm; each dx within a few ulps
+    of its terms' size |dy| (Phi + |x| phi) (the two terms cancel near x = -0.75, where GELU has its minimum)."""
+    x = (rng.standard_normal(shape) * 3).astype(F32).astype(np.float64)
+    dy = rng.standard_normal(shape).astype(F32).astype(np.float64)
+    yr, cr = ref.gelu_forward(x)
+    y, c = cpu.gelu_forward(cpu.asarray(x))
+    dx = cpu.gelu_backward(cpu.asarray(dy), c)
+    assert y.dtype == F32 and dx.dtype == F32
+    np.testing.assert_allclose(y, yr, rtol=4e-7, atol=1e-37, err_msg="gelu y")
+    terms = np.abs(dy) * (ref._normal_cdf(x) + np.abs(x) * np.exp(-x * x / 2) / np.sqrt(2 * np.pi))
+    err = np.abs(dx - ref.gelu_backward(dy, cr))
+    assert np.all(err <= 4e-7 * terms + 1e-37), f"gelu dx: worst error {np.max(err / (terms + 1e-37)):.3g} of its terms"
+
+
+# --- BatchNorm2D -> ReLU -> MaxPool2D(2), fused ----------------------------------------------------------------------
+
+needs_numba = pytest.mark.skipif(not jit.available(), reason="Numba unavailable: no fused batch norm")
+
+
+def _bn_chain(be, x, gamma, beta, rm, rv, training, dy, dgamma, dbeta):
+    """batchnorm -> relu -> maxpool 2x2 forward and backward through backend `be`'s own ops, one after the other."""
+    yb, cb = be.batchnorm_forward(x, gamma, beta, rm, rv, 0.1, 1e-5, training)
+    yr, cr = be.relu_forward(yb)
+    yp, cp = be.maxpool2d_forward(yr, 2, 2)
+    dx = be.batchnorm_backward(be.relu_backward(be.maxpool2d_backward(dy, cp), cr), cb, dgamma, dbeta)
+    return yp, dx
+
+
+@needs_numba
+@pytest.mark.parametrize("shape", [(1, 3, 4, 4), (3, 2, 7, 5), (2, 4, 6, 9), (4, 1, 4, 3)])
+@pytest.mark.parametrize("training", [True, False])
+def test_fused_bn_relu_pool_matches_the_three_ops_and_reference(rng, shape, training):
+    """The compiled fused op (2x2 windows): odd sizes leave a row / column no window covers (its gradient comes from
+    batch norm's sums alone). The output and running statistics are the three cpu ops' bits; the gradients are
+    within float32 rounding of them (the sums run in another order) and of the float64 reference."""
+    n, c, h, w = shape
+    x = (rng.standard_normal(shape) * 2 + 0.5).astype(np.float32)
+    x[:, :, :2, :2] = -20                # each channel's first window: the ReLU closes it
+    gamma = (np.abs(rng.standard_normal(c)) + 0.5).astype(np.float32)
+    beta = (rng.standard_normal(c) * 0.3).astype(np.float32)
+    dy = rng.standard_normal((n, c, h // 2, w // 2)).astype(np.float32)
+    stats = [(rng.random(c).astype(np.float32), (rng.random(c) + 0.5).astype(np.float32)) for _ in range(3)]
+    stats[1] = (stats[0][0].copy(), stats[0][1].copy())
+    stats[2] = (stats[0][0].astype(np.float64), stats[0][1].astype(np.float64))
+    grads = [(np.zeros(c, np.float32) + 0.5, np.zeros(c, np.float32) - 0.25) for _ in range(2)]
+    grads.append((np.zeros(c) + 0.5, np.zeros(c) - 0.25))
+    x_copy = x.copy()
+    y1, dx1 = _bn_chain(cpu, x, gamma, beta, *stats[0], training, dy, *grads[0])
+    y2, cache = cpu.bn_relu_maxpool_forward(x, gamma, beta, *stats[1], 0.1, 1e-5, training, 2, 2)
+    dx2 = cpu.bn_relu_maxpool_backward(dy, cache, *grads[1])
+    yr, dxr = _bn_chain(ref, x.astype(np.float64), gamma.astype(np.float64), beta.astype(np.float64),
+                        *stats[2], training, dy.astype(np.float64), *grads[2])
+    np.testing.assert_array_equal(x, x_copy)
+    np.testing.assert_array_equal(y2, y1)
+    for a, b in zip(stats[1], stats[0]):
+        np.testing.assert_array_equal(a, b)
+    assert_close(y2, yr, np.float32, "y vs reference")
+    for j, against in ((0, "the three cpu ops"), (2, "reference")):
+        want_dx = dx1 if j == 0 else dxr
+        for got, want, what in ((dx2, want_dx, "dx"), (grads[1][0], grads[j][0], "dgamma"),
+                                (grads[1][1], grads[j][1], "dbeta")):
+            assert_close(got, want, np.float32, f"{what} vs {against}")
+    assert np.any(dx2 != 0) and np.any(y2 > 0) and np.all(y2[:, :, 0, 0] == 0)   # both sides of the ReLU
+    dg = np.zeros(c, np.float32) + 0.5          # as grads[1][0] started
+    assert cpu.bn_relu_maxpool_backward(dy, cache, dg, np.zeros(c, np.float32), need_dx=False) is None
+    np.testing.assert_array_equal(dg, grads[1][0])
+    db = np.zeros(c, np.float32) - 0.25         # dgamma None (a frozen scale): the same dx and dbeta
+    np.testing.assert_array_equal(cpu.bn_relu_maxpool_backward(dy, cache, None, db), dx2)
+    np.testing.assert_array_equal(db, grads[1][1])

@@ -467,6 +467,11 @@ def test_bn_relu_maxpool_fused(be, rng, shape, k, s):
     assert dx2.data.ptr == cache[1].data.ptr, "not in place"
     np.testing.assert_array_equal(be.to_numpy(dx2), be.to_numpy(dx))
     assert_close(be.to_numpy(dg), 2 * dg_ref, F32, "dgamma, twice")
+    # dgamma None (a frozen or constant scale): the same dx and dbeta, nothing written for dgamma
+    db2 = be.zeros((c,))
+    dx3 = be.bn_relu_maxpool_backward(be.asarray(dy), cache, None, db2)
+    np.testing.assert_array_equal(be.to_numpy(dx3), be.to_numpy(dx))
+    assert_close(be.to_numpy(db2), db_ref, F32, "dbeta without dgamma")
 
 
 def _data(rng, n=96):
@@ -634,6 +639,51 @@ def test_train_and_eval_steps_share_the_step_pool(rng):
     for (tc, ec), (tg, eg) in zip(out["cpu"][1], out["cuda"][1]):
         assert tg[2] == tc[2] == 80 and eg[2] == ec[2] == 80
         assert abs(tg[0] - tc[0]) <= 1e-4 * abs(tc[0]) and abs(eg[0] - ec[0]) <= 1e-4 * abs(ec[0])
+
+
+def airbench_like(whiten_images):
+    """airbench94's pieces (issue 15): whitening conv (frozen weight), GELU, Dirac convs, pool -> BN with a frozen
+    scale, BN without a scale, a frozen Dense bias, the logit Scale; and the BN -> ReLU -> pool the plan fuses."""
+    from hetnet import init
+
+    model = hn.Sequential([
+        hn.Conv2D(1, 8, 2, init="whitening"), hn.GELU(),
+        hn.Conv2D(8, 16, 3, padding=1, bias=False, init="dirac"), hn.MaxPool2D(2),
+        hn.BatchNorm2D(16, momentum=0.4, eps=1e-12, scale="frozen"), hn.GELU(),
+        hn.Conv2D(16, 16, 3, padding=1, bias=False, init="dirac"), hn.BatchNorm2D(16, scale="none"), hn.ReLU(),
+        hn.MaxPool2D(2), hn.Flatten(), hn.Dense(16 * 2 * 2, 8), hn.ReLU(), hn.Dense(8, 4, bias=False),
+        hn.Scale(1 / 9)])
+    model[11].bias.requires_grad = False
+    init.data_init(model, whiten_images)
+    return model
+
+
+def test_graph_step_with_airbench_layers_matches_cpu(rng):
+    """GELU, Scale, frozen and absent BN scales and frozen weights through the captured cuda step: the weights of
+    the cpu backend's generic step after four SGD steps (no weight decay: frozen parameters get zero gradients, so
+    they stay where they are)."""
+    x, y = _data(rng, 64)
+    x = x[:, :, :11, :11].copy()
+    hn.seed(6)
+    start = airbench_like(x[:32]).state_dict()
+    out = {}
+    for device in ("cpu", "cuda"):
+        hn.seed(6)
+        model = airbench_like(x[:32])
+        model.load_state_dict(start)
+        model.to(device)
+        b = model.backend
+        opt = T.make_optimizer("momentum", model.parameters(), lr=0.05)
+        step = T.TrainStep(model, opt) if device == "cpu" else b.make_train_step(model, opt)
+        for i in range(4):
+            s = slice(16 * i, 16 * i + 16)
+            step.step(b.asarray(x[s]), b.labels(y[s]))
+        out[device] = (model.state_dict(), step.collect())
+    for k in start:
+        assert_close(out["cuda"][0][k], out["cpu"][0][k], F32, k)
+    for k in ("0.weight", "4.weight", "11.bias"):
+        np.testing.assert_array_equal(out["cuda"][0][k], start[k], err_msg=f"frozen {k} changed")
+    assert abs(out["cuda"][1][0] - out["cpu"][1][0]) <= 1e-4 * abs(out["cpu"][1][0])
 
 
 def test_fit_uses_the_fast_step(rng):

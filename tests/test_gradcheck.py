@@ -40,8 +40,9 @@ def away_from_kinks(x: np.ndarray, margin: float = 1e-3) -> np.ndarray:
 
 
 def gradcheck_layer(layer, x: np.ndarray, rng, seed: int = 7):
-    """Compare layer.backward with central differences of L = sum(forward(x) * Rw), for x and every parameter.
-    hn.seed(seed) before each forward keeps Dropout's mask fixed."""
+    """Compare layer.backward with central differences of L = sum(forward(x) * Rw), for x and every trainable
+    parameter; a frozen one (requires_grad False) must keep a zero gradient. hn.seed(seed) before each forward keeps
+    Dropout's mask fixed."""
     layer = layer.to("reference")
     x = x.copy()
 
@@ -64,8 +65,17 @@ def gradcheck_layer(layer, x: np.ndarray, rng, seed: int = 7):
     grads = {k: p.grad.copy() for k, p in params}
     check(dx, numerical_grad(objective, x), f"{layer!r} input")
     for k, p in params:
-        check(grads[k], numerical_grad(objective, p.data), f"{type(layer).__name__} {k}")
+        if p.requires_grad:
+            check(grads[k], numerical_grad(objective, p.data), f"{type(layer).__name__} {k}")
+        else:
+            assert not grads[k].any(), f"{type(layer).__name__} {k} is frozen but has a gradient"
     return dx, grads
+
+
+def _frozen(layer, *names):
+    for name in names:
+        layer.params[name].requires_grad = False
+    return layer
 
 
 LAYERS = {
@@ -81,7 +91,12 @@ LAYERS = {
     "avgpool-3s2": (lambda: hn.AvgPool2D(3, stride=2), (1, 2, 7, 6)),
     "global-avgpool": (lambda: hn.GlobalAvgPool2D(), (2, 3, 3, 2)),
     "flatten": (lambda: hn.Flatten(), (2, 2, 3, 2)),
+    "conv-frozen-weight": (lambda: _frozen(hn.Conv2D(2, 3, 3, padding=1), "weight"), (2, 2, 4, 5)),
+    "conv-frozen-both": (lambda: _frozen(hn.Conv2D(2, 3, 2), "weight", "bias"), (2, 2, 4, 5)),
+    "dense-frozen-bias": (lambda: _frozen(hn.Dense(5, 3), "bias"), (4, 5)),
     "relu": (lambda: hn.ReLU(), (3, 7)),
+    "gelu": (lambda: hn.GELU(), (3, 2, 4, 5)),
+    "scale": (lambda: hn.Scale(1 / 9), (3, 7)),
     "sigmoid": (lambda: hn.Sigmoid(), (3, 7)),
     "tanh": (lambda: hn.Tanh(), (3, 7)),
     "softmax": (lambda: hn.Softmax(), (3, 5)),
@@ -89,6 +104,11 @@ LAYERS = {
     "batchnorm2d-train": (lambda: hn.BatchNorm2D(2), (2, 2, 3, 3)),
     "batchnorm1d-eval": (lambda: hn.BatchNorm1D(3).eval(), (4, 3)),
     "batchnorm2d-eval": (lambda: hn.BatchNorm2D(2).eval(), (2, 2, 2, 3)),
+    "batchnorm2d-frozen-scale-train": (lambda: hn.BatchNorm2D(3, momentum=0.4, eps=1e-12, scale="frozen"),
+                                       (2, 3, 3, 3)),
+    "batchnorm2d-no-scale-train": (lambda: hn.BatchNorm2D(2, scale="none"), (3, 2, 2, 3)),
+    "batchnorm1d-no-scale-eval": (lambda: hn.BatchNorm1D(3, scale="none").eval(), (4, 3)),
+    "batchnorm2d-frozen-shift-train": (lambda: _frozen(hn.BatchNorm2D(2), "bias"), (2, 2, 3, 3)),
     "dropout": (lambda: hn.Dropout(0.4), (4, 6)),
 }
 
@@ -103,7 +123,8 @@ def test_layer_gradient(name, rng):
     if "batchnorm" in name:
         layer.to("reference")
         c = shape[1]
-        layer.weight.data = rng.normal(size=c)           # non-trivial gamma, beta and running statistics
+        if "weight" in layer.params:
+            layer.weight.data = rng.normal(size=c)       # non-trivial gamma, beta and running statistics
         layer.bias.data = rng.normal(size=c)
         layer.running_mean = rng.normal(size=c)
         layer.running_var = rng.uniform(0.5, 2.0, size=c)
@@ -122,6 +143,25 @@ def test_small_network_gradient():
     ])
     x = rng.normal(size=(3, 2, 6, 5))
     gradcheck_layer(model, x, rng)
+
+
+def test_airbench_like_network_gradient():
+    """airbench's pieces end to end: a whitened first convolution (frozen weight, trained bias), GELU, a
+    Dirac-initialised convolution, BatchNorm with a frozen and with no scale, and the logit Scale. Fixed seeds, as
+    above (max pooling: no near-ties)."""
+    from hetnet import init
+
+    rng = np.random.default_rng(99)
+    hn.seed(1)
+    model = hn.Sequential([
+        hn.Conv2D(1, 8, 2, init="whitening"), hn.GELU(),
+        hn.Conv2D(8, 3, 3, padding=1, bias=False, init="dirac"), hn.MaxPool2D(2),
+        hn.BatchNorm2D(3, momentum=0.4, eps=1e-12, scale="frozen"), hn.GELU(),
+        hn.Conv2D(3, 3, 3, padding=1, bias=False), hn.BatchNorm2D(3, scale="none"), hn.GELU(),
+        hn.Flatten(), hn.Dense(3 * 3 * 3, 3, bias=False), hn.Scale(1 / 9),
+    ])
+    assert init.data_init(model, rng.normal(size=(16, 1, 7, 7))) == ["0"]
+    gradcheck_layer(model, rng.normal(size=(3, 1, 7, 7)), rng)
 
 
 @pytest.mark.parametrize("ls", [0.0, 0.2])

@@ -182,7 +182,7 @@ def test_global_avgpool(bk, rng, shape):
 # --- activations -------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("op", ["relu", "sigmoid", "tanh"])
+@pytest.mark.parametrize("op", ["relu", "sigmoid", "tanh", "gelu"])
 @pytest.mark.parametrize("shape", [(1, 3), (3, 7), (2, 3, 5, 4)])
 def test_activation(bk, rng, op, shape):
     # scale 1: deep in saturation y(1-y) and 1-y^2 from a float32 y lose all digits (see the test below)
@@ -198,6 +198,38 @@ def test_activation_saturates_finitely(bk, op):
     assert np.all(np.isfinite(y)) and np.all(np.isfinite(dx))
     lo = 0.0 if op == "sigmoid" else -1.0
     assert y[0, 0] == pytest.approx(lo) and y[0, -1] == pytest.approx(1.0)
+
+
+def test_gelu_wide_range_and_tails(bk, rng):
+    """x from -30 to 30: forward and backward match the reference; far in the negative tail y and dx are the tiny
+    values x Phi(x) and Phi(x) + x phi(x), not 0 or garbage (the erfc form), element by element."""
+    x = np.concatenate([np.linspace(-30, 30, 121), f32(rng, 39, scale=4.0)]).astype(np.float32).astype(np.float64)
+    got, want = compare(bk, "gelu_forward", [x.reshape(4, -1)], "gelu_backward", rng.integers(1 << 30))
+    tail = (x.reshape(4, -1) < -3) & (x.reshape(4, -1) > -12)     # beyond -13 y nears float32's smallest normal
+    for key in ("y", "dx"):
+        assert np.all(np.isfinite(got[key]))
+        np.testing.assert_allclose(got[key][tail], want[key][tail], rtol=1e-4, err_msg=f"gelu {key} in the tail")
+
+
+def test_reference_gelu_is_the_definition(rng):
+    """y = x (1 + erf(x / sqrt 2)) / 2 elementwise (math.erf), and dx by its own central difference."""
+    import math
+
+    x = rng.normal(0, 2, size=(3, 5))
+    y, cache = ref.gelu_forward(x)
+    want = np.array([[v * 0.5 * (1 + math.erf(v / math.sqrt(2))) for v in row] for row in x])
+    assert_close(y, want, np.float64, "gelu by definition")
+    h = 1e-6
+    numeric = (ref.gelu_forward(x + h)[0] - ref.gelu_forward(x - h)[0]) / (2 * h)
+    np.testing.assert_allclose(ref.gelu_backward(np.ones_like(x), cache), numeric, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("factor", [1 / 9, -2.5, 0.0])
+@pytest.mark.parametrize("shape", [(1, 1), (4, 10), (2, 3, 5, 4)])
+def test_scale(bk, rng, factor, shape):
+    got, _ = compare(bk, "scale_forward", [f32(rng, *shape), factor], "scale_backward", rng.integers(1 << 30))
+    if factor == 0.0:
+        assert not got["y"].any() and not got["dx"].any()
 
 
 @pytest.mark.parametrize("shape,scale", [((1, 1), 1.0), ((4, 10), 3.0), ((3, 7), 3.0)])  # larger: see below
@@ -251,6 +283,23 @@ def test_batchnorm(bk, rng, shape, training):
     for out, dt in ((want, np.float64), (got, bk.dtype)):
         assert_close(out["mutable"][0], rm, dt, "running_mean")
         assert_close(out["mutable"][1], rv, dt, "running_var")
+
+
+@pytest.mark.parametrize("shape", [(5, 3), (1, 2, 3, 4), (3, 4, 5, 2)], ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_batchnorm_without_dgamma(bk, rng, shape, training):
+    """dgamma None (a frozen or constant scale): dE/dgamma is not computed; dx and dbeta are those of a backward
+    that computes it, bit for bit on the same backend."""
+    c = shape[1]
+    args = [f32(rng, *shape, scale=2.0, shift=0.7), f32(rng, c), f32(rng, c), f32(rng, c), np.abs(f32(rng, c)) + 0.5,
+            0.1, 1e-5, training]
+    seed = rng.integers(1 << 30)
+    got, _ = compare(bk, "batchnorm_forward", args, "batchnorm_backward", seed, accum=[None, (c,)], mutable=(3, 4))
+    full = run(bk, "batchnorm_forward", args, "batchnorm_backward", np.random.default_rng(seed), accum=[(c,), (c,)],
+               mutable=(3, 4))
+    assert got["acc"][0] is None
+    np.testing.assert_array_equal(got["dx"], full["dx"])
+    np.testing.assert_array_equal(got["acc"][1], full["acc"][1])
 
 
 # --- dropout -----------------------------------------------------------------------------------------------------

@@ -41,6 +41,30 @@ def test_model_round_trip_is_exact(tmp_path):
     assert not list(tmp_path.glob(".*tmp"))                              # no temporary file left behind
 
 
+def test_new_layers_and_frozen_parameters_round_trip(tmp_path):
+    """A spec with GELU, Scale, BatchNorm without a scale (no 'weight' array) and frozen parameters: the file
+    holds exactly the model's arrays, and the loaded model has the same flags (they come from the spec)."""
+    rng = np.random.default_rng(0)
+    spec = {"input_shape": [1, 6, 6], "layers": [
+        {"type": "Conv2D", "in_channels": 1, "out_channels": 4, "kernel_size": 1, "frozen": ["weight"]},
+        {"type": "BatchNorm2D", "num_features": 4, "momentum": 0.4, "eps": 1e-12, "scale": "none"},
+        {"type": "GELU"}, {"type": "BatchNorm2D", "num_features": 4, "scale": "frozen"}, {"type": "Flatten"},
+        {"type": "Dense", "in_features": 144, "out_features": 4, "bias": False}, {"type": "Scale", "factor": 0.125}]}
+    model, _ = zoo.build_from_spec(spec)
+    model.to("cpu")
+    x = rng.random((8, 1, 6, 6)).astype(np.float32)
+    model.fit(x, np.arange(8) % 4, epochs=1, batch_size=4, optimizer="sgd", lr=0.1, log=None)
+    path = tmp_path / "m.safetensors"
+    serialize.save_model(path, model, spec, [0.5], [0.5], NAMES)
+    arrays, _ = serialize.read_safetensors(path)
+    assert sorted(arrays) == sorted(model.state_dict()) and "1.weight" not in arrays and "3.weight" in arrays
+    lm = serialize.load_model(path, device="cpu")
+    assert [p.requires_grad for p in lm.model.parameters()] == [p.requires_grad for p in model.parameters()] == \
+        [False, True, True, False, True, True]
+    model.eval()
+    assert np.array_equal(model.forward(x), lm.model.forward(x))
+
+
 def test_checkpoint_round_trip(tmp_path):
     model, _ = _trained_model()
     opt = train.make_optimizer("momentum", model.parameters(), 0.1, 1e-4)

@@ -41,10 +41,14 @@ def parity(model: hn.Sequential, x: np.ndarray, device: str, rng) -> None:
     assert_close(b.to_numpy(y), ty.detach().double().numpy(), b.dtype, "forward")
     assert_close(b.to_numpy(dx), tx.grad.double().numpy(), b.dtype, "d input")
     tgrads = torch_grads(tm)
-    ours = {f"{i}.{k}": p for i, lyr in enumerate(model.layers) for k, p in lyr.params.items()}
-    assert set(ours) == set(tgrads), f"parameters {sorted(ours)} vs torch {sorted(tgrads)}"
+    params = {f"{i}.{k}": p for i, lyr in enumerate(model.layers) for k, p in lyr.params.items()}
+    ours = {k: p for k, p in params.items() if p.requires_grad}
+    assert set(ours) == set(tgrads), f"trained parameters {sorted(ours)} vs torch {sorted(tgrads)}"
     for k, p in ours.items():
         assert_close(b.to_numpy(p.grad), tgrads[k], b.dtype, f"gradient {k}")
+    for k, p in params.items():
+        if not p.requires_grad:
+            assert not b.to_numpy(p.grad).any(), f"{k} is frozen but has a gradient"
     state, tstate = model.state_dict(), torch_state(tm)
     for k in tstate:
         assert_close(state[k], tstate[k], b.dtype, f"state {k} after the step")
@@ -65,6 +69,9 @@ LAYERS = {  # name: (layer factory, input shape, train mode)
     "global-avgpool": (lambda: hn.GlobalAvgPool2D(), (2, 3, 5, 4), True),
     "flatten": (lambda: hn.Flatten(), (2, 3, 2, 2), True),
     "relu": (lambda: hn.ReLU(), (3, 2, 4, 5), True),
+    "gelu": (lambda: hn.GELU(), (3, 2, 4, 5), True),
+    "scale": (lambda: hn.Scale(1 / 9), (3, 9), True),
+    "conv-frozen-weight": (lambda: _frozen(hn.Conv2D(3, 4, 3, padding=1), "weight"), (2, 3, 5, 4), True),
     "sigmoid": (lambda: hn.Sigmoid(), (3, 9), True),
     "tanh": (lambda: hn.Tanh(), (3, 9), True),
     "softmax": (lambda: hn.Softmax(), (4, 6), True),
@@ -72,8 +79,18 @@ LAYERS = {  # name: (layer factory, input shape, train mode)
     "batchnorm2d-train": (lambda: hn.BatchNorm2D(3), (2, 3, 4, 5), True),
     "batchnorm1d-eval": (lambda: hn.BatchNorm1D(5), (6, 5), False),
     "batchnorm2d-eval": (lambda: hn.BatchNorm2D(3), (2, 3, 4, 5), False),
+    "batchnorm2d-frozen-scale-train": (lambda: hn.BatchNorm2D(3, momentum=0.4, eps=1e-12, scale="frozen"),
+                                       (2, 3, 4, 5), True),
+    "batchnorm2d-no-scale-train": (lambda: hn.BatchNorm2D(3, scale="none"), (2, 3, 4, 5), True),
+    "batchnorm1d-no-scale-eval": (lambda: hn.BatchNorm1D(5, scale="none"), (6, 5), False),
     "dropout-eval": (lambda: hn.Dropout(0.5), (4, 6), False),
 }
+
+
+def _frozen(layer, *names):
+    for name in names:
+        layer.params[name].requires_grad = False
+    return layer
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -81,9 +98,10 @@ LAYERS = {  # name: (layer factory, input shape, train mode)
 def test_layer_vs_torch(name, device, rng):
     make, shape, training = LAYERS[name]
     layer = make()
-    if "batchnorm" in name:       # non-trivial gamma, beta and running statistics
+    if "batchnorm" in name:       # non-trivial gamma (where it is a parameter), beta and running statistics
         c = shape[1]
-        layer.weight.data = rng.normal(size=c)
+        if layer.scale != "none":
+            layer.weight.data = rng.normal(size=c)
         layer.bias.data = rng.normal(size=c)
         layer.running_mean = rng.normal(size=c)
         layer.running_var = rng.uniform(0.5, 2.0, size=c)
@@ -99,6 +117,37 @@ def test_small_models_vs_torch(device, rng):
     bn = hn.Sequential([hn.Conv2D(2, 4, 3, padding=1, bias=False), hn.BatchNorm2D(4), hn.ReLU(), hn.AvgPool2D(2),
                         hn.Flatten(), hn.Dense(4 * 3 * 2, 5, bias=False), hn.BatchNorm1D(5), hn.Tanh(), hn.Dense(5, 3)])
     parity(bn, f32(rng, 3, 2, 7, 5), device, rng)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_airbench_like_model_vs_torch(device, rng):
+    """airbench94's layer pattern at a small size: whitening conv (frozen weight), GELU, Dirac-initialised convs,
+    max pooling, BatchNorm with a frozen scale (momentum 0.4, eps 1e-12) and with none, a bias-free Dense and the
+    logit Scale, against its torch twin, forward, backward and running statistics."""
+    from hetnet import init
+
+    hn.seed(int(rng.integers(1 << 30)))
+    spec = {"input_shape": [3, 9, 9], "layers": [
+        {"type": "Conv2D", "in_channels": 3, "out_channels": 24, "kernel_size": 2, "init": "whitening"},
+        {"type": "GELU"},
+        {"type": "Conv2D", "in_channels": 24, "out_channels": 32, "kernel_size": 3, "padding": 1, "bias": False,
+         "init": "dirac"},
+        {"type": "MaxPool2D", "kernel_size": 2},
+        {"type": "BatchNorm2D", "num_features": 32, "momentum": 0.4, "eps": 1e-12, "scale": "frozen"},
+        {"type": "GELU"},
+        {"type": "Conv2D", "in_channels": 32, "out_channels": 16, "kernel_size": 3, "padding": 1, "bias": False,
+         "init": "dirac"},
+        {"type": "BatchNorm2D", "num_features": 16, "momentum": 0.4, "eps": 1e-12, "scale": "none"},
+        {"type": "GELU"},
+        {"type": "MaxPool2D", "kernel_size": 3},
+        {"type": "Flatten"},
+        {"type": "Dense", "in_features": 16, "out_features": 10, "bias": False},
+        {"type": "Scale", "factor": 1 / 9},
+    ]}
+    model, _ = zoo.build_from_spec(spec)
+    init.data_init(model, rng.integers(0, 256, size=(20, 3, 9, 9), dtype=np.uint8), [0.5, 0.4, 0.45],
+                   [0.25, 0.25, 0.3])
+    parity(model, f32(rng, 4, 3, 9, 9), device, rng)
 
 
 @pytest.mark.parametrize("device", DEVICES)

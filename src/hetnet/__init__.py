@@ -10,8 +10,8 @@
 """
 from . import losses, optim
 from .device import best_device, get_backend
-from .layers import (AvgPool2D, BatchNorm1D, BatchNorm2D, Conv2D, Dense, Dropout, Flatten, GlobalAvgPool2D, Layer,
-                     MaxPool2D, Parameter, ReLU, Sigmoid, Softmax, Tanh)
+from .layers import (GELU, AvgPool2D, BatchNorm1D, BatchNorm2D, Conv2D, Dense, Dropout, Flatten, GlobalAvgPool2D,
+                     Layer, MaxPool2D, Parameter, ReLU, Scale, Sigmoid, Softmax, Tanh)
 from .model import Sequential
 from .random import seed
 from .serialize import load, save
@@ -19,5 +19,5 @@ from .version import __version__
 
 
 __all__ = ["losses", "optim", "seed", "save", "load", "get_backend", "best_device", "Layer", "Parameter",
-           "Sequential", "Dense", "Flatten", "Conv2D", "MaxPool2D", "AvgPool2D", "GlobalAvgPool2D", "ReLU", "Sigmoid",
-           "Tanh", "Softmax", "BatchNorm1D", "BatchNorm2D", "Dropout", "__version__"]
+           "Sequential", "Dense", "Flatten", "Conv2D", "MaxPool2D", "AvgPool2D", "GlobalAvgPool2D", "ReLU", "GELU",
+           "Sigmoid", "Tanh", "Softmax", "Scale", "BatchNorm1D", "BatchNorm2D", "Dropout", "__version__"]

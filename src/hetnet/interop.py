@@ -12,10 +12,36 @@ import numpy as np
 
 from .model import Sequential
 
+_SCALE_MODULE = None
+
+
+def _scale_module():
+    """torch Module y = factor * x (hetnet.Scale), defined once on first use (torch is optional)."""
+    global _SCALE_MODULE
+    if _SCALE_MODULE is None:
+        from torch import nn
+
+        class Scale(nn.Module):
+            def __init__(self, factor: float):
+                super().__init__()
+                self.factor = factor
+
+            def forward(self, x):
+                return x * self.factor
+
+            def extra_repr(self) -> str:
+                return f"factor={self.factor}"
+
+        _SCALE_MODULE = Scale
+    return _SCALE_MODULE
+
 
 def to_torch(model: Sequential, device: str = "cpu", dtype=None):
     """A torch.nn.Sequential computing the same function as `model`, weights and BN statistics copied, in the same
-    train/eval mode. Dropout is mapped to torch Dropout (its masks differ from hetnet's)."""
+    train/eval mode, with the same parameters frozen (requires_grad False). Dropout is mapped to torch Dropout (its
+    masks differ from hetnet's); GELU to nn.GELU() (the erf form); Scale to a Module x * factor; a BatchNorm with
+    scale "frozen" to nn.BatchNorm with weight.requires_grad False (airbench's), with scale "none" to the same with
+    its weight fixed at 1 (hetnet has no array for it: state and gradient maps leave it out)."""
     import torch
     from torch import nn
 
@@ -36,17 +62,25 @@ def to_torch(model: Sequential, device: str = "cpu", dtype=None):
             m = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         elif t == "Flatten":
             m = nn.Flatten()
-        elif t in ("ReLU", "Sigmoid", "Tanh"):
+        elif t in ("ReLU", "Sigmoid", "Tanh", "GELU"):
             m = getattr(nn, t)()
+        elif t == "Scale":
+            m = _scale_module()(layer.factor)
         elif t == "Softmax":
             m = nn.Softmax(dim=1)
         elif t in ("BatchNorm1D", "BatchNorm2D"):
             cls = nn.BatchNorm1d if t == "BatchNorm1D" else nn.BatchNorm2d
             m = cls(layer.num_features, eps=layer.eps, momentum=layer.momentum)
+            if layer.scale == "none":
+                m.weight.requires_grad_(False)
+                m.hetnet_constant_weight = True     # gamma = 1 for good: not in hetnet's state (_torch_arrays)
         elif t == "Dropout":
             m = nn.Dropout(layer.p)
         else:
             raise TypeError(f"to_torch: no torch equivalent for {t}")
+        for name, p in layer.params.items():
+            if not p.requires_grad:
+                getattr(m, name).requires_grad_(False)
         mods.append(m)
     tmodel = nn.Sequential(*mods)
     copy_weights_to_torch(model, tmodel)
@@ -58,7 +92,7 @@ def _torch_arrays(tmodel):
     """torch parameters/buffers in hetnet's state_dict order and naming ('<layer>.<name>')."""
     out = {}
     for i, m in enumerate(tmodel):
-        if hasattr(m, "weight") and m.weight is not None:
+        if getattr(m, "weight", None) is not None and not getattr(m, "hetnet_constant_weight", False):
             out[f"{i}.weight"] = m.weight
         if hasattr(m, "bias") and m.bias is not None:
             out[f"{i}.bias"] = m.bias
@@ -83,7 +117,8 @@ def torch_state(tmodel) -> dict:
 
 
 def torch_grads(tmodel) -> dict:
-    """torch parameter gradients as NumPy arrays under hetnet's names ('<layer>.weight' / '.bias')."""
+    """torch parameter gradients as NumPy arrays under hetnet's names ('<layer>.weight' / '.bias'); frozen
+    parameters (no gradient) are left out."""
     out = {}
     for k, t in _torch_arrays(tmodel).items():
         if isinstance(t, torch_parameter_type()) and t.grad is not None:

@@ -65,9 +65,11 @@ class Node:
 
 
 def _wb(layer, grad: bool = False):
-    """(weight, bias or None) of a Conv2D / Dense: their data, or their gradients."""
-    w, b = layer.weight, (layer.bias if layer.use_bias else None)
-    return (w.grad, None if b is None else b.grad) if grad else (w.data, None if b is None else b.data)
+    """(weight, bias or None) of a Conv2D / Dense: their data, or where their gradients go (layer.grad_targets:
+    a frozen parameter's gradient is skipped or goes to scratch)."""
+    if grad:
+        return layer.grad_targets()
+    return layer.weight.data, layer.bias.data if layer.use_bias else None
 
 
 class ConvNode(Node):
@@ -109,7 +111,7 @@ class DenseNode(Node):
 
 def _bn_args(bn, x):
     bn.check_batch(x)
-    return (bn.weight.data, bn.bias.data, bn.running_mean, bn.running_var, bn.momentum, bn.eps, bn.training)
+    return (bn.gamma, bn.bias.data, bn.running_mean, bn.running_var, bn.momentum, bn.eps, bn.training)
 
 
 class BatchNormNode(Node):
@@ -126,8 +128,7 @@ class BatchNormNode(Node):
         return y
 
     def backward(self, be, dy, need_dx):
-        bn = self.layers[0]
-        return be.batchnorm_backward(dy, self.cache, bn.weight.grad, bn.bias.grad, need_dx=need_dx,
+        return be.batchnorm_backward(dy, self.cache, *self.layers[0].grad_targets(), need_dx=need_dx,
                                      relu_mask=self.mask_input)
 
 
@@ -160,8 +161,7 @@ class BNReluPoolNode(Node):
         return y
 
     def backward(self, be, dy, need_dx):
-        bn = self.layers[0]
-        return be.bn_relu_maxpool_backward(dy, self.cache, bn.weight.grad, bn.bias.grad, need_dx=need_dx,
+        return be.bn_relu_maxpool_backward(dy, self.cache, *self.layers[0].grad_targets(), need_dx=need_dx,
                                            relu_mask=self.mask_input, inplace=self.inplace)
 
 
@@ -338,10 +338,11 @@ def compile_nodes(layers, fusions=FUSION_NAMES) -> list[Node]:
     return nodes
 
 
-def first_with_params(nodes) -> int:
-    """Index of the first node with parameters (len(nodes) if none): where a backward whose d(input) is not wanted
-    stops (the nodes before it would only produce d(input))."""
-    return next((i for i, node in enumerate(nodes) if node.params), len(nodes))
+def first_trainable(nodes) -> int:
+    """Index of the first node with a parameter that trains (requires_grad; len(nodes) if none): where a backward
+    whose d(input) is not wanted stops (the nodes before it would only produce d(input) and frozen gradients)."""
+    return next((i for i, node in enumerate(nodes) if any(p.requires_grad for p in node.params.values())),
+                len(nodes))
 
 
 class Plan:
@@ -394,7 +395,7 @@ class Plan:
         be, nodes = self.model.backend, self.nodes
         if nodes and nodes[-1].pos_out:          # the model ends in a ReLU nobody took the derivative of
             dy = be.relu_mask(dy.copy(), self.output)
-        first = 0 if need_dx else first_with_params(nodes)
+        first = 0 if need_dx else first_trainable(nodes)
         for i in range(len(nodes) - 1, first - 1, -1):
             dy = nodes[i].backward(be, dy, need_dx or i > first)
             if not keep:

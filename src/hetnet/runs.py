@@ -40,6 +40,7 @@ import numpy as np
 
 from . import data as hdata
 from . import export, plots, serialize, zoo
+from . import init as hinit
 from . import random as hrandom
 from .data import transforms
 from .data.transforms import channel_stats, parse_augment
@@ -284,6 +285,8 @@ def prepare(config: dict, log: Callable[[str], None] | None = None) -> _Prepared
     if len(tx) == 0:
         raise UsageError("--val-fraction: no training examples left after the split")
     mean, std = channel_stats(tx)
+    if hinit.needs_data(model):     # a whitening first layer: from the first 5,000 training images, as airbench
+        hinit.data_init(model, tx, mean, std)
     bs = recipe["batch_size"]
     # a last batch of one example would break batch normalisation in training: drop it in that case only
     train_loader = hdata.BatchLoader(tx, ty, bs, mean, std, shuffle=True, augment=tuple(recipe["augment"]),

@@ -99,7 +99,17 @@ LAYER_TYPES = L.LAYER_TYPES
 
 
 def layers_from_specs(specs: list, source: str = "spec") -> Sequential:
-    """Build a Sequential from JSON-style layer specs; UsageError/ModelFileError naming the bad entry."""
+    """Build a Sequential from JSON-style layer specs; UsageError/ModelFileError naming the bad entry.
+
+    A spec is {"type": <layer class>, ...its constructor arguments}, plus "frozen": [parameter names] for
+    parameters that do not train (requires_grad False), e.g. the recipe of airbench's layers:
+        {"type": "Conv2D", "in_channels": 3, "out_channels": 24, "kernel_size": 2, "init": "whitening"}
+        {"type": "Conv2D", "in_channels": 24, "out_channels": 64, "kernel_size": 3, "padding": 1, "bias": false,
+         "init": "dirac"}
+        {"type": "BatchNorm2D", "num_features": 64, "momentum": 0.4, "eps": 1e-12, "scale": "frozen"}
+        {"type": "GELU"}    {"type": "Scale", "factor": 0.1111111111111111}
+        {"type": "Dense", "in_features": 256, "out_features": 10, "bias": false, "frozen": ["weight"]}
+    """
     if not isinstance(specs, list) or not specs:
         raise ModelFileError(f"{source}: 'layers' must be a non-empty list")
     built = []
@@ -110,11 +120,24 @@ def layers_from_specs(specs: list, source: str = "spec") -> Sequential:
         if kind not in LAYER_TYPES:
             raise ModelFileError(f"{source}: layer {i} has unknown type {kind!r} "
                                  f"(known: {', '.join(sorted(LAYER_TYPES))})")
-        kwargs = {k: v for k, v in spec.items() if k != "type"}
+        kwargs = {k: v for k, v in spec.items() if k not in ("type", "frozen")}
         try:
-            built.append(LAYER_TYPES[kind](**kwargs))
+            layer = LAYER_TYPES[kind](**kwargs)
         except (TypeError, ValueError) as e:
             raise ModelFileError(f"{source}: layer {i} ({kind}): {e}") from None
+        frozen = spec.get("frozen", [])
+        if not (isinstance(frozen, list) and all(isinstance(n, str) for n in frozen)):
+            raise ModelFileError(f"{source}: layer {i} ({kind}): 'frozen' must be a list of parameter names, "
+                                 f"got {frozen!r}")
+        for name in frozen:
+            if name not in layer.params:
+                raise ModelFileError(f"{source}: layer {i} ({kind}): 'frozen' names {name!r}, which is not one of "
+                                     f"its parameters ({', '.join(layer.params) or 'none'})")
+            layer.params[name].requires_grad = False
+        if getattr(layer, "init", None) == "whitening" and i != 0:
+            raise ModelFileError(f"{source}: layer {i} ({kind}): init 'whitening' is for the first layer (its "
+                                 f"filters come from the statistics of the images)")
+        built.append(layer)
     return Sequential(built)
 
 

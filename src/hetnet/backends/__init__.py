@@ -38,7 +38,7 @@ gather_images(images[N,C,H,W] uint8, labels[N], plan[4,M] int32, start, count, s
 
 Replayed steps (optional)
 -------------------------
-step_runner(n_scalars) -> runner    how hetnet.plan runs a step here when the backend has a faster way than calling
+step_runner(n_scalars, n_seeds) -> runner   how hetnet.plan runs a step here when the backend has a faster way than calling
                                     it: cuda captures it as a CUDA graph per batch shape and replays it (cuda/graph.py).
                                     Without it the plan calls the step (plan.EagerRunner). A runner has `scalars` (a
                                     float32 array of n_scalars the step's ops read: learning rate, flags, dropout
@@ -69,14 +69,19 @@ avgpool2d_forward(x, kernel, stride) -> y, cache ;  avgpool2d_backward(dy, cache
 global_avgpool2d_forward(x[N,C,H,W]) -> y[N,C], cache ; global_avgpool2d_backward(dy, cache) -> dx
 relu_forward(x) -> y, cache ;      relu_backward(dy, cache) -> dx          (dx = dy where x > 0)
 sigmoid_forward / sigmoid_backward, tanh_forward / tanh_backward        (cache holds y)
+gelu_forward(x) -> y, cache ;      gelu_backward(dy, cache) -> dx          (the exact erf form, PyTorch's default)
+    y = x * Phi(x), Phi(x) = (1 + erf(x / sqrt 2)) / 2 = erfc(-x / sqrt 2) / 2 (the standard normal CDF);
+    dx = dy * (Phi(x) + x * phi(x)), phi(x) = exp(-x^2 / 2) / sqrt(2 pi). The cache holds x.
+scale_forward(x, factor: float) -> y, cache ;  scale_backward(dy, cache) -> dx     y = factor * x; dx = factor * dy
 softmax_forward(x[N,K]) -> y, cache ; softmax_backward(dy, cache) -> dx = y * (dy - sum(dy*y, axis=1))
 batchnorm_forward(x[N,C] or [N,C,H,W], gamma[C], beta[C], running_mean[C], running_var[C], momentum, eps,
                   training: bool, act=None) -> y, cache
     training: normalise with the batch's mean and biased variance; update running stats in place as PyTorch:
     running = (1 - momentum) * running + momentum * stat, with the *unbiased* variance for running_var.
     eval: normalise with the running statistics.
-batchnorm_backward(dy, cache, dgamma[C], dbeta[C], need_dx=True, relu_mask=False) -> dx|None
-    (eval-mode cache: dx = dy * gamma / sqrt(rv + eps))
+batchnorm_backward(dy, cache, dgamma[C]|None, dbeta[C], need_dx=True, relu_mask=False) -> dx|None
+    (eval-mode cache: dx = dy * gamma / sqrt(rv + eps)); dgamma None: dE/dgamma is not computed (a frozen or
+    constant scale); dx is the same.
 dropout_forward(x, p: float, seed) -> y, cache    keep element i (flat, C order) iff
     hetnet.random.counter_uniform(seed, x.size)[i] >= p; y = x * keep / (1 - p). Same mask on every backend.
     seed: an int, or a backend array of one uint32 read when the op runs (a replayed step fills it each time).

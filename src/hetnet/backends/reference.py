@@ -17,6 +17,7 @@ R/S kernel height/width, F features.
 """
 from __future__ import annotations
 
+import math
 import sys
 
 import numpy as np
@@ -282,6 +283,39 @@ def tanh_backward(dy, cache):
     return _f64(dy) * (1.0 - y * y)
 
 
+# GELU, exact form: y = x * Phi(x) with Phi the standard normal CDF.
+# Phi(x) = (1 + erf(x / sqrt 2)) / 2 = erfc(-x / sqrt 2) / 2: the erfc form keeps every digit where Phi is tiny
+# (x << 0), where 1 + erf(...) would cancel.
+
+
+_erfc = np.frompyfunc(math.erfc, 1, 1)            # the C library's erfc, element by element (NumPy has none)
+
+
+def _normal_cdf(x):
+    return 0.5 * np.asarray(_erfc(-x / math.sqrt(2.0)), dtype=np.float64)
+
+
+def gelu_forward(x):
+    x = _f64(x)
+    return x * _normal_cdf(x), x.copy()
+
+
+def gelu_backward(dy, cache):
+    x = cache
+    # d/dx [x Phi(x)] = Phi(x) + x Phi'(x),  Phi'(x) = phi(x) = exp(-x^2 / 2) / sqrt(2 pi)   (product rule)
+    phi = np.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
+    return _f64(dy) * (_normal_cdf(x) + x * phi)
+
+
+def scale_forward(x, factor: float):
+    return _f64(x) * float(factor), float(factor)
+
+
+def scale_backward(dy, cache):
+    # y = factor * x  ->  dx = factor * dy
+    return _f64(dy) * cache
+
+
 def softmax_forward(x):
     x = _f64(x)
     e = np.exp(x - x.max(axis=1, keepdims=True))     # shift by the row maximum: same softmax, no overflow
@@ -335,9 +369,10 @@ def batchnorm_backward(dy, cache, dgamma, dbeta, need_dx: bool = True, relu_mask
     training, x, xc, xhat, inv_std, gamma, axes, m = cache
     dy = _f64(dy)
     nd = dy.ndim
-    # dL/dbeta = sum_A dy;  dL/dgamma = sum_A dy * xhat
+    # dL/dbeta = sum_A dy;  dL/dgamma = sum_A dy * xhat  (not computed when dgamma is None: a frozen scale)
     dbeta += dy.sum(axis=axes)
-    dgamma += (dy * xhat).sum(axis=axes)
+    if dgamma is not None:
+        dgamma += (dy * xhat).sum(axis=axes)
     if not need_dx:
         return None
     dxhat = dy * _per_channel(gamma, nd)                              # dL/dxhat = dy * gamma

@@ -19,13 +19,42 @@ from ..init import initial_weight
 
 
 class Parameter:
-    """A trainable array and its gradient (same shape). Assigning to `.data` copies into the existing storage."""
+    """A trainable array and its gradient (same shape). Assigning to `.data` copies into the existing storage.
 
-    def __init__(self, data: np.ndarray, backend=None):
+    `requires_grad = False` freezes it, as in PyTorch: the layer's backward still computes its input gradient but
+    leaves this parameter's `.grad` at zero (the op skips that gradient where it can, see `grad_target`), and
+    `model.parameters()` still lists it.
+
+        >>> import hetnet as hn
+        >>> conv = hn.Conv2D(3, 24, 2)
+        >>> conv.weight.requires_grad = False          # trained bias, fixed weight
+    """
+
+    def __init__(self, data: np.ndarray, backend=None, requires_grad: bool = True):
         self.backend = backend or get_backend("cpu")
         self._data = self.backend.asarray(np.asarray(data))
         self._grad = self.backend.zeros(self._data.shape)
         self._pack = None  # the FlatPack whose buffers hold data and grad, if any
+        self._sink = None  # while frozen: an array backward ops may add into and nobody reads (grad_target)
+        self.requires_grad = requires_grad
+
+    @property
+    def requires_grad(self) -> bool:
+        return self._requires_grad
+
+    @requires_grad.setter
+    def requires_grad(self, value: bool) -> None:
+        self._requires_grad = bool(value)
+        # allocated now, outside any training step (a captured CUDA graph must not allocate)
+        self._sink = None if self._requires_grad else self.backend.zeros(self.shape)
+
+    def grad_target(self, skippable: bool = False):
+        """The array a backward op adds dE/d(this parameter) into: `.grad` while it trains. Frozen: None where the
+        op may skip that gradient (skippable: db, dgamma), else a scratch array of the same shape whose contents
+        nobody reads (dw, dbeta), so that `.grad` stays zero either way."""
+        if self._requires_grad:
+            return self._grad
+        return None if skippable else self._sink
 
     @property
     def shape(self) -> tuple:
@@ -66,6 +95,7 @@ class Parameter:
         self.backend = backend
         self._data, self._grad = backend.asarray(data), backend.asarray(grad)
         self._pack = None
+        self.requires_grad = self._requires_grad      # a sink on the new backend
 
     def _bind(self, data, grad, backend) -> None:
         """Use views of a flat buffer on `backend` as storage (see FlatPack); values are copied over, from
@@ -76,10 +106,14 @@ class Parameter:
         else:
             data[...] = backend.asarray(self.backend.to_numpy(self._data))
             grad[...] = backend.asarray(self.backend.to_numpy(self._grad))
+        moved = backend is not self.backend
         self.backend, self._data, self._grad = backend, data, grad
+        if moved:
+            self.requires_grad = self._requires_grad  # a sink on the new backend
 
     def __repr__(self) -> str:
-        return f"Parameter(shape={self.shape}, device={self.backend.name})"
+        frozen = "" if self._requires_grad else ", requires_grad=False"
+        return f"Parameter(shape={self.shape}, device={self.backend.name}{frozen})"
 
 
 def _host(value):
@@ -215,6 +249,9 @@ class Layer:
         """'he' / 'glorot' for layers with weights initialised by hetnet.init, None otherwise."""
         return None
 
+    def _state_loaded(self) -> None:
+        """Called after load_state_dict has filled this layer's arrays."""
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -244,6 +281,11 @@ class WeightedLayer(Layer):
     def op_args(self) -> tuple:
         return ()
 
+    def grad_targets(self) -> tuple:
+        """(dw, db) for the backward op: the parameters' .grad, or for a frozen one what Parameter.grad_target
+        gives (db None: skipped; dw: a scratch array, as the ops always compute dE/dw)."""
+        return self.weight.grad_target(), self.bias.grad_target(skippable=True) if self.use_bias else None
+
     def forward(self, x):
         self._check_input(x)
         bias = self.bias.data if self.use_bias else None
@@ -251,8 +293,8 @@ class WeightedLayer(Layer):
         return y
 
     def backward(self, dy):
-        db = self.bias.grad if self.use_bias else None
-        return getattr(self.backend, f"{self.op}_backward")(dy, self.cache, self.weight.grad, db)
+        dw, db = self.grad_targets()
+        return getattr(self.backend, f"{self.op}_backward")(dy, self.cache, dw, db)
 
 
 def _load_state(module, state: dict, strict: bool) -> None:
@@ -268,3 +310,5 @@ def _load_state(module, state: dict, strict: bool) -> None:
         if tuple(value.shape) != tuple(arr.shape):
             raise ValueError(f"state_dict entry {k!r}: expected shape {tuple(arr.shape)}, got {tuple(value.shape)}")
         arr[...] = module.backend.asarray(value)
+    for layer in getattr(module, "layers", (module,)):
+        layer._state_loaded()

@@ -21,8 +21,9 @@ import numpy as np
 
 from .conv import conv2d_backward, conv2d_forward, conv2d_relu_maxpool_backward, conv2d_relu_maxpool_forward
 from .dense import dense_backward, dense_chain_backward, dense_chain_forward, dense_forward
-from .elementwise import (dropout_backward, dropout_forward, relu_backward, relu_forward, relu_mask, sigmoid_backward,
-                          sigmoid_forward, softmax_backward, softmax_forward, tanh_backward, tanh_forward)
+from .elementwise import (dropout_backward, dropout_forward, gelu_backward, gelu_forward, relu_backward, relu_forward,
+                          relu_mask, scale_backward, scale_forward, sigmoid_backward, sigmoid_forward,
+                          softmax_backward, softmax_forward, tanh_backward, tanh_forward)
 from .loss import (binary_cross_entropy_with_logits, softmax_cross_entropy, softmax_cross_entropy_into,
                    softmax_cross_entropy_stats)
 from .norm import batchnorm_backward, batchnorm_forward, bn_relu_maxpool_backward, bn_relu_maxpool_forward

@@ -225,9 +225,11 @@ def bn_relu_maxpool_backward(dy, cache, dgamma, dbeta, need_dx=True, relu_mask=F
 
 
 def _bn_backward_coefficients(sum_dy, sum_dy_xc, inv_std, gamma, training, m, dgamma, dbeta):
-    """Add dE/dgamma and dE/dbeta; return (a, bc, cc) per channel (float64) with dx = a*dy + bc*(x - mean) + cc."""
+    """Add dE/dgamma (unless dgamma is None) and dE/dbeta; return (a, bc, cc) per channel (float64) with
+    dx = a*dy + bc*(x - mean) + cc."""
     sum_dy_xhat = inv_std * sum_dy_xc
-    dgamma += sum_dy_xhat.astype(_F)        # dE/dgamma = sum dy * xhat
+    if dgamma is not None:
+        dgamma += sum_dy_xhat.astype(_F)    # dE/dgamma = sum dy * xhat
     dbeta += sum_dy.astype(_F)              # dE/dbeta = sum dy
     a = gamma * inv_std
     if training:

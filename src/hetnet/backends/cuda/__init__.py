@@ -493,6 +493,25 @@ class CudaBackend:
     def tanh_backward(self, dy, cache):
         return self._binary("tanh_bwd", dy, cache)
 
+    def gelu_forward(self, x):
+        x = self._c(x)
+        return self._unary("gelu_fwd", x), x
+
+    def gelu_backward(self, dy, cache):
+        return self._binary("gelu_bwd", dy, cache)
+
+    def _scaled(self, a, factor):
+        a = self._c(a)
+        out = self.xp.empty_like(a)
+        self.launch("elementwise", "scale_apply", a.size, a, out, _f32(factor), _i64(a.size))
+        return out
+
+    def scale_forward(self, x, factor):
+        return self._scaled(x, factor), float(factor)
+
+    def scale_backward(self, dy, cache):
+        return self._scaled(dy, cache)
+
     def softmax_forward(self, x):
         x = self._c(x)
         n, k = x.shape
@@ -548,7 +567,8 @@ class CudaBackend:
         acc = self.scratch("bn_acc", (2 * c,), np.float64)
         cnt = self.scratch("bn_cnt", (c,), np.uint32)
         get_kernel(self.device_id, "norm", self.ix("bn_bwd_reduce", x.size))(self._bn_grid(n, c, hw), (256,), (
-            dy, x, mean, var, red, dgamma, dbeta, acc, cnt, _i32(n), _i32(c), _i32(hw), _f32(eps)))
+            dy, x, mean, var, red, dgamma if dgamma is not None else NULL, dbeta, acc, cnt, _i32(n), _i32(c), _i32(hw),
+            _f32(eps)))
         if not need_dx:
             return None
         dx = self.xp.empty_like(x)
@@ -576,7 +596,8 @@ class CudaBackend:
         return y, ("native", x, arg, mean, var, gamma, beta, float(eps), bool(training), kernel, stride, y)
 
     def bn_relu_maxpool_backward(self, dy, cache, dgamma, dbeta, need_dx=True, relu_mask=False, inplace=False):
-        """dE/dx of maxpool(relu(batchnorm(x))); dgamma += and dbeta += as batchnorm_backward. inplace: dx may be
+        """dE/dx of maxpool(relu(batchnorm(x))); dgamma += (unless None) and dbeta += as
+        batchnorm_backward. inplace: dx may be
         written over x (the plan says so where nothing reads x after this; not with relu_mask, which reads x)."""
         if cache[0] == "native" and not cache[8]:
             # evaluation mode has no fused backward: the unfused ops' caches are these arrays
@@ -593,8 +614,8 @@ class CudaBackend:
         cnt = self.scratch("bn_cnt", (c,), np.uint32)
         dims = (_i32(n), _i32(c), _i32(h), _i32(w), _i32(p), _i32(q), _i32(kernel), _i32(stride), _f32(eps))
         reduce = get_kernel(self.device_id, "norm", self.ix("bn_relu_maxpool_bwd_reduce", x.size))
-        reduce(self._bn_grid(n, c, h * w), (256,), (dy, arg, x, mean, var, gamma, beta, red, dgamma, dbeta, acc, cnt,
-                                                     *dims))
+        reduce(self._bn_grid(n, c, h * w), (256,), (dy, arg, x, mean, var, gamma, beta, red,
+                                                     dgamma if dgamma is not None else NULL, dbeta, acc, cnt, *dims))
         if not need_dx:
             return None
         dx = x if inplace and not relu_mask else self.xp.empty_like(x)

@@ -31,6 +31,31 @@ extern "C" __global__ void tanh_bwd(const float* __restrict__ dy, const float* _
     HN_GRID_STRIDE(i, n) dx[i] = dy[i] * (1.f - y[i] * y[i]);
 }
 
+// GELU, exact form: y = x * Phi(x), Phi(x) = erfc(-x / sqrt 2) / 2 (= (1 + erf(x / sqrt 2)) / 2; the erfc form keeps
+// Phi's relative accuracy where it is tiny, x << 0, where 1 + erff would cancel).
+#define HN_INV_SQRT2 0.70710678118654752f
+#define HN_INV_SQRT_2PI 0.39894228040143268f
+extern "C" __global__ void gelu_fwd(const float* __restrict__ x, float* __restrict__ y, long long n) {
+    HN_GRID_STRIDE(i, n) {
+        const float v = x[i];
+        y[i] = v * (0.5f * erfcf(-HN_INV_SQRT2 * v));
+    }
+}
+// dx = dy * (Phi(x) + x * phi(x)), phi(x) = exp(-x^2 / 2) / sqrt(2 pi)   (product rule on x * Phi(x))
+extern "C" __global__ void gelu_bwd(const float* __restrict__ dy, const float* __restrict__ x, float* __restrict__ dx,
+                                    long long n) {
+    HN_GRID_STRIDE(i, n) {
+        const float v = x[i];
+        const float cdf = 0.5f * erfcf(-HN_INV_SQRT2 * v), pdf = HN_INV_SQRT_2PI * expf(-0.5f * v * v);
+        dx[i] = dy[i] * (cdf + v * pdf);
+    }
+}
+
+// y = factor * x: the constant scale layer's forward, and (on dy) its backward
+extern "C" __global__ void scale_apply(const float* __restrict__ x, float* __restrict__ y, float factor, long long n) {
+    HN_GRID_STRIDE(i, n) y[i] = x[i] * factor;
+}
+
 // Dropout: keep element i iff hash(seed, i) >= threshold (= ceil(p * 2^32), so that hash / 2^32 >= p exactly as the
 // NumPy backends test it); y = x * scale where kept. The seed comes from device memory when seed_ptr is given
 // (a captured CUDA graph reads a fresh one each replay), else from `seed`. Backward applies the same mask to dy.
