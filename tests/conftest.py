@@ -61,6 +61,14 @@ EVERY_LAYER_SPECS = [
     {"input_shape": [1, 8, 8], "layers": [
         {"type": "Conv2D", "in_channels": 1, "out_channels": 3, "kernel_size": 3}, {"type": "ReLU"},
         {"type": "GlobalAvgPool2D"}, {"type": "Dense", "in_features": 3, "out_features": 2}]},
+    {"input_shape": [3, 7, 6], "layers": [       # airbench's pieces: frozen and absent BN scales, GELU, a scale
+        {"type": "Conv2D", "in_channels": 3, "out_channels": 4, "kernel_size": 2, "bias": True},
+        {"type": "Conv2D", "in_channels": 4, "out_channels": 5, "kernel_size": 3, "padding": 1, "bias": False,
+         "init": "dirac"},
+        {"type": "BatchNorm2D", "num_features": 5, "momentum": 0.4, "eps": 1e-12, "scale": "frozen"}, {"type": "GELU"},
+        {"type": "MaxPool2D", "kernel_size": 2}, {"type": "BatchNorm2D", "num_features": 5, "scale": "none"},
+        {"type": "Flatten"}, {"type": "Dense", "in_features": 30, "out_features": 3, "bias": False},
+        {"type": "Scale", "factor": 0.1111111111111111}]},
 ]
 
 
@@ -69,7 +77,8 @@ def randomize_batchnorm(model, rng) -> None:
     for layer in model.layers:
         if hasattr(layer, "running_var"):
             c = layer.num_features
-            layer.weight.data = rng.uniform(0.5, 1.5, c)
+            if "weight" in layer.params:
+                layer.weight.data = rng.uniform(0.5, 1.5, c)
             layer.bias.data = rng.normal(0, 0.5, c)
             layer.running_mean = rng.normal(0, 0.5, c)
             layer.running_var = rng.uniform(0.5, 2.0, c)

@@ -107,9 +107,22 @@ def _softmax(g: Graph, layer, x: str, out: str) -> str:
 def _batchnorm(g: Graph, layer, x: str, out: str) -> str:
     # eval mode: y = gamma * (x - running_mean) / sqrt(running_var + eps) + beta per channel (axis 1)
     stats = [g.const(f"{out}.{name}", _host(layer, arr)) for name, arr in
-             (("weight", layer.weight.data), ("bias", layer.bias.data), ("running_mean", layer.running_mean),
+             (("weight", layer.gamma), ("bias", layer.bias.data), ("running_mean", layer.running_mean),
               ("running_var", layer.running_var))]
     return g.node("BatchNormalization", [x, *stats], out, epsilon=float(layer.eps))
+
+
+def _gelu(g: Graph, layer, x: str, out: str) -> str:
+    # the exact form: y = x * Phi(x) = x * (1 + erf(x / sqrt 2)) / 2 (opset 17 has Erf; Gelu itself is opset 20)
+    e = g.node("Erf", [g.node("Mul", [x, g.const(f"{out}.rsqrt2", np.float32(2 ** -0.5))], f"{out}.scaled")],
+               f"{out}.erf")
+    phi = g.node("Mul", [g.node("Add", [e, g.const(f"{out}.one", np.float32(1))], f"{out}.1perf"),
+                         g.const(f"{out}.half", np.float32(0.5))], f"{out}.phi")
+    return g.node("Mul", [x, phi], out)
+
+
+def _scale(g: Graph, layer, x: str, out: str) -> str:
+    return g.node("Mul", [x, g.const(f"{out}.factor", np.float32(layer.factor))], out)
 
 
 def _identity(g: Graph, layer, x: str, out: str) -> str:
@@ -127,6 +140,8 @@ CONVERTERS = {
     L.Sigmoid: _elementwise("Sigmoid"),
     L.Tanh: _elementwise("Tanh"),
     L.Softmax: _softmax,
+    L.GELU: _gelu,
+    L.Scale: _scale,
     L.BatchNorm1D: _batchnorm,
     L.BatchNorm2D: _batchnorm,
     L.Dropout: _identity,

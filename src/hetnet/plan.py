@@ -109,8 +109,7 @@ class DenseNode(Node):
                                  relu_mask=self.mask_input)
 
 
-def _bn_args(bn, x):
-    bn.check_batch(x)
+def _bn_args(bn):
     return (bn.gamma, bn.bias.data, bn.running_mean, bn.running_var, bn.momentum, bn.eps, bn.training)
 
 
@@ -124,7 +123,7 @@ class BatchNormNode(Node):
         self.act, self.pos_out = act, act == "relu"
 
     def forward(self, be, x, ctx):
-        y, self.cache = be.batchnorm_forward(x, *_bn_args(self.layers[0], x), act=self.act)
+        y, self.cache = be.batchnorm_forward(x, *_bn_args(self.layers[0]), act=self.act)
         return y
 
     def backward(self, be, dy, need_dx):
@@ -157,7 +156,7 @@ class BNReluPoolNode(Node):
 
     def forward(self, be, x, ctx):
         bn, _, pool = self.layers
-        y, self.cache = be.bn_relu_maxpool_forward(x, *_bn_args(bn, x), pool.kernel_size, pool.stride)
+        y, self.cache = be.bn_relu_maxpool_forward(x, *_bn_args(bn), pool.kernel_size, pool.stride)
         return y
 
     def backward(self, be, dy, need_dx):
@@ -381,6 +380,7 @@ class Plan:
         nodes = self.nodes = self.nodes_for(x.shape[1:])
         self.input_shape = tuple(x.shape[1:])
         for node in nodes:
+            node.layers[0].check_batch(x)
             x = node.forward(be, x, ctx)
             if not keep:
                 node.cache = None

@@ -230,6 +230,10 @@ class Layer:
         input does not fit. Shape-preserving layers keep the default."""
         return tuple(input_shape)
 
+    def check_batch(self, x) -> None:
+        """Checks of a batch that its shape alone cannot tell (run by the forward pass, the plan's included);
+        ValueError naming the layer. None by default."""
+
     def _check_input(self, x) -> None:
         """Validate a batch against output_shape (raises ValueError naming the layer)."""
         if x.ndim < 1:

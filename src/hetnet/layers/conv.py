@@ -68,10 +68,13 @@ class Conv2D(WeightedLayer):
             self.weight.requires_grad = False
             self.awaiting_data = True
 
-    def forward(self, x):
+    def check_batch(self, x) -> None:
         if self.awaiting_data and self.training:
             raise ValueError(f"{self!r}: the whitening weights come from training images; call "
                              f"hetnet.init.data_init(model, images) (or hetnet.init.whiten_(layer, images)) first")
+
+    def forward(self, x):
+        self.check_batch(x)
         return super().forward(x)
 
     def _state_loaded(self) -> None:
