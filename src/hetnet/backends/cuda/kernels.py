@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import conv_tiles
+from . import conv_tiles, mma_tiles
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ("conv", "pool", "norm", "elementwise", "loss", "optim", "data")
+SOURCES = ("conv", "pool", "norm", "elementwise", "loss", "optim", "data", "mma")
 NULL = np.uint64(0)  # a null pointer argument
 
 _modules: dict[tuple[int, str], object] = {}
@@ -26,10 +26,12 @@ _props: dict[int, dict] = {}
 
 def cu_text(name: str) -> str:
     """A source's CUDA text as nvcc compiles it (with -I this folder): the .cu file, and for conv the entry points of
-    the tiles that ship, generated from their table (conv_tiles.py)."""
+    the tiles that ship, generated from their table (conv_tiles.py); for mma those of its tiles (mma_tiles.py)."""
     text = (HERE / f"{name}.cu").read_text()
     if name == "conv":
         text += "\n" + conv_tiles.instantiations(conv_tiles.TILES)
+    elif name == "mma":
+        text += "\n" + mma_tiles.instantiations(mma_tiles.TILES)
     return text
 
 
