@@ -7,6 +7,15 @@ import pytest
 # Relative error ||a - b|| / ||b|| allowed when comparing a result against the float64 reference:
 RTOL = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-4}
 
+# Tensor-core GEMMs (backends/cuda/mma.cu) against float64 of the exact inputs, relative to ||C||: tf32 rounds each
+# operand to 10 mantissa bits (relative error up to 2^-11 = 4.9e-4 per operand, about 3e-4 for a whole product of
+# random data), bf16 to 7 (2^-8 = 3.9e-3, about 3e-3). hetnet.bench.common.GEMM_RTOL holds the same values (checked
+# in tests/test_mma_emulated.py).
+RTOL_TC = {"tf32": 1e-3, "bf16": 1e-2}
+# The same kernels on the CPU emulator (tests/cuda_emu) against float64 of the inputs rounded as the kernels round
+# them: what remains is float32 accumulation (~1e-7 relative); a wrong fragment or index is O(1).
+RTOL_EMULATED = 1e-5
+
 # Float64 central-difference gradient check: step H has truncation error O(H^2) and rounding error O(eps/H); at
 # H = 1e-6 both stay near 1e-9 relative, so analytic and numerical gradients must agree to GRADCHECK_RTOL.
 GRADCHECK_H = 1e-6

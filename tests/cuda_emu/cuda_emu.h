@@ -425,7 +425,7 @@ inline float hn_ldg(const float* p) {
     emu::global_check(p, 4, false, "ld.global");
     return *p;
 }
-inline float hn_ld(const float* p) {
+inline float hn_ld_c(const float* p) {
     emu::global_check(p, 4, false, "ld.global (C)");
     return *p;
 }

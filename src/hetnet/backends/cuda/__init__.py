@@ -23,6 +23,8 @@ from .. import compose
 from . import conv as _conv
 from .graph import GraphRunner
 from .kernels import NULL, check, device_props, get_kernel, grid_for
+from .kernels import leading_dim as _ld
+from .kernels import rows_contiguous as _rows_contiguous
 
 _i32, _i64, _f32 = np.int32, np.int64, np.float32
 _ACT = {None: 0, "relu": 1}     # the activation code of the kernels' epilogues
@@ -95,17 +97,6 @@ def _env_flag(name: str, default: bool) -> bool:
     if v is None or v.strip() == "":
         return default
     return v.strip().lower() not in ("0", "false", "no", "off")
-
-
-def _rows_contiguous(m) -> bool:
-    """A 2-D view whose rows are contiguous (any row stride at least the row length)."""
-    return m.ndim == 2 and (m.flags.c_contiguous or (m.strides[1] == m.itemsize and m.strides[0] >= m.shape[1]
-                                                     * m.itemsize and m.strides[0] % m.itemsize == 0))
-
-
-def _ld(m) -> int:
-    """Leading dimension (elements between rows) of a row-major view with contiguous rows."""
-    return max(1, m.shape[1], m.strides[0] // m.itemsize if m.shape[0] > 1 else 0)
 
 
 def _no_headroom() -> int:

@@ -84,6 +84,17 @@ def grid_for(n: int, sms: int, block: int = 256) -> int:
     return int(max(1, min((n + block - 1) // block, sms * 16)))
 
 
+def rows_contiguous(m) -> bool:
+    """A 2-D view whose rows are contiguous (any row stride at least the row length)."""
+    return m.ndim == 2 and (m.flags.c_contiguous or (m.strides[1] == m.itemsize and m.strides[0] >= m.shape[1]
+                                                     * m.itemsize and m.strides[0] % m.itemsize == 0))
+
+
+def leading_dim(m) -> int:
+    """Leading dimension (elements between rows) of a row-major view with contiguous rows."""
+    return max(1, m.shape[1], m.strides[0] // m.itemsize if m.shape[0] > 1 else 0)
+
+
 def check(*arrays) -> None:
     """Every kernel takes C-contiguous arrays; catch a bad view before it reads the wrong memory."""
     for a in arrays:

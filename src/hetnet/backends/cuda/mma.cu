@@ -102,7 +102,7 @@ __device__ __forceinline__ unsigned hn_pack_bf16x2(float lo, float hi) {
 
 __device__ __forceinline__ float4 hn_ldg4(const float* p) { return __ldg(reinterpret_cast<const float4*>(p)); }
 __device__ __forceinline__ float hn_ldg(const float* p) { return __ldg(p); }
-__device__ __forceinline__ float hn_ld(const float* p) { return *p; }       // C: read before it is written
+__device__ __forceinline__ float hn_ld_c(const float* p) { return *p; }     // C, read before it is written
 __device__ __forceinline__ void hn_st(float* p, float v) { *p = v; }
 __device__ __forceinline__ void hn_st2(float* p, float x, float y) { *reinterpret_cast<float2*>(p) = make_float2(x, y); }
 __device__ __forceinline__ void hn_atomic_add(float* p, float v) { atomicAdd(p, v); }
@@ -280,8 +280,8 @@ __device__ __forceinline__ void hn_epilogue(const HnBlock& b, float (&acc)[MT][N
                     continue;
                 }
                 if (beta != 0.f) {
-                    x += beta * hn_ld(p);
-                    if (two) y += beta * hn_ld(p + 1);
+                    x += beta * hn_ld_c(p);
+                    if (two) y += beta * hn_ld_c(p + 1);
                 }
                 if (two && pair) {
                     hn_st2(p, x, y);
