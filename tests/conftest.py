@@ -12,6 +12,9 @@ RTOL = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-4}
 # random data), bf16 to 7 (2^-8 = 3.9e-3, about 3e-3). hetnet.bench.common.GEMM_RTOL holds the same values (checked
 # in tests/test_mma_emulated.py).
 RTOL_TC = {"tf32": 1e-3, "bf16": 1e-2}
+# The same results against float64 of the inputs rounded as the kernels round them (tests/test_mma.py): the tensor
+# cores' float32 accumulation (not IEEE round-to-nearest at every add) over K <= ~20000.
+RTOL_TC_ROUNDED = 1e-4
 # The same kernels on the CPU emulator (tests/cuda_emu) against float64 of the inputs rounded as the kernels round
 # them: what remains is float32 accumulation (~1e-7 relative); a wrong fragment or index is O(1).
 RTOL_EMULATED = 1e-5
