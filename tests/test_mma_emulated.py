@@ -213,3 +213,19 @@ def test_choice():
     assert mm.split_k(large, 256, 512 * 1024, 2304, 1, 132) == 1
     assert mm.split_k(small, 64, 576, 512 * 1024, 1, 132) > 1        # filter gradient of a 64-filter 3x3 conv
     assert mm.split_k(small, 64, 64, 64, 1, 132) == 1
+
+
+def test_runner_without_a_gpu(capsys):
+    """benchmarks/kernels/run_tc_gemm.py imports without CuPy, lists its problems (cifar-wide's convolutions from
+    the spec: 6 distinct shapes, 3 GEMMs each), and a bad --layers is a one-line error with status 2."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels" / "run_tc_gemm.py"
+    spec = importlib.util.spec_from_file_location("run_tc_gemm", path)
+    run_tc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_tc)
+    assert run_tc.main(["--list", "--sets", "conv"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 18 and "conv2 64->128 32x32" in lines[3] and "nn 128 x 524288 x 576" in lines[3]
+    assert run_tc.main(["--list", "--layers", "7"]) == 2
+    assert capsys.readouterr().err.startswith("error: --layers")
