@@ -310,6 +310,21 @@ inline float hn_lds(const float* p) {
     emu::smem_read(p, 4, emu::me().linear, "ld.shared");
     return *p;
 }
+inline float4 hn_lds4(const float* p) {
+    emu::aligned(p, 16, "ld.shared.v4");
+    emu::smem_read(p, 16, emu::me().linear, "ld.shared.v4");
+    float4 v;
+    std::memcpy(&v, p, 16);
+    return v;
+}
+inline void hn_sts4(void* p, unsigned x, unsigned y, unsigned z, unsigned w) {
+    emu::aligned(p, 16, "st.shared.v4");
+    emu::smem_write_check(p, 16, emu::me().linear, "st.shared.v4");
+    unsigned v[4] = {x, y, z, w};
+    std::memcpy(p, v, 16);
+    emu::smem_wrote(p, 16, emu::me().linear);
+}
+inline unsigned hn_bits(float x) { return emu::bits(x); }
 inline void hn_sts2(void* p, unsigned x, unsigned y) {
     emu::aligned(p, 8, "st.shared.v2");
     emu::smem_write_check(p, 8, emu::me().linear, "st.shared.v2");

@@ -51,9 +51,23 @@ __device__ __forceinline__ void hn_cp_async_wait() {
 }
 
 __device__ __forceinline__ float hn_lds(const float* p) { return *p; }   // p points into shared memory
+__device__ __forceinline__ float4 hn_lds4(const float* p) {               // 16-byte aligned
+    float4 v;
+    asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+                 : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+                 : "r"(hn_smem_addr(p))
+                 : "memory");
+    return v;
+}
 __device__ __forceinline__ void hn_sts2(void* p, unsigned x, unsigned y) {
     asm volatile("st.shared.v2.b32 [%0], {%1, %2};\n" ::"r"(hn_smem_addr(p)), "r"(x), "r"(y) : "memory");
 }
+__device__ __forceinline__ void hn_sts4(void* p, unsigned x, unsigned y, unsigned z, unsigned w) {
+    asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(hn_smem_addr(p)), "r"(x), "r"(y), "r"(z),
+                 "r"(w)
+                 : "memory");
+}
+__device__ __forceinline__ unsigned hn_bits(float x) { return __float_as_uint(x); }
 
 // ldmatrix (PTX ISA 9.7.14.5.15): four 8x8 matrices of 16-bit elements; lanes 8j..8j+7 give the addresses of rows
 // 0..7 of matrix j (16 contiguous, 16-byte aligned bytes each); register j of lane l receives row l/4, elements
@@ -125,8 +139,9 @@ __device__ __forceinline__ int hn_imax(int a, int b) { return a > b ? a : b; }
 //     K-major, stride (BK + 8) * 2 = 80 bytes (BK = 32): rows start at banks 20r mod 32 = 0, 20, 8, 28, 16, 4, 24,
 //     12, 4 banks each, 32 distinct; MN-major, stride (MN + 8) * 2 bytes == 16 mod 128: banks 4r, distinct.
 //   Row starts stay 16-byte aligned (cp.async, ldmatrix): 36 and MN + 8 floats, 40 and MN + 8 bf16.
-template <bool KMAJ, int MN, int BK, int PAD_K, int PAD_MN>
+template <bool KMAJ_, int MN, int BK, int PAD_K, int PAD_MN>
 struct HnOperand {
+    static constexpr bool KMAJ = KMAJ_;
     static constexpr int ROWS = KMAJ ? MN : BK, COLS = KMAJ ? BK : MN;
     static constexpr int STRIDE = COLS + (KMAJ ? PAD_K : PAD_MN);
     static constexpr int ELEMS = MN * (BK + PAD_K) > BK * (MN + PAD_MN) ? MN * (BK + PAD_K) : BK * (MN + PAD_MN);
@@ -302,26 +317,47 @@ __device__ __forceinline__ void hn_epilogue(const HnBlock& b, float (&acc)[MT][N
 //   B (8 x 8, col):  b0 = (t, g), b1 = (t+4, g)                                          (row, col) = (k, n)
 // so for the mma tile (i, j) of the warp: a from op(A) rows wm + 16i + g (+8), columns kk + t (+4); b from op(B)
 // rows kk + t (+4), column wn + 8j + g; the operand tiles are read through HnOperand::at(mn, k) in either layout.
-template <class OA, class OB, int MT, int NT, int BK>
+// LANDED: the tile already holds tf32 values (converted where it landed, hn_convert_tf32), and a K-major operand's
+// fragments come by ldmatrix, whose 8x8 matrices of 16-bit elements are 8 rows of 4 floats here: lane l = 4g + t
+// receives row g, 16-bit elements 2t, 2t+1 = float t. One ldmatrix.x4 gives A's four registers from the 8 x 4
+// float matrices (m 0-7 | 8-15) x (k 0-3 | 4-7) in the order a0..a3 (lane l = 8j + r: row m = l % 16, k = 4 (l / 16)),
+// and B's (b0, b1) of two n-tiles from (n 0-7 | 8-15) x (k 0-3 | 4-7) (n = l % 8 + 8 (l / 16), k = 4 ((l / 8) % 2)).
+template <bool LANDED, class OA, class OB, int MT, int NT, int BK>
 __device__ __forceinline__ void hn_gemm_tf32_tile(const float* sa, const float* sb, float (&acc)[MT][NT][4], int wm,
                                                   int wn, int lane) {
     const int g = lane >> 2, t = lane & 3;
+    auto word = [](const float* p) { return LANDED ? hn_bits(hn_lds(p)) : hn_tf32(hn_lds(p)); };
 #pragma unroll
     for (int kk = 0; kk < BK; kk += 8) {
         unsigned a[MT][4], b[NT][2];
 #pragma unroll
         for (int i = 0; i < MT; ++i) {
             const int m = wm + 16 * i + g;
-            a[i][0] = hn_tf32(hn_lds(sa + OA::at(m, kk + t)));
-            a[i][1] = hn_tf32(hn_lds(sa + OA::at(m + 8, kk + t)));
-            a[i][2] = hn_tf32(hn_lds(sa + OA::at(m, kk + t + 4)));
-            a[i][3] = hn_tf32(hn_lds(sa + OA::at(m + 8, kk + t + 4)));
+            if (LANDED && OA::KMAJ) {
+                hn_ldmatrix_x4(a[i], sa + OA::at(wm + 16 * i + (lane & 15), kk + 4 * (lane >> 4)));
+            } else {
+                a[i][0] = word(sa + OA::at(m, kk + t));
+                a[i][1] = word(sa + OA::at(m + 8, kk + t));
+                a[i][2] = word(sa + OA::at(m, kk + t + 4));
+                a[i][3] = word(sa + OA::at(m + 8, kk + t + 4));
+            }
         }
 #pragma unroll
         for (int j = 0; j < NT; ++j) {
-            const int n = wn + 8 * j + g;
-            b[j][0] = hn_tf32(hn_lds(sb + OB::at(n, kk + t)));
-            b[j][1] = hn_tf32(hn_lds(sb + OB::at(n, kk + t + 4)));
+            if (LANDED && OB::KMAJ) {
+                if (j % 2 == 0) {
+                    unsigned r[4];
+                    hn_ldmatrix_x4(r, sb + OB::at(wn + 8 * j + (lane & 7) + 8 * (lane >> 4), kk + 4 * ((lane >> 3) & 1)));
+                    b[j][0] = r[0];
+                    b[j][1] = r[1];
+                    b[j + 1][0] = r[2];
+                    b[j + 1][1] = r[3];
+                }
+            } else {
+                const int n = wn + 8 * j + g;
+                b[j][0] = word(sb + OB::at(n, kk + t));
+                b[j][1] = word(sb + OB::at(n, kk + t + 4));
+            }
         }
 #pragma unroll
         for (int i = 0; i < MT; ++i)
@@ -330,13 +366,28 @@ __device__ __forceinline__ void hn_gemm_tf32_tile(const float* sa, const float* 
     }
 }
 
+// A thread's own chunks of a tile (as hn_copy_tile_async assigned them) rounded to tf32 in place, once their
+// cp.async has completed for this thread; the barrier that follows publishes them.
+template <int ROWS, int COLS, int STRIDE, int THREADS>
+__device__ __forceinline__ void hn_convert_tf32(float* s, int tid) {
+    constexpr int CPR = COLS / 4;
+#pragma unroll
+    for (int i = 0; i < ROWS * CPR / THREADS; ++i) {
+        const int q = tid + i * THREADS;
+        float* p = s + (q / CPR) * STRIDE + (q % CPR) * 4;
+        const float4 v = hn_lds4(p);
+        hn_sts4(p, hn_tf32(v.x), hn_tf32(v.y), hn_tf32(v.z), hn_tf32(v.w));
+    }
+}
+
 // Pipeline (STAGES buffers, one cp.async group per K tile, empty groups past the end so the count stays uniform):
 // the prologue issues tiles 0 .. STAGES-2; iteration kt waits until at most STAGES-2 groups are pending (so group kt,
 // tile kt, has landed for this thread), then a barrier makes every thread's copies visible and also ends every
 // warp's reads of tile kt-1, whose buffer ((kt-1) % STAGES = (kt+STAGES-1) % STAGES) is refilled next with tile
-// kt+STAGES-1 while tile kt is multiplied.
-template <bool TA, bool TB, int BM, int BN, int BK, int WM, int WN, int STAGES>
-__device__ __forceinline__ void hn_gemm_tf32(unsigned char* smem, HN_GEMM_PARAMS) {
+// kt+STAGES-1 while tile kt is multiplied. LANDED: before that barrier each thread rounds its own chunks of tile kt
+// to tf32 in place (once per element, where otherwise every warp that reads a fragment would round it again).
+template <bool LANDED, bool TA, bool TB, int BM, int BN, int BK, int WM, int WN, int STAGES>
+__device__ __forceinline__ void hn_gemm_tf32_body(unsigned char* smem, HN_GEMM_PARAMS) {
     constexpr int WARPS_N = BN / WN, THREADS = 32 * (BM / WM) * WARPS_N, MT = WM / 16, NT = WN / 8;
     static_assert(BM % WM == 0 && BN % WN == 0 && WM % 16 == 0 && WN % 8 == 0 && BK % 8 == 0 && STAGES >= 2, "tile");
     using OA = HnOperand<!TA, BM, BK, 4, 8>;
@@ -370,12 +421,16 @@ __device__ __forceinline__ void hn_gemm_tf32(unsigned char* smem, HN_GEMM_PARAMS
         hn_cp_async_commit();
     }
     for (int kt = 0; kt < tiles; ++kt) {
+        const int s = kt % STAGES;
         hn_cp_async_wait<STAGES - 2>();
+        if (LANDED) {
+            hn_convert_tf32<OA::ROWS, OA::COLS, OA::STRIDE, THREADS>(sa + s * OA::ELEMS, tid);
+            hn_convert_tf32<OB::ROWS, OB::COLS, OB::STRIDE, THREADS>(sb + s * OB::ELEMS, tid);
+        }
         __syncthreads();
         if (kt + STAGES - 1 < tiles) issue(kt + STAGES - 1);
         hn_cp_async_commit();
-        const int s = kt % STAGES;
-        hn_gemm_tf32_tile<OA, OB, MT, NT, BK>(sa + s * OA::ELEMS, sb + s * OB::ELEMS, acc, wm, wn, lane);
+        hn_gemm_tf32_tile<LANDED, OA, OB, MT, NT, BK>(sa + s * OA::ELEMS, sb + s * OB::ELEMS, acc, wm, wn, lane);
     }
     hn_cp_async_wait<0>();   // only empty groups remain
     hn_epilogue<MT, NT>(blk, acc, M, N, ldc, alpha, beta, wm, wn, lane);
@@ -436,7 +491,7 @@ __device__ __forceinline__ void hn_gemm_bf16_tile(const unsigned short* sa, cons
 // then rounded and stored into the other buffer, whose last readers (tile kt-1) finished before the barrier that
 // ended the previous iteration; the barrier at the end of this iteration publishes it.
 template <bool TA, bool TB, int BM, int BN, int BK, int WM, int WN, int STAGES>
-__device__ __forceinline__ void hn_gemm_bf16(unsigned char* smem, HN_GEMM_PARAMS) {
+__device__ __forceinline__ void hn_gemm_bf16_regs(unsigned char* smem, HN_GEMM_PARAMS) {
     constexpr int WARPS_N = BN / WN, THREADS = 32 * (BM / WM) * WARPS_N, MT = WM / 16, NT = WN / 8;
     static_assert(BM % WM == 0 && BN % WN == 0 && WM % 16 == 0 && WN % 16 == 0 && BK % 16 == 0 && STAGES == 2,
                   "tile");
@@ -484,13 +539,106 @@ __device__ __forceinline__ void hn_gemm_bf16(unsigned char* smem, HN_GEMM_PARAMS
     hn_epilogue<MT, NT>(blk, acc, M, N, ldc, alpha, beta, wm, wn, lane);
 }
 
+// A thread's own chunks of a float32 tile (as hn_copy_tile_async assigned them, row stride S32) rounded to bf16 and
+// written to the bf16 tile (row stride S16) at the same place.
+template <int ROWS, int COLS, int S32, int S16, int THREADS>
+__device__ __forceinline__ void hn_convert_bf16(const float* src, unsigned short* dst, int tid) {
+    constexpr int CPR = COLS / 4;
+#pragma unroll
+    for (int i = 0; i < ROWS * CPR / THREADS; ++i) {
+        const int q = tid + i * THREADS, r = q / CPR, c = (q % CPR) * 4;
+        const float4 v = hn_lds4(src + r * S32 + c);
+        hn_sts2(dst + r * S16 + c, hn_pack_bf16x2(v.x, v.y), hn_pack_bf16x2(v.z, v.w));
+    }
+}
+
+// bf16 through a cp.async pipeline: STAGES float32 tiles in flight (unpadded: each thread reads back only the chunks
+// it copied, so these buffers need no barrier), converted by their own threads into one of two bf16 tiles. Iteration
+// kt: wait for tile kt (this thread's chunks), round them into bf16 buffer kt % 2, barrier (buffer kt % 2 complete;
+// every warp done with buffer (kt-1) % 2 and tile kt-1), refill float32 buffer (kt-1) % STAGES with tile
+// kt+STAGES-1, multiply from bf16 buffer kt % 2. The next write to that buffer (iteration kt+2) comes after the
+// barrier of iteration kt+1, which every warp reaches only after this multiply.
+template <bool TA, bool TB, int BM, int BN, int BK, int WM, int WN, int STAGES>
+__device__ __forceinline__ void hn_gemm_bf16_async(unsigned char* smem, HN_GEMM_PARAMS) {
+    constexpr int WARPS_N = BN / WN, THREADS = 32 * (BM / WM) * WARPS_N, MT = WM / 16, NT = WN / 8;
+    static_assert(BM % WM == 0 && BN % WN == 0 && WM % 16 == 0 && WN % 16 == 0 && BK % 16 == 0 && STAGES >= 2,
+                  "tile");
+    using FA = HnOperand<!TA, BM, BK, 0, 0>;   // float32 staging
+    using FB = HnOperand<TB, BN, BK, 0, 0>;
+    using OA = HnOperand<!TA, BM, BK, 8, 8>;   // bf16 tiles
+    using OB = HnOperand<TB, BN, BK, 8, 8>;
+    float* fa = reinterpret_cast<float*>(smem);                     // STAGES x FA::ELEMS
+    float* fb = fa + STAGES * FA::ELEMS;                            // STAGES x FB::ELEMS
+    unsigned short* sa = reinterpret_cast<unsigned short*>(fb + STAGES * FB::ELEMS);   // 2 x OA::ELEMS
+    unsigned short* sb = sa + 2 * OA::ELEMS;                        // 2 x OB::ELEMS
+
+    const HnBlock blk = hn_block(HN_GEMM_ARGS, BM, BN);
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int wm = (warp / WARPS_N) * WM, wn = (warp % WARPS_N) * WN;
+    const int tiles = blk.kend > blk.kbeg ? (blk.kend - blk.kbeg + BK - 1) / BK : 0;
+
+    float acc[MT][NT][4];
+#pragma unroll
+    for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+
+    auto issue = [&](int kt) {
+        const int k0 = blk.kbeg + kt * BK, s = kt % STAGES;
+        hn_copy_tile_async<FA::ROWS, FA::COLS, FA::STRIDE, THREADS>(
+            fa + s * FA::ELEMS, hn_src<!TA>(blk.A, lda, blk.m0, k0, M, blk.kend), tid);
+        hn_copy_tile_async<FB::ROWS, FB::COLS, FB::STRIDE, THREADS>(
+            fb + s * FB::ELEMS, hn_src<TB>(blk.B, ldb, blk.n0, k0, N, blk.kend), tid);
+    };
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < tiles) issue(s);
+        hn_cp_async_commit();
+    }
+    for (int kt = 0; kt < tiles; ++kt) {
+        const int s = kt % STAGES, h = kt & 1;
+        hn_cp_async_wait<STAGES - 2>();
+        hn_convert_bf16<FA::ROWS, FA::COLS, FA::STRIDE, OA::STRIDE, THREADS>(fa + s * FA::ELEMS, sa + h * OA::ELEMS,
+                                                                           tid);
+        hn_convert_bf16<FB::ROWS, FB::COLS, FB::STRIDE, OB::STRIDE, THREADS>(fb + s * FB::ELEMS, sb + h * OB::ELEMS,
+                                                                           tid);
+        __syncthreads();
+        if (kt + STAGES - 1 < tiles) issue(kt + STAGES - 1);
+        hn_cp_async_commit();
+        hn_gemm_bf16_tile<TA, TB, OA, OB, MT, NT, BK>(sa + h * OA::ELEMS, sb + h * OB::ELEMS, acc, wm, wn, lane);
+    }
+    hn_cp_async_wait<0>();
+    hn_epilogue<MT, NT>(blk, acc, M, N, ldc, alpha, beta, wm, wn, lane);
+}
+
+// The kernels' bodies by the variant letter of their name (mma_tiles.TcTile.variant).
+template <bool TA, bool TB, int BM, int BN, int BK, int WM, int WN, int ST>
+__device__ __forceinline__ void hn_gemm_tf32(unsigned char* smem, HN_GEMM_PARAMS) {
+    hn_gemm_tf32_body<false, TA, TB, BM, BN, BK, WM, WN, ST>(smem, HN_GEMM_ARGS);
+}
+template <bool TA, bool TB, int BM, int BN, int BK, int WM, int WN, int ST>
+__device__ __forceinline__ void hn_gemm_tf32_l(unsigned char* smem, HN_GEMM_PARAMS) {
+    hn_gemm_tf32_body<true, TA, TB, BM, BN, BK, WM, WN, ST>(smem, HN_GEMM_ARGS);
+}
+template <bool TA, bool TB, int BM, int BN, int BK, int WM, int WN, int ST>
+__device__ __forceinline__ void hn_gemm_bf16(unsigned char* smem, HN_GEMM_PARAMS) {
+    hn_gemm_bf16_regs<TA, TB, BM, BN, BK, WM, WN, ST>(smem, HN_GEMM_ARGS);
+}
+template <bool TA, bool TB, int BM, int BN, int BK, int WM, int WN, int ST>
+__device__ __forceinline__ void hn_gemm_bf16_a(unsigned char* smem, HN_GEMM_PARAMS) {
+    hn_gemm_bf16_async<TA, TB, BM, BN, BK, WM, WN, ST>(smem, HN_GEMM_ARGS);
+}
+
 // --- entry points ---------------------------------------------------------------------------------------------------
 
-// HN_GEMM(tf32, nn_128x128x32s3, false, false, 128, 128, 32, 64, 32, 3) defines hn_gemm_tf32_nn_128x128x32s3:
-// precision, layout_tile name, TA, TB, block tile BM x BN x BK, warp tile WM x WN, stages. mma.py writes these lines
-// from its tile table (TILES) and launches (BM/WM)(BN/WN) warps with its smem_bytes of dynamic shared memory.
-#define HN_GEMM(prec, name, TA, TB, BM, BN, BK, WM, WN, ST)                                                    \
-    extern "C" __global__ void __launch_bounds__(32 * (BM / WM) * (BN / WN)) hn_gemm_##prec##_##name(HN_GEMM_PARAMS) { \
+// HN_GEMM(hn_gemm_tf32_nn_128x128x32s3, hn_gemm_tf32, false, false, 128, 128, 32, 64, 32, 3, 1) defines the
+// kernel hn_gemm_tf32_nn_128x128x32s3 with body hn_gemm_tf32: name, body, TA, TB, block tile BM x BN x BK, warp
+// tile WM x WN, stages, blocks per SM for __launch_bounds__. mma_tiles.py writes these lines from its table (TILES)
+// and mma.py launches (BM/WM)(BN/WN) warps with the table's smem_bytes of dynamic shared memory.
+#define HN_GEMM(name, body, TA, TB, BM, BN, BK, WM, WN, ST, MINB)                                              \
+    extern "C" __global__ void __launch_bounds__(32 * (BM / WM) * (BN / WN), MINB) name(HN_GEMM_PARAMS) {        \
         HN_DYNAMIC_SMEM(hn_smem);                                                                              \
-        hn_gemm_##prec<TA, TB, BM, BN, BK, WM, WN, ST>(hn_smem, HN_GEMM_ARGS);                                 \
+        body<TA, TB, BM, BN, BK, WM, WN, ST>(hn_smem, HN_GEMM_ARGS);                                           \
     }

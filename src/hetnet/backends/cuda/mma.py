@@ -27,6 +27,10 @@ DEFAULT_SMEM = 48 * 1024       # dynamic shared memory a launch gets without rai
 MIN_SPLIT_TILES = 8            # split-K: at least this many BK steps per part
 MAX_SPLITS = 64
 GRID_YZ = 65535                # CUDA's limit on gridDim.y and gridDim.z
+# The tiles the launcher picks from, largest first (`choose`): the variants that round once per element (tf32 "l")
+# and pipeline bf16 through cp.async ("a", two blocks per SM). Not yet measured against the first versions:
+# benchmarks/kernels/run_tc_gemm.py checks and times every tile; put here the ones that pass and win.
+CHOICE = {"tf32": ("128x128x32s3l", "64x64x32s4l"), "bf16": ("128x128x32s2a", "64x64x32s4a")}
 
 
 @dataclass
@@ -80,9 +84,17 @@ def tiles_of(precision: str) -> list[TcTile]:
     return [t for t in TILES if t.precision == precision]
 
 
+def tile_named(precision: str, name: str) -> TcTile:
+    found = [t for t in tiles_of(precision) if t.name == name]
+    if not found:
+        raise ValueError(f"gemm_tc: no {precision} tile {name!r} (have "
+                         f"{', '.join(t.name for t in tiles_of(precision))})")
+    return found[0]
+
+
 def choose(precision: str, m: int, n: int, batch: int, sms: int) -> TcTile:
-    """The largest tile that still gives every SM a block, else the smallest."""
-    by_size = sorted(tiles_of(precision), key=lambda t: t.bm * t.bn, reverse=True)
+    """The largest of CHOICE's tiles that still gives every SM a block, else the smallest."""
+    by_size = [tile_named(precision, name) for name in CHOICE[precision]]
     for t in by_size:
         if math.ceil(m / t.bm) * math.ceil(n / t.bn) * batch >= sms:
             return t
@@ -128,14 +140,7 @@ def plan(c, a, trans_a: bool, b, trans_b: bool, alpha: float = 1.0, beta: float 
     a, trans_a, b, trans_b, m, n, k = _operands(c, a, trans_a, b, trans_b)
     if m == 0 or n == 0 or batch == 0:
         return None
-    if tile is None:
-        t = choose(precision, m, n, batch, sms)
-    else:
-        found = [x for x in tiles_of(precision) if x.name == tile]
-        if not found:
-            raise ValueError(f"gemm_tc: no {precision} tile {tile!r} (have "
-                             f"{', '.join(x.name for x in tiles_of(precision))})")
-        t = found[0]
+    t = choose(precision, m, n, batch, sms) if tile is None else tile_named(precision, tile)
     parts = split_k(t, m, n, k, batch, sms) if splits is None else max(1, int(splits))
     kchunk = math.ceil(math.ceil(k / parts) / t.bk) * t.bk if k > 0 else 0
     parts = math.ceil(k / kchunk) if k > 0 else 1      # no empty part
