@@ -22,9 +22,8 @@ from ...errors import DeviceError
 from .. import compose
 from . import conv as _conv
 from .graph import GraphRunner
-from .kernels import NULL, check, device_props, get_kernel, grid_for
+from .kernels import NULL, check, device_props, gemm_operands, get_kernel, grid_for
 from .kernels import leading_dim as _ld
-from .kernels import rows_contiguous as _rows_contiguous
 
 _i32, _i64, _f32 = np.int32, np.int64, np.float32
 _ACT = {None: 0, "relu": 1}     # the activation code of the kernels' epilogues
@@ -195,16 +194,7 @@ class CudaBackend:
         the transpose of such a view (a and b only)."""
         from cupy_backends.cuda.libs import cublas
 
-        if not _rows_contiguous(a):
-            a, trans_a = a.T, not trans_a
-        if not _rows_contiguous(b):
-            b, trans_b = b.T, not trans_b
-        for name, mat in (("a", a), ("b", b), ("c", c)):
-            if mat.dtype != np.float32 or not _rows_contiguous(mat):
-                raise ValueError(f"gemm: {name} of shape {mat.shape}, strides {mat.strides} is not a float32 "
-                                 "matrix with contiguous rows")
-        m, n = c.shape
-        k = a.shape[0] if trans_a else a.shape[1]
+        a, trans_a, b, trans_b, m, n, k = gemm_operands(c, a, trans_a, b, trans_b)
         handle = self.cupy.cuda.device.get_cublas_handle()
         key = (float(alpha), float(beta))
         ab = self._alpha_beta.get(key)

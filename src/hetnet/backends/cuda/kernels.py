@@ -95,6 +95,27 @@ def leading_dim(m) -> int:
     return max(1, m.shape[1], m.strides[0] // m.itemsize if m.shape[0] > 1 else 0)
 
 
+def gemm_operands(c, a, trans_a: bool, b, trans_b: bool, who: str = "gemm"):
+    """The views a GEMM c[M,N] = op(a) @ op(b) takes, as (a, trans_a, b, trans_b, m, n, k) of row-major float32
+    matrices with contiguous rows and any row stride: a or b whose rows are not contiguous is taken as the transpose
+    of its transpose. Raises ValueError (naming `who`) for anything else, or shapes that do not chain."""
+    if not rows_contiguous(a):
+        a, trans_a = a.T, not trans_a
+    if not rows_contiguous(b):
+        b, trans_b = b.T, not trans_b
+    for name, mat in (("a", a), ("b", b), ("c", c)):
+        if mat.dtype != np.float32 or not rows_contiguous(mat):
+            raise ValueError(f"{who}: {name} of shape {mat.shape}, strides {mat.strides} is not a float32 matrix "
+                             "with contiguous rows")
+    m, n = c.shape
+    k = a.shape[0] if trans_a else a.shape[1]
+    op_a = a.shape[::-1] if trans_a else a.shape
+    op_b = b.shape[::-1] if trans_b else b.shape
+    if op_a != (m, k) or op_b != (k, n):
+        raise ValueError(f"{who}: op(a) {op_a} @ op(b) {op_b} does not give c {c.shape}")
+    return a, bool(trans_a), b, bool(trans_b), m, n, k
+
+
 def check(*arrays) -> None:
     """Every kernel takes C-contiguous arrays; catch a bad view before it reads the wrong memory."""
     for a in arrays:

@@ -251,10 +251,11 @@ struct HnBlock {
     const float* B;
     float* C;
     int kbeg, kend, m0, n0;
+    int tiles;      // BK steps in [kbeg, kend)
     bool atomic;
 };
 
-__device__ __forceinline__ HnBlock hn_block(HN_GEMM_PARAMS, int BM, int BN) {
+__device__ __forceinline__ HnBlock hn_block(HN_GEMM_PARAMS, int BM, int BN, int BK) {
     HnBlock b;
     const int z = blockIdx.z, batch = z / splits, split = z - batch * splits;
     b.A = A + batch * strideA;
@@ -264,8 +265,35 @@ __device__ __forceinline__ HnBlock hn_block(HN_GEMM_PARAMS, int BM, int BN) {
     b.kend = hn_imin(K, b.kbeg + kchunk);
     b.m0 = blockIdx.y * BM;
     b.n0 = blockIdx.x * BN;
+    b.tiles = b.kend > b.kbeg ? (b.kend - b.kbeg + BK - 1) / BK : 0;
     b.atomic = splits > 1;
     return b;
+}
+
+// A thread of a block of (BM/WM) x (BN/WN) warps, numbered row-major: its lane, and its warp tile's origin (wm, wn)
+// inside the block tile.
+struct HnThread {
+    int tid, lane, wm, wn;
+};
+
+template <int WM, int WN, int WARPS_N>
+__device__ __forceinline__ HnThread hn_thread() {
+    HnThread t;
+    t.tid = threadIdx.x;
+    t.lane = t.tid & 31;
+    t.wm = (t.tid >> 5) / WARPS_N * WM;
+    t.wn = (t.tid >> 5) % WARPS_N * WN;
+    return t;
+}
+
+template <int MT, int NT>
+__device__ __forceinline__ void hn_zero(float (&acc)[MT][NT][4]) {
+#pragma unroll
+    for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
 }
 
 // Accumulator fragment (the same for m16n8k8 and m16n8k16, PTX ISA 9.7.14.5.7 / 9.7.14.5.8, "Accumulators"):
@@ -395,18 +423,11 @@ __device__ __forceinline__ void hn_gemm_tf32_body(unsigned char* smem, HN_GEMM_P
     float* sa = reinterpret_cast<float*>(smem);           // STAGES x OA::ELEMS
     float* sb = sa + STAGES * OA::ELEMS;                  // STAGES x OB::ELEMS
 
-    const HnBlock blk = hn_block(HN_GEMM_ARGS, BM, BN);
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int wm = (warp / WARPS_N) * WM, wn = (warp % WARPS_N) * WN;
-    const int tiles = blk.kend > blk.kbeg ? (blk.kend - blk.kbeg + BK - 1) / BK : 0;
-
+    const HnBlock blk = hn_block(HN_GEMM_ARGS, BM, BN, BK);
+    const HnThread th = hn_thread<WM, WN, WARPS_N>();
+    const int tid = th.tid, tiles = blk.tiles;
     float acc[MT][NT][4];
-#pragma unroll
-    for (int i = 0; i < MT; ++i)
-#pragma unroll
-        for (int j = 0; j < NT; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+    hn_zero(acc);
 
     auto issue = [&](int kt) {   // cp.async of K tile kt into its buffer kt % STAGES
         const int k0 = blk.kbeg + kt * BK, s = kt % STAGES;
@@ -430,10 +451,10 @@ __device__ __forceinline__ void hn_gemm_tf32_body(unsigned char* smem, HN_GEMM_P
         __syncthreads();
         if (kt + STAGES - 1 < tiles) issue(kt + STAGES - 1);
         hn_cp_async_commit();
-        hn_gemm_tf32_tile<LANDED, OA, OB, MT, NT, BK>(sa + s * OA::ELEMS, sb + s * OB::ELEMS, acc, wm, wn, lane);
+        hn_gemm_tf32_tile<LANDED, OA, OB, MT, NT, BK>(sa + s * OA::ELEMS, sb + s * OB::ELEMS, acc, th.wm, th.wn, th.lane);
     }
     hn_cp_async_wait<0>();   // only empty groups remain
-    hn_epilogue<MT, NT>(blk, acc, M, N, ldc, alpha, beta, wm, wn, lane);
+    hn_epilogue<MT, NT>(blk, acc, M, N, ldc, alpha, beta, th.wm, th.wn, th.lane);
 }
 
 // --- bf16: float32 tiles read into registers, rounded, stored as bf16 (two buffers), fragments by ldmatrix -------------
@@ -500,18 +521,11 @@ __device__ __forceinline__ void hn_gemm_bf16_regs(unsigned char* smem, HN_GEMM_P
     unsigned short* sa = reinterpret_cast<unsigned short*>(smem);   // 2 x OA::ELEMS bf16
     unsigned short* sb = sa + 2 * OA::ELEMS;                          // 2 x OB::ELEMS bf16
 
-    const HnBlock blk = hn_block(HN_GEMM_ARGS, BM, BN);
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int wm = (warp / WARPS_N) * WM, wn = (warp % WARPS_N) * WN;
-    const int tiles = blk.kend > blk.kbeg ? (blk.kend - blk.kbeg + BK - 1) / BK : 0;
-
+    const HnBlock blk = hn_block(HN_GEMM_ARGS, BM, BN, BK);
+    const HnThread th = hn_thread<WM, WN, WARPS_N>();
+    const int tid = th.tid, tiles = blk.tiles;
     float acc[MT][NT][4];
-#pragma unroll
-    for (int i = 0; i < MT; ++i)
-#pragma unroll
-        for (int j = 0; j < NT; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+    hn_zero(acc);
 
     HnRegTile<OA::ROWS, OA::COLS, OA::STRIDE, THREADS> ra;
     HnRegTile<OB::ROWS, OB::COLS, OB::STRIDE, THREADS> rb;
@@ -529,14 +543,14 @@ __device__ __forceinline__ void hn_gemm_bf16_regs(unsigned char* smem, HN_GEMM_P
     for (int kt = 0; kt < tiles; ++kt) {
         const int s = kt & 1;
         if (kt + 1 < tiles) load(kt + 1);
-        hn_gemm_bf16_tile<TA, TB, OA, OB, MT, NT, BK>(sa + s * OA::ELEMS, sb + s * OB::ELEMS, acc, wm, wn, lane);
+        hn_gemm_bf16_tile<TA, TB, OA, OB, MT, NT, BK>(sa + s * OA::ELEMS, sb + s * OB::ELEMS, acc, th.wm, th.wn, th.lane);
         if (kt + 1 < tiles) {
             ra.store(sa + (s ^ 1) * OA::ELEMS, tid);
             rb.store(sb + (s ^ 1) * OB::ELEMS, tid);
         }
         __syncthreads();
     }
-    hn_epilogue<MT, NT>(blk, acc, M, N, ldc, alpha, beta, wm, wn, lane);
+    hn_epilogue<MT, NT>(blk, acc, M, N, ldc, alpha, beta, th.wm, th.wn, th.lane);
 }
 
 // A thread's own chunks of a float32 tile (as hn_copy_tile_async assigned them, row stride S32) rounded to bf16 and
@@ -572,18 +586,11 @@ __device__ __forceinline__ void hn_gemm_bf16_async(unsigned char* smem, HN_GEMM_
     unsigned short* sa = reinterpret_cast<unsigned short*>(fb + STAGES * FB::ELEMS);   // 2 x OA::ELEMS
     unsigned short* sb = sa + 2 * OA::ELEMS;                        // 2 x OB::ELEMS
 
-    const HnBlock blk = hn_block(HN_GEMM_ARGS, BM, BN);
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int wm = (warp / WARPS_N) * WM, wn = (warp % WARPS_N) * WN;
-    const int tiles = blk.kend > blk.kbeg ? (blk.kend - blk.kbeg + BK - 1) / BK : 0;
-
+    const HnBlock blk = hn_block(HN_GEMM_ARGS, BM, BN, BK);
+    const HnThread th = hn_thread<WM, WN, WARPS_N>();
+    const int tid = th.tid, tiles = blk.tiles;
     float acc[MT][NT][4];
-#pragma unroll
-    for (int i = 0; i < MT; ++i)
-#pragma unroll
-        for (int j = 0; j < NT; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+    hn_zero(acc);
 
     auto issue = [&](int kt) {
         const int k0 = blk.kbeg + kt * BK, s = kt % STAGES;
@@ -607,10 +614,10 @@ __device__ __forceinline__ void hn_gemm_bf16_async(unsigned char* smem, HN_GEMM_
         __syncthreads();
         if (kt + STAGES - 1 < tiles) issue(kt + STAGES - 1);
         hn_cp_async_commit();
-        hn_gemm_bf16_tile<TA, TB, OA, OB, MT, NT, BK>(sa + h * OA::ELEMS, sb + h * OB::ELEMS, acc, wm, wn, lane);
+        hn_gemm_bf16_tile<TA, TB, OA, OB, MT, NT, BK>(sa + h * OA::ELEMS, sb + h * OB::ELEMS, acc, th.wm, th.wn, th.lane);
     }
     hn_cp_async_wait<0>();
-    hn_epilogue<MT, NT>(blk, acc, M, N, ldc, alpha, beta, wm, wn, lane);
+    hn_epilogue<MT, NT>(blk, acc, M, N, ldc, alpha, beta, th.wm, th.wn, th.lane);
 }
 
 // The kernels' bodies by the variant letter of their name (mma_tiles.TcTile.variant).

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .kernels import get_kernel, leading_dim, rows_contiguous
+from .kernels import gemm_operands, get_kernel, leading_dim
 from .mma_tiles import LAYOUTS, PRECISIONS, TILES, TcTile
 
 _i32, _i64, _f32 = np.int32, np.int64, np.float32
@@ -110,25 +110,6 @@ def split_k(t: TcTile, m: int, n: int, k: int, batch: int, sms: int) -> int:
     return max(1, min(math.ceil(2 * sms / blocks), k // (MIN_SPLIT_TILES * t.bk), MAX_SPLITS))
 
 
-def _operands(c, a, trans_a: bool, b, trans_b: bool):
-    """CudaBackend.gemm's views as (a, trans_a, b, trans_b, m, n, k) of row-major matrices with contiguous rows."""
-    if not rows_contiguous(a):
-        a, trans_a = a.T, not trans_a
-    if not rows_contiguous(b):
-        b, trans_b = b.T, not trans_b
-    for name, mat in (("a", a), ("b", b), ("c", c)):
-        if mat.dtype != np.float32 or not rows_contiguous(mat):
-            raise ValueError(f"gemm_tc: {name} of shape {mat.shape}, strides {mat.strides} is not a float32 "
-                             "matrix with contiguous rows")
-    m, n = c.shape
-    k = a.shape[0] if trans_a else a.shape[1]
-    op_a = a.shape[::-1] if trans_a else a.shape
-    op_b = b.shape[::-1] if trans_b else b.shape
-    if op_a != (m, k) or op_b != (k, n):
-        raise ValueError(f"gemm_tc: op(a) {op_a} @ op(b) {op_b} does not give c {c.shape}")
-    return a, bool(trans_a), b, bool(trans_b), m, n, k
-
-
 def plan(c, a, trans_a: bool, b, trans_b: bool, alpha: float = 1.0, beta: float = 0.0, precision: str = "tf32",
          sms: int = 132, tile: str | None = None, splits: int | None = None, batch: int = 1,
          strides: tuple = (0, 0, 0), c_all=None) -> GemmCall | None:
@@ -137,7 +118,7 @@ def plan(c, a, trans_a: bool, b, trans_b: bool, alpha: float = 1.0, beta: float 
     gemm_tc_batched passes them; a, b and c here are the first item's matrices, c_all all of c)."""
     if precision not in PRECISIONS:
         raise ValueError(f"gemm_tc: precision {precision!r} is not one of {', '.join(PRECISIONS)}")
-    a, trans_a, b, trans_b, m, n, k = _operands(c, a, trans_a, b, trans_b)
+    a, trans_a, b, trans_b, m, n, k = gemm_operands(c, a, trans_a, b, trans_b, "gemm_tc")
     if m == 0 or n == 0 or batch == 0:
         return None
     t = choose(precision, m, n, batch, sms) if tile is None else tile_named(precision, tile)
@@ -203,8 +184,8 @@ def plan_batched(c, a, trans_a: bool, b, trans_b: bool, alpha: float = 1.0, beta
     (a2, sa), (b2, sb), (c2, sc) = (batch_operand(x, n_items, name) for x, name in ((a, "a"), (b, "b"), (c, "c")))
     if n_items > 1 and sc == 0:
         raise ValueError("gemm_tc_batched: c's items overlap (batch stride 0)")
-    # a transposed view of an item (rows not contiguous) is taken as its transpose; _operands does the same to a2
-    # and b2, whose batch strides stay those of the 3-D views
+    # a transposed view of an item (rows not contiguous) is taken as its transpose (gemm_operands, in plan); the
+    # batch strides stay those of the 3-D views
     return plan(c2, a2, trans_a, b2, trans_b, alpha, beta, precision, sms, tile, splits, n_items, (sa, sb, sc), c)
 
 
