@@ -44,7 +44,7 @@ from . import init as hinit
 from . import random as hrandom
 from .data import transforms
 from .data.transforms import channel_stats, parse_augment
-from .device import best_device, get_backend
+from .device import best_device, get_backend, parse_precision
 from .errors import ModelFileError, TrainingDiverged, UsageError
 from .files import atomic_write_text
 from .optim import SCHEDULES
@@ -76,6 +76,7 @@ class RunConfig:
     dataset: str = "fashion-mnist"
     data: str | None = None
     device: str | None = None
+    precision: str | None = None
     epochs: int | None = None
     batch_size: int | None = None
     lr: float | None = None
@@ -241,7 +242,7 @@ def prepare(config: dict, log: Callable[[str], None] | None = None) -> _Prepared
     Raises HetnetError subclasses for bad input, before anything is written."""
 
     recipe = config["recipe"]
-    backend = get_backend(config["device"])
+    backend = get_backend(config["device"], config.get("precision"))
     hrandom.seed(config["seed"])
     spec = config["spec"]
     model, input_shape = zoo.build_from_spec(spec, config.get("model") or "spec")
@@ -316,7 +317,8 @@ def make_config(cfg: RunConfig) -> dict:
     """The config dict of a new run: flags resolved against the model preset; checked, nothing loaded yet."""
     preset = zoo.PRESETS.get(cfg.model)
     device = cfg.device or best_device()
-    get_backend(device)  # DeviceError now, not after loading the data
+    precision = parse_precision(cfg.precision or (preset.precision if preset else None))
+    get_backend(device, precision)  # DeviceError now, not after loading the data
     if cfg.limit is not None:
         check_positive_int(cfg.limit, "limit")
     if cfg.dataset not in DATASETS:
@@ -327,7 +329,8 @@ def make_config(cfg: RunConfig) -> dict:
     return {
         "model": cfg.model, "spec": spec, "adapt_classes": preset is not None,
         "dataset": cfg.dataset, "data": None if cfg.data is None else str(Path(cfg.data).resolve()),
-        "device": device, "recipe": recipe, "val_fraction": cfg.val_fraction, "seed": int(cfg.seed),
+        "device": device, "precision": precision, "recipe": recipe, "val_fraction": cfg.val_fraction,
+        "seed": int(cfg.seed),
         "limit": cfg.limit, "skip_bad_images": bool(cfg.skip_bad_images),
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "command": " ".join(sys.argv), "versions": versions(),
@@ -417,7 +420,7 @@ def rerun_config(path: str | Path, flags: dict | None = None) -> dict:
     if not isinstance(config["recipe"], dict) or any(k not in recipe for k in recipe_keys):
         raise UsageError(f"--config: {path}: incomplete recipe (expected {', '.join(recipe_keys)})")
     config["recipe"] = _recipe(RunConfig(**{k: recipe[k] for k in recipe_keys}), None)
-    for k in ("dataset", "device", "seed", "limit", "val_fraction", "skip_bad_images"):
+    for k in ("dataset", "device", "precision", "seed", "limit", "val_fraction", "skip_bad_images"):
         if k in flags:
             config[k] = flags[k]
     if "data" in flags:
@@ -428,7 +431,7 @@ def rerun_config(path: str | Path, flags: dict | None = None) -> dict:
         config["val_fraction"] = None           # the new data's default
     if config["dataset"] not in DATASETS:
         raise UsageError(f"--dataset: unknown data set {config['dataset']!r} (expected one of {', '.join(DATASETS)})")
-    get_backend(config["device"])
+    get_backend(config["device"], config.get("precision"))
     if config.get("limit") is not None:
         check_positive_int(config["limit"], "limit")
     config.update({"created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -563,7 +566,7 @@ def _model_info(p: _Prepared) -> dict:
     """What a model file of this run says about where it came from (evaluate reads dataset, data, split)."""
     return {"dataset": p.config["dataset"], "data": p.config.get("data"), "val_fraction": p.config["val_fraction"],
             "seed": p.config["seed"], "limit": p.config.get("limit"), "model": p.config.get("model"),
-            "epochs": p.config["recipe"]["epochs"]}
+            "epochs": p.config["recipe"]["epochs"], "precision": p.config.get("precision", "fp32")}
 
 
 def _plots(run_dir: Path, p: _Prepared, history: list) -> None:
@@ -677,7 +680,7 @@ def resolve_model_path(target: str | Path) -> Path:
 
 def evaluate_model(target: str | Path, dataset: str | None = None, data: str | None = None,
                    device: str | None = None, log: Callable[[str], None] | None = default_log,
-                   split: str | None = None) -> dict:
+                   split: str | None = None, precision: str | None = None) -> dict:
     """Loss, accuracy, per-class accuracy and confusion matrix of a saved model.
 
     On the data the model was trained on (no `data` / `dataset` given): its test split, else the validation split
@@ -688,10 +691,13 @@ def evaluate_model(target: str | Path, dataset: str | None = None, data: str | N
 
     path = resolve_model_path(target)
     device = device or best_device()
-    get_backend(device)
+    get_backend(device, precision)
     if split not in (None, "train", "test", "all"):
         raise UsageError(f"--split: expected train, test or all, got {split!r}")
     lm = serialize.load_model(path, device=device)
+    if precision is None:
+        precision = lm.info.get("precision")
+    lm.model.to(device, precision)
     info = lm.info
     name = dataset or info.get("dataset") or "fashion-mnist"
     trained_on = name == info.get("dataset") and (data is None or _same_path(data, info.get("data")))

@@ -12,6 +12,7 @@ R/S kernel height/width, F features. Activations are NCHW (or NF for dense layer
 Attributes
 ----------
 name: str                       "reference" | "cpu" | "cuda:N"
+precision: str                  "fp32" | "tf32" | "bf16": how its matrix products round (hetnet.device)
 dtype: numpy dtype              float64 (reference) or float32 (cpu, cuda)
 xp: module                      numpy or cupy, for the few array ops layers need (zeros_like, views)
 fusions: frozenset[str]         the fusions of hetnet.plan.FUSIONS this backend runs faster than their parts; the plan

@@ -7,8 +7,8 @@ captured once as a CUDA graph and replayed (graph.py).
     >>> import hetnet as hn                                        # doctest: +SKIP
     >>> model = hn.zoo.build("thesis-m1").to("cuda")               # doctest: +SKIP
 
-Environment: HETNET_CUDA_GRAPH=0 runs the fast step without graph capture; HETNET_TF32=1 lets cuBLAS GEMMs use TF32
-(our own kernels stay float32); HETNET_CONV_ALGO=implicit|im2col forces a convolution algorithm instead of measuring.
+Environment: HETNET_CUDA_GRAPH=0 runs the fast step without graph capture; HETNET_CONV_ALGO=implicit|im2col forces a
+convolution algorithm instead of measuring.
 """
 from __future__ import annotations
 
@@ -143,7 +143,7 @@ class CudaBackend:
     # on the instance while it captures a graph
     workspace_headroom = staticmethod(_no_headroom)
 
-    def __init__(self, device_id: int = 0):
+    def __init__(self, device_id: int = 0, precision: str = "fp32"):
         try:
             import cupy
         except ImportError as e:
@@ -167,7 +167,14 @@ class CudaBackend:
         self.device = cupy.cuda.Device(device_id)
         props = device_props(device_id)
         self.gpu_name, self.sms = props["name"], props["sms"]
-        self.tf32 = _env_flag("HETNET_TF32", False)
+        # the matrix products' precision (hetnet.device): fp32 FMA kernels and cuBLAS sgemm; tf32: cuBLAS with
+        # TF32 tensor-core math, the convolutions' algorithm chosen by measurement between our fp32 kernels and
+        # im2col + those GEMMs
+        if precision not in ("fp32", "tf32"):
+            raise DeviceError(f"device 'cuda:{device_id}': precision {precision} is not available yet (the tensor-core "
+                              f"GEMM kernels it needs are missing); use fp32 or tf32")
+        self.precision = precision
+        self.tf32 = precision == "tf32"
         self.cuda_graph = _env_flag("HETNET_CUDA_GRAPH", True)
         self.force_conv_algo: str | None = None   # "implicit" | "im2col" to skip the measurement (tests)
         self._cache: dict = {}                     # gather tables, scratch buffers
