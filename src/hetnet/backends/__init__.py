@@ -39,11 +39,12 @@ gather_images(images[N,C,H,W] uint8, labels[N], plan[4,M] int32, start, count, s
 
 Replayed steps (optional)
 -------------------------
-step_runner(n_scalars, n_seeds) -> runner   how hetnet.plan runs a step here when the backend has a faster way than calling
-                                    it: cuda captures it as a CUDA graph per batch shape and replays it (cuda/graph.py).
-                                    Without it the plan calls the step (plan.EagerRunner). A runner has `scalars` (a
-                                    float32 array of n_scalars the step's ops read: learning rate, flags, dropout
-                                    seeds), `set_scalars(values)` and `run(fn, x, y)`.
+step_runner(n_scalars, n_seeds) -> runner
+    How hetnet.plan runs a step here when the backend has a faster way than calling it: cuda captures it as a CUDA
+    graph per batch shape and replays it (cuda/graph.py); without it the plan calls the step (plan.EagerRunner). A
+    runner has `scalars` (a backend float32 array of n_scalars the optimiser's update reads: learning rate, flags),
+    `seed(slot)` (dropout node `slot`'s seed), `set_scalars(values, seeds)`, `run(fn, x, y)` and
+    `read_and_reset(*accumulators)`.
 
 Ops: forward returns (y, cache); backward takes the cache. Backward *accumulates* parameter gradients into the arrays it
 is given (dw += ..., db += ...; PyTorch semantics) and returns dx, or None when need_dx is False. No op modifies its
