@@ -783,6 +783,6 @@ def export_model_file(target: str | Path, out: str | Path | None = None, fmt: st
     export.export_onnx(lm.model, out, lm.input_shape, lm.mean, lm.std, lm.class_names)
     k = lm.model.output_shape(lm.input_shape)
     shape = ", ".join(map(str, lm.input_shape))
-    return out, (f"wrote {out} (ONNX opset {export.OPSET}): input {export.INPUT_NAME} float32 [N, {shape}] in [0, 1], normalised "
-                 f"inside the graph; output {export.OUTPUT_NAME} [N, {', '.join(map(str, k))}] "
+    return out, (f"wrote {out} (ONNX opset {export.OPSET}): input {export.INPUT_NAME} float32 [N, {shape}] in [0, 1], "
+                 f"normalised inside the graph; output {export.OUTPUT_NAME} [N, {', '.join(map(str, k))}] "
                  f"for {len(lm.class_names)} classes")

@@ -57,8 +57,8 @@ def results_table(results: Path) -> str:
     for model, batch in CPU_ROWS:
         r = _row(cpu, model, batch)
         if r and r.get("torch_eager_ms_per_step"):
-            lines.append(f"| CPU training step (2 cores), {model}, batch {batch} (ms) | {r['hetnet_ms_per_step']:.2f} | "
-                         f"{r['torch_eager_ms_per_step']:.2f} PyTorch CPU | "
+            lines.append(f"| CPU training step (2 cores), {model}, batch {batch} (ms) | "
+                         f"{r['hetnet_ms_per_step']:.2f} | {r['torch_eager_ms_per_step']:.2f} PyTorch CPU | "
                          f"{r['torch_eager_ms_per_step'] / r['hetnet_ms_per_step']:.2f}x faster |")
     job = results / CPU_DIR / "fashion-cnn-main-job" / "metrics.jsonl"
     if job.exists():
