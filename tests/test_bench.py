@@ -422,7 +422,8 @@ def test_readme_update_replaces_only_the_block(tmp_path):
 
     p = tmp_path / "README.md"
     p.write_text(f"# x\n\n{readme.BEGIN}\nold\n{readme.END}\n\nafter\n")
-    assert readme.update_readme(p, "| new |\n") and p.read_text() == f"# x\n\n{readme.BEGIN}\n| new |\n{readme.END}\n\nafter\n"
+    assert readme.update_readme(p, "| new |\n")
+    assert p.read_text() == f"# x\n\n{readme.BEGIN}\n| new |\n{readme.END}\n\nafter\n"
     assert not readme.update_readme(p, "| new |\n")
     p.write_text("no markers")
     with pytest.raises(ValueError, match="no <!-- results -->"):

@@ -266,12 +266,12 @@ class CudaBackend:
         return self._stream
 
     def step_pool(self):
-        """The private memory pool of hetnet.plan's steps on this device (graph.py's runners): their first, eager
-        steps and their captured graphs, train and eval alike. They all run in order on compute_stream(), no step
-        reads what an earlier step freed, and buffers kept across steps come from elsewhere (see persistent()), so a block
-        one step frees can serve the next step of any step object: the pool grows to the largest working set
-        among them, not to their sum. Never emptied while a step object that took it lives (its graphs keep using
-        the addresses they were captured with)."""
+        """The private memory pool of hetnet.plan's steps on this device (graph.py's runners): their first,
+        eager steps and their captured graphs, train and eval alike. They all run in order on compute_stream(), no
+        step reads what an earlier step freed, and buffers kept across steps come from elsewhere (see persistent()),
+        so a block one step frees can serve the next step of any step object: the pool grows to the largest working
+        set among them, not to their sum. Never emptied while a step object that took it lives (its graphs keep
+        using the addresses they were captured with)."""
         if self._step_pool is None:
             with self.device:
                 self._step_pool = self.cupy.cuda.MemoryPool()
