@@ -1,7 +1,7 @@
 """Frozen parameters (`Parameter.requires_grad = False`), as PyTorch: the layer still passes the gradient to its
 input, the frozen parameter's .grad stays zero (the op skips it where it can), model.parameters() still lists it,
 and the flag survives moves between devices and the fused step plans. The optimisers' side -- a frozen parameter
-never changes, whatever the optimiser -- is stated at the end (expected to fail until the optimisers honour it)."""
+never changes, whatever the optimiser -- is stated at the end."""
 from __future__ import annotations
 
 import numpy as np
@@ -201,7 +201,7 @@ def test_step_objects_leave_frozen_gradients_at_zero(device, rng):
     assert np.any(states[0]["0.bias"] != start["0.bias"]) and np.any(states[0]["8.bias"] != start["8.bias"])
 
 
-# --- the optimisers (the lead's side: issue 13/15) -------------------------------------------------------------------
+# --- the optimisers ---------------------------------------------------------------------------------------------------
 
 OPTIMISERS = {
     "sgd": lambda ps: hn.optim.SGD(ps, lr=0.1, weight_decay=0.1),
@@ -211,7 +211,6 @@ OPTIMISERS = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason="optimisers honour requires_grad: lead, issue 13/15")
 @pytest.mark.parametrize("path", ["eager", "flat", "train-step"])
 @pytest.mark.parametrize("opt", sorted(OPTIMISERS))
 def test_optimisers_never_change_a_frozen_parameter(opt, path, rng):

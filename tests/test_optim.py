@@ -286,15 +286,21 @@ def test_flat_and_per_parameter_paths_agree(case, device, rng):
             np.testing.assert_array_equal(x, y, err_msg=f"{name} step {step + 1} param {i}")
 
 
-def test_flat_path_is_one_update_per_step(monkeypatch, rng):
-    """A Sequential after .to() is updated with one backend call per step; loose parameters with one each."""
+def test_flat_path_is_one_update_per_run(monkeypatch, rng):
+    """A Sequential after .to() is updated with one backend call per step; a subset of its parameters with one
+    call per run of neighbours in the flat buffer; loose parameters with one call each."""
     b = get_backend("reference")
     calls = []
     real = b.sgd_update
     monkeypatch.setattr(b, "sgd_update", lambda *a, **k: (calls.append(a[0].shape), real(*a, **k))[1])
     model = hn.Sequential([hn.Dense(3, 4), hn.ReLU(), hn.Dense(4, 2)]).to("reference")
-    hn.optim.SGD(model.parameters(), lr=0.1, momentum=0.9).step()
+    ps = model.parameters()
+    hn.optim.SGD(ps, lr=0.1, momentum=0.9).step()
     assert calls == [(12 + 4 + 8 + 2,)]
+    for subset, want in (([ps[0], ps[1]], [(16,)]), ([ps[3], ps[0]], [(12,), (2,)]), ([ps[1], ps[2]], [(12,)])):
+        calls.clear()
+        hn.optim.SGD(subset, lr=0.1).step()
+        assert calls == want
     calls.clear()
-    hn.optim.SGD(model.parameters()[:2], lr=0.1).step()      # a subset: per-parameter path
+    hn.optim.SGD([hn.Parameter(np.zeros((4, 3)), b), hn.Parameter(np.zeros(4), b)], lr=0.1).step()
     assert calls == [(4, 3), (4,)]

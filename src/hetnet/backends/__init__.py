@@ -42,7 +42,8 @@ step_runner(n_scalars, n_seeds) -> runner   how hetnet.plan runs a step here whe
                                     it: cuda captures it as a CUDA graph per batch shape and replays it (cuda/graph.py).
                                     Without it the plan calls the step (plan.EagerRunner). A runner has `scalars` (a
                                     float32 array of n_scalars the step's ops read: learning rate, flags, dropout
-                                    seeds), `set_scalars(values)` and `run(fn, x, y)`.
+                                    seeds), `set_scalars(values)`, `run(fn, x, y)` and `reset()` (forget the
+                                    captured steps: the step's launches changed, see plan.TrainStep).
 
 Ops: forward returns (y, cache); backward takes the cache. Backward *accumulates* parameter gradients into the arrays it
 is given (dw += ..., db += ...; PyTorch semantics) and returns dx, or None when need_dx is False. No op modifies its
