@@ -41,11 +41,11 @@ def test_fit_learns_and_records_every_key():
 
 
 @pytest.mark.parametrize("optimizer", train.OPTIMIZERS)
-@pytest.mark.parametrize("schedule", ["constant", "step", "cosine", "onecycle"])
+@pytest.mark.parametrize("schedule", ["constant", "step", "cosine", "onecycle", "triangular"])
 def test_every_optimizer_and_schedule_runs(optimizer, schedule):
     x, y = _toy(48)
     model = _model()
-    lr = 0.05 if optimizer in ("sgd", "momentum") else 0.01
+    lr = {"sgd": 0.05, "momentum": 0.05, "nesterov-decoupled": 5.0}.get(optimizer, 0.01)
     hist = model.fit(x, y, epochs=2, batch_size=16, optimizer=optimizer, lr=lr, schedule=schedule,
                      warmup_epochs=0.5, weight_decay=1e-4, label_smoothing=0.1, log=None)
     assert all(math.isfinite(r["train_loss"]) for r in hist)

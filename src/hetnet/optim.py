@@ -63,6 +63,32 @@ def _unique(params: list) -> list:
     return [p for p in params if not (id(p) in seen or seen.add(id(p)))]
 
 
+def pack_spans(pack) -> dict[int, tuple[int, int]]:
+    """id(parameter) -> (start, end) of its elements in a FlatPack's flat buffers (data, grad, and any buffer laid
+    out like them)."""
+    spans, offset = {}, 0
+    for p in pack.params:
+        n = int(np.prod(p.shape))
+        spans[id(p)] = (offset, offset + n)     # a parameter listed twice: its views are the last ones bound
+        offset += n
+    return spans
+
+
+def contiguous_runs(spans) -> list[tuple[int, int]]:
+    """(start, end) spans merged where one ends where the next starts, in order; empty ones dropped.
+
+        >>> contiguous_runs([(4, 6), (0, 4), (8, 9)])
+        [(0, 6), (8, 9)]
+    """
+    runs: list[list[int]] = []
+    for s, e in sorted(spans):
+        if runs and runs[-1][1] == s:
+            runs[-1][1] = e
+        else:
+            runs.append([s, e])
+    return [(s, e) for s, e in runs if e > s]
+
+
 def _positive(v, what: str) -> float:
     if isinstance(v, bool) or not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
         raise ValueError(f"{what} must be a positive finite number, got {v!r}")
@@ -72,11 +98,11 @@ def _positive(v, what: str) -> float:
 class Optimizer:
     """Base class: parameter groups, state arrays, the runs each update covers, state_dict.
 
-    A subclass passes its hyperparameters' defaults to __init__ (lr and keywords), checks a group in `_check_group`, and implements
-    `_group_scalars(group)` (its block of scalars()) and `_update_run(group, p, g, state, scalars)`: one op call
-    over the arrays of a run (p, g and each state array the same shape). `step()` is update + count. One that
-    overrides only `step()` still trains: hetnet.plan then calls its step() after each (replayed) forward and
-    backward.
+    A subclass passes its hyperparameters' defaults to __init__ (lr, then keywords), checks a group in
+    `_check_group`, names its state arrays in `_state_names()` and implements `_group_scalars(group)` (its block of
+    scalars()) and `_update_run(group, p, g, state, scalars)`: one op call over the arrays of a run (p, g and each
+    state array the same shape). `step()` is update + count. One that overrides only `step()` still trains:
+    hetnet.plan then calls its step() after each (replayed) forward and backward.
 
     Attributes named after a hyperparameter (`opt.lr`, `opt.momentum`, ...) read the first group's value (the
     only one without groups); setting one needs a single group (else set `param_groups[i][name]`)."""
@@ -107,13 +133,7 @@ class Optimizer:
         pack = self.params[0]._pack
         self._pack = pack if pack is not None and all(p._pack is pack for p in self.params) else None
         self._flat = self._pack is not None
-        self._span: dict[int, tuple[int, int]] = {}     # id(parameter) -> (start, end) in the pack's buffers
-        if self._flat:
-            offset = 0
-            for p in pack.params:
-                n = int(np.prod(p.shape))
-                self._span[id(p)] = (offset, offset + n)
-                offset += n
+        self._span = pack_spans(pack) if self._flat else {}
         self.state_names = self._state_names()
         self.state: dict[str, list] = {}
         self._flat_state: dict[str, object] = {}
@@ -138,9 +158,11 @@ class Optimizer:
         else:
             object.__setattr__(self, name, value)
 
-    def _check_group(self, group: dict, where: str) -> None:
-        """Check and normalise a group's hyperparameters in place (ValueError naming `where`)."""
-        group["lr"] = _positive(group["lr"], f"{where}: lr")
+    def _check_group(self, group: dict, where: str, loading: bool = False) -> None:
+        """Check and normalise a group's hyperparameters in place (ValueError naming `where`). A state being loaded
+        may hold lr 0 (where a schedule ended)."""
+        if not (loading and group["lr"] == 0):
+            group["lr"] = _positive(group["lr"], f"{where}: lr")
 
     def _state_names(self) -> tuple[str, ...]:
         return ()
@@ -167,16 +189,8 @@ class Optimizer:
         if self._flat:
             pack = self._pack
             for k, group in enumerate(self.param_groups):
-                runs: list[list[int]] = []
-                for s, e in sorted(self._span[id(p)] for p in group["params"] if p.requires_grad):
-                    if runs and runs[-1][1] == s:
-                        runs[-1][1] = e             # the next parameter in the buffer: the same run
-                    else:
-                        runs.append([s, e])
-                for s, e in runs:
-                    if e > s:
-                        out.append((k, pack.data[s:e], pack.grad[s:e],
-                                    {n: f[s:e] for n, f in self._flat_state.items()}))
+                for s, e in contiguous_runs(self._span[id(p)] for p in group["params"] if p.requires_grad):
+                    out.append((k, pack.data[s:e], pack.grad[s:e], {n: f[s:e] for n, f in self._flat_state.items()}))
             return out
         i = 0
         for k, group in enumerate(self.param_groups):
@@ -265,6 +279,8 @@ class Optimizer:
         groups = state.get("groups")
         if groups is None:
             groups = [{**state["hyper"], "params": list(range(len(self.params)))}]
+        if not (isinstance(groups, list) and all(isinstance(g, dict) for g in groups)):
+            raise ValueError("optimizer state: 'groups' must be a list of parameter groups")
         sizes = [len(g["params"]) for g in self.param_groups]
         if [len(g.get("params", ())) for g in groups] != sizes:
             raise ValueError(f"optimizer state has parameter groups of sizes {[len(g['params']) for g in groups]}, "
@@ -276,7 +292,7 @@ class Optimizer:
                 if k not in self.defaults:
                     raise ValueError(f"optimizer state: unknown {name} hyperparameter {k!r}")
                 group[k] = tuple(v) if isinstance(self.defaults[k], tuple) else v
-            self._check_group(group, f"optimizer state (parameter group {i})")
+            self._check_group(group, f"optimizer state (parameter group {i})", loading=True)
         self.steps = int(state["steps"])
         for k, views in self.state.items():
             for i, a in enumerate(views):
@@ -297,8 +313,8 @@ class SGD(Optimizer):
         super().__init__(params, lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
                          weight_decay=weight_decay)
 
-    def _check_group(self, group: dict, where: str) -> None:
-        super()._check_group(group, where)
+    def _check_group(self, group: dict, where: str, loading: bool = False) -> None:
+        super()._check_group(group, where, loading)
         for k in ("momentum", "dampening", "weight_decay"):
             group[k] = float(group[k])
         group["nesterov"] = bool(group["nesterov"])
@@ -331,8 +347,8 @@ class Adam(Optimizer):
                  weight_decay: float = 0.0):
         super().__init__(params, lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
 
-    def _check_group(self, group: dict, where: str) -> None:
-        super()._check_group(group, where)
+    def _check_group(self, group: dict, where: str, loading: bool = False) -> None:
+        super()._check_group(group, where, loading)
         betas = tuple(float(b) for b in group["betas"])
         if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
             raise ValueError(f"{where}: betas must be two numbers in [0, 1), got {group['betas']!r}")
