@@ -163,20 +163,12 @@ def _recipe(cfg: RunConfig, preset: zoo.Preset | None) -> dict:
         raise UsageError(f"--optimizer: unknown optimizer {r['optimizer']!r} (expected one of {', '.join(OPTIMIZERS)})")
     parse_schedule(r["schedule"])
     for key, lo, hi in (("weight_decay", 0.0, math.inf), ("warmup_epochs", 0.0, math.inf),
-                        ("label_smoothing", 0.0, 1.0), ("ema", 0.0, 1.0), ("momentum", 0.0, 1.0)):
+                        ("label_smoothing", 0.0, 1.0), ("ema", 0.0, 1.0)):
         v = _number(r[key], key)
         if not (lo <= v < hi) or (hi == math.inf and not math.isfinite(v)):
             raise UsageError(f"--{key.replace('_', '-')}: expected a number in [{lo:g}, {hi:g}), got {r[key]!r}")
         r[key] = v
-    if r["optimizer"] in ("momentum", "nesterov-decoupled") and r["momentum"] == 0:
-        raise UsageError(f"--momentum: {r['optimizer']} needs momentum > 0")
-    for key in ("lookahead", "whiten_bias_epochs"):
-        if isinstance(r[key], bool) or not isinstance(r[key], int) or r[key] < 0:
-            raise UsageError(f"--{key.replace('_', '-')}: expected a whole number >= 0, got {r[key]!r}")
-    v = _number(r["lookahead_decay"], "lookahead_decay")
-    if not 0 < v <= 1:
-        raise UsageError(f"--lookahead-decay: expected a number in (0, 1], got {r['lookahead_decay']!r}")
-    r["lookahead_decay"] = v
+    _check_extra(r)
 
     try:
         parse_augment(r["augment"])
@@ -187,6 +179,23 @@ def _recipe(cfg: RunConfig, preset: zoo.Preset | None) -> dict:
 
 # recipe keys added after the first run configs were written: a config without them gets the generic defaults
 RECIPE_EXTRA = ("momentum", "param_groups", "lookahead", "lookahead_decay", "whiten_bias_epochs")
+
+
+def _check_extra(r: dict) -> None:
+    """The RECIPE_EXTRA fields of a recipe, checked and normalised in place (they have no flags: errors name the
+    recipe field)."""
+    for key, lo, hi in (("momentum", 0.0, 1.0), ("lookahead_decay", 0.0, 1.0)):
+        v = r[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not \
+                (lo <= v < hi if key == "momentum" else lo < v <= hi):
+            interval = f"[{lo:g}, {hi:g})" if key == "momentum" else f"({lo:g}, {hi:g}]"
+            raise UsageError(f"recipe field {key}: expected a number in {interval}, got {v!r}")
+        r[key] = float(v)
+    if r["optimizer"] in ("momentum", "nesterov-decoupled") and r["momentum"] == 0:
+        raise UsageError(f"recipe field momentum: {r['optimizer']} needs momentum > 0")
+    for key in ("lookahead", "whiten_bias_epochs"):
+        if isinstance(r[key], bool) or not isinstance(r[key], int) or r[key] < 0:
+            raise UsageError(f"recipe field {key}: expected a whole number >= 0, got {r[key]!r}")
 
 
 def _number(v, key: str) -> float:
@@ -352,7 +361,8 @@ def _optimisation(recipe: dict, model, steps: int) -> tuple:
     if r["whiten_bias_epochs"]:
         first = model.layers[0]
         if "bias" not in first.params:
-            raise UsageError(f"whiten_bias_epochs: the model's first layer, {first!r}, has no bias to freeze")
+            raise UsageError(f"recipe field whiten_bias_epochs: the model's first layer, {first!r}, has no bias to "
+                             f"freeze")
         frozen_after.append((first.params["bias"], r["whiten_bias_epochs"]))
     return optimizer, lookahead, frozen_after
 

@@ -115,8 +115,8 @@ def group_parameters(model, rules) -> list:
     for i, rule in enumerate(rules):
         hits = [p for names, p in named if any(fnmatch.fnmatchcase(n, pat) for n in names for pat in rule["params"])]
         if not hits:
-            raise UsageError(f"param_groups rule {i}: {', '.join(rule['params'])} matches none of the model's "
-                             f"parameters (names like '0.weight' or 'Conv2D.weight')")
+            raise UsageError(f"recipe field param_groups, rule {i}: {', '.join(rule['params'])} matches none of the "
+                             f"model's parameters (names like '0.weight' or 'Conv2D.weight')")
         mine = [p for p in hits if id(p) not in taken]
         taken.update(id(p) for p in mine)
         groups.append({**rule, "params": mine})
@@ -128,26 +128,26 @@ def check_param_groups(rules) -> list[dict]:
     """A recipe's parameter-group rules, checked: a list of {"params": pattern or [patterns], "lr_scale": s > 0,
     "weight_decay_scale": w >= 0} (scales default to 1), returned with a list of patterns and float scales."""
     if not isinstance(rules, (list, tuple)):
-        raise UsageError(f"param_groups: expected a list of rules, got {rules!r}")
+        raise UsageError(f"recipe field param_groups: expected a list of rules, got {rules!r}")
     out = []
     for i, rule in enumerate(rules):
         if not isinstance(rule, dict) or "params" not in rule:
-            raise UsageError(f"param_groups rule {i}: expected {{\"params\": PATTERN, \"lr_scale\": ..., "
+            raise UsageError(f"recipe field param_groups, rule {i}: expected {{\"params\": PATTERN, \"lr_scale\": ..., "
                              f"\"weight_decay_scale\": ...}}, got {rule!r}")
         unknown = sorted(set(rule) - set(GROUP_KEYS))
         if unknown:
-            raise UsageError(f"param_groups rule {i}: unknown key(s) {', '.join(unknown)} (expected "
+            raise UsageError(f"recipe field param_groups, rule {i}: unknown key(s) {', '.join(unknown)} (expected "
                              f"{', '.join(GROUP_KEYS)})")
         pats = [rule["params"]] if isinstance(rule["params"], str) else rule["params"]
         if not (isinstance(pats, (list, tuple)) and pats and all(isinstance(p, str) and p for p in pats)):
-            raise UsageError(f"param_groups rule {i}: 'params' must be a name pattern or a list of them, got "
-                             f"{rule['params']!r}")
+            raise UsageError(f"recipe field param_groups, rule {i}: 'params' must be a name pattern or a list of "
+                             f"them, got {rule['params']!r}")
         scales = {}
         for key in ("lr_scale", "weight_decay_scale"):
             v = rule.get(key, 1.0)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or \
                     (v <= 0 if key == "lr_scale" else v < 0):
-                raise UsageError(f"param_groups rule {i}: {key} must be a finite number "
+                raise UsageError(f"recipe field param_groups, rule {i}: {key} must be a finite number "
                                  f"{'> 0' if key == 'lr_scale' else '>= 0'}, got {v!r}")
             scales[key] = float(v)
         out.append({"params": list(pats), **scales})
