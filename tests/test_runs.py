@@ -245,7 +245,7 @@ def test_recipe_fields_of_airbench_recipes(setup, first, tmp_path):
     from hetnet.errors import UsageError
     from hetnet.runs import RECIPE_EXTRA, RunConfig, make_config, prepare, rerun_config
 
-    root, data, spec = setup
+    _, data, spec = setup
     base = {"model": str(spec), "data": str(data), "device": "cpu", "limit": 64}
     cfg = make_config(RunConfig(**base, optimizer="nesterov-decoupled", lr=4.0, momentum=0.85,
                                 schedule="triangular:peak=0.3", param_groups=[{"params": "BatchNorm2D.bias",

@@ -8,6 +8,7 @@ import pytest
 
 import hetnet as hn
 from hetnet import train
+from hetnet.device import cuda_available
 from hetnet.errors import TrainingDiverged, UsageError
 
 
@@ -216,8 +217,10 @@ def test_fit_with_weight_average_keeps_the_evaluated_weights():
 # --- lookahead, parameters frozen after some epochs, optimisers and schedules by name -----------------------------
 
 
-@pytest.mark.parametrize("flat", [True, False], ids=["flat", "per-param"])
-def test_lookahead_is_airbenchs_ema_and_reset(flat):
+@pytest.mark.parametrize("device, flat", [("cpu", True), ("cpu", False)]
+                         + ([pytest.param("cuda", True, marks=pytest.mark.gpu)] if cuda_available() else []),
+                         ids=lambda v: {True: "flat", False: "per-param"}.get(v, v))
+def test_lookahead_is_airbenchs_ema_and_reset(device, flat):
     """airbench's LookaheadState, written out in float64: every 3 steps ema.lerp_(w, 1 - d), w = ema, with
     d = decay^3 (t / T)^3 -- BN statistics included; between updates the weights are the optimiser's alone; a
     frozen parameter never changes; finish() sets the weights to the EMA."""
@@ -227,7 +230,8 @@ def test_lookahead_is_airbenchs_ema_and_reset(flat):
     hn.seed(0)
     model = hn.Sequential([hn.Flatten(), hn.Dense(4, 8), hn.BatchNorm1D(8), hn.ReLU(), hn.Dense(8, 3)])
     if flat:
-        model.to("cpu")
+        model.to(device)
+    b = model.backend
     model[1].bias.requires_grad = False
     start = model.state_dict()
     total, every, decay = 8, 3, 0.9
@@ -236,15 +240,15 @@ def test_lookahead_is_airbenchs_ema_and_reset(flat):
     ema = {k: v.astype(np.float64) for k, v in start.items()}
     for t in range(1, total + 1):
         i = 8 * (t % 8)
-        step.step(x[i:i + 8], y[i:i + 8])
+        step.step(b.asarray(x[i:i + 8]), b.labels(y[i:i + 8]))
         live = model.state_dict()
         lookahead.step()
         if t % every:
             assert all(np.array_equal(v, live[k]) for k, v in model.state_dict().items()), f"step {t}"
             continue
         d = decay ** every * (t / total) ** 3
-        for k in ema:
-            ema[k] = live[k] if k == "1.bias" else ema[k] + (1 - d) * (live[k] - ema[k])
+        for k, e in ema.items():
+            ema[k] = live[k] if k == "1.bias" else e + (1 - d) * (live[k] - e)
         for k, v in model.state_dict().items():
             assert_close(v, ema[k], np.float32, f"step {t}: {k}")
     lookahead.finish()
