@@ -116,7 +116,8 @@ binary_cross_entropy_with_logits(logits, targets same shape, float in [0,1]) -> 
 Optimiser updates (in place on p and the state arrays; all arrays the same shape, often one flat buffer). Each takes
 `scalars`, a backend float32 array whose values it reads when it runs instead of the per-step arguments (so that a
 replayed step follows the schedule): [lr, first_step] for SGD, [lr, 0, lr / (1 - beta1^step), 1 / (1 - beta2^step)]
-for Adam. hetnet.optim's optimisers own these calls (Optimizer.update).
+for Adam. hetnet.optim's optimisers own these calls (Optimizer.update): one per parameter group and run of
+neighbouring parameters that train (slices of the flat buffers), each given its group's block of the scalars.
 sgd_update(p, g, buf|None, lr, momentum, dampening, nesterov, weight_decay, first_step: bool, scalars=None) -> None
     exactly torch.optim.SGD: d = g + wd*p; if momentum: buf = d on the first step, else
     buf = momentum*buf + (1-dampening)*d; d = d + momentum*buf if nesterov else buf. p -= lr*d. g is not modified.
