@@ -304,7 +304,11 @@ class Optimizer:
 
 class SGD(Optimizer):
     """Mini-batch SGD (the thesis's), with optional momentum, Nesterov momentum and L2 weight decay, per group
-    (as torch.optim.SGD). airbench's decoupled hyperparameters map onto it exactly: see decoupled_sgd."""
+    (as torch.optim.SGD). airbench's decoupled hyperparameters map onto it exactly: see decoupled_sgd.
+
+    The momentum buffer starts as the first gradient on the optimiser's first step; a parameter that first trains
+    later starts from a zero buffer, which is the same without dampening (torch starts each parameter's buffer at
+    its own first gradient)."""
 
     n_group_scalars = 2
 

@@ -520,12 +520,13 @@ class TrainStep(EvalStep):
                       f"forward and backward, outside the captured step")
         super().__init__(model, plan)
         self._written: dict = {}    # id(node list) -> (node list, nodes that write their gradients, params to zero)
+        self._params = model.parameters()
         self._layout = self._launch_layout()
 
     def _launch_layout(self) -> tuple:
         """What the step's launches depend on besides the scalars (see the class docstring)."""
         opt = self.optimizer.signature() if self.fused else None
-        return opt, tuple(id(p.grad_target()) for p in self.model.parameters())
+        return opt, tuple(id(p.grad_target()) for p in self._params)
 
     def n_scalars(self) -> int:
         return self.optimizer.n_scalars if self.fused else 0
