@@ -353,7 +353,7 @@ class Plan:
 
     def __init__(self, model, fuse: bool = True):
         self.model, self.fuse = model, fuse
-        self._nodes: dict = {}      # (per-sample input shape, backend name) -> node list
+        self._nodes: dict = {}      # (per-sample input shape, backend name, precision) -> node list
         self.nodes: list = []       # those of the last forward
         self.input_shape = None     # the per-sample shape of the last forward
 
@@ -361,7 +361,7 @@ class Plan:
         """The nodes for a per-sample input shape (no batch axis) on the model's backend; ValueError naming the
         first layer the shape does not fit."""
         be = self.model.backend
-        key = (tuple(input_shape), be.name)
+        key = (tuple(input_shape), be.name, getattr(be, "precision", "fp32"))
         nodes = self._nodes.get(key)
         if nodes is None:
             self.model.output_shape(tuple(input_shape))

@@ -44,7 +44,7 @@ from . import init as hinit
 from . import random as hrandom
 from .data import transforms
 from .data.transforms import channel_stats, parse_augment
-from .device import best_device, get_backend
+from .device import best_device, get_backend, parse_precision
 from .errors import ModelFileError, TrainingDiverged, UsageError
 from .files import atomic_write_text
 from .train import (
@@ -79,6 +79,7 @@ class RunConfig:
     dataset: str = "fashion-mnist"
     data: str | None = None
     device: str | None = None
+    precision: str | None = None
     epochs: int | None = None
     batch_size: int | None = None
     lr: float | None = None
@@ -275,7 +276,7 @@ def prepare(config: dict, log: Callable[[str], None] | None = None) -> _Prepared
     Raises HetnetError subclasses for bad input, before anything is written."""
 
     recipe = config["recipe"]
-    backend = get_backend(config["device"])
+    backend = get_backend(config["device"], config.get("precision"))
     hrandom.seed(config["seed"])
     spec = config["spec"]
     model, input_shape = zoo.build_from_spec(spec, config.get("model") or "spec")
@@ -371,7 +372,8 @@ def make_config(cfg: RunConfig) -> dict:
     """The config dict of a new run: flags resolved against the model preset; checked, nothing loaded yet."""
     preset = zoo.PRESETS.get(cfg.model)
     device = cfg.device or best_device()
-    get_backend(device)  # DeviceError now, not after loading the data
+    precision = parse_precision(cfg.precision or (preset.precision if preset else None))
+    get_backend(device, precision)  # DeviceError now, not after loading the data
     if cfg.limit is not None:
         check_positive_int(cfg.limit, "limit")
     if cfg.dataset not in DATASETS:
@@ -382,7 +384,8 @@ def make_config(cfg: RunConfig) -> dict:
     return {
         "model": cfg.model, "spec": spec, "adapt_classes": preset is not None,
         "dataset": cfg.dataset, "data": None if cfg.data is None else str(Path(cfg.data).resolve()),
-        "device": device, "recipe": recipe, "val_fraction": cfg.val_fraction, "seed": int(cfg.seed),
+        "device": device, "precision": precision, "recipe": recipe, "val_fraction": cfg.val_fraction,
+        "seed": int(cfg.seed),
         "limit": cfg.limit, "skip_bad_images": bool(cfg.skip_bad_images),
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "command": " ".join(sys.argv), "versions": versions(),
@@ -478,7 +481,7 @@ def rerun_config(path: str | Path, flags: dict | None = None) -> dict:
     if any(k not in recipe for k in recipe_keys):
         raise UsageError(f"--config: {path}: incomplete recipe (expected {', '.join(recipe_keys)})")
     config["recipe"] = _recipe(RunConfig(**{k: recipe[k] for k in recipe_keys + RECIPE_EXTRA if k in recipe}), None)
-    for k in ("dataset", "device", "seed", "limit", "val_fraction", "skip_bad_images"):
+    for k in ("dataset", "device", "precision", "seed", "limit", "val_fraction", "skip_bad_images"):
         if k in flags:
             config[k] = flags[k]
     if "data" in flags:
@@ -489,7 +492,7 @@ def rerun_config(path: str | Path, flags: dict | None = None) -> dict:
         config["val_fraction"] = None           # the new data's default
     if config["dataset"] not in DATASETS:
         raise UsageError(f"--dataset: unknown data set {config['dataset']!r} (expected one of {', '.join(DATASETS)})")
-    get_backend(config["device"])
+    get_backend(config["device"], config.get("precision"))
     if config.get("limit") is not None:
         check_positive_int(config["limit"], "limit")
     config.update({"created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -624,7 +627,7 @@ def _model_info(p: _Prepared) -> dict:
     """What a model file of this run says about where it came from (evaluate reads dataset, data, split)."""
     return {"dataset": p.config["dataset"], "data": p.config.get("data"), "val_fraction": p.config["val_fraction"],
             "seed": p.config["seed"], "limit": p.config.get("limit"), "model": p.config.get("model"),
-            "epochs": p.config["recipe"]["epochs"]}
+            "epochs": p.config["recipe"]["epochs"], "precision": p.config.get("precision", "fp32")}
 
 
 def _plots(run_dir: Path, p: _Prepared, history: list) -> None:
@@ -738,7 +741,7 @@ def resolve_model_path(target: str | Path) -> Path:
 
 def evaluate_model(target: str | Path, dataset: str | None = None, data: str | None = None,
                    device: str | None = None, log: Callable[[str], None] | None = default_log,
-                   split: str | None = None) -> dict:
+                   split: str | None = None, precision: str | None = None) -> dict:
     """Loss, accuracy, per-class accuracy and confusion matrix of a saved model.
 
     On the data the model was trained on (no `data` / `dataset` given): its test split, else the validation split
@@ -749,10 +752,13 @@ def evaluate_model(target: str | Path, dataset: str | None = None, data: str | N
 
     path = resolve_model_path(target)
     device = device or best_device()
-    get_backend(device)
+    get_backend(device, precision)
     if split not in (None, "train", "test", "all"):
         raise UsageError(f"--split: expected train, test or all, got {split!r}")
     lm = serialize.load_model(path, device=device)
+    if precision is None:
+        precision = lm.info.get("precision")
+    lm.model.to(device, precision)
     info = lm.info
     name = dataset or info.get("dataset") or "fashion-mnist"
     trained_on = name == info.get("dataset") and (data is None or _same_path(data, info.get("data")))
@@ -838,6 +844,6 @@ def export_model_file(target: str | Path, out: str | Path | None = None, fmt: st
     export.export_onnx(lm.model, out, lm.input_shape, lm.mean, lm.std, lm.class_names)
     k = lm.model.output_shape(lm.input_shape)
     shape = ", ".join(map(str, lm.input_shape))
-    return out, (f"wrote {out} (ONNX opset {export.OPSET}): input {export.INPUT_NAME} float32 [N, {shape}] in [0, 1], normalised "
-                 f"inside the graph; output {export.OUTPUT_NAME} [N, {', '.join(map(str, k))}] "
+    return out, (f"wrote {out} (ONNX opset {export.OPSET}): input {export.INPUT_NAME} float32 [N, {shape}] in [0, 1], "
+                 f"normalised inside the graph; output {export.OUTPUT_NAME} [N, {', '.join(map(str, k))}] "
                  f"for {len(lm.class_names)} classes")

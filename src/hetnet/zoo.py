@@ -35,6 +35,7 @@ class Preset:
     label_smoothing: float = 0.0
     ema: float = 0.0                   # decay of the evaluated and kept weight average (0: none)
     augment: tuple = field(default=())  # "crop[:P]" (random crop after padding P pixels, default 4), "flip"
+    precision: str = "fp32"            # the matrix products' precision on cuda: fp32 | tf32 | bf16 (hetnet.device)
     description: str = ""
     momentum: float = 0.9              # of momentum and nesterov-decoupled
     # parameter groups, hetnet.train.group_parameters' rules: ({"params": "BatchNorm*.bias", "lr_scale": 64.0,
