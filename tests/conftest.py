@@ -37,7 +37,7 @@ def rel_err(a, b) -> float:
 # The cuda backend's tensor-core precisions (hetnet.device): matrix products round their inputs to TF32 (10-bit
 # mantissa, unit roundoff 2^-11) or bfloat16 (7-bit, 2^-8) and accumulate in float32; relative error allowed against
 # the float64 reference for results that went through such products (sums of a few hundred rounded terms).
-RTOL_PRECISION = {"tf32": 2e-3, "bf16": 2e-2}
+RTOL_PRECISION = {k: 2 * v for k, v in RTOL_TC.items()}   # a GEMM's rounding (RTOL_TC) and the op's own
 
 
 def tolerance(of) -> float:

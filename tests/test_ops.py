@@ -15,7 +15,7 @@ from hetnet.random import counter_uniform
 
 BACKENDS = ["cpu"] + ([pytest.param("cuda", marks=pytest.mark.gpu)] if cuda_available() else [])
 # the cuda backend again with tensor-core matrix products ("device@precision"), compared at that precision's tolerance
-PRECISION_BACKENDS = [pytest.param(f"cuda@{p}", marks=pytest.mark.gpu) for p in ("tf32",) if cuda_available()]
+PRECISION_BACKENDS = [pytest.param(f"cuda@{p}", marks=pytest.mark.gpu) for p in ("tf32", "bf16") if cuda_available()]
 
 
 @pytest.fixture(params=BACKENDS + PRECISION_BACKENDS)

@@ -22,6 +22,7 @@ from ...errors import DeviceError
 from .. import compose
 from . import conv as _conv
 from .graph import GraphRunner
+from .mma import gemm_tc
 from .kernels import NULL, check, device_props, gemm_operands, get_kernel, grid_for
 from .kernels import leading_dim as _ld
 
@@ -157,14 +158,10 @@ class CudaBackend:
         self.device = cupy.cuda.Device(device_id)
         props = device_props(device_id)
         self.gpu_name, self.sms = props["name"], props["sms"]
-        # the matrix products' precision (hetnet.device): fp32 FMA kernels and cuBLAS sgemm; tf32: cuBLAS with
-        # TF32 tensor-core math, the convolutions' algorithm chosen by measurement between our fp32 kernels and
-        # im2col + those GEMMs
-        if precision not in ("fp32", "tf32"):
-            raise DeviceError(f"device 'cuda:{device_id}': precision {precision} is not available yet (the tensor-core "
-                              f"GEMM kernels it needs are missing); use fp32 or tf32")
+        # the matrix products' precision (hetnet.device): fp32, our FMA kernels and cuBLAS sgemm; tf32 / bf16, every
+        # GEMM on our tensor-core kernels (mma.cu), the convolutions' algorithm chosen by measurement between the
+        # fp32 implicit-GEMM kernels and im2col + those GEMMs
         self.precision = precision
-        self.tf32 = precision == "tf32"
         self.cuda_graph = _env_flag("HETNET_CUDA_GRAPH", True)
         self.force_conv_algo: str | None = None   # "implicit" | "im2col" to skip the measurement (tests)
         self._cache: dict = {}                     # gather tables, scratch buffers
@@ -196,11 +193,14 @@ class CudaBackend:
         return kernel if self.index64 or size >= 2**31 else kernel + "_i32"
 
     def gemm(self, c, a, trans_a: bool, b, trans_b: bool, alpha: float = 1.0, beta: float = 0.0) -> None:
-        """Row-major c[M,N] = alpha * op(a) @ op(b) + beta * c through cuBLAS (on the current stream).
-        Each matrix is row-major with contiguous rows and any row stride (a column slice such as yk[:, i:j]), or
-        the transpose of such a view (a and b only)."""
+        """Row-major c[M,N] = alpha * op(a) @ op(b) + beta * c on the current stream: cuBLAS sgemm in fp32, our
+        tensor-core kernels (mma.cu) in tf32 / bf16. Each matrix is row-major with contiguous rows and any row
+        stride (a column slice such as yk[:, i:j]), or the transpose of such a view (a and b only)."""
         from cupy_backends.cuda.libs import cublas
 
+        if self.precision != "fp32":
+            gemm_tc(self, c, a, trans_a, b, trans_b, alpha, beta, self.precision)
+            return
         a, trans_a, b, trans_b, m, n, k = gemm_operands(c, a, trans_a, b, trans_b)
         handle = self.cupy.cuda.device.get_cublas_handle()
         key = (float(alpha), float(beta))
@@ -222,8 +222,7 @@ class CudaBackend:
         cublas.setStream(handle, self.cupy.cuda.get_current_stream().ptr)
         cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
         if hasattr(cublas, "setMathMode"):
-            cublas.setMathMode(handle, getattr(cublas, "CUBLAS_TF32_TENSOR_OP_MATH", 3) if self.tf32
-                               else getattr(cublas, "CUBLAS_DEFAULT_MATH", 0))
+            cublas.setMathMode(handle, getattr(cublas, "CUBLAS_DEFAULT_MATH", 0))
         cublas.sgemm(*args)
 
     def prepare_capture(self, stream) -> None:
@@ -234,8 +233,7 @@ class CudaBackend:
         cublas.setStream(handle, stream.ptr)
         cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
         if hasattr(cublas, "setMathMode"):
-            cublas.setMathMode(handle, getattr(cublas, "CUBLAS_TF32_TENSOR_OP_MATH", 3) if self.tf32
-                               else getattr(cublas, "CUBLAS_DEFAULT_MATH", 0))
+            cublas.setMathMode(handle, getattr(cublas, "CUBLAS_DEFAULT_MATH", 0))
 
     def compute_stream(self):
         """The stream training runs on: the train and eval steps' graphs and the data kernels that feed them, in
