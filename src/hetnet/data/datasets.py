@@ -17,6 +17,7 @@ import numpy as np
 
 from ..errors import DataError, UsageError
 from . import cifar, folder, idx
+from .cache import cached_image_folder
 from .transforms import Adaptation, convert_channels, resize_batch
 
 DATASETS = ("fashion-mnist", "mnist", "cifar10", "folder")
@@ -82,7 +83,8 @@ def _conform(x: np.ndarray | None, input_shape, adapted: Adaptation | None = Non
 
 
 def load_dataset(name: str, path: str | os.PathLike | None = None, input_shape: tuple[int, int, int] | None = None,
-                 skip_bad_images: bool = False, download: bool = True, require_train: bool = True) -> Dataset:
+                 skip_bad_images: bool = False, download: bool = True, require_train: bool = True,
+                 cache: bool = True, progress: bool | None = None) -> Dataset:
     """Load a data set by name: "fashion-mnist", "mnist" (IDX files), "cifar10" (python or binary batches, a folder
     of them or the official .tar.gz, or an image folder/tar; detected), "folder" (any image folder or tar of one;
     `path` required).
@@ -90,6 +92,10 @@ def load_dataset(name: str, path: str | os.PathLike | None = None, input_shape: 
     input_shape (C, H, W): convert channels and resize every image to it (`Dataset.adapted` says what was done).
     require_train=False (evaluation): a test split alone will do (IDX t10k files, ROOT/test/<class>/...); train_x
     is then empty. Raises DataError for missing or bad data.
+
+    Image folders and archives (JPEG/PNG) are decoded on every CPU with a progress bar on stderr (progress None:
+    when stderr is a terminal) and kept decoded in a cache (hetnet.data.cache) that later calls read instead;
+    cache=False decodes every time and leaves the cache alone.
     """
     if name not in DATASETS:
         raise UsageError(f"--dataset {name!r}: expected one of {', '.join(DATASETS)}")
@@ -117,8 +123,8 @@ def load_dataset(name: str, path: str | os.PathLike | None = None, input_shape: 
         raise UsageError("--dataset folder needs --data PATH (an image folder, or a .tar/.tar.gz of one)")
     else:
         p = Path(path)
-    f = folder.load_image_folder(p, input_shape=input_shape, skip_bad_images=skip_bad_images,
-                                 require_train=require_train)
+    read = cached_image_folder if cache else folder.load_image_folder
+    f = read(p, input_shape, skip_bad_images, require_train, progress)
     return Dataset(name, f.train_x, f.train_y, f.test_x, f.test_y, f.class_names, str(f.source), f.skipped,
                    f.adapted)
 
