@@ -35,6 +35,7 @@ class Preset:
     label_smoothing: float = 0.0
     ema: float = 0.0                   # decay of the evaluated and kept weight average (0: none)
     augment: tuple = field(default=())  # "crop[:P]" (random crop after padding P pixels, default 4), "flip"
+    tta: int = 0                       # test-time augmentation of the final evaluation: 0 none, 1 mirror, 2 + translate
     description: str = ""
 
 
@@ -185,6 +186,8 @@ def recipe_line(preset: Preset) -> str:
     if preset.ema:
         parts.append(f"weight average {preset.ema:g}")
     parts.append(f"augment {','.join(preset.augment) or 'none'}")
+    if preset.tta:
+        parts.append(f"test-time augmentation {preset.tta}")
     return ", ".join(parts)
 
 
