@@ -696,7 +696,8 @@ def test_fit_uses_the_fast_step(rng):
 # --- the data set on the GPU (hetnet.data.ResidentLoader, data.cu) ------------------------------------------------
 
 
-@pytest.mark.parametrize("augment", ["", "flip", "crop:2,flip", "flip,crop:4", "crop:1"])
+@pytest.mark.parametrize("augment", ["", "flip", "crop:2,flip", "flip,crop:4", "crop:1", "translate:2,altflip",
+                                     "altflip,translate:2", "flip,translate:9", "altflip"])
 @pytest.mark.parametrize("shape", [(3, 32, 32), (1, 7, 11)])
 def test_resident_batches_equal_host_batches(be, rng, augment, shape):
     from hetnet.data import BatchLoader, ResidentLoader, channel_stats, on_device

@@ -34,7 +34,7 @@ class Preset:
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.0
     ema: float = 0.0                   # decay of the evaluated and kept weight average (0: none)
-    augment: tuple = field(default=())  # "crop[:P]" (random crop after padding P pixels, default 4), "flip"
+    augment: tuple = field(default=())  # hetnet.data.BatchLoader's: "crop[:P]", "translate[:P]", "flip", "altflip"
     tta: int = 0                       # test-time augmentation of the final evaluation: 0 none, 1 mirror, 2 + translate
     description: str = ""
 
