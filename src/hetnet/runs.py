@@ -177,12 +177,29 @@ def _number(v, key: str) -> float:
         raise UsageError(f"--{key.replace('_', '-')}: expected a number, got {v!r}") from None
 
 
+# layers that keep their input's shape: a Dense layer followed only by these still sets the number of classes
+_SHAPE_KEEPING = ("Scale", "Softmax", "ReLU", "GELU", "Sigmoid", "Tanh", "Dropout")
+
+
+def _classifier_index(spec: dict) -> int | None:
+    """Index of the Dense layer whose outputs are the model's (the last layer, or followed by shape-keeping layers
+    only, such as airbench's Scale), or None."""
+    for i in range(len(spec["layers"]) - 1, -1, -1):
+        kind = spec["layers"][i].get("type")
+        if kind == "Dense":
+            return i
+        if kind not in _SHAPE_KEEPING:
+            return None
+    return None
+
+
 def _adapt_classes(spec: dict, num_classes: int) -> dict:
-    """A preset's spec with its last Dense layer resized to num_classes (presets are built for 10)."""
-    last = spec["layers"][-1]
-    if last.get("type") == "Dense" and last.get("out_features") != num_classes:
+    """A preset's spec with its classifier (the last Dense layer) resized to num_classes (presets are built for
+    10)."""
+    i = _classifier_index(spec)
+    if i is not None and spec["layers"][i].get("out_features") != num_classes:
         spec = json.loads(json.dumps(spec))
-        spec["layers"][-1]["out_features"] = num_classes
+        spec["layers"][i]["out_features"] = num_classes
     return spec
 
 
@@ -263,7 +280,7 @@ def prepare(config: dict, log: Callable[[str], None] | None = None, cache: bool 
         raise UsageError(f"--data: {config['dataset']} at {ds.source} has {k} class(es); need at least two")
     out_shape = model.output_shape(input_shape)
     if out_shape != (k,):
-        if config.get("adapt_classes") and spec["layers"][-1].get("type") == "Dense":
+        if config.get("adapt_classes") and _classifier_index(spec) is not None:
             spec = _adapt_classes(spec, k)
             config["spec"] = spec
             hrandom.seed(config["seed"])
