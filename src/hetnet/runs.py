@@ -193,7 +193,7 @@ def _classifier_index(spec: dict) -> int | None:
     return None
 
 
-def _adapt_classes(spec: dict, num_classes: int) -> dict:
+def adapt_classes(spec: dict, num_classes: int) -> dict:
     """A preset's spec with its classifier (the last Dense layer) resized to num_classes (presets are built for
     10)."""
     i = _classifier_index(spec)
@@ -281,7 +281,7 @@ def prepare(config: dict, log: Callable[[str], None] | None = None, cache: bool 
     out_shape = model.output_shape(input_shape)
     if out_shape != (k,):
         if config.get("adapt_classes") and _classifier_index(spec) is not None:
-            spec = _adapt_classes(spec, k)
+            spec = adapt_classes(spec, k)
             config["spec"] = spec
             hrandom.seed(config["seed"])
             model, input_shape = zoo.build_from_spec(spec, config.get("model") or "spec")
@@ -327,16 +327,22 @@ def prepare(config: dict, log: Callable[[str], None] | None = None, cache: bool 
     # on the GPU the uint8 sets go to device memory once, and batches are assembled there (hetnet.data.on_device)
     train_loader, val_loader, test_loader = (hdata.on_device(ld, backend) if ld is not None else None
                                              for ld in (train_loader, val_loader, test_loader))
-    optimizer = make_optimizer(recipe["optimizer"], model.parameters(), recipe["lr"], recipe["weight_decay"])
-    steps = len(train_loader)
-    schedule = make_schedule(recipe["schedule"], optimizer, steps * recipe["epochs"],
-                             int(round(recipe["warmup_epochs"] * steps)))
-    average = WeightAverage(model, recipe["ema"]) if recipe.get("ema") else None
+    optimizer, schedule, average = make_training(recipe, model, len(train_loader))
     counts = {"train": int(len(tx)), "val": int(len(vx)) if vx is not None else 0,
               "test": int(len(ds.test_x)) if has_test else 0}
     return _Prepared(config, model, spec, tuple(input_shape), class_names, [float(v) for v in mean],
                      [float(v) for v in std], train_loader, val_loader, test_loader, optimizer, schedule,
                      _fingerprint(tx, ty), average, counts, str(ds.source), int(getattr(ds, "skipped", 0) or 0))
+
+
+def make_training(recipe: dict, model, steps_per_epoch: int) -> tuple:
+    """(optimizer, schedule, weight average or None) of a recipe for a model on its device, with steps_per_epoch
+    batches per epoch: what `hetnet train` trains with (hetnet.bench.speedrun builds its runs with it too)."""
+    optimizer = make_optimizer(recipe["optimizer"], model.parameters(), recipe["lr"], recipe["weight_decay"])
+    schedule = make_schedule(recipe["schedule"], optimizer, steps_per_epoch * recipe["epochs"],
+                             int(round(recipe["warmup_epochs"] * steps_per_epoch)))
+    average = WeightAverage(model, recipe["ema"]) if recipe.get("ema") else None
+    return optimizer, schedule, average
 
 
 def make_config(cfg: RunConfig) -> dict:

@@ -150,6 +150,20 @@ def split_train_val(x: np.ndarray, y: np.ndarray, val_fraction: float, seed: int
     return x[train], y[train], x[val], y[val]
 
 
+def held_out_split(x: np.ndarray, y: np.ndarray, count: int = 5000, seed: int = 0):
+    """(train_x, train_y, held_x, held_y): about `count` examples held out, stratified (round(n_c * count / N) of
+    each class c), chosen with a fixed seed -- the split of the CIFAR-10 peer benchmark (hetnet.bench.speedrun),
+    used by both sides. It is split_train_val(x, y, count / N, seed), so `hetnet train --val-fraction 0.1 --seed 0`
+    on CIFAR-10's 50,000 training images validates on exactly these 5,000.
+
+        >>> tx, ty, hx, hy = held_out_split(d.train_x, d.train_y, 5000, seed=0)       # doctest: +SKIP
+    """
+    n = len(y)
+    if not 0 < int(count) < n:
+        raise UsageError(f"held-out split: {count} of {n} examples cannot be held out")
+    return split_train_val(x, y, int(count) / n, seed)
+
+
 def describe_data_locations() -> list[tuple[str, str | None]]:
     """(data set, where it would be loaded from, or None) for `hetnet info`; touches no network."""
     out = []
