@@ -47,17 +47,28 @@ def convert_channels(x: np.ndarray, channels: int) -> np.ndarray:
 
 def channel_stats(x: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and standard deviation of uint8 images x (N, C, H, W), in [0, 1] units, float32 (C,).
-    Accumulated in float64 over chunks, so memory stays small for large sets."""
+    uint8: exact integer sums of v and v^2 (v^2 <= 65025 fits uint16; the sums uint64), so the variance
+    (n * sum v^2 - (sum v)^2) / n^2 is exact before its last rounding; other dtypes: float64 sums. Accumulated over
+    chunks of images, so memory stays small for large sets (CIFAR-10's 45,000 training images: a fraction of a
+    second)."""
     n, c = x.shape[:2]
-    s = np.zeros(c)
-    s2 = np.zeros(c)
-    for i in range(0, n, chunk):
-        v = x[i:i + chunk].astype(np.float64)
-        s += v.sum(axis=(0, 2, 3))
-        s2 += np.square(v).sum(axis=(0, 2, 3))
     count = n * x.shape[2] * x.shape[3]
-    mean = s / count
-    var = np.maximum(s2 / count - mean ** 2, 0.0)
+    if x.dtype == np.uint8:
+        s1, s2 = np.zeros(c, np.uint64), np.zeros(c, np.uint64)
+        for i in range(0, n, chunk):
+            v = x[i:i + chunk]
+            s1 += v.sum(axis=(0, 2, 3), dtype=np.uint64)
+            s2 += np.square(v, dtype=np.uint16).sum(axis=(0, 2, 3), dtype=np.uint64)
+        mean = np.array([int(a) / count for a in s1])
+        var = np.array([(int(b) * count - int(a) ** 2) / count ** 2 for a, b in zip(s1, s2)])
+    else:
+        s1, s2 = np.zeros(c), np.zeros(c)
+        for i in range(0, n, chunk):
+            v = x[i:i + chunk].astype(np.float64)
+            s1 += v.sum(axis=(0, 2, 3))
+            s2 += np.square(v).sum(axis=(0, 2, 3))
+        mean = s1 / count
+        var = np.maximum(s2 / count - mean ** 2, 0.0)
     std = np.sqrt(var)
     std[std == 0] = 255.0          # a constant channel: leave it unscaled rather than divide by zero
     return (mean / 255).astype(np.float32), (std / 255).astype(np.float32)
