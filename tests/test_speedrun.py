@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import torch_or_skip
 from PIL import Image
 
 from hetnet import data as hdata
@@ -19,8 +20,6 @@ from hetnet.bench import speedrun as S
 from hetnet.bench.common import environment
 from hetnet.data import folder
 from hetnet.errors import UsageError
-
-from conftest import torch_or_skip
 
 CLASSES = [f"c{k}" for k in range(10)]
 

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import assert_close
 from test_data_folder import classes_tree, make_tree
 
 import hetnet as hn
@@ -14,8 +15,6 @@ from hetnet import train as T
 from hetnet.cli import main
 from hetnet.errors import UsageError
 from hetnet.runs import evaluate_model
-
-from conftest import assert_close
 
 
 def _model(device="cpu", k=4):
@@ -83,6 +82,7 @@ def test_eval_step_scores_the_averaged_logits(rng):
     assert acc == np.mean(logits.argmax(axis=1) == y)
     pred, true = T.predict_labels(model, T.ArrayLoader(x, y, 5, shuffle=False), tta=2)
     np.testing.assert_array_equal(pred, logits.argmax(axis=1))
+    np.testing.assert_array_equal(true, y)
     with pytest.raises(UsageError, match="--tta"):
         T.make_eval_step(model, 3)
 

@@ -149,7 +149,8 @@ def load(path: Path, root: Path, input_shape, key: tuple[int, str]) -> folder.Fo
         if (meta.get("source") != str(root.resolve()) or meta.get("decoding") != _decoding(input_shape)
                 or meta.get("source_size") != str(key[0]) or meta.get("source_key") != key[1]):
             raise _Stale
-        arrays = {name: f.get_tensor(name) for name in _ARRAYS if name in f.keys()}
+        names = set(f.keys())
+        arrays = {name: f.get_tensor(name) for name in _ARRAYS if name in names}
     if _arrays_digest(arrays) != meta.get("arrays_sha256"):
         raise ValueError("the arrays do not match their checksum")
     skipped = json.loads(meta["skipped_files"])
