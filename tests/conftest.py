@@ -22,9 +22,23 @@ def rel_err(a, b) -> float:
     return float(np.linalg.norm(a - b) / denom)
 
 
+# The cuda backend's tensor-core precisions (hetnet.device): matrix products round their inputs to TF32 (10-bit
+# mantissa, unit roundoff 2^-11) or bfloat16 (7-bit, 2^-8) and accumulate in float32; relative error allowed against
+# the float64 reference for results that went through such products (sums of a few hundred rounded terms).
+RTOL_PRECISION = {"tf32": 2e-3, "bf16": 2e-2}
+
+
+def tolerance(of) -> float:
+    """The relative tolerance for results of `of`: a dtype, or a backend (its dtype, or its tensor-core precision)."""
+    if isinstance(of, (type, np.dtype, str)):
+        return RTOL[np.dtype(of)]
+    precision = getattr(of, "precision", "fp32")
+    return RTOL_PRECISION[precision] if precision != "fp32" else RTOL[np.dtype(of.dtype)]
+
+
 def assert_close(actual, expected, dtype, what: str = "") -> None:
-    """actual (from a backend of `dtype`) is within that dtype's tolerance of `expected`."""
-    tol = RTOL[np.dtype(dtype)]
+    """actual (from a backend, or a backend of dtype `dtype`) is within its tolerance of `expected` (tolerance)."""
+    tol = tolerance(dtype)
     err = rel_err(actual, expected)
     assert err <= tol, f"{what}: relative error {err:.3g} > {tol:.0e}"
 

@@ -462,16 +462,17 @@ def test_bn_relu_maxpool_fused(be, rng, shape, k, s):
     assert_close(be.to_numpy(dx), dx_ref, F32, "dx")
     assert_close(be.to_numpy(dg), dg_ref, F32, "dgamma")
     assert_close(be.to_numpy(db), db_ref, F32, "dbeta")
-    # written over x (the fast step's plan): the same values, same parameter gradients added again
-    dx2 = be.bn_relu_maxpool_backward(be.asarray(dy), cache, dg, db, inplace=True)
-    assert dx2.data.ptr == cache[1].data.ptr, "not in place"
-    np.testing.assert_array_equal(be.to_numpy(dx2), be.to_numpy(dx))
-    assert_close(be.to_numpy(dg), 2 * dg_ref, F32, "dgamma, twice")
     # dgamma None (a frozen or constant scale): the same dx and dbeta, nothing written for dgamma
     db2 = be.zeros((c,))
     dx3 = be.bn_relu_maxpool_backward(be.asarray(dy), cache, None, db2)
     np.testing.assert_array_equal(be.to_numpy(dx3), be.to_numpy(dx))
     assert_close(be.to_numpy(db2), db_ref, F32, "dbeta without dgamma")
+    # written over x (the fast step's plan; last, since x is gone after it): the same values, the same parameter
+    # gradients added again
+    dx2 = be.bn_relu_maxpool_backward(be.asarray(dy), cache, dg, db, inplace=True)
+    assert dx2.data.ptr == cache[1].data.ptr, "not in place"
+    np.testing.assert_array_equal(be.to_numpy(dx2), be.to_numpy(dx))
+    assert_close(be.to_numpy(dg), 2 * dg_ref, F32, "dgamma, twice")
 
 
 def _data(rng, n=96):
@@ -524,6 +525,47 @@ def test_graph_step_matches_eager_and_cpu(rng, opt_name):
         assert run[3] == cpu[3] == 128
         assert abs(run[1] - cpu[1]) <= 1e-4 * abs(cpu[1]), f"{name}: loss sum {run[1]} vs cpu {cpu[1]}"
         assert abs(run[2] - cpu[2]) <= 1, f"{name}: correct {run[2]} vs cpu {cpu[2]}"
+
+
+def test_graph_captured_again_when_flags_flip_with_groups(rng):
+    """Parameter groups (BatchNorm biases at 8x, Nesterov SGD with decoupled hyperparameters) under the triangular
+    schedule, and flags flipped between steps (the second conv's bias frozen at step 3 and trained again at step
+    6, the first dense weight frozen at step 5): each flip resets the runner, which drops its graphs (the step after
+    a flip runs eagerly, the next is captured again); the replayed steps compute what the eager plan computes, and
+    a frozen parameter does not move (weight decay and momentum included)."""
+    x, y = _data(rng)
+    hn.seed(11)
+    state = small_cnn(0.0).state_dict()
+    flips = {3: [(4, "bias", False)], 5: [(8, "weight", False)], 6: [(4, "bias", True)]}
+    runs = []
+    for use_graph in (False, True):
+        model = _cnn_from(state, "cuda", 123, 0.0)
+        b = model.backend
+        groups = T.group_parameters(model, [{"params": "BatchNorm2D.bias", "lr_scale": 8}])
+        opt = T.make_optimizer("nesterov-decoupled", groups, 2.0, 0.01, momentum=0.85, batch_size=32)
+        step = T.make_train_step(model, opt, T.make_schedule("triangular", opt, 9))
+        step.runner.use_graph = use_graph
+        resets, real = [], step.runner.reset
+        step.runner.reset = lambda real=real, resets=resets: (resets.append(1), real())[1]
+        for i in range(9):
+            for layer, name, trains in flips.get(i, []):
+                model[layer].params[name].requires_grad = trains
+            before = model.state_dict()
+            s = slice((i * 32) % len(x), (i * 32) % len(x) + 32)
+            step.step(b.asarray(x[s]), b.labels(y[s]))
+            after = model.state_dict()
+            for layer in (4, 8):
+                for name, p in model[layer].params.items():
+                    if not p.requires_grad:
+                        np.testing.assert_array_equal(after[f"{layer}.{name}"], before[f"{layer}.{name}"],
+                                                      err_msg=f"step {i}: frozen {layer}.{name} moved")
+            if use_graph and i >= 1:
+                assert (len(step.runner.graphs) == 0) == (i in flips), f"step {i}"
+        step.collect()
+        assert len(resets) == len(flips)
+        runs.append(model.state_dict())
+    for k in runs[0]:
+        assert_close(runs[1][k], runs[0][k], F32, f"graph vs eager: {k}")
 
 
 @pytest.mark.parametrize("algo", ["implicit", "im2col"])
@@ -674,7 +716,7 @@ def test_graph_step_with_airbench_layers_matches_cpu(rng):
         model.to(device)
         b = model.backend
         opt = T.make_optimizer("momentum", model.parameters(), lr=0.05)
-        step = T.TrainStep(model, opt) if device == "cpu" else b.make_train_step(model, opt)
+        step = T.make_train_step(model, opt)
         for i in range(4):
             s = slice(16 * i, 16 * i + 16)
             step.step(b.asarray(x[s]), b.labels(y[s]))

@@ -26,8 +26,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from . import data, zoo
-from .device import best_device
-from .errors import HetnetError
+from .device import PRECISIONS, best_device
+from .errors import HetnetError, UsageError
 from .optim import SCHEDULES
 from .predict import predict_images
 from .runs import (
@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", metavar="PATH", help="data folder (IDX files, CIFAR-10 batches, class folders) or "
                                                    ".tar/.tar.gz of class folders")
     t.add_argument("--device", help="cpu | reference | cuda | cuda:N (default: the best available)")
+    t.add_argument("--precision", choices=PRECISIONS,
+                   help="matrix products on the cuda backend: fp32, tf32 or bf16 tensor cores (default: the model's "
+                        "preset, else fp32; cpu and reference compute in float32 / float64)")
     t.add_argument("--epochs", type=_positive_int)
     t.add_argument("--batch-size", type=_positive_int)
     t.add_argument("--lr", type=_positive_float, help="learning rate (peak, for schedules)")
@@ -137,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="no progress bar, even on a terminal")
     t.add_argument("--no-cuda-graph", action="store_true",
                    help="cuda: run the training step eagerly instead of replaying a captured CUDA graph")
-    t.add_argument("--tf32", action="store_true", help="cuda: let the cuBLAS matrix products use TF32")
+    t.add_argument("--tf32", action="store_true", help="the same as --precision tf32")
 
     e = sub.add_parser("evaluate", help="loss, accuracy and per-class accuracy of a saved model",
                        description="Score a saved model: on its own data set's test split (or the validation split "
@@ -150,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", choices=("train", "test", "all"),
                    help="which images when the data have both splits (default: test)")
     e.add_argument("--device")
+    e.add_argument("--precision", choices=PRECISIONS, help="default: the one the model was trained with")
     e.add_argument("--tta", type=int, choices=TTA_LEVELS,
                    help="test-time augmentation: 0 none, 1 mirror, 2 mirror + translate (default: the level the "
                         "model's run evaluated with)")
@@ -210,11 +214,12 @@ def cmd_train(args) -> int:
     # The cuda backend reads these switches when it is created (hetnet.backends.cuda.CudaBackend).
     if args.no_cuda_graph:
         os.environ["HETNET_CUDA_GRAPH"] = "0"
-    if args.tf32:
-        os.environ["HETNET_TF32"] = "1"
+    if args.tf32 and args.precision not in (None, "tf32"):
+        raise UsageError(f"--tf32 and --precision {args.precision} contradict each other")
     augment = [] if args.no_augment else (None if args.augment is None else
                                           [s for s in args.augment.split(",") if s.strip()])
     flags = {"model": args.model, "dataset": args.dataset, "data": args.data, "device": args.device,
+             "precision": "tf32" if args.tf32 else args.precision,
              "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "optimizer": args.optimizer,
              "schedule": args.schedule, "weight_decay": args.weight_decay, "warmup_epochs": args.warmup_epochs,
              "label_smoothing": args.label_smoothing, "ema": args.ema, "augment": augment, "tta": args.tta,
@@ -270,8 +275,8 @@ def _interrupted(run_dir: Path) -> int:
 def cmd_evaluate(args) -> int:
 
     result = evaluate_model(args.model, dataset=args.dataset, data=args.data, device=args.device,
-                            log=None if args.json else _print, split=args.split, tta=args.tta,
-                            cache=not args.no_cache)
+                            log=None if args.json else _print, split=args.split, precision=args.precision,
+                            tta=args.tta, cache=not args.no_cache)
     if args.json:
         print(json.dumps(result, indent=2))
     return 0

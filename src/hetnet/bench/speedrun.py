@@ -180,9 +180,9 @@ class HetnetSide:
                                                   drop_last=len(d.train_x) % bs == 1), be)
         held = hdata.on_device(hdata.BatchLoader(d.held_x, d.held_y, runs.EVAL_BATCH, self.mean, self.std,
                                                  shuffle=False), be)
-        optimizer, schedule, average = runs.make_training(recipe, model, len(train))
+        optimizer, schedule, average, lookahead, frozen_after = runs.make_training(recipe, model, len(train))
         trainer = Trainer(model, optimizer, schedule, recipe["label_smoothing"], progress=False, log=None,
-                          average=average, tta=recipe["tta"])
+                          average=average, lookahead=lookahead, frozen_after=frozen_after, tta=recipe["tta"])
         be.synchronize()
         t0 = time.perf_counter()
         hinit.data_init(model, d.train_x, self.mean, self.std)           # whitening: airbench times it too

@@ -7,8 +7,8 @@ captured once as a CUDA graph and replayed (graph.py).
     >>> import hetnet as hn                                        # doctest: +SKIP
     >>> model = hn.zoo.build("thesis-m1").to("cuda")               # doctest: +SKIP
 
-Environment: HETNET_CUDA_GRAPH=0 runs the fast step without graph capture; HETNET_TF32=1 lets cuBLAS GEMMs use TF32
-(our own kernels stay float32); HETNET_CONV_ALGO=implicit|im2col forces a convolution algorithm instead of measuring.
+Environment: HETNET_CUDA_GRAPH=0 runs the fast step without graph capture; HETNET_CONV_ALGO=implicit|im2col forces a
+convolution algorithm instead of measuring.
 """
 from __future__ import annotations
 
@@ -143,7 +143,7 @@ class CudaBackend:
     # on the instance while it captures a graph
     workspace_headroom = staticmethod(_no_headroom)
 
-    def __init__(self, device_id: int = 0):
+    def __init__(self, device_id: int = 0, precision: str = "fp32"):
         try:
             import cupy
         except ImportError as e:
@@ -167,7 +167,14 @@ class CudaBackend:
         self.device = cupy.cuda.Device(device_id)
         props = device_props(device_id)
         self.gpu_name, self.sms = props["name"], props["sms"]
-        self.tf32 = _env_flag("HETNET_TF32", False)
+        # the matrix products' precision (hetnet.device): fp32 FMA kernels and cuBLAS sgemm; tf32: cuBLAS with
+        # TF32 tensor-core math, the convolutions' algorithm chosen by measurement between our fp32 kernels and
+        # im2col + those GEMMs
+        if precision not in ("fp32", "tf32"):
+            raise DeviceError(f"device 'cuda:{device_id}': precision {precision} is not available yet (the tensor-core "
+                              f"GEMM kernels it needs are missing); use fp32 or tf32")
+        self.precision = precision
+        self.tf32 = precision == "tf32"
         self.cuda_graph = _env_flag("HETNET_CUDA_GRAPH", True)
         self.force_conv_algo: str | None = None   # "implicit" | "im2col" to skip the measurement (tests)
         self._cache: dict = {}                     # gather tables, scratch buffers
@@ -259,12 +266,12 @@ class CudaBackend:
         return self._stream
 
     def step_pool(self):
-        """The private memory pool of the fast step objects (step.py) on this device: their first, eager steps and
-        their captured graphs, train and eval alike. They all run in order on compute_stream(), no step reads what
-        an earlier step freed, and buffers kept across steps come from elsewhere (see persistent()), so a block
-        one step frees can serve the next step of any step object: the pool grows to the largest working set
-        among them, not to their sum. Never emptied while a step object that took it lives (its graphs keep using
-        the addresses they were captured with)."""
+        """The private memory pool of hetnet.plan's steps on this device (graph.py's runners): their first,
+        eager steps and their captured graphs, train and eval alike. They all run in order on compute_stream(), no
+        step reads what an earlier step freed, and buffers kept across steps come from elsewhere (see persistent()),
+        so a block one step frees can serve the next step of any step object: the pool grows to the largest working
+        set among them, not to their sum. Never emptied while a step object that took it lives (its graphs keep
+        using the addresses they were captured with)."""
         if self._step_pool is None:
             with self.device:
                 self._step_pool = self.cupy.cuda.MemoryPool()
