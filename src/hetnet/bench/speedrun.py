@@ -161,8 +161,8 @@ class HetnetSide:
     trainer), on the fixed split; run i uses seed i for the weights, the batch order and the augmentation."""
 
     def __init__(self, data: SpeedrunData, device: str, epochs: int | None = None):
-        self.data, self.backend = data, get_backend(device)
         self.config = runs.make_config(runs.RunConfig(model=PRESET, dataset="folder", device=device, epochs=epochs))
+        self.data, self.backend = data, get_backend(device, self.config["precision"])
         self.spec = runs.adapt_classes(self.config["spec"], len(data.class_names))
         self.mean, self.std = hdata.channel_stats(data.train_x)
 
@@ -272,7 +272,7 @@ def run_speedrun(archive: str | Path, device: str, env: dict, out: Path, runs_ea
                  "split": f"hetnet.data.held_out_split(count={held_out}, seed={SPLIT_SEED}), stratified",
                  "limit": limit},
         "hetnet_recipe": {"preset": PRESET, "recipe": zoo.recipe_line(preset), "epochs": epochs or preset.epochs,
-                          "device": device},
+                          "device": device, "precision": preset.precision},
         "airbench_version": AIRBENCH_VERSION,
         "hetnet": summarize(rows["hetnet"]) if rows["hetnet"] else None,
         "airbench94": summarize(rows["airbench94"]) if rows["airbench94"] else None,
