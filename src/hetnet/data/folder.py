@@ -15,6 +15,7 @@ import gzip
 import io
 import multiprocessing as mp
 import os
+import signal
 import sys
 import tarfile
 import zlib
@@ -169,13 +170,19 @@ def decode_workers() -> int:
         return os.cpu_count() or 1
 
 
+def _ignore_sigint() -> None:
+    # Ctrl-C reaches the whole process group: the parent stops the decoding (and says so once); a worker that
+    # raised KeyboardInterrupt itself would print a traceback
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _decode_pool(workers: int):
     """Worker processes where the platform forks (Linux): decoding a small image is mostly Python code in Pillow,
     which holds the GIL, so threads do not add up (two threads decode CIFAR-10 no faster than one). A forked worker
     runs only Pillow and NumPy on the bytes it is sent. Elsewhere (and with one CPU): threads, which still overlap
     Pillow's C decoders (they release the GIL) with reading the files."""
     if workers > 1 and "fork" in mp.get_all_start_methods():
-        return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("fork"))
+        return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("fork"), initializer=_ignore_sigint)
     return ThreadPoolExecutor(max_workers=max(1, workers))
 
 
