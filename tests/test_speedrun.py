@@ -164,3 +164,12 @@ def test_end_to_end_is_the_hetnet_train_command(archive, tmp_path):
     assert "train --model cifar-speed" in e2e["command"] and "--val-fraction 0.25 --seed 0" in e2e["command"]
     config = json.loads((tmp_path / "hetnet-train-run" / "config.json").read_text())
     assert config["counts"] == {"train": 60, "val": 20, "test": 0}           # the held-out split's sizes
+
+
+def test_bench_flag_names_a_missing_archive(tmp_path):
+    torch_or_skip()
+    from hetnet import bench
+
+    with pytest.raises(UsageError, match="--cifar-tar: .*missing.tar.gz not found"):
+        bench.main(["--cifar-speedrun", "--cifar-tar", str(tmp_path / "missing.tar.gz"), "--devices", "cpu",
+                    "--out", str(tmp_path)])

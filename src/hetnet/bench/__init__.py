@@ -300,8 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"hetnet bench: {env.get('card') or env['host']} ({env['cpu']}, {threads_text(threads)}), commit "
           f"{env['commit']}, devices {','.join(args.devices)} -> {out}", flush=True)
     if args.cifar_speedrun:
-        tar = find_cifar_tar(args.cifar_tar)
-        if tar is None:
+        tar = Path(args.cifar_tar) if args.cifar_tar else find_cifar_tar(None)
+        if tar is None or not tar.is_file():
             raise UsageError(f"--cifar-tar: {args.cifar_tar or CIFAR_TAR} not found (give its path)")
         print(f"CIFAR-10 peer run on {args.devices[0]}:", flush=True)
         run_speedrun(tar, args.devices[0], env, out, args.speedrun_runs, args.speedrun_epochs, args.speedrun_limit,
