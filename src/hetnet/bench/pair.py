@@ -165,6 +165,9 @@ class Pair:
             w1, tw1 = _named_weights(self.hmodel), _torch_weights(tmodel)
             for k in w0:
                 errs[f"{prefix}step {s} update {k}"] = rel_err(w1[k] - w0[k], tw1[k] - tw0[k])
+            errs[f"{prefix}step {s} update {ALL}"] = rel_err(
+                np.concatenate([(w1[k] - w0[k]).ravel() for k in w0]),
+                np.concatenate([(tw1[k] - tw0[k]).ravel() for k in w0]))
         return errs
 
     def check_full_batch(self) -> dict:
@@ -174,6 +177,9 @@ class Pair:
             return self.check_updates(self.hx, self.hy, self.tx, self.ty, "full batch ")
         finally:
             set_dropout(self.hmodel, [self.tmodel], saved)
+
+
+ALL = "(all parameters)"
 
 
 def _sig(v: float) -> float:
@@ -218,6 +224,11 @@ def gate(make_pair, batch: int, tol: float, float32_first: bool = True,
                             f"{errs[worst]:.3g} > {tol:g}")
     if batch > n_check:
         full = pair.check_full_batch()
+        if not float32_first:
+            # tf32 / bf16 against PyTorch at the same precision: two roundings of every product, where a parameter
+            # with a small gradient (a batch-norm scale whose terms cancel) has a large relative difference; the
+            # whole update is compared instead (the per-parameter errors stay in the small-batch check above)
+            full = {k: v for k, v in full.items() if k.endswith(ALL)}
         fworst = max(full, key=full.get)
         info.update(check_full_batch_max_rel_err=_sig(full[fworst]), check_full_batch_tolerance=full_tol)
         if not full[fworst] <= full_tol:
