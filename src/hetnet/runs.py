@@ -501,10 +501,11 @@ def start_run(config: dict, run_dir: str | Path, log: Callable[[str], None] | No
             run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UsageError(f"--out: cannot create {run_dir}: {e.strerror}") from None
-        # the epoch-0 checkpoint first: a directory with a config.json always has a checkpoint to resume from
-        _checkpoint(run_dir, p, 0, [])
-        atomic_write_text(run_dir / "config.json", json.dumps(config, indent=2) + "\n")
-        _write_metrics(run_dir, [])
+        with _solo():
+            # the epoch-0 checkpoint first: a directory with a config.json always has a checkpoint to resume from
+            _checkpoint(run_dir, p, 0, [])
+            atomic_write_text(run_dir / "config.json", json.dumps(config, indent=2) + "\n")
+            _write_metrics(run_dir, [])
     if log:
         log(_describe(p, run_dir))
     return _run_epochs(run_dir, p, 0, [], log, progress, on_epoch)
@@ -556,12 +557,14 @@ def resume_run(run_dir: str | Path, log: Callable[[str], None] | None = default_
     history = list(state["metrics"])[:state["epoch"]]
     if config["recipe"]["epochs"] != planned:
         if root:
-            atomic_write_text(run_dir / "config.json", json.dumps(config, indent=2) + "\n")
+            with _solo():
+                atomic_write_text(run_dir / "config.json", json.dumps(config, indent=2) + "\n")
         if config["recipe"]["schedule"] != "constant" or config["recipe"]["warmup_epochs"]:
             note(f"the {config['recipe']['schedule']} schedule now spans {config['recipe']['epochs']} epochs "
                  f"instead of {planned}: epoch {done + 1} starts at learning rate {p.optimizer.lr:.4g}")
     if root:
-        _write_metrics(run_dir, history)
+        with _solo():
+            _write_metrics(run_dir, history)
     if log:
         log(_describe(p, run_dir) + f"\nresuming after epoch {state['epoch']}/{config['recipe']['epochs']}")
     return _run_epochs(run_dir, p, state["epoch"], history, log, progress, on_epoch)
@@ -571,6 +574,12 @@ def _is_root() -> bool:
     """Whether this process writes the run directory: a single process, or rank 0 of a data-parallel job."""
     dist = parallel.current()
     return dist is None or dist.is_root
+
+
+def _solo():
+    """A block of rank 0's own work (files) that the data-parallel watchdog does not time."""
+    dist = parallel.current()
+    return dist.solo() if dist is not None else contextlib.nullcontext()
 
 
 def _run_epochs(run_dir: Path, p: _Prepared, start: int, history: list, log, progress, on_epoch) -> RunResult:
@@ -585,12 +594,9 @@ def _run_epochs(run_dir: Path, p: _Prepared, start: int, history: list, log, pro
     best_key = "val_accuracy" if p.val_loader is not None else ("test_accuracy" if p.test_loader is not None else None)
 
     def after_epoch(rec: dict, hist: list) -> None:
-        if dist is not None:
-            if dist.is_root:
-                with dist.solo():
-                    _after_epoch(rec, hist)
-            return
-        _after_epoch(rec, hist)
+        if _is_root():
+            with _solo():
+                _after_epoch(rec, hist)
 
     def _after_epoch(rec: dict, hist: list) -> None:
         # the best epoch's weights (as evaluated: the average, if any) first, then the checkpoint; a kill between
@@ -619,7 +625,7 @@ def _run_epochs(run_dir: Path, p: _Prepared, start: int, history: list, log, pro
     if not _is_root():
         return RunResult(run_dir, history, model_path, seconds)
     info = _model_info(p)
-    with dist.solo() if dist is not None else contextlib.nullcontext():
+    with _solo():
         _plots(run_dir, p, history)
         serialize.save_model(model_path, p.model, p.spec, p.mean, p.std, p.class_names, info)
     summary = _summary(run_dir, history, epochs)

@@ -55,9 +55,11 @@ def _stop(procs: list, grace: float = STOP_GRACE_S) -> None:
             p.wait()
 
 
-def launch(argv: list[str], world: int, timeout: float = DEFAULT_TIMEOUT_S, command: list[str] | None = None) -> int:
+def launch(argv: list[str], world: int, timeout: float = DEFAULT_TIMEOUT_S, command: list[str] | None = None,
+           env: dict | None = None) -> int:
     """Run `python -m hetnet <argv>` (or `command`) as `world` ranks on this host and watch them; returns the job's
-    exit status (0, the failing rank's status, or 130 after Ctrl-C)."""
+    exit status (0, the failing rank's status, or 130 after Ctrl-C). env: the ranks' environment before the
+    launcher's variables (default: this process's)."""
     procs: list[subprocess.Popen] = []
     verdict: list = []                  # the watchdog's exit status, once it ended the job
     monitor = Monitor(world, timeout, on_abort=verdict.append, host="127.0.0.1", port=0,
@@ -65,10 +67,10 @@ def launch(argv: list[str], world: int, timeout: float = DEFAULT_TIMEOUT_S, comm
     cmd = command or [sys.executable, "-m", "hetnet", *argv]
     try:
         for rank in range(world):
-            env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+            rank_env = {**(os.environ if env is None else env), "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
                    "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(monitor.address[1]),
                    "HETNET_LAUNCHER": "1", "HETNET_DIST_TIMEOUT": str(timeout)}
-            procs.append(subprocess.Popen(cmd, env=env, stdout=None if rank == 0 else subprocess.DEVNULL))
+            procs.append(subprocess.Popen(cmd, env=rank_env, stdout=None if rank == 0 else subprocess.DEVNULL))
         while True:
             if verdict:
                 _stop(procs)
