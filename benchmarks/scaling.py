@@ -218,7 +218,7 @@ def _run_job(args, side: str, n: int, model: str, precision: str, batch: int) ->
                 # no binding: each rank takes its share of the cores in threads (hetnet.parallel.dist), as
                 # PyTorch's side does with torch.set_num_threads
                 status = subprocess.run([mpirun, "-n", str(n), "--oversubscribe", "--bind-to", "none", *root, *cmd],
-                                        env=env, timeout=args.timeout).returncode
+                                        check=False, env=env, timeout=args.timeout).returncode
             elif side == "hetnet":
                 status = parallel.launch([], n, timeout=min(args.timeout, parallel.DEFAULT_TIMEOUT_S), command=cmd,
                                          env=env)
@@ -241,7 +241,7 @@ def _gpu_count() -> int:
         import cupy
 
         return int(cupy.cuda.runtime.getDeviceCount())
-    except Exception:
+    except (ImportError, RuntimeError):       # no CuPy, or no driver (CUDARuntimeError)
         return 0
 
 

@@ -52,13 +52,14 @@ def _mpirun(n: int, args: list[str], cwd: Path, timeout: float = 240, **env) -> 
     root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
     cmd = [MPIRUN, "-n", str(n), "--oversubscribe", *root, sys.executable, *args]
     t0 = time.monotonic()
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=_env(**env))
+    r = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout, cwd=cwd,
+                       env=_env(**env))
     return r, time.monotonic() - t0
 
 
 def _hetnet(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    r = subprocess.run([sys.executable, "-m", "hetnet", *args], capture_output=True, text=True, timeout=240,
-                       cwd=cwd, env=_env())
+    r = subprocess.run([sys.executable, "-m", "hetnet", *args], check=False, capture_output=True, text=True,
+                       timeout=240, cwd=cwd, env=_env())
     assert r.returncode == 0, r.stderr
     return r
 

@@ -387,7 +387,8 @@ def _ranks(batch: int) -> str:
     dist = parallel.current()
     if dist is None:
         return ""
-    return f" ({dist.world} ranks x {batch // dist.world}{', synchronised BatchNorm' if dist.sync_bn else ''})"
+    ranks = f"{dist.world} rank{'s' if dist.world > 1 else ''}"
+    return f" ({ranks} x {batch // dist.world}{', synchronised BatchNorm' if dist.sync_bn else ''})"
 
 
 def _describe(p: _Prepared, run_dir: Path) -> str:

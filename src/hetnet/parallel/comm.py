@@ -133,7 +133,6 @@ class NcclComm:
         self.stream.wait_event(self.ready)
         self.comm.allReduce(buf.data.ptr, buf.data.ptr, buf.size, self._type(buf, bf16),
                             _NCCL_AVG if self.average_op else _NCCL_SUM, self.stream.ptr)
-        return None
 
     def wait(self, handles: list) -> None:
         """The current stream waits for every all-reduce started so far (the join of the capture's fork)."""

@@ -309,4 +309,4 @@ def _connect(dist: Dist, device: str | None, addr, mpi) -> None:
         dist.comm = MPIComm(dist.hb)
     dist.barrier()
     if dist.rank:
-        sys.stdout = open(os.devnull, "w")        # one rank speaks: rank 0 (errors reach the watchdog)
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the process's life: one rank speaks, rank 0

@@ -67,9 +67,10 @@ def launch(argv: list[str], world: int, timeout: float = DEFAULT_TIMEOUT_S, comm
     cmd = command or [sys.executable, "-m", "hetnet", *argv]
     try:
         for rank in range(world):
-            rank_env = {**(os.environ if env is None else env), "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-                   "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(monitor.address[1]),
-                   "HETNET_LAUNCHER": "1", "HETNET_DIST_TIMEOUT": str(timeout)}
+            rank_env = {**(os.environ if env is None else env), "RANK": str(rank), "WORLD_SIZE": str(world),
+                        "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(monitor.address[1]), "HETNET_LAUNCHER": "1",
+                        "HETNET_DIST_TIMEOUT": str(timeout)}
             procs.append(subprocess.Popen(cmd, env=rank_env, stdout=None if rank == 0 else subprocess.DEVNULL))
         while True:
             if verdict:

@@ -111,7 +111,7 @@ def _reply(sock: socket.socket, timeout: float) -> dict:
                 raise ConnectionError("the monitor closed the connection")
             if msgs:
                 return msgs[0]
-    except socket.timeout:
+    except TimeoutError:
         raise TimeoutError(f"no answer from the monitor within {timeout:.0f} s") from None
 
 
@@ -374,9 +374,8 @@ class Heartbeat:
         signal.set_wakeup_fd(self._sigterm_w, warn_on_full_buffer=False)
 
     def _send(self, msg: dict) -> None:
-        with self._lock:
-            with contextlib.suppress(OSError):
-                _send(self.sock, msg)
+        with self._lock, contextlib.suppress(OSError):
+            _send(self.sock, msg)
 
     def _state(self) -> str:
         return "wait" if self._wait_depth else self.state
