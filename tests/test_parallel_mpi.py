@@ -33,6 +33,10 @@ pytestmark = pytest.mark.skipif(MPIRUN is None or importlib.util.find_spec("mpi4
 
 PLAIN_RTOL_F64 = 1e-12
 RTOL_F32 = 1e-6
+BN_SPEC = {"input_shape": [1, 28, 28], "layers": [
+    {"type": "Conv2D", "in_channels": 1, "out_channels": 4, "kernel_size": 3, "padding": 1, "bias": False},
+    {"type": "BatchNorm2D", "num_features": 4}, {"type": "ReLU"}, {"type": "MaxPool2D", "kernel_size": 2},
+    {"type": "Flatten"}, {"type": "Dense", "in_features": 4 * 14 * 14, "out_features": 10}]}
 SPEC = {"input_shape": [1, 28, 28], "layers": [
     {"type": "Conv2D", "in_channels": 1, "out_channels": 4, "kernel_size": 3, "padding": 1},
     {"type": "ReLU"}, {"type": "MaxPool2D", "kernel_size": 2}, {"type": "Flatten"},
@@ -91,11 +95,12 @@ def work(tmp_path_factory):
         write_idx(data / f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, n).astype(np.uint8))
         write_idx(data / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 255, (n, 28, 28)).astype(np.uint8))
     (root / "spec.json").write_text(json.dumps(SPEC))
+    (root / "bn.json").write_text(json.dumps(BN_SPEC))
     return root
 
 
-def _train_args(work: Path, batch: int, out: str, epochs: int = EPOCHS) -> list[str]:
-    return ["train", "--model", str(work / "spec.json"), "--data", str(work / "data"), "--device", "cpu",
+def _train_args(work: Path, batch: int, out: str, epochs: int = EPOCHS, spec: str = "spec.json") -> list[str]:
+    return ["train", "--model", str(work / spec), "--data", str(work / "data"), "--device", "cpu",
             "--epochs", str(epochs), "--batch-size", str(batch), "--optimizer", "momentum", "--lr", "0.05",
             "--augment", "crop:2,flip", "--seed", "5", "--no-progress", "--out", out]
 
@@ -145,6 +150,15 @@ def test_rank_0_alone_writes_and_speaks(runs):
     assert sum(line.startswith(f"epoch {EPOCHS}/{EPOCHS}") for line in out) == 1
     assert sum(line.startswith("done: ") for line in out) == 1
     assert _errors(r.stderr) == []
+
+
+def test_sync_bn_from_the_command_line_is_batchnorm_of_the_whole_batch(work):
+    _hetnet(_train_args(work, 64, "bn-single", spec="bn.json"), work)
+    r, _ = _mpirun(2, ["-m", "hetnet", *_train_args(work, 32, "bn-two", spec="bn.json"), "--sync-bn"], work)
+    assert r.returncode == 0, r.stderr
+    assert "(2 ranks x 32, synchronised BatchNorm)" in r.stdout
+    assert rel_err(_weights(work / "bn-two"), _weights(work / "bn-single")) < RTOL_F32
+    assert json.loads((work / "bn-two" / "config.json").read_text())["parallel"]["sync_bn"] is True
 
 
 def test_a_killed_rank_ends_the_job_and_resume_on_one_process_finishes_it(work, runs):

@@ -266,8 +266,7 @@ def _train(args, dist) -> int:
         os.environ["HETNET_TF32"] = "1"
     augment = [] if args.no_augment else (None if args.augment is None else
                                           [s for s in args.augment.split(",") if s.strip()])
-    flags = {"model": args.model, "dataset": args.dataset, "data": args.data,
-             "device": args.device if dist is None else dist.device,
+    flags = {"model": args.model, "dataset": args.dataset, "data": args.data, "device": args.device,
              "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "optimizer": args.optimizer,
              "schedule": args.schedule, "weight_decay": args.weight_decay, "warmup_epochs": args.warmup_epochs,
              "label_smoothing": args.label_smoothing, "ema": args.ema, "augment": augment,
@@ -275,7 +274,7 @@ def _train(args, dist) -> int:
              "skip_bad_images": args.skip_bad_images or None}
     if args.resume:
         given = [f for f, v in flags.items() if v is not None and f != "epochs"] + (["out"] if args.out else [])
-        if given:
+        if given and root:
             print(f"note: --resume continues the run as configured; ignoring --{given[0].replace('_', '-')}"
                   + (" and others" if len(given) > 1 else ""), file=sys.stderr)
         run_dir = Path(args.resume)
@@ -285,6 +284,8 @@ def _train(args, dist) -> int:
         except KeyboardInterrupt:
             return _interrupted(run_dir, root)
         return 0
+    if dist is not None:
+        flags["device"] = dist.device       # this rank's GPU (cuda:LOCAL_RANK), or the CPU
     if args.config:
 
         config = rerun_config(args.config, flags)

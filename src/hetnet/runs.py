@@ -315,6 +315,7 @@ def prepare(config: dict, log: Callable[[str], None] | None = None) -> _Prepared
             note(f"with {dist.world} ranks the last batch of each epoch is cut to a multiple of {dist.world}: "
                  f"{train_loader.skipped()} training example(s) per epoch sit out (a different few each epoch)")
         dist.sync_bn = bool((config.get("parallel") or {}).get("sync_bn"))
+        config.update(_parallel_entry(dist))        # a resume may run on another number of ranks
         dist.prepare_model(model)
     optimizer = make_optimizer(recipe["optimizer"], model.parameters(), recipe["lr"], recipe["weight_decay"])
     steps = len(train_loader)
