@@ -386,8 +386,9 @@ def test_benchmark_scripts_import_without_a_gpu_and_wrap_the_harness(monkeypatch
     """Every script in benchmarks/ imports here (CUDA, CuPy and torch only inside main) and has a main; the
     whole-model ones are hetnet bench flags or wrappers over it."""
     scripts = sorted(p.relative_to(REPO / "benchmarks").as_posix() for p in (REPO / "benchmarks").rglob("*.py"))
-    assert scripts == ["conv_algos.py", "cpu_step.py", "kernels/conv_variants.py", "kernels/host_overhead.py",
-                       "kernels/profile_step.py", "kernels/run_conv_variants.py"]
+    assert scripts == ["conv_algos.py", "cpu_step.py", "kernels/ab_step.py", "kernels/conv_variants.py",
+                       "kernels/host_overhead.py", "kernels/profile_step.py", "kernels/run_conv_variants.py",
+                       "scaling.py"]
     for name in scripts:
         if name == "kernels/conv_variants.py":         # the table of losing conv tiles, read by the runner
             continue
