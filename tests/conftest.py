@@ -7,6 +7,18 @@ import pytest
 # Relative error ||a - b|| / ||b|| allowed when comparing a result against the float64 reference:
 RTOL = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-4}
 
+# Tensor-core GEMMs (backends/cuda/mma.cu) against float64 of the exact inputs, relative to ||C||: tf32 rounds each
+# operand to 10 mantissa bits (relative error up to 2^-11 = 4.9e-4 per operand, about 3e-4 for a whole product of
+# random data), bf16 to 7 (2^-8 = 3.9e-3, about 3e-3). hetnet.bench.common.GEMM_RTOL holds the same values (checked
+# in tests/test_mma_emulated.py).
+RTOL_TC = {"tf32": 1e-3, "bf16": 1e-2}
+# The same results against float64 of the inputs rounded as the kernels round them (tests/test_mma.py): the tensor
+# cores' float32 accumulation (not IEEE round-to-nearest at every add) over K <= ~20000.
+RTOL_TC_ROUNDED = 1e-4
+# The same kernels on the CPU emulator (tests/cuda_emu) against float64 of the inputs rounded as the kernels round
+# them: what remains is float32 accumulation (~1e-7 relative); a wrong fragment or index is O(1).
+RTOL_EMULATED = 1e-5
+
 # Float64 central-difference gradient check: step H has truncation error O(H^2) and rounding error O(eps/H); at
 # H = 1e-6 both stay near 1e-9 relative, so analytic and numerical gradients must agree to GRADCHECK_RTOL.
 GRADCHECK_H = 1e-6
@@ -22,9 +34,23 @@ def rel_err(a, b) -> float:
     return float(np.linalg.norm(a - b) / denom)
 
 
+# The cuda backend's tensor-core precisions (hetnet.device): matrix products round their inputs to TF32 (10-bit
+# mantissa, unit roundoff 2^-11) or bfloat16 (7-bit, 2^-8) and accumulate in float32; relative error allowed against
+# the float64 reference for results that went through such products (sums of a few hundred rounded terms).
+RTOL_PRECISION = {k: 2 * v for k, v in RTOL_TC.items()}   # a GEMM's rounding (RTOL_TC) and the op's own
+
+
+def tolerance(of) -> float:
+    """The relative tolerance for results of `of`: a dtype, or a backend (its dtype, or its tensor-core precision)."""
+    if isinstance(of, (type, np.dtype, str)):
+        return RTOL[np.dtype(of)]
+    precision = getattr(of, "precision", "fp32")
+    return RTOL_PRECISION[precision] if precision != "fp32" else RTOL[np.dtype(of.dtype)]
+
+
 def assert_close(actual, expected, dtype, what: str = "") -> None:
-    """actual (from a backend of `dtype`) is within that dtype's tolerance of `expected`."""
-    tol = RTOL[np.dtype(dtype)]
+    """actual (from a backend, or a backend of dtype `dtype`) is within its tolerance of `expected` (tolerance)."""
+    tol = tolerance(dtype)
     err = rel_err(actual, expected)
     assert err <= tol, f"{what}: relative error {err:.3g} > {tol:.0e}"
 

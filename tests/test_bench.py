@@ -388,7 +388,7 @@ def test_benchmark_scripts_import_without_a_gpu_and_wrap_the_harness(monkeypatch
     scripts = sorted(p.relative_to(REPO / "benchmarks").as_posix() for p in (REPO / "benchmarks").rglob("*.py"))
     assert scripts == ["conv_algos.py", "cpu_step.py", "kernels/ab_step.py", "kernels/conv_variants.py",
                        "kernels/host_overhead.py", "kernels/profile_step.py", "kernels/run_conv_variants.py",
-                       "scaling.py"]
+                       "kernels/run_tc_gemm.py", "scaling.py"]
     for name in scripts:
         if name == "kernels/conv_variants.py":         # the table of losing conv tiles, read by the runner
             continue
@@ -407,3 +407,25 @@ def test_gpu_check_calls_the_harness():
     assert "hetnet bench" in text and "--precision fp32,tf32,bf16" in text and "--loader-epochs" in text
     for gone in ("gpu_step.py", "gpu_epoch.py", "gpu_profile.py"):
         assert gone not in text
+
+
+def test_readme_results_table_is_generated_from_the_results_json():
+    """The README's table is exactly what the committed results JSON give (hetnet bench --readme --write)."""
+    from hetnet.bench import readme
+
+    table = readme.results_table(REPO / "benchmarks" / "results")
+    assert readme.readme_block(REPO / "README.md") == table
+    assert table.count("\n| ") >= 5 and "PyTorch CUDA graph" in table and "PyTorch CPU" in table
+
+
+def test_readme_update_replaces_only_the_block(tmp_path):
+    from hetnet.bench import readme
+
+    p = tmp_path / "README.md"
+    p.write_text(f"# x\n\n{readme.BEGIN}\nold\n{readme.END}\n\nafter\n")
+    assert readme.update_readme(p, "| new |\n")
+    assert p.read_text() == f"# x\n\n{readme.BEGIN}\n| new |\n{readme.END}\n\nafter\n"
+    assert not readme.update_readme(p, "| new |\n")
+    p.write_text("no markers")
+    with pytest.raises(ValueError, match="no <!-- results -->"):
+        readme.update_readme(p, "x")

@@ -21,7 +21,7 @@ import pytest
 
 from hetnet.backends.cuda import conv as C
 from hetnet.backends.cuda import conv_tiles as T
-from hetnet.backends.cuda import kernels
+from hetnet.backends.cuda import kernels, mma_tiles
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA_DIR = ROOT / "src" / "hetnet" / "backends" / "cuda"
@@ -69,7 +69,24 @@ def results(tmp_path_factory):
 
 
 def test_sources_found():
-    assert set(SOURCES) >= {"conv", "pool", "norm", "elementwise", "loss", "optim"}
+    assert set(SOURCES) >= {"conv", "pool", "norm", "elementwise", "loss", "optim", "mma"}
+    assert set(SOURCES) == set(kernels.SOURCES)
+
+
+def test_compiled_gemm_kernels_are_the_table(results):
+    """mma.cu compiles to one entry point per tensor-core tile and operand order of mma_tiles.TILES, each within
+    an SM's registers for its block and with the dynamic shared memory the launcher gives it under an H200's 227 KB
+    (tests/test_mma_emulated.py checks the kernels stay inside it)."""
+    want = {t.kernel(layout) for t in mma_tiles.TILES for layout in mma_tiles.LAYOUTS}
+    for arch in ARCHS:
+        log = results[("mma", arch)][1]
+        found = dict(re.findall(r"Compiling entry function '(hn_gemm_\w+)' for '\w+'\s+.*?Used (\d+) registers", log,
+                                re.DOTALL))
+        assert set(found) == want, arch
+        threads = {t.kernel(layout): t.threads for t in mma_tiles.TILES for layout in mma_tiles.LAYOUTS}
+        for name, regs in found.items():
+            assert int(regs) * threads[name] <= 65536, f"{name} ({arch}): {regs} registers x {threads[name]} threads"
+    assert all(t.smem_bytes <= 227 * 1024 for t in mma_tiles.TILES)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

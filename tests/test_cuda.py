@@ -527,6 +527,47 @@ def test_graph_step_matches_eager_and_cpu(rng, opt_name):
         assert abs(run[2] - cpu[2]) <= 1, f"{name}: correct {run[2]} vs cpu {cpu[2]}"
 
 
+def test_graph_captured_again_when_flags_flip_with_groups(rng):
+    """Parameter groups (BatchNorm biases at 8x, Nesterov SGD with decoupled hyperparameters) under the triangular
+    schedule, and flags flipped between steps (the second conv's bias frozen at step 3 and trained again at step
+    6, the first dense weight frozen at step 5): each flip resets the runner, which drops its graphs (the step after
+    a flip runs eagerly, the next is captured again); the replayed steps compute what the eager plan computes, and
+    a frozen parameter does not move (weight decay and momentum included)."""
+    x, y = _data(rng)
+    hn.seed(11)
+    state = small_cnn(0.0).state_dict()
+    flips = {3: [(4, "bias", False)], 5: [(8, "weight", False)], 6: [(4, "bias", True)]}
+    runs = []
+    for use_graph in (False, True):
+        model = _cnn_from(state, "cuda", 123, 0.0)
+        b = model.backend
+        groups = T.group_parameters(model, [{"params": "BatchNorm2D.bias", "lr_scale": 8}])
+        opt = T.make_optimizer("nesterov-decoupled", groups, 2.0, 0.01, momentum=0.85, batch_size=32)
+        step = T.make_train_step(model, opt, T.make_schedule("triangular", opt, 9))
+        step.runner.use_graph = use_graph
+        resets, real = [], step.runner.reset
+        step.runner.reset = lambda real=real, resets=resets: (resets.append(1), real())[1]
+        for i in range(9):
+            for layer, name, trains in flips.get(i, []):
+                model[layer].params[name].requires_grad = trains
+            before = model.state_dict()
+            s = slice((i * 32) % len(x), (i * 32) % len(x) + 32)
+            step.step(b.asarray(x[s]), b.labels(y[s]))
+            after = model.state_dict()
+            for layer in (4, 8):
+                for name, p in model[layer].params.items():
+                    if not p.requires_grad:
+                        np.testing.assert_array_equal(after[f"{layer}.{name}"], before[f"{layer}.{name}"],
+                                                      err_msg=f"step {i}: frozen {layer}.{name} moved")
+            if use_graph and i >= 1:
+                assert (len(step.runner.graphs) == 0) == (i in flips), f"step {i}"
+        step.collect()
+        assert len(resets) == len(flips)
+        runs.append(model.state_dict())
+    for k in runs[0]:
+        assert_close(runs[1][k], runs[0][k], F32, f"graph vs eager: {k}")
+
+
 @pytest.mark.parametrize("algo", ["implicit", "im2col"])
 def test_graph_replay_equals_eager_plan(rng, algo):
     """The captured graph computes what the same plan computes without capture, with each algorithm forced

@@ -1,7 +1,7 @@
 """Frozen parameters (`Parameter.requires_grad = False`), as PyTorch: the layer still passes the gradient to its
 input, the frozen parameter's .grad stays zero (the op skips it where it can), model.parameters() still lists it,
 and the flag survives moves between devices and the fused step plans. The optimisers' side -- a frozen parameter
-never changes, whatever the optimiser -- is stated at the end (expected to fail until the optimisers honour it)."""
+never changes, whatever the optimiser -- is stated at the end."""
 from __future__ import annotations
 
 import numpy as np
@@ -201,7 +201,7 @@ def test_step_objects_leave_frozen_gradients_at_zero(device, rng):
     assert np.any(states[0]["0.bias"] != start["0.bias"]) and np.any(states[0]["8.bias"] != start["8.bias"])
 
 
-# --- the optimisers (the lead's side: issue 13/15) -------------------------------------------------------------------
+# --- the optimisers ---------------------------------------------------------------------------------------------------
 
 OPTIMISERS = {
     "sgd": lambda ps: hn.optim.SGD(ps, lr=0.1, weight_decay=0.1),
@@ -211,7 +211,6 @@ OPTIMISERS = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason="optimisers honour requires_grad: lead, issue 13/15")
 @pytest.mark.parametrize("path", ["eager", "flat", "train-step"])
 @pytest.mark.parametrize("opt", sorted(OPTIMISERS))
 def test_optimisers_never_change_a_frozen_parameter(opt, path, rng):
@@ -249,3 +248,49 @@ def test_optimisers_never_change_a_frozen_parameter(opt, path, rng):
             assert np.any(p.data != before[id(p)])
         else:
             np.testing.assert_array_equal(p.data, before[id(p)], err_msg=f"frozen {p!r} changed under {opt}")
+
+
+@pytest.mark.parametrize("device", DEVICES[1:])
+def test_train_step_follows_flags_flipped_between_steps(device, rng, monkeypatch):
+    """airbench's pattern -- the first layer's bias trains, then is frozen -- and back, through the backend's train
+    step (cuda: captured and replayed) with parameter groups: each flip resets the step's runner once (the launches
+    changed; cuda captures again), a parameter keeps its value bit for bit while frozen, and the weights follow the
+    float64 reference's eager steps."""
+    x = f32(rng, 6, 2, 6, 6).astype(np.float32)
+    y = rng.integers(0, 3, 6)
+
+    def make():
+        return hn.Sequential([hn.Conv2D(2, 4, 2), hn.GELU(), hn.Conv2D(4, 4, 3, padding=1, bias=False),
+                              hn.BatchNorm2D(4, scale="frozen"), hn.GELU(), hn.Flatten(), hn.Dense(4 * 5 * 5, 3)])
+
+    hn.seed(5)
+    start = make().state_dict()
+    phases = [0, 0, 1, 1, 1, 2, 2]      # 1: the first bias frozen; 2: it trains again, the dense weight frozen
+    finals = []
+    for dev in ("reference", device):
+        model = make()
+        model.load_state_dict(start)
+        model.to(dev)
+        b = model.backend
+        bn_bias = model[3].bias
+        opt = hn.optim.SGD([{"params": [p for p in model.parameters() if p is not bn_bias]},
+                            {"params": [bn_bias], "lr": 0.5, "weight_decay": 0.0}],
+                           lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-3)
+        step = T.make_train_step(model, opt, hn.optim.TriangularLR(opt, total_steps=len(phases)))
+        resets, real = [], step.runner.reset
+        monkeypatch.setattr(step.runner, "reset", lambda real=real, resets=resets: (resets.append(1), real())[1])
+        for phase in phases:
+            for p, trains in ((model[0].bias, phase != 1), (model[6].weight, phase != 2)):
+                if p.requires_grad != trains:
+                    p.requires_grad = trains
+            frozen = {k: v for k, v in model.state_dict().items() if k in ("0.bias", "6.weight")}
+            step.step(b.asarray(x), b.labels(y))
+            after = model.state_dict()
+            for k, v in frozen.items():
+                moved = not np.array_equal(after[k], v)
+                assert moved == (k == "0.bias" and phase != 1 or k == "6.weight" and phase != 2), (phase, k)
+        step.collect()
+        assert len(resets) == 2
+        finals.append(model.state_dict())
+    for k in start:
+        assert_close(finals[1][k], finals[0][k], np.float32, k)

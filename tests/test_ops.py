@@ -14,11 +14,14 @@ from hetnet.device import cuda_available, get_backend
 from hetnet.random import counter_uniform
 
 BACKENDS = ["cpu"] + ([pytest.param("cuda", marks=pytest.mark.gpu)] if cuda_available() else [])
+# the cuda backend again with tensor-core matrix products ("device@precision"), compared at that precision's tolerance
+PRECISION_BACKENDS = [pytest.param(f"cuda@{p}", marks=pytest.mark.gpu) for p in ("tf32", "bf16") if cuda_available()]
 
 
-@pytest.fixture(params=BACKENDS)
+@pytest.fixture(params=BACKENDS + PRECISION_BACKENDS)
 def bk(request):
-    return get_backend(request.param)
+    device, _, precision = request.param.partition("@")
+    return get_backend(device, precision or None)
 
 
 def f32(rng, *shape, scale=1.0, shift=0.0):
@@ -56,17 +59,17 @@ def compare(b, fwd, args, bwd, seed, **kw):
     """The same op on the reference and on b, same inputs and same dy; every output compared."""
     got = run(b, fwd, args, bwd, np.random.default_rng(seed), **kw)
     want = run(ref, fwd, args, bwd, np.random.default_rng(seed), **kw)
-    assert_close(got["y"], want["y"], b.dtype, f"{fwd} y")
+    assert_close(got["y"], want["y"], b, f"{fwd} y")
     if bwd is not None:
         if want["dx"] is None:
             assert got["dx"] is None, f"{bwd}: need_dx=False must return None"
         else:
-            assert_close(got["dx"], want["dx"], b.dtype, f"{bwd} dx")
+            assert_close(got["dx"], want["dx"], b, f"{bwd} dx")
         for i, (g, w) in enumerate(zip(got["acc"], want["acc"])):
             if w is not None:
-                assert_close(g, w, b.dtype, f"{bwd} gradient {i}")
+                assert_close(g, w, b, f"{bwd} gradient {i}")
     for i, (g, w) in enumerate(zip(got.get("mutable", []), want.get("mutable", []))):
-        assert_close(g, w, b.dtype, f"{fwd} in-place state {i}")
+        assert_close(g, w, b, f"{fwd} in-place state {i}")
     return got, want
 
 
@@ -383,7 +386,7 @@ def test_softmax_cross_entropy_stats(bk, rng):
     z, lab = f32(rng, 13, 6), rng.integers(0, 6, size=13)
     (s, c), (rs, rc) = _loss_both(bk, "softmax_cross_entropy_stats", [z, lab])
     assert isinstance(c, int) and c == rc == int((z.argmax(axis=1) == lab).sum())
-    assert_close(np.array(s), np.array(rs), bk.dtype, "loss sum")
+    assert_close(np.array(s), np.array(rs), bk, "loss sum")
     rloss, _ = ref.softmax_cross_entropy(z, lab)
     assert_close(np.array(rs), np.array(rloss * 13), np.float64, "stats loss sum = N * mean loss")
 
@@ -395,7 +398,7 @@ def test_binary_cross_entropy_with_logits(bk, rng, shape, scale):
     t[..., 0] = np.round(t[..., 0])         # some hard 0/1 targets too
     (loss, dz), (rloss, rdz) = _loss_both(bk, "binary_cross_entropy_with_logits", [z, t])
     assert isinstance(loss, float) and np.isfinite(loss) and np.all(np.isfinite(bk.to_numpy(dz)))
-    assert_close(np.array(loss), np.array(rloss), bk.dtype, "loss")
+    assert_close(np.array(loss), np.array(rloss), bk, "loss")
     # sigmoid(z) - t may cancel (saturated sigmoids, or sigmoid close to t), so compare in units of the gradient's
     # natural scale 1/size instead of relative to a norm that may itself be ~1e-14
     assert np.abs(bk.to_numpy(dz) - rdz).max() <= RTOL[np.dtype(bk.dtype)] / z.size, "dlogits"
@@ -425,7 +428,7 @@ def _update_both(b, fn, arrays, n_steps, kwargs_of_step, rng):
             np.testing.assert_array_equal(be.to_numpy(gd), g.astype(be.dtype), err_msg=f"{fn} modified g")
         out[be.name] = [be.to_numpy(d) for d in dev if d is not None]
     for i, (g, w) in enumerate(zip(out[b.name], out["reference"])):
-        assert_close(g, w, b.dtype, f"{fn} array {i}")
+        assert_close(g, w, b, f"{fn} array {i}")
     return out
 
 
@@ -501,8 +504,8 @@ def test_backward_adds_into_gradients(name, op, rng):
     for o, t, s, p in zip(once, twice, start, prefilled):
         o = b.to_numpy(o)
         assert np.abs(o).max() > 0
-        assert_close(b.to_numpy(t), 2 * o, b.dtype, f"{op}: second backward must add")
-        assert_close(b.to_numpy(p), s + o, b.dtype, f"{op}: backward must add to the existing gradient")
+        assert_close(b.to_numpy(t), 2 * o, b, f"{op}: second backward must add")
+        assert_close(b.to_numpy(p), s + o, b, f"{op}: backward must add to the existing gradient")
 
 
 # --- activations inside ops, ReLU masks, fused ops (backends.compose defines each; see hetnet.plan) -------------
@@ -640,12 +643,12 @@ def test_dense_chain(bk, rng, case, accumulate, mask):
                                                           for pair in grads])
         assert be.dense_chain_backward(be.asarray(dy), cache, grads, need_dx=False) is None
     (y, dx, g), (ry, rdx, rg) = out[bk.name], out["reference"]
-    assert_close(y, ry, bk.dtype, "y")
-    assert_close(dx, rdx, bk.dtype, "dx")
+    assert_close(y, ry, bk, "y")
+    assert_close(dx, rdx, bk, "dx")
     for i, ((dw, db), (rdw, rdb)) in enumerate(zip(g, rg)):
-        assert_close(dw, rdw, bk.dtype, f"dw{i}")
+        assert_close(dw, rdw, bk, f"dw{i}")
         if db is not None:
-            assert_close(db, rdb, bk.dtype, f"db{i}")
+            assert_close(db, rdb, bk, f"db{i}")
     if mask:
         assert np.all(dx[x == 0] == 0)
 

@@ -162,6 +162,29 @@ def test_nccl_reducer_in_the_captured_graph_changes_nothing_in_a_world_of_one(be
         assert_close(runs[1][k], runs[0][k], F32, k)
 
 
+def _bf16_rounded(a: np.ndarray) -> np.ndarray:
+    """float32 values rounded to bfloat16 (nearest, ties to even) and widened back, on the host."""
+    u = np.asarray(a, np.float32).view(np.uint32).astype(np.uint64)
+    top = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint32)
+    return (top << 16).view(np.float32)
+
+
+def test_bf16_gradients_travel_as_bfloat16(be, nccl_one):
+    """A world of one: the buffer after the reduction is the gradient rounded to bfloat16, bucket by bucket."""
+    hn.seed(5)
+    model = _bn_cnn().to(be)
+    reducer = GradReducer(nccl_one, model, bucket_bytes=512, bf16=True)
+    grad = np.random.default_rng(2).normal(0, 1e-2, model._pack.grad.size).astype(F32)
+    grad[:3] = [1.00390625, 1.01171875, -2.0 ** -130]       # a tie to even each way, a subnormal
+    model._pack.grad[...] = be.asarray(grad)
+    with be.device, be.compute_stream():
+        reducer.begin(model.plan.nodes_for((1, 12, 12)))
+        reducer.finish()
+    be.compute_stream().synchronize()
+    assert len(reducer.bounds) > 2
+    assert np.array_equal(be.to_numpy(model._pack.grad), _bf16_rounded(grad))
+
+
 # --- the command line -------------------------------------------------------------------------------------------
 
 SPEC = {"input_shape": [1, 28, 28], "layers": [

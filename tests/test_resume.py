@@ -90,12 +90,49 @@ def _weights(path: Path) -> dict:
 
 def test_sigkill_and_resume_is_bit_identical(setup):
     root, data, spec = setup
-    ref = root / "uninterrupted"
-    _run(_argv(data, spec, ref))
+    _check_kill_and_resume(root / "uninterrupted", root / "killed", lambda out: _argv(data, spec, out))
 
-    out = root / "killed"
+
+# airbench's recipe: parameter groups (BatchNorm biases at 64x the learning rate), Nesterov SGD with decoupled
+# hyperparameters, the triangular schedule, lookahead every 3 steps (not a divisor of the 13 steps of an epoch), the
+# first layer's bias frozen after epoch 2, label smoothing. No flag names these recipe fields: the runs start from
+# a config.json (--config), as a rerun does.
+AIRBENCH_SPEC = {"input_shape": [1, 28, 28], "layers": [
+    {"type": "Conv2D", "in_channels": 1, "out_channels": 4, "kernel_size": 3, "padding": 1},
+    {"type": "GELU"}, {"type": "MaxPool2D", "kernel_size": 2},
+    {"type": "Conv2D", "in_channels": 4, "out_channels": 4, "kernel_size": 3, "padding": 1, "bias": False},
+    {"type": "BatchNorm2D", "num_features": 4, "scale": "frozen", "momentum": 0.4}, {"type": "GELU"},
+    {"type": "MaxPool2D", "kernel_size": 2}, {"type": "Flatten"},
+    {"type": "Dense", "in_features": 4 * 7 * 7, "out_features": 10, "bias": False}, {"type": "Scale", "factor": 0.25}]}
+AIRBENCH_RECIPE = {"epochs": EPOCHS, "batch_size": 32, "lr": 2.0, "optimizer": "nesterov-decoupled",
+                   "schedule": "triangular", "weight_decay": 0.05, "warmup_epochs": 0.0, "label_smoothing": 0.2,
+                   "ema": 0.0, "augment": ["crop:2", "flip"], "momentum": 0.85,
+                   "param_groups": [{"params": "BatchNorm2D.bias", "lr_scale": 64.0}], "lookahead": 3,
+                   "lookahead_decay": 0.95, "whiten_bias_epochs": 2}
+
+
+def test_sigkill_and_resume_with_airbench_recipe_is_bit_identical(setup):
+    root, data, _ = setup
+    cfg = root / "airbench-config.json"
+    cfg.write_text(json.dumps({"model": None, "spec": AIRBENCH_SPEC, "dataset": "fashion-mnist", "data": str(data),
+                               "device": "cpu", "recipe": AIRBENCH_RECIPE, "val_fraction": 0.1, "seed": 7,
+                               "limit": 400, "skip_bad_images": False}))
+    ref, out = root / "airbench-uninterrupted", root / "airbench-killed"
+    _check_kill_and_resume(ref, out, lambda o: [sys.executable, "-m", "hetnet", "train", "--config", str(cfg),
+                                                "--out", str(o), "--no-progress"])
+    ck = serialize.read_checkpoint(ref)
+    assert [len(g["params"]) for g in ck.optimizer["groups"]] == [1, 5]      # the BN bias, then the rest
+    assert ck.optimizer["groups"][0]["lr"] / ck.optimizer["groups"][1]["lr"] == pytest.approx(64.0)
+    assert ck.lookahead["steps"] == ck.optimizer["steps"] == EPOCHS * 13
+    assert json.loads((ref / "config.json").read_text())["recipe"]["whiten_bias_epochs"] == 2
+
+
+def _check_kill_and_resume(ref: Path, out: Path, argv) -> None:
+    """argv(out) trained uninterrupted into ref, and killed twice and resumed into out: the same weights, bit for
+    bit, and the same metrics."""
+    _run(argv(ref))
     # kill 1: just after the run directory appears (before or during the first epoch)
-    assert _kill_when(_argv(data, spec, out), lambda: (out / "config.json").exists())
+    assert _kill_when(argv(out), lambda: (out / "config.json").exists())
     assert not (out / "model.safetensors").exists()
     # kill 2: in the middle of the resumed run, once two more epochs have been written
     resume = [sys.executable, "-m", "hetnet", "train", "--resume", str(out)]

@@ -236,3 +236,47 @@ def test_fit_prints_one_line_per_epoch(capsys):
     assert [s.split("  ")[0] for s in lines] == ["epoch 1/2", "epoch 2/2"] and "img/s" in lines[0]
     _model().fit(x, y, epochs=2, batch_size=16, progress=False, verbose=False)
     assert capsys.readouterr().out == ""
+
+
+def test_recipe_fields_of_airbench_recipes(setup, first, tmp_path):
+    """momentum, param_groups, lookahead, lookahead_decay and whiten_bias_epochs: set in a recipe (a preset's or a
+    config's; no flags), checked, stored in config.json and built by prepare; generic defaults otherwise, also
+    for a config written before they existed."""
+    from hetnet.errors import UsageError
+    from hetnet.runs import RECIPE_EXTRA, RunConfig, make_config, prepare, rerun_config
+
+    _, data, spec = setup
+    base = {"model": str(spec), "data": str(data), "device": "cpu", "limit": 64}
+    cfg = make_config(RunConfig(**base, optimizer="nesterov-decoupled", lr=4.0, momentum=0.85,
+                                schedule="triangular:peak=0.3", param_groups=[{"params": "BatchNorm2D.bias",
+                                                                               "lr_scale": 64}],
+                                lookahead=5, lookahead_decay=0.9))
+    r = cfg["recipe"]
+    assert r["param_groups"] == [{"params": ["BatchNorm2D.bias"], "lr_scale": 64.0, "weight_decay_scale": 1.0}]
+    assert (r["momentum"], r["lookahead"], r["lookahead_decay"], r["whiten_bias_epochs"]) == (0.85, 5, 0.9, 0)
+    p = prepare(json.loads(json.dumps(cfg)))
+    lrs = [g["lr"] for g in p.optimizer.param_groups]
+    assert len(lrs) == 2 and lrs[0] / lrs[1] == pytest.approx(64.0) and p.schedule.peak == 0.3
+    assert (p.lookahead.every, p.lookahead.decay, p.frozen_after) == (5, 0.9, [])
+    defaults = make_config(RunConfig(**base))["recipe"]
+    assert {k: defaults[k] for k in RECIPE_EXTRA} == {"momentum": 0.9, "param_groups": [], "lookahead": 0,
+                                                       "lookahead_decay": 0.95, "whiten_bias_epochs": 0}
+    for kw, msg in (({"lookahead": -1}, "recipe field lookahead: expected a whole number"),
+                    ({"lookahead_decay": 0.0}, "recipe field lookahead_decay: expected a number in \\(0, 1\\]"),
+                    ({"momentum": 1.0}, "recipe field momentum: expected a number in \\[0, 1\\)"),
+                    ({"optimizer": "momentum", "momentum": 0.0}, "momentum needs momentum > 0"),
+                    ({"param_groups": [{"params": 3}]}, "param_groups, rule 0: 'params' must be"),
+                    ({"schedule": "triangular:top=1"}, "--schedule: triangular takes"),
+                    ({"whiten_bias_epochs": 1.5}, "recipe field whiten_bias_epochs")):
+        with pytest.raises(UsageError, match=msg):
+            make_config(RunConfig(**base, **kw))
+    for kw, msg in (({"whiten_bias_epochs": 2}, "whiten_bias_epochs: the model's first layer, Conv2D.*no bias"),
+                    ({"param_groups": [{"params": "Dense.gamma"}]}, "Dense.gamma matches none")):
+        with pytest.raises(UsageError, match=msg):
+            prepare(make_config(RunConfig(**base, **kw)))
+    old = json.loads((first / "config.json").read_text())
+    for k in RECIPE_EXTRA:
+        del old["recipe"][k]
+    path = tmp_path / "old-config.json"
+    path.write_text(json.dumps(old))
+    assert rerun_config(path)["recipe"] == json.loads((first / "config.json").read_text())["recipe"]

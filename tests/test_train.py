@@ -8,6 +8,7 @@ import pytest
 
 import hetnet as hn
 from hetnet import train
+from hetnet.device import cuda_available
 from hetnet.errors import TrainingDiverged, UsageError
 
 
@@ -41,11 +42,11 @@ def test_fit_learns_and_records_every_key():
 
 
 @pytest.mark.parametrize("optimizer", train.OPTIMIZERS)
-@pytest.mark.parametrize("schedule", ["constant", "step", "cosine", "onecycle"])
+@pytest.mark.parametrize("schedule", ["constant", "step", "cosine", "onecycle", "triangular"])
 def test_every_optimizer_and_schedule_runs(optimizer, schedule):
     x, y = _toy(48)
     model = _model()
-    lr = 0.05 if optimizer in ("sgd", "momentum") else 0.01
+    lr = {"sgd": 0.05, "momentum": 0.05, "nesterov-decoupled": 5.0}.get(optimizer, 0.01)
     hist = model.fit(x, y, epochs=2, batch_size=16, optimizer=optimizer, lr=lr, schedule=schedule,
                      warmup_epochs=0.5, weight_decay=1e-4, label_smoothing=0.1, log=None)
     assert all(math.isfinite(r["train_loss"]) for r in hist)
@@ -211,6 +212,134 @@ def test_fit_with_weight_average_keeps_the_evaluated_weights():
     assert all(np.array_equal(v, avg[k]) for k, v in model.state_dict().items())
     assert train.evaluate(model, train.ArrayLoader(x, y, 32, shuffle=False)) == \
         (hist[-1]["test_loss"], hist[-1]["test_accuracy"])
+
+
+# --- lookahead, parameters frozen after some epochs, optimisers and schedules by name -----------------------------
+
+
+@pytest.mark.parametrize("device, flat", [("cpu", True), ("cpu", False)]
+                         + ([pytest.param("cuda", True, marks=pytest.mark.gpu)] if cuda_available() else []),
+                         ids=lambda v: {True: "flat", False: "per-param"}.get(v, v))
+def test_lookahead_is_airbenchs_ema_and_reset(device, flat):
+    """airbench's LookaheadState, written out in float64: every 3 steps ema.lerp_(w, 1 - d), w = ema, with
+    d = decay^3 (t / T)^3 -- BN statistics included; between updates the weights are the optimiser's alone; a
+    frozen parameter never changes; finish() sets the weights to the EMA."""
+    from conftest import assert_close
+
+    x, y = _toy(64)
+    hn.seed(0)
+    model = hn.Sequential([hn.Flatten(), hn.Dense(4, 8), hn.BatchNorm1D(8), hn.ReLU(), hn.Dense(8, 3)])
+    if flat:
+        model.to(device)
+    b = model.backend
+    model[1].bias.requires_grad = False
+    start = model.state_dict()
+    total, every, decay = 8, 3, 0.9
+    lookahead = train.Lookahead(model, total_steps=total, every=every, decay=decay)
+    step = train.TrainStep(model, train.make_optimizer("momentum", model.parameters(), 0.1, 1e-2))
+    ema = {k: v.astype(np.float64) for k, v in start.items()}
+    for t in range(1, total + 1):
+        i = 8 * (t % 8)
+        step.step(b.asarray(x[i:i + 8]), b.labels(y[i:i + 8]))
+        live = model.state_dict()
+        lookahead.step()
+        if t % every:
+            assert all(np.array_equal(v, live[k]) for k, v in model.state_dict().items()), f"step {t}"
+            continue
+        d = decay ** every * (t / total) ** 3
+        for k, e in ema.items():
+            ema[k] = live[k] if k == "1.bias" else e + (1 - d) * (live[k] - e)
+        for k, v in model.state_dict().items():
+            assert_close(v, ema[k], np.float32, f"step {t}: {k}")
+    lookahead.finish()
+    for k, v in model.state_dict().items():
+        assert_close(v, ema[k], np.float32, f"finish: {k}")
+    np.testing.assert_array_equal(model.state_dict()["1.bias"], start["1.bias"])
+    assert lookahead.state_dict()["steps"] == total and "2.running_var" in lookahead.state_dict()["arrays"]
+
+
+def test_trainer_freezes_after_epochs_and_finishes_the_lookahead():
+    """frozen_after: the bias trains in epoch 1 only (and the step's warm-up is timed again after the flag
+    changed); with a lookahead the weights evaluated in the last epoch and kept are its EMA."""
+    x, y = _toy(64)
+    model = _bn_model()
+    bias = model[4].bias
+    start = bias.data.copy()
+    opt = train.make_optimizer("momentum", model.parameters(), 0.1)
+    lookahead = train.Lookahead(model, total_steps=3 * 4, every=5)
+    seen = []
+    trainer = train.Trainer(model, opt, log=None, progress=False, lookahead=lookahead, frozen_after=[(bias, 1)])
+    hist = trainer.fit(train.ArrayLoader(x, y, 16), 3, test_loader=train.ArrayLoader(x, y, 32, shuffle=False),
+                       on_epoch_end=lambda rec, h: seen.append((bias.requires_grad, bias.data.copy())))
+    assert [s[0] for s in seen] == [True, False, False] and not bias.requires_grad
+    assert not np.array_equal(start, seen[0][1])
+    assert np.array_equal(seen[0][1], seen[1][1]) and np.array_equal(seen[1][1], seen[2][1])
+    assert [r["warmup_seconds"] is not None for r in hist] == [True, True, False]
+    arrays = lookahead.state_dict()["arrays"]
+    assert all(np.array_equal(v, arrays[k]) for k, v in model.state_dict().items())
+    assert train.evaluate(model, train.ArrayLoader(x, y, 32, shuffle=False)) == \
+        (hist[-1]["test_loss"], hist[-1]["test_accuracy"])
+
+
+def _grouped_model():
+    hn.seed(1)
+    return hn.Sequential([hn.Conv2D(1, 2, 2), hn.BatchNorm2D(2), hn.Flatten(), hn.Dense(2, 3)]).to("cpu")
+
+
+def test_group_parameters_from_rules():
+    model = _grouped_model()
+    conv, bn, dense = model[0], model[1], model[3]
+    groups = train.group_parameters(model, [{"params": "BatchNorm*.bias", "lr_scale": 64},
+                                            {"params": ["0.*", "BatchNorm2D.bias"], "weight_decay_scale": 0}])
+    assert [g["params"] for g in groups] == [[bn.bias], [conv.weight, conv.bias], [bn.weight, dense.weight,
+                                                                                   dense.bias]]
+    assert groups[0]["lr_scale"] == 64.0 and groups[1] == {**groups[1], "lr_scale": 1.0, "weight_decay_scale": 0.0}
+    assert train.group_parameters(model, [{"params": "*"}]) == [{"params": model.parameters(), "lr_scale": 1.0,
+                                                                  "weight_decay_scale": 1.0}]
+    for rules, msg in (([{"params": "Dense.gamma"}], "param_groups, rule 0: Dense.gamma matches none"),
+                       ({"params": "*"}, "expected a list of rules"),
+                       ([{"lr_scale": 2}], "rule 0: expected"),
+                       ([{"params": "*", "lr": 2}], "unknown key\\(s\\) lr"),
+                       ([{"params": []}], "'params' must be a name pattern"),
+                       ([{"params": "*", "lr_scale": 0}], "lr_scale must be a finite number > 0"),
+                       ([{"params": "*", "weight_decay_scale": float("nan")}], "weight_decay_scale must")):
+        with pytest.raises(UsageError, match=msg):
+            train.group_parameters(model, rules)
+
+
+def test_make_optimizer_with_groups():
+    """A group's lr and weight decay are the recipe's times its scales; under nesterov-decoupled, the scale moves
+    the step and not the decay per step (decoupled_sgd), with Nesterov momentum."""
+    model = _grouped_model()
+    groups = train.group_parameters(model, [{"params": "BatchNorm2D.bias", "lr_scale": 8, "weight_decay_scale": 0.5}])
+    opt = train.make_optimizer("momentum", groups, 0.1, 1e-3, momentum=0.8)
+    assert [(g["lr"], g["weight_decay"], g["momentum"]) for g in opt.param_groups] == \
+        [(pytest.approx(0.8), pytest.approx(5e-4), 0.8), (0.1, 1e-3, 0.8)]
+    opt = train.make_optimizer("nesterov-decoupled", groups, 11.5, 0.0153, momentum=0.85, batch_size=256)
+    want = [hn.optim.decoupled_sgd(11.5, 0.0153 * 0.5, 0.85, 256, lr_scale=8),
+            hn.optim.decoupled_sgd(11.5, 0.0153, 0.85, 256)]
+    assert [{"lr": g["lr"], "weight_decay": g["weight_decay"]} for g in opt.param_groups] == want
+    assert all(g["nesterov"] and g["momentum"] == 0.85 for g in opt.param_groups)
+    adam = train.make_optimizer("adamw", model.parameters(), 1e-3, 0.01)
+    assert len(adam.param_groups) == 1 and adam.weight_decay == 0.01
+    for args, kw, msg in ((("nesterov-decoupled", groups, 1.0), {}, "needs the batch size"),
+                          (("momentum", groups, 0.1), {"momentum": 1.0}, "--momentum"),
+                          (("momentum", [{"params": [], "lr": 1}], 0.1), {}, "unknown key\\(s\\) lr"),
+                          (("lion", groups, 0.1), {}, "--optimizer: unknown optimizer 'lion'")):
+        with pytest.raises(UsageError, match=msg):
+            train.make_optimizer(*args, **kw)
+
+
+def test_schedules_by_name_with_arguments():
+    opt = train.make_optimizer("sgd", _grouped_model().parameters(), 1.0)
+    sched = train.make_schedule("triangular:start=0.5,peak=0.5,end=0", opt, 4)
+    assert (sched.start, sched.peak, sched.end, opt.lr) == (0.5, 0.5, 0.0, 0.5)
+    assert train.make_schedule("triangular", opt, 4).start == 0.2          # airbench94's by default
+    for text, msg in (("cosine:min=0.1", "cosine takes no arguments"), ("triangular:top=1", "takes start=X"),
+                      ("triangular:end=low", "end must be a number"), ("linear", "unknown schedule 'linear'"),
+                      ("triangular:peak=1", "peak must be in")):
+        with pytest.raises(UsageError, match=msg):
+            train.make_schedule(text, opt, 4)
 
 
 def test_ctrl_c_inside_the_jit_loader_is_kept_for_the_next_batch():

@@ -59,6 +59,25 @@ def test_fashion_cnn_recipe_is_valid_for_the_trainer():
     parse_augment(p.augment)                         # names the data loader understands
 
 
+def test_every_preset_recipe_passes_the_run_checks_and_airbench_fields_are_shown():
+    """Each preset's recipe, new fields included, is what hetnet.runs accepts; recipe_line names the fields of an
+    airbench-style recipe (parameter groups, momentum, lookahead, whitening-bias epochs)."""
+    from hetnet.runs import RunConfig, _recipe
+
+    for name, preset in zoo.PRESETS.items():
+        r = _recipe(RunConfig(model=name), preset)
+        assert r["param_groups"] == [{"weight_decay_scale": 1.0, "lr_scale": 1.0, **g,
+                                      "params": [g["params"]] if isinstance(g["params"], str) else g["params"]}
+                                     for g in preset.param_groups], name
+    p = zoo.Preset((3, 32, 32), [], lr=11.5, optimizer="nesterov-decoupled", momentum=0.85, schedule="triangular",
+                   param_groups=({"params": "BatchNorm*.bias", "lr_scale": 64.0},), lookahead=5,
+                   whiten_bias_epochs=3)
+    line = zoo.recipe_line(p)
+    for part in ("nesterov-decoupled lr 11.5", "triangular schedule", "momentum 0.85", "BatchNorm*.bias at lr x64",
+                 "lookahead every 5 steps (decay 0.95)", "first bias frozen after 3 epochs"):
+        assert part in line, part
+
+
 def test_spec_round_trip_and_seeded_build(tmp_path):
     spec = zoo.spec_of("fashion-cnn")
     path = tmp_path / "spec.json"

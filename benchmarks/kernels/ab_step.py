@@ -1,6 +1,7 @@
 """A/B timing of the trainer's step across commits: the hetnet on sys.path (point PYTHONPATH at another checkout's
-src/) builds a preset, and its training step (hetnet.train.make_train_step, SGD + momentum) is timed on the GPU with
-CUDA events: 20 warm-up steps, then the median of 5 runs of 100 steps. Prints one JSON line per (model, batch).
+src/) builds a preset, and its training step (hetnet.train.make_train_step, SGD + momentum) is timed: on the GPU with
+CUDA events, on the CPU with the host clock; 20 warm-up steps, then the median of 5 runs of --steps steps. Prints one
+JSON line per (model, batch).
 
     PYTHONPATH=old/src python benchmarks/kernels/ab_step.py --tag before
     PYTHONPATH=src python benchmarks/kernels/ab_step.py --tag after
@@ -21,8 +22,10 @@ def main(argv=None) -> None:
     ap.add_argument("--models", default="thesis-m1,fashion-cnn")
     ap.add_argument("--batch-sizes", default="32,128,1024")
     ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--device", default="cuda")
     args = ap.parse_args(argv)
-    import cupy
+    import time
+
     import numpy as np
 
     import hetnet as hn
@@ -32,7 +35,7 @@ def main(argv=None) -> None:
     for name in args.models.split(","):
         for bs in (int(b) for b in args.batch_sizes.split(",")):
             hn.seed(0)
-            model = zoo.build(name).to("cuda")
+            model = zoo.build(name).to(args.device)
             be = model.backend
             step = train.make_train_step(model, SGD(model.parameters(), lr=0.01, momentum=0.9))
             rng = np.random.default_rng(0)
@@ -44,13 +47,21 @@ def main(argv=None) -> None:
             step.collect()
             times = []
             for _ in range(5):
-                s, e = cupy.cuda.Event(), cupy.cuda.Event()
-                s.record()
-                for _ in range(args.steps):
-                    step.step(x, y)
-                e.record()
-                e.synchronize()
-                times.append(cupy.cuda.get_elapsed_time(s, e) / args.steps)
+                if args.device.startswith("cuda"):
+                    import cupy
+
+                    s, e = cupy.cuda.Event(), cupy.cuda.Event()
+                    s.record()
+                    for _ in range(args.steps):
+                        step.step(x, y)
+                    e.record()
+                    e.synchronize()
+                    times.append(cupy.cuda.get_elapsed_time(s, e) / args.steps)
+                else:
+                    t0 = time.perf_counter()
+                    for _ in range(args.steps):
+                        step.step(x, y)
+                    times.append(1e3 * (time.perf_counter() - t0) / args.steps)
             loss, correct, count = step.collect()
             print(json.dumps({"tag": args.tag, "model": name, "batch": bs, "ms": round(statistics.median(times), 4),
                               "spread": [round(min(times), 4), round(max(times), 4)],

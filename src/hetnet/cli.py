@@ -28,7 +28,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from . import data, parallel, zoo
-from .device import best_device, cuda_available
+from .device import PRECISIONS, best_device, cuda_available
 from .errors import HetnetError, UsageError
 from .optim import SCHEDULES
 from .predict import predict_images
@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", metavar="PATH", help="data folder (IDX files, CIFAR-10 batches, class folders) or "
                                                    ".tar/.tar.gz of class folders")
     t.add_argument("--device", help="cpu | reference | cuda | cuda:N (default: the best available)")
+    t.add_argument("--precision", choices=PRECISIONS,
+                   help="matrix products on the cuda backend: fp32, tf32 or bf16 tensor cores (default: the model's "
+                        "preset, else fp32; cpu and reference compute in float32 / float64)")
     t.add_argument("--epochs", type=_positive_int)
     t.add_argument("--batch-size", type=_positive_int)
     t.add_argument("--lr", type=_positive_float, help="learning rate (peak, for schedules)")
@@ -131,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="no progress bar, even on a terminal")
     t.add_argument("--no-cuda-graph", action="store_true",
                    help="cuda: run the training step eagerly instead of replaying a captured CUDA graph")
-    t.add_argument("--tf32", action="store_true", help="cuda: let the cuBLAS matrix products use TF32")
+    t.add_argument("--tf32", action="store_true", help="the same as --precision tf32")
     d = t.add_argument_group("data parallel (hetnet.parallel; also under mpirun, srun or torchrun-style variables)")
     d.add_argument("--gpus", type=_positive_int, metavar="N", help="train on N GPUs of this host, one process each; "
                    "--batch-size is per GPU")
@@ -153,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", choices=("train", "test", "all"),
                    help="which images when the data have both splits (default: test)")
     e.add_argument("--device")
+    e.add_argument("--precision", choices=PRECISIONS, help="default: the one the model was trained with")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
 
     p = sub.add_parser("predict", help="top-k classes of images (files, folders, .tar/.tar.gz archives)",
@@ -262,11 +266,12 @@ def _train(args, dist) -> int:
     # The cuda backend reads these switches when it is created (hetnet.backends.cuda.CudaBackend).
     if args.no_cuda_graph:
         os.environ["HETNET_CUDA_GRAPH"] = "0"
-    if args.tf32:
-        os.environ["HETNET_TF32"] = "1"
+    if args.tf32 and args.precision not in (None, "tf32"):
+        raise UsageError(f"--tf32 and --precision {args.precision} contradict each other")
     augment = [] if args.no_augment else (None if args.augment is None else
                                           [s for s in args.augment.split(",") if s.strip()])
     flags = {"model": args.model, "dataset": args.dataset, "data": args.data, "device": args.device,
+             "precision": "tf32" if args.tf32 else args.precision,
              "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "optimizer": args.optimizer,
              "schedule": args.schedule, "weight_decay": args.weight_decay, "warmup_epochs": args.warmup_epochs,
              "label_smoothing": args.label_smoothing, "ema": args.ema, "augment": augment,
@@ -324,7 +329,7 @@ def _interrupted(run_dir: Path, say: bool = True) -> int:
 def cmd_evaluate(args) -> int:
 
     result = evaluate_model(args.model, dataset=args.dataset, data=args.data, device=args.device,
-                            log=None if args.json else _print, split=args.split)
+                            log=None if args.json else _print, split=args.split, precision=args.precision)
     if args.json:
         print(json.dumps(result, indent=2))
     return 0

@@ -1,4 +1,9 @@
-"""The one place that chooses a device: maps "reference" | "cpu" | "cuda" | "cuda:N" to a backend.
+"""The one place that chooses a device: maps "reference" | "cpu" | "cuda" | "cuda:N" and a precision to a backend.
+
+Precision: "fp32" (float32 everywhere), "tf32" (float32 storage, matrix products on tensor cores with TF32 inputs)
+or "bf16" (matrix products on tensor cores with bfloat16 inputs, float32 accumulation, master weights, optimiser
+state, batch-norm statistics and loss). tf32 and bf16 are the cuda backend's; cpu and reference compute in float32
+(float64) whatever is asked, and say so once.
 
     >>> from hetnet.device import get_backend
     >>> get_backend("cpu").name
@@ -8,13 +13,16 @@ from __future__ import annotations
 
 import importlib
 import re
+import sys
 
 import numpy as np
 
 from .backends import cpu, reference
 from .errors import DeviceError
 
-_cache: dict[str, object] = {}
+_cache: dict[tuple, object] = {}
+PRECISIONS = ("fp32", "tf32", "bf16")
+_noted: set = set()
 
 
 def parse_device(device: str) -> tuple[str, int]:
@@ -27,10 +35,25 @@ def parse_device(device: str) -> tuple[str, int]:
     return m.group(1), int(m.group(2) or 0)
 
 
-def get_backend(device: str = "cpu"):
-    """The backend for a device string (created once and cached)."""
+def parse_precision(precision) -> str:
+    """'fp32' | 'tf32' | 'bf16' (None: 'fp32'); DeviceError for anything else."""
+    p = "fp32" if precision is None else str(precision).strip().lower()
+    if p not in PRECISIONS:
+        raise DeviceError(f"unknown precision {precision!r}: expected {', '.join(PRECISIONS)}")
+    return p
+
+
+def get_backend(device: str = "cpu", precision: str | None = None):
+    """The backend for a device string and a precision (created once per pair and cached)."""
     kind, index = parse_device(device)
-    key = f"cuda:{index}" if kind == "cuda" else kind
+    precision = parse_precision(precision)
+    if kind != "cuda" and precision != "fp32":
+        if kind not in _noted:
+            _noted.add(kind)
+            print(f"note: precision {precision} is the cuda backend's; the {kind} backend computes in "
+                  f"{'float64' if kind == 'reference' else 'float32'}", file=sys.stderr)
+        precision = "fp32"
+    key = (f"cuda:{index}" if kind == "cuda" else kind, precision)
     if key not in _cache:
         if kind == "reference":
             backend = reference
@@ -38,7 +61,7 @@ def get_backend(device: str = "cpu"):
             backend = cpu
         else:
             cuda = importlib.import_module("hetnet.backends.cuda")     # only here: it needs CuPy
-            backend = cuda.CudaBackend(index)  # raises DeviceError with a one-line reason when CUDA is unusable
+            backend = cuda.CudaBackend(index, precision)  # DeviceError with a one-line reason if CUDA is unusable
         _cache[key] = backend
     return _cache[key]
 

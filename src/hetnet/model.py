@@ -47,8 +47,13 @@ class Sequential(Layer):
                 layer.reset_parameters("he")
 
     # -- device, mode, parameters
-    def to(self, device) -> "Sequential":
-        backend = device if not isinstance(device, str) else get_backend(device)
+    def to(self, device, precision: str | None = None) -> "Sequential":
+        """Move to a device ('reference', 'cpu', 'cuda', 'cuda:N') and a precision ('fp32' default, 'tf32', 'bf16':
+        tensor-core matrix products on the cuda backend, see hetnet.device); returns self.
+
+            >>> model = hn.zoo.build("fashion-cnn").to("cuda", precision="bf16")        # doctest: +SKIP
+        """
+        backend = device if not isinstance(device, str) else get_backend(device, precision)
         if backend is not self.backend or self._pack is None:
             params = self.parameters()      # straight into flat buffers on the new backend
             self._pack = FlatPack(params, backend) if params else None

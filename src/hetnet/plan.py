@@ -361,7 +361,7 @@ class Plan:
 
     def __init__(self, model, fuse: bool = True):
         self.model, self.fuse = model, fuse
-        self._nodes: dict = {}      # (per-sample input shape, backend name) -> node list
+        self._nodes: dict = {}      # (per-sample input shape, backend name, precision) -> node list
         self.nodes: list = []       # those of the last forward
         self.input_shape = None     # the per-sample shape of the last forward
 
@@ -369,7 +369,7 @@ class Plan:
         """The nodes for a per-sample input shape (no batch axis) on the model's backend; ValueError naming the
         first layer the shape does not fit."""
         be = self.model.backend
-        key = (tuple(input_shape), be.name)
+        key = (tuple(input_shape), be.name, getattr(be, "precision", "fp32"))
         nodes = self._nodes.get(key)
         if nodes is None:
             self.model.output_shape(tuple(input_shape))
@@ -437,6 +437,9 @@ class EagerRunner:
     def set_scalars(self, values, seeds) -> None:
         """This step's optimiser values (the layout of Optimizer.scalars()) and one seed per dropout node."""
         self._seeds = seeds
+
+    def reset(self) -> None:
+        """Forget what was prepared for the step (a replaying runner drops its captured graphs); nothing here."""
 
     def seed(self, slot: int):
         return self._seeds[slot]
@@ -511,6 +514,12 @@ class TrainStep(EvalStep):
     are the optimiser's and its alone: one memset less per step). An optimiser whose update is not its own
     `update()` (see hetnet.optim) runs its step() after the step, outside a captured graph, and says so once.
 
+    A replayed step repeats the launches it was captured with. Before each batch the step compares what those
+    depend on besides the scalars -- the optimiser's signature() (which parameters train, hyperparameters other than
+    the learning rates) and the arrays the backward writes each parameter's gradient into (Parameter.grad_target:
+    freezing or unfreezing a parameter changes it) -- with the last batch's, and on a change resets the runner:
+    the next batch runs eagerly and is captured again (airbench freezes its whitening bias after a few epochs).
+
     reducer: None (one process), or a data-parallel job's gradient reduction (hetnet.parallel.GradReducer): the
     step calls `reducer.step_started()` before each step (outside a captured graph), `reducer.begin(nodes)` before
     the backward, `reducer.after_node(i)` after each node's backward and `reducer.finish()` before the update, which
@@ -529,6 +538,13 @@ class TrainStep(EvalStep):
                       f"forward and backward, outside the captured step")
         super().__init__(model, plan)
         self._written: dict = {}    # id(node list) -> (node list, nodes that write their gradients, params to zero)
+        self._params = model.parameters()
+        self._layout = self._launch_layout()
+
+    def _launch_layout(self) -> tuple:
+        """What the step's launches depend on besides the scalars (see the class docstring)."""
+        opt = self.optimizer.signature() if self.fused else None
+        return opt, tuple(id(p.grad_target()) for p in self._params)
 
     def n_scalars(self) -> int:
         return self.optimizer.n_scalars if self.fused else 0
@@ -580,6 +596,12 @@ class TrainStep(EvalStep):
         opt = self.optimizer
         if self.reducer is not None:
             self.reducer.step_started()
+        layout = self._launch_layout()
+        if layout != self._layout:
+            self._layout = layout
+            reset = getattr(self.runner, "reset", None)
+            if reset is not None:
+                reset()
         self.runner.set_scalars(opt.scalars() if self.fused else [], self._draw_seeds())
         self.runner.run(self._run, xb, yb)
         if self.fused:

@@ -45,21 +45,24 @@ from . import init as hinit
 from . import random as hrandom
 from .data import transforms
 from .data.transforms import channel_stats, parse_augment
-from .device import best_device, get_backend
+from .device import best_device, get_backend, parse_precision
 from .errors import ModelFileError, TrainingDiverged, UsageError
 from .files import atomic_write_text
-from .optim import SCHEDULES
 from .train import (
     OPTIMIZERS,
+    Lookahead,
     Trainer,
     WeightAverage,
     check_lr,
+    check_param_groups,
     check_positive_int,
     confusion_matrix,
     default_log,
     evaluate,
+    group_parameters,
     make_optimizer,
     make_schedule,
+    parse_schedule,
     predict_labels,
     records_iter,
 )
@@ -77,6 +80,7 @@ class RunConfig:
     dataset: str = "fashion-mnist"
     data: str | None = None
     device: str | None = None
+    precision: str | None = None
     epochs: int | None = None
     batch_size: int | None = None
     lr: float | None = None
@@ -87,6 +91,11 @@ class RunConfig:
     label_smoothing: float | None = None
     ema: float | None = None
     augment: list | None = None
+    momentum: float | None = None
+    param_groups: list | None = None
+    lookahead: int | None = None
+    lookahead_decay: float | None = None
+    whiten_bias_epochs: int | None = None
     val_fraction: float | None = None
     seed: int = 0
     limit: int | None = None
@@ -120,6 +129,8 @@ class _Prepared:
     schedule: object
     fingerprint: str
     average: object | None = None
+    lookahead: object | None = None
+    frozen_after: list = field(default_factory=list)
     counts: dict = field(default_factory=dict)
     data_source: str = ""
     skipped: int = 0
@@ -143,26 +154,50 @@ def _recipe(cfg: RunConfig, preset: zoo.Preset | None) -> dict:
         "ema": base.ema if cfg.ema is None else cfg.ema,
         "augment": list(base.augment) if cfg.augment is None else list(cfg.augment),
     }
+    for key in RECIPE_EXTRA:
+        v = getattr(cfg, key)
+        r[key] = getattr(base, key) if v is None else v
+    r["param_groups"] = check_param_groups(list(r["param_groups"]))
     r["epochs"] = check_positive_int(r["epochs"], "epochs")
     r["batch_size"] = check_positive_int(r["batch_size"], "batch_size")
     r["lr"] = check_lr(r["lr"], "lr")
     if r["optimizer"] not in OPTIMIZERS:
         raise UsageError(f"--optimizer: unknown optimizer {r['optimizer']!r} (expected one of {', '.join(OPTIMIZERS)})")
-
-    if r["schedule"] not in SCHEDULES:
-        raise UsageError(f"--schedule: unknown schedule {r['schedule']!r} (expected one of {', '.join(SCHEDULES)})")
+    parse_schedule(r["schedule"])
     for key, lo, hi in (("weight_decay", 0.0, math.inf), ("warmup_epochs", 0.0, math.inf),
                         ("label_smoothing", 0.0, 1.0), ("ema", 0.0, 1.0)):
         v = _number(r[key], key)
         if not (lo <= v < hi) or (hi == math.inf and not math.isfinite(v)):
             raise UsageError(f"--{key.replace('_', '-')}: expected a number in [{lo:g}, {hi:g}), got {r[key]!r}")
         r[key] = v
+    _check_extra(r)
 
     try:
         parse_augment(r["augment"])
     except ValueError as e:
         raise UsageError(f"--augment: {e}") from None
     return r
+
+
+# recipe keys added after the first run configs were written: a config without them gets the generic defaults
+RECIPE_EXTRA = ("momentum", "param_groups", "lookahead", "lookahead_decay", "whiten_bias_epochs")
+
+
+def _check_extra(r: dict) -> None:
+    """The RECIPE_EXTRA fields of a recipe, checked and normalised in place (they have no flags: errors name the
+    recipe field)."""
+    for key, lo, hi in (("momentum", 0.0, 1.0), ("lookahead_decay", 0.0, 1.0)):
+        v = r[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not \
+                (lo <= v < hi if key == "momentum" else lo < v <= hi):
+            interval = f"[{lo:g}, {hi:g})" if key == "momentum" else f"({lo:g}, {hi:g}]"
+            raise UsageError(f"recipe field {key}: expected a number in {interval}, got {v!r}")
+        r[key] = float(v)
+    if r["optimizer"] in ("momentum", "nesterov-decoupled") and r["momentum"] == 0:
+        raise UsageError(f"recipe field momentum: {r['optimizer']} needs momentum > 0")
+    for key in ("lookahead", "whiten_bias_epochs"):
+        if isinstance(r[key], bool) or not isinstance(r[key], int) or r[key] < 0:
+            raise UsageError(f"recipe field {key}: expected a whole number >= 0, got {r[key]!r}")
 
 
 def _number(v, key: str) -> float:
@@ -246,7 +281,7 @@ def prepare(config: dict, log: Callable[[str], None] | None = None) -> _Prepared
 
     recipe = config["recipe"]
     dist = parallel.current()
-    backend = get_backend(config["device"] if dist is None else dist.device)
+    backend = get_backend(config["device"] if dist is None else dist.device, config.get("precision"))
     hrandom.seed(config["seed"])
     spec = config["spec"]
     model, input_shape = zoo.build_from_spec(spec, config.get("model") or "spec")
@@ -317,7 +352,7 @@ def prepare(config: dict, log: Callable[[str], None] | None = None) -> _Prepared
         dist.sync_bn = bool((config.get("parallel") or {}).get("sync_bn"))
         config.update(_parallel_entry(dist))        # a resume may run on another number of ranks
         dist.prepare_model(model)
-    optimizer = make_optimizer(recipe["optimizer"], model.parameters(), recipe["lr"], recipe["weight_decay"])
+    optimizer, lookahead, frozen_after = _optimisation(recipe, model, len(train_loader))
     steps = len(train_loader)
     schedule = make_schedule(recipe["schedule"], optimizer, steps * recipe["epochs"],
                              int(round(recipe["warmup_epochs"] * steps)))
@@ -326,14 +361,36 @@ def prepare(config: dict, log: Callable[[str], None] | None = None) -> _Prepared
               "test": int(len(ds.test_x)) if has_test else 0}
     return _Prepared(config, model, spec, tuple(input_shape), class_names, [float(v) for v in mean],
                      [float(v) for v in std], train_loader, val_loader, test_loader, optimizer, schedule,
-                     _fingerprint(tx, ty), average, counts, str(ds.source), int(getattr(ds, "skipped", 0) or 0))
+                     _fingerprint(tx, ty), average, lookahead, frozen_after, counts, str(ds.source),
+                     int(getattr(ds, "skipped", 0) or 0))
+
+
+def _optimisation(recipe: dict, model, steps: int) -> tuple:
+    """(optimiser, lookahead or None, frozen_after) of a recipe for a model on its device, `steps` batches per
+    epoch. Recipes written before a key existed get its generic default (zoo.Preset's)."""
+    defaults = zoo.Preset(input_shape=(1, 1, 1), layers=[])
+    r = {k: recipe.get(k, getattr(defaults, k)) for k in RECIPE_EXTRA}
+    params = group_parameters(model, r["param_groups"]) if r["param_groups"] else model.parameters()
+    optimizer = make_optimizer(recipe["optimizer"], params, recipe["lr"], recipe["weight_decay"], r["momentum"],
+                               recipe["batch_size"])
+    lookahead = (Lookahead(model, steps * recipe["epochs"], every=r["lookahead"], decay=r["lookahead_decay"])
+                 if r["lookahead"] else None)
+    frozen_after = []
+    if r["whiten_bias_epochs"]:
+        first = model.layers[0]
+        if "bias" not in first.params:
+            raise UsageError(f"recipe field whiten_bias_epochs: the model's first layer, {first!r}, has no bias to "
+                             f"freeze")
+        frozen_after.append((first.params["bias"], r["whiten_bias_epochs"]))
+    return optimizer, lookahead, frozen_after
 
 
 def make_config(cfg: RunConfig) -> dict:
     """The config dict of a new run: flags resolved against the model preset; checked, nothing loaded yet."""
     preset = zoo.PRESETS.get(cfg.model)
     device = cfg.device or best_device()
-    get_backend(device)  # DeviceError now, not after loading the data
+    precision = parse_precision(cfg.precision or (preset.precision if preset else None))
+    get_backend(device, precision)  # DeviceError now, not after loading the data
     if cfg.limit is not None:
         check_positive_int(cfg.limit, "limit")
     if cfg.dataset not in DATASETS:
@@ -348,7 +405,8 @@ def make_config(cfg: RunConfig) -> dict:
         **_parallel_entry(dist),
         "model": cfg.model, "spec": spec, "adapt_classes": preset is not None,
         "dataset": cfg.dataset, "data": None if cfg.data is None else str(Path(cfg.data).resolve()),
-        "device": device, "recipe": recipe, "val_fraction": cfg.val_fraction, "seed": int(cfg.seed),
+        "device": device, "precision": precision, "recipe": recipe, "val_fraction": cfg.val_fraction,
+        "seed": int(cfg.seed),
         "limit": cfg.limit, "skip_bad_images": bool(cfg.skip_bad_images),
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "command": " ".join(sys.argv), "versions": versions(),
@@ -380,7 +438,7 @@ def _write_metrics(run_dir: Path, history: list) -> None:
 def _checkpoint(run_dir: Path, p: _Prepared, epoch: int, history: list) -> None:
     state = {"epoch": epoch, "rng": hrandom.get_state(), "metrics": records_iter(history), "config": p.config,
              "mean": p.mean, "std": p.std, "class_names": p.class_names, "fingerprint": p.fingerprint}
-    serialize.save_checkpoint(run_dir, p.model, p.optimizer, p.schedule, state, p.average)
+    serialize.save_checkpoint(run_dir, p.model, p.optimizer, p.schedule, state, p.average, p.lookahead)
 
 
 def _ranks(batch: int) -> str:
@@ -404,7 +462,11 @@ def _describe(p: _Prepared, run_dir: Path) -> str:
             f"{r['epochs']} epochs, batch {r['batch_size']}{_ranks(r['batch_size'])}, {r['optimizer']} lr "
             f"{r['lr']:g} {r['schedule']}, "
             f"weight decay {r['weight_decay']:g}, augment {','.join(r['augment']) or 'none'}"
-            + (f", weight average {r['ema']:g}" if r.get("ema") else "") + f", seed {c['seed']}"
+            + (f", weight average {r['ema']:g}" if r.get("ema") else "")
+            + (f", lookahead every {r['lookahead']} steps" if r.get("lookahead") else "")
+            + (f", {len(r['param_groups'])} parameter group rule(s)" if r.get("param_groups") else "")
+            + (f", first bias frozen after epoch {r['whiten_bias_epochs']}" if r.get("whiten_bias_epochs") else "")
+            + f", seed {c['seed']}"
             f"\nrun directory: {run_dir}")
 
 
@@ -452,16 +514,18 @@ def rerun_config(path: str | Path, flags: dict | None = None) -> dict:
             raise UsageError(str(e)) from None
     recipe_keys = ("epochs", "batch_size", "lr", "optimizer", "schedule", "weight_decay", "warmup_epochs",
                    "label_smoothing", "ema", "augment")
-    recipe = {**config["recipe"], **{k: flags[k] for k in recipe_keys if k in flags}}
-    if not isinstance(config["recipe"], dict) or any(k not in recipe for k in recipe_keys):
+    if not isinstance(config["recipe"], dict):
         raise UsageError(f"--config: {path}: incomplete recipe (expected {', '.join(recipe_keys)})")
-    config["recipe"] = _recipe(RunConfig(**{k: recipe[k] for k in recipe_keys}), None)
+    recipe = {**config["recipe"], **{k: flags[k] for k in recipe_keys + RECIPE_EXTRA if k in flags}}
+    if any(k not in recipe for k in recipe_keys):
+        raise UsageError(f"--config: {path}: incomplete recipe (expected {', '.join(recipe_keys)})")
+    config["recipe"] = _recipe(RunConfig(**{k: recipe[k] for k in recipe_keys + RECIPE_EXTRA if k in recipe}), None)
     dist = parallel.current()
     if dist is not None:
         if "batch_size" in flags:       # per rank, as for a new run
             config["recipe"]["batch_size"] *= dist.world
         config.update(_parallel_entry(dist, dist.sync_bn or (old.get("parallel") or {}).get("sync_bn")))
-    for k in ("dataset", "device", "seed", "limit", "val_fraction", "skip_bad_images"):
+    for k in ("dataset", "device", "precision", "seed", "limit", "val_fraction", "skip_bad_images"):
         if k in flags:
             config[k] = flags[k]
     if "data" in flags:
@@ -472,7 +536,7 @@ def rerun_config(path: str | Path, flags: dict | None = None) -> dict:
         config["val_fraction"] = None           # the new data's default
     if config["dataset"] not in DATASETS:
         raise UsageError(f"--dataset: unknown data set {config['dataset']!r} (expected one of {', '.join(DATASETS)})")
-    get_backend(config["device"])
+    get_backend(config["device"], config.get("precision"))
     if config.get("limit") is not None:
         check_positive_int(config["limit"], "limit")
     config.update({"created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -550,7 +614,7 @@ def resume_run(run_dir: str | Path, log: Callable[[str], None] | None = default_
     if p.fingerprint != state.get("fingerprint"):
         raise UsageError(f"--resume: the training data at {p.data_source} differ from the data this run started "
                          f"with")
-    serialize.restore_checkpoint(ckpt, p.model, p.optimizer, p.schedule, p.average)
+    serialize.restore_checkpoint(ckpt, p.model, p.optimizer, p.schedule, p.average, p.lookahead)
     try:
         hrandom.set_state(state["rng"])
     except (KeyError, TypeError, ValueError) as e:
@@ -590,7 +654,7 @@ def _run_epochs(run_dir: Path, p: _Prepared, start: int, history: list, log, pro
     if dist is not None:
         dist.fork_random()
     trainer = Trainer(p.model, p.optimizer, p.schedule, p.config["recipe"]["label_smoothing"], progress=progress,
-                      log=log, average=p.average, dist=dist)
+                      log=log, average=p.average, lookahead=p.lookahead, frozen_after=p.frozen_after, dist=dist)
     t0 = time.perf_counter()
 
     best_key = "val_accuracy" if p.val_loader is not None else ("test_accuracy" if p.test_loader is not None else None)
@@ -640,7 +704,7 @@ def _model_info(p: _Prepared) -> dict:
     """What a model file of this run says about where it came from (evaluate reads dataset, data, split)."""
     return {"dataset": p.config["dataset"], "data": p.config.get("data"), "val_fraction": p.config["val_fraction"],
             "seed": p.config["seed"], "limit": p.config.get("limit"), "model": p.config.get("model"),
-            "epochs": p.config["recipe"]["epochs"]}
+            "epochs": p.config["recipe"]["epochs"], "precision": p.config.get("precision", "fp32")}
 
 
 def _plots(run_dir: Path, p: _Prepared, history: list) -> None:
@@ -755,7 +819,7 @@ def resolve_model_path(target: str | Path) -> Path:
 
 def evaluate_model(target: str | Path, dataset: str | None = None, data: str | None = None,
                    device: str | None = None, log: Callable[[str], None] | None = default_log,
-                   split: str | None = None) -> dict:
+                   split: str | None = None, precision: str | None = None) -> dict:
     """Loss, accuracy, per-class accuracy and confusion matrix of a saved model.
 
     On the data the model was trained on (no `data` / `dataset` given): its test split, else the validation split
@@ -766,10 +830,13 @@ def evaluate_model(target: str | Path, dataset: str | None = None, data: str | N
 
     path = resolve_model_path(target)
     device = device or best_device()
-    get_backend(device)
+    get_backend(device, precision)
     if split not in (None, "train", "test", "all"):
         raise UsageError(f"--split: expected train, test or all, got {split!r}")
     lm = serialize.load_model(path, device=device)
+    if precision is None:
+        precision = lm.info.get("precision")
+    lm.model.to(device, precision)
     info = lm.info
     name = dataset or info.get("dataset") or "fashion-mnist"
     trained_on = name == info.get("dataset") and (data is None or _same_path(data, info.get("data")))
@@ -855,6 +922,6 @@ def export_model_file(target: str | Path, out: str | Path | None = None, fmt: st
     export.export_onnx(lm.model, out, lm.input_shape, lm.mean, lm.std, lm.class_names)
     k = lm.model.output_shape(lm.input_shape)
     shape = ", ".join(map(str, lm.input_shape))
-    return out, (f"wrote {out} (ONNX opset {export.OPSET}): input {export.INPUT_NAME} float32 [N, {shape}] in [0, 1], normalised "
-                 f"inside the graph; output {export.OUTPUT_NAME} [N, {', '.join(map(str, k))}] "
+    return out, (f"wrote {out} (ONNX opset {export.OPSET}): input {export.INPUT_NAME} float32 [N, {shape}] in [0, 1], "
+                 f"normalised inside the graph; output {export.OUTPUT_NAME} [N, {', '.join(map(str, k))}] "
                  f"for {len(lm.class_names)} classes")

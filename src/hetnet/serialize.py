@@ -261,21 +261,25 @@ def checkpoint_path(run_dir: str | Path) -> Path:
     return Path(run_dir) / CHECKPOINT_DIR / CHECKPOINT_FILE
 
 
-def save_checkpoint(run_dir: str | Path, model, optimizer, schedule, state: dict, average=None) -> Path:
+def save_checkpoint(run_dir: str | Path, model, optimizer, schedule, state: dict, average=None,
+                    lookahead=None) -> Path:
     """Latest resumable state, atomically: model arrays ('model.*'), optimiser arrays ('optim.*'), the weight
-    average's arrays ('average.*', if any) and, as JSON, optimiser step count and hyperparameters, schedule
-    position, plus `state` (epoch, RNG state, metrics lines, config, normalisation...)."""
+    average's and the lookahead's arrays ('average.*', 'lookahead.*', if any) and, as JSON, optimiser step count
+    and hyperparameters (per parameter group), schedule position, the rest of the average's and lookahead's
+    state, plus `state` (epoch, RNG state, metrics lines, config, normalisation...)."""
     opt = optimizer.state_dict()
     arrays = {f"model.{k}": v for k, v in model.state_dict().items()}
     arrays.update({f"optim.{k}": v for k, v in opt["arrays"].items()})
-    avg = average.state_dict() if average is not None else None
-    if avg is not None:
-        arrays.update({f"average.{k}": v for k, v in avg["arrays"].items()})
+    shadows = {}
+    for key, obj in (("average", average), ("lookahead", lookahead)):
+        st = obj.state_dict() if obj is not None else None
+        if st is not None:
+            arrays.update({f"{key}.{k}": v for k, v in st["arrays"].items()})
+        shadows[key] = None if st is None else {k: v for k, v in st.items() if k != "arrays"}
     metadata = {"format": CHECKPOINT_FORMAT, "format_version": FORMAT_VERSION,
-                "optimizer": {"type": opt["type"], "steps": opt["steps"], "hyper": opt["hyper"]},
+                "optimizer": {k: v for k, v in opt.items() if k != "arrays"},
                 "schedule": schedule.state_dict() if schedule is not None else None,
-                "average": None if avg is None else {"decay": avg["decay"], "updates": avg["updates"]},
-                "state": state}
+                **shadows, "state": state}
     path = checkpoint_path(run_dir)
     write_safetensors(path, arrays, metadata)
     return path
@@ -289,6 +293,7 @@ class Checkpoint:
     schedule: dict | None
     state: dict
     average: dict | None = None
+    lookahead: dict | None = None
 
 
 def read_checkpoint(run_dir: str | Path) -> Checkpoint:
@@ -299,10 +304,10 @@ def read_checkpoint(run_dir: str | Path) -> Checkpoint:
     opt, state = meta.get("optimizer"), meta.get("state")
     if not (isinstance(opt, dict) and isinstance(state, dict) and isinstance(opt.get("hyper"), dict)):
         raise ModelFileError(f"{path}: checkpoint metadata is incomplete (optimizer/state missing)")
-    return Checkpoint(path, arrays, opt, meta.get("schedule"), state, meta.get("average"))
+    return Checkpoint(path, arrays, opt, meta.get("schedule"), state, meta.get("average"), meta.get("lookahead"))
 
 
-def restore_checkpoint(ckpt: Checkpoint, model, optimizer, schedule, average=None) -> None:
+def restore_checkpoint(ckpt: Checkpoint, model, optimizer, schedule, average=None, lookahead=None) -> None:
     """Load a checkpoint's arrays into an already built model/optimizer/schedule; ModelFileError if they differ."""
     path = ckpt.path
     own = dict(model.named_arrays())
@@ -315,10 +320,12 @@ def restore_checkpoint(ckpt: Checkpoint, model, optimizer, schedule, average=Non
         optimizer.load_state_dict({**ckpt.optimizer, "arrays": opt_arrays})
         if schedule is not None and ckpt.schedule is not None:
             schedule.load_state_dict(ckpt.schedule)
-        if (average is None) != (ckpt.average is None):
-            raise ValueError("weight averaging is configured differently")
-        if average is not None:
-            avg_arrays = {k[8:]: v for k, v in ckpt.arrays.items() if k.startswith("average.")}
-            average.load_state_dict({**ckpt.average, "arrays": avg_arrays})
+        for key, obj, saved in (("average", average, ckpt.average), ("lookahead", lookahead, ckpt.lookahead)):
+            if (obj is None) != (saved is None):
+                raise ValueError(f"{'weight averaging' if key == 'average' else key} is configured differently")
+            if obj is not None:
+                prefix = key + "."
+                obj.load_state_dict({**saved, "arrays": {k[len(prefix):]: v for k, v in ckpt.arrays.items()
+                                                         if k.startswith(prefix)}})
     except (KeyError, ValueError, TypeError) as e:
         raise ModelFileError(f"{path}: optimiser/schedule state does not fit the run's recipe: {e}") from None

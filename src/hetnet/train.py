@@ -16,6 +16,7 @@ is the sum of the per-example losses. Batches reach the device through `backend.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import math
 import signal
 import sys
@@ -30,7 +31,7 @@ from . import optim
 from .errors import TrainingDiverged, UsageError
 from .plan import EvalStep, TrainStep
 
-OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "nesterov-decoupled")
 METRIC_KEYS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "test_loss", "test_accuracy",
                "seconds", "images_per_second", "warmup_seconds")
 # The first steps at a new batch shape compile (the cpu backend's Numba functions), select kernels and capture a CUDA
@@ -42,24 +43,147 @@ WARMUP_STEPS_PER_SHAPE = 2
 
 # --- optimiser and schedule by name ----------------------------------------------------------------------------
 
+GROUP_KEYS = ("params", "lr_scale", "weight_decay_scale")
 
-def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0, momentum: float = 0.9):
-    """'sgd' (plain, the thesis's), 'momentum' (SGD with Nesterov momentum), 'adam', 'adamw'."""
+
+def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0, momentum: float = 0.9,
+                   batch_size: int | None = None):
+    """'sgd' (plain, the thesis's), 'momentum' (SGD with Nesterov momentum), 'adam', 'adamw', or
+    'nesterov-decoupled': Nesterov SGD with airbench's decoupled hyperparameters -- lr and weight_decay per 1024
+    examples, the step size independent of momentum and the decay of lr (hetnet.optim.decoupled_sgd maps them onto
+    SGD's; needs batch_size).
+
+    params: a list of parameters, or groups [{"params": [...], "lr_scale": 64.0, "weight_decay_scale": 1.0}, ...]
+    (both scales default to 1; group_parameters builds them from a recipe's rules). A group trains at lr * lr_scale
+    with weight decay weight_decay * weight_decay_scale; under 'nesterov-decoupled' lr_scale scales the step only
+    and the decay per step stays the same (airbench's 64x learning rate for BatchNorm biases).
+
+        >>> opt = make_optimizer("nesterov-decoupled", group_parameters(model, [{"params": "BatchNorm*.bias",
+        ...                      "lr_scale": 64}]), lr=11.5, weight_decay=0.0153, momentum=0.85, batch_size=1024)
+        ...                                                                          # doctest: +SKIP
+    """
+    if name not in OPTIMIZERS:
+        raise UsageError(f"--optimizer: unknown optimizer {name!r} (expected one of {', '.join(OPTIMIZERS)})")
+    items = list(params)
+    grouped = bool(items) and all(isinstance(g, dict) for g in items)
+    groups = items if grouped else [{"params": items}]
+    for i, g in enumerate(groups):
+        unknown = sorted(set(g) - set(GROUP_KEYS))
+        if unknown:
+            raise UsageError(f"parameter group {i}: unknown key(s) {', '.join(unknown)} (expected "
+                             f"{', '.join(GROUP_KEYS)})")
+    if name in ("momentum", "nesterov-decoupled") and not 0 < momentum < 1:
+        raise UsageError(f"--momentum: expected a number in (0, 1), got {momentum!r}")
+    if name == "nesterov-decoupled":
+        if batch_size is None:
+            raise UsageError("--optimizer: nesterov-decoupled needs the batch size (its lr and weight decay are per "
+                             "1024 examples)")
+        hyper = [optim.decoupled_sgd(lr, weight_decay * g.get("weight_decay_scale", 1.0), momentum, batch_size,
+                                     g.get("lr_scale", 1.0)) for g in groups]
+    else:
+        hyper = [{"lr": lr * g.get("lr_scale", 1.0), "weight_decay": weight_decay * g.get("weight_decay_scale", 1.0)}
+                 for g in groups]
+    torch_groups = [{"params": g["params"], **h} for g, h in zip(groups, hyper)]
+    first = hyper[0]
     if name == "sgd":
-        return optim.SGD(params, lr=lr, weight_decay=weight_decay)
-    if name == "momentum":
-        return optim.SGD(params, lr=lr, momentum=momentum, nesterov=True, weight_decay=weight_decay)
+        return optim.SGD(torch_groups, lr=first["lr"])
+    if name in ("momentum", "nesterov-decoupled"):
+        return optim.SGD(torch_groups, lr=first["lr"], momentum=momentum, nesterov=True)
     if name == "adam":
-        return optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    if name == "adamw":
-        return optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    raise UsageError(f"--optimizer: unknown optimizer {name!r} (expected one of {', '.join(OPTIMIZERS)})")
+        return optim.Adam(torch_groups, lr=first["lr"])
+    return optim.AdamW(torch_groups, lr=first["lr"])
+
+
+def group_parameters(model, rules) -> list:
+    """Parameter groups for make_optimizer from a recipe's rules (see check_param_groups), in rule order, then the
+    parameters no rule took (scale 1). A rule takes the parameters not taken before whose name matches one of its
+    patterns (fnmatch): '<layer index>.<name>', the state_dict key ('3.bias'), or '<layer type>.<name>'
+    ('BatchNorm2D.bias'). UsageError for a rule that matches no parameter; groups left empty are dropped.
+
+        >>> group_parameters(model, [{"params": "BatchNorm*.bias", "lr_scale": 64}])    # doctest: +SKIP
+        [{'params': [...], 'lr_scale': 64.0, 'weight_decay_scale': 1.0}, {'params': [...]}]
+    """
+    rules = check_param_groups(rules)
+    named, seen = [], set()
+    for i, layer in enumerate(model.layers):
+        for k, p in layer.params.items():
+            if id(p) not in seen:
+                seen.add(id(p))
+                named.append(({f"{i}.{k}", f"{type(layer).__name__}.{k}"}, p))
+    taken: set = set()
+    groups = []
+    for i, rule in enumerate(rules):
+        hits = [p for names, p in named if any(fnmatch.fnmatchcase(n, pat) for n in names for pat in rule["params"])]
+        if not hits:
+            raise UsageError(f"recipe field param_groups, rule {i}: {', '.join(rule['params'])} matches none of the "
+                             f"model's parameters (names like '0.weight' or 'Conv2D.weight')")
+        mine = [p for p in hits if id(p) not in taken]
+        taken.update(id(p) for p in mine)
+        groups.append({**rule, "params": mine})
+    groups.append({"params": [p for _, p in named if id(p) not in taken]})
+    return [g for g in groups if g["params"]]
+
+
+def check_param_groups(rules) -> list[dict]:
+    """A recipe's parameter-group rules, checked: a list of {"params": pattern or [patterns], "lr_scale": s > 0,
+    "weight_decay_scale": w >= 0} (scales default to 1), returned with a list of patterns and float scales."""
+    if not isinstance(rules, (list, tuple)):
+        raise UsageError(f"recipe field param_groups: expected a list of rules, got {rules!r}")
+    out = []
+    for i, rule in enumerate(rules):
+        if not isinstance(rule, dict) or "params" not in rule:
+            raise UsageError(f"recipe field param_groups, rule {i}: expected {{\"params\": PATTERN, \"lr_scale\": ..., "
+                             f"\"weight_decay_scale\": ...}}, got {rule!r}")
+        unknown = sorted(set(rule) - set(GROUP_KEYS))
+        if unknown:
+            raise UsageError(f"recipe field param_groups, rule {i}: unknown key(s) {', '.join(unknown)} (expected "
+                             f"{', '.join(GROUP_KEYS)})")
+        pats = [rule["params"]] if isinstance(rule["params"], str) else rule["params"]
+        if not (isinstance(pats, (list, tuple)) and pats and all(isinstance(p, str) and p for p in pats)):
+            raise UsageError(f"recipe field param_groups, rule {i}: 'params' must be a name pattern or a list of "
+                             f"them, got {rule['params']!r}")
+        scales = {}
+        for key in ("lr_scale", "weight_decay_scale"):
+            v = rule.get(key, 1.0)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or \
+                    (v <= 0 if key == "lr_scale" else v < 0):
+                raise UsageError(f"recipe field param_groups, rule {i}: {key} must be a finite number "
+                                 f"{'> 0' if key == 'lr_scale' else '>= 0'}, got {v!r}")
+            scales[key] = float(v)
+        out.append({"params": list(pats), **scales})
+    return out
+
+
+SCHEDULE_ARGS = {"triangular": ("start", "peak", "end")}
+
+
+def parse_schedule(text: str) -> tuple[str, dict]:
+    """(name, keyword arguments) of a schedule: a name of hetnet.optim.SCHEDULES, optionally with arguments where
+    the schedule has some: 'triangular:start=0.2,peak=0.23,end=0.07' (airbench94's, also triangular's defaults)."""
+    if not isinstance(text, str):
+        raise UsageError(f"--schedule: expected a schedule name, got {text!r}")
+    name, _, args = text.partition(":")
+    if name not in optim.SCHEDULES:
+        raise UsageError(f"--schedule: unknown schedule {name!r} (expected one of {', '.join(optim.SCHEDULES)})")
+    allowed = SCHEDULE_ARGS.get(name, ())
+    kwargs = {}
+    for item in filter(None, (a.strip() for a in args.split(","))):
+        key, eq, value = item.partition("=")
+        if key not in allowed or not eq:
+            raise UsageError(f"--schedule: {name} takes " + (f"{', '.join(k + '=X' for k in allowed)}"
+                             if allowed else "no arguments") + f", got {item!r}")
+        try:
+            kwargs[key] = float(value)
+        except ValueError:
+            raise UsageError(f"--schedule: {key} must be a number, got {value!r}") from None
+    return name, kwargs
 
 
 def make_schedule(name: str, optimizer, total_steps: int, warmup_steps: int = 0):
-    """A per-batch schedule from hetnet.optim.SCHEDULES: constant, step (x0.1 at 1/3 and 2/3), cosine, onecycle."""
-    if name not in optim.SCHEDULES:
-        raise UsageError(f"--schedule: unknown schedule {name!r} (expected one of {', '.join(optim.SCHEDULES)})")
+    """A per-batch schedule from hetnet.optim.SCHEDULES: constant, step (x0.1 at 1/3 and 2/3), cosine, onecycle,
+    triangular (airbench's; arguments as parse_schedule reads them). onecycle and triangular have their own
+    warm-up and ignore warmup_steps."""
+    name, kwargs = parse_schedule(name)
     total_steps, warmup_steps = max(1, int(total_steps)), max(0, int(warmup_steps))
     if name == "constant":
         return optim.ConstantLR(optimizer, warmup_steps=warmup_steps)
@@ -68,6 +192,11 @@ def make_schedule(name: str, optimizer, total_steps: int, warmup_steps: int = 0)
                             warmup_steps=warmup_steps)
     if name == "cosine":
         return optim.CosineLR(optimizer, total_steps=total_steps, warmup_steps=warmup_steps)
+    if name == "triangular":
+        try:
+            return optim.TriangularLR(optimizer, total_steps=total_steps, **kwargs)
+        except ValueError as e:
+            raise UsageError(f"--schedule: {e}") from None
     return optim.OneCycleLR(optimizer, total_steps=total_steps)
 
 
@@ -206,10 +335,86 @@ def format_epoch(rec: dict, epochs: int, elapsed: float | None = None) -> str:
     return "  ".join(parts)
 
 
-# --- weight averaging ------------------------------------------------------------------------------------------
+# --- weight averaging and lookahead ----------------------------------------------------------------------------
 
 
-class WeightAverage:
+class _Shadow:
+    """A second copy of a model's parameters and buffers (BN statistics) on its device, kept beside the live
+    arrays: `pairs` of (live, copy) -- the parameters as one flat pair when the model has a flat buffer -- and
+    `named`, the copies under their state_dict names (views into the flat copy for parameters). The copy starts
+    as the live values."""
+
+    def __init__(self, model):
+        self.model = model
+        pack = getattr(model, "_pack", None)
+        params = model.parameters()
+        self._flat = pack is not None and pack.params == params and pack.backend is model.backend
+        # (live array, copy) pairs; the parameters' pieces of them: (parameter, live, copy)
+        self.pairs, self.param_pieces = [], []
+        if self._flat:
+            flat = pack.data.copy()
+            self.pairs.append((pack.data, flat))
+            spans = optim.pack_spans(pack)
+            self._spans = [(p, *spans[id(p)]) for p in dict.fromkeys(params)]
+            views = {id(p.data): flat[s:e].reshape(p.shape) for p, s, e in self._spans}
+        param_ids = {id(p.data): p for p in params}
+        self.named = {}      # state_dict name -> copy, in state_dict order
+        for name, arr in model.named_arrays():
+            if self._flat and id(arr) in views:
+                self.named[name] = views[id(arr)]
+                continue
+            copy = arr.copy()
+            self.pairs.append((arr, copy))
+            self.named[name] = copy
+            if id(arr) in param_ids:
+                self.param_pieces.append((param_ids[id(arr)], arr, copy))
+        self.buffer_pairs = [(live, copy) for live, copy in self.pairs[1 if self._flat else 0:]
+                             if not any(live is piece[1] for piece in self.param_pieces)]
+
+    def split(self) -> tuple[list, list]:
+        """((live, copy) pairs of the parameters that train and of the buffers, the same of the frozen parameters),
+        the flat pair cut into runs of neighbouring parameters that train (hetnet.optim.contiguous_runs)."""
+        if self._flat:
+            live, copy = self.pairs[0]
+            trained = [(live[s:e], copy[s:e]) for s, e in
+                       optim.contiguous_runs((s, e) for p, s, e in self._spans if p.requires_grad)]
+            frozen = [(live[s:e], copy[s:e]) for p, s, e in self._spans if not p.requires_grad]
+        else:
+            trained = [(live, copy) for p, live, copy in self.param_pieces if p.requires_grad]
+            frozen = [(live, copy) for p, live, copy in self.param_pieces if not p.requires_grad]
+        return trained + self.buffer_pairs, frozen
+
+    def _swap(self) -> None:
+        for live, avg in self.pairs:
+            tmp = live.copy()
+            live[...] = avg
+            avg[...] = tmp
+
+    def applied(self):
+        """Context manager: the model holds the copy's weights inside, its own weights again outside."""
+
+        @contextlib.contextmanager
+        def ctx():
+            self._swap()
+            try:
+                yield self.model
+            finally:
+                self._swap()
+        return ctx()
+
+    def _arrays(self) -> dict:
+        to_numpy = self.model.backend.to_numpy
+        return {k: to_numpy(v).copy() for k, v in self.named.items()}
+
+    def _load_arrays(self, arrays: dict, what: str) -> None:
+        for k, v in self.named.items():
+            value = np.asarray(arrays[k])
+            if value.shape != tuple(v.shape):
+                raise ValueError(f"{what} {k}: expected shape {tuple(v.shape)}, got {value.shape}")
+            v[...] = self.model.backend.asarray(value)
+
+
+class WeightAverage(_Shadow):
     """Exponential moving average of a model's parameters and buffers (BN statistics), updated after every step:
     avg = d * avg + (1 - d) * w with d = min(decay, (1 + n) / (10 + n)) at update n (short memory at the start).
 
@@ -225,31 +430,8 @@ class WeightAverage:
     def __init__(self, model, decay: float):
         if not 0.0 < float(decay) < 1.0:
             raise UsageError(f"weight averaging: decay must be in (0, 1), got {decay!r}")
-        self.model, self.decay, self.updates = model, float(decay), 0
-        pack = getattr(model, "_pack", None)
-        params = model.parameters()
-        self._flat = pack is not None and pack.params == params and pack.backend is model.backend
-        # (live array, average array) pairs; the average starts as a copy of the live weights
-        if self._flat:
-            self.pairs = [(pack.data, pack.data.copy())]
-            views, offset, flat = {}, 0, self.pairs[0][1]
-            for prm in params:
-                n = int(np.prod(prm.shape))
-                views[id(prm.data)] = flat[offset:offset + n].reshape(prm.shape)
-                offset += n
-        else:
-            self.pairs = []
-        names = []
-        for name, arr in model.named_arrays():
-            names.append(name)
-            if self._flat and id(arr) in views:
-                continue
-            self.pairs.append((arr, arr.copy()))
-        # name -> average array, in state_dict order (views into the flat average for parameters)
-        self.named = {}
-        extra = iter(self.pairs[1:] if self._flat else self.pairs)
-        for name, arr in model.named_arrays():
-            self.named[name] = views[id(arr)] if self._flat and id(arr) in views else next(extra)[1]
+        super().__init__(model)
+        self.decay, self.updates = float(decay), 0
 
     def update(self) -> None:
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
@@ -258,41 +440,70 @@ class WeightAverage:
             avg += (1 - d) * live
         self.updates += 1
 
-    def _swap(self) -> None:
-        for live, avg in self.pairs:
-            tmp = live.copy()
-            live[...] = avg
-            avg[...] = tmp
-
-    def applied(self):
-        """Context manager: the model holds the averaged weights inside, its own weights again outside."""
-
-        @contextlib.contextmanager
-        def ctx():
-            self._swap()
-            try:
-                yield self.model
-            finally:
-                self._swap()
-        return ctx()
-
     def copy_to_model(self) -> None:
         """Make the averaged weights the model's (the end of training)."""
         for live, avg in self.pairs:
             live[...] = avg
 
     def state_dict(self) -> dict:
-        to_numpy = self.model.backend.to_numpy
-        return {"decay": self.decay, "updates": self.updates,
-                "arrays": {k: to_numpy(v).copy() for k, v in self.named.items()}}
+        return {"decay": self.decay, "updates": self.updates, "arrays": self._arrays()}
 
     def load_state_dict(self, state: dict) -> None:
         self.decay, self.updates = float(state["decay"]), int(state["updates"])
-        for k, v in self.named.items():
-            value = np.asarray(state["arrays"][k])
-            if value.shape != tuple(v.shape):
-                raise ValueError(f"weight average {k}: expected shape {tuple(v.shape)}, got {value.shape}")
-            v[...] = self.model.backend.asarray(value)
+        self._load_arrays(state["arrays"], "weight average")
+
+
+class Lookahead(_Shadow):
+    """airbench's lookahead (its LookaheadState): every `every` optimiser steps an exponential moving average of the
+    weights moves toward them, and the weights are reset to it. At step t (a multiple of `every`):
+
+        ema = ema + (1 - d) * (w - ema);   w = ema;      d = decay ** every * min(1, t / total_steps) ** 3
+
+    so the memory is short early in training and grows to decay ** every (airbench94: decay 0.95, every 5, its
+    alpha_schedule = 0.95**5 * (t / total)**3). `finish()` -- the end of training -- sets the weights to the EMA, as
+    airbench's last update (d = 1). Parameters and BatchNorm statistics are covered. A frozen parameter
+    (requires_grad False) is not reset: its EMA is set to it instead, so it never changes.
+
+        >>> lookahead = Lookahead(model, total_steps=epochs * len(loader))               # doctest: +SKIP
+        >>> lookahead.step()                # after each optimiser step                  # doctest: +SKIP
+    """
+
+    def __init__(self, model, total_steps: int, every: int = 5, decay: float = 0.95):
+        if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every <= 0:
+            raise UsageError(f"lookahead: every must be a positive integer, got {every!r}")
+        if not 0.0 <= float(decay) <= 1.0:
+            raise UsageError(f"lookahead: decay must be in [0, 1], got {decay!r}")
+        super().__init__(model)
+        self.total_steps, self.every, self.decay = max(1, int(total_steps)), int(every), float(decay)
+        self.steps = 0
+
+    def decay_at(self, t: int) -> float:
+        return self.decay ** self.every * min(1.0, t / self.total_steps) ** 3
+
+    def step(self) -> None:
+        """Count an optimiser step; every `every` steps, update (decay_at(steps))."""
+        self.steps += 1
+        if self.steps % self.every == 0:
+            self.update(self.decay_at(self.steps))
+
+    def update(self, d: float) -> None:
+        trained, frozen = self.split()
+        for live, ema in trained:
+            ema += (1 - d) * (live - ema)
+            live[...] = ema
+        for live, ema in frozen:
+            ema[...] = live
+
+    def finish(self) -> None:
+        """The end of training: the weights become the EMA (airbench's update with d = 1)."""
+        self.update(1.0)
+
+    def state_dict(self) -> dict:
+        return {"every": self.every, "decay": self.decay, "steps": self.steps, "arrays": self._arrays()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps = int(state["steps"])
+        self._load_arrays(state["arrays"], "lookahead")
 
 
 # --- the trainer -----------------------------------------------------------------------------------------------
@@ -315,11 +526,16 @@ class Trainer:
 
     def __init__(self, model, optimizer, schedule=None, label_smoothing: float = 0.0, progress: bool | None = None,
                  log: Callable[[str], None] | None = default_log, ema: float = 0.0,
-                 average: WeightAverage | None = None, dist=None):
+                 average: WeightAverage | None = None, lookahead: Lookahead | None = None,
+                 frozen_after: Iterable = (), dist=None):
         self.model, self.optimizer, self.schedule, self.dist = model, optimizer, schedule, dist
         self.label_smoothing = float(label_smoothing)
         # evaluate (and finally keep) an exponential moving average of the weights; 0: the weights themselves
         self.average = average if average is not None else (WeightAverage(model, ema) if ema else None)
+        # stepped after each optimiser step; finished (weights = its EMA) before the last epoch's evaluation
+        self.lookahead = lookahead
+        # (parameter, n): it trains in the first n epochs and is frozen from then on (airbench's whitening bias)
+        self.frozen_after = [(p, int(n)) for p, n in frozen_after]
         self.progress = sys.stderr.isatty() if progress is None else bool(progress)
         self.log = log
         self._train_step = None
@@ -334,6 +550,7 @@ class Trainer:
     def train_epoch(self, loader, epoch: int, epochs: int | None = None) -> tuple[float, float, float, int]:
         """One pass over loader.epoch(epoch) (0-based); (mean loss, accuracy, seconds, images)."""
         dist = self.dist
+        self._set_frozen(epoch)
         if self._train_step is None:
             self._train_step = make_train_step(self.model, self.optimizer, self.schedule, self.label_smoothing,
                                                reducer=dist.reducer(self.model) if dist is not None else None)
@@ -360,6 +577,8 @@ class Trainer:
                     else:
                         step.step(xb, yb)
                     check_interrupt()
+                    if self.lookahead is not None:
+                        self.lookahead.step()
                     if self.average is not None:
                         self.average.update()
                     if bar is not None:
@@ -389,6 +608,18 @@ class Trainer:
             raise TrainingDiverged(f"the training loss became {loss}")
         return loss, correct / count, seconds, count
 
+    def _set_frozen(self, epoch: int) -> None:
+        """requires_grad of the frozen_after parameters for this epoch, changed only where it changes (a changed
+        flag makes the train step capture again: its first batches count as warm-up once more)."""
+        changed = False
+        for p, n in self.frozen_after:
+            trains = epoch < n
+            if p.requires_grad != trains:
+                p.requires_grad = trains
+                changed = True
+        if changed:
+            self._steps_at_shape.clear()
+
     def evaluate(self, loader) -> tuple[float, float]:
         """(mean loss, accuracy) over loader.epoch(0), model in eval mode; one eval step object reused."""
         if self._eval_step is None:
@@ -401,7 +632,9 @@ class Trainer:
         return (loss_sum / count, correct / count) if count else (float("nan"), float("nan"))
 
     def finish(self) -> None:
-        """End of training: the model keeps the weights that were evaluated (the average, if any)."""
+        """End of training: the model keeps the weights that were evaluated (the lookahead's EMA, the average)."""
+        if self.lookahead is not None:
+            self.lookahead.finish()
         if self.average is not None:
             self.average.copy_to_model()
 
@@ -420,8 +653,11 @@ class Trainer:
             except TrainingDiverged as err:
                 raise TrainingDiverged(f"training diverged in epoch {e + 1}: {err} "
                                        f"(try a lower --lr)") from None
+            if self.lookahead is not None and e == epochs - 1:
+                self.lookahead.finish()          # the weights evaluated and saved are the final ones
             if self.dist is not None:
-                self.dist.average_arrays(self.backend, self.dist.buffers_of(self.model, self.average))
+                self.dist.average_arrays(self.backend,
+                                         self.dist.buffers_of(self.model, self.average, self.lookahead))
             rec = {"epoch": e + 1, "train_loss": loss, "train_accuracy": acc,
                    "val_loss": None, "val_accuracy": None, "test_loss": None, "test_accuracy": None}
             for split, loader in (("val", val_loader), ("test", test_loader)):
@@ -511,7 +747,7 @@ def fit(model, x, y, epochs: int = 1, batch_size: int = 32, optimizer: str = "sg
     check_lr(lr, "lr")
     loader = ArrayLoader(x, y, batch_size, shuffle=True, seed=seed)
     val = ArrayLoader(*validation_data, batch_size=max(batch_size, 256), shuffle=False) if validation_data else None
-    opt = make_optimizer(optimizer, model.parameters(), lr, weight_decay)
+    opt = make_optimizer(optimizer, model.parameters(), lr, weight_decay, batch_size=batch_size)
     steps = len(loader)
     sched = make_schedule(schedule, opt, steps * epochs, int(round(warmup_epochs * steps)))
     trainer = Trainer(model, opt, sched, label_smoothing, progress=progress, log=log, ema=ema)

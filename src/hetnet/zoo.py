@@ -35,7 +35,15 @@ class Preset:
     label_smoothing: float = 0.0
     ema: float = 0.0                   # decay of the evaluated and kept weight average (0: none)
     augment: tuple = field(default=())  # "crop[:P]" (random crop after padding P pixels, default 4), "flip"
+    precision: str = "fp32"            # the matrix products' precision on cuda: fp32 | tf32 | bf16 (hetnet.device)
     description: str = ""
+    momentum: float = 0.9              # of momentum and nesterov-decoupled
+    # parameter groups, hetnet.train.group_parameters' rules: ({"params": "BatchNorm*.bias", "lr_scale": 64.0,
+    # "weight_decay_scale": 1.0}, ...), names '<layer index>.<name>' or '<layer type>.<name>'; the rest at scale 1
+    param_groups: tuple = field(default=())
+    lookahead: int = 0                 # every k steps the weights reset to their EMA (hetnet.train.Lookahead); 0: off
+    lookahead_decay: float = 0.95      # the lookahead's decay per step
+    whiten_bias_epochs: int = 0        # the first layer's bias trains this many epochs, then is frozen (0: always)
 
 
 def _thesis(input_shape: tuple, convs: list[int], dense: list[int], lr: float, classes: int = 10) -> list:
@@ -182,8 +190,18 @@ def recipe_line(preset: Preset) -> str:
         parts.append(f"weight decay {preset.weight_decay:g}")
     if preset.label_smoothing:
         parts.append(f"label smoothing {preset.label_smoothing:g}")
+    if preset.optimizer in ("momentum", "nesterov-decoupled") and preset.momentum != 0.9:
+        parts.append(f"momentum {preset.momentum:g}")
+    for rule in preset.param_groups:
+        pats = rule["params"] if isinstance(rule["params"], str) else "|".join(rule["params"])
+        parts.append(f"{pats} at lr x{rule.get('lr_scale', 1):g}"
+                     + (f" wd x{rule['weight_decay_scale']:g}" if rule.get("weight_decay_scale", 1) != 1 else ""))
     if preset.ema:
         parts.append(f"weight average {preset.ema:g}")
+    if preset.lookahead:
+        parts.append(f"lookahead every {preset.lookahead} steps (decay {preset.lookahead_decay:g})")
+    if preset.whiten_bias_epochs:
+        parts.append(f"first bias frozen after {preset.whiten_bias_epochs} epochs")
     parts.append(f"augment {','.join(preset.augment) or 'none'}")
     return ", ".join(parts)
 

@@ -12,6 +12,7 @@ R/S kernel height/width, F features. Activations are NCHW (or NF for dense layer
 Attributes
 ----------
 name: str                       "reference" | "cpu" | "cuda:N"
+precision: str                  "fp32" | "tf32" | "bf16": how its matrix products round (hetnet.device)
 dtype: numpy dtype              float64 (reference) or float32 (cpu, cuda)
 xp: module                      numpy or cupy, for the few array ops layers need (zeros_like, views)
 fusions: frozenset[str]         the fusions of hetnet.plan.FUSIONS this backend runs faster than their parts; the plan
@@ -38,11 +39,13 @@ gather_images(images[N,C,H,W] uint8, labels[N], plan[4,M] int32, start, count, s
 
 Replayed steps (optional)
 -------------------------
-step_runner(n_scalars, n_seeds) -> runner   how hetnet.plan runs a step here when the backend has a faster way than calling
-                                    it: cuda captures it as a CUDA graph per batch shape and replays it (cuda/graph.py).
-                                    Without it the plan calls the step (plan.EagerRunner). A runner has `scalars` (a
-                                    float32 array of n_scalars the step's ops read: learning rate, flags, dropout
-                                    seeds), `set_scalars(values)` and `run(fn, x, y)`.
+step_runner(n_scalars, n_seeds) -> runner
+    How hetnet.plan runs a step here when the backend has a faster way than calling it: cuda captures it as a CUDA
+    graph per batch shape and replays it (cuda/graph.py); without it the plan calls the step (plan.EagerRunner). A
+    runner has `scalars` (a backend float32 array of n_scalars the optimiser's update reads: learning rate, flags),
+    `seed(slot)` (dropout node `slot`'s seed), `set_scalars(values, seeds)`, `run(fn, x, y)`,
+    `read_and_reset(*accumulators)` and `reset()` (forget the captured steps: the step's launches changed, see
+    plan.TrainStep).
 
 Ops: forward returns (y, cache); backward takes the cache. Backward *accumulates* parameter gradients into the arrays it
 is given (dw += ..., db += ...; PyTorch semantics) and returns dx, or None when need_dx is False. No op modifies its
@@ -122,7 +125,8 @@ binary_cross_entropy_with_logits(logits, targets same shape, float in [0,1]) -> 
 Optimiser updates (in place on p and the state arrays; all arrays the same shape, often one flat buffer). Each takes
 `scalars`, a backend float32 array whose values it reads when it runs instead of the per-step arguments (so that a
 replayed step follows the schedule): [lr, first_step] for SGD, [lr, 0, lr / (1 - beta1^step), 1 / (1 - beta2^step)]
-for Adam. hetnet.optim's optimisers own these calls (Optimizer.update).
+for Adam. hetnet.optim's optimisers own these calls (Optimizer.update): one per parameter group and run of
+neighbouring parameters that train (slices of the flat buffers), each given its group's block of the scalars.
 sgd_update(p, g, buf|None, lr, momentum, dampening, nesterov, weight_decay, first_step: bool, scalars=None) -> None
     exactly torch.optim.SGD: d = g + wd*p; if momentum: buf = d on the first step, else
     buf = momentum*buf + (1-dampening)*d; d = d + momentum*buf if nesterov else buf. p -= lr*d. g is not modified.

@@ -26,6 +26,7 @@ from ..random import counter_uniform
 from . import compose, cpu
 
 name = "reference"
+precision = "fp32"          # (float64 throughout: the oracle)
 dtype = np.dtype(np.float64)
 xp = np
 # every fusion of hetnet.plan, each the chain of reference ops it stands for (backends.compose)

@@ -51,6 +51,7 @@ from pathlib import Path
 from ..backends.cpu import threads as _cpu_threads
 from ..device import cuda_available, parse_device
 from ..errors import DeviceError, UsageError
+from . import readme
 from .common import (
     PRECISIONS,
     RTOL_F32,
@@ -146,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the train-step (or precision) table only, also on a GPU (the GPU's default adds the "
                         "per-layer and thesis tables)")
     p.add_argument("--no-train-step", action="store_true", help="skip the train-step (or precision) table")
+    p.add_argument("--readme", action="store_true",
+                   help="print the README's results table, generated from benchmarks/results/ (no benchmark runs)")
+    p.add_argument("--write", action="store_true", help="with --readme: write it into README.md between its markers")
     p.add_argument("--reference-rows", default=",".join(REFERENCE_ROWS),
                    help="MODEL:BATCH pairs at which the slow float64 reference backend is timed")
     p.add_argument("--threads", type=int, default=None,
@@ -250,6 +254,14 @@ def _set_threads(n: int | None) -> int | None:
 def main(argv: list[str] | None = None) -> int:
     """`hetnet bench ARGS`; returns the exit status (0 when every section ran, even with refused rows)."""
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.readme:
+        table = readme.results_table(Path("benchmarks") / "results")
+        if args.write:
+            changed = readme.update_readme(Path("README.md"), table)
+            print(f"README.md: results table {'updated' if changed else 'unchanged'}")
+        else:
+            print(table, end="")
+        return 0
     try:
         import torch  # noqa: F401
     except ImportError:

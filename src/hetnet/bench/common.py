@@ -39,6 +39,9 @@ from ..version import __version__
 RTOL_F32 = 1e-4
 RTOL_TF32 = 1e-2
 RTOL_PRECISION = {"fp32": RTOL_F32, "tf32": 1e-3, "bf16": 2e-2}
+# One tensor-core GEMM (backends/cuda/mma.py, benchmarks/kernels/run_tc_gemm.py) against float64 of its float32
+# inputs, relative to ||C||: tf32 and bf16 round each operand to 10 and 7 mantissa bits (tests/conftest.py's RTOL_TC).
+GEMM_RTOL = {"tf32": 1e-3, "bf16": 1e-2}
 FULL_BATCH_RTOL = 1e-2   # the timed step's updates on the whole batch (float32 max-pool near-ties, see pair.py)
 PRECISIONS = tuple(RTOL_PRECISION)
 

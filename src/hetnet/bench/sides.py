@@ -68,18 +68,6 @@ def hetnet_to(model, device, precision: str) -> str | None:
     return None
 
 
-def hetnet_tf32(backend, on: bool) -> str:
-    """Ask the hetnet backend for TF32 GEMMs (the train-step table's TF32 row); says what happened."""
-    fn = getattr(backend, "set_tf32", None)
-    if callable(fn):
-        fn(on)
-        return "on" if on else "off"
-    if hasattr(backend, "tf32"):
-        backend.tf32 = on
-        return "on" if on else "off"
-    return "off (backend has no TF32 switch)" if on else "off"
-
-
 # --- PyTorch -----------------------------------------------------------------------------------------------------
 
 

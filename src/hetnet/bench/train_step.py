@@ -33,7 +33,7 @@ from .common import (
 )
 from .models import model_label, resolve_model
 from .pair import Pair, gate, peak_memory
-from .sides import LayerByLayerStep, TorchGraphStep, hetnet_tf32, torch_flags
+from .sides import LayerByLayerStep, TorchGraphStep, torch_flags
 
 MODELS = ("thesis-m0", "thesis-m1", "thesis-m2", "thesis-m3", "thesis-m4", "fashion-cnn", "mlp")
 BATCHES = (32, 128, 1024)
@@ -59,14 +59,14 @@ def bench_train_step(model_name: str, batch: int, device: str, args, tf32: bool 
     import torch.nn.functional as F
 
 
-    backend = get_backend(device)
+    backend = get_backend(device, "tf32" if tf32 else None)     # the TF32 row: hetnet's tensor-core products too
     gpu = device.startswith("cuda")
     tdev = "cuda" if gpu else "cpu"
     row = {"model": model_label(model_name), "batch_size": batch, "hetnet_backend": backend.name,
            "torch_device": tdev, "tf32": tf32, "status": "ok", "reason": None}
     if gpu:
         torch_flags(tf32)
-        row["hetnet_tf32"] = hetnet_tf32(backend, tf32)
+        row["hetnet_precision"] = backend.precision
         row["torch_tf32"] = {"matmul": bool(torch.backends.cuda.matmul.allow_tf32),
                              "cudnn": bool(torch.backends.cudnn.allow_tf32),
                              "cudnn_benchmark": bool(torch.backends.cudnn.benchmark)}
@@ -312,11 +312,7 @@ def run_train_step(args, devices: list[str], env: dict, out: Path, deadline: flo
         if device.startswith("cuda") and args.tf32_row and time.monotonic() <= deadline:
             rows.append(_safe_row(TF32_ROW[0], TF32_ROW[1], device, args, True))
             _progress(rows[-1])
-            try:
-                torch_flags(False)
-                hetnet_tf32(get_backend(device), False)
-            except Exception:
-                pass
+            torch_flags(False)
     gpu = any(d.startswith("cuda") for d in devices)
     doc = {"environment": env, "method": method_text(gpu), "tolerances": {"float32": RTOL_F32, "tf32": RTOL_TF32},
            "optimizer": f"SGD lr={LR} momentum={MOMENTUM}", "errors": errors, "targets": targets(rows), "rows": rows}

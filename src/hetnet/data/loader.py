@@ -95,8 +95,8 @@ class BatchLoader:
 
     def plan(self, epoch: int) -> np.ndarray:
         """The batches of `epoch` as an int32 plan (4, num_examples): rows index, oy, ox, flip, batch b in columns
-        b*B .. (b+1)*B. Draws the same random numbers as batch() (apply_augment), so a backend's gather_images(plan) gives
-        the same arrays as batch()."""
+        b*B .. (b+1)*B. Draws the same random numbers as batch() (apply_augment), so a backend's
+        gather_images(plan) gives the same arrays as batch()."""
         if not self.plannable:
             raise ValueError(f"augmentation {self.augment} does not fit a plan (at most one crop and one flip)")
         order = self.order(epoch)

@@ -181,9 +181,10 @@ class Layer:
             object.__setattr__(self, name, value)
 
     # -- device and mode
-    def to(self, device) -> "Layer":
-        """Move parameters and buffers to a device ('reference', 'cpu', 'cuda', 'cuda:N'); returns self."""
-        backend = device if not isinstance(device, str) else get_backend(device)
+    def to(self, device, precision: str | None = None) -> "Layer":
+        """Move parameters and buffers to a device ('reference', 'cpu', 'cuda', 'cuda:N'), computing in `precision`
+        ('fp32' default, 'tf32', 'bf16': see hetnet.device); returns self."""
+        backend = device if not isinstance(device, str) else get_backend(device, precision)
         if backend is not self.backend:
             for p in self.params.values():
                 p.to(backend)

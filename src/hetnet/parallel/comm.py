@@ -36,6 +36,15 @@ import numpy as np
 _NCCL_TYPES = {"float16": 6, "float32": 7, "float64": 8, "bfloat16": 9}
 _NCCL_SUM, _NCCL_AVG = 0, 4
 
+# float32 <-> bfloat16 (held as uint16: CuPy has no bfloat16 dtype): the top 16 bits, rounded to nearest even
+# (NaNs stay NaNs); back: those bits with 16 zero bits below.
+_TO_BF16 = ("float32 x", "uint16 y", """
+    const unsigned int u = __float_as_uint(x);
+    y = (u & 0x7fffffffu) > 0x7f800000u ? (unsigned short)((u >> 16) | 0x40u)
+                                        : (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);""",
+            "hetnet_to_bf16")
+_FROM_BF16 = ("uint16 y", "float32 x", "x = __uint_as_float(((unsigned int)y) << 16);", "hetnet_from_bf16")
+
 
 class MPIComm:
     """Collectives over MPI.COMM_WORLD on NumPy arrays (the cpu and reference backends)."""
@@ -47,6 +56,9 @@ class MPIComm:
 
         self.MPI, self.comm, self.progress = MPI, MPI.COMM_WORLD, progress
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+
+    def prepare(self, largest: int, bf16: bool) -> None:
+        """Before the first start_allreduce (the CPU backends compute and reduce in float32)."""
 
     def start_allreduce(self, buf, bf16: bool = False):
         return self.comm.Iallreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
@@ -117,6 +129,7 @@ class NcclComm:
             # made here, never inside a capture; a wait binds to the record before it, so one of each will do
             self.ready = cupy.cuda.Event(disable_timing=True)
             self.done = cupy.cuda.Event(disable_timing=True)
+        self.wire = None            # bfloat16 copy of the bucket on its way (see prepare)
 
     @staticmethod
     def _type(buf, bf16: bool = False) -> int:
@@ -126,13 +139,32 @@ class NcclComm:
             raise TypeError(f"NCCL all-reduce of {buf.dtype} arrays is not supported")
         return _NCCL_TYPES[name]
 
+    def prepare(self, largest: int, bf16: bool) -> None:
+        """Before the first start_allreduce, outside any capture: with bf16, the buffer of the buckets' bfloat16
+        copies (`largest` elements; the buckets pass through it one after the other, in the stream's order) and
+        the two conversion kernels."""
+        if bf16 and (self.wire is None or self.wire.size < largest):
+            with self.be.device, self.be.persistent():
+                self.wire = self.cp.empty((largest,), dtype=self.cp.uint16)
+            self._to_bf16 = self.cp.ElementwiseKernel(*_TO_BF16)
+            self._from_bf16 = self.cp.ElementwiseKernel(*_FROM_BF16)
+
     def start_allreduce(self, buf, bf16: bool = False):
         """Average buf over the ranks (sum it when not average_op) on the communication stream, after the work
-        queued so far on the current stream (the backward that wrote it)."""
+        queued so far on the current stream (the backward that wrote it). bf16 (a float32 buf of a bf16 step): it
+        travels as bfloat16, half the bytes: rounded into the wire buffer, reduced there, widened back into buf."""
         self.ready.record(self.cp.cuda.get_current_stream())
         self.stream.wait_event(self.ready)
-        self.comm.allReduce(buf.data.ptr, buf.data.ptr, buf.size, self._type(buf, bf16),
-                            _NCCL_AVG if self.average_op else _NCCL_SUM, self.stream.ptr)
+        op = _NCCL_AVG if self.average_op else _NCCL_SUM
+        if not bf16:
+            self.comm.allReduce(buf.data.ptr, buf.data.ptr, buf.size, self._type(buf), op, self.stream.ptr)
+            return
+        wire = self.wire[:buf.size]
+        with self.stream:
+            self._to_bf16(buf, wire)
+            self.comm.allReduce(wire.data.ptr, wire.data.ptr, wire.size, self._type(wire, True), op,
+                                self.stream.ptr)
+            self._from_bf16(wire, buf)
 
     def wait(self, handles: list) -> None:
         """The current stream waits for every all-reduce started so far (the join of the capture's fork)."""

@@ -104,17 +104,18 @@ class Dist:
                 layer.sync_stats = self.comm.allreduce if self.sync_bn else None
 
     def reducer(self, model) -> GradReducer:
-        """The gradient reduction of a training step of `model` (hetnet.plan.TrainStep's reducer)."""
-        return GradReducer(self.comm, model, on_step=self.hb.step)
+        """The gradient reduction of a training step of `model` (hetnet.plan.TrainStep's reducer); bfloat16 on
+        the wire where the model computes in bf16."""
+        bf16 = getattr(model.backend, "precision", "fp32") == "bf16"
+        return GradReducer(self.comm, model, bf16=bf16, on_step=self.hb.step)
 
-    def buffers_of(self, model, average=None) -> list:
+    def buffers_of(self, model, *shadows) -> list:
         """The arrays that differ between ranks after an epoch: BatchNorm's running statistics (each rank normalised
-        its own batches), and their copies in a weight average."""
+        its own batches), and their copies in a weight average or a lookahead (hetnet.train; None: none)."""
         live = [b for layer in model.layers for b in layer.buffers.values()]
-        if average is None:
-            return live
         ids = {id(b) for b in live}
-        return live + [avg for arr, avg in average.pairs if id(arr) in ids]
+        return live + [copy for shadow in shadows if shadow is not None
+                       for arr, copy in shadow.pairs if id(arr) in ids]
 
     def shard(self, loader, train: bool):
         return None if loader is None else ShardedLoader(loader, self.rank, self.world, train)

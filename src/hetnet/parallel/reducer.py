@@ -13,8 +13,9 @@ them and leaves the mean over the ranks in the buffer, before the optimiser's up
     >>> step = TrainStep(model, optimizer, reducer=reducer)      # doctest: +SKIP
 
 Every rank starts the same buckets in the same order (the same model, the same hooks), as NCCL requires.
-Gradients travel in the buffer's dtype: float32 now. A step whose gradient buffer holds bfloat16 (stored as uint16,
-the precision setting) passes bf16=True, and NCCL reduces them as ncclBfloat16.
+Gradients are float32 in the buffer; where the step computes in bf16 (`--precision bf16`, the cuda backend's
+tensor-core products) they travel as bfloat16 (bf16=True: half the bytes; each bucket rounded to bfloat16, reduced
+by NCCL as ncclBfloat16, widened back, all on the communication stream), as PyTorch DDP's bf16_compress_hook.
 """
 from __future__ import annotations
 
@@ -62,6 +63,7 @@ class GradReducer:
         cap = max(1, bucket_bytes // self.grad.itemsize)
         self.bounds = bucket_bounds(sizes, cap) if sizes else []
         self.views = [self.grad[lo:hi] for lo, hi, _, _ in self.bounds]        # made once, outside any capture
+        comm.prepare(max((hi - lo for lo, hi, _, _ in self.bounds), default=0), self.bf16)
         self.scale = None if comm.average_op or comm.size == 1 else 1.0 / comm.size
         self._ready: dict = {}          # id(node list) -> (node list, ready node index per bucket)
         self._now: list = []

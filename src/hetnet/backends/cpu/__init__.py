@@ -32,6 +32,7 @@ from .pool import (avgpool2d_backward, avgpool2d_forward, global_avgpool2d_backw
                    maxpool2d_backward, maxpool2d_forward)
 
 name = "cpu"
+precision = "fp32"
 dtype = np.dtype(np.float32)
 xp = np
 _F = np.float32

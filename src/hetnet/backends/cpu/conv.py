@@ -303,7 +303,7 @@ if jit.available():
 
     # --- convolution, one image at a time: columns cols[(c, r, s), (p, q)] = xpad[c, p*stride + r, q*stride + s] ---
     # The GEMMs are OpenBLAS's sgemm called from the compiled loop (no GIL, no temporaries); `gemm` is that
-    # function as a ctypes object (cblas_sgemm's arguments), found by `_cpu_threads.find_sgemm()`.
+    # function as a ctypes object (cblas_sgemm's arguments), found by `threads.find_sgemm()`.
 
     # Indices are unsigned (`_U`): Numba then drops its negative-index wrap-around and LLVM vectorises the copies
     # (measured 3.5 -> 1.1 ms for fashion-cnn conv2's columns at batch 128; NumPy's per-chunk copies took 1.6).

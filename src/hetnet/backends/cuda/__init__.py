@@ -7,8 +7,8 @@ captured once as a CUDA graph and replayed (graph.py).
     >>> import hetnet as hn                                        # doctest: +SKIP
     >>> model = hn.zoo.build("thesis-m1").to("cuda")               # doctest: +SKIP
 
-Environment: HETNET_CUDA_GRAPH=0 runs the fast step without graph capture; HETNET_TF32=1 lets cuBLAS GEMMs use TF32
-(our own kernels stay float32); HETNET_CONV_ALGO=implicit|im2col forces a convolution algorithm instead of measuring.
+Environment: HETNET_CUDA_GRAPH=0 runs the fast step without graph capture; HETNET_CONV_ALGO=implicit|im2col forces a
+convolution algorithm instead of measuring.
 """
 from __future__ import annotations
 
@@ -22,7 +22,9 @@ from ...errors import DeviceError
 from .. import compose
 from . import conv as _conv
 from .graph import GraphRunner
-from .kernels import NULL, check, device_props, get_kernel, grid_for
+from .mma import gemm_tc
+from .kernels import NULL, check, device_props, gemm_operands, get_kernel, grid_for
+from .kernels import leading_dim as _ld
 
 _i32, _i64, _f32 = np.int32, np.int64, np.float32
 _ACT = {None: 0, "relu": 1}     # the activation code of the kernels' epilogues
@@ -97,17 +99,6 @@ def _env_flag(name: str, default: bool) -> bool:
     return v.strip().lower() not in ("0", "false", "no", "off")
 
 
-def _rows_contiguous(m) -> bool:
-    """A 2-D view whose rows are contiguous (any row stride at least the row length)."""
-    return m.ndim == 2 and (m.flags.c_contiguous or (m.strides[1] == m.itemsize and m.strides[0] >= m.shape[1]
-                                                     * m.itemsize and m.strides[0] % m.itemsize == 0))
-
-
-def _ld(m) -> int:
-    """Leading dimension (elements between rows) of a row-major view with contiguous rows."""
-    return max(1, m.shape[1], m.strides[0] // m.itemsize if m.shape[0] > 1 else 0)
-
-
 def _no_headroom() -> int:
     return 0
 
@@ -143,7 +134,7 @@ class CudaBackend:
     # on the instance while it captures a graph
     workspace_headroom = staticmethod(_no_headroom)
 
-    def __init__(self, device_id: int = 0):
+    def __init__(self, device_id: int = 0, precision: str = "fp32"):
         try:
             import cupy
         except ImportError as e:
@@ -167,7 +158,10 @@ class CudaBackend:
         self.device = cupy.cuda.Device(device_id)
         props = device_props(device_id)
         self.gpu_name, self.sms = props["name"], props["sms"]
-        self.tf32 = _env_flag("HETNET_TF32", False)
+        # the matrix products' precision (hetnet.device): fp32, our FMA kernels and cuBLAS sgemm; tf32 / bf16, every
+        # GEMM on our tensor-core kernels (mma.cu), the convolutions' algorithm chosen by measurement between the
+        # fp32 implicit-GEMM kernels and im2col + those GEMMs
+        self.precision = precision
         self.cuda_graph = _env_flag("HETNET_CUDA_GRAPH", True)
         self.force_conv_algo: str | None = None   # "implicit" | "im2col" to skip the measurement (tests)
         self._cache: dict = {}                     # gather tables, scratch buffers
@@ -199,21 +193,15 @@ class CudaBackend:
         return kernel if self.index64 or size >= 2**31 else kernel + "_i32"
 
     def gemm(self, c, a, trans_a: bool, b, trans_b: bool, alpha: float = 1.0, beta: float = 0.0) -> None:
-        """Row-major c[M,N] = alpha * op(a) @ op(b) + beta * c through cuBLAS (on the current stream).
-        Each matrix is row-major with contiguous rows and any row stride (a column slice such as yk[:, i:j]), or
-        the transpose of such a view (a and b only)."""
+        """Row-major c[M,N] = alpha * op(a) @ op(b) + beta * c on the current stream: cuBLAS sgemm in fp32, our
+        tensor-core kernels (mma.cu) in tf32 / bf16. Each matrix is row-major with contiguous rows and any row
+        stride (a column slice such as yk[:, i:j]), or the transpose of such a view (a and b only)."""
         from cupy_backends.cuda.libs import cublas
 
-        if not _rows_contiguous(a):
-            a, trans_a = a.T, not trans_a
-        if not _rows_contiguous(b):
-            b, trans_b = b.T, not trans_b
-        for name, mat in (("a", a), ("b", b), ("c", c)):
-            if mat.dtype != np.float32 or not _rows_contiguous(mat):
-                raise ValueError(f"gemm: {name} of shape {mat.shape}, strides {mat.strides} is not a float32 "
-                                 "matrix with contiguous rows")
-        m, n = c.shape
-        k = a.shape[0] if trans_a else a.shape[1]
+        if self.precision != "fp32":
+            gemm_tc(self, c, a, trans_a, b, trans_b, alpha, beta, self.precision)
+            return
+        a, trans_a, b, trans_b, m, n, k = gemm_operands(c, a, trans_a, b, trans_b)
         handle = self.cupy.cuda.device.get_cublas_handle()
         key = (float(alpha), float(beta))
         ab = self._alpha_beta.get(key)
@@ -234,8 +222,7 @@ class CudaBackend:
         cublas.setStream(handle, self.cupy.cuda.get_current_stream().ptr)
         cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
         if hasattr(cublas, "setMathMode"):
-            cublas.setMathMode(handle, getattr(cublas, "CUBLAS_TF32_TENSOR_OP_MATH", 3) if self.tf32
-                               else getattr(cublas, "CUBLAS_DEFAULT_MATH", 0))
+            cublas.setMathMode(handle, getattr(cublas, "CUBLAS_DEFAULT_MATH", 0))
         cublas.sgemm(*args)
 
     def prepare_capture(self, stream) -> None:
@@ -246,8 +233,7 @@ class CudaBackend:
         cublas.setStream(handle, stream.ptr)
         cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
         if hasattr(cublas, "setMathMode"):
-            cublas.setMathMode(handle, getattr(cublas, "CUBLAS_TF32_TENSOR_OP_MATH", 3) if self.tf32
-                               else getattr(cublas, "CUBLAS_DEFAULT_MATH", 0))
+            cublas.setMathMode(handle, getattr(cublas, "CUBLAS_DEFAULT_MATH", 0))
 
     def compute_stream(self):
         """The stream training runs on: the train and eval steps' graphs and the data kernels that feed them, in
@@ -259,12 +245,12 @@ class CudaBackend:
         return self._stream
 
     def step_pool(self):
-        """The private memory pool of the fast step objects (step.py) on this device: their first, eager steps and
-        their captured graphs, train and eval alike. They all run in order on compute_stream(), no step reads what
-        an earlier step freed, and buffers kept across steps come from elsewhere (see persistent()), so a block
-        one step frees can serve the next step of any step object: the pool grows to the largest working set
-        among them, not to their sum. Never emptied while a step object that took it lives (its graphs keep using
-        the addresses they were captured with)."""
+        """The private memory pool of hetnet.plan's steps on this device (graph.py's runners): their first,
+        eager steps and their captured graphs, train and eval alike. They all run in order on compute_stream(), no
+        step reads what an earlier step freed, and buffers kept across steps come from elsewhere (see persistent()),
+        so a block one step frees can serve the next step of any step object: the pool grows to the largest working
+        set among them, not to their sum. Never emptied while a step object that took it lives (its graphs keep
+        using the addresses they were captured with)."""
         if self._step_pool is None:
             with self.device:
                 self._step_pool = self.cupy.cuda.MemoryPool()

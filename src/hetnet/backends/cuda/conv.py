@@ -1,6 +1,6 @@
 """Convolution and dense launchers: implicit GEMM (conv.cu) or im2col + cuBLAS, chosen per shape by measurement.
 
-Every op here has an optional fused epilogue used by the fast training step (`step.py`): `act` (ReLU after bias in the
+Every op here has the op contract's optional fused epilogues (used by hetnet.plan): `act` (ReLU after bias in the
 forward) and `relu_x` (the input of this layer is a ReLU output, so the data gradient is zeroed where relu_x <= 0).
 Dense layers are 1x1 convolutions of 1x1 images for the implicit kernels; their second algorithm is a plain cuBLAS
 GEMM.

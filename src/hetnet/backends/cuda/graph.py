@@ -109,6 +109,16 @@ class GraphRunner:
         except cp.cuda.memory.OutOfMemoryError as e:
             raise _oom_error(be, int(xb.shape[0]), e) from None
 
+    def reset(self) -> None:
+        """Drop the captured graphs (the step's launches changed: a parameter was frozen or unfrozen, an optimiser
+        hyperparameter outside the scalars changed): the next batch of each shape runs eagerly, then is captured
+        again. Waits for queued work first, so no graph is released while it may still run."""
+        with self.be.device:
+            self.stream.synchronize()
+        self.graphs.clear()
+        self.seen.clear()
+        self.eager_high.clear()
+
     def _capture(self, fn, xb, yb, high: int):
         """Record fn into a CUDA graph. If a cuBLAS GEMM cannot be recorded, record again with our own kernels only
         (the fastest measured implicit-GEMM variant for each such layer). im2col's column buffers may fill the room

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import conv_tiles
+from . import conv_tiles, mma_tiles
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ("conv", "pool", "norm", "elementwise", "loss", "optim", "data")
+SOURCES = ("conv", "pool", "norm", "elementwise", "loss", "optim", "data", "mma")
 NULL = np.uint64(0)  # a null pointer argument
 
 _modules: dict[tuple[int, str], object] = {}
@@ -26,10 +26,12 @@ _props: dict[int, dict] = {}
 
 def cu_text(name: str) -> str:
     """A source's CUDA text as nvcc compiles it (with -I this folder): the .cu file, and for conv the entry points of
-    the tiles that ship, generated from their table (conv_tiles.py)."""
+    the tiles that ship, generated from their table (conv_tiles.py); for mma those of its tiles (mma_tiles.py)."""
     text = (HERE / f"{name}.cu").read_text()
     if name == "conv":
         text += "\n" + conv_tiles.instantiations(conv_tiles.TILES)
+    elif name == "mma":
+        text += "\n" + mma_tiles.instantiations(mma_tiles.TILES)
     return text
 
 
@@ -80,6 +82,38 @@ def device_props(device_id: int) -> dict:
 def grid_for(n: int, sms: int, block: int = 256) -> int:
     """Blocks for a grid-stride loop over n elements: enough to fill the GPU, no more."""
     return int(max(1, min((n + block - 1) // block, sms * 16)))
+
+
+def rows_contiguous(m) -> bool:
+    """A 2-D view whose rows are contiguous (any row stride at least the row length)."""
+    return m.ndim == 2 and (m.flags.c_contiguous or (m.strides[1] == m.itemsize and m.strides[0] >= m.shape[1]
+                                                     * m.itemsize and m.strides[0] % m.itemsize == 0))
+
+
+def leading_dim(m) -> int:
+    """Leading dimension (elements between rows) of a row-major view with contiguous rows."""
+    return max(1, m.shape[1], m.strides[0] // m.itemsize if m.shape[0] > 1 else 0)
+
+
+def gemm_operands(c, a, trans_a: bool, b, trans_b: bool, who: str = "gemm"):
+    """The views a GEMM c[M,N] = op(a) @ op(b) takes, as (a, trans_a, b, trans_b, m, n, k) of row-major float32
+    matrices with contiguous rows and any row stride: a or b whose rows are not contiguous is taken as the transpose
+    of its transpose. Raises ValueError (naming `who`) for anything else, or shapes that do not chain."""
+    if not rows_contiguous(a):
+        a, trans_a = a.T, not trans_a
+    if not rows_contiguous(b):
+        b, trans_b = b.T, not trans_b
+    for name, mat in (("a", a), ("b", b), ("c", c)):
+        if mat.dtype != np.float32 or not rows_contiguous(mat):
+            raise ValueError(f"{who}: {name} of shape {mat.shape}, strides {mat.strides} is not a float32 matrix "
+                             "with contiguous rows")
+    m, n = c.shape
+    k = a.shape[0] if trans_a else a.shape[1]
+    op_a = a.shape[::-1] if trans_a else a.shape
+    op_b = b.shape[::-1] if trans_b else b.shape
+    if op_a != (m, k) or op_b != (k, n):
+        raise ValueError(f"{who}: op(a) {op_a} @ op(b) {op_b} does not give c {c.shape}")
+    return a, bool(trans_a), b, bool(trans_b), m, n, k
 
 
 def check(*arrays) -> None:

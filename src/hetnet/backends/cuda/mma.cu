@@ -1,0 +1,651 @@
+// Tensor-core GEMMs through mma.sync (sm_80 and sm_90): C[M,N] = alpha * op(A) @ op(B) + beta * C, with A, B and C
+// float32 matrices in global memory and every product accumulated in float32. Two compute precisions:
+//   tf32: mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32, each operand rounded by cvt.rna.tf32.f32 (10 mantissa
+//         bits, to nearest, ties away from zero) as it is read from shared memory;
+//   bf16: mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32, each operand rounded to bf16 (8 mantissa bits, to
+//         nearest even) as it is written to shared memory.
+// Launched by mma.py (gemm_tc), whose tile table (TILES) writes the extern "C" entry points at the end of this text
+// (HN_GEMM lines). Compiled by NVRTC through cupy.RawModule, by nvcc in tests/test_cu_compile.py, and on the CPU by
+// tests/cuda_emu (a warp emulator that runs these kernels against the fragment layouts of the PTX ISA, with a
+// shared-memory race check), where HN_EMULATE replaces the PTX wrappers below.
+//
+// Matrices are row-major with leading dimension ld (elements between rows); "n"/"t" say whether op() is the
+// identity or the transpose, first letter A, second B (BLAS's names, on row-major storage):
+//   A n: op(A)[m][k] = A[m*lda + k]   (K contiguous: "K-major")    A t: op(A)[m][k] = A[k*lda + m]   (M contiguous)
+//   B n: op(B)[k][n] = B[k*ldb + n]   (N contiguous)               B t: op(B)[k][n] = B[n*ldb + k]   (K contiguous)
+//
+// Block tile BM x BN, K in steps of BK; (BM/WM) x (BN/WN) warps, each computing a WM x WN warp tile as
+// (WM/16) x (WN/8) mma tiles of 16 x 8. Shared memory keeps each operand's tile in its global layout (rows along the
+// global tile's strided dimension, so global -> shared copies move whole 16-byte chunks) with each row padded; the
+// padding makes every fragment read conflict-free (derivations at HnOperand). Grid: x over N tiles, y over M tiles,
+// z over batch x split-K parts. Any M, N, K: rows and columns past the matrix are zero-filled in shared memory, and
+// the epilogue writes only elements inside C. beta == 0 never reads C (C may be uninitialised).
+
+#ifndef HN_EMULATE
+// --- PTX wrappers (the emulator defines the same functions on the CPU) --------------------------------------------
+
+#define HN_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+
+__device__ __forceinline__ unsigned hn_smem_addr(const void* p) {
+    return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+// cp.async (PTX ISA 9.7.9.25.3.1, "cp.async"): copy cp-size bytes global -> shared, reading only src_bytes of them
+// and zero-filling the rest (src_bytes = 0: reads nothing, writes zeros). 16-byte copies need 16-byte aligned
+// addresses; .cg (L2 only) exists for 16 bytes only, 4-byte copies use .ca.
+__device__ __forceinline__ void hn_cp_async16(void* dst, const void* src, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(hn_smem_addr(dst)), "l"(src),
+                 "r"(src_bytes)
+                 : "memory");
+}
+__device__ __forceinline__ void hn_cp_async4(void* dst, const void* src, int src_bytes) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(hn_smem_addr(dst)), "l"(src),
+                 "r"(src_bytes)
+                 : "memory");
+}
+// Close the group of this thread's cp.async issued since the last commit; wait until at most N groups are pending.
+__device__ __forceinline__ void hn_cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void hn_cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ float hn_lds(const float* p) { return *p; }   // p points into shared memory
+__device__ __forceinline__ float4 hn_lds4(const float* p) {               // 16-byte aligned
+    float4 v;
+    asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+                 : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+                 : "r"(hn_smem_addr(p))
+                 : "memory");
+    return v;
+}
+__device__ __forceinline__ void hn_sts2(void* p, unsigned x, unsigned y) {
+    asm volatile("st.shared.v2.b32 [%0], {%1, %2};\n" ::"r"(hn_smem_addr(p)), "r"(x), "r"(y) : "memory");
+}
+__device__ __forceinline__ void hn_sts4(void* p, unsigned x, unsigned y, unsigned z, unsigned w) {
+    asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(hn_smem_addr(p)), "r"(x), "r"(y), "r"(z),
+                 "r"(w)
+                 : "memory");
+}
+__device__ __forceinline__ unsigned hn_bits(float x) { return __float_as_uint(x); }
+
+// ldmatrix (PTX ISA 9.7.14.5.15): four 8x8 matrices of 16-bit elements; lanes 8j..8j+7 give the addresses of rows
+// 0..7 of matrix j (16 contiguous, 16-byte aligned bytes each); register j of lane l receives row l/4, elements
+// 2(l%4) and 2(l%4)+1 of matrix j (the lower-addressed one in the low half). .trans: it receives rows 2(l%4) and
+// 2(l%4)+1 of column l/4 instead (low half from row 2(l%4)).
+__device__ __forceinline__ void hn_ldmatrix_x4(unsigned (&r)[4], const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(hn_smem_addr(p))
+                 : "memory");
+}
+__device__ __forceinline__ void hn_ldmatrix_x4_trans(unsigned (&r)[4], const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(hn_smem_addr(p))
+                 : "memory");
+}
+
+// d += a b for one 16x8 tile (fragment layouts at hn_gemm_tf32_tile / hn_gemm_bf16_tile).
+__device__ __forceinline__ void hn_mma_tf32(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
+    asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+__device__ __forceinline__ void hn_mma_bf16(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// x rounded to tf32 (a .b32 whose low 13 bits are zero).
+__device__ __forceinline__ unsigned hn_tf32(float x) {
+    unsigned r;
+    asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
+    return r;
+}
+// lo and hi rounded to bf16 (nearest even) and packed, lo in the low half. cvt.rn.bf16x2.f32 d, a, b puts a in the
+// upper half of d and b in the lower (PTX ISA 9.7.9.21, "cvt").
+__device__ __forceinline__ unsigned hn_pack_bf16x2(float lo, float hi) {
+    unsigned r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+__device__ __forceinline__ float4 hn_ldg4(const float* p) { return __ldg(reinterpret_cast<const float4*>(p)); }
+__device__ __forceinline__ float hn_ldg(const float* p) { return __ldg(p); }
+__device__ __forceinline__ float hn_ld_c(const float* p) { return *p; }     // C, read before it is written
+__device__ __forceinline__ void hn_st(float* p, float v) { *p = v; }
+__device__ __forceinline__ void hn_st2(float* p, float x, float y) { *reinterpret_cast<float2*>(p) = make_float2(x, y); }
+__device__ __forceinline__ void hn_atomic_add(float* p, float v) { atomicAdd(p, v); }
+#endif  // HN_EMULATE
+
+__device__ __forceinline__ int hn_imin(int a, int b) { return a < b ? a : b; }
+__device__ __forceinline__ int hn_imax(int a, int b) { return a > b ? a : b; }
+
+// --- shared-memory tiles ---------------------------------------------------------------------------------------------
+
+// One operand's tile in shared memory, elements of any size: MN x BK of op(A) (MN = BM) or of op(B)^T (MN = BN), kept
+// in the global layout: K-major (A n, B t) as MN rows of BK, else BK rows of MN; rows padded by PAD_K / PAD_MN
+// elements. ELEMS is the larger of the two layouts, so a stage's size does not depend on the layout (mma.py computes
+// the same number, smem_bytes).
+// Bank conflicts (32 banks of 4 bytes; lane l = 4g + t, g = l/4, t = l%4):
+//   tf32 scalar fragment reads (hn_gemm_tf32_tile) touch element (mn0 + g, k0 + t) in all 32 lanes at once:
+//     K-major, stride BK + 4 = 36 words: word 36g + t = bank 4g + t, 32 distinct;
+//     MN-major, stride MN + 8 words (MN = 64 or 128, so == 8 mod 32): word (MN + 8)t + g = bank 8t + g, 32 distinct.
+//   bf16 ldmatrix reads 8 rows of 16 bytes per 8x8 matrix:
+//     K-major, stride (BK + 8) * 2 = 80 bytes (BK = 32): rows start at banks 20r mod 32 = 0, 20, 8, 28, 16, 4, 24,
+//     12, 4 banks each, 32 distinct; MN-major, stride (MN + 8) * 2 bytes == 16 mod 128: banks 4r, distinct.
+//   Row starts stay 16-byte aligned (cp.async, ldmatrix): 36 and MN + 8 floats, 40 and MN + 8 bf16.
+template <bool KMAJ_, int MN, int BK, int PAD_K, int PAD_MN>
+struct HnOperand {
+    static constexpr bool KMAJ = KMAJ_;
+    static constexpr int ROWS = KMAJ ? MN : BK, COLS = KMAJ ? BK : MN;
+    static constexpr int STRIDE = COLS + (KMAJ ? PAD_K : PAD_MN);
+    static constexpr int ELEMS = MN * (BK + PAD_K) > BK * (MN + PAD_MN) ? MN * (BK + PAD_K) : BK * (MN + PAD_MN);
+    // the offset of element (mn, k) of the operand's tile
+    static __device__ __forceinline__ int at(int mn, int k) { return KMAJ ? mn * STRIDE + k : k * STRIDE + mn; }
+};
+
+// Where one block's tile of an operand lies in global memory: the tile's rows are the global rows r0 .. r0+ROWS-1,
+// its columns c0 .. c0+COLS-1; rows from rlim on and columns from clim on are outside (read as zeros).
+struct HnSrc {
+    const float* p;
+    int ld, r0, c0, rlim, clim;
+    bool vec;   // 16-byte chunks: p and ld are multiples of 4 floats
+};
+
+// The operand tile (mn0, k0) of a matrix whose op() is MN x K (op(A), or op(B)^T for B): K-major storage has rows
+// along MN, else along K. kend: where this block's K range ends (zeros from there).
+template <bool KMAJ>
+__device__ __forceinline__ HnSrc hn_src(const float* p, int ld, int mn0, int k0, int mn_lim, int kend) {
+    HnSrc s;
+    s.p = p;
+    s.ld = ld;
+    s.r0 = KMAJ ? mn0 : k0;
+    s.c0 = KMAJ ? k0 : mn0;
+    s.rlim = KMAJ ? mn_lim : kend;
+    s.clim = KMAJ ? kend : mn_lim;
+    s.vec = (reinterpret_cast<unsigned long long>(p) & 15) == 0 && (ld & 3) == 0;
+    return s;
+}
+
+// The ROWS x COLS tile copied global -> shared with cp.async (float32 in shared memory, row stride STRIDE): THREADS
+// threads take 16-byte chunks (4 floats) in row-major order, consecutive threads along a row (coalesced). A chunk
+// inside the matrix is one 16-byte copy when the source allows it; a chunk at the right edge copies its valid floats
+// and zero-fills the rest (src-size < 16); a row past the bottom edge copies nothing and is zero-filled (src-size 0;
+// the address given is the matrix start, never read). Without 16-byte alignment: four 4-byte copies.
+template <int ROWS, int COLS, int STRIDE, int THREADS>
+__device__ __forceinline__ void hn_copy_tile_async(float* s, const HnSrc& g, int tid) {
+    constexpr int CPR = COLS / 4, CHUNKS = ROWS * CPR;
+    static_assert(COLS % 4 == 0 && CHUNKS % THREADS == 0, "tile must split into whole chunks per thread");
+#pragma unroll
+    for (int i = 0; i < CHUNKS / THREADS; ++i) {
+        const int q = tid + i * THREADS, r = q / CPR, c = (q % CPR) * 4;
+        const int gr = g.r0 + r, gc = g.c0 + c;
+        float* dst = s + r * STRIDE + c;
+        const float* src = g.p + (static_cast<long long>(gr) * g.ld + gc);
+        if (g.vec) {
+            const int n = gr < g.rlim ? hn_imax(0, hn_imin(4, g.clim - gc)) : 0;
+            hn_cp_async16(dst, n > 0 ? src : g.p, 4 * n);
+        } else {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const bool ok = gr < g.rlim && gc + e < g.clim;
+                hn_cp_async4(dst + e, ok ? src + e : g.p, ok ? 4 : 0);
+            }
+        }
+    }
+}
+
+// The same tile through registers, for bf16: load() reads a thread's chunks into float4s (zeros outside the
+// matrix), store() rounds them to bf16 and writes 8 bytes per chunk (row stride STRIDE bf16 elements).
+template <int ROWS, int COLS, int STRIDE, int THREADS>
+struct HnRegTile {
+    static constexpr int CPR = COLS / 4, PER = ROWS * CPR / THREADS;
+    static_assert(COLS % 4 == 0 && ROWS * CPR % THREADS == 0, "tile must split into whole chunks per thread");
+    float4 v[PER];
+
+    __device__ __forceinline__ void load(const HnSrc& g, int tid) {
+#pragma unroll
+        for (int i = 0; i < PER; ++i) {
+            const int q = tid + i * THREADS, r = q / CPR, c = (q % CPR) * 4;
+            const int gr = g.r0 + r, gc = g.c0 + c;
+            const float* src = g.p + (static_cast<long long>(gr) * g.ld + gc);
+            if (g.vec && gr < g.rlim && gc + 3 < g.clim) {
+                v[i] = hn_ldg4(src);
+            } else {
+                const bool row = gr < g.rlim;
+                v[i].x = row && gc < g.clim ? hn_ldg(src) : 0.f;
+                v[i].y = row && gc + 1 < g.clim ? hn_ldg(src + 1) : 0.f;
+                v[i].z = row && gc + 2 < g.clim ? hn_ldg(src + 2) : 0.f;
+                v[i].w = row && gc + 3 < g.clim ? hn_ldg(src + 3) : 0.f;
+            }
+        }
+    }
+
+    __device__ __forceinline__ void store(unsigned short* s, int tid) const {
+#pragma unroll
+        for (int i = 0; i < PER; ++i) {
+            const int q = tid + i * THREADS, r = q / CPR, c = (q % CPR) * 4;
+            hn_sts2(s + r * STRIDE + c, hn_pack_bf16x2(v[i].x, v[i].y), hn_pack_bf16x2(v[i].z, v[i].w));
+        }
+    }
+};
+
+// --- one block's problem ------------------------------------------------------------------------------------------
+
+#define HN_GEMM_PARAMS                                                                                         \
+    const float *__restrict__ A, const float *__restrict__ B, float *__restrict__ C, int M, int N, int K, int lda, \
+        int ldb, int ldc, long long strideA, long long strideB, long long strideC, float alpha, float beta,     \
+        int splits, int kchunk
+#define HN_GEMM_ARGS A, B, C, M, N, K, lda, ldb, ldc, strideA, strideB, strideC, alpha, beta, splits, kchunk
+
+// blockIdx.z = batch * splits + split: matrices of batch item `batch`, K range [split * kchunk, + kchunk) (kchunk a
+// multiple of BK). With splits > 1 the parts add alpha * (their product) into C with atomics (the launcher has
+// scaled C by beta before); otherwise the epilogue writes alpha * acc + beta * C.
+struct HnBlock {
+    const float* A;
+    const float* B;
+    float* C;
+    int kbeg, kend, m0, n0;
+    int tiles;      // BK steps in [kbeg, kend)
+    bool atomic;
+};
+
+__device__ __forceinline__ HnBlock hn_block(HN_GEMM_PARAMS, int BM, int BN, int BK) {
+    HnBlock b;
+    const int z = blockIdx.z, batch = z / splits, split = z - batch * splits;
+    b.A = A + batch * strideA;
+    b.B = B + batch * strideB;
+    b.C = C + batch * strideC;
+    b.kbeg = split * kchunk;
+    b.kend = hn_imin(K, b.kbeg + kchunk);
+    b.m0 = blockIdx.y * BM;
+    b.n0 = blockIdx.x * BN;
+    b.tiles = b.kend > b.kbeg ? (b.kend - b.kbeg + BK - 1) / BK : 0;
+    b.atomic = splits > 1;
+    return b;
+}
+
+// A thread of a block of (BM/WM) x (BN/WN) warps, numbered row-major: its lane, and its warp tile's origin (wm, wn)
+// inside the block tile.
+struct HnThread {
+    int tid, lane, wm, wn;
+};
+
+template <int WM, int WN, int WARPS_N>
+__device__ __forceinline__ HnThread hn_thread() {
+    HnThread t;
+    t.tid = threadIdx.x;
+    t.lane = t.tid & 31;
+    t.wm = (t.tid >> 5) / WARPS_N * WM;
+    t.wn = (t.tid >> 5) % WARPS_N * WN;
+    return t;
+}
+
+template <int MT, int NT>
+__device__ __forceinline__ void hn_zero(float (&acc)[MT][NT][4]) {
+#pragma unroll
+    for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+}
+
+// Accumulator fragment (the same for m16n8k8 and m16n8k16, PTX ISA 9.7.14.5.7 / 9.7.14.5.8, "Accumulators"):
+// lane l = 4g + t holds c0, c1 at row g, columns 2t, 2t+1 and c2, c3 at row g+8, columns 2t, 2t+1. So acc[i][j] of a
+// warp whose tile starts at (wm, wn) covers rows m = m0 + wm + 16i + g (+8), columns n = n0 + wn + 8j + 2t (+1).
+template <int MT, int NT>
+__device__ __forceinline__ void hn_epilogue(const HnBlock& b, float (&acc)[MT][NT][4], int M, int N, int ldc,
+                                            float alpha, float beta, int wm, int wn, int lane) {
+    const int g = lane >> 2, t = lane & 3;
+    const bool pair = (reinterpret_cast<unsigned long long>(b.C) & 7) == 0 && (ldc & 1) == 0;  // 8-byte stores
+#pragma unroll
+    for (int i = 0; i < MT; ++i) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int m = b.m0 + wm + 16 * i + g + 8 * h;
+            if (m >= M) continue;
+#pragma unroll
+            for (int j = 0; j < NT; ++j) {
+                const int n = b.n0 + wn + 8 * j + 2 * t;   // even: with `pair`, &C[m][n] is 8-byte aligned
+                if (n >= N) continue;
+                float* p = b.C + (static_cast<long long>(m) * ldc + n);
+                float x = alpha * acc[i][j][2 * h], y = alpha * acc[i][j][2 * h + 1];
+                const bool two = n + 1 < N;
+                if (b.atomic) {
+                    hn_atomic_add(p, x);
+                    if (two) hn_atomic_add(p + 1, y);
+                    continue;
+                }
+                if (beta != 0.f) {
+                    x += beta * hn_ld_c(p);
+                    if (two) y += beta * hn_ld_c(p + 1);
+                }
+                if (two && pair) {
+                    hn_st2(p, x, y);
+                } else {
+                    hn_st(p, x);
+                    if (two) hn_st(p + 1, y);
+                }
+            }
+        }
+    }
+}
+
+// --- tf32: cp.async pipeline of STAGES float32 tiles, operands rounded to tf32 as fragments are read ---------------
+
+// One BK slice of a stage: (WM/16) x (WN/8) mma tiles per warp, BK/8 steps of m16n8k8.
+// Fragments of mma.m16n8k8 .tf32 (PTX ISA 9.7.14.5.7, "Matrix Fragments for mma.m16n8k8"), lane l = 4g + t:
+//   A (16 x 8, row): a0 = (g, t), a1 = (g+8, t), a2 = (g, t+4), a3 = (g+8, t+4)          (row, col) = (m, k)
+//   B (8 x 8, col):  b0 = (t, g), b1 = (t+4, g)                                          (row, col) = (k, n)
+// so for the mma tile (i, j) of the warp: a from op(A) rows wm + 16i + g (+8), columns kk + t (+4); b from op(B)
+// rows kk + t (+4), column wn + 8j + g; the operand tiles are read through HnOperand::at(mn, k) in either layout.
+// LANDED: the tile already holds tf32 values (converted where it landed, hn_convert_tf32), and a K-major operand's
+// fragments come by ldmatrix, whose 8x8 matrices of 16-bit elements are 8 rows of 4 floats here: lane l = 4g + t
+// receives row g, 16-bit elements 2t, 2t+1 = float t. One ldmatrix.x4 gives A's four registers from the 8 x 4
+// float matrices (m 0-7 | 8-15) x (k 0-3 | 4-7) in the order a0..a3 (lane l = 8j + r: row m = l % 16, k = 4 (l / 16)),
+// and B's (b0, b1) of two n-tiles from (n 0-7 | 8-15) x (k 0-3 | 4-7) (n = l % 8 + 8 (l / 16), k = 4 ((l / 8) % 2)).
+template <bool LANDED, class OA, class OB, int MT, int NT, int BK>
+__device__ __forceinline__ void hn_gemm_tf32_tile(const float* sa, const float* sb, float (&acc)[MT][NT][4], int wm,
+                                                  int wn, int lane) {
+    const int g = lane >> 2, t = lane & 3;
+    auto word = [](const float* p) { return LANDED ? hn_bits(hn_lds(p)) : hn_tf32(hn_lds(p)); };
+#pragma unroll
+    for (int kk = 0; kk < BK; kk += 8) {
+        unsigned a[MT][4], b[NT][2];
+#pragma unroll
+        for (int i = 0; i < MT; ++i) {
+            const int m = wm + 16 * i + g;
+            if (LANDED && OA::KMAJ) {
+                hn_ldmatrix_x4(a[i], sa + OA::at(wm + 16 * i + (lane & 15), kk + 4 * (lane >> 4)));
+            } else {
+                a[i][0] = word(sa + OA::at(m, kk + t));
+                a[i][1] = word(sa + OA::at(m + 8, kk + t));
+                a[i][2] = word(sa + OA::at(m, kk + t + 4));
+                a[i][3] = word(sa + OA::at(m + 8, kk + t + 4));
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+            if (LANDED && OB::KMAJ) {
+                if (j % 2 == 0) {
+                    unsigned r[4];
+                    hn_ldmatrix_x4(r, sb + OB::at(wn + 8 * j + (lane & 7) + 8 * (lane >> 4), kk + 4 * ((lane >> 3) & 1)));
+                    b[j][0] = r[0];
+                    b[j][1] = r[1];
+                    b[j + 1][0] = r[2];
+                    b[j + 1][1] = r[3];
+                }
+            } else {
+                const int n = wn + 8 * j + g;
+                b[j][0] = word(sb + OB::at(n, kk + t));
+                b[j][1] = word(sb + OB::at(n, kk + t + 4));
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < MT; ++i)
+#pragma unroll
+            for (int j = 0; j < NT; ++j) hn_mma_tf32(acc[i][j], a[i], b[j]);
+    }
+}
+
+// A thread's own chunks of a tile (as hn_copy_tile_async assigned them) rounded to tf32 in place, once their
+// cp.async has completed for this thread; the barrier that follows publishes them.
+template <int ROWS, int COLS, int STRIDE, int THREADS>
+__device__ __forceinline__ void hn_convert_tf32(float* s, int tid) {
+    constexpr int CPR = COLS / 4;
+#pragma unroll
+    for (int i = 0; i < ROWS * CPR / THREADS; ++i) {
+        const int q = tid + i * THREADS;
+        float* p = s + (q / CPR) * STRIDE + (q % CPR) * 4;
+        const float4 v = hn_lds4(p);
+        hn_sts4(p, hn_tf32(v.x), hn_tf32(v.y), hn_tf32(v.z), hn_tf32(v.w));
+    }
+}
+
+// Pipeline (STAGES buffers, one cp.async group per K tile, empty groups past the end so the count stays uniform):
+// the prologue issues tiles 0 .. STAGES-2; iteration kt waits until at most STAGES-2 groups are pending (so group kt,
+// tile kt, has landed for this thread), then a barrier makes every thread's copies visible and also ends every
+// warp's reads of tile kt-1, whose buffer ((kt-1) % STAGES = (kt+STAGES-1) % STAGES) is refilled next with tile
+// kt+STAGES-1 while tile kt is multiplied. LANDED: before that barrier each thread rounds its own chunks of tile kt
+// to tf32 in place (once per element, where otherwise every warp that reads a fragment would round it again).
+template <bool LANDED, bool TA, bool TB, int BM, int BN, int BK, int WM, int WN, int STAGES>
+__device__ __forceinline__ void hn_gemm_tf32_body(unsigned char* smem, HN_GEMM_PARAMS) {
+    constexpr int WARPS_N = BN / WN, THREADS = 32 * (BM / WM) * WARPS_N, MT = WM / 16, NT = WN / 8;
+    static_assert(BM % WM == 0 && BN % WN == 0 && WM % 16 == 0 && WN % 8 == 0 && BK % 8 == 0 && STAGES >= 2, "tile");
+    using OA = HnOperand<!TA, BM, BK, 4, 8>;
+    using OB = HnOperand<TB, BN, BK, 4, 8>;
+    float* sa = reinterpret_cast<float*>(smem);           // STAGES x OA::ELEMS
+    float* sb = sa + STAGES * OA::ELEMS;                  // STAGES x OB::ELEMS
+
+    const HnBlock blk = hn_block(HN_GEMM_ARGS, BM, BN, BK);
+    const HnThread th = hn_thread<WM, WN, WARPS_N>();
+    const int tid = th.tid, tiles = blk.tiles;
+    float acc[MT][NT][4];
+    hn_zero(acc);
+
+    auto issue = [&](int kt) {   // cp.async of K tile kt into its buffer kt % STAGES
+        const int k0 = blk.kbeg + kt * BK, s = kt % STAGES;
+        hn_copy_tile_async<OA::ROWS, OA::COLS, OA::STRIDE, THREADS>(
+            sa + s * OA::ELEMS, hn_src<!TA>(blk.A, lda, blk.m0, k0, M, blk.kend), tid);
+        hn_copy_tile_async<OB::ROWS, OB::COLS, OB::STRIDE, THREADS>(
+            sb + s * OB::ELEMS, hn_src<TB>(blk.B, ldb, blk.n0, k0, N, blk.kend), tid);
+    };
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < tiles) issue(s);
+        hn_cp_async_commit();
+    }
+    for (int kt = 0; kt < tiles; ++kt) {
+        const int s = kt % STAGES;
+        hn_cp_async_wait<STAGES - 2>();
+        if (LANDED) {
+            hn_convert_tf32<OA::ROWS, OA::COLS, OA::STRIDE, THREADS>(sa + s * OA::ELEMS, tid);
+            hn_convert_tf32<OB::ROWS, OB::COLS, OB::STRIDE, THREADS>(sb + s * OB::ELEMS, tid);
+        }
+        __syncthreads();
+        if (kt + STAGES - 1 < tiles) issue(kt + STAGES - 1);
+        hn_cp_async_commit();
+        hn_gemm_tf32_tile<LANDED, OA, OB, MT, NT, BK>(sa + s * OA::ELEMS, sb + s * OB::ELEMS, acc, th.wm, th.wn, th.lane);
+    }
+    hn_cp_async_wait<0>();   // only empty groups remain
+    hn_epilogue<MT, NT>(blk, acc, M, N, ldc, alpha, beta, th.wm, th.wn, th.lane);
+}
+
+// --- bf16: float32 tiles read into registers, rounded, stored as bf16 (two buffers), fragments by ldmatrix -------------
+
+// One BK slice of a buffer: BK/16 steps of m16n8k16 per mma tile.
+// Fragments of mma.m16n8k16 .bf16 (PTX ISA 9.7.14.5.8, "Matrix Fragments for mma.m16n8k16 with floating point
+// type"), lane l = 4g + t, two bf16 per register (the first in the low half):
+//   A (16 x 16, row): reg0 = (g, 2t..2t+1), reg1 = (g+8, 2t..2t+1), reg2 = (g, 2t+8..2t+9), reg3 = (g+8, 2t+8..2t+9)
+//   B (16 x 8, col):  reg0 = (2t..2t+1, g), reg1 = (2t+8..2t+9, g)                       (row, col) = (k, n)
+// A's registers are the four 8x8 quarters (m 0-7 | 8-15) x (k 0-7 | 8-15) in the order (0,0), (1,0), (0,1), (1,1),
+// each as ldmatrix delivers a matrix stored with rows along m (row g, elements 2t, 2t+1), or, stored with rows along k,
+// as ldmatrix.trans delivers it (rows 2t, 2t+1 of column g). B's reg0 / reg1 are its k 0-7 / 8-15 halves, as
+// ldmatrix delivers a matrix stored with rows along n, or ldmatrix.trans one stored with rows along k. So with lane
+// l = 8j + r giving row r of matrix j (one ldmatrix.x4 per 16 x 16 of A, and per 16 k x 16 n = two mma tiles of B):
+//   A n (rows m):  m = l % 16,             k = 8 (l / 16)              (matrix j: m-half j % 2, k-half j / 2)
+//   A t (rows k):  k = l % 8 + 8 (l / 16), m = 8 ((l / 8) % 2)         .trans
+//   B t (rows n):  n = l % 8 + 8 (l / 16), k = 8 ((l / 8) % 2)         regs: (n-tile 0: k 0-7, 8-15), (n-tile 1: ...)
+//   B n (rows k):  k = l % 16,             n = 8 (l / 16)              .trans, same register order
+template <bool TA, bool TB, class OA, class OB, int MT, int NT, int BK>
+__device__ __forceinline__ void hn_gemm_bf16_tile(const unsigned short* sa, const unsigned short* sb,
+                                                  float (&acc)[MT][NT][4], int wm, int wn, int lane) {
+    static_assert(NT % 2 == 0, "B fragments come in pairs of n-tiles");
+#pragma unroll
+    for (int ks = 0; ks < BK; ks += 16) {
+        unsigned a[MT][4], b[NT][2];
+#pragma unroll
+        for (int i = 0; i < MT; ++i) {
+            const int m = wm + 16 * i;
+            if (!TA)
+                hn_ldmatrix_x4(a[i], sa + OA::at(m + (lane & 15), ks + 8 * (lane >> 4)));
+            else
+                hn_ldmatrix_x4_trans(a[i], sa + OA::at(m + 8 * ((lane >> 3) & 1), ks + (lane & 7) + 8 * (lane >> 4)));
+        }
+#pragma unroll
+        for (int j = 0; j < NT; j += 2) {
+            const int n = wn + 8 * j;
+            unsigned r[4];
+            if (TB)
+                hn_ldmatrix_x4(r, sb + OB::at(n + (lane & 7) + 8 * (lane >> 4), ks + 8 * ((lane >> 3) & 1)));
+            else
+                hn_ldmatrix_x4_trans(r, sb + OB::at(n + 8 * (lane >> 4), ks + (lane & 15)));
+            b[j][0] = r[0];
+            b[j][1] = r[1];
+            b[j + 1][0] = r[2];
+            b[j + 1][1] = r[3];
+        }
+#pragma unroll
+        for (int i = 0; i < MT; ++i)
+#pragma unroll
+            for (int j = 0; j < NT; ++j) hn_mma_bf16(acc[i][j], a[i], b[j]);
+    }
+}
+
+// Two buffers: tile kt+1 is read from global memory into registers while tile kt is multiplied from buffer kt % 2,
+// then rounded and stored into the other buffer, whose last readers (tile kt-1) finished before the barrier that
+// ended the previous iteration; the barrier at the end of this iteration publishes it.
+template <bool TA, bool TB, int BM, int BN, int BK, int WM, int WN, int STAGES>
+__device__ __forceinline__ void hn_gemm_bf16_regs(unsigned char* smem, HN_GEMM_PARAMS) {
+    constexpr int WARPS_N = BN / WN, THREADS = 32 * (BM / WM) * WARPS_N, MT = WM / 16, NT = WN / 8;
+    static_assert(BM % WM == 0 && BN % WN == 0 && WM % 16 == 0 && WN % 16 == 0 && BK % 16 == 0 && STAGES == 2,
+                  "tile");
+    using OA = HnOperand<!TA, BM, BK, 8, 8>;
+    using OB = HnOperand<TB, BN, BK, 8, 8>;
+    unsigned short* sa = reinterpret_cast<unsigned short*>(smem);   // 2 x OA::ELEMS bf16
+    unsigned short* sb = sa + 2 * OA::ELEMS;                          // 2 x OB::ELEMS bf16
+
+    const HnBlock blk = hn_block(HN_GEMM_ARGS, BM, BN, BK);
+    const HnThread th = hn_thread<WM, WN, WARPS_N>();
+    const int tid = th.tid, tiles = blk.tiles;
+    float acc[MT][NT][4];
+    hn_zero(acc);
+
+    HnRegTile<OA::ROWS, OA::COLS, OA::STRIDE, THREADS> ra;
+    HnRegTile<OB::ROWS, OB::COLS, OB::STRIDE, THREADS> rb;
+    auto load = [&](int kt) {
+        const int k0 = blk.kbeg + kt * BK;
+        ra.load(hn_src<!TA>(blk.A, lda, blk.m0, k0, M, blk.kend), tid);
+        rb.load(hn_src<TB>(blk.B, ldb, blk.n0, k0, N, blk.kend), tid);
+    };
+    if (tiles > 0) {
+        load(0);
+        ra.store(sa, tid);
+        rb.store(sb, tid);
+    }
+    __syncthreads();
+    for (int kt = 0; kt < tiles; ++kt) {
+        const int s = kt & 1;
+        if (kt + 1 < tiles) load(kt + 1);
+        hn_gemm_bf16_tile<TA, TB, OA, OB, MT, NT, BK>(sa + s * OA::ELEMS, sb + s * OB::ELEMS, acc, th.wm, th.wn, th.lane);
+        if (kt + 1 < tiles) {
+            ra.store(sa + (s ^ 1) * OA::ELEMS, tid);
+            rb.store(sb + (s ^ 1) * OB::ELEMS, tid);
+        }
+        __syncthreads();
+    }
+    hn_epilogue<MT, NT>(blk, acc, M, N, ldc, alpha, beta, th.wm, th.wn, th.lane);
+}
+
+// A thread's own chunks of a float32 tile (as hn_copy_tile_async assigned them, row stride S32) rounded to bf16 and
+// written to the bf16 tile (row stride S16) at the same place.
+template <int ROWS, int COLS, int S32, int S16, int THREADS>
+__device__ __forceinline__ void hn_convert_bf16(const float* src, unsigned short* dst, int tid) {
+    constexpr int CPR = COLS / 4;
+#pragma unroll
+    for (int i = 0; i < ROWS * CPR / THREADS; ++i) {
+        const int q = tid + i * THREADS, r = q / CPR, c = (q % CPR) * 4;
+        const float4 v = hn_lds4(src + r * S32 + c);
+        hn_sts2(dst + r * S16 + c, hn_pack_bf16x2(v.x, v.y), hn_pack_bf16x2(v.z, v.w));
+    }
+}
+
+// bf16 through a cp.async pipeline: STAGES float32 tiles in flight (unpadded: each thread reads back only the chunks
+// it copied, so these buffers need no barrier), converted by their own threads into one of two bf16 tiles. Iteration
+// kt: wait for tile kt (this thread's chunks), round them into bf16 buffer kt % 2, barrier (buffer kt % 2 complete;
+// every warp done with buffer (kt-1) % 2 and tile kt-1), refill float32 buffer (kt-1) % STAGES with tile
+// kt+STAGES-1, multiply from bf16 buffer kt % 2. The next write to that buffer (iteration kt+2) comes after the
+// barrier of iteration kt+1, which every warp reaches only after this multiply.
+template <bool TA, bool TB, int BM, int BN, int BK, int WM, int WN, int STAGES>
+__device__ __forceinline__ void hn_gemm_bf16_async(unsigned char* smem, HN_GEMM_PARAMS) {
+    constexpr int WARPS_N = BN / WN, THREADS = 32 * (BM / WM) * WARPS_N, MT = WM / 16, NT = WN / 8;
+    static_assert(BM % WM == 0 && BN % WN == 0 && WM % 16 == 0 && WN % 16 == 0 && BK % 16 == 0 && STAGES >= 2,
+                  "tile");
+    using FA = HnOperand<!TA, BM, BK, 0, 0>;   // float32 staging
+    using FB = HnOperand<TB, BN, BK, 0, 0>;
+    using OA = HnOperand<!TA, BM, BK, 8, 8>;   // bf16 tiles
+    using OB = HnOperand<TB, BN, BK, 8, 8>;
+    float* fa = reinterpret_cast<float*>(smem);                     // STAGES x FA::ELEMS
+    float* fb = fa + STAGES * FA::ELEMS;                            // STAGES x FB::ELEMS
+    unsigned short* sa = reinterpret_cast<unsigned short*>(fb + STAGES * FB::ELEMS);   // 2 x OA::ELEMS
+    unsigned short* sb = sa + 2 * OA::ELEMS;                        // 2 x OB::ELEMS
+
+    const HnBlock blk = hn_block(HN_GEMM_ARGS, BM, BN, BK);
+    const HnThread th = hn_thread<WM, WN, WARPS_N>();
+    const int tid = th.tid, tiles = blk.tiles;
+    float acc[MT][NT][4];
+    hn_zero(acc);
+
+    auto issue = [&](int kt) {
+        const int k0 = blk.kbeg + kt * BK, s = kt % STAGES;
+        hn_copy_tile_async<FA::ROWS, FA::COLS, FA::STRIDE, THREADS>(
+            fa + s * FA::ELEMS, hn_src<!TA>(blk.A, lda, blk.m0, k0, M, blk.kend), tid);
+        hn_copy_tile_async<FB::ROWS, FB::COLS, FB::STRIDE, THREADS>(
+            fb + s * FB::ELEMS, hn_src<TB>(blk.B, ldb, blk.n0, k0, N, blk.kend), tid);
+    };
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < tiles) issue(s);
+        hn_cp_async_commit();
+    }
+    for (int kt = 0; kt < tiles; ++kt) {
+        const int s = kt % STAGES, h = kt & 1;
+        hn_cp_async_wait<STAGES - 2>();
+        hn_convert_bf16<FA::ROWS, FA::COLS, FA::STRIDE, OA::STRIDE, THREADS>(fa + s * FA::ELEMS, sa + h * OA::ELEMS,
+                                                                           tid);
+        hn_convert_bf16<FB::ROWS, FB::COLS, FB::STRIDE, OB::STRIDE, THREADS>(fb + s * FB::ELEMS, sb + h * OB::ELEMS,
+                                                                           tid);
+        __syncthreads();
+        if (kt + STAGES - 1 < tiles) issue(kt + STAGES - 1);
+        hn_cp_async_commit();
+        hn_gemm_bf16_tile<TA, TB, OA, OB, MT, NT, BK>(sa + h * OA::ELEMS, sb + h * OB::ELEMS, acc, th.wm, th.wn, th.lane);
+    }
+    hn_cp_async_wait<0>();
+    hn_epilogue<MT, NT>(blk, acc, M, N, ldc, alpha, beta, th.wm, th.wn, th.lane);
+}
+
+// The kernels' bodies by the variant letter of their name (mma_tiles.TcTile.variant).
+template <bool TA, bool TB, int BM, int BN, int BK, int WM, int WN, int ST>
+__device__ __forceinline__ void hn_gemm_tf32(unsigned char* smem, HN_GEMM_PARAMS) {
+    hn_gemm_tf32_body<false, TA, TB, BM, BN, BK, WM, WN, ST>(smem, HN_GEMM_ARGS);
+}
+template <bool TA, bool TB, int BM, int BN, int BK, int WM, int WN, int ST>
+__device__ __forceinline__ void hn_gemm_tf32_l(unsigned char* smem, HN_GEMM_PARAMS) {
+    hn_gemm_tf32_body<true, TA, TB, BM, BN, BK, WM, WN, ST>(smem, HN_GEMM_ARGS);
+}
+template <bool TA, bool TB, int BM, int BN, int BK, int WM, int WN, int ST>
+__device__ __forceinline__ void hn_gemm_bf16(unsigned char* smem, HN_GEMM_PARAMS) {
+    hn_gemm_bf16_regs<TA, TB, BM, BN, BK, WM, WN, ST>(smem, HN_GEMM_ARGS);
+}
+template <bool TA, bool TB, int BM, int BN, int BK, int WM, int WN, int ST>
+__device__ __forceinline__ void hn_gemm_bf16_a(unsigned char* smem, HN_GEMM_PARAMS) {
+    hn_gemm_bf16_async<TA, TB, BM, BN, BK, WM, WN, ST>(smem, HN_GEMM_ARGS);
+}
+
+// --- entry points ---------------------------------------------------------------------------------------------------
+
+// HN_GEMM(hn_gemm_tf32_nn_128x128x32s3, hn_gemm_tf32, false, false, 128, 128, 32, 64, 32, 3, 1) defines the
+// kernel hn_gemm_tf32_nn_128x128x32s3 with body hn_gemm_tf32: name, body, TA, TB, block tile BM x BN x BK, warp
+// tile WM x WN, stages, blocks per SM for __launch_bounds__. mma_tiles.py writes these lines from its table (TILES)
+// and mma.py launches (BM/WM)(BN/WN) warps with the table's smem_bytes of dynamic shared memory.
+#define HN_GEMM(name, body, TA, TB, BM, BN, BK, WM, WN, ST, MINB)                                              \
+    extern "C" __global__ void __launch_bounds__(32 * (BM / WM) * (BN / WN), MINB) name(HN_GEMM_PARAMS) {        \
+        HN_DYNAMIC_SMEM(hn_smem);                                                                              \
+        body<TA, TB, BM, BN, BK, WM, WN, ST>(hn_smem, HN_GEMM_ARGS);                                           \
+    }

@@ -1,0 +1,199 @@
+"""Tensor-core GEMMs (mma.cu) with CudaBackend.gemm's conventions: row-major c[M,N] = alpha * op(a) @ op(b) + beta * c,
+each matrix float32 with contiguous rows and any row stride, or a transposed view of such a matrix (a and b), the
+products on tensor cores in tf32 or bf16 and accumulated in float32.
+
+    >>> from hetnet.backends.cuda.mma import gemm_tc                                      # doctest: +SKIP
+    >>> gemm_tc(be, yk[:, n0:n1], w2, False, col, False, precision="bf16")              # doctest: +SKIP
+    >>> gemm_tc(be, dw2, dyk, False, col, True, beta=1.0, precision="tf32")             # doctest: +SKIP
+    >>> gemm_tc_batched(be, y3, w3[None], False, x3, False, precision="tf32")           # doctest: +SKIP
+
+`plan` does everything but the launch (views, checks, tile, split-K, the kernel's arguments) on array metadata
+alone, so it runs without a GPU (tests/test_mma_emulated.py feeds its plans to the CPU emulator). The tile is
+chosen by problem size (`choose`); where the tiles would not fill the GPU, the K sum is split over blockIdx.z and the
+parts are added into C with float atomics (C is scaled by beta first), so such results are not bit-reproducible.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .kernels import gemm_operands, get_kernel, leading_dim
+from .mma_tiles import LAYOUTS, PRECISIONS, TILES, TcTile
+
+_i32, _i64, _f32 = np.int32, np.int64, np.float32
+DEFAULT_SMEM = 48 * 1024       # dynamic shared memory a launch gets without raising the kernel's limit
+MIN_SPLIT_TILES = 8            # split-K: at least this many BK steps per part
+MAX_SPLITS = 64
+GRID_YZ = 65535                # CUDA's limit on gridDim.y and gridDim.z
+# The tiles the launcher picks from, largest first (`choose`): the variants that round once per element (tf32 "l")
+# and pipeline bf16 through cp.async ("a", two blocks per SM). Not yet measured against the first versions:
+# benchmarks/kernels/run_tc_gemm.py checks and times every tile; put here the ones that pass and win.
+CHOICE = {"tf32": ("128x128x32s3l", "64x64x32s4l"), "bf16": ("128x128x32s2a", "64x64x32s4a")}
+
+
+@dataclass
+class GemmCall:
+    """One launch of an mma.cu kernel: which, its grid, and its arguments (a, b, c: the views the kernel reads
+    from their first element)."""
+
+    tile: TcTile
+    layout: str
+    grid: tuple
+    a: object
+    b: object
+    c: object                  # the first item's c
+    c_all: object              # every item's (what a split-K launch scales first)
+    m: int
+    n: int
+    k: int
+    lda: int
+    ldb: int
+    ldc: int
+    stride_a: int              # elements between batch items (0: one matrix for every item)
+    stride_b: int
+    stride_c: int
+    alpha: float
+    beta: float
+    splits: int
+    kchunk: int
+
+    @property
+    def kernel(self) -> str:
+        return self.tile.kernel(self.layout)
+
+    @property
+    def block(self) -> tuple:
+        return (self.tile.threads,)
+
+    @property
+    def prescale(self) -> float | None:
+        """What C must be multiplied by before a split-K launch (0: set to zero, never read), else None."""
+        return self.beta if self.splits > 1 else None
+
+    def args(self, ptr) -> tuple:
+        """The kernel's arguments, ptr(x) giving an array's pointer argument."""
+        return (ptr(self.a), ptr(self.b), ptr(self.c), _i32(self.m), _i32(self.n), _i32(self.k), _i32(self.lda),
+                _i32(self.ldb), _i32(self.ldc), _i64(self.stride_a), _i64(self.stride_b), _i64(self.stride_c),
+                _f32(self.alpha), _f32(0.0 if self.splits > 1 else self.beta), _i32(self.splits),
+                _i32(self.kchunk))
+
+
+def tiles_of(precision: str) -> list[TcTile]:
+    return [t for t in TILES if t.precision == precision]
+
+
+def tile_named(precision: str, name: str) -> TcTile:
+    found = [t for t in tiles_of(precision) if t.name == name]
+    if not found:
+        raise ValueError(f"gemm_tc: no {precision} tile {name!r} (have "
+                         f"{', '.join(t.name for t in tiles_of(precision))})")
+    return found[0]
+
+
+def choose(precision: str, m: int, n: int, batch: int, sms: int) -> TcTile:
+    """The largest of CHOICE's tiles that still gives every SM a block, else the smallest."""
+    by_size = [tile_named(precision, name) for name in CHOICE[precision]]
+    for t in by_size:
+        if math.ceil(m / t.bm) * math.ceil(n / t.bn) * batch >= sms:
+            return t
+    return by_size[-1]
+
+
+def split_k(t: TcTile, m: int, n: int, k: int, batch: int, sms: int) -> int:
+    """Parts of the K sum when the tiles alone leave SMs idle: about two blocks per SM, each part at least
+    MIN_SPLIT_TILES steps of BK."""
+    blocks = math.ceil(m / t.bm) * math.ceil(n / t.bn) * batch
+    if blocks >= sms:
+        return 1
+    return max(1, min(math.ceil(2 * sms / blocks), k // (MIN_SPLIT_TILES * t.bk), MAX_SPLITS))
+
+
+def plan(c, a, trans_a: bool, b, trans_b: bool, alpha: float = 1.0, beta: float = 0.0, precision: str = "tf32",
+         sms: int = 132, tile: str | None = None, splits: int | None = None, batch: int = 1,
+         strides: tuple = (0, 0, 0), c_all=None) -> GemmCall | None:
+    """The launch for c = alpha op(a) op(b) + beta c (None when c is empty). tile: a tile's name (default `choose`);
+    splits: K parts (default `split_k`). batch, strides: grid.z items, the elements between them in a, b, c (as
+    gemm_tc_batched passes them; a, b and c here are the first item's matrices, c_all all of c)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"gemm_tc: precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    a, trans_a, b, trans_b, m, n, k = gemm_operands(c, a, trans_a, b, trans_b, "gemm_tc")
+    if m == 0 or n == 0 or batch == 0:
+        return None
+    t = choose(precision, m, n, batch, sms) if tile is None else tile_named(precision, tile)
+    parts = split_k(t, m, n, k, batch, sms) if splits is None else max(1, int(splits))
+    kchunk = math.ceil(math.ceil(k / parts) / t.bk) * t.bk if k > 0 else 0
+    parts = math.ceil(k / kchunk) if k > 0 else 1      # no empty part
+    grid = (math.ceil(n / t.bn), math.ceil(m / t.bm), batch * parts)
+    if grid[1] > GRID_YZ or grid[2] > GRID_YZ or max(m, n, k) >= 2**31:
+        raise ValueError(f"gemm_tc: [{m} x {k}] @ [{k} x {n}] (batch {batch}, {parts} K parts) is past the grid's "
+                         "limits")
+    layout = ("t" if trans_a else "n") + ("t" if trans_b else "n")
+    assert layout in LAYOUTS
+    return GemmCall(t, layout, grid, a, b, c, c if c_all is None else c_all, m, n, k, leading_dim(a), leading_dim(b), leading_dim(c), *strides,
+                    float(alpha), float(beta), parts, kchunk)
+
+
+_raised: set = set()   # (device, kernel) whose dynamic shared-memory limit was raised
+
+
+def launch(be, call: GemmCall) -> None:
+    """Run a plan on `be`'s device (current stream)."""
+    if call.prescale is not None:          # split-K parts add into C
+        if call.prescale == 0.0:
+            call.c_all.fill(0)
+        elif call.prescale != 1.0:
+            call.c_all *= _f32(call.prescale)
+    kern = get_kernel(be.device_id, "mma", call.kernel)
+    smem = call.tile.smem_bytes
+    if smem > DEFAULT_SMEM and (be.device_id, call.kernel) not in _raised:
+        kern.max_dynamic_shared_size_bytes = smem
+        _raised.add((be.device_id, call.kernel))
+    kern(call.grid, call.block, call.args(lambda x: x), shared_mem=smem)
+
+
+def gemm_tc(be, c, a, trans_a: bool, b, trans_b: bool, alpha: float = 1.0, beta: float = 0.0,
+            precision: str = "tf32", tile: str | None = None, splits: int | None = None) -> None:
+    """CudaBackend.gemm on tensor cores: row-major c[M,N] = alpha * op(a) @ op(b) + beta * c, the products in
+    `precision` ("tf32" or "bf16"), sums in float32; same views as CudaBackend.gemm. tile / splits: force a tile
+    (mma_tiles.TILES, by name) or a split-K count (tests, benchmarks)."""
+    call = plan(c, a, trans_a, b, trans_b, alpha, beta, precision, be.sms, tile, splits)
+    if call is not None:
+        launch(be, call)
+
+
+def batch_operand(x, batch: int, name: str):
+    """(one item's 2-D matrix, elements between items) of a 3-D view [batch or 1, rows, cols] (1: the same matrix
+    for every item, stride 0)."""
+    if x.ndim != 3 or x.shape[0] not in (1, batch):
+        raise ValueError(f"gemm_tc_batched: {name} of shape {x.shape} is not [{batch} or 1, rows, cols]")
+    if x.strides[0] % x.itemsize:
+        raise ValueError(f"gemm_tc_batched: {name}'s batch stride {x.strides[0]} is not whole elements")
+    return x[0], (x.strides[0] // x.itemsize if x.shape[0] > 1 else 0)
+
+
+def plan_batched(c, a, trans_a: bool, b, trans_b: bool, alpha: float = 1.0, beta: float = 0.0,
+                 precision: str = "tf32", sms: int = 132, tile: str | None = None,
+                 splits: int | None = None) -> GemmCall | None:
+    """`plan` for 3-D views: c[i] = alpha op(a[i]) op(b[i]) + beta c[i] over c's first axis, a or b of batch 1 for
+    the same matrix in every item. Each item's matrices as in `plan` (one layout for all items)."""
+    if c.ndim != 3:
+        raise ValueError(f"gemm_tc_batched: c of shape {c.shape} is not [batch, rows, cols]")
+    n_items = c.shape[0]
+    (a2, sa), (b2, sb), (c2, sc) = (batch_operand(x, n_items, name) for x, name in ((a, "a"), (b, "b"), (c, "c")))
+    if n_items > 1 and sc == 0:
+        raise ValueError("gemm_tc_batched: c's items overlap (batch stride 0)")
+    # a transposed view of an item (rows not contiguous) is taken as its transpose (gemm_operands, in plan); the
+    # batch strides stay those of the 3-D views
+    return plan(c2, a2, trans_a, b2, trans_b, alpha, beta, precision, sms, tile, splits, n_items, (sa, sb, sc), c)
+
+
+def gemm_tc_batched(be, c, a, trans_a: bool, b, trans_b: bool, alpha: float = 1.0, beta: float = 0.0,
+                    precision: str = "tf32", tile: str | None = None, splits: int | None = None) -> None:
+    """gemm_tc over the first axis of 3-D views in one launch (grid.z): c[i] = alpha op(a[i]) op(b[i]) + beta c[i];
+    a or b with a first axis of 1 is the same matrix for every i (e.g. a convolution's weights against each image's
+    columns)."""
+    call = plan_batched(c, a, trans_a, b, trans_b, alpha, beta, precision, be.sms, tile, splits)
+    if call is not None:
+        launch(be, call)

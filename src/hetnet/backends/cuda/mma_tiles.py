@@ -1,0 +1,123 @@
+"""The tensor-core GEMM tiles of mma.cu: one table, from which both the kernels' `extern "C"` entry points (appended
+to mma.cu's text when it is compiled: `instantiations`, kernels.cu_text) and the launcher's choices (mma.py) are
+made.
+
+    >>> from hetnet.backends.cuda.mma_tiles import TILES, instantiations
+    >>> t = next(t for t in TILES if t.precision == "tf32" and t.name == "128x128x32s3")
+    >>> t.threads, t.kernel("nt"), t.smem_bytes
+    (256, 'hn_gemm_tf32_nt_128x128x32s3', 110592)
+    >>> print(instantiations([t]).splitlines()[0])
+    HN_GEMM(hn_gemm_tf32_nn_128x128x32s3, hn_gemm_tf32, false, false, 128, 128, 32, 64, 32, 3, 1)
+
+A tile computes a BM x BN block of C, K in steps of BK, with (BM/WM) * (BN/WN) warps of WM x WN each. Its name is
+its block tile, "s<STAGES>" the depth of its cp.async pipeline, and a letter for its variant (mma.cu has each):
+  tf32 (none): float32 tiles through the cp.async pipeline, each fragment rounded to tf32 as it is read;
+  tf32 "l": each element rounded once, where it lands in shared memory, and K-major fragments by ldmatrix;
+  bf16 (none, no "s"): float32 tiles read into registers, rounded to bf16 and stored into two shared buffers;
+  bf16 "a": float32 tiles through a cp.async pipeline, rounded by the threads that copied them into two bf16
+       buffers.
+Every tile is compiled for the four operand orders (LAYOUTS). CHOICE (mma.py) says which tiles the launcher picks
+from; benchmarks/kernels/run_tc_gemm.py checks and times them all.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+PRECISIONS = ("tf32", "bf16")
+LAYOUTS = ("nn", "nt", "tn", "tt")       # op(A), op(B): n = as stored, t = transposed
+# Shared-memory rows are padded against bank conflicts (mma.cu, HnOperand): (element bytes, pad of a K-major row,
+# pad of an M/N-major row), in elements.
+_SMEM = {"tf32": (4, 4, 8), "bf16": (2, 8, 8)}
+VARIANTS = {("tf32", ""): "hn_gemm_tf32", ("tf32", "l"): "hn_gemm_tf32_l", ("bf16", ""): "hn_gemm_bf16",
+            ("bf16", "a"): "hn_gemm_bf16_a"}      # (precision, variant letter): mma.cu's body
+
+
+@dataclass(frozen=True)
+class TcTile:
+    """One tile configuration (mma.cu's hn_gemm_<precision><TA, TB, BM, BN, BK, WM, WN, STAGES>)."""
+
+    precision: str           # "tf32" or "bf16"
+    number: int              # variant number within the precision (in the order the tiles were written)
+    bm: int
+    bn: int
+    bk: int
+    wm: int                  # warp tile
+    wn: int
+    stages: int              # float32 buffers of the cp.async pipeline (bf16 without "a": 2 register-staged)
+    variant: str = ""        # VARIANTS' letter
+    min_blocks: int = 1      # __launch_bounds__'s blocks per SM: 2 caps registers at 128 for 256 threads
+
+    def __post_init__(self):
+        step = 8 if self.precision == "tf32" else 16
+        assert self.precision in PRECISIONS and (self.precision, self.variant) in VARIANTS, self
+        assert self.bm % self.wm == 0 and self.bn % self.wn == 0 and self.wm % 16 == 0 and self.bk % step == 0, self
+        assert self.wn % (8 if self.precision == "tf32" else 16) == 0, self
+        assert self.stages >= 2 if self.pipelined else self.stages == 2, self
+        for rows, cols in ((self.bm, self.bk), (self.bk, self.bm), (self.bn, self.bk), (self.bk, self.bn)):
+            assert rows * cols % (4 * self.threads) == 0, f"{self}: a tile is not whole 16-byte chunks per thread"
+
+    @property
+    def pipelined(self) -> bool:
+        """Global -> shared copies by cp.async (all but the register-staged bf16 tiles)."""
+        return self.precision == "tf32" or self.variant == "a"
+
+    @property
+    def name(self) -> str:
+        return f"{self.bm}x{self.bn}x{self.bk}" + (f"s{self.stages}" if self.pipelined else "") + self.variant
+
+    @property
+    def body(self) -> str:
+        return VARIANTS[(self.precision, self.variant)]
+
+    @property
+    def threads(self) -> int:
+        return 32 * (self.bm // self.wm) * (self.bn // self.wn)
+
+    def kernel(self, layout: str) -> str:
+        """The entry point for operand order `layout` ("nn", "nt", "tn" or "tt")."""
+        assert layout in LAYOUTS, layout
+        return f"hn_gemm_{self.precision}_{layout}_{self.name}"
+
+    @property
+    def smem_bytes(self) -> int:
+        """Dynamic shared memory per block: `stages` buffers of both operands' tiles, each the larger of its two
+        layouts (mma.cu's HnOperand::ELEMS), so the same for every operand order; bf16 "a": `stages` unpadded
+        float32 buffers and two bf16 ones."""
+        size, pad_k, pad_mn = _SMEM[self.precision]
+
+        def elems(mn: int, pad_k: int, pad_mn: int) -> int:
+            return max(mn * (self.bk + pad_k), self.bk * (mn + pad_mn))
+
+        if self.precision == "bf16" and self.variant == "a":
+            return (self.stages * 4 * (elems(self.bm, 0, 0) + elems(self.bn, 0, 0))
+                    + 2 * size * (elems(self.bm, pad_k, pad_mn) + elems(self.bn, pad_k, pad_mn)))
+        return self.stages * size * (elems(self.bm, pad_k, pad_mn) + elems(self.bn, pad_k, pad_mn))
+
+
+TILES = (
+    # the first, simple versions: 4 warps of 32 x 32 (problems with too few 128 x 128 tiles to fill the GPU) and 8
+    # warps of 64 x 32 (122-130 registers without a bound; __launch_bounds__(256, 2) made two of the tf32 ones
+    # spill 8 bytes, so only bf16 s2a, which does not, asks for two blocks per SM)
+    TcTile("tf32", 1, 64, 64, 32, 32, 32, 4),
+    TcTile("bf16", 1, 64, 64, 32, 32, 32, 2),
+    TcTile("tf32", 2, 128, 128, 32, 64, 32, 3),
+    TcTile("bf16", 2, 128, 128, 32, 64, 32, 2),
+    # the same tiles with the rounding done once per element (tf32 "l") or a cp.async pipeline (bf16 "a")
+    TcTile("tf32", 3, 64, 64, 32, 32, 32, 4, "l"),
+    TcTile("tf32", 4, 128, 128, 32, 64, 32, 3, "l"),
+    TcTile("bf16", 3, 64, 64, 32, 32, 32, 4, "a"),
+    TcTile("bf16", 4, 128, 128, 32, 64, 32, 3, "a"),
+    TcTile("bf16", 5, 128, 128, 32, 64, 32, 2, "a", min_blocks=2),    # 104 KB: two blocks per SM
+)
+
+
+def instantiations(tiles: Iterable[TcTile]) -> str:
+    """mma.cu's HN_GEMM lines: each tile in each operand order."""
+    lines = []
+    for t in tiles:
+        for layout in LAYOUTS:
+            ta, tb = (str(c == "t").lower() for c in layout)
+            lines.append(f"HN_GEMM({t.kernel(layout)}, {t.body}, {ta}, {tb}, {t.bm}, {t.bn}, {t.bk}, {t.wm}, {t.wn}, "
+                         f"{t.stages}, {t.min_blocks})")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,536 @@
+// A CPU emulator for hetnet's tensor-core kernels (src/hetnet/backends/cuda/mma.cu), for tests without a GPU.
+//
+// The kernel source is compiled as C++ with this header forced in front (g++ -include cuda_emu.h -DHN_EMULATE):
+// each CUDA thread of a block runs as a fiber (ucontext) on one OS thread, switching at every barrier and
+// warp-collective instruction, and mma.cu's PTX wrappers (hn_mma_tf32, hn_ldmatrix_x4, hn_cp_async16, ...) are
+// defined here from the PTX ISA's descriptions, independently of the kernel's own index arithmetic:
+//   - mma.sync m16n8k8 .tf32 and m16n8k16 .bf16 assemble A, B and C from the 32 lanes' registers by the fragment
+//     tables of PTX ISA 9.7.14.5.7 / 9.7.14.5.8 (written out below as the ISA states them), multiply in double and
+//     hand each lane its part of D; a tf32 operand with any of its low 13 bits set is an error (cvt.rna missing);
+//   - ldmatrix .x4 (.trans) from the 32 lanes' row addresses (PTX ISA 9.7.14.5.15);
+//   - cp.async copies complete only at the cp.async.wait_group that retires their group, so a read too early sees
+//     stale data, and the shared-memory checker below reports it;
+//   - cvt.rna.tf32.f32 and cvt.rn.bf16x2.f32 bit-exact (finite inputs).
+// Checks, each a launch error with a message: every shared-memory word read was written before (no reads of
+// uninitialised or padding words); a word written by one thread and read or written by another within one barrier
+// interval (a missing __syncthreads); a read of, or write to, a word with a cp.async in flight; global accesses
+// outside the buffers the launch registered; misaligned 16-/8-byte accesses; a barrier or warp collective that not
+// every thread reaches (deadlock); lanes of a warp meeting at different collectives.
+#pragma once
+
+#include <ucontext.h>
+
+#include <cmath>
+#include <cstdarg>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __restrict__ __restrict
+#define __align__(n) __attribute__((aligned(n)))
+
+struct float4 {
+    float x, y, z, w;
+};
+struct EmuDim3 {
+    unsigned x, y, z;
+};
+
+namespace emu {
+
+constexpr int MAX_SMEM = 232448;   // an H200 block's limit (227 KB)
+constexpr int STACK = 128 * 1024;
+
+struct Pending {       // one cp.async: its data read at issue, written to shared memory when its group retires
+    unsigned char* dst;
+    unsigned char data[16];
+    int bytes;
+    int group;         // -1 until committed
+};
+
+struct Thread {
+    ucontext_t ctx;
+    EmuDim3 tid;
+    int linear = 0;
+    bool done = false;
+    std::vector<Pending> pending;
+    int groups_committed = 0;
+};
+
+struct Word {          // shadow state of one 4-byte shared-memory word
+    int w_epoch = -1;  // barrier interval of the last write (-1: never written)
+    int w_tid = -1;
+    int r_epoch = -1;  // barrier interval of the last read
+    int r_tid = -1;    // its reader, -2 when several threads read it in that interval
+    int pending = -1;  // thread whose cp.async to this word is in flight
+};
+
+struct Warp {          // exchange slots of a warp-collective instruction, two so one sync per collective suffices
+    int arrived = 0;
+    long gen = 0;
+    const char* what[2] = {nullptr, nullptr};
+    unsigned in[2][32][10];
+    const void* addr[2][32];
+};
+
+struct Range {
+    const unsigned char* lo;
+    size_t bytes;
+    bool writable;
+};
+
+struct State {
+    EmuDim3 grid, block, block_idx;
+    std::vector<Thread> threads;
+    std::vector<Warp> warps;
+    ucontext_t sched;
+    int cur = 0;
+    int epoch = 0;
+    int bar_arrived = 0;
+    long bar_gen = 0;
+    long events = 0;
+    std::string error;
+    alignas(16) unsigned char smem[MAX_SMEM];
+    std::vector<Word> shadow = std::vector<Word>(MAX_SMEM / 4);
+    int smem_bytes = 0;
+    std::vector<Range> ranges;
+    std::mt19937 rng{12345};
+};
+
+inline State& S() {
+    static State* s = new State();
+    return *s;
+}
+inline Thread& me() { return S().threads[S().cur]; }
+
+inline void yield() { swapcontext(&me().ctx, &S().sched); }
+
+[[noreturn]] inline void fail(const char* fmt, ...) {
+    char buf[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    State& s = S();
+    if (s.error.empty()) {
+        char where[128];
+        snprintf(where, sizeof where, " (block %u,%u,%u thread %d)", s.block_idx.x, s.block_idx.y, s.block_idx.z,
+                 me().linear);
+        s.error = std::string(buf) + where;
+    }
+    for (;;) yield();   // never resumed: the launch stops
+}
+
+// --- memory checks -------------------------------------------------------------------------------------------------
+
+inline bool in_smem(const void* p, int bytes) {
+    const unsigned char* c = static_cast<const unsigned char*>(p);
+    return c >= S().smem && c + bytes <= S().smem + S().smem_bytes;
+}
+
+inline Word& word(const void* p) {
+    return S().shadow[(static_cast<const unsigned char*>(p) - S().smem) / 4];
+}
+
+inline void smem_read(const void* p, int bytes, int tid, const char* what) {
+    if (!in_smem(p, bytes)) fail("%s: shared read of %d bytes outside the block's %d bytes", what, bytes, S().smem_bytes);
+    State& s = S();
+    for (int o = 0; o < bytes; o += 4) {
+        Word& w = word(static_cast<const unsigned char*>(p) + o);
+        const long off = static_cast<const unsigned char*>(p) + o - s.smem;
+        if (w.pending >= 0) fail("%s: reads shared byte %ld while thread %d's cp.async to it is in flight", what, off, w.pending);
+        if (w.w_epoch < 0) fail("%s: reads shared byte %ld, never written", what, off);
+        if (w.w_epoch == s.epoch && w.w_tid != tid)
+            fail("%s: reads shared byte %ld written by thread %d without a barrier between", what, off, w.w_tid);
+        if (w.r_epoch != s.epoch) {
+            w.r_epoch = s.epoch;
+            w.r_tid = tid;
+        } else if (w.r_tid != tid) {
+            w.r_tid = -2;
+        }
+    }
+}
+
+inline void smem_write_check(const void* p, int bytes, int tid, const char* what) {
+    if (!in_smem(p, bytes)) fail("%s: shared write of %d bytes outside the block's %d bytes", what, bytes, S().smem_bytes);
+    State& s = S();
+    for (int o = 0; o < bytes; o += 4) {
+        Word& w = word(static_cast<const unsigned char*>(p) + o);
+        const long off = static_cast<const unsigned char*>(p) + o - s.smem;
+        if (w.pending >= 0) fail("%s: writes shared byte %ld while thread %d's cp.async to it is in flight", what, off, w.pending);
+        if (w.w_epoch == s.epoch && w.w_tid != tid)
+            fail("%s: writes shared byte %ld also written by thread %d without a barrier between", what, off, w.w_tid);
+        if (w.r_epoch == s.epoch && w.r_tid != tid)
+            fail("%s: writes shared byte %ld read by another thread without a barrier between", what, off);
+    }
+}
+
+inline void smem_wrote(const void* p, int bytes, int tid) {
+    for (int o = 0; o < bytes; o += 4) {
+        Word& w = word(static_cast<const unsigned char*>(p) + o);
+        w.w_epoch = S().epoch;
+        w.w_tid = tid;
+        w.pending = -1;
+    }
+}
+
+inline void global_check(const void* p, size_t bytes, bool write, const char* what) {
+    const unsigned char* c = static_cast<const unsigned char*>(p);
+    for (const Range& r : S().ranges)
+        if (c >= r.lo && c + bytes <= r.lo + r.bytes) {
+            if (write && !r.writable) fail("%s: writes a read-only input", what);
+            return;
+        }
+    fail("%s: global %s of %zu bytes at %p outside every buffer of the launch", what, write ? "write" : "read", bytes, p);
+}
+
+inline void aligned(const void* p, int a, const char* what) {
+    if (reinterpret_cast<uintptr_t>(p) % a) fail("%s: address %p not %d-byte aligned", what, p, a);
+}
+
+// --- barriers and warp collectives ---------------------------------------------------------------------------------
+
+inline void syncthreads() {
+    State& s = S();
+    const long gen = s.bar_gen;
+    ++s.events;
+    if (++s.bar_arrived == static_cast<int>(s.threads.size())) {
+        s.bar_arrived = 0;
+        ++s.bar_gen;
+        ++s.epoch;
+    } else {
+        while (s.bar_gen == gen) yield();
+    }
+}
+
+// Every lane of the warp deposits its inputs in slot gen % 2, then waits for all 32; returns the slot.
+inline int warp_meet(const char* what) {
+    State& s = S();
+    Warp& w = s.warps[me().linear / 32];
+    const long gen = w.gen;
+    const int slot = static_cast<int>(gen & 1);
+    if (w.arrived == 0) {
+        w.what[slot] = what;
+    } else if (w.what[slot] != what) {
+        fail("lanes of warp %d meet at different collectives (%s, %s)", me().linear / 32, w.what[slot], what);
+    }
+    ++s.events;
+    if (++w.arrived == 32) {
+        w.arrived = 0;
+        ++w.gen;
+    } else {
+        while (w.gen == gen) yield();
+    }
+    return slot;
+}
+
+inline int lane() { return me().linear & 31; }
+
+// --- number formats ------------------------------------------------------------------------------------------------
+
+inline unsigned bits(float x) {
+    unsigned u;
+    std::memcpy(&u, &x, 4);
+    return u;
+}
+inline float from_bits(unsigned u) {
+    float x;
+    std::memcpy(&x, &u, 4);
+    return x;
+}
+// cvt.rna.tf32.f32: to 10 explicit mantissa bits, to nearest, ties away from zero (adding half an ulp to the
+// magnitude bits and truncating does exactly that for finite values)
+inline unsigned tf32(float x) { return (bits(x) + 0x1000u) & 0xffffe000u; }
+// cvt.rn.bf16.f32: to 7 explicit mantissa bits, to nearest even
+inline unsigned short bf16(float x) {
+    const unsigned u = bits(x);
+    return static_cast<unsigned short>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+inline double bf16_value(unsigned short h) { return from_bits(static_cast<unsigned>(h) << 16); }
+
+}  // namespace emu
+
+#define threadIdx (emu::me().tid)
+#define blockIdx (emu::S().block_idx)
+#define blockDim (emu::S().block)
+#define gridDim (emu::S().grid)
+#define __syncthreads() emu::syncthreads()
+#define HN_DYNAMIC_SMEM(name) unsigned char* name = emu::S().smem
+
+// --- mma.cu's primitives ---------------------------------------------------------------------------------------------
+
+inline void hn_cp_async(void* dst, const void* src, int size, int src_bytes, const char* what) {
+    emu::aligned(dst, size, what);
+    emu::aligned(src, size, what);
+    if (src_bytes < 0 || src_bytes > size) emu::fail("%s: src-size %d", what, src_bytes);
+    const int tid = emu::me().linear;
+    emu::smem_write_check(dst, size, tid, what);
+    emu::Pending p{static_cast<unsigned char*>(dst), {0}, size, -1};
+    if (src_bytes > 0) {
+        emu::global_check(src, src_bytes, false, what);
+        std::memcpy(p.data, src, src_bytes);   // zero-filled beyond src_bytes
+    }
+    for (int o = 0; o < size; o += 4) emu::word(p.dst + o).pending = tid;
+    emu::me().pending.push_back(p);
+}
+inline void hn_cp_async16(void* dst, const void* src, int src_bytes) { hn_cp_async(dst, src, 16, src_bytes, "cp.async 16"); }
+inline void hn_cp_async4(void* dst, const void* src, int src_bytes) { hn_cp_async(dst, src, 4, src_bytes, "cp.async 4"); }
+inline void hn_cp_async_commit() {
+    emu::Thread& t = emu::me();
+    for (emu::Pending& p : t.pending)
+        if (p.group < 0) p.group = t.groups_committed;
+    ++t.groups_committed;
+}
+template <int N>
+inline void hn_cp_async_wait() {   // retire every committed group but the newest N
+    emu::Thread& t = emu::me();
+    const int keep_from = t.groups_committed - N;
+    std::vector<emu::Pending> still;
+    for (emu::Pending& p : t.pending) {
+        if (p.group >= 0 && p.group < keep_from) {
+            std::memcpy(p.dst, p.data, p.bytes);
+            emu::smem_wrote(p.dst, p.bytes, t.linear);
+        } else {
+            still.push_back(p);
+        }
+    }
+    t.pending.swap(still);
+}
+
+inline float hn_lds(const float* p) {
+    emu::aligned(p, 4, "ld.shared");
+    emu::smem_read(p, 4, emu::me().linear, "ld.shared");
+    return *p;
+}
+inline float4 hn_lds4(const float* p) {
+    emu::aligned(p, 16, "ld.shared.v4");
+    emu::smem_read(p, 16, emu::me().linear, "ld.shared.v4");
+    float4 v;
+    std::memcpy(&v, p, 16);
+    return v;
+}
+inline void hn_sts4(void* p, unsigned x, unsigned y, unsigned z, unsigned w) {
+    emu::aligned(p, 16, "st.shared.v4");
+    emu::smem_write_check(p, 16, emu::me().linear, "st.shared.v4");
+    unsigned v[4] = {x, y, z, w};
+    std::memcpy(p, v, 16);
+    emu::smem_wrote(p, 16, emu::me().linear);
+}
+inline unsigned hn_bits(float x) { return emu::bits(x); }
+inline void hn_sts2(void* p, unsigned x, unsigned y) {
+    emu::aligned(p, 8, "st.shared.v2");
+    emu::smem_write_check(p, 8, emu::me().linear, "st.shared.v2");
+    unsigned v[2] = {x, y};
+    std::memcpy(p, v, 8);
+    emu::smem_wrote(p, 8, emu::me().linear);
+}
+
+// ldmatrix.sync.aligned.m8n8.x4(.trans).shared.b16: lanes 8j..8j+7 address rows 0..7 of matrix j.
+// Without .trans lane l = 4g + t receives, in register j, row g's elements 2t (low half) and 2t+1 of matrix j; with
+// .trans, elements (row 2t, column g) (low half) and (row 2t+1, column g).
+inline void hn_ldmatrix(unsigned (&r)[4], const void* p, bool trans) {
+    const char* what = trans ? "ldmatrix.x4.trans" : "ldmatrix.x4";
+    emu::aligned(p, 16, what);
+    emu::smem_read(p, 16, emu::me().linear, what);
+    emu::State& s = emu::S();
+    emu::Warp& w = s.warps[emu::me().linear / 32];
+    const int l = emu::lane();
+    w.addr[w.gen & 1][l] = p;
+    const int slot = emu::warp_meet(what);
+    const int g = l >> 2, t = l & 3;
+    for (int j = 0; j < 4; ++j) {
+        unsigned short lo, hi;
+        if (!trans) {
+            const unsigned short* row = static_cast<const unsigned short*>(w.addr[slot][8 * j + g]);
+            lo = row[2 * t];
+            hi = row[2 * t + 1];
+        } else {
+            lo = static_cast<const unsigned short*>(w.addr[slot][8 * j + 2 * t])[g];
+            hi = static_cast<const unsigned short*>(w.addr[slot][8 * j + 2 * t + 1])[g];
+        }
+        r[j] = static_cast<unsigned>(lo) | (static_cast<unsigned>(hi) << 16);
+    }
+    emu::warp_meet(what);   // the rows stay as they are until every lane has read its elements
+}
+inline void hn_ldmatrix_x4(unsigned (&r)[4], const void* p) { hn_ldmatrix(r, p, false); }
+inline void hn_ldmatrix_x4_trans(unsigned (&r)[4], const void* p) { hn_ldmatrix(r, p, true); }
+
+// mma.sync.aligned.{m16n8k8 .tf32 | m16n8k16 .bf16}.row.col.f32: D = A B + C, with the fragments as PTX ISA
+// 9.7.14.5.7 and 9.7.14.5.8 give them (groupID = %laneid >> 2, threadID_in_group = %laneid % 4):
+inline void hn_mma(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2], bool bf) {
+    const char* what = bf ? "mma.m16n8k16.bf16" : "mma.m16n8k8.tf32";
+    emu::State& s = emu::S();
+    emu::Warp& w = s.warps[emu::me().linear / 32];
+    const int l = emu::lane();
+    unsigned* in = w.in[w.gen & 1][l];
+    for (int i = 0; i < 4; ++i) in[i] = a[i];
+    in[4] = b[0];
+    in[5] = b[1];
+    for (int i = 0; i < 4; ++i) in[6 + i] = emu::bits(d[i]);
+    if (!bf)
+        for (int i = 0; i < 6; ++i)
+            if (in[i] & 0x1fffu) emu::fail("%s: operand register %d = 0x%08x is not a tf32 value", what, i, in[i]);
+    const int slot = emu::warp_meet(what);
+    const int K = bf ? 16 : 8;
+    double A[16][16] = {}, B[16][8] = {}, C[16][8] = {};
+    for (int lane = 0; lane < 32; ++lane) {
+        const unsigned* v = w.in[slot][lane];
+        const int groupID = lane >> 2, tig = lane % 4;
+        if (!bf) {
+            // A .tf32: row = groupID for a0, a2; groupID + 8 for a1, a3. col = threadID_in_group for a0, a1;
+            // threadID_in_group + 4 for a2, a3.
+            for (int i = 0; i < 4; ++i) {
+                const int row = (i == 0 || i == 2) ? groupID : groupID + 8;
+                const int col = (i < 2) ? tig : tig + 4;
+                A[row][col] = emu::from_bits(v[i]);
+            }
+            // B .tf32: row = threadID_in_group for b0; threadID_in_group + 4 for b1. col = groupID.
+            for (int i = 0; i < 2; ++i) B[i == 0 ? tig : tig + 4][groupID] = emu::from_bits(v[4 + i]);
+        } else {
+            // A .bf16 (a0..a7, two per register, low half first): row = groupID for ai where 0 <= i < 2 || 4 <= i < 6,
+            // groupID + 8 otherwise; col = threadID_in_group * 2 + (i & 1) for i < 4, + 8 for i >= 4.
+            for (int i = 0; i < 8; ++i) {
+                const unsigned short h = static_cast<unsigned short>(v[i / 2] >> (16 * (i & 1)));
+                const int row = (i < 2 || (4 <= i && i < 6)) ? groupID : groupID + 8;
+                const int col = tig * 2 + (i & 1) + (i >= 4 ? 8 : 0);
+                A[row][col] = emu::bf16_value(h);
+            }
+            // B .bf16 (b0..b3): row = threadID_in_group * 2 + (i & 1) for i < 2, + 8 for i >= 2; col = groupID.
+            for (int i = 0; i < 4; ++i) {
+                const unsigned short h = static_cast<unsigned short>(v[4 + i / 2] >> (16 * (i & 1)));
+                B[tig * 2 + (i & 1) + (i >= 2 ? 8 : 0)][groupID] = emu::bf16_value(h);
+            }
+        }
+        // C/D .f32: row = groupID for c0, c1; groupID + 8 for c2, c3. col = threadID_in_group * 2 + (i & 1).
+        for (int i = 0; i < 4; ++i) C[i < 2 ? groupID : groupID + 8][tig * 2 + (i & 1)] = emu::from_bits(v[6 + i]);
+    }
+    const int groupID = l >> 2, tig = l % 4;
+    for (int i = 0; i < 4; ++i) {
+        const int row = i < 2 ? groupID : groupID + 8, col = tig * 2 + (i & 1);
+        double sum = C[row][col];
+        for (int k = 0; k < K; ++k) sum += A[row][k] * B[k][col];
+        d[i] = static_cast<float>(sum);
+    }
+    emu::warp_meet(what);
+}
+inline void hn_mma_tf32(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) { hn_mma(d, a, b, false); }
+inline void hn_mma_bf16(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) { hn_mma(d, a, b, true); }
+
+inline unsigned hn_tf32(float x) { return emu::tf32(x); }
+inline unsigned hn_pack_bf16x2(float lo, float hi) {
+    return static_cast<unsigned>(emu::bf16(lo)) | (static_cast<unsigned>(emu::bf16(hi)) << 16);
+}
+
+inline float4 hn_ldg4(const float* p) {
+    emu::aligned(p, 16, "ld.global.v4");
+    emu::global_check(p, 16, false, "ld.global.v4");
+    float4 v;
+    std::memcpy(&v, p, 16);
+    return v;
+}
+inline float hn_ldg(const float* p) {
+    emu::global_check(p, 4, false, "ld.global");
+    return *p;
+}
+inline float hn_ld_c(const float* p) {
+    emu::global_check(p, 4, false, "ld.global (C)");
+    return *p;
+}
+inline void hn_st(float* p, float v) {
+    emu::global_check(p, 4, true, "st.global");
+    *p = v;
+}
+inline void hn_st2(float* p, float x, float y) {
+    emu::aligned(p, 8, "st.global.v2");
+    emu::global_check(p, 8, true, "st.global.v2");
+    p[0] = x;
+    p[1] = y;
+}
+inline void hn_atomic_add(float* p, float v) {
+    emu::global_check(p, 4, true, "red.global.add");
+    *p += v;
+}
+
+// --- launching -------------------------------------------------------------------------------------------------------
+
+namespace emu {
+
+inline std::function<void()>& body() {
+    static std::function<void()> f;
+    return f;
+}
+
+inline void fiber_main() {
+    body()();
+    me().done = true;
+    ++S().events;
+    swapcontext(&me().ctx, &S().sched);
+}
+
+// Run `kernel` over the grid, one block after another; the fibers of a block are resumed in a shuffled order each
+// round. Returns "" or the first error.
+inline std::string launch(EmuDim3 grid, EmuDim3 block, int smem_bytes, std::function<void()> kernel, unsigned seed) {
+    State& s = S();
+    s.error.clear();
+    s.grid = grid;
+    s.block = block;
+    s.rng.seed(seed);
+    if (smem_bytes > MAX_SMEM) return "dynamic shared memory over the limit";
+    s.smem_bytes = smem_bytes;
+    const int n = static_cast<int>(block.x * block.y * block.z);
+    if (n % 32) return "block size not a multiple of 32";
+    body() = kernel;
+    std::vector<std::vector<char>> stacks(n, std::vector<char>(STACK));
+    for (unsigned bz = 0; bz < grid.z; ++bz)
+        for (unsigned by = 0; by < grid.y; ++by)
+            for (unsigned bx = 0; bx < grid.x; ++bx) {
+                s.block_idx = {bx, by, bz};
+                s.threads.assign(n, Thread());
+                s.warps.assign(n / 32, Warp());
+                s.epoch = 0;
+                s.bar_arrived = 0;
+                s.bar_gen = 0;
+                std::memset(s.smem, 0xff, smem_bytes);   // NaN everywhere: unwritten words also show in results
+                std::fill(s.shadow.begin(), s.shadow.begin() + (smem_bytes + 3) / 4, Word());
+                for (int i = 0; i < n; ++i) {
+                    Thread& t = s.threads[i];
+                    t.linear = i;
+                    t.tid = {static_cast<unsigned>(i % block.x), static_cast<unsigned>((i / block.x) % block.y),
+                             static_cast<unsigned>(i / (block.x * block.y))};
+                    getcontext(&t.ctx);
+                    t.ctx.uc_stack.ss_sp = stacks[i].data();
+                    t.ctx.uc_stack.ss_size = STACK;
+                    t.ctx.uc_link = nullptr;
+                    makecontext(&t.ctx, fiber_main, 0);
+                }
+                std::vector<int> order(n);
+                for (int i = 0; i < n; ++i) order[i] = i;
+                for (;;) {
+                    std::shuffle(order.begin(), order.end(), s.rng);
+                    const long before = s.events;
+                    int live = 0;
+                    for (int i : order) {
+                        if (s.threads[i].done) continue;
+                        ++live;
+                        s.cur = i;
+                        swapcontext(&s.sched, &s.threads[i].ctx);
+                        if (!s.error.empty()) return s.error;
+                    }
+                    if (live == 0) break;
+                    if (s.events == before) return "deadlock: threads wait at a barrier or collective others never reach";
+                }
+                for (const Thread& t : s.threads)
+                    if (!t.pending.empty()) return "a thread ended with cp.async in flight";
+            }
+    return "";
+}
+
+}  // namespace emu

@@ -1,0 +1,23 @@
+// The C entry point the tests call through ctypes: run one of mma.cu's GEMM kernels (compiled into the same library,
+// see tests/test_mma_emulated.py) on the CPU emulator (cuda_emu.h, forced in front of this file with -include).
+typedef void (*HnGemmKernel)(const float*, const float*, float*, int, int, int, int, int, int, long long, long long,
+                             long long, float, float, int, int);
+
+// kernel: the address of the entry point (ctypes finds it by name); buffers: the byte ranges of A, B (read-only) and C (written); returns 0 and writes "" to err, or 1 and a message.
+extern "C" int emu_gemm(void* kernel, unsigned gx, unsigned gy, unsigned gz, unsigned threads, int smem_bytes,
+                        const float* A, long long a_bytes, const float* B, long long b_bytes, float* C,
+                        long long c_bytes, int M, int N, int K, int lda, int ldb, int ldc, long long sA, long long sB,
+                        long long sC, float alpha, float beta, int splits, int kchunk, unsigned seed, char* err,
+                        int err_len) {
+    HnGemmKernel fn = reinterpret_cast<HnGemmKernel>(kernel);
+    std::string msg;
+    {
+        emu::S().ranges = {{reinterpret_cast<const unsigned char*>(A), static_cast<size_t>(a_bytes), false},
+                           {reinterpret_cast<const unsigned char*>(B), static_cast<size_t>(b_bytes), false},
+                           {reinterpret_cast<const unsigned char*>(C), static_cast<size_t>(c_bytes), true}};
+        msg = emu::launch({gx, gy, gz}, {threads, 1, 1}, smem_bytes,
+                          [=] { fn(A, B, C, M, N, K, lda, ldb, ldc, sA, sB, sC, alpha, beta, splits, kchunk); }, seed);
+    }
+    snprintf(err, err_len, "%s", msg.c_str());
+    return msg.empty() ? 0 : 1;
+}

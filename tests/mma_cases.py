@@ -1,0 +1,45 @@
+"""What the tensor-core GEMM tests share (tests/test_mma.py on a GPU, tests/test_mma_emulated.py on the CPU
+emulator): inputs with views of every kind CudaBackend.gemm takes, NumPy versions of the kernels' roundings, and the
+float64 result."""
+from __future__ import annotations
+
+import numpy as np
+
+# (M, N, K): 1 and odd sizes, more than one tile each way, K tails, K = 0
+SHAPES = [(1, 1, 1), (7, 33, 1), (33, 7, 127), (127, 129, 33), (129, 128, 7), (65, 63, 300)]
+
+
+def round_tf32(x):
+    """cvt.rna.tf32.f32: 10 mantissa bits, to nearest, ties away from zero (finite values)."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    return ((u + np.uint32(0x1000)) & np.uint32(0xFFFFE000)).view(np.float32)
+
+
+def round_bf16(x):
+    """cvt.rn.bf16.f32: 7 mantissa bits, to nearest even (finite values)."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    return (((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16).astype(np.uint32).view(np.float32)
+
+
+ROUND = {"tf32": round_tf32, "bf16": round_bf16, None: lambda x: np.asarray(x, dtype=np.float32)}
+
+
+def stored(rng, rows: int, cols: int, transpose: bool, pad: int = 0):
+    """A float32 matrix whose op() is rows x cols, stored as gemm takes it: (rows x cols) when not transposed, else
+    (cols x rows); pad > 0: a column slice of a wider array (row stride > row length). Returns (the view, its
+    parent array)."""
+    shape = (cols, rows) if transpose else (rows, cols)
+    parent = rng.standard_normal((shape[0], shape[1] + pad)).astype(np.float32)
+    return parent[:, pad // 2: pad // 2 + shape[1]], parent
+
+
+def op(x, transpose: bool, precision=None):
+    """op(x) in float64, its elements rounded as `precision`'s kernels round them (None: exact)."""
+    v = ROUND[precision](x).astype(np.float64)
+    return v.T if transpose else v
+
+
+def expected(a, ta, b, tb, c0, alpha, beta, precision=None):
+    """alpha op(a) op(b) + beta c0 in float64 (beta == 0: c0 unused, may be NaN)."""
+    out = alpha * (op(a, ta, precision) @ op(b, tb, precision))
+    return out + beta * c0.astype(np.float64) if beta != 0 else out

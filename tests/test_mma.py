@@ -1,0 +1,118 @@
+"""The tensor-core GEMMs (backends/cuda/mma.cu through mma.gemm_tc) on a GPU: every tile, operand order and precision
+against float64 at odd shapes, C poisoned with NaN where beta == 0 (it must not be read), beta == 1 accumulating,
+split-K, batched strides, and the views CudaBackend.gemm takes.
+
+Two checks per result: against float64 of the exact float32 inputs within RTOL_TC (what tf32 / bf16 cost), and
+against float64 of the inputs rounded as the kernels round them within RTOL_TC_ROUNDED (what is left is the tensor
+cores' float32 accumulation; a missing or wrong rounding shows here). Skips without CuPy or a GPU; tests/
+test_mma_emulated.py runs the same kernels on the CPU emulator.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+cupy = pytest.importorskip("cupy", reason="CuPy not installed")
+try:
+    _N_GPUS = cupy.cuda.runtime.getDeviceCount()
+except cupy.cuda.runtime.CUDARuntimeError:  # no driver
+    _N_GPUS = 0
+if _N_GPUS == 0:
+    pytest.skip("no CUDA GPU", allow_module_level=True)
+
+from conftest import RTOL_TC, RTOL_TC_ROUNDED, rel_err
+from mma_cases import SHAPES, expected, stored
+
+from hetnet.backends.cuda import mma as mm
+from hetnet.backends.cuda.mma_tiles import LAYOUTS, PRECISIONS, TILES
+from hetnet.device import get_backend
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def be():
+    return get_backend("cuda")
+
+
+def check(be, rng, precision, layout, m, n, k, alpha=1.0, beta=0.0, tile=None, splits=None, pad=0, what=""):
+    """gemm_tc on GPU copies of `stored` views (column slices of a wider parent when pad > 0); c poisoned with NaN
+    (parent too) when beta == 0; the parent outside c must be unchanged."""
+    ta, tb = layout[0] == "t", layout[1] == "t"
+    a, a_parent = stored(rng, m, k, ta, pad)
+    b, b_parent = stored(rng, k, n, tb, pad)
+    c, c_parent = stored(rng, m, n, False, pad + 2)
+    if beta == 0:
+        c_parent[...] = np.nan
+    c0 = c.copy()
+    lo = (pad + 2) // 2                                   # where stored() sliced each view from its parent
+    ga = cupy.asarray(a_parent)[:, pad // 2:pad // 2 + a.shape[1]]
+    gb = cupy.asarray(b_parent)[:, pad // 2:pad // 2 + b.shape[1]]
+    gc = cupy.asarray(c_parent)
+    mm.gemm_tc(be, gc[:, lo:lo + n], ga, ta, gb, tb, alpha, beta, precision, tile, splits)
+    out = cupy.asnumpy(gc)
+    got = out[:, lo:lo + n]
+    where = f"{what} {precision} {layout} {(m, n, k)} tile {tile} splits {splits} beta {beta}"
+    err = rel_err(got, expected(a, ta, b, tb, c0, alpha, beta))
+    assert err <= RTOL_TC[precision], f"{where}: relative error {err:.3g} against the exact inputs"
+    err = rel_err(got, expected(a, ta, b, tb, c0, alpha, beta, precision))
+    assert err <= RTOL_TC_ROUNDED, f"{where}: relative error {err:.3g} against the rounded inputs"
+    outside = np.ones(out.shape, bool)
+    outside[:, lo:lo + n] = False
+    np.testing.assert_array_equal(out[outside], c_parent[outside], f"{where}: wrote outside c")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("tile", TILES, ids=lambda t: f"{t.precision}-{t.name}")
+def test_every_tile_and_layout(be, rng, tile, layout):
+    for m, n, k in SHAPES:
+        check(be, rng, tile.precision, layout, m, n, k, alpha=0.7, tile=tile.name)
+    check(be, rng, tile.precision, layout, 257, 130, 333, alpha=-1.5, beta=1.0, tile=tile.name)   # accumulates
+    check(be, rng, tile.precision, layout, 70, 33, 129, beta=0.5, tile=tile.name, pad=1, what="unaligned")
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_launcher_choice_and_split_k(be, rng, precision):
+    """The launcher's own tile and split choice on a problem with few tiles and long K (split-K with atomics into
+    a zeroed or scaled C), and forced splits."""
+    for beta in (0.0, 1.0):
+        check(be, rng, precision, "nt", 64, 96, 20000, beta=beta, what="automatic split")
+        check(be, rng, precision, "tn", 50, 70, 3001, beta=beta, splits=5, what="5 splits")
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_batched(be, rng, precision):
+    """gemm_tc_batched: one A for all items (stride 0), transposed B items, C items as slices of a larger array."""
+    n_items, m, n, k = 4, 45, 77, 130
+    a = rng.standard_normal((1, m, k)).astype(np.float32)
+    b = rng.standard_normal((n_items, n, k)).astype(np.float32)
+    for beta in (0.0, 1.0):
+        parent = rng.standard_normal((n_items, m, n + 6)).astype(np.float32)
+        if beta == 0:
+            parent[...] = np.nan
+        c0 = parent[:, :, 3:3 + n].copy()
+        gparent = cupy.asarray(parent)
+        mm.gemm_tc_batched(be, gparent[:, :, 3:3 + n], cupy.asarray(a), False,
+                           cupy.asarray(b).transpose(0, 2, 1), False, 1.0, beta, precision)
+        out = cupy.asnumpy(gparent)
+        for i in range(n_items):
+            err = rel_err(out[i, :, 3:3 + n], expected(a[0], False, b[i].T, False, c0[i], 1.0, beta, precision))
+            assert err <= RTOL_TC_ROUNDED, f"item {i} beta {beta}: {err:.3g}"
+        assert np.isnan(out[:, :, :3]).all() if beta == 0 else np.array_equal(out[:, :, :3], parent[:, :, :3])
+
+
+def test_same_as_cublas_conventions(be, rng):
+    """What conv.py passes to CudaBackend.gemm gives gemm_tc's result within tf32's tolerance of cuBLAS (float32):
+    a transposed view (dy.T), a column slice of C, beta = 1."""
+    dy = cupy.asarray(rng.standard_normal((50, 24)).astype(np.float32))
+    w2 = cupy.asarray(rng.standard_normal((24, 72)).astype(np.float32))
+    col = cupy.asarray(rng.standard_normal((72, 50)).astype(np.float32))
+    for precision in PRECISIONS:
+        ref, out = cupy.zeros((72, 50), np.float32), cupy.zeros((72, 50), np.float32)
+        be.gemm(ref, w2, True, dy.T, False)
+        mm.gemm_tc(be, out, w2, True, dy.T, False, precision=precision)
+        assert rel_err(cupy.asnumpy(out), cupy.asnumpy(ref).astype(np.float64)) <= RTOL_TC[precision]
+        dw, dw_tc = (cupy.ones((24, 72), np.float32) for _ in range(2))
+        be.gemm(dw, dy.T, False, col.T, False, beta=1.0)
+        mm.gemm_tc(be, dw_tc, dy.T, False, col.T, False, beta=1.0, precision=precision)
+        assert rel_err(cupy.asnumpy(dw_tc), cupy.asnumpy(dw).astype(np.float64)) <= RTOL_TC[precision]

@@ -1,0 +1,232 @@
+"""mma.cu's tensor-core GEMM kernels run on the CPU: tests/cuda_emu executes each CUDA thread as a fiber with the
+PTX instructions (mma.sync, ldmatrix, cp.async) emulated from the PTX ISA's fragment tables, and checks every
+shared-memory access for races, reads of unwritten words and cp.async data read before it landed, and every global
+access against the launch's buffers. The launches are mma.py's own plans (views, tile choice, split-K, batching),
+so this covers the launcher too. Results must match float64 of the inputs rounded as the kernels round them
+(tf32 / bf16) within RTOL_EMULATED: only float32 accumulation order remains.
+
+Needs g++ (skipped without); no GPU. The GPU versions of these checks are tests/test_mma.py.
+"""
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import RTOL_EMULATED, RTOL_TC, rel_err
+from mma_cases import SHAPES, expected, stored
+
+from hetnet.backends.cuda import kernels
+from hetnet.backends.cuda import mma as mm
+from hetnet.backends.cuda.mma_tiles import LAYOUTS, TILES
+from hetnet.bench.common import GEMM_RTOL
+
+EMU_DIR = Path(__file__).resolve().parent / "cuda_emu"
+SMS = 4      # a small "GPU", so that split-K and the choice between tiles happen at emulator sizes
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    """mma.cu with its entry points, compiled as C++ against the emulator into a shared library."""
+    if shutil.which("g++") is None:
+        pytest.skip("g++ not installed")
+    out = tmp_path_factory.mktemp("emu")
+    src = out / "mma_emulated.cc"
+    src.write_text(kernels.cu_text("mma"))
+    lib = out / "libmma_emu.so"
+    cmd = ["g++", "-std=c++17", "-O1", "-shared", "-fPIC", "-Wall", "-Wno-unknown-pragmas", "-Werror",
+           "-include", str(EMU_DIR / "cuda_emu.h"), "-DHN_EMULATE", str(src), str(EMU_DIR / "gemm_launch.cpp"),
+           "-o", str(lib)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return ctypes.CDLL(str(lib))
+
+
+def _span(x, items: int, stride: int) -> tuple[int, int]:
+    """(address, bytes) of every element of `items` copies of the 2-D view x, `stride` elements apart."""
+    if x.size == 0:
+        return x.ctypes.data, 0
+    last = sum((n - 1) * s for n, s in zip(x.shape, x.strides)) + x.itemsize
+    return x.ctypes.data, last + (items - 1) * stride * x.itemsize
+
+
+def run(emu, call: mm.GemmCall, seed: int = 0) -> None:
+    """Execute a plan on the emulator (NumPy arrays), as mma.launch does on a GPU; fails the test on any error the
+    emulator reports."""
+    if call is None:
+        return
+    if call.prescale is not None:
+        if call.prescale == 0.0:
+            call.c_all[...] = 0
+        else:
+            call.c_all *= np.float32(call.prescale)
+    items = call.grid[2] // call.splits
+    spans = [_span(x, items, s) for x, s in ((call.a, call.stride_a), (call.b, call.stride_b),
+                                              (call.c, call.stride_c))]
+    args = call.args(lambda x: x.ctypes.data)
+    err = ctypes.create_string_buffer(1024)
+    kernel = ctypes.cast(getattr(emu, call.kernel), ctypes.c_void_p)
+    c = ctypes
+    rc = emu.emu_gemm(kernel, c.c_uint(call.grid[0]), c.c_uint(call.grid[1]), c.c_uint(call.grid[2]),
+                      c.c_uint(call.tile.threads), c.c_int(call.tile.smem_bytes),
+                      c.c_void_p(spans[0][0]), c.c_longlong(spans[0][1]), c.c_void_p(spans[1][0]),
+                      c.c_longlong(spans[1][1]), c.c_void_p(spans[2][0]), c.c_longlong(spans[2][1]),
+                      *(c.c_int(int(v)) for v in args[3:9]), *(c.c_longlong(int(v)) for v in args[9:12]),
+                      c.c_float(float(args[12])), c.c_float(float(args[13])), c.c_int(int(args[14])),
+                      c.c_int(int(args[15])), c.c_uint(seed), err, c.c_int(len(err)))
+    assert rc == 0, f"{call.kernel} grid {call.grid}: {err.value.decode()}"
+
+
+def check(emu, rng, precision, layout, m, n, k, alpha=1.0, beta=0.0, tile=None, splits=None, pad=0, what=""):
+    """One GEMM through plan + emulator: c (a column slice of a NaN-poisoned parent when beta == 0) against the
+    float64 result of the rounded inputs; the parent outside c is unchanged."""
+    ta, tb = layout[0] == "t", layout[1] == "t"
+    a, _ = stored(rng, m, k, ta, pad)
+    b, _ = stored(rng, k, n, tb, pad)
+    c, parent = stored(rng, m, n, False, pad + 2)
+    if beta == 0:
+        parent[...] = np.nan
+    c0, before = c.copy(), parent.copy()
+    call = mm.plan(c, a, ta, b, tb, alpha, beta, precision, SMS, tile, splits)
+    run(emu, call, seed=int(rng.integers(2**31)))
+    err = rel_err(c, expected(a, ta, b, tb, c0, alpha, beta, precision))
+    assert err <= RTOL_EMULATED, f"{what} {precision} {layout} {(m, n, k)} tile {tile}: relative error {err:.3g}"
+    outside = np.ones(parent.shape, bool)
+    outside[:, 1 + pad // 2: 1 + pad // 2 + n] = False
+    np.testing.assert_array_equal(parent[outside], before[outside], f"{what}: wrote outside c")
+    return call
+
+
+def test_tolerances_agree():
+    assert GEMM_RTOL == RTOL_TC
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("tile", TILES, ids=lambda t: f"{t.precision}-{t.name}")
+def test_every_tile_and_layout(emu, rng, tile, layout):
+    """Each entry point at shapes with tails in M, N and K, more than one block, beta 0 (C poisoned) and not."""
+    check(emu, rng, tile.precision, layout, 33, 19, 45, alpha=0.7, tile=tile.name)
+    check(emu, rng, tile.precision, layout, 130, 70, 100, alpha=-1.5, beta=0.5, tile=tile.name)
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_odd_shapes(emu, rng, precision, shape):
+    """Sizes 1 and odd, K = 1 and long K (several pipeline rounds), through the launcher's own tile choice, in a
+    layout that varies with the shape."""
+    layout = LAYOUTS[SHAPES.index(shape) % 4]
+    check(emu, rng, precision, layout, *shape, alpha=1.0, beta=1.0 if shape[2] % 2 else 0.0)
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_unaligned_views(emu, rng, precision):
+    """Row strides that are not multiples of 4 floats and views that start off 16-byte boundaries take the
+    4-byte copy / scalar load paths, and odd ldc the scalar stores."""
+    for layout in LAYOUTS:
+        check(emu, rng, precision, layout, 37, 21, 43, beta=2.0, pad=1, what="pad 1")
+        check(emu, rng, precision, layout, 20, 22, 36, pad=3, what="pad 3")
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_split_k(emu, rng, precision):
+    """K split over blockIdx.z with atomics into C, which the launcher zeroes (beta 0) or scales (beta != 0)
+    first; the last part shorter than the others."""
+    for beta in (0.0, 1.0, -0.5):
+        call = check(emu, rng, precision, "nt", 40, 24, 610, alpha=0.5, beta=beta, splits=3, what="split")
+        assert call.splits == 3 and call.kchunk * 2 < 610 <= call.kchunk * 3
+    call = check(emu, rng, precision, "tn", 17, 9, 1000, what="automatic split")   # few tiles, long K
+    assert call.splits > 1, "the launcher did not split K for a problem with fewer tiles than SMs"
+
+
+def test_k_zero_and_empty(emu, rng):
+    """K = 0 gives beta * C (alpha * an empty sum); an empty C launches nothing."""
+    check(emu, rng, "tf32", "nn", 9, 5, 0, beta=0.5)
+    check(emu, rng, "bf16", "tt", 9, 5, 0)
+    assert mm.plan(np.zeros((0, 4), np.float32), np.zeros((0, 3), np.float32), False, np.zeros((3, 4), np.float32),
+                   False) is None
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_batched(emu, rng, precision):
+    """grid.z over a batch: per-item strides, the same A for every item (stride 0), a transposed B per item, C
+    items as slices of a larger array."""
+    n_items, m, n, k = 3, 21, 35, 70
+    a = rng.standard_normal((1, m, k)).astype(np.float32)
+    b = rng.standard_normal((n_items, n, k)).astype(np.float32).transpose(0, 2, 1)     # items [k, n], transposed
+    parent = rng.standard_normal((n_items, m, n + 5)).astype(np.float32)
+    c = parent[:, :, 2:2 + n]
+    for beta, splits in ((0.0, None), (1.0, None), (0.5, 2)):
+        c0 = c.copy()
+        if beta == 0:
+            c[...] = np.nan
+        call = mm.plan_batched(c, a, False, b, False, 1.0, beta, precision, SMS, splits=splits)
+        assert call.layout == "nt" and call.stride_a == 0 and call.grid[2] == n_items * call.splits
+        assert call.splits == (splits or 1) and call.c_all is c
+        run(emu, call)
+        for i in range(n_items):
+            want = expected(a[0], False, b[i], False, c0[i], 1.0, beta, precision)
+            assert rel_err(c[i], want) <= RTOL_EMULATED, f"item {i}, beta {beta}, splits {splits}"
+
+
+def test_launcher_checks():
+    """Wrong dtype, shapes that do not chain, rows that are not contiguous either way, an unknown precision or
+    tile: ValueError before any launch."""
+    f32 = np.zeros((4, 6), np.float32)
+    with pytest.raises(ValueError, match="float32"):
+        mm.plan(np.zeros((4, 4)), f32, False, f32, True)
+    with pytest.raises(ValueError, match="does not give"):
+        mm.plan(np.zeros((4, 5), np.float32), f32, False, f32, True)
+    with pytest.raises(ValueError, match="contiguous rows"):
+        mm.plan(np.zeros((4, 4), np.float32), np.zeros((4, 12), np.float32)[:, ::2], False, f32, True)
+    with pytest.raises(ValueError, match="precision"):
+        mm.plan(np.zeros((4, 4), np.float32), f32, False, f32, True, precision="fp16")
+    with pytest.raises(ValueError, match="no tf32 tile"):
+        mm.plan(np.zeros((4, 4), np.float32), f32, False, f32, True, tile="1x1")
+    with pytest.raises(ValueError, match="overlap"):
+        mm.plan_batched(np.broadcast_to(np.zeros((1, 4, 4), np.float32), (3, 4, 4)), np.zeros((3, 4, 6), np.float32),
+                        False, np.zeros((3, 4, 6), np.float32), True)
+
+
+def test_views_as_cuda_backend_gemm_takes_them(emu, rng):
+    """The conv launcher's calls: a transposed view for a (dyk as dy.T), a column slice for c (yk[:, n0:n1])."""
+    dy = rng.standard_normal((10, 6)).astype(np.float32)        # [N, K]: dyk = dy.T, a [K, N] view
+    w2 = rng.standard_normal((6, 27)).astype(np.float32)
+    dcol = np.full((27, 10), np.nan, np.float32)
+    run(emu, mm.plan(dcol, w2, True, dy.T, False, precision="tf32", sms=SMS))     # dcol = w2^T @ dyk
+    assert rel_err(dcol, expected(w2, True, dy.T, False, None, 1.0, 0.0, "tf32")) <= RTOL_EMULATED
+    yk = np.full((6, 40), np.nan, np.float32)
+    col = rng.standard_normal((27, 16)).astype(np.float32)
+    run(emu, mm.plan(yk[:, 8:24], w2, False, col, False, precision="bf16", sms=SMS))
+    assert rel_err(yk[:, 8:24], expected(w2, False, col, False, None, 1.0, 0.0, "bf16")) <= RTOL_EMULATED
+    assert np.isnan(yk[:, :8]).all() and np.isnan(yk[:, 24:]).all()
+
+
+def test_choice():
+    """Few output tiles: the small tile; enough to fill the SMs: the large one; split-K only when the tiles do not
+    fill them and K is long."""
+    large, small = (mm.tile_named("bf16", name) for name in mm.CHOICE["bf16"])
+    assert all(mm.tile_named(p, name) for p in mm.CHOICE for name in mm.CHOICE[p])
+    assert mm.choose("bf16", 64, 64, 1, 132) is small
+    assert mm.choose("bf16", 256, 512 * 1024, 1, 132) is large
+    assert mm.split_k(large, 256, 512 * 1024, 2304, 1, 132) == 1
+    assert mm.split_k(small, 64, 576, 512 * 1024, 1, 132) > 1        # filter gradient of a 64-filter 3x3 conv
+    assert mm.split_k(small, 64, 64, 64, 1, 132) == 1
+
+
+def test_runner_without_a_gpu(capsys):
+    """benchmarks/kernels/run_tc_gemm.py imports without CuPy, lists its problems (cifar-wide's convolutions from
+    the spec: 6 distinct shapes, 3 GEMMs each), and a bad --layers is a one-line error with status 2."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels" / "run_tc_gemm.py"
+    spec = importlib.util.spec_from_file_location("run_tc_gemm", path)
+    run_tc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_tc)
+    assert run_tc.main(["--list", "--sets", "conv"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 18 and "conv2 64->128 32x32" in lines[3] and "nn 128 x 524288 x 576" in lines[3]
+    assert run_tc.main(["--list", "--layers", "7"]) == 2
+    assert capsys.readouterr().err.startswith("error: --layers")
