@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import rel_err
+from test_cli import make_idx
 
 from hetnet import serialize
-from hetnet.data.idx import write_idx
 
 ROOT = Path(__file__).resolve().parents[1]
 MPIRUN = shutil.which("mpirun")
@@ -88,12 +88,7 @@ def test_mpi_pieces_equal_one_process_at_twice_the_batch():
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     root = tmp_path_factory.mktemp("mpi")
-    rng = np.random.default_rng(0)
-    data = root / "data"
-    data.mkdir()
-    for split, n in (("train", 512), ("t10k", 64)):
-        write_idx(data / f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, n).astype(np.uint8))
-        write_idx(data / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 255, (n, 28, 28)).astype(np.uint8))
+    make_idx(root / "data", n_train=512, n_test=64)
     (root / "spec.json").write_text(json.dumps(SPEC))
     (root / "bn.json").write_text(json.dumps(BN_SPEC))
     return root
