@@ -60,6 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--bucket-mb", type=float, default=None, help="hetnet's gradient bucket size (HETNET_BUCKET_MB)")
     ap.add_argument("--no-torch", action="store_true", help="hetnet only")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds a job may take")
+    ap.add_argument("--quiet-wait", type=float, default=120.0, help="--device cpu: seconds to wait, before each "
+                                                                      "job, for other processes to leave the CPUs")
     ap.add_argument("--out", default=None, help="folder (default benchmarks/results/<card or host>)")
     ap.add_argument("--worker", choices=("hetnet", "torch"), help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
@@ -252,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker == "torch":
         torch_worker(args)
         return 0
-    from hetnet.bench.common import environment, write_result
+    from hetnet.bench.common import environment, wait_quiet, write_result
 
     counts = sorted({int(v) for v in args.gpus.split(",") if v.strip()})
     gpu = args.device == "cuda"
@@ -278,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
                 row = {"gpus": n if gpu else None, "processes": n, "device": args.device, "model": model,
                        "precision": precision, "batch_per_gpu": batch}
                 for side in ("hetnet",) + (() if args.no_torch else ("torch",)):
+                    if not gpu:         # the CPUs may be shared: say how busy they were
+                        row[f"{side}_cpus_busy_before"] = round(wait_quiet(args.quiet_wait), 3)
                     got = _run_job(args, side, n, model, precision, batch)
                     key = "img_per_s" if side == "hetnet" else "torch_ddp_img_per_s"
                     row[key] = got.get("img_per_s")
