@@ -412,19 +412,21 @@ class Heartbeat:
 
     def _run(self) -> None:
         lines = _Lines(self.sock)
+        sel = selectors.DefaultSelector()
+        sel.register(self.sock, selectors.EVENT_READ)
+        sel.register(self._sigterm_r, selectors.EVENT_READ)
+        terminate_at = None         # SIGTERM came: exit then, unless the monitor's verdict comes first
         while not self._stop.is_set():
             self._send({"op": "beat", "tick": self.tick, "state": self._state()})
-            ready = selectors.DefaultSelector()
-            ready.register(self.sock, selectors.EVENT_READ)
-            ready.register(self._sigterm_r, selectors.EVENT_READ)
-            events = ready.select(timeout=HEARTBEAT_S)
-            ready.close()
-            for key, _ in events:
-                if key.fileobj == self._sigterm_r:
+            events = sel.select(timeout=HEARTBEAT_S if terminate_at is None else 0.1)
+            for key, _ in sorted(events, key=lambda e: e[0].fileobj != self.sock):    # the monitor first
+                if key.fileobj is not self.sock:
+                    got = b""
                     with contextlib.suppress(OSError):
-                        os.read(self._sigterm_r, 64)
-                    time.sleep(2.0)         # the monitor's verdict (an abort message) usually arrives meanwhile
-                    exit_now(143)
+                        got = os.read(self._sigterm_r, 64)      # the numbers of the signals caught (Ctrl-C too)
+                    if signal.SIGTERM in got and terminate_at is None:
+                        terminate_at = time.monotonic() + 2.0
+                    continue
                 msgs = lines.read()
                 if msgs is None:
                     if self._closing or self._stop.is_set():
@@ -435,6 +437,8 @@ class Heartbeat:
                 for msg in msgs:
                     if msg.get("op") == "abort":
                         exit_now(int(msg.get("status", 1)))
+            if terminate_at is not None and time.monotonic() > terminate_at:
+                exit_now(143)
 
     def error(self, message: str, status: int) -> None:
         """Report this rank's failure; the monitor ends the job (this waits for that, then exits itself)."""
