@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import selectors
 import signal
 import socket
@@ -40,6 +41,7 @@ HEARTBEAT_S = 0.5
 DEFAULT_TIMEOUT_S = 120.0
 CONNECT_TIMEOUT_S = 300.0       # how long a rank waits for the monitor (rank 0 may still be loading its data)
 ERROR_GRACE_S = 1.0             # after a first error report, how long to wait for rank 0's (it explains best)
+ABORT_DRAIN_S = 3.0             # after telling the ranks to exit, how long to wait for them to go
 
 
 def _send(sock: socket.socket, msg: dict) -> None:
@@ -297,11 +299,29 @@ class Monitor:
         self.aborted = True
         if line is not None:
             error_line(line)
-        for r in self.ranks.values():
+        # the other processes first, then this one's own rank (told last: its heartbeat thread exits the process)
+        others = [r for r in self.ranks.values() if r.pid != os.getpid()]
+        for r in others:
             with contextlib.suppress(OSError):
                 _send(r.sock, {"op": "abort", "status": status, "quiet": quiet})
+        self._drain([r.sock for r in others], ABORT_DRAIN_S)
         if not quiet:
             self.on_abort(status)
+
+    def _drain(self, socks: list, seconds: float) -> None:
+        """Read (and drop) what the ranks still send until they have closed their connections, for at most
+        `seconds`: a connection closed here with their heartbeats unread would be reset, and the reset can reach a
+        rank before the abort message does (it would then think the monitor died)."""
+        live, deadline = [s for s in socks if s.fileno() >= 0], time.monotonic() + seconds
+        while live and time.monotonic() < deadline:
+            ready, _, _ = select.select(live, [], [], 0.1)
+            for sock in ready:
+                try:
+                    data = sock.recv(65536)
+                except OSError:
+                    data = b""
+                if not data:
+                    live.remove(sock)
 
     def end(self, status: int = 0) -> None:
         """Tell the ranks still connected to exit quietly with `status` (rank 0 stopping early: Ctrl-C); returns
