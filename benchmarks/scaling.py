@@ -60,6 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--bucket-mb", type=float, default=None, help="hetnet's gradient bucket size (HETNET_BUCKET_MB)")
     ap.add_argument("--no-torch", action="store_true", help="hetnet only")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds a job may take")
+    ap.add_argument("--threads-per-process", type=int, default=None,
+                    help="--device cpu: threads of each process, both sides (default: the cores / N, so every "
+                         "N shares the same cores; 1: N processes on N cores, the efficiency of adding cores)")
     ap.add_argument("--quiet-wait", type=float, default=120.0, help="--device cpu: seconds to wait, before each "
                                                                       "job, for other processes to leave the CPUs")
     ap.add_argument("--out", default=None, help="folder (default benchmarks/results/<card or host>)")
@@ -157,7 +160,8 @@ def torch_worker(args) -> None:
         dev = f"cuda:{local}"
     else:
         dev = "cpu"
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // world))
+        torch.set_num_threads(int(os.environ.get("HETNET_NUM_THREADS") or
+                                  max(1, len(os.sched_getaffinity(0)) // world)))
     tdist.init_process_group("nccl" if gpu else "gloo", init_method="env://", rank=rank, world_size=world)
     hrandom.seed(0)
     model, shape = resolve_model(args.model)
@@ -211,6 +215,8 @@ def _run_job(args, side: str, n: int, model: str, precision: str, batch: int) ->
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
         if args.bucket_mb is not None:
             env["HETNET_BUCKET_MB"] = str(args.bucket_mb)
+        if args.threads_per_process:
+            env["HETNET_NUM_THREADS"] = str(args.threads_per_process)
         try:
             if side == "hetnet" and args.device == "cpu":
                 mpirun = shutil.which("mpirun")
