@@ -55,6 +55,15 @@ def assert_close(actual, expected, dtype, what: str = "") -> None:
     assert err <= tol, f"{what}: relative error {err:.3g} > {tol:.0e}"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache_dir(tmp_path_factory):
+    """Decoded image folders (hetnet.data.cache) go to a folder of this test session, never to the user's cache;
+    commands run as subprocesses inherit it."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HETNET_CACHE_DIR", str(tmp_path_factory.mktemp("hetnet-cache")))
+        yield
+
+
 @pytest.fixture
 def rng():
     """A fresh, differently seeded generator per test (the seed is printed on failure)."""

@@ -386,9 +386,9 @@ def test_benchmark_scripts_import_without_a_gpu_and_wrap_the_harness(monkeypatch
     """Every script in benchmarks/ imports here (CUDA, CuPy and torch only inside main) and has a main; the
     whole-model ones are hetnet bench flags or wrappers over it."""
     scripts = sorted(p.relative_to(REPO / "benchmarks").as_posix() for p in (REPO / "benchmarks").rglob("*.py"))
-    assert scripts == ["conv_algos.py", "cpu_step.py", "kernels/ab_step.py", "kernels/conv_variants.py",
-                       "kernels/host_overhead.py", "kernels/profile_step.py", "kernels/run_conv_variants.py",
-                       "kernels/run_tc_gemm.py", "scaling.py"]
+    assert scripts == ["cifar_speedrun.py", "conv_algos.py", "cpu_step.py", "kernels/ab_step.py",
+                       "kernels/conv_variants.py", "kernels/host_overhead.py", "kernels/profile_step.py",
+                       "kernels/run_conv_variants.py", "kernels/run_tc_gemm.py", "scaling.py"]
     for name in scripts:
         if name == "kernels/conv_variants.py":         # the table of losing conv tiles, read by the runner
             continue
@@ -400,6 +400,9 @@ def test_benchmark_scripts_import_without_a_gpu_and_wrap_the_harness(monkeypatch
     assert args.devices == ["cpu"] and args.layer_by_layer and args.threads == 1 and args.side_seconds == 1
     assert args.rows == [("thesis-m1", 32), ("thesis-m1", 128), ("fashion-2conv", 128), ("fashion-cnn", 128)]
     assert argv[argv.index("--out") + 1].endswith("-1thread")
+    speedrun = _load(REPO / "benchmarks" / "cifar_speedrun.py")
+    args = bench.parse_args(speedrun.bench_argv(*speedrun.parse_args(["--runs", "7", "--", "--speedrun-epochs", "1"])))
+    assert args.cifar_speedrun and args.speedrun_runs == 7 and args.speedrun_epochs == 1
 
 
 def test_gpu_check_calls_the_harness():

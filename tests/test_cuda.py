@@ -728,6 +728,32 @@ def test_graph_step_with_airbench_layers_matches_cpu(rng):
     assert abs(out["cuda"][1][0] - out["cpu"][1][0]) <= 1e-4 * abs(out["cpu"][1][0])
 
 
+def test_tta_matches_cpu_and_runs_in_the_captured_eval_step(rng):
+    """Test-time augmentation on the GPU (hetnet.train.tta_logits: mirrors and reflect-padded translations made by
+    slicing, so they run inside the eval step's CUDA graph): the cpu backend's logits, loss and accuracy, also when
+    the second pass replays the captured graphs."""
+    x, y = _data(rng, 96)
+    hn.seed(7)
+    state = small_cnn().state_dict()
+    out = {}
+    for device in ("cpu", "cuda"):
+        m = _cnn_from(state, device, 7)
+        m.eval()
+        b = m.backend
+        logits = [b.to_numpy(T.tta_logits(m, b.asarray(x[:32]), level)) for level in (0, 1, 2)]
+        step = T.make_eval_step(m, 2)
+        sums = []
+        for _ in range(2):                              # the second pass replays the captured graphs
+            for i in range(0, 96, 32):
+                step.step(b.asarray(x[i:i + 32]), b.labels(y[i:i + 32]))
+            sums.append(step.collect())
+        out[device] = (logits, sums)
+    for level in (0, 1, 2):
+        assert_close(out["cuda"][0][level], out["cpu"][0][level], F32, f"TTA level {level} logits")
+    for (lg, cg, ng), (lc, cc, nc) in zip(out["cuda"][1], out["cpu"][1]):
+        assert ng == nc == 96 and abs(cg - cc) <= 1 and abs(lg - lc) <= 1e-4 * abs(lc)
+
+
 def test_fit_uses_the_fast_step(rng):
     x, y = _data(rng, 128)
     model = small_cnn().to("cuda")
@@ -738,7 +764,8 @@ def test_fit_uses_the_fast_step(rng):
 # --- the data set on the GPU (hetnet.data.ResidentLoader, data.cu) ------------------------------------------------
 
 
-@pytest.mark.parametrize("augment", ["", "flip", "crop:2,flip", "flip,crop:4", "crop:1"])
+@pytest.mark.parametrize("augment", ["", "flip", "crop:2,flip", "flip,crop:4", "crop:1", "translate:2,altflip",
+                                     "altflip,translate:2", "flip,translate:9", "altflip"])
 @pytest.mark.parametrize("shape", [(3, 32, 32), (1, 7, 11)])
 def test_resident_batches_equal_host_batches(be, rng, augment, shape):
     from hetnet.data import BatchLoader, ResidentLoader, channel_stats, on_device

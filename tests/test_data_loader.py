@@ -10,7 +10,7 @@ from PIL import Image
 
 from hetnet.data import BatchLoader, channel_stats, convert_channels, normalize, resize_batch, split_train_val
 from hetnet.data import loader as loader_mod
-from hetnet.data.transforms import parse_augment, random_crop, random_hflip
+from hetnet.data.transforms import parse_augment, random_crop, random_hflip, random_translate
 from hetnet.errors import UsageError
 
 
@@ -132,6 +132,10 @@ def test_bad_arguments():
         BatchLoader(x, y, 2, augment=("rotate",))
     assert parse_augment("crop:3,flip") == [("crop", 3), ("flip", 0)]
     assert parse_augment(["crop"]) == [("crop", 4)]
+    assert parse_augment("translate,altflip") == [("translate", 2), ("altflip", 0)]
+    for bad, match in (("translate:-1", ">= 0"), ("crop:x", "integer"), ("altflip:2", "no argument")):
+        with pytest.raises(ValueError, match=match):
+            parse_augment(bad)
 
 
 # --- transforms ---------------------------------------------------------------------------------------------
@@ -186,6 +190,19 @@ def test_random_crop_and_flip():
     kept = [np.array_equal(f[i], x[i]) for i in range(len(x))]
     assert all(a or b for a, b in zip(flipped, kept, strict=True)) and 5 < sum(flipped) < 35
     assert random_crop(x, 0, rng) is x
+
+
+def test_random_translate_reflects():
+    x, _ = images(n=40, c=2, h=5, w=5)
+    t = random_translate(x, 2, np.random.default_rng(0))
+    padded = np.pad(x, ((0, 0), (0, 0), (2, 2), (2, 2)), mode="reflect")
+    for i in range(len(x)):                  # each output is one of the 25 windows of its reflect-padded image
+        assert any(np.array_equal(t[i], padded[i, :, a:a + 5, b:b + 5]) for a in range(5) for b in range(5))
+    assert not np.array_equal(t, x)
+    # the same draws as random_crop: the same windows of the zero-padded image
+    c = random_crop(x, 2, np.random.default_rng(0))
+    inside = c != 0
+    np.testing.assert_array_equal(t[inside], c[inside])
 
 
 # --- split --------------------------------------------------------------------------------------------------

@@ -59,7 +59,7 @@ def _host_loader(augment, batch=12, n=50, shuffle=True, seed=4):
                        prefetch=0)
 
 
-@pytest.mark.parametrize("augment", ["", "crop:2,flip", "crop:1,crop:2"])     # the last one does not fit a plan
+@pytest.mark.parametrize("augment", ["", "crop:2,flip", "translate:2,altflip", "crop:1,crop:2"])  # the last: no plan
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_ranks_batches_together_are_the_single_process_batches(augment, world):
     whole = _host_loader(augment, batch=12)
@@ -83,8 +83,9 @@ def test_evaluation_shards_score_every_example_once(world):
     assert np.array_equal(got, np.sort(whole.y))
 
 
-def test_device_shards_gather_the_same_batches():
-    host = _host_loader("crop:2,flip", batch=12)
+@pytest.mark.parametrize("augment", ["crop:2,flip", "translate:1,altflip"])
+def test_device_shards_gather_the_same_batches(augment):
+    host = _host_loader(augment, batch=12)
     resident = ResidentLoader(host, cpu)
     for world in (2, 3):
         for r in range(world):

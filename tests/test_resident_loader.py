@@ -12,9 +12,13 @@ import pytest
 import hetnet as hn
 from hetnet import train as T
 from hetnet.backends import cpu, reference
-from hetnet.data import BatchLoader, ResidentLoader, channel_stats, on_device
+from hetnet.data import BatchLoader, ResidentLoader, channel_stats, normalize, on_device
 
-AUGMENTS = ["", "flip", "crop:2", "crop,flip", "flip,crop:3", "crop:0,flip", "crop:1"]
+AUGMENTS = ["", "flip", "crop:2", "crop,flip", "flip,crop:3", "crop:0,flip", "crop:1",
+            # reflect padding (translate, also wider than the 5x7 images) and airbench's alternating flips; flips
+            # compose (xor) before and after the one crop or translate
+            "translate:2", "translate:2,altflip", "altflip,translate:1", "translate:6,flip", "altflip",
+            "flip,altflip,crop:2,flip", "altflip,translate:0"]
 
 
 def _images(rng, n=45, c=3, h=5, w=7):
@@ -75,10 +79,11 @@ def test_reference_backend_gets_the_host_batch_widened(rng):
 
 def test_augmentation_that_does_not_fit_a_plan_stays_on_the_host(rng):
     x, y = _images(rng)
-    host = BatchLoader(x, y, 8, augment="crop:1,crop:2")
-    assert not host.plannable
-    with pytest.raises(ValueError, match="at most one crop and one flip"):
-        ResidentLoader(host, cpu)
+    for augment in ("crop:1,crop:2", "translate:1,crop:1"):
+        host = BatchLoader(x, y, 8, augment=augment)
+        assert not host.plannable
+        with pytest.raises(ValueError, match="at most one crop or translate"):
+            ResidentLoader(host, cpu)
 
     class Resident:                                       # a backend that keeps data on its device
         resident_data = True
@@ -108,3 +113,38 @@ def test_training_from_a_resident_loader_gives_the_same_weights(rng):
         np.testing.assert_array_equal(w0[k], w1[k], err_msg=k)
     assert [r["train_loss"] for r in h0] == [r["train_loss"] for r in h1]
     assert [r["val_accuracy"] for r in h0] == [r["val_accuracy"] for r in h1]
+
+
+@pytest.mark.parametrize("reflect", [False, True])
+def test_gather_images_pads_as_numpy(rng, reflect):
+    """Each plan column against np.pad (zeros, or 'reflect') of its image, cropped at (oy, ox), then mirrored."""
+    x, y = _images(rng, n=6, c=2, h=4, w=5)
+    pad = 7                                              # wider than the image: reflections of reflections
+    cols = [(0, 0, 0, 0), (1, -2, 3, 1), (2, 4, -4, 0), (3, -7, 7, 1), (4, 7, -7, 1), (5, 1, 1, 0)]
+    plan = np.array(cols, dtype=np.int32).T.copy()
+    scale, shift = np.ones(2, np.float32), np.zeros(2, np.float32)
+    got, labels = cpu.gather_images(x, y, plan, 0, len(cols), scale, shift, reflect=reflect)
+    np.testing.assert_array_equal(labels, y[plan[0]])
+    padded = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)), mode="reflect" if reflect else "constant")
+    for k, (i, oy, ox, flip) in enumerate(cols):
+        want = padded[i, :, pad + oy:pad + oy + 4, pad + ox:pad + ox + 5]
+        np.testing.assert_array_equal(got[k], want[:, :, ::-1] if flip else want)
+    ref, _ = reference.gather_images(x, y, plan, 2, 3, scale, shift, reflect=reflect)
+    np.testing.assert_array_equal(ref, got[2:5])
+
+
+def test_altflip_alternates_per_image_and_translate_reflects(rng):
+    x, y = _images(rng, n=40, c=1, h=6, w=6)
+    host = BatchLoader(x, y, 40, None, None, shuffle=False, augment="altflip", seed=5, prefetch=0)
+    f0, f1, f2 = (host.plan(e)[3].astype(bool) for e in (0, 1, 2))
+    assert 5 < f0.sum() < 35                          # a fair coin per image ...
+    np.testing.assert_array_equal(f1, ~f0)            # ... mirrored the other way in the next epoch
+    np.testing.assert_array_equal(f2, f0)
+    (b0, _), (b1, _) = next(host.epoch(0)), next(host.epoch(1))
+    np.testing.assert_array_equal(b0[f0], normalize(np.ascontiguousarray(x[f0, :, :, ::-1]), None, None))
+    np.testing.assert_array_equal(b1[f0], normalize(x[f0], None, None))
+    # translate: the same offsets as crop (the same draws), the border mirrored from inside instead of zeros
+    t = BatchLoader(x, y, 40, None, None, shuffle=False, augment="translate:2", seed=5, prefetch=0).plan(0)
+    c = BatchLoader(x, y, 40, None, None, shuffle=False, augment="crop:2", seed=5, prefetch=0).plan(0)
+    np.testing.assert_array_equal(t, c)
+    assert set(np.unique(t[1])) == set(range(-2, 3))

@@ -106,3 +106,48 @@ def test_resolve_errors(tmp_path):
         bad.write_text(json.dumps(content))
         with pytest.raises(ModelFileError, match="bad.json"):
             zoo.resolve(str(bad))
+
+
+# --- cifar-speed: airbench94's network and recipe ---------------------------------------------------------------
+
+
+def test_cifar_speed_is_airbench94():
+    p = zoo.PRESETS["cifar-speed"]
+    model = zoo.build("cifar-speed")
+    kinds = [type(layer).__name__ for layer in model.layers]
+    group = ["Conv2D", "MaxPool2D", "BatchNorm2D", "GELU", "Conv2D", "BatchNorm2D", "GELU"]
+    assert kinds == ["Conv2D", "GELU"] + group * 3 + ["MaxPool2D", "Flatten", "Dense", "Scale"]
+    # airbench 0.1.8's make_net94() has 1,972,792 parameters (torch, BN weights counted as here)
+    assert sum(int(np.prod(prm.shape)) for prm in model.parameters()) == 1_972_792
+    convs = [layer for layer in model.layers if type(layer).__name__ == "Conv2D"]
+    assert [c.out_channels for c in convs] == [24, 64, 64, 256, 256, 256, 256]
+    assert convs[0].init == "whitening" and convs[0].use_bias and all(c.init == "dirac" for c in convs[1:])
+    assert not any(c.use_bias for c in convs[1:])
+    bns = [layer for layer in model.layers if type(layer).__name__ == "BatchNorm2D"]
+    assert {(b.momentum, b.eps, b.scale) for b in bns} == {(0.4, 1e-12, "frozen")}
+    assert model.layers[-1].factor == pytest.approx(1 / 9) and not model.layers[-2].use_bias
+    assert model.output_shape((3, 32, 32)) == (10,)
+    assert (p.batch_size, p.label_smoothing, p.tta, p.augment) == (1024, 0.2, 2, ("translate:2", "altflip"))
+    # airbench94's hyp['opt'] through the recipe fields of hetnet.train (decoupled Nesterov, groups, lookahead)
+    assert (p.optimizer, p.lr, p.weight_decay, p.momentum) == ("nesterov-decoupled", 11.5, 0.0153, 0.85)
+    assert p.param_groups == ({"params": "BatchNorm2D.bias", "lr_scale": 64.0},)
+    assert (p.lookahead, p.lookahead_decay, p.whiten_bias_epochs) == (5, 0.95, 3)
+    assert p.schedule.startswith("triangular") and p.precision == "fp32"
+
+
+def test_cifar_speed_trains_end_to_end_on_cpu(tmp_path):
+    from test_data_folder import classes_tree, make_tree
+
+    from hetnet.runs import RunConfig, evaluate_model, train_run
+
+    root = make_tree(tmp_path / "imgs", classes_tree(n_per_class=7))        # 3 classes, resized to 32x32
+    res = train_run(RunConfig(model="cifar-speed", dataset="folder", data=str(root), epochs=1, device="cpu",
+                              out=str(tmp_path / "run")), log=None, progress=False)
+    rec = res.history[-1]
+    assert rec["tta"] == 2 and 0 <= rec["val_accuracy"] <= 1 and np.isfinite(rec["train_loss"])
+    lm = hn.load(res.model_path)
+    assert lm.model.output_shape((3, 32, 32)) == (3,)                        # the classifier fitted to 3 classes
+    w = lm.model.layers[0].weight
+    assert not w.requires_grad and np.abs(w.data).max() > 0                   # whitened from the training images
+    ev = evaluate_model(res.run_dir, device="cpu", log=None)
+    assert ev["tta"] == 2 and ev["accuracy"] == pytest.approx(rec["val_accuracy"])

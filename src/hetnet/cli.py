@@ -47,7 +47,7 @@ from .runs import (
     versions,
 )
 from .serialize import checkpoint_path
-from .train import OPTIMIZERS, default_log, interruptible
+from .train import OPTIMIZERS, TTA_LEVELS, default_log, interruptible
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -117,13 +117,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--ema", type=_fraction, metavar="DECAY", help="evaluate and keep an exponential moving average "
                                                                   "of the weights with this decay (0: off)")
     aug = t.add_mutually_exclusive_group()
-    aug.add_argument("--augment", metavar="LIST", help="comma-separated: crop[:PAD], flip (e.g. crop:2,flip)")
+    aug.add_argument("--augment", metavar="LIST",
+                     help="comma-separated: crop[:PAD] (zero padding), translate[:PAD] (reflect padding), flip, "
+                          "altflip (each image mirrored every other epoch) (e.g. crop:2,flip)")
     aug.add_argument("--no-augment", action="store_true", help="no augmentation")
+    t.add_argument("--tta", type=int, choices=TTA_LEVELS,
+                   help="test-time augmentation of the last epoch's evaluation: 0 none, 1 mirror, 2 mirror + "
+                        "translate (airbench's levels)")
     t.add_argument("--val-fraction", type=_fraction, help="held-out stratified validation share (default 0.1 "
                                                           "for data sets without a test split, else 0)")
     t.add_argument("--seed", type=_int, help="default: 0")
     t.add_argument("--limit", type=_positive_int, metavar="N", help="use only the first N training examples")
     t.add_argument("--skip-bad-images", action="store_true", help="skip unreadable image files (and count them)")
+    t.add_argument("--no-cache", action="store_true", help="decode image folders and archives again instead of "
+                                                           "reading their decoded copy (kept in ~/.cache/hetnet, "
+                                                           "or $HETNET_CACHE_DIR)")
     t.add_argument("--out", metavar="DIR", help="run directory (default runs/<UTC time>-<model>-<dataset>)")
     again = t.add_mutually_exclusive_group()
     again.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its checkpoint; with "
@@ -157,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which images when the data have both splits (default: test)")
     e.add_argument("--device")
     e.add_argument("--precision", choices=PRECISIONS, help="default: the one the model was trained with")
+    e.add_argument("--tta", type=int, choices=TTA_LEVELS,
+                   help="test-time augmentation: 0 none, 1 mirror, 2 mirror + translate (default: the level the "
+                        "model's run evaluated with)")
+    e.add_argument("--no-cache", action="store_true", help="decode image folders again instead of reading their "
+                                                           "decoded copy")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
 
     p = sub.add_parser("predict", help="top-k classes of images (files, folders, .tar/.tar.gz archives)",
@@ -274,7 +287,7 @@ def _train(args, dist) -> int:
              "precision": "tf32" if args.tf32 else args.precision,
              "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "optimizer": args.optimizer,
              "schedule": args.schedule, "weight_decay": args.weight_decay, "warmup_epochs": args.warmup_epochs,
-             "label_smoothing": args.label_smoothing, "ema": args.ema, "augment": augment,
+             "label_smoothing": args.label_smoothing, "ema": args.ema, "augment": augment, "tta": args.tta,
              "val_fraction": args.val_fraction, "seed": args.seed, "limit": args.limit,
              "skip_bad_images": args.skip_bad_images or None}
     if args.resume:
@@ -285,7 +298,7 @@ def _train(args, dist) -> int:
         run_dir = Path(args.resume)
         try:
             with interruptible():
-                resume_run(run_dir, log=log, progress=progress, epochs=args.epochs)
+                resume_run(run_dir, log=log, progress=progress, epochs=args.epochs, cache=not args.no_cache)
         except KeyboardInterrupt:
             return _interrupted(run_dir, root)
         return 0
@@ -297,11 +310,12 @@ def _train(args, dist) -> int:
         out = Path(args.out or default_run_dir(config["model"] or "spec", config["dataset"]))
 
         def run():
-            start_run(config, out, log=log, progress=progress)
+            start_run(config, out, log=log, progress=progress, cache=not args.no_cache)
     else:
         model, dataset = args.model or "fashion-cnn", args.dataset or "fashion-mnist"
         cfg = RunConfig(**{**{k: v for k, v in flags.items() if v is not None}, "model": model, "dataset": dataset,
                            "seed": 0 if args.seed is None else args.seed, "skip_bad_images": args.skip_bad_images,
+                           "cache": not args.no_cache,
                            "out": args.out or str(default_run_dir(model, dataset))})
         out = Path(cfg.out)
 
@@ -329,7 +343,8 @@ def _interrupted(run_dir: Path, say: bool = True) -> int:
 def cmd_evaluate(args) -> int:
 
     result = evaluate_model(args.model, dataset=args.dataset, data=args.data, device=args.device,
-                            log=None if args.json else _print, split=args.split, precision=args.precision)
+                            log=None if args.json else _print, split=args.split, precision=args.precision,
+                            tta=args.tta, cache=not args.no_cache)
     if args.json:
         print(json.dumps(result, indent=2))
     return 0

@@ -50,12 +50,14 @@ from .errors import ModelFileError, TrainingDiverged, UsageError
 from .files import atomic_write_text
 from .train import (
     OPTIMIZERS,
+    TTA_NAMES,
     Lookahead,
     Trainer,
     WeightAverage,
     check_lr,
     check_param_groups,
     check_positive_int,
+    check_tta,
     confusion_matrix,
     default_log,
     evaluate,
@@ -91,6 +93,7 @@ class RunConfig:
     label_smoothing: float | None = None
     ema: float | None = None
     augment: list | None = None
+    tta: int | None = None
     momentum: float | None = None
     param_groups: list | None = None
     lookahead: int | None = None
@@ -101,6 +104,7 @@ class RunConfig:
     limit: int | None = None
     skip_bad_images: bool = False
     out: str | None = None
+    cache: bool = True                  # read image folders through the cache of decoded images (not a recipe value)
 
 
 @dataclass
@@ -153,6 +157,7 @@ def _recipe(cfg: RunConfig, preset: zoo.Preset | None) -> dict:
         "label_smoothing": base.label_smoothing if cfg.label_smoothing is None else cfg.label_smoothing,
         "ema": base.ema if cfg.ema is None else cfg.ema,
         "augment": list(base.augment) if cfg.augment is None else list(cfg.augment),
+        "tta": base.tta if cfg.tta is None else cfg.tta,
     }
     for key in RECIPE_EXTRA:
         v = getattr(cfg, key)
@@ -176,6 +181,7 @@ def _recipe(cfg: RunConfig, preset: zoo.Preset | None) -> dict:
         parse_augment(r["augment"])
     except ValueError as e:
         raise UsageError(f"--augment: {e}") from None
+    r["tta"] = check_tta(r["tta"])
     return r
 
 
@@ -207,12 +213,29 @@ def _number(v, key: str) -> float:
         raise UsageError(f"--{key.replace('_', '-')}: expected a number, got {v!r}") from None
 
 
-def _adapt_classes(spec: dict, num_classes: int) -> dict:
-    """A preset's spec with its last Dense layer resized to num_classes (presets are built for 10)."""
-    last = spec["layers"][-1]
-    if last.get("type") == "Dense" and last.get("out_features") != num_classes:
+# layers that keep their input's shape: a Dense layer followed only by these still sets the number of classes
+_SHAPE_KEEPING = ("Scale", "Softmax", "ReLU", "GELU", "Sigmoid", "Tanh", "Dropout")
+
+
+def _classifier_index(spec: dict) -> int | None:
+    """Index of the Dense layer whose outputs are the model's (the last layer, or followed by shape-keeping layers
+    only, such as airbench's Scale), or None."""
+    for i in range(len(spec["layers"]) - 1, -1, -1):
+        kind = spec["layers"][i].get("type")
+        if kind == "Dense":
+            return i
+        if kind not in _SHAPE_KEEPING:
+            return None
+    return None
+
+
+def adapt_classes(spec: dict, num_classes: int) -> dict:
+    """A preset's spec with its classifier (the last Dense layer) resized to num_classes (presets are built for
+    10)."""
+    i = _classifier_index(spec)
+    if i is not None and spec["layers"][i].get("out_features") != num_classes:
         spec = json.loads(json.dumps(spec))
-        spec["layers"][-1]["out_features"] = num_classes
+        spec["layers"][i]["out_features"] = num_classes
     return spec
 
 
@@ -246,9 +269,11 @@ def note(line: str) -> None:
 
 
 def load_data(dataset: str, data: str | None, input_shape: tuple, skip_bad_images: bool = False,
-              model: str = "the model", require_train: bool = True):
+              model: str = "the model", require_train: bool = True, cache: bool = True,
+              progress: bool | None = None):
     """hetnet.data.load_dataset, images converted to the model's channels (grey <-> RGB) and resized to its input
-    (a note says so when they were). require_train=False: a test split alone will do (evaluation)."""
+    (a note says so when they were). require_train=False: a test split alone will do (evaluation). cache=False:
+    image folders are decoded without the cache of decoded images (hetnet.data.cache)."""
 
     if input_shape[0] not in (1, 3):
         raise UsageError(f"--model: {model} has input_shape {list(input_shape)}, but images can only be fed as 1 "
@@ -258,7 +283,7 @@ def load_data(dataset: str, data: str | None, input_shape: tuple, skip_bad_image
     if dataset == "folder" and data is None:
         raise UsageError("--data: --dataset folder needs --data ROOT (a folder or .tar/.tar.gz of class folders)")
     ds = hdata.load_dataset(dataset, path=data, input_shape=tuple(input_shape), skip_bad_images=skip_bad_images,
-                            require_train=require_train)
+                            require_train=require_train, cache=cache, progress=progress)
     if ds.adapted:
         note(ds.adapted.note())
     c, h, w = input_shape
@@ -274,8 +299,10 @@ def load_data(dataset: str, data: str | None, input_shape: tuple, skip_bad_image
     return ds
 
 
-def prepare(config: dict, log: Callable[[str], None] | None = None) -> _Prepared:
+def prepare(config: dict, log: Callable[[str], None] | None = None, cache: bool = True,
+            progress: bool | None = None) -> _Prepared:
     """Build model, data split, loaders, optimiser and schedule from a config dict (see RunConfig/config.json).
+    cache / progress: how image folders are read (load_data).
 
     Raises HetnetError subclasses for bad input, before anything is written."""
 
@@ -285,16 +312,28 @@ def prepare(config: dict, log: Callable[[str], None] | None = None) -> _Prepared
     hrandom.seed(config["seed"])
     spec = config["spec"]
     model, input_shape = zoo.build_from_spec(spec, config.get("model") or "spec")
-    ds = load_data(config["dataset"], config.get("data"), input_shape, config.get("skip_bad_images", False),
-                   config.get("model") or "the model")
+    def load():
+        return load_data(config["dataset"], config.get("data"), input_shape, config.get("skip_bad_images", False),
+                         config.get("model") or "the model", cache=cache, progress=progress)
+
+    if dist is not None and config["dataset"] == "folder" and cache:
+        # rank 0 decodes the images into the cache (hetnet.data.cache) while the others wait, then they read it
+        if dist.is_root:
+            with dist.solo():
+                ds = load()
+        dist.barrier()
+        if not dist.is_root:
+            ds = load()
+    else:
+        ds = load()
     class_names = [str(c) for c in ds.class_names]
     k = len(class_names)
     if k < 2:
         raise UsageError(f"--data: {config['dataset']} at {ds.source} has {k} class(es); need at least two")
     out_shape = model.output_shape(input_shape)
     if out_shape != (k,):
-        if config.get("adapt_classes") and spec["layers"][-1].get("type") == "Dense":
-            spec = _adapt_classes(spec, k)
+        if config.get("adapt_classes") and _classifier_index(spec) is not None:
+            spec = adapt_classes(spec, k)
             config["spec"] = spec
             hrandom.seed(config["seed"])
             model, input_shape = zoo.build_from_spec(spec, config.get("model") or "spec")
@@ -352,11 +391,7 @@ def prepare(config: dict, log: Callable[[str], None] | None = None) -> _Prepared
         dist.sync_bn = bool((config.get("parallel") or {}).get("sync_bn"))
         config.update(_parallel_entry(dist))        # a resume may run on another number of ranks
         dist.prepare_model(model)
-    optimizer, lookahead, frozen_after = _optimisation(recipe, model, len(train_loader))
-    steps = len(train_loader)
-    schedule = make_schedule(recipe["schedule"], optimizer, steps * recipe["epochs"],
-                             int(round(recipe["warmup_epochs"] * steps)))
-    average = WeightAverage(model, recipe["ema"]) if recipe.get("ema") else None
+    optimizer, schedule, average, lookahead, frozen_after = make_training(recipe, model, len(train_loader))
     counts = {"train": int(len(tx)), "val": int(len(vx)) if vx is not None else 0,
               "test": int(len(ds.test_x)) if has_test else 0}
     return _Prepared(config, model, spec, tuple(input_shape), class_names, [float(v) for v in mean],
@@ -383,6 +418,17 @@ def _optimisation(recipe: dict, model, steps: int) -> tuple:
                              f"freeze")
         frozen_after.append((first.params["bias"], r["whiten_bias_epochs"]))
     return optimizer, lookahead, frozen_after
+
+
+def make_training(recipe: dict, model, steps_per_epoch: int) -> tuple:
+    """(optimizer, schedule, weight average or None, lookahead or None, frozen_after) of a recipe for a model on its
+    device, with steps_per_epoch batches per epoch: what `hetnet train` trains with (hetnet.bench.speedrun builds
+    its runs with it too); the last four go to Trainer(..., average=, lookahead=, frozen_after=)."""
+    optimizer, lookahead, frozen_after = _optimisation(recipe, model, steps_per_epoch)
+    schedule = make_schedule(recipe["schedule"], optimizer, steps_per_epoch * recipe["epochs"],
+                             int(round(recipe["warmup_epochs"] * steps_per_epoch)))
+    average = WeightAverage(model, recipe["ema"]) if recipe.get("ema") else None
+    return optimizer, schedule, average, lookahead, frozen_after
 
 
 def make_config(cfg: RunConfig) -> dict:
@@ -466,6 +512,7 @@ def _describe(p: _Prepared, run_dir: Path) -> str:
             + (f", lookahead every {r['lookahead']} steps" if r.get("lookahead") else "")
             + (f", {len(r['param_groups'])} parameter group rule(s)" if r.get("param_groups") else "")
             + (f", first bias frozen after epoch {r['whiten_bias_epochs']}" if r.get("whiten_bias_epochs") else "")
+            + (f", test-time augmentation {r['tta']} ({TTA_NAMES[r['tta']]})" if r.get("tta") else "")
             + f", seed {c['seed']}"
             f"\nrun directory: {run_dir}")
 
@@ -475,7 +522,7 @@ def train_run(cfg: RunConfig, log: Callable[[str], None] | None = default_log, p
     """Train a new run into cfg.out (default runs/<UTC time>-<model>-<dataset>)."""
     config = make_config(cfg)
     run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg.model, cfg.dataset)
-    return start_run(config, run_dir, log, progress, on_epoch)
+    return start_run(config, run_dir, log, progress, on_epoch, cache=cfg.cache)
 
 
 RERUN_KEYS = ("model", "spec", "dataset", "data", "device", "recipe", "val_fraction", "seed", "limit",
@@ -513,10 +560,11 @@ def rerun_config(path: str | Path, flags: dict | None = None) -> dict:
         except ModelFileError as e:
             raise UsageError(str(e)) from None
     recipe_keys = ("epochs", "batch_size", "lr", "optimizer", "schedule", "weight_decay", "warmup_epochs",
-                   "label_smoothing", "ema", "augment")
+                   "label_smoothing", "ema", "augment", "tta")
     if not isinstance(config["recipe"], dict):
         raise UsageError(f"--config: {path}: incomplete recipe (expected {', '.join(recipe_keys)})")
-    recipe = {**config["recipe"], **{k: flags[k] for k in recipe_keys + RECIPE_EXTRA if k in flags}}
+    recipe = {"tta": 0, **config["recipe"],             # tta: configs written before it existed had none
+              **{k: flags[k] for k in recipe_keys + RECIPE_EXTRA if k in flags}}
     if any(k not in recipe for k in recipe_keys):
         raise UsageError(f"--config: {path}: incomplete recipe (expected {', '.join(recipe_keys)})")
     config["recipe"] = _recipe(RunConfig(**{k: recipe[k] for k in recipe_keys + RECIPE_EXTRA if k in recipe}), None)
@@ -545,9 +593,10 @@ def rerun_config(path: str | Path, flags: dict | None = None) -> dict:
 
 
 def start_run(config: dict, run_dir: str | Path, log: Callable[[str], None] | None = default_log,
-              progress: bool | None = None, on_epoch: Callable[[dict], None] | None = None) -> RunResult:
-    """Train a new run from a config dict (make_config, rerun_config) into run_dir. In a data-parallel job rank 0
-    alone checks and writes the directory (hetnet.parallel)."""
+              progress: bool | None = None, on_epoch: Callable[[dict], None] | None = None,
+              cache: bool = True) -> RunResult:
+    """Train a new run from a config dict (make_config, rerun_config) into run_dir (cache: see prepare). In a
+    data-parallel job rank 0 alone checks and writes the directory (hetnet.parallel)."""
     run_dir = Path(run_dir)
     root = _is_root()
     if root and run_dir.exists() and not run_dir.is_dir():
@@ -556,7 +605,7 @@ def start_run(config: dict, run_dir: str | Path, log: Callable[[str], None] | No
                  (run_dir / "model.safetensors").exists()):
         raise UsageError(f"--out: {run_dir} already holds a run; continue it with --resume {run_dir} or choose "
                          f"another --out")
-    p = prepare(config, log)
+    p = prepare(config, log, cache=cache, progress=progress)
     config["run_dir"] = str(run_dir)
     config["data_source"] = p.data_source
     config["input_shape"] = list(p.input_shape)
@@ -578,7 +627,8 @@ def start_run(config: dict, run_dir: str | Path, log: Callable[[str], None] | No
 
 
 def resume_run(run_dir: str | Path, log: Callable[[str], None] | None = default_log, progress: bool | None = None,
-               on_epoch: Callable[[dict], None] | None = None, epochs: int | None = None) -> RunResult:
+               on_epoch: Callable[[dict], None] | None = None, epochs: int | None = None,
+               cache: bool = True) -> RunResult:
     """Continue an interrupted run from its checkpoint (see the module docstring). epochs: train to this many
     epochs instead of the configured number, which also extends a finished run (its schedule is rebuilt for the
     new length and continues from where it was)."""
@@ -610,7 +660,7 @@ def resume_run(run_dir: str | Path, log: Callable[[str], None] | None = default_
     for stale in [*run_dir.glob(".*.tmp"), *run_dir.glob(".*.tmp.png"), *ckpt.path.parent.glob(".*.tmp")]:
         if root:
             stale.unlink(missing_ok=True)   # left by a kill in the middle of an atomic write
-    p = prepare(config, log)
+    p = prepare(config, log, cache=cache, progress=progress)
     if p.fingerprint != state.get("fingerprint"):
         raise UsageError(f"--resume: the training data at {p.data_source} differ from the data this run started "
                          f"with")
@@ -654,7 +704,8 @@ def _run_epochs(run_dir: Path, p: _Prepared, start: int, history: list, log, pro
     if dist is not None:
         dist.fork_random()
     trainer = Trainer(p.model, p.optimizer, p.schedule, p.config["recipe"]["label_smoothing"], progress=progress,
-                      log=log, average=p.average, lookahead=p.lookahead, frozen_after=p.frozen_after, dist=dist)
+                      log=log, average=p.average, lookahead=p.lookahead, frozen_after=p.frozen_after,
+                      tta=p.config["recipe"].get("tta", 0), dist=dist)
     t0 = time.perf_counter()
 
     best_key = "val_accuracy" if p.val_loader is not None else ("test_accuracy" if p.test_loader is not None else None)
@@ -704,7 +755,8 @@ def _model_info(p: _Prepared) -> dict:
     """What a model file of this run says about where it came from (evaluate reads dataset, data, split)."""
     return {"dataset": p.config["dataset"], "data": p.config.get("data"), "val_fraction": p.config["val_fraction"],
             "seed": p.config["seed"], "limit": p.config.get("limit"), "model": p.config.get("model"),
-            "epochs": p.config["recipe"]["epochs"], "precision": p.config.get("precision", "fp32")}
+            "epochs": p.config["recipe"]["epochs"], "precision": p.config.get("precision", "fp32"),
+            "tta": p.config["recipe"].get("tta", 0)}
 
 
 def _plots(run_dir: Path, p: _Prepared, history: list) -> None:
@@ -717,9 +769,10 @@ def _plots(run_dir: Path, p: _Prepared, history: list) -> None:
 
         host = getattr(loader, "host", loader)          # a ResidentLoader's BatchLoader
         loader = hdata.BatchLoader(host.x, host.y, EVAL_BATCH, host.mean, host.std, shuffle=False)
-    pred, true = predict_labels(p.model, loader)
+    tta = p.config["recipe"].get("tta", 0)      # as the last epoch was evaluated
+    pred, true = predict_labels(p.model, loader, tta)
     plots.confusion(confusion_matrix(pred, true, len(p.class_names)), p.class_names, run_dir / "confusion.png",
-                    title=f"confusion matrix, {split} set ({len(true)} images)")
+                    title=f"confusion matrix, {split} set ({len(true)} images)" + (f", TTA {tta}" if tta else ""))
 
 
 def _summary(run_dir: Path, history: list, epochs: int) -> str:
@@ -734,6 +787,7 @@ def _summary(run_dir: Path, history: list, epochs: int) -> str:
     chosen = max(history, key=lambda r: r[sel]) if history else None
     lines = [f"done: {len(history)}/{epochs} epochs in {int(total) // 60}:{int(total) % 60:02d}; "
              f"{split} accuracy {100 * last.get(key, float('nan')):.2f}%"
+             + (f" with test-time augmentation {last['tta']}" if last.get("tta") and split != "train" else "")
              + (f" (best {100 * best[key]:.2f}% at epoch {best['epoch']})" if best else ""),
              (f"artefacts in {run_dir}/: model.safetensors"
               + (f", {BEST_MODEL} (epoch {chosen['epoch']}, best {sel.replace('_', ' ')})"
@@ -819,14 +873,19 @@ def resolve_model_path(target: str | Path) -> Path:
 
 def evaluate_model(target: str | Path, dataset: str | None = None, data: str | None = None,
                    device: str | None = None, log: Callable[[str], None] | None = default_log,
-                   split: str | None = None, precision: str | None = None) -> dict:
+                   split: str | None = None, precision: str | None = None, tta: int | None = None,
+                   cache: bool = True) -> dict:
     """Loss, accuracy, per-class accuracy and confusion matrix of a saved model.
 
     On the data the model was trained on (no `data` / `dataset` given): its test split, else the validation split
     it was trained with. On other data (a folder or archive of <class>/..., test/<class>/... or both, an IDX folder
     with only the t10k files, ...): every image, or the split named by `split` ("train", "test", "all") when both
     exist (default: test). Classes are matched by name: a class the model does not know is an error; data holding
-    only some of the model's classes are scored on those, with a note."""
+    only some of the model's classes are scored on those, with a note.
+
+    tta: test-time augmentation level (hetnet.train.tta_logits: 0 none, 1 mirror, 2 mirror + translate); None: the
+    level the model's run evaluated its last epoch with (0 for models saved without one). cache=False: image
+    folders are decoded without the cache of decoded images."""
 
     path = resolve_model_path(target)
     device = device or best_device()
@@ -838,11 +897,12 @@ def evaluate_model(target: str | Path, dataset: str | None = None, data: str | N
         precision = lm.info.get("precision")
     lm.model.to(device, precision)
     info = lm.info
+    tta = check_tta(int(info.get("tta") or 0) if tta is None else tta)
     name = dataset or info.get("dataset") or "fashion-mnist"
     trained_on = name == info.get("dataset") and (data is None or _same_path(data, info.get("data")))
     if data is None and dataset in (None, info.get("dataset")):
         data = info.get("data")
-    ds = load_data(name, data, lm.input_shape, require_train=False)
+    ds = load_data(name, data, lm.input_shape, require_train=False, cache=cache)
     has = {"train": len(ds.train_x) > 0, "test": ds.test_x is not None and len(ds.test_x) > 0}
     where = f"{name} at {ds.source}"
     if split is not None and split != "all" and not has[split]:
@@ -871,16 +931,16 @@ def evaluate_model(target: str | Path, dataset: str | None = None, data: str | N
                      f"images of those (none of {', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})")
         note(notes[-1])
     loader = hdata.on_device(hdata.BatchLoader(x, y, EVAL_BATCH, lm.mean, lm.std, shuffle=False), lm.model.backend)
-    loss, acc = evaluate(lm.model, loader)
-    pred, true = predict_labels(lm.model, loader)
+    loss, acc = evaluate(lm.model, loader, tta=tta)
+    pred, true = predict_labels(lm.model, loader, tta)
     cm = confusion_matrix(pred, true, len(lm.class_names))
     per_class = {c: (float(cm[i, i] / cm[i].sum()) if cm[i].sum() else None) for i, c in enumerate(lm.class_names)}
     result = {"model": str(path), "dataset": name, "source": str(ds.source), "split": kind, "images": int(len(y)),
-              "loss": loss, "accuracy": acc, "per_class_accuracy": per_class, "confusion": cm.tolist(),
+              "tta": tta, "loss": loss, "accuracy": acc, "per_class_accuracy": per_class, "confusion": cm.tolist(),
               "classes_scored": scored, "notes": notes + ([ds.adapted.note()] if ds.adapted else [])}
     if log:
         log(f"{path} on {name} {kind} ({len(y)} images from {ds.source}): loss {loss:.4f}, "
-            f"accuracy {100 * acc:.2f}%")
+            f"accuracy {100 * acc:.2f}%" + (f" (test-time augmentation {tta}: {TTA_NAMES[tta]})" if tta else ""))
         width = max(len(c) for c in lm.class_names)
         for c, a in per_class.items():
             log(f"  {c:<{width}}  {'-' if a is None else f'{100 * a:6.2f}%'}")

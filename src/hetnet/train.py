@@ -33,7 +33,7 @@ from .plan import EvalStep, TrainStep
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "nesterov-decoupled")
 METRIC_KEYS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "test_loss", "test_accuracy",
-               "seconds", "images_per_second", "warmup_seconds")
+               "seconds", "images_per_second", "warmup_seconds", "tta")
 # The first steps at a new batch shape compile (the cpu backend's Numba functions), select kernels and capture a CUDA
 # graph (the cuda backend: the first call of a shape tunes, the second captures). They are timed on their own
 # (device synchronised around them), reported as an epoch's `warmup_seconds` and left out of `images_per_second`,
@@ -259,9 +259,107 @@ def make_train_step(model, optimizer, schedule=None, label_smoothing: float = 0.
     return TrainStep(model, optimizer, schedule, label_smoothing, reducer=reducer)
 
 
-def make_eval_step(model) -> EvalStep:
-    """The step object evaluation runs (call model.eval() first): hetnet.plan.EvalStep."""
-    return EvalStep(model)
+def make_eval_step(model, tta: int = 0) -> EvalStep:
+    """The step object evaluation runs (call model.eval() first): hetnet.plan.EvalStep; with test-time augmentation
+    (tta 1 or 2, see tta_logits) a TTAEvalStep, whose loss and accuracy are those of the averaged logits."""
+    tta = check_tta(tta)
+    return TTAEvalStep(model, tta) if tta else EvalStep(model)
+
+
+# --- test-time augmentation --------------------------------------------------------------------------------------
+#
+# airbench's `infer` (tta_level 0, 1, 2), in hetnet's terms. With f the model's logits and m(v) = (f(v) + f(v'))/2,
+# v' the mirror image of v (left-right):
+#   level 0: f(x)
+#   level 1: m(x)
+#   level 2: m(x)/2 + (m(t-) + m(t+))/4, t-/t+ the image translated by one pixel towards / away from the top-left
+#            corner, reflect-padded: t-[i, j] = x[r(i - 1), r(j - 1)], t+[i, j] = x[r(i + 1), r(j + 1)], r
+#            reflecting an index at the border without repeating it (r(-1) = 1, r(H) = H - 2), as torch's F.pad
+#            'reflect' and airbench's crops of it (rows/columns 0..H-1 and 2..H+1 of the image padded by 1).
+# So level 2 weighs f(x), f(x') by 1/4 and f(t-), f(t-'), f(t+), f(t+') by 1/8.
+
+TTA_LEVELS = (0, 1, 2)
+TTA_NAMES = {0: "none", 1: "mirror", 2: "mirror + translate"}
+
+
+def check_tta(level) -> int:
+    if isinstance(level, bool) or level not in TTA_LEVELS:
+        raise UsageError(f"--tta: expected 0 (none), 1 (mirror) or 2 (mirror + translate), got {level!r}")
+    return int(level)
+
+
+def reflect_shift(xp, x, axis: int, s: int):
+    """out[..., i, ...] = x[..., r(i + s), ...] along `axis`, r reflecting at the borders (|s| < size): x moved by
+    -s, the pixels that come in mirrored from inside. Slices and copies only (no index arrays to upload), so it can
+    run inside a captured CUDA graph."""
+    n = x.shape[axis]
+    if s == 0:
+        return x
+    if abs(s) >= n:
+        raise UsageError(f"--tta 2: images of {n} pixels along an axis cannot be translated by {abs(s)} with "
+                         f"reflection")
+
+    def sl(lo, hi, step=1):
+        idx = [slice(None)] * x.ndim
+        idx[axis] = slice(lo, hi, step)
+        return tuple(idx)
+
+    out = xp.empty_like(x)
+    if s > 0:               # out[:n-s] = x[s:]; out[n-s+k] = x[n-2-k], k < s
+        out[sl(0, n - s)] = x[sl(s, n)]
+        out[sl(n - s, n)] = x[sl(n - 1 - s, n - 1)][sl(None, None, -1)]
+    else:                   # out[t:] = x[:n-t]; out[k] = x[t-k], k < t
+        t = -s
+        out[sl(t, n)] = x[sl(0, n - t)]
+        out[sl(0, t)] = x[sl(1, t + 1)][sl(None, None, -1)]
+    return out
+
+
+def tta_views(xp, x, level: int) -> list:
+    """[(weight, input batch)] whose weighted logits make the TTA logits of batch x (N, C, H, W) at `level`."""
+    def mirror(v):
+        return xp.ascontiguousarray(v[..., ::-1])
+
+    if level == 0:
+        return [(1.0, x)]
+    if level == 1:
+        return [(0.5, x), (0.5, mirror(x))]
+    views = [(0.25, x), (0.25, mirror(x))]
+    for s in (-1, 1):
+        t = reflect_shift(xp, reflect_shift(xp, x, 2, s), 3, s)
+        views += [(0.125, t), (0.125, mirror(t))]
+    return views
+
+
+def tta_logits(model, x, level: int, ctx=None):
+    """The model's logits for batch x (a device array, eval mode) averaged over the views of test-time augmentation
+    level 0 (x alone), 1 (x and its mirror) or 2 (also x translated by one pixel each way, and their mirrors), as
+    airbench's infer(model, loader, tta_level). Each view runs through the model's plan as evaluation does.
+
+        >>> model.eval(); logits = tta_logits(model, backend.asarray(xb), 1)          # doctest: +SKIP
+    """
+    xp = model.backend.xp
+    out = None
+    for w, v in tta_views(xp, x, check_tta(level)):
+        y = model.plan.forward(v, ctx, keep=False)
+        if out is None:
+            out = y * w                 # a new array: the next forward may reuse its output's memory
+        else:
+            out += y * w
+    return out
+
+
+class TTAEvalStep(EvalStep):
+    """EvalStep on logits averaged by test-time augmentation (tta_logits): loss and correct predictions of the
+    averaged logits."""
+
+    def __init__(self, model, level: int):
+        self.level = check_tta(level)
+        super().__init__(model)
+
+    def _run(self, x, y) -> None:
+        logits = tta_logits(self.model, x, self.level, self.runner)
+        self.backend.softmax_cross_entropy_into(logits, y, None, self.loss_sum, self.correct)
 
 
 # --- loaders for plain arrays (model.fit on NumPy data) ----------------------------------------------------------
@@ -326,6 +424,8 @@ def format_epoch(rec: dict, epochs: int, elapsed: float | None = None) -> str:
     for split in ("val", "test"):
         if rec.get(f"{split}_loss") is not None:
             parts.append(f"{split} loss {rec[f'{split}_loss']:.4f} acc {100 * rec[f'{split}_accuracy']:.2f}%")
+    if rec.get("tta"):
+        parts[-1] += f" (TTA {rec['tta']}: {TTA_NAMES[rec['tta']]})"
     parts.append(f"{rec['seconds']:.1f} s" + (f" (warm-up {rec['warmup_seconds']:.1f} s)"
                                              if rec.get("warmup_seconds") else ""))
     ips = rec.get("images_per_second")
@@ -527,8 +627,9 @@ class Trainer:
     def __init__(self, model, optimizer, schedule=None, label_smoothing: float = 0.0, progress: bool | None = None,
                  log: Callable[[str], None] | None = default_log, ema: float = 0.0,
                  average: WeightAverage | None = None, lookahead: Lookahead | None = None,
-                 frozen_after: Iterable = (), dist=None):
+                 frozen_after: Iterable = (), tta: int = 0, dist=None):
         self.model, self.optimizer, self.schedule, self.dist = model, optimizer, schedule, dist
+        self.tta = check_tta(tta)     # test-time augmentation of the last epoch's evaluation (tta_logits)
         self.label_smoothing = float(label_smoothing)
         # evaluate (and finally keep) an exponential moving average of the weights; 0: the weights themselves
         self.average = average if average is not None else (WeightAverage(model, ema) if ema else None)
@@ -539,7 +640,7 @@ class Trainer:
         self.progress = sys.stderr.isatty() if progress is None else bool(progress)
         self.log = log
         self._train_step = None
-        self._eval_step = None
+        self._eval_steps: dict = {}                     # TTA level -> eval step object
         self._steps_at_shape: dict[tuple, int] = {}     # train steps made per batch shape (warm-up accounting)
         self.last_warmup = (0.0, 0)                     # (seconds, images) of the last epoch's warm-up steps
 
@@ -620,13 +721,15 @@ class Trainer:
         if changed:
             self._steps_at_shape.clear()
 
-    def evaluate(self, loader) -> tuple[float, float]:
-        """(mean loss, accuracy) over loader.epoch(0), model in eval mode; one eval step object reused."""
-        if self._eval_step is None:
+    def evaluate(self, loader, tta: int = 0) -> tuple[float, float]:
+        """(mean loss, accuracy) over loader.epoch(0), model in eval mode, with test-time augmentation level `tta`;
+        one eval step object per level, reused."""
+        step = self._eval_steps.get(tta)
+        if step is None:
             self.model.eval()
-            self._eval_step = make_eval_step(self.model)
+            step = self._eval_steps[tta] = make_eval_step(self.model, tta)
         with self.average.applied() if self.average is not None else contextlib.nullcontext():
-            loss_sum, correct, count = evaluate_sums(self.model, loader, self._eval_step)
+            loss_sum, correct, count = evaluate_sums(self.model, loader, step)
         if self.dist is not None:       # each rank scored its shard
             loss_sum, correct, count = self.dist.sum([loss_sum, correct, count])
         return (loss_sum / count, correct / count) if count else (float("nan"), float("nan"))
@@ -643,7 +746,8 @@ class Trainer:
         """Train epochs start_epoch+1 .. epochs (1-based in the records); returns the history of records.
 
         A non-finite loss raises TrainingDiverged naming the epoch. `on_epoch_end(record, history)` runs after each
-        epoch (the run directory writes its checkpoint there)."""
+        epoch (the run directory writes its checkpoint there). The last epoch is evaluated with the trainer's
+        test-time augmentation (its record's "tta"), the others without, as airbench does."""
         history = list(history or [])
         t_start = time.perf_counter()
         for e in range(start_epoch, epochs):
@@ -660,14 +764,16 @@ class Trainer:
                                          self.dist.buffers_of(self.model, self.average, self.lookahead))
             rec = {"epoch": e + 1, "train_loss": loss, "train_accuracy": acc,
                    "val_loss": None, "val_accuracy": None, "test_loss": None, "test_accuracy": None}
+            tta = self.tta if e == epochs - 1 and (val_loader is not None or test_loader is not None) else 0
             for split, loader in (("val", val_loader), ("test", test_loader)):
                 if loader is not None:
-                    rec[f"{split}_loss"], rec[f"{split}_accuracy"] = self.evaluate(loader)
+                    rec[f"{split}_loss"], rec[f"{split}_accuracy"] = self.evaluate(loader, tta)
             rec["seconds"] = time.perf_counter() - t0
             warm_s, warm_n = self.last_warmup
             # training steps only: no evaluation, no warm-up steps (None when every step of the epoch was one)
             rec["images_per_second"] = (n - warm_n) / max(train_s - warm_s, 1e-9) if n > warm_n else None
             rec["warmup_seconds"] = warm_s if warm_n else None
+            rec["tta"] = tta
             history.append(rec)
             if self.log is not None:
                 self.log(format_epoch(rec, epochs, time.perf_counter() - t_start))
@@ -677,22 +783,23 @@ class Trainer:
         return history
 
 
-def evaluate(model, loader, step=None) -> tuple[float, float]:
-    """(mean loss, accuracy) of a model over loader.epoch(0), in eval mode (mode restored afterwards).
-    `step`: an eval step object of this model to reuse (from make_eval_step)."""
-    loss_sum, correct, count = evaluate_sums(model, loader, step)
+def evaluate(model, loader, step=None, tta: int = 0) -> tuple[float, float]:
+    """(mean loss, accuracy) of a model over loader.epoch(0), in eval mode (mode restored afterwards), with
+    test-time augmentation level `tta` (tta_logits). `step`: an eval step object of this model to reuse (from
+    make_eval_step, which fixes the level)."""
+    loss_sum, correct, count = evaluate_sums(model, loader, step, tta)
     if count == 0:
         return float("nan"), float("nan")
     return loss_sum / count, correct / count
 
 
-def evaluate_sums(model, loader, step=None) -> tuple[float, int, int]:
+def evaluate_sums(model, loader, step=None, tta: int = 0) -> tuple[float, int, int]:
     """(sum of the losses, correct predictions, examples) over loader.epoch(0), as evaluate()."""
     backend = model.backend
     was_training = model.training
     model.eval()
     try:
-        step = step if step is not None else make_eval_step(model)
+        step = step if step is not None else make_eval_step(model, tta)
         step.collect()  # start from zero
         for xb, yb in device_batches(loader, 0, backend):
             step.step(xb, yb)
@@ -704,15 +811,16 @@ def evaluate_sums(model, loader, step=None) -> tuple[float, int, int]:
     return loss_sum, correct, count
 
 
-def predict_labels(model, loader) -> tuple[np.ndarray, np.ndarray]:
-    """(predicted class, true class) for every example of loader.epoch(0), eval mode."""
+def predict_labels(model, loader, tta: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted class, true class) for every example of loader.epoch(0), eval mode, with test-time augmentation
+    level `tta` (tta_logits)."""
     backend = model.backend
     was_training = model.training
     model.eval()
     preds, trues = [], []
     try:
         for xb, yb in device_batches(loader, 0, backend):
-            logits = model.forward(xb)
+            logits = tta_logits(model, xb, tta)
             preds.append(backend.to_numpy(backend.xp.argmax(logits, axis=1)).astype(np.int64))
             trues.append(backend.to_numpy(yb).astype(np.int64))
     finally:

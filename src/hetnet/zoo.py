@@ -34,7 +34,8 @@ class Preset:
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.0
     ema: float = 0.0                   # decay of the evaluated and kept weight average (0: none)
-    augment: tuple = field(default=())  # "crop[:P]" (random crop after padding P pixels, default 4), "flip"
+    augment: tuple = field(default=())  # hetnet.data.BatchLoader's: "crop[:P]", "translate[:P]", "flip", "altflip"
+    tta: int = 0                       # test-time augmentation of the final evaluation: 0 none, 1 mirror, 2 + translate
     precision: str = "fp32"            # the matrix products' precision on cuda: fp32 | tf32 | bf16 (hetnet.device)
     description: str = ""
     momentum: float = 0.9              # of momentum and nesterov-decoupled
@@ -65,6 +66,30 @@ def _thesis(input_shape: tuple, convs: list[int], dense: list[int], lr: float, c
 def _thesis_preset(shape, convs, dense, lr, name) -> Preset:
     return Preset(shape, _thesis(shape, convs, dense, lr), lr=lr, optimizer="sgd", batch_size=32, epochs=10,
                   description=f"thesis {name}: conv {'-'.join(map(str, convs))}, dense {'-'.join(map(str, dense))}-10")
+
+
+def airbench94_layers(widths: tuple = (64, 256, 256), classes: int = 10) -> list:
+    """airbench94's network (Keller Jordan's `make_net94`, airbench 0.1.8) as layer specs: a 2x2 whitening
+    convolution (24 = 2 * 3 * 2 * 2 filters from the training patches' statistics, bias trained) and GELU; three
+    groups of conv 3x3 (identity-initialised on its first filters) -> 2x2 max pool -> BN -> GELU -> conv 3x3 -> BN ->
+    GELU, widths 64/256/256 (its 'block1/2/3'); 3x3 max pool, a dense layer without bias, logits times 1/9. Its
+    BatchNorm: momentum 0.6 in airbench's convention, 0.4 in PyTorch's (and ours), eps 1e-12, scale frozen at 1.
+    On 32x32 inputs: 31 -> 15 -> 7 -> 3 -> 1 pixels."""
+    bn = {"type": "BatchNorm2D", "momentum": 0.4, "eps": 1e-12, "scale": "frozen"}
+    specs = [{"type": "Conv2D", "in_channels": 3, "out_channels": 24, "kernel_size": 2, "bias": True,
+              "init": "whitening"}, {"type": "GELU"}]
+    c = 24
+    for k in widths:
+        specs += [{"type": "Conv2D", "in_channels": c, "out_channels": k, "kernel_size": 3, "padding": 1,
+                   "bias": False, "init": "dirac"}, {"type": "MaxPool2D", "kernel_size": 2},
+                  {**bn, "num_features": k}, {"type": "GELU"},
+                  {"type": "Conv2D", "in_channels": k, "out_channels": k, "kernel_size": 3, "padding": 1,
+                   "bias": False, "init": "dirac"},
+                  {**bn, "num_features": k}, {"type": "GELU"}]
+        c = k
+    return specs + [{"type": "MaxPool2D", "kernel_size": 3}, {"type": "Flatten"},
+                    {"type": "Dense", "in_features": c, "out_features": classes, "bias": False},
+                    {"type": "Scale", "factor": 1 / 9}]
 
 
 PRESETS: dict[str, Preset] = {
@@ -101,6 +126,21 @@ PRESETS: dict[str, Preset] = {
         warmup_epochs=0.5, label_smoothing=0.0, augment=("crop:1",),
         description="conv32-BN-ReLU-pool, conv64-BN-ReLU-pool, conv64-BN-ReLU-pool, dense 128, dropout 0.3, "
                     "dense 10; Nesterov SGD, cosine, random 1-pixel shifts"),
+    # airbench94's network and recipe (airbench 0.1.8's hyp): batch 1024, label smoothing 0.2, reflect-padded
+    # translation by up to 2 pixels and alternating flips, TTA level 2; Nesterov SGD with decoupled hyperparameters
+    # (lr 11.5 and weight decay 0.0153 per 1024 examples, momentum 0.85), the BatchNorm biases at 64x the learning
+    # rate (bias_scaler), a triangular schedule 0.2 -> 1 (at 23%) -> 0.07, lookahead every 5 steps (decay 0.95), the
+    # whitening layer's bias trained for the first 3 epochs. airbench trains 9.9 epochs (ceil(9.9 * batches) steps);
+    # epochs here are whole, so 10. fp32 (bf16 on cuda with the tensor-core kernels).
+    "cifar-speed": Preset((3, 32, 32), airbench94_layers(), lr=11.5, optimizer="nesterov-decoupled", momentum=0.85,
+                          batch_size=1024, epochs=10, schedule="triangular:start=0.2,peak=0.23,end=0.07",
+                          weight_decay=0.0153, label_smoothing=0.2,
+                          param_groups=({"params": "BatchNorm2D.bias", "lr_scale": 64.0},),
+                          lookahead=5, lookahead_decay=0.95, whiten_bias_epochs=3,
+                          augment=("translate:2", "altflip"), tta=2,
+                          description="airbench94's network: whitening conv 2x2 (24) + GELU, three groups conv-pool-"
+                                      "BN-GELU-conv-BN-GELU of 64/256/256 (BN scale frozen, momentum 0.4, eps "
+                                      "1e-12), max pool 3, dense 10 without bias, x1/9; and its recipe"),
 }
 
 LAYER_TYPES = L.LAYER_TYPES
@@ -203,6 +243,8 @@ def recipe_line(preset: Preset) -> str:
     if preset.whiten_bias_epochs:
         parts.append(f"first bias frozen after {preset.whiten_bias_epochs} epochs")
     parts.append(f"augment {','.join(preset.augment) or 'none'}")
+    if preset.tta:
+        parts.append(f"test-time augmentation {preset.tta}")
     return ", ".join(parts)
 
 

@@ -30,12 +30,14 @@ upload(a) -> arr                copy a NumPy array to the device keeping its dty
 Data-set batches (hetnet.data.ResidentLoader)
 ---------------------------------------------
 resident_data: bool             True where training should keep the uint8 data set on the device (cuda)
-gather_images(images[N,C,H,W] uint8, labels[N], plan[4,M] int32, start, count, scale[C] f32, shift[C] f32)
-    -> x[count,C,H,W] (backend dtype), y[count]
+gather_images(images[N,C,H,W] uint8, labels[N], plan[4,M] int32, start, count, scale[C] f32, shift[C] f32,
+              reflect=False) -> x[count,C,H,W] (backend dtype), y[count]
     columns start..start+count of the plan (rows: index, oy, ox, flip): pixel (i, j) of example m is
-    v = images[idx, c, i + oy, jj + ox] with jj = W-1-j if flip else j, 0 outside the image, then
-    x = float32(float32(v * scale[c]) + shift[c]) (two roundings, no fused multiply-add), exactly what
-    hetnet.data.BatchLoader serves for the same plan.
+    v = images[idx, c, sy, sx], sy = i + oy, sx = jj + ox, jj = W-1-j if flip else j. Outside the image v = 0
+    (zero padding: a crop), or with reflect=True sy, sx are reflected into it without repeating the edge,
+    r(k) = m if m < n else 2(n-1) - m with m = k mod 2(n-1) (n = 1: r = 0), np.pad's and torch's 'reflect' (a
+    translate). Then x = float32(float32(v * scale[c]) + shift[c]) (two roundings, no fused multiply-add),
+    exactly what hetnet.data.BatchLoader serves for the same plan.
 
 Replayed steps (optional)
 -------------------------

@@ -66,9 +66,9 @@ def upload(a) -> np.ndarray:
     return np.array(a, copy=True)
 
 
-def gather_images(images, labels, plan, start, count, scale, shift):
+def gather_images(images, labels, plan, start, count, scale, shift, reflect=False):
     """The cpu backend's float32 batch (what the host loader serves), widened to float64."""
-    x, y = cpu.gather_images(images, labels, plan, start, count, scale, shift)
+    x, y = cpu.gather_images(images, labels, plan, start, count, scale, shift, reflect)
     return x.astype(np.float64), y
 
 

@@ -23,12 +23,16 @@ date, the method, every row) and markdown (to read):
 - loader_epochs.json / .md (--loader-epochs): whole epochs with the host loader and with the data set kept on the
   device, against the step alone.
 - profile.json / .txt (--profile, GPU): every kernel of hetnet's step and PyTorch's captured step.
+- cifar_speedrun.json / .md (--cifar-speedrun, GPU): the peer run -- airbench94 (PyPI airbench 0.1.8, unmodified) and
+  the cifar-speed preset on the same card, decoded images and held-out split, 5 runs each, timed as airbench times
+  itself, and the wall time of the whole `hetnet train` command (hetnet.bench.speedrun says how).
 
     hetnet bench --quick                                  # a minute on a laptop: 3 models, batch 32 and 128
     hetnet bench --devices cpu,reference --out benchmarks/results/$(hostname)
     hetnet bench --devices cuda --out DIR                 # on a GPU machine: train step, layers, thesis epochs
     hetnet bench --devices cuda --precision fp32,tf32,bf16 --no-extras
     hetnet bench --devices cuda --no-train-step --layers --model cifar-wide --precision fp32,tf32,bf16
+    hetnet bench --cifar-speedrun --cifar-tar ../shared/datasets/cifar10-jpg-train.tar.gz
 
 Models: zoo presets, spec files, or the names of specs in benchmarks/specs/ (cifar-wide, fashion-2conv).
 
@@ -68,7 +72,9 @@ from .loaders import LOADER_ROWS, run_loader_epochs
 from .models import check_model, model_label
 from .precision import PRECISION_BATCHES, PRECISION_MODELS, bench_precision_step, run_precision_step
 from .profile import PROFILE_ROWS, run_profile
-from .thesis import CIFAR_TAR, THESIS_EPOCHS, run_thesis_epochs
+from .speedrun import RUNS as SPEEDRUN_RUNS
+from .speedrun import run_speedrun
+from .thesis import CIFAR_TAR, THESIS_EPOCHS, find_cifar_tar, run_thesis_epochs
 from .train_step import (
     BATCHES,
     MODELS,
@@ -128,7 +134,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--thesis-epochs", action="store_true", default=None,
                    help="also the thesis's epoch timings (thesis_epochs.*); on by default when cuda is among --devices")
     p.add_argument("--thesis-models", default=",".join(m for m, _ in THESIS_EPOCHS), help=argparse.SUPPRESS)
-    p.add_argument("--cifar-tar", default=None, help=f"path of {CIFAR_TAR} for --thesis-epochs")
+    p.add_argument("--cifar-tar", default=None, help=f"path of {CIFAR_TAR} for --thesis-epochs and --cifar-speedrun")
+    p.add_argument("--cifar-speedrun", action="store_true",
+                   help="only the CIFAR-10 peer run: airbench94 and the cifar-speed preset, same card, images and "
+                        "split (cifar_speedrun.*; the first of --devices, cuda where there is one)")
+    p.add_argument("--speedrun-runs", type=int, default=SPEEDRUN_RUNS,
+                   help=f"--cifar-speedrun: runs of each side (default {SPEEDRUN_RUNS})")
+    p.add_argument("--speedrun-epochs", type=int, default=None, help="--cifar-speedrun: epochs of hetnet's runs "
+                                                                     "(default: the preset's; smoke runs)")
+    p.add_argument("--speedrun-limit", type=int, default=None,
+                   help="--cifar-speedrun: train on the first N training images only (smoke runs)")
     p.add_argument("--reference-epoch-steps", type=int, default=8, help=argparse.SUPPRESS)
     p.add_argument("--loader-epochs", action="store_true",
                    help="also whole epochs, host loader vs data set on the device (loader_epochs.*; default rows "
@@ -221,7 +236,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.repeats is None:
         args.repeats = 8 if args.quick else 30
     for flag, v in (("--threads", args.threads), ("--repeats", args.repeats), ("--layer-batch", args.layer_batch),
-                    ("--epochs", args.epochs), ("--profile-steps", args.profile_steps)):
+                    ("--epochs", args.epochs), ("--profile-steps", args.profile_steps),
+                    ("--speedrun-runs", args.speedrun_runs), ("--speedrun-epochs", args.speedrun_epochs),
+                    ("--speedrun-limit", args.speedrun_limit)):
         if v is not None and v < 1:
             raise UsageError(f"{flag}: expected a positive integer, got {v}")
     if args.quiet_wait < 0:
@@ -282,6 +299,15 @@ def main(argv: list[str] | None = None) -> int:
     deadline = time.monotonic() + args.time_budget if args.time_budget > 0 else math.inf
     print(f"hetnet bench: {env.get('card') or env['host']} ({env['cpu']}, {threads_text(threads)}), commit "
           f"{env['commit']}, devices {','.join(args.devices)} -> {out}", flush=True)
+    if args.cifar_speedrun:
+        tar = Path(args.cifar_tar) if args.cifar_tar else find_cifar_tar(None)
+        if tar is None or not tar.is_file():
+            raise UsageError(f"--cifar-tar: {args.cifar_tar or CIFAR_TAR} not found (give its path)")
+        print(f"CIFAR-10 peer run on {args.devices[0]}:", flush=True)
+        run_speedrun(tar, args.devices[0], env, out, args.speedrun_runs, args.speedrun_epochs, args.speedrun_limit,
+                     log=lambda line: print(line, flush=True))
+        print(f"wrote {out}", flush=True)
+        return 0
     if not args.no_train_step:
         if args.precision:
             print(f"train step per precision ({','.join(args.precision)}):", flush=True)

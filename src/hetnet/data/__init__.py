@@ -8,9 +8,10 @@ and batch loaders (a background thread on the host, or kernels on the device: Re
     >>> for xb, yb in BatchLoader(tx, ty, 64, mean, std, seed=0).epoch(0):
     ...     pass
 """
-from .datasets import DATASETS, Dataset, describe_data_locations, load_dataset, split_train_val
+from .datasets import DATASETS, Dataset, describe_data_locations, held_out_split, load_dataset, split_train_val
 from .loader import BatchLoader, ResidentLoader, on_device
 from .transforms import channel_stats, convert_channels, normalize, resize_batch
 
 __all__ = ["DATASETS", "BatchLoader", "Dataset", "ResidentLoader", "channel_stats", "convert_channels",
-           "describe_data_locations", "load_dataset", "normalize", "on_device", "resize_batch", "split_train_val"]
+           "describe_data_locations", "held_out_split", "load_dataset", "normalize", "on_device", "resize_batch",
+           "split_train_val"]

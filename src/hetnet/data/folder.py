@@ -13,15 +13,19 @@ from __future__ import annotations
 
 import gzip
 import io
+import multiprocessing as mp
 import os
+import signal
+import sys
 import tarfile
 import zlib
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
 
 from ..errors import DataError
 from .transforms import Adaptation
@@ -55,7 +59,7 @@ def is_tar(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(TAR_SUFFIXES)
 
 
-def _wanted(parts: tuple[str, ...]) -> bool:
+def wanted(parts: tuple[str, ...]) -> bool:
     return (bool(parts) and not any(p.startswith(".") or p == "__MACOSX" for p in parts)
             and parts[-1].lower().endswith(IMAGE_EXTENSIONS))
 
@@ -67,7 +71,7 @@ def _iter_dir(root: Path):
         rel = Path(dirpath).relative_to(root).parts
         for name in sorted(filenames):
             parts = rel + (name,)
-            if _wanted(parts):
+            if wanted(parts):
                 path = Path(dirpath) / name
                 try:
                     data = path.read_bytes()
@@ -104,7 +108,7 @@ def _iter_tar(path: Path):
                     if not m.isfile():
                         continue
                     parts = tuple(p for p in m.name.split("/") if p not in ("", "."))
-                    if _wanted(parts):
+                    if wanted(parts):
                         yield parts, tf.extractfile(m).read(), f"{path}:{m.name}"
                 if getattr(tf, "hetnet_end", "marker") != "marker":
                     raise tarfile.ReadError("archive ends without its end-of-archive marker (truncated?)")
@@ -158,51 +162,108 @@ def _decode_chunk(chunk: list, mode: str, size: tuple[int, int]) -> list:
     return out
 
 
-def _decode_all(entries, mode: str | None, size: tuple[int, int] | None, skip_bad_images: bool):
-    """([(parts, image array)], [skipped file names], Adaptation or None) in entry order. Decoding runs on a few
-    threads in chunks (Pillow releases the GIL while it decodes) while this thread keeps reading files or the
-    archive."""
+def decode_workers() -> int:
+    """The CPUs this process may use: how many chunks of images are decoded at once."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:                  # not Linux
+        return os.cpu_count() or 1
+
+
+def _ignore_sigint() -> None:
+    # Ctrl-C reaches the whole process group: the parent stops the decoding (and says so once); a worker that
+    # raised KeyboardInterrupt itself would print a traceback
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _decode_pool(workers: int):
+    """Worker processes where the platform forks (Linux): decoding a small image is mostly Python code in Pillow,
+    which holds the GIL, so threads do not add up (two threads decode CIFAR-10 no faster than one). A forked worker
+    runs only Pillow and NumPy on the bytes it is sent. Elsewhere (and with one CPU): threads, which still overlap
+    Pillow's C decoders (they release the GIL) with reading the files."""
+    if workers > 1 and "fork" in mp.get_all_start_methods():
+        return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("fork"), initializer=_ignore_sigint)
+    return ThreadPoolExecutor(max_workers=max(1, workers))
+
+
+def _decode_all(entries, mode: str | None, size: tuple[int, int] | None, skip_bad_images: bool,
+                progress: bool | None = None, desc: str = "decoding"):
+    """([(parts, image array)], [skipped file names], Adaptation or None) in entry order. Decoding runs on every CPU
+    (_decode_pool) in chunks, while this thread keeps reading files or the archive; a progress bar on stderr
+    (progress None: when stderr is a terminal and the decoding takes more than a second) counts decoded images."""
     results: list = []          # finished (parts, name, array | _BadImage) and futures of chunks, in order
     chunk: list = []
-    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-        for parts, data, name in entries:
-            if mode is None:    # the first readable image fixes channels and size for all the others
-                try:
-                    a = decode_image(data, parts[-1], None, None)
-                    mode, size = ("L" if a[0].ndim == 2 else "RGB"), a[0].shape[:2]
-                except _BadImage as e:
-                    a = e
-                results.append([(parts, name, a)])
-                continue
-            chunk.append((parts, data, name))
-            if len(chunk) == _CHUNK:
-                results.append(pool.submit(_decode_chunk, chunk, mode, size))
-                chunk = []
-        if chunk:
-            results.append(pool.submit(_decode_chunk, chunk, mode, size))
-        images, skipped = [], []
-        adapted = Adaptation((1 if mode == "L" else 3, *size)) if mode is not None else None
-        for r in results:
-            for parts, name, a in (r if isinstance(r, list) else r.result()):
-                if isinstance(a, _BadImage):
-                    if not skip_bad_images:
-                        for f in results:           # stop the decoding still queued
-                            if not isinstance(f, list):
-                                f.cancel()
-                        raise DataError(f"{name}: not a readable image ({a}); --skip-bad-images skips such files")
-                    skipped.append(name)
-                else:
-                    images.append((parts, a[0]))
-                    adapted.record(a[1], a[2])
+    bar = tqdm(desc=desc, unit=" images", file=sys.stderr, disable=(None if progress is None else not progress),
+               delay=1.0, leave=False, dynamic_ncols=True)
+
+    pool = None             # made at the first full chunk: a folder of a few images is decoded right here
+
+    def submit(chunk: list, last: bool = False) -> None:
+        nonlocal pool
+        if last and pool is None:
+            results.append(_decode_chunk(chunk, mode, size))
+            return
+        if pool is None:
+            pool = _decode_pool(decode_workers())
+        results.append(pool.submit(_decode_chunk, chunk, mode, size))
+        results[-1].add_done_callback(lambda f: bar.update(0 if f.cancelled() or f.exception() else len(chunk)))
+
+    with bar:
+        try:
+            for parts, data, name in entries:
+                if mode is None:    # the first readable image fixes channels and size for all the others
+                    try:
+                        a = decode_image(data, parts[-1], None, None)
+                        mode, size = ("L" if a[0].ndim == 2 else "RGB"), a[0].shape[:2]
+                    except _BadImage as e:
+                        a = e
+                    results.append([(parts, name, a)])
+                    continue
+                chunk.append((parts, data, name))
+                if len(chunk) == _CHUNK:
+                    submit(chunk)
+                    chunk = []
+            if chunk:
+                submit(chunk, last=True)
+            images, skipped = [], []
+            adapted = Adaptation((1 if mode == "L" else 3, *size)) if mode is not None else None
+            for r in results:
+                for parts, name, a in (r if isinstance(r, list) else r.result()):
+                    if isinstance(a, _BadImage):
+                        if not skip_bad_images:
+                            raise DataError(f"{name}: not a readable image ({a}); --skip-bad-images skips such "
+                                            "files")
+                        skipped.append(name)
+                    else:
+                        images.append((parts, a[0]))
+                        adapted.record(a[1], a[2])
+        finally:
+            if pool is not None:        # the decoding still queued is dropped after an error
+                pool.shutdown(wait=True, cancel_futures=True)
     return images, skipped, adapted
 
 
 def load_image_folder(root: str | os.PathLike, input_shape: tuple[int, int, int] | None = None,
-                      skip_bad_images: bool = False, require_train: bool = True) -> FolderData:
+                      skip_bad_images: bool = False, require_train: bool = True,
+                      progress: bool | None = None) -> FolderData:
     """Read an image folder or tar archive of one. input_shape (C, H, W) with C in {1, 3} sets the channels and
     size; without it, the first image decides (grey stays grey, anything else becomes RGB) and every other image is
     resized to its size. require_train=False (evaluation) also takes ROOT/test/<class>/<image> alone: train_x is
-    then an empty array and the class names are the test folders'."""
+    then an empty array and the class names are the test folders'. progress: a bar on stderr while decoding (None:
+    when stderr is a terminal). hetnet.data.cache keeps what this returns, decoded, for the next time."""
+    return check_train(read_image_folder(root, input_shape, skip_bad_images, progress), require_train)
+
+
+def check_train(d: FolderData, require_train: bool = True) -> FolderData:
+    """d, or a DataError when training images are required and d has none (a test split alone)."""
+    if require_train and len(d.train_x) == 0:
+        raise DataError(f"{d.source}: no training images: expected a train/<class>/ folder")
+    return d
+
+
+def read_image_folder(root: str | os.PathLike, input_shape: tuple[int, int, int] | None = None,
+                      skip_bad_images: bool = False, progress: bool | None = None) -> FolderData:
+    """load_image_folder without its require_train check (a test split alone gives an empty train_x)."""
     root = Path(root)
     if input_shape is not None:
         c, h, w = (int(v) for v in input_shape)
@@ -220,7 +281,8 @@ def load_image_folder(root: str | os.PathLike, input_shape: tuple[int, int, int]
     else:
         raise DataError(f"{root}: no such image folder or archive")
 
-    images, skipped, adapted = _decode_all(entries, mode, size, skip_bad_images)
+    images, skipped, adapted = _decode_all(entries, mode, size, skip_bad_images, progress,
+                                           desc=f"decoding {root.name}")
     if not images:
         raise DataError(f"{root}: no readable images found (expected ROOT/<class>/<image> or "
                         "ROOT/{train,test}/<class>/<image>, PNG/JPEG/BMP)")
@@ -238,8 +300,6 @@ def load_image_folder(root: str | os.PathLike, input_shape: tuple[int, int, int]
     groups: dict[str, list] = {s: [] for s in SPLITS} if split_layout else {"train": []}
     for p, a in images:
         groups[p[0] if split_layout else "train"].append((p[-2:], a))
-    if not groups["train"] and require_train:
-        raise DataError(f"{root}: no training images: expected a train/<class>/ folder")
     class_names = sorted({cls for (cls, _), _ in groups["train"] or groups["test"]})
     if len(class_names) < 2:
         raise DataError(f"{root}: found {len(class_names)} class folder ({', '.join(class_names)}); "

@@ -28,7 +28,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from .transforms import apply_augment, normalize, normalize_coefficients, parse_augment
+from .transforms import altflip_coins, apply_augment, normalize, normalize_coefficients, parse_augment
 
 _DONE = object()
 
@@ -37,7 +37,9 @@ class BatchLoader:
     """Batches (xb float32 normalised, yb int64) over uint8 images x (N, C, H, W) and labels y (N,).
 
     mean/std: per-channel statistics in [0, 1] units (None: scale to [0, 1] only). augment: names from
-    transforms.AUGMENTATIONS ("crop" / "crop:P" pads P pixels, default 4; "flip"), applied to training batches.
+    transforms.AUGMENTATIONS, applied in order to training batches: "crop[:P]" (pad P zeros, default 4, crop at a
+    random offset), "translate[:P]" (the same with the border mirrored, default 2), "flip" (each image mirrored
+    with probability 1/2), "altflip" (each image mirrored every other epoch, transforms.altflip_mask).
     prefetch: how many finished batches may wait in the queue; 0 assembles batches in the caller's thread.
     """
 
@@ -58,6 +60,7 @@ class BatchLoader:
         self.seed = int(seed)
         self.drop_last = drop_last
         self.prefetch = int(prefetch)
+        self._coins = None                  # altflip's coin per image, drawn when first needed
 
     def __len__(self) -> int:
         n = len(self.x) / self.batch_size
@@ -83,22 +86,35 @@ class BatchLoader:
             idx = np.sort(idx)          # gathers in memory order (faster); the batch's content is what matters
         xb = self.x[idx]
         if self.augment:
-            xb = apply_augment(xb, self.augment, np.random.default_rng([self.seed, int(epoch), 1, b]))
+            xb = apply_augment(xb, self.augment, np.random.default_rng([self.seed, int(epoch), 1, b]),
+                               self._altflip(epoch, idx))
         return normalize(xb, self.mean, self.std), self.y[idx]
+
+    def _altflip(self, epoch: int, idx: np.ndarray) -> np.ndarray | None:
+        """The mask of the images idx that "altflip" mirrors in `epoch` (transforms.altflip_coins); None without it."""
+        if not any(name == "altflip" for name, _ in self.augment):
+            return None
+        if self._coins is None:
+            self._coins = altflip_coins(self.seed, len(self.x))
+        return self._coins[idx] ^ bool(int(epoch) % 2)
 
     @property
     def plannable(self) -> bool:
-        """Whether the augmentation fits a plan (at most one crop and one flip; see the backends' gather_images)."""
-        crops = sum(1 for name, arg in self.augment if name == "crop" and arg > 0)
-        flips = sum(1 for name, _ in self.augment if name == "flip")
-        return crops <= 1 and flips <= 1
+        """Whether the augmentation fits a plan: at most one crop or translate (and any flips; see the backends'
+        gather_images)."""
+        return sum(1 for name, pad in self.augment if name in ("crop", "translate") and pad > 0) <= 1
+
+    @property
+    def reflect(self) -> bool:
+        """Whether the plan's padding is reflected (a translate) rather than zeros (a crop)."""
+        return any(name == "translate" and pad > 0 for name, pad in self.augment)
 
     def plan(self, epoch: int) -> np.ndarray:
         """The batches of `epoch` as an int32 plan (4, num_examples): rows index, oy, ox, flip, batch b in columns
         b*B .. (b+1)*B. Draws the same random numbers as batch() (apply_augment), so a backend's
         gather_images(plan) gives the same arrays as batch()."""
         if not self.plannable:
-            raise ValueError(f"augmentation {self.augment} does not fit a plan (at most one crop and one flip)")
+            raise ValueError(f"augmentation {self.augment} does not fit a plan (at most one crop or translate)")
         order = self.order(epoch)
         m, bs = self.num_examples, self.batch_size
         out = np.zeros((4, m), dtype=np.int32)
@@ -110,14 +126,16 @@ class BatchLoader:
                 continue
             rng, n = np.random.default_rng([self.seed, int(epoch), 1, b]), hi - lo
             flipped = np.zeros(n, dtype=bool)
-            for name, pad in self.augment:           # the draws of random_crop / random_hflip, in order
-                if name == "crop" and pad > 0:
+            for name, pad in self.augment:           # the draws of apply_augment, in order
+                if name in ("crop", "translate") and pad > 0:
                     dy = rng.integers(0, 2 * pad + 1, size=n)
                     dx = rng.integers(0, 2 * pad + 1, size=n)
                     out[1, lo:hi] = dy - pad
                     out[2, lo:hi] = np.where(flipped, pad - dx, dx - pad)   # flipped before the crop: mirror ox
                 elif name == "flip":
-                    flipped = rng.random(n) < 0.5
+                    flipped ^= rng.random(n) < 0.5                          # two mirrors undo each other
+                elif name == "altflip":
+                    flipped ^= self._altflip(epoch, out[0, lo:hi].astype(np.int64))
             out[3, lo:hi] = flipped
         return out
 
@@ -170,15 +188,16 @@ class ResidentLoader:
     """The batches of a BatchLoader, assembled on the backend's device from a copy of its uint8 images kept there.
 
     Per epoch: the plan (BatchLoader.plan, int32 (4, M)) is uploaded once; each batch is then one
-    `backend.gather_images` call (on the GPU: one kernel that gathers, crops, flips, normalises and gathers the
-    labels). Nothing comes back to the host. Batches are the arrays BatchLoader.epoch serves, on the device.
+    `backend.gather_images` call (on the GPU: one kernel that gathers, crops or translates, flips, normalises and
+    gathers the labels). Nothing comes back to the host. Batches are the arrays BatchLoader.epoch serves, on the
+    device.
     """
 
     on_device = True        # batches are already device arrays in the backend's dtype (hetnet.train skips asarray)
 
     def __init__(self, host: BatchLoader, backend):
         if not host.plannable:
-            raise ValueError(f"augmentation {host.augment} does not fit a plan (at most one crop and one flip)")
+            raise ValueError(f"augmentation {host.augment} does not fit a plan (at most one crop or translate)")
         self.host, self.backend = host, backend
         self.images = backend.upload(host.x)                      # (N, C, H, W) uint8 on the device
         self.labels = backend.labels(host.y)
@@ -210,7 +229,7 @@ class ResidentLoader:
         for b in range(int(start), len(self)):
             lo = b * bs
             yield self.backend.gather_images(self.images, self.labels, plan, lo, min(bs, m - lo), self.scale,
-                                             self.shift)
+                                             self.shift, reflect=self.host.reflect)
 
 
 def on_device(loader, backend):

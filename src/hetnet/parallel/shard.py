@@ -105,9 +105,10 @@ class ShardedLoader:
             if hi > lo:
                 if self.on_device:
                     yield ld.backend.gather_images(ld.images, ld.labels, dplan, start + lo, hi - lo, ld.scale,
-                                                   ld.shift)
+                                                   ld.shift, reflect=self.host.reflect)
                 elif plan is not None:
-                    yield cpu.gather_images(self.host.x, self.host.y, plan, start + lo, hi - lo, *self._coefficients)
+                    yield cpu.gather_images(self.host.x, self.host.y, plan, start + lo, hi - lo, *self._coefficients,
+                                            reflect=self.host.reflect)
                 else:       # several crops or flips: the whole global batch as BatchLoader makes it, then our rows
                     order = self.host.order(epoch) if order is None else order
                     xb, yb = self.host.batch(epoch, b, order)

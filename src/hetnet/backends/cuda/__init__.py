@@ -327,7 +327,7 @@ class CudaBackend:
             raise DeviceError(f"out of GPU memory on {self.name} copying {a.nbytes / 2**20:.1f} MiB of data to "
                               f"the GPU ({free / 2**20:.0f} MiB free of {total / 2**20:.0f} MiB)") from None
 
-    def gather_images(self, images, labels, plan, start, count, scale, shift):
+    def gather_images(self, images, labels, plan, start, count, scale, shift, reflect=False):
         """One batch from the plan, as the op interface says: one launch of data.cu's gather_images."""
         cp = self.cupy
         _, c, h, w = images.shape
@@ -339,7 +339,8 @@ class CudaBackend:
             x = cp.empty((int(count), c, h, w), dtype=cp.float32)
             y = cp.empty((int(count),), dtype=cp.int32)
             self.launch("data", "gather_images", x.size, images, labels, plan, np.int64(plan.shape[1]),
-                        np.int64(start), scale, shift, x, y, np.int32(count), np.int32(c), np.int32(h), np.int32(w))
+                        np.int64(start), scale, shift, x, y, np.int32(count), np.int32(c), np.int32(h), np.int32(w),
+                        np.int32(1 if reflect else 0))
         return x, y
 
     def _c(self, a):
