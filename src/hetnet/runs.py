@@ -312,6 +312,7 @@ def prepare(config: dict, log: Callable[[str], None] | None = None, cache: bool 
     hrandom.seed(config["seed"])
     spec = config["spec"]
     model, input_shape = zoo.build_from_spec(spec, config.get("model") or "spec")
+
     def load():
         return load_data(config["dataset"], config.get("data"), input_shape, config.get("skip_bad_images", False),
                          config.get("model") or "the model", cache=cache, progress=progress)
@@ -460,8 +461,8 @@ def make_config(cfg: RunConfig) -> dict:
 
 
 def _parallel_entry(dist, sync_bn: bool | None = None) -> dict:
-    """config.json's "parallel": how many ranks started the run, each with which batch, and synchronised BatchNorm
-    (nothing for a single process)."""
+    """config.json's "parallel": how many ranks run it (the recipe's batch_size is the global batch, each rank
+    takes batch_size / world_size) and whether BatchNorm is synchronised (nothing for a single process)."""
     if dist is None:
         return {}
     return {"parallel": {"world_size": dist.world, "sync_bn": dist.sync_bn if sync_bn is None else bool(sync_bn)}}
