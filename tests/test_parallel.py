@@ -6,16 +6,15 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import os
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import rel_err
+from parallel_cases import ROOT, child_env, error_lines
 
 import hetnet as hn
 from hetnet import cli
@@ -26,9 +25,6 @@ from hetnet.data import BatchLoader, ResidentLoader
 from hetnet.optim import SGD
 from hetnet.parallel import GradReducer, ShardedLoader, bucket_bounds, shard_rows, train_batch_sizes
 from hetnet.plan import TrainStep
-
-ROOT = Path(__file__).resolve().parents[1]
-
 
 # --- shards of the seeded plan ---------------------------------------------------------------------------------
 
@@ -237,10 +233,7 @@ def test_identity_reduce_changes_nothing():
 
 
 def _launch(world: int, mode: str, fault: str = "", timeout: float = 3.0):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-    env.pop("HETNET_TEST_FAULT", None)
-    if fault:
-        env["HETNET_TEST_FAULT"] = fault
+    env = child_env(**({"HETNET_TEST_FAULT": fault} if fault else {}))
     code = ("import sys; from hetnet.parallel import launch; "
             f"sys.exit(launch([], {world}, timeout={timeout}, "
             f"command=[sys.executable, {str(ROOT / 'tests' / 'parallel_fake_rank.py')!r}, {mode!r}]))")
@@ -250,20 +243,16 @@ def _launch(world: int, mode: str, fault: str = "", timeout: float = 3.0):
     return r, time.monotonic() - t0
 
 
-def _errors(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith("error:")]
-
-
 def test_launcher_runs_the_ranks_to_the_end():
     r, _ = _launch(3, "ok")
     assert r.returncode == 0, r.stderr
-    assert _errors(r.stderr) == [] and r.stdout.splitlines() == ["rank 0 done"]     # the others' output: discarded
+    assert error_lines(r.stderr) == [] and r.stdout.splitlines() == ["rank 0 done"]     # the others' output: discarded
 
 
 def test_a_rank_that_dies_ends_the_job_at_once_with_one_line():
     r, seconds = _launch(3, "ok", fault="die@1:5", timeout=60.0)
     assert r.returncode == 1
-    errors = _errors(r.stderr)
+    errors = error_lines(r.stderr)
     assert len(errors) == 1 and "rank 1 " in errors[0] and "killed by signal 9 (SIGKILL)" in errors[0], r.stderr
     assert seconds < 20                     # not the 60 s hang timeout: a death is noticed at once
 
@@ -271,7 +260,7 @@ def test_a_rank_that_dies_ends_the_job_at_once_with_one_line():
 def test_a_rank_that_hangs_ends_the_job_within_the_timeout_with_one_line():
     r, seconds = _launch(2, "ok", fault="hang@1:5", timeout=2.0)
     assert r.returncode == 1
-    errors = _errors(r.stderr)
+    errors = error_lines(r.stderr)
     assert len(errors) == 1 and "rank 1 " in errors[0] and "no progress for 2 s" in errors[0], r.stderr
     assert seconds < 20
 
@@ -279,7 +268,7 @@ def test_a_rank_that_hangs_ends_the_job_within_the_timeout_with_one_line():
 def test_a_rank_error_is_the_one_line():
     r, _ = _launch(2, "error")
     assert r.returncode == 2
-    assert _errors(r.stderr) == ["error: rank 1: the data went missing"], r.stderr
+    assert error_lines(r.stderr) == ["error: rank 1: the data went missing"], r.stderr
 
 
 def test_gpus_without_a_gpu_is_one_line(capsys):

@@ -10,10 +10,7 @@ without --sync-bn, a killed and a hung rank, resume on one GPU.
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -30,7 +27,7 @@ if N_GPUS == 0:
     pytest.skip("no CUDA GPU", allow_module_level=True)
 
 from conftest import RTOL, assert_close, rel_err
-from test_cli import make_idx
+from parallel_cases import RUN_FILES, child_env, error_lines, final_weights, hetnet_cmd, make_work, train_args
 
 import hetnet as hn
 from hetnet import serialize
@@ -42,7 +39,6 @@ from hetnet.parallel.reducer import GradReducer
 from hetnet.plan import TrainStep
 
 pytestmark = pytest.mark.gpu
-ROOT = Path(__file__).resolve().parents[1]
 F32 = np.float32
 many_gpus = pytest.mark.skipif(N_GPUS < 2, reason="needs two GPUs")
 
@@ -187,54 +183,23 @@ def test_bf16_gradients_travel_as_bfloat16(be, nccl_one):
 
 # --- the command line -------------------------------------------------------------------------------------------
 
-SPEC = {"input_shape": [1, 28, 28], "layers": [
-    {"type": "Conv2D", "in_channels": 1, "out_channels": 8, "kernel_size": 3, "padding": 1},
-    {"type": "ReLU"}, {"type": "MaxPool2D", "kernel_size": 2}, {"type": "Flatten"},
-    {"type": "Dense", "in_features": 8 * 14 * 14, "out_features": 32}, {"type": "ReLU"},
-    {"type": "Dense", "in_features": 32, "out_features": 10}]}
-BN_SPEC = {"input_shape": [1, 28, 28], "layers": [
-    {"type": "Conv2D", "in_channels": 1, "out_channels": 8, "kernel_size": 3, "padding": 1, "bias": False},
-    {"type": "BatchNorm2D", "num_features": 8}, {"type": "ReLU"}, {"type": "MaxPool2D", "kernel_size": 2},
-    {"type": "Flatten"}, {"type": "Dense", "in_features": 8 * 14 * 14, "out_features": 10}]}
 GPU_RTOL = 10 * RTOL[np.dtype(F32)]         # two GPU runs: tuned kernels and atomics may add in other orders
 
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
-    root = tmp_path_factory.mktemp("gpu-dp")
-    make_idx(root / "data", n_train=512, n_test=64)
-    (root / "spec.json").write_text(json.dumps(SPEC))
-    (root / "bn.json").write_text(json.dumps(BN_SPEC))
-    return root
-
-
-def _env(**extra) -> dict:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-    env.pop("HETNET_TEST_FAULT", None)
-    env.update(extra)
-    return env
+    return make_work(tmp_path_factory.mktemp("gpu-dp"))
 
 
 def _hetnet(work: Path, args: list[str], **env) -> tuple:
     t0 = time.monotonic()
-    r = subprocess.run([sys.executable, "-m", "hetnet", "train", *args], check=False, capture_output=True, text=True,
-                       timeout=600, cwd=work, env=_env(**env))
+    r = subprocess.run(hetnet_cmd(*args), check=False, capture_output=True, text=True, timeout=600, cwd=work,
+                       env=child_env(**env))
     return r, time.monotonic() - t0
 
 
 def _args(work: Path, spec: str, batch: int, out: str, epochs: int = 2) -> list[str]:
-    return ["--model", str(work / spec), "--data", str(work / "data"), "--epochs", str(epochs), "--batch-size",
-            str(batch), "--optimizer", "momentum", "--lr", "0.05", "--augment", "crop:1,flip", "--seed", "3",
-            "--no-progress", "--out", out]
-
-
-def _weights(run: Path) -> np.ndarray:
-    arrays, _ = serialize.read_safetensors(run / "model.safetensors")
-    return np.concatenate([np.asarray(arrays[k], np.float64).ravel() for k in sorted(arrays)])
-
-
-def _errors(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith("error:")]
+    return train_args(work, batch, out, epochs, spec)
 
 
 def test_gpus_1_trains_as_one_gpu(work):
@@ -243,7 +208,7 @@ def test_gpus_1_trains_as_one_gpu(work):
     launched, _ = _hetnet(work, [*_args(work, "spec.json", 64, "gpus1"), "--gpus", "1"])
     assert launched.returncode == 0, launched.stderr
     assert "batch 64 (1 rank x 64)" in launched.stdout
-    assert rel_err(_weights(work / "gpus1"), _weights(work / "plain")) < GPU_RTOL
+    assert rel_err(final_weights(work / "gpus1"), final_weights(work / "plain")) < GPU_RTOL
 
 
 @many_gpus
@@ -252,10 +217,8 @@ def test_two_gpus_train_as_one_gpu_at_twice_the_batch(work):
     assert one.returncode == 0, one.stderr
     two, _ = _hetnet(work, [*_args(work, "spec.json", 32, "two32"), "--gpus", "2"])
     assert two.returncode == 0, two.stderr
-    assert rel_err(_weights(work / "two32"), _weights(work / "one64")) < GPU_RTOL
-    assert sorted(p.name for p in (work / "two32").iterdir()) == sorted(
-        ["checkpoint", "config.json", "confusion.png", "curves.png", "metrics.jsonl", "model.safetensors",
-         "model-best.safetensors"])
+    assert rel_err(final_weights(work / "two32"), final_weights(work / "one64")) < GPU_RTOL
+    assert sorted(p.name for p in (work / "two32").iterdir()) == RUN_FILES
 
 
 @many_gpus
@@ -265,7 +228,7 @@ def test_sync_bn_on_two_gpus_is_batchnorm_of_the_whole_batch(work):
     two, _ = _hetnet(work, [*_args(work, "bn.json", 32, "bn-two32"), "--gpus", "2", "--sync-bn"])
     assert two.returncode == 0, two.stderr
     assert "synchronised BatchNorm" in two.stdout
-    assert rel_err(_weights(work / "bn-two32"), _weights(work / "bn-one64")) < GPU_RTOL
+    assert rel_err(final_weights(work / "bn-two32"), final_weights(work / "bn-one64")) < GPU_RTOL
 
 
 @many_gpus
@@ -273,7 +236,7 @@ def test_a_killed_rank_on_two_gpus_is_one_line_and_resume_on_one_gpu(work):
     r, seconds = _hetnet(work, [*_args(work, "spec.json", 32, "killed", epochs=3), "--gpus", "2"],
                          HETNET_TEST_FAULT="die@1:16")
     assert r.returncode == 1
-    errors = _errors(r.stderr)
+    errors = error_lines(r.stderr)
     assert len(errors) == 1 and "rank 1 " in errors[0] and "killed by signal 9" in errors[0], r.stderr
     assert seconds < 120
     assert serialize.read_checkpoint(work / "killed").state["epoch"] >= 1
@@ -286,6 +249,6 @@ def test_a_hung_rank_on_two_gpus_is_one_line_within_the_timeout(work):
     r, seconds = _hetnet(work, [*_args(work, "spec.json", 32, "hung", epochs=3), "--gpus", "2", "--dist-timeout",
                                 "10"], HETNET_TEST_FAULT="hang@1:16")
     assert r.returncode == 1
-    errors = _errors(r.stderr)
+    errors = error_lines(r.stderr)
     assert len(errors) == 1 and "rank 1 " in errors[0] and "no progress for 10 s" in errors[0], r.stderr
     assert seconds < 120

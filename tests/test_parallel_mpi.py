@@ -19,37 +19,30 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from conftest import rel_err
-from test_cli import make_idx
+from parallel_cases import (
+    ROOT,
+    RUN_FILES,
+    TRAIN_IMAGES,
+    child_env,
+    error_lines,
+    final_weights,
+    hetnet_cmd,
+    make_work,
+    train_args,
+)
 
 from hetnet import serialize
 
-ROOT = Path(__file__).resolve().parents[1]
 MPIRUN = shutil.which("mpirun")
 pytestmark = pytest.mark.skipif(MPIRUN is None or importlib.util.find_spec("mpi4py") is None,
                                 reason="needs mpirun and mpi4py (pip install 'hetnet[mpi]')")
 
 PLAIN_RTOL_F64 = 1e-12
 RTOL_F32 = 1e-6
-BN_SPEC = {"input_shape": [1, 28, 28], "layers": [
-    {"type": "Conv2D", "in_channels": 1, "out_channels": 4, "kernel_size": 3, "padding": 1, "bias": False},
-    {"type": "BatchNorm2D", "num_features": 4}, {"type": "ReLU"}, {"type": "MaxPool2D", "kernel_size": 2},
-    {"type": "Flatten"}, {"type": "Dense", "in_features": 4 * 14 * 14, "out_features": 10}]}
-SPEC = {"input_shape": [1, 28, 28], "layers": [
-    {"type": "Conv2D", "in_channels": 1, "out_channels": 4, "kernel_size": 3, "padding": 1},
-    {"type": "ReLU"}, {"type": "MaxPool2D", "kernel_size": 2}, {"type": "Flatten"},
-    {"type": "Dense", "in_features": 4 * 14 * 14, "out_features": 32}, {"type": "ReLU"},
-    {"type": "Dense", "in_features": 32, "out_features": 10}]}
-EPOCHS, STEPS_PER_EPOCH = 2, 8          # 512 training images, global batch 64
-
-
-def _env(**extra) -> dict:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-    env.pop("HETNET_TEST_FAULT", None)
-    env.update(extra)
-    return env
+EPOCHS, GLOBAL_BATCH = 2, 64
+STEPS_PER_EPOCH = TRAIN_IMAGES // GLOBAL_BATCH
 
 
 def _mpirun(n: int, args: list[str], cwd: Path, timeout: float = 240, **env) -> tuple:
@@ -57,19 +50,19 @@ def _mpirun(n: int, args: list[str], cwd: Path, timeout: float = 240, **env) -> 
     cmd = [MPIRUN, "-n", str(n), "--oversubscribe", *root, sys.executable, *args]
     t0 = time.monotonic()
     r = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout, cwd=cwd,
-                       env=_env(**env))
+                       env=child_env(**env))
     return r, time.monotonic() - t0
 
 
 def _hetnet(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    r = subprocess.run([sys.executable, "-m", "hetnet", *args], check=False, capture_output=True, text=True,
-                       timeout=240, cwd=cwd, env=_env())
+    r = subprocess.run(hetnet_cmd(*args), check=False, capture_output=True, text=True, timeout=240, cwd=cwd,
+                       env=child_env())
     assert r.returncode == 0, r.stderr
     return r
 
 
-def _errors(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith("error:")]
+def _train_args(work: Path, batch: int, out: str, epochs: int = EPOCHS, spec: str = "spec.json") -> list[str]:
+    return [*train_args(work, batch, out, epochs, spec), "--device", "cpu"]
 
 
 def test_mpi_pieces_equal_one_process_at_twice_the_batch():
@@ -87,22 +80,7 @@ def test_mpi_pieces_equal_one_process_at_twice_the_batch():
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mpi")
-    make_idx(root / "data", n_train=512, n_test=64)
-    (root / "spec.json").write_text(json.dumps(SPEC))
-    (root / "bn.json").write_text(json.dumps(BN_SPEC))
-    return root
-
-
-def _train_args(work: Path, batch: int, out: str, epochs: int = EPOCHS, spec: str = "spec.json") -> list[str]:
-    return ["train", "--model", str(work / spec), "--data", str(work / "data"), "--device", "cpu",
-            "--epochs", str(epochs), "--batch-size", str(batch), "--optimizer", "momentum", "--lr", "0.05",
-            "--augment", "crop:2,flip", "--seed", "5", "--no-progress", "--out", out]
-
-
-def _weights(run: Path) -> np.ndarray:
-    arrays, _ = serialize.read_safetensors(run / "model.safetensors")
-    return np.concatenate([np.asarray(arrays[k], np.float64).ravel() for k in sorted(arrays)])
+    return make_work(tmp_path_factory.mktemp("mpi"))
 
 
 def _metrics(run: Path) -> list[dict]:
@@ -123,7 +101,7 @@ def runs(work):
 
 def test_two_ranks_train_as_one_process_at_twice_the_batch(runs):
     single, two, _ = runs
-    assert rel_err(_weights(two), _weights(single)) < RTOL_F32
+    assert rel_err(final_weights(two), final_weights(single)) < RTOL_F32
     a, b = _metrics(two), _metrics(single)
     assert len(a) == len(b) == EPOCHS
     for ra, rb in zip(a, b):
@@ -136,15 +114,13 @@ def test_two_ranks_train_as_one_process_at_twice_the_batch(runs):
 def test_rank_0_alone_writes_and_speaks(runs):
     _, two, r = runs
     assert sorted(p.name for p in two.parent.iterdir()) == ["run"]
-    assert sorted(p.name for p in two.iterdir()) == sorted(["checkpoint", "config.json", "confusion.png",
-                                                            "curves.png", "metrics.jsonl", "model.safetensors",
-                                                            "model-best.safetensors"])
+    assert sorted(p.name for p in two.iterdir()) == RUN_FILES
     out = r.stdout.splitlines()
     assert sum(line.startswith("training ") for line in out) == 1, r.stdout
     assert "batch 64 (2 ranks x 32)" in r.stdout
     assert sum(line.startswith(f"epoch {EPOCHS}/{EPOCHS}") for line in out) == 1
     assert sum(line.startswith("done: ") for line in out) == 1
-    assert _errors(r.stderr) == []
+    assert error_lines(r.stderr) == []
 
 
 def test_sync_bn_from_the_command_line_is_batchnorm_of_the_whole_batch(work):
@@ -152,7 +128,7 @@ def test_sync_bn_from_the_command_line_is_batchnorm_of_the_whole_batch(work):
     r, _ = _mpirun(2, ["-m", "hetnet", *_train_args(work, 32, "bn-two", spec="bn.json"), "--sync-bn"], work)
     assert r.returncode == 0, r.stderr
     assert "(2 ranks x 32, synchronised BatchNorm)" in r.stdout
-    assert rel_err(_weights(work / "bn-two"), _weights(work / "bn-single")) < RTOL_F32
+    assert rel_err(final_weights(work / "bn-two"), final_weights(work / "bn-single")) < RTOL_F32
     assert json.loads((work / "bn-two" / "config.json").read_text())["parallel"]["sync_bn"] is True
 
 
@@ -164,13 +140,13 @@ def test_a_killed_rank_ends_the_job_and_resume_on_one_process_finishes_it(work, 
     r, seconds = _mpirun(2, ["-m", "hetnet", *_train_args(work, 32, "run")], killed,
                          HETNET_TEST_FAULT=f"die@1:{2 + STEPS_PER_EPOCH + 3 + 3}")
     assert r.returncode != 0
-    errors = _errors(r.stderr)
+    errors = error_lines(r.stderr)
     assert len(errors) == 1 and "rank 1 " in errors[0] and "died" in errors[0], r.stderr
     assert seconds < 60
     ckpt = serialize.read_checkpoint(killed / "run")            # the last checkpoint stays readable
     assert ckpt.state["epoch"] == 1 and not (killed / "run" / "model.safetensors").exists()
     _hetnet(["train", "--resume", str(killed / "run"), "--no-progress"], work)
-    assert rel_err(_weights(killed / "run"), _weights(two)) < RTOL_F32
+    assert rel_err(final_weights(killed / "run"), final_weights(two)) < RTOL_F32
 
 
 def test_a_one_process_run_resumes_on_two_ranks(work, runs):
@@ -179,7 +155,7 @@ def test_a_one_process_run_resumes_on_two_ranks(work, runs):
     r, _ = _mpirun(2, ["-m", "hetnet", "train", "--resume", "one-then-two", "--epochs", str(EPOCHS), "--no-progress"],
                    work)
     assert r.returncode == 0, r.stderr
-    assert rel_err(_weights(work / "one-then-two"), _weights(two)) < RTOL_F32
+    assert rel_err(final_weights(work / "one-then-two"), final_weights(two)) < RTOL_F32
 
 
 def test_a_hung_rank_ends_the_job_within_the_timeout(work):
@@ -188,6 +164,6 @@ def test_a_hung_rank_ends_the_job_within_the_timeout(work):
     r, seconds = _mpirun(2, ["-m", "hetnet", *_train_args(work, 32, "run"), "--dist-timeout", "5"], hung,
                          HETNET_TEST_FAULT="hang@1:6")
     assert r.returncode != 0
-    errors = _errors(r.stderr)
+    errors = error_lines(r.stderr)
     assert len(errors) == 1 and "rank 1 " in errors[0] and "no progress for 5 s" in errors[0], r.stderr
     assert seconds < 60
