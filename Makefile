@@ -14,6 +14,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	@# torch is an optional test/bench dependency (cross-checks); a CPU build lies on this machine's disk.
 	-$(PY) -m pip install -q torch==2.13.0 || echo "torch not installed: PyTorch cross-checks will be skipped"
+	@# MPI (data-parallel training on CPUs: mpirun -n N hetnet train): Debian's Open MPI when root with apt, then
+	@# mpi4py; without them the MPI tests are skipped.
+	@if ! command -v mpirun >/dev/null && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get install -y -q openmpi-bin libopenmpi-dev || (apt-get update -q && apt-get install -y -q openmpi-bin libopenmpi-dev)) >/dev/null || true; \
+	fi
+	-@if command -v mpirun >/dev/null; then $(PY) -m pip install -q -e '.[mpi]' || echo "mpi4py not installed: MPI tests will be skipped"; fi
 	touch $(STAMP)
 
 # Fashion-MNIST comes from Debian's package; hetnet also downloads it (with checksums) when online.

@@ -4,6 +4,8 @@
     hetnet train --model thesis-m1 --dataset folder --data cifar10-jpg-train.tar.gz --epochs 10
     hetnet train --resume runs/20261127-031500-fashion-cnn-fashion-mnist [--epochs 30]
     hetnet train --config runs/20261127-031500-fashion-cnn-fashion-mnist/config.json --seed 1
+    hetnet train --gpus 4 --model cifar-wide --dataset cifar10           # data parallel, one process per GPU
+    mpirun -n 2 hetnet train --device cpu --batch-size 64                # data parallel over MPI (hetnet.parallel)
     hetnet runs
     hetnet evaluate runs/20261127-031500-fashion-cnn-fashion-mnist
     hetnet predict runs/.../model.safetensors shoe.png --top-k 3
@@ -25,8 +27,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from . import data, zoo
-from .device import PRECISIONS, best_device
+from . import data, parallel, zoo
+from .device import PRECISIONS, best_device, cuda_available
 from .errors import HetnetError, UsageError
 from .optim import SCHEDULES
 from .predict import predict_images
@@ -141,6 +143,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-cuda-graph", action="store_true",
                    help="cuda: run the training step eagerly instead of replaying a captured CUDA graph")
     t.add_argument("--tf32", action="store_true", help="the same as --precision tf32")
+    d = t.add_argument_group("data parallel (hetnet.parallel; also under mpirun, srun or torchrun-style variables)")
+    d.add_argument("--gpus", type=_positive_int, metavar="N", help="train on N GPUs of this host, one process each; "
+                   "--batch-size is per GPU")
+    d.add_argument("--sync-bn", action="store_true", help="BatchNorm statistics over every rank's batch (default: "
+                   "each rank's own)")
+    d.add_argument("--dist-timeout", type=_positive_float, metavar="SECONDS",
+                   default=float(os.environ.get("HETNET_DIST_TIMEOUT") or parallel.DEFAULT_TIMEOUT_S),
+                   help="end the job when a rank makes no progress for this long while the others wait for it "
+                        "(default 120; a rank that dies ends it at once)")
 
     e = sub.add_parser("evaluate", help="loss, accuracy and per-class accuracy of a saved model",
                        description="Score a saved model: on its own data set's test split (or the validation split "
@@ -204,9 +215,63 @@ def _print(line: str) -> None:
     print(line, flush=True)
 
 
-def cmd_train(args) -> int:
+def cmd_train(args, argv: list[str] | None = None) -> int:
+    if args.gpus is not None and os.environ.get("HETNET_LAUNCHER") != "1":
+        return _launch_gpus(args, argv or [])
+    dist = parallel.start(args.device, args.dist_timeout, args.sync_bn)
+    if dist is None:
+        return _train(args, None)
+    return parallel.run(dist, lambda: _train(args, dist))
 
-    progress = False if args.no_progress else None
+
+def _launch_gpus(args, argv: list[str]) -> int:
+    """`--gpus N`: this process starts and watches N ranks (hetnet.parallel.launch)."""
+    if args.device not in (None, "cuda"):
+        raise UsageError(f"--device {args.device}: --gpus N gives each rank its own GPU (cuda:0 .. cuda:N-1); leave "
+                         f"--device out (CPUs: mpirun -n N hetnet train --device cpu ...)")
+    if not cuda_available():
+        raise UsageError(f"--gpus {args.gpus}: no CUDA GPU found (CuPy missing or no driver); CPUs train data "
+                         f"parallel under mpirun -n N")
+    import cupy
+
+    found = cupy.cuda.runtime.getDeviceCount()
+    if args.gpus > found:
+        raise UsageError(f"--gpus {args.gpus}: only {found} GPU(s) on this host")
+    child = _without_gpus(argv)
+    if not args.resume and not args.out:        # one run directory for every rank, named now
+        child += ["--out", str(_default_out(args))]
+    return parallel.launch(child, args.gpus, args.dist_timeout)
+
+
+def _without_gpus(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--gpus":
+            skip = True
+        elif not a.startswith("--gpus="):
+            out.append(a)
+    return out
+
+
+def _default_out(args) -> Path:
+    if args.config:
+        path = Path(args.config)
+        path = path / "config.json" if path.is_dir() else path
+        try:
+            model = json.loads(path.read_text()).get("model") or "spec"
+            dataset = args.dataset or json.loads(path.read_text()).get("dataset") or "data"
+        except (OSError, ValueError, AttributeError):
+            model, dataset = "spec", args.dataset or "data"     # the ranks say what is wrong with the file
+        return default_run_dir(str(args.model or model), str(dataset))
+    return default_run_dir(args.model or "fashion-cnn", args.dataset or "fashion-mnist")
+
+
+def _train(args, dist) -> int:
+    root = dist is None or dist.is_root
+    progress = False if args.no_progress or not root else None
+    log = default_log if root else None
     # tqdm makes its write lock on first use (importing multiprocessing); a Ctrl-C in the middle of that left it
     # half-made and ended in a traceback, so it is made here, before any run starts
 
@@ -227,24 +292,25 @@ def cmd_train(args) -> int:
              "skip_bad_images": args.skip_bad_images or None}
     if args.resume:
         given = [f for f, v in flags.items() if v is not None and f != "epochs"] + (["out"] if args.out else [])
-        if given:
+        if given and root:
             print(f"note: --resume continues the run as configured; ignoring --{given[0].replace('_', '-')}"
                   + (" and others" if len(given) > 1 else ""), file=sys.stderr)
         run_dir = Path(args.resume)
         try:
             with interruptible():
-                resume_run(run_dir, log=default_log, progress=progress, epochs=args.epochs,
-                           cache=not args.no_cache)
+                resume_run(run_dir, log=log, progress=progress, epochs=args.epochs, cache=not args.no_cache)
         except KeyboardInterrupt:
-            return _interrupted(run_dir)
+            return _interrupted(run_dir, root)
         return 0
+    if dist is not None:
+        flags["device"] = dist.device       # this rank's GPU (cuda:LOCAL_RANK), or the CPU
     if args.config:
 
         config = rerun_config(args.config, flags)
         out = Path(args.out or default_run_dir(config["model"] or "spec", config["dataset"]))
 
         def run():
-            start_run(config, out, log=default_log, progress=progress, cache=not args.no_cache)
+            start_run(config, out, log=log, progress=progress, cache=not args.no_cache)
     else:
         model, dataset = args.model or "fashion-cnn", args.dataset or "fashion-mnist"
         cfg = RunConfig(**{**{k: v for k, v in flags.items() if v is not None}, "model": model, "dataset": dataset,
@@ -254,17 +320,19 @@ def cmd_train(args) -> int:
         out = Path(cfg.out)
 
         def run():
-            train_run(cfg, log=default_log, progress=progress)
+            train_run(cfg, log=log, progress=progress)
     try:
         with interruptible():
             run()
     except KeyboardInterrupt:
-        return _interrupted(out)
+        return _interrupted(out, root)
     return 0
 
 
-def _interrupted(run_dir: Path) -> int:
+def _interrupted(run_dir: Path, say: bool = True) -> int:
 
+    if not say:
+        return EXIT_INTERRUPTED
     if checkpoint_path(run_dir).exists():
         sys.stderr.write(f"\ninterrupted: continue with `hetnet train --resume {run_dir}`\n")
     else:
@@ -414,8 +482,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
             return 0
+        if args.command == "train":
+            return cmd_train(args, argv)
         return COMMANDS[args.command](args)
     except HetnetError as e:
+        if os.environ.get("HETNET_LAUNCHER") == "1" and os.environ.get("RANK", "0") != "0":
+            return EXIT_USAGE       # a rank of `--gpus N` before it joined: rank 0 says it, the launcher too
         msg = " ".join(str(e).split("\n"))
         sys.stderr.write(f"error: {msg}\n")
         return EXIT_USAGE

@@ -113,6 +113,13 @@ def _bn_args(bn):
     return (bn.gamma, bn.bias.data, bn.running_mean, bn.running_var, bn.momentum, bn.eps, bn.training)
 
 
+def _bn_sync(bn) -> dict:
+    """{"reduce": f} for a synchronised BatchNorm (hetnet.parallel sets the layer's `sync_stats` to a function that
+    sums an array over the processes, see batchnorm_forward in hetnet.backends), else no argument."""
+    reduce = getattr(bn, "sync_stats", None)
+    return {} if reduce is None else {"reduce": reduce}
+
+
 class BatchNormNode(Node):
     """BatchNorm1D / BatchNorm2D, with the ReLU after it when act == "relu"."""
 
@@ -123,7 +130,8 @@ class BatchNormNode(Node):
         self.act, self.pos_out = act, act == "relu"
 
     def forward(self, be, x, ctx):
-        y, self.cache = be.batchnorm_forward(x, *_bn_args(self.layers[0]), act=self.act)
+        bn = self.layers[0]
+        y, self.cache = be.batchnorm_forward(x, *_bn_args(bn), act=self.act, **_bn_sync(bn))
         return y
 
     def backward(self, be, dy, need_dx):
@@ -156,7 +164,7 @@ class BNReluPoolNode(Node):
 
     def forward(self, be, x, ctx):
         bn, _, pool = self.layers
-        y, self.cache = be.bn_relu_maxpool_forward(x, *_bn_args(bn), pool.kernel_size, pool.stride)
+        y, self.cache = be.bn_relu_maxpool_forward(x, *_bn_args(bn), pool.kernel_size, pool.stride, **_bn_sync(bn))
         return y
 
     def backward(self, be, dy, need_dx):
@@ -387,11 +395,13 @@ class Plan:
         self.output = x if keep else None
         return x
 
-    def backward(self, dy, need_dx: bool = True, keep: bool = True):
+    def backward(self, dy, need_dx: bool = True, keep: bool = True, after_node: Callable | None = None):
         """dy = dE/d(output) back through the nodes of the last forward, accumulating parameter gradients; returns
         dE/d(input), or None when need_dx is False (then the backward stops at the first node with parameters).
         keep=False frees each node's cache as soon as its backward has run (a training step: the memory is reused
-        by the rest of the backward); with keep the backward may run again."""
+        by the rest of the backward); with keep the backward may run again. after_node(i) runs after node i's
+        backward, when the gradients of its parameters are complete (a data-parallel step starts reducing them
+        there, hetnet.parallel)."""
         be, nodes = self.model.backend, self.nodes
         if nodes and nodes[-1].pos_out:          # the model ends in a ReLU nobody took the derivative of
             dy = be.relu_mask(dy.copy(), self.output)
@@ -400,6 +410,8 @@ class Plan:
             dy = nodes[i].backward(be, dy, need_dx or i > first)
             if not keep:
                 nodes[i].cache = None
+            if after_node is not None:
+                after_node(i)
         if not keep:
             for node in nodes[:first]:
                 node.cache = None
@@ -506,13 +518,19 @@ class TrainStep(EvalStep):
     depend on besides the scalars -- the optimiser's signature() (which parameters train, hyperparameters other than
     the learning rates) and the arrays the backward writes each parameter's gradient into (Parameter.grad_target:
     freezing or unfreezing a parameter changes it) -- with the last batch's, and on a change resets the runner:
-    the next batch runs eagerly and is captured again (airbench freezes its whitening bias after a few epochs)."""
+    the next batch runs eagerly and is captured again (airbench freezes its whitening bias after a few epochs).
+
+    reducer: None (one process), or a data-parallel job's gradient reduction (hetnet.parallel.GradReducer): the
+    step calls `reducer.step_started()` before each step (outside a captured graph), `reducer.begin(nodes)` before
+    the backward, `reducer.after_node(i)` after each node's backward and `reducer.finish()` before the update, which
+    then sees the gradient averaged over the processes."""
 
     training = True
     written_grads = True    # False: zero every gradient first (tests and A/B timings of the shortcut)
 
-    def __init__(self, model, optimizer, schedule=None, label_smoothing: float = 0.0, plan: Plan | None = None):
-        self.optimizer, self.schedule = optimizer, schedule
+    def __init__(self, model, optimizer, schedule=None, label_smoothing: float = 0.0, plan: Plan | None = None,
+                 reducer=None):
+        self.optimizer, self.schedule, self.reducer = optimizer, schedule, reducer
         self.label_smoothing = float(label_smoothing)
         self.fused = optimizer.fused
         if not self.fused:
@@ -560,16 +578,24 @@ class TrainStep(EvalStep):
                 p.zero_grad()
         for nd in written:
             nd.accumulate = False
+        reducer = self.reducer
+        if reducer is not None:
+            reducer.begin(self.plan.nodes)
         try:
-            self.plan.backward(dlogits, need_dx=False, keep=False)
+            self.plan.backward(dlogits, need_dx=False, keep=False,
+                               after_node=None if reducer is None else reducer.after_node)
         finally:
             for nd in written:
                 nd.accumulate = True
+        if reducer is not None:
+            reducer.finish()
         if self.fused:
             opt.update(self.runner.scalars)
 
     def step(self, xb, yb) -> None:
         opt = self.optimizer
+        if self.reducer is not None:
+            self.reducer.step_started()
         layout = self._launch_layout()
         if layout != self._layout:
             self._layout = layout

@@ -24,6 +24,7 @@ device: on the cpu backend it ends with the same weights and metrics; flags give
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -39,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from . import data as hdata
-from . import export, plots, serialize, zoo
+from . import export, parallel, plots, serialize, zoo
 from . import init as hinit
 from . import random as hrandom
 from .data import transforms
@@ -260,8 +261,11 @@ def versions() -> dict:
 
 
 def note(line: str) -> None:
-    """A `note: ...` line on stderr: said once per command, never mixed into results on stdout."""
-    print(f"note: {line}", file=sys.stderr, flush=True)
+    """A `note: ...` line on stderr: said once per command, never mixed into results on stdout (by rank 0 alone in
+    a data-parallel job)."""
+    dist = parallel.current()
+    if dist is None or dist.is_root:
+        print(f"note: {line}", file=sys.stderr, flush=True)
 
 
 def load_data(dataset: str, data: str | None, input_shape: tuple, skip_bad_images: bool = False,
@@ -303,12 +307,26 @@ def prepare(config: dict, log: Callable[[str], None] | None = None, cache: bool 
     Raises HetnetError subclasses for bad input, before anything is written."""
 
     recipe = config["recipe"]
-    backend = get_backend(config["device"], config.get("precision"))
+    dist = parallel.current()
+    backend = get_backend(config["device"] if dist is None else dist.device, config.get("precision"))
     hrandom.seed(config["seed"])
     spec = config["spec"]
     model, input_shape = zoo.build_from_spec(spec, config.get("model") or "spec")
-    ds = load_data(config["dataset"], config.get("data"), input_shape, config.get("skip_bad_images", False),
-                   config.get("model") or "the model", cache=cache, progress=progress)
+
+    def load():
+        return load_data(config["dataset"], config.get("data"), input_shape, config.get("skip_bad_images", False),
+                         config.get("model") or "the model", cache=cache, progress=progress)
+
+    if dist is not None and config["dataset"] == "folder" and cache:
+        # rank 0 decodes the images into the cache (hetnet.data.cache) while the others wait, then they read it
+        if dist.is_root:
+            with dist.solo():
+                ds = load()
+        dist.barrier()
+        if not dist.is_root:
+            ds = load()
+    else:
+        ds = load()
     class_names = [str(c) for c in ds.class_names]
     k = len(class_names)
     if k < 2:
@@ -350,6 +368,9 @@ def prepare(config: dict, log: Callable[[str], None] | None = None, cache: bool 
     if hinit.needs_data(model):     # a whitening first layer: from the first 5,000 training images, as airbench
         hinit.data_init(model, tx, mean, std)
     bs = recipe["batch_size"]
+    if dist is not None and bs % dist.world:
+        raise UsageError(f"--batch-size: the run's global batch of {bs} does not split evenly over {dist.world} "
+                         f"ranks")
     # a last batch of one example would break batch normalisation in training: drop it in that case only
     train_loader = hdata.BatchLoader(tx, ty, bs, mean, std, shuffle=True, augment=tuple(recipe["augment"]),
                                      seed=config["seed"], drop_last=(len(tx) % bs == 1 and len(tx) > 1))
@@ -362,6 +383,15 @@ def prepare(config: dict, log: Callable[[str], None] | None = None, cache: bool 
     # on the GPU the uint8 sets go to device memory once, and batches are assembled there (hetnet.data.on_device)
     train_loader, val_loader, test_loader = (hdata.on_device(ld, backend) if ld is not None else None
                                              for ld in (train_loader, val_loader, test_loader))
+    if dist is not None:        # each rank: its part of every batch, its own start from rank 0's weights
+        train_loader = dist.shard(train_loader, train=True)
+        val_loader, test_loader = dist.shard(val_loader, train=False), dist.shard(test_loader, train=False)
+        if train_loader.skipped():
+            note(f"with {dist.world} ranks the last batch of each epoch is cut to a multiple of {dist.world}: "
+                 f"{train_loader.skipped()} training example(s) per epoch sit out (a different few each epoch)")
+        dist.sync_bn = bool((config.get("parallel") or {}).get("sync_bn"))
+        config.update(_parallel_entry(dist))        # a resume may run on another number of ranks
+        dist.prepare_model(model)
     optimizer, schedule, average, lookahead, frozen_after = make_training(recipe, model, len(train_loader))
     counts = {"train": int(len(tx)), "val": int(len(vx)) if vx is not None else 0,
               "test": int(len(ds.test_x)) if has_test else 0}
@@ -415,7 +445,11 @@ def make_config(cfg: RunConfig) -> dict:
     recipe = _recipe(cfg, preset)
     hrandom.seed(cfg.seed)
     spec = zoo.resolve(cfg.model)[2]
+    dist = parallel.current()
+    if dist is not None:          # --batch-size and the presets' batches are per rank; the recipe holds the global
+        recipe["batch_size"] *= dist.world
     return {
+        **_parallel_entry(dist),
         "model": cfg.model, "spec": spec, "adapt_classes": preset is not None,
         "dataset": cfg.dataset, "data": None if cfg.data is None else str(Path(cfg.data).resolve()),
         "device": device, "precision": precision, "recipe": recipe, "val_fraction": cfg.val_fraction,
@@ -424,6 +458,14 @@ def make_config(cfg: RunConfig) -> dict:
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "command": " ".join(sys.argv), "versions": versions(),
     }
+
+
+def _parallel_entry(dist, sync_bn: bool | None = None) -> dict:
+    """config.json's "parallel": how many ranks run it (the recipe's batch_size is the global batch, each rank
+    takes batch_size / world_size) and whether BatchNorm is synchronised (nothing for a single process)."""
+    if dist is None:
+        return {}
+    return {"parallel": {"world_size": dist.world, "sync_bn": dist.sync_bn if sync_bn is None else bool(sync_bn)}}
 
 
 def default_run_dir(model: str, dataset: str) -> Path:
@@ -446,6 +488,15 @@ def _checkpoint(run_dir: Path, p: _Prepared, epoch: int, history: list) -> None:
     serialize.save_checkpoint(run_dir, p.model, p.optimizer, p.schedule, state, p.average, p.lookahead)
 
 
+def _ranks(batch: int) -> str:
+    """' (4 ranks x 128, synchronised BatchNorm)' in a data-parallel job, else ''."""
+    dist = parallel.current()
+    if dist is None:
+        return ""
+    ranks = f"{dist.world} rank{'s' if dist.world > 1 else ''}"
+    return f" ({ranks} x {batch // dist.world}{', synchronised BatchNorm' if dist.sync_bn else ''})"
+
+
 def _describe(p: _Prepared, run_dir: Path) -> str:
     r, c = p.config["recipe"], p.config
     split = f"{p.counts['train']} train"
@@ -455,7 +506,8 @@ def _describe(p: _Prepared, run_dir: Path) -> str:
         split += f", {p.counts['test']} test"
     skipped = f" ({p.skipped} unreadable images skipped)" if p.skipped else ""
     return (f"training {c['model']} on {c['dataset']} ({split} from {p.data_source}){skipped} on {c['device']}: "
-            f"{r['epochs']} epochs, batch {r['batch_size']}, {r['optimizer']} lr {r['lr']:g} {r['schedule']}, "
+            f"{r['epochs']} epochs, batch {r['batch_size']}{_ranks(r['batch_size'])}, {r['optimizer']} lr "
+            f"{r['lr']:g} {r['schedule']}, "
             f"weight decay {r['weight_decay']:g}, augment {','.join(r['augment']) or 'none'}"
             + (f", weight average {r['ema']:g}" if r.get("ema") else "")
             + (f", lookahead every {r['lookahead']} steps" if r.get("lookahead") else "")
@@ -517,6 +569,11 @@ def rerun_config(path: str | Path, flags: dict | None = None) -> dict:
     if any(k not in recipe for k in recipe_keys):
         raise UsageError(f"--config: {path}: incomplete recipe (expected {', '.join(recipe_keys)})")
     config["recipe"] = _recipe(RunConfig(**{k: recipe[k] for k in recipe_keys + RECIPE_EXTRA if k in recipe}), None)
+    dist = parallel.current()
+    if dist is not None:
+        if "batch_size" in flags:       # per rank, as for a new run
+            config["recipe"]["batch_size"] *= dist.world
+        config.update(_parallel_entry(dist, dist.sync_bn or (old.get("parallel") or {}).get("sync_bn")))
     for k in ("dataset", "device", "precision", "seed", "limit", "val_fraction", "skip_bad_images"):
         if k in flags:
             config[k] = flags[k]
@@ -539,12 +596,14 @@ def rerun_config(path: str | Path, flags: dict | None = None) -> dict:
 def start_run(config: dict, run_dir: str | Path, log: Callable[[str], None] | None = default_log,
               progress: bool | None = None, on_epoch: Callable[[dict], None] | None = None,
               cache: bool = True) -> RunResult:
-    """Train a new run from a config dict (make_config, rerun_config) into run_dir (cache: see prepare)."""
+    """Train a new run from a config dict (make_config, rerun_config) into run_dir (cache: see prepare). In a
+    data-parallel job rank 0 alone checks and writes the directory (hetnet.parallel)."""
     run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
+    root = _is_root()
+    if root and run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"--out: {run_dir} exists and is not a directory")
-    if (run_dir / "config.json").exists() or serialize.checkpoint_path(run_dir).exists() or \
-            (run_dir / "model.safetensors").exists():
+    if root and ((run_dir / "config.json").exists() or serialize.checkpoint_path(run_dir).exists() or
+                 (run_dir / "model.safetensors").exists()):
         raise UsageError(f"--out: {run_dir} already holds a run; continue it with --resume {run_dir} or choose "
                          f"another --out")
     p = prepare(config, log, cache=cache, progress=progress)
@@ -553,14 +612,16 @@ def start_run(config: dict, run_dir: str | Path, log: Callable[[str], None] | No
     config["input_shape"] = list(p.input_shape)
     config["class_names"] = p.class_names
     config["counts"] = p.counts
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"--out: cannot create {run_dir}: {e.strerror}") from None
-    # the epoch-0 checkpoint first: a directory with a config.json always has a checkpoint to resume from
-    _checkpoint(run_dir, p, 0, [])
-    atomic_write_text(run_dir / "config.json", json.dumps(config, indent=2) + "\n")
-    _write_metrics(run_dir, [])
+    if root:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"--out: cannot create {run_dir}: {e.strerror}") from None
+        with _solo():
+            # the epoch-0 checkpoint first: a directory with a config.json always has a checkpoint to resume from
+            _checkpoint(run_dir, p, 0, [])
+            atomic_write_text(run_dir / "config.json", json.dumps(config, indent=2) + "\n")
+            _write_metrics(run_dir, [])
     if log:
         log(_describe(p, run_dir))
     return _run_epochs(run_dir, p, 0, [], log, progress, on_epoch)
@@ -596,8 +657,10 @@ def resume_run(run_dir: str | Path, log: Callable[[str], None] | None = default_
     if epochs is not None and epochs != planned:
         config["recipe"]["epochs"] = epochs
         config.setdefault("epochs_before", []).append(planned)
+    root = _is_root()
     for stale in [*run_dir.glob(".*.tmp"), *run_dir.glob(".*.tmp.png"), *ckpt.path.parent.glob(".*.tmp")]:
-        stale.unlink(missing_ok=True)   # left by a kill in the middle of an atomic write
+        if root:
+            stale.unlink(missing_ok=True)   # left by a kill in the middle of an atomic write
     p = prepare(config, log, cache=cache, progress=progress)
     if p.fingerprint != state.get("fingerprint"):
         raise UsageError(f"--resume: the training data at {p.data_source} differ from the data this run started "
@@ -610,26 +673,50 @@ def resume_run(run_dir: str | Path, log: Callable[[str], None] | None = default_
     p.mean, p.std = state.get("mean", p.mean), state.get("std", p.std)
     history = list(state["metrics"])[:state["epoch"]]
     if config["recipe"]["epochs"] != planned:
-        atomic_write_text(run_dir / "config.json", json.dumps(config, indent=2) + "\n")
+        if root:
+            with _solo():
+                atomic_write_text(run_dir / "config.json", json.dumps(config, indent=2) + "\n")
         if config["recipe"]["schedule"] != "constant" or config["recipe"]["warmup_epochs"]:
             note(f"the {config['recipe']['schedule']} schedule now spans {config['recipe']['epochs']} epochs "
                  f"instead of {planned}: epoch {done + 1} starts at learning rate {p.optimizer.lr:.4g}")
-    _write_metrics(run_dir, history)
+    if root:
+        with _solo():
+            _write_metrics(run_dir, history)
     if log:
         log(_describe(p, run_dir) + f"\nresuming after epoch {state['epoch']}/{config['recipe']['epochs']}")
     return _run_epochs(run_dir, p, state["epoch"], history, log, progress, on_epoch)
 
 
+def _is_root() -> bool:
+    """Whether this process writes the run directory: a single process, or rank 0 of a data-parallel job."""
+    dist = parallel.current()
+    return dist is None or dist.is_root
+
+
+def _solo():
+    """A block of rank 0's own work (files) that the data-parallel watchdog does not time."""
+    dist = parallel.current()
+    return dist.solo() if dist is not None else contextlib.nullcontext()
+
+
 def _run_epochs(run_dir: Path, p: _Prepared, start: int, history: list, log, progress, on_epoch) -> RunResult:
     epochs = p.config["recipe"]["epochs"]
+    dist = parallel.current()
+    if dist is not None:
+        dist.fork_random()
     trainer = Trainer(p.model, p.optimizer, p.schedule, p.config["recipe"]["label_smoothing"], progress=progress,
                       log=log, average=p.average, lookahead=p.lookahead, frozen_after=p.frozen_after,
-                      tta=p.config["recipe"].get("tta", 0))
+                      tta=p.config["recipe"].get("tta", 0), dist=dist)
     t0 = time.perf_counter()
 
     best_key = "val_accuracy" if p.val_loader is not None else ("test_accuracy" if p.test_loader is not None else None)
 
     def after_epoch(rec: dict, hist: list) -> None:
+        if _is_root():
+            with _solo():
+                _after_epoch(rec, hist)
+
+    def _after_epoch(rec: dict, hist: list) -> None:
         # the best epoch's weights (as evaluated: the average, if any) first, then the checkpoint; a kill between
         # the two repeats the epoch on resume and writes the same file again
         if best_key is not None and rec[best_key] > max((r[best_key] for r in hist[:-1]), default=-math.inf):
@@ -652,10 +739,13 @@ def _run_epochs(run_dir: Path, p: _Prepared, start: int, history: list, log, pro
         raise TrainingDiverged(f"{e}; the last good checkpoint (epoch {last}) is in "
                                f"{serialize.checkpoint_path(run_dir).parent}, no model.safetensors written") from None
     seconds = time.perf_counter() - t0
-    info = _model_info(p)
-    _plots(run_dir, p, history)
     model_path = run_dir / "model.safetensors"   # written last: its presence marks a finished run
-    serialize.save_model(model_path, p.model, p.spec, p.mean, p.std, p.class_names, info)
+    if not _is_root():
+        return RunResult(run_dir, history, model_path, seconds)
+    info = _model_info(p)
+    with _solo():
+        _plots(run_dir, p, history)
+        serialize.save_model(model_path, p.model, p.spec, p.mean, p.std, p.class_names, info)
     summary = _summary(run_dir, history, epochs)
     if log:
         log(summary)
@@ -675,7 +765,8 @@ def _plots(run_dir: Path, p: _Prepared, history: list) -> None:
     plots.curves(history, run_dir / "curves.png")
     loader, split = (p.test_loader, "test") if p.test_loader is not None else (
         (p.val_loader, "validation") if p.val_loader is not None else (p.train_loader, "training"))
-    if loader is p.train_loader:
+    loader = getattr(loader, "whole", loader)           # a rank's shard: the whole set (hetnet.parallel)
+    if split == "training":
 
         host = getattr(loader, "host", loader)          # a ResidentLoader's BatchLoader
         loader = hdata.BatchLoader(host.x, host.y, EVAL_BATCH, host.mean, host.std, shuffle=False)

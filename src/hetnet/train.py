@@ -252,10 +252,11 @@ def check_interrupt() -> None:
 # --- the step objects ----------------------------------------------------------------------------------------
 
 
-def make_train_step(model, optimizer, schedule=None, label_smoothing: float = 0.0) -> TrainStep:
+def make_train_step(model, optimizer, schedule=None, label_smoothing: float = 0.0, reducer=None) -> TrainStep:
     """The step object training runs: hetnet.plan.TrainStep (forward, loss, backward, update through the model's
-    plan; on the GPU captured once as a CUDA graph and replayed)."""
-    return TrainStep(model, optimizer, schedule, label_smoothing)
+    plan; on the GPU captured once as a CUDA graph and replayed). reducer: a data-parallel job's gradient
+    reduction (hetnet.parallel.Dist.reducer), None for one process."""
+    return TrainStep(model, optimizer, schedule, label_smoothing, reducer=reducer)
 
 
 def make_eval_step(model, tta: int = 0) -> EvalStep:
@@ -617,13 +618,17 @@ class Trainer:
 
         >>> trainer = Trainer(model, optimizer, schedule)                                  # doctest: +SKIP
         >>> history = trainer.fit(train_loader, epochs=5, test_loader=test_loader)       # doctest: +SKIP
+
+    dist: this process's rank of a data-parallel job (hetnet.parallel.Dist; the loaders then serve its shards):
+    the step averages gradients over the ranks, the records hold the sums over every rank (the progress bar the
+    global rate), and BatchNorm's running statistics are averaged over the ranks before each evaluation.
     """
 
     def __init__(self, model, optimizer, schedule=None, label_smoothing: float = 0.0, progress: bool | None = None,
                  log: Callable[[str], None] | None = default_log, ema: float = 0.0,
                  average: WeightAverage | None = None, lookahead: Lookahead | None = None,
-                 frozen_after: Iterable = (), tta: int = 0):
-        self.model, self.optimizer, self.schedule = model, optimizer, schedule
+                 frozen_after: Iterable = (), tta: int = 0, dist=None):
+        self.model, self.optimizer, self.schedule, self.dist = model, optimizer, schedule, dist
         self.tta = check_tta(tta)     # test-time augmentation of the last epoch's evaluation (tta_logits)
         self.label_smoothing = float(label_smoothing)
         # evaluate (and finally keep) an exponential moving average of the weights; 0: the weights themselves
@@ -645,10 +650,13 @@ class Trainer:
 
     def train_epoch(self, loader, epoch: int, epochs: int | None = None) -> tuple[float, float, float, int]:
         """One pass over loader.epoch(epoch) (0-based); (mean loss, accuracy, seconds, images)."""
+        dist = self.dist
         self._set_frozen(epoch)
         if self._train_step is None:
-            self._train_step = make_train_step(self.model, self.optimizer, self.schedule, self.label_smoothing)
+            self._train_step = make_train_step(self.model, self.optimizer, self.schedule, self.label_smoothing,
+                                               reducer=dist.reducer(self.model) if dist is not None else None)
         step, backend = self._train_step, self.backend
+        world = dist.world if dist is not None else 1
         self.model.train()
         bar = _bar(_num_batches(loader), f"epoch {epoch + 1}" + (f"/{epochs}" if epochs else ""), self.progress)
         loss_sum, correct, count = 0.0, 0, 0
@@ -679,7 +687,7 @@ class Trainer:
                         if i % 20 == 19:  # a device sync every 20 batches, only when someone watches
                             ls, c, n = step.collect()
                             loss_sum, correct, count = loss_sum + ls, correct + c, count + n
-                            rate = count / max(time.perf_counter() - t0, 1e-9)
+                            rate = world * count / max(time.perf_counter() - t0, 1e-9)
                             bar.set_postfix_str(f"loss {loss_sum / max(count, 1):.4f} "
                                                 f"acc {100 * correct / max(count, 1):.2f}% {rate:.0f} img/s",
                                                 refresh=False)
@@ -689,6 +697,9 @@ class Trainer:
                 if bar is not None:
                     bar.close()
         loss_sum, correct, count = loss_sum + ls, correct + c, count + n
+        if dist is not None:            # every rank's batches (they all ran the same steps, at the same time)
+            loss_sum, correct, count, warm_n = dist.sum([loss_sum, correct, count, warm_n])
+            correct, count, warm_n = int(correct), int(count), int(warm_n)
         seconds = time.perf_counter() - t0
         self.last_warmup = (warm_s, warm_n)
         if count == 0:
@@ -717,10 +728,11 @@ class Trainer:
         if step is None:
             self.model.eval()
             step = self._eval_steps[tta] = make_eval_step(self.model, tta)
-        if self.average is None:
-            return evaluate(self.model, loader, step)
-        with self.average.applied():
-            return evaluate(self.model, loader, step)
+        with self.average.applied() if self.average is not None else contextlib.nullcontext():
+            loss_sum, correct, count = evaluate_sums(self.model, loader, step)
+        if self.dist is not None:       # each rank scored its shard
+            loss_sum, correct, count = self.dist.sum([loss_sum, correct, count])
+        return (loss_sum / count, correct / count) if count else (float("nan"), float("nan"))
 
     def finish(self) -> None:
         """End of training: the model keeps the weights that were evaluated (the lookahead's EMA, the average)."""
@@ -747,6 +759,9 @@ class Trainer:
                                        f"(try a lower --lr)") from None
             if self.lookahead is not None and e == epochs - 1:
                 self.lookahead.finish()          # the weights evaluated and saved are the final ones
+            if self.dist is not None:
+                self.dist.average_arrays(self.backend,
+                                         self.dist.buffers_of(self.model, self.average, self.lookahead))
             rec = {"epoch": e + 1, "train_loss": loss, "train_accuracy": acc,
                    "val_loss": None, "val_accuracy": None, "test_loss": None, "test_accuracy": None}
             tta = self.tta if e == epochs - 1 and (val_loader is not None or test_loader is not None) else 0
@@ -772,6 +787,14 @@ def evaluate(model, loader, step=None, tta: int = 0) -> tuple[float, float]:
     """(mean loss, accuracy) of a model over loader.epoch(0), in eval mode (mode restored afterwards), with
     test-time augmentation level `tta` (tta_logits). `step`: an eval step object of this model to reuse (from
     make_eval_step, which fixes the level)."""
+    loss_sum, correct, count = evaluate_sums(model, loader, step, tta)
+    if count == 0:
+        return float("nan"), float("nan")
+    return loss_sum / count, correct / count
+
+
+def evaluate_sums(model, loader, step=None, tta: int = 0) -> tuple[float, int, int]:
+    """(sum of the losses, correct predictions, examples) over loader.epoch(0), as evaluate()."""
     backend = model.backend
     was_training = model.training
     model.eval()
@@ -785,9 +808,7 @@ def evaluate(model, loader, step=None, tta: int = 0) -> tuple[float, float]:
         backend.synchronize()
     finally:
         model.train(was_training)
-    if count == 0:
-        return float("nan"), float("nan")
-    return loss_sum / count, correct / count
+    return loss_sum, correct, count
 
 
 def predict_labels(model, loader, tta: int = 0) -> tuple[np.ndarray, np.ndarray]:

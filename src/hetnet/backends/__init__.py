@@ -80,13 +80,20 @@ gelu_forward(x) -> y, cache ;      gelu_backward(dy, cache) -> dx          (the 
 scale_forward(x, factor: float) -> y, cache ;  scale_backward(dy, cache) -> dx     y = factor * x; dx = factor * dy
 softmax_forward(x[N,K]) -> y, cache ; softmax_backward(dy, cache) -> dx = y * (dy - sum(dy*y, axis=1))
 batchnorm_forward(x[N,C] or [N,C,H,W], gamma[C], beta[C], running_mean[C], running_var[C], momentum, eps,
-                  training: bool, act=None) -> y, cache
+                  training: bool, act=None, reduce=None) -> y, cache
     training: normalise with the batch's mean and biased variance; update running stats in place as PyTorch:
     running = (1 - momentum) * running + momentum * stat, with the *unbiased* variance for running_var.
     eval: normalise with the running statistics.
+    reduce (synchronised BatchNorm, hetnet.parallel): None, or a function reduce(a) that sums a 1-D array of this
+    backend (float64 or the backend's dtype) over the processes of a data-parallel job, in place. Every process
+    calls the op with the same C at the same time; training then uses the mean and variance of all the processes'
+    batches together (the per-channel sums and counts are reduced), and so does the running-stat update. Ignored
+    in eval mode. The backward reads it from the cache.
 batchnorm_backward(dy, cache, dgamma[C]|None, dbeta[C], need_dx=True, relu_mask=False) -> dx|None
     (eval-mode cache: dx = dy * gamma / sqrt(rv + eps)); dgamma None: dE/dgamma is not computed (a frozen or
-    constant scale); dx is the same.
+    constant scale); dx is the same. Synchronised (a training cache made with reduce): dgamma and dbeta get this
+    process's sums (the gradient reduction averages them over the processes); dx is d(sum of every process's
+    loss)/dx, from per-channel sums of dy reduced over the processes.
 dropout_forward(x, p: float, seed) -> y, cache    keep element i (flat, C order) iff
     hetnet.random.counter_uniform(seed, x.size)[i] >= p; y = x * keep / (1 - p). Same mask on every backend.
     seed: an int, or a backend array of one uint32 read when the op runs (a replayed step fills it each time).
@@ -97,7 +104,7 @@ conv2d_relu_maxpool_forward(x, w, b, stride, padding, pool_kernel, pool_stride) 
     maxpool2d(relu(conv2d(x))), the ReLU included in the backward
 conv2d_relu_maxpool_backward(dy, cache, dw, db|None, need_dx=True, relu_mask=False) -> dx|None
 bn_relu_maxpool_forward(x, gamma, beta, running_mean, running_var, momentum, eps, training, pool_kernel,
-                        pool_stride) -> y, cache          maxpool2d(relu(batchnorm(x)))
+                        pool_stride, reduce=None) -> y, cache          maxpool2d(relu(batchnorm(x)))
 bn_relu_maxpool_backward(dy, cache, dgamma, dbeta, need_dx=True, relu_mask=False, inplace=False) -> dx|None
     inplace: dx may be written over x, which the caller will not read again (ignored with relu_mask)
 dense_chain_forward(x[N,F], layers=[(w[K,F], b[K]|None, relu: bool), ...]) -> y[N,K_last], cache

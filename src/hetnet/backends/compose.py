@@ -35,10 +35,11 @@ def conv2d_relu_maxpool_backward(be, dy, cache, dw, db, need_dx=True, relu_mask=
 
 
 def bn_relu_maxpool_forward(be, x, gamma, beta, running_mean, running_var, momentum, eps, training, pool_kernel,
-                            pool_stride):
-    """maxpool2d(relu(batchnorm(x))); running statistics updated as batchnorm_forward does."""
+                            pool_stride, reduce=None):
+    """maxpool2d(relu(batchnorm(x))); running statistics updated as batchnorm_forward does (synchronised over
+    processes with `reduce`, see batchnorm_forward)."""
     z, bn_cache = be.batchnorm_forward(x, gamma, beta, running_mean, running_var, momentum, eps, training,
-                                       act="relu")
+                                       act="relu", reduce=reduce)
     y, pool_cache = be.maxpool2d_forward(z, pool_kernel, pool_stride)
     return y, (bn_cache, pool_cache)
 

@@ -346,14 +346,24 @@ def _per_channel(v, ndim: int):
 
 
 def batchnorm_forward(x, gamma, beta, running_mean, running_var, momentum: float, eps: float, training: bool,
-                      act=None):
+                      act=None, reduce=None):
     x = _f64(x)
     axes = _bn_axes(x)
     m = x.size // x.shape[1]
     g, bt = _per_channel(_f64(gamma), x.ndim), _per_channel(_f64(beta), x.ndim)
     if training:
-        mean = x.mean(axis=axes)                                      # [C]
-        var = ((x - _per_channel(mean, x.ndim)) ** 2).mean(axis=axes)  # [C], biased (divide by m)
+        if reduce is None:
+            mean = x.mean(axis=axes)                                      # [C]
+            var = ((x - _per_channel(mean, x.ndim)) ** 2).mean(axis=axes)  # [C], biased (divide by m)
+        else:
+            # synchronised: the statistics of every process's batch together, m = their total count M
+            s = np.append(x.sum(axis=axes), m)                            # [C + 1]: sum_A x, then the count
+            reduce(s)
+            m = s[-1]
+            mean = s[:-1] / m
+            q = ((x - _per_channel(mean, x.ndim)) ** 2).sum(axis=axes)     # sum_A (x - mean)^2 about the global mean
+            reduce(q)
+            var = q / m
         # running statistics as PyTorch: exponential moving average, unbiased variance m/(m-1)
         running_mean[...] = (1.0 - momentum) * running_mean + momentum * mean
         running_var[...] = (1.0 - momentum) * running_var + momentum * var * (m / (m - 1))
@@ -363,14 +373,15 @@ def batchnorm_forward(x, gamma, beta, running_mean, running_var, momentum: float
     xc = x - _per_channel(mean, x.ndim)                                # x - mean
     xhat = xc * _per_channel(inv_std, x.ndim)
     y = g * xhat + bt
-    return _act(y, act), (training, x, xc, xhat, inv_std, _f64(gamma), axes, m)
+    return _act(y, act), (training, x, xc, xhat, inv_std, _f64(gamma), axes, m, reduce if training else None)
 
 
 def batchnorm_backward(dy, cache, dgamma, dbeta, need_dx: bool = True, relu_mask: bool = False):
-    training, x, xc, xhat, inv_std, gamma, axes, m = cache
+    training, x, xc, xhat, inv_std, gamma, axes, m, reduce = cache
     dy = _f64(dy)
     nd = dy.ndim
-    # dL/dbeta = sum_A dy;  dL/dgamma = sum_A dy * xhat  (not computed when dgamma is None: a frozen scale)
+    # dL/dbeta = sum_A dy;  dL/dgamma = sum_A dy * xhat  (not computed when dgamma is None: a frozen scale). Sums over
+    # this process's batch alone when synchronised: the gradient reduction averages them with the other processes'.
     dbeta += dy.sum(axis=axes)
     if dgamma is not None:
         dgamma += (dy * xhat).sum(axis=axes)
@@ -381,11 +392,17 @@ def batchnorm_backward(dy, cache, dgamma, dbeta, need_dx: bool = True, relu_mask
         # mean and var are constants in eval: xhat = (x - rm) * inv_std
         dx = dxhat * _per_channel(inv_std, nd)
         return _masked(dx, x) if relu_mask else dx
-    # training: x reaches xhat directly and through mean and var (var = (1/m) sum_A (x - mean)^2)
+    # training: x reaches xhat directly and through mean and var (var = (1/m) sum_A (x - mean)^2); synchronised,
+    # mean and var are those of every process's batch, so the three sums below run over all of them (L = the sum of
+    # the processes' losses)
+    sums = np.concatenate([dxhat.sum(axis=axes), (dxhat * xc).sum(axis=axes), xc.sum(axis=axes)])
+    if reduce is not None:
+        reduce(sums)
+    sum_dxhat, sum_dxhat_xc, sum_xc = np.split(sums, 3)
     # dL/dvar  = sum_A dxhat * (x - mean) * (-1/2) (var + eps)^(-3/2)
-    dvar = (dxhat * xc).sum(axis=axes) * -0.5 * inv_std ** 3
+    dvar = sum_dxhat_xc * -0.5 * inv_std ** 3
     # dL/dmean = sum_A dxhat * (-inv_std) + dL/dvar * (-2/m) sum_A (x - mean)     (the last sum is 0 in exact maths)
-    dmean = -(dxhat.sum(axis=axes)) * inv_std + dvar * (-2.0 / m) * xc.sum(axis=axes)
+    dmean = -sum_dxhat * inv_std + dvar * (-2.0 / m) * sum_xc
     # term 1: direct path, dxhat * inv_std
     # term 2: through var,  dL/dvar * dvar/dx = dL/dvar * 2 (x - mean) / m
     # term 3: through mean, dL/dmean * dmean/dx = dL/dmean / m
@@ -519,9 +536,9 @@ def conv2d_relu_maxpool_backward(dy, cache, dw, db, need_dx=True, relu_mask=Fals
 
 
 def bn_relu_maxpool_forward(x, gamma, beta, running_mean, running_var, momentum, eps, training, pool_kernel,
-                            pool_stride):
+                            pool_stride, reduce=None):
     return compose.bn_relu_maxpool_forward(_this, x, gamma, beta, running_mean, running_var, momentum, eps, training,
-                                           pool_kernel, pool_stride)
+                                           pool_kernel, pool_stride, reduce)
 
 
 def bn_relu_maxpool_backward(dy, cache, dgamma, dbeta, need_dx=True, relu_mask=False, inplace=False):

@@ -75,15 +75,19 @@ def _bn_3d(x):
     return x.reshape(n, c, -1)
 
 
-def _bn_statistics(x3, gamma, running_mean, running_var, momentum, eps, training):
+def _bn_statistics(x3, gamma, running_mean, running_var, momentum, eps, training, reduce=None):
     """The batch's (training: updating the running statistics) or the running statistics of x3 (N, C, HW), as
-    float64 per channel: (mean, inv_std, scale = gamma * inv_std, centred), where centred says the sums had to be
-    taken about the mean (a large mean against the spread)."""
+    float64 per channel: (mean, inv_std, scale = gamma * inv_std, centred, m), where centred says the sums had to be
+    taken about the mean (a large mean against the spread) and m is the count per channel they are over (every
+    process's batch together with `reduce`, see _bn_synced_statistics)."""
     n, c, hw = x3.shape
     m = n * hw
     centred = False
     if training:
-        if hw == 1:   # (N, C): small, plain two-pass statistics
+        if reduce is not None:
+            mean, var, m = _bn_synced_statistics(x3, reduce)
+            centred = True
+        elif hw == 1:   # (N, C): small, plain two-pass statistics
             mean = x3.mean(axis=(0, 2), dtype=np.float64)
             var = ((x3 - mean.astype(_F).reshape(1, c, 1)) ** 2).mean(axis=(0, 2), dtype=np.float64)
         else:
@@ -102,15 +106,32 @@ def _bn_statistics(x3, gamma, running_mean, running_var, momentum, eps, training
         var = running_var.astype(np.float64)
         centred = bool(np.any(mean * mean > _BN_SHIFT_LIMIT * var))
     inv_std = 1.0 / np.sqrt(var + eps)
-    return mean, inv_std, gamma.astype(np.float64) * inv_std, centred
+    return mean, inv_std, gamma.astype(np.float64) * inv_std, centred, m
 
 
-def batchnorm_forward(x, gamma, beta, running_mean, running_var, momentum, eps, training, act=None):
+def _bn_synced_statistics(x3, reduce):
+    """(mean, biased variance, M) of every process's batch together (synchronised BatchNorm): `reduce` sums an array
+    over the processes in place. Two exact passes: the sums and counts, then the squares about the global mean."""
+    c = x3.shape[1]
+    s = np.empty(c + 1)
+    s[:c] = _bn_sums(x3)[0]
+    s[c] = x3.shape[0] * x3.shape[2]
+    reduce(s)
+    m = float(s[c])
+    mean = s[:c] / m
+    q = np.array(_bn_sums(x3, centre=mean)[1])
+    reduce(q)
+    return mean, q / m, m
+
+
+def batchnorm_forward(x, gamma, beta, running_mean, running_var, momentum, eps, training, act=None, reduce=None):
     """y = act(gamma * (x - mean) / sqrt(var + eps) + beta) per channel, computed as y = x * scale + shift."""
     x = _f32c(x)
     x3 = _bn_3d(x)
     n, c, hw = x3.shape
-    mean, inv_std, scale, centred = _bn_statistics(x3, gamma, running_mean, running_var, momentum, eps, training)
+    mean, inv_std, scale, centred, m = _bn_statistics(x3, gamma, running_mean, running_var, momentum, eps, training,
+                                                      reduce)
+    sync = (reduce, m) if training and reduce is not None else None
     shift = beta.astype(np.float64) - mean * scale
     y = np.empty_like(x)
     y3 = _bn_3d(y)
@@ -118,7 +139,7 @@ def batchnorm_forward(x, gamma, beta, running_mean, running_var, momentum, eps, 
         sc, sh = scale.astype(_F), shift.astype(_F)
         _jit_parallel(n, 8 * c * hw, lambda b0, b1, _: bn_apply(x3[b0:b1], sc, sh, y3[b0:b1]))
         relu_inplace(y, act)
-        return y, (x3, x.shape, mean, inv_std, gamma.astype(np.float64), training, centred)
+        return y, (x3, x.shape, mean, inv_std, gamma.astype(np.float64), training, centred, sync)
     sc, sh = _per_channel(scale, c, hw), _per_channel(shift, c, hw)
 
     def body(b0, b1, _):
@@ -127,7 +148,7 @@ def batchnorm_forward(x, gamma, beta, running_mean, running_var, momentum, eps, 
 
     _elementwise(n, 8 * c * hw, body)
     relu_inplace(y, act)
-    return y, (x3, x.shape, mean, inv_std, gamma.astype(np.float64), training, centred)
+    return y, (x3, x.shape, mean, inv_std, gamma.astype(np.float64), training, centred, sync)
 
 
 def batchnorm_backward(dy, cache, dgamma, dbeta, need_dx=True, relu_mask=False):
@@ -138,7 +159,7 @@ def batchnorm_backward(dy, cache, dgamma, dbeta, need_dx=True, relu_mask=False):
 
 
 def _batchnorm_backward(dy, cache, dgamma, dbeta, need_dx):
-    x3, shape, mean, inv_std, gamma, training, centred = cache
+    x3, shape, mean, inv_std, gamma, training, centred, sync = cache
     dy3 = _bn_3d(_f32c(dy))
     n, c, hw = x3.shape
     m = n * hw
@@ -150,7 +171,7 @@ def _batchnorm_backward(dy, cache, dgamma, dbeta, need_dx):
     else:
         sum_dy, sum_dy_x = _bn_sums(dy3, x3)
         sum_dy_xc = sum_dy_x - mean * sum_dy
-    a, bc, cc = _bn_backward_coefficients(sum_dy, sum_dy_xc, inv_std, gamma, training, m, dgamma, dbeta)
+    a, bc, cc = _bn_backward_coefficients(sum_dy, sum_dy_xc, inv_std, gamma, training, m, dgamma, dbeta, sync)
     if not need_dx:
         return None
     dx = np.empty(shape, dtype=_F)
@@ -185,7 +206,7 @@ def _batchnorm_backward(dy, cache, dgamma, dbeta, need_dx):
 
 
 def bn_relu_maxpool_forward(x, gamma, beta, running_mean, running_var, momentum, eps, training, pool_kernel,
-                            pool_stride):
+                            pool_stride, reduce=None):
     """maxpool2d(relu(batchnorm2d(x))): y[N,C,P,Q], cache. With 2x2 windows, stride 2 (and the compiled loops), after
     the statistics one pass over x; the normalised and the ReLU outputs are never stored, and y is bit-identical to
     the three ops one after the other. Other windows run the three ops (backends.compose)."""
@@ -193,14 +214,16 @@ def bn_relu_maxpool_forward(x, gamma, beta, running_mean, running_var, momentum,
     n, c, h, w = x.shape
     if not (pool_kernel == 2 and pool_stride == 2 and jit.available()):
         return compose.bn_relu_maxpool_forward(_c.backend(), x, gamma, beta, running_mean, running_var, momentum,
-                                               eps, training, pool_kernel, pool_stride)
-    mean, inv_std, scale, _ = _bn_statistics(_bn_3d(x), gamma, running_mean, running_var, momentum, eps, training)
+                                               eps, training, pool_kernel, pool_stride, reduce)
+    mean, inv_std, scale, _, m = _bn_statistics(_bn_3d(x), gamma, running_mean, running_var, momentum, eps, training,
+                                                reduce)
+    sync = (reduce, m) if training and reduce is not None else None
     sc, sh = scale.astype(_F), (beta.astype(np.float64) - mean * scale).astype(_F)
     y = np.empty((n, c, h // 2, w // 2), dtype=_F)
     idx = np.empty(y.shape, dtype=np.uint8)
     _jit_parallel(n, 5 * c * h * w, lambda b0, b1, _: bn_relu_pool2_forward(x[b0:b1], sc, sh, y[b0:b1],
                                                                                   idx[b0:b1]))
-    return y, ("native", x, mean, inv_std, gamma.astype(np.float64), training, y, idx)
+    return y, ("native", x, mean, inv_std, gamma.astype(np.float64), training, y, idx, sync)
 
 
 def bn_relu_maxpool_backward(dy, cache, dgamma, dbeta, need_dx=True, relu_mask=False, inplace=False):
@@ -210,11 +233,12 @@ def bn_relu_maxpool_backward(dy, cache, dgamma, dbeta, need_dx=True, relu_mask=F
     multiplied by x > 0); inplace (dx may overwrite x) is a memory saving this backend does not need."""
     if cache[0] != "native":
         return compose.bn_relu_maxpool_backward(_c.backend(), dy, cache, dgamma, dbeta, need_dx, relu_mask)
-    _, x, mean, inv_std, gamma, training, y, idx = cache
+    _, x, mean, inv_std, gamma, training, y, idx, sync = cache
     dy = _f32c(dy)
     n, c, h, w = x.shape
     sum_dy, sum_dy_xc = _bn_jit_sums(bn_relu_pool2_backward_sums, n, c, h * w, dy, y, idx, x, mean)
-    a, bc, cc = _bn_backward_coefficients(sum_dy, sum_dy_xc, inv_std, gamma, training, n * h * w, dgamma, dbeta)
+    a, bc, cc = _bn_backward_coefficients(sum_dy, sum_dy_xc, inv_std, gamma, training, n * h * w, dgamma, dbeta,
+                                          sync)
     if not need_dx:
         return None
     dx = np.empty(x.shape, dtype=_F)
@@ -224,13 +248,19 @@ def bn_relu_maxpool_backward(dy, cache, dgamma, dbeta, need_dx=True, relu_mask=F
     return _masked(dx, x) if relu_mask else dx
 
 
-def _bn_backward_coefficients(sum_dy, sum_dy_xc, inv_std, gamma, training, m, dgamma, dbeta):
+def _bn_backward_coefficients(sum_dy, sum_dy_xc, inv_std, gamma, training, m, dgamma, dbeta, sync=None):
     """Add dE/dgamma (unless dgamma is None) and dE/dbeta; return (a, bc, cc) per channel (float64) with
-    dx = a*dy + bc*(x - mean) + cc."""
+    dx = a*dy + bc*(x - mean) + cc. sync = (reduce, M) for synchronised statistics: dgamma and dbeta get this
+    process's sums (the gradient reduction averages them), dx the sums of every process's batch, over M values."""
     sum_dy_xhat = inv_std * sum_dy_xc
     if dgamma is not None:
         dgamma += sum_dy_xhat.astype(_F)    # dE/dgamma = sum dy * xhat
     dbeta += sum_dy.astype(_F)              # dE/dbeta = sum dy
+    if sync is not None:
+        reduce, m = sync
+        sums = np.concatenate([sum_dy, sum_dy_xhat])
+        reduce(sums)
+        sum_dy, sum_dy_xhat = np.split(sums, 2)
     a = gamma * inv_std
     if training:
         # dx = a * (dy - mean(dy) - xhat * mean(dy * xhat)) = a*dy + bc*(x - mean) + cc

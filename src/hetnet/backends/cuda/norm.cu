@@ -4,6 +4,8 @@
 // The reductions run over a (C, G) grid; each block adds doubles into `acc`, and the last block of a channel
 // (counted in `count`) finishes that channel and resets acc and count for the next call (no memset needed).
 // Every kernel comes in a 64-bit and a 32-bit index version (common.cuh, HN_TWO_INDEX_KERNELS).
+// Synchronised BatchNorm over several processes (hetnet.parallel) replaces bn_stats by bn_sums, an all-reduce of
+// the sums, then bn_stats_synced; its backward all-reduces bn_bwd_reduce's sums before bn_bwd_dx (CudaBackend).
 #include "common.cuh"
 
 __device__ __forceinline__ bool hn_last_block(unsigned* count, int c) {
@@ -15,12 +17,11 @@ __device__ __forceinline__ bool hn_last_block(unsigned* count, int c) {
     return last;
 }
 
-// stats[0:C] = mean, stats[C:2C] = biased variance; running_mean/var updated as PyTorch (unbiased variance).
+// Channel blockIdx.x's sum x and sum x^2 over its N*HW values, this block's share added into acc[2c], acc[2c+1]
+// (double); returns true in the last block of the channel (see hn_last_block), which then reads acc.
 template <typename I>
-__device__ __forceinline__ void bn_stats_body(const float* __restrict__ x, float* __restrict__ stats,
-                                              float* __restrict__ running_mean, float* __restrict__ running_var,
-                                              double* __restrict__ acc, unsigned* __restrict__ count, int N, int C,
-                                              int HW, float momentum) {
+__device__ __forceinline__ bool hn_bn_channel_sums(const float* __restrict__ x, double* __restrict__ acc,
+                                                   unsigned* __restrict__ count, int N, int C, int HW) {
     __shared__ double shm[32];
     const int c = blockIdx.x;
     const I per = (I)N * HW;
@@ -37,16 +38,36 @@ __device__ __forceinline__ void bn_stats_body(const float* __restrict__ x, float
         atomicAdd(acc + 2 * c, s);
         atomicAdd(acc + 2 * c + 1, ss);
     }
-    if (!hn_last_block(count, c)) return;
+    return hn_last_block(count, c);
+}
+
+// mean and biased variance from sum x and sum x^2 over m values: stats[c], stats[C + c]; the running statistics
+// updated as PyTorch's (unbiased variance). M: the count's type (an index type, or double when all-reduced).
+template <typename M>
+__device__ __forceinline__ void hn_bn_finish_stats(double tot, double tot2, M m, int c, int C,
+                                                   float* __restrict__ stats, float* __restrict__ running_mean,
+                                                   float* __restrict__ running_var, float momentum) {
+    const double mean = tot / m;
+    double var = tot2 / m - mean * mean;
+    if (var < 0) var = 0;
+    stats[c] = (float)mean;
+    stats[C + c] = (float)var;
+    running_mean[c] = (1.f - momentum) * running_mean[c] + (float)(momentum * mean);
+    running_var[c] = (1.f - momentum) * running_var[c] + (float)(momentum * var * m / (m > 1 ? m - 1 : 1));
+}
+
+// stats[0:C] = mean, stats[C:2C] = biased variance; running_mean/var updated as PyTorch (unbiased variance).
+template <typename I>
+__device__ __forceinline__ void bn_stats_body(const float* __restrict__ x, float* __restrict__ stats,
+                                              float* __restrict__ running_mean, float* __restrict__ running_var,
+                                              double* __restrict__ acc, unsigned* __restrict__ count, int N, int C,
+                                              int HW, float momentum) {
+    if (!hn_bn_channel_sums<I>(x, acc, count, N, C, HW)) return;
+    const int c = blockIdx.x;
     if (threadIdx.x == 0) {
         const double tot = atomicAdd(acc + 2 * c, 0.0), tot2 = atomicAdd(acc + 2 * c + 1, 0.0);
-        const double mean = tot / per;
-        double var = tot2 / per - mean * mean;
-        if (var < 0) var = 0;
-        stats[c] = (float)mean;
-        stats[C + c] = (float)var;
-        running_mean[c] = (1.f - momentum) * running_mean[c] + (float)(momentum * mean);
-        running_var[c] = (1.f - momentum) * running_var[c] + (float)(momentum * var * per / (per > 1 ? per - 1 : 1));
+        const I per = (I)N * HW;
+        hn_bn_finish_stats<I>(tot, tot2, per, c, C, stats, running_mean, running_var, momentum);
         acc[2 * c] = 0.0;
         acc[2 * c + 1] = 0.0;
         count[c] = 0u;
@@ -57,6 +78,39 @@ HN_TWO_INDEX_KERNELS(bn_stats,
      float* __restrict__ running_var, double* __restrict__ acc, unsigned* __restrict__ count, int N, int C, int HW,
      float momentum),
     (x, stats, running_mean, running_var, acc, count, N, C, HW, momentum))
+
+// Synchronised BatchNorm (a data-parallel job, hetnet.parallel): this process's sums[c] = sum x, sums[C + c] =
+// sum x^2 and sums[2C] = N*HW (the count), in double; the caller sums the 2C + 1 values over the processes
+// (all-reduce), then bn_stats_synced makes the statistics of all the batches together from them.
+template <typename I>
+__device__ __forceinline__ void bn_sums_body(const float* __restrict__ x, double* __restrict__ sums,
+                                             double* __restrict__ acc, unsigned* __restrict__ count, int N, int C,
+                                             int HW) {
+    if (!hn_bn_channel_sums<I>(x, acc, count, N, C, HW)) return;
+    const int c = blockIdx.x;
+    if (threadIdx.x == 0) {
+        sums[c] = atomicAdd(acc + 2 * c, 0.0);
+        sums[C + c] = atomicAdd(acc + 2 * c + 1, 0.0);
+        if (c == 0) sums[2 * C] = (double)N * HW;
+        acc[2 * c] = 0.0;
+        acc[2 * c + 1] = 0.0;
+        count[c] = 0u;
+    }
+}
+HN_TWO_INDEX_KERNELS(bn_sums,
+    (const float* __restrict__ x, double* __restrict__ sums, double* __restrict__ acc, unsigned* __restrict__ count,
+     int N, int C, int HW),
+    (x, sums, acc, count, N, C, HW))
+
+// stats and running statistics (as bn_stats) from the all-reduced sums of bn_sums; one thread per channel.
+extern "C" __global__ void bn_stats_synced(const double* __restrict__ sums, float* __restrict__ stats,
+                                           float* __restrict__ running_mean, float* __restrict__ running_var, int C,
+                                           float momentum) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c < C)
+        hn_bn_finish_stats<double>(sums[c], sums[C + c], sums[2 * C], c, C, stats, running_mean, running_var,
+                                   momentum);
+}
 
 // y = (x - mean) * rsqrt(var + eps) * gamma + beta, optional ReLU; mean/var from stats (training) or running (eval).
 template <typename I>
