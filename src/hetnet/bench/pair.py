@@ -223,6 +223,9 @@ def gate(make_pair, batch: int, tol: float, float32_first: bool = True,
         return pair, info, (f"hetnet and PyTorch disagree before timing, {where}: {worst} relative error "
                             f"{errs[worst]:.3g} > {tol:g}")
     if batch > n_check:
+        # a fresh pair: the check above stepped hetnet's optimiser and only the PyTorch model it checked against
+        # (float32 or float64), so their momenta would no longer match on the timed pair
+        pair = make_pair(data_seed)
         full = pair.check_full_batch()
         if not float32_first:
             # tf32 / bf16 against PyTorch at the same precision: two roundings of every product, where a parameter
