@@ -109,8 +109,10 @@ def _git(*args: str) -> str | None:
 
 def git_commit() -> str:
     """hetnet's commit as a short hash, "-dirty" when tracked files differ from it (benchmarks/results/ aside: a
-    run rewrites those). Outside a git checkout (an installed package, a copied tree): $HETNET_GIT_COMMIT, else
-    "unknown"."""
+    run rewrites those). $HETNET_GIT_COMMIT when set (a copied tree, such as a device machine's, whose .git may be
+    stale), else "unknown" outside a git checkout (an installed package)."""
+    if os.environ.get("HETNET_GIT_COMMIT"):
+        return os.environ["HETNET_GIT_COMMIT"]
     if REPO_ROOT.joinpath("src", "hetnet").is_dir() and REPO_ROOT.joinpath(".git").exists():
         head = _git("rev-parse", "--short", "HEAD")
         if head:
