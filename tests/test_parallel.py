@@ -113,7 +113,7 @@ def test_bucket_bounds_cut_from_the_end_on_parameter_boundaries():
 class _RecordingComm:
     """A world of one that records when each bucket starts (after which node's backward)."""
 
-    average_op, size = False, 1
+    average_op, size, overlap = False, 1, True
 
     def __init__(self):
         self.started, self.node, self.waits = [], None, 0
@@ -285,3 +285,24 @@ def test_scaling_benchmark_imports_without_gpus():
     with contextlib.redirect_stdout(None):
         spec.loader.exec_module(mod)
     assert callable(mod.main)
+
+
+def test_a_transport_that_does_not_overlap_starts_every_bucket_after_the_backward():
+    """NcclComm.overlap is False (see comm.py): every bucket starts in finish(), after the whole backward."""
+    from hetnet.parallel.comm import MPIComm, NcclComm
+
+    assert MPIComm.overlap and not NcclComm.overlap
+    comm = _RecordingComm()
+    comm.overlap = False
+    hn.seed(1)
+    model = hn.Sequential([hn.Flatten(), hn.Dense(12, 8), hn.ReLU(), hn.Dense(8, 3)]).to("cpu")
+    reducer = GradReducer(comm, model, bucket_bytes=64)
+    nodes = model.plan.nodes_for((3, 2, 2))
+    reducer.begin(nodes)
+    for i in range(len(nodes) - 1, -1, -1):
+        comm.node = i
+        reducer.after_node(i)
+    assert comm.started == []
+    comm.node = "finish"
+    reducer.finish()
+    assert len(comm.started) == len(reducer.bounds) and all(n == "finish" for _, n in comm.started)

@@ -98,8 +98,9 @@ class GradReducer:
         self._handles.append(self.comm.start_allreduce(self.views[k], self.bf16))
 
     def after_node(self, i: int) -> None:
-        """After node i's backward: start the buckets complete now."""
-        while self._next < len(self._now) and self._now[self._next] >= i:
+        """After node i's backward: start the buckets complete now (when the transport may overlap them with the
+        rest of the backward; else finish() starts them all)."""
+        while self.comm.overlap and self._next < len(self._now) and self._now[self._next] >= i:
             self._start(self._next)
             self._next += 1
 
