@@ -2,9 +2,9 @@
 arrays back instead (CIFAR-10's 50,000 JPEGs: seconds to decode, a fraction of a second to read).
 
     >>> from hetnet.data.cache import cached_image_folder
-    >>> d = cached_image_folder("cifar10-jpg-train.tar.gz", (3, 32, 32))    # decodes, writes the cache   # doctest: +SKIP
-    >>> d = cached_image_folder("cifar10-jpg-train.tar.gz", (3, 32, 32))    # reads it back               # doctest: +SKIP
-    >>> cache_path("cifar10-jpg-train.tar.gz", (3, 32, 32))                                                # doctest: +SKIP
+    >>> d = cached_image_folder("cifar10-jpg-train.tar.gz", (3, 32, 32))    # decodes, writes   # doctest: +SKIP
+    >>> d = cached_image_folder("cifar10-jpg-train.tar.gz", (3, 32, 32))    # reads it back     # doctest: +SKIP
+    >>> cache_path("cifar10-jpg-train.tar.gz", (3, 32, 32))                                      # doctest: +SKIP
     PosixPath('/home/me/.cache/hetnet/decoded/cifar10-jpg-train.tar.gz-3x32x32-1f0c9a8e2b7d4c61.safetensors')
 
 Where: $HETNET_CACHE_DIR, else $XDG_CACHE_HOME/hetnet, else ~/.cache/hetnet; the files are in its decoded/ folder,

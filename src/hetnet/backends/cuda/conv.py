@@ -14,8 +14,9 @@ import os
 
 import numpy as np
 
+from .. import compose
 from .conv_tiles import BK, TILES, Tile
-from .kernels import NULL, check, get_kernel
+from .kernels import NULL, act_code, check, get_kernel
 
 # name: Tile, the tile configurations of each op that ship (conv_tiles.py: their parameters, what each wins, and
 # `Tile.fits`, where the "c" ones apply). Each is tried at a few reduction splits over blocks ("<name>/<splits>",
@@ -387,3 +388,42 @@ def dense_backward(be, dy, x, w, dw, db, need_dx=True, relu_x=None):
                        dw.reshape(k, f, 1, 1), db, 1, 0, need_dx,
                        relu_x.reshape(n, f, 1, 1) if relu_x is not None else None)
     return dx.reshape(n, f) if dx is not None else None
+
+
+# --- the backend's dense and convolution ops (CudaBackend inherits them) ---------------------------------------
+# The methods call this module's functions of the same names (a method's body looks names up in the module).
+
+
+class ConvOps:
+    """CudaBackend's dense and convolution ops (the launchers above; implicit GEMM or im2col + GEMM by
+    measurement)."""
+
+    def dense_forward(self, x, w, b, act=None):
+        x = self._c(x)
+        return dense_forward(self, x, w, b, act_code(act)), (x, w)
+
+    def dense_backward(self, dy, cache, dw, db, need_dx=True, relu_mask=False):
+        x, w = cache
+        return dense_backward(self, self._c(dy), x, w, dw, db, need_dx, x if relu_mask else None)
+
+    def conv2d_forward(self, x, w, b, stride, padding, act=None):
+        x = self._c(x)
+        y = conv_forward(self, x, w, b, int(stride), int(padding), act_code(act))
+        return y, (x, w, int(stride), int(padding))
+
+    def conv2d_backward(self, dy, cache, dw, db, need_dx=True, relu_mask=False):
+        x, w, stride, padding = cache
+        return conv_backward(self, self._c(dy), x, w, dw, db, stride, padding, need_dx, x if relu_mask else None)
+
+    # the fused ops that are this backend's own ops in a row (their caches keep what each op keeps)
+    def conv2d_relu_maxpool_forward(self, x, w, b, stride, padding, pool_kernel, pool_stride):
+        return compose.conv2d_relu_maxpool_forward(self, x, w, b, stride, padding, pool_kernel, pool_stride)
+
+    def conv2d_relu_maxpool_backward(self, dy, cache, dw, db, need_dx=True, relu_mask=False):
+        return compose.conv2d_relu_maxpool_backward(self, dy, cache, dw, db, need_dx, relu_mask)
+
+    def dense_chain_forward(self, x, layers):
+        return compose.dense_chain_forward(self, x, layers)
+
+    def dense_chain_backward(self, dy, cache, grads, need_dx=True, relu_mask=False, accumulate=True):
+        return compose.dense_chain_backward(self, dy, cache, grads, need_dx, relu_mask, accumulate)

@@ -121,3 +121,13 @@ def check(*arrays) -> None:
     for a in arrays:
         if a is not None and not a.flags.c_contiguous:
             raise ValueError(f"cuda kernel input of shape {a.shape} is not C-contiguous")
+
+
+ACTS = {None: 0, "relu": 1}     # the activation code of the kernels' epilogues (common.cuh's HN_RELU)
+
+
+def act_code(act) -> int:
+    """The kernels' code for a forward op's activation (None or "relu", as the op contract names it)."""
+    if act not in ACTS:
+        raise ValueError(f"unknown activation {act!r} (expected None or 'relu')")
+    return ACTS[act]

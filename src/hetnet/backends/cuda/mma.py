@@ -131,8 +131,8 @@ def plan(c, a, trans_a: bool, b, trans_b: bool, alpha: float = 1.0, beta: float 
                          "limits")
     layout = ("t" if trans_a else "n") + ("t" if trans_b else "n")
     assert layout in LAYOUTS
-    return GemmCall(t, layout, grid, a, b, c, c if c_all is None else c_all, m, n, k, leading_dim(a), leading_dim(b), leading_dim(c), *strides,
-                    float(alpha), float(beta), parts, kchunk)
+    return GemmCall(t, layout, grid, a, b, c, c if c_all is None else c_all, m, n, k, leading_dim(a), leading_dim(b),
+                    leading_dim(c), *strides, float(alpha), float(beta), parts, kchunk)
 
 
 _raised: set = set()   # (device, kernel) whose dynamic shared-memory limit was raised

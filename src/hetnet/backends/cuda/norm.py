@@ -1,0 +1,132 @@
+"""The batch-normalisation launchers of the cuda backend (norm.cu): statistics, apply (+ ReLU), backward, and
+BatchNorm -> ReLU -> max pooling fused."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .. import compose
+from .kernels import NULL, get_kernel
+from .kernels import act_code as _act
+
+_i32, _i64, _f32 = np.int32, np.int64, np.float32
+
+
+class NormOps:
+    """CudaBackend's batch-normalisation ops (norm.cu)."""
+
+    def _bn_grid(self, n, c, hw):
+        return (c, max(1, min(math.ceil(n * hw / 1024), math.ceil(4 * self.sms / c))), 1)
+
+    def _bn_batch_stats(self, x, running_mean, running_var, momentum, training, reduce=None):
+        """(mean, var, sync) per channel of x[N, C, ...]: in training the batch's (one kernel, which also updates the
+        running statistics), else copies of the running ones. With `reduce` (synchronised BatchNorm), the statistics
+        of every process's batch together: this batch's sums (bn_sums), all-reduced, then bn_stats_synced; sync is
+        then (reduce, the all-reduced count: a device array of one double) for the backward, else None."""
+        if not training:
+            return running_mean.copy(), running_var.copy(), None
+        n, c = x.shape[0], x.shape[1]
+        hw = x.size // max(n * c, 1)
+        stats = self.xp.empty((2 * c,), dtype=self.xp.float32)
+        acc = self.scratch("bn_acc", (2 * c,), np.float64)
+        cnt = self.scratch("bn_cnt", (c,), np.uint32)
+        if reduce is None:
+            get_kernel(self.device_id, "norm", self.ix("bn_stats", x.size))(self._bn_grid(n, c, hw), (256,), (
+                x, stats, running_mean, running_var, acc, cnt, _i32(n), _i32(c), _i32(hw), _f32(momentum)))
+            return stats[:c], stats[c:], None
+        sums = self.xp.empty((2 * c + 1,), dtype=self.xp.float64)      # [sum x, sum x^2, count]
+        get_kernel(self.device_id, "norm", self.ix("bn_sums", x.size))(self._bn_grid(n, c, hw), (256,), (
+            x, sums, acc, cnt, _i32(n), _i32(c), _i32(hw)))
+        reduce(sums)
+        get_kernel(self.device_id, "norm", "bn_stats_synced")((math.ceil(c / 256),), (256,), (
+            sums, stats, running_mean, running_var, _i32(c), _f32(momentum)))
+        return stats[:c], stats[c:], (reduce, sums[2 * c:])
+
+    def _bn_sync_grad_sums(self, red, m: int, sync) -> None:
+        """Synchronised BatchNorm's backward: red = this process's [sum g, sum g * xhat] per channel (already added
+        to dgamma, dbeta) becomes every process's sums times m / M, so that the dx kernels' 1/m (this batch's count)
+        divides them by M, the count of all the batches."""
+        reduce, count = sync
+        reduce(red)
+        red *= (m / count).astype(self.xp.float32)
+
+    def batchnorm_forward(self, x, gamma, beta, running_mean, running_var, momentum, eps, training, act=None,
+                          reduce=None):
+        x = self._c(x)
+        n, c = x.shape[0], x.shape[1]
+        hw = x.size // max(n * c, 1)
+        y = self.xp.empty_like(x)
+        mean, var, sync = self._bn_batch_stats(x, running_mean, running_var, momentum, training, reduce)
+        self.launch("norm", self.ix("bn_apply", x.size), x.size, x, y, mean, var, gamma, beta, _i32(n), _i32(c),
+                    _i32(hw), _f32(eps), _i32(_act(act)))
+        return y, (x, mean, var, gamma, float(eps), bool(training), sync)
+
+    def batchnorm_backward(self, dy, cache, dgamma, dbeta, need_dx=True, relu_mask=False):
+        x, mean, var, gamma, eps, training, sync = cache
+        dy = self._c(dy)
+        n, c = x.shape[0], x.shape[1]
+        hw = x.size // max(n * c, 1)
+        red = self.xp.empty((2 * c,), dtype=self.xp.float32)
+        acc = self.scratch("bn_acc", (2 * c,), np.float64)
+        cnt = self.scratch("bn_cnt", (c,), np.uint32)
+        get_kernel(self.device_id, "norm", self.ix("bn_bwd_reduce", x.size))(self._bn_grid(n, c, hw), (256,), (
+            dy, x, mean, var, red, dgamma if dgamma is not None else NULL, dbeta, acc, cnt, _i32(n), _i32(c), _i32(hw),
+            _f32(eps)))
+        if sync is not None:
+            self._bn_sync_grad_sums(red, n * hw, sync)
+        if not need_dx:
+            return None
+        dx = self.xp.empty_like(x)
+        self.launch("norm", self.ix("bn_bwd_dx", x.size), x.size, dy, x, mean, var, gamma, red if training else NULL,
+                    dx, _i32(n), _i32(c), _i32(hw), _f32(eps))
+        return self.relu_mask(dx, x) if relu_mask else dx
+
+    def bn_relu_maxpool_forward(self, x, gamma, beta, running_mean, running_var, momentum, eps, training, pool_kernel,
+                                pool_stride, reduce=None):
+        """maxpool(relu(batchnorm(x))) in two kernels (statistics, then normalise + ReLU + pool); the BN output is
+        never stored. Same statistics and running-stat update as batchnorm_forward. Windows of more than 256
+        elements run the three ops (backends.compose)."""
+        kernel, stride = int(pool_kernel), int(pool_stride)
+        if kernel * kernel > 256:
+            return compose.bn_relu_maxpool_forward(self, x, gamma, beta, running_mean, running_var, momentum, eps,
+                                                   training, kernel, stride, reduce)
+        x = self._c(x)
+        n, c, h, w = x.shape
+        p, q = (h - kernel) // stride + 1, (w - kernel) // stride + 1
+        mean, var, sync = self._bn_batch_stats(x, running_mean, running_var, momentum, training, reduce)
+        y = self.xp.empty((n, c, p, q), dtype=self.xp.float32)
+        arg = self.xp.empty((n, c, p, q), dtype=self.xp.uint8)
+        self.launch("norm", self.ix("bn_relu_maxpool_fwd", x.size), y.size, x, y, arg, mean, var, gamma, beta, _i32(n),
+                    _i32(c), _i32(h), _i32(w), _i32(p), _i32(q), _i32(kernel), _i32(stride), _f32(eps))
+        return y, ("native", x, arg, mean, var, gamma, beta, float(eps), bool(training), kernel, stride, y, sync)
+
+    def bn_relu_maxpool_backward(self, dy, cache, dgamma, dbeta, need_dx=True, relu_mask=False, inplace=False):
+        """dE/dx of maxpool(relu(batchnorm(x))); dgamma += (unless None) and dbeta += as
+        batchnorm_backward. inplace: dx may be
+        written over x (the plan says so where nothing reads x after this; not with relu_mask, which reads x)."""
+        if cache[0] == "native" and not cache[8]:
+            # evaluation mode has no fused backward: the unfused ops' caches are these arrays
+            _, x, arg, mean, var, gamma, beta, eps, training, kernel, stride, y, sync = cache
+            cache = ((x, mean, var, gamma, eps, training, sync), (x.shape, y, arg, kernel, stride))
+        if cache[0] != "native":
+            return compose.bn_relu_maxpool_backward(self, dy, cache, dgamma, dbeta, need_dx, relu_mask)
+        _, x, arg, mean, var, gamma, beta, eps, _, kernel, stride, _, sync = cache
+        dy = self._c(dy)
+        n, c, h, w = x.shape
+        p, q = dy.shape[2], dy.shape[3]
+        red = self.xp.empty((2 * c,), dtype=self.xp.float32)
+        acc = self.scratch("bn_acc", (2 * c,), np.float64)
+        cnt = self.scratch("bn_cnt", (c,), np.uint32)
+        dims = (_i32(n), _i32(c), _i32(h), _i32(w), _i32(p), _i32(q), _i32(kernel), _i32(stride), _f32(eps))
+        reduce = get_kernel(self.device_id, "norm", self.ix("bn_relu_maxpool_bwd_reduce", x.size))
+        reduce(self._bn_grid(n, c, h * w), (256,), (dy, arg, x, mean, var, gamma, beta, red,
+                                                     dgamma if dgamma is not None else NULL, dbeta, acc, cnt, *dims))
+        if sync is not None:
+            self._bn_sync_grad_sums(red, n * h * w, sync)
+        if not need_dx:
+            return None
+        dx = x if inplace and not relu_mask else self.xp.empty_like(x)
+        self.launch("norm", self.ix("bn_relu_maxpool_bwd_dx", x.size), x.size, dy, arg, x, mean, var, gamma, beta, red,
+                    dx, *dims)
+        return self.relu_mask(dx, x) if relu_mask else dx
