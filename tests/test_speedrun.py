@@ -41,7 +41,7 @@ def archive(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("speedrun") / "cifar-like.tar.gz"
     rng = np.random.default_rng(0)
     with tarfile.open(path, "w:gz") as tf:
-        for k, c in enumerate(CLASSES):
+        for c in CLASSES:
             for i in range(8):
                 buf = io.BytesIO()
                 Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, format="PNG")

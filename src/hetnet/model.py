@@ -47,7 +47,7 @@ class Sequential(Layer):
                 layer.reset_parameters("he")
 
     # -- device, mode, parameters
-    def to(self, device, precision: str | None = None) -> "Sequential":
+    def to(self, device, precision: str | None = None) -> Sequential:
         """Move to a device ('reference', 'cpu', 'cuda', 'cuda:N') and a precision ('fp32' default, 'tf32', 'bf16':
         tensor-core matrix products on the cuda backend, see hetnet.device); returns self.
 
@@ -62,7 +62,7 @@ class Sequential(Layer):
         self.backend = backend
         return self
 
-    def train(self, mode: bool = True) -> "Sequential":
+    def train(self, mode: bool = True) -> Sequential:
         self.training = mode
         for layer in self.layers:
             layer.train(mode)

@@ -160,8 +160,8 @@ class Layer:
     def __init__(self):
         self.backend = get_backend("cpu")
         self.training = True
-        self.params: "OrderedDict[str, Parameter]" = OrderedDict()
-        self.buffers: "OrderedDict[str, object]" = OrderedDict()
+        self.params: OrderedDict[str, Parameter] = OrderedDict()
+        self.buffers: OrderedDict[str, object] = OrderedDict()
         self.cache = None
 
     # -- parameters as attributes: layer.weight, layer.bias, layer.running_mean ...
@@ -181,7 +181,7 @@ class Layer:
             object.__setattr__(self, name, value)
 
     # -- device and mode
-    def to(self, device, precision: str | None = None) -> "Layer":
+    def to(self, device, precision: str | None = None) -> Layer:
         """Move parameters and buffers to a device ('reference', 'cpu', 'cuda', 'cuda:N'), computing in `precision`
         ('fp32' default, 'tf32', 'bf16': see hetnet.device); returns self."""
         backend = device if not isinstance(device, str) else get_backend(device, precision)
@@ -198,11 +198,11 @@ class Layer:
     def device(self) -> str:
         return self.backend.name
 
-    def train(self, mode: bool = True) -> "Layer":
+    def train(self, mode: bool = True) -> Layer:
         self.training = mode
         return self
 
-    def eval(self) -> "Layer":
+    def eval(self) -> Layer:
         return self.train(False)
 
     def parameters(self) -> list[Parameter]:
@@ -219,7 +219,7 @@ class Layer:
         for k, v in self.buffers.items():
             yield prefix + k, v
 
-    def state_dict(self) -> "OrderedDict[str, np.ndarray]":
+    def state_dict(self) -> OrderedDict[str, np.ndarray]:
         return OrderedDict((k, self.backend.to_numpy(v).copy()) for k, v in self.named_arrays())
 
     def load_state_dict(self, state: dict, strict: bool = True) -> None:

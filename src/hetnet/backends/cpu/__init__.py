@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ._common import _F
 from .conv import conv2d_backward, conv2d_forward, conv2d_relu_maxpool_backward, conv2d_relu_maxpool_forward
 from .dense import dense_backward, dense_chain_backward, dense_chain_forward, dense_forward
 from .elementwise import (dropout_backward, dropout_forward, gelu_backward, gelu_forward, relu_backward, relu_forward,
@@ -35,25 +36,11 @@ name = "cpu"
 precision = "fp32"
 dtype = np.dtype(np.float32)
 xp = np
-_F = np.float32
 # the fusions of hetnet.plan this backend runs faster than their parts (the others run as separate ops)
 fusions = frozenset({"conv_relu_pool", "bn_relu_pool", "dense_chain", "conv_act", "bn_act", "dense_act"})
 
 
 # --- conversions and allocation -------------------------------------------------------------------------------------
-
-
-def _per_channel(v, c: int, hw: int) -> np.ndarray:
-    """Per-channel values v[C] spread to a contiguous (1, C, HW) float32 array: NumPy's loops run about twice as
-    fast on it as on a (1, C, 1) broadcast."""
-    out = np.empty((1, c, hw), dtype=_F)
-    out[...] = np.asarray(v, dtype=_F).reshape(1, c, 1)
-    return out
-
-
-def _f32c(a) -> np.ndarray:
-    """a as C-contiguous float32 (no copy when it already is)."""
-    return np.ascontiguousarray(a, dtype=_F)
 
 
 def asarray(a) -> np.ndarray:
