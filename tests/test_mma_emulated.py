@@ -205,14 +205,16 @@ def test_views_as_cuda_backend_gemm_takes_them(emu, rng):
 
 
 def test_choice():
-    """Few output tiles: the small tile; enough to fill the SMs: the large one; split-K only when the tiles do not
-    fill them and K is long."""
+    """M or N within the small tile: the small tile; otherwise the large one, its K sum split only when its blocks
+    do not fill the SMs and K is long (a filter gradient: 128 filters x 576 taps, K = the batch's pixels)."""
     large, small = (mm.tile_named("bf16", name) for name in mm.CHOICE["bf16"])
     assert all(mm.tile_named(p, name) for p in mm.CHOICE for name in mm.CHOICE[p])
-    assert mm.choose("bf16", 64, 64, 1, 132) is small
-    assert mm.choose("bf16", 256, 512 * 1024, 1, 132) is large
+    assert mm.choose("bf16", 64, 64) is small
+    assert mm.choose("bf16", 64, 512 * 1024) is small                 # the first convolution: 64 filters
+    assert mm.choose("bf16", 256, 512 * 1024) is large
+    assert mm.choose("tf32", 128, 576) is mm.tile_named("tf32", mm.CHOICE["tf32"][0])
     assert mm.split_k(large, 256, 512 * 1024, 2304, 1, 132) == 1
-    assert mm.split_k(small, 64, 576, 512 * 1024, 1, 132) > 1        # filter gradient of a 64-filter 3x3 conv
+    assert mm.split_k(large, 128, 576, 512 * 1024, 1, 132) > 1
     assert mm.split_k(small, 64, 64, 64, 1, 132) == 1
 
 

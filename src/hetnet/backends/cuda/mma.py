@@ -27,10 +27,12 @@ DEFAULT_SMEM = 48 * 1024       # dynamic shared memory a launch gets without rai
 MIN_SPLIT_TILES = 8            # split-K: at least this many BK steps per part
 MAX_SPLITS = 64
 GRID_YZ = 65535                # CUDA's limit on gridDim.y and gridDim.z
-# The tiles the launcher picks from, largest first (`choose`): the variants that round once per element (tf32 "l")
-# and pipeline bf16 through cp.async ("a", two blocks per SM). Not yet measured against the first versions:
-# benchmarks/kernels/run_tc_gemm.py checks and times every tile; put here the ones that pass and win.
-CHOICE = {"tf32": ("128x128x32s3l", "64x64x32s4l"), "bf16": ("128x128x32s2a", "64x64x32s4a")}
+# The tiles the launcher picks from, (large, small) (`choose`): on the H200 the fastest of their kinds over
+# cifar-wide's 18 convolution GEMMs (benchmarks/results/NVIDIA-H200/tc_gemm_conv.json, geometric means in TFLOP/s:
+# tf32 128x128x32s3 57 against 48 for "l"; bf16 128x128x32s2a 69; the large tile split over K beats the small one on
+# every filter gradient, 2x and more; the small tile where M or N fits in it, except bf16 64 x 512K x 27: 18 against
+# 22).
+CHOICE = {"tf32": ("128x128x32s3", "64x64x32s4"), "bf16": ("128x128x32s2a", "64x64x32")}
 
 
 @dataclass
@@ -92,13 +94,12 @@ def tile_named(precision: str, name: str) -> TcTile:
     return found[0]
 
 
-def choose(precision: str, m: int, n: int, batch: int, sms: int) -> TcTile:
-    """The largest of CHOICE's tiles that still gives every SM a block, else the smallest."""
-    by_size = [tile_named(precision, name) for name in CHOICE[precision]]
-    for t in by_size:
-        if math.ceil(m / t.bm) * math.ceil(n / t.bn) * batch >= sms:
-            return t
-    return by_size[-1]
+def choose(precision: str, m: int, n: int) -> TcTile:
+    """CHOICE's small tile when M or N fits in it (the large one would compute mostly padding: cifar-wide's first
+    convolution, 64 filters over 27 taps), else the large tile, whose K sum `split_k` splits where its blocks leave
+    SMs idle."""
+    large, small = (tile_named(precision, name) for name in CHOICE[precision])
+    return small if m <= small.bm or n <= small.bn else large
 
 
 def split_k(t: TcTile, m: int, n: int, k: int, batch: int, sms: int) -> int:
@@ -121,7 +122,7 @@ def plan(c, a, trans_a: bool, b, trans_b: bool, alpha: float = 1.0, beta: float 
     a, trans_a, b, trans_b, m, n, k = gemm_operands(c, a, trans_a, b, trans_b, "gemm_tc")
     if m == 0 or n == 0 or batch == 0:
         return None
-    t = choose(precision, m, n, batch, sms) if tile is None else tile_named(precision, tile)
+    t = choose(precision, m, n) if tile is None else tile_named(precision, tile)
     parts = split_k(t, m, n, k, batch, sms) if splits is None else max(1, int(splits))
     kchunk = math.ceil(math.ceil(k / parts) / t.bk) * t.bk if k > 0 else 0
     parts = math.ceil(k / kchunk) if k > 0 else 1      # no empty part
