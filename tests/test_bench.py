@@ -98,6 +98,31 @@ def test_float64_check_judges_a_float32_disagreement(monkeypatch):
     assert row["hetnet_ms_per_step"] > 0
 
 
+def test_reduced_precision_gate_holds_hetnet_to_pytorchs_own_error():
+    """tf32 / bf16 rows: hetnet against float64 within max(tolerance, PEER_FACTOR x PyTorch's error at the row's
+    precision against float64). On a CPU the peer runs bf16 autocast and hetnet float32: hetnet passes a tolerance
+    it could not meet alone only through the peer's bound, and an update 10% off is refused though within it."""
+    torch_or_skip()
+    cpu = hn.device.get_backend("cpu")
+
+    def make(lr_scale):
+        def make_pair(seed):
+            p = pair.Pair("mlp", 40, cpu, "cpu", seed, "bf16")
+            p.hopt.lr *= lr_scale
+            return p
+        return make_pair
+
+    tight = 1e-9
+    _, info, reason = pair.gate(make(1.0), 40, tight, float32_first=False)
+    assert reason is None, reason
+    assert info["check_max_rel_err"] > tight and info["check_reference"] == "float64"
+    assert info["check_bound"] == pytest.approx(common.PEER_FACTOR * info["check_peer_rel_err"], rel=1e-2)
+    assert info["check_full_batch_peer_rel_err"] > 0
+    _, info, reason = pair.gate(make(1.1), 40, 2e-2, float32_first=False)
+    assert reason and "further from float64" in reason and info["check_max_rel_err"] > info["check_bound"]
+    assert info["check_first_batch_failed"]["data_seed"] == 1
+
+
 def test_time_sides_settles_each_block_for_a_while(monkeypatch):
     """CPU blocks start after untimed calls lasting SETTLE_SECONDS (at least one call): the other side's threads
     may still be spinning when a side takes over."""

@@ -49,6 +49,12 @@ RTOL_GPU_MAXPOOL = RTOL_TF32
 # inputs, relative to ||C||: tf32 and bf16 round each operand to 10 and 7 mantissa bits (tests/conftest.py's RTOL_TC).
 GEMM_RTOL = {"tf32": 1e-3, "bf16": 1e-2}
 FULL_BATCH_RTOL = 1e-2   # the timed step's updates on the whole batch (float32 max-pool near-ties, see pair.py)
+# tf32 and bf16 rows: every quantity checked (logits, loss, gradients, updates) may differ from float64 by its
+# precision's tolerance above, or by PEER_FACTOR times PyTorch's own error at that precision on the same batch,
+# whichever is larger: a deep batch-normalised net amplifies one rounding of its inputs far past 2^-9 at random
+# initialisation, and hetnet is held to the yardstick its peer sets there rather than to a number that no
+# implementation at that precision meets.
+PEER_FACTOR = 2.0
 PRECISIONS = tuple(RTOL_PRECISION)
 
 LR, MOMENTUM = 0.01, 0.9

@@ -19,7 +19,17 @@ from .. import interop, losses, optim
 from .. import seed as hn_seed
 from ..layers import Dropout
 from ..train import make_eval_step
-from .common import FULL_BATCH_RTOL, LR, MOMENTUM, CupyPoolPeak, RssPeak, TorchCudaPeak, rel_err, short_error
+from .common import (
+    FULL_BATCH_RTOL,
+    LR,
+    MOMENTUM,
+    PEER_FACTOR,
+    CupyPoolPeak,
+    RssPeak,
+    TorchCudaPeak,
+    rel_err,
+    short_error,
+)
 from .models import resolve_model
 from .sides import TorchGraphStep, autocast_for, for_precision, hetnet_to, make_step
 
@@ -170,13 +180,68 @@ class Pair:
                 np.concatenate([(tw1[k] - tw0[k]).ravel() for k in w0]))
         return errs
 
-    def check_full_batch(self) -> dict:
-        """The updates of two timed steps on the whole timed batch (dropout off)."""
-        saved = set_dropout(self.hmodel, [self.tmodel], 0.0)
+    def check_full_batch(self, float64: bool = False) -> dict:
+        """The updates of two timed steps on the whole timed batch (dropout off), against PyTorch in float32 or
+        (float64) in float64."""
+        tmodel, topt = self._float64() if float64 else (self.tmodel, self.topt)
+        tx = self.tx.double() if float64 else self.tx
+        saved = set_dropout(self.hmodel, [tmodel], 0.0)
         try:
-            return self.check_updates(self.hx, self.hy, self.tx, self.ty, "full batch ")
+            return self.check_updates(self.hx, self.hy, tx, self.ty, "full batch ", tmodel=tmodel, topt=topt)
         finally:
-            set_dropout(self.hmodel, [self.tmodel], saved)
+            set_dropout(self.hmodel, [tmodel], saved)
+
+    def peer_errors(self, n: int | None = None, prefix: str = "") -> dict:
+        """PyTorch at this pair's precision, run as its users run it (the allow_tf32 flags as set; bf16: autocast and
+        channels_last), against PyTorch in float64, both from hetnet's current weights, on the first n images (all
+        when None), dropout off: the keys of check(n, float64=True) -- logits, loss, every gradient, the updates of
+        two steps (prefixed with `prefix`). The yardstick of tf32 and bf16 rows (gate); hetnet is not stepped."""
+        import torch
+        import torch.nn.functional as F
+
+        tp, popt, px = self.torch_copy(self.precision)
+        t64, opt64 = self._float64()
+        x, y, x64 = px[:n], self.ty[:n], self.tx[:n].double()
+        device_type = self.tx.device.type
+
+        def forward_backward(model, opt, inputs, amp):
+            opt.zero_grad(set_to_none=True)
+            with autocast_for(self.precision if amp else "fp32", device_type):
+                logits = model(inputs)
+                loss = F.cross_entropy(logits, y)
+            loss.backward()
+            return logits.detach().double().cpu().numpy(), loss.item()
+
+        def align():   # the precision's model takes the float64 model's weights (rounded to float32 once)
+            with torch.no_grad():
+                for a, b in zip(tp.parameters(), t64.parameters()):
+                    a.copy_(b)
+
+        saved = set_dropout(self.hmodel, [tp, t64], 0.0)
+        try:
+            align()
+            plogits, ploss = forward_backward(tp, popt, x, True)
+            logits64, loss64 = forward_backward(t64, opt64, x64, False)
+            errs = {f"{prefix}logits": rel_err(plogits, logits64),
+                    f"{prefix}loss": abs(ploss - loss64) / max(abs(loss64), 1e-30)}
+            gp = interop.torch_grads(tp)
+            for k, g in interop.torch_grads(t64).items():
+                errs[f"{prefix}grad {k}"] = rel_err(gp[k], g)
+            for s in (1, 2):
+                align()
+                w0, w0_64 = _torch_weights(tp), _torch_weights(t64)
+                for model, opt, inputs, amp in ((tp, popt, x, True), (t64, opt64, x64, False)):
+                    forward_backward(model, opt, inputs, amp)
+                    opt.step()
+                w1, w1_64 = _torch_weights(tp), _torch_weights(t64)
+                for k in w0:
+                    errs[f"{prefix}step {s} update {k}"] = rel_err(w1[k] - w0[k], w1_64[k] - w0_64[k])
+                errs[f"{prefix}step {s} update {ALL}"] = rel_err(
+                    np.concatenate([(w1[k] - w0[k]).ravel() for k in w0]),
+                    np.concatenate([(w1_64[k] - w0_64[k]).ravel() for k in w0]))
+        finally:
+            set_dropout(self.hmodel, [tp, t64], saved)
+        return errs
 
 
 ALL = "(all parameters)"
@@ -193,19 +258,21 @@ def gate(make_pair, batch: int, tol: float, float32_first: bool = True,
     float32_first (fp32 rows): tight on <= 32 images against PyTorch float32, a second batch when the first fails;
     when both fail, the second batch against PyTorch in float64, the exact result rounded once: a max-pool near-tie
     that PyTorch's float32 routes away from it is PyTorch's rounding, not hetnet's error (the row records both).
-    Otherwise (tf32 and bf16 rows) against float64 at once, on the first batch and then a second. Then the timed
-    step's updates on the whole batch at `full_tol` (float32 max-pool near-ties cannot reach it). make_pair(seed)
-    builds a fresh Pair on the batch drawn from `seed`."""
+    Then the timed step's updates on the whole batch at `full_tol` (float32 max-pool near-ties cannot reach it).
+    Otherwise (tf32 and bf16 rows: _gate_against_peer) against float64, each quantity within the larger of the
+    tolerance and PEER_FACTOR times PyTorch's own error at that precision. make_pair(seed) builds a fresh Pair on
+    the batch drawn from `seed`."""
+    if not float32_first:
+        return _gate_against_peer(make_pair, batch, tol, full_tol)
     n_check = min(batch, CHECK_IMAGES)
-    attempts = [(1, False), (2, False), (2, True)] if float32_first else [(1, True), (2, True)]
-    info: dict = {"check_images": n_check, "check_reference": "float32" if float32_first else "float64"}
+    info: dict = {"check_images": n_check, "check_reference": "float32"}
     first = last32 = None
-    for data_seed, f64 in attempts:
+    for data_seed, f64 in ((1, False), (2, False), (2, True)):
         pair = make_pair(data_seed)        # afresh for every attempt: no momentum yet
         errs = pair.check(n_check, float64=f64)
         worst = max(errs, key=errs.get)
         rec = {"data_seed": data_seed, "worst": worst, "rel_err": _sig(errs[worst])}
-        if f64 and float32_first:
+        if f64:
             info["check_float64"] = {"data_seed": data_seed, "against_float32": last32[1],
                                      "worst": worst, "rel_err": rec["rel_err"]}
             if not errs[worst] <= tol:
@@ -219,24 +286,62 @@ def gate(make_pair, batch: int, tol: float, float32_first: bool = True,
     if first:
         info["check_first_batch_failed"] = first
     if not errs[worst] <= tol:
-        where = "on two different batches and in float64" if float32_first else "on two different batches"
-        return pair, info, (f"hetnet and PyTorch disagree before timing, {where}: {worst} relative error "
-                            f"{errs[worst]:.3g} > {tol:g}")
+        return pair, info, (f"hetnet and PyTorch disagree before timing, on two different batches and in float64: "
+                            f"{worst} relative error {errs[worst]:.3g} > {tol:g}")
     if batch > n_check:
         # a fresh pair: the check above stepped hetnet's optimiser and only the PyTorch model it checked against
         # (float32 or float64), so their momenta would no longer match on the timed pair
         pair = make_pair(data_seed)
         full = pair.check_full_batch()
-        if not float32_first:
-            # tf32 / bf16 against PyTorch at the same precision: two roundings of every product, where a parameter
-            # with a small gradient (a batch-norm scale whose terms cancel) has a large relative difference; the
-            # whole update is compared instead (the per-parameter errors stay in the small-batch check above)
-            full = {k: v for k, v in full.items() if k.endswith(ALL)}
         fworst = max(full, key=full.get)
         info.update(check_full_batch_max_rel_err=_sig(full[fworst]), check_full_batch_tolerance=full_tol)
         if not full[fworst] <= full_tol:
             return pair, info, (f"the timed step's update on the whole batch disagrees with PyTorch's: {fworst} "
                                 f"relative error {full[fworst]:.3g} > {full_tol:g}")
+    return pair, info, None
+
+
+def _against_peer(errs: dict, peer: dict, floor: float) -> tuple[str, float, bool]:
+    """(the key nearest its bound or over it, that bound, whether every key is within its bound): key k's bound is
+    max(floor, PEER_FACTOR * peer[k]), hetnet's error against float64 within a multiple of PyTorch's."""
+    bounds = {k: max(floor, PEER_FACTOR * peer.get(k, 0.0)) for k in errs}
+    worst = max(errs, key=lambda k: errs[k] / bounds[k])
+    return worst, bounds[worst], all(errs[k] <= bounds[k] for k in errs)
+
+
+def _gate_against_peer(make_pair, batch: int, tol: float, full_tol: float) -> tuple[Pair, dict, str | None]:
+    """gate for tf32 and bf16 rows: hetnet at the row's precision and PyTorch at it (Pair.peer_errors) are each
+    held against PyTorch in float64 on the same <= 32 images (a second batch when the first fails), then on the
+    whole batch (the update of all parameters together: a parameter whose gradient terms cancel, such as a batch
+    norm's scale, has a large relative error at any precision, and the small check has looked at each one)."""
+    n_check = min(batch, CHECK_IMAGES)
+    info: dict = {"check_images": n_check, "check_reference": "float64", "check_peer_factor": PEER_FACTOR}
+    for data_seed in (1, 2):
+        pair = make_pair(data_seed)
+        peer = pair.peer_errors(n_check)   # first: it reads hetnet's weights before the check steps them
+        errs = pair.check(n_check, float64=True)
+        worst, bound, ok = _against_peer(errs, peer, tol)
+        if ok:
+            break
+        info.setdefault("check_first_batch_failed", {"data_seed": data_seed, "worst": worst,
+                                                     "rel_err": _sig(errs[worst]), "bound": _sig(bound)})
+    info.update(check_max_rel_err=_sig(errs[worst]), check_worst=worst, check_bound=_sig(bound),
+                check_peer_rel_err=_sig(peer.get(worst, 0.0)), hetnet_path=pair.path)
+    if not ok:
+        return pair, info, (f"hetnet is further from float64 than {PEER_FACTOR:g}x PyTorch at the same precision, "
+                            f"on two different batches: {worst} relative error {errs[worst]:.3g} > {bound:.3g} "
+                            f"(PyTorch's {peer.get(worst, 0.0):.3g}, tolerance {tol:g})")
+    if batch > n_check:
+        pair = make_pair(data_seed)        # a fresh pair, as in gate
+        peer = pair.peer_errors(None, prefix="full batch ")
+        full = {k: v for k, v in pair.check_full_batch(float64=True).items() if k.endswith(ALL)}
+        fworst, fbound, ok = _against_peer(full, peer, full_tol)
+        info.update(check_full_batch_max_rel_err=_sig(full[fworst]), check_full_batch_tolerance=full_tol,
+                    check_full_batch_bound=_sig(fbound), check_full_batch_peer_rel_err=_sig(peer[fworst]))
+        if not ok:
+            return pair, info, (f"the timed step's update on the whole batch is further from float64 than "
+                                f"{PEER_FACTOR:g}x PyTorch's at the same precision: {fworst} relative error "
+                                f"{full[fworst]:.3g} > {fbound:.3g}")
     return pair, info, None
 
 

@@ -23,6 +23,7 @@ from .common import (
     FULL_BATCH_RTOL,
     LR,
     MOMENTUM,
+    PEER_FACTOR,
     PRECISIONS,
     RTOL_GPU_MAXPOOL,
     RTOL_PRECISION,
@@ -206,9 +207,11 @@ def method_text(gpu: bool) -> str:
             "side empty ('hetnet precision not supported'). Before timing, on up to 32 images, hetnet's logits, "
             "loss, every gradient and the updates of two timed steps must agree within the precision's relative "
             f"tolerance ({tols}): fp32 against PyTorch float32, judged against PyTorch float64 when that fails "
-            "(as in train_step.json); tf32 and bf16 against PyTorch float64, the exact result; then the timed "
-            f"step's updates on the whole batch within max({FULL_BATCH_RTOL:g}, the tolerance). A row failing is "
-            "refused and not timed. hetnet_tflops = the step's dense FLOPs (3 x the forward's Conv2D and Dense "
+            f"(as in train_step.json), then the timed step's updates on the whole batch within "
+            f"max({FULL_BATCH_RTOL:g}, the tolerance); tf32 and bf16 against PyTorch float64, the exact result, each "
+            f"quantity within the larger of the tolerance and {PEER_FACTOR:g}x PyTorch's own error at the same "
+            "precision against float64 on the same images, then the update of all parameters on the whole batch "
+            "the same way (check_bound, check_peer_rel_err). A row failing is refused and not timed. hetnet_tflops = the step's dense FLOPs (3 x the forward's Conv2D and Dense "
             "multiply-adds x 2, step_gflop) / hetnet's time. Median over repetitions after warm-up, sides "
             "alternating. ")
     if gpu:
