@@ -149,6 +149,11 @@ def test_channel_stats():
     assert mean.dtype == std.dtype == np.float32
     _, s = channel_stats(np.full((2, 1, 3, 3), 7, np.uint8))
     assert s[0] == 1.0                                               # constant channel: no division by zero
+    # an image larger than a uint32 sum of its squared pixels holds (H*W > 66,051): the sums stay exact
+    big = np.full((2, 1, 300, 300), 255, np.uint8)
+    big[1] = 0
+    mean, std = channel_stats(big)
+    assert mean[0] == np.float32(0.5) and std[0] == np.float32(0.5)
 
 
 def test_normalize():

@@ -96,9 +96,11 @@ def _model_input(images, mean, std) -> np.ndarray:
     return x.astype(np.float64, copy=False)
 
 
-def patch_moment(images, kernel_size: int, mean=None, std=None, chunk: int = 256) -> np.ndarray:
+def patch_moment(images, kernel_size: int, mean=None, std=None, chunk: int = 128) -> np.ndarray:
     """S = E[v v^T] over every k x k patch v (stride 1, no padding) of images (N, C, H, W), float64 (m, m) with
-    m = C*k*k in the (c, r, s) order of a conv weight. Accumulated a chunk of images at a time."""
+    m = C*k*k in the (c, r, s) order of a conv weight. Accumulated a chunk of images at a time: the patches of a
+    chunk as the columns of an (m, B*P*Q) matrix (im2col, P = H-k+1, Q = W-k+1), each of its rows (c, r, s) copied
+    from the images shifted by (r, s) in runs of Q, then S += cols @ cols^T."""
     x = np.asarray(images)
     if x.ndim != 4:
         raise ValueError(f"whitening: expected images of shape (N, C, H, W), got {tuple(x.shape)}")
@@ -106,14 +108,17 @@ def patch_moment(images, kernel_size: int, mean=None, std=None, chunk: int = 256
     k = int(kernel_size)
     if n < 1 or h < k or w < k or k < 1:
         raise ValueError(f"whitening: {n} image(s) of {h}x{w} hold no {k}x{k} patch")
-    m = c * k * k
+    m, p, q = c * k * k, h - k + 1, w - k + 1
     acc, count = np.zeros((m, m)), 0
     for i in range(0, n, chunk):
-        xb = _model_input(x[i:i + chunk], mean, std)
-        win = np.lib.stride_tricks.sliding_window_view(xb, (k, k), axis=(2, 3))     # [B, C, P, Q, k, k]
-        rows = win.transpose(0, 2, 3, 1, 4, 5).reshape(-1, m)                       # one patch per row
-        acc += rows.T @ rows
-        count += rows.shape[0]
+        xb = _model_input(x[i:i + chunk], mean, std)                               # [B, C, H, W] float64
+        cols = np.empty((c, k, k, xb.shape[0], p, q))
+        for r in range(k):
+            for s in range(k):
+                cols[:, r, s] = xb[:, :, r:r + p, s:s + q].transpose(1, 0, 2, 3)
+        cols = cols.reshape(m, -1)                                                  # one patch per column
+        acc += cols @ cols.T
+        count += cols.shape[1]
     return acc / count
 
 

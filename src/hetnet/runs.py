@@ -32,6 +32,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
@@ -364,6 +365,10 @@ def prepare(config: dict, log: Callable[[str], None] | None = None, cache: bool 
         tx, ty = tx[:limit], ty[:limit]
     if len(tx) == 0:
         raise UsageError("--val-fraction: no training examples left after the split")
+    # the data's fingerprint (checked on --resume) hashed on a thread beside what follows: sha256 releases the GIL
+    pool = ThreadPoolExecutor(1)
+    fingerprint = pool.submit(_fingerprint, tx, ty)
+    pool.shutdown(wait=False)
     mean, std = channel_stats(tx)
     if hinit.needs_data(model):     # a whitening first layer: from the first 5,000 training images, as airbench
         hinit.data_init(model, tx, mean, std)
@@ -397,7 +402,7 @@ def prepare(config: dict, log: Callable[[str], None] | None = None, cache: bool 
               "test": int(len(ds.test_x)) if has_test else 0}
     return _Prepared(config, model, spec, tuple(input_shape), class_names, [float(v) for v in mean],
                      [float(v) for v in std], train_loader, val_loader, test_loader, optimizer, schedule,
-                     _fingerprint(tx, ty), average, lookahead, frozen_after, counts, str(ds.source),
+                     fingerprint.result(), average, lookahead, frozen_after, counts, str(ds.source),
                      int(getattr(ds, "skipped", 0) or 0))
 
 
