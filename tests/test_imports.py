@@ -4,6 +4,8 @@ Imports inside functions are only for optional packages (CuPy, Numba, torch, mat
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -104,3 +106,12 @@ def test_imports_inside_functions_only_for_optional_packages(path, parts):
             for name in names:
                 assert name.split(".")[0] in OPTIONAL, \
                     f"{path.relative_to(SRC.parent)}:{node.lineno} imports {name} inside {fn.name}()"
+
+
+def test_the_training_command_loads_numba_only_with_the_cpu_backend():
+    """`hetnet train` on a GPU never needs the cpu backend's compiled loops: importing the command and the workflow
+    leaves Numba (a sixth of a start) unloaded; device.get_backend("cpu") loads it."""
+    code = ("import sys, hetnet, hetnet.cli, hetnet.runs, hetnet.parallel; a = 'numba' in sys.modules; "
+            "from hetnet.device import get_backend; get_backend('cpu'); print(a, 'numba' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "True"]

@@ -17,7 +17,7 @@ import sys
 
 import numpy as np
 
-from .backends import cpu, reference
+from .backends import reference
 from .errors import DeviceError
 
 _cache: dict[tuple, object] = {}
@@ -58,7 +58,8 @@ def get_backend(device: str = "cpu", precision: str | None = None):
         if kind == "reference":
             backend = reference
         elif kind == "cpu":
-            backend = cpu
+            # imported here: it loads Numba (0.16 s of a start), which a cuda run does not need
+            backend = importlib.import_module("hetnet.backends.cpu")
         else:
             cuda = importlib.import_module("hetnet.backends.cuda")     # only here: it needs CuPy
             backend = cuda.CudaBackend(index, precision)  # DeviceError with a one-line reason if CUDA is unusable

@@ -23,7 +23,8 @@ import sys
 import numpy as np
 
 from ..random import counter_uniform
-from . import compose, cpu
+from . import compose
+from .gather import gather_images as _gather_float32
 
 name = "reference"
 precision = "fp32"          # (float64 throughout: the oracle)
@@ -68,7 +69,7 @@ def upload(a) -> np.ndarray:
 
 def gather_images(images, labels, plan, start, count, scale, shift, reflect=False):
     """The cpu backend's float32 batch (what the host loader serves), widened to float64."""
-    x, y = cpu.gather_images(images, labels, plan, start, count, scale, shift, reflect)
+    x, y = _gather_float32(images, labels, plan, start, count, scale, shift, reflect)
     return x.astype(np.float64), y
 
 

@@ -26,7 +26,6 @@ import traceback
 import numpy as np
 
 from .. import random as hrandom
-from ..backends.cpu import threads as cpu_threads
 from ..device import best_device, get_backend, parse_device
 from ..errors import HetnetError, UsageError
 from .comm import MPIComm, NcclComm, mpi_bcast_json, nccl_unique_id
@@ -306,7 +305,7 @@ def _connect(dist: Dist, device: str | None, addr, mpi) -> None:
         if "HETNET_NUM_THREADS" not in os.environ:      # the cores of this host shared by its ranks
             local = _mpi_local(mpi)[1]
             cores = len(os.sched_getaffinity(0))
-            cpu_threads.set_threads(max(1, cores // local if cores == os.cpu_count() else cores))
+            get_backend("cpu").set_threads(max(1, cores // local if cores == os.cpu_count() else cores))
         dist.comm = MPIComm(dist.hb)
     dist.barrier()
     if dist.rank:

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backends import cpu
 from ..data.loader import BatchLoader, ResidentLoader
 from ..data.transforms import normalize_coefficients
+from ..device import get_backend
 
 
 def shard_rows(n: int, rank: int, world: int) -> tuple[int, int]:
@@ -107,7 +107,7 @@ class ShardedLoader:
                     yield ld.backend.gather_images(ld.images, ld.labels, dplan, start + lo, hi - lo, ld.scale,
                                                    ld.shift, reflect=self.host.reflect)
                 elif plan is not None:
-                    yield cpu.gather_images(self.host.x, self.host.y, plan, start + lo, hi - lo, *self._coefficients,
+                    yield get_backend("cpu").gather_images(self.host.x, self.host.y, plan, start + lo, hi - lo, *self._coefficients,
                                             reflect=self.host.reflect)
                 else:       # several crops or flips: the whole global batch as BatchLoader makes it, then our rows
                     order = self.host.order(epoch) if order is None else order
