@@ -74,16 +74,18 @@ def test_sources_found():
 
 
 def test_compiled_gemm_kernels_are_the_table(results):
-    """mma.cu compiles to one entry point per tensor-core tile and operand order of mma_tiles.TILES, each within
-    an SM's registers for its block and with the dynamic shared memory the launcher gives it under an H200's 227 KB
-    (tests/test_mma_emulated.py checks the kernels stay inside it)."""
-    want = {t.kernel(layout) for t in mma_tiles.TILES for layout in mma_tiles.LAYOUTS}
+    """mma.cu compiles to one entry point per tensor-core tile and operand order of mma_tiles.TILES and one
+    convolution per tile of CONV_CHOICE, each within an SM's registers for its block and with the dynamic shared
+    memory the launcher gives it under an H200's 227 KB (tests/test_mma_emulated.py checks the kernels stay inside
+    it)."""
+    threads = {t.kernel(layout): t.threads for t in mma_tiles.TILES for layout in mma_tiles.LAYOUTS}
+    threads.update({t.conv_kernel: t.threads for t in mma_tiles.conv_tiles()})
+    assert len(mma_tiles.conv_tiles()) == 4
     for arch in ARCHS:
         log = results[("mma", arch)][1]
-        found = dict(re.findall(r"Compiling entry function '(hn_gemm_\w+)' for '\w+'\s+.*?Used (\d+) registers", log,
-                                re.DOTALL))
-        assert set(found) == want, arch
-        threads = {t.kernel(layout): t.threads for t in mma_tiles.TILES for layout in mma_tiles.LAYOUTS}
+        found = dict(re.findall(r"Compiling entry function '(hn_(?:gemm|conv)_\w+)' for '\w+'\s+.*?Used (\d+) "
+                                r"registers", log, re.DOTALL))
+        assert set(found) == set(threads), arch
         for name, regs in found.items():
             assert int(regs) * threads[name] <= 65536, f"{name} ({arch}): {regs} registers x {threads[name]} threads"
     assert all(t.smem_bytes <= 227 * 1024 for t in mma_tiles.TILES)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import RTOL_EMULATED, RTOL_TC, rel_err
-from mma_cases import SHAPES, expected, stored
+from mma_cases import SHAPES, expected, op, stored
 
 from hetnet.backends.cuda import kernels
 from hetnet.backends.cuda import mma as mm
@@ -232,3 +232,79 @@ def test_runner_without_a_gpu(capsys):
     assert len(lines) == 18 and "conv2 64->128 32x32" in lines[3] and "nn 128 x 524288 x 576" in lines[3]
     assert run_tc.main(["--list", "--layers", "7"]) == 2
     assert capsys.readouterr().err.startswith("error: --layers")
+
+
+# --- the implicit-GEMM forward convolution (mma.cu HN_CONV, mma.plan_conv) -------------------------------------------
+
+# (n, C, H, W, M, R, S, stride, pad): C not a multiple of 8, odd H and W, batch 1, 1x1 and 5x5, stride 2, padding
+# larger than the stride, M and N tails in both tiles
+CONV_SHAPES = [(2, 3, 7, 9, 5, 3, 3, 1, 1), (1, 5, 6, 6, 70, 1, 1, 1, 0), (3, 4, 9, 8, 6, 5, 5, 2, 2),
+               (2, 9, 5, 7, 130, 3, 3, 2, 0), (2, 6, 13, 11, 130, 3, 3, 1, 1)]
+
+
+def run_conv(emu, call: mm.ConvCall, seed: int = 0) -> None:
+    """Execute a convolution plan on the emulator (NumPy arrays), as mma.conv_tc does on a GPU."""
+    args = call.args(lambda a: a.ctypes.data, None)
+    err = ctypes.create_string_buffer(1024)
+    kernel = ctypes.cast(getattr(emu, call.kernel), ctypes.c_void_p)
+    c = ctypes
+    bias = (c.c_void_p(None), c.c_longlong(0)) if call.b is None else (c.c_void_p(call.b.ctypes.data),
+                                                                        c.c_longlong(call.b.nbytes))
+    rc = emu.emu_conv(kernel, c.c_uint(call.grid[0]), c.c_uint(call.grid[1]), c.c_uint(call.tile.threads),
+                      c.c_int(call.tile.smem_bytes), c.c_void_p(call.x.ctypes.data), c.c_longlong(call.x.nbytes),
+                      c.c_void_p(call.w.ctypes.data), c.c_longlong(call.w.nbytes), *bias,
+                      c.c_void_p(call.y.ctypes.data), c.c_longlong(call.y.nbytes),
+                      *(c.c_int(int(v)) for v in args[4:]), c.c_uint(seed), err, c.c_int(len(err)))
+    assert rc == 0, f"{call.kernel} grid {call.grid}: {err.value.decode()}"
+
+
+def check_conv(emu, rng, precision, shape, bias=True, act=0, tile=None):
+    """One convolution through plan_conv + emulator: y (NaN-poisoned) against float64 of the rounded x and w."""
+    from hetnet.backends import reference
+
+    n, c, h, w, m, r, s, stride, pad = shape
+    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    wt = rng.standard_normal((m, c, r, s)).astype(np.float32)
+    b = rng.standard_normal(m).astype(np.float32) if bias else None
+    p, q = (h + 2 * pad - r) // stride + 1, (w + 2 * pad - s) // stride + 1
+    y = np.full((n, m, p, q), np.nan, np.float32)
+    call = mm.plan_conv(y, x, wt, b, stride, pad, act, precision, tile)
+    run_conv(emu, call, seed=int(rng.integers(2**31)))
+    want, _ = reference.conv2d_forward(op(x, False, precision), op(wt, False, precision),
+                                       None if b is None else b.astype(np.float64), stride, pad)
+    if act:
+        want = np.maximum(want, 0.0)
+    err = rel_err(y, want)
+    assert err <= RTOL_EMULATED, f"{precision} {shape} tile {call.tile.name}: relative error {err:.3g}"
+    return call
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+@pytest.mark.parametrize("shape", CONV_SHAPES)
+def test_conv_forward(emu, rng, precision, shape):
+    """Every shape through the launcher's tile choice, with a bias and ReLU on every other shape, and without."""
+    k = CONV_SHAPES.index(shape)
+    check_conv(emu, rng, precision, shape, bias=k % 2 == 0, act=k % 2)
+    check_conv(emu, rng, precision, shape, bias=k % 2 == 1, act=0)
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_conv_forward_each_tile(emu, rng, precision):
+    """Both tiles of CONV_CHOICE on a shape with tails in M, N and K, more than one block each way."""
+    for name in mm.CONV_CHOICE[precision]:
+        call = check_conv(emu, rng, precision, (2, 7, 10, 13, 140, 3, 3, 1, 1), act=1, tile=name)
+        assert call.tile.name == name and call.grid[0] > 1 and call.grid[1] > 1
+
+
+def test_conv_launcher():
+    """The tile choice by size; shapes that do not fit, other dtypes and unknown tiles: ValueError."""
+    large, small = (mm.tile_named("bf16", name) for name in mm.CONV_CHOICE["bf16"])
+    assert mm.conv_choose("bf16", 64, 512 * 1024) is small and mm.conv_choose("bf16", 256, 512 * 1024) is large
+    x, w = np.zeros((2, 3, 8, 8), np.float32), np.zeros((4, 3, 3, 3), np.float32)
+    with pytest.raises(ValueError, match="fit together"):
+        mm.plan_conv(np.zeros((2, 4, 8, 8), np.float32), x, w, None, 1, 0)
+    with pytest.raises(ValueError, match="contiguous float32"):
+        mm.plan_conv(np.zeros((2, 4, 6, 6)), x, w, None, 1, 0)
+    with pytest.raises(ValueError, match="no convolution kernel"):
+        mm.plan_conv(np.zeros((2, 4, 6, 6), np.float32), x, w, None, 1, 0, tile="128x128x32s2a", precision="bf16")
+    assert mm.plan_conv(np.zeros((0, 4, 6, 6), np.float32), x[:0], w, None, 1, 0) is None

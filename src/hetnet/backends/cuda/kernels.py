@@ -26,12 +26,13 @@ _props: dict[int, dict] = {}
 
 def cu_text(name: str) -> str:
     """A source's CUDA text as nvcc compiles it (with -I this folder): the .cu file, and for conv the entry points of
-    the tiles that ship, generated from their table (conv_tiles.py); for mma those of its tiles (mma_tiles.py)."""
+    the tiles that ship, generated from their table (conv_tiles.py); for mma those of its tiles and of its
+    convolution (mma_tiles.py)."""
     text = (HERE / f"{name}.cu").read_text()
     if name == "conv":
         text += "\n" + conv_tiles.instantiations(conv_tiles.TILES)
     elif name == "mma":
-        text += "\n" + mma_tiles.instantiations(mma_tiles.TILES)
+        text += "\n" + mma_tiles.instantiations(mma_tiles.TILES, mma_tiles.conv_tiles())
     return text
 
 

@@ -337,6 +337,104 @@ __device__ __forceinline__ void hn_epilogue(const HnBlock& b, float (&acc)[MT][N
     }
 }
 
+// --- convolution as an implicit GEMM (forward) -----------------------------------------------------------------------
+
+// y[img][o][p][q] = act(b[o] + sum_k W[o][k] x(k; img, p, q)): the GEMM C[M,N] = A[M,K] B[K,N] with M = output channels,
+// N = images x P x Q (n = (img * P + p) * Q + q), K = C x R x S (k = (c * R + r) * S + s, a conv weight's order),
+// A = W as stored ("A n", lda = K), and B never stored: B[k][n] = x[img][c][p*stride - pad + r][q*stride - pad + s],
+// zero outside the image. B's tile is "B n" (rows k, columns n) and gathered straight into shared memory by 4-byte
+// cp.async (zero-filled where the window leaves the image), so the pipelines, fragments and roundings are the GEMM's.
+// C is y in NCHW: element (m, n) at (img * M + m) * P * Q + (p * Q + q).
+struct HnConv {
+    const float* bias;   // [M], or null
+    int c, h, w, r, s, p, q, stride, pad;
+    int act;             // kernels.py's ACTS: 0 none, 1 ReLU
+};
+
+// The four columns n0 + c0 .. n0 + c0 + 3 of B that one thread copies in every K tile (hn_copy_tile_async's chunk
+// order keeps a thread's columns fixed when THREADS is a multiple of the chunks per row): where each column's image
+// starts in x (elements; x has fewer than 2^31), and its window's top-left corner (ih0 out of range past N).
+struct HnConvCols {
+    int base[4], ih0[4], iw0[4];
+};
+
+template <int COLS, int THREADS>
+__device__ __forceinline__ HnConvCols hn_conv_cols(const HnConv& cv, int n0, int N, int tid) {
+    constexpr int CPR = COLS / 4;
+    static_assert(THREADS % CPR == 0, "a thread's B columns must be the same in every row it copies");
+    HnConvCols k;
+    const int pq = cv.p * cv.q;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+        const int n = n0 + (tid % CPR) * 4 + e;
+        const int img = n / pq, t = n - img * pq, op = t / cv.q, oq = t - op * cv.q;
+        k.base[e] = img * cv.c * cv.h * cv.w;
+        k.ih0[e] = n < N ? op * cv.stride - cv.pad : -(1 << 30);
+        k.iw0[e] = oq * cv.stride - cv.pad;
+    }
+    return k;
+}
+
+// B's BK x BN tile (rows k0 .. k0+BK-1, columns n0 ..) gathered from x into shared memory (row stride STRIDE), in
+// hn_copy_tile_async's chunk order: rows from kend on, and taps outside the image, are zero-filled.
+template <int ROWS, int COLS, int STRIDE, int THREADS>
+__device__ __forceinline__ void hn_conv_copy_b(float* s, const float* x, const HnConv& cv, const HnConvCols& cols,
+                                               int k0, int kend, int tid) {
+    constexpr int CPR = COLS / 4, CHUNKS = ROWS * CPR;
+    static_assert(CHUNKS % THREADS == 0, "tile must split into whole chunks per thread");
+    const int rs = cv.r * cv.s, hw = cv.h * cv.w;
+#pragma unroll
+    for (int i = 0; i < CHUNKS / THREADS; ++i) {
+        const int q = tid + i * THREADS, row = q / CPR, c = (q % CPR) * 4, k = k0 + row;
+        const int ci = k / rs, rr = (k - ci * rs) / cv.s, ss = k - ci * rs - rr * cv.s;
+        float* dst = s + row * STRIDE + c;
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int ih = cols.ih0[e] + rr, iw = cols.iw0[e] + ss;
+            const bool ok = k < kend && ih >= 0 && ih < cv.h && iw >= 0 && iw < cv.w;
+            hn_cp_async4(dst + e, ok ? x + (cols.base[e] + ci * hw + ih * cv.w + iw) : x, ok ? 4 : 0);
+        }
+    }
+}
+
+// hn_epilogue for the convolution: y = act(acc + bias[m]) at NCHW positions (fragment positions as there).
+template <int MT, int NT>
+__device__ __forceinline__ void hn_conv_epilogue(const HnBlock& b, float (&acc)[MT][NT][4], int M, int N,
+                                                 const HnConv& cv, int wm, int wn, int lane) {
+    const int g = lane >> 2, t = lane & 3, pq = cv.p * cv.q;
+    // n even and P*Q even: n and n+1 lie in one image, and the pair's offset is even (8-byte stores)
+    const bool pair = (pq & 1) == 0 && (reinterpret_cast<unsigned long long>(b.C) & 7) == 0;
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+        const int n = b.n0 + wn + 8 * j + 2 * t;
+        if (n >= N) continue;
+        const int img = n / pq, pix = n - img * pq;
+        const int img1 = (n + 1) / pq, pix1 = n + 1 - img1 * pq;
+        const bool two = n + 1 < N;
+#pragma unroll
+        for (int i = 0; i < MT; ++i) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int m = b.m0 + wm + 16 * i + g + 8 * h;
+                if (m >= M) continue;
+                const float bias = cv.bias ? hn_ldg(cv.bias + m) : 0.f;
+                float x = acc[i][j][2 * h] + bias, y = acc[i][j][2 * h + 1] + bias;
+                if (cv.act == 1) {
+                    x = x > 0.f ? x : 0.f;
+                    y = y > 0.f ? y : 0.f;
+                }
+                float* p = b.C + (static_cast<long long>(img) * M + m) * pq + pix;
+                if (two && pair) {
+                    hn_st2(p, x, y);
+                } else {
+                    hn_st(p, x);
+                    if (two) hn_st(b.C + (static_cast<long long>(img1) * M + m) * pq + pix1, y);
+                }
+            }
+        }
+    }
+}
+
 // --- tf32: cp.async pipeline of STAGES float32 tiles, operands rounded to tf32 as fragments are read ---------------
 
 // One BK slice of a stage: (WM/16) x (WN/8) mma tiles per warp, BK/8 steps of m16n8k8.
@@ -414,8 +512,8 @@ __device__ __forceinline__ void hn_convert_tf32(float* s, int tid) {
 // warp's reads of tile kt-1, whose buffer ((kt-1) % STAGES = (kt+STAGES-1) % STAGES) is refilled next with tile
 // kt+STAGES-1 while tile kt is multiplied. LANDED: before that barrier each thread rounds its own chunks of tile kt
 // to tf32 in place (once per element, where otherwise every warp that reads a fragment would round it again).
-template <bool LANDED, bool TA, bool TB, int BM, int BN, int BK, int WM, int WN, int STAGES>
-__device__ __forceinline__ void hn_gemm_tf32_body(unsigned char* smem, HN_GEMM_PARAMS) {
+template <bool LANDED, bool TA, bool TB, int BM, int BN, int BK, int WM, int WN, int STAGES, bool CONV = false>
+__device__ __forceinline__ void hn_gemm_tf32_body(unsigned char* smem, HN_GEMM_PARAMS, const HnConv& cv = HnConv{}) {
     constexpr int WARPS_N = BN / WN, THREADS = 32 * (BM / WM) * WARPS_N, MT = WM / 16, NT = WN / 8;
     static_assert(BM % WM == 0 && BN % WN == 0 && WM % 16 == 0 && WN % 8 == 0 && BK % 8 == 0 && STAGES >= 2, "tile");
     using OA = HnOperand<!TA, BM, BK, 4, 8>;
@@ -428,13 +526,19 @@ __device__ __forceinline__ void hn_gemm_tf32_body(unsigned char* smem, HN_GEMM_P
     const int tid = th.tid, tiles = blk.tiles;
     float acc[MT][NT][4];
     hn_zero(acc);
+    static_assert(!CONV || (!TA && !TB), "the convolution is A n, B n");
+    const HnConvCols cols = CONV ? hn_conv_cols<OB::COLS, THREADS>(cv, blk.n0, N, tid) : HnConvCols{};
 
     auto issue = [&](int kt) {   // cp.async of K tile kt into its buffer kt % STAGES
         const int k0 = blk.kbeg + kt * BK, s = kt % STAGES;
         hn_copy_tile_async<OA::ROWS, OA::COLS, OA::STRIDE, THREADS>(
             sa + s * OA::ELEMS, hn_src<!TA>(blk.A, lda, blk.m0, k0, M, blk.kend), tid);
-        hn_copy_tile_async<OB::ROWS, OB::COLS, OB::STRIDE, THREADS>(
-            sb + s * OB::ELEMS, hn_src<TB>(blk.B, ldb, blk.n0, k0, N, blk.kend), tid);
+        if (CONV)
+            hn_conv_copy_b<OB::ROWS, OB::COLS, OB::STRIDE, THREADS>(sb + s * OB::ELEMS, blk.B, cv, cols, k0,
+                                                                    blk.kend, tid);
+        else
+            hn_copy_tile_async<OB::ROWS, OB::COLS, OB::STRIDE, THREADS>(
+                sb + s * OB::ELEMS, hn_src<TB>(blk.B, ldb, blk.n0, k0, N, blk.kend), tid);
     };
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
@@ -454,7 +558,10 @@ __device__ __forceinline__ void hn_gemm_tf32_body(unsigned char* smem, HN_GEMM_P
         hn_gemm_tf32_tile<LANDED, OA, OB, MT, NT, BK>(sa + s * OA::ELEMS, sb + s * OB::ELEMS, acc, th.wm, th.wn, th.lane);
     }
     hn_cp_async_wait<0>();   // only empty groups remain
-    hn_epilogue<MT, NT>(blk, acc, M, N, ldc, alpha, beta, th.wm, th.wn, th.lane);
+    if (CONV)
+        hn_conv_epilogue<MT, NT>(blk, acc, M, N, cv, th.wm, th.wn, th.lane);
+    else
+        hn_epilogue<MT, NT>(blk, acc, M, N, ldc, alpha, beta, th.wm, th.wn, th.lane);
 }
 
 // --- bf16: float32 tiles read into registers, rounded, stored as bf16 (two buffers), fragments by ldmatrix -------------
@@ -572,8 +679,8 @@ __device__ __forceinline__ void hn_convert_bf16(const float* src, unsigned short
 // every warp done with buffer (kt-1) % 2 and tile kt-1), refill float32 buffer (kt-1) % STAGES with tile
 // kt+STAGES-1, multiply from bf16 buffer kt % 2. The next write to that buffer (iteration kt+2) comes after the
 // barrier of iteration kt+1, which every warp reaches only after this multiply.
-template <bool TA, bool TB, int BM, int BN, int BK, int WM, int WN, int STAGES>
-__device__ __forceinline__ void hn_gemm_bf16_async(unsigned char* smem, HN_GEMM_PARAMS) {
+template <bool TA, bool TB, int BM, int BN, int BK, int WM, int WN, int STAGES, bool CONV = false>
+__device__ __forceinline__ void hn_gemm_bf16_async(unsigned char* smem, HN_GEMM_PARAMS, const HnConv& cv = HnConv{}) {
     constexpr int WARPS_N = BN / WN, THREADS = 32 * (BM / WM) * WARPS_N, MT = WM / 16, NT = WN / 8;
     static_assert(BM % WM == 0 && BN % WN == 0 && WM % 16 == 0 && WN % 16 == 0 && BK % 16 == 0 && STAGES >= 2,
                   "tile");
@@ -591,13 +698,19 @@ __device__ __forceinline__ void hn_gemm_bf16_async(unsigned char* smem, HN_GEMM_
     const int tid = th.tid, tiles = blk.tiles;
     float acc[MT][NT][4];
     hn_zero(acc);
+    static_assert(!CONV || (!TA && !TB), "the convolution is A n, B n");
+    const HnConvCols cols = CONV ? hn_conv_cols<FB::COLS, THREADS>(cv, blk.n0, N, tid) : HnConvCols{};
 
     auto issue = [&](int kt) {
         const int k0 = blk.kbeg + kt * BK, s = kt % STAGES;
         hn_copy_tile_async<FA::ROWS, FA::COLS, FA::STRIDE, THREADS>(
             fa + s * FA::ELEMS, hn_src<!TA>(blk.A, lda, blk.m0, k0, M, blk.kend), tid);
-        hn_copy_tile_async<FB::ROWS, FB::COLS, FB::STRIDE, THREADS>(
-            fb + s * FB::ELEMS, hn_src<TB>(blk.B, ldb, blk.n0, k0, N, blk.kend), tid);
+        if (CONV)
+            hn_conv_copy_b<FB::ROWS, FB::COLS, FB::STRIDE, THREADS>(fb + s * FB::ELEMS, blk.B, cv, cols, k0,
+                                                                    blk.kend, tid);
+        else
+            hn_copy_tile_async<FB::ROWS, FB::COLS, FB::STRIDE, THREADS>(
+                fb + s * FB::ELEMS, hn_src<TB>(blk.B, ldb, blk.n0, k0, N, blk.kend), tid);
     };
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
@@ -617,7 +730,10 @@ __device__ __forceinline__ void hn_gemm_bf16_async(unsigned char* smem, HN_GEMM_
         hn_gemm_bf16_tile<TA, TB, OA, OB, MT, NT, BK>(sa + h * OA::ELEMS, sb + h * OB::ELEMS, acc, th.wm, th.wn, th.lane);
     }
     hn_cp_async_wait<0>();
-    hn_epilogue<MT, NT>(blk, acc, M, N, ldc, alpha, beta, th.wm, th.wn, th.lane);
+    if (CONV)
+        hn_conv_epilogue<MT, NT>(blk, acc, M, N, cv, th.wm, th.wn, th.lane);
+    else
+        hn_epilogue<MT, NT>(blk, acc, M, N, ldc, alpha, beta, th.wm, th.wn, th.lane);
 }
 
 // The kernels' bodies by the variant letter of their name (mma_tiles.TcTile.variant).
@@ -638,6 +754,20 @@ __device__ __forceinline__ void hn_gemm_bf16_a(unsigned char* smem, HN_GEMM_PARA
     hn_gemm_bf16_async<TA, TB, BM, BN, BK, WM, WN, ST>(smem, HN_GEMM_ARGS);
 }
 
+// The convolution's bodies: the tf32 and bf16 "a" pipelines with B gathered (hn_conv_copy_b) and y written in NCHW.
+template <int BM, int BN, int BK, int WM, int WN, int ST>
+__device__ __forceinline__ void hn_conv_tf32(unsigned char* smem, HN_GEMM_PARAMS, const HnConv& cv) {
+    hn_gemm_tf32_body<false, false, false, BM, BN, BK, WM, WN, ST, true>(smem, HN_GEMM_ARGS, cv);
+}
+template <int BM, int BN, int BK, int WM, int WN, int ST>
+__device__ __forceinline__ void hn_conv_tf32_l(unsigned char* smem, HN_GEMM_PARAMS, const HnConv& cv) {
+    hn_gemm_tf32_body<true, false, false, BM, BN, BK, WM, WN, ST, true>(smem, HN_GEMM_ARGS, cv);
+}
+template <int BM, int BN, int BK, int WM, int WN, int ST>
+__device__ __forceinline__ void hn_conv_bf16_a(unsigned char* smem, HN_GEMM_PARAMS, const HnConv& cv) {
+    hn_gemm_bf16_async<false, false, BM, BN, BK, WM, WN, ST, true>(smem, HN_GEMM_ARGS, cv);
+}
+
 // --- entry points ---------------------------------------------------------------------------------------------------
 
 // HN_GEMM(hn_gemm_tf32_nn_128x128x32s3, hn_gemm_tf32, false, false, 128, 128, 32, 64, 32, 3, 1) defines the
@@ -648,4 +778,17 @@ __device__ __forceinline__ void hn_gemm_bf16_a(unsigned char* smem, HN_GEMM_PARA
     extern "C" __global__ void __launch_bounds__(32 * (BM / WM) * (BN / WN), MINB) name(HN_GEMM_PARAMS) {        \
         HN_DYNAMIC_SMEM(hn_smem);                                                                              \
         body<TA, TB, BM, BN, BK, WM, WN, ST>(hn_smem, HN_GEMM_ARGS);                                           \
+    }
+
+// HN_CONV(hn_conv_fwd_bf16_128x128x32s3a, hn_conv_bf16_a, 128, 128, 32, 64, 32, 3, 1): the forward convolution
+// y = act(conv(x, w) + b) on a tile of mma_tiles.CONV_TILES (x [n, C, H, W], w [M, C, R, S], y [n, M, P, Q], all
+// contiguous; N = n * P * Q, K = C * R * S; x has fewer than 2^31 elements). Grid as the GEMM's, one K part.
+#define HN_CONV_PARAMS                                                                                              \
+    const float *__restrict__ X, const float *__restrict__ Wt, const float *__restrict__ bias, float *__restrict__ Y, \
+        int M, int N, int K, int C, int H, int W, int R, int S, int P, int Q, int stride, int pad, int act
+#define HN_CONV(name, body, BM, BN, BK, WM, WN, ST, MINB)                                                         \
+    extern "C" __global__ void __launch_bounds__(32 * (BM / WM) * (BN / WN), MINB) name(HN_CONV_PARAMS) {        \
+        HN_DYNAMIC_SMEM(hn_smem);                                                                              \
+        const HnConv cv = {bias, C, H, W, R, S, P, Q, stride, pad, act};                                        \
+        body<BM, BN, BK, WM, WN, ST>(hn_smem, Wt, X, Y, M, N, K, K, 0, 0, 0, 0, 0, 1.f, 0.f, 1, K, cv);          \
     }

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .kernels import gemm_operands, get_kernel, leading_dim
-from .mma_tiles import LAYOUTS, PRECISIONS, TILES, TcTile
+from .kernels import NULL, gemm_operands, get_kernel, leading_dim
+from .mma_tiles import CONV_CHOICE, LAYOUTS, PRECISIONS, TILES, TcTile
 
 _i32, _i64, _f32 = np.int32, np.int64, np.float32
 DEFAULT_SMEM = 48 * 1024       # dynamic shared memory a launch gets without raising the kernel's limit
@@ -198,3 +198,95 @@ def gemm_tc_batched(be, c, a, trans_a: bool, b, trans_b: bool, alpha: float = 1.
     call = plan_batched(c, a, trans_a, b, trans_b, alpha, beta, precision, be.sms, tile, splits)
     if call is not None:
         launch(be, call)
+
+
+# --- the forward convolution as an implicit GEMM (mma.cu, HN_CONV) ------------------------------------------------
+
+
+@dataclass
+class ConvCall:
+    """One launch of an HN_CONV kernel: y = act(conv(x, w) + b), the GEMM M = output channels, N = images x P x Q,
+    K = C x R x S, with x gathered into the B tiles and y written in NCHW (mma.cu)."""
+
+    tile: TcTile
+    grid: tuple
+    x: object
+    w: object
+    b: object                  # None: no bias
+    y: object
+    m: int
+    n: int
+    k: int
+    geometry: tuple            # C, H, W, R, S, P, Q, stride, pad
+    act: int                   # kernels.ACTS code
+
+    @property
+    def kernel(self) -> str:
+        return self.tile.conv_kernel
+
+    @property
+    def block(self) -> tuple:
+        return (self.tile.threads,)
+
+    def args(self, ptr, null) -> tuple:
+        """The kernel's arguments, ptr(x) giving an array's pointer argument, `null` the null pointer."""
+        return (ptr(self.x), ptr(self.w), null if self.b is None else ptr(self.b), ptr(self.y),
+                *(_i32(v) for v in (self.m, self.n, self.k, *self.geometry, self.act)))
+
+
+def conv_fits(x, w) -> bool:
+    """Whether plan_conv takes this convolution: x's elements and one image more (the kernel's per-column image
+    offsets, int32) below 2^31, and the output channels' tiles within grid.y's limit."""
+    _, c, h, wd = x.shape
+    return x.size + c * h * wd < 2**31 and math.ceil(w.shape[0] / 64) <= GRID_YZ
+
+
+def conv_choose(precision: str, m: int, n: int) -> TcTile:
+    """CONV_CHOICE's small tile when M or N fits in it, else the large one (as `choose`)."""
+    large, small = (tile_named(precision, name) for name in CONV_CHOICE[precision])
+    return small if m <= small.bm or n <= small.bn else large
+
+
+def plan_conv(y, x, w, b, stride: int, pad: int, act: int = 0, precision: str = "tf32",
+              tile: str | None = None) -> ConvCall | None:
+    """The launch for y = act(conv(x, w) + b) (x [n, C, H, W], w [M, C, R, S], b [M] or None, y [n, M, P, Q], all
+    contiguous float32; act 0 none, 1 ReLU); None when y is empty. tile: a CONV_CHOICE tile's name (default
+    `conv_choose`)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"conv_tc: precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    n, c, h, wd = x.shape
+    m, _, r, s = w.shape
+    p, q = (h + 2 * pad - r) // stride + 1, (wd + 2 * pad - s) // stride + 1
+    if tuple(y.shape) != (n, m, p, q) or w.shape[1] != c or (b is not None and tuple(b.shape) != (m,)):
+        raise ValueError(f"conv_tc: x {x.shape}, w {w.shape}, b {None if b is None else b.shape}, y {y.shape} do not "
+                         f"fit together")
+    for a in (x, w, y) + (() if b is None else (b,)):
+        if a.dtype != np.float32 or not a.flags.c_contiguous:
+            raise ValueError("conv_tc: x, w, b and y must be contiguous float32")
+    if not conv_fits(x, w):
+        raise ValueError(f"conv_tc: x of shape {x.shape} is past the kernel's 32-bit offsets")
+    big_n, k = n * p * q, c * r * s
+    if big_n == 0 or m == 0:
+        return None
+    if tile is None:
+        t = conv_choose(precision, m, big_n)
+    else:
+        t = tile_named(precision, tile)
+        if tile not in CONV_CHOICE[precision]:
+            raise ValueError(f"conv_tc: no convolution kernel on tile {tile!r} (have {', '.join(CONV_CHOICE[precision])})")
+    grid = (math.ceil(big_n / t.bn), math.ceil(m / t.bm), 1)
+    return ConvCall(t, grid, x, w, b, y, m, big_n, k, (c, h, wd, r, s, p, q, stride, pad), int(act))
+
+
+def conv_tc(be, y, x, w, b, stride: int, pad: int, act: int = 0, tile: str | None = None) -> None:
+    """y = act(conv(x, w) + b) on tensor cores at `be`'s precision (tf32 or bf16), sums in float32, on the current
+    stream (see plan_conv)."""
+    call = plan_conv(y, x, w, b, stride, pad, act, be.precision, tile)
+    if call is None:
+        return
+    kern = get_kernel(be.device_id, "mma", call.kernel)
+    smem = call.tile.smem_bytes
+    if smem > DEFAULT_SMEM and (be.device_id, call.kernel) not in _raised:
+        kern.max_dynamic_shared_size_bytes = smem
+        _raised.add((be.device_id, call.kernel))
+    kern(call.grid, call.block, call.args(lambda a: a, NULL), shared_mem=smem)

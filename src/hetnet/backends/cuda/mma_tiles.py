@@ -31,6 +31,8 @@ LAYOUTS = ("nn", "nt", "tn", "tt")       # op(A), op(B): n = as stored, t = tran
 _SMEM = {"tf32": (4, 4, 8), "bf16": (2, 8, 8)}
 VARIANTS = {("tf32", ""): "hn_gemm_tf32", ("tf32", "l"): "hn_gemm_tf32_l", ("bf16", ""): "hn_gemm_bf16",
             ("bf16", "a"): "hn_gemm_bf16_a"}      # (precision, variant letter): mma.cu's body
+# The implicit-GEMM forward convolution (mma.cu, HN_CONV) is built on the cp.async pipelines: its body per variant.
+CONV_VARIANTS = {("tf32", ""): "hn_conv_tf32", ("tf32", "l"): "hn_conv_tf32_l", ("bf16", "a"): "hn_conv_bf16_a"}
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,12 @@ class TcTile:
         return f"hn_gemm_{self.precision}_{layout}_{self.name}"
 
     @property
+    def conv_kernel(self) -> str:
+        """The entry point of the implicit-GEMM forward convolution on this tile (CONV_TILES)."""
+        assert (self.precision, self.variant) in CONV_VARIANTS, self
+        return f"hn_conv_fwd_{self.precision}_{self.name}"
+
+    @property
     def smem_bytes(self) -> int:
         """Dynamic shared memory per block: `stages` buffers of both operands' tiles, each the larger of its two
         layouts (mma.cu's HnOperand::ELEMS), so the same for every operand order; bf16 "a": `stages` unpadded
@@ -112,12 +120,24 @@ TILES = (
 )
 
 
-def instantiations(tiles: Iterable[TcTile]) -> str:
-    """mma.cu's HN_GEMM lines: each tile in each operand order."""
+# The forward convolution's tiles, (large, small) per precision as mma.CHOICE, on one block per SM: its gather keeps
+# 12 more registers per thread than a GEMM, past the 128 that two blocks of 256 threads allow.
+CONV_CHOICE = {"tf32": ("128x128x32s3", "64x64x32s4"), "bf16": ("128x128x32s3a", "64x64x32s4a")}
+
+
+def conv_tiles() -> list[TcTile]:
+    return [t for t in TILES for name in CONV_CHOICE[t.precision] if t.name == name]
+
+
+def instantiations(tiles: Iterable[TcTile], conv: Iterable[TcTile] = ()) -> str:
+    """mma.cu's HN_GEMM lines, each tile in each operand order, and its HN_CONV lines, one per `conv` tile."""
     lines = []
     for t in tiles:
         for layout in LAYOUTS:
             ta, tb = (str(c == "t").lower() for c in layout)
             lines.append(f"HN_GEMM({t.kernel(layout)}, {t.body}, {ta}, {tb}, {t.bm}, {t.bn}, {t.bk}, {t.wm}, {t.wn}, "
                          f"{t.stages}, {t.min_blocks})")
+    for t in conv:
+        lines.append(f"HN_CONV({t.conv_kernel}, {CONV_VARIANTS[(t.precision, t.variant)]}, {t.bm}, {t.bn}, {t.bk}, "
+                     f"{t.wm}, {t.wn}, {t.stages}, {t.min_blocks})")
     return "\n".join(lines) + "\n"
