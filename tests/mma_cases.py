@@ -43,3 +43,28 @@ def expected(a, ta, b, tb, c0, alpha, beta, precision=None):
     """alpha op(a) op(b) + beta c0 in float64 (beta == 0: c0 unused, may be NaN)."""
     out = alpha * (op(a, ta, precision) @ op(b, tb, precision))
     return out + beta * c0.astype(np.float64) if beta != 0 else out
+
+
+# Convolutions (n, C, H, W, M, R, S, stride, pad) for the implicit-GEMM forward (mma.conv_tc): C not a multiple of 8,
+# odd H and W, batch 1, 1x1 and 5x5, stride 2, padding larger than the stride, M and N tails in both tiles
+CONV_SHAPES = [(2, 3, 7, 9, 5, 3, 3, 1, 1), (1, 5, 6, 6, 70, 1, 1, 1, 0), (3, 4, 9, 8, 6, 5, 5, 2, 2),
+               (2, 9, 5, 7, 130, 3, 3, 2, 0), (2, 6, 13, 11, 130, 3, 3, 1, 1)]
+
+
+def conv_inputs(rng, shape, bias: bool = True):
+    """(x, w, b or None, y poisoned with NaN) in float32 for a CONV_SHAPES entry."""
+    n, c, h, w, m, r, s, stride, pad = shape
+    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    wt = rng.standard_normal((m, c, r, s)).astype(np.float32)
+    b = rng.standard_normal(m).astype(np.float32) if bias else None
+    p, q = (h + 2 * pad - r) // stride + 1, (w + 2 * pad - s) // stride + 1
+    return x, wt, b, np.full((n, m, p, q), np.nan, np.float32)
+
+
+def conv_expected(x, w, b, stride: int, pad: int, act: int, precision=None):
+    """act(conv(x, w) + b) in float64, x and w rounded as `precision`'s kernels round them (None: exact)."""
+    from hetnet.backends import reference
+
+    y, _ = reference.conv2d_forward(op(x, False, precision), op(w, False, precision),
+                                    None if b is None else b.astype(np.float64), stride, pad)
+    return np.maximum(y, 0.0) if act else y

@@ -21,7 +21,7 @@ if _N_GPUS == 0:
     pytest.skip("no CUDA GPU", allow_module_level=True)
 
 from conftest import RTOL_TC, RTOL_TC_ROUNDED, rel_err
-from mma_cases import SHAPES, expected, stored
+from mma_cases import CONV_SHAPES, SHAPES, conv_expected, conv_inputs, expected, stored
 
 from hetnet.backends.cuda import mma as mm
 from hetnet.backends.cuda.mma_tiles import LAYOUTS, PRECISIONS, TILES
@@ -116,3 +116,43 @@ def test_same_as_cublas_conventions(be, rng):
         be.gemm(dw, dy.T, False, col.T, False, beta=1.0)
         mm.gemm_tc(be, dw_tc, dy.T, False, col.T, False, beta=1.0, precision=precision)
         assert rel_err(cupy.asnumpy(dw_tc), cupy.asnumpy(dw).astype(np.float64)) <= RTOL_TC[precision]
+
+
+# --- the implicit-GEMM forward convolution (mma.conv_tc) and its place among the convolution algorithms -----------
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("shape", CONV_SHAPES)
+def test_conv_forward(rng, precision, shape):
+    """Each CONV_CHOICE tile on each shape, with bias and ReLU and without: y (poisoned with NaN) against float64
+    of the exact inputs within RTOL_TC and of the rounded inputs within RTOL_TC_ROUNDED."""
+    be = get_backend("cuda", precision)
+    stride, pad = shape[7:]
+    for tile in mm.CONV_CHOICE[precision]:
+        for bias, act in ((True, 1), (False, 0)):
+            x, w, b, y = conv_inputs(rng, shape, bias)
+            gy = cupy.asarray(y)
+            mm.conv_tc(be, gy, cupy.asarray(x), cupy.asarray(w), None if b is None else cupy.asarray(b), stride,
+                       pad, act, tile)
+            got = cupy.asnumpy(gy)
+            where = f"{precision} {shape} tile {tile} bias {bias} act {act}"
+            err = rel_err(got, conv_expected(x, w, b, stride, pad, act))
+            assert err <= RTOL_TC[precision], f"{where}: relative error {err:.3g} against the exact inputs"
+            err = rel_err(got, conv_expected(x, w, b, stride, pad, act, precision))
+            assert err <= RTOL_TC_ROUNDED, f"{where}: relative error {err:.3g} against the rounded inputs"
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_conv_layer_takes_the_tensor_core_forward(rng, precision):
+    """The backend's conv2d_forward at tf32 / bf16 offers "tc" among its algorithms (forced here, and in the
+    measured choice's log), and its result is the convolution's."""
+    be = get_backend("cuda", precision)
+    x, w, b, _ = conv_inputs(rng, (4, 16, 12, 12, 32, 3, 3, 1, 1))
+    be.force_conv_algo = "tc"
+    try:
+        y, _ = be.conv2d_forward(cupy.asarray(x), cupy.asarray(w), cupy.asarray(b), 1, 1, act="relu")
+    finally:
+        be.force_conv_algo = None
+    assert rel_err(cupy.asnumpy(y), conv_expected(x, w, b, 1, 1, 1)) <= RTOL_TC[precision]
+    be.conv2d_forward(cupy.asarray(x[:3]), cupy.asarray(w), cupy.asarray(b), 1, 1)      # measured
+    assert any(r["op"] == "fwd" and r["shape"][0] == 3 and "tc" in r["ms"] for r in be.tune_log)

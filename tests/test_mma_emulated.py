@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import RTOL_EMULATED, RTOL_TC, rel_err
-from mma_cases import SHAPES, expected, op, stored
+from mma_cases import CONV_SHAPES, SHAPES, conv_expected, conv_inputs, expected, stored
 
 from hetnet.backends.cuda import kernels
 from hetnet.backends.cuda import mma as mm
@@ -236,12 +236,6 @@ def test_runner_without_a_gpu(capsys):
 
 # --- the implicit-GEMM forward convolution (mma.cu HN_CONV, mma.plan_conv) -------------------------------------------
 
-# (n, C, H, W, M, R, S, stride, pad): C not a multiple of 8, odd H and W, batch 1, 1x1 and 5x5, stride 2, padding
-# larger than the stride, M and N tails in both tiles
-CONV_SHAPES = [(2, 3, 7, 9, 5, 3, 3, 1, 1), (1, 5, 6, 6, 70, 1, 1, 1, 0), (3, 4, 9, 8, 6, 5, 5, 2, 2),
-               (2, 9, 5, 7, 130, 3, 3, 2, 0), (2, 6, 13, 11, 130, 3, 3, 1, 1)]
-
-
 def run_conv(emu, call: mm.ConvCall, seed: int = 0) -> None:
     """Execute a convolution plan on the emulator (NumPy arrays), as mma.conv_tc does on a GPU."""
     args = call.args(lambda a: a.ctypes.data, None)
@@ -260,21 +254,11 @@ def run_conv(emu, call: mm.ConvCall, seed: int = 0) -> None:
 
 def check_conv(emu, rng, precision, shape, bias=True, act=0, tile=None):
     """One convolution through plan_conv + emulator: y (NaN-poisoned) against float64 of the rounded x and w."""
-    from hetnet.backends import reference
-
-    n, c, h, w, m, r, s, stride, pad = shape
-    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
-    wt = rng.standard_normal((m, c, r, s)).astype(np.float32)
-    b = rng.standard_normal(m).astype(np.float32) if bias else None
-    p, q = (h + 2 * pad - r) // stride + 1, (w + 2 * pad - s) // stride + 1
-    y = np.full((n, m, p, q), np.nan, np.float32)
+    stride, pad = shape[7:]
+    x, wt, b, y = conv_inputs(rng, shape, bias)
     call = mm.plan_conv(y, x, wt, b, stride, pad, act, precision, tile)
     run_conv(emu, call, seed=int(rng.integers(2**31)))
-    want, _ = reference.conv2d_forward(op(x, False, precision), op(wt, False, precision),
-                                       None if b is None else b.astype(np.float64), stride, pad)
-    if act:
-        want = np.maximum(want, 0.0)
-    err = rel_err(y, want)
+    err = rel_err(y, conv_expected(x, wt, b, stride, pad, act, precision))
     assert err <= RTOL_EMULATED, f"{precision} {shape} tile {call.tile.name}: relative error {err:.3g}"
     return call
 

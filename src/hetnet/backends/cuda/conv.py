@@ -1,4 +1,5 @@
-"""Convolution and dense launchers: implicit GEMM (conv.cu) or im2col + cuBLAS, chosen per shape by measurement.
+"""Convolution and dense launchers: implicit GEMM (conv.cu; at tf32 / bf16 also the tensor-core forward, mma.conv_tc)
+or im2col + cuBLAS (or our tensor-core GEMMs), chosen per shape by measurement.
 
 Every op here has the op contract's optional fused epilogues (used by hetnet.plan): `act` (ReLU after bias in the
 forward) and `relu_x` (the input of this layer is a ReLU output, so the data gradient is zeroed where relu_x <= 0).
@@ -15,6 +16,7 @@ import os
 import numpy as np
 
 from .. import compose
+from . import mma
 from .conv_tiles import BK, TILES, Tile
 from .kernels import NULL, act_code, check, get_kernel
 
@@ -37,6 +39,9 @@ TUNE_RUNS = 4      # back-to-back runs per timed sample when measuring the algor
 # faster of the two as it runs it; a captured step, with its larger chunks, reuses that choice.
 IM2COL_MIN_CHUNK = 4 << 20
 _i32 = np.int32
+# HETNET_CONV_ALGO / CudaBackend.force_conv_algo: skip the measurement (tests); "tc" exists at tf32 and bf16 for the
+# forward (mma.conv_tc), other ops take "implicit" for it
+FORCEABLE = ("implicit", "im2col", "tc")
 
 
 class Geometry:
@@ -278,7 +283,15 @@ def channel_sum(be, x, out, n, c, hw):
 
 def _forced() -> str | None:
     v = os.environ.get("HETNET_CONV_ALGO", "").strip().lower()
-    return v if v in ("implicit", "im2col") else None
+    return v if v in FORCEABLE else None
+
+
+def _forced_candidate(forced: str, candidates: dict) -> str:
+    """The candidate a forced algorithm names: "im2col"; "tc" (the tensor-core implicit GEMM, where the op has one,
+    else as "implicit"); "implicit" (our first fp32 implicit-GEMM tile)."""
+    if forced in candidates:
+        return forced
+    return next(n for n in candidates if n not in ("im2col", "tc"))
 
 
 def _choose(be, op: str, g: Geometry, candidates: dict, run_scratch):
@@ -287,9 +300,9 @@ def _choose(be, op: str, g: Geometry, candidates: dict, run_scratch):
     key = (op, g.key())
     forced = be.force_conv_algo or _forced()
     if forced:
-        if be.capturing is not None and not be.graph_cublas:
+        if be.capturing is not None and not be.graph_cublas and forced == "im2col":
             forced = "implicit"
-        return next(n for n in candidates if (n == "im2col") == (forced == "im2col"))
+        return _forced_candidate(forced, candidates)
     choice = be._tune.get(key)
     if choice is not None and (be.capturing is None or be.graph_cublas or choice != "im2col"):
         return choice
@@ -340,6 +353,8 @@ def conv_forward(be, x, w, b, stride, pad, act=0, geometry=None):
     y = be.xp.empty((n, k, g.p, g.q), dtype=be.xp.float32)
     cands = _split_cands(be, FWD_CFGS, g, lambda cfg, sp, out: _fwd_implicit(be, cfg, sp, g, x, w, b, out, act))
     cands["im2col"] = lambda out: _fwd_im2col(be, g, x, w, b, out, act, x.nbytes + y.nbytes)
+    if be.precision != "fp32" and x.flags.c_contiguous and w.flags.c_contiguous and mma.conv_fits(x, w):
+        cands["tc"] = lambda out: mma.conv_tc(be, out, x, w, b, stride, pad, act)
     choice = _choose(be, "fwd", g, cands, lambda fn: fn(y))
     cands[choice](y)
     return y
