@@ -68,3 +68,24 @@ def conv_expected(x, w, b, stride: int, pad: int, act: int, precision=None):
     y, _ = reference.conv2d_forward(op(x, False, precision), op(w, False, precision),
                                     None if b is None else b.astype(np.float64), stride, pad)
     return np.maximum(y, 0.0) if act else y
+
+
+def conv_data_inputs(rng, shape, mask: bool = True):
+    """(dy, w, relu_x or None, dx poisoned with NaN) in float32 for a CONV_SHAPES entry (the data gradient)."""
+    n, c, h, w, m, r, s, stride, pad = shape
+    p, q = (h + 2 * pad - r) // stride + 1, (w + 2 * pad - s) // stride + 1
+    dy = rng.standard_normal((n, m, p, q)).astype(np.float32)
+    wt = rng.standard_normal((m, c, r, s)).astype(np.float32)
+    relu_x = rng.standard_normal((n, c, h, w)).astype(np.float32) if mask else None
+    return dy, wt, relu_x, np.full((n, c, h, w), np.nan, np.float32)
+
+
+def conv_data_expected(dy, w, relu_x, shape, precision=None):
+    """dE/dx of the convolution for dE/dy = dy, in float64, dy and w rounded as `precision`'s kernels round them,
+    zeroed where relu_x <= 0 when given."""
+    from hetnet.backends import reference
+
+    n, c, h, wd, _, _, _, stride, pad = shape
+    _, cache = reference.conv2d_forward(np.zeros((n, c, h, wd)), op(w, False, precision), None, stride, pad)
+    dx = reference.conv2d_backward(op(dy, False, precision), cache, np.zeros(w.shape), None, need_dx=True)
+    return dx if relu_x is None else dx * (relu_x > 0)

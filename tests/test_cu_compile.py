@@ -74,12 +74,12 @@ def test_sources_found():
 
 
 def test_compiled_gemm_kernels_are_the_table(results):
-    """mma.cu compiles to one entry point per tensor-core tile and operand order of mma_tiles.TILES and one
-    convolution per tile of CONV_CHOICE, each within an SM's registers for its block and with the dynamic shared
+    """mma.cu compiles to one entry point per tensor-core tile and operand order of mma_tiles.TILES and one per
+    convolution op and tile of CONV_CHOICE, each within an SM's registers for its block and with the dynamic shared
     memory the launcher gives it under an H200's 227 KB (tests/test_mma_emulated.py checks the kernels stay inside
     it)."""
     threads = {t.kernel(layout): t.threads for t in mma_tiles.TILES for layout in mma_tiles.LAYOUTS}
-    threads.update({t.conv_kernel: t.threads for t in mma_tiles.conv_tiles()})
+    threads.update({t.conv_kernel(op): t.threads for t in mma_tiles.conv_tiles() for op in mma_tiles.CONV_OPS})
     assert len(mma_tiles.conv_tiles()) == 4
     for arch in ARCHS:
         log = results[("mma", arch)][1]

@@ -21,7 +21,8 @@ if _N_GPUS == 0:
     pytest.skip("no CUDA GPU", allow_module_level=True)
 
 from conftest import RTOL_TC, RTOL_TC_ROUNDED, rel_err
-from mma_cases import CONV_SHAPES, SHAPES, conv_expected, conv_inputs, expected, stored
+from mma_cases import (CONV_SHAPES, SHAPES, conv_data_expected, conv_data_inputs, conv_expected, conv_inputs,
+                       expected, stored)
 
 from hetnet.backends.cuda import mma as mm
 from hetnet.backends.cuda.mma_tiles import LAYOUTS, PRECISIONS, TILES
@@ -143,9 +144,29 @@ def test_conv_forward(rng, precision, shape):
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
-def test_conv_layer_takes_the_tensor_core_forward(rng, precision):
-    """The backend's conv2d_forward at tf32 / bf16 offers "tc" among its algorithms (forced here, and in the
-    measured choice's log), and its result is the convolution's."""
+@pytest.mark.parametrize("shape", CONV_SHAPES)
+def test_conv_data_gradient(rng, precision, shape):
+    """mma.conv_data_tc on each CONV_CHOICE tile and shape, with the ReLU mask and without, as test_conv_forward."""
+    be = get_backend("cuda", precision)
+    stride, pad = shape[7:]
+    for tile in mm.CONV_CHOICE[precision]:
+        for mask in (True, False):
+            dy, w, relu_x, dx = conv_data_inputs(rng, shape, mask)
+            gdx = cupy.asarray(dx)
+            mm.conv_data_tc(be, gdx, cupy.asarray(dy), cupy.asarray(w),
+                            None if relu_x is None else cupy.asarray(relu_x), stride, pad, tile)
+            got = cupy.asnumpy(gdx)
+            where = f"data {precision} {shape} tile {tile} mask {mask}"
+            err = rel_err(got, conv_data_expected(dy, w, relu_x, shape))
+            assert err <= RTOL_TC[precision], f"{where}: relative error {err:.3g} against the exact inputs"
+            err = rel_err(got, conv_data_expected(dy, w, relu_x, shape, precision))
+            assert err <= RTOL_TC_ROUNDED, f"{where}: relative error {err:.3g} against the rounded inputs"
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_conv_layer_offers_the_tensor_core_kernels(rng, precision):
+    """The backend's convolution at tf32 / bf16 offers "tc" among its forward and data-gradient algorithms (forced
+    here, and in the measured choices' log), and the forced forward's result is the convolution's."""
     be = get_backend("cuda", precision)
     x, w, b, _ = conv_inputs(rng, (4, 16, 12, 12, 32, 3, 3, 1, 1))
     be.force_conv_algo = "tc"
@@ -154,5 +175,9 @@ def test_conv_layer_takes_the_tensor_core_forward(rng, precision):
     finally:
         be.force_conv_algo = None
     assert rel_err(cupy.asnumpy(y), conv_expected(x, w, b, 1, 1, 1)) <= RTOL_TC[precision]
-    be.conv2d_forward(cupy.asarray(x[:3]), cupy.asarray(w), cupy.asarray(b), 1, 1)      # measured
-    assert any(r["op"] == "fwd" and r["shape"][0] == 3 and "tc" in r["ms"] for r in be.tune_log)
+    gx, gw, gb = cupy.asarray(x[:3]), cupy.asarray(w), cupy.asarray(b)
+    y, cache = be.conv2d_forward(gx, gw, gb, 1, 1)      # measured, as is the backward
+    dw, db = cupy.zeros_like(gw), cupy.zeros_like(gb)
+    be.conv2d_backward(cupy.ones_like(y), cache, dw, db, need_dx=True)
+    for op in ("fwd", "data"):
+        assert any(r["op"] == op and r["shape"][0] == 3 and "tc" in r["ms"] for r in be.tune_log), op

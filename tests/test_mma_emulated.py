@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import RTOL_EMULATED, RTOL_TC, rel_err
-from mma_cases import CONV_SHAPES, SHAPES, conv_expected, conv_inputs, expected, stored
+from mma_cases import (CONV_SHAPES, SHAPES, conv_data_expected, conv_data_inputs, conv_expected, conv_inputs,
+                       expected, stored)
 
 from hetnet.backends.cuda import kernels
 from hetnet.backends.cuda import mma as mm
@@ -237,17 +238,17 @@ def test_runner_without_a_gpu(capsys):
 # --- the implicit-GEMM forward convolution (mma.cu HN_CONV, mma.plan_conv) -------------------------------------------
 
 def run_conv(emu, call: mm.ConvCall, seed: int = 0) -> None:
-    """Execute a convolution plan on the emulator (NumPy arrays), as mma.conv_tc does on a GPU."""
+    """Execute a convolution plan on the emulator (NumPy arrays), as mma.launch_conv does on a GPU."""
     args = call.args(lambda a: a.ctypes.data, None)
     err = ctypes.create_string_buffer(1024)
     kernel = ctypes.cast(getattr(emu, call.kernel), ctypes.c_void_p)
     c = ctypes
-    bias = (c.c_void_p(None), c.c_longlong(0)) if call.b is None else (c.c_void_p(call.b.ctypes.data),
-                                                                        c.c_longlong(call.b.nbytes))
+
+    def buf(a):
+        return (c.c_void_p(None), c.c_longlong(0)) if a is None else (c.c_void_p(a.ctypes.data), c.c_longlong(a.nbytes))
+
     rc = emu.emu_conv(kernel, c.c_uint(call.grid[0]), c.c_uint(call.grid[1]), c.c_uint(call.tile.threads),
-                      c.c_int(call.tile.smem_bytes), c.c_void_p(call.x.ctypes.data), c.c_longlong(call.x.nbytes),
-                      c.c_void_p(call.w.ctypes.data), c.c_longlong(call.w.nbytes), *bias,
-                      c.c_void_p(call.y.ctypes.data), c.c_longlong(call.y.nbytes),
+                      c.c_int(call.tile.smem_bytes), *buf(call.src), *buf(call.w), *buf(call.aux), *buf(call.out),
                       *(c.c_int(int(v)) for v in args[4:]), c.c_uint(seed), err, c.c_int(len(err)))
     assert rc == 0, f"{call.kernel} grid {call.grid}: {err.value.decode()}"
 
@@ -277,6 +278,34 @@ def test_conv_forward_each_tile(emu, rng, precision):
     """Both tiles of CONV_CHOICE on a shape with tails in M, N and K, more than one block each way."""
     for name in mm.CONV_CHOICE[precision]:
         call = check_conv(emu, rng, precision, (2, 7, 10, 13, 140, 3, 3, 1, 1), act=1, tile=name)
+        assert call.tile.name == name and call.grid[0] > 1 and call.grid[1] > 1
+
+
+def check_conv_data(emu, rng, precision, shape, mask=True, tile=None):
+    """One data gradient through plan_conv_data + emulator: dx (NaN-poisoned) against float64 of the rounded dy, w."""
+    stride, pad = shape[7:]
+    dy, w, relu_x, dx = conv_data_inputs(rng, shape, mask)
+    call = mm.plan_conv_data(dx, dy, w, relu_x, stride, pad, precision, tile)
+    run_conv(emu, call, seed=int(rng.integers(2**31)))
+    err = rel_err(dx, conv_data_expected(dy, w, relu_x, shape, precision))
+    assert err <= RTOL_EMULATED, f"data {precision} {shape} tile {call.tile.name}: relative error {err:.3g}"
+    return call
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+@pytest.mark.parametrize("shape", CONV_SHAPES)
+def test_conv_data_gradient(emu, rng, precision, shape):
+    """Every shape through the launcher's tile choice, with the ReLU mask and without: taps between stride
+    positions and past the output add nothing, pixels no window reads get zero."""
+    check_conv_data(emu, rng, precision, shape, mask=True)
+    check_conv_data(emu, rng, precision, shape, mask=False)
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_conv_data_gradient_each_tile(emu, rng, precision):
+    """Both tiles of CONV_CHOICE on a shape with tails in M (input channels), N and K, more than one block each way."""
+    for name in mm.CONV_CHOICE[precision]:
+        call = check_conv_data(emu, rng, precision, (2, 140, 10, 7, 9, 3, 3, 1, 1), tile=name)
         assert call.tile.name == name and call.grid[0] > 1 and call.grid[1] > 1
 
 

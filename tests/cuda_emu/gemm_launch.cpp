@@ -22,26 +22,26 @@ extern "C" int emu_gemm(void* kernel, unsigned gx, unsigned gy, unsigned gz, uns
     return msg.empty() ? 0 : 1;
 }
 
-// One of mma.cu's implicit-GEMM convolution kernels (HN_CONV) on the emulator: X, W and bias read-only (bias may be
-// null), Y written; the same error convention as emu_gemm.
+// One of mma.cu's implicit-GEMM convolution kernels (HN_CONV) on the emulator: B (x or dy), W and AUX (the bias or
+// the mask, may be null) read-only, Y written; the same error convention as emu_gemm.
 typedef void (*HnConvKernel)(const float*, const float*, const float*, float*, int, int, int, int, int, int, int, int,
-                             int, int, int, int, int);
+                             int, int, int, int, int, int);
 
-extern "C" int emu_conv(void* kernel, unsigned gx, unsigned gy, unsigned threads, int smem_bytes, const float* X,
-                        long long x_bytes, const float* W, long long w_bytes, const float* bias, long long bias_bytes,
+extern "C" int emu_conv(void* kernel, unsigned gx, unsigned gy, unsigned threads, int smem_bytes, const float* B,
+                        long long b_bytes, const float* W, long long w_bytes, const float* aux, long long aux_bytes,
                         float* Y, long long y_bytes, int M, int N, int K, int C, int H, int Wd, int R, int S, int P,
-                        int Q, int stride, int pad, int act, unsigned seed, char* err, int err_len) {
+                        int Q, int O, int stride, int pad, int act, unsigned seed, char* err, int err_len) {
     HnConvKernel fn = reinterpret_cast<HnConvKernel>(kernel);
     std::string msg;
     {
-        emu::S().ranges = {{reinterpret_cast<const unsigned char*>(X), static_cast<size_t>(x_bytes), false},
+        emu::S().ranges = {{reinterpret_cast<const unsigned char*>(B), static_cast<size_t>(b_bytes), false},
                            {reinterpret_cast<const unsigned char*>(W), static_cast<size_t>(w_bytes), false},
                            {reinterpret_cast<const unsigned char*>(Y), static_cast<size_t>(y_bytes), true}};
-        if (bias != nullptr)
-            emu::S().ranges.push_back({reinterpret_cast<const unsigned char*>(bias), static_cast<size_t>(bias_bytes),
+        if (aux != nullptr)
+            emu::S().ranges.push_back({reinterpret_cast<const unsigned char*>(aux), static_cast<size_t>(aux_bytes),
                                        false});
         msg = emu::launch({gx, gy, 1}, {threads, 1, 1}, smem_bytes,
-                          [=] { fn(X, W, bias, Y, M, N, K, C, H, Wd, R, S, P, Q, stride, pad, act); }, seed);
+                          [=] { fn(B, W, aux, Y, M, N, K, C, H, Wd, R, S, P, Q, O, stride, pad, act); }, seed);
     }
     snprintf(err, err_len, "%s", msg.c_str());
     return msg.empty() ? 0 : 1;

@@ -1,5 +1,6 @@
-"""Convolution and dense launchers: implicit GEMM (conv.cu; at tf32 / bf16 also the tensor-core forward, mma.conv_tc)
-or im2col + cuBLAS (or our tensor-core GEMMs), chosen per shape by measurement.
+"""Convolution and dense launchers: implicit GEMM (conv.cu; at tf32 / bf16 the forward and data gradient also on
+tensor cores, mma.conv_tc / conv_data_tc) or im2col + cuBLAS (or our tensor-core GEMMs), chosen per shape by
+measurement.
 
 Every op here has the op contract's optional fused epilogues (used by hetnet.plan): `act` (ReLU after bias in the
 forward) and `relu_x` (the input of this layer is a ReLU output, so the data gradient is zeroed where relu_x <= 0).
@@ -40,7 +41,7 @@ TUNE_RUNS = 4      # back-to-back runs per timed sample when measuring the algor
 IM2COL_MIN_CHUNK = 4 << 20
 _i32 = np.int32
 # HETNET_CONV_ALGO / CudaBackend.force_conv_algo: skip the measurement (tests); "tc" exists at tf32 and bf16 for the
-# forward (mma.conv_tc), other ops take "implicit" for it
+# forward and the data gradient (mma.conv_tc, conv_data_tc), the filter gradient takes "implicit" for it
 FORCEABLE = ("implicit", "im2col", "tc")
 
 
@@ -344,6 +345,10 @@ def _choose(be, op: str, g: Geometry, candidates: dict, run_scratch):
     return choice
 
 
+def _contiguous(*arrays) -> bool:
+    return all(a is None or a.flags.c_contiguous for a in arrays)
+
+
 def conv_forward(be, x, w, b, stride, pad, act=0, geometry=None):
     """y = act(conv(x, w) + b) (act 1 = ReLU)."""
     check(x, w, b)
@@ -353,7 +358,7 @@ def conv_forward(be, x, w, b, stride, pad, act=0, geometry=None):
     y = be.xp.empty((n, k, g.p, g.q), dtype=be.xp.float32)
     cands = _split_cands(be, FWD_CFGS, g, lambda cfg, sp, out: _fwd_implicit(be, cfg, sp, g, x, w, b, out, act))
     cands["im2col"] = lambda out: _fwd_im2col(be, g, x, w, b, out, act, x.nbytes + y.nbytes)
-    if be.precision != "fp32" and x.flags.c_contiguous and w.flags.c_contiguous and mma.conv_fits(x, w):
+    if be.precision != "fp32" and _contiguous(x, w, b) and mma.conv_fits(x, y):
         cands["tc"] = lambda out: mma.conv_tc(be, out, x, w, b, stride, pad, act)
     choice = _choose(be, "fwd", g, cands, lambda fn: fn(y))
     cands[choice](y)
@@ -385,6 +390,8 @@ def conv_backward(be, dy, x, w, dw, db, stride, pad, need_dx=True, relu_x=None):
     dx = xp.empty(x.shape, dtype=xp.float32)
     dc = _split_cands(be, DATA_CFGS, g, lambda cfg, sp, out: _data_implicit(be, cfg, sp, g, dy, w, out, relu_x))
     dc["im2col"] = lambda out: _data_im2col(be, g, dy, w, out, relu_x, x.nbytes + dy.nbytes)
+    if be.precision != "fp32" and _contiguous(dy, w, relu_x) and mma.conv_fits(dy, dx):
+        dc["tc"] = lambda out: mma.conv_data_tc(be, out, dy, w, relu_x, stride, pad)
     dc[_choose(be, "data", g, dc, lambda fn: fn(dx))](dx)
     return dx
 

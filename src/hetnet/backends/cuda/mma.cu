@@ -337,79 +337,125 @@ __device__ __forceinline__ void hn_epilogue(const HnBlock& b, float (&acc)[MT][N
     }
 }
 
-// --- convolution as an implicit GEMM (forward) -----------------------------------------------------------------------
+// --- convolutions as implicit GEMMs ---------------------------------------------------------------------------------
 
-// y[img][o][p][q] = act(b[o] + sum_k W[o][k] x(k; img, p, q)): the GEMM C[M,N] = A[M,K] B[K,N] with M = output channels,
-// N = images x P x Q (n = (img * P + p) * Q + q), K = C x R x S (k = (c * R + r) * S + s, a conv weight's order),
-// A = W as stored ("A n", lda = K), and B never stored: B[k][n] = x[img][c][p*stride - pad + r][q*stride - pad + s],
-// zero outside the image. B's tile is "B n" (rows k, columns n) and gathered straight into shared memory by 4-byte
-// cp.async (zero-filled where the window leaves the image), so the pipelines, fragments and roundings are the GEMM's.
-// C is y in NCHW: element (m, n) at (img * M + m) * P * Q + (p * Q + q).
+// MODE 1, the forward: y[img][o][p][q] = act(b[o] + sum_k W[o][k] x(k; img, p, q)). The GEMM C[M,N] = A[M,K] B[K,N]
+// with M = output channels O, N = images x P x Q (n = (img * P + p) * Q + q), K = C x R x S (k = (c * R + r) * S + s,
+// a conv weight's order), A = W as stored ("A n", lda = K), and B never stored: B[k][n] = x[img][c][p*stride - pad +
+// r][q*stride - pad + s], zero outside the image.
+// MODE 2, the data gradient: dx[img][c][h][w] = sum over (o, r, s) of W[o][c][r][s] dy[img][o][ph][pw] where
+// h + pad - r = ph * stride and w + pad - s = pw * stride (taps that are not whole output positions, or fall
+// outside P x Q, add nothing); times (relu_x > 0) when a mask is given. The GEMM has M = C, N = images x H x W,
+// K = O x R x S (k = (o * R + r) * S + s); A[c][k] = W[o][c][r][s] and B[k][n] = dy[img][o][ph][pw] are both gathered.
+// Gathered tiles are copied straight into shared memory by 4-byte cp.async (zero-filled where a tap adds nothing), in
+// the GEMM's chunk order, so the pipelines, fragments and roundings are the GEMM's. C is the output in NCHW: element
+// (m, n) at (img * M + m) * plane + pixel, plane = P x Q (forward) or H x W (data gradient).
 struct HnConv {
-    const float* bias;   // [M], or null
-    int c, h, w, r, s, p, q, stride, pad;
-    int act;             // kernels.py's ACTS: 0 none, 1 ReLU
+    const float* aux;    // forward: the bias [O] or null; data gradient: the mask relu_x [n, C, H, W] or null
+    int c, h, w, r, s, p, q, o, stride, pad;
+    int act;             // forward: kernels.py's ACTS, 0 none, 1 ReLU
 };
 
 // The four columns n0 + c0 .. n0 + c0 + 3 of B that one thread copies in every K tile (hn_copy_tile_async's chunk
 // order keeps a thread's columns fixed when THREADS is a multiple of the chunks per row): where each column's image
-// starts in x (elements; x has fewer than 2^31), and its window's top-left corner (ih0 out of range past N).
+// starts in B's source (elements; fewer than 2^31), and a corner its taps are found from (ih0 out of range past N):
+// forward, the window's top left (p*stride - pad, q*stride - pad); data gradient, (h + pad, w + pad).
 struct HnConvCols {
     int base[4], ih0[4], iw0[4];
 };
 
-template <int COLS, int THREADS>
+template <int MODE, int COLS, int THREADS>
 __device__ __forceinline__ HnConvCols hn_conv_cols(const HnConv& cv, int n0, int N, int tid) {
     constexpr int CPR = COLS / 4;
     static_assert(THREADS % CPR == 0, "a thread's B columns must be the same in every row it copies");
     HnConvCols k;
-    const int pq = cv.p * cv.q;
+    const int ph = MODE == 1 ? cv.p : cv.h, pw = MODE == 1 ? cv.q : cv.w, plane = ph * pw;
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
         const int n = n0 + (tid % CPR) * 4 + e;
-        const int img = n / pq, t = n - img * pq, op = t / cv.q, oq = t - op * cv.q;
-        k.base[e] = img * cv.c * cv.h * cv.w;
-        k.ih0[e] = n < N ? op * cv.stride - cv.pad : -(1 << 30);
-        k.iw0[e] = oq * cv.stride - cv.pad;
+        const int img = n / plane, t = n - img * plane, a = t / pw, b = t - a * pw;
+        k.base[e] = MODE == 1 ? img * cv.c * cv.h * cv.w : img * cv.o * cv.p * cv.q;
+        k.ih0[e] = n >= N ? -(1 << 30) : MODE == 1 ? a * cv.stride - cv.pad : a + cv.pad;
+        k.iw0[e] = MODE == 1 ? b * cv.stride - cv.pad : b + cv.pad;
     }
     return k;
 }
 
-// B's BK x BN tile (rows k0 .. k0+BK-1, columns n0 ..) gathered from x into shared memory (row stride STRIDE), in
-// hn_copy_tile_async's chunk order: rows from kend on, and taps outside the image, are zero-filled.
-template <int ROWS, int COLS, int STRIDE, int THREADS>
-__device__ __forceinline__ void hn_conv_copy_b(float* s, const float* x, const HnConv& cv, const HnConvCols& cols,
+// B's BK x BN tile (rows k0 .. k0+BK-1, columns n0 ..) gathered into shared memory (row stride STRIDE), in
+// hn_copy_tile_async's chunk order: rows from kend on, and taps that add nothing, are zero-filled. src: x (forward)
+// or dy (data gradient).
+template <int MODE, int ROWS, int COLS, int STRIDE, int THREADS>
+__device__ __forceinline__ void hn_conv_copy_b(float* s, const float* src, const HnConv& cv, const HnConvCols& cols,
                                                int k0, int kend, int tid) {
     constexpr int CPR = COLS / 4, CHUNKS = ROWS * CPR;
     static_assert(CHUNKS % THREADS == 0, "tile must split into whole chunks per thread");
-    const int rs = cv.r * cv.s, hw = cv.h * cv.w;
+    const int rs = cv.r * cv.s;
 #pragma unroll
     for (int i = 0; i < CHUNKS / THREADS; ++i) {
         const int q = tid + i * THREADS, row = q / CPR, c = (q % CPR) * 4, k = k0 + row;
-        const int ci = k / rs, rr = (k - ci * rs) / cv.s, ss = k - ci * rs - rr * cv.s;
+        const int ch = k / rs, rr = (k - ch * rs) / cv.s, ss = k - ch * rs - rr * cv.s;   // (c or o, r, s)
         float* dst = s + row * STRIDE + c;
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-            const int ih = cols.ih0[e] + rr, iw = cols.iw0[e] + ss;
-            const bool ok = k < kend && ih >= 0 && ih < cv.h && iw >= 0 && iw < cv.w;
-            hn_cp_async4(dst + e, ok ? x + (cols.base[e] + ci * hw + ih * cv.w + iw) : x, ok ? 4 : 0);
+            bool ok;
+            int at;
+            if (MODE == 1) {
+                const int ih = cols.ih0[e] + rr, iw = cols.iw0[e] + ss;
+                ok = k < kend && ih >= 0 && ih < cv.h && iw >= 0 && iw < cv.w;
+                at = ok ? cols.base[e] + (ch * cv.h + ih) * cv.w + iw : 0;
+            } else {
+                const int th = cols.ih0[e] - rr, tw = cols.iw0[e] - ss;     // ph * stride, pw * stride if whole
+                const int ph = th / cv.stride, pw = tw / cv.stride;
+                ok = k < kend && th >= 0 && tw >= 0 && ph * cv.stride == th && pw * cv.stride == tw && ph < cv.p &&
+                     pw < cv.q;
+                at = ok ? cols.base[e] + (ch * cv.p + ph) * cv.q + pw : 0;
+            }
+            hn_cp_async4(dst + e, src + at, ok ? 4 : 0);
         }
     }
 }
 
-// hn_epilogue for the convolution: y = act(acc + bias[m]) at NCHW positions (fragment positions as there).
-template <int MT, int NT>
+// A's BM x BK tile of the data gradient (K-major: rows m = input channel, columns k = (o, r, s)) gathered from
+// W[o][c][r][s]; rows from M on and columns from kend on are zero-filled. A thread's four columns are fixed
+// (THREADS a multiple of the chunks per row), so their weight offsets are found once per tile.
+template <int ROWS, int COLS, int STRIDE, int THREADS>
+__device__ __forceinline__ void hn_convd_copy_a(float* s, const float* w, const HnConv& cv, int m0, int M, int k0,
+                                                int kend, int tid) {
+    constexpr int CPR = COLS / 4, CHUNKS = ROWS * CPR;
+    static_assert(CHUNKS % THREADS == 0 && THREADS % CPR == 0, "a thread's A columns must be fixed");
+    const int rs = cv.r * cv.s, c0 = (tid % CPR) * 4;
+    int off[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+        const int k = k0 + c0 + e, o = k / rs;
+        off[e] = k < kend ? o * cv.c * rs + (k - o * rs) : -1;
+    }
+#pragma unroll
+    for (int i = 0; i < CHUNKS / THREADS; ++i) {
+        const int q = tid + i * THREADS, row = q / CPR, m = m0 + row;
+        float* dst = s + row * STRIDE + c0;
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const bool ok = m < M && off[e] >= 0;
+            hn_cp_async4(dst + e, w + (ok ? off[e] + m * rs : 0), ok ? 4 : 0);
+        }
+    }
+}
+
+// hn_epilogue for the convolutions: the output (M channels of `plane` pixels per image, NCHW) = acc, forward: + the
+// bias, then the activation; data gradient: times (mask > 0) where a mask is given. Fragment positions as there.
+template <int MODE, int MT, int NT>
 __device__ __forceinline__ void hn_conv_epilogue(const HnBlock& b, float (&acc)[MT][NT][4], int M, int N,
                                                  const HnConv& cv, int wm, int wn, int lane) {
-    const int g = lane >> 2, t = lane & 3, pq = cv.p * cv.q;
-    // n even and P*Q even: n and n+1 lie in one image, and the pair's offset is even (8-byte stores)
-    const bool pair = (pq & 1) == 0 && (reinterpret_cast<unsigned long long>(b.C) & 7) == 0;
+    const int g = lane >> 2, t = lane & 3, plane = MODE == 1 ? cv.p * cv.q : cv.h * cv.w;
+    // n even and the plane even: n and n+1 lie in one image, and the pair's offset is even (8-byte stores)
+    const bool pair = (plane & 1) == 0 && (reinterpret_cast<unsigned long long>(b.C) & 7) == 0;
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
         const int n = b.n0 + wn + 8 * j + 2 * t;
         if (n >= N) continue;
-        const int img = n / pq, pix = n - img * pq;
-        const int img1 = (n + 1) / pq, pix1 = n + 1 - img1 * pq;
+        const int img = n / plane, pix = n - img * plane;
+        const int img1 = (n + 1) / plane, pix1 = n + 1 - img1 * plane;
         const bool two = n + 1 < N;
 #pragma unroll
         for (int i = 0; i < MT; ++i) {
@@ -417,22 +463,47 @@ __device__ __forceinline__ void hn_conv_epilogue(const HnBlock& b, float (&acc)[
             for (int h = 0; h < 2; ++h) {
                 const int m = b.m0 + wm + 16 * i + g + 8 * h;
                 if (m >= M) continue;
-                const float bias = cv.bias ? hn_ldg(cv.bias + m) : 0.f;
-                float x = acc[i][j][2 * h] + bias, y = acc[i][j][2 * h + 1] + bias;
-                if (cv.act == 1) {
-                    x = x > 0.f ? x : 0.f;
-                    y = y > 0.f ? y : 0.f;
+                const long long at = (static_cast<long long>(img) * M + m) * plane + pix;
+                const long long at1 = (static_cast<long long>(img1) * M + m) * plane + pix1;
+                float x = acc[i][j][2 * h], y = acc[i][j][2 * h + 1];
+                if (MODE == 1) {
+                    const float bias = cv.aux ? hn_ldg(cv.aux + m) : 0.f;
+                    x += bias;
+                    y += bias;
+                    if (cv.act == 1) {
+                        x = x > 0.f ? x : 0.f;
+                        y = y > 0.f ? y : 0.f;
+                    }
+                } else if (cv.aux) {
+                    x = hn_ldg(cv.aux + at) > 0.f ? x : 0.f;
+                    if (two) y = hn_ldg(cv.aux + at1) > 0.f ? y : 0.f;
                 }
-                float* p = b.C + (static_cast<long long>(img) * M + m) * pq + pix;
                 if (two && pair) {
-                    hn_st2(p, x, y);
+                    hn_st2(b.C + at, x, y);
                 } else {
-                    hn_st(p, x);
-                    if (two) hn_st(b.C + (static_cast<long long>(img1) * M + m) * pq + pix1, y);
+                    hn_st(b.C + at, x);
+                    if (two) hn_st(b.C + at1, y);
                 }
             }
         }
     }
+}
+
+// One K tile (from k0) of both operands copied by cp.async into their float32 shared tiles of layouts SA and SB: A and
+// B as stored (MODE 0), or gathered (the convolutions: B always, A in the data gradient).
+template <int MODE, bool TA, bool TB, class SA, class SB, int THREADS>
+__device__ __forceinline__ void hn_issue_tile(float* sa, float* sb, const HnBlock& blk, const HnConv& cv,
+                                              const HnConvCols& cols, int lda, int ldb, int M, int N, int k0, int tid) {
+    if (MODE == 2)
+        hn_convd_copy_a<SA::ROWS, SA::COLS, SA::STRIDE, THREADS>(sa, blk.A, cv, blk.m0, M, k0, blk.kend, tid);
+    else
+        hn_copy_tile_async<SA::ROWS, SA::COLS, SA::STRIDE, THREADS>(sa, hn_src<!TA>(blk.A, lda, blk.m0, k0, M, blk.kend),
+                                                                    tid);
+    if (MODE)
+        hn_conv_copy_b<MODE, SB::ROWS, SB::COLS, SB::STRIDE, THREADS>(sb, blk.B, cv, cols, k0, blk.kend, tid);
+    else
+        hn_copy_tile_async<SB::ROWS, SB::COLS, SB::STRIDE, THREADS>(sb, hn_src<TB>(blk.B, ldb, blk.n0, k0, N, blk.kend),
+                                                                    tid);
 }
 
 // --- tf32: cp.async pipeline of STAGES float32 tiles, operands rounded to tf32 as fragments are read ---------------
@@ -512,7 +583,7 @@ __device__ __forceinline__ void hn_convert_tf32(float* s, int tid) {
 // warp's reads of tile kt-1, whose buffer ((kt-1) % STAGES = (kt+STAGES-1) % STAGES) is refilled next with tile
 // kt+STAGES-1 while tile kt is multiplied. LANDED: before that barrier each thread rounds its own chunks of tile kt
 // to tf32 in place (once per element, where otherwise every warp that reads a fragment would round it again).
-template <bool LANDED, bool TA, bool TB, int BM, int BN, int BK, int WM, int WN, int STAGES, bool CONV = false>
+template <bool LANDED, bool TA, bool TB, int BM, int BN, int BK, int WM, int WN, int STAGES, int MODE = 0>
 __device__ __forceinline__ void hn_gemm_tf32_body(unsigned char* smem, HN_GEMM_PARAMS, const HnConv& cv = HnConv{}) {
     constexpr int WARPS_N = BN / WN, THREADS = 32 * (BM / WM) * WARPS_N, MT = WM / 16, NT = WN / 8;
     static_assert(BM % WM == 0 && BN % WN == 0 && WM % 16 == 0 && WN % 8 == 0 && BK % 8 == 0 && STAGES >= 2, "tile");
@@ -526,19 +597,13 @@ __device__ __forceinline__ void hn_gemm_tf32_body(unsigned char* smem, HN_GEMM_P
     const int tid = th.tid, tiles = blk.tiles;
     float acc[MT][NT][4];
     hn_zero(acc);
-    static_assert(!CONV || (!TA && !TB), "the convolution is A n, B n");
-    const HnConvCols cols = CONV ? hn_conv_cols<OB::COLS, THREADS>(cv, blk.n0, N, tid) : HnConvCols{};
+    static_assert(MODE == 0 || (!TA && !TB), "the convolutions are A n, B n");
+    const HnConvCols cols = MODE ? hn_conv_cols<MODE, OB::COLS, THREADS>(cv, blk.n0, N, tid) : HnConvCols{};
 
     auto issue = [&](int kt) {   // cp.async of K tile kt into its buffer kt % STAGES
         const int k0 = blk.kbeg + kt * BK, s = kt % STAGES;
-        hn_copy_tile_async<OA::ROWS, OA::COLS, OA::STRIDE, THREADS>(
-            sa + s * OA::ELEMS, hn_src<!TA>(blk.A, lda, blk.m0, k0, M, blk.kend), tid);
-        if (CONV)
-            hn_conv_copy_b<OB::ROWS, OB::COLS, OB::STRIDE, THREADS>(sb + s * OB::ELEMS, blk.B, cv, cols, k0,
-                                                                    blk.kend, tid);
-        else
-            hn_copy_tile_async<OB::ROWS, OB::COLS, OB::STRIDE, THREADS>(
-                sb + s * OB::ELEMS, hn_src<TB>(blk.B, ldb, blk.n0, k0, N, blk.kend), tid);
+        hn_issue_tile<MODE, TA, TB, OA, OB, THREADS>(sa + s * OA::ELEMS, sb + s * OB::ELEMS, blk, cv, cols, lda,
+                                                      ldb, M, N, k0, tid);
     };
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
@@ -558,8 +623,8 @@ __device__ __forceinline__ void hn_gemm_tf32_body(unsigned char* smem, HN_GEMM_P
         hn_gemm_tf32_tile<LANDED, OA, OB, MT, NT, BK>(sa + s * OA::ELEMS, sb + s * OB::ELEMS, acc, th.wm, th.wn, th.lane);
     }
     hn_cp_async_wait<0>();   // only empty groups remain
-    if (CONV)
-        hn_conv_epilogue<MT, NT>(blk, acc, M, N, cv, th.wm, th.wn, th.lane);
+    if (MODE)
+        hn_conv_epilogue<MODE, MT, NT>(blk, acc, M, N, cv, th.wm, th.wn, th.lane);
     else
         hn_epilogue<MT, NT>(blk, acc, M, N, ldc, alpha, beta, th.wm, th.wn, th.lane);
 }
@@ -679,7 +744,7 @@ __device__ __forceinline__ void hn_convert_bf16(const float* src, unsigned short
 // every warp done with buffer (kt-1) % 2 and tile kt-1), refill float32 buffer (kt-1) % STAGES with tile
 // kt+STAGES-1, multiply from bf16 buffer kt % 2. The next write to that buffer (iteration kt+2) comes after the
 // barrier of iteration kt+1, which every warp reaches only after this multiply.
-template <bool TA, bool TB, int BM, int BN, int BK, int WM, int WN, int STAGES, bool CONV = false>
+template <bool TA, bool TB, int BM, int BN, int BK, int WM, int WN, int STAGES, int MODE = 0>
 __device__ __forceinline__ void hn_gemm_bf16_async(unsigned char* smem, HN_GEMM_PARAMS, const HnConv& cv = HnConv{}) {
     constexpr int WARPS_N = BN / WN, THREADS = 32 * (BM / WM) * WARPS_N, MT = WM / 16, NT = WN / 8;
     static_assert(BM % WM == 0 && BN % WN == 0 && WM % 16 == 0 && WN % 16 == 0 && BK % 16 == 0 && STAGES >= 2,
@@ -698,19 +763,13 @@ __device__ __forceinline__ void hn_gemm_bf16_async(unsigned char* smem, HN_GEMM_
     const int tid = th.tid, tiles = blk.tiles;
     float acc[MT][NT][4];
     hn_zero(acc);
-    static_assert(!CONV || (!TA && !TB), "the convolution is A n, B n");
-    const HnConvCols cols = CONV ? hn_conv_cols<FB::COLS, THREADS>(cv, blk.n0, N, tid) : HnConvCols{};
+    static_assert(MODE == 0 || (!TA && !TB), "the convolutions are A n, B n");
+    const HnConvCols cols = MODE ? hn_conv_cols<MODE, FB::COLS, THREADS>(cv, blk.n0, N, tid) : HnConvCols{};
 
     auto issue = [&](int kt) {
         const int k0 = blk.kbeg + kt * BK, s = kt % STAGES;
-        hn_copy_tile_async<FA::ROWS, FA::COLS, FA::STRIDE, THREADS>(
-            fa + s * FA::ELEMS, hn_src<!TA>(blk.A, lda, blk.m0, k0, M, blk.kend), tid);
-        if (CONV)
-            hn_conv_copy_b<FB::ROWS, FB::COLS, FB::STRIDE, THREADS>(fb + s * FB::ELEMS, blk.B, cv, cols, k0,
-                                                                    blk.kend, tid);
-        else
-            hn_copy_tile_async<FB::ROWS, FB::COLS, FB::STRIDE, THREADS>(
-                fb + s * FB::ELEMS, hn_src<TB>(blk.B, ldb, blk.n0, k0, N, blk.kend), tid);
+        hn_issue_tile<MODE, TA, TB, FA, FB, THREADS>(fa + s * FA::ELEMS, fb + s * FB::ELEMS, blk, cv, cols, lda,
+                                                      ldb, M, N, k0, tid);
     };
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
@@ -730,8 +789,8 @@ __device__ __forceinline__ void hn_gemm_bf16_async(unsigned char* smem, HN_GEMM_
         hn_gemm_bf16_tile<TA, TB, OA, OB, MT, NT, BK>(sa + h * OA::ELEMS, sb + h * OB::ELEMS, acc, th.wm, th.wn, th.lane);
     }
     hn_cp_async_wait<0>();
-    if (CONV)
-        hn_conv_epilogue<MT, NT>(blk, acc, M, N, cv, th.wm, th.wn, th.lane);
+    if (MODE)
+        hn_conv_epilogue<MODE, MT, NT>(blk, acc, M, N, cv, th.wm, th.wn, th.lane);
     else
         hn_epilogue<MT, NT>(blk, acc, M, N, ldc, alpha, beta, th.wm, th.wn, th.lane);
 }
@@ -754,18 +813,18 @@ __device__ __forceinline__ void hn_gemm_bf16_a(unsigned char* smem, HN_GEMM_PARA
     hn_gemm_bf16_async<TA, TB, BM, BN, BK, WM, WN, ST>(smem, HN_GEMM_ARGS);
 }
 
-// The convolution's bodies: the tf32 and bf16 "a" pipelines with B gathered (hn_conv_copy_b) and y written in NCHW.
-template <int BM, int BN, int BK, int WM, int WN, int ST>
+// The convolutions' bodies (MODE 1 forward, 2 data gradient): the tf32 and bf16 "a" pipelines with gathered tiles.
+template <int MODE, int BM, int BN, int BK, int WM, int WN, int ST>
 __device__ __forceinline__ void hn_conv_tf32(unsigned char* smem, HN_GEMM_PARAMS, const HnConv& cv) {
-    hn_gemm_tf32_body<false, false, false, BM, BN, BK, WM, WN, ST, true>(smem, HN_GEMM_ARGS, cv);
+    hn_gemm_tf32_body<false, false, false, BM, BN, BK, WM, WN, ST, MODE>(smem, HN_GEMM_ARGS, cv);
 }
-template <int BM, int BN, int BK, int WM, int WN, int ST>
+template <int MODE, int BM, int BN, int BK, int WM, int WN, int ST>
 __device__ __forceinline__ void hn_conv_tf32_l(unsigned char* smem, HN_GEMM_PARAMS, const HnConv& cv) {
-    hn_gemm_tf32_body<true, false, false, BM, BN, BK, WM, WN, ST, true>(smem, HN_GEMM_ARGS, cv);
+    hn_gemm_tf32_body<true, false, false, BM, BN, BK, WM, WN, ST, MODE>(smem, HN_GEMM_ARGS, cv);
 }
-template <int BM, int BN, int BK, int WM, int WN, int ST>
+template <int MODE, int BM, int BN, int BK, int WM, int WN, int ST>
 __device__ __forceinline__ void hn_conv_bf16_a(unsigned char* smem, HN_GEMM_PARAMS, const HnConv& cv) {
-    hn_gemm_bf16_async<false, false, BM, BN, BK, WM, WN, ST, true>(smem, HN_GEMM_ARGS, cv);
+    hn_gemm_bf16_async<false, false, BM, BN, BK, WM, WN, ST, MODE>(smem, HN_GEMM_ARGS, cv);
 }
 
 // --- entry points ---------------------------------------------------------------------------------------------------
@@ -780,15 +839,16 @@ __device__ __forceinline__ void hn_conv_bf16_a(unsigned char* smem, HN_GEMM_PARA
         body<TA, TB, BM, BN, BK, WM, WN, ST>(hn_smem, HN_GEMM_ARGS);                                           \
     }
 
-// HN_CONV(hn_conv_fwd_bf16_128x128x32s3a, hn_conv_bf16_a, 128, 128, 32, 64, 32, 3, 1): the forward convolution
-// y = act(conv(x, w) + b) on a tile of mma_tiles.CONV_TILES (x [n, C, H, W], w [M, C, R, S], y [n, M, P, Q], all
-// contiguous; N = n * P * Q, K = C * R * S; x has fewer than 2^31 elements). Grid as the GEMM's, one K part.
+// HN_CONV(hn_conv_fwd_bf16_128x128x32s3a, hn_conv_bf16_a, 1, 128, 128, 32, 64, 32, 3, 1): a convolution kernel on a
+// tile of mma_tiles.CONV_TILES, MODE 1 (the forward, y = act(conv(x, w) + b): B = x, AUX = b, Y = y) or 2 (the data
+// gradient, dx = conv_backward_data(dy, w) * (relu_x > 0): B = dy, AUX = relu_x, Y = dx); x, dy, w, y, dx, b, relu_x
+// contiguous; GEMM sizes M, N, K as above. Grid as the GEMM's, one K part.
 #define HN_CONV_PARAMS                                                                                              \
-    const float *__restrict__ X, const float *__restrict__ Wt, const float *__restrict__ bias, float *__restrict__ Y, \
-        int M, int N, int K, int C, int H, int W, int R, int S, int P, int Q, int stride, int pad, int act
-#define HN_CONV(name, body, BM, BN, BK, WM, WN, ST, MINB)                                                         \
+    const float *__restrict__ B, const float *__restrict__ Wt, const float *__restrict__ AUX, float *__restrict__ Y, \
+        int M, int N, int K, int C, int H, int W, int R, int S, int P, int Q, int O, int stride, int pad, int act
+#define HN_CONV(name, body, MODE, BM, BN, BK, WM, WN, ST, MINB)                                                   \
     extern "C" __global__ void __launch_bounds__(32 * (BM / WM) * (BN / WN), MINB) name(HN_CONV_PARAMS) {        \
         HN_DYNAMIC_SMEM(hn_smem);                                                                              \
-        const HnConv cv = {bias, C, H, W, R, S, P, Q, stride, pad, act};                                        \
-        body<BM, BN, BK, WM, WN, ST>(hn_smem, Wt, X, Y, M, N, K, K, 0, 0, 0, 0, 0, 1.f, 0.f, 1, K, cv);          \
+        const HnConv cv = {AUX, C, H, W, R, S, P, Q, O, stride, pad, act};                                      \
+        body<MODE, BM, BN, BK, WM, WN, ST>(hn_smem, Wt, B, Y, M, N, K, K, 0, 0, 0, 0, 0, 1.f, 0.f, 1, K, cv);    \
     }

@@ -200,29 +200,31 @@ def gemm_tc_batched(be, c, a, trans_a: bool, b, trans_b: bool, alpha: float = 1.
         launch(be, call)
 
 
-# --- the forward convolution as an implicit GEMM (mma.cu, HN_CONV) ------------------------------------------------
+# --- convolutions as implicit GEMMs (mma.cu, HN_CONV): the forward and the data gradient -----------------------
 
 
 @dataclass
 class ConvCall:
-    """One launch of an HN_CONV kernel: y = act(conv(x, w) + b), the GEMM M = output channels, N = images x P x Q,
-    K = C x R x S, with x gathered into the B tiles and y written in NCHW (mma.cu)."""
+    """One launch of an HN_CONV kernel. op "fwd": y = act(conv(x, w) + b), the GEMM M = output channels, N = images
+    x P x Q, K = C x R x S, x gathered; op "data": dx = conv_backward_data(dy, w) * (relu_x > 0), M = input channels,
+    N = images x H x W, K = output channels x R x S, dy and w gathered (mma.cu)."""
 
+    op: str
     tile: TcTile
     grid: tuple
-    x: object
+    src: object                # x (fwd) or dy (data)
     w: object
-    b: object                  # None: no bias
-    y: object
+    aux: object                # b (fwd) or relu_x (data), or None
+    out: object                # y or dx
     m: int
     n: int
     k: int
-    geometry: tuple            # C, H, W, R, S, P, Q, stride, pad
-    act: int                   # kernels.ACTS code
+    geometry: tuple            # C, H, W, R, S, P, Q, O, stride, pad
+    act: int                   # kernels.ACTS code (fwd)
 
     @property
     def kernel(self) -> str:
-        return self.tile.conv_kernel
+        return self.tile.conv_kernel(self.op)
 
     @property
     def block(self) -> tuple:
@@ -230,15 +232,15 @@ class ConvCall:
 
     def args(self, ptr, null) -> tuple:
         """The kernel's arguments, ptr(x) giving an array's pointer argument, `null` the null pointer."""
-        return (ptr(self.x), ptr(self.w), null if self.b is None else ptr(self.b), ptr(self.y),
+        return (ptr(self.src), ptr(self.w), null if self.aux is None else ptr(self.aux), ptr(self.out),
                 *(_i32(v) for v in (self.m, self.n, self.k, *self.geometry, self.act)))
 
 
-def conv_fits(x, w) -> bool:
-    """Whether plan_conv takes this convolution: x's elements and one image more (the kernel's per-column image
-    offsets, int32) below 2^31, and the output channels' tiles within grid.y's limit."""
-    _, c, h, wd = x.shape
-    return x.size + c * h * wd < 2**31 and math.ceil(w.shape[0] / 64) <= GRID_YZ
+def conv_fits(src, out) -> bool:
+    """Whether the kernels' int32 offsets hold: the gathered tensor (x for the forward, dy for the data gradient)
+    with one image more, and the output, below 2^31 elements."""
+    per_image = src.size // max(src.shape[0], 1)
+    return src.size + per_image < 2**31 and out.size < 2**31
 
 
 def conv_choose(precision: str, m: int, n: int) -> TcTile:
@@ -247,41 +249,66 @@ def conv_choose(precision: str, m: int, n: int) -> TcTile:
     return small if m <= small.bm or n <= small.bn else large
 
 
-def plan_conv(y, x, w, b, stride: int, pad: int, act: int = 0, precision: str = "tf32",
-              tile: str | None = None) -> ConvCall | None:
-    """The launch for y = act(conv(x, w) + b) (x [n, C, H, W], w [M, C, R, S], b [M] or None, y [n, M, P, Q], all
-    contiguous float32; act 0 none, 1 ReLU); None when y is empty. tile: a CONV_CHOICE tile's name (default
-    `conv_choose`)."""
+def _conv_tile(precision: str, tile: str | None, m: int, n: int) -> TcTile:
+    if tile is None:
+        return conv_choose(precision, m, n)
+    if tile not in CONV_CHOICE[precision]:
+        raise ValueError(f"conv_tc: no convolution kernel on tile {tile!r} (have {', '.join(CONV_CHOICE[precision])})")
+    return tile_named(precision, tile)
+
+
+def _conv_call(op: str, precision: str, tile: str | None, src, w, aux, out, m: int, n: int, k: int, geometry: tuple,
+               act: int = 0) -> ConvCall | None:
+    """The ConvCall of an op whose shapes were checked: every tensor contiguous float32, the int32 offsets holding
+    (conv_fits), the tile, the grid; None when the output is empty."""
     if precision not in PRECISIONS:
         raise ValueError(f"conv_tc: precision {precision!r} is not one of {', '.join(PRECISIONS)}")
-    n, c, h, wd = x.shape
-    m, _, r, s = w.shape
-    p, q = (h + 2 * pad - r) // stride + 1, (wd + 2 * pad - s) // stride + 1
-    if tuple(y.shape) != (n, m, p, q) or w.shape[1] != c or (b is not None and tuple(b.shape) != (m,)):
+    for a in (src, w, aux, out):
+        if a is not None and (a.dtype != np.float32 or not a.flags.c_contiguous):
+            raise ValueError("conv_tc: every tensor must be contiguous float32")
+    if not conv_fits(src, out):
+        raise ValueError(f"conv_tc: a tensor of shape {src.shape} is past the kernel's 32-bit offsets")
+    if m == 0 or n == 0:
+        return None
+    t = _conv_tile(precision, tile, m, n)
+    grid = (math.ceil(n / t.bn), math.ceil(m / t.bm), 1)
+    return ConvCall(op, t, grid, src, w, aux, out, m, n, k, geometry, int(act))
+
+
+def _conv_sizes(x_shape, w_shape, stride: int, pad: int) -> tuple:
+    """(n, C, H, W, O, R, S, P, Q) of a convolution of x_shape [n, C, H, W] with w_shape [O, C, R, S]."""
+    n, c, h, wd = x_shape
+    o, _, r, s = w_shape
+    return n, c, h, wd, o, r, s, (h + 2 * pad - r) // stride + 1, (wd + 2 * pad - s) // stride + 1
+
+
+def plan_conv(y, x, w, b, stride: int, pad: int, act: int = 0, precision: str = "tf32",
+              tile: str | None = None) -> ConvCall | None:
+    """The launch for y = act(conv(x, w) + b) (x [n, C, H, W], w [O, C, R, S], b [O] or None, y [n, O, P, Q], all
+    contiguous float32; act 0 none, 1 ReLU); None when y is empty. tile: a CONV_CHOICE tile's name (default
+    `conv_choose`)."""
+    n, c, h, wd, o, r, s, p, q = _conv_sizes(x.shape, w.shape, stride, pad)
+    if tuple(y.shape) != (n, o, p, q) or w.shape[1] != c or (b is not None and tuple(b.shape) != (o,)):
         raise ValueError(f"conv_tc: x {x.shape}, w {w.shape}, b {None if b is None else b.shape}, y {y.shape} do not "
                          f"fit together")
-    for a in (x, w, y) + (() if b is None else (b,)):
-        if a.dtype != np.float32 or not a.flags.c_contiguous:
-            raise ValueError("conv_tc: x, w, b and y must be contiguous float32")
-    if not conv_fits(x, w):
-        raise ValueError(f"conv_tc: x of shape {x.shape} is past the kernel's 32-bit offsets")
-    big_n, k = n * p * q, c * r * s
-    if big_n == 0 or m == 0:
-        return None
-    if tile is None:
-        t = conv_choose(precision, m, big_n)
-    else:
-        t = tile_named(precision, tile)
-        if tile not in CONV_CHOICE[precision]:
-            raise ValueError(f"conv_tc: no convolution kernel on tile {tile!r} (have {', '.join(CONV_CHOICE[precision])})")
-    grid = (math.ceil(big_n / t.bn), math.ceil(m / t.bm), 1)
-    return ConvCall(t, grid, x, w, b, y, m, big_n, k, (c, h, wd, r, s, p, q, stride, pad), int(act))
+    return _conv_call("fwd", precision, tile, x, w, b, y, o, n * p * q, c * r * s,
+                      (c, h, wd, r, s, p, q, o, stride, pad), act)
 
 
-def conv_tc(be, y, x, w, b, stride: int, pad: int, act: int = 0, tile: str | None = None) -> None:
-    """y = act(conv(x, w) + b) on tensor cores at `be`'s precision (tf32 or bf16), sums in float32, on the current
-    stream (see plan_conv)."""
-    call = plan_conv(y, x, w, b, stride, pad, act, be.precision, tile)
+def plan_conv_data(dx, dy, w, relu_x, stride: int, pad: int, precision: str = "tf32",
+                   tile: str | None = None) -> ConvCall | None:
+    """The launch for dx = conv_backward_data(dy, w), zeroed where relu_x <= 0 when relu_x is given (dy [n, O, P, Q],
+    w [O, C, R, S], dx and relu_x [n, C, H, W], all contiguous float32); None when dx is empty."""
+    n, c, h, wd, o, r, s, p, q = _conv_sizes(dx.shape, w.shape, stride, pad)
+    if (tuple(dy.shape) != (n, o, p, q) or w.shape[1] != c
+            or (relu_x is not None and tuple(relu_x.shape) != tuple(dx.shape))):
+        raise ValueError(f"conv_tc: dy {dy.shape}, w {w.shape}, dx {dx.shape} do not fit together")
+    return _conv_call("data", precision, tile, dy, w, relu_x, dx, c, n * h * wd, o * r * s,
+                      (c, h, wd, r, s, p, q, o, stride, pad))
+
+
+def launch_conv(be, call: ConvCall | None) -> None:
+    """Run a convolution plan on `be`'s device (current stream)."""
     if call is None:
         return
     kern = get_kernel(be.device_id, "mma", call.kernel)
@@ -290,3 +317,13 @@ def conv_tc(be, y, x, w, b, stride: int, pad: int, act: int = 0, tile: str | Non
         kern.max_dynamic_shared_size_bytes = smem
         _raised.add((be.device_id, call.kernel))
     kern(call.grid, call.block, call.args(lambda a: a, NULL), shared_mem=smem)
+
+
+def conv_tc(be, y, x, w, b, stride: int, pad: int, act: int = 0, tile: str | None = None) -> None:
+    """y = act(conv(x, w) + b) on tensor cores at `be`'s precision (tf32 or bf16), sums in float32 (plan_conv)."""
+    launch_conv(be, plan_conv(y, x, w, b, stride, pad, act, be.precision, tile))
+
+
+def conv_data_tc(be, dx, dy, w, relu_x, stride: int, pad: int, tile: str | None = None) -> None:
+    """dx = conv_backward_data(dy, w) (* (relu_x > 0)) on tensor cores at `be`'s precision (plan_conv_data)."""
+    launch_conv(be, plan_conv_data(dx, dy, w, relu_x, stride, pad, be.precision, tile))

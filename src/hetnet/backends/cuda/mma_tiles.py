@@ -31,8 +31,10 @@ LAYOUTS = ("nn", "nt", "tn", "tt")       # op(A), op(B): n = as stored, t = tran
 _SMEM = {"tf32": (4, 4, 8), "bf16": (2, 8, 8)}
 VARIANTS = {("tf32", ""): "hn_gemm_tf32", ("tf32", "l"): "hn_gemm_tf32_l", ("bf16", ""): "hn_gemm_bf16",
             ("bf16", "a"): "hn_gemm_bf16_a"}      # (precision, variant letter): mma.cu's body
-# The implicit-GEMM forward convolution (mma.cu, HN_CONV) is built on the cp.async pipelines: its body per variant.
+# The implicit-GEMM convolutions (mma.cu, HN_CONV) are built on the cp.async pipelines: their body per variant, and
+# their ops with mma.cu's MODE of each (the forward; the data gradient).
 CONV_VARIANTS = {("tf32", ""): "hn_conv_tf32", ("tf32", "l"): "hn_conv_tf32_l", ("bf16", "a"): "hn_conv_bf16_a"}
+CONV_OPS = {"fwd": 1, "data": 2}
 
 
 @dataclass(frozen=True)
@@ -81,11 +83,10 @@ class TcTile:
         assert layout in LAYOUTS, layout
         return f"hn_gemm_{self.precision}_{layout}_{self.name}"
 
-    @property
-    def conv_kernel(self) -> str:
-        """The entry point of the implicit-GEMM forward convolution on this tile (CONV_TILES)."""
-        assert (self.precision, self.variant) in CONV_VARIANTS, self
-        return f"hn_conv_fwd_{self.precision}_{self.name}"
+    def conv_kernel(self, op: str) -> str:
+        """The entry point of the implicit-GEMM convolution `op` ("fwd" or "data", CONV_OPS) on this tile."""
+        assert (self.precision, self.variant) in CONV_VARIANTS and op in CONV_OPS, (self, op)
+        return f"hn_conv_{op}_{self.precision}_{self.name}"
 
     @property
     def smem_bytes(self) -> int:
@@ -120,7 +121,7 @@ TILES = (
 )
 
 
-# The forward convolution's tiles, (large, small) per precision as mma.CHOICE, on one block per SM: its gather keeps
+# The convolutions' tiles, (large, small) per precision as mma.CHOICE, on one block per SM: their gathers keep about
 # 12 more registers per thread than a GEMM, past the 128 that two blocks of 256 threads allow.
 CONV_CHOICE = {"tf32": ("128x128x32s3", "64x64x32s4"), "bf16": ("128x128x32s3a", "64x64x32s4a")}
 
@@ -130,7 +131,8 @@ def conv_tiles() -> list[TcTile]:
 
 
 def instantiations(tiles: Iterable[TcTile], conv: Iterable[TcTile] = ()) -> str:
-    """mma.cu's HN_GEMM lines, each tile in each operand order, and its HN_CONV lines, one per `conv` tile."""
+    """mma.cu's HN_GEMM lines, each tile in each operand order, and its HN_CONV lines, each `conv` tile for each
+    convolution op."""
     lines = []
     for t in tiles:
         for layout in LAYOUTS:
@@ -138,6 +140,7 @@ def instantiations(tiles: Iterable[TcTile], conv: Iterable[TcTile] = ()) -> str:
             lines.append(f"HN_GEMM({t.kernel(layout)}, {t.body}, {ta}, {tb}, {t.bm}, {t.bn}, {t.bk}, {t.wm}, {t.wn}, "
                          f"{t.stages}, {t.min_blocks})")
     for t in conv:
-        lines.append(f"HN_CONV({t.conv_kernel}, {CONV_VARIANTS[(t.precision, t.variant)]}, {t.bm}, {t.bn}, {t.bk}, "
-                     f"{t.wm}, {t.wn}, {t.stages}, {t.min_blocks})")
+        for op, mode in CONV_OPS.items():
+            lines.append(f"HN_CONV({t.conv_kernel(op)}, {CONV_VARIANTS[(t.precision, t.variant)]}, {mode}, {t.bm}, "
+                         f"{t.bn}, {t.bk}, {t.wm}, {t.wn}, {t.stages}, {t.min_blocks})")
     return "\n".join(lines) + "\n"
