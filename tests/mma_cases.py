@@ -89,3 +89,23 @@ def conv_data_expected(dy, w, relu_x, shape, precision=None):
     _, cache = reference.conv2d_forward(np.zeros((n, c, h, wd)), op(w, False, precision), None, stride, pad)
     dx = reference.conv2d_backward(op(dy, False, precision), cache, np.zeros(w.shape), None, need_dx=True)
     return dx if relu_x is None else dx * (relu_x > 0)
+
+
+def conv_filter_inputs(rng, shape):
+    """(dy, x, dw0) in float32 for a CONV_SHAPES entry (the filter gradient, which adds into dw0)."""
+    n, c, h, w, m, r, s, stride, pad = shape
+    p, q = (h + 2 * pad - r) // stride + 1, (w + 2 * pad - s) // stride + 1
+    return (rng.standard_normal((n, m, p, q)).astype(np.float32), rng.standard_normal((n, c, h, w)).astype(np.float32),
+            rng.standard_normal((m, c, r, s)).astype(np.float32))
+
+
+def conv_filter_expected(dy, x, dw0, shape, precision=None):
+    """dw0 + dE/dw of the convolution for dE/dy = dy, in float64, dy and x rounded as `precision`'s kernels round
+    them."""
+    from hetnet.backends import reference
+
+    stride, pad = shape[7:]
+    _, cache = reference.conv2d_forward(op(x, False, precision), np.zeros(dw0.shape), None, stride, pad)
+    dw = dw0.astype(np.float64)
+    reference.conv2d_backward(op(dy, False, precision), cache, dw, None, need_dx=False)
+    return dw

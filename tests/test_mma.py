@@ -21,8 +21,8 @@ if _N_GPUS == 0:
     pytest.skip("no CUDA GPU", allow_module_level=True)
 
 from conftest import RTOL_TC, RTOL_TC_ROUNDED, rel_err
-from mma_cases import (CONV_SHAPES, SHAPES, conv_data_expected, conv_data_inputs, conv_expected, conv_inputs,
-                       expected, stored)
+from mma_cases import (CONV_SHAPES, SHAPES, conv_data_expected, conv_data_inputs, conv_expected,
+                       conv_filter_expected, conv_filter_inputs, conv_inputs, expected, stored)
 
 from hetnet.backends.cuda import mma as mm
 from hetnet.backends.cuda.mma_tiles import LAYOUTS, PRECISIONS, TILES
@@ -164,9 +164,31 @@ def test_conv_data_gradient(rng, precision, shape):
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("shape", CONV_SHAPES + [(64, 8, 16, 16, 24, 3, 3, 1, 1)])
+def test_conv_filter_gradient(rng, precision, shape):
+    """mma.conv_filter_tc on each CONV_CHOICE tile and shape, unsplit, in three parts and as the launcher splits it
+    (the last shape: 16,384 pixels over a few tiles), added into dw: its increment held as test_conv_forward holds
+    y."""
+    be = get_backend("cuda", precision)
+    stride, pad = shape[7:]
+    for tile in mm.CONV_CHOICE[precision]:
+        for splits in (1, 3, None):
+            dy, x, dw0 = conv_filter_inputs(rng, shape)
+            gdw = cupy.asarray(dw0)
+            mm.conv_filter_tc(be, gdw, cupy.asarray(dy), cupy.asarray(x), stride, pad, tile, splits)
+            got = cupy.asnumpy(gdw)
+            where = f"filter {precision} {shape} tile {tile} splits {splits}"
+            err = rel_err(got - dw0, conv_filter_expected(dy, x, dw0, shape) - dw0)
+            assert err <= RTOL_TC[precision], f"{where}: relative error {err:.3g} against the exact inputs"
+            err = rel_err(got - dw0, conv_filter_expected(dy, x, dw0, shape, precision) - dw0)
+            assert err <= RTOL_TC_ROUNDED, f"{where}: relative error {err:.3g} against the rounded inputs"
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
 def test_conv_layer_offers_the_tensor_core_kernels(rng, precision):
-    """The backend's convolution at tf32 / bf16 offers "tc" among its forward and data-gradient algorithms (forced
-    here, and in the measured choices' log), and the forced forward's result is the convolution's."""
+    """The backend's convolution at tf32 / bf16 offers "tc" among its forward, data-gradient and filter-gradient
+    algorithms (forced here, and in the measured choices' log), and the forced forward's result is the
+    convolution's."""
     be = get_backend("cuda", precision)
     x, w, b, _ = conv_inputs(rng, (4, 16, 12, 12, 32, 3, 3, 1, 1))
     be.force_conv_algo = "tc"
@@ -179,5 +201,5 @@ def test_conv_layer_offers_the_tensor_core_kernels(rng, precision):
     y, cache = be.conv2d_forward(gx, gw, gb, 1, 1)      # measured, as is the backward
     dw, db = cupy.zeros_like(gw), cupy.zeros_like(gb)
     be.conv2d_backward(cupy.ones_like(y), cache, dw, db, need_dx=True)
-    for op in ("fwd", "data"):
+    for op in ("fwd", "data", "filter"):
         assert any(r["op"] == op and r["shape"][0] == 3 and "tc" in r["ms"] for r in be.tune_log), op

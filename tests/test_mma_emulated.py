@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import RTOL_EMULATED, RTOL_TC, rel_err
-from mma_cases import (CONV_SHAPES, SHAPES, conv_data_expected, conv_data_inputs, conv_expected, conv_inputs,
-                       expected, stored)
+from mma_cases import (CONV_SHAPES, SHAPES, conv_data_expected, conv_data_inputs, conv_expected,
+                       conv_filter_expected, conv_filter_inputs, conv_inputs, expected, stored)
 
 from hetnet.backends.cuda import kernels
 from hetnet.backends.cuda import mma as mm
@@ -247,7 +247,7 @@ def run_conv(emu, call: mm.ConvCall, seed: int = 0) -> None:
     def buf(a):
         return (c.c_void_p(None), c.c_longlong(0)) if a is None else (c.c_void_p(a.ctypes.data), c.c_longlong(a.nbytes))
 
-    rc = emu.emu_conv(kernel, c.c_uint(call.grid[0]), c.c_uint(call.grid[1]), c.c_uint(call.tile.threads),
+    rc = emu.emu_conv(kernel, *(c.c_uint(v) for v in call.grid), c.c_uint(call.tile.threads),
                       c.c_int(call.tile.smem_bytes), *buf(call.src), *buf(call.w), *buf(call.aux), *buf(call.out),
                       *(c.c_int(int(v)) for v in args[4:]), c.c_uint(seed), err, c.c_int(len(err)))
     assert rc == 0, f"{call.kernel} grid {call.grid}: {err.value.decode()}"
@@ -307,6 +307,44 @@ def test_conv_data_gradient_each_tile(emu, rng, precision):
     for name in mm.CONV_CHOICE[precision]:
         call = check_conv_data(emu, rng, precision, (2, 140, 10, 7, 9, 3, 3, 1, 1), tile=name)
         assert call.tile.name == name and call.grid[0] > 1 and call.grid[1] > 1
+
+
+def check_conv_filter(emu, rng, precision, shape, tile=None, splits=None):
+    """One filter gradient through plan_conv_filter + emulator: dw (which it adds into) against float64 of the
+    rounded dy and x."""
+    stride, pad = shape[7:]
+    dy, x, dw0 = conv_filter_inputs(rng, shape)
+    dw = dw0.copy()
+    call = mm.plan_conv_filter(dw, dy, x, stride, pad, precision, SMS, tile, splits)
+    run_conv(emu, call, seed=int(rng.integers(2**31)))
+    err = rel_err(dw, conv_filter_expected(dy, x, dw0, shape, precision))
+    assert err <= RTOL_EMULATED, (f"filter {precision} {shape} tile {call.tile.name} splits {call.splits}: relative "
+                                  f"error {err:.3g}")
+    return call
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+@pytest.mark.parametrize("shape", CONV_SHAPES)
+def test_conv_filter_gradient(emu, rng, precision, shape):
+    """Every shape through the launcher's tile and split choice (a small emulated GPU: K is split where it is long
+    enough), added into dw."""
+    call = check_conv_filter(emu, rng, precision, shape)
+    assert call.splits == mm.split_k(call.tile, call.m, call.n, call.k, 1, SMS)
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_conv_filter_gradient_each_tile_and_split(emu, rng, precision):
+    """Both tiles of CONV_CHOICE unsplit and in three K parts (atomics into dw), the last part shorter; tails in M,
+    N and K."""
+    shape = (3, 9, 9, 11, 70, 3, 3, 1, 1)
+    for name in mm.CONV_CHOICE[precision]:
+        for splits in (1, 3):
+            call = check_conv_filter(emu, rng, precision, shape, tile=name, splits=splits)
+            assert call.tile.name == name and call.splits == splits
+            if splits == 3:
+                assert call.kchunk * 2 < call.k <= call.kchunk * 3
+    call = check_conv_filter(emu, rng, precision, (8, 3, 12, 12, 5, 3, 3, 1, 1))      # 8 x 144 pixels: split
+    assert call.splits > 1, "the launcher did not split a long K over the idle SMs"
 
 
 def test_conv_launcher():

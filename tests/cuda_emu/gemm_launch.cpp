@@ -22,15 +22,16 @@ extern "C" int emu_gemm(void* kernel, unsigned gx, unsigned gy, unsigned gz, uns
     return msg.empty() ? 0 : 1;
 }
 
-// One of mma.cu's implicit-GEMM convolution kernels (HN_CONV) on the emulator: B (x or dy), W and AUX (the bias or
-// the mask, may be null) read-only, Y written; the same error convention as emu_gemm.
+// One of mma.cu's implicit-GEMM convolution kernels (HN_CONV) on the emulator: B (x or dy), W (w or dy) and AUX (the
+// bias or the mask, may be null) read-only, Y written; the same error convention as emu_gemm.
 typedef void (*HnConvKernel)(const float*, const float*, const float*, float*, int, int, int, int, int, int, int, int,
-                             int, int, int, int, int, int);
+                             int, int, int, int, int, int, int, int);
 
-extern "C" int emu_conv(void* kernel, unsigned gx, unsigned gy, unsigned threads, int smem_bytes, const float* B,
-                        long long b_bytes, const float* W, long long w_bytes, const float* aux, long long aux_bytes,
+extern "C" int emu_conv(void* kernel, unsigned gx, unsigned gy, unsigned gz, unsigned threads, int smem_bytes,
+                        const float* B, long long b_bytes, const float* W, long long w_bytes, const float* aux, long long aux_bytes,
                         float* Y, long long y_bytes, int M, int N, int K, int C, int H, int Wd, int R, int S, int P,
-                        int Q, int O, int stride, int pad, int act, unsigned seed, char* err, int err_len) {
+                        int Q, int O, int stride, int pad, int act, int splits, int kchunk, unsigned seed, char* err,
+                        int err_len) {
     HnConvKernel fn = reinterpret_cast<HnConvKernel>(kernel);
     std::string msg;
     {
@@ -40,8 +41,9 @@ extern "C" int emu_conv(void* kernel, unsigned gx, unsigned gy, unsigned threads
         if (aux != nullptr)
             emu::S().ranges.push_back({reinterpret_cast<const unsigned char*>(aux), static_cast<size_t>(aux_bytes),
                                        false});
-        msg = emu::launch({gx, gy, 1}, {threads, 1, 1}, smem_bytes,
-                          [=] { fn(B, W, aux, Y, M, N, K, C, H, Wd, R, S, P, Q, O, stride, pad, act); }, seed);
+        msg = emu::launch({gx, gy, gz}, {threads, 1, 1}, smem_bytes,
+                          [=] { fn(B, W, aux, Y, M, N, K, C, H, Wd, R, S, P, Q, O, stride, pad, act, splits, kchunk); },
+                          seed);
     }
     snprintf(err, err_len, "%s", msg.c_str());
     return msg.empty() ? 0 : 1;

@@ -1,6 +1,5 @@
-"""Convolution and dense launchers: implicit GEMM (conv.cu; at tf32 / bf16 the forward and data gradient also on
-tensor cores, mma.conv_tc / conv_data_tc) or im2col + cuBLAS (or our tensor-core GEMMs), chosen per shape by
-measurement.
+"""Convolution and dense launchers: implicit GEMM (conv.cu; at tf32 / bf16 also on tensor cores, mma.conv_tc /
+conv_data_tc / conv_filter_tc) or im2col + cuBLAS (or our tensor-core GEMMs), chosen per shape by measurement.
 
 Every op here has the op contract's optional fused epilogues (used by hetnet.plan): `act` (ReLU after bias in the
 forward) and `relu_x` (the input of this layer is a ReLU output, so the data gradient is zeroed where relu_x <= 0).
@@ -40,8 +39,8 @@ TUNE_RUNS = 4      # back-to-back runs per timed sample when measuring the algor
 # faster of the two as it runs it; a captured step, with its larger chunks, reuses that choice.
 IM2COL_MIN_CHUNK = 4 << 20
 _i32 = np.int32
-# HETNET_CONV_ALGO / CudaBackend.force_conv_algo: skip the measurement (tests); "tc" exists at tf32 and bf16 for the
-# forward and the data gradient (mma.conv_tc, conv_data_tc), the filter gradient takes "implicit" for it
+# HETNET_CONV_ALGO / CudaBackend.force_conv_algo: skip the measurement (tests); "tc" (the tensor-core implicit GEMMs,
+# mma.conv_tc / conv_data_tc / conv_filter_tc) exists at tf32 and bf16
 FORCEABLE = ("implicit", "im2col", "tc")
 
 
@@ -273,6 +272,12 @@ def _filter_im2col(be, g, dy, x, dw, db, budget):
         channel_sum(be, dy, db, g.n, g.k, g.p * g.q)
 
 
+def _filter_tc(be, g, dy, x, dw, db):
+    mma.conv_filter_tc(be, dw, dy, x, g.stride, g.pad)
+    if db is not None:
+        channel_sum(be, dy, db, g.n, g.k, g.p * g.q)
+
+
 def channel_sum(be, x, out, n, c, hw):
     """out[c] += sum over n and hw of x[n, c, hw]."""
     splits = max(1, min(math.ceil(n * hw / 1024), math.ceil(4 * be.sms / c)))
@@ -288,8 +293,8 @@ def _forced() -> str | None:
 
 
 def _forced_candidate(forced: str, candidates: dict) -> str:
-    """The candidate a forced algorithm names: "im2col"; "tc" (the tensor-core implicit GEMM, where the op has one,
-    else as "implicit"); "implicit" (our first fp32 implicit-GEMM tile)."""
+    """The candidate a forced algorithm names: "im2col"; "tc" (the tensor-core implicit GEMM, at tf32 / bf16 and
+    where the tensors fit its offsets, else as "implicit"); "implicit" (our first fp32 implicit-GEMM tile)."""
     if forced in candidates:
         return forced
     return next(n for n in candidates if n not in ("im2col", "tc"))
@@ -374,6 +379,8 @@ def conv_backward(be, dy, x, w, dw, db, stride, pad, need_dx=True, relu_x=None):
     xp = be.xp
     fc = _split_cands(be, FILTER_CFGS, g, lambda cfg, sp, dw_, db_: _filter_implicit(be, cfg, g, dy, x, dw_, db_, sp))
     fc["im2col"] = lambda dw_, db_: _filter_im2col(be, g, dy, x, dw_, db_, x.nbytes + dy.nbytes)
+    if be.precision != "fp32" and _contiguous(dy, x, dw) and mma.conv_fits(x, dw) and dy.size < 2**31:
+        fc["tc"] = lambda dw_, db_: _filter_tc(be, g, dy, x, dw_, db_)
 
     scratch = []
 

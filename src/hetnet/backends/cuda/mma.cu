@@ -347,9 +347,13 @@ __device__ __forceinline__ void hn_epilogue(const HnBlock& b, float (&acc)[MT][N
 // h + pad - r = ph * stride and w + pad - s = pw * stride (taps that are not whole output positions, or fall
 // outside P x Q, add nothing); times (relu_x > 0) when a mask is given. The GEMM has M = C, N = images x H x W,
 // K = O x R x S (k = (o * R + r) * S + s); A[c][k] = W[o][c][r][s] and B[k][n] = dy[img][o][ph][pw] are both gathered.
+// MODE 3, the filter gradient: dw[o][c][r][s] += sum over (img, p, q) of dy[img][o][p][q] x[img][c][p*stride - pad +
+// r][q*stride - pad + s]. The GEMM has M = O, N = C x R x S, K = images x P x Q (k = (img * P + p) * Q + q), A[o][k] =
+// dy[img][o][p][q] and B[k][n] = x(...) gathered, C = dw as stored (ldc = N) with beta = 1, the K sum split over
+// blockIdx.z with atomics where the tiles leave SMs idle (the GEMM's split-K).
 // Gathered tiles are copied straight into shared memory by 4-byte cp.async (zero-filled where a tap adds nothing), in
-// the GEMM's chunk order, so the pipelines, fragments and roundings are the GEMM's. C is the output in NCHW: element
-// (m, n) at (img * M + m) * plane + pixel, plane = P x Q (forward) or H x W (data gradient).
+// the GEMM's chunk order, so the pipelines, fragments and roundings are the GEMM's. The forward's and data gradient's
+// C is their output in NCHW: element (m, n) at (img * M + m) * plane + pixel, plane = P x Q or H x W.
 struct HnConv {
     const float* aux;    // forward: the bias [O] or null; data gradient: the mask relu_x [n, C, H, W] or null
     int c, h, w, r, s, p, q, o, stride, pad;
@@ -359,7 +363,8 @@ struct HnConv {
 // The four columns n0 + c0 .. n0 + c0 + 3 of B that one thread copies in every K tile (hn_copy_tile_async's chunk
 // order keeps a thread's columns fixed when THREADS is a multiple of the chunks per row): where each column's image
 // starts in B's source (elements; fewer than 2^31), and a corner its taps are found from (ih0 out of range past N):
-// forward, the window's top left (p*stride - pad, q*stride - pad); data gradient, (h + pad, w + pad).
+// forward, the window's top left (p*stride - pad, q*stride - pad); data gradient, (h + pad, w + pad); filter gradient
+// (columns (c, r, s)), the channel's offset in an image and the tap's offset (r - pad, s - pad).
 struct HnConvCols {
     int base[4], ih0[4], iw0[4];
 };
@@ -369,31 +374,34 @@ __device__ __forceinline__ HnConvCols hn_conv_cols(const HnConv& cv, int n0, int
     constexpr int CPR = COLS / 4;
     static_assert(THREADS % CPR == 0, "a thread's B columns must be the same in every row it copies");
     HnConvCols k;
-    const int ph = MODE == 1 ? cv.p : cv.h, pw = MODE == 1 ? cv.q : cv.w, plane = ph * pw;
+    // n = (img, a, b) over planes of ph x pw (forward: P x Q, data gradient: H x W), or (c, a, b) over R x S (filter)
+    const int ph = MODE == 1 ? cv.p : MODE == 2 ? cv.h : cv.r, pw = MODE == 1 ? cv.q : MODE == 2 ? cv.w : cv.s;
+    const int plane = ph * pw;
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
         const int n = n0 + (tid % CPR) * 4 + e;
         const int img = n / plane, t = n - img * plane, a = t / pw, b = t - a * pw;
-        k.base[e] = MODE == 1 ? img * cv.c * cv.h * cv.w : img * cv.o * cv.p * cv.q;
-        k.ih0[e] = n >= N ? -(1 << 30) : MODE == 1 ? a * cv.stride - cv.pad : a + cv.pad;
-        k.iw0[e] = MODE == 1 ? b * cv.stride - cv.pad : b + cv.pad;
+        k.base[e] = MODE == 1 ? img * cv.c * cv.h * cv.w : MODE == 2 ? img * cv.o * cv.p * cv.q : img * cv.h * cv.w;
+        k.ih0[e] = n >= N ? -(1 << 30) : MODE == 1 ? a * cv.stride - cv.pad : MODE == 2 ? a + cv.pad : a - cv.pad;
+        k.iw0[e] = MODE == 1 ? b * cv.stride - cv.pad : MODE == 2 ? b + cv.pad : b - cv.pad;
     }
     return k;
 }
 
 // B's BK x BN tile (rows k0 .. k0+BK-1, columns n0 ..) gathered into shared memory (row stride STRIDE), in
-// hn_copy_tile_async's chunk order: rows from kend on, and taps that add nothing, are zero-filled. src: x (forward)
-// or dy (data gradient).
+// hn_copy_tile_async's chunk order: rows from kend on, and taps that add nothing, are zero-filled. src: x (forward,
+// filter gradient) or dy (data gradient).
 template <int MODE, int ROWS, int COLS, int STRIDE, int THREADS>
 __device__ __forceinline__ void hn_conv_copy_b(float* s, const float* src, const HnConv& cv, const HnConvCols& cols,
                                                int k0, int kend, int tid) {
     constexpr int CPR = COLS / 4, CHUNKS = ROWS * CPR;
     static_assert(CHUNKS % THREADS == 0, "tile must split into whole chunks per thread");
-    const int rs = cv.r * cv.s;
+    // a row k = (ch, rr, ss): (c, r, s) forward, (o, r, s) data gradient, (img, p, q) filter gradient
+    const int inner = MODE == 3 ? cv.q : cv.s, plane = MODE == 3 ? cv.p * cv.q : cv.r * cv.s;
 #pragma unroll
     for (int i = 0; i < CHUNKS / THREADS; ++i) {
         const int q = tid + i * THREADS, row = q / CPR, c = (q % CPR) * 4, k = k0 + row;
-        const int ch = k / rs, rr = (k - ch * rs) / cv.s, ss = k - ch * rs - rr * cv.s;   // (c or o, r, s)
+        const int ch = k / plane, rr = (k - ch * plane) / inner, ss = k - ch * plane - rr * inner;
         float* dst = s + row * STRIDE + c;
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
@@ -403,6 +411,10 @@ __device__ __forceinline__ void hn_conv_copy_b(float* s, const float* src, const
                 const int ih = cols.ih0[e] + rr, iw = cols.iw0[e] + ss;
                 ok = k < kend && ih >= 0 && ih < cv.h && iw >= 0 && iw < cv.w;
                 at = ok ? cols.base[e] + (ch * cv.h + ih) * cv.w + iw : 0;
+            } else if (MODE == 3) {
+                const int ih = rr * cv.stride + cols.ih0[e], iw = ss * cv.stride + cols.iw0[e];
+                ok = k < kend && ih >= 0 && ih < cv.h && iw >= 0 && iw < cv.w;
+                at = ok ? ch * cv.c * cv.h * cv.w + cols.base[e] + ih * cv.w + iw : 0;
             } else {
                 const int th = cols.ih0[e] - rr, tw = cols.iw0[e] - ss;     // ph * stride, pw * stride if whole
                 const int ph = th / cv.stride, pw = tw / cv.stride;
@@ -415,20 +427,22 @@ __device__ __forceinline__ void hn_conv_copy_b(float* s, const float* src, const
     }
 }
 
-// A's BM x BK tile of the data gradient (K-major: rows m = input channel, columns k = (o, r, s)) gathered from
-// W[o][c][r][s]; rows from M on and columns from kend on are zero-filled. A thread's four columns are fixed
-// (THREADS a multiple of the chunks per row), so their weight offsets are found once per tile.
-template <int ROWS, int COLS, int STRIDE, int THREADS>
-__device__ __forceinline__ void hn_convd_copy_a(float* s, const float* w, const HnConv& cv, int m0, int M, int k0,
-                                                int kend, int tid) {
+// A's BM x BK tile (K-major: rows m, columns k) gathered, rows from M on and columns from kend on zero-filled. Data
+// gradient: A[c][k = (o, t)] = W[o][c][t], t = (r, s) over R x S; filter gradient: A[o][k = (img, t)] = dy[img][o][t],
+// t = (p, q) over P x Q. Both are src[(k / T) * stride_k + m * T + k % T] with T the inner plane. A thread's four
+// columns are fixed (THREADS a multiple of the chunks per row), so their offsets are found once per tile.
+template <int MODE, int ROWS, int COLS, int STRIDE, int THREADS>
+__device__ __forceinline__ void hn_conv_copy_a(float* s, const float* src, const HnConv& cv, int m0, int M, int k0,
+                                               int kend, int tid) {
     constexpr int CPR = COLS / 4, CHUNKS = ROWS * CPR;
     static_assert(CHUNKS % THREADS == 0 && THREADS % CPR == 0, "a thread's A columns must be fixed");
-    const int rs = cv.r * cv.s, c0 = (tid % CPR) * 4;
+    const int plane = MODE == 2 ? cv.r * cv.s : cv.p * cv.q, outer = (MODE == 2 ? cv.c : cv.o) * plane;
+    const int c0 = (tid % CPR) * 4;
     int off[4];
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-        const int k = k0 + c0 + e, o = k / rs;
-        off[e] = k < kend ? o * cv.c * rs + (k - o * rs) : -1;
+        const int k = k0 + c0 + e, a = k / plane;
+        off[e] = k < kend ? a * outer + (k - a * plane) : -1;
     }
 #pragma unroll
     for (int i = 0; i < CHUNKS / THREADS; ++i) {
@@ -437,7 +451,7 @@ __device__ __forceinline__ void hn_convd_copy_a(float* s, const float* w, const 
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
             const bool ok = m < M && off[e] >= 0;
-            hn_cp_async4(dst + e, w + (ok ? off[e] + m * rs : 0), ok ? 4 : 0);
+            hn_cp_async4(dst + e, src + (ok ? off[e] + m * plane : 0), ok ? 4 : 0);
         }
     }
 }
@@ -490,12 +504,12 @@ __device__ __forceinline__ void hn_conv_epilogue(const HnBlock& b, float (&acc)[
 }
 
 // One K tile (from k0) of both operands copied by cp.async into their float32 shared tiles of layouts SA and SB: A and
-// B as stored (MODE 0), or gathered (the convolutions: B always, A in the data gradient).
+// B as stored (MODE 0), or gathered (the convolutions: B always, A in the gradients).
 template <int MODE, bool TA, bool TB, class SA, class SB, int THREADS>
 __device__ __forceinline__ void hn_issue_tile(float* sa, float* sb, const HnBlock& blk, const HnConv& cv,
                                               const HnConvCols& cols, int lda, int ldb, int M, int N, int k0, int tid) {
-    if (MODE == 2)
-        hn_convd_copy_a<SA::ROWS, SA::COLS, SA::STRIDE, THREADS>(sa, blk.A, cv, blk.m0, M, k0, blk.kend, tid);
+    if (MODE >= 2)
+        hn_conv_copy_a<MODE, SA::ROWS, SA::COLS, SA::STRIDE, THREADS>(sa, blk.A, cv, blk.m0, M, k0, blk.kend, tid);
     else
         hn_copy_tile_async<SA::ROWS, SA::COLS, SA::STRIDE, THREADS>(sa, hn_src<!TA>(blk.A, lda, blk.m0, k0, M, blk.kend),
                                                                     tid);
@@ -623,7 +637,7 @@ __device__ __forceinline__ void hn_gemm_tf32_body(unsigned char* smem, HN_GEMM_P
         hn_gemm_tf32_tile<LANDED, OA, OB, MT, NT, BK>(sa + s * OA::ELEMS, sb + s * OB::ELEMS, acc, th.wm, th.wn, th.lane);
     }
     hn_cp_async_wait<0>();   // only empty groups remain
-    if (MODE)
+    if (MODE == 1 || MODE == 2)
         hn_conv_epilogue<MODE, MT, NT>(blk, acc, M, N, cv, th.wm, th.wn, th.lane);
     else
         hn_epilogue<MT, NT>(blk, acc, M, N, ldc, alpha, beta, th.wm, th.wn, th.lane);
@@ -789,7 +803,7 @@ __device__ __forceinline__ void hn_gemm_bf16_async(unsigned char* smem, HN_GEMM_
         hn_gemm_bf16_tile<TA, TB, OA, OB, MT, NT, BK>(sa + h * OA::ELEMS, sb + h * OB::ELEMS, acc, th.wm, th.wn, th.lane);
     }
     hn_cp_async_wait<0>();
-    if (MODE)
+    if (MODE == 1 || MODE == 2)
         hn_conv_epilogue<MODE, MT, NT>(blk, acc, M, N, cv, th.wm, th.wn, th.lane);
     else
         hn_epilogue<MT, NT>(blk, acc, M, N, ldc, alpha, beta, th.wm, th.wn, th.lane);
@@ -813,7 +827,8 @@ __device__ __forceinline__ void hn_gemm_bf16_a(unsigned char* smem, HN_GEMM_PARA
     hn_gemm_bf16_async<TA, TB, BM, BN, BK, WM, WN, ST>(smem, HN_GEMM_ARGS);
 }
 
-// The convolutions' bodies (MODE 1 forward, 2 data gradient): the tf32 and bf16 "a" pipelines with gathered tiles.
+// The convolutions' bodies (MODE 1 forward, 2 data gradient, 3 filter gradient): the tf32 and bf16 "a" pipelines
+// with gathered tiles.
 template <int MODE, int BM, int BN, int BK, int WM, int WN, int ST>
 __device__ __forceinline__ void hn_conv_tf32(unsigned char* smem, HN_GEMM_PARAMS, const HnConv& cv) {
     hn_gemm_tf32_body<false, false, false, BM, BN, BK, WM, WN, ST, MODE>(smem, HN_GEMM_ARGS, cv);
@@ -840,15 +855,18 @@ __device__ __forceinline__ void hn_conv_bf16_a(unsigned char* smem, HN_GEMM_PARA
     }
 
 // HN_CONV(hn_conv_fwd_bf16_128x128x32s3a, hn_conv_bf16_a, 1, 128, 128, 32, 64, 32, 3, 1): a convolution kernel on a
-// tile of mma_tiles.CONV_TILES, MODE 1 (the forward, y = act(conv(x, w) + b): B = x, AUX = b, Y = y) or 2 (the data
-// gradient, dx = conv_backward_data(dy, w) * (relu_x > 0): B = dy, AUX = relu_x, Y = dx); x, dy, w, y, dx, b, relu_x
-// contiguous; GEMM sizes M, N, K as above. Grid as the GEMM's, one K part.
+// tile of mma_tiles.CONV_TILES, MODE 1 (the forward, y = act(conv(x, w) + b): B = x, AUX = b, Y = y), 2 (the data
+// gradient, dx = conv_backward_data(dy, w) * (relu_x > 0): B = dy, AUX = relu_x, Y = dx) or 3 (the filter gradient,
+// dw += conv_backward_filter(dy, x): Wt = dy, B = x, Y = dw); every tensor contiguous; GEMM sizes M, N, K as above.
+// Grid as the GEMM's: K in `splits` parts of `kchunk` over blockIdx.z (MODE 3; 1 and K otherwise).
 #define HN_CONV_PARAMS                                                                                              \
     const float *__restrict__ B, const float *__restrict__ Wt, const float *__restrict__ AUX, float *__restrict__ Y, \
-        int M, int N, int K, int C, int H, int W, int R, int S, int P, int Q, int O, int stride, int pad, int act
+        int M, int N, int K, int C, int H, int W, int R, int S, int P, int Q, int O, int stride, int pad, int act,  \
+        int splits, int kchunk
 #define HN_CONV(name, body, MODE, BM, BN, BK, WM, WN, ST, MINB)                                                   \
     extern "C" __global__ void __launch_bounds__(32 * (BM / WM) * (BN / WN), MINB) name(HN_CONV_PARAMS) {        \
         HN_DYNAMIC_SMEM(hn_smem);                                                                              \
         const HnConv cv = {AUX, C, H, W, R, S, P, Q, O, stride, pad, act};                                      \
-        body<MODE, BM, BN, BK, WM, WN, ST>(hn_smem, Wt, B, Y, M, N, K, K, 0, 0, 0, 0, 0, 1.f, 0.f, 1, K, cv);    \
+        body<MODE, BM, BN, BK, WM, WN, ST>(hn_smem, Wt, B, Y, M, N, K, K, 0, MODE == 3 ? N : 0, 0, 0, 0, 1.f,     \
+                                           MODE == 3 ? 1.f : 0.f, splits, kchunk, cv);                            \
     }

@@ -207,7 +207,8 @@ def gemm_tc_batched(be, c, a, trans_a: bool, b, trans_b: bool, alpha: float = 1.
 class ConvCall:
     """One launch of an HN_CONV kernel. op "fwd": y = act(conv(x, w) + b), the GEMM M = output channels, N = images
     x P x Q, K = C x R x S, x gathered; op "data": dx = conv_backward_data(dy, w) * (relu_x > 0), M = input channels,
-    N = images x H x W, K = output channels x R x S, dy and w gathered (mma.cu)."""
+    N = images x H x W, K = output channels x R x S, dy and w gathered; op "filter": dw += conv_backward_filter(dy, x),
+    M = output channels, N = C x R x S, K = images x P x Q, dy and x gathered, K split over grid.z (mma.cu)."""
 
     op: str
     tile: TcTile
@@ -221,6 +222,8 @@ class ConvCall:
     k: int
     geometry: tuple            # C, H, W, R, S, P, Q, O, stride, pad
     act: int                   # kernels.ACTS code (fwd)
+    splits: int = 1            # K parts over grid.z (filter), each kchunk long
+    kchunk: int = 0
 
     @property
     def kernel(self) -> str:
@@ -233,7 +236,8 @@ class ConvCall:
     def args(self, ptr, null) -> tuple:
         """The kernel's arguments, ptr(x) giving an array's pointer argument, `null` the null pointer."""
         return (ptr(self.src), ptr(self.w), null if self.aux is None else ptr(self.aux), ptr(self.out),
-                *(_i32(v) for v in (self.m, self.n, self.k, *self.geometry, self.act)))
+                *(_i32(v) for v in (self.m, self.n, self.k, *self.geometry, self.act, self.splits,
+                                    self.kchunk or self.k)))
 
 
 def conv_fits(src, out) -> bool:
@@ -258,9 +262,10 @@ def _conv_tile(precision: str, tile: str | None, m: int, n: int) -> TcTile:
 
 
 def _conv_call(op: str, precision: str, tile: str | None, src, w, aux, out, m: int, n: int, k: int, geometry: tuple,
-               act: int = 0) -> ConvCall | None:
+               act: int = 0, sms: int | None = None, splits: int | None = None) -> ConvCall | None:
     """The ConvCall of an op whose shapes were checked: every tensor contiguous float32, the int32 offsets holding
-    (conv_fits), the tile, the grid; None when the output is empty."""
+    (conv_fits), the tile, the grid (the filter gradient's K split as `split_k` says for `sms` SMs, or in `splits`
+    parts); None when the output is empty."""
     if precision not in PRECISIONS:
         raise ValueError(f"conv_tc: precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     for a in (src, w, aux, out):
@@ -268,11 +273,16 @@ def _conv_call(op: str, precision: str, tile: str | None, src, w, aux, out, m: i
             raise ValueError("conv_tc: every tensor must be contiguous float32")
     if not conv_fits(src, out):
         raise ValueError(f"conv_tc: a tensor of shape {src.shape} is past the kernel's 32-bit offsets")
-    if m == 0 or n == 0:
+    if m == 0 or n == 0 or k == 0:          # (k == 0: a filter gradient of no images adds nothing)
         return None
     t = _conv_tile(precision, tile, m, n)
-    grid = (math.ceil(n / t.bn), math.ceil(m / t.bm), 1)
-    return ConvCall(op, t, grid, src, w, aux, out, m, n, k, geometry, int(act))
+    parts = 1 if op != "filter" else (split_k(t, m, n, k, 1, sms) if splits is None else max(1, int(splits)))
+    kchunk = math.ceil(math.ceil(k / parts) / t.bk) * t.bk
+    parts = math.ceil(k / kchunk)                      # no empty part
+    grid = (math.ceil(n / t.bn), math.ceil(m / t.bm), parts)
+    if grid[2] > GRID_YZ:
+        raise ValueError(f"conv_tc: {parts} K parts are past the grid's limit")
+    return ConvCall(op, t, grid, src, w, aux, out, m, n, k, geometry, int(act), parts, kchunk)
 
 
 def _conv_sizes(x_shape, w_shape, stride: int, pad: int) -> tuple:
@@ -307,6 +317,20 @@ def plan_conv_data(dx, dy, w, relu_x, stride: int, pad: int, precision: str = "t
                       (c, h, wd, r, s, p, q, o, stride, pad))
 
 
+def plan_conv_filter(dw, dy, x, stride: int, pad: int, precision: str = "tf32", sms: int = 132,
+                     tile: str | None = None, splits: int | None = None) -> ConvCall | None:
+    """The launch for dw += conv_backward_filter(dy, x) (dy [n, O, P, Q], x [n, C, H, W], dw [O, C, R, S], all
+    contiguous float32): the K sum over images x P x Q split over grid.z (`split_k`, or `splits` parts) and added
+    into dw with atomics; None when dw is empty. The bias gradient is not its job (conv.channel_sum)."""
+    n, c, h, wd, o, r, s, p, q = _conv_sizes(x.shape, dw.shape, stride, pad)
+    if tuple(dy.shape) != (n, o, p, q):
+        raise ValueError(f"conv_tc: dy {dy.shape}, x {x.shape}, dw {dw.shape} do not fit together")
+    if n * p * q >= 2**31 or dy.size >= 2**31:
+        raise ValueError(f"conv_tc: dy of shape {dy.shape} is past the kernel's 32-bit offsets")
+    return _conv_call("filter", precision, tile, x, dy, None, dw, o, c * r * s, n * p * q,
+                      (c, h, wd, r, s, p, q, o, stride, pad), sms=sms, splits=splits)
+
+
 def launch_conv(be, call: ConvCall | None) -> None:
     """Run a convolution plan on `be`'s device (current stream)."""
     if call is None:
@@ -327,3 +351,8 @@ def conv_tc(be, y, x, w, b, stride: int, pad: int, act: int = 0, tile: str | Non
 def conv_data_tc(be, dx, dy, w, relu_x, stride: int, pad: int, tile: str | None = None) -> None:
     """dx = conv_backward_data(dy, w) (* (relu_x > 0)) on tensor cores at `be`'s precision (plan_conv_data)."""
     launch_conv(be, plan_conv_data(dx, dy, w, relu_x, stride, pad, be.precision, tile))
+
+
+def conv_filter_tc(be, dw, dy, x, stride: int, pad: int, tile: str | None = None, splits: int | None = None) -> None:
+    """dw += conv_backward_filter(dy, x) on tensor cores at `be`'s precision (plan_conv_filter)."""
+    launch_conv(be, plan_conv_filter(dw, dy, x, stride, pad, be.precision, be.sms, tile, splits))

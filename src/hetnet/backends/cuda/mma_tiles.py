@@ -32,9 +32,9 @@ _SMEM = {"tf32": (4, 4, 8), "bf16": (2, 8, 8)}
 VARIANTS = {("tf32", ""): "hn_gemm_tf32", ("tf32", "l"): "hn_gemm_tf32_l", ("bf16", ""): "hn_gemm_bf16",
             ("bf16", "a"): "hn_gemm_bf16_a"}      # (precision, variant letter): mma.cu's body
 # The implicit-GEMM convolutions (mma.cu, HN_CONV) are built on the cp.async pipelines: their body per variant, and
-# their ops with mma.cu's MODE of each (the forward; the data gradient).
+# their ops with mma.cu's MODE of each (the forward, the data gradient, the filter gradient).
 CONV_VARIANTS = {("tf32", ""): "hn_conv_tf32", ("tf32", "l"): "hn_conv_tf32_l", ("bf16", "a"): "hn_conv_bf16_a"}
-CONV_OPS = {"fwd": 1, "data": 2}
+CONV_OPS = {"fwd": 1, "data": 2, "filter": 3}
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,8 @@ class TcTile:
         return f"hn_gemm_{self.precision}_{layout}_{self.name}"
 
     def conv_kernel(self, op: str) -> str:
-        """The entry point of the implicit-GEMM convolution `op` ("fwd" or "data", CONV_OPS) on this tile."""
+        """The entry point of the implicit-GEMM convolution `op` ("fwd", "data" or "filter", CONV_OPS) on this
+        tile."""
         assert (self.precision, self.variant) in CONV_VARIANTS and op in CONV_OPS, (self, op)
         return f"hn_conv_{op}_{self.precision}_{self.name}"
 
