@@ -28,7 +28,8 @@ typedef void (*HnConvKernel)(const float*, const float*, const float*, float*, i
                              int, int, int, int, int, int, int, int);
 
 extern "C" int emu_conv(void* kernel, unsigned gx, unsigned gy, unsigned gz, unsigned threads, int smem_bytes,
-                        const float* B, long long b_bytes, const float* W, long long w_bytes, const float* aux, long long aux_bytes,
+                        const float* B, long long b_bytes, const float* W, long long w_bytes, const float* aux,
+                        long long aux_bytes,
                         float* Y, long long y_bytes, int M, int N, int K, int C, int H, int Wd, int R, int S, int P,
                         int Q, int O, int stride, int pad, int act, int splits, int kchunk, unsigned seed, char* err,
                         int err_len) {

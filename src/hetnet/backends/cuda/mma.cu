@@ -356,6 +356,7 @@ __device__ __forceinline__ void hn_epilogue(const HnBlock& b, float (&acc)[MT][N
 // C is their output in NCHW: element (m, n) at (img * M + m) * plane + pixel, plane = P x Q or H x W.
 struct HnConv {
     const float* aux;    // forward: the bias [O] or null; data gradient: the mask relu_x [n, C, H, W] or null
+                         // (filter gradient: null)
     int c, h, w, r, s, p, q, o, stride, pad;
     int act;             // forward: kernels.py's ACTS, 0 none, 1 ReLU
 };
@@ -429,8 +430,9 @@ __device__ __forceinline__ void hn_conv_copy_b(float* s, const float* src, const
 
 // A's BM x BK tile (K-major: rows m, columns k) gathered, rows from M on and columns from kend on zero-filled. Data
 // gradient: A[c][k = (o, t)] = W[o][c][t], t = (r, s) over R x S; filter gradient: A[o][k = (img, t)] = dy[img][o][t],
-// t = (p, q) over P x Q. Both are src[(k / T) * stride_k + m * T + k % T] with T the inner plane. A thread's four
-// columns are fixed (THREADS a multiple of the chunks per row), so their offsets are found once per tile.
+// t = (p, q) over P x Q. Both are src[(k / T) * outer + m * T + k % T], T the inner plane and outer = (C or O) * T.
+// A thread's four columns are fixed (THREADS a multiple of the chunks per row), so their offsets are found once per
+// tile.
 template <int MODE, int ROWS, int COLS, int STRIDE, int THREADS>
 __device__ __forceinline__ void hn_conv_copy_a(float* s, const float* src, const HnConv& cv, int m0, int M, int k0,
                                                int kend, int tid) {
@@ -511,13 +513,13 @@ __device__ __forceinline__ void hn_issue_tile(float* sa, float* sb, const HnBloc
     if (MODE >= 2)
         hn_conv_copy_a<MODE, SA::ROWS, SA::COLS, SA::STRIDE, THREADS>(sa, blk.A, cv, blk.m0, M, k0, blk.kend, tid);
     else
-        hn_copy_tile_async<SA::ROWS, SA::COLS, SA::STRIDE, THREADS>(sa, hn_src<!TA>(blk.A, lda, blk.m0, k0, M, blk.kend),
-                                                                    tid);
+        hn_copy_tile_async<SA::ROWS, SA::COLS, SA::STRIDE, THREADS>(
+            sa, hn_src<!TA>(blk.A, lda, blk.m0, k0, M, blk.kend), tid);
     if (MODE)
         hn_conv_copy_b<MODE, SB::ROWS, SB::COLS, SB::STRIDE, THREADS>(sb, blk.B, cv, cols, k0, blk.kend, tid);
     else
-        hn_copy_tile_async<SB::ROWS, SB::COLS, SB::STRIDE, THREADS>(sb, hn_src<TB>(blk.B, ldb, blk.n0, k0, N, blk.kend),
-                                                                    tid);
+        hn_copy_tile_async<SB::ROWS, SB::COLS, SB::STRIDE, THREADS>(
+            sb, hn_src<TB>(blk.B, ldb, blk.n0, k0, N, blk.kend), tid);
 }
 
 // --- tf32: cp.async pipeline of STAGES float32 tiles, operands rounded to tf32 as fragments are read ---------------
