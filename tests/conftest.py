@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import zlib
 
 import numpy as np
@@ -65,6 +66,15 @@ def _private_cache_dir(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HETNET_CACHE_DIR", str(tmp_path_factory.mktemp("hetnet-cache")))
         yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _ctrl_c_as_in_a_terminal():
+    """A suite started in the background by a non-interactive shell (`bash -c 'make test' &`) inherits SIGINT
+    ignored, and so would every command it runs; the Ctrl-C tests need Python's own handler, as in a terminal."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
 
 
 @pytest.fixture
