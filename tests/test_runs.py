@@ -181,6 +181,22 @@ def test_info_preset_and_train_help(capsys):
     assert all(name in out for name in zoo.PRESETS) and "sgd lr 1e-05" in out
 
 
+def test_info_of_a_run_and_of_a_model_file(setup, first, tmp_path, capsys):
+    """`hetnet info RUN_DIR|MODEL_FILE`: the saved model's layers, parameter count, classes, normalisation and what
+    it was trained on; a directory that is no run is one error line."""
+    for target in (first, first / "model.safetensors"):
+        assert main(["info", str(target)]) == 0
+        out = capsys.readouterr().out
+        lm = serialize.load_model(first / "model.safetensors")
+        n = sum(int(np.prod(p.shape)) for p in lm.model.parameters())
+        assert out.splitlines()[0] == str(first / "model.safetensors") and f"parameters: {n:,}" in out
+        assert f"classes ({len(lm.class_names)}): " + ", ".join(lm.class_names) in out
+        assert "trained: " in out and "epochs 2" in out and "fashion-mnist" in out
+    rc = main(["info", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error:") and "not a hetnet run directory" in err
+
+
 def test_one_note_when_the_data_are_adapted_to_the_model(setup, tmp_path, capsys):
     data = setup[1]
     _train("--model", "thesis-m0", "--data", str(data), "--epochs", "1", "--limit", "64", "--out",

@@ -36,6 +36,7 @@ from .runs import (
     DATASETS,
     RunConfig,
     default_run_dir,
+    describe_model_file,
     evaluate_model,
     export_model_file,
     format_runs,
@@ -202,8 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="versions, devices, models and where data sets were found; or one model",
                        description="Without MODEL: versions, devices, presets and where data sets were found. With "
                                    "MODEL (a preset name or SPEC.json): its layers, output shapes, parameter count "
-                                   "and recipe.")
-    i.add_argument("name", metavar="MODEL", nargs="?")
+                                   "and recipe; with a run directory or model file: its layers, classes, "
+                                   "normalisation and what it was trained on.")
+    i.add_argument("name", metavar="MODEL|RUN_DIR|MODEL_FILE", nargs="?")
     sub.add_parser("bench", help="benchmarks (arguments go to hetnet.bench)", add_help=False)
     return parser
 
@@ -390,7 +392,8 @@ def cmd_runs(args) -> int:
 def cmd_info(args) -> int:
 
     if args.name is not None:
-        for line in zoo.describe(args.name):
+        saved = Path(args.name).is_dir() or args.name.endswith(".safetensors")
+        for line in describe_model_file(args.name) if saved else zoo.describe(args.name):
             print(line)
         return 0
 

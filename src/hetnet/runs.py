@@ -877,6 +877,23 @@ def resolve_model_path(target: str | Path) -> Path:
     return target
 
 
+def describe_model_file(target: str | Path) -> list[str]:
+    """`hetnet info RUN_DIR|MODEL_FILE`: a saved model's layers (zoo.describe_layers), its classes, normalisation
+    and what it was trained on."""
+    path = resolve_model_path(target)
+    lm = serialize.load_model(path, device="cpu")
+    info = lm.info
+    lines = [str(path)] + zoo.describe_layers(lm.model, lm.input_shape)
+    lines.append(f"classes ({len(lm.class_names)}): {', '.join(lm.class_names)}")
+    lines.append("normalisation: mean " + ", ".join(f"{v:.4g}" for v in lm.mean) + "; std "
+                 + ", ".join(f"{v:.4g}" for v in lm.std))
+    trained = [f"{k} {info[k]}" for k in ("model", "dataset", "data", "epochs", "precision", "tta")
+               if info.get(k) is not None]
+    if trained:
+        lines.append("trained: " + ", ".join(trained))
+    return lines
+
+
 def evaluate_model(target: str | Path, dataset: str | None = None, data: str | None = None,
                    device: str | None = None, log: Callable[[str], None] | None = default_log,
                    split: str | None = None, precision: str | None = None, tta: int | None = None,

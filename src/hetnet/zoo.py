@@ -253,8 +253,17 @@ def describe(name_or_path: str) -> list[str]:
     recipe (presets)."""
     model, shape, _ = resolve(name_or_path)
     preset = PRESETS.get(name_or_path)
-    lines = [f"{name_or_path}: {preset.description}" if preset and preset.description else name_or_path,
-             f"input {'x'.join(map(str, shape))} (C x H x W)"]
+    lines = [f"{name_or_path}: {preset.description}" if preset and preset.description else name_or_path]
+    lines += describe_layers(model, shape)
+    if preset is not None:
+        lines.append(f"recipe: {recipe_line(preset)}")
+        lines.append(f"train it: hetnet train --model {name_or_path}   (flags override the recipe)")
+    return lines
+
+
+def describe_layers(model, shape) -> list[str]:
+    """The input shape, a table of the layers with their output shapes and parameter counts, and the total."""
+    lines = [f"input {'x'.join(map(str, shape))} (C x H x W)"]
     rows, total = [("#", "layer", "output", "parameters")], 0
     for i, layer in enumerate(model.layers):
         shape = layer.output_shape(shape)
@@ -265,9 +274,6 @@ def describe(name_or_path: str) -> list[str]:
     lines += ["  " + "  ".join(v.rjust(w) if k in (0, 3) else v.ljust(w) for k, (v, w) in enumerate(zip(r, widths)))
               .rstrip() for r in rows]
     lines.append(f"parameters: {total:,}")
-    if preset is not None:
-        lines.append(f"recipe: {recipe_line(preset)}")
-        lines.append(f"train it: hetnet train --model {name_or_path}   (flags override the recipe)")
     return lines
 
 
