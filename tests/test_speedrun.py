@@ -136,7 +136,9 @@ def test_run_speedrun_writes_the_result(archive, tmp_path):
     rows = {"hetnet": [(0.91, 2.0), (0.93, 1.0)], "airbench94": [(0.90, 2.2), (0.90, 2.4)]}
     sides = {name: (lambda i, name=name: {"run": i, "accuracy": rows[name][i][0], "seconds": rows[name][i][1]})
              for name in rows}
-    sides["end_to_end"] = lambda: {"seconds": 9.5, "val_accuracy": 0.92, "command": "hetnet train ..."}
+    sides["end_to_end"] = lambda: {"seconds": 9.5, "val_accuracy": 0.92, "command": "hetnet train ...",
+                                   "start_seconds": 1.5, "epochs_seconds": 6.0, "finish_seconds": 2.0,
+                                   "warmup_seconds": 0.5}
     lines = []
     env = environment(threads=1, want_gpu=False)
     doc = S.run_speedrun(archive, "cpu", env, tmp_path, runs_each=2, log=lines.append, sides=sides, held_out=20)
@@ -151,7 +153,9 @@ def test_run_speedrun_writes_the_result(archive, tmp_path):
     assert written["hetnet_end_to_end_seconds"] == 9.5
     assert written["hetnet_seconds_over_airbench94"] == pytest.approx(1.5 / 2.3)
     assert written["environment"]["commit"] and written["data"]["held_out_images"] == 20
-    assert "airbench94 | 2 | 90.00 %" in (tmp_path / "cifar_speedrun.md").read_text()
+    md = (tmp_path / "cifar_speedrun.md").read_text()
+    assert "airbench94 | 2 | 90.00 %" in md
+    assert "9.5 s (start 1.5 s, epochs 6.0 s of which warm-up 0.5 s, finish 2.0 s)" in md
     assert any("hetnet run 1" in s for s in lines)
     with pytest.raises(UsageError, match="--speedrun-runs"):
         S.run_speedrun(archive, "cpu", env, tmp_path, runs_each=0, sides=sides, held_out=20)
@@ -161,6 +165,9 @@ def test_end_to_end_is_the_hetnet_train_command(archive, tmp_path):
     S.prepare_data(archive, held_out=20)                                   # the cache warm, as in the bench
     e2e = S.end_to_end_seconds(archive, "cpu", tmp_path, held_fraction=0.25, epochs=1)
     assert e2e["seconds"] > 0 and 0 <= e2e["val_accuracy"] <= 1
+    phases = [e2e[k] for k in ("start_seconds", "epochs_seconds", "finish_seconds")]
+    assert all(v > 0 for v in phases) and abs(sum(phases) - e2e["seconds"]) < 1e-6
+    assert 0 <= e2e["warmup_seconds"] <= e2e["epochs_seconds"]
     assert "train --model cifar-speed" in e2e["command"] and "--val-fraction 0.25 --seed 0" in e2e["command"]
     config = json.loads((tmp_path / "hetnet-train-run" / "config.json").read_text())
     assert config["counts"] == {"train": 60, "val": 20, "test": 0}           # the held-out split's sizes

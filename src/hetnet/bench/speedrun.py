@@ -20,7 +20,9 @@ side warms up once, untimed (airbench: warmup94(), one step; hetnet: a one-epoch
 convolution algorithms). Runs alternate between the sides, so drift in the machine falls on both.
 hetnet_end_to_end_seconds: the wall time of the whole command `hetnet train --model cifar-speed --dataset folder
 --data ARCHIVE --val-fraction 0.1 --seed 0 --device DEVICE` with the cache warm (start-up, reading the cache, every
-epoch with its validation, the artefacts).
+epoch with its validation, the artefacts); hetnet_end_to_end says where it went, from when the command's lines
+appeared: start_seconds (until "run directory:", training about to begin), epochs_seconds (until the last epoch's
+line), finish_seconds (plots, model file, exit), and warmup_seconds (the epochs' warm-up steps, metrics.jsonl).
 
     hetnet bench --cifar-speedrun [--cifar-tar PATH] [--speedrun-runs 5]          # on a GPU machine
     python benchmarks/cifar_speedrun.py
@@ -202,13 +204,29 @@ def end_to_end_seconds(archive: str | Path, device: str, workdir: Path, held_fra
            "--out", str(out)]
     cmd += ["--epochs", str(epochs)] if epochs else []
     cmd += ["--limit", str(limit)] if limit else []
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    seconds = time.perf_counter() - t0
-    if r.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}): {r.stderr.strip()[-2000:]}")
-    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
-    return {"seconds": seconds, "val_accuracy": last.get("val_accuracy"), "command": " ".join(cmd[1:])}
+    started = last_epoch = None
+    with tempfile.TemporaryFile("w+") as err, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True,
+                                                                env=env) as proc:
+        for line in proc.stdout:        # each line as it is printed: when training began and when it ended
+            if line.startswith("run directory:"):
+                started = time.perf_counter() - t0
+            elif line.startswith("epoch "):
+                last_epoch = time.perf_counter() - t0
+        rc = proc.wait()
+        seconds = time.perf_counter() - t0
+        if rc != 0:
+            err.seek(0)
+            raise RuntimeError(f"{' '.join(cmd)} failed ({rc}): {err.read().strip()[-2000:]}")
+    records = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
+    phases = {}
+    if started is not None and last_epoch is not None:
+        phases = {"start_seconds": started, "epochs_seconds": last_epoch - started,
+                  "finish_seconds": seconds - last_epoch,
+                  "warmup_seconds": sum(r.get("warmup_seconds") or 0.0 for r in records)}
+    return {"seconds": seconds, "val_accuracy": records[-1].get("val_accuracy"), "command": " ".join(cmd[1:]),
+            **phases}
 
 
 # --- the table --------------------------------------------------------------------------------------------------
@@ -299,7 +317,11 @@ def speedrun_markdown(doc: dict) -> str:
             lines.append(f"| {name} | {len(s['runs'])} | {100 * s['accuracy_mean']:.2f} % +- "
                          f"{100 * s['accuracy_std']:.2f} | {s['seconds_mean']:.3f} |")
     if doc.get("hetnet_end_to_end_seconds") is not None:
-        lines.append(f"\n`hetnet train` end to end, warm cache: {doc['hetnet_end_to_end_seconds']:.1f} s")
+        e2e = doc.get("hetnet_end_to_end") or {}
+        parts = (f" (start {e2e['start_seconds']:.1f} s, epochs {e2e['epochs_seconds']:.1f} s of which warm-up "
+                 f"{e2e['warmup_seconds']:.1f} s, finish {e2e['finish_seconds']:.1f} s)" if "start_seconds" in e2e
+                 else "")
+        lines.append(f"\n`hetnet train` end to end, warm cache: {doc['hetnet_end_to_end_seconds']:.1f} s{parts}")
     return "\n".join(lines) + "\n"
 
 
