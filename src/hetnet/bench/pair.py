@@ -23,6 +23,7 @@ from .common import (
     FULL_BATCH_RTOL,
     LR,
     MOMENTUM,
+    PEER_BOUND_MAX,
     PEER_FACTOR,
     CupyPoolPeak,
     RssPeak,
@@ -303,9 +304,9 @@ def gate(make_pair, batch: int, tol: float, float32_first: bool = True,
 
 def _against_peer(errs: dict, peer: dict, floor: float) -> tuple[str, float, bool]:
     """(the key nearest its bound or over it, that bound, whether every key is within its bound): key k's bound is
-    max(floor, PEER_FACTOR * peer[k]), hetnet's error against float64 within a multiple of PyTorch's, and never 1 or
-    more (a relative error of 1 is no agreement at all, whatever PyTorch's)."""
-    bounds = {k: max(floor, min(PEER_FACTOR * peer.get(k, 0.0), 0.999)) for k in errs}
+    max(floor, min(PEER_FACTOR * peer[k], PEER_BOUND_MAX)): hetnet's error against float64 within a multiple of
+    PyTorch's, and never a bound of 1 or more."""
+    bounds = {k: max(floor, min(PEER_FACTOR * peer.get(k, 0.0), PEER_BOUND_MAX)) for k in errs}
     worst = max(errs, key=lambda k: errs[k] / bounds[k])
     return worst, bounds[worst], all(errs[k] <= bounds[k] for k in errs)
 
