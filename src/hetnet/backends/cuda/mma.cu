@@ -299,11 +299,11 @@ __device__ __forceinline__ void hn_zero(float (&acc)[MT][NT][4]) {
 // Accumulator fragment (the same for m16n8k8 and m16n8k16, PTX ISA 9.7.14.5.7 / 9.7.14.5.8, "Accumulators"):
 // lane l = 4g + t holds c0, c1 at row g, columns 2t, 2t+1 and c2, c3 at row g+8, columns 2t, 2t+1. So acc[i][j] of a
 // warp whose tile starts at (wm, wn) covers rows m = m0 + wm + 16i + g (+8), columns n = n0 + wn + 8j + 2t (+1).
-template <int MT, int NT>
-__device__ __forceinline__ void hn_epilogue(const HnBlock& b, float (&acc)[MT][NT][4], int M, int N, int ldc,
-                                            float alpha, float beta, int wm, int wn, int lane) {
+// hn_each_pair calls f(m, n, x, y, two) for each such pair inside C: x at (m, n), y at (m, n + 1), two = n + 1 < N.
+template <int MT, int NT, class F>
+__device__ __forceinline__ void hn_each_pair(const HnBlock& b, float (&acc)[MT][NT][4], int M, int N, int wm, int wn,
+                                             int lane, F&& f) {
     const int g = lane >> 2, t = lane & 3;
-    const bool pair = (reinterpret_cast<unsigned long long>(b.C) & 7) == 0 && (ldc & 1) == 0;  // 8-byte stores
 #pragma unroll
     for (int i = 0; i < MT; ++i) {
 #pragma unroll
@@ -312,29 +312,41 @@ __device__ __forceinline__ void hn_epilogue(const HnBlock& b, float (&acc)[MT][N
             if (m >= M) continue;
 #pragma unroll
             for (int j = 0; j < NT; ++j) {
-                const int n = b.n0 + wn + 8 * j + 2 * t;   // even: with `pair`, &C[m][n] is 8-byte aligned
+                const int n = b.n0 + wn + 8 * j + 2 * t;   // even
                 if (n >= N) continue;
-                float* p = b.C + (static_cast<long long>(m) * ldc + n);
-                float x = alpha * acc[i][j][2 * h], y = alpha * acc[i][j][2 * h + 1];
-                const bool two = n + 1 < N;
-                if (b.atomic) {
-                    hn_atomic_add(p, x);
-                    if (two) hn_atomic_add(p + 1, y);
-                    continue;
-                }
-                if (beta != 0.f) {
-                    x += beta * hn_ld_c(p);
-                    if (two) y += beta * hn_ld_c(p + 1);
-                }
-                if (two && pair) {
-                    hn_st2(p, x, y);
-                } else {
-                    hn_st(p, x);
-                    if (two) hn_st(p + 1, y);
-                }
+                f(m, n, acc[i][j][2 * h], acc[i][j][2 * h + 1], n + 1 < N);
             }
         }
     }
+}
+
+// The GEMM's epilogue: C = alpha * acc + beta * C (C never read when beta == 0), or, split over K, atomics adding
+// alpha * acc.
+template <int MT, int NT>
+__device__ __forceinline__ void hn_epilogue(const HnBlock& b, float (&acc)[MT][NT][4], int M, int N, int ldc,
+                                            float alpha, float beta, int wm, int wn, int lane) {
+    // n even: with `pair`, &C[m][n] is 8-byte aligned (8-byte stores)
+    const bool pair = (reinterpret_cast<unsigned long long>(b.C) & 7) == 0 && (ldc & 1) == 0;
+    hn_each_pair(b, acc, M, N, wm, wn, lane, [&](int m, int n, float x, float y, bool two) {
+        float* p = b.C + (static_cast<long long>(m) * ldc + n);
+        x *= alpha;
+        y *= alpha;
+        if (b.atomic) {
+            hn_atomic_add(p, x);
+            if (two) hn_atomic_add(p + 1, y);
+            return;
+        }
+        if (beta != 0.f) {
+            x += beta * hn_ld_c(p);
+            if (two) y += beta * hn_ld_c(p + 1);
+        }
+        if (two && pair) {
+            hn_st2(p, x, y);
+        } else {
+            hn_st(p, x);
+            if (two) hn_st(p + 1, y);
+        }
+    });
 }
 
 // --- convolutions as implicit GEMMs ---------------------------------------------------------------------------------
@@ -458,51 +470,37 @@ __device__ __forceinline__ void hn_conv_copy_a(float* s, const float* src, const
     }
 }
 
-// hn_epilogue for the convolutions: the output (M channels of `plane` pixels per image, NCHW) = acc, forward: + the
-// bias, then the activation; data gradient: times (mask > 0) where a mask is given. Fragment positions as there.
+// The forward's and data gradient's epilogue: the output (M channels of `plane` pixels per image, NCHW) = acc;
+// forward: + the bias, then the activation; data gradient: times (mask > 0) where a mask is given.
 template <int MODE, int MT, int NT>
 __device__ __forceinline__ void hn_conv_epilogue(const HnBlock& b, float (&acc)[MT][NT][4], int M, int N,
                                                  const HnConv& cv, int wm, int wn, int lane) {
-    const int g = lane >> 2, t = lane & 3, plane = MODE == 1 ? cv.p * cv.q : cv.h * cv.w;
+    const int plane = MODE == 1 ? cv.p * cv.q : cv.h * cv.w;
     // n even and the plane even: n and n+1 lie in one image, and the pair's offset is even (8-byte stores)
     const bool pair = (plane & 1) == 0 && (reinterpret_cast<unsigned long long>(b.C) & 7) == 0;
-#pragma unroll
-    for (int j = 0; j < NT; ++j) {
-        const int n = b.n0 + wn + 8 * j + 2 * t;
-        if (n >= N) continue;
-        const int img = n / plane, pix = n - img * plane;
-        const int img1 = (n + 1) / plane, pix1 = n + 1 - img1 * plane;
-        const bool two = n + 1 < N;
-#pragma unroll
-        for (int i = 0; i < MT; ++i) {
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const int m = b.m0 + wm + 16 * i + g + 8 * h;
-                if (m >= M) continue;
-                const long long at = (static_cast<long long>(img) * M + m) * plane + pix;
-                const long long at1 = (static_cast<long long>(img1) * M + m) * plane + pix1;
-                float x = acc[i][j][2 * h], y = acc[i][j][2 * h + 1];
-                if (MODE == 1) {
-                    const float bias = cv.aux ? hn_ldg(cv.aux + m) : 0.f;
-                    x += bias;
-                    y += bias;
-                    if (cv.act == 1) {
-                        x = x > 0.f ? x : 0.f;
-                        y = y > 0.f ? y : 0.f;
-                    }
-                } else if (cv.aux) {
-                    x = hn_ldg(cv.aux + at) > 0.f ? x : 0.f;
-                    if (two) y = hn_ldg(cv.aux + at1) > 0.f ? y : 0.f;
-                }
-                if (two && pair) {
-                    hn_st2(b.C + at, x, y);
-                } else {
-                    hn_st(b.C + at, x);
-                    if (two) hn_st(b.C + at1, y);
-                }
+    hn_each_pair(b, acc, M, N, wm, wn, lane, [&](int m, int n, float x, float y, bool two) {
+        const int img = n / plane, img1 = (n + 1) / plane;
+        const long long at = (static_cast<long long>(img) * M + m) * plane + (n - img * plane);
+        const long long at1 = (static_cast<long long>(img1) * M + m) * plane + (n + 1 - img1 * plane);
+        if (MODE == 1) {
+            const float bias = cv.aux ? hn_ldg(cv.aux + m) : 0.f;
+            x += bias;
+            y += bias;
+            if (cv.act == 1) {
+                x = x > 0.f ? x : 0.f;
+                y = y > 0.f ? y : 0.f;
             }
+        } else if (cv.aux) {
+            x = hn_ldg(cv.aux + at) > 0.f ? x : 0.f;
+            if (two) y = hn_ldg(cv.aux + at1) > 0.f ? y : 0.f;
         }
-    }
+        if (two && pair) {
+            hn_st2(b.C + at, x, y);
+        } else {
+            hn_st(b.C + at, x);
+            if (two) hn_st(b.C + at1, y);
+        }
+    });
 }
 
 // One K tile (from k0) of both operands copied by cp.async into their float32 shared tiles of layouts SA and SB: A and
