@@ -350,7 +350,8 @@ def test_conv_filter_gradient_each_tile_and_split(emu, rng, precision):
 def test_conv_launcher():
     """The tile choice by size; shapes that do not fit, other dtypes and unknown tiles: ValueError."""
     large, small = (mm.tile_named("bf16", name) for name in mm.CONV_CHOICE["bf16"])
-    assert mm.conv_choose("bf16", 64, 512 * 1024) is small and mm.conv_choose("bf16", 256, 512 * 1024) is large
+    assert mm.choose("bf16", 64, 512 * 1024, mm.CONV_CHOICE) is small
+    assert mm.choose("bf16", 256, 512 * 1024, mm.CONV_CHOICE) is large
     x, w = np.zeros((2, 3, 8, 8), np.float32), np.zeros((4, 3, 3, 3), np.float32)
     with pytest.raises(ValueError, match="fit together"):
         mm.plan_conv(np.zeros((2, 4, 8, 8), np.float32), x, w, None, 1, 0)

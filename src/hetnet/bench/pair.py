@@ -174,11 +174,7 @@ class Pair:
             F.cross_entropy(tmodel(tx), ty).backward()
             topt.step()
             w1, tw1 = _named_weights(self.hmodel), _torch_weights(tmodel)
-            for k in w0:
-                errs[f"{prefix}step {s} update {k}"] = rel_err(w1[k] - w0[k], tw1[k] - tw0[k])
-            errs[f"{prefix}step {s} update {ALL}"] = rel_err(
-                np.concatenate([(w1[k] - w0[k]).ravel() for k in w0]),
-                np.concatenate([(tw1[k] - tw0[k]).ravel() for k in w0]))
+            errs.update(_update_errors(f"{prefix}step {s} update ", w0, w1, tw0, tw1))
         return errs
 
     def check_full_batch(self, float64: bool = False) -> dict:
@@ -235,17 +231,22 @@ class Pair:
                     forward_backward(model, opt, inputs, amp)
                     opt.step()
                 w1, w1_64 = _torch_weights(tp), _torch_weights(t64)
-                for k in w0:
-                    errs[f"{prefix}step {s} update {k}"] = rel_err(w1[k] - w0[k], w1_64[k] - w0_64[k])
-                errs[f"{prefix}step {s} update {ALL}"] = rel_err(
-                    np.concatenate([(w1[k] - w0[k]).ravel() for k in w0]),
-                    np.concatenate([(w1_64[k] - w0_64[k]).ravel() for k in w0]))
+                errs.update(_update_errors(f"{prefix}step {s} update ", w0, w1, w0_64, w1_64))
         finally:
             set_dropout(self.hmodel, [tp, t64], saved)
         return errs
 
 
 ALL = "(all parameters)"
+
+
+def _update_errors(label: str, w0: dict, w1: dict, r0: dict, r1: dict) -> dict:
+    """Relative errors of the update w1 - w0 against the reference's r1 - r0, per parameter and of all of them
+    together (keys: label + name, label + ALL)."""
+    errs = {label + k: rel_err(w1[k] - w0[k], r1[k] - r0[k]) for k in w0}
+    errs[label + ALL] = rel_err(np.concatenate([(w1[k] - w0[k]).ravel() for k in w0]),
+                                np.concatenate([(r1[k] - r0[k]).ravel() for k in w0]))
+    return errs
 
 
 def _sig(v: float) -> float:

@@ -94,11 +94,11 @@ def tile_named(precision: str, name: str) -> TcTile:
     return found[0]
 
 
-def choose(precision: str, m: int, n: int) -> TcTile:
-    """CHOICE's small tile when M or N fits in it (the large one would compute mostly padding: cifar-wide's first
-    convolution, 64 filters over 27 taps), else the large tile, whose K sum `split_k` splits where its blocks leave
-    SMs idle."""
-    large, small = (tile_named(precision, name) for name in CHOICE[precision])
+def choose(precision: str, m: int, n: int, table: dict = CHOICE) -> TcTile:
+    """The small tile of `table` (CHOICE, or CONV_CHOICE for the convolutions) when M or N fits in it (the large one
+    would compute mostly padding: cifar-wide's first convolution, 64 filters over 27 taps), else the large tile, whose
+    K sum `split_k` splits where its blocks leave SMs idle."""
+    large, small = (tile_named(precision, name) for name in table[precision])
     return small if m <= small.bm or n <= small.bn else large
 
 
@@ -146,12 +146,18 @@ def launch(be, call: GemmCall) -> None:
             call.c_all.fill(0)
         elif call.prescale != 1.0:
             call.c_all *= _f32(call.prescale)
+    _launch_kernel(be, call, call.args(lambda x: x))
+
+
+def _launch_kernel(be, call, args: tuple) -> None:
+    """Launch a plan's kernel (a GemmCall or ConvCall) with `args`, its tile's dynamic shared memory allowed first
+    where it is over the default."""
     kern = get_kernel(be.device_id, "mma", call.kernel)
     smem = call.tile.smem_bytes
     if smem > DEFAULT_SMEM and (be.device_id, call.kernel) not in _raised:
         kern.max_dynamic_shared_size_bytes = smem
         _raised.add((be.device_id, call.kernel))
-    kern(call.grid, call.block, call.args(lambda x: x), shared_mem=smem)
+    kern(call.grid, call.block, args, shared_mem=smem)
 
 
 def gemm_tc(be, c, a, trans_a: bool, b, trans_b: bool, alpha: float = 1.0, beta: float = 0.0,
@@ -247,15 +253,9 @@ def conv_fits(src, out) -> bool:
     return src.size + per_image < 2**31 and out.size < 2**31
 
 
-def conv_choose(precision: str, m: int, n: int) -> TcTile:
-    """CONV_CHOICE's small tile when M or N fits in it, else the large one (as `choose`)."""
-    large, small = (tile_named(precision, name) for name in CONV_CHOICE[precision])
-    return small if m <= small.bm or n <= small.bn else large
-
-
 def _conv_tile(precision: str, tile: str | None, m: int, n: int) -> TcTile:
     if tile is None:
-        return conv_choose(precision, m, n)
+        return choose(precision, m, n, CONV_CHOICE)
     if tile not in CONV_CHOICE[precision]:
         raise ValueError(f"conv_tc: no convolution kernel on tile {tile!r} (have {', '.join(CONV_CHOICE[precision])})")
     return tile_named(precision, tile)
@@ -296,7 +296,7 @@ def plan_conv(y, x, w, b, stride: int, pad: int, act: int = 0, precision: str = 
               tile: str | None = None) -> ConvCall | None:
     """The launch for y = act(conv(x, w) + b) (x [n, C, H, W], w [O, C, R, S], b [O] or None, y [n, O, P, Q], all
     contiguous float32; act 0 none, 1 ReLU); None when y is empty. tile: a CONV_CHOICE tile's name (default
-    `conv_choose`)."""
+    `choose` from CONV_CHOICE)."""
     n, c, h, wd, o, r, s, p, q = _conv_sizes(x.shape, w.shape, stride, pad)
     if tuple(y.shape) != (n, o, p, q) or w.shape[1] != c or (b is not None and tuple(b.shape) != (o,)):
         raise ValueError(f"conv_tc: x {x.shape}, w {w.shape}, b {None if b is None else b.shape}, y {y.shape} do not "
@@ -325,7 +325,7 @@ def plan_conv_filter(dw, dy, x, stride: int, pad: int, precision: str = "tf32", 
     n, c, h, wd, o, r, s, p, q = _conv_sizes(x.shape, dw.shape, stride, pad)
     if tuple(dy.shape) != (n, o, p, q):
         raise ValueError(f"conv_tc: dy {dy.shape}, x {x.shape}, dw {dw.shape} do not fit together")
-    if n * p * q >= 2**31 or dy.size >= 2**31:
+    if dy.size >= 2**31:                     # (K = n * P * Q with it)
         raise ValueError(f"conv_tc: dy of shape {dy.shape} is past the kernel's 32-bit offsets")
     return _conv_call("filter", precision, tile, x, dy, None, dw, o, c * r * s, n * p * q,
                       (c, h, wd, r, s, p, q, o, stride, pad), sms=sms, splits=splits)
@@ -333,14 +333,8 @@ def plan_conv_filter(dw, dy, x, stride: int, pad: int, precision: str = "tf32", 
 
 def launch_conv(be, call: ConvCall | None) -> None:
     """Run a convolution plan on `be`'s device (current stream)."""
-    if call is None:
-        return
-    kern = get_kernel(be.device_id, "mma", call.kernel)
-    smem = call.tile.smem_bytes
-    if smem > DEFAULT_SMEM and (be.device_id, call.kernel) not in _raised:
-        kern.max_dynamic_shared_size_bytes = smem
-        _raised.add((be.device_id, call.kernel))
-    kern(call.grid, call.block, call.args(lambda a: a, NULL), shared_mem=smem)
+    if call is not None:
+        _launch_kernel(be, call, call.args(lambda a: a, NULL))
 
 
 def conv_tc(be, y, x, w, b, stride: int, pad: int, act: int = 0, tile: str | None = None) -> None:
