@@ -139,9 +139,12 @@ def test_run_speedrun_writes_the_result(archive, tmp_path):
     sides["end_to_end"] = lambda: {"seconds": 9.5, "val_accuracy": 0.92, "command": "hetnet train ...",
                                    "start_seconds": 1.5, "epochs_seconds": 6.0, "finish_seconds": 2.0,
                                    "warmup_seconds": 0.5}
+    sides["profile"] = lambda: {"steps": 44, "kernels_us": {"hn_conv_fwd_bf16_128x128x32s3a": 900.0, "bn": 50.0},
+                                "kernel_sum_us": 950.0, "span_us": 1000.0}
     lines = []
     env = environment(threads=1, want_gpu=False)
-    doc = S.run_speedrun(archive, "cpu", env, tmp_path, runs_each=2, log=lines.append, sides=sides, held_out=20)
+    doc = S.run_speedrun(archive, "cpu", env, tmp_path, runs_each=2, log=lines.append, sides=sides, held_out=20,
+                         precision="bf16")
     written = json.loads((tmp_path / "cifar_speedrun.json").read_text())
     assert written == json.loads(json.dumps(doc, default=str))
     for side in ("hetnet", "airbench94"):
@@ -156,6 +159,9 @@ def test_run_speedrun_writes_the_result(archive, tmp_path):
     md = (tmp_path / "cifar_speedrun.md").read_text()
     assert "airbench94 | 2 | 90.00 %" in md
     assert "9.5 s (start 1.5 s, epochs 6.0 s of which warm-up 0.5 s, finish 2.0 s)" in md
+    assert written["hetnet_recipe"]["precision"] == "bf16" and "hetnet in bf16" in md
+    assert written["hetnet_profile"]["kernel_sum_us"] == 950.0
+    assert "| 900.0 | hn_conv_fwd_bf16_128x128x32s3a |" in md and "44 steps profiled" in md
     assert any("hetnet run 1" in s for s in lines)
     with pytest.raises(UsageError, match="--speedrun-runs"):
         S.run_speedrun(archive, "cpu", env, tmp_path, runs_each=0, sides=sides, held_out=20)

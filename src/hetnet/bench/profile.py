@@ -22,7 +22,7 @@ from .sides import TorchGraphStep, torch_flags
 PROFILE_ROWS = (("fashion-cnn", 32), ("fashion-cnn", 1024), ("thesis-m4", 1024))
 
 
-def _kernels(prof, steps: int) -> dict:
+def kernel_table(prof, steps: int) -> dict:
     """{name: GPU us per step}, plus the span of all kernels, from a torch.profiler run."""
     per, first, last = defaultdict(float), None, None
     for ev in prof.events():
@@ -60,7 +60,7 @@ def profile_row(model_name: str, batch: int, device: str, steps: int) -> dict:
                 fn()
             backend.synchronize()
             torch.cuda.synchronize()
-        out[side] = _kernels(prof, steps)
+        out[side] = kernel_table(prof, steps)
     hstep.collect()
     return out
 
@@ -102,4 +102,4 @@ def run_profile(args, devices: list[str], env: dict, out: Path, rows_to_run) -> 
     return doc
 
 
-__all__ = ["run_profile", "profile_row", "PROFILE_ROWS"]
+__all__ = ["run_profile", "profile_row", "kernel_table", "PROFILE_ROWS"]

@@ -52,12 +52,14 @@ from ..device import get_backend
 from ..errors import UsageError
 from ..train import Trainer
 from .common import write_result, write_text
+from .profile import kernel_table
 
 PRESET = "cifar-speed"
 HELD_OUT = 5000
 SPLIT_SEED = 0
 RUNS = 5
 AIRBENCH_VERSION = "0.1.8"
+PROFILE_TOP = 15             # kernels listed in cifar_speedrun.md (the JSON keeps all)
 # airbench's printed table: the columns of utils.logging_columns_list, and the row of the final (TTA) evaluation
 AIRBENCH_COLUMNS = ("run", "epoch", "train_loss", "train_acc", "val_acc", "tta_val_acc", "total_time_seconds")
 
@@ -162,13 +164,39 @@ class HetnetSide:
     """The cifar-speed preset as `hetnet train` builds it (runs.make_config / make_training, the same loaders and
     trainer), on the fixed split; run i uses seed i for the weights, the batch order and the augmentation."""
 
-    def __init__(self, data: SpeedrunData, device: str, epochs: int | None = None):
-        self.config = runs.make_config(runs.RunConfig(model=PRESET, dataset="folder", device=device, epochs=epochs))
+    def __init__(self, data: SpeedrunData, device: str, epochs: int | None = None, precision: str | None = None):
+        self.config = runs.make_config(runs.RunConfig(model=PRESET, dataset="folder", device=device, epochs=epochs,
+                                                      precision=precision))
         self.data, self.backend = data, get_backend(device, self.config["precision"])
         self.spec = runs.adapt_classes(self.config["spec"], len(data.class_names))
         self.mean, self.std = hdata.channel_stats(data.train_x)
 
     def run(self, i: int, epochs: int | None = None) -> dict:
+        trainer, train, held, recipe = self._build(i, epochs)
+        d, be = self.data, self.backend
+        be.synchronize()
+        t0 = time.perf_counter()
+        hinit.data_init(trainer.model, d.train_x, self.mean, self.std)   # whitening: airbench times it too
+        trainer.fit(train, recipe["epochs"])
+        _, accuracy = trainer.evaluate(held, recipe["tta"])
+        be.synchronize()
+        return {"run": i, "accuracy": float(accuracy), "seconds": time.perf_counter() - t0}
+
+    def profile(self, i: int) -> dict:
+        """Every kernel of one training epoch (torch.profiler through CUPTI, which sees CuPy's kernels), per step:
+        {"steps", "kernels_us" (name -> GPU us per step, largest first), "kernel_sum_us", "span_us"}."""
+        from torch.profiler import ProfilerActivity, profile
+
+        trainer, train, _, _ = self._build(i, 2)
+        hinit.data_init(trainer.model, self.data.train_x, self.mean, self.std)
+        trainer.fit(train, 1)               # the first epoch captures and measures; the profiled one only replays
+        self.backend.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            trainer.fit(train, 2, start_epoch=1)
+            self.backend.synchronize()
+        return {"steps": len(train), **kernel_table(prof, len(train))}
+
+    def _build(self, i: int, epochs: int | None):
         recipe = dict(self.config["recipe"])
         if epochs is not None:
             recipe["epochs"] = epochs
@@ -185,17 +213,11 @@ class HetnetSide:
         optimizer, schedule, average, lookahead, frozen_after = runs.make_training(recipe, model, len(train))
         trainer = Trainer(model, optimizer, schedule, recipe["label_smoothing"], progress=False, log=None,
                           average=average, lookahead=lookahead, frozen_after=frozen_after, tta=recipe["tta"])
-        be.synchronize()
-        t0 = time.perf_counter()
-        hinit.data_init(model, d.train_x, self.mean, self.std)           # whitening: airbench times it too
-        trainer.fit(train, recipe["epochs"])
-        _, accuracy = trainer.evaluate(held, recipe["tta"])
-        be.synchronize()
-        return {"run": i, "accuracy": float(accuracy), "seconds": time.perf_counter() - t0}
+        return trainer, train, held, recipe
 
 
 def end_to_end_seconds(archive: str | Path, device: str, workdir: Path, held_fraction: float = 0.1,
-                       epochs: int | None = None, limit: int | None = None) -> dict:
+                       epochs: int | None = None, limit: int | None = None, precision: str | None = None) -> dict:
     """Wall time of the whole `hetnet train` command for cifar-speed, validating on the held-out split
     (--val-fraction held_fraction --seed 0), and the accuracy it reports."""
     out = Path(workdir) / "hetnet-train-run"
@@ -204,6 +226,7 @@ def end_to_end_seconds(archive: str | Path, device: str, workdir: Path, held_fra
            "--out", str(out)]
     cmd += ["--epochs", str(epochs)] if epochs else []
     cmd += ["--limit", str(limit)] if limit else []
+    cmd += ["--precision", precision] if precision else []
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     t0 = time.perf_counter()
     started = last_epoch = None
@@ -242,11 +265,12 @@ def summarize(rows: list[dict]) -> dict:
 
 def run_speedrun(archive: str | Path, device: str, env: dict, out: Path, runs_each: int = RUNS,
                  epochs: int | None = None, limit: int | None = None, log: Callable[[str], None] = print,
-                 sides: dict | None = None, held_out: int = HELD_OUT) -> dict:
+                 sides: dict | None = None, held_out: int = HELD_OUT, precision: str | None = None) -> dict:
     """Both sides, `runs_each` runs each, alternating; writes out/cifar_speedrun.json / .md (and airbench's log) and
-    returns the document. sides: {"hetnet": f(i) -> row, "airbench94": f(i) -> row, "end_to_end": f() -> dict}
-    replaces the real ones (tests); a side that cannot run on this machine (airbench needs CUDA) is recorded with
-    the reason."""
+    returns the document. precision: hetnet's (default: the preset's). sides: {"hetnet": f(i) -> row,
+    "airbench94": f(i) -> row, "end_to_end": f() -> dict, "profile": f() -> dict} replaces the real ones (tests); a
+    side that cannot run on this machine (airbench needs CUDA) is recorded with the reason. On cuda, the kernels of
+    one hetnet epoch are profiled last (hetnet_profile)."""
     if runs_each < 1:
         raise UsageError(f"--speedrun-runs: expected a positive integer, got {runs_each}")
     t_data = time.perf_counter()
@@ -257,16 +281,17 @@ def run_speedrun(archive: str | Path, device: str, env: dict, out: Path, runs_ea
     with tempfile.TemporaryDirectory(prefix="hetnet-speedrun-") as tmp:
         workdir = Path(tmp)
         if sides is None:
-            het = HetnetSide(data, device, epochs)
+            het = HetnetSide(data, device, epochs, precision)
             log("hetnet: warm-up run (one epoch, untimed)")
             het.run(10_000, epochs=1)
             sides = {"hetnet": het.run,
                      "end_to_end": lambda: end_to_end_seconds(archive, device, workdir, data.held_fraction,
-                                                              epochs, limit)}
+                                                              epochs, limit, precision)}
             if device.startswith("cuda"):
                 log(f"airbench94 {AIRBENCH_VERSION}: warm-up (one step, untimed)")
                 airbench = AirbenchSide(data, workdir)
                 sides["airbench94"] = airbench.run
+                sides["profile"] = lambda: het.profile(0)
             else:
                 notes.append(f"airbench94 not run: it needs CUDA, and the device is {device}")
         rows: dict = {"hetnet": [], "airbench94": []}
@@ -279,6 +304,7 @@ def run_speedrun(archive: str | Path, device: str, env: dict, out: Path, runs_ea
         e2e = sides["end_to_end"]() if "end_to_end" in sides else None
         if e2e is not None:
             log(f"hetnet train end to end (warm cache): {e2e['seconds']:.1f} s")
+        kernels = sides["profile"]() if "profile" in sides else None
         if airbench is not None:
             write_text(Path(out) / "cifar_speedrun_airbench.log", "".join(airbench.log_lines))
     preset = zoo.PRESETS[PRESET]
@@ -290,12 +316,13 @@ def run_speedrun(archive: str | Path, device: str, env: dict, out: Path, runs_ea
                  "split": f"hetnet.data.held_out_split(count={held_out}, seed={SPLIT_SEED}), stratified",
                  "limit": limit},
         "hetnet_recipe": {"preset": PRESET, "recipe": zoo.recipe_line(preset), "epochs": epochs or preset.epochs,
-                          "device": device, "precision": preset.precision},
+                          "device": device, "precision": precision or preset.precision},
         "airbench_version": AIRBENCH_VERSION,
         "hetnet": summarize(rows["hetnet"]) if rows["hetnet"] else None,
         "airbench94": summarize(rows["airbench94"]) if rows["airbench94"] else None,
         "hetnet_end_to_end_seconds": e2e["seconds"] if e2e else None,
         "hetnet_end_to_end": e2e,
+        "hetnet_profile": kernels,
         "notes": notes,
     }
     doc["hetnet_seconds_over_airbench94"] = ratio(doc)
@@ -309,7 +336,7 @@ def speedrun_markdown(doc: dict) -> str:
     env = doc["environment"]
     title = (f"CIFAR-10 peer run on {env.get('card') or env.get('host')}, hetnet {env.get('commit')}, "
              f"{env.get('time_utc')}: {doc['data']['train_images']} training images, "
-             f"{doc['data']['held_out_images']} held out.\n")
+             f"{doc['data']['held_out_images']} held out; hetnet in {doc['hetnet_recipe']['precision']}.\n")
     lines = [title, "| side | runs | held-out accuracy | seconds (airbench's clock) |", "|---|---|---|---|"]
     for name in ("airbench94", "hetnet"):
         s = doc.get(name)
@@ -322,6 +349,12 @@ def speedrun_markdown(doc: dict) -> str:
                  f"{e2e['warmup_seconds']:.1f} s, finish {e2e['finish_seconds']:.1f} s)" if "start_seconds" in e2e
                  else "")
         lines.append(f"\n`hetnet train` end to end, warm cache: {doc['hetnet_end_to_end_seconds']:.1f} s{parts}")
+    prof = doc.get("hetnet_profile")
+    if prof:
+        lines.append(f"\nhetnet's kernels per training step (one epoch of {prof['steps']} steps profiled): "
+                     f"{prof['kernel_sum_us']:.0f} us summed, {prof['span_us']:.0f} us first start to last end\n")
+        lines += ["| us / step | kernel |", "|---:|---|"]
+        lines += [f"| {us:.1f} | {k[:90]} |" for k, us in list(prof["kernels_us"].items())[:PROFILE_TOP]]
     return "\n".join(lines) + "\n"
 
 
