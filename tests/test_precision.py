@@ -70,3 +70,14 @@ def _tiny_folder(tmp_path):
         for i in range(12):
             Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8)).save(root / c / f"{i}.png")
     return root
+
+
+def test_a_presets_precision_is_its_cuda_default(capsys, monkeypatch):
+    from hetnet import runs
+
+    monkeypatch.setattr(D, "_noted", set())
+    assert zoo.PRESETS["cifar-speed"].precision == "bf16"
+    config = runs.make_config(runs.RunConfig(model="cifar-speed", dataset="folder", device="cpu"))
+    assert config["precision"] == "fp32" and "note:" not in capsys.readouterr().err      # on the CPU: no notice
+    asked = runs.make_config(runs.RunConfig(model="cifar-speed", dataset="folder", device="cpu", precision="tf32"))
+    assert asked["precision"] == "tf32"                                                    # a flag is kept as asked

@@ -132,7 +132,7 @@ def test_cifar_speed_is_airbench94():
     assert (p.optimizer, p.lr, p.weight_decay, p.momentum) == ("nesterov-decoupled", 11.5, 0.0153, 0.85)
     assert p.param_groups == ({"params": "BatchNorm2D.bias", "lr_scale": 64.0},)
     assert (p.lookahead, p.lookahead_decay, p.whiten_bias_epochs) == (5, 0.95, 3)
-    assert p.schedule.startswith("triangular") and p.precision == "fp32"
+    assert p.schedule.startswith("triangular") and p.precision == "bf16"
 
 
 def test_cifar_speed_trains_end_to_end_on_cpu(tmp_path):

@@ -46,7 +46,7 @@ from . import init as hinit
 from . import random as hrandom
 from .data import transforms
 from .data.transforms import channel_stats, parse_augment
-from .device import best_device, get_backend, parse_precision
+from .device import best_device, get_backend, parse_device, parse_precision
 from .errors import ModelFileError, TrainingDiverged, UsageError
 from .files import atomic_write_text
 from .train import (
@@ -441,7 +441,9 @@ def make_config(cfg: RunConfig) -> dict:
     """The config dict of a new run: flags resolved against the model preset; checked, nothing loaded yet."""
     preset = zoo.PRESETS.get(cfg.model)
     device = cfg.device or best_device()
-    precision = parse_precision(cfg.precision or (preset.precision if preset else None))
+    # a preset's precision is its default on cuda; the cpu and reference backends compute in float64/float32 anyway
+    on_cuda = parse_device(device)[0] == "cuda"
+    precision = parse_precision(cfg.precision or (preset.precision if preset and on_cuda else None))
     get_backend(device, precision)  # DeviceError now, not after loading the data
     if cfg.limit is not None:
         check_positive_int(cfg.limit, "limit")

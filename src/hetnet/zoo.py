@@ -131,13 +131,14 @@ PRESETS: dict[str, Preset] = {
     # (lr 11.5 and weight decay 0.0153 per 1024 examples, momentum 0.85), the BatchNorm biases at 64x the learning
     # rate (bias_scaler), a triangular schedule 0.2 -> 1 (at 23%) -> 0.07, lookahead every 5 steps (decay 0.95), the
     # whitening layer's bias trained for the first 3 epochs. airbench trains 9.9 epochs (ceil(9.9 * batches) steps);
-    # epochs here are whole, so 10. fp32 (bf16 on cuda with the tensor-core kernels).
+    # epochs here are whole, so 10. bf16 on cuda (the tensor-core kernels; in the peer run of 3 Dec it held the fp32
+    # run's held-out accuracy, 90.92 % either way, in 8.7 s against 12.2 s), float32 on the CPU.
     "cifar-speed": Preset((3, 32, 32), airbench94_layers(), lr=11.5, optimizer="nesterov-decoupled", momentum=0.85,
                           batch_size=1024, epochs=10, schedule="triangular:start=0.2,peak=0.23,end=0.07",
                           weight_decay=0.0153, label_smoothing=0.2,
                           param_groups=({"params": "BatchNorm2D.bias", "lr_scale": 64.0},),
                           lookahead=5, lookahead_decay=0.95, whiten_bias_epochs=3,
-                          augment=("translate:2", "altflip"), tta=2,
+                          augment=("translate:2", "altflip"), tta=2, precision="bf16",
                           description="airbench94's network: whitening conv 2x2 (24) + GELU, three groups conv-pool-"
                                       "BN-GELU-conv-BN-GELU of 64/256/256 (BN scale frozen, momentum 0.4, eps "
                                       "1e-12), max pool 3, dense 10 without bias, x1/9; and its recipe"),

@@ -48,7 +48,7 @@ from .. import data as hdata
 from .. import init as hinit
 from .. import random as hrandom
 from .. import runs, zoo
-from ..device import get_backend
+from ..device import get_backend, parse_device, parse_precision
 from ..errors import UsageError
 from ..train import Trainer
 from .common import write_result, write_text
@@ -278,15 +278,17 @@ def run_speedrun(archive: str | Path, device: str, env: dict, out: Path, runs_ea
     log(f"cifar speedrun: {len(data.train_x)} training and {len(data.held_x)} held-out images from {data.source} "
         f"({time.perf_counter() - t_data:.1f} s to decode or read the cache)")
     notes, airbench = [], None
+    preset = zoo.PRESETS[PRESET]
+    het_precision = parse_precision(precision or (preset.precision if parse_device(device)[0] == "cuda" else None))
     with tempfile.TemporaryDirectory(prefix="hetnet-speedrun-") as tmp:
         workdir = Path(tmp)
         if sides is None:
-            het = HetnetSide(data, device, epochs, precision)
+            het = HetnetSide(data, device, epochs, het_precision)
             log("hetnet: warm-up run (one epoch, untimed)")
             het.run(10_000, epochs=1)
             sides = {"hetnet": het.run,
                      "end_to_end": lambda: end_to_end_seconds(archive, device, workdir, data.held_fraction,
-                                                              epochs, limit, precision)}
+                                                              epochs, limit, het_precision)}
             if device.startswith("cuda"):
                 log(f"airbench94 {AIRBENCH_VERSION}: warm-up (one step, untimed)")
                 airbench = AirbenchSide(data, workdir)
@@ -307,7 +309,6 @@ def run_speedrun(archive: str | Path, device: str, env: dict, out: Path, runs_ea
         kernels = sides["profile"]() if "profile" in sides else None
         if airbench is not None:
             write_text(Path(out) / "cifar_speedrun_airbench.log", "".join(airbench.log_lines))
-    preset = zoo.PRESETS[PRESET]
     doc = {
         "environment": env,
         "method": __doc__.split("\n\n", 1)[1].split("\n\n    hetnet bench")[0],
@@ -316,7 +317,7 @@ def run_speedrun(archive: str | Path, device: str, env: dict, out: Path, runs_ea
                  "split": f"hetnet.data.held_out_split(count={held_out}, seed={SPLIT_SEED}), stratified",
                  "limit": limit},
         "hetnet_recipe": {"preset": PRESET, "recipe": zoo.recipe_line(preset), "epochs": epochs or preset.epochs,
-                          "device": device, "precision": precision or preset.precision},
+                          "device": device, "precision": het_precision},
         "airbench_version": AIRBENCH_VERSION,
         "hetnet": summarize(rows["hetnet"]) if rows["hetnet"] else None,
         "airbench94": summarize(rows["airbench94"]) if rows["airbench94"] else None,
