@@ -29,6 +29,15 @@ EMU_DIR = Path(__file__).resolve().parent / "cuda_emu"
 SMS = 4      # a small "GPU", so that split-K and the choice between tiles happen at emulator sizes
 
 
+# mma.cu's division by a launch-invariant divisor (HnDiv), called from Python on arrays of dividends
+EMU_DIV = """
+extern "C" void emu_div(const int* x, int n, int d, int* q) {
+    const HnDiv v = hn_div_of(d);
+    for (int i = 0; i < n; ++i) q[i] = hn_div(x[i], v);
+}
+"""
+
+
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
     """mma.cu with its entry points, compiled as C++ against the emulator into a shared library."""
@@ -36,7 +45,7 @@ def emu(tmp_path_factory):
         pytest.skip("g++ not installed")
     out = tmp_path_factory.mktemp("emu")
     src = out / "mma_emulated.cc"
-    src.write_text(kernels.cu_text("mma"))
+    src.write_text(kernels.cu_text("mma") + EMU_DIV)
     lib = out / "libmma_emu.so"
     cmd = ["g++", "-std=c++17", "-O1", "-shared", "-fPIC", "-Wall", "-Wno-unknown-pragmas", "-Werror",
            "-include", str(EMU_DIR / "cuda_emu.h"), "-DHN_EMULATE", str(src), str(EMU_DIR / "gemm_launch.cpp"),
@@ -360,3 +369,18 @@ def test_conv_launcher():
     with pytest.raises(ValueError, match="no convolution kernel"):
         mm.plan_conv(np.zeros((2, 4, 6, 6), np.float32), x, w, None, 1, 0, tile="128x128x32s2a", precision="bf16")
     assert mm.plan_conv(np.zeros((0, 4, 6, 6), np.float32), x[:0], w, None, 1, 0) is None
+
+
+def test_division_by_an_invariant_divisor(emu, rng):
+    """hn_div(x, hn_div_of(d)) == x // d for 0 <= x < 2^31 and 1 <= d < 2^31: every small divisor, powers of two and
+    their neighbours, random large ones; dividends at the edges, around multiples of d, and random."""
+    divisors = [*range(1, 1100), *(2**k + e for k in range(1, 31) for e in (-1, 0, 1) if 2**k + e < 2**31),
+                *rng.integers(1, 2**31, 300)]
+    for d in divisors:
+        d = int(d)
+        near = np.array([m * d + e for m in (1, 2, 3, 1000, (2**31 - 1) // d) for e in (-1, 0, 1)], dtype=np.int64)
+        x = np.concatenate([[0, 1, 2**31 - 1, 2**31 - 2], near, rng.integers(0, 2**31, 64)])
+        x = x[(x >= 0) & (x < 2**31)].astype(np.int32)
+        q = np.empty_like(x)
+        emu.emu_div(ctypes.c_void_p(x.ctypes.data), ctypes.c_int(len(x)), ctypes.c_int(d), ctypes.c_void_p(q.ctypes.data))
+        np.testing.assert_array_equal(q, x.astype(np.int64) // d, err_msg=f"divisor {d}")

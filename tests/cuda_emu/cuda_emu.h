@@ -436,6 +436,9 @@ inline float4 hn_ldg4(const float* p) {
     std::memcpy(&v, p, 16);
     return v;
 }
+inline unsigned hn_umulhi(unsigned a, unsigned b) {
+    return static_cast<unsigned>((static_cast<unsigned long long>(a) * b) >> 32);
+}
 inline float hn_ldg(const float* p) {
     emu::global_check(p, 4, false, "ld.global");
     return *p;

@@ -120,10 +120,29 @@ __device__ __forceinline__ float hn_ld_c(const float* p) { return *p; }     // C
 __device__ __forceinline__ void hn_st(float* p, float v) { *p = v; }
 __device__ __forceinline__ void hn_st2(float* p, float x, float y) { *reinterpret_cast<float2*>(p) = make_float2(x, y); }
 __device__ __forceinline__ void hn_atomic_add(float* p, float v) { atomicAdd(p, v); }
+__device__ __forceinline__ unsigned hn_umulhi(unsigned a, unsigned b) { return __umulhi(a, b); }
 #endif  // HN_EMULATE
 
 __device__ __forceinline__ int hn_imin(int a, int b) { return a < b ? a : b; }
 __device__ __forceinline__ int hn_imax(int a, int b) { return a > b ? a : b; }
+
+// Division by a divisor d fixed for the whole launch (1 <= d < 2^31) as one multiply-high, shift and add, for
+// dividends 0 <= x < 2^31 (Granlund and Montgomery, "Division by invariant integers using multiplication", 1994):
+// with l = ceil(log2 d) and m = floor(2^32 (2^l - d) / d) + 1 < 2^32, x / d = (umulhi(x, m) + x) >> l, the sum below
+// 2^32 since umulhi(x, m) <= x. The gathers divide every K tile's row and column indices this way instead of by the
+// hardware's ~20-instruction integer division.
+struct HnDiv {
+    unsigned m;
+    int l, d;
+};
+__device__ __forceinline__ HnDiv hn_div_of(int d) {
+    int l = 0;
+    while ((1ll << l) < d) ++l;
+    return {static_cast<unsigned>(((1ull << 32) * ((1ull << l) - static_cast<unsigned long long>(d))) / d + 1), l, d};
+}
+__device__ __forceinline__ int hn_div(int x, const HnDiv& v) {
+    return static_cast<int>((hn_umulhi(static_cast<unsigned>(x), v.m) + static_cast<unsigned>(x)) >> v.l);
+}
 
 // --- shared-memory tiles ---------------------------------------------------------------------------------------------
 
@@ -371,7 +390,19 @@ struct HnConv {
                          // (filter gradient: null)
     int c, h, w, r, s, p, q, o, stride, pad;
     int act;             // forward: kernels.py's ACTS, 0 none, 1 ReLU
+    // the divisors of the K loop and the epilogue (hn_conv_of): B's row k = (ch, rr, ss) over kb_plane = rows x
+    // kb_inner; A's column k = (k / ka_plane, k % ka_plane) (data and filter gradients); the stride (data gradient);
+    // the output's plane (forward: P x Q, data gradient: H x W)
+    HnDiv kb_plane, kb_inner, ka_plane, by_stride, out_plane;
 };
+
+template <int MODE>
+__device__ __forceinline__ HnConv hn_conv_of(const float* aux, int c, int h, int w, int r, int s, int p, int q, int o,
+                                             int stride, int pad, int act) {
+    return {aux, c, h, w, r, s, p, q, o, stride, pad, act,
+            hn_div_of(MODE == 3 ? p * q : r * s), hn_div_of(MODE == 3 ? q : s), hn_div_of(MODE == 2 ? r * s : p * q),
+            hn_div_of(stride), hn_div_of(MODE == 1 ? p * q : h * w)};
+}
 
 // The four columns n0 + c0 .. n0 + c0 + 3 of B that one thread copies in every K tile (hn_copy_tile_async's chunk
 // order keeps a thread's columns fixed when THREADS is a multiple of the chunks per row): where each column's image
@@ -410,11 +441,11 @@ __device__ __forceinline__ void hn_conv_copy_b(float* s, const float* src, const
     constexpr int CPR = COLS / 4, CHUNKS = ROWS * CPR;
     static_assert(CHUNKS % THREADS == 0, "tile must split into whole chunks per thread");
     // a row k = (ch, rr, ss): (c, r, s) forward, (o, r, s) data gradient, (img, p, q) filter gradient
-    const int inner = MODE == 3 ? cv.q : cv.s, plane = MODE == 3 ? cv.p * cv.q : cv.r * cv.s;
 #pragma unroll
     for (int i = 0; i < CHUNKS / THREADS; ++i) {
         const int q = tid + i * THREADS, row = q / CPR, c = (q % CPR) * 4, k = k0 + row;
-        const int ch = k / plane, rr = (k - ch * plane) / inner, ss = k - ch * plane - rr * inner;
+        const int ch = hn_div(k, cv.kb_plane), t = k - ch * cv.kb_plane.d, rr = hn_div(t, cv.kb_inner);
+        const int ss = t - rr * cv.kb_inner.d;
         float* dst = s + row * STRIDE + c;
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
@@ -430,7 +461,8 @@ __device__ __forceinline__ void hn_conv_copy_b(float* s, const float* src, const
                 at = ok ? ch * cv.c * cv.h * cv.w + cols.base[e] + ih * cv.w + iw : 0;
             } else {
                 const int th = cols.ih0[e] - rr, tw = cols.iw0[e] - ss;     // ph * stride, pw * stride if whole
-                const int ph = th / cv.stride, pw = tw / cv.stride;
+                const int ph = cv.stride == 1 ? th : hn_div(hn_imax(th, 0), cv.by_stride);
+                const int pw = cv.stride == 1 ? tw : hn_div(hn_imax(tw, 0), cv.by_stride);
                 ok = k < kend && th >= 0 && tw >= 0 && ph * cv.stride == th && pw * cv.stride == tw && ph < cv.p &&
                      pw < cv.q;
                 at = ok ? cols.base[e] + (ch * cv.p + ph) * cv.q + pw : 0;
@@ -450,12 +482,12 @@ __device__ __forceinline__ void hn_conv_copy_a(float* s, const float* src, const
                                                int kend, int tid) {
     constexpr int CPR = COLS / 4, CHUNKS = ROWS * CPR;
     static_assert(CHUNKS % THREADS == 0 && THREADS % CPR == 0, "a thread's A columns must be fixed");
-    const int plane = MODE == 2 ? cv.r * cv.s : cv.p * cv.q, outer = (MODE == 2 ? cv.c : cv.o) * plane;
+    const int plane = cv.ka_plane.d, outer = (MODE == 2 ? cv.c : cv.o) * plane;
     const int c0 = (tid % CPR) * 4;
     int off[4];
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-        const int k = k0 + c0 + e, a = k / plane;
+        const int k = k0 + c0 + e, a = hn_div(k, cv.ka_plane);
         off[e] = k < kend ? a * outer + (k - a * plane) : -1;
     }
 #pragma unroll
@@ -475,11 +507,11 @@ __device__ __forceinline__ void hn_conv_copy_a(float* s, const float* src, const
 template <int MODE, int MT, int NT>
 __device__ __forceinline__ void hn_conv_epilogue(const HnBlock& b, float (&acc)[MT][NT][4], int M, int N,
                                                  const HnConv& cv, int wm, int wn, int lane) {
-    const int plane = MODE == 1 ? cv.p * cv.q : cv.h * cv.w;
+    const int plane = cv.out_plane.d;
     // n even and the plane even: n and n+1 lie in one image, and the pair's offset is even (8-byte stores)
     const bool pair = (plane & 1) == 0 && (reinterpret_cast<unsigned long long>(b.C) & 7) == 0;
     hn_each_pair(b, acc, M, N, wm, wn, lane, [&](int m, int n, float x, float y, bool two) {
-        const int img = n / plane, img1 = (n + 1) / plane;
+        const int img = hn_div(n, cv.out_plane), img1 = hn_div(n + 1, cv.out_plane);
         const long long at = (static_cast<long long>(img) * M + m) * plane + (n - img * plane);
         const long long at1 = (static_cast<long long>(img1) * M + m) * plane + (n + 1 - img1 * plane);
         if (MODE == 1) {
@@ -866,7 +898,7 @@ __device__ __forceinline__ void hn_conv_bf16_a(unsigned char* smem, HN_GEMM_PARA
 #define HN_CONV(name, body, MODE, BM, BN, BK, WM, WN, ST, MINB)                                                   \
     extern "C" __global__ void __launch_bounds__(32 * (BM / WM) * (BN / WN), MINB) name(HN_CONV_PARAMS) {        \
         HN_DYNAMIC_SMEM(hn_smem);                                                                              \
-        const HnConv cv = {AUX, C, H, W, R, S, P, Q, O, stride, pad, act};                                      \
+        const HnConv cv = hn_conv_of<MODE>(AUX, C, H, W, R, S, P, Q, O, stride, pad, act);                      \
         body<MODE, BM, BN, BK, WM, WN, ST>(hn_smem, Wt, B, Y, M, N, K, K, 0, MODE == 3 ? N : 0, 0, 0, 0, 1.f,     \
                                            MODE == 3 ? 1.f : 0.f, splits, kchunk, cv);                            \
     }
