@@ -17,6 +17,7 @@ import numpy as np
 
 from .. import interop, losses, optim
 from .. import seed as hn_seed
+from ..device import get_backend
 from ..layers import Dropout
 from ..train import make_eval_step
 from .common import (
@@ -360,6 +361,7 @@ def hetnet_peak(model_name: str, backend, x, y, gpu: bool, precision: str = "fp3
     Empty when hetnet cannot run the model at `precision`."""
 
     passes = 2 if gpu else 1
+    backend = get_backend(backend.name, precision)   # the backend the model moves to: its step pool is measured
     with (CupyPoolPeak(backend) if gpu else RssPeak()) as m:
         hn_seed(0)
         hm, _ = resolve_model(model_name)
