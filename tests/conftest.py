@@ -62,9 +62,11 @@ def assert_close(actual, expected, dtype, what: str = "") -> None:
 @pytest.fixture(autouse=True, scope="session")
 def _private_cache_dir(tmp_path_factory):
     """Decoded image folders (hetnet.data.cache) go to a folder of this test session, never to the user's cache;
-    commands run as subprocesses inherit it."""
+    commands run as subprocesses inherit it. The convolution choices are not kept between processes
+    (backends.cuda.tune_cache), so that the tests' measurements run; the cache's own tests turn it on."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HETNET_CACHE_DIR", str(tmp_path_factory.mktemp("hetnet-cache")))
+        mp.setenv("HETNET_TUNE_CACHE", "0")
         yield
 
 

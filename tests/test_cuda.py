@@ -214,6 +214,30 @@ def test_conv_choice_is_measured_once(be, rng):
     assert len(fits) < len(FWD)          # no channels-inside-taps tile for 3 input channels
 
 
+def test_conv_choice_is_kept_for_the_next_process(rng, tmp_path, monkeypatch):
+    """A backend of a later process (a fresh CudaBackend) takes the choice from the tuning cache, measuring nothing;
+    a cache that names an algorithm the call does not offer is measured again."""
+    from hetnet.backends.cuda import CudaBackend, tune_cache
+
+    monkeypatch.setenv("HETNET_TUNE_CACHE", "1")
+    monkeypatch.setenv("HETNET_CACHE_DIR", str(tmp_path))
+    x, w = f32(rng, 4, 3, 16, 16), f32(rng, 8, 3, 3, 3)
+    first = CudaBackend(0)
+    y1 = first.to_numpy(first.conv2d_forward(first.asarray(x), first.asarray(w), None, 1, 1)[0])
+    assert [e["op"] for e in first.tune_log] == ["fwd"]
+    later = CudaBackend(0)
+    y2 = later.to_numpy(later.conv2d_forward(later.asarray(x), later.asarray(w), None, 1, 1)[0])
+    assert later.tune_log == [] and later._tune == first._tune
+    np.testing.assert_array_equal(y1, y2)
+    tf = tune_cache.for_backend(later)
+    key = next(iter(tf.choices))
+    tf.put(key, "no-such-algorithm")
+    again = CudaBackend(0)
+    again.conv2d_forward(again.asarray(x), again.asarray(w), None, 1, 1)
+    assert [e["op"] for e in again.tune_log] == ["fwd"]
+    assert tune_cache.for_backend(again).get(key) == again.tune_log[0]["choice"]
+
+
 def test_conv_variant_runner(tmp_path):
     """The kernel sandbox's runner (benchmarks/kernels/run_conv_variants.py) checks every variant that does not ship
     against the float64 reference, then times it, on a 3x3 convolution and on a dense layer whose channel counts

@@ -38,3 +38,11 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def cache_dir() -> Path:
+    """hetnet's cache folder (decoded images, measured kernel choices): $HETNET_CACHE_DIR, else
+    $XDG_CACHE_HOME/hetnet, else ~/.cache/hetnet."""
+    if os.environ.get("HETNET_CACHE_DIR"):
+        return Path(os.environ["HETNET_CACHE_DIR"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "hetnet"

@@ -19,10 +19,12 @@ the uint8 images to the GPU come before, as airbench builds its network and load
 side warms up once, untimed (airbench: warmup94(), one step; hetnet: a one-epoch run, which also measures the
 convolution algorithms). Runs alternate between the sides, so drift in the machine falls on both.
 hetnet_end_to_end_seconds: the wall time of the whole command `hetnet train --model cifar-speed --dataset folder
---data ARCHIVE --val-fraction 0.1 --seed 0 --device DEVICE` with the cache warm (start-up, reading the cache, every
-epoch with its validation, the artefacts); hetnet_end_to_end says where it went, from when the command's lines
-appeared: start_seconds (until "run directory:", training about to begin), epochs_seconds (until the last epoch's
-line), finish_seconds (plots, model file, exit), and warmup_seconds (the epochs' warm-up steps, metrics.jsonl).
+--data ARCHIVE --val-fraction 0.1 --seed 0 --device DEVICE` with the caches warm (the decoded images, and the
+convolution choices the runs before measured, hetnet.backends.cuda.tune_cache), as a user's second run of the command
+has them: start-up, reading the cache, every epoch with its validation, the artefacts; hetnet_end_to_end says where it
+went, from when the command's lines appeared: start_seconds (until "run directory:", training about to begin),
+epochs_seconds (until the last epoch's line), finish_seconds (plots, model file, exit), and warmup_seconds (the
+epochs' warm-up steps, metrics.jsonl).
 
     hetnet bench --cifar-speedrun [--cifar-tar PATH] [--speedrun-runs 5]          # on a GPU machine
     python benchmarks/cifar_speedrun.py

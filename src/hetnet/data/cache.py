@@ -36,20 +36,13 @@ import safetensors.numpy
 from safetensors import safe_open
 
 from ..errors import DataError
-from ..files import atomic_write_bytes
+from ..files import atomic_write_bytes, cache_dir
 from . import folder
 from .transforms import Adaptation
 
 FORMAT = "hetnet-decoded-1"
 NOTE_AFTER_S = 1.0          # a first decoding longer than this says where its cache went
 _ARRAYS = ("train_x", "train_y", "test_x", "test_y")
-
-
-def cache_dir() -> Path:
-    """$HETNET_CACHE_DIR, else $XDG_CACHE_HOME/hetnet, else ~/.cache/hetnet."""
-    if os.environ.get("HETNET_CACHE_DIR"):
-        return Path(os.environ["HETNET_CACHE_DIR"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "hetnet"
 
 
 def _decoding(input_shape) -> str:

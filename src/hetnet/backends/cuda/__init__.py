@@ -176,6 +176,7 @@ class CudaBackend(ConvOps, PoolOps, NormOps, ElementwiseOps, LossOps, OptimOps, 
         self._stream = None                        # see compute_stream()
         self._step_pool = None                     # see step_pool()
         self._tune_pool = None                     # see tune_pool()
+        self._tune_file = None                     # the choices kept between processes (tune_cache.for_backend)
 
     def __repr__(self) -> str:
         return f"CudaBackend({self.device_id}: {self.gpu_name})"

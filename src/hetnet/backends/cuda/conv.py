@@ -16,7 +16,7 @@ import os
 import numpy as np
 
 from .. import compose
-from . import mma
+from . import mma, tune_cache
 from .conv_tiles import BK, TILES, Tile
 from .kernels import NULL, act_code, check, get_kernel
 
@@ -302,13 +302,17 @@ def _forced_candidate(forced: str, candidates: dict) -> str:
 
 def _choose(be, op: str, g: Geometry, candidates: dict, run_scratch):
     """The fastest candidate for (op, shape), measured once with CUDA events (median of 3 after a warm-up) and
-    cached. `run_scratch(fn)` runs a candidate on scratch outputs. Never measures during a graph capture."""
+    cached, in the backend and on disk (tune_cache: a later process takes it from there). `run_scratch(fn)` runs a
+    candidate on scratch outputs. Never measures during a graph capture."""
     key = (op, g.key())
     forced = be.force_conv_algo or _forced()
     if forced:
         if be.capturing is not None and not be.graph_cublas and forced == "im2col":
             forced = "implicit"
         return _forced_candidate(forced, candidates)
+    remembered = tune_cache.for_backend(be)
+    if key not in be._tune and remembered is not None and remembered.get(key) in candidates:
+        be._tune[key] = remembered.get(key)           # measured by an earlier process on this card (tune_cache)
     choice = be._tune.get(key)
     if choice is not None and (be.capturing is None or be.graph_cublas or choice != "im2col"):
         return choice
@@ -347,6 +351,8 @@ def _choose(be, op: str, g: Geometry, candidates: dict, run_scratch):
     be._tune[key] = choice
     be._tune_times[key] = times
     be.tune_log.append({"op": op, "shape": list(g.key()), "ms": times, "choice": choice})
+    if remembered is not None:
+        remembered.put(key, choice)
     return choice
 
 

@@ -1,0 +1,67 @@
+"""The convolution choices kept between processes (hetnet.backends.cuda.tune_cache), without a GPU: the file's
+name, what it keeps, what it ignores. tests/test_cuda.py checks that a fresh CUDA backend takes its choices from it."""
+from __future__ import annotations
+
+import json
+
+from hetnet.backends.cuda import tune_cache as TC
+
+
+class FakeCupy:
+    __version__ = "14.2.0"
+
+    class cuda:
+        class runtime:
+            @staticmethod
+            def runtimeGetVersion():
+                return 13000
+
+            @staticmethod
+            def driverGetVersion():
+                return 13000
+
+
+class FakeBackend:
+    cupy, gpu_name, precision = FakeCupy, "NVIDIA H200", "bf16"
+
+
+def test_choices_are_kept_in_one_file_per_card_precision_and_kernels(tmp_path, monkeypatch):
+    monkeypatch.setenv("HETNET_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("HETNET_TUNE_CACHE", "1")
+    be = FakeBackend()
+    tf = TC.for_backend(be)
+    assert TC.for_backend(be) is tf                         # opened once per backend
+    key = ("fwd", (512, 64, 32, 32, 128, 3, 3, 1, 1))
+    tf.put(key, "tc")
+    assert tf.path.parent == tmp_path / "tune" and tf.path.name.startswith("NVIDIA-H200-bf16-")
+    assert TC.TuneFile(tf.path).get(key) == "tc" and TC.TuneFile(tf.path).get(("data", key[1])) is None
+    doc = json.loads(tf.path.read_text())
+    assert doc == {"format": TC.FORMAT, "choices": [["fwd", list(key[1]), "tc"]]}
+    # another precision, other versions or other kernel sources: another file
+    assert TC.path_for("NVIDIA H200", "tf32") != TC.path_for("NVIDIA H200", "bf16")
+    assert TC.path_for("NVIDIA H200", "bf16", "cupy 14") != TC.path_for("NVIDIA H200", "bf16", "cupy 13")
+    every_kernel = TC.digest()
+    monkeypatch.setattr(TC, "_SOURCES", ("conv_tiles.py",))
+    assert TC.digest() != every_kernel
+
+
+def test_an_unreadable_or_foreign_file_is_ignored_and_rewritten(tmp_path):
+    path = tmp_path / "t.json"
+    key = ("filter", (1, 2, 3, 4, 5, 3, 3, 1, 1))
+    for text in ("{not json", '{"format": "other", "choices": [["fwd", [1], "x"]]}', '{"format": "hetnet-tune-1"}',
+                 '[1, 2]', '{"format": "hetnet-tune-1", "choices": [["fwd", "abc", "x"]]}'):
+        path.write_text(text)
+        tf = TC.TuneFile(path)
+        assert tf.choices == {}, text
+        tf.put(key, "implicit")
+        assert TC.TuneFile(path).choices == {key: "implicit"}
+
+
+def test_off_when_asked_and_quiet_when_unwritable(tmp_path, monkeypatch):
+    monkeypatch.setenv("HETNET_TUNE_CACHE", "0")
+    assert not TC.enabled() and TC.for_backend(FakeBackend()) is None
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    tf = TC.TuneFile(blocker / "tune" / "x.json")            # its folder cannot be made
+    tf.put(("fwd", (1,)), "tc")                             # no error: the next process measures again
+    assert tf.get(("fwd", (1,))) == "tc"
