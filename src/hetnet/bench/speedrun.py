@@ -186,7 +186,8 @@ class HetnetSide:
 
     def profile(self, i: int) -> dict:
         """Every kernel of one training epoch (torch.profiler through CUPTI, which sees CuPy's kernels), per step:
-        {"steps", "kernels_us" (name -> GPU us per step, largest first), "kernel_sum_us", "span_us"}."""
+        {"steps", "kernels_us" (name -> GPU us per step, largest first), "kernel_sum_us", "span_us", "conv_choices"
+        (the backend's tune_log: this process's measurements)}."""
         from torch.profiler import ProfilerActivity, profile
 
         trainer, train, _, _ = self._build(i, 2)
@@ -196,7 +197,9 @@ class HetnetSide:
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             trainer.fit(train, 2, start_epoch=1)
             self.backend.synchronize()
-        return {"steps": len(train), **kernel_table(prof, len(train))}
+        # with which algorithm each convolution shape was run, and every candidate's time (ms) behind the choice
+        return {"steps": len(train), **kernel_table(prof, len(train)),
+                "conv_choices": list(getattr(self.backend, "tune_log", []))}
 
     def _build(self, i: int, epochs: int | None):
         recipe = dict(self.config["recipe"])
