@@ -13,6 +13,7 @@ from test_data_folder import classes_tree, make_tree
 import hetnet as hn
 from hetnet import train as T
 from hetnet.cli import main
+from hetnet.device import cuda_available
 from hetnet.errors import UsageError
 from hetnet.runs import evaluate_model
 
@@ -99,7 +100,39 @@ def test_trainer_evaluates_the_last_epoch_with_tta(rng):
     assert "TTA 2" in T.format_epoch(hist[-1], 3) and "TTA" not in T.format_epoch(hist[0], 3)
 
 
-def test_train_and_evaluate_flags(tmp_path, capsys):
+KEEP_CASES = [("cpu", 0), ("cpu", 2), ("reference", 2)] + (
+    [pytest.param("cuda", t, marks=pytest.mark.gpu) for t in (0, 2)] if cuda_available() else [])
+
+
+@pytest.mark.parametrize("device,tta", KEEP_CASES)
+def test_trainer_keeps_the_last_evaluations_predictions(rng, device, tta):
+    """The (predicted, true) classes fit's last evaluation kept are those the final model predicts (the confusion
+    matrix of `hetnet train` is built from them); earlier epochs keep none."""
+    x = rng.standard_normal((43, 2, 6, 5)).astype(np.float32)
+    y = rng.integers(0, 4, size=43)
+    model = _model(device)
+    opt = T.make_optimizer("momentum", model.parameters(), 0.05)
+    val, test = T.ArrayLoader(x[:19], y[:19], 8, shuffle=False), T.ArrayLoader(x[19:], y[19:], 8, shuffle=False)
+    trainer = T.Trainer(model, opt, progress=False, log=None, tta=tta)
+    trainer.fit(T.ArrayLoader(x, y, 8), 1, val_loader=val)
+    assert set(trainer.final_predictions) == {"val"}
+    hist = trainer.fit(T.ArrayLoader(x, y, 8), 2, val_loader=val, test_loader=test, start_epoch=1)
+    for split, loader in (("val", val), ("test", test)):
+        pred, true = trainer.final_predictions[split]
+        want_pred, want_true = T.predict_labels(model, loader, tta)
+        np.testing.assert_array_equal(pred, want_pred)
+        np.testing.assert_array_equal(true, want_true)
+        assert np.mean(pred == true) == hist[-1][f"{split}_accuracy"]
+
+
+def test_train_and_evaluate_flags(tmp_path, capsys, monkeypatch):
+    from hetnet import runs, train
+
+    def predicted_again(*a, **k):          # the confusion matrix comes from the last evaluation's predictions
+        raise AssertionError("hetnet train predicted the evaluated split a second time")
+
+    kept = []
+    joined = train.joined_predictions
     files = classes_tree(n_per_class=8)
     root = make_tree(tmp_path / "imgs", files)
     spec = {"input_shape": [3, 6, 6], "layers": [
@@ -107,14 +140,19 @@ def test_train_and_evaluate_flags(tmp_path, capsys):
         {"type": "Flatten"}, {"type": "Dense", "in_features": 144, "out_features": 3}]}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     out = tmp_path / "run"
-    assert main(["train", "--model", str(tmp_path / "spec.json"), "--dataset", "folder", "--data", str(root),
-                 "--epochs", "2", "--batch-size", "8", "--device", "cpu", "--tta", "1", "--val-fraction", "0.25",
-                 "--out", str(out), "--no-progress"]) == 0
+    with monkeypatch.context() as m:
+        m.setattr(runs, "predict_labels", predicted_again)
+        m.setattr(train, "joined_predictions", lambda b: kept.append(joined(b)) or kept[-1])
+        assert main(["train", "--model", str(tmp_path / "spec.json"), "--dataset", "folder", "--data", str(root),
+                     "--epochs", "2", "--batch-size", "8", "--device", "cpu", "--tta", "1", "--val-fraction", "0.25",
+                     "--out", str(out), "--no-progress"]) == 0
     text = capsys.readouterr().out
     assert "test-time augmentation 1 (mirror)" in text and "val accuracy" in text
     lines = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["tta"] for r in lines] == [0, 1]
     assert json.loads((out / "config.json").read_text())["recipe"]["tta"] == 1
+    assert len(kept) == 1 and np.mean(kept[0][0] == kept[0][1]) == lines[-1]["val_accuracy"]
+    assert (out / "confusion.png").is_file()
     # evaluate: the run's level by default, or the one asked for; the run's own validation split
     res = evaluate_model(out, device="cpu", log=None)
     assert res["tta"] == 1 and res["split"] == "validation set"

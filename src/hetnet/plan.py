@@ -447,8 +447,12 @@ class EagerRunner:
     def run(self, fn, x, y) -> None:
         fn(x, y)
 
+    def read(self, *arrays) -> list:
+        """Host copies of arrays the steps run so far wrote."""
+        return [self.backend.to_numpy(a) for a in arrays]
+
     def read_and_reset(self, *arrays) -> list:
-        out = [self.backend.to_numpy(a) for a in arrays]
+        out = self.read(*arrays)
         for a in arrays:
             a[...] = 0
         return out
@@ -470,7 +474,8 @@ def _say_once(message: str) -> None:
 
 class EvalStep:
     """Loss and correct predictions of batches without an update (the model in eval mode): step(xb, yb), then
-    collect() -> (loss_sum, correct, count) since the last collect."""
+    collect() -> (loss_sum, correct, count) since the last collect. While `predictions` is a list, each step also
+    appends (predicted class, true class) of its batch, as host arrays (the confusion matrix of the evaluation)."""
 
     training = False
 
@@ -482,6 +487,8 @@ class EvalStep:
         self.loss_sum = self.backend.zeros((1,), np.float64)
         self.correct = self.backend.zeros((1,), np.int64)
         self.count = 0
+        self.predictions: list | None = None
+        self._out = None           # (logits, labels) of the last _run: a replayed graph's own buffers
 
     def n_scalars(self) -> int:
         return 0
@@ -489,6 +496,7 @@ class EvalStep:
     def _run(self, x, y) -> None:
         logits = self.plan.forward(x, self.runner, keep=False)
         self.backend.softmax_cross_entropy_into(logits, y, None, self.loss_sum, self.correct)
+        self._out = (logits, y)
 
     def _draw_seeds(self) -> list:
         """A seed per dropout node, drawn (in node order) by those that draw one this step, as Dropout.forward
@@ -499,6 +507,9 @@ class EvalStep:
         self.runner.set_scalars([], self._draw_seeds())
         self.runner.run(self._run, xb, yb)
         self.count += int(xb.shape[0])
+        if self.predictions is not None:
+            logits, labels = self.runner.read(*self._out)
+            self.predictions.append((np.argmax(logits, axis=1).astype(np.int64), labels.astype(np.int64)))
 
     def collect(self) -> tuple[float, int, int]:
         loss, correct = self.runner.read_and_reset(self.loss_sum, self.correct)

@@ -751,7 +751,7 @@ def _run_epochs(run_dir: Path, p: _Prepared, start: int, history: list, log, pro
         return RunResult(run_dir, history, model_path, seconds)
     info = _model_info(p)
     with _solo():
-        _plots(run_dir, p, history)
+        _plots(run_dir, p, history, trainer.final_predictions)
         serialize.save_model(model_path, p.model, p.spec, p.mean, p.std, p.class_names, info)
     summary = _summary(run_dir, history, epochs)
     if log:
@@ -767,18 +767,23 @@ def _model_info(p: _Prepared) -> dict:
             "tta": p.config["recipe"].get("tta", 0)}
 
 
-def _plots(run_dir: Path, p: _Prepared, history: list) -> None:
-
+def _plots(run_dir: Path, p: _Prepared, history: list, evaluated: dict | None = None) -> None:
+    """curves.png, and confusion.png of the test split (else validation, else training): from the predictions of the
+    last epoch's evaluation when the trainer kept them (`evaluated`, Trainer.final_predictions), else predicted
+    again as that evaluation did."""
     plots.curves(history, run_dir / "curves.png")
     loader, split = (p.test_loader, "test") if p.test_loader is not None else (
         (p.val_loader, "validation") if p.val_loader is not None else (p.train_loader, "training"))
-    loader = getattr(loader, "whole", loader)           # a rank's shard: the whole set (hetnet.parallel)
-    if split == "training":
-
-        host = getattr(loader, "host", loader)          # a ResidentLoader's BatchLoader
-        loader = hdata.BatchLoader(host.x, host.y, EVAL_BATCH, host.mean, host.std, shuffle=False)
     tta = p.config["recipe"].get("tta", 0)      # as the last epoch was evaluated
-    pred, true = predict_labels(p.model, loader, tta)
+    kept = (evaluated or {}).get({"test": "test", "validation": "val"}.get(split))
+    if kept is not None:
+        pred, true = kept
+    else:
+        loader = getattr(loader, "whole", loader)           # a rank's shard: the whole set (hetnet.parallel)
+        if split == "training":
+            host = getattr(loader, "host", loader)          # a ResidentLoader's BatchLoader
+            loader = hdata.BatchLoader(host.x, host.y, EVAL_BATCH, host.mean, host.std, shuffle=False)
+        pred, true = predict_labels(p.model, loader, tta)
     plots.confusion(confusion_matrix(pred, true, len(p.class_names)), p.class_names, run_dir / "confusion.png",
                     title=f"confusion matrix, {split} set ({len(true)} images)" + (f", TTA {tta}" if tta else ""))
 

@@ -360,6 +360,7 @@ class TTAEvalStep(EvalStep):
     def _run(self, x, y) -> None:
         logits = tta_logits(self.model, x, self.level, self.runner)
         self.backend.softmax_cross_entropy_into(logits, y, None, self.loss_sum, self.correct)
+        self._out = (logits, y)
 
 
 # --- loaders for plain arrays (model.fit on NumPy data) ----------------------------------------------------------
@@ -641,6 +642,8 @@ class Trainer:
         self.log = log
         self._train_step = None
         self._eval_steps: dict = {}                     # TTA level -> eval step object
+        # split ("val", "test") -> (predicted class, true class) of fit's last evaluation (one process)
+        self.final_predictions: dict = {}
         self._steps_at_shape: dict[tuple, int] = {}     # train steps made per batch shape (warm-up accounting)
         self.last_warmup = (0.0, 0)                     # (seconds, images) of the last epoch's warm-up steps
 
@@ -721,15 +724,20 @@ class Trainer:
         if changed:
             self._steps_at_shape.clear()
 
-    def evaluate(self, loader, tta: int = 0) -> tuple[float, float]:
+    def evaluate(self, loader, tta: int = 0, predictions: list | None = None) -> tuple[float, float]:
         """(mean loss, accuracy) over loader.epoch(0), model in eval mode, with test-time augmentation level `tta`;
-        one eval step object per level, reused."""
+        one eval step object per level, reused. predictions: a list that gets each batch's (predicted class, true
+        class) (EvalStep.predictions)."""
         step = self._eval_steps.get(tta)
         if step is None:
             self.model.eval()
             step = self._eval_steps[tta] = make_eval_step(self.model, tta)
-        with self.average.applied() if self.average is not None else contextlib.nullcontext():
-            loss_sum, correct, count = evaluate_sums(self.model, loader, step)
+        step.predictions = predictions
+        try:
+            with self.average.applied() if self.average is not None else contextlib.nullcontext():
+                loss_sum, correct, count = evaluate_sums(self.model, loader, step)
+        finally:
+            step.predictions = None
         if self.dist is not None:       # each rank scored its shard
             loss_sum, correct, count = self.dist.sum([loss_sum, correct, count])
         return (loss_sum / count, correct / count) if count else (float("nan"), float("nan"))
@@ -767,7 +775,11 @@ class Trainer:
             tta = self.tta if e == epochs - 1 and (val_loader is not None or test_loader is not None) else 0
             for split, loader in (("val", val_loader), ("test", test_loader)):
                 if loader is not None:
-                    rec[f"{split}_loss"], rec[f"{split}_accuracy"] = self.evaluate(loader, tta)
+                    # the last evaluation keeps its predictions (one process: a rank sees only its shard)
+                    kept = [] if e == epochs - 1 and self.dist is None else None
+                    rec[f"{split}_loss"], rec[f"{split}_accuracy"] = self.evaluate(loader, tta, kept)
+                    if kept is not None:
+                        self.final_predictions[split] = joined_predictions(kept)
             rec["seconds"] = time.perf_counter() - t0
             warm_s, warm_n = self.last_warmup
             # training steps only: no evaluation, no warm-up steps (None when every step of the epoch was one)
@@ -828,6 +840,13 @@ def predict_labels(model, loader, tta: int = 0) -> tuple[np.ndarray, np.ndarray]
     if not preds:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     return np.concatenate(preds), np.concatenate(trues)
+
+
+def joined_predictions(batches: list) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted class, true class) of all examples from EvalStep.predictions' per-batch pairs."""
+    if not batches:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate([p for p, _ in batches]), np.concatenate([t for _, t in batches])
 
 
 def confusion_matrix(pred: np.ndarray, true: np.ndarray, num_classes: int) -> np.ndarray:

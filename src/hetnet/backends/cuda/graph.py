@@ -151,6 +151,12 @@ class GraphRunner:
             be.capture_error = f"{type(error).__name__}: {error}"
         return graph, sx, sy
 
+    def read(self, *arrays) -> list:
+        """Host copies of device arrays after the queued steps."""
+        with self.be.device:
+            self.stream.synchronize()
+            return [a.get() for a in arrays]
+
     def read_and_reset(self, *arrays) -> list:
         """Host copies of device accumulators after the queued steps, which are then zeroed."""
         with self.be.device:
