@@ -488,7 +488,7 @@ class EvalStep:
         self.correct = self.backend.zeros((1,), np.int64)
         self.count = 0
         self.predictions: list | None = None
-        self._out = None           # (logits, labels) of the last _run: a replayed graph's own buffers
+        self._out: dict = {}       # batch shape -> (logits, labels) of its last _run (a replayed graph's buffers)
 
     def n_scalars(self) -> int:
         return 0
@@ -496,7 +496,7 @@ class EvalStep:
     def _run(self, x, y) -> None:
         logits = self.plan.forward(x, self.runner, keep=False)
         self.backend.softmax_cross_entropy_into(logits, y, None, self.loss_sum, self.correct)
-        self._out = (logits, y)
+        self._out[tuple(x.shape)] = (logits, y)
 
     def _draw_seeds(self) -> list:
         """A seed per dropout node, drawn (in node order) by those that draw one this step, as Dropout.forward
@@ -508,7 +508,7 @@ class EvalStep:
         self.runner.run(self._run, xb, yb)
         self.count += int(xb.shape[0])
         if self.predictions is not None:
-            logits, labels = self.runner.read(*self._out)
+            logits, labels = self.runner.read(*self._out[tuple(xb.shape)])
             self.predictions.append((np.argmax(logits, axis=1).astype(np.int64), labels.astype(np.int64)))
 
     def collect(self) -> tuple[float, int, int]:

@@ -360,7 +360,7 @@ class TTAEvalStep(EvalStep):
     def _run(self, x, y) -> None:
         logits = tta_logits(self.model, x, self.level, self.runner)
         self.backend.softmax_cross_entropy_into(logits, y, None, self.loss_sum, self.correct)
-        self._out = (logits, y)
+        self._out[tuple(x.shape)] = (logits, y)
 
 
 # --- loaders for plain arrays (model.fit on NumPy data) ----------------------------------------------------------
