@@ -82,6 +82,29 @@ def test_launcher_choice_and_split_k(be, rng, precision):
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
+def test_sums_past_half_precision_range(rng, precision):
+    """Inputs of 200-400 summed over K = 4608 (a GEMM, and a convolution of 512 channels x 3 x 3): every sum is near
+    4e8, far past float16's 65504, and a bf16 accumulator would stop adding (its spacing there, 2^21, exceeds each
+    product); within RTOL_TC_ROUNDED of float64 of the rounded inputs, the sums are float32's."""
+    be = get_backend("cuda", precision)
+    m, n, k = 70, 90, 4608
+    a = rng.uniform(200, 400, (m, k)).astype(np.float32)
+    b = rng.uniform(200, 400, (k, n)).astype(np.float32)
+    gc = cupy.full((m, n), np.nan, np.float32)
+    mm.gemm_tc(be, gc, cupy.asarray(a), False, cupy.asarray(b), False, precision=precision)
+    got = cupy.asnumpy(gc)
+    assert got.min() > 1e8
+    assert rel_err(got, expected(a, False, b, False, got, 1.0, 0.0, precision)) <= RTOL_TC_ROUNDED
+    x = rng.uniform(200, 400, (2, 512, 6, 5)).astype(np.float32)
+    w = rng.uniform(200, 400, (24, 512, 3, 3)).astype(np.float32)
+    gy = cupy.full((2, 24, 4, 3), np.nan, np.float32)
+    mm.conv_tc(be, gy, cupy.asarray(x), cupy.asarray(w), None, 1, 0)
+    got = cupy.asnumpy(gy)
+    assert got.min() > 1e8
+    assert rel_err(got, conv_expected(x, w, None, 1, 0, 0, precision)) <= RTOL_TC_ROUNDED
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
 def test_batched(be, rng, precision):
     """gemm_tc_batched: one A for all items (stride 0), transposed B items, C items as slices of a larger array."""
     n_items, m, n, k = 4, 45, 77, 130
