@@ -227,7 +227,7 @@ def test_conv_choice_is_kept_for_the_next_process(rng, tmp_path, monkeypatch):
     assert [e["op"] for e in first.tune_log] == ["fwd"]
     later = CudaBackend(0)
     y2 = later.to_numpy(later.conv2d_forward(later.asarray(x), later.asarray(w), None, 1, 1)[0])
-    assert later.tune_log == [] and later._tune == first._tune
+    assert later.tune_log == [] and later._tune == first._tune and later._tune_times == first._tune_times
     np.testing.assert_array_equal(y1, y2)
     tf = tune_cache.for_backend(later)
     key = next(iter(tf.choices))

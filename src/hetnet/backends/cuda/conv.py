@@ -313,6 +313,7 @@ def _choose(be, op: str, g: Geometry, candidates: dict, run_scratch):
     remembered = tune_cache.for_backend(be)
     if key not in be._tune and remembered is not None and remembered.get(key) in candidates:
         be._tune[key] = remembered.get(key)           # measured by an earlier process on this card (tune_cache)
+        be._tune_times[key] = remembered.times(key)
     choice = be._tune.get(key)
     if choice is not None and (be.capturing is None or be.graph_cublas or choice != "im2col"):
         return choice
@@ -352,7 +353,7 @@ def _choose(be, op: str, g: Geometry, candidates: dict, run_scratch):
     be._tune_times[key] = times
     be.tune_log.append({"op": op, "shape": list(g.key()), "ms": times, "choice": choice})
     if remembered is not None:
-        remembered.put(key, choice)
+        remembered.put(key, choice, times)
     return choice
 
 

@@ -3,7 +3,8 @@ of the same model on the same card starts without measuring them again (as cuDNN
 
 File: <hetnet's cache folder>/tune/<card>-<precision>-<digest>.json, the digest over the kernel sources and tile
 tables of this folder, hetnet's version and CuPy's, CUDA's runtime and driver versions: any change starts a new file.
-Content: {"format": FORMAT, "choices": [[op, [shape...], algorithm], ...]}, JSON written whole (files.atomic_write_text).
+Content: {"format": FORMAT, "choices": [[op, [shape...], algorithm, {algorithm: ms}], ...]}, JSON written whole
+(files.atomic_write_text); the times let a graph capture that cannot use cuBLAS fall back to the fastest own kernel.
 A choice is only a decision about speed: every algorithm computes the same result within the precision's tolerance,
 so a stale file costs time, never correctness. A choice that is not among the candidates of a call is measured
 again; an unreadable file is ignored; an unwritable folder costs the next process the measurement. HETNET_TUNE_CACHE=0
@@ -20,7 +21,7 @@ from pathlib import Path
 from ...files import atomic_write_text, cache_dir
 from ...version import __version__
 
-FORMAT = "hetnet-tune-1"
+FORMAT = "hetnet-tune-2"
 _SOURCES = ("*.cu", "*.cuh", "conv_tiles.py", "mma_tiles.py")
 
 
@@ -44,25 +45,31 @@ def path_for(card: str, precision: str, extra: str = "") -> Path:
 
 
 class TuneFile:
-    """The remembered choices of one card and precision: get(key) -> algorithm or None, put(key, algorithm)."""
+    """The remembered choices of one card and precision: get(key) -> algorithm or None, times(key) -> {algorithm:
+    ms}, put(key, algorithm, times)."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.choices: dict = {}
+        self.choices: dict = {}         # key -> (algorithm, {algorithm: ms})
         try:
             doc = json.loads(self.path.read_text())
             if doc.get("format") == FORMAT:
-                for op, shape, algo in doc["choices"]:
-                    self.choices[(str(op), tuple(int(v) for v in shape))] = str(algo)
+                for op, shape, algo, times in doc["choices"]:
+                    self.choices[(str(op), tuple(int(v) for v in shape))] = (
+                        str(algo), {str(k): float(v) for k, v in times.items()})
         except (OSError, ValueError, TypeError, KeyError, AttributeError):
             self.choices = {}           # none yet, or not ours: measured again and rewritten
 
     def get(self, key) -> str | None:
-        return self.choices.get(key)
+        return self.choices[key][0] if key in self.choices else None
 
-    def put(self, key, algorithm: str) -> None:
-        self.choices[key] = algorithm
-        doc = {"format": FORMAT, "choices": [[op, list(shape), a] for (op, shape), a in sorted(self.choices.items())]}
+    def times(self, key) -> dict:
+        return dict(self.choices[key][1]) if key in self.choices else {}
+
+    def put(self, key, algorithm: str, times: dict | None = None) -> None:
+        self.choices[key] = (algorithm, dict(times or {}))
+        doc = {"format": FORMAT, "choices": [[op, list(shape), a, t]
+                                             for (op, shape), (a, t) in sorted(self.choices.items())]}
         try:
             atomic_write_text(self.path, json.dumps(doc) + "\n")
         except OSError:
