@@ -186,3 +186,5 @@ def test_bench_flag_names_a_missing_archive(tmp_path):
     with pytest.raises(UsageError, match="--cifar-tar: .*missing.tar.gz not found"):
         bench.main(["--cifar-speedrun", "--cifar-tar", str(tmp_path / "missing.tar.gz"), "--devices", "cpu",
                     "--out", str(tmp_path)])
+    with pytest.raises(UsageError, match="--precision: --cifar-speedrun takes one precision"):
+        bench.main(["--cifar-speedrun", "--precision", "fp32,bf16", "--devices", "cpu", "--out", str(tmp_path)])

@@ -829,17 +829,15 @@ def predict_labels(model, loader, tta: int = 0) -> tuple[np.ndarray, np.ndarray]
     backend = model.backend
     was_training = model.training
     model.eval()
-    preds, trues = [], []
+    batches = []
     try:
         for xb, yb in device_batches(loader, 0, backend):
             logits = tta_logits(model, xb, tta)
-            preds.append(backend.to_numpy(backend.xp.argmax(logits, axis=1)).astype(np.int64))
-            trues.append(backend.to_numpy(yb).astype(np.int64))
+            batches.append((backend.to_numpy(backend.xp.argmax(logits, axis=1)).astype(np.int64),
+                            backend.to_numpy(yb).astype(np.int64)))
     finally:
         model.train(was_training)
-    if not preds:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return np.concatenate(preds), np.concatenate(trues)
+    return joined_predictions(batches)
 
 
 def joined_predictions(batches: list) -> tuple[np.ndarray, np.ndarray]:

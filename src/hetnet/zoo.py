@@ -131,8 +131,8 @@ PRESETS: dict[str, Preset] = {
     # (lr 11.5 and weight decay 0.0153 per 1024 examples, momentum 0.85), the BatchNorm biases at 64x the learning
     # rate (bias_scaler), a triangular schedule 0.2 -> 1 (at 23%) -> 0.07, lookahead every 5 steps (decay 0.95), the
     # whitening layer's bias trained for the first 3 epochs. airbench trains 9.9 epochs (ceil(9.9 * batches) steps);
-    # epochs here are whole, so 10. bf16 on cuda (the tensor-core kernels; in the peer run of 3 Dec it held the fp32
-    # run's held-out accuracy, 90.92 % either way, in 8.7 s against 12.2 s), float32 on the CPU.
+    # epochs here are whole, so 10. bf16 on cuda (the tensor-core kernels: same held-out accuracy as fp32 in 5 runs
+    # each, benchmarks/HISTORY.md), float32 on the CPU.
     "cifar-speed": Preset((3, 32, 32), airbench94_layers(), lr=11.5, optimizer="nesterov-decoupled", momentum=0.85,
                           batch_size=1024, epochs=10, schedule="triangular:start=0.2,peak=0.23,end=0.07",
                           weight_decay=0.0153, label_smoothing=0.2,

@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated hetnet backends (default: cuda when a GPU is usable, cpu, reference)")
     p.add_argument("--precision", default=None,
                    help=f"comma-separated, of {','.join(PRECISIONS)}: the precision tables instead of the float32 "
-                        "ones (precision_step.*; with --layers precision_layers.*); with --cifar-speedrun, one: hetnet's side's")
+                        "ones (precision_step.*; with --layers precision_layers.*); with --cifar-speedrun, one: "
+                        "hetnet's side's")
     p.add_argument("--torch-compile", action="store_true",
                    help="precision rows: also torch.compile(mode='max-autotune') of PyTorch's step (minutes per row)")
     p.add_argument("--out", default=None,
@@ -214,6 +215,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         for pr in args.precision:
             if pr not in PRECISIONS:
                 raise UsageError(f"--precision: expected {', '.join(PRECISIONS)}, got {pr!r}")
+        if args.cifar_speedrun and len(args.precision) > 1:
+            raise UsageError("--precision: --cifar-speedrun takes one precision for hetnet's side, "
+                             f"got {','.join(args.precision)}")
     if args.devices:
         args.devices = parse_list(args.devices, "--devices")
         for d in args.devices:
@@ -304,9 +308,6 @@ def main(argv: list[str] | None = None) -> int:
         if tar is None or not tar.is_file():
             raise UsageError(f"--cifar-tar: {args.cifar_tar or CIFAR_TAR} not found (give its path)")
         print(f"CIFAR-10 peer run on {args.devices[0]}:", flush=True)
-        if args.precision and len(args.precision) > 1:
-            raise UsageError("--precision: --cifar-speedrun takes one precision for hetnet's side, "
-                             f"got {','.join(args.precision)}")
         run_speedrun(tar, args.devices[0], env, out, args.speedrun_runs, args.speedrun_epochs, args.speedrun_limit,
                      log=lambda line: print(line, flush=True),
                      precision=args.precision[0] if args.precision else None)
