@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CUDA_DIR = ROOT / "src" / "hetnet" / "backends" / "cuda"
 SOURCES = sorted(s.stem for s in CUDA_DIR.glob("*.cu"))
 SANDBOX = "conv_variants"          # benchmarks/kernels: the tiles that do not ship, numbered
+NHWC_SANDBOX = "tc_conv_nhwc"      # benchmarks/kernels: the channels-last tensor-core forward (includes mma.cu)
 ARCHS = ("sm_80", "sm_90")
 
 
@@ -40,11 +41,14 @@ def _runner():
 
 
 def _text(name: str) -> str:
-    """What is compiled: a source as the backend compiles it (conv with its generated entry points), or the
-    sandbox's variants (its runner compiles them beside the shipped tiles, which conv's compile covers)."""
+    """What is compiled: a source as the backend compiles it (conv with its generated entry points), the sandbox's
+    variants (its runner compiles them beside the shipped tiles, which conv's compile covers), or the channels-last
+    sandbox as its file stands (it includes mma.cu)."""
     if name == SANDBOX:
         run = _runner()
         return run.sandbox_text(run.VARIANTS)
+    if name == NHWC_SANDBOX:
+        return (ROOT / "benchmarks" / "kernels" / f"{name}.cu").read_text()
     return kernels.cu_text(name)
 
 
@@ -62,7 +66,7 @@ def results(tmp_path_factory):
     if shutil.which("nvcc") is None:
         pytest.skip("nvcc not installed")
     out = tmp_path_factory.mktemp("cubin")
-    jobs = [(s, a) for s in [*SOURCES, SANDBOX] for a in ARCHS]
+    jobs = [(s, a) for s in [*SOURCES, SANDBOX, NHWC_SANDBOX] for a in ARCHS]
     with ThreadPoolExecutor(max_workers=4) as pool:
         done = list(pool.map(lambda j: _compile(j[0], j[1], out), jobs))
     return dict(zip(jobs, done))
@@ -92,7 +96,7 @@ def test_compiled_gemm_kernels_are_the_table(results):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("src", [*SOURCES, SANDBOX])
+@pytest.mark.parametrize("src", [*SOURCES, SANDBOX, NHWC_SANDBOX])
 def test_compiles_without_spills(results, src, arch):
     rc, log = results[(src, arch)]
     assert rc == 0, f"nvcc failed for {src} ({arch}):\n{log}"

@@ -1,0 +1,205 @@
+"""Check, then time, the sandbox's channels-last bf16 convolution forward (tc_conv_nhwc.cu) beside the shipped NCHW
+one (mma.conv_tc, hn_conv_fwd_bf16_*) on cifar-wide's 3x3 convolutions: what 16-byte gathers from an NHWC input buy
+before the cuda backend's activations change layout.
+
+Each kernel first runs once against float64 of the bf16-rounded inputs (hetnet.backends.reference) within
+RTOL_TC_ROUNDED of ||y|| (a candidate that fails is reported, never timed); then CUDA events around REPS launches
+queued behind a ~1 ms spin kernel, after WARMUP launches, median of SAMPLES. The NHWC side is timed without and with
+its input's transpose (x NCHW -> NHWC, what a layer would pay while the rest of the backend stays NCHW); the weights'
+permutation [O][C][R][S] -> [O][R][S][C] is per step, not per layer call, and is left out.
+
+    PYTHONPATH=src python benchmarks/kernels/run_tc_conv_nhwc.py [--batch 512] [--out nhwc.json]   # on a GPU
+    PYTHONPATH=src python benchmarks/kernels/run_tc_conv_nhwc.py --emulate     # the CPU emulator (g++), no GPU
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+SOURCE = HERE / "tc_conv_nhwc.cu"
+EMU_DIR = ROOT / "tests" / "cuda_emu"
+sys.path.insert(0, str(ROOT / "tests"))        # mma_cases: the bf16 rounding and float64 expectations
+
+from mma_cases import conv_expected  # noqa: E402
+
+from hetnet.backends.cuda.kernels import HERE as CUDA_DIR  # noqa: E402
+from hetnet.backends.cuda.kernels import NULL, inline_header  # noqa: E402
+from hetnet.backends.cuda.mma_tiles import CONV_CHOICE, TILES  # noqa: E402
+
+WARMUP, REPS, SAMPLES = 3, 10, 7
+RTOL_TC_ROUNDED = 1e-4          # tests/conftest.py's: float32 sums of bf16-rounded inputs
+TILE_NAMES = CONV_CHOICE["bf16"]
+KERNELS = {name: f"hn_conv_nhwc_fwd_bf16_{name}" for name in TILE_NAMES}
+# cifar-wide's 3x3 convolutions at pad 1 (benchmarks/specs/cifar-wide.json): (C, H, W, O)
+SHAPES = {"conv2": (64, 32, 32, 128), "conv3": (128, 16, 16, 128), "conv4": (128, 16, 16, 256),
+          "conv5": (256, 8, 8, 256), "conv6": (256, 4, 4, 256)}
+# small shapes for the emulator: C a multiple of 4 (the kernel's condition), tails in M, N and K, stride 2, 1x1, 5x5
+EMU_SHAPES = [(2, 8, 5, 7, 12, 3, 3, 1, 1), (1, 4, 6, 6, 70, 1, 1, 1, 0), (3, 12, 9, 8, 20, 3, 3, 2, 1),
+              (2, 16, 7, 7, 33, 5, 5, 1, 2), (1, 36, 4, 4, 130, 3, 3, 1, 1)]
+
+
+def _tile(name: str):
+    return next(t for t in TILES if t.precision == "bf16" and t.name == name)
+
+
+def _sizes(x_shape, w_shape, stride: int, pad: int):
+    n, c, h, w = x_shape
+    o, _, r, s = w_shape
+    p, q = (h + 2 * pad - r) // stride + 1, (w + 2 * pad - s) // stride + 1
+    return n, c, h, w, o, r, s, p, q
+
+
+def _args(x_shape, w_shape, stride: int, pad: int, act: int) -> tuple:
+    """The kernel's integer arguments after its four pointers (mma.cu's HN_CONV_PARAMS)."""
+    n, c, h, w, o, r, s, p, q = _sizes(x_shape, w_shape, stride, pad)
+    return (o, n * p * q, r * s * c, c, h, w, r, s, p, q, o, stride, pad, act, 1, r * s * c)
+
+
+def _grid(tile, x_shape, w_shape, stride: int, pad: int) -> tuple:
+    n, _, _, _, o, _, _, p, q = _sizes(x_shape, w_shape, stride, pad)
+    return (-(-n * p * q // tile.bn), -(-o // tile.bm), 1)
+
+
+def emulate() -> int:
+    """Compile the sandbox against the CPU emulator and check both tiles on EMU_SHAPES; 0 when all agree."""
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        lib = Path(tmp) / "libnhwc.so"
+        cmd = ["g++", "-std=c++17", "-O1", "-shared", "-fPIC", "-Wno-unknown-pragmas", "-include",
+               str(EMU_DIR / "cuda_emu.h"), "-DHN_EMULATE", "-I", str(CUDA_DIR), "-x", "c++", str(SOURCE),
+               str(EMU_DIR / "gemm_launch.cpp"), "-o", str(lib)]
+        subprocess.run(cmd, check=True)
+        emu = ctypes.CDLL(str(lib))
+        failed = 0
+        for shape in EMU_SHAPES:
+            n, c, h, w, o, r, s, stride, pad = shape
+            for name in TILE_NAMES:
+                for bias, act in ((True, 1), (False, 0)):
+                    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+                    wt = rng.standard_normal((o, c, r, s)).astype(np.float32)
+                    b = rng.standard_normal(o).astype(np.float32) if bias else None
+                    _, _, _, _, _, _, _, p, q = _sizes(x.shape, wt.shape, stride, pad)
+                    y = np.full((n, o, p, q), np.nan, np.float32)
+                    x_nhwc = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+                    w_ohwi = np.ascontiguousarray(wt.transpose(0, 2, 3, 1))
+                    tile = _tile(name)
+                    err = ctypes.create_string_buffer(1024)
+                    c_ = ctypes
+
+                    def buf(a):
+                        return ((c_.c_void_p(None), c_.c_longlong(0)) if a is None else
+                                (c_.c_void_p(a.ctypes.data), c_.c_longlong(a.nbytes)))
+
+                    rc = emu.emu_conv(c_.cast(getattr(emu, KERNELS[name]), c_.c_void_p),
+                                      *(c_.c_uint(v) for v in _grid(tile, x.shape, wt.shape, stride, pad)),
+                                      c_.c_uint(tile.threads), c_.c_int(tile.smem_bytes), *buf(x_nhwc), *buf(w_ohwi),
+                                      *buf(b), *buf(y), *(c_.c_int(v) for v in _args(x.shape, wt.shape, stride, pad,
+                                                                                   act)),
+                                      c_.c_uint(1), err, c_.c_int(len(err)))
+                    where = f"{name} {shape} bias {bias} act {act}"
+                    if rc != 0:
+                        print(f"{where}: emulator error: {err.value.decode()}")
+                        failed += 1
+                        continue
+                    want = conv_expected(x, wt, b, stride, pad, act, "bf16")
+                    rel = float(np.linalg.norm(y - want) / max(np.linalg.norm(want), 1e-30))
+                    ok = np.all(np.isfinite(y)) and rel <= RTOL_TC_ROUNDED
+                    failed += not ok
+                    print(f"{where}: relative error {rel:.2e} {'ok' if ok else 'FAILED'}")
+        print("all agree" if not failed else f"{failed} failed")
+        return 1 if failed else 0
+
+
+def _time(cupy, fn) -> float:
+    """Median over SAMPLES of the GPU time of REPS back-to-back calls queued behind a ~1 ms spin, in us per call."""
+    from hetnet.backends.cuda.kernels import get_kernel
+
+    spin = get_kernel(0, "elementwise", "hn_spin")
+    for _ in range(WARMUP):
+        fn()
+    out = []
+    for _ in range(SAMPLES):
+        spin((1,), (1,), (np.int64(2_000_000),))
+        start, end = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record()
+        for _ in range(REPS):
+            fn()
+        end.record()
+        end.synchronize()
+        out.append(cupy.cuda.get_elapsed_time(start, end) * 1000 / REPS)
+    return float(np.median(out))
+
+
+def on_gpu(batch: int, out: str | None) -> int:
+    import cupy
+
+    from hetnet.backends.cuda import mma
+    from hetnet.bench.common import environment
+    from hetnet.device import get_backend
+
+    be = get_backend("cuda", "bf16")
+    text = SOURCE.read_text().replace('#include "mma.cu"', inline_header((CUDA_DIR / "mma.cu").read_text()))
+    module = cupy.RawModule(code=text, options=("-std=c++17",))
+    rng = np.random.default_rng(0)
+    rows, failed = [], 0
+    print(f"{be.gpu_name}, bf16, batch {batch}: us per call (NHWC with its input's transpose); ratio = NCHW / NHWC")
+    for layer, (c, h, w, o) in SHAPES.items():
+        x = cupy.asarray(rng.standard_normal((batch, c, h, w)).astype(np.float32))
+        wt = cupy.asarray((rng.standard_normal((o, c, 3, 3)) * 0.05).astype(np.float32))
+        y_ref = cupy.empty((batch, o, h, w), np.float32)
+        x_nhwc = cupy.ascontiguousarray(x.transpose(0, 2, 3, 1))
+        w_ohwi = cupy.ascontiguousarray(wt.transpose(0, 2, 3, 1))
+        nchw = {name: _time(cupy, lambda name=name: mma.conv_tc(be, y_ref, x, wt, None, 1, 1, 0, name))
+                for name in TILE_NAMES}
+        transpose = _time(cupy, lambda: cupy.ascontiguousarray(x.transpose(0, 2, 3, 1)))
+        want = conv_expected(x[:2].get(), wt.get(), None, 1, 1, 0, "bf16")
+        for name in TILE_NAMES:
+            tile = _tile(name)
+            kern = module.get_function(KERNELS[name])
+            kern.max_dynamic_shared_size_bytes = tile.smem_bytes
+            y = cupy.full((batch, o, h, w), np.nan, np.float32)
+            args = (x_nhwc, w_ohwi, NULL, y, *(np.int32(v) for v in _args(x.shape, wt.shape, 1, 1, 0)))
+
+            def launch(kern=kern, tile=tile, args=args):
+                kern(_grid(tile, x.shape, wt.shape, 1, 1), (tile.threads,), args, shared_mem=tile.smem_bytes)
+
+            launch()
+            got = y[:2].get()
+            rel = float(np.linalg.norm(got - want) / np.linalg.norm(want))
+            if not (np.all(np.isfinite(got)) and rel <= RTOL_TC_ROUNDED):
+                print(f"  {layer} {name}: relative error {rel:.2e} against float64: FAILED, not timed")
+                failed += 1
+                continue
+            t = _time(cupy, launch)
+            row = {"layer": layer, "shape": [batch, c, h, w, o], "tile": name, "nchw_us": nchw[name], "nhwc_us": t,
+                   "transpose_us": transpose, "check_rel_err": rel,
+                   "tflops": 2 * batch * h * w * o * c * 9 / t / 1e6}
+            rows.append(row)
+            print(f"  {layer} {name:14s} NCHW {nchw[name]:8.1f}  NHWC {t:8.1f} ({t + transpose:8.1f})  "
+                  f"{nchw[name] / t:5.2f}x ({nchw[name] / (t + transpose):5.2f}x)  {row['tflops']:6.1f} TFLOP/s")
+    if out:
+        Path(out).write_text(json.dumps({"environment": environment(threads=1, want_gpu=True), "method": __doc__,
+                                         "rows": rows}, indent=1, default=str) + "\n")
+    return 1 if failed else 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--emulate", action="store_true", help="check on the CPU emulator (g++), no GPU")
+    ap.add_argument("--batch", type=int, default=512)
+    ap.add_argument("--out", default=None, help="JSON of the GPU rows")
+    args = ap.parse_args(argv)
+    return emulate() if args.emulate else on_gpu(args.batch, args.out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+// Sandbox (not shipped): the bf16 tensor-core convolution forward with its input channels-last, to measure what
+// 16-byte gathers buy against mma.cu's NCHW kernel (hn_conv_fwd_bf16_128x128x32s3a) before the cuda backend's
+// activations change layout. benchmarks/kernels/run_tc_conv_nhwc.py checks it against float64 and times it.
+//
+// y[img][o][p][q] = act(b[o] + sum_k W[o][k] x(k; img, p, q)), the GEMM C[M, N] = A[M, K] B[K, N] with M = O,
+// N = images x P x Q (n = (img * P + p) * Q + q), K = R x S x C (k = (r * S + s) * C + c: channels innermost),
+// A = W stored [O][R][S][C] (K-major rows, lda = K), and B gathered from x stored [n][H][W][C]:
+// B[k][n] = x[img][p*stride - pad + r][q*stride - pad + s][c], zero outside the image. B's tile is kept as its
+// transpose (rows n, columns k: "B t"), so four consecutive k of one row are four consecutive channels of one pixel:
+// one 16-byte cp.async when C is a multiple of 4 (the launcher's condition), where the NCHW kernel issues four
+// 4-byte ones. A thread's chunk column (k offset) is the same in all its rows and its rows (pixels) are the same in
+// every K tile, so per K tile it divides one k (by C, then by S) and per chunk it adds and compares.
+// The pipeline is mma.cu's hn_gemm_bf16_async (STAGES float32 tiles by cp.async, rounded into two bf16 tiles,
+// fragments by ldmatrix), with this gather in place of hn_issue_tile; the epilogue is the NCHW forward's.
+#include "mma.cu"
+
+// The pixels of the ROWS / (THREADS / CPR) chunk rows a thread copies (rows tid / CPR + i * THREADS / CPR): where
+// the pixel's image starts in x (elements), and its window's top-left corner (out of range past N).
+template <int NROWS>
+struct HnNhwcRows {
+    int base[NROWS], ih0[NROWS], iw0[NROWS];
+};
+
+template <int ROWS, int COLS, int THREADS>
+__device__ __forceinline__ HnNhwcRows<ROWS * (COLS / 4) / THREADS> hn_nhwc_rows(const HnConv& cv, int n0, int N,
+                                                                                 int tid) {
+    constexpr int CPR = COLS / 4, NROWS = ROWS * CPR / THREADS;
+    static_assert(THREADS % CPR == 0, "a thread's chunk column must be the same in every row it copies");
+    HnNhwcRows<NROWS> rows;
+#pragma unroll
+    for (int i = 0; i < NROWS; ++i) {
+        const int n = n0 + (tid + i * THREADS) / CPR;
+        const int img = hn_div(n, cv.out_plane), t = n - img * cv.out_plane.d, p = t / cv.q, q = t - p * cv.q;
+        rows.base[i] = img * cv.h * cv.w * cv.c;
+        rows.ih0[i] = n >= N ? -(1 << 30) : p * cv.stride - cv.pad;
+        rows.iw0[i] = q * cv.stride - cv.pad;
+    }
+    return rows;
+}
+
+// B^T's BN x BK tile (rows n, columns k0 .. k0+BK-1) gathered into shared memory (row stride STRIDE) in
+// hn_copy_tile_async's chunk order; columns from kend on, and taps outside the image, zero-filled.
+template <int ROWS, int COLS, int STRIDE, int THREADS, int NROWS>
+__device__ __forceinline__ void hn_nhwc_copy_b(float* s, const float* x, const HnConv& cv,
+                                               const HnNhwcRows<NROWS>& rows, const HnDiv& by_c, int k0, int kend,
+                                               int tid) {
+    constexpr int CPR = COLS / 4;
+    const int col = (tid % CPR) * 4, k = k0 + col;
+    const int rs = hn_div(k, by_c), c = k - rs * cv.c, r = hn_div(rs, cv.kb_inner), sx = rs - r * cv.s;
+#pragma unroll
+    for (int i = 0; i < NROWS; ++i) {
+        const int ih = rows.ih0[i] + r, iw = rows.iw0[i] + sx;
+        const bool ok = k < kend && ih >= 0 && ih < cv.h && iw >= 0 && iw < cv.w;
+        const int at = ok ? rows.base[i] + (ih * cv.w + iw) * cv.c + c : 0;
+        hn_cp_async16(s + ((tid + i * THREADS) / CPR) * STRIDE + col, x + at, ok ? 16 : 0);
+    }
+}
+
+template <int BM, int BN, int BK, int WM, int WN, int STAGES>
+__device__ __forceinline__ void hn_conv_nhwc_bf16(unsigned char* smem, const float* W, const float* x, float* y, int M,
+                                                  int N, int K, const HnConv& cv) {
+    constexpr int WARPS_N = BN / WN, THREADS = 32 * (BM / WM) * WARPS_N, MT = WM / 16, NT = WN / 8;
+    static_assert(BM % WM == 0 && BN % WN == 0 && WM % 16 == 0 && WN % 16 == 0 && BK % 16 == 0 && STAGES >= 2,
+                  "tile");
+    using FA = HnOperand<true, BM, BK, 0, 0>;    // float32 staging: A as stored (rows m), B^T (rows n)
+    using FB = HnOperand<true, BN, BK, 0, 0>;
+    using OA = HnOperand<true, BM, BK, 8, 8>;    // bf16 tiles
+    using OB = HnOperand<true, BN, BK, 8, 8>;
+    float* fa = reinterpret_cast<float*>(smem);
+    float* fb = fa + STAGES * FA::ELEMS;
+    unsigned short* sa = reinterpret_cast<unsigned short*>(fb + STAGES * FB::ELEMS);
+    unsigned short* sb = sa + 2 * OA::ELEMS;
+
+    const HnBlock blk = hn_block(W, x, y, M, N, K, K, 0, 0, 0, 0, 0, 1.f, 0.f, 1, K, BM, BN, BK);
+    const HnThread th = hn_thread<WM, WN, WARPS_N>();
+    const int tid = th.tid, tiles = blk.tiles;
+    float acc[MT][NT][4];
+    hn_zero(acc);
+    const auto rows = hn_nhwc_rows<FB::ROWS, FB::COLS, THREADS>(cv, blk.n0, N, tid);
+    const HnDiv by_c = hn_div_of(cv.c);
+
+    auto issue = [&](int kt) {
+        const int k0 = blk.kbeg + kt * BK, s = kt % STAGES;
+        hn_copy_tile_async<FA::ROWS, FA::COLS, FA::STRIDE, THREADS>(fa + s * FA::ELEMS,
+                                                                     hn_src<true>(W, K, blk.m0, k0, M, blk.kend), tid);
+        hn_nhwc_copy_b<FB::ROWS, FB::COLS, FB::STRIDE, THREADS>(fb + s * FB::ELEMS, x, cv, rows, by_c, k0, blk.kend,
+                                                                tid);
+    };
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < tiles) issue(s);
+        hn_cp_async_commit();
+    }
+    for (int kt = 0; kt < tiles; ++kt) {
+        const int s = kt % STAGES, h = kt & 1;
+        hn_cp_async_wait<STAGES - 2>();
+        hn_convert_bf16<FA::ROWS, FA::COLS, FA::STRIDE, OA::STRIDE, THREADS>(fa + s * FA::ELEMS, sa + h * OA::ELEMS,
+                                                                           tid);
+        hn_convert_bf16<FB::ROWS, FB::COLS, FB::STRIDE, OB::STRIDE, THREADS>(fb + s * FB::ELEMS, sb + h * OB::ELEMS,
+                                                                           tid);
+        __syncthreads();
+        if (kt + STAGES - 1 < tiles) issue(kt + STAGES - 1);
+        hn_cp_async_commit();
+        hn_gemm_bf16_tile<false, true, OA, OB, MT, NT, BK>(sa + h * OA::ELEMS, sb + h * OB::ELEMS, acc, th.wm, th.wn,
+                                                            th.lane);
+    }
+    hn_cp_async_wait<0>();
+    hn_conv_epilogue<1, MT, NT>(blk, acc, M, N, cv, th.wm, th.wn, th.lane);
+}
+
+// The kernel, with mma.cu's HN_CONV parameters: B = x [n][H][W][C], Wt = w [O][R][S][C], AUX = bias or null, Y = y
+// [n][O][P][Q]; splits and kchunk unused (1 and K).
+#define HN_CONV_NHWC(name, BM, BN, BK, WM, WN, ST, MINB)                                                          \
+    extern "C" __global__ void __launch_bounds__(32 * (BM / WM) * (BN / WN), MINB) name(HN_CONV_PARAMS) {        \
+        HN_DYNAMIC_SMEM(hn_smem);                                                                              \
+        const HnConv cv = hn_conv_of<1>(AUX, C, H, W, R, S, P, Q, O, stride, pad, act);                         \
+        hn_conv_nhwc_bf16<BM, BN, BK, WM, WN, ST>(hn_smem, Wt, B, Y, M, N, K, cv);                              \
+    }
+
+HN_CONV_NHWC(hn_conv_nhwc_fwd_bf16_128x128x32s3a, 128, 128, 32, 64, 32, 3, 1)
+HN_CONV_NHWC(hn_conv_nhwc_fwd_bf16_64x64x32s4a, 64, 64, 32, 32, 32, 4, 1)
