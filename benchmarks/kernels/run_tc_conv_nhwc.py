@@ -1,6 +1,7 @@
-"""Check, then time, the sandbox's channels-last bf16 convolution forward (tc_conv_nhwc.cu) beside the shipped NCHW
+"""Check, then time, the sandbox's channels-last bf16 convolution forwards (tc_conv_nhwc.cu) beside the shipped NCHW
 one (mma.conv_tc, hn_conv_fwd_bf16_*) on cifar-wide's 3x3 convolutions: what 16-byte gathers from an NHWC input buy
-before the cuda backend's activations change layout.
+("nhwc": x and w in float32, staged and rounded as now), and what storing them in bf16 adds ("nhwc16": cp.async
+straight into the bf16 tiles), before the cuda backend's activations change layout.
 
 Each kernel first runs once against float64 of the bf16-rounded inputs (hetnet.backends.reference) within
 RTOL_TC_ROUNDED of ||y|| (a candidate that fails is reported, never timed); then CUDA events around REPS launches
@@ -29,7 +30,7 @@ SOURCE = HERE / "tc_conv_nhwc.cu"
 EMU_DIR = ROOT / "tests" / "cuda_emu"
 sys.path.insert(0, str(ROOT / "tests"))        # mma_cases: the bf16 rounding and float64 expectations
 
-from mma_cases import conv_expected  # noqa: E402
+from mma_cases import conv_expected, round_bf16  # noqa: E402
 
 from hetnet.backends.cuda.kernels import HERE as CUDA_DIR  # noqa: E402
 from hetnet.backends.cuda.kernels import NULL, inline_header  # noqa: E402
@@ -38,17 +39,45 @@ from hetnet.backends.cuda.mma_tiles import CONV_CHOICE, TILES  # noqa: E402
 WARMUP, REPS, SAMPLES = 3, 10, 7
 RTOL_TC_ROUNDED = 1e-4          # tests/conftest.py's: float32 sums of bf16-rounded inputs
 TILE_NAMES = CONV_CHOICE["bf16"]
-KERNELS = {name: f"hn_conv_nhwc_fwd_bf16_{name}" for name in TILE_NAMES}
+
+
+class Kernel:
+    """A sandbox kernel: its entry point, block tile, threads, shared memory, input storage ("f32": float32, "bf16":
+    bf16 bits) and the channel count C must be a multiple of."""
+
+    def __init__(self, name: str, bm: int, bn: int, threads: int, smem_bytes: int, storage: str, c_multiple: int):
+        self.name, self.bm, self.bn, self.threads, self.smem_bytes = name, bm, bn, threads, smem_bytes
+        self.storage, self.c_multiple = storage, c_multiple
+
+
+def _kernels() -> list[Kernel]:
+    out = [Kernel(f"hn_conv_nhwc_fwd_bf16_{t.name}", t.bm, t.bn, t.threads, t.smem_bytes, "f32", 4)
+           for t in (next(t for t in TILES if t.precision == "bf16" and t.name == n) for n in TILE_NAMES)]
+    for name, bm, bn, threads in (("128x128x32s4", 128, 128, 256), ("128x128x32s4b2", 128, 128, 256),
+                                  ("64x64x32s4", 64, 64, 128)):
+        out.append(Kernel(f"hn_conv_nhwc16_fwd_{name}", bm, bn, threads, 4 * (bm + bn) * (32 + 8) * 2, "bf16", 8))
+    return out
+
+
+KERNELS = _kernels()
 # cifar-wide's 3x3 convolutions at pad 1 (benchmarks/specs/cifar-wide.json): (C, H, W, O)
 SHAPES = {"conv2": (64, 32, 32, 128), "conv3": (128, 16, 16, 128), "conv4": (128, 16, 16, 256),
           "conv5": (256, 8, 8, 256), "conv6": (256, 4, 4, 256)}
-# small shapes for the emulator: C a multiple of 4 (the kernel's condition), tails in M, N and K, stride 2, 1x1, 5x5
+# small shapes for the emulator (each kernel takes those whose C it can): tails in M, N and K, stride 2, 1x1, 5x5
 EMU_SHAPES = [(2, 8, 5, 7, 12, 3, 3, 1, 1), (1, 4, 6, 6, 70, 1, 1, 1, 0), (3, 12, 9, 8, 20, 3, 3, 2, 1),
-              (2, 16, 7, 7, 33, 5, 5, 1, 2), (1, 36, 4, 4, 130, 3, 3, 1, 1)]
+              (3, 16, 9, 8, 20, 3, 3, 2, 1), (2, 16, 7, 7, 33, 5, 5, 1, 2), (1, 36, 4, 4, 130, 3, 3, 1, 1),
+              (1, 40, 4, 4, 130, 3, 3, 1, 1)]
 
 
-def _tile(name: str):
-    return next(t for t in TILES if t.precision == "bf16" and t.name == name)
+def bf16_bits(a: np.ndarray) -> np.ndarray:
+    """The bf16 (round to nearest even) of float32 values, as their 16 bits."""
+    return (round_bf16(a).view(np.uint32) >> 16).astype(np.uint16)
+
+
+def _stored(k: Kernel, x: np.ndarray, w: np.ndarray):
+    """x [n][C][H][W] and w [O][C][R][S] as kernel k reads them: channels last, float32 or bf16 bits."""
+    x_nhwc, w_ohwi = np.ascontiguousarray(x.transpose(0, 2, 3, 1)), np.ascontiguousarray(w.transpose(0, 2, 3, 1))
+    return (x_nhwc, w_ohwi) if k.storage == "f32" else (bf16_bits(x_nhwc), bf16_bits(w_ohwi))
 
 
 def _sizes(x_shape, w_shape, stride: int, pad: int):
@@ -64,7 +93,7 @@ def _args(x_shape, w_shape, stride: int, pad: int, act: int) -> tuple:
     return (o, n * p * q, r * s * c, c, h, w, r, s, p, q, o, stride, pad, act, 1, r * s * c)
 
 
-def _grid(tile, x_shape, w_shape, stride: int, pad: int) -> tuple:
+def _grid(tile: Kernel, x_shape, w_shape, stride: int, pad: int) -> tuple:
     n, _, _, _, o, _, _, p, q = _sizes(x_shape, w_shape, stride, pad)
     return (-(-n * p * q // tile.bn), -(-o // tile.bm), 1)
 
@@ -82,16 +111,16 @@ def emulate() -> int:
         failed = 0
         for shape in EMU_SHAPES:
             n, c, h, w, o, r, s, stride, pad = shape
-            for name in TILE_NAMES:
+            for k in KERNELS:
+                if c % k.c_multiple:
+                    continue
                 for bias, act in ((True, 1), (False, 0)):
                     x = rng.standard_normal((n, c, h, w)).astype(np.float32)
                     wt = rng.standard_normal((o, c, r, s)).astype(np.float32)
                     b = rng.standard_normal(o).astype(np.float32) if bias else None
                     _, _, _, _, _, _, _, p, q = _sizes(x.shape, wt.shape, stride, pad)
                     y = np.full((n, o, p, q), np.nan, np.float32)
-                    x_nhwc = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
-                    w_ohwi = np.ascontiguousarray(wt.transpose(0, 2, 3, 1))
-                    tile = _tile(name)
+                    xs, ws = _stored(k, x, wt)
                     err = ctypes.create_string_buffer(1024)
                     c_ = ctypes
 
@@ -99,13 +128,12 @@ def emulate() -> int:
                         return ((c_.c_void_p(None), c_.c_longlong(0)) if a is None else
                                 (c_.c_void_p(a.ctypes.data), c_.c_longlong(a.nbytes)))
 
-                    rc = emu.emu_conv(c_.cast(getattr(emu, KERNELS[name]), c_.c_void_p),
-                                      *(c_.c_uint(v) for v in _grid(tile, x.shape, wt.shape, stride, pad)),
-                                      c_.c_uint(tile.threads), c_.c_int(tile.smem_bytes), *buf(x_nhwc), *buf(w_ohwi),
-                                      *buf(b), *buf(y), *(c_.c_int(v) for v in _args(x.shape, wt.shape, stride, pad,
-                                                                                   act)),
+                    rc = emu.emu_conv(c_.cast(getattr(emu, k.name), c_.c_void_p),
+                                      *(c_.c_uint(v) for v in _grid(k, x.shape, wt.shape, stride, pad)),
+                                      c_.c_uint(k.threads), c_.c_int(k.smem_bytes), *buf(xs), *buf(ws), *buf(b),
+                                      *buf(y), *(c_.c_int(v) for v in _args(x.shape, wt.shape, stride, pad, act)),
                                       c_.c_uint(1), err, c_.c_int(len(err)))
-                    where = f"{name} {shape} bias {bias} act {act}"
+                    where = f"{k.name} {shape} bias {bias} act {act}"
                     if rc != 0:
                         print(f"{where}: emulator error: {err.value.decode()}")
                         failed += 1
@@ -151,41 +179,45 @@ def on_gpu(batch: int, out: str | None) -> int:
     module = cupy.RawModule(code=text, options=("-std=c++17",))
     rng = np.random.default_rng(0)
     rows, failed = [], 0
-    print(f"{be.gpu_name}, bf16, batch {batch}: us per call (NHWC with its input's transpose); ratio = NCHW / NHWC")
+    print(f"{be.gpu_name}, bf16, batch {batch}: us per call; NCHW = mma.conv_tc's best tile; ratio = NCHW / "
+          "kernel (with the input's transpose and, for nhwc16, its rounding to bf16, in brackets)")
     for layer, (c, h, w, o) in SHAPES.items():
         x = cupy.asarray(rng.standard_normal((batch, c, h, w)).astype(np.float32))
         wt = cupy.asarray((rng.standard_normal((o, c, 3, 3)) * 0.05).astype(np.float32))
         y_ref = cupy.empty((batch, o, h, w), np.float32)
-        x_nhwc = cupy.ascontiguousarray(x.transpose(0, 2, 3, 1))
-        w_ohwi = cupy.ascontiguousarray(wt.transpose(0, 2, 3, 1))
-        nchw = {name: _time(cupy, lambda name=name: mma.conv_tc(be, y_ref, x, wt, None, 1, 1, 0, name))
-                for name in TILE_NAMES}
-        transpose = _time(cupy, lambda: cupy.ascontiguousarray(x.transpose(0, 2, 3, 1)))
-        want = conv_expected(x[:2].get(), wt.get(), None, 1, 1, 0, "bf16")
-        for name in TILE_NAMES:
-            tile = _tile(name)
-            kern = module.get_function(KERNELS[name])
-            kern.max_dynamic_shared_size_bytes = tile.smem_bytes
+        nchw = min(_time(cupy, lambda name=name: mma.conv_tc(be, y_ref, x, wt, None, 1, 1, 0, name))
+                   for name in TILE_NAMES)
+        host_x, host_w = x.get(), wt.get()
+        want = conv_expected(host_x[:2], host_w, None, 1, 1, 0, "bf16")
+        for k in KERNELS:
+            if c % k.c_multiple:
+                continue
+            xs, ws = (cupy.asarray(a) for a in _stored(k, host_x, host_w))
+            if k.storage == "f32":
+                layout = _time(cupy, lambda: cupy.ascontiguousarray(x.transpose(0, 2, 3, 1)))
+            else:       # a stand-in for a transpose that rounds: read float32, write 2 bytes per element
+                layout = _time(cupy, lambda: cupy.ascontiguousarray(x.transpose(0, 2, 3, 1)).astype(cupy.float16))
+            kern = module.get_function(k.name)
+            kern.max_dynamic_shared_size_bytes = k.smem_bytes
             y = cupy.full((batch, o, h, w), np.nan, np.float32)
-            args = (x_nhwc, w_ohwi, NULL, y, *(np.int32(v) for v in _args(x.shape, wt.shape, 1, 1, 0)))
+            args = (xs, ws, NULL, y, *(np.int32(v) for v in _args(x.shape, wt.shape, 1, 1, 0)))
 
-            def launch(kern=kern, tile=tile, args=args):
-                kern(_grid(tile, x.shape, wt.shape, 1, 1), (tile.threads,), args, shared_mem=tile.smem_bytes)
+            def launch(kern=kern, k=k, args=args):
+                kern(_grid(k, x.shape, wt.shape, 1, 1), (k.threads,), args, shared_mem=k.smem_bytes)
 
             launch()
             got = y[:2].get()
             rel = float(np.linalg.norm(got - want) / np.linalg.norm(want))
             if not (np.all(np.isfinite(got)) and rel <= RTOL_TC_ROUNDED):
-                print(f"  {layer} {name}: relative error {rel:.2e} against float64: FAILED, not timed")
+                print(f"  {layer} {k.name}: relative error {rel:.2e} against float64: FAILED, not timed")
                 failed += 1
                 continue
             t = _time(cupy, launch)
-            row = {"layer": layer, "shape": [batch, c, h, w, o], "tile": name, "nchw_us": nchw[name], "nhwc_us": t,
-                   "transpose_us": transpose, "check_rel_err": rel,
-                   "tflops": 2 * batch * h * w * o * c * 9 / t / 1e6}
+            row = {"layer": layer, "shape": [batch, c, h, w, o], "kernel": k.name, "nchw_us": nchw, "us": t,
+                   "layout_us": layout, "check_rel_err": rel, "tflops": 2 * batch * h * w * o * c * 9 / t / 1e6}
             rows.append(row)
-            print(f"  {layer} {name:14s} NCHW {nchw[name]:8.1f}  NHWC {t:8.1f} ({t + transpose:8.1f})  "
-                  f"{nchw[name] / t:5.2f}x ({nchw[name] / (t + transpose):5.2f}x)  {row['tflops']:6.1f} TFLOP/s")
+            print(f"  {layer} {k.name:36s} NCHW {nchw:8.1f}  {t:8.1f} ({t + layout:8.1f})  "
+                  f"{nchw / t:5.2f}x ({nchw / (t + layout):5.2f}x)  {row['tflops']:6.1f} TFLOP/s")
     if out:
         Path(out).write_text(json.dumps({"environment": environment(threads=1, want_gpu=True), "method": __doc__,
                                          "rows": rows}, indent=1, default=str) + "\n")

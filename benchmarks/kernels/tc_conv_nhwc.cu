@@ -119,3 +119,95 @@ __device__ __forceinline__ void hn_conv_nhwc_bf16(unsigned char* smem, const flo
 
 HN_CONV_NHWC(hn_conv_nhwc_fwd_bf16_128x128x32s3a, 128, 128, 32, 64, 32, 3, 1)
 HN_CONV_NHWC(hn_conv_nhwc_fwd_bf16_64x64x32s4a, 64, 64, 32, 32, 32, 4, 1)
+
+// --- the same forward with x and w stored in bf16 (what activations kept in bf16 would give) -----------------------
+//
+// x bf16 [n][H][W][C], w bf16 [O][R][S][C] (their bits, as unsigned short): a chunk is 8 channels, and both tiles go
+// by cp.async straight into the bf16 tiles the fragments are read from (no float32 staging, no conversion), STAGES
+// deep. Iteration kt: wait for tile kt, barrier (tile kt visible to all; every warp done with tile kt-1), refill
+// buffer (kt-1) % STAGES with tile kt+STAGES-1, multiply tile kt. C must be a multiple of 8.
+template <int ROWS, int CPR, int STRIDE, int THREADS, int NROWS>
+__device__ __forceinline__ void hn_nhwc16_copy_b(unsigned short* s, const unsigned short* x, const HnConv& cv,
+                                                 const HnNhwcRows<NROWS>& rows, const HnDiv& by_c, int k0, int kend,
+                                                 int tid) {
+    const int col = (tid % CPR) * 8, k = k0 + col;
+    const int rs = hn_div(k, by_c), c = k - rs * cv.c, r = hn_div(rs, cv.kb_inner), sx = rs - r * cv.s;
+#pragma unroll
+    for (int i = 0; i < NROWS; ++i) {
+        const int ih = rows.ih0[i] + r, iw = rows.iw0[i] + sx;
+        const bool ok = k < kend && ih >= 0 && ih < cv.h && iw >= 0 && iw < cv.w;
+        const int at = ok ? rows.base[i] + (ih * cv.w + iw) * cv.c + c : 0;
+        hn_cp_async16(s + ((tid + i * THREADS) / CPR) * STRIDE + col, x + at, ok ? 16 : 0);
+    }
+}
+
+// A's BM x BK tile (rows m of w, K-major) in 8-element chunks; rows from M on and columns from kend on zero-filled.
+template <int ROWS, int CPR, int STRIDE, int THREADS>
+__device__ __forceinline__ void hn_nhwc16_copy_a(unsigned short* s, const unsigned short* w, int K, int m0, int M,
+                                                 int k0, int kend, int tid) {
+#pragma unroll
+    for (int i = 0; i < ROWS * CPR / THREADS; ++i) {
+        const int q = tid + i * THREADS, row = q / CPR, col = (q % CPR) * 8, m = m0 + row, k = k0 + col;
+        const bool ok = m < M && k < kend;
+        hn_cp_async16(s + row * STRIDE + col, w + (ok ? static_cast<long long>(m) * K + k : 0), ok ? 16 : 0);
+    }
+}
+
+template <int BM, int BN, int BK, int WM, int WN, int STAGES>
+__device__ __forceinline__ void hn_conv_nhwc16(unsigned char* smem, const unsigned short* W, const unsigned short* x,
+                                               float* y, int M, int N, int K, const HnConv& cv) {
+    constexpr int WARPS_N = BN / WN, THREADS = 32 * (BM / WM) * WARPS_N, MT = WM / 16, NT = WN / 8, CPR = BK / 8;
+    static_assert(BM % WM == 0 && BN % WN == 0 && WM % 16 == 0 && WN % 16 == 0 && BK % 16 == 0 && STAGES >= 2 &&
+                  THREADS % CPR == 0 && (BN * CPR) % THREADS == 0 && (BM * CPR) % THREADS == 0, "tile");
+    using OA = HnOperand<true, BM, BK, 8, 8>;
+    using OB = HnOperand<true, BN, BK, 8, 8>;
+    constexpr int NROWS = BN * CPR / THREADS;
+    unsigned short* sa = reinterpret_cast<unsigned short*>(smem);   // STAGES x OA::ELEMS
+    unsigned short* sb = sa + STAGES * OA::ELEMS;                    // STAGES x OB::ELEMS
+
+    const HnBlock blk = hn_block(nullptr, nullptr, y, M, N, K, K, 0, 0, 0, 0, 0, 1.f, 0.f, 1, K, BM, BN, BK);
+    const HnThread th = hn_thread<WM, WN, WARPS_N>();
+    const int tid = th.tid, tiles = blk.tiles;
+    float acc[MT][NT][4];
+    hn_zero(acc);
+    const auto rows = hn_nhwc_rows<BN, BK / 2, THREADS>(cv, blk.n0, N, tid);   // chunks of 8: CPR = (BK / 2) / 4
+    static_assert(sizeof(rows.base) / sizeof(int) == NROWS, "rows per thread");
+    const HnDiv by_c = hn_div_of(cv.c);
+
+    auto issue = [&](int kt) {
+        const int k0 = kt * BK, s = kt % STAGES;
+        hn_nhwc16_copy_a<BM, CPR, OA::STRIDE, THREADS>(sa + s * OA::ELEMS, W, K, blk.m0, M, k0, K, tid);
+        hn_nhwc16_copy_b<BN, CPR, OB::STRIDE, THREADS>(sb + s * OB::ELEMS, x, cv, rows, by_c, k0, K, tid);
+    };
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < tiles) issue(s);
+        hn_cp_async_commit();
+    }
+    for (int kt = 0; kt < tiles; ++kt) {
+        const int s = kt % STAGES;
+        hn_cp_async_wait<STAGES - 2>();
+        __syncthreads();
+        if (kt + STAGES - 1 < tiles) issue(kt + STAGES - 1);
+        hn_cp_async_commit();
+        hn_gemm_bf16_tile<false, true, OA, OB, MT, NT, BK>(sa + s * OA::ELEMS, sb + s * OB::ELEMS, acc, th.wm, th.wn,
+                                                            th.lane);
+    }
+    hn_cp_async_wait<0>();
+    hn_conv_epilogue<1, MT, NT>(blk, acc, M, N, cv, th.wm, th.wn, th.lane);
+}
+
+// As HN_CONV_NHWC, with B = x and Wt = w as bf16 bits; shared memory STAGES x (BM + BN) x (BK + 8) x 2 bytes.
+#define HN_CONV_NHWC16(name, BM, BN, BK, WM, WN, ST, MINB)                                                        \
+    extern "C" __global__ void __launch_bounds__(32 * (BM / WM) * (BN / WN), MINB) name(                         \
+        const unsigned short* __restrict__ B, const unsigned short* __restrict__ Wt, const float* __restrict__ AUX,  \
+        float* __restrict__ Y, int M, int N, int K, int C, int H, int W, int R, int S, int P, int Q, int O,         \
+        int stride, int pad, int act, int splits, int kchunk) {                                                   \
+        HN_DYNAMIC_SMEM(hn_smem);                                                                              \
+        const HnConv cv = hn_conv_of<1>(AUX, C, H, W, R, S, P, Q, O, stride, pad, act);                         \
+        hn_conv_nhwc16<BM, BN, BK, WM, WN, ST>(hn_smem, Wt, B, Y, M, N, K, cv);                                 \
+    }
+
+HN_CONV_NHWC16(hn_conv_nhwc16_fwd_128x128x32s4, 128, 128, 32, 64, 32, 4, 1)
+HN_CONV_NHWC16(hn_conv_nhwc16_fwd_128x128x32s4b2, 128, 128, 32, 64, 32, 4, 2)
+HN_CONV_NHWC16(hn_conv_nhwc16_fwd_64x64x32s4, 64, 64, 32, 32, 32, 4, 1)
