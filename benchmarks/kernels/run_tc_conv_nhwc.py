@@ -4,9 +4,10 @@ one (mma.conv_tc, hn_conv_fwd_bf16_*) on cifar-wide's 3x3 convolutions: what 16-
 straight into the bf16 tiles), before the cuda backend's activations change layout.
 
 Each kernel first runs once against float64 of the bf16-rounded inputs (hetnet.backends.reference) within
-RTOL_TC_ROUNDED of ||y|| (a candidate that fails is reported, never timed); then CUDA events around REPS launches
-queued behind a ~1 ms spin kernel, after WARMUP launches, median of SAMPLES. The NHWC side is timed without and with
-its input's transpose (x NCHW -> NHWC, what a layer would pay while the rest of the backend stays NCHW); the weights'
+RTOL_TC_ROUNDED of ||y|| (a candidate that fails is reported, never timed); then it is timed as
+run_conv_variants.py times (time_ms: CUDA events around back-to-back launches queued behind a ~1 ms spin kernel,
+median of several samples). Each sandbox kernel is timed without and with what its input's layout would cost while
+the rest of the backend stays NCHW float32 (x NCHW -> NHWC; for nhwc16 also rounded to 2 bytes); the weights'
 permutation [O][C][R][S] -> [O][R][S][C] is per step, not per layer call, and is left out.
 
     PYTHONPATH=src python benchmarks/kernels/run_tc_conv_nhwc.py [--batch 512] [--out nhwc.json]   # on a GPU
@@ -29,14 +30,15 @@ ROOT = HERE.parents[1]
 SOURCE = HERE / "tc_conv_nhwc.cu"
 EMU_DIR = ROOT / "tests" / "cuda_emu"
 sys.path.insert(0, str(ROOT / "tests"))        # mma_cases: the bf16 rounding and float64 expectations
+sys.path.insert(0, str(HERE))                   # run_conv_variants: the timing
 
 from mma_cases import conv_expected, round_bf16  # noqa: E402
+from run_conv_variants import time_ms  # noqa: E402
 
 from hetnet.backends.cuda.kernels import HERE as CUDA_DIR  # noqa: E402
-from hetnet.backends.cuda.kernels import NULL, inline_header  # noqa: E402
+from hetnet.backends.cuda.kernels import NULL, get_kernel, inline_header  # noqa: E402
 from hetnet.backends.cuda.mma_tiles import CONV_CHOICE, TILES  # noqa: E402
 
-WARMUP, REPS, SAMPLES = 3, 10, 7
 RTOL_TC_ROUNDED = 1e-4          # tests/conftest.py's: float32 sums of bf16-rounded inputs
 TILE_NAMES = CONV_CHOICE["bf16"]
 
@@ -147,26 +149,6 @@ def emulate() -> int:
         return 1 if failed else 0
 
 
-def _time(cupy, fn) -> float:
-    """Median over SAMPLES of the GPU time of REPS back-to-back calls queued behind a ~1 ms spin, in us per call."""
-    from hetnet.backends.cuda.kernels import get_kernel
-
-    spin = get_kernel(0, "elementwise", "hn_spin")
-    for _ in range(WARMUP):
-        fn()
-    out = []
-    for _ in range(SAMPLES):
-        spin((1,), (1,), (np.int64(2_000_000),))
-        start, end = cupy.cuda.Event(), cupy.cuda.Event()
-        start.record()
-        for _ in range(REPS):
-            fn()
-        end.record()
-        end.synchronize()
-        out.append(cupy.cuda.get_elapsed_time(start, end) * 1000 / REPS)
-    return float(np.median(out))
-
-
 def on_gpu(batch: int, out: str | None) -> int:
     import cupy
 
@@ -175,6 +157,11 @@ def on_gpu(batch: int, out: str | None) -> int:
     from hetnet.device import get_backend
 
     be = get_backend("cuda", "bf16")
+    spin = get_kernel(be.device_id, "elementwise", "hn_spin")
+
+    def _time(cupy, launch) -> float:       # us per launch
+        return 1000 * time_ms(cupy, spin, launch)
+
     text = SOURCE.read_text().replace('#include "mma.cu"', inline_header((CUDA_DIR / "mma.cu").read_text()))
     module = cupy.RawModule(code=text, options=("-std=c++17",))
     rng = np.random.default_rng(0)
