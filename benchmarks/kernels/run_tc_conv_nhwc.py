@@ -1,7 +1,8 @@
-"""Check, then time, the sandbox's channels-last bf16 convolution forwards (tc_conv_nhwc.cu) beside the shipped NCHW
-one (mma.conv_tc, hn_conv_fwd_bf16_*) on cifar-wide's 3x3 convolutions: what 16-byte gathers from an NHWC input buy
-("nhwc": x and w in float32, staged and rounded as now), and what storing them in bf16 adds ("nhwc16": cp.async
-straight into the bf16 tiles), before the cuda backend's activations change layout.
+"""Check, then time, the sandbox's channels-last bf16 convolutions (tc_conv_nhwc.cu) beside the shipped NCHW ones
+(mma.conv_tc / conv_filter_tc) on cifar-wide's 3x3 convolutions: what 16-byte gathers from an NHWC input buy in the
+forward ("nhwc": x and w in float32, staged and rounded as now), and what storing them in bf16 adds ("nhwc16":
+cp.async straight into the bf16 tiles, forward and filter gradient), before the cuda backend's activations change
+layout.
 
 Each kernel first runs once against float64 of the bf16-rounded inputs (hetnet.backends.reference) within
 RTOL_TC_ROUNDED of ||y|| (a candidate that fails is reported, never timed); then it is timed as
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import math
 import subprocess
 import sys
 import tempfile
@@ -38,26 +40,29 @@ from run_conv_variants import time_ms  # noqa: E402
 from hetnet.backends.cuda.kernels import HERE as CUDA_DIR  # noqa: E402
 from hetnet.backends.cuda.kernels import NULL, get_kernel, inline_header  # noqa: E402
 from hetnet.backends.cuda.mma_tiles import CONV_CHOICE, TILES  # noqa: E402
+from mma_cases import conv_filter_expected  # noqa: E402, I001
 
 RTOL_TC_ROUNDED = 1e-4          # tests/conftest.py's: float32 sums of bf16-rounded inputs
 TILE_NAMES = CONV_CHOICE["bf16"]
 
 
 class Kernel:
-    """A sandbox kernel: its entry point, block tile, threads, shared memory, input storage ("f32": float32, "bf16":
-    bf16 bits) and the channel count C must be a multiple of."""
+    """A sandbox kernel: its op ("fwd" or "filter"), entry point, block tile, threads, shared memory, input storage
+    ("f32": float32, "bf16": bf16 bits) and the channel count C (and O) must be a multiple of."""
 
-    def __init__(self, name: str, bm: int, bn: int, threads: int, smem_bytes: int, storage: str, c_multiple: int):
-        self.name, self.bm, self.bn, self.threads, self.smem_bytes = name, bm, bn, threads, smem_bytes
-        self.storage, self.c_multiple = storage, c_multiple
+    def __init__(self, op: str, name: str, bm: int, bn: int, threads: int, smem_bytes: int, storage: str,
+                 multiple: int):
+        self.op, self.name, self.bm, self.bn, self.threads, self.smem_bytes = op, name, bm, bn, threads, smem_bytes
+        self.storage, self.multiple = storage, multiple
 
 
 def _kernels() -> list[Kernel]:
-    out = [Kernel(f"hn_conv_nhwc_fwd_bf16_{t.name}", t.bm, t.bn, t.threads, t.smem_bytes, "f32", 4)
+    out = [Kernel("fwd", f"hn_conv_nhwc_fwd_bf16_{t.name}", t.bm, t.bn, t.threads, t.smem_bytes, "f32", 4)
            for t in (next(t for t in TILES if t.precision == "bf16" and t.name == n) for n in TILE_NAMES)]
-    for name, bm, bn, threads in (("128x128x32s4", 128, 128, 256), ("128x128x32s4b2", 128, 128, 256),
-                                  ("64x64x32s4", 64, 64, 128)):
-        out.append(Kernel(f"hn_conv_nhwc16_fwd_{name}", bm, bn, threads, 4 * (bm + bn) * (32 + 8) * 2, "bf16", 8))
+    for op, tiles in (("fwd", (("128x128x32s4", 128, 256), ("128x128x32s4b2", 128, 256), ("64x64x32s4", 64, 128))),
+                      ("filter", (("128x128x32s4", 128, 256), ("64x64x32s4", 64, 128)))):
+        for name, b, threads in tiles:
+            out.append(Kernel(op, f"hn_conv_nhwc16_{op}_{name}", b, b, threads, 4 * 2 * b * (32 + 8) * 2, "bf16", 8))
     return out
 
 
@@ -65,10 +70,11 @@ KERNELS = _kernels()
 # cifar-wide's 3x3 convolutions at pad 1 (benchmarks/specs/cifar-wide.json): (C, H, W, O)
 SHAPES = {"conv2": (64, 32, 32, 128), "conv3": (128, 16, 16, 128), "conv4": (128, 16, 16, 256),
           "conv5": (256, 8, 8, 256), "conv6": (256, 4, 4, 256)}
-# small shapes for the emulator (each kernel takes those whose C it can): tails in M, N and K, stride 2, 1x1, 5x5
+# small shapes for the emulator, (n, C, H, W, O, R, S, stride, pad) (each kernel takes those whose C and O it can):
+# tails in M, N and K, stride 2, 1x1, 5x5
 EMU_SHAPES = [(2, 8, 5, 7, 12, 3, 3, 1, 1), (1, 4, 6, 6, 70, 1, 1, 1, 0), (3, 12, 9, 8, 20, 3, 3, 2, 1),
-              (3, 16, 9, 8, 20, 3, 3, 2, 1), (2, 16, 7, 7, 33, 5, 5, 1, 2), (1, 36, 4, 4, 130, 3, 3, 1, 1),
-              (1, 40, 4, 4, 130, 3, 3, 1, 1)]
+              (3, 16, 9, 8, 24, 3, 3, 2, 1), (2, 16, 7, 7, 32, 5, 5, 1, 2), (1, 36, 4, 4, 130, 3, 3, 1, 1),
+              (1, 40, 4, 4, 136, 3, 3, 1, 1), (4, 8, 6, 6, 8, 3, 3, 1, 1)]
 
 
 def bf16_bits(a: np.ndarray) -> np.ndarray:
@@ -76,32 +82,64 @@ def bf16_bits(a: np.ndarray) -> np.ndarray:
     return (round_bf16(a).view(np.uint32) >> 16).astype(np.uint16)
 
 
-def _stored(k: Kernel, x: np.ndarray, w: np.ndarray):
-    """x [n][C][H][W] and w [O][C][R][S] as kernel k reads them: channels last, float32 or bf16 bits."""
-    x_nhwc, w_ohwi = np.ascontiguousarray(x.transpose(0, 2, 3, 1)), np.ascontiguousarray(w.transpose(0, 2, 3, 1))
-    return (x_nhwc, w_ohwi) if k.storage == "f32" else (bf16_bits(x_nhwc), bf16_bits(w_ohwi))
+def _nhwc(k: Kernel, a: np.ndarray) -> np.ndarray:
+    """a [n][C][H][W] (or w [O][C][R][S]) channels last, as kernel k reads it: float32 or bf16 bits."""
+    last = np.ascontiguousarray(a.transpose(0, 2, 3, 1))
+    return last if k.storage == "f32" else bf16_bits(last)
 
 
-def _sizes(x_shape, w_shape, stride: int, pad: int):
-    n, c, h, w = x_shape
-    o, _, r, s = w_shape
+def fits(k: Kernel, shape) -> bool:
+    _, c, _, _, o, *_ = shape
+    return c % k.multiple == 0 and (k.op == "fwd" or o % k.multiple == 0)
+
+
+class Case:
+    """One launch of kernel k on shape (n, C, H, W, O, R, S, stride, pad) from float32 NCHW x, w (fwd: y = act(conv(x,
+    w) + b)) or x, dy, dw0 (filter: dw = dw0 + dE/dw, K split in `splits` parts): the arguments, the output, the
+    float64 result of the bf16-rounded inputs (`expected()`, in the output's layout)."""
+
+    def __init__(self, k: Kernel, shape, x, w=None, b=None, act=0, dy=None, dw0=None, splits=1):
+        n, c, h, wd, o, r, s, stride, pad = shape
+        p, q = (h + 2 * pad - r) // stride + 1, (wd + 2 * pad - s) // stride + 1
+        self.k, self.shape, self.x, self.w, self.b, self.act, self.dy, self.dw0 = k, shape, x, w, b, act, dy, dw0
+        if k.op == "fwd":
+            m, nn, kk = o, n * p * q, r * s * c
+            self.ins = (_nhwc(k, x), _nhwc(k, w), b)
+            self.out0 = np.full((n, o, p, q), np.nan, np.float32)
+            parts, kchunk = 1, kk
+        else:
+            m, nn, kk = o, r * s * c, n * p * q
+            self.ins = (_nhwc(k, x), _nhwc(k, dy), None)
+            self.out0 = np.ascontiguousarray(dw0.transpose(0, 2, 3, 1))
+            kchunk = math.ceil(math.ceil(kk / splits) / 32) * 32      # whole K tiles per part
+            parts = math.ceil(kk / kchunk)
+        self.grid = (-(-nn // k.bn), -(-m // k.bm), parts)
+        self.ints = (m, nn, kk, c, h, wd, r, s, p, q, o, stride, pad, act, parts, kchunk)
+
+    def expected(self) -> np.ndarray:
+        stride, pad = self.shape[7:]
+        if self.k.op == "fwd":
+            return conv_expected(self.x, self.w, self.b, stride, pad, self.act, "bf16")
+        return conv_filter_expected(self.dy, self.x, self.dw0, self.shape, "bf16").transpose(0, 2, 3, 1)
+
+
+def random_case(rng, k: Kernel, shape, bias: bool = False, act: int = 0, splits: int = 1, scale: float = 1.0) -> Case:
+    n, c, h, w, o, r, s, stride, pad = shape
     p, q = (h + 2 * pad - r) // stride + 1, (w + 2 * pad - s) // stride + 1
-    return n, c, h, w, o, r, s, p, q
+    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    if k.op == "fwd":
+        return Case(k, shape, x, (rng.standard_normal((o, c, r, s)) * scale).astype(np.float32),
+                    rng.standard_normal(o).astype(np.float32) if bias else None, act)
+    return Case(k, shape, x, dy=(rng.standard_normal((n, o, p, q)) * scale).astype(np.float32),
+                dw0=rng.standard_normal((o, c, r, s)).astype(np.float32), splits=splits)
 
 
-def _args(x_shape, w_shape, stride: int, pad: int, act: int) -> tuple:
-    """The kernel's integer arguments after its four pointers (mma.cu's HN_CONV_PARAMS)."""
-    n, c, h, w, o, r, s, p, q = _sizes(x_shape, w_shape, stride, pad)
-    return (o, n * p * q, r * s * c, c, h, w, r, s, p, q, o, stride, pad, act, 1, r * s * c)
-
-
-def _grid(tile: Kernel, x_shape, w_shape, stride: int, pad: int) -> tuple:
-    n, _, _, _, o, _, _, p, q = _sizes(x_shape, w_shape, stride, pad)
-    return (-(-n * p * q // tile.bn), -(-o // tile.bm), 1)
+def _rel(got, want) -> float:
+    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
 
 
 def emulate() -> int:
-    """Compile the sandbox against the CPU emulator and check both tiles on EMU_SHAPES; 0 when all agree."""
+    """Compile the sandbox against the CPU emulator and check every kernel on EMU_SHAPES; 0 when all agree."""
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
         lib = Path(tmp) / "libnhwc.so"
@@ -110,42 +148,37 @@ def emulate() -> int:
                str(EMU_DIR / "gemm_launch.cpp"), "-o", str(lib)]
         subprocess.run(cmd, check=True)
         emu = ctypes.CDLL(str(lib))
-        failed = 0
+        c_ = ctypes
+
+        def buf(a):
+            return (c_.c_void_p(None), c_.c_longlong(0)) if a is None else (c_.c_void_p(a.ctypes.data),
+                                                                           c_.c_longlong(a.nbytes))
+
+        failed = checked = 0
         for shape in EMU_SHAPES:
-            n, c, h, w, o, r, s, stride, pad = shape
             for k in KERNELS:
-                if c % k.c_multiple:
+                if not fits(k, shape):
                     continue
-                for bias, act in ((True, 1), (False, 0)):
-                    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
-                    wt = rng.standard_normal((o, c, r, s)).astype(np.float32)
-                    b = rng.standard_normal(o).astype(np.float32) if bias else None
-                    _, _, _, _, _, _, _, p, q = _sizes(x.shape, wt.shape, stride, pad)
-                    y = np.full((n, o, p, q), np.nan, np.float32)
-                    xs, ws = _stored(k, x, wt)
-                    err = ctypes.create_string_buffer(1024)
-                    c_ = ctypes
-
-                    def buf(a):
-                        return ((c_.c_void_p(None), c_.c_longlong(0)) if a is None else
-                                (c_.c_void_p(a.ctypes.data), c_.c_longlong(a.nbytes)))
-
-                    rc = emu.emu_conv(c_.cast(getattr(emu, k.name), c_.c_void_p),
-                                      *(c_.c_uint(v) for v in _grid(k, x.shape, wt.shape, stride, pad)),
-                                      c_.c_uint(k.threads), c_.c_int(k.smem_bytes), *buf(xs), *buf(ws), *buf(b),
-                                      *buf(y), *(c_.c_int(v) for v in _args(x.shape, wt.shape, stride, pad, act)),
-                                      c_.c_uint(1), err, c_.c_int(len(err)))
-                    where = f"{k.name} {shape} bias {bias} act {act}"
+                variants = ((True, 1, 1), (False, 0, 1)) if k.op == "fwd" else ((False, 0, 1), (False, 0, 3))
+                for bias, act, splits in variants:
+                    case = random_case(rng, k, shape, bias, act, splits)
+                    out = case.out0.copy()
+                    err = c_.create_string_buffer(1024)
+                    rc = emu.emu_conv(c_.cast(getattr(emu, k.name), c_.c_void_p), *(c_.c_uint(v) for v in case.grid),
+                                      c_.c_uint(k.threads), c_.c_int(k.smem_bytes), *buf(case.ins[0]),
+                                      *buf(case.ins[1]), *buf(case.ins[2]), *buf(out),
+                                      *(c_.c_int(v) for v in case.ints), c_.c_uint(1), err, c_.c_int(len(err)))
+                    where = f"{k.name} {shape} bias {bias} act {act} splits {case.grid[2]}"
+                    checked += 1
                     if rc != 0:
                         print(f"{where}: emulator error: {err.value.decode()}")
                         failed += 1
                         continue
-                    want = conv_expected(x, wt, b, stride, pad, act, "bf16")
-                    rel = float(np.linalg.norm(y - want) / max(np.linalg.norm(want), 1e-30))
-                    ok = np.all(np.isfinite(y)) and rel <= RTOL_TC_ROUNDED
+                    rel = _rel(out, case.expected())
+                    ok = bool(np.all(np.isfinite(out))) and rel <= RTOL_TC_ROUNDED
                     failed += not ok
                     print(f"{where}: relative error {rel:.2e} {'ok' if ok else 'FAILED'}")
-        print("all agree" if not failed else f"{failed} failed")
+        print(f"all {checked} agree" if not failed else f"{failed} of {checked} failed")
         return 1 if failed else 0
 
 
@@ -159,52 +192,70 @@ def on_gpu(batch: int, out: str | None) -> int:
     be = get_backend("cuda", "bf16")
     spin = get_kernel(be.device_id, "elementwise", "hn_spin")
 
-    def _time(cupy, launch) -> float:       # us per launch
+    def _time(launch) -> float:       # us per launch
         return 1000 * time_ms(cupy, spin, launch)
 
     text = SOURCE.read_text().replace('#include "mma.cu"', inline_header((CUDA_DIR / "mma.cu").read_text()))
     module = cupy.RawModule(code=text, options=("-std=c++17",))
     rng = np.random.default_rng(0)
     rows, failed = [], 0
-    print(f"{be.gpu_name}, bf16, batch {batch}: us per call; NCHW = mma.conv_tc's best tile; ratio = NCHW / "
-          "kernel (with the input's transpose and, for nhwc16, its rounding to bf16, in brackets)")
+    print(f"{be.gpu_name}, bf16, batch {batch}: us per call; NCHW = mma.conv_tc's (conv_filter_tc's) best tile; ratio "
+          "= NCHW / kernel (in brackets with its inputs' layout change: the NCHW -> NHWC transpose, and for nhwc16 "
+          "a write of 2 bytes per element)")
     for layer, (c, h, w, o) in SHAPES.items():
-        x = cupy.asarray(rng.standard_normal((batch, c, h, w)).astype(np.float32))
-        wt = cupy.asarray((rng.standard_normal((o, c, 3, 3)) * 0.05).astype(np.float32))
-        y_ref = cupy.empty((batch, o, h, w), np.float32)
-        nchw = min(_time(cupy, lambda name=name: mma.conv_tc(be, y_ref, x, wt, None, 1, 1, 0, name))
-                   for name in TILE_NAMES)
-        host_x, host_w = x.get(), wt.get()
-        want = conv_expected(host_x[:2], host_w, None, 1, 1, 0, "bf16")
-        for k in KERNELS:
-            if c % k.c_multiple:
-                continue
-            xs, ws = (cupy.asarray(a) for a in _stored(k, host_x, host_w))
-            if k.storage == "f32":
-                layout = _time(cupy, lambda: cupy.ascontiguousarray(x.transpose(0, 2, 3, 1)))
-            else:       # a stand-in for a transpose that rounds: read float32, write 2 bytes per element
-                layout = _time(cupy, lambda: cupy.ascontiguousarray(x.transpose(0, 2, 3, 1)).astype(cupy.float16))
-            kern = module.get_function(k.name)
-            kern.max_dynamic_shared_size_bytes = k.smem_bytes
-            y = cupy.full((batch, o, h, w), np.nan, np.float32)
-            args = (xs, ws, NULL, y, *(np.int32(v) for v in _args(x.shape, wt.shape, 1, 1, 0)))
+        shape = (batch, c, h, w, o, 3, 3, 1, 1)
+        for op in ("fwd", "filter"):
+            ks = [k for k in KERNELS if k.op == op and fits(k, shape)]
+            case = random_case(rng, ks[0], shape, scale=0.05)
+            gx = cupy.asarray(case.x)
+            if op == "fwd":
+                gw, gy = cupy.asarray(case.w), cupy.empty(case.out0.shape, np.float32)
+                nchw = min(_time(lambda t=t: mma.conv_tc(be, gy, gx, gw, None, 1, 1, 0, t)) for t in TILE_NAMES)
+                inputs = [gx]
+            else:
+                gdy, gdw = cupy.asarray(case.dy), cupy.asarray(case.dw0)
+                nchw = min(_time(lambda t=t: mma.conv_filter_tc(be, gdw, gdy, gx, 1, 1, t)) for t in TILE_NAMES)
+                inputs = [gx, gdy]
+            small = Case(ks[0], (2, *shape[1:]), case.x[:2], case.w, None, 0,
+                         None if case.dy is None else case.dy[:2], case.dw0)
+            want = small.expected()
+            for k in ks:
+                if k.storage == "f32":
+                    layout = sum(_time(lambda a=a: cupy.ascontiguousarray(a.transpose(0, 2, 3, 1))) for a in inputs)
+                else:
+                    layout = sum(_time(lambda a=a: cupy.ascontiguousarray(a.transpose(0, 2, 3, 1)).astype(cupy.float16))
+                                 for a in inputs)
+                kern = module.get_function(k.name)
+                kern.max_dynamic_shared_size_bytes = k.smem_bytes
+                # the filter gradient's K split so that about two blocks per SM run (its M x N grid is small)
+                blocks = math.ceil(9 * c / k.bn) * math.ceil(o / k.bm)
+                splits = max(1, 2 * be.sms // blocks) if op == "filter" else 1
 
-            def launch(kern=kern, k=k, args=args):
-                kern(_grid(k, x.shape, wt.shape, 1, 1), (k.threads,), args, shared_mem=k.smem_bytes)
+                def launcher(c_, kern=kern, k=k):
+                    """A launch of case c_ on GPU copies of its inputs and output (returned with it)."""
+                    gins = [None if a is None else cupy.asarray(a) for a in c_.ins]
+                    gout = cupy.asarray(c_.out0)
+                    args = (gins[0], gins[1], NULL, gout, *(np.int32(v) for v in c_.ints))
+                    return (lambda: kern(c_.grid, (k.threads,), args, shared_mem=k.smem_bytes)), gout
 
-            launch()
-            got = y[:2].get()
-            rel = float(np.linalg.norm(got - want) / np.linalg.norm(want))
-            if not (np.all(np.isfinite(got)) and rel <= RTOL_TC_ROUNDED):
-                print(f"  {layer} {k.name}: relative error {rel:.2e} against float64: FAILED, not timed")
-                failed += 1
-                continue
-            t = _time(cupy, launch)
-            row = {"layer": layer, "shape": [batch, c, h, w, o], "kernel": k.name, "nchw_us": nchw, "us": t,
-                   "layout_us": layout, "check_rel_err": rel, "tflops": 2 * batch * h * w * o * c * 9 / t / 1e6}
-            rows.append(row)
-            print(f"  {layer} {k.name:36s} NCHW {nchw:8.1f}  {t:8.1f} ({t + layout:8.1f})  "
-                  f"{nchw / t:5.2f}x ({nchw / (t + layout):5.2f}x)  {row['tflops']:6.1f} TFLOP/s")
+                check = Case(k, small.shape, small.x, small.w, None, 0, small.dy, small.dw0, splits)
+                run_check, gout = launcher(check)
+                run_check()
+                got = gout.get()
+                rel = _rel(got, want)
+                if not (np.all(np.isfinite(got)) and rel <= RTOL_TC_ROUNDED):
+                    print(f"  {layer} {k.name}: relative error {rel:.2e} against float64: FAILED, not timed")
+                    failed += 1
+                    continue
+                full = Case(k, shape, case.x, case.w, None, 0, case.dy, case.dw0, splits)
+                launch, _ = launcher(full)
+                t = _time(launch)
+                row = {"layer": layer, "op": op, "shape": [batch, c, h, w, o], "kernel": k.name,
+                       "splits": full.grid[2], "nchw_us": nchw, "us": t, "layout_us": layout, "check_rel_err": rel,
+                       "tflops": 2 * batch * h * w * o * c * 9 / t / 1e6}
+                rows.append(row)
+                print(f"  {layer} {op:6s} {k.name:38s} NCHW {nchw:8.1f}  {t:8.1f} ({t + layout:8.1f})  "
+                      f"{nchw / t:5.2f}x ({nchw / (t + layout):5.2f}x)  {row['tflops']:6.1f} TFLOP/s")
     if out:
         Path(out).write_text(json.dumps({"environment": environment(threads=1, want_gpu=True), "method": __doc__,
                                          "rows": rows}, indent=1, default=str) + "\n")

@@ -211,3 +211,103 @@ __device__ __forceinline__ void hn_conv_nhwc16(unsigned char* smem, const unsign
 HN_CONV_NHWC16(hn_conv_nhwc16_fwd_128x128x32s4, 128, 128, 32, 64, 32, 4, 1)
 HN_CONV_NHWC16(hn_conv_nhwc16_fwd_128x128x32s4b2, 128, 128, 32, 64, 32, 4, 2)
 HN_CONV_NHWC16(hn_conv_nhwc16_fwd_64x64x32s4, 64, 64, 32, 32, 32, 4, 1)
+
+// --- the filter gradient with x and dy stored in bf16 channels-last ------------------------------------------------
+//
+// dw[o][(r, s, c)] += sum over k = (img, p, q) of dy[img][p][q][o] x[img][p*stride - pad + r][q*stride - pad + s][c]:
+// the GEMM C[M, N] += A[M, K] B[K, N] with M = O, N = R x S x C (channels innermost, dw stored [O][R][S][C]),
+// K = images x P x Q. A is dy as stored ([k][o]: rows k, eight o per chunk, O a multiple of 8) and B is x gathered
+// (rows k, eight channels per chunk of one tap, C a multiple of 8), both kept with rows along k ("A t", "B n") and
+// read by ldmatrix.trans. A thread's B chunk columns (taps) are fixed, its rows k move by BK per tile: per tile it
+// divides its rows' k (by P x Q, then Q). K is split over blockIdx.z (kchunk each), the parts added into dw with
+// atomics as the GEMM's split-K (dw holds its earlier sum: beta 1).
+template <int ROWS, int CPR, int STRIDE, int THREADS>
+__device__ __forceinline__ void hn_nhwc16_copy_dy(unsigned short* s, const unsigned short* dy, int O, int m0, int M,
+                                                  int k0, int kend, int tid) {
+#pragma unroll
+    for (int i = 0; i < ROWS * CPR / THREADS; ++i) {
+        const int q = tid + i * THREADS, row = q / CPR, col = (q % CPR) * 8, k = k0 + row, m = m0 + col;
+        const bool ok = k < kend && m < M;
+        hn_cp_async16(s + row * STRIDE + col, dy + (ok ? static_cast<long long>(k) * O + m : 0), ok ? 16 : 0);
+    }
+}
+
+// The divisors of the filter gradient's gathers: a column n = (r, s, c) by C and S, a row k = (img, p, q) by P x Q
+// and Q.
+struct HnTapDivs {
+    HnDiv c, s, pq, q;
+};
+
+template <int ROWS, int CPR, int STRIDE, int THREADS>
+__device__ __forceinline__ void hn_nhwc16_copy_x_taps(unsigned short* s, const unsigned short* x, const HnConv& cv,
+                                                      int n0, int N, const HnTapDivs& dv, int k0, int kend, int tid) {
+    const int col = (tid % CPR) * 8, n = n0 + col;                  // this thread's columns: one tap, 8 channels
+    const int rs = hn_div(n, dv.c), c = n - rs * cv.c, r = hn_div(rs, dv.s), sx = rs - r * cv.s;
+#pragma unroll
+    for (int i = 0; i < ROWS * CPR / THREADS; ++i) {
+        const int row = (tid + i * THREADS) / CPR, k = k0 + row;
+        const int img = hn_div(k, dv.pq), t = k - img * dv.pq.d, p = hn_div(t, dv.q), q = t - p * cv.q;
+        const int ih = p * cv.stride - cv.pad + r, iw = q * cv.stride - cv.pad + sx;
+        const bool ok = k < kend && n < N && ih >= 0 && ih < cv.h && iw >= 0 && iw < cv.w;
+        const int at = ok ? ((img * cv.h + ih) * cv.w + iw) * cv.c + c : 0;
+        hn_cp_async16(s + row * STRIDE + col, x + at, ok ? 16 : 0);
+    }
+}
+
+template <int BM, int BN, int BK, int WM, int WN, int STAGES>
+__device__ __forceinline__ void hn_conv_filter_nhwc16(unsigned char* smem, const unsigned short* dy,
+                                                      const unsigned short* x, float* dw, int M, int N, int K,
+                                                      int splits, int kchunk, const HnConv& cv) {
+    constexpr int WARPS_N = BN / WN, THREADS = 32 * (BM / WM) * WARPS_N, MT = WM / 16, NT = WN / 8;
+    constexpr int CPA = BM / 8, CPB = BN / 8;
+    static_assert(BM % WM == 0 && BN % WN == 0 && WM % 16 == 0 && WN % 16 == 0 && BK % 16 == 0 && STAGES >= 2 &&
+                  THREADS % CPB == 0 && (BK * CPA) % THREADS == 0 && (BK * CPB) % THREADS == 0, "tile");
+    using OA = HnOperand<false, BM, BK, 8, 8>;   // rows k
+    using OB = HnOperand<false, BN, BK, 8, 8>;
+    unsigned short* sa = reinterpret_cast<unsigned short*>(smem);
+    unsigned short* sb = sa + STAGES * OA::ELEMS;
+
+    const HnBlock blk = hn_block(nullptr, nullptr, dw, M, N, K, 0, 0, N, 0, 0, 0, 1.f, 1.f, splits, kchunk, BM, BN, BK);
+    const HnThread th = hn_thread<WM, WN, WARPS_N>();
+    const int tid = th.tid, tiles = blk.tiles;
+    float acc[MT][NT][4];
+    hn_zero(acc);
+    const HnTapDivs dv = {hn_div_of(cv.c), hn_div_of(cv.s), hn_div_of(cv.p * cv.q), hn_div_of(cv.q)};
+
+    auto issue = [&](int kt) {
+        const int k0 = blk.kbeg + kt * BK, s = kt % STAGES;
+        hn_nhwc16_copy_dy<BK, CPA, OA::STRIDE, THREADS>(sa + s * OA::ELEMS, dy, cv.o, blk.m0, M, k0, blk.kend, tid);
+        hn_nhwc16_copy_x_taps<BK, CPB, OB::STRIDE, THREADS>(sb + s * OB::ELEMS, x, cv, blk.n0, N, dv, k0, blk.kend,
+                                                            tid);
+    };
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < tiles) issue(s);
+        hn_cp_async_commit();
+    }
+    for (int kt = 0; kt < tiles; ++kt) {
+        const int s = kt % STAGES;
+        hn_cp_async_wait<STAGES - 2>();
+        __syncthreads();
+        if (kt + STAGES - 1 < tiles) issue(kt + STAGES - 1);
+        hn_cp_async_commit();
+        hn_gemm_bf16_tile<true, false, OA, OB, MT, NT, BK>(sa + s * OA::ELEMS, sb + s * OB::ELEMS, acc, th.wm, th.wn,
+                                                            th.lane);
+    }
+    hn_cp_async_wait<0>();
+    hn_epilogue<MT, NT>(blk, acc, M, N, N, 1.f, 1.f, th.wm, th.wn, th.lane);
+}
+
+// B = x and Wt = dy as bf16 bits, Y = dw [O][R][S][C] float32, added into; grid.z = splits parts of kchunk.
+#define HN_CONV_FILTER_NHWC16(name, BM, BN, BK, WM, WN, ST, MINB)                                                 \
+    extern "C" __global__ void __launch_bounds__(32 * (BM / WM) * (BN / WN), MINB) name(                         \
+        const unsigned short* __restrict__ B, const unsigned short* __restrict__ Wt, const float* __restrict__ AUX,  \
+        float* __restrict__ Y, int M, int N, int K, int C, int H, int W, int R, int S, int P, int Q, int O,         \
+        int stride, int pad, int act, int splits, int kchunk) {                                                   \
+        HN_DYNAMIC_SMEM(hn_smem);                                                                              \
+        const HnConv cv = hn_conv_of<3>(AUX, C, H, W, R, S, P, Q, O, stride, pad, act);                         \
+        hn_conv_filter_nhwc16<BM, BN, BK, WM, WN, ST>(hn_smem, Wt, B, Y, M, N, K, splits, kchunk, cv);          \
+    }
+
+HN_CONV_FILTER_NHWC16(hn_conv_nhwc16_filter_128x128x32s4, 128, 128, 32, 64, 32, 4, 1)
+HN_CONV_FILTER_NHWC16(hn_conv_nhwc16_filter_64x64x32s4, 64, 64, 32, 32, 32, 4, 1)
