@@ -34,13 +34,12 @@ EMU_DIR = ROOT / "tests" / "cuda_emu"
 sys.path.insert(0, str(ROOT / "tests"))        # mma_cases: the bf16 rounding and float64 expectations
 sys.path.insert(0, str(HERE))                   # run_conv_variants: the timing
 
-from mma_cases import conv_expected, round_bf16  # noqa: E402
+from mma_cases import conv_expected, conv_filter_expected, round_bf16  # noqa: E402
 from run_conv_variants import time_ms  # noqa: E402
 
 from hetnet.backends.cuda.kernels import HERE as CUDA_DIR  # noqa: E402
 from hetnet.backends.cuda.kernels import NULL, get_kernel, inline_header  # noqa: E402
 from hetnet.backends.cuda.mma_tiles import CONV_CHOICE, TILES  # noqa: E402
-from mma_cases import conv_filter_expected  # noqa: E402, I001
 
 RTOL_TC_ROUNDED = 1e-4          # tests/conftest.py's: float32 sums of bf16-rounded inputs
 TILE_NAMES = CONV_CHOICE["bf16"]
