@@ -1,13 +1,17 @@
-// Sandbox (not shipped): the bf16 tensor-core convolution forward with its input channels-last, to measure what
-// 16-byte gathers buy against mma.cu's NCHW kernel (hn_conv_fwd_bf16_128x128x32s3a) before the cuda backend's
-// activations change layout. benchmarks/kernels/run_tc_conv_nhwc.py checks it against float64 and times it.
+// Sandbox (not shipped): bf16 tensor-core convolutions on channels-last tensors, to measure what 16-byte gathers buy
+// against mma.cu's NCHW kernels (hn_conv_*_bf16_*) before the cuda backend's activations change layout:
+//   hn_conv_nhwc_fwd_bf16_*     the forward, x and w in float32 (staged and rounded as mma.cu's "a" pipeline);
+//   hn_conv_nhwc16_fwd_*        the forward, x and w stored in bf16 (cp.async straight into the bf16 tiles);
+//   hn_conv_nhwc16_filter_*     the filter gradient, x and dy stored in bf16.
+// benchmarks/kernels/run_tc_conv_nhwc.py checks each against float64 (on a GPU, or --emulate) and times it.
 //
+// The forward in float32:
 // y[img][o][p][q] = act(b[o] + sum_k W[o][k] x(k; img, p, q)), the GEMM C[M, N] = A[M, K] B[K, N] with M = O,
 // N = images x P x Q (n = (img * P + p) * Q + q), K = R x S x C (k = (r * S + s) * C + c: channels innermost),
 // A = W stored [O][R][S][C] (K-major rows, lda = K), and B gathered from x stored [n][H][W][C]:
 // B[k][n] = x[img][p*stride - pad + r][q*stride - pad + s][c], zero outside the image. B's tile is kept as its
 // transpose (rows n, columns k: "B t"), so four consecutive k of one row are four consecutive channels of one pixel:
-// one 16-byte cp.async when C is a multiple of 4 (the launcher's condition), where the NCHW kernel issues four
+// one 16-byte cp.async when C is a multiple of 4 (the runner's condition), where the NCHW kernel issues four
 // 4-byte ones. A thread's chunk column (k offset) is the same in all its rows and its rows (pixels) are the same in
 // every K tile, so per K tile it divides one k (by C, then by S) and per chunk it adds and compares.
 // The pipeline is mma.cu's hn_gemm_bf16_async (STAGES float32 tiles by cp.async, rounded into two bf16 tiles,
