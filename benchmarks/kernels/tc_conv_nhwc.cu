@@ -14,8 +14,8 @@
 // one 16-byte cp.async when C is a multiple of 4 (the runner's condition), where the NCHW kernel issues four
 // 4-byte ones. A thread's chunk column (k offset) is the same in all its rows and its rows (pixels) are the same in
 // every K tile, so per K tile it divides one k (by C, then by S) and per chunk it adds and compares.
-// The pipeline is mma.cu's hn_gemm_bf16_async (STAGES float32 tiles by cp.async, rounded into two bf16 tiles,
-// fragments by ldmatrix), with this gather in place of hn_issue_tile; the epilogue is the NCHW forward's.
+// The pipeline is mma.cu's bf16 "a" K loop (hn_bf16_async_loop: STAGES float32 tiles by cp.async, rounded into two
+// bf16 tiles, fragments by ldmatrix) with this gather as its copy; the epilogue is the NCHW forward's.
 #include "mma.cu"
 
 // The pixels of the ROWS / (THREADS / CPR) chunk rows a thread copies (rows tid / CPR + i * THREADS / CPR): where
@@ -43,13 +43,12 @@ __device__ __forceinline__ HnNhwcRows<ROWS * (COLS / 4) / THREADS> hn_nhwc_rows(
 }
 
 // B^T's BN x BK tile (rows n, columns k0 .. k0+BK-1) gathered into shared memory (row stride STRIDE) in
-// hn_copy_tile_async's chunk order; columns from kend on, and taps outside the image, zero-filled.
-template <int ROWS, int COLS, int STRIDE, int THREADS, int NROWS>
-__device__ __forceinline__ void hn_nhwc_copy_b(float* s, const float* x, const HnConv& cv,
-                                               const HnNhwcRows<NROWS>& rows, const HnDiv& by_c, int k0, int kend,
-                                               int tid) {
-    constexpr int CPR = COLS / 4;
-    const int col = (tid % CPR) * 4, k = k0 + col;
+// hn_copy_tile_async's chunk order, CPR 16-byte chunks a row (4 float32 or 8 bf16 channels of one tap); columns from
+// kend on, and taps outside the image, zero-filled.
+template <class T, int CPR, int STRIDE, int THREADS, int NROWS>
+__device__ __forceinline__ void hn_nhwc_copy_b(T* s, const T* x, const HnConv& cv, const HnNhwcRows<NROWS>& rows,
+                                               const HnDiv& by_c, int k0, int kend, int tid) {
+    const int col = (tid % CPR) * (16 / static_cast<int>(sizeof(T))), k = k0 + col;
     const int rs = hn_div(k, by_c), c = k - rs * cv.c, r = hn_div(rs, cv.kb_inner), sx = rs - r * cv.s;
 #pragma unroll
     for (int i = 0; i < NROWS; ++i) {
@@ -87,28 +86,10 @@ __device__ __forceinline__ void hn_conv_nhwc_bf16(unsigned char* smem, const flo
         const int k0 = blk.kbeg + kt * BK, s = kt % STAGES;
         hn_copy_tile_async<FA::ROWS, FA::COLS, FA::STRIDE, THREADS>(fa + s * FA::ELEMS,
                                                                      hn_src<true>(W, K, blk.m0, k0, M, blk.kend), tid);
-        hn_nhwc_copy_b<FB::ROWS, FB::COLS, FB::STRIDE, THREADS>(fb + s * FB::ELEMS, x, cv, rows, by_c, k0, blk.kend,
-                                                                tid);
+        hn_nhwc_copy_b<float, FB::COLS / 4, FB::STRIDE, THREADS>(fb + s * FB::ELEMS, x, cv, rows, by_c, k0, blk.kend,
+                                                                 tid);
     };
-#pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) {
-        if (s < tiles) issue(s);
-        hn_cp_async_commit();
-    }
-    for (int kt = 0; kt < tiles; ++kt) {
-        const int s = kt % STAGES, h = kt & 1;
-        hn_cp_async_wait<STAGES - 2>();
-        hn_convert_bf16<FA::ROWS, FA::COLS, FA::STRIDE, OA::STRIDE, THREADS>(fa + s * FA::ELEMS, sa + h * OA::ELEMS,
-                                                                           tid);
-        hn_convert_bf16<FB::ROWS, FB::COLS, FB::STRIDE, OB::STRIDE, THREADS>(fb + s * FB::ELEMS, sb + h * OB::ELEMS,
-                                                                           tid);
-        __syncthreads();
-        if (kt + STAGES - 1 < tiles) issue(kt + STAGES - 1);
-        hn_cp_async_commit();
-        hn_gemm_bf16_tile<false, true, OA, OB, MT, NT, BK>(sa + h * OA::ELEMS, sb + h * OB::ELEMS, acc, th.wm, th.wn,
-                                                            th.lane);
-    }
-    hn_cp_async_wait<0>();
+    hn_bf16_async_loop<false, true, FA, FB, OA, OB, STAGES, THREADS, BK>(fa, fb, sa, sb, tiles, th, acc, issue);
     hn_conv_epilogue<1, MT, NT>(blk, acc, M, N, cv, th.wm, th.wn, th.lane);
 }
 
@@ -130,20 +111,6 @@ HN_CONV_NHWC(hn_conv_nhwc_fwd_bf16_64x64x32s4a, 64, 64, 32, 32, 32, 4, 1)
 // by cp.async straight into the bf16 tiles the fragments are read from (no float32 staging, no conversion), STAGES
 // deep. Iteration kt: wait for tile kt, barrier (tile kt visible to all; every warp done with tile kt-1), refill
 // buffer (kt-1) % STAGES with tile kt+STAGES-1, multiply tile kt. C must be a multiple of 8.
-template <int ROWS, int CPR, int STRIDE, int THREADS, int NROWS>
-__device__ __forceinline__ void hn_nhwc16_copy_b(unsigned short* s, const unsigned short* x, const HnConv& cv,
-                                                 const HnNhwcRows<NROWS>& rows, const HnDiv& by_c, int k0, int kend,
-                                                 int tid) {
-    const int col = (tid % CPR) * 8, k = k0 + col;
-    const int rs = hn_div(k, by_c), c = k - rs * cv.c, r = hn_div(rs, cv.kb_inner), sx = rs - r * cv.s;
-#pragma unroll
-    for (int i = 0; i < NROWS; ++i) {
-        const int ih = rows.ih0[i] + r, iw = rows.iw0[i] + sx;
-        const bool ok = k < kend && ih >= 0 && ih < cv.h && iw >= 0 && iw < cv.w;
-        const int at = ok ? rows.base[i] + (ih * cv.w + iw) * cv.c + c : 0;
-        hn_cp_async16(s + ((tid + i * THREADS) / CPR) * STRIDE + col, x + at, ok ? 16 : 0);
-    }
-}
 
 // A's BM x BK tile (rows m of w, K-major) in 8-element chunks; rows from M on and columns from kend on zero-filled.
 template <int ROWS, int CPR, int STRIDE, int THREADS>
@@ -155,6 +122,28 @@ __device__ __forceinline__ void hn_nhwc16_copy_a(unsigned short* s, const unsign
         const bool ok = m < M && k < kend;
         hn_cp_async16(s + row * STRIDE + col, w + (ok ? static_cast<long long>(m) * K + k : 0), ok ? 16 : 0);
     }
+}
+
+// The K loop when both tiles are copied in bf16 (issue(kt): K tile kt's cp.async into stage kt % STAGES of sa / sb,
+// layouts OA / OB), as described above; ends with every copy retired.
+template <bool TA, bool TB, class OA, class OB, int STAGES, int BK, int MT, int NT, class Issue>
+__device__ __forceinline__ void hn_bf16_direct_loop(const unsigned short* sa, const unsigned short* sb, int tiles,
+                                                    const HnThread& th, float (&acc)[MT][NT][4], const Issue& issue) {
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < tiles) issue(s);
+        hn_cp_async_commit();
+    }
+    for (int kt = 0; kt < tiles; ++kt) {
+        const int s = kt % STAGES;
+        hn_cp_async_wait<STAGES - 2>();
+        __syncthreads();
+        if (kt + STAGES - 1 < tiles) issue(kt + STAGES - 1);
+        hn_cp_async_commit();
+        hn_gemm_bf16_tile<TA, TB, OA, OB, MT, NT, BK>(sa + s * OA::ELEMS, sb + s * OB::ELEMS, acc, th.wm, th.wn,
+                                                      th.lane);
+    }
+    hn_cp_async_wait<0>();
 }
 
 template <int BM, int BN, int BK, int WM, int WN, int STAGES>
@@ -181,23 +170,10 @@ __device__ __forceinline__ void hn_conv_nhwc16(unsigned char* smem, const unsign
     auto issue = [&](int kt) {
         const int k0 = kt * BK, s = kt % STAGES;
         hn_nhwc16_copy_a<BM, CPR, OA::STRIDE, THREADS>(sa + s * OA::ELEMS, W, K, blk.m0, M, k0, K, tid);
-        hn_nhwc16_copy_b<BN, CPR, OB::STRIDE, THREADS>(sb + s * OB::ELEMS, x, cv, rows, by_c, k0, K, tid);
+        hn_nhwc_copy_b<unsigned short, CPR, OB::STRIDE, THREADS>(sb + s * OB::ELEMS, x, cv, rows, by_c, k0, K,
+                                                                 tid);
     };
-#pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) {
-        if (s < tiles) issue(s);
-        hn_cp_async_commit();
-    }
-    for (int kt = 0; kt < tiles; ++kt) {
-        const int s = kt % STAGES;
-        hn_cp_async_wait<STAGES - 2>();
-        __syncthreads();
-        if (kt + STAGES - 1 < tiles) issue(kt + STAGES - 1);
-        hn_cp_async_commit();
-        hn_gemm_bf16_tile<false, true, OA, OB, MT, NT, BK>(sa + s * OA::ELEMS, sb + s * OB::ELEMS, acc, th.wm, th.wn,
-                                                            th.lane);
-    }
-    hn_cp_async_wait<0>();
+    hn_bf16_direct_loop<false, true, OA, OB, STAGES, BK>(sa, sb, tiles, th, acc, issue);
     hn_conv_epilogue<1, MT, NT>(blk, acc, M, N, cv, th.wm, th.wn, th.lane);
 }
 
@@ -284,21 +260,7 @@ __device__ __forceinline__ void hn_conv_filter_nhwc16(unsigned char* smem, const
         hn_nhwc16_copy_x_taps<BK, CPB, OB::STRIDE, THREADS>(sb + s * OB::ELEMS, x, cv, blk.n0, N, dv, k0, blk.kend,
                                                             tid);
     };
-#pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) {
-        if (s < tiles) issue(s);
-        hn_cp_async_commit();
-    }
-    for (int kt = 0; kt < tiles; ++kt) {
-        const int s = kt % STAGES;
-        hn_cp_async_wait<STAGES - 2>();
-        __syncthreads();
-        if (kt + STAGES - 1 < tiles) issue(kt + STAGES - 1);
-        hn_cp_async_commit();
-        hn_gemm_bf16_tile<true, false, OA, OB, MT, NT, BK>(sa + s * OA::ELEMS, sb + s * OB::ELEMS, acc, th.wm, th.wn,
-                                                            th.lane);
-    }
-    hn_cp_async_wait<0>();
+    hn_bf16_direct_loop<true, false, OA, OB, STAGES, BK>(sa, sb, tiles, th, acc, issue);
     hn_epilogue<MT, NT>(blk, acc, M, N, N, 1.f, 1.f, th.wm, th.wn, th.lane);
 }
 

@@ -790,6 +790,36 @@ __device__ __forceinline__ void hn_convert_bf16(const float* src, unsigned short
 // every warp done with buffer (kt-1) % 2 and tile kt-1), refill float32 buffer (kt-1) % STAGES with tile
 // kt+STAGES-1, multiply from bf16 buffer kt % 2. The next write to that buffer (iteration kt+2) comes after the
 // barrier of iteration kt+1, which every warp reaches only after this multiply.
+// hn_bf16_async_loop is that K loop for any copy of the float32 tiles (the GEMM's, the convolutions' gathers):
+// issue(kt) starts the cp.async of K tile kt into stage kt % STAGES of fa / fb (FA / FB layouts), each thread its
+// chunks in hn_copy_tile_async's order; OA / OB are the bf16 tiles' layouts in sa / sb (two buffers each). It ends
+// with every copy retired; hn_gemm_bf16_async lays out shared memory, copies and writes the result around it.
+template <bool TA, bool TB, class FA, class FB, class OA, class OB, int STAGES, int THREADS, int BK, int MT, int NT,
+          class Issue>
+__device__ __forceinline__ void hn_bf16_async_loop(const float* fa, const float* fb, unsigned short* sa,
+                                                   unsigned short* sb, int tiles, const HnThread& th,
+                                                   float (&acc)[MT][NT][4], const Issue& issue) {
+    const int tid = th.tid;
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < tiles) issue(s);
+        hn_cp_async_commit();
+    }
+    for (int kt = 0; kt < tiles; ++kt) {
+        const int s = kt % STAGES, h = kt & 1;
+        hn_cp_async_wait<STAGES - 2>();
+        hn_convert_bf16<FA::ROWS, FA::COLS, FA::STRIDE, OA::STRIDE, THREADS>(fa + s * FA::ELEMS, sa + h * OA::ELEMS,
+                                                                           tid);
+        hn_convert_bf16<FB::ROWS, FB::COLS, FB::STRIDE, OB::STRIDE, THREADS>(fb + s * FB::ELEMS, sb + h * OB::ELEMS,
+                                                                           tid);
+        __syncthreads();
+        if (kt + STAGES - 1 < tiles) issue(kt + STAGES - 1);
+        hn_cp_async_commit();
+        hn_gemm_bf16_tile<TA, TB, OA, OB, MT, NT, BK>(sa + h * OA::ELEMS, sb + h * OB::ELEMS, acc, th.wm, th.wn, th.lane);
+    }
+    hn_cp_async_wait<0>();
+}
+
 template <bool TA, bool TB, int BM, int BN, int BK, int WM, int WN, int STAGES, int MODE = 0>
 __device__ __forceinline__ void hn_gemm_bf16_async(unsigned char* smem, HN_GEMM_PARAMS, const HnConv& cv = HnConv{}) {
     constexpr int WARPS_N = BN / WN, THREADS = 32 * (BM / WM) * WARPS_N, MT = WM / 16, NT = WN / 8;
@@ -817,24 +847,7 @@ __device__ __forceinline__ void hn_gemm_bf16_async(unsigned char* smem, HN_GEMM_
         hn_issue_tile<MODE, TA, TB, FA, FB, THREADS>(fa + s * FA::ELEMS, fb + s * FB::ELEMS, blk, cv, cols, lda,
                                                       ldb, M, N, k0, tid);
     };
-#pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) {
-        if (s < tiles) issue(s);
-        hn_cp_async_commit();
-    }
-    for (int kt = 0; kt < tiles; ++kt) {
-        const int s = kt % STAGES, h = kt & 1;
-        hn_cp_async_wait<STAGES - 2>();
-        hn_convert_bf16<FA::ROWS, FA::COLS, FA::STRIDE, OA::STRIDE, THREADS>(fa + s * FA::ELEMS, sa + h * OA::ELEMS,
-                                                                           tid);
-        hn_convert_bf16<FB::ROWS, FB::COLS, FB::STRIDE, OB::STRIDE, THREADS>(fb + s * FB::ELEMS, sb + h * OB::ELEMS,
-                                                                           tid);
-        __syncthreads();
-        if (kt + STAGES - 1 < tiles) issue(kt + STAGES - 1);
-        hn_cp_async_commit();
-        hn_gemm_bf16_tile<TA, TB, OA, OB, MT, NT, BK>(sa + h * OA::ELEMS, sb + h * OB::ELEMS, acc, th.wm, th.wn, th.lane);
-    }
-    hn_cp_async_wait<0>();
+    hn_bf16_async_loop<TA, TB, FA, FB, OA, OB, STAGES, THREADS, BK>(fa, fb, sa, sb, tiles, th, acc, issue);
     if (MODE == 1 || MODE == 2)
         hn_conv_epilogue<MODE, MT, NT>(blk, acc, M, N, cv, th.wm, th.wn, th.lane);
     else
