@@ -437,13 +437,19 @@ def make_training(recipe: dict, model, steps_per_epoch: int) -> tuple:
     return optimizer, schedule, average, lookahead, frozen_after
 
 
+def run_precision(model: str, device: str, asked: str | None = None) -> str:
+    """A run's precision: as asked, else the preset's on cuda (its default there), else fp32 (the cpu and reference
+    backends compute in float32 / float64 whatever is asked); DeviceError for an unknown name."""
+    preset = zoo.PRESETS.get(model)
+    on_cuda = parse_device(device)[0] == "cuda"
+    return parse_precision(asked or (preset.precision if preset and on_cuda else None))
+
+
 def make_config(cfg: RunConfig) -> dict:
     """The config dict of a new run: flags resolved against the model preset; checked, nothing loaded yet."""
     preset = zoo.PRESETS.get(cfg.model)
     device = cfg.device or best_device()
-    # a preset's precision is its default on cuda; the cpu and reference backends compute in float64/float32 anyway
-    on_cuda = parse_device(device)[0] == "cuda"
-    precision = parse_precision(cfg.precision or (preset.precision if preset and on_cuda else None))
+    precision = run_precision(cfg.model, device, cfg.precision)
     get_backend(device, precision)  # DeviceError now, not after loading the data
     if cfg.limit is not None:
         check_positive_int(cfg.limit, "limit")

@@ -50,7 +50,7 @@ from .. import data as hdata
 from .. import init as hinit
 from .. import random as hrandom
 from .. import runs, zoo
-from ..device import get_backend, parse_device, parse_precision
+from ..device import get_backend
 from ..errors import UsageError
 from ..train import Trainer
 from .common import write_result, write_text
@@ -284,7 +284,7 @@ def run_speedrun(archive: str | Path, device: str, env: dict, out: Path, runs_ea
         f"({time.perf_counter() - t_data:.1f} s to decode or read the cache)")
     notes, airbench = [], None
     preset = zoo.PRESETS[PRESET]
-    het_precision = parse_precision(precision or (preset.precision if parse_device(device)[0] == "cuda" else None))
+    het_precision = runs.run_precision(PRESET, device, precision)
     with tempfile.TemporaryDirectory(prefix="hetnet-speedrun-") as tmp:
         workdir = Path(tmp)
         if sides is None:
