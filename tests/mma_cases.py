@@ -109,3 +109,26 @@ def conv_filter_expected(dy, x, dw0, shape, precision=None):
     dw = dw0.astype(np.float64)
     reference.conv2d_backward(op(dy, False, precision), cache, dw, None, need_dx=False)
     return dw
+
+
+# The channels-last bf16 convolutions (mma.cu HN_CONV16): (n, C, H, W, O, R, S, stride, pad) with C a multiple of 8
+# (each op takes those mma.conv16_fits allows: the gradients need O a multiple of 8, the data gradient stride 1):
+# M tails (O 12, 72, 136), batch 1, odd H and W, stride 2, pad 0 under a 3x3 kernel, 1x1 and 5x5
+CONV16_SHAPES = [(2, 8, 7, 9, 16, 3, 3, 1, 1), (1, 16, 6, 6, 72, 1, 1, 1, 0), (3, 8, 9, 8, 24, 5, 5, 2, 2),
+                 (2, 24, 5, 7, 136, 3, 3, 2, 0), (2, 40, 13, 11, 12, 3, 3, 1, 1), (1, 8, 4, 4, 8, 5, 5, 1, 2),
+                 (2, 16, 6, 5, 8, 3, 3, 1, 0)]
+
+
+def bf16_bits(a):
+    """The bf16 (round to nearest even) of float32 values, as their 16 bits (uint16)."""
+    return (round_bf16(a).view(np.uint32) >> 16).astype(np.uint16)
+
+
+def nhwc16(a):
+    """a [n, C, *spatial] (or weights [O, C, R, S]) channels-last as bf16 bits: what mma.to_nhwc16 makes."""
+    return bf16_bits(np.ascontiguousarray(np.moveaxis(a, 1, -1)))
+
+
+def turned16(w):
+    """The data gradient's turned weights wt[c][r][s][o] = w[o][c][R-1-r][S-1-s] as bf16 bits (mma.turn_weights16)."""
+    return bf16_bits(np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 2, 3, 0)))

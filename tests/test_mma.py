@@ -21,11 +21,11 @@ if _N_GPUS == 0:
     pytest.skip("no CUDA GPU", allow_module_level=True)
 
 from conftest import RTOL_TC, RTOL_TC_ROUNDED, rel_err
-from mma_cases import (CONV_SHAPES, SHAPES, conv_data_expected, conv_data_inputs, conv_expected,
-                       conv_filter_expected, conv_filter_inputs, conv_inputs, expected, stored)
+from mma_cases import (CONV16_SHAPES, CONV_SHAPES, SHAPES, conv_data_expected, conv_data_inputs, conv_expected,
+                       conv_filter_expected, conv_filter_inputs, conv_inputs, expected, nhwc16, stored, turned16)
 
 from hetnet.backends.cuda import mma as mm
-from hetnet.backends.cuda.mma_tiles import LAYOUTS, PRECISIONS, TILES
+from hetnet.backends.cuda.mma_tiles import LAYOUTS, PRECISIONS, TILES, TILES16
 from hetnet.device import get_backend
 
 pytestmark = pytest.mark.gpu
@@ -226,3 +226,82 @@ def test_conv_layer_offers_the_tensor_core_kernels(rng, precision):
     be.conv2d_backward(cupy.ones_like(y), cache, dw, db, need_dx=True)
     for op in ("fwd", "data", "filter"):
         assert any(r["op"] == op and r["shape"][0] == 3 and "tc" in r["ms"] for r in be.tune_log), op
+
+
+# --- the channels-last bf16 convolutions: conv.cu's copies, then mma.cu's HN_CONV16 (mma.conv16 / _data / _filter) ---
+
+def test_channels_last_copies(be, rng):
+    """to_nhwc16 and turn_weights16 give exactly the bf16 bits NumPy rounds (to nearest even, ties included), at
+    sizes that leave partial 64-channel x 32-pixel tiles."""
+    for shape in ((3, 6, 37), (2, 70, 5, 7), (130, 8, 3, 3), (2, 64, 32, 32)):
+        x = (rng.standard_normal(shape) * 100).astype(np.float32)
+        x.reshape(-1)[:4] = np.array([0x3F808000, 0x3F818000, 0xBF808000, 0x3F80FFFF], np.uint32).view(np.float32)
+        np.testing.assert_array_equal(cupy.asnumpy(mm.to_nhwc16(be, cupy.asarray(x))), nhwc16(x), f"{shape}")
+    w = rng.standard_normal((12, 8, 3, 5)).astype(np.float32)
+    np.testing.assert_array_equal(cupy.asnumpy(mm.turn_weights16(be, cupy.asarray(w))), turned16(w))
+
+
+def _checked16(what, got, exact, rounded):
+    err = rel_err(got, exact)
+    assert err <= RTOL_TC["bf16"], f"{what}: relative error {err:.3g} against the exact inputs"
+    err = rel_err(got, rounded)
+    assert err <= RTOL_TC_ROUNDED, f"{what}: relative error {err:.3g} against the rounded inputs"
+
+
+@pytest.mark.parametrize("shape", CONV16_SHAPES, ids=str)
+def test_conv16(rng, shape):
+    """Each op of each HN_CONV16 tile from NCHW float32 on the GPU (the channels-last copies made there) against
+    float64: forward with bias + ReLU and without, data gradient with and without the mask, filter gradient added
+    into dw, split and not."""
+    be = get_backend("cuda", "bf16")
+    n, c, h, w_, o, r, s, stride, pad = shape
+    for k, tile in enumerate(TILES16["fwd"]):
+        if mm.conv16_fits("fwd", c, o, r, s, stride, pad):
+            x, w, b, y = conv_inputs(rng, shape, bias=k == 0)
+            gy = cupy.asarray(y)
+            mm.conv16(be, gy, cupy.asarray(x), cupy.asarray(w), None if b is None else cupy.asarray(b), stride, pad,
+                      1 - k, tile.name)
+            _checked16(f"fwd {shape} {tile.name}", cupy.asnumpy(gy), conv_expected(x, w, b, stride, pad, 1 - k),
+                       conv_expected(x, w, b, stride, pad, 1 - k, "bf16"))
+        if mm.conv16_fits("data", c, o, r, s, stride, pad):
+            dy, w, relu_x, dx = conv_data_inputs(rng, shape, mask=k == 0)
+            gdx = cupy.asarray(dx)
+            mm.conv16_data(be, gdx, mm.to_nhwc16(be, cupy.asarray(dy)), cupy.asarray(w),
+                           None if relu_x is None else cupy.asarray(relu_x), pad, tile.name)
+            _checked16(f"data {shape} {tile.name}", cupy.asnumpy(gdx), conv_data_expected(dy, w, relu_x, shape),
+                       conv_data_expected(dy, w, relu_x, shape, "bf16"))
+    for tile in TILES16["filter"]:
+        for splits in (1, 3, None):
+            if mm.conv16_fits("filter", c, o, r, s, stride, pad):
+                dy, x, dw0 = conv_filter_inputs(rng, shape)
+                gdw = cupy.asarray(dw0)
+                mm.conv16_filter(be, gdw, mm.to_nhwc16(be, cupy.asarray(dy)), mm.to_nhwc16(be, cupy.asarray(x)),
+                                 stride, pad, tile.name, splits)
+                _checked16(f"filter {shape} {tile.name} splits {splits}", cupy.asnumpy(gdw) - dw0,
+                           conv_filter_expected(dy, x, dw0, shape) - dw0,
+                           conv_filter_expected(dy, x, dw0, shape, "bf16") - dw0)
+
+
+def test_conv_layer_offers_the_channels_last_kernels(rng):
+    """At bf16 the backend's convolution offers "tc16" for its forward, data and filter gradients (forced here: each
+    result against float64; and among the measured choices' candidates)."""
+    be = get_backend("cuda", "bf16")
+    shape = (4, 16, 12, 12, 32, 3, 3, 1, 1)
+    x, w, b, _ = conv_inputs(rng, shape)
+    dy = rng.standard_normal((4, 32, 12, 12)).astype(np.float32)
+    gw, gb = cupy.asarray(w), cupy.asarray(b)
+    dw, db = cupy.zeros_like(gw), cupy.zeros_like(gb)
+    be.force_conv_algo = "tc16"
+    try:
+        y, cache = be.conv2d_forward(cupy.asarray(x), gw, gb, 1, 1, act="relu")
+        dx = be.conv2d_backward(cupy.asarray(dy), cache, dw, db, need_dx=True, relu_mask=True)
+    finally:
+        be.force_conv_algo = None
+    assert rel_err(cupy.asnumpy(y), conv_expected(x, w, b, 1, 1, 1)) <= RTOL_TC["bf16"]
+    assert rel_err(cupy.asnumpy(dx), conv_data_expected(dy, w, x, shape)) <= RTOL_TC["bf16"]
+    assert rel_err(cupy.asnumpy(dw), conv_filter_expected(dy, x, np.zeros_like(w), shape)) <= RTOL_TC["bf16"]
+    assert rel_err(cupy.asnumpy(db), dy.sum(axis=(0, 2, 3))) <= 1e-5
+    y, cache = be.conv2d_forward(cupy.asarray(x[:3]), gw, gb, 1, 1)      # measured, as is the backward
+    be.conv2d_backward(cupy.ones_like(y), cache, dw, db, need_dx=True)
+    for op in ("fwd", "data", "filter"):
+        assert any(r["op"] == op and r["shape"][0] == 3 and "tc16" in r["ms"] for r in be.tune_log), op

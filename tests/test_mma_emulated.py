@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import RTOL_EMULATED, RTOL_TC, rel_err
-from mma_cases import (CONV_SHAPES, SHAPES, conv_data_expected, conv_data_inputs, conv_expected,
-                       conv_filter_expected, conv_filter_inputs, conv_inputs, expected, stored)
+from mma_cases import (CONV16_SHAPES, CONV_SHAPES, SHAPES, conv_data_expected, conv_data_inputs, conv_expected,
+                       conv_filter_expected, conv_filter_inputs, conv_inputs, expected, nhwc16, stored, turned16)
 
 from hetnet.backends.cuda import kernels
 from hetnet.backends.cuda import mma as mm
-from hetnet.backends.cuda.mma_tiles import LAYOUTS, TILES
+from hetnet.backends.cuda.mma_tiles import LAYOUTS, TILES, TILES16
 from hetnet.bench.common import GEMM_RTOL
 
 EMU_DIR = Path(__file__).resolve().parent / "cuda_emu"
@@ -369,6 +369,62 @@ def test_conv_launcher():
     with pytest.raises(ValueError, match="no convolution kernel"):
         mm.plan_conv(np.zeros((2, 4, 6, 6), np.float32), x, w, None, 1, 0, tile="128x128x32s2a", precision="bf16")
     assert mm.plan_conv(np.zeros((0, 4, 6, 6), np.float32), x[:0], w, None, 1, 0) is None
+
+
+# --- the channels-last bf16 convolutions (mma.cu HN_CONV16, mma.plan_conv16 / _data / _filter) --------------------
+
+def _fits16(op, shape):
+    n, c, h, w, o, r, s, stride, pad = shape
+    return mm.conv16_fits(op, c, o, r, s, stride, pad)
+
+
+@pytest.mark.parametrize("shape", CONV16_SHAPES, ids=str)
+def test_conv16(emu, rng, shape):
+    """Each op of each HN_CONV16 tile (data gradient with and without the mask, forward with bias + ReLU and
+    without, filter gradient added into dw, split and not) on the channels-last bf16 copies of NCHW inputs, against
+    float64 of the rounded inputs; outputs poisoned with NaN where they are written, not read."""
+    stride, pad = shape[7:]
+    for k, tile in enumerate(TILES16["fwd"]):
+        if _fits16("fwd", shape):
+            x, w, b, y = conv_inputs(rng, shape, bias=k == 0)
+            run_conv(emu, mm.plan_conv16(y, nhwc16(x), nhwc16(w), b, stride, pad, 1 - k, tile.name))
+            err = rel_err(y, conv_expected(x, w, b, stride, pad, 1 - k, "bf16"))
+            assert err <= RTOL_EMULATED, f"fwd {shape} {tile.name}: relative error {err:.3g}"
+        if _fits16("data", shape):
+            dy, w, relu_x, dx = conv_data_inputs(rng, shape, mask=k == 0)
+            run_conv(emu, mm.plan_conv16_data(dx, nhwc16(dy), turned16(w), relu_x, pad, tile.name))
+            err = rel_err(dx, conv_data_expected(dy, w, relu_x, shape, "bf16"))
+            assert err <= RTOL_EMULATED, f"data {shape} {tile.name}: relative error {err:.3g}"
+    for tile in TILES16["filter"]:
+        for splits in (1, 3):
+            if _fits16("filter", shape):
+                dy, x, dw0 = conv_filter_inputs(rng, shape)
+                part0 = np.ascontiguousarray(dw0.transpose(0, 2, 3, 1))         # [O, R, S, C], added into
+                part = part0.copy()
+                call = mm.plan_conv16_filter(part, nhwc16(dy), nhwc16(x), stride, pad, SMS, tile.name, splits)
+                run_conv(emu, call)
+                want = conv_filter_expected(dy, x, dw0, shape, "bf16").transpose(0, 2, 3, 1)
+                err = rel_err(part - part0, want - part0)
+                assert err <= RTOL_EMULATED, f"filter {shape} {tile.name} splits {call.splits}: {err:.3g}"
+
+
+def test_conv16_launcher():
+    """Which shapes HN_CONV16 takes, the tile by size, and what does not fit: ValueError."""
+    assert mm.conv16_fits("fwd", 8, 12, 3, 3, 2, 1) and not mm.conv16_fits("fwd", 12, 8, 3, 3, 1, 1)
+    assert not mm.conv16_fits("filter", 8, 12, 3, 3, 1, 1) and mm.conv16_fits("filter", 8, 16, 3, 3, 2, 1)
+    assert mm.conv16_fits("data", 3, 16, 3, 3, 1, 2) and not mm.conv16_fits("data", 8, 16, 3, 3, 2, 1)
+    assert not mm.conv16_fits("data", 8, 16, 3, 3, 1, 3) and not mm.conv16_fits("data", 8, 16, 3, 1, 1, 0)
+    large, small = TILES16["fwd"]
+    x16, w16 = np.zeros((1, 8, 8, 16), np.uint16), np.zeros((256, 3, 3, 16), np.uint16)
+    assert mm.plan_conv16(np.zeros((1, 256, 8, 8), np.float32), x16, w16, None, 1, 1).tile is small   # N = 64
+    x16 = np.zeros((4, 8, 8, 16), np.uint16)
+    assert mm.plan_conv16(np.zeros((4, 256, 8, 8), np.float32), x16, w16, None, 1, 1).tile is large
+    with pytest.raises(ValueError, match="fit together"):
+        mm.plan_conv16(np.zeros((4, 256, 6, 6), np.float32), x16, w16, None, 1, 1)
+    with pytest.raises(ValueError, match="contiguous uint16"):
+        mm.plan_conv16(np.zeros((4, 256, 8, 8), np.float32), x16.astype(np.float32), w16, None, 1, 1)
+    with pytest.raises(ValueError, match="no fwd tile"):
+        mm.plan_conv16(np.zeros((4, 256, 8, 8), np.float32), x16, w16, None, 1, 1, tile="128x128x32s2a")
 
 
 def test_division_by_an_invariant_divisor(emu, rng):

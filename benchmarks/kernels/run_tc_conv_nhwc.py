@@ -39,7 +39,8 @@ from run_conv_variants import time_ms  # noqa: E402
 
 from hetnet.backends.cuda.kernels import HERE as CUDA_DIR  # noqa: E402
 from hetnet.backends.cuda.kernels import NULL, get_kernel, inline_header  # noqa: E402
-from hetnet.backends.cuda.mma_tiles import CONV_CHOICE, TILES  # noqa: E402
+from hetnet.backends.cuda import kernels  # noqa: E402
+from hetnet.backends.cuda.mma_tiles import CONV_CHOICE, TILES, TILES16, Tc16Tile  # noqa: E402
 
 RTOL_TC_ROUNDED = 1e-4          # tests/conftest.py's: float32 sums of bf16-rounded inputs
 TILE_NAMES = CONV_CHOICE["bf16"]
@@ -58,11 +59,16 @@ class Kernel:
 def _kernels() -> list[Kernel]:
     out = [Kernel("fwd", f"hn_conv_nhwc_fwd_bf16_{t.name}", t.bm, t.bn, t.threads, t.smem_bytes, "f32", 4)
            for t in (next(t for t in TILES if t.precision == "bf16" and t.name == n) for n in TILE_NAMES)]
-    for op, tiles in (("fwd", (("128x128x32s4", 128, 256), ("128x128x32s4b2", 128, 256), ("64x64x32s4", 64, 128))),
-                      ("filter", (("128x128x32s4", 128, 256), ("64x64x32s4", 64, 128)))):
-        for name, b, threads in tiles:
-            out.append(Kernel(op, f"hn_conv_nhwc16_{op}_{name}", b, b, threads, 4 * 2 * b * (32 + 8) * 2, "bf16", 8))
+    sandbox16 = Tc16Tile(128, 128, 32, 64, 32, 4)          # tc_conv_nhwc.cu's: the forward on one block per SM
+    for op in ("fwd", "filter"):
+        for t in (*TILES16[op], *((sandbox16,) if op == "fwd" else ())):
+            out.append(Kernel(op, t.conv_kernel(op), t.bm, t.bn, t.threads, t.smem_bytes, "bf16", 8))
     return out
+
+
+def source_text() -> str:
+    """The sandbox with mma.cu as the backend compiles it (its generated entry points included)."""
+    return SOURCE.read_text().replace('#include "mma.cu"', kernels.cu_text("mma"))
 
 
 KERNELS = _kernels()
@@ -141,9 +147,10 @@ def emulate() -> int:
     """Compile the sandbox against the CPU emulator and check every kernel on EMU_SHAPES; 0 when all agree."""
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
-        lib = Path(tmp) / "libnhwc.so"
+        lib, src = Path(tmp) / "libnhwc.so", Path(tmp) / "nhwc.cc"
+        src.write_text(source_text())
         cmd = ["g++", "-std=c++17", "-O1", "-shared", "-fPIC", "-Wno-unknown-pragmas", "-include",
-               str(EMU_DIR / "cuda_emu.h"), "-DHN_EMULATE", "-I", str(CUDA_DIR), "-x", "c++", str(SOURCE),
+               str(EMU_DIR / "cuda_emu.h"), "-DHN_EMULATE", "-I", str(CUDA_DIR), "-x", "c++", str(src),
                str(EMU_DIR / "gemm_launch.cpp"), "-o", str(lib)]
         subprocess.run(cmd, check=True)
         emu = ctypes.CDLL(str(lib))
@@ -194,7 +201,7 @@ def on_gpu(batch: int, out: str | None) -> int:
     def _time(launch) -> float:       # us per launch
         return 1000 * time_ms(cupy, spin, launch)
 
-    text = SOURCE.read_text().replace('#include "mma.cu"', inline_header((CUDA_DIR / "mma.cu").read_text()))
+    text = inline_header(source_text())
     module = cupy.RawModule(code=text, options=("-std=c++17",))
     rng = np.random.default_rng(0)
     rows, failed = [], 0

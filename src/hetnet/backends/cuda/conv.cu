@@ -754,3 +754,52 @@ extern "C" __global__ void relu_mask_inplace(float* __restrict__ dx, const float
         if (relu_x[e] <= 0.f) dx[e] = 0.f;
     }
 }
+
+// --- channels-last bf16 copies: the operands of mma.cu's HN_CONV16 convolutions (conv.py's "tc16") ------------------
+// bf16 values as their bits (round to nearest even, cvt.rn.bf16x2.f32 puts its first source in the high half).
+__device__ __forceinline__ unsigned hn_bf16x2_bits(float lo, float hi) {
+    unsigned r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+// y[img][p][c] = bf16(x[img][c][p]) for x [n][C][HW] float32, y as bf16 pairs [n][HW][C / 2] (C even): an
+// activation NCHW -> NHWC, or a weight [O][C][R][S] -> [O][R][S][C]. A block moves 64 channels x 32 pixels through
+// shared memory: each warp reads 32 consecutive pixels of a channel, then writes 64 consecutive channels (32 pairs) of
+// a pixel. Grid (ceil(HW / 32), ceil(C / 64), n), 256 threads.
+extern "C" __global__ void __launch_bounds__(256) to_nhwc16(const float* __restrict__ x, unsigned* __restrict__ y,
+                                                            int C, int HW) {
+    __shared__ float t[64][33];
+    const int p0 = blockIdx.x * 32, c0 = blockIdx.y * 64, lane = threadIdx.x & 31, row = threadIdx.x >> 5;
+    const long long img = blockIdx.z;
+    const float* xi = x + img * C * HW;
+    for (int i = row; i < 64; i += 8) {
+        const int c = c0 + i, p = p0 + lane;
+        t[i][lane] = c < C && p < HW ? xi[(long long)c * HW + p] : 0.f;
+    }
+    __syncthreads();
+    unsigned* yi = y + img * HW * (C / 2);
+    const int c = c0 + 2 * lane;
+    for (int j = row; j < 32; j += 8) {
+        const int p = p0 + j;
+        if (p < HW && c < C) yi[(long long)p * (C / 2) + c / 2] = hn_bf16x2_bits(t[2 * lane][j], t[2 * lane + 1][j]);
+    }
+}
+
+// The data gradient's turned weights: wt[c][rs][o] = bf16(w[o][c][RS - 1 - rs]) for w [O][C][R][S] float32 (rs = r *
+// S + s, so RS - 1 - rs is (R - 1 - r, S - 1 - s)), as bf16 bits.
+extern "C" __global__ void turn_weights16(const float* __restrict__ w, unsigned short* __restrict__ wt, int O, int C,
+                                          int RS) {
+    HN_GRID_STRIDE(e, (long long)O * C * RS) {
+        const int o = (int)(e % O), t = (int)(e / O), rs = t % RS, c = t / RS;
+        wt[e] = (unsigned short)(hn_bf16x2_bits(w[((long long)o * C + c) * RS + (RS - 1 - rs)], 0.f) & 0xffffu);
+    }
+}
+
+// dw[o][c][rs] += t[o][rs][c]: a filter gradient computed channels-last, added into the weights' layout.
+extern "C" __global__ void add_from_nhwc(float* __restrict__ dw, const float* __restrict__ t, int O, int C, int RS) {
+    HN_GRID_STRIDE(e, (long long)O * C * RS) {
+        const int rs = (int)(e % RS), u = (int)(e / RS), c = u % C, o = u / C;
+        dw[e] += t[((long long)o * RS + rs) * C + c];
+    }
+}

@@ -1,5 +1,6 @@
 """Convolution and dense launchers: implicit GEMM (conv.cu; at tf32 / bf16 also on tensor cores, mma.conv_tc /
-conv_data_tc / conv_filter_tc) or im2col + cuBLAS (or our tensor-core GEMMs), chosen per shape by measurement.
+conv_data_tc / conv_filter_tc, and at bf16 on channels-last bf16 copies of the operands, mma.conv16 / conv16_data /
+conv16_filter) or im2col + cuBLAS (or our tensor-core GEMMs), chosen per shape by measurement.
 
 Every op here has the op contract's optional fused epilogues (used by hetnet.plan): `act` (ReLU after bias in the
 forward) and `relu_x` (the input of this layer is a ReLU output, so the data gradient is zeroed where relu_x <= 0).
@@ -40,8 +41,10 @@ TUNE_RUNS = 4      # back-to-back runs per timed sample when measuring the algor
 IM2COL_MIN_CHUNK = 4 << 20
 _i32 = np.int32
 # HETNET_CONV_ALGO / CudaBackend.force_conv_algo: skip the measurement (tests); "tc" (the tensor-core implicit GEMMs,
-# mma.conv_tc / conv_data_tc / conv_filter_tc) exists at tf32 and bf16
-FORCEABLE = ("implicit", "im2col", "tc")
+# mma.conv_tc / conv_data_tc / conv_filter_tc) exists at tf32 and bf16, "tc16" (the same on channels-last bf16
+# copies, mma.conv16 / conv16_data / conv16_filter) at bf16 where mma.conv16_fits
+FORCEABLE = ("implicit", "im2col", "tc", "tc16")
+OWN_TC = ("tc", "tc16")      # the forceable names that exist only at some precisions and shapes
 
 
 class Geometry:
@@ -278,6 +281,35 @@ def _filter_tc(be, g, dy, x, dw, db):
         channel_sum(be, dy, db, g.n, g.k, g.p * g.q)
 
 
+def _filter_tc16(be, g, copies, dy, dw, db):
+    mma.conv16_filter(be, dw, copies("dy"), copies("x"), g.stride, g.pad)
+    if db is not None:
+        channel_sum(be, dy, db, g.n, g.k, g.p * g.q)
+
+
+def _fits16(be, op: str, g: Geometry) -> bool:
+    return be.precision == "bf16" and mma.conv16_fits(op, g.c, g.k, g.r, g.s, g.stride, g.pad)
+
+
+class _Copies16:
+    """dy and x of one backward call copied channels-last in bf16 (mma.to_nhwc16) for the "tc16" gradients: a
+    measured trial makes its own (so that its time includes them); the final filter and data gradients share one
+    copy of dy once `share` is set."""
+
+    def __init__(self, be, dy, x):
+        self.be, self.src, self.share, self.made = be, {"dy": dy, "x": x}, False, {}
+
+    def __call__(self, name: str):
+        if not self.share:
+            return mma.to_nhwc16(self.be, self.src[name])
+        if name not in self.made:
+            self.made[name] = mma.to_nhwc16(self.be, self.src[name])
+        return self.made[name]
+
+    def drop(self, name: str) -> None:
+        self.made.pop(name, None)
+
+
 def channel_sum(be, x, out, n, c, hw):
     """out[c] += sum over n and hw of x[n, c, hw]."""
     splits = max(1, min(math.ceil(n * hw / 1024), math.ceil(4 * be.sms / c)))
@@ -293,11 +325,14 @@ def _forced() -> str | None:
 
 
 def _forced_candidate(forced: str, candidates: dict) -> str:
-    """The candidate a forced algorithm names: "im2col"; "tc" (the tensor-core implicit GEMM, at tf32 / bf16 and
-    where the tensors fit its offsets, else as "implicit"); "implicit" (our first fp32 implicit-GEMM tile)."""
+    """The candidate a forced algorithm names: "im2col"; "tc" / "tc16" (the tensor-core implicit GEMMs, where they
+    exist for the op, precision and shape, else "tc", else as "implicit"); "implicit" (our first fp32 implicit-GEMM
+    tile)."""
     if forced in candidates:
         return forced
-    return next(n for n in candidates if n not in ("im2col", "tc"))
+    if forced == "tc16" and "tc" in candidates:
+        return "tc"
+    return next(n for n in candidates if n not in ("im2col", *OWN_TC))
 
 
 def _choose(be, op: str, g: Geometry, candidates: dict, run_scratch):
@@ -372,6 +407,8 @@ def conv_forward(be, x, w, b, stride, pad, act=0, geometry=None):
     cands["im2col"] = lambda out: _fwd_im2col(be, g, x, w, b, out, act, x.nbytes + y.nbytes)
     if be.precision != "fp32" and _contiguous(x, w, b) and mma.conv_fits(x, y):
         cands["tc"] = lambda out: mma.conv_tc(be, out, x, w, b, stride, pad, act)
+        if _fits16(be, "fwd", g):
+            cands["tc16"] = lambda out: mma.conv16(be, out, x, w, b, stride, pad, act)
     choice = _choose(be, "fwd", g, cands, lambda fn: fn(y))
     cands[choice](y)
     return y
@@ -386,8 +423,11 @@ def conv_backward(be, dy, x, w, dw, db, stride, pad, need_dx=True, relu_x=None):
     xp = be.xp
     fc = _split_cands(be, FILTER_CFGS, g, lambda cfg, sp, dw_, db_: _filter_implicit(be, cfg, g, dy, x, dw_, db_, sp))
     fc["im2col"] = lambda dw_, db_: _filter_im2col(be, g, dy, x, dw_, db_, x.nbytes + dy.nbytes)
+    copies = _Copies16(be, dy, x)
     if be.precision != "fp32" and _contiguous(dy, x, dw) and mma.conv_fits(x, dw) and dy.size < 2**31:
         fc["tc"] = lambda dw_, db_: _filter_tc(be, g, dy, x, dw_, db_)
+        if _fits16(be, "filter", g):
+            fc["tc16"] = lambda dw_, db_: _filter_tc16(be, g, copies, dy, dw_, db_)
 
     scratch = []
 
@@ -398,7 +438,9 @@ def conv_backward(be, dy, x, w, dw, db, stride, pad, need_dx=True, relu_x=None):
 
     choice = _choose(be, "filter", g, fc, scratch_filter)
     scratch.clear()
+    copies.share = True
     fc[choice](dw, db)
+    copies.drop("x")
     if not need_dx:
         return None
     dx = xp.empty(x.shape, dtype=xp.float32)
@@ -406,7 +448,12 @@ def conv_backward(be, dy, x, w, dw, db, stride, pad, need_dx=True, relu_x=None):
     dc["im2col"] = lambda out: _data_im2col(be, g, dy, w, out, relu_x, x.nbytes + dy.nbytes)
     if be.precision != "fp32" and _contiguous(dy, w, relu_x) and mma.conv_fits(dy, dx):
         dc["tc"] = lambda out: mma.conv_data_tc(be, out, dy, w, relu_x, stride, pad)
-    dc[_choose(be, "data", g, dc, lambda fn: fn(dx))](dx)
+        if _fits16(be, "data", g):
+            dc["tc16"] = lambda out: mma.conv16_data(be, out, copies("dy"), w, relu_x, pad)
+    copies.share = False
+    choice = _choose(be, "data", g, dc, lambda fn: fn(dx))
+    copies.share = True
+    dc[choice](dx)
     return dx
 
 

@@ -887,6 +887,213 @@ __device__ __forceinline__ void hn_conv_bf16_a(unsigned char* smem, HN_GEMM_PARA
     hn_gemm_bf16_async<false, false, BM, BN, BK, WM, WN, ST, MODE>(smem, HN_GEMM_ARGS, cv);
 }
 
+// --- the channels-last bf16 convolutions ("tc16": operands stored as bf16 bits, NHWC) ------------------------------
+//
+// The forward: y[img][o][p][q] = act(b[o] + sum_k W[o][k] x(k; img, p, q)), the GEMM C[M, N] = A[M, K] B[K, N] with
+// M = O, N = images x P x Q (n = (img * P + p) * Q + q), K = R x S x C (k = (r * S + s) * C + c: channels innermost),
+// A = W stored bf16 [O][R][S][C] (K-major rows, lda = K) and B gathered from x stored bf16 [n][H][W][C]:
+// B[k][n] = x[img][p*stride - pad + r][q*stride - pad + s][c], zero outside the image; y as the NCHW kernels write
+// it (hn_conv_epilogue). B's tile is kept as its transpose (rows n, columns k: "B t"), so eight consecutive k of one
+// row are eight consecutive channels of one pixel: one 16-byte cp.async when C is a multiple of 8. A thread's chunk
+// column (k offset) is the same in all its rows and its rows (pixels) are the same in every K tile, so per K tile it
+// divides one k (by C, then by S) and per chunk it adds and compares. Both tiles go by cp.async straight into the
+// bf16 tiles the fragments are read from (no float32 staging, no conversion), STAGES deep.
+// The data gradient at stride 1 is this forward (EPI 2: hn_conv_epilogue's mask by relu_x instead of bias and
+// activation) over dy stored [n][P][Q][O] with the turned weights w'[c][r][s][o] = w[o][c][R-1-r][S-1-s] and padding
+// R - 1 - pad: dx[img][c][h][w] = sum over (o, r, s) of w[o][c][r][s] dy[img][o][h + pad - r][w + pad - s].
+// The filter gradient: dw[o][(r, s, c)] += sum over k = (img, p, q) of dy[img][p][q][o] x[img][p*stride - pad +
+// r][q*stride - pad + s][c], the GEMM C[M, N] += A[M, K] B[K, N] with M = O, N = R x S x C (dw stored float32
+// [O][R][S][C]), K = images x P x Q. A is dy as stored ([k][o]: rows k, eight o per chunk, O a multiple of 8) and B is
+// x gathered (rows k, eight channels per chunk of one tap), both kept with rows along k ("A t", "B n") and read by
+// ldmatrix.trans. A thread's B chunk columns (taps) are fixed, its rows k move by BK per tile: per tile it divides its
+// rows' k (by P x Q, then Q). K is split over blockIdx.z (kchunk each), the parts added into dw with atomics as the
+// GEMM's split-K (beta 1).
+
+// The pixels of the ROWS / (THREADS / CPR) chunk rows a thread copies (rows tid / CPR + i * THREADS / CPR): where
+// the pixel's image starts in x (elements), and its window's top-left corner (out of range past N).
+template <int NROWS>
+struct HnNhwcRows {
+    int base[NROWS], ih0[NROWS], iw0[NROWS];
+};
+
+template <int ROWS, int COLS, int THREADS>
+__device__ __forceinline__ HnNhwcRows<ROWS * (COLS / 4) / THREADS> hn_nhwc_rows(const HnConv& cv, int n0, int N,
+                                                                                 int tid) {
+    constexpr int CPR = COLS / 4, NROWS = ROWS * CPR / THREADS;
+    static_assert(THREADS % CPR == 0, "a thread's chunk column must be the same in every row it copies");
+    HnNhwcRows<NROWS> rows;
+#pragma unroll
+    for (int i = 0; i < NROWS; ++i) {
+        const int n = n0 + (tid + i * THREADS) / CPR;
+        const int img = hn_div(n, cv.out_plane), t = n - img * cv.out_plane.d, p = t / cv.q, q = t - p * cv.q;
+        rows.base[i] = img * cv.h * cv.w * cv.c;
+        rows.ih0[i] = n >= N ? -(1 << 30) : p * cv.stride - cv.pad;
+        rows.iw0[i] = q * cv.stride - cv.pad;
+    }
+    return rows;
+}
+
+// B^T's BN x BK tile (rows n, columns k0 .. k0+BK-1) gathered into shared memory (row stride STRIDE) in
+// hn_copy_tile_async's chunk order, CPR 16-byte chunks a row (4 float32 or 8 bf16 channels of one tap); columns from
+// kend on, and taps outside the image, zero-filled.
+template <class T, int CPR, int STRIDE, int THREADS, int NROWS>
+__device__ __forceinline__ void hn_nhwc_copy_b(T* s, const T* x, const HnConv& cv, const HnNhwcRows<NROWS>& rows,
+                                               const HnDiv& by_c, int k0, int kend, int tid) {
+    const int col = (tid % CPR) * (16 / static_cast<int>(sizeof(T))), k = k0 + col;
+    const int rs = hn_div(k, by_c), c = k - rs * cv.c, r = hn_div(rs, cv.kb_inner), sx = rs - r * cv.s;
+#pragma unroll
+    for (int i = 0; i < NROWS; ++i) {
+        const int ih = rows.ih0[i] + r, iw = rows.iw0[i] + sx;
+        const bool ok = k < kend && ih >= 0 && ih < cv.h && iw >= 0 && iw < cv.w;
+        const int at = ok ? rows.base[i] + (ih * cv.w + iw) * cv.c + c : 0;
+        hn_cp_async16(s + ((tid + i * THREADS) / CPR) * STRIDE + col, x + at, ok ? 16 : 0);
+    }
+}
+
+// A's BM x BK tile (rows m of w, K-major) in 8-element chunks; rows from M on and columns from kend on zero-filled.
+template <int ROWS, int CPR, int STRIDE, int THREADS>
+__device__ __forceinline__ void hn_nhwc16_copy_a(unsigned short* s, const unsigned short* w, int K, int m0, int M,
+                                                 int k0, int kend, int tid) {
+#pragma unroll
+    for (int i = 0; i < ROWS * CPR / THREADS; ++i) {
+        const int q = tid + i * THREADS, row = q / CPR, col = (q % CPR) * 8, m = m0 + row, k = k0 + col;
+        const bool ok = m < M && k < kend;
+        hn_cp_async16(s + row * STRIDE + col, w + (ok ? static_cast<long long>(m) * K + k : 0), ok ? 16 : 0);
+    }
+}
+
+// The K loop when both tiles are copied in bf16 (issue(kt): K tile kt's cp.async into stage kt % STAGES of sa / sb,
+// layouts OA / OB). Iteration kt: wait for tile kt, barrier (tile kt visible to all; every warp done with tile kt-1),
+// refill buffer (kt-1) % STAGES with tile kt+STAGES-1, multiply tile kt. Ends with every copy retired.
+template <bool TA, bool TB, class OA, class OB, int STAGES, int BK, int MT, int NT, class Issue>
+__device__ __forceinline__ void hn_bf16_direct_loop(const unsigned short* sa, const unsigned short* sb, int tiles,
+                                                    const HnThread& th, float (&acc)[MT][NT][4], const Issue& issue) {
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < tiles) issue(s);
+        hn_cp_async_commit();
+    }
+    for (int kt = 0; kt < tiles; ++kt) {
+        const int s = kt % STAGES;
+        hn_cp_async_wait<STAGES - 2>();
+        __syncthreads();
+        if (kt + STAGES - 1 < tiles) issue(kt + STAGES - 1);
+        hn_cp_async_commit();
+        hn_gemm_bf16_tile<TA, TB, OA, OB, MT, NT, BK>(sa + s * OA::ELEMS, sb + s * OB::ELEMS, acc, th.wm, th.wn,
+                                                      th.lane);
+    }
+    hn_cp_async_wait<0>();
+}
+
+// The forward (EPI 1) or the stride-1 data gradient as a forward (EPI 2), as described above.
+template <int EPI, int BM, int BN, int BK, int WM, int WN, int STAGES>
+__device__ __forceinline__ void hn_conv16_fwd(unsigned char* smem, const unsigned short* W, const unsigned short* x,
+                                              float* y, int M, int N, int K, const HnConv& cv) {
+    constexpr int WARPS_N = BN / WN, THREADS = 32 * (BM / WM) * WARPS_N, MT = WM / 16, NT = WN / 8, CPR = BK / 8;
+    static_assert(BM % WM == 0 && BN % WN == 0 && WM % 16 == 0 && WN % 16 == 0 && BK % 16 == 0 && STAGES >= 2 &&
+                  THREADS % CPR == 0 && (BN * CPR) % THREADS == 0 && (BM * CPR) % THREADS == 0, "tile");
+    using OA = HnOperand<true, BM, BK, 8, 8>;
+    using OB = HnOperand<true, BN, BK, 8, 8>;
+    unsigned short* sa = reinterpret_cast<unsigned short*>(smem);   // STAGES x OA::ELEMS
+    unsigned short* sb = sa + STAGES * OA::ELEMS;                    // STAGES x OB::ELEMS
+
+    const HnBlock blk = hn_block(nullptr, nullptr, y, M, N, K, K, 0, 0, 0, 0, 0, 1.f, 0.f, 1, K, BM, BN, BK);
+    const HnThread th = hn_thread<WM, WN, WARPS_N>();
+    const int tid = th.tid, tiles = blk.tiles;
+    float acc[MT][NT][4];
+    hn_zero(acc);
+    const auto rows = hn_nhwc_rows<BN, BK / 2, THREADS>(cv, blk.n0, N, tid);   // chunks of 8: CPR = (BK / 2) / 4
+    const HnDiv by_c = hn_div_of(cv.c);
+
+    auto issue = [&](int kt) {
+        const int k0 = kt * BK, s = kt % STAGES;
+        hn_nhwc16_copy_a<BM, CPR, OA::STRIDE, THREADS>(sa + s * OA::ELEMS, W, K, blk.m0, M, k0, K, tid);
+        hn_nhwc_copy_b<unsigned short, CPR, OB::STRIDE, THREADS>(sb + s * OB::ELEMS, x, cv, rows, by_c, k0, K,
+                                                                 tid);
+    };
+    hn_bf16_direct_loop<false, true, OA, OB, STAGES, BK>(sa, sb, tiles, th, acc, issue);
+    hn_conv_epilogue<EPI, MT, NT>(blk, acc, M, N, cv, th.wm, th.wn, th.lane);
+}
+
+// The filter gradient's A tile: dy [k][o] rows k0.. (BK of them), eight o per chunk.
+template <int ROWS, int CPR, int STRIDE, int THREADS>
+__device__ __forceinline__ void hn_nhwc16_copy_dy(unsigned short* s, const unsigned short* dy, int O, int m0, int M,
+                                                  int k0, int kend, int tid) {
+#pragma unroll
+    for (int i = 0; i < ROWS * CPR / THREADS; ++i) {
+        const int q = tid + i * THREADS, row = q / CPR, col = (q % CPR) * 8, k = k0 + row, m = m0 + col;
+        const bool ok = k < kend && m < M;
+        hn_cp_async16(s + row * STRIDE + col, dy + (ok ? static_cast<long long>(k) * O + m : 0), ok ? 16 : 0);
+    }
+}
+
+// The divisors of the filter gradient's gathers: a column n = (r, s, c) by C and S, a row k = (img, p, q) by P x Q
+// and Q.
+struct HnTapDivs {
+    HnDiv c, s, pq, q;
+};
+
+template <int ROWS, int CPR, int STRIDE, int THREADS>
+__device__ __forceinline__ void hn_nhwc16_copy_x_taps(unsigned short* s, const unsigned short* x, const HnConv& cv,
+                                                      int n0, int N, const HnTapDivs& dv, int k0, int kend, int tid) {
+    const int col = (tid % CPR) * 8, n = n0 + col;                  // this thread's columns: one tap, 8 channels
+    const int rs = hn_div(n, dv.c), c = n - rs * cv.c, r = hn_div(rs, dv.s), sx = rs - r * cv.s;
+#pragma unroll
+    for (int i = 0; i < ROWS * CPR / THREADS; ++i) {
+        const int row = (tid + i * THREADS) / CPR, k = k0 + row;
+        const int img = hn_div(k, dv.pq), t = k - img * dv.pq.d, p = hn_div(t, dv.q), q = t - p * cv.q;
+        const int ih = p * cv.stride - cv.pad + r, iw = q * cv.stride - cv.pad + sx;
+        const bool ok = k < kend && n < N && ih >= 0 && ih < cv.h && iw >= 0 && iw < cv.w;
+        const int at = ok ? ((img * cv.h + ih) * cv.w + iw) * cv.c + c : 0;
+        hn_cp_async16(s + row * STRIDE + col, x + at, ok ? 16 : 0);
+    }
+}
+
+template <int BM, int BN, int BK, int WM, int WN, int STAGES>
+__device__ __forceinline__ void hn_conv16_filter(unsigned char* smem, const unsigned short* dy,
+                                                 const unsigned short* x, float* dw, int M, int N, int K, int splits,
+                                                 int kchunk, const HnConv& cv) {
+    constexpr int WARPS_N = BN / WN, THREADS = 32 * (BM / WM) * WARPS_N, MT = WM / 16, NT = WN / 8;
+    constexpr int CPA = BM / 8, CPB = BN / 8;
+    static_assert(BM % WM == 0 && BN % WN == 0 && WM % 16 == 0 && WN % 16 == 0 && BK % 16 == 0 && STAGES >= 2 &&
+                  THREADS % CPB == 0 && (BK * CPA) % THREADS == 0 && (BK * CPB) % THREADS == 0, "tile");
+    using OA = HnOperand<false, BM, BK, 8, 8>;   // rows k
+    using OB = HnOperand<false, BN, BK, 8, 8>;
+    unsigned short* sa = reinterpret_cast<unsigned short*>(smem);
+    unsigned short* sb = sa + STAGES * OA::ELEMS;
+
+    const HnBlock blk = hn_block(nullptr, nullptr, dw, M, N, K, 0, 0, N, 0, 0, 0, 1.f, 1.f, splits, kchunk, BM, BN, BK);
+    const HnThread th = hn_thread<WM, WN, WARPS_N>();
+    const int tid = th.tid, tiles = blk.tiles;
+    float acc[MT][NT][4];
+    hn_zero(acc);
+    const HnTapDivs dv = {hn_div_of(cv.c), hn_div_of(cv.s), hn_div_of(cv.p * cv.q), hn_div_of(cv.q)};
+
+    auto issue = [&](int kt) {
+        const int k0 = blk.kbeg + kt * BK, s = kt % STAGES;
+        hn_nhwc16_copy_dy<BK, CPA, OA::STRIDE, THREADS>(sa + s * OA::ELEMS, dy, cv.o, blk.m0, M, k0, blk.kend, tid);
+        hn_nhwc16_copy_x_taps<BK, CPB, OB::STRIDE, THREADS>(sb + s * OB::ELEMS, x, cv, blk.n0, N, dv, k0, blk.kend,
+                                                            tid);
+    };
+    hn_bf16_direct_loop<true, false, OA, OB, STAGES, BK>(sa, sb, tiles, th, acc, issue);
+    hn_epilogue<MT, NT>(blk, acc, M, N, N, 1.f, 1.f, th.wm, th.wn, th.lane);
+}
+
+// HN_CONV16's body: EPI 1 or 2, hn_conv16_fwd; 3, hn_conv16_filter (arguments as HN_CONV16 says).
+template <int EPI, int BM, int BN, int BK, int WM, int WN, int ST>
+__device__ __forceinline__ void hn_conv16(unsigned char* smem, const unsigned short* B, const unsigned short* Wt,
+                                          const float* aux, float* Y, int M, int N, int K, int C, int H, int W, int R,
+                                          int S, int P, int Q, int O, int stride, int pad, int act, int splits,
+                                          int kchunk) {
+    if constexpr (EPI == 3) {
+        const HnConv cv = hn_conv_of<3>(aux, C, H, W, R, S, P, Q, O, stride, pad, act);
+        hn_conv16_filter<BM, BN, BK, WM, WN, ST>(smem, Wt, B, Y, M, N, K, splits, kchunk, cv);
+    } else {
+        const HnConv cv = hn_conv_of<1>(aux, C, H, W, R, S, P, Q, O, stride, pad, act);
+        hn_conv16_fwd<EPI, BM, BN, BK, WM, WN, ST>(smem, Wt, B, Y, M, N, K, cv);
+    }
+}
+
 // --- entry points ---------------------------------------------------------------------------------------------------
 
 // HN_GEMM(hn_gemm_tf32_nn_128x128x32s3, hn_gemm_tf32, false, false, 128, 128, 32, 64, 32, 3, 1) defines the
@@ -914,4 +1121,20 @@ __device__ __forceinline__ void hn_conv_bf16_a(unsigned char* smem, HN_GEMM_PARA
         const HnConv cv = hn_conv_of<MODE>(AUX, C, H, W, R, S, P, Q, O, stride, pad, act);                      \
         body<MODE, BM, BN, BK, WM, WN, ST>(hn_smem, Wt, B, Y, M, N, K, K, 0, MODE == 3 ? N : 0, 0, 0, 0, 1.f,     \
                                            MODE == 3 ? 1.f : 0.f, splits, kchunk, cv);                            \
+    }
+
+// HN_CONV16(hn_conv16_fwd_128x128x32s4b2, 1, 128, 128, 32, 64, 32, 4, 2): a channels-last bf16 convolution on a tile of
+// mma_tiles.TILES16, with HN_CONV's parameters but B and Wt bf16 bits: EPI 1, the forward (B = x [n][H][W][C],
+// Wt = w [O][R][S][C], AUX = b, Y = y [n][O][P][Q]); EPI 2, the stride-1 data gradient as that forward (B = dy
+// [n][P][Q][O], Wt = the turned weights [C][R][S][O], AUX = relu_x or null, Y = dx; sizes as the forward's over dy);
+// EPI 3, the filter gradient (B = x [n][H][W][C], Wt = dy [n][P][Q][O], Y = dw [O][R][S][C] added into, K in
+// `splits` parts of `kchunk` over blockIdx.z). Shared memory STAGES x (BM + BN) x (BK + 8) x 2 bytes.
+#define HN_CONV16(name, EPI, BM, BN, BK, WM, WN, ST, MINB)                                                        \
+    extern "C" __global__ void __launch_bounds__(32 * (BM / WM) * (BN / WN), MINB) name(                         \
+        const unsigned short* __restrict__ B, const unsigned short* __restrict__ Wt, const float* __restrict__ AUX,  \
+        float* __restrict__ Y, int M, int N, int K, int C, int H, int W, int R, int S, int P, int Q, int O,         \
+        int stride, int pad, int act, int splits, int kchunk) {                                                   \
+        HN_DYNAMIC_SMEM(hn_smem);                                                                              \
+        hn_conv16<EPI, BM, BN, BK, WM, WN, ST>(hn_smem, B, Wt, AUX, Y, M, N, K, C, H, W, R, S, P, Q, O, stride,    \
+                                               pad, act, splits, kchunk);                                       \
     }

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .kernels import NULL, gemm_operands, get_kernel, leading_dim
-from .mma_tiles import CONV_CHOICE, LAYOUTS, PRECISIONS, TILES, TcTile
+from .mma_tiles import CONV_CHOICE, LAYOUTS, PRECISIONS, TILES, TILES16, Tc16Tile, TcTile
 
 _i32, _i64, _f32 = np.int32, np.int64, np.float32
 DEFAULT_SMEM = 48 * 1024       # dynamic shared memory a launch gets without raising the kernel's limit
@@ -217,7 +217,7 @@ class ConvCall:
     M = output channels, N = C x R x S, K = images x P x Q, dy and x gathered, K split over grid.z (mma.cu)."""
 
     op: str
-    tile: TcTile
+    tile: TcTile | Tc16Tile
     grid: tuple
     src: object                # x (fwd) or dy (data)
     w: object
@@ -275,7 +275,13 @@ def _conv_call(op: str, precision: str, tile: str | None, src, w, aux, out, m: i
         raise ValueError(f"conv_tc: a tensor of shape {src.shape} is past the kernel's 32-bit offsets")
     if m == 0 or n == 0 or k == 0:          # (k == 0: a filter gradient of no images adds nothing)
         return None
-    t = _conv_tile(precision, tile, m, n)
+    return _tile_call(op, _conv_tile(precision, tile, m, n), src, w, aux, out, m, n, k, geometry, act, sms, splits)
+
+
+def _tile_call(op: str, t, src, w, aux, out, m: int, n: int, k: int, geometry: tuple, act: int, sms: int | None,
+               splits: int | None) -> ConvCall:
+    """The ConvCall of op on tile t (a TcTile or Tc16Tile): the filter gradient's K split as `split_k` says for
+    `sms` SMs, or in `splits` parts."""
     parts = 1 if op != "filter" else (split_k(t, m, n, k, 1, sms) if splits is None else max(1, int(splits)))
     kchunk = math.ceil(math.ceil(k / parts) / t.bk) * t.bk
     parts = math.ceil(k / kchunk)                      # no empty part
@@ -350,3 +356,128 @@ def conv_data_tc(be, dx, dy, w, relu_x, stride: int, pad: int, tile: str | None 
 def conv_filter_tc(be, dw, dy, x, stride: int, pad: int, tile: str | None = None, splits: int | None = None) -> None:
     """dw += conv_backward_filter(dy, x) on tensor cores at `be`'s precision (plan_conv_filter)."""
     launch_conv(be, plan_conv_filter(dw, dy, x, stride, pad, be.precision, be.sms, tile, splits))
+
+
+# --- the channels-last bf16 convolutions (mma.cu, HN_CONV16): conv.py's "tc16" ---------------------------------------
+# x, dy and w are read as bf16 bits stored channels-last (uint16 arrays): x [n, H, W, C], w [O, R, S, C], dy
+# [n, P, Q, O]; outputs are float32 as the other kernels write them (y, dx NCHW; the filter gradient [O, R, S, C],
+# added into the weights' layout by conv.cu's add_from_nhwc). The plans take the channels-last arrays (the emulator
+# feeds them NumPy ones); conv16, conv16_data and conv16_filter make them on the GPU from NCHW float32.
+
+
+def conv16_fits(op: str, c: int, o: int, r: int, s: int, stride: int, pad: int) -> bool:
+    """Whether HN_CONV16 computes `op` on this shape: channels read in whole 16-byte chunks (C of x for the forward
+    and filter gradient, O of dy for the filter and data gradients), and the data gradient, a forward over dy, at
+    stride 1 with a square kernel and pad < R."""
+    if op == "fwd":
+        return c % 8 == 0
+    if op == "filter":
+        return c % 8 == 0 and o % 8 == 0
+    return o % 8 == 0 and stride == 1 and r == s and 0 <= pad < r
+
+
+def _tile16(op: str, tile: str | None, m: int, n: int) -> Tc16Tile:
+    """TILES16's small tile of op when M or N fits in it, else its large one (as `choose`); or the one named."""
+    large, small = TILES16[op]
+    if tile is not None:
+        found = [t for t in TILES16[op] if t.name == tile]
+        if not found:
+            raise ValueError(f"conv16: no {op} tile {tile!r} (have {', '.join(t.name for t in TILES16[op])})")
+        return found[0]
+    return small if m <= small.bm or n <= small.bn else large
+
+
+def _call16(op, tile, src, w, aux, out, m, n, k, geometry, act=0, sms=None, splits=None) -> ConvCall | None:
+    for name, a, dtype in (("input", src, np.uint16), ("weights", w, np.uint16), ("aux", aux, np.float32),
+                           ("output", out, np.float32)):
+        if a is not None and (a.dtype != dtype or not a.flags.c_contiguous):
+            raise ValueError(f"conv16: the {name} must be contiguous {np.dtype(dtype).name}")
+    if src.size + src.size // max(src.shape[0], 1) >= 2**31 or out.size >= 2**31 or w.size >= 2**31:
+        raise ValueError(f"conv16: a tensor of shape {src.shape} is past the kernel's 32-bit offsets")
+    if m == 0 or n == 0 or k == 0:
+        return None
+    return _tile_call(op, _tile16(op, tile, m, n), src, w, aux, out, m, n, k, geometry, act, sms, splits)
+
+
+def plan_conv16(y, x16, w16, b, stride: int, pad: int, act: int = 0, tile: str | None = None) -> ConvCall | None:
+    """y [n, O, P, Q] = act(conv(x, w) + b) from x16 [n, H, W, C] and w16 [O, R, S, C] (bf16 bits), b [O] float32 or
+    None; act 0 none, 1 ReLU. None when y is empty."""
+    n, h, wd, c = x16.shape
+    o, r, s, c2 = w16.shape
+    p, q = (h + 2 * pad - r) // stride + 1, (wd + 2 * pad - s) // stride + 1
+    if (c2 != c or tuple(y.shape) != (n, o, p, q) or (b is not None and tuple(b.shape) != (o,))
+            or not conv16_fits("fwd", c, o, r, s, stride, pad)):
+        raise ValueError(f"conv16: x {x16.shape}, w {w16.shape}, y {y.shape} do not fit together (C a multiple of 8)")
+    return _call16("fwd", tile, x16, w16, b, y, o, n * p * q, r * s * c, (c, h, wd, r, s, p, q, o, stride, pad), act)
+
+
+def plan_conv16_data(dx, dy16, wt16, relu_x, pad: int, tile: str | None = None) -> ConvCall | None:
+    """dx [n, C, H, W] = conv_backward_data(dy, w) (* (relu_x > 0) when relu_x is given) of a stride-1 convolution
+    with padding `pad`, from dy16 [n, P, Q, O] and wt16, the turned weights [C, R, S, O] (conv.cu's turn_weights16),
+    as the forward over dy with padding R - 1 - pad. None when dx is empty."""
+    n, p, q, o = dy16.shape
+    c, r, s, o2 = wt16.shape
+    h, wd = dx.shape[2:]
+    if (o2 != o or tuple(dx.shape) != (n, c, p + r - 1 - 2 * pad, q + s - 1 - 2 * pad)
+            or (relu_x is not None and tuple(relu_x.shape) != tuple(dx.shape))
+            or not conv16_fits("data", c, o, r, s, 1, pad)):
+        raise ValueError(f"conv16: dy {dy16.shape}, turned w {wt16.shape}, dx {dx.shape} do not fit together")
+    return _call16("data", tile, dy16, wt16, relu_x, dx, c, n * h * wd, r * s * o,
+                   (o, p, q, r, s, h, wd, c, 1, r - 1 - pad))
+
+
+def plan_conv16_filter(dw16, dy16, x16, stride: int, pad: int, sms: int = 132, tile: str | None = None,
+                       splits: int | None = None) -> ConvCall | None:
+    """dw16 [O, R, S, C] float32 += conv_backward_filter(dy, x) from dy16 [n, P, Q, O] and x16 [n, H, W, C] (bf16
+    bits), the K sum over images x P x Q split over grid.z (`split_k`, or `splits` parts) and added with atomics."""
+    n, h, wd, c = x16.shape
+    o, r, s, c2 = dw16.shape
+    p, q = (h + 2 * pad - r) // stride + 1, (wd + 2 * pad - s) // stride + 1
+    if c2 != c or tuple(dy16.shape) != (n, p, q, o) or not conv16_fits("filter", c, o, r, s, stride, pad):
+        raise ValueError(f"conv16: dy {dy16.shape}, x {x16.shape}, dw {dw16.shape} do not fit together")
+    return _call16("filter", tile, x16, dy16, None, dw16, o, r * s * c, n * p * q,
+                   (c, h, wd, r, s, p, q, o, stride, pad), sms=sms, splits=splits)
+
+
+def to_nhwc16(be, x):
+    """x [n, C, *spatial] float32 (contiguous) as bf16 bits [n, *spatial, C] (conv.cu's to_nhwc16; C even): an
+    activation NCHW -> NHWC, or weights [O, C, R, S] -> [O, R, S, C]."""
+    n, c = x.shape[:2]
+    hw = x.size // max(n * c, 1)
+    if c % 2 or n > GRID_YZ or x.dtype != np.float32 or not x.flags.c_contiguous:
+        raise ValueError(f"to_nhwc16: x of shape {x.shape} must be contiguous float32, C even, n <= {GRID_YZ}")
+    out = be.xp.empty((n, *x.shape[2:], c), dtype=np.uint16)
+    if out.size:
+        get_kernel(be.device_id, "conv", "to_nhwc16")((math.ceil(hw / 32), math.ceil(c / 64), n), (256,),
+                                                       (x, out, _i32(c), _i32(hw)))
+    return out
+
+
+def turn_weights16(be, w):
+    """w [O, C, R, S] float32 as the data gradient's turned weights [C, R, S, O]: wt[c][r][s][o] = w[o][c][R-1-r]
+    [S-1-s], bf16 bits."""
+    o, c, r, s = w.shape
+    out = be.xp.empty((c, r, s, o), dtype=np.uint16)
+    be.launch("conv", "turn_weights16", w.size, w, out, _i32(o), _i32(c), _i32(r * s))
+    return out
+
+
+def conv16(be, y, x, w, b, stride: int, pad: int, act: int = 0, tile: str | None = None) -> None:
+    """y = act(conv(x, w) + b) from NCHW float32 x and w, copied channels-last in bf16 first (plan_conv16)."""
+    launch_conv(be, plan_conv16(y, to_nhwc16(be, x), to_nhwc16(be, w), b, stride, pad, act, tile))
+
+
+def conv16_data(be, dx, dy16, w, relu_x, pad: int, tile: str | None = None) -> None:
+    """dx = conv_backward_data(dy, w) (* (relu_x > 0)) at stride 1 from dy16 = to_nhwc16(dy) and w [O, C, R, S]
+    float32 (plan_conv16_data)."""
+    launch_conv(be, plan_conv16_data(dx, dy16, turn_weights16(be, w), relu_x, pad, tile))
+
+
+def conv16_filter(be, dw, dy16, x16, stride: int, pad: int, tile: str | None = None,
+                  splits: int | None = None) -> None:
+    """dw [O, C, R, S] += conv_backward_filter(dy, x) from dy16 = to_nhwc16(dy) and x16 = to_nhwc16(x): summed
+    channels-last into a zeroed scratch, then added into dw (plan_conv16_filter)."""
+    o, c, r, s = dw.shape
+    part = be.xp.zeros((o, r, s, c), dtype=np.float32)
+    launch_conv(be, plan_conv16_filter(part, dy16, x16, stride, pad, be.sms, tile, splits))
+    be.launch("conv", "add_from_nhwc", dw.size, dw, part, _i32(o), _i32(c), _i32(r * s))

@@ -131,9 +131,47 @@ def conv_tiles() -> list[TcTile]:
     return [t for t in TILES for name in CONV_CHOICE[t.precision] if t.name == name]
 
 
-def instantiations(tiles: Iterable[TcTile], conv: Iterable[TcTile] = ()) -> str:
-    """mma.cu's HN_GEMM lines, each tile in each operand order, and its HN_CONV lines, each `conv` tile for each
-    convolution op."""
+@dataclass(frozen=True)
+class Tc16Tile:
+    """A tile of the channels-last bf16 convolutions (mma.cu's HN_CONV16: both operands copied by cp.async straight
+    into STAGES bf16 tiles, no float32 staging)."""
+
+    bm: int
+    bn: int
+    bk: int
+    wm: int
+    wn: int
+    stages: int
+    min_blocks: int = 1      # __launch_bounds__'s blocks per SM ("b2": two, 128 registers at 256 threads)
+
+    @property
+    def name(self) -> str:
+        return f"{self.bm}x{self.bn}x{self.bk}s{self.stages}" + (f"b{self.min_blocks}" if self.min_blocks > 1 else "")
+
+    @property
+    def threads(self) -> int:
+        return 32 * (self.bm // self.wm) * (self.bn // self.wn)
+
+    @property
+    def smem_bytes(self) -> int:
+        return self.stages * (self.bm + self.bn) * (self.bk + 8) * 2
+
+    def conv_kernel(self, op: str) -> str:
+        assert op in CONV_OPS, op
+        return f"hn_conv16_{op}_{self.name}"
+
+
+# The channels-last tiles, (large, small) per op as CONV_CHOICE (the data gradient runs the forward's kernel body):
+# on the H200 at batch 512 the large ones won every cifar-wide layer (benchmarks/kernels/run_tc_conv_nhwc.py; the
+# forward's on two blocks per SM, the filter gradient's on one).
+TILES16 = {"fwd": (Tc16Tile(128, 128, 32, 64, 32, 4, 2), Tc16Tile(64, 64, 32, 32, 32, 4)),
+           "filter": (Tc16Tile(128, 128, 32, 64, 32, 4), Tc16Tile(64, 64, 32, 32, 32, 4))}
+TILES16["data"] = TILES16["fwd"]
+
+
+def instantiations(tiles: Iterable[TcTile], conv: Iterable[TcTile] = (), conv16: dict = TILES16) -> str:
+    """mma.cu's HN_GEMM lines, each tile in each operand order, its HN_CONV lines, each `conv` tile for each
+    convolution op, and its HN_CONV16 lines, each `conv16` tile of each op."""
     lines = []
     for t in tiles:
         for layout in LAYOUTS:
@@ -144,4 +182,8 @@ def instantiations(tiles: Iterable[TcTile], conv: Iterable[TcTile] = ()) -> str:
         for op, mode in CONV_OPS.items():
             lines.append(f"HN_CONV({t.conv_kernel(op)}, {CONV_VARIANTS[(t.precision, t.variant)]}, {mode}, {t.bm}, "
                          f"{t.bn}, {t.bk}, {t.wm}, {t.wn}, {t.stages}, {t.min_blocks})")
+    for op, ts in conv16.items():
+        for t in ts:
+            lines.append(f"HN_CONV16({t.conv_kernel(op)}, {CONV_OPS[op]}, {t.bm}, {t.bn}, {t.bk}, {t.wm}, {t.wn}, "
+                         f"{t.stages}, {t.min_blocks})")
     return "\n".join(lines) + "\n"
