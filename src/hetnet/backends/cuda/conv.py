@@ -42,7 +42,8 @@ IM2COL_MIN_CHUNK = 4 << 20
 _i32 = np.int32
 # HETNET_CONV_ALGO / CudaBackend.force_conv_algo: skip the measurement (tests); "tc" (the tensor-core implicit GEMMs,
 # mma.conv_tc / conv_data_tc / conv_filter_tc) exists at tf32 and bf16, "tc16" (the same on channels-last bf16
-# copies, mma.conv16 / conv16_data / conv16_filter) at bf16 where mma.conv16_fits
+# copies, mma.conv16 / conv16_data / conv16_filter, on their large tile; "tc16s" their small one) at bf16 where
+# mma.conv16_fits
 FORCEABLE = ("implicit", "im2col", "tc", "tc16")
 OWN_TC = ("tc", "tc16")      # the forceable names that exist only at some precisions and shapes
 
@@ -281,10 +282,18 @@ def _filter_tc(be, g, dy, x, dw, db):
         channel_sum(be, dy, db, g.n, g.k, g.p * g.q)
 
 
-def _filter_tc16(be, g, copies, dy, dw, db):
-    mma.conv16_filter(be, dw, copies("dy"), copies("x"), g.stride, g.pad)
+def _filter_tc16(be, g, copies, dy, dw, db, tile):
+    mma.conv16_filter(be, dw, copies("dy"), copies("x"), g.stride, g.pad, tile)
     if db is not None:
         channel_sum(be, dy, db, g.n, g.k, g.p * g.q)
+
+
+def _tiles16(op: str, run) -> dict:
+    """The "tc16" candidates of op: "tc16" on the large tile of mma_tiles.TILES16[op], "tc16s" on the small one
+    (run(tile name, *outputs) launches one). Both are measured on every shape: the large tile can win where M fits the
+    small one (64 channels), as the gathers, not the products, bound these kernels."""
+    large, small = mma.TILES16[op]
+    return {"tc16": lambda *a: run(large.name, *a), "tc16s": lambda *a: run(small.name, *a)}
 
 
 def _fits16(be, op: str, g: Geometry) -> bool:
@@ -408,7 +417,7 @@ def conv_forward(be, x, w, b, stride, pad, act=0, geometry=None):
     if be.precision != "fp32" and _contiguous(x, w, b) and mma.conv_fits(x, y):
         cands["tc"] = lambda out: mma.conv_tc(be, out, x, w, b, stride, pad, act)
         if _fits16(be, "fwd", g):
-            cands["tc16"] = lambda out: mma.conv16(be, out, x, w, b, stride, pad, act)
+            cands.update(_tiles16("fwd", lambda tile, out: mma.conv16(be, out, x, w, b, stride, pad, act, tile)))
     choice = _choose(be, "fwd", g, cands, lambda fn: fn(y))
     cands[choice](y)
     return y
@@ -427,7 +436,7 @@ def conv_backward(be, dy, x, w, dw, db, stride, pad, need_dx=True, relu_x=None):
     if be.precision != "fp32" and _contiguous(dy, x, dw) and mma.conv_fits(x, dw) and dy.size < 2**31:
         fc["tc"] = lambda dw_, db_: _filter_tc(be, g, dy, x, dw_, db_)
         if _fits16(be, "filter", g):
-            fc["tc16"] = lambda dw_, db_: _filter_tc16(be, g, copies, dy, dw_, db_)
+            fc.update(_tiles16("filter", lambda tile, dw_, db_: _filter_tc16(be, g, copies, dy, dw_, db_, tile)))
 
     scratch = []
 
@@ -449,7 +458,7 @@ def conv_backward(be, dy, x, w, dw, db, stride, pad, need_dx=True, relu_x=None):
     if be.precision != "fp32" and _contiguous(dy, w, relu_x) and mma.conv_fits(dy, dx):
         dc["tc"] = lambda out: mma.conv_data_tc(be, out, dy, w, relu_x, stride, pad)
         if _fits16(be, "data", g):
-            dc["tc16"] = lambda out: mma.conv16_data(be, out, copies("dy"), w, relu_x, pad)
+            dc.update(_tiles16("data", lambda tile, out: mma.conv16_data(be, out, copies("dy"), w, relu_x, pad, tile)))
     copies.share = False
     choice = _choose(be, "data", g, dc, lambda fn: fn(dx))
     copies.share = True
