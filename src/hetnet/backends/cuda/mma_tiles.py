@@ -161,9 +161,9 @@ class Tc16Tile:
         return f"hn_conv16_{op}_{self.name}"
 
 
-# The channels-last tiles, (large, small) per op as CONV_CHOICE (the data gradient runs the forward's kernel body):
-# on the H200 at batch 512 the large ones won every cifar-wide layer (benchmarks/kernels/run_tc_conv_nhwc.py; the
-# forward's on two blocks per SM, the filter gradient's on one).
+# The channels-last tiles, (large, small) per op (the data gradient runs the forward's kernel body); conv.py measures
+# both on every shape ("tc16", "tc16s"). On the H200 at batch 512 the large ones won every cifar-wide layer
+# (benchmarks/kernels/run_tc_conv_nhwc.py; the forward's on two blocks per SM, the filter gradient's on one).
 TILES16 = {"fwd": (Tc16Tile(128, 128, 32, 64, 32, 4, 2), Tc16Tile(64, 64, 32, 32, 32, 4)),
            "filter": (Tc16Tile(128, 128, 32, 64, 32, 4), Tc16Tile(64, 64, 32, 32, 32, 4))}
 TILES16["data"] = TILES16["fwd"]
