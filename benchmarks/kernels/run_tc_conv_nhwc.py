@@ -59,11 +59,16 @@ class Kernel:
 def _kernels() -> list[Kernel]:
     out = [Kernel("fwd", f"hn_conv_nhwc_fwd_bf16_{t.name}", t.bm, t.bn, t.threads, t.smem_bytes, "f32", 4)
            for t in (next(t for t in TILES if t.precision == "bf16" and t.name == n) for n in TILE_NAMES)]
-    sandbox16 = Tc16Tile(128, 128, 32, 64, 32, 4)          # tc_conv_nhwc.cu's: the forward on one block per SM
     for op in ("fwd", "filter"):
-        for t in (*TILES16[op], *((sandbox16,) if op == "fwd" else ())):
+        for t in (*TILES16[op], *SANDBOX16[op]):
             out.append(Kernel(op, t.conv_kernel(op), t.bm, t.bn, t.threads, t.smem_bytes, "bf16", 8))
     return out
+
+
+# tc_conv_nhwc.cu's HN_CONV16 tiles that do not ship: the forward on one block per SM, BK = 64, 128 x 256
+SANDBOX16 = {"fwd": (Tc16Tile(128, 128, 32, 64, 32, 4), Tc16Tile(128, 128, 64, 64, 32, 3),
+                     Tc16Tile(128, 128, 64, 64, 32, 3, 2), Tc16Tile(128, 256, 32, 64, 64, 3)),
+             "filter": (Tc16Tile(128, 128, 64, 64, 32, 3),)}
 
 
 def source_text() -> str:

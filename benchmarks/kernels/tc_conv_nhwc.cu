@@ -3,7 +3,8 @@
 // beside the shipped ones (mma.cu's NCHW hn_conv_*_bf16_* and channels-last hn_conv16_*):
 //   hn_conv_nhwc_fwd_bf16_*          the forward with x and w in float32 channels-last (staged and rounded as mma.cu's
 //                                    "a" pipeline): 16-byte gathers, but float32 staging;
-//   hn_conv16_fwd_128x128x32s4       the shipped channels-last bf16 forward (HN_CONV16) on one block per SM.
+//   hn_conv16_fwd_128x128x32s4       the shipped channels-last bf16 forward (HN_CONV16) on one block per SM;
+//   hn_conv16_*_128x128x64s3*, hn_conv16_fwd_128x256x32s3   HN_CONV16 on other block tiles (not yet timed).
 //
 // The forward in float32: y[img][o][p][q] = act(b[o] + sum_k W[o][k] x(k; img, p, q)), the GEMM of mma.cu's HN_CONV16
 // forward (K = R x S x C, channels innermost; A = W stored [O][R][S][C], B gathered from x stored [n][H][W][C] by
@@ -62,3 +63,12 @@ HN_CONV_NHWC(hn_conv_nhwc_fwd_bf16_64x64x32s4a, 64, 64, 32, 32, 32, 4, 1)
 // --- the channels-last bf16 forward (mma.cu's HN_CONV16) on one block per SM --------------------------------------
 
 HN_CONV16(hn_conv16_fwd_128x128x32s4, 1, 128, 128, 32, 64, 32, 4, 1)
+
+// --- HN_CONV16 on other block tiles, for the next measurement (not yet timed) ----------------------------------------
+// BK = 64: half the barriers and K-tile starts per product, four chunk rows per thread (more gather registers);
+// 3 stages of 110.6 KB, one or (within 227 KB per SM) two blocks per SM. 128 x 256: each gathered B row feeds twice
+// the products (warp tile 64 x 64, 128 accumulators a thread), one block per SM.
+HN_CONV16(hn_conv16_fwd_128x128x64s3, 1, 128, 128, 64, 64, 32, 3, 1)
+HN_CONV16(hn_conv16_fwd_128x128x64s3b2, 1, 128, 128, 64, 64, 32, 3, 2)
+HN_CONV16(hn_conv16_fwd_128x256x32s3, 1, 128, 256, 32, 64, 64, 3, 1)
+HN_CONV16(hn_conv16_filter_128x128x64s3, 3, 128, 128, 64, 64, 32, 3, 1)

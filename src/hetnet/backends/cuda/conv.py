@@ -290,8 +290,8 @@ def _filter_tc16(be, g, copies, dy, dw, db, tile):
 
 def _tiles16(op: str, run) -> dict:
     """The "tc16" candidates of op: "tc16" on the large tile of mma_tiles.TILES16[op], "tc16s" on the small one
-    (run(tile name, *outputs) launches one). Both are measured on every shape: the large tile can win where M fits the
-    small one (64 channels), as the gathers, not the products, bound these kernels."""
+    (run(tile name, *outputs) launches one). Both are measured on every shape: the large tile can win even where M
+    fits the small one (64 channels), which a rule by size would not try."""
     large, small = mma.TILES16[op]
     return {"tc16": lambda *a: run(large.name, *a), "tc16s": lambda *a: run(small.name, *a)}
 
