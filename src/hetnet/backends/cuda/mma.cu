@@ -950,15 +950,17 @@ __device__ __forceinline__ void hn_nhwc_copy_b(T* s, const T* x, const HnConv& c
     }
 }
 
-// A's BM x BK tile (rows m of w, K-major) in 8-element chunks; rows from M on and columns from kend on zero-filled.
+// A ROWS x (8 CPR) tile of a row-major bf16 matrix (leading dimension ld) from (row0, col0), in 8-element chunks
+// into shared memory (row stride STRIDE); rows from row_end on and columns from col_end on zero-filled. The forward's
+// A (w: rows m, columns k) and the filter gradient's A (dy: rows k, columns o).
 template <int ROWS, int CPR, int STRIDE, int THREADS>
-__device__ __forceinline__ void hn_nhwc16_copy_a(unsigned short* s, const unsigned short* w, int K, int m0, int M,
-                                                 int k0, int kend, int tid) {
+__device__ __forceinline__ void hn_copy16_tile(unsigned short* s, const unsigned short* src, int ld, int row0,
+                                               int row_end, int col0, int col_end, int tid) {
 #pragma unroll
     for (int i = 0; i < ROWS * CPR / THREADS; ++i) {
-        const int q = tid + i * THREADS, row = q / CPR, col = (q % CPR) * 8, m = m0 + row, k = k0 + col;
-        const bool ok = m < M && k < kend;
-        hn_cp_async16(s + row * STRIDE + col, w + (ok ? static_cast<long long>(m) * K + k : 0), ok ? 16 : 0);
+        const int q = tid + i * THREADS, row = q / CPR, col = (q % CPR) * 8, gr = row0 + row, gc = col0 + col;
+        const bool ok = gr < row_end && gc < col_end;
+        hn_cp_async16(s + row * STRIDE + col, src + (ok ? static_cast<long long>(gr) * ld + gc : 0), ok ? 16 : 0);
     }
 }
 
@@ -1007,24 +1009,12 @@ __device__ __forceinline__ void hn_conv16_fwd(unsigned char* smem, const unsigne
 
     auto issue = [&](int kt) {
         const int k0 = kt * BK, s = kt % STAGES;
-        hn_nhwc16_copy_a<BM, CPR, OA::STRIDE, THREADS>(sa + s * OA::ELEMS, W, K, blk.m0, M, k0, K, tid);
+        hn_copy16_tile<BM, CPR, OA::STRIDE, THREADS>(sa + s * OA::ELEMS, W, K, blk.m0, M, k0, K, tid);
         hn_nhwc_copy_b<unsigned short, CPR, OB::STRIDE, THREADS>(sb + s * OB::ELEMS, x, cv, rows, by_c, k0, K,
                                                                  tid);
     };
     hn_bf16_direct_loop<false, true, OA, OB, STAGES, BK>(sa, sb, tiles, th, acc, issue);
     hn_conv_epilogue<EPI, MT, NT>(blk, acc, M, N, cv, th.wm, th.wn, th.lane);
-}
-
-// The filter gradient's A tile: dy [k][o] rows k0.. (BK of them), eight o per chunk.
-template <int ROWS, int CPR, int STRIDE, int THREADS>
-__device__ __forceinline__ void hn_nhwc16_copy_dy(unsigned short* s, const unsigned short* dy, int O, int m0, int M,
-                                                  int k0, int kend, int tid) {
-#pragma unroll
-    for (int i = 0; i < ROWS * CPR / THREADS; ++i) {
-        const int q = tid + i * THREADS, row = q / CPR, col = (q % CPR) * 8, k = k0 + row, m = m0 + col;
-        const bool ok = k < kend && m < M;
-        hn_cp_async16(s + row * STRIDE + col, dy + (ok ? static_cast<long long>(k) * O + m : 0), ok ? 16 : 0);
-    }
 }
 
 // The divisors of the filter gradient's gathers: a column n = (r, s, c) by C and S, a row k = (img, p, q) by P x Q
@@ -1071,7 +1061,7 @@ __device__ __forceinline__ void hn_conv16_filter(unsigned char* smem, const unsi
 
     auto issue = [&](int kt) {
         const int k0 = blk.kbeg + kt * BK, s = kt % STAGES;
-        hn_nhwc16_copy_dy<BK, CPA, OA::STRIDE, THREADS>(sa + s * OA::ELEMS, dy, cv.o, blk.m0, M, k0, blk.kend, tid);
+        hn_copy16_tile<BK, CPA, OA::STRIDE, THREADS>(sa + s * OA::ELEMS, dy, cv.o, k0, blk.kend, blk.m0, M, tid);
         hn_nhwc16_copy_x_taps<BK, CPB, OB::STRIDE, THREADS>(sb + s * OB::ELEMS, x, cv, blk.n0, N, dv, k0, blk.kend,
                                                             tid);
     };

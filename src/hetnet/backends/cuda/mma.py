@@ -456,6 +456,8 @@ def to_nhwc16(be, x):
 def turn_weights16(be, w):
     """w [O, C, R, S] float32 as the data gradient's turned weights [C, R, S, O]: wt[c][r][s][o] = w[o][c][R-1-r]
     [S-1-s], bf16 bits."""
+    if w.ndim != 4 or w.dtype != np.float32 or not w.flags.c_contiguous:
+        raise ValueError(f"turn_weights16: w of shape {w.shape} must be contiguous float32 [O, C, R, S]")
     o, c, r, s = w.shape
     out = be.xp.empty((c, r, s, o), dtype=np.uint16)
     be.launch("conv", "turn_weights16", w.size, w, out, _i32(o), _i32(c), _i32(r * s))
