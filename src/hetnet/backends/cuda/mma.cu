@@ -623,6 +623,17 @@ __device__ __forceinline__ void hn_convert_tf32(float* s, int tid) {
     }
 }
 
+// A cp.async pipeline's first STAGES - 1 K tiles in flight (issue(kt) starts tile kt's copies; one commit group per
+// tile, empty past the last, so that cp.async.wait_group<STAGES - 2> always means "tile kt has landed").
+template <int STAGES, class Issue>
+__device__ __forceinline__ void hn_pipeline_fill(int tiles, const Issue& issue) {
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < tiles) issue(s);
+        hn_cp_async_commit();
+    }
+}
+
 // Pipeline (STAGES buffers, one cp.async group per K tile, empty groups past the end so the count stays uniform):
 // the prologue issues tiles 0 .. STAGES-2; iteration kt waits until at most STAGES-2 groups are pending (so group kt,
 // tile kt, has landed for this thread), then a barrier makes every thread's copies visible and also ends every
@@ -651,11 +662,7 @@ __device__ __forceinline__ void hn_gemm_tf32_body(unsigned char* smem, HN_GEMM_P
         hn_issue_tile<MODE, TA, TB, OA, OB, THREADS>(sa + s * OA::ELEMS, sb + s * OB::ELEMS, blk, cv, cols, lda,
                                                       ldb, M, N, k0, tid);
     };
-#pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) {
-        if (s < tiles) issue(s);
-        hn_cp_async_commit();
-    }
+    hn_pipeline_fill<STAGES>(tiles, issue);
     for (int kt = 0; kt < tiles; ++kt) {
         const int s = kt % STAGES;
         hn_cp_async_wait<STAGES - 2>();
@@ -800,11 +807,7 @@ __device__ __forceinline__ void hn_bf16_async_loop(const float* fa, const float*
                                                    unsigned short* sb, int tiles, const HnThread& th,
                                                    float (&acc)[MT][NT][4], const Issue& issue) {
     const int tid = th.tid;
-#pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) {
-        if (s < tiles) issue(s);
-        hn_cp_async_commit();
-    }
+    hn_pipeline_fill<STAGES>(tiles, issue);
     for (int kt = 0; kt < tiles; ++kt) {
         const int s = kt % STAGES, h = kt & 1;
         hn_cp_async_wait<STAGES - 2>();
@@ -970,11 +973,7 @@ __device__ __forceinline__ void hn_copy16_tile(unsigned short* s, const unsigned
 template <bool TA, bool TB, class OA, class OB, int STAGES, int BK, int MT, int NT, class Issue>
 __device__ __forceinline__ void hn_bf16_direct_loop(const unsigned short* sa, const unsigned short* sb, int tiles,
                                                     const HnThread& th, float (&acc)[MT][NT][4], const Issue& issue) {
-#pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) {
-        if (s < tiles) issue(s);
-        hn_cp_async_commit();
-    }
+    hn_pipeline_fill<STAGES>(tiles, issue);
     for (int kt = 0; kt < tiles; ++kt) {
         const int s = kt % STAGES;
         hn_cp_async_wait<STAGES - 2>();
