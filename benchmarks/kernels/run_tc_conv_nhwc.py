@@ -34,7 +34,7 @@ EMU_DIR = ROOT / "tests" / "cuda_emu"
 sys.path.insert(0, str(ROOT / "tests"))        # mma_cases: the bf16 rounding and float64 expectations
 sys.path.insert(0, str(HERE))                   # run_conv_variants: the timing
 
-from mma_cases import conv_expected, conv_filter_expected, round_bf16  # noqa: E402
+from mma_cases import conv_expected, conv_filter_expected, nhwc16  # noqa: E402
 from run_conv_variants import time_ms  # noqa: E402
 
 from hetnet.backends.cuda.kernels import HERE as CUDA_DIR  # noqa: E402
@@ -87,15 +87,9 @@ EMU_SHAPES = [(2, 8, 5, 7, 12, 3, 3, 1, 1), (1, 4, 6, 6, 70, 1, 1, 1, 0), (3, 12
               (1, 40, 4, 4, 136, 3, 3, 1, 1), (4, 8, 6, 6, 8, 3, 3, 1, 1)]
 
 
-def bf16_bits(a: np.ndarray) -> np.ndarray:
-    """The bf16 (round to nearest even) of float32 values, as their 16 bits."""
-    return (round_bf16(a).view(np.uint32) >> 16).astype(np.uint16)
-
-
 def _nhwc(k: Kernel, a: np.ndarray) -> np.ndarray:
     """a [n][C][H][W] (or w [O][C][R][S]) channels last, as kernel k reads it: float32 or bf16 bits."""
-    last = np.ascontiguousarray(a.transpose(0, 2, 3, 1))
-    return last if k.storage == "f32" else bf16_bits(last)
+    return np.ascontiguousarray(a.transpose(0, 2, 3, 1)) if k.storage == "f32" else nhwc16(a)
 
 
 def fits(k: Kernel, shape) -> bool:

@@ -99,6 +99,11 @@ def choose(precision: str, m: int, n: int, table: dict = CHOICE) -> TcTile:
     would compute mostly padding: cifar-wide's first convolution, 64 filters over 27 taps), else the large tile, whose
     K sum `split_k` splits where its blocks leave SMs idle."""
     large, small = (tile_named(precision, name) for name in table[precision])
+    return by_size(large, small, m, n)
+
+
+def by_size(large, small, m: int, n: int):
+    """`small` when M or N fits in it, else `large` (the rule of `choose` and of the channels-last tiles)."""
     return small if m <= small.bm or n <= small.bn else large
 
 
@@ -377,14 +382,13 @@ def conv16_fits(op: str, c: int, o: int, r: int, s: int, stride: int, pad: int) 
 
 
 def _tile16(op: str, tile: str | None, m: int, n: int) -> Tc16Tile:
-    """TILES16's small tile of op when M or N fits in it, else its large one (as `choose`); or the one named."""
-    large, small = TILES16[op]
+    """TILES16's tile of op by size (`by_size`), or the one named."""
     if tile is not None:
         found = [t for t in TILES16[op] if t.name == tile]
         if not found:
             raise ValueError(f"conv16: no {op} tile {tile!r} (have {', '.join(t.name for t in TILES16[op])})")
         return found[0]
-    return small if m <= small.bm or n <= small.bn else large
+    return by_size(*TILES16[op], m, n)
 
 
 def _call16(op, tile, src, w, aux, out, m, n, k, geometry, act=0, sms=None, splits=None) -> ConvCall | None:
@@ -392,7 +396,7 @@ def _call16(op, tile, src, w, aux, out, m, n, k, geometry, act=0, sms=None, spli
                            ("output", out, np.float32)):
         if a is not None and (a.dtype != dtype or not a.flags.c_contiguous):
             raise ValueError(f"conv16: the {name} must be contiguous {np.dtype(dtype).name}")
-    if src.size + src.size // max(src.shape[0], 1) >= 2**31 or out.size >= 2**31 or w.size >= 2**31:
+    if not conv_fits(src, out) or w.size >= 2**31:
         raise ValueError(f"conv16: a tensor of shape {src.shape} is past the kernel's 32-bit offsets")
     if m == 0 or n == 0 or k == 0:
         return None
@@ -404,7 +408,7 @@ def plan_conv16(y, x16, w16, b, stride: int, pad: int, act: int = 0, tile: str |
     None; act 0 none, 1 ReLU. None when y is empty."""
     n, h, wd, c = x16.shape
     o, r, s, c2 = w16.shape
-    p, q = (h + 2 * pad - r) // stride + 1, (wd + 2 * pad - s) // stride + 1
+    *_, p, q = _conv_sizes((n, c, h, wd), (o, c, r, s), stride, pad)
     if (c2 != c or tuple(y.shape) != (n, o, p, q) or (b is not None and tuple(b.shape) != (o,))
             or not conv16_fits("fwd", c, o, r, s, stride, pad)):
         raise ValueError(f"conv16: x {x16.shape}, w {w16.shape}, y {y.shape} do not fit together (C a multiple of 8)")
@@ -432,7 +436,7 @@ def plan_conv16_filter(dw16, dy16, x16, stride: int, pad: int, sms: int = 132, t
     bits), the K sum over images x P x Q split over grid.z (`split_k`, or `splits` parts) and added with atomics."""
     n, h, wd, c = x16.shape
     o, r, s, c2 = dw16.shape
-    p, q = (h + 2 * pad - r) // stride + 1, (wd + 2 * pad - s) // stride + 1
+    *_, p, q = _conv_sizes((n, c, h, wd), (o, c, r, s), stride, pad)
     if c2 != c or tuple(dy16.shape) != (n, p, q, o) or not conv16_fits("filter", c, o, r, s, stride, pad):
         raise ValueError(f"conv16: dy {dy16.shape}, x {x16.shape}, dw {dw16.shape} do not fit together")
     return _call16("filter", tile, x16, dy16, None, dw16, o, r * s * c, n * p * q,
