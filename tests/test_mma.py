@@ -25,7 +25,8 @@ from mma_cases import (CONV16_SHAPES, CONV_SHAPES, SHAPES, conv_data_expected, c
                        conv_filter_expected, conv_filter_inputs, conv_inputs, expected, nhwc16, stored, turned16)
 
 from hetnet.backends.cuda import mma as mm
-from hetnet.backends.cuda.mma_tiles import LAYOUTS, PRECISIONS, TILES, TILES16
+from hetnet.backends.cuda.kernels import wgmma_ok
+from hetnet.backends.cuda.mma_tiles import LAYOUTS, PRECISIONS, TILES, TILES16, TILES16W
 from hetnet.device import get_backend
 
 pytestmark = pytest.mark.gpu
@@ -250,21 +251,23 @@ def _checked16(what, got, exact, rounded):
 
 @pytest.mark.parametrize("shape", CONV16_SHAPES, ids=str)
 def test_conv16(rng, shape):
-    """Each op of each HN_CONV16 tile from NCHW float32 on the GPU (the channels-last copies made there) against
-    float64: forward with bias + ReLU and without, data gradient with and without the mask, filter gradient added
-    into dw, split and not."""
+    """Each op of each HN_CONV16 tile (and HN_CONV16W tile where the device runs wgmma) from NCHW float32 on the GPU
+    (the channels-last copies made there) against float64: forward with bias + ReLU and without, data gradient with
+    and without the mask, filter gradient added into dw, split and not."""
     be = get_backend("cuda", "bf16")
     n, c, h, w_, o, r, s, stride, pad = shape
-    for k, tile in enumerate(TILES16["fwd"]):
+    wg = TILES16W["fwd"] if wgmma_ok(be.device_id) else ()
+    for k, tile in enumerate(TILES16["fwd"] + wg):
+        act = 1 - k % 2
         if mm.conv16_fits("fwd", c, o, r, s, stride, pad):
-            x, w, b, y = conv_inputs(rng, shape, bias=k == 0)
+            x, w, b, y = conv_inputs(rng, shape, bias=act == 1)
             gy = cupy.asarray(y)
             mm.conv16(be, gy, cupy.asarray(x), cupy.asarray(w), None if b is None else cupy.asarray(b), stride, pad,
-                      1 - k, tile.name)
-            _checked16(f"fwd {shape} {tile.name}", cupy.asnumpy(gy), conv_expected(x, w, b, stride, pad, 1 - k),
-                       conv_expected(x, w, b, stride, pad, 1 - k, "bf16"))
+                      act, tile.name)
+            _checked16(f"fwd {shape} {tile.name}", cupy.asnumpy(gy), conv_expected(x, w, b, stride, pad, act),
+                       conv_expected(x, w, b, stride, pad, act, "bf16"))
         if mm.conv16_fits("data", c, o, r, s, stride, pad):
-            dy, w, relu_x, dx = conv_data_inputs(rng, shape, mask=k == 0)
+            dy, w, relu_x, dx = conv_data_inputs(rng, shape, mask=act == 1)
             gdx = cupy.asarray(dx)
             mm.conv16_data(be, gdx, mm.to_nhwc16(be, cupy.asarray(dy)), cupy.asarray(w),
                            None if relu_x is None else cupy.asarray(relu_x), pad, tile.name)

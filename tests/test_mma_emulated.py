@@ -22,7 +22,7 @@ from mma_cases import (CONV16_SHAPES, CONV_SHAPES, SHAPES, conv_data_expected, c
 
 from hetnet.backends.cuda import kernels
 from hetnet.backends.cuda import mma as mm
-from hetnet.backends.cuda.mma_tiles import LAYOUTS, TILES, TILES16
+from hetnet.backends.cuda.mma_tiles import LAYOUTS, TILES, TILES16, TILES16W
 from hetnet.bench.common import GEMM_RTOL
 
 EMU_DIR = Path(__file__).resolve().parent / "cuda_emu"
@@ -380,18 +380,18 @@ def _fits16(op, shape):
 
 @pytest.mark.parametrize("shape", CONV16_SHAPES, ids=str)
 def test_conv16(emu, rng, shape):
-    """Each op of each HN_CONV16 tile (data gradient with and without the mask, forward with bias + ReLU and
+    """Each op of each HN_CONV16 and HN_CONV16W tile (data gradient with and without the mask, forward with bias + ReLU and
     without, filter gradient added into dw, split and not) on the channels-last bf16 copies of NCHW inputs, against
     float64 of the rounded inputs; outputs poisoned with NaN where they are written, not read."""
     stride, pad = shape[7:]
-    for k, tile in enumerate(TILES16["fwd"]):
+    for k, tile in enumerate(TILES16["fwd"] + TILES16W["fwd"]):
         if _fits16("fwd", shape):
-            x, w, b, y = conv_inputs(rng, shape, bias=k == 0)
-            run_conv(emu, mm.plan_conv16(y, nhwc16(x), nhwc16(w), b, stride, pad, 1 - k, tile.name))
-            err = rel_err(y, conv_expected(x, w, b, stride, pad, 1 - k, "bf16"))
+            x, w, b, y = conv_inputs(rng, shape, bias=k % 2 == 0)
+            run_conv(emu, mm.plan_conv16(y, nhwc16(x), nhwc16(w), b, stride, pad, 1 - k % 2, tile.name))
+            err = rel_err(y, conv_expected(x, w, b, stride, pad, 1 - k % 2, "bf16"))
             assert err <= RTOL_EMULATED, f"fwd {shape} {tile.name}: relative error {err:.3g}"
         if _fits16("data", shape):
-            dy, w, relu_x, dx = conv_data_inputs(rng, shape, mask=k == 0)
+            dy, w, relu_x, dx = conv_data_inputs(rng, shape, mask=k % 2 == 0)
             run_conv(emu, mm.plan_conv16_data(dx, nhwc16(dy), turned16(w), relu_x, pad, tile.name))
             err = rel_err(dx, conv_data_expected(dy, w, relu_x, shape, "bf16"))
             assert err <= RTOL_EMULATED, f"data {shape} {tile.name}: relative error {err:.3g}"

@@ -40,7 +40,7 @@ from run_conv_variants import time_ms  # noqa: E402
 from hetnet.backends.cuda.kernels import HERE as CUDA_DIR  # noqa: E402
 from hetnet.backends.cuda.kernels import NULL, get_kernel, inline_header  # noqa: E402
 from hetnet.backends.cuda import kernels  # noqa: E402
-from hetnet.backends.cuda.mma_tiles import CONV_CHOICE, TILES, TILES16, Tc16Tile  # noqa: E402
+from hetnet.backends.cuda.mma_tiles import CONV_CHOICE, TILES, TILES16, TILES16W, Tc16Tile  # noqa: E402
 
 RTOL_TC_ROUNDED = 1e-4          # tests/conftest.py's: float32 sums of bf16-rounded inputs
 TILE_NAMES = CONV_CHOICE["bf16"]
@@ -60,7 +60,7 @@ def _kernels() -> list[Kernel]:
     out = [Kernel("fwd", f"hn_conv_nhwc_fwd_bf16_{t.name}", t.bm, t.bn, t.threads, t.smem_bytes, "f32", 4)
            for t in (next(t for t in TILES if t.precision == "bf16" and t.name == n) for n in TILE_NAMES)]
     for op in ("fwd", "filter"):
-        for t in (*TILES16[op], *SANDBOX16[op]):
+        for t in (*TILES16[op], *TILES16W.get(op, ()), *SANDBOX16[op]):
             out.append(Kernel(op, t.conv_kernel(op), t.bm, t.bn, t.threads, t.smem_bytes, "bf16", 8))
     return out
 
@@ -201,7 +201,8 @@ def on_gpu(batch: int, out: str | None) -> int:
         return 1000 * time_ms(cupy, spin, launch)
 
     text = inline_header(source_text())
-    module = cupy.RawModule(code=text, options=("-std=c++17",))
+    module = kernels.compile_module(be.device_id, text)
+    wgmma = kernels._has(module, kernels.SM90A_MARKER)
     rng = np.random.default_rng(0)
     rows, failed = [], 0
     print(f"{be.gpu_name}, bf16, batch {batch}: us per call; NCHW = mma.conv_tc's (conv_filter_tc's) best tile; ratio "
@@ -210,7 +211,7 @@ def on_gpu(batch: int, out: str | None) -> int:
     for layer, (c, h, w, o) in SHAPES.items():
         shape = (batch, c, h, w, o, 3, 3, 1, 1)
         for op in ("fwd", "filter"):
-            ks = [k for k in KERNELS if k.op == op and fits(k, shape)]
+            ks = [k for k in KERNELS if k.op == op and fits(k, shape) and (wgmma or "_w" not in k.name)]
             case = random_case(rng, ks[0], shape, scale=0.05)
             gx = cupy.asarray(case.x)
             if op == "fwd":

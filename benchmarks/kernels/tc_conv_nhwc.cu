@@ -40,7 +40,7 @@ __device__ __forceinline__ void hn_conv_nhwc_bf16(unsigned char* smem, const flo
         const int k0 = blk.kbeg + kt * BK, s = kt % STAGES;
         hn_copy_tile_async<FA::ROWS, FA::COLS, FA::STRIDE, THREADS>(fa + s * FA::ELEMS,
                                                                      hn_src<true>(W, K, blk.m0, k0, M, blk.kend), tid);
-        hn_nhwc_copy_b<float, FB::COLS / 4, FB::STRIDE, THREADS>(fb + s * FB::ELEMS, x, cv, rows, by_c, k0, blk.kend,
+        hn_nhwc_copy_b<float, FB::COLS / 4, HnRowTile<FB::STRIDE>, THREADS>(fb + s * FB::ELEMS, x, cv, rows, by_c, k0, blk.kend,
                                                                  tid);
     };
     hn_bf16_async_loop<false, true, FA, FB, OA, OB, STAGES, THREADS, BK>(fa, fb, sa, sb, tiles, th, acc, issue);

@@ -10,7 +10,13 @@
 //   - ldmatrix .x4 (.trans) from the 32 lanes' row addresses (PTX ISA 9.7.14.5.15);
 //   - cp.async copies complete only at the cp.async.wait_group that retires their group, so a read too early sees
 //     stale data, and the shared-memory checker below reports it;
-//   - cvt.rna.tf32.f32 and cvt.rn.bf16x2.f32 bit-exact (finite inputs).
+//   - cvt.rna.tf32.f32 and cvt.rn.bf16x2.f32 bit-exact (finite inputs);
+//   - wgmma.mma_async m64nNk16 .bf16 (PTX ISA 9.7.15) as a warpgroup collective: A and B read from shared memory
+//     through their matrix descriptors (decoded by the ISA's bit fields and canonical K-major layouts, no swizzle or
+//     the 128-byte swizzle), D in the ISA's accumulator fragment order; the result reaches the registers only when
+//     a wgmma.wait_group retires its group, and the words it read may not be written before that.
+// wgmma reads shared memory through the async proxy: a word it reads must have been written before a barrier and,
+// by the thread that wrote it, followed by a fence.proxy.async (a missing fence is an error).
 // Checks, each a launch error with a message: every shared-memory word read was written before (no reads of
 // uninitialised or padding words); a word written by one thread and read or written by another within one barrier
 // interval (a missing __syncthreads); a read of, or write to, a word with a cp.async in flight; global accesses
@@ -63,6 +69,8 @@ struct Thread {
     bool done = false;
     std::vector<Pending> pending;
     int groups_committed = 0;
+    long writes = 0;        // shared-memory writes so far (cp.async counted when it lands)
+    long fenced = 0;        // `writes` at this thread's last fence.proxy.async
 };
 
 struct Word {          // shadow state of one 4-byte shared-memory word
@@ -71,6 +79,26 @@ struct Word {          // shadow state of one 4-byte shared-memory word
     int r_epoch = -1;  // barrier interval of the last read
     int r_tid = -1;    // its reader, -2 when several threads read it in that interval
     int pending = -1;  // thread whose cp.async to this word is in flight
+    long w_seq = 0;    // the writer's `writes` count at this write (for the proxy fence check)
+    int wg_busy = -1;  // warpgroup whose wgmma group wg_group reads this word (until a wait retires it)
+    int wg_group = 0;
+};
+
+struct WgmmaOp {        // one issued wgmma.mma_async of a warpgroup: its results, written to d when its group retires
+    int group;          // the warpgroup's commit count at issue (the group it joins)
+    float* d[128];
+    std::vector<float> value[128];
+};
+
+struct Warpgroup {      // wgmma state of 4 consecutive warps
+    int arrived = 0;
+    long gen = 0;
+    const char* what = nullptr;
+    float* d[128];
+    unsigned long long da[128], db[128];
+    int n = 0;
+    int committed = 0, retired = 0;   // groups committed, and retired by wait_group (all before `retired`)
+    std::vector<WgmmaOp> ops;
 };
 
 struct Warp {          // exchange slots of a warp-collective instruction, two so one sync per collective suffices
@@ -91,6 +119,7 @@ struct State {
     EmuDim3 grid, block, block_idx;
     std::vector<Thread> threads;
     std::vector<Warp> warps;
+    std::vector<Warpgroup> warpgroups;
     ucontext_t sched;
     int cur = 0;
     int epoch = 0;
@@ -170,14 +199,19 @@ inline void smem_write_check(const void* p, int bytes, int tid, const char* what
             fail("%s: writes shared byte %ld also written by thread %d without a barrier between", what, off, w.w_tid);
         if (w.r_epoch == s.epoch && w.r_tid != tid)
             fail("%s: writes shared byte %ld read by another thread without a barrier between", what, off);
+        if (w.wg_busy >= 0 && w.wg_group >= s.warpgroups[w.wg_busy].retired)
+            fail("%s: writes shared byte %ld that warpgroup %d's wgmma (group %d) has not finished reading", what, off,
+                 w.wg_busy, w.wg_group);
     }
 }
 
 inline void smem_wrote(const void* p, int bytes, int tid) {
+    const long seq = ++S().threads[tid].writes;
     for (int o = 0; o < bytes; o += 4) {
         Word& w = word(static_cast<const unsigned char*>(p) + o);
         w.w_epoch = S().epoch;
         w.w_tid = tid;
+        w.w_seq = seq;
         w.pending = -1;
     }
 }
@@ -233,6 +267,29 @@ inline int warp_meet(const char* what) {
 }
 
 inline int lane() { return me().linear & 31; }
+
+// Every thread of the warpgroup arrives; the last one runs `last` (with the warpgroup's deposits complete), then all
+// go on. `what` must be the same collective for all 128.
+template <class F>
+inline void group_meet(const char* what, F&& last) {
+    State& s = S();
+    if (s.threads.size() % 128) fail("%s: the block is not whole warpgroups", what);
+    Warpgroup& g = s.warpgroups[me().linear / 128];
+    const long gen = g.gen;
+    if (g.arrived == 0) {
+        g.what = what;
+    } else if (g.what != what) {
+        fail("threads of warpgroup %d meet at different collectives (%s, %s)", me().linear / 128, g.what, what);
+    }
+    ++s.events;
+    if (++g.arrived == 128) {
+        last(g);
+        g.arrived = 0;
+        ++g.gen;
+    } else {
+        while (g.gen == gen) yield();
+    }
+}
 
 // --- number formats ------------------------------------------------------------------------------------------------
 
@@ -424,6 +481,127 @@ inline void hn_mma(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]
 inline void hn_mma_tf32(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) { hn_mma(d, a, b, false); }
 inline void hn_mma_bf16(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) { hn_mma(d, a, b, true); }
 
+// --- wgmma (PTX ISA 9.7.15) ------------------------------------------------------------------------------------------
+inline unsigned hn_emu_smem_offset(const void* p) {
+    return static_cast<unsigned>(static_cast<const unsigned char*>(p) - emu::S().smem);
+}
+// The descriptor mma.cu builds (128-byte swizzle, K-major, stride byte offset 1024), from the shared-memory offset.
+inline unsigned long long hn_wgmma_desc(const void* p) {
+    if (!emu::in_smem(p, 16)) emu::fail("wgmma descriptor: address outside shared memory");
+    return static_cast<unsigned long long>((hn_emu_smem_offset(p) & 0x3FFFF) >> 4) | (1ull << 16) |
+           (static_cast<unsigned long long>(1024 >> 4) << 32) | (1ull << 62);
+}
+inline unsigned char* hn_smem_align1024(unsigned char* p) {
+    return p + ((1024u - (hn_emu_smem_offset(p) & 1023u)) & 1023u);
+}
+inline void hn_fence_proxy_async() { emu::me().fenced = emu::me().writes; }
+inline void hn_wgmma_fence() { emu::group_meet("wgmma.fence", [](emu::Warpgroup&) {}); }
+inline void hn_wgmma_commit() {
+    emu::group_meet("wgmma.commit_group", [](emu::Warpgroup& g) { ++g.committed; });
+}
+// Retire every committed group but the newest N: their results reach the registers.
+template <int N>
+inline void hn_wgmma_wait() {
+    emu::group_meet("wgmma.wait_group", [](emu::Warpgroup& g) {
+        const int upto = g.committed - N;
+        std::vector<emu::WgmmaOp> still;
+        for (emu::WgmmaOp& op : g.ops) {
+            if (op.group < upto) {
+                for (int t = 0; t < 128; ++t)
+                    for (size_t i = 0; i < op.value[t].size(); ++i) op.d[t][i] = op.value[t][i];
+            } else {
+                still.push_back(std::move(op));
+            }
+        }
+        g.ops.swap(still);
+        if (upto > g.retired) g.retired = upto;
+    });
+}
+
+namespace emu {
+// Element (row, k) of a K-major 16-bit operand (rows x 16) at descriptor `desc` (PTX ISA 9.7.15.5.1): start address
+// bits 0-13, leading byte offset 16-29, stride byte offset 32-45 (each >> 4), base offset 49-51, swizzle 62-63.
+// No swizzle: 8 x 16-byte core matrices, rows 8 apart by the stride byte offset, the two 8-element halves of K by the
+// leading byte offset. 128-byte swizzle: rows of 128 bytes, groups of 8 rows by the stride byte offset, and the
+// address's bits 4-6 XORed with its bits 7-9.
+inline unsigned wgmma_at(unsigned long long desc, int row, int k, const char* what) {
+    const unsigned start = static_cast<unsigned>(desc & 0x3FFF) << 4;
+    const unsigned lbo = static_cast<unsigned>((desc >> 16) & 0x3FFF) << 4;
+    const unsigned sbo = static_cast<unsigned>((desc >> 32) & 0x3FFF) << 4;
+    const unsigned base_offset = static_cast<unsigned>((desc >> 49) & 7), mode = static_cast<unsigned>(desc >> 62);
+    if (base_offset != 0) fail("%s: descriptor base offset %u (only 0 emulated)", what, base_offset);
+    if (mode == 0) return start + (row / 8) * sbo + (k / 8) * lbo + (row % 8) * 16 + (k % 8) * 2;
+    if (mode != 1) fail("%s: descriptor swizzle mode %u (only none and 128 bytes emulated)", what, mode);
+    const unsigned a = start + (row / 8) * sbo + (row % 8) * 128 + k * 2;
+    return a ^ (((a >> 7) & 7) << 4);
+}
+}  // namespace emu
+
+// wgmma.mma_async.sync.aligned.m64nNk16.f32.bf16.bf16 d, da, db, 1, 1, 1, 0, 0: D (64 x N) += A (64 x 16, da) B
+// (16 x N; stored N x 16 K-major, db). Accumulator fragment (PTX ISA 9.7.15.5.2, "Register fragments"): thread t of
+// the warpgroup holds d_i at row 16 (warp % 4) + lane / 4 + 8 ((i / 2) % 2), column 8 (i / 4) + 2 (lane % 4) + i % 2.
+template <int N>
+inline void hn_wgmma_bf16(float (&d)[N / 8][4], unsigned long long da, unsigned long long db) {
+    const char* what = "wgmma.mma_async.m64nNk16.bf16";
+    emu::State& s = emu::S();
+    const int t = emu::me().linear % 128;
+    emu::Warpgroup& g0 = s.warpgroups[emu::me().linear / 128];
+    g0.d[t] = &d[0][0];
+    g0.da[t] = da;
+    g0.db[t] = db;
+    g0.n = N;
+    emu::group_meet(what, [&](emu::Warpgroup& g) {
+        const int wg = static_cast<int>(&g - s.warpgroups.data());
+        for (int i = 1; i < 128; ++i)
+            if (g.da[i] != g.da[0] || g.db[i] != g.db[0])
+                emu::fail("%s: descriptors differ across the warpgroup", what);
+        auto load = [&](unsigned long long desc, int rows, std::vector<double>& m) {
+            m.assign(rows * 16, 0.0);
+            for (int r = 0; r < rows; ++r)
+                for (int k = 0; k < 16; k += 2) {      // 4-byte words: two elements
+                    const unsigned off = emu::wgmma_at(desc, r, k, what);
+                    if (off % 4 || off + 4 > static_cast<unsigned>(s.smem_bytes))
+                        emu::fail("%s: operand byte %u outside shared memory or misaligned", what, off);
+                    emu::Word& w = s.shadow[off / 4];
+                    if (w.pending >= 0) emu::fail("%s: reads shared byte %u with a cp.async in flight", what, off);
+                    if (w.w_epoch < 0) emu::fail("%s: reads shared byte %u, never written", what, off);
+                    if (w.w_epoch == s.epoch)
+                        emu::fail("%s: reads shared byte %u written without a barrier", what, off);
+                    if (s.threads[w.w_tid].fenced < w.w_seq)
+                        emu::fail("%s: reads shared byte %u written by thread %d, no fence.proxy.async after",
+                                  what, off, w.w_tid);
+                    w.wg_busy = wg;
+                    w.wg_group = g.committed;
+                    unsigned short h[2];
+                    std::memcpy(h, s.smem + off, 4);
+                    m[r * 16 + k] = emu::bf16_value(h[0]);
+                    m[r * 16 + k + 1] = emu::bf16_value(h[1]);
+                }
+        };
+        std::vector<double> A, B;
+        load(g.da[0], 64, A);
+        load(g.db[0], N, B);
+        // the accumulator going in: the newest pending result for the same registers, else the registers
+        emu::WgmmaOp op;
+        op.group = g.committed;
+        for (int th = 0; th < 128; ++th) {
+            op.d[th] = g.d[th];
+            std::vector<float> in(g.d[th], g.d[th] + N / 2);
+            for (const emu::WgmmaOp& prev : g.ops)
+                if (prev.d[th] == g.d[th]) in = prev.value[th];
+            const int warp = th / 32, ln = th % 32;
+            op.value[th].resize(N / 2);
+            for (int i = 0; i < N / 2; ++i) {
+                const int row = 16 * warp + ln / 4 + 8 * ((i / 2) % 2), col = 8 * (i / 4) + 2 * (ln % 4) + i % 2;
+                double sum = in[i];
+                for (int k = 0; k < 16; ++k) sum += A[row * 16 + k] * B[col * 16 + k];
+                op.value[th][i] = static_cast<float>(sum);
+            }
+        }
+        g.ops.push_back(std::move(op));
+    });
+}
+
 inline unsigned hn_tf32(float x) { return emu::tf32(x); }
 inline unsigned hn_pack_bf16x2(float lo, float hi) {
     return static_cast<unsigned>(emu::bf16(lo)) | (static_cast<unsigned>(emu::bf16(hi)) << 16);
@@ -498,6 +676,7 @@ inline std::string launch(EmuDim3 grid, EmuDim3 block, int smem_bytes, std::func
                 s.block_idx = {bx, by, bz};
                 s.threads.assign(n, Thread());
                 s.warps.assign(n / 32, Warp());
+                s.warpgroups.assign((n + 127) / 128, Warpgroup());
                 s.epoch = 0;
                 s.bar_arrived = 0;
                 s.bar_gen = 0;
@@ -532,6 +711,8 @@ inline std::string launch(EmuDim3 grid, EmuDim3 block, int smem_bytes, std::func
                 }
                 for (const Thread& t : s.threads)
                     if (!t.pending.empty()) return "a thread ended with cp.async in flight";
+                for (const Warpgroup& g : s.warpgroups)
+                    if (!g.ops.empty()) return "a warpgroup ended with wgmma results not waited for";
             }
     return "";
 }

@@ -46,17 +46,83 @@ def source(name: str) -> str:
     return inline_header(cu_text(name))
 
 
-def get_module(device_id: int, name: str):
+# Compiled into every module built for sm_90a (compile_module): its presence says the wgmma kernels can run.
+SM90A_MARKER = "hn_sm90a_marker"
+_SM90A_TEXT = f"""
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+extern "C" __global__ void {SM90A_MARKER}() {{}}
+#endif
+"""
+
+
+def _has(mod, name: str) -> bool:
+    try:
+        mod.get_function(name)
+        return True
+    except Exception:        # CuPy raises its driver error for a missing function
+        return False
+
+
+def compile_module(device_id: int, text: str):
+    """`text` compiled by NVRTC for the device: on compute capability 9.0 for sm_90a (the arch-specific features:
+    wgmma), checked by SM90A_MARKER, else (or if that fails) for the device's own architecture."""
     import cupy
 
+    with cupy.cuda.Device(device_id):
+        if device_props(device_id)["cc"] == "9.0":
+            for build in (_sm90a_option, _sm90a_ptx):
+                try:
+                    mod = build(cupy, text + _SM90A_TEXT)
+                    if _has(mod, SM90A_MARKER):
+                        return mod
+                except Exception:    # this NVRTC or CuPy refuses that way: the next, then the plain build
+                    pass
+        mod = cupy.RawModule(code=text, options=("-std=c++17",))
+        mod.compile()
+        return mod
+
+
+def _sm90a_option(cupy, text: str):
+    mod = cupy.RawModule(code=text, options=("-std=c++17", "-arch=sm_90a"))
+    mod.compile()
+    return mod
+
+
+def _sm90a_ptx(cupy, text: str):
+    """PTX for compute_90a from CuPy's NVRTC wrapper, loaded (and compiled by the driver) from a file."""
+    import tempfile
+
+    from cupy.cuda import compiler
+
+    ptx, _ = compiler.compile_using_nvrtc(text, ("-std=c++17",), arch="90a")
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "mma.ptx"
+        path.write_bytes(ptx if isinstance(ptx, bytes) else ptx.encode())
+        mod = cupy.RawModule(path=str(path))
+        mod.get_function(SM90A_MARKER)        # loads the module while the file exists
+    return mod
+
+
+def get_module(device_id: int, name: str):
     key = (device_id, name)
     mod = _modules.get(key)
     if mod is None:
-        with cupy.cuda.Device(device_id):
-            mod = cupy.RawModule(code=source(name), options=("-std=c++17",))
-            mod.compile()
-        _modules[key] = mod
+        mod = _modules[key] = compile_module(device_id, source(name)) if name == "mma" else _plain(device_id, name)
     return mod
+
+
+def _plain(device_id: int, name: str):
+    import cupy
+
+    with cupy.cuda.Device(device_id):
+        mod = cupy.RawModule(code=source(name), options=("-std=c++17",))
+        mod.compile()
+    return mod
+
+
+def wgmma_ok(device_id: int) -> bool:
+    """Whether the mma module of this device was built for sm_90a, so that its HN_CONV16W kernels run."""
+    return _has(get_module(device_id, "mma"), SM90A_MARKER)
 
 
 def get_kernel(device_id: int, module: str, name: str):

@@ -121,6 +121,142 @@ __device__ __forceinline__ void hn_st(float* p, float v) { *p = v; }
 __device__ __forceinline__ void hn_st2(float* p, float x, float y) { *reinterpret_cast<float2*>(p) = make_float2(x, y); }
 __device__ __forceinline__ void hn_atomic_add(float* p, float v) { atomicAdd(p, v); }
 __device__ __forceinline__ unsigned hn_umulhi(unsigned a, unsigned b) { return __umulhi(a, b); }
+// --- wgmma (sm_90a: PTX ISA 9.7.15, "Asynchronous warpgroup level matrix multiply-accumulate") ----------------------
+// Compiled only where the module is built for sm_90a (kernels.py); elsewhere these trap, and mma.py never launches a
+// kernel that calls them.
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define HN_SM90A(...) __VA_ARGS__
+#else
+#define HN_SM90A(...) __trap()
+#endif
+
+// The smem operand descriptor (PTX ISA 9.7.15.5.1) of a K-major bf16 tile stored with the 128-byte swizzle: rows of
+// 64 elements (128 bytes), the 16-byte chunk j of row r at chunk j ^ (r % 8), groups of 8 rows 1024 bytes apart
+// (stride byte offset), the tile's start 1024-byte aligned; p is where the instruction's 16-wide K slice starts
+// (the tile start + 32 bytes per K step of 16). Bits: start >> 4 at 0, leading byte offset >> 4 at 16 (unused for
+// this layout: 1), stride byte offset >> 4 at 32, swizzle mode at 62 (1: 128 bytes).
+__device__ __forceinline__ unsigned long long hn_wgmma_desc(const void* p) {
+    return static_cast<unsigned long long>((hn_smem_addr(p) & 0x3FFFF) >> 4) | (1ull << 16) |
+           (static_cast<unsigned long long>(1024 >> 4) << 32) | (1ull << 62);
+}
+// p rounded up to the next 1024-byte boundary of shared memory (the swizzle's pattern repeats every 1024 bytes).
+__device__ __forceinline__ unsigned char* hn_smem_align1024(unsigned char* p) {
+    return p + ((1024u - (hn_smem_addr(p) & 1023u)) & 1023u);
+}
+// This thread's writes to shared memory (cp.async included, once waited for) made visible to the async proxy that
+// wgmma reads through; a barrier after it makes every thread's.
+__device__ __forceinline__ void hn_fence_proxy_async() {
+    HN_SM90A(asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"));
+}
+__device__ __forceinline__ void hn_wgmma_fence() { HN_SM90A(asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory")); }
+__device__ __forceinline__ void hn_wgmma_commit() {
+    HN_SM90A(asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"));
+}
+// Wait until at most N of this warpgroup's committed wgmma groups are pending.
+template <int N>
+__device__ __forceinline__ void hn_wgmma_wait() {
+    HN_SM90A(asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"));
+}
+// d += A B^T for the warpgroup's 64 x N tile, K = 16: A 64 x 16 and B N x 16 bf16 in shared memory (descriptors da,
+// db, both K-major). d is the accumulator in mma.sync's m16n8 fragment order per warp (warp w of the group holds
+// rows 16w .. 16w + 15; d[j] columns 8j .. 8j + 7), so hn_each_pair reads it as acc[1][N / 8][4].
+template <int N>
+__device__ __forceinline__ void hn_wgmma_bf16(float (&d)[N / 8][4], unsigned long long da, unsigned long long db) {
+    static_assert(N == 64 || N == 128 || N == 256, "wgmma tile");
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    if constexpr (N == 64) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
+                 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+                 "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),
+          "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
+          "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
+          "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),
+          "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),
+          "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+          "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),
+          "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+        : "l"(da), "l"(db), "r"(1));
+    }
+    if constexpr (N == 128) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+                 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+                 "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+                 "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+                 "}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),
+          "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
+          "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
+          "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),
+          "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),
+          "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+          "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),
+          "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]),
+          "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]),
+          "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]),
+          "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]),
+          "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]),
+          "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]),
+          "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]),
+          "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]),
+          "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+        : "l"(da), "l"(db), "r"(1));
+    }
+    if constexpr (N == 256) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {"
+                 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+                 "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+                 "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
+                 "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
+                 "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
+                 "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
+                 "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+                 "}, %128, %129, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),
+          "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
+          "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
+          "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),
+          "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),
+          "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+          "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),
+          "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]),
+          "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]),
+          "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]),
+          "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]),
+          "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]),
+          "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]),
+          "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]),
+          "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]),
+          "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3]),
+          "+f"(d[16][0]), "+f"(d[16][1]), "+f"(d[16][2]), "+f"(d[16][3]),
+          "+f"(d[17][0]), "+f"(d[17][1]), "+f"(d[17][2]), "+f"(d[17][3]),
+          "+f"(d[18][0]), "+f"(d[18][1]), "+f"(d[18][2]), "+f"(d[18][3]),
+          "+f"(d[19][0]), "+f"(d[19][1]), "+f"(d[19][2]), "+f"(d[19][3]),
+          "+f"(d[20][0]), "+f"(d[20][1]), "+f"(d[20][2]), "+f"(d[20][3]),
+          "+f"(d[21][0]), "+f"(d[21][1]), "+f"(d[21][2]), "+f"(d[21][3]),
+          "+f"(d[22][0]), "+f"(d[22][1]), "+f"(d[22][2]), "+f"(d[22][3]),
+          "+f"(d[23][0]), "+f"(d[23][1]), "+f"(d[23][2]), "+f"(d[23][3]),
+          "+f"(d[24][0]), "+f"(d[24][1]), "+f"(d[24][2]), "+f"(d[24][3]),
+          "+f"(d[25][0]), "+f"(d[25][1]), "+f"(d[25][2]), "+f"(d[25][3]),
+          "+f"(d[26][0]), "+f"(d[26][1]), "+f"(d[26][2]), "+f"(d[26][3]),
+          "+f"(d[27][0]), "+f"(d[27][1]), "+f"(d[27][2]), "+f"(d[27][3]),
+          "+f"(d[28][0]), "+f"(d[28][1]), "+f"(d[28][2]), "+f"(d[28][3]),
+          "+f"(d[29][0]), "+f"(d[29][1]), "+f"(d[29][2]), "+f"(d[29][3]),
+          "+f"(d[30][0]), "+f"(d[30][1]), "+f"(d[30][2]), "+f"(d[30][3]),
+          "+f"(d[31][0]), "+f"(d[31][1]), "+f"(d[31][2]), "+f"(d[31][3])
+        : "l"(da), "l"(db), "r"(1));
+    }
+#else
+    __trap();
+#endif
+}
+
 #endif  // HN_EMULATE
 
 __device__ __forceinline__ int hn_imin(int a, int b) { return a < b ? a : b; }
@@ -936,10 +1072,24 @@ __device__ __forceinline__ HnNhwcRows<ROWS * (COLS / 4) / THREADS> hn_nhwc_rows(
     return rows;
 }
 
-// B^T's BN x BK tile (rows n, columns k0 .. k0+BK-1) gathered into shared memory (row stride STRIDE) in
-// hn_copy_tile_async's chunk order, CPR 16-byte chunks a row (4 float32 or 8 bf16 channels of one tap); columns from
-// kend on, and taps outside the image, zero-filled.
-template <class T, int CPR, int STRIDE, int THREADS, int NROWS>
+// Where element (row, col) of a shared tile lies (in elements), for the copies below: HnRowTile, rows STRIDE
+// elements apart (the mma.sync tiles, HnOperand's K-major layout); HnSwizzle128, wgmma's 128-byte swizzle of bf16 rows
+// of 64 elements (hn_wgmma_desc): the 16-byte chunk col / 8 of a row stored at chunk (col / 8) ^ (row % 8), so that
+// the 8 chunks of one row land in 8 different bank groups and so do the same chunk of 8 consecutive rows.
+template <int STRIDE>
+struct HnRowTile {
+    static __device__ __forceinline__ int at(int row, int col) { return row * STRIDE + col; }
+};
+struct HnSwizzle128 {
+    static __device__ __forceinline__ int at(int row, int col) {
+        return row * 64 + ((((col >> 3) ^ row) & 7) << 3) + (col & 7);
+    }
+};
+
+// B^T's BN x BK tile (rows n, columns k0 .. k0+BK-1) gathered into shared memory (layout L) in hn_copy_tile_async's
+// chunk order, CPR 16-byte chunks a row (4 float32 or 8 bf16 channels of one tap); columns from kend on, and taps
+// outside the image, zero-filled.
+template <class T, int CPR, class L, int THREADS, int NROWS>
 __device__ __forceinline__ void hn_nhwc_copy_b(T* s, const T* x, const HnConv& cv, const HnNhwcRows<NROWS>& rows,
                                                const HnDiv& by_c, int k0, int kend, int tid) {
     const int col = (tid % CPR) * (16 / static_cast<int>(sizeof(T))), k = k0 + col;
@@ -949,21 +1099,21 @@ __device__ __forceinline__ void hn_nhwc_copy_b(T* s, const T* x, const HnConv& c
         const int ih = rows.ih0[i] + r, iw = rows.iw0[i] + sx;
         const bool ok = k < kend && ih >= 0 && ih < cv.h && iw >= 0 && iw < cv.w;
         const int at = ok ? rows.base[i] + (ih * cv.w + iw) * cv.c + c : 0;
-        hn_cp_async16(s + ((tid + i * THREADS) / CPR) * STRIDE + col, x + at, ok ? 16 : 0);
+        hn_cp_async16(s + L::at((tid + i * THREADS) / CPR, col), x + at, ok ? 16 : 0);
     }
 }
 
 // A ROWS x (8 CPR) tile of a row-major bf16 matrix (leading dimension ld) from (row0, col0), in 8-element chunks
-// into shared memory (row stride STRIDE); rows from row_end on and columns from col_end on zero-filled. The forward's
-// A (w: rows m, columns k) and the filter gradient's A (dy: rows k, columns o).
-template <int ROWS, int CPR, int STRIDE, int THREADS>
+// into shared memory (layout L); rows from row_end on and columns from col_end on zero-filled. The forward's A (w:
+// rows m, columns k) and the filter gradient's A (dy: rows k, columns o).
+template <int ROWS, int CPR, class L, int THREADS>
 __device__ __forceinline__ void hn_copy16_tile(unsigned short* s, const unsigned short* src, int ld, int row0,
                                                int row_end, int col0, int col_end, int tid) {
 #pragma unroll
     for (int i = 0; i < ROWS * CPR / THREADS; ++i) {
         const int q = tid + i * THREADS, row = q / CPR, col = (q % CPR) * 8, gr = row0 + row, gc = col0 + col;
         const bool ok = gr < row_end && gc < col_end;
-        hn_cp_async16(s + row * STRIDE + col, src + (ok ? static_cast<long long>(gr) * ld + gc : 0), ok ? 16 : 0);
+        hn_cp_async16(s + L::at(row, col), src + (ok ? static_cast<long long>(gr) * ld + gc : 0), ok ? 16 : 0);
     }
 }
 
@@ -1008,12 +1158,64 @@ __device__ __forceinline__ void hn_conv16_fwd(unsigned char* smem, const unsigne
 
     auto issue = [&](int kt) {
         const int k0 = kt * BK, s = kt % STAGES;
-        hn_copy16_tile<BM, CPR, OA::STRIDE, THREADS>(sa + s * OA::ELEMS, W, K, blk.m0, M, k0, K, tid);
-        hn_nhwc_copy_b<unsigned short, CPR, OB::STRIDE, THREADS>(sb + s * OB::ELEMS, x, cv, rows, by_c, k0, K,
-                                                                 tid);
+        hn_copy16_tile<BM, CPR, HnRowTile<OA::STRIDE>, THREADS>(sa + s * OA::ELEMS, W, K, blk.m0, M, k0, K, tid);
+        hn_nhwc_copy_b<unsigned short, CPR, HnRowTile<OB::STRIDE>, THREADS>(sb + s * OB::ELEMS, x, cv, rows, by_c,
+                                                                            k0, K, tid);
     };
     hn_bf16_direct_loop<false, true, OA, OB, STAGES, BK>(sa, sb, tiles, th, acc, issue);
     hn_conv_epilogue<EPI, MT, NT>(blk, acc, M, N, cv, th.wm, th.wn, th.lane);
+}
+
+// The forward (EPI 1) or stride-1 data gradient (EPI 2) of hn_conv16_fwd on wgmma (sm_90a): the same GEMM, C[M, N]
+// = A[M, K] B[K, N] with A = w [M][K] and B^T = x gathered [N][K], both K-major, in K tiles of 64 (one 128-byte row
+// a tile row, stored with the 128-byte swizzle, HnSwizzle128). WGS warpgroups of 128 threads; warpgroup g computes
+// rows 64g .. 64g + 63 of the BM = 64 WGS x BN block tile as 4 wgmma m64nBNk16 per K tile into 64 x BN / 128
+// float32 accumulators per thread (mma.sync's fragment order: hn_conv_epilogue writes them). Every thread copies
+// (cp.async, as hn_conv16_fwd). Pipeline over STAGES buffers with one wgmma group in flight: iteration kt waits for
+// tile kt's copies, fences them to the async proxy, meets the other threads at a barrier (so every thread has also
+// finished waiting for the wgmma group of tile kt-2), refills tile kt-2's buffer with tile kt + STAGES - 2, issues
+// tile kt's 4 wgmma and waits until only they are pending (so tile kt-1's have finished).
+template <int EPI, int WGS, int BN, int STAGES>
+__device__ __forceinline__ void hn_conv16w_fwd(unsigned char* smem, const unsigned short* W, const unsigned short* x,
+                                               float* y, int M, int N, int K, const HnConv& cv) {
+    constexpr int BM = 64 * WGS, BK = 64, THREADS = 128 * WGS, CPR = BK / 8, NT = BN / 8;
+    constexpr int EA = BM * BK, EB = BN * BK;     // elements of a stage's A and B tiles (multiples of 512: 1024 bytes)
+    static_assert(STAGES >= 3 && (BN * CPR) % THREADS == 0 && (BM * CPR) % THREADS == 0, "tile");
+    unsigned short* sa = reinterpret_cast<unsigned short*>(hn_smem_align1024(smem));   // STAGES x EA
+    unsigned short* sb = sa + STAGES * EA;                                              // STAGES x EB
+
+    const HnBlock blk = hn_block(nullptr, nullptr, y, M, N, K, K, 0, 0, 0, 0, 0, 1.f, 0.f, 1, K, BM, BN, BK);
+    const int tid = threadIdx.x, tiles = blk.tiles, lane = tid & 31, group = tid / 128;
+    float acc[1][NT][4];
+    hn_zero(acc);
+    const auto rows = hn_nhwc_rows<BN, BK / 2, THREADS>(cv, blk.n0, N, tid);   // chunks of 8: CPR = (BK / 2) / 4
+    const HnDiv by_c = hn_div_of(cv.c);
+
+    auto issue = [&](int kt) {
+        const int k0 = kt * BK, s = kt % STAGES;
+        hn_copy16_tile<BM, CPR, HnSwizzle128, THREADS>(sa + s * EA, W, K, blk.m0, M, k0, K, tid);
+        hn_nhwc_copy_b<unsigned short, CPR, HnSwizzle128, THREADS>(sb + s * EB, x, cv, rows, by_c, k0, K, tid);
+    };
+    hn_pipeline_fill<STAGES - 1>(tiles, issue);          // tiles 0 .. STAGES - 3 in flight
+    for (int kt = 0; kt < tiles; ++kt) {
+        const int s = kt % STAGES;
+        hn_cp_async_wait<STAGES - 3>();
+        hn_fence_proxy_async();
+        __syncthreads();
+        if (kt + STAGES - 2 < tiles) issue(kt + STAGES - 2);
+        hn_cp_async_commit();
+        const unsigned short* a = sa + s * EA + group * 64 * BK;
+        const unsigned short* b = sb + s * EB;
+        hn_wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < BK / 16; ++kk)
+            hn_wgmma_bf16<BN>(acc[0], hn_wgmma_desc(a + 16 * kk), hn_wgmma_desc(b + 16 * kk));
+        hn_wgmma_commit();
+        hn_wgmma_wait<1>();
+    }
+    hn_wgmma_wait<0>();
+    hn_cp_async_wait<0>();
+    hn_conv_epilogue<EPI, 1, NT>(blk, acc, M, N, cv, 64 * group + 16 * ((tid >> 5) & 3), 0, lane);
 }
 
 // The divisors of the filter gradient's gathers: a column n = (r, s, c) by C and S, a row k = (img, p, q) by P x Q
@@ -1060,7 +1262,8 @@ __device__ __forceinline__ void hn_conv16_filter(unsigned char* smem, const unsi
 
     auto issue = [&](int kt) {
         const int k0 = blk.kbeg + kt * BK, s = kt % STAGES;
-        hn_copy16_tile<BK, CPA, OA::STRIDE, THREADS>(sa + s * OA::ELEMS, dy, cv.o, k0, blk.kend, blk.m0, M, tid);
+        hn_copy16_tile<BK, CPA, HnRowTile<OA::STRIDE>, THREADS>(sa + s * OA::ELEMS, dy, cv.o, k0, blk.kend, blk.m0,
+                                                                M, tid);
         hn_nhwc16_copy_x_taps<BK, CPB, OB::STRIDE, THREADS>(sb + s * OB::ELEMS, x, cv, blk.n0, N, dv, k0, blk.kend,
                                                             tid);
     };
@@ -1126,4 +1329,17 @@ __device__ __forceinline__ void hn_conv16(unsigned char* smem, const unsigned sh
         HN_DYNAMIC_SMEM(hn_smem);                                                                              \
         hn_conv16<EPI, BM, BN, BK, WM, WN, ST>(hn_smem, B, Wt, AUX, Y, M, N, K, C, H, W, R, S, P, Q, O, stride,    \
                                                pad, act, splits, kchunk);                                       \
+    }
+
+// HN_CONV16W(hn_conv16_fwd_w128x256s4, 1, 2, 256, 4): HN_CONV16's forward (EPI 1) or data gradient (EPI 2) with its
+// arguments, on wgmma (hn_conv16w_fwd: WGS warpgroups, block tile 64 WGS x BN x 64, STAGES buffers); 128 WGS threads,
+// shared memory STAGES x (64 WGS + BN) x 64 x 2 + 1024 bytes (the 1024-byte alignment of the swizzled tiles).
+#define HN_CONV16W(name, EPI, WGS, BN, ST)                                                                        \
+    extern "C" __global__ void __launch_bounds__(128 * WGS, 1) name(                                           \
+        const unsigned short* __restrict__ B, const unsigned short* __restrict__ Wt, const float* __restrict__ AUX,  \
+        float* __restrict__ Y, int M, int N, int K, int C, int H, int W, int R, int S, int P, int Q, int O,         \
+        int stride, int pad, int act, int splits, int kchunk) {                                                   \
+        HN_DYNAMIC_SMEM(hn_smem);                                                                              \
+        const HnConv cv = hn_conv_of<1>(AUX, C, H, W, R, S, P, Q, O, stride, pad, act);                         \
+        hn_conv16w_fwd<EPI, WGS, BN, ST>(hn_smem, Wt, B, Y, M, N, K, cv);                                       \
     }

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .kernels import NULL, gemm_operands, get_kernel, leading_dim
-from .mma_tiles import CONV_CHOICE, LAYOUTS, PRECISIONS, TILES, TILES16, Tc16Tile, TcTile
+from .mma_tiles import CONV_CHOICE, LAYOUTS, PRECISIONS, TILES, TILES16, TILES16W, Tc16Tile, TcTile
 
 _i32, _i64, _f32 = np.int32, np.int64, np.float32
 DEFAULT_SMEM = 48 * 1024       # dynamic shared memory a launch gets without raising the kernel's limit
@@ -382,11 +382,12 @@ def conv16_fits(op: str, c: int, o: int, r: int, s: int, stride: int, pad: int) 
 
 
 def _tile16(op: str, tile: str | None, m: int, n: int) -> Tc16Tile:
-    """TILES16's tile of op by size (`by_size`), or the one named."""
+    """TILES16's tile of op by size (`by_size`), or the one named (TILES16W's too)."""
     if tile is not None:
-        found = [t for t in TILES16[op] if t.name == tile]
+        have = TILES16[op] + TILES16W.get(op, ())
+        found = [t for t in have if t.name == tile]
         if not found:
-            raise ValueError(f"conv16: no {op} tile {tile!r} (have {', '.join(t.name for t in TILES16[op])})")
+            raise ValueError(f"conv16: no {op} tile {tile!r} (have {', '.join(t.name for t in have)})")
         return found[0]
     return by_size(*TILES16[op], m, n)
 

@@ -143,22 +143,44 @@ class Tc16Tile:
     wn: int
     stages: int
     min_blocks: int = 1      # __launch_bounds__'s blocks per SM ("b2": two, 128 registers at 256 threads)
+    wgmma: bool = False      # "w": mma.cu's HN_CONV16W (sm_90a; forward and data gradient), warpgroups of 64 x bn
+
+    def __post_init__(self):
+        if self.wgmma:
+            assert self.bm % 64 == 0 and self.bk == 64 and self.wm == 64 and self.wn == self.bn, self
+            assert self.bn in (64, 128, 256) and self.stages >= 3 and self.min_blocks == 1, self
 
     @property
     def name(self) -> str:
+        if self.wgmma:
+            return f"w{self.bm}x{self.bn}s{self.stages}"
         return f"{self.bm}x{self.bn}x{self.bk}s{self.stages}" + (f"b{self.min_blocks}" if self.min_blocks > 1 else "")
 
     @property
     def threads(self) -> int:
-        return 32 * (self.bm // self.wm) * (self.bn // self.wn)
+        return 32 * (self.bm // self.wm) * (self.bn // self.wn) * (4 if self.wgmma else 1)
 
     @property
     def smem_bytes(self) -> int:
+        if self.wgmma:        # unpadded swizzled rows, and 1024 bytes to align them
+            return self.stages * (self.bm + self.bn) * self.bk * 2 + 1024
         return self.stages * (self.bm + self.bn) * (self.bk + 8) * 2
 
     def conv_kernel(self, op: str) -> str:
-        assert op in CONV_OPS, op
+        assert op in CONV_OPS and not (self.wgmma and op == "filter"), (self, op)
         return f"hn_conv16_{op}_{self.name}"
+
+    def instantiation(self, op: str) -> str:
+        """mma.cu's line that defines conv_kernel(op)."""
+        if self.wgmma:
+            return f"HN_CONV16W({self.conv_kernel(op)}, {CONV_OPS[op]}, {self.bm // 64}, {self.bn}, {self.stages})"
+        return (f"HN_CONV16({self.conv_kernel(op)}, {CONV_OPS[op]}, {self.bm}, {self.bn}, {self.bk}, {self.wm}, "
+                f"{self.wn}, {self.stages}, {self.min_blocks})")
+
+
+def wgmma_tile(bm: int, bn: int, stages: int) -> Tc16Tile:
+    """A channels-last tile on wgmma: bm / 64 warpgroups, each 64 x bn, K tiles of 64."""
+    return Tc16Tile(bm, bn, 64, 64, bn, stages, wgmma=True)
 
 
 # The channels-last tiles, (large, small) per op (the data gradient runs the forward's kernel body); conv.py measures
@@ -167,11 +189,15 @@ class Tc16Tile:
 TILES16 = {"fwd": (Tc16Tile(128, 128, 32, 64, 32, 4, 2), Tc16Tile(64, 64, 32, 32, 32, 4)),
            "filter": (Tc16Tile(128, 128, 32, 64, 32, 4), Tc16Tile(64, 64, 32, 32, 32, 4))}
 TILES16["data"] = TILES16["fwd"]
+# The same on wgmma, for devices whose mma module is compiled for sm_90a (kernels.wgmma_ok): conv.py measures each.
+TILES16W = {"fwd": (wgmma_tile(128, 256, 4), wgmma_tile(128, 128, 4), wgmma_tile(64, 256, 4))}
+TILES16W["data"] = TILES16W["fwd"]
 
 
-def instantiations(tiles: Iterable[TcTile], conv: Iterable[TcTile] = (), conv16: dict = TILES16) -> str:
+def instantiations(tiles: Iterable[TcTile], conv: Iterable[TcTile] = (), conv16: Iterable[dict] = (TILES16, TILES16W)
+                   ) -> str:
     """mma.cu's HN_GEMM lines, each tile in each operand order, its HN_CONV lines, each `conv` tile for each
-    convolution op, and its HN_CONV16 lines, each `conv16` tile of each op."""
+    convolution op, and its HN_CONV16 / HN_CONV16W lines, each tile of each op of each `conv16` table."""
     lines = []
     for t in tiles:
         for layout in LAYOUTS:
@@ -182,8 +208,7 @@ def instantiations(tiles: Iterable[TcTile], conv: Iterable[TcTile] = (), conv16:
         for op, mode in CONV_OPS.items():
             lines.append(f"HN_CONV({t.conv_kernel(op)}, {CONV_VARIANTS[(t.precision, t.variant)]}, {mode}, {t.bm}, "
                          f"{t.bn}, {t.bk}, {t.wm}, {t.wn}, {t.stages}, {t.min_blocks})")
-    for op, ts in conv16.items():
-        for t in ts:
-            lines.append(f"HN_CONV16({t.conv_kernel(op)}, {CONV_OPS[op]}, {t.bm}, {t.bn}, {t.bk}, {t.wm}, {t.wn}, "
-                         f"{t.stages}, {t.min_blocks})")
+    for table in conv16:
+        for op, ts in table.items():
+            lines.extend(t.instantiation(op) for t in ts)
     return "\n".join(lines) + "\n"
