@@ -273,7 +273,7 @@ def test_conv16(rng, shape):
                            None if relu_x is None else cupy.asarray(relu_x), pad, tile.name)
             _checked16(f"data {shape} {tile.name}", cupy.asnumpy(gdx), conv_data_expected(dy, w, relu_x, shape),
                        conv_data_expected(dy, w, relu_x, shape, "bf16"))
-    for tile in TILES16["filter"]:
+    for tile in TILES16["filter"] + (TILES16W["filter"] if wgmma_ok(be.device_id) else ()):
         for splits in (1, 3, None):
             if mm.conv16_fits("filter", c, o, r, s, stride, pad):
                 dy, x, dw0 = conv_filter_inputs(rng, shape)

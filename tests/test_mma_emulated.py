@@ -395,7 +395,7 @@ def test_conv16(emu, rng, shape):
             run_conv(emu, mm.plan_conv16_data(dx, nhwc16(dy), turned16(w), relu_x, pad, tile.name))
             err = rel_err(dx, conv_data_expected(dy, w, relu_x, shape, "bf16"))
             assert err <= RTOL_EMULATED, f"data {shape} {tile.name}: relative error {err:.3g}"
-    for tile in TILES16["filter"]:
+    for tile in TILES16["filter"] + TILES16W["filter"]:
         for splits in (1, 3):
             if _fits16("filter", shape):
                 dy, x, dw0 = conv_filter_inputs(rng, shape)

@@ -491,6 +491,13 @@ inline unsigned long long hn_wgmma_desc(const void* p) {
     return static_cast<unsigned long long>((hn_emu_smem_offset(p) & 0x3FFFF) >> 4) | (1ull << 16) |
            (static_cast<unsigned long long>(1024 >> 4) << 32) | (1ull << 62);
 }
+// mma.cu's MN-major descriptor (128-byte swizzle; leading byte offset 8192, stride byte offset 1024).
+inline unsigned long long hn_wgmma_desc_mn(const void* p) {
+    if (!emu::in_smem(p, 16)) emu::fail("wgmma descriptor: address outside shared memory");
+    return static_cast<unsigned long long>((hn_emu_smem_offset(p) & 0x3FFFF) >> 4) |
+           (static_cast<unsigned long long>(8192 >> 4) << 16) | (static_cast<unsigned long long>(1024 >> 4) << 32) |
+           (1ull << 62);
+}
 inline unsigned char* hn_smem_align1024(unsigned char* p) {
     return p + ((1024u - (hn_emu_smem_offset(p) & 1023u)) & 1023u);
 }
@@ -524,23 +531,26 @@ namespace emu {
 // No swizzle: 8 x 16-byte core matrices, rows 8 apart by the stride byte offset, the two 8-element halves of K by the
 // leading byte offset. 128-byte swizzle: rows of 128 bytes, groups of 8 rows by the stride byte offset, and the
 // address's bits 4-6 XORed with its bits 7-9.
-inline unsigned wgmma_at(unsigned long long desc, int row, int k, const char* what) {
+// MN-major (the transpose flag set; 128-byte swizzle only): K rows of 64 elements of M or N (128 bytes), groups of 8
+// K rows by the stride byte offset, the next 64 of M or N by the leading byte offset, then the same XOR.
+inline unsigned wgmma_at(unsigned long long desc, bool mn_major, int row, int k, const char* what) {
     const unsigned start = static_cast<unsigned>(desc & 0x3FFF) << 4;
     const unsigned lbo = static_cast<unsigned>((desc >> 16) & 0x3FFF) << 4;
     const unsigned sbo = static_cast<unsigned>((desc >> 32) & 0x3FFF) << 4;
     const unsigned base_offset = static_cast<unsigned>((desc >> 49) & 7), mode = static_cast<unsigned>(desc >> 62);
     if (base_offset != 0) fail("%s: descriptor base offset %u (only 0 emulated)", what, base_offset);
-    if (mode == 0) return start + (row / 8) * sbo + (k / 8) * lbo + (row % 8) * 16 + (k % 8) * 2;
-    if (mode != 1) fail("%s: descriptor swizzle mode %u (only none and 128 bytes emulated)", what, mode);
-    const unsigned a = start + (row / 8) * sbo + (row % 8) * 128 + k * 2;
+    if (mode == 0 && !mn_major) return start + (row / 8) * sbo + (k / 8) * lbo + (row % 8) * 16 + (k % 8) * 2;
+    if (mode != 1) fail("%s: descriptor swizzle mode %u (only 128 bytes, and none K-major, emulated)", what, mode);
+    const unsigned a = mn_major ? start + (row / 64) * lbo + (k / 8) * sbo + (k % 8) * 128 + (row % 64) * 2
+                                : start + (row / 8) * sbo + (row % 8) * 128 + k * 2;
     return a ^ (((a >> 7) & 7) << 4);
 }
 }  // namespace emu
 
-// wgmma.mma_async.sync.aligned.m64nNk16.f32.bf16.bf16 d, da, db, 1, 1, 1, 0, 0: D (64 x N) += A (64 x 16, da) B
-// (16 x N; stored N x 16 K-major, db). Accumulator fragment (PTX ISA 9.7.15.5.2, "Register fragments"): thread t of
+// wgmma.mma_async.sync.aligned.m64nNk16.f32.bf16.bf16 d, da, db, 1, 1, 1, MN, MN: D (64 x N) += A (64 x 16, da) B
+// (16 x N, db), both K-major (MN = 0) or both MN-major (MN = 1). Accumulator fragment (PTX ISA 9.7.15.5.2, "Register fragments"): thread t of
 // the warpgroup holds d_i at row 16 (warp % 4) + lane / 4 + 8 ((i / 2) % 2), column 8 (i / 4) + 2 (lane % 4) + i % 2.
-template <int N>
+template <int N, int MN>
 inline void hn_wgmma_bf16(float (&d)[N / 8][4], unsigned long long da, unsigned long long db) {
     const char* what = "wgmma.mma_async.m64nNk16.bf16";
     emu::State& s = emu::S();
@@ -555,12 +565,12 @@ inline void hn_wgmma_bf16(float (&d)[N / 8][4], unsigned long long da, unsigned 
         for (int i = 1; i < 128; ++i)
             if (g.da[i] != g.da[0] || g.db[i] != g.db[0])
                 emu::fail("%s: descriptors differ across the warpgroup", what);
-        auto load = [&](unsigned long long desc, int rows, std::vector<double>& m) {
+        auto load = [&](unsigned long long desc, int rows, std::vector<double>& m) {   // m[row * 16 + k]
             m.assign(rows * 16, 0.0);
             for (int r = 0; r < rows; ++r)
-                for (int k = 0; k < 16; k += 2) {      // 4-byte words: two elements
-                    const unsigned off = emu::wgmma_at(desc, r, k, what);
-                    if (off % 4 || off + 4 > static_cast<unsigned>(s.smem_bytes))
+                for (int k = 0; k < 16; ++k) {
+                    const unsigned off = emu::wgmma_at(desc, MN == 1, r, k, what);
+                    if (off % 2 || off + 2 > static_cast<unsigned>(s.smem_bytes))
                         emu::fail("%s: operand byte %u outside shared memory or misaligned", what, off);
                     emu::Word& w = s.shadow[off / 4];
                     if (w.pending >= 0) emu::fail("%s: reads shared byte %u with a cp.async in flight", what, off);
@@ -572,10 +582,9 @@ inline void hn_wgmma_bf16(float (&d)[N / 8][4], unsigned long long da, unsigned 
                                   what, off, w.w_tid);
                     w.wg_busy = wg;
                     w.wg_group = g.committed;
-                    unsigned short h[2];
-                    std::memcpy(h, s.smem + off, 4);
-                    m[r * 16 + k] = emu::bf16_value(h[0]);
-                    m[r * 16 + k + 1] = emu::bf16_value(h[1]);
+                    unsigned short h;
+                    std::memcpy(&h, s.smem + off, 2);
+                    m[r * 16 + k] = emu::bf16_value(h);
                 }
         };
         std::vector<double> A, B;

@@ -139,6 +139,14 @@ __device__ __forceinline__ unsigned long long hn_wgmma_desc(const void* p) {
     return static_cast<unsigned long long>((hn_smem_addr(p) & 0x3FFFF) >> 4) | (1ull << 16) |
            (static_cast<unsigned long long>(1024 >> 4) << 32) | (1ull << 62);
 }
+// The same for an MN-major tile of 64 K rows (HnSwizzle128MN): a K row holds 64 elements of M or N (128 bytes, chunks
+// swizzled by the row), 8 K rows a 1024-byte group (stride byte offset), and the next 64 of M or N 64 rows on (8192
+// bytes, leading byte offset); p is where the instruction's 16 K rows start (the tile start + 2048 bytes per step).
+__device__ __forceinline__ unsigned long long hn_wgmma_desc_mn(const void* p) {
+    return static_cast<unsigned long long>((hn_smem_addr(p) & 0x3FFFF) >> 4) |
+           (static_cast<unsigned long long>(8192 >> 4) << 16) | (static_cast<unsigned long long>(1024 >> 4) << 32) |
+           (1ull << 62);
+}
 // p rounded up to the next 1024-byte boundary of shared memory (the swizzle's pattern repeats every 1024 bytes).
 __device__ __forceinline__ unsigned char* hn_smem_align1024(unsigned char* p) {
     return p + ((1024u - (hn_smem_addr(p) & 1023u)) & 1023u);
@@ -157,10 +165,11 @@ template <int N>
 __device__ __forceinline__ void hn_wgmma_wait() {
     HN_SM90A(asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"));
 }
-// d += A B^T for the warpgroup's 64 x N tile, K = 16: A 64 x 16 and B N x 16 bf16 in shared memory (descriptors da,
-// db, both K-major). d is the accumulator in mma.sync's m16n8 fragment order per warp (warp w of the group holds
-// rows 16w .. 16w + 15; d[j] columns 8j .. 8j + 7), so hn_each_pair reads it as acc[1][N / 8][4].
-template <int N>
+// d += A B for the warpgroup's 64 x N tile, K = 16: A 64 x 16 and B 16 x N bf16 in shared memory (descriptors da,
+// db), both K-major (MN = 0: hn_wgmma_desc) or both MN-major (MN = 1, the instruction's transpose flags:
+// hn_wgmma_desc_mn). d is the accumulator in mma.sync's m16n8 fragment order per warp (warp w of the group holds rows
+// 16w .. 16w + 15; d[j] columns 8j .. 8j + 7), so hn_each_pair reads it as acc[1][N / 8][4].
+template <int N, int MN>
 __device__ __forceinline__ void hn_wgmma_bf16(float (&d)[N / 8][4], unsigned long long da, unsigned long long db) {
     static_assert(N == 64 || N == 128 || N == 256, "wgmma tile");
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -169,7 +178,7 @@ __device__ __forceinline__ void hn_wgmma_bf16(float (&d)[N / 8][4], unsigned lon
                  "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
                  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
                  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
-                 "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+                 "}, %32, %33, p, 1, 1, %35, %35;\n}\n"
         : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),
           "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
           "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
@@ -178,7 +187,7 @@ __device__ __forceinline__ void hn_wgmma_bf16(float (&d)[N / 8][4], unsigned lon
           "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
           "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),
           "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
-        : "l"(da), "l"(db), "r"(1));
+        : "l"(da), "l"(db), "r"(1), "n"(MN));
     }
     if constexpr (N == 128) {
         asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
@@ -187,7 +196,7 @@ __device__ __forceinline__ void hn_wgmma_bf16(float (&d)[N / 8][4], unsigned lon
                  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
                  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
                  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
-                 "}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+                 "}, %64, %65, p, 1, 1, %67, %67;\n}\n"
         : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),
           "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
           "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
@@ -204,7 +213,7 @@ __device__ __forceinline__ void hn_wgmma_bf16(float (&d)[N / 8][4], unsigned lon
           "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]),
           "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]),
           "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
-        : "l"(da), "l"(db), "r"(1));
+        : "l"(da), "l"(db), "r"(1), "n"(MN));
     }
     if constexpr (N == 256) {
         asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
@@ -217,7 +226,7 @@ __device__ __forceinline__ void hn_wgmma_bf16(float (&d)[N / 8][4], unsigned lon
                  "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
                  "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
                  "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
-                 "}, %128, %129, p, 1, 1, 0, 0;\n}\n"
+                 "}, %128, %129, p, 1, 1, %131, %131;\n}\n"
         : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),
           "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
           "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
@@ -250,7 +259,7 @@ __device__ __forceinline__ void hn_wgmma_bf16(float (&d)[N / 8][4], unsigned lon
           "+f"(d[29][0]), "+f"(d[29][1]), "+f"(d[29][2]), "+f"(d[29][3]),
           "+f"(d[30][0]), "+f"(d[30][1]), "+f"(d[30][2]), "+f"(d[30][3]),
           "+f"(d[31][0]), "+f"(d[31][1]), "+f"(d[31][2]), "+f"(d[31][3])
-        : "l"(da), "l"(db), "r"(1));
+        : "l"(da), "l"(db), "r"(1), "n"(MN));
     }
 #else
     __trap();
@@ -1085,6 +1094,13 @@ struct HnSwizzle128 {
         return row * 64 + ((((col >> 3) ^ row) & 7) << 3) + (col & 7);
     }
 };
+// HnSwizzle128MN: the MN-major tile of 64 rows k (hn_wgmma_desc_mn): column col (of M or N) in block col / 64 of 64
+// rows x 64 elements, in it as HnSwizzle128.
+struct HnSwizzle128MN {
+    static __device__ __forceinline__ int at(int row, int col) {
+        return (col >> 6) * 4096 + row * 64 + (((((col & 63) >> 3) ^ row) & 7) << 3) + (col & 7);
+    }
+};
 
 // B^T's BN x BK tile (rows n, columns k0 .. k0+BK-1) gathered into shared memory (layout L) in hn_copy_tile_async's
 // chunk order, CPR 16-byte chunks a row (4 float32 or 8 bf16 channels of one tap); columns from kend on, and taps
@@ -1209,7 +1225,7 @@ __device__ __forceinline__ void hn_conv16w_fwd(unsigned char* smem, const unsign
         hn_wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < BK / 16; ++kk)
-            hn_wgmma_bf16<BN>(acc[0], hn_wgmma_desc(a + 16 * kk), hn_wgmma_desc(b + 16 * kk));
+            hn_wgmma_bf16<BN, 0>(acc[0], hn_wgmma_desc(a + 16 * kk), hn_wgmma_desc(b + 16 * kk));
         hn_wgmma_commit();
         hn_wgmma_wait<1>();
     }
@@ -1224,7 +1240,7 @@ struct HnTapDivs {
     HnDiv c, s, pq, q;
 };
 
-template <int ROWS, int CPR, int STRIDE, int THREADS>
+template <int ROWS, int CPR, class L, int THREADS>
 __device__ __forceinline__ void hn_nhwc16_copy_x_taps(unsigned short* s, const unsigned short* x, const HnConv& cv,
                                                       int n0, int N, const HnTapDivs& dv, int k0, int kend, int tid) {
     const int col = (tid % CPR) * 8, n = n0 + col;                  // this thread's columns: one tap, 8 channels
@@ -1236,7 +1252,7 @@ __device__ __forceinline__ void hn_nhwc16_copy_x_taps(unsigned short* s, const u
         const int ih = p * cv.stride - cv.pad + r, iw = q * cv.stride - cv.pad + sx;
         const bool ok = k < kend && n < N && ih >= 0 && ih < cv.h && iw >= 0 && iw < cv.w;
         const int at = ok ? ((img * cv.h + ih) * cv.w + iw) * cv.c + c : 0;
-        hn_cp_async16(s + row * STRIDE + col, x + at, ok ? 16 : 0);
+        hn_cp_async16(s + L::at(row, col), x + at, ok ? 16 : 0);
     }
 }
 
@@ -1264,11 +1280,59 @@ __device__ __forceinline__ void hn_conv16_filter(unsigned char* smem, const unsi
         const int k0 = blk.kbeg + kt * BK, s = kt % STAGES;
         hn_copy16_tile<BK, CPA, HnRowTile<OA::STRIDE>, THREADS>(sa + s * OA::ELEMS, dy, cv.o, k0, blk.kend, blk.m0,
                                                                 M, tid);
-        hn_nhwc16_copy_x_taps<BK, CPB, OB::STRIDE, THREADS>(sb + s * OB::ELEMS, x, cv, blk.n0, N, dv, k0, blk.kend,
-                                                            tid);
+        hn_nhwc16_copy_x_taps<BK, CPB, HnRowTile<OB::STRIDE>, THREADS>(sb + s * OB::ELEMS, x, cv, blk.n0, N, dv, k0,
+                                                                       blk.kend, tid);
     };
     hn_bf16_direct_loop<true, false, OA, OB, STAGES, BK>(sa, sb, tiles, th, acc, issue);
     hn_epilogue<MT, NT>(blk, acc, M, N, N, 1.f, 1.f, th.wm, th.wn, th.lane);
+}
+
+// The filter gradient of hn_conv16_filter on wgmma (sm_90a): C[M = O, N = R x S x C] += A[M, K] B[K, N] over K =
+// images x P x Q, A = dy as stored ([k][o]) and B = x gathered ([k][(r, s, c)]), both MN-major: K tiles of 64 rows k
+// stored with the 128-byte swizzle per 64 columns (HnSwizzle128MN) and read by wgmma with its transpose flags. WGS
+// warpgroups of 64 rows of O each; the pipeline as hn_conv16w_fwd's; K split over blockIdx.z, added with atomics.
+template <int WGS, int BN, int STAGES>
+__device__ __forceinline__ void hn_conv16w_filter(unsigned char* smem, const unsigned short* dy,
+                                                  const unsigned short* x, float* dw, int M, int N, int K, int splits,
+                                                  int kchunk, const HnConv& cv) {
+    constexpr int BM = 64 * WGS, BK = 64, THREADS = 128 * WGS, CPA = BM / 8, CPB = BN / 8, NT = BN / 8;
+    constexpr int EA = BM * BK, EB = BN * BK;
+    static_assert(STAGES >= 3 && THREADS % CPB == 0 && (BK * CPA) % THREADS == 0 && (BK * CPB) % THREADS == 0,
+                  "tile");
+    unsigned short* sa = reinterpret_cast<unsigned short*>(hn_smem_align1024(smem));
+    unsigned short* sb = sa + STAGES * EA;
+
+    const HnBlock blk = hn_block(nullptr, nullptr, dw, M, N, K, 0, 0, N, 0, 0, 0, 1.f, 1.f, splits, kchunk, BM, BN, BK);
+    const int tid = threadIdx.x, tiles = blk.tiles, lane = tid & 31, group = tid / 128;
+    float acc[1][NT][4];
+    hn_zero(acc);
+    const HnTapDivs dv = {hn_div_of(cv.c), hn_div_of(cv.s), hn_div_of(cv.p * cv.q), hn_div_of(cv.q)};
+
+    auto issue = [&](int kt) {
+        const int k0 = blk.kbeg + kt * BK, s = kt % STAGES;
+        hn_copy16_tile<BK, CPA, HnSwizzle128MN, THREADS>(sa + s * EA, dy, cv.o, k0, blk.kend, blk.m0, M, tid);
+        hn_nhwc16_copy_x_taps<BK, CPB, HnSwizzle128MN, THREADS>(sb + s * EB, x, cv, blk.n0, N, dv, k0, blk.kend, tid);
+    };
+    hn_pipeline_fill<STAGES - 1>(tiles, issue);
+    for (int kt = 0; kt < tiles; ++kt) {
+        const int s = kt % STAGES;
+        hn_cp_async_wait<STAGES - 3>();
+        hn_fence_proxy_async();
+        __syncthreads();
+        if (kt + STAGES - 2 < tiles) issue(kt + STAGES - 2);
+        hn_cp_async_commit();
+        const unsigned short* a = sa + s * EA + group * 64 * BK;
+        const unsigned short* b = sb + s * EB;
+        hn_wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < BK / 16; ++kk)
+            hn_wgmma_bf16<BN, 1>(acc[0], hn_wgmma_desc_mn(a + 16 * 64 * kk), hn_wgmma_desc_mn(b + 16 * 64 * kk));
+        hn_wgmma_commit();
+        hn_wgmma_wait<1>();
+    }
+    hn_wgmma_wait<0>();
+    hn_cp_async_wait<0>();
+    hn_epilogue<1, NT>(blk, acc, M, N, N, 1.f, 1.f, 64 * group + 16 * ((tid >> 5) & 3), 0, lane);
 }
 
 // HN_CONV16's body: EPI 1 or 2, hn_conv16_fwd; 3, hn_conv16_filter (arguments as HN_CONV16 says).
@@ -1331,15 +1395,21 @@ __device__ __forceinline__ void hn_conv16(unsigned char* smem, const unsigned sh
                                                pad, act, splits, kchunk);                                       \
     }
 
-// HN_CONV16W(hn_conv16_fwd_w128x256s4, 1, 2, 256, 4): HN_CONV16's forward (EPI 1) or data gradient (EPI 2) with its
-// arguments, on wgmma (hn_conv16w_fwd: WGS warpgroups, block tile 64 WGS x BN x 64, STAGES buffers); 128 WGS threads,
-// shared memory STAGES x (64 WGS + BN) x 64 x 2 + 1024 bytes (the 1024-byte alignment of the swizzled tiles).
+// HN_CONV16W(hn_conv16_fwd_w128x256s4, 1, 2, 256, 4): HN_CONV16's forward (EPI 1), data gradient (EPI 2) or filter
+// gradient (EPI 3) with its arguments, on wgmma (hn_conv16w_fwd, hn_conv16w_filter: WGS warpgroups, block tile
+// 64 WGS x BN x 64, STAGES buffers); 128 WGS threads, shared memory STAGES x (64 WGS + BN) x 64 x 2 + 1024 bytes (the
+// 1024-byte alignment of the swizzled tiles).
 #define HN_CONV16W(name, EPI, WGS, BN, ST)                                                                        \
     extern "C" __global__ void __launch_bounds__(128 * WGS, 1) name(                                           \
         const unsigned short* __restrict__ B, const unsigned short* __restrict__ Wt, const float* __restrict__ AUX,  \
         float* __restrict__ Y, int M, int N, int K, int C, int H, int W, int R, int S, int P, int Q, int O,         \
         int stride, int pad, int act, int splits, int kchunk) {                                                   \
         HN_DYNAMIC_SMEM(hn_smem);                                                                              \
-        const HnConv cv = hn_conv_of<1>(AUX, C, H, W, R, S, P, Q, O, stride, pad, act);                         \
-        hn_conv16w_fwd<EPI, WGS, BN, ST>(hn_smem, Wt, B, Y, M, N, K, cv);                                       \
+        if constexpr (EPI == 3) {                                                                                \
+            const HnConv cv = hn_conv_of<3>(AUX, C, H, W, R, S, P, Q, O, stride, pad, act);                     \
+            hn_conv16w_filter<WGS, BN, ST>(hn_smem, Wt, B, Y, M, N, K, splits, kchunk, cv);                     \
+        } else {                                                                                                 \
+            const HnConv cv = hn_conv_of<1>(AUX, C, H, W, R, S, P, Q, O, stride, pad, act);                     \
+            hn_conv16w_fwd<EPI, WGS, BN, ST>(hn_smem, Wt, B, Y, M, N, K, cv);                                   \
+        }                                                                                                        \
     }

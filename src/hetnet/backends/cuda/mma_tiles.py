@@ -143,7 +143,7 @@ class Tc16Tile:
     wn: int
     stages: int
     min_blocks: int = 1      # __launch_bounds__'s blocks per SM ("b2": two, 128 registers at 256 threads)
-    wgmma: bool = False      # "w": mma.cu's HN_CONV16W (sm_90a; forward and data gradient), warpgroups of 64 x bn
+    wgmma: bool = False      # "w": mma.cu's HN_CONV16W (sm_90a), warpgroups of 64 x bn
 
     def __post_init__(self):
         if self.wgmma:
@@ -167,7 +167,7 @@ class Tc16Tile:
         return self.stages * (self.bm + self.bn) * (self.bk + 8) * 2
 
     def conv_kernel(self, op: str) -> str:
-        assert op in CONV_OPS and not (self.wgmma and op == "filter"), (self, op)
+        assert op in CONV_OPS, (self, op)
         return f"hn_conv16_{op}_{self.name}"
 
     def instantiation(self, op: str) -> str:
@@ -190,7 +190,8 @@ TILES16 = {"fwd": (Tc16Tile(128, 128, 32, 64, 32, 4, 2), Tc16Tile(64, 64, 32, 32
            "filter": (Tc16Tile(128, 128, 32, 64, 32, 4), Tc16Tile(64, 64, 32, 32, 32, 4))}
 TILES16["data"] = TILES16["fwd"]
 # The same on wgmma, for devices whose mma module is compiled for sm_90a (kernels.wgmma_ok): conv.py measures each.
-TILES16W = {"fwd": (wgmma_tile(128, 256, 4), wgmma_tile(128, 128, 4), wgmma_tile(64, 256, 4))}
+TILES16W = {"fwd": (wgmma_tile(128, 256, 4), wgmma_tile(128, 128, 4), wgmma_tile(64, 256, 4)),
+            "filter": (wgmma_tile(128, 256, 4), wgmma_tile(128, 128, 4))}
 TILES16W["data"] = TILES16W["fwd"]
 
 
