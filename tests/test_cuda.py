@@ -288,6 +288,58 @@ def test_maxpool_backward_from_pooled_output(be, rng, shape, k, s, relu_mask):
         assert not np.array_equal(expect, ref.maxpool2d_backward(dy, c_ref)), "the mask did nothing"
 
 
+class _NaNEmpty:
+    """CuPy, except that `empty` fills its arrays with 0xFF bytes (NaN as float32): an element a kernel leaves
+    unwritten fails the comparison."""
+
+    def __getattr__(self, name):
+        return getattr(cupy, name)
+
+    @staticmethod
+    def empty(shape, dtype=float):
+        a = cupy.empty(shape, dtype=dtype)
+        a.view(cupy.uint8).fill(0xFF)
+        return a
+
+
+MAXPOOL_PATHS = {  # (N, C, H, W, kernel, stride)
+    "k2": (2, 3, 8, 6, 2, 2),                   # stride == kernel: one thread per window (maxpool_bwd_tiled)
+    "k2-margins": (2, 3, 7, 5, 2, 2),           # ... a row and a column past the last window
+    "k2-margin-rows": (1, 2, 9, 8, 2, 2),
+    "k3": (2, 2, 9, 6, 3, 3),
+    "k3-margins": (1, 3, 11, 10, 3, 3),         # ... two rows and a column past the last window
+    "k3-no-window": (1, 2, 2, 5, 3, 3),         # H < kernel: no output, dx all zeros (the gather)
+    "k3s2-overlap": (2, 2, 9, 8, 3, 2),         # one thread per x element, gathering (maxpool_bwd_pooled)
+    "k3s1-overlap": (1, 2, 6, 7, 3, 1),
+    "k2s3-gaps": (2, 2, 8, 10, 2, 3),           # elements between windows
+}
+
+
+@pytest.mark.parametrize("case", list(MAXPOOL_PATHS.values()), ids=list(MAXPOOL_PATHS))
+@pytest.mark.parametrize("relu_mask", [False, True])
+@pytest.mark.parametrize("wide", [False, True], ids=["i32", "i64"])
+def test_maxpool_backward_writes_all_of_dx(be, rng, monkeypatch, case, relu_mask, wide):
+    """Each backward path, both index widths: dx written into NaN-filled memory equals the reference's, so the
+    elements in no window (past the last one, between windows) are written zero. Small integers make ties in most
+    windows (the first maximum, row-major, takes dy); with the mask, a window of zeros gets nothing."""
+    n, c, h, w, k, s = case
+    monkeypatch.setattr(be, "xp", _NaNEmpty())
+    monkeypatch.setattr(be, "index64", wide)
+    x = rng.integers(-2, 3, size=(n, c, h, w)).astype(np.float64)
+    if relu_mask:
+        x = np.maximum(x, 0.0)
+        x[0, 0, :k, :k] = 0.0
+    y, cache = be.maxpool2d_forward(be.asarray(x), k, s)
+    dy = f32(rng, *y.shape)
+    y_ref, c_ref = ref.maxpool2d_forward(x, k, s)
+    expect = ref.maxpool2d_backward(dy, c_ref, relu_mask=relu_mask)
+    dx = be.to_numpy(be.maxpool2d_backward(be.asarray(dy), cache, relu_mask=relu_mask))
+    np.testing.assert_array_equal(be.to_numpy(y), y_ref)
+    assert_close(dx, expect, F32, "dx")
+    if relu_mask and dy.size:
+        assert not np.array_equal(expect, ref.maxpool2d_backward(dy, c_ref)), "the mask did nothing"
+
+
 def test_64_bit_index_kernels_match_the_32_bit_ones(be, rng, monkeypatch):
     """Pooling and batch norm use 32-bit index kernels below 2^31 elements; the 64-bit versions (larger tensors)
     give the same results (bit for bit where no atomics are involved)."""

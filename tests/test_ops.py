@@ -146,6 +146,8 @@ POOL_CASES = [  # (N, C, H, W, kernel, stride)
     (2, 2, 9, 8, 3, 2),       # overlapping windows
     (1, 3, 6, 7, 3, 1),       # stride 1, heavy overlap
     (3, 2, 10, 7, 3, 3),
+    (2, 2, 9, 6, 3, 3),       # windows tile the input exactly
+    (2, 2, 8, 10, 2, 3),      # gaps between windows
     (2, 2, 5, 5, 1, 1),
 ]
 

@@ -1,7 +1,8 @@
 // Pooling: max and average over k x k windows with stride st (no padding, floor output), and global average.
 // x[N,C,H,W] -> y[N,C,P,Q]. Backward kernels run one thread per *input* element and gather from the windows that
-// cover it (deterministic, no atomics, overlapping windows add). Each kernel with image-size index arithmetic comes
-// in a 64-bit and a 32-bit index version (common.cuh, HN_TWO_INDEX_KERNELS).
+// cover it (deterministic, no atomics, overlapping windows add), except max pooling with st == k, where the windows
+// tile the input and one thread per *output* element writes its whole window. Each kernel with image-size index
+// arithmetic comes in a 64-bit and a 32-bit index version (common.cuh, HN_TWO_INDEX_KERNELS).
 #include "common.cuh"
 
 // Max pooling keeps, per output, the position of the first maximum of its window (row-major) as one byte.
@@ -51,6 +52,33 @@ HN_TWO_INDEX_KERNELS(maxpool_bwd_pooled,
     (const float* __restrict__ dy, const unsigned char* __restrict__ arg, const float* __restrict__ y,
      float* __restrict__ dx, int NC, int H, int W, int P, int Q, int k, int st, int relu_mask),
     (dy, arg, y, dx, NC, H, W, P, Q, k, st, relu_mask))
+
+// The same dx when st == k: the windows tile the input without overlap, so one thread per output (nc, p, q) writes
+// dx[nc, p*k + i, q*k + j] = dy[nc,p,q] at (i, j) = (arg / k, arg % k), 0 at the window's other elements (and at its
+// maximum too when relu_mask is set and y[nc,p,q] <= 0, hn_pool_grad's test). The floor output leaves rows P*k..H-1
+// and columns Q*k..W-1 (fewer than k of each) in no window; their dx = 0 is written by the last window row and
+// column, whose windows reach to the edge: rows [p*k, p == P-1 ? H : p*k + k), columns likewise. Every element of
+// dx is written exactly once.
+template <typename I>
+__device__ __forceinline__ void maxpool_bwd_tiled_body(const float* __restrict__ dy,
+                                                       const unsigned char* __restrict__ arg,
+                                                       const float* __restrict__ y, float* __restrict__ dx, int NC,
+                                                       int H, int W, int P, int Q, int k, int relu_mask) {
+    HN_GRID_STRIDE_T(I, e, (I)NC * P * Q) {
+        const I pq = e % (I)(P * Q), nc = e / (I)(P * Q);
+        const int p = (int)pq / Q, q = (int)pq - p * Q;
+        const int a = arg[e], ai = a / k, aj = a - ai * k;
+        const float g = (relu_mask && y[e] <= 0.f) ? 0.f : dy[e];
+        const int rows = p == P - 1 ? H - p * k : k, cols = q == Q - 1 ? W - q * k : k;
+        float* dxp = dx + nc * (I)(H * W) + (I)(p * k * W + q * k);
+        for (int i = 0; i < rows; ++i)
+            for (int j = 0; j < cols; ++j) dxp[i * W + j] = (i == ai && j == aj) ? g : 0.f;
+    }
+}
+HN_TWO_INDEX_KERNELS(maxpool_bwd_tiled,
+    (const float* __restrict__ dy, const unsigned char* __restrict__ arg, const float* __restrict__ y,
+     float* __restrict__ dx, int NC, int H, int W, int P, int Q, int k, int relu_mask),
+    (dy, arg, y, dx, NC, H, W, P, Q, k, relu_mask))
 
 template <typename I>
 __device__ __forceinline__ void avgpool_fwd_body(const float* __restrict__ x, float* __restrict__ y, int NC, int H,

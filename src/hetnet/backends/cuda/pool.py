@@ -34,10 +34,15 @@ class PoolOps:
         x_shape, y, arg, kernel, stride = cache
         dy = self._c(dy)
         n, c, h, w = x_shape
+        p, q = y.shape[2], y.shape[3]
         dx = self.xp.empty(x_shape, dtype=self.xp.float32)
-        self.launch("pool", self.ix("maxpool_bwd_pooled", dx.size), dx.size, dy, arg, y, dx, _i32(n * c), _i32(h),
-                    _i32(w), _i32(y.shape[2]), _i32(y.shape[3]), _i32(kernel), _i32(stride),
-                    _i32(1 if relu_mask else 0))
+        mask = _i32(1 if relu_mask else 0)
+        if stride == kernel and y.size > 0:     # windows tile x: one thread per window writes it (pool.cu)
+            self.launch("pool", self.ix("maxpool_bwd_tiled", dx.size), y.size, dy, arg, y, dx, _i32(n * c), _i32(h),
+                        _i32(w), _i32(p), _i32(q), _i32(kernel), mask)
+        else:                                   # overlaps, gaps, or no window at all: one thread per x element
+            self.launch("pool", self.ix("maxpool_bwd_pooled", dx.size), dx.size, dy, arg, y, dx, _i32(n * c),
+                        _i32(h), _i32(w), _i32(p), _i32(q), _i32(kernel), _i32(stride), mask)
         return dx
 
     def avgpool2d_forward(self, x, kernel, stride):
