@@ -287,7 +287,8 @@ def test_conv16(rng, shape):
 
 def test_conv_layer_offers_the_channels_last_kernels(rng):
     """At bf16 the backend's convolution offers "tc16" for its forward, data and filter gradients (forced here: each
-    result against float64; and among the measured choices' candidates)."""
+    result against float64; and among the measured choices' candidates, with the wgmma tiles where the device runs
+    them)."""
     be = get_backend("cuda", "bf16")
     shape = (4, 16, 12, 12, 32, 3, 3, 1, 1)
     x, w, b, _ = conv_inputs(rng, shape)
@@ -307,4 +308,6 @@ def test_conv_layer_offers_the_channels_last_kernels(rng):
     y, cache = be.conv2d_forward(cupy.asarray(x[:3]), gw, gb, 1, 1)      # measured, as is the backward
     be.conv2d_backward(cupy.ones_like(y), cache, dw, db, need_dx=True)
     for op in ("fwd", "data", "filter"):
-        assert any(r["op"] == op and r["shape"][0] == 3 and "tc16" in r["ms"] for r in be.tune_log), op
+        names = ["tc16"] + (["tc16" + t.name for t in TILES16W[op]] if wgmma_ok(be.device_id) else [])
+        for name in names:
+            assert any(r["op"] == op and r["shape"][0] == 3 and name in r["ms"] for r in be.tune_log), (op, name)

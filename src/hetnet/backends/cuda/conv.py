@@ -19,7 +19,7 @@ import numpy as np
 from .. import compose
 from . import mma, tune_cache
 from .conv_tiles import BK, TILES, Tile
-from .kernels import NULL, act_code, check, get_kernel
+from .kernels import NULL, act_code, check, get_kernel, wgmma_ok
 
 # name: Tile, the tile configurations of each op that ship (conv_tiles.py: their parameters, what each wins, and
 # `Tile.fits`, where the "c" ones apply). Each is tried at a few reduction splits over blocks ("<name>/<splits>",
@@ -288,12 +288,17 @@ def _filter_tc16(be, g, copies, dy, dw, db, tile):
         channel_sum(be, dy, db, g.n, g.k, g.p * g.q)
 
 
-def _tiles16(op: str, run) -> dict:
-    """The "tc16" candidates of op: "tc16" on the large tile of mma_tiles.TILES16[op], "tc16s" on the small one
-    (run(tile name, *outputs) launches one). Both are measured on every shape: the large tile can win even where M
-    fits the small one (64 channels), which a rule by size would not try."""
+def _tiles16(be, op: str, run) -> dict:
+    """The "tc16" candidates of op: "tc16" on the large tile of mma_tiles.TILES16[op], "tc16s" on the small one,
+    and where the device runs wgmma (kernels.wgmma_ok) "tc16" + the name of each TILES16W[op] tile (run(tile name,
+    *outputs) launches one). All are measured on every shape: the large tile can win even where M fits the small one
+    (64 channels), which a rule by size would not try."""
     large, small = mma.TILES16[op]
-    return {"tc16": lambda *a: run(large.name, *a), "tc16s": lambda *a: run(small.name, *a)}
+    out = {"tc16": lambda *a: run(large.name, *a), "tc16s": lambda *a: run(small.name, *a)}
+    if op in mma.TILES16W and wgmma_ok(be.device_id):
+        for t in mma.TILES16W[op]:
+            out["tc16" + t.name] = lambda *a, name=t.name: run(name, *a)
+    return out
 
 
 def _fits16(be, op: str, g: Geometry) -> bool:
@@ -417,7 +422,7 @@ def conv_forward(be, x, w, b, stride, pad, act=0, geometry=None):
     if be.precision != "fp32" and _contiguous(x, w, b) and mma.conv_fits(x, y):
         cands["tc"] = lambda out: mma.conv_tc(be, out, x, w, b, stride, pad, act)
         if _fits16(be, "fwd", g):
-            cands.update(_tiles16("fwd", lambda tile, out: mma.conv16(be, out, x, w, b, stride, pad, act, tile)))
+            cands.update(_tiles16(be, "fwd", lambda tile, out: mma.conv16(be, out, x, w, b, stride, pad, act, tile)))
     choice = _choose(be, "fwd", g, cands, lambda fn: fn(y))
     cands[choice](y)
     return y
@@ -436,7 +441,7 @@ def conv_backward(be, dy, x, w, dw, db, stride, pad, need_dx=True, relu_x=None):
     if be.precision != "fp32" and _contiguous(dy, x, dw) and mma.conv_fits(x, dw) and dy.size < 2**31:
         fc["tc"] = lambda dw_, db_: _filter_tc(be, g, dy, x, dw_, db_)
         if _fits16(be, "filter", g):
-            fc.update(_tiles16("filter", lambda tile, dw_, db_: _filter_tc16(be, g, copies, dy, dw_, db_, tile)))
+            fc.update(_tiles16(be, "filter", lambda tile, dw_, db_: _filter_tc16(be, g, copies, dy, dw_, db_, tile)))
 
     scratch = []
 
@@ -458,7 +463,7 @@ def conv_backward(be, dy, x, w, dw, db, stride, pad, need_dx=True, relu_x=None):
     if be.precision != "fp32" and _contiguous(dy, w, relu_x) and mma.conv_fits(dy, dx):
         dc["tc"] = lambda out: mma.conv_data_tc(be, out, dy, w, relu_x, stride, pad)
         if _fits16(be, "data", g):
-            dc.update(_tiles16("data", lambda tile, out: mma.conv16_data(be, out, copies("dy"), w, relu_x, pad, tile)))
+            dc.update(_tiles16(be, "data", lambda tile, out: mma.conv16_data(be, out, copies("dy"), w, relu_x, pad, tile)))
     copies.share = False
     choice = _choose(be, "data", g, dc, lambda fn: fn(dx))
     copies.share = True
