@@ -1182,27 +1182,55 @@ __device__ __forceinline__ void hn_conv16_fwd(unsigned char* smem, const unsigne
     hn_conv_epilogue<EPI, MT, NT>(blk, acc, M, N, cv, th.wm, th.wn, th.lane);
 }
 
+// The K loop of the wgmma convolutions (HN_CONV16W), over STAGES shared buffers with one wgmma group in flight
+// (issue(kt): K tile kt's cp.async into buffer kt % STAGES). Iteration kt waits for tile kt's copies, fences them to
+// the async proxy, meets the other threads at a barrier (so every thread has also finished waiting for the wgmma group
+// of tile kt-2), refills tile kt-2's buffer with tile kt + STAGES - 2, issues tile kt's 4 wgmma m64nWNk16 on this
+// warpgroup's operands (a and b in buffer 0, buffers `ea` and `eb` elements apart, K steps of 16 `kstep` elements
+// apart, described by desc) and waits until only they are pending (so tile kt-1's have finished). Ends with every
+// wgmma and copy retired.
+template <int STAGES, int WN, int MN, class Issue, class Desc>
+__device__ __forceinline__ void hn_wgmma_loop(int tiles, const Issue& issue, const unsigned short* a, int ea,
+                                              const unsigned short* b, int eb, int kstep, float (&acc)[WN / 8][4],
+                                              const Desc& desc) {
+    static_assert(STAGES >= 3, "a buffer being filled, one being read by wgmma, one waited for");
+    hn_pipeline_fill<STAGES - 1>(tiles, issue);          // tiles 0 .. STAGES - 3 in flight
+    for (int kt = 0; kt < tiles; ++kt) {
+        const int s = kt % STAGES;
+        hn_cp_async_wait<STAGES - 3>();
+        hn_fence_proxy_async();
+        __syncthreads();
+        if (kt + STAGES - 2 < tiles) issue(kt + STAGES - 2);
+        hn_cp_async_commit();
+        hn_wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk)
+            hn_wgmma_bf16<WN, MN>(acc, desc(a + s * ea + kk * kstep), desc(b + s * eb + kk * kstep));
+        hn_wgmma_commit();
+        hn_wgmma_wait<1>();
+    }
+    hn_wgmma_wait<0>();
+    hn_cp_async_wait<0>();
+}
+
 // The forward (EPI 1) or stride-1 data gradient (EPI 2) of hn_conv16_fwd on wgmma (sm_90a): the same GEMM, C[M, N]
 // = A[M, K] B[K, N] with A = w [M][K] and B^T = x gathered [N][K], both K-major, in K tiles of 64 (one 128-byte row
-// a tile row, stored with the 128-byte swizzle, HnSwizzle128). WGS warpgroups of 128 threads; warpgroup g computes
-// rows 64g .. 64g + 63 of the BM = 64 WGS x BN block tile as 4 wgmma m64nBNk16 per K tile into 64 x BN / 128
-// float32 accumulators per thread (mma.sync's fragment order: hn_conv_epilogue writes them). Every thread copies
-// (cp.async, as hn_conv16_fwd). Pipeline over STAGES buffers with one wgmma group in flight: iteration kt waits for
-// tile kt's copies, fences them to the async proxy, meets the other threads at a barrier (so every thread has also
-// finished waiting for the wgmma group of tile kt-2), refills tile kt-2's buffer with tile kt + STAGES - 2, issues
-// tile kt's 4 wgmma and waits until only they are pending (so tile kt-1's have finished).
-template <int EPI, int WGS, int BN, int STAGES>
+// a tile row, stored with the 128-byte swizzle, HnSwizzle128). WGM x WGN warpgroups of 128 threads; warpgroup
+// (gm, gn) computes rows 64 gm .. 64 gm + 63, columns WN gn .. WN gn + WN - 1 of the block tile (BM = 64 WGM, BN =
+// WN WGN) as 4 wgmma m64nWNk16 per K tile into 64 x WN / 128 float32 accumulators per thread (mma.sync's fragment
+// order: hn_conv_epilogue writes them). Every thread copies (cp.async, as hn_conv16_fwd); hn_wgmma_loop.
+template <int EPI, int WGM, int WGN, int WN, int STAGES>
 __device__ __forceinline__ void hn_conv16w_fwd(unsigned char* smem, const unsigned short* W, const unsigned short* x,
                                                float* y, int M, int N, int K, const HnConv& cv) {
-    constexpr int BM = 64 * WGS, BK = 64, THREADS = 128 * WGS, CPR = BK / 8, NT = BN / 8;
+    constexpr int BM = 64 * WGM, BN = WN * WGN, BK = 64, THREADS = 128 * WGM * WGN, CPR = BK / 8;
     constexpr int EA = BM * BK, EB = BN * BK;     // elements of a stage's A and B tiles (multiples of 512: 1024 bytes)
-    static_assert(STAGES >= 3 && (BN * CPR) % THREADS == 0 && (BM * CPR) % THREADS == 0, "tile");
+    static_assert((BN * CPR) % THREADS == 0 && (BM * CPR) % THREADS == 0, "tile");
     unsigned short* sa = reinterpret_cast<unsigned short*>(hn_smem_align1024(smem));   // STAGES x EA
     unsigned short* sb = sa + STAGES * EA;                                              // STAGES x EB
 
     const HnBlock blk = hn_block(nullptr, nullptr, y, M, N, K, K, 0, 0, 0, 0, 0, 1.f, 0.f, 1, K, BM, BN, BK);
-    const int tid = threadIdx.x, tiles = blk.tiles, lane = tid & 31, group = tid / 128;
-    float acc[1][NT][4];
+    const int tid = threadIdx.x, gm = tid / 128 / WGN, gn = tid / 128 % WGN;
+    float acc[1][WN / 8][4];
     hn_zero(acc);
     const auto rows = hn_nhwc_rows<BN, BK / 2, THREADS>(cv, blk.n0, N, tid);   // chunks of 8: CPR = (BK / 2) / 4
     const HnDiv by_c = hn_div_of(cv.c);
@@ -1212,26 +1240,9 @@ __device__ __forceinline__ void hn_conv16w_fwd(unsigned char* smem, const unsign
         hn_copy16_tile<BM, CPR, HnSwizzle128, THREADS>(sa + s * EA, W, K, blk.m0, M, k0, K, tid);
         hn_nhwc_copy_b<unsigned short, CPR, HnSwizzle128, THREADS>(sb + s * EB, x, cv, rows, by_c, k0, K, tid);
     };
-    hn_pipeline_fill<STAGES - 1>(tiles, issue);          // tiles 0 .. STAGES - 3 in flight
-    for (int kt = 0; kt < tiles; ++kt) {
-        const int s = kt % STAGES;
-        hn_cp_async_wait<STAGES - 3>();
-        hn_fence_proxy_async();
-        __syncthreads();
-        if (kt + STAGES - 2 < tiles) issue(kt + STAGES - 2);
-        hn_cp_async_commit();
-        const unsigned short* a = sa + s * EA + group * 64 * BK;
-        const unsigned short* b = sb + s * EB;
-        hn_wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < BK / 16; ++kk)
-            hn_wgmma_bf16<BN, 0>(acc[0], hn_wgmma_desc(a + 16 * kk), hn_wgmma_desc(b + 16 * kk));
-        hn_wgmma_commit();
-        hn_wgmma_wait<1>();
-    }
-    hn_wgmma_wait<0>();
-    hn_cp_async_wait<0>();
-    hn_conv_epilogue<EPI, 1, NT>(blk, acc, M, N, cv, 64 * group + 16 * ((tid >> 5) & 3), 0, lane);
+    hn_wgmma_loop<STAGES, WN, 0>(blk.tiles, issue, sa + gm * 64 * BK, EA, sb + gn * WN * BK, EB, 16, acc[0],
+                                 [](const unsigned short* p) { return hn_wgmma_desc(p); });
+    hn_conv_epilogue<EPI, 1, WN / 8>(blk, acc, M, N, cv, 64 * gm + 16 * ((tid >> 5) & 3), WN * gn, tid & 31);
 }
 
 // The divisors of the filter gradient's gathers: a column n = (r, s, c) by C and S, a row k = (img, p, q) by P x Q
@@ -1289,22 +1300,21 @@ __device__ __forceinline__ void hn_conv16_filter(unsigned char* smem, const unsi
 
 // The filter gradient of hn_conv16_filter on wgmma (sm_90a): C[M = O, N = R x S x C] += A[M, K] B[K, N] over K =
 // images x P x Q, A = dy as stored ([k][o]) and B = x gathered ([k][(r, s, c)]), both MN-major: K tiles of 64 rows k
-// stored with the 128-byte swizzle per 64 columns (HnSwizzle128MN) and read by wgmma with its transpose flags. WGS
-// warpgroups of 64 rows of O each; the pipeline as hn_conv16w_fwd's; K split over blockIdx.z, added with atomics.
-template <int WGS, int BN, int STAGES>
+// stored with the 128-byte swizzle per 64 columns (HnSwizzle128MN) and read by wgmma with its transpose flags.
+// Warpgroups and tiles as hn_conv16w_fwd's; K split over blockIdx.z, added with atomics.
+template <int WGM, int WGN, int WN, int STAGES>
 __device__ __forceinline__ void hn_conv16w_filter(unsigned char* smem, const unsigned short* dy,
                                                   const unsigned short* x, float* dw, int M, int N, int K, int splits,
                                                   int kchunk, const HnConv& cv) {
-    constexpr int BM = 64 * WGS, BK = 64, THREADS = 128 * WGS, CPA = BM / 8, CPB = BN / 8, NT = BN / 8;
+    constexpr int BM = 64 * WGM, BN = WN * WGN, BK = 64, THREADS = 128 * WGM * WGN, CPA = BM / 8, CPB = BN / 8;
     constexpr int EA = BM * BK, EB = BN * BK;
-    static_assert(STAGES >= 3 && THREADS % CPB == 0 && (BK * CPA) % THREADS == 0 && (BK * CPB) % THREADS == 0,
-                  "tile");
+    static_assert(THREADS % CPB == 0 && (BK * CPA) % THREADS == 0 && (BK * CPB) % THREADS == 0, "tile");
     unsigned short* sa = reinterpret_cast<unsigned short*>(hn_smem_align1024(smem));
     unsigned short* sb = sa + STAGES * EA;
 
     const HnBlock blk = hn_block(nullptr, nullptr, dw, M, N, K, 0, 0, N, 0, 0, 0, 1.f, 1.f, splits, kchunk, BM, BN, BK);
-    const int tid = threadIdx.x, tiles = blk.tiles, lane = tid & 31, group = tid / 128;
-    float acc[1][NT][4];
+    const int tid = threadIdx.x, gm = tid / 128 / WGN, gn = tid / 128 % WGN;
+    float acc[1][WN / 8][4];
     hn_zero(acc);
     const HnTapDivs dv = {hn_div_of(cv.c), hn_div_of(cv.s), hn_div_of(cv.p * cv.q), hn_div_of(cv.q)};
 
@@ -1313,26 +1323,10 @@ __device__ __forceinline__ void hn_conv16w_filter(unsigned char* smem, const uns
         hn_copy16_tile<BK, CPA, HnSwizzle128MN, THREADS>(sa + s * EA, dy, cv.o, k0, blk.kend, blk.m0, M, tid);
         hn_nhwc16_copy_x_taps<BK, CPB, HnSwizzle128MN, THREADS>(sb + s * EB, x, cv, blk.n0, N, dv, k0, blk.kend, tid);
     };
-    hn_pipeline_fill<STAGES - 1>(tiles, issue);
-    for (int kt = 0; kt < tiles; ++kt) {
-        const int s = kt % STAGES;
-        hn_cp_async_wait<STAGES - 3>();
-        hn_fence_proxy_async();
-        __syncthreads();
-        if (kt + STAGES - 2 < tiles) issue(kt + STAGES - 2);
-        hn_cp_async_commit();
-        const unsigned short* a = sa + s * EA + group * 64 * BK;
-        const unsigned short* b = sb + s * EB;
-        hn_wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < BK / 16; ++kk)
-            hn_wgmma_bf16<BN, 1>(acc[0], hn_wgmma_desc_mn(a + 16 * 64 * kk), hn_wgmma_desc_mn(b + 16 * 64 * kk));
-        hn_wgmma_commit();
-        hn_wgmma_wait<1>();
-    }
-    hn_wgmma_wait<0>();
-    hn_cp_async_wait<0>();
-    hn_epilogue<1, NT>(blk, acc, M, N, N, 1.f, 1.f, 64 * group + 16 * ((tid >> 5) & 3), 0, lane);
+    // a warpgroup's columns start 64 gm (A) and WN gn (B) columns in: whole blocks of 64 x 64 (HnSwizzle128MN)
+    hn_wgmma_loop<STAGES, WN, 1>(blk.tiles, issue, sa + gm * 64 * BK, EA, sb + gn * WN * BK, EB, 16 * 64, acc[0],
+                                 [](const unsigned short* p) { return hn_wgmma_desc_mn(p); });
+    hn_epilogue<1, WN / 8>(blk, acc, M, N, N, 1.f, 1.f, 64 * gm + 16 * ((tid >> 5) & 3), WN * gn, tid & 31);
 }
 
 // HN_CONV16's body: EPI 1 or 2, hn_conv16_fwd; 3, hn_conv16_filter (arguments as HN_CONV16 says).
@@ -1395,21 +1389,21 @@ __device__ __forceinline__ void hn_conv16(unsigned char* smem, const unsigned sh
                                                pad, act, splits, kchunk);                                       \
     }
 
-// HN_CONV16W(hn_conv16_fwd_w128x256s4, 1, 2, 256, 4): HN_CONV16's forward (EPI 1), data gradient (EPI 2) or filter
-// gradient (EPI 3) with its arguments, on wgmma (hn_conv16w_fwd, hn_conv16w_filter: WGS warpgroups, block tile
-// 64 WGS x BN x 64, STAGES buffers); 128 WGS threads, shared memory STAGES x (64 WGS + BN) x 64 x 2 + 1024 bytes (the
-// 1024-byte alignment of the swizzled tiles).
-#define HN_CONV16W(name, EPI, WGS, BN, ST)                                                                        \
-    extern "C" __global__ void __launch_bounds__(128 * WGS, 1) name(                                           \
+// HN_CONV16W(hn_conv16_fwd_w128x256s4, 1, 2, 1, 256, 4): HN_CONV16's forward (EPI 1), data gradient (EPI 2) or
+// filter gradient (EPI 3) with its arguments, on wgmma (hn_conv16w_fwd, hn_conv16w_filter: WGM x WGN warpgroups of
+// 64 x WN each, block tile 64 WGM x WN WGN x 64, ST buffers); 128 WGM WGN threads, shared memory ST x (64 WGM + WN WGN)
+// x 64 x 2 + 1024 bytes (the 1024-byte alignment of the swizzled tiles).
+#define HN_CONV16W(name, EPI, WGM, WGN, WN, ST)                                                                   \
+    extern "C" __global__ void __launch_bounds__(128 * WGM * WGN, 1) name(                                     \
         const unsigned short* __restrict__ B, const unsigned short* __restrict__ Wt, const float* __restrict__ AUX,  \
         float* __restrict__ Y, int M, int N, int K, int C, int H, int W, int R, int S, int P, int Q, int O,         \
         int stride, int pad, int act, int splits, int kchunk) {                                                   \
         HN_DYNAMIC_SMEM(hn_smem);                                                                              \
         if constexpr (EPI == 3) {                                                                                \
             const HnConv cv = hn_conv_of<3>(AUX, C, H, W, R, S, P, Q, O, stride, pad, act);                     \
-            hn_conv16w_filter<WGS, BN, ST>(hn_smem, Wt, B, Y, M, N, K, splits, kchunk, cv);                     \
+            hn_conv16w_filter<WGM, WGN, WN, ST>(hn_smem, Wt, B, Y, M, N, K, splits, kchunk, cv);                \
         } else {                                                                                                 \
             const HnConv cv = hn_conv_of<1>(AUX, C, H, W, R, S, P, Q, O, stride, pad, act);                     \
-            hn_conv16w_fwd<EPI, WGS, BN, ST>(hn_smem, Wt, B, Y, M, N, K, cv);                                   \
+            hn_conv16w_fwd<EPI, WGM, WGN, WN, ST>(hn_smem, Wt, B, Y, M, N, K, cv);                              \
         }                                                                                                        \
     }

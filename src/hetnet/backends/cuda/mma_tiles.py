@@ -147,13 +147,13 @@ class Tc16Tile:
 
     def __post_init__(self):
         if self.wgmma:
-            assert self.bm % 64 == 0 and self.bk == 64 and self.wm == 64 and self.wn == self.bn, self
-            assert self.bn in (64, 128, 256) and self.stages >= 3 and self.min_blocks == 1, self
+            assert self.bm % 64 == 0 and self.bk == 64 and self.wm == 64 and self.bn % self.wn == 0, self
+            assert self.wn in (64, 128, 256) and self.stages >= 3 and self.min_blocks == 1, self
 
     @property
     def name(self) -> str:
         if self.wgmma:
-            return f"w{self.bm}x{self.bn}s{self.stages}"
+            return f"w{self.bm}x{self.bn}s{self.stages}" + (f"n{self.wn}" if self.wn != self.bn else "")
         return f"{self.bm}x{self.bn}x{self.bk}s{self.stages}" + (f"b{self.min_blocks}" if self.min_blocks > 1 else "")
 
     @property
@@ -173,14 +173,15 @@ class Tc16Tile:
     def instantiation(self, op: str) -> str:
         """mma.cu's line that defines conv_kernel(op)."""
         if self.wgmma:
-            return f"HN_CONV16W({self.conv_kernel(op)}, {CONV_OPS[op]}, {self.bm // 64}, {self.bn}, {self.stages})"
+            return (f"HN_CONV16W({self.conv_kernel(op)}, {CONV_OPS[op]}, {self.bm // 64}, {self.bn // self.wn}, "
+                    f"{self.wn}, {self.stages})")
         return (f"HN_CONV16({self.conv_kernel(op)}, {CONV_OPS[op]}, {self.bm}, {self.bn}, {self.bk}, {self.wm}, "
                 f"{self.wn}, {self.stages}, {self.min_blocks})")
 
 
-def wgmma_tile(bm: int, bn: int, stages: int) -> Tc16Tile:
-    """A channels-last tile on wgmma: bm / 64 warpgroups, each 64 x bn, K tiles of 64."""
-    return Tc16Tile(bm, bn, 64, 64, bn, stages, wgmma=True)
+def wgmma_tile(bm: int, bn: int, stages: int, wn: int | None = None) -> Tc16Tile:
+    """A channels-last tile on wgmma: (bm / 64) x (bn / wn) warpgroups, each 64 x wn (default bn), K tiles of 64."""
+    return Tc16Tile(bm, bn, 64, 64, wn or bn, stages, wgmma=True)
 
 
 # The channels-last tiles, (large, small) per op (the data gradient runs the forward's kernel body); conv.py measures
@@ -190,8 +191,9 @@ TILES16 = {"fwd": (Tc16Tile(128, 128, 32, 64, 32, 4, 2), Tc16Tile(64, 64, 32, 32
            "filter": (Tc16Tile(128, 128, 32, 64, 32, 4), Tc16Tile(64, 64, 32, 32, 32, 4))}
 TILES16["data"] = TILES16["fwd"]
 # The same on wgmma, for devices whose mma module is compiled for sm_90a (kernels.wgmma_ok): conv.py measures each.
-TILES16W = {"fwd": (wgmma_tile(128, 256, 4), wgmma_tile(128, 128, 4), wgmma_tile(64, 256, 4)),
-            "filter": (wgmma_tile(128, 256, 4), wgmma_tile(128, 128, 4))}
+TILES16W = {"fwd": (wgmma_tile(128, 256, 4), wgmma_tile(128, 128, 4), wgmma_tile(64, 256, 4),
+                    wgmma_tile(64, 256, 4, 128)),
+            "filter": (wgmma_tile(128, 256, 4), wgmma_tile(128, 128, 4), wgmma_tile(64, 256, 4, 128))}
 TILES16W["data"] = TILES16W["fwd"]
 
 

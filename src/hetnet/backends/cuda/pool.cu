@@ -58,7 +58,7 @@ HN_TWO_INDEX_KERNELS(maxpool_bwd_pooled,
 // maximum too when relu_mask is set and y[nc,p,q] <= 0, hn_pool_grad's test). The floor output leaves rows P*k..H-1
 // and columns Q*k..W-1 (fewer than k of each) in no window; their dx = 0 is written by the last window row and
 // column, whose windows reach to the edge: rows [p*k, p == P-1 ? H : p*k + k), columns likewise. Every element of
-// dx is written exactly once.
+// dx is written exactly once; for k = 2 and W even, each window row of two as one 8-byte store.
 template <typename I>
 __device__ __forceinline__ void maxpool_bwd_tiled_body(const float* __restrict__ dy,
                                                        const unsigned char* __restrict__ arg,
@@ -71,8 +71,14 @@ __device__ __forceinline__ void maxpool_bwd_tiled_body(const float* __restrict__
         const float g = (relu_mask && y[e] <= 0.f) ? 0.f : dy[e];
         const int rows = p == P - 1 ? H - p * k : k, cols = q == Q - 1 ? W - q * k : k;
         float* dxp = dx + nc * (I)(H * W) + (I)(p * k * W + q * k);
-        for (int i = 0; i < rows; ++i)
-            for (int j = 0; j < cols; ++j) dxp[i * W + j] = (i == ai && j == aj) ? g : 0.f;
+        if (k == 2 && cols == 2 && (W & 1) == 0) {     // W even: every row pair starts 8-byte aligned
+            for (int i = 0; i < rows; ++i)
+                *reinterpret_cast<float2*>(dxp + i * W) =
+                    make_float2(i == ai && aj == 0 ? g : 0.f, i == ai && aj == 1 ? g : 0.f);
+        } else {
+            for (int i = 0; i < rows; ++i)
+                for (int j = 0; j < cols; ++j) dxp[i * W + j] = (i == ai && j == aj) ? g : 0.f;
+        }
     }
 }
 HN_TWO_INDEX_KERNELS(maxpool_bwd_tiled,
