@@ -17,6 +17,7 @@ cuda backend's launchers directly, and takes its cuDNN timing, machine descripti
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    os.environ["HETNET_TUNE_CACHE"] = "0"      # every trial measured here, none taken from an earlier process
     import cupy
     import torch
 
