@@ -9,6 +9,7 @@ check dtype and contiguity of arrays before a launch (`check`).
 """
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -90,8 +91,6 @@ def _sm90a_option(cupy, text: str):
 
 def _sm90a_ptx(cupy, text: str):
     """PTX for compute_90a from CuPy's NVRTC wrapper, loaded (and compiled by the driver) from a file."""
-    import tempfile
-
     from cupy.cuda import compiler
 
     ptx, _ = compiler.compile_using_nvrtc(text, ("-std=c++17",), arch="90a")
