@@ -201,7 +201,7 @@ def on_gpu(batch: int, out: str | None) -> int:
         return 1000 * time_ms(cupy, spin, launch)
 
     text = inline_header(source_text())
-    module = kernels.compile_module(be.device_id, text)
+    module = kernels.compile_module(be.device_id, text, sm90a=True)
     wgmma = kernels._has(module, kernels.SM90A_MARKER)
     rng = np.random.default_rng(0)
     rows, failed = [], 0

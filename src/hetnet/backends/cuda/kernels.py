@@ -9,7 +9,6 @@ check dtype and contiguity of arrays before a launch (`check`).
 """
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -64,58 +63,31 @@ def _has(mod, name: str) -> bool:
         return False
 
 
-def compile_module(device_id: int, text: str):
-    """`text` compiled by NVRTC for the device: on compute capability 9.0 for sm_90a (the arch-specific features:
-    wgmma), checked by SM90A_MARKER, else (or if that fails) for the device's own architecture."""
+def compile_module(device_id: int, text: str, sm90a: bool = False):
+    """`text` compiled by NVRTC for the device; with `sm90a` on compute capability 9.0 for sm_90a (the arch-specific
+    features: wgmma), checked by SM90A_MARKER, else (or if NVRTC refuses it) for the device's own architecture."""
     import cupy
 
     with cupy.cuda.Device(device_id):
-        if device_props(device_id)["cc"] == "9.0":
-            for build in (_sm90a_option, _sm90a_ptx):
-                try:
-                    mod = build(cupy, text + _SM90A_TEXT)
-                    if _has(mod, SM90A_MARKER):
-                        return mod
-                except Exception:    # this NVRTC or CuPy refuses that way: the next, then the plain build
-                    pass
+        if sm90a and device_props(device_id)["cc"] == "9.0":
+            try:
+                # CuPy adds an -arch of its own for the device: the marker says whether sm_90a took effect
+                mod = cupy.RawModule(code=text + _SM90A_TEXT, options=("-std=c++17", "-arch=sm_90a"))
+                mod.compile()
+                if _has(mod, SM90A_MARKER):
+                    return mod
+            except Exception:    # this NVRTC or CuPy refuses the option: the plain build
+                pass
         mod = cupy.RawModule(code=text, options=("-std=c++17",))
         mod.compile()
         return mod
-
-
-def _sm90a_option(cupy, text: str):
-    mod = cupy.RawModule(code=text, options=("-std=c++17", "-arch=sm_90a"))
-    mod.compile()
-    return mod
-
-
-def _sm90a_ptx(cupy, text: str):
-    """PTX for compute_90a from CuPy's NVRTC wrapper, loaded (and compiled by the driver) from a file."""
-    from cupy.cuda import compiler
-
-    ptx, _ = compiler.compile_using_nvrtc(text, ("-std=c++17",), arch="90a")
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "mma.ptx"
-        path.write_bytes(ptx if isinstance(ptx, bytes) else ptx.encode())
-        mod = cupy.RawModule(path=str(path))
-        mod.get_function(SM90A_MARKER)        # loads the module while the file exists
-    return mod
 
 
 def get_module(device_id: int, name: str):
     key = (device_id, name)
     mod = _modules.get(key)
     if mod is None:
-        mod = _modules[key] = compile_module(device_id, source(name)) if name == "mma" else _plain(device_id, name)
-    return mod
-
-
-def _plain(device_id: int, name: str):
-    import cupy
-
-    with cupy.cuda.Device(device_id):
-        mod = cupy.RawModule(code=source(name), options=("-std=c++17",))
-        mod.compile()
+        mod = _modules[key] = compile_module(device_id, source(name), sm90a=name == "mma")
     return mod
 
 
