@@ -22,6 +22,7 @@ NULL = np.uint64(0)  # a null pointer argument
 _modules: dict[tuple[int, str], object] = {}
 _kernels: dict[tuple[int, str, str], object] = {}
 _props: dict[int, dict] = {}
+_wgmma: dict[int, bool] = {}
 
 
 def cu_text(name: str) -> str:
@@ -93,7 +94,10 @@ def get_module(device_id: int, name: str):
 
 def wgmma_ok(device_id: int) -> bool:
     """Whether the mma module of this device was built for sm_90a, so that its HN_CONV16W kernels run."""
-    return _has(get_module(device_id, "mma"), SM90A_MARKER)
+    ok = _wgmma.get(device_id)
+    if ok is None:
+        ok = _wgmma[device_id] = _has(get_module(device_id, "mma"), SM90A_MARKER)
+    return ok
 
 
 def get_kernel(device_id: int, module: str, name: str):

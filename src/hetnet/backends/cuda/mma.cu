@@ -122,8 +122,8 @@ __device__ __forceinline__ void hn_st2(float* p, float x, float y) { *reinterpre
 __device__ __forceinline__ void hn_atomic_add(float* p, float v) { atomicAdd(p, v); }
 __device__ __forceinline__ unsigned hn_umulhi(unsigned a, unsigned b) { return __umulhi(a, b); }
 // --- wgmma (sm_90a: PTX ISA 9.7.15, "Asynchronous warpgroup level matrix multiply-accumulate") ----------------------
-// Compiled only where the module is built for sm_90a (kernels.py); elsewhere these trap, and mma.py never launches a
-// kernel that calls them.
+// Compiled only where the module is built for sm_90a (kernels.py); elsewhere these trap, and mma.launch_conv refuses
+// a kernel that calls them.
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define HN_SM90A(...) __VA_ARGS__
 #else

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .kernels import NULL, gemm_operands, get_kernel, leading_dim
+from .kernels import NULL, gemm_operands, get_kernel, leading_dim, wgmma_ok
 from .mma_tiles import CONV_CHOICE, LAYOUTS, PRECISIONS, TILES, TILES16, TILES16W, Tc16Tile, TcTile
 
 _i32, _i64, _f32 = np.int32, np.int64, np.float32
@@ -343,8 +343,10 @@ def plan_conv_filter(dw, dy, x, stride: int, pad: int, precision: str = "tf32", 
 
 
 def launch_conv(be, call: ConvCall | None) -> None:
-    """Run a convolution plan on `be`'s device (current stream)."""
+    """Run a convolution plan on `be`'s device (current stream); a wgmma tile only where the device runs it."""
     if call is not None:
+        if getattr(call.tile, "wgmma", False) and not wgmma_ok(be.device_id):
+            raise ValueError(f"conv16: tile {call.tile.name} needs wgmma (sm_90a), which this device's build lacks")
         _launch_kernel(be, call, call.args(lambda a: a, NULL))
 
 
