@@ -96,7 +96,6 @@ struct Warpgroup {      // wgmma state of 4 consecutive warps
     const char* what = nullptr;
     float* d[128];
     unsigned long long da[128], db[128];
-    int n = 0;
     int committed = 0, retired = 0;   // groups committed, and retired by wait_group (all before `retired`)
     std::vector<WgmmaOp> ops;
 };
@@ -482,24 +481,10 @@ inline void hn_mma_tf32(float (&d)[4], const unsigned (&a)[4], const unsigned (&
 inline void hn_mma_bf16(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) { hn_mma(d, a, b, true); }
 
 // --- wgmma (PTX ISA 9.7.15) ------------------------------------------------------------------------------------------
-inline unsigned hn_emu_smem_offset(const void* p) {
+// mma.cu's descriptors and alignment are its own code, run here on shared-memory offsets as the GPU's are.
+inline unsigned hn_smem_addr(const void* p) {
+    if (!emu::in_smem(p, 1)) emu::fail("a shared-memory address outside the block's shared memory");
     return static_cast<unsigned>(static_cast<const unsigned char*>(p) - emu::S().smem);
-}
-// The descriptor mma.cu builds (128-byte swizzle, K-major, stride byte offset 1024), from the shared-memory offset.
-inline unsigned long long hn_wgmma_desc(const void* p) {
-    if (!emu::in_smem(p, 16)) emu::fail("wgmma descriptor: address outside shared memory");
-    return static_cast<unsigned long long>((hn_emu_smem_offset(p) & 0x3FFFF) >> 4) | (1ull << 16) |
-           (static_cast<unsigned long long>(1024 >> 4) << 32) | (1ull << 62);
-}
-// mma.cu's MN-major descriptor (128-byte swizzle; leading byte offset 8192, stride byte offset 1024).
-inline unsigned long long hn_wgmma_desc_mn(const void* p) {
-    if (!emu::in_smem(p, 16)) emu::fail("wgmma descriptor: address outside shared memory");
-    return static_cast<unsigned long long>((hn_emu_smem_offset(p) & 0x3FFFF) >> 4) |
-           (static_cast<unsigned long long>(8192 >> 4) << 16) | (static_cast<unsigned long long>(1024 >> 4) << 32) |
-           (1ull << 62);
-}
-inline unsigned char* hn_smem_align1024(unsigned char* p) {
-    return p + ((1024u - (hn_emu_smem_offset(p) & 1023u)) & 1023u);
 }
 inline void hn_fence_proxy_async() { emu::me().fenced = emu::me().writes; }
 inline void hn_wgmma_fence() { emu::group_meet("wgmma.fence", [](emu::Warpgroup&) {}); }
@@ -559,7 +544,6 @@ inline void hn_wgmma_bf16(float (&d)[N / 8][4], unsigned long long da, unsigned 
     g0.d[t] = &d[0][0];
     g0.da[t] = da;
     g0.db[t] = db;
-    g0.n = N;
     emu::group_meet(what, [&](emu::Warpgroup& g) {
         const int wg = static_cast<int>(&g - s.warpgroups.data());
         for (int i = 1; i < 128; ++i)

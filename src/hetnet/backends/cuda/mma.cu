@@ -130,27 +130,6 @@ __device__ __forceinline__ unsigned hn_umulhi(unsigned a, unsigned b) { return _
 #define HN_SM90A(...) __trap()
 #endif
 
-// The smem operand descriptor (PTX ISA 9.7.15.5.1) of a K-major bf16 tile stored with the 128-byte swizzle: rows of
-// 64 elements (128 bytes), the 16-byte chunk j of row r at chunk j ^ (r % 8), groups of 8 rows 1024 bytes apart
-// (stride byte offset), the tile's start 1024-byte aligned; p is where the instruction's 16-wide K slice starts
-// (the tile start + 32 bytes per K step of 16). Bits: start >> 4 at 0, leading byte offset >> 4 at 16 (unused for
-// this layout: 1), stride byte offset >> 4 at 32, swizzle mode at 62 (1: 128 bytes).
-__device__ __forceinline__ unsigned long long hn_wgmma_desc(const void* p) {
-    return static_cast<unsigned long long>((hn_smem_addr(p) & 0x3FFFF) >> 4) | (1ull << 16) |
-           (static_cast<unsigned long long>(1024 >> 4) << 32) | (1ull << 62);
-}
-// The same for an MN-major tile of 64 K rows (HnSwizzle128MN): a K row holds 64 elements of M or N (128 bytes, chunks
-// swizzled by the row), 8 K rows a 1024-byte group (stride byte offset), and the next 64 of M or N 64 rows on (8192
-// bytes, leading byte offset); p is where the instruction's 16 K rows start (the tile start + 2048 bytes per step).
-__device__ __forceinline__ unsigned long long hn_wgmma_desc_mn(const void* p) {
-    return static_cast<unsigned long long>((hn_smem_addr(p) & 0x3FFFF) >> 4) |
-           (static_cast<unsigned long long>(8192 >> 4) << 16) | (static_cast<unsigned long long>(1024 >> 4) << 32) |
-           (1ull << 62);
-}
-// p rounded up to the next 1024-byte boundary of shared memory (the swizzle's pattern repeats every 1024 bytes).
-__device__ __forceinline__ unsigned char* hn_smem_align1024(unsigned char* p) {
-    return p + ((1024u - (hn_smem_addr(p) & 1023u)) & 1023u);
-}
 // This thread's writes to shared memory (cp.async included, once waited for) made visible to the async proxy that
 // wgmma reads through; a barrier after it makes every thread's.
 __device__ __forceinline__ void hn_fence_proxy_async() {
@@ -218,6 +197,27 @@ __device__ __forceinline__ void hn_wgmma_bf16(float (&d)[N / 8][4], unsigned lon
 #undef HN_D16
 #undef HN_D4
 #endif  // HN_EMULATE
+
+// --- wgmma's shared-memory operands (mma.cu's own arithmetic: the emulator runs it, giving hn_smem_addr) -------------
+// The smem operand descriptor (PTX ISA 9.7.15.5.1) of a bf16 tile stored with the 128-byte swizzle (HnSwizzle128,
+// HnSwizzle128MN), its start 1024-byte aligned. Bits: start >> 4 at 0, leading byte offset >> 4 at 16, stride byte
+// offset >> 4 at 32 (here 1024: groups of 8 rows of 128 bytes), swizzle mode at 62 (1: 128 bytes).
+__device__ __forceinline__ unsigned long long hn_wgmma_desc128(const void* p, unsigned leading_bytes) {
+    return static_cast<unsigned long long>((hn_smem_addr(p) & 0x3FFFF) >> 4) |
+           (static_cast<unsigned long long>(leading_bytes >> 4) << 16) |
+           (static_cast<unsigned long long>(1024 >> 4) << 32) | (1ull << 62);
+}
+// A K-major tile (HnSwizzle128): rows of 64 elements (128 bytes); p is where the instruction's 16-wide K slice starts
+// (the tile start + 32 bytes per K step of 16). The leading byte offset is unused for this layout (1).
+__device__ __forceinline__ unsigned long long hn_wgmma_desc(const void* p) { return hn_wgmma_desc128(p, 16); }
+// An MN-major tile of 64 K rows (HnSwizzle128MN): a K row holds 64 elements of M or N (128 bytes), and the next 64 of
+// M or N lie 64 rows on (8192 bytes, the leading byte offset); p is where the instruction's 16 K rows start (the tile
+// start + 2048 bytes per step).
+__device__ __forceinline__ unsigned long long hn_wgmma_desc_mn(const void* p) { return hn_wgmma_desc128(p, 8192); }
+// p rounded up to the next 1024-byte boundary of shared memory (the swizzle's pattern repeats every 1024 bytes).
+__device__ __forceinline__ unsigned char* hn_smem_align1024(unsigned char* p) {
+    return p + ((1024u - (hn_smem_addr(p) & 1023u)) & 1023u);
+}
 
 __device__ __forceinline__ int hn_imin(int a, int b) { return a < b ? a : b; }
 __device__ __forceinline__ int hn_imax(int a, int b) { return a > b ? a : b; }
