@@ -202,7 +202,7 @@ def on_gpu(batch: int, out: str | None) -> int:
 
     text = inline_header(source_text())
     module = kernels.compile_module(be.device_id, text, sm90a=True)
-    wgmma = kernels._has(module, kernels.SM90A_MARKER)
+    wgmma = kernels.built_for_sm90a(module)
     rng = np.random.default_rng(0)
     rows, failed = [], 0
     print(f"{be.gpu_name}, bf16, batch {batch}: us per call; NCHW = mma.conv_tc's (conv_filter_tc's) best tile; ratio "

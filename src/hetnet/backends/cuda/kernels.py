@@ -56,9 +56,10 @@ extern "C" __global__ void {SM90A_MARKER}() {{}}
 """
 
 
-def _has(mod, name: str) -> bool:
+def built_for_sm90a(mod) -> bool:
+    """Whether a compiled module has SM90A_MARKER, i.e. was built for sm_90a (compile_module)."""
     try:
-        mod.get_function(name)
+        mod.get_function(SM90A_MARKER)
         return True
     except Exception:        # CuPy raises its driver error for a missing function
         return False
@@ -75,7 +76,7 @@ def compile_module(device_id: int, text: str, sm90a: bool = False):
                 # CuPy adds an -arch of its own for the device: the marker says whether sm_90a took effect
                 mod = cupy.RawModule(code=text + _SM90A_TEXT, options=("-std=c++17", "-arch=sm_90a"))
                 mod.compile()
-                if _has(mod, SM90A_MARKER):
+                if built_for_sm90a(mod):
                     return mod
             except Exception:    # this NVRTC or CuPy refuses the option: the plain build
                 pass
@@ -96,7 +97,7 @@ def wgmma_ok(device_id: int) -> bool:
     """Whether the mma module of this device was built for sm_90a, so that its HN_CONV16W kernels run."""
     ok = _wgmma.get(device_id)
     if ok is None:
-        ok = _wgmma[device_id] = _has(get_module(device_id, "mma"), SM90A_MARKER)
+        ok = _wgmma[device_id] = built_for_sm90a(get_module(device_id, "mma"))
     return ok
 
 
