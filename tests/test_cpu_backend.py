@@ -82,6 +82,34 @@ def test_conv_backward_per_image_and_batched_gemm_agree(rng, monkeypatch, crs_li
         assert_close(got, want, F32, f"conv {what}, per-image limit {crs_limit}")
 
 
+@pytest.mark.parametrize("crs_limit", [0, 10**9])
+def test_backward_without_dw_on_every_path(path, rng, many_chunks, monkeypatch, crs_limit):
+    """dw None (a frozen weight) on the compiled loops and the NumPy fallback, both conv GEMM layouts, several
+    chunks on two threads: conv2d, the fused conv + ReLU + 2x2 pool and dense return the dx and db of the backward
+    that computes dw, bit for bit, with need_dx and without (db alone)."""
+    monkeypatch.setattr(cpu.conv, "_PER_IMAGE_GEMM_MAX_CRS", crs_limit)
+    x, w, b = rng.standard_normal((3, 4, 8, 6)), rng.standard_normal((5, 4, 3, 3)), rng.standard_normal(5)
+    xd, wd, bd = rng.standard_normal((9, 6)), rng.standard_normal((4, 6)), rng.standard_normal(4)
+    for op, args in (("conv2d", [x, w, b, 1, 1]), ("conv2d", [x, w, b, 2, 0]),
+                     ("conv2d_relu_maxpool", [x, w, b, 1, 1, 2, 2]), ("dense", [xd, wd, bd])):
+        dev = [cpu.asarray(a) if isinstance(a, np.ndarray) else a for a in args]
+        y, cache = getattr(cpu, f"{op}_forward")(*dev)
+        dy = cpu.asarray(rng.standard_normal(y.shape))
+        for need_dx in (True, False):
+            out = []
+            for dw in (cpu.zeros(args[1].shape), None):
+                db = cpu.zeros(args[2].shape)
+                out.append((getattr(cpu, f"{op}_backward")(dy, cache, dw, db, need_dx=need_dx), db, dw))
+            (dx, db, dw), (dx0, db0, _) = out
+            assert np.any(dw != 0) and np.any(db != 0), op
+            np.testing.assert_array_equal(db0, db, err_msg=f"{op} db without dw, need_dx={need_dx}")
+            if need_dx:
+                assert np.any(dx != 0), op
+                np.testing.assert_array_equal(dx0, dx, err_msg=f"{op} dx without dw")
+            else:
+                assert dx is None and dx0 is None
+
+
 @pytest.mark.parametrize("shape", [(2, 3, 8, 8), (3, 2, 9, 7), (1, 1, 2, 2), (4, 5, 7, 10)])
 def test_maxpool_2x2_fast_path_ties_and_odd_sizes(path, rng, many_chunks, shape):
     # small integers: many ties, including whole windows of equal values (as after a ReLU)

@@ -93,6 +93,76 @@ def test_first_layer_with_frozen_weight(device, rng, monkeypatch):
     assert calls == [] and not b.to_numpy(model[0].bias.grad).any() and b.to_numpy(model[3].weight.grad).any()
 
 
+@pytest.mark.parametrize("path", ["eager", "train-step"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_frozen_conv_weight_gradient_is_skipped(device, path, rng, monkeypatch):
+    """cifar-speed's whitening convolution -- weight frozen, bias trained -- here inside the model, so that its
+    input gradient is wanted too. Its backward op gets dw None (no filter gradient computed, not even into
+    scratch); the input gradient it passes on and every other gradient are those of the same model with nothing
+    frozen; SGD steps (eager, or the train step with the backend's fused plans) train the bias and leave the
+    weight and its .grad as they were."""
+
+    def make():
+        return hn.Sequential([hn.Conv2D(2, 4, 3, padding=1), hn.ReLU(), hn.Conv2D(4, 6, 3, padding=1), hn.ReLU(),
+                              hn.MaxPool2D(2), hn.Flatten(), hn.Dense(6 * 3 * 3, 3)])
+
+    b = get_backend(device)
+    x, labels = f32(rng, 5, 2, 6, 6), rng.integers(0, 3, 5)
+    hn.seed(6)
+    free, model = make().to(device), make()
+    model.load_state_dict(free.state_dict())
+    model.to(device)
+    conv = model[2]
+    conv.weight.requires_grad = False
+    dw, db = conv.grad_targets()
+    assert dw is None and db is conv.bias.grad
+    seen = []       # (dw, db) of every conv backward op call
+
+    def spy(real):
+        def op(dy, cache, dw, db, *args, **kw):
+            seen.append((dw, db))
+            return real(dy, cache, dw, db, *args, **kw)
+        return op
+
+    for name in ("conv2d_backward", "conv2d_relu_maxpool_backward"):
+        monkeypatch.setattr(b, name, spy(getattr(b, name)))
+    xd, dy = b.asarray(x), b.asarray(f32(rng, 5, 3))
+    dxs = []
+    for m in (free, model):
+        m.forward(xd)
+        dxs.append(b.to_numpy(m.backward(dy)))
+    assert_close(dxs[1], dxs[0], b, "dE/dx through the frozen convolution")
+    for i, layer in enumerate(model.layers):
+        for k, p in layer.params.items():
+            if (i, k) == (2, "weight"):
+                assert not b.to_numpy(p.grad).any()
+            else:
+                want = b.to_numpy(free[i].params[k].grad)
+                assert np.abs(want).max() > 0
+                assert_close(b.to_numpy(p.grad), want, b, f"{i}.{k} gradient")
+    before = model.state_dict()
+    seen.clear()
+    opt = hn.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    step = T.make_train_step(model, opt) if path == "train-step" else None
+    for _ in range(3):
+        if step is not None:
+            step.step(xd, b.labels(labels))
+            continue
+        model.zero_grad()
+        _, d = hn.losses.softmax_cross_entropy(model.forward(xd), labels)
+        model.backward(d)
+        opt.step()
+    if step is not None:
+        step.collect()
+    after = model.state_dict()
+    np.testing.assert_array_equal(after["2.weight"], before["2.weight"], err_msg="the frozen weight changed")
+    assert not b.to_numpy(conv.weight.grad).any()
+    assert np.any(after["2.bias"] != before["2.bias"]) and np.any(after["0.weight"] != before["0.weight"])
+    mine = [dw for dw, db in seen if db is conv.bias.grad]
+    assert mine and all(dw is None for dw in mine), "the frozen weight's backward got a gradient array"
+    assert any(dw is model[0].weight.grad for dw, _ in seen)
+
+
 def test_flag_survives_moves(rng):
     model = hn.Sequential([hn.Conv2D(1, 2, 3), hn.BatchNorm2D(2, scale="frozen"), hn.Flatten(), hn.Dense(18, 2)])
     model[0].bias.requires_grad = False

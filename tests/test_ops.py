@@ -655,6 +655,97 @@ def test_dense_chain(bk, rng, case, accumulate, mask):
         assert np.all(dx[x == 0] == 0)
 
 
+# --- dw None: a frozen weight's gradient is not computed (layers.base.Parameter.grad_target) --------------------
+
+
+def same(got, want, b, what: str) -> None:
+    """Bit for bit on the deterministic backends; within tolerance on cuda (its split sums add with atomics, and
+    the bias gradient may come from another kernel when there is no filter gradient to fuse it with)."""
+    if b.name in ("reference", "cpu"):
+        np.testing.assert_array_equal(got, want, err_msg=what)
+    else:
+        assert_close(got, want, b, what)
+
+
+WITHOUT_DW = {  # name: (op, forward args from rng, dw shape, db shape or None, forward kwargs, backward kwargs)
+    "dense": ("dense", lambda r: [f32(r, 5, 13), f32(r, 4, 13), f32(r, 4)], (4, 13), (4,), {}, {}),
+    "dense-relu-no-bias": ("dense", lambda r: [relu_out(r, 6, 9), f32(r, 3, 9), None], (3, 9), None,
+                           {"act": "relu"}, {"relu_mask": True}),
+    "dense-no-dx": ("dense", lambda r: [f32(r, 3, 5), f32(r, 4, 5), f32(r, 4)], (4, 5), (4,), {}, {"need_dx": False}),
+    "conv": ("conv2d", lambda r: [f32(r, 1, 3, 7, 5), f32(r, 4, 3, 3, 3), f32(r, 4), 1, 1], (4, 3, 3, 3), (4,), {},
+             {}),
+    "conv-stride2-no-bias": ("conv2d", lambda r: [f32(r, 2, 2, 9, 6), f32(r, 3, 2, 3, 3), None, 2, 0], (3, 2, 3, 3),
+                             None, {}, {}),
+    "conv-1x1-relu": ("conv2d", lambda r: [relu_out(r, 3, 4, 5, 5), f32(r, 3, 4, 1, 1), f32(r, 3), 1, 0], (3, 4, 1, 1),
+                      (3,), {"act": "relu"}, {"relu_mask": True}),
+    "conv-no-dx": ("conv2d", lambda r: [f32(r, 2, 3, 6, 5), f32(r, 4, 3, 3, 3), f32(r, 4), 2, 1], (4, 3, 3, 3), (4,),
+                   {}, {"need_dx": False}),
+    "conv-relu-pool": ("conv2d_relu_maxpool", lambda r: [f32(r, 2, 3, 8, 8), f32(r, 4, 3, 3, 3) * 0.5,
+                                                         f32(r, 4) * 0.1, 1, 1, 2, 2], (4, 3, 3, 3), (4,), {}, {}),
+    "conv-relu-pool-masked-no-bias": ("conv2d_relu_maxpool", lambda r: [relu_out(r, 1, 2, 9, 11), f32(r, 3, 2, 3, 3),
+                                                                        None, 1, 1, 2, 2], (3, 2, 3, 3), None, {},
+                                      {"relu_mask": True}),
+    "conv-relu-pool-3s2": ("conv2d_relu_maxpool", lambda r: [f32(r, 2, 1, 12, 12), f32(r, 3, 1, 1, 1), f32(r, 3), 1, 0,
+                                                             3, 2], (3, 1, 1, 1), (3,), {}, {}),
+    "conv-relu-pool-no-dx": ("conv2d_relu_maxpool", lambda r: [f32(r, 3, 4, 13, 10), f32(r, 5, 4, 5, 5) * 0.5,
+                                                               f32(r, 5) * 0.1, 2, 2, 2, 2], (5, 4, 5, 5), (5,), {},
+                             {"need_dx": False}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(WITHOUT_DW))
+def test_backward_without_dw(bk, rng, name):
+    """dw None (a frozen weight): dE/dw is not computed, and dx and db are those of the same backward given a dw
+    array -- on this backend and on the reference, which the None run is also compared with."""
+    op, make, dw_shape, db_shape, fwd_kw, bwd_kw = WITHOUT_DW[name]
+    args, seed = make(rng), rng.integers(1 << 30)
+    kw = {"fwd_kw": fwd_kw, "bwd_kw": bwd_kw}
+    got, want = compare(bk, f"{op}_forward", args, f"{op}_backward", seed, accum=[None, db_shape], **kw)
+    for b, skipped in ((bk, got), (ref, want)):
+        full = run(b, f"{op}_forward", args, f"{op}_backward", np.random.default_rng(seed),
+                   accum=[dw_shape, db_shape], **kw)
+        assert skipped["acc"][0] is None and np.abs(full["acc"][0]).max() > 0
+        if bwd_kw.get("need_dx", True):
+            assert np.any(full["dx"] != 0)
+            same(skipped["dx"], full["dx"], b, f"{b.name} {op} dx without dw")
+        else:
+            assert skipped["dx"] is None
+        if db_shape is not None:
+            assert np.abs(full["acc"][1]).max() > 0
+            same(skipped["acc"][1], full["acc"][1], b, f"{b.name} {op} db without dw")
+
+
+@pytest.mark.parametrize("accumulate", [True, False])
+def test_dense_chain_without_dw(bk, rng, accumulate):
+    """grads entries with dw None: layer 0 (bias trained), layer 1 (no bias: nothing of its own computed); the
+    chain's dx and the other gradients are those with every dw an array, and accumulate=False leaves alone the
+    None entries (it does not try to zero them)."""
+    n, spec = 6, [(9, 8, True, True), (8, 4, False, True), (4, 3, True, False)]
+    frozen = [True, True, False]
+    x = f32(rng, n, 9)
+    layers = [(f32(rng, k, f) * 0.5, f32(rng, k) * 0.1 if bias else None, relu) for f, k, bias, relu in spec]
+    start = [(f32(rng, k, f), f32(rng, k) if bias else None) for f, k, bias, _ in spec]
+    dy = f32(rng, n, spec[-1][1])
+    out = {}
+    for be in (bk, ref):
+        for skip in (False, True):
+            dev = [(be.asarray(w), None if b is None else be.asarray(b), r) for w, b, r in layers]
+            _, cache = be.dense_chain_forward(be.asarray(x), dev)
+            grads = [(None if skip and fr else be.asarray(dw), None if db is None else be.asarray(db))
+                     for (dw, db), fr in zip(start, frozen)]
+            dx = be.dense_chain_backward(be.asarray(dy), cache, grads, need_dx=True, accumulate=accumulate)
+            if skip:
+                assert grads[0][0] is None and grads[1][0] is None
+            out[be.name, skip] = {"dx": be.to_numpy(dx), "db0": be.to_numpy(grads[0][1]),
+                                  "dw2": be.to_numpy(grads[2][0]), "db2": be.to_numpy(grads[2][1])}
+    for be in (bk, ref):
+        assert np.any(out[be.name, False]["dx"] != 0)
+        for k, v in out[be.name, True].items():
+            same(v, out[be.name, False][k], be, f"{be.name} chain {k} without dw")
+    for k, v in out[bk.name, True].items():
+        assert_close(v, out["reference", True][k], bk, f"chain {k} without dw, against the reference")
+
+
 def test_reference_fused_ops_are_their_chains(rng):
     """The oracle of each fused op is literally its chain of reference ops (relu_forward's mask = relu_mask)."""
     x, w, b = rng.normal(size=(2, 3, 7, 6)), rng.normal(size=(4, 3, 3, 3)), rng.normal(size=4)

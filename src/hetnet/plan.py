@@ -66,7 +66,7 @@ class Node:
 
 def _wb(layer, grad: bool = False):
     """(weight, bias or None) of a Conv2D / Dense: their data, or where their gradients go (layer.grad_targets:
-    a frozen parameter's gradient is skipped or goes to scratch)."""
+    None for a frozen parameter, whose gradient the op skips)."""
     if grad:
         return layer.grad_targets()
     return layer.weight.data, layer.bias.data if layer.use_bias else None

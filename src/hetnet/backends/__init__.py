@@ -62,10 +62,11 @@ ReLU). The fused ops below own the ReLUs inside them. `backends.compose` holds e
 stands for: that is its definition and the reference backend's version.
 --------------------------------------------------------------------------------------------------------------------
 dense_forward(x[N,F], w[K,F], b[K]|None, act=None) -> y[N,K], cache
-dense_backward(dy[N,K], cache, dw[K,F], db[K]|None, need_dx=True, relu_mask=False) -> dx[N,F]|None
+dense_backward(dy[N,K], cache, dw[K,F]|None, db[K]|None, need_dx=True, relu_mask=False) -> dx[N,F]|None
+    dw or db None: that gradient is not computed (a frozen parameter); dx and the other gradient are the same.
 conv2d_forward(x[N,C,H,W], w[K,C,R,S], b[K]|None, stride:int, padding:int, act=None) -> y[N,K,P,Q], cache
     P = (H + 2*padding - R)//stride + 1, Q likewise; zero padding.
-conv2d_backward(dy, cache, dw, db|None, need_dx=True, relu_mask=False) -> dx|None
+conv2d_backward(dy, cache, dw|None, db|None, need_dx=True, relu_mask=False) -> dx|None    None: as dense_backward
 maxpool2d_forward(x[N,C,H,W], kernel:int, stride:int) -> y[N,C,P,Q], cache     P = (H - kernel)//stride + 1
 maxpool2d_backward(dy, cache, relu_mask=False) -> dx     gradient goes to the first maximum of each window
                                            (row-major order), overlapping windows add
@@ -102,7 +103,7 @@ dropout_backward(dy, cache) -> dx
 Fused ops (hetnet.plan.FUSIONS; definitions in backends.compose):
 conv2d_relu_maxpool_forward(x, w, b, stride, padding, pool_kernel, pool_stride) -> y, cache
     maxpool2d(relu(conv2d(x))), the ReLU included in the backward
-conv2d_relu_maxpool_backward(dy, cache, dw, db|None, need_dx=True, relu_mask=False) -> dx|None
+conv2d_relu_maxpool_backward(dy, cache, dw|None, db|None, need_dx=True, relu_mask=False) -> dx|None
 bn_relu_maxpool_forward(x, gamma, beta, running_mean, running_var, momentum, eps, training, pool_kernel,
                         pool_stride, reduce=None) -> y, cache          maxpool2d(relu(batchnorm(x)))
 bn_relu_maxpool_backward(dy, cache, dgamma, dbeta, need_dx=True, relu_mask=False, inplace=False) -> dx|None

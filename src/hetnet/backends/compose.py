@@ -61,14 +61,15 @@ def dense_chain_forward(be, x, layers):
 
 
 def dense_chain_backward(be, dy, cache, grads, need_dx=True, relu_mask=False, accumulate=True):
-    """grads = [(dw, db or None)] per layer, added to (accumulate) or written; returns dE/dx or None. Each layer's
-    backward masks its input gradient with the ReLU before it; the last ReLU's derivative is applied first."""
+    """grads = [(dw or None, db or None)] per layer, added to (accumulate) or written (None: not computed); returns
+    dE/dx or None. Each layer's backward masks its input gradient with the ReLU before it; the last ReLU's
+    derivative is applied first."""
     caches, relus, y = cache
     if not accumulate:
-        for dw, db in grads:
-            dw[...] = 0
-            if db is not None:
-                db[...] = 0
+        for g in grads:
+            for a in g:
+                if a is not None:
+                    a[...] = 0
     if relus[-1]:
         dy = be.relu_mask(dy.copy(), y)
     for j in range(len(caches) - 1, -1, -1):

@@ -111,7 +111,8 @@ def dense_backward(dy, cache, dw, db, need_dx: bool = True, relu_mask: bool = Fa
     x, w = cache
     dy = _f64(dy)
     # dL/dw[k,f] = sum_n dL/dy[n,k] * dy[n,k]/dw[k,f] = sum_n dy[n,k] x[n,f]
-    dw += np.einsum("nk,nf->kf", dy, x)
+    if dw is not None:
+        dw += np.einsum("nk,nf->kf", dy, x)
     # dL/db[k] = sum_n dy[n,k]                                   (dy[n,k]/db[k] = 1)
     if db is not None:
         db += dy.sum(axis=0)
@@ -165,7 +166,8 @@ def conv2d_backward(dy, cache, dw, db, need_dx: bool = True, relu_mask: bool = F
         for s in range(s_):
             win = _window(r, s, stride, p_, q_)
             # dL/dw[k,c,r,s] = sum_{n,p,q} dy[n,k,p,q] * xpad[n,c,p*stride+r,q*stride+s]
-            dw[:, :, r, s] += np.einsum("nkpq,ncpq->kc", dy, xpad[win])
+            if dw is not None:
+                dw[:, :, r, s] += np.einsum("nkpq,ncpq->kc", dy, xpad[win])
             # dL/dxpad[n,c,p*stride+r,q*stride+s] += sum_k dy[n,k,p,q] w[k,c,r,s]  (every (p,q,r,s) that reads it)
             if need_dx:
                 dxpad[win] += np.einsum("nkpq,kc->ncpq", dy, w[:, :, r, s])

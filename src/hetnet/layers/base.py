@@ -50,8 +50,9 @@ class Parameter:
 
     def grad_target(self, skippable: bool = False):
         """The array a backward op adds dE/d(this parameter) into: `.grad` while it trains. Frozen: None where the
-        op may skip that gradient (skippable: db, dgamma), else a scratch array of the same shape whose contents
-        nobody reads (dw, dbeta), so that `.grad` stays zero either way."""
+        op may skip that gradient (skippable: a Conv2D / Dense weight or bias, BatchNorm's dgamma), else a scratch
+        array of the same shape whose contents nobody reads (BatchNorm's dbeta, which its ops always compute), so
+        that `.grad` stays zero either way."""
         if self._requires_grad:
             return self._grad
         return None if skippable else self._sink
@@ -287,9 +288,9 @@ class WeightedLayer(Layer):
         return ()
 
     def grad_targets(self) -> tuple:
-        """(dw, db) for the backward op: the parameters' .grad, or for a frozen one what Parameter.grad_target
-        gives (db None: skipped; dw: a scratch array, as the ops always compute dE/dw)."""
-        return self.weight.grad_target(), self.bias.grad_target(skippable=True) if self.use_bias else None
+        """(dw, db) for the backward op: the parameters' .grad, or None for a frozen one (the op skips that
+        gradient, see Parameter.grad_target) or an absent bias."""
+        return self.weight.grad_target(skippable=True), self.bias.grad_target(skippable=True) if self.use_bias else None
 
     def forward(self, x):
         self._check_input(x)

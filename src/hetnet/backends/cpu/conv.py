@@ -139,7 +139,8 @@ def conv2d_forward(x, w, b, stride, padding, act=None):
 def _conv_backward_compiled(x, w2, g, dw, db, need_dx, body):
     """The compiled backward's driver, shared by conv2d_backward and conv2d_relu_maxpool_backward: one chunk of
     images per thread, body(b0, b1, cols, dcols, ones, acc, dx) with this thread's scratch columns and a per-chunk
-    float32 accumulator acc = [dw (K, CRS), db (K,)], added up in chunk order (bit-identical from run to run)."""
+    float32 accumulator acc = [dw (K, CRS), db (K,)], added up in chunk order (bit-identical from run to run). dw
+    None (a frozen weight): acc[0] is a dummy the body leaves alone (it gets need_dw False)."""
     n = x.shape[0]
     k, crs, pq = g.k, w2.shape[1], g.p * g.q
     dx = np.empty(x.shape, dtype=_F) if need_dx else None
@@ -147,20 +148,22 @@ def _conv_backward_compiled(x, w2, g, dw, db, need_dx, body):
     ones = np.ones(pq, dtype=_F)
 
     def make_acc():
-        return [np.zeros((k, crs), dtype=_F), np.zeros(k, dtype=_F)]
+        return [np.zeros((k, crs) if dw is not None else (1, 1), dtype=_F), np.zeros(k, dtype=_F)]
 
     def chunk(b0, b1, acc):
         body(b0, b1, _thr.scratch("jit_cols", (crs, pq)), _thr.scratch("jit_dcols", (crs, pq)), ones, acc, dxa)
 
     accs = _thr.parallel(n, _per_thread(n, 4 * (2 * crs + k) * pq), chunk, make_acc)
-    dw += sum(a[0] for a in accs).reshape(dw.shape)
+    if dw is not None:
+        dw += sum(a[0] for a in accs).reshape(dw.shape)
     if db is not None:
         db += sum(a[1] for a in accs)
     return dx
 
 
 def conv2d_backward(dy, cache, dw, db, need_dx=True, relu_mask=False):
-    """Adds dE/dw, dE/db; returns dE/dx (times (x > 0) with relu_mask: x was a ReLU output) or None."""
+    """Adds dE/dw, dE/db (each unless None); returns dE/dx (times (x > 0) with relu_mask: x was a ReLU output) or
+    None."""
     x, w2, g = cache
     dx = _conv_backward(dy, x, w2, g, dw, db, need_dx)
     return _masked(dx, x) if relu_mask and dx is not None else dx
@@ -173,7 +176,7 @@ def _conv_backward(dy, x, w2, g, dw, db, need_dx):
     if _c.SGEMM is not None:
         def jbody(b0, b1, cols, dcols, ones, acc, dxa):
             conv_backward(_c.SGEMM, x[b0:b1], w2, dy[b0:b1], g.r, g.s, g.stride, g.pad, cols, dcols, ones,
-                               acc[0], acc[1], dxa[b0:b1], need_dx)
+                               acc[0], acc[1], dxa[b0:b1], need_dx, dw is not None)
 
         return _conv_backward_compiled(x, w2, g, dw, db, need_dx, jbody)   # allocates its own dx
     dx = np.empty(x.shape, dtype=_F) if need_dx else None
@@ -182,18 +185,21 @@ def _conv_backward(dy, x, w2, g, dw, db, need_dx):
     ones = np.ones(pq, dtype=_F)
 
     def make_acc():
-        return [np.zeros((k, crs), dtype=_F), np.zeros(k, dtype=_F) if db is not None else None]
+        return [np.zeros((k, crs), dtype=_F) if dw is not None else None,
+                np.zeros(k, dtype=_F) if db is not None else None]
 
     def body(b0, b1, acc):
         nb = b1 - b0
-        cols = _im2col(x, b0, b1, g)
         dyb = dy[b0:b1].reshape(nb, k, pq)
         if acc[1] is not None:
             acc[1] += (dyb.reshape(-1, pq) @ ones).reshape(nb, k).sum(axis=0)   # term 2: dE/db = sum of dy
+        cols = _im2col(x, b0, b1, g) if acc[0] is not None else None        # the columns serve term 1 only
+        if cols is None and dx is None:
+            return
         if per_image:
             # short columns: per-image GEMMs on dy as it is, no transposed copy of dy
-            part = np.matmul(dyb, cols.reshape(crs, nb, pq).transpose(1, 2, 0))  # term 1: dE/dw = sum_b dy_b cols_b^T
-            acc[0] += part.sum(axis=0)
+            if cols is not None:                             # term 1: dE/dw = sum_b dy_b cols_b^T
+                acc[0] += np.matmul(dyb, cols.reshape(crs, nb, pq).transpose(1, 2, 0)).sum(axis=0)
             if dx is None:
                 return
             dcols = _thr.scratch(("conv_dcols_img",) + g.key(), (nb, crs, pq))
@@ -202,9 +208,10 @@ def _conv_backward(dy, x, w2, g, dw, db, need_dx):
             return
         dyt = _thr.scratch("conv_dyt", (k, nb * pq))
         np.copyto(dyt.reshape(k, nb, pq), dyb.transpose(1, 0, 2))
-        part = _thr.scratch("conv_dw", (crs, k))
-        np.matmul(cols, dyt.T, out=part)                     # term 1: dE/dw = (cols dy^T)^T (BLAS likes this way)
-        acc[0] += part.T
+        if cols is not None:
+            part = _thr.scratch("conv_dw", (crs, k))
+            np.matmul(cols, dyt.T, out=part)                 # term 1: dE/dw = (cols dy^T)^T (BLAS likes this way)
+            acc[0] += part.T
         if dx is None:
             return
         dcols = _thr.scratch(("conv_dcols",) + g.key(), (crs, nb * pq))
@@ -212,7 +219,8 @@ def _conv_backward(dy, x, w2, g, dw, db, need_dx):
         _col2im(dcols.reshape(g.c, g.r, g.s, nb, g.p, g.q), dx[b0:b1], g, image_major=False)
 
     accs = _thr.parallel(n, _thr.chunk_size(n, 4 * (2 * crs + k) * pq), body, make_acc)
-    dw += sum(a[0] for a in accs).reshape(dw.shape)
+    if dw is not None:
+        dw += sum(a[0] for a in accs).reshape(dw.shape)
     if db is not None:
         db += sum(a[1] for a in accs)
     return dx
@@ -288,7 +296,8 @@ def conv2d_relu_maxpool_backward(dy, cache, dw, db, need_dx=True, relu_mask=Fals
     def body(b0, b1, cols, dcols, ones, acc, dxa):
         dybuf = _thr.scratch("jit_conv_dy", (g.k, g.p, g.q))
         conv_backward_from_pool(_c.SGEMM, x[b0:b1], w2, dy[b0:b1], ypool[b0:b1], idx[b0:b1], g.r, g.s,
-                                     g.stride, g.pad, cols, dcols, dybuf, ones, acc[0], acc[1], dxa[b0:b1], need_dx)
+                                     g.stride, g.pad, cols, dcols, dybuf, ones, acc[0], acc[1], dxa[b0:b1], need_dx,
+                                     dw is not None)
 
     dx = _conv_backward_compiled(x, w2, g, dw, db, need_dx, body)
     return _masked(dx, x) if relu_mask and dx is not None else dx
@@ -436,15 +445,17 @@ if jit.available():
                         yf[kk, f] += bk
 
     @_jit
-    def _conv_backward_image(gemm, xb, w2, dyb, r_, s_, stride, pad, cols, dcols, ones, dw, db, dxb, need_dx):
-        """One image: dw += dy cols^T, db += dy 1, and (need_dx) dx = col2im(w2^T dy) -- the three conv derivatives
-        (terms 1-3 in cpu.py); dw (K, CRS) and db (K,) are float32 partial sums."""
+    def _conv_backward_image(gemm, xb, w2, dyb, r_, s_, stride, pad, cols, dcols, ones, dw, db, dxb, need_dx,
+                             need_dw):
+        """One image: (need_dw) dw += dy cols^T, db += dy 1, and (need_dx) dx = col2im(w2^T dy) -- the three conv
+        derivatives (terms 1-3 in cpu.py); dw (K, CRS) and db (K,) are float32 partial sums."""
         k, crs = w2.shape
         p, q = dyb.shape[1], dyb.shape[2]
         pq = p * q
-        _im2col_image(xb, r_, s_, stride, pad, p, q, cols)
-        gemm(101, 111, 112, k, crs, pq, _F(1), dyb.ctypes.data, pq, cols.ctypes.data, pq, _F(1),
-             dw.ctypes.data, crs)
+        if need_dw:
+            _im2col_image(xb, r_, s_, stride, pad, p, q, cols)
+            gemm(101, 111, 112, k, crs, pq, _F(1), dyb.ctypes.data, pq, cols.ctypes.data, pq, _F(1),
+                 dw.ctypes.data, crs)
         gemm(101, 111, 111, k, 1, pq, _F(1), dyb.ctypes.data, pq, ones.ctypes.data, 1, _F(1),
              db.ctypes.data, 1)
         if need_dx:
@@ -453,11 +464,11 @@ if jit.available():
             _col2im_image(dcols, r_, s_, stride, pad, p, q, dxb)
 
     @_jit
-    def conv_backward(gemm, x, w2, dy, r_, s_, stride, pad, cols, dcols, ones, dw, db, dx, need_dx):
-        """_conv_backward_image for each image b of the chunk (dx is a dummy when not need_dx)."""
+    def conv_backward(gemm, x, w2, dy, r_, s_, stride, pad, cols, dcols, ones, dw, db, dx, need_dx, need_dw):
+        """_conv_backward_image for each image b of the chunk (dx, dw are dummies when not need_dx, need_dw)."""
         for b in range(x.shape[0]):
             _conv_backward_image(gemm, x[b], w2, dy[b], r_, s_, stride, pad, cols, dcols, ones, dw, db,
-                                 dx[b if need_dx else 0], need_dx)
+                                 dx[b if need_dx else 0], need_dx, need_dw)
 
     # --- convolution + ReLU + 2x2 max pooling fused, one image at a time (the cpu step's fast path) -----------------
     # Same arithmetic as the three ops one after the other (gemm, += bias, max(v, 0), first maximum), so results are
@@ -487,7 +498,7 @@ if jit.available():
 
     @_jit
     def conv_backward_from_pool(gemm, x, w2, dpool, ypool, idx, r_, s_, stride, pad, cols, dcols, dybuf, ones,
-                                dw, db, dx, need_dx):
+                                dw, db, dx, need_dx, need_dw):
         """Backward of conv_relu_pool_forward: per image, dy of the conv = dpool routed to each window's chosen
         element where the pooled output is > 0 (ReLU's backward), 0 elsewhere; then _conv_backward_image."""
         nb = x.shape[0]
@@ -508,4 +519,4 @@ if jit.available():
                             gr2[2 * j] = zero
                             gr2[2 * j + 1] = zero
             _conv_backward_image(gemm, x[b], w2, dybuf, r_, s_, stride, pad, cols, dcols, ones, dw, db,
-                                 dx[b if need_dx else 0], need_dx)
+                                 dx[b if need_dx else 0], need_dx, need_dw)

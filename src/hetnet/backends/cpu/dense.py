@@ -78,19 +78,22 @@ def dense_forward(x, w, b, act=None):
 
 
 def dense_backward(dy, cache, dw, db, need_dx=True, relu_mask=False):
-    """Adds dE/dw, dE/db; returns dE/dx (times (x > 0) with relu_mask: x was a ReLU output) or None."""
+    """Adds dE/dw, dE/db (each unless None); returns dE/dx (times (x > 0) with relu_mask: x was a ReLU output) or
+    None."""
     x, w = cache
     dy = _f32c(dy)
     n, f = x.shape
     k = w.shape[0]
-    if _c.SGEMM is not None and w.flags.c_contiguous and w.dtype == _F and dw.flags.c_contiguous and dw.dtype == _F:
+    if _c.SGEMM is not None and w.flags.c_contiguous and w.dtype == _F and (
+            dw is None or (dw.flags.c_contiguous and dw.dtype == _F)):
         macs = n * f * k
 
         def jbody_dw(s, e, _):   # dw[s:e] += dy[:, s:e]^T x
             _c.SGEMM(101, 112, 111, e - s, f, n, _F(1), dy.ctypes.data + 4 * s, k, x.ctypes.data, f, _F(1),
                    dw.ctypes.data + 4 * s * f, f)
 
-        _thr.parallel(k, _dense_share(k, macs), jbody_dw)
+        if dw is not None:
+            _thr.parallel(k, _dense_share(k, macs), jbody_dw)
         if db is not None:
             db += dy.sum(axis=0)
         if not need_dx:
@@ -107,7 +110,8 @@ def dense_backward(dy, cache, dw, db, need_dx=True, relu_mask=False):
     def body_dw(s, e, _):
         dw[s:e] += dy[:, s:e].T @ x                   # dE/dw[k,f] = sum_n dy[n,k] x[n,f]
 
-    _thr.parallel(k, _dense_chunk(n, f, k, k), body_dw)
+    if dw is not None:
+        _thr.parallel(k, _dense_chunk(n, f, k, k), body_dw)
     if db is not None:
         db += dy.sum(axis=0)                          # dE/db[k] = sum_n dy[n,k]
     if not need_dx:
@@ -175,7 +179,7 @@ def dense_chain_forward(x, layers):
 def _chain_layer_grads(dzt, j, s: int, e: int, ins, layers, grads, accumulate: bool) -> None:
     """Rows s:e of layer j's gradients from dzt = its output's gradient, transposed (K_j, N), in place:
     dz = dzt where the ReLU passed (y > 0), db[k] = sum_n dz[k, n], dw[s:e] = dz[s:e] in_j (dE/dw[k,f] =
-    sum_n dz[k,n] in[n,f])."""
+    sum_n dz[k,n] in[n,f]); a gradient that is None is not computed."""
     w, _, relu = layers[j]
     dw, db = grads[j]
     f = w.shape[1]
@@ -183,16 +187,17 @@ def _chain_layer_grads(dzt, j, s: int, e: int, ins, layers, grads, accumulate: b
     if relu or db is not None:
         relu_mask_rowsum(dzt[s:e], ins[j + 1][s:e], relu, _NO_BIAS if db is None else db[s:e], db is not None,
                               accumulate)
+    if dw is None:
+        return
     first = j == 0  # ins[0] is x (N, F): dw = dz x; later inputs are hT (F, N): dw = dz hT^T
     _c.SGEMM(101, 111, 111 if first else 112, e - s, f, n, _F(1), dzt.ctypes.data + 4 * s * n, n, ins[j].ctypes.data,
            f if first else n, _F(1 if accumulate else 0), dw.ctypes.data + 4 * s * f, f)
 
 
 def dense_chain_backward(dy, cache, grads, need_dx=True, relu_mask=False, accumulate=True):
-    """dy[N, K_last] back through the chain: grads = [(dw, db or None)] per layer, added to (or written, accumulate
-    False); returns dE/dx[N, F0] (times (x > 0) with relu_mask) or None."""
-    if cache[0] != "native" or not all(dw.flags.c_contiguous and dw.dtype == _F and
-                                       (db is None or (db.flags.c_contiguous and db.dtype == _F)) for dw, db in grads):
+    """dy[N, K_last] back through the chain: grads = [(dw or None, db or None)] per layer, added to (or written,
+    accumulate False; None: not computed); returns dE/dx[N, F0] (times (x > 0) with relu_mask) or None."""
+    if cache[0] != "native" or not all(a is None or (a.flags.c_contiguous and a.dtype == _F) for g in grads for a in g):
         if cache[0] == "native":
             raise ValueError("dense_chain_backward: the gradients must be float32 C-contiguous arrays")
         return compose.dense_chain_backward(_c.backend(), dy, cache, grads, need_dx, relu_mask, accumulate)

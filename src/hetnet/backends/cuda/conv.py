@@ -428,16 +428,11 @@ def conv_forward(be, x, w, b, stride, pad, act=0, geometry=None):
     return y
 
 
-def conv_backward(be, dy, x, w, dw, db, stride, pad, need_dx=True, relu_x=None):
-    """dw += dE/dw, db += dE/db; returns dE/dx (zeroed where relu_x <= 0 when given) or None."""
-    check(dy, x, w, dw, db, relu_x)
-    n, c, h, wd = x.shape
-    k, _, r, s = w.shape
-    g = Geometry(n, c, h, wd, k, r, s, stride, pad)
-    xp = be.xp
+def _filter_backward(be, g, copies, dy, x, dw, db):
+    """dw += dE/dw and db += dE/db (unless None) by the filter-gradient algorithm chosen for g; leaves copies
+    sharing its channels-last copy of dy with the data gradient."""
     fc = _split_cands(be, FILTER_CFGS, g, lambda cfg, sp, dw_, db_: _filter_implicit(be, cfg, g, dy, x, dw_, db_, sp))
     fc["im2col"] = lambda dw_, db_: _filter_im2col(be, g, dy, x, dw_, db_, x.nbytes + dy.nbytes)
-    copies = _Copies16(be, dy, x)
     if be.precision != "fp32" and _contiguous(dy, x, dw) and mma.conv_fits(x, dw) and dy.size < 2**31:
         fc["tc"] = lambda dw_, db_: _filter_tc(be, g, dy, x, dw_, db_)
         if _fits16(be, "filter", g):
@@ -447,7 +442,7 @@ def conv_backward(be, dy, x, w, dw, db, stride, pad, need_dx=True, relu_x=None):
 
     def scratch_filter(fn):       # the filter gradient accumulates: measure it on scratch outputs
         if not scratch:
-            scratch.extend((xp.zeros_like(dw), xp.zeros_like(db) if db is not None else None))
+            scratch.extend((be.xp.zeros_like(dw), be.xp.zeros_like(db) if db is not None else None))
         fn(*scratch)
 
     choice = _choose(be, "filter", g, fc, scratch_filter)
@@ -455,6 +450,21 @@ def conv_backward(be, dy, x, w, dw, db, stride, pad, need_dx=True, relu_x=None):
     copies.share = True
     fc[choice](dw, db)
     copies.drop("x")
+
+
+def conv_backward(be, dy, x, w, dw, db, stride, pad, need_dx=True, relu_x=None):
+    """dw += dE/dw, db += dE/db (each unless None: a frozen parameter); returns dE/dx (zeroed where relu_x <= 0 when
+    given) or None."""
+    check(dy, x, w, dw, db, relu_x)
+    n, c, h, wd = x.shape
+    k, _, r, s = w.shape
+    g = Geometry(n, c, h, wd, k, r, s, stride, pad)
+    xp = be.xp
+    copies = _Copies16(be, dy, x)
+    if dw is not None:
+        _filter_backward(be, g, copies, dy, x, dw, db)
+    elif db is not None:
+        channel_sum(be, dy, db, g.n, g.k, g.p * g.q)
     if not need_dx:
         return None
     dx = xp.empty(x.shape, dtype=xp.float32)
@@ -482,7 +492,7 @@ def dense_backward(be, dy, x, w, dw, db, need_dx=True, relu_x=None):
     n, f = x.shape
     k = w.shape[0]
     dx = conv_backward(be, dy.reshape(n, k, 1, 1), x.reshape(n, f, 1, 1), w.reshape(k, f, 1, 1),
-                       dw.reshape(k, f, 1, 1), db, 1, 0, need_dx,
+                       dw.reshape(k, f, 1, 1) if dw is not None else None, db, 1, 0, need_dx,
                        relu_x.reshape(n, f, 1, 1) if relu_x is not None else None)
     return dx.reshape(n, f) if dx is not None else None
 
