@@ -614,6 +614,47 @@ def test_bn_relu_maxpool(bk, rng, case, training, mask, need_dx):
             mutable=(3, 4), bwd_kw={"relu_mask": mask, "need_dx": need_dx})
 
 
+def _bn_gelu_args(rng, c, training):
+    """gamma with a negative and a zero entry, beta shifting z across GELU's curve, running statistics."""
+    gamma = f32(rng, c) * 1.5
+    gamma[0], gamma[-1] = 0.0, -abs(gamma[-1]) - 0.5
+    return [f32(rng, c) * 0.8, f32(rng, c), np.abs(f32(rng, c)) + 0.5, 0.1, 1e-5, training], gamma
+
+
+@pytest.mark.parametrize("mask,need_dx", [(False, True), (True, True), (False, False)])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape", [(6, 3), (2, 3, 5, 4), (3, 4, 7, 5)], ids=str)
+def test_bn_gelu(bk, rng, shape, training, mask, need_dx):
+    """gelu(batchnorm(x)) against the reference's two ops: y, dx, dgamma, dbeta, running statistics."""
+    c = shape[1]
+    x = relu_out(rng, *shape) * 2 if mask else f32(rng, *shape, scale=2.0, shift=0.7)
+    rest, gamma = _bn_gelu_args(rng, c, training)
+    got, _ = compare(bk, "bn_gelu_forward", [x, gamma, *rest], "bn_gelu_backward", rng.integers(1 << 30),
+                     accum=[(c,), (c,)], mutable=(3, 4), bwd_kw={"relu_mask": mask, "need_dx": need_dx})
+    assert np.any(got["y"] < 0) and np.any(got["y"] > 1)       # both sides of GELU's curve
+    if mask and need_dx:
+        assert np.all(got["dx"][x == 0] == 0)
+
+
+@pytest.mark.parametrize("shape", [(5, 3), (3, 4, 7, 5)], ids=str)
+def test_bn_gelu_inplace_and_without_dgamma(bk, rng, shape):
+    """dgamma None and inplace (dx over x) change nothing else: dx and dbeta bit for bit those of the plain call."""
+    c = shape[1]
+    x = f32(rng, *shape, scale=2.0, shift=0.7)
+    rest, gamma = _bn_gelu_args(rng, c, True)
+    dy = bk.asarray(f32(rng, *shape))
+    out = []
+    for inplace, with_dgamma in ((False, True), (True, False)):
+        xd = bk.asarray(x)
+        _, cache = bk.bn_gelu_forward(xd, bk.asarray(gamma), *[bk.asarray(a) if isinstance(a, np.ndarray) else a
+                                                               for a in rest])
+        dgamma, dbeta = (bk.zeros((c,)) if with_dgamma else None), bk.zeros((c,))
+        dx = bk.bn_gelu_backward(dy, cache, dgamma, dbeta, inplace=inplace)
+        out.append((bk.to_numpy(dx).copy(), bk.to_numpy(dbeta)))
+    np.testing.assert_array_equal(out[1][0], out[0][0])
+    np.testing.assert_array_equal(out[1][1], out[0][1])
+
+
 CHAINS = [  # (batch, [(in, out, bias, ReLU after)])
     (1, [(7, 5, True, True), (5, 3, True, False)]),
     (6, [(9, 8, True, True), (8, 4, False, True), (4, 3, True, False)]),
@@ -760,6 +801,16 @@ def test_reference_fused_ops_are_their_chains(rng):
     dx2 = ref.conv2d_backward(ref.relu_backward(ref.maxpool2d_backward(dy, cp), cr), cz, dw2, None)
     assert_close(dx, dx2, np.float64, "dx")
     assert_close(dw, dw2, np.float64, "dw")
+    args = [rng.normal(size=3), rng.normal(size=3), np.zeros(3), np.ones(3), 0.1, 1e-5, True]
+    y, cache = ref.bn_gelu_forward(x, *args)
+    z, cz = ref.batchnorm_forward(x, *args)
+    want, cg = ref.gelu_forward(z)
+    np.testing.assert_array_equal(y, want)
+    dy = rng.normal(size=y.shape)
+    dg, dg2, db, db2 = np.zeros(3), np.zeros(3), np.zeros(3), np.zeros(3)
+    assert_close(ref.bn_gelu_backward(dy, cache, dg, db), ref.batchnorm_backward(ref.gelu_backward(dy, cg), cz, dg2,
+                                                                                  db2), np.float64, "bn_gelu dx")
+    assert_close(dg, dg2, np.float64, "dgamma")
 
 
 @pytest.mark.parametrize("ls", [0.0, 0.2])

@@ -156,6 +156,10 @@ def test_relu_masks_follow_the_relus():
         ("ConvNode", False, False), ("BNReluPoolNode", False, False), ("FlattenNode", False, False),
         ("DenseNode", False, False)]
     assert nodes[4].inplace and not nodes[2].inplace
+    gelu = P.compile_nodes([hn.Conv2D(1, 2, 3), hn.BatchNorm2D(2), hn.GELU(), hn.MaxPool2D(2), hn.BatchNorm2D(2),
+                            hn.GELU()], {"bn_gelu"})
+    assert [type(n).__name__ for n in gelu] == ["ConvNode", "BNGeluNode", "MaxPoolNode", "BNGeluNode"]
+    assert gelu[1].inplace and not gelu[3].inplace      # after a convolution's fresh output; not after a pooling
     relu_first = P.compile_nodes([hn.ReLU(), hn.BatchNorm2D(2), hn.ReLU(), hn.MaxPool2D(2)], {"bn_relu_pool"})
     assert relu_first[1].mask_input and not relu_first[1].inplace     # masking reads the input: not in place
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import TrainingDiverged
-from .layers import BatchNorm1D, BatchNorm2D, Conv2D, Dense, Dropout, Flatten, MaxPool2D, ReLU
+from .layers import GELU, BatchNorm1D, BatchNorm2D, Conv2D, Dense, Dropout, Flatten, MaxPool2D, ReLU
 from .random import generator
 
 # runs of at least this many Dense layers (ReLUs between) become one dense chain on backends that list "dense_chain"
@@ -137,6 +137,24 @@ class BatchNormNode(Node):
     def backward(self, be, dy, need_dx):
         return be.batchnorm_backward(dy, self.cache, *self.layers[0].grad_targets(), need_dx=need_dx,
                                      relu_mask=self.mask_input)
+
+
+class BNGeluNode(Node):
+    """BatchNorm1D / BatchNorm2D -> GELU as one fused op (bn_gelu_*): the GELU's derivative is its own."""
+
+    fresh_output = True
+
+    def __init__(self, bn, gelu):
+        super().__init__(bn, gelu)
+
+    def forward(self, be, x, ctx):
+        bn = self.layers[0]
+        y, self.cache = be.bn_gelu_forward(x, *_bn_args(bn), **_bn_sync(bn))
+        return y
+
+    def backward(self, be, dy, need_dx):
+        return be.bn_gelu_backward(dy, self.cache, *self.layers[0].grad_targets(), need_dx=need_dx,
+                                   relu_mask=self.mask_input, inplace=self.inplace)
 
 
 class ConvReluPoolNode(Node):
@@ -284,6 +302,7 @@ FUSIONS: tuple[Fusion, ...] = (
     Fusion("conv_act", (Conv2D, ReLU), lambda ls: ConvNode(ls[0], "relu")),
     Fusion("dense_act", (Dense, ReLU), lambda ls: DenseNode(ls[0], "relu")),
     Fusion("bn_act", (_BN, ReLU), lambda ls: BatchNormNode(ls[0], "relu")),
+    Fusion("bn_gelu", (_BN, GELU), lambda ls: BNGeluNode(*ls)),
 )
 FUSION_NAMES = frozenset(f.name for f in FUSIONS) | {"dense_chain"}
 
@@ -339,8 +358,9 @@ def compile_nodes(layers, fusions=FUSION_NAMES) -> list[Node]:
         elif not isinstance(node, ReluNode):
             node.mask_input = pos
         pos = node.pos_out
-        # a fused BN -> ReLU -> pool may write its gradient over its input when that is a fresh output of the node
-        # before, which nothing else reads (never the batch itself); not when it must also mask by that input
+        # a fused BN -> ReLU -> pool or BN -> GELU may write its gradient over its input when that is a fresh output
+        # of the node before, which nothing else reads (never the batch itself); not when it must also mask by that
+        # input
         node.inplace = i > 0 and nodes[i - 1].fresh_output and not node.mask_input
     return nodes
 

@@ -108,10 +108,15 @@ bn_relu_maxpool_forward(x, gamma, beta, running_mean, running_var, momentum, eps
                         pool_stride, reduce=None) -> y, cache          maxpool2d(relu(batchnorm(x)))
 bn_relu_maxpool_backward(dy, cache, dgamma, dbeta, need_dx=True, relu_mask=False, inplace=False) -> dx|None
     inplace: dx may be written over x, which the caller will not read again (ignored with relu_mask)
+bn_gelu_forward(x, gamma, beta, running_mean, running_var, momentum, eps, training, reduce=None) -> y, cache
+    gelu(batchnorm(x)) (airbench's BatchNorm -> GELU); statistics and running-stat update as batchnorm_forward
+bn_gelu_backward(dy, cache, dgamma|None, dbeta, need_dx=True, relu_mask=False, inplace=False) -> dx|None
+    batchnorm_backward of dz = gelu_backward(dy) at z = batchnorm(x), the GELU's derivative included; inplace as
+    bn_relu_maxpool_backward
 dense_chain_forward(x[N,F], layers=[(w[K,F], b[K]|None, relu: bool), ...]) -> y[N,K_last], cache
     Dense layers one after the other, each followed by a ReLU when relu; the chain owns all its ReLUs
-dense_chain_backward(dy, cache, grads=[(dw, db|None), ...], need_dx=True, relu_mask=False, accumulate=True)
-    -> dx|None          accumulate=False writes the gradients instead of adding to them
+dense_chain_backward(dy, cache, grads=[(dw|None, db|None), ...], need_dx=True, relu_mask=False, accumulate=True)
+    -> dx|None          accumulate=False writes the gradients instead of adding to them; None: not computed
 
 Losses (mean over the batch):
 softmax_cross_entropy(logits[N,K], labels[N] int, label_smoothing=0.0) -> (loss: float, dlogits[N,K])

@@ -50,6 +50,20 @@ def bn_relu_maxpool_backward(be, dy, cache, dgamma, dbeta, need_dx=True, relu_ma
     return be.batchnorm_backward(dz, bn_cache, dgamma, dbeta, need_dx=need_dx, relu_mask=relu_mask)
 
 
+def bn_gelu_forward(be, x, gamma, beta, running_mean, running_var, momentum, eps, training, reduce=None):
+    """gelu(batchnorm(x)); running statistics updated as batchnorm_forward does."""
+    z, bn_cache = be.batchnorm_forward(x, gamma, beta, running_mean, running_var, momentum, eps, training,
+                                       reduce=reduce)
+    y, gelu_cache = be.gelu_forward(z)
+    return y, (bn_cache, gelu_cache)
+
+
+def bn_gelu_backward(be, dy, cache, dgamma, dbeta, need_dx=True, relu_mask=False, inplace=False):
+    bn_cache, gelu_cache = cache
+    dz = be.gelu_backward(dy, gelu_cache)
+    return be.batchnorm_backward(dz, bn_cache, dgamma, dbeta, need_dx=need_dx, relu_mask=relu_mask)
+
+
 def dense_chain_forward(be, x, layers):
     """Dense layers one after the other: layers = [(w[K,F], b[K] or None, relu after it: bool)]; y[N, K_last]. The
     chain owns all its ReLUs, the last one too: its backward takes dE/dy."""

@@ -248,6 +248,18 @@ def bn_relu_maxpool_backward(dy, cache, dgamma, dbeta, need_dx=True, relu_mask=F
     return _masked(dx, x) if relu_mask else dx
 
 
+# --- BatchNorm + GELU: the two ops (this backend has no kernel that joins them) -----------------------------------
+
+
+def bn_gelu_forward(x, gamma, beta, running_mean, running_var, momentum, eps, training, reduce=None):
+    return compose.bn_gelu_forward(_c.backend(), x, gamma, beta, running_mean, running_var, momentum, eps, training,
+                                   reduce)
+
+
+def bn_gelu_backward(dy, cache, dgamma, dbeta, need_dx=True, relu_mask=False, inplace=False):
+    return compose.bn_gelu_backward(_c.backend(), dy, cache, dgamma, dbeta, need_dx, relu_mask)
+
+
 def _bn_backward_coefficients(sum_dy, sum_dy_xc, inv_std, gamma, training, m, dgamma, dbeta, sync=None):
     """Add dE/dgamma (unless dgamma is None) and dE/dbeta; return (a, bc, cc) per channel (float64) with
     dx = a*dy + bc*(x - mean) + cc. sync = (reduce, M) for synchronised statistics: dgamma and dbeta get this

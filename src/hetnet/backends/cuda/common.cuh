@@ -4,7 +4,18 @@
 #pragma once
 
 #define HN_RELU 1
+#define HN_GELU 2  // only batch normalisation's epilogue takes it (the fused BatchNorm -> GELU, norm.cu)
 #define HN_INF __int_as_float(0x7f800000)  // NVRTC has no math.h, so no INFINITY
+
+// GELU, exact form: gelu(x) = x * Phi(x), Phi(x) = erfc(-x / sqrt 2) / 2 (= (1 + erf(x / sqrt 2)) / 2; the erfc
+// form keeps Phi's relative accuracy where it is tiny, x << 0, where 1 + erff would cancel). Its derivative, by the
+// product rule on x * Phi(x): gelu'(x) = Phi(x) + x * phi(x), phi(x) = exp(-x^2 / 2) / sqrt(2 pi).
+#define HN_INV_SQRT2 0.70710678118654752f
+#define HN_INV_SQRT_2PI 0.39894228040143268f
+__device__ __forceinline__ float hn_gelu(float x) { return x * (0.5f * erfcf(-HN_INV_SQRT2 * x)); }
+__device__ __forceinline__ float hn_gelu_grad(float x) {
+    return 0.5f * erfcf(-HN_INV_SQRT2 * x) + x * (HN_INV_SQRT_2PI * expf(-0.5f * x * x));
+}
 
 // Block-wide sum of a double (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
 __device__ __forceinline__ double hn_block_sum(double v, double* shm /* >= 32 doubles */) {

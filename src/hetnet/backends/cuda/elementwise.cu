@@ -31,24 +31,14 @@ extern "C" __global__ void tanh_bwd(const float* __restrict__ dy, const float* _
     HN_GRID_STRIDE(i, n) dx[i] = dy[i] * (1.f - y[i] * y[i]);
 }
 
-// GELU, exact form: y = x * Phi(x), Phi(x) = erfc(-x / sqrt 2) / 2 (= (1 + erf(x / sqrt 2)) / 2; the erfc form keeps
-// Phi's relative accuracy where it is tiny, x << 0, where 1 + erff would cancel).
-#define HN_INV_SQRT2 0.70710678118654752f
-#define HN_INV_SQRT_2PI 0.39894228040143268f
+// GELU, exact form (common.cuh's hn_gelu): y = x * Phi(x)
 extern "C" __global__ void gelu_fwd(const float* __restrict__ x, float* __restrict__ y, long long n) {
-    HN_GRID_STRIDE(i, n) {
-        const float v = x[i];
-        y[i] = v * (0.5f * erfcf(-HN_INV_SQRT2 * v));
-    }
+    HN_GRID_STRIDE(i, n) y[i] = hn_gelu(x[i]);
 }
-// dx = dy * (Phi(x) + x * phi(x)), phi(x) = exp(-x^2 / 2) / sqrt(2 pi)   (product rule on x * Phi(x))
+// dx = dy * gelu'(x) = dy * (Phi(x) + x * phi(x))
 extern "C" __global__ void gelu_bwd(const float* __restrict__ dy, const float* __restrict__ x, float* __restrict__ dx,
                                     long long n) {
-    HN_GRID_STRIDE(i, n) {
-        const float v = x[i];
-        const float cdf = 0.5f * erfcf(-HN_INV_SQRT2 * v), pdf = HN_INV_SQRT_2PI * expf(-0.5f * v * v);
-        dx[i] = dy[i] * (cdf + v * pdf);
-    }
+    HN_GRID_STRIDE(i, n) dx[i] = dy[i] * hn_gelu_grad(x[i]);
 }
 
 // y = factor * x: the constant scale layer's forward, and (on dy) its backward

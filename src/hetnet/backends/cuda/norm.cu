@@ -1,6 +1,9 @@
 // Batch normalisation over (N, HW) per channel c, for x[N,C] (HW = 1) and x[N,C,H,W].
 // Training forward: bn_stats (mean, biased var, running stats update) then bn_apply; backward: bn_bwd_reduce
 // (sum dy, sum dy*xhat per channel, also dgamma += and dbeta +=) then bn_bwd_dx.
+// act: none, ReLU (HN_RELU: y = relu(bn(x)); its derivative is the consumer's, see hetnet.backends) or GELU (HN_GELU,
+// the fused BatchNorm -> GELU: y = gelu(z), z = bn(x) never stored; the backward kernels take dE/dy and recompute z
+// to form dE/dz = dE/dy * gelu'(z) wherever the plain backward reads dy).
 // The reductions run over a (C, G) grid; each block adds doubles into `acc`, and the last block of a channel
 // (counted in `count`) finishes that channel and resets acc and count for the next call (no memset needed).
 // Every kernel comes in a 64-bit and a 32-bit index version (common.cuh, HN_TWO_INDEX_KERNELS).
@@ -112,7 +115,7 @@ extern "C" __global__ void bn_stats_synced(const double* __restrict__ sums, floa
                                    momentum);
 }
 
-// y = (x - mean) * rsqrt(var + eps) * gamma + beta, optional ReLU; mean/var from stats (training) or running (eval).
+// y = act((x - mean) * rsqrt(var + eps) * gamma + beta); mean/var from stats (training) or running (eval).
 template <typename I>
 __device__ __forceinline__ void bn_apply_body(const float* __restrict__ x, float* __restrict__ y,
                                               const float* __restrict__ mean, const float* __restrict__ var,
@@ -123,6 +126,7 @@ __device__ __forceinline__ void bn_apply_body(const float* __restrict__ x, float
         const float inv = 1.f / sqrtf(var[c] + eps);
         float v = (x[e] - mean[c]) * inv * gamma[c] + beta[c];
         if (act == HN_RELU) v = fmaxf(v, 0.f);
+        else if (act == HN_GELU) v = hn_gelu(v);
         y[e] = v;
     }
 }
@@ -158,55 +162,63 @@ __device__ __forceinline__ void hn_bn_bwd_finish(double s, double sx, double* sh
     }
 }
 
-// red[0:C] = sum dy, red[C:2C] = sum dy * xhat; dgamma += red[C:] (unless null), dbeta += red[:C].
+// dE/dz at one element, z = xhat * gamma + beta the BN output: the gradient g itself, or after a GELU (act HN_GELU;
+// g = dE/dgelu(z)) g * gelu'(z).
+__device__ __forceinline__ float hn_bn_out_grad(float g, float xhat, float gamma, float beta, int act) {
+    return act == HN_GELU ? g * hn_gelu_grad(xhat * gamma + beta) : g;
+}
+
+// With g = dE/dz (hn_bn_out_grad of dy): red[0:C] = sum g, red[C:2C] = sum g * xhat; dgamma += red[C:] (unless
+// null), dbeta += red[:C].
 template <typename I>
 __device__ __forceinline__ void bn_bwd_reduce_body(const float* __restrict__ dy, const float* __restrict__ x,
                                                    const float* __restrict__ mean, const float* __restrict__ var,
+                                                   const float* __restrict__ gamma, const float* __restrict__ beta,
                                                    float* __restrict__ red, float* __restrict__ dgamma,
                                                    float* __restrict__ dbeta, double* __restrict__ acc,
-                                                   unsigned* __restrict__ count, int N, int C, int HW, float eps) {
+                                                   unsigned* __restrict__ count, int N, int C, int HW, float eps,
+                                                   int act) {
     __shared__ double shm[32];
     const int c = blockIdx.x;
     const I per = (I)N * HW;
-    const float mu = mean[c], inv = 1.f / sqrtf(var[c] + eps);
+    const float mu = mean[c], inv = 1.f / sqrtf(var[c] + eps), ga = gamma[c], be = beta[c];
     double s = 0.0, sx = 0.0;
     for (I i = (I)blockIdx.y * blockDim.x + threadIdx.x; i < per; i += (I)gridDim.y * blockDim.x) {
         const I n = i / (I)HW, hw = i - n * (I)HW, idx = (n * C + c) * (I)HW + hw;
-        const float g = dy[idx];
+        const float xhat = (x[idx] - mu) * inv, g = hn_bn_out_grad(dy[idx], xhat, ga, be, act);
         s += g;
-        sx += (double)g * ((x[idx] - mu) * inv);
+        sx += (double)g * xhat;
     }
     hn_bn_bwd_finish(s, sx, shm, red, dgamma, dbeta, acc, count, c, C);
 }
 HN_TWO_INDEX_KERNELS(bn_bwd_reduce,
     (const float* __restrict__ dy, const float* __restrict__ x, const float* __restrict__ mean,
-     const float* __restrict__ var, float* __restrict__ red, float* __restrict__ dgamma, float* __restrict__ dbeta,
-     double* __restrict__ acc, unsigned* __restrict__ count, int N, int C, int HW, float eps),
-    (dy, x, mean, var, red, dgamma, dbeta, acc, count, N, C, HW, eps))
+     const float* __restrict__ var, const float* __restrict__ gamma, const float* __restrict__ beta,
+     float* __restrict__ red, float* __restrict__ dgamma, float* __restrict__ dbeta, double* __restrict__ acc,
+     unsigned* __restrict__ count, int N, int C, int HW, float eps, int act),
+    (dy, x, mean, var, gamma, beta, red, dgamma, dbeta, acc, count, N, C, HW, eps, act))
 
-// training: dx = gamma*inv * (dy - sum_dy/m - xhat * sum_dyxhat/m);  eval (red == nullptr): dx = dy * gamma * inv.
+// With g = dE/dz (hn_bn_out_grad of dy), training: dx = gamma*inv * (g - sum_g/m - xhat * sum_gxhat/m); eval
+// (red == nullptr): dx = g * gamma * inv. Elementwise after bn_bwd_reduce: dx may be x's own memory.
 template <typename I>
-__device__ __forceinline__ void bn_bwd_dx_body(const float* __restrict__ dy, const float* __restrict__ x,
+__device__ __forceinline__ void bn_bwd_dx_body(const float* __restrict__ dy, const float* x,
                                                const float* __restrict__ mean, const float* __restrict__ var,
-                                               const float* __restrict__ gamma, const float* __restrict__ red,
-                                               float* __restrict__ dx, int N, int C, int HW, float eps) {
+                                               const float* __restrict__ gamma, const float* __restrict__ beta,
+                                               const float* __restrict__ red, float* dx, int N, int C, int HW,
+                                               float eps, int act) {
     const float inv_m = 1.f / ((float)N * HW);
     HN_GRID_STRIDE_T(I, e, (I)N * C * HW) {
         const int c = (int)((e / (I)HW) % (I)C);
         const float inv = 1.f / sqrtf(var[c] + eps), scale = gamma[c] * inv;
-        if (red) {
-            const float xhat = (x[e] - mean[c]) * inv;
-            dx[e] = scale * (dy[e] - red[c] * inv_m - xhat * red[C + c] * inv_m);
-        } else {
-            dx[e] = dy[e] * scale;
-        }
+        const float xhat = (x[e] - mean[c]) * inv, g = hn_bn_out_grad(dy[e], xhat, gamma[c], beta[c], act);
+        dx[e] = red ? scale * (g - red[c] * inv_m - xhat * red[C + c] * inv_m) : g * scale;
     }
 }
 HN_TWO_INDEX_KERNELS(bn_bwd_dx,
-    (const float* __restrict__ dy, const float* __restrict__ x, const float* __restrict__ mean,
-     const float* __restrict__ var, const float* __restrict__ gamma, const float* __restrict__ red,
-     float* __restrict__ dx, int N, int C, int HW, float eps),
-    (dy, x, mean, var, gamma, red, dx, N, C, HW, eps))
+    (const float* __restrict__ dy, const float* x, const float* __restrict__ mean, const float* __restrict__ var,
+     const float* __restrict__ gamma, const float* __restrict__ beta, const float* __restrict__ red, float* dx, int N,
+     int C, int HW, float eps, int act),
+    (dy, x, mean, var, gamma, beta, red, dx, N, C, HW, eps, act))
 
 // --- BatchNorm -> ReLU -> MaxPool fused (the fast training step's plan) -------------------------------------------
 // z[N,C,H,W] is the BN input; a = relu(bn(z)) is never stored: the forward writes the pooled y[N,C,P,Q] and each

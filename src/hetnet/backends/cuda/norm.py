@@ -1,4 +1,4 @@
-"""The batch-normalisation launchers of the cuda backend (norm.cu): statistics, apply (+ ReLU), backward, and
+"""The batch-normalisation launchers of the cuda backend (norm.cu): statistics, apply (+ ReLU or GELU), backward, and
 BatchNorm -> ReLU -> max pooling fused."""
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from .kernels import NULL, get_kernel
 from .kernels import act_code as _act
 
 _i32, _i64, _f32 = np.int32, np.int64, np.float32
+GELU = 2          # norm.cu's act code of the fused BatchNorm -> GELU (common.cuh's HN_GELU; the contract's acts: _act)
 
 
 class NormOps:
@@ -53,17 +54,36 @@ class NormOps:
 
     def batchnorm_forward(self, x, gamma, beta, running_mean, running_var, momentum, eps, training, act=None,
                           reduce=None):
+        return self._bn_forward(x, gamma, beta, running_mean, running_var, momentum, eps, training, _act(act), reduce)
+
+    def batchnorm_backward(self, dy, cache, dgamma, dbeta, need_dx=True, relu_mask=False):
+        return self._bn_backward(dy, cache, dgamma, dbeta, need_dx, relu_mask, inplace=False)
+
+    def bn_gelu_forward(self, x, gamma, beta, running_mean, running_var, momentum, eps, training, reduce=None):
+        """gelu(batchnorm(x)) in the kernels of batchnorm_forward (GELU in bn_apply); z = batchnorm(x) is not
+        stored: the backward recomputes it from x."""
+        return self._bn_forward(x, gamma, beta, running_mean, running_var, momentum, eps, training, GELU, reduce)
+
+    def bn_gelu_backward(self, dy, cache, dgamma, dbeta, need_dx=True, relu_mask=False, inplace=False):
+        """dE/dx of gelu(batchnorm(x)) from dy = dE/dy: batchnorm_backward's two kernels, each taking dE/dz =
+        dy * gelu'(z) where it reads dy. inplace: dx may be written over x (not with relu_mask, which reads x)."""
+        return self._bn_backward(dy, cache, dgamma, dbeta, need_dx, relu_mask, inplace)
+
+    def _bn_forward(self, x, gamma, beta, running_mean, running_var, momentum, eps, training, act: int, reduce):
         x = self._c(x)
         n, c = x.shape[0], x.shape[1]
         hw = x.size // max(n * c, 1)
         y = self.xp.empty_like(x)
         mean, var, sync = self._bn_batch_stats(x, running_mean, running_var, momentum, training, reduce)
         self.launch("norm", self.ix("bn_apply", x.size), x.size, x, y, mean, var, gamma, beta, _i32(n), _i32(c),
-                    _i32(hw), _f32(eps), _i32(_act(act)))
-        return y, (x, mean, var, gamma, float(eps), bool(training), sync)
+                    _i32(hw), _f32(eps), _i32(act))
+        return y, (x, mean, var, gamma, beta, float(eps), bool(training), sync, act)
 
-    def batchnorm_backward(self, dy, cache, dgamma, dbeta, need_dx=True, relu_mask=False):
-        x, mean, var, gamma, eps, training, sync = cache
+    def _bn_backward(self, dy, cache, dgamma, dbeta, need_dx, relu_mask, inplace):
+        """The backward of _bn_forward's act: a ReLU's derivative is the consumer's (dy is dE/dz), a GELU's is
+        applied here (dy is dE/dy)."""
+        x, mean, var, gamma, beta, eps, training, sync, act = cache
+        act = act if act == GELU else 0
         dy = self._c(dy)
         n, c = x.shape[0], x.shape[1]
         hw = x.size // max(n * c, 1)
@@ -71,15 +91,15 @@ class NormOps:
         acc = self.scratch("bn_acc", (2 * c,), np.float64)
         cnt = self.scratch("bn_cnt", (c,), np.uint32)
         get_kernel(self.device_id, "norm", self.ix("bn_bwd_reduce", x.size))(self._bn_grid(n, c, hw), (256,), (
-            dy, x, mean, var, red, dgamma if dgamma is not None else NULL, dbeta, acc, cnt, _i32(n), _i32(c), _i32(hw),
-            _f32(eps)))
+            dy, x, mean, var, gamma, beta, red, dgamma if dgamma is not None else NULL, dbeta, acc, cnt, _i32(n),
+            _i32(c), _i32(hw), _f32(eps), _i32(act)))
         if sync is not None:
             self._bn_sync_grad_sums(red, n * hw, sync)
         if not need_dx:
             return None
-        dx = self.xp.empty_like(x)
-        self.launch("norm", self.ix("bn_bwd_dx", x.size), x.size, dy, x, mean, var, gamma, red if training else NULL,
-                    dx, _i32(n), _i32(c), _i32(hw), _f32(eps))
+        dx = x if inplace and not relu_mask else self.xp.empty_like(x)
+        self.launch("norm", self.ix("bn_bwd_dx", x.size), x.size, dy, x, mean, var, gamma, beta,
+                    red if training else NULL, dx, _i32(n), _i32(c), _i32(hw), _f32(eps), _i32(act))
         return self.relu_mask(dx, x) if relu_mask else dx
 
     def bn_relu_maxpool_forward(self, x, gamma, beta, running_mean, running_var, momentum, eps, training, pool_kernel,
@@ -108,7 +128,7 @@ class NormOps:
         if cache[0] == "native" and not cache[8]:
             # evaluation mode has no fused backward: the unfused ops' caches are these arrays
             _, x, arg, mean, var, gamma, beta, eps, training, kernel, stride, y, sync = cache
-            cache = ((x, mean, var, gamma, eps, training, sync), (x.shape, y, arg, kernel, stride))
+            cache = ((x, mean, var, gamma, beta, eps, training, sync, 0), (x.shape, y, arg, kernel, stride))
         if cache[0] != "native":
             return compose.bn_relu_maxpool_backward(self, dy, cache, dgamma, dbeta, need_dx, relu_mask)
         _, x, arg, mean, var, gamma, beta, eps, _, kernel, stride, _, sync = cache
