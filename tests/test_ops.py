@@ -615,10 +615,12 @@ def test_bn_relu_maxpool(bk, rng, case, training, mask, need_dx):
 
 
 def _bn_gelu_args(rng, c, training):
-    """gamma with a negative and a zero entry, beta shifting z across GELU's curve, running statistics."""
-    gamma = f32(rng, c) * 1.5
-    gamma[0], gamma[-1] = 0.0, -abs(gamma[-1]) - 0.5
-    return [f32(rng, c) * 0.8, f32(rng, c), np.abs(f32(rng, c)) + 0.5, 0.1, 1e-5, training], gamma
+    """gamma with a zero, a small and a negative entry, beta shifting z across GELU's curve (channel 0: z = -1,
+    where GELU is negative; channel 1: z near 3), running statistics. c >= 3."""
+    gamma, beta = f32(rng, c) * 1.5, f32(rng, c) * 0.8
+    gamma[0], gamma[1], gamma[-1] = 0.0, 0.125, -abs(gamma[-1]) - 0.5
+    beta[0], beta[1] = -1.0, 3.0
+    return [beta, f32(rng, c), np.abs(f32(rng, c)) + 0.5, 0.1, 1e-5, training], gamma
 
 
 @pytest.mark.parametrize("mask,need_dx", [(False, True), (True, True), (False, False)])

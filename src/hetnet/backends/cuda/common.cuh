@@ -17,6 +17,57 @@ __device__ __forceinline__ float hn_gelu_grad(float x) {
     return 0.5f * erfcf(-HN_INV_SQRT2 * x) + x * (HN_INV_SQRT_2PI * expf(-0.5f * x * x));
 }
 
+// A grid-stride walk over the elements e of x[N, C, HW] that keeps c = (e / HW) % C without dividing per element:
+// the stride S moves hw = e % HW on by S % HW and the plane e / HW by S / HW (so c by (S / HW) % C), plus a carry.
+template <typename I>
+struct HnChannelWalk {
+    I e, step, end;
+    int hw, c, dhw, dc, HW, C;
+    __device__ __forceinline__ HnChannelWalk(I total, int C_, int HW_) : end(total), HW(HW_), C(C_) {
+        e = (I)blockIdx.x * blockDim.x + threadIdx.x;
+        step = (I)gridDim.x * blockDim.x;
+        const I plane = e / (I)HW, dplane = step / (I)HW;
+        hw = (int)(e - plane * (I)HW);
+        c = (int)(plane % (I)C);
+        dhw = (int)(step - dplane * (I)HW);
+        dc = (int)(dplane % (I)C);
+    }
+    __device__ __forceinline__ bool more() const { return e < end; }
+    __device__ __forceinline__ void next() {
+        e += step;
+        hw += dhw;
+        c += dc;
+        if (hw >= HW) { hw -= HW; ++c; }
+        if (c >= C) c -= C;
+    }
+};
+
+// The per-channel reductions' walk over channel c's N * HW values of x[N, C, HW] (blocks along gridDim.y): i runs
+// over [0, N * HW), idx = (n * C + c) * HW + hw its element, n and hw stepped as HnChannelWalk steps hw and c.
+template <typename I>
+struct HnPlaneWalk {
+    I i, step, end, idx, didx, wrap;
+    int hw, dhw, HW;
+    __device__ __forceinline__ HnPlaneWalk(int N, int C, int HW_, int c) : HW(HW_) {
+        i = (I)blockIdx.y * blockDim.x + threadIdx.x;
+        step = (I)gridDim.y * blockDim.x;
+        end = (I)N * HW;
+        const I n = i / (I)HW, dn = step / (I)HW;
+        hw = (int)(i - n * (I)HW);
+        dhw = (int)(step - dn * (I)HW);
+        idx = (n * C + c) * (I)HW + hw;
+        didx = dn * C * (I)HW + dhw;
+        wrap = (I)C * HW - HW;
+    }
+    __device__ __forceinline__ bool more() const { return i < end; }
+    __device__ __forceinline__ void next() {
+        i += step;
+        idx += didx;
+        hw += dhw;
+        if (hw >= HW) { hw -= HW; idx += wrap; }
+    }
+};
+
 // Block-wide sum of a double (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
 __device__ __forceinline__ double hn_block_sum(double v, double* shm /* >= 32 doubles */) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

@@ -728,12 +728,8 @@ extern "C" __global__ void col2im(const float* __restrict__ dcol, const float* _
 extern "C" __global__ void channel_sum(const float* __restrict__ x, float* __restrict__ out, int N, int C, int HW) {
     __shared__ double shm[32];
     const int c = blockIdx.x;
-    const long long per = (long long)N * HW;
     double acc = 0.0;
-    for (long long i = (long long)blockIdx.y * blockDim.x + threadIdx.x; i < per; i += (long long)gridDim.y * blockDim.x) {
-        const long long n = i / HW, hw = i - n * HW;
-        acc += x[(n * C + c) * HW + hw];
-    }
+    for (HnPlaneWalk<long long> w(N, C, HW, c); w.more(); w.next()) acc += x[w.idx];
     acc = hn_block_sum(acc, shm);
     if (threadIdx.x == 0) atomicAdd(out + c, (float)acc);
 }

@@ -27,11 +27,9 @@ __device__ __forceinline__ bool hn_bn_channel_sums(const float* __restrict__ x, 
                                                    unsigned* __restrict__ count, int N, int C, int HW) {
     __shared__ double shm[32];
     const int c = blockIdx.x;
-    const I per = (I)N * HW;
     double s = 0.0, ss = 0.0;
-    for (I i = (I)blockIdx.y * blockDim.x + threadIdx.x; i < per; i += (I)gridDim.y * blockDim.x) {
-        const I n = i / (I)HW, hw = i - n * (I)HW;
-        const double v = x[(n * C + c) * (I)HW + hw];
+    for (HnPlaneWalk<I> w(N, C, HW, c); w.more(); w.next()) {
+        const double v = x[w.idx];
         s += v;
         ss += v * v;
     }
@@ -121,8 +119,9 @@ __device__ __forceinline__ void bn_apply_body(const float* __restrict__ x, float
                                               const float* __restrict__ mean, const float* __restrict__ var,
                                               const float* __restrict__ gamma, const float* __restrict__ beta, int N,
                                               int C, int HW, float eps, int act) {
-    HN_GRID_STRIDE_T(I, e, (I)N * C * HW) {
-        const int c = (int)((e / (I)HW) % (I)C);
+    for (HnChannelWalk<I> w((I)N * C * HW, C, HW); w.more(); w.next()) {
+        const I e = w.e;
+        const int c = w.c;
         const float inv = 1.f / sqrtf(var[c] + eps);
         float v = (x[e] - mean[c]) * inv * gamma[c] + beta[c];
         if (act == HN_RELU) v = fmaxf(v, 0.f);
@@ -180,12 +179,10 @@ __device__ __forceinline__ void bn_bwd_reduce_body(const float* __restrict__ dy,
                                                    int act) {
     __shared__ double shm[32];
     const int c = blockIdx.x;
-    const I per = (I)N * HW;
     const float mu = mean[c], inv = 1.f / sqrtf(var[c] + eps), ga = gamma[c], be = beta[c];
     double s = 0.0, sx = 0.0;
-    for (I i = (I)blockIdx.y * blockDim.x + threadIdx.x; i < per; i += (I)gridDim.y * blockDim.x) {
-        const I n = i / (I)HW, hw = i - n * (I)HW, idx = (n * C + c) * (I)HW + hw;
-        const float xhat = (x[idx] - mu) * inv, g = hn_bn_out_grad(dy[idx], xhat, ga, be, act);
+    for (HnPlaneWalk<I> w(N, C, HW, c); w.more(); w.next()) {
+        const float xhat = (x[w.idx] - mu) * inv, g = hn_bn_out_grad(dy[w.idx], xhat, ga, be, act);
         s += g;
         sx += (double)g * xhat;
     }
@@ -207,8 +204,9 @@ __device__ __forceinline__ void bn_bwd_dx_body(const float* __restrict__ dy, con
                                                const float* __restrict__ red, float* dx, int N, int C, int HW,
                                                float eps, int act) {
     const float inv_m = 1.f / ((float)N * HW);
-    HN_GRID_STRIDE_T(I, e, (I)N * C * HW) {
-        const int c = (int)((e / (I)HW) % (I)C);
+    for (HnChannelWalk<I> w((I)N * C * HW, C, HW); w.more(); w.next()) {
+        const I e = w.e;
+        const int c = w.c;
         const float inv = 1.f / sqrtf(var[c] + eps), scale = gamma[c] * inv;
         const float xhat = (x[e] - mean[c]) * inv, g = hn_bn_out_grad(dy[e], xhat, gamma[c], beta[c], act);
         dx[e] = red ? scale * (g - red[c] * inv_m - xhat * red[C + c] * inv_m) : g * scale;
