@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import socket
 import statistics
 import sys
 import time
@@ -42,7 +43,7 @@ if SRC.is_dir() and str(SRC) not in sys.path:
 from hetnet import data as hdata
 from hetnet import random as hrandom
 from hetnet import runs, zoo
-from hetnet.bench.common import git_commit, short_error
+from hetnet.bench.common import git_commit, short_error, write_result
 from hetnet.device import get_backend
 from hetnet.errors import HetnetError, UsageError
 from hetnet.files import atomic_write_text
@@ -271,8 +272,9 @@ def table(rows: list[dict], head: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(out: Path, rows: list[dict], head: list[str]) -> None:
-    atomic_write_text(out / JSON_NAME, json.dumps(rows, indent=1) + "\n")
+def write(out: Path, env: dict, rows: list[dict], head: list[str]) -> None:
+    """fashion_recipes.json = {"environment": the machine (its card on a GPU), commit and date, "command", "rows"}."""
+    write_result(out / JSON_NAME, {"environment": env, "command": head[1].removeprefix("command: "), "rows": rows})
     atomic_write_text(out / TABLE_NAME, table(rows, head))
 
 
@@ -304,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     stamp = datetime.now(timezone.utc)
+    env = {"host": socket.gethostname(), "card": card_name(args.device) if args.device.startswith("cuda") else None,
+           "commit": git_commit(), "time_utc": f"{stamp:%Y-%m-%dT%H:%M:%SZ}", "device": args.device}
     out = Path(args.out) if args.out else Path("runs") / f"fashion-recipes-{stamp:%Y%m%d-%H%M%S}"
     device = args.device + (f" ({card_name(args.device)})" if args.device.startswith("cuda") else "")
     head = [f"fashion-cnn recipe trials on Fashion-MNIST ({len(data.train_x)} training images, {len(data.test_x)} "
@@ -325,11 +329,11 @@ def main(argv: list[str] | None = None) -> int:
             break
         row = run_row(name, overrides, seed, args, data)
         rows.append(row)
-        write(out, rows, head)
+        write(out, env, rows, head)
         acc = f"{100 * row['test_accuracy']:.2f}%" if row["test_accuracy"] is not None else row["error"]
         print(f"[{i + 1}/{len(plan)} {time.perf_counter() - t_start:5.0f} s] seed {seed} {name}: test {acc} "
               f"({row['seconds']:.1f} s)", flush=True)
-    write(out, rows, head)
+    write(out, env, rows, head)
     print(table(rows, head), end="", flush=True)
     return 0
 
