@@ -24,6 +24,7 @@ from conftest import RTOL_TC, RTOL_TC_ROUNDED, rel_err
 from mma_cases import (CONV16_SHAPES, CONV_SHAPES, SHAPES, conv_data_expected, conv_data_inputs, conv_expected,
                        conv_filter_expected, conv_filter_inputs, conv_inputs, expected, nhwc16, stored, turned16)
 
+from hetnet.backends.cuda import conv as C
 from hetnet.backends.cuda import mma as mm
 from hetnet.backends.cuda.kernels import wgmma_ok
 from hetnet.backends.cuda.mma_tiles import LAYOUTS, PRECISIONS, TILES, TILES16, TILES16W
@@ -311,3 +312,38 @@ def test_conv_layer_offers_the_channels_last_kernels(rng):
         names = ["tc16"] + (["tc16" + t.name for t in TILES16W[op]] if wgmma_ok(be.device_id) else [])
         for name in names:
             assert any(r["op"] == op and r["shape"][0] == 3 and name in r["ms"] for r in be.tune_log), (op, name)
+
+
+@pytest.mark.parametrize("fwd,flt", [("tc16", "tc16s"), ("tc16s", "tc16")], ids=["large-small", "small-large"])
+def test_conv_keeps_the_channels_last_copy_for_its_backward(rng, fwd, flt):
+    """Where the forward and the filter gradient of a shape run "tc16" candidates (set here as if measured), a
+    forward told relu_mask=False keeps only its channels-last copy of x for the backward: y, dx, dw and db are bit
+    for bit those of the forward that keeps x; a backward with relu_mask=True after it is refused."""
+    be = get_backend("cuda", "bf16")
+    shape = (5, 16, 9, 11, 32, 3, 3, 1, 1)
+    x, w, b, _ = conv_inputs(rng, shape)
+    dy = cupy.asarray(rng.standard_normal((5, 32, 9, 11)).astype(np.float32))
+    key = C.Geometry(*shape).key()
+    saved = {op: be._tune.get((op, key)) for op in ("fwd", "filter")}
+    be._tune[("fwd", key)], be._tune[("filter", key)] = fwd, flt
+    try:
+        out = {}
+        for relu_mask in (None, False):
+            gx, gw, gb = cupy.asarray(x), cupy.asarray(w), cupy.asarray(b)
+            y, cache = be.conv2d_forward(gx, gw, gb, 1, 1, relu_mask=relu_mask)
+            assert (cache[0] is None) == (relu_mask is False) and (cache[4] is not None) == (relu_mask is False)
+            dw, db = cupy.zeros_like(gw), cupy.zeros_like(gb)
+            dx = be.conv2d_backward(dy, cache, dw, db, need_dx=True)
+            out[relu_mask] = [cupy.asnumpy(a) for a in (y, dx, dw, db)]
+        for name, kept, full in zip(("y", "dx", "dw", "db"), out[False], out[None]):
+            np.testing.assert_array_equal(kept, full, err_msg=name)
+        assert rel_err(out[False][2], conv_filter_expected(cupy.asnumpy(dy), x, np.zeros_like(w), shape)) \
+            <= RTOL_TC["bf16"]
+        with pytest.raises(ValueError, match="relu_mask"):
+            be.conv2d_backward(dy, cache, cupy.zeros_like(gw), None, relu_mask=True)
+    finally:
+        for op, choice in saved.items():
+            if choice is None:
+                be._tune.pop((op, key), None)
+            else:
+                be._tune[(op, key)] = choice

@@ -83,7 +83,7 @@ class ConvNode(Node):
 
     def forward(self, be, x, ctx):
         c = self.layers[0]
-        y, self.cache = be.conv2d_forward(x, *_wb(c), c.stride, c.padding, act=self.act)
+        y, self.cache = be.conv2d_forward(x, *_wb(c), c.stride, c.padding, act=self.act, relu_mask=self.mask_input)
         return y
 
     def backward(self, be, dy, need_dx):

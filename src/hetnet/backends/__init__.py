@@ -64,8 +64,10 @@ stands for: that is its definition and the reference backend's version.
 dense_forward(x[N,F], w[K,F], b[K]|None, act=None) -> y[N,K], cache
 dense_backward(dy[N,K], cache, dw[K,F]|None, db[K]|None, need_dx=True, relu_mask=False) -> dx[N,F]|None
     dw or db None: that gradient is not computed (a frozen parameter); dx and the other gradient are the same.
-conv2d_forward(x[N,C,H,W], w[K,C,R,S], b[K]|None, stride:int, padding:int, act=None) -> y[N,K,P,Q], cache
-    P = (H + 2*padding - R)//stride + 1, Q likewise; zero padding.
+conv2d_forward(x[N,C,H,W], w[K,C,R,S], b[K]|None, stride:int, padding:int, act=None, relu_mask=None)
+    -> y[N,K,P,Q], cache       P = (H + 2*padding - R)//stride + 1, Q likewise; zero padding. relu_mask: the
+    relu_mask its backward will be called with (None: not known); False lets a backend keep less of x for the
+    backward (cuda at bf16: the channels-last bf16 copy its convolutions read, instead of x).
 conv2d_backward(dy, cache, dw|None, db|None, need_dx=True, relu_mask=False) -> dx|None    None: as dense_backward
 maxpool2d_forward(x[N,C,H,W], kernel:int, stride:int) -> y[N,C,P,Q], cache     P = (H - kernel)//stride + 1
 maxpool2d_backward(dy, cache, relu_mask=False) -> dx     gradient goes to the first maximum of each window

@@ -135,7 +135,7 @@ def _window(r: int, s: int, stride: int, p: int, q: int):
             slice(s, s + stride * (q - 1) + 1, stride))
 
 
-def conv2d_forward(x, w, b, stride: int, padding: int, act=None):
+def conv2d_forward(x, w, b, stride: int, padding: int, act=None, relu_mask=None):
     x, w = _f64(x), _f64(w)
     n, c, h, wd = x.shape
     k, c2, r_, s_ = w.shape

@@ -103,8 +103,9 @@ def _conv_setup(x, w, stride, padding):
     return x, g, np.ascontiguousarray(w, dtype=_F).reshape(g.k, -1)
 
 
-def conv2d_forward(x, w, b, stride, padding, act=None):
-    """y[n,k,p,q] = act(b[k] + sum_{c,r,s} w[k,c,r,s] xpad[n,c,p*stride+r,q*stride+s])."""
+def conv2d_forward(x, w, b, stride, padding, act=None, relu_mask=None):
+    """y[n,k,p,q] = act(b[k] + sum_{c,r,s} w[k,c,r,s] xpad[n,c,p*stride+r,q*stride+s]) (relu_mask: the contract's
+    hint, not needed here)."""
     x, g, w2 = _conv_setup(x, w, stride, padding)
     n, k, pq, crs = x.shape[0], g.k, g.p * g.q, w2.shape[1]
     y = np.empty((n, k, g.p, g.q), dtype=_F)

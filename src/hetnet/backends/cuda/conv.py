@@ -293,12 +293,16 @@ def _tiles16(be, op: str, run) -> dict:
     and where the device runs wgmma (kernels.wgmma_ok) "tc16" + the name of each TILES16W[op] tile (run(tile name,
     *outputs) launches one). All are measured on every shape: the large tile can win even where M fits the small one
     (64 channels), which a rule by size would not try."""
+    names = ["tc16", "tc16s"] + (["tc16" + t.name for t in mma.TILES16W[op]]
+                                 if op in mma.TILES16W and wgmma_ok(be.device_id) else [])
+    tiles = {name: _tile16_of(op, name) for name in names}
+    return {name: lambda *a, tile=tile: run(tile, *a) for name, tile in tiles.items()}
+
+
+def _tile16_of(op: str, candidate: str) -> str:
+    """The mma_tiles tile name of a "tc16" candidate of op (see _tiles16)."""
     large, small = mma.TILES16[op]
-    out = {"tc16": lambda *a: run(large.name, *a), "tc16s": lambda *a: run(small.name, *a)}
-    if op in mma.TILES16W and wgmma_ok(be.device_id):
-        for t in mma.TILES16W[op]:
-            out["tc16" + t.name] = lambda *a, name=t.name: run(name, *a)
-    return out
+    return {"tc16": large.name, "tc16s": small.name}.get(candidate, candidate[len("tc16"):])
 
 
 def _fits16(be, op: str, g: Geometry) -> bool:
@@ -308,12 +312,14 @@ def _fits16(be, op: str, g: Geometry) -> bool:
 class _Copies16:
     """dy and x of one backward call copied channels-last in bf16 (mma.to_nhwc16) for the "tc16" gradients: a
     measured trial makes its own (so that its time includes them); the final filter and data gradients share one
-    copy of dy once `share` is set."""
+    copy of dy once `share` is set. x16: the forward's copy of x, kept for this backward (conv_forward_kept)."""
 
-    def __init__(self, be, dy, x):
-        self.be, self.src, self.share, self.made = be, {"dy": dy, "x": x}, False, {}
+    def __init__(self, be, dy, x, x16=None):
+        self.be, self.src, self.share, self.made, self.x16 = be, {"dy": dy, "x": x}, False, {}, x16
 
     def __call__(self, name: str):
+        if name == "x" and self.x16 is not None:
+            return self.x16
         if not self.share:
             return mma.to_nhwc16(self.be, self.src[name])
         if name not in self.made:
@@ -452,24 +458,53 @@ def _filter_backward(be, g, copies, dy, x, dw, db):
     copies.drop("x")
 
 
-def conv_backward(be, dy, x, w, dw, db, stride, pad, need_dx=True, relu_x=None):
-    """dw += dE/dw, db += dE/db (each unless None: a frozen parameter); returns dE/dx (zeroed where relu_x <= 0 when
-    given) or None."""
-    check(dy, x, w, dw, db, relu_x)
+def _kept16(be, g: Geometry) -> str | None:
+    """The forward's "tc16" candidate for g when the forward and the filter gradient were both measured to run on
+    channels-last bf16 copies (so the forward's copy of x can serve the backward instead of x), else None."""
+    fwd, flt = be._tune.get(("fwd", g.key())), be._tune.get(("filter", g.key()))
+    if fwd and flt and fwd.startswith("tc16") and flt.startswith("tc16") and not (be.force_conv_algo or _forced()):
+        return fwd
+    return None
+
+
+def conv_forward_kept(be, x, w, b, stride, pad, act=0):
+    """(y, x16): y = conv_forward(...), and x16 the channels-last bf16 copy of x it read where _kept16 says the
+    backward can use it in place of x (None otherwise: the backward needs x)."""
     n, c, h, wd = x.shape
     k, _, r, s = w.shape
     g = Geometry(n, c, h, wd, k, r, s, stride, pad)
+    fwd = _kept16(be, g)
+    if fwd is None:
+        return conv_forward(be, x, w, b, stride, pad, act, g), None
+    check(x, w, b)
+    y = be.xp.empty((n, k, g.p, g.q), dtype=be.xp.float32)
+    x16 = mma.to_nhwc16(be, x)
+    mma.launch_conv(be, mma.plan_conv16(y, x16, mma.to_nhwc16(be, w), b, stride, pad, act, _tile16_of("fwd", fwd)))
+    return y, x16
+
+
+def conv_backward(be, dy, x, w, dw, db, stride, pad, need_dx=True, relu_x=None, x16=None, x_shape=None):
+    """dw += dE/dw, db += dE/db (each unless None: a frozen parameter); returns dE/dx (zeroed where relu_x <= 0 when
+    given) or None. x may be None where conv_forward_kept kept x16, its copy (x_shape: x's shape): the filter
+    gradient then runs the measured "tc16" candidate on it."""
+    check(dy, x, w, dw, db, relu_x)
+    n, c, h, wd = x.shape if x is not None else x_shape
+    k, _, r, s = w.shape
+    g = Geometry(n, c, h, wd, k, r, s, stride, pad)
     xp = be.xp
-    copies = _Copies16(be, dy, x)
-    if dw is not None:
+    copies = _Copies16(be, dy, x, x16)
+    if dw is not None and x is None:
+        copies.share = True
+        _filter_tc16(be, g, copies, dy, dw, db, _tile16_of("filter", be._tune[("filter", g.key())]))
+    elif dw is not None:
         _filter_backward(be, g, copies, dy, x, dw, db)
     elif db is not None:
         channel_sum(be, dy, db, g.n, g.k, g.p * g.q)
     if not need_dx:
         return None
-    dx = xp.empty(x.shape, dtype=xp.float32)
+    dx = xp.empty((n, c, h, wd), dtype=xp.float32)
     dc = _split_cands(be, DATA_CFGS, g, lambda cfg, sp, out: _data_implicit(be, cfg, sp, g, dy, w, out, relu_x))
-    dc["im2col"] = lambda out: _data_im2col(be, g, dy, w, out, relu_x, x.nbytes + dy.nbytes)
+    dc["im2col"] = lambda out: _data_im2col(be, g, dy, w, out, relu_x, dx.nbytes + dy.nbytes)
     if be.precision != "fp32" and _contiguous(dy, w, relu_x) and mma.conv_fits(dy, dx):
         dc["tc"] = lambda out: mma.conv_data_tc(be, out, dy, w, relu_x, stride, pad)
         if _fits16(be, "data", g):
@@ -513,14 +548,21 @@ class ConvOps:
         x, w = cache
         return dense_backward(self, self._c(dy), x, w, dw, db, need_dx, x if relu_mask else None)
 
-    def conv2d_forward(self, x, w, b, stride, padding, act=None):
+    def conv2d_forward(self, x, w, b, stride, padding, act=None, relu_mask=None):
+        """The cache keeps x, or with relu_mask False at bf16 maybe only its channels-last copy (conv_forward_kept)."""
         x = self._c(x)
-        y = conv_forward(self, x, w, b, int(stride), int(padding), act_code(act))
-        return y, (x, w, int(stride), int(padding))
+        if relu_mask is False and self.precision == "bf16":
+            y, x16 = conv_forward_kept(self, x, w, b, int(stride), int(padding), act_code(act))
+        else:
+            y, x16 = conv_forward(self, x, w, b, int(stride), int(padding), act_code(act)), None
+        return y, (x if x16 is None else None, w, int(stride), int(padding), x16, x.shape)
 
     def conv2d_backward(self, dy, cache, dw, db, need_dx=True, relu_mask=False):
-        x, w, stride, padding = cache
-        return conv_backward(self, self._c(dy), x, w, dw, db, stride, padding, need_dx, x if relu_mask else None)
+        x, w, stride, padding, x16, x_shape = cache
+        if relu_mask and x is None:
+            raise ValueError("conv2d_backward: relu_mask=True after a forward given relu_mask=False")
+        return conv_backward(self, self._c(dy), x, w, dw, db, stride, padding, need_dx, x if relu_mask else None,
+                             x16, x_shape)
 
     # the fused ops that are this backend's own ops in a row (their caches keep what each op keeps)
     def conv2d_relu_maxpool_forward(self, x, w, b, stride, padding, pool_kernel, pool_stride):
