@@ -24,6 +24,7 @@ from conftest import RTOL_TC, RTOL_TC_ROUNDED, rel_err
 from mma_cases import (CONV16_SHAPES, CONV_SHAPES, SHAPES, conv_data_expected, conv_data_inputs, conv_expected,
                        conv_filter_expected, conv_filter_inputs, conv_inputs, expected, nhwc16, stored, turned16)
 
+from hetnet.backends import compose
 from hetnet.backends.cuda import conv as C
 from hetnet.backends.cuda import mma as mm
 from hetnet.backends.cuda.kernels import wgmma_ok
@@ -341,6 +342,56 @@ def test_conv_keeps_the_channels_last_copy_for_its_backward(rng, fwd, flt):
             <= RTOL_TC["bf16"]
         with pytest.raises(ValueError, match="relu_mask"):
             be.conv2d_backward(dy, cache, cupy.zeros_like(gw), None, relu_mask=True)
+    finally:
+        for op, choice in saved.items():
+            if choice is None:
+                be._tune.pop((op, key), None)
+            else:
+                be._tune[(op, key)] = choice
+
+
+@pytest.mark.parametrize("shape,k", [((3, 6, 31, 31), 2), ((2, 70, 15, 9), 2), ((2, 8, 7, 11), 3), ((1, 66, 4, 4), 2)],
+                         ids=str)
+def test_pool_grad_nhwc16(be, rng, shape, k):
+    """pool_grad_nhwc16 gives exactly to_nhwc16(maxpool2d_backward(dy)) for windows that tile z (rows and columns no
+    window covers, partial 64-channel x 32-pixel tiles, ties in a window: the first maximum)."""
+    z = rng.standard_normal(shape).astype(np.float32)
+    z[:, :, :k, :k] = 1.0                               # a tie in the first window of every plane
+    y, cache = be.maxpool2d_forward(cupy.asarray(z), k, k)
+    dy = cupy.asarray(rng.standard_normal(y.shape).astype(np.float32))
+    want = mm.to_nhwc16(be, be.maxpool2d_backward(dy, cache))
+    got = mm.pool_grad_nhwc16(be, dy, cache[2], shape, k)
+    np.testing.assert_array_equal(cupy.asnumpy(got), cupy.asnumpy(want))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_conv_maxpool_backward_on_the_channels_last_copies(rng, bias, monkeypatch):
+    """Where the convolution's forward, filter and data gradients run "tc16" candidates (set here as if measured),
+    conv2d_maxpool_backward turns the pooled gradient straight into their channels-last bf16 input: dx and dw bit
+    for bit those of the two ops' backward; db (the sum of dy instead of dz) within float32 rounding."""
+    be = get_backend("cuda", "bf16")
+    shape = (4, 16, 15, 15, 32, 3, 3, 1, 1)
+    x, w, b, _ = conv_inputs(rng, shape, bias=bias)
+    key = C.Geometry(*shape).key()
+    saved = {op: be._tune.get((op, key)) for op in ("fwd", "filter", "data")}
+    be._tune.update({("fwd", key): "tc16", ("filter", key): "tc16s", ("data", key): "tc16"})
+    calls = []
+    direct = mm.pool_grad_nhwc16
+    monkeypatch.setattr(mm, "pool_grad_nhwc16", lambda *a: calls.append(1) or direct(*a))
+    try:
+        gx, gw, gb = cupy.asarray(x), cupy.asarray(w), None if b is None else cupy.asarray(b)
+        y, cache = be.conv2d_maxpool_forward(gx, gw, gb, 1, 1, 2, 2, relu_mask=False)
+        dy = cupy.asarray(rng.standard_normal(y.shape).astype(np.float32))
+        out = []
+        for backward in (be.conv2d_maxpool_backward, lambda *a, **kw: compose.conv2d_maxpool_backward(be, *a, **kw)):
+            dw, db = cupy.zeros_like(gw), None if b is None else cupy.zeros_like(gb)
+            dx = backward(dy, cache, dw, db, need_dx=True)
+            out.append([cupy.asnumpy(a) for a in (dx, dw)] + ([] if db is None else [cupy.asnumpy(db)]))
+        assert calls == [1]                      # the fused backward took the direct path, the two ops did not
+        np.testing.assert_array_equal(out[0][0], out[1][0], err_msg="dx")
+        np.testing.assert_array_equal(out[0][1], out[1][1], err_msg="dw")
+        if bias:
+            assert rel_err(out[0][2], out[1][2]) <= 1e-5
     finally:
         for op, choice in saved.items():
             if choice is None:

@@ -602,6 +602,20 @@ def test_conv2d_relu_maxpool(bk, rng, case, mask, need_dx):
 
 
 @pytest.mark.parametrize("mask,need_dx", [(False, True), (True, True), (False, False)])
+@pytest.mark.parametrize("case", FUSED_CONV_CASES, ids=lambda c: "N{}C{}H{}W{}K{}k{}s{}p{}b{:d}-pool{}s{}".format(*c))
+def test_conv2d_maxpool(bk, rng, case, mask, need_dx):
+    """maxpool2d(conv2d(x)) against the reference's two ops; relu_mask given to the forward as to the backward."""
+    n, c, h, w_, k, ks, stride, pad, bias, pk, ps = case
+    x = relu_out(rng, n, c, h, w_) if mask else f32(rng, n, c, h, w_)
+    w, b = f32(rng, k, c, ks, ks) * 0.5, f32(rng, k) * 0.1
+    got, _ = compare(bk, "conv2d_maxpool_forward", [x, w, b if bias else None, stride, pad, pk, ps],
+                     "conv2d_maxpool_backward", rng.integers(1 << 30), accum=[(k, c, ks, ks), (k,) if bias else None],
+                     fwd_kw={"relu_mask": mask}, bwd_kw={"relu_mask": mask, "need_dx": need_dx})
+    if mask and need_dx:
+        assert np.all(got["dx"][x == 0] == 0)
+
+
+@pytest.mark.parametrize("mask,need_dx", [(False, True), (True, True), (False, False)])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("case", [(3, 4, 8, 8, 2, 2), (2, 3, 9, 7, 3, 2), (2, 2, 6, 5, 2, 1), (1, 3, 7, 5, 2, 2)],
                          ids=lambda c: "N{}C{}H{}W{}-pool{}s{}".format(*c))
@@ -803,6 +817,15 @@ def test_reference_fused_ops_are_their_chains(rng):
     dx2 = ref.conv2d_backward(ref.relu_backward(ref.maxpool2d_backward(dy, cp), cr), cz, dw2, None)
     assert_close(dx, dx2, np.float64, "dx")
     assert_close(dw, dw2, np.float64, "dw")
+    y, cache = ref.conv2d_maxpool_forward(x, w, b, 1, 1, 2, 2)
+    z, cz = ref.conv2d_forward(x, w, b, 1, 1)
+    want, cp = ref.maxpool2d_forward(z, 2, 2)
+    np.testing.assert_array_equal(y, want)
+    dy = rng.normal(size=y.shape)
+    dw, dw2 = np.zeros(w.shape), np.zeros(w.shape)
+    assert_close(ref.conv2d_maxpool_backward(dy, cache, dw, None),
+                 ref.conv2d_backward(ref.maxpool2d_backward(dy, cp), cz, dw2, None), np.float64, "conv_pool dx")
+    assert_close(dw, dw2, np.float64, "conv_pool dw")
     args = [rng.normal(size=3), rng.normal(size=3), np.zeros(3), np.ones(3), 0.1, 1e-5, True]
     y, cache = ref.bn_gelu_forward(x, *args)
     z, cz = ref.batchnorm_forward(x, *args)

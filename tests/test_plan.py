@@ -160,6 +160,9 @@ def test_relu_masks_follow_the_relus():
                             hn.GELU()], {"bn_gelu"})
     assert [type(n).__name__ for n in gelu] == ["ConvNode", "BNGeluNode", "MaxPoolNode", "BNGeluNode"]
     assert gelu[1].inplace and not gelu[3].inplace      # after a convolution's fresh output; not after a pooling
+    pooled = P.compile_nodes([hn.Conv2D(1, 2, 3), hn.MaxPool2D(2), hn.Conv2D(2, 2, 3), hn.ReLU(), hn.MaxPool2D(2)],
+                             {"conv_pool", "conv_relu_pool"})
+    assert [type(n).__name__ for n in pooled] == ["ConvPoolNode", "ConvReluPoolNode"]
     relu_first = P.compile_nodes([hn.ReLU(), hn.BatchNorm2D(2), hn.ReLU(), hn.MaxPool2D(2)], {"bn_relu_pool"})
     assert relu_first[1].mask_input and not relu_first[1].inplace     # masking reads the input: not in place
 

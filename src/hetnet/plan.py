@@ -174,6 +174,23 @@ class ConvReluPoolNode(Node):
                                                relu_mask=self.mask_input)
 
 
+class ConvPoolNode(Node):
+    """Conv2D -> MaxPool2D as one fused op (conv2d_maxpool_*)."""
+
+    def __init__(self, conv, pool):
+        super().__init__(conv, pool)
+
+    def forward(self, be, x, ctx):
+        c, pool = self.layers
+        y, self.cache = be.conv2d_maxpool_forward(x, *_wb(c), c.stride, c.padding, pool.kernel_size, pool.stride,
+                                                  relu_mask=self.mask_input)
+        return y
+
+    def backward(self, be, dy, need_dx):
+        return be.conv2d_maxpool_backward(dy, self.cache, *_wb(self.layers[0], True), need_dx=need_dx,
+                                          relu_mask=self.mask_input)
+
+
 class BNReluPoolNode(Node):
     """BatchNorm2D -> ReLU -> MaxPool2D as one fused op (bn_relu_maxpool_*)."""
 
@@ -299,6 +316,7 @@ _BN = (BatchNorm1D, BatchNorm2D)
 FUSIONS: tuple[Fusion, ...] = (
     Fusion("conv_relu_pool", (Conv2D, ReLU, MaxPool2D), lambda ls: ConvReluPoolNode(*ls)),
     Fusion("bn_relu_pool", (BatchNorm2D, ReLU, MaxPool2D), lambda ls: BNReluPoolNode(*ls)),
+    Fusion("conv_pool", (Conv2D, MaxPool2D), lambda ls: ConvPoolNode(*ls)),
     Fusion("conv_act", (Conv2D, ReLU), lambda ls: ConvNode(ls[0], "relu")),
     Fusion("dense_act", (Dense, ReLU), lambda ls: DenseNode(ls[0], "relu")),
     Fusion("bn_act", (_BN, ReLU), lambda ls: BatchNormNode(ls[0], "relu")),

@@ -106,6 +106,9 @@ Fused ops (hetnet.plan.FUSIONS; definitions in backends.compose):
 conv2d_relu_maxpool_forward(x, w, b, stride, padding, pool_kernel, pool_stride) -> y, cache
     maxpool2d(relu(conv2d(x))), the ReLU included in the backward
 conv2d_relu_maxpool_backward(dy, cache, dw|None, db|None, need_dx=True, relu_mask=False) -> dx|None
+conv2d_maxpool_forward(x, w, b, stride, padding, pool_kernel, pool_stride, relu_mask=None) -> y, cache
+    maxpool2d(conv2d(x)) (airbench's blocks: no ReLU between); relu_mask as conv2d_forward's
+conv2d_maxpool_backward(dy, cache, dw|None, db|None, need_dx=True, relu_mask=False) -> dx|None
 bn_relu_maxpool_forward(x, gamma, beta, running_mean, running_var, momentum, eps, training, pool_kernel,
                         pool_stride, reduce=None) -> y, cache          maxpool2d(relu(batchnorm(x)))
 bn_relu_maxpool_backward(dy, cache, dgamma, dbeta, need_dx=True, relu_mask=False, inplace=False) -> dx|None

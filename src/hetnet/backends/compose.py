@@ -34,6 +34,19 @@ def conv2d_relu_maxpool_backward(be, dy, cache, dw, db, need_dx=True, relu_mask=
     return be.conv2d_backward(dz, conv_cache, dw, db, need_dx=need_dx, relu_mask=relu_mask)
 
 
+def conv2d_maxpool_forward(be, x, w, b, stride, padding, pool_kernel, pool_stride, relu_mask=None):
+    """maxpool2d(conv2d(x)); relu_mask: the conv2d_backward's, passed to conv2d_forward."""
+    z, conv_cache = be.conv2d_forward(x, w, b, stride, padding, relu_mask=relu_mask)
+    y, pool_cache = be.maxpool2d_forward(z, pool_kernel, pool_stride)
+    return y, (conv_cache, pool_cache)
+
+
+def conv2d_maxpool_backward(be, dy, cache, dw, db, need_dx=True, relu_mask=False):
+    conv_cache, pool_cache = cache
+    dz = be.maxpool2d_backward(dy, pool_cache)
+    return be.conv2d_backward(dz, conv_cache, dw, db, need_dx=need_dx, relu_mask=relu_mask)
+
+
 def bn_relu_maxpool_forward(be, x, gamma, beta, running_mean, running_var, momentum, eps, training, pool_kernel,
                             pool_stride, reduce=None):
     """maxpool2d(relu(batchnorm(x))); running statistics updated as batchnorm_forward does (synchronised over

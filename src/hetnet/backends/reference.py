@@ -31,7 +31,8 @@ precision = "fp32"          # (float64 throughout: the oracle)
 dtype = np.dtype(np.float64)
 xp = np
 # every fusion of hetnet.plan, each the chain of reference ops it stands for (backends.compose)
-fusions = frozenset({"conv_relu_pool", "bn_relu_pool", "bn_gelu", "dense_chain", "conv_act", "bn_act", "dense_act"})
+fusions = frozenset({"conv_relu_pool", "conv_pool", "bn_relu_pool", "bn_gelu", "dense_chain", "conv_act", "bn_act",
+                     "dense_act"})
 
 
 # --- conversions and allocation ------------------------------------------------------------------------------------
@@ -536,6 +537,14 @@ def conv2d_relu_maxpool_forward(x, w, b, stride, padding, pool_kernel, pool_stri
 
 def conv2d_relu_maxpool_backward(dy, cache, dw, db, need_dx=True, relu_mask=False):
     return compose.conv2d_relu_maxpool_backward(_this, dy, cache, dw, db, need_dx, relu_mask)
+
+
+def conv2d_maxpool_forward(x, w, b, stride, padding, pool_kernel, pool_stride, relu_mask=None):
+    return compose.conv2d_maxpool_forward(_this, x, w, b, stride, padding, pool_kernel, pool_stride, relu_mask)
+
+
+def conv2d_maxpool_backward(dy, cache, dw, db, need_dx=True, relu_mask=False):
+    return compose.conv2d_maxpool_backward(_this, dy, cache, dw, db, need_dx, relu_mask)
 
 
 def bn_relu_maxpool_forward(x, gamma, beta, running_mean, running_var, momentum, eps, training, pool_kernel,

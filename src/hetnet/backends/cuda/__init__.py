@@ -129,7 +129,7 @@ class CudaBackend(ConvOps, PoolOps, NormOps, ElementwiseOps, LossOps, OptimOps, 
     """The backend object for one GPU. Attributes and ops as documented in `hetnet.backends`."""
 
     # the fusions of hetnet.plan this backend runs faster than their parts; a dense chain runs layer by layer
-    fusions = frozenset({"conv_relu_pool", "bn_relu_pool", "bn_gelu", "conv_act", "bn_act", "dense_act"})
+    fusions = frozenset({"conv_relu_pool", "conv_pool", "bn_relu_pool", "bn_gelu", "conv_act", "bn_act", "dense_act"})
 
     # bytes a workspace may take right now without raising the step's peak (conv._chunks); a step object sets it
     # on the instance while it captures a graph

@@ -782,6 +782,38 @@ extern "C" __global__ void __launch_bounds__(256) to_nhwc16(const float* __restr
     }
 }
 
+// to_nhwc16 of a max pooling's input gradient, dz = maxpool2d_backward(dy), for windows that tile the input (stride
+// == k), without dz in float32: z [n][C][H][W] the pooled tensor, dy and arg [n][C][P][Q] the pooled gradient and
+// each window's argmax byte (pool.cu's maxpool_fwd). dz[c][h][w] = dy[c][p][q] where (h, w) is the first maximum of
+// window (p, q) = (h / k, w / k), i.e. arg[c][p][q] == (h - p k) k + (w - q k); 0 elsewhere, rows h >= P k and
+// columns w >= Q k (in no window) included. Written as bf16 pairs [n][H][W][C / 2] (C even) in to_nhwc16's tiles:
+// 64 channels x 32 pixels of z per block, each lane's pixel decoded once. Grid (ceil(HW / 32), ceil(C / 64), n).
+extern "C" __global__ void __launch_bounds__(256) pool_grad_nhwc16(const float* __restrict__ dy,
+                                                                   const unsigned char* __restrict__ arg,
+                                                                   unsigned* __restrict__ y, int C, int H, int W,
+                                                                   int P, int Q, int k) {
+    __shared__ float t[64][33];
+    const int p0 = blockIdx.x * 32, c0 = blockIdx.y * 64, lane = threadIdx.x & 31, row = threadIdx.x >> 5;
+    const long long img = blockIdx.z;
+    const int HW = H * W, pix = p0 + lane, h = pix / W, w = pix - h * W, p = h / k, q = w / k;
+    const bool covered = pix < HW && p < P && q < Q;
+    const int at = (h - p * k) * k + (w - q * k), pq = p * Q + q;
+    const float* dyi = dy + img * C * P * Q;
+    const unsigned char* argi = arg + img * C * P * Q;
+    for (int i = row; i < 64; i += 8) {
+        const int c = c0 + i;
+        const long long src = (long long)c * P * Q + pq;
+        t[i][lane] = covered && c < C && argi[src] == at ? dyi[src] : 0.f;
+    }
+    __syncthreads();
+    unsigned* yi = y + img * HW * (C / 2);
+    const int c = c0 + 2 * lane;
+    for (int j = row; j < 32; j += 8) {
+        const int px = p0 + j;
+        if (px < HW && c < C) yi[(long long)px * (C / 2) + c / 2] = hn_bf16x2_bits(t[2 * lane][j], t[2 * lane + 1][j]);
+    }
+}
+
 // The data gradient's turned weights: wt[c][rs][o] = bf16(w[o][c][RS - 1 - rs]) for w [O][C][R][S] float32 (rs = r *
 // S + s, so RS - 1 - rs is (R - 1 - r, S - 1 - s)), as bf16 bits.
 extern "C" __global__ void turn_weights16(const float* __restrict__ w, unsigned short* __restrict__ wt, int O, int C,

@@ -516,6 +516,33 @@ def conv_backward(be, dy, x, w, dw, db, stride, pad, need_dx=True, relu_x=None, 
     return dx
 
 
+def _measured16(be, op: str, g: Geometry) -> str | None:
+    """The measured choice of op for g when it is a "tc16" candidate (one that reads channels-last bf16 copies)."""
+    choice = be._tune.get((op, g.key()))
+    return choice if choice and choice.startswith("tc16") and not (be.force_conv_algo or _forced()) else None
+
+
+def conv_backward16(be, g: Geometry, dy16, x, x16, w, dw, need_dx=True, relu_x=None):
+    """conv_backward from dy16, the channels-last bf16 copy of dy alone (no float32 dy, so no bias gradient here):
+    the filter gradient (unless dw is None) and the data gradient (if need_dx) by their measured "tc16" choices,
+    which must exist (conv_backward16_ready)."""
+    copies = _Copies16(be, None, x, x16)
+    copies.made["dy"], copies.share = dy16, True
+    if dw is not None:
+        _filter_tc16(be, g, copies, None, dw, None, _tile16_of("filter", _measured16(be, "filter", g)))
+    if not need_dx:
+        return None
+    dx = be.xp.empty((g.n, g.c, g.h, g.w), dtype=be.xp.float32)
+    mma.conv16_data(be, dx, dy16, w, relu_x, g.pad, _tile16_of("data", _measured16(be, "data", g)))
+    return dx
+
+
+def conv_backward16_ready(be, g: Geometry, dw, need_dx: bool) -> bool:
+    """Whether conv_backward16 can run g: the gradients asked for were measured to run on channels-last copies."""
+    return ((dw is None or _measured16(be, "filter", g) is not None)
+            and (not need_dx or _measured16(be, "data", g) is not None))
+
+
 def dense_forward(be, x, w, b, act=0):
     n, f = x.shape
     k = w.shape[0]
@@ -570,6 +597,26 @@ class ConvOps:
 
     def conv2d_relu_maxpool_backward(self, dy, cache, dw, db, need_dx=True, relu_mask=False):
         return compose.conv2d_relu_maxpool_backward(self, dy, cache, dw, db, need_dx, relu_mask)
+
+    def conv2d_maxpool_forward(self, x, w, b, stride, padding, pool_kernel, pool_stride, relu_mask=None):
+        return compose.conv2d_maxpool_forward(self, x, w, b, stride, padding, pool_kernel, pool_stride, relu_mask)
+
+    def conv2d_maxpool_backward(self, dy, cache, dw, db, need_dx=True, relu_mask=False):
+        """The two ops' backward, except where the windows tile z (stride == kernel) and the convolution's gradients
+        run on channels-last bf16 copies (measured): then the pooled gradient goes straight to the channels-last
+        bf16 copy of dE/dz (mma.pool_grad_nhwc16) that they read, and the bias gradient is the sum of dy."""
+        conv_cache, pool_cache = cache
+        x, w, stride, padding, x16, x_shape = conv_cache
+        z_shape, _, arg, kernel, pool_stride = pool_cache
+        g = Geometry(*x_shape, *(w.shape[i] for i in (0, 2, 3)), stride, padding)
+        if (self.precision != "bf16" or kernel != pool_stride or (relu_mask and x is None)
+                or not conv_backward16_ready(self, g, dw, need_dx)):
+            return compose.conv2d_maxpool_backward(self, dy, cache, dw, db, need_dx, relu_mask)
+        dy = self._c(dy)
+        if db is not None:
+            channel_sum(self, dy, db, g.n, g.k, dy.shape[2] * dy.shape[3])
+        dz16 = mma.pool_grad_nhwc16(self, dy, arg, z_shape, kernel)
+        return conv_backward16(self, g, dz16, x, x16, w, dw, need_dx, x if relu_mask else None)
 
     def dense_chain_forward(self, x, layers):
         return compose.dense_chain_forward(self, x, layers)

@@ -460,6 +460,20 @@ def to_nhwc16(be, x):
     return out
 
 
+def pool_grad_nhwc16(be, dy, arg, z_shape, k: int):
+    """to_nhwc16(maxpool2d_backward(dy)) for k x k windows at stride k over z [n, C, H, W] (z_shape), from the pooled
+    gradient dy and argmax bytes arg [n, C, P, Q] (conv.cu's pool_grad_nhwc16), without the float32 gradient."""
+    n, c, h, w = z_shape
+    p, q = dy.shape[2], dy.shape[3]
+    if c % 2 or n > GRID_YZ or dy.dtype != np.float32 or not dy.flags.c_contiguous or not arg.flags.c_contiguous:
+        raise ValueError(f"pool_grad_nhwc16: dy of shape {dy.shape} must be contiguous float32, C even, n <= {GRID_YZ}")
+    out = be.xp.empty((n, h, w, c), dtype=np.uint16)
+    if out.size:
+        get_kernel(be.device_id, "conv", "pool_grad_nhwc16")((math.ceil(h * w / 32), math.ceil(c / 64), n), (256,), (
+            dy, arg, out, _i32(c), _i32(h), _i32(w), _i32(p), _i32(q), _i32(k)))
+    return out
+
+
 def turn_weights16(be, w):
     """w [O, C, R, S] float32 as the data gradient's turned weights [C, R, S, O]: wt[c][r][s][o] = w[o][c][R-1-r]
     [S-1-s], bf16 bits."""
