@@ -9,6 +9,8 @@ test_mma_emulated.py runs the same kernels on the CPU emulator.
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -315,6 +317,22 @@ def test_conv_layer_offers_the_channels_last_kernels(rng):
             assert any(r["op"] == op and r["shape"][0] == 3 and name in r["ms"] for r in be.tune_log), (op, name)
 
 
+@contextlib.contextmanager
+def _measured_as(be, shape, choices: dict):
+    """The backend's convolution choices for shape set to choices ({op: candidate}) as if measured, then restored."""
+    key = C.Geometry(*shape).key()
+    saved = {op: be._tune.get((op, key)) for op in choices}
+    be._tune.update({(op, key): choice for op, choice in choices.items()})
+    try:
+        yield
+    finally:
+        for op, choice in saved.items():
+            if choice is None:
+                be._tune.pop((op, key), None)
+            else:
+                be._tune[(op, key)] = choice
+
+
 @pytest.mark.parametrize("fwd,flt", [("tc16", "tc16s"), ("tc16s", "tc16")], ids=["large-small", "small-large"])
 def test_conv_keeps_the_channels_last_copy_for_its_backward(rng, fwd, flt):
     """Where the forward and the filter gradient of a shape run "tc16" candidates (set here as if measured), a
@@ -324,10 +342,7 @@ def test_conv_keeps_the_channels_last_copy_for_its_backward(rng, fwd, flt):
     shape = (5, 16, 9, 11, 32, 3, 3, 1, 1)
     x, w, b, _ = conv_inputs(rng, shape)
     dy = cupy.asarray(rng.standard_normal((5, 32, 9, 11)).astype(np.float32))
-    key = C.Geometry(*shape).key()
-    saved = {op: be._tune.get((op, key)) for op in ("fwd", "filter")}
-    be._tune[("fwd", key)], be._tune[("filter", key)] = fwd, flt
-    try:
+    with _measured_as(be, shape, {"fwd": fwd, "filter": flt}):
         out = {}
         for relu_mask in (None, False):
             gx, gw, gb = cupy.asarray(x), cupy.asarray(w), cupy.asarray(b)
@@ -342,12 +357,6 @@ def test_conv_keeps_the_channels_last_copy_for_its_backward(rng, fwd, flt):
             <= RTOL_TC["bf16"]
         with pytest.raises(ValueError, match="relu_mask"):
             be.conv2d_backward(dy, cache, cupy.zeros_like(gw), None, relu_mask=True)
-    finally:
-        for op, choice in saved.items():
-            if choice is None:
-                be._tune.pop((op, key), None)
-            else:
-                be._tune[(op, key)] = choice
 
 
 @pytest.mark.parametrize("shape,k", [((3, 6, 31, 31), 2), ((2, 70, 15, 9), 2), ((2, 8, 7, 11), 3), ((1, 66, 4, 4), 2)],
@@ -372,13 +381,10 @@ def test_conv_maxpool_backward_on_the_channels_last_copies(rng, bias, monkeypatc
     be = get_backend("cuda", "bf16")
     shape = (4, 16, 15, 15, 32, 3, 3, 1, 1)
     x, w, b, _ = conv_inputs(rng, shape, bias=bias)
-    key = C.Geometry(*shape).key()
-    saved = {op: be._tune.get((op, key)) for op in ("fwd", "filter", "data")}
-    be._tune.update({("fwd", key): "tc16", ("filter", key): "tc16s", ("data", key): "tc16"})
     calls = []
     direct = mm.pool_grad_nhwc16
     monkeypatch.setattr(mm, "pool_grad_nhwc16", lambda *a: calls.append(1) or direct(*a))
-    try:
+    with _measured_as(be, shape, {"fwd": "tc16", "filter": "tc16s", "data": "tc16"}):
         gx, gw, gb = cupy.asarray(x), cupy.asarray(w), None if b is None else cupy.asarray(b)
         y, cache = be.conv2d_maxpool_forward(gx, gw, gb, 1, 1, 2, 2, relu_mask=False)
         dy = cupy.asarray(rng.standard_normal(y.shape).astype(np.float32))
@@ -392,9 +398,3 @@ def test_conv_maxpool_backward_on_the_channels_last_copies(rng, bias, monkeypatc
         np.testing.assert_array_equal(out[0][1], out[1][1], err_msg="dw")
         if bias:
             assert rel_err(out[0][2], out[1][2]) <= 1e-5
-    finally:
-        for op, choice in saved.items():
-            if choice is None:
-                be._tune.pop((op, key), None)
-            else:
-                be._tune[(op, key)] = choice

@@ -759,6 +759,17 @@ __device__ __forceinline__ unsigned hn_bf16x2_bits(float lo, float hi) {
     return r;
 }
 
+// The store half of a 64-channel x 32-pixel tile moved channels-last: t[c - c0][p - p0] (float, in shared memory)
+// to yi[p][c / 2] as bf16 pairs (C even); each warp writes 64 consecutive channels (32 pairs) of a pixel. 256 threads.
+__device__ __forceinline__ void hn_store_nhwc16_tile(const float (&t)[64][33], unsigned* __restrict__ yi, int p0, int c0,
+                                                     int C, int HW) {
+    const int lane = threadIdx.x & 31, row = threadIdx.x >> 5, c = c0 + 2 * lane;
+    for (int j = row; j < 32; j += 8) {
+        const int p = p0 + j;
+        if (p < HW && c < C) yi[(long long)p * (C / 2) + c / 2] = hn_bf16x2_bits(t[2 * lane][j], t[2 * lane + 1][j]);
+    }
+}
+
 // y[img][p][c] = bf16(x[img][c][p]) for x [n][C][HW] float32, y as bf16 pairs [n][HW][C / 2] (C even): an
 // activation NCHW -> NHWC, or a weight [O][C][R][S] -> [O][R][S][C]. A block moves 64 channels x 32 pixels through
 // shared memory: each warp reads 32 consecutive pixels of a channel, then writes 64 consecutive channels (32 pairs) of
@@ -774,12 +785,7 @@ extern "C" __global__ void __launch_bounds__(256) to_nhwc16(const float* __restr
         t[i][lane] = c < C && p < HW ? xi[(long long)c * HW + p] : 0.f;
     }
     __syncthreads();
-    unsigned* yi = y + img * HW * (C / 2);
-    const int c = c0 + 2 * lane;
-    for (int j = row; j < 32; j += 8) {
-        const int p = p0 + j;
-        if (p < HW && c < C) yi[(long long)p * (C / 2) + c / 2] = hn_bf16x2_bits(t[2 * lane][j], t[2 * lane + 1][j]);
-    }
+    hn_store_nhwc16_tile(t, y + img * HW * (C / 2), p0, c0, C, HW);
 }
 
 // to_nhwc16 of a max pooling's input gradient, dz = maxpool2d_backward(dy), for windows that tile the input (stride
@@ -806,12 +812,7 @@ extern "C" __global__ void __launch_bounds__(256) pool_grad_nhwc16(const float* 
         t[i][lane] = covered && c < C && argi[src] == at ? dyi[src] : 0.f;
     }
     __syncthreads();
-    unsigned* yi = y + img * HW * (C / 2);
-    const int c = c0 + 2 * lane;
-    for (int j = row; j < 32; j += 8) {
-        const int px = p0 + j;
-        if (px < HW && c < C) yi[(long long)px * (C / 2) + c / 2] = hn_bf16x2_bits(t[2 * lane][j], t[2 * lane + 1][j]);
-    }
+    hn_store_nhwc16_tile(t, y + img * HW * (C / 2), p0, c0, C, HW);
 }
 
 // The data gradient's turned weights: wt[c][rs][o] = bf16(w[o][c][RS - 1 - rs]) for w [O][C][R][S] float32 (rs = r *
