@@ -9,9 +9,8 @@ seeded by the run's seed), runs.make_training, and Trainer.fit evaluating the te
 row's test_accuracy is the number `hetnet train` prints at the end ("done: ... test accuracy ..."): the 10,000 test
 images after the last epoch, with the recipe's weight average or lookahead applied and its test-time augmentation.
 The data are read once and no run directory is written (no checkpoints, plots or model files). On the cpu backend
-a row equals, bit for bit, the same run through runs.start_run (checked for the preset, bs64, a GELU spec and "all",
-2 epochs on 3,000 images, 3 Dec); on cuda the sums round differently from the CPU's, so the 2-core job's own numbers
-sit within seed noise of these, not on them.
+a row is the run `hetnet train` makes with the same recipe and seed; on cuda the sums round differently from the
+CPU's, so the 2-core job's own numbers sit within seed noise of these, not on them.
 
 Runs go seed-major (every variant at seed 0, then every variant at seed 1, ...), and both files are rewritten after
 every run, so a sweep cut short -- by --max-seconds, after which no new run starts, or by a kill -- leaves rows that
@@ -65,13 +64,8 @@ NO_DECAY_BN_BIAS = [{"params": ["BatchNorm2D.*", "Dense.bias"], "weight_decay_sc
 LOOKAHEAD = {"lookahead": 5, "lookahead_decay": 0.95}
 ALTFLIP = ["crop:1", "altflip"]
 
-# (name, overrides of the preset's recipe / layers, why it is tried). Trials so far (benchmarks/HISTORY.md, one seed
-# each, the preset 93.36% on the 2-core VM): crop:1,flip + TTA 1 93.29, label smoothing 0.1 93.11, EMA 0.998 93.35,
-# lr 0.1 93.39, translate:1 92.95; on the GPU weight decay 1e-3, crop:2, label smoothing 0.05, one warm-up epoch,
-# lr 0.1 + EMA 0.998 all at or below the preset. So: less regularisation, flips with TTA, schedule shape, lookahead.
-# Cost on the 2-core VM (cpu backend, training images per second, 3 Dec): batch 64 and lookahead as the preset
-# (1,360 and 1,460 against 1,335-1,380); TTA 2 adds about 10 s to the final evaluation (TTA 1 about 3.5 s), 2% of
-# the job; GELU for ReLU trains at 522 img/s (erf, and no fused BatchNorm-ReLU-pool), 2.6x the CPU time: left out.
+# (name, overrides of the preset's recipe / layers, why it is tried): each keeps the job's CPU cost (GELU for ReLU
+# does not: its layers have no fused CPU kernel), chosen against the trials benchmarks/HISTORY.md records.
 VARIANTS: list[tuple[str, dict, str]] = [
     ("preset", {}, "the preset's recipe: the baseline every variant is held against"),
     ("lr0.1", {"lr": 0.1},
