@@ -1,0 +1,107 @@
+"""conv.cu's channels-last bf16 copies run on the CPU: to_nhwc16 and pool_grad_nhwc16 (with the store half they
+share) compiled as C++ against tests/cuda_emu, each CUDA thread a fiber resumed in a shuffled order between
+barriers, over the whole grid. Their results must be exactly NumPy's bf16 bits (round to nearest even) of the
+float32 tensor they stand for: x, or the max pooling's input gradient. Needs g++ (skipped without); no GPU. On a GPU
+the same checks are tests/test_mma.py's test_channels_last_copies and test_pool_grad_nhwc16."""
+from __future__ import annotations
+
+import ctypes
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mma_cases import nhwc16
+
+from hetnet.backends import reference as ref
+from hetnet.backends.cuda import kernels
+
+EMU_DIR = Path(__file__).resolve().parent / "cuda_emu"
+
+# the two kernels' launches as C entry points; `__shared__` arrays are per block (the emulator runs one block at a
+# time), and the PTX conversion is the emulator's hn_pack_bf16x2 (the same rounding, same halves)
+ENTRY = """
+extern "C" int emu_to_nhwc16(const float* x, unsigned* y, int n, int C, int HW, unsigned seed, char* err, int len) {
+    std::string msg = emu::launch({(unsigned)((HW + 31) / 32), (unsigned)((C + 63) / 64), (unsigned)n}, {256, 1, 1}, 0,
+                                  [=] { to_nhwc16(x, y, C, HW); }, seed);
+    snprintf(err, len, "%s", msg.c_str());
+    return msg.empty() ? 0 : 1;
+}
+extern "C" int emu_pool_grad(const float* dy, const unsigned char* arg, unsigned* y, int n, int C, int H, int W,
+                             int P, int Q, int k, unsigned seed, char* err, int len) {
+    std::string msg = emu::launch({(unsigned)((H * W + 31) / 32), (unsigned)((C + 63) / 64), (unsigned)n},
+                                  {256, 1, 1}, 0, [=] { pool_grad_nhwc16(dy, arg, y, C, H, W, P, Q, k); }, seed);
+    snprintf(err, len, "%s", msg.c_str());
+    return msg.empty() ? 0 : 1;
+}
+"""
+
+
+def _kernels_text() -> str:
+    """hn_store_nhwc16_tile, to_nhwc16 and pool_grad_nhwc16 as conv.cu has them."""
+    text = kernels.cu_text("conv")
+    parts = []
+    for start in ("__device__ __forceinline__ void hn_store_nhwc16_tile(",
+                  'extern "C" __global__ void __launch_bounds__(256) to_nhwc16(',
+                  'extern "C" __global__ void __launch_bounds__(256) pool_grad_nhwc16('):
+        i = text.index(start)
+        parts.append(text[i:text.index("\n}\n", i) + 3])
+    return "\n".join(parts)
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    if shutil.which("g++") is None:
+        pytest.skip("g++ not installed")
+    out = tmp_path_factory.mktemp("emu_copies")
+    src = out / "copies_emulated.cc"
+    body = re.sub(r"\bhn_bf16x2_bits\b", "hn_pack_bf16x2", _kernels_text())
+    src.write_text("#define __shared__ static\n" + body + ENTRY)
+    lib = out / "libcopies_emu.so"
+    cmd = ["g++", "-std=c++17", "-O1", "-shared", "-fPIC", "-Wall", "-Werror", "-include",
+           str(EMU_DIR / "cuda_emu.h"), "-DHN_EMULATE", str(src), "-o", str(lib)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return ctypes.CDLL(str(lib))
+
+
+def _ptr(a: np.ndarray):
+    return a.ctypes.data_as(ctypes.c_void_p)
+
+
+def _check(rc: int, err) -> None:
+    assert rc == 0, err.value.decode()
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 37), (1, 70, 5, 7), (2, 64, 3, 3)], ids=str)
+def test_to_nhwc16_emulated(emu, rng, shape):
+    x = (rng.standard_normal(shape) * 100).astype(np.float32)
+    x.reshape(-1)[:4] = np.array([0x3F808000, 0x3F818000, 0xBF808000, 0x3F80FFFF], np.uint32).view(np.float32)
+    n, c = shape[:2]
+    hw = x.size // (n * c)
+    y = np.full((n, *shape[2:], c), 0xDEAD, np.uint16)
+    err = ctypes.create_string_buffer(512)
+    _check(emu.emu_to_nhwc16(_ptr(x), _ptr(y), n, c, hw, 7, err, 512), err)
+    np.testing.assert_array_equal(y, nhwc16(x))
+
+
+@pytest.mark.parametrize("shape,k", [((2, 6, 11, 9), 2), ((1, 70, 7, 7), 2), ((2, 8, 8, 11), 3), ((1, 66, 4, 4), 2)],
+                         ids=str)
+def test_pool_grad_nhwc16_emulated(emu, rng, shape, k):
+    """Every element of the copy: the gradient at each window's first maximum (ties in the first window), 0 at the
+    window's other elements and at the rows and columns no window covers; partial 64 x 32 tiles."""
+    z = rng.standard_normal(shape).astype(np.float32)
+    z[:, :, :k, :k] = 1.0
+    y, cache = ref.maxpool2d_forward(z.astype(np.float64), k, k)
+    n, c, h, w = shape
+    p, q = y.shape[2:]
+    wins = z[:, :, :p * k, :q * k].reshape(n, c, p, k, q, k).transpose(0, 1, 2, 4, 3, 5).reshape(n, c, p, q, k * k)
+    arg = np.ascontiguousarray(wins.argmax(axis=-1).astype(np.uint8))      # the first maximum, as maxpool_fwd's byte
+    dy = rng.standard_normal((n, c, p, q)).astype(np.float32)
+    want = nhwc16(ref.maxpool2d_backward(dy.astype(np.float64), cache).astype(np.float32))
+    out = np.full((n, h, w, c), 0xDEAD, np.uint16)
+    err = ctypes.create_string_buffer(512)
+    _check(emu.emu_pool_grad(_ptr(dy), _ptr(arg), _ptr(out), n, c, h, w, p, q, k, 11, err, 512), err)
+    np.testing.assert_array_equal(out, want)
