@@ -1,8 +1,10 @@
-"""conv.cu's channels-last bf16 copies run on the CPU: to_nhwc16 and pool_grad_nhwc16 (with the store half they
-share) compiled as C++ against tests/cuda_emu, each CUDA thread a fiber resumed in a shuffled order between
-barriers, over the whole grid. Their results must be exactly NumPy's bf16 bits (round to nearest even) of the
-float32 tensor they stand for: x, or the max pooling's input gradient. Needs g++ (skipped without); no GPU. On a GPU
-the same checks are tests/test_mma.py's test_channels_last_copies and test_pool_grad_nhwc16."""
+"""Kernels outside mma.cu run on the CPU, compiled as C++ against tests/cuda_emu (each CUDA thread a fiber resumed
+in a shuffled order between barriers, over the whole grid): conv.cu's channels-last bf16 copies, to_nhwc16 and
+pool_grad_nhwc16 (with the store half they share), exactly NumPy's bf16 bits (round to nearest even) of the float32
+tensor they stand for -- x, or the max pooling's input gradient; and common.cuh's index walks (HnChannelWalk,
+HnPlaneWalk, which the batch-norm kernels and channel_sum loop with), each element visited once with its channel.
+Needs g++ (skipped without); no GPU. On a GPU the copies are also checked by tests/test_mma.py's
+test_channels_last_copies and test_pool_grad_nhwc16, the walks by every batch-norm test of tests/test_ops.py."""
 from __future__ import annotations
 
 import ctypes
@@ -29,6 +31,26 @@ extern "C" int emu_to_nhwc16(const float* x, unsigned* y, int n, int C, int HW, 
     snprintf(err, len, "%s", msg.c_str());
     return msg.empty() ? 0 : 1;
 }
+template <typename I>
+__global__ void walk_channels(int* out, long long total, int C, int HW) {
+    for (HnChannelWalk<I> w((I)total, C, HW); w.more(); w.next()) out[w.e] += 1 + w.c;
+}
+template <typename I>
+__global__ void walk_plane(int* out, int N, int C, int HW) {
+    for (HnPlaneWalk<I> w(N, C, HW, blockIdx.x); w.more(); w.next()) out[w.idx] += 1 + (int)blockIdx.x;
+}
+// out[e] += 1 + the channel of element e of [N, C, HW], as each walk finds it: grid (blocks) x threads for the
+// channel walk, (C, blocks) for the plane walk; wide: the 64-bit index version.
+extern "C" int emu_walk(int plane, int wide, int* out, int N, int C, int HW, unsigned blocks, unsigned threads,
+                        unsigned seed, char* err, int len) {
+    const long long total = (long long)N * C * HW;
+    std::string msg = emu::launch({plane ? (unsigned)C : blocks, plane ? blocks : 1u, 1}, {threads, 1, 1}, 0, [=] {
+        if (plane) wide ? walk_plane<long long>(out, N, C, HW) : walk_plane<unsigned>(out, N, C, HW);
+        else wide ? walk_channels<long long>(out, total, C, HW) : walk_channels<unsigned>(out, total, C, HW);
+    }, seed);
+    snprintf(err, len, "%s", msg.c_str());
+    return msg.empty() ? 0 : 1;
+}
 extern "C" int emu_pool_grad(const float* dy, const unsigned char* arg, unsigned* y, int n, int C, int H, int W,
                              int P, int Q, int k, unsigned seed, char* err, int len) {
     std::string msg = emu::launch({(unsigned)((H * W + 31) / 32), (unsigned)((C + 63) / 64), (unsigned)n},
@@ -40,9 +62,12 @@ extern "C" int emu_pool_grad(const float* dy, const unsigned char* arg, unsigned
 
 
 def _kernels_text() -> str:
-    """hn_store_nhwc16_tile, to_nhwc16 and pool_grad_nhwc16 as conv.cu has them."""
-    text = kernels.cu_text("conv")
+    """The walks as common.cuh has them; hn_store_nhwc16_tile, to_nhwc16 and pool_grad_nhwc16 as conv.cu has them."""
+    common, text = (kernels.HERE / "common.cuh").read_text(), kernels.cu_text("conv")
     parts = []
+    for start in ("template <typename I>\nstruct HnChannelWalk {", "template <typename I>\nstruct HnPlaneWalk {"):
+        i = common.index(start)
+        parts.append(common[i:common.index("\n};\n", i) + 4])
     for start in ("__device__ __forceinline__ void hn_store_nhwc16_tile(",
                   'extern "C" __global__ void __launch_bounds__(256) to_nhwc16(',
                   'extern "C" __global__ void __launch_bounds__(256) pool_grad_nhwc16('):
@@ -105,3 +130,18 @@ def test_pool_grad_nhwc16_emulated(emu, rng, shape, k):
     err = ctypes.create_string_buffer(512)
     _check(emu.emu_pool_grad(_ptr(dy), _ptr(arg), _ptr(out), n, c, h, w, p, q, k, 11, err, 512), err)
     np.testing.assert_array_equal(out, want)
+
+
+@pytest.mark.parametrize("plane", [False, True], ids=["channel-walk", "plane-walk"])
+@pytest.mark.parametrize("wide", [False, True], ids=["i32", "i64"])
+@pytest.mark.parametrize("n,c,hw,blocks,threads", [(3, 5, 7, 2, 32), (2, 64, 9, 3, 64), (16, 2, 7, 1, 32),
+                                                   (9, 2, 49, 1, 32), (6, 3, 25, 2, 32), (1, 7, 225, 1, 64),
+                                                   (40, 2, 1, 1, 32), (3, 3, 64, 1, 32)])
+def test_index_walks_emulated(emu, plane, wide, n, c, hw, blocks, threads):
+    """Every element of x[N, C, HW] visited exactly once, with its channel: strides that wrap hw (landing on HW
+    exactly, too) and c, several visits per thread, more threads than elements, HW = 1, HW a multiple of the
+    stride."""
+    out = np.zeros(n * c * hw, np.int32)
+    err = ctypes.create_string_buffer(512)
+    _check(emu.emu_walk(int(plane), int(wide), _ptr(out), n, c, hw, blocks, threads, 3, err, 512), err)
+    np.testing.assert_array_equal(out, 1 + (np.arange(n * c * hw) // hw) % c)
