@@ -290,21 +290,28 @@ def test_batchnorm(bk, rng, shape, training):
         assert_close(out["mutable"][1], rv, dt, "running_var")
 
 
-@pytest.mark.parametrize("shape", [(5, 3), (1, 2, 3, 4), (3, 4, 5, 2)], ids=str)
+@pytest.mark.parametrize("skip", ["dgamma", "dbeta", "both"])
+@pytest.mark.parametrize("op,shape", [("batchnorm", (5, 3)), ("batchnorm", (1, 2, 3, 4)), ("batchnorm", (3, 4, 5, 2)),
+                                      ("bn_gelu", (3, 4, 5, 2)), ("bn_relu_maxpool", (3, 4, 6, 5))], ids=str)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_batchnorm_without_dgamma(bk, rng, shape, training):
-    """dgamma None (a frozen or constant scale): dE/dgamma is not computed; dx and dbeta are those of a backward
-    that computes it, bit for bit on the same backend."""
+def test_batchnorm_without_dgamma_or_dbeta(bk, rng, op, shape, skip, training):
+    """dgamma or dbeta None (a frozen or constant parameter): that gradient is not computed; dx and the other
+    gradient are those of a backward that computes both, bit for bit on the same backend."""
     c = shape[1]
-    args = [f32(rng, *shape, scale=2.0, shift=0.7), f32(rng, c), f32(rng, c), f32(rng, c), np.abs(f32(rng, c)) + 0.5,
-            0.1, 1e-5, training]
+    args = [f32(rng, *shape, scale=2.0, shift=0.7), np.abs(f32(rng, c)) + 0.5, f32(rng, c), f32(rng, c),
+            np.abs(f32(rng, c)) + 0.5, 0.1, 1e-5, training] + ([2, 2] if op == "bn_relu_maxpool" else [])
     seed = rng.integers(1 << 30)
-    got, _ = compare(bk, "batchnorm_forward", args, "batchnorm_backward", seed, accum=[None, (c,)], mutable=(3, 4))
-    full = run(bk, "batchnorm_forward", args, "batchnorm_backward", np.random.default_rng(seed), accum=[(c,), (c,)],
+    accum = [None if skip in ("dgamma", "both") else (c,), None if skip in ("dbeta", "both") else (c,)]
+    got, _ = compare(bk, f"{op}_forward", args, f"{op}_backward", seed, accum=accum, mutable=(3, 4))
+    full = run(bk, f"{op}_forward", args, f"{op}_backward", np.random.default_rng(seed), accum=[(c,), (c,)],
                mutable=(3, 4))
-    assert got["acc"][0] is None
     np.testing.assert_array_equal(got["dx"], full["dx"])
-    np.testing.assert_array_equal(got["acc"][1], full["acc"][1])
+    assert np.any(full["dx"] != 0)
+    for i, shape_or_none in enumerate(accum):
+        if shape_or_none is None:
+            assert got["acc"][i] is None
+        else:
+            np.testing.assert_array_equal(got["acc"][i], full["acc"][i])
 
 
 # --- dropout -----------------------------------------------------------------------------------------------------

@@ -92,9 +92,9 @@ batchnorm_forward(x[N,C] or [N,C,H,W], gamma[C], beta[C], running_mean[C], runni
     calls the op with the same C at the same time; training then uses the mean and variance of all the processes'
     batches together (the per-channel sums and counts are reduced), and so does the running-stat update. Ignored
     in eval mode. The backward reads it from the cache.
-batchnorm_backward(dy, cache, dgamma[C]|None, dbeta[C], need_dx=True, relu_mask=False) -> dx|None
-    (eval-mode cache: dx = dy * gamma / sqrt(rv + eps)); dgamma None: dE/dgamma is not computed (a frozen or
-    constant scale); dx is the same. Synchronised (a training cache made with reduce): dgamma and dbeta get this
+batchnorm_backward(dy, cache, dgamma[C]|None, dbeta[C]|None, need_dx=True, relu_mask=False) -> dx|None
+    (eval-mode cache: dx = dy * gamma / sqrt(rv + eps)); dgamma or dbeta None: that gradient is not computed (a
+    frozen or constant parameter); dx is the same. Synchronised (a training cache made with reduce): dgamma and dbeta get this
     process's sums (the gradient reduction averages them over the processes); dx is d(sum of every process's
     loss)/dx, from per-channel sums of dy reduced over the processes.
 dropout_forward(x, p: float, seed) -> y, cache    keep element i (flat, C order) iff

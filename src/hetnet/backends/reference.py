@@ -384,9 +384,10 @@ def batchnorm_backward(dy, cache, dgamma, dbeta, need_dx: bool = True, relu_mask
     training, x, xc, xhat, inv_std, gamma, axes, m, reduce = cache
     dy = _f64(dy)
     nd = dy.ndim
-    # dL/dbeta = sum_A dy;  dL/dgamma = sum_A dy * xhat  (not computed when dgamma is None: a frozen scale). Sums over
+    # dL/dbeta = sum_A dy;  dL/dgamma = sum_A dy * xhat  (each not computed when None: a frozen parameter). Sums over
     # this process's batch alone when synchronised: the gradient reduction averages them with the other processes'.
-    dbeta += dy.sum(axis=axes)
+    if dbeta is not None:
+        dbeta += dy.sum(axis=axes)
     if dgamma is not None:
         dgamma += (dy * xhat).sum(axis=axes)
     if not need_dx:

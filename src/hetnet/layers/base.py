@@ -35,7 +35,6 @@ class Parameter:
         self._data = self.backend.asarray(np.asarray(data))
         self._grad = self.backend.zeros(self._data.shape)
         self._pack = None  # the FlatPack whose buffers hold data and grad, if any
-        self._sink = None  # while frozen: an array backward ops may add into and nobody reads (grad_target)
         self.requires_grad = requires_grad
 
     @property
@@ -45,17 +44,11 @@ class Parameter:
     @requires_grad.setter
     def requires_grad(self, value: bool) -> None:
         self._requires_grad = bool(value)
-        # allocated now, outside any training step (a captured CUDA graph must not allocate)
-        self._sink = None if self._requires_grad else self.backend.zeros(self.shape)
 
-    def grad_target(self, skippable: bool = False):
-        """The array a backward op adds dE/d(this parameter) into: `.grad` while it trains. Frozen: None where the
-        op may skip that gradient (skippable: a Conv2D / Dense weight or bias, BatchNorm's dgamma), else a scratch
-        array of the same shape whose contents nobody reads (BatchNorm's dbeta, which its ops always compute), so
-        that `.grad` stays zero either way."""
-        if self._requires_grad:
-            return self._grad
-        return None if skippable else self._sink
+    def grad_target(self):
+        """The array a backward op adds dE/d(this parameter) into: `.grad` while it trains; None while frozen (the
+        ops skip that gradient, so `.grad` stays zero)."""
+        return self._grad if self._requires_grad else None
 
     @property
     def shape(self) -> tuple:
@@ -290,7 +283,7 @@ class WeightedLayer(Layer):
     def grad_targets(self) -> tuple:
         """(dw, db) for the backward op: the parameters' .grad, or None for a frozen one (the op skips that
         gradient, see Parameter.grad_target) or an absent bias."""
-        return self.weight.grad_target(skippable=True), self.bias.grad_target(skippable=True) if self.use_bias else None
+        return self.weight.grad_target(), self.bias.grad_target() if self.use_bias else None
 
     def forward(self, x):
         self._check_input(x)

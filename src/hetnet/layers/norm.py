@@ -69,10 +69,10 @@ class _BatchNorm(Layer):
         return self
 
     def grad_targets(self) -> tuple:
-        """(dgamma, dbeta) for the backward op: None for dgamma when the scale is frozen or absent (not computed),
-        a scratch array for dbeta when the shift is frozen (see Parameter.grad_target)."""
+        """(dgamma, dbeta) for the backward op: None for a frozen parameter and for an absent scale (not computed,
+        see Parameter.grad_target)."""
         w = self.params.get("weight")
-        return w.grad_target(skippable=True) if w is not None else None, self.bias.grad_target()
+        return w.grad_target() if w is not None else None, self.bias.grad_target()
 
     def output_shape(self, input_shape: tuple) -> tuple:
         if len(input_shape) != self.ndim or input_shape[0] != self.num_features:

@@ -261,13 +261,14 @@ def bn_gelu_backward(dy, cache, dgamma, dbeta, need_dx=True, relu_mask=False, in
 
 
 def _bn_backward_coefficients(sum_dy, sum_dy_xc, inv_std, gamma, training, m, dgamma, dbeta, sync=None):
-    """Add dE/dgamma (unless dgamma is None) and dE/dbeta; return (a, bc, cc) per channel (float64) with
+    """Add dE/dgamma and dE/dbeta (each unless None); return (a, bc, cc) per channel (float64) with
     dx = a*dy + bc*(x - mean) + cc. sync = (reduce, M) for synchronised statistics: dgamma and dbeta get this
     process's sums (the gradient reduction averages them), dx the sums of every process's batch, over M values."""
     sum_dy_xhat = inv_std * sum_dy_xc
     if dgamma is not None:
         dgamma += sum_dy_xhat.astype(_F)    # dE/dgamma = sum dy * xhat
-    dbeta += sum_dy.astype(_F)              # dE/dbeta = sum dy
+    if dbeta is not None:
+        dbeta += sum_dy.astype(_F)          # dE/dbeta = sum dy
     if sync is not None:
         reduce, m = sync
         sums = np.concatenate([sum_dy, sum_dy_xhat])

@@ -136,8 +136,8 @@ HN_TWO_INDEX_KERNELS(bn_apply,
 
 // The end of a batch-norm backward reduction for channel c: this block's sums s (of the gradient) and sx (of the
 // gradient times xhat) are added across the block, then across the channel's blocks in double (acc); the last block
-// to finish writes red[c] = s, red[C + c] = sx, adds them to dbeta[c] and dgamma[c] (dgamma may be null: a frozen
-// or constant scale, whose gradient is not wanted), and resets acc and count.
+// to finish writes red[c] = s, red[C + c] = sx, adds them to dbeta[c] and dgamma[c] (either may be null: a frozen
+// or constant parameter, whose gradient is not wanted), and resets acc and count.
 __device__ __forceinline__ void hn_bn_bwd_finish(double s, double sx, double* shm, float* __restrict__ red,
                                                  float* __restrict__ dgamma, float* __restrict__ dbeta,
                                                  double* __restrict__ acc, unsigned* __restrict__ count, int c,
@@ -153,7 +153,7 @@ __device__ __forceinline__ void hn_bn_bwd_finish(double s, double sx, double* sh
         const float t1 = (float)atomicAdd(acc + 2 * c, 0.0), t2 = (float)atomicAdd(acc + 2 * c + 1, 0.0);
         red[c] = t1;
         red[C + c] = t2;
-        dbeta[c] += t1;
+        if (dbeta) dbeta[c] += t1;
         if (dgamma) dgamma[c] += t2;
         acc[2 * c] = 0.0;
         acc[2 * c + 1] = 0.0;

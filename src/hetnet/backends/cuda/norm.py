@@ -14,6 +14,11 @@ _i32, _i64, _f32 = np.int32, np.int64, np.float32
 GELU = 2          # norm.cu's act code of the fused BatchNorm -> GELU (common.cuh's HN_GELU; the contract's acts: _act)
 
 
+def _or_null(a):
+    """A gradient array, or the kernels' null pointer for a skipped one (a frozen parameter)."""
+    return NULL if a is None else a
+
+
 class NormOps:
     """CudaBackend's batch-normalisation ops (norm.cu)."""
 
@@ -91,7 +96,7 @@ class NormOps:
         acc = self.scratch("bn_acc", (2 * c,), np.float64)
         cnt = self.scratch("bn_cnt", (c,), np.uint32)
         get_kernel(self.device_id, "norm", self.ix("bn_bwd_reduce", x.size))(self._bn_grid(n, c, hw), (256,), (
-            dy, x, mean, var, gamma, beta, red, dgamma if dgamma is not None else NULL, dbeta, acc, cnt, _i32(n),
+            dy, x, mean, var, gamma, beta, red, _or_null(dgamma), _or_null(dbeta), acc, cnt, _i32(n),
             _i32(c), _i32(hw), _f32(eps), _i32(act)))
         if sync is not None:
             self._bn_sync_grad_sums(red, n * hw, sync)
@@ -141,7 +146,7 @@ class NormOps:
         dims = (_i32(n), _i32(c), _i32(h), _i32(w), _i32(p), _i32(q), _i32(kernel), _i32(stride), _f32(eps))
         reduce = get_kernel(self.device_id, "norm", self.ix("bn_relu_maxpool_bwd_reduce", x.size))
         reduce(self._bn_grid(n, c, h * w), (256,), (dy, arg, x, mean, var, gamma, beta, red,
-                                                     dgamma if dgamma is not None else NULL, dbeta, acc, cnt, *dims))
+                                                     _or_null(dgamma), _or_null(dbeta), acc, cnt, *dims))
         if sync is not None:
             self._bn_sync_grad_sums(red, n * h * w, sync)
         if not need_dx:
