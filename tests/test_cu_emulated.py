@@ -9,18 +9,14 @@ from __future__ import annotations
 
 import ctypes
 import re
-import shutil
-import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
+from emu_build import build_emulated
 from mma_cases import nhwc16
 
 from hetnet.backends import reference as ref
 from hetnet.backends.cuda import kernels
-
-EMU_DIR = Path(__file__).resolve().parent / "cuda_emu"
 
 # the two kernels' launches as C entry points; `__shared__` arrays are per block (the emulator runs one block at a
 # time), and the PTX conversion is the emulator's hn_pack_bf16x2 (the same rounding, same halves)
@@ -78,18 +74,8 @@ def _kernels_text() -> str:
 
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
-    if shutil.which("g++") is None:
-        pytest.skip("g++ not installed")
-    out = tmp_path_factory.mktemp("emu_copies")
-    src = out / "copies_emulated.cc"
     body = re.sub(r"\bhn_bf16x2_bits\b", "hn_pack_bf16x2", _kernels_text())
-    src.write_text("#define __shared__ static\n" + body + ENTRY)
-    lib = out / "libcopies_emu.so"
-    cmd = ["g++", "-std=c++17", "-O1", "-shared", "-fPIC", "-Wall", "-Werror", "-include",
-           str(EMU_DIR / "cuda_emu.h"), "-DHN_EMULATE", str(src), "-o", str(lib)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return ctypes.CDLL(str(lib))
+    return build_emulated(tmp_path_factory.mktemp("emu_cu"), "cu_emu", "#define __shared__ static\n" + body + ENTRY)
 
 
 def _ptr(a: np.ndarray):

@@ -10,13 +10,12 @@ Needs g++ (skipped without); no GPU. The GPU versions of these checks are tests/
 from __future__ import annotations
 
 import ctypes
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import RTOL_EMULATED, RTOL_TC, rel_err
+from emu_build import EMU_DIR, build_emulated
 from mma_cases import (CONV16_SHAPES, CONV_SHAPES, SHAPES, conv_data_expected, conv_data_inputs, conv_expected,
                        conv_filter_expected, conv_filter_inputs, conv_inputs, expected, nhwc16, stored, turned16)
 
@@ -25,7 +24,6 @@ from hetnet.backends.cuda import mma as mm
 from hetnet.backends.cuda.mma_tiles import LAYOUTS, TILES, TILES16, TILES16W
 from hetnet.bench.common import GEMM_RTOL
 
-EMU_DIR = Path(__file__).resolve().parent / "cuda_emu"
 SMS = 4      # a small "GPU", so that split-K and the choice between tiles happen at emulator sizes
 
 
@@ -41,18 +39,8 @@ extern "C" void emu_div(const int* x, int n, int d, int* q) {
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
     """mma.cu with its entry points, compiled as C++ against the emulator into a shared library."""
-    if shutil.which("g++") is None:
-        pytest.skip("g++ not installed")
-    out = tmp_path_factory.mktemp("emu")
-    src = out / "mma_emulated.cc"
-    src.write_text(kernels.cu_text("mma") + EMU_DIV)
-    lib = out / "libmma_emu.so"
-    cmd = ["g++", "-std=c++17", "-O1", "-shared", "-fPIC", "-Wall", "-Wno-unknown-pragmas", "-Werror",
-           "-include", str(EMU_DIR / "cuda_emu.h"), "-DHN_EMULATE", str(src), str(EMU_DIR / "gemm_launch.cpp"),
-           "-o", str(lib)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return ctypes.CDLL(str(lib))
+    return build_emulated(tmp_path_factory.mktemp("emu"), "mma_emu", kernels.cu_text("mma") + EMU_DIV,
+                          EMU_DIR / "gemm_launch.cpp")
 
 
 def _span(x, items: int, stride: int) -> tuple[int, int]:
