@@ -458,13 +458,16 @@ def _filter_backward(be, g, copies, dy, x, dw, db):
     copies.drop("x")
 
 
+def _measured16(be, op: str, g: Geometry) -> str | None:
+    """The measured choice of op for g when it is a "tc16" candidate (one that reads channels-last bf16 copies)."""
+    choice = be._tune.get((op, g.key()))
+    return choice if choice and choice.startswith("tc16") and not (be.force_conv_algo or _forced()) else None
+
+
 def _kept16(be, g: Geometry) -> str | None:
     """The forward's "tc16" candidate for g when the forward and the filter gradient were both measured to run on
     channels-last bf16 copies (so the forward's copy of x can serve the backward instead of x), else None."""
-    fwd, flt = be._tune.get(("fwd", g.key())), be._tune.get(("filter", g.key()))
-    if fwd and flt and fwd.startswith("tc16") and flt.startswith("tc16") and not (be.force_conv_algo or _forced()):
-        return fwd
-    return None
+    return _measured16(be, "fwd", g) if _measured16(be, "filter", g) else None
 
 
 def conv_forward_kept(be, x, w, b, stride, pad, act=0):
@@ -495,7 +498,7 @@ def conv_backward(be, dy, x, w, dw, db, stride, pad, need_dx=True, relu_x=None, 
     copies = _Copies16(be, dy, x, x16)
     if dw is not None and x is None:
         copies.share = True
-        _filter_tc16(be, g, copies, dy, dw, db, _tile16_of("filter", be._tune[("filter", g.key())]))
+        _filter_tc16(be, g, copies, dy, dw, db, _tile16_of("filter", _measured16(be, "filter", g)))
     elif dw is not None:
         _filter_backward(be, g, copies, dy, x, dw, db)
     elif db is not None:
@@ -514,12 +517,6 @@ def conv_backward(be, dy, x, w, dw, db, stride, pad, need_dx=True, relu_x=None, 
     copies.share = True
     dc[choice](dx)
     return dx
-
-
-def _measured16(be, op: str, g: Geometry) -> str | None:
-    """The measured choice of op for g when it is a "tc16" candidate (one that reads channels-last bf16 copies)."""
-    choice = be._tune.get((op, g.key()))
-    return choice if choice and choice.startswith("tc16") and not (be.force_conv_algo or _forced()) else None
 
 
 def conv_backward16(be, g: Geometry, dy16, x, x16, w, dw, need_dx=True, relu_x=None):
