@@ -147,6 +147,18 @@ __device__ __forceinline__ void hn_wgmma_wait() {
 // The accumulator operands of hn_wgmma_bf16's asm, d[j][0..3] 16 columns at a time.
 #define HN_D4(j) "+f"(d[j][0]), "+f"(d[j][1]), "+f"(d[j][2]), "+f"(d[j][3])
 #define HN_D16(j) HN_D4(j), HN_D4(j + 1), HN_D4(j + 2), HN_D4(j + 3)
+// Their names in the asm text: %0 .. %31, then %32 .. %63, %64 .. %127 for the wider tiles.
+#define HN_R32                                                                                                  \
+    "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                                    \
+    "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+#define HN_R64                                                                                                  \
+    HN_R32 ", %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "                 \
+    "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+#define HN_R128                                                                                                 \
+    HN_R64 ", %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "                 \
+    "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "                          \
+    "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "              \
+    "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
 // d += A B for the warpgroup's 64 x N tile, K = 16: A 64 x 16 and B 16 x N bf16 in shared memory (descriptors da,
 // db), both K-major (MN = 0: hn_wgmma_desc) or both MN-major (MN = 1, the instruction's transpose flags:
 // hn_wgmma_desc_mn). d is the accumulator in mma.sync's m16n8 fragment order per warp (warp w of the group holds rows
@@ -157,35 +169,21 @@ __device__ __forceinline__ void hn_wgmma_bf16(float (&d)[N / 8][4], unsigned lon
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     if constexpr (N == 64) {
         asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-                     "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
-                     "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-                     "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+                     "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {" HN_R32
                      "}, %32, %33, p, 1, 1, %35, %35;\n}\n"
                      : HN_D16(0), HN_D16(4)
                      : "l"(da), "l"(db), "r"(1), "n"(MN));
     }
     if constexpr (N == 128) {
         asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-                     "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
-                     "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-                     "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-                     "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-                     "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+                     "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {" HN_R64
                      "}, %64, %65, p, 1, 1, %67, %67;\n}\n"
                      : HN_D16(0), HN_D16(4), HN_D16(8), HN_D16(12)
                      : "l"(da), "l"(db), "r"(1), "n"(MN));
     }
     if constexpr (N == 256) {
         asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
-                     "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {"
-                     "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-                     "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-                     "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-                     "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
-                     "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
-                     "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
-                     "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
-                     "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+                     "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {" HN_R128
                      "}, %128, %129, p, 1, 1, %131, %131;\n}\n"
                      : HN_D16(0), HN_D16(4), HN_D16(8), HN_D16(12), HN_D16(16), HN_D16(20), HN_D16(24), HN_D16(28)
                      : "l"(da), "l"(db), "r"(1), "n"(MN));
@@ -194,6 +192,9 @@ __device__ __forceinline__ void hn_wgmma_bf16(float (&d)[N / 8][4], unsigned lon
     __trap();
 #endif
 }
+#undef HN_R128
+#undef HN_R64
+#undef HN_R32
 #undef HN_D16
 #undef HN_D4
 #endif  // HN_EMULATE
