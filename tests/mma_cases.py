@@ -119,6 +119,20 @@ CONV16_SHAPES = [(2, 8, 7, 9, 16, 3, 3, 1, 1), (1, 16, 6, 6, 72, 1, 1, 1, 0), (3
                  (2, 16, 6, 5, 8, 3, 3, 1, 0)]
 
 
+def max_pool_2x2(y):
+    """maxpool2d_forward's (y, argmax bytes) over 2 x 2 windows at stride 2 of y [n, C, H, W], in NumPy: the first
+    maximum in window order (the rows and columns past 2 (H // 2), 2 (W // 2) in no window)."""
+    n, c, h, w = y.shape
+    win = y[:, :, :h // 2 * 2, :w // 2 * 2].reshape(n, c, h // 2, 2, w // 2, 2).transpose(0, 1, 2, 4, 3, 5)
+    win = win.reshape(n, c, h // 2, w // 2, 4)
+    return win.max(axis=-1), win.argmax(axis=-1).astype(np.uint8)
+
+
+# the pooled forward's (2 x 2 windows at stride 2 over the output)
+POOL16_SHAPES = [(2, 8, 7, 9, 16, 3, 3, 1, 1), (3, 8, 9, 8, 24, 5, 5, 2, 2), (2, 24, 5, 7, 136, 3, 3, 2, 0),
+                 (4, 8, 16, 18, 16, 3, 3, 1, 1)]
+
+
 def bf16_bits(a):
     """The bf16 (round to nearest even) of float32 values, as their 16 bits (uint16)."""
     return (round_bf16(a).view(np.uint32) >> 16).astype(np.uint16)

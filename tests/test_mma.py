@@ -23,8 +23,9 @@ if _N_GPUS == 0:
     pytest.skip("no CUDA GPU", allow_module_level=True)
 
 from conftest import RTOL_TC, RTOL_TC_ROUNDED, rel_err
-from mma_cases import (CONV16_SHAPES, CONV_SHAPES, SHAPES, conv_data_expected, conv_data_inputs, conv_expected,
-                       conv_filter_expected, conv_filter_inputs, conv_inputs, expected, nhwc16, stored, turned16)
+from mma_cases import (CONV16_SHAPES, CONV_SHAPES, POOL16_SHAPES, SHAPES, conv_data_expected, conv_data_inputs,
+                       conv_expected, conv_filter_expected, conv_filter_inputs, conv_inputs, expected, max_pool_2x2,
+                       nhwc16, stored, turned16)
 
 from hetnet.backends import compose
 from hetnet.backends.cuda import conv as C
@@ -371,6 +372,64 @@ def test_pool_grad_nhwc16(be, rng, shape, k):
     want = mm.to_nhwc16(be, be.maxpool2d_backward(dy, cache))
     got = mm.pool_grad_nhwc16(be, dy, cache[2], shape, k)
     np.testing.assert_array_equal(cupy.asnumpy(got), cupy.asnumpy(want))
+
+
+@pytest.mark.parametrize("shape", POOL16_SHAPES, ids=str)
+def test_conv16_pool(be, rng, shape):
+    """The pooled forward of each tile (the wgmma ones where the device runs them), with bias + ReLU and without: y
+    and the argmax bytes exactly max_pool_2x2 of the same tile's forward, y within the bf16 tolerance of float64."""
+    n, c, h, w_, o, r, s, stride, pad = shape
+    be = get_backend("cuda", "bf16")
+    tiles = TILES16["pool"] + (TILES16W["pool"] if wgmma_ok(be.device_id) else ())
+    for k, tile in enumerate(tiles):
+        act = k % 2
+        x, w, b, y = conv_inputs(rng, shape, bias=act == 1)
+        gx, gw, gb = cupy.asarray(x), cupy.asarray(w), None if b is None else cupy.asarray(b)
+        gy = cupy.asarray(y)
+        mm.conv16(be, gy, gx, gw, gb, stride, pad, act, tile.name)
+        want_y, want_arg = max_pool_2x2(cupy.asnumpy(gy))
+        py, parg = mm.conv16_pool(be, gx, gw, gb, stride, pad, act, tile.name)
+        np.testing.assert_array_equal(cupy.asnumpy(py), want_y, err_msg=f"{shape} {tile.name}: y")
+        np.testing.assert_array_equal(cupy.asnumpy(parg), want_arg, err_msg=f"{shape} {tile.name}: argmax")
+        err = rel_err(cupy.asnumpy(py), max_pool_2x2(conv_expected(x, w, b, stride, pad, act, "bf16"))[0])
+        assert err <= RTOL_TC_ROUNDED["bf16"], f"{shape} {tile.name}: relative error {err:.3g}"
+
+
+@pytest.mark.parametrize("relu", [False, True], ids=["conv_pool", "conv_relu_pool"])
+def test_conv_maxpool_forward_pools_in_the_epilogue(rng, relu, monkeypatch):
+    """Where the forward of a shape was measured on a "tc16" candidate (set here), conv2d_maxpool_forward and
+    conv2d_relu_maxpool_forward run one pooled kernel: y, the argmax bytes, and the backward's dx, dw, db are bit
+    for bit the two ops' in a row; the conv_pool forward told relu_mask=False keeps only x's channels-last copy where
+    the filter gradient runs on it too."""
+    be = get_backend("cuda", "bf16")
+    shape = (4, 16, 15, 13, 32, 3, 3, 1, 1)
+    x, w, b, _ = conv_inputs(rng, shape)
+    calls = []
+    pooled = mm.conv16_pool
+    monkeypatch.setattr(mm, "conv16_pool", lambda *a, **kw: calls.append(1) or pooled(*a, **kw))
+    with _measured_as(be, shape, {"fwd": "tc16", "filter": "tc16s", "data": "tc16"}):
+        gx, gw, gb = cupy.asarray(x), cupy.asarray(w), cupy.asarray(b)
+        if relu:
+            fused = be.conv2d_relu_maxpool_forward(gx, gw, gb, 1, 1, 2, 2)
+            two = compose.conv2d_relu_maxpool_forward(be, gx, gw, gb, 1, 1, 2, 2)
+            backward, composed = be.conv2d_relu_maxpool_backward, compose.conv2d_relu_maxpool_backward
+        else:
+            fused = be.conv2d_maxpool_forward(gx, gw, gb, 1, 1, 2, 2, relu_mask=False)
+            two = compose.conv2d_maxpool_forward(be, gx, gw, gb, 1, 1, 2, 2, relu_mask=False)
+            backward, composed = be.conv2d_maxpool_backward, compose.conv2d_maxpool_backward
+        assert calls == [1]
+        (y, cache), (y2, cache2) = fused, two
+        np.testing.assert_array_equal(cupy.asnumpy(y), cupy.asnumpy(y2), err_msg="y")
+        np.testing.assert_array_equal(cupy.asnumpy(cache[1][2]), cupy.asnumpy(cache2[1][2]), err_msg="argmax")
+        assert cache[1][0] == cache2[1][0] and (cache[0][0] is None) == (not relu)
+        dy = cupy.asarray(rng.standard_normal(y.shape).astype(np.float32))
+        out = []
+        for bwd, c in ((backward, cache), (lambda *a, **kw: composed(be, *a, **kw), cache2)):
+            dw, db = cupy.zeros_like(gw), cupy.zeros_like(gb)
+            out.append([cupy.asnumpy(a) for a in (bwd(dy, c, dw, db, need_dx=True), dw)] + [cupy.asnumpy(db)])
+        np.testing.assert_array_equal(out[0][0], out[1][0], err_msg="dx")
+        np.testing.assert_array_equal(out[0][1], out[1][1], err_msg="dw")
+        assert rel_err(out[0][2], out[1][2]) <= 1e-5
 
 
 @pytest.mark.parametrize("bias", [False, True])

@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 from conftest import RTOL_EMULATED, RTOL_TC, rel_err
 from emu_build import EMU_DIR, build_emulated
-from mma_cases import (CONV16_SHAPES, CONV_SHAPES, SHAPES, conv_data_expected, conv_data_inputs, conv_expected,
-                       conv_filter_expected, conv_filter_inputs, conv_inputs, expected, nhwc16, stored, turned16)
+from mma_cases import (CONV16_SHAPES, CONV_SHAPES, POOL16_SHAPES, SHAPES, conv_data_expected, conv_data_inputs,
+                       conv_expected, conv_filter_expected, conv_filter_inputs, conv_inputs, expected, max_pool_2x2,
+                       nhwc16, stored, turned16)
 
 from hetnet.backends.cuda import kernels
 from hetnet.backends.cuda import mma as mm
@@ -394,6 +395,32 @@ def test_conv16(emu, rng, shape):
                 want = conv_filter_expected(dy, x, dw0, shape, "bf16").transpose(0, 2, 3, 1)
                 err = rel_err(part - part0, want - part0)
                 assert err <= RTOL_EMULATED, f"filter {shape} {tile.name} splits {call.splits}: {err:.3g}"
+
+
+@pytest.mark.parametrize("shape", POOL16_SHAPES, ids=str)
+def test_conv16_pool(emu, rng, shape):
+    """The pooled forward (HN_CONV16 / HN_CONV16W EPI 4) of each tile, with bias + ReLU and without: y and the
+    argmax bytes exactly max_pool_2x2 of the same tile's forward (each output's sum in the same order), y within the
+    emulated tolerance of float64 too; both poisoned first (the bytes as NaN's), so every element is written.
+    Shapes: odd P and Q (a row and column in no window), pooled counts that are not a multiple of 4, M over one
+    tile, N over several."""
+    n, c, h, w_, o, r, s, stride, pad = shape
+    for k, tile in enumerate(TILES16["pool"] + TILES16W["pool"]):
+        act = k % 2
+        x, w, b, y = conv_inputs(rng, shape, bias=act == 1)
+        x[0, 0, 0, :3] = x[0, 0, 0, 0]                      # equal inputs: ties inside some windows
+        x16, w16 = nhwc16(x), nhwc16(w)
+        run_conv(emu, mm.plan_conv16(y, x16, w16, b, stride, pad, act, tile.name))
+        want_y, want_arg = max_pool_2x2(y)
+        buf, py, parg = mm.pooled_outputs(np, n, o, *want_y.shape[2:])
+        buf[:] = np.nan
+        call = mm.plan_conv16_pool(buf, x16, w16, b, stride, pad, act, tile.name)
+        assert call.tile is tile and call.kchunk == n * want_y.shape[2] * want_y.shape[3]
+        run_conv(emu, call)
+        np.testing.assert_array_equal(py, want_y, err_msg=f"{shape} {tile.name}: y")
+        np.testing.assert_array_equal(parg, want_arg, err_msg=f"{shape} {tile.name}: argmax")
+        err = rel_err(py, max_pool_2x2(conv_expected(x, w, b, stride, pad, act, "bf16"))[0])
+        assert err <= RTOL_EMULATED, f"{shape} {tile.name}: relative error {err:.3g}"
 
 
 def test_conv16_launcher():

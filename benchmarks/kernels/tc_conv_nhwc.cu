@@ -33,7 +33,7 @@ __device__ __forceinline__ void hn_conv_nhwc_bf16(unsigned char* smem, const flo
     const int tid = th.tid, tiles = blk.tiles;
     float acc[MT][NT][4];
     hn_zero(acc);
-    const auto rows = hn_nhwc_rows<FB::ROWS, FB::COLS, THREADS>(cv, blk.n0, N, tid);
+    const auto rows = hn_nhwc_rows<1, FB::ROWS, FB::COLS, THREADS>(cv, blk.n0, N, tid);
     const HnDiv by_c = hn_div_of(cv.c);
 
     auto issue = [&](int kt) {

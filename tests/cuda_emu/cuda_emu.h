@@ -622,6 +622,10 @@ inline void hn_st(float* p, float v) {
     emu::global_check(p, 4, true, "st.global");
     *p = v;
 }
+inline void hn_st_byte(unsigned char* p, unsigned char v) {
+    emu::global_check(p, 1, true, "st.global.u8");
+    *p = v;
+}
 inline void hn_st2(float* p, float x, float y) {
     emu::aligned(p, 8, "st.global.v2");
     emu::global_check(p, 8, true, "st.global.v2");

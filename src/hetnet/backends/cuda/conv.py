@@ -486,6 +486,23 @@ def conv_forward_kept(be, x, w, b, stride, pad, act=0):
     return y, x16
 
 
+def conv_maxpool_forward(be, x, w, b, stride, pad, act, kernel, pool_stride, keep):
+    """maxpool2d_forward(act(conv(x, w) + b), kernel, pool_stride) as ((y, arg), x16) with the pooling in the
+    convolution's epilogue (mma.conv16_pool) where the windows are 2 x 2 at stride 2 and the forward was measured to
+    run on channels-last copies; x16 (keep: x is no ReLU output) the copy of x that serves the backward
+    (conv_forward_kept's rule), else None. None where the fused kernel does not apply."""
+    n, c, h, wd = x.shape
+    k, _, r, s = w.shape
+    g = Geometry(n, c, h, wd, k, r, s, stride, pad)
+    fwd = _measured16(be, "fwd", g) if kernel == pool_stride == 2 else None
+    if fwd is None or not _contiguous(x, w, b):
+        return None
+    check(x, w, b)
+    x16 = mma.to_nhwc16(be, x)
+    pooled = mma.conv16_pool(be, x, w, b, stride, pad, act, _tile16_of("pool", fwd), x16)
+    return pooled, (x16 if keep and _kept16(be, g) else None)
+
+
 def conv_backward(be, dy, x, w, dw, db, stride, pad, need_dx=True, relu_x=None, x16=None, x_shape=None):
     """dw += dE/dw, db += dE/db (each unless None: a frozen parameter); returns dE/dx (zeroed where relu_x <= 0 when
     given) or None. x may be None where conv_forward_kept kept x16, its copy (x_shape: x's shape): the filter
@@ -589,13 +606,35 @@ class ConvOps:
                              x16, x_shape)
 
     # the fused ops that are this backend's own ops in a row (their caches keep what each op keeps)
+    def _conv_pool_forward(self, x, w, b, stride, padding, pool_kernel, pool_stride, act, keep):
+        """The conv2d -> maxpool2d caches of (conv2d_forward, maxpool2d_forward) from one kernel where
+        conv_maxpool_forward applies, else None."""
+        x = self._c(x)
+        fused = None
+        if self.precision == "bf16":
+            fused = conv_maxpool_forward(self, x, w, b, int(stride), int(padding), act_code(act), int(pool_kernel),
+                                         int(pool_stride), keep)
+        if fused is None:
+            return None
+        (y, arg), x16 = fused
+        k = w.shape[0]
+        g = Geometry(*x.shape, k, w.shape[2], w.shape[3], int(stride), int(padding))
+        conv_cache = (x if x16 is None else None, w, int(stride), int(padding), x16, x.shape)
+        return y, (conv_cache, ((x.shape[0], k, g.p, g.q), y, arg, int(pool_kernel), int(pool_stride)))
+
     def conv2d_relu_maxpool_forward(self, x, w, b, stride, padding, pool_kernel, pool_stride):
+        fused = self._conv_pool_forward(x, w, b, stride, padding, pool_kernel, pool_stride, "relu", False)
+        if fused is not None:
+            return fused
         return compose.conv2d_relu_maxpool_forward(self, x, w, b, stride, padding, pool_kernel, pool_stride)
 
     def conv2d_relu_maxpool_backward(self, dy, cache, dw, db, need_dx=True, relu_mask=False):
         return compose.conv2d_relu_maxpool_backward(self, dy, cache, dw, db, need_dx, relu_mask)
 
     def conv2d_maxpool_forward(self, x, w, b, stride, padding, pool_kernel, pool_stride, relu_mask=None):
+        fused = self._conv_pool_forward(x, w, b, stride, padding, pool_kernel, pool_stride, None, relu_mask is False)
+        if fused is not None:
+            return fused
         return compose.conv2d_maxpool_forward(self, x, w, b, stride, padding, pool_kernel, pool_stride, relu_mask)
 
     def conv2d_maxpool_backward(self, dy, cache, dw, db, need_dx=True, relu_mask=False):

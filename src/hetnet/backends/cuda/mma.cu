@@ -118,6 +118,7 @@ __device__ __forceinline__ float4 hn_ldg4(const float* p) { return __ldg(reinter
 __device__ __forceinline__ float hn_ldg(const float* p) { return __ldg(p); }
 __device__ __forceinline__ float hn_ld_c(const float* p) { return *p; }     // C, read before it is written
 __device__ __forceinline__ void hn_st(float* p, float v) { *p = v; }
+__device__ __forceinline__ void hn_st_byte(unsigned char* p, unsigned char v) { *p = v; }
 __device__ __forceinline__ void hn_st2(float* p, float x, float y) { *reinterpret_cast<float2*>(p) = make_float2(x, y); }
 __device__ __forceinline__ void hn_atomic_add(float* p, float v) { atomicAdd(p, v); }
 __device__ __forceinline__ unsigned hn_umulhi(unsigned a, unsigned b) { return __umulhi(a, b); }
@@ -491,6 +492,7 @@ struct HnConv {
     // kb_inner; A's column k = (k / ka_plane, k % ka_plane) (data and filter gradients); the stride (data gradient);
     // the output's plane (forward: P x Q, data gradient: H x W)
     HnDiv kb_plane, kb_inner, ka_plane, by_stride, out_plane;
+    int pooled;          // the pooled forward (EPI 4): images x P x Q pooled outputs (P, Q the pooled sizes here)
 };
 
 template <int MODE>
@@ -498,7 +500,7 @@ __device__ __forceinline__ HnConv hn_conv_of(const float* aux, int c, int h, int
                                              int stride, int pad, int act) {
     return {aux, c, h, w, r, s, p, q, o, stride, pad, act,
             hn_div_of(MODE == 3 ? p * q : r * s), hn_div_of(MODE == 3 ? q : s), hn_div_of(MODE == 2 ? r * s : p * q),
-            hn_div_of(stride), hn_div_of(MODE == 1 ? p * q : h * w)};
+            hn_div_of(stride), hn_div_of(MODE == 1 ? p * q : h * w), 0};
 }
 
 // The four columns n0 + c0 .. n0 + c0 + 3 of B that one thread copies in every K tile (hn_copy_tile_async's chunk
@@ -1009,6 +1011,35 @@ __device__ __forceinline__ void hn_conv_bf16_a(unsigned char* smem, HN_GEMM_PARA
 // rows' k (by P x Q, then Q). K is split over blockIdx.z (kchunk each), the parts added into dw with atomics as the
 // GEMM's split-K (beta 1).
 
+// The pooled forward (EPI 4): max_pool(act(conv(x, w) + b)) over 2 x 2 windows at stride 2, the pooled output y [n][O]
+// [P][Q] (P, Q the pooled sizes: the convolution's output rows and columns past 2P and 2Q, which no window reads,
+// are not computed) and the argmax byte of each (maxpool_fwd's: 2 dr + ds for window pixel (dr, ds), the first
+// maximum in that order, NaN winning). The GEMM is the forward's with its columns in window order: column n = 16 G
+// + 8 dr + 2 u + ds is pixel (dr, ds) of pooled output 4 G + u (u < 4), so N = 16 ceil(pooled / 4), and an
+// accumulator fragment's acc[i][j] and acc[i][j + 1] (j even: columns 8j + 2t, + 1 and 8j + 8 + 2t, + 1) hold the
+// four pixels of pooled output 4 (n0 + wn + 8j) / 16 + t in one thread. The argmax bytes follow y in its buffer.
+
+// The output pixel of GEMM column n (the forward: n = (img P + p) Q + q; the pooled forward: as above, with a pooled
+// output past cv.pooled out of range): its image, row and column; false when out of range.
+template <int EPI>
+__device__ __forceinline__ bool hn_out_pixel(const HnConv& cv, int n, int N, int& img, int& p, int& q) {
+    int at = n, dr = 0, ds = 0;
+    if (EPI == 4) {
+        at = (n >> 4) * 4 + ((n >> 1) & 3);
+        dr = (n >> 3) & 1;
+        ds = n & 1;
+    }
+    img = hn_div(at, cv.out_plane);
+    const int t = at - img * cv.out_plane.d;
+    p = t / cv.q;
+    q = t - p * cv.q;
+    if (EPI == 4) {
+        p = 2 * p + dr;
+        q = 2 * q + ds;
+    }
+    return n < N && (EPI != 4 || at < cv.pooled);
+}
+
 // The pixels of the ROWS / (THREADS / CPR) chunk rows a thread copies (rows tid / CPR + i * THREADS / CPR): where
 // the pixel's image starts in x (elements), and its window's top-left corner (out of range past N).
 template <int NROWS>
@@ -1016,7 +1047,7 @@ struct HnNhwcRows {
     int base[NROWS], ih0[NROWS], iw0[NROWS];
 };
 
-template <int ROWS, int COLS, int THREADS>
+template <int EPI, int ROWS, int COLS, int THREADS>
 __device__ __forceinline__ HnNhwcRows<ROWS * (COLS / 4) / THREADS> hn_nhwc_rows(const HnConv& cv, int n0, int N,
                                                                                  int tid) {
     constexpr int CPR = COLS / 4, NROWS = ROWS * CPR / THREADS;
@@ -1024,13 +1055,54 @@ __device__ __forceinline__ HnNhwcRows<ROWS * (COLS / 4) / THREADS> hn_nhwc_rows(
     HnNhwcRows<NROWS> rows;
 #pragma unroll
     for (int i = 0; i < NROWS; ++i) {
-        const int n = n0 + (tid + i * THREADS) / CPR;
-        const int img = hn_div(n, cv.out_plane), t = n - img * cv.out_plane.d, p = t / cv.q, q = t - p * cv.q;
+        int img, p, q;
+        const bool in = hn_out_pixel<EPI>(cv, n0 + (tid + i * THREADS) / CPR, N, img, p, q);
         rows.base[i] = img * cv.h * cv.w * cv.c;
-        rows.ih0[i] = n >= N ? -(1 << 30) : p * cv.stride - cv.pad;
+        rows.ih0[i] = in ? p * cv.stride - cv.pad : -(1 << 30);
         rows.iw0[i] = q * cv.stride - cv.pad;
     }
     return rows;
+}
+
+// The pooled forward's epilogue (EPI 4, above): per pooled output, the four pixels' act(acc + bias) compared in
+// window order, the maximum written to y (NCHW, cv.out_plane pixels a channel) and its position to the bytes after y.
+template <int MT, int NT>
+__device__ __forceinline__ void hn_conv_pool_epilogue(const HnBlock& b, float (&acc)[MT][NT][4], int M,
+                                                      const HnConv& cv, int wm, int wn, int lane) {
+    static_assert(NT % 2 == 0, "a window's two rows are fragments j and j + 1");
+    const int g = lane >> 2, t = lane & 3, plane = cv.out_plane.d;
+    unsigned char* arg = reinterpret_cast<unsigned char*>(b.C + static_cast<long long>(cv.pooled) * M);
+#pragma unroll
+    for (int i = 0; i < MT; ++i) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int m = b.m0 + wm + 16 * i + g + 8 * h;
+            if (m >= M) continue;
+            const float bias = cv.aux ? hn_ldg(cv.aux + m) : 0.f;
+#pragma unroll
+            for (int j = 0; j < NT; j += 2) {
+                const int at = (b.n0 + wn + 8 * j) / 4 + t;      // the pooled output
+                if (at >= cv.pooled) continue;
+                const float v[4] = {acc[i][j][2 * h], acc[i][j][2 * h + 1], acc[i][j + 1][2 * h],
+                                    acc[i][j + 1][2 * h + 1]};
+                float best = 0.f;
+                int bi = 0;
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    float z = v[e] + bias;
+                    if (cv.act == 1) z = z > 0.f ? z : 0.f;
+                    if (e == 0 || z > best || (z != z && best == best)) {
+                        best = z;
+                        bi = e;
+                    }
+                }
+                const int img = hn_div(at, cv.out_plane);
+                const long long out = (static_cast<long long>(img) * M + m) * plane + (at - img * plane);
+                hn_st(b.C + out, best);
+                hn_st_byte(arg + out, static_cast<unsigned char>(bi));
+            }
+        }
+    }
 }
 
 // Where element (row, col) of a shared tile lies (in elements), for the copies below: HnRowTile, rows STRIDE
@@ -1121,7 +1193,7 @@ __device__ __forceinline__ void hn_conv16_fwd(unsigned char* smem, const unsigne
     const int tid = th.tid, tiles = blk.tiles;
     float acc[MT][NT][4];
     hn_zero(acc);
-    const auto rows = hn_nhwc_rows<BN, BK / 2, THREADS>(cv, blk.n0, N, tid);   // chunks of 8: CPR = (BK / 2) / 4
+    const auto rows = hn_nhwc_rows<EPI, BN, BK / 2, THREADS>(cv, blk.n0, N, tid);   // chunks of 8: CPR = (BK / 2) / 4
     const HnDiv by_c = hn_div_of(cv.c);
 
     auto issue = [&](int kt) {
@@ -1131,7 +1203,10 @@ __device__ __forceinline__ void hn_conv16_fwd(unsigned char* smem, const unsigne
                                                                             k0, K, tid);
     };
     hn_bf16_direct_loop<false, true, OA, OB, STAGES, BK>(sa, sb, tiles, th, acc, issue);
-    hn_conv_epilogue<EPI, MT, NT>(blk, acc, M, N, cv, th.wm, th.wn, th.lane);
+    if constexpr (EPI == 4)
+        hn_conv_pool_epilogue<MT, NT>(blk, acc, M, cv, th.wm, th.wn, th.lane);
+    else
+        hn_conv_epilogue<EPI, MT, NT>(blk, acc, M, N, cv, th.wm, th.wn, th.lane);
 }
 
 // The K loop of the wgmma convolutions (HN_CONV16W), over STAGES shared buffers with one wgmma group in flight
@@ -1184,7 +1259,7 @@ __device__ __forceinline__ void hn_conv16w_fwd(unsigned char* smem, const unsign
     const int tid = threadIdx.x, gm = tid / 128 / WGN, gn = tid / 128 % WGN;
     float acc[1][WN / 8][4];
     hn_zero(acc);
-    const auto rows = hn_nhwc_rows<BN, BK / 2, THREADS>(cv, blk.n0, N, tid);   // chunks of 8: CPR = (BK / 2) / 4
+    const auto rows = hn_nhwc_rows<EPI, BN, BK / 2, THREADS>(cv, blk.n0, N, tid);   // chunks of 8: CPR = (BK / 2) / 4
     const HnDiv by_c = hn_div_of(cv.c);
 
     auto issue = [&](int kt) {
@@ -1194,7 +1269,10 @@ __device__ __forceinline__ void hn_conv16w_fwd(unsigned char* smem, const unsign
     };
     hn_wgmma_loop<STAGES, WN, 0>(blk.tiles, issue, sa + gm * 64 * BK, EA, sb + gn * WN * BK, EB, 16, acc[0],
                                  [](const unsigned short* p) { return hn_wgmma_desc(p); });
-    hn_conv_epilogue<EPI, 1, WN / 8>(blk, acc, M, N, cv, 64 * gm + 16 * ((tid >> 5) & 3), WN * gn, tid & 31);
+    if constexpr (EPI == 4)
+        hn_conv_pool_epilogue<1, WN / 8>(blk, acc, M, cv, 64 * gm + 16 * ((tid >> 5) & 3), WN * gn, tid & 31);
+    else
+        hn_conv_epilogue<EPI, 1, WN / 8>(blk, acc, M, N, cv, 64 * gm + 16 * ((tid >> 5) & 3), WN * gn, tid & 31);
 }
 
 // The divisors of the filter gradient's gathers: a column n = (r, s, c) by C and S, a row k = (img, p, q) by P x Q
@@ -1281,7 +1359,7 @@ __device__ __forceinline__ void hn_conv16w_filter(unsigned char* smem, const uns
     hn_epilogue<1, WN / 8>(blk, acc, M, N, N, 1.f, 1.f, 64 * gm + 16 * ((tid >> 5) & 3), WN * gn, tid & 31);
 }
 
-// HN_CONV16's body: EPI 1 or 2, hn_conv16_fwd; 3, hn_conv16_filter (arguments as HN_CONV16 says).
+// HN_CONV16's body: EPI 1, 2 or 4, hn_conv16_fwd; 3, hn_conv16_filter (arguments as HN_CONV16 says).
 template <int EPI, int BM, int BN, int BK, int WM, int WN, int ST>
 __device__ __forceinline__ void hn_conv16(unsigned char* smem, const unsigned short* B, const unsigned short* Wt,
                                           const float* aux, float* Y, int M, int N, int K, int C, int H, int W, int R,
@@ -1291,7 +1369,8 @@ __device__ __forceinline__ void hn_conv16(unsigned char* smem, const unsigned sh
         const HnConv cv = hn_conv_of<3>(aux, C, H, W, R, S, P, Q, O, stride, pad, act);
         hn_conv16_filter<BM, BN, BK, WM, WN, ST>(smem, Wt, B, Y, M, N, K, splits, kchunk, cv);
     } else {
-        const HnConv cv = hn_conv_of<1>(aux, C, H, W, R, S, P, Q, O, stride, pad, act);
+        HnConv cv = hn_conv_of<1>(aux, C, H, W, R, S, P, Q, O, stride, pad, act);
+        cv.pooled = kchunk;
         hn_conv16_fwd<EPI, BM, BN, BK, WM, WN, ST>(smem, Wt, B, Y, M, N, K, cv);
     }
 }
@@ -1330,7 +1409,9 @@ __device__ __forceinline__ void hn_conv16(unsigned char* smem, const unsigned sh
 // Wt = w [O][R][S][C], AUX = b, Y = y [n][O][P][Q]); EPI 2, the stride-1 data gradient as that forward (B = dy
 // [n][P][Q][O], Wt = the turned weights [C][R][S][O], AUX = relu_x or null, Y = dx; sizes as the forward's over dy);
 // EPI 3, the filter gradient (B = x [n][H][W][C], Wt = dy [n][P][Q][O], Y = dw [O][R][S][C] added into, K in
-// `splits` parts of `kchunk` over blockIdx.z). Shared memory STAGES x (BM + BN) x (BK + 8) x 2 bytes.
+// `splits` parts of `kchunk` over blockIdx.z); EPI 4, the pooled forward (the forward's arguments with P, Q the pooled
+// sizes, N = 16 ceil(kchunk / 4), kchunk = the pooled outputs n x P x Q, Y = y [n][O][P][Q] followed by its argmax
+// bytes). Shared memory STAGES x (BM + BN) x (BK + 8) x 2 bytes.
 #define HN_CONV16(name, EPI, BM, BN, BK, WM, WN, ST, MINB)                                                        \
     extern "C" __global__ void __launch_bounds__(32 * (BM / WM) * (BN / WN), MINB) name(                         \
         const unsigned short* __restrict__ B, const unsigned short* __restrict__ Wt, const float* __restrict__ AUX,  \
@@ -1341,10 +1422,10 @@ __device__ __forceinline__ void hn_conv16(unsigned char* smem, const unsigned sh
                                                pad, act, splits, kchunk);                                       \
     }
 
-// HN_CONV16W(hn_conv16_fwd_w128x256s4, 1, 2, 1, 256, 4): HN_CONV16's forward (EPI 1), data gradient (EPI 2) or
-// filter gradient (EPI 3) with its arguments, on wgmma (hn_conv16w_fwd, hn_conv16w_filter: WGM x WGN warpgroups of
-// 64 x WN each, block tile 64 WGM x WN WGN x 64, ST buffers); 128 WGM WGN threads, shared memory ST x (64 WGM + WN WGN)
-// x 64 x 2 + 1024 bytes (the 1024-byte alignment of the swizzled tiles).
+// HN_CONV16W(hn_conv16_fwd_w128x256s4, 1, 2, 1, 256, 4): HN_CONV16's forward (EPI 1), data gradient (EPI 2),
+// filter gradient (EPI 3) or pooled forward (EPI 4) with its arguments, on wgmma (hn_conv16w_fwd, hn_conv16w_filter:
+// WGM x WGN warpgroups of 64 x WN each, block tile 64 WGM x WN WGN x 64, ST buffers); 128 WGM WGN threads, shared
+// memory ST x (64 WGM + WN WGN) x 64 x 2 + 1024 bytes (the 1024-byte alignment of the swizzled tiles).
 #define HN_CONV16W(name, EPI, WGM, WGN, WN, ST)                                                                   \
     extern "C" __global__ void __launch_bounds__(128 * WGM * WGN, 1) name(                                     \
         const unsigned short* __restrict__ B, const unsigned short* __restrict__ Wt, const float* __restrict__ AUX,  \
@@ -1355,7 +1436,8 @@ __device__ __forceinline__ void hn_conv16(unsigned char* smem, const unsigned sh
             const HnConv cv = hn_conv_of<3>(AUX, C, H, W, R, S, P, Q, O, stride, pad, act);                     \
             hn_conv16w_filter<WGM, WGN, WN, ST>(hn_smem, Wt, B, Y, M, N, K, splits, kchunk, cv);                \
         } else {                                                                                                 \
-            const HnConv cv = hn_conv_of<1>(AUX, C, H, W, R, S, P, Q, O, stride, pad, act);                     \
+            HnConv cv = hn_conv_of<1>(AUX, C, H, W, R, S, P, Q, O, stride, pad, act);                           \
+            cv.pooled = kchunk;                                                                                  \
             hn_conv16w_fwd<EPI, WGM, WGN, WN, ST>(hn_smem, Wt, B, Y, M, N, K, cv);                              \
         }                                                                                                        \
     }

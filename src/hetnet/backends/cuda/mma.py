@@ -418,6 +418,36 @@ def plan_conv16(y, x16, w16, b, stride: int, pad: int, act: int = 0, tile: str |
     return _call16("fwd", tile, x16, w16, b, y, o, n * p * q, r * s * c, (c, h, wd, r, s, p, q, o, stride, pad), act)
 
 
+def pooled_outputs(xp, n: int, o: int, p: int, q: int):
+    """(buf, y, arg): the pooled forward's output buffer (plan_conv16_pool), and its two views, y [n, O, P, Q]
+    float32 and the argmax bytes arg [n, O, P, Q] uint8 after it (maxpool2d_forward's pair)."""
+    size = n * o * p * q
+    buf = xp.empty(-(-5 * size // 4), dtype=np.float32)
+    return buf, buf[:size].reshape(n, o, p, q), buf.view(np.uint8)[4 * size:5 * size].reshape(n, o, p, q)
+
+
+def plan_conv16_pool(buf, x16, w16, b, stride: int, pad: int, act: int = 0, tile: str | None = None
+                     ) -> ConvCall | None:
+    """max_pool2d(act(conv(x, w) + b), 2, 2) and its argmax bytes into buf (pooled_outputs), from x16 [n, H, W, C]
+    and w16 [O, R, S, C] (bf16 bits), b [O] float32 or None: the forward's GEMM on its tile, its columns in window
+    order, pooled in the epilogue (mma.cu, EPI 4). None when the pooled output is empty."""
+    n, h, wd, c = x16.shape
+    o, r, s, c2 = w16.shape
+    *_, p, q = _conv_sizes((n, c, h, wd), (o, c, r, s), stride, pad)
+    pp, pq = p // 2, q // 2
+    count = n * pp * pq
+    if (c2 != c or buf.ndim != 1 or buf.size * 4 < 5 * o * count or (b is not None and tuple(b.shape) != (o,))
+            or not conv16_fits("fwd", c, o, r, s, stride, pad)):
+        raise ValueError(f"conv16: x {x16.shape}, w {w16.shape}, pooled buffer {buf.shape} do not fit together")
+    if not conv_fits(x16, buf) or count * 4 >= 2**31:
+        raise ValueError(f"conv16: a tensor of shape {x16.shape} is past the kernel's 32-bit offsets")
+    call = _call16("pool", tile, x16, w16, b, buf, o, 16 * (-(-count // 4)), r * s * c,
+                   (c, h, wd, r, s, pp, pq, o, stride, pad), act)
+    if call is not None:
+        call.kchunk = count          # the kernel's count of pooled outputs (HN_CONV16's EPI 4)
+    return call
+
+
 def plan_conv16_data(dx, dy16, wt16, relu_x, pad: int, tile: str | None = None) -> ConvCall | None:
     """dx [n, C, H, W] = conv_backward_data(dy, w) (* (relu_x > 0) when relu_x is given) of a stride-1 convolution
     with padding `pad`, from dy16 [n, P, Q, O] and wt16, the turned weights [C, R, S, O] (conv.cu's turn_weights16),
@@ -488,6 +518,16 @@ def turn_weights16(be, w):
 def conv16(be, y, x, w, b, stride: int, pad: int, act: int = 0, tile: str | None = None) -> None:
     """y = act(conv(x, w) + b) from NCHW float32 x and w, copied channels-last in bf16 first (plan_conv16)."""
     launch_conv(be, plan_conv16(y, to_nhwc16(be, x), to_nhwc16(be, w), b, stride, pad, act, tile))
+
+
+def conv16_pool(be, x, w, b, stride: int, pad: int, act: int = 0, tile: str | None = None, x16=None):
+    """(y, arg) = maxpool2d_forward(act(conv(x, w) + b), 2, 2) from NCHW float32 x (or its copy x16) and w, on the
+    channels-last bf16 copies, pooled in the forward's epilogue (plan_conv16_pool)."""
+    n, c, h, wd, o, r, s, p, q = _conv_sizes(x.shape, w.shape, stride, pad)
+    buf, y, arg = pooled_outputs(be.xp, n, o, p // 2, q // 2)
+    x16 = to_nhwc16(be, x) if x16 is None else x16
+    launch_conv(be, plan_conv16_pool(buf, x16, to_nhwc16(be, w), b, stride, pad, act, tile))
+    return y, arg
 
 
 def conv16_data(be, dx, dy16, w, relu_x, pad: int, tile: str | None = None) -> None:

@@ -35,6 +35,9 @@ VARIANTS = {("tf32", ""): "hn_gemm_tf32", ("tf32", "l"): "hn_gemm_tf32_l", ("bf1
 # their ops with mma.cu's MODE of each (the forward, the data gradient, the filter gradient).
 CONV_VARIANTS = {("tf32", ""): "hn_conv_tf32", ("tf32", "l"): "hn_conv_tf32_l", ("bf16", "a"): "hn_conv_bf16_a"}
 CONV_OPS = {"fwd": 1, "data": 2, "filter": 3}
+# the channels-last bf16 convolutions (HN_CONV16, HN_CONV16W) also pool: "pool", the forward max-pooled over 2 x 2
+# windows at stride 2 in its epilogue (EPI 4)
+CONV16_OPS = {**CONV_OPS, "pool": 4}
 
 
 @dataclass(frozen=True)
@@ -167,15 +170,15 @@ class Tc16Tile:
         return self.stages * (self.bm + self.bn) * (self.bk + 8) * 2
 
     def conv_kernel(self, op: str) -> str:
-        assert op in CONV_OPS, (self, op)
+        assert op in CONV16_OPS, (self, op)
         return f"hn_conv16_{op}_{self.name}"
 
     def instantiation(self, op: str) -> str:
         """mma.cu's line that defines conv_kernel(op)."""
         if self.wgmma:
-            return (f"HN_CONV16W({self.conv_kernel(op)}, {CONV_OPS[op]}, {self.bm // 64}, {self.bn // self.wn}, "
+            return (f"HN_CONV16W({self.conv_kernel(op)}, {CONV16_OPS[op]}, {self.bm // 64}, {self.bn // self.wn}, "
                     f"{self.wn}, {self.stages})")
-        return (f"HN_CONV16({self.conv_kernel(op)}, {CONV_OPS[op]}, {self.bm}, {self.bn}, {self.bk}, {self.wm}, "
+        return (f"HN_CONV16({self.conv_kernel(op)}, {CONV16_OPS[op]}, {self.bm}, {self.bn}, {self.bk}, {self.wm}, "
                 f"{self.wn}, {self.stages}, {self.min_blocks})")
 
 
@@ -189,12 +192,12 @@ def wgmma_tile(bm: int, bn: int, stages: int, wn: int | None = None) -> Tc16Tile
 # (benchmarks/kernels/run_tc_conv_nhwc.py; the forward's on two blocks per SM, the filter gradient's on one).
 TILES16 = {"fwd": (Tc16Tile(128, 128, 32, 64, 32, 4, 2), Tc16Tile(64, 64, 32, 32, 32, 4)),
            "filter": (Tc16Tile(128, 128, 32, 64, 32, 4), Tc16Tile(64, 64, 32, 32, 32, 4))}
-TILES16["data"] = TILES16["fwd"]
+TILES16["data"] = TILES16["pool"] = TILES16["fwd"]     # the pooled forward runs on the forward's measured tile
 # The same on wgmma, for devices whose mma module is compiled for sm_90a (kernels.wgmma_ok): conv.py measures each.
 TILES16W = {"fwd": (wgmma_tile(128, 256, 4), wgmma_tile(128, 128, 4), wgmma_tile(64, 256, 4),
                     wgmma_tile(64, 256, 4, 128)),
             "filter": (wgmma_tile(128, 256, 4), wgmma_tile(128, 128, 4), wgmma_tile(64, 256, 4, 128))}
-TILES16W["data"] = TILES16W["fwd"]
+TILES16W["data"] = TILES16W["pool"] = TILES16W["fwd"]
 
 
 def instantiations(tiles: Iterable[TcTile], conv: Iterable[TcTile] = (), conv16: Iterable[dict] = (TILES16, TILES16W)
