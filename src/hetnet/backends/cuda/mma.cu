@@ -1422,12 +1422,13 @@ __device__ __forceinline__ void hn_conv16(unsigned char* smem, const unsigned sh
                                                pad, act, splits, kchunk);                                       \
     }
 
-// HN_CONV16W(hn_conv16_fwd_w128x256s4, 1, 2, 1, 256, 4): HN_CONV16's forward (EPI 1), data gradient (EPI 2),
+// HN_CONV16W(hn_conv16_fwd_w128x256s4, 1, 2, 1, 256, 4, 1): HN_CONV16's forward (EPI 1), data gradient (EPI 2),
 // filter gradient (EPI 3) or pooled forward (EPI 4) with its arguments, on wgmma (hn_conv16w_fwd, hn_conv16w_filter:
-// WGM x WGN warpgroups of 64 x WN each, block tile 64 WGM x WN WGN x 64, ST buffers); 128 WGM WGN threads, shared
-// memory ST x (64 WGM + WN WGN) x 64 x 2 + 1024 bytes (the 1024-byte alignment of the swizzled tiles).
-#define HN_CONV16W(name, EPI, WGM, WGN, WN, ST)                                                                   \
-    extern "C" __global__ void __launch_bounds__(128 * WGM * WGN, 1) name(                                     \
+// WGM x WGN warpgroups of 64 x WN each, block tile 64 WGM x WN WGN x 64, ST buffers, MINB blocks per SM for
+// __launch_bounds__); 128 WGM WGN threads, shared memory ST x (64 WGM + WN WGN) x 64 x 2 + 1024 bytes (the 1024-byte
+// alignment of the swizzled tiles).
+#define HN_CONV16W(name, EPI, WGM, WGN, WN, ST, MINB)                                                             \
+    extern "C" __global__ void __launch_bounds__(128 * WGM * WGN, MINB) name(                                  \
         const unsigned short* __restrict__ B, const unsigned short* __restrict__ Wt, const float* __restrict__ AUX,  \
         float* __restrict__ Y, int M, int N, int K, int C, int H, int W, int R, int S, int P, int Q, int O,         \
         int stride, int pad, int act, int splits, int kchunk) {                                                   \

@@ -151,12 +151,13 @@ class Tc16Tile:
     def __post_init__(self):
         if self.wgmma:
             assert self.bm % 64 == 0 and self.bk == 64 and self.wm == 64 and self.bn % self.wn == 0, self
-            assert self.wn in (64, 128, 256) and self.stages >= 3 and self.min_blocks == 1, self
+            assert self.wn in (64, 128, 256) and self.stages >= 3, self
 
     @property
     def name(self) -> str:
         if self.wgmma:
-            return f"w{self.bm}x{self.bn}s{self.stages}" + (f"n{self.wn}" if self.wn != self.bn else "")
+            return (f"w{self.bm}x{self.bn}s{self.stages}" + (f"n{self.wn}" if self.wn != self.bn else "")
+                    + (f"b{self.min_blocks}" if self.min_blocks > 1 else ""))
         return f"{self.bm}x{self.bn}x{self.bk}s{self.stages}" + (f"b{self.min_blocks}" if self.min_blocks > 1 else "")
 
     @property
@@ -177,14 +178,15 @@ class Tc16Tile:
         """mma.cu's line that defines conv_kernel(op)."""
         if self.wgmma:
             return (f"HN_CONV16W({self.conv_kernel(op)}, {CONV16_OPS[op]}, {self.bm // 64}, {self.bn // self.wn}, "
-                    f"{self.wn}, {self.stages})")
+                    f"{self.wn}, {self.stages}, {self.min_blocks})")
         return (f"HN_CONV16({self.conv_kernel(op)}, {CONV16_OPS[op]}, {self.bm}, {self.bn}, {self.bk}, {self.wm}, "
                 f"{self.wn}, {self.stages}, {self.min_blocks})")
 
 
-def wgmma_tile(bm: int, bn: int, stages: int, wn: int | None = None) -> Tc16Tile:
-    """A channels-last tile on wgmma: (bm / 64) x (bn / wn) warpgroups, each 64 x wn (default bn), K tiles of 64."""
-    return Tc16Tile(bm, bn, 64, 64, wn or bn, stages, wgmma=True)
+def wgmma_tile(bm: int, bn: int, stages: int, wn: int | None = None, min_blocks: int = 1) -> Tc16Tile:
+    """A channels-last tile on wgmma: (bm / 64) x (bn / wn) warpgroups, each 64 x wn (default bn), K tiles of 64;
+    min_blocks: __launch_bounds__'s blocks per SM."""
+    return Tc16Tile(bm, bn, 64, 64, wn or bn, stages, min_blocks, wgmma=True)
 
 
 # The channels-last tiles, (large, small) per op (the data gradient runs the forward's kernel body); conv.py measures
@@ -194,9 +196,13 @@ TILES16 = {"fwd": (Tc16Tile(128, 128, 32, 64, 32, 4, 2), Tc16Tile(64, 64, 32, 32
            "filter": (Tc16Tile(128, 128, 32, 64, 32, 4), Tc16Tile(64, 64, 32, 32, 32, 4))}
 TILES16["data"] = TILES16["pool"] = TILES16["fwd"]     # the pooled forward runs on the forward's measured tile
 # The same on wgmma, for devices whose mma module is compiled for sm_90a (kernels.wgmma_ok): conv.py measures each.
+# The "b" tiles fit several blocks per SM (shared memory and registers), so that one block's prologue and epilogue
+# overlap another's products: the short reductions (K = C x 9 of a few hundred) are mostly those.
 TILES16W = {"fwd": (wgmma_tile(128, 256, 4), wgmma_tile(128, 128, 4), wgmma_tile(64, 256, 4),
-                    wgmma_tile(64, 256, 4, 128)),
-            "filter": (wgmma_tile(128, 256, 4), wgmma_tile(128, 128, 4), wgmma_tile(64, 256, 4, 128))}
+                    wgmma_tile(64, 256, 4, 128), wgmma_tile(128, 128, 3, min_blocks=2),
+                    wgmma_tile(64, 128, 4, min_blocks=2)),
+            "filter": (wgmma_tile(128, 256, 4), wgmma_tile(128, 128, 4), wgmma_tile(64, 256, 4, 128),
+                       wgmma_tile(128, 128, 3, min_blocks=2))}
 TILES16W["data"] = TILES16W["pool"] = TILES16W["fwd"]
 
 
