@@ -318,6 +318,11 @@ def test_conv_layer_offers_the_channels_last_kernels(rng):
             assert any(r["op"] == op and r["shape"][0] == 3 and name in r["ms"] for r in be.tune_log), (op, name)
 
 
+# The filter gradient of the same inputs by the same kernel: its split-K parts are added with atomics, in whatever
+# order they finish, so two runs agree to float32 rounding of the sum, not bit for bit.
+DW_RTOL = 1e-6
+
+
 @contextlib.contextmanager
 def _measured_as(be, shape, choices: dict):
     """The backend's convolution choices for shape set to choices ({op: candidate}) as if measured, then restored."""
@@ -377,7 +382,7 @@ def test_pool_grad_nhwc16(be, rng, shape, k):
 @pytest.mark.parametrize("shape", POOL16_SHAPES, ids=str)
 def test_conv16_pool(be, rng, shape):
     """The pooled forward of each tile (the wgmma ones where the device runs them), with bias + ReLU and without: y
-    and the argmax bytes exactly max_pool_2x2 of the same tile's forward, y within the bf16 tolerance of float64."""
+    and the argmax bytes exactly max_pool_2x2 of the same tile's forward, y within the bf16 tolerances of float64."""
     n, c, h, w_, o, r, s, stride, pad = shape
     be = get_backend("cuda", "bf16")
     tiles = TILES16["pool"] + (TILES16W["pool"] if wgmma_ok(be.device_id) else ())
@@ -391,16 +396,16 @@ def test_conv16_pool(be, rng, shape):
         py, parg = mm.conv16_pool(be, gx, gw, gb, stride, pad, act, tile.name)
         np.testing.assert_array_equal(cupy.asnumpy(py), want_y, err_msg=f"{shape} {tile.name}: y")
         np.testing.assert_array_equal(cupy.asnumpy(parg), want_arg, err_msg=f"{shape} {tile.name}: argmax")
-        err = rel_err(cupy.asnumpy(py), max_pool_2x2(conv_expected(x, w, b, stride, pad, act, "bf16"))[0])
-        assert err <= RTOL_TC_ROUNDED["bf16"], f"{shape} {tile.name}: relative error {err:.3g}"
+        _checked16(f"{shape} {tile.name}", cupy.asnumpy(py), max_pool_2x2(conv_expected(x, w, b, stride, pad, act))[0],
+                   max_pool_2x2(conv_expected(x, w, b, stride, pad, act, "bf16"))[0])
 
 
 @pytest.mark.parametrize("relu", [False, True], ids=["conv_pool", "conv_relu_pool"])
 def test_conv_maxpool_forward_pools_in_the_epilogue(rng, relu, monkeypatch):
     """Where the forward of a shape was measured on a "tc16" candidate (set here), conv2d_maxpool_forward and
-    conv2d_relu_maxpool_forward run one pooled kernel: y, the argmax bytes, and the backward's dx, dw, db are bit
-    for bit the two ops' in a row; the conv_pool forward told relu_mask=False keeps only x's channels-last copy where
-    the filter gradient runs on it too."""
+    conv2d_relu_maxpool_forward run one pooled kernel: y, the argmax bytes and the backward's dx are bit for bit the
+    two ops' in a row, dw and db within float32 rounding (DW_RTOL); the conv_pool forward told relu_mask=False keeps
+    only x's channels-last copy where the filter gradient runs on it too."""
     be = get_backend("cuda", "bf16")
     shape = (4, 16, 15, 13, 32, 3, 3, 1, 1)
     x, w, b, _ = conv_inputs(rng, shape)
@@ -428,15 +433,15 @@ def test_conv_maxpool_forward_pools_in_the_epilogue(rng, relu, monkeypatch):
             dw, db = cupy.zeros_like(gw), cupy.zeros_like(gb)
             out.append([cupy.asnumpy(a) for a in (bwd(dy, c, dw, db, need_dx=True), dw)] + [cupy.asnumpy(db)])
         np.testing.assert_array_equal(out[0][0], out[1][0], err_msg="dx")
-        np.testing.assert_array_equal(out[0][1], out[1][1], err_msg="dw")
+        assert rel_err(out[0][1], out[1][1]) <= DW_RTOL
         assert rel_err(out[0][2], out[1][2]) <= 1e-5
 
 
 @pytest.mark.parametrize("bias", [False, True])
 def test_conv_maxpool_backward_on_the_channels_last_copies(rng, bias, monkeypatch):
     """Where the convolution's forward, filter and data gradients run "tc16" candidates (set here as if measured),
-    conv2d_maxpool_backward turns the pooled gradient straight into their channels-last bf16 input: dx and dw bit
-    for bit those of the two ops' backward; db (the sum of dy instead of dz) within float32 rounding."""
+    conv2d_maxpool_backward turns the pooled gradient straight into their channels-last bf16 input: dx bit for bit
+    that of the two ops' backward, dw within DW_RTOL; db (the sum of dy instead of dz) within float32 rounding."""
     be = get_backend("cuda", "bf16")
     shape = (4, 16, 15, 15, 32, 3, 3, 1, 1)
     x, w, b, _ = conv_inputs(rng, shape, bias=bias)
@@ -454,6 +459,6 @@ def test_conv_maxpool_backward_on_the_channels_last_copies(rng, bias, monkeypatc
             out.append([cupy.asnumpy(a) for a in (dx, dw)] + ([] if db is None else [cupy.asnumpy(db)]))
         assert calls == [1]                      # the fused backward took the direct path, the two ops did not
         np.testing.assert_array_equal(out[0][0], out[1][0], err_msg="dx")
-        np.testing.assert_array_equal(out[0][1], out[1][1], err_msg="dw")
+        assert rel_err(out[0][1], out[1][1]) <= DW_RTOL
         if bias:
             assert rel_err(out[0][2], out[1][2]) <= 1e-5
