@@ -776,6 +776,21 @@ def airbench_like(whiten_images):
     return model
 
 
+def test_whitening_statistics_on_the_gpu(rng):
+    """data_init of a model on cuda computes the patch statistics there (CuPy, float64): the same whitening weights
+    as NumPy's on the host, to float64 rounding (the sums in another order)."""
+    from hetnet import init
+
+    images = rng.integers(0, 256, size=(300, 3, 12, 12), dtype=np.uint8)
+    mean, std = [0.45, 0.5, 0.4], [0.2, 0.25, 0.22]
+    want = init.whitening_weights(images, 2, 5e-4, mean, std)
+    got = init.whitening_weights(images, 2, 5e-4, mean, std, xp=cupy)
+    assert_close(got, want, np.float64, "patch statistics in CuPy vs NumPy")
+    model = hn.Sequential([hn.Conv2D(3, 24, 2, init="whitening"), hn.GELU()]).to("cuda")
+    assert init.data_init(model, images, mean, std) == ["0"]
+    assert_close(cupy.asnumpy(model[0].weight.data), want, np.float32, "data_init on cuda")
+
+
 def test_graph_step_with_airbench_layers_matches_cpu(rng):
     """GELU, Scale, frozen and absent BN scales and frozen weights through the captured cuda step: the weights of
     the cpu backend's generic step after four SGD steps (no weight decay: frozen parameters get zero gradients, so
