@@ -1,7 +1,8 @@
 """Kernels outside mma.cu run on the CPU, compiled as C++ against tests/cuda_emu (each CUDA thread a fiber resumed
-in a shuffled order between barriers, over the whole grid): conv.cu's channels-last bf16 copies, to_nhwc16 and
-pool_grad_nhwc16 (with the store half they share), exactly NumPy's bf16 bits (round to nearest even) of the float32
-tensor they stand for -- x, or the max pooling's input gradient; and common.cuh's index walks (HnChannelWalk,
+in a shuffled order between barriers, over the whole grid): the channels-last bf16 copies, conv.cu's to_nhwc16 and
+pool_grad_nhwc16 and norm.cu's bn_apply_nhwc16 (with the store half they share), NumPy's bf16 bits (round to nearest
+even) of the float32 tensor they stand for -- x, the max pooling's input gradient, or the batch norm's (+ GELU's)
+output; and common.cuh's index walks (HnChannelWalk,
 HnPlaneWalk, which the batch-norm kernels and channel_sum loop with), each element visited once with its channel.
 Needs g++ (skipped without); no GPU. On a GPU the copies are also checked by tests/test_mma.py's
 test_channels_last_copies and test_pool_grad_nhwc16, the walks by every batch-norm test of tests/test_ops.py."""
@@ -47,6 +48,14 @@ extern "C" int emu_walk(int plane, int wide, int* out, int N, int C, int HW, uns
     snprintf(err, len, "%s", msg.c_str());
     return msg.empty() ? 0 : 1;
 }
+extern "C" int emu_bn_apply16(const float* x, unsigned* y, const float* mean, const float* var, const float* gamma,
+                               const float* beta, int n, int C, int HW, float eps, int act, unsigned seed, char* err,
+                               int len) {
+    std::string msg = emu::launch({(unsigned)((HW + 31) / 32), (unsigned)((C + 63) / 64), (unsigned)n}, {256, 1, 1}, 0,
+                                  [=] { bn_apply_nhwc16(x, y, mean, var, gamma, beta, C, HW, eps, act); }, seed);
+    snprintf(err, len, "%s", msg.c_str());
+    return msg.empty() ? 0 : 1;
+}
 extern "C" int emu_pool_grad(const float* dy, const unsigned char* arg, unsigned* y, int n, int C, int H, int W,
                              int P, int Q, int k, unsigned seed, char* err, int len) {
     std::string msg = emu::launch({(unsigned)((H * W + 31) / 32), (unsigned)((C + 63) / 64), (unsigned)n},
@@ -58,15 +67,21 @@ extern "C" int emu_pool_grad(const float* dy, const unsigned char* arg, unsigned
 
 
 def _kernels_text() -> str:
-    """The walks as common.cuh has them; hn_store_nhwc16_tile, to_nhwc16 and pool_grad_nhwc16 as conv.cu has them."""
-    common, text = (kernels.HERE / "common.cuh").read_text(), kernels.cu_text("conv")
-    parts = []
+    """The walks, GELU and hn_store_nhwc16_tile as common.cuh has them; to_nhwc16 and pool_grad_nhwc16 as conv.cu,
+    hn_bn_apply and bn_apply_nhwc16 as norm.cu has them."""
+    common, conv, norm = ((kernels.HERE / "common.cuh").read_text(), kernels.cu_text("conv"), kernels.cu_text("norm"))
+    parts = [line for line in common.splitlines() if line.startswith(("#define HN_RELU", "#define HN_GELU",
+                                                                       "#define HN_INV_SQRT"))]
     for start in ("template <typename I>\nstruct HnChannelWalk {", "template <typename I>\nstruct HnPlaneWalk {"):
         i = common.index(start)
         parts.append(common[i:common.index("\n};\n", i) + 4])
-    for start in ("__device__ __forceinline__ void hn_store_nhwc16_tile(",
-                  'extern "C" __global__ void __launch_bounds__(256) to_nhwc16(',
-                  'extern "C" __global__ void __launch_bounds__(256) pool_grad_nhwc16('):
+    i = common.index("__device__ __forceinline__ float hn_gelu(")                  # one line
+    parts.append(common[i:common.index("\n", i) + 1])
+    for text, start in ((common, "__device__ __forceinline__ void hn_store_nhwc16_tile("),
+                        (conv, 'extern "C" __global__ void __launch_bounds__(256) to_nhwc16('),
+                        (conv, 'extern "C" __global__ void __launch_bounds__(256) pool_grad_nhwc16('),
+                        (norm, "__device__ __forceinline__ float hn_bn_apply("),
+                        (norm, 'extern "C" __global__ void __launch_bounds__(256) bn_apply_nhwc16(')):
         i = text.index(start)
         parts.append(text[i:text.index("\n}\n", i) + 3])
     return "\n".join(parts)
@@ -116,6 +131,42 @@ def test_pool_grad_nhwc16_emulated(emu, rng, shape, k):
     err = ctypes.create_string_buffer(512)
     _check(emu.emu_pool_grad(_ptr(dy), _ptr(arg), _ptr(out), n, c, h, w, p, q, k, 11, err, 512), err)
     np.testing.assert_array_equal(out, want)
+
+
+def _bf16_ulps(bits_a, bits_b):
+    """How many bf16 steps apart two arrays of bf16 bits are (same sign: the bit patterns' distance)."""
+    a = bits_a.astype(np.int32)
+    b = bits_b.astype(np.int32)
+    return np.abs(a - b)
+
+
+@pytest.mark.parametrize("act", [0, 2], ids=["none", "gelu"])
+@pytest.mark.parametrize("shape", [(2, 6, 37), (1, 70, 5, 7), (3, 64, 3, 3)], ids=str)
+def test_bn_apply_nhwc16_emulated(emu, rng, shape, act):
+    """bn_apply_nhwc16: act((x - mean) / sqrt(var + eps) * gamma + beta) channels-last in bf16, every element of
+    partial 64 x 32 tiles; NumPy's float32 of the same expression, rounded to bf16: equal bits without an activation,
+    within one bf16 step with the GELU (erfc's float32 rounding may differ by an ulp from math.erfc's)."""
+    import math
+
+    x = rng.standard_normal(shape).astype(np.float32) * 3 + 1
+    n, c = shape[:2]
+    hw = x.size // (n * c)
+    mean, var = rng.standard_normal(c).astype(np.float32), rng.uniform(0.5, 2, c).astype(np.float32)
+    gamma, beta = rng.standard_normal(c).astype(np.float32), rng.standard_normal(c).astype(np.float32)
+    eps = np.float32(1e-5)
+    bc = (1, c) + (1,) * (x.ndim - 2)
+    inv = (np.float32(1) / np.sqrt(var + eps)).reshape(bc)
+    z = (x - mean.reshape(bc)) * inv * gamma.reshape(bc) + beta.reshape(bc)
+    if act:
+        phi = np.vectorize(lambda v: 0.5 * math.erfc(-v / math.sqrt(2)))(z.astype(np.float64))
+        z = (z * phi).astype(np.float32)
+    out = np.full((n, *shape[2:], c), 0xDEAD, np.uint16)
+    err = ctypes.create_string_buffer(512)
+    _check(emu.emu_bn_apply16(_ptr(x), _ptr(out), _ptr(mean), _ptr(var), _ptr(gamma), _ptr(beta), n, c, hw,
+                              ctypes.c_float(eps), act, 5, err, 512), err)
+    steps = _bf16_ulps(out, nhwc16(z))
+    assert steps.max() <= (1 if act else 0), f"{steps.max()} bf16 steps apart"
+    assert (steps == 0).mean() > 0.99
 
 
 @pytest.mark.parametrize("plane", [False, True], ids=["channel-walk", "plane-walk"])

@@ -27,6 +27,8 @@ from mma_cases import (CONV16_SHAPES, CONV_SHAPES, POOL16_SHAPES, SHAPES, conv_d
                        conv_expected, conv_filter_expected, conv_filter_inputs, conv_inputs, expected, max_pool_2x2,
                        nhwc16, stored, turned16)
 
+import hetnet as hn
+from hetnet import train as T
 from hetnet.backends import compose
 from hetnet.backends.cuda import conv as C
 from hetnet.backends.cuda import mma as mm
@@ -435,6 +437,81 @@ def test_conv_maxpool_forward_pools_in_the_epilogue(rng, relu, monkeypatch):
         np.testing.assert_array_equal(out[0][0], out[1][0], err_msg="dx")
         assert rel_err(out[0][1], out[1][1]) <= DW_RTOL
         assert rel_err(out[0][2], out[1][2]) <= 1e-5
+
+
+@pytest.mark.parametrize("gelu", [False, True], ids=["batchnorm", "bn_gelu"])
+def test_batch_norm_hands_its_output_over_channels_last(rng, gelu):
+    """Where the convolution that alone reads a batch norm's (-> GELU's) output keeps its channels-last copy (its
+    forward and filter gradient set here as if measured on "tc16" candidates), the forward given `feeds` returns
+    that copy (conv.Nhwc16): the bits of to_nhwc16 of its float32 output; the convolution and the pooled one take
+    it: y, dx bit for bit as from the float32 output, dw within DW_RTOL. Where the convolution does not keep it,
+    the output is float32."""
+    be = get_backend("cuda", "bf16")
+    shape = (4, 16, 15, 13, 32, 3, 3, 1, 1)
+    n, c, h, w_, o = shape[:5]
+    x = cupy.asarray((rng.standard_normal((n, c, h, w_)) * 2 + 0.5).astype(np.float32))
+    gamma = cupy.asarray(rng.uniform(0.5, 1.5, c).astype(np.float32))
+    beta = cupy.asarray(rng.standard_normal(c).astype(np.float32))
+    w = cupy.asarray((rng.standard_normal((o, c, 3, 3)) * 0.1).astype(np.float32))
+    feeds = ((o, c, 3, 3), 1, 1)
+    forward = be.bn_gelu_forward if gelu else be.batchnorm_forward
+
+    def bn(**kw):
+        return forward(x, gamma, beta, cupy.zeros(c, np.float32), cupy.ones(c, np.float32), 0.1, 1e-5, True, **kw)
+
+    assert isinstance(bn(feeds=feeds)[0], cupy.ndarray)               # not measured: float32
+    with _measured_as(be, shape, {"fwd": "tc16", "filter": "tc16", "data": "tc16"}):
+        y32, y16 = bn()[0], bn(feeds=feeds)[0]
+        assert isinstance(y16, C.Nhwc16) and y16.shape == tuple(x.shape)
+        np.testing.assert_array_equal(cupy.asnumpy(y16.data), cupy.asnumpy(mm.to_nhwc16(be, y32)))
+        dy = cupy.asarray(rng.standard_normal((n, o, h, w_)).astype(np.float32))
+        out = []
+        for a in (y32, y16):
+            z, cache = be.conv2d_forward(a, w, None, 1, 1, relu_mask=False)
+            assert cache[0] is None                                      # only the copy kept
+            dw = cupy.zeros_like(w)
+            dx = be.conv2d_backward(dy, cache, dw, None, need_dx=True)
+            pooled, _ = be.conv2d_maxpool_forward(a, w, None, 1, 1, 2, 2, relu_mask=False)
+            out.append([cupy.asnumpy(t) for t in (z, dx, pooled, dw)])
+        for name, a, b in zip(("y", "dx", "pooled y"), out[0], out[1]):
+            np.testing.assert_array_equal(b, a, err_msg=name)
+        assert rel_err(out[1][3], out[0][3]) <= DW_RTOL
+
+
+def test_training_with_hand_overs_equals_training_without(rng, monkeypatch):
+    """Four captured bf16 training steps of conv -> BN -> GELU -> conv -> pool -> BN -> GELU -> dense, the second
+    convolution's ops set as if measured on "tc16" candidates: the weights with its batch norm handing the output
+    over channels-last (the plan's feeds) and without (takes_feeds off), within float32 rounding of the filter
+    gradients' sums; the hand-over happened in every step of the first."""
+    be = get_backend("cuda", "bf16")
+    x = rng.standard_normal((64, 8, 12, 12)).astype(np.float32)
+    y = rng.integers(0, 4, size=64)
+    outputs = []
+    bn_gelu = be.bn_gelu_forward
+
+    def spy(*a, **kw):                        # the Python side runs in the eager and captured steps, not replays
+        y_, cache = bn_gelu(*a, **kw)
+        outputs.append(y_)
+        return y_, cache
+
+    monkeypatch.setattr(be, "bn_gelu_forward", spy)
+    out = {}
+    with _measured_as(be, (16, 16, 12, 12, 16, 3, 3, 1, 1), {"fwd": "tc16", "filter": "tc16", "data": "tc16"}):
+        for takes in (False, True):
+            monkeypatch.setattr(be, "takes_feeds", takes)
+            outputs.clear()
+            hn.seed(3)
+            m = hn.Sequential([hn.Conv2D(8, 16, 3, padding=1, bias=False), hn.BatchNorm2D(16), hn.GELU(),
+                               hn.Conv2D(16, 16, 3, padding=1, bias=False), hn.MaxPool2D(2), hn.BatchNorm2D(16),
+                               hn.GELU(), hn.Flatten(), hn.Dense(16 * 6 * 6, 4)]).to(be)
+            step = T.make_train_step(m, T.make_optimizer("momentum", m.parameters(), lr=0.05))
+            for i in range(4):
+                step.step(be.asarray(x[16 * i:16 * i + 16]), be.labels(y[16 * i:16 * i + 16]))
+            out[takes] = m.state_dict()
+            handed = [isinstance(o, C.Nhwc16) for o in outputs[::2]]       # the first BN -> GELU of each step
+            assert handed and all(handed) == takes and any(handed) == takes, handed
+    for k, v in out[False].items():
+        assert rel_err(out[True][k], v) <= 1e-5, k
 
 
 @pytest.mark.parametrize("bias", [False, True])

@@ -167,6 +167,28 @@ def test_relu_masks_follow_the_relus():
     assert relu_first[1].mask_input and not relu_first[1].inplace     # masking reads the input: not in place
 
 
+def test_batch_norms_that_feed_a_convolution():
+    """A batch norm (-> GELU) whose output only a convolution's forward reads, not as a ReLU output, names that
+    convolution (Node.feeds), and the plan hands it to a backend that takes it (`takes_feeds`) as
+    feeds=(weight shape, stride, padding); not before a ReLU, a pooling, a conv -> ReLU -> pool, or at the end."""
+    c1, c2, c3 = hn.Conv2D(2, 4, 3, padding=1), hn.Conv2D(4, 4, 3, stride=2), hn.Conv2D(4, 4, 1)
+    layers = [hn.BatchNorm2D(2), hn.GELU(), c1, hn.MaxPool2D(2), hn.BatchNorm2D(4), c2, hn.BatchNorm2D(4), hn.ReLU(),
+              c3, hn.BatchNorm2D(4), hn.GELU(), hn.Conv2D(4, 4, 3), hn.ReLU(), hn.MaxPool2D(2), hn.BatchNorm2D(4),
+              hn.GELU(), hn.MaxPool2D(2), hn.BatchNorm2D(4)]
+    nodes = P.compile_nodes(layers, {"bn_gelu", "conv_pool", "bn_act", "conv_relu_pool"})
+    assert [(type(n).__name__, n.feeds) for n in nodes] == [
+        ("BNGeluNode", c1), ("ConvPoolNode", None), ("BatchNormNode", c2), ("ConvNode", None),
+        ("BatchNormNode", None), ("ConvNode", None), ("BNGeluNode", None), ("ConvReluPoolNode", None),
+        ("BNGeluNode", None), ("MaxPoolNode", None), ("BatchNormNode", None)]
+
+    class Takes:
+        takes_feeds = True
+
+    assert P._feeds(nodes[0], Takes()) == {"feeds": ((4, 2, 3, 3), 1, 1)}
+    assert P._feeds(nodes[2], Takes()) == {"feeds": ((4, 4, 3, 3), 2, 0)}
+    assert P._feeds(nodes[0], reference) == {} and P._feeds(nodes[4], Takes()) == {}
+
+
 @needs_jit
 def test_plan_falls_back_inside_the_ops(rng):
     """A pool other than 2x2 / stride 2 still makes a fused node; the cpu op composes its own ops then."""

@@ -53,6 +53,7 @@ class Node:
     passes_pos = False     # the output is a ReLU output exactly when the input is (Flatten, Dropout)
     fresh_output = False   # forward's output is a new array its cache does not hold (a consumer may overwrite it)
     inplace = False        # set by the plan: backward may write dx over its input (nothing reads it afterwards)
+    feeds = None           # set by the plan: the Conv2D whose forward alone reads the output (_feeds)
     writes_grads = False   # has an `accumulate` switch (False: write its gradients instead of adding to them)
 
     def __init__(self, *layers):
@@ -113,6 +114,16 @@ def _bn_args(bn):
     return (bn.gamma, bn.bias.data, bn.running_mean, bn.running_var, bn.momentum, bn.eps, bn.training)
 
 
+def _feeds(node, be) -> dict:
+    """{"feeds": (weight shape, stride, padding)} of the Conv2D that alone reads the node's output (the op contract's
+    hand-over: the backend may give it the output in the form its convolutions read), on a backend that takes it
+    (`takes_feeds`); else no argument."""
+    conv = node.feeds
+    if conv is None or not getattr(be, "takes_feeds", False):
+        return {}
+    return {"feeds": (tuple(conv.weight.shape), conv.stride, conv.padding)}
+
+
 def _bn_sync(bn) -> dict:
     """{"reduce": f} for a synchronised BatchNorm (hetnet.parallel sets the layer's `sync_stats` to a function that
     sums an array over the processes, see batchnorm_forward in hetnet.backends), else no argument."""
@@ -131,7 +142,7 @@ class BatchNormNode(Node):
 
     def forward(self, be, x, ctx):
         bn = self.layers[0]
-        y, self.cache = be.batchnorm_forward(x, *_bn_args(bn), act=self.act, **_bn_sync(bn))
+        y, self.cache = be.batchnorm_forward(x, *_bn_args(bn), act=self.act, **_bn_sync(bn), **_feeds(self, be))
         return y
 
     def backward(self, be, dy, need_dx):
@@ -149,7 +160,7 @@ class BNGeluNode(Node):
 
     def forward(self, be, x, ctx):
         bn = self.layers[0]
-        y, self.cache = be.bn_gelu_forward(x, *_bn_args(bn), **_bn_sync(bn))
+        y, self.cache = be.bn_gelu_forward(x, *_bn_args(bn), **_bn_sync(bn), **_feeds(self, be))
         return y
 
     def backward(self, be, dy, need_dx):
@@ -380,6 +391,12 @@ def compile_nodes(layers, fusions=FUSION_NAMES) -> list[Node]:
         # of the node before, which nothing else reads (never the batch itself); not when it must also mask by that
         # input
         node.inplace = i > 0 and nodes[i - 1].fresh_output and not node.mask_input
+    # a batch norm (-> GELU) whose output only a convolution's forward reads, and not as a ReLU output: it may hand
+    # the output over in the convolution's own form (_feeds)
+    for node, nxt in zip(nodes, nodes[1:]):
+        if (isinstance(node, (BatchNormNode, BNGeluNode)) and not node.pos_out
+                and isinstance(nxt, (ConvNode, ConvPoolNode)) and not nxt.mask_input):
+            node.feeds = nxt.layers[0]
     return nodes
 
 

@@ -130,6 +130,8 @@ class CudaBackend(ConvOps, PoolOps, NormOps, ElementwiseOps, LossOps, OptimOps, 
 
     # the fusions of hetnet.plan this backend runs faster than their parts; a dense chain runs layer by layer
     fusions = frozenset({"conv_relu_pool", "conv_pool", "bn_relu_pool", "bn_gelu", "conv_act", "bn_act", "dense_act"})
+    # the batch-norm forwards take the contract's hand-over to a convolution (`feeds`: norm.py, conv.Nhwc16)
+    takes_feeds = True
 
     # bytes a workspace may take right now without raising the step's peak (conv._chunks); a step object sets it
     # on the instance while it captures a graph

@@ -146,3 +146,22 @@ __device__ __forceinline__ float hn_pool_grad(const float* __restrict__ dy, cons
         }
     return v;
 }
+
+// --- channels-last bf16 copies (conv.cu's to_nhwc16, norm.cu's bn_apply_nhwc16): the operands of mma.cu's HN_CONV16 ---
+// bf16 values as their bits (round to nearest even, cvt.rn.bf16x2.f32 puts its first source in the high half).
+__device__ __forceinline__ unsigned hn_bf16x2_bits(float lo, float hi) {
+    unsigned r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+// The store half of a 64-channel x 32-pixel tile moved channels-last: t[c - c0][p - p0] (float, in shared memory)
+// to yi[p][c / 2] as bf16 pairs (C even); each warp writes 64 consecutive channels (32 pairs) of a pixel. 256 threads.
+__device__ __forceinline__ void hn_store_nhwc16_tile(const float (&t)[64][33], unsigned* __restrict__ yi, int p0, int c0,
+                                                     int C, int HW) {
+    const int lane = threadIdx.x & 31, row = threadIdx.x >> 5, c = c0 + 2 * lane;
+    for (int j = row; j < 32; j += 8) {
+        const int p = p0 + j;
+        if (p < HW && c < C) yi[(long long)p * (C / 2) + c / 2] = hn_bf16x2_bits(t[2 * lane][j], t[2 * lane + 1][j]);
+    }
+}

@@ -464,6 +464,29 @@ def _measured16(be, op: str, g: Geometry) -> str | None:
     return choice if choice and choice.startswith("tc16") and not (be.force_conv_algo or _forced()) else None
 
 
+class Nhwc16:
+    """An activation handed over to a convolution as the channels-last bf16 copy its kernels read (mma.to_nhwc16's
+    layout) instead of NCHW float32: `data` [n, H, W, C] bf16 bits (uint16), `shape` the NCHW shape it stands for.
+    The batch-norm forward makes it for its one reader, a convolution that keeps that copy (takes_nhwc16); only
+    the convolution forwards read it."""
+
+    __slots__ = ("data", "shape")
+
+    def __init__(self, data, shape):
+        self.data, self.shape = data, tuple(shape)
+
+
+def takes_nhwc16(be, x_shape, feeds) -> bool:
+    """Whether the convolution forward that `feeds` names ((w_shape, stride, padding), the op contract's hand-over)
+    reads an Nhwc16 of x_shape: at bf16, where its forward and filter gradient were measured on channels-last copies
+    (_kept16), so that it keeps x's copy, not x."""
+    w_shape, stride, pad = feeds
+    n, c, h, wd = x_shape
+    k, c2, r, s = w_shape
+    return (be.precision == "bf16" and c2 == c and c % 2 == 0 and 0 < n <= mma.GRID_YZ
+            and _kept16(be, Geometry(n, c, h, wd, k, r, s, int(stride), int(pad))) is not None)
+
+
 def _kept16(be, g: Geometry) -> str | None:
     """The forward's "tc16" candidate for g when the forward and the filter gradient were both measured to run on
     channels-last bf16 copies (so the forward's copy of x can serve the backward instead of x), else None."""
@@ -472,16 +495,20 @@ def _kept16(be, g: Geometry) -> str | None:
 
 def conv_forward_kept(be, x, w, b, stride, pad, act=0):
     """(y, x16): y = conv_forward(...), and x16 the channels-last bf16 copy of x it read where _kept16 says the
-    backward can use it in place of x (None otherwise: the backward needs x)."""
+    backward can use it in place of x (None otherwise: the backward needs x). x may be that copy (Nhwc16)."""
     n, c, h, wd = x.shape
     k, _, r, s = w.shape
     g = Geometry(n, c, h, wd, k, r, s, stride, pad)
     fwd = _kept16(be, g)
     if fwd is None:
+        if isinstance(x, Nhwc16):
+            raise ValueError("conv2d_forward: a channels-last input where the forward does not keep that copy")
         return conv_forward(be, x, w, b, stride, pad, act, g), None
-    check(x, w, b)
+    check(w, b)
+    if not isinstance(x, Nhwc16):
+        check(x)
     y = be.xp.empty((n, k, g.p, g.q), dtype=be.xp.float32)
-    x16 = mma.to_nhwc16(be, x)
+    x16 = x.data if isinstance(x, Nhwc16) else mma.to_nhwc16(be, x)
     mma.launch_conv(be, mma.plan_conv16(y, x16, mma.to_nhwc16(be, w), b, stride, pad, act, _tile16_of("fwd", fwd)))
     return y, x16
 
@@ -495,10 +522,9 @@ def conv_maxpool_forward(be, x, w, b, stride, pad, act, kernel, pool_stride, kee
     k, _, r, s = w.shape
     g = Geometry(n, c, h, wd, k, r, s, stride, pad)
     fwd = _measured16(be, "fwd", g) if kernel == pool_stride == 2 else None
-    if fwd is None or not _contiguous(x, w, b):
+    if fwd is None or not _contiguous(w, b) or not (isinstance(x, Nhwc16) or _contiguous(x)):
         return None
-    check(x, w, b)
-    x16 = mma.to_nhwc16(be, x)
+    x16 = x.data if isinstance(x, Nhwc16) else mma.to_nhwc16(be, x)
     pooled = mma.conv16_pool(be, x, w, b, stride, pad, act, _tile16_of("pool", fwd), x16)
     return pooled, (x16 if keep and _kept16(be, g) else None)
 
@@ -590,9 +616,10 @@ class ConvOps:
         return dense_backward(self, self._c(dy), x, w, dw, db, need_dx, x if relu_mask else None)
 
     def conv2d_forward(self, x, w, b, stride, padding, act=None, relu_mask=None):
-        """The cache keeps x, or with relu_mask False at bf16 maybe only its channels-last copy (conv_forward_kept)."""
-        x = self._c(x)
-        if relu_mask is False and self.precision == "bf16":
+        """The cache keeps x, or with relu_mask False at bf16 maybe only its channels-last copy (conv_forward_kept);
+        x may be that copy already (an Nhwc16 handed over by the op before, which then keeps only it)."""
+        x = x if isinstance(x, Nhwc16) else self._c(x)
+        if isinstance(x, Nhwc16) or (relu_mask is False and self.precision == "bf16"):
             y, x16 = conv_forward_kept(self, x, w, b, int(stride), int(padding), act_code(act))
         else:
             y, x16 = conv_forward(self, x, w, b, int(stride), int(padding), act_code(act)), None
@@ -608,8 +635,8 @@ class ConvOps:
     # the fused ops that are this backend's own ops in a row (their caches keep what each op keeps)
     def _conv_pool_forward(self, x, w, b, stride, padding, pool_kernel, pool_stride, act, keep):
         """The conv2d -> maxpool2d caches of (conv2d_forward, maxpool2d_forward) from one kernel where
-        conv_maxpool_forward applies, else None."""
-        x = self._c(x)
+        conv_maxpool_forward applies, else None. x may be an Nhwc16 (as conv2d_forward's)."""
+        x = x if isinstance(x, Nhwc16) else self._c(x)
         fused = None
         if self.precision == "bf16":
             fused = conv_maxpool_forward(self, x, w, b, int(stride), int(padding), act_code(act), int(pool_kernel),

@@ -113,26 +113,50 @@ extern "C" __global__ void bn_stats_synced(const double* __restrict__ sums, floa
                                    momentum);
 }
 
+// act((x - mean) * rsqrt(var + eps) * gamma + beta) of one element x of channel c: bn_apply's and bn_apply_nhwc16's.
+__device__ __forceinline__ float hn_bn_apply(float x, int c, const float* __restrict__ mean,
+                                             const float* __restrict__ var, const float* __restrict__ gamma,
+                                             const float* __restrict__ beta, float eps, int act) {
+    const float inv = 1.f / sqrtf(var[c] + eps);
+    float v = (x - mean[c]) * inv * gamma[c] + beta[c];
+    if (act == HN_RELU) v = fmaxf(v, 0.f);
+    else if (act == HN_GELU) v = hn_gelu(v);
+    return v;
+}
+
 // y = act((x - mean) * rsqrt(var + eps) * gamma + beta); mean/var from stats (training) or running (eval).
 template <typename I>
 __device__ __forceinline__ void bn_apply_body(const float* __restrict__ x, float* __restrict__ y,
                                               const float* __restrict__ mean, const float* __restrict__ var,
                                               const float* __restrict__ gamma, const float* __restrict__ beta, int N,
                                               int C, int HW, float eps, int act) {
-    for (HnChannelWalk<I> w((I)N * C * HW, C, HW); w.more(); w.next()) {
-        const I e = w.e;
-        const int c = w.c;
-        const float inv = 1.f / sqrtf(var[c] + eps);
-        float v = (x[e] - mean[c]) * inv * gamma[c] + beta[c];
-        if (act == HN_RELU) v = fmaxf(v, 0.f);
-        else if (act == HN_GELU) v = hn_gelu(v);
-        y[e] = v;
-    }
+    for (HnChannelWalk<I> w((I)N * C * HW, C, HW); w.more(); w.next())
+        y[w.e] = hn_bn_apply(x[w.e], w.c, mean, var, gamma, beta, eps, act);
 }
 HN_TWO_INDEX_KERNELS(bn_apply,
     (const float* __restrict__ x, float* __restrict__ y, const float* __restrict__ mean, const float* __restrict__ var,
      const float* __restrict__ gamma, const float* __restrict__ beta, int N, int C, int HW, float eps, int act),
     (x, y, mean, var, gamma, beta, N, C, HW, eps, act))
+
+// bn_apply's y written channels-last in bf16 instead (the copy the next convolution reads, conv.cu's to_nhwc16 of y):
+// y16[img][p][c] = bf16(act(bn(x[img][c][p]))) as bf16 pairs [n][HW][C / 2] (C even), in to_nhwc16's tiles of 64
+// channels x 32 pixels through shared memory. Grid (ceil(HW / 32), ceil(C / 64), n), 256 threads.
+extern "C" __global__ void __launch_bounds__(256) bn_apply_nhwc16(
+    const float* __restrict__ x, unsigned* __restrict__ y16, const float* __restrict__ mean,
+    const float* __restrict__ var, const float* __restrict__ gamma, const float* __restrict__ beta, int C, int HW,
+    float eps, int act) {
+    __shared__ float t[64][33];
+    const int p0 = blockIdx.x * 32, c0 = blockIdx.y * 64, lane = threadIdx.x & 31, row = threadIdx.x >> 5;
+    const long long img = blockIdx.z;
+    const float* xi = x + img * C * HW;
+    for (int i = row; i < 64; i += 8) {
+        const int c = c0 + i, p = p0 + lane;
+        t[i][lane] = c < C && p < HW ? hn_bn_apply(xi[(long long)c * HW + p], c, mean, var, gamma, beta, eps, act)
+                                     : 0.f;
+    }
+    __syncthreads();
+    hn_store_nhwc16_tile(t, y16 + img * HW * (C / 2), p0, c0, C, HW);
+}
 
 // The end of a batch-norm backward reduction for channel c: this block's sums s (of the gradient) and sx (of the
 // gradient times xhat) are added across the block, then across the channel's blocks in double (acc); the last block

@@ -7,6 +7,7 @@ import math
 import numpy as np
 
 from .. import compose
+from .conv import Nhwc16, takes_nhwc16
 from .kernels import NULL, get_kernel
 from .kernels import act_code as _act
 
@@ -58,31 +59,45 @@ class NormOps:
         red *= (m / count).astype(self.xp.float32)
 
     def batchnorm_forward(self, x, gamma, beta, running_mean, running_var, momentum, eps, training, act=None,
-                          reduce=None):
-        return self._bn_forward(x, gamma, beta, running_mean, running_var, momentum, eps, training, _act(act), reduce)
+                          reduce=None, feeds=None):
+        return self._bn_forward(x, gamma, beta, running_mean, running_var, momentum, eps, training, _act(act), reduce,
+                                feeds)
 
     def batchnorm_backward(self, dy, cache, dgamma, dbeta, need_dx=True, relu_mask=False):
         return self._bn_backward(dy, cache, dgamma, dbeta, need_dx, relu_mask, inplace=False)
 
-    def bn_gelu_forward(self, x, gamma, beta, running_mean, running_var, momentum, eps, training, reduce=None):
+    def bn_gelu_forward(self, x, gamma, beta, running_mean, running_var, momentum, eps, training, reduce=None,
+                        feeds=None):
         """gelu(batchnorm(x)) in the kernels of batchnorm_forward (GELU in bn_apply); z = batchnorm(x) is not
         stored: the backward recomputes it from x."""
-        return self._bn_forward(x, gamma, beta, running_mean, running_var, momentum, eps, training, GELU, reduce)
+        return self._bn_forward(x, gamma, beta, running_mean, running_var, momentum, eps, training, GELU, reduce,
+                                feeds)
 
     def bn_gelu_backward(self, dy, cache, dgamma, dbeta, need_dx=True, relu_mask=False, inplace=False):
         """dE/dx of gelu(batchnorm(x)) from dy = dE/dy: batchnorm_backward's two kernels, each taking dE/dz =
         dy * gelu'(z) where it reads dy. inplace: dx may be written over x (not with relu_mask, which reads x)."""
         return self._bn_backward(dy, cache, dgamma, dbeta, need_dx, relu_mask, inplace)
 
-    def _bn_forward(self, x, gamma, beta, running_mean, running_var, momentum, eps, training, act: int, reduce):
+    def _bn_forward(self, x, gamma, beta, running_mean, running_var, momentum, eps, training, act: int, reduce,
+                    feeds=None):
+        """feeds (the op contract's hand-over to a convolution): y as the channels-last bf16 copy that convolution
+        reads (Nhwc16, bn_apply_nhwc16) where it takes one (conv.takes_nhwc16) and y is no ReLU output."""
         x = self._c(x)
         n, c = x.shape[0], x.shape[1]
         hw = x.size // max(n * c, 1)
-        y = self.xp.empty_like(x)
         mean, var, sync = self._bn_batch_stats(x, running_mean, running_var, momentum, training, reduce)
+        cache = (x, mean, var, gamma, beta, float(eps), bool(training), sync, act)
+        if feeds is not None and act != _act("relu") and x.ndim == 4 and takes_nhwc16(self, x.shape, feeds):
+            y16 = self.xp.empty((n, *x.shape[2:], c), dtype=self.xp.uint16)
+            if y16.size:
+                get_kernel(self.device_id, "norm", "bn_apply_nhwc16")((math.ceil(hw / 32), math.ceil(c / 64), n),
+                                                                      (256,), (x, y16, mean, var, gamma, beta, _i32(c),
+                                                                               _i32(hw), _f32(eps), _i32(act)))
+            return Nhwc16(y16, x.shape), cache
+        y = self.xp.empty_like(x)
         self.launch("norm", self.ix("bn_apply", x.size), x.size, x, y, mean, var, gamma, beta, _i32(n), _i32(c),
                     _i32(hw), _f32(eps), _i32(act))
-        return y, (x, mean, var, gamma, beta, float(eps), bool(training), sync, act)
+        return y, cache
 
     def _bn_backward(self, dy, cache, dgamma, dbeta, need_dx, relu_mask, inplace):
         """The backward of _bn_forward's act: a ReLU's derivative is the consumer's (dy is dE/dz), a GELU's is
