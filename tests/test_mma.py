@@ -439,11 +439,11 @@ def test_conv_maxpool_forward_pools_in_the_epilogue(rng, relu, monkeypatch):
         assert rel_err(out[0][2], out[1][2]) <= 1e-5
 
 
-@pytest.mark.parametrize("gelu", [False, True], ids=["batchnorm", "bn_gelu"])
-def test_batch_norm_hands_its_output_over_channels_last(rng, gelu):
-    """Where the convolution that alone reads a batch norm's (-> GELU's) output keeps its channels-last copy (its
-    forward and filter gradient set here as if measured on "tc16" candidates), the forward given `feeds` returns
-    that copy (conv.Nhwc16): the bits of to_nhwc16 of its float32 output; the convolution and the pooled one take
+@pytest.mark.parametrize("op", ["batchnorm", "bn_gelu", "gelu"])
+def test_batch_norm_hands_its_output_over_channels_last(rng, op):
+    """Where the convolution that alone reads a batch norm's (-> GELU's) or a GELU's output keeps its channels-last
+    copy (its forward and filter gradient set here as if measured on "tc16" candidates), the forward given `feeds`
+    returns that copy (conv.Nhwc16): the bits of to_nhwc16 of its float32 output; the convolution and the pooled one take
     it: y, dx bit for bit as from the float32 output, dw within DW_RTOL. Where the convolution does not keep it,
     the output is float32."""
     be = get_backend("cuda", "bf16")
@@ -454,9 +454,10 @@ def test_batch_norm_hands_its_output_over_channels_last(rng, gelu):
     beta = cupy.asarray(rng.standard_normal(c).astype(np.float32))
     w = cupy.asarray((rng.standard_normal((o, c, 3, 3)) * 0.1).astype(np.float32))
     feeds = ((o, c, 3, 3), 1, 1)
-    forward = be.bn_gelu_forward if gelu else be.batchnorm_forward
-
     def bn(**kw):
+        if op == "gelu":
+            return be.gelu_forward(x, **kw)
+        forward = be.bn_gelu_forward if op == "bn_gelu" else be.batchnorm_forward
         return forward(x, gamma, beta, cupy.zeros(c, np.float32), cupy.ones(c, np.float32), 0.1, 1e-5, True, **kw)
 
     assert isinstance(bn(feeds=feeds)[0], cupy.ndarray)               # not measured: float32

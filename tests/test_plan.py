@@ -168,8 +168,8 @@ def test_relu_masks_follow_the_relus():
 
 
 def test_batch_norms_that_feed_a_convolution():
-    """A batch norm (-> GELU) whose output only a convolution's forward reads, not as a ReLU output, names that
-    convolution (Node.feeds), and the plan hands it to a backend that takes it (`takes_feeds`) as
+    """A batch norm (-> GELU) or GELU whose output only a convolution's forward reads, not as a ReLU output, names
+    that convolution (Node.feeds), and the plan hands it to a backend that takes it (`takes_feeds`) as
     feeds=(weight shape, stride, padding); not before a ReLU, a pooling, a conv -> ReLU -> pool, or at the end."""
     c1, c2, c3 = hn.Conv2D(2, 4, 3, padding=1), hn.Conv2D(4, 4, 3, stride=2), hn.Conv2D(4, 4, 1)
     layers = [hn.BatchNorm2D(2), hn.GELU(), c1, hn.MaxPool2D(2), hn.BatchNorm2D(4), c2, hn.BatchNorm2D(4), hn.ReLU(),
@@ -187,6 +187,10 @@ def test_batch_norms_that_feed_a_convolution():
     assert P._feeds(nodes[0], Takes()) == {"feeds": ((4, 2, 3, 3), 1, 1)}
     assert P._feeds(nodes[2], Takes()) == {"feeds": ((4, 4, 3, 3), 2, 0)}
     assert P._feeds(nodes[0], reference) == {} and P._feeds(nodes[4], Takes()) == {}
+    c4 = hn.Conv2D(3, 4, 3)
+    gelu = P.compile_nodes([hn.Conv2D(1, 3, 2), hn.GELU(), c4, hn.GELU(), hn.Flatten()], {"bn_gelu"})
+    assert [(type(n).__name__, n.feeds) for n in gelu] == [("ConvNode", None), ("GeluNode", c4), ("ConvNode", None),
+                                                           ("GeluNode", None), ("FlattenNode", None)]
 
 
 @needs_jit

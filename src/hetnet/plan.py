@@ -168,6 +168,19 @@ class BNGeluNode(Node):
                                    relu_mask=self.mask_input, inplace=self.inplace)
 
 
+class GeluNode(Node):
+    """GELU (gelu_forward / gelu_backward), whose output it may hand over to a convolution (_feeds); the ReLU mask of
+    its input when that is a ReLU output."""
+
+    def forward(self, be, x, ctx):
+        y, self.cache = be.gelu_forward(x, **_feeds(self, be))
+        return y
+
+    def backward(self, be, dy, need_dx):
+        dx = be.gelu_backward(dy, self.cache)         # the cache is x
+        return be.relu_mask(dx, self.cache) if self.mask_input else dx
+
+
 class ConvReluPoolNode(Node):
     """Conv2D -> ReLU -> MaxPool2D as one fused op (conv2d_relu_maxpool_*)."""
 
@@ -338,7 +351,7 @@ FUSION_NAMES = frozenset(f.name for f in FUSIONS) | {"dense_chain"}
 # one layer on its own
 SINGLE: tuple[tuple[type, Callable], ...] = (
     (Conv2D, ConvNode), (Dense, DenseNode), (_BN, BatchNormNode), (MaxPool2D, MaxPoolNode), (ReLU, ReluNode),
-    (Flatten, FlattenNode),
+    (Flatten, FlattenNode), (GELU, GeluNode),
 )
 
 
@@ -391,10 +404,10 @@ def compile_nodes(layers, fusions=FUSION_NAMES) -> list[Node]:
         # of the node before, which nothing else reads (never the batch itself); not when it must also mask by that
         # input
         node.inplace = i > 0 and nodes[i - 1].fresh_output and not node.mask_input
-    # a batch norm (-> GELU) whose output only a convolution's forward reads, and not as a ReLU output: it may hand
-    # the output over in the convolution's own form (_feeds)
+    # a batch norm (-> GELU) or GELU whose output only a convolution's forward reads, and not as a ReLU output: it
+    # may hand the output over in the convolution's own form (_feeds)
     for node, nxt in zip(nodes, nodes[1:]):
-        if (isinstance(node, (BatchNormNode, BNGeluNode)) and not node.pos_out
+        if (isinstance(node, (BatchNormNode, BNGeluNode, GeluNode)) and not node.pos_out
                 and isinstance(nxt, (ConvNode, ConvPoolNode)) and not nxt.mask_input):
             node.feeds = nxt.layers[0]
     return nodes

@@ -113,12 +113,16 @@ extern "C" __global__ void bn_stats_synced(const double* __restrict__ sums, floa
                                    momentum);
 }
 
-// act((x - mean) * rsqrt(var + eps) * gamma + beta) of one element x of channel c: bn_apply's and bn_apply_nhwc16's.
+// act((x - mean) * rsqrt(var + eps) * gamma + beta) of one element x of channel c (act(x) without statistics: mean
+// null): bn_apply's and bn_apply_nhwc16's.
 __device__ __forceinline__ float hn_bn_apply(float x, int c, const float* __restrict__ mean,
                                              const float* __restrict__ var, const float* __restrict__ gamma,
                                              const float* __restrict__ beta, float eps, int act) {
-    const float inv = 1.f / sqrtf(var[c] + eps);
-    float v = (x - mean[c]) * inv * gamma[c] + beta[c];
+    float v = x;
+    if (mean) {
+        const float inv = 1.f / sqrtf(var[c] + eps);
+        v = (x - mean[c]) * inv * gamma[c] + beta[c];
+    }
     if (act == HN_RELU) v = fmaxf(v, 0.f);
     else if (act == HN_GELU) v = hn_gelu(v);
     return v;
@@ -140,7 +144,8 @@ HN_TWO_INDEX_KERNELS(bn_apply,
 
 // bn_apply's y written channels-last in bf16 instead (the copy the next convolution reads, conv.cu's to_nhwc16 of y):
 // y16[img][p][c] = bf16(act(bn(x[img][c][p]))) as bf16 pairs [n][HW][C / 2] (C even), in to_nhwc16's tiles of 64
-// channels x 32 pixels through shared memory. Grid (ceil(HW / 32), ceil(C / 64), n), 256 threads.
+// channels x 32 pixels through shared memory; with mean null, bf16(act(x)) (a GELU on its own: elementwise.cu's
+// gelu_fwd, the same hn_gelu). Grid (ceil(HW / 32), ceil(C / 64), n), 256 threads.
 extern "C" __global__ void __launch_bounds__(256) bn_apply_nhwc16(
     const float* __restrict__ x, unsigned* __restrict__ y16, const float* __restrict__ mean,
     const float* __restrict__ var, const float* __restrict__ gamma, const float* __restrict__ beta, int C, int HW,
