@@ -68,7 +68,7 @@ extern "C" int emu_pool_grad(const float* dy, const unsigned char* arg, unsigned
 
 def _kernels_text() -> str:
     """The walks, GELU and hn_store_nhwc16_tile as common.cuh has them; to_nhwc16 and pool_grad_nhwc16 as conv.cu,
-    hn_bn_apply and bn_apply_nhwc16 as norm.cu has them."""
+    hn_bn_value and bn_apply_nhwc16 as norm.cu has them."""
     common, conv, norm = ((kernels.HERE / "common.cuh").read_text(), kernels.cu_text("conv"), kernels.cu_text("norm"))
     parts = [line for line in common.splitlines() if line.startswith(("#define HN_RELU", "#define HN_GELU",
                                                                        "#define HN_INV_SQRT"))]
@@ -80,7 +80,7 @@ def _kernels_text() -> str:
     for text, start in ((common, "__device__ __forceinline__ void hn_store_nhwc16_tile("),
                         (conv, 'extern "C" __global__ void __launch_bounds__(256) to_nhwc16('),
                         (conv, 'extern "C" __global__ void __launch_bounds__(256) pool_grad_nhwc16('),
-                        (norm, "__device__ __forceinline__ float hn_bn_apply("),
+                        (norm, "__device__ __forceinline__ float hn_bn_value("),
                         (norm, 'extern "C" __global__ void __launch_bounds__(256) bn_apply_nhwc16(')):
         i = text.index(start)
         parts.append(text[i:text.index("\n}\n", i) + 3])

@@ -113,16 +113,12 @@ extern "C" __global__ void bn_stats_synced(const double* __restrict__ sums, floa
                                    momentum);
 }
 
-// act((x - mean) * rsqrt(var + eps) * gamma + beta) of one element x of channel c (act(x) without statistics: mean
-// null): bn_apply's and bn_apply_nhwc16's.
-__device__ __forceinline__ float hn_bn_apply(float x, int c, const float* __restrict__ mean,
-                                             const float* __restrict__ var, const float* __restrict__ gamma,
-                                             const float* __restrict__ beta, float eps, int act) {
+// act((x - mean) * inv * gamma + beta), inv = 1 / sqrt(var + eps), of one element x (act(x) without statistics:
+// stats false): bn_apply's and bn_apply_nhwc16's arithmetic, so that the two give the same bits.
+__device__ __forceinline__ float hn_bn_value(float x, bool stats, float mean, float inv, float gamma, float beta,
+                                             int act) {
     float v = x;
-    if (mean) {
-        const float inv = 1.f / sqrtf(var[c] + eps);
-        v = (x - mean[c]) * inv * gamma[c] + beta[c];
-    }
+    if (stats) v = (x - mean) * inv * gamma + beta;
     if (act == HN_RELU) v = fmaxf(v, 0.f);
     else if (act == HN_GELU) v = hn_gelu(v);
     return v;
@@ -134,8 +130,10 @@ __device__ __forceinline__ void bn_apply_body(const float* __restrict__ x, float
                                               const float* __restrict__ mean, const float* __restrict__ var,
                                               const float* __restrict__ gamma, const float* __restrict__ beta, int N,
                                               int C, int HW, float eps, int act) {
-    for (HnChannelWalk<I> w((I)N * C * HW, C, HW); w.more(); w.next())
-        y[w.e] = hn_bn_apply(x[w.e], w.c, mean, var, gamma, beta, eps, act);
+    for (HnChannelWalk<I> w((I)N * C * HW, C, HW); w.more(); w.next()) {
+        const int c = w.c;
+        y[w.e] = hn_bn_value(x[w.e], true, mean[c], 1.f / sqrtf(var[c] + eps), gamma[c], beta[c], act);
+    }
 }
 HN_TWO_INDEX_KERNELS(bn_apply,
     (const float* __restrict__ x, float* __restrict__ y, const float* __restrict__ mean, const float* __restrict__ var,
@@ -144,19 +142,32 @@ HN_TWO_INDEX_KERNELS(bn_apply,
 
 // bn_apply's y written channels-last in bf16 instead (the copy the next convolution reads, conv.cu's to_nhwc16 of y):
 // y16[img][p][c] = bf16(act(bn(x[img][c][p]))) as bf16 pairs [n][HW][C / 2] (C even), in to_nhwc16's tiles of 64
-// channels x 32 pixels through shared memory; with mean null, bf16(act(x)) (a GELU on its own: elementwise.cu's
-// gelu_fwd, the same hn_gelu). Grid (ceil(HW / 32), ceil(C / 64), n), 256 threads.
+// channels x 32 pixels through shared memory, each channel's mean, 1 / sqrt(var + eps), gamma and beta read once per
+// block; with mean null, bf16(act(x)) (a GELU on its own: elementwise.cu's gelu_fwd, the same hn_gelu). Grid
+// (ceil(HW / 32), ceil(C / 64), n), 256 threads.
 extern "C" __global__ void __launch_bounds__(256) bn_apply_nhwc16(
     const float* __restrict__ x, unsigned* __restrict__ y16, const float* __restrict__ mean,
     const float* __restrict__ var, const float* __restrict__ gamma, const float* __restrict__ beta, int C, int HW,
     float eps, int act) {
     __shared__ float t[64][33];
+    __shared__ float coef[4][64];      // the block's channels' mean, inv, gamma, beta
     const int p0 = blockIdx.x * 32, c0 = blockIdx.y * 64, lane = threadIdx.x & 31, row = threadIdx.x >> 5;
+    const bool stats = mean != nullptr;
+    if (stats && threadIdx.x < 64 && c0 + (int)threadIdx.x < C) {
+        const int c = c0 + threadIdx.x;
+        coef[0][threadIdx.x] = mean[c];
+        coef[1][threadIdx.x] = 1.f / sqrtf(var[c] + eps);
+        coef[2][threadIdx.x] = gamma[c];
+        coef[3][threadIdx.x] = beta[c];
+    }
+    __syncthreads();
     const long long img = blockIdx.z;
     const float* xi = x + img * C * HW;
     for (int i = row; i < 64; i += 8) {
         const int c = c0 + i, p = p0 + lane;
-        t[i][lane] = c < C && p < HW ? hn_bn_apply(xi[(long long)c * HW + p], c, mean, var, gamma, beta, eps, act)
+        t[i][lane] = c < C && p < HW ? hn_bn_value(xi[(long long)c * HW + p], stats, stats ? coef[0][i] : 0.f,
+                                                   stats ? coef[1][i] : 0.f, stats ? coef[2][i] : 0.f,
+                                                   stats ? coef[3][i] : 0.f, act)
                                      : 0.f;
     }
     __syncthreads();
