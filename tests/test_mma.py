@@ -482,9 +482,11 @@ def test_batch_norm_hands_its_output_over_channels_last(rng, op):
 def test_training_with_hand_overs_equals_training_without(rng, monkeypatch):
     """Four captured bf16 training steps of conv -> BN -> GELU -> conv -> pool -> BN -> GELU -> dense, the second
     convolution's ops set as if measured on "tc16" candidates: the weights with its batch norm handing the output
-    over channels-last (the plan's feeds) and without (takes_feeds off), within float32 rounding of the filter
-    gradients' sums; the hand-over happened in every step of the first. A first run without settles the other
-    convolutions' measured choices (a step captured before a shape is measured runs a default algorithm)."""
+    over channels-last (the plan's feeds) and without (takes_feeds off), within RTOL_TC_ROUNDED; the hand-over
+    happened in every step of the first. The filter gradients' split-K atomics add in any order, and a last-bit
+    change in a weight can move its bf16 copy by one bf16 step in the next step, so runs agree to about 2e-5 (H200),
+    not bit for bit. A first run without comes before the two compared: the first run in a process is further
+    off (1.5e-3 on the H200), the measurements made in its first step being the difference."""
     be = get_backend("cuda", "bf16")
     x = rng.standard_normal((64, 8, 12, 12)).astype(np.float32)
     y = rng.integers(0, 4, size=64)
@@ -513,7 +515,7 @@ def test_training_with_hand_overs_equals_training_without(rng, monkeypatch):
             handed = [isinstance(o, C.Nhwc16) for o in outputs[::2]]       # the first BN -> GELU of each step
             assert handed and all(handed) == takes and any(handed) == takes, handed
     for k, v in out[1].items():
-        assert rel_err(out[2][k], v) <= 1e-5, (k, rel_err(out[2][k], v), "first two runs:", rel_err(out[1][k], out[0][k]))
+        assert rel_err(out[2][k], v) <= RTOL_TC_ROUNDED, (k, rel_err(out[2][k], v))
 
 
 @pytest.mark.parametrize("bias", [False, True])
