@@ -517,7 +517,8 @@ def conv_maxpool_forward(be, x, w, b, stride, pad, act, kernel, pool_stride, kee
     """maxpool2d_forward(act(conv(x, w) + b), kernel, pool_stride) as ((y, arg), x16) with the pooling in the
     convolution's epilogue (mma.conv16_pool) where the windows are 2 x 2 at stride 2 and the forward was measured to
     run on channels-last copies; x16 (keep: x is no ReLU output) the copy of x that serves the backward
-    (conv_forward_kept's rule), else None. None where the fused kernel does not apply."""
+    (conv_forward_kept's rule; always for an Nhwc16 x, the only copy there is), else None. None where the fused
+    kernel does not apply."""
     n, c, h, wd = x.shape
     k, _, r, s = w.shape
     g = Geometry(n, c, h, wd, k, r, s, stride, pad)
@@ -526,7 +527,7 @@ def conv_maxpool_forward(be, x, w, b, stride, pad, act, kernel, pool_stride, kee
         return None
     x16 = x.data if isinstance(x, Nhwc16) else mma.to_nhwc16(be, x)
     pooled = mma.conv16_pool(be, x, w, b, stride, pad, act, _tile16_of("pool", fwd), x16)
-    return pooled, (x16 if keep and _kept16(be, g) else None)
+    return pooled, (x16 if isinstance(x, Nhwc16) or (keep and _kept16(be, g)) else None)
 
 
 def conv_backward(be, dy, x, w, dw, db, stride, pad, need_dx=True, relu_x=None, x16=None, x_shape=None):
