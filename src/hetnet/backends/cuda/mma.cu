@@ -416,25 +416,34 @@ __device__ __forceinline__ void hn_zero(float (&acc)[MT][NT][4]) {
 // Accumulator fragment (the same for m16n8k8 and m16n8k16, PTX ISA 9.7.14.5.7 / 9.7.14.5.8, "Accumulators"):
 // lane l = 4g + t holds c0, c1 at row g, columns 2t, 2t+1 and c2, c3 at row g+8, columns 2t, 2t+1. So acc[i][j] of a
 // warp whose tile starts at (wm, wn) covers rows m = m0 + wm + 16i + g (+8), columns n = n0 + wn + 8j + 2t (+1).
-// hn_each_pair calls f(m, n, x, y, two) for each such pair inside C: x at (m, n), y at (m, n + 1), two = n + 1 < N.
-template <int MT, int NT, class F>
-__device__ __forceinline__ void hn_each_pair(const HnBlock& b, float (&acc)[MT][NT][4], int M, int N, int wm, int wn,
-                                             int lane, F&& f) {
-    const int g = lane >> 2, t = lane & 3;
+// hn_each_row calls f(i, h, m) for each of a thread's rows m = m0 + wm + 16i + g + 8h inside C (its values are
+// acc[i][j][2h] and acc[i][j][2h + 1]); hn_each_pair calls f(m, n, x, y, two) for each pair inside C: x at (m, n),
+// y at (m, n + 1), two = n + 1 < N.
+template <int MT, class F>
+__device__ __forceinline__ void hn_each_row(const HnBlock& b, int M, int wm, int lane, F&& f) {
+    const int g = lane >> 2;
 #pragma unroll
     for (int i = 0; i < MT; ++i) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             const int m = b.m0 + wm + 16 * i + g + 8 * h;
-            if (m >= M) continue;
-#pragma unroll
-            for (int j = 0; j < NT; ++j) {
-                const int n = b.n0 + wn + 8 * j + 2 * t;   // even
-                if (n >= N) continue;
-                f(m, n, acc[i][j][2 * h], acc[i][j][2 * h + 1], n + 1 < N);
-            }
+            if (m < M) f(i, h, m);
         }
     }
+}
+
+template <int MT, int NT, class F>
+__device__ __forceinline__ void hn_each_pair(const HnBlock& b, float (&acc)[MT][NT][4], int M, int N, int wm, int wn,
+                                             int lane, F&& f) {
+    const int t = lane & 3;
+    hn_each_row<MT>(b, M, wm, lane, [&](int i, int h, int m) {
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+            const int n = b.n0 + wn + 8 * j + 2 * t;   // even
+            if (n >= N) continue;
+            f(m, n, acc[i][j][2 * h], acc[i][j][2 * h + 1], n + 1 < N);
+        }
+    });
 }
 
 // The GEMM's epilogue: C = alpha * acc + beta * C (C never read when beta == 0), or, split over K, atomics adding
@@ -1070,39 +1079,32 @@ template <int MT, int NT>
 __device__ __forceinline__ void hn_conv_pool_epilogue(const HnBlock& b, float (&acc)[MT][NT][4], int M,
                                                       const HnConv& cv, int wm, int wn, int lane) {
     static_assert(NT % 2 == 0, "a window's two rows are fragments j and j + 1");
-    const int g = lane >> 2, t = lane & 3, plane = cv.out_plane.d;
+    const int t = lane & 3, plane = cv.out_plane.d;
     unsigned char* arg = reinterpret_cast<unsigned char*>(b.C + static_cast<long long>(cv.pooled) * M);
+    hn_each_row<MT>(b, M, wm, lane, [&](int i, int h, int m) {
+        const float bias = cv.aux ? hn_ldg(cv.aux + m) : 0.f;
 #pragma unroll
-    for (int i = 0; i < MT; ++i) {
+        for (int j = 0; j < NT; j += 2) {
+            const int at = (b.n0 + wn + 8 * j) / 4 + t;      // the pooled output
+            if (at >= cv.pooled) continue;
+            const float v[4] = {acc[i][j][2 * h], acc[i][j][2 * h + 1], acc[i][j + 1][2 * h], acc[i][j + 1][2 * h + 1]};
+            float best = 0.f;
+            int bi = 0;
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const int m = b.m0 + wm + 16 * i + g + 8 * h;
-            if (m >= M) continue;
-            const float bias = cv.aux ? hn_ldg(cv.aux + m) : 0.f;
-#pragma unroll
-            for (int j = 0; j < NT; j += 2) {
-                const int at = (b.n0 + wn + 8 * j) / 4 + t;      // the pooled output
-                if (at >= cv.pooled) continue;
-                const float v[4] = {acc[i][j][2 * h], acc[i][j][2 * h + 1], acc[i][j + 1][2 * h],
-                                    acc[i][j + 1][2 * h + 1]};
-                float best = 0.f;
-                int bi = 0;
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    float z = v[e] + bias;
-                    if (cv.act == 1) z = z > 0.f ? z : 0.f;
-                    if (e == 0 || z > best || (z != z && best == best)) {
-                        best = z;
-                        bi = e;
-                    }
+            for (int e = 0; e < 4; ++e) {
+                float z = v[e] + bias;
+                if (cv.act == 1) z = z > 0.f ? z : 0.f;
+                if (e == 0 || z > best || (z != z && best == best)) {
+                    best = z;
+                    bi = e;
                 }
-                const int img = hn_div(at, cv.out_plane);
-                const long long out = (static_cast<long long>(img) * M + m) * plane + (at - img * plane);
-                hn_st(b.C + out, best);
-                hn_st_byte(arg + out, static_cast<unsigned char>(bi));
             }
+            const int img = hn_div(at, cv.out_plane);
+            const long long out = (static_cast<long long>(img) * M + m) * plane + (at - img * plane);
+            hn_st(b.C + out, best);
+            hn_st_byte(arg + out, static_cast<unsigned char>(bi));
         }
-    }
+    });
 }
 
 // Where element (row, col) of a shared tile lies (in elements), for the copies below: HnRowTile, rows STRIDE
