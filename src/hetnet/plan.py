@@ -13,6 +13,11 @@ the node after it: that node's backward runs with relu_mask=True (it multiplies 
 Flatten and Dropout pass the property on, and the loss's gradient is masked when the logits are a ReLU output. On the
 GPU this folds each ReLU's backward into the next kernel's epilogue.
 
+Hand-overs. A batch norm (-> GELU) or GELU whose output only a convolution's forward reads (not as a ReLU output)
+names that convolution (Node.feeds); on a backend with `takes_feeds` its forward op gets feeds=(weight shape,
+stride, padding) and may return the output in a form only that backend's convolutions read (cuda at bf16: the
+channels-last bf16 copy the convolution keeps, written by the batch norm instead of a float32 output).
+
     >>> import hetnet as hn, numpy as np
     >>> model = hn.Sequential([hn.Conv2D(1, 4, 3, padding=1), hn.ReLU(), hn.MaxPool2D(2), hn.Flatten(),
     ...                        hn.Dense(4 * 4 * 4, 3)]).to("cpu")
