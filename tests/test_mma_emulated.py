@@ -423,6 +423,25 @@ def test_conv16_pool(emu, rng, shape):
         assert err <= RTOL_EMULATED, f"{shape} {tile.name}: relative error {err:.3g}"
 
 
+def test_conv16_pool_nan(emu, rng):
+    """A NaN input poisons the outputs whose windows read it: the pooled forward takes maxpool_fwd's rule (NaN wins,
+    the first NaN of the window), as max_pool_2x2 of the forward does (NumPy's argmax: the first NaN)."""
+    shape = (2, 8, 7, 9, 16, 3, 3, 1, 1)
+    n, c, h, w_, o, r, s, stride, pad = shape
+    for tile in (TILES16["pool"][1], TILES16W["pool"][0]):
+        x, w, b, y = conv_inputs(rng, shape, bias=True)
+        x[0, 3, 2, 4] = np.nan
+        x16, w16 = nhwc16(x), nhwc16(w)
+        run_conv(emu, mm.plan_conv16(y, x16, w16, b, stride, pad, 0, tile.name))
+        want_y, want_arg = max_pool_2x2(y)
+        assert np.isnan(want_y).any() and not np.isnan(want_y).all()
+        buf, py, parg = mm.pooled_outputs(np, n, o, *want_y.shape[2:])
+        buf[:] = 7.0
+        run_conv(emu, mm.plan_conv16_pool(buf, x16, w16, b, stride, pad, 0, tile.name))
+        np.testing.assert_array_equal(py, want_y, err_msg=tile.name)
+        np.testing.assert_array_equal(parg, want_arg, err_msg=tile.name)
+
+
 def test_conv16_launcher():
     """Which shapes HN_CONV16 takes, the tile by size, and what does not fit: ValueError."""
     assert mm.conv16_fits("fwd", 8, 12, 3, 3, 2, 1) and not mm.conv16_fits("fwd", 12, 8, 3, 3, 1, 1)
