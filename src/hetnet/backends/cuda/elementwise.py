@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from .conv import Nhwc16, takes_nhwc16
+from .conv import takes_nhwc16
 from .kernels import NULL, get_kernel
 from .norm import GELU
 
@@ -57,17 +57,10 @@ class ElementwiseOps:
 
     def gelu_forward(self, x, feeds=None):
         """feeds (the op contract's hand-over): y as the channels-last bf16 copy the convolution reads where it
-        takes one (norm.cu's bn_apply_nhwc16 without statistics)."""
+        takes one (norm.cu's bn_apply_nhwc16 without statistics, NormOps._apply_nhwc16)."""
         x = self._c(x)
         if feeds is not None and x.ndim == 4 and takes_nhwc16(self, x.shape, feeds):
-            n, c = x.shape[:2]
-            hw = x.size // max(n * c, 1)
-            y16 = self.xp.empty((n, *x.shape[2:], c), dtype=self.xp.uint16)
-            if y16.size:
-                get_kernel(self.device_id, "norm", "bn_apply_nhwc16")((math.ceil(hw / 32), math.ceil(c / 64), n),
-                                                                      (256,), (x, y16, NULL, NULL, NULL, NULL, _i32(c),
-                                                                               _i32(hw), _f32(0.0), _i32(GELU)))
-            return Nhwc16(y16, x.shape), x
+            return self._apply_nhwc16(x, None, 0.0, GELU), x           # NormOps's, without statistics
         return self._unary("gelu_fwd", x), x
 
     def gelu_backward(self, dy, cache):

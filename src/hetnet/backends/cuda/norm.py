@@ -88,16 +88,22 @@ class NormOps:
         mean, var, sync = self._bn_batch_stats(x, running_mean, running_var, momentum, training, reduce)
         cache = (x, mean, var, gamma, beta, float(eps), bool(training), sync, act)
         if feeds is not None and act != _act("relu") and x.ndim == 4 and takes_nhwc16(self, x.shape, feeds):
-            y16 = self.xp.empty((n, *x.shape[2:], c), dtype=self.xp.uint16)
-            if y16.size:
-                get_kernel(self.device_id, "norm", "bn_apply_nhwc16")((math.ceil(hw / 32), math.ceil(c / 64), n),
-                                                                      (256,), (x, y16, mean, var, gamma, beta, _i32(c),
-                                                                               _i32(hw), _f32(eps), _i32(act)))
-            return Nhwc16(y16, x.shape), cache
+            return self._apply_nhwc16(x, (mean, var, gamma, beta), eps, act), cache
         y = self.xp.empty_like(x)
         self.launch("norm", self.ix("bn_apply", x.size), x.size, x, y, mean, var, gamma, beta, _i32(n), _i32(c),
                     _i32(hw), _f32(eps), _i32(act))
         return y, cache
+
+    def _apply_nhwc16(self, x, stats, eps, act: int) -> Nhwc16:
+        """act(batchnorm(x)) of x [n, C, H, W] with stats = (mean, var, gamma, beta), or act(x) with stats None,
+        written as the channels-last bf16 copy a convolution reads (norm.cu's bn_apply_nhwc16)."""
+        n, c = x.shape[:2]
+        hw = x.size // max(n * c, 1)
+        y16 = self.xp.empty((n, *x.shape[2:], c), dtype=self.xp.uint16)
+        if y16.size:
+            get_kernel(self.device_id, "norm", "bn_apply_nhwc16")((math.ceil(hw / 32), math.ceil(c / 64), n), (256,), (
+                x, y16, *(stats or (NULL,) * 4), _i32(c), _i32(hw), _f32(eps), _i32(act)))
+        return Nhwc16(y16, x.shape)
 
     def _bn_backward(self, dy, cache, dgamma, dbeta, need_dx, relu_mask, inplace):
         """The backward of _bn_forward's act: a ReLU's derivative is the consumer's (dy is dE/dz), a GELU's is
