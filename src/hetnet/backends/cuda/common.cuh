@@ -40,6 +40,18 @@ struct HnChannelWalk {
         if (hw >= HW) { hw -= HW; ++c; }
         if (c >= C) c -= C;
     }
+    // The walk's next U elements and their channels (ok[u] false past the end), the walk moved past them: a loop
+    // over these issues U loads before it uses one (one load per step leaves these kernels latency-bound).
+    template <int U>
+    __device__ __forceinline__ void take(I (&at)[U], int (&ch)[U], bool (&ok)[U]) {
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            ok[u] = more();
+            at[u] = e;
+            ch[u] = c;
+            next();
+        }
+    }
 };
 
 // The per-channel reductions' walk over channel c's N * HW values of x[N, C, HW] (blocks along gridDim.y): i runs
@@ -65,6 +77,16 @@ struct HnPlaneWalk {
         idx += didx;
         hw += dhw;
         if (hw >= HW) { hw -= HW; idx += wrap; }
+    }
+    // The walk's next U elements (ok[u] false past the end), the walk moved past them (as HnChannelWalk::take).
+    template <int U>
+    __device__ __forceinline__ void take(I (&at)[U], bool (&ok)[U]) {
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            ok[u] = more();
+            at[u] = idx;
+            next();
+        }
     }
 };
 

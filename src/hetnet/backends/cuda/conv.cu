@@ -762,10 +762,14 @@ extern "C" __global__ void __launch_bounds__(256) to_nhwc16(const float* __restr
     const int p0 = blockIdx.x * 32, c0 = blockIdx.y * 64, lane = threadIdx.x & 31, row = threadIdx.x >> 5;
     const long long img = blockIdx.z;
     const float* xi = x + img * C * HW;
-    for (int i = row; i < 64; i += 8) {
-        const int c = c0 + i, p = p0 + lane;
-        t[i][lane] = c < C && p < HW ? xi[(long long)c * HW + p] : 0.f;
+    float v[8];                        // channels c0 + row + 8u: the eight loads issued before any is used
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+        const int c = c0 + row + 8 * u, p = p0 + lane;
+        v[u] = c < C && p < HW ? xi[(long long)c * HW + p] : 0.f;
     }
+#pragma unroll
+    for (int u = 0; u < 8; ++u) t[row + 8 * u][lane] = v[u];
     __syncthreads();
     hn_store_nhwc16_tile(t, y + img * HW * (C / 2), p0, c0, C, HW);
 }
@@ -788,11 +792,18 @@ extern "C" __global__ void __launch_bounds__(256) pool_grad_nhwc16(const float* 
     const int at = (h - p * k) * k + (w - q * k), pq = p * Q + q;
     const float* dyi = dy + img * C * P * Q;
     const unsigned char* argi = arg + img * C * P * Q;
-    for (int i = row; i < 64; i += 8) {
-        const int c = c0 + i;
+    float d[8];                        // channels c0 + row + 8u: dy and arg of all eight loaded before any is tested
+    unsigned char a[8];
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+        const int c = c0 + row + 8 * u;
         const long long src = (long long)c * P * Q + pq;
-        t[i][lane] = covered && c < C && argi[src] == at ? dyi[src] : 0.f;
+        const bool in = covered && c < C;
+        a[u] = in ? argi[src] : 0;
+        d[u] = in ? dyi[src] : 0.f;
     }
+#pragma unroll
+    for (int u = 0; u < 8; ++u) t[row + 8 * u][lane] = a[u] == at ? d[u] : 0.f;
     __syncthreads();
     hn_store_nhwc16_tile(t, y + img * HW * (C / 2), p0, c0, C, HW);
 }

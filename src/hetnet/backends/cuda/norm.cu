@@ -11,6 +11,8 @@
 // the sums, then bn_stats_synced; its backward all-reduces bn_bwd_reduce's sums before bn_bwd_dx (CudaBackend).
 #include "common.cuh"
 
+#define HN_BN_ILP 4  // elements a thread of the walking kernels loads before it uses the first (their ILP)
+
 __device__ __forceinline__ bool hn_last_block(unsigned* count, int c) {
     __shared__ bool last;
     __threadfence();
@@ -28,10 +30,18 @@ __device__ __forceinline__ bool hn_bn_channel_sums(const float* __restrict__ x, 
     __shared__ double shm[32];
     const int c = blockIdx.x;
     double s = 0.0, ss = 0.0;
-    for (HnPlaneWalk<I> w(N, C, HW, c); w.more(); w.next()) {
-        const double v = x[w.idx];
-        s += v;
-        ss += v * v;
+    for (HnPlaneWalk<I> w(N, C, HW, c); w.more();) {
+        I at[HN_BN_ILP];
+        bool ok[HN_BN_ILP];
+        float v[HN_BN_ILP];
+        w.take(at, ok);
+#pragma unroll
+        for (int u = 0; u < HN_BN_ILP; ++u) v[u] = ok[u] ? x[at[u]] : 0.f;
+#pragma unroll
+        for (int u = 0; u < HN_BN_ILP; ++u) {
+            s += (double)v[u];
+            ss += (double)v[u] * v[u];
+        }
     }
     s = hn_block_sum(s, shm);
     ss = hn_block_sum(ss, shm);
@@ -153,6 +163,15 @@ extern "C" __global__ void __launch_bounds__(256) bn_apply_nhwc16(
     __shared__ float coef[4][64];      // the block's channels' mean, inv, gamma, beta
     const int p0 = blockIdx.x * 32, c0 = blockIdx.y * 64, lane = threadIdx.x & 31, row = threadIdx.x >> 5;
     const bool stats = mean != nullptr;
+    const long long img = blockIdx.z;
+    const float* xi = x + img * C * HW;
+    const int p = p0 + lane;
+    float v[8];                        // channels c0 + row + 8u: the eight loads issued before any is used
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+        const int c = c0 + row + 8 * u;
+        v[u] = c < C && p < HW ? xi[(long long)c * HW + p] : 0.f;
+    }
     if (stats && threadIdx.x < 64 && c0 + (int)threadIdx.x < C) {
         const int c = c0 + threadIdx.x;
         coef[0][threadIdx.x] = mean[c];
@@ -161,14 +180,12 @@ extern "C" __global__ void __launch_bounds__(256) bn_apply_nhwc16(
         coef[3][threadIdx.x] = beta[c];
     }
     __syncthreads();
-    const long long img = blockIdx.z;
-    const float* xi = x + img * C * HW;
-    for (int i = row; i < 64; i += 8) {
-        const int c = c0 + i, p = p0 + lane;
-        t[i][lane] = c < C && p < HW ? hn_bn_value(xi[(long long)c * HW + p], stats, stats ? coef[0][i] : 0.f,
-                                                   stats ? coef[1][i] : 0.f, stats ? coef[2][i] : 0.f,
-                                                   stats ? coef[3][i] : 0.f, act)
-                                     : 0.f;
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+        const int i = row + 8 * u;
+        t[i][lane] = c0 + i < C && p < HW ? hn_bn_value(v[u], stats, stats ? coef[0][i] : 0.f, stats ? coef[1][i] : 0.f,
+                                                        stats ? coef[2][i] : 0.f, stats ? coef[3][i] : 0.f, act)
+                                          : 0.f;
     }
     __syncthreads();
     hn_store_nhwc16_tile(t, y16 + img * HW * (C / 2), p0, c0, C, HW);
@@ -221,10 +238,23 @@ __device__ __forceinline__ void bn_bwd_reduce_body(const float* __restrict__ dy,
     const int c = blockIdx.x;
     const float mu = mean[c], inv = 1.f / sqrtf(var[c] + eps), ga = gamma[c], be = beta[c];
     double s = 0.0, sx = 0.0;
-    for (HnPlaneWalk<I> w(N, C, HW, c); w.more(); w.next()) {
-        const float xhat = (x[w.idx] - mu) * inv, g = hn_bn_out_grad(dy[w.idx], xhat, ga, be, act);
-        s += g;
-        sx += (double)g * xhat;
+    for (HnPlaneWalk<I> w(N, C, HW, c); w.more();) {
+        I at[HN_BN_ILP];
+        bool ok[HN_BN_ILP];
+        float xv[HN_BN_ILP], dv[HN_BN_ILP];
+        w.take(at, ok);
+#pragma unroll
+        for (int u = 0; u < HN_BN_ILP; ++u) {
+            xv[u] = ok[u] ? x[at[u]] : 0.f;
+            dv[u] = ok[u] ? dy[at[u]] : 0.f;
+        }
+#pragma unroll
+        for (int u = 0; u < HN_BN_ILP; ++u) {
+            if (!ok[u]) continue;
+            const float xhat = (xv[u] - mu) * inv, g = hn_bn_out_grad(dv[u], xhat, ga, be, act);
+            s += g;
+            sx += (double)g * xhat;
+        }
     }
     hn_bn_bwd_finish(s, sx, shm, red, dgamma, dbeta, acc, count, c, C);
 }
@@ -244,12 +274,25 @@ __device__ __forceinline__ void bn_bwd_dx_body(const float* __restrict__ dy, con
                                                const float* __restrict__ red, float* dx, int N, int C, int HW,
                                                float eps, int act) {
     const float inv_m = 1.f / ((float)N * HW);
-    for (HnChannelWalk<I> w((I)N * C * HW, C, HW); w.more(); w.next()) {
-        const I e = w.e;
-        const int c = w.c;
-        const float inv = 1.f / sqrtf(var[c] + eps), scale = gamma[c] * inv;
-        const float xhat = (x[e] - mean[c]) * inv, g = hn_bn_out_grad(dy[e], xhat, gamma[c], beta[c], act);
-        dx[e] = red ? scale * (g - red[c] * inv_m - xhat * red[C + c] * inv_m) : g * scale;
+    for (HnChannelWalk<I> w((I)N * C * HW, C, HW); w.more();) {
+        I at[HN_BN_ILP];
+        int ch[HN_BN_ILP];
+        bool ok[HN_BN_ILP];
+        float xv[HN_BN_ILP], dv[HN_BN_ILP];
+        w.take(at, ch, ok);
+#pragma unroll
+        for (int u = 0; u < HN_BN_ILP; ++u) {   // x and dy of all U elements read before dx is written (dx may be x)
+            xv[u] = ok[u] ? x[at[u]] : 0.f;
+            dv[u] = ok[u] ? dy[at[u]] : 0.f;
+        }
+#pragma unroll
+        for (int u = 0; u < HN_BN_ILP; ++u) {
+            if (!ok[u]) continue;
+            const int c = ch[u];
+            const float inv = 1.f / sqrtf(var[c] + eps), scale = gamma[c] * inv;
+            const float xhat = (xv[u] - mean[c]) * inv, g = hn_bn_out_grad(dv[u], xhat, gamma[c], beta[c], act);
+            dx[at[u]] = red ? scale * (g - red[c] * inv_m - xhat * red[C + c] * inv_m) : g * scale;
+        }
     }
 }
 HN_TWO_INDEX_KERNELS(bn_bwd_dx,

@@ -24,7 +24,9 @@ class NormOps:
     """CudaBackend's batch-normalisation ops (norm.cu)."""
 
     def _bn_grid(self, n, c, hw):
-        return (c, max(1, min(math.ceil(n * hw / 1024), math.ceil(4 * self.sms / c))), 1)
+        """The per-channel reductions' grid (c, G): about 8 blocks of 256 threads per SM (a full SM at 32 registers),
+        each thread at least HN_BN_ILP = 4 values."""
+        return (c, max(1, min(math.ceil(n * hw / 1024), math.ceil(8 * self.sms / c))), 1)
 
     def _bn_batch_stats(self, x, running_mean, running_var, momentum, training, reduce=None):
         """(mean, var, sync) per channel of x[N, C, ...]: in training the batch's (one kernel, which also updates the
