@@ -266,20 +266,23 @@ HN_TWO_INDEX_KERNELS(bn_bwd_reduce,
     (dy, x, mean, var, gamma, beta, red, dgamma, dbeta, acc, count, N, C, HW, eps, act))
 
 // With g = dE/dz (hn_bn_out_grad of dy), training: dx = gamma*inv * (g - sum_g/m - xhat * sum_gxhat/m); eval
-// (red == nullptr): dx = g * gamma * inv. Elementwise after bn_bwd_reduce: dx may be x's own memory.
+// (red == nullptr): dx = g * gamma * inv. On bn_bwd_reduce's (C, G) grid, so that a block's channel constants are
+// computed once. Elementwise after bn_bwd_reduce: dx may be x's own memory.
 template <typename I>
 __device__ __forceinline__ void bn_bwd_dx_body(const float* __restrict__ dy, const float* x,
                                                const float* __restrict__ mean, const float* __restrict__ var,
                                                const float* __restrict__ gamma, const float* __restrict__ beta,
                                                const float* __restrict__ red, float* dx, int N, int C, int HW,
                                                float eps, int act) {
+    const int c = blockIdx.x;
     const float inv_m = 1.f / ((float)N * HW);
-    for (HnChannelWalk<I> w((I)N * C * HW, C, HW); w.more();) {
+    const float mu = mean[c], inv = 1.f / sqrtf(var[c] + eps), ga = gamma[c], be = beta[c], scale = ga * inv;
+    const float rs = red ? red[c] * inv_m : 0.f, rx = red ? red[C + c] : 0.f;
+    for (HnPlaneWalk<I> w(N, C, HW, c); w.more();) {
         I at[HN_BN_ILP];
-        int ch[HN_BN_ILP];
         bool ok[HN_BN_ILP];
         float xv[HN_BN_ILP], dv[HN_BN_ILP];
-        w.take(at, ch, ok);
+        w.take(at, ok);
 #pragma unroll
         for (int u = 0; u < HN_BN_ILP; ++u) {   // x and dy of all U elements read before dx is written (dx may be x)
             xv[u] = ok[u] ? x[at[u]] : 0.f;
@@ -288,10 +291,8 @@ __device__ __forceinline__ void bn_bwd_dx_body(const float* __restrict__ dy, con
 #pragma unroll
         for (int u = 0; u < HN_BN_ILP; ++u) {
             if (!ok[u]) continue;
-            const int c = ch[u];
-            const float inv = 1.f / sqrtf(var[c] + eps), scale = gamma[c] * inv;
-            const float xhat = (xv[u] - mean[c]) * inv, g = hn_bn_out_grad(dv[u], xhat, gamma[c], beta[c], act);
-            dx[at[u]] = red ? scale * (g - red[c] * inv_m - xhat * red[C + c] * inv_m) : g * scale;
+            const float xhat = (xv[u] - mu) * inv, g = hn_bn_out_grad(dv[u], xhat, ga, be, act);
+            dx[at[u]] = red ? scale * (g - rs - xhat * rx * inv_m) : g * scale;
         }
     }
 }

@@ -126,8 +126,9 @@ class NormOps:
         if not need_dx:
             return None
         dx = x if inplace and not relu_mask else self.xp.empty_like(x)
-        self.launch("norm", self.ix("bn_bwd_dx", x.size), x.size, dy, x, mean, var, gamma, beta,
-                    red if training else NULL, dx, _i32(n), _i32(c), _i32(hw), _f32(eps), _i32(act))
+        get_kernel(self.device_id, "norm", self.ix("bn_bwd_dx", x.size))(self._bn_grid(n, c, hw), (256,), (
+            dy, x, mean, var, gamma, beta, red if training else NULL, dx, _i32(n), _i32(c), _i32(hw), _f32(eps),
+            _i32(act)))
         return self.relu_mask(dx, x) if relu_mask else dx
 
     def bn_relu_maxpool_forward(self, x, gamma, beta, running_mean, running_var, momentum, eps, training, pool_kernel,
