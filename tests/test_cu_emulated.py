@@ -23,8 +23,8 @@ from hetnet.backends.cuda import kernels
 # time), and the PTX conversion is the emulator's hn_pack_bf16x2 (the same rounding, same halves)
 ENTRY = """
 extern "C" int emu_to_nhwc16(const float* x, unsigned* y, int n, int C, int HW, unsigned seed, char* err, int len) {
-    std::string msg = emu::launch({(unsigned)((HW + 31) / 32), (unsigned)((C + 63) / 64), (unsigned)n}, {256, 1, 1}, 0,
-                                  [=] { to_nhwc16(x, y, C, HW); }, seed);
+    std::string msg = emu::launch({(unsigned)((n * HW + 31) / 32), (unsigned)((C + 63) / 64), 1}, {256, 1, 1}, 0,
+                                  [=] { to_nhwc16(x, y, n, C, HW); }, seed);
     snprintf(err, len, "%s", msg.c_str());
     return msg.empty() ? 0 : 1;
 }
@@ -74,15 +74,15 @@ extern "C" int emu_walk(int plane, int wide, int take, int* out, int N, int C, i
 extern "C" int emu_bn_apply16(const float* x, unsigned* y, const float* mean, const float* var, const float* gamma,
                                const float* beta, int n, int C, int HW, float eps, int act, unsigned seed, char* err,
                                int len) {
-    std::string msg = emu::launch({(unsigned)((HW + 31) / 32), (unsigned)((C + 63) / 64), (unsigned)n}, {256, 1, 1}, 0,
-                                  [=] { bn_apply_nhwc16(x, y, mean, var, gamma, beta, C, HW, eps, act); }, seed);
+    std::string msg = emu::launch({(unsigned)((n * HW + 31) / 32), (unsigned)((C + 63) / 64), 1}, {256, 1, 1}, 0,
+                                  [=] { bn_apply_nhwc16(x, y, mean, var, gamma, beta, n, C, HW, eps, act); }, seed);
     snprintf(err, len, "%s", msg.c_str());
     return msg.empty() ? 0 : 1;
 }
 extern "C" int emu_pool_grad(const float* dy, const unsigned char* arg, unsigned* y, int n, int C, int H, int W,
                              int P, int Q, int k, unsigned seed, char* err, int len) {
-    std::string msg = emu::launch({(unsigned)((H * W + 31) / 32), (unsigned)((C + 63) / 64), (unsigned)n},
-                                  {256, 1, 1}, 0, [=] { pool_grad_nhwc16(dy, arg, y, C, H, W, P, Q, k); }, seed);
+    std::string msg = emu::launch({(unsigned)((n * H * W + 31) / 32), (unsigned)((C + 63) / 64), 1},
+                                  {256, 1, 1}, 0, [=] { pool_grad_nhwc16(dy, arg, y, n, C, H, W, P, Q, k); }, seed);
     snprintf(err, len, "%s", msg.c_str());
     return msg.empty() ? 0 : 1;
 }
@@ -95,7 +95,8 @@ def _kernels_text() -> str:
     common, conv, norm = ((kernels.HERE / "common.cuh").read_text(), kernels.cu_text("conv"), kernels.cu_text("norm"))
     parts = [line for line in common.splitlines() if line.startswith(("#define HN_RELU", "#define HN_GELU",
                                                                        "#define HN_INV_SQRT"))]
-    for start in ("template <typename I>\nstruct HnChannelWalk {", "template <typename I>\nstruct HnPlaneWalk {"):
+    for start in ("template <typename I>\nstruct HnChannelWalk {", "template <typename I>\nstruct HnPlaneWalk {",
+                  "struct HnTilePixel {"):
         i = common.index(start)
         parts.append(common[i:common.index("\n};\n", i) + 4])
     i = common.index("__device__ __forceinline__ float hn_gelu(")                  # one line
@@ -124,8 +125,10 @@ def _check(rc: int, err) -> None:
     assert rc == 0, err.value.decode()
 
 
-@pytest.mark.parametrize("shape", [(2, 6, 37), (1, 70, 5, 7), (2, 64, 3, 3)], ids=str)
+@pytest.mark.parametrize("shape", [(2, 6, 37), (1, 70, 5, 7), (2, 64, 3, 3), (7, 6, 3, 3)], ids=str)
 def test_to_nhwc16_emulated(emu, rng, shape):
+    """Every element, bf16-rounded to nearest even (the first values sit on rounding ties); tiles of 32 pixels that
+    end inside an image and that hold several images (HW = 9)."""
     x = (rng.standard_normal(shape) * 100).astype(np.float32)
     x.reshape(-1)[:4] = np.array([0x3F808000, 0x3F818000, 0xBF808000, 0x3F80FFFF], np.uint32).view(np.float32)
     n, c = shape[:2]
@@ -136,8 +139,8 @@ def test_to_nhwc16_emulated(emu, rng, shape):
     np.testing.assert_array_equal(y, nhwc16(x))
 
 
-@pytest.mark.parametrize("shape,k", [((2, 6, 11, 9), 2), ((1, 70, 7, 7), 2), ((2, 8, 8, 11), 3), ((1, 66, 4, 4), 2)],
-                         ids=str)
+@pytest.mark.parametrize("shape,k", [((2, 6, 11, 9), 2), ((1, 70, 7, 7), 2), ((2, 8, 8, 11), 3), ((1, 66, 4, 4), 2),
+                                     ((5, 6, 5, 5), 2)], ids=str)
 def test_pool_grad_nhwc16_emulated(emu, rng, shape, k):
     """Every element of the copy: the gradient at each window's first maximum (ties in the first window), 0 at the
     window's other elements and at the rows and columns no window covers; partial 64 x 32 tiles."""
@@ -164,7 +167,7 @@ def _bf16_ulps(bits_a, bits_b):
 
 
 @pytest.mark.parametrize("act", [0, 2], ids=["none", "gelu"])
-@pytest.mark.parametrize("shape", [(2, 6, 37), (1, 70, 5, 7), (3, 64, 3, 3)], ids=str)
+@pytest.mark.parametrize("shape", [(2, 6, 37), (1, 70, 5, 7), (3, 64, 3, 3), (9, 6, 1, 3)], ids=str)
 def test_bn_apply_nhwc16_emulated(emu, rng, shape, act):
     """bn_apply_nhwc16: act((x - mean) / sqrt(var + eps) * gamma + beta) channels-last in bf16, every element of
     partial 64 x 32 tiles; NumPy's float32 of the same expression, rounded to bf16: equal bits without an activation,

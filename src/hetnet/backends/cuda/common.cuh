@@ -177,13 +177,28 @@ __device__ __forceinline__ unsigned hn_bf16x2_bits(float lo, float hi) {
     return r;
 }
 
+// The pixels of a channels-last tile: 32 consecutive pixels of the n * HW (image-major, all images' pixels in a row:
+// the NHWC copy's rows), so that a tile never straddles idle lanes past an image's end (HW = 9 would leave 23 of 32).
+// This lane's pixel pix (of NP = n * HW < 2^31) is image img, position hw; x[img][c][hw] = xc[c * HW].
+struct HnTilePixel {
+    int pix, img, hw;
+    bool in;
+    __device__ __forceinline__ HnTilePixel(int NP, int HW) {
+        pix = blockIdx.x * 32 + (threadIdx.x & 31);
+        in = pix < NP;
+        img = in ? pix / HW : 0;
+        hw = in ? pix - img * HW : 0;
+    }
+};
+
 // The store half of a 64-channel x 32-pixel tile moved channels-last: t[c - c0][p - p0] (float, in shared memory)
-// to yi[p][c / 2] as bf16 pairs (C even); each warp writes 64 consecutive channels (32 pairs) of a pixel. 256 threads.
-__device__ __forceinline__ void hn_store_nhwc16_tile(const float (&t)[64][33], unsigned* __restrict__ yi, int p0, int c0,
-                                                     int C, int HW) {
+// to y[p][c / 2] as bf16 pairs (C even), p < NP the tile's pixels (HnTilePixel); each warp writes 64 consecutive
+// channels (32 pairs) of a pixel. 256 threads.
+__device__ __forceinline__ void hn_store_nhwc16_tile(const float (&t)[64][33], unsigned* __restrict__ y, int p0, int c0,
+                                                     int C, int NP) {
     const int lane = threadIdx.x & 31, row = threadIdx.x >> 5, c = c0 + 2 * lane;
     for (int j = row; j < 32; j += 8) {
         const int p = p0 + j;
-        if (p < HW && c < C) yi[(long long)p * (C / 2) + c / 2] = hn_bf16x2_bits(t[2 * lane][j], t[2 * lane + 1][j]);
+        if (p < NP && c < C) y[(long long)p * (C / 2) + c / 2] = hn_bf16x2_bits(t[2 * lane][j], t[2 * lane + 1][j]);
     }
 }

@@ -753,25 +753,25 @@ extern "C" __global__ void relu_mask_inplace(float* __restrict__ dx, const float
 
 // --- channels-last bf16 copies: the operands of mma.cu's HN_CONV16 convolutions (conv.py's "tc16") ------------------
 // y[img][p][c] = bf16(x[img][c][p]) for x [n][C][HW] float32, y as bf16 pairs [n][HW][C / 2] (C even): an
-// activation NCHW -> NHWC, or a weight [O][C][R][S] -> [O][R][S][C]. A block moves 64 channels x 32 pixels through
-// shared memory: each warp reads 32 consecutive pixels of a channel, then writes 64 consecutive channels (32 pairs) of
-// a pixel. Grid (ceil(HW / 32), ceil(C / 64), n), 256 threads.
+// activation NCHW -> NHWC, or a weight [O][C][R][S] -> [O][R][S][C]. A block moves 64 channels x 32 pixels of the
+// n * HW (HnTilePixel) through shared memory: each warp reads 32 consecutive pixels of a channel, then writes 64
+// consecutive channels (32 pairs) of a pixel. Grid (ceil(n * HW / 32), ceil(C / 64)), 256 threads; n * HW < 2^31.
 extern "C" __global__ void __launch_bounds__(256) to_nhwc16(const float* __restrict__ x, unsigned* __restrict__ y,
-                                                            int C, int HW) {
+                                                            int n, int C, int HW) {
     __shared__ float t[64][33];
-    const int p0 = blockIdx.x * 32, c0 = blockIdx.y * 64, lane = threadIdx.x & 31, row = threadIdx.x >> 5;
-    const long long img = blockIdx.z;
-    const float* xi = x + img * C * HW;
+    const int c0 = blockIdx.y * 64, lane = threadIdx.x & 31, row = threadIdx.x >> 5, NP = n * HW;
+    const HnTilePixel px(NP, HW);
+    const float* xc = x + (long long)px.img * C * HW + px.hw;
     float v[8];                        // channels c0 + row + 8u: the eight loads issued before any is used
 #pragma unroll
     for (int u = 0; u < 8; ++u) {
-        const int c = c0 + row + 8 * u, p = p0 + lane;
-        v[u] = c < C && p < HW ? xi[(long long)c * HW + p] : 0.f;
+        const int c = c0 + row + 8 * u;
+        v[u] = c < C && px.in ? xc[(long long)c * HW] : 0.f;
     }
 #pragma unroll
     for (int u = 0; u < 8; ++u) t[row + 8 * u][lane] = v[u];
     __syncthreads();
-    hn_store_nhwc16_tile(t, y + img * HW * (C / 2), p0, c0, C, HW);
+    hn_store_nhwc16_tile(t, y, blockIdx.x * 32, c0, C, NP);
 }
 
 // to_nhwc16 of a max pooling's input gradient, dz = maxpool2d_backward(dy), for windows that tile the input (stride
@@ -779,33 +779,33 @@ extern "C" __global__ void __launch_bounds__(256) to_nhwc16(const float* __restr
 // each window's argmax byte (pool.cu's maxpool_fwd). dz[c][h][w] = dy[c][p][q] where (h, w) is the first maximum of
 // window (p, q) = (h / k, w / k), i.e. arg[c][p][q] == (h - p k) k + (w - q k); 0 elsewhere, rows h >= P k and
 // columns w >= Q k (in no window) included. Written as bf16 pairs [n][H][W][C / 2] (C even) in to_nhwc16's tiles:
-// 64 channels x 32 pixels of z per block, each lane's pixel decoded once. Grid (ceil(HW / 32), ceil(C / 64), n).
+// 64 channels x 32 pixels of z's n * H * W per block, each lane's pixel decoded once. Grid (ceil(n * H * W / 32),
+// ceil(C / 64)); n * H * W < 2^31.
 extern "C" __global__ void __launch_bounds__(256) pool_grad_nhwc16(const float* __restrict__ dy,
                                                                    const unsigned char* __restrict__ arg,
-                                                                   unsigned* __restrict__ y, int C, int H, int W,
-                                                                   int P, int Q, int k) {
+                                                                   unsigned* __restrict__ y, int n, int C, int H,
+                                                                   int W, int P, int Q, int k) {
     __shared__ float t[64][33];
-    const int p0 = blockIdx.x * 32, c0 = blockIdx.y * 64, lane = threadIdx.x & 31, row = threadIdx.x >> 5;
-    const long long img = blockIdx.z;
-    const int HW = H * W, pix = p0 + lane, h = pix / W, w = pix - h * W, p = h / k, q = w / k;
-    const bool covered = pix < HW && p < P && q < Q;
-    const int at = (h - p * k) * k + (w - q * k), pq = p * Q + q;
-    const float* dyi = dy + img * C * P * Q;
-    const unsigned char* argi = arg + img * C * P * Q;
+    const int c0 = blockIdx.y * 64, lane = threadIdx.x & 31, row = threadIdx.x >> 5, NP = n * H * W;
+    const HnTilePixel px(NP, H * W);
+    const int h = px.hw / W, w = px.hw - h * W, p = h / k, q = w / k;
+    const bool covered = px.in && p < P && q < Q;
+    const int at = (h - p * k) * k + (w - q * k);
+    const long long pq = (long long)px.img * C * P * Q + p * Q + q;   // dy[img][c][p][q] = dy[pq + c * P * Q]
     float d[8];                        // channels c0 + row + 8u: dy and arg of all eight loaded before any is tested
     unsigned char a[8];
 #pragma unroll
     for (int u = 0; u < 8; ++u) {
         const int c = c0 + row + 8 * u;
-        const long long src = (long long)c * P * Q + pq;
+        const long long src = pq + (long long)c * P * Q;
         const bool in = covered && c < C;
-        a[u] = in ? argi[src] : 0;
-        d[u] = in ? dyi[src] : 0.f;
+        a[u] = in ? arg[src] : 0;
+        d[u] = in ? dy[src] : 0.f;
     }
 #pragma unroll
     for (int u = 0; u < 8; ++u) t[row + 8 * u][lane] = a[u] == at ? d[u] : 0.f;
     __syncthreads();
-    hn_store_nhwc16_tile(t, y + img * HW * (C / 2), p0, c0, C, HW);
+    hn_store_nhwc16_tile(t, y, blockIdx.x * 32, c0, C, NP);
 }
 
 // The data gradient's turned weights: wt[c][rs][o] = bf16(w[o][c][RS - 1 - rs]) for w [O][C][R][S] float32 (rs = r *

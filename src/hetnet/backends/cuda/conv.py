@@ -483,7 +483,7 @@ def takes_nhwc16(be, x_shape, feeds) -> bool:
     w_shape, stride, pad = feeds
     n, c, h, wd = x_shape
     k, c2, r, s = w_shape
-    return (be.precision == "bf16" and c2 == c and c % 2 == 0 and 0 < n <= mma.GRID_YZ
+    return (be.precision == "bf16" and c2 == c and c % 2 == 0 and 0 < n <= mma.GRID_YZ and n * h * wd < 2**31
             and _kept16(be, Geometry(n, c, h, wd, k, r, s, int(stride), int(pad))) is not None)
 
 

@@ -481,12 +481,12 @@ def to_nhwc16(be, x):
     activation NCHW -> NHWC, or weights [O, C, R, S] -> [O, R, S, C]."""
     n, c = x.shape[:2]
     hw = x.size // max(n * c, 1)
-    if c % 2 or n > GRID_YZ or x.dtype != np.float32 or not x.flags.c_contiguous:
-        raise ValueError(f"to_nhwc16: x of shape {x.shape} must be contiguous float32, C even, n <= {GRID_YZ}")
+    if c % 2 or n * hw >= 2**31 or x.dtype != np.float32 or not x.flags.c_contiguous:
+        raise ValueError(f"to_nhwc16: x of shape {x.shape} must be contiguous float32, C even, under 2^31 pixels")
     out = be.xp.empty((n, *x.shape[2:], c), dtype=np.uint16)
     if out.size:
-        get_kernel(be.device_id, "conv", "to_nhwc16")((math.ceil(hw / 32), math.ceil(c / 64), n), (256,),
-                                                       (x, out, _i32(c), _i32(hw)))
+        get_kernel(be.device_id, "conv", "to_nhwc16")((math.ceil(n * hw / 32), math.ceil(c / 64)), (256,),
+                                                       (x, out, _i32(n), _i32(c), _i32(hw)))
     return out
 
 
@@ -495,12 +495,14 @@ def pool_grad_nhwc16(be, dy, arg, z_shape, k: int):
     gradient dy and argmax bytes arg [n, C, P, Q] (conv.cu's pool_grad_nhwc16), without the float32 gradient."""
     n, c, h, w = z_shape
     p, q = dy.shape[2], dy.shape[3]
-    if c % 2 or n > GRID_YZ or dy.dtype != np.float32 or not dy.flags.c_contiguous or not arg.flags.c_contiguous:
-        raise ValueError(f"pool_grad_nhwc16: dy of shape {dy.shape} must be contiguous float32, C even, n <= {GRID_YZ}")
+    if (c % 2 or n * h * w >= 2**31 or dy.dtype != np.float32 or not dy.flags.c_contiguous
+            or not arg.flags.c_contiguous):
+        raise ValueError(f"pool_grad_nhwc16: dy of shape {dy.shape} must be contiguous float32, C even, z under 2^31 "
+                         "pixels")
     out = be.xp.empty((n, h, w, c), dtype=np.uint16)
     if out.size:
-        get_kernel(be.device_id, "conv", "pool_grad_nhwc16")((math.ceil(h * w / 32), math.ceil(c / 64), n), (256,), (
-            dy, arg, out, _i32(c), _i32(h), _i32(w), _i32(p), _i32(q), _i32(k)))
+        get_kernel(be.device_id, "conv", "pool_grad_nhwc16")((math.ceil(n * h * w / 32), math.ceil(c / 64)), (256,), (
+            dy, arg, out, _i32(n), _i32(c), _i32(h), _i32(w), _i32(p), _i32(q), _i32(k)))
     return out
 
 

@@ -152,25 +152,24 @@ HN_TWO_INDEX_KERNELS(bn_apply,
 
 // bn_apply's y written channels-last in bf16 instead (the copy the next convolution reads, conv.cu's to_nhwc16 of y):
 // y16[img][p][c] = bf16(act(bn(x[img][c][p]))) as bf16 pairs [n][HW][C / 2] (C even), in to_nhwc16's tiles of 64
-// channels x 32 pixels through shared memory, each channel's mean, 1 / sqrt(var + eps), gamma and beta read once per
-// block; with mean null, bf16(act(x)) (a GELU on its own: elementwise.cu's gelu_fwd, the same hn_gelu). Grid
-// (ceil(HW / 32), ceil(C / 64), n), 256 threads.
+// channels x 32 pixels of the n * HW through shared memory, each channel's mean, 1 / sqrt(var + eps), gamma and beta
+// read once per block; with mean null, bf16(act(x)) (a GELU on its own: elementwise.cu's gelu_fwd, the same
+// hn_gelu). Grid (ceil(n * HW / 32), ceil(C / 64)), 256 threads; n * HW < 2^31.
 extern "C" __global__ void __launch_bounds__(256) bn_apply_nhwc16(
     const float* __restrict__ x, unsigned* __restrict__ y16, const float* __restrict__ mean,
-    const float* __restrict__ var, const float* __restrict__ gamma, const float* __restrict__ beta, int C, int HW,
-    float eps, int act) {
+    const float* __restrict__ var, const float* __restrict__ gamma, const float* __restrict__ beta, int n, int C,
+    int HW, float eps, int act) {
     __shared__ float t[64][33];
     __shared__ float coef[4][64];      // the block's channels' mean, inv, gamma, beta
-    const int p0 = blockIdx.x * 32, c0 = blockIdx.y * 64, lane = threadIdx.x & 31, row = threadIdx.x >> 5;
+    const int c0 = blockIdx.y * 64, lane = threadIdx.x & 31, row = threadIdx.x >> 5, NP = n * HW;
     const bool stats = mean != nullptr;
-    const long long img = blockIdx.z;
-    const float* xi = x + img * C * HW;
-    const int p = p0 + lane;
+    const HnTilePixel px(NP, HW);
+    const float* xc = x + (long long)px.img * C * HW + px.hw;
     float v[8];                        // channels c0 + row + 8u: the eight loads issued before any is used
 #pragma unroll
     for (int u = 0; u < 8; ++u) {
         const int c = c0 + row + 8 * u;
-        v[u] = c < C && p < HW ? xi[(long long)c * HW + p] : 0.f;
+        v[u] = c < C && px.in ? xc[(long long)c * HW] : 0.f;
     }
     if (stats && threadIdx.x < 64 && c0 + (int)threadIdx.x < C) {
         const int c = c0 + threadIdx.x;
@@ -183,12 +182,12 @@ extern "C" __global__ void __launch_bounds__(256) bn_apply_nhwc16(
 #pragma unroll
     for (int u = 0; u < 8; ++u) {
         const int i = row + 8 * u;
-        t[i][lane] = c0 + i < C && p < HW ? hn_bn_value(v[u], stats, stats ? coef[0][i] : 0.f, stats ? coef[1][i] : 0.f,
-                                                        stats ? coef[2][i] : 0.f, stats ? coef[3][i] : 0.f, act)
-                                          : 0.f;
+        t[i][lane] = c0 + i < C && px.in ? hn_bn_value(v[u], stats, stats ? coef[0][i] : 0.f, stats ? coef[1][i] : 0.f,
+                                                       stats ? coef[2][i] : 0.f, stats ? coef[3][i] : 0.f, act)
+                                         : 0.f;
     }
     __syncthreads();
-    hn_store_nhwc16_tile(t, y16 + img * HW * (C / 2), p0, c0, C, HW);
+    hn_store_nhwc16_tile(t, y16, blockIdx.x * 32, c0, C, NP);
 }
 
 // The end of a batch-norm backward reduction for channel c: this block's sums s (of the gradient) and sx (of the

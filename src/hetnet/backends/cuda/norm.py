@@ -103,8 +103,8 @@ class NormOps:
         hw = x.size // max(n * c, 1)
         y16 = self.xp.empty((n, *x.shape[2:], c), dtype=self.xp.uint16)
         if y16.size:
-            get_kernel(self.device_id, "norm", "bn_apply_nhwc16")((math.ceil(hw / 32), math.ceil(c / 64), n), (256,), (
-                x, y16, *(stats or (NULL,) * 4), _i32(c), _i32(hw), _f32(eps), _i32(act)))
+            get_kernel(self.device_id, "norm", "bn_apply_nhwc16")((math.ceil(n * hw / 32), math.ceil(c / 64)), (256,), (
+                x, y16, *(stats or (NULL,) * 4), _i32(n), _i32(c), _i32(hw), _f32(eps), _i32(act)))
         return Nhwc16(y16, x.shape)
 
     def _bn_backward(self, dy, cache, dgamma, dbeta, need_dx, relu_mask, inplace):
