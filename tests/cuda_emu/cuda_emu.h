@@ -43,6 +43,10 @@
 #define __restrict__ __restrict
 #define __align__(n) __attribute__((aligned(n)))
 
+// CUDA's fast intrinsics as the correctly rounded operations they approximate (within 2 ulps on the GPU)
+inline float __expf(float x) { return std::exp(x); }
+inline float __fdividef(float a, float b) { return a / b; }
+
 struct float4 {
     float x, y, z, w;
 };
