@@ -79,6 +79,15 @@ extern "C" int emu_bn_apply16(const float* x, unsigned* y, const float* mean, co
     snprintf(err, len, "%s", msg.c_str());
     return msg.empty() ? 0 : 1;
 }
+extern "C" int emu_conv_gelu(const float* x, const float* w, const float* b, float* z, unsigned* y, int n, int C,
+                             int H, int W, int K, int R, int S, int stride, int pad, int P, int Q, unsigned blocks,
+                             unsigned seed, char* err, int len) {
+    std::string msg = emu::launch({blocks, 1, 1}, {256, 1, 1}, 0, [=] {
+        conv_gelu_nhwc16(x, w, b, z, reinterpret_cast<uint4*>(y), n, C, H, W, K, R, S, stride, pad, P, Q);
+    }, seed);
+    snprintf(err, len, "%s", msg.c_str());
+    return msg.empty() ? 0 : 1;
+}
 extern "C" int emu_pool_grad(const float* dy, const unsigned char* arg, unsigned* y, int n, int C, int H, int W,
                              int P, int Q, int k, unsigned seed, char* err, int len) {
     std::string msg = emu::launch({(unsigned)((n * H * W + 31) / 32), (unsigned)((C + 63) / 64), 1},
@@ -105,6 +114,7 @@ def _kernels_text() -> str:
     for text, start in ((common, "__device__ __forceinline__ void hn_store_nhwc16_tile("),
                         (conv, 'extern "C" __global__ void __launch_bounds__(256) to_nhwc16('),
                         (conv, 'extern "C" __global__ void __launch_bounds__(256) pool_grad_nhwc16('),
+                        (conv, 'extern "C" __global__ void __launch_bounds__(256) conv_gelu_nhwc16('),
                         (norm, "__device__ __forceinline__ float hn_bn_value("),
                         (norm, 'extern "C" __global__ void __launch_bounds__(256) bn_apply_nhwc16(')):
         i = text.index(start)
@@ -158,6 +168,34 @@ def test_pool_grad_nhwc16_emulated(emu, rng, shape, k):
     err = ctypes.create_string_buffer(512)
     _check(emu.emu_pool_grad(_ptr(dy), _ptr(arg), _ptr(out), n, c, h, w, p, q, k, 11, err, 512), err)
     np.testing.assert_array_equal(out, want)
+
+
+@pytest.mark.parametrize("case", [(3, 3, 9, 9, 24, 2, 1, 0, True, 2), (2, 2, 7, 6, 8, 3, 2, 1, False, 1),
+                                  (1, 4, 5, 5, 64, 4, 1, 2, True, 3)],
+                         ids=lambda c: "N{}C{}H{}W{}K{}k{}s{}p{}b{:d}-blocks{}".format(*c))
+def test_conv_gelu_nhwc16_emulated(emu, rng, case):
+    """conv_gelu_nhwc16: z = conv2d(x, w) + b in float32 (NumPy's float64 convolution, float32 rounding apart) and
+    the copy bit for bit bf16(gelu(z)) channels-last of that z (NumPy's erfc-form GELU in float64 rounded to float32:
+    within one bf16 step, nearly all equal); padding, stride 2, K = 64, grids smaller than the pixels (grid-stride
+    loop)."""
+    import math
+
+    n, c, h, w_, k, ks, stride, pad, bias, blocks = case
+    x = rng.standard_normal((n, c, h, w_)).astype(np.float32)
+    w = (rng.standard_normal((k, c, ks, ks)) * 0.5).astype(np.float32)
+    b = (rng.standard_normal(k) * 0.5).astype(np.float32)
+    want, _ = ref.conv2d_forward(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64) if bias else None,
+                                 stride, pad)
+    p, q = want.shape[2:]
+    z = np.full((n, k, p, q), np.nan, np.float32)
+    out = np.full((n, p, q, k), 0xDEAD, np.uint16)
+    err = ctypes.create_string_buffer(512)
+    _check(emu.emu_conv_gelu(_ptr(x), _ptr(w), _ptr(b) if bias else None, _ptr(z), _ptr(out), n, c, h, w_, k, ks,
+                             ks, stride, pad, p, q, blocks, 13, err, 512), err)
+    np.testing.assert_allclose(z, want, rtol=1e-5, atol=1e-5)
+    phi = np.vectorize(lambda v: 0.5 * math.erfc(-v / math.sqrt(2)))(z.astype(np.float64))
+    steps = _bf16_ulps(out, nhwc16((z * phi).astype(np.float32)))
+    assert steps.max() <= 1 and (steps == 0).mean() > 0.99, steps.max()
 
 
 def _bf16_ulps(bits_a, bits_b):

@@ -522,6 +522,42 @@ def test_training_with_hand_overs_equals_training_without(rng, monkeypatch):
     assert len(handed[True]) == 2 and all(handed[True]) and not any(handed[False]), handed
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv_gelu_hands_its_output_over_in_one_kernel(rng, monkeypatch, bias):
+    """At bf16, conv2d_gelu_forward told that its output feeds a convolution whose forward and filter gradient run
+    on "tc16" candidates (set as if measured) runs conv.cu's conv_gelu_nhwc16, not the two ops: y an Nhwc16 whose
+    bits are to_nhwc16(gelu_forward(z)) of the z it keeps, z the float64 convolution's within float32 rounding; the
+    backward's dx, dw, db the float64 reference's within RTOL_TC (the convolution's backward runs at bf16)."""
+    from hetnet.backends import reference as ref
+
+    be = get_backend("cuda", "bf16")
+    x = rng.standard_normal((5, 3, 12, 11)).astype(np.float32)
+    w = (rng.standard_normal((24, 3, 2, 2)) * 0.5).astype(np.float32)
+    b = (rng.standard_normal(24) * 0.5).astype(np.float32) if bias else None
+    dy = rng.standard_normal((5, 24, 11, 10)).astype(np.float32)
+
+    def two_ops(*a, **kw):
+        raise AssertionError("the composed ops ran")
+
+    monkeypatch.setattr(compose, "conv2d_gelu_forward", two_ops)
+    with _measured_as(be, (5, 24, 11, 10, 16, 3, 3, 1, 1), {"fwd": "tc16", "filter": "tc16"}):
+        y, cache = be.conv2d_gelu_forward(cupy.asarray(x), cupy.asarray(w), None if b is None else cupy.asarray(b),
+                                          1, 0, feeds=((16, 24, 3, 3), 1, 1))
+    assert isinstance(y, C.Nhwc16) and y.shape == (5, 24, 11, 10)
+    z = cache[1]
+    np.testing.assert_array_equal(cupy.asnumpy(y.data), cupy.asnumpy(mm.to_nhwc16(be, be.gelu_forward(z)[0])))
+    bd = None if b is None else b.astype(np.float64)
+    z_ref, _ = ref.conv2d_forward(x.astype(np.float64), w.astype(np.float64), bd, 1, 0)
+    assert rel_err(cupy.asnumpy(z), z_ref) <= 1e-6
+    dw, db = cupy.zeros(w.shape, cupy.float32), None if b is None else cupy.zeros(24, cupy.float32)
+    dx = be.conv2d_gelu_backward(cupy.asarray(dy), cache, dw, db)
+    _, rcache = ref.conv2d_gelu_forward(x.astype(np.float64), w.astype(np.float64), bd, 1, 0)
+    rdw, rdb = np.zeros(w.shape), None if b is None else np.zeros(24)
+    rdx = ref.conv2d_gelu_backward(dy.astype(np.float64), rcache, rdw, rdb)
+    for got, want in ((dx, rdx), (dw, rdw)) + (((db, rdb),) if b is not None else ()):
+        assert rel_err(cupy.asnumpy(got), want) <= RTOL_TC["bf16"]
+
+
 @pytest.mark.parametrize("bias", [False, True])
 def test_conv_maxpool_backward_on_the_channels_last_copies(rng, bias, monkeypatch):
     """Where the convolution's forward, filter and data gradients run "tc16" candidates (set here as if measured),

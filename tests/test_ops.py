@@ -622,6 +622,28 @@ def test_conv2d_maxpool(bk, rng, case, mask, need_dx):
         assert np.all(got["dx"][x == 0] == 0)
 
 
+CONV_GELU_CASES = [  # (N, C, H, W, K, kernel, stride, padding, bias)
+    (2, 3, 8, 8, 8, 2, 1, 0, True),             # airbench's whitening layer, small
+    (1, 2, 9, 11, 3, 3, 1, 1, False),           # odd sizes, K not a multiple of 8
+    (3, 4, 13, 10, 16, 5, 2, 2, True),          # stride 2, kernel 5
+]
+
+
+@pytest.mark.parametrize("mask,need_dx", [(False, True), (True, True), (False, False)])
+@pytest.mark.parametrize("case", CONV_GELU_CASES, ids=lambda c: "N{}C{}H{}W{}K{}k{}s{}p{}b{:d}".format(*c))
+def test_conv2d_gelu(bk, rng, case, mask, need_dx):
+    """gelu(conv2d(x)) against the reference's two ops: y on both sides of GELU's curve, dx, dw, db."""
+    n, c, h, w_, k, ks, stride, pad, bias = case
+    x = relu_out(rng, n, c, h, w_) if mask else f32(rng, n, c, h, w_)
+    w, b = f32(rng, k, c, ks, ks) * 0.5, f32(rng, k) * 0.5
+    got, _ = compare(bk, "conv2d_gelu_forward", [x, w, b if bias else None, stride, pad], "conv2d_gelu_backward",
+                     rng.integers(1 << 30), accum=[(k, c, ks, ks), (k,) if bias else None],
+                     fwd_kw={"relu_mask": mask}, bwd_kw={"relu_mask": mask, "need_dx": need_dx})
+    assert np.any(got["y"] < 0) and np.any(got["y"] > 1)
+    if mask and need_dx:
+        assert np.all(got["dx"][x == 0] == 0)
+
+
 @pytest.mark.parametrize("mask,need_dx", [(False, True), (True, True), (False, False)])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("case", [(3, 4, 8, 8, 2, 2), (2, 3, 9, 7, 3, 2), (2, 2, 6, 5, 2, 1), (1, 3, 7, 5, 2, 2)],
@@ -833,6 +855,15 @@ def test_reference_fused_ops_are_their_chains(rng):
     assert_close(ref.conv2d_maxpool_backward(dy, cache, dw, None),
                  ref.conv2d_backward(ref.maxpool2d_backward(dy, cp), cz, dw2, None), np.float64, "conv_pool dx")
     assert_close(dw, dw2, np.float64, "conv_pool dw")
+    y, cache = ref.conv2d_gelu_forward(x, w, b, 1, 1)
+    z, cz = ref.conv2d_forward(x, w, b, 1, 1)
+    want, cg = ref.gelu_forward(z)
+    np.testing.assert_array_equal(y, want)
+    dy = rng.normal(size=y.shape)
+    dw, dw2 = np.zeros(w.shape), np.zeros(w.shape)
+    assert_close(ref.conv2d_gelu_backward(dy, cache, dw, None),
+                 ref.conv2d_backward(ref.gelu_backward(dy, cg), cz, dw2, None), np.float64, "conv_gelu dx")
+    assert_close(dw, dw2, np.float64, "conv_gelu dw")
     args = [rng.normal(size=3), rng.normal(size=3), np.zeros(3), np.ones(3), 0.1, 1e-5, True]
     y, cache = ref.bn_gelu_forward(x, *args)
     z, cz = ref.batchnorm_forward(x, *args)

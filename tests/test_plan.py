@@ -168,8 +168,8 @@ def test_relu_masks_follow_the_relus():
 
 
 def test_batch_norms_that_feed_a_convolution():
-    """A batch norm (-> GELU) or GELU whose output only a convolution's forward reads, not as a ReLU output, names
-    that convolution (Node.feeds), and the plan hands it to a backend that takes it (`takes_feeds`) as
+    """A batch norm (-> GELU), GELU or conv -> GELU whose output only a convolution's forward reads, not as a ReLU
+    output, names that convolution (Node.feeds), and the plan hands it to a backend that takes it (`takes_feeds`) as
     feeds=(weight shape, stride, padding); not before a ReLU, a pooling, a conv -> ReLU -> pool, or at the end."""
     c1, c2, c3 = hn.Conv2D(2, 4, 3, padding=1), hn.Conv2D(4, 4, 3, stride=2), hn.Conv2D(4, 4, 1)
     layers = [hn.BatchNorm2D(2), hn.GELU(), c1, hn.MaxPool2D(2), hn.BatchNorm2D(4), c2, hn.BatchNorm2D(4), hn.ReLU(),
@@ -191,6 +191,11 @@ def test_batch_norms_that_feed_a_convolution():
     gelu = P.compile_nodes([hn.Conv2D(1, 3, 2), hn.GELU(), c4, hn.GELU(), hn.Flatten()], {"bn_gelu"})
     assert [(type(n).__name__, n.feeds) for n in gelu] == [("ConvNode", None), ("GeluNode", c4), ("ConvNode", None),
                                                            ("GeluNode", None), ("FlattenNode", None)]
+    fused = P.compile_nodes([hn.Conv2D(1, 3, 2), hn.GELU(), c4, hn.Conv2D(4, 3, 2), hn.GELU(), hn.Conv2D(3, 3, 1),
+                             hn.GELU()], {"conv_gelu"})
+    assert [(type(n).__name__, n.feeds) for n in fused] == [("ConvGeluNode", c4), ("ConvNode", None),
+                                                            ("ConvGeluNode", None), ("ConvGeluNode", None)]
+    assert P._feeds(fused[0], Takes()) == {"feeds": ((4, 3, 3, 3), 1, 0)}
 
 
 @needs_jit

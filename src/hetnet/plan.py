@@ -13,10 +13,11 @@ the node after it: that node's backward runs with relu_mask=True (it multiplies 
 Flatten and Dropout pass the property on, and the loss's gradient is masked when the logits are a ReLU output. On the
 GPU this folds each ReLU's backward into the next kernel's epilogue.
 
-Hand-overs. A batch norm (-> GELU) or GELU whose output only a convolution's forward reads (not as a ReLU output)
-names that convolution (Node.feeds); on a backend with `takes_feeds` its forward op gets feeds=(weight shape,
-stride, padding) and may return the output in a form only that backend's convolutions read (cuda at bf16: the
-channels-last bf16 copy the convolution keeps, written by the batch norm instead of a float32 output).
+Hand-overs. A batch norm (-> GELU), GELU or convolution -> GELU whose output only a convolution's forward reads
+(not as a ReLU output) names that convolution (Node.feeds); on a backend with `takes_feeds` its forward op gets
+feeds=(weight shape, stride, padding) and may return the output in a form only that backend's convolutions read
+(cuda at bf16: the channels-last bf16 copy the convolution keeps, written by the op before instead of a float32
+output).
 
     >>> import hetnet as hn, numpy as np
     >>> model = hn.Sequential([hn.Conv2D(1, 4, 3, padding=1), hn.ReLU(), hn.MaxPool2D(2), hn.Flatten(),
@@ -186,6 +187,25 @@ class GeluNode(Node):
         return be.relu_mask(dx, self.cache) if self.mask_input else dx
 
 
+class ConvGeluNode(Node):
+    """Conv2D -> GELU as one fused op (conv2d_gelu_*), whose output it may hand over to a convolution (_feeds)."""
+
+    fresh_output = True
+
+    def __init__(self, conv, gelu):
+        super().__init__(conv, gelu)
+
+    def forward(self, be, x, ctx):
+        c = self.layers[0]
+        y, self.cache = be.conv2d_gelu_forward(x, *_wb(c), c.stride, c.padding, relu_mask=self.mask_input,
+                                               **_feeds(self, be))
+        return y
+
+    def backward(self, be, dy, need_dx):
+        return be.conv2d_gelu_backward(dy, self.cache, *_wb(self.layers[0], True), need_dx=need_dx,
+                                       relu_mask=self.mask_input)
+
+
 class ConvReluPoolNode(Node):
     """Conv2D -> ReLU -> MaxPool2D as one fused op (conv2d_relu_maxpool_*)."""
 
@@ -346,6 +366,7 @@ FUSIONS: tuple[Fusion, ...] = (
     Fusion("conv_relu_pool", (Conv2D, ReLU, MaxPool2D), lambda ls: ConvReluPoolNode(*ls)),
     Fusion("bn_relu_pool", (BatchNorm2D, ReLU, MaxPool2D), lambda ls: BNReluPoolNode(*ls)),
     Fusion("conv_pool", (Conv2D, MaxPool2D), lambda ls: ConvPoolNode(*ls)),
+    Fusion("conv_gelu", (Conv2D, GELU), lambda ls: ConvGeluNode(*ls)),
     Fusion("conv_act", (Conv2D, ReLU), lambda ls: ConvNode(ls[0], "relu")),
     Fusion("dense_act", (Dense, ReLU), lambda ls: DenseNode(ls[0], "relu")),
     Fusion("bn_act", (_BN, ReLU), lambda ls: BatchNormNode(ls[0], "relu")),
@@ -409,10 +430,10 @@ def compile_nodes(layers, fusions=FUSION_NAMES) -> list[Node]:
         # of the node before, which nothing else reads (never the batch itself); not when it must also mask by that
         # input
         node.inplace = i > 0 and nodes[i - 1].fresh_output and not node.mask_input
-    # a batch norm (-> GELU) or GELU whose output only a convolution's forward reads, and not as a ReLU output: it
-    # may hand the output over in the convolution's own form (_feeds)
+    # a batch norm (-> GELU), GELU or convolution -> GELU whose output only a convolution's forward reads, and not
+    # as a ReLU output: it may hand the output over in the convolution's own form (_feeds)
     for node, nxt in zip(nodes, nodes[1:]):
-        if (isinstance(node, (BatchNormNode, BNGeluNode, GeluNode)) and not node.pos_out
+        if (isinstance(node, (BatchNormNode, BNGeluNode, GeluNode, ConvGeluNode)) and not node.pos_out
                 and isinstance(nxt, (ConvNode, ConvPoolNode)) and not nxt.mask_input):
             node.feeds = nxt.layers[0]
     return nodes

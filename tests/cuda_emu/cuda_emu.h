@@ -50,6 +50,10 @@ inline float __fdividef(float a, float b) { return a / b; }
 struct float4 {
     float x, y, z, w;
 };
+struct uint4 {
+    unsigned x, y, z, w;
+};
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
 struct EmuDim3 {
     unsigned x, y, z;
 };

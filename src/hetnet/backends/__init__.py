@@ -97,9 +97,9 @@ batchnorm_backward(dy, cache, dgamma[C]|None, dbeta[C]|None, need_dx=True, relu_
     frozen or constant parameter); dx is the same. Synchronised (a training cache made with reduce): dgamma and dbeta get this
     process's sums (the gradient reduction averages them over the processes); dx is d(sum of every process's
     loss)/dx, from per-channel sums of dy reduced over the processes.
-    Hand-over (a backend with `takes_feeds`): batchnorm_forward, bn_gelu_forward and gelu_forward also take
-    feeds=None or feeds=(w_shape, stride, padding), saying that y's one reader is the forward of a Conv2D with
-    weights of that shape (conv2d_forward or conv2d_maxpool_forward, given relu_mask=False) and that y is no ReLU
+    Hand-over (a backend with `takes_feeds`): batchnorm_forward, bn_gelu_forward, gelu_forward and
+    conv2d_gelu_forward also take feeds=None or feeds=(w_shape, stride, padding), saying that y's one reader is the
+    forward of a Conv2D with weights of that shape (conv2d_forward or conv2d_maxpool_forward, given relu_mask=False) and that y is no ReLU
     output; the backend may then return y in a form only those ops of its own read (cuda at bf16: the channels-last
     bf16 copy that its convolution keeps for the backward, where measured so, conv.Nhwc16). hetnet.plan passes it.
 dropout_forward(x, p: float, seed) -> y, cache    keep element i (flat, C order) iff
@@ -114,6 +114,10 @@ conv2d_relu_maxpool_backward(dy, cache, dw|None, db|None, need_dx=True, relu_mas
 conv2d_maxpool_forward(x, w, b, stride, padding, pool_kernel, pool_stride, relu_mask=None) -> y, cache
     maxpool2d(conv2d(x)) (airbench's blocks: no ReLU between); relu_mask as conv2d_forward's
 conv2d_maxpool_backward(dy, cache, dw|None, db|None, need_dx=True, relu_mask=False) -> dx|None
+conv2d_gelu_forward(x, w, b, stride, padding, relu_mask=None) -> y, cache
+    gelu(conv2d(x)) (airbench's whitening layer and its GELU); relu_mask as conv2d_forward's
+conv2d_gelu_backward(dy, cache, dw|None, db|None, need_dx=True, relu_mask=False) -> dx|None
+    conv2d_backward of dz = gelu_backward(dy) at z = conv2d(x)
 bn_relu_maxpool_forward(x, gamma, beta, running_mean, running_var, momentum, eps, training, pool_kernel,
                         pool_stride, reduce=None) -> y, cache          maxpool2d(relu(batchnorm(x)))
 bn_relu_maxpool_backward(dy, cache, dgamma, dbeta, need_dx=True, relu_mask=False, inplace=False) -> dx|None

@@ -47,6 +47,20 @@ def conv2d_maxpool_backward(be, dy, cache, dw, db, need_dx=True, relu_mask=False
     return be.conv2d_backward(dz, conv_cache, dw, db, need_dx=need_dx, relu_mask=relu_mask)
 
 
+def conv2d_gelu_forward(be, x, w, b, stride, padding, relu_mask=None, feeds=None):
+    """gelu(conv2d(x)) (airbench's whitening layer and its GELU); relu_mask as conv2d_forward's, feeds the GELU's
+    hand-over (gelu_forward's; passed on only when given)."""
+    z, conv_cache = be.conv2d_forward(x, w, b, stride, padding, relu_mask=relu_mask)
+    y, gelu_cache = be.gelu_forward(z, **({} if feeds is None else {"feeds": feeds}))
+    return y, (conv_cache, gelu_cache)
+
+
+def conv2d_gelu_backward(be, dy, cache, dw, db, need_dx=True, relu_mask=False):
+    conv_cache, gelu_cache = cache
+    dz = be.gelu_backward(dy, gelu_cache)
+    return be.conv2d_backward(dz, conv_cache, dw, db, need_dx=need_dx, relu_mask=relu_mask)
+
+
 def bn_relu_maxpool_forward(be, x, gamma, beta, running_mean, running_var, momentum, eps, training, pool_kernel,
                             pool_stride, reduce=None):
     """maxpool2d(relu(batchnorm(x))); running statistics updated as batchnorm_forward does (synchronised over

@@ -31,7 +31,7 @@ precision = "fp32"          # (float64 throughout: the oracle)
 dtype = np.dtype(np.float64)
 xp = np
 # every fusion of hetnet.plan, each the chain of reference ops it stands for (backends.compose)
-fusions = frozenset({"conv_relu_pool", "conv_pool", "bn_relu_pool", "bn_gelu", "dense_chain", "conv_act", "bn_act",
+fusions = frozenset({"conv_relu_pool", "conv_pool", "conv_gelu", "bn_relu_pool", "bn_gelu", "dense_chain", "conv_act", "bn_act",
                      "dense_act"})
 
 
@@ -556,6 +556,14 @@ def bn_relu_maxpool_forward(x, gamma, beta, running_mean, running_var, momentum,
 
 def bn_relu_maxpool_backward(dy, cache, dgamma, dbeta, need_dx=True, relu_mask=False, inplace=False):
     return compose.bn_relu_maxpool_backward(_this, dy, cache, dgamma, dbeta, need_dx, relu_mask)
+
+
+def conv2d_gelu_forward(x, w, b, stride, padding, relu_mask=None):
+    return compose.conv2d_gelu_forward(_this, x, w, b, stride, padding, relu_mask)
+
+
+def conv2d_gelu_backward(dy, cache, dw, db, need_dx=True, relu_mask=False):
+    return compose.conv2d_gelu_backward(_this, dy, cache, dw, db, need_dx, relu_mask)
 
 
 def bn_gelu_forward(x, gamma, beta, running_mean, running_var, momentum, eps, training, reduce=None):

@@ -20,8 +20,8 @@ from __future__ import annotations
 import numpy as np
 
 from ._common import _F
-from .conv import (conv2d_backward, conv2d_forward, conv2d_maxpool_backward, conv2d_maxpool_forward,
-                   conv2d_relu_maxpool_backward, conv2d_relu_maxpool_forward)
+from .conv import (conv2d_backward, conv2d_forward, conv2d_gelu_backward, conv2d_gelu_forward, conv2d_maxpool_backward,
+                   conv2d_maxpool_forward, conv2d_relu_maxpool_backward, conv2d_relu_maxpool_forward)
 from .dense import dense_backward, dense_chain_backward, dense_chain_forward, dense_forward
 from .elementwise import (dropout_backward, dropout_forward, gelu_backward, gelu_forward, relu_backward, relu_forward,
                           relu_mask, scale_backward, scale_forward, sigmoid_backward, sigmoid_forward,

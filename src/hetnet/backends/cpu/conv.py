@@ -273,6 +273,15 @@ def conv2d_maxpool_backward(dy, cache, dw, db, need_dx=True, relu_mask=False):
     return compose.conv2d_maxpool_backward(_c.backend(), dy, cache, dw, db, need_dx, relu_mask)
 
 
+def conv2d_gelu_forward(x, w, b, stride, padding, relu_mask=None):
+    """gelu(conv2d(x)) as the two ops (this backend has no kernel that joins them)."""
+    return compose.conv2d_gelu_forward(_c.backend(), x, w, b, stride, padding, relu_mask)
+
+
+def conv2d_gelu_backward(dy, cache, dw, db, need_dx=True, relu_mask=False):
+    return compose.conv2d_gelu_backward(_c.backend(), dy, cache, dw, db, need_dx, relu_mask)
+
+
 def conv2d_relu_maxpool_forward(x, w, b, stride, padding, pool_kernel, pool_stride):
     """maxpool2d(relu(conv2d(x))): y[N,K,P',Q'], cache. With 2x2 windows, stride 2 (and the compiled paths) one pass
     per image, bit-identical to the three ops: the full-size conv output is never stored (backward needs only x,

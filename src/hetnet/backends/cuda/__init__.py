@@ -129,8 +129,10 @@ class CudaBackend(ConvOps, PoolOps, NormOps, ElementwiseOps, LossOps, OptimOps, 
     """The backend object for one GPU. Attributes and ops as documented in `hetnet.backends`."""
 
     # the fusions of hetnet.plan this backend runs faster than their parts; a dense chain runs layer by layer
-    fusions = frozenset({"conv_relu_pool", "conv_pool", "bn_relu_pool", "bn_gelu", "conv_act", "bn_act", "dense_act"})
-    # the batch-norm forwards take the contract's hand-over to a convolution (`feeds`: norm.py, conv.Nhwc16)
+    fusions = frozenset({"conv_relu_pool", "conv_pool", "conv_gelu", "bn_relu_pool", "bn_gelu", "conv_act", "bn_act",
+                         "dense_act"})
+    # the batch-norm, GELU and convolution -> GELU forwards take the contract's hand-over to a convolution (`feeds`:
+    # norm.py, elementwise.py, conv.py; conv.Nhwc16)
     takes_feeds = True
 
     # bytes a workspace may take right now without raising the step's peak (conv._chunks); a step object sets it

@@ -808,6 +808,66 @@ extern "C" __global__ void __launch_bounds__(256) pool_grad_nhwc16(const float* 
     hn_store_nhwc16_tile(t, y, blockIdx.x * 32, c0, C, NP);
 }
 
+// A small convolution and its GELU in one pass, the GELU's output handed over channels-last in bf16 (airbench's
+// whitening layer: C = 3, 2 x 2, K = 24): z = conv2d(x, w) + b and y16 = bf16(gelu(z)), x [n][C][H][W], w [K][C][R][S]
+// (CRS = C R S <= 64 taps a pixel), b [K] or null, K <= 64 a multiple of 8. One thread per output pixel (img, p, q) of
+// the n * P * Q < 2^31, its K channels 8 at a time: z [n][K][P][Q] float32 (the GELU's backward reads it), y16 as
+// the channels-last copy [n][P][Q][K / 2] bf16 pairs, each thread's 8 channels one 16-byte store. The weights sit
+// in shared memory as wt[j][k] (j = (c, r, s): a tap's 8 channels two float4 reads, the same for every thread) with
+// each tap's offset and (r, s); zero padding outside x. The sum runs bias first, then the taps in (c, r, s) order.
+extern "C" __global__ void __launch_bounds__(256) conv_gelu_nhwc16(const float* __restrict__ x,
+                                                                   const float* __restrict__ w,
+                                                                   const float* __restrict__ b, float* __restrict__ z,
+                                                                   uint4* __restrict__ y16, int n, int C, int H, int W,
+                                                                   int K, int R, int S, int stride, int pad, int P,
+                                                                   int Q) {
+    __shared__ __align__(16) float wt[64 * 64];
+    __shared__ int tap[64], tr[64], ts[64];
+    const int RS = R * S, CRS = C * RS, PQ = P * Q, NP = n * PQ;
+    for (int i = threadIdx.x; i < K * CRS; i += blockDim.x) {
+        const int k = i / CRS, j = i - k * CRS;
+        wt[j * K + k] = w[i];
+    }
+    for (int j = threadIdx.x; j < CRS; j += blockDim.x) {
+        const int c = j / RS, rs = j - c * RS, r = rs / S, sx = rs - r * S;
+        tap[j] = (c * H + r) * W + sx;
+        tr[j] = r;
+        ts[j] = sx;
+    }
+    __syncthreads();
+    for (int pix = blockIdx.x * blockDim.x + threadIdx.x; pix < NP; pix += gridDim.x * blockDim.x) {
+        const int img = pix / PQ, pq = pix - img * PQ, p = pq / Q, q = pq - p * Q;
+        const int h0 = p * stride - pad, w0 = q * stride - pad;
+        const float* xi = x + (long long)img * C * H * W + (h0 * W + w0);     // + tap[j]: tap j of this pixel
+        for (int k0 = 0; k0 < K; k0 += 8) {
+            float acc[8];
+#pragma unroll
+            for (int u = 0; u < 8; ++u) acc[u] = b ? b[k0 + u] : 0.f;
+            for (int j = 0; j < CRS; ++j) {
+                const int ih = h0 + tr[j], iw = w0 + ts[j];
+                const float v = ih >= 0 && ih < H && iw >= 0 && iw < W ? xi[tap[j]] : 0.f;
+                const float4 lo = *reinterpret_cast<const float4*>(&wt[j * K + k0]);
+                const float4 hi = *reinterpret_cast<const float4*>(&wt[j * K + k0 + 4]);
+                acc[0] = fmaf(v, lo.x, acc[0]);
+                acc[1] = fmaf(v, lo.y, acc[1]);
+                acc[2] = fmaf(v, lo.z, acc[2]);
+                acc[3] = fmaf(v, lo.w, acc[3]);
+                acc[4] = fmaf(v, hi.x, acc[4]);
+                acc[5] = fmaf(v, hi.y, acc[5]);
+                acc[6] = fmaf(v, hi.z, acc[6]);
+                acc[7] = fmaf(v, hi.w, acc[7]);
+            }
+            float* zk = z + ((long long)img * K + k0) * PQ + pq;
+#pragma unroll
+            for (int u = 0; u < 8; ++u) zk[(long long)u * PQ] = acc[u];
+            unsigned pair[4];
+#pragma unroll
+            for (int u = 0; u < 4; ++u) pair[u] = hn_bf16x2_bits(hn_gelu(acc[2 * u]), hn_gelu(acc[2 * u + 1]));
+            y16[((long long)pix * K + k0) / 8] = make_uint4(pair[0], pair[1], pair[2], pair[3]);
+        }
+    }
+}
+
 // The data gradient's turned weights: wt[c][rs][o] = bf16(w[o][c][RS - 1 - rs]) for w [O][C][R][S] float32 (rs = r *
 // S + s, so RS - 1 - rs is (R - 1 - r, S - 1 - s)), as bf16 bits.
 extern "C" __global__ void turn_weights16(const float* __restrict__ w, unsigned short* __restrict__ wt, int O, int C,

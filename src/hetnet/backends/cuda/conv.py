@@ -19,7 +19,7 @@ import numpy as np
 from .. import compose
 from . import mma, tune_cache
 from .conv_tiles import BK, TILES, Tile
-from .kernels import NULL, act_code, check, get_kernel, wgmma_ok
+from .kernels import NULL, act_code, check, get_kernel, grid_for, wgmma_ok
 
 # name: Tile, the tile configurations of each op that ship (conv_tiles.py: their parameters, what each wins, and
 # `Tile.fits`, where the "c" ones apply). Each is tried at a few reduction splits over blocks ("<name>/<splits>",
@@ -476,6 +476,15 @@ class Nhwc16:
         self.data, self.shape = data, tuple(shape)
 
 
+def conv_gelu_fits(be, x, w, b, g: Geometry) -> bool:
+    """Whether conv.cu's conv_gelu_nhwc16 computes this convolution: float32 contiguous x, w (and b), C R S <= 64
+    taps a pixel, K <= 64 outputs, a multiple of 8 (16-byte stores of 8 bf16 channels), under 2^31 output pixels and
+    elements."""
+    return (be.precision == "bf16" and _contiguous(x, w, b) and x.dtype == w.dtype == np.float32
+            and g.c * g.r * g.s <= 64 and g.k <= 64 and g.k % 8 == 0 and g.n * g.k * g.p * g.q < 2**31
+            and x.size < 2**31)
+
+
 def takes_nhwc16(be, x_shape, feeds) -> bool:
     """Whether the convolution forward that `feeds` names ((w_shape, stride, padding), the op contract's hand-over)
     reads an Nhwc16 of x_shape: at bf16, where its forward and filter gradient were measured on channels-last copies
@@ -632,6 +641,28 @@ class ConvOps:
             raise ValueError("conv2d_backward: relu_mask=True after a forward given relu_mask=False")
         return conv_backward(self, self._c(dy), x, w, dw, db, stride, padding, need_dx, x if relu_mask else None,
                              x16, x_shape)
+
+    def conv2d_gelu_forward(self, x, w, b, stride, padding, relu_mask=None, feeds=None):
+        """gelu(conv2d(x)) in one kernel (conv.cu's conv_gelu_nhwc16) where the GELU hands its output over as the
+        next convolution's channels-last copy (feeds, takes_nhwc16) and the convolution is small (conv_gelu_fits):
+        z = conv2d(x) in float32 for the backward, y the Nhwc16. Else the two ops (compose)."""
+        x = self._c(x)
+        k, _, r, s = w.shape
+        n, c, h, wd = x.shape
+        g = Geometry(n, c, h, wd, k, r, s, int(stride), int(padding))
+        if (feeds is None or not conv_gelu_fits(self, x, w, b, g)
+                or not takes_nhwc16(self, (n, k, g.p, g.q), feeds)):
+            return compose.conv2d_gelu_forward(self, x, w, b, stride, padding, relu_mask, feeds)
+        z = self.xp.empty((n, k, g.p, g.q), dtype=self.xp.float32)
+        y16 = self.xp.empty((n, g.p, g.q, k), dtype=self.xp.uint16)
+        get_kernel(self.device_id, "conv", "conv_gelu_nhwc16")((grid_for(n * g.p * g.q, self.sms),), (256,), (
+            x, w, NULL if b is None else b, z, y16, *(_i32(v) for v in (n, c, h, wd, k, r, s, stride, padding, g.p,
+                                                                       g.q))))
+        conv_cache = (x, w, int(stride), int(padding), None, x.shape)      # conv2d_forward's, keeping x
+        return Nhwc16(y16, z.shape), (conv_cache, z)                      # z: gelu_forward's cache
+
+    def conv2d_gelu_backward(self, dy, cache, dw, db, need_dx=True, relu_mask=False):
+        return compose.conv2d_gelu_backward(self, dy, cache, dw, db, need_dx, relu_mask)
 
     # the fused ops that are this backend's own ops in a row (their caches keep what each op keeps)
     def _conv_pool_forward(self, x, w, b, stride, padding, pool_kernel, pool_stride, act, keep):
