@@ -171,13 +171,13 @@ def test_pool_grad_nhwc16_emulated(emu, rng, shape, k):
 
 
 @pytest.mark.parametrize("case", [(3, 3, 9, 9, 24, 2, 1, 0, True, 2), (2, 2, 7, 6, 8, 3, 2, 1, False, 1),
-                                  (1, 4, 5, 5, 64, 4, 1, 2, True, 3)],
+                                  (1, 2, 5, 5, 64, 4, 1, 2, True, 3), (2, 3, 6, 7, 16, 3, 1, 1, True, 1)],
                          ids=lambda c: "N{}C{}H{}W{}K{}k{}s{}p{}b{:d}-blocks{}".format(*c))
 def test_conv_gelu_nhwc16_emulated(emu, rng, case):
     """conv_gelu_nhwc16: z = conv2d(x, w) + b in float32 (NumPy's float64 convolution, float32 rounding apart) and
     the copy bit for bit bf16(gelu(z)) channels-last of that z (NumPy's erfc-form GELU in float64 rounded to float32:
-    within one bf16 step, nearly all equal); padding, stride 2, K = 64, grids smaller than the pixels (grid-stride
-    loop)."""
+    within one bf16 step, nearly all equal); padding, stride 2, K = 64, 32 taps (C R S's limit) and 27 (3 x 3 x 3),
+    grids smaller than the pixels (grid-stride loop)."""
     import math
 
     n, c, h, w_, k, ks, stride, pad, bias, blocks = case

@@ -810,19 +810,19 @@ extern "C" __global__ void __launch_bounds__(256) pool_grad_nhwc16(const float* 
 
 // A small convolution and its GELU in one pass, the GELU's output handed over channels-last in bf16 (airbench's
 // whitening layer: C = 3, 2 x 2, K = 24): z = conv2d(x, w) + b and y16 = bf16(gelu(z)), x [n][C][H][W], w [K][C][R][S]
-// (CRS = C R S <= 64 taps a pixel), b [K] or null, K <= 64 a multiple of 8. One thread per output pixel (img, p, q) of
-// the n * P * Q < 2^31, its K channels 8 at a time: z [n][K][P][Q] float32 (the GELU's backward reads it), y16 as
-// the channels-last copy [n][P][Q][K / 2] bf16 pairs, each thread's 8 channels one 16-byte store. The weights sit
-// in shared memory as wt[j][k] (j = (c, r, s): a tap's 8 channels two float4 reads, the same for every thread) with
-// each tap's offset and (r, s); zero padding outside x. The sum runs bias first, then the taps in (c, r, s) order.
+// (CRS = C R S <= 32 taps a pixel), b [K] or null, K <= 64 a multiple of 8. One thread per output pixel (img, p, q) of
+// the n * P * Q < 2^31, its K channels 8 at a time (four taps' loads in flight): z [n][K][P][Q] float32 (the GELU's backward reads it), y16 as the channels-last copy [n][P][Q][K / 2] bf16
+// pairs, each thread's 8 channels one 16-byte store. The weights sit in shared memory as wt[j][k] (j = (c, r, s): a
+// tap's 8 channels two float4 reads, the same for every thread) with each tap's offset and (r, s); zero padding
+// outside x. The sum runs bias first, then the taps in (c, r, s) order.
 extern "C" __global__ void __launch_bounds__(256) conv_gelu_nhwc16(const float* __restrict__ x,
                                                                    const float* __restrict__ w,
                                                                    const float* __restrict__ b, float* __restrict__ z,
                                                                    uint4* __restrict__ y16, int n, int C, int H, int W,
                                                                    int K, int R, int S, int stride, int pad, int P,
                                                                    int Q) {
-    __shared__ __align__(16) float wt[64 * 64];
-    __shared__ int tap[64], tr[64], ts[64];
+    __shared__ __align__(16) float wt[32 * 64];
+    __shared__ int tap[32], tr[32], ts[32];
     const int RS = R * S, CRS = C * RS, PQ = P * Q, NP = n * PQ;
     for (int i = threadIdx.x; i < K * CRS; i += blockDim.x) {
         const int k = i / CRS, j = i - k * CRS;
@@ -843,6 +843,7 @@ extern "C" __global__ void __launch_bounds__(256) conv_gelu_nhwc16(const float* 
             float acc[8];
 #pragma unroll
             for (int u = 0; u < 8; ++u) acc[u] = b ? b[k0 + u] : 0.f;
+#pragma unroll 4
             for (int j = 0; j < CRS; ++j) {
                 const int ih = h0 + tr[j], iw = w0 + ts[j];
                 const float v = ih >= 0 && ih < H && iw >= 0 && iw < W ? xi[tap[j]] : 0.f;

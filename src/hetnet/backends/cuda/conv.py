@@ -477,11 +477,11 @@ class Nhwc16:
 
 
 def conv_gelu_fits(be, x, w, b, g: Geometry) -> bool:
-    """Whether conv.cu's conv_gelu_nhwc16 computes this convolution: float32 contiguous x, w (and b), C R S <= 64
-    taps a pixel, K <= 64 outputs, a multiple of 8 (16-byte stores of 8 bf16 channels), under 2^31 output pixels and
-    elements."""
+    """Whether conv.cu's conv_gelu_nhwc16 computes this convolution: float32 contiguous x, w (and b), C R S <= 32
+    taps a pixel (3 x 3 x 3 included), K <= 64 outputs, a multiple of 8 (16-byte stores of 8 bf16 channels), under
+    2^31 output pixels and elements."""
     return (be.precision == "bf16" and _contiguous(x, w, b) and x.dtype == w.dtype == np.float32
-            and g.c * g.r * g.s <= 64 and g.k <= 64 and g.k % 8 == 0 and g.n * g.k * g.p * g.q < 2**31
+            and g.c * g.r * g.s <= 32 and g.k <= 64 and g.k % 8 == 0 and g.n * g.k * g.p * g.q < 2**31
             and x.size < 2**31)
 
 
