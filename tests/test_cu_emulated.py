@@ -2,8 +2,8 @@
 in a shuffled order between barriers, over the whole grid): the channels-last bf16 copies, conv.cu's to_nhwc16 and
 pool_grad_nhwc16 and norm.cu's bn_apply_nhwc16 (with the store half they share), NumPy's bf16 bits (round to nearest
 even) of the float32 tensor they stand for -- x, the max pooling's input gradient, or the batch norm's (+ GELU's)
-output; and common.cuh's index walks (HnChannelWalk,
-HnPlaneWalk, which the batch-norm kernels and channel_sum loop with), each element visited once with its channel.
+output; conv.cu's conv_gelu_nhwc16; and common.cuh's HnPlaneWalk, which the batch-norm kernels and channel_sum loop
+with, each element visited once with its channel.
 Needs g++ (skipped without); no GPU. On a GPU the copies are also checked by tests/test_mma.py's
 test_channels_last_copies and test_pool_grad_nhwc16, the walks by every batch-norm test of tests/test_ops.py."""
 from __future__ import annotations
@@ -29,21 +29,6 @@ extern "C" int emu_to_nhwc16(const float* x, unsigned* y, int n, int C, int HW, 
     return msg.empty() ? 0 : 1;
 }
 template <typename I>
-__global__ void walk_channels(int* out, long long total, int C, int HW, int take) {
-    if (!take) {
-        for (HnChannelWalk<I> w((I)total, C, HW); w.more(); w.next()) out[w.e] += 1 + w.c;
-        return;
-    }
-    for (HnChannelWalk<I> w((I)total, C, HW); w.more();) {
-        I at[3];
-        int ch[3];
-        bool ok[3];
-        w.take(at, ch, ok);
-        for (int u = 0; u < 3; ++u)
-            if (ok[u]) out[at[u]] += 1 + ch[u];
-    }
-}
-template <typename I>
 __global__ void walk_plane(int* out, int N, int C, int HW, int take) {
     if (!take) {
         for (HnPlaneWalk<I> w(N, C, HW, blockIdx.x); w.more(); w.next()) out[w.idx] += 1 + (int)blockIdx.x;
@@ -57,16 +42,12 @@ __global__ void walk_plane(int* out, int N, int C, int HW, int take) {
             if (ok[u]) out[at[u]] += 1 + (int)blockIdx.x;
     }
 }
-// out[e] += 1 + the channel of element e of [N, C, HW], as each walk finds it: grid (blocks) x threads for the
-// channel walk, (C, blocks) for the plane walk; wide: the 64-bit index version; take: in steps of 3 (take<3>), as
-// the batch-norm kernels walk, else one element a step.
-extern "C" int emu_walk(int plane, int wide, int take, int* out, int N, int C, int HW, unsigned blocks,
-                        unsigned threads, unsigned seed, char* err, int len) {
-    const long long total = (long long)N * C * HW;
-    std::string msg = emu::launch({plane ? (unsigned)C : blocks, plane ? blocks : 1u, 1}, {threads, 1, 1}, 0, [=] {
-        if (plane) wide ? walk_plane<long long>(out, N, C, HW, take) : walk_plane<unsigned>(out, N, C, HW, take);
-        else wide ? walk_channels<long long>(out, total, C, HW, take)
-                  : walk_channels<unsigned>(out, total, C, HW, take);
+// out[e] += 1 + the channel of element e of [N, C, HW], as the plane walk finds it (grid (C, blocks)), wide: the
+// 64-bit index version; take: in steps of 3 (take<3>), as the batch-norm kernels walk, else one element a step.
+extern "C" int emu_walk(int wide, int take, int* out, int N, int C, int HW, unsigned blocks, unsigned threads,
+                        unsigned seed, char* err, int len) {
+    std::string msg = emu::launch({(unsigned)C, blocks, 1}, {threads, 1, 1}, 0, [=] {
+        wide ? walk_plane<long long>(out, N, C, HW, take) : walk_plane<unsigned>(out, N, C, HW, take);
     }, seed);
     snprintf(err, len, "%s", msg.c_str());
     return msg.empty() ? 0 : 1;
@@ -104,8 +85,7 @@ def _kernels_text() -> str:
     common, conv, norm = ((kernels.HERE / "common.cuh").read_text(), kernels.cu_text("conv"), kernels.cu_text("norm"))
     parts = [line for line in common.splitlines() if line.startswith(("#define HN_RELU", "#define HN_GELU",
                                                                        "#define HN_INV_SQRT"))]
-    for start in ("template <typename I>\nstruct HnChannelWalk {", "template <typename I>\nstruct HnPlaneWalk {",
-                  "struct HnTilePixel {"):
+    for start in ("template <typename I>\nstruct HnPlaneWalk {", "struct HnTilePixel {"):
         i = common.index(start)
         parts.append(common[i:common.index("\n};\n", i) + 4])
     i = common.index("struct HnPhi {")                                  # through hn_gelu_grad
@@ -234,17 +214,16 @@ def test_bn_apply_nhwc16_emulated(emu, rng, shape, act):
     assert (steps == 0).mean() > 0.99
 
 
-@pytest.mark.parametrize("plane", [False, True], ids=["channel-walk", "plane-walk"])
 @pytest.mark.parametrize("wide", [False, True], ids=["i32", "i64"])
 @pytest.mark.parametrize("take", [False, True], ids=["step", "take3"])
 @pytest.mark.parametrize("n,c,hw,blocks,threads", [(3, 5, 7, 2, 32), (2, 64, 9, 3, 64), (16, 2, 7, 1, 32),
                                                    (9, 2, 49, 1, 32), (6, 3, 25, 2, 32), (1, 7, 225, 1, 64),
                                                    (40, 2, 1, 1, 32), (3, 3, 64, 1, 32)])
-def test_index_walks_emulated(emu, plane, wide, take, n, c, hw, blocks, threads):
-    """Every element of x[N, C, HW] visited exactly once, with its channel, a step at a time or three (take): strides
-    that wrap hw (landing on HW exactly, too) and c, several visits per thread, more threads than elements, HW = 1,
-    HW a multiple of the stride, counts not a multiple of three."""
+def test_plane_walk_emulated(emu, wide, take, n, c, hw, blocks, threads):
+    """Every element of x[N, C, HW] visited exactly once, by its channel's blocks, a step at a time or three (take):
+    strides that wrap hw (landing on HW exactly, too), several visits per thread, more threads than elements,
+    HW = 1, HW a multiple of the stride, counts not a multiple of three."""
     out = np.zeros(n * c * hw, np.int32)
     err = ctypes.create_string_buffer(512)
-    _check(emu.emu_walk(int(plane), int(wide), int(take), _ptr(out), n, c, hw, blocks, threads, 3, err, 512), err)
+    _check(emu.emu_walk(int(wide), int(take), _ptr(out), n, c, hw, blocks, threads, 3, err, 512), err)
     np.testing.assert_array_equal(out, 1 + (np.arange(n * c * hw) // hw) % c)

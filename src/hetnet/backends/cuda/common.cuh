@@ -42,45 +42,9 @@ __device__ __forceinline__ float hn_gelu_grad(float x) {
     return fmaf(x, HN_INV_SQRT_2PI * p.e, p.phi);
 }
 
-// A grid-stride walk over the elements e of x[N, C, HW] that keeps c = (e / HW) % C without dividing per element:
-// the stride S moves hw = e % HW on by S % HW and the plane e / HW by S / HW (so c by (S / HW) % C), plus a carry.
-template <typename I>
-struct HnChannelWalk {
-    I e, step, end;
-    int hw, c, dhw, dc, HW, C;
-    __device__ __forceinline__ HnChannelWalk(I total, int C_, int HW_) : end(total), HW(HW_), C(C_) {
-        e = (I)blockIdx.x * blockDim.x + threadIdx.x;
-        step = (I)gridDim.x * blockDim.x;
-        const I plane = e / (I)HW, dplane = step / (I)HW;
-        hw = (int)(e - plane * (I)HW);
-        c = (int)(plane % (I)C);
-        dhw = (int)(step - dplane * (I)HW);
-        dc = (int)(dplane % (I)C);
-    }
-    __device__ __forceinline__ bool more() const { return e < end; }
-    __device__ __forceinline__ void next() {
-        e += step;
-        hw += dhw;
-        c += dc;
-        if (hw >= HW) { hw -= HW; ++c; }
-        if (c >= C) c -= C;
-    }
-    // The walk's next U elements and their channels (ok[u] false past the end), the walk moved past them: a loop
-    // over these issues U loads before it uses one (one load per step leaves these kernels latency-bound).
-    template <int U>
-    __device__ __forceinline__ void take(I (&at)[U], int (&ch)[U], bool (&ok)[U]) {
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-            ok[u] = more();
-            at[u] = e;
-            ch[u] = c;
-            next();
-        }
-    }
-};
-
-// The per-channel reductions' walk over channel c's N * HW values of x[N, C, HW] (blocks along gridDim.y): i runs
-// over [0, N * HW), idx = (n * C + c) * HW + hw its element, n and hw stepped as HnChannelWalk steps hw and c.
+// The batch-norm kernels' walk over channel c's N * HW values of x[N, C, HW] (blocks along gridDim.y, a grid-stride
+// loop): i runs over [0, N * HW), idx = (n * C + c) * HW + hw its element, without dividing per element: the stride S
+// moves hw = i % HW on by S % HW and n by S / HW, plus a carry.
 template <typename I>
 struct HnPlaneWalk {
     I i, step, end, idx, didx, wrap;
@@ -103,7 +67,8 @@ struct HnPlaneWalk {
         hw += dhw;
         if (hw >= HW) { hw -= HW; idx += wrap; }
     }
-    // The walk's next U elements (ok[u] false past the end), the walk moved past them (as HnChannelWalk::take).
+    // The walk's next U elements (ok[u] false past the end), the walk moved past them: a loop over these issues U
+    // loads before it uses one (one load per step left the batch-norm kernels latency-bound).
     template <int U>
     __device__ __forceinline__ void take(I (&at)[U], bool (&ok)[U]) {
 #pragma unroll

@@ -134,15 +134,25 @@ __device__ __forceinline__ float hn_bn_value(float x, bool stats, float mean, fl
     return v;
 }
 
-// y = act((x - mean) * rsqrt(var + eps) * gamma + beta); mean/var from stats (training) or running (eval).
+// y = act((x - mean) * rsqrt(var + eps) * gamma + beta); mean/var from stats (training) or running (eval). On the
+// reductions' (C, G) grid: a block's channel constants read once, four elements' loads in flight.
 template <typename I>
 __device__ __forceinline__ void bn_apply_body(const float* __restrict__ x, float* __restrict__ y,
                                               const float* __restrict__ mean, const float* __restrict__ var,
                                               const float* __restrict__ gamma, const float* __restrict__ beta, int N,
                                               int C, int HW, float eps, int act) {
-    for (HnChannelWalk<I> w((I)N * C * HW, C, HW); w.more(); w.next()) {
-        const int c = w.c;
-        y[w.e] = hn_bn_value(x[w.e], true, mean[c], 1.f / sqrtf(var[c] + eps), gamma[c], beta[c], act);
+    const int c = blockIdx.x;
+    const float mu = mean[c], inv = 1.f / sqrtf(var[c] + eps), ga = gamma[c], be = beta[c];
+    for (HnPlaneWalk<I> w(N, C, HW, c); w.more();) {
+        I at[HN_BN_ILP];
+        bool ok[HN_BN_ILP];
+        float xv[HN_BN_ILP];
+        w.take(at, ok);
+#pragma unroll
+        for (int u = 0; u < HN_BN_ILP; ++u) xv[u] = ok[u] ? x[at[u]] : 0.f;
+#pragma unroll
+        for (int u = 0; u < HN_BN_ILP; ++u)
+            if (ok[u]) y[at[u]] = hn_bn_value(xv[u], true, mu, inv, ga, be, act);
     }
 }
 HN_TWO_INDEX_KERNELS(bn_apply,

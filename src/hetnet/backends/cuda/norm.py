@@ -92,8 +92,8 @@ class NormOps:
         if feeds is not None and act != _act("relu") and x.ndim == 4 and takes_nhwc16(self, x.shape, feeds):
             return self._apply_nhwc16(x, (mean, var, gamma, beta), eps, act), cache
         y = self.xp.empty_like(x)
-        self.launch("norm", self.ix("bn_apply", x.size), x.size, x, y, mean, var, gamma, beta, _i32(n), _i32(c),
-                    _i32(hw), _f32(eps), _i32(act))
+        get_kernel(self.device_id, "norm", self.ix("bn_apply", x.size))(self._bn_grid(n, c, hw), (256,), (
+            x, y, mean, var, gamma, beta, _i32(n), _i32(c), _i32(hw), _f32(eps), _i32(act)))
         return y, cache
 
     def _apply_nhwc16(self, x, stats, eps, act: int) -> Nhwc16:
