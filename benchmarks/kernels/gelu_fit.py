@@ -11,7 +11,6 @@ ulps against float64: the GELU and its derivative on a dense grid of [-14, 14].
     python3 benchmarks/kernels/gelu_fit.py        # needs SciPy (erfcx), not a hetnet dependency
 """
 import numpy as np
-from scipy.special import erfc, erfcx
 
 C = 2.0 * np.sqrt(2.0)
 A_MAX = 14.0
@@ -19,6 +18,8 @@ DEGREE = 10
 
 
 def R(a):
+    from scipy.special import erfcx       # SciPy only here: the script imports without it (tests/test_bench.py)
+
     return 0.5 * erfcx(a / np.sqrt(2.0))
 
 
@@ -60,6 +61,8 @@ def gelu_f32(x, coef):
 
 
 def main() -> None:
+    from scipy.special import erfc
+
     for degree in range(8, 13):
         print(f"degree {degree}: max relative error of R {max_rel_error(fit(degree)):.2e}")
     coef = fit(DEGREE).astype(np.float32)
