@@ -170,7 +170,7 @@ def test_info_preset_and_train_help(capsys):
     out = capsys.readouterr().out
     n = sum(int(np.prod(p.shape)) for p in zoo.build("fashion-cnn").parameters())
     assert f"parameters: {n:,}" in out and "BatchNorm2D" in out and "64x3x3" in out
-    assert "15 epochs, batch 128, momentum lr 0.05, cosine schedule" in out
+    assert "15 epochs, batch 128, momentum lr 0.1, onecycle schedule" in out
     rc = main(["info", "resnet50"])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error:") and "resnet50" in err
