@@ -91,7 +91,8 @@ def _kernels_text() -> str:
     i = common.index("struct HnPhi {")                                  # through hn_gelu_grad
     j = common.index("__device__ __forceinline__ float hn_gelu_grad(")
     parts.append(common[i:common.index("\n}\n", j) + 3])
-    for text, start in ((common, "__device__ __forceinline__ void hn_store_nhwc16_tile("),
+    for text, start in ((common, "__device__ __forceinline__ void hn_load_nhwc16_rows("),
+                        (common, "__device__ __forceinline__ void hn_store_nhwc16_tile("),
                         (conv, 'extern "C" __global__ void __launch_bounds__(256) to_nhwc16('),
                         (conv, 'extern "C" __global__ void __launch_bounds__(256) pool_grad_nhwc16('),
                         (conv, 'extern "C" __global__ void __launch_bounds__(256) conv_gelu_nhwc16('),

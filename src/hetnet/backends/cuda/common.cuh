@@ -80,6 +80,20 @@ struct HnPlaneWalk {
     }
 };
 
+// HN_BN_ILP elements of a walk, taken at once (HnPlaneWalk::take): where they are, whether they exist, and read(p, v)
+// their values in p (0 past the end), all loads in flight before any is used.
+#define HN_BN_ILP 4
+template <typename I>
+struct HnTaken {
+    I at[HN_BN_ILP];
+    bool ok[HN_BN_ILP];
+    __device__ __forceinline__ explicit HnTaken(HnPlaneWalk<I>& w) { w.take(at, ok); }
+    __device__ __forceinline__ void read(const float* p, float (&v)[HN_BN_ILP]) const {
+#pragma unroll
+        for (int u = 0; u < HN_BN_ILP; ++u) v[u] = ok[u] ? p[at[u]] : 0.f;
+    }
+};
+
 // Block-wide sum of a double (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
 __device__ __forceinline__ double hn_block_sum(double v, double* shm /* >= 32 doubles */) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -180,6 +194,19 @@ struct HnTilePixel {
         hw = in ? pix - img * HW : 0;
     }
 };
+
+// The load half of a 64-channel x 32-pixel tile: thread (row, lane)'s channels c0 + row + 8u (u < 8) at its pixel,
+// xc = x + img C HW + hw of x [n][C][HW] (HnTilePixel), 0 past C or the pixels (in false): the eight loads issued
+// before any is used.
+__device__ __forceinline__ void hn_load_nhwc16_rows(float (&v)[8], const float* __restrict__ xc, int c0, int C, int HW,
+                                                    bool in) {
+    const int row = threadIdx.x >> 5;
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+        const int c = c0 + row + 8 * u;
+        v[u] = c < C && in ? xc[(long long)c * HW] : 0.f;
+    }
+}
 
 // The store half of a 64-channel x 32-pixel tile moved channels-last: t[c - c0][p - p0] (float, in shared memory)
 // to y[p][c / 2] as bf16 pairs (C even), p < NP the tile's pixels (HnTilePixel); each warp writes 64 consecutive

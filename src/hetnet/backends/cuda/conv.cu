@@ -761,13 +761,8 @@ extern "C" __global__ void __launch_bounds__(256) to_nhwc16(const float* __restr
     __shared__ float t[64][33];
     const int c0 = blockIdx.y * 64, lane = threadIdx.x & 31, row = threadIdx.x >> 5, NP = n * HW;
     const HnTilePixel px(NP, HW);
-    const float* xc = x + (long long)px.img * C * HW + px.hw;
-    float v[8];                        // channels c0 + row + 8u: the eight loads issued before any is used
-#pragma unroll
-    for (int u = 0; u < 8; ++u) {
-        const int c = c0 + row + 8 * u;
-        v[u] = c < C && px.in ? xc[(long long)c * HW] : 0.f;
-    }
+    float v[8];                        // channels c0 + row + 8u
+    hn_load_nhwc16_rows(v, x + (long long)px.img * C * HW + px.hw, c0, C, HW, px.in);
 #pragma unroll
     for (int u = 0; u < 8; ++u) t[row + 8 * u][lane] = v[u];
     __syncthreads();

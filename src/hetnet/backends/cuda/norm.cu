@@ -11,8 +11,6 @@
 // the sums, then bn_stats_synced; its backward all-reduces bn_bwd_reduce's sums before bn_bwd_dx (CudaBackend).
 #include "common.cuh"
 
-#define HN_BN_ILP 4  // elements a thread of the walking kernels loads before it uses the first (their ILP)
-
 __device__ __forceinline__ bool hn_last_block(unsigned* count, int c) {
     __shared__ bool last;
     __threadfence();
@@ -31,12 +29,9 @@ __device__ __forceinline__ bool hn_bn_channel_sums(const float* __restrict__ x, 
     const int c = blockIdx.x;
     double s = 0.0, ss = 0.0;
     for (HnPlaneWalk<I> w(N, C, HW, c); w.more();) {
-        I at[HN_BN_ILP];
-        bool ok[HN_BN_ILP];
+        const HnTaken<I> t(w);
         float v[HN_BN_ILP];
-        w.take(at, ok);
-#pragma unroll
-        for (int u = 0; u < HN_BN_ILP; ++u) v[u] = ok[u] ? x[at[u]] : 0.f;
+        t.read(x, v);
 #pragma unroll
         for (int u = 0; u < HN_BN_ILP; ++u) {
             s += (double)v[u];
@@ -144,15 +139,12 @@ __device__ __forceinline__ void bn_apply_body(const float* __restrict__ x, float
     const int c = blockIdx.x;
     const float mu = mean[c], inv = 1.f / sqrtf(var[c] + eps), ga = gamma[c], be = beta[c];
     for (HnPlaneWalk<I> w(N, C, HW, c); w.more();) {
-        I at[HN_BN_ILP];
-        bool ok[HN_BN_ILP];
+        const HnTaken<I> t(w);
         float xv[HN_BN_ILP];
-        w.take(at, ok);
-#pragma unroll
-        for (int u = 0; u < HN_BN_ILP; ++u) xv[u] = ok[u] ? x[at[u]] : 0.f;
+        t.read(x, xv);
 #pragma unroll
         for (int u = 0; u < HN_BN_ILP; ++u)
-            if (ok[u]) y[at[u]] = hn_bn_value(xv[u], true, mu, inv, ga, be, act);
+            if (t.ok[u]) y[t.at[u]] = hn_bn_value(xv[u], true, mu, inv, ga, be, act);
     }
 }
 HN_TWO_INDEX_KERNELS(bn_apply,
@@ -174,13 +166,8 @@ extern "C" __global__ void __launch_bounds__(256) bn_apply_nhwc16(
     const int c0 = blockIdx.y * 64, lane = threadIdx.x & 31, row = threadIdx.x >> 5, NP = n * HW;
     const bool stats = mean != nullptr;
     const HnTilePixel px(NP, HW);
-    const float* xc = x + (long long)px.img * C * HW + px.hw;
-    float v[8];                        // channels c0 + row + 8u: the eight loads issued before any is used
-#pragma unroll
-    for (int u = 0; u < 8; ++u) {
-        const int c = c0 + row + 8 * u;
-        v[u] = c < C && px.in ? xc[(long long)c * HW] : 0.f;
-    }
+    float v[8];                        // channels c0 + row + 8u
+    hn_load_nhwc16_rows(v, x + (long long)px.img * C * HW + px.hw, c0, C, HW, px.in);
     if (stats && threadIdx.x < 64 && c0 + (int)threadIdx.x < C) {
         const int c = c0 + threadIdx.x;
         coef[0][threadIdx.x] = mean[c];
@@ -248,18 +235,13 @@ __device__ __forceinline__ void bn_bwd_reduce_body(const float* __restrict__ dy,
     const float mu = mean[c], inv = 1.f / sqrtf(var[c] + eps), ga = gamma[c], be = beta[c];
     double s = 0.0, sx = 0.0;
     for (HnPlaneWalk<I> w(N, C, HW, c); w.more();) {
-        I at[HN_BN_ILP];
-        bool ok[HN_BN_ILP];
+        const HnTaken<I> t(w);
         float xv[HN_BN_ILP], dv[HN_BN_ILP];
-        w.take(at, ok);
+        t.read(x, xv);
+        t.read(dy, dv);
 #pragma unroll
         for (int u = 0; u < HN_BN_ILP; ++u) {
-            xv[u] = ok[u] ? x[at[u]] : 0.f;
-            dv[u] = ok[u] ? dy[at[u]] : 0.f;
-        }
-#pragma unroll
-        for (int u = 0; u < HN_BN_ILP; ++u) {
-            if (!ok[u]) continue;
+            if (!t.ok[u]) continue;
             const float xhat = (xv[u] - mu) * inv, g = hn_bn_out_grad(dv[u], xhat, ga, be, act);
             s += g;
             sx += (double)g * xhat;
@@ -288,20 +270,15 @@ __device__ __forceinline__ void bn_bwd_dx_body(const float* __restrict__ dy, con
     const float mu = mean[c], inv = 1.f / sqrtf(var[c] + eps), ga = gamma[c], be = beta[c], scale = ga * inv;
     const float rs = red ? red[c] * inv_m : 0.f, rx = red ? red[C + c] : 0.f;
     for (HnPlaneWalk<I> w(N, C, HW, c); w.more();) {
-        I at[HN_BN_ILP];
-        bool ok[HN_BN_ILP];
+        const HnTaken<I> t(w);
         float xv[HN_BN_ILP], dv[HN_BN_ILP];
-        w.take(at, ok);
-#pragma unroll
-        for (int u = 0; u < HN_BN_ILP; ++u) {   // x and dy of all U elements read before dx is written (dx may be x)
-            xv[u] = ok[u] ? x[at[u]] : 0.f;
-            dv[u] = ok[u] ? dy[at[u]] : 0.f;
-        }
+        t.read(x, xv);                          // x and dy of all the elements read before dx is written (dx may be x)
+        t.read(dy, dv);
 #pragma unroll
         for (int u = 0; u < HN_BN_ILP; ++u) {
-            if (!ok[u]) continue;
+            if (!t.ok[u]) continue;
             const float xhat = (xv[u] - mu) * inv, g = hn_bn_out_grad(dv[u], xhat, ga, be, act);
-            dx[at[u]] = red ? scale * (g - rs - xhat * rx * inv_m) : g * scale;
+            dx[t.at[u]] = red ? scale * (g - rs - xhat * rx * inv_m) : g * scale;
         }
     }
 }
