@@ -99,9 +99,10 @@ batchnorm_backward(dy, cache, dgamma[C]|None, dbeta[C]|None, need_dx=True, relu_
     loss)/dx, from per-channel sums of dy reduced over the processes.
     Hand-over (a backend with `takes_feeds`): batchnorm_forward, bn_gelu_forward, gelu_forward and
     conv2d_gelu_forward also take feeds=None or feeds=(w_shape, stride, padding), saying that y's one reader is the
-    forward of a Conv2D with weights of that shape (conv2d_forward or conv2d_maxpool_forward, given relu_mask=False) and that y is no ReLU
-    output; the backend may then return y in a form only those ops of its own read (cuda at bf16: the channels-last
-    bf16 copy that its convolution keeps for the backward, where measured so, conv.Nhwc16). hetnet.plan passes it.
+    forward of a Conv2D with weights of that shape (conv2d_forward or conv2d_maxpool_forward, given
+    relu_mask=False) and that y is no ReLU output; the backend may then return y in a form only those ops of its own
+    read (cuda at bf16: the channels-last bf16 copy that its convolution keeps for the backward, where measured so,
+    conv.Nhwc16). hetnet.plan passes it.
 dropout_forward(x, p: float, seed) -> y, cache    keep element i (flat, C order) iff
     hetnet.random.counter_uniform(seed, x.size)[i] >= p; y = x * keep / (1 - p). Same mask on every backend.
     seed: an int, or a backend array of one uint32 read when the op runs (a replayed step fills it each time).

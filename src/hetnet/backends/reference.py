@@ -31,8 +31,8 @@ precision = "fp32"          # (float64 throughout: the oracle)
 dtype = np.dtype(np.float64)
 xp = np
 # every fusion of hetnet.plan, each the chain of reference ops it stands for (backends.compose)
-fusions = frozenset({"conv_relu_pool", "conv_pool", "conv_gelu", "bn_relu_pool", "bn_gelu", "dense_chain", "conv_act", "bn_act",
-                     "dense_act"})
+fusions = frozenset({"conv_relu_pool", "conv_pool", "conv_gelu", "bn_relu_pool", "bn_gelu", "dense_chain", "conv_act",
+                     "bn_act", "dense_act"})
 
 
 # --- conversions and allocation ------------------------------------------------------------------------------------

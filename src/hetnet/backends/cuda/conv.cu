@@ -806,10 +806,11 @@ extern "C" __global__ void __launch_bounds__(256) pool_grad_nhwc16(const float* 
 // A small convolution and its GELU in one pass, the GELU's output handed over channels-last in bf16 (airbench's
 // whitening layer: C = 3, 2 x 2, K = 24): z = conv2d(x, w) + b and y16 = bf16(gelu(z)), x [n][C][H][W], w [K][C][R][S]
 // (CRS = C R S <= 32 taps a pixel), b [K] or null, K <= 64 a multiple of 8. One thread per output pixel (img, p, q) of
-// the n * P * Q < 2^31, its K channels 8 at a time (four taps' loads in flight): z [n][K][P][Q] float32 (the GELU's backward reads it), y16 as the channels-last copy [n][P][Q][K / 2] bf16
-// pairs, each thread's 8 channels one 16-byte store. The weights sit in shared memory as wt[j][k] (j = (c, r, s): a
-// tap's 8 channels two float4 reads, the same for every thread) with each tap's offset and (r, s); zero padding
-// outside x. The sum runs bias first, then the taps in (c, r, s) order.
+// the n * P * Q < 2^31, its K channels 8 at a time (four taps' loads in flight): z [n][K][P][Q] float32 (the GELU's
+// backward reads it), y16 as the channels-last copy [n][P][Q][K / 2] bf16 pairs, each thread's 8 channels one
+// 16-byte store. The weights sit in shared memory as wt[j][k] (j = (c, r, s): a tap's 8 channels two float4 reads,
+// the same for every thread) with each tap's offset and (r, s); zero padding outside x. The sum runs bias first, then
+// the taps in (c, r, s) order.
 extern "C" __global__ void __launch_bounds__(256) conv_gelu_nhwc16(const float* __restrict__ x,
                                                                    const float* __restrict__ w,
                                                                    const float* __restrict__ b, float* __restrict__ z,
