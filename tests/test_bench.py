@@ -7,7 +7,7 @@ import importlib.util
 import json
 import re
 import sys
-import time
+import types
 from datetime import datetime
 from pathlib import Path
 
@@ -125,15 +125,18 @@ def test_reduced_precision_gate_holds_hetnet_to_pytorchs_own_error():
 
 def test_time_sides_settles_each_block_for_a_while(monkeypatch):
     """CPU blocks start after untimed calls lasting SETTLE_SECONDS (at least one call): the other side's threads
-    may still be spinning when a side takes over."""
+    may still be spinning when a side takes over. The clock is the test's own (each call 2 ms of it), so that the
+    count of settling calls does not depend on how long a sleep lasts on a busy machine."""
     monkeypatch.setattr(common, "SETTLE_SECONDS", 0.02)
+    now = [0.0]
+    monkeypatch.setattr(common, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
     calls = {"a": 0, "b": 0}
     timed = {"a": 0, "b": 0}
 
     def side(name):
         def fn():
             calls[name] += 1
-            time.sleep(0.002)
+            now[0] += 0.002
 
         def clock(f, inner):
             timed[name] += inner
@@ -144,8 +147,8 @@ def test_time_sides_settles_each_block_for_a_while(monkeypatch):
 
     med = common.time_sides({"a": side("a"), "b": side("b")}, reps=3, inner=2, settle=True)
     assert med == {"a": 0.002, "b": 0.002} and timed == {"a": 6, "b": 6}
-    for name in calls:       # 3 blocks, each after >= 20 ms of 2 ms calls: at least ~10 untimed calls per block
-        assert calls[name] - timed[name] >= 3 * 8, calls
+    for name in calls:       # 3 blocks, each after 20 ms of 2 ms calls: 10 untimed calls per block (11 if the
+        assert 3 * 10 <= calls[name] - timed[name] <= 3 * 11, calls    # sum of 2 ms steps rounds below 20 ms)
     calls.update(a=0, b=0)
     timed.update(a=0, b=0)
     common.time_sides({"a": side("a"), "b": side("b")}, reps=3, inner=2, settle=False)
