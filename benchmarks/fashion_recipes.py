@@ -118,6 +118,9 @@ VARIANTS: list[tuple[str, dict, str]] = [
     ("oc-lr0.1-ls0.1-altflip-tta2", {"schedule": "onecycle", "lr": 0.1, "label_smoothing": 0.1, "augment": ALTFLIP,
                                      "tta": 2},
      "one-cycle at 0.1, label smoothing and the flips together"),
+    # the preset is one-cycle at 0.1 with dropout 0.1 since the second round (7364359); its recipe before that:
+    ("cosine-lr0.05-dropout0.3", {"schedule": "cosine", "lr": 0.05, "dropout": 0.3, "warmup_epochs": 0.5},
+     "the preset's recipe before 7364359 (cosine at lr 0.05 after half an epoch of warm-up, dropout 0.3)"),
 ]
 
 
