@@ -467,7 +467,7 @@ def _measured16(be, op: str, g: Geometry) -> str | None:
 class Nhwc16:
     """An activation handed over to a convolution as the channels-last bf16 copy its kernels read (mma.to_nhwc16's
     layout) instead of NCHW float32: `data` [n, H, W, C] bf16 bits (uint16), `shape` the NCHW shape it stands for.
-    The batch-norm forward makes it for its one reader, a convolution that keeps that copy (takes_nhwc16); only
+    The op before makes it for its one reader, a convolution that keeps that copy (takes_nhwc16); only
     the convolution forwards read it."""
 
     __slots__ = ("data", "shape")
@@ -486,9 +486,11 @@ def conv_gelu_fits(be, x, w, b, g: Geometry) -> bool:
 
 
 def takes_nhwc16(be, x_shape, feeds) -> bool:
-    """Whether the convolution forward that `feeds` names ((w_shape, stride, padding), the op contract's hand-over)
-    reads an Nhwc16 of x_shape: at bf16, where its forward and filter gradient were measured on channels-last copies
-    (_kept16), so that it keeps x's copy, not x."""
+    """Whether the convolution forward that `feeds` names ((w_shape, stride, padding), the op contract's hand-over;
+    None: no hand-over) reads an Nhwc16 of x_shape (N, C, H, W): at bf16, where its forward and filter gradient were
+    measured on channels-last copies (_kept16), so that it keeps x's copy, not x."""
+    if feeds is None or len(x_shape) != 4:
+        return False
     w_shape, stride, pad = feeds
     n, c, h, wd = x_shape
     k, c2, r, s = w_shape
@@ -650,8 +652,7 @@ class ConvOps:
         k, _, r, s = w.shape
         n, c, h, wd = x.shape
         g = Geometry(n, c, h, wd, k, r, s, int(stride), int(padding))
-        if (feeds is None or not conv_gelu_fits(self, x, w, b, g)
-                or not takes_nhwc16(self, (n, k, g.p, g.q), feeds)):
+        if not conv_gelu_fits(self, x, w, b, g) or not takes_nhwc16(self, (n, k, g.p, g.q), feeds):
             return compose.conv2d_gelu_forward(self, x, w, b, stride, padding, relu_mask, feeds)
         z = self.xp.empty((n, k, g.p, g.q), dtype=self.xp.float32)
         y16 = self.xp.empty((n, g.p, g.q, k), dtype=self.xp.uint16)

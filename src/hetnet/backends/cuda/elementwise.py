@@ -59,7 +59,7 @@ class ElementwiseOps:
         """feeds (the op contract's hand-over): y as the channels-last bf16 copy the convolution reads where it
         takes one (norm.cu's bn_apply_nhwc16 without statistics, NormOps._apply_nhwc16)."""
         x = self._c(x)
-        if feeds is not None and x.ndim == 4 and takes_nhwc16(self, x.shape, feeds):
+        if takes_nhwc16(self, x.shape, feeds):
             return self._apply_nhwc16(x, None, 0.0, GELU), x           # NormOps's, without statistics
         return self._unary("gelu_fwd", x), x
 

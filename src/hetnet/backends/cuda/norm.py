@@ -89,7 +89,7 @@ class NormOps:
         hw = x.size // max(n * c, 1)
         mean, var, sync = self._bn_batch_stats(x, running_mean, running_var, momentum, training, reduce)
         cache = (x, mean, var, gamma, beta, float(eps), bool(training), sync, act)
-        if feeds is not None and act != _act("relu") and x.ndim == 4 and takes_nhwc16(self, x.shape, feeds):
+        if act != _act("relu") and takes_nhwc16(self, x.shape, feeds):
             return self._apply_nhwc16(x, (mean, var, gamma, beta), eps, act), cache
         y = self.xp.empty_like(x)
         get_kernel(self.device_id, "norm", self.ix("bn_apply", x.size))(self._bn_grid(n, c, hw), (256,), (
