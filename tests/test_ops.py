@@ -846,24 +846,18 @@ def test_reference_fused_ops_are_their_chains(rng):
     dx2 = ref.conv2d_backward(ref.relu_backward(ref.maxpool2d_backward(dy, cp), cr), cz, dw2, None)
     assert_close(dx, dx2, np.float64, "dx")
     assert_close(dw, dw2, np.float64, "dw")
-    y, cache = ref.conv2d_maxpool_forward(x, w, b, 1, 1, 2, 2)
-    z, cz = ref.conv2d_forward(x, w, b, 1, 1)
-    want, cp = ref.maxpool2d_forward(z, 2, 2)
-    np.testing.assert_array_equal(y, want)
-    dy = rng.normal(size=y.shape)
-    dw, dw2 = np.zeros(w.shape), np.zeros(w.shape)
-    assert_close(ref.conv2d_maxpool_backward(dy, cache, dw, None),
-                 ref.conv2d_backward(ref.maxpool2d_backward(dy, cp), cz, dw2, None), np.float64, "conv_pool dx")
-    assert_close(dw, dw2, np.float64, "conv_pool dw")
-    y, cache = ref.conv2d_gelu_forward(x, w, b, 1, 1)
-    z, cz = ref.conv2d_forward(x, w, b, 1, 1)
-    want, cg = ref.gelu_forward(z)
-    np.testing.assert_array_equal(y, want)
-    dy = rng.normal(size=y.shape)
-    dw, dw2 = np.zeros(w.shape), np.zeros(w.shape)
-    assert_close(ref.conv2d_gelu_backward(dy, cache, dw, None),
-                 ref.conv2d_backward(ref.gelu_backward(dy, cg), cz, dw2, None), np.float64, "conv_gelu dx")
-    assert_close(dw, dw2, np.float64, "conv_gelu dw")
+    for name, fused, extra, then, then_back in (        # conv2d, then pooling (its 2, 2) or GELU
+            ("conv_pool", "conv2d_maxpool", (2, 2), lambda z: ref.maxpool2d_forward(z, 2, 2), ref.maxpool2d_backward),
+            ("conv_gelu", "conv2d_gelu", (), ref.gelu_forward, ref.gelu_backward)):
+        y, cache = getattr(ref, fused + "_forward")(x, w, b, 1, 1, *extra)
+        z, cz = ref.conv2d_forward(x, w, b, 1, 1)
+        want, c2 = then(z)
+        np.testing.assert_array_equal(y, want)
+        dy = rng.normal(size=y.shape)
+        dw, dw2 = np.zeros(w.shape), np.zeros(w.shape)
+        assert_close(getattr(ref, fused + "_backward")(dy, cache, dw, None),
+                     ref.conv2d_backward(then_back(dy, c2), cz, dw2, None), np.float64, f"{name} dx")
+        assert_close(dw, dw2, np.float64, f"{name} dw")
     args = [rng.normal(size=3), rng.normal(size=3), np.zeros(3), np.ones(3), 0.1, 1e-5, True]
     y, cache = ref.bn_gelu_forward(x, *args)
     z, cz = ref.batchnorm_forward(x, *args)
