@@ -2,7 +2,7 @@
 node's kernels run back to back), and an NVTX range "prof" around one step for Nsight Compute.
 
     PYTHONPATH=src python benchmarks/kernels/profile_step.py --model fashion-cnn --batch 32
-    ncu --nvtx --nvtx-include "prof/" --metrics gpu__time_duration.sum --csv \\
+    ncu --profile-from-start off --metrics gpu__time_duration.sum --csv \\
         python benchmarks/kernels/profile_step.py --model thesis-m1 --batch 1024 --quiet
 """
 from __future__ import annotations
@@ -17,6 +17,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="thesis-m1")
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--precision", default=None, choices=("fp32", "tf32", "bf16"),
+                    help="default: the preset's own (fp32 where it names none)")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--quiet", action="store_true", help="only the NVTX-marked step (for ncu)")
     ap.add_argument("--json", default=None)
@@ -31,7 +33,8 @@ def main(argv=None):
     from hetnet.train import make_train_step
 
     hn.seed(0)
-    model = zoo.build(args.model).to("cuda")
+    precision = args.precision or getattr(zoo.PRESETS.get(args.model), "precision", None) or "fp32"
+    model = zoo.build(args.model).to("cuda", precision=precision)
     be = model.backend
     step = make_train_step(model, SGD(model.parameters(), lr=0.01, momentum=0.9))
     step.runner.use_graph = False
@@ -41,10 +44,12 @@ def main(argv=None):
     for _ in range(3):
         step.step(x, y)
     cupy.cuda.runtime.deviceSynchronize()
+    cupy.cuda.profiler.start()          # for `ncu --profile-from-start off`
     cupy.cuda.nvtx.RangePush("prof")
     step.step(x, y)
     cupy.cuda.runtime.deviceSynchronize()
     cupy.cuda.nvtx.RangePop()
+    cupy.cuda.profiler.stop()
     if args.quiet:
         return
 
@@ -76,12 +81,13 @@ def main(argv=None):
     e_all.synchronize()
     total = cupy.cuda.get_elapsed_time(s_all, e_all) / args.reps
     rows = {k: float(np.median([cupy.cuda.get_elapsed_time(s, e) for s, e in v])) * 1000 for k, v in times.items()}
-    print(f"{args.model} batch {args.batch}, eager plan, {be.gpu_name}: {total * 1000:.1f} us/step "
+    print(f"{args.model} batch {args.batch} {precision}, eager plan, {be.gpu_name}: {total * 1000:.1f} us/step "
           f"(nodes below; the rest is loss, zeroing, update and launch gaps)")
     for k, v in sorted(rows.items(), key=lambda kv: -kv[1]):
         print(f"  {k:<28} {v:8.1f} us")
     if args.json:
         write_result(Path(args.json), {"environment": environment(1, True), "model": args.model, "batch": args.batch,
+                                       "precision": precision,
                                        "us_per_step": total * 1000, "nodes_us": rows,
                                        "conv_choices": {f"{e['op']} {e['shape']}": e["choice"] for e in be.tune_log}})
 
