@@ -39,7 +39,9 @@ def main(argv=None):
     step = make_train_step(model, SGD(model.parameters(), lr=0.01, momentum=0.9))
     step.runner.use_graph = False
     rng = np.random.default_rng(0)
-    x = be.asarray(rng.normal(size=(args.batch, *zoo.PRESETS[args.model].input_shape)).astype(np.float32))
+    images = rng.normal(size=(args.batch, *zoo.PRESETS[args.model].input_shape)).astype(np.float32)
+    hn.init.data_init(model, images)        # a whitening first layer (cifar-speed) is filled from images first
+    x = be.asarray(images)
     y = be.labels(rng.integers(0, 10, size=args.batch))
     for _ in range(3):
         step.step(x, y)
