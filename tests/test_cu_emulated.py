@@ -1,8 +1,8 @@
 """Kernels outside mma.cu run on the CPU, compiled as C++ against tests/cuda_emu (each CUDA thread a fiber resumed
 in a shuffled order between barriers, over the whole grid): the channels-last bf16 copies, conv.cu's to_nhwc16 and
-pool_grad_nhwc16 and norm.cu's bn_apply_nhwc16 (with the store half they share), NumPy's bf16 bits (round to nearest
-even) of the float32 tensor they stand for -- x, the max pooling's input gradient, or the batch norm's (+ GELU's)
-output; conv.cu's conv_gelu_nhwc16; and common.cuh's HnPlaneWalk, which the batch-norm kernels and channel_sum loop
+pool_grad_nhwc16 and norm.cu's bn_apply_nhwc16 and bn_bwd_dx_nhwc16 (with the store half they share), NumPy's bf16
+bits (round to nearest even) of the float32 tensor they stand for -- x, the max pooling's input gradient, the batch
+norm's (+ GELU's) output or its input gradient; conv.cu's conv_gelu_nhwc16; and common.cuh's HnPlaneWalk, which the batch-norm kernels and channel_sum loop
 with, each element visited once with its channel.
 Needs g++ (skipped without); no GPU. On a GPU the copies are also checked by tests/test_mma.py's
 test_channels_last_copies and test_pool_grad_nhwc16, the walks by every batch-norm test of tests/test_ops.py."""
@@ -60,6 +60,15 @@ extern "C" int emu_bn_apply16(const float* x, unsigned* y, const float* mean, co
     snprintf(err, len, "%s", msg.c_str());
     return msg.empty() ? 0 : 1;
 }
+extern "C" int emu_bn_bwd_dx16(const float* dy, const float* x, const float* mean, const float* var,
+                                const float* gamma, const float* beta, const float* red, unsigned* dx, int n, int C,
+                                int HW, float eps, int act, unsigned seed, char* err, int len) {
+    std::string msg = emu::launch({(unsigned)((n * HW + 31) / 32), (unsigned)((C + 63) / 64), 1}, {256, 1, 1}, 0,
+                                  [=] { bn_bwd_dx_nhwc16(dy, x, mean, var, gamma, beta, red, dx, n, C, HW, eps, act); },
+                                  seed);
+    snprintf(err, len, "%s", msg.c_str());
+    return msg.empty() ? 0 : 1;
+}
 extern "C" int emu_conv_gelu(const float* x, const float* w, const float* b, float* z, unsigned* y, int n, int C,
                              int H, int W, int K, int R, int S, int stride, int pad, int P, int Q, unsigned blocks,
                              unsigned seed, char* err, int len) {
@@ -81,7 +90,7 @@ extern "C" int emu_pool_grad(const float* dy, const unsigned char* arg, unsigned
 
 def _kernels_text() -> str:
     """The walks, GELU and hn_store_nhwc16_tile as common.cuh has them; to_nhwc16 and pool_grad_nhwc16 as conv.cu,
-    hn_bn_value and bn_apply_nhwc16 as norm.cu has them."""
+    hn_bn_value, bn_apply_nhwc16, hn_bn_out_grad and bn_bwd_dx_nhwc16 as norm.cu has them."""
     common, conv, norm = ((kernels.HERE / "common.cuh").read_text(), kernels.cu_text("conv"), kernels.cu_text("norm"))
     parts = [line for line in common.splitlines() if line.startswith(("#define HN_RELU", "#define HN_GELU",
                                                                        "#define HN_INV_SQRT"))]
@@ -97,7 +106,9 @@ def _kernels_text() -> str:
                         (conv, 'extern "C" __global__ void __launch_bounds__(256) pool_grad_nhwc16('),
                         (conv, 'extern "C" __global__ void __launch_bounds__(256) conv_gelu_nhwc16('),
                         (norm, "__device__ __forceinline__ float hn_bn_value("),
-                        (norm, 'extern "C" __global__ void __launch_bounds__(256) bn_apply_nhwc16(')):
+                        (norm, 'extern "C" __global__ void __launch_bounds__(256) bn_apply_nhwc16('),
+                        (norm, "__device__ __forceinline__ float hn_bn_out_grad("),
+                        (norm, 'extern "C" __global__ void __launch_bounds__(256) bn_bwd_dx_nhwc16(')):
         i = text.index(start)
         parts.append(text[i:text.index("\n}\n", i) + 3])
     return "\n".join(parts)
@@ -180,10 +191,13 @@ def test_conv_gelu_nhwc16_emulated(emu, rng, case):
 
 
 def _bf16_ulps(bits_a, bits_b):
-    """How many bf16 steps apart two arrays of bf16 bits are (same sign: the bit patterns' distance)."""
-    a = bits_a.astype(np.int32)
-    b = bits_b.astype(np.int32)
-    return np.abs(a - b)
+    """How many bf16 steps apart two arrays of bf16 bits are: the distance of the bit patterns on a line where
+    negative values count down from zero (so -0 and +0 are 0 apart, and -x and x twice x's steps)."""
+    def line(bits):
+        b = bits.astype(np.int32)
+        return np.where(b & 0x8000, -(b & 0x7FFF), b)
+
+    return np.abs(line(bits_a) - line(bits_b))
 
 
 @pytest.mark.parametrize("act", [0, 2], ids=["none", "gelu"])
@@ -213,6 +227,48 @@ def test_bn_apply_nhwc16_emulated(emu, rng, shape, act):
     steps = _bf16_ulps(out, nhwc16(z))
     assert steps.max() <= (1 if act else 0), f"{steps.max()} bf16 steps apart"
     assert (steps == 0).mean() > 0.99
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("act", [0, 2], ids=["none", "gelu"])
+@pytest.mark.parametrize("shape", [(2, 6, 37), (1, 70, 5, 7), (3, 64, 3, 3), (9, 6, 1, 3)], ids=str)
+def test_bn_bwd_dx_nhwc16_emulated(emu, rng, shape, act, train):
+    """bn_bwd_dx_nhwc16: the batch norm's (+ GELU's) input gradient channels-last in bf16, every element of partial
+    64 x 32 tiles; NumPy's float32 of bn_bwd_dx's expression (g = dy, or dy gelu'(z) from math.erfc; training:
+    scale (g - sum g / m - xhat sum g xhat / m), eval: g scale), rounded to bf16: equal bits without the GELU, within
+    one bf16 step with it."""
+    import math
+
+    x = rng.standard_normal(shape).astype(np.float32) * 3 + 1
+    dy = rng.standard_normal(shape).astype(np.float32)
+    n, c = shape[:2]
+    hw = x.size // (n * c)
+    mean, var = rng.standard_normal(c).astype(np.float32), rng.uniform(0.5, 2, c).astype(np.float32)
+    gamma, beta = rng.standard_normal(c).astype(np.float32), rng.standard_normal(c).astype(np.float32)
+    red = (rng.standard_normal(2 * c) * 10).astype(np.float32)
+    eps, f = np.float32(1e-5), np.float32
+    bc = (1, c) + (1,) * (x.ndim - 2)
+    inv = (f(1) / np.sqrt(var + eps)).reshape(bc)
+    ga = gamma.reshape(bc)
+    xhat = (x - mean.reshape(bc)) * inv
+    g = dy
+    if act:
+        z = (xhat * ga + beta.reshape(bc)).astype(np.float64)
+        d = np.vectorize(lambda v: 0.5 * math.erfc(-v / math.sqrt(2)) + v * math.exp(-v * v / 2) / math.sqrt(2 * math.pi))
+        g = (dy * d(z)).astype(np.float32)
+    inv_m = f(1) / (f(n) * f(hw))
+    if train:
+        want = ga * inv * (g - (red[:c] * inv_m).reshape(bc) - xhat * red[c:].reshape(bc) * inv_m)
+    else:
+        want = g * (ga * inv)
+    out = np.full((n, *shape[2:], c), 0xDEAD, np.uint16)
+    err = ctypes.create_string_buffer(512)
+    _check(emu.emu_bn_bwd_dx16(_ptr(dy), _ptr(x), _ptr(mean), _ptr(var), _ptr(gamma), _ptr(beta),
+                               _ptr(red) if train else None, _ptr(out), n, c, hw, ctypes.c_float(eps), act, 7, err,
+                               512), err)
+    steps = _bf16_ulps(out, nhwc16(want.astype(np.float32)))
+    assert steps.max() <= (1 if act else 0), f"{steps.max()} bf16 steps apart"
+    assert (steps == 0).mean() > 0.98
 
 
 @pytest.mark.parametrize("wide", [False, True], ids=["i32", "i64"])

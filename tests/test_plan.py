@@ -198,6 +198,29 @@ def test_batch_norms_that_feed_a_convolution():
     assert P._feeds(fused[0], Takes()) == {"feeds": ((4, 3, 3, 3), 1, 0)}
 
 
+def test_batch_norms_that_hand_their_gradient_to_a_convolution():
+    """A batch norm (-> GELU) right after a convolution without bias or ReLU names it (Node.grad_feeds), and its
+    backward gets grad_feeds=(weight shape, stride, padding) on a backend that takes hand-overs; not after a
+    convolution with a bias or a ReLU, a pooled one, or when the batch norm masks its input."""
+    c1, c2, c3 = (hn.Conv2D(2, 4, 3, padding=1, bias=False), hn.Conv2D(4, 4, 3, stride=2, bias=False),
+                  hn.Conv2D(4, 4, 1, bias=False))
+    layers = [c1, hn.BatchNorm2D(4), hn.GELU(), c2, hn.BatchNorm2D(4), hn.ReLU(), hn.Conv2D(4, 4, 1),
+              hn.BatchNorm2D(4), hn.Conv2D(4, 4, 1, bias=False), hn.ReLU(), hn.BatchNorm2D(4), c3, hn.MaxPool2D(2),
+              hn.BatchNorm2D(4)]
+    nodes = P.compile_nodes(layers, {"bn_gelu", "conv_pool", "bn_act", "conv_act"})
+    assert [(type(n).__name__, n.grad_feeds) for n in nodes] == [
+        ("ConvNode", None), ("BNGeluNode", c1), ("ConvNode", None), ("BatchNormNode", c2), ("ConvNode", None),
+        ("BatchNormNode", None), ("ConvNode", None), ("BatchNormNode", None), ("ConvPoolNode", None),
+        ("BatchNormNode", None)]
+
+    class Takes:
+        takes_feeds = True
+
+    assert P._feeds(nodes[1], Takes(), grad=True) == {"grad_feeds": ((4, 2, 3, 3), 1, 1)}
+    assert P._feeds(nodes[3], Takes(), grad=True) == {"grad_feeds": ((4, 4, 3, 3), 2, 0)}
+    assert P._feeds(nodes[1], reference, grad=True) == {} and P._feeds(nodes[5], Takes(), grad=True) == {}
+
+
 @needs_jit
 def test_plan_falls_back_inside_the_ops(rng):
     """A pool other than 2x2 / stride 2 still makes a fused node; the cpu op composes its own ops then."""

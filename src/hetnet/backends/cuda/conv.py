@@ -467,8 +467,9 @@ def _measured16(be, op: str, g: Geometry) -> str | None:
 class Nhwc16:
     """An activation handed over to a convolution as the channels-last bf16 copy its kernels read (mma.to_nhwc16's
     layout) instead of NCHW float32: `data` [n, H, W, C] bf16 bits (uint16), `shape` the NCHW shape it stands for.
-    The op before makes it for its one reader, a convolution that keeps that copy (takes_nhwc16); only
-    the convolution forwards read it."""
+    The op before makes it for its one reader, a convolution that keeps that copy (takes_nhwc16), and so does a batch
+    norm's backward for the gradient of the convolution before it (takes_dy16); only the convolution forwards and
+    conv2d_backward read it."""
 
     __slots__ = ("data", "shape")
 
@@ -496,6 +497,22 @@ def takes_nhwc16(be, x_shape, feeds) -> bool:
     k, c2, r, s = w_shape
     return (be.precision == "bf16" and c2 == c and c % 2 == 0 and 0 < n <= mma.GRID_YZ and n * h * wd < 2**31
             and _kept16(be, Geometry(n, c, h, wd, k, r, s, int(stride), int(pad))) is not None)
+
+
+def takes_dy16(be, y_shape, grad_feeds) -> bool:
+    """Whether the convolution backward that `grad_feeds` names ((w_shape, stride, padding) of the Conv2D whose
+    output, of y_shape (N, K, P, Q), the gradient is; the op contract's backward hand-over; None: none) reads that
+    gradient as an Nhwc16 alone: at bf16 and stride 1, where its filter and data gradients were both measured on
+    channels-last copies (conv_backward16)."""
+    if grad_feeds is None or len(y_shape) != 4:
+        return False
+    w_shape, stride, pad = grad_feeds
+    n, k, p, q = y_shape
+    k2, c, r, s = w_shape
+    if be.precision != "bf16" or k2 != k or k % 2 or int(stride) != 1 or not 0 < n <= mma.GRID_YZ or n * p * q >= 2**31:
+        return False
+    g = Geometry(n, c, p - 1 + r - 2 * int(pad), q - 1 + s - 2 * int(pad), k, r, s, 1, int(pad))
+    return _measured16(be, "filter", g) is not None and _measured16(be, "data", g) is not None
 
 
 def _kept16(be, g: Geometry) -> str | None:
@@ -638,9 +655,16 @@ class ConvOps:
         return y, (x if x16 is None else None, w, int(stride), int(padding), x16, x.shape)
 
     def conv2d_backward(self, dy, cache, dw, db, need_dx=True, relu_mask=False):
+        """dy may be the channels-last bf16 copy of dE/dy (an Nhwc16 handed over by the batch norm after the
+        convolution, takes_dy16): its gradients then run on it alone (conv_backward16); no bias gradient."""
         x, w, stride, padding, x16, x_shape = cache
         if relu_mask and x is None:
             raise ValueError("conv2d_backward: relu_mask=True after a forward given relu_mask=False")
+        if isinstance(dy, Nhwc16):
+            g = Geometry(*x_shape, *(w.shape[i] for i in (0, 2, 3)), stride, padding)
+            if db is not None or not conv_backward16_ready(self, g, dw, need_dx):
+                raise ValueError("conv2d_backward: a channels-last dy where its gradients do not run on it")
+            return conv_backward16(self, g, dy.data, x, x16, w, dw, need_dx, x if relu_mask else None)
         return conv_backward(self, self._c(dy), x, w, dw, db, stride, padding, need_dx, x if relu_mask else None,
                              x16, x_shape)
 

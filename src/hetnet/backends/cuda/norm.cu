@@ -288,6 +288,49 @@ HN_TWO_INDEX_KERNELS(bn_bwd_dx,
      int C, int HW, float eps, int act),
     (dy, x, mean, var, gamma, beta, red, dx, N, C, HW, eps, act))
 
+// bn_bwd_dx's dx written channels-last in bf16 instead: the copy of dE/dy that the convolution whose output x is
+// reads in its backward (conv.cu's to_nhwc16 of dx), dx16[img][p][c] = bf16(dx[img][c][p]) as bf16 pairs [n][HW][C / 2]
+// (C even), in bn_apply_nhwc16's tiles (64 channels x 32 pixels through shared memory, a channel's constants read
+// once per block). The same arithmetic as bn_bwd_dx, so the two give the same bits. Grid (ceil(n * HW / 32),
+// ceil(C / 64)), 256 threads; n * HW < 2^31.
+extern "C" __global__ void __launch_bounds__(256) bn_bwd_dx_nhwc16(
+    const float* __restrict__ dy, const float* __restrict__ x, const float* __restrict__ mean,
+    const float* __restrict__ var, const float* __restrict__ gamma, const float* __restrict__ beta,
+    const float* __restrict__ red, unsigned* __restrict__ dx16, int n, int C, int HW, float eps, int act) {
+    __shared__ float t[64][33];
+    __shared__ float coef[6][64];      // the block's channels' mean, inv, gamma, beta, sum g / m, sum g xhat
+    const int c0 = blockIdx.y * 64, lane = threadIdx.x & 31, row = threadIdx.x >> 5, NP = n * HW;
+    const float inv_m = 1.f / ((float)n * HW);
+    const HnTilePixel px(NP, HW);
+    const long long at = (long long)px.img * C * HW + px.hw;
+    float xv[8], dv[8];                // channels c0 + row + 8u
+    hn_load_nhwc16_rows(xv, x + at, c0, C, HW, px.in);
+    hn_load_nhwc16_rows(dv, dy + at, c0, C, HW, px.in);
+    if (threadIdx.x < 64 && c0 + (int)threadIdx.x < C) {
+        const int c = c0 + threadIdx.x;
+        coef[0][threadIdx.x] = mean[c];
+        coef[1][threadIdx.x] = 1.f / sqrtf(var[c] + eps);
+        coef[2][threadIdx.x] = gamma[c];
+        coef[3][threadIdx.x] = beta[c];
+        coef[4][threadIdx.x] = red ? red[c] * inv_m : 0.f;
+        coef[5][threadIdx.x] = red ? red[C + c] : 0.f;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+        const int i = row + 8 * u;
+        float v = 0.f;
+        if (c0 + i < C && px.in) {
+            const float mu = coef[0][i], inv = coef[1][i], ga = coef[2][i], scale = ga * inv;
+            const float xhat = (xv[u] - mu) * inv, g = hn_bn_out_grad(dv[u], xhat, ga, coef[3][i], act);
+            v = red ? scale * (g - coef[4][i] - xhat * coef[5][i] * inv_m) : g * scale;
+        }
+        t[i][lane] = v;
+    }
+    __syncthreads();
+    hn_store_nhwc16_tile(t, dx16, blockIdx.x * 32, c0, C, NP);
+}
+
 // --- BatchNorm -> ReLU -> MaxPool fused (the fast training step's plan) -------------------------------------------
 // z[N,C,H,W] is the BN input; a = relu(bn(z)) is never stored: the forward writes the pooled y[N,C,P,Q] and each
 // window's argmax, the backward recomputes a's sign and the pooled gradient g = dE/da from (dy, arg) at each z.

@@ -7,7 +7,7 @@ import math
 import numpy as np
 
 from .. import compose
-from .conv import Nhwc16, takes_nhwc16
+from .conv import Nhwc16, takes_dy16, takes_nhwc16
 from .kernels import NULL, get_kernel
 from .kernels import act_code as _act
 
@@ -65,8 +65,8 @@ class NormOps:
         return self._bn_forward(x, gamma, beta, running_mean, running_var, momentum, eps, training, _act(act), reduce,
                                 feeds)
 
-    def batchnorm_backward(self, dy, cache, dgamma, dbeta, need_dx=True, relu_mask=False):
-        return self._bn_backward(dy, cache, dgamma, dbeta, need_dx, relu_mask, inplace=False)
+    def batchnorm_backward(self, dy, cache, dgamma, dbeta, need_dx=True, relu_mask=False, grad_feeds=None):
+        return self._bn_backward(dy, cache, dgamma, dbeta, need_dx, relu_mask, False, grad_feeds)
 
     def bn_gelu_forward(self, x, gamma, beta, running_mean, running_var, momentum, eps, training, reduce=None,
                         feeds=None):
@@ -75,10 +75,11 @@ class NormOps:
         return self._bn_forward(x, gamma, beta, running_mean, running_var, momentum, eps, training, GELU, reduce,
                                 feeds)
 
-    def bn_gelu_backward(self, dy, cache, dgamma, dbeta, need_dx=True, relu_mask=False, inplace=False):
+    def bn_gelu_backward(self, dy, cache, dgamma, dbeta, need_dx=True, relu_mask=False, inplace=False,
+                         grad_feeds=None):
         """dE/dx of gelu(batchnorm(x)) from dy = dE/dy: batchnorm_backward's two kernels, each taking dE/dz =
         dy * gelu'(z) where it reads dy. inplace: dx may be written over x (not with relu_mask, which reads x)."""
-        return self._bn_backward(dy, cache, dgamma, dbeta, need_dx, relu_mask, inplace)
+        return self._bn_backward(dy, cache, dgamma, dbeta, need_dx, relu_mask, inplace, grad_feeds)
 
     def _bn_forward(self, x, gamma, beta, running_mean, running_var, momentum, eps, training, act: int, reduce,
                     feeds=None):
@@ -107,9 +108,11 @@ class NormOps:
                 x, y16, *(stats or (NULL,) * 4), _i32(n), _i32(c), _i32(hw), _f32(eps), _i32(act)))
         return Nhwc16(y16, x.shape)
 
-    def _bn_backward(self, dy, cache, dgamma, dbeta, need_dx, relu_mask, inplace):
+    def _bn_backward(self, dy, cache, dgamma, dbeta, need_dx, relu_mask, inplace, grad_feeds=None):
         """The backward of _bn_forward's act: a ReLU's derivative is the consumer's (dy is dE/dz), a GELU's is
-        applied here (dy is dE/dy)."""
+        applied here (dy is dE/dy). grad_feeds (the op contract's backward hand-over): dx as the channels-last bf16
+        copy of dE/dy that the convolution whose output x is reads (Nhwc16, bn_bwd_dx_nhwc16) where it takes one
+        (conv.takes_dy16)."""
         x, mean, var, gamma, beta, eps, training, sync, act = cache
         act = act if act == GELU else 0
         dy = self._c(dy)
@@ -125,6 +128,13 @@ class NormOps:
             self._bn_sync_grad_sums(red, n * hw, sync)
         if not need_dx:
             return None
+        if not relu_mask and takes_dy16(self, x.shape, grad_feeds):
+            dx16 = self.xp.empty((n, *x.shape[2:], c), dtype=self.xp.uint16)
+            get_kernel(self.device_id, "norm", "bn_bwd_dx_nhwc16")((math.ceil(n * hw / 32), math.ceil(c / 64)),
+                                                                   (256,), (
+                dy, x, mean, var, gamma, beta, red if training else NULL, dx16, _i32(n), _i32(c), _i32(hw),
+                _f32(eps), _i32(act)))
+            return Nhwc16(dx16, x.shape)
         dx = x if inplace and not relu_mask else self.xp.empty_like(x)
         get_kernel(self.device_id, "norm", self.ix("bn_bwd_dx", x.size))(self._bn_grid(n, c, hw), (256,), (
             dy, x, mean, var, gamma, beta, red if training else NULL, dx, _i32(n), _i32(c), _i32(hw), _f32(eps),
