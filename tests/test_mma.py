@@ -414,7 +414,7 @@ def test_conv_maxpool_forward_pools_in_the_epilogue(rng, relu, monkeypatch):
     calls = []
     pooled = mm.conv16_pool
     monkeypatch.setattr(mm, "conv16_pool", lambda *a, **kw: calls.append(1) or pooled(*a, **kw))
-    with _measured_as(be, shape, {"fwd": "tc16", "filter": "tc16s", "data": "tc16"}):
+    with _measured_as(be, shape, {"fwd": "tc16", "pool": "tc16", "filter": "tc16s", "data": "tc16"}):
         gx, gw, gb = cupy.asarray(x), cupy.asarray(w), cupy.asarray(b)
         if relu:
             fused = be.conv2d_relu_maxpool_forward(gx, gw, gb, 1, 1, 2, 2)
@@ -461,7 +461,7 @@ def test_batch_norm_hands_its_output_over_channels_last(rng, op):
         return forward(x, gamma, beta, cupy.zeros(c, np.float32), cupy.ones(c, np.float32), 0.1, 1e-5, True, **kw)
 
     assert isinstance(bn(feeds=feeds)[0], cupy.ndarray)               # not measured: float32
-    with _measured_as(be, shape, {"fwd": "tc16", "filter": "tc16", "data": "tc16"}):
+    with _measured_as(be, shape, {"fwd": "tc16", "pool": "tc16", "filter": "tc16", "data": "tc16"}):
         y32, y16 = bn()[0], bn(feeds=feeds)[0]
         assert isinstance(y16, C.Nhwc16) and y16.shape == tuple(x.shape)
         np.testing.assert_array_equal(cupy.asnumpy(y16.data), cupy.asnumpy(mm.to_nhwc16(be, y32)))
@@ -504,7 +504,7 @@ def test_batch_norm_hands_its_gradient_over_channels_last(rng, op):
         return backward(dy, bn_cache, cupy.zeros_like(gamma), cupy.zeros_like(beta), need_dx=True, **kw)
 
     assert isinstance(bn_back(grad_feeds=grad_feeds), cupy.ndarray)    # not measured: float32
-    with _measured_as(be, shape, {"fwd": "tc16", "filter": "tc16", "data": "tc16"}):
+    with _measured_as(be, shape, {"fwd": "tc16", "pool": "tc16", "filter": "tc16", "data": "tc16"}):
         z, conv_cache = be.conv2d_forward(x, w, None, 1, 1, relu_mask=False)
         dz32, dz16 = bn_back(), bn_back(grad_feeds=grad_feeds)
         assert isinstance(dz16, C.Nhwc16) and dz16.shape == tuple(z.shape)
@@ -548,7 +548,7 @@ def test_training_with_hand_overs_equals_training_without(rng, monkeypatch):
 
     monkeypatch.setattr(be, "bn_gelu_forward", spy)
     monkeypatch.setattr(be, "bn_gelu_backward", spy_back)
-    with _measured_as(be, (16, 16, 12, 12, 16, 3, 3, 1, 1), {"fwd": "tc16", "filter": "tc16", "data": "tc16"}):
+    with _measured_as(be, (16, 16, 12, 12, 16, 3, 3, 1, 1), {"fwd": "tc16", "pool": "tc16", "filter": "tc16", "data": "tc16"}):
         models, steps = {}, {}
         for takes in (False, True):
             hn.seed(3)
@@ -611,6 +611,28 @@ def test_conv_gelu_hands_its_output_over_in_one_kernel(rng, monkeypatch, bias):
         assert rel_err(cupy.asnumpy(got), want) <= RTOL_TC["bf16"]
 
 
+
+def test_pooled_forward_measures_its_own_tile(rng):
+    """Where the forward of a shape runs a "tc16" candidate (set here as if measured) and the pooled forward has not
+    been measured, conv2d_maxpool_forward measures the pooled forward's own candidates ("pool") and runs the
+    fastest: y within RTOL_TC_ROUNDED of the two ops' (another tile may sum the same bf16 products in another
+    order)."""
+    be = get_backend("cuda", "bf16")
+    shape = (4, 16, 15, 13, 32, 3, 3, 1, 1)
+    x, w, b, _ = conv_inputs(rng, shape)
+    key = C.Geometry(*shape).key()
+    be._tune.pop(("pool", key), None)
+    with _measured_as(be, shape, {"fwd": "tc16", "filter": "tc16", "data": "tc16"}):
+        try:
+            gx, gw, gb = cupy.asarray(x), cupy.asarray(w), cupy.asarray(b)
+            y, cache = be.conv2d_maxpool_forward(gx, gw, gb, 1, 1, 2, 2, relu_mask=False)
+            assert be._tune.get(("pool", key), "").startswith("tc16")
+            y2, _ = compose.conv2d_maxpool_forward(be, gx, gw, gb, 1, 1, 2, 2, relu_mask=False)
+            assert rel_err(cupy.asnumpy(y), cupy.asnumpy(y2)) <= RTOL_TC_ROUNDED
+        finally:
+            be._tune.pop(("pool", key), None)
+
+
 @pytest.mark.parametrize("bias", [False, True])
 def test_conv_maxpool_backward_on_the_channels_last_copies(rng, bias, monkeypatch):
     """Where the convolution's forward, filter and data gradients run "tc16" candidates (set here as if measured),
@@ -622,7 +644,7 @@ def test_conv_maxpool_backward_on_the_channels_last_copies(rng, bias, monkeypatc
     calls = []
     direct = mm.pool_grad_nhwc16
     monkeypatch.setattr(mm, "pool_grad_nhwc16", lambda *a: calls.append(1) or direct(*a))
-    with _measured_as(be, shape, {"fwd": "tc16", "filter": "tc16s", "data": "tc16"}):
+    with _measured_as(be, shape, {"fwd": "tc16", "pool": "tc16", "filter": "tc16s", "data": "tc16"}):
         gx, gw, gb = cupy.asarray(x), cupy.asarray(w), None if b is None else cupy.asarray(b)
         y, cache = be.conv2d_maxpool_forward(gx, gw, gb, 1, 1, 2, 2, relu_mask=False)
         dy = cupy.asarray(rng.standard_normal(y.shape).astype(np.float32))

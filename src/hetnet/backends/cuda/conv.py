@@ -544,18 +544,30 @@ def conv_forward_kept(be, x, w, b, stride, pad, act=0):
 def conv_maxpool_forward(be, x, w, b, stride, pad, act, kernel, pool_stride, keep):
     """maxpool2d_forward(act(conv(x, w) + b), kernel, pool_stride) as ((y, arg), x16) with the pooling in the
     convolution's epilogue (mma.conv16_pool) where the windows are 2 x 2 at stride 2 and the forward was measured to
-    run on channels-last copies; x16 (keep: x is no ReLU output) the copy of x that serves the backward
-    (conv_forward_kept's rule; always for an Nhwc16 x, the only copy there is), else None. None where the fused
-    kernel does not apply."""
+    run on channels-last copies, on the tile measured for the pooled forward itself ("pool": its output is a quarter
+    of the forward's, so the two need not share a tile); x16 (keep: x is no ReLU output) the copy of x that serves
+    the backward (conv_forward_kept's rule; always for an Nhwc16 x, the only copy there is), else None. None where the
+    fused kernel does not apply."""
     n, c, h, wd = x.shape
     k, _, r, s = w.shape
     g = Geometry(n, c, h, wd, k, r, s, stride, pad)
-    fwd = _measured16(be, "fwd", g) if kernel == pool_stride == 2 else None
-    if fwd is None or not _contiguous(w, b) or not (isinstance(x, Nhwc16) or _contiguous(x)):
+    if kernel != pool_stride or kernel != 2 or not _contiguous(w, b) or not (isinstance(x, Nhwc16) or _contiguous(x)):
+        return None
+    if (("fwd", g.key()) not in be._tune and be.capturing is None and not isinstance(x, Nhwc16)
+            and not (be.force_conv_algo or _forced())):
+        conv_forward(be, x, w, b, stride, pad, act, g)      # the forward measured first (a batch's first step)
+    fwd = _measured16(be, "fwd", g)
+    if fwd is None:
         return None
     x16 = x.data if isinstance(x, Nhwc16) else mma.to_nhwc16(be, x)
-    pooled = mma.conv16_pool(be, x, w, b, stride, pad, act, _tile16_of("pool", fwd), x16)
-    return pooled, (x16 if isinstance(x, Nhwc16) or (keep and _kept16(be, g)) else None)
+    cands = _tiles16(be, "pool", lambda tile, out: out.append(
+        mma.conv16_pool(be, x, w, b, stride, pad, act, tile, x16)))
+    # measured where it can be (not inside a graph capture: there an unmeasured shape takes the forward's tile)
+    measure = be.capturing is None or ("pool", g.key()) in be._tune
+    choice = _choose(be, "pool", g, cands, lambda fn: fn([])) if measure else fwd
+    out = []
+    cands[choice](out)
+    return out[0], (x16 if isinstance(x, Nhwc16) or (keep and _kept16(be, g)) else None)
 
 
 def conv_backward(be, dy, x, w, dw, db, stride, pad, need_dx=True, relu_x=None, x16=None, x_shape=None):
