@@ -217,6 +217,22 @@ def test_choice():
     assert mm.split_k(small, 64, 64, 64, 1, 132) == 1
 
 
+def test_split_k_waves():
+    """A convolution filter gradient's K parts fill whole waves of blocks (t.min_blocks on each SM): cifar-speed's
+    [256, 7x7] gradient at batch 1024 on the H200's 132 SMs (18 blocks of 128 x 256, 784 K tiles) in 7 parts, one
+    wave, not 15 (270 blocks: two waves and 6 blocks, a third wave for 2% of the work); on two blocks per SM the
+    wave is twice as large; a part never shorter than MIN_SPLIT_TILES tiles, never more than MAX_SPLITS parts."""
+    w = {t.name: t for t in mm.TILES16W["filter"]}
+    assert mm.split_k_waves(w["w128x256s4"], 256, 2304, 49 * 1024, 132) == 7
+    assert mm.split_k_waves(w["w128x128s3b2"], 256, 2304, 9 * 1024, 132) == 7        # 252 of 264 blocks
+    assert mm.split_k_waves(w["w128x256s4"], 64, 216, 961 * 1024, 132) == mm.MAX_SPLITS
+    assert mm.split_k_waves(w["w128x256s4"], 256, 2304, 8 * 64 * 3, 132) == 3        # 24 K tiles: parts of 8
+    assert mm.split_k_waves(w["w128x256s4"], 256, 2304, 64, 132) == 1
+    for k in (1, 64 * 7, 64 * 100, 64 * 10_000):
+        parts = mm.split_k_waves(w["w128x128s4"], 200, 900, k, 132)
+        assert 1 <= parts <= mm.MAX_SPLITS and (parts == 1 or -(-k // 64) // parts >= mm.MIN_SPLIT_TILES)
+
+
 def test_runner_without_a_gpu(capsys):
     """benchmarks/kernels/run_tc_gemm.py imports without CuPy, lists its problems (cifar-wide's convolutions from
     the spec: 6 distinct shapes, 3 GEMMs each), and a bad --layers is a one-line error with status 2."""
@@ -327,7 +343,7 @@ def test_conv_filter_gradient(emu, rng, precision, shape):
     """Every shape through the launcher's tile and split choice (a small emulated GPU: K is split where it is long
     enough), added into dw."""
     call = check_conv_filter(emu, rng, precision, shape)
-    assert call.splits == mm.split_k(call.tile, call.m, call.n, call.k, 1, SMS)
+    assert call.splits == mm.split_k_waves(call.tile, call.m, call.n, call.k, SMS)
 
 
 @pytest.mark.parametrize("precision", ["tf32", "bf16"])

@@ -116,6 +116,28 @@ def split_k(t: TcTile, m: int, n: int, k: int, batch: int, sms: int) -> int:
     return max(1, min(math.ceil(2 * sms / blocks), k // (MIN_SPLIT_TILES * t.bk), MAX_SPLITS))
 
 
+# split_k_waves: the tiles a block spends outside its K loop (the pipeline's fill, the epilogue's atomic adds of its
+# float32 tile), counted as K tiles of work
+SPLIT_OVERHEAD_TILES = 4
+
+
+def split_k_waves(t, m: int, n: int, k: int, sms: int) -> int:
+    """Parts of a convolution filter gradient's K sum (K = the batch's pixels, long) for tile t: the count that
+    minimises waves x (K tiles a part + SPLIT_OVERHEAD_TILES), a wave being t.min_blocks blocks on each of `sms` SMs
+    (__launch_bounds__'s blocks per SM, which the tiles' shared memory and registers also come to), so that the last
+    wave is not a few blocks that keep the rest of the card idle; each part at least MIN_SPLIT_TILES steps of BK, at
+    most MAX_SPLITS parts; the fewest parts among equals (fewer atomics)."""
+    blocks = math.ceil(m / t.bm) * math.ceil(n / t.bn)
+    tiles = math.ceil(k / t.bk)
+    wave = sms * max(1, t.min_blocks)
+    best, best_cost = 1, None
+    for parts in range(1, max(1, min(MAX_SPLITS, tiles // MIN_SPLIT_TILES)) + 1):
+        cost = math.ceil(blocks * parts / wave) * (math.ceil(tiles / parts) + SPLIT_OVERHEAD_TILES)
+        if best_cost is None or cost < best_cost:
+            best, best_cost = parts, cost
+    return best
+
+
 def plan(c, a, trans_a: bool, b, trans_b: bool, alpha: float = 1.0, beta: float = 0.0, precision: str = "tf32",
          sms: int = 132, tile: str | None = None, splits: int | None = None, batch: int = 1,
          strides: tuple = (0, 0, 0), c_all=None) -> GemmCall | None:
@@ -269,7 +291,7 @@ def _conv_tile(precision: str, tile: str | None, m: int, n: int) -> TcTile:
 def _conv_call(op: str, precision: str, tile: str | None, src, w, aux, out, m: int, n: int, k: int, geometry: tuple,
                act: int = 0, sms: int | None = None, splits: int | None = None) -> ConvCall | None:
     """The ConvCall of an op whose shapes were checked: every tensor contiguous float32, the int32 offsets holding
-    (conv_fits), the tile, the grid (the filter gradient's K split as `split_k` says for `sms` SMs, or in `splits`
+    (conv_fits), the tile, the grid (the filter gradient's K split as `split_k_waves` says for `sms` SMs, or in `splits`
     parts); None when the output is empty."""
     if precision not in PRECISIONS:
         raise ValueError(f"conv_tc: precision {precision!r} is not one of {', '.join(PRECISIONS)}")
@@ -285,9 +307,9 @@ def _conv_call(op: str, precision: str, tile: str | None, src, w, aux, out, m: i
 
 def _tile_call(op: str, t, src, w, aux, out, m: int, n: int, k: int, geometry: tuple, act: int, sms: int | None,
                splits: int | None) -> ConvCall:
-    """The ConvCall of op on tile t (a TcTile or Tc16Tile): the filter gradient's K split as `split_k` says for
-    `sms` SMs, or in `splits` parts."""
-    parts = 1 if op != "filter" else (split_k(t, m, n, k, 1, sms) if splits is None else max(1, int(splits)))
+    """The ConvCall of op on tile t (a TcTile or Tc16Tile): the filter gradient's K split as `split_k_waves` says
+    for `sms` SMs, or in `splits` parts."""
+    parts = 1 if op != "filter" else (split_k_waves(t, m, n, k, sms) if splits is None else max(1, int(splits)))
     kchunk = math.ceil(math.ceil(k / parts) / t.bk) * t.bk
     parts = math.ceil(k / kchunk)                      # no empty part
     grid = (math.ceil(n / t.bn), math.ceil(m / t.bm), parts)
@@ -331,7 +353,7 @@ def plan_conv_data(dx, dy, w, relu_x, stride: int, pad: int, precision: str = "t
 def plan_conv_filter(dw, dy, x, stride: int, pad: int, precision: str = "tf32", sms: int = 132,
                      tile: str | None = None, splits: int | None = None) -> ConvCall | None:
     """The launch for dw += conv_backward_filter(dy, x) (dy [n, O, P, Q], x [n, C, H, W], dw [O, C, R, S], all
-    contiguous float32): the K sum over images x P x Q split over grid.z (`split_k`, or `splits` parts) and added
+    contiguous float32): the K sum over images x P x Q split over grid.z (`split_k_waves`, or `splits` parts) and added
     into dw with atomics; None when dw is empty. The bias gradient is not its job (conv.channel_sum)."""
     n, c, h, wd, o, r, s, p, q = _conv_sizes(x.shape, dw.shape, stride, pad)
     if tuple(dy.shape) != (n, o, p, q):
@@ -466,7 +488,7 @@ def plan_conv16_data(dx, dy16, wt16, relu_x, pad: int, tile: str | None = None) 
 def plan_conv16_filter(dw16, dy16, x16, stride: int, pad: int, sms: int = 132, tile: str | None = None,
                        splits: int | None = None) -> ConvCall | None:
     """dw16 [O, R, S, C] float32 += conv_backward_filter(dy, x) from dy16 [n, P, Q, O] and x16 [n, H, W, C] (bf16
-    bits), the K sum over images x P x Q split over grid.z (`split_k`, or `splits` parts) and added with atomics."""
+    bits), the K sum over images x P x Q split over grid.z (`split_k_waves`, or `splits` parts) and added with atomics."""
     n, h, wd, c = x16.shape
     o, r, s, c2 = dw16.shape
     *_, p, q = _conv_sizes((n, c, h, wd), (o, c, r, s), stride, pad)
