@@ -86,7 +86,8 @@ def test_train_writes_a_complete_run_directory(trained):
     lines = [json.loads(s) for s in (trained / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines] == [1, 2]
     assert list(lines[0]) == ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "test_loss",
-                              "test_accuracy", "seconds", "images_per_second", "warmup_seconds", "tta"]
+                              "test_accuracy", "seconds", "images_per_second", "warmup_seconds", "tta", "steps"]
+    assert [r["steps"] for r in lines] == [10, 10]                  # 300 images, batches of 32
     assert lines[0]["val_loss"] is None and lines[-1]["test_accuracy"] > 0.5
     cfg = json.loads((trained / "config.json").read_text())
     assert cfg["spec"] == TINY_SPEC and cfg["seed"] == 0 and cfg["device"] == "cpu"

@@ -342,6 +342,70 @@ def test_schedules_by_name_with_arguments():
             train.make_schedule(text, opt, 4)
 
 
+# --- fractional epochs ----------------------------------------------------------------------------------------
+
+
+def test_total_steps_of_fractional_epochs():
+    assert train.total_steps(9.9, 43) == 426                                  # airbench94's 426 steps
+    assert [train.steps_in_epoch(9.9, 43, e) for e in (0, 8, 9)] == [43, 43, 39]
+    assert train.total_steps(10, 44) == train.total_steps(10.0, 44) == 440
+    assert [train.steps_in_epoch(10, 44, e) for e in (0, 9)] == [44, 44]
+    assert train.total_steps(0.14, 100) == 14          # 0.14 as written: the float product is 14.000000000000002
+    assert train.total_steps(0.01, 3) == 1
+    assert [train.format_epochs(e) for e in (9.9, 10, 10.0, 0.5)] == ["9.9", "10", "10", "0.5"]
+
+
+@pytest.mark.parametrize("bad", [0, -1, 0.0, -0.5, float("nan"), float("inf"), "3", True, None])
+def test_check_epochs_rejects(bad):
+    with pytest.raises(UsageError, match="--epochs: expected a positive finite number"):
+        train.check_epochs(bad)
+
+
+def test_check_epochs_keeps_fractions_and_makes_whole_numbers_ints():
+    assert train.check_epochs(9.9) == 9.9 and train.check_epochs(np.float32(0.5)) == 0.5
+    assert [(v, type(v)) for v in map(train.check_epochs, (10, 10.0, np.int64(3)))] == [(10, int), (10, int),
+                                                                                         (3, int)]
+
+
+def test_fractional_epochs_cut_the_last_one_and_the_schedule_spans_the_steps():
+    """2.5 epochs of 4 batches: ceil(2.5 x 4) = 10 steps, epochs 1, 2, 3 of 4, 4 and 2 batches; the cosine schedule
+    and the lookahead span the 10 steps (the learning rate ends at 0), the last epoch is evaluated with TTA and
+    finishes the lookahead, its line says it is partial."""
+    x, y = _toy(64)
+    model = _bn_model()
+    loader = train.ArrayLoader(x, y, 16)
+    total = train.total_steps(2.5, len(loader))
+    opt = train.make_optimizer("momentum", model.parameters(), 0.1)
+    sched = train.make_schedule("cosine", opt, total)
+    lookahead = train.Lookahead(model, total, every=3)
+    lines = []
+    trainer = train.Trainer(model, opt, sched, log=lines.append, progress=False, lookahead=lookahead, tta=1)
+    hist = trainer.fit(loader, 2.5, test_loader=train.ArrayLoader(x, y, 32, shuffle=False))
+    assert total == 10 and [(r["epoch"], r["steps"]) for r in hist] == [(1, 4), (2, 4), (3, 2)]
+    assert sched.t == opt.steps == lookahead.steps == 10 and opt.lr == 0.0
+    assert [r["tta"] for r in hist] == [0, 0, 1]
+    assert all(np.array_equal(v, lookahead.state_dict()["arrays"][k]) for k, v in model.state_dict().items())
+    assert [s.split("  ")[0] for s in lines] == ["epoch 1/2.5", "epoch 2/2.5", "epoch 3/2.5 (partial: 2 batches)"]
+
+
+def test_whole_epochs_given_as_a_float_train_the_same_run():
+    """epochs=2.0 is the run of epochs=2, bit for bit; a fractional run trains the same whole epochs first."""
+    x, y = _toy(48)
+
+    def run(epochs, schedule="cosine"):
+        model = _model()
+        hist = model.fit(x, y, epochs=epochs, batch_size=10, optimizer="momentum", lr=0.1, schedule=schedule,
+                         warmup_epochs=0.5, log=None)
+        return hist, model.state_dict()
+
+    (h1, w1), (h2, w2) = run(2), run(2.0)
+    assert [r["train_loss"] for r in h1] == [r["train_loss"] for r in h2] and [r["steps"] for r in h2] == [5, 5]
+    assert all(np.array_equal(w1[k], w2[k]) for k in w1)
+    (hf, _), (h3, _) = run(2.5, "constant"), run(3, "constant")
+    assert [r["steps"] for r in hf] == [5, 5, 3] and [r["train_loss"] for r in hf[:2]] == \
+        [r["train_loss"] for r in h3[:2]]
+
+
 def test_ctrl_c_inside_the_jit_loader_is_kept_for_the_next_batch():
     """A SIGINT that arrives while Numba / llvmlite code is on the stack (where a raised KeyboardInterrupt would be
     dropped by a ctypes callback) does not raise there; the training loop raises it after the next batch. Elsewhere

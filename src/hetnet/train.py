@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import itertools
 import math
 import signal
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
+from fractions import Fraction
 
 import numpy as np
 from tqdm import tqdm
@@ -33,7 +35,7 @@ from .plan import EvalStep, TrainStep
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "nesterov-decoupled")
 METRIC_KEYS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "test_loss", "test_accuracy",
-               "seconds", "images_per_second", "warmup_seconds", "tta")
+               "seconds", "images_per_second", "warmup_seconds", "tta", "steps")
 # The first steps at a new batch shape compile (the cpu backend's Numba functions), select kernels and capture a CUDA
 # graph (the cuda backend: the first call of a shape tunes, the second captures). They are timed on their own
 # (device synchronised around them), reported as an epoch's `warmup_seconds` and left out of `images_per_second`,
@@ -198,6 +200,38 @@ def make_schedule(name: str, optimizer, total_steps: int, warmup_steps: int = 0)
         except ValueError as e:
             raise UsageError(f"--schedule: {e}") from None
     return optim.OneCycleLR(optimizer, total_steps=total_steps)
+
+
+# --- fractional epochs -----------------------------------------------------------------------------------------
+# A run of E epochs over B batches an epoch trains T = ceil(E * B) steps (airbench's total_train_steps): epochs
+# 1 .. ceil(E), the last one stopping after T - (ceil(E) - 1) * B of its batches (in 1 .. B). E = 9.9, B = 43:
+# T = 426, nine whole epochs and 39 batches of the tenth. A whole E gives T = E * B and every epoch whole. The
+# product is taken on E as written in decimal (Fraction(str(E))): 0.14 epochs of 100 batches are 14 steps, not the
+# 15 that the float product 14.000000000000002 would give.
+
+
+def total_steps(epochs, steps_per_epoch: int) -> int:
+    """T = ceil(epochs * steps_per_epoch): the steps of a run, which its schedules and lookahead span.
+
+        >>> total_steps(9.9, 43), total_steps(10, 44)
+        (426, 440)
+    """
+    return math.ceil(Fraction(str(epochs)) * int(steps_per_epoch))
+
+
+def steps_in_epoch(epochs, steps_per_epoch: int, e: int) -> int:
+    """Batches that epoch e (0-based, e < ceil(epochs)) trains: all steps_per_epoch, but the rest of total_steps in
+    the last epoch of a fractional run.
+
+        >>> steps_in_epoch(9.9, 43, 8), steps_in_epoch(9.9, 43, 9)
+        (43, 39)
+    """
+    return min(int(steps_per_epoch), total_steps(epochs, steps_per_epoch) - e * int(steps_per_epoch))
+
+
+def format_epochs(epochs) -> str:
+    """A number of epochs as given: 9.9 -> '9.9', 10 and 10.0 -> '10'."""
+    return str(int(epochs)) if float(epochs).is_integer() else repr(float(epochs))
 
 
 # --- Ctrl-C that cannot get lost -----------------------------------------------------------------------------------
@@ -419,9 +453,13 @@ def default_log(line: str) -> None:
     sys.stdout.flush()
 
 
-def format_epoch(rec: dict, epochs: int, elapsed: float | None = None) -> str:
-    parts = [f"epoch {rec['epoch']}/{epochs}",
-             f"train loss {rec['train_loss']:.4f} acc {100 * rec['train_accuracy']:.2f}%"]
+def format_epoch(rec: dict, epochs, elapsed: float | None = None) -> str:
+    """One line per epoch: 'epoch 3/10  train loss ...'; the partial last epoch of a fractional run says its batches
+    ('epoch 10/9.9 (partial: 39 batches)  ...')."""
+    head = f"epoch {rec['epoch']}/{format_epochs(epochs)}"
+    if rec["epoch"] > epochs and rec.get("steps") is not None:
+        head += f" (partial: {rec['steps']} batches)"
+    parts = [head, f"train loss {rec['train_loss']:.4f} acc {100 * rec['train_accuracy']:.2f}%"]
     for split in ("val", "test"):
         if rec.get(f"{split}_loss") is not None:
             parts.append(f"{split} loss {rec[f'{split}_loss']:.4f} acc {100 * rec[f'{split}_accuracy']:.2f}%")
@@ -565,7 +603,7 @@ class Lookahead(_Shadow):
     airbench's last update (d = 1). Parameters and BatchNorm statistics are covered. A frozen parameter
     (requires_grad False) is not reset: its EMA is set to it instead, so it never changes.
 
-        >>> lookahead = Lookahead(model, total_steps=epochs * len(loader))               # doctest: +SKIP
+        >>> lookahead = Lookahead(model, total_steps(epochs, len(loader)))               # doctest: +SKIP
         >>> lookahead.step()                # after each optimiser step                  # doctest: +SKIP
     """
 
@@ -646,13 +684,16 @@ class Trainer:
         self.final_predictions: dict = {}
         self._steps_at_shape: dict[tuple, int] = {}     # train steps made per batch shape (warm-up accounting)
         self.last_warmup = (0.0, 0)                     # (seconds, images) of the last epoch's warm-up steps
+        self.last_steps = 0                             # batches the last epoch trained
 
     @property
     def backend(self):
         return self.model.backend
 
-    def train_epoch(self, loader, epoch: int, epochs: int | None = None) -> tuple[float, float, float, int]:
-        """One pass over loader.epoch(epoch) (0-based); (mean loss, accuracy, seconds, images)."""
+    def train_epoch(self, loader, epoch: int, epochs=None,
+                    steps: int | None = None) -> tuple[float, float, float, int]:
+        """One pass over loader.epoch(epoch) (0-based), or its first `steps` batches (the last epoch of a fractional
+        run); (mean loss, accuracy, seconds, images). epochs: the run's, for the progress bar."""
         dist = self.dist
         self._set_frozen(epoch)
         if self._train_step is None:
@@ -661,14 +702,16 @@ class Trainer:
         step, backend = self._train_step, self.backend
         world = dist.world if dist is not None else 1
         self.model.train()
-        bar = _bar(_num_batches(loader), f"epoch {epoch + 1}" + (f"/{epochs}" if epochs else ""), self.progress)
+        bar = _bar(_num_batches(loader) if steps is None else steps,
+                   f"epoch {epoch + 1}" + (f"/{format_epochs(epochs)}" if epochs else ""), self.progress)
         loss_sum, correct, count = 0.0, 0, 0
         warm_s, warm_n = 0.0, 0
+        batches, done = device_batches(loader, epoch, backend), 0
         t0 = time.perf_counter()
         # overflow in a diverging run is reported once, as TrainingDiverged, not as NumPy warnings
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             try:
-                for i, (xb, yb) in enumerate(device_batches(loader, epoch, backend)):
+                for i, (xb, yb) in enumerate(itertools.islice(batches, steps)):
                     shape = tuple(xb.shape)
                     seen = self._steps_at_shape.get(shape, 0)
                     if seen < WARMUP_STEPS_PER_SHAPE:       # see WARMUP_STEPS_PER_SHAPE
@@ -681,6 +724,7 @@ class Trainer:
                     else:
                         step.step(xb, yb)
                     check_interrupt()
+                    done = i + 1
                     if self.lookahead is not None:
                         self.lookahead.step()
                     if self.average is not None:
@@ -697,6 +741,7 @@ class Trainer:
                 ls, c, n = step.collect()
                 backend.synchronize()
             finally:
+                batches.close()             # a loader's worker thread stops after a cut epoch too
                 if bar is not None:
                     bar.close()
         loss_sum, correct, count = loss_sum + ls, correct + c, count + n
@@ -704,7 +749,7 @@ class Trainer:
             loss_sum, correct, count, warm_n = dist.sum([loss_sum, correct, count, warm_n])
             correct, count, warm_n = int(correct), int(count), int(warm_n)
         seconds = time.perf_counter() - t0
-        self.last_warmup = (warm_s, warm_n)
+        self.last_warmup, self.last_steps = (warm_s, warm_n), done
         if count == 0:
             raise UsageError("training set is empty (check --limit and --batch-size)")
         loss = loss_sum / count
@@ -749,34 +794,42 @@ class Trainer:
         if self.average is not None:
             self.average.copy_to_model()
 
-    def fit(self, train_loader, epochs: int, val_loader=None, test_loader=None, start_epoch: int = 0,
+    def fit(self, train_loader, epochs, val_loader=None, test_loader=None, start_epoch: int = 0,
             history: list | None = None, on_epoch_end: Callable[[dict, list], None] | None = None) -> list[dict]:
-        """Train epochs start_epoch+1 .. epochs (1-based in the records); returns the history of records.
+        """Train epochs start_epoch+1 .. ceil(epochs) (1-based in the records); returns the history of records.
+        A fractional `epochs` (9.9) trains total_steps(epochs, len(train_loader)) batches in all: its last epoch
+        stops there (its record's "steps" says how many it trained).
 
         A non-finite loss raises TrainingDiverged naming the epoch. `on_epoch_end(record, history)` runs after each
         epoch (the run directory writes its checkpoint there). The last epoch is evaluated with the trainer's
         test-time augmentation (its record's "tta"), the others without, as airbench does."""
         history = list(history or [])
+        last = math.ceil(epochs)
+        per_epoch = _num_batches(train_loader)
+        if epochs != last and per_epoch is None:
+            raise UsageError(f"--epochs {format_epochs(epochs)}: a fraction of an epoch needs a loader with a length "
+                             f"in batches")
         t_start = time.perf_counter()
-        for e in range(start_epoch, epochs):
+        for e in range(start_epoch, last):
             t0 = time.perf_counter()
+            steps = None if epochs == last else steps_in_epoch(epochs, per_epoch, e)
             try:
-                loss, acc, train_s, n = self.train_epoch(train_loader, e, epochs)
+                loss, acc, train_s, n = self.train_epoch(train_loader, e, epochs, steps)
             except TrainingDiverged as err:
                 raise TrainingDiverged(f"training diverged in epoch {e + 1}: {err} "
                                        f"(try a lower --lr)") from None
-            if self.lookahead is not None and e == epochs - 1:
+            if self.lookahead is not None and e == last - 1:
                 self.lookahead.finish()          # the weights evaluated and saved are the final ones
             if self.dist is not None:
                 self.dist.average_arrays(self.backend,
                                          self.dist.buffers_of(self.model, self.average, self.lookahead))
             rec = {"epoch": e + 1, "train_loss": loss, "train_accuracy": acc,
                    "val_loss": None, "val_accuracy": None, "test_loss": None, "test_accuracy": None}
-            tta = self.tta if e == epochs - 1 and (val_loader is not None or test_loader is not None) else 0
+            tta = self.tta if e == last - 1 and (val_loader is not None or test_loader is not None) else 0
             for split, loader in (("val", val_loader), ("test", test_loader)):
                 if loader is not None:
                     # the last evaluation keeps its predictions (one process: a rank sees only its shard)
-                    kept = [] if e == epochs - 1 and self.dist is None else None
+                    kept = [] if e == last - 1 and self.dist is None else None
                     rec[f"{split}_loss"], rec[f"{split}_accuracy"] = self.evaluate(loader, tta, kept)
                     if kept is not None:
                         self.final_predictions[split] = joined_predictions(kept)
@@ -786,6 +839,7 @@ class Trainer:
             rec["images_per_second"] = (n - warm_n) / max(train_s - warm_s, 1e-9) if n > warm_n else None
             rec["warmup_seconds"] = warm_s if warm_n else None
             rec["tta"] = tta
+            rec["steps"] = self.last_steps
             history.append(rec)
             if self.log is not None:
                 self.log(format_epoch(rec, epochs, time.perf_counter() - t_start))
@@ -857,24 +911,24 @@ def confusion_matrix(pred: np.ndarray, true: np.ndarray, num_classes: int) -> np
 # --- model.fit / model.evaluate on arrays ------------------------------------------------------------------------
 
 
-def fit(model, x, y, epochs: int = 1, batch_size: int = 32, optimizer: str = "sgd", lr: float = 0.01,
+def fit(model, x, y, epochs=1, batch_size: int = 32, optimizer: str = "sgd", lr: float = 0.01,
         schedule: str = "constant", weight_decay: float = 0.0, warmup_epochs: float = 0.0,
         label_smoothing: float = 0.0, validation_data: tuple | None = None, seed: int = 0, ema: float = 0.0,
         progress: bool | None = None, log: Callable[[str], None] | None = ..., verbose: bool = True) -> list[dict]:
     """Train `model` (already on its device) on arrays x (N, ...) float, y (N,) int; returns one record per epoch
     (validation columns filled from validation_data=(x_val, y_val)). ema: decay of a weight average that is
-    evaluated and kept at the end (0: none). verbose: print one line per epoch (as Keras); log: a function that
-    gets those lines instead (None: silent)."""
+    evaluated and kept at the end (0: none). epochs: a whole or fractional number (total_steps). verbose: print one
+    line per epoch (as Keras); log: a function that gets those lines instead (None: silent)."""
     if log is ...:
         log = default_log if verbose else None
-    check_positive_int(epochs, "epochs")
+    epochs = check_epochs(epochs)
     check_positive_int(batch_size, "batch_size")
     check_lr(lr, "lr")
     loader = ArrayLoader(x, y, batch_size, shuffle=True, seed=seed)
     val = ArrayLoader(*validation_data, batch_size=max(batch_size, 256), shuffle=False) if validation_data else None
     opt = make_optimizer(optimizer, model.parameters(), lr, weight_decay, batch_size=batch_size)
     steps = len(loader)
-    sched = make_schedule(schedule, opt, steps * epochs, int(round(warmup_epochs * steps)))
+    sched = make_schedule(schedule, opt, total_steps(epochs, steps), int(round(warmup_epochs * steps)))
     trainer = Trainer(model, opt, sched, label_smoothing, progress=progress, log=log, ema=ema)
     return trainer.fit(loader, epochs, val_loader=val)
 
@@ -891,6 +945,20 @@ def check_positive_int(v, flag: str) -> int:
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
         raise UsageError(f"--{flag.replace('_', '-')}: expected a positive integer, got {v!r}")
     return int(v)
+
+
+def check_positive_float(v, flag: str) -> float:
+    """A number (int or float, not a string or bool) that is finite and > 0."""
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or \
+            not (math.isfinite(v) and v > 0):
+        raise UsageError(f"--{flag.replace('_', '-')}: expected a positive finite number, got {v!r}")
+    return float(v)
+
+
+def check_epochs(v, flag: str = "epochs") -> int | float:
+    """A run's epochs, whole or fractional (total_steps): an int when whole, so that 10.0 is the run of 10."""
+    f = check_positive_float(v, flag)
+    return int(f) if f.is_integer() else f
 
 
 def check_lr(v, flag: str = "lr") -> float:
