@@ -193,7 +193,7 @@ def train_once(config: dict, data: Data) -> dict:
     model, _ = zoo.build_from_spec(config["spec"], PRESET)
     bs, n = recipe["batch_size"], len(data.train_x)
     train = hdata.BatchLoader(data.train_x, data.train_y, bs, data.mean, data.std, shuffle=True,
-                              augment=tuple(recipe["augment"]), seed=seed, drop_last=(n % bs == 1 and n > 1))
+                              augment=tuple(recipe["augment"]), seed=seed, drop_last=runs.train_drop_last(recipe, n))
     test = hdata.BatchLoader(data.test_x, data.test_y, runs.EVAL_BATCH, data.mean, data.std, shuffle=False)
     model.to(backend)
     train, test = hdata.on_device(train, backend), hdata.on_device(test, backend)

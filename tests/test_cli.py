@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hetnet.cli import main
+from hetnet.cli import build_parser, main
 from hetnet.data.idx import write_idx
 
 TINY_SPEC = {"input_shape": [1, 28, 28], "layers": [
@@ -154,6 +154,8 @@ def _train_fails(capsys, tmp_path, *args, needles=()):
 
 
 @pytest.mark.parametrize("flag,value", [("--epochs", "0"), ("--epochs", "-3"), ("--epochs", "two"),
+                                        ("--epochs", "0.0"), ("--epochs", "-0.5"), ("--epochs", "nan"),
+                                        ("--epochs", "inf"),
                                         ("--batch-size", "0"), ("--batch-size", "-1"),
                                         ("--lr", "nan"), ("--lr", "inf"), ("--lr", "0"), ("--lr", "-1"),
                                         ("--lr", "abc"), ("--limit", "0"), ("--val-fraction", "1.5"),
@@ -163,6 +165,15 @@ def test_bad_flags(capsys, tmp_path, data, flag, value):
         main(["train", "--device", "cpu", "--data", str(data), "--out", str(tmp_path / "out"), flag, value])
     _assert_usage_error(e.value.code, capsys.readouterr().err, flag)
     assert not (tmp_path / "out").exists()
+
+
+def test_epochs_and_drop_last_flags():
+    """--epochs takes a whole or fractional number; --drop-last / --no-drop-last set the recipe field, and
+    leaving both out keeps the preset's (None)."""
+    parse = build_parser().parse_args
+    assert parse(["train", "--epochs", "9.9"]).epochs == 9.9 and parse(["train", "--epochs", "3"]).epochs == 3
+    assert [parse(["train", *flag]).drop_last for flag in (["--drop-last"], ["--no-drop-last"], [])] == \
+        [True, False, None]
 
 
 def test_missing_data(capsys, tmp_path):

@@ -111,20 +111,41 @@ AIRBENCH_RECIPE = {"epochs": EPOCHS, "batch_size": 32, "lr": 2.0, "optimizer": "
                    "lookahead_decay": 0.95, "whiten_bias_epochs": 2}
 
 
+def _airbench_config(root: Path, data: Path, name: str, **recipe) -> Path:
+    cfg = root / f"{name}-config.json"
+    cfg.write_text(json.dumps({"model": None, "spec": AIRBENCH_SPEC, "dataset": "fashion-mnist", "data": str(data),
+                               "device": "cpu", "recipe": {**AIRBENCH_RECIPE, **recipe}, "val_fraction": 0.1,
+                               "seed": 7, "limit": 400, "skip_bad_images": False}))
+    return cfg
+
+
+def _rerun(cfg: Path):
+    return lambda o: [sys.executable, "-m", "hetnet", "train", "--config", str(cfg), "--out", str(o), "--no-progress"]
+
+
 def test_sigkill_and_resume_with_airbench_recipe_is_bit_identical(setup):
     root, data, _ = setup
-    cfg = root / "airbench-config.json"
-    cfg.write_text(json.dumps({"model": None, "spec": AIRBENCH_SPEC, "dataset": "fashion-mnist", "data": str(data),
-                               "device": "cpu", "recipe": AIRBENCH_RECIPE, "val_fraction": 0.1, "seed": 7,
-                               "limit": 400, "skip_bad_images": False}))
+    cfg = _airbench_config(root, data, "airbench")
     ref, out = root / "airbench-uninterrupted", root / "airbench-killed"
-    _check_kill_and_resume(ref, out, lambda o: [sys.executable, "-m", "hetnet", "train", "--config", str(cfg),
-                                                "--out", str(o), "--no-progress"])
+    _check_kill_and_resume(ref, out, _rerun(cfg))
     ck = serialize.read_checkpoint(ref)
     assert [len(g["params"]) for g in ck.optimizer["groups"]] == [1, 5]      # the BN bias, then the rest
     assert ck.optimizer["groups"][0]["lr"] / ck.optimizer["groups"][1]["lr"] == pytest.approx(64.0)
     assert ck.lookahead["steps"] == ck.optimizer["steps"] == EPOCHS * 13
     assert json.loads((ref / "config.json").read_text())["recipe"]["whiten_bias_epochs"] == 2
+
+
+def test_sigkill_and_resume_of_a_fractional_run_is_bit_identical(setup):
+    """5.5 epochs of airbench's recipe with drop_last: 400 images make 12 batches of 32 an epoch, the triangular
+    schedule and the lookahead span ceil(5.5 x 12) = 66 steps, and epoch 6 stops after 6 batches."""
+    root, data, _ = setup
+    cfg = _airbench_config(root, data, "fractional", epochs=EPOCHS - 0.5, drop_last=True)
+    ref, out = root / "fractional-uninterrupted", root / "fractional-killed"
+    _check_kill_and_resume(ref, out, _rerun(cfg))
+    ck = serialize.read_checkpoint(ref)
+    assert ck.lookahead["steps"] == ck.optimizer["steps"] == 66
+    steps = [json.loads(s)["steps"] for s in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [12] * (EPOCHS - 1) + [6]
 
 
 def _check_kill_and_resume(ref: Path, out: Path, argv) -> None:

@@ -123,6 +123,104 @@ def test_extending_a_cosine_schedule_says_where_it_restarts(setup, tmp_path, cap
     assert len(notes) == 1 and "cosine schedule now spans 2 epochs instead of 1" in notes[0]
 
 
+# --- fractional epochs and drop_last ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fractional(setup):
+    """--epochs 1.5 --drop-last on the 240 training images at batch 32: 7 batches an epoch (the partial one of 16
+    dropped), ceil(1.5 x 7) = 11 steps, the second epoch cut after 4; a cosine schedule, so that its span shows."""
+    root, data, spec = setup
+    out = root / "runs" / "fractional"
+    assert main(["train", "--device", "cpu", "--model", str(spec), "--data", str(data), "--epochs", "1.5",
+                 "--drop-last", "--batch-size", "32", "--schedule", "cosine", "--lr", "0.05", "--out",
+                 str(out)]) == 0
+    return out
+
+
+def test_fractional_epochs_with_drop_last(fractional, tmp_path, capsys):
+    cfg = json.loads((fractional / "config.json").read_text())
+    assert cfg["recipe"]["epochs"] == 1.5 and cfg["recipe"]["drop_last"] is True
+    assert [(r["epoch"], r["steps"]) for r in _metrics(fractional)] == [(1, 7), (2, 4)]
+    ck = serialize.read_checkpoint(fractional)
+    # the schedule spans the 11 steps: the cosine ends at 0 on the last one
+    assert ck.optimizer["steps"] == ck.schedule["t"] == 11 and ck.optimizer["hyper"]["lr"] == 0.0
+    again = tmp_path / "again"
+    capsys.readouterr()
+    _train("--config", str(fractional), "--out", str(again))
+    out = capsys.readouterr().out
+    assert "1.5 epochs (11 steps, 7 per epoch), batch 32 (a partial batch of 16 left out each epoch)," in out
+    assert "\nepoch 2/1.5 (partial: 4 batches)  train loss" in out and "\ndone: 1.5/1.5 epochs in" in out
+    assert _same_weights(fractional / "model.safetensors", again / "model.safetensors")
+    assert main(["runs", str(fractional)]) == 0
+    row = capsys.readouterr().out.splitlines()[1].split()
+    assert row[row.index("1.5/1.5") + 1] == "finished"
+    assert main(["runs", str(fractional), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)[0]
+    assert (listed["epochs"], listed["planned"], listed["status"]) == (1.5, 1.5, "finished")
+
+
+def test_a_cut_last_epoch_is_extended_into_the_next_ones(fractional, tmp_path, capsys):
+    """A run that stopped part-way through epoch 2 extends to more than 2 epochs only; the schedule then spans the
+    11 steps trained and the 7 of epoch 3 (not ceil(3 x 7) = 21)."""
+    ext = tmp_path / "ext"
+    shutil.copytree(fractional, ext)
+    for epochs, needle in ((None, "already finished (1.5 epochs"), ("1.2", "already trained 1.5 epochs"),
+                           ("1.5", "already trained 1.5 epochs"), ("2", "part-way through epoch 2 (1.5 epochs)")):
+        rc = main(["train", "--resume", str(ext)] + (["--epochs", epochs] if epochs else []))
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith("error:") and len(err.strip().splitlines()) == 1 and needle in err, err
+    for bad in ("0", "nan"):
+        with pytest.raises(SystemExit) as e:
+            main(["train", "--resume", str(ext), "--epochs", bad])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("error: argument --epochs") and len(err.splitlines()) == 1
+    assert main(["train", "--resume", str(ext), "--epochs", "3", "--no-progress"]) == 0
+    assert "cosine schedule now spans 3 epochs instead of 1.5" in capsys.readouterr().err
+    assert [(r["epoch"], r["steps"]) for r in _metrics(ext)] == [(1, 7), (2, 4), (3, 7)]
+    ck = serialize.read_checkpoint(ext)
+    assert ck.optimizer["steps"] == 18 and ck.optimizer["hyper"]["lr"] == 0.0
+
+
+def test_extending_a_whole_run_to_a_fraction_is_the_planned_run(setup, first, tmp_path):
+    """2 epochs (8 batches each, the last of 16) extended to 2.5 train epoch 3's first 4 batches: the run planned
+    for 2.5 epochs, bit for bit; and --epochs 2.0 is the 2-epoch run itself."""
+    ext = tmp_path / "ext"
+    shutil.copytree(first, ext)
+    assert main(["train", "--resume", str(ext), "--epochs", "2.5", "--no-progress"]) == 0
+    planned = tmp_path / "planned"
+    _train("--config", str(first), "--epochs", "2.5", "--out", str(planned))
+    assert [r["steps"] for r in _metrics(planned)] == [8, 8, 4]
+    for x, y in zip(_metrics(ext), _metrics(planned), strict=True):
+        assert all(x[k] == y[k] for k in EXACT + ("steps",))
+    assert _same_weights(ext / "model.safetensors", planned / "model.safetensors")
+    whole = tmp_path / "whole"
+    _train("--config", str(first), "--epochs", "2.0", "--out", str(whole))
+    assert json.loads((whole / "config.json").read_text())["recipe"]["epochs"] == 2
+    assert _same_weights(first / "model.safetensors", whole / "model.safetensors")
+
+
+def test_drop_last_is_a_recipe_field_with_a_flag(setup):
+    from hetnet.runs import RunConfig, _recipe, make_training, train_drop_last
+
+    preset = zoo.Preset((1, 28, 28), [], drop_last=True)
+    assert _recipe(RunConfig(), preset)["drop_last"] is True
+    assert _recipe(RunConfig(drop_last=False), preset)["drop_last"] is False
+    assert _recipe(RunConfig(model="mlp"), zoo.PRESETS["mlp"])["drop_last"] is False
+    # (examples, batch, drop_last) -> dropped: as asked, always a last batch of one, never the only batch
+    for n, bs, asked, dropped in ((45_000, 1024, True, True), (45_000, 1024, False, False), (2049, 1024, False, True),
+                                  (2048, 1024, True, True), (500, 1024, True, False), (1, 8, False, False)):
+        assert train_drop_last({"batch_size": bs, "drop_last": asked}, n) is dropped, (n, bs, asked)
+    # the schedule and the lookahead span ceil(epochs x batches) steps, less those a resumed run is short
+    hn.seed(0)
+    model = zoo.build("thesis-m0")
+    recipe = _recipe(RunConfig(model="x", epochs=9.9, schedule="cosine", lookahead=5), None)
+    _, schedule, _, lookahead, _ = make_training(recipe, model, 43)
+    assert schedule.total_steps == lookahead.total_steps == 426
+    _, schedule, _, lookahead, _ = make_training({**recipe, "epochs": 12}, model, 43, steps_short=4)
+    assert schedule.total_steps == lookahead.total_steps == 512
+
+
 def test_model_best_is_the_best_epoch(setup, tmp_path):
     _, data, spec = setup
     for flags, key in (([], "test_accuracy"), (["--val-fraction", "0.25"], "val_accuracy")):
@@ -276,14 +374,16 @@ def test_recipe_fields_of_airbench_recipes(setup, first, tmp_path):
     assert (p.lookahead.every, p.lookahead.decay, p.frozen_after) == (5, 0.9, [])
     defaults = make_config(RunConfig(**base))["recipe"]
     assert {k: defaults[k] for k in RECIPE_EXTRA} == {"momentum": 0.9, "param_groups": [], "lookahead": 0,
-                                                       "lookahead_decay": 0.95, "whiten_bias_epochs": 0}
+                                                       "lookahead_decay": 0.95, "whiten_bias_epochs": 0,
+                                                       "drop_last": False}
     for kw, msg in (({"lookahead": -1}, "recipe field lookahead: expected a whole number"),
                     ({"lookahead_decay": 0.0}, "recipe field lookahead_decay: expected a number in \\(0, 1\\]"),
                     ({"momentum": 1.0}, "recipe field momentum: expected a number in \\[0, 1\\)"),
                     ({"optimizer": "momentum", "momentum": 0.0}, "momentum needs momentum > 0"),
                     ({"param_groups": [{"params": 3}]}, "param_groups, rule 0: 'params' must be"),
                     ({"schedule": "triangular:top=1"}, "--schedule: triangular takes"),
-                    ({"whiten_bias_epochs": 1.5}, "recipe field whiten_bias_epochs")):
+                    ({"whiten_bias_epochs": 1.5}, "recipe field whiten_bias_epochs"),
+                    ({"drop_last": 1}, "recipe field drop_last: expected true or false")):
         with pytest.raises(UsageError, match=msg):
             make_config(RunConfig(**base, **kw))
     for kw, msg in (({"whiten_bias_epochs": 2}, "whiten_bias_epochs: the model's first layer, Conv2D.*no bias"),

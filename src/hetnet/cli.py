@@ -3,6 +3,7 @@
     hetnet train                                   # fashion-cnn on Fashion-MNIST on the best device
     hetnet train --model thesis-m1 --dataset folder --data cifar10-jpg-train.tar.gz --epochs 10
     hetnet train --resume runs/20261127-031500-fashion-cnn-fashion-mnist [--epochs 30]
+    hetnet train --epochs 7.5 --drop-last         # ceil(7.5 x full batches per epoch) steps, the eighth epoch cut
     hetnet train --config runs/20261127-031500-fashion-cnn-fashion-mnist/config.json --seed 1
     hetnet train --gpus 4 --model cifar-wide --dataset cifar10           # data parallel, one process per GPU
     mpirun -n 2 hetnet train --device cpu --batch-size 64                # data parallel over MPI (hetnet.parallel)
@@ -79,6 +80,7 @@ def _number(parse, ok, what: str):
 _positive_int = _number(int, lambda v: v > 0, "a positive integer")
 _int = _number(int, lambda v: True, "an integer")
 _positive_float = _number(float, lambda v: math.isfinite(v) and v > 0, "a positive finite number")
+_epochs = _number(float, lambda v: math.isfinite(v) and v > 0, "a positive number of epochs (whole or fractional)")
 _nonneg_float = _number(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
 _fraction = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
@@ -107,8 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--precision", choices=PRECISIONS,
                    help="matrix products on the cuda backend: fp32, tf32 or bf16 tensor cores (default: the model's "
                         "preset, else fp32; cpu and reference compute in float32 / float64)")
-    t.add_argument("--epochs", type=_positive_int)
+    t.add_argument("--epochs", type=_epochs, help="whole or fractional: 9.9 trains ceil(9.9 x batches per epoch) "
+                                                   "steps, the tenth epoch cut short")
     t.add_argument("--batch-size", type=_positive_int)
+    t.add_argument("--drop-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="leave out each epoch's last partial training batch (default: the preset's recipe)")
     t.add_argument("--lr", type=_positive_float, help="learning rate (peak, for schedules)")
     t.add_argument("--optimizer", choices=OPTIMIZERS, help="sgd (plain), momentum (Nesterov 0.9), adam, adamw")
     t.add_argument("--schedule", choices=tuple(SCHEDULES), help="learning-rate schedule, stepped per batch")
@@ -290,6 +295,7 @@ def _train(args, dist) -> int:
              "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "optimizer": args.optimizer,
              "schedule": args.schedule, "weight_decay": args.weight_decay, "warmup_epochs": args.warmup_epochs,
              "label_smoothing": args.label_smoothing, "ema": args.ema, "augment": augment, "tta": args.tta,
+             "drop_last": args.drop_last,
              "val_fraction": args.val_fraction, "seed": args.seed, "limit": args.limit,
              "skip_bad_images": args.skip_bad_images or None}
     if args.resume:

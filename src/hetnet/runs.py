@@ -15,6 +15,12 @@ carries on at the next epoch. Batch order and augmentation depend only on (seed,
 resumed run ends bit-identical to an uninterrupted one. `--resume DIR --epochs N` trains on to N epochs, also past
 the end of a finished run (the schedule is rebuilt for N epochs and continues from its position).
 
+Epochs may be fractional (hetnet.train.total_steps): a run of 9.9 epochs over 43 batches an epoch trains
+ceil(9.9 * 43) = 426 steps, the tenth epoch stopping after 39 batches; it is recorded as epoch 10 (its "steps" in
+metrics.jsonl say how many batches it trained), and its schedules span the 426 steps. A run whose last epoch was cut
+short extends only into epochs after it (`--epochs N`, N above its count of epochs); its schedule then spans the
+steps it trained plus those still to come.
+
 `--config RUN/config.json` (rerun_config) starts a new run with the same spec, data, split, recipe, seed and
 device: on the cpu backend it ends with the same weights and metrics; flags given beside it change what they name.
 
@@ -56,18 +62,21 @@ from .train import (
     Trainer,
     WeightAverage,
     check_lr,
+    check_epochs,
     check_param_groups,
     check_positive_int,
     check_tta,
     confusion_matrix,
     default_log,
     evaluate,
+    format_epochs,
     group_parameters,
     make_optimizer,
     make_schedule,
     parse_schedule,
     predict_labels,
     records_iter,
+    total_steps,
 )
 from .version import __version__
 
@@ -84,7 +93,7 @@ class RunConfig:
     data: str | None = None
     device: str | None = None
     precision: str | None = None
-    epochs: int | None = None
+    epochs: int | float | None = None   # a fraction trains ceil(epochs * batches) steps (hetnet.train.total_steps)
     batch_size: int | None = None
     lr: float | None = None
     optimizer: str | None = None
@@ -100,6 +109,7 @@ class RunConfig:
     lookahead: int | None = None
     lookahead_decay: float | None = None
     whiten_bias_epochs: int | None = None
+    drop_last: bool | None = None       # the training loader drops its last partial batch
     val_fraction: float | None = None
     seed: int = 0
     limit: int | None = None
@@ -164,7 +174,7 @@ def _recipe(cfg: RunConfig, preset: zoo.Preset | None) -> dict:
         v = getattr(cfg, key)
         r[key] = getattr(base, key) if v is None else v
     r["param_groups"] = check_param_groups(list(r["param_groups"]))
-    r["epochs"] = check_positive_int(r["epochs"], "epochs")
+    r["epochs"] = check_epochs(r["epochs"])
     r["batch_size"] = check_positive_int(r["batch_size"], "batch_size")
     r["lr"] = check_lr(r["lr"], "lr")
     if r["optimizer"] not in OPTIMIZERS:
@@ -187,12 +197,12 @@ def _recipe(cfg: RunConfig, preset: zoo.Preset | None) -> dict:
 
 
 # recipe keys added after the first run configs were written: a config without them gets the generic defaults
-RECIPE_EXTRA = ("momentum", "param_groups", "lookahead", "lookahead_decay", "whiten_bias_epochs")
+RECIPE_EXTRA = ("momentum", "param_groups", "lookahead", "lookahead_decay", "whiten_bias_epochs", "drop_last")
 
 
 def _check_extra(r: dict) -> None:
-    """The RECIPE_EXTRA fields of a recipe, checked and normalised in place (they have no flags: errors name the
-    recipe field)."""
+    """The RECIPE_EXTRA fields of a recipe, checked and normalised in place (errors name the recipe field: a value
+    that a flag can give is never wrong)."""
     for key, lo, hi in (("momentum", 0.0, 1.0), ("lookahead_decay", 0.0, 1.0)):
         v = r[key]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not \
@@ -205,6 +215,8 @@ def _check_extra(r: dict) -> None:
     for key in ("lookahead", "whiten_bias_epochs"):
         if isinstance(r[key], bool) or not isinstance(r[key], int) or r[key] < 0:
             raise UsageError(f"recipe field {key}: expected a whole number >= 0, got {r[key]!r}")
+    if not isinstance(r["drop_last"], bool):
+        raise UsageError(f"recipe field drop_last: expected true or false, got {r['drop_last']!r}")
 
 
 def _number(v, key: str) -> float:
@@ -301,9 +313,10 @@ def load_data(dataset: str, data: str | None, input_shape: tuple, skip_bad_image
 
 
 def prepare(config: dict, log: Callable[[str], None] | None = None, cache: bool = True,
-            progress: bool | None = None) -> _Prepared:
+            progress: bool | None = None, trained: tuple[int, int] = (0, 0)) -> _Prepared:
     """Build model, data split, loaders, optimiser and schedule from a config dict (see RunConfig/config.json).
-    cache / progress: how image folders are read (load_data).
+    cache / progress: how image folders are read (load_data). trained: (epochs, steps) a resumed run has done
+    (make_training).
 
     Raises HetnetError subclasses for bad input, before anything is written."""
 
@@ -376,9 +389,11 @@ def prepare(config: dict, log: Callable[[str], None] | None = None, cache: bool 
     if dist is not None and bs % dist.world:
         raise UsageError(f"--batch-size: the run's global batch of {bs} does not split evenly over {dist.world} "
                          f"ranks")
-    # a last batch of one example would break batch normalisation in training: drop it in that case only
+    if recipe.get("drop_last") and len(tx) < bs:
+        note(f"drop_last: the {len(tx)} training examples are less than one batch of {bs}; that partial batch is "
+             f"kept")
     train_loader = hdata.BatchLoader(tx, ty, bs, mean, std, shuffle=True, augment=tuple(recipe["augment"]),
-                                     seed=config["seed"], drop_last=(len(tx) % bs == 1 and len(tx) > 1))
+                                     seed=config["seed"], drop_last=train_drop_last(recipe, len(tx)))
     val_loader = (hdata.BatchLoader(vx, vy, EVAL_BATCH, mean, std, shuffle=False)
                   if vx is not None and len(vx) else None)
     test_loader = (hdata.BatchLoader(ds.test_x, ds.test_y, EVAL_BATCH, mean, std, shuffle=False)
@@ -397,7 +412,9 @@ def prepare(config: dict, log: Callable[[str], None] | None = None, cache: bool 
         dist.sync_bn = bool((config.get("parallel") or {}).get("sync_bn"))
         config.update(_parallel_entry(dist))        # a resume may run on another number of ranks
         dist.prepare_model(model)
-    optimizer, schedule, average, lookahead, frozen_after = make_training(recipe, model, len(train_loader))
+    steps_short = trained[0] * len(train_loader) - trained[1]
+    optimizer, schedule, average, lookahead, frozen_after = make_training(recipe, model, len(train_loader),
+                                                                          steps_short)
     counts = {"train": int(len(tx)), "val": int(len(vx)) if vx is not None else 0,
               "test": int(len(ds.test_x)) if has_test else 0}
     return _Prepared(config, model, spec, tuple(input_shape), class_names, [float(v) for v in mean],
@@ -406,15 +423,23 @@ def prepare(config: dict, log: Callable[[str], None] | None = None, cache: bool 
                      int(getattr(ds, "skipped", 0) or 0))
 
 
+def train_drop_last(recipe: dict, n: int) -> bool:
+    """Whether a training loader over n examples drops its last partial batch: when the recipe's drop_last asks,
+    and always when that batch holds one example (it would break batch normalisation in training); never when it is
+    the only batch."""
+    full, rest = divmod(n, recipe["batch_size"])
+    return full > 0 and (rest == 1 or bool(recipe.get("drop_last")))
+
+
 def _optimisation(recipe: dict, model, steps: int) -> tuple:
-    """(optimiser, lookahead or None, frozen_after) of a recipe for a model on its device, `steps` batches per
-    epoch. Recipes written before a key existed get its generic default (zoo.Preset's)."""
+    """(optimiser, lookahead or None, frozen_after) of a recipe for a model on its device, `steps` batches in the
+    whole run. Recipes written before a key existed get its generic default (zoo.Preset's)."""
     defaults = zoo.Preset(input_shape=(1, 1, 1), layers=[])
     r = {k: recipe.get(k, getattr(defaults, k)) for k in RECIPE_EXTRA}
     params = group_parameters(model, r["param_groups"]) if r["param_groups"] else model.parameters()
     optimizer = make_optimizer(recipe["optimizer"], params, recipe["lr"], recipe["weight_decay"], r["momentum"],
                                recipe["batch_size"])
-    lookahead = (Lookahead(model, steps * recipe["epochs"], every=r["lookahead"], decay=r["lookahead_decay"])
+    lookahead = (Lookahead(model, steps, every=r["lookahead"], decay=r["lookahead_decay"])
                  if r["lookahead"] else None)
     frozen_after = []
     if r["whiten_bias_epochs"]:
@@ -426,12 +451,18 @@ def _optimisation(recipe: dict, model, steps: int) -> tuple:
     return optimizer, lookahead, frozen_after
 
 
-def make_training(recipe: dict, model, steps_per_epoch: int) -> tuple:
+def make_training(recipe: dict, model, steps_per_epoch: int, steps_short: int = 0) -> tuple:
     """(optimizer, schedule, weight average or None, lookahead or None, frozen_after) of a recipe for a model on its
     device, with steps_per_epoch batches per epoch: what `hetnet train` trains with (hetnet.bench.speedrun builds
-    its runs with it too); the last four go to Trainer(..., average=, lookahead=, frozen_after=)."""
-    optimizer, lookahead, frozen_after = _optimisation(recipe, model, steps_per_epoch)
-    schedule = make_schedule(recipe["schedule"], optimizer, steps_per_epoch * recipe["epochs"],
+    its runs with it too); the last four go to Trainer(..., average=, lookahead=, frozen_after=).
+
+    The schedule and lookahead span total_steps(epochs, steps_per_epoch) - steps_short steps. steps_short: how many
+    steps fewer than whole epochs a resumed run has trained (epochs done x steps_per_epoch - steps done): 0, but
+    for a run extended after a cut last epoch (9.9 epochs of 43 batches are 426 steps, 4 short of 10 epochs; on to
+    12 epochs, it spans 426 + 2 x 43 = 516 - 4 steps)."""
+    steps = total_steps(recipe["epochs"], steps_per_epoch) - steps_short
+    optimizer, lookahead, frozen_after = _optimisation(recipe, model, steps)
+    schedule = make_schedule(recipe["schedule"], optimizer, steps,
                              int(round(recipe["warmup_epochs"] * steps_per_epoch)))
     average = WeightAverage(model, recipe["ema"]) if recipe.get("ema") else None
     return optimizer, schedule, average, lookahead, frozen_after
@@ -518,9 +549,14 @@ def _describe(p: _Prepared, run_dir: Path) -> str:
     if p.counts["test"]:
         split += f", {p.counts['test']} test"
     skipped = f" ({p.skipped} unreadable images skipped)" if p.skipped else ""
+    per_epoch, n = len(p.train_loader), p.counts["train"]
+    steps = (f" ({total_steps(r['epochs'], per_epoch)} steps, {per_epoch} per epoch)"
+             if r["epochs"] != math.ceil(r["epochs"]) else "")
+    dropped = (f" (a partial batch of {n % r['batch_size']} left out each epoch)"
+               if train_drop_last(r, n) and n % r["batch_size"] else "")
     return (f"training {c['model']} on {c['dataset']} ({split} from {p.data_source}){skipped} on {c['device']}: "
-            f"{r['epochs']} epochs, batch {r['batch_size']}{_ranks(r['batch_size'])}, {r['optimizer']} lr "
-            f"{r['lr']:g} {r['schedule']}, "
+            f"{format_epochs(r['epochs'])} epochs{steps}, batch {r['batch_size']}{_ranks(r['batch_size'])}{dropped}, "
+            f"{r['optimizer']} lr {r['lr']:g} {r['schedule']}, "
             f"weight decay {r['weight_decay']:g}, augment {','.join(r['augment']) or 'none'}"
             + (f", weight average {r['ema']:g}" if r.get("ema") else "")
             + (f", lookahead every {r['lookahead']} steps" if r.get("lookahead") else "")
@@ -641,11 +677,11 @@ def start_run(config: dict, run_dir: str | Path, log: Callable[[str], None] | No
 
 
 def resume_run(run_dir: str | Path, log: Callable[[str], None] | None = default_log, progress: bool | None = None,
-               on_epoch: Callable[[dict], None] | None = None, epochs: int | None = None,
+               on_epoch: Callable[[dict], None] | None = None, epochs: int | float | None = None,
                cache: bool = True) -> RunResult:
     """Continue an interrupted run from its checkpoint (see the module docstring). epochs: train to this many
     epochs instead of the configured number, which also extends a finished run (its schedule is rebuilt for the
-    new length and continues from where it was)."""
+    new length and continues from where it was); after a cut last epoch, only to more epochs than it has begun."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UsageError(f"--resume: {run_dir} is not a run directory")
@@ -658,15 +694,24 @@ def resume_run(run_dir: str | Path, log: Callable[[str], None] | None = default_
     if not isinstance(config, dict) or any(k not in config for k in needed) or \
             not isinstance(state.get("epoch"), int) or not isinstance(state.get("metrics"), list):
         raise ModelFileError(f"{ckpt.path}: checkpoint metadata is incomplete (config/epoch/metrics missing)")
+    if not isinstance(ckpt.optimizer.get("steps"), int):
+        raise ModelFileError(f"{ckpt.path}: checkpoint metadata is incomplete (the optimiser's step count missing)")
     done, planned = state["epoch"], config["recipe"].get("epochs")
-    if epochs is None and (run_dir / "model.safetensors").exists() and done >= planned:
-        raise UsageError(f"--resume: the run in {run_dir} has already finished ({done} epochs; model.safetensors is "
-                         f"there); extend it with --resume {run_dir} --epochs N, N > {done}")
+    if not _is_epochs(planned):
+        raise ModelFileError(f"{ckpt.path}: the checkpoint's recipe has no valid epochs (got {planned!r})")
+    trained = epochs_trained(done, planned)         # below done when the last epoch done was cut short
+    finished = (run_dir / "model.safetensors").exists()
+    if epochs is None and finished and done >= planned:
+        raise UsageError(f"--resume: the run in {run_dir} has already finished ({format_epochs(trained)} epochs; "
+                         f"model.safetensors is there); extend it with --resume {run_dir} --epochs N, N > {done}")
     if epochs is not None:
-        epochs = check_positive_int(epochs, "epochs")
-        if epochs < done or (epochs == done and (run_dir / "model.safetensors").exists()):
-            raise UsageError(f"--epochs: the run in {run_dir} has already trained {done} epochs; give more to "
-                             f"extend it")
+        epochs = check_epochs(epochs)
+        if epochs < trained or (epochs == trained and finished):
+            raise UsageError(f"--epochs: the run in {run_dir} has already trained {format_epochs(trained)} epochs; "
+                             f"give more to extend it")
+        if trained < epochs <= done:
+            raise UsageError(f"--epochs: the run in {run_dir} stopped part-way through epoch {done} "
+                             f"({format_epochs(trained)} epochs); give more than {done} to extend it")
     if epochs is not None and epochs != planned:
         config["recipe"]["epochs"] = epochs
         config.setdefault("epochs_before", []).append(planned)
@@ -674,7 +719,7 @@ def resume_run(run_dir: str | Path, log: Callable[[str], None] | None = default_
     for stale in [*run_dir.glob(".*.tmp"), *run_dir.glob(".*.tmp.png"), *ckpt.path.parent.glob(".*.tmp")]:
         if root:
             stale.unlink(missing_ok=True)   # left by a kill in the middle of an atomic write
-    p = prepare(config, log, cache=cache, progress=progress)
+    p = prepare(config, log, cache=cache, progress=progress, trained=(done, ckpt.optimizer["steps"]))
     if p.fingerprint != state.get("fingerprint"):
         raise UsageError(f"--resume: the training data at {p.data_source} differ from the data this run started "
                          f"with")
@@ -690,13 +735,14 @@ def resume_run(run_dir: str | Path, log: Callable[[str], None] | None = default_
             with _solo():
                 atomic_write_text(run_dir / "config.json", json.dumps(config, indent=2) + "\n")
         if config["recipe"]["schedule"] != "constant" or config["recipe"]["warmup_epochs"]:
-            note(f"the {config['recipe']['schedule']} schedule now spans {config['recipe']['epochs']} epochs "
-                 f"instead of {planned}: epoch {done + 1} starts at learning rate {p.optimizer.lr:.4g}")
+            note(f"the {config['recipe']['schedule']} schedule now spans {format_epochs(config['recipe']['epochs'])} "
+                 f"epochs instead of {format_epochs(planned)}: epoch {done + 1} starts at learning rate "
+                 f"{p.optimizer.lr:.4g}")
     if root:
         with _solo():
             _write_metrics(run_dir, history)
     if log:
-        log(_describe(p, run_dir) + f"\nresuming after epoch {state['epoch']}/{config['recipe']['epochs']}")
+        log(_describe(p, run_dir) + f"\nresuming after epoch {done}/{format_epochs(config['recipe']['epochs'])}")
     return _run_epochs(run_dir, p, state["epoch"], history, log, progress, on_epoch)
 
 
@@ -794,7 +840,7 @@ def _plots(run_dir: Path, p: _Prepared, history: list, evaluated: dict | None = 
                     title=f"confusion matrix, {split} set ({len(true)} images)" + (f", TTA {tta}" if tta else ""))
 
 
-def _summary(run_dir: Path, history: list, epochs: int) -> str:
+def _summary(run_dir: Path, history: list, epochs) -> str:
     last = history[-1] if history else {}
     split = "test" if last.get("test_accuracy") is not None else ("val" if last.get("val_accuracy") is not None
                                                                   else "train")
@@ -804,7 +850,8 @@ def _summary(run_dir: Path, history: list, epochs: int) -> str:
     # model-best.safetensors is chosen on the validation split when there is one (see _run_epochs)
     sel = "val_accuracy" if last.get("val_accuracy") is not None else key
     chosen = max(history, key=lambda r: r[sel]) if history else None
-    lines = [f"done: {len(history)}/{epochs} epochs in {int(total) // 60}:{int(total) % 60:02d}; "
+    done = format_epochs(epochs_trained(len(history), epochs))
+    lines = [f"done: {done}/{format_epochs(epochs)} epochs in {int(total) // 60}:{int(total) % 60:02d}; "
              f"{split} accuracy {100 * last.get(key, float('nan')):.2f}%"
              + (f" with test-time augmentation {last['tta']}" if last.get("tta") and split != "train" else "")
              + (f" (best {100 * best[key]:.2f}% at epoch {best['epoch']})" if best else ""),
@@ -816,6 +863,21 @@ def _summary(run_dir: Path, history: list, epochs: int) -> str:
 
 
 # --- listing runs ---------------------------------------------------------------------------------------------
+
+
+def _is_epochs(v) -> bool:
+    """Whether v is a number of epochs that check_epochs accepts (a config read back from disk)."""
+    try:
+        check_epochs(v)
+    except UsageError:
+        return False
+    return True
+
+
+def epochs_trained(records: int, planned) -> int | float:
+    """The epochs a run has trained after `records` epochs of a plan of `planned`: the plan itself once its last
+    epoch is done (a cut one, for a fractional plan: 10 records of 9.9 are 9.9 epochs), else `records`."""
+    return planned if planned is not None and records >= math.ceil(planned) else records
 
 
 def list_runs(root: str | Path = "runs") -> list[dict]:
@@ -841,8 +903,11 @@ def _run_summary(run_dir: Path) -> dict:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return {**row, "status": "unreadable config.json or metrics.jsonl"}
     recipe = cfg.get("recipe") if isinstance(cfg.get("recipe"), dict) else {}
+    planned = recipe.get("epochs")
+    if not _is_epochs(planned):
+        planned = None
     data = cfg.get("data")
-    row.update(model=str(cfg.get("model") or "spec"), planned=recipe.get("epochs"), epochs=len(lines),
+    row.update(model=str(cfg.get("model") or "spec"), planned=planned, epochs=epochs_trained(len(lines), planned),
                data=str(cfg.get("dataset")) + (f" ({Path(data).name})" if data else ""),
                seconds=float(sum(r.get("seconds") or 0 for r in lines)))
     finished = (run_dir / "model.safetensors").is_file() and row["planned"] is not None and \
@@ -866,7 +931,8 @@ def format_runs(rows: list[dict]) -> list[str]:
     for r in rows:
         t = int(r["seconds"])
         table.append((Path(r["run"]).name, r["model"], r["data"],
-                      f"{r['epochs']}/{r['planned'] if r['planned'] is not None else '?'}", r["status"],
+                      f"{format_epochs(r['epochs'])}/{'?' if r['planned'] is None else format_epochs(r['planned'])}",
+                      r["status"],
                       r["split"] or "-", f"{pct(r['best'])} ({r['best_epoch']})" if r["best"] is not None else "-",
                       pct(r["final"]), f"{t // 60}:{t % 60:02d}"))
     widths = [max(len(str(row[i])) for row in table) for i in range(len(table[0]))]

@@ -28,7 +28,7 @@ class Preset:
     lr: float = 0.01
     optimizer: str = "sgd"             # sgd | momentum | adam | adamw
     batch_size: int = 32
-    epochs: int = 10
+    epochs: int | float = 10           # a fraction trains ceil(epochs * batches) steps (hetnet.train.total_steps)
     schedule: str = "constant"         # constant | step | cosine | onecycle
     weight_decay: float = 0.0
     warmup_epochs: float = 0.0
@@ -45,6 +45,7 @@ class Preset:
     lookahead: int = 0                 # every k steps the weights reset to their EMA (hetnet.train.Lookahead); 0: off
     lookahead_decay: float = 0.95      # the lookahead's decay per step
     whiten_bias_epochs: int = 0        # the first layer's bias trains this many epochs, then is frozen (0: always)
+    drop_last: bool = False            # the training loader drops its last partial batch (hetnet.runs.train_drop_last)
 
 
 def _thesis(input_shape: tuple, convs: list[int], dense: list[int], lr: float, classes: int = 10) -> list:
@@ -222,8 +223,9 @@ def spec_of(name: str) -> dict:
 
 def recipe_line(preset: Preset) -> str:
     """A preset's training recipe in one line (`hetnet train --help`, `hetnet info PRESET`)."""
-    parts = [f"{preset.epochs} epochs", f"batch {preset.batch_size}", f"{preset.optimizer} lr {preset.lr:g}",
-             f"{preset.schedule} schedule"]
+    parts = [f"{preset.epochs} epochs", f"batch {preset.batch_size}"
+             + (" (last partial batch dropped)" if preset.drop_last else ""),
+             f"{preset.optimizer} lr {preset.lr:g}", f"{preset.schedule} schedule"]
     if preset.warmup_epochs:
         parts.append(f"warm-up {preset.warmup_epochs:g} epochs")
     if preset.weight_decay:
