@@ -1,9 +1,10 @@
 """Kernels outside mma.cu run on the CPU, compiled as C++ against tests/cuda_emu (each CUDA thread a fiber resumed
 in a shuffled order between barriers, over the whole grid): the channels-last bf16 copies, conv.cu's to_nhwc16 and
-pool_grad_nhwc16 and norm.cu's bn_apply_nhwc16 and bn_bwd_dx_nhwc16 (with the store half they share), NumPy's bf16
-bits (round to nearest even) of the float32 tensor they stand for -- x, the max pooling's input gradient, the batch
-norm's (+ GELU's) output or its input gradient; conv.cu's conv_gelu_nhwc16; and common.cuh's HnPlaneWalk, which the batch-norm kernels and channel_sum loop
-with, each element visited once with its channel.
+pool_grad_nhwc16 (from float32 or channels-last bf16) and norm.cu's bn_apply_nhwc16 and bn_bwd_dx_nhwc16 (with the
+store half they share), NumPy's bf16 bits (round to nearest even) of the float32 tensor they stand for -- x, the max
+pooling's input gradient, the batch norm's (+ GELU's) output or its input gradient; conv.cu's conv_gelu_nhwc16; and
+common.cuh's HnPlaneWalk, which the batch-norm kernels and channel_sum loop with, each element visited once with its
+channel.
 Needs g++ (skipped without); no GPU. On a GPU the copies are also checked by tests/test_mma.py's
 test_channels_last_copies and test_pool_grad_nhwc16, the walks by every batch-norm test of tests/test_ops.py."""
 from __future__ import annotations
@@ -69,6 +70,13 @@ extern "C" int emu_bn_bwd_dx16(const float* dy, const float* x, const float* mea
     snprintf(err, len, "%s", msg.c_str());
     return msg.empty() ? 0 : 1;
 }
+extern "C" int emu_pool_grad16(const unsigned* dy16, const unsigned char* arg, unsigned* y, int n, int C, int H,
+                               int W, int P, int Q, int k, unsigned seed, char* err, int len) {
+    std::string msg = emu::launch({(unsigned)((n * H * W + 31) / 32), (unsigned)((C + 63) / 64), 1},
+                                  {256, 1, 1}, 0, [=] { pool_grad16_nhwc16(dy16, arg, y, n, C, H, W, P, Q, k); }, seed);
+    snprintf(err, len, "%s", msg.c_str());
+    return msg.empty() ? 0 : 1;
+}
 extern "C" int emu_conv_gelu(const float* x, const float* w, const float* b, float* z, unsigned* y, int n, int C,
                              int H, int W, int K, int R, int S, int stride, int pad, int P, int Q, unsigned blocks,
                              unsigned seed, char* err, int len) {
@@ -89,7 +97,8 @@ extern "C" int emu_pool_grad(const float* dy, const unsigned char* arg, unsigned
 
 
 def _kernels_text() -> str:
-    """The walks, GELU and hn_store_nhwc16_tile as common.cuh has them; to_nhwc16 and pool_grad_nhwc16 as conv.cu,
+    """The walks, GELU and hn_store_nhwc16_tile as common.cuh has them; to_nhwc16, pool_grad_nhwc16 and
+    pool_grad16_nhwc16 as conv.cu,
     hn_bn_value, bn_apply_nhwc16, hn_bn_out_grad and bn_bwd_dx_nhwc16 as norm.cu has them."""
     common, conv, norm = ((kernels.HERE / "common.cuh").read_text(), kernels.cu_text("conv"), kernels.cu_text("norm"))
     parts = [line for line in common.splitlines() if line.startswith(("#define HN_RELU", "#define HN_GELU",
@@ -104,6 +113,7 @@ def _kernels_text() -> str:
                         (common, "__device__ __forceinline__ void hn_store_nhwc16_tile("),
                         (conv, 'extern "C" __global__ void __launch_bounds__(256) to_nhwc16('),
                         (conv, 'extern "C" __global__ void __launch_bounds__(256) pool_grad_nhwc16('),
+                        (conv, 'extern "C" __global__ void __launch_bounds__(256) pool_grad16_nhwc16('),
                         (conv, 'extern "C" __global__ void __launch_bounds__(256) conv_gelu_nhwc16('),
                         (norm, "__device__ __forceinline__ float hn_bn_value("),
                         (norm, 'extern "C" __global__ void __launch_bounds__(256) bn_apply_nhwc16('),
@@ -146,7 +156,8 @@ def test_to_nhwc16_emulated(emu, rng, shape):
                                      ((5, 6, 5, 5), 2)], ids=str)
 def test_pool_grad_nhwc16_emulated(emu, rng, shape, k):
     """Every element of the copy: the gradient at each window's first maximum (ties in the first window), 0 at the
-    window's other elements and at the rows and columns no window covers; partial 64 x 32 tiles."""
+    window's other elements and at the rows and columns no window covers; partial 64 x 32 tiles; from the pooled
+    gradient in float32 NCHW (pool_grad_nhwc16) and in bf16 channels-last (pool_grad16_nhwc16)."""
     z = rng.standard_normal(shape).astype(np.float32)
     z[:, :, :k, :k] = 1.0
     y, cache = ref.maxpool2d_forward(z.astype(np.float64), k, k)
@@ -160,6 +171,10 @@ def test_pool_grad_nhwc16_emulated(emu, rng, shape, k):
     err = ctypes.create_string_buffer(512)
     _check(emu.emu_pool_grad(_ptr(dy), _ptr(arg), _ptr(out), n, c, h, w, p, q, k, 11, err, 512), err)
     np.testing.assert_array_equal(out, want)
+    # pool_grad16_nhwc16: the same bits from the pooled gradient already channels-last in bf16
+    out16 = np.full((n, h, w, c), 0xBEEF, np.uint16)
+    _check(emu.emu_pool_grad16(_ptr(nhwc16(dy)), _ptr(arg), _ptr(out16), n, c, h, w, p, q, k, 13, err, 512), err)
+    np.testing.assert_array_equal(out16, want)
 
 
 @pytest.mark.parametrize("case", [(3, 3, 9, 9, 24, 2, 1, 0, True, 2), (2, 2, 7, 6, 8, 3, 2, 1, False, 1),
@@ -254,7 +269,8 @@ def test_bn_bwd_dx_nhwc16_emulated(emu, rng, shape, act, train):
     g = dy
     if act:
         z = (xhat * ga + beta.reshape(bc)).astype(np.float64)
-        d = np.vectorize(lambda v: 0.5 * math.erfc(-v / math.sqrt(2)) + v * math.exp(-v * v / 2) / math.sqrt(2 * math.pi))
+        d = np.vectorize(lambda v: (0.5 * math.erfc(-v / math.sqrt(2))
+                                    + v * math.exp(-v * v / 2) / math.sqrt(2 * math.pi)))
         g = (dy * d(z)).astype(np.float32)
     inv_m = f(1) / (f(n) * f(hw))
     if train:

@@ -479,13 +479,14 @@ def test_batch_norm_hands_its_output_over_channels_last(rng, op):
         assert rel_err(out[1][3], out[0][3]) <= DW_RTOL
 
 
+@pytest.mark.parametrize("pooled", [False, True], ids=["conv", "conv_pool"])
 @pytest.mark.parametrize("op", ["batchnorm", "bn_gelu"])
-def test_batch_norm_hands_its_gradient_over_channels_last(rng, op):
-    """Where the convolution whose output a batch norm (-> GELU) normalises runs its filter and data gradients on
-    "tc16" candidates (set here as if measured), the batch norm's backward given `grad_feeds` returns dE/dx as that
-    convolution's channels-last copy of its dE/dy (conv.Nhwc16): the bits of to_nhwc16 of the float32 dx; the
-    convolution's backward takes it: dx bit for bit as from the float32 dy, dw within DW_RTOL. Where the convolution
-    does not run so (or with a bias gradient), the gradient is float32 (or refused)."""
+def test_batch_norm_hands_its_gradient_over_channels_last(rng, op, pooled):
+    """Where the convolution (-> max pool) whose output a batch norm (-> GELU) normalises runs its filter and data
+    gradients on "tc16" candidates (set here as if measured), the batch norm's backward given `grad_feeds` returns
+    dE/dx channels-last in bf16 (conv.Nhwc16): the bits of to_nhwc16 of the float32 dx; the convolution's (pooled
+    convolution's) backward takes it: dx bit for bit as from the float32 dy, dw within DW_RTOL. Where the
+    convolution does not run so, the gradient is float32; with a bias gradient the hand-over is refused."""
     be = get_backend("cuda", "bf16")
     shape = (4, 16, 15, 13, 32, 3, 3, 1, 1)
     n, c, h, w_, o = shape[:5]
@@ -493,39 +494,49 @@ def test_batch_norm_hands_its_gradient_over_channels_last(rng, op):
     w = cupy.asarray((rng.standard_normal((o, c, 3, 3)) * 0.1).astype(np.float32))
     gamma = cupy.asarray(rng.uniform(0.5, 1.5, o).astype(np.float32))
     beta = cupy.asarray(rng.standard_normal(o).astype(np.float32))
-    grad_feeds = ((o, c, 3, 3), 1, 1)
+    grad_feeds = ((o, c, 3, 3), 1, 1, (n, c, h, w_), (2, 2) if pooled else None)
     forward, backward = ((be.bn_gelu_forward, be.bn_gelu_backward) if op == "bn_gelu"
                          else (be.batchnorm_forward, be.batchnorm_backward))
-    z, conv_cache = be.conv2d_forward(x, w, None, 1, 1, relu_mask=False)
-    _, bn_cache = forward(z, gamma, beta, cupy.zeros(o, np.float32), cupy.ones(o, np.float32), 0.1, 1e-5, True)
+    conv_back = be.conv2d_maxpool_backward if pooled else be.conv2d_backward
+
+    def conv():
+        if pooled:
+            return be.conv2d_maxpool_forward(x, w, None, 1, 1, 2, 2, relu_mask=False)
+        return be.conv2d_forward(x, w, None, 1, 1, relu_mask=False)
+
+    def bn(z):
+        return forward(z, gamma, beta, cupy.zeros(o, np.float32), cupy.ones(o, np.float32), 0.1, 1e-5, True)[1]
+
+    def bn_back(dy, cache, **kw):
+        return backward(dy, cache, cupy.zeros_like(gamma), cupy.zeros_like(beta), need_dx=True, **kw)
+
+    z, _ = conv()
     dy = cupy.asarray(rng.standard_normal(z.shape).astype(np.float32))
-
-    def bn_back(**kw):
-        return backward(dy, bn_cache, cupy.zeros_like(gamma), cupy.zeros_like(beta), need_dx=True, **kw)
-
-    assert isinstance(bn_back(grad_feeds=grad_feeds), cupy.ndarray)    # not measured: float32
+    assert isinstance(bn_back(dy, bn(z), grad_feeds=grad_feeds), cupy.ndarray)    # not measured: float32
     with _measured_as(be, shape, {"fwd": "tc16", "pool": "tc16", "filter": "tc16", "data": "tc16"}):
-        z, conv_cache = be.conv2d_forward(x, w, None, 1, 1, relu_mask=False)
-        dz32, dz16 = bn_back(), bn_back(grad_feeds=grad_feeds)
+        z, conv_cache = conv()
+        bn_cache = bn(z)
+        dz32, dz16 = bn_back(dy, bn_cache), bn_back(dy, bn_cache, grad_feeds=grad_feeds)
         assert isinstance(dz16, C.Nhwc16) and dz16.shape == tuple(z.shape)
         np.testing.assert_array_equal(cupy.asnumpy(dz16.data), cupy.asnumpy(mm.to_nhwc16(be, dz32)))
         out = []
         for d in (dz32, dz16):
             dw = cupy.zeros_like(w)
-            dx = be.conv2d_backward(d, conv_cache, dw, None, need_dx=True)
+            dx = conv_back(d, conv_cache, dw, None, need_dx=True)
             out.append((cupy.asnumpy(dx), cupy.asnumpy(dw)))
         np.testing.assert_array_equal(out[1][0], out[0][0], err_msg="dx")
         assert rel_err(out[1][1], out[0][1]) <= DW_RTOL
         with pytest.raises(ValueError, match="channels-last dy"):
-            be.conv2d_backward(dz16, conv_cache, cupy.zeros_like(w), cupy.zeros(o, np.float32), need_dx=True)
+            conv_back(dz16, conv_cache, cupy.zeros_like(w), cupy.zeros(o, np.float32), need_dx=True)
 
 
 def test_training_with_hand_overs_equals_training_without(rng, monkeypatch):
     """bf16 training steps of conv -> BN -> GELU -> conv -> BN -> GELU -> conv -> pool -> BN -> GELU -> dense, the
     second and third convolutions' ops set as if measured on "tc16" candidates, with the batch norms handing their
-    outputs over channels-last to them (the plan's feeds) and the second one's gradient to its convolution
-    (grad_feeds), and without (takes_feeds off): from the same weights, the eager first step and the captured second
-    step give the same weights within RTOL_TC_ROUNDED, and the hand-overs happened in both steps of the first model.
+    outputs over channels-last to them (the plan's feeds) and the second and third their gradients to the
+    convolutions before them (grad_feeds), and without (takes_feeds off): from the same weights, the eager first
+    step and the captured second step give the same weights within RTOL_TC_ROUNDED, and the hand-overs happened in
+    both steps of the first model.
     Each step starts both models from the same state: a trajectory cannot be compared, since the filter gradients'
     split-K atomics add in any order and a last-bit change of a convolution's output can move a max pool's argmax
     (bf16 inputs make ties common), which moves the gradients by far more than rounding from the next step on (two
@@ -548,7 +559,8 @@ def test_training_with_hand_overs_equals_training_without(rng, monkeypatch):
 
     monkeypatch.setattr(be, "bn_gelu_forward", spy)
     monkeypatch.setattr(be, "bn_gelu_backward", spy_back)
-    with _measured_as(be, (16, 16, 12, 12, 16, 3, 3, 1, 1), {"fwd": "tc16", "pool": "tc16", "filter": "tc16", "data": "tc16"}):
+    measured = {"fwd": "tc16", "pool": "tc16", "filter": "tc16", "data": "tc16"}
+    with _measured_as(be, (16, 16, 12, 12, 16, 3, 3, 1, 1), measured):
         models, steps = {}, {}
         for takes in (False, True):
             hn.seed(3)
@@ -567,11 +579,12 @@ def test_training_with_hand_overs_equals_training_without(rng, monkeypatch):
             want, got = models[False].state_dict(), models[True].state_dict()
             for k, v in want.items():
                 assert rel_err(got[k], v) <= RTOL_TC_ROUNDED, (i, k, rel_err(got[k], v))
-    # per step three BN -> GELUs: the first two hand their output to a convolution, the second its gradient too
+    # per step three BN -> GELUs: the first two hand their output to a convolution, the last two (the backward
+    # meets them first) their gradient to the convolution (-> pool) before them
     handed = {takes: [isinstance(o, C.Nhwc16) for t, o in outputs if t == takes] for takes in (False, True)}
     assert handed[True] == [True, True, False] * 2 and not any(handed[False]), handed
     handed = {takes: [isinstance(d, C.Nhwc16) for t, d in grads if t == takes] for takes in (False, True)}
-    assert handed[True] == [False, True, False] * 2 and not any(handed[False]), handed
+    assert handed[True] == [True, True, False] * 2 and not any(handed[False]), handed
 
 
 @pytest.mark.parametrize("bias", [True, False])

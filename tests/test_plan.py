@@ -199,26 +199,32 @@ def test_batch_norms_that_feed_a_convolution():
 
 
 def test_batch_norms_that_hand_their_gradient_to_a_convolution():
-    """A batch norm (-> GELU) right after a convolution without bias or ReLU names it (Node.grad_feeds), and its
-    backward gets grad_feeds=(weight shape, stride, padding) on a backend that takes hand-overs; not after a
-    convolution with a bias or a ReLU, a pooled one, or when the batch norm masks its input."""
+    """A batch norm (-> GELU) right after a convolution (-> max pool) without bias or ReLU names that node
+    (Node.grad_feeds), and its backward gets grad_feeds=(weight shape, stride, padding, the convolution's input
+    shape in the last forward, the pool's (kernel, stride) or None) on a backend that takes hand-overs; not after a
+    convolution with a bias or a ReLU, or when the batch norm masks its input."""
     c1, c2, c3 = (hn.Conv2D(2, 4, 3, padding=1, bias=False), hn.Conv2D(4, 4, 3, stride=2, bias=False),
                   hn.Conv2D(4, 4, 1, bias=False))
     layers = [c1, hn.BatchNorm2D(4), hn.GELU(), c2, hn.BatchNorm2D(4), hn.ReLU(), hn.Conv2D(4, 4, 1),
               hn.BatchNorm2D(4), hn.Conv2D(4, 4, 1, bias=False), hn.ReLU(), hn.BatchNorm2D(4), c3, hn.MaxPool2D(2),
-              hn.BatchNorm2D(4)]
+              hn.BatchNorm2D(4), hn.Conv2D(4, 4, 1), hn.MaxPool2D(2), hn.BatchNorm2D(4)]
     nodes = P.compile_nodes(layers, {"bn_gelu", "conv_pool", "bn_act", "conv_act"})
     assert [(type(n).__name__, n.grad_feeds) for n in nodes] == [
-        ("ConvNode", None), ("BNGeluNode", c1), ("ConvNode", None), ("BatchNormNode", c2), ("ConvNode", None),
-        ("BatchNormNode", None), ("ConvNode", None), ("BatchNormNode", None), ("ConvPoolNode", None),
-        ("BatchNormNode", None)]
+        ("ConvNode", None), ("BNGeluNode", nodes[0]), ("ConvNode", None), ("BatchNormNode", nodes[2]),
+        ("ConvNode", None), ("BatchNormNode", None), ("ConvNode", None), ("BatchNormNode", None),
+        ("ConvPoolNode", None), ("BatchNormNode", nodes[8]), ("ConvPoolNode", None), ("BatchNormNode", None)]
 
     class Takes:
         takes_feeds = True
 
-    assert P._feeds(nodes[1], Takes(), grad=True) == {"grad_feeds": ((4, 2, 3, 3), 1, 1)}
-    assert P._feeds(nodes[3], Takes(), grad=True) == {"grad_feeds": ((4, 4, 3, 3), 2, 0)}
+    nodes[0].x_shape, nodes[2].x_shape, nodes[8].x_shape = (5, 2, 8, 8), (5, 4, 8, 8), (5, 4, 3, 3)
+    assert P._feeds(nodes[1], Takes(), grad=True) == {"grad_feeds": ((4, 2, 3, 3), 1, 1, (5, 2, 8, 8), None)}
+    assert P._feeds(nodes[3], Takes(), grad=True) == {"grad_feeds": ((4, 4, 3, 3), 2, 0, (5, 4, 8, 8), None)}
+    assert P._feeds(nodes[9], Takes(), grad=True) == {"grad_feeds": ((4, 4, 1, 1), 1, 0, (5, 4, 3, 3), (2, 2))}
     assert P._feeds(nodes[1], reference, grad=True) == {} and P._feeds(nodes[5], Takes(), grad=True) == {}
+    model = hn.Sequential([hn.Conv2D(1, 2, 3, bias=False), hn.BatchNorm2D(2)]).to("cpu")
+    model.plan.forward(np.zeros((3, 1, 6, 6), np.float32))
+    assert model.plan.nodes[0].x_shape == (3, 1, 6, 6) and model.plan.nodes[1].x_shape == (3, 2, 4, 4)
 
 
 @needs_jit

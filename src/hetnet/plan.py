@@ -17,9 +17,10 @@ Hand-overs. A batch norm (-> GELU), GELU or convolution -> GELU whose output onl
 (not as a ReLU output) names that convolution (Node.feeds); on a backend with `takes_feeds` its forward op gets
 feeds=(weight shape, stride, padding) and may return the output in a form only that backend's convolutions read
 (cuda at bf16: the channels-last bf16 copy the convolution keeps, written by the op before instead of a float32
-output). Backwards, a batch norm (-> GELU) right after a convolution without bias or ReLU names it
-(Node.grad_feeds); its backward op gets grad_feeds=(weight shape, stride, padding) and may return dE/dx in the form
-that convolution's backward reads (cuda at bf16: the channels-last bf16 copy of its dE/dy).
+output). Backwards, a batch norm (-> GELU) right after a convolution (-> max pool) without bias or ReLU names that
+node (Node.grad_feeds); its backward op gets grad_feeds=(weight shape, stride, padding, the convolution's input
+shape, the pool's (kernel, stride) or None) and may return dE/dx in the form that node's backward reads (cuda at
+bf16: the channels-last bf16 copy of its dE/dy).
 
     >>> import hetnet as hn, numpy as np
     >>> model = hn.Sequential([hn.Conv2D(1, 4, 3, padding=1), hn.ReLU(), hn.MaxPool2D(2), hn.Flatten(),
@@ -62,7 +63,8 @@ class Node:
     fresh_output = False   # forward's output is a new array its cache does not hold (a consumer may overwrite it)
     inplace = False        # set by the plan: backward may write dx over its input (nothing reads it afterwards)
     feeds = None           # set by the plan: the Conv2D whose forward alone reads the output (_feeds)
-    grad_feeds = None      # set by the plan: the Conv2D whose output the input is, whose backward reads dx (_feeds)
+    grad_feeds = None      # set by the plan: the convolution node whose output the input is, whose backward reads dx
+    x_shape = None         # the input's shape in the last forward (a grad_feeds node's, for _feeds)
     writes_grads = False   # has an `accumulate` switch (False: write its gradients instead of adding to them)
 
     def __init__(self, *layers):
@@ -126,12 +128,22 @@ def _bn_args(bn):
 def _feeds(node, be, grad: bool = False) -> dict:
     """{"feeds": (weight shape, stride, padding)} of the Conv2D that alone reads the node's output (the op contract's
     hand-over: the backend may give it the output in the form its convolutions read), on a backend that takes it
-    (`takes_feeds`); else no argument. grad: {"grad_feeds": ...} of the Conv2D whose output the node's input is, for
-    the node's backward (the backward hand-over: dx in the form that convolution's backward reads)."""
-    conv = node.grad_feeds if grad else node.feeds
-    if conv is None or not getattr(be, "takes_feeds", False):
+    (`takes_feeds`); else no argument. grad: {"grad_feeds": (weight shape, stride, padding, input shape, pool)} of the
+    convolution node (a Conv2D, or Conv2D -> MaxPool2D: pool = (kernel, stride), else None) whose output the node's
+    input is, for the node's backward (the backward hand-over: dx in the form that node's backward reads)."""
+    if not getattr(be, "takes_feeds", False):
         return {}
-    return {"grad_feeds" if grad else "feeds": (tuple(conv.weight.shape), conv.stride, conv.padding)}
+    if grad:
+        prev = node.grad_feeds
+        if prev is None:
+            return {}
+        conv = prev.layers[0]
+        pool = (prev.layers[1].kernel_size, prev.layers[1].stride) if isinstance(prev, ConvPoolNode) else None
+        return {"grad_feeds": (tuple(conv.weight.shape), conv.stride, conv.padding, prev.x_shape, pool)}
+    conv = node.feeds
+    if conv is None:
+        return {}
+    return {"feeds": (tuple(conv.weight.shape), conv.stride, conv.padding)}
 
 
 def _bn_sync(bn) -> dict:
@@ -440,12 +452,13 @@ def compile_nodes(layers, fusions=FUSION_NAMES) -> list[Node]:
         if (isinstance(node, (BatchNormNode, BNGeluNode, GeluNode, ConvGeluNode)) and not node.pos_out
                 and isinstance(nxt, (ConvNode, ConvPoolNode)) and not nxt.mask_input):
             node.feeds = nxt.layers[0]
-    # and backwards: a batch norm (-> GELU) after a convolution without bias or ReLU (whose output only it reads)
-    # may hand its input gradient over in the form that convolution's backward reads
+    # and backwards: a batch norm (-> GELU) after a convolution (-> max pool) without bias or ReLU, whose output only
+    # it reads, may hand its input gradient over in the form that node's backward reads
     for prev, node in zip(nodes, nodes[1:]):
-        if (isinstance(node, (BatchNormNode, BNGeluNode)) and not node.mask_input and isinstance(prev, ConvNode)
-                and prev.act is None and not prev.layers[0].use_bias):
-            node.grad_feeds = prev.layers[0]
+        if (isinstance(node, (BatchNormNode, BNGeluNode)) and not node.mask_input
+                and (isinstance(prev, ConvPoolNode) or (isinstance(prev, ConvNode) and prev.act is None))
+                and not prev.layers[0].use_bias):
+            node.grad_feeds = prev
     return nodes
 
 
@@ -493,6 +506,7 @@ class Plan:
         self.input_shape = tuple(x.shape[1:])
         for node in nodes:
             node.layers[0].check_batch(x)
+            node.x_shape = tuple(x.shape)
             x = node.forward(be, x, ctx)
             if not keep:
                 node.cache = None

@@ -103,9 +103,10 @@ batchnorm_backward(dy, cache, dgamma[C]|None, dbeta[C]|None, need_dx=True, relu_
     relu_mask=False) and that y is no ReLU output; the backend may then return y in a form only those ops of its own
     read (cuda at bf16: the channels-last bf16 copy that its convolution keeps for the backward, where measured so,
     conv.Nhwc16). hetnet.plan passes it. Backwards, batchnorm_backward and bn_gelu_backward also take
-    grad_feeds=None or grad_feeds=(w_shape, stride, padding), saying that x is the output of a Conv2D with weights
-    of that shape, without bias or act, and that dx's one reader is that convolution's conv2d_backward; the backend
-    may then return dx in a form only that op reads (cuda at bf16: the channels-last bf16 copy of its dE/dy).
+    grad_feeds=None or grad_feeds=(w_shape, stride, padding, x_shape, pool), saying that x is the output of a Conv2D
+    with weights of that shape, without bias or act, on an input of x_shape, max-pooled after it (pool = (kernel,
+    stride), conv2d_maxpool_forward) or not (None), and that dx's one reader is that op's backward; the backend may
+    then return dx in a form only that backward reads (cuda at bf16: the channels-last bf16 copy of its dE/dy).
 dropout_forward(x, p: float, seed) -> y, cache    keep element i (flat, C order) iff
     hetnet.random.counter_uniform(seed, x.size)[i] >= p; y = x * keep / (1 - p). Same mask on every backend.
     seed: an int, or a backend array of one uint32 read when the op runs (a replayed step fills it each time).

@@ -803,6 +803,47 @@ extern "C" __global__ void __launch_bounds__(256) pool_grad_nhwc16(const float* 
     hn_store_nhwc16_tile(t, y, blockIdx.x * 32, c0, C, NP);
 }
 
+// pool_grad_nhwc16 from the pooled gradient already channels-last in bf16 (dy16 [n][P][Q][C / 2] bf16 pairs, the batch
+// norm's hand-over, norm.cu's bn_bwd_dx_nhwc16): the same dz16 [n][H][W][C / 2] bits, since a bf16 value or zero
+// moves unchanged. A block's 32 pixels x 64 channels in two passes through shared memory: lanes along the pixels
+// test the argmax bytes (arg [n][C][P][Q], coalesced along the pixels), then lanes along the channel pairs copy
+// each pixel's 64 channels of dy16 where they won (coalesced along the channels). Grid (ceil(n * H * W / 32),
+// ceil(C / 64)), 256 threads; n * H * W < 2^31, C even.
+extern "C" __global__ void __launch_bounds__(256) pool_grad16_nhwc16(const unsigned* __restrict__ dy16,
+                                                                     const unsigned char* __restrict__ arg,
+                                                                     unsigned* __restrict__ y, int n, int C, int H,
+                                                                     int W, int P, int Q, int k) {
+    __shared__ unsigned char hit[64][32];      // [c - c0][pixel]: this element of dz is its window's gradient
+    __shared__ int src[32];                    // the pixel's pooled output img P Q + p Q + q in dy16, -1 if none
+    const int c0 = blockIdx.y * 64, lane = threadIdx.x & 31, row = threadIdx.x >> 5, NP = n * H * W;
+    const HnTilePixel px(NP, H * W);
+    const int h = px.hw / W, w = px.hw - h * W, p = h / k, q = w / k;
+    const bool covered = px.in && p < P && q < Q;
+    const int at = (h - p * k) * k + (w - q * k);
+    const long long pq = (long long)px.img * C * P * Q + p * Q + q;   // arg[img][c][p][q] = arg[pq + c * P * Q]
+    unsigned char a[8];                        // channels c0 + row + 8u, all eight loaded before any is tested
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+        const int c = c0 + row + 8 * u;
+        a[u] = covered && c < C ? arg[pq + (long long)c * P * Q] : 0xff;
+    }
+#pragma unroll
+    for (int u = 0; u < 8; ++u) hit[row + 8 * u][lane] = a[u] == at;
+    if (row == 0) src[lane] = covered ? (px.img * P + p) * Q + q : -1;
+    __syncthreads();
+    const int half = C / 2, cp = c0 / 2 + lane;                        // this lane's channel pair
+    for (int j = row; j < 32; j += 8) {
+        const int pix = blockIdx.x * 32 + j, from = src[j];
+        if (pix >= NP || cp >= half) continue;
+        unsigned v = 0u;
+        if (from >= 0) {
+            const unsigned d = dy16[(long long)from * half + cp];
+            v = (hit[2 * lane][j] ? d & 0xffffu : 0u) | (hit[2 * lane + 1][j] ? d & 0xffff0000u : 0u);
+        }
+        y[(long long)pix * half + cp] = v;
+    }
+}
+
 // A small convolution and its GELU in one pass, the GELU's output handed over channels-last in bf16 (airbench's
 // whitening layer: C = 3, 2 x 2, K = 24): z = conv2d(x, w) + b and y16 = bf16(gelu(z)), x [n][C][H][W], w [K][C][R][S]
 // (CRS = C R S <= 32 taps a pixel), b [K] or null, K <= 64 a multiple of 8. One thread per output pixel (img, p, q) of

@@ -500,19 +500,30 @@ def takes_nhwc16(be, x_shape, feeds) -> bool:
 
 
 def takes_dy16(be, y_shape, grad_feeds) -> bool:
-    """Whether the convolution backward that `grad_feeds` names ((w_shape, stride, padding) of the Conv2D whose
-    output, of y_shape (N, K, P, Q), the gradient is; the op contract's backward hand-over; None: none) reads that
-    gradient as an Nhwc16 alone: at bf16 and stride 1, where its filter and data gradients were both measured on
-    channels-last copies (conv_backward16)."""
-    if grad_feeds is None or len(y_shape) != 4:
+    """Whether the convolution backward that `grad_feeds` names reads the gradient of y_shape (N, K, P, Q) as an
+    Nhwc16 alone: grad_feeds = (w_shape, stride, padding, x_shape, pool) of the Conv2D (-> MaxPool2D, pool = (kernel,
+    stride), else None) whose output y is, its input of x_shape (the op contract's backward hand-over; None: none).
+    At bf16, where the convolution's filter and data gradients were both measured on channels-last copies
+    (conv_backward16) and a pooling's windows tile its input (pool_grad16_nhwc16)."""
+    if grad_feeds is None or len(y_shape) != 4 or be.precision != "bf16":
         return False
-    w_shape, stride, pad = grad_feeds
-    n, k, p, q = y_shape
-    k2, c, r, s = w_shape
-    if be.precision != "bf16" or k2 != k or k % 2 or int(stride) != 1 or not 0 < n <= mma.GRID_YZ or n * p * q >= 2**31:
+    w_shape, stride, pad, x_shape, pool = grad_feeds
+    if x_shape is None or len(x_shape) != 4 or len(w_shape) != 4:
         return False
-    g = Geometry(n, c, p - 1 + r - 2 * int(pad), q - 1 + s - 2 * int(pad), k, r, s, 1, int(pad))
-    return _measured16(be, "filter", g) is not None and _measured16(be, "data", g) is not None
+    n, c, h, wd = x_shape
+    k, c2, r, s = w_shape
+    if c2 != c or k % 2 or not 0 < n <= mma.GRID_YZ or n * h * wd >= 2**31:
+        return False
+    g = Geometry(n, c, h, wd, k, r, s, int(stride), int(pad))
+    if pool is None:
+        want = (n, k, g.p, g.q)
+    else:
+        kernel, pool_stride = (int(v) for v in pool)
+        if kernel != pool_stride or kernel < 1:
+            return False
+        want = (n, k, g.p // kernel, g.q // kernel)
+    return (tuple(y_shape) == want and _measured16(be, "filter", g) is not None
+            and _measured16(be, "data", g) is not None)
 
 
 def _kept16(be, g: Geometry) -> str | None:
@@ -736,11 +747,19 @@ class ConvOps:
     def conv2d_maxpool_backward(self, dy, cache, dw, db, need_dx=True, relu_mask=False):
         """The two ops' backward, except where the windows tile z (stride == kernel) and the convolution's gradients
         run on channels-last bf16 copies (measured): then the pooled gradient goes straight to the channels-last
-        bf16 copy of dE/dz (mma.pool_grad_nhwc16) that they read, and the bias gradient is the sum of dy."""
+        bf16 copy of dE/dz (mma.pool_grad_nhwc16) that they read, and the bias gradient is the sum of dy. dy may be
+        that pooled gradient channels-last in bf16 already (an Nhwc16 handed over by the batch norm after the
+        pooling, takes_dy16; no bias gradient)."""
         conv_cache, pool_cache = cache
         x, w, stride, padding, x16, x_shape = conv_cache
         z_shape, _, arg, kernel, pool_stride = pool_cache
         g = Geometry(*x_shape, *(w.shape[i] for i in (0, 2, 3)), stride, padding)
+        if isinstance(dy, Nhwc16):          # the batch norm's hand-over (takes_dy16): the pooled gradient in bf16
+            if (db is not None or kernel != pool_stride or (relu_mask and x is None)
+                    or not conv_backward16_ready(self, g, dw, need_dx)):
+                raise ValueError("conv2d_maxpool_backward: a channels-last dy where its gradients do not run on it")
+            dz16 = mma.pool_grad16_nhwc16(self, dy.data, arg, z_shape, kernel)
+            return conv_backward16(self, g, dz16, x, x16, w, dw, need_dx, x if relu_mask else None)
         if (self.precision != "bf16" or kernel != pool_stride or (relu_mask and x is None)
                 or not conv_backward16_ready(self, g, dw, need_dx)):
             return compose.conv2d_maxpool_backward(self, dy, cache, dw, db, need_dx, relu_mask)

@@ -488,7 +488,8 @@ def plan_conv16_data(dx, dy16, wt16, relu_x, pad: int, tile: str | None = None) 
 def plan_conv16_filter(dw16, dy16, x16, stride: int, pad: int, sms: int = 132, tile: str | None = None,
                        splits: int | None = None) -> ConvCall | None:
     """dw16 [O, R, S, C] float32 += conv_backward_filter(dy, x) from dy16 [n, P, Q, O] and x16 [n, H, W, C] (bf16
-    bits), the K sum over images x P x Q split over grid.z (`split_k_waves`, or `splits` parts) and added with atomics."""
+    bits), the K sum over images x P x Q split over grid.z (`split_k_waves`, or `splits` parts) and added with
+    atomics."""
     n, h, wd, c = x16.shape
     o, r, s, c2 = dw16.shape
     *_, p, q = _conv_sizes((n, c, h, wd), (o, c, r, s), stride, pad)
@@ -525,6 +526,22 @@ def pool_grad_nhwc16(be, dy, arg, z_shape, k: int):
     if out.size:
         get_kernel(be.device_id, "conv", "pool_grad_nhwc16")((math.ceil(n * h * w / 32), math.ceil(c / 64)), (256,), (
             dy, arg, out, _i32(n), _i32(c), _i32(h), _i32(w), _i32(p), _i32(q), _i32(k)))
+    return out
+
+
+def pool_grad16_nhwc16(be, dy16, arg, z_shape, k: int):
+    """pool_grad_nhwc16 from dy16 [n, P, Q, C], the pooled gradient already channels-last in bf16 (a batch norm's
+    hand-over): the same bits (conv.cu's pool_grad16_nhwc16)."""
+    n, c, h, w = z_shape
+    p, q = arg.shape[2], arg.shape[3]
+    if (c % 2 or n * h * w >= 2**31 or dy16.dtype != np.uint16 or tuple(dy16.shape) != (n, p, q, c)
+            or not dy16.flags.c_contiguous or not arg.flags.c_contiguous):
+        raise ValueError(f"pool_grad16_nhwc16: dy16 of shape {dy16.shape} must be contiguous bf16 bits [n, P, Q, C], "
+                         "C even, z under 2^31 pixels")
+    out = be.xp.empty((n, h, w, c), dtype=np.uint16)
+    if out.size:
+        get_kernel(be.device_id, "conv", "pool_grad16_nhwc16")((math.ceil(n * h * w / 32), math.ceil(c / 64)), (256,), (
+            dy16, arg, out, _i32(n), _i32(c), _i32(h), _i32(w), _i32(p), _i32(q), _i32(k)))
     return out
 
 

@@ -111,8 +111,8 @@ class NormOps:
     def _bn_backward(self, dy, cache, dgamma, dbeta, need_dx, relu_mask, inplace, grad_feeds=None):
         """The backward of _bn_forward's act: a ReLU's derivative is the consumer's (dy is dE/dz), a GELU's is
         applied here (dy is dE/dy). grad_feeds (the op contract's backward hand-over): dx as the channels-last bf16
-        copy of dE/dy that the convolution whose output x is reads (Nhwc16, bn_bwd_dx_nhwc16) where it takes one
-        (conv.takes_dy16)."""
+        copy of dE/dy that the convolution (-> max pool) whose output x is reads (Nhwc16, bn_bwd_dx_nhwc16) where it
+        takes one (conv.takes_dy16)."""
         x, mean, var, gamma, beta, eps, training, sync, act = cache
         act = act if act == GELU else 0
         dy = self._c(dy)
