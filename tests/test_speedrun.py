@@ -160,6 +160,9 @@ def test_run_speedrun_writes_the_result(archive, tmp_path):
     assert "airbench94 | 2 | 90.00 %" in md
     assert "9.5 s (start 1.5 s, epochs 6.0 s of which warm-up 0.5 s, finish 2.0 s)" in md
     assert written["hetnet_recipe"]["precision"] == "bf16" and "hetnet in bf16" in md
+    # the preset's 9.9 epochs over the 60 training images (one batch of 60: no full batch of 1024 to keep)
+    assert {k: written["hetnet_recipe"][k] for k in ("epochs", "batches_per_epoch", "train_steps")} == \
+        {"epochs": 9.9, "batches_per_epoch": 1, "train_steps": 10} and "9.9 epochs = 10 steps" in md
     assert written["hetnet_profile"]["kernel_sum_us"] == 950.0
     assert "| 900.0 | hn_conv_fwd_bf16_128x128x32s3a |" in md and "44 steps profiled" in md
     assert any("hetnet run 1" in s for s in lines)

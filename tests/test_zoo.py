@@ -135,6 +135,24 @@ def test_cifar_speed_is_airbench94():
     assert p.schedule.startswith("triangular") and p.precision == "bf16"
 
 
+def test_cifar_speed_trains_airbenchs_426_steps():
+    """airbench94 on the peer run's 45,000 training images: drop_last, 43 batches of 1024 an epoch, 9.9 epochs =
+    ceil(9.9 x 43) = 426 steps, the tenth epoch cut after 39 batches."""
+    from hetnet.data import BatchLoader
+    from hetnet.runs import RunConfig, _recipe, train_drop_last
+    from hetnet.train import steps_in_epoch, total_steps
+
+    p = zoo.PRESETS["cifar-speed"]
+    recipe = _recipe(RunConfig(model="cifar-speed"), p)
+    assert (recipe["epochs"], recipe["drop_last"]) == (9.9, True)
+    n = 45_000
+    loader = BatchLoader(np.zeros((n, 1, 1, 1), np.uint8), np.zeros(n, np.int64), recipe["batch_size"],
+                         drop_last=train_drop_last(recipe, n))
+    assert len(loader) == 43 and total_steps(recipe["epochs"], len(loader)) == 426
+    assert steps_in_epoch(recipe["epochs"], 43, 9) == 39
+    assert zoo.recipe_line(p).startswith("9.9 epochs, batch 1024 (last partial batch dropped), ")
+
+
 def test_cifar_speed_trains_end_to_end_on_cpu(tmp_path):
     from test_data_folder import classes_tree, make_tree
 

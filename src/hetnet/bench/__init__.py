@@ -55,6 +55,7 @@ from pathlib import Path
 from ..backends.cpu import threads as _cpu_threads
 from ..device import cuda_available, parse_device
 from ..errors import DeviceError, UsageError
+from ..train import check_epochs
 from . import readme
 from .common import (
     PRECISIONS,
@@ -141,8 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "split (cifar_speedrun.*; the first of --devices, cuda where there is one)")
     p.add_argument("--speedrun-runs", type=int, default=SPEEDRUN_RUNS,
                    help=f"--cifar-speedrun: runs of each side (default {SPEEDRUN_RUNS})")
-    p.add_argument("--speedrun-epochs", type=int, default=None, help="--cifar-speedrun: epochs of hetnet's runs "
-                                                                     "(default: the preset's; smoke runs)")
+    p.add_argument("--speedrun-epochs", type=float, default=None, help="--cifar-speedrun: epochs of hetnet's runs, "
+                                                                       "whole or fractional (default: the preset's; "
+                                                                       "smoke runs)")
     p.add_argument("--speedrun-limit", type=int, default=None,
                    help="--cifar-speedrun: train on the first N training images only (smoke runs)")
     p.add_argument("--reference-epoch-steps", type=int, default=8, help=argparse.SUPPRESS)
@@ -241,10 +243,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.repeats = 8 if args.quick else 30
     for flag, v in (("--threads", args.threads), ("--repeats", args.repeats), ("--layer-batch", args.layer_batch),
                     ("--epochs", args.epochs), ("--profile-steps", args.profile_steps),
-                    ("--speedrun-runs", args.speedrun_runs), ("--speedrun-epochs", args.speedrun_epochs),
-                    ("--speedrun-limit", args.speedrun_limit)):
+                    ("--speedrun-runs", args.speedrun_runs), ("--speedrun-limit", args.speedrun_limit)):
         if v is not None and v < 1:
             raise UsageError(f"{flag}: expected a positive integer, got {v}")
+    if args.speedrun_epochs is not None:
+        args.speedrun_epochs = check_epochs(args.speedrun_epochs, "speedrun_epochs")
     if args.quiet_wait < 0:
         raise UsageError(f"--quiet-wait: expected seconds >= 0, got {args.quiet_wait}")
     if args.side_seconds is None:

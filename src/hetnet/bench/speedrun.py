@@ -10,6 +10,9 @@ we write those two files from our arrays (images uint8 N x 32 x 32 x 3, labels i
 folder and call `airbench.train94(run=i)` there: it trains on our 45,000 and evaluates on our 5,000 with its own
 loader, augmentation, network, optimiser, timing and test-time augmentation.
 
+Steps. airbench drops each epoch's last partial batch and trains ceil(9.9 x 43) = 426 steps of 1024 images; hetnet's
+side trains what the preset's recipe says (its epochs and drop_last: the same 426 steps), or --speedrun-epochs.
+
 Time. airbench times itself with CUDA events around the whitening initialisation, each epoch's training and the
 final TTA evaluation, summed (the per-epoch evaluations it prints are outside), and prints the sum in the last row
 of its table as total_time_seconds, beside tta_val_acc; both are read from that row. hetnet's runs are timed over
@@ -52,7 +55,7 @@ from .. import random as hrandom
 from .. import runs, zoo
 from ..device import get_backend
 from ..errors import UsageError
-from ..train import Trainer
+from ..train import Trainer, format_epochs, total_steps
 from .common import write_result, write_text
 from .profile import kernel_table
 
@@ -166,14 +169,15 @@ class HetnetSide:
     """The cifar-speed preset as `hetnet train` builds it (runs.make_config / make_training, the same loaders and
     trainer), on the fixed split; run i uses seed i for the weights, the batch order and the augmentation."""
 
-    def __init__(self, data: SpeedrunData, device: str, epochs: int | None = None, precision: str | None = None):
+    def __init__(self, data: SpeedrunData, device: str, epochs: int | float | None = None,
+                 precision: str | None = None):
         self.config = runs.make_config(runs.RunConfig(model=PRESET, dataset="folder", device=device, epochs=epochs,
                                                       precision=precision))
         self.data, self.backend = data, get_backend(device, self.config["precision"])
         self.spec = runs.adapt_classes(self.config["spec"], len(data.class_names))
         self.mean, self.std = hdata.channel_stats(data.train_x)
 
-    def run(self, i: int, epochs: int | None = None) -> dict:
+    def run(self, i: int, epochs: int | float | None = None) -> dict:
         trainer, train, held, recipe = self._build(i, epochs)
         d, be = self.data, self.backend
         be.synchronize()
@@ -201,7 +205,7 @@ class HetnetSide:
         return {"steps": len(train), **kernel_table(prof, len(train)),
                 "conv_choices": list(getattr(self.backend, "tune_log", []))}
 
-    def _build(self, i: int, epochs: int | None):
+    def _build(self, i: int, epochs: int | float | None):
         recipe = dict(self.config["recipe"])
         if epochs is not None:
             recipe["epochs"] = epochs
@@ -212,7 +216,7 @@ class HetnetSide:
         bs = recipe["batch_size"]
         train = hdata.on_device(hdata.BatchLoader(d.train_x, d.train_y, bs, self.mean, self.std, shuffle=True,
                                                   augment=tuple(recipe["augment"]), seed=i,
-                                                  drop_last=len(d.train_x) % bs == 1), be)
+                                                  drop_last=runs.train_drop_last(recipe, len(d.train_x))), be)
         held = hdata.on_device(hdata.BatchLoader(d.held_x, d.held_y, runs.EVAL_BATCH, self.mean, self.std,
                                                  shuffle=False), be)
         optimizer, schedule, average, lookahead, frozen_after = runs.make_training(recipe, model, len(train))
@@ -222,7 +226,8 @@ class HetnetSide:
 
 
 def end_to_end_seconds(archive: str | Path, device: str, workdir: Path, held_fraction: float = 0.1,
-                       epochs: int | None = None, limit: int | None = None, precision: str | None = None) -> dict:
+                       epochs: int | float | None = None, limit: int | None = None,
+                       precision: str | None = None) -> dict:
     """Wall time of the whole `hetnet train` command for cifar-speed, validating on the held-out split
     (--val-fraction held_fraction --seed 0), and the accuracy it reports."""
     out = Path(workdir) / "hetnet-train-run"
@@ -269,7 +274,7 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def run_speedrun(archive: str | Path, device: str, env: dict, out: Path, runs_each: int = RUNS,
-                 epochs: int | None = None, limit: int | None = None, log: Callable[[str], None] = print,
+                 epochs: int | float | None = None, limit: int | None = None, log: Callable[[str], None] = print,
                  sides: dict | None = None, held_out: int = HELD_OUT, precision: str | None = None) -> dict:
     """Both sides, `runs_each` runs each, alternating; writes out/cifar_speedrun.json / .md (and airbench's log) and
     returns the document. precision: hetnet's (default: the preset's). sides: {"hetnet": f(i) -> row,
@@ -322,7 +327,7 @@ def run_speedrun(archive: str | Path, device: str, env: dict, out: Path, runs_ea
                  "split": f"hetnet.data.held_out_split(count={held_out}, seed={SPLIT_SEED}), stratified",
                  "limit": limit},
         "hetnet_recipe": {"preset": PRESET, "recipe": zoo.recipe_line(preset), "epochs": epochs or preset.epochs,
-                          "device": device, "precision": het_precision},
+                          **_steps(preset, epochs, data), "device": device, "precision": het_precision},
         "airbench_version": AIRBENCH_VERSION,
         "hetnet": summarize(rows["hetnet"]) if rows["hetnet"] else None,
         "airbench94": summarize(rows["airbench94"]) if rows["airbench94"] else None,
@@ -337,12 +342,22 @@ def run_speedrun(archive: str | Path, device: str, env: dict, out: Path, runs_ea
     return doc
 
 
+def _steps(preset: zoo.Preset, epochs: int | float | None, data: SpeedrunData) -> dict:
+    """{"batches_per_epoch", "train_steps"} of hetnet's runs: as its loader and Trainer.fit count them."""
+    recipe = {"batch_size": preset.batch_size, "drop_last": preset.drop_last}
+    per_epoch = len(hdata.BatchLoader(data.train_x, data.train_y, preset.batch_size,
+                                      drop_last=runs.train_drop_last(recipe, len(data.train_x))))
+    return {"batches_per_epoch": per_epoch, "train_steps": total_steps(epochs or preset.epochs, per_epoch)}
+
+
 def speedrun_markdown(doc: dict) -> str:
     """The result as a short table."""
     env = doc["environment"]
+    het = doc["hetnet_recipe"]
+    steps = f", {format_epochs(het['epochs'])} epochs = {het['train_steps']} steps" if "train_steps" in het else ""
     title = (f"CIFAR-10 peer run on {env.get('card') or env.get('host')}, hetnet {env.get('commit')}, "
              f"{env.get('time_utc')}: {doc['data']['train_images']} training images, "
-             f"{doc['data']['held_out_images']} held out; hetnet in {doc['hetnet_recipe']['precision']}.\n")
+             f"{doc['data']['held_out_images']} held out; hetnet in {het['precision']}{steps}.\n")
     lines = [title, "| side | runs | held-out accuracy | seconds (airbench's clock) |", "|---|---|---|---|"]
     for name in ("airbench94", "hetnet"):
         s = doc.get(name)
