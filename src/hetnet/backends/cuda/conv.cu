@@ -832,15 +832,18 @@ extern "C" __global__ void __launch_bounds__(256) pool_grad16_nhwc16(const unsig
     if (row == 0) src[lane] = covered ? (px.img * P + p) * Q + q : -1;
     __syncthreads();
     const int half = C / 2, cp = c0 / 2 + lane;                        // this lane's channel pair
-    for (int j = row; j < 32; j += 8) {
-        const int pix = blockIdx.x * 32 + j, from = src[j];
-        if (pix >= NP || cp >= half) continue;
-        unsigned v = 0u;
-        if (from >= 0) {
-            const unsigned d = dy16[(long long)from * half + cp];
-            v = (hit[2 * lane][j] ? d & 0xffffu : 0u) | (hit[2 * lane + 1][j] ? d & 0xffff0000u : 0u);
-        }
-        y[(long long)pix * half + cp] = v;
+    unsigned d[4];                             // pixels row + 8u: the four loads issued before any store
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+        const int from = src[row + 8 * u];
+        d[u] = from >= 0 && cp < half ? dy16[(long long)from * half + cp] : 0u;
+    }
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+        const int j = row + 8 * u, pix = blockIdx.x * 32 + j;
+        if (pix < NP && cp < half)
+            y[(long long)pix * half + cp] = (hit[2 * lane][j] ? d[u] & 0xffffu : 0u) |
+                                            (hit[2 * lane + 1][j] ? d[u] & 0xffff0000u : 0u);
     }
 }
 
@@ -916,10 +919,3 @@ extern "C" __global__ void turn_weights16(const float* __restrict__ w, unsigned 
     }
 }
 
-// dw[o][c][rs] += t[o][rs][c]: a filter gradient computed channels-last, added into the weights' layout.
-extern "C" __global__ void add_from_nhwc(float* __restrict__ dw, const float* __restrict__ t, int O, int C, int RS) {
-    HN_GRID_STRIDE(e, (long long)O * C * RS) {
-        const int rs = (int)(e % RS), u = (int)(e / RS), c = u % C, o = u / C;
-        dw[e] += t[((long long)o * RS + rs) * C + c];
-    }
-}
