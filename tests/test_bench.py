@@ -483,3 +483,32 @@ def test_readme_update_replaces_only_the_block(tmp_path):
     p.write_text("no markers")
     with pytest.raises(ValueError, match="no <!-- results -->"):
         readme.update_readme(p, "x")
+
+
+def test_kernel_table_counts_copies_and_the_gaps_after_each_kernel():
+    """kernel_table from profiler events: kernel time per step by name; memcpy / memset apart ("copies_us"); the
+    idle time between one event's end and the next start, charged to the event before ("gaps_us"); the span."""
+    from hetnet.bench.profile import kernel_table
+
+    class Range:
+        def __init__(self, start, dur):
+            self.start, self.dur = start, dur
+
+        def elapsed_us(self):
+            return self.dur
+
+    class Event:
+        device_type = "DeviceType.CUDA"
+
+        def __init__(self, name, start, dur):
+            self.name, self.time_range = name, Range(start, dur)
+
+    class Prof:
+        def events(self):
+            return [Event("k1", 0, 10), Event("k2", 15, 5), Event("Memset (Device)", 22, 2), Event("k1", 30, 10),
+                    Event("k3", 40, 4), Event("k1", 60, 10)]
+
+    t = kernel_table(Prof(), 2)
+    assert t["kernels_us"] == {"k1": 15.0, "k2": 2.5, "k3": 2.0} and t["kernel_sum_us"] == 19.5
+    assert t["copies_us"] == 1.0 and t["span_us"] == 35.0
+    assert t["gaps_us"] == {"k3": 8.0, "Memset (Device)": 3.0, "k1": 2.5, "k2": 1.0} and t["gap_sum_us"] == 14.5

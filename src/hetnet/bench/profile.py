@@ -22,18 +22,37 @@ from .sides import TorchGraphStep, torch_flags
 PROFILE_ROWS = (("fashion-cnn", 32), ("fashion-cnn", 1024), ("thesis-m4", 1024))
 
 
-def kernel_table(prof, steps: int) -> dict:
-    """{name: GPU us per step}, plus the span of all kernels, from a torch.profiler run."""
+def kernel_table(prof, steps: int, top_gaps: int = 12) -> dict:
+    """{name: GPU us per step}, plus the span of all kernels, from a torch.profiler run; and where the span's idle
+    time lies: "copies_us" (memcpy and memset per step, which the kernel sum leaves out) and "gaps_us" (the idle
+    time after each kernel before the next kernel or copy starts, per step, summed by the kernel before it: the
+    `top_gaps` largest)."""
     per, first, last = defaultdict(float), None, None
+    copies, spans = 0.0, []
     for ev in prof.events():
-        if "CUDA" not in str(ev.device_type) or "memcpy" in ev.name.lower() or "memset" in ev.name.lower():
+        if "CUDA" not in str(ev.device_type):
             continue
         start, dur = ev.time_range.start, ev.time_range.elapsed_us()
+        spans.append((start, start + dur, ev.name))
+        if "memcpy" in ev.name.lower() or "memset" in ev.name.lower():
+            copies += dur / steps
+            continue
         per[ev.name] += dur / steps
         first = start if first is None else min(first, start)
         last = start + dur if last is None else max(last, start + dur)
+    gaps: dict = defaultdict(float)
+    spans.sort()
+    end, before = None, None
+    for s, e, name in spans:
+        if end is not None and s > end:
+            gaps[before] += (s - end) / steps
+        if end is None or e >= end:
+            end, before = e, name
+    top = dict(sorted(gaps.items(), key=lambda kv: -kv[1])[:top_gaps])
     return {"kernels_us": dict(sorted(per.items(), key=lambda kv: -kv[1])),
-            "kernel_sum_us": round(sum(per.values()), 2), "span_us": round((last - first) / steps, 2) if per else 0.0}
+            "kernel_sum_us": round(sum(per.values()), 2), "span_us": round((last - first) / steps, 2) if per else 0.0,
+            "copies_us": round(copies, 2), "gaps_us": {k: round(v, 2) for k, v in top.items()},
+            "gap_sum_us": round(sum(gaps.values()), 2)}
 
 
 def profile_row(model_name: str, batch: int, device: str, steps: int) -> dict:

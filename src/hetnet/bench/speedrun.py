@@ -376,6 +376,11 @@ def speedrun_markdown(doc: dict) -> str:
                      f"{prof['kernel_sum_us']:.0f} us summed, {prof['span_us']:.0f} us first start to last end\n")
         lines += ["| us / step | kernel |", "|---:|---|"]
         lines += [f"| {us:.1f} | {k[:90]} |" for k, us in list(prof["kernels_us"].items())[:PROFILE_TOP]]
+        if prof.get("gaps_us"):
+            lines.append(f"\nThe rest of the span: copies {prof['copies_us']:.0f} us, idle {prof['gap_sum_us']:.0f} us "
+                         "a step, the largest shares by the kernel before the idle time:\n")
+            lines += ["| idle us / step | after |", "|---:|---|"]
+            lines += [f"| {us:.1f} | {k[:90]} |" for k, us in prof["gaps_us"].items()]
     return "\n".join(lines) + "\n"
 
 
