@@ -20,20 +20,23 @@ __device__ __forceinline__ int hn_reflect(int k, int n) {
 //     reflect != 0: v = images[idx, c, r(sy), r(sx)], r = hn_reflect (reflect padding: a translate)
 //     out = (v * scale[c]) + shift[c]   rounded after the product and after the sum, as the NumPy loader does
 //     (x * scale in float32, then += shift), so both paths give identical bits; __fmul_rn/__fadd_rn forbid a FMA.
-// images (N, C, H, W) uint8; labels (N,) int32; out (B, C, H, W) float32; out_labels (B,) int32.
-extern "C" __global__ void gather_images(const unsigned char* __restrict__ images, const int* __restrict__ labels,
-                                         const int* __restrict__ plan, long long M, long long start,
-                                         const float* __restrict__ scale, const float* __restrict__ shift,
-                                         float* __restrict__ out, int* __restrict__ out_labels,
-                                         int B, int C, int H, int W, int reflect) {
-    const long long n = (long long)B * C * H * W;
-    HN_GRID_STRIDE(t, n) {
-        const int j = (int)(t % W);
-        long long r = t / W;
-        const int i = (int)(r % H);
-        r /= H;
-        const int c = (int)(r % C);
-        const int b = (int)(r / C);
+// images (N, C, H, W) uint8; labels (N,) int32; out (B, C, H, W) float32; out_labels (B,) int32. The output's index
+// and its split into (b, c, i, j) in I (common.cuh's HN_TWO_INDEX_KERNELS: 32-bit below 2^31 elements); the image's
+// offset in 64 bits (the data set may hold more).
+template <typename I>
+__device__ __forceinline__ void gather_images_body(const unsigned char* __restrict__ images,
+                                                   const int* __restrict__ labels, const int* __restrict__ plan,
+                                                   long long M, long long start, const float* __restrict__ scale,
+                                                   const float* __restrict__ shift, float* __restrict__ out,
+                                                   int* __restrict__ out_labels, int B, int C, int H, int W,
+                                                   int reflect) {
+    HN_GRID_STRIDE_T(I, t, (I)B * C * H * W) {
+        const int j = (int)(t % (I)W);
+        I r = t / (I)W;
+        const int i = (int)(r % (I)H);
+        r /= (I)H;
+        const int c = (int)(r % (I)C);
+        const int b = (int)(r / (I)C);
         const long long col = start + b;
         const int idx = plan[col], oy = plan[M + col], ox = plan[2 * M + col], flip = plan[3 * M + col];
         int sy = i + oy, sx = (flip ? W - 1 - j : j) + ox;
@@ -47,3 +50,8 @@ extern "C" __global__ void gather_images(const unsigned char* __restrict__ image
         if (c == 0 && i == 0 && j == 0) out_labels[b] = labels[idx];
     }
 }
+HN_TWO_INDEX_KERNELS(gather_images,
+    (const unsigned char* __restrict__ images, const int* __restrict__ labels, const int* __restrict__ plan,
+     long long M, long long start, const float* __restrict__ scale, const float* __restrict__ shift,
+     float* __restrict__ out, int* __restrict__ out_labels, int B, int C, int H, int W, int reflect),
+    (images, labels, plan, M, start, scale, shift, out, out_labels, B, C, H, W, reflect))

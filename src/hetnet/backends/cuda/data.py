@@ -35,7 +35,7 @@ class DataOps:
         with self.device, self.compute_stream():
             x = cp.empty((int(count), c, h, w), dtype=cp.float32)
             y = cp.empty((int(count),), dtype=cp.int32)
-            self.launch("data", "gather_images", x.size, images, labels, plan, np.int64(plan.shape[1]),
+            self.launch("data", self.ix("gather_images", x.size), x.size, images, labels, plan, np.int64(plan.shape[1]),
                         np.int64(start), scale, shift, x, y, np.int32(count), np.int32(c), np.int32(h), np.int32(w),
                         np.int32(1 if reflect else 0))
         return x, y
