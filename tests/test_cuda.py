@@ -998,3 +998,32 @@ def test_step_asks_no_input_gradient_of_the_first_dense_layer(be, rng, monkeypat
     assert calls[:2] == [True, False] and calls[1::2] == [False] * (len(calls) // 2), f"need_dx: {calls}"
     for k in weights["cpu"]:
         assert_close(weights["cuda"][k], weights["cpu"][k], F32, k)
+
+
+def test_lookahead_update_is_the_array_expression_bit_for_bit(rng):
+    """optim.cu's lookahead_update: ema += w (live - ema), live = ema in one kernel, with the roundings of the array
+    expression train.Lookahead runs elsewhere (NumPy float32: subtract, multiply, add): equal bits; and a cuda
+    model's lookahead step gives the cpu model's weights bit for bit."""
+    be = get_backend("cuda")
+    live = rng.standard_normal(10_001).astype(np.float32)
+    ema = rng.standard_normal(10_001).astype(np.float32)
+    w = np.float32(1 - 0.95 ** 5 * 0.3 ** 3)
+    want_ema = ema + w * (live - ema)
+    g_live, g_ema = cupy.asarray(live), cupy.asarray(ema)
+    be.lookahead_update(g_live, g_ema, w)
+    np.testing.assert_array_equal(cupy.asnumpy(g_ema), want_ema)
+    np.testing.assert_array_equal(cupy.asnumpy(g_live), want_ema)
+    models = {}
+    for device in ("cpu", "cuda"):
+        hn.seed(4)
+        models[device] = hn.Sequential([hn.Conv2D(2, 4, 3, bias=False), hn.BatchNorm2D(4), hn.Flatten(),
+                                        hn.Dense(4 * 4 * 4, 3)]).to(device)
+    models["cuda"].load_state_dict(models["cpu"].state_dict())
+    state = {k: v * 1.5 + 0.25 for k, v in models["cpu"].state_dict().items()}
+    looks = {device: T.Lookahead(m, 10, every=1) for device, m in models.items()}
+    for device, m in models.items():
+        m.load_state_dict(state)                    # the weights move away from the lookahead's copy
+        looks[device].step()
+    got, want = models["cuda"].state_dict(), models["cpu"].state_dict()
+    for k in want:
+        np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]), err_msg=k)

@@ -56,3 +56,14 @@ extern "C" __global__ void adam_update(float* __restrict__ p, const float* __res
         p[i] = pi - step_size * (mi / (sqrtf(vi * inv_bc2) + eps));
     }
 }
+
+// hetnet.train.Lookahead's move toward the weights, then their reset to it: ema += w * (live - ema); live = ema. The
+// three roundings of the array expression it replaces (subtract, multiply, add: no fused multiply-add), so the
+// cuda backend's lookahead gives the bits of the other backends'.
+extern "C" __global__ void lookahead_update(float* __restrict__ live, float* __restrict__ ema, float w, long long n) {
+    HN_GRID_STRIDE(i, n) {
+        const float e = __fadd_rn(ema[i], __fmul_rn(w, __fsub_rn(live[i], ema[i])));
+        ema[i] = e;
+        live[i] = e;
+    }
+}

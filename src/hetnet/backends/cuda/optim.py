@@ -23,3 +23,12 @@ class OptimOps:
         self.launch("optim", "adam_update", p.size, p, g, m, v, scalars if scalars is not None else NULL, _f32(lr),
                     _f32(lr / bc1), _f32(1.0 / bc2), _f32(beta1), _f32(beta2), _f32(eps), _f32(weight_decay),
                     _i32(1 if decoupled else 0), _i64(p.size))
+
+    def lookahead_update(self, live, ema, w):
+        """ema += w * (live - ema); live = ema (hetnet.train.Lookahead), float32 arrays of one shape, in one kernel
+        (optim.cu) with the array expression's roundings."""
+        check(live, ema)
+        if live.dtype != np.float32 or ema.dtype != np.float32 or live.shape != ema.shape:
+            raise ValueError(f"lookahead_update: float32 arrays of one shape, got {live.dtype} {live.shape} and "
+                             f"{ema.dtype} {ema.shape}")
+        self.launch("optim", "lookahead_update", live.size, live, ema, _f32(w), _i64(live.size))
