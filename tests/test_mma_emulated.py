@@ -404,11 +404,12 @@ def test_conv16(emu, rng, shape):
         for splits in (1, 3):
             if _fits16("filter", shape):
                 dy, x, dw0 = conv_filter_inputs(rng, shape)
-                dw = dw0.copy()                                                  # [O, C, R, S], added into
-                call = mm.plan_conv16_filter(dw, nhwc16(dy), nhwc16(x), stride, pad, SMS, tile.name, splits)
+                part0 = np.ascontiguousarray(dw0.transpose(0, 2, 3, 1))         # [O, R, S, C], added into
+                part = part0.copy()
+                call = mm.plan_conv16_filter(part, nhwc16(dy), nhwc16(x), stride, pad, SMS, tile.name, splits)
                 run_conv(emu, call)
-                want = conv_filter_expected(dy, x, dw0, shape, "bf16")
-                err = rel_err(dw - dw0, want - dw0)
+                want = conv_filter_expected(dy, x, dw0, shape, "bf16").transpose(0, 2, 3, 1)
+                err = rel_err(part - part0, want - part0)
                 assert err <= RTOL_EMULATED, f"filter {shape} {tile.name} splits {call.splits}: {err:.3g}"
 
 

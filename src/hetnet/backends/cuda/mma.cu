@@ -475,25 +475,6 @@ __device__ __forceinline__ void hn_epilogue(const HnBlock& b, float (&acc)[MT][N
     });
 }
 
-// The channels-last filter gradients' epilogue: column n = (r S + s) C + c of their GEMM is dw's element [m][c][r][s]
-// (dw stored [O][C][R][S], as the weights are): dw[m][c RS + rs] += acc, with atomics where K is split (by_c divides by
-// C, a multiple of 8, so a pair's n + 1 is channel c + 1 of the same tap).
-template <int MT, int NT>
-__device__ __forceinline__ void hn_filter16_epilogue(const HnBlock& b, float (&acc)[MT][NT][4], int M, int N,
-                                                     const HnDiv& by_c, int RS, int wm, int wn, int lane) {
-    hn_each_pair(b, acc, M, N, wm, wn, lane, [&](int m, int n, float x, float y, bool two) {
-        const int rs = hn_div(n, by_c), c = n - rs * by_c.d;
-        float* p = b.C + (static_cast<long long>(m) * N + static_cast<long long>(c) * RS + rs);
-        if (b.atomic) {
-            hn_atomic_add(p, x);
-            if (two) hn_atomic_add(p + RS, y);
-            return;
-        }
-        hn_st(p, x + hn_ld_c(p));
-        if (two) hn_st(p + RS, y + hn_ld_c(p + RS));
-    });
-}
-
 // --- convolutions as implicit GEMMs ---------------------------------------------------------------------------------
 
 // MODE 1, the forward: y[img][o][p][q] = act(b[o] + sum_k W[o][k] x(k; img, p, q)). The GEMM C[M,N] = A[M,K] B[K,N]
@@ -1031,13 +1012,13 @@ __device__ __forceinline__ void hn_conv_bf16_a(unsigned char* smem, HN_GEMM_PARA
 // The data gradient at stride 1 is this forward (EPI 2: hn_conv_epilogue's mask by relu_x instead of bias and
 // activation) over dy stored [n][P][Q][O] with the turned weights w'[c][r][s][o] = w[o][c][R-1-r][S-1-s] and padding
 // R - 1 - pad: dx[img][c][h][w] = sum over (o, r, s) of w[o][c][r][s] dy[img][o][h + pad - r][w + pad - s].
-// The filter gradient: dw[o][c][r][s] += sum over k = (img, p, q) of dy[img][p][q][o] x[img][p*stride - pad +
-// r][q*stride - pad + s][c], the GEMM C[M, N] += A[M, K] B[K, N] with M = O, N = R x S x C (column (r, s, c) added
-// into dw's element [o][c][r][s]: dw float32 [O][C][R][S], hn_filter16_epilogue), K = images x P x Q. A is dy as
-// stored ([k][o]: rows k, eight o per chunk, O a multiple of 8) and B is x gathered (rows k, eight channels per chunk
-// of one tap), both kept with rows along k ("A t", "B n") and read by ldmatrix.trans. A thread's B chunk columns
-// (taps) are fixed, its rows k move by BK per tile: per tile it divides its rows' k (by P x Q, then Q). K is split
-// over blockIdx.z (kchunk each), the parts added into dw with atomics as the GEMM's split-K (beta 1).
+// The filter gradient: dw[o][(r, s, c)] += sum over k = (img, p, q) of dy[img][p][q][o] x[img][p*stride - pad +
+// r][q*stride - pad + s][c], the GEMM C[M, N] += A[M, K] B[K, N] with M = O, N = R x S x C (dw stored float32
+// [O][R][S][C]), K = images x P x Q. A is dy as stored ([k][o]: rows k, eight o per chunk, O a multiple of 8) and B is
+// x gathered (rows k, eight channels per chunk of one tap), both kept with rows along k ("A t", "B n") and read by
+// ldmatrix.trans. A thread's B chunk columns (taps) are fixed, its rows k move by BK per tile: per tile it divides its
+// rows' k (by P x Q, then Q). K is split over blockIdx.z (kchunk each), the parts added into dw with atomics as the
+// GEMM's split-K (beta 1).
 
 // The pooled forward (EPI 4): max_pool(act(conv(x, w) + b)) over 2 x 2 windows at stride 2, the pooled output y [n][O]
 // [P][Q] (P, Q the pooled sizes: the convolution's output rows and columns past 2P and 2Q, which no window reads,
@@ -1346,7 +1327,7 @@ __device__ __forceinline__ void hn_conv16_filter(unsigned char* smem, const unsi
                                                                        blk.kend, tid);
     };
     hn_bf16_direct_loop<true, false, OA, OB, STAGES, BK>(sa, sb, tiles, th, acc, issue);
-    hn_filter16_epilogue<MT, NT>(blk, acc, M, N, dv.c, cv.r * cv.s, th.wm, th.wn, th.lane);
+    hn_epilogue<MT, NT>(blk, acc, M, N, N, 1.f, 1.f, th.wm, th.wn, th.lane);
 }
 
 // The filter gradient of hn_conv16_filter on wgmma (sm_90a): C[M = O, N = R x S x C] += A[M, K] B[K, N] over K =
@@ -1377,8 +1358,7 @@ __device__ __forceinline__ void hn_conv16w_filter(unsigned char* smem, const uns
     // a warpgroup's columns start 64 gm (A) and WN gn (B) columns in: whole blocks of 64 x 64 (HnSwizzle128MN)
     hn_wgmma_loop<STAGES, WN, 1>(blk.tiles, issue, sa + gm * 64 * BK, EA, sb + gn * WN * BK, EB, 16 * 64, acc[0],
                                  [](const unsigned short* p) { return hn_wgmma_desc_mn(p); });
-    hn_filter16_epilogue<1, WN / 8>(blk, acc, M, N, dv.c, cv.r * cv.s, 64 * gm + 16 * ((tid >> 5) & 3), WN * gn,
-                                    tid & 31);
+    hn_epilogue<1, WN / 8>(blk, acc, M, N, N, 1.f, 1.f, 64 * gm + 16 * ((tid >> 5) & 3), WN * gn, tid & 31);
 }
 
 // HN_CONV16's body: EPI 1, 2 or 4, hn_conv16_fwd; 3, hn_conv16_filter (arguments as HN_CONV16 says).
@@ -1430,7 +1410,7 @@ __device__ __forceinline__ void hn_conv16(unsigned char* smem, const unsigned sh
 // mma_tiles.TILES16, with HN_CONV's parameters but B and Wt bf16 bits: EPI 1, the forward (B = x [n][H][W][C],
 // Wt = w [O][R][S][C], AUX = b, Y = y [n][O][P][Q]); EPI 2, the stride-1 data gradient as that forward (B = dy
 // [n][P][Q][O], Wt = the turned weights [C][R][S][O], AUX = relu_x or null, Y = dx; sizes as the forward's over dy);
-// EPI 3, the filter gradient (B = x [n][H][W][C], Wt = dy [n][P][Q][O], Y = dw [O][C][R][S] added into, K in
+// EPI 3, the filter gradient (B = x [n][H][W][C], Wt = dy [n][P][Q][O], Y = dw [O][R][S][C] added into, K in
 // `splits` parts of `kchunk` over blockIdx.z); EPI 4, the pooled forward (the forward's arguments with P, Q the pooled
 // sizes, N = 16 ceil(kchunk / 4), kchunk = the pooled outputs n x P x Q, Y = y [n][O][P][Q] followed by its argmax
 // bytes). Shared memory STAGES x (BM + BN) x (BK + 8) x 2 bytes.

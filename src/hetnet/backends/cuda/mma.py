@@ -389,9 +389,9 @@ def conv_filter_tc(be, dw, dy, x, stride: int, pad: int, tile: str | None = None
 
 # --- the channels-last bf16 convolutions (mma.cu, HN_CONV16): conv.py's "tc16" ---------------------------------------
 # x, dy and w are read as bf16 bits stored channels-last (uint16 arrays): x [n, H, W, C], w [O, R, S, C], dy
-# [n, P, Q, O]; outputs are float32 as the other kernels write them (y, dx NCHW; the filter gradient added into dw
-# [O, C, R, S]). The plans take the channels-last arrays (the emulator feeds them NumPy ones); conv16, conv16_data
-# and conv16_filter make them on the GPU from NCHW float32.
+# [n, P, Q, O]; outputs are float32 as the other kernels write them (y, dx NCHW; the filter gradient [O, R, S, C],
+# added into the weights' layout by conv.cu's add_from_nhwc). The plans take the channels-last arrays (the emulator
+# feeds them NumPy ones); conv16, conv16_data and conv16_filter make them on the GPU from NCHW float32.
 
 
 def conv16_fits(op: str, c: int, o: int, r: int, s: int, stride: int, pad: int) -> bool:
@@ -485,17 +485,17 @@ def plan_conv16_data(dx, dy16, wt16, relu_x, pad: int, tile: str | None = None) 
                    (o, p, q, r, s, h, wd, c, 1, r - 1 - pad))
 
 
-def plan_conv16_filter(dw, dy16, x16, stride: int, pad: int, sms: int = 132, tile: str | None = None,
+def plan_conv16_filter(dw16, dy16, x16, stride: int, pad: int, sms: int = 132, tile: str | None = None,
                        splits: int | None = None) -> ConvCall | None:
-    """dw [O, C, R, S] float32 += conv_backward_filter(dy, x) from dy16 [n, P, Q, O] and x16 [n, H, W, C] (bf16
-    bits): the GEMM's columns in (r, s, c) order, each added into dw's [o][c][r][s]; the K sum over images x P x Q
-    split over grid.z (`split_k_waves`, or `splits` parts) and added with atomics."""
+    """dw16 [O, R, S, C] float32 += conv_backward_filter(dy, x) from dy16 [n, P, Q, O] and x16 [n, H, W, C] (bf16
+    bits), the K sum over images x P x Q split over grid.z (`split_k_waves`, or `splits` parts) and added with
+    atomics."""
     n, h, wd, c = x16.shape
-    o, c2, r, s = dw.shape
+    o, r, s, c2 = dw16.shape
     *_, p, q = _conv_sizes((n, c, h, wd), (o, c, r, s), stride, pad)
     if c2 != c or tuple(dy16.shape) != (n, p, q, o) or not conv16_fits("filter", c, o, r, s, stride, pad):
-        raise ValueError(f"conv16: dy {dy16.shape}, x {x16.shape}, dw {dw.shape} do not fit together")
-    return _call16("filter", tile, x16, dy16, None, dw, o, r * s * c, n * p * q,
+        raise ValueError(f"conv16: dy {dy16.shape}, x {x16.shape}, dw {dw16.shape} do not fit together")
+    return _call16("filter", tile, x16, dy16, None, dw16, o, r * s * c, n * p * q,
                    (c, h, wd, r, s, p, q, o, stride, pad), sms=sms, splits=splits)
 
 
@@ -579,6 +579,9 @@ def conv16_data(be, dx, dy16, w, relu_x, pad: int, tile: str | None = None) -> N
 
 def conv16_filter(be, dw, dy16, x16, stride: int, pad: int, tile: str | None = None,
                   splits: int | None = None) -> None:
-    """dw [O, C, R, S] += conv_backward_filter(dy, x) from dy16 = to_nhwc16(dy) and x16 = to_nhwc16(x)
-    (plan_conv16_filter)."""
-    launch_conv(be, plan_conv16_filter(dw, dy16, x16, stride, pad, be.sms, tile, splits))
+    """dw [O, C, R, S] += conv_backward_filter(dy, x) from dy16 = to_nhwc16(dy) and x16 = to_nhwc16(x): summed
+    channels-last into a zeroed scratch, then added into dw (plan_conv16_filter)."""
+    o, c, r, s = dw.shape
+    part = be.xp.zeros((o, r, s, c), dtype=np.float32)
+    launch_conv(be, plan_conv16_filter(part, dy16, x16, stride, pad, be.sms, tile, splits))
+    be.launch("conv", "add_from_nhwc", dw.size, dw, part, _i32(o), _i32(c), _i32(r * s))
