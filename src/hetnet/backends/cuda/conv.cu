@@ -806,14 +806,15 @@ extern "C" __global__ void __launch_bounds__(256) pool_grad_nhwc16(const float* 
 // pool_grad_nhwc16 from the pooled gradient already channels-last in bf16 (dy16 [n][P][Q][C / 2] bf16 pairs, the batch
 // norm's hand-over, norm.cu's bn_bwd_dx_nhwc16): the same dz16 [n][H][W][C / 2] bits, since a bf16 value or zero
 // moves unchanged. A block's 32 pixels x 64 channels in two passes through shared memory: lanes along the pixels
-// test the argmax bytes (arg [n][C][P][Q], coalesced along the pixels), then lanes along the channel pairs copy
-// each pixel's 64 channels of dy16 where they won (coalesced along the channels). Grid (ceil(n * H * W / 32),
-// ceil(C / 64)), 256 threads; n * H * W < 2^31, C even.
+// test the argmax bytes (arg [n][C][P][Q], coalesced along the pixels), each thread 4 channel pairs of its pixel
+// (one 32-bit word of 2-bit flags, rows of 9 words so that the 32 pixels' words fall in 32 banks); then lanes along
+// the channel pairs copy each pixel's 64 channels of dy16 where they won (coalesced along the channels, the flags
+// read as bytes of one row). Grid (ceil(n * H * W / 32), ceil(C / 64)), 256 threads; n * H * W < 2^31, C even.
 extern "C" __global__ void __launch_bounds__(256) pool_grad16_nhwc16(const unsigned* __restrict__ dy16,
                                                                      const unsigned char* __restrict__ arg,
                                                                      unsigned* __restrict__ y, int n, int C, int H,
                                                                      int W, int P, int Q, int k) {
-    __shared__ unsigned char hit[64][32];      // [c - c0][pixel]: this element of dz is its window's gradient
+    __shared__ unsigned hit[32][9];            // [pixel][word]: byte b of word w, bit e: channel 2 (4 w + b) + e won
     __shared__ int src[32];                    // the pixel's pooled output img P Q + p Q + q in dy16, -1 if none
     const int c0 = blockIdx.y * 64, lane = threadIdx.x & 31, row = threadIdx.x >> 5, NP = n * H * W;
     const HnTilePixel px(NP, H * W);
@@ -821,14 +822,16 @@ extern "C" __global__ void __launch_bounds__(256) pool_grad16_nhwc16(const unsig
     const bool covered = px.in && p < P && q < Q;
     const int at = (h - p * k) * k + (w - q * k);
     const long long pq = (long long)px.img * C * P * Q + p * Q + q;   // arg[img][c][p][q] = arg[pq + c * P * Q]
-    unsigned char a[8];                        // channels c0 + row + 8u, all eight loaded before any is tested
+    unsigned char a[8];                        // channels c0 + 8 row + u, all eight loaded before any is tested
 #pragma unroll
     for (int u = 0; u < 8; ++u) {
-        const int c = c0 + row + 8 * u;
+        const int c = c0 + 8 * row + u;
         a[u] = covered && c < C ? arg[pq + (long long)c * P * Q] : 0xff;
     }
+    unsigned flags = 0u;
 #pragma unroll
-    for (int u = 0; u < 8; ++u) hit[row + 8 * u][lane] = a[u] == at;
+    for (int u = 0; u < 8; ++u) flags |= (a[u] == at ? 1u : 0u) << (8 * (u >> 1) + (u & 1));
+    hit[lane][row] = flags;
     if (row == 0) src[lane] = covered ? (px.img * P + p) * Q + q : -1;
     __syncthreads();
     const int half = C / 2, cp = c0 / 2 + lane;                        // this lane's channel pair
@@ -841,9 +844,9 @@ extern "C" __global__ void __launch_bounds__(256) pool_grad16_nhwc16(const unsig
 #pragma unroll
     for (int u = 0; u < 4; ++u) {
         const int j = row + 8 * u, pix = blockIdx.x * 32 + j;
-        if (pix < NP && cp < half)
-            y[(long long)pix * half + cp] = (hit[2 * lane][j] ? d[u] & 0xffffu : 0u) |
-                                            (hit[2 * lane + 1][j] ? d[u] & 0xffff0000u : 0u);
+        const unsigned f = hit[j][lane >> 2] >> (8 * (lane & 3));
+        if (pix < NP && cp < half) y[(long long)pix * half + cp] = (f & 1u ? d[u] & 0xffffu : 0u) |
+                                                                    (f & 2u ? d[u] & 0xffff0000u : 0u);
     }
 }
 
@@ -916,6 +919,14 @@ extern "C" __global__ void turn_weights16(const float* __restrict__ w, unsigned 
     HN_GRID_STRIDE(e, (long long)O * C * RS) {
         const int o = (int)(e % O), t = (int)(e / O), rs = t % RS, c = t / RS;
         wt[e] = (unsigned short)(hn_bf16x2_bits(w[((long long)o * C + c) * RS + (RS - 1 - rs)], 0.f) & 0xffffu);
+    }
+}
+
+// dw[o][c][rs] += t[o][rs][c]: a filter gradient computed channels-last, added into the weights' layout.
+extern "C" __global__ void add_from_nhwc(float* __restrict__ dw, const float* __restrict__ t, int O, int C, int RS) {
+    HN_GRID_STRIDE(e, (long long)O * C * RS) {
+        const int rs = (int)(e % RS), u = (int)(e / RS), c = u % C, o = u / C;
+        dw[e] += t[((long long)o * RS + rs) * C + c];
     }
 }
 
