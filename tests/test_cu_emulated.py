@@ -106,6 +106,8 @@ def _kernels_text() -> str:
     for start in ("template <typename I>\nstruct HnPlaneWalk {", "struct HnTilePixel {"):
         i = common.index(start)
         parts.append(common[i:common.index("\n};\n", i) + 4])
+    i = conv.index("struct HnPoolWindow {")
+    parts.append(conv[i:conv.index("\n};\n", i) + 4])
     i = common.index("struct HnPhi {")                                  # through hn_gelu_grad
     j = common.index("__device__ __forceinline__ float hn_gelu_grad(")
     parts.append(common[i:common.index("\n}\n", j) + 3])

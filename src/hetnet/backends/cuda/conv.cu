@@ -769,6 +769,23 @@ extern "C" __global__ void __launch_bounds__(256) to_nhwc16(const float* __restr
     hn_store_nhwc16_tile(t, y, blockIdx.x * 32, c0, C, NP);
 }
 
+// The window of a tile's pixel (HnTilePixel) of z [n][C][H][W] under k x k max pooling at stride k: (p, q) the
+// window, covered whether the pixel is in one (rows h >= P k and columns w >= Q k are in none), at its position in it
+// (maxpool_fwd's argmax byte: (h - p k) k + (w - q k)), pq the pooled element's offset in [n][C][P][Q] at channel 0.
+struct HnPoolWindow {
+    int p, q, at;
+    bool covered;
+    long long pq;
+    __device__ __forceinline__ HnPoolWindow(const HnTilePixel& px, int C, int W, int P, int Q, int k) {
+        const int h = px.hw / W, w = px.hw - h * W;
+        p = h / k;
+        q = w / k;
+        covered = px.in && p < P && q < Q;
+        at = (h - p * k) * k + (w - q * k);
+        pq = (long long)px.img * C * P * Q + p * Q + q;
+    }
+};
+
 // to_nhwc16 of a max pooling's input gradient, dz = maxpool2d_backward(dy), for windows that tile the input (stride
 // == k), without dz in float32: z [n][C][H][W] the pooled tensor, dy and arg [n][C][P][Q] the pooled gradient and
 // each window's argmax byte (pool.cu's maxpool_fwd). dz[c][h][w] = dy[c][p][q] where (h, w) is the first maximum of
@@ -783,22 +800,19 @@ extern "C" __global__ void __launch_bounds__(256) pool_grad_nhwc16(const float* 
     __shared__ float t[64][33];
     const int c0 = blockIdx.y * 64, lane = threadIdx.x & 31, row = threadIdx.x >> 5, NP = n * H * W;
     const HnTilePixel px(NP, H * W);
-    const int h = px.hw / W, w = px.hw - h * W, p = h / k, q = w / k;
-    const bool covered = px.in && p < P && q < Q;
-    const int at = (h - p * k) * k + (w - q * k);
-    const long long pq = (long long)px.img * C * P * Q + p * Q + q;   // dy[img][c][p][q] = dy[pq + c * P * Q]
+    const HnPoolWindow win(px, C, W, P, Q, k);     // dy[img][c][p][q] = dy[win.pq + c * P * Q]
     float d[8];                        // channels c0 + row + 8u: dy and arg of all eight loaded before any is tested
     unsigned char a[8];
 #pragma unroll
     for (int u = 0; u < 8; ++u) {
         const int c = c0 + row + 8 * u;
-        const long long src = pq + (long long)c * P * Q;
-        const bool in = covered && c < C;
+        const long long src = win.pq + (long long)c * P * Q;
+        const bool in = win.covered && c < C;
         a[u] = in ? arg[src] : 0;
         d[u] = in ? dy[src] : 0.f;
     }
 #pragma unroll
-    for (int u = 0; u < 8; ++u) t[row + 8 * u][lane] = a[u] == at ? d[u] : 0.f;
+    for (int u = 0; u < 8; ++u) t[row + 8 * u][lane] = a[u] == win.at ? d[u] : 0.f;
     __syncthreads();
     hn_store_nhwc16_tile(t, y, blockIdx.x * 32, c0, C, NP);
 }
@@ -818,21 +832,18 @@ extern "C" __global__ void __launch_bounds__(256) pool_grad16_nhwc16(const unsig
     __shared__ int src[32];                    // the pixel's pooled output img P Q + p Q + q in dy16, -1 if none
     const int c0 = blockIdx.y * 64, lane = threadIdx.x & 31, row = threadIdx.x >> 5, NP = n * H * W;
     const HnTilePixel px(NP, H * W);
-    const int h = px.hw / W, w = px.hw - h * W, p = h / k, q = w / k;
-    const bool covered = px.in && p < P && q < Q;
-    const int at = (h - p * k) * k + (w - q * k);
-    const long long pq = (long long)px.img * C * P * Q + p * Q + q;   // arg[img][c][p][q] = arg[pq + c * P * Q]
+    const HnPoolWindow win(px, C, W, P, Q, k);     // arg[img][c][p][q] = arg[win.pq + c * P * Q]
     unsigned char a[8];                        // channels c0 + 8 row + u, all eight loaded before any is tested
 #pragma unroll
     for (int u = 0; u < 8; ++u) {
         const int c = c0 + 8 * row + u;
-        a[u] = covered && c < C ? arg[pq + (long long)c * P * Q] : 0xff;
+        a[u] = win.covered && c < C ? arg[win.pq + (long long)c * P * Q] : 0xff;
     }
     unsigned flags = 0u;
 #pragma unroll
-    for (int u = 0; u < 8; ++u) flags |= (a[u] == at ? 1u : 0u) << (8 * (u >> 1) + (u & 1));
+    for (int u = 0; u < 8; ++u) flags |= (a[u] == win.at ? 1u : 0u) << (8 * (u >> 1) + (u & 1));
     hit[lane][row] = flags;
-    if (row == 0) src[lane] = covered ? (px.img * P + p) * Q + q : -1;
+    if (row == 0) src[lane] = win.covered ? (px.img * P + win.p) * Q + win.q : -1;
     __syncthreads();
     const int half = C / 2, cp = c0 / 2 + lane;                        // this lane's channel pair
     unsigned d[4];                             // pixels row + 8u: the four loads issued before any store

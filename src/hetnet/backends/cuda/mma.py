@@ -516,32 +516,32 @@ def to_nhwc16(be, x):
 def pool_grad_nhwc16(be, dy, arg, z_shape, k: int):
     """to_nhwc16(maxpool2d_backward(dy)) for k x k windows at stride k over z [n, C, H, W] (z_shape), from the pooled
     gradient dy and argmax bytes arg [n, C, P, Q] (conv.cu's pool_grad_nhwc16), without the float32 gradient."""
-    n, c, h, w = z_shape
-    p, q = dy.shape[2], dy.shape[3]
-    if (c % 2 or n * h * w >= 2**31 or dy.dtype != np.float32 or not dy.flags.c_contiguous
-            or not arg.flags.c_contiguous):
-        raise ValueError(f"pool_grad_nhwc16: dy of shape {dy.shape} must be contiguous float32, C even, z under 2^31 "
-                         "pixels")
-    out = be.xp.empty((n, h, w, c), dtype=np.uint16)
-    if out.size:
-        get_kernel(be.device_id, "conv", "pool_grad_nhwc16")((math.ceil(n * h * w / 32), math.ceil(c / 64)), (256,), (
-            dy, arg, out, _i32(n), _i32(c), _i32(h), _i32(w), _i32(p), _i32(q), _i32(k)))
-    return out
+    if dy.dtype != np.float32 or tuple(dy.shape) != tuple(arg.shape):
+        raise ValueError(f"pool_grad_nhwc16: dy of shape {dy.shape} must be float32 of the argmax's shape {arg.shape}")
+    return _pool_grad16("pool_grad_nhwc16", be, dy, arg, z_shape, k)
 
 
 def pool_grad16_nhwc16(be, dy16, arg, z_shape, k: int):
     """pool_grad_nhwc16 from dy16 [n, P, Q, C], the pooled gradient already channels-last in bf16 (a batch norm's
     hand-over): the same bits (conv.cu's pool_grad16_nhwc16)."""
+    n, c = z_shape[:2]
+    if dy16.dtype != np.uint16 or tuple(dy16.shape) != (n, *arg.shape[2:], c):
+        raise ValueError(f"pool_grad16_nhwc16: dy16 of shape {dy16.shape} must be bf16 bits [n, P, Q, C] of the "
+                         f"argmax's [n, C, P, Q] {arg.shape}")
+    return _pool_grad16("pool_grad16_nhwc16", be, dy16, arg, z_shape, k)
+
+
+def _pool_grad16(kernel: str, be, dy, arg, z_shape, k: int):
+    """The channels-last bf16 dE/dz [n, H, W, C] of a k x k max pooling at stride k over z (z_shape) from its pooled
+    gradient dy and argmax bytes arg [n, C, P, Q], by conv.cu's `kernel` (its tiles: 32 pixels x 64 channels)."""
     n, c, h, w = z_shape
     p, q = arg.shape[2], arg.shape[3]
-    if (c % 2 or n * h * w >= 2**31 or dy16.dtype != np.uint16 or tuple(dy16.shape) != (n, p, q, c)
-            or not dy16.flags.c_contiguous or not arg.flags.c_contiguous):
-        raise ValueError(f"pool_grad16_nhwc16: dy16 of shape {dy16.shape} must be contiguous bf16 bits [n, P, Q, C], "
-                         "C even, z under 2^31 pixels")
+    if c % 2 or n * h * w >= 2**31 or not dy.flags.c_contiguous or not arg.flags.c_contiguous:
+        raise ValueError(f"{kernel}: contiguous inputs, C even and z under 2^31 pixels, got z {tuple(z_shape)}")
     out = be.xp.empty((n, h, w, c), dtype=np.uint16)
     if out.size:
-        get_kernel(be.device_id, "conv", "pool_grad16_nhwc16")((math.ceil(n * h * w / 32), math.ceil(c / 64)), (256,), (
-            dy16, arg, out, _i32(n), _i32(c), _i32(h), _i32(w), _i32(p), _i32(q), _i32(k)))
+        get_kernel(be.device_id, "conv", kernel)((math.ceil(n * h * w / 32), math.ceil(c / 64)), (256,), (
+            dy, arg, out, _i32(n), _i32(c), _i32(h), _i32(w), _i32(p), _i32(q), _i32(k)))
     return out
 
 
