@@ -121,6 +121,8 @@ VARIANTS: list[tuple[str, dict, str]] = [
     # the preset is one-cycle at 0.1 with dropout 0.1 since the second round (7364359); its recipe before that:
     ("cosine-lr0.05-dropout0.3", {"schedule": "cosine", "lr": 0.05, "dropout": 0.3, "warmup_epochs": 0.5},
      "the preset's recipe before 7364359 (cosine at lr 0.05 after half an epoch of warm-up, dropout 0.3)"),
+    ("ema0.998", {"ema": 0.998}, "the preset evaluated with an average of its weights (about the last 500 steps)"),
+    ("ema0.9995", {"ema": 0.9995}, "the same over about the last 2,000 steps (four of the 15 epochs)"),
 ]
 
 
