@@ -490,3 +490,40 @@ def test_division_by_an_invariant_divisor(emu, rng):
         q = np.empty_like(x)
         emu.emu_div(ctypes.c_void_p(x.ctypes.data), ctypes.c_int(len(x)), ctypes.c_int(d), ctypes.c_void_p(q.ctypes.data))
         np.testing.assert_array_equal(q, x.astype(np.int64) // d, err_msg=f"divisor {d}")
+
+
+def test_takes_dy16_asks_for_both_gradients_measured_on_channels_last_copies(monkeypatch):
+    """conv.takes_dy16, the backward hand-over's test (no GPU: a backend's precision and measured choices): True at
+    bf16 where the convolution's filter and data gradients were both measured on "tc16" candidates and the gradient's
+    shape is the convolution's output (or its 2 x 2 pooled output); False for anything else: not measured, one
+    gradient measured otherwise, another precision, a shape that does not chain, an odd channel count, overlapping
+    pooling windows, an algorithm forced by HETNET_CONV_ALGO, no grad_feeds."""
+    from types import SimpleNamespace
+
+    from hetnet.backends.cuda import conv as C
+
+    be = SimpleNamespace(precision="bf16", _tune={}, force_conv_algo=None)
+    shape = (4, 16, 15, 13, 32, 3, 3, 1, 1)
+    key = C.Geometry(*shape).key()
+    feeds = ((32, 16, 3, 3), 1, 1, (4, 16, 15, 13), None)
+    pooled = ((32, 16, 3, 3), 1, 1, (4, 16, 15, 13), (2, 2))
+    y, y_pooled = (4, 32, 15, 13), (4, 32, 7, 6)
+    assert not C.takes_dy16(be, y, feeds)
+    be._tune[("filter", key)] = "tc16"
+    assert not C.takes_dy16(be, y, feeds)                          # the data gradient not measured yet
+    be._tune[("data", key)] = "tc16w128x256s4"
+    assert C.takes_dy16(be, y, feeds) and C.takes_dy16(be, y_pooled, pooled)
+    assert not C.takes_dy16(be, y, None) and not C.takes_dy16(be, y_pooled, feeds)
+    assert not C.takes_dy16(be, (4, 32, 15, 12), feeds) and not C.takes_dy16(be, y, pooled)
+    assert not C.takes_dy16(be, y_pooled, ((32, 16, 3, 3), 1, 1, (4, 16, 15, 13), (3, 2)))
+    be._tune[("data", key)] = "im2col"
+    assert not C.takes_dy16(be, y, feeds)                          # measured, but not on channels-last copies
+    be._tune[("data", key)] = "tc16"
+    monkeypatch.setenv("HETNET_CONV_ALGO", "im2col")
+    assert not C.takes_dy16(be, y, feeds)
+    monkeypatch.delenv("HETNET_CONV_ALGO")
+    assert C.takes_dy16(be, y, feeds) and not C.takes_dy16(SimpleNamespace(**{**vars(be), "precision": "tf32"}), y,
+                                                            feeds)
+    odd = C.Geometry(4, 16, 15, 13, 31, 3, 3, 1, 1).key()
+    be._tune.update({("filter", odd): "tc16", ("data", odd): "tc16"})
+    assert not C.takes_dy16(be, (4, 31, 15, 13), ((31, 16, 3, 3), 1, 1, (4, 16, 15, 13), None))
