@@ -1,6 +1,7 @@
-"""Test-time augmentation (hetnet.train.tta_logits, airbench's infer levels): the averaged logits against the model run
-on each view by hand (mirrors from NumPy slicing, translations from np.pad's 'reflect', as torch's F.pad), the
-evaluation step's loss and accuracy on those logits, the last epoch of a run evaluated with it, and the flags."""
+"""Test-time augmentation (hetnet.train.tta_logits, airbench's infer levels and the shifts of level 3): the averaged
+logits against the model run on each view by hand (mirrors from NumPy slicing, translations from np.pad's 'reflect',
+as torch's F.pad, shifts from its 'edge'), the evaluation step's loss and accuracy on those logits, the last epoch of
+a run evaluated with it, and the flags."""
 from __future__ import annotations
 
 import json
@@ -46,7 +47,11 @@ def test_levels_average_the_logits_of_the_views(rng, device):
         return 0.5 * f(v) + 0.5 * f(v[..., ::-1])
 
     x0, t_minus, t_plus = _views_by_hand(x)
-    want = {0: f(x0), 1: m(x0), 2: 0.5 * m(x0) + 0.5 * (m(t_minus) + m(t_plus)) / 2}
+    e = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)), mode="edge")         # the four shifts, the border repeated
+    h, w = x.shape[2:]
+    shifts = [e[:, :, 2:h + 2, 1:w + 1], e[:, :, 0:h, 1:w + 1], e[:, :, 1:h + 1, 2:w + 2], e[:, :, 1:h + 1, 0:w]]
+    want = {0: f(x0), 1: m(x0), 2: 0.5 * m(x0) + 0.5 * (m(t_minus) + m(t_plus)) / 2,
+            3: (f(x0) + sum(f(v) for v in shifts)) / 5}
     dtype = model.backend.dtype
     for level, expected in want.items():
         got = T.tta_logits(model, xd, level)
@@ -54,6 +59,7 @@ def test_levels_average_the_logits_of_the_views(rng, device):
         assert_close(got, expected, dtype, f"level {level}")
     assert T.tta_logits(model, xd, 0) is not None and np.array_equal(model.backend.to_numpy(xd), x.astype(dtype))
     assert not np.allclose(want[1], want[0]) and not np.allclose(want[2], want[1])     # the views differ
+    assert not np.allclose(want[3], want[0]) and not np.allclose(want[3], want[2])
 
 
 def test_reflect_shift_matches_numpy_reflect(rng):
@@ -68,6 +74,21 @@ def test_reflect_shift_matches_numpy_reflect(rng):
             np.testing.assert_array_equal(T.reflect_shift(np, x, axis, s), want)
     with pytest.raises(UsageError, match="cannot be translated"):
         T.reflect_shift(np, x, 2, 4)
+
+
+def test_edge_shift_matches_numpy_edge(rng):
+    """edge_shift: x moved by -s along an axis, the border row or column repeated (np.pad's 'edge')."""
+    x = rng.standard_normal((2, 1, 4, 7))
+    for s in (-3, -1, 1, 3):
+        for axis in (2, 3):
+            n = x.shape[axis]
+            pad = [(0, 0)] * 4
+            pad[axis] = (abs(s), abs(s))
+            want = np.take(np.pad(x, pad, mode="edge"), np.arange(n) + abs(s) + s, axis=axis)
+            np.testing.assert_array_equal(T.edge_shift(np, x, axis, s), want)
+    assert T.edge_shift(np, x, 2, 0) is x
+    with pytest.raises(UsageError, match="cannot be shifted"):
+        T.edge_shift(np, x, 2, 4)
 
 
 def test_eval_step_scores_the_averaged_logits(rng):
@@ -85,7 +106,7 @@ def test_eval_step_scores_the_averaged_logits(rng):
     np.testing.assert_array_equal(pred, logits.argmax(axis=1))
     np.testing.assert_array_equal(true, y)
     with pytest.raises(UsageError, match="--tta"):
-        T.make_eval_step(model, 3)
+        T.make_eval_step(model, 4)
 
 
 def test_trainer_evaluates_the_last_epoch_with_tta(rng):
@@ -161,5 +182,5 @@ def test_train_and_evaluate_flags(tmp_path, capsys, monkeypatch):
     assert main(["evaluate", str(out), "--tta", "2", "--device", "cpu", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["tta"] == 2
     with pytest.raises(SystemExit):
-        main(["evaluate", str(out), "--tta", "3"])
+        main(["evaluate", str(out), "--tta", "4"])
     assert "invalid choice" in capsys.readouterr().err

@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     aug.add_argument("--no-augment", action="store_true", help="no augmentation")
     t.add_argument("--tta", type=int, choices=TTA_LEVELS,
                    help="test-time augmentation of the last epoch's evaluation: 0 none, 1 mirror, 2 mirror + "
-                        "translate (airbench's levels)")
+                        "translate (airbench's levels), 3 shift (the image and its four one-pixel shifts)")
     t.add_argument("--val-fraction", type=_fraction, help="held-out stratified validation share (default 0.1 "
                                                           "for data sets without a test split, else 0)")
     t.add_argument("--seed", type=_int, help="default: 0")
@@ -172,8 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device")
     e.add_argument("--precision", choices=PRECISIONS, help="default: the one the model was trained with")
     e.add_argument("--tta", type=int, choices=TTA_LEVELS,
-                   help="test-time augmentation: 0 none, 1 mirror, 2 mirror + translate (default: the level the "
-                        "model's run evaluated with)")
+                   help="test-time augmentation: 0 none, 1 mirror, 2 mirror + translate, 3 shift (default: the "
+                        "level the model's run evaluated with)")
     e.add_argument("--no-cache", action="store_true", help="decode image folders again instead of reading their "
                                                            "decoded copy")
     e.add_argument("--json", action="store_true", help="print the result as JSON")

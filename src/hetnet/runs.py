@@ -985,8 +985,8 @@ def evaluate_model(target: str | Path, dataset: str | None = None, data: str | N
     exist (default: test). Classes are matched by name: a class the model does not know is an error; data holding
     only some of the model's classes are scored on those, with a note.
 
-    tta: test-time augmentation level (hetnet.train.tta_logits: 0 none, 1 mirror, 2 mirror + translate); None: the
-    level the model's run evaluated its last epoch with (0 for models saved without one). cache=False: image
+    tta: test-time augmentation level (hetnet.train.tta_logits: 0 none, 1 mirror, 2 mirror + translate, 3 shift);
+    None: the level the model's run evaluated its last epoch with (0 for models saved without one). cache=False: image
     folders are decoded without the cache of decoded images."""
 
     path = resolve_model_path(target)

@@ -311,14 +311,18 @@ def make_eval_step(model, tta: int = 0) -> EvalStep:
 #            reflecting an index at the border without repeating it (r(-1) = 1, r(H) = H - 2), as torch's F.pad
 #            'reflect' and airbench's crops of it (rows/columns 0..H-1 and 2..H+1 of the image padded by 1).
 # So level 2 weighs f(x), f(x') by 1/4 and f(t-), f(t-'), f(t+), f(t+') by 1/8.
+# Level 3 ("shift", for images that are not mirror-symmetric, such as Fashion-MNIST's shoes, which all point one
+# way): (f(x) + f(x moved one pixel up) + ... down, left, right) / 5, the border row or column repeated
+# (edge_shift), the views a training crop of one pixel produces (crop:1) where the border is the background.
 
-TTA_LEVELS = (0, 1, 2)
-TTA_NAMES = {0: "none", 1: "mirror", 2: "mirror + translate"}
+TTA_LEVELS = (0, 1, 2, 3)
+TTA_NAMES = {0: "none", 1: "mirror", 2: "mirror + translate", 3: "shift"}
 
 
 def check_tta(level) -> int:
     if isinstance(level, bool) or level not in TTA_LEVELS:
-        raise UsageError(f"--tta: expected 0 (none), 1 (mirror) or 2 (mirror + translate), got {level!r}")
+        raise UsageError(f"--tta: expected 0 (none), 1 (mirror), 2 (mirror + translate) or 3 (shift), got "
+                         f"{level!r}")
     return int(level)
 
 
@@ -349,6 +353,31 @@ def reflect_shift(xp, x, axis: int, s: int):
     return out
 
 
+def edge_shift(xp, x, axis: int, s: int):
+    """out[..., i, ...] = x[..., clamp(i + s), ...] along `axis`: x moved by -s, the border row or column repeated
+    where pixels come in (|s| < size). Slices and copies only, as reflect_shift."""
+    n = x.shape[axis]
+    if s == 0:
+        return x
+    if abs(s) >= n:
+        raise UsageError(f"--tta 3: images of {n} pixels along an axis cannot be shifted by {abs(s)}")
+
+    def sl(lo, hi):
+        idx = [slice(None)] * x.ndim
+        idx[axis] = slice(lo, hi)
+        return tuple(idx)
+
+    out = xp.empty_like(x)
+    if s > 0:               # out[:n-s] = x[s:]; out[n-s:] = x[n-1]
+        out[sl(0, n - s)] = x[sl(s, n)]
+        out[sl(n - s, n)] = x[sl(n - 1, n)]
+    else:                   # out[t:] = x[:n-t]; out[:t] = x[0]
+        t = -s
+        out[sl(t, n)] = x[sl(0, n - t)]
+        out[sl(0, t)] = x[sl(0, 1)]
+    return out
+
+
 def tta_views(xp, x, level: int) -> list:
     """[(weight, input batch)] whose weighted logits make the TTA logits of batch x (N, C, H, W) at `level`."""
     def mirror(v):
@@ -358,6 +387,8 @@ def tta_views(xp, x, level: int) -> list:
         return [(1.0, x)]
     if level == 1:
         return [(0.5, x), (0.5, mirror(x))]
+    if level == 3:
+        return [(0.2, x)] + [(0.2, edge_shift(xp, x, axis, s)) for axis in (2, 3) for s in (1, -1)]
     views = [(0.25, x), (0.25, mirror(x))]
     for s in (-1, 1):
         t = reflect_shift(xp, reflect_shift(xp, x, 2, s), 3, s)
@@ -368,7 +399,8 @@ def tta_views(xp, x, level: int) -> list:
 def tta_logits(model, x, level: int, ctx=None):
     """The model's logits for batch x (a device array, eval mode) averaged over the views of test-time augmentation
     level 0 (x alone), 1 (x and its mirror) or 2 (also x translated by one pixel each way, and their mirrors), as
-    airbench's infer(model, loader, tta_level). Each view runs through the model's plan as evaluation does.
+    airbench's infer(model, loader, tta_level), or 3 (x and its four one-pixel shifts). Each view runs through the
+    model's plan as evaluation does.
 
         >>> model.eval(); logits = tta_logits(model, backend.asarray(xb), 1)          # doctest: +SKIP
     """
