@@ -62,33 +62,22 @@ def test_levels_average_the_logits_of_the_views(rng, device):
     assert not np.allclose(want[3], want[0]) and not np.allclose(want[3], want[2])
 
 
-def test_reflect_shift_matches_numpy_reflect(rng):
+@pytest.mark.parametrize("shift,mode,error", [(T.reflect_shift, "reflect", "cannot be translated"),
+                                              (T.edge_shift, "edge", "cannot be shifted")], ids=["reflect", "edge"])
+def test_shifts_match_numpy_pad(rng, shift, mode, error):
+    """reflect_shift / edge_shift: x moved by -s along an axis, what comes in mirrored from inside or the border
+    repeated, as np.pad's 'reflect' / 'edge'; no move at s = 0; a move of the whole axis refused."""
     x = rng.standard_normal((2, 1, 4, 7))
     for s in (-3, -1, 1, 3):
         for axis in (2, 3):
             n = x.shape[axis]
             pad = [(0, 0)] * 4
             pad[axis] = (abs(s), abs(s))
-            p = np.pad(x, pad, mode="reflect")
-            want = np.take(p, np.arange(n) + abs(s) + s, axis=axis)
-            np.testing.assert_array_equal(T.reflect_shift(np, x, axis, s), want)
-    with pytest.raises(UsageError, match="cannot be translated"):
-        T.reflect_shift(np, x, 2, 4)
-
-
-def test_edge_shift_matches_numpy_edge(rng):
-    """edge_shift: x moved by -s along an axis, the border row or column repeated (np.pad's 'edge')."""
-    x = rng.standard_normal((2, 1, 4, 7))
-    for s in (-3, -1, 1, 3):
-        for axis in (2, 3):
-            n = x.shape[axis]
-            pad = [(0, 0)] * 4
-            pad[axis] = (abs(s), abs(s))
-            want = np.take(np.pad(x, pad, mode="edge"), np.arange(n) + abs(s) + s, axis=axis)
-            np.testing.assert_array_equal(T.edge_shift(np, x, axis, s), want)
-    assert T.edge_shift(np, x, 2, 0) is x
-    with pytest.raises(UsageError, match="cannot be shifted"):
-        T.edge_shift(np, x, 2, 4)
+            want = np.take(np.pad(x, pad, mode=mode), np.arange(n) + abs(s) + s, axis=axis)
+            np.testing.assert_array_equal(shift(np, x, axis, s), want)
+    assert shift(np, x, 2, 0) is x
+    with pytest.raises(UsageError, match=error):
+        shift(np, x, 2, 4)
 
 
 def test_eval_step_scores_the_averaged_logits(rng):
