@@ -940,4 +940,3 @@ extern "C" __global__ void add_from_nhwc(float* __restrict__ dw, const float* __
         dw[e] += t[((long long)o * RS + rs) * C + c];
     }
 }
-

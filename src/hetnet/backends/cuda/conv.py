@@ -754,19 +754,19 @@ class ConvOps:
         x, w, stride, padding, x16, x_shape = conv_cache
         z_shape, _, arg, kernel, pool_stride = pool_cache
         g = Geometry(*x_shape, *(w.shape[i] for i in (0, 2, 3)), stride, padding)
+        direct = (self.precision == "bf16" and kernel == pool_stride and not (relu_mask and x is None)
+                  and conv_backward16_ready(self, g, dw, need_dx))
         if isinstance(dy, Nhwc16):          # the batch norm's hand-over (takes_dy16): the pooled gradient in bf16
-            if (db is not None or kernel != pool_stride or (relu_mask and x is None)
-                    or not conv_backward16_ready(self, g, dw, need_dx)):
+            if db is not None or not direct:
                 raise ValueError("conv2d_maxpool_backward: a channels-last dy where its gradients do not run on it")
             dz16 = mma.pool_grad16_nhwc16(self, dy.data, arg, z_shape, kernel)
-            return conv_backward16(self, g, dz16, x, x16, w, dw, need_dx, x if relu_mask else None)
-        if (self.precision != "bf16" or kernel != pool_stride or (relu_mask and x is None)
-                or not conv_backward16_ready(self, g, dw, need_dx)):
+        elif not direct:
             return compose.conv2d_maxpool_backward(self, dy, cache, dw, db, need_dx, relu_mask)
-        dy = self._c(dy)
-        if db is not None:
-            channel_sum(self, dy, db, g.n, g.k, dy.shape[2] * dy.shape[3])
-        dz16 = mma.pool_grad_nhwc16(self, dy, arg, z_shape, kernel)
+        else:
+            dy = self._c(dy)
+            if db is not None:
+                channel_sum(self, dy, db, g.n, g.k, dy.shape[2] * dy.shape[3])
+            dz16 = mma.pool_grad_nhwc16(self, dy, arg, z_shape, kernel)
         return conv_backward16(self, g, dz16, x, x16, w, dw, need_dx, x if relu_mask else None)
 
     def dense_chain_forward(self, x, layers):

@@ -290,9 +290,9 @@ HN_TWO_INDEX_KERNELS(bn_bwd_dx,
 
 // bn_bwd_dx's dx written channels-last in bf16 instead: the copy of dE/dy that the convolution (-> max pool) whose
 // output x is reads in its backward (conv.cu's to_nhwc16 of dx), dx16[img][p][c] = bf16(dx[img][c][p]) as bf16 pairs
-// [n][HW][C / 2] (C even), in bn_apply_nhwc16's tiles (64 channels x 32 pixels through shared memory, a channel's constants read
-// once per block). The same arithmetic as bn_bwd_dx, so the two give the same bits. Grid (ceil(n * HW / 32),
-// ceil(C / 64)), 256 threads; n * HW < 2^31.
+// [n][HW][C / 2] (C even), in bn_apply_nhwc16's tiles (64 channels x 32 pixels through shared memory, a channel's
+// constants read once per block). The same arithmetic as bn_bwd_dx, so the two give the same bits. Grid
+// (ceil(n * HW / 32), ceil(C / 64)), 256 threads; n * HW < 2^31.
 extern "C" __global__ void __launch_bounds__(256) bn_bwd_dx_nhwc16(
     const float* __restrict__ dy, const float* __restrict__ x, const float* __restrict__ mean,
     const float* __restrict__ var, const float* __restrict__ gamma, const float* __restrict__ beta,
