@@ -11,10 +11,11 @@
 //   - cp.async copies complete only at the cp.async.wait_group that retires their group, so a read too early sees
 //     stale data, and the shared-memory checker below reports it;
 //   - cvt.rna.tf32.f32 and cvt.rn.bf16x2.f32 bit-exact (finite inputs);
-//   - wgmma.mma_async m64nNk16 .bf16 (PTX ISA 9.7.15) as a warpgroup collective: A and B read from shared memory
-//     through their matrix descriptors (decoded by the ISA's bit fields and canonical K-major layouts, no swizzle or
-//     the 128-byte swizzle), D in the ISA's accumulator fragment order; the result reaches the registers only when
-//     a wgmma.wait_group retires its group, and the words it read may not be written before that.
+//   - wgmma.mma_async m64nNk16 .bf16 and m64nNk8 .tf32 (PTX ISA 9.7.15) as a warpgroup collective: A and B read from
+//     shared memory through their matrix descriptors (decoded by the ISA's bit fields and canonical layouts, no
+//     swizzle or the 128-byte swizzle; a tf32 element is its float32 word, low 13 bits ignored), D in the ISA's
+//     accumulator fragment order; the result reaches the registers only when a wgmma.wait_group retires its group,
+//     and the words it read may not be written before that.
 // wgmma reads shared memory through the async proxy: a word it reads must have been written before a barrier and,
 // by the thread that wrote it, followed by a fence.proxy.async (a missing fence is an error).
 // Checks, each a launch error with a message: every shared-memory word read was written before (no reads of
@@ -519,88 +520,113 @@ inline void hn_wgmma_wait() {
 }
 
 namespace emu {
-// Element (row, k) of a K-major 16-bit operand (rows x 16) at descriptor `desc` (PTX ISA 9.7.15.5.1): start address
-// bits 0-13, leading byte offset 16-29, stride byte offset 32-45 (each >> 4), base offset 49-51, swizzle 62-63.
-// No swizzle: 8 x 16-byte core matrices, rows 8 apart by the stride byte offset, the two 8-element halves of K by the
-// leading byte offset. 128-byte swizzle: rows of 128 bytes, groups of 8 rows by the stride byte offset, and the
-// address's bits 4-6 XORed with its bits 7-9.
-// MN-major (the transpose flag set; 128-byte swizzle only): K rows of 64 elements of M or N (128 bytes), groups of 8
-// K rows by the stride byte offset, the next 64 of M or N by the leading byte offset, then the same XOR.
-inline unsigned wgmma_at(unsigned long long desc, bool mn_major, int row, int k, const char* what) {
+// Element (row, k) of an operand of `bytes`-byte elements (2: bf16, 4: tf32) at descriptor `desc` (PTX ISA
+// 9.7.15.5.1): start address bits 0-13, leading byte offset 16-29, stride byte offset 32-45 (each >> 4), base offset
+// 49-51, swizzle 62-63. K-major, no swizzle: core matrices of 8 rows x 16 bytes (8 x 8 bf16, 8 x 4 tf32), rows 8
+// apart by the stride byte offset, the next 16 bytes of K by the leading byte offset. K-major, 128-byte swizzle: rows
+// of 128 bytes, groups of 8 rows by the stride byte offset, and the address's bits 4-6 XORed with its bits 7-9.
+// MN-major (the transpose flag set; 16-bit elements and the 128-byte swizzle only): K rows of 64 elements of M or N
+// (128 bytes), groups of 8 K rows by the stride byte offset, the next 64 of M or N by the leading byte offset, then
+// the same XOR.
+inline unsigned wgmma_at(unsigned long long desc, int bytes, bool mn_major, int row, int k, const char* what) {
     const unsigned start = static_cast<unsigned>(desc & 0x3FFF) << 4;
     const unsigned lbo = static_cast<unsigned>((desc >> 16) & 0x3FFF) << 4;
     const unsigned sbo = static_cast<unsigned>((desc >> 32) & 0x3FFF) << 4;
     const unsigned base_offset = static_cast<unsigned>((desc >> 49) & 7), mode = static_cast<unsigned>(desc >> 62);
+    const int core = 16 / bytes;   // elements of K in a 16-byte row of a core matrix
     if (base_offset != 0) fail("%s: descriptor base offset %u (only 0 emulated)", what, base_offset);
-    if (mode == 0 && !mn_major) return start + (row / 8) * sbo + (k / 8) * lbo + (row % 8) * 16 + (k % 8) * 2;
+    if (mn_major && bytes != 2) fail("%s: MN-major operand of %d-byte elements (16-bit only)", what, bytes);
+    if (mode == 0 && !mn_major)
+        return start + (row / 8) * sbo + (k / core) * lbo + (row % 8) * 16 + (k % core) * bytes;
     if (mode != 1) fail("%s: descriptor swizzle mode %u (only 128 bytes, and none K-major, emulated)", what, mode);
     const unsigned a = mn_major ? start + (row / 64) * lbo + (k / 8) * sbo + (k % 8) * 128 + (row % 64) * 2
-                                : start + (row / 8) * sbo + (row % 8) * 128 + k * 2;
+                                : start + (row / 8) * sbo + (row % 8) * 128 + k * bytes;
     return a ^ (((a >> 7) & 7) << 4);
 }
-}  // namespace emu
 
-// wgmma.mma_async.sync.aligned.m64nNk16.f32.bf16.bf16 d, da, db, 1, 1, 1, MN, MN: D (64 x N) += A (64 x 16, da) B
-// (16 x N, db), both K-major (MN = 0) or both MN-major (MN = 1). Accumulator fragment (PTX ISA 9.7.15.5.2, "Register fragments"): thread t of
-// the warpgroup holds d_i at row 16 (warp % 4) + lane / 4 + 8 ((i / 2) % 2), column 8 (i / 4) + 2 (lane % 4) + i % 2.
-template <int N, int MN>
-inline void hn_wgmma_bf16(float (&d)[N / 8][4], unsigned long long da, unsigned long long db) {
-    const char* what = "wgmma.mma_async.m64nNk16.bf16";
-    emu::State& s = emu::S();
-    const int t = emu::me().linear % 128;
-    emu::Warpgroup& g0 = s.warpgroups[emu::me().linear / 128];
-    g0.d[t] = &d[0][0];
+// The value the tensor cores read from an element: bf16 as it is; tf32 the float32 word with its low 13 bits ignored.
+inline double wgmma_value(const unsigned char* p, int bytes) {
+    if (bytes == 2) {
+        unsigned short h;
+        std::memcpy(&h, p, 2);
+        return bf16_value(h);
+    }
+    unsigned u;
+    std::memcpy(&u, p, 4);
+    return from_bits(u & 0xffffe000u);
+}
+
+// One wgmma.mma_async of the calling warpgroup, D (64 x N) += A (64 x K, da) B (K x N, db), operands of `bytes`-byte
+// elements, both K-major or both MN-major. d: this thread's N / 2 accumulators, in the fragment order of PTX ISA
+// 9.7.15.5.2 ("Register fragments"): thread t of the warpgroup holds d_i at row 16 (warp % 4) + lane / 4 +
+// 8 ((i / 2) % 2), column 8 (i / 4) + 2 (lane % 4) + i % 2. The result reaches d when wait_group retires the group.
+template <int N, int K>
+inline void wgmma(float* d, unsigned long long da, unsigned long long db, int bytes, bool mn_major, const char* what) {
+    State& s = S();
+    const int t = me().linear % 128;
+    Warpgroup& g0 = s.warpgroups[me().linear / 128];
+    g0.d[t] = d;
     g0.da[t] = da;
     g0.db[t] = db;
-    emu::group_meet(what, [&](emu::Warpgroup& g) {
+    group_meet(what, [&](Warpgroup& g) {
         const int wg = static_cast<int>(&g - s.warpgroups.data());
         for (int i = 1; i < 128; ++i)
-            if (g.da[i] != g.da[0] || g.db[i] != g.db[0])
-                emu::fail("%s: descriptors differ across the warpgroup", what);
-        auto load = [&](unsigned long long desc, int rows, std::vector<double>& m) {   // m[row * 16 + k]
-            m.assign(rows * 16, 0.0);
+            if (g.da[i] != g.da[0] || g.db[i] != g.db[0]) fail("%s: descriptors differ across the warpgroup", what);
+        auto load = [&](unsigned long long desc, int rows, std::vector<double>& m) {   // m[row * K + k]
+            m.assign(rows * K, 0.0);
             for (int r = 0; r < rows; ++r)
-                for (int k = 0; k < 16; ++k) {
-                    const unsigned off = emu::wgmma_at(desc, MN == 1, r, k, what);
-                    if (off % 2 || off + 2 > static_cast<unsigned>(s.smem_bytes))
-                        emu::fail("%s: operand byte %u outside shared memory or misaligned", what, off);
-                    emu::Word& w = s.shadow[off / 4];
-                    if (w.pending >= 0) emu::fail("%s: reads shared byte %u with a cp.async in flight", what, off);
-                    if (w.w_epoch < 0) emu::fail("%s: reads shared byte %u, never written", what, off);
-                    if (w.w_epoch == s.epoch)
-                        emu::fail("%s: reads shared byte %u written without a barrier", what, off);
+                for (int k = 0; k < K; ++k) {
+                    const unsigned off = wgmma_at(desc, bytes, mn_major, r, k, what);
+                    if (off % bytes || off + bytes > static_cast<unsigned>(s.smem_bytes))
+                        fail("%s: operand byte %u outside shared memory or misaligned", what, off);
+                    Word& w = s.shadow[off / 4];
+                    if (w.pending >= 0) fail("%s: reads shared byte %u with a cp.async in flight", what, off);
+                    if (w.w_epoch < 0) fail("%s: reads shared byte %u, never written", what, off);
+                    if (w.w_epoch == s.epoch) fail("%s: reads shared byte %u written without a barrier", what, off);
                     if (s.threads[w.w_tid].fenced < w.w_seq)
-                        emu::fail("%s: reads shared byte %u written by thread %d, no fence.proxy.async after",
-                                  what, off, w.w_tid);
+                        fail("%s: reads shared byte %u written by thread %d, no fence.proxy.async after", what, off,
+                             w.w_tid);
                     w.wg_busy = wg;
                     w.wg_group = g.committed;
-                    unsigned short h;
-                    std::memcpy(&h, s.smem + off, 2);
-                    m[r * 16 + k] = emu::bf16_value(h);
+                    m[r * K + k] = wgmma_value(s.smem + off, bytes);
                 }
         };
         std::vector<double> A, B;
         load(g.da[0], 64, A);
         load(g.db[0], N, B);
         // the accumulator going in: the newest pending result for the same registers, else the registers
-        emu::WgmmaOp op;
+        WgmmaOp op;
         op.group = g.committed;
         for (int th = 0; th < 128; ++th) {
             op.d[th] = g.d[th];
             std::vector<float> in(g.d[th], g.d[th] + N / 2);
-            for (const emu::WgmmaOp& prev : g.ops)
+            for (const WgmmaOp& prev : g.ops)
                 if (prev.d[th] == g.d[th]) in = prev.value[th];
             const int warp = th / 32, ln = th % 32;
             op.value[th].resize(N / 2);
             for (int i = 0; i < N / 2; ++i) {
                 const int row = 16 * warp + ln / 4 + 8 * ((i / 2) % 2), col = 8 * (i / 4) + 2 * (ln % 4) + i % 2;
                 double sum = in[i];
-                for (int k = 0; k < 16; ++k) sum += A[row * 16 + k] * B[col * 16 + k];
+                for (int k = 0; k < K; ++k) sum += A[row * K + k] * B[col * K + k];
                 op.value[th][i] = static_cast<float>(sum);
             }
         }
         g.ops.push_back(std::move(op));
     });
+}
+}  // namespace emu
+
+// wgmma.mma_async.sync.aligned.m64nNk16.f32.bf16.bf16 d, da, db, 1, 1, 1, MN, MN: D (64 x N) += A (64 x 16, da) B
+// (16 x N, db), both K-major (MN = 0) or both MN-major (MN = 1).
+template <int N, int MN>
+inline void hn_wgmma_bf16(float (&d)[N / 8][4], unsigned long long da, unsigned long long db) {
+    emu::wgmma<N, 16>(&d[0][0], da, db, 2, MN == 1, "wgmma.mma_async.m64nNk16.bf16");
+}
+// wgmma.mma_async.sync.aligned.m64nNk8.f32.tf32.tf32 d, da, db, 1, 1, 1: D (64 x N) += A (64 x 8, da) B (8 x N, db),
+// both K-major (tf32 has no transpose).
+template <int N>
+inline void hn_wgmma_tf32(float (&d)[N / 8][4], unsigned long long da, unsigned long long db) {
+    emu::wgmma<N, 8>(&d[0][0], da, db, 4, false, "wgmma.mma_async.m64nNk8.tf32");
 }
 
 inline unsigned hn_tf32(float x) { return emu::tf32(x); }
