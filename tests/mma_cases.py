@@ -146,3 +146,26 @@ def nhwc16(a):
 def turned16(w):
     """The data gradient's turned weights wt[c][r][s][o] = w[o][c][R-1-r][S-1-s] as bf16 bits (mma.turn_weights16)."""
     return bf16_bits(np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 2, 3, 0)))
+
+
+# The tf32 channels-last convolutions (HN_CONV32W, HN_CONV32F): their copies are float32 rounded to tf32, C (and O of
+# the gradients) a multiple of 4; shapes as CONV16_SHAPES (M tails, batch 1, odd H and W, stride 2, 1x1 and 5x5)
+# with channel counts that are not multiples of 8.
+CONV32_SHAPES = [(2, 4, 7, 9, 12, 3, 3, 1, 1), (1, 12, 6, 6, 72, 1, 1, 1, 0), (3, 4, 9, 8, 20, 5, 5, 2, 2),
+                 (2, 20, 5, 7, 132, 3, 3, 2, 0), (2, 36, 13, 11, 12, 3, 3, 1, 1), (1, 8, 4, 4, 4, 5, 5, 1, 2)]
+POOL32_SHAPES = [(2, 4, 7, 9, 12, 3, 3, 1, 1), (2, 20, 5, 7, 132, 3, 3, 2, 0)]
+
+
+def nhwc_copy(a, precision: str):
+    """a [n, C, *spatial] (or weights [O, C, R, S]) channels-last as mma.to_nhwc makes it at `precision`: bf16 bits,
+    or float32 rounded to tf32."""
+    if precision == "bf16":
+        return nhwc16(a)
+    return round_tf32(np.ascontiguousarray(np.moveaxis(a, 1, -1)))
+
+
+def turned_copy(w, precision: str):
+    """The data gradient's turned weights as mma.turn_weights makes them at `precision`."""
+    if precision == "bf16":
+        return turned16(w)
+    return round_tf32(np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 2, 3, 0)))

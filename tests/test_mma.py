@@ -23,9 +23,9 @@ if _N_GPUS == 0:
     pytest.skip("no CUDA GPU", allow_module_level=True)
 
 from conftest import RTOL_TC, RTOL_TC_ROUNDED, rel_err
-from mma_cases import (CONV16_SHAPES, CONV_SHAPES, POOL16_SHAPES, SHAPES, conv_data_expected, conv_data_inputs,
-                       conv_expected, conv_filter_expected, conv_filter_inputs, conv_inputs, expected, max_pool_2x2,
-                       nhwc16, stored, turned16)
+from mma_cases import (CONV16_SHAPES, CONV32_SHAPES, CONV_SHAPES, POOL16_SHAPES, POOL32_SHAPES, SHAPES,
+                       conv_data_expected, conv_data_inputs, conv_expected, conv_filter_expected, conv_filter_inputs,
+                       conv_inputs, expected, max_pool_2x2, nhwc16, nhwc_copy, stored, turned16, turned_copy)
 
 import hetnet as hn
 from hetnet import train as T
@@ -33,7 +33,7 @@ from hetnet.backends import compose
 from hetnet.backends.cuda import conv as C
 from hetnet.backends.cuda import mma as mm
 from hetnet.backends.cuda.kernels import wgmma_ok
-from hetnet.backends.cuda.mma_tiles import LAYOUTS, PRECISIONS, TILES, TILES16, TILES16W
+from hetnet.backends.cuda.mma_tiles import LAYOUTS, PRECISIONS, TILES, TILES16W
 from hetnet.device import get_backend
 
 pytestmark = pytest.mark.gpu
@@ -246,50 +246,96 @@ def test_channels_last_copies(be, rng):
         x.reshape(-1)[:4] = np.array([0x3F808000, 0x3F818000, 0xBF808000, 0x3F80FFFF], np.uint32).view(np.float32)
         np.testing.assert_array_equal(cupy.asnumpy(mm.to_nhwc16(be, cupy.asarray(x))), nhwc16(x), f"{shape}")
     w = rng.standard_normal((12, 8, 3, 5)).astype(np.float32)
-    np.testing.assert_array_equal(cupy.asnumpy(mm.turn_weights16(be, cupy.asarray(w))), turned16(w))
+    np.testing.assert_array_equal(cupy.asnumpy(mm.turn_weights(be, cupy.asarray(w))), turned16(w))
 
 
-def _checked16(what, got, exact, rounded):
+def test_channels_last_tf32_copies(rng):
+    """At tf32, to_nhwc and turn_weights give exactly the float32 channels-last copies rounded to tf32 (to nearest,
+    ties away from zero: cvt.rna) that NumPy makes, any C (odd included), NaN kept a NaN."""
+    be = get_backend("cuda", "tf32")
+    for shape in ((3, 7, 37), (2, 70, 5, 7), (130, 8, 3, 3), (2, 64, 32, 32)):
+        x = (rng.standard_normal(shape) * 100).astype(np.float32)
+        x.reshape(-1)[:4] = np.array([0x3F801000, 0x3F803000, 0xBF801000, 0x3F80FFFF], np.uint32).view(np.float32)
+        got = cupy.asnumpy(mm.to_nhwc(be, cupy.asarray(x)))
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got.view(np.uint32), nhwc_copy(x, "tf32").view(np.uint32), f"{shape}")
+    w = rng.standard_normal((12, 8, 3, 5)).astype(np.float32)
+    w[0, 0, 0, 0] = np.nan
+    got = cupy.asnumpy(mm.turn_weights(be, cupy.asarray(w)))
+    assert np.isnan(got[0, 2, 4, 0]) and np.isnan(got).sum() == 1
+    np.testing.assert_array_equal(got, turned_copy(w, "tf32"))
+
+
+def _checked16(what, got, exact, rounded, precision="bf16"):
     err = rel_err(got, exact)
-    assert err <= RTOL_TC["bf16"], f"{what}: relative error {err:.3g} against the exact inputs"
+    assert err <= RTOL_TC[precision], f"{what}: relative error {err:.3g} against the exact inputs"
     err = rel_err(got, rounded)
     assert err <= RTOL_TC_ROUNDED, f"{what}: relative error {err:.3g} against the rounded inputs"
 
 
-@pytest.mark.parametrize("shape", CONV16_SHAPES, ids=str)
-def test_conv16(rng, shape):
-    """Each op of each HN_CONV16 tile (and HN_CONV16W tile where the device runs wgmma) from NCHW float32 on the GPU
-    (the channels-last copies made there) against float64: forward with bias + ReLU and without, data gradient with
-    and without the mask, filter gradient added into dw, split and not."""
-    be = get_backend("cuda", "bf16")
+CL_CASES = [("bf16", s) for s in CONV16_SHAPES] + [("tf32", s) for s in CONV32_SHAPES]
+
+
+@pytest.mark.parametrize(("precision", "shape"), CL_CASES, ids=str)
+def test_conv16(rng, precision, shape):
+    """Each op of each channels-last tile (bf16: HN_CONV16, and HN_CONV16W where the device runs wgmma; tf32:
+    HN_CONV32F, and HN_CONV32W where it runs wgmma) from NCHW float32 on the GPU (the channels-last copies made there)
+    against float64: forward with bias + ReLU and without, data gradient with and without the mask, filter gradient
+    added into dw, split and not."""
+    be = get_backend("cuda", precision)
     n, c, h, w_, o, r, s, stride, pad = shape
-    wg = TILES16W["fwd"] if wgmma_ok(be.device_id) else ()
-    for k, tile in enumerate(TILES16["fwd"] + wg):
+    wg = wgmma_ok(be.device_id)
+    for k, tile in enumerate(mm.tiles16("fwd", precision, wg)):
         act = 1 - k % 2
-        if mm.conv16_fits("fwd", c, o, r, s, stride, pad):
+        if mm.conv16_fits("fwd", c, o, r, s, stride, pad, precision):
             x, w, b, y = conv_inputs(rng, shape, bias=act == 1)
             gy = cupy.asarray(y)
             mm.conv16(be, gy, cupy.asarray(x), cupy.asarray(w), None if b is None else cupy.asarray(b), stride, pad,
                       act, tile.name)
             _checked16(f"fwd {shape} {tile.name}", cupy.asnumpy(gy), conv_expected(x, w, b, stride, pad, act),
-                       conv_expected(x, w, b, stride, pad, act, "bf16"))
-        if mm.conv16_fits("data", c, o, r, s, stride, pad):
+                       conv_expected(x, w, b, stride, pad, act, precision), precision)
+        if mm.conv16_fits("data", c, o, r, s, stride, pad, precision):
             dy, w, relu_x, dx = conv_data_inputs(rng, shape, mask=act == 1)
             gdx = cupy.asarray(dx)
-            mm.conv16_data(be, gdx, mm.to_nhwc16(be, cupy.asarray(dy)), cupy.asarray(w),
+            mm.conv16_data(be, gdx, mm.to_nhwc(be, cupy.asarray(dy)), cupy.asarray(w),
                            None if relu_x is None else cupy.asarray(relu_x), pad, tile.name)
             _checked16(f"data {shape} {tile.name}", cupy.asnumpy(gdx), conv_data_expected(dy, w, relu_x, shape),
-                       conv_data_expected(dy, w, relu_x, shape, "bf16"))
-    for tile in TILES16["filter"] + (TILES16W["filter"] if wgmma_ok(be.device_id) else ()):
+                       conv_data_expected(dy, w, relu_x, shape, precision), precision)
+    for tile in mm.tiles16("filter", precision, wg):
         for splits in (1, 3, None):
-            if mm.conv16_fits("filter", c, o, r, s, stride, pad):
+            if mm.conv16_fits("filter", c, o, r, s, stride, pad, precision):
                 dy, x, dw0 = conv_filter_inputs(rng, shape)
                 gdw = cupy.asarray(dw0)
-                mm.conv16_filter(be, gdw, mm.to_nhwc16(be, cupy.asarray(dy)), mm.to_nhwc16(be, cupy.asarray(x)),
+                mm.conv16_filter(be, gdw, mm.to_nhwc(be, cupy.asarray(dy)), mm.to_nhwc(be, cupy.asarray(x)),
                                  stride, pad, tile.name, splits)
                 _checked16(f"filter {shape} {tile.name} splits {splits}", cupy.asnumpy(gdw) - dw0,
                            conv_filter_expected(dy, x, dw0, shape) - dw0,
-                           conv_filter_expected(dy, x, dw0, shape, "bf16") - dw0)
+                           conv_filter_expected(dy, x, dw0, shape, precision) - dw0, precision)
+
+
+def test_conv_layer_offers_the_tf32_channels_last_kernels(rng):
+    """At tf32 the backend's convolution measures the "tc32" candidates (the wgmma ones where the device runs them)
+    beside its others for the forward, the data and filter gradients and the pooled forward, and what it chose gives
+    each result within the tf32 tolerance of float64, the pooled forward bit for bit the forward's pooling."""
+    be = get_backend("cuda", "tf32")
+    shape = (3, 16, 12, 12, 32, 3, 3, 1, 1)
+    x, w, b, _ = conv_inputs(rng, shape)
+    dy = rng.standard_normal((3, 32, 12, 12)).astype(np.float32)
+    gw, gb = cupy.asarray(w), cupy.asarray(b)
+    dw, db = cupy.zeros_like(gw), cupy.zeros_like(gb)
+    y, cache = be.conv2d_forward(cupy.asarray(x), gw, gb, 1, 1, act="relu")
+    dx = be.conv2d_backward(cupy.asarray(dy), cache, dw, db, need_dx=True, relu_mask=True)
+    assert rel_err(cupy.asnumpy(y), conv_expected(x, w, b, 1, 1, 1)) <= RTOL_TC["tf32"]
+    assert rel_err(cupy.asnumpy(dx), conv_data_expected(dy, w, x, shape)) <= RTOL_TC["tf32"]
+    assert rel_err(cupy.asnumpy(dw), conv_filter_expected(dy, x, np.zeros_like(w), shape)) <= RTOL_TC["tf32"]
+    wg = wgmma_ok(be.device_id)
+    for op in ("fwd", "data", "filter"):
+        for name in C._names16("tf32", op, wg):
+            assert any(r["op"] == op and r["shape"][0] == 3 and name in r["ms"] for r in be.tune_log), (op, name)
+    if C._measured16(be, "fwd", C.Geometry(*shape)):                    # the pooled forward runs where it won
+        zy, zcache = be.conv2d_forward(cupy.asarray(x), gw, gb, 1, 1)
+        py, _ = be.conv2d_maxpool_forward(cupy.asarray(x), gw, gb, 1, 1, 2, 2)
+        np.testing.assert_array_equal(cupy.asnumpy(py), max_pool_2x2(cupy.asnumpy(zy))[0])
 
 
 def test_conv_layer_offers_the_channels_last_kernels(rng):
@@ -381,13 +427,15 @@ def test_pool_grad_nhwc16(be, rng, shape, k):
     np.testing.assert_array_equal(cupy.asnumpy(got), cupy.asnumpy(want))
 
 
-@pytest.mark.parametrize("shape", POOL16_SHAPES, ids=str)
-def test_conv16_pool(be, rng, shape):
+@pytest.mark.parametrize(("precision", "shape"), [("bf16", s) for s in POOL16_SHAPES] + [("tf32", s) for s in
+                                                                                          POOL32_SHAPES], ids=str)
+def test_conv16_pool(rng, precision, shape):
     """The pooled forward of each tile (the wgmma ones where the device runs them), with bias + ReLU and without: y
-    and the argmax bytes exactly max_pool_2x2 of the same tile's forward, y within the bf16 tolerances of float64."""
+    and the argmax bytes exactly max_pool_2x2 of the same tile's forward, y within the precision's tolerances of
+    float64."""
     n, c, h, w_, o, r, s, stride, pad = shape
-    be = get_backend("cuda", "bf16")
-    tiles = TILES16["pool"] + (TILES16W["pool"] if wgmma_ok(be.device_id) else ())
+    be = get_backend("cuda", precision)
+    tiles = mm.tiles16("pool", precision, wgmma_ok(be.device_id))
     for k, tile in enumerate(tiles):
         act = k % 2
         x, w, b, y = conv_inputs(rng, shape, bias=act == 1)
@@ -399,7 +447,7 @@ def test_conv16_pool(be, rng, shape):
         np.testing.assert_array_equal(cupy.asnumpy(py), want_y, err_msg=f"{shape} {tile.name}: y")
         np.testing.assert_array_equal(cupy.asnumpy(parg), want_arg, err_msg=f"{shape} {tile.name}: argmax")
         _checked16(f"{shape} {tile.name}", cupy.asnumpy(py), max_pool_2x2(conv_expected(x, w, b, stride, pad, act))[0],
-                   max_pool_2x2(conv_expected(x, w, b, stride, pad, act, "bf16"))[0])
+                   max_pool_2x2(conv_expected(x, w, b, stride, pad, act, precision))[0], precision)
 
 
 @pytest.mark.parametrize("relu", [False, True], ids=["conv_pool", "conv_relu_pool"])

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from conftest import RTOL_EMULATED, RTOL_TC, rel_err
 from emu_build import EMU_DIR, build_emulated
-from mma_cases import (CONV16_SHAPES, CONV_SHAPES, POOL16_SHAPES, SHAPES, conv_data_expected, conv_data_inputs,
-                       conv_expected, conv_filter_expected, conv_filter_inputs, conv_inputs, expected, max_pool_2x2,
-                       nhwc16, stored, turned16)
+from mma_cases import (CONV16_SHAPES, CONV32_SHAPES, CONV_SHAPES, POOL16_SHAPES, POOL32_SHAPES, SHAPES,
+                       conv_data_expected, conv_data_inputs, conv_expected, conv_filter_expected, conv_filter_inputs,
+                       conv_inputs, expected, max_pool_2x2, nhwc16, nhwc_copy, stored, turned_copy)
 
 from hetnet.backends.cuda import kernels
 from hetnet.backends.cuda import mma as mm
@@ -378,54 +378,62 @@ def test_conv_launcher():
 
 # --- the channels-last bf16 convolutions (mma.cu HN_CONV16, mma.plan_conv16 / _data / _filter) --------------------
 
-def _fits16(op, shape):
+def _fits16(op, shape, precision="bf16"):
     n, c, h, w, o, r, s, stride, pad = shape
-    return mm.conv16_fits(op, c, o, r, s, stride, pad)
+    return mm.conv16_fits(op, c, o, r, s, stride, pad, precision)
 
 
-@pytest.mark.parametrize("shape", CONV16_SHAPES, ids=str)
-def test_conv16(emu, rng, shape):
-    """Each op of each HN_CONV16 and HN_CONV16W tile (data gradient with and without the mask, forward with bias + ReLU and
-    without, filter gradient added into dw, split and not) on the channels-last bf16 copies of NCHW inputs, against
-    float64 of the rounded inputs; outputs poisoned with NaN where they are written, not read."""
+CL_CASES = [("bf16", s) for s in CONV16_SHAPES] + [("tf32", s) for s in CONV32_SHAPES]
+
+
+@pytest.mark.parametrize(("precision", "shape"), CL_CASES, ids=str)
+def test_conv16(emu, rng, precision, shape):
+    """Each op of each channels-last tile (bf16: HN_CONV16, HN_CONV16W; tf32: HN_CONV32W, HN_CONV32F; data gradient
+    with and without the mask, forward with bias + ReLU and without, filter gradient added into dw, split and not) on
+    the channels-last copies of NCHW inputs (bf16, or float32 rounded to tf32), against float64 of the rounded inputs;
+    outputs poisoned with NaN where they are written, not read."""
     stride, pad = shape[7:]
-    for k, tile in enumerate(TILES16["fwd"] + TILES16W["fwd"]):
-        if _fits16("fwd", shape):
+    for k, tile in enumerate(mm.tiles16("fwd", precision)):
+        if _fits16("fwd", shape, precision):
             x, w, b, y = conv_inputs(rng, shape, bias=k % 2 == 0)
-            run_conv(emu, mm.plan_conv16(y, nhwc16(x), nhwc16(w), b, stride, pad, 1 - k % 2, tile.name))
-            err = rel_err(y, conv_expected(x, w, b, stride, pad, 1 - k % 2, "bf16"))
+            run_conv(emu, mm.plan_conv16(y, nhwc_copy(x, precision), nhwc_copy(w, precision), b, stride, pad,
+                                         1 - k % 2, tile.name))
+            err = rel_err(y, conv_expected(x, w, b, stride, pad, 1 - k % 2, precision))
             assert err <= RTOL_EMULATED, f"fwd {shape} {tile.name}: relative error {err:.3g}"
-        if _fits16("data", shape):
+        if _fits16("data", shape, precision):
             dy, w, relu_x, dx = conv_data_inputs(rng, shape, mask=k % 2 == 0)
-            run_conv(emu, mm.plan_conv16_data(dx, nhwc16(dy), turned16(w), relu_x, pad, tile.name))
-            err = rel_err(dx, conv_data_expected(dy, w, relu_x, shape, "bf16"))
+            run_conv(emu, mm.plan_conv16_data(dx, nhwc_copy(dy, precision), turned_copy(w, precision), relu_x, pad,
+                                              tile.name))
+            err = rel_err(dx, conv_data_expected(dy, w, relu_x, shape, precision))
             assert err <= RTOL_EMULATED, f"data {shape} {tile.name}: relative error {err:.3g}"
-    for tile in TILES16["filter"] + TILES16W["filter"]:
+    for tile in mm.tiles16("filter", precision):
         for splits in (1, 3):
-            if _fits16("filter", shape):
+            if _fits16("filter", shape, precision):
                 dy, x, dw0 = conv_filter_inputs(rng, shape)
                 part0 = np.ascontiguousarray(dw0.transpose(0, 2, 3, 1))         # [O, R, S, C], added into
                 part = part0.copy()
-                call = mm.plan_conv16_filter(part, nhwc16(dy), nhwc16(x), stride, pad, SMS, tile.name, splits)
+                call = mm.plan_conv16_filter(part, nhwc_copy(dy, precision), nhwc_copy(x, precision), stride, pad,
+                                             SMS, tile.name, splits)
                 run_conv(emu, call)
-                want = conv_filter_expected(dy, x, dw0, shape, "bf16").transpose(0, 2, 3, 1)
+                want = conv_filter_expected(dy, x, dw0, shape, precision).transpose(0, 2, 3, 1)
                 err = rel_err(part - part0, want - part0)
                 assert err <= RTOL_EMULATED, f"filter {shape} {tile.name} splits {call.splits}: {err:.3g}"
 
 
-@pytest.mark.parametrize("shape", POOL16_SHAPES, ids=str)
-def test_conv16_pool(emu, rng, shape):
+@pytest.mark.parametrize(("precision", "shape"), [("bf16", s) for s in POOL16_SHAPES] + [("tf32", s) for s in
+                                                                                          POOL32_SHAPES], ids=str)
+def test_conv16_pool(emu, rng, precision, shape):
     """The pooled forward (HN_CONV16 / HN_CONV16W EPI 4) of each tile, with bias + ReLU and without: y and the
     argmax bytes exactly max_pool_2x2 of the same tile's forward (each output's sum in the same order), y within the
     emulated tolerance of float64 too; both poisoned first (the bytes as NaN's), so every element is written.
     Shapes: odd P and Q (a row and column in no window), pooled counts that are not a multiple of 4, M over one
     tile, N over several."""
     n, c, h, w_, o, r, s, stride, pad = shape
-    for k, tile in enumerate(TILES16["pool"] + TILES16W["pool"]):
+    for k, tile in enumerate(mm.tiles16("pool", precision)):
         act = k % 2
         x, w, b, y = conv_inputs(rng, shape, bias=act == 1)
         x[0, 0, 0, :3] = x[0, 0, 0, 0]                      # equal inputs: ties inside some windows
-        x16, w16 = nhwc16(x), nhwc16(w)
+        x16, w16 = nhwc_copy(x, precision), nhwc_copy(w, precision)
         run_conv(emu, mm.plan_conv16(y, x16, w16, b, stride, pad, act, tile.name))
         want_y, want_arg = max_pool_2x2(y)
         buf, py, parg = mm.pooled_outputs(np, n, o, *want_y.shape[2:])
@@ -435,7 +443,7 @@ def test_conv16_pool(emu, rng, shape):
         run_conv(emu, call)
         np.testing.assert_array_equal(py, want_y, err_msg=f"{shape} {tile.name}: y")
         np.testing.assert_array_equal(parg, want_arg, err_msg=f"{shape} {tile.name}: argmax")
-        err = rel_err(py, max_pool_2x2(conv_expected(x, w, b, stride, pad, act, "bf16"))[0])
+        err = rel_err(py, max_pool_2x2(conv_expected(x, w, b, stride, pad, act, precision))[0])
         assert err <= RTOL_EMULATED, f"{shape} {tile.name}: relative error {err:.3g}"
 
 
@@ -471,10 +479,20 @@ def test_conv16_launcher():
     assert mm.plan_conv16(np.zeros((4, 256, 8, 8), np.float32), x16, w16, None, 1, 1).tile is large
     with pytest.raises(ValueError, match="fit together"):
         mm.plan_conv16(np.zeros((4, 256, 6, 6), np.float32), x16, w16, None, 1, 1)
-    with pytest.raises(ValueError, match="contiguous uint16"):
+    with pytest.raises(ValueError, match="contiguous float32"):        # a tf32 input with bf16 weights
         mm.plan_conv16(np.zeros((4, 256, 8, 8), np.float32), x16.astype(np.float32), w16, None, 1, 1)
-    with pytest.raises(ValueError, match="no fwd tile"):
+    with pytest.raises(ValueError, match="uint16 .bf16. or float32 .tf32."):
+        mm.plan_conv16(np.zeros((4, 256, 8, 8), np.float32), x16.astype(np.int16), w16, None, 1, 1)
+    with pytest.raises(ValueError, match="no bf16 fwd tile"):
         mm.plan_conv16(np.zeros((4, 256, 8, 8), np.float32), x16, w16, None, 1, 1, tile="128x128x32s2a")
+    # tf32: C and O in chunks of 4; the forward only on wgmma, so a tile is named, never chosen by size
+    assert mm.conv16_fits("fwd", 12, 8, 3, 3, 1, 1, "tf32") and not mm.conv16_fits("fwd", 6, 8, 3, 3, 1, 1, "tf32")
+    assert mm.conv16_fits("filter", 4, 12, 3, 3, 2, 1, "tf32") and not mm.conv16_fits("data", 4, 6, 3, 3, 1, 1, "tf32")
+    x32, w32 = x16.astype(np.float32), w16.astype(np.float32)
+    with pytest.raises(ValueError, match="no tf32 fwd tile by size"):
+        mm.plan_conv16(np.zeros((4, 256, 8, 8), np.float32), x32, w32, None, 1, 1)
+    assert mm.plan_conv16(np.zeros((4, 256, 8, 8), np.float32), x32, w32, None, 1, 1, tile="w128x256s4").tile \
+        is mm.TILES32W["fwd"][0]
 
 
 def test_division_by_an_invariant_divisor(emu, rng):

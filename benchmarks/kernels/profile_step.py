@@ -21,7 +21,7 @@ import numpy as np
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="thesis-m1")
+    ap.add_argument("--model", default="thesis-m1", help="a preset, or a bench spec (cifar-wide, or SPEC.json)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--precision", default=None, choices=("fp32", "tf32", "bf16"),
                     help="default: the preset's own (fp32 where it names none)")
@@ -35,17 +35,19 @@ def main(argv=None):
     import hetnet as hn
     from hetnet import zoo
     from hetnet.bench.common import environment, write_result
+    from hetnet.bench.models import resolve_model
     from hetnet.optim import SGD
     from hetnet.train import make_train_step
 
     hn.seed(0)
     precision = args.precision or getattr(zoo.PRESETS.get(args.model), "precision", None) or "fp32"
-    model = zoo.build(args.model).to("cuda", precision=precision)
+    model, input_shape = resolve_model(args.model)       # a preset, or a bench spec ("cifar-wide")
+    model = model.to("cuda", precision=precision)
     be = model.backend
     step = make_train_step(model, SGD(model.parameters(), lr=0.01, momentum=0.9))
     step.runner.use_graph = False
     rng = np.random.default_rng(0)
-    images = rng.normal(size=(args.batch, *zoo.PRESETS[args.model].input_shape)).astype(np.float32)
+    images = rng.normal(size=(args.batch, *input_shape)).astype(np.float32)
     hn.init.data_init(model, images)        # a whitening first layer (cifar-speed) is filled from images first
     x = be.asarray(images)
     y = be.labels(rng.integers(0, 10, size=args.batch))

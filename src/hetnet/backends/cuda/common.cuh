@@ -181,6 +181,12 @@ __device__ __forceinline__ unsigned hn_bf16x2_bits(float lo, float hi) {
     return r;
 }
 
+// x rounded to tf32 (to nearest, ties away from zero: cvt.rna.tf32.f32) as a float32 with its low 13 bits zero: the
+// operands of mma.cu's tf32 channels-last convolutions (HN_CONV32W, HN_CONV32F). NaN stays NaN, overflow goes to inf.
+__device__ __forceinline__ float hn_tf32_round(float x) {
+    return x != x ? x : __uint_as_float((__float_as_uint(x) + 0x1000u) & 0xffffe000u);
+}
+
 // The pixels of a channels-last tile: 32 consecutive pixels of the n * HW (image-major, all images' pixels in a row:
 // the NHWC copy's rows), so that a tile never straddles idle lanes past an image's end (HW = 9 would leave 23 of 32).
 // This lane's pixel pix (of NP = n * HW < 2^31) is image img, position hw; x[img][c][hw] = xc[c * HW].

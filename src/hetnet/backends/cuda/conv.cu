@@ -769,6 +769,24 @@ extern "C" __global__ void __launch_bounds__(256) to_nhwc16(const float* __restr
     hn_store_nhwc16_tile(t, y, blockIdx.x * 32, c0, C, NP);
 }
 
+// to_nhwc16 in tf32: y[img][p][c] = tf32(x[img][c][p]) as float32 [n][HW][C] (any C), the operands of mma.cu's
+// HN_CONV32W / HN_CONV32F; the same tiles, each warp writing 32 consecutive channels of a pixel at a time.
+extern "C" __global__ void __launch_bounds__(256) to_nhwc32(const float* __restrict__ x, float* __restrict__ y, int n,
+                                                            int C, int HW) {
+    __shared__ float t[64][33];
+    const int c0 = blockIdx.y * 64, lane = threadIdx.x & 31, row = threadIdx.x >> 5, NP = n * HW;
+    const HnTilePixel px(NP, HW);
+    float v[8];                        // channels c0 + row + 8u
+    hn_load_nhwc16_rows(v, x + (long long)px.img * C * HW + px.hw, c0, C, HW, px.in);
+#pragma unroll
+    for (int u = 0; u < 8; ++u) t[row + 8 * u][lane] = v[u];
+    __syncthreads();
+    for (int j = row; j < 64; j += 8) {          // (pixel j % 32, channel half j / 32)
+        const int p = blockIdx.x * 32 + (j & 31), c = c0 + 32 * (j >> 5) + lane;
+        if (p < NP && c < C) y[(long long)p * C + c] = hn_tf32_round(t[c - c0][j & 31]);
+    }
+}
+
 // The window of a tile's pixel (HnTilePixel) of z [n][C][H][W] under k x k max pooling at stride k: (p, q) the
 // window, covered whether the pixel is in one (rows h >= P k and columns w >= Q k are in none), at its position in it
 // (maxpool_fwd's argmax byte: (h - p k) k + (w - q k)), pq the pooled element's offset in [n][C][P][Q] at channel 0.
@@ -930,6 +948,14 @@ extern "C" __global__ void turn_weights16(const float* __restrict__ w, unsigned 
     HN_GRID_STRIDE(e, (long long)O * C * RS) {
         const int o = (int)(e % O), t = (int)(e / O), rs = t % RS, c = t / RS;
         wt[e] = (unsigned short)(hn_bf16x2_bits(w[((long long)o * C + c) * RS + (RS - 1 - rs)], 0.f) & 0xffffu);
+    }
+}
+
+// turn_weights16 in tf32: wt[c][rs][o] = tf32(w[o][c][RS - 1 - rs]) as float32.
+extern "C" __global__ void turn_weights32(const float* __restrict__ w, float* __restrict__ wt, int O, int C, int RS) {
+    HN_GRID_STRIDE(e, (long long)O * C * RS) {
+        const int o = (int)(e % O), t = (int)(e / O), rs = t % RS, c = t / RS;
+        wt[e] = hn_tf32_round(w[((long long)o * C + c) * RS + (RS - 1 - rs)]);
     }
 }
 

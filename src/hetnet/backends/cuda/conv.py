@@ -1,6 +1,7 @@
 """Convolution and dense launchers: implicit GEMM (conv.cu; at tf32 / bf16 also on tensor cores, mma.conv_tc /
-conv_data_tc / conv_filter_tc, and at bf16 on channels-last bf16 copies of the operands, mma.conv16 / conv16_data /
-conv16_filter) or im2col + cuBLAS (or our tensor-core GEMMs), chosen per shape by measurement.
+conv_data_tc / conv_filter_tc, and on channels-last copies of the operands, bf16 at bf16 and tf32-rounded float32 at
+tf32, mma.conv16 / conv16_data / conv16_filter) or im2col + cuBLAS (or our tensor-core GEMMs), chosen per shape by
+measurement.
 
 Every op here has the op contract's optional fused epilogues (used by hetnet.plan): `act` (ReLU after bias in the
 forward) and `relu_x` (the input of this layer is a ReLU output, so the data gradient is zeroed where relu_x <= 0).
@@ -43,9 +44,11 @@ _i32 = np.int32
 # HETNET_CONV_ALGO / CudaBackend.force_conv_algo: skip the measurement (tests); "tc" (the tensor-core implicit GEMMs,
 # mma.conv_tc / conv_data_tc / conv_filter_tc) exists at tf32 and bf16, "tc16" (the same on channels-last bf16
 # copies, mma.conv16 / conv16_data / conv16_filter, on their large tile; "tc16s" their small one) at bf16 where
-# mma.conv16_fits
+# mma.conv16_fits. At tf32 the channels-last candidates are "tc32..." (CL_PREFIX; not forceable).
 FORCEABLE = ("implicit", "im2col", "tc", "tc16")
 OWN_TC = ("tc", "tc16")      # the forceable names that exist only at some precisions and shapes
+# The candidates on channels-last copies (mma.COPY_DTYPE) start with their precision's prefix.
+CL_PREFIX = {"bf16": "tc16", "tf32": "tc32"}
 
 
 class Geometry:
@@ -283,34 +286,41 @@ def _filter_tc(be, g, dy, x, dw, db):
 
 
 def _filter_tc16(be, g, copies, dy, dw, db, tile):
+    """The filter gradient on the channels-last copies (copies: _Copies16) on `tile`, and db from dy."""
     mma.conv16_filter(be, dw, copies("dy"), copies("x"), g.stride, g.pad, tile)
     if db is not None:
         channel_sum(be, dy, db, g.n, g.k, g.p * g.q)
 
 
 def _tiles16(be, op: str, run) -> dict:
-    """The "tc16" candidates of op: "tc16" on the large tile of mma_tiles.TILES16[op], "tc16s" on the small one,
-    and where the device runs wgmma (kernels.wgmma_ok) "tc16" + the name of each TILES16W[op] tile (run(tile name,
-    *outputs) launches one). All are measured on every shape: the large tile can win even where M fits the small one
-    (64 channels), which a rule by size would not try."""
-    names = ["tc16", "tc16s"] + (["tc16" + t.name for t in mma.TILES16W[op]]
-                                 if op in mma.TILES16W and wgmma_ok(be.device_id) else [])
-    tiles = {name: _tile16_of(op, name) for name in names}
+    """The channels-last candidates of op at be's precision (CL_PREFIX p): p on the large mma.sync tile of
+    mma.tiles16(op), p + "s" on the small one, and where the device runs wgmma (kernels.wgmma_ok) p + the name of each
+    wgmma tile (run(tile name, *outputs) launches one). All are measured on every shape: the large tile can win even
+    where M fits the small one (64 channels), which a rule by size would not try."""
+    tiles = {name: _tile16_of(op, name) for name in _names16(be.precision, op, wgmma_ok(be.device_id))}
     return {name: lambda *a, tile=tile: run(tile, *a) for name, tile in tiles.items()}
 
 
+def _names16(precision: str, op: str, wgmma: bool) -> list[str]:
+    prefix, (sync, wg) = CL_PREFIX[precision], mma.TILES_CL[precision]
+    return ([prefix, prefix + "s"][:len(sync.get(op, ()))]
+            + ([prefix + t.name for t in wg.get(op, ())] if wgmma else []))
+
+
 def _tile16_of(op: str, candidate: str) -> str:
-    """The mma_tiles tile name of a "tc16" candidate of op (see _tiles16)."""
-    large, small = mma.TILES16[op]
-    return {"tc16": large.name, "tc16s": small.name}.get(candidate, candidate[len("tc16"):])
+    """The mma_tiles tile name of a channels-last candidate of op (see _tiles16)."""
+    precision = next(p for p, prefix in CL_PREFIX.items() if candidate.startswith(prefix))
+    rest, sync = candidate[len(CL_PREFIX[precision]):], mma.TILES_CL[precision][0].get(op, ())
+    return {"": sync[0].name, "s": sync[-1].name}[rest] if rest in ("", "s") else rest
 
 
 def _fits16(be, op: str, g: Geometry) -> bool:
-    return be.precision == "bf16" and mma.conv16_fits(op, g.c, g.k, g.r, g.s, g.stride, g.pad)
+    return (be.precision in CL_PREFIX and mma.conv16_fits(op, g.c, g.k, g.r, g.s, g.stride, g.pad, be.precision)
+            and bool(_names16(be.precision, op, wgmma_ok(be.device_id))))
 
 
 class _Copies16:
-    """dy and x of one backward call copied channels-last in bf16 (mma.to_nhwc16) for the "tc16" gradients: a
+    """dy and x of one backward call copied channels-last (mma.to_nhwc) for the channels-last gradients: a
     measured trial makes its own (so that its time includes them); the final filter and data gradients share one
     copy of dy once `share` is set. x16: the forward's copy of x, kept for this backward (conv_forward_kept)."""
 
@@ -321,9 +331,9 @@ class _Copies16:
         if name == "x" and self.x16 is not None:
             return self.x16
         if not self.share:
-            return mma.to_nhwc16(self.be, self.src[name])
+            return mma.to_nhwc(self.be, self.src[name])
         if name not in self.made:
-            self.made[name] = mma.to_nhwc16(self.be, self.src[name])
+            self.made[name] = mma.to_nhwc(self.be, self.src[name])
         return self.made[name]
 
     def drop(self, name: str) -> None:
@@ -459,9 +469,11 @@ def _filter_backward(be, g, copies, dy, x, dw, db):
 
 
 def _measured16(be, op: str, g: Geometry) -> str | None:
-    """The measured choice of op for g when it is a "tc16" candidate (one that reads channels-last bf16 copies)."""
+    """The measured choice of op for g when it is a channels-last candidate (one that reads the copies of
+    mma.to_nhwc: CL_PREFIX)."""
     choice = be._tune.get((op, g.key()))
-    return choice if choice and choice.startswith("tc16") and not (be.force_conv_algo or _forced()) else None
+    prefix = CL_PREFIX.get(be.precision)
+    return choice if prefix and choice and choice.startswith(prefix) and not (be.force_conv_algo or _forced()) else None
 
 
 class Nhwc16:
@@ -528,12 +540,12 @@ def takes_dy16(be, y_shape, grad_feeds) -> bool:
 
 def _kept16(be, g: Geometry) -> str | None:
     """The forward's "tc16" candidate for g when the forward and the filter gradient were both measured to run on
-    channels-last bf16 copies (so the forward's copy of x can serve the backward instead of x), else None."""
+    channels-last copies (so the forward's copy of x can serve the backward instead of x), else None."""
     return _measured16(be, "fwd", g) if _measured16(be, "filter", g) else None
 
 
 def conv_forward_kept(be, x, w, b, stride, pad, act=0):
-    """(y, x16): y = conv_forward(...), and x16 the channels-last bf16 copy of x it read where _kept16 says the
+    """(y, x16): y = conv_forward(...), and x16 the channels-last copy of x it read where _kept16 says the
     backward can use it in place of x (None otherwise: the backward needs x). x may be that copy (Nhwc16)."""
     n, c, h, wd = x.shape
     k, _, r, s = w.shape
@@ -547,8 +559,8 @@ def conv_forward_kept(be, x, w, b, stride, pad, act=0):
     if not isinstance(x, Nhwc16):
         check(x)
     y = be.xp.empty((n, k, g.p, g.q), dtype=be.xp.float32)
-    x16 = x.data if isinstance(x, Nhwc16) else mma.to_nhwc16(be, x)
-    mma.launch_conv(be, mma.plan_conv16(y, x16, mma.to_nhwc16(be, w), b, stride, pad, act, _tile16_of("fwd", fwd)))
+    x16 = x.data if isinstance(x, Nhwc16) else mma.to_nhwc(be, x)
+    mma.launch_conv(be, mma.plan_conv16(y, x16, mma.to_nhwc(be, w), b, stride, pad, act, _tile16_of("fwd", fwd)))
     return y, x16
 
 
@@ -570,7 +582,7 @@ def conv_maxpool_forward(be, x, w, b, stride, pad, act, kernel, pool_stride, kee
     fwd = _measured16(be, "fwd", g)
     if fwd is None:
         return None
-    x16 = x.data if isinstance(x, Nhwc16) else mma.to_nhwc16(be, x)
+    x16 = x.data if isinstance(x, Nhwc16) else mma.to_nhwc(be, x)
     cands = _tiles16(be, "pool", lambda tile, out: out.append(
         mma.conv16_pool(be, x, w, b, stride, pad, act, tile, x16)))
     # measured where it can be (not inside a graph capture: there an unmeasured shape takes the forward's tile)
@@ -668,10 +680,10 @@ class ConvOps:
         return dense_backward(self, self._c(dy), x, w, dw, db, need_dx, x if relu_mask else None)
 
     def conv2d_forward(self, x, w, b, stride, padding, act=None, relu_mask=None):
-        """The cache keeps x, or with relu_mask False at bf16 maybe only its channels-last copy (conv_forward_kept);
+        """The cache keeps x, or with relu_mask False at bf16 / tf32 maybe only its channels-last copy (conv_forward_kept);
         x may be that copy already (an Nhwc16 handed over by the op before, which then keeps only it)."""
         x = x if isinstance(x, Nhwc16) else self._c(x)
-        if isinstance(x, Nhwc16) or (relu_mask is False and self.precision == "bf16"):
+        if isinstance(x, Nhwc16) or (relu_mask is False and self.precision in CL_PREFIX):
             y, x16 = conv_forward_kept(self, x, w, b, int(stride), int(padding), act_code(act))
         else:
             y, x16 = conv_forward(self, x, w, b, int(stride), int(padding), act_code(act)), None
@@ -718,7 +730,7 @@ class ConvOps:
         conv_maxpool_forward applies, else None. x may be an Nhwc16 (as conv2d_forward's)."""
         x = x if isinstance(x, Nhwc16) else self._c(x)
         fused = None
-        if self.precision == "bf16":
+        if self.precision in CL_PREFIX:
             fused = conv_maxpool_forward(self, x, w, b, int(stride), int(padding), act_code(act), int(pool_kernel),
                                          int(pool_stride), keep)
         if fused is None:

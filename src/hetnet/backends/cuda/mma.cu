@@ -193,6 +193,35 @@ __device__ __forceinline__ void hn_wgmma_bf16(float (&d)[N / 8][4], unsigned lon
     __trap();
 #endif
 }
+// d += A B for the warpgroup's 64 x N tile, K = 8, in tf32: A 64 x 8 and B 8 x N float32 words in shared memory, both
+// K-major (tf32 has no transpose flags: hn_wgmma_desc), each read as tf32 (its low 13 bits ignored); d as
+// hn_wgmma_bf16's.
+template <int N>
+__device__ __forceinline__ void hn_wgmma_tf32(float (&d)[N / 8][4], unsigned long long da, unsigned long long db) {
+    static_assert(N == 64 || N == 128 || N == 256, "wgmma tile");
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    if constexpr (N == 64) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n64k8.f32.tf32.tf32 {" HN_R32 "}, %32, %33, p, 1, 1;\n}\n"
+                     : HN_D16(0), HN_D16(4)
+                     : "l"(da), "l"(db), "r"(1));
+    }
+    if constexpr (N == 128) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n128k8.f32.tf32.tf32 {" HN_R64 "}, %64, %65, p, 1, 1;\n}\n"
+                     : HN_D16(0), HN_D16(4), HN_D16(8), HN_D16(12)
+                     : "l"(da), "l"(db), "r"(1));
+    }
+    if constexpr (N == 256) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n256k8.f32.tf32.tf32 {" HN_R128 "}, %128, %129, p, 1, 1;\n}\n"
+                     : HN_D16(0), HN_D16(4), HN_D16(8), HN_D16(12), HN_D16(16), HN_D16(20), HN_D16(24), HN_D16(28)
+                     : "l"(da), "l"(db), "r"(1));
+    }
+#else
+    __trap();
+#endif
+}
 #undef HN_R128
 #undef HN_R64
 #undef HN_R32
@@ -1108,18 +1137,22 @@ __device__ __forceinline__ void hn_conv_pool_epilogue(const HnBlock& b, float (&
 }
 
 // Where element (row, col) of a shared tile lies (in elements), for the copies below: HnRowTile, rows STRIDE
-// elements apart (the mma.sync tiles, HnOperand's K-major layout); HnSwizzle128, wgmma's 128-byte swizzle of bf16 rows
-// of 64 elements (hn_wgmma_desc): the 16-byte chunk col / 8 of a row stored at chunk (col / 8) ^ (row % 8), so that
-// the 8 chunks of one row land in 8 different bank groups and so do the same chunk of 8 consecutive rows.
+// elements apart (the mma.sync tiles, HnOperand's K-major layout); HnSwizzle128T<T>, wgmma's 128-byte swizzle of rows
+// of 128 bytes (64 bf16 or 32 float32 elements T; hn_wgmma_desc): the 16-byte chunk j of a row (CE = 8 or 4 elements
+// a chunk) stored at chunk j ^ (row % 8), so that the 8 chunks of one row land in 8 different bank groups and so do
+// the same chunk of 8 consecutive rows.
 template <int STRIDE>
 struct HnRowTile {
     static __device__ __forceinline__ int at(int row, int col) { return row * STRIDE + col; }
 };
-struct HnSwizzle128 {
+template <class T>
+struct HnSwizzle128T {
+    static constexpr int CE = 16 / static_cast<int>(sizeof(T));
     static __device__ __forceinline__ int at(int row, int col) {
-        return row * 64 + ((((col >> 3) ^ row) & 7) << 3) + (col & 7);
+        return row * 8 * CE + ((((col / CE) ^ row) & 7) * CE) + (col % CE);
     }
 };
+using HnSwizzle128 = HnSwizzle128T<unsigned short>;
 // HnSwizzle128MN: the MN-major tile of 64 rows k (hn_wgmma_desc_mn): column col (of M or N) in block col / 64 of 64
 // rows x 64 elements, in it as HnSwizzle128.
 struct HnSwizzle128MN {
@@ -1145,35 +1178,34 @@ __device__ __forceinline__ void hn_nhwc_copy_b(T* s, const T* x, const HnConv& c
     }
 }
 
-// A ROWS x (8 CPR) tile of a row-major bf16 matrix (leading dimension ld) from (row0, col0), in 8-element chunks
-// into shared memory (layout L); rows from row_end on and columns from col_end on zero-filled. The forward's A (w:
-// rows m, columns k) and the filter gradient's A (dy: rows k, columns o).
-template <int ROWS, int CPR, class L, int THREADS>
-__device__ __forceinline__ void hn_copy16_tile(unsigned short* s, const unsigned short* src, int ld, int row0,
-                                               int row_end, int col0, int col_end, int tid) {
+// A ROWS x CPR-chunk tile of a row-major bf16 or float32 matrix (leading dimension ld) from (row0, col0), in 16-byte
+// chunks (8 or 4 elements T) into shared memory (layout L); rows from row_end on and columns from col_end on
+// zero-filled. The forward's A (w: rows m, columns k) and the filter gradient's A (dy: rows k, columns o).
+template <int ROWS, int CPR, class L, int THREADS, class T>
+__device__ __forceinline__ void hn_copy16_tile(T* s, const T* src, int ld, int row0, int row_end, int col0,
+                                               int col_end, int tid) {
+    constexpr int CE = 16 / static_cast<int>(sizeof(T));
 #pragma unroll
     for (int i = 0; i < ROWS * CPR / THREADS; ++i) {
-        const int q = tid + i * THREADS, row = q / CPR, col = (q % CPR) * 8, gr = row0 + row, gc = col0 + col;
+        const int q = tid + i * THREADS, row = q / CPR, col = (q % CPR) * CE, gr = row0 + row, gc = col0 + col;
         const bool ok = gr < row_end && gc < col_end;
         hn_cp_async16(s + L::at(row, col), src + (ok ? static_cast<long long>(gr) * ld + gc : 0), ok ? 16 : 0);
     }
 }
 
-// The K loop when both tiles are copied in bf16 (issue(kt): K tile kt's cp.async into stage kt % STAGES of sa / sb,
-// layouts OA / OB). Iteration kt: wait for tile kt, barrier (tile kt visible to all; every warp done with tile kt-1),
-// refill buffer (kt-1) % STAGES with tile kt+STAGES-1, multiply tile kt. Ends with every copy retired.
-template <bool TA, bool TB, class OA, class OB, int STAGES, int BK, int MT, int NT, class Issue>
-__device__ __forceinline__ void hn_bf16_direct_loop(const unsigned short* sa, const unsigned short* sb, int tiles,
-                                                    const HnThread& th, float (&acc)[MT][NT][4], const Issue& issue) {
+// The K loop when both tiles are copied as the products read them (bf16, or float32 already tf32; issue(kt): K tile
+// kt's cp.async into stage kt % STAGES; multiply(s): the products of the tiles in stage s). Iteration kt: wait for tile
+// kt, barrier (tile kt visible to all; every warp done with tile kt-1), refill buffer (kt-1) % STAGES with tile
+// kt+STAGES-1, multiply tile kt. Ends with every copy retired.
+template <int STAGES, class Issue, class Multiply>
+__device__ __forceinline__ void hn_direct_loop(int tiles, const Issue& issue, const Multiply& multiply) {
     hn_pipeline_fill<STAGES>(tiles, issue);
     for (int kt = 0; kt < tiles; ++kt) {
-        const int s = kt % STAGES;
         hn_cp_async_wait<STAGES - 2>();
         __syncthreads();
         if (kt + STAGES - 1 < tiles) issue(kt + STAGES - 1);
         hn_cp_async_commit();
-        hn_gemm_bf16_tile<TA, TB, OA, OB, MT, NT, BK>(sa + s * OA::ELEMS, sb + s * OB::ELEMS, acc, th.wm, th.wn,
-                                                      th.lane);
+        multiply(kt % STAGES);
     }
     hn_cp_async_wait<0>();
 }
@@ -1204,24 +1236,27 @@ __device__ __forceinline__ void hn_conv16_fwd(unsigned char* smem, const unsigne
         hn_nhwc_copy_b<unsigned short, CPR, HnRowTile<OB::STRIDE>, THREADS>(sb + s * OB::ELEMS, x, cv, rows, by_c,
                                                                             k0, K, tid);
     };
-    hn_bf16_direct_loop<false, true, OA, OB, STAGES, BK>(sa, sb, tiles, th, acc, issue);
+    hn_direct_loop<STAGES>(tiles, issue, [&](int s) {
+        hn_gemm_bf16_tile<false, true, OA, OB, MT, NT, BK>(sa + s * OA::ELEMS, sb + s * OB::ELEMS, acc, th.wm, th.wn,
+                                                           th.lane);
+    });
     if constexpr (EPI == 4)
         hn_conv_pool_epilogue<MT, NT>(blk, acc, M, cv, th.wm, th.wn, th.lane);
     else
         hn_conv_epilogue<EPI, MT, NT>(blk, acc, M, N, cv, th.wm, th.wn, th.lane);
 }
 
-// The K loop of the wgmma convolutions (HN_CONV16W), over STAGES shared buffers with one wgmma group in flight
-// (issue(kt): K tile kt's cp.async into buffer kt % STAGES). Iteration kt waits for tile kt's copies, fences them to
-// the async proxy, meets the other threads at a barrier (so every thread has also finished waiting for the wgmma group
-// of tile kt-2), refills tile kt-2's buffer with tile kt + STAGES - 2, issues tile kt's 4 wgmma m64nWNk16 on this
-// warpgroup's operands (a and b in buffer 0, buffers `ea` and `eb` elements apart, K steps of 16 `kstep` elements
-// apart, described by desc) and waits until only they are pending (so tile kt-1's have finished). Ends with every
-// wgmma and copy retired.
-template <int STAGES, int WN, int MN, class Issue, class Desc>
-__device__ __forceinline__ void hn_wgmma_loop(int tiles, const Issue& issue, const unsigned short* a, int ea,
-                                              const unsigned short* b, int eb, int kstep, float (&acc)[WN / 8][4],
-                                              const Desc& desc) {
+// The K loop of the wgmma convolutions (HN_CONV16W, HN_CONV32W), over STAGES shared buffers with one wgmma group in
+// flight (issue(kt): K tile kt's cp.async into buffer kt % STAGES). Iteration kt waits for tile kt's copies, fences
+// them to the async proxy, meets the other threads at a barrier (so every thread has also finished waiting for the
+// wgmma group of tile kt-2), refills tile kt-2's buffer with tile kt + STAGES - 2, issues tile kt's 4 wgmma (bf16
+// m64nWNk16, or tf32 m64nWNk8 for T = float: 32 bytes of K each) on this warpgroup's operands (a and b in buffer 0,
+// buffers `ea` and `eb` elements apart, K steps `kstep` elements apart, described by desc) and waits until only they
+// are pending (so tile kt-1's have finished). Ends with every wgmma and copy retired.
+template <int STAGES, int WN, int MN, class T, class Issue, class Desc>
+__device__ __forceinline__ void hn_wgmma_loop(int tiles, const Issue& issue, const T* a, int ea, const T* b, int eb,
+                                              int kstep, float (&acc)[WN / 8][4], const Desc& desc) {
+    static_assert(sizeof(T) == 2 || MN == 0, "tf32 operands are K-major");
     static_assert(STAGES >= 3, "a buffer being filled, one being read by wgmma, one waited for");
     hn_pipeline_fill<STAGES - 1>(tiles, issue);          // tiles 0 .. STAGES - 3 in flight
     for (int kt = 0; kt < tiles; ++kt) {
@@ -1233,8 +1268,12 @@ __device__ __forceinline__ void hn_wgmma_loop(int tiles, const Issue& issue, con
         hn_cp_async_commit();
         hn_wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < 4; ++kk)
-            hn_wgmma_bf16<WN, MN>(acc, desc(a + s * ea + kk * kstep), desc(b + s * eb + kk * kstep));
+        for (int kk = 0; kk < 4; ++kk) {
+            if constexpr (sizeof(T) == 4)
+                hn_wgmma_tf32<WN>(acc, desc(a + s * ea + kk * kstep), desc(b + s * eb + kk * kstep));
+            else
+                hn_wgmma_bf16<WN, MN>(acc, desc(a + s * ea + kk * kstep), desc(b + s * eb + kk * kstep));
+        }
         hn_wgmma_commit();
         hn_wgmma_wait<1>();
     }
@@ -1243,34 +1282,36 @@ __device__ __forceinline__ void hn_wgmma_loop(int tiles, const Issue& issue, con
 }
 
 // The forward (EPI 1) or stride-1 data gradient (EPI 2) of hn_conv16_fwd on wgmma (sm_90a): the same GEMM, C[M, N]
-// = A[M, K] B[K, N] with A = w [M][K] and B^T = x gathered [N][K], both K-major, in K tiles of 64 (one 128-byte row
-// a tile row, stored with the 128-byte swizzle, HnSwizzle128). WGM x WGN warpgroups of 128 threads; warpgroup
-// (gm, gn) computes rows 64 gm .. 64 gm + 63, columns WN gn .. WN gn + WN - 1 of the block tile (BM = 64 WGM, BN =
-// WN WGN) as 4 wgmma m64nWNk16 per K tile into 64 x WN / 128 float32 accumulators per thread (mma.sync's fragment
-// order: hn_conv_epilogue writes them). Every thread copies (cp.async, as hn_conv16_fwd); hn_wgmma_loop.
-template <int EPI, int WGM, int WGN, int WN, int STAGES>
-__device__ __forceinline__ void hn_conv16w_fwd(unsigned char* smem, const unsigned short* W, const unsigned short* x,
-                                               float* y, int M, int N, int K, const HnConv& cv) {
-    constexpr int BM = 64 * WGM, BN = WN * WGN, BK = 64, THREADS = 128 * WGM * WGN, CPR = BK / 8;
-    constexpr int EA = BM * BK, EB = BN * BK;     // elements of a stage's A and B tiles (multiples of 512: 1024 bytes)
+// = A[M, K] B[K, N] with A = w [M][K] and B^T = x gathered [N][K], both K-major, in K tiles of 128 bytes (64 bf16, or
+// 32 float32 read as tf32: T; one K tile row a 128-byte row, stored with the 128-byte swizzle, HnSwizzle128T). WGM x
+// WGN warpgroups of 128 threads; warpgroup (gm, gn) computes rows 64 gm .. 64 gm + 63, columns WN gn .. WN gn + WN - 1
+// of the block tile (BM = 64 WGM, BN = WN WGN) as 4 wgmma per K tile into 64 x WN / 128 float32 accumulators per
+// thread (mma.sync's fragment order: hn_conv_epilogue writes them). Every thread copies (cp.async, as hn_conv16_fwd);
+// hn_wgmma_loop.
+template <class T, int EPI, int WGM, int WGN, int WN, int STAGES>
+__device__ __forceinline__ void hn_convw_fwd(unsigned char* smem, const T* W, const T* x, float* y, int M, int N,
+                                             int K, const HnConv& cv) {
+    constexpr int BM = 64 * WGM, BN = WN * WGN, BK = 128 / sizeof(T), THREADS = 128 * WGM * WGN, CPR = 8;
+    constexpr int EA = BM * BK, EB = BN * BK;     // elements of a stage's A and B tiles (multiples of 1024 bytes)
     static_assert((BN * CPR) % THREADS == 0 && (BM * CPR) % THREADS == 0, "tile");
-    unsigned short* sa = reinterpret_cast<unsigned short*>(hn_smem_align1024(smem));   // STAGES x EA
-    unsigned short* sb = sa + STAGES * EA;                                              // STAGES x EB
+    using L = HnSwizzle128T<T>;
+    T* sa = reinterpret_cast<T*>(hn_smem_align1024(smem));   // STAGES x EA
+    T* sb = sa + STAGES * EA;                                // STAGES x EB
 
     const HnBlock blk = hn_block(nullptr, nullptr, y, M, N, K, K, 0, 0, 0, 0, 0, 1.f, 0.f, 1, K, BM, BN, BK);
     const int tid = threadIdx.x, gm = tid / 128 / WGN, gn = tid / 128 % WGN;
     float acc[1][WN / 8][4];
     hn_zero(acc);
-    const auto rows = hn_nhwc_rows<EPI, BN, BK / 2, THREADS>(cv, blk.n0, N, tid);   // chunks of 8: CPR = (BK / 2) / 4
+    const auto rows = hn_nhwc_rows<EPI, BN, 32, THREADS>(cv, blk.n0, N, tid);   // 8 chunks a row: 32 words
     const HnDiv by_c = hn_div_of(cv.c);
 
     auto issue = [&](int kt) {
         const int k0 = kt * BK, s = kt % STAGES;
-        hn_copy16_tile<BM, CPR, HnSwizzle128, THREADS>(sa + s * EA, W, K, blk.m0, M, k0, K, tid);
-        hn_nhwc_copy_b<unsigned short, CPR, HnSwizzle128, THREADS>(sb + s * EB, x, cv, rows, by_c, k0, K, tid);
+        hn_copy16_tile<BM, CPR, L, THREADS>(sa + s * EA, W, K, blk.m0, M, k0, K, tid);
+        hn_nhwc_copy_b<T, CPR, L, THREADS>(sb + s * EB, x, cv, rows, by_c, k0, K, tid);
     };
-    hn_wgmma_loop<STAGES, WN, 0>(blk.tiles, issue, sa + gm * 64 * BK, EA, sb + gn * WN * BK, EB, 16, acc[0],
-                                 [](const unsigned short* p) { return hn_wgmma_desc(p); });
+    hn_wgmma_loop<STAGES, WN, 0>(blk.tiles, issue, sa + gm * 64 * BK, EA, sb + gn * WN * BK, EB, 32 / sizeof(T),
+                                 acc[0], [](const T* p) { return hn_wgmma_desc(p); });
     if constexpr (EPI == 4)
         hn_conv_pool_epilogue<1, WN / 8>(blk, acc, M, cv, 64 * gm + 16 * ((tid >> 5) & 3), WN * gn, tid & 31);
     else
@@ -1283,10 +1324,13 @@ struct HnTapDivs {
     HnDiv c, s, pq, q;
 };
 
-template <int ROWS, int CPR, class L, int THREADS>
-__device__ __forceinline__ void hn_nhwc16_copy_x_taps(unsigned short* s, const unsigned short* x, const HnConv& cv,
-                                                      int n0, int N, const HnTapDivs& dv, int k0, int kend, int tid) {
-    const int col = (tid % CPR) * 8, n = n0 + col;                  // this thread's columns: one tap, 8 channels
+// The filter gradient's B tile: rows k = (img, p, q) k0 .. k0 + ROWS - 1, columns n = (r, s, c) in 16-byte chunks (one
+// tap, 8 bf16 or 4 float32 channels T), CPR chunks a row, from x [n][H][W][C] channels-last; taps outside the image,
+// rows from kend on and columns from N on zero-filled.
+template <int ROWS, int CPR, class L, int THREADS, class T>
+__device__ __forceinline__ void hn_nhwc_copy_x_taps(T* s, const T* x, const HnConv& cv, int n0, int N,
+                                                    const HnTapDivs& dv, int k0, int kend, int tid) {
+    const int col = (tid % CPR) * (16 / static_cast<int>(sizeof(T))), n = n0 + col;   // this thread's columns
     const int rs = hn_div(n, dv.c), c = n - rs * cv.c, r = hn_div(rs, dv.s), sx = rs - r * cv.s;
 #pragma unroll
     for (int i = 0; i < ROWS * CPR / THREADS; ++i) {
@@ -1323,17 +1367,20 @@ __device__ __forceinline__ void hn_conv16_filter(unsigned char* smem, const unsi
         const int k0 = blk.kbeg + kt * BK, s = kt % STAGES;
         hn_copy16_tile<BK, CPA, HnRowTile<OA::STRIDE>, THREADS>(sa + s * OA::ELEMS, dy, cv.o, k0, blk.kend, blk.m0,
                                                                 M, tid);
-        hn_nhwc16_copy_x_taps<BK, CPB, HnRowTile<OB::STRIDE>, THREADS>(sb + s * OB::ELEMS, x, cv, blk.n0, N, dv, k0,
+        hn_nhwc_copy_x_taps<BK, CPB, HnRowTile<OB::STRIDE>, THREADS>(sb + s * OB::ELEMS, x, cv, blk.n0, N, dv, k0,
                                                                        blk.kend, tid);
     };
-    hn_bf16_direct_loop<true, false, OA, OB, STAGES, BK>(sa, sb, tiles, th, acc, issue);
+    hn_direct_loop<STAGES>(tiles, issue, [&](int s) {
+        hn_gemm_bf16_tile<true, false, OA, OB, MT, NT, BK>(sa + s * OA::ELEMS, sb + s * OB::ELEMS, acc, th.wm, th.wn,
+                                                           th.lane);
+    });
     hn_epilogue<MT, NT>(blk, acc, M, N, N, 1.f, 1.f, th.wm, th.wn, th.lane);
 }
 
 // The filter gradient of hn_conv16_filter on wgmma (sm_90a): C[M = O, N = R x S x C] += A[M, K] B[K, N] over K =
 // images x P x Q, A = dy as stored ([k][o]) and B = x gathered ([k][(r, s, c)]), both MN-major: K tiles of 64 rows k
 // stored with the 128-byte swizzle per 64 columns (HnSwizzle128MN) and read by wgmma with its transpose flags.
-// Warpgroups and tiles as hn_conv16w_fwd's; K split over blockIdx.z, added with atomics.
+// Warpgroups and tiles as hn_convw_fwd's; K split over blockIdx.z, added with atomics.
 template <int WGM, int WGN, int WN, int STAGES>
 __device__ __forceinline__ void hn_conv16w_filter(unsigned char* smem, const unsigned short* dy,
                                                   const unsigned short* x, float* dw, int M, int N, int K, int splits,
@@ -1353,12 +1400,48 @@ __device__ __forceinline__ void hn_conv16w_filter(unsigned char* smem, const uns
     auto issue = [&](int kt) {
         const int k0 = blk.kbeg + kt * BK, s = kt % STAGES;
         hn_copy16_tile<BK, CPA, HnSwizzle128MN, THREADS>(sa + s * EA, dy, cv.o, k0, blk.kend, blk.m0, M, tid);
-        hn_nhwc16_copy_x_taps<BK, CPB, HnSwizzle128MN, THREADS>(sb + s * EB, x, cv, blk.n0, N, dv, k0, blk.kend, tid);
+        hn_nhwc_copy_x_taps<BK, CPB, HnSwizzle128MN, THREADS>(sb + s * EB, x, cv, blk.n0, N, dv, k0, blk.kend, tid);
     };
     // a warpgroup's columns start 64 gm (A) and WN gn (B) columns in: whole blocks of 64 x 64 (HnSwizzle128MN)
     hn_wgmma_loop<STAGES, WN, 1>(blk.tiles, issue, sa + gm * 64 * BK, EA, sb + gn * WN * BK, EB, 16 * 64, acc[0],
                                  [](const unsigned short* p) { return hn_wgmma_desc_mn(p); });
     hn_epilogue<1, WN / 8>(blk, acc, M, N, N, 1.f, 1.f, 64 * gm + 16 * ((tid >> 5) & 3), WN * gn, tid & 31);
+}
+
+// hn_conv16_filter in tf32: dy [n][P][Q][O] and x [n][H][W][C] float32 copies already rounded to tf32 (conv.cu's
+// to_nhwc32), both tiles MN-major (rows k, 4 channels a 16-byte chunk: O and C multiples of 4) read by mma.sync
+// m16n8k8 as scalar fragments (hn_gemm_tf32_tile; tf32 wgmma has no MN-major operands); K split over blockIdx.z,
+// added with atomics.
+template <int BM, int BN, int BK, int WM, int WN, int STAGES>
+__device__ __forceinline__ void hn_conv32_filter(unsigned char* smem, const float* dy, const float* x, float* dw,
+                                                 int M, int N, int K, int splits, int kchunk, const HnConv& cv) {
+    constexpr int WARPS_N = BN / WN, THREADS = 32 * (BM / WM) * WARPS_N, MT = WM / 16, NT = WN / 8;
+    constexpr int CPA = BM / 4, CPB = BN / 4;
+    static_assert(BM % WM == 0 && BN % WN == 0 && WM % 16 == 0 && WN % 8 == 0 && BK % 8 == 0 && STAGES >= 2 &&
+                  THREADS % CPB == 0 && (BK * CPA) % THREADS == 0 && (BK * CPB) % THREADS == 0, "tile");
+    using OA = HnOperand<false, BM, BK, 4, 8>;   // rows k
+    using OB = HnOperand<false, BN, BK, 4, 8>;
+    float* sa = reinterpret_cast<float*>(smem);
+    float* sb = sa + STAGES * OA::ELEMS;
+
+    const HnBlock blk = hn_block(nullptr, nullptr, dw, M, N, K, 0, 0, N, 0, 0, 0, 1.f, 1.f, splits, kchunk, BM, BN, BK);
+    const HnThread th = hn_thread<WM, WN, WARPS_N>();
+    const int tid = th.tid;
+    float acc[MT][NT][4];
+    hn_zero(acc);
+    const HnTapDivs dv = {hn_div_of(cv.c), hn_div_of(cv.s), hn_div_of(cv.p * cv.q), hn_div_of(cv.q)};
+
+    auto issue = [&](int kt) {
+        const int k0 = blk.kbeg + kt * BK, s = kt % STAGES;
+        hn_copy16_tile<BK, CPA, HnRowTile<OA::STRIDE>, THREADS>(sa + s * OA::ELEMS, dy, cv.o, k0, blk.kend, blk.m0,
+                                                                M, tid);
+        hn_nhwc_copy_x_taps<BK, CPB, HnRowTile<OB::STRIDE>, THREADS>(sb + s * OB::ELEMS, x, cv, blk.n0, N, dv, k0,
+                                                                     blk.kend, tid);
+    };
+    hn_direct_loop<STAGES>(blk.tiles, issue, [&](int s) {
+        hn_gemm_tf32_tile<true, OA, OB, MT, NT, BK>(sa + s * OA::ELEMS, sb + s * OB::ELEMS, acc, th.wm, th.wn, th.lane);
+    });
+    hn_epilogue<MT, NT>(blk, acc, M, N, N, 1.f, 1.f, th.wm, th.wn, th.lane);
 }
 
 // HN_CONV16's body: EPI 1, 2 or 4, hn_conv16_fwd; 3, hn_conv16_filter (arguments as HN_CONV16 says).
@@ -1425,7 +1508,7 @@ __device__ __forceinline__ void hn_conv16(unsigned char* smem, const unsigned sh
     }
 
 // HN_CONV16W(hn_conv16_fwd_w128x256s4, 1, 2, 1, 256, 4, 1): HN_CONV16's forward (EPI 1), data gradient (EPI 2),
-// filter gradient (EPI 3) or pooled forward (EPI 4) with its arguments, on wgmma (hn_conv16w_fwd, hn_conv16w_filter:
+// filter gradient (EPI 3) or pooled forward (EPI 4) with its arguments, on wgmma (hn_convw_fwd, hn_conv16w_filter:
 // WGM x WGN warpgroups of 64 x WN each, block tile 64 WGM x WN WGN x 64, ST buffers, MINB blocks per SM for
 // __launch_bounds__); 128 WGM WGN threads, shared memory ST x (64 WGM + WN WGN) x 64 x 2 + 1024 bytes (the 1024-byte
 // alignment of the swizzled tiles).
@@ -1441,6 +1524,34 @@ __device__ __forceinline__ void hn_conv16(unsigned char* smem, const unsigned sh
         } else {                                                                                                 \
             HnConv cv = hn_conv_of<1>(AUX, C, H, W, R, S, P, Q, O, stride, pad, act);                           \
             cv.pooled = kchunk;                                                                                  \
-            hn_conv16w_fwd<EPI, WGM, WGN, WN, ST>(hn_smem, Wt, B, Y, M, N, K, cv);                              \
+            hn_convw_fwd<unsigned short, EPI, WGM, WGN, WN, ST>(hn_smem, Wt, B, Y, M, N, K, cv);               \
         }                                                                                                        \
+    }
+
+// HN_CONV32W(hn_conv32_fwd_w128x256s4, 1, 2, 1, 256, 4, 1): HN_CONV16W's forward (EPI 1), data gradient (EPI 2) or
+// pooled forward (EPI 4) in tf32: B and Wt float32 channels-last copies rounded to tf32 (conv.cu's to_nhwc32,
+// turn_weights32), K tiles of 32 (C of the forward, O of the data gradient a multiple of 4). Shared memory ST x (64 WGM
+// + WN WGN) x 32 x 4 + 1024 bytes.
+#define HN_CONV32W(name, EPI, WGM, WGN, WN, ST, MINB)                                                             \
+    extern "C" __global__ void __launch_bounds__(128 * WGM * WGN, MINB) name(                                  \
+        const float* __restrict__ B, const float* __restrict__ Wt, const float* __restrict__ AUX,                 \
+        float* __restrict__ Y, int M, int N, int K, int C, int H, int W, int R, int S, int P, int Q, int O,         \
+        int stride, int pad, int act, int splits, int kchunk) {                                                   \
+        HN_DYNAMIC_SMEM(hn_smem);                                                                              \
+        HnConv cv = hn_conv_of<1>(AUX, C, H, W, R, S, P, Q, O, stride, pad, act);                               \
+        cv.pooled = kchunk;                                                                                      \
+        hn_convw_fwd<float, EPI, WGM, WGN, WN, ST>(hn_smem, Wt, B, Y, M, N, K, cv);                              \
+    }
+
+// HN_CONV32F(hn_conv32_filter_128x128x32s3, 128, 128, 32, 64, 32, 3, 1): HN_CONV16's filter gradient (EPI 3) in tf32
+// on mma.sync (hn_conv32_filter: B = x, Wt = dy float32 channels-last copies rounded to tf32, Y = dw [O][R][S][C]
+// added into). Shared memory ST x ((BM + 8) + (BN + 8)) x BK x 4 bytes.
+#define HN_CONV32F(name, BM, BN, BK, WM, WN, ST, MINB)                                                            \
+    extern "C" __global__ void __launch_bounds__(32 * (BM / WM) * (BN / WN), MINB) name(                         \
+        const float* __restrict__ B, const float* __restrict__ Wt, const float* __restrict__ AUX,                 \
+        float* __restrict__ Y, int M, int N, int K, int C, int H, int W, int R, int S, int P, int Q, int O,         \
+        int stride, int pad, int act, int splits, int kchunk) {                                                   \
+        HN_DYNAMIC_SMEM(hn_smem);                                                                              \
+        const HnConv cv = hn_conv_of<3>(AUX, C, H, W, R, S, P, Q, O, stride, pad, act);                         \
+        hn_conv32_filter<BM, BN, BK, WM, WN, ST>(hn_smem, Wt, B, Y, M, N, K, splits, kchunk, cv);               \
     }

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .kernels import NULL, gemm_operands, get_kernel, leading_dim, wgmma_ok
-from .mma_tiles import CONV_CHOICE, LAYOUTS, PRECISIONS, TILES, TILES16, TILES16W, Tc16Tile, TcTile
+from .mma_tiles import (CONV_CHOICE, LAYOUTS, PRECISIONS, TILES, TILES16, TILES16W, TILES32, TILES32W, Tc16Tile,
+                         TcTile)
 
 _i32, _i64, _f32 = np.int32, np.int64, np.float32
 DEFAULT_SMEM = 48 * 1024       # dynamic shared memory a launch gets without raising the kernel's limit
@@ -387,56 +388,80 @@ def conv_filter_tc(be, dw, dy, x, stride: int, pad: int, tile: str | None = None
     launch_conv(be, plan_conv_filter(dw, dy, x, stride, pad, be.precision, be.sms, tile, splits))
 
 
-# --- the channels-last bf16 convolutions (mma.cu, HN_CONV16): conv.py's "tc16" ---------------------------------------
-# x, dy and w are read as bf16 bits stored channels-last (uint16 arrays): x [n, H, W, C], w [O, R, S, C], dy
-# [n, P, Q, O]; outputs are float32 as the other kernels write them (y, dx NCHW; the filter gradient [O, R, S, C],
-# added into the weights' layout by conv.cu's add_from_nhwc). The plans take the channels-last arrays (the emulator
-# feeds them NumPy ones); conv16, conv16_data and conv16_filter make them on the GPU from NCHW float32.
+# --- the channels-last convolutions (mma.cu, HN_CONV16 / HN_CONV16W at bf16, HN_CONV32W / HN_CONV32F at tf32):
+# conv.py's "tc16" and "tc32" ---------------------------------------------------------------------------------------
+# x, dy and w are read as copies stored channels-last, x [n, H, W, C], w [O, R, S, C], dy [n, P, Q, O]: bf16 bits
+# (uint16 arrays), or float32 already rounded to tf32 (float32 arrays); the copy's dtype says which kernels run.
+# Outputs are float32 as the other kernels write them (y, dx NCHW; the filter gradient [O, R, S, C], added into the
+# weights' layout by conv.cu's add_from_nhwc). The plans take the channels-last arrays (the emulator feeds them NumPy
+# ones); conv16, conv16_data and conv16_filter make them on the GPU from NCHW float32 at `be`'s precision (to_nhwc).
+COPY_DTYPE = {"bf16": np.uint16, "tf32": np.float32}      # the channels-last copies' storage per precision
+TILES_CL = {"bf16": (TILES16, TILES16W), "tf32": (TILES32, TILES32W)}   # (mma.sync tiles, wgmma tiles) per op
 
 
-def conv16_fits(op: str, c: int, o: int, r: int, s: int, stride: int, pad: int) -> bool:
-    """Whether HN_CONV16 computes `op` on this shape: channels read in whole 16-byte chunks (C of x for the forward
-    and filter gradient, O of dy for the filter and data gradients), and the data gradient, a forward over dy, at
-    stride 1 with a square kernel and pad < R."""
-    if op == "fwd":
-        return c % 8 == 0
+def conv16_fits(op: str, c: int, o: int, r: int, s: int, stride: int, pad: int, precision: str = "bf16") -> bool:
+    """Whether the channels-last kernels of `precision` compute `op` on this shape: channels read in whole 16-byte
+    chunks (8 bf16 or 4 float32: C of x for the forward and filter gradient, O of dy for the filter and data
+    gradients), and the data gradient, a forward over dy, at stride 1 with a square kernel and pad < R."""
+    e = 8 if precision == "bf16" else 4
+    if op in ("fwd", "pool"):
+        return c % e == 0
     if op == "filter":
-        return c % 8 == 0 and o % 8 == 0
-    return o % 8 == 0 and stride == 1 and r == s and 0 <= pad < r
+        return c % e == 0 and o % e == 0
+    return o % e == 0 and stride == 1 and r == s and 0 <= pad < r
 
 
-def _tile16(op: str, tile: str | None, m: int, n: int) -> Tc16Tile:
-    """TILES16's tile of op by size (`by_size`), or the one named (TILES16W's too)."""
+def tiles16(op: str, precision: str = "bf16", wgmma: bool = True) -> tuple:
+    """The channels-last tiles of op at precision: the mma.sync ones, then (with wgmma) the wgmma ones."""
+    sync, wg = TILES_CL[precision]
+    return tuple(sync.get(op, ())) + (tuple(wg.get(op, ())) if wgmma else ())
+
+
+def _tile16(op: str, tile: str | None, m: int, n: int, precision: str = "bf16") -> Tc16Tile:
+    """The channels-last tile of op at precision named `tile`, or by size (`by_size`) from the mma.sync pair."""
+    have = tiles16(op, precision)
     if tile is not None:
-        have = TILES16[op] + TILES16W.get(op, ())
         found = [t for t in have if t.name == tile]
         if not found:
-            raise ValueError(f"conv16: no {op} tile {tile!r} (have {', '.join(t.name for t in have)})")
+            raise ValueError(f"conv16: no {precision} {op} tile {tile!r} (have {', '.join(t.name for t in have)})")
         return found[0]
-    return by_size(*TILES16[op], m, n)
+    sync = TILES_CL[precision][0].get(op)
+    if not sync:
+        raise ValueError(f"conv16: no {precision} {op} tile by size; name one of {', '.join(t.name for t in have)}")
+    return by_size(*sync, m, n)
+
+
+def _copy_precision(a) -> str:
+    """The precision whose channels-last copy `a` is (COPY_DTYPE)."""
+    for precision, dtype in COPY_DTYPE.items():
+        if a.dtype == dtype:
+            return precision
+    raise ValueError(f"conv16: a channels-last copy is uint16 (bf16) or float32 (tf32), not {a.dtype}")
 
 
 def _call16(op, tile, src, w, aux, out, m, n, k, geometry, act=0, sms=None, splits=None) -> ConvCall | None:
-    for name, a, dtype in (("input", src, np.uint16), ("weights", w, np.uint16), ("aux", aux, np.float32),
-                           ("output", out, np.float32)):
+    precision = _copy_precision(src)
+    for name, a, dtype in (("input", src, COPY_DTYPE[precision]), ("weights", w, COPY_DTYPE[precision]),
+                           ("aux", aux, np.float32), ("output", out, np.float32)):
         if a is not None and (a.dtype != dtype or not a.flags.c_contiguous):
             raise ValueError(f"conv16: the {name} must be contiguous {np.dtype(dtype).name}")
     if not conv_fits(src, out) or w.size >= 2**31:
         raise ValueError(f"conv16: a tensor of shape {src.shape} is past the kernel's 32-bit offsets")
     if m == 0 or n == 0 or k == 0:
         return None
-    return _tile_call(op, _tile16(op, tile, m, n), src, w, aux, out, m, n, k, geometry, act, sms, splits)
+    return _tile_call(op, _tile16(op, tile, m, n, precision), src, w, aux, out, m, n, k, geometry, act, sms, splits)
 
 
 def plan_conv16(y, x16, w16, b, stride: int, pad: int, act: int = 0, tile: str | None = None) -> ConvCall | None:
-    """y [n, O, P, Q] = act(conv(x, w) + b) from x16 [n, H, W, C] and w16 [O, R, S, C] (bf16 bits), b [O] float32 or
-    None; act 0 none, 1 ReLU. None when y is empty."""
+    """y [n, O, P, Q] = act(conv(x, w) + b) from the channels-last copies x16 [n, H, W, C] and w16 [O, R, S, C]
+    (COPY_DTYPE), b [O] float32 or None; act 0 none, 1 ReLU. None when y is empty."""
     n, h, wd, c = x16.shape
     o, r, s, c2 = w16.shape
     *_, p, q = _conv_sizes((n, c, h, wd), (o, c, r, s), stride, pad)
     if (c2 != c or tuple(y.shape) != (n, o, p, q) or (b is not None and tuple(b.shape) != (o,))
-            or not conv16_fits("fwd", c, o, r, s, stride, pad)):
-        raise ValueError(f"conv16: x {x16.shape}, w {w16.shape}, y {y.shape} do not fit together (C a multiple of 8)")
+            or not conv16_fits("fwd", c, o, r, s, stride, pad, _copy_precision(x16))):
+        raise ValueError(f"conv16: x {x16.shape}, w {w16.shape}, y {y.shape} do not fit together (C a multiple of 8 "
+                         f"bf16 or 4 float32)")
     return _call16("fwd", tile, x16, w16, b, y, o, n * p * q, r * s * c, (c, h, wd, r, s, p, q, o, stride, pad), act)
 
 
@@ -451,7 +476,7 @@ def pooled_outputs(xp, n: int, o: int, p: int, q: int):
 def plan_conv16_pool(buf, x16, w16, b, stride: int, pad: int, act: int = 0, tile: str | None = None
                      ) -> ConvCall | None:
     """max_pool2d(act(conv(x, w) + b), 2, 2) and its argmax bytes into buf (pooled_outputs), from x16 [n, H, W, C]
-    and w16 [O, R, S, C] (bf16 bits), b [O] float32 or None: the forward's GEMM on its tile, its columns in window
+    and w16 [O, R, S, C] (copies, COPY_DTYPE), b [O] float32 or None: the forward's GEMM on its tile, its columns in window
     order, pooled in the epilogue (mma.cu, EPI 4). None when the pooled output is empty."""
     n, h, wd, c = x16.shape
     o, r, s, c2 = w16.shape
@@ -459,7 +484,7 @@ def plan_conv16_pool(buf, x16, w16, b, stride: int, pad: int, act: int = 0, tile
     pp, pq = p // 2, q // 2
     count = n * pp * pq
     if (c2 != c or buf.ndim != 1 or buf.size * 4 < 5 * o * count or (b is not None and tuple(b.shape) != (o,))
-            or not conv16_fits("fwd", c, o, r, s, stride, pad)):
+            or not conv16_fits("pool", c, o, r, s, stride, pad, _copy_precision(x16))):
         raise ValueError(f"conv16: x {x16.shape}, w {w16.shape}, pooled buffer {buf.shape} do not fit together")
     if not conv_fits(x16, buf) or count * 4 >= 2**31:
         raise ValueError(f"conv16: a tensor of shape {x16.shape} is past the kernel's 32-bit offsets")
@@ -472,14 +497,14 @@ def plan_conv16_pool(buf, x16, w16, b, stride: int, pad: int, act: int = 0, tile
 
 def plan_conv16_data(dx, dy16, wt16, relu_x, pad: int, tile: str | None = None) -> ConvCall | None:
     """dx [n, C, H, W] = conv_backward_data(dy, w) (* (relu_x > 0) when relu_x is given) of a stride-1 convolution
-    with padding `pad`, from dy16 [n, P, Q, O] and wt16, the turned weights [C, R, S, O] (conv.cu's turn_weights16),
+    with padding `pad`, from the copies dy16 [n, P, Q, O] and wt16, the turned weights [C, R, S, O] (turn_weights),
     as the forward over dy with padding R - 1 - pad. None when dx is empty."""
     n, p, q, o = dy16.shape
     c, r, s, o2 = wt16.shape
     h, wd = dx.shape[2:]
     if (o2 != o or tuple(dx.shape) != (n, c, p + r - 1 - 2 * pad, q + s - 1 - 2 * pad)
             or (relu_x is not None and tuple(relu_x.shape) != tuple(dx.shape))
-            or not conv16_fits("data", c, o, r, s, 1, pad)):
+            or not conv16_fits("data", c, o, r, s, 1, pad, _copy_precision(dy16))):
         raise ValueError(f"conv16: dy {dy16.shape}, turned w {wt16.shape}, dx {dx.shape} do not fit together")
     return _call16("data", tile, dy16, wt16, relu_x, dx, c, n * h * wd, r * s * o,
                    (o, p, q, r, s, h, wd, c, 1, r - 1 - pad))
@@ -487,13 +512,14 @@ def plan_conv16_data(dx, dy16, wt16, relu_x, pad: int, tile: str | None = None) 
 
 def plan_conv16_filter(dw16, dy16, x16, stride: int, pad: int, sms: int = 132, tile: str | None = None,
                        splits: int | None = None) -> ConvCall | None:
-    """dw16 [O, R, S, C] float32 += conv_backward_filter(dy, x) from dy16 [n, P, Q, O] and x16 [n, H, W, C] (bf16
-    bits), the K sum over images x P x Q split over grid.z (`split_k_waves`, or `splits` parts) and added with
+    """dw16 [O, R, S, C] float32 += conv_backward_filter(dy, x) from the copies dy16 [n, P, Q, O] and x16 [n, H, W,
+    C], the K sum over images x P x Q split over grid.z (`split_k_waves`, or `splits` parts) and added with
     atomics."""
     n, h, wd, c = x16.shape
     o, r, s, c2 = dw16.shape
     *_, p, q = _conv_sizes((n, c, h, wd), (o, c, r, s), stride, pad)
-    if c2 != c or tuple(dy16.shape) != (n, p, q, o) or not conv16_fits("filter", c, o, r, s, stride, pad):
+    if (c2 != c or tuple(dy16.shape) != (n, p, q, o)
+            or not conv16_fits("filter", c, o, r, s, stride, pad, _copy_precision(x16))):
         raise ValueError(f"conv16: dy {dy16.shape}, x {x16.shape}, dw {dw16.shape} do not fit together")
     return _call16("filter", tile, x16, dy16, None, dw16, o, r * s * c, n * p * q,
                    (c, h, wd, r, s, p, q, o, stride, pad), sms=sms, splits=splits)
@@ -502,14 +528,25 @@ def plan_conv16_filter(dw16, dy16, x16, stride: int, pad: int, sms: int = 132, t
 def to_nhwc16(be, x):
     """x [n, C, *spatial] float32 (contiguous) as bf16 bits [n, *spatial, C] (conv.cu's to_nhwc16; C even): an
     activation NCHW -> NHWC, or weights [O, C, R, S] -> [O, R, S, C]."""
+    return _to_nhwc(be, x, "bf16")
+
+
+def to_nhwc(be, x):
+    """x's channels-last copy at `be`'s precision: to_nhwc16 at bf16; at tf32 float32 rounded to tf32 [n, *spatial,
+    C] (conv.cu's to_nhwc32)."""
+    return _to_nhwc(be, x, be.precision)
+
+
+def _to_nhwc(be, x, precision: str):
     n, c = x.shape[:2]
     hw = x.size // max(n * c, 1)
-    if c % 2 or n * hw >= 2**31 or x.dtype != np.float32 or not x.flags.c_contiguous:
-        raise ValueError(f"to_nhwc16: x of shape {x.shape} must be contiguous float32, C even, under 2^31 pixels")
-    out = be.xp.empty((n, *x.shape[2:], c), dtype=np.uint16)
+    name = {"bf16": "to_nhwc16", "tf32": "to_nhwc32"}[precision]
+    if (precision == "bf16" and c % 2) or n * hw >= 2**31 or x.dtype != np.float32 or not x.flags.c_contiguous:
+        raise ValueError(f"{name}: x of shape {x.shape} must be contiguous float32 under 2^31 pixels (bf16: C even)")
+    out = be.xp.empty((n, *x.shape[2:], c), dtype=COPY_DTYPE[precision])
     if out.size:
-        get_kernel(be.device_id, "conv", "to_nhwc16")((math.ceil(n * hw / 32), math.ceil(c / 64)), (256,),
-                                                       (x, out, _i32(n), _i32(c), _i32(hw)))
+        get_kernel(be.device_id, "conv", name)((math.ceil(n * hw / 32), math.ceil(c / 64)), (256,),
+                                                (x, out, _i32(n), _i32(c), _i32(hw)))
     return out
 
 
@@ -545,36 +582,37 @@ def _pool_grad16(kernel: str, be, dy, arg, z_shape, k: int):
     return out
 
 
-def turn_weights16(be, w):
+def turn_weights(be, w):
     """w [O, C, R, S] float32 as the data gradient's turned weights [C, R, S, O]: wt[c][r][s][o] = w[o][c][R-1-r]
-    [S-1-s], bf16 bits."""
+    [S-1-s], copied at `be`'s precision (COPY_DTYPE: conv.cu's turn_weights16, turn_weights32)."""
     if w.ndim != 4 or w.dtype != np.float32 or not w.flags.c_contiguous:
-        raise ValueError(f"turn_weights16: w of shape {w.shape} must be contiguous float32 [O, C, R, S]")
+        raise ValueError(f"turn_weights: w of shape {w.shape} must be contiguous float32 [O, C, R, S]")
     o, c, r, s = w.shape
-    out = be.xp.empty((c, r, s, o), dtype=np.uint16)
-    be.launch("conv", "turn_weights16", w.size, w, out, _i32(o), _i32(c), _i32(r * s))
+    out = be.xp.empty((c, r, s, o), dtype=COPY_DTYPE[be.precision])
+    be.launch("conv", {"bf16": "turn_weights16", "tf32": "turn_weights32"}[be.precision], w.size, w, out, _i32(o),
+              _i32(c), _i32(r * s))
     return out
 
 
 def conv16(be, y, x, w, b, stride: int, pad: int, act: int = 0, tile: str | None = None) -> None:
-    """y = act(conv(x, w) + b) from NCHW float32 x and w, copied channels-last in bf16 first (plan_conv16)."""
-    launch_conv(be, plan_conv16(y, to_nhwc16(be, x), to_nhwc16(be, w), b, stride, pad, act, tile))
+    """y = act(conv(x, w) + b) from NCHW float32 x and w, copied channels-last first (to_nhwc, plan_conv16)."""
+    launch_conv(be, plan_conv16(y, to_nhwc(be, x), to_nhwc(be, w), b, stride, pad, act, tile))
 
 
 def conv16_pool(be, x, w, b, stride: int, pad: int, act: int = 0, tile: str | None = None, x16=None):
     """(y, arg) = maxpool2d_forward(act(conv(x, w) + b), 2, 2) from NCHW float32 x (or its copy x16) and w, on the
-    channels-last bf16 copies, pooled in the forward's epilogue (plan_conv16_pool)."""
+    channels-last copies (to_nhwc), pooled in the forward's epilogue (plan_conv16_pool)."""
     n, c, h, wd, o, r, s, p, q = _conv_sizes(x.shape, w.shape, stride, pad)
     buf, y, arg = pooled_outputs(be.xp, n, o, p // 2, q // 2)
-    x16 = to_nhwc16(be, x) if x16 is None else x16
-    launch_conv(be, plan_conv16_pool(buf, x16, to_nhwc16(be, w), b, stride, pad, act, tile))
+    x16 = to_nhwc(be, x) if x16 is None else x16
+    launch_conv(be, plan_conv16_pool(buf, x16, to_nhwc(be, w), b, stride, pad, act, tile))
     return y, arg
 
 
 def conv16_data(be, dx, dy16, w, relu_x, pad: int, tile: str | None = None) -> None:
-    """dx = conv_backward_data(dy, w) (* (relu_x > 0)) at stride 1 from dy16 = to_nhwc16(dy) and w [O, C, R, S]
+    """dx = conv_backward_data(dy, w) (* (relu_x > 0)) at stride 1 from dy16 = to_nhwc(dy) and w [O, C, R, S]
     float32 (plan_conv16_data)."""
-    launch_conv(be, plan_conv16_data(dx, dy16, turn_weights16(be, w), relu_x, pad, tile))
+    launch_conv(be, plan_conv16_data(dx, dy16, turn_weights(be, w), relu_x, pad, tile))
 
 
 def conv16_filter(be, dw, dy16, x16, stride: int, pad: int, tile: str | None = None,

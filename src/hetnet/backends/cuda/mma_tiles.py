@@ -136,8 +136,10 @@ def conv_tiles() -> list[TcTile]:
 
 @dataclass(frozen=True)
 class Tc16Tile:
-    """A tile of the channels-last bf16 convolutions (mma.cu's HN_CONV16: both operands copied by cp.async straight
-    into STAGES bf16 tiles, no float32 staging)."""
+    """A tile of the channels-last convolutions: both operands copied by cp.async straight into STAGES shared tiles
+    of what the products read, no float32 staging. bf16 (mma.cu's HN_CONV16, HN_CONV16W): bf16 copies; tf32
+    (HN_CONV32W, HN_CONV32F): float32 copies already rounded to tf32, the forward on wgmma, the filter gradient on
+    mma.sync."""
 
     bm: int
     bn: int
@@ -146,12 +148,18 @@ class Tc16Tile:
     wn: int
     stages: int
     min_blocks: int = 1      # __launch_bounds__'s blocks per SM ("b2": two, 128 registers at 256 threads)
-    wgmma: bool = False      # "w": mma.cu's HN_CONV16W (sm_90a), warpgroups of 64 x bn
+    wgmma: bool = False      # "w": on wgmma (sm_90a), warpgroups of 64 x bn
+    precision: str = "bf16"  # "bf16" or "tf32"
 
     def __post_init__(self):
+        assert self.precision in PRECISIONS, self
         if self.wgmma:
-            assert self.bm % 64 == 0 and self.bk == 64 and self.wm == 64 and self.bn % self.wn == 0, self
-            assert self.wn in (64, 128, 256) and self.stages >= 3, self
+            assert self.bm % 64 == 0 and self.bk * self.elem_bytes == 128 and self.wm == 64, self
+            assert self.bn % self.wn == 0 and self.wn in (64, 128, 256) and self.stages >= 3, self
+
+    @property
+    def elem_bytes(self) -> int:
+        return 2 if self.precision == "bf16" else 4
 
     @property
     def name(self) -> str:
@@ -166,16 +174,26 @@ class Tc16Tile:
 
     @property
     def smem_bytes(self) -> int:
-        if self.wgmma:        # unpadded swizzled rows, and 1024 bytes to align them
-            return self.stages * (self.bm + self.bn) * self.bk * 2 + 1024
-        return self.stages * (self.bm + self.bn) * (self.bk + 8) * 2
+        if self.wgmma:        # unpadded swizzled rows of 128 bytes, and 1024 bytes to align them
+            return self.stages * (self.bm + self.bn) * 128 + 1024
+        _, pad_k, pad_mn = _SMEM[self.precision]      # HnOperand's padded tiles, the larger of their two layouts
+        return self.stages * self.elem_bytes * sum(max(mn * (self.bk + pad_k), self.bk * (mn + pad_mn))
+                                                   for mn in (self.bm, self.bn))
 
     def conv_kernel(self, op: str) -> str:
         assert op in CONV16_OPS, (self, op)
-        return f"hn_conv16_{op}_{self.name}"
+        return f"hn_conv{8 * self.elem_bytes}_{op}_{self.name}"
 
     def instantiation(self, op: str) -> str:
         """mma.cu's line that defines conv_kernel(op)."""
+        if self.precision == "tf32":
+            if self.wgmma:
+                assert op != "filter", self
+                return (f"HN_CONV32W({self.conv_kernel(op)}, {CONV16_OPS[op]}, {self.bm // 64}, "
+                        f"{self.bn // self.wn}, {self.wn}, {self.stages}, {self.min_blocks})")
+            assert op == "filter", self
+            return (f"HN_CONV32F({self.conv_kernel(op)}, {self.bm}, {self.bn}, {self.bk}, {self.wm}, {self.wn}, "
+                    f"{self.stages}, {self.min_blocks})")
         if self.wgmma:
             return (f"HN_CONV16W({self.conv_kernel(op)}, {CONV16_OPS[op]}, {self.bm // 64}, {self.bn // self.wn}, "
                     f"{self.wn}, {self.stages}, {self.min_blocks})")
@@ -183,10 +201,12 @@ class Tc16Tile:
                 f"{self.wn}, {self.stages}, {self.min_blocks})")
 
 
-def wgmma_tile(bm: int, bn: int, stages: int, wn: int | None = None, min_blocks: int = 1) -> Tc16Tile:
-    """A channels-last tile on wgmma: (bm / 64) x (bn / wn) warpgroups, each 64 x wn (default bn), K tiles of 64;
-    min_blocks: __launch_bounds__'s blocks per SM."""
-    return Tc16Tile(bm, bn, 64, 64, wn or bn, stages, min_blocks, wgmma=True)
+def wgmma_tile(bm: int, bn: int, stages: int, wn: int | None = None, min_blocks: int = 1,
+               precision: str = "bf16") -> Tc16Tile:
+    """A channels-last tile on wgmma: (bm / 64) x (bn / wn) warpgroups, each 64 x wn (default bn), K tiles of 128
+    bytes (64 bf16, 32 tf32); min_blocks: __launch_bounds__'s blocks per SM."""
+    return Tc16Tile(bm, bn, 128 // (2 if precision == "bf16" else 4), 64, wn or bn, stages, min_blocks, wgmma=True,
+                    precision=precision)
 
 
 # The channels-last tiles, (large, small) per op (the data gradient runs the forward's kernel body); conv.py measures
@@ -204,12 +224,20 @@ TILES16W = {"fwd": (wgmma_tile(128, 256, 4), wgmma_tile(128, 128, 4), wgmma_tile
             "filter": (wgmma_tile(128, 256, 4), wgmma_tile(128, 128, 4), wgmma_tile(64, 256, 4, 128),
                        wgmma_tile(128, 128, 3, min_blocks=2))}
 TILES16W["data"] = TILES16W["pool"] = TILES16W["fwd"]
+# At tf32 (float32 copies rounded to tf32): the forward, data gradient and pooled forward on wgmma (sm_90a only), the
+# filter gradient on mma.sync (wgmma reads tf32 operands K-major only, and its operands are both stored along K).
+TILES32W = {"fwd": tuple(wgmma_tile(*a, precision="tf32") for a in ((128, 256, 4), (128, 128, 4), (64, 256, 4, 128),
+                                                                    (128, 128, 3, None, 2)))}
+TILES32W["data"] = TILES32W["pool"] = TILES32W["fwd"]
+TILES32 = {"filter": (Tc16Tile(128, 128, 32, 64, 32, 3, precision="tf32"),
+                      Tc16Tile(64, 64, 32, 32, 32, 4, precision="tf32"))}
 
 
-def instantiations(tiles: Iterable[TcTile], conv: Iterable[TcTile] = (), conv16: Iterable[dict] = (TILES16, TILES16W)
-                   ) -> str:
+def instantiations(tiles: Iterable[TcTile], conv: Iterable[TcTile] = (),
+                   conv16: Iterable[dict] = (TILES16, TILES16W, TILES32W, TILES32)) -> str:
     """mma.cu's HN_GEMM lines, each tile in each operand order, its HN_CONV lines, each `conv` tile for each
-    convolution op, and its HN_CONV16 / HN_CONV16W lines, each tile of each op of each `conv16` table."""
+    convolution op, and its channels-last lines (HN_CONV16, HN_CONV16W, HN_CONV32W, HN_CONV32F), each tile of each op
+    of each `conv16` table."""
     lines = []
     for t in tiles:
         for layout in LAYOUTS:
