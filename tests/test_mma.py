@@ -238,9 +238,10 @@ def test_conv_layer_offers_the_tensor_core_kernels(rng, precision):
 
 # --- the channels-last bf16 convolutions: conv.cu's copies, then mma.cu's HN_CONV16 (mma.conv16 / _data / _filter) ---
 
-def test_channels_last_copies(be, rng):
-    """to_nhwc16 and turn_weights16 give exactly the bf16 bits NumPy rounds (to nearest even, ties included), at
-    sizes that leave partial 64-channel x 32-pixel tiles."""
+def test_channels_last_copies(rng):
+    """At bf16, to_nhwc16 and turn_weights give exactly the bf16 bits NumPy rounds (to nearest even, ties included),
+    at sizes that leave partial 64-channel x 32-pixel tiles."""
+    be = get_backend("cuda", "bf16")
     for shape in ((3, 6, 37), (2, 70, 5, 7), (130, 8, 3, 3), (2, 64, 32, 32)):
         x = (rng.standard_normal(shape) * 100).astype(np.float32)
         x.reshape(-1)[:4] = np.array([0x3F808000, 0x3F818000, 0xBF808000, 0x3F80FFFF], np.uint32).view(np.float32)

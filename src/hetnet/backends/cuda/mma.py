@@ -537,7 +537,13 @@ def to_nhwc(be, x):
     return _to_nhwc(be, x, be.precision)
 
 
+def _copies_at(precision: str) -> None:
+    if precision not in COPY_DTYPE:
+        raise ValueError(f"channels-last copies exist at {' and '.join(COPY_DTYPE)}, not at {precision}")
+
+
 def _to_nhwc(be, x, precision: str):
+    _copies_at(precision)
     n, c = x.shape[:2]
     hw = x.size // max(n * c, 1)
     name = {"bf16": "to_nhwc16", "tf32": "to_nhwc32"}[precision]
@@ -587,6 +593,7 @@ def turn_weights(be, w):
     [S-1-s], copied at `be`'s precision (COPY_DTYPE: conv.cu's turn_weights16, turn_weights32)."""
     if w.ndim != 4 or w.dtype != np.float32 or not w.flags.c_contiguous:
         raise ValueError(f"turn_weights: w of shape {w.shape} must be contiguous float32 [O, C, R, S]")
+    _copies_at(be.precision)
     o, c, r, s = w.shape
     out = be.xp.empty((c, r, s, o), dtype=COPY_DTYPE[be.precision])
     be.launch("conv", {"bf16": "turn_weights16", "tf32": "turn_weights32"}[be.precision], w.size, w, out, _i32(o),
