@@ -1,6 +1,6 @@
 """Kernels outside mma.cu run on the CPU, compiled as C++ against tests/cuda_emu (each CUDA thread a fiber resumed
-in a shuffled order between barriers, over the whole grid): the channels-last bf16 copies, conv.cu's to_nhwc16 and
-pool_grad_nhwc16 (from float32 or channels-last bf16) and norm.cu's bn_apply_nhwc16 and bn_bwd_dx_nhwc16 (with the
+in a shuffled order between barriers, over the whole grid): the channels-last copies, conv.cu's to_nhwc16 and
+pool_grad_nhwc16 (from float32 or channels-last bf16), to_nhwc32 and pool_grad_nhwc32 (tf32) and norm.cu's bn_apply_nhwc16 and bn_bwd_dx_nhwc16 (with the
 store half they share), NumPy's bf16 bits (round to nearest even) of the float32 tensor they stand for -- x, the max
 pooling's input gradient, the batch norm's (+ GELU's) output or its input gradient; conv.cu's conv_gelu_nhwc16; and
 common.cuh's HnPlaneWalk, which the batch-norm kernels and channel_sum loop with, each element visited once with its
@@ -15,7 +15,7 @@ import re
 import numpy as np
 import pytest
 from emu_build import build_emulated
-from mma_cases import nhwc16
+from mma_cases import nhwc16, nhwc_copy
 
 from hetnet.backends import reference as ref
 from hetnet.backends.cuda import kernels
@@ -86,6 +86,19 @@ extern "C" int emu_conv_gelu(const float* x, const float* w, const float* b, flo
     snprintf(err, len, "%s", msg.c_str());
     return msg.empty() ? 0 : 1;
 }
+extern "C" int emu_to_nhwc32(const float* x, float* y, int n, int C, int HW, unsigned seed, char* err, int len) {
+    std::string msg = emu::launch({(unsigned)((n * HW + 31) / 32), (unsigned)((C + 63) / 64), 1}, {256, 1, 1}, 0,
+                                  [=] { to_nhwc32(x, y, n, C, HW); }, seed);
+    snprintf(err, len, "%s", msg.c_str());
+    return msg.empty() ? 0 : 1;
+}
+extern "C" int emu_pool_grad32(const float* dy, const unsigned char* arg, float* y, int n, int C, int H, int W,
+                               int P, int Q, int k, unsigned seed, char* err, int len) {
+    std::string msg = emu::launch({(unsigned)((n * H * W + 31) / 32), (unsigned)((C + 63) / 64), 1},
+                                  {256, 1, 1}, 0, [=] { pool_grad_nhwc32(dy, arg, y, n, C, H, W, P, Q, k); }, seed);
+    snprintf(err, len, "%s", msg.c_str());
+    return msg.empty() ? 0 : 1;
+}
 extern "C" int emu_pool_grad(const float* dy, const unsigned char* arg, unsigned* y, int n, int C, int H, int W,
                              int P, int Q, int k, unsigned seed, char* err, int len) {
     std::string msg = emu::launch({(unsigned)((n * H * W + 31) / 32), (unsigned)((C + 63) / 64), 1},
@@ -113,8 +126,13 @@ def _kernels_text() -> str:
     parts.append(common[i:common.index("\n}\n", j) + 3])
     for text, start in ((common, "__device__ __forceinline__ void hn_load_nhwc16_rows("),
                         (common, "__device__ __forceinline__ void hn_store_nhwc16_tile("),
+                        (common, "__device__ __forceinline__ float hn_tf32_round("),
+                        (common, "__device__ __forceinline__ void hn_store_nhwc32_tile("),
                         (conv, 'extern "C" __global__ void __launch_bounds__(256) to_nhwc16('),
+                        (conv, 'extern "C" __global__ void __launch_bounds__(256) to_nhwc32('),
+                        (conv, "__device__ __forceinline__ void hn_pool_grad_tile("),
                         (conv, 'extern "C" __global__ void __launch_bounds__(256) pool_grad_nhwc16('),
+                        (conv, 'extern "C" __global__ void __launch_bounds__(256) pool_grad_nhwc32('),
                         (conv, 'extern "C" __global__ void __launch_bounds__(256) pool_grad16_nhwc16('),
                         (conv, 'extern "C" __global__ void __launch_bounds__(256) conv_gelu_nhwc16('),
                         (norm, "__device__ __forceinline__ float hn_bn_value("),
@@ -152,6 +170,11 @@ def test_to_nhwc16_emulated(emu, rng, shape):
     err = ctypes.create_string_buffer(512)
     _check(emu.emu_to_nhwc16(_ptr(x), _ptr(y), n, c, hw, 7, err, 512), err)
     np.testing.assert_array_equal(y, nhwc16(x))
+    # to_nhwc32: the float32 copy rounded to tf32 (to nearest, ties away: the first values are ties), any C
+    x.reshape(-1)[:4] = np.array([0x3F801000, 0x3F803000, 0xBF801000, 0x3F80FFFF], np.uint32).view(np.float32)
+    y32 = np.full((n, *shape[2:], c), np.nan, np.float32)
+    _check(emu.emu_to_nhwc32(_ptr(x), _ptr(y32), n, c, hw, 5, err, 512), err)
+    np.testing.assert_array_equal(y32.view(np.uint32), nhwc_copy(x, "tf32").view(np.uint32))
 
 
 @pytest.mark.parametrize("shape,k", [((2, 6, 11, 9), 2), ((1, 70, 7, 7), 2), ((2, 8, 8, 11), 3), ((1, 66, 4, 4), 2),
@@ -177,6 +200,11 @@ def test_pool_grad_nhwc16_emulated(emu, rng, shape, k):
     out16 = np.full((n, h, w, c), 0xBEEF, np.uint16)
     _check(emu.emu_pool_grad16(_ptr(nhwc16(dy)), _ptr(arg), _ptr(out16), n, c, h, w, p, q, k, 13, err, 512), err)
     np.testing.assert_array_equal(out16, want)
+    # pool_grad_nhwc32: the same gradient as the tf32 copy
+    out32 = np.full((n, h, w, c), np.nan, np.float32)
+    _check(emu.emu_pool_grad32(_ptr(dy), _ptr(arg), _ptr(out32), n, c, h, w, p, q, k, 17, err, 512), err)
+    want32 = nhwc_copy(ref.maxpool2d_backward(dy.astype(np.float64), cache).astype(np.float32), "tf32")
+    np.testing.assert_array_equal(out32, want32)
 
 
 @pytest.mark.parametrize("case", [(3, 3, 9, 9, 24, 2, 1, 0, True, 2), (2, 2, 7, 6, 8, 3, 2, 1, False, 1),

@@ -414,17 +414,20 @@ def test_conv_keeps_the_channels_last_copy_for_its_backward(rng, fwd, flt):
             be.conv2d_backward(dy, cache, cupy.zeros_like(gw), None, relu_mask=True)
 
 
+@pytest.mark.parametrize("precision", ["bf16", "tf32"])
 @pytest.mark.parametrize("shape,k", [((3, 6, 31, 31), 2), ((2, 70, 15, 9), 2), ((2, 8, 7, 11), 3), ((1, 66, 4, 4), 2)],
                          ids=str)
-def test_pool_grad_nhwc16(be, rng, shape, k):
-    """pool_grad_nhwc16 gives exactly to_nhwc16(maxpool2d_backward(dy)) for windows that tile z (rows and columns no
-    window covers, partial 64-channel x 32-pixel tiles, ties in a window: the first maximum)."""
+def test_pool_grad_nhwc16(rng, shape, k, precision):
+    """pool_grad_nhwc gives exactly to_nhwc(maxpool2d_backward(dy)) for windows that tile z (rows and columns no
+    window covers, partial 64-channel x 32-pixel tiles, ties in a window: the first maximum), in bf16 and in tf32."""
+    be = get_backend("cuda", precision)
     z = rng.standard_normal(shape).astype(np.float32)
     z[:, :, :k, :k] = 1.0                               # a tie in the first window of every plane
     y, cache = be.maxpool2d_forward(cupy.asarray(z), k, k)
     dy = cupy.asarray(rng.standard_normal(y.shape).astype(np.float32))
-    want = mm.to_nhwc16(be, be.maxpool2d_backward(dy, cache))
-    got = mm.pool_grad_nhwc16(be, dy, cache[2], shape, k)
+    want = mm.to_nhwc(be, be.maxpool2d_backward(dy, cache))
+    got = mm.pool_grad_nhwc(be, dy, cache[2], shape, k)
+    assert got.dtype == want.dtype
     np.testing.assert_array_equal(cupy.asnumpy(got), cupy.asnumpy(want))
 
 
@@ -451,19 +454,29 @@ def test_conv16_pool(rng, precision, shape):
                    max_pool_2x2(conv_expected(x, w, b, stride, pad, act, precision))[0], precision)
 
 
+# what each precision's channels-last convolutions are set to have measured (tf32's forward exists on wgmma only)
+MEASURED_CL = {"bf16": {"fwd": "tc16", "pool": "tc16", "filter": "tc16s", "data": "tc16"},
+               "tf32": {"fwd": "tc32w128x128s4", "pool": "tc32w64x256s4n128", "filter": "tc32s",
+                        "data": "tc32w128x128s4"}}
+
+
+@pytest.mark.parametrize("precision", ["bf16", "tf32"])
 @pytest.mark.parametrize("relu", [False, True], ids=["conv_pool", "conv_relu_pool"])
-def test_conv_maxpool_forward_pools_in_the_epilogue(rng, relu, monkeypatch):
-    """Where the forward of a shape was measured on a "tc16" candidate (set here), conv2d_maxpool_forward and
-    conv2d_relu_maxpool_forward run one pooled kernel: y, the argmax bytes and the backward's dx are bit for bit the
-    two ops' in a row, dw and db within float32 rounding (DW_RTOL); the conv_pool forward told relu_mask=False keeps
-    only x's channels-last copy where the filter gradient runs on it too."""
-    be = get_backend("cuda", "bf16")
+def test_conv_maxpool_forward_pools_in_the_epilogue(rng, relu, precision, monkeypatch):
+    """Where the forward of a shape was measured on a channels-last candidate (set here), conv2d_maxpool_forward and
+    conv2d_relu_maxpool_forward run one pooled kernel: y, the argmax bytes and the backward's dx (the pooled gradient
+    straight to the gradients' channels-last copy, mma.pool_grad_nhwc) are bit for bit the two ops' in a row, dw and
+    db within float32 rounding (DW_RTOL); the conv_pool forward told relu_mask=False keeps only x's channels-last copy
+    where the filter gradient runs on it too."""
+    be = get_backend("cuda", precision)
+    if precision == "tf32" and not wgmma_ok(be.device_id):
+        pytest.skip("the tf32 channels-last forward runs on wgmma (sm_90a) only")
     shape = (4, 16, 15, 13, 32, 3, 3, 1, 1)
     x, w, b, _ = conv_inputs(rng, shape)
     calls = []
     pooled = mm.conv16_pool
     monkeypatch.setattr(mm, "conv16_pool", lambda *a, **kw: calls.append(1) or pooled(*a, **kw))
-    with _measured_as(be, shape, {"fwd": "tc16", "pool": "tc16", "filter": "tc16s", "data": "tc16"}):
+    with _measured_as(be, shape, MEASURED_CL[precision]):
         gx, gw, gb = cupy.asarray(x), cupy.asarray(w), cupy.asarray(b)
         if relu:
             fused = be.conv2d_relu_maxpool_forward(gx, gw, gb, 1, 1, 2, 2)

@@ -47,6 +47,16 @@
 // CUDA's fast intrinsics as the correctly rounded operations they approximate (within 2 ulps on the GPU)
 inline float __expf(float x) { return std::exp(x); }
 inline float __fdividef(float a, float b) { return a / b; }
+inline unsigned __float_as_uint(float x) {
+    unsigned u;
+    std::memcpy(&u, &x, 4);
+    return u;
+}
+inline float __uint_as_float(unsigned u) {
+    float x;
+    std::memcpy(&x, &u, 4);
+    return x;
+}
 
 struct float4 {
     float x, y, z, w;

@@ -225,3 +225,14 @@ __device__ __forceinline__ void hn_store_nhwc16_tile(const float (&t)[64][33], u
         if (p < NP && c < C) y[(long long)p * (C / 2) + c / 2] = hn_bf16x2_bits(t[2 * lane][j], t[2 * lane + 1][j]);
     }
 }
+
+// The same tile moved channels-last in tf32: y[p][c] = tf32(t[c - c0][p - p0]) as float32 [NP][C] (any C); each warp
+// writes 32 consecutive channels of a pixel at a time.
+__device__ __forceinline__ void hn_store_nhwc32_tile(const float (&t)[64][33], float* __restrict__ y, int p0, int c0,
+                                                     int C, int NP) {
+    const int lane = threadIdx.x & 31, row = threadIdx.x >> 5;
+    for (int j = row; j < 64; j += 8) {          // (pixel j % 32, channel half j / 32)
+        const int p = p0 + (j & 31), c = c0 + 32 * (j >> 5) + lane;
+        if (p < NP && c < C) y[(long long)p * C + c] = hn_tf32_round(t[c - c0][j & 31]);
+    }
+}

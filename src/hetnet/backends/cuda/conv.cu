@@ -770,7 +770,7 @@ extern "C" __global__ void __launch_bounds__(256) to_nhwc16(const float* __restr
 }
 
 // to_nhwc16 in tf32: y[img][p][c] = tf32(x[img][c][p]) as float32 [n][HW][C] (any C), the operands of mma.cu's
-// HN_CONV32W / HN_CONV32F; the same tiles, each warp writing 32 consecutive channels of a pixel at a time.
+// HN_CONV32W / HN_CONV32F; the same tiles (hn_store_nhwc32_tile).
 extern "C" __global__ void __launch_bounds__(256) to_nhwc32(const float* __restrict__ x, float* __restrict__ y, int n,
                                                             int C, int HW) {
     __shared__ float t[64][33];
@@ -781,10 +781,7 @@ extern "C" __global__ void __launch_bounds__(256) to_nhwc32(const float* __restr
 #pragma unroll
     for (int u = 0; u < 8; ++u) t[row + 8 * u][lane] = v[u];
     __syncthreads();
-    for (int j = row; j < 64; j += 8) {          // (pixel j % 32, channel half j / 32)
-        const int p = blockIdx.x * 32 + (j & 31), c = c0 + 32 * (j >> 5) + lane;
-        if (p < NP && c < C) y[(long long)p * C + c] = hn_tf32_round(t[c - c0][j & 31]);
-    }
+    hn_store_nhwc32_tile(t, y, blockIdx.x * 32, c0, C, NP);
 }
 
 // The window of a tile's pixel (HnTilePixel) of z [n][C][H][W] under k x k max pooling at stride k: (p, q) the
@@ -804,20 +801,11 @@ struct HnPoolWindow {
     }
 };
 
-// to_nhwc16 of a max pooling's input gradient, dz = maxpool2d_backward(dy), for windows that tile the input (stride
-// == k), without dz in float32: z [n][C][H][W] the pooled tensor, dy and arg [n][C][P][Q] the pooled gradient and
-// each window's argmax byte (pool.cu's maxpool_fwd). dz[c][h][w] = dy[c][p][q] where (h, w) is the first maximum of
-// window (p, q) = (h / k, w / k), i.e. arg[c][p][q] == (h - p k) k + (w - q k); 0 elsewhere, rows h >= P k and
-// columns w >= Q k (in no window) included. Written as bf16 pairs [n][H][W][C / 2] (C even) in to_nhwc16's tiles:
-// 64 channels x 32 pixels of z's n * H * W per block, each lane's pixel decoded once. Grid (ceil(n * H * W / 32),
-// ceil(C / 64)); n * H * W < 2^31.
-extern "C" __global__ void __launch_bounds__(256) pool_grad_nhwc16(const float* __restrict__ dy,
-                                                                   const unsigned char* __restrict__ arg,
-                                                                   unsigned* __restrict__ y, int n, int C, int H,
-                                                                   int W, int P, int Q, int k) {
-    __shared__ float t[64][33];
-    const int c0 = blockIdx.y * 64, lane = threadIdx.x & 31, row = threadIdx.x >> 5, NP = n * H * W;
-    const HnTilePixel px(NP, H * W);
+// The load half of pool_grad_nhwc16 / pool_grad_nhwc32: the tile t[channel - c0][pixel] of dz through shared memory.
+__device__ __forceinline__ void hn_pool_grad_tile(float (&t)[64][33], const float* __restrict__ dy,
+                                                  const unsigned char* __restrict__ arg, const HnTilePixel& px, int c0,
+                                                  int C, int W, int P, int Q, int k) {
+    const int lane = threadIdx.x & 31, row = threadIdx.x >> 5;
     const HnPoolWindow win(px, C, W, P, Q, k);     // dy[img][c][p][q] = dy[win.pq + c * P * Q]
     float d[8];                        // channels c0 + row + 8u: dy and arg of all eight loaded before any is tested
     unsigned char a[8];
@@ -832,7 +820,35 @@ extern "C" __global__ void __launch_bounds__(256) pool_grad_nhwc16(const float* 
 #pragma unroll
     for (int u = 0; u < 8; ++u) t[row + 8 * u][lane] = a[u] == win.at ? d[u] : 0.f;
     __syncthreads();
-    hn_store_nhwc16_tile(t, y, blockIdx.x * 32, c0, C, NP);
+}
+
+// to_nhwc16 of a max pooling's input gradient, dz = maxpool2d_backward(dy), for windows that tile the input (stride
+// == k), without dz in float32: z [n][C][H][W] the pooled tensor, dy and arg [n][C][P][Q] the pooled gradient and
+// each window's argmax byte (pool.cu's maxpool_fwd). dz[c][h][w] = dy[c][p][q] where (h, w) is the first maximum of
+// window (p, q) = (h / k, w / k), i.e. arg[c][p][q] == (h - p k) k + (w - q k); 0 elsewhere, rows h >= P k and
+// columns w >= Q k (in no window) included. Written as bf16 pairs [n][H][W][C / 2] (C even) in to_nhwc16's tiles:
+// 64 channels x 32 pixels of z's n * H * W per block, each lane's pixel decoded once. Grid (ceil(n * H * W / 32),
+// ceil(C / 64)); n * H * W < 2^31.
+extern "C" __global__ void __launch_bounds__(256) pool_grad_nhwc16(const float* __restrict__ dy,
+                                                                   const unsigned char* __restrict__ arg,
+                                                                   unsigned* __restrict__ y, int n, int C, int H,
+                                                                   int W, int P, int Q, int k) {
+    __shared__ float t[64][33];
+    const HnTilePixel px(n * H * W, H * W);
+    hn_pool_grad_tile(t, dy, arg, px, blockIdx.y * 64, C, W, P, Q, k);
+    hn_store_nhwc16_tile(t, y, blockIdx.x * 32, blockIdx.y * 64, C, n * H * W);
+}
+
+// pool_grad_nhwc16 in tf32: dz as float32 [n][H][W][C] rounded to tf32 (any C), the tf32 convolutions' copy
+// (to_nhwc32's layout).
+extern "C" __global__ void __launch_bounds__(256) pool_grad_nhwc32(const float* __restrict__ dy,
+                                                                   const unsigned char* __restrict__ arg,
+                                                                   float* __restrict__ y, int n, int C, int H, int W,
+                                                                   int P, int Q, int k) {
+    __shared__ float t[64][33];
+    const HnTilePixel px(n * H * W, H * W);
+    hn_pool_grad_tile(t, dy, arg, px, blockIdx.y * 64, C, W, P, Q, k);
+    hn_store_nhwc32_tile(t, y, blockIdx.x * 32, blockIdx.y * 64, C, n * H * W);
 }
 
 // pool_grad_nhwc16 from the pooled gradient already channels-last in bf16 (dy16 [n][P][Q][C / 2] bf16 pairs, the batch

@@ -627,9 +627,9 @@ def conv_backward(be, dy, x, w, dw, db, stride, pad, need_dx=True, relu_x=None, 
 
 
 def conv_backward16(be, g: Geometry, dy16, x, x16, w, dw, need_dx=True, relu_x=None):
-    """conv_backward from dy16, the channels-last bf16 copy of dy alone (no float32 dy, so no bias gradient here):
-    the filter gradient (unless dw is None) and the data gradient (if need_dx) by their measured "tc16" choices,
-    which must exist (conv_backward16_ready)."""
+    """conv_backward from dy16, the channels-last copy of dy alone (mma.to_nhwc's; no float32 dy, so no bias gradient
+    here): the filter gradient (unless dw is None) and the data gradient (if need_dx) by their measured channels-last
+    choices, which must exist (conv_backward16_ready)."""
     copies = _Copies16(be, None, x, x16)
     copies.made["dy"], copies.share = dy16, True
     if dw is not None:
@@ -758,15 +758,15 @@ class ConvOps:
 
     def conv2d_maxpool_backward(self, dy, cache, dw, db, need_dx=True, relu_mask=False):
         """The two ops' backward, except where the windows tile z (stride == kernel) and the convolution's gradients
-        run on channels-last bf16 copies (measured): then the pooled gradient goes straight to the channels-last
-        bf16 copy of dE/dz (mma.pool_grad_nhwc16) that they read, and the bias gradient is the sum of dy. dy may be
+        run on channels-last copies (measured): then the pooled gradient goes straight to the channels-last copy of
+        dE/dz (mma.pool_grad_nhwc) that they read, and the bias gradient is the sum of dy. dy may be
         that pooled gradient channels-last in bf16 already (an Nhwc16 handed over by the batch norm after the
         pooling, takes_dy16; no bias gradient)."""
         conv_cache, pool_cache = cache
         x, w, stride, padding, x16, x_shape = conv_cache
         z_shape, _, arg, kernel, pool_stride = pool_cache
         g = Geometry(*x_shape, *(w.shape[i] for i in (0, 2, 3)), stride, padding)
-        direct = (self.precision == "bf16" and kernel == pool_stride and not (relu_mask and x is None)
+        direct = (self.precision in CL_PREFIX and kernel == pool_stride and not (relu_mask and x is None)
                   and conv_backward16_ready(self, g, dw, need_dx))
         if isinstance(dy, Nhwc16):          # the batch norm's hand-over (takes_dy16): the pooled gradient in bf16
             if db is not None or not direct:
@@ -778,7 +778,7 @@ class ConvOps:
             dy = self._c(dy)
             if db is not None:
                 channel_sum(self, dy, db, g.n, g.k, dy.shape[2] * dy.shape[3])
-            dz16 = mma.pool_grad_nhwc16(self, dy, arg, z_shape, kernel)
+            dz16 = mma.pool_grad_nhwc(self, dy, arg, z_shape, kernel)
         return conv_backward16(self, g, dz16, x, x16, w, dw, need_dx, x if relu_mask else None)
 
     def dense_chain_forward(self, x, layers):

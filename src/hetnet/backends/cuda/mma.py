@@ -564,6 +564,17 @@ def pool_grad_nhwc16(be, dy, arg, z_shape, k: int):
     return _pool_grad16("pool_grad_nhwc16", be, dy, arg, z_shape, k)
 
 
+def pool_grad_nhwc(be, dy, arg, z_shape, k: int):
+    """pool_grad_nhwc16 at bf16; at tf32 the same gradient as to_nhwc's float32 copy rounded to tf32 (conv.cu's
+    pool_grad_nhwc32)."""
+    if be.precision == "bf16":
+        return pool_grad_nhwc16(be, dy, arg, z_shape, k)
+    _copies_at(be.precision)
+    if dy.dtype != np.float32 or tuple(dy.shape) != tuple(arg.shape):
+        raise ValueError(f"pool_grad_nhwc32: dy of shape {dy.shape} must be float32 of the argmax's shape {arg.shape}")
+    return _pool_grad16("pool_grad_nhwc32", be, dy, arg, z_shape, k, np.float32)
+
+
 def pool_grad16_nhwc16(be, dy16, arg, z_shape, k: int):
     """pool_grad_nhwc16 from dy16 [n, P, Q, C], the pooled gradient already channels-last in bf16 (a batch norm's
     hand-over): the same bits (conv.cu's pool_grad16_nhwc16)."""
@@ -574,14 +585,15 @@ def pool_grad16_nhwc16(be, dy16, arg, z_shape, k: int):
     return _pool_grad16("pool_grad16_nhwc16", be, dy16, arg, z_shape, k)
 
 
-def _pool_grad16(kernel: str, be, dy, arg, z_shape, k: int):
-    """The channels-last bf16 dE/dz [n, H, W, C] of a k x k max pooling at stride k over z (z_shape) from its pooled
-    gradient dy and argmax bytes arg [n, C, P, Q], by conv.cu's `kernel` (its tiles: 32 pixels x 64 channels)."""
+def _pool_grad16(kernel: str, be, dy, arg, z_shape, k: int, dtype=np.uint16):
+    """The channels-last copy (bf16 bits, or float32 in tf32: dtype) of dE/dz [n, H, W, C] of a k x k max pooling at
+    stride k over z (z_shape) from its pooled gradient dy and argmax bytes arg [n, C, P, Q], by conv.cu's `kernel`
+    (its tiles: 32 pixels x 64 channels)."""
     n, c, h, w = z_shape
     p, q = arg.shape[2], arg.shape[3]
-    if c % 2 or n * h * w >= 2**31 or not dy.flags.c_contiguous or not arg.flags.c_contiguous:
-        raise ValueError(f"{kernel}: contiguous inputs, C even and z under 2^31 pixels, got z {tuple(z_shape)}")
-    out = be.xp.empty((n, h, w, c), dtype=np.uint16)
+    if (dtype == np.uint16 and c % 2) or n * h * w >= 2**31 or not dy.flags.c_contiguous or not arg.flags.c_contiguous:
+        raise ValueError(f"{kernel}: contiguous inputs, C even (bf16) and z under 2^31 pixels, got z {tuple(z_shape)}")
+    out = be.xp.empty((n, h, w, c), dtype=dtype)
     if out.size:
         get_kernel(be.device_id, "conv", kernel)((math.ceil(n * h * w / 32), math.ceil(c / 64)), (256,), (
             dy, arg, out, _i32(n), _i32(c), _i32(h), _i32(w), _i32(p), _i32(q), _i32(k)))
