@@ -302,8 +302,11 @@ def _tiles16(be, op: str, run) -> dict:
 
 
 def _names16(precision: str, op: str, wgmma: bool) -> list[str]:
+    """The channels-last candidates' names: the prefix alone for the large mma.sync tile, + "s" for the small one,
+    + the tile's name for any other (and for each wgmma tile)."""
     prefix, (sync, wg) = CL_PREFIX[precision], mma.TILES_CL[precision]
-    return ([prefix, prefix + "s"][:len(sync.get(op, ()))]
+    sync = sync.get(op, ())
+    return ([prefix, prefix + "s"][:len(sync)] + [prefix + t.name for t in sync[2:]]
             + ([prefix + t.name for t in wg.get(op, ())] if wgmma else []))
 
 
@@ -311,7 +314,7 @@ def _tile16_of(op: str, candidate: str) -> str:
     """The mma_tiles tile name of a channels-last candidate of op (see _tiles16)."""
     precision = next(p for p, prefix in CL_PREFIX.items() if candidate.startswith(prefix))
     rest, sync = candidate[len(CL_PREFIX[precision]):], mma.TILES_CL[precision][0].get(op, ())
-    return {"": sync[0].name, "s": sync[-1].name}[rest] if rest in ("", "s") else rest
+    return {"": sync[0].name, "s": sync[1].name}[rest] if rest in ("", "s") else rest
 
 
 def _fits16(be, op: str, g: Geometry) -> bool:

@@ -428,7 +428,7 @@ def _tile16(op: str, tile: str | None, m: int, n: int, precision: str = "bf16") 
     sync = TILES_CL[precision][0].get(op)
     if not sync:
         raise ValueError(f"conv16: no {precision} {op} tile by size; name one of {', '.join(t.name for t in have)}")
-    return by_size(*sync, m, n)
+    return by_size(sync[0], sync[1], m, n)
 
 
 def _copy_precision(a) -> str:

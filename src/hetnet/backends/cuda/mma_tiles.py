@@ -229,8 +229,13 @@ TILES16W["data"] = TILES16W["pool"] = TILES16W["fwd"]
 TILES32W = {"fwd": tuple(wgmma_tile(*a, precision="tf32") for a in ((128, 256, 4), (128, 128, 4), (64, 256, 4, 128),
                                                                     (128, 128, 3, None, 2)))}
 TILES32W["data"] = TILES32W["pool"] = TILES32W["fwd"]
+# The first two are the (large, small) pair chosen between by size; further ones are measured candidates only:
+# warp tiles of 64 x 64 read 32 scalar fragments per 32 mma.sync (64 x 32: 24 per 16).
 TILES32 = {"filter": (Tc16Tile(128, 128, 32, 64, 32, 3, precision="tf32"),
-                      Tc16Tile(64, 64, 32, 32, 32, 4, precision="tf32"))}
+                      Tc16Tile(64, 64, 32, 32, 32, 4, precision="tf32"),
+                      Tc16Tile(128, 256, 32, 64, 64, 3, precision="tf32"),
+                      Tc16Tile(256, 128, 32, 64, 64, 3, precision="tf32"),
+                      Tc16Tile(128, 128, 32, 64, 64, 4, precision="tf32"))}
 
 
 def instantiations(tiles: Iterable[TcTile], conv: Iterable[TcTile] = (),
