@@ -414,6 +414,33 @@ def test_conv_keeps_the_channels_last_copy_for_its_backward(rng, fwd, flt):
             be.conv2d_backward(dy, cache, cupy.zeros_like(gw), None, relu_mask=True)
 
 
+def test_tf32_conv_keeps_its_copy_beside_x(rng):
+    """At tf32 (conv.KEEP_BESIDE_X), where the forward and the filter gradient run channels-last candidates (set here
+    as if measured), a forward whose backward needs x (relu_mask True) keeps x and its copy; the backward's filter
+    gradient reads that copy: dx bit for bit and dw within float32 rounding (DW_RTOL) of the backward that copies x
+    itself. At bf16 the same forward keeps x alone."""
+    shape = (3, 16, 9, 11, 32, 3, 3, 1, 1)
+    x, w, b, _ = conv_inputs(rng, shape)
+    be16 = get_backend("cuda", "bf16")
+    with _measured_as(be16, shape, {"fwd": "tc16", "filter": "tc16"}):
+        _, cache = be16.conv2d_forward(cupy.asarray(x), cupy.asarray(w), cupy.asarray(b), 1, 1, relu_mask=True)
+        assert cache[0] is not None and cache[4] is None
+    be = get_backend("cuda", "tf32")
+    if not wgmma_ok(be.device_id):
+        pytest.skip("the tf32 channels-last forward runs on wgmma (sm_90a) only")
+    dy = cupy.asarray(rng.standard_normal((3, 32, 9, 11)).astype(np.float32))
+    with _measured_as(be, shape, {"fwd": "tc32w128x128s4", "filter": "tc32", "data": "tc32w128x128s4"}):
+        gx, gw, gb = cupy.asarray(x), cupy.asarray(w), cupy.asarray(b)
+        _, cache = be.conv2d_forward(gx, gw, gb, 1, 1, relu_mask=True)
+        assert cache[0] is not None and cache[4] is not None and cache[4].dtype == np.float32
+        out = []
+        for c in (cache, (*cache[:4], None, cache[5])):
+            dw, db = cupy.zeros_like(gw), cupy.zeros_like(gb)
+            out.append((cupy.asnumpy(be.conv2d_backward(dy, c, dw, db, relu_mask=True)), cupy.asnumpy(dw)))
+    np.testing.assert_array_equal(out[0][0], out[1][0], err_msg="dx")
+    assert rel_err(out[0][1], out[1][1]) <= DW_RTOL
+
+
 @pytest.mark.parametrize("precision", ["bf16", "tf32"])
 @pytest.mark.parametrize("shape,k", [((3, 6, 31, 31), 2), ((2, 70, 15, 9), 2), ((2, 8, 7, 11), 3), ((1, 66, 4, 4), 2)],
                          ids=str)

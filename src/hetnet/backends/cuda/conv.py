@@ -49,6 +49,11 @@ FORCEABLE = ("implicit", "im2col", "tc", "tc16")
 OWN_TC = ("tc", "tc16")      # the forceable names that exist only at some precisions and shapes
 # The candidates on channels-last copies (mma.COPY_DTYPE) start with their precision's prefix.
 CL_PREFIX = {"bf16": "tc16", "tf32": "tc32"}
+# Where a convolution's backward needs x itself (its ReLU mask), the forward also keeps its channels-last copy of x
+# beside it for the filter gradient at these precisions, instead of copying x again in the backward: one more
+# activation's bytes for one copy less. At tf32 (float32 copies) cifar-wide's step stays within PyTorch's peak memory
+# with it; at bf16 it would not (precision_step.json).
+KEEP_BESIDE_X = ("tf32",)
 
 
 class Geometry:
@@ -571,9 +576,9 @@ def conv_maxpool_forward(be, x, w, b, stride, pad, act, kernel, pool_stride, kee
     """maxpool2d_forward(act(conv(x, w) + b), kernel, pool_stride) as ((y, arg), x16) with the pooling in the
     convolution's epilogue (mma.conv16_pool) where the windows are 2 x 2 at stride 2 and the forward was measured to
     run on channels-last copies, on the tile measured for the pooled forward itself ("pool": its output is a quarter
-    of the forward's, so the two need not share a tile); x16 (keep: x is no ReLU output) the copy of x that serves
-    the backward (conv_forward_kept's rule; always for an Nhwc16 x, the only copy there is), else None. None where the
-    fused kernel does not apply."""
+    of the forward's, so the two need not share a tile); x16 (keep: the backward is to use x's copy) the copy of x that
+    serves the backward (conv_forward_kept's rule; always for an Nhwc16 x, the only copy there is), else None. None
+    where the fused kernel does not apply."""
     n, c, h, wd = x.shape
     k, _, r, s = w.shape
     g = Geometry(n, c, h, wd, k, r, s, stride, pad)
@@ -683,14 +688,25 @@ class ConvOps:
         return dense_backward(self, self._c(dy), x, w, dw, db, need_dx, x if relu_mask else None)
 
     def conv2d_forward(self, x, w, b, stride, padding, act=None, relu_mask=None):
-        """The cache keeps x, or with relu_mask False at bf16 / tf32 maybe only its channels-last copy (conv_forward_kept);
-        x may be that copy already (an Nhwc16 handed over by the op before, which then keeps only it)."""
+        """The cache keeps x, or with relu_mask False at bf16 / tf32 maybe only its channels-last copy
+        (conv_forward_kept), or at KEEP_BESIDE_X precisions maybe both; x may be that copy already (an Nhwc16 handed
+        over by the op before, which then keeps only it)."""
         x = x if isinstance(x, Nhwc16) else self._c(x)
-        if isinstance(x, Nhwc16) or (relu_mask is False and self.precision in CL_PREFIX):
+        if isinstance(x, Nhwc16) or (self.precision in CL_PREFIX and self._keeps_copy(relu_mask is False)):
             y, x16 = conv_forward_kept(self, x, w, b, int(stride), int(padding), act_code(act))
         else:
             y, x16 = conv_forward(self, x, w, b, int(stride), int(padding), act_code(act)), None
-        return y, (x if x16 is None else None, w, int(stride), int(padding), x16, x.shape)
+        return y, (self._kept_x(x, x16, relu_mask is False), w, int(stride), int(padding), x16, x.shape)
+
+    def _keeps_copy(self, alone: bool) -> bool:
+        """Whether a convolution forward keeps its channels-last copy of x for the backward where it can: alone (the
+        backward needs no x: relu_mask False), or beside x at KEEP_BESIDE_X precisions."""
+        return alone or self.precision in KEEP_BESIDE_X
+
+    @staticmethod
+    def _kept_x(x, x16, alone: bool):
+        """x as a convolution's cache keeps it: None where its copy x16 serves alone (or x is that copy)."""
+        return None if x16 is not None and (alone or isinstance(x, Nhwc16)) else x
 
     def conv2d_backward(self, dy, cache, dw, db, need_dx=True, relu_mask=False):
         """dy may be the channels-last bf16 copy of dE/dy (an Nhwc16 handed over by the batch norm after the
@@ -728,20 +744,21 @@ class ConvOps:
         return compose.conv2d_gelu_backward(self, dy, cache, dw, db, need_dx, relu_mask)
 
     # the fused ops that are this backend's own ops in a row (their caches keep what each op keeps)
-    def _conv_pool_forward(self, x, w, b, stride, padding, pool_kernel, pool_stride, act, keep):
+    def _conv_pool_forward(self, x, w, b, stride, padding, pool_kernel, pool_stride, act, alone):
         """The conv2d -> maxpool2d caches of (conv2d_forward, maxpool2d_forward) from one kernel where
-        conv_maxpool_forward applies, else None. x may be an Nhwc16 (as conv2d_forward's)."""
+        conv_maxpool_forward applies, else None; alone: the backward needs no x (conv2d_forward's relu_mask False).
+        x may be an Nhwc16 (as conv2d_forward's)."""
         x = x if isinstance(x, Nhwc16) else self._c(x)
         fused = None
         if self.precision in CL_PREFIX:
             fused = conv_maxpool_forward(self, x, w, b, int(stride), int(padding), act_code(act), int(pool_kernel),
-                                         int(pool_stride), keep)
+                                         int(pool_stride), self._keeps_copy(alone))
         if fused is None:
             return None
         (y, arg), x16 = fused
         k = w.shape[0]
         g = Geometry(*x.shape, k, w.shape[2], w.shape[3], int(stride), int(padding))
-        conv_cache = (x if x16 is None else None, w, int(stride), int(padding), x16, x.shape)
+        conv_cache = (self._kept_x(x, x16, alone), w, int(stride), int(padding), x16, x.shape)
         return y, (conv_cache, ((x.shape[0], k, g.p, g.q), y, arg, int(pool_kernel), int(pool_stride)))
 
     def conv2d_relu_maxpool_forward(self, x, w, b, stride, padding, pool_kernel, pool_stride):
