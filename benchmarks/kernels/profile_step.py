@@ -99,7 +99,8 @@ def main(argv=None):
         write_result(Path(args.json), {"environment": environment(1, True), "model": args.model, "batch": args.batch,
                                        "precision": precision,
                                        "us_per_step": total * 1000, "nodes_us": rows,
-                                       "conv_choices": {f"{e['op']} {e['shape']}": e["choice"] for e in be.tune_log}})
+                                       "conv_choices": {f"{e['op']} {e['shape']}": e["choice"] for e in be.tune_log},
+                                       "conv_trials": be.tune_log})
 
 
 if __name__ == "__main__":
