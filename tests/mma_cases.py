@@ -22,6 +22,7 @@ def round_bf16(x):
 
 
 ROUND = {"tf32": round_tf32, "bf16": round_bf16, None: lambda x: np.asarray(x, dtype=np.float32)}
+ROUND["fp32"] = ROUND[None]     # the split (3xTF32) kernels: float32 inputs, products to about 3 x 2^-22
 
 
 def stored(rng, rows: int, cols: int, transpose: bool, pad: int = 0):
@@ -156,16 +157,28 @@ CONV32_SHAPES = [(2, 4, 7, 9, 12, 3, 3, 1, 1), (1, 12, 6, 6, 72, 1, 1, 1, 0), (3
 POOL32_SHAPES = [(2, 4, 7, 9, 12, 3, 3, 1, 1), (2, 20, 5, 7, 132, 3, 3, 2, 0)]
 
 
+def split_copy(a):
+    """The split copy of float32 a [..., C] (C a multiple of 4) as the fp32 kernels read it: each value as hi =
+    tf32(v) and lo = tf32(v - hi), each chunk of 4 channels as its hi chunk then its lo chunk: [..., C / 4, 2, 4]."""
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    hi = round_tf32(a)
+    lo = round_tf32(a - hi)
+    shape = (*a.shape[:-1], a.shape[-1] // 4, 1, 4)
+    return np.ascontiguousarray(np.concatenate([hi.reshape(shape), lo.reshape(shape)], axis=-2))
+
+
 def nhwc_copy(a, precision: str):
     """a [n, C, *spatial] (or weights [O, C, R, S]) channels-last as mma.to_nhwc makes it at `precision`: bf16 bits,
-    or float32 rounded to tf32."""
+    float32 rounded to tf32, or at fp32 the split copy (split_copy)."""
     if precision == "bf16":
         return nhwc16(a)
-    return round_tf32(np.ascontiguousarray(np.moveaxis(a, 1, -1)))
+    last = np.ascontiguousarray(np.moveaxis(a, 1, -1))
+    return split_copy(last) if precision == "fp32" else round_tf32(last)
 
 
 def turned_copy(w, precision: str):
     """The data gradient's turned weights as mma.turn_weights makes them at `precision`."""
     if precision == "bf16":
         return turned16(w)
-    return round_tf32(np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 2, 3, 0)))
+    turned = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 2, 3, 0))
+    return split_copy(turned) if precision == "fp32" else round_tf32(turned)

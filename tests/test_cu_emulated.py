@@ -86,16 +86,20 @@ extern "C" int emu_conv_gelu(const float* x, const float* w, const float* b, flo
     snprintf(err, len, "%s", msg.c_str());
     return msg.empty() ? 0 : 1;
 }
-extern "C" int emu_to_nhwc32(const float* x, float* y, int n, int C, int HW, unsigned seed, char* err, int len) {
+extern "C" int emu_to_nhwc32(const float* x, float* y, int n, int C, int HW, int split, unsigned seed, char* err,
+                             int len) {
     std::string msg = emu::launch({(unsigned)((n * HW + 31) / 32), (unsigned)((C + 63) / 64), 1}, {256, 1, 1}, 0,
-                                  [=] { to_nhwc32(x, y, n, C, HW); }, seed);
+                                  [=] { split ? to_nhwc32x3(x, y, n, C, HW) : to_nhwc32(x, y, n, C, HW); }, seed);
     snprintf(err, len, "%s", msg.c_str());
     return msg.empty() ? 0 : 1;
 }
 extern "C" int emu_pool_grad32(const float* dy, const unsigned char* arg, float* y, int n, int C, int H, int W,
-                               int P, int Q, int k, unsigned seed, char* err, int len) {
-    std::string msg = emu::launch({(unsigned)((n * H * W + 31) / 32), (unsigned)((C + 63) / 64), 1},
-                                  {256, 1, 1}, 0, [=] { pool_grad_nhwc32(dy, arg, y, n, C, H, W, P, Q, k); }, seed);
+                               int P, int Q, int k, int split, unsigned seed, char* err, int len) {
+    std::string msg = emu::launch({(unsigned)((n * H * W + 31) / 32), (unsigned)((C + 63) / 64), 1}, {256, 1, 1}, 0,
+                                  [=] {
+                                      split ? pool_grad_nhwc32x3(dy, arg, y, n, C, H, W, P, Q, k)
+                                            : pool_grad_nhwc32(dy, arg, y, n, C, H, W, P, Q, k);
+                                  }, seed);
     snprintf(err, len, "%s", msg.c_str());
     return msg.empty() ? 0 : 1;
 }
@@ -127,12 +131,18 @@ def _kernels_text() -> str:
     for text, start in ((common, "__device__ __forceinline__ void hn_load_nhwc16_rows("),
                         (common, "__device__ __forceinline__ void hn_store_nhwc16_tile("),
                         (common, "__device__ __forceinline__ float hn_tf32_round("),
-                        (common, "__device__ __forceinline__ void hn_store_nhwc32_tile("),
+                        (common, "__device__ __forceinline__ float2 hn_split_tf32("),
+                        (common, "__device__ __forceinline__ long long hn_split_at("),
+                        (common, "template <int SPLIT = 0>\n__device__ __forceinline__ void hn_store_nhwc32_tile("),
                         (conv, 'extern "C" __global__ void __launch_bounds__(256) to_nhwc16('),
+                        (conv, "template <int SPLIT>\n__device__ __forceinline__ void hn_to_nhwc32("),
                         (conv, 'extern "C" __global__ void __launch_bounds__(256) to_nhwc32('),
+                        (conv, 'extern "C" __global__ void __launch_bounds__(256) to_nhwc32x3('),
                         (conv, "__device__ __forceinline__ void hn_pool_grad_tile("),
                         (conv, 'extern "C" __global__ void __launch_bounds__(256) pool_grad_nhwc16('),
+                        (conv, "template <int SPLIT>\n__device__ __forceinline__ void hn_pool_grad_nhwc32("),
                         (conv, 'extern "C" __global__ void __launch_bounds__(256) pool_grad_nhwc32('),
+                        (conv, 'extern "C" __global__ void __launch_bounds__(256) pool_grad_nhwc32x3('),
                         (conv, 'extern "C" __global__ void __launch_bounds__(256) pool_grad16_nhwc16('),
                         (conv, 'extern "C" __global__ void __launch_bounds__(256) conv_gelu_nhwc16('),
                         (norm, "__device__ __forceinline__ float hn_bn_value("),
@@ -173,8 +183,12 @@ def test_to_nhwc16_emulated(emu, rng, shape):
     # to_nhwc32: the float32 copy rounded to tf32 (to nearest, ties away: the first values are ties), any C
     x.reshape(-1)[:4] = np.array([0x3F801000, 0x3F803000, 0xBF801000, 0x3F80FFFF], np.uint32).view(np.float32)
     y32 = np.full((n, *shape[2:], c), np.nan, np.float32)
-    _check(emu.emu_to_nhwc32(_ptr(x), _ptr(y32), n, c, hw, 5, err, 512), err)
+    _check(emu.emu_to_nhwc32(_ptr(x), _ptr(y32), n, c, hw, 0, 5, err, 512), err)
     np.testing.assert_array_equal(y32.view(np.uint32), nhwc_copy(x, "tf32").view(np.uint32))
+    if c % 4 == 0:   # to_nhwc32x3: the split copy of fp32
+        ys = np.full(nhwc_copy(x, "fp32").shape, np.nan, np.float32)
+        _check(emu.emu_to_nhwc32(_ptr(x), _ptr(ys), n, c, hw, 1, 5, err, 512), err)
+        np.testing.assert_array_equal(ys.view(np.uint32), nhwc_copy(x, "fp32").view(np.uint32))
 
 
 @pytest.mark.parametrize("shape,k", [((2, 6, 11, 9), 2), ((1, 70, 7, 7), 2), ((2, 8, 8, 11), 3), ((1, 66, 4, 4), 2),
@@ -202,9 +216,13 @@ def test_pool_grad_nhwc16_emulated(emu, rng, shape, k):
     np.testing.assert_array_equal(out16, want)
     # pool_grad_nhwc32: the same gradient as the tf32 copy
     out32 = np.full((n, h, w, c), np.nan, np.float32)
-    _check(emu.emu_pool_grad32(_ptr(dy), _ptr(arg), _ptr(out32), n, c, h, w, p, q, k, 17, err, 512), err)
-    want32 = nhwc_copy(ref.maxpool2d_backward(dy.astype(np.float64), cache).astype(np.float32), "tf32")
-    np.testing.assert_array_equal(out32, want32)
+    _check(emu.emu_pool_grad32(_ptr(dy), _ptr(arg), _ptr(out32), n, c, h, w, p, q, k, 0, 17, err, 512), err)
+    dz = ref.maxpool2d_backward(dy.astype(np.float64), cache).astype(np.float32)
+    np.testing.assert_array_equal(out32, nhwc_copy(dz, "tf32"))
+    if c % 4 == 0:   # pool_grad_nhwc32x3: the split copy of fp32
+        outs = np.full(nhwc_copy(dz, "fp32").shape, np.nan, np.float32)
+        _check(emu.emu_pool_grad32(_ptr(dy), _ptr(arg), _ptr(outs), n, c, h, w, p, q, k, 1, 19, err, 512), err)
+        np.testing.assert_array_equal(outs, nhwc_copy(dz, "fp32"))
 
 
 @pytest.mark.parametrize("case", [(3, 3, 9, 9, 24, 2, 1, 0, True, 2), (2, 2, 7, 6, 8, 3, 2, 1, False, 1),

@@ -22,7 +22,7 @@ except cupy.cuda.runtime.CUDARuntimeError:  # no driver
 if _N_GPUS == 0:
     pytest.skip("no CUDA GPU", allow_module_level=True)
 
-from conftest import RTOL_TC, RTOL_TC_ROUNDED, rel_err
+from conftest import RTOL_TC, RTOL_TC_ROUNDED, rel_err, tolerance
 from mma_cases import (CONV16_SHAPES, CONV32_SHAPES, CONV_SHAPES, POOL16_SHAPES, POOL32_SHAPES, SHAPES,
                        conv_data_expected, conv_data_inputs, conv_expected, conv_filter_expected, conv_filter_inputs,
                        conv_inputs, expected, max_pool_2x2, nhwc16, nhwc_copy, stored, turned16, turned_copy)
@@ -250,39 +250,47 @@ def test_channels_last_copies(rng):
     np.testing.assert_array_equal(cupy.asnumpy(mm.turn_weights(be, cupy.asarray(w))), turned16(w))
 
 
-def test_channels_last_tf32_copies(rng):
+@pytest.mark.parametrize("precision", ["tf32", "fp32"])
+def test_channels_last_tf32_copies(rng, precision):
     """At tf32, to_nhwc and turn_weights give exactly the float32 channels-last copies rounded to tf32 (to nearest,
-    ties away from zero: cvt.rna) that NumPy makes, any C (odd included), NaN kept a NaN."""
-    be = get_backend("cuda", "tf32")
-    for shape in ((3, 7, 37), (2, 70, 5, 7), (130, 8, 3, 3), (2, 64, 32, 32)):
+    ties away from zero: cvt.rna) that NumPy makes, any C (odd included), NaN kept a NaN; at fp32 the split copies
+    (hi and lo tf32 chunks, C a multiple of 4)."""
+    be = get_backend("cuda", precision)
+    shapes = ((3, 7, 37), (2, 70, 5, 7), (130, 8, 3, 3), (2, 64, 32, 32))
+    for shape in (s for s in shapes if precision == "tf32" or s[1] % 4 == 0):
         x = (rng.standard_normal(shape) * 100).astype(np.float32)
         x.reshape(-1)[:4] = np.array([0x3F801000, 0x3F803000, 0xBF801000, 0x3F80FFFF], np.uint32).view(np.float32)
         got = cupy.asnumpy(mm.to_nhwc(be, cupy.asarray(x)))
         assert got.dtype == np.float32
-        np.testing.assert_array_equal(got.view(np.uint32), nhwc_copy(x, "tf32").view(np.uint32), f"{shape}")
+        np.testing.assert_array_equal(got.view(np.uint32), nhwc_copy(x, precision).view(np.uint32), f"{shape}")
     w = rng.standard_normal((12, 8, 3, 5)).astype(np.float32)
     w[0, 0, 0, 0] = np.nan
     got = cupy.asnumpy(mm.turn_weights(be, cupy.asarray(w)))
-    assert np.isnan(got[0, 2, 4, 0]) and np.isnan(got).sum() == 1
-    np.testing.assert_array_equal(got, turned_copy(w, "tf32"))
+    assert np.isnan(got).sum() == (1 if precision == "tf32" else 2)
+    np.testing.assert_array_equal(got, turned_copy(w, precision))
+    if precision == "fp32":
+        with pytest.raises(ValueError, match="multiple of 4"):
+            mm.to_nhwc(be, cupy.zeros((2, 6, 3, 3), np.float32))
 
 
 def _checked16(what, got, exact, rounded, precision="bf16"):
     err = rel_err(got, exact)
-    assert err <= RTOL_TC[precision], f"{what}: relative error {err:.3g} against the exact inputs"
+    rtol = RTOL_TC.get(precision) or tolerance(np.float32)       # fp32: float32's tolerance (its sums' own rounding)
+    assert err <= rtol, f"{what}: relative error {err:.3g} against the exact inputs"
     err = rel_err(got, rounded)
     assert err <= RTOL_TC_ROUNDED, f"{what}: relative error {err:.3g} against the rounded inputs"
 
 
-CL_CASES = [("bf16", s) for s in CONV16_SHAPES] + [("tf32", s) for s in CONV32_SHAPES]
+CL_CASES = [("bf16", s) for s in CONV16_SHAPES] + [(p, s) for p in ("tf32", "fp32") for s in CONV32_SHAPES]
 
 
 @pytest.mark.parametrize(("precision", "shape"), CL_CASES, ids=str)
 def test_conv16(rng, precision, shape):
-    """Each op of each channels-last tile (bf16: HN_CONV16, and HN_CONV16W where the device runs wgmma; tf32:
-    HN_CONV32F, and HN_CONV32W where it runs wgmma) from NCHW float32 on the GPU (the channels-last copies made there)
-    against float64: forward with bias + ReLU and without, data gradient with and without the mask, filter gradient
-    added into dw, split and not."""
+    """Each op of each channels-last tile (bf16: HN_CONV16, and HN_CONV16W where the device runs wgmma; tf32 and fp32
+    (split copies, three products): HN_CONV32F, and HN_CONV32W where it runs wgmma) from NCHW float32 on the GPU (the
+    channels-last copies made there) against float64 (fp32: within float32's tolerance): forward
+    with bias + ReLU and without, data gradient with and without the mask, filter gradient added into dw, split and
+    not."""
     be = get_backend("cuda", precision)
     n, c, h, w_, o, r, s, stride, pad = shape
     wg = wgmma_ok(be.device_id)
@@ -314,11 +322,14 @@ def test_conv16(rng, precision, shape):
                            conv_filter_expected(dy, x, dw0, shape, precision) - dw0, precision)
 
 
-def test_conv_layer_offers_the_tf32_channels_last_kernels(rng):
-    """At tf32 the backend's convolution measures the "tc32" candidates (the wgmma ones where the device runs them)
-    beside its others for the forward, the data and filter gradients and the pooled forward, and what it chose gives
-    each result within the tf32 tolerance of float64, the pooled forward bit for bit the forward's pooling."""
-    be = get_backend("cuda", "tf32")
+@pytest.mark.parametrize("precision", ["tf32", "fp32"])
+def test_conv_layer_offers_the_tf32_channels_last_kernels(rng, precision):
+    """At tf32 (fp32) the backend's convolution measures the "tc32" ("tc32x3") candidates (the wgmma ones where the
+    device runs them) beside its others for the forward, the data and filter gradients and the pooled forward, and
+    what it chose gives each result within the precision's tolerance of float64, the pooled forward bit for bit the
+    forward's pooling."""
+    be = get_backend("cuda", precision)
+    rtol = tolerance(be)
     shape = (3, 16, 12, 12, 32, 3, 3, 1, 1)
     x, w, b, _ = conv_inputs(rng, shape)
     dy = rng.standard_normal((3, 32, 12, 12)).astype(np.float32)
@@ -326,12 +337,12 @@ def test_conv_layer_offers_the_tf32_channels_last_kernels(rng):
     dw, db = cupy.zeros_like(gw), cupy.zeros_like(gb)
     y, cache = be.conv2d_forward(cupy.asarray(x), gw, gb, 1, 1, act="relu")
     dx = be.conv2d_backward(cupy.asarray(dy), cache, dw, db, need_dx=True, relu_mask=True)
-    assert rel_err(cupy.asnumpy(y), conv_expected(x, w, b, 1, 1, 1)) <= RTOL_TC["tf32"]
-    assert rel_err(cupy.asnumpy(dx), conv_data_expected(dy, w, x, shape)) <= RTOL_TC["tf32"]
-    assert rel_err(cupy.asnumpy(dw), conv_filter_expected(dy, x, np.zeros_like(w), shape)) <= RTOL_TC["tf32"]
+    assert rel_err(cupy.asnumpy(y), conv_expected(x, w, b, 1, 1, 1)) <= rtol
+    assert rel_err(cupy.asnumpy(dx), conv_data_expected(dy, w, x, shape)) <= rtol
+    assert rel_err(cupy.asnumpy(dw), conv_filter_expected(dy, x, np.zeros_like(w), shape)) <= rtol
     wg = wgmma_ok(be.device_id)
     for op in ("fwd", "data", "filter"):
-        for name in C._names16("tf32", op, wg):
+        for name in C._names16(precision, op, wg):
             assert any(r["op"] == op and r["shape"][0] == 3 and name in r["ms"] for r in be.tune_log), (op, name)
     if C._measured16(be, "fwd", C.Geometry(*shape)):                    # the pooled forward runs where it won
         zy, zcache = be.conv2d_forward(cupy.asarray(x), gw, gb, 1, 1)
@@ -441,13 +452,16 @@ def test_tf32_conv_keeps_its_copy_beside_x(rng):
     assert rel_err(out[0][1], out[1][1]) <= DW_RTOL
 
 
-@pytest.mark.parametrize("precision", ["bf16", "tf32"])
+@pytest.mark.parametrize("precision", ["bf16", "tf32", "fp32"])
 @pytest.mark.parametrize("shape,k", [((3, 6, 31, 31), 2), ((2, 70, 15, 9), 2), ((2, 8, 7, 11), 3), ((1, 66, 4, 4), 2)],
                          ids=str)
 def test_pool_grad_nhwc16(rng, shape, k, precision):
     """pool_grad_nhwc gives exactly to_nhwc(maxpool2d_backward(dy)) for windows that tile z (rows and columns no
-    window covers, partial 64-channel x 32-pixel tiles, ties in a window: the first maximum), in bf16 and in tf32."""
+    window covers, partial 64-channel x 32-pixel tiles, ties in a window: the first maximum), in bf16, tf32 and fp32
+    (split; C a multiple of 4)."""
     be = get_backend("cuda", precision)
+    if precision == "fp32" and shape[1] % 4:
+        pytest.skip("split copies take C in chunks of 4")
     z = rng.standard_normal(shape).astype(np.float32)
     z[:, :, :k, :k] = 1.0                               # a tie in the first window of every plane
     y, cache = be.maxpool2d_forward(cupy.asarray(z), k, k)
@@ -458,8 +472,8 @@ def test_pool_grad_nhwc16(rng, shape, k, precision):
     np.testing.assert_array_equal(cupy.asnumpy(got), cupy.asnumpy(want))
 
 
-@pytest.mark.parametrize(("precision", "shape"), [("bf16", s) for s in POOL16_SHAPES] + [("tf32", s) for s in
-                                                                                          POOL32_SHAPES], ids=str)
+@pytest.mark.parametrize(("precision", "shape"), [("bf16", s) for s in POOL16_SHAPES]
+                         + [(p, s) for p in ("tf32", "fp32") for s in POOL32_SHAPES], ids=str)
 def test_conv16_pool(rng, precision, shape):
     """The pooled forward of each tile (the wgmma ones where the device runs them), with bias + ReLU and without: y
     and the argmax bytes exactly max_pool_2x2 of the same tile's forward, y within the precision's tolerances of
@@ -484,10 +498,12 @@ def test_conv16_pool(rng, precision, shape):
 # what each precision's channels-last convolutions are set to have measured (tf32's forward exists on wgmma only)
 MEASURED_CL = {"bf16": {"fwd": "tc16", "pool": "tc16", "filter": "tc16s", "data": "tc16"},
                "tf32": {"fwd": "tc32w128x128s4", "pool": "tc32w64x256s4n128", "filter": "tc32s",
-                        "data": "tc32w128x128s4"}}
+                        "data": "tc32w128x128s4"},
+               "fp32": {"fwd": "tc32x3w128x128s3", "pool": "tc32x3w64x128s4", "filter": "tc32x3s",
+                        "data": "tc32x3w64x128s4"}}
 
 
-@pytest.mark.parametrize("precision", ["bf16", "tf32"])
+@pytest.mark.parametrize("precision", ["bf16", "tf32", "fp32"])
 @pytest.mark.parametrize("relu", [False, True], ids=["conv_pool", "conv_relu_pool"])
 def test_conv_maxpool_forward_pools_in_the_epilogue(rng, relu, precision, monkeypatch):
     """Where the forward of a shape was measured on a channels-last candidate (set here), conv2d_maxpool_forward and
@@ -496,8 +512,8 @@ def test_conv_maxpool_forward_pools_in_the_epilogue(rng, relu, precision, monkey
     db within float32 rounding (DW_RTOL); the conv_pool forward told relu_mask=False keeps only x's channels-last copy
     where the filter gradient runs on it too."""
     be = get_backend("cuda", precision)
-    if precision == "tf32" and not wgmma_ok(be.device_id):
-        pytest.skip("the tf32 channels-last forward runs on wgmma (sm_90a) only")
+    if precision != "bf16" and not wgmma_ok(be.device_id):
+        pytest.skip("the tf32 / fp32 channels-last forward runs on wgmma (sm_90a) only")
     shape = (4, 16, 15, 13, 32, 3, 3, 1, 1)
     x, w, b, _ = conv_inputs(rng, shape)
     calls = []

@@ -383,15 +383,16 @@ def _fits16(op, shape, precision="bf16"):
     return mm.conv16_fits(op, c, o, r, s, stride, pad, precision)
 
 
-CL_CASES = [("bf16", s) for s in CONV16_SHAPES] + [("tf32", s) for s in CONV32_SHAPES]
+CL_CASES = [("bf16", s) for s in CONV16_SHAPES] + [(p, s) for p in ("tf32", "fp32") for s in CONV32_SHAPES]
 
 
 @pytest.mark.parametrize(("precision", "shape"), CL_CASES, ids=str)
 def test_conv16(emu, rng, precision, shape):
-    """Each op of each channels-last tile (bf16: HN_CONV16, HN_CONV16W; tf32: HN_CONV32W, HN_CONV32F; data gradient
-    with and without the mask, forward with bias + ReLU and without, filter gradient added into dw, split and not) on
-    the channels-last copies of NCHW inputs (bf16, or float32 rounded to tf32), against float64 of the rounded inputs;
-    outputs poisoned with NaN where they are written, not read."""
+    """Each op of each channels-last tile (bf16: HN_CONV16, HN_CONV16W; tf32 and fp32: HN_CONV32W, HN_CONV32F, fp32
+    on split copies; data gradient with and without the mask, forward with bias + ReLU and without, filter gradient
+    added into dw, split and not) on the channels-last copies of NCHW inputs (bf16, float32 rounded to tf32, or split
+    into two tf32 parts), against float64 of the rounded inputs (fp32: of the inputs themselves); outputs poisoned with
+    NaN where they are written, not read."""
     stride, pad = shape[7:]
     for k, tile in enumerate(mm.tiles16("fwd", precision)):
         if _fits16("fwd", shape, precision):
@@ -420,8 +421,8 @@ def test_conv16(emu, rng, precision, shape):
                 assert err <= RTOL_EMULATED, f"filter {shape} {tile.name} splits {call.splits}: {err:.3g}"
 
 
-@pytest.mark.parametrize(("precision", "shape"), [("bf16", s) for s in POOL16_SHAPES] + [("tf32", s) for s in
-                                                                                          POOL32_SHAPES], ids=str)
+@pytest.mark.parametrize(("precision", "shape"), [("bf16", s) for s in POOL16_SHAPES]
+                         + [(p, s) for p in ("tf32", "fp32") for s in POOL32_SHAPES], ids=str)
 def test_conv16_pool(emu, rng, precision, shape):
     """The pooled forward (HN_CONV16 / HN_CONV16W EPI 4) of each tile, with bias + ReLU and without: y and the
     argmax bytes exactly max_pool_2x2 of the same tile's forward (each output's sum in the same order), y within the

@@ -58,6 +58,10 @@ inline float __uint_as_float(unsigned u) {
     return x;
 }
 
+struct float2 {
+    float x, y;
+};
+inline float2 make_float2(float x, float y) { return {x, y}; }
 struct float4 {
     float x, y, z, w;
 };

@@ -187,6 +187,18 @@ __device__ __forceinline__ float hn_tf32_round(float x) {
     return x != x ? x : __uint_as_float((__float_as_uint(x) + 0x1000u) & 0xffffe000u);
 }
 
+// x as two tf32 values, hi = tf32(x) and lo = tf32(x - hi) (x - hi is exact in float32): hi + lo is x to 2^-22 of it,
+// and hi hi' + hi lo' + lo hi' its product with another to about 3 x 2^-22 (the split copies of the fp32 convolutions,
+// mma.cu's SPLIT kernels). A split copy stores each 16-byte chunk of 4 consecutive floats (element e of the unsplit
+// tensor, e a multiple of 4 apart) as its hi chunk, then its lo chunk: hi at hn_split_at(e), lo 4 floats on.
+__device__ __forceinline__ float2 hn_split_tf32(float x) {
+    const float hi = hn_tf32_round(x);
+    return make_float2(hi, hn_tf32_round(x - hi));
+}
+__device__ __forceinline__ long long hn_split_at(long long e) {
+    return 2 * (e & ~3LL) + (e & 3);
+}
+
 // The pixels of a channels-last tile: 32 consecutive pixels of the n * HW (image-major, all images' pixels in a row:
 // the NHWC copy's rows), so that a tile never straddles idle lanes past an image's end (HW = 9 would leave 23 of 32).
 // This lane's pixel pix (of NP = n * HW < 2^31) is image img, position hw; x[img][c][hw] = xc[c * HW].
@@ -228,11 +240,22 @@ __device__ __forceinline__ void hn_store_nhwc16_tile(const float (&t)[64][33], u
 
 // The same tile moved channels-last in tf32: y[p][c] = tf32(t[c - c0][p - p0]) as float32 [NP][C] (any C); each warp
 // writes 32 consecutive channels of a pixel at a time.
+// SPLIT: the split copy (hn_split_tf32; C a multiple of 4), y [NP][2 C].
+template <int SPLIT = 0>
 __device__ __forceinline__ void hn_store_nhwc32_tile(const float (&t)[64][33], float* __restrict__ y, int p0, int c0,
                                                      int C, int NP) {
     const int lane = threadIdx.x & 31, row = threadIdx.x >> 5;
     for (int j = row; j < 64; j += 8) {          // (pixel j % 32, channel half j / 32)
         const int p = p0 + (j & 31), c = c0 + 32 * (j >> 5) + lane;
-        if (p < NP && c < C) y[(long long)p * C + c] = hn_tf32_round(t[c - c0][j & 31]);
+        if (p >= NP || c >= C) continue;
+        const float v = t[c - c0][j & 31];
+        if constexpr (SPLIT) {
+            const float2 s = hn_split_tf32(v);
+            const long long at = hn_split_at((long long)p * C + c);
+            y[at] = s.x;
+            y[at + 4] = s.y;
+        } else {
+            y[(long long)p * C + c] = hn_tf32_round(v);
+        }
     }
 }

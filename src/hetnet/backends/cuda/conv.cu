@@ -770,9 +770,10 @@ extern "C" __global__ void __launch_bounds__(256) to_nhwc16(const float* __restr
 }
 
 // to_nhwc16 in tf32: y[img][p][c] = tf32(x[img][c][p]) as float32 [n][HW][C] (any C), the operands of mma.cu's
-// HN_CONV32W / HN_CONV32F; the same tiles (hn_store_nhwc32_tile).
-extern "C" __global__ void __launch_bounds__(256) to_nhwc32(const float* __restrict__ x, float* __restrict__ y, int n,
-                                                            int C, int HW) {
+// HN_CONV32W / HN_CONV32F; the same tiles (hn_store_nhwc32_tile). to_nhwc32x3: the split copy [n][HW][2 C] of the fp32
+// kernels (C a multiple of 4).
+template <int SPLIT>
+__device__ __forceinline__ void hn_to_nhwc32(const float* __restrict__ x, float* __restrict__ y, int n, int C, int HW) {
     __shared__ float t[64][33];
     const int c0 = blockIdx.y * 64, lane = threadIdx.x & 31, row = threadIdx.x >> 5, NP = n * HW;
     const HnTilePixel px(NP, HW);
@@ -781,7 +782,15 @@ extern "C" __global__ void __launch_bounds__(256) to_nhwc32(const float* __restr
 #pragma unroll
     for (int u = 0; u < 8; ++u) t[row + 8 * u][lane] = v[u];
     __syncthreads();
-    hn_store_nhwc32_tile(t, y, blockIdx.x * 32, c0, C, NP);
+    hn_store_nhwc32_tile<SPLIT>(t, y, blockIdx.x * 32, c0, C, NP);
+}
+extern "C" __global__ void __launch_bounds__(256) to_nhwc32(const float* __restrict__ x, float* __restrict__ y, int n,
+                                                            int C, int HW) {
+    hn_to_nhwc32<0>(x, y, n, C, HW);
+}
+extern "C" __global__ void __launch_bounds__(256) to_nhwc32x3(const float* __restrict__ x, float* __restrict__ y,
+                                                              int n, int C, int HW) {
+    hn_to_nhwc32<1>(x, y, n, C, HW);
 }
 
 // The window of a tile's pixel (HnTilePixel) of z [n][C][H][W] under k x k max pooling at stride k: (p, q) the
@@ -840,15 +849,27 @@ extern "C" __global__ void __launch_bounds__(256) pool_grad_nhwc16(const float* 
 }
 
 // pool_grad_nhwc16 in tf32: dz as float32 [n][H][W][C] rounded to tf32 (any C), the tf32 convolutions' copy
-// (to_nhwc32's layout).
+// (to_nhwc32's layout); pool_grad_nhwc32x3, the split copy [n][H][W][2 C] (to_nhwc32x3's, C a multiple of 4).
+template <int SPLIT>
+__device__ __forceinline__ void hn_pool_grad_nhwc32(const float* __restrict__ dy, const unsigned char* __restrict__ arg,
+                                                    float* __restrict__ y, int n, int C, int H, int W, int P, int Q,
+                                                    int k) {
+    __shared__ float t[64][33];
+    const HnTilePixel px(n * H * W, H * W);
+    hn_pool_grad_tile(t, dy, arg, px, blockIdx.y * 64, C, W, P, Q, k);
+    hn_store_nhwc32_tile<SPLIT>(t, y, blockIdx.x * 32, blockIdx.y * 64, C, n * H * W);
+}
 extern "C" __global__ void __launch_bounds__(256) pool_grad_nhwc32(const float* __restrict__ dy,
                                                                    const unsigned char* __restrict__ arg,
                                                                    float* __restrict__ y, int n, int C, int H, int W,
                                                                    int P, int Q, int k) {
-    __shared__ float t[64][33];
-    const HnTilePixel px(n * H * W, H * W);
-    hn_pool_grad_tile(t, dy, arg, px, blockIdx.y * 64, C, W, P, Q, k);
-    hn_store_nhwc32_tile(t, y, blockIdx.x * 32, blockIdx.y * 64, C, n * H * W);
+    hn_pool_grad_nhwc32<0>(dy, arg, y, n, C, H, W, P, Q, k);
+}
+extern "C" __global__ void __launch_bounds__(256) pool_grad_nhwc32x3(const float* __restrict__ dy,
+                                                                     const unsigned char* __restrict__ arg,
+                                                                     float* __restrict__ y, int n, int C, int H, int W,
+                                                                     int P, int Q, int k) {
+    hn_pool_grad_nhwc32<1>(dy, arg, y, n, C, H, W, P, Q, k);
 }
 
 // pool_grad_nhwc16 from the pooled gradient already channels-last in bf16 (dy16 [n][P][Q][C / 2] bf16 pairs, the batch
@@ -967,11 +988,22 @@ extern "C" __global__ void turn_weights16(const float* __restrict__ w, unsigned 
     }
 }
 
-// turn_weights16 in tf32: wt[c][rs][o] = tf32(w[o][c][RS - 1 - rs]) as float32.
+// turn_weights16 in tf32: wt[c][rs][o] = tf32(w[o][c][RS - 1 - rs]) as float32; turn_weights32x3, as the split copy
+// [C][RS][2 O] (O a multiple of 4).
 extern "C" __global__ void turn_weights32(const float* __restrict__ w, float* __restrict__ wt, int O, int C, int RS) {
     HN_GRID_STRIDE(e, (long long)O * C * RS) {
         const int o = (int)(e % O), t = (int)(e / O), rs = t % RS, c = t / RS;
         wt[e] = hn_tf32_round(w[((long long)o * C + c) * RS + (RS - 1 - rs)]);
+    }
+}
+extern "C" __global__ void turn_weights32x3(const float* __restrict__ w, float* __restrict__ wt, int O, int C,
+                                            int RS) {
+    HN_GRID_STRIDE(e, (long long)O * C * RS) {
+        const int o = (int)(e % O), t = (int)(e / O), rs = t % RS, c = t / RS;
+        const float2 s = hn_split_tf32(w[((long long)o * C + c) * RS + (RS - 1 - rs)]);
+        const long long at = hn_split_at(e);
+        wt[at] = s.x;
+        wt[at + 4] = s.y;
     }
 }
 

@@ -47,13 +47,14 @@ _i32 = np.int32
 # mma.conv16_fits. At tf32 the channels-last candidates are "tc32..." (CL_PREFIX; not forceable).
 FORCEABLE = ("implicit", "im2col", "tc", "tc16")
 OWN_TC = ("tc", "tc16")      # the forceable names that exist only at some precisions and shapes
-# The candidates on channels-last copies (mma.COPY_DTYPE) start with their precision's prefix.
-CL_PREFIX = {"bf16": "tc16", "tf32": "tc32"}
+# The candidates on channels-last copies (mma.COPY_DTYPE) start with their precision's prefix; at fp32 they are the
+# tf32 kernels on split copies, three products for one (mma_tiles.Tc16Tile), float32's accuracy on tensor cores.
+CL_PREFIX = {"bf16": "tc16", "tf32": "tc32", "fp32": "tc32x3"}
 # Where a convolution's backward needs x itself (its ReLU mask), the forward also keeps its channels-last copy of x
 # beside it for the filter gradient at these precisions, instead of copying x again in the backward: one more
-# activation's bytes for one copy less. At tf32 (float32 copies) cifar-wide's step stays within PyTorch's peak memory
-# with it; at bf16 it would not (precision_step.json).
-KEEP_BESIDE_X = ("tf32",)
+# activation's bytes for one copy less (two at fp32, whose copies are split). At tf32 and fp32 cifar-wide's step stays
+# within PyTorch's peak memory with it; at bf16 it would not (precision_step.json).
+KEEP_BESIDE_X = ("tf32", "fp32")
 
 
 class Geometry:
@@ -317,7 +318,8 @@ def _names16(precision: str, op: str, wgmma: bool) -> list[str]:
 
 def _tile16_of(op: str, candidate: str) -> str:
     """The mma_tiles tile name of a channels-last candidate of op (see _tiles16)."""
-    precision = next(p for p, prefix in CL_PREFIX.items() if candidate.startswith(prefix))
+    precision = max((p for p, prefix in CL_PREFIX.items() if candidate.startswith(prefix)),
+                    key=lambda p: len(CL_PREFIX[p]))                  # "tc32x3..." is fp32's, not tf32's
     rest, sync = candidate[len(CL_PREFIX[precision]):], mma.TILES_CL[precision][0].get(op, ())
     return {"": sync[0].name, "s": sync[1].name}[rest] if rest in ("", "s") else rest
 
@@ -443,8 +445,9 @@ def conv_forward(be, x, w, b, stride, pad, act=0, geometry=None):
     y = be.xp.empty((n, k, g.p, g.q), dtype=be.xp.float32)
     cands = _split_cands(be, FWD_CFGS, g, lambda cfg, sp, out: _fwd_implicit(be, cfg, sp, g, x, w, b, out, act))
     cands["im2col"] = lambda out: _fwd_im2col(be, g, x, w, b, out, act, x.nbytes + y.nbytes)
-    if be.precision != "fp32" and _contiguous(x, w, b) and mma.conv_fits(x, y):
-        cands["tc"] = lambda out: mma.conv_tc(be, out, x, w, b, stride, pad, act)
+    if _contiguous(x, w, b) and mma.conv_fits(x, y):
+        if be.precision != "fp32":
+            cands["tc"] = lambda out: mma.conv_tc(be, out, x, w, b, stride, pad, act)
         if _fits16(be, "fwd", g):
             cands.update(_tiles16(be, "fwd", lambda tile, out: mma.conv16(be, out, x, w, b, stride, pad, act, tile)))
     choice = _choose(be, "fwd", g, cands, lambda fn: fn(y))
@@ -457,8 +460,9 @@ def _filter_backward(be, g, copies, dy, x, dw, db):
     sharing its channels-last copy of dy with the data gradient."""
     fc = _split_cands(be, FILTER_CFGS, g, lambda cfg, sp, dw_, db_: _filter_implicit(be, cfg, g, dy, x, dw_, db_, sp))
     fc["im2col"] = lambda dw_, db_: _filter_im2col(be, g, dy, x, dw_, db_, x.nbytes + dy.nbytes)
-    if be.precision != "fp32" and _contiguous(dy, x, dw) and mma.conv_fits(x, dw) and dy.size < 2**31:
-        fc["tc"] = lambda dw_, db_: _filter_tc(be, g, dy, x, dw_, db_)
+    if _contiguous(dy, x, dw) and mma.conv_fits(x, dw) and dy.size < 2**31:
+        if be.precision != "fp32":
+            fc["tc"] = lambda dw_, db_: _filter_tc(be, g, dy, x, dw_, db_)
         if _fits16(be, "filter", g):
             fc.update(_tiles16(be, "filter", lambda tile, dw_, db_: _filter_tc16(be, g, copies, dy, dw_, db_, tile)))
 
@@ -623,8 +627,9 @@ def conv_backward(be, dy, x, w, dw, db, stride, pad, need_dx=True, relu_x=None, 
     dx = xp.empty((n, c, h, wd), dtype=xp.float32)
     dc = _split_cands(be, DATA_CFGS, g, lambda cfg, sp, out: _data_implicit(be, cfg, sp, g, dy, w, out, relu_x))
     dc["im2col"] = lambda out: _data_im2col(be, g, dy, w, out, relu_x, dx.nbytes + dy.nbytes)
-    if be.precision != "fp32" and _contiguous(dy, w, relu_x) and mma.conv_fits(dy, dx):
-        dc["tc"] = lambda out: mma.conv_data_tc(be, out, dy, w, relu_x, stride, pad)
+    if _contiguous(dy, w, relu_x) and mma.conv_fits(dy, dx):
+        if be.precision != "fp32":
+            dc["tc"] = lambda out: mma.conv_data_tc(be, out, dy, w, relu_x, stride, pad)
         if _fits16(be, "data", g):
             dc.update(_tiles16(be, "data", lambda tile, out: mma.conv16_data(be, out, copies("dy"), w, relu_x, pad, tile)))
     copies.share = False

@@ -702,9 +702,12 @@ __device__ __forceinline__ void hn_issue_tile(float* sa, float* sb, const HnBloc
 // receives row g, 16-bit elements 2t, 2t+1 = float t. One ldmatrix.x4 gives A's four registers from the 8 x 4
 // float matrices (m 0-7 | 8-15) x (k 0-3 | 4-7) in the order a0..a3 (lane l = 8j + r: row m = l % 16, k = 4 (l / 16)),
 // and B's (b0, b1) of two n-tiles from (n 0-7 | 8-15) x (k 0-3 | 4-7) (n = l % 8 + 8 (l / 16), k = 4 ((l / 8) % 2)).
-template <bool LANDED, class OA, class OB, int MT, int NT, int BK>
+// ALO, BLO > 0 (LANDED, MN-major operands only): split operands (hn_cp_chunk), their lo tiles ALO and BLO floats
+// after the hi ones; each mma tile is three products, a_hi b_hi + a_hi b_lo + a_lo b_hi.
+template <bool LANDED, class OA, class OB, int MT, int NT, int BK, int ALO = 0, int BLO = 0>
 __device__ __forceinline__ void hn_gemm_tf32_tile(const float* sa, const float* sb, float (&acc)[MT][NT][4], int wm,
                                                   int wn, int lane) {
+    static_assert((ALO == 0 && BLO == 0) || (LANDED && !OA::KMAJ && !OB::KMAJ && ALO > 0 && BLO > 0), "split");
     const int g = lane >> 2, t = lane & 3;
     auto word = [](const float* p) { return LANDED ? hn_bits(hn_lds(p)) : hn_tf32(hn_lds(p)); };
 #pragma unroll
@@ -743,6 +746,27 @@ __device__ __forceinline__ void hn_gemm_tf32_tile(const float* sa, const float* 
         for (int i = 0; i < MT; ++i)
 #pragma unroll
             for (int j = 0; j < NT; ++j) hn_mma_tf32(acc[i][j], a[i], b[j]);
+        if constexpr (ALO > 0) {
+            unsigned lo[4];
+#pragma unroll
+            for (int j = 0; j < NT; ++j) {           // a_hi b_lo
+                const int n = wn + 8 * j + g;
+                const unsigned bl[2] = {hn_bits(hn_lds(sb + BLO + OB::at(n, kk + t))),
+                                        hn_bits(hn_lds(sb + BLO + OB::at(n, kk + t + 4)))};
+#pragma unroll
+                for (int i = 0; i < MT; ++i) hn_mma_tf32(acc[i][j], a[i], bl);
+            }
+#pragma unroll
+            for (int i = 0; i < MT; ++i) {           // a_lo b_hi
+                const int m = wm + 16 * i + g;
+                lo[0] = hn_bits(hn_lds(sa + ALO + OA::at(m, kk + t)));
+                lo[1] = hn_bits(hn_lds(sa + ALO + OA::at(m + 8, kk + t)));
+                lo[2] = hn_bits(hn_lds(sa + ALO + OA::at(m, kk + t + 4)));
+                lo[3] = hn_bits(hn_lds(sa + ALO + OA::at(m + 8, kk + t + 4)));
+#pragma unroll
+                for (int j = 0; j < NT; ++j) hn_mma_tf32(acc[i][j], lo, b[j]);
+            }
+        }
     }
 }
 
@@ -1082,6 +1106,7 @@ __device__ __forceinline__ bool hn_out_pixel(const HnConv& cv, int n, int N, int
 // the pixel's image starts in x (elements), and its window's top-left corner (out of range past N).
 template <int NROWS>
 struct HnNhwcRows {
+    static constexpr int N = NROWS;
     int base[NROWS], ih0[NROWS], iw0[NROWS];
 };
 
@@ -1161,10 +1186,24 @@ struct HnSwizzle128MN {
     }
 };
 
+// One 16-byte chunk, element `off` of a channels-last copy, into shared memory at s (cp.async, src-size `bytes`). LO
+// > 0: the copy is split (fp32 as two tf32 parts, hi + lo: hn_split_tf32), each 16-byte chunk of 4 floats stored as
+// its hi chunk then its lo chunk, so element off of the tensor lies at 2 off (hi) and 2 off + 4 (lo), off a multiple
+// of 4; the lo chunk goes LO elements after s.
+template <int LO, class T>
+__device__ __forceinline__ void hn_cp_chunk(T* s, const T* src, long long off, int bytes) {
+    if constexpr (LO == 0) {
+        hn_cp_async16(s, src + off, bytes);
+    } else {
+        hn_cp_async16(s, src + 2 * off, bytes);
+        hn_cp_async16(s + LO, src + 2 * off + 4, bytes);
+    }
+}
+
 // B^T's BN x BK tile (rows n, columns k0 .. k0+BK-1) gathered into shared memory (layout L) in hn_copy_tile_async's
 // chunk order, CPR 16-byte chunks a row (4 float32 or 8 bf16 channels of one tap); columns from kend on, and taps
 // outside the image, zero-filled.
-template <class T, int CPR, class L, int THREADS, int NROWS>
+template <class T, int CPR, class L, int THREADS, int NROWS, int LO = 0>
 __device__ __forceinline__ void hn_nhwc_copy_b(T* s, const T* x, const HnConv& cv, const HnNhwcRows<NROWS>& rows,
                                                const HnDiv& by_c, int k0, int kend, int tid) {
     const int col = (tid % CPR) * (16 / static_cast<int>(sizeof(T))), k = k0 + col;
@@ -1174,14 +1213,14 @@ __device__ __forceinline__ void hn_nhwc_copy_b(T* s, const T* x, const HnConv& c
         const int ih = rows.ih0[i] + r, iw = rows.iw0[i] + sx;
         const bool ok = k < kend && ih >= 0 && ih < cv.h && iw >= 0 && iw < cv.w;
         const int at = ok ? rows.base[i] + (ih * cv.w + iw) * cv.c + c : 0;
-        hn_cp_async16(s + L::at((tid + i * THREADS) / CPR, col), x + at, ok ? 16 : 0);
+        hn_cp_chunk<LO>(s + L::at((tid + i * THREADS) / CPR, col), x, at, ok ? 16 : 0);
     }
 }
 
 // A ROWS x CPR-chunk tile of a row-major bf16 or float32 matrix (leading dimension ld) from (row0, col0), in 16-byte
 // chunks (8 or 4 elements T) into shared memory (layout L); rows from row_end on and columns from col_end on
 // zero-filled. The forward's A (w: rows m, columns k) and the filter gradient's A (dy: rows k, columns o).
-template <int ROWS, int CPR, class L, int THREADS, class T>
+template <int ROWS, int CPR, class L, int THREADS, int LO = 0, class T>
 __device__ __forceinline__ void hn_copy16_tile(T* s, const T* src, int ld, int row0, int row_end, int col0,
                                                int col_end, int tid) {
     constexpr int CE = 16 / static_cast<int>(sizeof(T));
@@ -1189,7 +1228,7 @@ __device__ __forceinline__ void hn_copy16_tile(T* s, const T* src, int ld, int r
     for (int i = 0; i < ROWS * CPR / THREADS; ++i) {
         const int q = tid + i * THREADS, row = q / CPR, col = (q % CPR) * CE, gr = row0 + row, gc = col0 + col;
         const bool ok = gr < row_end && gc < col_end;
-        hn_cp_async16(s + L::at(row, col), src + (ok ? static_cast<long long>(gr) * ld + gc : 0), ok ? 16 : 0);
+        hn_cp_chunk<LO>(s + L::at(row, col), src, ok ? static_cast<long long>(gr) * ld + gc : 0, ok ? 16 : 0);
     }
 }
 
@@ -1252,11 +1291,14 @@ __device__ __forceinline__ void hn_conv16_fwd(unsigned char* smem, const unsigne
 // wgmma group of tile kt-2), refills tile kt-2's buffer with tile kt + STAGES - 2, issues tile kt's 4 wgmma (bf16
 // m64nWNk16, or tf32 m64nWNk8 for T = float: 32 bytes of K each) on this warpgroup's operands (a and b in buffer 0,
 // buffers `ea` and `eb` elements apart, K steps `kstep` elements apart, described by desc) and waits until only they
-// are pending (so tile kt-1's have finished). Ends with every wgmma and copy retired.
-template <int STAGES, int WN, int MN, class T, class Issue, class Desc>
+// are pending (so tile kt-1's have finished). Ends with every wgmma and copy retired. ALO, BLO > 0 (tf32 only): the
+// operands are split copies (hn_cp_chunk), their lo tiles ALO and BLO elements after the hi ones, and each K step
+// is three products, a_hi b_hi + a_hi b_lo + a_lo b_hi (a_lo b_lo, 2^-22 of the product, left out).
+template <int STAGES, int WN, int MN, int ALO = 0, int BLO = 0, class T, class Issue, class Desc>
 __device__ __forceinline__ void hn_wgmma_loop(int tiles, const Issue& issue, const T* a, int ea, const T* b, int eb,
                                               int kstep, float (&acc)[WN / 8][4], const Desc& desc) {
     static_assert(sizeof(T) == 2 || MN == 0, "tf32 operands are K-major");
+    static_assert((ALO == 0 && BLO == 0) || (sizeof(T) == 4 && ALO > 0 && BLO > 0), "split copies are tf32");
     static_assert(STAGES >= 3, "a buffer being filled, one being read by wgmma, one waited for");
     hn_pipeline_fill<STAGES - 1>(tiles, issue);          // tiles 0 .. STAGES - 3 in flight
     for (int kt = 0; kt < tiles; ++kt) {
@@ -1269,10 +1311,16 @@ __device__ __forceinline__ void hn_wgmma_loop(int tiles, const Issue& issue, con
         hn_wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
-            if constexpr (sizeof(T) == 4)
-                hn_wgmma_tf32<WN>(acc, desc(a + s * ea + kk * kstep), desc(b + s * eb + kk * kstep));
-            else
-                hn_wgmma_bf16<WN, MN>(acc, desc(a + s * ea + kk * kstep), desc(b + s * eb + kk * kstep));
+            const T *ak = a + s * ea + kk * kstep, *bk = b + s * eb + kk * kstep;
+            if constexpr (sizeof(T) == 4) {
+                hn_wgmma_tf32<WN>(acc, desc(ak), desc(bk));
+                if constexpr (ALO > 0) {
+                    hn_wgmma_tf32<WN>(acc, desc(ak), desc(bk + BLO));
+                    hn_wgmma_tf32<WN>(acc, desc(ak + ALO), desc(bk));
+                }
+            } else {
+                hn_wgmma_bf16<WN, MN>(acc, desc(ak), desc(bk));
+            }
         }
         hn_wgmma_commit();
         hn_wgmma_wait<1>();
@@ -1287,16 +1335,18 @@ __device__ __forceinline__ void hn_wgmma_loop(int tiles, const Issue& issue, con
 // WGN warpgroups of 128 threads; warpgroup (gm, gn) computes rows 64 gm .. 64 gm + 63, columns WN gn .. WN gn + WN - 1
 // of the block tile (BM = 64 WGM, BN = WN WGN) as 4 wgmma per K tile into 64 x WN / 128 float32 accumulators per
 // thread (mma.sync's fragment order: hn_conv_epilogue writes them). Every thread copies (cp.async, as hn_conv16_fwd);
-// hn_wgmma_loop.
-template <class T, int EPI, int WGM, int WGN, int WN, int STAGES>
+// hn_wgmma_loop. SPLIT (T float): W and x are split copies (fp32 as hi + lo tf32, hn_cp_chunk), each stage holds both
+// parts of both tiles and each K step is three products (hn_wgmma_loop).
+template <class T, int EPI, int WGM, int WGN, int WN, int STAGES, int SPLIT = 0>
 __device__ __forceinline__ void hn_convw_fwd(unsigned char* smem, const T* W, const T* x, float* y, int M, int N,
                                              int K, const HnConv& cv) {
     constexpr int BM = 64 * WGM, BN = WN * WGN, BK = 128 / sizeof(T), THREADS = 128 * WGM * WGN, CPR = 8;
     constexpr int EA = BM * BK, EB = BN * BK;     // elements of a stage's A and B tiles (multiples of 1024 bytes)
+    constexpr int ALO = SPLIT * EA, BLO = SPLIT * EB, SA = EA + ALO, SB = EB + BLO;   // a stage: hi (and lo) tiles
     static_assert((BN * CPR) % THREADS == 0 && (BM * CPR) % THREADS == 0, "tile");
     using L = HnSwizzle128T<T>;
-    T* sa = reinterpret_cast<T*>(hn_smem_align1024(smem));   // STAGES x EA
-    T* sb = sa + STAGES * EA;                                // STAGES x EB
+    T* sa = reinterpret_cast<T*>(hn_smem_align1024(smem));   // STAGES x SA
+    T* sb = sa + STAGES * SA;                                // STAGES x SB
 
     const HnBlock blk = hn_block(nullptr, nullptr, y, M, N, K, K, 0, 0, 0, 0, 0, 1.f, 0.f, 1, K, BM, BN, BK);
     const int tid = threadIdx.x, gm = tid / 128 / WGN, gn = tid / 128 % WGN;
@@ -1307,11 +1357,11 @@ __device__ __forceinline__ void hn_convw_fwd(unsigned char* smem, const T* W, co
 
     auto issue = [&](int kt) {
         const int k0 = kt * BK, s = kt % STAGES;
-        hn_copy16_tile<BM, CPR, L, THREADS>(sa + s * EA, W, K, blk.m0, M, k0, K, tid);
-        hn_nhwc_copy_b<T, CPR, L, THREADS>(sb + s * EB, x, cv, rows, by_c, k0, K, tid);
+        hn_copy16_tile<BM, CPR, L, THREADS, ALO>(sa + s * SA, W, K, blk.m0, M, k0, K, tid);
+        hn_nhwc_copy_b<T, CPR, L, THREADS, decltype(rows)::N, BLO>(sb + s * SB, x, cv, rows, by_c, k0, K, tid);
     };
-    hn_wgmma_loop<STAGES, WN, 0>(blk.tiles, issue, sa + gm * 64 * BK, EA, sb + gn * WN * BK, EB, 32 / sizeof(T),
-                                 acc[0], [](const T* p) { return hn_wgmma_desc(p); });
+    hn_wgmma_loop<STAGES, WN, 0, ALO, BLO>(blk.tiles, issue, sa + gm * 64 * BK, SA, sb + gn * WN * BK, SB,
+                                           32 / sizeof(T), acc[0], [](const T* p) { return hn_wgmma_desc(p); });
     if constexpr (EPI == 4)
         hn_conv_pool_epilogue<1, WN / 8>(blk, acc, M, cv, 64 * gm + 16 * ((tid >> 5) & 3), WN * gn, tid & 31);
     else
@@ -1327,7 +1377,7 @@ struct HnTapDivs {
 // The filter gradient's B tile: rows k = (img, p, q) k0 .. k0 + ROWS - 1, columns n = (r, s, c) in 16-byte chunks (one
 // tap, 8 bf16 or 4 float32 channels T), CPR chunks a row, from x [n][H][W][C] channels-last; taps outside the image,
 // rows from kend on and columns from N on zero-filled.
-template <int ROWS, int CPR, class L, int THREADS, class T>
+template <int ROWS, int CPR, class L, int THREADS, int LO = 0, class T>
 __device__ __forceinline__ void hn_nhwc_copy_x_taps(T* s, const T* x, const HnConv& cv, int n0, int N,
                                                     const HnTapDivs& dv, int k0, int kend, int tid) {
     const int col = (tid % CPR) * (16 / static_cast<int>(sizeof(T))), n = n0 + col;   // this thread's columns
@@ -1339,7 +1389,7 @@ __device__ __forceinline__ void hn_nhwc_copy_x_taps(T* s, const T* x, const HnCo
         const int ih = p * cv.stride - cv.pad + r, iw = q * cv.stride - cv.pad + sx;
         const bool ok = k < kend && n < N && ih >= 0 && ih < cv.h && iw >= 0 && iw < cv.w;
         const int at = ok ? ((img * cv.h + ih) * cv.w + iw) * cv.c + c : 0;
-        hn_cp_async16(s + L::at(row, col), x + at, ok ? 16 : 0);
+        hn_cp_chunk<LO>(s + L::at(row, col), x, at, ok ? 16 : 0);
     }
 }
 
@@ -1412,7 +1462,9 @@ __device__ __forceinline__ void hn_conv16w_filter(unsigned char* smem, const uns
 // to_nhwc32), both tiles MN-major (rows k, 4 channels a 16-byte chunk: O and C multiples of 4) read by mma.sync
 // m16n8k8 as scalar fragments (hn_gemm_tf32_tile; tf32 wgmma has no MN-major operands); K split over blockIdx.z,
 // added with atomics.
-template <int BM, int BN, int BK, int WM, int WN, int STAGES>
+// SPLIT: dy and x are split copies (fp32 as hi + lo tf32, hn_cp_chunk): a stage holds both parts of both tiles and
+// each mma tile is three products (hn_gemm_tf32_tile).
+template <int BM, int BN, int BK, int WM, int WN, int STAGES, int SPLIT = 0>
 __device__ __forceinline__ void hn_conv32_filter(unsigned char* smem, const float* dy, const float* x, float* dw,
                                                  int M, int N, int K, int splits, int kchunk, const HnConv& cv) {
     constexpr int WARPS_N = BN / WN, THREADS = 32 * (BM / WM) * WARPS_N, MT = WM / 16, NT = WN / 8;
@@ -1421,8 +1473,9 @@ __device__ __forceinline__ void hn_conv32_filter(unsigned char* smem, const floa
                   THREADS % CPB == 0 && (BK * CPA) % THREADS == 0 && (BK * CPB) % THREADS == 0, "tile");
     using OA = HnOperand<false, BM, BK, 4, 8>;   // rows k
     using OB = HnOperand<false, BN, BK, 4, 8>;
-    float* sa = reinterpret_cast<float*>(smem);
-    float* sb = sa + STAGES * OA::ELEMS;
+    constexpr int ALO = SPLIT * OA::ELEMS, BLO = SPLIT * OB::ELEMS, SA = OA::ELEMS + ALO, SB = OB::ELEMS + BLO;
+    float* sa = reinterpret_cast<float*>(smem);   // STAGES x SA
+    float* sb = sa + STAGES * SA;                 // STAGES x SB
 
     const HnBlock blk = hn_block(nullptr, nullptr, dw, M, N, K, 0, 0, N, 0, 0, 0, 1.f, 1.f, splits, kchunk, BM, BN, BK);
     const HnThread th = hn_thread<WM, WN, WARPS_N>();
@@ -1433,13 +1486,13 @@ __device__ __forceinline__ void hn_conv32_filter(unsigned char* smem, const floa
 
     auto issue = [&](int kt) {
         const int k0 = blk.kbeg + kt * BK, s = kt % STAGES;
-        hn_copy16_tile<BK, CPA, HnRowTile<OA::STRIDE>, THREADS>(sa + s * OA::ELEMS, dy, cv.o, k0, blk.kend, blk.m0,
-                                                                M, tid);
-        hn_nhwc_copy_x_taps<BK, CPB, HnRowTile<OB::STRIDE>, THREADS>(sb + s * OB::ELEMS, x, cv, blk.n0, N, dv, k0,
-                                                                     blk.kend, tid);
+        hn_copy16_tile<BK, CPA, HnRowTile<OA::STRIDE>, THREADS, ALO>(sa + s * SA, dy, cv.o, k0, blk.kend, blk.m0, M,
+                                                                     tid);
+        hn_nhwc_copy_x_taps<BK, CPB, HnRowTile<OB::STRIDE>, THREADS, BLO>(sb + s * SB, x, cv, blk.n0, N, dv, k0,
+                                                                          blk.kend, tid);
     };
     hn_direct_loop<STAGES>(blk.tiles, issue, [&](int s) {
-        hn_gemm_tf32_tile<true, OA, OB, MT, NT, BK>(sa + s * OA::ELEMS, sb + s * OB::ELEMS, acc, th.wm, th.wn, th.lane);
+        hn_gemm_tf32_tile<true, OA, OB, MT, NT, BK, ALO, BLO>(sa + s * SA, sb + s * SB, acc, th.wm, th.wn, th.lane);
     });
     hn_epilogue<MT, NT>(blk, acc, M, N, N, 1.f, 1.f, th.wm, th.wn, th.lane);
 }
@@ -1528,11 +1581,12 @@ __device__ __forceinline__ void hn_conv16(unsigned char* smem, const unsigned sh
         }                                                                                                        \
     }
 
-// HN_CONV32W(hn_conv32_fwd_w128x256s4, 1, 2, 1, 256, 4, 1): HN_CONV16W's forward (EPI 1), data gradient (EPI 2) or
-// pooled forward (EPI 4) in tf32: B and Wt float32 channels-last copies rounded to tf32 (conv.cu's to_nhwc32,
+// HN_CONV32W(hn_conv32_fwd_w128x256s4, 1, 2, 1, 256, 4, 1, 0): HN_CONV16W's forward (EPI 1), data gradient (EPI 2)
+// or pooled forward (EPI 4) in tf32: B and Wt float32 channels-last copies rounded to tf32 (conv.cu's to_nhwc32,
 // turn_weights32), K tiles of 32 (C of the forward, O of the data gradient a multiple of 4). Shared memory ST x (64 WGM
-// + WN WGN) x 32 x 4 + 1024 bytes.
-#define HN_CONV32W(name, EPI, WGM, WGN, WN, ST, MINB)                                                             \
+// + WN WGN) x 32 x 4 + 1024 bytes. SPLIT 1: fp32 from split copies (hi + lo tf32, conv.cu's to_nhwc32x3,
+// turn_weights32x3), twice the shared memory, three products a K step.
+#define HN_CONV32W(name, EPI, WGM, WGN, WN, ST, MINB, SPLIT)                                                      \
     extern "C" __global__ void __launch_bounds__(128 * WGM * WGN, MINB) name(                                  \
         const float* __restrict__ B, const float* __restrict__ Wt, const float* __restrict__ AUX,                 \
         float* __restrict__ Y, int M, int N, int K, int C, int H, int W, int R, int S, int P, int Q, int O,         \
@@ -1540,18 +1594,18 @@ __device__ __forceinline__ void hn_conv16(unsigned char* smem, const unsigned sh
         HN_DYNAMIC_SMEM(hn_smem);                                                                              \
         HnConv cv = hn_conv_of<1>(AUX, C, H, W, R, S, P, Q, O, stride, pad, act);                               \
         cv.pooled = kchunk;                                                                                      \
-        hn_convw_fwd<float, EPI, WGM, WGN, WN, ST>(hn_smem, Wt, B, Y, M, N, K, cv);                              \
+        hn_convw_fwd<float, EPI, WGM, WGN, WN, ST, SPLIT>(hn_smem, Wt, B, Y, M, N, K, cv);                       \
     }
 
-// HN_CONV32F(hn_conv32_filter_128x128x32s3, 128, 128, 32, 64, 32, 3, 1): HN_CONV16's filter gradient (EPI 3) in tf32
-// on mma.sync (hn_conv32_filter: B = x, Wt = dy float32 channels-last copies rounded to tf32, Y = dw [O][R][S][C]
-// added into). Shared memory ST x ((BM + 8) + (BN + 8)) x BK x 4 bytes.
-#define HN_CONV32F(name, BM, BN, BK, WM, WN, ST, MINB)                                                            \
+// HN_CONV32F(hn_conv32_filter_128x128x32s3, 128, 128, 32, 64, 32, 3, 1, 0): HN_CONV16's filter gradient (EPI 3) in
+// tf32 on mma.sync (hn_conv32_filter: B = x, Wt = dy float32 channels-last copies rounded to tf32, Y = dw [O][R][S][C]
+// added into). Shared memory ST x ((BM + 8) + (BN + 8)) x BK x 4 bytes; SPLIT 1 (fp32 from split copies) twice that.
+#define HN_CONV32F(name, BM, BN, BK, WM, WN, ST, MINB, SPLIT)                                                     \
     extern "C" __global__ void __launch_bounds__(32 * (BM / WM) * (BN / WN), MINB) name(                         \
         const float* __restrict__ B, const float* __restrict__ Wt, const float* __restrict__ AUX,                 \
         float* __restrict__ Y, int M, int N, int K, int C, int H, int W, int R, int S, int P, int Q, int O,         \
         int stride, int pad, int act, int splits, int kchunk) {                                                   \
         HN_DYNAMIC_SMEM(hn_smem);                                                                              \
         const HnConv cv = hn_conv_of<3>(AUX, C, H, W, R, S, P, Q, O, stride, pad, act);                         \
-        hn_conv32_filter<BM, BN, BK, WM, WN, ST>(hn_smem, Wt, B, Y, M, N, K, splits, kchunk, cv);               \
+        hn_conv32_filter<BM, BN, BK, WM, WN, ST, SPLIT>(hn_smem, Wt, B, Y, M, N, K, splits, kchunk, cv);        \
     }

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .kernels import NULL, gemm_operands, get_kernel, leading_dim, wgmma_ok
-from .mma_tiles import (CONV_CHOICE, LAYOUTS, PRECISIONS, TILES, TILES16, TILES16W, TILES32, TILES32W, Tc16Tile,
-                         TcTile)
+from .mma_tiles import (CONV_CHOICE, LAYOUTS, PRECISIONS, TILES, TILES16, TILES16W, TILES32, TILES32W, TILES32X3,
+                         TILES32X3W, Tc16Tile, TcTile)
 
 _i32, _i64, _f32 = np.int32, np.int64, np.float32
 DEFAULT_SMEM = 48 * 1024       # dynamic shared memory a launch gets without raising the kernel's limit
@@ -391,19 +391,22 @@ def conv_filter_tc(be, dw, dy, x, stride: int, pad: int, tile: str | None = None
 # --- the channels-last convolutions (mma.cu, HN_CONV16 / HN_CONV16W at bf16, HN_CONV32W / HN_CONV32F at tf32):
 # conv.py's "tc16" and "tc32" ---------------------------------------------------------------------------------------
 # x, dy and w are read as copies stored channels-last, x [n, H, W, C], w [O, R, S, C], dy [n, P, Q, O]: bf16 bits
-# (uint16 arrays), or float32 already rounded to tf32 (float32 arrays); the copy's dtype says which kernels run.
+# (uint16 arrays), float32 already rounded to tf32 (float32 arrays), or at fp32 split copies, each value as two tf32
+# parts hi + lo, each chunk of 4 channels as its hi chunk then its lo chunk (float32 arrays [..., C / 4, 2, 4]: six
+# dimensions); the copy says which kernels run (_copy_precision).
 # Outputs are float32 as the other kernels write them (y, dx NCHW; the filter gradient [O, R, S, C], added into the
 # weights' layout by conv.cu's add_from_nhwc). The plans take the channels-last arrays (the emulator feeds them NumPy
 # ones); conv16, conv16_data and conv16_filter make them on the GPU from NCHW float32 at `be`'s precision (to_nhwc).
-COPY_DTYPE = {"bf16": np.uint16, "tf32": np.float32}      # the channels-last copies' storage per precision
-TILES_CL = {"bf16": (TILES16, TILES16W), "tf32": (TILES32, TILES32W)}   # (mma.sync tiles, wgmma tiles) per op
+COPY_DTYPE = {"bf16": np.uint16, "tf32": np.float32, "fp32": np.float32}   # the copies' storage per precision
+TILES_CL = {"bf16": (TILES16, TILES16W), "tf32": (TILES32, TILES32W),   # (mma.sync tiles, wgmma tiles) per op
+            "fp32": (TILES32X3, TILES32X3W)}
 
 
 def conv16_fits(op: str, c: int, o: int, r: int, s: int, stride: int, pad: int, precision: str = "bf16") -> bool:
     """Whether the channels-last kernels of `precision` compute `op` on this shape: channels read in whole 16-byte
     chunks (8 bf16 or 4 float32: C of x for the forward and filter gradient, O of dy for the filter and data
     gradients), and the data gradient, a forward over dy, at stride 1 with a square kernel and pad < R."""
-    e = 8 if precision == "bf16" else 4
+    e = 8 if precision == "bf16" else 4           # (fp32: also the split copy's chunk pairs)
     if op in ("fwd", "pool"):
         return c % e == 0
     if op == "filter":
@@ -432,11 +435,18 @@ def _tile16(op: str, tile: str | None, m: int, n: int, precision: str = "bf16") 
 
 
 def _copy_precision(a) -> str:
-    """The precision whose channels-last copy `a` is (COPY_DTYPE)."""
-    for precision, dtype in COPY_DTYPE.items():
-        if a.dtype == dtype:
-            return precision
+    """The precision whose channels-last copy `a` is: bf16 (uint16), tf32 (float32), fp32 (float32 split, 6-D)."""
+    if a.dtype == np.uint16:
+        return "bf16"
+    if a.dtype == np.float32:
+        return "fp32" if a.ndim == 6 else "tf32"
     raise ValueError(f"conv16: a channels-last copy is uint16 (bf16) or float32 (tf32), not {a.dtype}")
+
+
+def _nhwc_shape(a) -> tuple:
+    """The [n, H, W, C] (or [O, R, S, C]) a channels-last copy stands for (a split copy's last three dimensions are
+    C / 4, 2, 4)."""
+    return (*a.shape[:3], a.shape[3] * 4) if a.ndim == 6 else tuple(a.shape)
 
 
 def _call16(op, tile, src, w, aux, out, m, n, k, geometry, act=0, sms=None, splits=None) -> ConvCall | None:
@@ -455,8 +465,8 @@ def _call16(op, tile, src, w, aux, out, m, n, k, geometry, act=0, sms=None, spli
 def plan_conv16(y, x16, w16, b, stride: int, pad: int, act: int = 0, tile: str | None = None) -> ConvCall | None:
     """y [n, O, P, Q] = act(conv(x, w) + b) from the channels-last copies x16 [n, H, W, C] and w16 [O, R, S, C]
     (COPY_DTYPE), b [O] float32 or None; act 0 none, 1 ReLU. None when y is empty."""
-    n, h, wd, c = x16.shape
-    o, r, s, c2 = w16.shape
+    n, h, wd, c = _nhwc_shape(x16)
+    o, r, s, c2 = _nhwc_shape(w16)
     *_, p, q = _conv_sizes((n, c, h, wd), (o, c, r, s), stride, pad)
     if (c2 != c or tuple(y.shape) != (n, o, p, q) or (b is not None and tuple(b.shape) != (o,))
             or not conv16_fits("fwd", c, o, r, s, stride, pad, _copy_precision(x16))):
@@ -478,8 +488,8 @@ def plan_conv16_pool(buf, x16, w16, b, stride: int, pad: int, act: int = 0, tile
     """max_pool2d(act(conv(x, w) + b), 2, 2) and its argmax bytes into buf (pooled_outputs), from x16 [n, H, W, C]
     and w16 [O, R, S, C] (copies, COPY_DTYPE), b [O] float32 or None: the forward's GEMM on its tile, its columns in window
     order, pooled in the epilogue (mma.cu, EPI 4). None when the pooled output is empty."""
-    n, h, wd, c = x16.shape
-    o, r, s, c2 = w16.shape
+    n, h, wd, c = _nhwc_shape(x16)
+    o, r, s, c2 = _nhwc_shape(w16)
     *_, p, q = _conv_sizes((n, c, h, wd), (o, c, r, s), stride, pad)
     pp, pq = p // 2, q // 2
     count = n * pp * pq
@@ -499,8 +509,8 @@ def plan_conv16_data(dx, dy16, wt16, relu_x, pad: int, tile: str | None = None) 
     """dx [n, C, H, W] = conv_backward_data(dy, w) (* (relu_x > 0) when relu_x is given) of a stride-1 convolution
     with padding `pad`, from the copies dy16 [n, P, Q, O] and wt16, the turned weights [C, R, S, O] (turn_weights),
     as the forward over dy with padding R - 1 - pad. None when dx is empty."""
-    n, p, q, o = dy16.shape
-    c, r, s, o2 = wt16.shape
+    n, p, q, o = _nhwc_shape(dy16)
+    c, r, s, o2 = _nhwc_shape(wt16)
     h, wd = dx.shape[2:]
     if (o2 != o or tuple(dx.shape) != (n, c, p + r - 1 - 2 * pad, q + s - 1 - 2 * pad)
             or (relu_x is not None and tuple(relu_x.shape) != tuple(dx.shape))
@@ -515,10 +525,10 @@ def plan_conv16_filter(dw16, dy16, x16, stride: int, pad: int, sms: int = 132, t
     """dw16 [O, R, S, C] float32 += conv_backward_filter(dy, x) from the copies dy16 [n, P, Q, O] and x16 [n, H, W,
     C], the K sum over images x P x Q split over grid.z (`split_k_waves`, or `splits` parts) and added with
     atomics."""
-    n, h, wd, c = x16.shape
+    n, h, wd, c = _nhwc_shape(x16)
     o, r, s, c2 = dw16.shape
     *_, p, q = _conv_sizes((n, c, h, wd), (o, c, r, s), stride, pad)
-    if (c2 != c or tuple(dy16.shape) != (n, p, q, o)
+    if (c2 != c or _nhwc_shape(dy16) != (n, p, q, o) or _copy_precision(dy16) != _copy_precision(x16)
             or not conv16_fits("filter", c, o, r, s, stride, pad, _copy_precision(x16))):
         raise ValueError(f"conv16: dy {dy16.shape}, x {x16.shape}, dw {dw16.shape} do not fit together")
     return _call16("filter", tile, x16, dy16, None, dw16, o, r * s * c, n * p * q,
@@ -533,8 +543,13 @@ def to_nhwc16(be, x):
 
 def to_nhwc(be, x):
     """x's channels-last copy at `be`'s precision: to_nhwc16 at bf16; at tf32 float32 rounded to tf32 [n, *spatial,
-    C] (conv.cu's to_nhwc32)."""
+    C] (conv.cu's to_nhwc32); at fp32 the split copy [n, *spatial, C / 4, 2, 4] (to_nhwc32x3; C a multiple of 4)."""
     return _to_nhwc(be, x, be.precision)
+
+
+def _copy_shape(shape: tuple, precision: str) -> tuple:
+    """The array shape of the channels-last copy of a tensor [..., C] at precision (fp32: split, C / 4, 2, 4)."""
+    return (*shape[:-1], shape[-1] // 4, 2, 4) if precision == "fp32" else tuple(shape)
 
 
 def _copies_at(precision: str) -> None:
@@ -546,10 +561,12 @@ def _to_nhwc(be, x, precision: str):
     _copies_at(precision)
     n, c = x.shape[:2]
     hw = x.size // max(n * c, 1)
-    name = {"bf16": "to_nhwc16", "tf32": "to_nhwc32"}[precision]
-    if (precision == "bf16" and c % 2) or n * hw >= 2**31 or x.dtype != np.float32 or not x.flags.c_contiguous:
-        raise ValueError(f"{name}: x of shape {x.shape} must be contiguous float32 under 2^31 pixels (bf16: C even)")
-    out = be.xp.empty((n, *x.shape[2:], c), dtype=COPY_DTYPE[precision])
+    name = {"bf16": "to_nhwc16", "tf32": "to_nhwc32", "fp32": "to_nhwc32x3"}[precision]
+    if (c % {"bf16": 2, "tf32": 1, "fp32": 4}[precision] or n * hw >= 2**31 or x.dtype != np.float32
+            or not x.flags.c_contiguous):
+        raise ValueError(f"{name}: x of shape {x.shape} must be contiguous float32 under 2^31 pixels (C even at "
+                         f"bf16, a multiple of 4 at fp32)")
+    out = be.xp.empty(_copy_shape((n, *x.shape[2:], c), precision), dtype=COPY_DTYPE[precision])
     if out.size:
         get_kernel(be.device_id, "conv", name)((math.ceil(n * hw / 32), math.ceil(c / 64)), (256,),
                                                 (x, out, _i32(n), _i32(c), _i32(hw)))
@@ -565,13 +582,15 @@ def pool_grad_nhwc16(be, dy, arg, z_shape, k: int):
 
 
 def pool_grad_nhwc(be, dy, arg, z_shape, k: int):
-    """pool_grad_nhwc16 at bf16; at tf32 the same gradient as to_nhwc's float32 copy rounded to tf32 (conv.cu's
-    pool_grad_nhwc32)."""
+    """pool_grad_nhwc16 at bf16; at tf32 and fp32 the same gradient as to_nhwc's copy (conv.cu's pool_grad_nhwc32,
+    pool_grad_nhwc32x3)."""
     if be.precision == "bf16":
         return pool_grad_nhwc16(be, dy, arg, z_shape, k)
     _copies_at(be.precision)
     if dy.dtype != np.float32 or tuple(dy.shape) != tuple(arg.shape):
         raise ValueError(f"pool_grad_nhwc32: dy of shape {dy.shape} must be float32 of the argmax's shape {arg.shape}")
+    if be.precision == "fp32":
+        return _pool_grad16("pool_grad_nhwc32x3", be, dy, arg, z_shape, k, np.float32, split=True)
     return _pool_grad16("pool_grad_nhwc32", be, dy, arg, z_shape, k, np.float32)
 
 
@@ -585,15 +604,17 @@ def pool_grad16_nhwc16(be, dy16, arg, z_shape, k: int):
     return _pool_grad16("pool_grad16_nhwc16", be, dy16, arg, z_shape, k)
 
 
-def _pool_grad16(kernel: str, be, dy, arg, z_shape, k: int, dtype=np.uint16):
+def _pool_grad16(kernel: str, be, dy, arg, z_shape, k: int, dtype=np.uint16, split: bool = False):
     """The channels-last copy (bf16 bits, or float32 in tf32: dtype) of dE/dz [n, H, W, C] of a k x k max pooling at
     stride k over z (z_shape) from its pooled gradient dy and argmax bytes arg [n, C, P, Q], by conv.cu's `kernel`
     (its tiles: 32 pixels x 64 channels)."""
     n, c, h, w = z_shape
     p, q = arg.shape[2], arg.shape[3]
-    if (dtype == np.uint16 and c % 2) or n * h * w >= 2**31 or not dy.flags.c_contiguous or not arg.flags.c_contiguous:
-        raise ValueError(f"{kernel}: contiguous inputs, C even (bf16) and z under 2^31 pixels, got z {tuple(z_shape)}")
-    out = be.xp.empty((n, h, w, c), dtype=dtype)
+    if ((dtype == np.uint16 and c % 2) or (split and c % 4) or n * h * w >= 2**31 or not dy.flags.c_contiguous
+            or not arg.flags.c_contiguous):
+        raise ValueError(f"{kernel}: contiguous inputs, C even (bf16) or a multiple of 4 (split) and z under 2^31 "
+                         f"pixels, got z {tuple(z_shape)}")
+    out = be.xp.empty(_copy_shape((n, h, w, c), "fp32" if split else "tf32"), dtype=dtype)
     if out.size:
         get_kernel(be.device_id, "conv", kernel)((math.ceil(n * h * w / 32), math.ceil(c / 64)), (256,), (
             dy, arg, out, _i32(n), _i32(c), _i32(h), _i32(w), _i32(p), _i32(q), _i32(k)))
@@ -607,9 +628,11 @@ def turn_weights(be, w):
         raise ValueError(f"turn_weights: w of shape {w.shape} must be contiguous float32 [O, C, R, S]")
     _copies_at(be.precision)
     o, c, r, s = w.shape
-    out = be.xp.empty((c, r, s, o), dtype=COPY_DTYPE[be.precision])
-    be.launch("conv", {"bf16": "turn_weights16", "tf32": "turn_weights32"}[be.precision], w.size, w, out, _i32(o),
-              _i32(c), _i32(r * s))
+    if be.precision == "fp32" and o % 4:
+        raise ValueError(f"turn_weights: O = {o} must be a multiple of 4 at fp32 (the split copy's chunks)")
+    out = be.xp.empty(_copy_shape((c, r, s, o), be.precision), dtype=COPY_DTYPE[be.precision])
+    be.launch("conv", {"bf16": "turn_weights16", "tf32": "turn_weights32", "fp32": "turn_weights32x3"}[be.precision],
+              w.size, w, out, _i32(o), _i32(c), _i32(r * s))
     return out
 
 

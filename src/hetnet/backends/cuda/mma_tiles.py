@@ -38,6 +38,7 @@ CONV_OPS = {"fwd": 1, "data": 2, "filter": 3}
 # the channels-last bf16 convolutions (HN_CONV16, HN_CONV16W) also pool: "pool", the forward max-pooled over 2 x 2
 # windows at stride 2 in its epilogue (EPI 4)
 CONV16_OPS = {**CONV_OPS, "pool": 4}
+CL_PRECISIONS = ("bf16", "tf32", "fp32")      # the precisions with channels-last tiles (Tc16Tile)
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,8 @@ class Tc16Tile:
     """A tile of the channels-last convolutions: both operands copied by cp.async straight into STAGES shared tiles
     of what the products read, no float32 staging. bf16 (mma.cu's HN_CONV16, HN_CONV16W): bf16 copies; tf32
     (HN_CONV32W, HN_CONV32F): float32 copies already rounded to tf32, the forward on wgmma, the filter gradient on
-    mma.sync."""
+    mma.sync; fp32: the tf32 kernels on split copies (each value as two tf32 parts, hi + lo) with three products
+    (hi hi + hi lo + lo hi) where tf32 has one, float32's accuracy on tensor cores."""
 
     bm: int
     bn: int
@@ -152,7 +154,7 @@ class Tc16Tile:
     precision: str = "bf16"  # "bf16" or "tf32"
 
     def __post_init__(self):
-        assert self.precision in PRECISIONS, self
+        assert self.precision in CL_PRECISIONS, self
         if self.wgmma:
             assert self.bm % 64 == 0 and self.bk * self.elem_bytes == 128 and self.wm == 64, self
             assert self.bn % self.wn == 0 and self.wn in (64, 128, 256) and self.stages >= 3, self
@@ -160,6 +162,11 @@ class Tc16Tile:
     @property
     def elem_bytes(self) -> int:
         return 2 if self.precision == "bf16" else 4
+
+    @property
+    def split(self) -> int:
+        """1 for the fp32 tiles (split copies: both parts of both tiles in each stage), else 0."""
+        return int(self.precision == "fp32")
 
     @property
     def name(self) -> str:
@@ -174,26 +181,27 @@ class Tc16Tile:
 
     @property
     def smem_bytes(self) -> int:
+        parts = 1 + self.split
         if self.wgmma:        # unpadded swizzled rows of 128 bytes, and 1024 bytes to align them
-            return self.stages * (self.bm + self.bn) * 128 + 1024
-        _, pad_k, pad_mn = _SMEM[self.precision]      # HnOperand's padded tiles, the larger of their two layouts
-        return self.stages * self.elem_bytes * sum(max(mn * (self.bk + pad_k), self.bk * (mn + pad_mn))
-                                                   for mn in (self.bm, self.bn))
+            return self.stages * (self.bm + self.bn) * 128 * parts + 1024
+        _, pad_k, pad_mn = _SMEM["bf16" if self.precision == "bf16" else "tf32"]   # HnOperand's padded tiles
+        return parts * self.stages * self.elem_bytes * sum(max(mn * (self.bk + pad_k), self.bk * (mn + pad_mn))
+                                                           for mn in (self.bm, self.bn))
 
     def conv_kernel(self, op: str) -> str:
         assert op in CONV16_OPS, (self, op)
-        return f"hn_conv{8 * self.elem_bytes}_{op}_{self.name}"
+        return f"hn_conv{8 * self.elem_bytes}{'x3' if self.split else ''}_{op}_{self.name}"
 
     def instantiation(self, op: str) -> str:
         """mma.cu's line that defines conv_kernel(op)."""
-        if self.precision == "tf32":
+        if self.precision != "bf16":
             if self.wgmma:
                 assert op != "filter", self
                 return (f"HN_CONV32W({self.conv_kernel(op)}, {CONV16_OPS[op]}, {self.bm // 64}, "
-                        f"{self.bn // self.wn}, {self.wn}, {self.stages}, {self.min_blocks})")
+                        f"{self.bn // self.wn}, {self.wn}, {self.stages}, {self.min_blocks}, {self.split})")
             assert op == "filter", self
             return (f"HN_CONV32F({self.conv_kernel(op)}, {self.bm}, {self.bn}, {self.bk}, {self.wm}, {self.wn}, "
-                    f"{self.stages}, {self.min_blocks})")
+                    f"{self.stages}, {self.min_blocks}, {self.split})")
         if self.wgmma:
             return (f"HN_CONV16W({self.conv_kernel(op)}, {CONV16_OPS[op]}, {self.bm // 64}, {self.bn // self.wn}, "
                     f"{self.wn}, {self.stages}, {self.min_blocks})")
@@ -204,7 +212,7 @@ class Tc16Tile:
 def wgmma_tile(bm: int, bn: int, stages: int, wn: int | None = None, min_blocks: int = 1,
                precision: str = "bf16") -> Tc16Tile:
     """A channels-last tile on wgmma: (bm / 64) x (bn / wn) warpgroups, each 64 x wn (default bn), K tiles of 128
-    bytes (64 bf16, 32 tf32); min_blocks: __launch_bounds__'s blocks per SM."""
+    bytes (64 bf16, 32 tf32 or fp32); min_blocks: __launch_bounds__'s blocks per SM."""
     return Tc16Tile(bm, bn, 128 // (2 if precision == "bf16" else 4), 64, wn or bn, stages, min_blocks, wgmma=True,
                     precision=precision)
 
@@ -236,10 +244,16 @@ TILES32 = {"filter": (Tc16Tile(128, 128, 32, 64, 32, 3, precision="tf32"),
                       Tc16Tile(128, 256, 32, 64, 64, 3, precision="tf32"),
                       Tc16Tile(256, 128, 32, 64, 64, 3, precision="tf32"),
                       Tc16Tile(128, 128, 32, 64, 64, 4, precision="tf32"))}
+# fp32 on split copies: both parts of both tiles in each stage, so half the stages (or tiles) of tf32's in the same
+# shared memory, and warp tiles of 64 x 32 (the lo fragments' registers on top).
+TILES32X3W = {"fwd": (wgmma_tile(128, 128, 3, precision="fp32"), wgmma_tile(64, 128, 4, precision="fp32"))}
+TILES32X3W["data"] = TILES32X3W["pool"] = TILES32X3W["fwd"]
+TILES32X3 = {"filter": (Tc16Tile(128, 128, 32, 64, 32, 3, precision="fp32"),
+                        Tc16Tile(64, 64, 32, 32, 32, 4, precision="fp32"))}
 
 
 def instantiations(tiles: Iterable[TcTile], conv: Iterable[TcTile] = (),
-                   conv16: Iterable[dict] = (TILES16, TILES16W, TILES32W, TILES32)) -> str:
+                   conv16: Iterable[dict] = (TILES16, TILES16W, TILES32W, TILES32, TILES32X3W, TILES32X3)) -> str:
     """mma.cu's HN_GEMM lines, each tile in each operand order, its HN_CONV lines, each `conv` tile for each
     convolution op, and its channels-last lines (HN_CONV16, HN_CONV16W, HN_CONV32W, HN_CONV32F), each tile of each op
     of each `conv16` table."""
