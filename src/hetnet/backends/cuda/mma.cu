@@ -1293,20 +1293,23 @@ __device__ __forceinline__ void hn_conv16_fwd(unsigned char* smem, const unsigne
 // buffers `ea` and `eb` elements apart, K steps `kstep` elements apart, described by desc) and waits until only they
 // are pending (so tile kt-1's have finished). Ends with every wgmma and copy retired. ALO, BLO > 0 (tf32 only): the
 // operands are split copies (hn_cp_chunk), their lo tiles ALO and BLO elements after the hi ones, and each K step
-// is three products, a_hi b_hi + a_hi b_lo + a_lo b_hi (a_lo b_lo, 2^-22 of the product, left out).
-template <int STAGES, int WN, int MN, int ALO = 0, int BLO = 0, class T, class Issue, class Desc>
+// is three products, a_hi b_hi + a_hi b_lo + a_lo b_hi (a_lo b_lo, 2^-22 of the product, left out). INFLIGHT 0:
+// each iteration ends waiting for all its wgmma, so that the copies run STAGES - 1 tiles ahead instead of STAGES - 2
+// (the buffer refilled is tile kt-1's), at the cost of the tensor pipe idling from that wait to the next issue.
+template <int STAGES, int WN, int MN, int ALO = 0, int BLO = 0, int INFLIGHT = 1, class T, class Issue, class Desc>
 __device__ __forceinline__ void hn_wgmma_loop(int tiles, const Issue& issue, const T* a, int ea, const T* b, int eb,
                                               int kstep, float (&acc)[WN / 8][4], const Desc& desc) {
+    constexpr int AHEAD = STAGES - 1 - INFLIGHT;          // tiles in flight ahead of the one multiplied
     static_assert(sizeof(T) == 2 || MN == 0, "tf32 operands are K-major");
     static_assert((ALO == 0 && BLO == 0) || (sizeof(T) == 4 && ALO > 0 && BLO > 0), "split copies are tf32");
-    static_assert(STAGES >= 3, "a buffer being filled, one being read by wgmma, one waited for");
-    hn_pipeline_fill<STAGES - 1>(tiles, issue);          // tiles 0 .. STAGES - 3 in flight
+    static_assert((INFLIGHT == 0 || INFLIGHT == 1) && AHEAD >= 1, "a buffer being filled, one read by wgmma");
+    hn_pipeline_fill<AHEAD + 1>(tiles, issue);            // tiles 0 .. AHEAD - 1 in flight
     for (int kt = 0; kt < tiles; ++kt) {
         const int s = kt % STAGES;
-        hn_cp_async_wait<STAGES - 3>();
+        hn_cp_async_wait<AHEAD - 1>();
         hn_fence_proxy_async();
         __syncthreads();
-        if (kt + STAGES - 2 < tiles) issue(kt + STAGES - 2);
+        if (kt + AHEAD < tiles) issue(kt + AHEAD);
         hn_cp_async_commit();
         hn_wgmma_fence();
 #pragma unroll
@@ -1323,7 +1326,7 @@ __device__ __forceinline__ void hn_wgmma_loop(int tiles, const Issue& issue, con
             }
         }
         hn_wgmma_commit();
-        hn_wgmma_wait<1>();
+        hn_wgmma_wait<INFLIGHT>();
     }
     hn_wgmma_wait<0>();
     hn_cp_async_wait<0>();
@@ -1337,7 +1340,7 @@ __device__ __forceinline__ void hn_wgmma_loop(int tiles, const Issue& issue, con
 // thread (mma.sync's fragment order: hn_conv_epilogue writes them). Every thread copies (cp.async, as hn_conv16_fwd);
 // hn_wgmma_loop. SPLIT (T float): W and x are split copies (fp32 as hi + lo tf32, hn_cp_chunk), each stage holds both
 // parts of both tiles and each K step is three products (hn_wgmma_loop).
-template <class T, int EPI, int WGM, int WGN, int WN, int STAGES, int SPLIT = 0>
+template <class T, int EPI, int WGM, int WGN, int WN, int STAGES, int SPLIT = 0, int INFLIGHT = 1>
 __device__ __forceinline__ void hn_convw_fwd(unsigned char* smem, const T* W, const T* x, float* y, int M, int N,
                                              int K, const HnConv& cv) {
     constexpr int BM = 64 * WGM, BN = WN * WGN, BK = 128 / sizeof(T), THREADS = 128 * WGM * WGN, CPR = 8;
@@ -1360,8 +1363,9 @@ __device__ __forceinline__ void hn_convw_fwd(unsigned char* smem, const T* W, co
         hn_copy16_tile<BM, CPR, L, THREADS, ALO>(sa + s * SA, W, K, blk.m0, M, k0, K, tid);
         hn_nhwc_copy_b<T, CPR, L, THREADS, decltype(rows)::N, BLO>(sb + s * SB, x, cv, rows, by_c, k0, K, tid);
     };
-    hn_wgmma_loop<STAGES, WN, 0, ALO, BLO>(blk.tiles, issue, sa + gm * 64 * BK, SA, sb + gn * WN * BK, SB,
-                                           32 / sizeof(T), acc[0], [](const T* p) { return hn_wgmma_desc(p); });
+    hn_wgmma_loop<STAGES, WN, 0, ALO, BLO, INFLIGHT>(blk.tiles, issue, sa + gm * 64 * BK, SA, sb + gn * WN * BK, SB,
+                                                     32 / sizeof(T), acc[0],
+                                                     [](const T* p) { return hn_wgmma_desc(p); });
     if constexpr (EPI == 4)
         hn_conv_pool_epilogue<1, WN / 8>(blk, acc, M, cv, 64 * gm + 16 * ((tid >> 5) & 3), WN * gn, tid & 31);
     else
@@ -1581,12 +1585,13 @@ __device__ __forceinline__ void hn_conv16(unsigned char* smem, const unsigned sh
         }                                                                                                        \
     }
 
-// HN_CONV32W(hn_conv32_fwd_w128x256s4, 1, 2, 1, 256, 4, 1, 0): HN_CONV16W's forward (EPI 1), data gradient (EPI 2)
+// HN_CONV32W(hn_conv32_fwd_w128x256s4, 1, 2, 1, 256, 4, 1, 0, 1): HN_CONV16W's forward (EPI 1), data gradient (EPI 2)
 // or pooled forward (EPI 4) in tf32: B and Wt float32 channels-last copies rounded to tf32 (conv.cu's to_nhwc32,
 // turn_weights32), K tiles of 32 (C of the forward, O of the data gradient a multiple of 4). Shared memory ST x (64 WGM
 // + WN WGN) x 32 x 4 + 1024 bytes. SPLIT 1: fp32 from split copies (hi + lo tf32, conv.cu's to_nhwc32x3,
-// turn_weights32x3), twice the shared memory, three products a K step.
-#define HN_CONV32W(name, EPI, WGM, WGN, WN, ST, MINB, SPLIT)                                                      \
+// turn_weights32x3), twice the shared memory, three products a K step. INFLIGHT: wgmma groups left pending at the end
+// of a K tile (hn_wgmma_loop; 0: the copies one tile further ahead).
+#define HN_CONV32W(name, EPI, WGM, WGN, WN, ST, MINB, SPLIT, INFLIGHT)                                            \
     extern "C" __global__ void __launch_bounds__(128 * WGM * WGN, MINB) name(                                  \
         const float* __restrict__ B, const float* __restrict__ Wt, const float* __restrict__ AUX,                 \
         float* __restrict__ Y, int M, int N, int K, int C, int H, int W, int R, int S, int P, int Q, int O,         \
@@ -1594,7 +1599,7 @@ __device__ __forceinline__ void hn_conv16(unsigned char* smem, const unsigned sh
         HN_DYNAMIC_SMEM(hn_smem);                                                                              \
         HnConv cv = hn_conv_of<1>(AUX, C, H, W, R, S, P, Q, O, stride, pad, act);                               \
         cv.pooled = kchunk;                                                                                      \
-        hn_convw_fwd<float, EPI, WGM, WGN, WN, ST, SPLIT>(hn_smem, Wt, B, Y, M, N, K, cv);                       \
+        hn_convw_fwd<float, EPI, WGM, WGN, WN, ST, SPLIT, INFLIGHT>(hn_smem, Wt, B, Y, M, N, K, cv);             \
     }
 
 // HN_CONV32F(hn_conv32_filter_128x128x32s3, 128, 128, 32, 64, 32, 3, 1, 0): HN_CONV16's filter gradient (EPI 3) in

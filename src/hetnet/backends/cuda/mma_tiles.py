@@ -151,13 +151,15 @@ class Tc16Tile:
     stages: int
     min_blocks: int = 1      # __launch_bounds__'s blocks per SM ("b2": two, 128 registers at 256 threads)
     wgmma: bool = False      # "w": on wgmma (sm_90a), warpgroups of 64 x bn
-    precision: str = "bf16"  # "bf16" or "tf32"
+    precision: str = "bf16"  # "bf16", "tf32" or "fp32"
+    inflight: int = 1        # wgmma groups left pending at the end of a K tile ("i0": none, copies a tile further ahead)
 
     def __post_init__(self):
         assert self.precision in CL_PRECISIONS, self
         if self.wgmma:
             assert self.bm % 64 == 0 and self.bk * self.elem_bytes == 128 and self.wm == 64, self
-            assert self.bn % self.wn == 0 and self.wn in (64, 128, 256) and self.stages >= 3, self
+            assert self.bn % self.wn == 0 and self.wn in (64, 128, 256) and self.stages >= 2 + self.inflight, self
+            assert self.inflight == 1 or self.precision != "bf16", self
 
     @property
     def elem_bytes(self) -> int:
@@ -172,7 +174,7 @@ class Tc16Tile:
     def name(self) -> str:
         if self.wgmma:
             return (f"w{self.bm}x{self.bn}s{self.stages}" + (f"n{self.wn}" if self.wn != self.bn else "")
-                    + (f"b{self.min_blocks}" if self.min_blocks > 1 else ""))
+                    + (f"b{self.min_blocks}" if self.min_blocks > 1 else "") + ("i0" if self.inflight == 0 else ""))
         return f"{self.bm}x{self.bn}x{self.bk}s{self.stages}" + (f"b{self.min_blocks}" if self.min_blocks > 1 else "")
 
     @property
@@ -198,7 +200,8 @@ class Tc16Tile:
             if self.wgmma:
                 assert op != "filter", self
                 return (f"HN_CONV32W({self.conv_kernel(op)}, {CONV16_OPS[op]}, {self.bm // 64}, "
-                        f"{self.bn // self.wn}, {self.wn}, {self.stages}, {self.min_blocks}, {self.split})")
+                        f"{self.bn // self.wn}, {self.wn}, {self.stages}, {self.min_blocks}, {self.split}, "
+                        f"{self.inflight})")
             assert op == "filter", self
             return (f"HN_CONV32F({self.conv_kernel(op)}, {self.bm}, {self.bn}, {self.bk}, {self.wm}, {self.wn}, "
                     f"{self.stages}, {self.min_blocks}, {self.split})")
@@ -210,11 +213,12 @@ class Tc16Tile:
 
 
 def wgmma_tile(bm: int, bn: int, stages: int, wn: int | None = None, min_blocks: int = 1,
-               precision: str = "bf16") -> Tc16Tile:
+               precision: str = "bf16", inflight: int = 1) -> Tc16Tile:
     """A channels-last tile on wgmma: (bm / 64) x (bn / wn) warpgroups, each 64 x wn (default bn), K tiles of 128
-    bytes (64 bf16, 32 tf32 or fp32); min_blocks: __launch_bounds__'s blocks per SM."""
+    bytes (64 bf16, 32 tf32 or fp32); min_blocks: __launch_bounds__'s blocks per SM; inflight: wgmma groups left
+    pending at the end of a K tile."""
     return Tc16Tile(bm, bn, 128 // (2 if precision == "bf16" else 4), 64, wn or bn, stages, min_blocks, wgmma=True,
-                    precision=precision)
+                    precision=precision, inflight=inflight)
 
 
 # The channels-last tiles, (large, small) per op (the data gradient runs the forward's kernel body); conv.py measures
@@ -246,7 +250,10 @@ TILES32 = {"filter": (Tc16Tile(128, 128, 32, 64, 32, 3, precision="tf32"),
                       Tc16Tile(128, 128, 32, 64, 64, 4, precision="tf32"))}
 # fp32 on split copies: both parts of both tiles in each stage, so half the stages (or tiles) of tf32's in the same
 # shared memory, and warp tiles of 64 x 32 (the lo fragments' registers on top).
-TILES32X3W = {"fwd": (wgmma_tile(128, 128, 3, precision="fp32"), wgmma_tile(64, 128, 4, precision="fp32"))}
+# With 3 stages the copies run one tile ahead of the products (the buffer of the pending wgmma group is not refilled),
+# hence also the same tiles waiting for every group at the end of a K tile ("i0"), the copies two tiles ahead.
+TILES32X3W = {"fwd": tuple(wgmma_tile(bm, 128, st, precision="fp32", inflight=i) for bm, st in ((128, 3), (64, 4))
+                           for i in (1, 0))}
 TILES32X3W["data"] = TILES32X3W["pool"] = TILES32X3W["fwd"]
 TILES32X3 = {"filter": (Tc16Tile(128, 128, 32, 64, 32, 3, precision="fp32"),
                         Tc16Tile(64, 64, 32, 32, 32, 4, precision="fp32"))}
