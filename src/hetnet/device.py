@@ -1,9 +1,10 @@
 """The one place that chooses a device: maps "reference" | "cpu" | "cuda" | "cuda:N" and a precision to a backend.
 
-Precision: "fp32" (float32 everywhere), "tf32" (float32 storage, matrix products on tensor cores with TF32 inputs)
-or "bf16" (matrix products on tensor cores with bfloat16 inputs, float32 accumulation, master weights, optimiser
-state, batch-norm statistics and loss). tf32 and bf16 are the cuda backend's; cpu and reference compute in float32
-(float64) whatever is asked, and say so once.
+Precision: "fp32" (float32 everywhere, to float32's accuracy: on the cuda backend a convolution may run on tensor
+cores with each operand split into two TF32 parts and three products, where that measures faster), "tf32" (float32
+storage, matrix products on tensor cores with TF32 inputs) or "bf16" (matrix products on tensor cores with bfloat16
+inputs, float32 accumulation, master weights, optimiser state, batch-norm statistics and loss). tf32 and bf16 are the
+cuda backend's; cpu and reference compute in float32 (float64) whatever is asked, and say so once.
 
     >>> from hetnet.device import get_backend
     >>> get_backend("cpu").name
