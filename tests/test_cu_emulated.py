@@ -129,6 +129,7 @@ def _kernels_text() -> str:
     j = common.index("__device__ __forceinline__ float hn_gelu_grad(")
     parts.append(common[i:common.index("\n}\n", j) + 3])
     for text, start in ((common, "__device__ __forceinline__ void hn_load_nhwc16_rows("),
+                        (common, "__device__ __forceinline__ void hn_load_nhwc_tile("),
                         (common, "__device__ __forceinline__ void hn_store_nhwc16_tile("),
                         (common, "__device__ __forceinline__ float hn_tf32_round("),
                         (common, "__device__ __forceinline__ float2 hn_split_tf32("),

@@ -47,16 +47,6 @@
 // CUDA's fast intrinsics as the correctly rounded operations they approximate (within 2 ulps on the GPU)
 inline float __expf(float x) { return std::exp(x); }
 inline float __fdividef(float a, float b) { return a / b; }
-inline unsigned __float_as_uint(float x) {
-    unsigned u;
-    std::memcpy(&u, &x, 4);
-    return u;
-}
-inline float __uint_as_float(unsigned u) {
-    float x;
-    std::memcpy(&x, &u, 4);
-    return x;
-}
 
 struct float2 {
     float x, y;
@@ -336,6 +326,9 @@ inline unsigned short bf16(float x) {
 inline double bf16_value(unsigned short h) { return from_bits(static_cast<unsigned>(h) << 16); }
 
 }  // namespace emu
+
+inline unsigned __float_as_uint(float x) { return emu::bits(x); }
+inline float __uint_as_float(unsigned u) { return emu::from_bits(u); }
 
 #define threadIdx (emu::me().tid)
 #define blockIdx (emu::S().block_idx)

@@ -226,6 +226,18 @@ __device__ __forceinline__ void hn_load_nhwc16_rows(float (&v)[8], const float* 
     }
 }
 
+// The whole load half of a channels-last copy's tile: t[c - c0][p - p0] = x[img][c][hw] for the block's 64 channels
+// from c0 and the 32 pixels of px's tile (0 past C or the pixels), published by a barrier.
+__device__ __forceinline__ void hn_load_nhwc_tile(float (&t)[64][33], const float* __restrict__ x, const HnTilePixel& px,
+                                                  int c0, int C, int HW) {
+    const int lane = threadIdx.x & 31, row = threadIdx.x >> 5;
+    float v[8];                        // channels c0 + row + 8u
+    hn_load_nhwc16_rows(v, x + (long long)px.img * C * HW + px.hw, c0, C, HW, px.in);
+#pragma unroll
+    for (int u = 0; u < 8; ++u) t[row + 8 * u][lane] = v[u];
+    __syncthreads();
+}
+
 // The store half of a 64-channel x 32-pixel tile moved channels-last: t[c - c0][p - p0] (float, in shared memory)
 // to y[p][c / 2] as bf16 pairs (C even), p < NP the tile's pixels (HnTilePixel); each warp writes 64 consecutive
 // channels (32 pairs) of a pixel. 256 threads.

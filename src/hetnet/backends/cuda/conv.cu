@@ -759,14 +759,9 @@ extern "C" __global__ void relu_mask_inplace(float* __restrict__ dx, const float
 extern "C" __global__ void __launch_bounds__(256) to_nhwc16(const float* __restrict__ x, unsigned* __restrict__ y,
                                                             int n, int C, int HW) {
     __shared__ float t[64][33];
-    const int c0 = blockIdx.y * 64, lane = threadIdx.x & 31, row = threadIdx.x >> 5, NP = n * HW;
-    const HnTilePixel px(NP, HW);
-    float v[8];                        // channels c0 + row + 8u
-    hn_load_nhwc16_rows(v, x + (long long)px.img * C * HW + px.hw, c0, C, HW, px.in);
-#pragma unroll
-    for (int u = 0; u < 8; ++u) t[row + 8 * u][lane] = v[u];
-    __syncthreads();
-    hn_store_nhwc16_tile(t, y, blockIdx.x * 32, c0, C, NP);
+    const HnTilePixel px(n * HW, HW);
+    hn_load_nhwc_tile(t, x, px, blockIdx.y * 64, C, HW);
+    hn_store_nhwc16_tile(t, y, blockIdx.x * 32, blockIdx.y * 64, C, n * HW);
 }
 
 // to_nhwc16 in tf32: y[img][p][c] = tf32(x[img][c][p]) as float32 [n][HW][C] (any C), the operands of mma.cu's
@@ -775,14 +770,9 @@ extern "C" __global__ void __launch_bounds__(256) to_nhwc16(const float* __restr
 template <int SPLIT>
 __device__ __forceinline__ void hn_to_nhwc32(const float* __restrict__ x, float* __restrict__ y, int n, int C, int HW) {
     __shared__ float t[64][33];
-    const int c0 = blockIdx.y * 64, lane = threadIdx.x & 31, row = threadIdx.x >> 5, NP = n * HW;
-    const HnTilePixel px(NP, HW);
-    float v[8];                        // channels c0 + row + 8u
-    hn_load_nhwc16_rows(v, x + (long long)px.img * C * HW + px.hw, c0, C, HW, px.in);
-#pragma unroll
-    for (int u = 0; u < 8; ++u) t[row + 8 * u][lane] = v[u];
-    __syncthreads();
-    hn_store_nhwc32_tile<SPLIT>(t, y, blockIdx.x * 32, c0, C, NP);
+    const HnTilePixel px(n * HW, HW);
+    hn_load_nhwc_tile(t, x, px, blockIdx.y * 64, C, HW);
+    hn_store_nhwc32_tile<SPLIT>(t, y, blockIdx.x * 32, blockIdx.y * 64, C, n * HW);
 }
 extern "C" __global__ void __launch_bounds__(256) to_nhwc32(const float* __restrict__ x, float* __restrict__ y, int n,
                                                             int C, int HW) {

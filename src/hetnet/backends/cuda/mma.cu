@@ -1397,41 +1397,52 @@ __device__ __forceinline__ void hn_nhwc_copy_x_taps(T* s, const T* x, const HnCo
     }
 }
 
-template <int BM, int BN, int BK, int WM, int WN, int STAGES>
-__device__ __forceinline__ void hn_conv16_filter(unsigned char* smem, const unsigned short* dy,
-                                                 const unsigned short* x, float* dw, int M, int N, int K, int splits,
-                                                 int kchunk, const HnConv& cv) {
+// The filter gradient on mma.sync: C[M = O, N = R x S x C] += A[M, K] B[K, N] over K = images x P x Q, A = dy as
+// stored ([k][o]) and B = x gathered ([k][(r, s, c)]), both MN-major tiles (rows k) of 16-byte chunks (8 bf16 or 4
+// float32 channels T: O and C multiples of 8 or 4); K split over blockIdx.z, added with atomics. bf16: fragments by
+// ldmatrix.trans (hn_gemm_bf16_tile); float32 copies already rounded to tf32 (conv.cu's to_nhwc32): scalar fragments
+// (hn_gemm_tf32_tile; tf32 wgmma has no MN-major operands). SPLIT (float32): dy and x are split copies (fp32 as hi +
+// lo tf32, hn_cp_chunk): a stage holds both parts of both tiles and each mma tile is three products.
+template <class T, int BM, int BN, int BK, int WM, int WN, int STAGES, int SPLIT = 0>
+__device__ __forceinline__ void hn_conv_filter_sync(unsigned char* smem, const T* dy, const T* x, float* dw, int M,
+                                                    int N, int K, int splits, int kchunk, const HnConv& cv) {
+    constexpr bool BF16 = sizeof(T) == 2;
     constexpr int WARPS_N = BN / WN, THREADS = 32 * (BM / WM) * WARPS_N, MT = WM / 16, NT = WN / 8;
-    constexpr int CPA = BM / 8, CPB = BN / 8;
-    static_assert(BM % WM == 0 && BN % WN == 0 && WM % 16 == 0 && WN % 16 == 0 && BK % 16 == 0 && STAGES >= 2 &&
+    constexpr int CE = 16 / sizeof(T), CPA = BM / CE, CPB = BN / CE, STEP = BF16 ? 16 : 8;
+    static_assert(BM % WM == 0 && BN % WN == 0 && WM % 16 == 0 && WN % STEP == 0 && BK % STEP == 0 && STAGES >= 2 &&
                   THREADS % CPB == 0 && (BK * CPA) % THREADS == 0 && (BK * CPB) % THREADS == 0, "tile");
-    using OA = HnOperand<false, BM, BK, 8, 8>;   // rows k
-    using OB = HnOperand<false, BN, BK, 8, 8>;
-    unsigned short* sa = reinterpret_cast<unsigned short*>(smem);
-    unsigned short* sb = sa + STAGES * OA::ELEMS;
+    static_assert(SPLIT == 0 || !BF16, "split copies are float32");
+    using OA = HnOperand<false, BM, BK, BF16 ? 8 : 4, 8>;   // rows k
+    using OB = HnOperand<false, BN, BK, BF16 ? 8 : 4, 8>;
+    constexpr int ALO = SPLIT * OA::ELEMS, BLO = SPLIT * OB::ELEMS, SA = OA::ELEMS + ALO, SB = OB::ELEMS + BLO;
+    T* sa = reinterpret_cast<T*>(smem);   // STAGES x SA
+    T* sb = sa + STAGES * SA;             // STAGES x SB
 
     const HnBlock blk = hn_block(nullptr, nullptr, dw, M, N, K, 0, 0, N, 0, 0, 0, 1.f, 1.f, splits, kchunk, BM, BN, BK);
     const HnThread th = hn_thread<WM, WN, WARPS_N>();
-    const int tid = th.tid, tiles = blk.tiles;
+    const int tid = th.tid;
     float acc[MT][NT][4];
     hn_zero(acc);
     const HnTapDivs dv = {hn_div_of(cv.c), hn_div_of(cv.s), hn_div_of(cv.p * cv.q), hn_div_of(cv.q)};
 
     auto issue = [&](int kt) {
         const int k0 = blk.kbeg + kt * BK, s = kt % STAGES;
-        hn_copy16_tile<BK, CPA, HnRowTile<OA::STRIDE>, THREADS>(sa + s * OA::ELEMS, dy, cv.o, k0, blk.kend, blk.m0,
-                                                                M, tid);
-        hn_nhwc_copy_x_taps<BK, CPB, HnRowTile<OB::STRIDE>, THREADS>(sb + s * OB::ELEMS, x, cv, blk.n0, N, dv, k0,
-                                                                       blk.kend, tid);
+        hn_copy16_tile<BK, CPA, HnRowTile<OA::STRIDE>, THREADS, ALO>(sa + s * SA, dy, cv.o, k0, blk.kend, blk.m0, M,
+                                                                     tid);
+        hn_nhwc_copy_x_taps<BK, CPB, HnRowTile<OB::STRIDE>, THREADS, BLO>(sb + s * SB, x, cv, blk.n0, N, dv, k0,
+                                                                          blk.kend, tid);
     };
-    hn_direct_loop<STAGES>(tiles, issue, [&](int s) {
-        hn_gemm_bf16_tile<true, false, OA, OB, MT, NT, BK>(sa + s * OA::ELEMS, sb + s * OB::ELEMS, acc, th.wm, th.wn,
-                                                           th.lane);
+    hn_direct_loop<STAGES>(blk.tiles, issue, [&](int s) {
+        if constexpr (BF16)
+            hn_gemm_bf16_tile<true, false, OA, OB, MT, NT, BK>(sa + s * SA, sb + s * SB, acc, th.wm, th.wn, th.lane);
+        else
+            hn_gemm_tf32_tile<true, OA, OB, MT, NT, BK, ALO, BLO>(sa + s * SA, sb + s * SB, acc, th.wm, th.wn,
+                                                                  th.lane);
     });
     hn_epilogue<MT, NT>(blk, acc, M, N, N, 1.f, 1.f, th.wm, th.wn, th.lane);
 }
 
-// The filter gradient of hn_conv16_filter on wgmma (sm_90a): C[M = O, N = R x S x C] += A[M, K] B[K, N] over K =
+// The bf16 filter gradient of hn_conv_filter_sync on wgmma (sm_90a): C[M = O, N = R x S x C] += A[M, K] B[K, N] over K =
 // images x P x Q, A = dy as stored ([k][o]) and B = x gathered ([k][(r, s, c)]), both MN-major: K tiles of 64 rows k
 // stored with the 128-byte swizzle per 64 columns (HnSwizzle128MN) and read by wgmma with its transpose flags.
 // Warpgroups and tiles as hn_convw_fwd's; K split over blockIdx.z, added with atomics.
@@ -1462,46 +1473,7 @@ __device__ __forceinline__ void hn_conv16w_filter(unsigned char* smem, const uns
     hn_epilogue<1, WN / 8>(blk, acc, M, N, N, 1.f, 1.f, 64 * gm + 16 * ((tid >> 5) & 3), WN * gn, tid & 31);
 }
 
-// hn_conv16_filter in tf32: dy [n][P][Q][O] and x [n][H][W][C] float32 copies already rounded to tf32 (conv.cu's
-// to_nhwc32), both tiles MN-major (rows k, 4 channels a 16-byte chunk: O and C multiples of 4) read by mma.sync
-// m16n8k8 as scalar fragments (hn_gemm_tf32_tile; tf32 wgmma has no MN-major operands); K split over blockIdx.z,
-// added with atomics.
-// SPLIT: dy and x are split copies (fp32 as hi + lo tf32, hn_cp_chunk): a stage holds both parts of both tiles and
-// each mma tile is three products (hn_gemm_tf32_tile).
-template <int BM, int BN, int BK, int WM, int WN, int STAGES, int SPLIT = 0>
-__device__ __forceinline__ void hn_conv32_filter(unsigned char* smem, const float* dy, const float* x, float* dw,
-                                                 int M, int N, int K, int splits, int kchunk, const HnConv& cv) {
-    constexpr int WARPS_N = BN / WN, THREADS = 32 * (BM / WM) * WARPS_N, MT = WM / 16, NT = WN / 8;
-    constexpr int CPA = BM / 4, CPB = BN / 4;
-    static_assert(BM % WM == 0 && BN % WN == 0 && WM % 16 == 0 && WN % 8 == 0 && BK % 8 == 0 && STAGES >= 2 &&
-                  THREADS % CPB == 0 && (BK * CPA) % THREADS == 0 && (BK * CPB) % THREADS == 0, "tile");
-    using OA = HnOperand<false, BM, BK, 4, 8>;   // rows k
-    using OB = HnOperand<false, BN, BK, 4, 8>;
-    constexpr int ALO = SPLIT * OA::ELEMS, BLO = SPLIT * OB::ELEMS, SA = OA::ELEMS + ALO, SB = OB::ELEMS + BLO;
-    float* sa = reinterpret_cast<float*>(smem);   // STAGES x SA
-    float* sb = sa + STAGES * SA;                 // STAGES x SB
-
-    const HnBlock blk = hn_block(nullptr, nullptr, dw, M, N, K, 0, 0, N, 0, 0, 0, 1.f, 1.f, splits, kchunk, BM, BN, BK);
-    const HnThread th = hn_thread<WM, WN, WARPS_N>();
-    const int tid = th.tid;
-    float acc[MT][NT][4];
-    hn_zero(acc);
-    const HnTapDivs dv = {hn_div_of(cv.c), hn_div_of(cv.s), hn_div_of(cv.p * cv.q), hn_div_of(cv.q)};
-
-    auto issue = [&](int kt) {
-        const int k0 = blk.kbeg + kt * BK, s = kt % STAGES;
-        hn_copy16_tile<BK, CPA, HnRowTile<OA::STRIDE>, THREADS, ALO>(sa + s * SA, dy, cv.o, k0, blk.kend, blk.m0, M,
-                                                                     tid);
-        hn_nhwc_copy_x_taps<BK, CPB, HnRowTile<OB::STRIDE>, THREADS, BLO>(sb + s * SB, x, cv, blk.n0, N, dv, k0,
-                                                                          blk.kend, tid);
-    };
-    hn_direct_loop<STAGES>(blk.tiles, issue, [&](int s) {
-        hn_gemm_tf32_tile<true, OA, OB, MT, NT, BK, ALO, BLO>(sa + s * SA, sb + s * SB, acc, th.wm, th.wn, th.lane);
-    });
-    hn_epilogue<MT, NT>(blk, acc, M, N, N, 1.f, 1.f, th.wm, th.wn, th.lane);
-}
-
-// HN_CONV16's body: EPI 1, 2 or 4, hn_conv16_fwd; 3, hn_conv16_filter (arguments as HN_CONV16 says).
+// HN_CONV16's body: EPI 1, 2 or 4, hn_conv16_fwd; 3, hn_conv_filter_sync (arguments as HN_CONV16 says).
 template <int EPI, int BM, int BN, int BK, int WM, int WN, int ST>
 __device__ __forceinline__ void hn_conv16(unsigned char* smem, const unsigned short* B, const unsigned short* Wt,
                                           const float* aux, float* Y, int M, int N, int K, int C, int H, int W, int R,
@@ -1509,7 +1481,7 @@ __device__ __forceinline__ void hn_conv16(unsigned char* smem, const unsigned sh
                                           int kchunk) {
     if constexpr (EPI == 3) {
         const HnConv cv = hn_conv_of<3>(aux, C, H, W, R, S, P, Q, O, stride, pad, act);
-        hn_conv16_filter<BM, BN, BK, WM, WN, ST>(smem, Wt, B, Y, M, N, K, splits, kchunk, cv);
+        hn_conv_filter_sync<unsigned short, BM, BN, BK, WM, WN, ST>(smem, Wt, B, Y, M, N, K, splits, kchunk, cv);
     } else {
         HnConv cv = hn_conv_of<1>(aux, C, H, W, R, S, P, Q, O, stride, pad, act);
         cv.pooled = kchunk;
@@ -1603,7 +1575,7 @@ __device__ __forceinline__ void hn_conv16(unsigned char* smem, const unsigned sh
     }
 
 // HN_CONV32F(hn_conv32_filter_128x128x32s3, 128, 128, 32, 64, 32, 3, 1, 0): HN_CONV16's filter gradient (EPI 3) in
-// tf32 on mma.sync (hn_conv32_filter: B = x, Wt = dy float32 channels-last copies rounded to tf32, Y = dw [O][R][S][C]
+// tf32 on mma.sync (hn_conv_filter_sync: B = x, Wt = dy float32 channels-last copies rounded to tf32, Y = dw [O][R][S][C]
 // added into). Shared memory ST x ((BM + 8) + (BN + 8)) x BK x 4 bytes; SPLIT 1 (fp32 from split copies) twice that.
 #define HN_CONV32F(name, BM, BN, BK, WM, WN, ST, MINB, SPLIT)                                                     \
     extern "C" __global__ void __launch_bounds__(32 * (BM / WM) * (BN / WN), MINB) name(                         \
@@ -1612,5 +1584,5 @@ __device__ __forceinline__ void hn_conv16(unsigned char* smem, const unsigned sh
         int stride, int pad, int act, int splits, int kchunk) {                                                   \
         HN_DYNAMIC_SMEM(hn_smem);                                                                              \
         const HnConv cv = hn_conv_of<3>(AUX, C, H, W, R, S, P, Q, O, stride, pad, act);                         \
-        hn_conv32_filter<BM, BN, BK, WM, WN, ST, SPLIT>(hn_smem, Wt, B, Y, M, N, K, splits, kchunk, cv);        \
+        hn_conv_filter_sync<float, BM, BN, BK, WM, WN, ST, SPLIT>(hn_smem, Wt, B, Y, M, N, K, splits, kchunk, cv); \
     }
