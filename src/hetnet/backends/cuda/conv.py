@@ -1,7 +1,7 @@
 """Convolution and dense launchers: implicit GEMM (conv.cu; at tf32 / bf16 also on tensor cores, mma.conv_tc /
-conv_data_tc / conv_filter_tc, and on channels-last copies of the operands, bf16 at bf16 and tf32-rounded float32 at
-tf32, mma.conv16 / conv16_data / conv16_filter) or im2col + cuBLAS (or our tensor-core GEMMs), chosen per shape by
-measurement.
+conv_data_tc / conv_filter_tc, and on channels-last copies of the operands, bf16 at bf16, tf32-rounded float32 at
+tf32 and at fp32 split in two tf32 parts, mma.conv16 / conv16_data / conv16_filter) or im2col + cuBLAS (or our
+tensor-core GEMMs), chosen per shape by measurement.
 
 Every op here has the op contract's optional fused epilogues (used by hetnet.plan): `act` (ReLU after bias in the
 forward) and `relu_x` (the input of this layer is a ReLU output, so the data gradient is zeroed where relu_x <= 0).
@@ -44,7 +44,8 @@ _i32 = np.int32
 # HETNET_CONV_ALGO / CudaBackend.force_conv_algo: skip the measurement (tests); "tc" (the tensor-core implicit GEMMs,
 # mma.conv_tc / conv_data_tc / conv_filter_tc) exists at tf32 and bf16, "tc16" (the same on channels-last bf16
 # copies, mma.conv16 / conv16_data / conv16_filter, on their large tile; "tc16s" their small one) at bf16 where
-# mma.conv16_fits. At tf32 the channels-last candidates are "tc32..." (CL_PREFIX; not forceable).
+# mma.conv16_fits. At tf32 and fp32 the channels-last candidates are "tc32..." and "tc32x3..." (CL_PREFIX; not
+# forceable).
 FORCEABLE = ("implicit", "im2col", "tc", "tc16")
 OWN_TC = ("tc", "tc16")      # the forceable names that exist only at some precisions and shapes
 # The candidates on channels-last copies (mma.COPY_DTYPE) start with their precision's prefix; at fp32 they are the
@@ -551,7 +552,7 @@ def takes_dy16(be, y_shape, grad_feeds) -> bool:
 
 
 def _kept16(be, g: Geometry) -> str | None:
-    """The forward's "tc16" candidate for g when the forward and the filter gradient were both measured to run on
+    """The forward's channels-last candidate for g when the forward and the filter gradient were both measured to run on
     channels-last copies (so the forward's copy of x can serve the backward instead of x), else None."""
     return _measured16(be, "fwd", g) if _measured16(be, "filter", g) else None
 
@@ -693,7 +694,7 @@ class ConvOps:
         return dense_backward(self, self._c(dy), x, w, dw, db, need_dx, x if relu_mask else None)
 
     def conv2d_forward(self, x, w, b, stride, padding, act=None, relu_mask=None):
-        """The cache keeps x, or with relu_mask False at bf16 / tf32 maybe only its channels-last copy
+        """The cache keeps x, or with relu_mask False (and a measured channels-last forward) only its channels-last copy
         (conv_forward_kept), or at KEEP_BESIDE_X precisions maybe both; x may be that copy already (an Nhwc16 handed
         over by the op before, which then keeps only it)."""
         x = x if isinstance(x, Nhwc16) else self._c(x)
