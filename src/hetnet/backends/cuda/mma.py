@@ -397,7 +397,10 @@ def conv_filter_tc(be, dw, dy, x, stride: int, pad: int, tile: str | None = None
 # Outputs are float32 as the other kernels write them (y, dx NCHW; the filter gradient [O, R, S, C], added into the
 # weights' layout by conv.cu's add_from_nhwc). The plans take the channels-last arrays (the emulator feeds them NumPy
 # ones); conv16, conv16_data and conv16_filter make them on the GPU from NCHW float32 at `be`'s precision (to_nhwc).
-COPY_DTYPE = {"bf16": np.uint16, "tf32": np.float32, "fp32": np.float32}   # the copies' storage per precision
+# Each precision's copies: the suffix of conv.cu's kernels that make them (to_nhwc<s>, turn_weights<s>,
+# pool_grad_nhwc<s>), their storage, and the multiple of the channel count they need (bf16 pairs, fp32's chunks).
+COPIES = {"bf16": ("16", np.uint16, 2), "tf32": ("32", np.float32, 1), "fp32": ("32x3", np.float32, 4)}
+COPY_DTYPE = {precision: dtype for precision, (_, dtype, _) in COPIES.items()}
 TILES_CL = {"bf16": (TILES16, TILES16W), "tf32": (TILES32, TILES32W),   # (mma.sync tiles, wgmma tiles) per op
             "fp32": (TILES32X3, TILES32X3W)}
 
@@ -440,7 +443,7 @@ def _copy_precision(a) -> str:
         return "bf16"
     if a.dtype == np.float32:
         return "fp32" if a.ndim == 6 else "tf32"
-    raise ValueError(f"conv16: a channels-last copy is uint16 (bf16) or float32 (tf32), not {a.dtype}")
+    raise ValueError(f"conv16: a channels-last copy is uint16 (bf16) or float32 (tf32, fp32), not {a.dtype}")
 
 
 def _nhwc_shape(a) -> tuple:
@@ -559,14 +562,14 @@ def _copies_at(precision: str) -> None:
 
 def _to_nhwc(be, x, precision: str):
     _copies_at(precision)
+    suffix, dtype, multiple = COPIES[precision]
     n, c = x.shape[:2]
     hw = x.size // max(n * c, 1)
-    name = {"bf16": "to_nhwc16", "tf32": "to_nhwc32", "fp32": "to_nhwc32x3"}[precision]
-    if (c % {"bf16": 2, "tf32": 1, "fp32": 4}[precision] or n * hw >= 2**31 or x.dtype != np.float32
-            or not x.flags.c_contiguous):
+    name = "to_nhwc" + suffix
+    if c % multiple or n * hw >= 2**31 or x.dtype != np.float32 or not x.flags.c_contiguous:
         raise ValueError(f"{name}: x of shape {x.shape} must be contiguous float32 under 2^31 pixels (C even at "
                          f"bf16, a multiple of 4 at fp32)")
-    out = be.xp.empty(_copy_shape((n, *x.shape[2:], c), precision), dtype=COPY_DTYPE[precision])
+    out = be.xp.empty(_copy_shape((n, *x.shape[2:], c), precision), dtype=dtype)
     if out.size:
         get_kernel(be.device_id, "conv", name)((math.ceil(n * hw / 32), math.ceil(c / 64)), (256,),
                                                 (x, out, _i32(n), _i32(c), _i32(hw)))
@@ -588,10 +591,8 @@ def pool_grad_nhwc(be, dy, arg, z_shape, k: int):
         return pool_grad_nhwc16(be, dy, arg, z_shape, k)
     _copies_at(be.precision)
     if dy.dtype != np.float32 or tuple(dy.shape) != tuple(arg.shape):
-        raise ValueError(f"pool_grad_nhwc32: dy of shape {dy.shape} must be float32 of the argmax's shape {arg.shape}")
-    if be.precision == "fp32":
-        return _pool_grad16("pool_grad_nhwc32x3", be, dy, arg, z_shape, k, np.float32, split=True)
-    return _pool_grad16("pool_grad_nhwc32", be, dy, arg, z_shape, k, np.float32)
+        raise ValueError(f"pool_grad_nhwc: dy of shape {dy.shape} must be float32 of the argmax's shape {arg.shape}")
+    return _pool_grad16("pool_grad_nhwc" + COPIES[be.precision][0], be, dy, arg, z_shape, k, be.precision)
 
 
 def pool_grad16_nhwc16(be, dy16, arg, z_shape, k: int):
@@ -604,17 +605,16 @@ def pool_grad16_nhwc16(be, dy16, arg, z_shape, k: int):
     return _pool_grad16("pool_grad16_nhwc16", be, dy16, arg, z_shape, k)
 
 
-def _pool_grad16(kernel: str, be, dy, arg, z_shape, k: int, dtype=np.uint16, split: bool = False):
-    """The channels-last copy (bf16 bits, or float32 in tf32: dtype) of dE/dz [n, H, W, C] of a k x k max pooling at
-    stride k over z (z_shape) from its pooled gradient dy and argmax bytes arg [n, C, P, Q], by conv.cu's `kernel`
-    (its tiles: 32 pixels x 64 channels)."""
+def _pool_grad16(kernel: str, be, dy, arg, z_shape, k: int, precision: str = "bf16"):
+    """The channels-last copy at `precision` (COPIES) of dE/dz [n, H, W, C] of a k x k max pooling at stride k over z
+    (z_shape) from its pooled gradient dy and argmax bytes arg [n, C, P, Q], by conv.cu's `kernel` (its tiles: 32
+    pixels x 64 channels)."""
     n, c, h, w = z_shape
     p, q = arg.shape[2], arg.shape[3]
-    if ((dtype == np.uint16 and c % 2) or (split and c % 4) or n * h * w >= 2**31 or not dy.flags.c_contiguous
-            or not arg.flags.c_contiguous):
-        raise ValueError(f"{kernel}: contiguous inputs, C even (bf16) or a multiple of 4 (split) and z under 2^31 "
+    if c % COPIES[precision][2] or n * h * w >= 2**31 or not dy.flags.c_contiguous or not arg.flags.c_contiguous:
+        raise ValueError(f"{kernel}: contiguous inputs, C even (bf16) or a multiple of 4 (fp32) and z under 2^31 "
                          f"pixels, got z {tuple(z_shape)}")
-    out = be.xp.empty(_copy_shape((n, h, w, c), "fp32" if split else "tf32"), dtype=dtype)
+    out = be.xp.empty(_copy_shape((n, h, w, c), precision), dtype=COPY_DTYPE[precision])
     if out.size:
         get_kernel(be.device_id, "conv", kernel)((math.ceil(n * h * w / 32), math.ceil(c / 64)), (256,), (
             dy, arg, out, _i32(n), _i32(c), _i32(h), _i32(w), _i32(p), _i32(q), _i32(k)))
@@ -623,7 +623,7 @@ def _pool_grad16(kernel: str, be, dy, arg, z_shape, k: int, dtype=np.uint16, spl
 
 def turn_weights(be, w):
     """w [O, C, R, S] float32 as the data gradient's turned weights [C, R, S, O]: wt[c][r][s][o] = w[o][c][R-1-r]
-    [S-1-s], copied at `be`'s precision (COPY_DTYPE: conv.cu's turn_weights16, turn_weights32)."""
+    [S-1-s], copied at `be`'s precision (COPIES: conv.cu's turn_weights16, turn_weights32, turn_weights32x3)."""
     if w.ndim != 4 or w.dtype != np.float32 or not w.flags.c_contiguous:
         raise ValueError(f"turn_weights: w of shape {w.shape} must be contiguous float32 [O, C, R, S]")
     _copies_at(be.precision)
@@ -631,8 +631,7 @@ def turn_weights(be, w):
     if be.precision == "fp32" and o % 4:
         raise ValueError(f"turn_weights: O = {o} must be a multiple of 4 at fp32 (the split copy's chunks)")
     out = be.xp.empty(_copy_shape((c, r, s, o), be.precision), dtype=COPY_DTYPE[be.precision])
-    be.launch("conv", {"bf16": "turn_weights16", "tf32": "turn_weights32", "fp32": "turn_weights32x3"}[be.precision],
-              w.size, w, out, _i32(o), _i32(c), _i32(r * s))
+    be.launch("conv", "turn_weights" + COPIES[be.precision][0], w.size, w, out, _i32(o), _i32(c), _i32(r * s))
     return out
 
 
