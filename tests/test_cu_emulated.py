@@ -116,7 +116,7 @@ extern "C" int emu_pool_grad(const float* dy, const unsigned char* arg, unsigned
 def _kernels_text() -> str:
     """The walks, GELU and hn_store_nhwc16_tile as common.cuh has them; to_nhwc16, pool_grad_nhwc16 and
     pool_grad16_nhwc16 as conv.cu,
-    hn_bn_value, bn_apply_nhwc16, hn_bn_out_grad and bn_bwd_dx_nhwc16 as norm.cu has them."""
+    hn_bn_z, hn_bn_value, bn_apply_nhwc16, hn_bn_out_grad and bn_bwd_dx_nhwc16 as norm.cu has them."""
     common, conv, norm = ((kernels.HERE / "common.cuh").read_text(), kernels.cu_text("conv"), kernels.cu_text("norm"))
     parts = [line for line in common.splitlines() if line.startswith(("#define HN_RELU", "#define HN_GELU",
                                                                        "#define HN_INV_SQRT"))]
@@ -146,6 +146,7 @@ def _kernels_text() -> str:
                         (conv, 'extern "C" __global__ void __launch_bounds__(256) pool_grad_nhwc32x3('),
                         (conv, 'extern "C" __global__ void __launch_bounds__(256) pool_grad16_nhwc16('),
                         (conv, 'extern "C" __global__ void __launch_bounds__(256) conv_gelu_nhwc16('),
+                        (norm, "__device__ __forceinline__ float hn_bn_z("),
                         (norm, "__device__ __forceinline__ float hn_bn_value("),
                         (norm, 'extern "C" __global__ void __launch_bounds__(256) bn_apply_nhwc16('),
                         (norm, "__device__ __forceinline__ float hn_bn_out_grad("),
@@ -264,12 +265,20 @@ def _bf16_ulps(bits_a, bits_b):
     return np.abs(line(bits_a) - line(bits_b))
 
 
-@pytest.mark.parametrize("act", [0, 2], ids=["none", "gelu"])
+def _bn_z(x, mean, inv, gamma, beta):
+    """norm.cu's hn_bn_z in NumPy: fmaf((x - mean) * inv, gamma, beta) (the product of two float32 is exact in
+    float64, so one rounding of the float64 sum to float32 stands for the fused multiply-add)."""
+    f64 = np.float64
+    return (((x - mean) * inv).astype(f64) * gamma.astype(f64) + beta.astype(f64)).astype(np.float32)
+
+
+@pytest.mark.parametrize("act", [0, 1, 2], ids=["none", "relu", "gelu"])
 @pytest.mark.parametrize("shape", [(2, 6, 37), (1, 70, 5, 7), (3, 64, 3, 3), (9, 6, 1, 3)], ids=str)
 def test_bn_apply_nhwc16_emulated(emu, rng, shape, act):
-    """bn_apply_nhwc16: act((x - mean) / sqrt(var + eps) * gamma + beta) channels-last in bf16, every element of
-    partial 64 x 32 tiles; NumPy's float32 of the same expression, rounded to bf16: equal bits without an activation,
-    within one bf16 step with the GELU (erfc's float32 rounding may differ by an ulp from math.erfc's)."""
+    """bn_apply_nhwc16: act(fmaf((x - mean) / sqrt(var + eps), gamma, beta)) channels-last in bf16, every element of
+    partial 64 x 32 tiles; NumPy's float32 of the same expression, rounded to bf16: equal bits without an activation
+    and with the ReLU, within one bf16 step with the GELU (erfc's float32 rounding may differ by an ulp from
+    math.erfc's)."""
     import math
 
     x = rng.standard_normal(shape).astype(np.float32) * 3 + 1
@@ -280,8 +289,11 @@ def test_bn_apply_nhwc16_emulated(emu, rng, shape, act):
     eps = np.float32(1e-5)
     bc = (1, c) + (1,) * (x.ndim - 2)
     inv = (np.float32(1) / np.sqrt(var + eps)).reshape(bc)
-    z = (x - mean.reshape(bc)) * inv * gamma.reshape(bc) + beta.reshape(bc)
-    if act:
+    z = _bn_z(x, mean.reshape(bc), inv, gamma.reshape(bc), beta.reshape(bc))
+    if act == 1:
+        assert (z < 0).any() and (z > 0).any()
+        z = np.maximum(z, 0)
+    if act == 2:
         phi = np.vectorize(lambda v: 0.5 * math.erfc(-v / math.sqrt(2)))(z.astype(np.float64))
         z = (z * phi).astype(np.float32)
     out = np.full((n, *shape[2:], c), 0xDEAD, np.uint16)
@@ -289,18 +301,18 @@ def test_bn_apply_nhwc16_emulated(emu, rng, shape, act):
     _check(emu.emu_bn_apply16(_ptr(x), _ptr(out), _ptr(mean), _ptr(var), _ptr(gamma), _ptr(beta), n, c, hw,
                               ctypes.c_float(eps), act, 5, err, 512), err)
     steps = _bf16_ulps(out, nhwc16(z))
-    assert steps.max() <= (1 if act else 0), f"{steps.max()} bf16 steps apart"
+    assert steps.max() <= (1 if act == 2 else 0), f"{steps.max()} bf16 steps apart"
     assert (steps == 0).mean() > 0.99
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("act", [0, 2], ids=["none", "gelu"])
+@pytest.mark.parametrize("act", [0, 1, 2], ids=["none", "relu", "gelu"])
 @pytest.mark.parametrize("shape", [(2, 6, 37), (1, 70, 5, 7), (3, 64, 3, 3), (9, 6, 1, 3)], ids=str)
 def test_bn_bwd_dx_nhwc16_emulated(emu, rng, shape, act, train):
-    """bn_bwd_dx_nhwc16: the batch norm's (+ GELU's) input gradient channels-last in bf16, every element of partial
-    64 x 32 tiles; NumPy's float32 of bn_bwd_dx's expression (g = dy, or dy gelu'(z) from math.erfc; training:
-    scale (g - sum g / m - xhat sum g xhat / m), eval: g scale), rounded to bf16: equal bits without the GELU, within
-    one bf16 step with it."""
+    """bn_bwd_dx_nhwc16: the batch norm's (+ ReLU's or GELU's) input gradient channels-last in bf16, every element
+    of partial 64 x 32 tiles; NumPy's float32 of bn_bwd_dx's expression (g = dy; dy where z > 0; dy gelu'(z) from
+    math.erfc; training: scale (g - sum g / m - xhat sum g xhat / m), eval: g scale), rounded to bf16: equal bits
+    without the GELU, within one bf16 step with it."""
     import math
 
     x = rng.standard_normal(shape).astype(np.float32) * 3 + 1
@@ -316,8 +328,12 @@ def test_bn_bwd_dx_nhwc16_emulated(emu, rng, shape, act, train):
     ga = gamma.reshape(bc)
     xhat = (x - mean.reshape(bc)) * inv
     g = dy
-    if act:
-        z = (xhat * ga + beta.reshape(bc)).astype(np.float64)
+    z = _bn_z(x, mean.reshape(bc), inv, ga, beta.reshape(bc))
+    if act == 1:
+        assert (z < 0).any() and (z > 0).any()
+        g = np.where(z > 0, dy, np.float32(0))
+    if act == 2:
+        z = z.astype(np.float64)
         d = np.vectorize(lambda v: (0.5 * math.erfc(-v / math.sqrt(2))
                                     + v * math.exp(-v * v / 2) / math.sqrt(2 * math.pi)))
         g = (dy * d(z)).astype(np.float32)
@@ -332,7 +348,7 @@ def test_bn_bwd_dx_nhwc16_emulated(emu, rng, shape, act, train):
                                _ptr(red) if train else None, _ptr(out), n, c, hw, ctypes.c_float(eps), act, 7, err,
                                512), err)
     steps = _bf16_ulps(out, nhwc16(want.astype(np.float32)))
-    assert steps.max() <= (1 if act else 0), f"{steps.max()} bf16 steps apart"
+    assert steps.max() <= (1 if act == 2 else 0), f"{steps.max()} bf16 steps apart"
     assert (steps == 0).mean() > 0.98
 
 

@@ -418,9 +418,9 @@ def test_plan_fuses_relus(be):
     assert names == ["ConvNode", "BNReluPoolNode", "ConvReluPoolNode", "FlattenNode", "DenseNode", "DropoutNode",
                      "DenseNode"]
     assert [n.mask_input for n in nodes] == [False, False, False, False, False, False, True]
-    # without the pool after it, BN + ReLU stays a BN node whose consumer masks
+    # without the pool after it, BN + ReLU is the batch norm owning its ReLU's derivative: its consumer does not mask
     nodes = compile_nodes([hn.BatchNorm1D(4), hn.ReLU(), hn.Dense(4, 2)], be.fusions)
-    assert [type(n).__name__ for n in nodes] == ["BatchNormNode", "DenseNode"] and nodes[1].mask_input
+    assert [type(n).__name__ for n in nodes] == ["BNReluNode", "DenseNode"] and not nodes[1].mask_input
 
 
 def test_plan_bn_pool_backward_in_place_only_over_fresh_outputs(be):

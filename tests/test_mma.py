@@ -544,9 +544,9 @@ def test_conv_maxpool_forward_pools_in_the_epilogue(rng, relu, precision, monkey
         assert rel_err(out[0][2], out[1][2]) <= 1e-5
 
 
-@pytest.mark.parametrize("op", ["batchnorm", "bn_gelu", "gelu"])
+@pytest.mark.parametrize("op", ["batchnorm", "bn_gelu", "bn_relu", "gelu"])
 def test_batch_norm_hands_its_output_over_channels_last(rng, op):
-    """Where the convolution that alone reads a batch norm's (-> GELU's) or a GELU's output keeps its channels-last
+    """Where the convolution that alone reads a batch norm's (-> GELU's, -> own ReLU's) or a GELU's output keeps its channels-last
     copy (its forward and filter gradient set here as if measured on "tc16" candidates), the forward given `feeds`
     returns that copy (conv.Nhwc16): the bits of to_nhwc16 of its float32 output; the convolution and the pooled one take
     it: y, dx bit for bit as from the float32 output, dw within DW_RTOL. Where the convolution does not keep it,
@@ -562,7 +562,7 @@ def test_batch_norm_hands_its_output_over_channels_last(rng, op):
     def bn(**kw):
         if op == "gelu":
             return be.gelu_forward(x, **kw)
-        forward = be.bn_gelu_forward if op == "bn_gelu" else be.batchnorm_forward
+        forward = getattr(be, op + "_forward")
         return forward(x, gamma, beta, cupy.zeros(c, np.float32), cupy.ones(c, np.float32), 0.1, 1e-5, True, **kw)
 
     assert isinstance(bn(feeds=feeds)[0], cupy.ndarray)               # not measured: float32
@@ -585,7 +585,7 @@ def test_batch_norm_hands_its_output_over_channels_last(rng, op):
 
 
 @pytest.mark.parametrize("pooled", [False, True], ids=["conv", "conv_pool"])
-@pytest.mark.parametrize("op", ["batchnorm", "bn_gelu"])
+@pytest.mark.parametrize("op", ["batchnorm", "bn_gelu", "bn_relu"])
 def test_batch_norm_hands_its_gradient_over_channels_last(rng, op, pooled):
     """Where the convolution (-> max pool) whose output a batch norm (-> GELU) normalises runs its filter and data
     gradients on "tc16" candidates (set here as if measured), the batch norm's backward given `grad_feeds` returns
@@ -600,8 +600,7 @@ def test_batch_norm_hands_its_gradient_over_channels_last(rng, op, pooled):
     gamma = cupy.asarray(rng.uniform(0.5, 1.5, o).astype(np.float32))
     beta = cupy.asarray(rng.standard_normal(o).astype(np.float32))
     grad_feeds = ((o, c, 3, 3), 1, 1, (n, c, h, w_), (2, 2) if pooled else None)
-    forward, backward = ((be.bn_gelu_forward, be.bn_gelu_backward) if op == "bn_gelu"
-                         else (be.batchnorm_forward, be.batchnorm_backward))
+    forward, backward = getattr(be, op + "_forward"), getattr(be, op + "_backward")
     conv_back = be.conv2d_maxpool_backward if pooled else be.conv2d_backward
 
     def conv():
@@ -635,8 +634,10 @@ def test_batch_norm_hands_its_gradient_over_channels_last(rng, op, pooled):
             conv_back(dz16, conv_cache, cupy.zeros_like(w), cupy.zeros(o, np.float32), need_dx=True)
 
 
-def test_training_with_hand_overs_equals_training_without(rng, monkeypatch):
-    """bf16 training steps of conv -> BN -> GELU -> conv -> BN -> GELU -> conv -> pool -> BN -> GELU -> dense, the
+@pytest.mark.parametrize("act", ["gelu", "relu"])
+def test_training_with_hand_overs_equals_training_without(rng, monkeypatch, act):
+    """bf16 training steps of conv -> BN -> act -> conv -> BN -> act -> conv -> pool -> BN -> act -> dense (act: GELU,
+    or ReLU, run as the fused BN -> ReLU owning its derivative), the
     second and third convolutions' ops set as if measured on "tc16" candidates, with the batch norms handing their
     outputs over channels-last to them (the plan's feeds) and the second and third their gradients to the
     convolutions before them (grad_feeds), and without (takes_feeds off): from the same weights, the eager first
@@ -650,29 +651,30 @@ def test_training_with_hand_overs_equals_training_without(rng, monkeypatch):
     x = rng.standard_normal((32, 8, 12, 12)).astype(np.float32)
     y = rng.integers(0, 4, size=32)
     outputs, grads = [], []
-    bn_gelu, bn_gelu_back = be.bn_gelu_forward, be.bn_gelu_backward
+    bn_act, bn_act_back = getattr(be, f"bn_{act}_forward"), getattr(be, f"bn_{act}_backward")
+    layer = hn.GELU if act == "gelu" else hn.ReLU
 
     def spy(*a, **kw):                        # the Python side runs in the eager and captured steps, not replays
-        y_, cache = bn_gelu(*a, **kw)
+        y_, cache = bn_act(*a, **kw)
         outputs.append((be.takes_feeds, y_))
         return y_, cache
 
     def spy_back(*a, **kw):
-        dx = bn_gelu_back(*a, **kw)
+        dx = bn_act_back(*a, **kw)
         grads.append((be.takes_feeds, dx))
         return dx
 
-    monkeypatch.setattr(be, "bn_gelu_forward", spy)
-    monkeypatch.setattr(be, "bn_gelu_backward", spy_back)
+    monkeypatch.setattr(be, f"bn_{act}_forward", spy)
+    monkeypatch.setattr(be, f"bn_{act}_backward", spy_back)
     measured = {"fwd": "tc16", "pool": "tc16", "filter": "tc16", "data": "tc16"}
     with _measured_as(be, (16, 16, 12, 12, 16, 3, 3, 1, 1), measured):
         models, steps = {}, {}
         for takes in (False, True):
             hn.seed(3)
             models[takes] = hn.Sequential([
-                hn.Conv2D(8, 16, 3, padding=1, bias=False), hn.BatchNorm2D(16), hn.GELU(),
-                hn.Conv2D(16, 16, 3, padding=1, bias=False), hn.BatchNorm2D(16), hn.GELU(),
-                hn.Conv2D(16, 16, 3, padding=1, bias=False), hn.MaxPool2D(2), hn.BatchNorm2D(16), hn.GELU(),
+                hn.Conv2D(8, 16, 3, padding=1, bias=False), hn.BatchNorm2D(16), layer(),
+                hn.Conv2D(16, 16, 3, padding=1, bias=False), hn.BatchNorm2D(16), layer(),
+                hn.Conv2D(16, 16, 3, padding=1, bias=False), hn.MaxPool2D(2), hn.BatchNorm2D(16), layer(),
                 hn.Flatten(), hn.Dense(16 * 6 * 6, 4)]).to(be)
             steps[takes] = T.make_train_step(models[takes], T.make_optimizer("sgd", models[takes].parameters(),
                                                                              lr=0.05))
@@ -684,7 +686,7 @@ def test_training_with_hand_overs_equals_training_without(rng, monkeypatch):
             want, got = models[False].state_dict(), models[True].state_dict()
             for k, v in want.items():
                 assert rel_err(got[k], v) <= RTOL_TC_ROUNDED, (i, k, rel_err(got[k], v))
-    # per step three BN -> GELUs: the first two hand their output to a convolution, the last two (the backward
+    # per step three BN -> acts: the first two hand their output to a convolution, the last two (the backward
     # meets them first) their gradient to the convolution (-> pool) before them
     handed = {takes: [isinstance(o, C.Nhwc16) for t, o in outputs if t == takes] for takes in (False, True)}
     assert handed[True] == [True, True, False] * 2 and not any(handed[False]), handed

@@ -292,7 +292,8 @@ def test_batchnorm(bk, rng, shape, training):
 
 @pytest.mark.parametrize("skip", ["dgamma", "dbeta", "both"])
 @pytest.mark.parametrize("op,shape", [("batchnorm", (5, 3)), ("batchnorm", (1, 2, 3, 4)), ("batchnorm", (3, 4, 5, 2)),
-                                      ("bn_gelu", (3, 4, 5, 2)), ("bn_relu_maxpool", (3, 4, 6, 5))], ids=str)
+                                      ("bn_gelu", (3, 4, 5, 2)), ("bn_relu", (3, 4, 5, 2)),
+                                      ("bn_relu_maxpool", (3, 4, 6, 5))], ids=str)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_batchnorm_without_dgamma_or_dbeta(bk, rng, op, shape, skip, training):
     """dgamma or dbeta None (a frozen or constant parameter): that gradient is not computed; dx and the other
@@ -681,9 +682,30 @@ def test_bn_gelu(bk, rng, shape, training, mask, need_dx):
         assert np.all(got["dx"][x == 0] == 0)
 
 
+@pytest.mark.parametrize("mask,need_dx", [(False, True), (True, True), (False, False)])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape", [(6, 3), (2, 3, 5, 4), (3, 70, 7, 5)], ids=str)
+def test_bn_relu(bk, rng, shape, training, mask, need_dx):
+    """relu(batchnorm(x)) owning the ReLU's derivative against the reference's two ops (batchnorm_forward,
+    relu_forward): y, dx, dgamma, dbeta, running statistics; both signs of z in every channel but the one whose
+    gamma is 0 (z = beta there: -1, all masked)."""
+    c = shape[1]
+    x = relu_out(rng, *shape) * 2 if mask else f32(rng, *shape, scale=2.0, shift=0.7)
+    rest, gamma = _bn_gelu_args(rng, c, training)
+    got, _ = compare(bk, "bn_relu_forward", [x, gamma, *rest], "bn_relu_backward", rng.integers(1 << 30),
+                     accum=[(c,), (c,)], mutable=(3, 4), bwd_kw={"relu_mask": mask, "need_dx": need_dx})
+    assert np.any(got["y"] == 0) and np.any(got["y"] > 1)
+    if need_dx:
+        assert np.any(got["dx"] != 0)
+    if mask and need_dx:
+        assert np.all(got["dx"][x == 0] == 0)
+
+
+@pytest.mark.parametrize("op", ["bn_gelu", "bn_relu"])
 @pytest.mark.parametrize("shape", [(5, 3), (3, 4, 7, 5)], ids=str)
-def test_bn_gelu_inplace_and_without_dgamma(bk, rng, shape):
-    """dgamma None and inplace (dx over x) change nothing else: dx and dbeta bit for bit those of the plain call."""
+def test_bn_act_inplace_and_without_dgamma(bk, rng, shape, op):
+    """dgamma None and inplace (dx over x) change nothing else: dx and dbeta bit for bit those of the plain call
+    (bn_gelu_backward, bn_relu_backward)."""
     c = shape[1]
     x = f32(rng, *shape, scale=2.0, shift=0.7)
     rest, gamma = _bn_gelu_args(rng, c, True)
@@ -691,10 +713,10 @@ def test_bn_gelu_inplace_and_without_dgamma(bk, rng, shape):
     out = []
     for inplace, with_dgamma in ((False, True), (True, False)):
         xd = bk.asarray(x)
-        _, cache = bk.bn_gelu_forward(xd, bk.asarray(gamma), *[bk.asarray(a) if isinstance(a, np.ndarray) else a
-                                                               for a in rest])
+        _, cache = getattr(bk, op + "_forward")(xd, bk.asarray(gamma),
+                                                *[bk.asarray(a) if isinstance(a, np.ndarray) else a for a in rest])
         dgamma, dbeta = (bk.zeros((c,)) if with_dgamma else None), bk.zeros((c,))
-        dx = bk.bn_gelu_backward(dy, cache, dgamma, dbeta, inplace=inplace)
+        dx = getattr(bk, op + "_backward")(dy, cache, dgamma, dbeta, inplace=inplace)
         out.append((bk.to_numpy(dx).copy(), bk.to_numpy(dbeta)))
     np.testing.assert_array_equal(out[1][0], out[0][0])
     np.testing.assert_array_equal(out[1][1], out[0][1])

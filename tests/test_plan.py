@@ -196,6 +196,19 @@ def test_batch_norms_that_feed_a_convolution():
     assert [(type(n).__name__, n.feeds) for n in fused] == [("ConvGeluNode", c4), ("ConvNode", None),
                                                             ("ConvGeluNode", None), ("ConvGeluNode", None)]
     assert P._feeds(fused[0], Takes()) == {"feeds": ((4, 3, 3, 3), 1, 0)}
+    # the fused BN -> ReLU owns its ReLU's derivative: its output is no ReLU output, so it feeds the convolution
+    # after it (where bn_act, not bn_relu, runs, the convolution masks by its input: no hand-over)
+    c5 = hn.Conv2D(4, 4, 3)
+    layers = [hn.BatchNorm2D(4), hn.ReLU(), c5, hn.BatchNorm2D(4), hn.ReLU(), hn.Flatten()]
+    own = P.compile_nodes(layers, {"bn_relu"})
+    assert [(type(n).__name__, n.feeds, n.mask_input) for n in own] == [
+        ("BNReluNode", c5, False), ("ConvNode", None, False), ("BNReluNode", None, False), ("FlattenNode", None, False)]
+    assert P._feeds(own[0], Takes()) == {"feeds": ((4, 4, 3, 3), 1, 0)}
+    left = P.compile_nodes(layers, {"bn_act", "bn_relu"})
+    assert [(type(n).__name__, n.feeds, n.mask_input) for n in left] == [
+        ("BatchNormNode", None, False), ("ConvNode", None, True), ("BatchNormNode", None, False),
+        ("FlattenNode", None, False)]
+    assert [n.pos_out for n in left] == [True, False, True, True] and not any(n.pos_out for n in own)
 
 
 def test_batch_norms_that_hand_their_gradient_to_a_convolution():

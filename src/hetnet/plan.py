@@ -11,13 +11,15 @@ line in FUSIONS here, and a row in tests/test_ops.py.
 ReLUs. A node whose last op applies a ReLU (`act="relu"`, or a ReLU layer of its own) leaves the ReLU's derivative to
 the node after it: that node's backward runs with relu_mask=True (it multiplies its input gradient by input > 0),
 Flatten and Dropout pass the property on, and the loss's gradient is masked when the logits are a ReLU output. On the
-GPU this folds each ReLU's backward into the next kernel's epilogue.
+GPU this folds each ReLU's backward into the next kernel's epilogue. The fused BatchNorm -> ReLU of FUSIONS'
+"bn_relu" (BNReluNode) is the exception: its backward recomputes the batch norm's output from its input, which it
+reads anyway, and applies the ReLU's derivative itself, so that the next node needs no copy of the ReLU's output.
 
-Hand-overs. A batch norm (-> GELU), GELU or convolution -> GELU whose output only a convolution's forward reads
-(not as a ReLU output) names that convolution (Node.feeds); on a backend with `takes_feeds` its forward op gets
-feeds=(weight shape, stride, padding) and may return the output in a form only that backend's convolutions read
-(cuda at bf16: the channels-last bf16 copy the convolution keeps, written by the op before instead of a float32
-output). Backwards, a batch norm (-> GELU) right after a convolution (-> max pool) without bias or ReLU names that
+Hand-overs. A batch norm (-> GELU, or -> ReLU of its own), GELU or convolution -> GELU whose output only a
+convolution's forward reads (not as a ReLU output) names that convolution (Node.feeds); on a backend with
+`takes_feeds` its forward op gets feeds=(weight shape, stride, padding) and may return the output in a form only that
+backend's convolutions read (cuda at bf16: the channels-last bf16 copy the convolution keeps, written by the op
+before instead of a float32 output). Backwards, a batch norm (-> GELU or ReLU) right after a convolution (-> max pool) without bias or ReLU names that
 node (Node.grad_feeds); its backward op gets grad_feeds=(weight shape, stride, padding, the convolution's input
 shape, the pool's (kernel, stride) or None) and may return dE/dx in the form that node's backward reads (cuda at
 bf16: the channels-last bf16 copy of its dE/dy).
@@ -176,18 +178,27 @@ class BNGeluNode(Node):
     """BatchNorm1D / BatchNorm2D -> GELU as one fused op (bn_gelu_*): the GELU's derivative is its own."""
 
     fresh_output = True
+    op = "bn_gelu"
 
-    def __init__(self, bn, gelu):
-        super().__init__(bn, gelu)
+    def __init__(self, bn, act):
+        super().__init__(bn, act)
 
     def forward(self, be, x, ctx):
         bn = self.layers[0]
-        y, self.cache = be.bn_gelu_forward(x, *_bn_args(bn), **_bn_sync(bn), **_feeds(self, be))
+        y, self.cache = getattr(be, self.op + "_forward")(x, *_bn_args(bn), **_bn_sync(bn), **_feeds(self, be))
         return y
 
     def backward(self, be, dy, need_dx):
-        return be.bn_gelu_backward(dy, self.cache, *self.layers[0].grad_targets(), need_dx=need_dx,
-                                   relu_mask=self.mask_input, inplace=self.inplace, **_feeds(self, be, grad=True))
+        return getattr(be, self.op + "_backward")(dy, self.cache, *self.layers[0].grad_targets(), need_dx=need_dx,
+                                                  relu_mask=self.mask_input, inplace=self.inplace,
+                                                  **_feeds(self, be, grad=True))
+
+
+class BNReluNode(BNGeluNode):
+    """BatchNorm1D / BatchNorm2D -> ReLU as one fused op (bn_relu_*) that owns the ReLU's derivative: its output is
+    no ReLU output to the next node (which then keeps no input for a mask, and may take a hand-over)."""
+
+    op = "bn_relu"
 
 
 class GeluNode(Node):
@@ -386,6 +397,7 @@ FUSIONS: tuple[Fusion, ...] = (
     Fusion("conv_act", (Conv2D, ReLU), lambda ls: ConvNode(ls[0], "relu")),
     Fusion("dense_act", (Dense, ReLU), lambda ls: DenseNode(ls[0], "relu")),
     Fusion("bn_act", (_BN, ReLU), lambda ls: BatchNormNode(ls[0], "relu")),
+    Fusion("bn_relu", (_BN, ReLU), lambda ls: BNReluNode(*ls)),          # where bn_act is not run
     Fusion("bn_gelu", (_BN, GELU), lambda ls: BNGeluNode(*ls)),
 )
 FUSION_NAMES = frozenset(f.name for f in FUSIONS) | {"dense_chain"}
@@ -446,14 +458,14 @@ def compile_nodes(layers, fusions=FUSION_NAMES) -> list[Node]:
         # of the node before, which nothing else reads (never the batch itself); not when it must also mask by that
         # input
         node.inplace = i > 0 and nodes[i - 1].fresh_output and not node.mask_input
-    # a batch norm (-> GELU), GELU or convolution -> GELU whose output only a convolution's forward reads, and not
-    # as a ReLU output: it may hand the output over in the convolution's own form (_feeds)
+    # a batch norm (-> GELU or own ReLU), GELU or convolution -> GELU whose output only a convolution's forward
+    # reads, and not as a ReLU output: it may hand the output over in the convolution's own form (_feeds)
     for node, nxt in zip(nodes, nodes[1:]):
         if (isinstance(node, (BatchNormNode, BNGeluNode, GeluNode, ConvGeluNode)) and not node.pos_out
                 and isinstance(nxt, (ConvNode, ConvPoolNode)) and not nxt.mask_input):
             node.feeds = nxt.layers[0]
-    # and backwards: a batch norm (-> GELU) after a convolution (-> max pool) without bias or ReLU, whose output only
-    # it reads, may hand its input gradient over in the form that node's backward reads
+    # and backwards: a batch norm (-> GELU or own ReLU) after a convolution (-> max pool) without bias or ReLU,
+    # whose output only it reads, may hand its input gradient over in the form that node's backward reads
     for prev, node in zip(nodes, nodes[1:]):
         if (isinstance(node, (BatchNormNode, BNGeluNode)) and not node.mask_input
                 and (isinstance(prev, ConvPoolNode) or (isinstance(prev, ConvNode) and prev.act is None))

@@ -97,12 +97,13 @@ batchnorm_backward(dy, cache, dgamma[C]|None, dbeta[C]|None, need_dx=True, relu_
     frozen or constant parameter); dx is the same. Synchronised (a training cache made with reduce): dgamma and dbeta get this
     process's sums (the gradient reduction averages them over the processes); dx is d(sum of every process's
     loss)/dx, from per-channel sums of dy reduced over the processes.
-    Hand-over (a backend with `takes_feeds`): batchnorm_forward, bn_gelu_forward, gelu_forward and
+    Hand-over (a backend with `takes_feeds`): batchnorm_forward, bn_relu_forward, bn_gelu_forward, gelu_forward and
     conv2d_gelu_forward also take feeds=None or feeds=(w_shape, stride, padding), saying that y's one reader is the
     forward of a Conv2D with weights of that shape (conv2d_forward or conv2d_maxpool_forward, given
-    relu_mask=False) and that y is no ReLU output; the backend may then return y in a form only those ops of its own
-    read (cuda at bf16: the channels-last bf16 copy that its convolution keeps for the backward, where measured so,
-    conv.Nhwc16). hetnet.plan passes it. Backwards, batchnorm_backward and bn_gelu_backward also take
+    relu_mask=False), which will not mask by y (batchnorm_forward: act None); the backend may then return y in a
+    form only those ops of its own read (cuda at bf16: the channels-last bf16 copy that its convolution keeps for
+    the backward, where measured so, conv.Nhwc16). hetnet.plan passes it. Backwards, batchnorm_backward,
+    bn_relu_backward and bn_gelu_backward also take
     grad_feeds=None or grad_feeds=(w_shape, stride, padding, x_shape, pool), saying that x is the output of a Conv2D
     with weights of that shape, without bias or act, on an input of x_shape, max-pooled after it (pool = (kernel,
     stride), conv2d_maxpool_forward) or not (None), and that dx's one reader is that op's backward; the backend may
@@ -127,6 +128,11 @@ bn_relu_maxpool_forward(x, gamma, beta, running_mean, running_var, momentum, eps
                         pool_stride, reduce=None) -> y, cache          maxpool2d(relu(batchnorm(x)))
 bn_relu_maxpool_backward(dy, cache, dgamma, dbeta, need_dx=True, relu_mask=False, inplace=False) -> dx|None
     inplace: dx may be written over x, which the caller will not read again (ignored with relu_mask)
+bn_relu_forward(x, gamma, beta, running_mean, running_var, momentum, eps, training, reduce=None) -> y, cache
+    relu(batchnorm(x)) owning the ReLU's derivative (batchnorm_forward with act="relu" leaves it to the consumer);
+    statistics and running-stat update as batchnorm_forward
+bn_relu_backward(dy, cache, dgamma|None, dbeta, need_dx=True, relu_mask=False, inplace=False) -> dx|None
+    batchnorm_backward of dz = relu_backward(dy) at z = batchnorm(x); inplace as bn_relu_maxpool_backward
 bn_gelu_forward(x, gamma, beta, running_mean, running_var, momentum, eps, training, reduce=None) -> y, cache
     gelu(batchnorm(x)) (airbench's BatchNorm -> GELU); statistics and running-stat update as batchnorm_forward
 bn_gelu_backward(dy, cache, dgamma|None, dbeta, need_dx=True, relu_mask=False, inplace=False) -> dx|None

@@ -77,6 +77,20 @@ def bn_relu_maxpool_backward(be, dy, cache, dgamma, dbeta, need_dx=True, relu_ma
     return be.batchnorm_backward(dz, bn_cache, dgamma, dbeta, need_dx=need_dx, relu_mask=relu_mask)
 
 
+def bn_relu_forward(be, x, gamma, beta, running_mean, running_var, momentum, eps, training, reduce=None):
+    """relu(batchnorm(x)), the ReLU's derivative the op's own; running statistics updated as batchnorm_forward does."""
+    z, bn_cache = be.batchnorm_forward(x, gamma, beta, running_mean, running_var, momentum, eps, training,
+                                       reduce=reduce)
+    y, relu_cache = be.relu_forward(z)
+    return y, (bn_cache, relu_cache)
+
+
+def bn_relu_backward(be, dy, cache, dgamma, dbeta, need_dx=True, relu_mask=False, inplace=False):
+    bn_cache, relu_cache = cache
+    dz = be.relu_backward(dy, relu_cache)
+    return be.batchnorm_backward(dz, bn_cache, dgamma, dbeta, need_dx=need_dx, relu_mask=relu_mask)
+
+
 def bn_gelu_forward(be, x, gamma, beta, running_mean, running_var, momentum, eps, training, reduce=None):
     """gelu(batchnorm(x)); running statistics updated as batchnorm_forward does."""
     z, bn_cache = be.batchnorm_forward(x, gamma, beta, running_mean, running_var, momentum, eps, training,

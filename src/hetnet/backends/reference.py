@@ -32,7 +32,7 @@ dtype = np.dtype(np.float64)
 xp = np
 # every fusion of hetnet.plan, each the chain of reference ops it stands for (backends.compose)
 fusions = frozenset({"conv_relu_pool", "conv_pool", "conv_gelu", "bn_relu_pool", "bn_gelu", "dense_chain", "conv_act",
-                     "bn_act", "dense_act"})
+                     "bn_act", "bn_relu", "dense_act"})
 
 
 # --- conversions and allocation ------------------------------------------------------------------------------------
@@ -564,6 +564,14 @@ def conv2d_gelu_forward(x, w, b, stride, padding, relu_mask=None):
 
 def conv2d_gelu_backward(dy, cache, dw, db, need_dx=True, relu_mask=False):
     return compose.conv2d_gelu_backward(_this, dy, cache, dw, db, need_dx, relu_mask)
+
+
+def bn_relu_forward(x, gamma, beta, running_mean, running_var, momentum, eps, training, reduce=None):
+    return compose.bn_relu_forward(_this, x, gamma, beta, running_mean, running_var, momentum, eps, training, reduce)
+
+
+def bn_relu_backward(dy, cache, dgamma, dbeta, need_dx=True, relu_mask=False, inplace=False):
+    return compose.bn_relu_backward(_this, dy, cache, dgamma, dbeta, need_dx, relu_mask)
 
 
 def bn_gelu_forward(x, gamma, beta, running_mean, running_var, momentum, eps, training, reduce=None):

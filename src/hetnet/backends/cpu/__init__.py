@@ -28,8 +28,8 @@ from .elementwise import (dropout_backward, dropout_forward, gelu_backward, gelu
                           softmax_backward, softmax_forward, tanh_backward, tanh_forward)
 from .loss import (binary_cross_entropy_with_logits, softmax_cross_entropy, softmax_cross_entropy_into,
                    softmax_cross_entropy_stats)
-from .norm import (batchnorm_backward, batchnorm_forward, bn_gelu_backward, bn_gelu_forward, bn_relu_maxpool_backward,
-                   bn_relu_maxpool_forward)
+from .norm import (batchnorm_backward, batchnorm_forward, bn_gelu_backward, bn_gelu_forward, bn_relu_backward,
+                   bn_relu_forward, bn_relu_maxpool_backward, bn_relu_maxpool_forward)
 from .optim import adam_update, sgd_update
 from .pool import (avgpool2d_backward, avgpool2d_forward, global_avgpool2d_backward, global_avgpool2d_forward,
                    maxpool2d_backward, maxpool2d_forward)

@@ -248,7 +248,16 @@ def bn_relu_maxpool_backward(dy, cache, dgamma, dbeta, need_dx=True, relu_mask=F
     return _masked(dx, x) if relu_mask else dx
 
 
-# --- BatchNorm + GELU: the two ops (this backend has no kernel that joins them) -----------------------------------
+# --- BatchNorm + ReLU / GELU owning the activation's derivative: the two ops (no kernel here joins them) ----------
+
+
+def bn_relu_forward(x, gamma, beta, running_mean, running_var, momentum, eps, training, reduce=None):
+    return compose.bn_relu_forward(_c.backend(), x, gamma, beta, running_mean, running_var, momentum, eps, training,
+                                   reduce)
+
+
+def bn_relu_backward(dy, cache, dgamma, dbeta, need_dx=True, relu_mask=False, inplace=False):
+    return compose.bn_relu_backward(_c.backend(), dy, cache, dgamma, dbeta, need_dx, relu_mask)
 
 
 def bn_gelu_forward(x, gamma, beta, running_mean, running_var, momentum, eps, training, reduce=None):

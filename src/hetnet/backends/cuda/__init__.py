@@ -129,7 +129,9 @@ class CudaBackend(ConvOps, PoolOps, NormOps, ElementwiseOps, LossOps, OptimOps, 
     """The backend object for one GPU. Attributes and ops as documented in `hetnet.backends`."""
 
     # the fusions of hetnet.plan this backend runs faster than their parts; a dense chain runs layer by layer
-    fusions = frozenset({"conv_relu_pool", "conv_pool", "conv_gelu", "bn_relu_pool", "bn_gelu", "conv_act", "bn_act",
+    # (bn_relu, not bn_act: the batch norm's backward applies the ReLU's derivative from x, which it reads anyway,
+    # so the consumer keeps no x for a mask)
+    fusions = frozenset({"conv_relu_pool", "conv_pool", "conv_gelu", "bn_relu_pool", "bn_gelu", "conv_act", "bn_relu",
                          "dense_act"})
     # the batch-norm, GELU and convolution -> GELU forwards take the contract's hand-over to a convolution (`feeds`:
     # norm.py, elementwise.py, conv.py; conv.Nhwc16)

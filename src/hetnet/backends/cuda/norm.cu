@@ -1,9 +1,11 @@
 // Batch normalisation over (N, HW) per channel c, for x[N,C] (HW = 1) and x[N,C,H,W].
 // Training forward: bn_stats (mean, biased var, running stats update) then bn_apply; backward: bn_bwd_reduce
 // (sum dy, sum dy*xhat per channel, also dgamma += and dbeta +=) then bn_bwd_dx.
-// act: none, ReLU (HN_RELU: y = relu(bn(x)); its derivative is the consumer's, see hetnet.backends) or GELU (HN_GELU,
-// the fused BatchNorm -> GELU: y = gelu(z), z = bn(x) never stored; the backward kernels take dE/dy and recompute z
-// to form dE/dz = dE/dy * gelu'(z) wherever the plain backward reads dy).
+// act: none, ReLU (HN_RELU: y = relu(bn(x))) or GELU (HN_GELU, the fused BatchNorm -> GELU: y = gelu(z), z = bn(x)
+// never stored). The forward's act is `act`; the backward's is the act whose derivative the op owns: GELU's always,
+// ReLU's in the fused BatchNorm -> ReLU (bn_relu_*; after batchnorm_forward(act="relu") it is the consumer's, see
+// hetnet.backends). The backward kernels take dE/dy and recompute z (hn_bn_z, the forward's arithmetic, so the same
+// bits) to form dE/dz = dE/dy * act'(z) wherever the plain backward reads dy.
 // The reductions run over a (C, G) grid; each block adds doubles into `acc`, and the last block of a channel
 // (counted in `count`) finishes that channel and resets acc and count for the next call (no memset needed).
 // Every kernel comes in a 64-bit and a 32-bit index version (common.cuh, HN_TWO_INDEX_KERNELS).
@@ -118,12 +120,18 @@ extern "C" __global__ void bn_stats_synced(const double* __restrict__ sums, floa
                                    momentum);
 }
 
-// act((x - mean) * inv * gamma + beta), inv = 1 / sqrt(var + eps), of one element x (act(x) without statistics:
-// stats false): bn_apply's and bn_apply_nhwc16's arithmetic, so that the two give the same bits.
+// z = (x - mean) * inv * gamma + beta, inv = 1 / sqrt(var + eps): every kernel's batch-norm output, so that the
+// backward's recomputed z has the forward's bits (a ReLU's derivative, z > 0, is then the forward's mask).
+__device__ __forceinline__ float hn_bn_z(float x, float mean, float inv, float gamma, float beta) {
+    return fmaf((x - mean) * inv, gamma, beta);
+}
+
+// act(z) of one element x (act(x) without statistics: stats false): bn_apply's and bn_apply_nhwc16's arithmetic,
+// so that the two give the same bits.
 __device__ __forceinline__ float hn_bn_value(float x, bool stats, float mean, float inv, float gamma, float beta,
                                              int act) {
     float v = x;
-    if (stats) v = (x - mean) * inv * gamma + beta;
+    if (stats) v = hn_bn_z(x, mean, inv, gamma, beta);
     if (act == HN_RELU) v = fmaxf(v, 0.f);
     else if (act == HN_GELU) v = hn_gelu(v);
     return v;
@@ -214,10 +222,13 @@ __device__ __forceinline__ void hn_bn_bwd_finish(double s, double sx, double* sh
     }
 }
 
-// dE/dz at one element, z = xhat * gamma + beta the BN output: the gradient g itself, or after a GELU (act HN_GELU;
-// g = dE/dgelu(z)) g * gelu'(z).
-__device__ __forceinline__ float hn_bn_out_grad(float g, float xhat, float gamma, float beta, int act) {
-    return act == HN_GELU ? g * hn_gelu_grad(xhat * gamma + beta) : g;
+// dE/dz at one element x, z = hn_bn_z(x) the BN output: the gradient g itself, or after the op's own act (g =
+// dE/dact(z)): g * gelu'(z) (HN_GELU), g where z > 0 and else 0 (HN_RELU).
+__device__ __forceinline__ float hn_bn_out_grad(float g, float x, float mean, float inv, float gamma, float beta,
+                                                int act) {
+    if (act == HN_GELU) return g * hn_gelu_grad(hn_bn_z(x, mean, inv, gamma, beta));
+    if (act == HN_RELU) return hn_bn_z(x, mean, inv, gamma, beta) > 0.f ? g : 0.f;
+    return g;
 }
 
 // With g = dE/dz (hn_bn_out_grad of dy): red[0:C] = sum g, red[C:2C] = sum g * xhat; dgamma += red[C:] (unless
@@ -242,7 +253,7 @@ __device__ __forceinline__ void bn_bwd_reduce_body(const float* __restrict__ dy,
 #pragma unroll
         for (int u = 0; u < HN_BN_ILP; ++u) {
             if (!t.ok[u]) continue;
-            const float xhat = (xv[u] - mu) * inv, g = hn_bn_out_grad(dv[u], xhat, ga, be, act);
+            const float xhat = (xv[u] - mu) * inv, g = hn_bn_out_grad(dv[u], xv[u], mu, inv, ga, be, act);
             s += g;
             sx += (double)g * xhat;
         }
@@ -277,7 +288,7 @@ __device__ __forceinline__ void bn_bwd_dx_body(const float* __restrict__ dy, con
 #pragma unroll
         for (int u = 0; u < HN_BN_ILP; ++u) {
             if (!t.ok[u]) continue;
-            const float xhat = (xv[u] - mu) * inv, g = hn_bn_out_grad(dv[u], xhat, ga, be, act);
+            const float xhat = (xv[u] - mu) * inv, g = hn_bn_out_grad(dv[u], xv[u], mu, inv, ga, be, act);
             dx[t.at[u]] = red ? scale * (g - rs - xhat * rx * inv_m) : g * scale;
         }
     }
@@ -322,7 +333,7 @@ extern "C" __global__ void __launch_bounds__(256) bn_bwd_dx_nhwc16(
         float v = 0.f;
         if (c0 + i < C && px.in) {
             const float mu = coef[0][i], inv = coef[1][i], ga = coef[2][i], scale = ga * inv;
-            const float xhat = (xv[u] - mu) * inv, g = hn_bn_out_grad(dv[u], xhat, ga, coef[3][i], act);
+            const float xhat = (xv[u] - mu) * inv, g = hn_bn_out_grad(dv[u], xv[u], mu, inv, ga, coef[3][i], act);
             v = red ? scale * (g - coef[4][i] - xhat * coef[5][i] * inv_m) : g * scale;
         }
         t[i][lane] = v;

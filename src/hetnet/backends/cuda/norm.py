@@ -68,12 +68,26 @@ class NormOps:
     def batchnorm_backward(self, dy, cache, dgamma, dbeta, need_dx=True, relu_mask=False, grad_feeds=None):
         return self._bn_backward(dy, cache, dgamma, dbeta, need_dx, relu_mask, False, grad_feeds)
 
+    def bn_relu_forward(self, x, gamma, beta, running_mean, running_var, momentum, eps, training, reduce=None,
+                        feeds=None):
+        """relu(batchnorm(x)) owning its ReLU's derivative: batchnorm_forward's kernels (ReLU in bn_apply); the
+        backward recomputes z = batchnorm(x) from x for the mask z > 0, so a consumer needs no x (with feeds, y may
+        be handed over as the copy its convolution reads)."""
+        return self._bn_forward(x, gamma, beta, running_mean, running_var, momentum, eps, training, _act("relu"),
+                                reduce, feeds, owns_act=True)
+
+    def bn_relu_backward(self, dy, cache, dgamma, dbeta, need_dx=True, relu_mask=False, inplace=False,
+                         grad_feeds=None):
+        """dE/dx of relu(batchnorm(x)) from dy = dE/dy: batchnorm_backward's two kernels, each taking dE/dz =
+        dy * (z > 0) where it reads dy. inplace as bn_gelu_backward."""
+        return self._bn_backward(dy, cache, dgamma, dbeta, need_dx, relu_mask, inplace, grad_feeds)
+
     def bn_gelu_forward(self, x, gamma, beta, running_mean, running_var, momentum, eps, training, reduce=None,
                         feeds=None):
         """gelu(batchnorm(x)) in the kernels of batchnorm_forward (GELU in bn_apply); z = batchnorm(x) is not
         stored: the backward recomputes it from x."""
         return self._bn_forward(x, gamma, beta, running_mean, running_var, momentum, eps, training, GELU, reduce,
-                                feeds)
+                                feeds, owns_act=True)
 
     def bn_gelu_backward(self, dy, cache, dgamma, dbeta, need_dx=True, relu_mask=False, inplace=False,
                          grad_feeds=None):
@@ -82,15 +96,16 @@ class NormOps:
         return self._bn_backward(dy, cache, dgamma, dbeta, need_dx, relu_mask, inplace, grad_feeds)
 
     def _bn_forward(self, x, gamma, beta, running_mean, running_var, momentum, eps, training, act: int, reduce,
-                    feeds=None):
-        """feeds (the op contract's hand-over to a convolution): y as the channels-last bf16 copy that convolution
-        reads (Nhwc16, bn_apply_nhwc16) where it takes one (conv.takes_nhwc16) and y is no ReLU output."""
+                    feeds=None, owns_act=False):
+        """owns_act: the backward applies act's derivative (norm.cu's backward act), else a ReLU's is the consumer's.
+        feeds (the op contract's hand-over to a convolution): y as the channels-last bf16 copy that convolution
+        reads (Nhwc16, bn_apply_nhwc16) where it takes one (conv.takes_nhwc16) and no consumer masks by y."""
         x = self._c(x)
         n, c = x.shape[0], x.shape[1]
         hw = x.size // max(n * c, 1)
         mean, var, sync = self._bn_batch_stats(x, running_mean, running_var, momentum, training, reduce)
-        cache = (x, mean, var, gamma, beta, float(eps), bool(training), sync, act)
-        if act != _act("relu") and takes_nhwc16(self, x.shape, feeds):
+        cache = (x, mean, var, gamma, beta, float(eps), bool(training), sync, act if owns_act else 0)
+        if (owns_act or act != _act("relu")) and takes_nhwc16(self, x.shape, feeds):
             return self._apply_nhwc16(x, (mean, var, gamma, beta), eps, act), cache
         y = self.xp.empty_like(x)
         get_kernel(self.device_id, "norm", self.ix("bn_apply", x.size))(self._bn_grid(n, c, hw), (256,), (
@@ -109,12 +124,11 @@ class NormOps:
         return Nhwc16(y16, x.shape)
 
     def _bn_backward(self, dy, cache, dgamma, dbeta, need_dx, relu_mask, inplace, grad_feeds=None):
-        """The backward of _bn_forward's act: a ReLU's derivative is the consumer's (dy is dE/dz), a GELU's is
-        applied here (dy is dE/dy). grad_feeds (the op contract's backward hand-over): dx as the channels-last bf16
+        """The backward of _bn_forward's act: the derivative of an act the op owns is applied here (dy is dE/dy),
+        else there is none to apply (dy is dE/dz; a ReLU's is the consumer's). grad_feeds (the op contract's backward hand-over): dx as the channels-last bf16
         copy of dE/dy that the convolution (-> max pool) whose output x is reads (Nhwc16, bn_bwd_dx_nhwc16) where it
         takes one (conv.takes_dy16)."""
         x, mean, var, gamma, beta, eps, training, sync, act = cache
-        act = act if act == GELU else 0
         dy = self._c(dy)
         n, c = x.shape[0], x.shape[1]
         hw = x.size // max(n * c, 1)
