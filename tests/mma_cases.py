@@ -112,12 +112,13 @@ def conv_filter_expected(dy, x, dw0, shape, precision=None):
     return dw
 
 
-# The channels-last bf16 convolutions (mma.cu HN_CONV16): (n, C, H, W, O, R, S, stride, pad) with C a multiple of 8
-# (each op takes those mma.conv16_fits allows: the gradients need O a multiple of 8, the data gradient stride 1):
-# M tails (O 12, 72, 136), batch 1, odd H and W, stride 2, pad 0 under a 3x3 kernel, 1x1 and 5x5
+# The channels-last bf16 convolutions (mma.cu HN_CONV16): (n, C, H, W, O, R, S, stride, pad) (each op takes those
+# mma.conv16_fits allows: the gradients need O a multiple of 8, the data gradient stride 1): M tails (O 12, 72, 136),
+# batch 1, odd H and W, stride 2, pad 0 under a 3x3 kernel, 1x1 and 5x5, and an image's 3 channels (the copies of x
+# and w padded to 8)
 CONV16_SHAPES = [(2, 8, 7, 9, 16, 3, 3, 1, 1), (1, 16, 6, 6, 72, 1, 1, 1, 0), (3, 8, 9, 8, 24, 5, 5, 2, 2),
                  (2, 24, 5, 7, 136, 3, 3, 2, 0), (2, 40, 13, 11, 12, 3, 3, 1, 1), (1, 8, 4, 4, 8, 5, 5, 1, 2),
-                 (2, 16, 6, 5, 8, 3, 3, 1, 0)]
+                 (2, 16, 6, 5, 8, 3, 3, 1, 0), (3, 3, 10, 9, 16, 3, 3, 1, 1)]
 
 
 def max_pool_2x2(y):
@@ -139,9 +140,19 @@ def bf16_bits(a):
     return (round_bf16(a).view(np.uint32) >> 16).astype(np.uint16)
 
 
-def nhwc16(a):
-    """a [n, C, *spatial] (or weights [O, C, R, S]) channels-last as bf16 bits: what mma.to_nhwc16 makes."""
-    return bf16_bits(np.ascontiguousarray(np.moveaxis(a, 1, -1)))
+def nhwc16(a, chunk: int = 1):
+    """a [n, C, *spatial] (or weights [O, C, R, S]) channels-last as bf16 bits, as the kernels that write a copy of
+    its C channels make it; chunk 8: what mma.to_nhwc16 makes (C padded with zeros to a multiple of 8)."""
+    return bf16_bits(channels_last(a, chunk))
+
+
+def channels_last(a, chunk: int):
+    """a [n, C, *spatial] as float32 [n, *spatial, Cp], Cp = C rounded up to chunk, the channels past C zero."""
+    c = a.shape[1]
+    cp = -(-c // chunk) * chunk
+    last = np.zeros((a.shape[0], *a.shape[2:], cp), np.float32)
+    last[..., :c] = np.moveaxis(a, 1, -1)
+    return last
 
 
 def turned16(w):
@@ -149,11 +160,12 @@ def turned16(w):
     return bf16_bits(np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 2, 3, 0)))
 
 
-# The tf32 channels-last convolutions (HN_CONV32W, HN_CONV32F): their copies are float32 rounded to tf32, C (and O of
-# the gradients) a multiple of 4; shapes as CONV16_SHAPES (M tails, batch 1, odd H and W, stride 2, 1x1 and 5x5)
-# with channel counts that are not multiples of 8.
+# The tf32 channels-last convolutions (HN_CONV32W, HN_CONV32F): their copies are float32 rounded to tf32, O of the
+# gradients a multiple of 4 (C padded to one); shapes as CONV16_SHAPES (M tails, batch 1, odd H and W, stride 2, 1x1
+# and 5x5, 3 channels) with channel counts that are not multiples of 8.
 CONV32_SHAPES = [(2, 4, 7, 9, 12, 3, 3, 1, 1), (1, 12, 6, 6, 72, 1, 1, 1, 0), (3, 4, 9, 8, 20, 5, 5, 2, 2),
-                 (2, 20, 5, 7, 132, 3, 3, 2, 0), (2, 36, 13, 11, 12, 3, 3, 1, 1), (1, 8, 4, 4, 4, 5, 5, 1, 2)]
+                 (2, 20, 5, 7, 132, 3, 3, 2, 0), (2, 36, 13, 11, 12, 3, 3, 1, 1), (1, 8, 4, 4, 4, 5, 5, 1, 2),
+                 (3, 3, 10, 9, 12, 3, 3, 1, 1)]
 POOL32_SHAPES = [(2, 4, 7, 9, 12, 3, 3, 1, 1), (2, 20, 5, 7, 132, 3, 3, 2, 0)]
 
 
@@ -167,12 +179,13 @@ def split_copy(a):
     return np.ascontiguousarray(np.concatenate([hi.reshape(shape), lo.reshape(shape)], axis=-2))
 
 
-def nhwc_copy(a, precision: str):
+def nhwc_copy(a, precision: str, padded: bool = True):
     """a [n, C, *spatial] (or weights [O, C, R, S]) channels-last as mma.to_nhwc makes it at `precision`: bf16 bits,
-    float32 rounded to tf32, or at fp32 the split copy (split_copy)."""
+    float32 rounded to tf32, or at fp32 the split copy (split_copy), C padded with zeros to a multiple of 8 (bf16) or
+    4; padded False: of C channels, as the copies other kernels write (pool_grad_nhwc)."""
     if precision == "bf16":
-        return nhwc16(a)
-    last = np.ascontiguousarray(np.moveaxis(a, 1, -1))
+        return nhwc16(a, 8 if padded else 1)
+    last = channels_last(a, 4 if padded else 1)
     return split_copy(last) if precision == "fp32" else round_tf32(last)
 
 

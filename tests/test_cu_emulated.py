@@ -23,9 +23,10 @@ from hetnet.backends.cuda import kernels
 # the two kernels' launches as C entry points; `__shared__` arrays are per block (the emulator runs one block at a
 # time), and the PTX conversion is the emulator's hn_pack_bf16x2 (the same rounding, same halves)
 ENTRY = """
-extern "C" int emu_to_nhwc16(const float* x, unsigned* y, int n, int C, int HW, unsigned seed, char* err, int len) {
-    std::string msg = emu::launch({(unsigned)((n * HW + 31) / 32), (unsigned)((C + 63) / 64), 1}, {256, 1, 1}, 0,
-                                  [=] { to_nhwc16(x, y, n, C, HW); }, seed);
+extern "C" int emu_to_nhwc16(const float* x, unsigned* y, int n, int C, int HW, int Cp, unsigned seed, char* err,
+                             int len) {
+    std::string msg = emu::launch({(unsigned)((n * HW + 31) / 32), (unsigned)((Cp + 63) / 64), 1}, {256, 1, 1}, 0,
+                                  [=] { to_nhwc16(x, y, n, C, HW, Cp); }, seed);
     snprintf(err, len, "%s", msg.c_str());
     return msg.empty() ? 0 : 1;
 }
@@ -86,10 +87,11 @@ extern "C" int emu_conv_gelu(const float* x, const float* w, const float* b, flo
     snprintf(err, len, "%s", msg.c_str());
     return msg.empty() ? 0 : 1;
 }
-extern "C" int emu_to_nhwc32(const float* x, float* y, int n, int C, int HW, int split, unsigned seed, char* err,
-                             int len) {
-    std::string msg = emu::launch({(unsigned)((n * HW + 31) / 32), (unsigned)((C + 63) / 64), 1}, {256, 1, 1}, 0,
-                                  [=] { split ? to_nhwc32x3(x, y, n, C, HW) : to_nhwc32(x, y, n, C, HW); }, seed);
+extern "C" int emu_to_nhwc32(const float* x, float* y, int n, int C, int HW, int Cp, int split, unsigned seed,
+                             char* err, int len) {
+    std::string msg = emu::launch({(unsigned)((n * HW + 31) / 32), (unsigned)((Cp + 63) / 64), 1}, {256, 1, 1}, 0,
+                                  [=] { split ? to_nhwc32x3(x, y, n, C, HW, Cp) : to_nhwc32(x, y, n, C, HW, Cp); },
+                                  seed);
     snprintf(err, len, "%s", msg.c_str());
     return msg.empty() ? 0 : 1;
 }
@@ -170,27 +172,32 @@ def _check(rc: int, err) -> None:
     assert rc == 0, err.value.decode()
 
 
-@pytest.mark.parametrize("shape", [(2, 6, 37), (1, 70, 5, 7), (2, 64, 3, 3), (7, 6, 3, 3)], ids=str)
+@pytest.mark.parametrize("shape", [(2, 6, 37), (1, 70, 5, 7), (2, 64, 3, 3), (7, 6, 3, 3), (3, 3, 5, 7)], ids=str)
 def test_to_nhwc16_emulated(emu, rng, shape):
     """Every element, bf16-rounded to nearest even (the first values sit on rounding ties); tiles of 32 pixels that
-    end inside an image and that hold several images (HW = 9)."""
+    end inside an image and that hold several images (HW = 9); the copy of C channels (C even) and the copy padded
+    with zeros to a multiple of 8 (Cp: to_nhwc's, 3 channels as 8)."""
     x = (rng.standard_normal(shape) * 100).astype(np.float32)
     x.reshape(-1)[:4] = np.array([0x3F808000, 0x3F818000, 0xBF808000, 0x3F80FFFF], np.uint32).view(np.float32)
     n, c = shape[:2]
     hw = x.size // (n * c)
-    y = np.full((n, *shape[2:], c), 0xDEAD, np.uint16)
     err = ctypes.create_string_buffer(512)
-    _check(emu.emu_to_nhwc16(_ptr(x), _ptr(y), n, c, hw, 7, err, 512), err)
-    np.testing.assert_array_equal(y, nhwc16(x))
-    # to_nhwc32: the float32 copy rounded to tf32 (to nearest, ties away: the first values are ties), any C
+    for chunk in ((1, 8) if c % 2 == 0 else (8,)):
+        cp = -(-c // chunk) * chunk
+        y = np.full((n, *shape[2:], cp), 0xDEAD, np.uint16)
+        _check(emu.emu_to_nhwc16(_ptr(x), _ptr(y), n, c, hw, cp, 7, err, 512), err)
+        np.testing.assert_array_equal(y, nhwc16(x, chunk))
+    # to_nhwc32: the float32 copy rounded to tf32 (to nearest, ties away: the first values are ties), padded to a
+    # multiple of 4 (the kernel takes any Cp >= C)
     x.reshape(-1)[:4] = np.array([0x3F801000, 0x3F803000, 0xBF801000, 0x3F80FFFF], np.uint32).view(np.float32)
-    y32 = np.full((n, *shape[2:], c), np.nan, np.float32)
-    _check(emu.emu_to_nhwc32(_ptr(x), _ptr(y32), n, c, hw, 0, 5, err, 512), err)
-    np.testing.assert_array_equal(y32.view(np.uint32), nhwc_copy(x, "tf32").view(np.uint32))
-    if c % 4 == 0:   # to_nhwc32x3: the split copy of fp32
-        ys = np.full(nhwc_copy(x, "fp32").shape, np.nan, np.float32)
-        _check(emu.emu_to_nhwc32(_ptr(x), _ptr(ys), n, c, hw, 1, 5, err, 512), err)
-        np.testing.assert_array_equal(ys.view(np.uint32), nhwc_copy(x, "fp32").view(np.uint32))
+    want = nhwc_copy(x, "tf32")
+    y32 = np.full(want.shape, np.nan, np.float32)
+    _check(emu.emu_to_nhwc32(_ptr(x), _ptr(y32), n, c, hw, want.shape[-1], 0, 5, err, 512), err)
+    np.testing.assert_array_equal(y32.view(np.uint32), want.view(np.uint32))
+    want = nhwc_copy(x, "fp32")             # to_nhwc32x3: the split copy of fp32 [..., Cp / 4, 2, 4]
+    ys = np.full(want.shape, np.nan, np.float32)
+    _check(emu.emu_to_nhwc32(_ptr(x), _ptr(ys), n, c, hw, 4 * want.shape[-3], 1, 5, err, 512), err)
+    np.testing.assert_array_equal(ys.view(np.uint32), want.view(np.uint32))
 
 
 @pytest.mark.parametrize("shape,k", [((2, 6, 11, 9), 2), ((1, 70, 7, 7), 2), ((2, 8, 8, 11), 3), ((1, 66, 4, 4), 2),
@@ -220,11 +227,11 @@ def test_pool_grad_nhwc16_emulated(emu, rng, shape, k):
     out32 = np.full((n, h, w, c), np.nan, np.float32)
     _check(emu.emu_pool_grad32(_ptr(dy), _ptr(arg), _ptr(out32), n, c, h, w, p, q, k, 0, 17, err, 512), err)
     dz = ref.maxpool2d_backward(dy.astype(np.float64), cache).astype(np.float32)
-    np.testing.assert_array_equal(out32, nhwc_copy(dz, "tf32"))
+    np.testing.assert_array_equal(out32, nhwc_copy(dz, "tf32", padded=False))
     if c % 4 == 0:   # pool_grad_nhwc32x3: the split copy of fp32
         outs = np.full(nhwc_copy(dz, "fp32").shape, np.nan, np.float32)
         _check(emu.emu_pool_grad32(_ptr(dy), _ptr(arg), _ptr(outs), n, c, h, w, p, q, k, 1, 19, err, 512), err)
-        np.testing.assert_array_equal(outs, nhwc_copy(dz, "fp32"))
+        np.testing.assert_array_equal(outs, nhwc_copy(dz, "fp32", padded=False))
 
 
 @pytest.mark.parametrize("case", [(3, 3, 9, 9, 24, 2, 1, 0, True, 2), (2, 2, 7, 6, 8, 3, 2, 1, False, 1),

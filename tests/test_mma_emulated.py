@@ -411,14 +411,17 @@ def test_conv16(emu, rng, precision, shape):
         for splits in (1, 3):
             if _fits16("filter", shape, precision):
                 dy, x, dw0 = conv_filter_inputs(rng, shape)
-                part0 = np.ascontiguousarray(dw0.transpose(0, 2, 3, 1))         # [O, R, S, C], added into
+                c = shape[1]
+                part0 = np.zeros((*dw0.shape[:1], *dw0.shape[2:], mm.padded_channels(c, precision)), np.float32)
+                part0[..., :c] = dw0.transpose(0, 2, 3, 1)              # [O, R, S, Cp] (x's copy padded), added into
                 part = part0.copy()
                 call = mm.plan_conv16_filter(part, nhwc_copy(dy, precision), nhwc_copy(x, precision), stride, pad,
                                              SMS, tile.name, splits)
                 run_conv(emu, call)
                 want = conv_filter_expected(dy, x, dw0, shape, precision).transpose(0, 2, 3, 1)
-                err = rel_err(part - part0, want - part0)
+                err = rel_err(part[..., :c] - part0[..., :c], want - part0[..., :c])
                 assert err <= RTOL_EMULATED, f"filter {shape} {tile.name} splits {call.splits}: {err:.3g}"
+                assert not part[..., c:].any(), "the padded channels' gradient"
 
 
 @pytest.mark.parametrize(("precision", "shape"), [("bf16", s) for s in POOL16_SHAPES]
@@ -456,7 +459,7 @@ def test_conv16_pool_nan(emu, rng):
     for tile in (TILES16["pool"][1], TILES16W["pool"][0]):
         x, w, b, y = conv_inputs(rng, shape, bias=True)
         x[0, 3, 2, 4] = np.nan
-        x16, w16 = nhwc16(x), nhwc16(w)
+        x16, w16 = nhwc16(x, 8), nhwc16(w, 8)
         run_conv(emu, mm.plan_conv16(y, x16, w16, b, stride, pad, 0, tile.name))
         want_y, want_arg = max_pool_2x2(y)
         assert np.isnan(want_y).any() and not np.isnan(want_y).all()
@@ -469,8 +472,8 @@ def test_conv16_pool_nan(emu, rng):
 
 def test_conv16_launcher():
     """Which shapes HN_CONV16 takes, the tile by size, and what does not fit: ValueError."""
-    assert mm.conv16_fits("fwd", 8, 12, 3, 3, 2, 1) and not mm.conv16_fits("fwd", 12, 8, 3, 3, 1, 1)
-    assert not mm.conv16_fits("filter", 8, 12, 3, 3, 1, 1) and mm.conv16_fits("filter", 8, 16, 3, 3, 2, 1)
+    assert mm.conv16_fits("fwd", 8, 12, 3, 3, 2, 1) and mm.conv16_fits("fwd", 3, 8, 3, 3, 1, 1)   # (x padded)
+    assert not mm.conv16_fits("filter", 8, 12, 3, 3, 1, 1) and mm.conv16_fits("filter", 3, 16, 3, 3, 2, 1)
     assert mm.conv16_fits("data", 3, 16, 3, 3, 1, 2) and not mm.conv16_fits("data", 8, 16, 3, 3, 2, 1)
     assert not mm.conv16_fits("data", 8, 16, 3, 3, 1, 3) and not mm.conv16_fits("data", 8, 16, 3, 1, 1, 0)
     large, small = TILES16["fwd"]
@@ -486,8 +489,9 @@ def test_conv16_launcher():
         mm.plan_conv16(np.zeros((4, 256, 8, 8), np.float32), x16.astype(np.int16), w16, None, 1, 1)
     with pytest.raises(ValueError, match="no bf16 fwd tile"):
         mm.plan_conv16(np.zeros((4, 256, 8, 8), np.float32), x16, w16, None, 1, 1, tile="128x128x32s2a")
-    # tf32: C and O in chunks of 4; the forward only on wgmma, so a tile is named, never chosen by size
-    assert mm.conv16_fits("fwd", 12, 8, 3, 3, 1, 1, "tf32") and not mm.conv16_fits("fwd", 6, 8, 3, 3, 1, 1, "tf32")
+    # tf32: O in chunks of 4 (C padded); the forward only on wgmma, so a tile is named, never chosen by size
+    assert mm.conv16_fits("fwd", 6, 8, 3, 3, 1, 1, "tf32") and not mm.conv16_fits("filter", 6, 6, 3, 3, 1, 1, "tf32")
+    assert mm.padded_channels(3, "bf16") == 8 and mm.padded_channels(6, "tf32") == mm.padded_channels(8, "fp32") == 8
     assert mm.conv16_fits("filter", 4, 12, 3, 3, 2, 1, "tf32") and not mm.conv16_fits("data", 4, 6, 3, 3, 1, 1, "tf32")
     x32, w32 = x16.astype(np.float32), w16.astype(np.float32)
     with pytest.raises(ValueError, match="no tf32 fwd tile by size"):

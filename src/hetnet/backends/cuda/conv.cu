@@ -752,35 +752,37 @@ extern "C" __global__ void relu_mask_inplace(float* __restrict__ dx, const float
 }
 
 // --- channels-last bf16 copies: the operands of mma.cu's HN_CONV16 convolutions (conv.py's "tc16") ------------------
-// y[img][p][c] = bf16(x[img][c][p]) for x [n][C][HW] float32, y as bf16 pairs [n][HW][C / 2] (C even): an
-// activation NCHW -> NHWC, or a weight [O][C][R][S] -> [O][R][S][C]. A block moves 64 channels x 32 pixels of the
-// n * HW (HnTilePixel) through shared memory: each warp reads 32 consecutive pixels of a channel, then writes 64
-// consecutive channels (32 pairs) of a pixel. Grid (ceil(n * HW / 32), ceil(C / 64)), 256 threads; n * HW < 2^31.
+// y[img][p][c] = bf16(x[img][c][p]) for x [n][C][HW] float32, y as bf16 pairs [n][HW][Cp / 2], channels C..Cp-1
+// zero (Cp >= C even: the copy padded to whole 16-byte chunks): an activation NCHW -> NHWC, or a weight [O][C][R][S]
+// -> [O][R][S][Cp]. A block moves 64 channels x 32 pixels of the n * HW (HnTilePixel) through shared memory: each
+// warp reads 32 consecutive pixels of a channel, then writes 64 consecutive channels (32 pairs) of a pixel. Grid
+// (ceil(n * HW / 32), ceil(Cp / 64)), 256 threads; n * HW < 2^31.
 extern "C" __global__ void __launch_bounds__(256) to_nhwc16(const float* __restrict__ x, unsigned* __restrict__ y,
-                                                            int n, int C, int HW) {
+                                                            int n, int C, int HW, int Cp) {
     __shared__ float t[64][33];
     const HnTilePixel px(n * HW, HW);
-    hn_load_nhwc_tile(t, x, px, blockIdx.y * 64, C, HW);
-    hn_store_nhwc16_tile(t, y, blockIdx.x * 32, blockIdx.y * 64, C, n * HW);
+    hn_load_nhwc_tile(t, x, px, blockIdx.y * 64, C, HW);         // (0 past C)
+    hn_store_nhwc16_tile(t, y, blockIdx.x * 32, blockIdx.y * 64, Cp, n * HW);
 }
 
-// to_nhwc16 in tf32: y[img][p][c] = tf32(x[img][c][p]) as float32 [n][HW][C] (any C), the operands of mma.cu's
-// HN_CONV32W / HN_CONV32F; the same tiles (hn_store_nhwc32_tile). to_nhwc32x3: the split copy [n][HW][2 C] of the fp32
-// kernels (C a multiple of 4).
+// to_nhwc16 in tf32: y[img][p][c] = tf32(x[img][c][p]) as float32 [n][HW][Cp] (any Cp >= C, channels past C zero),
+// the operands of mma.cu's HN_CONV32W / HN_CONV32F; the same tiles (hn_store_nhwc32_tile). to_nhwc32x3: the split
+// copy [n][HW][2 Cp] of the fp32 kernels (Cp a multiple of 4).
 template <int SPLIT>
-__device__ __forceinline__ void hn_to_nhwc32(const float* __restrict__ x, float* __restrict__ y, int n, int C, int HW) {
+__device__ __forceinline__ void hn_to_nhwc32(const float* __restrict__ x, float* __restrict__ y, int n, int C, int HW,
+                                             int Cp) {
     __shared__ float t[64][33];
     const HnTilePixel px(n * HW, HW);
-    hn_load_nhwc_tile(t, x, px, blockIdx.y * 64, C, HW);
-    hn_store_nhwc32_tile<SPLIT>(t, y, blockIdx.x * 32, blockIdx.y * 64, C, n * HW);
+    hn_load_nhwc_tile(t, x, px, blockIdx.y * 64, C, HW);         // (0 past C)
+    hn_store_nhwc32_tile<SPLIT>(t, y, blockIdx.x * 32, blockIdx.y * 64, Cp, n * HW);
 }
 extern "C" __global__ void __launch_bounds__(256) to_nhwc32(const float* __restrict__ x, float* __restrict__ y, int n,
-                                                            int C, int HW) {
-    hn_to_nhwc32<0>(x, y, n, C, HW);
+                                                            int C, int HW, int Cp) {
+    hn_to_nhwc32<0>(x, y, n, C, HW, Cp);
 }
 extern "C" __global__ void __launch_bounds__(256) to_nhwc32x3(const float* __restrict__ x, float* __restrict__ y,
-                                                              int n, int C, int HW) {
-    hn_to_nhwc32<1>(x, y, n, C, HW);
+                                                              int n, int C, int HW, int Cp) {
+    hn_to_nhwc32<1>(x, y, n, C, HW, Cp);
 }
 
 // The window of a tile's pixel (HnTilePixel) of z [n][C][H][W] under k x k max pooling at stride k: (p, q) the
@@ -997,10 +999,12 @@ extern "C" __global__ void turn_weights32x3(const float* __restrict__ w, float* 
     }
 }
 
-// dw[o][c][rs] += t[o][rs][c]: a filter gradient computed channels-last, added into the weights' layout.
-extern "C" __global__ void add_from_nhwc(float* __restrict__ dw, const float* __restrict__ t, int O, int C, int RS) {
+// dw[o][c][rs] += t[o][rs][c]: a filter gradient computed channels-last over Cp >= C channels (those of a padded
+// copy of x, to_nhwc16), added into the weights' layout.
+extern "C" __global__ void add_from_nhwc(float* __restrict__ dw, const float* __restrict__ t, int O, int C, int RS,
+                                         int Cp) {
     HN_GRID_STRIDE(e, (long long)O * C * RS) {
         const int rs = (int)(e % RS), u = (int)(e / RS), c = u % C, o = u / C;
-        dw[e] += t[((long long)o * RS + rs) * C + c];
+        dw[e] += t[((long long)o * RS + rs) * Cp + c];
     }
 }

@@ -514,13 +514,15 @@ def conv_gelu_fits(be, x, w, b, g: Geometry) -> bool:
 def takes_nhwc16(be, x_shape, feeds) -> bool:
     """Whether the convolution forward that `feeds` names ((w_shape, stride, padding), the op contract's hand-over;
     None: no hand-over) reads an Nhwc16 of x_shape (N, C, H, W): at bf16, where its forward and filter gradient were
-    measured on channels-last copies (_kept16), so that it keeps x's copy, not x."""
+    measured on channels-last copies (_kept16), so that it keeps x's copy, not x; C a multiple of the chunk (the
+    hand-over's copy is not padded as to_nhwc's would be)."""
     if feeds is None or len(x_shape) != 4:
         return False
     w_shape, stride, pad = feeds
     n, c, h, wd = x_shape
     k, c2, r, s = w_shape
-    return (be.precision == "bf16" and c2 == c and c % 2 == 0 and 0 < n <= mma.GRID_YZ and n * h * wd < 2**31
+    return (be.precision == "bf16" and c2 == c and c % mma.CHUNK["bf16"] == 0 and 0 < n <= mma.GRID_YZ
+            and n * h * wd < 2**31
             and _kept16(be, Geometry(n, c, h, wd, k, r, s, int(stride), int(pad))) is not None)
 
 

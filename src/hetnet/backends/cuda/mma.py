@@ -401,19 +401,23 @@ def conv_filter_tc(be, dw, dy, x, stride: int, pad: int, tile: str | None = None
 # pool_grad_nhwc<s>), their storage, and the multiple of the channel count they need (bf16 pairs, fp32's chunks).
 COPIES = {"bf16": ("16", np.uint16, 2), "tf32": ("32", np.float32, 1), "fp32": ("32x3", np.float32, 4)}
 COPY_DTYPE = {precision: dtype for precision, (_, dtype, _) in COPIES.items()}
+# the channels of one 16-byte chunk, the kernels' unit along C: to_nhwc pads its copies' channels to a multiple of it
+# with zeros (a 3-channel image as 8 channels at bf16), so that a convolution's forward and filter gradient take any C
+CHUNK = {"bf16": 8, "tf32": 4, "fp32": 4}
 TILES_CL = {"bf16": (TILES16, TILES16W), "tf32": (TILES32, TILES32W),   # (mma.sync tiles, wgmma tiles) per op
             "fp32": (TILES32X3, TILES32X3W)}
 
 
 def conv16_fits(op: str, c: int, o: int, r: int, s: int, stride: int, pad: int, precision: str = "bf16") -> bool:
     """Whether the channels-last kernels of `precision` compute `op` on this shape: channels read in whole 16-byte
-    chunks (8 bf16 or 4 float32: C of x for the forward and filter gradient, O of dy for the filter and data
-    gradients), and the data gradient, a forward over dy, at stride 1 with a square kernel and pad < R."""
-    e = 8 if precision == "bf16" else 4           # (fp32: also the split copy's chunk pairs)
+    chunks (CHUNK: 8 bf16 or 4 float32): C of x for the forward and filter gradient any (to_nhwc pads the copies of x
+    and w), O of dy for the filter and data gradients a multiple of the chunk (dy's copies come from other kernels
+    too, unpadded); the data gradient, a forward over dy, at stride 1 with a square kernel and pad < R."""
+    e = CHUNK[precision]
     if op in ("fwd", "pool"):
-        return c % e == 0
+        return True
     if op == "filter":
-        return c % e == 0 and o % e == 0
+        return o % e == 0
     return o % e == 0 and stride == 1 and r == s and 0 <= pad < r
 
 
@@ -473,8 +477,7 @@ def plan_conv16(y, x16, w16, b, stride: int, pad: int, act: int = 0, tile: str |
     *_, p, q = _conv_sizes((n, c, h, wd), (o, c, r, s), stride, pad)
     if (c2 != c or tuple(y.shape) != (n, o, p, q) or (b is not None and tuple(b.shape) != (o,))
             or not conv16_fits("fwd", c, o, r, s, stride, pad, _copy_precision(x16))):
-        raise ValueError(f"conv16: x {x16.shape}, w {w16.shape}, y {y.shape} do not fit together (C a multiple of 8 "
-                         f"bf16 or 4 float32)")
+        raise ValueError(f"conv16: x {x16.shape}, w {w16.shape}, y {y.shape} do not fit together")
     return _call16("fwd", tile, x16, w16, b, y, o, n * p * q, r * s * c, (c, h, wd, r, s, p, q, o, stride, pad), act)
 
 
@@ -539,15 +542,21 @@ def plan_conv16_filter(dw16, dy16, x16, stride: int, pad: int, sms: int = 132, t
 
 
 def to_nhwc16(be, x):
-    """x [n, C, *spatial] float32 (contiguous) as bf16 bits [n, *spatial, C] (conv.cu's to_nhwc16; C even): an
-    activation NCHW -> NHWC, or weights [O, C, R, S] -> [O, R, S, C]."""
+    """x [n, C, *spatial] float32 (contiguous) as bf16 bits [n, *spatial, Cp] (conv.cu's to_nhwc16), Cp = C rounded
+    up to CHUNK (the channels past C zero): an activation NCHW -> NHWC, or weights [O, C, R, S] -> [O, R, S, Cp]."""
     return _to_nhwc(be, x, "bf16")
 
 
 def to_nhwc(be, x):
-    """x's channels-last copy at `be`'s precision: to_nhwc16 at bf16; at tf32 float32 rounded to tf32 [n, *spatial,
-    C] (conv.cu's to_nhwc32); at fp32 the split copy [n, *spatial, C / 4, 2, 4] (to_nhwc32x3; C a multiple of 4)."""
+    """x's channels-last copy at `be`'s precision, its channels C padded with zeros to Cp, a multiple of CHUNK:
+    to_nhwc16 at bf16; at tf32 float32 rounded to tf32 [n, *spatial, Cp] (conv.cu's to_nhwc32); at fp32 the split
+    copy [n, *spatial, Cp / 4, 2, 4] (to_nhwc32x3)."""
     return _to_nhwc(be, x, be.precision)
+
+
+def padded_channels(c: int, precision: str) -> int:
+    """The channels of to_nhwc's copy of a tensor of c channels at precision: c rounded up to CHUNK."""
+    return -(-c // CHUNK[precision]) * CHUNK[precision]
 
 
 def _copy_shape(shape: tuple, precision: str) -> tuple:
@@ -562,17 +571,17 @@ def _copies_at(precision: str) -> None:
 
 def _to_nhwc(be, x, precision: str):
     _copies_at(precision)
-    suffix, dtype, multiple = COPIES[precision]
+    suffix, dtype, _ = COPIES[precision]
     n, c = x.shape[:2]
     hw = x.size // max(n * c, 1)
+    cp = padded_channels(c, precision)
     name = "to_nhwc" + suffix
-    if c % multiple or n * hw >= 2**31 or x.dtype != np.float32 or not x.flags.c_contiguous:
-        raise ValueError(f"{name}: x of shape {x.shape} must be contiguous float32 under 2^31 pixels (C even at "
-                         f"bf16, a multiple of 4 at fp32)")
-    out = be.xp.empty(_copy_shape((n, *x.shape[2:], c), precision), dtype=dtype)
+    if n * hw >= 2**31 or x.dtype != np.float32 or not x.flags.c_contiguous:
+        raise ValueError(f"{name}: x of shape {x.shape} must be contiguous float32 under 2^31 pixels")
+    out = be.xp.empty(_copy_shape((n, *x.shape[2:], cp), precision), dtype=dtype)
     if out.size:
-        get_kernel(be.device_id, "conv", name)((math.ceil(n * hw / 32), math.ceil(c / 64)), (256,),
-                                                (x, out, _i32(n), _i32(c), _i32(hw)))
+        get_kernel(be.device_id, "conv", name)((math.ceil(n * hw / 32), math.ceil(cp / 64)), (256,),
+                                                (x, out, _i32(n), _i32(c), _i32(hw), _i32(cp)))
     return out
 
 
@@ -658,9 +667,11 @@ def conv16_data(be, dx, dy16, w, relu_x, pad: int, tile: str | None = None) -> N
 
 def conv16_filter(be, dw, dy16, x16, stride: int, pad: int, tile: str | None = None,
                   splits: int | None = None) -> None:
-    """dw [O, C, R, S] += conv_backward_filter(dy, x) from dy16 = to_nhwc16(dy) and x16 = to_nhwc16(x): summed
-    channels-last into a zeroed scratch, then added into dw (plan_conv16_filter)."""
+    """dw [O, C, R, S] += conv_backward_filter(dy, x) from dy16 = to_nhwc(dy) and x16 = to_nhwc(x): summed
+    channels-last into a zeroed scratch over x16's Cp channels (C padded: those past C are dropped), then added into
+    dw (plan_conv16_filter)."""
     o, c, r, s = dw.shape
-    part = be.xp.zeros((o, r, s, c), dtype=np.float32)
+    cp = _nhwc_shape(x16)[3]
+    part = be.xp.zeros((o, r, s, cp), dtype=np.float32)
     launch_conv(be, plan_conv16_filter(part, dy16, x16, stride, pad, be.sms, tile, splits))
-    be.launch("conv", "add_from_nhwc", dw.size, dw, part, _i32(o), _i32(c), _i32(r * s))
+    be.launch("conv", "add_from_nhwc", dw.size, dw, part, _i32(o), _i32(c), _i32(r * s), _i32(cp))
