@@ -400,6 +400,39 @@ def test_precision_targets_judge_gpu_rows_only():
     assert "cifar-wide tf32" not in by
 
 
+def test_precision_rows_merge_into_an_earlier_table(tmp_path, capsys):
+    """--merge FILE: the written table has this run's rows and FILE's rows it did not measure, in the tables'
+    order, each naming the commit it was measured at (FILE's own, or its table's); the targets are judged on all of
+    them. A file that is not a precision_step.json is one error naming the flag and the file."""
+    def row(m, b, p, vs):
+        return dict(dict.fromkeys(precision.ROW_KEYS), model=m, batch_size=b, precision=p, status="ok",
+                    hetnet_backend="cuda:0", hetnet_img_per_s=2.0, speedup_vs_torch_graph=vs)
+
+    old = {"environment": {"commit": "aaa1111", "time_utc": "2026-12-01T00:00:00Z", "card": "X"},
+           "rows": [row("cifar-wide", 512, "bf16", 1.0), row("cifar-wide", 512, "fp32", 1.3),
+                    dict(row("thesis-m1", 128, "fp32", 2.0), measured={"commit": "bbb2222"})]}
+    new = [row("cifar-wide", 512, "bf16", 1.4), row("cifar-wide", 1024, "bf16", 1.5)]
+    env = {"commit": "ccc3333", "time_utc": "2026-12-04T00:00:00Z", "card": "X", "host": "h", "cpu": "c",
+           "threads": 1, "cpus_available": 1, "blas": "b"}
+    rows = precision.merged_rows(new, old, env)
+    assert [(r["model"], r["batch_size"], r["precision"], r["measured"]["commit"]) for r in rows] == [
+        ("thesis-m1", 128, "fp32", "bbb2222"), ("cifar-wide", 512, "fp32", "aaa1111"),
+        ("cifar-wide", 512, "bf16", "ccc3333"), ("cifar-wide", 1024, "bf16", "ccc3333")]
+    by = {t["target"].split(",")[0]: t for t in precision.precision_targets(rows)}
+    assert by["cifar-wide bf16"]["met"] and by["cifar-wide fp32"]["met"]
+    doc = {"environment": env, "method": "m", "rows": rows, "targets": [], "merged_from": "aaa1111"}
+    assert "| 1.30x | — | — | — | — | — | aaa1111 |" in precision.precision_markdown(doc)
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    assert bench.parse_args(["--precision", "bf16", "--merge", str(path)]).merge == old
+    for text in ("{", json.dumps({"rows": []})):
+        path.write_text(text)
+        with pytest.raises(UsageError, match=f"--merge: {path}"):
+            bench.parse_args(["--precision", "bf16", "--merge", str(path)])
+    with pytest.raises(UsageError, match="--merge: merges precision rows"):
+        bench.parse_args(["--merge", str(path)])
+
+
 # --- the scripts in benchmarks/ ------------------------------------------------------------------------------------
 
 

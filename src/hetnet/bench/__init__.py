@@ -71,7 +71,7 @@ from .common import (
 from .layers import PRECISION_LAYER_MODEL, bench_conv_precision, bench_layers, run_conv_precision, run_layers
 from .loaders import LOADER_ROWS, run_loader_epochs
 from .models import check_model, model_label
-from .precision import PRECISION_BATCHES, PRECISION_MODELS, bench_precision_step, run_precision_step
+from .precision import PRECISION_BATCHES, PRECISION_MODELS, bench_precision_step, load_merge, run_precision_step
 from .profile import PROFILE_ROWS, run_profile
 from .speedrun import RUNS as SPEEDRUN_RUNS
 from .speedrun import run_speedrun
@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "hetnet's side's")
     p.add_argument("--torch-compile", action="store_true",
                    help="precision rows: also torch.compile(mode='max-autotune') of PyTorch's step (minutes per row)")
+    p.add_argument("--merge", metavar="FILE",
+                   help="precision rows: keep FILE's rows (a precision_step.json) that this run does not measure, "
+                        "each with the commit and time it was measured at, in the written table")
     p.add_argument("--out", default=None,
                    help="folder for the results (default: benchmarks/results/<GPU card or host name>)")
     p.add_argument("--repeats", type=int, default=None, help="most timed repetitions per side (default 30; quick 8)")
@@ -255,6 +258,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.time_budget is None:
         args.time_budget = 330.0 if gpu and not args.precision else 0.0
     args.reference_rows = parse_list(args.reference_rows, "--reference-rows") if args.reference_rows else []
+    if args.merge is not None:
+        if not args.precision:
+            raise UsageError("--merge: merges precision rows; give --precision")
+        args.merge = load_merge(args.merge, "--merge")
     return args
 
 

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import functools
 import gc
+import json
 import time
 from pathlib import Path
 
 from ..device import get_backend
+from ..errors import UsageError
 from .common import (
     FULL_BATCH_RTOL,
     LR,
@@ -235,9 +237,14 @@ def precision_markdown(doc: dict) -> str:
     if doc.get("gemm_tflops"):
         lines += ["Measured dense GEMM ceilings (torch.mm 8192^3): " + ", ".join(
             f"{p} {v} TFLOP/s" for p, v in doc["gemm_tflops"].items()) + ".", ""]
+    merged = "merged_from" in doc
+    if merged:
+        lines += ["Rows from several runs (--merge): each names the commit it was measured at; the ratios of a row "
+                  "are from its own run.", ""]
     lines += ["| model | batch | precision | hetnet img/s | torch graph img/s | torch compile img/s | vs graph | "
-              "vs compile | hetnet TFLOP/s | hetnet peak MiB | torch peak MiB | check rel. err |",
-              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "vs compile | hetnet TFLOP/s | hetnet peak MiB | torch peak MiB | check rel. err |"
+              + (" commit |" if merged else ""),
+              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---|" if merged else "")]
     notes = []
     for r in doc["rows"]:
         if r.get("status") not in ("ok", "torch only"):
@@ -248,7 +255,8 @@ def precision_markdown(doc: dict) -> str:
                      f"{fmt(r['torch_graph_img_per_s'], 0)} | {fmt(r['torch_compile_img_per_s'], 0)} | "
                      f"{fmt(vs_g) + 'x' if vs_g else '—'} | {fmt(vs_c) + 'x' if vs_c else '—'} | "
                      f"{fmt(r['hetnet_tflops'])} | {fmt(r['hetnet_peak_mib'], 1)} | {fmt(r['torch_peak_mib'], 1)} | "
-                     + (f"{r['check_max_rel_err']:.1e} |" if r.get("check_max_rel_err") is not None else "— |"))
+                     + (f"{r['check_max_rel_err']:.1e} |" if r.get("check_max_rel_err") is not None else "— |")
+                     + (f" {(r.get('measured') or {}).get('commit') or '—'} |" if merged else ""))
     partial = [r for r in doc["rows"] if r.get("status") == "torch only"]
     if partial:
         lines += ["", "No hetnet side (PyTorch measured alone):", ""]
@@ -303,12 +311,55 @@ def run_precision_step(args, devices: list[str], env: dict, out: Path, deadline:
             doc["gemm_tflops"] = gemm_ceilings(args.precision)
         except Exception as e:
             errors.append(f"GEMM ceilings: {short_error(e)}")
+    if args.merge is not None:
+        rows = merged_rows(rows, args.merge, env)
+        doc["merged_from"] = args.merge["environment"].get("commit")
     doc["targets"] = precision_targets(rows)
     doc["rows"] = rows
     doc["load_average_at_end"] = load_average()
     write_result(out / "precision_step.json", doc)
     write_text(out / "precision_step.md", precision_markdown(doc))
     return doc
+
+
+def _row_key(row: dict) -> tuple:
+    return row.get("model"), row.get("batch_size"), row.get("precision"), row.get("hetnet_backend")
+
+
+def _measured(env: dict) -> dict:
+    return {"commit": env.get("commit"), "time_utc": env.get("time_utc"), "card": env.get("card") or env.get("host")}
+
+
+def load_merge(path: str, flag: str) -> dict:
+    """The precision_step.json at path (JSON only, never unpickled), checked to be one: a UsageError naming flag and
+    the file otherwise."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise UsageError(f"{flag}: cannot read {path}: {e.strerror}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"{flag}: {path} is not JSON: {e}") from None
+    if (not isinstance(doc, dict) or not isinstance(doc.get("environment"), dict)
+            or not isinstance(doc.get("rows"), list) or not all(isinstance(r, dict) for r in doc["rows"])):
+        raise UsageError(f"{flag}: {path} is not a precision_step.json (an object with environment and rows)")
+    return doc
+
+
+def merged_rows(rows: list[dict], old: dict, env: dict) -> list[dict]:
+    """This run's rows, then the rows of the earlier table `old` that it did not measure (same model, batch,
+    precision and backend), in the tables' order (model, batch, precision); each row names where it was measured
+    (`measured`: commit, time, card), an old row its own or its table's."""
+    def order(r):
+        m, p = r.get("model"), r.get("precision")
+        return (PRECISION_MODELS.index(m) if m in PRECISION_MODELS else len(PRECISION_MODELS), str(m),
+                r.get("batch_size") or 0, PRECISIONS.index(p) if p in PRECISIONS else len(PRECISIONS))
+
+    new = {_row_key(r) for r in rows}
+    for r in rows:
+        r["measured"] = _measured(env)
+    kept = [dict(r, measured=r.get("measured") or _measured(old["environment"]))
+            for r in old["rows"] if _row_key(r) not in new]
+    return sorted(rows + kept, key=order)
 
 
 def _safe_row(model_name, batch, device, precision, args) -> dict:
@@ -334,5 +385,5 @@ def _progress(row: dict) -> None:
         print(f"{head}: {row['status']}: {row.get('reason')}", flush=True)
 
 
-__all__ = ["bench_precision_step", "run_precision_step", "precision_targets", "PRECISIONS", "PRECISION_MODELS",
-           "PRECISION_BATCHES", "ROW_KEYS"]
+__all__ = ["bench_precision_step", "run_precision_step", "precision_targets", "load_merge", "merged_rows", "PRECISIONS",
+           "PRECISION_MODELS", "PRECISION_BATCHES", "ROW_KEYS"]
