@@ -411,7 +411,8 @@ def test_precision_rows_merge_into_an_earlier_table(tmp_path, capsys):
     old = {"environment": {"commit": "aaa1111", "time_utc": "2026-12-01T00:00:00Z", "card": "X"},
            "rows": [row("cifar-wide", 512, "bf16", 1.0), row("cifar-wide", 512, "fp32", 1.3),
                     dict(row("thesis-m1", 128, "fp32", 2.0), measured={"commit": "bbb2222"})]}
-    new = [row("cifar-wide", 512, "bf16", 1.4), row("cifar-wide", 1024, "bf16", 1.5)]
+    new = [row("cifar-wide", 512, "bf16", 1.4), row("cifar-wide", 1024, "bf16", 1.5),
+           dict(row("cifar-wide", 512, "fp32", None), status="skipped")]          # (the old row stays)
     env = {"commit": "ccc3333", "time_utc": "2026-12-04T00:00:00Z", "card": "X", "host": "h", "cpu": "c",
            "threads": 1, "cpus_available": 1, "blas": "b"}
     rows = precision.merged_rows(new, old, env)

@@ -2,14 +2,16 @@
 node's kernels run back to back), and an NVTX range "prof" around one step for Nsight Compute.
 
     PYTHONPATH=src python benchmarks/kernels/profile_step.py --model fashion-cnn --batch 32
-    ncu --profile-from-start off --metrics gpu__time_duration.sum --csv \\
+    HETNET_TUNE_CACHE=0 ncu --profile-from-start off --metrics gpu__time_duration.sum --csv \\
         python benchmarks/kernels/profile_step.py --model thesis-m1 --batch 1024 --quiet
-    ncu --profile-from-start off --clock-control none --cache-control none --section SpeedOfLight \\
-        --section WarpStateStats --print-details all -k regex:conv16 \\
+    HETNET_TUNE_CACHE=0 ncu --profile-from-start off --clock-control none --cache-control none \\
+        --section SpeedOfLight --section WarpStateStats --print-details all -k regex:conv16 \\
         python benchmarks/kernels/profile_step.py --model cifar-speed --batch 1024 --quiet
 
 (--clock-control none: the card's own clocks; --cache-control none: the L2 as the step leaves it, where ncu would
-flush it before each kernel; the whitening layer of cifar-speed is filled from the random images.)
+flush it before each kernel; the whitening layer of cifar-speed is filled from the random images.
+HETNET_TUNE_CACHE=0: the convolution choices measured under the profiler are not kept for the processes after it
+(hetnet.backends.cuda.tune_cache), whose own measurements they would replace.)
 """
 from __future__ import annotations
 

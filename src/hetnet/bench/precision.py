@@ -347,13 +347,16 @@ def load_merge(path: str, flag: str) -> dict:
 
 def merged_rows(rows: list[dict], old: dict, env: dict) -> list[dict]:
     """This run's rows, then the rows of the earlier table `old` that it did not measure (same model, batch,
-    precision and backend), in the tables' order (model, batch, precision); each row names where it was measured
-    (`measured`: commit, time, card), an old row its own or its table's."""
+    precision and backend; a row this run skipped for its time budget is not measured), in the tables' order (model,
+    batch, precision); each row names where it was measured (`measured`: commit, time, card), an old row its own or
+    its table's."""
     def order(r):
         m, p = r.get("model"), r.get("precision")
         return (PRECISION_MODELS.index(m) if m in PRECISION_MODELS else len(PRECISION_MODELS), str(m),
                 r.get("batch_size") or 0, PRECISIONS.index(p) if p in PRECISIONS else len(PRECISIONS))
 
+    old_keys = {_row_key(r) for r in old["rows"]}
+    rows = [r for r in rows if r.get("status") != "skipped" or _row_key(r) not in old_keys]
     new = {_row_key(r) for r in rows}
     for r in rows:
         r["measured"] = _measured(env)
