@@ -237,6 +237,9 @@ def precision_markdown(doc: dict) -> str:
     if doc.get("gemm_tflops"):
         lines += ["Measured dense GEMM ceilings (torch.mm 8192^3): " + ", ".join(
             f"{p} {v} TFLOP/s" for p, v in doc["gemm_tflops"].items()) + ".", ""]
+    if doc.get("partial"):
+        lines += ["**Partial**: the rows measured before the run stopped (the table is written again after each row).",
+                  ""]
     merged = "merged_from" in doc
     if merged:
         lines += ["Rows from several runs (--merge): each names the commit it was measured at; the ratios of a row "
@@ -277,9 +280,12 @@ def precision_markdown(doc: dict) -> str:
 
 
 def run_precision_step(args, devices: list[str], env: dict, out: Path, deadline: float, rows_to_run) -> dict:
-    """Every (model, batch) of rows_to_run x args.precision on each device -> precision_step.json / .md."""
+    """Every (model, batch) of rows_to_run x args.precision on each device -> precision_step.json / .md, written
+    again after each row (marked "partial" until the last), so that a run cut short keeps the rows it measured."""
     rows, errors = [], []
     gpu = any(d.startswith("cuda") for d in devices)
+    doc = {"environment": env, "method": method_text(gpu), "tolerances": dict(RTOL_PRECISION),
+           "optimizer": f"SGD lr={LR} momentum={MOMENTUM}", "precisions": list(args.precision), "errors": errors}
     for device in devices:
         if device == "reference":
             continue   # the float64 oracle has no precision to compare
@@ -299,24 +305,29 @@ def run_precision_step(args, devices: list[str], env: dict, out: Path, deadline:
                     row = _safe_row(model_name, batch, device, precision, args)
                 rows.append(row)
                 _progress(row)
+                _write_precision(dict(doc, partial=True), rows, args, env, out)
         if device.startswith("cuda"):
             try:
                 torch_flags(False)
             except Exception:
                 pass
-    doc = {"environment": env, "method": method_text(gpu), "tolerances": dict(RTOL_PRECISION),
-           "optimizer": f"SGD lr={LR} momentum={MOMENTUM}", "precisions": list(args.precision), "errors": errors}
     if gpu:
         try:
             doc["gemm_tflops"] = gemm_ceilings(args.precision)
         except Exception as e:
             errors.append(f"GEMM ceilings: {short_error(e)}")
+    doc["load_average_at_end"] = load_average()
+    return _write_precision(doc, rows, args, env, out)
+
+
+def _write_precision(doc: dict, rows: list[dict], args, env: dict, out: Path) -> dict:
+    """doc with rows (merged into args.merge's, when given) and their targets -> out/precision_step.json / .md."""
+    rows = [dict(r) for r in rows]
     if args.merge is not None:
         rows = merged_rows(rows, args.merge, env)
         doc["merged_from"] = args.merge["environment"].get("commit")
     doc["targets"] = precision_targets(rows)
     doc["rows"] = rows
-    doc["load_average_at_end"] = load_average()
     write_result(out / "precision_step.json", doc)
     write_text(out / "precision_step.md", precision_markdown(doc))
     return doc
