@@ -16,17 +16,29 @@
 //     swizzle or the 128-byte swizzle; a tf32 element is its float32 word, low 13 bits ignored), D in the ISA's
 //     accumulator fragment order; the result reaches the registers only when a wgmma.wait_group retires its group,
 //     and the words it read may not be written before that.
-// wgmma reads shared memory through the async proxy: a word it reads must have been written before a barrier and,
-// by the thread that wrote it, followed by a fence.proxy.async (a missing fence is an error).
+//   - mbarrier (PTX ISA 9.7.13.15) objects of 8 bytes in dynamic shared memory: init, arrive, try_wait.parity (a
+//     false result lets the other threads run), and cp.async.mbarrier.arrive.noinc (the thread's cp.async copies land,
+//     then it arrives); a phase completes when its count of arrivals is reached.
+// wgmma reads shared memory through the async proxy: a word it reads must have been written before, by the thread
+// that wrote it followed by a fence.proxy.async, or by a write the warpgroup's first thread had acquired when it last
+// ran fence.proxy.async (a missing fence is an error).
+// Ordering: happens-before by vector clocks. Each thread's clock advances at every release (a barrier, an mbarrier
+// arrive); a barrier makes every thread know every clock; an mbarrier phase carries what its arriving threads knew to
+// the threads whose try_wait sees it complete. A shared-memory access by one thread is ordered after another's write
+// (or read, for a write) only through those; anything else is a race.
 // Checks, each a launch error with a message: every shared-memory word read was written before (no reads of
-// uninitialised or padding words); a word written by one thread and read or written by another within one barrier
-// interval (a missing __syncthreads); a read of, or write to, a word with a cp.async in flight; global accesses
-// outside the buffers the launch registered; misaligned 16-/8-byte accesses; a barrier or warp collective that not
-// every thread reaches (deadlock); lanes of a warp meeting at different collectives.
+// uninitialised or padding words); a word written by one thread and read or written by another without a barrier or
+// mbarrier wait between (the same for a write after another thread's read); a read of, or write to, a word with a cp.async in
+// flight; an mbarrier used before its init is ordered before the use, or touched by ordinary loads and stores;
+// global accesses outside the buffers the launch registered; misaligned 16-/8-byte accesses; a barrier or warp
+// collective that not every thread reaches, or a try_wait that no arrive will complete (deadlock); lanes of a warp
+// meeting at different collectives. Not checked: wgmma's reads against a later write by a thread that did not wait
+// for them (the emulator only checks that the issuing warpgroup had retired them).
 #pragma once
 
 #include <ucontext.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdarg>
 #include <cstdint>
@@ -84,17 +96,35 @@ struct Thread {
     int groups_committed = 0;
     long writes = 0;        // shared-memory writes so far (cp.async counted when it lands)
     long fenced = 0;        // `writes` at this thread's last fence.proxy.async
+    int clock = 1;          // this thread's own clock: advanced by every release (barrier, mbarrier arrive)
+    std::vector<int> acq;   // the clocks of the other threads that it acquired through mbarriers
+    std::vector<int> fence_known;   // what it knew (known()) at its last fence.proxy.async
 };
 
+constexpr int READERS = 8;   // the readers of a word tracked since its last write
+
 struct Word {          // shadow state of one 4-byte shared-memory word
-    int w_epoch = -1;  // barrier interval of the last write (-1: never written)
-    int w_tid = -1;
-    int r_epoch = -1;  // barrier interval of the last read
-    int r_tid = -1;    // its reader, -2 when several threads read it in that interval
+    bool written = false;
+    bool mbarrier = false;  // part of an mbarrier object (no ordinary loads or stores)
+    int w_tid = -1;    // the last writer and its clock at the write
+    int w_clock = 0;
+    int nr = 0;        // readers since the last write: r_tid[i] at its clock r_clock[i]; past READERS of them,
+    int r_tid[READERS];   // every reader's clock in readers[many] (one entry per thread, 0: none; kept across writes)
+    int r_clock[READERS];
+    int many = -1;
     int pending = -1;  // thread whose cp.async to this word is in flight
     long w_seq = 0;    // the writer's `writes` count at this write (for the proxy fence check)
     int wg_busy = -1;  // warpgroup whose wgmma group wg_group reads this word (until a wait retires it)
     int wg_group = 0;
+};
+
+struct MBarrier {      // an mbarrier object: its arrival count, the phases completed, what each phase carries
+    bool init = false;
+    int init_tid = -1, init_clock = 0;
+    int count = 0, pending = 0;
+    long phase = 0;                  // phases completed
+    std::vector<int> carried;        // the clocks known to the arrivals of the current phase
+    std::vector<int> done[2];        // ... of the last completed phase of each parity
 };
 
 struct WgmmaOp {        // one issued wgmma.mma_async of a warpgroup: its results, written to d when its group retires
@@ -134,7 +164,10 @@ struct State {
     std::vector<Warpgroup> warpgroups;
     ucontext_t sched;
     int cur = 0;
-    int epoch = 0;
+    int epoch = 0;                 // barrier intervals so far
+    std::vector<int> bar_known;    // every thread's clock at the last barrier (what a barrier makes all threads know)
+    std::vector<MBarrier> mbars = std::vector<MBarrier>(MAX_SMEM / 8);   // by 8-byte slot of shared memory
+    std::vector<std::vector<int>> readers;   // the reader clocks of words read by more than READERS threads
     int bar_arrived = 0;
     long bar_gen = 0;
     long events = 0;
@@ -181,21 +214,40 @@ inline Word& word(const void* p) {
     return S().shadow[(static_cast<const unsigned char*>(p) - S().smem) / 4];
 }
 
+// What thread r knows of thread u's clock: its own; else what the last barrier or an acquired mbarrier phase told it.
+inline int known(int r, int u) {
+    State& s = S();
+    return r == u ? s.threads[r].clock : std::max(s.bar_known[u], s.threads[r].acq[u]);
+}
+// Whether thread u's access at its clock `clock` happens before thread r's next one.
+inline bool ordered(int u, int clock, int r) { return u == r || known(r, u) >= clock; }
+
 inline void smem_read(const void* p, int bytes, int tid, const char* what) {
     if (!in_smem(p, bytes)) fail("%s: shared read of %d bytes outside the block's %d bytes", what, bytes, S().smem_bytes);
     State& s = S();
+    const int clock = s.threads[tid].clock;
     for (int o = 0; o < bytes; o += 4) {
         Word& w = word(static_cast<const unsigned char*>(p) + o);
         const long off = static_cast<const unsigned char*>(p) + o - s.smem;
+        if (w.mbarrier) fail("%s: an ordinary read of mbarrier byte %ld", what, off);
         if (w.pending >= 0) fail("%s: reads shared byte %ld while thread %d's cp.async to it is in flight", what, off, w.pending);
-        if (w.w_epoch < 0) fail("%s: reads shared byte %ld, never written", what, off);
-        if (w.w_epoch == s.epoch && w.w_tid != tid)
-            fail("%s: reads shared byte %ld written by thread %d without a barrier between", what, off, w.w_tid);
-        if (w.r_epoch != s.epoch) {
-            w.r_epoch = s.epoch;
-            w.r_tid = tid;
-        } else if (w.r_tid != tid) {
-            w.r_tid = -2;
+        if (!w.written) fail("%s: reads shared byte %ld, never written", what, off);
+        if (!ordered(w.w_tid, w.w_clock, tid))
+            fail("%s: reads shared byte %ld written by thread %d without a barrier or mbarrier wait between", what, off,
+                 w.w_tid);
+        int i = 0;
+        while (i < w.nr && w.r_tid[i] != tid) ++i;
+        if (i < w.nr) {
+            w.r_clock[i] = clock;
+        } else if (w.nr < READERS) {
+            w.r_tid[w.nr] = tid;
+            w.r_clock[w.nr++] = clock;
+        } else {
+            if (w.many < 0) {
+                w.many = static_cast<int>(s.readers.size());
+                s.readers.emplace_back(s.threads.size(), 0);
+            }
+            s.readers[w.many][tid] = clock;
         }
     }
 }
@@ -206,11 +258,20 @@ inline void smem_write_check(const void* p, int bytes, int tid, const char* what
     for (int o = 0; o < bytes; o += 4) {
         Word& w = word(static_cast<const unsigned char*>(p) + o);
         const long off = static_cast<const unsigned char*>(p) + o - s.smem;
+        if (w.mbarrier) fail("%s: an ordinary write of mbarrier byte %ld", what, off);
         if (w.pending >= 0) fail("%s: writes shared byte %ld while thread %d's cp.async to it is in flight", what, off, w.pending);
-        if (w.w_epoch == s.epoch && w.w_tid != tid)
-            fail("%s: writes shared byte %ld also written by thread %d without a barrier between", what, off, w.w_tid);
-        if (w.r_epoch == s.epoch && w.r_tid != tid)
-            fail("%s: writes shared byte %ld read by another thread without a barrier between", what, off);
+        if (w.written && !ordered(w.w_tid, w.w_clock, tid))
+            fail("%s: writes shared byte %ld also written by thread %d without a barrier or mbarrier wait between", what,
+                 off, w.w_tid);
+        for (int i = 0; i < w.nr; ++i)
+            if (!ordered(w.r_tid[i], w.r_clock[i], tid))
+                fail("%s: writes shared byte %ld read by thread %d without a barrier or mbarrier wait between", what,
+                     off, w.r_tid[i]);
+        if (w.many >= 0)
+            for (size_t u = 0; u < s.readers[w.many].size(); ++u)
+                if (s.readers[w.many][u] && !ordered(static_cast<int>(u), s.readers[w.many][u], tid))
+                    fail("%s: writes shared byte %ld read by thread %zu without a barrier or mbarrier wait between",
+                         what, off, u);
         if (w.wg_busy >= 0 && w.wg_group >= s.warpgroups[w.wg_busy].retired)
             fail("%s: writes shared byte %ld that warpgroup %d's wgmma (group %d) has not finished reading", what, off,
                  w.wg_busy, w.wg_group);
@@ -218,13 +279,17 @@ inline void smem_write_check(const void* p, int bytes, int tid, const char* what
 }
 
 inline void smem_wrote(const void* p, int bytes, int tid) {
-    const long seq = ++S().threads[tid].writes;
+    Thread& t = S().threads[tid];
+    const long seq = ++t.writes;
     for (int o = 0; o < bytes; o += 4) {
         Word& w = word(static_cast<const unsigned char*>(p) + o);
-        w.w_epoch = S().epoch;
+        w.written = true;
         w.w_tid = tid;
+        w.w_clock = t.clock;
         w.w_seq = seq;
         w.pending = -1;
+        w.nr = 0;
+        if (w.many >= 0) std::fill(S().readers[w.many].begin(), S().readers[w.many].end(), 0);   // (kept for reuse)
     }
 }
 
@@ -252,6 +317,7 @@ inline void syncthreads() {
         s.bar_arrived = 0;
         ++s.bar_gen;
         ++s.epoch;
+        for (Thread& t : s.threads) s.bar_known[t.linear] = t.clock++;   // every thread knows every clock
     } else {
         while (s.bar_gen == gen) yield();
     }
@@ -502,7 +568,94 @@ inline unsigned hn_smem_addr(const void* p) {
     if (!emu::in_smem(p, 1)) emu::fail("a shared-memory address outside the block's shared memory");
     return static_cast<unsigned>(static_cast<const unsigned char*>(p) - emu::S().smem);
 }
-inline void hn_fence_proxy_async() { emu::me().fenced = emu::me().writes; }
+inline void hn_fence_proxy_async() {
+    emu::Thread& t = emu::me();
+    t.fenced = t.writes;
+    t.fence_known.resize(emu::S().threads.size());
+    for (size_t u = 0; u < t.fence_known.size(); ++u) t.fence_known[u] = emu::known(t.linear, static_cast<int>(u));
+}
+
+// --- mbarrier (PTX ISA 9.7.13.15): 8-byte objects in dynamic shared memory ------------------------------------------
+namespace emu {
+inline MBarrier& mbarrier_at(void* p, const char* what, bool use) {
+    aligned(p, 8, what);
+    if (!in_smem(p, 8)) fail("%s: an mbarrier outside the block's dynamic shared memory", what);
+    State& s = S();
+    MBarrier& m = s.mbars[(static_cast<unsigned char*>(p) - s.smem) / 8];
+    if (use && !m.init) fail("%s: mbarrier at byte %ld used before mbarrier.init", what,
+                             static_cast<long>(static_cast<unsigned char*>(p) - s.smem));
+    if (use && !ordered(m.init_tid, m.init_clock, me().linear))
+        fail("%s: mbarrier.init by thread %d not ordered before this use (a barrier after the init)", what, m.init_tid);
+    return m;
+}
+// One arrival of the calling thread: the phase takes what the thread knows, the thread's clock moves on (a release),
+// and the phase completes at its count of arrivals.
+inline unsigned long long mbarrier_arrive(MBarrier& m) {
+    State& s = S();
+    Thread& t = me();
+    const unsigned long long state = static_cast<unsigned long long>(m.phase);
+    for (size_t u = 0; u < m.carried.size(); ++u)
+        m.carried[u] = std::max(m.carried[u], known(t.linear, static_cast<int>(u)));
+    ++t.clock;
+    ++s.events;
+    if (--m.pending == 0) {
+        m.done[m.phase & 1] = m.carried;
+        std::fill(m.carried.begin(), m.carried.end(), 0);
+        ++m.phase;
+        m.pending = m.count;
+    }
+    return state;
+}
+}  // namespace emu
+
+// mbarrier.init.shared::cta.b64 [bar], count
+inline void hn_mbar_init(void* bar, unsigned count) {
+    emu::MBarrier& m = emu::mbarrier_at(bar, "mbarrier.init", false);
+    if (count < 1 || count > (1u << 20) - 1) emu::fail("mbarrier.init: count %u outside 1..2^20-1", count);
+    const int n = static_cast<int>(emu::S().threads.size());
+    m = emu::MBarrier();
+    m.init = true;
+    m.init_tid = emu::me().linear;
+    m.init_clock = emu::me().clock;
+    m.count = m.pending = static_cast<int>(count);
+    m.carried.assign(n, 0);
+    m.done[0].assign(n, 0);
+    m.done[1].assign(n, 0);
+    for (int o = 0; o < 8; o += 4) {
+        emu::Word& w = emu::word(static_cast<unsigned char*>(bar) + o);
+        w.mbarrier = true;
+    }
+}
+// mbarrier.arrive.shared::cta.b64 state, [bar]: returns the state (here the phase the arrival counts toward)
+inline unsigned long long hn_mbar_arrive(void* bar) {
+    return emu::mbarrier_arrive(emu::mbarrier_at(bar, "mbarrier.arrive", true));
+}
+// mbarrier.try_wait.parity.shared::cta.b64 done, [bar], parity: true once the phase of that parity has completed
+// (the current phase's parity differs), and then the caller knows what the phase's arrivals knew (an acquire); false
+// lets the other threads run. A kernel loops: while (!hn_mbar_try_wait(bar, parity)) {}
+inline bool hn_mbar_try_wait(void* bar, unsigned parity) {
+    emu::MBarrier& m = emu::mbarrier_at(bar, "mbarrier.try_wait.parity", true);
+    if (static_cast<unsigned>(m.phase & 1) == (parity & 1u)) {
+        emu::yield();
+        return false;
+    }
+    emu::Thread& t = emu::me();
+    const std::vector<int>& done = m.done[parity & 1u];
+    for (size_t u = 0; u < done.size(); ++u) t.acq[u] = std::max(t.acq[u], done[u]);
+    return true;
+}
+// cp.async.mbarrier.arrive.noinc.shared::cta.b64 [bar]: an arrival (counted in the init's count) once every cp.async
+// the thread issued before it has landed; here they land at once, then the thread arrives.
+inline void hn_cp_async_mbar_arrive(void* bar) {
+    emu::MBarrier& m = emu::mbarrier_at(bar, "cp.async.mbarrier.arrive.noinc", true);
+    emu::Thread& t = emu::me();
+    for (emu::Pending& p : t.pending) {
+        std::memcpy(p.dst, p.data, p.bytes);
+        emu::smem_wrote(p.dst, p.bytes, t.linear);
+    }
+    t.pending.clear();
+    emu::mbarrier_arrive(m);
+}
 inline void hn_wgmma_fence() { emu::group_meet("wgmma.fence", [](emu::Warpgroup&) {}); }
 inline void hn_wgmma_commit() {
     emu::group_meet("wgmma.commit_group", [](emu::Warpgroup& g) { ++g.committed; });
@@ -587,10 +740,15 @@ inline void wgmma(float* d, unsigned long long da, unsigned long long db, int by
                     if (off % bytes || off + bytes > static_cast<unsigned>(s.smem_bytes))
                         fail("%s: operand byte %u outside shared memory or misaligned", what, off);
                     Word& w = s.shadow[off / 4];
+                    const Thread& first = s.threads[wg * 128];
+                    if (w.mbarrier) fail("%s: reads mbarrier byte %u", what, off);
                     if (w.pending >= 0) fail("%s: reads shared byte %u with a cp.async in flight", what, off);
-                    if (w.w_epoch < 0) fail("%s: reads shared byte %u, never written", what, off);
-                    if (w.w_epoch == s.epoch) fail("%s: reads shared byte %u written without a barrier", what, off);
-                    if (s.threads[w.w_tid].fenced < w.w_seq)
+                    if (!w.written) fail("%s: reads shared byte %u, never written", what, off);
+                    if (!ordered(w.w_tid, w.w_clock, first.linear))
+                        fail("%s: reads shared byte %u written by thread %d without a barrier or mbarrier wait before "
+                             "the warpgroup's first thread", what, off, w.w_tid);
+                    if (s.threads[w.w_tid].fenced < w.w_seq
+                        && !(first.fence_known.size() && first.fence_known[w.w_tid] >= w.w_clock))
                         fail("%s: reads shared byte %u written by thread %d, no fence.proxy.async after", what, off,
                              w.w_tid);
                     w.wg_busy = wg;
@@ -716,6 +874,9 @@ inline std::string launch(EmuDim3 grid, EmuDim3 block, int smem_bytes, std::func
                 s.warps.assign(n / 32, Warp());
                 s.warpgroups.assign((n + 127) / 128, Warpgroup());
                 s.epoch = 0;
+                s.bar_known.assign(n, 0);
+                s.readers.clear();
+                std::fill(s.mbars.begin(), s.mbars.begin() + (smem_bytes + 7) / 8, MBarrier());
                 s.bar_arrived = 0;
                 s.bar_gen = 0;
                 std::memset(s.smem, 0xff, smem_bytes);   // NaN everywhere: unwritten words also show in results
@@ -723,6 +884,7 @@ inline std::string launch(EmuDim3 grid, EmuDim3 block, int smem_bytes, std::func
                 for (int i = 0; i < n; ++i) {
                     Thread& t = s.threads[i];
                     t.linear = i;
+                    t.acq.assign(n, 0);
                     t.tid = {static_cast<unsigned>(i % block.x), static_cast<unsigned>((i / block.x) % block.y),
                              static_cast<unsigned>(i / (block.x * block.y))};
                     getcontext(&t.ctx);
