@@ -77,32 +77,36 @@ def bn_relu_maxpool_backward(be, dy, cache, dgamma, dbeta, need_dx=True, relu_ma
     return be.batchnorm_backward(dz, bn_cache, dgamma, dbeta, need_dx=need_dx, relu_mask=relu_mask)
 
 
-def bn_relu_forward(be, x, gamma, beta, running_mean, running_var, momentum, eps, training, reduce=None):
-    """relu(batchnorm(x)), the ReLU's derivative the op's own; running statistics updated as batchnorm_forward does."""
+def _bn_act_forward(be, act: str, x, gamma, beta, running_mean, running_var, momentum, eps, training, reduce):
+    """act(batchnorm(x)) for act "relu" or "gelu" (that op's forward), the activation's derivative the op's own."""
     z, bn_cache = be.batchnorm_forward(x, gamma, beta, running_mean, running_var, momentum, eps, training,
                                        reduce=reduce)
-    y, relu_cache = be.relu_forward(z)
-    return y, (bn_cache, relu_cache)
+    y, act_cache = getattr(be, act + "_forward")(z)
+    return y, (bn_cache, act_cache)
+
+
+def _bn_act_backward(be, act: str, dy, cache, dgamma, dbeta, need_dx, relu_mask):
+    bn_cache, act_cache = cache
+    dz = getattr(be, act + "_backward")(dy, act_cache)
+    return be.batchnorm_backward(dz, bn_cache, dgamma, dbeta, need_dx=need_dx, relu_mask=relu_mask)
+
+
+def bn_relu_forward(be, x, gamma, beta, running_mean, running_var, momentum, eps, training, reduce=None):
+    """relu(batchnorm(x)), the ReLU's derivative the op's own; running statistics updated as batchnorm_forward does."""
+    return _bn_act_forward(be, "relu", x, gamma, beta, running_mean, running_var, momentum, eps, training, reduce)
 
 
 def bn_relu_backward(be, dy, cache, dgamma, dbeta, need_dx=True, relu_mask=False, inplace=False):
-    bn_cache, relu_cache = cache
-    dz = be.relu_backward(dy, relu_cache)
-    return be.batchnorm_backward(dz, bn_cache, dgamma, dbeta, need_dx=need_dx, relu_mask=relu_mask)
+    return _bn_act_backward(be, "relu", dy, cache, dgamma, dbeta, need_dx, relu_mask)
 
 
 def bn_gelu_forward(be, x, gamma, beta, running_mean, running_var, momentum, eps, training, reduce=None):
     """gelu(batchnorm(x)); running statistics updated as batchnorm_forward does."""
-    z, bn_cache = be.batchnorm_forward(x, gamma, beta, running_mean, running_var, momentum, eps, training,
-                                       reduce=reduce)
-    y, gelu_cache = be.gelu_forward(z)
-    return y, (bn_cache, gelu_cache)
+    return _bn_act_forward(be, "gelu", x, gamma, beta, running_mean, running_var, momentum, eps, training, reduce)
 
 
 def bn_gelu_backward(be, dy, cache, dgamma, dbeta, need_dx=True, relu_mask=False, inplace=False):
-    bn_cache, gelu_cache = cache
-    dz = be.gelu_backward(dy, gelu_cache)
-    return be.batchnorm_backward(dz, bn_cache, dgamma, dbeta, need_dx=need_dx, relu_mask=relu_mask)
+    return _bn_act_backward(be, "gelu", dy, cache, dgamma, dbeta, need_dx, relu_mask)
 
 
 def dense_chain_forward(be, x, layers):
