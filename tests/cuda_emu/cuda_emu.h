@@ -28,12 +28,12 @@
 // (or read, for a write) only through those; anything else is a race.
 // Checks, each a launch error with a message: every shared-memory word read was written before (no reads of
 // uninitialised or padding words); a word written by one thread and read or written by another without a barrier or
-// mbarrier wait between (the same for a write after another thread's read); a read of, or write to, a word with a cp.async in
-// flight; an mbarrier used before its init is ordered before the use, or touched by ordinary loads and stores;
-// global accesses outside the buffers the launch registered; misaligned 16-/8-byte accesses; a barrier or warp
-// collective that not every thread reaches, or a try_wait that no arrive will complete (deadlock); lanes of a warp
-// meeting at different collectives. Not checked: wgmma's reads against a later write by a thread that did not wait
-// for them (the emulator only checks that the issuing warpgroup had retired them).
+// mbarrier wait between (the same for a write after another thread's read); a read of, or write to, a word with a
+// cp.async in flight; an mbarrier used before its init is ordered before the use, or touched by ordinary loads and
+// stores; global accesses outside the buffers the launch registered; misaligned 16-/8-byte accesses; a barrier or
+// warp collective that not every thread reaches, or a try_wait that no arrive will complete (deadlock); lanes of a
+// warp meeting at different collectives. Not checked: wgmma's reads against a later write by a thread that did not
+// wait for them (the emulator only checks that the issuing warpgroup had retired them).
 #pragma once
 
 #include <ucontext.h>
@@ -261,8 +261,8 @@ inline void smem_write_check(const void* p, int bytes, int tid, const char* what
         if (w.mbarrier) fail("%s: an ordinary write of mbarrier byte %ld", what, off);
         if (w.pending >= 0) fail("%s: writes shared byte %ld while thread %d's cp.async to it is in flight", what, off, w.pending);
         if (w.written && !ordered(w.w_tid, w.w_clock, tid))
-            fail("%s: writes shared byte %ld also written by thread %d without a barrier or mbarrier wait between", what,
-                 off, w.w_tid);
+            fail("%s: writes shared byte %ld also written by thread %d without a barrier or mbarrier wait between",
+                 what, off, w.w_tid);
         for (int i = 0; i < w.nr; ++i)
             if (!ordered(w.r_tid[i], w.r_clock[i], tid))
                 fail("%s: writes shared byte %ld read by thread %d without a barrier or mbarrier wait between", what,

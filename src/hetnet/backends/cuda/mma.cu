@@ -136,6 +136,31 @@ __device__ __forceinline__ unsigned hn_umulhi(unsigned a, unsigned b) { return _
 __device__ __forceinline__ void hn_fence_proxy_async() {
     HN_SM90A(asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"));
 }
+
+// mbarrier (PTX ISA 9.7.13.15), an 8-byte object in shared memory: init with the count of arrivals that complete a
+// phase; arrive; try_wait.parity: whether the phase of that parity has completed (the current one's parity differs;
+// a kernel loops on it); cp.async.mbarrier.arrive.noinc: an arrival (counted in the init's count) once every cp.async
+// this thread issued before it has landed. try_wait needs sm_90 (the warp-specialised kernels run on sm_90a only).
+__device__ __forceinline__ void hn_mbar_init(void* bar, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(hn_smem_addr(bar)), "r"(count) : "memory");
+}
+__device__ __forceinline__ unsigned long long hn_mbar_arrive(void* bar) {
+    unsigned long long state;
+    asm volatile("mbarrier.arrive.shared::cta.b64 %0, [%1];\n" : "=l"(state) : "r"(hn_smem_addr(bar)) : "memory");
+    return state;
+}
+__device__ __forceinline__ bool hn_mbar_try_wait(void* bar, unsigned parity) {
+    unsigned done = 0;
+    HN_SM90A(asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+                          "selp.u32 %0, 1, 0, p;\n}\n"
+                          : "=r"(done)
+                          : "r"(hn_smem_addr(bar)), "r"(parity)
+                          : "memory"));
+    return done != 0;
+}
+__device__ __forceinline__ void hn_cp_async_mbar_arrive(void* bar) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(hn_smem_addr(bar)) : "memory");
+}
 __device__ __forceinline__ void hn_wgmma_fence() { HN_SM90A(asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory")); }
 __device__ __forceinline__ void hn_wgmma_commit() {
     HN_SM90A(asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"));
@@ -1372,6 +1397,72 @@ __device__ __forceinline__ void hn_convw_fwd(unsigned char* smem, const T* W, co
         hn_conv_epilogue<EPI, 1, WN / 8>(blk, acc, M, N, cv, 64 * gm + 16 * ((tid >> 5) & 3), WN * gn, tid & 31);
 }
 
+// hn_convw_fwd at bf16, warp-specialised (HN_CONV16WS): the WGM x WGN consumer warpgroups only multiply (wgmma,
+// one group in flight) and write the epilogue; one more warpgroup, the producer, only copies. The producer waits on
+// stage s's "empty" mbarrier, copies K tile kt into stage s = kt % STAGES (cp.async, hn_convw_fwd's gathers spread
+// over its 128 threads), and each of its threads arrives on the stage's "full" mbarrier when its copies have landed
+// (cp.async.mbarrier.arrive.noinc). A consumer waits on "full", fences the tile to the async proxy, issues the tile's
+// 4 wgmma, and once the previous tile's wgmma have finished arrives on that tile's "empty". No block-wide barrier in
+// the K loop: the copies run up to STAGES tiles ahead and never stall the products. Shared memory: the STAGES "full"
+// then the STAGES "empty" mbarriers, then the stages (A then B tiles, aligned to 1024 bytes).
+template <int EPI, int WGM, int WGN, int WN, int STAGES>
+__device__ __forceinline__ void hn_convw_ws_fwd(unsigned char* smem, const unsigned short* W, const unsigned short* x,
+                                                float* y, int M, int N, int K, const HnConv& cv) {
+    using T = unsigned short;
+    constexpr int CONSUMERS = 128 * WGM * WGN, BM = 64 * WGM, BN = WN * WGN, BK = 64, CPR = 8, EA = BM * BK,
+                  EB = BN * BK;
+    static_assert((BN * CPR) % 128 == 0 && (BM * CPR) % 128 == 0 && STAGES >= 2, "tile");
+    using L = HnSwizzle128T<T>;
+    unsigned long long* full = reinterpret_cast<unsigned long long*>(smem);
+    unsigned long long* empty = full + STAGES;
+    T* sa = reinterpret_cast<T*>(hn_smem_align1024(smem + 16 * STAGES));   // STAGES x EA
+    T* sb = sa + STAGES * EA;                                                // STAGES x EB
+
+    const HnBlock blk = hn_block(nullptr, nullptr, y, M, N, K, K, 0, 0, 0, 0, 0, 1.f, 0.f, 1, K, BM, BN, BK);
+    const int tid = threadIdx.x;
+    if (tid == 0)
+        for (int s = 0; s < STAGES; ++s) {
+            hn_mbar_init(full + s, 128);              // every producer thread, its copies landed
+            hn_mbar_init(empty + s, CONSUMERS);       // every consumer thread, the stage's wgmma finished
+        }
+    __syncthreads();
+    if (tid >= CONSUMERS) {                           // the producer warpgroup
+        const int ptid = tid - CONSUMERS;
+        const auto rows = hn_nhwc_rows<EPI, BN, 32, 128>(cv, blk.n0, N, ptid);   // 8 chunks a row: 32 words
+        const HnDiv by_c = hn_div_of(cv.c);
+        for (int kt = 0; kt < blk.tiles; ++kt) {
+            const int s = kt % STAGES, k0 = kt * BK;
+            while (!hn_mbar_try_wait(empty + s, ((kt / STAGES) & 1) ^ 1)) {}   // (a fresh barrier passes parity 1)
+            hn_copy16_tile<BM, CPR, L, 128>(sa + s * EA, W, K, blk.m0, M, k0, K, ptid);
+            hn_nhwc_copy_b<T, CPR, L, 128, decltype(rows)::N>(sb + s * EB, x, cv, rows, by_c, k0, K, ptid);
+            hn_cp_async_mbar_arrive(full + s);
+        }
+        hn_cp_async_wait<0>();
+        return;
+    }
+    const int gm = tid / 128 / WGN, gn = tid / 128 % WGN;
+    const T *a = sa + gm * 64 * BK, *b = sb + gn * WN * BK;
+    float acc[1][WN / 8][4];
+    hn_zero(acc);
+    for (int kt = 0; kt < blk.tiles; ++kt) {
+        const int s = kt % STAGES;
+        while (!hn_mbar_try_wait(full + s, (kt / STAGES) & 1)) {}
+        hn_fence_proxy_async();
+        hn_wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk)
+            hn_wgmma_bf16<WN, 0>(acc[0], hn_wgmma_desc(a + s * EA + kk * 16), hn_wgmma_desc(b + s * EB + kk * 16));
+        hn_wgmma_commit();
+        hn_wgmma_wait<1>();
+        if (kt > 0) hn_mbar_arrive(empty + (kt - 1) % STAGES);
+    }
+    hn_wgmma_wait<0>();
+    if constexpr (EPI == 4)
+        hn_conv_pool_epilogue<1, WN / 8>(blk, acc, M, cv, 64 * gm + 16 * ((tid >> 5) & 3), WN * gn, tid & 31);
+    else
+        hn_conv_epilogue<EPI, 1, WN / 8>(blk, acc, M, N, cv, 64 * gm + 16 * ((tid >> 5) & 3), WN * gn, tid & 31);
+}
+
 // The divisors of the filter gradient's gathers: a column n = (r, s, c) by C and S, a row k = (img, p, q) by P x Q
 // and Q.
 struct HnTapDivs {
@@ -1555,6 +1646,19 @@ __device__ __forceinline__ void hn_conv16(unsigned char* smem, const unsigned sh
             cv.pooled = kchunk;                                                                                  \
             hn_convw_fwd<unsigned short, EPI, WGM, WGN, WN, ST>(hn_smem, Wt, B, Y, M, N, K, cv);               \
         }                                                                                                        \
+    }
+
+// HN_CONV16WS(hn_conv16_fwd_w128x128s6ws, 1, 2, 1, 128, 6): HN_CONV16W's forward (EPI 1), data gradient (EPI 2) or
+// pooled forward (EPI 4) warp-specialised (hn_convw_ws_fwd): the WGM x WGN warpgroups and a producer warpgroup.
+#define HN_CONV16WS(name, EPI, WGM, WGN, WN, ST)                                                                  \
+    extern "C" __global__ void __launch_bounds__(128 * (WGM * WGN + 1), 1) name(                                \
+        const unsigned short* __restrict__ B, const unsigned short* __restrict__ Wt, const float* __restrict__ AUX,  \
+        float* __restrict__ Y, int M, int N, int K, int C, int H, int W, int R, int S, int P, int Q, int O,         \
+        int stride, int pad, int act, int splits, int kchunk) {                                                   \
+        HN_DYNAMIC_SMEM(hn_smem);                                                                              \
+        HnConv cv = hn_conv_of<1>(AUX, C, H, W, R, S, P, Q, O, stride, pad, act);                               \
+        cv.pooled = kchunk;                                                                                      \
+        hn_convw_ws_fwd<EPI, WGM, WGN, WN, ST>(hn_smem, Wt, B, Y, M, N, K, cv);                                 \
     }
 
 // HN_CONV32W(hn_conv32_fwd_w128x256s4, 1, 2, 1, 256, 4, 1, 0, 1): HN_CONV16W's forward (EPI 1), data gradient (EPI 2)
