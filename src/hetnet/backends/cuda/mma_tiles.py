@@ -241,7 +241,7 @@ TILES16["data"] = TILES16["pool"] = TILES16["fwd"]     # the pooled forward runs
 TILES16W = {"fwd": (wgmma_tile(128, 256, 4), wgmma_tile(128, 128, 4), wgmma_tile(64, 256, 4),
                     wgmma_tile(64, 256, 4, 128), wgmma_tile(128, 128, 3, min_blocks=2),
                     wgmma_tile(64, 128, 4, min_blocks=2), wgmma_tile(128, 128, 6, ws=True),
-                    wgmma_tile(64, 256, 5, ws=True)),
+                    wgmma_tile(64, 256, 5, ws=True), wgmma_tile(128, 256, 4, ws=True)),
             "filter": (wgmma_tile(128, 256, 4), wgmma_tile(128, 128, 4), wgmma_tile(64, 256, 4, 128),
                        wgmma_tile(128, 128, 3, min_blocks=2))}
 TILES16W["data"] = TILES16W["pool"] = TILES16W["fwd"]
