@@ -452,7 +452,7 @@ def test_benchmark_scripts_import_without_a_gpu_and_wrap_the_harness(monkeypatch
                        "kernels/conv_variants.py", "kernels/gelu_fit.py", "kernels/host_overhead.py",
                        "kernels/profile_step.py",
                        "kernels/run_conv_variants.py", "kernels/run_tc_conv_nhwc.py", "kernels/run_tc_gemm.py",
-                       "scaling.py"]
+                       "kernels/time_cl_tiles.py", "scaling.py"]
     for name in scripts:
         if name == "kernels/conv_variants.py":         # the table of losing conv tiles, read by the runner
             continue

@@ -291,7 +291,7 @@ def test_conv16(rng, precision, shape):
     be = get_backend("cuda", precision)
     n, c, h, w_, o, r, s, stride, pad = shape
     wg = wgmma_ok(be.device_id)
-    for k, tile in enumerate(mm.tiles16("fwd", precision, wg)):
+    for k, tile in enumerate(mm.tiles16("fwd", precision, wg, named=True)):
         act = 1 - k % 2
         if mm.conv16_fits("fwd", c, o, r, s, stride, pad, precision):
             x, w, b, y = conv_inputs(rng, shape, bias=act == 1)
@@ -478,7 +478,7 @@ def test_conv16_pool(rng, precision, shape):
     float64."""
     n, c, h, w_, o, r, s, stride, pad = shape
     be = get_backend("cuda", precision)
-    tiles = mm.tiles16("pool", precision, wgmma_ok(be.device_id))
+    tiles = mm.tiles16("pool", precision, wgmma_ok(be.device_id), named=True)
     for k, tile in enumerate(tiles):
         act = k % 2
         x, w, b, y = conv_inputs(rng, shape, bias=act == 1)

@@ -394,7 +394,7 @@ def test_conv16(emu, rng, precision, shape):
     into two tf32 parts), against float64 of the rounded inputs (fp32: of the inputs themselves); outputs poisoned with
     NaN where they are written, not read."""
     stride, pad = shape[7:]
-    for k, tile in enumerate(mm.tiles16("fwd", precision)):
+    for k, tile in enumerate(mm.tiles16("fwd", precision, named=True)):
         if _fits16("fwd", shape, precision):
             x, w, b, y = conv_inputs(rng, shape, bias=k % 2 == 0)
             run_conv(emu, mm.plan_conv16(y, nhwc_copy(x, precision), nhwc_copy(w, precision), b, stride, pad,
@@ -433,7 +433,7 @@ def test_conv16_pool(emu, rng, precision, shape):
     Shapes: odd P and Q (a row and column in no window), pooled counts that are not a multiple of 4, M over one
     tile, N over several."""
     n, c, h, w_, o, r, s, stride, pad = shape
-    for k, tile in enumerate(mm.tiles16("pool", precision)):
+    for k, tile in enumerate(mm.tiles16("pool", precision, named=True)):
         act = k % 2
         x, w, b, y = conv_inputs(rng, shape, bias=act == 1)
         x[0, 0, 0, :3] = x[0, 0, 0, 0]                      # equal inputs: ties inside some windows

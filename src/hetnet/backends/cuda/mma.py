@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .kernels import NULL, gemm_operands, get_kernel, leading_dim, wgmma_ok
-from .mma_tiles import (CONV_CHOICE, LAYOUTS, PRECISIONS, TILES, TILES16, TILES16W, TILES32, TILES32W, TILES32X3,
-                         TILES32X3W, Tc16Tile, TcTile)
+from .mma_tiles import (CONV_CHOICE, LAYOUTS, PRECISIONS, TILES, TILES16, TILES16W, TILES16WS, TILES32, TILES32W,
+                        TILES32X3, TILES32X3W, Tc16Tile, TcTile)
 
 _i32, _i64, _f32 = np.int32, np.int64, np.float32
 DEFAULT_SMEM = 48 * 1024       # dynamic shared memory a launch gets without raising the kernel's limit
@@ -406,6 +406,7 @@ COPY_DTYPE = {precision: dtype for precision, (_, dtype, _) in COPIES.items()}
 CHUNK = {"bf16": 8, "tf32": 4, "fp32": 4}
 TILES_CL = {"bf16": (TILES16, TILES16W), "tf32": (TILES32, TILES32W),   # (mma.sync tiles, wgmma tiles) per op
             "fp32": (TILES32X3, TILES32X3W)}
+NAMED_CL = {"bf16": TILES16WS}     # wgmma tiles run by name only, never measured as candidates (mma_tiles.TILES16WS)
 
 
 def conv16_fits(op: str, c: int, o: int, r: int, s: int, stride: int, pad: int, precision: str = "bf16") -> bool:
@@ -421,15 +422,17 @@ def conv16_fits(op: str, c: int, o: int, r: int, s: int, stride: int, pad: int, 
     return o % e == 0 and stride == 1 and r == s and 0 <= pad < r
 
 
-def tiles16(op: str, precision: str = "bf16", wgmma: bool = True) -> tuple:
-    """The channels-last tiles of op at precision: the mma.sync ones, then (with wgmma) the wgmma ones."""
+def tiles16(op: str, precision: str = "bf16", wgmma: bool = True, named: bool = False) -> tuple:
+    """The channels-last tiles of op at precision: the mma.sync ones, then (with wgmma) the wgmma ones, and with
+    `named` the wgmma tiles that run by name only (NAMED_CL)."""
     sync, wg = TILES_CL[precision]
-    return tuple(sync.get(op, ())) + (tuple(wg.get(op, ())) if wgmma else ())
+    extra = NAMED_CL.get(precision, {}).get(op, ()) if wgmma and named else ()
+    return tuple(sync.get(op, ())) + (tuple(wg.get(op, ())) if wgmma else ()) + tuple(extra)
 
 
 def _tile16(op: str, tile: str | None, m: int, n: int, precision: str = "bf16") -> Tc16Tile:
     """The channels-last tile of op at precision named `tile`, or by size (`by_size`) from the mma.sync pair."""
-    have = tiles16(op, precision)
+    have = tiles16(op, precision, named=True)
     if tile is not None:
         found = [t for t in have if t.name == tile]
         if not found:

@@ -237,14 +237,18 @@ TILES16["data"] = TILES16["pool"] = TILES16["fwd"]     # the pooled forward runs
 # The same on wgmma, for devices whose mma module is compiled for sm_90a (kernels.wgmma_ok): conv.py measures each.
 # The "b" tiles fit several blocks per SM (shared memory and registers), so that one block's prologue and epilogue
 # overlap another's products: the short reductions (K = C x 9 of a few hundred) are mostly those.
-# The "ws" tiles are warp-specialised: a producer warpgroup copies through mbarriers while the others multiply.
 TILES16W = {"fwd": (wgmma_tile(128, 256, 4), wgmma_tile(128, 128, 4), wgmma_tile(64, 256, 4),
                     wgmma_tile(64, 256, 4, 128), wgmma_tile(128, 128, 3, min_blocks=2),
-                    wgmma_tile(64, 128, 4, min_blocks=2), wgmma_tile(128, 128, 6, ws=True),
-                    wgmma_tile(64, 256, 5, ws=True), wgmma_tile(128, 256, 4, ws=True)),
+                    wgmma_tile(64, 128, 4, min_blocks=2)),
             "filter": (wgmma_tile(128, 256, 4), wgmma_tile(128, 128, 4), wgmma_tile(64, 256, 4, 128),
                        wgmma_tile(128, 128, 3, min_blocks=2))}
 TILES16W["data"] = TILES16W["pool"] = TILES16W["fwd"]
+# Warp-specialised (HN_CONV16WS): a producer warpgroup copies through mbarriers while the others multiply. Named tiles
+# (mma.conv16(..., tile=name): tests, benchmarks), not conv.py's measured candidates: they have not run on a GPU yet
+# (benchmarks/kernels/NOTES.md), and a candidate that hung or erred there would stall or corrupt a training run.
+TILES16WS = {"fwd": (wgmma_tile(128, 128, 6, ws=True), wgmma_tile(64, 256, 5, ws=True),
+                     wgmma_tile(128, 256, 4, ws=True))}
+TILES16WS["data"] = TILES16WS["pool"] = TILES16WS["fwd"]
 # At tf32 (float32 copies rounded to tf32): the forward, data gradient and pooled forward on wgmma (sm_90a only), the
 # filter gradient on mma.sync (wgmma reads tf32 operands K-major only, and its operands are both stored along K).
 TILES32W = {"fwd": tuple(wgmma_tile(*a, precision="tf32") for a in ((128, 256, 4), (128, 128, 4), (64, 256, 4, 128),
@@ -269,7 +273,8 @@ TILES32X3 = {"filter": (Tc16Tile(128, 128, 32, 64, 32, 3, precision="fp32"),
 
 
 def instantiations(tiles: Iterable[TcTile], conv: Iterable[TcTile] = (),
-                   conv16: Iterable[dict] = (TILES16, TILES16W, TILES32W, TILES32, TILES32X3W, TILES32X3)) -> str:
+                   conv16: Iterable[dict] = (TILES16, TILES16W, TILES16WS, TILES32W, TILES32, TILES32X3W,
+                                             TILES32X3)) -> str:
     """mma.cu's HN_GEMM lines, each tile in each operand order, its HN_CONV lines, each `conv` tile for each
     convolution op, and its channels-last lines (HN_CONV16, HN_CONV16W, HN_CONV32W, HN_CONV32F), each tile of each op
     of each `conv16` table."""

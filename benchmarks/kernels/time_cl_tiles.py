@@ -1,0 +1,79 @@
+"""Time every channels-last bf16 wgmma tile by name -- conv.py's candidates and the named-only ones (mma.NAMED_CL:
+the warp-specialised "ws" tiles) -- on cifar-wide's 3x3 convolutions at batch 512: the forward, the data gradient
+and the pooled forward, each on copies made once (mma.to_nhwc, turn_weights), so that only the kernels are timed.
+Each tile's forward is first checked against the first candidate's output (relative error within RTOL_TC_ROUNDED of
+||y||; a tile that fails is reported, never timed). Times: run_conv_variants.time_ms (CUDA events around
+back-to-back launches queued behind a spin kernel, median of several samples).
+
+    PYTHONPATH=src python benchmarks/kernels/time_cl_tiles.py [--batch 512] [--out tiles.json]    # on an sm_90a GPU
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+# cifar-wide's 3x3 convolutions at pad 1 (benchmarks/specs/cifar-wide.json): (C, H, W, O), the pooled ones marked
+LAYERS = [(64, 32, 32, 128, True), (128, 16, 16, 128, False), (128, 16, 16, 256, True), (256, 8, 8, 256, False),
+          (256, 8, 8, 256, True), (256, 4, 4, 256, False)]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batch", type=int, default=512)
+    ap.add_argument("--out", type=Path, default=None, help="write the times as JSON")
+    args = ap.parse_args(argv)
+    import cupy
+
+    from hetnet.backends.cuda import mma
+    from hetnet.backends.cuda.kernels import get_kernel
+    from hetnet.device import get_backend
+    from run_conv_variants import time_ms
+    from run_tc_conv_nhwc import RTOL_TC_ROUNDED
+
+    be = get_backend("cuda", "bf16")
+    spin = get_kernel(be.device_id, "elementwise", "hn_spin")
+    rng = np.random.default_rng(0)
+    rows = []
+    for c, h, w, o, pooled in LAYERS:
+        x = cupy.asarray(rng.standard_normal((args.batch, c, h, w)).astype(np.float32))
+        wt = cupy.asarray((rng.standard_normal((o, c, 3, 3)) * 0.05).astype(np.float32))
+        dy = cupy.asarray(rng.standard_normal((args.batch, o, h, w)).astype(np.float32))
+        x16, w16, dy16, wt16 = mma.to_nhwc(be, x), mma.to_nhwc(be, wt), mma.to_nhwc(be, dy), mma.turn_weights(be, wt)
+        y = cupy.empty((args.batch, o, h, w), np.float32)
+        dx = cupy.empty((args.batch, c, h, w), np.float32)
+        buf, _, _ = mma.pooled_outputs(cupy, args.batch, o, h // 2, w // 2)
+        ref = None
+        for tile in mma.tiles16("fwd", "bf16", True, named=True):
+            if not tile.wgmma:
+                continue
+            calls = {"fwd": mma.plan_conv16(y, x16, w16, None, 1, 1, 0, tile.name),
+                     "data": mma.plan_conv16_data(dx, dy16, wt16, None, 1, tile.name)}
+            if pooled:
+                calls["pool"] = mma.plan_conv16_pool(buf, x16, w16, None, 1, 1, 0, tile.name)
+            mma.launch_conv(be, calls["fwd"])
+            got = cupy.asnumpy(y)
+            ref = got if ref is None else ref
+            err = float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-30))
+            row = {"layer": f"{c}x{h}x{w}->{o}", "tile": tile.name, "ws": tile.ws, "check_rel_err": err}
+            if not (np.all(np.isfinite(got)) and err <= RTOL_TC_ROUNDED):
+                row["status"] = "wrong"
+            else:
+                for op, call in calls.items():
+                    row[f"{op}_ms"] = round(time_ms(cupy, spin, lambda call=call: mma.launch_conv(be, call)), 4)
+            rows.append(row)
+            print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+    if args.out:
+        args.out.write_text(json.dumps({"card": cupy.cuda.runtime.getDeviceProperties(0)["name"].decode(),
+                                        "batch": args.batch, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
