@@ -307,7 +307,7 @@ def test_conv16(rng, precision, shape):
                            None if relu_x is None else cupy.asarray(relu_x), pad, tile.name)
             _checked16(f"data {shape} {tile.name}", cupy.asnumpy(gdx), conv_data_expected(dy, w, relu_x, shape),
                        conv_data_expected(dy, w, relu_x, shape, precision), precision)
-    for tile in mm.tiles16("filter", precision, wg):
+    for tile in mm.tiles16("filter", precision, wg, named=True):
         for splits in (1, 3, None):
             if mm.conv16_fits("filter", c, o, r, s, stride, pad, precision):
                 dy, x, dw0 = conv_filter_inputs(rng, shape)

@@ -407,7 +407,7 @@ def test_conv16(emu, rng, precision, shape):
                                               tile.name))
             err = rel_err(dx, conv_data_expected(dy, w, relu_x, shape, precision))
             assert err <= RTOL_EMULATED, f"data {shape} {tile.name}: relative error {err:.3g}"
-    for tile in mm.tiles16("filter", precision):
+    for tile in mm.tiles16("filter", precision, named=True):
         for splits in (1, 3):
             if _fits16("filter", shape, precision):
                 dy, x, dw0 = conv_filter_inputs(rng, shape)

@@ -209,7 +209,6 @@ class Tc16Tile:
             return (f"HN_CONV32F({self.conv_kernel(op)}, {self.bm}, {self.bn}, {self.bk}, {self.wm}, {self.wn}, "
                     f"{self.stages}, {self.min_blocks}, {self.split})")
         if self.ws:
-            assert op != "filter", self
             return (f"HN_CONV16WS({self.conv_kernel(op)}, {CONV16_OPS[op]}, {self.bm // 64}, {self.bn // self.wn}, "
                     f"{self.wn}, {self.stages})")
         if self.wgmma:
@@ -247,7 +246,8 @@ TILES16W["data"] = TILES16W["pool"] = TILES16W["fwd"]
 # (mma.conv16(..., tile=name): tests, benchmarks), not conv.py's measured candidates: they have not run on a GPU yet
 # (benchmarks/kernels/NOTES.md), and a candidate that hung or erred there would stall or corrupt a training run.
 TILES16WS = {"fwd": (wgmma_tile(128, 128, 6, ws=True), wgmma_tile(64, 256, 5, ws=True),
-                     wgmma_tile(128, 256, 4, ws=True))}
+                     wgmma_tile(128, 256, 4, ws=True)),
+             "filter": (wgmma_tile(128, 256, 4, ws=True), wgmma_tile(128, 128, 6, ws=True))}
 TILES16WS["data"] = TILES16WS["pool"] = TILES16WS["fwd"]
 # At tf32 (float32 copies rounded to tf32): the forward, data gradient and pooled forward on wgmma (sm_90a only), the
 # filter gradient on mma.sync (wgmma reads tf32 operands K-major only, and its operands are both stored along K).
