@@ -1,8 +1,8 @@
 """Time every channels-last bf16 wgmma tile by name -- conv.py's candidates and the named-only ones (mma.NAMED_CL:
-the warp-specialised "ws" tiles) -- on cifar-wide's 3x3 convolutions at batch 512: the forward, the data gradient
-and the pooled forward, each on copies made once (mma.to_nhwc, turn_weights), so that only the kernels are timed.
-Each tile's forward is first checked against the first candidate's output (relative error within RTOL_TC_ROUNDED of
-||y||; a tile that fails is reported, never timed). Times: run_conv_variants.time_ms (CUDA events around
+the warp-specialised "ws" tiles) -- on cifar-wide's 3x3 convolutions at batch 512: the forward, the data gradient,
+the pooled forward and the filter gradient, each on copies made once (mma.to_nhwc, turn_weights), so that only the
+kernels are timed. Each tile's forward (filter gradient) is first checked against the first wgmma tile's (relative
+error within RTOL_TC_ROUNDED of the norm; a tile that fails is reported, never timed). Times: run_conv_variants.time_ms (CUDA events around
 back-to-back launches queued behind a spin kernel, median of several samples).
 
     PYTHONPATH=src python benchmarks/kernels/time_cl_tiles.py [--batch 512] [--out tiles.json]    # on an sm_90a GPU
@@ -67,6 +67,24 @@ def main(argv=None) -> int:
             else:
                 for op, call in calls.items():
                     row[f"{op}_ms"] = round(time_ms(cupy, spin, lambda call=call: mma.launch_conv(be, call)), 4)
+            rows.append(row)
+            print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+        ref = None
+        for tile in mma.tiles16("filter", "bf16", True, named=True):
+            if not tile.wgmma:
+                continue
+            part = cupy.zeros((o, 3, 3, c), np.float32)
+            call = mma.plan_conv16_filter(part, dy16, x16, 1, 1, be.sms, tile.name)
+            mma.launch_conv(be, call)
+            got = cupy.asnumpy(part)
+            ref = got if ref is None else ref
+            err = float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-30))
+            row = {"layer": f"{c}x{h}x{w}->{o}", "tile": tile.name, "ws": tile.ws, "op": "filter",
+                   "check_rel_err": err}
+            if not (np.all(np.isfinite(got)) and err <= RTOL_TC_ROUNDED):
+                row["status"] = "wrong"
+            else:       # (the filter gradient adds into part: the timed launches only add more)
+                row["filter_ms"] = round(time_ms(cupy, spin, lambda call=call: mma.launch_conv(be, call)), 4)
             rows.append(row)
             print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
     if args.out:
