@@ -544,11 +544,11 @@ def test_conv_maxpool_forward_pools_in_the_epilogue(rng, relu, precision, monkey
 
 @pytest.mark.parametrize("op", ["batchnorm", "bn_gelu", "bn_relu", "gelu"])
 def test_batch_norm_hands_its_output_over_channels_last(rng, op):
-    """Where the convolution that alone reads a batch norm's (-> GELU's, -> own ReLU's) or a GELU's output keeps its channels-last
-    copy (its forward and filter gradient set here as if measured on "tc16" candidates), the forward given `feeds`
-    returns that copy (conv.Nhwc16): the bits of to_nhwc16 of its float32 output; the convolution and the pooled one take
-    it: y, dx bit for bit as from the float32 output, dw within DW_RTOL. Where the convolution does not keep it,
-    the output is float32."""
+    """Where the convolution that alone reads a batch norm's (-> GELU's, -> own ReLU's) or a GELU's output keeps its
+    channels-last copy (its forward and filter gradient set here as if measured on "tc16" candidates), the forward
+    given `feeds` returns that copy (conv.Nhwc16): the bits of to_nhwc16 of its float32 output; the convolution and
+    the pooled one take it: y, dx bit for bit as from the float32 output, dw within DW_RTOL. Where the convolution
+    does not keep it, the output is float32."""
     be = get_backend("cuda", "bf16")
     shape = (4, 16, 15, 13, 32, 3, 3, 1, 1)
     n, c, h, w_, o = shape[:5]

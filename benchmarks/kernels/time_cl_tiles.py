@@ -2,8 +2,9 @@
 the warp-specialised "ws" tiles) -- on cifar-wide's 3x3 convolutions at batch 512: the forward, the data gradient,
 the pooled forward and the filter gradient, each on copies made once (mma.to_nhwc, turn_weights), so that only the
 kernels are timed. Each tile's forward (filter gradient) is first checked against the first wgmma tile's (relative
-error within RTOL_TC_ROUNDED of the norm; a tile that fails is reported, never timed). Times: run_conv_variants.time_ms (CUDA events around
-back-to-back launches queued behind a spin kernel, median of several samples).
+error within RTOL_TC_ROUNDED of the norm; a tile that fails is reported, never timed). Times:
+run_conv_variants.time_ms (CUDA events around back-to-back launches queued behind a spin kernel, median of several
+samples).
 
     PYTHONPATH=src python benchmarks/kernels/time_cl_tiles.py [--batch 512] [--out tiles.json]    # on an sm_90a GPU
 """

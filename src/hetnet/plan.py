@@ -19,10 +19,10 @@ Hand-overs. A batch norm (-> GELU, or -> ReLU of its own), GELU or convolution -
 convolution's forward reads (not as a ReLU output) names that convolution (Node.feeds); on a backend with
 `takes_feeds` its forward op gets feeds=(weight shape, stride, padding) and may return the output in a form only that
 backend's convolutions read (cuda at bf16: the channels-last bf16 copy the convolution keeps, written by the op
-before instead of a float32 output). Backwards, a batch norm (-> GELU or ReLU) right after a convolution (-> max pool) without bias or ReLU names that
-node (Node.grad_feeds); its backward op gets grad_feeds=(weight shape, stride, padding, the convolution's input
-shape, the pool's (kernel, stride) or None) and may return dE/dx in the form that node's backward reads (cuda at
-bf16: the channels-last bf16 copy of its dE/dy).
+before instead of a float32 output). Backwards, a batch norm (-> GELU or ReLU) right after a convolution (-> max
+pool) without bias or ReLU names that node (Node.grad_feeds); its backward op gets grad_feeds=(weight shape, stride,
+padding, the convolution's input shape, the pool's (kernel, stride) or None) and may return dE/dx in the form that
+node's backward reads (cuda at bf16: the channels-last bf16 copy of its dE/dy).
 
     >>> import hetnet as hn, numpy as np
     >>> model = hn.Sequential([hn.Conv2D(1, 4, 3, padding=1), hn.ReLU(), hn.MaxPool2D(2), hn.Flatten(),

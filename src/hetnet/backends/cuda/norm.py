@@ -125,9 +125,9 @@ class NormOps:
 
     def _bn_backward(self, dy, cache, dgamma, dbeta, need_dx, relu_mask, inplace, grad_feeds=None):
         """The backward of _bn_forward's act: the derivative of an act the op owns is applied here (dy is dE/dy),
-        else there is none to apply (dy is dE/dz; a ReLU's is the consumer's). grad_feeds (the op contract's backward hand-over): dx as the channels-last bf16
-        copy of dE/dy that the convolution (-> max pool) whose output x is reads (Nhwc16, bn_bwd_dx_nhwc16) where it
-        takes one (conv.takes_dy16)."""
+        else there is none to apply (dy is dE/dz; a ReLU's is the consumer's). grad_feeds (the op contract's backward
+        hand-over): dx as the channels-last bf16 copy of dE/dy that the convolution (-> max pool) whose output x is
+        reads (Nhwc16, bn_bwd_dx_nhwc16) where it takes one (conv.takes_dy16)."""
         x, mean, var, gamma, beta, eps, training, sync, act = cache
         dy = self._c(dy)
         n, c = x.shape[0], x.shape[1]
