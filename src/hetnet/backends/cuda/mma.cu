@@ -1616,6 +1616,29 @@ __device__ __forceinline__ void hn_conv16w_ws_filter(unsigned char* smem, const 
     hn_epilogue<1, WN / 8>(blk, acc, M, N, N, 1.f, 1.f, 64 * gm + 16 * ((tid >> 5) & 3), WN * gn, tid & 31);
 }
 
+// HN_CONV16W's and HN_CONV16WS's body: EPI 3, the filter gradient (hn_conv16w_filter, or warp-specialised
+// hn_conv16w_ws_filter); 1, 2 or 4, hn_convw_fwd (or hn_convw_ws_fwd).
+template <int EPI, int WGM, int WGN, int WN, int ST, int WS>
+__device__ __forceinline__ void hn_conv16w_entry(unsigned char* smem, const unsigned short* B, const unsigned short* Wt,
+                                                 const float* aux, float* Y, int M, int N, int K, int C, int H, int W,
+                                                 int R, int S, int P, int Q, int O, int stride, int pad, int act,
+                                                 int splits, int kchunk) {
+    if constexpr (EPI == 3) {
+        const HnConv cv = hn_conv_of<3>(aux, C, H, W, R, S, P, Q, O, stride, pad, act);
+        if constexpr (WS)
+            hn_conv16w_ws_filter<WGM, WGN, WN, ST>(smem, Wt, B, Y, M, N, K, splits, kchunk, cv);
+        else
+            hn_conv16w_filter<WGM, WGN, WN, ST>(smem, Wt, B, Y, M, N, K, splits, kchunk, cv);
+    } else {
+        HnConv cv = hn_conv_of<1>(aux, C, H, W, R, S, P, Q, O, stride, pad, act);
+        cv.pooled = kchunk;
+        if constexpr (WS)
+            hn_convw_ws_fwd<EPI, WGM, WGN, WN, ST>(smem, Wt, B, Y, M, N, K, cv);
+        else
+            hn_convw_fwd<unsigned short, EPI, WGM, WGN, WN, ST>(smem, Wt, B, Y, M, N, K, cv);
+    }
+}
+
 // HN_CONV16's body: EPI 1, 2 or 4, hn_conv16_fwd; 3, hn_conv_filter_sync (arguments as HN_CONV16 says).
 template <int EPI, int BM, int BN, int BK, int WM, int WN, int ST>
 __device__ __forceinline__ void hn_conv16(unsigned char* smem, const unsigned short* B, const unsigned short* Wt,
@@ -1684,39 +1707,22 @@ __device__ __forceinline__ void hn_conv16(unsigned char* smem, const unsigned sh
 // WGM x WGN warpgroups of 64 x WN each, block tile 64 WGM x WN WGN x 64, ST buffers, MINB blocks per SM for
 // __launch_bounds__); 128 WGM WGN threads, shared memory ST x (64 WGM + WN WGN) x 64 x 2 + 1024 bytes (the 1024-byte
 // alignment of the swizzled tiles).
-#define HN_CONV16W(name, EPI, WGM, WGN, WN, ST, MINB)                                                             \
-    extern "C" __global__ void __launch_bounds__(128 * WGM * WGN, MINB) name(                                  \
-        const unsigned short* __restrict__ B, const unsigned short* __restrict__ Wt, const float* __restrict__ AUX,  \
-        float* __restrict__ Y, int M, int N, int K, int C, int H, int W, int R, int S, int P, int Q, int O,         \
-        int stride, int pad, int act, int splits, int kchunk) {                                                   \
-        HN_DYNAMIC_SMEM(hn_smem);                                                                              \
-        if constexpr (EPI == 3) {                                                                                \
-            const HnConv cv = hn_conv_of<3>(AUX, C, H, W, R, S, P, Q, O, stride, pad, act);                     \
-            hn_conv16w_filter<WGM, WGN, WN, ST>(hn_smem, Wt, B, Y, M, N, K, splits, kchunk, cv);                \
-        } else {                                                                                                 \
-            HnConv cv = hn_conv_of<1>(AUX, C, H, W, R, S, P, Q, O, stride, pad, act);                           \
-            cv.pooled = kchunk;                                                                                  \
-            hn_convw_fwd<unsigned short, EPI, WGM, WGN, WN, ST>(hn_smem, Wt, B, Y, M, N, K, cv);               \
-        }                                                                                                        \
-    }
+#define HN_CONV16W(name, EPI, WGM, WGN, WN, ST, MINB) HN_CONV16W_ENTRY(name, EPI, WGM, WGN, WN, ST, MINB, 0)
 
 // HN_CONV16WS(hn_conv16_fwd_w128x128s6ws, 1, 2, 1, 128, 6): HN_CONV16W's forward (EPI 1), data gradient (EPI 2),
 // filter gradient (EPI 3) or pooled forward (EPI 4) warp-specialised (hn_convw_ws_fwd, hn_conv16w_ws_filter): the
 // WGM x WGN warpgroups and a producer warpgroup; shared memory as HN_CONV16W's and 16 ST bytes of mbarriers.
-#define HN_CONV16WS(name, EPI, WGM, WGN, WN, ST)                                                                  \
-    extern "C" __global__ void __launch_bounds__(128 * (WGM * WGN + 1), 1) name(                                \
+#define HN_CONV16WS(name, EPI, WGM, WGN, WN, ST) HN_CONV16W_ENTRY(name, EPI, WGM, WGN, WN, ST, 1, 1)
+
+// The entry point of both (WS 0: HN_CONV16W, WS 1: HN_CONV16WS): 128 (WGM WGN + WS) threads.
+#define HN_CONV16W_ENTRY(name, EPI, WGM, WGN, WN, ST, MINB, WS)                                                   \
+    extern "C" __global__ void __launch_bounds__(128 * (WGM * WGN + WS), MINB) name(                           \
         const unsigned short* __restrict__ B, const unsigned short* __restrict__ Wt, const float* __restrict__ AUX,  \
         float* __restrict__ Y, int M, int N, int K, int C, int H, int W, int R, int S, int P, int Q, int O,         \
         int stride, int pad, int act, int splits, int kchunk) {                                                   \
         HN_DYNAMIC_SMEM(hn_smem);                                                                              \
-        if constexpr (EPI == 3) {                                                                                \
-            const HnConv cv = hn_conv_of<3>(AUX, C, H, W, R, S, P, Q, O, stride, pad, act);                     \
-            hn_conv16w_ws_filter<WGM, WGN, WN, ST>(hn_smem, Wt, B, Y, M, N, K, splits, kchunk, cv);             \
-        } else {                                                                                                 \
-            HnConv cv = hn_conv_of<1>(AUX, C, H, W, R, S, P, Q, O, stride, pad, act);                           \
-            cv.pooled = kchunk;                                                                                  \
-            hn_convw_ws_fwd<EPI, WGM, WGN, WN, ST>(hn_smem, Wt, B, Y, M, N, K, cv);                             \
-        }                                                                                                        \
+        hn_conv16w_entry<EPI, WGM, WGN, WN, ST, WS>(hn_smem, B, Wt, AUX, Y, M, N, K, C, H, W, R, S, P, Q, O,    \
+                                                    stride, pad, act, splits, kchunk);                           \
     }
 
 // HN_CONV32W(hn_conv32_fwd_w128x256s4, 1, 2, 1, 256, 4, 1, 0, 1): HN_CONV16W's forward (EPI 1), data gradient (EPI 2)
