@@ -138,9 +138,9 @@ __device__ __forceinline__ void hn_fence_proxy_async() {
 }
 
 // mbarrier (PTX ISA 9.7.13.15), an 8-byte object in shared memory: init with the count of arrivals that complete a
-// phase; arrive; try_wait.parity: whether the phase of that parity has completed (the current one's parity differs;
-// a kernel loops on it); cp.async.mbarrier.arrive.noinc: an arrival (counted in the init's count) once every cp.async
-// this thread issued before it has landed. try_wait needs sm_90 (the warp-specialised kernels run on sm_90a only).
+// phase; arrive (a release); try_wait.parity: whether the phase of that parity has completed (the current one's
+// parity differs; an acquire; a kernel loops on it). try_wait needs sm_90 (the warp-specialised kernels run on sm_90a
+// only).
 __device__ __forceinline__ void hn_mbar_init(void* bar, unsigned count) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(hn_smem_addr(bar)), "r"(count) : "memory");
 }
@@ -157,9 +157,6 @@ __device__ __forceinline__ bool hn_mbar_try_wait(void* bar, unsigned parity) {
                           : "r"(hn_smem_addr(bar)), "r"(parity)
                           : "memory"));
     return done != 0;
-}
-__device__ __forceinline__ void hn_cp_async_mbar_arrive(void* bar) {
-    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(hn_smem_addr(bar)) : "memory");
 }
 __device__ __forceinline__ void hn_wgmma_fence() { HN_SM90A(asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory")); }
 __device__ __forceinline__ void hn_wgmma_commit() {
@@ -1401,22 +1398,24 @@ __device__ __forceinline__ void hn_convw_fwd(unsigned char* smem, const T* W, co
 // one more, the producer, copying; no block-wide barrier inside it. Shared memory: `bars` holds the STAGES "full"
 // then the STAGES "empty" mbarriers (initialised here, then a barrier); the stages as hn_wgmma_loop's. The producer
 // (the last 128 threads) builds its copier with make_issue(its thread index 0..127) and for each K tile kt waits on
-// stage s = kt % STAGES's "empty", issue(kt, s) (cp.async into stage s), and arrives on its "full" once its copies
-// have landed (cp.async.mbarrier.arrive.noinc). A consumer waits on "full", fences the tile to the async proxy (the
-// copies are other threads' generic-proxy writes, acquired through the mbarrier), issues the tile's 4 wgmma (a and b
-// in stage 0, stages ea and eb elements apart, K steps kstep apart, MN as hn_wgmma_bf16's) and, once the previous
-// tile's have finished, arrives on that tile's "empty". Returns true in the consumers (their acc complete), false in
-// the producer (done).
+// stage s = kt % STAGES's "empty" and issues tile kt (issue(kt, s): cp.async into stage s, one group); then it waits
+// for its copies of tile kt-1, fences them to the async proxy that wgmma reads through, and arrives on that tile's
+// "full" (a release: as the other kernels, each writer fences its own copies before the synchronisation). A
+// consumer waits on "full", issues the tile's 4 wgmma (a and b in stage 0, stages ea and eb elements apart, K steps
+// kstep apart, MN as hn_wgmma_bf16's) and, once the previous tile's have finished, arrives on that tile's "empty".
+// STAGES >= 3: the producer arrives on tile kt's "full" only after issuing tile kt+1, whose stage the consumers free
+// after tile kt+1-STAGES. Returns true in the consumers (their acc complete), false in the producer (done).
 template <int STAGES, int CONSUMERS, int WN, int MN, class T, class MakeIssue, class Desc>
 __device__ __forceinline__ bool hn_wgmma_ws_loop(unsigned char* bars, int tiles, const MakeIssue& make_issue,
                                                  const T* a, int ea, const T* b, int eb, int kstep,
                                                  float (&acc)[WN / 8][4], const Desc& desc) {
+    static_assert(STAGES >= 3, "the producer releases a tile one tile later");
     unsigned long long* full = reinterpret_cast<unsigned long long*>(bars);
     unsigned long long* empty = full + STAGES;
     const int tid = threadIdx.x;
     if (tid == 0)
         for (int s = 0; s < STAGES; ++s) {
-            hn_mbar_init(full + s, 128);              // every producer thread, its copies landed
+            hn_mbar_init(full + s, 128);              // every producer thread, its copies landed and fenced
             hn_mbar_init(empty + s, CONSUMERS);       // every consumer thread, the stage's wgmma finished
         }
     __syncthreads();
@@ -1426,15 +1425,21 @@ __device__ __forceinline__ bool hn_wgmma_ws_loop(unsigned char* bars, int tiles,
             const int s = kt % STAGES;
             while (!hn_mbar_try_wait(empty + s, ((kt / STAGES) & 1) ^ 1)) {}   // (a fresh barrier passes parity 1)
             issue(kt, s);
-            hn_cp_async_mbar_arrive(full + s);
+            hn_cp_async_commit();
+            if (kt > 0) {
+                hn_cp_async_wait<1>();
+                hn_fence_proxy_async();
+                hn_mbar_arrive(full + (kt - 1) % STAGES);
+            }
         }
         hn_cp_async_wait<0>();
+        hn_fence_proxy_async();
+        if (tiles > 0) hn_mbar_arrive(full + (tiles - 1) % STAGES);
         return false;
     }
     for (int kt = 0; kt < tiles; ++kt) {
         const int s = kt % STAGES;
         while (!hn_mbar_try_wait(full + s, (kt / STAGES) & 1)) {}
-        hn_fence_proxy_async();
         hn_wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk)
