@@ -1,5 +1,5 @@
 """The emulator's mbarriers and its happens-before checking (tests/cuda_emu/cuda_emu.h): a producer warp fills a ring of
-two shared-memory stages with cp.async and signals each through a "full" mbarrier (cp.async.mbarrier.arrive.noinc);
+two shared-memory stages with cp.async and signals each through a "full" mbarrier once its copies have landed;
 a consumer warp waits on it, reads every word of the stage (each written by another thread), writes 2x to global
 memory and frees the stage through an "empty" mbarrier, which the producer waits on before it refills the stage -- the
 warp-specialised pipeline of a convolution's producer and consumer warps, without a __syncthreads in the loop. The
@@ -18,7 +18,8 @@ KERNEL = """
 // expects one arrival more than there are; 4: the consumer frees the stage before reading it; 5: no barrier between
 // the mbarriers' init and their first use; 6: an ordinary load of an mbarrier; 7: the consumer waits on the wrong
 // parity of "full" from its second round of stages on; 8: every consumer lane reads every word of a stage (32 readers
-// of each word, past the emulator's short list); 9: 8, freeing the stage before reading it
+// of each word, past the emulator's short list); 9: 8, freeing the stage before reading it; 10: the producer signals
+// "full" before its copies have landed
 __global__ void ring(const float* in, float* out, int tiles, int mode) {
     HN_DYNAMIC_SMEM(smem);
     void* full[2] = {smem, smem + 8};
@@ -27,7 +28,7 @@ __global__ void ring(const float* in, float* out, int tiles, int mode) {
     const int t = threadIdx.x, lane = t % 32;
     if (t == 0)
         for (int s = 0; s < 2; ++s) {
-            hn_mbar_init(full[s], mode == 3 ? 33 : 32);          // every producer lane's cp.async arrival
+            hn_mbar_init(full[s], mode == 3 ? 33 : 32);          // every producer lane, its copy landed
             hn_mbar_init(empty[s], 32);                          // every consumer lane's arrival
         }
     if (mode != 5) __syncthreads();
@@ -39,7 +40,10 @@ __global__ void ring(const float* in, float* out, int tiles, int mode) {
             if (mode != 2)
                 while (!hn_mbar_try_wait(empty[s], round ^ 1)) {}   // (a fresh barrier passes parity 1 at once)
             hn_cp_async4(buf + 32 * s + lane, in + 32 * i + lane, 4);
-            hn_cp_async_mbar_arrive(full[s]);
+            hn_cp_async_commit();
+            if (mode == 10) hn_mbar_arrive(full[s]);
+            hn_cp_async_wait<0>();
+            if (mode != 10) hn_mbar_arrive(full[s]);
         } else {                                                 // consumer warp
             const unsigned parity = mode == 7 && i >= 2 ? round ^ 1 : round;
             if (mode != 1)
@@ -98,8 +102,9 @@ def test_producer_and_consumer_warps_through_mbarriers(emu, seed, mode):
     (6, "ordinary read of mbarrier"),
     (7, "deadlock|without a barrier or mbarrier wait|in flight"),
     (9, r"read by thread \d+ without a barrier or mbarrier wait"),
+    (10, "never written|in flight|without a barrier or mbarrier wait"),
 ], ids=["no-full-wait", "no-empty-wait", "count-never-reached", "freed-before-read", "init-unordered",
-        "load-of-mbarrier", "wrong-parity", "32-readers-freed-before-read"])
+        "load-of-mbarrier", "wrong-parity", "32-readers-freed-before-read", "full-before-landed"])
 def test_each_missing_order_is_an_error(emu, mode, message):
     """Each mutation fails the launch, in every order of the threads tried, with the message that names it."""
     import re

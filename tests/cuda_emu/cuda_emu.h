@@ -17,11 +17,9 @@
 //     accumulator fragment order; the result reaches the registers only when a wgmma.wait_group retires its group,
 //     and the words it read may not be written before that.
 //   - mbarrier (PTX ISA 9.7.13.15) objects of 8 bytes in dynamic shared memory: init, arrive, try_wait.parity (a
-//     false result lets the other threads run), and cp.async.mbarrier.arrive.noinc (the thread's cp.async copies land,
-//     then it arrives); a phase completes when its count of arrivals is reached.
-// wgmma reads shared memory through the async proxy: a word it reads must have been written before, by the thread
-// that wrote it followed by a fence.proxy.async, or by a write the warpgroup's first thread had acquired when it last
-// ran fence.proxy.async (a missing fence is an error).
+//     false result lets the other threads run); a phase completes when its count of arrivals is reached.
+// wgmma reads shared memory through the async proxy: a word it reads must have been written before, by a thread that
+// then ran fence.proxy.async (a missing fence is an error).
 // Ordering: happens-before by vector clocks. Each thread's clock advances at every release (a barrier, an mbarrier
 // arrive); a barrier makes every thread know every clock; an mbarrier phase carries what its arriving threads knew to
 // the threads whose try_wait sees it complete. A shared-memory access by one thread is ordered after another's write
@@ -98,7 +96,6 @@ struct Thread {
     long fenced = 0;        // `writes` at this thread's last fence.proxy.async
     int clock = 1;          // this thread's own clock: advanced by every release (barrier, mbarrier arrive)
     std::vector<int> acq;   // the clocks of the other threads that it acquired through mbarriers
-    std::vector<int> fence_known;   // what it knew (known()) at its last fence.proxy.async
 };
 
 constexpr int READERS = 8;   // the readers of a word tracked since its last write
@@ -568,12 +565,7 @@ inline unsigned hn_smem_addr(const void* p) {
     if (!emu::in_smem(p, 1)) emu::fail("a shared-memory address outside the block's shared memory");
     return static_cast<unsigned>(static_cast<const unsigned char*>(p) - emu::S().smem);
 }
-inline void hn_fence_proxy_async() {
-    emu::Thread& t = emu::me();
-    t.fenced = t.writes;
-    t.fence_known.resize(emu::S().threads.size());
-    for (size_t u = 0; u < t.fence_known.size(); ++u) t.fence_known[u] = emu::known(t.linear, static_cast<int>(u));
-}
+inline void hn_fence_proxy_async() { emu::me().fenced = emu::me().writes; }
 
 // --- mbarrier (PTX ISA 9.7.13.15): 8-byte objects in dynamic shared memory ------------------------------------------
 namespace emu {
@@ -643,18 +635,6 @@ inline bool hn_mbar_try_wait(void* bar, unsigned parity) {
     const std::vector<int>& done = m.done[parity & 1u];
     for (size_t u = 0; u < done.size(); ++u) t.acq[u] = std::max(t.acq[u], done[u]);
     return true;
-}
-// cp.async.mbarrier.arrive.noinc.shared::cta.b64 [bar]: an arrival (counted in the init's count) once every cp.async
-// the thread issued before it has landed; here they land at once, then the thread arrives.
-inline void hn_cp_async_mbar_arrive(void* bar) {
-    emu::MBarrier& m = emu::mbarrier_at(bar, "cp.async.mbarrier.arrive.noinc", true);
-    emu::Thread& t = emu::me();
-    for (emu::Pending& p : t.pending) {
-        std::memcpy(p.dst, p.data, p.bytes);
-        emu::smem_wrote(p.dst, p.bytes, t.linear);
-    }
-    t.pending.clear();
-    emu::mbarrier_arrive(m);
 }
 inline void hn_wgmma_fence() { emu::group_meet("wgmma.fence", [](emu::Warpgroup&) {}); }
 inline void hn_wgmma_commit() {
@@ -747,8 +727,7 @@ inline void wgmma(float* d, unsigned long long da, unsigned long long db, int by
                     if (!ordered(w.w_tid, w.w_clock, first.linear))
                         fail("%s: reads shared byte %u written by thread %d without a barrier or mbarrier wait before "
                              "the warpgroup's first thread", what, off, w.w_tid);
-                    if (s.threads[w.w_tid].fenced < w.w_seq
-                        && !(first.fence_known.size() && first.fence_known[w.w_tid] >= w.w_clock))
+                    if (s.threads[w.w_tid].fenced < w.w_seq)
                         fail("%s: reads shared byte %u written by thread %d, no fence.proxy.async after", what, off,
                              w.w_tid);
                     w.wg_busy = wg;
