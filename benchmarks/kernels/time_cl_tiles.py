@@ -49,45 +49,36 @@ def main(argv=None) -> int:
         x16, w16, dy16, wt16 = mma.to_nhwc(be, x), mma.to_nhwc(be, wt), mma.to_nhwc(be, dy), mma.turn_weights(be, wt)
         y = cupy.empty((args.batch, o, h, w), np.float32)
         dx = cupy.empty((args.batch, c, h, w), np.float32)
+        part = cupy.zeros((o, 3, 3, c), np.float32)
         buf, _, _ = mma.pooled_outputs(cupy, args.batch, o, h // 2, w // 2)
-        ref = None
-        for tile in mma.tiles16("fwd", "bf16", True, named=True):
-            if not tile.wgmma:
-                continue
-            calls = {"fwd": mma.plan_conv16(y, x16, w16, None, 1, 1, 0, tile.name),
-                     "data": mma.plan_conv16_data(dx, dy16, wt16, None, 1, tile.name)}
+
+        def forward_calls(tile):          # the first one is checked (its output y)
+            calls = {"fwd": mma.plan_conv16(y, x16, w16, None, 1, 1, 0, tile),
+                     "data": mma.plan_conv16_data(dx, dy16, wt16, None, 1, tile)}
             if pooled:
-                calls["pool"] = mma.plan_conv16_pool(buf, x16, w16, None, 1, 1, 0, tile.name)
-            mma.launch_conv(be, calls["fwd"])
-            got = cupy.asnumpy(y)
-            ref = got if ref is None else ref
-            err = float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-30))
-            row = {"layer": f"{c}x{h}x{w}->{o}", "tile": tile.name, "ws": tile.ws, "check_rel_err": err}
-            if not (np.all(np.isfinite(got)) and err <= RTOL_TC_ROUNDED):
-                row["status"] = "wrong"
-            else:
-                for op, call in calls.items():
-                    row[f"{op}_ms"] = round(time_ms(cupy, spin, lambda call=call: mma.launch_conv(be, call)), 4)
-            rows.append(row)
-            print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
-        ref = None
-        for tile in mma.tiles16("filter", "bf16", True, named=True):
-            if not tile.wgmma:
-                continue
-            part = cupy.zeros((o, 3, 3, c), np.float32)
-            call = mma.plan_conv16_filter(part, dy16, x16, 1, 1, be.sms, tile.name)
-            mma.launch_conv(be, call)
-            got = cupy.asnumpy(part)
-            ref = got if ref is None else ref
-            err = float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-30))
-            row = {"layer": f"{c}x{h}x{w}->{o}", "tile": tile.name, "ws": tile.ws, "op": "filter",
-                   "check_rel_err": err}
-            if not (np.all(np.isfinite(got)) and err <= RTOL_TC_ROUNDED):
-                row["status"] = "wrong"
-            else:       # (the filter gradient adds into part: the timed launches only add more)
-                row["filter_ms"] = round(time_ms(cupy, spin, lambda call=call: mma.launch_conv(be, call)), 4)
-            rows.append(row)
-            print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+                calls["pool"] = mma.plan_conv16_pool(buf, x16, w16, None, 1, 1, 0, tile)
+            return calls
+
+        def filter_calls(tile):           # (it adds into part: the timed launches only add more)
+            return {"filter": mma.plan_conv16_filter(part, dy16, x16, 1, 1, be.sms, tile)}
+
+        for op, out, make_calls in (("fwd", y, forward_calls), ("filter", part, filter_calls)):
+            ref = None
+            for tile in (t for t in mma.tiles16(op, "bf16", True, named=True) if t.wgmma):
+                calls = make_calls(tile.name)
+                out.fill(0)
+                mma.launch_conv(be, next(iter(calls.values())))
+                got = cupy.asnumpy(out)
+                ref = got if ref is None else ref
+                err = float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-30))
+                row = {"layer": f"{c}x{h}x{w}->{o}", "tile": tile.name, "ws": tile.ws, "check_rel_err": err}
+                if not (np.all(np.isfinite(got)) and err <= RTOL_TC_ROUNDED):
+                    row["status"] = "wrong"
+                else:
+                    for name, call in calls.items():
+                        row[f"{name}_ms"] = round(time_ms(cupy, spin, lambda call=call: mma.launch_conv(be, call)), 4)
+                rows.append(row)
+                print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
     if args.out:
         args.out.write_text(json.dumps({"card": cupy.cuda.runtime.getDeviceProperties(0)["name"].decode(),
                                         "batch": args.batch, "rows": rows}, indent=1))

@@ -591,20 +591,22 @@ def _to_nhwc(be, x, precision: str):
 def pool_grad_nhwc16(be, dy, arg, z_shape, k: int):
     """to_nhwc16(maxpool2d_backward(dy)) for k x k windows at stride k over z [n, C, H, W] (z_shape), from the pooled
     gradient dy and argmax bytes arg [n, C, P, Q] (conv.cu's pool_grad_nhwc16), without the float32 gradient."""
-    if dy.dtype != np.float32 or tuple(dy.shape) != tuple(arg.shape):
-        raise ValueError(f"pool_grad_nhwc16: dy of shape {dy.shape} must be float32 of the argmax's shape {arg.shape}")
-    return _pool_grad16("pool_grad_nhwc16", be, dy, arg, z_shape, k)
+    return _pool_grad_at(be, dy, arg, z_shape, k, "bf16")
 
 
 def pool_grad_nhwc(be, dy, arg, z_shape, k: int):
     """pool_grad_nhwc16 at bf16; at tf32 and fp32 the same gradient as to_nhwc's copy (conv.cu's pool_grad_nhwc32,
     pool_grad_nhwc32x3)."""
-    if be.precision == "bf16":
-        return pool_grad_nhwc16(be, dy, arg, z_shape, k)
-    _copies_at(be.precision)
+    return _pool_grad_at(be, dy, arg, z_shape, k, be.precision)
+
+
+def _pool_grad_at(be, dy, arg, z_shape, k: int, precision: str):
+    """The copy at `precision` of the pooling gradient from float32 dy (conv.cu's pool_grad_nhwc<suffix>)."""
+    _copies_at(precision)
+    name = "pool_grad_nhwc" + COPIES[precision][0]
     if dy.dtype != np.float32 or tuple(dy.shape) != tuple(arg.shape):
-        raise ValueError(f"pool_grad_nhwc: dy of shape {dy.shape} must be float32 of the argmax's shape {arg.shape}")
-    return _pool_grad16("pool_grad_nhwc" + COPIES[be.precision][0], be, dy, arg, z_shape, k, be.precision)
+        raise ValueError(f"{name}: dy of shape {dy.shape} must be float32 of the argmax's shape {arg.shape}")
+    return _pool_grad16(name, be, dy, arg, z_shape, k, precision)
 
 
 def pool_grad16_nhwc16(be, dy16, arg, z_shape, k: int):
