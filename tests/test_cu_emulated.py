@@ -14,7 +14,6 @@ import re
 
 import numpy as np
 import pytest
-from conftest import RTOL_EMULATED
 from emu_build import build_emulated
 from mma_cases import nhwc16, nhwc_copy
 
@@ -88,29 +87,6 @@ extern "C" int emu_conv_gelu(const float* x, const float* w, const float* b, flo
     snprintf(err, len, "%s", msg.c_str());
     return msg.empty() ? 0 : 1;
 }
-extern "C" int emu_conv_small(const float* x, const float* w, const float* b, float* y, int n, int C, int H, int W,
-                              int K, int R, int S, int stride, int pad, int P, int Q, int act, unsigned blocks,
-                              unsigned seed, char* err, int len) {
-    std::string msg = emu::launch({blocks, 1, 1}, {256, 1, 1}, 0, [=] {
-        conv_small_fwd(x, w, b, y, n, C, H, W, K, R, S, stride, pad, P, Q, act);
-    }, seed);
-    snprintf(err, len, "%s", msg.c_str());
-    return msg.empty() ? 0 : 1;
-}
-// conv_small_filter on `blocks` blocks into part [blocks][64][32], then conv_small_filter_add into dw (and db)
-extern "C" int emu_conv_small_filter(const float* dy, const float* x, float* part, float* dw, float* db, int n, int C,
-                                     int H, int W, int K, int R, int S, int stride, int pad, int P, int Q,
-                                     unsigned blocks, unsigned seed, char* err, int len) {
-    std::string msg = emu::launch({blocks, 1, 1}, {256, 1, 1}, 0, [=] {
-        conv_small_filter(dy, x, part, n, C, H, W, K, R, S, stride, pad, P, Q);
-    }, seed);
-    if (msg.empty())
-        msg = emu::launch({(unsigned)((K * 32 + 255) / 256), 1, 1}, {256, 1, 1}, 0, [=] {
-            conv_small_filter_add(part, dw, db, (int)blocks, K, C * R * S);
-        }, seed + 1);
-    snprintf(err, len, "%s", msg.c_str());
-    return msg.empty() ? 0 : 1;
-}
 extern "C" int emu_to_nhwc32(const float* x, float* y, int n, int C, int HW, int Cp, int split, unsigned seed,
                              char* err, int len) {
     std::string msg = emu::launch({(unsigned)((n * HW + 31) / 32), (unsigned)((Cp + 63) / 64), 1}, {256, 1, 1}, 0,
@@ -171,11 +147,7 @@ def _kernels_text() -> str:
                         (conv, 'extern "C" __global__ void __launch_bounds__(256) pool_grad_nhwc32('),
                         (conv, 'extern "C" __global__ void __launch_bounds__(256) pool_grad_nhwc32x3('),
                         (conv, 'extern "C" __global__ void __launch_bounds__(256) pool_grad16_nhwc16('),
-                        (conv, "template <bool GELU16>\n__device__ __forceinline__ void hn_conv_small("),
-                        (conv, 'extern "C" __global__ void __launch_bounds__(256) conv_small_fwd('),
                         (conv, 'extern "C" __global__ void __launch_bounds__(256) conv_gelu_nhwc16('),
-                        (conv, 'extern "C" __global__ void __launch_bounds__(256) conv_small_filter('),
-                        (conv, 'extern "C" __global__ void conv_small_filter_add('),
                         (norm, "__device__ __forceinline__ float hn_bn_z("),
                         (norm, "__device__ __forceinline__ float hn_bn_value("),
                         (norm, 'extern "C" __global__ void __launch_bounds__(256) bn_apply_nhwc16('),
@@ -288,49 +260,6 @@ def test_conv_gelu_nhwc16_emulated(emu, rng, case):
     phi = np.vectorize(lambda v: 0.5 * math.erfc(-v / math.sqrt(2)))(z.astype(np.float64))
     steps = _bf16_ulps(out, nhwc16((z * phi).astype(np.float32)))
     assert steps.max() <= 1 and (steps == 0).mean() > 0.99, steps.max()
-
-
-SMALL_CASES = [  # (N, C, H, W, K, kernel, stride, padding, bias, blocks)
-    (3, 3, 9, 9, 64, 3, 1, 1, True, 2),       # the first layer of an image model (27 taps), blocks over images
-    (2, 2, 7, 6, 8, 3, 2, 1, False, 1),       # stride 2
-    (1, 2, 5, 5, 16, 4, 1, 2, True, 3),       # 32 taps (the forward's limit; the filter gradient's is 31)
-    (2, 1, 6, 7, 24, 5, 1, 2, True, 7),       # 25 taps, more blocks than 64-pixel steps in the filter gradient
-    (2, 3, 4, 5, 40, 1, 1, 0, False, 1),      # 1 x 1
-]
-
-
-@pytest.mark.parametrize("case", SMALL_CASES, ids=lambda c: "N{}C{}H{}W{}K{}k{}s{}p{}b{:d}-blocks{}".format(*c))
-def test_conv_small_emulated(emu, rng, case):
-    """conv_small_fwd: y = act(conv2d(x, w) + b) (act none and ReLU) against NumPy's float64 convolution; the filter
-    gradient conv_small_filter + conv_small_filter_add: dw += dE/dw and db += dE/db (added into non-zero gradients;
-    db only where given) against float64, within float32's summation error (RTOL_EMULATED of the sums' scale); grids
-    smaller than the pixels, blocks whose share of the pixels spans images, and blocks with no pixels."""
-    n, c, h, w_, k, ks, stride, pad, bias, blocks = case
-    x = rng.standard_normal((n, c, h, w_)).astype(np.float32)
-    w = (rng.standard_normal((k, c, ks, ks)) * 0.5).astype(np.float32)
-    b = (rng.standard_normal(k) * 0.5).astype(np.float32)
-    want, cache = ref.conv2d_forward(x.astype(np.float64), w.astype(np.float64),
-                                     b.astype(np.float64) if bias else None, stride, pad)
-    p, q = want.shape[2:]
-    err = ctypes.create_string_buffer(512)
-    for act in (0, 1):
-        y = np.full((n, k, p, q), np.nan, np.float32)
-        _check(emu.emu_conv_small(_ptr(x), _ptr(w), _ptr(b) if bias else None, _ptr(y), n, c, h, w_, k, ks, ks,
-                                  stride, pad, p, q, act, blocks, 11 + act, err, 512), err)
-        np.testing.assert_allclose(y, np.maximum(want, 0) if act else want, rtol=RTOL_EMULATED, atol=RTOL_EMULATED)
-    if c * ks * ks > 31:
-        return
-    dy = rng.standard_normal(want.shape).astype(np.float32)
-    dw0, db0 = np.ones_like(w), np.ones_like(b)
-    dw_want, db_want = dw0.astype(np.float64), db0.astype(np.float64)
-    ref.conv2d_backward(dy.astype(np.float64), cache, dw_want, db_want if bias else None)
-    part = np.full((blocks, 64, 32), np.nan, np.float32)
-    dw, db = dw0.copy(), db0.copy()
-    _check(emu.emu_conv_small_filter(_ptr(dy), _ptr(x), _ptr(part), _ptr(dw), _ptr(db) if bias else None, n, c, h,
-                                     w_, k, ks, ks, stride, pad, p, q, blocks, 17, err, 512), err)
-    scale = np.sqrt(n * p * q)               # the sums' size: N P Q terms of size ~1
-    np.testing.assert_allclose(dw, dw_want, rtol=0, atol=RTOL_EMULATED * scale)
-    np.testing.assert_allclose(db, db_want if bias else db0, rtol=0, atol=RTOL_EMULATED * scale)
 
 
 def _bf16_ulps(bits_a, bits_b):

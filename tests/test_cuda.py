@@ -65,24 +65,20 @@ CONV_CASES = [  # (N, C, H, W, K, kernel, stride, padding)
     (2, 16, 5, 7, 32, 1, 1, 0),
     (2, 48, 11, 10, 80, 3, 3, 0),
     (2, 64, 5, 6, 16, 3, 1, 1),
-    (2, 3, 9, 11, 64, 3, 1, 1),      # C R S <= 31, K <= 64 a multiple of 8: the "small" kernels apply
-    (3, 1, 7, 8, 24, 5, 2, 2),
 ]
 TABLES = {"fwd": C.FWD_CFGS, "data": C.DATA_CFGS, "filter": C.FILTER_CFGS}      # the shipped tiles (conv_tiles.py)
-FWD = list(C.FWD_CFGS) + ["im2col", "small"]
+FWD = list(C.FWD_CFGS) + ["im2col"]
 DATA = list(C.DATA_CFGS) + ["im2col"]
-FILTER = list(C.FILTER_CFGS) + ["im2col", "small"]
+FILTER = list(C.FILTER_CFGS) + ["im2col"]
 
 
 def _fits(cfg, op, g):
-    if cfg == "small":               # conv.cu's small-convolution kernels
-        return C.small_fits(g, op)
     return cfg == "im2col" or TABLES[op][cfg].fits(g.c, g.k)
 
 
 def _pick(op, cfgs, i, g):
-    """The i-th (cyclically) candidate of op, or where that one does not apply to g (a "c" tile the channels of g do
-    not fill, the small kernels beyond their sizes), the first tile that takes any channel count."""
+    """The i-th (cyclically) candidate of op, or where that is a "c" tile the channels of g do not fill, the first
+    tile that takes any channel count."""
     cfg = cfgs[i % len(cfgs)]
     return cfg if _fits(cfg, op, g) else next(name for name, t in TABLES[op].items() if not t.ci)
 

@@ -908,20 +908,20 @@ extern "C" __global__ void __launch_bounds__(256) pool_grad16_nhwc16(const unsig
     }
 }
 
-// Small convolutions (C R S <= 32 taps a pixel, K <= 64 outputs, a multiple of 8), one thread per output pixel
-// (img, p, q) of the n * P * Q < 2^31: the first layer of an image model (C = 3, 3 x 3) and airbench's whitening
-// layer (C = 3, 2 x 2, K = 24). x [n][C][H][W], w [K][C][R][S], b [K] or null. A thread reads its pixel's taps once
-// into registers (zero outside x), then its K channels 8 at a time: z = b + the taps in (c, r, s) order, each channel
-// a float32 fmaf chain. The weights sit in shared memory as wt[j][k] (j = (c, r, s)): a tap's 8 channels are two
-// float4 reads, the same address for every thread.
-//   GELU16 false (conv_small_fwd): y [n][K][P][Q] = act(z) (act HN_RELU or 0).
-//   GELU16 true (conv_gelu_nhwc16): z [n][K][P][Q] float32 (the GELU's backward reads it) and y16 = bf16(gelu(z)) as
-//   the channels-last copy [n][P][Q][K / 2] bf16 pairs, each thread's 8 channels one 16-byte store.
-template <bool GELU16>
-__device__ __forceinline__ void hn_conv_small(const float* __restrict__ x, const float* __restrict__ w,
-                                              const float* __restrict__ b, float* __restrict__ z,
-                                              uint4* __restrict__ y16, int n, int C, int H, int W, int K, int R, int S,
-                                              int stride, int pad, int P, int Q, int act) {
+// A small convolution and its GELU in one pass, the GELU's output handed over channels-last in bf16 (airbench's
+// whitening layer: C = 3, 2 x 2, K = 24): z = conv2d(x, w) + b and y16 = bf16(gelu(z)), x [n][C][H][W], w [K][C][R][S]
+// (CRS = C R S <= 32 taps a pixel), b [K] or null, K <= 64 a multiple of 8. One thread per output pixel (img, p, q) of
+// the n * P * Q < 2^31, its K channels 8 at a time (four taps' loads in flight): z [n][K][P][Q] float32 (the GELU's
+// backward reads it), y16 as the channels-last copy [n][P][Q][K / 2] bf16 pairs, each thread's 8 channels one
+// 16-byte store. The weights sit in shared memory as wt[j][k] (j = (c, r, s): a tap's 8 channels two float4 reads,
+// the same for every thread) with each tap's offset and (r, s); zero padding outside x. The sum runs bias first, then
+// the taps in (c, r, s) order.
+extern "C" __global__ void __launch_bounds__(256) conv_gelu_nhwc16(const float* __restrict__ x,
+                                                                   const float* __restrict__ w,
+                                                                   const float* __restrict__ b, float* __restrict__ z,
+                                                                   uint4* __restrict__ y16, int n, int C, int H, int W,
+                                                                   int K, int R, int S, int stride, int pad, int P,
+                                                                   int Q) {
     __shared__ __align__(16) float wt[32 * 64];
     __shared__ int tap[32], tr[32], ts[32];
     const int RS = R * S, CRS = C * RS, PQ = P * Q, NP = n * PQ;
@@ -929,141 +929,45 @@ __device__ __forceinline__ void hn_conv_small(const float* __restrict__ x, const
         const int k = i / CRS, j = i - k * CRS;
         wt[j * K + k] = w[i];
     }
-    for (int j = threadIdx.x; j < 32; j += blockDim.x) {       // taps j >= CRS: (0, 0), never read
+    for (int j = threadIdx.x; j < CRS; j += blockDim.x) {
         const int c = j / RS, rs = j - c * RS, r = rs / S, sx = rs - r * S;
-        tap[j] = j < CRS ? (c * H + r) * W + sx : 0;
-        tr[j] = j < CRS ? r : 0;
-        ts[j] = j < CRS ? sx : 0;
+        tap[j] = (c * H + r) * W + sx;
+        tr[j] = r;
+        ts[j] = sx;
     }
     __syncthreads();
     for (int pix = blockIdx.x * blockDim.x + threadIdx.x; pix < NP; pix += gridDim.x * blockDim.x) {
         const int img = pix / PQ, pq = pix - img * PQ, p = pq / Q, q = pq - p * Q;
         const int h0 = p * stride - pad, w0 = q * stride - pad;
         const float* xi = x + (long long)img * C * H * W + (h0 * W + w0);     // + tap[j]: tap j of this pixel
-        float v[32];
-#pragma unroll
-        for (int j = 0; j < 32; ++j) {
-            const int ih = h0 + tr[j], iw = w0 + ts[j];
-            v[j] = j < CRS && ih >= 0 && ih < H && iw >= 0 && iw < W ? xi[tap[j]] : 0.f;
-        }
-#pragma unroll 1
         for (int k0 = 0; k0 < K; k0 += 8) {
             float acc[8];
 #pragma unroll
             for (int u = 0; u < 8; ++u) acc[u] = b ? b[k0 + u] : 0.f;
-#pragma unroll
-            for (int j = 0; j < 32; ++j) {
-                if (j >= CRS) break;
+#pragma unroll 4
+            for (int j = 0; j < CRS; ++j) {
+                const int ih = h0 + tr[j], iw = w0 + ts[j];
+                const float v = ih >= 0 && ih < H && iw >= 0 && iw < W ? xi[tap[j]] : 0.f;
                 const float4 lo = *reinterpret_cast<const float4*>(&wt[j * K + k0]);
                 const float4 hi = *reinterpret_cast<const float4*>(&wt[j * K + k0 + 4]);
-                acc[0] = fmaf(v[j], lo.x, acc[0]);
-                acc[1] = fmaf(v[j], lo.y, acc[1]);
-                acc[2] = fmaf(v[j], lo.z, acc[2]);
-                acc[3] = fmaf(v[j], lo.w, acc[3]);
-                acc[4] = fmaf(v[j], hi.x, acc[4]);
-                acc[5] = fmaf(v[j], hi.y, acc[5]);
-                acc[6] = fmaf(v[j], hi.z, acc[6]);
-                acc[7] = fmaf(v[j], hi.w, acc[7]);
+                acc[0] = fmaf(v, lo.x, acc[0]);
+                acc[1] = fmaf(v, lo.y, acc[1]);
+                acc[2] = fmaf(v, lo.z, acc[2]);
+                acc[3] = fmaf(v, lo.w, acc[3]);
+                acc[4] = fmaf(v, hi.x, acc[4]);
+                acc[5] = fmaf(v, hi.y, acc[5]);
+                acc[6] = fmaf(v, hi.z, acc[6]);
+                acc[7] = fmaf(v, hi.w, acc[7]);
             }
             float* zk = z + ((long long)img * K + k0) * PQ + pq;
 #pragma unroll
-            for (int u = 0; u < 8; ++u) zk[(long long)u * PQ] = !GELU16 && act == HN_RELU ? fmaxf(acc[u], 0.f) : acc[u];
-            if (GELU16) {
-                unsigned pair[4];
+            for (int u = 0; u < 8; ++u) zk[(long long)u * PQ] = acc[u];
+            unsigned pair[4];
 #pragma unroll
-                for (int u = 0; u < 4; ++u) pair[u] = hn_bf16x2_bits(hn_gelu(acc[2 * u]), hn_gelu(acc[2 * u + 1]));
-                y16[((long long)pix * K + k0) / 8] = make_uint4(pair[0], pair[1], pair[2], pair[3]);
-            }
+            for (int u = 0; u < 4; ++u) pair[u] = hn_bf16x2_bits(hn_gelu(acc[2 * u]), hn_gelu(acc[2 * u + 1]));
+            y16[((long long)pix * K + k0) / 8] = make_uint4(pair[0], pair[1], pair[2], pair[3]);
         }
     }
-}
-extern "C" __global__ void __launch_bounds__(256) conv_small_fwd(const float* __restrict__ x,
-                                                                 const float* __restrict__ w,
-                                                                 const float* __restrict__ b, float* __restrict__ y,
-                                                                 int n, int C, int H, int W, int K, int R, int S,
-                                                                 int stride, int pad, int P, int Q, int act) {
-    hn_conv_small<false>(x, w, b, y, nullptr, n, C, H, W, K, R, S, stride, pad, P, Q, act);
-}
-extern "C" __global__ void __launch_bounds__(256) conv_gelu_nhwc16(const float* __restrict__ x,
-                                                                   const float* __restrict__ w,
-                                                                   const float* __restrict__ b, float* __restrict__ z,
-                                                                   uint4* __restrict__ y16, int n, int C, int H, int W,
-                                                                   int K, int R, int S, int stride, int pad, int P,
-                                                                   int Q) {
-    hn_conv_small<true>(x, w, b, z, y16, n, C, H, W, K, R, S, stride, pad, P, Q, 0);
-}
-
-// The filter gradient of the small convolutions above (C R S + 1 <= 32: one column more for the bias, K <= 64):
-// dw[k][j] = sum over the n * P * Q pixels of dy[img][k][p][q] * tap j of the pixel, db[k] = sum of dy[img][k][p][q],
-// in two deterministic passes. conv_small_filter: block g (of G = gridDim.x, 256 threads) sums the pixels
-// [g L, (g + 1) L) (L = ceil(n P Q / G)), 64 at a time through shared memory -- xs[pixel][j] the taps (column CRS
-// the bias's 1, the rest 0) and ds[k][pixel] dy, both loaded with the lanes along the pixels, each thread decoding its
-// one pixel -- each thread 8 (k, j) sums: k = thread / 4, j = 8 (thread % 4) + 0..7, in pixel order; then writes them
-// to part[g][k][j] (32 columns). conv_small_filter_add: dw[k][j] += the G partial sums in block order, db[k] += column
-// CRS's (db non-null).
-extern "C" __global__ void __launch_bounds__(256) conv_small_filter(const float* __restrict__ dy,
-                                                                    const float* __restrict__ x,
-                                                                    float* __restrict__ part, int n, int C, int H,
-                                                                    int W, int K, int R, int S, int stride, int pad,
-                                                                    int P, int Q) {
-    __shared__ __align__(16) float xs[64][36];
-    __shared__ float ds[64][65];
-    const int RS = R * S, CRS = C * RS, PQ = P * Q, NP = n * PQ;
-    const int span = (NP + gridDim.x - 1) / gridDim.x, first = blockIdx.x * span;
-    const int last = first + span < NP ? first + span : NP;
-    const int lane = threadIdx.x & 63, row = threadIdx.x >> 6;      // loads: pixel lane of the 64, rows row + 4 u
-    const int k = threadIdx.x >> 2, j0 = 8 * (threadIdx.x & 3);     // sums: dw[k][j0 .. j0 + 7]
-    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    for (int base = first; base < last; base += 64) {
-        const int pix = base + lane;
-        const bool in = pix < last;
-        const int img = in ? pix / PQ : 0, pq = pix - img * PQ, p = pq / Q, q = pq - p * Q;
-        const int h0 = p * stride - pad, w0 = q * stride - pad;
-        const float* xi = x + (long long)img * C * H * W;
-#pragma unroll
-        for (int u = 0; u < 8; ++u) {
-            const int j = row + 4 * u, c = j / RS, rs = j - c * RS, r = rs / S, ih = h0 + r, iw = w0 + rs - r * S;
-            float v = 0.f;
-            if (in && j < CRS && ih >= 0 && ih < H && iw >= 0 && iw < W) v = xi[((long long)c * H + ih) * W + iw];
-            xs[lane][j] = in && j == CRS ? 1.f : v;
-        }
-        const float* dyi = dy + (long long)img * K * PQ + pq;
-#pragma unroll
-        for (int u = 0; u < 16; ++u) {
-            const int kk = row + 4 * u;
-            ds[kk][lane] = in && kk < K ? dyi[(long long)kk * PQ] : 0.f;
-        }
-        __syncthreads();
-#pragma unroll 4
-        for (int i = 0; i < 64; ++i) {
-            const float d = ds[k][i];
-            const float4 lo = *reinterpret_cast<const float4*>(&xs[i][j0]);
-            const float4 hi = *reinterpret_cast<const float4*>(&xs[i][j0 + 4]);
-            acc[0] = fmaf(d, lo.x, acc[0]);
-            acc[1] = fmaf(d, lo.y, acc[1]);
-            acc[2] = fmaf(d, lo.z, acc[2]);
-            acc[3] = fmaf(d, lo.w, acc[3]);
-            acc[4] = fmaf(d, hi.x, acc[4]);
-            acc[5] = fmaf(d, hi.y, acc[5]);
-            acc[6] = fmaf(d, hi.z, acc[6]);
-            acc[7] = fmaf(d, hi.w, acc[7]);
-        }
-        __syncthreads();
-    }
-    float* out = part + ((long long)blockIdx.x * 64 + k) * 32 + j0;
-#pragma unroll
-    for (int u = 0; u < 8; ++u) out[u] = acc[u];
-}
-extern "C" __global__ void conv_small_filter_add(const float* __restrict__ part, float* __restrict__ dw,
-                                                 float* __restrict__ db, int G, int K, int CRS) {
-    const int i = blockIdx.x * blockDim.x + threadIdx.x, k = i / 32, j = i - k * 32;
-    if (k >= K || j > CRS || (j == CRS && !db)) return;
-    float s = 0.f;
-    for (int g = 0; g < G; ++g) s += part[((long long)g * 64 + k) * 32 + j];
-    if (j < CRS)
-        dw[k * CRS + j] += s;
-    else
-        db[k] += s;
 }
 
 // The data gradient's turned weights: wt[c][rs][o] = bf16(w[o][c][RS - 1 - rs]) for w [O][C][R][S] float32 (rs = r *

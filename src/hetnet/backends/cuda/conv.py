@@ -167,33 +167,6 @@ def _fwd_implicit(be, cfg, splits, g, x, w, b, y, act):
     fwd_implicit(be, t, _kernel(be, t), splits, g, x, w, b, y, act)
 
 
-def small_fits(g: Geometry, op: str = "fwd") -> bool:
-    """Whether conv.cu's small-convolution kernels (hn_conv_small: conv_small_fwd, conv_gelu_nhwc16; the filter
-    gradient conv_small_filter) compute g: C R S <= 32 taps a pixel (31 for the filter gradient: one column more for
-    the bias), K <= 64 outputs, a multiple of 8, under 2^31 elements of x and of y."""
-    return (g.c * g.r * g.s <= (32 if op == "fwd" else 31) and g.k <= 64 and g.k % 8 == 0
-            and g.npq * g.k < 2**31 and g.n * g.c * g.h * g.w < 2**31)
-
-
-def _fwd_small(be, g, x, w, b, y, act):
-    """y = act(conv(x, w) + b) by conv.cu's conv_small_fwd, one thread per output pixel (small_fits)."""
-    get_kernel(be.device_id, "conv", "conv_small_fwd")((grid_for(g.npq, be.sms),), (256,), (
-        x, w, b if b is not None else NULL, y, *(_i32(v) for v in (g.n, g.c, g.h, g.w, g.k, g.r, g.s, g.stride,
-                                                                    g.pad, g.p, g.q, act))))
-
-
-def _filter_small(be, g, dy, x, dw, db):
-    """dw += dE/dw, db += dE/db (when given) by conv.cu's conv_small_filter (each block's sums of 64-pixel steps
-    over its share of the N*P*Q pixels, about 4 blocks an SM) and conv_small_filter_add (the blocks' sums added in
-    block order: deterministic)."""
-    blocks = max(1, min(4 * be.sms, math.ceil(g.npq / 64)))
-    part = be.xp.empty((blocks, 64, 32), dtype=be.xp.float32)
-    get_kernel(be.device_id, "conv", "conv_small_filter")((blocks,), (256,), (
-        dy, x, part, *(_i32(v) for v in (g.n, g.c, g.h, g.w, g.k, g.r, g.s, g.stride, g.pad, g.p, g.q))))
-    get_kernel(be.device_id, "conv", "conv_small_filter_add")((math.ceil(g.k * 32 / 256),), (256,), (
-        part, dw, db if db is not None else NULL, _i32(blocks), _i32(g.k), _i32(g.crs)))
-
-
 def _chunks(be, g, tensor_bytes: int):
     """Image ranges [n0, n1) for im2col: each chunk's column buffer (CRS x n*PQ floats) within the budget above, and
     never less than one image; equal chunks but the last."""
@@ -473,8 +446,6 @@ def conv_forward(be, x, w, b, stride, pad, act=0, geometry=None):
     y = be.xp.empty((n, k, g.p, g.q), dtype=be.xp.float32)
     cands = _split_cands(be, FWD_CFGS, g, lambda cfg, sp, out: _fwd_implicit(be, cfg, sp, g, x, w, b, out, act))
     cands["im2col"] = lambda out: _fwd_im2col(be, g, x, w, b, out, act, x.nbytes + y.nbytes)
-    if _contiguous(x, w, b) and small_fits(g):
-        cands["small"] = lambda out: _fwd_small(be, g, x, w, b, out, act)
     if _contiguous(x, w, b) and mma.conv_fits(x, y):
         if be.precision != "fp32":
             cands["tc"] = lambda out: mma.conv_tc(be, out, x, w, b, stride, pad, act)
@@ -490,8 +461,6 @@ def _filter_backward(be, g, copies, dy, x, dw, db):
     sharing its channels-last copy of dy with the data gradient."""
     fc = _split_cands(be, FILTER_CFGS, g, lambda cfg, sp, dw_, db_: _filter_implicit(be, cfg, g, dy, x, dw_, db_, sp))
     fc["im2col"] = lambda dw_, db_: _filter_im2col(be, g, dy, x, dw_, db_, x.nbytes + dy.nbytes)
-    if _contiguous(dy, x, dw, db) and small_fits(g, "filter"):
-        fc["small"] = lambda dw_, db_: _filter_small(be, g, dy, x, dw_, db_)
     if _contiguous(dy, x, dw) and mma.conv_fits(x, dw) and dy.size < 2**31:
         if be.precision != "fp32":
             fc["tc"] = lambda dw_, db_: _filter_tc(be, g, dy, x, dw_, db_)
@@ -534,10 +503,12 @@ class Nhwc16:
 
 
 def conv_gelu_fits(be, x, w, b, g: Geometry) -> bool:
-    """Whether conv.cu's conv_gelu_nhwc16 computes this convolution: at bf16, float32 contiguous x, w (and b), a
-    small convolution (small_fits; K a multiple of 8: 16-byte stores of 8 bf16 channels)."""
+    """Whether conv.cu's conv_gelu_nhwc16 computes this convolution: float32 contiguous x, w (and b), C R S <= 32
+    taps a pixel (3 x 3 x 3 included), K <= 64 outputs, a multiple of 8 (16-byte stores of 8 bf16 channels), under
+    2^31 output pixels and elements."""
     return (be.precision == "bf16" and _contiguous(x, w, b) and x.dtype == w.dtype == np.float32
-            and small_fits(g))
+            and g.c * g.r * g.s <= 32 and g.k <= 64 and g.k % 8 == 0 and g.n * g.k * g.p * g.q < 2**31
+            and x.size < 2**31)
 
 
 def takes_nhwc16(be, x_shape, feeds) -> bool:
