@@ -235,13 +235,10 @@ TILES16 = {"fwd": (Tc16Tile(128, 128, 32, 64, 32, 4, 2), Tc16Tile(64, 64, 32, 32
 TILES16["data"] = TILES16["pool"] = TILES16["fwd"]     # the pooled forward runs on the forward's measured tile
 # The same on wgmma, for devices whose mma module is compiled for sm_90a (kernels.wgmma_ok): conv.py measures each.
 # The "b" tiles fit several blocks per SM (shared memory and registers), so that one block's prologue and epilogue
-# overlap another's products: the short reductions (K = C x 9 of a few hundred) are mostly those. The 64-wide ones
-# are for 64 output columns (a first layer's 64 filters, the data gradient of a 64-channel input), where the wider
-# tiles would multiply zeros.
+# overlap another's products: the short reductions (K = C x 9 of a few hundred) are mostly those.
 TILES16W = {"fwd": (wgmma_tile(128, 256, 4), wgmma_tile(128, 128, 4), wgmma_tile(64, 256, 4),
                     wgmma_tile(64, 256, 4, 128), wgmma_tile(128, 128, 3, min_blocks=2),
-                    wgmma_tile(64, 128, 4, min_blocks=2), wgmma_tile(128, 64, 4, min_blocks=2),
-                    wgmma_tile(256, 64, 4)),
+                    wgmma_tile(64, 128, 4, min_blocks=2)),
             "filter": (wgmma_tile(128, 256, 4), wgmma_tile(128, 128, 4), wgmma_tile(64, 256, 4, 128),
                        wgmma_tile(128, 128, 3, min_blocks=2))}
 TILES16W["data"] = TILES16W["pool"] = TILES16W["fwd"]
