@@ -394,7 +394,7 @@ def test_conv16(emu, rng, precision, shape):
     into two tf32 parts), against float64 of the rounded inputs (fp32: of the inputs themselves); outputs poisoned with
     NaN where they are written, not read."""
     stride, pad = shape[7:]
-    for k, tile in enumerate(mm.tiles16("fwd", precision, named=True)):
+    for k, tile in enumerate(mm.tiles16("fwd", precision)):
         if _fits16("fwd", shape, precision):
             x, w, b, y = conv_inputs(rng, shape, bias=k % 2 == 0)
             run_conv(emu, mm.plan_conv16(y, nhwc_copy(x, precision), nhwc_copy(w, precision), b, stride, pad,
@@ -407,7 +407,7 @@ def test_conv16(emu, rng, precision, shape):
                                               tile.name))
             err = rel_err(dx, conv_data_expected(dy, w, relu_x, shape, precision))
             assert err <= RTOL_EMULATED, f"data {shape} {tile.name}: relative error {err:.3g}"
-    for tile in mm.tiles16("filter", precision, named=True):
+    for tile in mm.tiles16("filter", precision):
         for splits in (1, 3):
             if _fits16("filter", shape, precision):
                 dy, x, dw0 = conv_filter_inputs(rng, shape)
@@ -433,7 +433,7 @@ def test_conv16_pool(emu, rng, precision, shape):
     Shapes: odd P and Q (a row and column in no window), pooled counts that are not a multiple of 4, M over one
     tile, N over several."""
     n, c, h, w_, o, r, s, stride, pad = shape
-    for k, tile in enumerate(mm.tiles16("pool", precision, named=True)):
+    for k, tile in enumerate(mm.tiles16("pool", precision)):
         act = k % 2
         x, w, b, y = conv_inputs(rng, shape, bias=act == 1)
         x[0, 0, 0, :3] = x[0, 0, 0, 0]                      # equal inputs: ties inside some windows
