@@ -5,14 +5,14 @@ copies made once (mma.to_nhwc, turn_weights), so that only the kernels are timed
 
 Each tile's forward (filter gradient) is first checked against the first wgmma tile's (relative error within
 RTOL_TC_ROUNDED of the norm; a tile that fails is reported, never timed). Times: run_conv_variants.time_ms (CUDA events
-around back-to-back launches queued behind a spin kernel, median of several samples).
+around back-to-back launches queued behind a spin kernel, median of several samples). --out writes the rows as JSON
+with the card, hetnet's commit and the date (hetnet.bench.common.environment).
 
     PYTHONPATH=src python benchmarks/kernels/time_cl_tiles.py [--batch 512] [--out tiles.json]    # on an sm_90a GPU
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -29,7 +29,7 @@ LAYERS = [(64, 32, 32, 128, True), (128, 16, 16, 128, False), (128, 16, 16, 256,
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=512)
-    ap.add_argument("--out", type=Path, default=None, help="write the times as JSON")
+    ap.add_argument("--out", type=Path, default=None, help="write the times as JSON (card, commit, date)")
     args = ap.parse_args(argv)
     import cupy
 
@@ -39,6 +39,7 @@ def main(argv=None) -> int:
 
     from hetnet.backends.cuda import mma
     from hetnet.backends.cuda.kernels import get_kernel
+    from hetnet.bench.common import environment, write_result
     from hetnet.device import get_backend
 
     be = get_backend("cuda", "bf16")
@@ -86,8 +87,8 @@ def main(argv=None) -> int:
                 rows.append(row)
                 print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
     if args.out:
-        args.out.write_text(json.dumps({"card": cupy.cuda.runtime.getDeviceProperties(0)["name"].decode(),
-                                        "batch": args.batch, "rows": rows}, indent=1))
+        write_result(args.out, {"environment": environment(threads=1, want_gpu=True), "batch": args.batch,
+                                "method": " ".join(__doc__.split("\n\n")[:2]).replace("\n", " "), "rows": rows})
     return 0
 
 
