@@ -1,6 +1,6 @@
 """Every CUDA source of the cuda backend compiles with nvcc for sm_80 and sm_90, with no register spills, as do the
-kernel sandbox's convolution variants; and the convolution tile table (conv_tiles.py), the one source of the tile
-kernels' entry points and of the launcher's tables, is consistent with conv.cu.
+kernel sandbox's convolution variants and warp-specialised tiles; and the convolution tile table (conv_tiles.py), the
+one source of the tile kernels' entry points and of the launcher's tables, is consistent with conv.cu.
 
 The compiles run where nvcc is installed (CI without the CUDA toolkit skips them), in parallel; no GPU needed. The
 table checks always run.
@@ -28,13 +28,15 @@ CUDA_DIR = ROOT / "src" / "hetnet" / "backends" / "cuda"
 SOURCES = sorted(s.stem for s in CUDA_DIR.glob("*.cu"))
 SANDBOX = "conv_variants"          # benchmarks/kernels: the tiles that do not ship, numbered
 NHWC_SANDBOX = "tc_conv_nhwc"      # benchmarks/kernels: the channels-last tensor-core forward (includes mma.cu)
+WS_SANDBOX = "conv16_ws"           # benchmarks/kernels: the warp-specialised bf16 wgmma tiles (includes mma.cu)
+SANDBOXES = (SANDBOX, NHWC_SANDBOX, WS_SANDBOX)
 ARCHS = ("sm_80", "sm_90")
 
 
-def _runner():
-    """benchmarks/kernels/run_conv_variants.py as a module (it imports no GPU library until run)."""
-    path = ROOT / "benchmarks" / "kernels" / "run_conv_variants.py"
-    spec = importlib.util.spec_from_file_location("run_conv_variants", path)
+def _runner(name: str = "run_conv_variants"):
+    """benchmarks/kernels/<name>.py as a module (run_conv_variants and conv16_ws import no GPU library until run)."""
+    path = ROOT / "benchmarks" / "kernels" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -42,11 +44,14 @@ def _runner():
 
 def _text(name: str) -> str:
     """What is compiled: a source as the backend compiles it (conv with its generated entry points), the sandbox's
-    variants (its runner compiles them beside the shipped tiles, which conv's compile covers), or the channels-last
-    sandbox as its file stands (it includes mma.cu)."""
+    variants (its runner compiles them beside the shipped tiles, which conv's compile covers), the warp-specialised
+    tiles with their entry points (conv16_ws.source_text), or the channels-last sandbox as its file stands (it includes
+    mma.cu)."""
     if name == SANDBOX:
         run = _runner()
         return run.sandbox_text(run.VARIANTS)
+    if name == WS_SANDBOX:
+        return _runner(WS_SANDBOX).source_text()
     if name == NHWC_SANDBOX:
         return (ROOT / "benchmarks" / "kernels" / f"{name}.cu").read_text()
     return kernels.cu_text(name)
@@ -66,7 +71,7 @@ def results(tmp_path_factory):
     if shutil.which("nvcc") is None:
         pytest.skip("nvcc not installed")
     out = tmp_path_factory.mktemp("cubin")
-    jobs = [(s, a) for s in [*SOURCES, SANDBOX, NHWC_SANDBOX] for a in ARCHS]
+    jobs = [(s, a) for s in [*SOURCES, *SANDBOXES] for a in ARCHS]
     with ThreadPoolExecutor(max_workers=4) as pool:
         done = list(pool.map(lambda j: _compile(j[0], j[1], out), jobs))
     return dict(zip(jobs, done))
@@ -96,7 +101,7 @@ def test_compiled_gemm_kernels_are_the_table(results):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("src", [*SOURCES, SANDBOX, NHWC_SANDBOX])
+@pytest.mark.parametrize("src", [*SOURCES, *SANDBOXES])
 def test_compiles_without_spills(results, src, arch):
     rc, log = results[(src, arch)]
     assert rc == 0, f"nvcc failed for {src} ({arch}):\n{log}"

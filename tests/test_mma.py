@@ -291,7 +291,7 @@ def test_conv16(rng, precision, shape):
     be = get_backend("cuda", precision)
     n, c, h, w_, o, r, s, stride, pad = shape
     wg = wgmma_ok(be.device_id)
-    for k, tile in enumerate(mm.tiles16("fwd", precision, wg, named=True)):
+    for k, tile in enumerate(mm.tiles16("fwd", precision, wg)):
         act = 1 - k % 2
         if mm.conv16_fits("fwd", c, o, r, s, stride, pad, precision):
             x, w, b, y = conv_inputs(rng, shape, bias=act == 1)
@@ -307,7 +307,7 @@ def test_conv16(rng, precision, shape):
                            None if relu_x is None else cupy.asarray(relu_x), pad, tile.name)
             _checked16(f"data {shape} {tile.name}", cupy.asnumpy(gdx), conv_data_expected(dy, w, relu_x, shape),
                        conv_data_expected(dy, w, relu_x, shape, precision), precision)
-    for tile in mm.tiles16("filter", precision, wg, named=True):
+    for tile in mm.tiles16("filter", precision, wg):
         for splits in (1, 3, None):
             if mm.conv16_fits("filter", c, o, r, s, stride, pad, precision):
                 dy, x, dw0 = conv_filter_inputs(rng, shape)
@@ -478,7 +478,7 @@ def test_conv16_pool(rng, precision, shape):
     float64."""
     n, c, h, w_, o, r, s, stride, pad = shape
     be = get_backend("cuda", precision)
-    tiles = mm.tiles16("pool", precision, wgmma_ok(be.device_id), named=True)
+    tiles = mm.tiles16("pool", precision, wgmma_ok(be.device_id))
     for k, tile in enumerate(tiles):
         act = k % 2
         x, w, b, y = conv_inputs(rng, shape, bias=act == 1)

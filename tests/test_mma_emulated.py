@@ -393,21 +393,29 @@ def test_conv16(emu, rng, precision, shape):
     added into dw, split and not) on the channels-last copies of NCHW inputs (bf16, float32 rounded to tf32, or split
     into two tf32 parts), against float64 of the rounded inputs (fp32: of the inputs themselves); outputs poisoned with
     NaN where they are written, not read."""
+    check_cl_ops(emu, rng, precision, shape, {op: mm.tiles16(op, precision) for op in ("fwd", "filter")})
+
+
+def check_cl_ops(emu, rng, precision, shape, tiles: dict, by_name: bool = True):
+    """test_conv16's checks of the "fwd" tiles (forward and data gradient) and "filter" tiles of `tiles`, each planned
+    by its name (by_name: the tables' tiles) or given itself (a sandbox's)."""
     stride, pad = shape[7:]
-    for k, tile in enumerate(mm.tiles16("fwd", precision, named=True)):
+    for k, tile in enumerate(tiles["fwd"]):
+        arg = tile.name if by_name else tile
         if _fits16("fwd", shape, precision):
             x, w, b, y = conv_inputs(rng, shape, bias=k % 2 == 0)
             run_conv(emu, mm.plan_conv16(y, nhwc_copy(x, precision), nhwc_copy(w, precision), b, stride, pad,
-                                         1 - k % 2, tile.name))
+                                         1 - k % 2, arg))
             err = rel_err(y, conv_expected(x, w, b, stride, pad, 1 - k % 2, precision))
             assert err <= RTOL_EMULATED, f"fwd {shape} {tile.name}: relative error {err:.3g}"
         if _fits16("data", shape, precision):
             dy, w, relu_x, dx = conv_data_inputs(rng, shape, mask=k % 2 == 0)
             run_conv(emu, mm.plan_conv16_data(dx, nhwc_copy(dy, precision), turned_copy(w, precision), relu_x, pad,
-                                              tile.name))
+                                              arg))
             err = rel_err(dx, conv_data_expected(dy, w, relu_x, shape, precision))
             assert err <= RTOL_EMULATED, f"data {shape} {tile.name}: relative error {err:.3g}"
-    for tile in mm.tiles16("filter", precision, named=True):
+    for tile in tiles["filter"]:
+        arg = tile.name if by_name else tile
         for splits in (1, 3):
             if _fits16("filter", shape, precision):
                 dy, x, dw0 = conv_filter_inputs(rng, shape)
@@ -416,7 +424,7 @@ def test_conv16(emu, rng, precision, shape):
                 part0[..., :c] = dw0.transpose(0, 2, 3, 1)              # [O, R, S, Cp] (x's copy padded), added into
                 part = part0.copy()
                 call = mm.plan_conv16_filter(part, nhwc_copy(dy, precision), nhwc_copy(x, precision), stride, pad,
-                                             SMS, tile.name, splits)
+                                             SMS, arg, splits)
                 run_conv(emu, call)
                 want = conv_filter_expected(dy, x, dw0, shape, precision).transpose(0, 2, 3, 1)
                 err = rel_err(part[..., :c] - part0[..., :c], want - part0[..., :c])
@@ -432,17 +440,23 @@ def test_conv16_pool(emu, rng, precision, shape):
     emulated tolerance of float64 too; both poisoned first (the bytes as NaN's), so every element is written.
     Shapes: odd P and Q (a row and column in no window), pooled counts that are not a multiple of 4, M over one
     tile, N over several."""
+    check_pool(emu, rng, precision, shape, mm.tiles16("pool", precision))
+
+
+def check_pool(emu, rng, precision, shape, tiles, by_name: bool = True):
+    """test_conv16_pool's checks of `tiles`, each planned by its name (by_name) or given itself (a sandbox's)."""
     n, c, h, w_, o, r, s, stride, pad = shape
-    for k, tile in enumerate(mm.tiles16("pool", precision, named=True)):
+    for k, tile in enumerate(tiles):
+        arg = tile.name if by_name else tile
         act = k % 2
         x, w, b, y = conv_inputs(rng, shape, bias=act == 1)
         x[0, 0, 0, :3] = x[0, 0, 0, 0]                      # equal inputs: ties inside some windows
         x16, w16 = nhwc_copy(x, precision), nhwc_copy(w, precision)
-        run_conv(emu, mm.plan_conv16(y, x16, w16, b, stride, pad, act, tile.name))
+        run_conv(emu, mm.plan_conv16(y, x16, w16, b, stride, pad, act, arg))
         want_y, want_arg = max_pool_2x2(y)
         buf, py, parg = mm.pooled_outputs(np, n, o, *want_y.shape[2:])
         buf[:] = np.nan
-        call = mm.plan_conv16_pool(buf, x16, w16, b, stride, pad, act, tile.name)
+        call = mm.plan_conv16_pool(buf, x16, w16, b, stride, pad, act, arg)
         assert call.tile is tile and call.kchunk == n * want_y.shape[2] * want_y.shape[3]
         run_conv(emu, call)
         np.testing.assert_array_equal(py, want_y, err_msg=f"{shape} {tile.name}: y")
@@ -498,6 +512,59 @@ def test_conv16_launcher():
         mm.plan_conv16(np.zeros((4, 256, 8, 8), np.float32), x32, w32, None, 1, 1)
     assert mm.plan_conv16(np.zeros((4, 256, 8, 8), np.float32), x32, w32, None, 1, 1, tile="w128x256s4").tile \
         is mm.TILES32W["fwd"][0]
+
+
+# --- the warp-specialised tiles that do not ship (benchmarks/kernels/conv16_ws.py, HN_CONV16WS) --------------------
+
+@pytest.fixture(scope="module")
+def ws():
+    """benchmarks/kernels/conv16_ws.py as a module (it imports no GPU library)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels" / "conv16_ws.py"
+    spec = importlib.util.spec_from_file_location("conv16_ws", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def emu_ws(tmp_path_factory, ws):
+    """conv16_ws.cu (mma.cu and the ws tiles' entry points only), compiled as C++ against the emulator."""
+    return build_emulated(tmp_path_factory.mktemp("emu_ws"), "ws_emu", ws.source_text(),
+                          EMU_DIR / "gemm_launch.cpp")
+
+
+@pytest.mark.parametrize("shape", CONV16_SHAPES, ids=str)
+def test_conv16_ws(emu_ws, ws, rng, shape):
+    """The sandbox's warp-specialised tiles (a producer warpgroup copying through mbarriers, no block barrier in the
+    K loop) pass test_conv16's checks, the emulator's happens-before checks of every shared-memory access included:
+    a kept variant stays correct."""
+    check_cl_ops(emu_ws, rng, "bf16", shape, ws.TILES16WS, by_name=False)
+
+
+@pytest.mark.parametrize("shape", POOL16_SHAPES, ids=str)
+def test_conv16_ws_pool(emu_ws, ws, rng, shape):
+    """The same for the pooled forward (test_conv16_pool's checks)."""
+    check_pool(emu_ws, rng, "bf16", shape, ws.TILES16WS["pool"], by_name=False)
+
+
+def test_conv16_ws_tiles_do_not_ship(ws):
+    """The ws tiles are none of the package's: their names are not the tables' (by name a plan refuses them), and
+    the package's mma.cu text has none of their kernels. A plan given a tile itself takes it only at its precision."""
+    text = kernels.cu_text("mma")
+    for op, tiles in ws.TILES16WS.items():
+        names = {t.name for t in mm.tiles16(op, "bf16")}
+        for t in tiles:
+            assert t.name not in names and t.name.endswith("ws"), t
+            assert t.conv_kernel(op) not in text and t.conv_kernel(op) in ws.source_text()
+    assert "HN_CONV16WS" not in text
+    with pytest.raises(ValueError, match="no bf16 fwd tile"):
+        mm.plan_conv16(np.zeros((4, 256, 8, 8), np.float32), np.zeros((4, 8, 8, 16), np.uint16),
+                       np.zeros((256, 3, 3, 16), np.uint16), None, 1, 1, tile=ws.TILES16WS["fwd"][0].name)
+    with pytest.raises(ValueError, match="is bf16, the copies tf32"):
+        mm.plan_conv16(np.zeros((4, 256, 8, 8), np.float32), np.zeros((4, 8, 8, 16), np.float32),
+                       np.zeros((256, 3, 3, 16), np.float32), None, 1, 1, tile=ws.TILES16WS["fwd"][0])
 
 
 def test_division_by_an_invariant_divisor(emu, rng):

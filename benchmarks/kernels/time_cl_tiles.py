@@ -1,17 +1,18 @@
-"""Time every channels-last bf16 wgmma tile by name -- conv.py's candidates and the named-only ones (mma.NAMED_CL:
-the warp-specialised "ws" tiles) -- on cifar-wide's 3x3 convolutions at batch 512: the forward, the data gradient,
-the pooled forward and the filter gradient, each on copies made once (mma.to_nhwc, turn_weights), so that only the
-kernels are timed. Each tile's forward (filter gradient) is first checked against the first wgmma tile's (relative
-error within RTOL_TC_ROUNDED of the norm; a tile that fails is reported, never timed). Times:
-run_conv_variants.time_ms (CUDA events around back-to-back launches queued behind a spin kernel, median of several
-samples).
+"""Time every channels-last bf16 wgmma tile -- conv.py's candidates (mma_tiles.TILES16W) and the sandbox's
+warp-specialised "ws" tiles (conv16_ws.TILES16WS, launched from their own module) -- on cifar-wide's 3x3 convolutions
+at batch 512: the forward, the data gradient, the pooled forward and the filter gradient, each planned by mma.py on
+copies made once (mma.to_nhwc, turn_weights), so that only the kernels are timed.
+
+Each tile's forward (filter gradient) is first checked against the first wgmma tile's (relative error within
+RTOL_TC_ROUNDED of the norm; a tile that fails is reported, never timed). Times: run_conv_variants.time_ms (CUDA events
+around back-to-back launches queued behind a spin kernel, median of several samples). --out writes the rows as JSON
+with the card, hetnet's commit and the date (hetnet.bench.common.environment).
 
     PYTHONPATH=src python benchmarks/kernels/time_cl_tiles.py [--batch 512] [--out tiles.json]    # on an sm_90a GPU
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -28,15 +29,18 @@ LAYERS = [(64, 32, 32, 128, True), (128, 16, 16, 128, False), (128, 16, 16, 256,
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=512)
-    ap.add_argument("--out", type=Path, default=None, help="write the times as JSON")
+    ap.add_argument("--out", type=Path, default=None, help="write the times as JSON (card, commit, date)")
     args = ap.parse_args(argv)
     import cupy
 
-    from hetnet.backends.cuda import mma
-    from hetnet.backends.cuda.kernels import get_kernel
-    from hetnet.device import get_backend
+    import conv16_ws as ws
     from run_conv_variants import time_ms
     from run_tc_conv_nhwc import RTOL_TC_ROUNDED
+
+    from hetnet.backends.cuda import mma
+    from hetnet.backends.cuda.kernels import get_kernel
+    from hetnet.bench.common import environment, write_result
+    from hetnet.device import get_backend
 
     be = get_backend("cuda", "bf16")
     spin = get_kernel(be.device_id, "elementwise", "hn_spin")
@@ -52,7 +56,7 @@ def main(argv=None) -> int:
         part = cupy.zeros((o, 3, 3, c), np.float32)
         buf, _, _ = mma.pooled_outputs(cupy, args.batch, o, h // 2, w // 2)
 
-        def forward_calls(tile):          # the first one is checked (its output y)
+        def forward_calls(tile):          # the first one is checked (its output y); tile: a Tc16Tile
             calls = {"fwd": mma.plan_conv16(y, x16, w16, None, 1, 1, 0, tile),
                      "data": mma.plan_conv16_data(dx, dy16, wt16, None, 1, tile)}
             if pooled:
@@ -64,24 +68,27 @@ def main(argv=None) -> int:
 
         for op, out, make_calls in (("fwd", y, forward_calls), ("filter", part, filter_calls)):
             ref = None
-            for tile in (t for t in mma.tiles16(op, "bf16", True, named=True) if t.wgmma):
-                calls = make_calls(tile.name)
+            for tile in [t for t in mma.tiles16(op, "bf16") if t.wgmma] + list(ws.TILES16WS[op]):
+                is_ws = isinstance(tile, ws.WsTile)
+                launch = ws.launch if is_ws else mma.launch_conv
+                calls = make_calls(tile)
                 out.fill(0)
-                mma.launch_conv(be, next(iter(calls.values())))
+                launch(be, next(iter(calls.values())))
                 got = cupy.asnumpy(out)
                 ref = got if ref is None else ref
                 err = float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-30))
-                row = {"layer": f"{c}x{h}x{w}->{o}", "tile": tile.name, "ws": tile.ws, "check_rel_err": err}
+                row = {"layer": f"{c}x{h}x{w}->{o}", "tile": tile.name, "ws": is_ws, "check_rel_err": err}
                 if not (np.all(np.isfinite(got)) and err <= RTOL_TC_ROUNDED):
                     row["status"] = "wrong"
                 else:
                     for name, call in calls.items():
-                        row[f"{name}_ms"] = round(time_ms(cupy, spin, lambda call=call: mma.launch_conv(be, call)), 4)
+                        ms = time_ms(cupy, spin, lambda call=call, launch=launch: launch(be, call))
+                        row[f"{name}_ms"] = round(ms, 4)
                 rows.append(row)
                 print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
     if args.out:
-        args.out.write_text(json.dumps({"card": cupy.cuda.runtime.getDeviceProperties(0)["name"].decode(),
-                                        "batch": args.batch, "rows": rows}, indent=1))
+        write_result(args.out, {"environment": environment(threads=1, want_gpu=True), "batch": args.batch,
+                                "method": " ".join(__doc__.split("\n\n")[:2]).replace("\n", " "), "rows": rows})
     return 0
 
 

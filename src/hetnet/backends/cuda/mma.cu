@@ -136,28 +136,6 @@ __device__ __forceinline__ unsigned hn_umulhi(unsigned a, unsigned b) { return _
 __device__ __forceinline__ void hn_fence_proxy_async() {
     HN_SM90A(asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"));
 }
-
-// mbarrier (PTX ISA 9.7.13.15), an 8-byte object in shared memory: init with the count of arrivals that complete a
-// phase; arrive (a release); try_wait.parity: whether the phase of that parity has completed (the current one's
-// parity differs; an acquire; a kernel loops on it). try_wait needs sm_90 (the warp-specialised kernels run on sm_90a
-// only).
-__device__ __forceinline__ void hn_mbar_init(void* bar, unsigned count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(hn_smem_addr(bar)), "r"(count) : "memory");
-}
-__device__ __forceinline__ unsigned long long hn_mbar_arrive(void* bar) {
-    unsigned long long state;
-    asm volatile("mbarrier.arrive.shared::cta.b64 %0, [%1];\n" : "=l"(state) : "r"(hn_smem_addr(bar)) : "memory");
-    return state;
-}
-__device__ __forceinline__ bool hn_mbar_try_wait(void* bar, unsigned parity) {
-    unsigned done = 0;
-    HN_SM90A(asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-                          "selp.u32 %0, 1, 0, p;\n}\n"
-                          : "=r"(done)
-                          : "r"(hn_smem_addr(bar)), "r"(parity)
-                          : "memory"));
-    return done != 0;
-}
 __device__ __forceinline__ void hn_wgmma_fence() { HN_SM90A(asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory")); }
 __device__ __forceinline__ void hn_wgmma_commit() {
     HN_SM90A(asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"));
@@ -1394,100 +1372,6 @@ __device__ __forceinline__ void hn_convw_fwd(unsigned char* smem, const T* W, co
         hn_conv_epilogue<EPI, 1, WN / 8>(blk, acc, M, N, cv, 64 * gm + 16 * ((tid >> 5) & 3), WN * gn, tid & 31);
 }
 
-// The K loop of the warp-specialised bf16 wgmma convolutions (HN_CONV16WS), `consumers` warpgroups multiplying and
-// one more, the producer, copying; no block-wide barrier inside it. Shared memory: `bars` holds the STAGES "full"
-// then the STAGES "empty" mbarriers (initialised here, then a barrier); the stages as hn_wgmma_loop's. The producer
-// (the last 128 threads) builds its copier with make_issue(its thread index 0..127) and for each K tile kt waits on
-// stage s = kt % STAGES's "empty" and issues tile kt (issue(kt, s): cp.async into stage s, one group); then it waits
-// for its copies of tile kt-1, fences them to the async proxy that wgmma reads through, and arrives on that tile's
-// "full" (a release: as the other kernels, each writer fences its own copies before the synchronisation). A
-// consumer waits on "full", issues the tile's 4 wgmma (a and b in stage 0, stages ea and eb elements apart, K steps
-// kstep apart, MN as hn_wgmma_bf16's) and, once the previous tile's have finished, arrives on that tile's "empty".
-// STAGES >= 3: the producer arrives on tile kt's "full" only after issuing tile kt+1, whose stage the consumers free
-// after tile kt+1-STAGES. Returns true in the consumers (their acc complete), false in the producer (done).
-template <int STAGES, int CONSUMERS, int WN, int MN, class T, class MakeIssue, class Desc>
-__device__ __forceinline__ bool hn_wgmma_ws_loop(unsigned char* bars, int tiles, const MakeIssue& make_issue,
-                                                 const T* a, int ea, const T* b, int eb, int kstep,
-                                                 float (&acc)[WN / 8][4], const Desc& desc) {
-    static_assert(STAGES >= 3, "the producer releases a tile one tile later");
-    unsigned long long* full = reinterpret_cast<unsigned long long*>(bars);
-    unsigned long long* empty = full + STAGES;
-    const int tid = threadIdx.x;
-    if (tid == 0)
-        for (int s = 0; s < STAGES; ++s) {
-            hn_mbar_init(full + s, 128);              // every producer thread, its copies landed and fenced
-            hn_mbar_init(empty + s, CONSUMERS);       // every consumer thread, the stage's wgmma finished
-        }
-    __syncthreads();
-    if (tid >= CONSUMERS) {
-        const auto issue = make_issue(tid - CONSUMERS);
-        for (int kt = 0; kt < tiles; ++kt) {
-            const int s = kt % STAGES;
-            while (!hn_mbar_try_wait(empty + s, ((kt / STAGES) & 1) ^ 1)) {}   // (a fresh barrier passes parity 1)
-            issue(kt, s);
-            hn_cp_async_commit();
-            if (kt > 0) {
-                hn_cp_async_wait<1>();
-                hn_fence_proxy_async();
-                hn_mbar_arrive(full + (kt - 1) % STAGES);
-            }
-        }
-        hn_cp_async_wait<0>();
-        hn_fence_proxy_async();
-        if (tiles > 0) hn_mbar_arrive(full + (tiles - 1) % STAGES);
-        return false;
-    }
-    for (int kt = 0; kt < tiles; ++kt) {
-        const int s = kt % STAGES;
-        while (!hn_mbar_try_wait(full + s, (kt / STAGES) & 1)) {}
-        hn_wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk)
-            hn_wgmma_bf16<WN, MN>(acc, desc(a + s * ea + kk * kstep), desc(b + s * eb + kk * kstep));
-        hn_wgmma_commit();
-        hn_wgmma_wait<1>();
-        if (kt > 0) hn_mbar_arrive(empty + (kt - 1) % STAGES);
-    }
-    hn_wgmma_wait<0>();
-    return true;
-}
-
-// hn_convw_fwd at bf16, warp-specialised (HN_CONV16WS, hn_wgmma_ws_loop): the WGM x WGN warpgroups multiply and
-// write the epilogue, one more warpgroup copies (hn_convw_fwd's gathers spread over its 128 threads). Shared memory:
-// the 2 STAGES mbarriers, then the stages (A then B tiles, aligned to 1024 bytes).
-template <int EPI, int WGM, int WGN, int WN, int STAGES>
-__device__ __forceinline__ void hn_convw_ws_fwd(unsigned char* smem, const unsigned short* W, const unsigned short* x,
-                                                float* y, int M, int N, int K, const HnConv& cv) {
-    using T = unsigned short;
-    constexpr int CONSUMERS = 128 * WGM * WGN, BM = 64 * WGM, BN = WN * WGN, BK = 64, CPR = 8, EA = BM * BK,
-                  EB = BN * BK;
-    static_assert((BN * CPR) % 128 == 0 && (BM * CPR) % 128 == 0 && STAGES >= 2, "tile");
-    using L = HnSwizzle128T<T>;
-    T* sa = reinterpret_cast<T*>(hn_smem_align1024(smem + 16 * STAGES));   // STAGES x EA
-    T* sb = sa + STAGES * EA;                                                // STAGES x EB
-    const HnBlock blk = hn_block(nullptr, nullptr, y, M, N, K, K, 0, 0, 0, 0, 0, 1.f, 0.f, 1, K, BM, BN, BK);
-    const int tid = threadIdx.x, gm = tid / 128 / WGN, gn = tid / 128 % WGN;
-    auto make_issue = [&](int ptid) {
-        const auto rows = hn_nhwc_rows<EPI, BN, 32, 128>(cv, blk.n0, N, ptid);   // 8 chunks a row: 32 words
-        const HnDiv by_c = hn_div_of(cv.c);
-        return [=](int kt, int s) {
-            const int k0 = kt * BK;
-            hn_copy16_tile<BM, CPR, L, 128>(sa + s * EA, W, K, blk.m0, M, k0, K, ptid);
-            hn_nhwc_copy_b<T, CPR, L, 128, decltype(rows)::N>(sb + s * EB, x, cv, rows, by_c, k0, K, ptid);
-        };
-    };
-    float acc[1][WN / 8][4];
-    hn_zero(acc);
-    if (!hn_wgmma_ws_loop<STAGES, CONSUMERS, WN, 0>(smem, blk.tiles, make_issue, sa + gm * 64 * BK, EA,
-                                                    sb + gn * WN * BK, EB, 16, acc[0],
-                                                    [](const T* p) { return hn_wgmma_desc(p); }))
-        return;
-    if constexpr (EPI == 4)
-        hn_conv_pool_epilogue<1, WN / 8>(blk, acc, M, cv, 64 * gm + 16 * ((tid >> 5) & 3), WN * gn, tid & 31);
-    else
-        hn_conv_epilogue<EPI, 1, WN / 8>(blk, acc, M, N, cv, 64 * gm + 16 * ((tid >> 5) & 3), WN * gn, tid & 31);
-}
-
 // The divisors of the filter gradient's gathers: a column n = (r, s, c) by C and S, a row k = (img, p, q) by P x Q
 // and Q.
 struct HnTapDivs {
@@ -1589,61 +1473,6 @@ __device__ __forceinline__ void hn_conv16w_filter(unsigned char* smem, const uns
     hn_epilogue<1, WN / 8>(blk, acc, M, N, N, 1.f, 1.f, 64 * gm + 16 * ((tid >> 5) & 3), WN * gn, tid & 31);
 }
 
-// hn_conv16w_filter warp-specialised (HN_CONV16WS's EPI 3, hn_wgmma_ws_loop): the same MN-major tiles, gathered by
-// the producer warpgroup alone. Shared memory: the 2 STAGES mbarriers, then the stages (aligned to 1024 bytes).
-template <int WGM, int WGN, int WN, int STAGES>
-__device__ __forceinline__ void hn_conv16w_ws_filter(unsigned char* smem, const unsigned short* dy,
-                                                     const unsigned short* x, float* dw, int M, int N, int K,
-                                                     int splits, int kchunk, const HnConv& cv) {
-    using T = unsigned short;
-    constexpr int CONSUMERS = 128 * WGM * WGN, BM = 64 * WGM, BN = WN * WGN, BK = 64, CPA = BM / 8, CPB = BN / 8;
-    constexpr int EA = BM * BK, EB = BN * BK;
-    static_assert(128 % CPB == 0 && (BK * CPA) % 128 == 0 && (BK * CPB) % 128 == 0 && STAGES >= 2, "tile");
-    T* sa = reinterpret_cast<T*>(hn_smem_align1024(smem + 16 * STAGES));
-    T* sb = sa + STAGES * EA;
-    const HnBlock blk = hn_block(nullptr, nullptr, dw, M, N, K, 0, 0, N, 0, 0, 0, 1.f, 1.f, splits, kchunk, BM, BN, BK);
-    const int tid = threadIdx.x, gm = tid / 128 / WGN, gn = tid / 128 % WGN;
-    auto make_issue = [&](int ptid) {
-        const HnTapDivs dv = {hn_div_of(cv.c), hn_div_of(cv.s), hn_div_of(cv.p * cv.q), hn_div_of(cv.q)};
-        return [=](int kt, int s) {
-            const int k0 = blk.kbeg + kt * BK;
-            hn_copy16_tile<BK, CPA, HnSwizzle128MN, 128>(sa + s * EA, dy, cv.o, k0, blk.kend, blk.m0, M, ptid);
-            hn_nhwc_copy_x_taps<BK, CPB, HnSwizzle128MN, 128>(sb + s * EB, x, cv, blk.n0, N, dv, k0, blk.kend, ptid);
-        };
-    };
-    float acc[1][WN / 8][4];
-    hn_zero(acc);
-    // a warpgroup's columns start 64 gm (A) and WN gn (B) columns in: whole blocks of 64 x 64 (HnSwizzle128MN)
-    if (!hn_wgmma_ws_loop<STAGES, CONSUMERS, WN, 1>(smem, blk.tiles, make_issue, sa + gm * 64 * BK, EA,
-                                                    sb + gn * WN * BK, EB, 16 * 64, acc[0],
-                                                    [](const T* p) { return hn_wgmma_desc_mn(p); }))
-        return;
-    hn_epilogue<1, WN / 8>(blk, acc, M, N, N, 1.f, 1.f, 64 * gm + 16 * ((tid >> 5) & 3), WN * gn, tid & 31);
-}
-
-// HN_CONV16W's and HN_CONV16WS's body: EPI 3, the filter gradient (hn_conv16w_filter, or warp-specialised
-// hn_conv16w_ws_filter); 1, 2 or 4, hn_convw_fwd (or hn_convw_ws_fwd).
-template <int EPI, int WGM, int WGN, int WN, int ST, int WS>
-__device__ __forceinline__ void hn_conv16w_entry(unsigned char* smem, const unsigned short* B, const unsigned short* Wt,
-                                                 const float* aux, float* Y, int M, int N, int K, int C, int H, int W,
-                                                 int R, int S, int P, int Q, int O, int stride, int pad, int act,
-                                                 int splits, int kchunk) {
-    if constexpr (EPI == 3) {
-        const HnConv cv = hn_conv_of<3>(aux, C, H, W, R, S, P, Q, O, stride, pad, act);
-        if constexpr (WS)
-            hn_conv16w_ws_filter<WGM, WGN, WN, ST>(smem, Wt, B, Y, M, N, K, splits, kchunk, cv);
-        else
-            hn_conv16w_filter<WGM, WGN, WN, ST>(smem, Wt, B, Y, M, N, K, splits, kchunk, cv);
-    } else {
-        HnConv cv = hn_conv_of<1>(aux, C, H, W, R, S, P, Q, O, stride, pad, act);
-        cv.pooled = kchunk;
-        if constexpr (WS)
-            hn_convw_ws_fwd<EPI, WGM, WGN, WN, ST>(smem, Wt, B, Y, M, N, K, cv);
-        else
-            hn_convw_fwd<unsigned short, EPI, WGM, WGN, WN, ST>(smem, Wt, B, Y, M, N, K, cv);
-    }
-}
-
 // HN_CONV16's body: EPI 1, 2 or 4, hn_conv16_fwd; 3, hn_conv_filter_sync (arguments as HN_CONV16 says).
 template <int EPI, int BM, int BN, int BK, int WM, int WN, int ST>
 __device__ __forceinline__ void hn_conv16(unsigned char* smem, const unsigned short* B, const unsigned short* Wt,
@@ -1712,22 +1541,20 @@ __device__ __forceinline__ void hn_conv16(unsigned char* smem, const unsigned sh
 // WGM x WGN warpgroups of 64 x WN each, block tile 64 WGM x WN WGN x 64, ST buffers, MINB blocks per SM for
 // __launch_bounds__); 128 WGM WGN threads, shared memory ST x (64 WGM + WN WGN) x 64 x 2 + 1024 bytes (the 1024-byte
 // alignment of the swizzled tiles).
-#define HN_CONV16W(name, EPI, WGM, WGN, WN, ST, MINB) HN_CONV16W_ENTRY(name, EPI, WGM, WGN, WN, ST, MINB, 0)
-
-// HN_CONV16WS(hn_conv16_fwd_w128x128s6ws, 1, 2, 1, 128, 6): HN_CONV16W's forward (EPI 1), data gradient (EPI 2),
-// filter gradient (EPI 3) or pooled forward (EPI 4) warp-specialised (hn_convw_ws_fwd, hn_conv16w_ws_filter): the
-// WGM x WGN warpgroups and a producer warpgroup; shared memory as HN_CONV16W's and 16 ST bytes of mbarriers.
-#define HN_CONV16WS(name, EPI, WGM, WGN, WN, ST) HN_CONV16W_ENTRY(name, EPI, WGM, WGN, WN, ST, 1, 1)
-
-// The entry point of both (WS 0: HN_CONV16W, WS 1: HN_CONV16WS): 128 (WGM WGN + WS) threads.
-#define HN_CONV16W_ENTRY(name, EPI, WGM, WGN, WN, ST, MINB, WS)                                                   \
-    extern "C" __global__ void __launch_bounds__(128 * (WGM * WGN + WS), MINB) name(                           \
+#define HN_CONV16W(name, EPI, WGM, WGN, WN, ST, MINB)                                                             \
+    extern "C" __global__ void __launch_bounds__(128 * WGM * WGN, MINB) name(                                  \
         const unsigned short* __restrict__ B, const unsigned short* __restrict__ Wt, const float* __restrict__ AUX,  \
         float* __restrict__ Y, int M, int N, int K, int C, int H, int W, int R, int S, int P, int Q, int O,         \
         int stride, int pad, int act, int splits, int kchunk) {                                                   \
         HN_DYNAMIC_SMEM(hn_smem);                                                                              \
-        hn_conv16w_entry<EPI, WGM, WGN, WN, ST, WS>(hn_smem, B, Wt, AUX, Y, M, N, K, C, H, W, R, S, P, Q, O,    \
-                                                    stride, pad, act, splits, kchunk);                           \
+        if constexpr (EPI == 3) {                                                                                \
+            const HnConv cv = hn_conv_of<3>(AUX, C, H, W, R, S, P, Q, O, stride, pad, act);                     \
+            hn_conv16w_filter<WGM, WGN, WN, ST>(hn_smem, Wt, B, Y, M, N, K, splits, kchunk, cv);                \
+        } else {                                                                                                 \
+            HnConv cv = hn_conv_of<1>(AUX, C, H, W, R, S, P, Q, O, stride, pad, act);                           \
+            cv.pooled = kchunk;                                                                                  \
+            hn_convw_fwd<unsigned short, EPI, WGM, WGN, WN, ST>(hn_smem, Wt, B, Y, M, N, K, cv);               \
+        }                                                                                                        \
     }
 
 // HN_CONV32W(hn_conv32_fwd_w128x256s4, 1, 2, 1, 256, 4, 1, 0, 1): HN_CONV16W's forward (EPI 1), data gradient (EPI 2)

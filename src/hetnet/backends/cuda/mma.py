@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .kernels import NULL, gemm_operands, get_kernel, leading_dim, wgmma_ok
-from .mma_tiles import (CONV_CHOICE, LAYOUTS, PRECISIONS, TILES, TILES16, TILES16W, TILES16WS, TILES32, TILES32W,
-                        TILES32X3, TILES32X3W, Tc16Tile, TcTile)
+from .mma_tiles import (CONV_CHOICE, LAYOUTS, PRECISIONS, TILES, TILES16, TILES16W, TILES32, TILES32W, TILES32X3,
+                        TILES32X3W, Tc16Tile, TcTile)
 
 _i32, _i64, _f32 = np.int32, np.int64, np.float32
 DEFAULT_SMEM = 48 * 1024       # dynamic shared memory a launch gets without raising the kernel's limit
@@ -399,6 +399,8 @@ def conv_filter_tc(be, dw, dy, x, stride: int, pad: int, tile: str | None = None
 # ones); conv16, conv16_data and conv16_filter make them on the GPU from NCHW float32 at `be`'s precision (to_nhwc).
 # Each precision's copies: the suffix of conv.cu's kernels that make them (to_nhwc<s>, turn_weights<s>,
 # pool_grad_nhwc<s>), their storage, and the multiple of the channel count they need (bf16 pairs, fp32's chunks).
+# A plan's `tile` is a tile of these tables by name (None: by size, `_tile16`), or a Tc16Tile itself: a kernel sandbox's
+# (benchmarks/kernels/conv16_ws.py), which launches the plan from its own module.
 COPIES = {"bf16": ("16", np.uint16, 2), "tf32": ("32", np.float32, 1), "fp32": ("32x3", np.float32, 4)}
 COPY_DTYPE = {precision: dtype for precision, (_, dtype, _) in COPIES.items()}
 # the channels of one 16-byte chunk, the kernels' unit along C: to_nhwc pads its copies' channels to a multiple of it
@@ -406,7 +408,6 @@ COPY_DTYPE = {precision: dtype for precision, (_, dtype, _) in COPIES.items()}
 CHUNK = {"bf16": 8, "tf32": 4, "fp32": 4}
 TILES_CL = {"bf16": (TILES16, TILES16W), "tf32": (TILES32, TILES32W),   # (mma.sync tiles, wgmma tiles) per op
             "fp32": (TILES32X3, TILES32X3W)}
-NAMED_CL = {"bf16": TILES16WS}     # wgmma tiles run by name only, never measured as candidates (mma_tiles.TILES16WS)
 
 
 def conv16_fits(op: str, c: int, o: int, r: int, s: int, stride: int, pad: int, precision: str = "bf16") -> bool:
@@ -422,17 +423,20 @@ def conv16_fits(op: str, c: int, o: int, r: int, s: int, stride: int, pad: int, 
     return o % e == 0 and stride == 1 and r == s and 0 <= pad < r
 
 
-def tiles16(op: str, precision: str = "bf16", wgmma: bool = True, named: bool = False) -> tuple:
-    """The channels-last tiles of op at precision: the mma.sync ones, then (with wgmma) the wgmma ones, and with
-    `named` the wgmma tiles that run by name only (NAMED_CL)."""
+def tiles16(op: str, precision: str = "bf16", wgmma: bool = True) -> tuple:
+    """The channels-last tiles of op at precision: the mma.sync ones, then (with wgmma) the wgmma ones."""
     sync, wg = TILES_CL[precision]
-    extra = NAMED_CL.get(precision, {}).get(op, ()) if wgmma and named else ()
-    return tuple(sync.get(op, ())) + (tuple(wg.get(op, ())) if wgmma else ()) + tuple(extra)
+    return tuple(sync.get(op, ())) + (tuple(wg.get(op, ())) if wgmma else ())
 
 
-def _tile16(op: str, tile: str | None, m: int, n: int, precision: str = "bf16") -> Tc16Tile:
-    """The channels-last tile of op at precision named `tile`, or by size (`by_size`) from the mma.sync pair."""
-    have = tiles16(op, precision, named=True)
+def _tile16(op: str, tile: str | Tc16Tile | None, m: int, n: int, precision: str = "bf16") -> Tc16Tile:
+    """The channels-last tile of op at precision: `tile` itself when it is a Tc16Tile (of that precision), the
+    tile named `tile`, or by size (`by_size`) from the mma.sync pair."""
+    if isinstance(tile, Tc16Tile):
+        if tile.precision != precision:
+            raise ValueError(f"conv16: tile {tile.name} is {tile.precision}, the copies {precision}")
+        return tile
+    have = tiles16(op, precision)
     if tile is not None:
         found = [t for t in have if t.name == tile]
         if not found:
@@ -472,7 +476,8 @@ def _call16(op, tile, src, w, aux, out, m, n, k, geometry, act=0, sms=None, spli
     return _tile_call(op, _tile16(op, tile, m, n, precision), src, w, aux, out, m, n, k, geometry, act, sms, splits)
 
 
-def plan_conv16(y, x16, w16, b, stride: int, pad: int, act: int = 0, tile: str | None = None) -> ConvCall | None:
+def plan_conv16(y, x16, w16, b, stride: int, pad: int, act: int = 0, tile: str | Tc16Tile | None = None
+                ) -> ConvCall | None:
     """y [n, O, P, Q] = act(conv(x, w) + b) from the channels-last copies x16 [n, H, W, C] and w16 [O, R, S, C]
     (COPY_DTYPE), b [O] float32 or None; act 0 none, 1 ReLU. None when y is empty."""
     n, h, wd, c = _nhwc_shape(x16)
@@ -492,7 +497,7 @@ def pooled_outputs(xp, n: int, o: int, p: int, q: int):
     return buf, buf[:size].reshape(n, o, p, q), buf.view(np.uint8)[4 * size:5 * size].reshape(n, o, p, q)
 
 
-def plan_conv16_pool(buf, x16, w16, b, stride: int, pad: int, act: int = 0, tile: str | None = None
+def plan_conv16_pool(buf, x16, w16, b, stride: int, pad: int, act: int = 0, tile: str | Tc16Tile | None = None
                      ) -> ConvCall | None:
     """max_pool2d(act(conv(x, w) + b), 2, 2) and its argmax bytes into buf (pooled_outputs), from x16 [n, H, W, C]
     and w16 [O, R, S, C] (copies, COPY_DTYPE), b [O] float32 or None: the forward's GEMM on its tile, its columns in window
@@ -514,7 +519,7 @@ def plan_conv16_pool(buf, x16, w16, b, stride: int, pad: int, act: int = 0, tile
     return call
 
 
-def plan_conv16_data(dx, dy16, wt16, relu_x, pad: int, tile: str | None = None) -> ConvCall | None:
+def plan_conv16_data(dx, dy16, wt16, relu_x, pad: int, tile: str | Tc16Tile | None = None) -> ConvCall | None:
     """dx [n, C, H, W] = conv_backward_data(dy, w) (* (relu_x > 0) when relu_x is given) of a stride-1 convolution
     with padding `pad`, from the copies dy16 [n, P, Q, O] and wt16, the turned weights [C, R, S, O] (turn_weights),
     as the forward over dy with padding R - 1 - pad. None when dx is empty."""
@@ -529,7 +534,7 @@ def plan_conv16_data(dx, dy16, wt16, relu_x, pad: int, tile: str | None = None) 
                    (o, p, q, r, s, h, wd, c, 1, r - 1 - pad))
 
 
-def plan_conv16_filter(dw16, dy16, x16, stride: int, pad: int, sms: int = 132, tile: str | None = None,
+def plan_conv16_filter(dw16, dy16, x16, stride: int, pad: int, sms: int = 132, tile: str | Tc16Tile | None = None,
                        splits: int | None = None) -> ConvCall | None:
     """dw16 [O, R, S, C] float32 += conv_backward_filter(dy, x) from the copies dy16 [n, P, Q, O] and x16 [n, H, W,
     C], the K sum over images x P x Q split over grid.z (`split_k_waves`, or `splits` parts) and added with

@@ -153,7 +153,6 @@ class Tc16Tile:
     wgmma: bool = False      # "w": on wgmma (sm_90a), warpgroups of 64 x bn
     precision: str = "bf16"  # "bf16", "tf32" or "fp32"
     inflight: int = 1        # wgmma groups left pending at a K tile's end ("i0": none, copies a tile further ahead)
-    ws: bool = False         # "ws": warp-specialised, one more warpgroup copies while the others multiply (bf16 wgmma)
 
     def __post_init__(self):
         assert self.precision in CL_PRECISIONS, self
@@ -161,7 +160,6 @@ class Tc16Tile:
             assert self.bm % 64 == 0 and self.bk * self.elem_bytes == 128 and self.wm == 64, self
             assert self.bn % self.wn == 0 and self.wn in (64, 128, 256) and self.stages >= 2 + self.inflight, self
             assert self.inflight == 1 or self.precision != "bf16", self
-        assert not self.ws or (self.wgmma and self.precision == "bf16" and self.min_blocks == 1), self
 
     @property
     def elem_bytes(self) -> int:
@@ -176,19 +174,18 @@ class Tc16Tile:
     def name(self) -> str:
         if self.wgmma:
             return (f"w{self.bm}x{self.bn}s{self.stages}" + (f"n{self.wn}" if self.wn != self.bn else "")
-                    + (f"b{self.min_blocks}" if self.min_blocks > 1 else "") + ("i0" if self.inflight == 0 else "")
-                    + ("ws" if self.ws else ""))
+                    + (f"b{self.min_blocks}" if self.min_blocks > 1 else "") + ("i0" if self.inflight == 0 else ""))
         return f"{self.bm}x{self.bn}x{self.bk}s{self.stages}" + (f"b{self.min_blocks}" if self.min_blocks > 1 else "")
 
     @property
     def threads(self) -> int:
-        return 32 * (self.bm // self.wm) * (self.bn // self.wn) * (4 if self.wgmma else 1) + 128 * self.ws
+        return 32 * (self.bm // self.wm) * (self.bn // self.wn) * (4 if self.wgmma else 1)
 
     @property
     def smem_bytes(self) -> int:
         parts = 1 + self.split
-        if self.wgmma:        # unpadded swizzled rows of 128 bytes, and 1024 bytes to align them (after the mbarriers)
-            return self.stages * (self.bm + self.bn) * 128 * parts + 1024 + 16 * self.stages * self.ws
+        if self.wgmma:        # unpadded swizzled rows of 128 bytes, and 1024 bytes to align them
+            return self.stages * (self.bm + self.bn) * 128 * parts + 1024
         _, pad_k, pad_mn = _SMEM["bf16" if self.precision == "bf16" else "tf32"]   # HnOperand's padded tiles
         return parts * self.stages * self.elem_bytes * sum(max(mn * (self.bk + pad_k), self.bk * (mn + pad_mn))
                                                            for mn in (self.bm, self.bn))
@@ -208,9 +205,6 @@ class Tc16Tile:
             assert op == "filter", self
             return (f"HN_CONV32F({self.conv_kernel(op)}, {self.bm}, {self.bn}, {self.bk}, {self.wm}, {self.wn}, "
                     f"{self.stages}, {self.min_blocks}, {self.split})")
-        if self.ws:
-            return (f"HN_CONV16WS({self.conv_kernel(op)}, {CONV16_OPS[op]}, {self.bm // 64}, {self.bn // self.wn}, "
-                    f"{self.wn}, {self.stages})")
         if self.wgmma:
             return (f"HN_CONV16W({self.conv_kernel(op)}, {CONV16_OPS[op]}, {self.bm // 64}, {self.bn // self.wn}, "
                     f"{self.wn}, {self.stages}, {self.min_blocks})")
@@ -219,12 +213,12 @@ class Tc16Tile:
 
 
 def wgmma_tile(bm: int, bn: int, stages: int, wn: int | None = None, min_blocks: int = 1,
-               precision: str = "bf16", inflight: int = 1, ws: bool = False) -> Tc16Tile:
+               precision: str = "bf16", inflight: int = 1) -> Tc16Tile:
     """A channels-last tile on wgmma: (bm / 64) x (bn / wn) warpgroups, each 64 x wn (default bn), K tiles of 128
     bytes (64 bf16, 32 tf32 or fp32); min_blocks: __launch_bounds__'s blocks per SM; inflight: wgmma groups left
-    pending at the end of a K tile; ws: warp-specialised (a producer warpgroup besides)."""
+    pending at the end of a K tile."""
     return Tc16Tile(bm, bn, 128 // (2 if precision == "bf16" else 4), 64, wn or bn, stages, min_blocks, wgmma=True,
-                    precision=precision, inflight=inflight, ws=ws)
+                    precision=precision, inflight=inflight)
 
 
 # The channels-last tiles, (large, small) per op (the data gradient runs the forward's kernel body); conv.py measures
@@ -242,13 +236,6 @@ TILES16W = {"fwd": (wgmma_tile(128, 256, 4), wgmma_tile(128, 128, 4), wgmma_tile
             "filter": (wgmma_tile(128, 256, 4), wgmma_tile(128, 128, 4), wgmma_tile(64, 256, 4, 128),
                        wgmma_tile(128, 128, 3, min_blocks=2))}
 TILES16W["data"] = TILES16W["pool"] = TILES16W["fwd"]
-# Warp-specialised (HN_CONV16WS): a producer warpgroup copies through mbarriers while the others multiply. Named tiles
-# (mma.conv16(..., tile=name): tests, benchmarks), not conv.py's measured candidates: they have not run on a GPU yet
-# (benchmarks/kernels/NOTES.md), and a candidate that hung or erred there would stall or corrupt a training run.
-TILES16WS = {"fwd": (wgmma_tile(128, 128, 6, ws=True), wgmma_tile(64, 256, 5, ws=True),
-                     wgmma_tile(128, 256, 4, ws=True)),
-             "filter": (wgmma_tile(128, 256, 4, ws=True), wgmma_tile(128, 128, 6, ws=True))}
-TILES16WS["data"] = TILES16WS["pool"] = TILES16WS["fwd"]
 # At tf32 (float32 copies rounded to tf32): the forward, data gradient and pooled forward on wgmma (sm_90a only), the
 # filter gradient on mma.sync (wgmma reads tf32 operands K-major only, and its operands are both stored along K).
 TILES32W = {"fwd": tuple(wgmma_tile(*a, precision="tf32") for a in ((128, 256, 4), (128, 128, 4), (64, 256, 4, 128),
@@ -273,8 +260,7 @@ TILES32X3 = {"filter": (Tc16Tile(128, 128, 32, 64, 32, 3, precision="fp32"),
 
 
 def instantiations(tiles: Iterable[TcTile], conv: Iterable[TcTile] = (),
-                   conv16: Iterable[dict] = (TILES16, TILES16W, TILES16WS, TILES32W, TILES32, TILES32X3W,
-                                             TILES32X3)) -> str:
+                   conv16: Iterable[dict] = (TILES16, TILES16W, TILES32W, TILES32, TILES32X3W, TILES32X3)) -> str:
     """mma.cu's HN_GEMM lines, each tile in each operand order, its HN_CONV lines, each `conv` tile for each
     convolution op, and its channels-last lines (HN_CONV16, HN_CONV16W, HN_CONV32W, HN_CONV32F), each tile of each op
     of each `conv16` table."""
