@@ -315,10 +315,18 @@ def test_hetnet_to_passes_a_precision_only_to_a_model_that_takes_one():
     assert sides.hetnet_to(p_, "cuda", "fp32") is None
 
 
-def test_precision_rows_and_files_on_the_cpu(tmp_path):
+def test_precision_rows_and_files_on_the_cpu(tmp_path, monkeypatch):
     """fp32 rows are timed against PyTorch eager (no CUDA graph on a CPU); tf32 and bf16 rows are GPU rows and
-    skipped here; the per-layer precision table has four ops per convolution, hetnet's data gradient derived."""
+    skipped here; the per-layer precision table has four ops per convolution, hetnet's data gradient derived, and
+    names the algorithms a backend that chooses them chose (here a stand-in conv_choice on the cpu backend, which
+    chooses none: the first layer's forward and filter gradient only)."""
     torch_or_skip()
+    from hetnet.device import get_backend
+
+    def conv_choice(op, shape):
+        return f"{op}-algo" if shape[1] == 3 and op != "data" else None
+
+    monkeypatch.setattr(get_backend("cpu"), "conv_choice", conv_choice, raising=False)
     rc = bench.main(["--devices", "cpu", "--precision", "fp32,bf16", "--rows", "thesis-m0:3", "--layers",
                      "--layer-batch", "2", "--out", str(tmp_path), *TINY[2:]])
     assert rc == 0
@@ -349,6 +357,9 @@ def test_precision_rows_and_files_on_the_cpu(tmp_path):
     assert all(r["hetnet_ms"] > 0 for r in rows if not r.get("hetnet_derived")), rows
     assert all(r["check_max_rel_err"] <= common.RTOL_PRECISION["fp32"] for r in rows)
     assert [r["op"] for r in rows if r.get("hetnet_derived")] == ["data gradient", "data gradient"]
+    assert [(r["layer"], r["op"], r["hetnet_algorithms"]) for r in rows if "hetnet_algorithms" in r] == [
+        ("conv1", "forward", {"fwd": "fwd-algo"}), ("conv1", "filter gradient", {"filter": "filter-algo"}),
+        ("conv1", "data + filter gradient", {"filter": "filter-algo"})]
     assert any("bf16" in e and "skipped" in e for e in layers["errors"])
     assert "| conv2 | 2x16x6x6 |" in (tmp_path / "precision_layers.md").read_text()
 

@@ -464,6 +464,14 @@ def _conv_precision_rows(spec: dict, backend, tdev: str, precision: str, gpu: bo
             return [conv.weight.grad]
         return [hboth(), conv.weight.grad]
 
+    def algos(op):
+        """{conv op: the algorithm the cuda backend chose} for this layer's shape ({} on a backend that chooses
+        none)."""
+        choice = getattr(getattr(hm, "backend", None), "conv_choice", None)
+        wanted = {"forward": ("fwd",), "filter gradient": ("filter",), "data + filter gradient": ("data", "filter")}
+        got = {o: choice(o, (n, c, h, w, k, r, r, st, pad)) for o in wanted[op]} if choice else {}
+        return {o: a for o, a in got.items() if a is not None}
+
     tol = RTOL_PRECISION[precision]
     rows, times = [], {}
     for op in ("forward", "filter gradient", "data + filter gradient", "data gradient"):
@@ -479,6 +487,8 @@ def _conv_precision_rows(spec: dict, backend, tdev: str, precision: str, gpu: bo
                 err = max(rel_err(np.asarray(backend.to_numpy(hv), dtype=np.float64), e.cpu().numpy())
                           for hv, e in zip(hetnet_out(op), exact[op], strict=True))
                 row.update(check_max_rel_err=float(f"{err:.3g}"), check_tolerance=tol)
+                if algos(op):
+                    row["hetnet_algorithms"] = algos(op)
                 if not err <= tol:
                     row.update(status="refused", reason=f"hetnet disagrees with float64: relative error {err:.3g} > "
                                f"{tol:g}")
@@ -549,7 +559,8 @@ def precision_layers_method() -> str:
             f"timing, hetnet's outputs against the float64 result within the precision's tolerance ({tols}); "
             "cuDNN's own error is recorded beside it (`torch_rel_err`; PyTorch's columns are torch_*). On a GPU "
             f"each side's op is captured {GRAPH_CALLS} times in one CUDA graph, timed with CUDA events (median of "
-            "repetitions). TFLOP/s count 2 FLOPs per multiply-add of the op's GEMMs (2*N*K*P*Q*C*R*S each).")
+            "repetitions). TFLOP/s count 2 FLOPs per multiply-add of the op's GEMMs (2*N*K*P*Q*C*R*S each). "
+            "`hetnet_algorithms`: the algorithm hetnet chose for each convolution op it ran (cuda).")
 
 
 def precision_layers_markdown(doc: dict) -> str:

@@ -288,6 +288,11 @@ class CudaBackend(ConvOps, PoolOps, NormOps, ElementwiseOps, LossOps, OptimOps, 
         be using as its temporaries."""
         return self.cupy.cuda.using_allocator(self.cupy.get_default_memory_pool().malloc)
 
+    def conv_choice(self, op: str, shape) -> str | None:
+        """The algorithm chosen for a convolution op ("fwd", "data", "filter", "pool") of shape (N, C, H, W, K, R,
+        S, stride, padding), measured by this process or taken from the tune cache; None before the op has run."""
+        return self._tune.get((op, tuple(int(v) for v in shape)))
+
     def scratch(self, name: str, shape, dtype):
         """A persistent zeroed device buffer (kernels that use it leave it zeroed)."""
         key = ("scratch", name, tuple(shape), np.dtype(dtype).str)
