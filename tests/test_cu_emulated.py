@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import ctypes
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import RTOL_EMULATED
 from emu_build import build_emulated
 from mma_cases import nhwc16, nhwc_copy
 
 from hetnet.backends import reference as ref
 from hetnet.backends.cuda import kernels
+
+SANDBOX = Path(__file__).resolve().parent.parent / "benchmarks" / "kernels"
 
 # the two kernels' launches as C entry points; `__shared__` arrays are per block (the emulator runs one block at a
 # time), and the PTX conversion is the emulator's hn_pack_bf16x2 (the same rounding, same halves)
@@ -372,3 +376,69 @@ def test_plane_walk_emulated(emu, wide, take, n, c, hw, blocks, threads):
     err = ctypes.create_string_buffer(512)
     _check(emu.emu_walk(int(wide), int(take), _ptr(out), n, c, hw, blocks, threads, 3, err, 512), err)
     np.testing.assert_array_equal(out, 1 + (np.arange(n * c * hw) // hw) % c)
+
+
+# The kernel sandbox's direct kernels for small convolutions (benchmarks/kernels/conv_small.cu, timed by
+# run_conv_small.py), checked here so that the variant stays correct while it is kept
+SMALL_ENTRY = """
+extern "C" int emu_fwd(const float* x, const float* w, const float* b, float* y, int n, int C, int H, int W, int K,
+                       int R, int S, int st, int pad, int P, int Q, unsigned seed, char* err, int len) {
+    std::string msg = emu::launch({(unsigned)((n * P * Q + 127) / 128), 1, 1}, {256, 1, 1}, 0, [=] {
+        conv_small_fwd2(x, w, b, y, n, C, H, W, K, R, S, st, pad, P, Q);
+    }, seed);
+    snprintf(err, len, "%s", msg.c_str());
+    return msg.empty() ? 0 : 1;
+}
+extern "C" int emu_filter(const float* dy, const float* x, float* part, float* dw, int n, int C, int H, int W, int K,
+                          int R, int S, int st, int pad, int P, int Q, unsigned blocks, unsigned seed, char* err,
+                          int len) {
+    std::string msg = emu::launch({blocks, 1, 1}, {256, 1, 1}, 0, [=] {
+        conv_small_filter2(dy, x, part, n, C, H, W, K, R, S, st, pad, P, Q);
+    }, seed);
+    if (msg.empty())
+        msg = emu::launch({(unsigned)((K * 32 + 255) / 256), 1, 1}, {256, 1, 1}, 0, [=] {
+            conv_small_filter2_add(part, dw, (int)blocks, K, C * R * S);
+        }, seed + 1);
+    snprintf(err, len, "%s", msg.c_str());
+    return msg.empty() ? 0 : 1;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def emu_small(tmp_path_factory):
+    text = (SANDBOX / "conv_small.cu").read_text()
+    return build_emulated(tmp_path_factory.mktemp("emu_small"), "conv_small", "#define __shared__ static\n" + text
+                          + SMALL_ENTRY)
+
+
+@pytest.mark.parametrize("case", [(3, 3, 9, 9, 64, 3, 1, 1, True, 2), (2, 2, 7, 6, 8, 3, 2, 1, False, 1),
+                                  (1, 2, 5, 5, 16, 4, 1, 2, True, 3), (2, 1, 6, 7, 24, 5, 1, 2, True, 7),
+                                  (2, 3, 8, 8, 64, 3, 1, 1, False, 2)],
+                         ids=lambda c: "N{}C{}H{}W{}K{}k{}s{}p{}b{:d}-blocks{}".format(*c))
+def test_sandbox_conv_small_emulated(emu_small, rng, case):
+    """conv_small_fwd2: y = conv2d(x, w) + b against float64 (blocks of 128 pixels across images, partial last
+    block, 16-byte stores and single ones, 32 taps); conv_small_filter2 + conv_small_filter2_add: dw += dE/dw against
+    float64, within float32's summation error, on grids with more and fewer blocks than 64-pixel tiles."""
+    n, c, h, w_, k, ks, stride, pad, bias, blocks = case
+    x = rng.standard_normal((n, c, h, w_)).astype(np.float32)
+    w = (rng.standard_normal((k, c, ks, ks)) * 0.5).astype(np.float32)
+    b = (rng.standard_normal(k) * 0.5).astype(np.float32)
+    want, cache = ref.conv2d_forward(x.astype(np.float64), w.astype(np.float64),
+                                     b.astype(np.float64) if bias else None, stride, pad)
+    p, q = want.shape[2:]
+    err = ctypes.create_string_buffer(512)
+    y = np.full(want.shape, np.nan, np.float32)
+    _check(emu_small.emu_fwd(_ptr(x), _ptr(w), _ptr(b) if bias else None, _ptr(y), n, c, h, w_, k, ks, ks, stride,
+                             pad, p, q, 5, err, 512), err)
+    np.testing.assert_allclose(y, want, rtol=RTOL_EMULATED, atol=RTOL_EMULATED)
+    if c * ks * ks > 32:
+        return
+    dy = rng.standard_normal(want.shape).astype(np.float32)
+    dw_want = np.ones(w.shape)
+    ref.conv2d_backward(dy.astype(np.float64), cache, dw_want, None)
+    part = np.full((blocks, 64, 32), np.nan, np.float32)
+    dw = np.ones_like(w)
+    _check(emu_small.emu_filter(_ptr(dy), _ptr(x), _ptr(part), _ptr(dw), n, c, h, w_, k, ks, ks, stride, pad, p, q,
+                                blocks, 7, err, 512), err)
+    np.testing.assert_allclose(dw, dw_want, rtol=0, atol=RTOL_EMULATED * np.sqrt(n * p * q))

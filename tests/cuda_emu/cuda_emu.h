@@ -65,6 +65,7 @@ inline float2 make_float2(float x, float y) { return {x, y}; }
 struct float4 {
     float x, y, z, w;
 };
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 struct uint4 {
     unsigned x, y, z, w;
 };

@@ -1,0 +1,85 @@
+"""Time the sandbox's direct kernels for small convolutions (conv_small.cu: conv_small_fwd2, conv_small_filter2) on
+cifar-wide's first layer (3 -> 64, 3 x 3, pad 1, 32 x 32) against the cuda backend's own candidates for that shape
+(conv.py's implicit-GEMM tiles at their splits): each output first checked against the first shipped candidate's
+(relative error of the largest value within RTOL; one that fails is reported, never timed), then its median GPU time
+(run_conv_variants.time_ms). The JSON names the card, hetnet's commit and the date.
+
+    PYTHONPATH=src python benchmarks/kernels/run_conv_small.py [--batch 512] [--out conv_small.json]   # on a GPU
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+RTOL = 1e-5          # float32 sums of 27 (forward) or n P Q (filter) terms in another order
+GRID_PER_SM = 4      # conv_small_filter2's blocks per SM (its grid-stride loop over 64-pixel tiles)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batch", type=int, default=512)
+    ap.add_argument("--out", type=Path, default=None, help="write the times as JSON")
+    args = ap.parse_args(argv)
+    import cupy
+
+    from hetnet.backends.cuda import conv as C
+    from hetnet.backends.cuda.kernels import NULL, get_kernel
+    from hetnet.bench.common import environment, write_result
+    from hetnet.device import get_backend
+    from run_conv_variants import time_ms
+
+    be = get_backend("cuda", "fp32")
+    spin = get_kernel(be.device_id, "elementwise", "hn_spin")
+    mod = cupy.RawModule(code=(HERE / "conv_small.cu").read_text(), options=("-std=c++17",))
+    fwd2, filt2, add2 = (mod.get_function(f) for f in ("conv_small_fwd2", "conv_small_filter2",
+                                                        "conv_small_filter2_add"))
+    n, c, h, w_, k = args.batch, 3, 32, 32, 64
+    g = C.Geometry(n, c, h, w_, k, 3, 3, 1, 1)
+    ints = tuple(np.int32(v) for v in (n, c, h, w_, k, 3, 3, 1, 1, g.p, g.q))
+    rng = np.random.default_rng(0)
+    x = cupy.asarray(rng.standard_normal((n, c, h, w_)).astype(np.float32))
+    w = cupy.asarray((rng.standard_normal((k, c, 3, 3)) * 0.2).astype(np.float32))
+    dy = cupy.asarray(rng.standard_normal((n, k, g.p, g.q)).astype(np.float32))
+    blocks = max(1, min(GRID_PER_SM * be.sms, math.ceil(g.npq / 64)))
+    part = cupy.empty((blocks, 64, 32), np.float32)
+
+    fwd = C._split_cands(be, C.FWD_CFGS, g, lambda cfg, sp, y: C._fwd_implicit(be, cfg, sp, g, x, w, None, y, 0))
+    fwd["sandbox conv_small_fwd2"] = lambda y: fwd2((math.ceil(g.npq / 128),), (256,), (x, w, NULL, y, *ints))
+    filt = C._split_cands(be, C.FILTER_CFGS, g, lambda cfg, sp, dw: C._filter_implicit(be, cfg, g, dy, x, dw, None,
+                                                                                          sp))
+
+    def small_filter(dw):
+        filt2((blocks,), (256,), (dy, x, part, *ints))
+        add2((math.ceil(k * 32 / 256),), (256,), (part, dw, np.int32(blocks), np.int32(k), np.int32(g.crs)))
+
+    filt["sandbox conv_small_filter2"] = small_filter
+    rows = []
+    for op, cands, shape in (("fwd", fwd, (n, k, g.p, g.q)), ("filter", filt, (k, c, 3, 3))):
+        out = cupy.zeros(shape, np.float32)
+        first = None
+        for name, fn in cands.items():
+            out.fill(0)
+            fn(out)
+            got = cupy.asnumpy(out)
+            first = got if first is None else first
+            err = float(np.abs(got - first).max() / np.abs(first).max())
+            row = {"op": op, "candidate": name, "check_rel_err": err}
+            if err <= RTOL:
+                row["ms"] = round(time_ms(cupy, spin, lambda fn=fn, out=out: fn(out)), 4)
+            rows.append(row)
+            print(" ".join(f"{key}={v}" for key, v in row.items()), flush=True)
+    if args.out:
+        write_result(args.out, {"environment": environment(threads=1, want_gpu=True), "batch": n,
+                                "method": " ".join(__doc__.split("\n\n")[0].split()), "rows": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
