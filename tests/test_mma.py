@@ -22,7 +22,7 @@ except cupy.cuda.runtime.CUDARuntimeError:  # no driver
 if _N_GPUS == 0:
     pytest.skip("no CUDA GPU", allow_module_level=True)
 
-from conftest import RTOL_TC, RTOL_TC_ROUNDED, rel_err, tolerance
+from conftest import RTOL_FP32_PARTS, RTOL_TC, RTOL_TC_ROUNDED, rel_err, tolerance
 from mma_cases import (CONV16_SHAPES, CONV32_SHAPES, CONV_SHAPES, POOL16_SHAPES, POOL32_SHAPES, SHAPES,
                        conv_data_expected, conv_data_inputs, conv_expected, conv_filter_expected, conv_filter_inputs,
                        conv_inputs, expected, max_pool_2x2, nhwc16, nhwc_copy, stored, turned16, turned_copy)
@@ -776,3 +776,24 @@ def test_conv_maxpool_backward_on_the_channels_last_copies(rng, bias, monkeypatc
         assert rel_err(out[0][1], out[1][1]) <= DW_RTOL
         if bias:
             assert rel_err(out[0][2], out[1][2]) <= 1e-5
+
+
+def test_fp32_filter_gradient_of_a_long_sum(rng):
+    """fp32's filter gradient on tensor cores (split copies, the launcher's own K split) over 524,288 pixels, the sum
+    of cifar-wide's conv2 at batch 512, against float64: within RTOL_FP32_PARTS (its parts are at most
+    mma.FP32_PART terms; in the 64 parts the waves alone would take, 8192 terms each, it came to 5.5e-5)."""
+    be = get_backend("cuda", "fp32")
+    n, c, h, w_, o = 512, 8, 32, 32, 16
+    x = rng.standard_normal((n, c, h, w_)).astype(np.float32)
+    dy = rng.standard_normal((n, o, h, w_)).astype(np.float32)
+    gdw = cupy.zeros((o, c, 3, 3), np.float32)
+    mm.conv16_filter(be, gdw, mm.to_nhwc(be, cupy.asarray(dy)), mm.to_nhwc(be, cupy.asarray(x)), 1, 1,
+                     mm.tiles16("filter", "fp32", wgmma_ok(be.device_id))[0].name)
+    xp = cupy.pad(cupy.asarray(x, dtype=cupy.float64), ((0, 0), (0, 0), (1, 1), (1, 1)))
+    d = cupy.asarray(dy, dtype=cupy.float64).transpose(1, 0, 2, 3).reshape(o, -1)
+    want = cupy.empty((o, c, 3, 3), cupy.float64)
+    for r in range(3):
+        for s_ in range(3):                       # dw[:, :, r, s] = dy . x shifted by (r, s), over n, P, Q
+            want[:, :, r, s_] = d @ xp[:, :, r:r + h, s_:s_ + w_].transpose(1, 0, 2, 3).reshape(c, -1).T
+    err = float(cupy.abs(gdw - want).max() / cupy.abs(want).max())
+    assert err <= RTOL_FP32_PARTS, err

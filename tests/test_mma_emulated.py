@@ -233,6 +233,20 @@ def test_split_k_waves():
         assert 1 <= parts <= mm.MAX_SPLITS and (parts == 1 or -(-k // 64) // parts >= mm.MIN_SPLIT_TILES)
 
 
+def test_split_k_parts_at_fp32_are_short():
+    """At fp32 (split copies) every part of the filter gradient's K sum is at most FP32_PART terms, however many
+    parts that takes (cifar-wide's conv2 at batch 512: 524,288 terms, 256 parts, where the waves alone would take
+    26); tf32's tiles, which round their inputs anyway, keep the waves' count."""
+    split, tf32 = mm.TILES32X3["filter"][0], mm.TILES32["filter"][0]
+    assert (split.split, tf32.split) == (1, 0)
+    k = 512 * 32 * 32
+    assert mm.split_k_waves(tf32, 128, 576, k, 132) <= mm.MAX_SPLITS
+    for kk in (k, 3 * mm.FP32_PART + 1, 100):
+        parts = mm.split_k_waves(split, 128, 576, kk, 132)
+        assert -(-kk // parts) <= mm.FP32_PART and parts >= -(-kk // mm.FP32_PART), (kk, parts)
+    assert mm.split_k_waves(split, 128, 576, k, 132) == k // mm.FP32_PART
+
+
 def test_runner_without_a_gpu(capsys):
     """benchmarks/kernels/run_tc_gemm.py imports without CuPy, lists its problems (cifar-wide's convolutions from
     the spec: 6 distinct shapes, 3 GEMMs each), and a bad --layers is a one-line error with status 2."""

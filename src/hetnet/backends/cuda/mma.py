@@ -120,6 +120,12 @@ def split_k(t: TcTile, m: int, n: int, k: int, batch: int, sms: int) -> int:
 # split_k_waves: the tiles a block spends outside its K loop (the pipeline's fill, the epilogue's atomic adds of its
 # float32 tile), counted as K tiles of work
 SPLIT_OVERHEAD_TILES = 4
+# At fp32 (split copies, three products a term) a part of the filter gradient's K sum is at most FP32_PART terms: the
+# tensor cores' float32 accumulation loses about 6e-9 of the result per term of a part, and that loss grows linearly
+# with the part's length (it does not average out as rounding would). Measured on the H200 on cifar-wide's conv2 at
+# batch 512 (524,288 terms): 1.2e-4 from float64 in the default 26 parts, 1.3e-5 in 256 parts of 2048
+# (results/NVIDIA-H200/fp32_filter_parts_1533f5b.json); float32's tolerance is 1e-4.
+FP32_PART = 2048
 
 
 def split_k_waves(t, m: int, n: int, k: int, sms: int) -> int:
@@ -127,12 +133,14 @@ def split_k_waves(t, m: int, n: int, k: int, sms: int) -> int:
     minimises waves x (K tiles a part + SPLIT_OVERHEAD_TILES), a wave being t.min_blocks blocks on each of `sms` SMs
     (__launch_bounds__'s blocks per SM, which the tiles' shared memory and registers also come to), so that the last
     wave is not a few blocks that keep the rest of the card idle; each part at least MIN_SPLIT_TILES steps of BK, at
-    most MAX_SPLITS parts; the fewest parts among equals (fewer atomics)."""
+    most MAX_SPLITS parts; the fewest parts among equals (fewer atomics). At fp32 (t.split) at least k / FP32_PART
+    parts, whatever they cost."""
     blocks = math.ceil(m / t.bm) * math.ceil(n / t.bn)
     tiles = math.ceil(k / t.bk)
     wave = sms * max(1, t.min_blocks)
-    best, best_cost = 1, None
-    for parts in range(1, max(1, min(MAX_SPLITS, tiles // MIN_SPLIT_TILES)) + 1):
+    least = min(math.ceil(k / FP32_PART), GRID_YZ) if getattr(t, "split", 0) else 1
+    best, best_cost = least, None
+    for parts in range(least, max(least, min(MAX_SPLITS, tiles // MIN_SPLIT_TILES)) + 1):
         cost = math.ceil(blocks * parts / wave) * (math.ceil(tiles / parts) + SPLIT_OVERHEAD_TILES)
         if best_cost is None or cost < best_cost:
             best, best_cost = parts, cost
