@@ -780,8 +780,8 @@ def test_conv_maxpool_backward_on_the_channels_last_copies(rng, bias, monkeypatc
 
 def test_fp32_filter_gradient_of_a_long_sum(rng):
     """fp32's filter gradient on tensor cores (split copies, the launcher's own K split) over 524,288 pixels, the sum
-    of cifar-wide's conv2 at batch 512, against float64: within RTOL_FP32_PARTS (its parts are at most
-    mma.FP32_PART terms; in the 64 parts the waves alone would take, 8192 terms each, it came to 5.5e-5)."""
+    of cifar-wide's conv2 at batch 512, against float64: within RTOL_FP32_PARTS, its parts being at most
+    mma.FP32_PART terms (on conv2 itself, parts of 8192 terms came to 5.5e-5; the waves alone would take 64 here)."""
     be = get_backend("cuda", "fp32")
     n, c, h, w_, o = 512, 8, 32, 32, 16
     x = rng.standard_normal((n, c, h, w_)).astype(np.float32)
