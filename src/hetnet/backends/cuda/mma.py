@@ -121,10 +121,9 @@ def split_k(t: TcTile, m: int, n: int, k: int, batch: int, sms: int) -> int:
 # float32 tile), counted as K tiles of work
 SPLIT_OVERHEAD_TILES = 4
 # At fp32 (split copies, three products a term) a part of the filter gradient's K sum is at most FP32_PART terms: the
-# tensor cores' float32 accumulation loses about 6e-9 of the result per term of a part, and that loss grows linearly
-# with the part's length (it does not average out as rounding would). Measured on the H200 on cifar-wide's conv2 at
-# batch 512 (524,288 terms): 1.2e-4 from float64 in the default 26 parts, 1.3e-5 in 256 parts of 2048
-# (results/NVIDIA-H200/fp32_filter_parts_1533f5b.json); float32's tolerance is 1e-4.
+# tensor cores' float32 accumulation loses about 6e-9 of the result per term of a part, linearly in the part's length
+# (it does not average out as rounding to nearest would), so 2048 terms keep it near 1.3e-5, under float32's 1e-4
+# (benchmarks/kernels/NOTES.md, "float32's filter gradient on tensor cores").
 FP32_PART = 2048
 
 
