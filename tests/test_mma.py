@@ -783,17 +783,11 @@ def test_fp32_filter_gradient_of_a_long_sum(rng):
     of cifar-wide's conv2 at batch 512, against float64: within RTOL_FP32_PARTS, its parts being at most
     mma.FP32_PART terms (on conv2 itself, parts of 8192 terms came to 5.5e-5; the waves alone would take 64 here)."""
     be = get_backend("cuda", "fp32")
-    n, c, h, w_, o = 512, 8, 32, 32, 16
-    x = rng.standard_normal((n, c, h, w_)).astype(np.float32)
-    dy = rng.standard_normal((n, o, h, w_)).astype(np.float32)
-    gdw = cupy.zeros((o, c, 3, 3), np.float32)
+    shape = (512, 8, 32, 32, 16, 3, 3, 1, 1)
+    dy, x, dw0 = conv_filter_inputs(rng, shape)
+    gdw = cupy.asarray(dw0)
     mm.conv16_filter(be, gdw, mm.to_nhwc(be, cupy.asarray(dy)), mm.to_nhwc(be, cupy.asarray(x)), 1, 1,
                      mm.tiles16("filter", "fp32", wgmma_ok(be.device_id))[0].name)
-    xp = cupy.pad(cupy.asarray(x, dtype=cupy.float64), ((0, 0), (0, 0), (1, 1), (1, 1)))
-    d = cupy.asarray(dy, dtype=cupy.float64).transpose(1, 0, 2, 3).reshape(o, -1)
-    want = cupy.empty((o, c, 3, 3), cupy.float64)
-    for r in range(3):
-        for s_ in range(3):                       # dw[:, :, r, s] = dy . x shifted by (r, s), over n, P, Q
-            want[:, :, r, s_] = d @ xp[:, :, r:r + h, s_:s_ + w_].transpose(1, 0, 2, 3).reshape(c, -1).T
-    err = float(cupy.abs(gdw - want).max() / cupy.abs(want).max())
+    got, want = cupy.asnumpy(gdw) - dw0, conv_filter_expected(dy, x, dw0, shape) - dw0
+    err = float(np.abs(got - want).max() / np.abs(want).max())
     assert err <= RTOL_FP32_PARTS, err

@@ -606,7 +606,9 @@ def test_takes_dy16_asks_for_both_gradients_measured_on_channels_last_copies(mon
 
     from hetnet.backends.cuda import conv as C
 
-    be = SimpleNamespace(precision="bf16", _tune={}, force_conv_algo=None)
+    tune = {}                                                      # (op, shape) -> the measured choice
+    be = SimpleNamespace(precision="bf16", _tune=tune, force_conv_algo=None,
+                         conv_choice=lambda op, shape: tune.get((op, tuple(shape))))
     shape = (4, 16, 15, 13, 32, 3, 3, 1, 1)
     key = C.Geometry(*shape).key()
     feeds = ((32, 16, 3, 3), 1, 1, (4, 16, 15, 13), None)

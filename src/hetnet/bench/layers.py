@@ -487,8 +487,9 @@ def _conv_precision_rows(spec: dict, backend, tdev: str, precision: str, gpu: bo
                 err = max(rel_err(np.asarray(backend.to_numpy(hv), dtype=np.float64), e.cpu().numpy())
                           for hv, e in zip(hetnet_out(op), exact[op], strict=True))
                 row.update(check_max_rel_err=float(f"{err:.3g}"), check_tolerance=tol)
-                if algos(op):
-                    row["hetnet_algorithms"] = algos(op)
+                chosen = algos(op)
+                if chosen:
+                    row["hetnet_algorithms"] = chosen
                 if not err <= tol:
                     row.update(status="refused", reason=f"hetnet disagrees with float64: relative error {err:.3g} > "
                                f"{tol:g}")

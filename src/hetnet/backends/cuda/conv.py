@@ -484,7 +484,7 @@ def _filter_backward(be, g, copies, dy, x, dw, db):
 def _measured16(be, op: str, g: Geometry) -> str | None:
     """The measured choice of op for g when it is a channels-last candidate (one that reads the copies of
     mma.to_nhwc: CL_PREFIX)."""
-    choice = be._tune.get((op, g.key()))
+    choice = be.conv_choice(op, g.key())
     prefix = CL_PREFIX.get(be.precision)
     return choice if prefix and choice and choice.startswith(prefix) and not (be.force_conv_algo or _forced()) else None
 
