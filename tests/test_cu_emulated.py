@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from conftest import RTOL_EMULATED
 from emu_build import build_emulated
-from mma_cases import nhwc16, nhwc_copy
+from mma_cases import bf16_bits, nhwc16, nhwc_copy
 
 from hetnet.backends import reference as ref
 from hetnet.backends.cuda import kernels
@@ -58,20 +58,31 @@ extern "C" int emu_walk(int wide, int take, int* out, int N, int C, int HW, unsi
     snprintf(err, len, "%s", msg.c_str());
     return msg.empty() ? 0 : 1;
 }
-extern "C" int emu_bn_apply16(const float* x, unsigned* y, const float* mean, const float* var, const float* gamma,
-                               const float* beta, int n, int C, int HW, float eps, int act, unsigned seed, char* err,
-                               int len) {
+// x16: x is bf16 bits (the "_x16" kernels), else float32
+extern "C" int emu_bn_apply16(const void* x, int x16, unsigned* y, const float* mean, const float* var,
+                               const float* gamma, const float* beta, int n, int C, int HW, float eps, int act,
+                               unsigned seed, char* err, int len) {
     std::string msg = emu::launch({(unsigned)((n * HW + 31) / 32), (unsigned)((C + 63) / 64), 1}, {256, 1, 1}, 0,
-                                  [=] { bn_apply_nhwc16(x, y, mean, var, gamma, beta, n, C, HW, eps, act); }, seed);
+                                  [=] {
+        if (x16)
+            bn_apply_nhwc16_x16(static_cast<const unsigned short*>(x), y, mean, var, gamma, beta, n, C, HW, eps, act);
+        else
+            bn_apply_nhwc16(static_cast<const float*>(x), y, mean, var, gamma, beta, n, C, HW, eps, act);
+    }, seed);
     snprintf(err, len, "%s", msg.c_str());
     return msg.empty() ? 0 : 1;
 }
-extern "C" int emu_bn_bwd_dx16(const float* dy, const float* x, const float* mean, const float* var,
+extern "C" int emu_bn_bwd_dx16(const float* dy, const void* x, int x16, const float* mean, const float* var,
                                 const float* gamma, const float* beta, const float* red, unsigned* dx, int n, int C,
                                 int HW, float eps, int act, unsigned seed, char* err, int len) {
     std::string msg = emu::launch({(unsigned)((n * HW + 31) / 32), (unsigned)((C + 63) / 64), 1}, {256, 1, 1}, 0,
-                                  [=] { bn_bwd_dx_nhwc16(dy, x, mean, var, gamma, beta, red, dx, n, C, HW, eps, act); },
-                                  seed);
+                                  [=] {
+        if (x16)
+            bn_bwd_dx_nhwc16_x16(dy, static_cast<const unsigned short*>(x), mean, var, gamma, beta, red, dx, n, C, HW,
+                                 eps, act);
+        else
+            bn_bwd_dx_nhwc16(dy, static_cast<const float*>(x), mean, var, gamma, beta, red, dx, n, C, HW, eps, act);
+    }, seed);
     snprintf(err, len, "%s", msg.c_str());
     return msg.empty() ? 0 : 1;
 }
@@ -134,7 +145,8 @@ def _kernels_text() -> str:
     i = common.index("struct HnPhi {")                                  # through hn_gelu_grad
     j = common.index("__device__ __forceinline__ float hn_gelu_grad(")
     parts.append(common[i:common.index("\n}\n", j) + 3])
-    for text, start in ((common, "__device__ __forceinline__ void hn_load_nhwc16_rows("),
+    for text, start in ((common, "__device__ __forceinline__ float hn_act(const float* p"),     # (both hn_act)
+                        (common, "template <typename X>\n__device__ __forceinline__ void hn_load_nhwc16_rows("),
                         (common, "__device__ __forceinline__ void hn_load_nhwc_tile("),
                         (common, "__device__ __forceinline__ void hn_store_nhwc16_tile("),
                         (common, "__device__ __forceinline__ float hn_tf32_round("),
@@ -154,9 +166,13 @@ def _kernels_text() -> str:
                         (conv, 'extern "C" __global__ void __launch_bounds__(256) conv_gelu_nhwc16('),
                         (norm, "__device__ __forceinline__ float hn_bn_z("),
                         (norm, "__device__ __forceinline__ float hn_bn_value("),
+                        (norm, "template <typename X>\n__device__ __forceinline__ void bn_apply_nhwc16_body("),
                         (norm, 'extern "C" __global__ void __launch_bounds__(256) bn_apply_nhwc16('),
+                        (norm, 'extern "C" __global__ void __launch_bounds__(256) bn_apply_nhwc16_x16('),
                         (norm, "__device__ __forceinline__ float hn_bn_out_grad("),
-                        (norm, 'extern "C" __global__ void __launch_bounds__(256) bn_bwd_dx_nhwc16(')):
+                        (norm, "template <typename X>\n__device__ __forceinline__ void bn_bwd_dx_nhwc16_body("),
+                        (norm, 'extern "C" __global__ void __launch_bounds__(256) bn_bwd_dx_nhwc16('),
+                        (norm, 'extern "C" __global__ void __launch_bounds__(256) bn_bwd_dx_nhwc16_x16(')):
         i = text.index(start)
         parts.append(text[i:text.index("\n}\n", i) + 3])
     return "\n".join(parts)
@@ -283,16 +299,26 @@ def _bn_z(x, mean, inv, gamma, beta):
     return (((x - mean) * inv).astype(f64) * gamma.astype(f64) + beta.astype(f64)).astype(np.float32)
 
 
+def _stored(x, x16: bool):
+    """(the x a kernel is given, the float32 values it stands for): x itself, or (x16) its bf16 bits (an Nchw16's
+    data) and their values."""
+    if not x16:
+        return x, x
+    bits = bf16_bits(x)
+    return bits, (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+@pytest.mark.parametrize("x16", [False, True], ids=["x32", "x16"])
 @pytest.mark.parametrize("act", [0, 1, 2], ids=["none", "relu", "gelu"])
 @pytest.mark.parametrize("shape", [(2, 6, 37), (1, 70, 5, 7), (3, 64, 3, 3), (9, 6, 1, 3)], ids=str)
-def test_bn_apply_nhwc16_emulated(emu, rng, shape, act):
+def test_bn_apply_nhwc16_emulated(emu, rng, shape, act, x16):
     """bn_apply_nhwc16: act(fmaf((x - mean) / sqrt(var + eps), gamma, beta)) channels-last in bf16, every element of
     partial 64 x 32 tiles; NumPy's float32 of the same expression, rounded to bf16: equal bits without an activation
     and with the ReLU, within one bf16 step with the GELU (erfc's float32 rounding may differ by an ulp from
-    math.erfc's)."""
+    math.erfc's). x16: x stored in bf16 (bn_apply_nhwc16_x16), the same of its values."""
     import math
 
-    x = rng.standard_normal(shape).astype(np.float32) * 3 + 1
+    given, x = _stored(rng.standard_normal(shape).astype(np.float32) * 3 + 1, x16)
     n, c = shape[:2]
     hw = x.size // (n * c)
     mean, var = rng.standard_normal(c).astype(np.float32), rng.uniform(0.5, 2, c).astype(np.float32)
@@ -309,24 +335,26 @@ def test_bn_apply_nhwc16_emulated(emu, rng, shape, act):
         z = (z * phi).astype(np.float32)
     out = np.full((n, *shape[2:], c), 0xDEAD, np.uint16)
     err = ctypes.create_string_buffer(512)
-    _check(emu.emu_bn_apply16(_ptr(x), _ptr(out), _ptr(mean), _ptr(var), _ptr(gamma), _ptr(beta), n, c, hw,
+    _check(emu.emu_bn_apply16(_ptr(given), int(x16), _ptr(out), _ptr(mean), _ptr(var), _ptr(gamma), _ptr(beta), n, c, hw,
                               ctypes.c_float(eps), act, 5, err, 512), err)
     steps = _bf16_ulps(out, nhwc16(z))
     assert steps.max() <= (1 if act == 2 else 0), f"{steps.max()} bf16 steps apart"
     assert (steps == 0).mean() > 0.99
 
 
+@pytest.mark.parametrize("x16", [False, True], ids=["x32", "x16"])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("act", [0, 1, 2], ids=["none", "relu", "gelu"])
 @pytest.mark.parametrize("shape", [(2, 6, 37), (1, 70, 5, 7), (3, 64, 3, 3), (9, 6, 1, 3)], ids=str)
-def test_bn_bwd_dx_nhwc16_emulated(emu, rng, shape, act, train):
+def test_bn_bwd_dx_nhwc16_emulated(emu, rng, shape, act, train, x16):
     """bn_bwd_dx_nhwc16: the batch norm's (+ ReLU's or GELU's) input gradient channels-last in bf16, every element
     of partial 64 x 32 tiles; NumPy's float32 of bn_bwd_dx's expression (g = dy; dy where z > 0; dy gelu'(z) from
     math.erfc; training: scale (g - sum g / m - xhat sum g xhat / m), eval: g scale), rounded to bf16: equal bits
-    without the GELU, within one bf16 step with it."""
+    without the GELU, within one bf16 step with it. x16: x stored in bf16 (bn_bwd_dx_nhwc16_x16), the same of its
+    values."""
     import math
 
-    x = rng.standard_normal(shape).astype(np.float32) * 3 + 1
+    given, x = _stored(rng.standard_normal(shape).astype(np.float32) * 3 + 1, x16)
     dy = rng.standard_normal(shape).astype(np.float32)
     n, c = shape[:2]
     hw = x.size // (n * c)
@@ -355,7 +383,7 @@ def test_bn_bwd_dx_nhwc16_emulated(emu, rng, shape, act, train):
         want = g * (ga * inv)
     out = np.full((n, *shape[2:], c), 0xDEAD, np.uint16)
     err = ctypes.create_string_buffer(512)
-    _check(emu.emu_bn_bwd_dx16(_ptr(dy), _ptr(x), _ptr(mean), _ptr(var), _ptr(gamma), _ptr(beta),
+    _check(emu.emu_bn_bwd_dx16(_ptr(dy), _ptr(given), int(x16), _ptr(mean), _ptr(var), _ptr(gamma), _ptr(beta),
                                _ptr(red) if train else None, _ptr(out), n, c, hw, ctypes.c_float(eps), act, 7, err,
                                512), err)
     steps = _bf16_ulps(out, nhwc16(want.astype(np.float32)))

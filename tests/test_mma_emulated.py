@@ -18,7 +18,7 @@ from conftest import RTOL_EMULATED, RTOL_TC, rel_err
 from emu_build import EMU_DIR, build_emulated
 from mma_cases import (CONV16_SHAPES, CONV32_SHAPES, CONV_SHAPES, POOL16_SHAPES, POOL32_SHAPES, SHAPES,
                        conv_data_expected, conv_data_inputs, conv_expected, conv_filter_expected, conv_filter_inputs,
-                       conv_inputs, expected, max_pool_2x2, nhwc16, nhwc_copy, stored, turned_copy)
+                       bf16_bits, conv_inputs, expected, max_pool_2x2, nhwc16, nhwc_copy, stored, turned_copy)
 
 from hetnet.backends.cuda import kernels
 from hetnet.backends.cuda import mma as mm
@@ -477,6 +477,31 @@ def check_pool(emu, rng, precision, shape, tiles, by_name: bool = True):
         np.testing.assert_array_equal(parg, want_arg, err_msg=f"{shape} {tile.name}: argmax")
         err = rel_err(py, max_pool_2x2(conv_expected(x, w, b, stride, pad, act, precision))[0])
         assert err <= RTOL_EMULATED, f"{shape} {tile.name}: relative error {err:.3g}"
+
+
+@pytest.mark.parametrize("tile", [t.name for t in mm.tiles16("fwd", "bf16")])
+def test_conv16_out16(emu, rng, tile):
+    """The forward and the pooled forward with y stored in bf16 (mma.OUT16, the hand-over to a batch norm): y's bits
+    are bf16 (round to nearest even) of the same tile's float32 y, every element written (poisoned first), the
+    argmax bytes the same. Planes odd (one bf16 store at a time) and even (pairs)."""
+    for shape in ((2, 8, 7, 9, 16, 3, 3, 1, 1), (4, 8, 16, 18, 16, 3, 3, 1, 1)):
+        n, c, h, w_, o, r, s, stride, pad = shape
+        x, w, b, y = conv_inputs(rng, shape, bias=True)
+        x16, w16 = nhwc16(x, 8), nhwc16(w, 8)
+        run_conv(emu, mm.plan_conv16(y, x16, w16, b, stride, pad, 1, tile))
+        y16 = np.full(y.shape, 0xFFFF, np.uint16)
+        run_conv(emu, mm.plan_conv16(y16, x16, w16, b, stride, pad, 1 | mm.OUT16, tile))
+        np.testing.assert_array_equal(y16, bf16_bits(y), err_msg=f"{shape} {tile}: forward")
+        buf, py, parg = mm.pooled_outputs(np, n, o, h // 2, w_ // 2)
+        buf[:] = np.nan
+        run_conv(emu, mm.plan_conv16_pool(buf, x16, w16, b, stride, pad, 0, tile))
+        buf16, py16, parg16 = mm.pooled_outputs(np, n, o, h // 2, w_ // 2, out16=True)
+        buf16[:] = 0xFFFF
+        run_conv(emu, mm.plan_conv16_pool(buf16, x16, w16, b, stride, pad, mm.OUT16, tile))
+        np.testing.assert_array_equal(py16, bf16_bits(py), err_msg=f"{shape} {tile}: pooled")
+        np.testing.assert_array_equal(parg16, parg, err_msg=f"{shape} {tile}: argmax")
+    with pytest.raises(ValueError, match="contiguous uint16"):
+        mm.plan_conv16(y, x16, w16, b, stride, pad, mm.OUT16, tile)
 
 
 def test_conv16_pool_nan(emu, rng):

@@ -211,6 +211,30 @@ def test_batch_norms_that_feed_a_convolution():
     assert [n.pos_out for n in left] == [True, False, True, True] and not any(n.pos_out for n in own)
 
 
+def test_convolutions_that_hand_their_output_to_a_batch_norm():
+    """A convolution (-> max pool) without act whose output only the batch norm (-> GELU, -> own ReLU) after it reads,
+    not for a ReLU mask, is told so (Node.to_norm), bias or not; the plan passes to_norm=True to a backend that
+    takes hand-overs (`takes_feeds`) only. Not a conv -> ReLU (-> pool), nor a convolution before anything else."""
+    layers = [hn.Conv2D(1, 4, 3, bias=False), hn.BatchNorm2D(4), hn.ReLU(), hn.Conv2D(4, 4, 3), hn.MaxPool2D(2),
+              hn.BatchNorm2D(4), hn.GELU(), hn.Conv2D(4, 4, 1), hn.ReLU(), hn.BatchNorm2D(4), hn.Conv2D(4, 4, 1),
+              hn.MaxPool2D(2), hn.Conv2D(4, 4, 1), hn.Flatten()]
+    nodes = P.compile_nodes(layers, {"bn_relu", "bn_gelu", "conv_pool", "conv_act", "conv_relu_pool"})
+    assert [(type(n).__name__, n.to_norm) for n in nodes] == [
+        ("ConvNode", True), ("BNReluNode", False), ("ConvPoolNode", True), ("BNGeluNode", False),
+        ("ConvNode", False), ("BatchNormNode", False), ("ConvPoolNode", False), ("ConvNode", False),
+        ("FlattenNode", False)]
+
+    class Takes:
+        takes_feeds = True
+
+    assert P._to_norm(nodes[0], Takes()) == {"to_norm": True} and P._to_norm(nodes[0], reference) == {}
+    assert P._to_norm(nodes[4], Takes()) == {}
+    # a conv -> ReLU's output, which the batch norm after it masks its gradient by: no hand-over
+    masked = P.compile_nodes([hn.Conv2D(1, 4, 3), hn.ReLU(), hn.BatchNorm2D(4)], {"conv_act"})
+    assert [(type(n).__name__, n.to_norm, n.mask_input) for n in masked] == [
+        ("ConvNode", False, False), ("BatchNormNode", False, True)]
+
+
 def test_batch_norms_that_hand_their_gradient_to_a_convolution():
     """A batch norm (-> GELU) right after a convolution (-> max pool) without bias or ReLU names that node
     (Node.grad_feeds), and its backward gets grad_feeds=(weight shape, stride, padding, the convolution's input

@@ -22,7 +22,10 @@ backend's convolutions read (cuda at bf16: the channels-last bf16 copy the convo
 before instead of a float32 output). Backwards, a batch norm (-> GELU or ReLU) right after a convolution (-> max
 pool) without bias or ReLU names that node (Node.grad_feeds); its backward op gets grad_feeds=(weight shape, stride,
 padding, the convolution's input shape, the pool's (kernel, stride) or None) and may return dE/dx in the form that
-node's backward reads (cuda at bf16: the channels-last bf16 copy of its dE/dy).
+node's backward reads (cuda at bf16: the channels-last bf16 copy of its dE/dy). And a convolution (-> max pool)
+without act whose output only the batch norm (-> GELU or ReLU of its own) after it reads, not for a ReLU mask, is
+told so (Node.to_norm; its forward op gets to_norm=True) and may return the output in a form only that backend's
+batch norms read (cuda at bf16: stored in bf16).
 
     >>> import hetnet as hn, numpy as np
     >>> model = hn.Sequential([hn.Conv2D(1, 4, 3, padding=1), hn.ReLU(), hn.MaxPool2D(2), hn.Flatten(),
@@ -67,6 +70,7 @@ class Node:
     feeds = None           # set by the plan: the Conv2D whose forward alone reads the output (_feeds)
     grad_feeds = None      # set by the plan: the convolution node whose output the input is, whose backward reads dx
     x_shape = None         # the input's shape in the last forward (a grad_feeds node's, for _feeds)
+    to_norm = False        # set by the plan: the output's one reader is the batch norm after it (_to_norm)
     writes_grads = False   # has an `accumulate` switch (False: write its gradients instead of adding to them)
 
     def __init__(self, *layers):
@@ -97,7 +101,8 @@ class ConvNode(Node):
 
     def forward(self, be, x, ctx):
         c = self.layers[0]
-        y, self.cache = be.conv2d_forward(x, *_wb(c), c.stride, c.padding, act=self.act, relu_mask=self.mask_input)
+        y, self.cache = be.conv2d_forward(x, *_wb(c), c.stride, c.padding, act=self.act, relu_mask=self.mask_input,
+                                          **_to_norm(self, be))
         return y
 
     def backward(self, be, dy, need_dx):
@@ -146,6 +151,12 @@ def _feeds(node, be, grad: bool = False) -> dict:
     if conv is None:
         return {}
     return {"feeds": (tuple(conv.weight.shape), conv.stride, conv.padding)}
+
+
+def _to_norm(node, be) -> dict:
+    """{"to_norm": True} for a convolution node whose output only the batch norm after it reads (Node.to_norm), on
+    a backend that takes hand-overs (`takes_feeds`); else no argument."""
+    return {"to_norm": True} if node.to_norm and getattr(be, "takes_feeds", False) else {}
 
 
 def _bn_sync(bn) -> dict:
@@ -259,7 +270,7 @@ class ConvPoolNode(Node):
     def forward(self, be, x, ctx):
         c, pool = self.layers
         y, self.cache = be.conv2d_maxpool_forward(x, *_wb(c), c.stride, c.padding, pool.kernel_size, pool.stride,
-                                                  relu_mask=self.mask_input)
+                                                  relu_mask=self.mask_input, **_to_norm(self, be))
         return y
 
     def backward(self, be, dy, need_dx):
@@ -471,6 +482,12 @@ def compile_nodes(layers, fusions=FUSION_NAMES) -> list[Node]:
                 and (isinstance(prev, ConvPoolNode) or (isinstance(prev, ConvNode) and prev.act is None))
                 and not prev.layers[0].use_bias):
             node.grad_feeds = prev
+    # and a convolution (-> max pool) without act whose output only the batch norm after it reads (not for a ReLU
+    # mask): it may hand the output over in the form that backend's batch norms read (_to_norm)
+    for prev, node in zip(nodes, nodes[1:]):
+        if (isinstance(node, (BatchNormNode, BNGeluNode)) and not node.mask_input
+                and (isinstance(prev, ConvPoolNode) or (isinstance(prev, ConvNode) and prev.act is None))):
+            prev.to_norm = True
     return nodes
 
 

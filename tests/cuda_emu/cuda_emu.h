@@ -805,6 +805,16 @@ inline void hn_st_byte(unsigned char* p, unsigned char v) {
     emu::global_check(p, 1, true, "st.global.u8");
     *p = v;
 }
+inline void hn_st_u16(unsigned short* p, unsigned short v) {
+    emu::aligned(p, 2, "st.global.u16");
+    emu::global_check(p, 2, true, "st.global.u16");
+    *p = v;
+}
+inline void hn_st_u32(unsigned short* p, unsigned v) {
+    emu::aligned(p, 4, "st.global.u32");
+    emu::global_check(p, 4, true, "st.global.u32");
+    std::memcpy(p, &v, 4);
+}
 inline void hn_st2(float* p, float x, float y) {
     emu::aligned(p, 8, "st.global.v2");
     emu::global_check(p, 8, true, "st.global.v2");

@@ -80,17 +80,25 @@ struct HnPlaneWalk {
     }
 };
 
+// Element i of an activation as a float32: stored as float32, or as bf16 bits (the upper half of a float32; an
+// activation a bf16 step stores in bf16, the cuda backend's conv.Nchw16).
+__device__ __forceinline__ float hn_act(const float* p, long long i) { return p[i]; }
+__device__ __forceinline__ float hn_act(const unsigned short* p, long long i) {
+    return __uint_as_float(static_cast<unsigned>(p[i]) << 16);
+}
+
 // HN_BN_ILP elements of a walk, taken at once (HnPlaneWalk::take): where they are, whether they exist, and read(p, v)
-// their values in p (0 past the end), all loads in flight before any is used.
+// their values in p (float32 or bf16 bits: hn_act; 0 past the end), all loads in flight before any is used.
 #define HN_BN_ILP 4
 template <typename I>
 struct HnTaken {
     I at[HN_BN_ILP];
     bool ok[HN_BN_ILP];
     __device__ __forceinline__ explicit HnTaken(HnPlaneWalk<I>& w) { w.take(at, ok); }
-    __device__ __forceinline__ void read(const float* p, float (&v)[HN_BN_ILP]) const {
+    template <typename X>
+    __device__ __forceinline__ void read(const X* p, float (&v)[HN_BN_ILP]) const {
 #pragma unroll
-        for (int u = 0; u < HN_BN_ILP; ++u) v[u] = ok[u] ? p[at[u]] : 0.f;
+        for (int u = 0; u < HN_BN_ILP; ++u) v[u] = ok[u] ? hn_act(p, at[u]) : 0.f;
     }
 };
 
@@ -147,6 +155,11 @@ __device__ __forceinline__ unsigned hn_counter_hash(unsigned seed, unsigned i) {
 #define HN_TWO_INDEX_KERNELS(name, params, args) \
     extern "C" __global__ void name params { name##_body<long long> args; } \
     extern "C" __global__ void name##_i32 params { name##_body<unsigned> args; }
+// The same with the body of another kernel (its parameter types deduced from the arguments: a batch-norm kernel on
+// an activation stored in bf16, norm.cu): HN_TWO_INDEX_KERNELS_OF(name, body, (parameter list), (argument list))
+#define HN_TWO_INDEX_KERNELS_OF(name, body, params, args) \
+    extern "C" __global__ void name params { body##_body<long long> args; } \
+    extern "C" __global__ void name##_i32 params { body##_body<unsigned> args; }
 
 // Max-pooling backward at one input element (n*C + c = nc, h, w): the sum of dy over the windows whose first
 // maximum is this element (arg holds each window's argmax position, row-major), skipping windows whose pooled
@@ -179,6 +192,9 @@ __device__ __forceinline__ unsigned hn_bf16x2_bits(float lo, float hi) {
     unsigned r;
     asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
     return r;
+}
+__device__ __forceinline__ unsigned short hn_bf16_bits(float v) {
+    return static_cast<unsigned short>(hn_bf16x2_bits(v, 0.f) & 0xffffu);
 }
 
 // x rounded to tf32 (to nearest, ties away from zero: cvt.rna.tf32.f32) as a float32 with its low 13 bits zero: the
@@ -214,15 +230,16 @@ struct HnTilePixel {
 };
 
 // The load half of a 64-channel x 32-pixel tile: thread (row, lane)'s channels c0 + row + 8u (u < 8) at its pixel,
-// xc = x + img C HW + hw of x [n][C][HW] (HnTilePixel), 0 past C or the pixels (in false): the eight loads issued
-// before any is used.
-__device__ __forceinline__ void hn_load_nhwc16_rows(float (&v)[8], const float* __restrict__ xc, int c0, int C, int HW,
+// xc = x + img C HW + hw of x [n][C][HW] (HnTilePixel; float32 or bf16 bits, hn_act), 0 past C or the pixels (in
+// false): the eight loads issued before any is used.
+template <typename X>
+__device__ __forceinline__ void hn_load_nhwc16_rows(float (&v)[8], const X* __restrict__ xc, int c0, int C, int HW,
                                                     bool in) {
     const int row = threadIdx.x >> 5;
 #pragma unroll
     for (int u = 0; u < 8; ++u) {
         const int c = c0 + row + 8 * u;
-        v[u] = c < C && in ? xc[(long long)c * HW] : 0.f;
+        v[u] = c < C && in ? hn_act(xc, (long long)c * HW) : 0.f;
     }
 }
 

@@ -502,6 +502,25 @@ class Nhwc16:
         self.data, self.shape = data, tuple(shape)
 
 
+class Nchw16:
+    """An activation stored in bf16: `data` [n, C, H, W] bf16 bits (uint16, NCHW as the float32 it stands for).
+    A bf16 convolution forward writes its output so where that output's one reader is the batch norm after it (the op
+    contract's `to_norm`); only the batch-norm ops read it (norm.cu's "_x16" kernels), forward and backward."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data):
+        self.data = data
+
+    @property
+    def shape(self) -> tuple:
+        return self.data.shape
+
+    @property
+    def size(self) -> int:
+        return self.data.size
+
+
 def conv_gelu_fits(be, x, w, b, g: Geometry) -> bool:
     """Whether conv.cu's conv_gelu_nhwc16 computes this convolution: float32 contiguous x, w (and b), C R S <= 32
     taps a pixel (3 x 3 x 3 included), K <= 64 outputs, a multiple of 8 (16-byte stores of 8 bf16 channels), under
@@ -559,9 +578,10 @@ def _kept16(be, g: Geometry) -> str | None:
     return _measured16(be, "fwd", g) if _measured16(be, "filter", g) else None
 
 
-def conv_forward_kept(be, x, w, b, stride, pad, act=0):
+def conv_forward_kept(be, x, w, b, stride, pad, act=0, out16=False):
     """(y, x16): y = conv_forward(...), and x16 the channels-last copy of x it read where _kept16 says the
-    backward can use it in place of x (None otherwise: the backward needs x). x may be that copy (Nhwc16)."""
+    backward can use it in place of x (None otherwise: the backward needs x). x may be that copy (Nhwc16). out16: y
+    as an Nchw16 where the forward runs on the copies (else float32)."""
     n, c, h, wd = x.shape
     k, _, r, s = w.shape
     g = Geometry(n, c, h, wd, k, r, s, stride, pad)
@@ -573,19 +593,20 @@ def conv_forward_kept(be, x, w, b, stride, pad, act=0):
     check(w, b)
     if not isinstance(x, Nhwc16):
         check(x)
-    y = be.xp.empty((n, k, g.p, g.q), dtype=be.xp.float32)
+    y = be.xp.empty((n, k, g.p, g.q), dtype=be.xp.uint16 if out16 else be.xp.float32)
     x16 = x.data if isinstance(x, Nhwc16) else mma.to_nhwc(be, x)
-    mma.launch_conv(be, mma.plan_conv16(y, x16, mma.to_nhwc(be, w), b, stride, pad, act, _tile16_of("fwd", fwd)))
-    return y, x16
+    mma.launch_conv(be, mma.plan_conv16(y, x16, mma.to_nhwc(be, w), b, stride, pad, act | (mma.OUT16 if out16 else 0),
+                                        _tile16_of("fwd", fwd)))
+    return (Nchw16(y) if out16 else y), x16
 
 
-def conv_maxpool_forward(be, x, w, b, stride, pad, act, kernel, pool_stride, keep):
+def conv_maxpool_forward(be, x, w, b, stride, pad, act, kernel, pool_stride, keep, out16=False):
     """maxpool2d_forward(act(conv(x, w) + b), kernel, pool_stride) as ((y, arg), x16) with the pooling in the
     convolution's epilogue (mma.conv16_pool) where the windows are 2 x 2 at stride 2 and the forward was measured to
     run on channels-last copies, on the tile measured for the pooled forward itself ("pool": its output is a quarter
     of the forward's, so the two need not share a tile); x16 (keep: the backward is to use x's copy) the copy of x that
     serves the backward (conv_forward_kept's rule; always for an Nhwc16 x, the only copy there is), else None. None
-    where the fused kernel does not apply."""
+    where the fused kernel does not apply. out16: y as an Nchw16."""
     n, c, h, wd = x.shape
     k, _, r, s = w.shape
     g = Geometry(n, c, h, wd, k, r, s, stride, pad)
@@ -598,6 +619,7 @@ def conv_maxpool_forward(be, x, w, b, stride, pad, act, kernel, pool_stride, kee
     if fwd is None:
         return None
     x16 = x.data if isinstance(x, Nhwc16) else mma.to_nhwc(be, x)
+    act |= mma.OUT16 if out16 else 0
     cands = _tiles16(be, "pool", lambda tile, out: out.append(
         mma.conv16_pool(be, x, w, b, stride, pad, act, tile, x16)))
     # measured where it can be (not inside a graph capture: there an unmeasured shape takes the forward's tile)
@@ -605,7 +627,8 @@ def conv_maxpool_forward(be, x, w, b, stride, pad, act, kernel, pool_stride, kee
     choice = _choose(be, "pool", g, cands, lambda fn: fn([])) if measure else fwd
     out = []
     cands[choice](out)
-    return out[0], (x16 if isinstance(x, Nhwc16) or (keep and _kept16(be, g)) else None)
+    y, arg = out[0]
+    return (Nchw16(y) if out16 else y, arg), (x16 if isinstance(x, Nhwc16) or (keep and _kept16(be, g)) else None)
 
 
 def conv_backward(be, dy, x, w, dw, db, stride, pad, need_dx=True, relu_x=None, x16=None, x_shape=None):
@@ -695,16 +718,22 @@ class ConvOps:
         x, w = cache
         return dense_backward(self, self._c(dy), x, w, dw, db, need_dx, x if relu_mask else None)
 
-    def conv2d_forward(self, x, w, b, stride, padding, act=None, relu_mask=None):
+    def conv2d_forward(self, x, w, b, stride, padding, act=None, relu_mask=None, to_norm=False):
         """The cache keeps x, or with relu_mask False (and a measured channels-last forward) only its channels-last copy
         (conv_forward_kept), or at KEEP_BESIDE_X precisions maybe both; x may be that copy already (an Nhwc16 handed
-        over by the op before, which then keeps only it)."""
+        over by the op before, which then keeps only it). to_norm (the op contract's hand-over to a batch norm): at
+        bf16, y as an Nchw16 where the forward runs on the copies."""
         x = x if isinstance(x, Nhwc16) else self._c(x)
         if isinstance(x, Nhwc16) or (self.precision in CL_PREFIX and self._keeps_copy(relu_mask is False)):
-            y, x16 = conv_forward_kept(self, x, w, b, int(stride), int(padding), act_code(act))
+            y, x16 = conv_forward_kept(self, x, w, b, int(stride), int(padding), act_code(act),
+                                       self._out16(to_norm, act))
         else:
             y, x16 = conv_forward(self, x, w, b, int(stride), int(padding), act_code(act)), None
         return y, (self._kept_x(x, x16, relu_mask is False), w, int(stride), int(padding), x16, x.shape)
+
+    def _out16(self, to_norm: bool, act) -> bool:
+        """Whether a convolution's output goes to the batch norm after it in bf16 (Nchw16): at bf16, to_norm, no act."""
+        return bool(to_norm) and act is None and self.precision == "bf16"
 
     def _keeps_copy(self, alone: bool) -> bool:
         """Whether a convolution forward keeps its channels-last copy of x for the backward where it can: alone (the
@@ -752,15 +781,15 @@ class ConvOps:
         return compose.conv2d_gelu_backward(self, dy, cache, dw, db, need_dx, relu_mask)
 
     # the fused ops that are this backend's own ops in a row (their caches keep what each op keeps)
-    def _conv_pool_forward(self, x, w, b, stride, padding, pool_kernel, pool_stride, act, alone):
+    def _conv_pool_forward(self, x, w, b, stride, padding, pool_kernel, pool_stride, act, alone, to_norm=False):
         """The conv2d -> maxpool2d caches of (conv2d_forward, maxpool2d_forward) from one kernel where
         conv_maxpool_forward applies, else None; alone: the backward needs no x (conv2d_forward's relu_mask False).
-        x may be an Nhwc16 (as conv2d_forward's)."""
+        x may be an Nhwc16 (as conv2d_forward's); y an Nchw16 (to_norm, as conv2d_forward's)."""
         x = x if isinstance(x, Nhwc16) else self._c(x)
         fused = None
         if self.precision in CL_PREFIX:
             fused = conv_maxpool_forward(self, x, w, b, int(stride), int(padding), act_code(act), int(pool_kernel),
-                                         int(pool_stride), self._keeps_copy(alone))
+                                         int(pool_stride), self._keeps_copy(alone), self._out16(to_norm, act))
         if fused is None:
             return None
         (y, arg), x16 = fused
@@ -778,8 +807,10 @@ class ConvOps:
     def conv2d_relu_maxpool_backward(self, dy, cache, dw, db, need_dx=True, relu_mask=False):
         return compose.conv2d_relu_maxpool_backward(self, dy, cache, dw, db, need_dx, relu_mask)
 
-    def conv2d_maxpool_forward(self, x, w, b, stride, padding, pool_kernel, pool_stride, relu_mask=None):
-        fused = self._conv_pool_forward(x, w, b, stride, padding, pool_kernel, pool_stride, None, relu_mask is False)
+    def conv2d_maxpool_forward(self, x, w, b, stride, padding, pool_kernel, pool_stride, relu_mask=None,
+                               to_norm=False):
+        fused = self._conv_pool_forward(x, w, b, stride, padding, pool_kernel, pool_stride, None, relu_mask is False,
+                                        to_norm)
         if fused is not None:
             return fused
         return compose.conv2d_maxpool_forward(self, x, w, b, stride, padding, pool_kernel, pool_stride, relu_mask)

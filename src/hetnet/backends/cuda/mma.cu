@@ -119,6 +119,8 @@ __device__ __forceinline__ float hn_ldg(const float* p) { return __ldg(p); }
 __device__ __forceinline__ float hn_ld_c(const float* p) { return *p; }     // C, read before it is written
 __device__ __forceinline__ void hn_st(float* p, float v) { *p = v; }
 __device__ __forceinline__ void hn_st_byte(unsigned char* p, unsigned char v) { *p = v; }
+__device__ __forceinline__ void hn_st_u16(unsigned short* p, unsigned short v) { *p = v; }
+__device__ __forceinline__ void hn_st_u32(unsigned short* p, unsigned v) { *reinterpret_cast<unsigned*>(p) = v; }
 __device__ __forceinline__ void hn_st2(float* p, float x, float y) { *reinterpret_cast<float2*>(p) = make_float2(x, y); }
 __device__ __forceinline__ void hn_atomic_add(float* p, float v) { atomicAdd(p, v); }
 __device__ __forceinline__ unsigned hn_umulhi(unsigned a, unsigned b) { return __umulhi(a, b); }
@@ -269,6 +271,11 @@ __device__ __forceinline__ HnDiv hn_div_of(int d) {
 }
 __device__ __forceinline__ int hn_div(int x, const HnDiv& v) {
     return static_cast<int>((hn_umulhi(static_cast<unsigned>(x), v.m) + static_cast<unsigned>(x)) >> v.l);
+}
+
+// v rounded to bf16 (nearest even), its bits.
+__device__ __forceinline__ unsigned short hn_bf16_of(float v) {
+    return static_cast<unsigned short>(hn_pack_bf16x2(v, 0.f) & 0xffffu);
 }
 
 // --- shared-memory tiles ---------------------------------------------------------------------------------------------
@@ -525,20 +532,26 @@ struct HnConv {
     const float* aux;    // forward: the bias [O] or null; data gradient: the mask relu_x [n, C, H, W] or null
                          // (filter gradient: null)
     int c, h, w, r, s, p, q, o, stride, pad;
-    int act;             // forward: kernels.py's ACTS, 0 none, 1 ReLU
+    int act;             // forward: kernels.py's ACTS, 0 none, 1 ReLU (the act word's bits below HN_OUT16)
     // the divisors of the K loop and the epilogue (hn_conv_of): B's row k = (ch, rr, ss) over kb_plane = rows x
     // kb_inner; A's column k = (k / ka_plane, k % ka_plane) (data and filter gradients); the stride (data gradient);
     // the output's plane (forward: P x Q, data gradient: H x W)
     HnDiv kb_plane, kb_inner, ka_plane, by_stride, out_plane;
     int pooled;          // the pooled forward (EPI 4): images x P x Q pooled outputs (P, Q the pooled sizes here)
+    bool out16;          // forward and pooled forward: y stored as bf16 bits (HN_OUT16 in the act word)
 };
+
+// The act word of the convolution kernels: the forward's ACTS code, plus HN_OUT16 where its output y (NCHW, and the
+// pooled forward's y before its argmax bytes) is stored as bf16 bits (round to nearest even) instead of float32: an
+// activation a bf16 step stores in bf16 (conv.Nchw16), the input of the batch norm after the convolution.
+#define HN_OUT16 16
 
 template <int MODE>
 __device__ __forceinline__ HnConv hn_conv_of(const float* aux, int c, int h, int w, int r, int s, int p, int q, int o,
                                              int stride, int pad, int act) {
-    return {aux, c, h, w, r, s, p, q, o, stride, pad, act,
+    return {aux, c, h, w, r, s, p, q, o, stride, pad, act & (HN_OUT16 - 1),
             hn_div_of(MODE == 3 ? p * q : r * s), hn_div_of(MODE == 3 ? q : s), hn_div_of(MODE == 2 ? r * s : p * q),
-            hn_div_of(stride), hn_div_of(MODE == 1 ? p * q : h * w), 0};
+            hn_div_of(stride), hn_div_of(MODE == 1 ? p * q : h * w), 0, (act & HN_OUT16) != 0};
 }
 
 // The four columns n0 + c0 .. n0 + c0 + 3 of B that one thread copies in every K tile (hn_copy_tile_async's chunk
@@ -640,7 +653,8 @@ __device__ __forceinline__ void hn_conv_copy_a(float* s, const float* src, const
 }
 
 // The forward's and data gradient's epilogue: the output (M channels of `plane` pixels per image, NCHW) = acc;
-// forward: + the bias, then the activation; data gradient: times (mask > 0) where a mask is given.
+// forward: + the bias, then the activation, stored as float32 or (cv.out16) bf16 bits; data gradient: times
+// (mask > 0) where a mask is given.
 template <int MODE, int MT, int NT>
 __device__ __forceinline__ void hn_conv_epilogue(const HnBlock& b, float (&acc)[MT][NT][4], int M, int N,
                                                  const HnConv& cv, int wm, int wn, int lane) {
@@ -663,7 +677,15 @@ __device__ __forceinline__ void hn_conv_epilogue(const HnBlock& b, float (&acc)[
             x = hn_ldg(cv.aux + at) > 0.f ? x : 0.f;
             if (two) y = hn_ldg(cv.aux + at1) > 0.f ? y : 0.f;
         }
-        if (two && pair) {
+        if (MODE == 1 && cv.out16) {
+            unsigned short* c16 = reinterpret_cast<unsigned short*>(b.C);
+            if (two && pair) {
+                hn_st_u32(c16 + at, hn_pack_bf16x2(x, y));
+            } else {
+                hn_st_u16(c16 + at, hn_bf16_of(x));
+                if (two) hn_st_u16(c16 + at1, hn_bf16_of(y));
+            }
+        } else if (two && pair) {
             hn_st2(b.C + at, x, y);
         } else {
             hn_st(b.C + at, x);
@@ -1128,13 +1150,14 @@ __device__ __forceinline__ HnNhwcRows<ROWS * (COLS / 4) / THREADS> hn_nhwc_rows(
 }
 
 // The pooled forward's epilogue (EPI 4, above): per pooled output, the four pixels' act(acc + bias) compared in
-// window order, the maximum written to y (NCHW, cv.out_plane pixels a channel) and its position to the bytes after y.
+// window order, the maximum written to y (NCHW, cv.out_plane pixels a channel; float32, or bf16 bits with cv.out16)
+// and its position to the bytes after y.
 template <int MT, int NT>
 __device__ __forceinline__ void hn_conv_pool_epilogue(const HnBlock& b, float (&acc)[MT][NT][4], int M,
                                                       const HnConv& cv, int wm, int wn, int lane) {
     static_assert(NT % 2 == 0, "a window's two rows are fragments j and j + 1");
     const int t = lane & 3, plane = cv.out_plane.d;
-    unsigned char* arg = reinterpret_cast<unsigned char*>(b.C + static_cast<long long>(cv.pooled) * M);
+    unsigned char* arg = reinterpret_cast<unsigned char*>(b.C) + static_cast<long long>(cv.pooled) * M * (cv.out16 ? 2 : 4);
     hn_each_row<MT>(b, M, wm, lane, [&](int i, int h, int m) {
         const float bias = cv.aux ? hn_ldg(cv.aux + m) : 0.f;
 #pragma unroll
@@ -1155,7 +1178,10 @@ __device__ __forceinline__ void hn_conv_pool_epilogue(const HnBlock& b, float (&
             }
             const int img = hn_div(at, cv.out_plane);
             const long long out = (static_cast<long long>(img) * M + m) * plane + (at - img * plane);
-            hn_st(b.C + out, best);
+            if (cv.out16)
+                hn_st_u16(reinterpret_cast<unsigned short*>(b.C) + out, hn_bf16_of(best));
+            else
+                hn_st(b.C + out, best);
             hn_st_byte(arg + out, static_cast<unsigned char>(bi));
         }
     });

@@ -28,6 +28,7 @@ DEFAULT_SMEM = 48 * 1024       # dynamic shared memory a launch gets without rai
 MIN_SPLIT_TILES = 8            # split-K: at least this many BK steps per part
 MAX_SPLITS = 64
 GRID_YZ = 65535                # CUDA's limit on gridDim.y and gridDim.z
+OUT16 = 16                     # mma.cu's HN_OUT16: in a forward's act word, y stored as bf16 bits (uint16)
 # The tiles the launcher picks from, (large, small) (`choose`): on the H200 the fastest of their kinds over
 # cifar-wide's 18 convolution GEMMs (benchmarks/results/NVIDIA-H200/tc_gemm_conv.json, geometric means in TFLOP/s:
 # tf32 128x128x32s3 57 against 48 for "l"; bf16 128x128x32s2a 69; the large tile split over K beats the small one on
@@ -472,8 +473,9 @@ def _nhwc_shape(a) -> tuple:
 
 def _call16(op, tile, src, w, aux, out, m, n, k, geometry, act=0, sms=None, splits=None) -> ConvCall | None:
     precision = _copy_precision(src)
+    out_dtype = np.uint16 if act & OUT16 else np.float32
     for name, a, dtype in (("input", src, COPY_DTYPE[precision]), ("weights", w, COPY_DTYPE[precision]),
-                           ("aux", aux, np.float32), ("output", out, np.float32)):
+                           ("aux", aux, np.float32), ("output", out, out_dtype)):
         if a is not None and (a.dtype != dtype or not a.flags.c_contiguous):
             raise ValueError(f"conv16: the {name} must be contiguous {np.dtype(dtype).name}")
     if not conv_fits(src, out) or w.size >= 2**31:
@@ -486,7 +488,8 @@ def _call16(op, tile, src, w, aux, out, m, n, k, geometry, act=0, sms=None, spli
 def plan_conv16(y, x16, w16, b, stride: int, pad: int, act: int = 0, tile: str | Tc16Tile | None = None
                 ) -> ConvCall | None:
     """y [n, O, P, Q] = act(conv(x, w) + b) from the channels-last copies x16 [n, H, W, C] and w16 [O, R, S, C]
-    (COPY_DTYPE), b [O] float32 or None; act 0 none, 1 ReLU. None when y is empty."""
+    (COPY_DTYPE), b [O] float32 or None; act 0 none, 1 ReLU, plus OUT16 for y uint16 (bf16 bits) instead of float32.
+    None when y is empty."""
     n, h, wd, c = _nhwc_shape(x16)
     o, r, s, c2 = _nhwc_shape(w16)
     *_, p, q = _conv_sizes((n, c, h, wd), (o, c, r, s), stride, pad)
@@ -496,25 +499,28 @@ def plan_conv16(y, x16, w16, b, stride: int, pad: int, act: int = 0, tile: str |
     return _call16("fwd", tile, x16, w16, b, y, o, n * p * q, r * s * c, (c, h, wd, r, s, p, q, o, stride, pad), act)
 
 
-def pooled_outputs(xp, n: int, o: int, p: int, q: int):
+def pooled_outputs(xp, n: int, o: int, p: int, q: int, out16: bool = False):
     """(buf, y, arg): the pooled forward's output buffer (plan_conv16_pool), and its two views, y [n, O, P, Q]
-    float32 and the argmax bytes arg [n, O, P, Q] uint8 after it (maxpool2d_forward's pair)."""
-    size = n * o * p * q
-    buf = xp.empty(-(-5 * size // 4), dtype=np.float32)
-    return buf, buf[:size].reshape(n, o, p, q), buf.view(np.uint8)[4 * size:5 * size].reshape(n, o, p, q)
+    float32 (out16: uint16, bf16 bits) and the argmax bytes arg [n, O, P, Q] uint8 after it (maxpool2d_forward's
+    pair)."""
+    size, item = n * o * p * q, 2 if out16 else 4
+    buf = xp.empty(-(-(item + 1) * size // item), dtype=np.uint16 if out16 else np.float32)
+    return buf, buf[:size].reshape(n, o, p, q), buf.view(np.uint8)[item * size:(item + 1) * size].reshape(n, o, p, q)
 
 
 def plan_conv16_pool(buf, x16, w16, b, stride: int, pad: int, act: int = 0, tile: str | Tc16Tile | None = None
                      ) -> ConvCall | None:
     """max_pool2d(act(conv(x, w) + b), 2, 2) and its argmax bytes into buf (pooled_outputs), from x16 [n, H, W, C]
     and w16 [O, R, S, C] (copies, COPY_DTYPE), b [O] float32 or None: the forward's GEMM on its tile, its columns in window
-    order, pooled in the epilogue (mma.cu, EPI 4). None when the pooled output is empty."""
+    order, pooled in the epilogue (mma.cu, EPI 4); act as plan_conv16's (OUT16: buf is pooled_outputs' out16 buffer).
+    None when the pooled output is empty."""
     n, h, wd, c = _nhwc_shape(x16)
     o, r, s, c2 = _nhwc_shape(w16)
     *_, p, q = _conv_sizes((n, c, h, wd), (o, c, r, s), stride, pad)
     pp, pq = p // 2, q // 2
     count = n * pp * pq
-    if (c2 != c or buf.ndim != 1 or buf.size * 4 < 5 * o * count or (b is not None and tuple(b.shape) != (o,))
+    item = 2 if act & OUT16 else 4
+    if (c2 != c or buf.ndim != 1 or buf.size * item < (item + 1) * o * count or (b is not None and tuple(b.shape) != (o,))
             or not conv16_fits("pool", c, o, r, s, stride, pad, _copy_precision(x16))):
         raise ValueError(f"conv16: x {x16.shape}, w {w16.shape}, pooled buffer {buf.shape} do not fit together")
     if not conv_fits(x16, buf) or count * 4 >= 2**31:
@@ -668,9 +674,10 @@ def conv16(be, y, x, w, b, stride: int, pad: int, act: int = 0, tile: str | None
 
 def conv16_pool(be, x, w, b, stride: int, pad: int, act: int = 0, tile: str | None = None, x16=None):
     """(y, arg) = maxpool2d_forward(act(conv(x, w) + b), 2, 2) from NCHW float32 x (or its copy x16) and w, on the
-    channels-last copies (to_nhwc), pooled in the forward's epilogue (plan_conv16_pool)."""
+    channels-last copies (to_nhwc), pooled in the forward's epilogue (plan_conv16_pool); act & OUT16: y uint16 (bf16
+    bits)."""
     n, c, h, wd, o, r, s, p, q = _conv_sizes(x.shape, w.shape, stride, pad)
-    buf, y, arg = pooled_outputs(be.xp, n, o, p // 2, q // 2)
+    buf, y, arg = pooled_outputs(be.xp, n, o, p // 2, q // 2, bool(act & OUT16))
     x16 = to_nhwc(be, x) if x16 is None else x16
     launch_conv(be, plan_conv16_pool(buf, x16, to_nhwc(be, w), b, stride, pad, act, tile))
     return y, arg

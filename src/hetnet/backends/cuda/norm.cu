@@ -9,6 +9,9 @@
 // The reductions run over a (C, G) grid; each block adds doubles into `acc`, and the last block of a channel
 // (counted in `count`) finishes that channel and resets acc and count for the next call (no memset needed).
 // Every kernel comes in a 64-bit and a 32-bit index version (common.cuh, HN_TWO_INDEX_KERNELS).
+// The input x of the statistics, apply and backward kernels is float32, or in their "_x16" versions bf16 bits (an
+// activation a bf16 step stores in bf16: a convolution's output that only this batch norm reads, conv.Nchw16), read
+// as float32 (hn_act) with the same arithmetic after.
 // Synchronised BatchNorm over several processes (hetnet.parallel) replaces bn_stats by bn_sums, an all-reduce of
 // the sums, then bn_stats_synced; its backward all-reduces bn_bwd_reduce's sums before bn_bwd_dx (CudaBackend).
 #include "common.cuh"
@@ -24,8 +27,8 @@ __device__ __forceinline__ bool hn_last_block(unsigned* count, int c) {
 
 // Channel blockIdx.x's sum x and sum x^2 over its N*HW values, this block's share added into acc[2c], acc[2c+1]
 // (double); returns true in the last block of the channel (see hn_last_block), which then reads acc.
-template <typename I>
-__device__ __forceinline__ bool hn_bn_channel_sums(const float* __restrict__ x, double* __restrict__ acc,
+template <typename I, typename X>
+__device__ __forceinline__ bool hn_bn_channel_sums(const X* __restrict__ x, double* __restrict__ acc,
                                                    unsigned* __restrict__ count, int N, int C, int HW) {
     __shared__ double shm[32];
     const int c = blockIdx.x;
@@ -65,8 +68,8 @@ __device__ __forceinline__ void hn_bn_finish_stats(double tot, double tot2, M m,
 }
 
 // stats[0:C] = mean, stats[C:2C] = biased variance; running_mean/var updated as PyTorch (unbiased variance).
-template <typename I>
-__device__ __forceinline__ void bn_stats_body(const float* __restrict__ x, float* __restrict__ stats,
+template <typename I, typename X>
+__device__ __forceinline__ void bn_stats_body(const X* __restrict__ x, float* __restrict__ stats,
                                               float* __restrict__ running_mean, float* __restrict__ running_var,
                                               double* __restrict__ acc, unsigned* __restrict__ count, int N, int C,
                                               int HW, float momentum) {
@@ -86,12 +89,17 @@ HN_TWO_INDEX_KERNELS(bn_stats,
      float* __restrict__ running_var, double* __restrict__ acc, unsigned* __restrict__ count, int N, int C, int HW,
      float momentum),
     (x, stats, running_mean, running_var, acc, count, N, C, HW, momentum))
+HN_TWO_INDEX_KERNELS_OF(bn_stats_x16, bn_stats,
+    (const unsigned short* __restrict__ x, float* __restrict__ stats, float* __restrict__ running_mean,
+     float* __restrict__ running_var, double* __restrict__ acc, unsigned* __restrict__ count, int N, int C, int HW,
+     float momentum),
+    (x, stats, running_mean, running_var, acc, count, N, C, HW, momentum))
 
 // Synchronised BatchNorm (a data-parallel job, hetnet.parallel): this process's sums[c] = sum x, sums[C + c] =
 // sum x^2 and sums[2C] = N*HW (the count), in double; the caller sums the 2C + 1 values over the processes
 // (all-reduce), then bn_stats_synced makes the statistics of all the batches together from them.
-template <typename I>
-__device__ __forceinline__ void bn_sums_body(const float* __restrict__ x, double* __restrict__ sums,
+template <typename I, typename X>
+__device__ __forceinline__ void bn_sums_body(const X* __restrict__ x, double* __restrict__ sums,
                                              double* __restrict__ acc, unsigned* __restrict__ count, int N, int C,
                                              int HW) {
     if (!hn_bn_channel_sums<I>(x, acc, count, N, C, HW)) return;
@@ -108,6 +116,10 @@ __device__ __forceinline__ void bn_sums_body(const float* __restrict__ x, double
 HN_TWO_INDEX_KERNELS(bn_sums,
     (const float* __restrict__ x, double* __restrict__ sums, double* __restrict__ acc, unsigned* __restrict__ count,
      int N, int C, int HW),
+    (x, sums, acc, count, N, C, HW))
+HN_TWO_INDEX_KERNELS_OF(bn_sums_x16, bn_sums,
+    (const unsigned short* __restrict__ x, double* __restrict__ sums, double* __restrict__ acc,
+     unsigned* __restrict__ count, int N, int C, int HW),
     (x, sums, acc, count, N, C, HW))
 
 // stats and running statistics (as bn_stats) from the all-reduced sums of bn_sums; one thread per channel.
@@ -139,8 +151,8 @@ __device__ __forceinline__ float hn_bn_value(float x, bool stats, float mean, fl
 
 // y = act((x - mean) * rsqrt(var + eps) * gamma + beta); mean/var from stats (training) or running (eval). On the
 // reductions' (C, G) grid: a block's channel constants read once, four elements' loads in flight.
-template <typename I>
-__device__ __forceinline__ void bn_apply_body(const float* __restrict__ x, float* __restrict__ y,
+template <typename I, typename X>
+__device__ __forceinline__ void bn_apply_body(const X* __restrict__ x, float* __restrict__ y,
                                               const float* __restrict__ mean, const float* __restrict__ var,
                                               const float* __restrict__ gamma, const float* __restrict__ beta, int N,
                                               int C, int HW, float eps, int act) {
@@ -159,14 +171,20 @@ HN_TWO_INDEX_KERNELS(bn_apply,
     (const float* __restrict__ x, float* __restrict__ y, const float* __restrict__ mean, const float* __restrict__ var,
      const float* __restrict__ gamma, const float* __restrict__ beta, int N, int C, int HW, float eps, int act),
     (x, y, mean, var, gamma, beta, N, C, HW, eps, act))
+HN_TWO_INDEX_KERNELS_OF(bn_apply_x16, bn_apply,
+    (const unsigned short* __restrict__ x, float* __restrict__ y, const float* __restrict__ mean,
+     const float* __restrict__ var, const float* __restrict__ gamma, const float* __restrict__ beta, int N, int C,
+     int HW, float eps, int act),
+    (x, y, mean, var, gamma, beta, N, C, HW, eps, act))
 
 // bn_apply's y written channels-last in bf16 instead (the copy the next convolution reads, conv.cu's to_nhwc16 of y):
 // y16[img][p][c] = bf16(act(bn(x[img][c][p]))) as bf16 pairs [n][HW][C / 2] (C even), in to_nhwc16's tiles of 64
 // channels x 32 pixels of the n * HW through shared memory, each channel's mean, 1 / sqrt(var + eps), gamma and beta
 // read once per block; with mean null, bf16(act(x)) (a GELU on its own: elementwise.cu's gelu_fwd, the same
 // hn_gelu). Grid (ceil(n * HW / 32), ceil(C / 64)), 256 threads; n * HW < 2^31.
-extern "C" __global__ void __launch_bounds__(256) bn_apply_nhwc16(
-    const float* __restrict__ x, unsigned* __restrict__ y16, const float* __restrict__ mean,
+template <typename X>
+__device__ __forceinline__ void bn_apply_nhwc16_body(
+    const X* __restrict__ x, unsigned* __restrict__ y16, const float* __restrict__ mean,
     const float* __restrict__ var, const float* __restrict__ gamma, const float* __restrict__ beta, int n, int C,
     int HW, float eps, int act) {
     __shared__ float t[64][33];
@@ -193,6 +211,18 @@ extern "C" __global__ void __launch_bounds__(256) bn_apply_nhwc16(
     }
     __syncthreads();
     hn_store_nhwc16_tile(t, y16, blockIdx.x * 32, c0, C, NP);
+}
+extern "C" __global__ void __launch_bounds__(256) bn_apply_nhwc16(
+    const float* __restrict__ x, unsigned* __restrict__ y16, const float* __restrict__ mean,
+    const float* __restrict__ var, const float* __restrict__ gamma, const float* __restrict__ beta, int n, int C,
+    int HW, float eps, int act) {
+    bn_apply_nhwc16_body(x, y16, mean, var, gamma, beta, n, C, HW, eps, act);
+}
+extern "C" __global__ void __launch_bounds__(256) bn_apply_nhwc16_x16(
+    const unsigned short* __restrict__ x, unsigned* __restrict__ y16, const float* __restrict__ mean,
+    const float* __restrict__ var, const float* __restrict__ gamma, const float* __restrict__ beta, int n, int C,
+    int HW, float eps, int act) {
+    bn_apply_nhwc16_body(x, y16, mean, var, gamma, beta, n, C, HW, eps, act);
 }
 
 // The end of a batch-norm backward reduction for channel c: this block's sums s (of the gradient) and sx (of the
@@ -233,8 +263,8 @@ __device__ __forceinline__ float hn_bn_out_grad(float g, float x, float mean, fl
 
 // With g = dE/dz (hn_bn_out_grad of dy): red[0:C] = sum g, red[C:2C] = sum g * xhat; dgamma += red[C:] (unless
 // null), dbeta += red[:C].
-template <typename I>
-__device__ __forceinline__ void bn_bwd_reduce_body(const float* __restrict__ dy, const float* __restrict__ x,
+template <typename I, typename X>
+__device__ __forceinline__ void bn_bwd_reduce_body(const float* __restrict__ dy, const X* __restrict__ x,
                                                    const float* __restrict__ mean, const float* __restrict__ var,
                                                    const float* __restrict__ gamma, const float* __restrict__ beta,
                                                    float* __restrict__ red, float* __restrict__ dgamma,
@@ -266,12 +296,18 @@ HN_TWO_INDEX_KERNELS(bn_bwd_reduce,
      float* __restrict__ red, float* __restrict__ dgamma, float* __restrict__ dbeta, double* __restrict__ acc,
      unsigned* __restrict__ count, int N, int C, int HW, float eps, int act),
     (dy, x, mean, var, gamma, beta, red, dgamma, dbeta, acc, count, N, C, HW, eps, act))
+HN_TWO_INDEX_KERNELS_OF(bn_bwd_reduce_x16, bn_bwd_reduce,
+    (const float* __restrict__ dy, const unsigned short* __restrict__ x, const float* __restrict__ mean,
+     const float* __restrict__ var, const float* __restrict__ gamma, const float* __restrict__ beta,
+     float* __restrict__ red, float* __restrict__ dgamma, float* __restrict__ dbeta, double* __restrict__ acc,
+     unsigned* __restrict__ count, int N, int C, int HW, float eps, int act),
+    (dy, x, mean, var, gamma, beta, red, dgamma, dbeta, acc, count, N, C, HW, eps, act))
 
 // With g = dE/dz (hn_bn_out_grad of dy), training: dx = gamma*inv * (g - sum_g/m - xhat * sum_gxhat/m); eval
 // (red == nullptr): dx = g * gamma * inv. On bn_bwd_reduce's (C, G) grid, so that a block's channel constants are
-// computed once. Elementwise after bn_bwd_reduce: dx may be x's own memory.
-template <typename I>
-__device__ __forceinline__ void bn_bwd_dx_body(const float* __restrict__ dy, const float* x,
+// computed once. Elementwise after bn_bwd_reduce: dx may be x's own memory (x float32).
+template <typename I, typename X>
+__device__ __forceinline__ void bn_bwd_dx_body(const float* __restrict__ dy, const X* x,
                                                const float* __restrict__ mean, const float* __restrict__ var,
                                                const float* __restrict__ gamma, const float* __restrict__ beta,
                                                const float* __restrict__ red, float* dx, int N, int C, int HW,
@@ -298,14 +334,20 @@ HN_TWO_INDEX_KERNELS(bn_bwd_dx,
      const float* __restrict__ gamma, const float* __restrict__ beta, const float* __restrict__ red, float* dx, int N,
      int C, int HW, float eps, int act),
     (dy, x, mean, var, gamma, beta, red, dx, N, C, HW, eps, act))
+HN_TWO_INDEX_KERNELS_OF(bn_bwd_dx_x16, bn_bwd_dx,
+    (const float* __restrict__ dy, const unsigned short* __restrict__ x, const float* __restrict__ mean,
+     const float* __restrict__ var, const float* __restrict__ gamma, const float* __restrict__ beta,
+     const float* __restrict__ red, float* __restrict__ dx, int N, int C, int HW, float eps, int act),
+    (dy, x, mean, var, gamma, beta, red, dx, N, C, HW, eps, act))
 
 // bn_bwd_dx's dx written channels-last in bf16 instead: the copy of dE/dy that the convolution (-> max pool) whose
 // output x is reads in its backward (conv.cu's to_nhwc16 of dx), dx16[img][p][c] = bf16(dx[img][c][p]) as bf16 pairs
 // [n][HW][C / 2] (C even), in bn_apply_nhwc16's tiles (64 channels x 32 pixels through shared memory, a channel's
 // constants read once per block). The same arithmetic as bn_bwd_dx, so the two give the same bits. Grid
 // (ceil(n * HW / 32), ceil(C / 64)), 256 threads; n * HW < 2^31.
-extern "C" __global__ void __launch_bounds__(256) bn_bwd_dx_nhwc16(
-    const float* __restrict__ dy, const float* __restrict__ x, const float* __restrict__ mean,
+template <typename X>
+__device__ __forceinline__ void bn_bwd_dx_nhwc16_body(
+    const float* __restrict__ dy, const X* __restrict__ x, const float* __restrict__ mean,
     const float* __restrict__ var, const float* __restrict__ gamma, const float* __restrict__ beta,
     const float* __restrict__ red, unsigned* __restrict__ dx16, int n, int C, int HW, float eps, int act) {
     __shared__ float t[64][33];
@@ -340,6 +382,18 @@ extern "C" __global__ void __launch_bounds__(256) bn_bwd_dx_nhwc16(
     }
     __syncthreads();
     hn_store_nhwc16_tile(t, dx16, blockIdx.x * 32, c0, C, NP);
+}
+extern "C" __global__ void __launch_bounds__(256) bn_bwd_dx_nhwc16(
+    const float* __restrict__ dy, const float* __restrict__ x, const float* __restrict__ mean,
+    const float* __restrict__ var, const float* __restrict__ gamma, const float* __restrict__ beta,
+    const float* __restrict__ red, unsigned* __restrict__ dx16, int n, int C, int HW, float eps, int act) {
+    bn_bwd_dx_nhwc16_body(dy, x, mean, var, gamma, beta, red, dx16, n, C, HW, eps, act);
+}
+extern "C" __global__ void __launch_bounds__(256) bn_bwd_dx_nhwc16_x16(
+    const float* __restrict__ dy, const unsigned short* __restrict__ x, const float* __restrict__ mean,
+    const float* __restrict__ var, const float* __restrict__ gamma, const float* __restrict__ beta,
+    const float* __restrict__ red, unsigned* __restrict__ dx16, int n, int C, int HW, float eps, int act) {
+    bn_bwd_dx_nhwc16_body(dy, x, mean, var, gamma, beta, red, dx16, n, C, HW, eps, act);
 }
 
 // --- BatchNorm -> ReLU -> MaxPool fused (the fast training step's plan) -------------------------------------------

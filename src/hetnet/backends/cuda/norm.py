@@ -1,5 +1,7 @@
 """The batch-normalisation launchers of the cuda backend (norm.cu): statistics, apply (+ ReLU or GELU), backward, and
-BatchNorm -> ReLU -> max pooling fused."""
+BatchNorm -> ReLU -> max pooling fused. The input x of batchnorm_forward, bn_relu_forward and bn_gelu_forward may be
+stored in bf16 (an Nchw16: the convolution before hands its output over so, the op contract's to_norm); their kernels
+read it as float32 ("_x16" versions) and the cache keeps it for the backward."""
 from __future__ import annotations
 
 import math
@@ -7,7 +9,7 @@ import math
 import numpy as np
 
 from .. import compose
-from .conv import Nhwc16, takes_dy16, takes_nhwc16
+from .conv import Nchw16, Nhwc16, takes_dy16, takes_nhwc16
 from .kernels import NULL, get_kernel
 from .kernels import act_code as _act
 
@@ -18,6 +20,12 @@ GELU = 2          # norm.cu's act code of the fused BatchNorm -> GELU (common.cu
 def _or_null(a):
     """A gradient array, or the kernels' null pointer for a skipped one (a frozen parameter)."""
     return NULL if a is None else a
+
+
+def _x(x) -> tuple:
+    """(the array a batch-norm kernel reads as x, the suffix of that kernel's name): float32 x, or an Nchw16's bf16
+    bits and "_x16"."""
+    return (x.data, "_x16") if isinstance(x, Nchw16) else (x, "")
 
 
 class NormOps:
@@ -40,13 +48,14 @@ class NormOps:
         stats = self.xp.empty((2 * c,), dtype=self.xp.float32)
         acc = self.scratch("bn_acc", (2 * c,), np.float64)
         cnt = self.scratch("bn_cnt", (c,), np.uint32)
+        xa, xs = _x(x)
         if reduce is None:
-            get_kernel(self.device_id, "norm", self.ix("bn_stats", x.size))(self._bn_grid(n, c, hw), (256,), (
-                x, stats, running_mean, running_var, acc, cnt, _i32(n), _i32(c), _i32(hw), _f32(momentum)))
+            get_kernel(self.device_id, "norm", self.ix("bn_stats" + xs, x.size))(self._bn_grid(n, c, hw), (256,), (
+                xa, stats, running_mean, running_var, acc, cnt, _i32(n), _i32(c), _i32(hw), _f32(momentum)))
             return stats[:c], stats[c:], None
         sums = self.xp.empty((2 * c + 1,), dtype=self.xp.float64)      # [sum x, sum x^2, count]
-        get_kernel(self.device_id, "norm", self.ix("bn_sums", x.size))(self._bn_grid(n, c, hw), (256,), (
-            x, sums, acc, cnt, _i32(n), _i32(c), _i32(hw)))
+        get_kernel(self.device_id, "norm", self.ix("bn_sums" + xs, x.size))(self._bn_grid(n, c, hw), (256,), (
+            xa, sums, acc, cnt, _i32(n), _i32(c), _i32(hw)))
         reduce(sums)
         get_kernel(self.device_id, "norm", "bn_stats_synced")((math.ceil(c / 256),), (256,), (
             sums, stats, running_mean, running_var, _i32(c), _f32(momentum)))
@@ -99,44 +108,52 @@ class NormOps:
                     feeds=None, owns_act=False):
         """owns_act: the backward applies act's derivative (norm.cu's backward act), else a ReLU's is the consumer's.
         feeds (the op contract's hand-over to a convolution): y as the channels-last bf16 copy that convolution
-        reads (Nhwc16, bn_apply_nhwc16) where it takes one (conv.takes_nhwc16) and no consumer masks by y."""
-        x = self._c(x)
+        reads (Nhwc16, bn_apply_nhwc16) where it takes one (conv.takes_nhwc16) and no consumer masks by y. x may be
+        an Nchw16 (the module's docstring)."""
+        x = x if isinstance(x, Nchw16) else self._c(x)
         n, c = x.shape[0], x.shape[1]
         hw = x.size // max(n * c, 1)
         mean, var, sync = self._bn_batch_stats(x, running_mean, running_var, momentum, training, reduce)
         cache = (x, mean, var, gamma, beta, float(eps), bool(training), sync, act if owns_act else 0)
         if (owns_act or act != _act("relu")) and takes_nhwc16(self, x.shape, feeds):
             return self._apply_nhwc16(x, (mean, var, gamma, beta), eps, act), cache
-        y = self.xp.empty_like(x)
-        get_kernel(self.device_id, "norm", self.ix("bn_apply", x.size))(self._bn_grid(n, c, hw), (256,), (
-            x, y, mean, var, gamma, beta, _i32(n), _i32(c), _i32(hw), _f32(eps), _i32(act)))
+        y = self.xp.empty(x.shape, dtype=self.xp.float32)
+        xa, xs = _x(x)
+        get_kernel(self.device_id, "norm", self.ix("bn_apply" + xs, x.size))(self._bn_grid(n, c, hw), (256,), (
+            xa, y, mean, var, gamma, beta, _i32(n), _i32(c), _i32(hw), _f32(eps), _i32(act)))
         return y, cache
 
     def _apply_nhwc16(self, x, stats, eps, act: int) -> Nhwc16:
-        """act(batchnorm(x)) of x [n, C, H, W] with stats = (mean, var, gamma, beta), or act(x) with stats None,
-        written as the channels-last bf16 copy a convolution reads (norm.cu's bn_apply_nhwc16)."""
+        """act(batchnorm(x)) of x [n, C, H, W] (float32 or an Nchw16) with stats = (mean, var, gamma, beta), or act(x)
+        with stats None, written as the channels-last bf16 copy a convolution reads (norm.cu's bn_apply_nhwc16)."""
         n, c = x.shape[:2]
         hw = x.size // max(n * c, 1)
         y16 = self.xp.empty((n, *x.shape[2:], c), dtype=self.xp.uint16)
+        xa, xs = _x(x)
         if y16.size:
-            get_kernel(self.device_id, "norm", "bn_apply_nhwc16")((math.ceil(n * hw / 32), math.ceil(c / 64)), (256,), (
-                x, y16, *(stats or (NULL,) * 4), _i32(n), _i32(c), _i32(hw), _f32(eps), _i32(act)))
+            get_kernel(self.device_id, "norm", "bn_apply_nhwc16" + xs)((math.ceil(n * hw / 32), math.ceil(c / 64)),
+                                                                       (256,), (
+                xa, y16, *(stats or (NULL,) * 4), _i32(n), _i32(c), _i32(hw), _f32(eps), _i32(act)))
         return Nhwc16(y16, x.shape)
 
     def _bn_backward(self, dy, cache, dgamma, dbeta, need_dx, relu_mask, inplace, grad_feeds=None):
         """The backward of _bn_forward's act: the derivative of an act the op owns is applied here (dy is dE/dy),
         else there is none to apply (dy is dE/dz; a ReLU's is the consumer's). grad_feeds (the op contract's backward
         hand-over): dx as the channels-last bf16 copy of dE/dy that the convolution (-> max pool) whose output x is
-        reads (Nhwc16, bn_bwd_dx_nhwc16) where it takes one (conv.takes_dy16)."""
+        reads (Nhwc16, bn_bwd_dx_nhwc16) where it takes one (conv.takes_dy16). x (the cache's) may be an Nchw16,
+        which is never written over and cannot give a ReLU mask."""
         x, mean, var, gamma, beta, eps, training, sync, act = cache
+        xa, xs = _x(x)
+        if relu_mask and xs:
+            raise ValueError("batchnorm_backward: relu_mask=True on an input stored in bf16")
         dy = self._c(dy)
         n, c = x.shape[0], x.shape[1]
         hw = x.size // max(n * c, 1)
         red = self.xp.empty((2 * c,), dtype=self.xp.float32)
         acc = self.scratch("bn_acc", (2 * c,), np.float64)
         cnt = self.scratch("bn_cnt", (c,), np.uint32)
-        get_kernel(self.device_id, "norm", self.ix("bn_bwd_reduce", x.size))(self._bn_grid(n, c, hw), (256,), (
-            dy, x, mean, var, gamma, beta, red, _or_null(dgamma), _or_null(dbeta), acc, cnt, _i32(n),
+        get_kernel(self.device_id, "norm", self.ix("bn_bwd_reduce" + xs, x.size))(self._bn_grid(n, c, hw), (256,), (
+            dy, xa, mean, var, gamma, beta, red, _or_null(dgamma), _or_null(dbeta), acc, cnt, _i32(n),
             _i32(c), _i32(hw), _f32(eps), _i32(act)))
         if sync is not None:
             self._bn_sync_grad_sums(red, n * hw, sync)
@@ -144,14 +161,14 @@ class NormOps:
             return None
         if not relu_mask and takes_dy16(self, x.shape, grad_feeds):
             dx16 = self.xp.empty((n, *x.shape[2:], c), dtype=self.xp.uint16)
-            get_kernel(self.device_id, "norm", "bn_bwd_dx_nhwc16")((math.ceil(n * hw / 32), math.ceil(c / 64)),
-                                                                   (256,), (
-                dy, x, mean, var, gamma, beta, red if training else NULL, dx16, _i32(n), _i32(c), _i32(hw),
+            get_kernel(self.device_id, "norm", "bn_bwd_dx_nhwc16" + xs)((math.ceil(n * hw / 32), math.ceil(c / 64)),
+                                                                        (256,), (
+                dy, xa, mean, var, gamma, beta, red if training else NULL, dx16, _i32(n), _i32(c), _i32(hw),
                 _f32(eps), _i32(act)))
             return Nhwc16(dx16, x.shape)
-        dx = x if inplace and not relu_mask else self.xp.empty_like(x)
-        get_kernel(self.device_id, "norm", self.ix("bn_bwd_dx", x.size))(self._bn_grid(n, c, hw), (256,), (
-            dy, x, mean, var, gamma, beta, red if training else NULL, dx, _i32(n), _i32(c), _i32(hw), _f32(eps),
+        dx = x if inplace and not relu_mask and not xs else self.xp.empty(x.shape, dtype=self.xp.float32)
+        get_kernel(self.device_id, "norm", self.ix("bn_bwd_dx" + xs, x.size))(self._bn_grid(n, c, hw), (256,), (
+            dy, xa, mean, var, gamma, beta, red if training else NULL, dx, _i32(n), _i32(c), _i32(hw), _f32(eps),
             _i32(act)))
         return self.relu_mask(dx, x) if relu_mask else dx
 

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 
+from .conv import Nchw16
 from .kernels import get_kernel
 
 _i32, _i64, _f32 = np.int32, np.int64, np.float32
@@ -32,6 +33,10 @@ class PoolOps:
         """dE/dx from the pooled output y and the argmax bytes; relu_mask: x is a ReLU output (dx = 0 where the
         window's maximum y <= 0)."""
         x_shape, y, arg, kernel, stride = cache
+        if isinstance(y, Nchw16):           # a pooled convolution's bf16 output (conv2d_maxpool_forward's to_norm)
+            if relu_mask:
+                raise ValueError("maxpool2d_backward: relu_mask=True on a pooled output stored in bf16")
+            y = y.data                      # (the kernels read y only for the mask)
         dy = self._c(dy)
         n, c, h, w = x_shape
         p, q = y.shape[2], y.shape[3]
