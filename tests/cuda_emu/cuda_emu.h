@@ -401,6 +401,35 @@ inline float __uint_as_float(unsigned u) { return emu::from_bits(u); }
 #define __syncthreads() emu::syncthreads()
 #define HN_DYNAMIC_SMEM(name) unsigned char* name = emu::S().smem
 
+// --- the memory kernels' primitives (norm.cu's reductions): warp shuffles, global atomics, fences ----------------------
+// Blocks run one after another, so a global atomic is the plain read-modify-write, and __threadfence orders nothing
+// that is not ordered already.
+
+// shfl.sync.bfly (__shfl_xor_sync, full warps only): lane l receives lane (l ^ o)'s v, a 4- or 8-byte value.
+template <class T>
+inline T __shfl_xor_sync(unsigned mask, T v, int o) {
+    static_assert(sizeof(T) == 4 || sizeof(T) == 8, "a 4- or 8-byte value");
+    if (mask != 0xffffffffu) emu::fail("shfl.sync.bfly: mask %#x is not the full warp", mask);
+    emu::Warp& w = emu::S().warps[emu::me().linear / 32];
+    const int l = emu::lane();
+    std::memcpy(w.in[w.gen & 1][l], &v, sizeof(T));
+    const int slot = emu::warp_meet("shfl.sync.bfly");
+    T r;
+    std::memcpy(&r, w.in[slot][(l ^ o) & 31], sizeof(T));
+    emu::warp_meet("shfl.sync.bfly");   // the deposits stay until every lane has read its partner's
+    return r;
+}
+template <class T>
+inline T atomicAdd(T* p, T v) {
+    const T old = *p;
+    *p = old + v;
+    return old;
+}
+inline void __threadfence() {}
+inline int min(int a, int b) { return a < b ? a : b; }     // CUDA's integer min and max
+inline int max(int a, int b) { return a > b ? a : b; }
+inline float __int_as_float(int i) { return emu::from_bits(static_cast<unsigned>(i)); }
+
 // --- mma.cu's primitives ---------------------------------------------------------------------------------------------
 
 inline void hn_cp_async(void* dst, const void* src, int size, int src_bytes, const char* what) {

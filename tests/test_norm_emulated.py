@@ -1,0 +1,181 @@
+"""norm.cu's batch-norm kernels run on the CPU, the whole file compiled as C++ against tests/cuda_emu (each CUDA thread
+a fiber, the blocks of the (C, G) grid one after another, so the last block of a channel finishes it as on a GPU):
+the statistics (bn_stats, bn_sums), the apply (+ ReLU, GELU) and the backward's reduction and dx, each against NumPy
+in float64 of the same expressions, in their 32- and 64-bit index versions; and their "_x16" versions, which read x
+stored in bf16 (a convolution's output handed to the batch norm, conv.Nchw16), bit for bit the float32 versions given
+the values those bits stand for. Needs g++ (skipped without); no GPU. On a GPU the same kernels run in
+tests/test_ops.py (every batch-norm op) and tests/test_mma.py (the bf16 hand-over)."""
+from __future__ import annotations
+
+import ctypes
+import math
+import re
+
+import numpy as np
+import pytest
+from emu_build import build_emulated
+from mma_cases import bf16_bits
+
+from hetnet.backends.cuda import kernels
+
+f32 = np.float32
+
+# C entry points: x16 picks the "_x16" kernel (x as bf16 bits), wide the 64-bit index version; grid (C, G), 256
+# threads, as CudaBackend._bn_grid launches them
+ENTRY = """
+#define HN_PICK(name, x16, wide, X16, ...) \\
+    (x16 ? (wide ? name##_x16 : name##_x16_i32)(static_cast<const unsigned short*>(X16), __VA_ARGS__) \\
+         : (wide ? name : name##_i32)(static_cast<const float*>(X16), __VA_ARGS__))
+#define HN_LAUNCH(C, G, body) \\
+    std::string msg = emu::launch({(unsigned)(C), (unsigned)(G), 1}, {256, 1, 1}, 0, [=] { body; }, seed); \\
+    snprintf(err, len, "%s", msg.c_str()); \\
+    return msg.empty() ? 0 : 1;
+
+extern "C" int emu_stats(int x16, int wide, const void* x, float* stats, float* rm, float* rv, double* acc,
+                         unsigned* cnt, int N, int C, int HW, float mom, int G, unsigned seed, char* err, int len) {
+    HN_LAUNCH(C, G, HN_PICK(bn_stats, x16, wide, x, stats, rm, rv, acc, cnt, N, C, HW, mom))
+}
+extern "C" int emu_sums(int x16, int wide, const void* x, double* sums, double* acc, unsigned* cnt, int N, int C,
+                        int HW, int G, unsigned seed, char* err, int len) {
+    HN_LAUNCH(C, G, HN_PICK(bn_sums, x16, wide, x, sums, acc, cnt, N, C, HW))
+}
+extern "C" int emu_apply(int x16, int wide, const void* x, float* y, const float* mean, const float* var,
+                         const float* gamma, const float* beta, int N, int C, int HW, float eps, int act, int G,
+                         unsigned seed, char* err, int len) {
+    HN_LAUNCH(C, G, HN_PICK(bn_apply, x16, wide, x, y, mean, var, gamma, beta, N, C, HW, eps, act))
+}
+// dy first in the backward kernels: their x is the second argument
+#define HN_PICK_DY(name, x16, wide, DY, X16, ...) \\
+    (x16 ? (wide ? name##_x16 : name##_x16_i32)(DY, static_cast<const unsigned short*>(X16), __VA_ARGS__) \\
+         : (wide ? name : name##_i32)(DY, static_cast<const float*>(X16), __VA_ARGS__))
+extern "C" int emu_bwd_reduce(int x16, int wide, const float* dy, const void* x, const float* mean, const float* var,
+                              const float* gamma, const float* beta, float* red, float* dgamma, float* dbeta,
+                              double* acc, unsigned* cnt, int N, int C, int HW, float eps, int act, int G,
+                              unsigned seed, char* err, int len) {
+    HN_LAUNCH(C, G, HN_PICK_DY(bn_bwd_reduce, x16, wide, dy, x, mean, var, gamma, beta, red, dgamma, dbeta, acc, cnt,
+                               N, C, HW, eps, act))
+}
+extern "C" int emu_bwd_dx(int x16, int wide, const float* dy, const void* x, const float* mean, const float* var,
+                          const float* gamma, const float* beta, const float* red, float* dx, int N, int C, int HW,
+                          float eps, int act, int G, unsigned seed, char* err, int len) {
+    HN_LAUNCH(C, G, HN_PICK_DY(bn_bwd_dx, x16, wide, dy, x, mean, var, gamma, beta, red, dx, N, C, HW, eps, act))
+}
+"""
+
+
+def _norm_text() -> str:
+    """norm.cu with common.cuh inlined, for the emulator: the bf16 conversion is the emulator's (hn_pack_bf16x2, the
+    same rounding), `__shared__` arrays static (one block runs at a time)."""
+    text = kernels.inline_header(kernels.cu_text("norm")).replace("#pragma once\n", "")
+    text, n = re.subn(r"__device__ __forceinline__ unsigned hn_bf16x2_bits\(float lo, float hi\) \{.*?\n\}\n", "",
+                      text, flags=re.S)
+    assert n == 1, "common.cuh's hn_bf16x2_bits"
+    return "#define __shared__ static\n" + re.sub(r"\bhn_bf16x2_bits\b", "hn_pack_bf16x2", text) + ENTRY
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    return build_emulated(tmp_path_factory.mktemp("emu_norm"), "norm_emu", _norm_text())
+
+
+def _p(a):
+    return None if a is None else a.ctypes.data_as(ctypes.c_void_p)
+
+
+def _run(fn, *args, seed=3):
+    err = ctypes.create_string_buffer(512)
+    conv = [ctypes.c_float(a) if isinstance(a, float) else _p(a) if isinstance(a, np.ndarray) or a is None else a
+            for a in args]
+    assert fn(*conv, seed, err, 512) == 0, err.value.decode()
+
+
+def _bits_values(bits):
+    return (bits.astype(np.uint32) << 16).view(f32)
+
+
+def _inputs(rng, shape):
+    n, c = shape[:2]
+    x = (rng.standard_normal(shape) * 3 + 1).astype(f32)
+    bits = bf16_bits(x)
+    dy = rng.standard_normal(shape).astype(f32)
+    gamma, beta = rng.uniform(0.5, 1.5, c).astype(f32), rng.standard_normal(c).astype(f32)
+    return bits, _bits_values(bits), dy, gamma, beta
+
+
+def _kernels(emu, x16, wide, xs, dy, gamma, beta, act, train, G):
+    """Every kernel on x (float32 values, or their bf16 bits with x16): (stats, running stats, sums, y, red, dgamma,
+    dbeta, dx) as NumPy arrays."""
+    n, c = xs.shape[:2]
+    hw = xs.size // (n * c)
+    acc, cnt = np.zeros(2 * c), np.zeros(c, np.uint32)
+    stats, rm, rv = np.full(2 * c, np.nan, f32), np.zeros(c, f32), np.ones(c, f32)
+    _run(emu.emu_stats, x16, wide, xs, stats, rm, rv, acc, cnt, n, c, hw, 0.1, G)
+    assert not acc.any() and not cnt.any(), "the last block resets acc and count"
+    sums = np.full(2 * c + 1, np.nan)
+    _run(emu.emu_sums, x16, wide, xs, sums, acc, cnt, n, c, hw, G)
+    mean, var = (stats[:c], stats[c:]) if train else (rm, rv)
+    y = np.full(xs.shape, np.nan, f32)
+    _run(emu.emu_apply, x16, wide, xs, y, mean, var, gamma, beta, n, c, hw, 1e-5, act, G)
+    red, dg, db = np.full(2 * c, np.nan, f32), np.ones(c, f32), np.ones(c, f32)
+    _run(emu.emu_bwd_reduce, x16, wide, dy, xs, mean, var, gamma, beta, red, dg, db, acc, cnt, n, c, hw, 1e-5, act, G)
+    dx = np.full(xs.shape, np.nan, f32)
+    _run(emu.emu_bwd_dx, x16, wide, dy, xs, mean, var, gamma, beta, red if train else None, dx, n, c, hw, 1e-5, act,
+         G)
+    return stats, rm, rv, sums, y, red, dg, db, dx
+
+
+SHAPES = [(3, 5, 7, 9), (2, 3, 1, 1), (4, 2, 16, 16), (1, 6, 5, 3)]
+
+
+@pytest.mark.parametrize("act", [0, 1, 2], ids=["none", "relu", "gelu"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_batch_norm_kernels_emulated(emu, rng, shape, act):
+    """Training: statistics and running statistics, the sums of a synchronised batch norm, y = act(z) and the
+    backward (g = dE/dz after act's derivative; red = (sum g, sum g xhat), dgamma and dbeta added into, dx) against
+    NumPy in float64 of the float32 kernels' expressions; the 64-bit index versions bit for bit the 32-bit ones."""
+    _, x, dy, gamma, beta = _inputs(rng, shape)
+    n, c = shape[:2]
+    m = x.size // c
+    got = _kernels(emu, 0, 0, x, dy, gamma, beta, act, True, 2)
+    wide = _kernels(emu, 0, 1, x, dy, gamma, beta, act, True, 3 if m > 256 else 1)
+    for i, (a, b) in enumerate(zip(got, wide)):
+        if i not in (0, 1, 2, 3, 5, 6, 7):                     # reductions: another grid, another order
+            np.testing.assert_array_equal(a, b, err_msg=f"output {i}")
+    stats, rm, rv, sums, y, red, dg, db, dx = got
+    xd = x.astype(np.float64).transpose(1, 0, 2, 3).reshape(c, -1)
+    mean, var = xd.mean(1), xd.var(1)
+    np.testing.assert_allclose(stats[:c], mean, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(stats[c:], var, rtol=1e-5)
+    np.testing.assert_allclose(rm, 0.1 * mean, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(rv, 0.9 + 0.1 * var * m / max(m - 1, 1), rtol=1e-5)
+    np.testing.assert_allclose(sums, [*xd.sum(1), *(xd * xd).sum(1), m], rtol=1e-12)
+    bc = (1, c, 1, 1)
+    inv = 1 / np.sqrt(stats[c:].astype(np.float64) + 1e-5)
+    xhat = (x - stats[:c].reshape(bc)) * inv.reshape(bc)
+    z = xhat * gamma.reshape(bc) + beta.reshape(bc)
+    phi = np.vectorize(lambda v: 0.5 * math.erfc(-v / math.sqrt(2)))(z)
+    act_z = [z, np.maximum(z, 0), z * phi][act]
+    np.testing.assert_allclose(y, act_z, rtol=1e-5, atol=1e-5)
+    dact = [np.ones_like(z), (z > 0) * 1.0, phi + z * np.exp(-z * z / 2) / math.sqrt(2 * math.pi)][act]
+    g = dy * dact
+    want_red = np.concatenate([g.sum((0, 2, 3)), (g * xhat).sum((0, 2, 3))])
+    np.testing.assert_allclose(red, want_red, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dg, 1 + want_red[c:], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(db, 1 + want_red[:c], rtol=1e-4, atol=1e-4)
+    want_dx = (gamma.reshape(bc) * inv.reshape(bc)) * (g - (want_red[:c] / m).reshape(bc)
+                                                       - xhat * (want_red[c:] / m).reshape(bc))
+    np.testing.assert_allclose(dx, want_dx, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("act", [0, 1, 2], ids=["none", "relu", "gelu"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_batch_norm_kernels_on_bf16_inputs_emulated(emu, rng, shape, act, train):
+    """The "_x16" kernels given x's bf16 bits: every output bit for bit the float32 kernels' given the values those
+    bits stand for, in both index versions."""
+    bits, x, dy, gamma, beta = _inputs(rng, shape)
+    for wide in (0, 1):
+        want = _kernels(emu, 0, wide, x, dy, gamma, beta, act, train, 2)
+        got = _kernels(emu, 1, wide, bits, dy, gamma, beta, act, train, 2)
+        for i, (a, b) in enumerate(zip(got, want)):
+            np.testing.assert_array_equal(a, b, err_msg=f"wide {wide}: output {i}")
