@@ -25,7 +25,8 @@ from hetnet.backends.cuda import kernels
 SANDBOX = Path(__file__).resolve().parent.parent / "benchmarks" / "kernels"
 
 # the two kernels' launches as C entry points; `__shared__` arrays are per block (the emulator runs one block at a
-# time), and the PTX conversion is the emulator's hn_pack_bf16x2 (the same rounding, same halves)
+# time), the PTX conversion is the emulator's hn_pack_bf16x2 (the same rounding, same halves), and a vector access
+# through a cast pointer is checked for its alignment (hn_vec)
 ENTRY = """
 extern "C" int emu_to_nhwc16(const float* x, unsigned* y, int n, int C, int HW, int Cp, unsigned seed, char* err,
                              int len) {
@@ -165,6 +166,7 @@ def _kernels_text() -> str:
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
     body = re.sub(r"\bhn_bf16x2_bits\b", "hn_pack_bf16x2", _kernels_text())
+    body = re.sub(r"reinterpret_cast<((?:const )?(?:float4|uint2|uint4))\*>\(", r"hn_vec<\1>(", body)
     return build_emulated(tmp_path_factory.mktemp("emu_cu"), "cu_emu", "#define __shared__ static\n" + body + ENTRY)
 
 
