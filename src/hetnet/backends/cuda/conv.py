@@ -167,6 +167,25 @@ def _fwd_implicit(be, cfg, splits, g, x, w, b, y, act):
     fwd_implicit(be, t, _kernel(be, t), splits, g, x, w, b, y, act)
 
 
+def small_fits(g: Geometry) -> bool:
+    """Whether conv.cu's conv_small_fwd computes g's forward: C R S <= 32 taps a pixel, K <= 64 outputs, a multiple
+    of 8 (a thread's 8 channels), N P Q + 128 <= 2^31 (its pixel indices, up to a block past the last, are int)."""
+    return g.crs <= 32 and g.k <= 64 and g.k % 8 == 0 and g.npq + 128 <= 2**31
+
+
+def _fwd_small(be, g, x, w, b, y, act, out16: bool = False):
+    """y = act(conv(x, w) + b) by conv.cu's conv_small_fwd (small_fits), 128 output pixels a block: y float32
+    [N, K, P, Q], or with out16 uint16 of that shape, the bf16 bits (round to nearest even) of the same values."""
+    want = np.uint16 if out16 else np.float32
+    if y.dtype != want or y.shape != (g.n, g.k, g.p, g.q):
+        raise ValueError(f"conv_small_fwd: y must be {np.dtype(want).name} of shape {(g.n, g.k, g.p, g.q)}, "
+                         f"not {y.dtype} of shape {y.shape}")
+    check(x, w, b, y)
+    get_kernel(be.device_id, "conv", "conv_small_fwd")((math.ceil(g.npq / 128),), (256,), (
+        x, w, b if b is not None else NULL, y, *(_i32(v) for v in (g.n, g.c, g.h, g.w, g.k, g.r, g.s, g.stride,
+                                                                    g.pad, g.p, g.q, act, out16))))
+
+
 def _chunks(be, g, tensor_bytes: int):
     """Image ranges [n0, n1) for im2col: each chunk's column buffer (CRS x n*PQ floats) within the budget above, and
     never less than one image; equal chunks but the last."""
