@@ -1,7 +1,8 @@
 """Convolution and dense launchers: implicit GEMM (conv.cu; at tf32 / bf16 also on tensor cores, mma.conv_tc /
 conv_data_tc / conv_filter_tc, and on channels-last copies of the operands, bf16 at bf16, tf32-rounded float32 at
 tf32 and at fp32 split in two tf32 parts, mma.conv16 / conv16_data / conv16_filter) or im2col + cuBLAS (or our
-tensor-core GEMMs), chosen per shape by measurement.
+tensor-core GEMMs), and for a small convolution's forward (C R S <= 32 taps, K <= 64) a direct kernel
+(conv_small_fwd), chosen per shape by measurement.
 
 Every op here has the op contract's optional fused epilogues (used by hetnet.plan): `act` (ReLU after bias in the
 forward) and `relu_x` (the input of this layer is a ReLU output, so the data gradient is zeroed where relu_x <= 0).
@@ -465,6 +466,8 @@ def conv_forward(be, x, w, b, stride, pad, act=0, geometry=None):
     y = be.xp.empty((n, k, g.p, g.q), dtype=be.xp.float32)
     cands = _split_cands(be, FWD_CFGS, g, lambda cfg, sp, out: _fwd_implicit(be, cfg, sp, g, x, w, b, out, act))
     cands["im2col"] = lambda out: _fwd_im2col(be, g, x, w, b, out, act, x.nbytes + y.nbytes)
+    if _contiguous(x, w, b) and small_fits(g):
+        cands["small"] = lambda out: _fwd_small(be, g, x, w, b, out, act)
     if _contiguous(x, w, b) and mma.conv_fits(x, y):
         if be.precision != "fp32":
             cands["tc"] = lambda out: mma.conv_tc(be, out, x, w, b, stride, pad, act)
