@@ -2,7 +2,8 @@
 in a shuffled order between barriers, over the whole grid): the channels-last copies, conv.cu's to_nhwc16 and
 pool_grad_nhwc16 (from float32 or channels-last bf16), to_nhwc32 and pool_grad_nhwc32 (tf32) and norm.cu's bn_apply_nhwc16 and bn_bwd_dx_nhwc16 (with the
 store half they share), NumPy's bf16 bits (round to nearest even) of the float32 tensor they stand for -- x, the max
-pooling's input gradient, the batch norm's (+ GELU's) output or its input gradient; conv.cu's conv_gelu_nhwc16; and
+pooling's input gradient, the batch norm's (+ GELU's) output or its input gradient; conv.cu's conv_gelu_nhwc16 and
+conv_small_fwd (float32 and bf16 output); and
 common.cuh's HnPlaneWalk, which the batch-norm kernels and channel_sum loop with, each element visited once with its
 channel.
 Needs g++ (skipped without); no GPU. On a GPU the copies are also checked by tests/test_mma.py's
@@ -25,7 +26,8 @@ from hetnet.backends.cuda import kernels
 SANDBOX = Path(__file__).resolve().parent.parent / "benchmarks" / "kernels"
 
 # the two kernels' launches as C entry points; `__shared__` arrays are per block (the emulator runs one block at a
-# time), and the PTX conversion is the emulator's hn_pack_bf16x2 (the same rounding, same halves)
+# time), the PTX conversion is the emulator's hn_pack_bf16x2 (the same rounding, same halves), and a vector access
+# through a cast pointer is checked for its alignment (hn_vec)
 ENTRY = """
 extern "C" int emu_to_nhwc16(const float* x, unsigned* y, int n, int C, int HW, int Cp, unsigned seed, char* err,
                              int len) {
@@ -102,6 +104,16 @@ extern "C" int emu_conv_gelu(const float* x, const float* w, const float* b, flo
     snprintf(err, len, "%s", msg.c_str());
     return msg.empty() ? 0 : 1;
 }
+// conv_small_fwd on its grid (128 output pixels a block); y float32 [n][K][P][Q], or bf16 bits there (out16)
+extern "C" int emu_conv_small(const float* x, const float* w, const float* b, void* y, int n, int C, int H, int W,
+                              int K, int R, int S, int stride, int pad, int P, int Q, int act, int out16,
+                              unsigned seed, char* err, int len) {
+    std::string msg = emu::launch({(unsigned)((n * P * Q + 127) / 128), 1, 1}, {256, 1, 1}, 0, [=] {
+        conv_small_fwd(x, w, b, static_cast<float*>(y), n, C, H, W, K, R, S, stride, pad, P, Q, act, out16);
+    }, seed);
+    snprintf(err, len, "%s", msg.c_str());
+    return msg.empty() ? 0 : 1;
+}
 extern "C" int emu_to_nhwc32(const float* x, float* y, int n, int C, int HW, int Cp, int split, unsigned seed,
                              char* err, int len) {
     std::string msg = emu::launch({(unsigned)((n * HW + 31) / 32), (unsigned)((Cp + 63) / 64), 1}, {256, 1, 1}, 0,
@@ -131,8 +143,8 @@ extern "C" int emu_pool_grad(const float* dy, const unsigned char* arg, unsigned
 
 
 def _kernels_text() -> str:
-    """The walks, GELU and hn_store_nhwc16_tile as common.cuh has them; to_nhwc16, pool_grad_nhwc16 and
-    pool_grad16_nhwc16 as conv.cu,
+    """The walks, GELU and hn_store_nhwc16_tile as common.cuh has them; to_nhwc16, pool_grad_nhwc16,
+    pool_grad16_nhwc16, conv_gelu_nhwc16 and conv_small_fwd as conv.cu,
     hn_bn_z, hn_bn_value, bn_apply_nhwc16, hn_bn_out_grad and bn_bwd_dx_nhwc16 as norm.cu has them."""
     common, conv, norm = ((kernels.HERE / "common.cuh").read_text(), kernels.cu_text("conv"), kernels.cu_text("norm"))
     parts = [line for line in common.splitlines() if line.startswith(("#define HN_RELU", "#define HN_GELU",
@@ -164,6 +176,7 @@ def _kernels_text() -> str:
                         (conv, 'extern "C" __global__ void __launch_bounds__(256) pool_grad_nhwc32x3('),
                         (conv, 'extern "C" __global__ void __launch_bounds__(256) pool_grad16_nhwc16('),
                         (conv, 'extern "C" __global__ void __launch_bounds__(256) conv_gelu_nhwc16('),
+                        (conv, 'extern "C" __global__ void __launch_bounds__(256, 2) conv_small_fwd('),
                         (norm, "__device__ __forceinline__ float hn_bn_z("),
                         (norm, "__device__ __forceinline__ float hn_bn_value("),
                         (norm, "template <typename X>\n__device__ __forceinline__ void bn_apply_nhwc16_body("),
@@ -181,6 +194,7 @@ def _kernels_text() -> str:
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
     body = re.sub(r"\bhn_bf16x2_bits\b", "hn_pack_bf16x2", _kernels_text())
+    body = re.sub(r"reinterpret_cast<((?:const )?(?:float4|uint2|uint4))\*>\(", r"hn_vec<\1>(", body)
     return build_emulated(tmp_path_factory.mktemp("emu_cu"), "cu_emu", "#define __shared__ static\n" + body + ENTRY)
 
 
@@ -280,6 +294,63 @@ def test_conv_gelu_nhwc16_emulated(emu, rng, case):
     phi = np.vectorize(lambda v: 0.5 * math.erfc(-v / math.sqrt(2)))(z.astype(np.float64))
     steps = _bf16_ulps(out, nhwc16((z * phi).astype(np.float32)))
     assert steps.max() <= 1 and (steps == 0).mean() > 0.99, steps.max()
+
+
+SMALL_CASES = [  # (N, C, H, W, K, kernel, stride, padding, bias)
+    (3, 3, 9, 9, 64, 3, 1, 1, True),      # the first layer of an image model (27 taps); P Q = 81: single stores
+    (1, 1, 7, 6, 8, 5, 2, 2, False),      # batch 1, one channel, 5 x 5 at stride 2 (P Q = 12: vector stores)
+    (2, 3, 11, 10, 24, 1, 2, 0, True),    # 1 x 1 at stride 2 (P Q = 30)
+    (2, 2, 5, 5, 16, 4, 1, 2, True),      # 32 taps, the kernel's limit
+    (3, 3, 16, 12, 64, 3, 1, 1, True),    # N P Q = 576: blocks across images, a partial last block
+    (1, 3, 9, 7, 8, 3, 2, 1, False),      # stride 2, batch 1, N P Q = 20
+]
+
+
+@pytest.mark.parametrize("case", SMALL_CASES, ids=lambda c: "N{}C{}H{}W{}K{}k{}s{}p{}b{:d}".format(*c))
+def test_conv_small_fwd_emulated(emu, rng, case):
+    """conv_small_fwd: y = act(conv2d(x, w) + b) (no activation and ReLU) against NumPy's float64 convolution within
+    float32's rounding of a sum of at most 32 terms; with out16 the bf16 bits (round to nearest even) of that float32
+    output bit for bit, at the same NCHW positions. Nothing written past y (guard elements)."""
+    n, c, h, w_, k, ks, stride, pad, bias = case
+    x = rng.standard_normal((n, c, h, w_)).astype(np.float32)
+    w = (rng.standard_normal((k, c, ks, ks)) * 0.5).astype(np.float32)
+    b = (rng.standard_normal(k) * 0.5).astype(np.float32)
+    want, _ = ref.conv2d_forward(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64) if bias else None,
+                                 stride, pad)
+    p, q = want.shape[2:]
+    size, guard = want.size, 64
+    err = ctypes.create_string_buffer(512)
+    for act in (0, 1):
+        y = np.full(size + guard, np.nan, np.float32)
+        _check(emu.emu_conv_small(_ptr(x), _ptr(w), _ptr(b) if bias else None, _ptr(y), n, c, h, w_, k, ks, ks,
+                                  stride, pad, p, q, act, 0, 3 + act, err, 512), err)
+        assert np.isnan(y[size:]).all(), "written past y"
+        y = y[:size].reshape(want.shape)
+        np.testing.assert_allclose(y, np.maximum(want, 0) if act else want, rtol=RTOL_EMULATED, atol=RTOL_EMULATED)
+        y16 = np.full(size + guard, 0xDEAD, np.uint16)
+        _check(emu.emu_conv_small(_ptr(x), _ptr(w), _ptr(b) if bias else None, _ptr(y16), n, c, h, w_, k, ks, ks,
+                                  stride, pad, p, q, act, 1, 5 + act, err, 512), err)
+        assert (y16[size:] == 0xDEAD).all(), "written past y"
+        np.testing.assert_array_equal(y16[:size].reshape(want.shape), bf16_bits(y))
+
+
+@pytest.mark.parametrize("q", [8, 7], ids=["vector", "single"])
+def test_conv_small_fwd_bf16_ties_emulated(emu, q):
+    """conv_small_fwd's out16 rounds to nearest even: a 1 x 1 convolution with weights 1 and no bias passes x
+    through exactly (y = fmaf(x, 1, 0)), so y16 is the bf16 of x, here values on rounding ties (to even: down and
+    up, positive and negative), one float32 step either side of a tie, and one that carries into the exponent's
+    bits, through the 8-byte stores (P Q a multiple of 4) and the single ones."""
+    ties = np.array([0x3F808000, 0x3F818000, 0xBF808000, 0xBF818000, 0x3F808001, 0x3F807FFF, 0xBF808001, 0x3FFFFFFF],
+                    np.uint32).view(np.float32)
+    x = np.resize(ties, (2, 1, 3, q)).astype(np.float32)
+    k = 8
+    w = np.ones((k, 1, 1, 1), np.float32)
+    y16 = np.full((2, k, 3, q), 0xDEAD, np.uint16)
+    err = ctypes.create_string_buffer(512)
+    _check(emu.emu_conv_small(_ptr(x), _ptr(w), None, _ptr(y16), 2, 1, 3, q, k, 1, 1, 1, 0, 3, q, 0, 1, 9, err, 512),
+           err)
+    np.testing.assert_array_equal(y16, np.broadcast_to(bf16_bits(x), y16.shape))
+    assert bf16_bits(ties[:4]).tolist() == [0x3F80, 0x3F82, 0xBF80, 0xBF82]      # the ties, to even
 
 
 def _bf16_ulps(bits_a, bits_b):
@@ -406,17 +477,9 @@ def test_plane_walk_emulated(emu, wide, take, n, c, hw, blocks, threads):
     np.testing.assert_array_equal(out, 1 + (np.arange(n * c * hw) // hw) % c)
 
 
-# The kernel sandbox's direct kernels for small convolutions (benchmarks/kernels/conv_small.cu, timed by
+# The kernel sandbox's direct filter gradient for small convolutions (benchmarks/kernels/conv_small.cu, timed by
 # run_conv_small.py), checked here so that the variant stays correct while it is kept
 SMALL_ENTRY = """
-extern "C" int emu_fwd(const float* x, const float* w, const float* b, float* y, int n, int C, int H, int W, int K,
-                       int R, int S, int st, int pad, int P, int Q, unsigned seed, char* err, int len) {
-    std::string msg = emu::launch({(unsigned)((n * P * Q + 127) / 128), 1, 1}, {256, 1, 1}, 0, [=] {
-        conv_small_fwd2(x, w, b, y, n, C, H, W, K, R, S, st, pad, P, Q);
-    }, seed);
-    snprintf(err, len, "%s", msg.c_str());
-    return msg.empty() ? 0 : 1;
-}
 extern "C" int emu_filter(const float* dy, const float* x, float* part, float* dw, int n, int C, int H, int W, int K,
                           int R, int S, int st, int pad, int P, int Q, unsigned blocks, unsigned seed, char* err,
                           int len) {
@@ -440,28 +503,19 @@ def emu_small(tmp_path_factory):
                           + SMALL_ENTRY)
 
 
-@pytest.mark.parametrize("case", [(3, 3, 9, 9, 64, 3, 1, 1, True, 2), (2, 2, 7, 6, 8, 3, 2, 1, False, 1),
-                                  (1, 2, 5, 5, 16, 4, 1, 2, True, 3), (2, 1, 6, 7, 24, 5, 1, 2, True, 7),
-                                  (2, 3, 8, 8, 64, 3, 1, 1, False, 2)],
-                         ids=lambda c: "N{}C{}H{}W{}K{}k{}s{}p{}b{:d}-blocks{}".format(*c))
+@pytest.mark.parametrize("case", [(3, 3, 9, 9, 64, 3, 1, 1, 2), (2, 2, 7, 6, 8, 3, 2, 1, 1), (1, 2, 5, 5, 16, 4, 1, 2, 3),
+                                  (2, 1, 6, 7, 24, 5, 1, 2, 7), (2, 3, 8, 8, 64, 3, 1, 1, 2)],
+                         ids=lambda c: "N{}C{}H{}W{}K{}k{}s{}p{}-blocks{}".format(*c))
 def test_sandbox_conv_small_emulated(emu_small, rng, case):
-    """conv_small_fwd2: y = conv2d(x, w) + b against float64 (blocks of 128 pixels across images, partial last
-    block, 16-byte stores and single ones, 32 taps); conv_small_filter2 + conv_small_filter2_add: dw += dE/dw against
-    float64, within float32's summation error, on grids with more and fewer blocks than 64-pixel tiles."""
-    n, c, h, w_, k, ks, stride, pad, bias, blocks = case
+    """conv_small_filter2 + conv_small_filter2_add: dw += dE/dw against float64, within float32's summation error,
+    on grids with more and fewer blocks than 64-pixel tiles, 32 taps. (The forward of the same study ships as
+    conv.cu's conv_small_fwd: test_conv_small_fwd_emulated.)"""
+    n, c, h, w_, k, ks, stride, pad, blocks = case
     x = rng.standard_normal((n, c, h, w_)).astype(np.float32)
     w = (rng.standard_normal((k, c, ks, ks)) * 0.5).astype(np.float32)
-    b = (rng.standard_normal(k) * 0.5).astype(np.float32)
-    want, cache = ref.conv2d_forward(x.astype(np.float64), w.astype(np.float64),
-                                     b.astype(np.float64) if bias else None, stride, pad)
+    want, cache = ref.conv2d_forward(x.astype(np.float64), w.astype(np.float64), None, stride, pad)
     p, q = want.shape[2:]
     err = ctypes.create_string_buffer(512)
-    y = np.full(want.shape, np.nan, np.float32)
-    _check(emu_small.emu_fwd(_ptr(x), _ptr(w), _ptr(b) if bias else None, _ptr(y), n, c, h, w_, k, ks, ks, stride,
-                             pad, p, q, 5, err, 512), err)
-    np.testing.assert_allclose(y, want, rtol=RTOL_EMULATED, atol=RTOL_EMULATED)
-    if c * ks * ks > 32:
-        return
     dy = rng.standard_normal(want.shape).astype(np.float32)
     dw_want = np.ones(w.shape)
     ref.conv2d_backward(dy.astype(np.float64), cache, dw_want, None)

@@ -24,6 +24,7 @@ if _N_GPUS == 0:
     pytest.skip("no CUDA GPU", allow_module_level=True)
 
 from conftest import assert_close
+from mma_cases import bf16_bits
 
 import hetnet as hn
 from hetnet import train as T
@@ -65,20 +66,24 @@ CONV_CASES = [  # (N, C, H, W, K, kernel, stride, padding)
     (2, 16, 5, 7, 32, 1, 1, 0),
     (2, 48, 11, 10, 80, 3, 3, 0),
     (2, 64, 5, 6, 16, 3, 1, 1),
+    (2, 3, 9, 11, 64, 3, 1, 1),      # C R S <= 32, K <= 64 a multiple of 8: the "small" forward applies
+    (3, 1, 7, 8, 24, 5, 2, 2),
 ]
 TABLES = {"fwd": C.FWD_CFGS, "data": C.DATA_CFGS, "filter": C.FILTER_CFGS}      # the shipped tiles (conv_tiles.py)
-FWD = list(C.FWD_CFGS) + ["im2col"]
+FWD = list(C.FWD_CFGS) + ["im2col", "small"]
 DATA = list(C.DATA_CFGS) + ["im2col"]
 FILTER = list(C.FILTER_CFGS) + ["im2col"]
 
 
 def _fits(cfg, op, g):
+    if cfg == "small":               # conv.cu's conv_small_fwd
+        return op == "fwd" and C.small_fits(g)
     return cfg == "im2col" or TABLES[op][cfg].fits(g.c, g.k)
 
 
 def _pick(op, cfgs, i, g):
-    """The i-th (cyclically) candidate of op, or where that is a "c" tile the channels of g do not fill, the first
-    tile that takes any channel count."""
+    """The i-th (cyclically) candidate of op, or where that one does not apply to g (a "c" tile the channels of g do
+    not fill, the small forward beyond its sizes), the first tile that takes any channel count."""
     cfg = cfgs[i % len(cfgs)]
     return cfg if _fits(cfg, op, g) else next(name for name, t in TABLES[op].items() if not t.ci)
 
@@ -209,9 +214,32 @@ def test_conv_choice_is_measured_once(be, rng):
     be.conv2d_forward(x, w, None, 1, 1)
     be.conv2d_forward(x, w, None, 1, 1)
     new = [e for e in be.tune_log[n_log:] if e["op"] == "fwd"]
-    fits = [a for a in FWD if _fits(a, "fwd", C.Geometry(4, 3, 16, 16, 8, 3, 3, 1, 1))]
+    g = C.Geometry(4, 3, 16, 16, 8, 3, 3, 1, 1)
+    fits = [a for a in FWD if _fits(a, "fwd", g)]
     assert len(new) == 1 and new[0]["choice"] in new[0]["ms"] and set(new[0]["ms"]) == set(fits)
     assert len(fits) < len(FWD)          # no channels-inside-taps tile for 3 input channels
+    assert "small" in fits and be.conv_choice("fwd", g.key()) == new[0]["choice"]
+
+
+def _geometry(case):
+    n, c, h, w_, k, ks, stride, pad = case
+    return C.Geometry(n, c, h, w_, k, ks, ks, stride, pad)
+
+
+@pytest.mark.parametrize("case", [c for c in CONV_CASES if C.small_fits(_geometry(c))],
+                         ids=lambda c: "N{}C{}H{}W{}K{}k{}s{}p{}".format(*c))
+def test_small_forward_bf16_output(be, rng, case):
+    """conv_small_fwd with out16: y as bf16 bits (round to nearest even) at y's NCHW positions, equal to the bf16 of
+    its float32 output (which test_conv_algorithms checks against the reference), with and without the ReLU."""
+    n, c, h, w_, k, ks, stride, pad = case
+    g = _geometry(case)
+    x, w, b = (be.asarray(f32(rng, *s)) for s in ((n, c, h, w_), (k, c, ks, ks), (k,)))
+    for act in (0, 1):
+        y = be.xp.empty((n, k, g.p, g.q), dtype=F32)
+        y16 = be.xp.full((n, k, g.p, g.q), 0xDEAD, dtype=np.uint16)
+        C._fwd_small(be, g, x, w, b, y, act)
+        C._fwd_small(be, g, x, w, b, y16, act, out16=True)
+        np.testing.assert_array_equal(be.to_numpy(y16), bf16_bits(be.to_numpy(y)), f"act={act}")
 
 
 def test_conv_choice_is_kept_for_the_next_process(rng, tmp_path, monkeypatch):

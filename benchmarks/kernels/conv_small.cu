@@ -1,77 +1,9 @@
-// Sandbox: direct kernels for small convolutions (C R S <= 32 taps a pixel, K <= 64 outputs, a multiple of 8), the
-// first layer of an image model (cifar-wide's 3 -> 64 at 3 x 3). Timed against the shipped implicit-GEMM tiles by
-// run_conv_small.py. x [n][C][H][W], w [K][C][R][S], y [n][K][P][Q], all float32; a block's pixels are 128
-// consecutive output pixels of the n * P * Q < 2^31 (img, p, q), tap j = (c, r, s) in that order.
+// Sandbox: the filter gradient of a small convolution (C R S <= 32 taps a pixel, K <= 64 outputs), the first layer of
+// an image model (cifar-wide's 3 -> 64 at 3 x 3), by a direct kernel. Timed against the shipped implicit-GEMM tiles
+// by run_conv_small.py; it loses to them (NOTES.md). The forward of the same study ships: conv.cu's conv_small_fwd.
+// x [n][C][H][W], dy [n][K][P][Q], dw [K][C][R][S], all float32, over the n * P * Q < 2^31 output pixels (img, p, q),
+// tap j = (c, r, s) in that order.
 //
-// conv_small_fwd2: y = w * x (+ b). The block stages its pixels' taps in shared memory (xs[j][pixel], zero outside x
-// and for j >= CRS) and the weights (wt[j][k], zero for k >= K). Thread t: channels 8 (t / 32) .. + 7 (warp-uniform,
-// so a tap's 8 weights are two broadcast reads) and pixels 4 (t % 32) .. + 3 (one 16-byte read of a tap's 4 values):
-// 32 sums of 8 channels x 4 pixels, each a float32 fmaf chain over the taps in order, the bias first.
-extern "C" __global__ void __launch_bounds__(256, 2) conv_small_fwd2(const float* __restrict__ x,
-                                                                  const float* __restrict__ w,
-                                                                  const float* __restrict__ b, float* __restrict__ y,
-                                                                  int n, int C, int H, int W, int K, int R, int S,
-                                                                  int stride, int pad, int P, int Q) {
-    __shared__ __align__(16) float xs[32][128];
-    __shared__ __align__(16) float wt[32][64];
-    const int RS = R * S, CRS = C * RS, PQ = P * Q, NP = n * PQ, p0 = blockIdx.x * 128;
-    for (int i = threadIdx.x; i < 32 * 64; i += 256) {
-        const int j = i >> 6, k = i & 63;
-        wt[j][k] = j < CRS && k < K ? w[k * CRS + j] : 0.f;
-    }
-    {   // taps: pixel threadIdx.x % 128, taps threadIdx.x / 128 + 2 u
-        const int pix = p0 + (threadIdx.x & 127);
-        const bool in = pix < NP;
-        const int img = in ? pix / PQ : 0, pq = pix - img * PQ, p = pq / Q, q = pq - p * Q;
-        const int h0 = p * stride - pad, w0 = q * stride - pad;
-        const float* xi = x + (long long)img * C * H * W;
-#pragma unroll 4
-        for (int u = 0; u < 16; ++u) {
-            const int j = (threadIdx.x >> 7) + 2 * u, c = j / RS, rs = j - c * RS, r = rs / S;
-            const int ih = h0 + r, iw = w0 + rs - r * S;
-            xs[j][threadIdx.x & 127] = in && j < CRS && ih >= 0 && ih < H && iw >= 0 && iw < W
-                                           ? xi[((long long)c * H + ih) * W + iw] : 0.f;
-        }
-    }
-    __syncthreads();
-    const int k0 = 8 * (threadIdx.x >> 5), q0 = 4 * (threadIdx.x & 31);
-    if (k0 >= K) return;
-    float acc[8][4];
-#pragma unroll
-    for (int u = 0; u < 8; ++u) {
-        const float bias = b ? b[k0 + u] : 0.f;
-#pragma unroll
-        for (int v = 0; v < 4; ++v) acc[u][v] = bias;
-    }
-    for (int j = 0; j < CRS; ++j) {
-        const float4 t = *reinterpret_cast<const float4*>(&xs[j][q0]);
-        const float4 lo = *reinterpret_cast<const float4*>(&wt[j][k0]);
-        const float4 hi = *reinterpret_cast<const float4*>(&wt[j][k0 + 4]);
-        const float wk[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w}, tv[4] = {t.x, t.y, t.z, t.w};
-#pragma unroll
-        for (int u = 0; u < 8; ++u)
-#pragma unroll
-            for (int v = 0; v < 4; ++v) acc[u][v] = fmaf(tv[v], wk[u], acc[u][v]);
-    }
-    const int pix = p0 + q0, img = pix / PQ, pq = pix - img * PQ;
-    const bool whole = pix + 3 < NP && pq + 3 < PQ && (PQ & 3) == 0;     // 4 pixels of one image, 16-byte aligned
-#pragma unroll
-    for (int u = 0; u < 8; ++u) {
-        if (whole) {
-            *reinterpret_cast<float4*>(&y[((long long)img * K + k0 + u) * PQ + pq]) =
-                make_float4(acc[u][0], acc[u][1], acc[u][2], acc[u][3]);
-            continue;
-        }
-#pragma unroll
-        for (int v = 0; v < 4; ++v) {
-            const int e = pix + v;
-            if (e >= NP) break;
-            const int im = e / PQ;
-            y[((long long)im * K + k0 + u) * PQ + (e - im * PQ)] = acc[u][v];
-        }
-    }
-}
-
 // conv_small_filter2: part[block][k][j] = sum over the block's pixels of dy[img][k][p][q] * tap j, blocks taking 64
 // pixels at a time in a grid-stride loop over the n * P * Q (block g: pixel tiles g, g + G, ...). Per tile: ds[pixel][k]
 // and xs[pixel][j] in shared memory; thread t: k = 4 ((t % 64) / 4) .. + 3, taps j = 8 (t % 4) .. + 7, pixels of

@@ -1,8 +1,10 @@
-"""Time the sandbox's direct kernels for small convolutions (conv_small.cu: conv_small_fwd2, conv_small_filter2) on
-cifar-wide's first layer (3 -> 64, 3 x 3, pad 1, 32 x 32) against the cuda backend's own candidates for that shape
-(conv.py's implicit-GEMM tiles at their splits): each output first checked against the first shipped candidate's
-(relative error of the largest value within RTOL; one that fails is reported, never timed), then its median GPU time
-(run_conv_variants.time_ms). The JSON names the card, hetnet's commit and the date.
+"""Time the small-convolution kernels on cifar-wide's first layer (3 -> 64, 3 x 3, pad 1, 32 x 32) against the cuda
+backend's own candidates for that shape (conv.py's implicit-GEMM tiles at their splits): the forward that ships
+(conv.cu's conv_small_fwd, conv.py's candidate "small", compiled by the package's kernel loader; also with its bf16
+output, out16) and the sandbox's filter gradient (conv_small.cu: conv_small_filter2 + conv_small_filter2_add). Each
+output is first checked against the first shipped candidate's (relative error of the largest value within RTOL; the
+bf16 output: equal bits to the bf16 of the float32 "small" output; one that fails is reported, never timed), then its
+median GPU time (run_conv_variants.time_ms). The JSON names the card, hetnet's commit and the date.
 
     PYTHONPATH=src python benchmarks/kernels/run_conv_small.py [--batch 512] [--out conv_small.json]   # on a GPU
 """
@@ -22,6 +24,26 @@ RTOL = 1e-5          # float32 sums of 27 (forward) or n P Q (filter) terms in a
 GRID_PER_SM = 4      # conv_small_filter2's blocks per SM (its grid-stride loop over 64-pixel tiles)
 
 
+def bf16_bits(a: np.ndarray) -> np.ndarray:
+    """The bf16 (round to nearest even) of finite float32 values, as their 16 bits."""
+    u = a.view(np.uint32)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def out16_row(cupy, spin, launch16, y32: np.ndarray) -> dict:
+    """The row of conv_small_fwd with bf16 output, launch16(y16) on uint16 of y32's shape: checked (bits equal to
+    the bf16 of y32, the float32 output), then timed."""
+    from run_conv_variants import time_ms
+
+    y16 = cupy.zeros(y32.shape, np.uint16)
+    launch16(y16)
+    differ = int((cupy.asnumpy(y16) != bf16_bits(y32)).sum())
+    row = {"op": "fwd", "candidate": "small out16", "check_bits_differ": differ}
+    if differ == 0:
+        row["ms"] = round(time_ms(cupy, spin, lambda: launch16(y16)), 4)
+    return row
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=512)
@@ -30,7 +52,7 @@ def main(argv=None) -> int:
     import cupy
 
     from hetnet.backends.cuda import conv as C
-    from hetnet.backends.cuda.kernels import NULL, get_kernel
+    from hetnet.backends.cuda.kernels import get_kernel
     from hetnet.bench.common import environment, write_result
     from hetnet.device import get_backend
     from run_conv_variants import time_ms
@@ -38,8 +60,7 @@ def main(argv=None) -> int:
     be = get_backend("cuda", "fp32")
     spin = get_kernel(be.device_id, "elementwise", "hn_spin")
     mod = cupy.RawModule(code=(HERE / "conv_small.cu").read_text(), options=("-std=c++17",))
-    fwd2, filt2, add2 = (mod.get_function(f) for f in ("conv_small_fwd2", "conv_small_filter2",
-                                                        "conv_small_filter2_add"))
+    filt2, add2 = (mod.get_function(f) for f in ("conv_small_filter2", "conv_small_filter2_add"))
     n, c, h, w_, k = args.batch, 3, 32, 32, 64
     g = C.Geometry(n, c, h, w_, k, 3, 3, 1, 1)
     ints = tuple(np.int32(v) for v in (n, c, h, w_, k, 3, 3, 1, 1, g.p, g.q))
@@ -51,7 +72,7 @@ def main(argv=None) -> int:
     part = cupy.empty((blocks, 64, 32), np.float32)
 
     fwd = C._split_cands(be, C.FWD_CFGS, g, lambda cfg, sp, y: C._fwd_implicit(be, cfg, sp, g, x, w, None, y, 0))
-    fwd["sandbox conv_small_fwd2"] = lambda y: fwd2((math.ceil(g.npq / 128),), (256,), (x, w, NULL, y, *ints))
+    fwd["small"] = lambda y: C._fwd_small(be, g, x, w, None, y, 0)
     filt = C._split_cands(be, C.FILTER_CFGS, g, lambda cfg, sp, dw: C._filter_implicit(be, cfg, g, dy, x, dw, None,
                                                                                           sp))
 
@@ -75,6 +96,10 @@ def main(argv=None) -> int:
                 row["ms"] = round(time_ms(cupy, spin, lambda fn=fn, out=out: fn(out)), 4)
             rows.append(row)
             print(" ".join(f"{key}={v}" for key, v in row.items()), flush=True)
+            if name == "small":
+                rows.append(out16_row(cupy, spin, lambda y16: C._fwd_small(be, g, x, w, None, y16, 0, out16=True),
+                                      got))
+                print(" ".join(f"{key}={v}" for key, v in rows[-1].items()), flush=True)
     if args.out:
         write_result(args.out, {"environment": environment(threads=1, want_gpu=True), "batch": n,
                                 "method": " ".join(__doc__.split("\n\n")[0].split()), "rows": rows})

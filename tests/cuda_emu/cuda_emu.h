@@ -66,6 +66,10 @@ struct float4 {
     float x, y, z, w;
 };
 inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+struct uint2 {
+    unsigned x, y;
+};
+inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
 struct uint4 {
     unsigned x, y, z, w;
 };
@@ -849,6 +853,13 @@ inline void hn_st2(float* p, float x, float y) {
     emu::global_check(p, 8, true, "st.global.v2");
     p[0] = x;
     p[1] = y;
+}
+// A vector access through a cast pointer (CUDA's *reinterpret_cast<float4*>(p)), which must be aligned to its size
+// on the GPU; tests/test_cu_emulated.py rewrites the casts of the kernels it builds into this.
+template <class T>
+inline T* hn_vec(const void* p) {
+    emu::aligned(p, sizeof(T), "vector access");
+    return static_cast<T*>(const_cast<void*>(p));
 }
 inline void hn_atomic_add(float* p, float v) {
     emu::global_check(p, 4, true, "red.global.add");

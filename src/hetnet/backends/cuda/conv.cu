@@ -1,6 +1,6 @@
 // Convolution (and dense layers, as 1x1 convolutions on 1x1 images): forward, backward-data, backward-filter.
 //
-// Two algorithms (chosen per layer shape by a one-time measurement in conv.py):
+// Three algorithms (chosen per layer shape by a one-time measurement in conv.py):
 //  1. implicit GEMM (conv_fwd_*, conv_bwd_data_*, conv_bwd_filter_*): tiled, shared memory, the "column matrix"
 //     is gathered on the fly from x (or dy) into shared memory, never materialised. Each comes in several tile
 //     configurations (the table in conv_tiles.py, whose entry points are appended to this text): tile sizes; "v"
@@ -10,6 +10,8 @@
 //     memory (hn_pipelined_gemm's KS); and each may split its reduction over blockIdx.z (hn_split_last).
 //     benchmarks/conv_algos.py times them per shape; benchmarks/kernels/ keeps the configurations that do not ship.
 //  2. im2col + cuBLAS GEMM: im2col / col2im / layout kernels below, the GEMM is cuBLAS through CuPy.
+//  3. the forward of a small convolution (C R S <= 32 taps, K <= 64): conv_small_fwd, direct, its taps and weights in
+//     shared memory.
 //
 // Shapes: x[N,C,H,W], w[K,C,R,S], y[N,K,P,Q]; CRS = C*R*S, PQ = P*Q.
 // Gather tables (built once per shape on the host; the "c" tiles do without): tab[j] for j over CRS (forward /
@@ -650,6 +652,99 @@ __device__ __forceinline__ void conv_bwd_filter_impl(const float* __restrict__ d
         conv_bwd_filter_impl<BM_, BN_, TM_, TN_, ST_, CI_, KS_>(dy, x, dw, db, tab, N, C, H, W, K, P, Q, CRS,      \
                                                                 stride, pad, S, chunk);                            \
     }
+
+// --- small convolutions: a direct forward (conv.py's "small") ------------------------------------------------------
+
+// y = act(conv2d(x, w) + b) for C R S <= 32 taps a pixel and K <= 64 outputs, a multiple of 8 (cifar-wide's first
+// layer, 3 -> 64 at 3 x 3). x [n][C][H][W], w [K][C][R][S], b [K] or null, all float32; y [n][K][P][Q], float32
+// (out16 = 0) or, out16 = 1, bf16 bits (round to nearest even) at the same positions of y read as unsigned short.
+// A block's pixels are 128 consecutive output pixels of the n * P * Q (img, p, q) (n P Q + 128 <= 2^31), tap j = (c, r,
+// s) in that order. The block stages its pixels' taps in shared memory (xs[j][pixel], zero outside x and for
+// j >= CRS) and the weights (wt[j][k], zero for k >= K). Thread t: channels 8 (t / 32) .. + 7 (warp-uniform, so a
+// tap's 8 weights are two broadcast reads) and pixels 4 (t % 32) .. + 3 (one 16-byte read of a tap's 4 values):
+// 32 sums of 8 channels x 4 pixels, each a float32 fmaf chain over the taps in order, the bias first; then ReLU
+// (act = HN_RELU) and the store, 4 pixels of one image as one 16-byte (float32) or 8-byte (bf16) store where they
+// are 4-aligned in the image (P Q a multiple of 4), else one at a time.
+extern "C" __global__ void __launch_bounds__(256, 2) conv_small_fwd(const float* __restrict__ x,
+                                                                 const float* __restrict__ w,
+                                                                 const float* __restrict__ b, float* __restrict__ y,
+                                                                 int n, int C, int H, int W, int K, int R, int S,
+                                                                 int stride, int pad, int P, int Q, int act,
+                                                                 int out16) {
+    __shared__ __align__(16) float xs[32][128];
+    __shared__ __align__(16) float wt[32][64];
+    const int RS = R * S, CRS = C * RS, PQ = P * Q, NP = n * PQ, p0 = blockIdx.x * 128;
+    for (int i = threadIdx.x; i < 32 * 64; i += 256) {
+        const int j = i >> 6, k = i & 63;
+        wt[j][k] = j < CRS && k < K ? w[k * CRS + j] : 0.f;
+    }
+    {   // taps: pixel threadIdx.x % 128, taps threadIdx.x / 128 + 2 u
+        const int pix = p0 + (threadIdx.x & 127);
+        const bool in = pix < NP;
+        const int img = in ? pix / PQ : 0, pq = pix - img * PQ, p = pq / Q, q = pq - p * Q;
+        const int h0 = p * stride - pad, w0 = q * stride - pad;
+        const float* xi = x + (long long)img * C * H * W;
+#pragma unroll 4
+        for (int u = 0; u < 16; ++u) {
+            const int j = (threadIdx.x >> 7) + 2 * u, c = j / RS, rs = j - c * RS, r = rs / S;
+            const int ih = h0 + r, iw = w0 + rs - r * S;
+            xs[j][threadIdx.x & 127] = in && j < CRS && ih >= 0 && ih < H && iw >= 0 && iw < W
+                                           ? xi[((long long)c * H + ih) * W + iw] : 0.f;
+        }
+    }
+    __syncthreads();
+    const int k0 = 8 * (threadIdx.x >> 5), q0 = 4 * (threadIdx.x & 31);
+    if (k0 >= K) return;
+    float acc[8][4];
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+        const float bias = b ? b[k0 + u] : 0.f;
+#pragma unroll
+        for (int v = 0; v < 4; ++v) acc[u][v] = bias;
+    }
+    for (int j = 0; j < CRS; ++j) {
+        const float4 t = *reinterpret_cast<const float4*>(&xs[j][q0]);
+        const float4 lo = *reinterpret_cast<const float4*>(&wt[j][k0]);
+        const float4 hi = *reinterpret_cast<const float4*>(&wt[j][k0 + 4]);
+        const float wk[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w}, tv[4] = {t.x, t.y, t.z, t.w};
+#pragma unroll
+        for (int u = 0; u < 8; ++u)
+#pragma unroll
+            for (int v = 0; v < 4; ++v) acc[u][v] = fmaf(tv[v], wk[u], acc[u][v]);
+    }
+    if (act == HN_RELU) {
+#pragma unroll
+        for (int u = 0; u < 8; ++u)
+#pragma unroll
+            for (int v = 0; v < 4; ++v) acc[u][v] = fmaxf(acc[u][v], 0.f);
+    }
+    unsigned short* y16 = reinterpret_cast<unsigned short*>(y);
+    const int pix = p0 + q0, img = pix / PQ, pq = pix - img * PQ;
+    const bool whole = pix + 3 < NP && pq + 3 < PQ && (PQ & 3) == 0;     // 4 pixels of one image, 4-aligned
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+        if (whole) {
+            const long long at = ((long long)img * K + k0 + u) * PQ + pq;
+            if (out16)
+                *reinterpret_cast<uint2*>(&y16[at]) = make_uint2(hn_bf16x2_bits(acc[u][0], acc[u][1]),
+                                                                 hn_bf16x2_bits(acc[u][2], acc[u][3]));
+            else
+                *reinterpret_cast<float4*>(&y[at]) = make_float4(acc[u][0], acc[u][1], acc[u][2], acc[u][3]);
+            continue;
+        }
+#pragma unroll
+        for (int v = 0; v < 4; ++v) {
+            const int e = pix + v;
+            if (e >= NP) break;
+            const int im = e / PQ;
+            const long long at = ((long long)im * K + k0 + u) * PQ + (e - im * PQ);
+            if (out16)
+                y16[at] = (unsigned short)hn_bf16x2_bits(acc[u][v], 0.f);      // the low half: bf16(acc)
+            else
+                y[at] = acc[u][v];
+        }
+    }
+}
 
 // --- im2col path ---------------------------------------------------------------------------------------------------
 

@@ -1,7 +1,8 @@
 """Convolution and dense launchers: implicit GEMM (conv.cu; at tf32 / bf16 also on tensor cores, mma.conv_tc /
 conv_data_tc / conv_filter_tc, and on channels-last copies of the operands, bf16 at bf16, tf32-rounded float32 at
 tf32 and at fp32 split in two tf32 parts, mma.conv16 / conv16_data / conv16_filter) or im2col + cuBLAS (or our
-tensor-core GEMMs), chosen per shape by measurement.
+tensor-core GEMMs), and for a small convolution's forward (C R S <= 32 taps, K <= 64) a direct kernel
+(conv_small_fwd), chosen per shape by measurement.
 
 Every op here has the op contract's optional fused epilogues (used by hetnet.plan): `act` (ReLU after bias in the
 forward) and `relu_x` (the input of this layer is a ReLU output, so the data gradient is zeroed where relu_x <= 0).
@@ -165,6 +166,25 @@ def fwd_implicit(be, t: Tile, kern, splits, g, x, w, b, y, act):
 def _fwd_implicit(be, cfg, splits, g, x, w, b, y, act):
     t = FWD_CFGS[cfg]
     fwd_implicit(be, t, _kernel(be, t), splits, g, x, w, b, y, act)
+
+
+def small_fits(g: Geometry) -> bool:
+    """Whether conv.cu's conv_small_fwd computes g's forward: C R S <= 32 taps a pixel, K <= 64 outputs, a multiple
+    of 8 (a thread's 8 channels), N P Q + 128 <= 2^31 (its pixel indices, up to a block past the last, are int)."""
+    return g.crs <= 32 and g.k <= 64 and g.k % 8 == 0 and g.npq + 128 <= 2**31
+
+
+def _fwd_small(be, g, x, w, b, y, act, out16: bool = False):
+    """y = act(conv(x, w) + b) by conv.cu's conv_small_fwd (small_fits), 128 output pixels a block: y float32
+    [N, K, P, Q], or with out16 uint16 of that shape, the bf16 bits (round to nearest even) of the same values."""
+    want = np.uint16 if out16 else np.float32
+    if y.dtype != want or y.shape != (g.n, g.k, g.p, g.q):
+        raise ValueError(f"conv_small_fwd: y must be {np.dtype(want).name} of shape {(g.n, g.k, g.p, g.q)}, "
+                         f"not {y.dtype} of shape {y.shape}")
+    check(x, w, b, y)
+    get_kernel(be.device_id, "conv", "conv_small_fwd")((math.ceil(g.npq / 128),), (256,), (
+        x, w, b if b is not None else NULL, y, *(_i32(v) for v in (g.n, g.c, g.h, g.w, g.k, g.r, g.s, g.stride,
+                                                                    g.pad, g.p, g.q, act, out16))))
 
 
 def _chunks(be, g, tensor_bytes: int):
@@ -446,6 +466,8 @@ def conv_forward(be, x, w, b, stride, pad, act=0, geometry=None):
     y = be.xp.empty((n, k, g.p, g.q), dtype=be.xp.float32)
     cands = _split_cands(be, FWD_CFGS, g, lambda cfg, sp, out: _fwd_implicit(be, cfg, sp, g, x, w, b, out, act))
     cands["im2col"] = lambda out: _fwd_im2col(be, g, x, w, b, out, act, x.nbytes + y.nbytes)
+    if _contiguous(x, w, b) and small_fits(g):
+        cands["small"] = lambda out: _fwd_small(be, g, x, w, b, out, act)
     if _contiguous(x, w, b) and mma.conv_fits(x, y):
         if be.precision != "fp32":
             cands["tc"] = lambda out: mma.conv_tc(be, out, x, w, b, stride, pad, act)
