@@ -242,6 +242,31 @@ def test_small_forward_bf16_output(be, rng, case):
         np.testing.assert_array_equal(be.to_numpy(y16), bf16_bits(be.to_numpy(y)), f"act={act}")
 
 
+def test_small_forward_hands_its_output_to_a_batch_norm_in_bf16(rng):
+    """At bf16, a forward measured to run "small" and told that a batch norm alone reads its output (to_norm) returns
+    that output stored in bf16 (conv.Nchw16): the bits of bf16 of the same kernel's float32 y. Another choice
+    returns float32."""
+    be16 = get_backend("cuda", "bf16")
+    case = (2, 3, 9, 11, 64, 3, 1, 1)
+    n, c, h, w_, k, ks, stride, pad = case
+    key = _geometry(case).key()
+    x, w = be16.asarray(f32(rng, n, c, h, w_)), be16.asarray(f32(rng, k, c, ks, ks))
+    saved = be16._tune.get(("fwd", key))
+    try:
+        be16._tune[("fwd", key)] = "small"
+        y32 = be16.conv2d_forward(x, w, None, stride, pad, relu_mask=False)[0]
+        y16 = be16.conv2d_forward(x, w, None, stride, pad, relu_mask=False, to_norm=True)[0]
+        assert isinstance(y16, C.Nchw16) and y16.shape == y32.shape
+        np.testing.assert_array_equal(be16.to_numpy(y16.data), bf16_bits(be16.to_numpy(y32)))
+        be16._tune[("fwd", key)] = "im2col"
+        assert isinstance(be16.conv2d_forward(x, w, None, stride, pad, relu_mask=False, to_norm=True)[0],
+                          cupy.ndarray)
+    finally:
+        be16._tune.pop(("fwd", key), None)
+        if saved is not None:
+            be16._tune[("fwd", key)] = saved
+
+
 def test_conv_choice_is_kept_for_the_next_process(rng, tmp_path, monkeypatch):
     """A backend of a later process (a fresh CudaBackend) takes the choice from the tuning cache, measuring nothing;
     a cache that names an algorithm the call does not offer is measured again."""

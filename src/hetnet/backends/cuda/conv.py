@@ -457,8 +457,9 @@ def _contiguous(*arrays) -> bool:
     return all(a is None or a.flags.c_contiguous for a in arrays)
 
 
-def conv_forward(be, x, w, b, stride, pad, act=0, geometry=None):
-    """y = act(conv(x, w) + b) (act 1 = ReLU)."""
+def conv_forward(be, x, w, b, stride, pad, act=0, geometry=None, out16=False):
+    """y = act(conv(x, w) + b) (act 1 = ReLU); out16: y as an Nchw16 where the measured choice writes bf16 ("small"),
+    else float32."""
     check(x, w, b)
     n, c, h, wd = x.shape
     k, _, r, s = w.shape
@@ -474,6 +475,10 @@ def conv_forward(be, x, w, b, stride, pad, act=0, geometry=None):
         if _fits16(be, "fwd", g):
             cands.update(_tiles16(be, "fwd", lambda tile, out: mma.conv16(be, out, x, w, b, stride, pad, act, tile)))
     choice = _choose(be, "fwd", g, cands, lambda fn: fn(y))
+    if out16 and choice == "small":
+        y16 = be.xp.empty(y.shape, dtype=be.xp.uint16)
+        _fwd_small(be, g, x, w, b, y16, act, out16=True)
+        return Nchw16(y16)
     cands[choice](y)
     return y
 
@@ -603,7 +608,7 @@ def _kept16(be, g: Geometry) -> str | None:
 def conv_forward_kept(be, x, w, b, stride, pad, act=0, out16=False):
     """(y, x16): y = conv_forward(...), and x16 the channels-last copy of x it read where _kept16 says the
     backward can use it in place of x (None otherwise: the backward needs x). x may be that copy (Nhwc16). out16: y
-    as an Nchw16 where the forward runs on the copies (else float32)."""
+    as an Nchw16 where the forward runs on the copies or "small" (conv_forward), else float32."""
     n, c, h, wd = x.shape
     k, _, r, s = w.shape
     g = Geometry(n, c, h, wd, k, r, s, stride, pad)
@@ -611,7 +616,7 @@ def conv_forward_kept(be, x, w, b, stride, pad, act=0, out16=False):
     if fwd is None:
         if isinstance(x, Nhwc16):
             raise ValueError("conv2d_forward: a channels-last input where the forward does not keep that copy")
-        return conv_forward(be, x, w, b, stride, pad, act, g), None
+        return conv_forward(be, x, w, b, stride, pad, act, g, out16), None
     check(w, b)
     if not isinstance(x, Nhwc16):
         check(x)
@@ -750,7 +755,8 @@ class ConvOps:
             y, x16 = conv_forward_kept(self, x, w, b, int(stride), int(padding), act_code(act),
                                        self._out16(to_norm, act))
         else:
-            y, x16 = conv_forward(self, x, w, b, int(stride), int(padding), act_code(act)), None
+            y, x16 = conv_forward(self, x, w, b, int(stride), int(padding), act_code(act), None,
+                                  self._out16(to_norm, act)), None
         return y, (self._kept_x(x, x16, relu_mask is False), w, int(stride), int(padding), x16, x.shape)
 
     def _out16(self, to_norm: bool, act) -> bool:
