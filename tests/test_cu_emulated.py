@@ -183,7 +183,7 @@ def _kernels_text() -> str:
                         (norm, 'extern "C" __global__ void __launch_bounds__(256) bn_apply_nhwc16('),
                         (norm, 'extern "C" __global__ void __launch_bounds__(256) bn_apply_nhwc16_x16('),
                         (norm, "__device__ __forceinline__ float hn_bn_out_grad("),
-                        (norm, "template <typename X>\n__device__ __forceinline__ void bn_bwd_dx_nhwc16_body("),
+                        (norm, "template <typename D, typename X>\n__device__ __forceinline__ void bn_bwd_dx_nhwc16_body("),
                         (norm, 'extern "C" __global__ void __launch_bounds__(256) bn_bwd_dx_nhwc16('),
                         (norm, 'extern "C" __global__ void __launch_bounds__(256) bn_bwd_dx_nhwc16_x16(')):
         i = text.index(start)

@@ -666,7 +666,7 @@ def test_training_with_hand_overs_equals_training_without(rng, monkeypatch, act)
 
     monkeypatch.setattr(be, f"bn_{act}_forward", spy)
     monkeypatch.setattr(be, f"bn_{act}_backward", spy_back)
-    monkeypatch.setattr(P, "_to_norm", lambda node, be: {})     # the convolutions' outputs float32 in both models
+    monkeypatch.setattr(P, "_to_norm", lambda node, be, grad=False: {})     # batch norms: float32 x and dy
     measured = {"fwd": "tc16", "pool": "tc16", "filter": "tc16", "data": "tc16"}
     with _measured_as(be, (16, 16, 12, 12, 16, 3, 3, 1, 1), measured):
         models, steps = {}, {}
@@ -762,23 +762,78 @@ def test_convolution_hands_its_output_over_to_a_batch_norm_in_bf16(rng, op, pool
             backward(dy, cache, None, None, need_dx=True, relu_mask=True)
 
 
+@pytest.mark.parametrize("pooled", [False, True], ids=["conv", "conv_pool"])
+@pytest.mark.parametrize("op", ["batchnorm", "bn_gelu", "bn_relu"])
+def test_convolution_hands_its_input_gradient_to_a_batch_norm_in_bf16(rng, op, pooled):
+    """At bf16, where a convolution (-> max pool) after a batch norm runs its data gradient on "tc16" candidates (set
+    here as if measured), its backward given grad_to_norm returns dE/dx stored in bf16 (conv.Nchw16): the bits of
+    bf16 of the float32 dx of the same kernel (dw the same). The batch norm's backward (-> GELU, -> own ReLU) takes it
+    ("_dy16" kernels): dx (float32, and the channels-last copy for grad_feeds), dgamma and dbeta bit for bit as from
+    the float32 of the same values, with x float32 and stored in bf16 ("_x16_dy16"). dw within DW_RTOL."""
+    be = get_backend("cuda", "bf16")
+    shape = (4, 16, 14, 12, 32, 3, 3, 1, 1)
+    n, c, h, w_, o = shape[:5]
+    x = cupy.asarray(rng.standard_normal((n, c, h, w_)).astype(np.float32))
+    w = cupy.asarray((rng.standard_normal((o, c, 3, 3)) * 0.1).astype(np.float32))
+    gamma = cupy.asarray(rng.uniform(0.5, 1.5, c).astype(np.float32))
+    beta = cupy.asarray(rng.standard_normal(c).astype(np.float32))
+    forward, backward = getattr(be, op + "_forward"), getattr(be, op + "_backward")
+    conv_fwd = ((lambda a: be.conv2d_maxpool_forward(a, w, None, 1, 1, 2, 2, relu_mask=False)) if pooled
+                else (lambda a: be.conv2d_forward(a, w, None, 1, 1, relu_mask=False)))
+    conv_back = be.conv2d_maxpool_backward if pooled else be.conv2d_backward
+    with _measured_as(be, shape, {"fwd": "tc16", "pool": "tc16", "filter": "tc16", "data": "tc16"}):
+        y, conv_cache = conv_fwd(x)
+        dy = cupy.asarray(rng.standard_normal(y.shape).astype(np.float32))
+        out = []
+        for to_norm in (False, True):
+            dw = cupy.zeros_like(w)
+            dx = conv_back(dy, conv_cache, dw, None, need_dx=True, grad_to_norm=to_norm)
+            out.append((dx, cupy.asnumpy(dw)))
+        (dx32, dw32), (dx16, dw16) = out
+        assert isinstance(dx16, C.Nchw16) and dx16.shape == dx32.shape
+        np.testing.assert_array_equal(cupy.asnumpy(dx16.data), bf16_bits(cupy.asnumpy(dx32)))
+        assert rel_err(dw16, dw32) <= DW_RTOL                          # (the split filter gradient's atomics)
+        dv = _bits_values(dx16.data)
+        z16 = C.Nchw16(cupy.asarray(bf16_bits(cupy.asnumpy(x))))
+        grad_feeds = ((c, c, 3, 3), 1, 1, (n, c, h, w_), None)          # as if a c -> c convolution made x
+        with _measured_as(be, (n, c, h, w_, c, 3, 3, 1, 1), {"filter": "tc16", "data": "tc16"}):
+            for xin in (x, z16):
+                cache = forward(xin, gamma, beta, cupy.zeros(c, np.float32), cupy.ones(c, np.float32), 0.1, 1e-5,
+                                True)[1]
+                got = []
+                for g in (dv, dx16):
+                    for gf in (None, grad_feeds):
+                        dg, db = cupy.zeros_like(gamma), cupy.zeros_like(beta)
+                        d = backward(g, cache, dg, db, need_dx=True, grad_feeds=gf)
+                        got.append([cupy.asnumpy(t) for t in (d.data if isinstance(d, C.Nhwc16) else d, dg, db)])
+                for a, b in zip(got[:2], got[2:]):
+                    for i in range(3):
+                        np.testing.assert_array_equal(b[i], a[i], err_msg=f"x {type(xin).__name__}: output {i}")
+
+
 def test_training_with_batch_norm_inputs_in_bf16(rng, monkeypatch):
     """bf16 training steps of conv -> BN -> ReLU -> conv -> BN -> ReLU -> conv -> pool -> BN -> ReLU -> dense, the
     second and third convolutions' ops set as if measured on "tc16" candidates: the plan hands their outputs to the
-    batch norms in bf16 (Node.to_norm, conv.Nchw16) and the eager and captured steps give the same weight updates as
-    with those outputs in float32 (hand-overs to the plan's _to_norm off), within RTOL_TC["bf16"] (the inputs of the
-    batch norms are rounded to bf16, as PyTorch's autocast stores them)."""
+    batch norms after them in bf16 (Node.to_norm, conv.Nchw16) and their input gradients to the batch norms before
+    them (Node.grad_to_norm), and the eager and captured steps give the same weight updates as with all of them in
+    float32 (the plan's _to_norm off), within RTOL_TC["bf16"] (the batch norms' inputs and gradients are rounded to
+    bf16, as PyTorch's autocast stores them)."""
     be = get_backend("cuda", "bf16")
     x = rng.standard_normal((32, 8, 12, 12)).astype(np.float32)
     y = rng.integers(0, 4, size=32)
-    inputs = []
-    bn_relu = be.bn_relu_forward
+    inputs, grads = [], []
+    bn_relu, bn_relu_back = be.bn_relu_forward, be.bn_relu_backward
 
     def spy(x_, *a, **kw):
         inputs.append(isinstance(x_, C.Nchw16))
         return bn_relu(x_, *a, **kw)
 
+    def spy_back(dy_, *a, **kw):
+        grads.append(isinstance(dy_, C.Nchw16))
+        return bn_relu_back(dy_, *a, **kw)
+
     monkeypatch.setattr(be, "bn_relu_forward", spy)
+    monkeypatch.setattr(be, "bn_relu_backward", spy_back)
     to_norm = P._to_norm
     measured = {"fwd": "tc16", "pool": "tc16", "filter": "tc16", "data": "tc16"}
     with _measured_as(be, (16, 16, 12, 12, 16, 3, 3, 1, 1), measured):
@@ -796,7 +851,7 @@ def test_training_with_batch_norm_inputs_in_bf16(rng, monkeypatch):
             models[True].load_state_dict(models[False].state_dict())
             before = models[False].state_dict()
             for handed in (False, True):
-                monkeypatch.setattr(P, "_to_norm", to_norm if handed else (lambda node, be: {}))
+                monkeypatch.setattr(P, "_to_norm", to_norm if handed else (lambda node, be, grad=False: {}))
                 steps[handed].step(be.asarray(x[16 * i:16 * i + 16]), be.labels(y[16 * i:16 * i + 16]))
             want, got = models[False].state_dict(), models[True].state_dict()
             for k, v in want.items():
@@ -807,6 +862,8 @@ def test_training_with_batch_norm_inputs_in_bf16(rng, monkeypatch):
     # per step the three batch norms of the float32 model, then of the other (the first convolution's choice is
     # measured: either)
     assert inputs[:3] == inputs[6:9] == [False] * 3 and inputs[4:6] == inputs[10:12] == [True] * 2, inputs
+    # backwards, the last batch norm first: its dy comes from the dense layer, the other two from the convolutions
+    assert grads == [False] * 3 + [False, True, True] + [False] * 3 + [False, True, True], grads
 
 
 @pytest.mark.parametrize("bias", [True, False])

@@ -481,9 +481,10 @@ def check_pool(emu, rng, precision, shape, tiles, by_name: bool = True):
 
 @pytest.mark.parametrize("tile", [t.name for t in mm.tiles16("fwd", "bf16")])
 def test_conv16_out16(emu, rng, tile):
-    """The forward and the pooled forward with y stored in bf16 (mma.OUT16, the hand-over to a batch norm): y's bits
-    are bf16 (round to nearest even) of the same tile's float32 y, every element written (poisoned first), the
-    argmax bytes the same. Planes odd (one bf16 store at a time) and even (pairs)."""
+    """The forward, the pooled forward and the data gradient (with and without the mask) with the output stored in
+    bf16 (mma.OUT16, the hand-overs to a batch norm): its bits are bf16 (round to nearest even) of the same tile's
+    float32 output, every element written (poisoned first), the argmax bytes the same. Planes odd (one bf16 store
+    at a time) and even (pairs)."""
     for shape in ((2, 8, 7, 9, 16, 3, 3, 1, 1), (4, 8, 16, 18, 16, 3, 3, 1, 1)):
         n, c, h, w_, o, r, s, stride, pad = shape
         x, w, b, y = conv_inputs(rng, shape, bias=True)
@@ -500,6 +501,13 @@ def test_conv16_out16(emu, rng, tile):
         run_conv(emu, mm.plan_conv16_pool(buf16, x16, w16, b, stride, pad, mm.OUT16, tile))
         np.testing.assert_array_equal(py16, bf16_bits(py), err_msg=f"{shape} {tile}: pooled")
         np.testing.assert_array_equal(parg16, parg, err_msg=f"{shape} {tile}: argmax")
+        for mask in (False, True):
+            dy, wd, relu_x, dx = conv_data_inputs(rng, shape, mask=mask)
+            dy16, wt16 = nhwc_copy(dy, "bf16"), turned_copy(wd, "bf16")
+            run_conv(emu, mm.plan_conv16_data(dx, dy16, wt16, relu_x, pad, tile))
+            dx16 = np.full(dx.shape, 0xFFFF, np.uint16)
+            run_conv(emu, mm.plan_conv16_data(dx16, dy16, wt16, relu_x, pad, tile, out16=True))
+            np.testing.assert_array_equal(dx16, bf16_bits(dx), err_msg=f"{shape} {tile}: data gradient, mask {mask}")
     with pytest.raises(ValueError, match="contiguous uint16"):
         mm.plan_conv16(y, x16, w16, b, stride, pad, mm.OUT16, tile)
 

@@ -44,21 +44,38 @@ extern "C" int emu_apply(int x16, int wide, const void* x, float* y, const float
                          unsigned seed, char* err, int len) {
     HN_LAUNCH(C, G, HN_PICK(bn_apply, x16, wide, x, y, mean, var, gamma, beta, N, C, HW, eps, act))
 }
-// dy first in the backward kernels: their x is the second argument
-#define HN_PICK_DY(name, x16, wide, DY, X16, ...) \\
-    (x16 ? (wide ? name##_x16 : name##_x16_i32)(DY, static_cast<const unsigned short*>(X16), __VA_ARGS__) \\
-         : (wide ? name : name##_i32)(DY, static_cast<const float*>(X16), __VA_ARGS__))
-extern "C" int emu_bwd_reduce(int x16, int wide, const float* dy, const void* x, const float* mean, const float* var,
-                              const float* gamma, const float* beta, float* red, float* dgamma, float* dbeta,
-                              double* acc, unsigned* cnt, int N, int C, int HW, float eps, int act, int G,
-                              unsigned seed, char* err, int len) {
-    HN_LAUNCH(C, G, HN_PICK_DY(bn_bwd_reduce, x16, wide, dy, x, mean, var, gamma, beta, red, dgamma, dbeta, acc, cnt,
-                               N, C, HW, eps, act))
+// the backward kernels: dy first, then x, each float32 or bf16 bits (the "_dy16", "_x16" versions)
+#define HN_F(p) static_cast<const float*>(p)
+#define HN_H(p) static_cast<const unsigned short*>(p)
+#define HN_W(k, wide) (wide ? k : k##_i32)
+#define HN_PICK2(name, x16, dy16, wide, DY, X, ...) \\
+    (dy16 ? (x16 ? HN_W(name##_x16_dy16, wide)(HN_H(DY), HN_H(X), __VA_ARGS__) \\
+                 : HN_W(name##_dy16, wide)(HN_H(DY), HN_F(X), __VA_ARGS__)) \\
+          : (x16 ? HN_W(name##_x16, wide)(HN_F(DY), HN_H(X), __VA_ARGS__) \\
+                 : HN_W(name, wide)(HN_F(DY), HN_F(X), __VA_ARGS__)))
+extern "C" int emu_bwd_reduce(int x16, int dy16, int wide, const void* dy, const void* x, const float* mean,
+                              const float* var, const float* gamma, const float* beta, float* red, float* dgamma,
+                              float* dbeta, double* acc, unsigned* cnt, int N, int C, int HW, float eps, int act,
+                              int G, unsigned seed, char* err, int len) {
+    HN_LAUNCH(C, G, HN_PICK2(bn_bwd_reduce, x16, dy16, wide, dy, x, mean, var, gamma, beta, red, dgamma, dbeta, acc,
+                             cnt, N, C, HW, eps, act))
 }
-extern "C" int emu_bwd_dx(int x16, int wide, const float* dy, const void* x, const float* mean, const float* var,
-                          const float* gamma, const float* beta, const float* red, float* dx, int N, int C, int HW,
-                          float eps, int act, int G, unsigned seed, char* err, int len) {
-    HN_LAUNCH(C, G, HN_PICK_DY(bn_bwd_dx, x16, wide, dy, x, mean, var, gamma, beta, red, dx, N, C, HW, eps, act))
+extern "C" int emu_bwd_dx(int x16, int dy16, int wide, const void* dy, const void* x, const float* mean,
+                          const float* var, const float* gamma, const float* beta, const float* red, float* dx, int N,
+                          int C, int HW, float eps, int act, int G, unsigned seed, char* err, int len) {
+    HN_LAUNCH(C, G, HN_PICK2(bn_bwd_dx, x16, dy16, wide, dy, x, mean, var, gamma, beta, red, dx, N, C, HW, eps, act))
+}
+// bn_bwd_dx_nhwc16 (dx channels-last in bf16) on its own grid (ceil(N HW / 32), ceil(C / 64))
+#define HN_PICK_NHWC(x16, dy16, DY, X, ...) \\
+    (dy16 ? (x16 ? bn_bwd_dx_nhwc16_x16_dy16(HN_H(DY), HN_H(X), __VA_ARGS__) \\
+                 : bn_bwd_dx_nhwc16_dy16(HN_H(DY), HN_F(X), __VA_ARGS__)) \\
+          : (x16 ? bn_bwd_dx_nhwc16_x16(HN_F(DY), HN_H(X), __VA_ARGS__) \\
+                 : bn_bwd_dx_nhwc16(HN_F(DY), HN_F(X), __VA_ARGS__)))
+extern "C" int emu_bwd_dx_nhwc(int x16, int dy16, const void* dy, const void* x, const float* mean, const float* var,
+                               const float* gamma, const float* beta, const float* red, unsigned* dx, int N, int C,
+                               int HW, float eps, int act, unsigned seed, char* err, int len) {
+    HN_LAUNCH((N * HW + 31) / 32, (C + 63) / 64,
+              HN_PICK_NHWC(x16, dy16, dy, x, mean, var, gamma, beta, red, dx, N, C, HW, eps, act))
 }
 """
 
@@ -94,17 +111,17 @@ def _bits_values(bits):
 
 
 def _inputs(rng, shape):
+    """(x's bf16 bits, their values, dy's bf16 bits, their values, gamma, beta)."""
     n, c = shape[:2]
-    x = (rng.standard_normal(shape) * 3 + 1).astype(f32)
-    bits = bf16_bits(x)
-    dy = rng.standard_normal(shape).astype(f32)
+    bits = bf16_bits((rng.standard_normal(shape) * 3 + 1).astype(f32))
+    dbits = bf16_bits(rng.standard_normal(shape).astype(f32))
     gamma, beta = rng.uniform(0.5, 1.5, c).astype(f32), rng.standard_normal(c).astype(f32)
-    return bits, _bits_values(bits), dy, gamma, beta
+    return bits, _bits_values(bits), dbits, _bits_values(dbits), gamma, beta
 
 
-def _kernels(emu, x16, wide, xs, dy, gamma, beta, act, train, G):
-    """Every kernel on x (float32 values, or their bf16 bits with x16): (stats, running stats, sums, y, red, dgamma,
-    dbeta, dx) as NumPy arrays."""
+def _kernels(emu, x16, wide, xs, dy, gamma, beta, act, train, G, dy16=0):
+    """Every kernel on x (float32 values, or their bf16 bits with x16) and dy (the same with dy16): (stats, running
+    stats, sums, y, red, dgamma, dbeta, dx, dx channels-last in bf16) as NumPy arrays."""
     n, c = xs.shape[:2]
     hw = xs.size // (n * c)
     acc, cnt = np.zeros(2 * c), np.zeros(c, np.uint32)
@@ -117,11 +134,16 @@ def _kernels(emu, x16, wide, xs, dy, gamma, beta, act, train, G):
     y = np.full(xs.shape, np.nan, f32)
     _run(emu.emu_apply, x16, wide, xs, y, mean, var, gamma, beta, n, c, hw, 1e-5, act, G)
     red, dg, db = np.full(2 * c, np.nan, f32), np.ones(c, f32), np.ones(c, f32)
-    _run(emu.emu_bwd_reduce, x16, wide, dy, xs, mean, var, gamma, beta, red, dg, db, acc, cnt, n, c, hw, 1e-5, act, G)
+    _run(emu.emu_bwd_reduce, x16, dy16, wide, dy, xs, mean, var, gamma, beta, red, dg, db, acc, cnt, n, c, hw, 1e-5,
+         act, G)
     dx = np.full(xs.shape, np.nan, f32)
-    _run(emu.emu_bwd_dx, x16, wide, dy, xs, mean, var, gamma, beta, red if train else None, dx, n, c, hw, 1e-5, act,
-         G)
-    return stats, rm, rv, sums, y, red, dg, db, dx
+    _run(emu.emu_bwd_dx, x16, dy16, wide, dy, xs, mean, var, gamma, beta, red if train else None, dx, n, c, hw, 1e-5,
+         act, G)
+    dx16 = np.full((n, *xs.shape[2:], c + c % 2), 0xDEAD, np.uint16)
+    if c % 2 == 0:                                          # (its bf16 pairs need C even)
+        _run(emu.emu_bwd_dx_nhwc, x16, dy16, dy, xs, mean, var, gamma, beta, red if train else None, dx16, n, c, hw,
+             1e-5, act)
+    return stats, rm, rv, sums, y, red, dg, db, dx, dx16
 
 
 SHAPES = [(3, 5, 7, 9), (2, 3, 1, 1), (4, 2, 16, 16), (1, 6, 5, 3)]
@@ -133,7 +155,7 @@ def test_batch_norm_kernels_emulated(emu, rng, shape, act):
     """Training: statistics and running statistics, the sums of a synchronised batch norm, y = act(z) and the
     backward (g = dE/dz after act's derivative; red = (sum g, sum g xhat), dgamma and dbeta added into, dx) against
     NumPy in float64 of the float32 kernels' expressions; the 64-bit index versions bit for bit the 32-bit ones."""
-    _, x, dy, gamma, beta = _inputs(rng, shape)
+    _, x, _, dy, gamma, beta = _inputs(rng, shape)
     n, c = shape[:2]
     m = x.size // c
     got = _kernels(emu, 0, 0, x, dy, gamma, beta, act, True, 2)
@@ -141,7 +163,7 @@ def test_batch_norm_kernels_emulated(emu, rng, shape, act):
     for i, (a, b) in enumerate(zip(got, wide)):
         if i not in (0, 1, 2, 3, 5, 6, 7):                     # reductions: another grid, another order
             np.testing.assert_array_equal(a, b, err_msg=f"output {i}")
-    stats, rm, rv, sums, y, red, dg, db, dx = got
+    stats, rm, rv, sums, y, red, dg, db, dx, dx16 = got
     xd = x.astype(np.float64).transpose(1, 0, 2, 3).reshape(c, -1)
     mean, var = xd.mean(1), xd.var(1)
     np.testing.assert_allclose(stats[:c], mean, rtol=1e-6, atol=1e-6)
@@ -165,17 +187,21 @@ def test_batch_norm_kernels_emulated(emu, rng, shape, act):
     want_dx = (gamma.reshape(bc) * inv.reshape(bc)) * (g - (want_red[:c] / m).reshape(bc)
                                                        - xhat * (want_red[c:] / m).reshape(bc))
     np.testing.assert_allclose(dx, want_dx, rtol=1e-4, atol=1e-4)
+    if c % 2 == 0:
+        np.testing.assert_array_equal(dx16, bf16_bits(dx.transpose(0, 2, 3, 1)), "dx channels-last: bf16 of dx")
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("act", [0, 1, 2], ids=["none", "relu", "gelu"])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_batch_norm_kernels_on_bf16_inputs_emulated(emu, rng, shape, act, train):
-    """The "_x16" kernels given x's bf16 bits: every output bit for bit the float32 kernels' given the values those
-    bits stand for, in both index versions."""
-    bits, x, dy, gamma, beta = _inputs(rng, shape)
+    """The "_x16", "_dy16" and "_x16_dy16" kernels given x's and / or dy's bf16 bits: every output bit for bit the
+    float32 kernels' given the values those bits stand for, in both index versions."""
+    bits, x, dbits, dy, gamma, beta = _inputs(rng, shape)
     for wide in (0, 1):
         want = _kernels(emu, 0, wide, x, dy, gamma, beta, act, train, 2)
-        got = _kernels(emu, 1, wide, bits, dy, gamma, beta, act, train, 2)
-        for i, (a, b) in enumerate(zip(got, want)):
-            np.testing.assert_array_equal(a, b, err_msg=f"wide {wide}: output {i}")
+        for x16, dy16 in ((1, 0), (0, 1), (1, 1)):
+            got = _kernels(emu, x16, wide, bits if x16 else x, dbits if dy16 else dy, gamma, beta, act, train, 2,
+                           dy16)
+            for i, (a, b) in enumerate(zip(got, want)):
+                np.testing.assert_array_equal(a, b, err_msg=f"wide {wide}, x16 {x16}, dy16 {dy16}: output {i}")

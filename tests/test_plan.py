@@ -214,7 +214,9 @@ def test_batch_norms_that_feed_a_convolution():
 def test_convolutions_that_hand_their_output_to_a_batch_norm():
     """A convolution (-> max pool) without act whose output only the batch norm (-> GELU, -> own ReLU) after it reads,
     not for a ReLU mask, is told so (Node.to_norm), bias or not; the plan passes to_norm=True to a backend that
-    takes hand-overs (`takes_feeds`) only. Not a conv -> ReLU (-> pool), nor a convolution before anything else."""
+    takes hand-overs (`takes_feeds`) only. Not a conv -> ReLU (-> pool), nor a convolution before anything else.
+    Backwards, a convolution (-> max pool) right after a batch norm is told that its input gradient goes to that
+    batch norm's backward (Node.grad_to_norm, grad_to_norm=True)."""
     layers = [hn.Conv2D(1, 4, 3, bias=False), hn.BatchNorm2D(4), hn.ReLU(), hn.Conv2D(4, 4, 3), hn.MaxPool2D(2),
               hn.BatchNorm2D(4), hn.GELU(), hn.Conv2D(4, 4, 1), hn.ReLU(), hn.BatchNorm2D(4), hn.Conv2D(4, 4, 1),
               hn.MaxPool2D(2), hn.Conv2D(4, 4, 1), hn.Flatten()]
@@ -223,12 +225,16 @@ def test_convolutions_that_hand_their_output_to_a_batch_norm():
         ("ConvNode", True), ("BNReluNode", False), ("ConvPoolNode", True), ("BNGeluNode", False),
         ("ConvNode", False), ("BatchNormNode", False), ("ConvPoolNode", False), ("ConvNode", False),
         ("FlattenNode", False)]
+    # backwards: a convolution (-> pool) right after a batch norm hands its input gradient to that batch norm
+    assert [n.grad_to_norm for n in nodes] == [False, False, True, False, True, False, True, False, False]
 
     class Takes:
         takes_feeds = True
 
     assert P._to_norm(nodes[0], Takes()) == {"to_norm": True} and P._to_norm(nodes[0], reference) == {}
     assert P._to_norm(nodes[4], Takes()) == {}
+    assert P._to_norm(nodes[2], Takes(), grad=True) == {"grad_to_norm": True} == P._to_norm(nodes[6], Takes(), True)
+    assert P._to_norm(nodes[0], Takes(), grad=True) == {} and P._to_norm(nodes[2], reference, grad=True) == {}
     # a conv -> ReLU's output, which the batch norm after it masks its gradient by: no hand-over
     masked = P.compile_nodes([hn.Conv2D(1, 4, 3), hn.ReLU(), hn.BatchNorm2D(4)], {"conv_act"})
     assert [(type(n).__name__, n.to_norm, n.mask_input) for n in masked] == [

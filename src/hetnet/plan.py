@@ -25,7 +25,8 @@ padding, the convolution's input shape, the pool's (kernel, stride) or None) and
 node's backward reads (cuda at bf16: the channels-last bf16 copy of its dE/dy). And a convolution (-> max pool)
 without act whose output only the batch norm (-> GELU or ReLU of its own) after it reads, not for a ReLU mask, is
 told so (Node.to_norm; its forward op gets to_norm=True) and may return the output in a form only that backend's
-batch norms read (cuda at bf16: stored in bf16).
+batch norms read (cuda at bf16: stored in bf16); and a convolution (-> max pool) right after a batch norm (-> GELU or
+ReLU of its own) likewise its input gradient (Node.grad_to_norm; its backward op gets grad_to_norm=True).
 
     >>> import hetnet as hn, numpy as np
     >>> model = hn.Sequential([hn.Conv2D(1, 4, 3, padding=1), hn.ReLU(), hn.MaxPool2D(2), hn.Flatten(),
@@ -71,6 +72,7 @@ class Node:
     grad_feeds = None      # set by the plan: the convolution node whose output the input is, whose backward reads dx
     x_shape = None         # the input's shape in the last forward (a grad_feeds node's, for _feeds)
     to_norm = False        # set by the plan: the output's one reader is the batch norm after it (_to_norm)
+    grad_to_norm = False   # set by the plan: dE/dx's one reader is the batch norm's backward before it (_to_norm)
     writes_grads = False   # has an `accumulate` switch (False: write its gradients instead of adding to them)
 
     def __init__(self, *layers):
@@ -107,7 +109,7 @@ class ConvNode(Node):
 
     def backward(self, be, dy, need_dx):
         return be.conv2d_backward(dy, self.cache, *_wb(self.layers[0], True), need_dx=need_dx,
-                                  relu_mask=self.mask_input)
+                                  relu_mask=self.mask_input, **_to_norm(self, be, grad=True))
 
 
 class DenseNode(Node):
@@ -153,10 +155,15 @@ def _feeds(node, be, grad: bool = False) -> dict:
     return {"feeds": (tuple(conv.weight.shape), conv.stride, conv.padding)}
 
 
-def _to_norm(node, be) -> dict:
+def _to_norm(node, be, grad: bool = False) -> dict:
     """{"to_norm": True} for a convolution node whose output only the batch norm after it reads (Node.to_norm), on
-    a backend that takes hand-overs (`takes_feeds`); else no argument."""
-    return {"to_norm": True} if node.to_norm and getattr(be, "takes_feeds", False) else {}
+    a backend that takes hand-overs (`takes_feeds`); else no argument. grad: {"grad_to_norm": True} for a
+    convolution node right after a batch norm (Node.grad_to_norm), for its backward."""
+    if not getattr(be, "takes_feeds", False):
+        return {}
+    if grad:
+        return {"grad_to_norm": True} if node.grad_to_norm else {}
+    return {"to_norm": True} if node.to_norm else {}
 
 
 def _bn_sync(bn) -> dict:
@@ -275,7 +282,7 @@ class ConvPoolNode(Node):
 
     def backward(self, be, dy, need_dx):
         return be.conv2d_maxpool_backward(dy, self.cache, *_wb(self.layers[0], True), need_dx=need_dx,
-                                          relu_mask=self.mask_input)
+                                          relu_mask=self.mask_input, **_to_norm(self, be, grad=True))
 
 
 class BNReluPoolNode(Node):
@@ -488,6 +495,11 @@ def compile_nodes(layers, fusions=FUSION_NAMES) -> list[Node]:
         if (isinstance(node, (BatchNormNode, BNGeluNode)) and not node.mask_input
                 and (isinstance(prev, ConvPoolNode) or (isinstance(prev, ConvNode) and prev.act is None))):
             prev.to_norm = True
+    # and backwards, a convolution (-> max pool) right after a batch norm: its input gradient's one reader is that
+    # batch norm's backward
+    for prev, node in zip(nodes, nodes[1:]):
+        if isinstance(prev, (BatchNormNode, BNGeluNode)) and isinstance(node, (ConvNode, ConvPoolNode)):
+            node.grad_to_norm = True
     return nodes
 
 

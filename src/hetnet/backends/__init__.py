@@ -111,7 +111,10 @@ batchnorm_backward(dy, cache, dgamma[C]|None, dbeta[C]|None, need_dx=True, relu_
     And conv2d_forward and conv2d_maxpool_forward also take to_norm=False or True: True says that y's one reader is
     the batchnorm_forward, bn_relu_forward or bn_gelu_forward after it (and that op's backward, through its cache,
     given relu_mask=False); the backend may then return y in a form only those ops of its own read (cuda at bf16:
-    y stored in bf16, conv.Nchw16, where the convolution runs on channels-last copies).
+    y stored in bf16, conv.Nchw16, where the convolution runs on channels-last copies). Backwards, conv2d_backward
+    and conv2d_maxpool_backward also take grad_to_norm=False or True: True says that dx's one reader is the backward
+    of such a batch norm before the convolution, which may then be given dy in that form (cuda at bf16: the data
+    gradient stored in bf16 where it runs on channels-last copies).
 dropout_forward(x, p: float, seed) -> y, cache    keep element i (flat, C order) iff
     hetnet.random.counter_uniform(seed, x.size)[i] >= p; y = x * keep / (1 - p). Same mask on every backend.
     seed: an int, or a backend array of one uint32 read when the op runs (a replayed step fills it each time).

@@ -658,10 +658,12 @@ def conv_maxpool_forward(be, x, w, b, stride, pad, act, kernel, pool_stride, kee
     return (Nchw16(y) if out16 else y, arg), (x16 if isinstance(x, Nhwc16) or (keep and _kept16(be, g)) else None)
 
 
-def conv_backward(be, dy, x, w, dw, db, stride, pad, need_dx=True, relu_x=None, x16=None, x_shape=None):
+def conv_backward(be, dy, x, w, dw, db, stride, pad, need_dx=True, relu_x=None, x16=None, x_shape=None,
+                  out16=False):
     """dw += dE/dw, db += dE/db (each unless None: a frozen parameter); returns dE/dx (zeroed where relu_x <= 0 when
     given) or None. x may be None where conv_forward_kept kept x16, its copy (x_shape: x's shape): the filter
-    gradient then runs the measured "tc16" candidate on it."""
+    gradient then runs the measured "tc16" candidate on it. out16: dE/dx as an Nchw16 where the measured data
+    gradient runs on channels-last copies, else float32."""
     check(dy, x, w, dw, db, relu_x)
     n, c, h, wd = x.shape if x is not None else x_shape
     k, _, r, s = w.shape
@@ -688,20 +690,31 @@ def conv_backward(be, dy, x, w, dw, db, stride, pad, need_dx=True, relu_x=None, 
     copies.share = False
     choice = _choose(be, "data", g, dc, lambda fn: fn(dx))
     copies.share = True
+    if out16 and _measured16(be, "data", g) == choice:
+        return _data16(be, g, copies("dy"), w, relu_x, choice)
     dc[choice](dx)
     return dx
 
 
-def conv_backward16(be, g: Geometry, dy16, x, x16, w, dw, need_dx=True, relu_x=None):
+def _data16(be, g: Geometry, dy16, w, relu_x, choice: str):
+    """dE/dx as an Nchw16 by the data gradient's channels-last candidate `choice`, from the copy dy16 of dy."""
+    dx16 = be.xp.empty((g.n, g.c, g.h, g.w), dtype=be.xp.uint16)
+    mma.conv16_data(be, dx16, dy16, w, relu_x, g.pad, _tile16_of("data", choice), out16=True)
+    return Nchw16(dx16)
+
+
+def conv_backward16(be, g: Geometry, dy16, x, x16, w, dw, need_dx=True, relu_x=None, out16=False):
     """conv_backward from dy16, the channels-last copy of dy alone (mma.to_nhwc's; no float32 dy, so no bias gradient
     here): the filter gradient (unless dw is None) and the data gradient (if need_dx) by their measured channels-last
-    choices, which must exist (conv_backward16_ready)."""
+    choices, which must exist (conv_backward16_ready); out16: dE/dx as an Nchw16."""
     copies = _Copies16(be, None, x, x16)
     copies.made["dy"], copies.share = dy16, True
     if dw is not None:
         _filter_tc16(be, g, copies, None, dw, None, _tile16_of("filter", _measured16(be, "filter", g)))
     if not need_dx:
         return None
+    if out16:
+        return _data16(be, g, dy16, w, relu_x, _measured16(be, "data", g))
     dx = be.xp.empty((g.n, g.c, g.h, g.w), dtype=be.xp.float32)
     mma.conv16_data(be, dx, dy16, w, relu_x, g.pad, _tile16_of("data", _measured16(be, "data", g)))
     return dx
@@ -773,19 +786,22 @@ class ConvOps:
         """x as a convolution's cache keeps it: None where its copy x16 serves alone (or x is that copy)."""
         return None if x16 is not None and (alone or isinstance(x, Nhwc16)) else x
 
-    def conv2d_backward(self, dy, cache, dw, db, need_dx=True, relu_mask=False):
+    def conv2d_backward(self, dy, cache, dw, db, need_dx=True, relu_mask=False, grad_to_norm=False):
         """dy may be the channels-last bf16 copy of dE/dy (an Nhwc16 handed over by the batch norm after the
-        convolution, takes_dy16): its gradients then run on it alone (conv_backward16); no bias gradient."""
+        convolution, takes_dy16): its gradients then run on it alone (conv_backward16); no bias gradient.
+        grad_to_norm (the op contract's hand-over to the batch norm before): at bf16, dE/dx as an Nchw16 where the
+        data gradient runs on channels-last copies."""
         x, w, stride, padding, x16, x_shape = cache
+        out16 = bool(grad_to_norm) and self.precision == "bf16"
         if relu_mask and x is None:
             raise ValueError("conv2d_backward: relu_mask=True after a forward given relu_mask=False")
         if isinstance(dy, Nhwc16):
             g = Geometry(*x_shape, *(w.shape[i] for i in (0, 2, 3)), stride, padding)
             if db is not None or not conv_backward16_ready(self, g, dw, need_dx):
                 raise ValueError("conv2d_backward: a channels-last dy where its gradients do not run on it")
-            return conv_backward16(self, g, dy.data, x, x16, w, dw, need_dx, x if relu_mask else None)
+            return conv_backward16(self, g, dy.data, x, x16, w, dw, need_dx, x if relu_mask else None, out16)
         return conv_backward(self, self._c(dy), x, w, dw, db, stride, padding, need_dx, x if relu_mask else None,
-                             x16, x_shape)
+                             x16, x_shape, out16)
 
     def conv2d_gelu_forward(self, x, w, b, stride, padding, relu_mask=None, feeds=None):
         """gelu(conv2d(x)) in one kernel (conv.cu's conv_gelu_nhwc16) where the GELU hands its output over as the
@@ -843,12 +859,12 @@ class ConvOps:
             return fused
         return compose.conv2d_maxpool_forward(self, x, w, b, stride, padding, pool_kernel, pool_stride, relu_mask)
 
-    def conv2d_maxpool_backward(self, dy, cache, dw, db, need_dx=True, relu_mask=False):
+    def conv2d_maxpool_backward(self, dy, cache, dw, db, need_dx=True, relu_mask=False, grad_to_norm=False):
         """The two ops' backward, except where the windows tile z (stride == kernel) and the convolution's gradients
         run on channels-last copies (measured): then the pooled gradient goes straight to the channels-last copy of
         dE/dz (mma.pool_grad_nhwc) that they read, and the bias gradient is the sum of dy. dy may be
         that pooled gradient channels-last in bf16 already (an Nhwc16 handed over by the batch norm after the
-        pooling, takes_dy16; no bias gradient)."""
+        pooling, takes_dy16; no bias gradient). grad_to_norm as conv2d_backward's."""
         conv_cache, pool_cache = cache
         x, w, stride, padding, x16, x_shape = conv_cache
         z_shape, _, arg, kernel, pool_stride = pool_cache
@@ -866,7 +882,8 @@ class ConvOps:
             if db is not None:
                 channel_sum(self, dy, db, g.n, g.k, dy.shape[2] * dy.shape[3])
             dz16 = mma.pool_grad_nhwc(self, dy, arg, z_shape, kernel)
-        return conv_backward16(self, g, dz16, x, x16, w, dw, need_dx, x if relu_mask else None)
+        return conv_backward16(self, g, dz16, x, x16, w, dw, need_dx, x if relu_mask else None,
+                               bool(grad_to_norm) and self.precision == "bf16")
 
     def dense_chain_forward(self, x, layers):
         return compose.dense_chain_forward(self, x, layers)

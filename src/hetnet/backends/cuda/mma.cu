@@ -538,12 +538,13 @@ struct HnConv {
     // the output's plane (forward: P x Q, data gradient: H x W)
     HnDiv kb_plane, kb_inner, ka_plane, by_stride, out_plane;
     int pooled;          // the pooled forward (EPI 4): images x P x Q pooled outputs (P, Q the pooled sizes here)
-    bool out16;          // forward and pooled forward: y stored as bf16 bits (HN_OUT16 in the act word)
+    bool out16;          // forward, pooled forward, data gradient: the output stored as bf16 bits (HN_OUT16)
 };
 
-// The act word of the convolution kernels: the forward's ACTS code, plus HN_OUT16 where its output y (NCHW, and the
-// pooled forward's y before its argmax bytes) is stored as bf16 bits (round to nearest even) instead of float32: an
-// activation a bf16 step stores in bf16 (conv.Nchw16), the input of the batch norm after the convolution.
+// The act word of the convolution kernels: the forward's ACTS code, plus HN_OUT16 where the output (the forward's y,
+// NCHW, and the pooled forward's y before its argmax bytes; the data gradient's dx) is stored as bf16 bits (round to
+// nearest even) instead of float32: an activation or its gradient a bf16 step stores in bf16 (conv.Nchw16), the
+// input of the batch norm after the convolution or the gradient of the one before it.
 #define HN_OUT16 16
 
 template <int MODE>
@@ -653,8 +654,8 @@ __device__ __forceinline__ void hn_conv_copy_a(float* s, const float* src, const
 }
 
 // The forward's and data gradient's epilogue: the output (M channels of `plane` pixels per image, NCHW) = acc;
-// forward: + the bias, then the activation, stored as float32 or (cv.out16) bf16 bits; data gradient: times
-// (mask > 0) where a mask is given.
+// forward: + the bias, then the activation; data gradient: times (mask > 0) where a mask is given; stored as float32
+// or (cv.out16) bf16 bits.
 template <int MODE, int MT, int NT>
 __device__ __forceinline__ void hn_conv_epilogue(const HnBlock& b, float (&acc)[MT][NT][4], int M, int N,
                                                  const HnConv& cv, int wm, int wn, int lane) {
@@ -677,7 +678,7 @@ __device__ __forceinline__ void hn_conv_epilogue(const HnBlock& b, float (&acc)[
             x = hn_ldg(cv.aux + at) > 0.f ? x : 0.f;
             if (two) y = hn_ldg(cv.aux + at1) > 0.f ? y : 0.f;
         }
-        if (MODE == 1 && cv.out16) {
+        if (cv.out16) {
             unsigned short* c16 = reinterpret_cast<unsigned short*>(b.C);
             if (two && pair) {
                 hn_st_u32(c16 + at, hn_pack_bf16x2(x, y));

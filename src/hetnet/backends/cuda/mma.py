@@ -28,7 +28,7 @@ DEFAULT_SMEM = 48 * 1024       # dynamic shared memory a launch gets without rai
 MIN_SPLIT_TILES = 8            # split-K: at least this many BK steps per part
 MAX_SPLITS = 64
 GRID_YZ = 65535                # CUDA's limit on gridDim.y and gridDim.z
-OUT16 = 16                     # mma.cu's HN_OUT16: in a forward's act word, y stored as bf16 bits (uint16)
+OUT16 = 16                     # mma.cu's HN_OUT16: in the act word, the output (y or dx) stored as bf16 bits (uint16)
 # The tiles the launcher picks from, (large, small) (`choose`): on the H200 the fastest of their kinds over
 # cifar-wide's 18 convolution GEMMs (benchmarks/results/NVIDIA-H200/tc_gemm_conv.json, geometric means in TFLOP/s:
 # tf32 128x128x32s3 57 against 48 for "l"; bf16 128x128x32s2a 69; the large tile split over K beats the small one on
@@ -520,7 +520,8 @@ def plan_conv16_pool(buf, x16, w16, b, stride: int, pad: int, act: int = 0, tile
     pp, pq = p // 2, q // 2
     count = n * pp * pq
     item = 2 if act & OUT16 else 4
-    if (c2 != c or buf.ndim != 1 or buf.size * item < (item + 1) * o * count or (b is not None and tuple(b.shape) != (o,))
+    if (c2 != c or buf.ndim != 1 or buf.size * item < (item + 1) * o * count
+            or (b is not None and tuple(b.shape) != (o,))
             or not conv16_fits("pool", c, o, r, s, stride, pad, _copy_precision(x16))):
         raise ValueError(f"conv16: x {x16.shape}, w {w16.shape}, pooled buffer {buf.shape} do not fit together")
     if not conv_fits(x16, buf) or count * 4 >= 2**31:
@@ -532,10 +533,12 @@ def plan_conv16_pool(buf, x16, w16, b, stride: int, pad: int, act: int = 0, tile
     return call
 
 
-def plan_conv16_data(dx, dy16, wt16, relu_x, pad: int, tile: str | Tc16Tile | None = None) -> ConvCall | None:
+def plan_conv16_data(dx, dy16, wt16, relu_x, pad: int, tile: str | Tc16Tile | None = None, out16: bool = False
+                     ) -> ConvCall | None:
     """dx [n, C, H, W] = conv_backward_data(dy, w) (* (relu_x > 0) when relu_x is given) of a stride-1 convolution
     with padding `pad`, from the copies dy16 [n, P, Q, O] and wt16, the turned weights [C, R, S, O] (turn_weights),
-    as the forward over dy with padding R - 1 - pad. None when dx is empty."""
+    as the forward over dy with padding R - 1 - pad; dx float32, or with out16 uint16 (bf16 bits). None when dx is
+    empty."""
     n, p, q, o = _nhwc_shape(dy16)
     c, r, s, o2 = _nhwc_shape(wt16)
     h, wd = dx.shape[2:]
@@ -544,7 +547,7 @@ def plan_conv16_data(dx, dy16, wt16, relu_x, pad: int, tile: str | Tc16Tile | No
             or not conv16_fits("data", c, o, r, s, 1, pad, _copy_precision(dy16))):
         raise ValueError(f"conv16: dy {dy16.shape}, turned w {wt16.shape}, dx {dx.shape} do not fit together")
     return _call16("data", tile, dy16, wt16, relu_x, dx, c, n * h * wd, r * s * o,
-                   (o, p, q, r, s, h, wd, c, 1, r - 1 - pad))
+                   (o, p, q, r, s, h, wd, c, 1, r - 1 - pad), OUT16 if out16 else 0)
 
 
 def plan_conv16_filter(dw16, dy16, x16, stride: int, pad: int, sms: int = 132, tile: str | Tc16Tile | None = None,
@@ -683,10 +686,10 @@ def conv16_pool(be, x, w, b, stride: int, pad: int, act: int = 0, tile: str | No
     return y, arg
 
 
-def conv16_data(be, dx, dy16, w, relu_x, pad: int, tile: str | None = None) -> None:
+def conv16_data(be, dx, dy16, w, relu_x, pad: int, tile: str | None = None, out16: bool = False) -> None:
     """dx = conv_backward_data(dy, w) (* (relu_x > 0)) at stride 1 from dy16 = to_nhwc(dy) and w [O, C, R, S]
-    float32 (plan_conv16_data)."""
-    launch_conv(be, plan_conv16_data(dx, dy16, turn_weights(be, w), relu_x, pad, tile))
+    float32 (plan_conv16_data; out16: dx uint16, bf16 bits)."""
+    launch_conv(be, plan_conv16_data(dx, dy16, turn_weights(be, w), relu_x, pad, tile, out16))
 
 
 def conv16_filter(be, dw, dy16, x16, stride: int, pad: int, tile: str | None = None,

@@ -11,7 +11,8 @@
 // Every kernel comes in a 64-bit and a 32-bit index version (common.cuh, HN_TWO_INDEX_KERNELS).
 // The input x of the statistics, apply and backward kernels is float32, or in their "_x16" versions bf16 bits (an
 // activation a bf16 step stores in bf16: a convolution's output that only this batch norm reads, conv.Nchw16), read
-// as float32 (hn_act) with the same arithmetic after.
+// as float32 (hn_act) with the same arithmetic after; so is the backward's dy in the "_dy16" versions (the data
+// gradient of the convolution after the batch norm).
 // Synchronised BatchNorm over several processes (hetnet.parallel) replaces bn_stats by bn_sums, an all-reduce of
 // the sums, then bn_stats_synced; its backward all-reduces bn_bwd_reduce's sums before bn_bwd_dx (CudaBackend).
 #include "common.cuh"
@@ -263,8 +264,8 @@ __device__ __forceinline__ float hn_bn_out_grad(float g, float x, float mean, fl
 
 // With g = dE/dz (hn_bn_out_grad of dy): red[0:C] = sum g, red[C:2C] = sum g * xhat; dgamma += red[C:] (unless
 // null), dbeta += red[:C].
-template <typename I, typename X>
-__device__ __forceinline__ void bn_bwd_reduce_body(const float* __restrict__ dy, const X* __restrict__ x,
+template <typename I, typename D, typename X>
+__device__ __forceinline__ void bn_bwd_reduce_body(const D* __restrict__ dy, const X* __restrict__ x,
                                                    const float* __restrict__ mean, const float* __restrict__ var,
                                                    const float* __restrict__ gamma, const float* __restrict__ beta,
                                                    float* __restrict__ red, float* __restrict__ dgamma,
@@ -302,12 +303,24 @@ HN_TWO_INDEX_KERNELS_OF(bn_bwd_reduce_x16, bn_bwd_reduce,
      float* __restrict__ red, float* __restrict__ dgamma, float* __restrict__ dbeta, double* __restrict__ acc,
      unsigned* __restrict__ count, int N, int C, int HW, float eps, int act),
     (dy, x, mean, var, gamma, beta, red, dgamma, dbeta, acc, count, N, C, HW, eps, act))
+HN_TWO_INDEX_KERNELS_OF(bn_bwd_reduce_dy16, bn_bwd_reduce,
+    (const unsigned short* __restrict__ dy, const float* __restrict__ x, const float* __restrict__ mean,
+     const float* __restrict__ var, const float* __restrict__ gamma, const float* __restrict__ beta,
+     float* __restrict__ red, float* __restrict__ dgamma, float* __restrict__ dbeta, double* __restrict__ acc,
+     unsigned* __restrict__ count, int N, int C, int HW, float eps, int act),
+    (dy, x, mean, var, gamma, beta, red, dgamma, dbeta, acc, count, N, C, HW, eps, act))
+HN_TWO_INDEX_KERNELS_OF(bn_bwd_reduce_x16_dy16, bn_bwd_reduce,
+    (const unsigned short* __restrict__ dy, const unsigned short* __restrict__ x, const float* __restrict__ mean,
+     const float* __restrict__ var, const float* __restrict__ gamma, const float* __restrict__ beta,
+     float* __restrict__ red, float* __restrict__ dgamma, float* __restrict__ dbeta, double* __restrict__ acc,
+     unsigned* __restrict__ count, int N, int C, int HW, float eps, int act),
+    (dy, x, mean, var, gamma, beta, red, dgamma, dbeta, acc, count, N, C, HW, eps, act))
 
 // With g = dE/dz (hn_bn_out_grad of dy), training: dx = gamma*inv * (g - sum_g/m - xhat * sum_gxhat/m); eval
 // (red == nullptr): dx = g * gamma * inv. On bn_bwd_reduce's (C, G) grid, so that a block's channel constants are
 // computed once. Elementwise after bn_bwd_reduce: dx may be x's own memory (x float32).
-template <typename I, typename X>
-__device__ __forceinline__ void bn_bwd_dx_body(const float* __restrict__ dy, const X* x,
+template <typename I, typename D, typename X>
+__device__ __forceinline__ void bn_bwd_dx_body(const D* __restrict__ dy, const X* x,
                                                const float* __restrict__ mean, const float* __restrict__ var,
                                                const float* __restrict__ gamma, const float* __restrict__ beta,
                                                const float* __restrict__ red, float* dx, int N, int C, int HW,
@@ -339,15 +352,25 @@ HN_TWO_INDEX_KERNELS_OF(bn_bwd_dx_x16, bn_bwd_dx,
      const float* __restrict__ var, const float* __restrict__ gamma, const float* __restrict__ beta,
      const float* __restrict__ red, float* __restrict__ dx, int N, int C, int HW, float eps, int act),
     (dy, x, mean, var, gamma, beta, red, dx, N, C, HW, eps, act))
+HN_TWO_INDEX_KERNELS_OF(bn_bwd_dx_dy16, bn_bwd_dx,
+    (const unsigned short* __restrict__ dy, const float* __restrict__ x, const float* __restrict__ mean,
+     const float* __restrict__ var, const float* __restrict__ gamma, const float* __restrict__ beta,
+     const float* __restrict__ red, float* __restrict__ dx, int N, int C, int HW, float eps, int act),
+    (dy, x, mean, var, gamma, beta, red, dx, N, C, HW, eps, act))
+HN_TWO_INDEX_KERNELS_OF(bn_bwd_dx_x16_dy16, bn_bwd_dx,
+    (const unsigned short* __restrict__ dy, const unsigned short* __restrict__ x, const float* __restrict__ mean,
+     const float* __restrict__ var, const float* __restrict__ gamma, const float* __restrict__ beta,
+     const float* __restrict__ red, float* __restrict__ dx, int N, int C, int HW, float eps, int act),
+    (dy, x, mean, var, gamma, beta, red, dx, N, C, HW, eps, act))
 
 // bn_bwd_dx's dx written channels-last in bf16 instead: the copy of dE/dy that the convolution (-> max pool) whose
 // output x is reads in its backward (conv.cu's to_nhwc16 of dx), dx16[img][p][c] = bf16(dx[img][c][p]) as bf16 pairs
 // [n][HW][C / 2] (C even), in bn_apply_nhwc16's tiles (64 channels x 32 pixels through shared memory, a channel's
 // constants read once per block). The same arithmetic as bn_bwd_dx, so the two give the same bits. Grid
 // (ceil(n * HW / 32), ceil(C / 64)), 256 threads; n * HW < 2^31.
-template <typename X>
+template <typename D, typename X>
 __device__ __forceinline__ void bn_bwd_dx_nhwc16_body(
-    const float* __restrict__ dy, const X* __restrict__ x, const float* __restrict__ mean,
+    const D* __restrict__ dy, const X* __restrict__ x, const float* __restrict__ mean,
     const float* __restrict__ var, const float* __restrict__ gamma, const float* __restrict__ beta,
     const float* __restrict__ red, unsigned* __restrict__ dx16, int n, int C, int HW, float eps, int act) {
     __shared__ float t[64][33];
@@ -391,6 +414,18 @@ extern "C" __global__ void __launch_bounds__(256) bn_bwd_dx_nhwc16(
 }
 extern "C" __global__ void __launch_bounds__(256) bn_bwd_dx_nhwc16_x16(
     const float* __restrict__ dy, const unsigned short* __restrict__ x, const float* __restrict__ mean,
+    const float* __restrict__ var, const float* __restrict__ gamma, const float* __restrict__ beta,
+    const float* __restrict__ red, unsigned* __restrict__ dx16, int n, int C, int HW, float eps, int act) {
+    bn_bwd_dx_nhwc16_body(dy, x, mean, var, gamma, beta, red, dx16, n, C, HW, eps, act);
+}
+extern "C" __global__ void __launch_bounds__(256) bn_bwd_dx_nhwc16_dy16(
+    const unsigned short* __restrict__ dy, const float* __restrict__ x, const float* __restrict__ mean,
+    const float* __restrict__ var, const float* __restrict__ gamma, const float* __restrict__ beta,
+    const float* __restrict__ red, unsigned* __restrict__ dx16, int n, int C, int HW, float eps, int act) {
+    bn_bwd_dx_nhwc16_body(dy, x, mean, var, gamma, beta, red, dx16, n, C, HW, eps, act);
+}
+extern "C" __global__ void __launch_bounds__(256) bn_bwd_dx_nhwc16_x16_dy16(
+    const unsigned short* __restrict__ dy, const unsigned short* __restrict__ x, const float* __restrict__ mean,
     const float* __restrict__ var, const float* __restrict__ gamma, const float* __restrict__ beta,
     const float* __restrict__ red, unsigned* __restrict__ dx16, int n, int C, int HW, float eps, int act) {
     bn_bwd_dx_nhwc16_body(dy, x, mean, var, gamma, beta, red, dx16, n, C, HW, eps, act);

@@ -1,7 +1,8 @@
 """The batch-normalisation launchers of the cuda backend (norm.cu): statistics, apply (+ ReLU or GELU), backward, and
 BatchNorm -> ReLU -> max pooling fused. The input x of batchnorm_forward, bn_relu_forward and bn_gelu_forward may be
 stored in bf16 (an Nchw16: the convolution before hands its output over so, the op contract's to_norm); their kernels
-read it as float32 ("_x16" versions) and the cache keeps it for the backward."""
+read it as float32 ("_x16" versions) and the cache keeps it for the backward. So may their backward's dy (the data
+gradient of the convolution after, grad_to_norm; "_dy16" versions)."""
 from __future__ import annotations
 
 import math
@@ -141,18 +142,19 @@ class NormOps:
         else there is none to apply (dy is dE/dz; a ReLU's is the consumer's). grad_feeds (the op contract's backward
         hand-over): dx as the channels-last bf16 copy of dE/dy that the convolution (-> max pool) whose output x is
         reads (Nhwc16, bn_bwd_dx_nhwc16) where it takes one (conv.takes_dy16). x (the cache's) may be an Nchw16,
-        which is never written over and cannot give a ReLU mask."""
+        which is never written over and cannot give a ReLU mask; dy may be an Nchw16 too."""
         x, mean, var, gamma, beta, eps, training, sync, act = cache
         xa, xs = _x(x)
         if relu_mask and xs:
             raise ValueError("batchnorm_backward: relu_mask=True on an input stored in bf16")
-        dy = self._c(dy)
+        dy, ds = (dy.data, "_dy16") if isinstance(dy, Nchw16) else (self._c(dy), "")
+        ks = xs + ds                    # the kernels' versions for x's and dy's storage
         n, c = x.shape[0], x.shape[1]
         hw = x.size // max(n * c, 1)
         red = self.xp.empty((2 * c,), dtype=self.xp.float32)
         acc = self.scratch("bn_acc", (2 * c,), np.float64)
         cnt = self.scratch("bn_cnt", (c,), np.uint32)
-        get_kernel(self.device_id, "norm", self.ix("bn_bwd_reduce" + xs, x.size))(self._bn_grid(n, c, hw), (256,), (
+        get_kernel(self.device_id, "norm", self.ix("bn_bwd_reduce" + ks, x.size))(self._bn_grid(n, c, hw), (256,), (
             dy, xa, mean, var, gamma, beta, red, _or_null(dgamma), _or_null(dbeta), acc, cnt, _i32(n),
             _i32(c), _i32(hw), _f32(eps), _i32(act)))
         if sync is not None:
@@ -161,13 +163,13 @@ class NormOps:
             return None
         if not relu_mask and takes_dy16(self, x.shape, grad_feeds):
             dx16 = self.xp.empty((n, *x.shape[2:], c), dtype=self.xp.uint16)
-            get_kernel(self.device_id, "norm", "bn_bwd_dx_nhwc16" + xs)((math.ceil(n * hw / 32), math.ceil(c / 64)),
-                                                                        (256,), (
+            get_kernel(self.device_id, "norm", "bn_bwd_dx_nhwc16" + ks)(
+                (math.ceil(n * hw / 32), math.ceil(c / 64)), (256,), (
                 dy, xa, mean, var, gamma, beta, red if training else NULL, dx16, _i32(n), _i32(c), _i32(hw),
                 _f32(eps), _i32(act)))
             return Nhwc16(dx16, x.shape)
         dx = x if inplace and not relu_mask and not xs else self.xp.empty(x.shape, dtype=self.xp.float32)
-        get_kernel(self.device_id, "norm", self.ix("bn_bwd_dx" + xs, x.size))(self._bn_grid(n, c, hw), (256,), (
+        get_kernel(self.device_id, "norm", self.ix("bn_bwd_dx" + ks, x.size))(self._bn_grid(n, c, hw), (256,), (
             dy, xa, mean, var, gamma, beta, red if training else NULL, dx, _i32(n), _i32(c), _i32(hw), _f32(eps),
             _i32(act)))
         return self.relu_mask(dx, x) if relu_mask else dx
