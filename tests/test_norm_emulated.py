@@ -3,20 +3,27 @@ a fiber, the blocks of the (C, G) grid one after another, so the last block of a
 the statistics (bn_stats, bn_sums), the apply (+ ReLU, GELU) and the backward's reduction and dx, each against NumPy
 in float64 of the same expressions, in their 32- and 64-bit index versions; and their "_x16" versions, which read x
 stored in bf16 (a convolution's output handed to the batch norm, conv.Nchw16), bit for bit the float32 versions given
-the values those bits stand for. Needs g++ (skipped without); no GPU. On a GPU the same kernels run in
-tests/test_ops.py (every batch-norm op) and tests/test_mma.py (the bf16 hand-over)."""
+the values those bits stand for. And the cuda backend's batch-norm ops themselves (norm.py's NormOps) on a stand-in
+backend whose arrays are NumPy's and whose kernels are these emulated ones, launched by name with the launchers'
+grids and arguments (each argument checked against the kernel's parameter): float32 and bf16 inputs and gradients,
+the channels-last hand-overs, against the reference backend. Needs g++ (skipped without); no GPU. On a GPU the same
+kernels run in tests/test_ops.py (every batch-norm op) and tests/test_mma.py (the bf16 hand-overs)."""
 from __future__ import annotations
 
 import ctypes
 import math
 import re
+import subprocess
 
 import numpy as np
 import pytest
 from emu_build import build_emulated
 from mma_cases import bf16_bits
 
-from hetnet.backends.cuda import kernels
+from hetnet.backends import reference as ref
+from hetnet.backends.cuda import CudaBackend, kernels
+from hetnet.backends.cuda import norm as norm_ops
+from hetnet.backends.cuda.conv import Nchw16, Nhwc16
 
 f32 = np.float32
 
@@ -87,12 +94,44 @@ def _norm_text() -> str:
     text, n = re.subn(r"__device__ __forceinline__ unsigned hn_bf16x2_bits\(float lo, float hi\) \{.*?\n\}\n", "",
                       text, flags=re.S)
     assert n == 1, "common.cuh's hn_bf16x2_bits"
-    return "#define __shared__ static\n" + re.sub(r"\bhn_bf16x2_bits\b", "hn_pack_bf16x2", text) + ENTRY
+    return "#define __shared__ static\n" + re.sub(r"\bhn_bf16x2_bits\b", "hn_pack_bf16x2", text)
+
+
+def _entry_points(text: str) -> dict:
+    """{kernel name: [parameter type, ...]} of every extern "C" kernel of a CUDA text, its macros expanded (g++ -E)."""
+    expanded = subprocess.run(["g++", "-E", "-P", "-x", "c++", "-"], input=text, capture_output=True, text=True,
+                              check=True, timeout=120).stdout
+    found = {}
+    for m in re.finditer(r'extern "C" __global__ void (?:__launch_bounds__\([^)]*\)\s*)?(\w+)\s*\(([^)]*)\)\s*\{',
+                         expanded):
+        params = [" ".join(p.replace("__restrict__", "").split()[:-1]) for p in m.group(2).split(",")]
+        found[m.group(1)] = [p.replace(" *", "*") for p in params]
+    return found
+
+
+def _launchers(entries: dict) -> str:
+    """A C entry point emk_<name>(grid, block, args, ...) per kernel: args[i] is the pointer argument itself, or
+    points to the scalar one."""
+    out = []
+    for name, types in entries.items():
+        args = ", ".join(f"static_cast<{t}>(a[{i}])" if t.endswith("*") else f"*static_cast<{t}*>(a[{i}])"
+                         for i, t in enumerate(types))
+        out.append(f"""extern "C" int emk_{name}(unsigned gx, unsigned gy, unsigned gz, unsigned bx, void** a,
+                          unsigned seed, char* err, int len) {{
+    std::string msg = emu::launch({{gx, gy, gz}}, {{bx, 1, 1}}, 0, [=] {{ {name}({args}); }}, seed);
+    snprintf(err, len, "%s", msg.c_str());
+    return msg.empty() ? 0 : 1;
+}}""")
+    return "\n".join(out)
 
 
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
-    return build_emulated(tmp_path_factory.mktemp("emu_norm"), "norm_emu", _norm_text())
+    text = _norm_text()
+    lib = build_emulated(tmp_path_factory.mktemp("emu_norm"), "norm_emu",
+                         text + ENTRY + _launchers(_entry_points(text)))
+    lib.entries = _entry_points(text)
+    return lib
 
 
 def _p(a):
@@ -205,3 +244,128 @@ def test_batch_norm_kernels_on_bf16_inputs_emulated(emu, rng, shape, act, train)
                            dy16)
             for i, (a, b) in enumerate(zip(got, want)):
                 np.testing.assert_array_equal(a, b, err_msg=f"wide {wide}, x16 {x16}, dy16 {dy16}: output {i}")
+
+
+# --- norm.py's ops on the emulated kernels --------------------------------------------------------------------------
+
+# a parameter's C type -> the NumPy dtypes an array argument may have (bf16 pairs are written through unsigned*)
+_POINTEE = {"float": (np.float32,), "double": (np.float64,), "unsigned short": (np.uint16,),
+            "unsigned": (np.uint32, np.uint16), "unsigned char": (np.uint8,)}
+_SCALARS = {"int": (np.int32, ctypes.c_int), "float": (np.float32, ctypes.c_float)}
+
+
+class _EmulatedKernel:
+    """get_kernel's stand-in: launches the emulated kernel `name` with a launcher's (grid, block, args), each argument
+    checked against the kernel's parameter (an array of the pointee's dtype or the null pointer, or a NumPy scalar of
+    the parameter's type)."""
+
+    def __init__(self, lib, name: str):
+        assert name in lib.entries, f"no kernel {name} in norm.cu"
+        self.lib, self.name, self.types = lib, name, lib.entries[name]
+
+    def __call__(self, grid, block, args):
+        assert len(args) == len(self.types), f"{self.name}: {len(args)} arguments for {len(self.types)} parameters"
+        ptrs, keep = (ctypes.c_void_p * len(args))(), []
+        for i, (a, t) in enumerate(zip(args, self.types)):
+            if t.endswith("*"):
+                if isinstance(a, np.ndarray):
+                    base = t[:-1].replace("const ", "").strip()
+                    assert a.dtype.type in _POINTEE[base] and a.flags.c_contiguous, f"{self.name} argument {i}: {t}"
+                    ptrs[i] = a.ctypes.data
+                else:
+                    assert a is kernels.NULL, f"{self.name} argument {i}: {t} given {a!r}"
+                    ptrs[i] = None
+            else:
+                dtype, ctype = _SCALARS[t]
+                assert type(a) is dtype, f"{self.name} argument {i}: {t} given {type(a).__name__}"
+                keep.append(ctype(a))
+                ptrs[i] = ctypes.addressof(keep[-1])
+        grid = tuple(int(g) for g in grid) + (1,) * (3 - len(grid))
+        err = ctypes.create_string_buffer(512)
+        rc = getattr(self.lib, "emk_" + self.name)(*grid, int(block[0]), ptrs, 5, err, 512)
+        assert rc == 0, f"{self.name}: {err.value.decode()}"
+
+
+class _Backend(norm_ops.NormOps):
+    """The cuda backend's batch-norm ops on NumPy arrays (and the emulated kernels, through get_kernel)."""
+
+    xp, device_id, sms, index64, precision = np, 0, 2, False, "bf16"
+    ix = CudaBackend.ix
+
+    def __init__(self):
+        self._scratch = {}
+
+    def scratch(self, name, shape, dtype):
+        return self._scratch.setdefault((name, tuple(shape), np.dtype(dtype).str), np.zeros(shape, dtype))
+
+    def _c(self, a):
+        return np.ascontiguousarray(a)
+
+
+@pytest.fixture
+def ops(emu, monkeypatch):
+    monkeypatch.setattr(norm_ops, "get_kernel", lambda device, module, name: _EmulatedKernel(emu, name))
+    # the channels-last hand-overs wherever the caller asks for them (on a GPU: where measured)
+    monkeypatch.setattr(norm_ops, "takes_nhwc16", lambda be, shape, feeds: feeds is not None)
+    monkeypatch.setattr(norm_ops, "takes_dy16", lambda be, shape, grad_feeds: grad_feeds is not None)
+    return _Backend()
+
+
+def _channels_last(a):
+    return a.data if isinstance(a, Nhwc16) else a
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("op", ["batchnorm", "bn_relu", "bn_gelu"])
+def test_batch_norm_ops_on_bf16_inputs_emulated(ops, rng, op, train):
+    """norm.py's forward and backward given x and dy as float32, or stored in bf16 (conv.Nchw16: the hand-overs from
+    the convolutions around the batch norm), with and without the channels-last hand-overs to the next convolution
+    (feeds) and to the one before (grad_feeds): every output, running statistic and parameter gradient bit for bit
+    the float32 run's on the same values; that run within float32's rounding of the reference backend. A bf16 x is
+    never written over (inplace) and gives no ReLU mask."""
+    shape = (3, 4, 6, 5)
+    bits, x, dbits, dy, gamma, beta = _inputs(rng, shape)
+    c = shape[1]
+    forward, backward = getattr(ops, op + "_forward"), getattr(ops, op + "_backward")
+    runs = {}
+    for x16, dy16, handed in ((0, 0, False), (1, 0, False), (0, 1, False), (1, 1, False), (0, 0, True), (1, 1, True)):
+        xin = Nchw16(bits.copy()) if x16 else x.copy()
+        rm, rv = np.zeros(c, f32), np.ones(c, f32)
+        feeds = {"feeds": ((8, c, 3, 3), 1, 1)} if handed else {}
+        y, cache = forward(xin, gamma, beta, rm, rv, 0.1, 1e-5, train, **feeds)
+        dg, db = np.zeros(c, f32), np.zeros(c, f32)
+        grad_feeds = {"grad_feeds": ((c, 2, 3, 3), 1, 1, (3, 2, 6, 5), None)} if handed else {}
+        inplace = {} if op == "batchnorm" else {"inplace": True}
+        dx = backward(Nchw16(dbits.copy()) if dy16 else dy.copy(), cache, dg, db, need_dx=True, **grad_feeds,
+                      **inplace)
+        assert isinstance(y, Nhwc16) == handed and isinstance(dx, Nhwc16) == handed
+        if x16:
+            np.testing.assert_array_equal(xin.data, bits)                    # not written over
+            with pytest.raises(ValueError, match="relu_mask"):
+                backward(dy, cache, None, None, need_dx=True, relu_mask=True)
+        runs[(x16, dy16, handed)] = [_channels_last(y), rm, rv, _channels_last(dx), dg, db]
+    for key, got in runs.items():
+        want = runs[(0, 0, key[2])]
+        for i, (a, b) in enumerate(zip(got, want)):
+            np.testing.assert_array_equal(a, b, err_msg=f"{key}: output {i}")
+    for i in (0, 3):                                                        # the hand-overs: bf16 of the float32
+        np.testing.assert_array_equal(runs[(0, 0, True)][i], bf16_bits(runs[(0, 0, False)][i].transpose(0, 2, 3, 1)))
+    y, rm, rv, dx, dg, db = runs[(0, 0, False)]
+    act = {"batchnorm": None, "bn_relu": "relu", "bn_gelu": "gelu"}[op]
+    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+    rm64, rv64 = np.zeros(c), np.ones(c)
+    z, zc = ref.batchnorm_forward(x64, gamma.astype(np.float64), beta.astype(np.float64), rm64, rv64, 0.1, 1e-5,
+                                  train)
+    if act == "relu":
+        g = dy64 * (z > 0)
+    elif act == "gelu":
+        _, gc = ref.gelu_forward(z)
+        g = ref.gelu_backward(dy64, gc)
+    else:
+        g = dy64
+    want_y = {None: z, "relu": np.maximum(z, 0), "gelu": ref.gelu_forward(z)[0]}[act]
+    dg64, db64 = np.zeros(c), np.zeros(c)
+    want_dx = ref.batchnorm_backward(g, zc, dg64, db64)
+    for name, a, b in (("y", y, want_y), ("running mean", rm, rm64), ("running var", rv, rv64), ("dx", dx, want_dx),
+                       ("dgamma", dg, dg64), ("dbeta", db, db64)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=name)
