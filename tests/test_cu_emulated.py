@@ -144,11 +144,13 @@ extern "C" int emu_pool_grad(const float* dy, const unsigned char* arg, unsigned
 
 def _kernels_text() -> str:
     """The walks, GELU and hn_store_nhwc16_tile as common.cuh has them; to_nhwc16, pool_grad_nhwc16,
-    pool_grad16_nhwc16, conv_gelu_nhwc16 and conv_small_fwd as conv.cu,
+    pool_grad16_nhwc16, conv_gelu_nhwc16, conv_small_fwd, turn_weights16 and add_from_nhwc as conv.cu,
     hn_bn_z, hn_bn_value, bn_apply_nhwc16, hn_bn_out_grad and bn_bwd_dx_nhwc16 as norm.cu has them."""
     common, conv, norm = ((kernels.HERE / "common.cuh").read_text(), kernels.cu_text("conv"), kernels.cu_text("norm"))
     parts = [line for line in common.splitlines() if line.startswith(("#define HN_RELU", "#define HN_GELU",
                                                                        "#define HN_INV_SQRT"))]
+    i = common.index("#define HN_GRID_STRIDE(i, n)")
+    parts.append(common[i:common.index("\n\n", i) + 1])
     for start in ("template <typename I>\nstruct HnPlaneWalk {", "struct HnTilePixel {"):
         i = common.index(start)
         parts.append(common[i:common.index("\n};\n", i) + 4])
@@ -177,6 +179,8 @@ def _kernels_text() -> str:
                         (conv, 'extern "C" __global__ void __launch_bounds__(256) pool_grad16_nhwc16('),
                         (conv, 'extern "C" __global__ void __launch_bounds__(256) conv_gelu_nhwc16('),
                         (conv, 'extern "C" __global__ void __launch_bounds__(256, 2) conv_small_fwd('),
+                        (conv, 'extern "C" __global__ void turn_weights16('),
+                        (conv, 'extern "C" __global__ void add_from_nhwc('),
                         (norm, "__device__ __forceinline__ float hn_bn_z("),
                         (norm, "__device__ __forceinline__ float hn_bn_value("),
                         (norm, "template <typename X>\n__device__ __forceinline__ void bn_apply_nhwc16_body("),
@@ -191,11 +195,17 @@ def _kernels_text() -> str:
     return "\n".join(parts)
 
 
-@pytest.fixture(scope="module")
-def emu(tmp_path_factory):
+def emulated_kernels_text() -> str:
+    """_kernels_text as the emulator compiles it: its bf16 conversion, vector accesses checked for alignment
+    (hn_vec), `__shared__` arrays static (one block runs at a time)."""
     body = re.sub(r"\bhn_bf16x2_bits\b", "hn_pack_bf16x2", _kernels_text())
     body = re.sub(r"reinterpret_cast<((?:const )?(?:float4|uint2|uint4))\*>\(", r"hn_vec<\1>(", body)
-    return build_emulated(tmp_path_factory.mktemp("emu_cu"), "cu_emu", "#define __shared__ static\n" + body + ENTRY)
+    return "#define __shared__ static\n" + body
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    return build_emulated(tmp_path_factory.mktemp("emu_cu"), "cu_emu", emulated_kernels_text() + ENTRY)
 
 
 def _ptr(a: np.ndarray):

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import RTOL_EMULATED, RTOL_TC, rel_err
-from emu_build import EMU_DIR, build_emulated
+from emu_build import EMU_DIR, EmulatedKernel, build_emulated
 from mma_cases import (CONV16_SHAPES, CONV32_SHAPES, CONV_SHAPES, POOL16_SHAPES, POOL32_SHAPES, SHAPES,
                        conv_data_expected, conv_data_inputs, conv_expected, conv_filter_expected, conv_filter_inputs,
                        bf16_bits, conv_inputs, expected, max_pool_2x2, nhwc16, nhwc_copy, stored, turned_copy)
@@ -666,3 +666,131 @@ def test_takes_dy16_asks_for_both_gradients_measured_on_channels_last_copies(mon
     odd = C.Geometry(4, 16, 15, 13, 31, 3, 3, 1, 1).key()
     be._tune.update({("filter", odd): "tc16", ("data", odd): "tc16"})
     assert not C.takes_dy16(be, (4, 31, 15, 13), ((31, 16, 3, 3), 1, 1, (4, 16, 15, 13), None))
+
+
+# --- conv.py's ops on the emulated kernels -------------------------------------------------------------------------
+
+
+class _EmulatedConvKernel:
+    """get_kernel's stand-in for an mma.cu convolution kernel: a launch with a ConvCall's (grid, block, args) runs
+    it on the emulator (run_conv's entry point, every buffer registered with its size)."""
+
+    max_dynamic_shared_size_bytes = 0
+
+    def __init__(self, lib, name: str):
+        self.lib, self.name = lib, name
+
+    def __call__(self, grid, block, args, shared_mem=0):
+        c = ctypes
+        src, w, aux, out, *ints = args
+
+        def buf(a):
+            return (c.c_void_p(None), c.c_longlong(0)) if not isinstance(a, np.ndarray) else (
+                c.c_void_p(a.ctypes.data), c.c_longlong(a.nbytes))
+
+        err = c.create_string_buffer(1024)
+        rc = self.lib.emu_conv(c.cast(getattr(self.lib, self.name), c.c_void_p), *(c.c_uint(int(v)) for v in grid),
+                               c.c_uint(int(block[0])), c.c_int(int(shared_mem)), *buf(src), *buf(w), *buf(aux),
+                               *buf(out), *(c.c_int(int(v)) for v in ints), c.c_uint(3), err, c.c_int(len(err)))
+        assert rc == 0, f"{self.name} grid {grid}: {err.value.decode()}"
+
+
+@pytest.fixture(scope="module")
+def emu_copies(tmp_path_factory):
+    """conv.cu's channels-last copies, turned weights, add_from_nhwc, pooling gradients and small forward, each with
+    a launcher for EmulatedKernel."""
+    from test_cu_emulated import emulated_kernels_text
+
+    text = emulated_kernels_text()
+    return build_emulated(tmp_path_factory.mktemp("emu_copies"), "copies_emu", text, launchers_of=text)
+
+
+@pytest.fixture
+def conv_ops(emu, emu_copies, monkeypatch):
+    """The cuda backend's convolution ops (conv.py's ConvOps) at bf16 on NumPy arrays, their kernels emulated:
+    mma.cu's on `emu`, conv.cu's on `emu_copies`; the mma.sync tiles only (no wgmma), nothing measured (the choices
+    are set by the test), no tuning cache."""
+    import hetnet.backends.cuda as cuda_pkg
+    from hetnet.backends.cuda import CudaBackend, tune_cache
+    from hetnet.backends.cuda import conv as C
+
+    def kernel(device, module, name):
+        return _EmulatedConvKernel(emu, name) if module == "mma" else EmulatedKernel(emu_copies, name)
+
+    for mod in (C, mm, cuda_pkg):
+        monkeypatch.setattr(mod, "get_kernel", kernel, raising=False)
+    for mod in (C, mm):
+        monkeypatch.setattr(mod, "wgmma_ok", lambda device: False)
+    monkeypatch.setattr(tune_cache, "for_backend", lambda be: None)
+
+    class Backend(C.ConvOps):
+        xp, device_id, sms, precision, index64 = np, 0, SMS, "bf16", False
+        force_conv_algo, capturing, graph_cublas = None, None, False
+        conv_choice, launch = CudaBackend.conv_choice, CudaBackend.launch
+
+        def __init__(self):
+            self._tune, self._tune_times = {}, {}
+
+        def _c(self, a):
+            return np.ascontiguousarray(a)
+
+    return Backend()
+
+
+@pytest.mark.parametrize("pooled", [False, True], ids=["conv", "conv_pool"])
+def test_conv_ops_hand_over_to_batch_norms_emulated(conv_ops, rng, pooled):
+    """conv2d_forward / conv2d_maxpool_forward told to_norm, and their backwards told grad_to_norm, with the choices
+    set to the channels-last "tc16" candidates: the output and the input gradient come as conv.Nchw16, the bits of
+    bf16 of the float32 ones of the same calls without the hand-over (the argmax bytes and dw the same); dx within
+    the emulated tolerance of float64 of the rounded operands. Where the data gradient runs another kernel (the NCHW
+    "tc"), it stays float32."""
+    from hetnet.backends.cuda import conv as C
+
+    be = conv_ops
+    shape = (2, 16, 8, 6, 24, 3, 3, 1, 1)
+    n, c, h, w_, o = shape[:5]
+    x, w, _, _ = conv_inputs(rng, shape, bias=False)
+    key = C.Geometry(*shape).key()
+    be._tune.update({(op, key): "tc16" for op in ("fwd", "pool", "filter", "data")})
+    if pooled:
+        fwd = be.conv2d_maxpool_forward
+        args, back = (x, w, None, 1, 1, 2, 2), be.conv2d_maxpool_backward
+    else:
+        fwd, args, back = be.conv2d_forward, (x, w, None, 1, 1), be.conv2d_backward
+    (y32, cache32), (y16, cache16) = fwd(*args, relu_mask=False), fwd(*args, relu_mask=False, to_norm=True)
+    assert isinstance(y32, np.ndarray) and isinstance(y16, C.Nchw16) and y16.shape == y32.shape
+    np.testing.assert_array_equal(y16.data, bf16_bits(y32))
+    if pooled:
+        np.testing.assert_array_equal(cache16[1][2], cache32[1][2], err_msg="argmax bytes")
+    dy = rng.standard_normal(y32.shape).astype(np.float32)
+    dw32, dw16 = np.zeros_like(w), np.zeros_like(w)
+    dx32 = back(dy, cache32, dw32, None, need_dx=True)
+    dx16 = back(dy, cache16, dw16, None, need_dx=True, grad_to_norm=True)
+    assert isinstance(dx32, np.ndarray) and isinstance(dx16, C.Nchw16) and dx16.shape == (n, c, h, w_)
+    np.testing.assert_array_equal(dx16.data, bf16_bits(dx32))
+    np.testing.assert_array_equal(dw16, dw32)
+    if not pooled:
+        want = conv_data_expected(dy, w, None, shape, "bf16")
+        assert rel_err(dx32, want) <= RTOL_EMULATED
+    if not pooled:        # where the data gradient runs the NCHW tensor-core kernels instead, it stays float32
+        be._tune[("data", key)] = "tc"
+        dx = back(dy, cache16, np.zeros_like(w), None, need_dx=True, grad_to_norm=True)
+        assert isinstance(dx, np.ndarray) and dx.dtype == np.float32
+        assert rel_err(dx, want) <= RTOL_EMULATED
+
+
+def test_small_forward_hands_over_to_a_batch_norm_emulated(conv_ops, rng):
+    """A forward measured to run "small" (conv_small_fwd) and told to_norm returns conv.Nchw16, the bits of bf16 of
+    its float32 output; the float32 output within the emulated tolerance of float64."""
+    from hetnet.backends.cuda import conv as C
+
+    be = conv_ops
+    shape = (2, 3, 9, 7, 16, 3, 3, 1, 1)
+    x = rng.standard_normal(shape[:4]).astype(np.float32)
+    w = (rng.standard_normal((16, 3, 3, 3)) * 0.3).astype(np.float32)
+    be._tune[("fwd", C.Geometry(*shape).key())] = "small"
+    y32 = be.conv2d_forward(x, w, None, 1, 1, relu_mask=False)[0]
+    y16 = be.conv2d_forward(x, w, None, 1, 1, relu_mask=False, to_norm=True)[0]
+    assert isinstance(y16, C.Nchw16)
+    np.testing.assert_array_equal(y16.data, bf16_bits(y32))
+    assert rel_err(y32, conv_expected(x, w, None, 1, 1, 0, "fp32")) <= RTOL_EMULATED

@@ -13,11 +13,10 @@ from __future__ import annotations
 import ctypes
 import math
 import re
-import subprocess
 
 import numpy as np
 import pytest
-from emu_build import build_emulated
+from emu_build import EmulatedKernel, build_emulated
 from mma_cases import bf16_bits
 
 from hetnet.backends import reference as ref
@@ -97,41 +96,10 @@ def _norm_text() -> str:
     return "#define __shared__ static\n" + re.sub(r"\bhn_bf16x2_bits\b", "hn_pack_bf16x2", text)
 
 
-def _entry_points(text: str) -> dict:
-    """{kernel name: [parameter type, ...]} of every extern "C" kernel of a CUDA text, its macros expanded (g++ -E)."""
-    expanded = subprocess.run(["g++", "-E", "-P", "-x", "c++", "-"], input=text, capture_output=True, text=True,
-                              check=True, timeout=120).stdout
-    found = {}
-    for m in re.finditer(r'extern "C" __global__ void (?:__launch_bounds__\([^)]*\)\s*)?(\w+)\s*\(([^)]*)\)\s*\{',
-                         expanded):
-        params = [" ".join(p.replace("__restrict__", "").split()[:-1]) for p in m.group(2).split(",")]
-        found[m.group(1)] = [p.replace(" *", "*") for p in params]
-    return found
-
-
-def _launchers(entries: dict) -> str:
-    """A C entry point emk_<name>(grid, block, args, ...) per kernel: args[i] is the pointer argument itself, or
-    points to the scalar one."""
-    out = []
-    for name, types in entries.items():
-        args = ", ".join(f"static_cast<{t}>(a[{i}])" if t.endswith("*") else f"*static_cast<{t}*>(a[{i}])"
-                         for i, t in enumerate(types))
-        out.append(f"""extern "C" int emk_{name}(unsigned gx, unsigned gy, unsigned gz, unsigned bx, void** a,
-                          unsigned seed, char* err, int len) {{
-    std::string msg = emu::launch({{gx, gy, gz}}, {{bx, 1, 1}}, 0, [=] {{ {name}({args}); }}, seed);
-    snprintf(err, len, "%s", msg.c_str());
-    return msg.empty() ? 0 : 1;
-}}""")
-    return "\n".join(out)
-
-
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
     text = _norm_text()
-    lib = build_emulated(tmp_path_factory.mktemp("emu_norm"), "norm_emu",
-                         text + ENTRY + _launchers(_entry_points(text)))
-    lib.entries = _entry_points(text)
-    return lib
+    return build_emulated(tmp_path_factory.mktemp("emu_norm"), "norm_emu", text + ENTRY, launchers_of=text)
 
 
 def _p(a):
@@ -248,44 +216,6 @@ def test_batch_norm_kernels_on_bf16_inputs_emulated(emu, rng, shape, act, train)
 
 # --- norm.py's ops on the emulated kernels --------------------------------------------------------------------------
 
-# a parameter's C type -> the NumPy dtypes an array argument may have (bf16 pairs are written through unsigned*)
-_POINTEE = {"float": (np.float32,), "double": (np.float64,), "unsigned short": (np.uint16,),
-            "unsigned": (np.uint32, np.uint16), "unsigned char": (np.uint8,)}
-_SCALARS = {"int": (np.int32, ctypes.c_int), "float": (np.float32, ctypes.c_float)}
-
-
-class _EmulatedKernel:
-    """get_kernel's stand-in: launches the emulated kernel `name` with a launcher's (grid, block, args), each argument
-    checked against the kernel's parameter (an array of the pointee's dtype or the null pointer, or a NumPy scalar of
-    the parameter's type)."""
-
-    def __init__(self, lib, name: str):
-        assert name in lib.entries, f"no kernel {name} in norm.cu"
-        self.lib, self.name, self.types = lib, name, lib.entries[name]
-
-    def __call__(self, grid, block, args):
-        assert len(args) == len(self.types), f"{self.name}: {len(args)} arguments for {len(self.types)} parameters"
-        ptrs, keep = (ctypes.c_void_p * len(args))(), []
-        for i, (a, t) in enumerate(zip(args, self.types)):
-            if t.endswith("*"):
-                if isinstance(a, np.ndarray):
-                    base = t[:-1].replace("const ", "").strip()
-                    assert a.dtype.type in _POINTEE[base] and a.flags.c_contiguous, f"{self.name} argument {i}: {t}"
-                    ptrs[i] = a.ctypes.data
-                else:
-                    assert a is kernels.NULL, f"{self.name} argument {i}: {t} given {a!r}"
-                    ptrs[i] = None
-            else:
-                dtype, ctype = _SCALARS[t]
-                assert type(a) is dtype, f"{self.name} argument {i}: {t} given {type(a).__name__}"
-                keep.append(ctype(a))
-                ptrs[i] = ctypes.addressof(keep[-1])
-        grid = tuple(int(g) for g in grid) + (1,) * (3 - len(grid))
-        err = ctypes.create_string_buffer(512)
-        rc = getattr(self.lib, "emk_" + self.name)(*grid, int(block[0]), ptrs, 5, err, 512)
-        assert rc == 0, f"{self.name}: {err.value.decode()}"
-
-
 class _Backend(norm_ops.NormOps):
     """The cuda backend's batch-norm ops on NumPy arrays (and the emulated kernels, through get_kernel)."""
 
@@ -304,7 +234,7 @@ class _Backend(norm_ops.NormOps):
 
 @pytest.fixture
 def ops(emu, monkeypatch):
-    monkeypatch.setattr(norm_ops, "get_kernel", lambda device, module, name: _EmulatedKernel(emu, name))
+    monkeypatch.setattr(norm_ops, "get_kernel", lambda device, module, name: EmulatedKernel(emu, name))
     # the channels-last hand-overs wherever the caller asks for them (on a GPU: where measured)
     monkeypatch.setattr(norm_ops, "takes_nhwc16", lambda be, shape, feeds: feeds is not None)
     monkeypatch.setattr(norm_ops, "takes_dy16", lambda be, shape, grad_feeds: grad_feeds is not None)
