@@ -278,6 +278,18 @@ def test_pool_grad_nhwc16_emulated(emu, rng, shape, k):
         np.testing.assert_array_equal(outs, nhwc_copy(dz, "fp32", padded=False))
 
 
+def _small_conv(rng, case):
+    """(x, w, b, the reference backend's float64 conv2d_forward (+ b where case's bias)) for case = (N, C, H, W, K,
+    kernel, stride, padding, bias, ...), float32 inputs."""
+    n, c, h, w_, k, ks, stride, pad, bias = case[:9]
+    x = rng.standard_normal((n, c, h, w_)).astype(np.float32)
+    w = (rng.standard_normal((k, c, ks, ks)) * 0.5).astype(np.float32)
+    b = (rng.standard_normal(k) * 0.5).astype(np.float32)
+    want, _ = ref.conv2d_forward(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64) if bias else None,
+                                 stride, pad)
+    return x, w, b, want
+
+
 @pytest.mark.parametrize("case", [(3, 3, 9, 9, 24, 2, 1, 0, True, 2), (2, 2, 7, 6, 8, 3, 2, 1, False, 1),
                                   (1, 2, 5, 5, 64, 4, 1, 2, True, 3), (2, 3, 6, 7, 16, 3, 1, 1, True, 1)],
                          ids=lambda c: "N{}C{}H{}W{}K{}k{}s{}p{}b{:d}-blocks{}".format(*c))
@@ -289,11 +301,7 @@ def test_conv_gelu_nhwc16_emulated(emu, rng, case):
     import math
 
     n, c, h, w_, k, ks, stride, pad, bias, blocks = case
-    x = rng.standard_normal((n, c, h, w_)).astype(np.float32)
-    w = (rng.standard_normal((k, c, ks, ks)) * 0.5).astype(np.float32)
-    b = (rng.standard_normal(k) * 0.5).astype(np.float32)
-    want, _ = ref.conv2d_forward(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64) if bias else None,
-                                 stride, pad)
+    x, w, b, want = _small_conv(rng, case)
     p, q = want.shape[2:]
     z = np.full((n, k, p, q), np.nan, np.float32)
     out = np.full((n, p, q, k), 0xDEAD, np.uint16)
@@ -322,11 +330,7 @@ def test_conv_small_fwd_emulated(emu, rng, case):
     float32's rounding of a sum of at most 32 terms; with out16 the bf16 bits (round to nearest even) of that float32
     output bit for bit, at the same NCHW positions. Nothing written past y (guard elements)."""
     n, c, h, w_, k, ks, stride, pad, bias = case
-    x = rng.standard_normal((n, c, h, w_)).astype(np.float32)
-    w = (rng.standard_normal((k, c, ks, ks)) * 0.5).astype(np.float32)
-    b = (rng.standard_normal(k) * 0.5).astype(np.float32)
-    want, _ = ref.conv2d_forward(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64) if bias else None,
-                                 stride, pad)
+    x, w, b, want = _small_conv(rng, case)
     p, q = want.shape[2:]
     size, guard = want.size, 64
     err = ctypes.create_string_buffer(512)

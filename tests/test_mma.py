@@ -634,6 +634,22 @@ def test_batch_norm_hands_its_gradient_over_channels_last(rng, op, pooled):
             conv_back(dz16, conv_cache, cupy.zeros_like(w), cupy.zeros(o, np.float32), need_dx=True)
 
 
+def _hand_over_models(be, act_layer):
+    """({False: model, True: model}, {False: train step, True: train step}): the same conv -> BN -> act -> conv ->
+    BN -> act -> conv -> pool -> BN -> act -> dense model (seed 3, act_layer's acts) twice on be, each with an SGD
+    step."""
+    models, steps = {}, {}
+    for key in (False, True):
+        hn.seed(3)
+        models[key] = hn.Sequential([
+            hn.Conv2D(8, 16, 3, padding=1, bias=False), hn.BatchNorm2D(16), act_layer(),
+            hn.Conv2D(16, 16, 3, padding=1, bias=False), hn.BatchNorm2D(16), act_layer(),
+            hn.Conv2D(16, 16, 3, padding=1, bias=False), hn.MaxPool2D(2), hn.BatchNorm2D(16), act_layer(),
+            hn.Flatten(), hn.Dense(16 * 6 * 6, 4)]).to(be)
+        steps[key] = T.make_train_step(models[key], T.make_optimizer("sgd", models[key].parameters(), lr=0.05))
+    return models, steps
+
+
 @pytest.mark.parametrize("act", ["gelu", "relu"])
 def test_training_with_hand_overs_equals_training_without(rng, monkeypatch, act):
     """bf16 training steps of conv -> BN -> act -> conv -> BN -> act -> conv -> pool -> BN -> act -> dense (act: GELU,
@@ -669,16 +685,7 @@ def test_training_with_hand_overs_equals_training_without(rng, monkeypatch, act)
     monkeypatch.setattr(P, "_to_norm", lambda node, be, grad=False: {})     # batch norms: float32 x and dy
     measured = {"fwd": "tc16", "pool": "tc16", "filter": "tc16", "data": "tc16"}
     with _measured_as(be, (16, 16, 12, 12, 16, 3, 3, 1, 1), measured):
-        models, steps = {}, {}
-        for takes in (False, True):
-            hn.seed(3)
-            models[takes] = hn.Sequential([
-                hn.Conv2D(8, 16, 3, padding=1, bias=False), hn.BatchNorm2D(16), layer(),
-                hn.Conv2D(16, 16, 3, padding=1, bias=False), hn.BatchNorm2D(16), layer(),
-                hn.Conv2D(16, 16, 3, padding=1, bias=False), hn.MaxPool2D(2), hn.BatchNorm2D(16), layer(),
-                hn.Flatten(), hn.Dense(16 * 6 * 6, 4)]).to(be)
-            steps[takes] = T.make_train_step(models[takes], T.make_optimizer("sgd", models[takes].parameters(),
-                                                                             lr=0.05))
+        models, steps = _hand_over_models(be, layer)
         for i in range(2):                    # the eager step, then the captured one
             models[True].load_state_dict(models[False].state_dict())
             for takes in (False, True):
@@ -700,6 +707,19 @@ def _bits_values(a):
     return (a.astype(cupy.uint32) << 16).view(cupy.float32)
 
 
+def _conv_bn_inputs(rng, after: bool):
+    """(shape, x, w, gamma, beta) of a 16 -> 32 channel 3 x 3 convolution and a batch norm after it (after: of its 32
+    output channels) or before it (of its 16 input channels), as cupy float32."""
+    shape = (4, 16, 14, 12, 32, 3, 3, 1, 1)
+    n, c, h, w_, o = shape[:5]
+    x = cupy.asarray(rng.standard_normal((n, c, h, w_)).astype(np.float32))
+    w = cupy.asarray((rng.standard_normal((o, c, 3, 3)) * 0.1).astype(np.float32))
+    channels = o if after else c
+    gamma = cupy.asarray(rng.uniform(0.5, 1.5, channels).astype(np.float32))
+    beta = cupy.asarray(rng.standard_normal(channels).astype(np.float32))
+    return shape, x, w, gamma, beta
+
+
 @pytest.mark.parametrize("pooled", [False, True], ids=["conv", "conv_pool"])
 @pytest.mark.parametrize("op", ["batchnorm", "bn_gelu", "bn_relu"])
 def test_convolution_hands_its_output_over_to_a_batch_norm_in_bf16(rng, op, pooled):
@@ -710,12 +730,8 @@ def test_convolution_hands_its_output_over_to_a_batch_norm_in_bf16(rng, op, pool
     dgamma and dbeta bit for bit as from the float32 of the same values, in training, synchronised (reduce) and in
     evaluation; it is never written over (inplace) and cannot give a ReLU mask. Not measured so: float32."""
     be = get_backend("cuda", "bf16")
-    shape = (4, 16, 14, 12, 32, 3, 3, 1, 1)
+    shape, x, w, gamma, beta = _conv_bn_inputs(rng, after=True)
     n, c, h, w_, o = shape[:5]
-    x = cupy.asarray(rng.standard_normal((n, c, h, w_)).astype(np.float32))
-    w = cupy.asarray((rng.standard_normal((o, c, 3, 3)) * 0.1).astype(np.float32))
-    gamma = cupy.asarray(rng.uniform(0.5, 1.5, o).astype(np.float32))
-    beta = cupy.asarray(rng.standard_normal(o).astype(np.float32))
     forward, backward = getattr(be, op + "_forward"), getattr(be, op + "_backward")
 
     def conv(**kw):
@@ -771,12 +787,8 @@ def test_convolution_hands_its_input_gradient_to_a_batch_norm_in_bf16(rng, op, p
     ("_dy16" kernels): dx (float32, and the channels-last copy for grad_feeds), dgamma and dbeta bit for bit as from
     the float32 of the same values, with x float32 and stored in bf16 ("_x16_dy16"). dw within DW_RTOL."""
     be = get_backend("cuda", "bf16")
-    shape = (4, 16, 14, 12, 32, 3, 3, 1, 1)
+    shape, x, w, gamma, beta = _conv_bn_inputs(rng, after=False)
     n, c, h, w_, o = shape[:5]
-    x = cupy.asarray(rng.standard_normal((n, c, h, w_)).astype(np.float32))
-    w = cupy.asarray((rng.standard_normal((o, c, 3, 3)) * 0.1).astype(np.float32))
-    gamma = cupy.asarray(rng.uniform(0.5, 1.5, c).astype(np.float32))
-    beta = cupy.asarray(rng.standard_normal(c).astype(np.float32))
     forward, backward = getattr(be, op + "_forward"), getattr(be, op + "_backward")
     conv_fwd = ((lambda a: be.conv2d_maxpool_forward(a, w, None, 1, 1, 2, 2, relu_mask=False)) if pooled
                 else (lambda a: be.conv2d_forward(a, w, None, 1, 1, relu_mask=False)))
@@ -837,16 +849,7 @@ def test_training_with_batch_norm_inputs_in_bf16(rng, monkeypatch):
     to_norm = P._to_norm
     measured = {"fwd": "tc16", "pool": "tc16", "filter": "tc16", "data": "tc16"}
     with _measured_as(be, (16, 16, 12, 12, 16, 3, 3, 1, 1), measured):
-        models, steps = {}, {}
-        for handed in (False, True):
-            hn.seed(3)
-            models[handed] = hn.Sequential([
-                hn.Conv2D(8, 16, 3, padding=1, bias=False), hn.BatchNorm2D(16), hn.ReLU(),
-                hn.Conv2D(16, 16, 3, padding=1, bias=False), hn.BatchNorm2D(16), hn.ReLU(),
-                hn.Conv2D(16, 16, 3, padding=1, bias=False), hn.MaxPool2D(2), hn.BatchNorm2D(16), hn.ReLU(),
-                hn.Flatten(), hn.Dense(16 * 6 * 6, 4)]).to(be)
-            steps[handed] = T.make_train_step(models[handed], T.make_optimizer("sgd", models[handed].parameters(),
-                                                                               lr=0.05))
+        models, steps = _hand_over_models(be, hn.ReLU)
         for i in range(2):                    # the eager step, then the captured one
             models[True].load_state_dict(models[False].state_dict())
             before = models[False].state_dict()
