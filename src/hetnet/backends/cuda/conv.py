@@ -464,23 +464,38 @@ def conv_forward(be, x, w, b, stride, pad, act=0, geometry=None, out16=False):
     n, c, h, wd = x.shape
     k, _, r, s = w.shape
     g = geometry or Geometry(n, c, h, wd, k, r, s, stride, pad)
-    y = be.xp.empty((n, k, g.p, g.q), dtype=be.xp.float32)
+    shape = (n, k, g.p, g.q)
+    size = n * k * g.p * g.q
     cands = _split_cands(be, FWD_CFGS, g, lambda cfg, sp, out: _fwd_implicit(be, cfg, sp, g, x, w, b, out, act))
-    cands["im2col"] = lambda out: _fwd_im2col(be, g, x, w, b, out, act, x.nbytes + y.nbytes)
+    cands["im2col"] = lambda out: _fwd_im2col(be, g, x, w, b, out, act, x.nbytes + 4 * size)
     if _contiguous(x, w, b) and small_fits(g):
         cands["small"] = lambda out: _fwd_small(be, g, x, w, b, out, act)
-    if _contiguous(x, w, b) and mma.conv_fits(x, y):
+    if _contiguous(x, w, b) and mma.conv_fits(x, size):
         if be.precision != "fp32":
             cands["tc"] = lambda out: mma.conv_tc(be, out, x, w, b, stride, pad, act)
         if _fits16(be, "fwd", g):
             cands.update(_tiles16(be, "fwd", lambda tile, out: mma.conv16(be, out, x, w, b, stride, pad, act, tile)))
-    choice = _choose(be, "fwd", g, cands, lambda fn: fn(y))
+    choice = _choose(be, "fwd", g, cands, _trial_output(be, shape))
     if out16 and choice == "small":
-        y16 = be.xp.empty(y.shape, dtype=be.xp.uint16)
+        y16 = be.xp.empty(shape, dtype=be.xp.uint16)
         _fwd_small(be, g, x, w, b, y16, act, out16=True)
         return Nchw16(y16)
+    y = be.xp.empty(shape, dtype=be.xp.float32)
     cands[choice](y)
     return y
+
+
+def _trial_output(be, shape):
+    """_choose's run_scratch for candidates that write a float32 output of shape: one array for all the trials, made
+    at the first (none where the choice is known), freed with the function."""
+    out = []
+
+    def run(fn):
+        if not out:
+            out.append(be.xp.empty(shape, dtype=be.xp.float32))
+        fn(out[0])
+
+    return run
 
 
 def _filter_backward(be, g, copies, dy, x, dw, db):
@@ -488,7 +503,7 @@ def _filter_backward(be, g, copies, dy, x, dw, db):
     sharing its channels-last copy of dy with the data gradient."""
     fc = _split_cands(be, FILTER_CFGS, g, lambda cfg, sp, dw_, db_: _filter_implicit(be, cfg, g, dy, x, dw_, db_, sp))
     fc["im2col"] = lambda dw_, db_: _filter_im2col(be, g, dy, x, dw_, db_, x.nbytes + dy.nbytes)
-    if _contiguous(dy, x, dw) and mma.conv_fits(x, dw) and dy.size < 2**31:
+    if _contiguous(dy, x, dw) and mma.conv_fits(x, dw.size) and dy.size < 2**31:
         if be.precision != "fp32":
             fc["tc"] = lambda dw_, db_: _filter_tc(be, g, dy, x, dw_, db_)
         if _fits16(be, "filter", g):
@@ -679,19 +694,20 @@ def conv_backward(be, dy, x, w, dw, db, stride, pad, need_dx=True, relu_x=None, 
         channel_sum(be, dy, db, g.n, g.k, g.p * g.q)
     if not need_dx:
         return None
-    dx = xp.empty((n, c, h, wd), dtype=xp.float32)
+    size = n * c * h * wd
     dc = _split_cands(be, DATA_CFGS, g, lambda cfg, sp, out: _data_implicit(be, cfg, sp, g, dy, w, out, relu_x))
-    dc["im2col"] = lambda out: _data_im2col(be, g, dy, w, out, relu_x, dx.nbytes + dy.nbytes)
-    if _contiguous(dy, w, relu_x) and mma.conv_fits(dy, dx):
+    dc["im2col"] = lambda out: _data_im2col(be, g, dy, w, out, relu_x, 4 * size + dy.nbytes)
+    if _contiguous(dy, w, relu_x) and mma.conv_fits(dy, size):
         if be.precision != "fp32":
             dc["tc"] = lambda out: mma.conv_data_tc(be, out, dy, w, relu_x, stride, pad)
         if _fits16(be, "data", g):
             dc.update(_tiles16(be, "data", lambda tile, out: mma.conv16_data(be, out, copies("dy"), w, relu_x, pad, tile)))
     copies.share = False
-    choice = _choose(be, "data", g, dc, lambda fn: fn(dx))
+    choice = _choose(be, "data", g, dc, _trial_output(be, (n, c, h, wd)))
     copies.share = True
     if out16 and _measured16(be, "data", g) == choice:
         return _data16(be, g, copies("dy"), w, relu_x, choice)
+    dx = xp.empty((n, c, h, wd), dtype=xp.float32)
     dc[choice](dx)
     return dx
 

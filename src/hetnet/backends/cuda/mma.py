@@ -282,11 +282,11 @@ class ConvCall:
                                     self.kchunk or self.k)))
 
 
-def conv_fits(src, out) -> bool:
+def conv_fits(src, out_size: int) -> bool:
     """Whether the kernels' int32 offsets hold: the gathered tensor (x for the forward, dy for the data gradient)
-    with one image more, and the output, below 2^31 elements."""
+    with one image more, and the output (of out_size elements), below 2^31 elements."""
     per_image = src.size // max(src.shape[0], 1)
-    return src.size + per_image < 2**31 and out.size < 2**31
+    return src.size + per_image < 2**31 and out_size < 2**31
 
 
 def _conv_tile(precision: str, tile: str | None, m: int, n: int) -> TcTile:
@@ -307,7 +307,7 @@ def _conv_call(op: str, precision: str, tile: str | None, src, w, aux, out, m: i
     for a in (src, w, aux, out):
         if a is not None and (a.dtype != np.float32 or not a.flags.c_contiguous):
             raise ValueError("conv_tc: every tensor must be contiguous float32")
-    if not conv_fits(src, out):
+    if not conv_fits(src, out.size):
         raise ValueError(f"conv_tc: a tensor of shape {src.shape} is past the kernel's 32-bit offsets")
     if m == 0 or n == 0 or k == 0:          # (k == 0: a filter gradient of no images adds nothing)
         return None
@@ -478,7 +478,7 @@ def _call16(op, tile, src, w, aux, out, m, n, k, geometry, act=0, sms=None, spli
                            ("aux", aux, np.float32), ("output", out, out_dtype)):
         if a is not None and (a.dtype != dtype or not a.flags.c_contiguous):
             raise ValueError(f"conv16: the {name} must be contiguous {np.dtype(dtype).name}")
-    if not conv_fits(src, out) or w.size >= 2**31:
+    if not conv_fits(src, out.size) or w.size >= 2**31:
         raise ValueError(f"conv16: a tensor of shape {src.shape} is past the kernel's 32-bit offsets")
     if m == 0 or n == 0 or k == 0:
         return None
@@ -524,7 +524,7 @@ def plan_conv16_pool(buf, x16, w16, b, stride: int, pad: int, act: int = 0, tile
             or (b is not None and tuple(b.shape) != (o,))
             or not conv16_fits("pool", c, o, r, s, stride, pad, _copy_precision(x16))):
         raise ValueError(f"conv16: x {x16.shape}, w {w16.shape}, pooled buffer {buf.shape} do not fit together")
-    if not conv_fits(x16, buf) or count * 4 >= 2**31:
+    if not conv_fits(x16, buf.size) or count * 4 >= 2**31:
         raise ValueError(f"conv16: a tensor of shape {x16.shape} is past the kernel's 32-bit offsets")
     call = _call16("pool", tile, x16, w16, b, buf, o, 16 * (-(-count // 4)), r * s * c,
                    (c, h, wd, r, s, pp, pq, o, stride, pad), act)
