@@ -65,8 +65,10 @@ def launchers(entries: dict) -> str:
 
 # a parameter's C type -> the NumPy dtypes an array argument may have (bf16 pairs are written through unsigned*)
 POINTEE = {"float": (np.float32,), "double": (np.float64,), "unsigned short": (np.uint16,),
-            "unsigned": (np.uint32, np.uint16), "unsigned char": (np.uint8,)}
-SCALARS = {"int": (np.int32, ctypes.c_int), "float": (np.float32, ctypes.c_float)}
+           "unsigned": (np.uint32, np.uint16), "unsigned char": (np.uint8,), "int": (np.int32,),
+           "long long": (np.int64,), "unsigned long long": (np.uint64, np.int64)}
+SCALARS = {"int": (np.int32, ctypes.c_int), "float": (np.float32, ctypes.c_float),
+           "long long": (np.int64, ctypes.c_longlong), "unsigned": (np.uint32, ctypes.c_uint)}
 
 
 class EmulatedKernel:

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import RTOL_EMULATED, RTOL_TC, rel_err
-from emu_build import EMU_DIR, EmulatedKernel, build_emulated
+from emu_backend import EmulatedBackend, build_libraries, route_kernels
+from emu_build import EMU_DIR, build_emulated
 from mma_cases import (CONV16_SHAPES, CONV32_SHAPES, CONV_SHAPES, POOL16_SHAPES, POOL32_SHAPES, SHAPES,
                        conv_data_expected, conv_data_inputs, conv_expected, conv_filter_expected, conv_filter_inputs,
                        bf16_bits, conv_inputs, expected, max_pool_2x2, nhwc16, nhwc_copy, stored, turned_copy)
@@ -671,70 +672,18 @@ def test_takes_dy16_asks_for_both_gradients_measured_on_channels_last_copies(mon
 # --- conv.py's ops on the emulated kernels -------------------------------------------------------------------------
 
 
-class _EmulatedConvKernel:
-    """get_kernel's stand-in for an mma.cu convolution kernel: a launch with a ConvCall's (grid, block, args) runs
-    it on the emulator (run_conv's entry point, every buffer registered with its size)."""
-
-    max_dynamic_shared_size_bytes = 0
-
-    def __init__(self, lib, name: str):
-        self.lib, self.name = lib, name
-
-    def __call__(self, grid, block, args, shared_mem=0):
-        c = ctypes
-        src, w, aux, out, *ints = args
-
-        def buf(a):
-            return (c.c_void_p(None), c.c_longlong(0)) if not isinstance(a, np.ndarray) else (
-                c.c_void_p(a.ctypes.data), c.c_longlong(a.nbytes))
-
-        err = c.create_string_buffer(1024)
-        rc = self.lib.emu_conv(c.cast(getattr(self.lib, self.name), c.c_void_p), *(c.c_uint(int(v)) for v in grid),
-                               c.c_uint(int(block[0])), c.c_int(int(shared_mem)), *buf(src), *buf(w), *buf(aux),
-                               *buf(out), *(c.c_int(int(v)) for v in ints), c.c_uint(3), err, c.c_int(len(err)))
-        assert rc == 0, f"{self.name} grid {grid}: {err.value.decode()}"
-
-
 @pytest.fixture(scope="module")
-def emu_copies(tmp_path_factory):
-    """conv.cu's channels-last copies, turned weights, add_from_nhwc, pooling gradients and small forward, each with
-    a launcher for EmulatedKernel."""
-    from test_cu_emulated import emulated_kernels_text
-
-    text = emulated_kernels_text()
-    return build_emulated(tmp_path_factory.mktemp("emu_copies"), "copies_emu", text, launchers_of=text)
+def emu_libs(emu, tmp_path_factory):
+    """The emulated libraries of the cuda backend's convolutions: mma.cu (emu) and conv.cu's pieces."""
+    return build_libraries(tmp_path_factory.mktemp("emu_libs"), mma_lib=emu, whole=())
 
 
 @pytest.fixture
-def conv_ops(emu, emu_copies, monkeypatch):
-    """The cuda backend's convolution ops (conv.py's ConvOps) at bf16 on NumPy arrays, their kernels emulated:
-    mma.cu's on `emu`, conv.cu's on `emu_copies`; the mma.sync tiles only (no wgmma), nothing measured (the choices
-    are set by the test), no tuning cache."""
-    import hetnet.backends.cuda as cuda_pkg
-    from hetnet.backends.cuda import CudaBackend, tune_cache
-    from hetnet.backends.cuda import conv as C
-
-    def kernel(device, module, name):
-        return _EmulatedConvKernel(emu, name) if module == "mma" else EmulatedKernel(emu_copies, name)
-
-    for mod in (C, mm, cuda_pkg):
-        monkeypatch.setattr(mod, "get_kernel", kernel, raising=False)
-    for mod in (C, mm):
-        monkeypatch.setattr(mod, "wgmma_ok", lambda device: False)
-    monkeypatch.setattr(tune_cache, "for_backend", lambda be: None)
-
-    class Backend(C.ConvOps):
-        xp, device_id, sms, precision, index64 = np, 0, SMS, "bf16", False
-        force_conv_algo, capturing, graph_cublas = None, None, False
-        conv_choice, launch = CudaBackend.conv_choice, CudaBackend.launch
-
-        def __init__(self):
-            self._tune, self._tune_times = {}, {}
-
-        def _c(self, a):
-            return np.ascontiguousarray(a)
-
-    return Backend()
+def conv_ops(emu_libs, monkeypatch):
+    """The cuda backend at bf16 on NumPy arrays, its convolution kernels emulated (tests/emu_backend.py): the mma.sync
+    tiles only (no wgmma), nothing measured (the choices are set by the test), no tuning cache."""
+    route_kernels(monkeypatch, emu_libs)
+    return EmulatedBackend("bf16", sms=SMS)
 
 
 @pytest.mark.parametrize("pooled", [False, True], ids=["conv", "conv_pool"])

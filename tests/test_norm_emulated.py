@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import ctypes
 import math
-import re
 
 import numpy as np
 import pytest
-from emu_build import EmulatedKernel, build_emulated
+from emu_backend import EmulatedBackend, route_kernels, whole_module_text
+from emu_build import build_emulated
 from mma_cases import bf16_bits
 
 from hetnet.backends import reference as ref
-from hetnet.backends.cuda import CudaBackend, kernels
 from hetnet.backends.cuda import norm as norm_ops
 from hetnet.backends.cuda.conv import Nchw16, Nhwc16
 
@@ -86,19 +85,9 @@ extern "C" int emu_bwd_dx_nhwc(int x16, int dy16, const void* dy, const void* x,
 """
 
 
-def _norm_text() -> str:
-    """norm.cu with common.cuh inlined, for the emulator: the bf16 conversion is the emulator's (hn_pack_bf16x2, the
-    same rounding), `__shared__` arrays static (one block runs at a time)."""
-    text = kernels.inline_header(kernels.cu_text("norm")).replace("#pragma once\n", "")
-    text, n = re.subn(r"__device__ __forceinline__ unsigned hn_bf16x2_bits\(float lo, float hi\) \{.*?\n\}\n", "",
-                      text, flags=re.S)
-    assert n == 1, "common.cuh's hn_bf16x2_bits"
-    return "#define __shared__ static\n" + re.sub(r"\bhn_bf16x2_bits\b", "hn_pack_bf16x2", text)
-
-
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
-    text = _norm_text()
+    text = whole_module_text("norm")
     return build_emulated(tmp_path_factory.mktemp("emu_norm"), "norm_emu", text + ENTRY, launchers_of=text)
 
 
@@ -216,29 +205,14 @@ def test_batch_norm_kernels_on_bf16_inputs_emulated(emu, rng, shape, act, train)
 
 # --- norm.py's ops on the emulated kernels --------------------------------------------------------------------------
 
-class _Backend(norm_ops.NormOps):
-    """The cuda backend's batch-norm ops on NumPy arrays (and the emulated kernels, through get_kernel)."""
-
-    xp, device_id, sms, index64, precision = np, 0, 2, False, "bf16"
-    ix = CudaBackend.ix
-
-    def __init__(self):
-        self._scratch = {}
-
-    def scratch(self, name, shape, dtype):
-        return self._scratch.setdefault((name, tuple(shape), np.dtype(dtype).str), np.zeros(shape, dtype))
-
-    def _c(self, a):
-        return np.ascontiguousarray(a)
-
-
 @pytest.fixture
 def ops(emu, monkeypatch):
-    monkeypatch.setattr(norm_ops, "get_kernel", lambda device, module, name: EmulatedKernel(emu, name))
-    # the channels-last hand-overs wherever the caller asks for them (on a GPU: where measured)
+    """The cuda backend at bf16 on NumPy arrays (tests/emu_backend.py), its batch-norm kernels this module's
+    emulated norm.cu, the channels-last hand-overs wherever the caller asks for them (on a GPU: where measured)."""
+    route_kernels(monkeypatch, {"norm": emu})
     monkeypatch.setattr(norm_ops, "takes_nhwc16", lambda be, shape, feeds: feeds is not None)
     monkeypatch.setattr(norm_ops, "takes_dy16", lambda be, shape, grad_feeds: grad_feeds is not None)
-    return _Backend()
+    return EmulatedBackend("bf16", sms=2)
 
 
 def _channels_last(a):

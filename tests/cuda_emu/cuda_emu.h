@@ -430,6 +430,23 @@ inline T atomicAdd(T* p, T v) {
     return old;
 }
 inline void __threadfence() {}
+// CUDA's correctly rounded single operations (never contracted into a fused multiply-add), and a clock
+inline float __fadd_rn(float a, float b) {
+    volatile float r = a + b;
+    return r;
+}
+inline float __fsub_rn(float a, float b) {
+    volatile float r = a - b;
+    return r;
+}
+inline float __fmul_rn(float a, float b) {
+    volatile float r = a * b;
+    return r;
+}
+inline long long clock64() {   // advances at every read, so that a kernel spinning on it ends
+    static long long t = 0;
+    return t += 1000;
+}
 inline int min(int a, int b) { return a < b ? a : b; }     // CUDA's integer min and max
 inline int max(int a, int b) { return a > b ? a : b; }
 inline float __int_as_float(int i) { return emu::from_bits(static_cast<unsigned>(i)); }

@@ -1,0 +1,104 @@
+"""A small bf16 CNN through hetnet's plan on the cuda backend, on the CPU: CudaBackend's own ops, launchers and
+hand-overs with its kernels emulated (tests/emu_backend.py), every convolution on the channels-last tensor-core
+kernels (set as if measured): the hand-overs around the batch norms happen as the plan says and store exactly the
+values they stand for. Needs g++ (skipped without); no GPU. On a GPU, test_mma.py's
+test_training_with_batch_norm_inputs_in_bf16 runs the same hand-overs in captured training steps."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import RTOL_TC, rel_err
+from emu_backend import EmulatedBackend, build_libraries, route_kernels
+from mma_cases import bf16_bits
+
+import hetnet as hn
+from hetnet import plan as P
+from hetnet.backends.cuda import conv as C
+
+BATCH = 4
+# the model's convolutions (N, C, H, W, K, R, S, stride, padding) and their choices, as if measured
+CHOICES = {(BATCH, 3, 8, 8, 16, 3, 3, 1, 1): ("fwd", "filter"),
+           (BATCH, 16, 8, 8, 32, 3, 3, 1, 1): ("fwd", "pool", "filter", "data"),
+           (BATCH, 32, 4, 4, 32, 3, 3, 1, 1): ("fwd", "filter", "data")}
+DENSE = (BATCH, 32, 1, 1, 10, 1, 1, 1, 0)           # the dense layer as the 1 x 1 convolution it runs as
+
+
+@pytest.fixture(scope="module")
+def libs(tmp_path_factory):
+    return build_libraries(tmp_path_factory.mktemp("emu_cuda"))
+
+
+@pytest.fixture
+def be(libs, monkeypatch):
+    route_kernels(monkeypatch, libs)
+    be = EmulatedBackend("bf16")
+    for shape, ops in CHOICES.items():
+        be._tune.update({(op, C.Geometry(*shape).key()): "tc16" for op in ops})
+    be._tune.update({(op, C.Geometry(*DENSE).key()): "tc" for op in ("fwd", "data", "filter")})
+    return be
+
+
+def _model(device):
+    hn.seed(5)
+    return hn.Sequential([
+        hn.Conv2D(3, 16, 3, padding=1, bias=False), hn.BatchNorm2D(16), hn.ReLU(),
+        hn.Conv2D(16, 32, 3, padding=1, bias=False), hn.MaxPool2D(2), hn.BatchNorm2D(32), hn.ReLU(),
+        hn.Conv2D(32, 32, 3, padding=1, bias=False), hn.BatchNorm2D(32), hn.ReLU(),
+        hn.MaxPool2D(4), hn.Flatten(), hn.Dense(32, 10, bias=False)]).to(device)
+
+
+def _step(model, x, y):
+    """(logits, {parameter index: gradient}) of one forward and backward of the mean cross-entropy, as NumPy."""
+    be = model.backend
+    logits = model.plan.forward(be.asarray(x))
+    dlogits = be.xp.empty_like(logits)
+    be.softmax_cross_entropy_into(logits, be.labels(y), dlogits, be.zeros((1,), np.float64),
+                                  be.zeros((1,), np.int64))
+    model.zero_grad()
+    model.plan.backward(dlogits, need_dx=False)
+    return be.to_numpy(logits), {i: be.to_numpy(p.grad) for i, p in enumerate(model.parameters())}
+
+
+def _as_bf16(a):
+    """The values of a float32 array rounded to bf16 (to nearest even), as float32."""
+    return (bf16_bits(a).astype(np.uint32) << 16).view(np.float32)
+
+
+def test_bf16_plan_on_the_emulated_cuda_backend(be, rng, monkeypatch):
+    """The plan's hand-overs on the cuda backend at bf16. Each batch norm (-> ReLU) gets its input and its gradient
+    stored in bf16 from the convolutions around it (Node.to_norm, grad_to_norm; conv.Nchw16) and hands its output
+    and input gradient to them channels-last (feeds, grad_feeds; conv.Nhwc16). The logits and every gradient are
+    bit for bit those of the same step without the hand-overs to batch norms whose batch norms round their float32
+    input and gradient to bf16 themselves: the hand-overs store exactly those values, and the emulator adds in a
+    fixed order. The logits are within 2 RTOL_TC["bf16"] of the reference backend's float64 step."""
+    x = rng.standard_normal((BATCH, 3, 8, 8)).astype(np.float32)
+    y = rng.integers(0, 10, size=BATCH)
+    seen = []
+    forward, backward = be.bn_relu_forward, be.bn_relu_backward
+
+    def spy(x_, *a, **kw):
+        y_, cache = forward(x_, *a, **kw)
+        seen.append(("fwd", isinstance(x_, C.Nchw16), isinstance(y_, C.Nhwc16)))
+        return y_, cache
+
+    def spy_back(dy_, *a, **kw):
+        dx = backward(dy_, *a, **kw)
+        seen.append(("bwd", isinstance(dy_, C.Nchw16), isinstance(dx, C.Nhwc16)))
+        return dx
+
+    monkeypatch.setattr(be, "bn_relu_forward", spy)
+    monkeypatch.setattr(be, "bn_relu_backward", spy_back)
+    logits, grads = _step(_model(be), x, y)
+    # the first two batch norms (-> ReLU); the last runs fused with its ReLU and max pooling (bn_relu_pool), which
+    # takes no hand-over. The first one's gradient goes to the first convolution, whose data gradient does not run
+    # (need_dx False): float32
+    assert seen == [("fwd", True, True), ("fwd", True, True), ("bwd", True, True), ("bwd", True, False)], seen
+    monkeypatch.setattr(P, "_to_norm", lambda node, be, grad=False: {})
+    monkeypatch.setattr(be, "bn_relu_forward", lambda x_, *a, **kw: forward(_as_bf16(x_), *a, **kw))
+    monkeypatch.setattr(be, "bn_relu_backward", lambda dy_, *a, **kw: backward(_as_bf16(dy_), *a, **kw))
+    rounded_logits, rounded_grads = _step(_model(be), x, y)
+    np.testing.assert_array_equal(logits, rounded_logits)
+    for i, g in grads.items():
+        np.testing.assert_array_equal(g, rounded_grads[i], err_msg=f"parameter {i}")
+    ref_logits, _ = _step(_model("reference"), x, y)
+    assert rel_err(logits, ref_logits) <= 2 * RTOL_TC["bf16"], rel_err(logits, ref_logits)
