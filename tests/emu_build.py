@@ -63,7 +63,8 @@ def launchers(entries: dict) -> str:
     return "\n".join(out)
 
 
-# a parameter's C type -> the NumPy dtypes an array argument may have (bf16 pairs are written through unsigned*)
+# a parameter's C type -> the NumPy dtypes an array argument may have (bf16 pairs are written through unsigned*;
+# void*: any)
 POINTEE = {"float": (np.float32,), "double": (np.float64,), "unsigned short": (np.uint16,),
            "unsigned": (np.uint32, np.uint16), "unsigned char": (np.uint8,), "int": (np.int32,),
            "long long": (np.int64,), "unsigned long long": (np.uint64, np.int64)}
@@ -87,7 +88,8 @@ class EmulatedKernel:
             if t.endswith("*"):
                 if isinstance(a, np.ndarray):
                     base = t[:-1].replace("const ", "").strip()
-                    assert a.dtype.type in POINTEE[base] and a.flags.c_contiguous, f"{self.name} argument {i}: {t}"
+                    assert (base == "void" or a.dtype.type in POINTEE[base]) and a.flags.c_contiguous, \
+                        f"{self.name} argument {i}: {t}"
                     ptrs[i] = a.ctypes.data
                 else:
                     assert a is NULL, f"{self.name} argument {i}: {t} given {a!r}"

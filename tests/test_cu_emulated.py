@@ -109,7 +109,7 @@ extern "C" int emu_conv_small(const float* x, const float* w, const float* b, vo
                               int K, int R, int S, int stride, int pad, int P, int Q, int act, int out16,
                               unsigned seed, char* err, int len) {
     std::string msg = emu::launch({(unsigned)((n * P * Q + 127) / 128), 1, 1}, {256, 1, 1}, 0, [=] {
-        conv_small_fwd(x, w, b, static_cast<float*>(y), n, C, H, W, K, R, S, stride, pad, P, Q, act, out16);
+        conv_small_fwd(x, w, b, y, n, C, H, W, K, R, S, stride, pad, P, Q, act, out16);
     }, seed);
     snprintf(err, len, "%s", msg.c_str());
     return msg.empty() ? 0 : 1;

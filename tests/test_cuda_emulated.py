@@ -64,13 +64,16 @@ def _as_bf16(a):
     return (bf16_bits(a).astype(np.uint32) << 16).view(np.float32)
 
 
-def test_bf16_plan_on_the_emulated_cuda_backend(be, rng, monkeypatch):
+@pytest.mark.parametrize("first", ["tc16", "small"])
+def test_bf16_plan_on_the_emulated_cuda_backend(be, rng, monkeypatch, first):
     """The plan's hand-overs on the cuda backend at bf16. Each batch norm (-> ReLU) gets its input and its gradient
     stored in bf16 from the convolutions around it (Node.to_norm, grad_to_norm; conv.Nchw16) and hands its output
     and input gradient to them channels-last (feeds, grad_feeds; conv.Nhwc16). The logits and every gradient are
     bit for bit those of the same step without the hand-overs to batch norms whose batch norms round their float32
     input and gradient to bf16 themselves: the hand-overs store exactly those values, and the emulator adds in a
-    fixed order. The logits are within 2 RTOL_TC["bf16"] of the reference backend's float64 step."""
+    fixed order. The logits are within 2 RTOL_TC["bf16"] of the reference backend's float64 step. The first
+    convolution's forward on the channels-last tiles or on conv_small_fwd ("small")."""
+    be._tune[("fwd", C.Geometry(*next(iter(CHOICES))).key())] = first
     x = rng.standard_normal((BATCH, 3, 8, 8)).astype(np.float32)
     y = rng.integers(0, 10, size=BATCH)
     seen = []

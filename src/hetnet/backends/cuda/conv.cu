@@ -656,8 +656,8 @@ __device__ __forceinline__ void conv_bwd_filter_impl(const float* __restrict__ d
 // --- small convolutions: a direct forward (conv.py's "small") ------------------------------------------------------
 
 // y = act(conv2d(x, w) + b) for C R S <= 32 taps a pixel and K <= 64 outputs, a multiple of 8 (cifar-wide's first
-// layer, 3 -> 64 at 3 x 3). x [n][C][H][W], w [K][C][R][S], b [K] or null, all float32; y [n][K][P][Q], float32
-// (out16 = 0) or, out16 = 1, bf16 bits (round to nearest even) at the same positions of y read as unsigned short.
+// layer, 3 -> 64 at 3 x 3). x [n][C][H][W], w [K][C][R][S], b [K] or null, all float32; y = out [n][K][P][Q], float32
+// (out16 = 0) or, out16 = 1, bf16 bits (round to nearest even), unsigned short.
 // A block's pixels are 128 consecutive output pixels of the n * P * Q (img, p, q) (n P Q + 128 <= 2^31), tap j = (c, r,
 // s) in that order. The block stages its pixels' taps in shared memory (xs[j][pixel], zero outside x and for
 // j >= CRS) and the weights (wt[j][k], zero for k >= K). Thread t: channels 8 (t / 32) .. + 7 (warp-uniform, so a
@@ -667,7 +667,7 @@ __device__ __forceinline__ void conv_bwd_filter_impl(const float* __restrict__ d
 // are 4-aligned in the image (P Q a multiple of 4), else one at a time.
 extern "C" __global__ void __launch_bounds__(256, 2) conv_small_fwd(const float* __restrict__ x,
                                                                  const float* __restrict__ w,
-                                                                 const float* __restrict__ b, float* __restrict__ y,
+                                                                 const float* __restrict__ b, void* __restrict__ out,
                                                                  int n, int C, int H, int W, int K, int R, int S,
                                                                  int stride, int pad, int P, int Q, int act,
                                                                  int out16) {
@@ -718,7 +718,8 @@ extern "C" __global__ void __launch_bounds__(256, 2) conv_small_fwd(const float*
 #pragma unroll
             for (int v = 0; v < 4; ++v) acc[u][v] = fmaxf(acc[u][v], 0.f);
     }
-    unsigned short* y16 = reinterpret_cast<unsigned short*>(y);
+    float* y = static_cast<float*>(out);
+    unsigned short* y16 = static_cast<unsigned short*>(out);
     const int pix = p0 + q0, img = pix / PQ, pq = pix - img * PQ;
     const bool whole = pix + 3 < NP && pq + 3 < PQ && (PQ & 3) == 0;     // 4 pixels of one image, 4-aligned
 #pragma unroll
