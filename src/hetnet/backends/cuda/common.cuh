@@ -193,9 +193,6 @@ __device__ __forceinline__ unsigned hn_bf16x2_bits(float lo, float hi) {
     asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
     return r;
 }
-__device__ __forceinline__ unsigned short hn_bf16_bits(float v) {
-    return static_cast<unsigned short>(hn_bf16x2_bits(v, 0.f) & 0xffffu);
-}
 
 // x rounded to tf32 (to nearest, ties away from zero: cvt.rna.tf32.f32) as a float32 with its low 13 bits zero: the
 // operands of mma.cu's tf32 channels-last convolutions (HN_CONV32W, HN_CONV32F). NaN stays NaN, overflow goes to inf.

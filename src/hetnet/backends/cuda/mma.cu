@@ -1158,7 +1158,8 @@ __device__ __forceinline__ void hn_conv_pool_epilogue(const HnBlock& b, float (&
                                                       const HnConv& cv, int wm, int wn, int lane) {
     static_assert(NT % 2 == 0, "a window's two rows are fragments j and j + 1");
     const int t = lane & 3, plane = cv.out_plane.d;
-    unsigned char* arg = reinterpret_cast<unsigned char*>(b.C) + static_cast<long long>(cv.pooled) * M * (cv.out16 ? 2 : 4);
+    unsigned char* arg =
+        reinterpret_cast<unsigned char*>(b.C) + static_cast<long long>(cv.pooled) * M * (cv.out16 ? 2 : 4);
     hn_each_row<MT>(b, M, wm, lane, [&](int i, int h, int m) {
         const float bias = cv.aux ? hn_ldg(cv.aux + m) : 0.f;
 #pragma unroll
