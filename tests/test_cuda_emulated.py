@@ -1,7 +1,7 @@
-"""A small bf16 CNN through hetnet's plan on the cuda backend, on the CPU: CudaBackend's own ops, launchers and
-hand-overs with its kernels emulated (tests/emu_backend.py), every convolution on the channels-last tensor-core
-kernels (set as if measured): the hand-overs around the batch norms happen as the plan says and store exactly the
-values they stand for. Needs g++ (skipped without); no GPU. On a GPU, test_mma.py's
+"""A small bf16 CNN through hetnet's plan and training steps on the cuda backend, on the CPU: CudaBackend's own
+ops, launchers and hand-overs with its kernels emulated (tests/emu_backend.py), every convolution on the channels-last
+tensor-core kernels (set as if measured): the hand-overs around the batch norms happen as the plan says and store
+exactly the values they stand for. Needs g++ (skipped without); no GPU. On a GPU, test_mma.py's
 test_training_with_batch_norm_inputs_in_bf16 runs the same hand-overs in captured training steps."""
 from __future__ import annotations
 
@@ -105,3 +105,36 @@ def test_bf16_plan_on_the_emulated_cuda_backend(be, rng, monkeypatch, first):
         np.testing.assert_array_equal(g, rounded_grads[i], err_msg=f"parameter {i}")
     ref_logits, _ = _step(_model("reference"), x, y)
     assert rel_err(logits, ref_logits) <= 2 * RTOL_TC["bf16"], rel_err(logits, ref_logits)
+
+
+def test_bf16_training_steps_on_the_emulated_cuda_backend(be, rng, monkeypatch):
+    """Two SGD training steps (hetnet.train's step: the plan, the loss into the step's sums, the optimiser's update
+    kernel) with the hand-overs around the batch norms give weights bit for bit those of the steps whose batch norms
+    round their float32 input and gradient to bf16 themselves, and the same loss sums."""
+    from hetnet import train as T
+
+    x = rng.standard_normal((2 * BATCH, 3, 8, 8)).astype(np.float32)
+    y = rng.integers(0, 10, size=2 * BATCH)
+    forward, backward = be.bn_relu_forward, be.bn_relu_backward
+    results, bf16_inputs = [], []
+
+    def spy(x_, *a, **kw):
+        bf16_inputs.append(isinstance(x_, C.Nchw16))
+        return forward(x_, *a, **kw)
+
+    monkeypatch.setattr(be, "bn_relu_forward", spy)
+    for handed in (True, False):
+        if not handed:
+            monkeypatch.setattr(P, "_to_norm", lambda node, be, grad=False: {})
+            monkeypatch.setattr(be, "bn_relu_forward", lambda x_, *a, **kw: forward(_as_bf16(x_), *a, **kw))
+            monkeypatch.setattr(be, "bn_relu_backward", lambda dy_, *a, **kw: backward(_as_bf16(dy_), *a, **kw))
+        model = _model(be)
+        step = T.make_train_step(model, T.make_optimizer("sgd", model.parameters(), lr=0.05, momentum=0.9))
+        for i in range(2):
+            step.step(be.asarray(x[i * BATCH:(i + 1) * BATCH]), be.labels(y[i * BATCH:(i + 1) * BATCH]))
+        results.append((step.collect(), {k: be.to_numpy(v) for k, v in model.state_dict().items()}))
+    (sums, weights), (sums32, weights32) = results
+    assert bf16_inputs == [True, True] * 2, bf16_inputs              # the handed steps' two batch norms (-> ReLU)
+    assert sums == sums32, (sums, sums32)
+    for k, v in weights.items():
+        np.testing.assert_array_equal(v, weights32[k], err_msg=k)
