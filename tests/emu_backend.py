@@ -3,8 +3,8 @@ plan's hand-overs) on NumPy arrays, its kernels run by the emulator (tests/cuda_
 pool.cu, loss.cu, elementwise.cu and optim.cu compile whole; of conv.cu, the channels-last copies, turned weights,
 pooling gradients, small forward and their helpers (test_cu_emulated's pieces; its implicit-GEMM tiles have PTX of
 their own); mma.cu whole, its convolutions launched through gemm_launch.cpp's emu_conv. Nothing is measured: a
-test sets each convolution's choice in `_tune` (the tensor-core ones: the mma.sync tiles, no wgmma); cuBLAS is not
-there."""
+test sets each convolution's choice in `_tune` (the channels-last tensor-core ones, the NCHW "tc", "small"); cuBLAS
+is not there."""
 from __future__ import annotations
 
 import contextlib
@@ -66,8 +66,9 @@ def build_libraries(folder, mma_lib=None, whole=WHOLE) -> dict:
     return libs
 
 
-def route_kernels(monkeypatch, libs: dict) -> None:
-    """Every get_kernel of the cuda backend's modules to the emulated libraries; no wgmma, no tuning cache."""
+def route_kernels(monkeypatch, libs: dict, wgmma: bool = False) -> None:
+    """Every get_kernel of the cuda backend's modules to the emulated libraries; the wgmma tiles offered or not (the
+    emulator runs both), no tuning cache."""
     import hetnet.backends.cuda as cuda_pkg
     from hetnet.backends.cuda import conv, elementwise, loss, mma, norm, pool, tune_cache
 
@@ -79,7 +80,7 @@ def route_kernels(monkeypatch, libs: dict) -> None:
     for mod in (cuda_pkg, conv, mma, norm, elementwise, pool, loss):
         monkeypatch.setattr(mod, "get_kernel", get_kernel)
     for mod in (conv, mma):
-        monkeypatch.setattr(mod, "wgmma_ok", lambda device: False)
+        monkeypatch.setattr(mod, "wgmma_ok", lambda device: wgmma)
     monkeypatch.setattr(tune_cache, "for_backend", lambda be: None)
 
 

@@ -144,8 +144,8 @@ extern "C" int emu_pool_grad(const float* dy, const unsigned char* arg, unsigned
 
 def _kernels_text() -> str:
     """The walks, GELU and hn_store_nhwc16_tile as common.cuh has them; to_nhwc16, pool_grad_nhwc16,
-    pool_grad16_nhwc16, conv_gelu_nhwc16, conv_small_fwd, turn_weights16, add_from_nhwc and relu_mask_inplace as
-    conv.cu,
+    pool_grad16_nhwc16, conv_gelu_nhwc16, conv_small_fwd, the turned weights, add_from_nhwc and relu_mask_inplace
+    as conv.cu,
     hn_bn_z, hn_bn_value, bn_apply_nhwc16, hn_bn_out_grad and bn_bwd_dx_nhwc16 as norm.cu has them."""
     common, conv, norm = ((kernels.HERE / "common.cuh").read_text(), kernels.cu_text("conv"), kernels.cu_text("norm"))
     parts = [line for line in common.splitlines() if line.startswith(("#define HN_RELU", "#define HN_GELU",
@@ -181,6 +181,8 @@ def _kernels_text() -> str:
                         (conv, 'extern "C" __global__ void __launch_bounds__(256) conv_gelu_nhwc16('),
                         (conv, 'extern "C" __global__ void __launch_bounds__(256, 2) conv_small_fwd('),
                         (conv, 'extern "C" __global__ void turn_weights16('),
+                        (conv, 'extern "C" __global__ void turn_weights32('),
+                        (conv, 'extern "C" __global__ void turn_weights32x3('),
                         (conv, 'extern "C" __global__ void add_from_nhwc('),
                         (conv, 'extern "C" __global__ void relu_mask_inplace('),
                         (norm, "__device__ __forceinline__ float hn_bn_z("),
