@@ -140,6 +140,11 @@ def bf16_bits(a):
     return (round_bf16(a).view(np.uint32) >> 16).astype(np.uint16)
 
 
+def bf16_values(bits):
+    """The float32 values bf16 bits (uint16) stand for."""
+    return (np.asarray(bits).astype(np.uint32) << 16).view(np.float32)
+
+
 def nhwc16(a, chunk: int = 1):
     """a [n, C, *spatial] (or weights [O, C, R, S]) channels-last as bf16 bits, as the kernels that write a copy of
     its C channels make it; chunk 8: what mma.to_nhwc16 makes (C padded with zeros to a multiple of 8)."""

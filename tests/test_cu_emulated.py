@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from conftest import RTOL_EMULATED
 from emu_build import build_emulated
-from mma_cases import bf16_bits, nhwc16, nhwc_copy
+from mma_cases import bf16_bits, bf16_values, nhwc16, nhwc_copy
 
 from hetnet.backends import reference as ref
 from hetnet.backends.cuda import kernels
@@ -394,7 +394,7 @@ def _stored(x, x16: bool):
     if not x16:
         return x, x
     bits = bf16_bits(x)
-    return bits, (bits.astype(np.uint32) << 16).view(np.float32)
+    return bits, bf16_values(bits)
 
 
 @pytest.mark.parametrize("x16", [False, True], ids=["x32", "x16"])

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import RTOL, RTOL_PRECISION, RTOL_TC, rel_err
 from emu_backend import EmulatedBackend, build_libraries, route_kernels
-from mma_cases import bf16_bits
+from mma_cases import round_bf16
 
 import hetnet as hn
 from hetnet import plan as P
@@ -59,11 +59,6 @@ def _step(model, x, y):
     return be.to_numpy(logits), {i: be.to_numpy(p.grad) for i, p in enumerate(model.parameters())}
 
 
-def _as_bf16(a):
-    """The values of a float32 array rounded to bf16 (to nearest even), as float32."""
-    return (bf16_bits(a).astype(np.uint32) << 16).view(np.float32)
-
-
 @pytest.mark.parametrize("first", ["tc16", "small"])
 def test_bf16_plan_on_the_emulated_cuda_backend(be, rng, monkeypatch, first):
     """The plan's hand-overs on the cuda backend at bf16. Each batch norm (-> ReLU) gets its input and its gradient
@@ -97,8 +92,8 @@ def test_bf16_plan_on_the_emulated_cuda_backend(be, rng, monkeypatch, first):
     # (need_dx False): float32
     assert seen == [("fwd", True, True), ("fwd", True, True), ("bwd", True, True), ("bwd", True, False)], seen
     monkeypatch.setattr(P, "_to_norm", lambda node, be, grad=False: {})
-    monkeypatch.setattr(be, "bn_relu_forward", lambda x_, *a, **kw: forward(_as_bf16(x_), *a, **kw))
-    monkeypatch.setattr(be, "bn_relu_backward", lambda dy_, *a, **kw: backward(_as_bf16(dy_), *a, **kw))
+    monkeypatch.setattr(be, "bn_relu_forward", lambda x_, *a, **kw: forward(round_bf16(x_), *a, **kw))
+    monkeypatch.setattr(be, "bn_relu_backward", lambda dy_, *a, **kw: backward(round_bf16(dy_), *a, **kw))
     rounded_logits, rounded_grads = _step(_model(be), x, y)
     np.testing.assert_array_equal(logits, rounded_logits)
     for i, g in grads.items():
@@ -126,8 +121,8 @@ def test_bf16_training_steps_on_the_emulated_cuda_backend(be, rng, monkeypatch):
     for handed in (True, False):
         if not handed:
             monkeypatch.setattr(P, "_to_norm", lambda node, be, grad=False: {})
-            monkeypatch.setattr(be, "bn_relu_forward", lambda x_, *a, **kw: forward(_as_bf16(x_), *a, **kw))
-            monkeypatch.setattr(be, "bn_relu_backward", lambda dy_, *a, **kw: backward(_as_bf16(dy_), *a, **kw))
+            monkeypatch.setattr(be, "bn_relu_forward", lambda x_, *a, **kw: forward(round_bf16(x_), *a, **kw))
+            monkeypatch.setattr(be, "bn_relu_backward", lambda dy_, *a, **kw: backward(round_bf16(dy_), *a, **kw))
         model = _model(be)
         step = T.make_train_step(model, T.make_optimizer("sgd", model.parameters(), lr=0.05, momentum=0.9))
         for i in range(2):

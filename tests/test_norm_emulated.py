@@ -10,100 +10,39 @@ the channels-last hand-overs, against the reference backend. Needs g++ (skipped 
 kernels run in tests/test_ops.py (every batch-norm op) and tests/test_mma.py (the bf16 hand-overs)."""
 from __future__ import annotations
 
-import ctypes
 import math
 
 import numpy as np
 import pytest
 from emu_backend import EmulatedBackend, route_kernels, whole_module_text
-from emu_build import build_emulated
-from mma_cases import bf16_bits
+from emu_build import EmulatedKernel, build_emulated
+from mma_cases import bf16_bits, bf16_values
 
 from hetnet.backends import reference as ref
+from hetnet.backends.cuda.kernels import NULL
 from hetnet.backends.cuda import norm as norm_ops
 from hetnet.backends.cuda.conv import Nchw16, Nhwc16
 
 f32 = np.float32
 
-# C entry points: x16 picks the "_x16" kernel (x as bf16 bits), wide the 64-bit index version; grid (C, G), 256
-# threads, as CudaBackend._bn_grid launches them
-ENTRY = """
-#define HN_PICK(name, x16, wide, X16, ...) \\
-    (x16 ? (wide ? name##_x16 : name##_x16_i32)(static_cast<const unsigned short*>(X16), __VA_ARGS__) \\
-         : (wide ? name : name##_i32)(static_cast<const float*>(X16), __VA_ARGS__))
-#define HN_LAUNCH(C, G, body) \\
-    std::string msg = emu::launch({(unsigned)(C), (unsigned)(G), 1}, {256, 1, 1}, 0, [=] { body; }, seed); \\
-    snprintf(err, len, "%s", msg.c_str()); \\
-    return msg.empty() ? 0 : 1;
-
-extern "C" int emu_stats(int x16, int wide, const void* x, float* stats, float* rm, float* rv, double* acc,
-                         unsigned* cnt, int N, int C, int HW, float mom, int G, unsigned seed, char* err, int len) {
-    HN_LAUNCH(C, G, HN_PICK(bn_stats, x16, wide, x, stats, rm, rv, acc, cnt, N, C, HW, mom))
-}
-extern "C" int emu_sums(int x16, int wide, const void* x, double* sums, double* acc, unsigned* cnt, int N, int C,
-                        int HW, int G, unsigned seed, char* err, int len) {
-    HN_LAUNCH(C, G, HN_PICK(bn_sums, x16, wide, x, sums, acc, cnt, N, C, HW))
-}
-extern "C" int emu_apply(int x16, int wide, const void* x, float* y, const float* mean, const float* var,
-                         const float* gamma, const float* beta, int N, int C, int HW, float eps, int act, int G,
-                         unsigned seed, char* err, int len) {
-    HN_LAUNCH(C, G, HN_PICK(bn_apply, x16, wide, x, y, mean, var, gamma, beta, N, C, HW, eps, act))
-}
-// the backward kernels: dy first, then x, each float32 or bf16 bits (the "_dy16", "_x16" versions)
-#define HN_F(p) static_cast<const float*>(p)
-#define HN_H(p) static_cast<const unsigned short*>(p)
-#define HN_W(k, wide) (wide ? k : k##_i32)
-#define HN_PICK2(name, x16, dy16, wide, DY, X, ...) \\
-    (dy16 ? (x16 ? HN_W(name##_x16_dy16, wide)(HN_H(DY), HN_H(X), __VA_ARGS__) \\
-                 : HN_W(name##_dy16, wide)(HN_H(DY), HN_F(X), __VA_ARGS__)) \\
-          : (x16 ? HN_W(name##_x16, wide)(HN_F(DY), HN_H(X), __VA_ARGS__) \\
-                 : HN_W(name, wide)(HN_F(DY), HN_F(X), __VA_ARGS__)))
-extern "C" int emu_bwd_reduce(int x16, int dy16, int wide, const void* dy, const void* x, const float* mean,
-                              const float* var, const float* gamma, const float* beta, float* red, float* dgamma,
-                              float* dbeta, double* acc, unsigned* cnt, int N, int C, int HW, float eps, int act,
-                              int G, unsigned seed, char* err, int len) {
-    HN_LAUNCH(C, G, HN_PICK2(bn_bwd_reduce, x16, dy16, wide, dy, x, mean, var, gamma, beta, red, dgamma, dbeta, acc,
-                             cnt, N, C, HW, eps, act))
-}
-extern "C" int emu_bwd_dx(int x16, int dy16, int wide, const void* dy, const void* x, const float* mean,
-                          const float* var, const float* gamma, const float* beta, const float* red, float* dx, int N,
-                          int C, int HW, float eps, int act, int G, unsigned seed, char* err, int len) {
-    HN_LAUNCH(C, G, HN_PICK2(bn_bwd_dx, x16, dy16, wide, dy, x, mean, var, gamma, beta, red, dx, N, C, HW, eps, act))
-}
-// bn_bwd_dx_nhwc16 (dx channels-last in bf16) on its own grid (ceil(N HW / 32), ceil(C / 64))
-#define HN_PICK_NHWC(x16, dy16, DY, X, ...) \\
-    (dy16 ? (x16 ? bn_bwd_dx_nhwc16_x16_dy16(HN_H(DY), HN_H(X), __VA_ARGS__) \\
-                 : bn_bwd_dx_nhwc16_dy16(HN_H(DY), HN_F(X), __VA_ARGS__)) \\
-          : (x16 ? bn_bwd_dx_nhwc16_x16(HN_F(DY), HN_H(X), __VA_ARGS__) \\
-                 : bn_bwd_dx_nhwc16(HN_F(DY), HN_F(X), __VA_ARGS__)))
-extern "C" int emu_bwd_dx_nhwc(int x16, int dy16, const void* dy, const void* x, const float* mean, const float* var,
-                               const float* gamma, const float* beta, const float* red, unsigned* dx, int N, int C,
-                               int HW, float eps, int act, unsigned seed, char* err, int len) {
-    HN_LAUNCH((N * HW + 31) / 32, (C + 63) / 64,
-              HN_PICK_NHWC(x16, dy16, dy, x, mean, var, gamma, beta, red, dx, N, C, HW, eps, act))
-}
-"""
-
-
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
     text = whole_module_text("norm")
-    return build_emulated(tmp_path_factory.mktemp("emu_norm"), "norm_emu", text + ENTRY, launchers_of=text)
+    return build_emulated(tmp_path_factory.mktemp("emu_norm"), "norm_emu", text, launchers_of=text)
 
 
-def _p(a):
-    return None if a is None else a.ctypes.data_as(ctypes.c_void_p)
+def _launch(emu, name: str, grid, *args) -> None:
+    """norm.cu's kernel `name` on the emulator (256 threads a block), as the backend launches it: arrays, None for
+    the null pointer, Python ints and floats for its int and float parameters."""
+    types = emu.entries[name]
+    args = [NULL if a is None else a if isinstance(a, np.ndarray) else np.int32(a) if t == "int" else np.float32(a)
+            for a, t in zip(args, types)]
+    EmulatedKernel(emu, name)(grid, (256,), args)
 
 
-def _run(fn, *args, seed=3):
-    err = ctypes.create_string_buffer(512)
-    conv = [ctypes.c_float(a) if isinstance(a, float) else _p(a) if isinstance(a, np.ndarray) or a is None else a
-            for a in args]
-    assert fn(*conv, seed, err, 512) == 0, err.value.decode()
-
-
-def _bits_values(bits):
-    return (bits.astype(np.uint32) << 16).view(f32)
+def _version(name: str, x16, dy16, wide) -> str:
+    """The name of a batch-norm kernel's version for x (and dy) stored in bf16 or float32, 64- or 32-bit indices."""
+    return name + ("_x16" if x16 else "") + ("_dy16" if dy16 else "") + ("" if wide else "_i32")
 
 
 def _inputs(rng, shape):
@@ -112,7 +51,7 @@ def _inputs(rng, shape):
     bits = bf16_bits((rng.standard_normal(shape) * 3 + 1).astype(f32))
     dbits = bf16_bits(rng.standard_normal(shape).astype(f32))
     gamma, beta = rng.uniform(0.5, 1.5, c).astype(f32), rng.standard_normal(c).astype(f32)
-    return bits, _bits_values(bits), dbits, _bits_values(dbits), gamma, beta
+    return bits, bf16_values(bits), dbits, bf16_values(dbits), gamma, beta
 
 
 def _kernels(emu, x16, wide, xs, dy, gamma, beta, act, train, G, dy16=0):
@@ -122,23 +61,23 @@ def _kernels(emu, x16, wide, xs, dy, gamma, beta, act, train, G, dy16=0):
     hw = xs.size // (n * c)
     acc, cnt = np.zeros(2 * c), np.zeros(c, np.uint32)
     stats, rm, rv = np.full(2 * c, np.nan, f32), np.zeros(c, f32), np.ones(c, f32)
-    _run(emu.emu_stats, x16, wide, xs, stats, rm, rv, acc, cnt, n, c, hw, 0.1, G)
+    _launch(emu, _version("bn_stats", x16, 0, wide), (c, G), xs, stats, rm, rv, acc, cnt, n, c, hw, 0.1)
     assert not acc.any() and not cnt.any(), "the last block resets acc and count"
     sums = np.full(2 * c + 1, np.nan)
-    _run(emu.emu_sums, x16, wide, xs, sums, acc, cnt, n, c, hw, G)
+    _launch(emu, _version("bn_sums", x16, 0, wide), (c, G), xs, sums, acc, cnt, n, c, hw)
     mean, var = (stats[:c], stats[c:]) if train else (rm, rv)
     y = np.full(xs.shape, np.nan, f32)
-    _run(emu.emu_apply, x16, wide, xs, y, mean, var, gamma, beta, n, c, hw, 1e-5, act, G)
+    _launch(emu, _version("bn_apply", x16, 0, wide), (c, G), xs, y, mean, var, gamma, beta, n, c, hw, 1e-5, act)
     red, dg, db = np.full(2 * c, np.nan, f32), np.ones(c, f32), np.ones(c, f32)
-    _run(emu.emu_bwd_reduce, x16, dy16, wide, dy, xs, mean, var, gamma, beta, red, dg, db, acc, cnt, n, c, hw, 1e-5,
-         act, G)
+    _launch(emu, _version("bn_bwd_reduce", x16, dy16, wide), (c, G), dy, xs, mean, var, gamma, beta, red, dg, db, acc,
+            cnt, n, c, hw, 1e-5, act)
     dx = np.full(xs.shape, np.nan, f32)
-    _run(emu.emu_bwd_dx, x16, dy16, wide, dy, xs, mean, var, gamma, beta, red if train else None, dx, n, c, hw, 1e-5,
-         act, G)
+    _launch(emu, _version("bn_bwd_dx", x16, dy16, wide), (c, G), dy, xs, mean, var, gamma, beta,
+            red if train else None, dx, n, c, hw, 1e-5, act)
     dx16 = np.full((n, *xs.shape[2:], c + c % 2), 0xDEAD, np.uint16)
     if c % 2 == 0:                                          # (its bf16 pairs need C even)
-        _run(emu.emu_bwd_dx_nhwc, x16, dy16, dy, xs, mean, var, gamma, beta, red if train else None, dx16, n, c, hw,
-             1e-5, act)
+        _launch(emu, _version("bn_bwd_dx_nhwc16", x16, dy16, True), (-(-n * hw // 32), -(-c // 64)), dy, xs, mean,
+                var, gamma, beta, red if train else None, dx16, n, c, hw, 1e-5, act)
     return stats, rm, rv, sums, y, red, dg, db, dx, dx16
 
 

@@ -18,21 +18,17 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[1] / "tests"))   # mma_cases: the bf16 rounding
 sys.path.insert(0, str(HERE))
 
 RTOL = 1e-5          # float32 sums of 27 (forward) or n P Q (filter) terms in another order
 GRID_PER_SM = 4      # conv_small_filter2's blocks per SM (its grid-stride loop over 64-pixel tiles)
 
 
-def bf16_bits(a: np.ndarray) -> np.ndarray:
-    """The bf16 (round to nearest even) of finite float32 values, as their 16 bits."""
-    u = a.view(np.uint32)
-    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-
-
 def out16_row(cupy, spin, launch16, y32: np.ndarray) -> dict:
     """The row of conv_small_fwd with bf16 output, launch16(y16) on uint16 of y32's shape: checked (bits equal to
     the bf16 of y32, the float32 output), then timed."""
+    from mma_cases import bf16_bits
     from run_conv_variants import time_ms
 
     y16 = cupy.zeros(y32.shape, np.uint16)
