@@ -475,7 +475,7 @@ def conv_forward(be, x, w, b, stride, pad, act=0, geometry=None, out16=False):
             cands["tc"] = lambda out: mma.conv_tc(be, out, x, w, b, stride, pad, act)
         if _fits16(be, "fwd", g):
             cands.update(_tiles16(be, "fwd", lambda tile, out: mma.conv16(be, out, x, w, b, stride, pad, act, tile)))
-    choice = _choose(be, "fwd", g, cands, _trial_output(be, shape))
+    choice = _choose(be, "fwd", g, cands, _float32_outputs(be, shape))
     if out16 and choice == "small":
         y16 = be.xp.empty(shape, dtype=be.xp.uint16)
         _fwd_small(be, g, x, w, b, y16, act, out16=True)
@@ -485,17 +485,22 @@ def conv_forward(be, x, w, b, stride, pad, act=0, geometry=None, out16=False):
     return y
 
 
-def _trial_output(be, shape):
-    """_choose's run_scratch for candidates that write a float32 output of shape: one array for all the trials, made
-    at the first (none where the choice is known), freed with the function."""
+def _trial_outputs(make):
+    """_choose's run_scratch: the candidates' outputs for their trials, make() at the first trial (nothing where the
+    choice is known), the same ones for every trial, freed with the function."""
     out = []
 
     def run(fn):
         if not out:
-            out.append(be.xp.empty(shape, dtype=be.xp.float32))
-        fn(out[0])
+            out.extend(make())
+        fn(*out)
 
     return run
+
+
+def _float32_outputs(be, shape):
+    """_trial_outputs for candidates that write one float32 output of shape."""
+    return _trial_outputs(lambda: (be.xp.empty(shape, dtype=be.xp.float32),))
 
 
 def _filter_backward(be, g, copies, dy, x, dw, db):
@@ -508,16 +513,9 @@ def _filter_backward(be, g, copies, dy, x, dw, db):
             fc["tc"] = lambda dw_, db_: _filter_tc(be, g, dy, x, dw_, db_)
         if _fits16(be, "filter", g):
             fc.update(_tiles16(be, "filter", lambda tile, dw_, db_: _filter_tc16(be, g, copies, dy, dw_, db_, tile)))
-
-    scratch = []
-
-    def scratch_filter(fn):       # the filter gradient accumulates: measure it on scratch outputs
-        if not scratch:
-            scratch.extend((be.xp.zeros_like(dw), be.xp.zeros_like(db) if db is not None else None))
-        fn(*scratch)
-
-    choice = _choose(be, "filter", g, fc, scratch_filter)
-    scratch.clear()
+    # the filter gradient accumulates: measured on zeroed outputs of its own
+    choice = _choose(be, "filter", g, fc, _trial_outputs(
+        lambda: (be.xp.zeros_like(dw), be.xp.zeros_like(db) if db is not None else None)))
     copies.share = True
     fc[choice](dw, db)
     copies.drop("x")
@@ -703,7 +701,7 @@ def conv_backward(be, dy, x, w, dw, db, stride, pad, need_dx=True, relu_x=None, 
         if _fits16(be, "data", g):
             dc.update(_tiles16(be, "data", lambda tile, out: mma.conv16_data(be, out, copies("dy"), w, relu_x, pad, tile)))
     copies.share = False
-    choice = _choose(be, "data", g, dc, _trial_output(be, (n, c, h, wd)))
+    choice = _choose(be, "data", g, dc, _float32_outputs(be, (n, c, h, wd)))
     copies.share = True
     if out16 and _measured16(be, "data", g) == choice:
         return _data16(be, g, copies("dy"), w, relu_x, choice)
