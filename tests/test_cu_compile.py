@@ -29,7 +29,8 @@ SOURCES = sorted(s.stem for s in CUDA_DIR.glob("*.cu"))
 SANDBOX = "conv_variants"          # benchmarks/kernels: the tiles that do not ship, numbered
 NHWC_SANDBOX = "tc_conv_nhwc"      # benchmarks/kernels: the channels-last tensor-core forward (includes mma.cu)
 WS_SANDBOX = "conv16_ws"           # benchmarks/kernels: the warp-specialised bf16 wgmma tiles (includes mma.cu)
-SANDBOXES = (SANDBOX, NHWC_SANDBOX, WS_SANDBOX)
+POOL_SANDBOX = "pool_grad_px"      # benchmarks/kernels: the pooling gradient by pixels of the input (includes conv.cu)
+SANDBOXES = (SANDBOX, NHWC_SANDBOX, WS_SANDBOX, POOL_SANDBOX)
 ARCHS = ("sm_80", "sm_90")
 
 
@@ -45,14 +46,14 @@ def _runner(name: str = "run_conv_variants"):
 def _text(name: str) -> str:
     """What is compiled: a source as the backend compiles it (conv with its generated entry points), the sandbox's
     variants (its runner compiles them beside the shipped tiles, which conv's compile covers), the warp-specialised
-    tiles with their entry points (conv16_ws.source_text), or the channels-last sandbox as its file stands (it includes
-    mma.cu)."""
+    tiles with their entry points (conv16_ws.source_text), or the channels-last and pooling sandboxes as their files
+    stand (they include mma.cu and conv.cu)."""
     if name == SANDBOX:
         run = _runner()
         return run.sandbox_text(run.VARIANTS)
     if name == WS_SANDBOX:
         return _runner(WS_SANDBOX).source_text()
-    if name == NHWC_SANDBOX:
+    if name in (NHWC_SANDBOX, POOL_SANDBOX):
         return (ROOT / "benchmarks" / "kernels" / f"{name}.cu").read_text()
     return kernels.cu_text(name)
 

@@ -90,7 +90,7 @@ extern "C" int emu_bn_bwd_dx16(const float* dy, const void* x, int x16, const fl
 }
 extern "C" int emu_pool_grad16(const unsigned* dy16, const unsigned char* arg, unsigned* y, int n, int C, int H,
                                int W, int P, int Q, int k, unsigned seed, char* err, int len) {
-    std::string msg = emu::launch({(unsigned)((n * H * W + 31) / 32), (unsigned)((C + 63) / 64), 1},
+    std::string msg = emu::launch({(unsigned)((n * P * Q + 31) / 32), (unsigned)((C + 63) / 64), 1},
                                   {256, 1, 1}, 0, [=] { pool_grad16_nhwc16(dy16, arg, y, n, C, H, W, P, Q, k); }, seed);
     snprintf(err, len, "%s", msg.c_str());
     return msg.empty() ? 0 : 1;

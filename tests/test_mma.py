@@ -457,7 +457,7 @@ def test_tf32_conv_keeps_its_copy_beside_x(rng):
 def test_pool_grad_nhwc16(rng, shape, k, precision):
     """pool_grad_nhwc gives exactly to_nhwc(maxpool2d_backward(dy)) (its C channels, unpadded) for windows that tile z
     (rows and columns no window covers, partial 64-channel x 32-pixel tiles, ties in a window: the first maximum), in
-    bf16, tf32 and fp32 (split; C a multiple of 4)."""
+    bf16, tf32 and fp32 (split; C a multiple of 4); at bf16 so does pool_grad16_nhwc16 from dy channels-last in bf16."""
     be = get_backend("cuda", precision)
     if precision == "fp32" and shape[1] % 4:
         pytest.skip("split copies take C in chunks of 4")
@@ -470,6 +470,9 @@ def test_pool_grad_nhwc16(rng, shape, k, precision):
     got = mm.pool_grad_nhwc(be, dy, cache[2], shape, k)
     assert got.dtype == want.dtype
     np.testing.assert_array_equal(cupy.asnumpy(got), cupy.asnumpy(want))
+    if precision == "bf16":   # from the pooled gradient already channels-last in bf16 (a batch norm's hand-over)
+        got16 = mm.pool_grad16_nhwc16(be, cupy.asarray(nhwc16(cupy.asnumpy(dy))), cache[2], shape, k)
+        np.testing.assert_array_equal(cupy.asnumpy(got16), cupy.asnumpy(want))
 
 
 @pytest.mark.parametrize(("precision", "shape"), [("bf16", s) for s in POOL16_SHAPES]

@@ -962,45 +962,56 @@ extern "C" __global__ void __launch_bounds__(256) pool_grad_nhwc32x3(const float
 
 // pool_grad_nhwc16 from the pooled gradient already channels-last in bf16 (dy16 [n][P][Q][C / 2] bf16 pairs, the batch
 // norm's hand-over, norm.cu's bn_bwd_dx_nhwc16): the same dz16 [n][H][W][C / 2] bits, since a bf16 value or zero
-// moves unchanged. A block's 32 pixels x 64 channels in two passes through shared memory: lanes along the pixels
-// test the argmax bytes (arg [n][C][P][Q], coalesced along the pixels), each thread 4 channel pairs of its pixel
-// (one 32-bit word of 2-bit flags, rows of 9 words so that the 32 pixels' words fall in 32 banks); then lanes along
-// the channel pairs copy each pixel's 64 channels of dy16 where they won (coalesced along the channels, the flags
-// read as bytes of one row). Grid (ceil(n * H * W / 32), ceil(C / 64)), 256 threads; n * H * W < 2^31, C even.
+// moves unchanged. A block takes 32 pooled pixels (of the n * P * Q, image-major) x 64 channels and writes their
+// windows whole, so that each argmax byte and each dy16 word is read once: lanes along the pooled pixels read the
+// argmax bytes (arg [n][C][P][Q], 32 consecutive bytes a warp), each thread 8 channels of its pixel into shared memory
+// (rows of 17 words so that the 32 pixels' rows fall in 32 banks); then each warp takes 4 of the pooled pixels, lanes
+// along the channel pairs (coalesced dy16 reads and window writes, 128 bytes a warp), and writes the window's k x k
+// pixels, the pair's halves where its argmax byte names the pixel and 0 elsewhere. The last pooled row and column own
+// the rows h >= P k and columns w >= Q k that no window covers (0). All loads are issued before the barrier. Grid
+// (ceil(n * P * Q / 32), ceil(C / 64)), 256 threads; n * H * W < 2^31, C even, P, Q >= 1.
 extern "C" __global__ void __launch_bounds__(256) pool_grad16_nhwc16(const unsigned* __restrict__ dy16,
                                                                      const unsigned char* __restrict__ arg,
                                                                      unsigned* __restrict__ y, int n, int C, int H,
                                                                      int W, int P, int Q, int k) {
-    __shared__ unsigned hit[32][9];            // [pixel][word]: byte b of word w, bit e: channel 2 (4 w + b) + e won
-    __shared__ int src[32];                    // the pixel's pooled output img P Q + p Q + q in dy16, -1 if none
-    const int c0 = blockIdx.y * 64, lane = threadIdx.x & 31, row = threadIdx.x >> 5, NP = n * H * W;
-    const HnTilePixel px(NP, H * W);
-    const HnPoolWindow win(px, C, W, P, Q, k);     // arg[img][c][p][q] = arg[win.pq + c * P * Q]
-    unsigned char a[8];                        // channels c0 + 8 row + u, all eight loaded before any is tested
+    __shared__ unsigned at[32][17];            // [pooled pixel][word]: byte b of word w is channel c0 + 4 w + b's argmax
+    const int c0 = blockIdx.y * 64, lane = threadIdx.x & 31, row = threadIdx.x >> 5, PQ = P * Q, NPQ = n * PQ;
+    const int half = C / 2, cp = c0 / 2 + lane;                        // this lane's channel pair in phase two
+    {
+        const int j = blockIdx.x * 32 + lane, img = j < NPQ ? j / PQ : 0;
+        const long long base = (long long)img * C * PQ + (j - img * PQ);
+        unsigned w[2] = {0u, 0u};
 #pragma unroll
-    for (int u = 0; u < 8; ++u) {
-        const int c = c0 + 8 * row + u;
-        a[u] = win.covered && c < C ? arg[win.pq + (long long)c * P * Q] : 0xff;
+        for (int u = 0; u < 8; ++u) {                                  // channels c0 + 8 row + u
+            const int c = c0 + 8 * row + u;
+            const unsigned a = j < NPQ && c < C ? arg[base + (long long)c * PQ] : 0xffu;
+            w[u >> 2] |= a << (8 * (u & 3));
+        }
+        at[lane][2 * row] = w[0];
+        at[lane][2 * row + 1] = w[1];
     }
-    unsigned flags = 0u;
+    unsigned d[4];                                                     // pooled pixels row + 8 u of the block
 #pragma unroll
-    for (int u = 0; u < 8; ++u) flags |= (a[u] == win.at ? 1u : 0u) << (8 * (u >> 1) + (u & 1));
-    hit[lane][row] = flags;
-    if (row == 0) src[lane] = win.covered ? (px.img * P + win.p) * Q + win.q : -1;
+    for (int u = 0; u < 4; ++u) {
+        const int j = blockIdx.x * 32 + row + 8 * u;
+        d[u] = j < NPQ && cp < half ? dy16[(long long)j * half + cp] : 0u;
+    }
     __syncthreads();
-    const int half = C / 2, cp = c0 / 2 + lane;                        // this lane's channel pair
-    unsigned d[4];                             // pixels row + 8u: the four loads issued before any store
 #pragma unroll
     for (int u = 0; u < 4; ++u) {
-        const int from = src[row + 8 * u];
-        d[u] = from >= 0 && cp < half ? dy16[(long long)from * half + cp] : 0u;
-    }
-#pragma unroll
-    for (int u = 0; u < 4; ++u) {
-        const int j = row + 8 * u, pix = blockIdx.x * 32 + j;
-        const unsigned f = hit[j][lane >> 2] >> (8 * (lane & 3));
-        if (pix < NP && cp < half) y[(long long)pix * half + cp] = (f & 1u ? d[u] & 0xffffu : 0u) |
-                                                                    (f & 2u ? d[u] & 0xffff0000u : 0u);
+        const int jb = row + 8 * u, j = blockIdx.x * 32 + jb;
+        if (j >= NPQ || cp >= half) continue;
+        const unsigned pair = at[jb][lane >> 1] >> (16 * (lane & 1));  // the argmax bytes of channels 2 cp, 2 cp + 1
+        const unsigned a0 = pair & 0xffu, a1 = (pair >> 8) & 0xffu;
+        const int img = j / PQ, t = j - img * PQ, p = t / Q, q = t - p * Q;
+        const int rows = p == P - 1 ? H - p * k : k, cols = q == Q - 1 ? W - q * k : k;
+        for (int dr = 0; dr < rows; ++dr) {
+            const long long out = ((long long)img * H + p * k + dr) * W + q * k;
+            for (int ds = 0; ds < cols; ++ds) {
+                const unsigned e = dr < k && ds < k ? dr * k + ds : 0xffffu;
+                y[(out + ds) * half + cp] = (a0 == e ? d[u] & 0xffffu : 0u) | (a1 == e ? d[u] & 0xffff0000u : 0u);
+            }
+        }
     }
 }
 
