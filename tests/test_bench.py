@@ -460,12 +460,12 @@ def test_benchmark_scripts_import_without_a_gpu_and_wrap_the_harness(monkeypatch
     whole-model ones are hetnet bench flags or wrappers over it."""
     scripts = sorted(p.relative_to(REPO / "benchmarks").as_posix() for p in (REPO / "benchmarks").rglob("*.py"))
     assert scripts == ["cifar_speedrun.py", "conv_algos.py", "cpu_step.py", "fashion_recipes.py", "kernels/ab_step.py",
-                       "kernels/conv16_ws.py", "kernels/conv_variants.py", "kernels/gelu_fit.py",
-                       "kernels/host_overhead.py", "kernels/profile_step.py", "kernels/run_conv_small.py",
-                       "kernels/run_conv_variants.py", "kernels/run_tc_conv_nhwc.py", "kernels/run_tc_gemm.py",
-                       "kernels/time_cl_tiles.py", "scaling.py"]
+                       "kernels/conv16_halo.py", "kernels/conv16_ws.py", "kernels/conv_variants.py",
+                       "kernels/gelu_fit.py", "kernels/host_overhead.py", "kernels/profile_step.py",
+                       "kernels/run_conv_small.py", "kernels/run_conv_variants.py", "kernels/run_tc_conv_nhwc.py",
+                       "kernels/run_tc_gemm.py", "kernels/time_cl_tiles.py", "kernels/time_pool_grad.py", "scaling.py"]
     for name in scripts:
-        if name in ("kernels/conv_variants.py", "kernels/conv16_ws.py"):   # losing kernels' tables, read by runners
+        if name in ("kernels/conv_variants.py", "kernels/conv16_ws.py", "kernels/conv16_halo.py"):   # tile tables
             continue
         monkeypatch.setattr(sys, "path", [str((REPO / "benchmarks" / name).parent), *sys.path])
         assert callable(_load(REPO / "benchmarks" / name).main), name

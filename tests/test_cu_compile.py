@@ -13,6 +13,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -30,15 +31,18 @@ SANDBOX = "conv_variants"          # benchmarks/kernels: the tiles that do not s
 NHWC_SANDBOX = "tc_conv_nhwc"      # benchmarks/kernels: the channels-last tensor-core forward (includes mma.cu)
 WS_SANDBOX = "conv16_ws"           # benchmarks/kernels: the warp-specialised bf16 wgmma tiles (includes mma.cu)
 POOL_SANDBOX = "pool_grad_px"      # benchmarks/kernels: the pooling gradient by pixels of the input (includes conv.cu)
-SANDBOXES = (SANDBOX, NHWC_SANDBOX, WS_SANDBOX, POOL_SANDBOX)
+HALO_SANDBOX = "conv16_halo"       # benchmarks/kernels: the bf16 wgmma tiles reading a halo (includes mma.cu)
+SANDBOXES = (SANDBOX, NHWC_SANDBOX, WS_SANDBOX, POOL_SANDBOX, HALO_SANDBOX)
 ARCHS = ("sm_80", "sm_90")
 
 
 def _runner(name: str = "run_conv_variants"):
-    """benchmarks/kernels/<name>.py as a module (run_conv_variants and conv16_ws import no GPU library until run)."""
+    """benchmarks/kernels/<name>.py as a module (run_conv_variants, conv16_ws and conv16_halo import no GPU library
+    until run)."""
     path = ROOT / "benchmarks" / "kernels" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod                    # (dataclasses resolve the module's string annotations through it)
     spec.loader.exec_module(mod)
     return mod
 
@@ -46,13 +50,13 @@ def _runner(name: str = "run_conv_variants"):
 def _text(name: str) -> str:
     """What is compiled: a source as the backend compiles it (conv with its generated entry points), the sandbox's
     variants (its runner compiles them beside the shipped tiles, which conv's compile covers), the warp-specialised
-    tiles with their entry points (conv16_ws.source_text), or the channels-last and pooling sandboxes as their files
+    and halo tiles with their entry points (conv16_ws.source_text, conv16_halo.source_text), or the channels-last and pooling sandboxes as their files
     stand (they include mma.cu and conv.cu)."""
     if name == SANDBOX:
         run = _runner()
         return run.sandbox_text(run.VARIANTS)
-    if name == WS_SANDBOX:
-        return _runner(WS_SANDBOX).source_text()
+    if name in (WS_SANDBOX, HALO_SANDBOX):
+        return _runner(name).source_text()
     if name in (NHWC_SANDBOX, POOL_SANDBOX):
         return (ROOT / "benchmarks" / "kernels" / f"{name}.cu").read_text()
     return kernels.cu_text(name)

@@ -10,6 +10,7 @@ Needs g++ (skipped without); no GPU. The GPU versions of these checks are tests/
 from __future__ import annotations
 
 import ctypes
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -564,16 +565,22 @@ def test_conv16_launcher():
 
 # --- the warp-specialised tiles that do not ship (benchmarks/kernels/conv16_ws.py, HN_CONV16WS) --------------------
 
-@pytest.fixture(scope="module")
-def ws():
-    """benchmarks/kernels/conv16_ws.py as a module (it imports no GPU library)."""
+def _sandbox(name: str):
+    """benchmarks/kernels/<name>.py as a module (the sandbox's tile modules import no GPU library)."""
     import importlib.util
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels" / "conv16_ws.py"
-    spec = importlib.util.spec_from_file_location("conv16_ws", path)
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod                    # (dataclasses resolve the module's string annotations through it)
     spec.loader.exec_module(mod)
     return mod
+
+
+@pytest.fixture(scope="module")
+def ws():
+    """benchmarks/kernels/conv16_ws.py as a module."""
+    return _sandbox("conv16_ws")
 
 
 @pytest.fixture(scope="module")
@@ -613,6 +620,74 @@ def test_conv16_ws_tiles_do_not_ship(ws):
     with pytest.raises(ValueError, match="is bf16, the copies tf32"):
         mm.plan_conv16(np.zeros((4, 256, 8, 8), np.float32), np.zeros((4, 8, 8, 16), np.float32),
                        np.zeros((256, 3, 3, 16), np.float32), None, 1, 1, tile=ws.TILES16WS["fwd"][0])
+
+
+# --- the halo tiles that do not ship (benchmarks/kernels/conv16_halo.py, HN_CONV16H) -------------------------------
+
+# (n, C, H, W, O, R, S, stride, pad): one block short of its columns; two and three channel chunks (the halo's two
+# buffers, the first refilled), O past a block's rows, pad 0; 5 x 5 over blocks that span images; a wide frame
+HALO_SHAPES = [(2, 64, 6, 7, 64, 3, 3, 1, 1), (1, 128, 5, 5, 192, 3, 3, 1, 0), (3, 64, 9, 9, 64, 5, 5, 1, 2),
+               (2, 64, 3, 40, 64, 3, 3, 1, 1)]
+
+
+@pytest.fixture(scope="module")
+def halo():
+    """benchmarks/kernels/conv16_halo.py as a module."""
+    return _sandbox("conv16_halo")
+
+
+@pytest.fixture(scope="module")
+def emu_halo(tmp_path_factory, halo):
+    """conv16_halo.cu (mma.cu and the h tiles' entry points only), compiled as C++ against the emulator."""
+    return build_emulated(tmp_path_factory.mktemp("emu_halo"), "halo_emu", halo.source_text(),
+                          EMU_DIR / "gemm_launch.cpp")
+
+
+@pytest.mark.parametrize("shape", HALO_SHAPES, ids=str)
+def test_conv16_halo(emu_halo, halo, rng, shape):
+    """The sandbox's halo tiles (the input read once a block as the padded frame's rows, each tap a shifted wgmma
+    descriptor without swizzle): the forward with bias + ReLU and without, also stored in bf16 (the bits of the same
+    tile's float32 output), and the data gradient with the mask and without, against float64 of the bf16 inputs;
+    outputs poisoned where they are written, the emulator's checks of every shared-memory access included."""
+    stride, pad = shape[7:]
+    for k, tile in enumerate(halo.TILES16H["fwd"]):
+        x, w, b, y = conv_inputs(rng, shape, bias=k % 2 == 0)
+        x16, w16, act = nhwc_copy(x, "bf16"), nhwc_copy(w, "bf16"), 1 - k % 2
+        call = halo.plan(mm.plan_conv16(y, x16, w16, b, stride, pad, act, tile))
+        frame = shape[0] * (shape[2] + pad) * (shape[3] + pad)
+        assert call.tile.rows % 8 == 1 and call.grid[0] == -(-frame // tile.bn)
+        run_conv(emu_halo, call)
+        err = rel_err(y, conv_expected(x, w, b, stride, pad, act, "bf16"))
+        assert err <= RTOL_EMULATED, f"fwd {shape} {tile.name}: relative error {err:.3g}"
+        y16 = np.full(y.shape, 0xFFFF, np.uint16)
+        run_conv(emu_halo, halo.plan(mm.plan_conv16(y16, x16, w16, b, stride, pad, act | mm.OUT16, tile)))
+        np.testing.assert_array_equal(y16, bf16_bits(y), err_msg=f"{shape} {tile.name}: out16")
+        if shape[4] % 64 == 0:
+            dy, w, relu_x, dx = conv_data_inputs(rng, shape, mask=k % 2 == 0)
+            run_conv(emu_halo, halo.plan(mm.plan_conv16_data(dx, nhwc_copy(dy, "bf16"), turned_copy(w, "bf16"),
+                                                             relu_x, pad, tile)))
+            err = rel_err(dx, conv_data_expected(dy, w, relu_x, shape, "bf16"))
+            assert err <= RTOL_EMULATED, f"data {shape} {tile.name}: relative error {err:.3g}"
+
+
+def test_conv16_halo_plans_only_what_it_runs(halo):
+    """The halo plan takes the stride-1 forward and data gradient of C (O) a multiple of 64 and R S >= STAGES - 1
+    only, and its tiles are none of the package's."""
+    tile = halo.TILES16H["fwd"][0]
+    x16, w16 = np.zeros((2, 8, 8, 64), np.uint16), np.zeros((64, 3, 3, 64), np.uint16)
+    call = halo.plan(mm.plan_conv16(np.zeros((2, 64, 8, 8), np.float32), x16, w16, None, 1, 1, 0, tile))
+    assert call.grid == (1, 1, 1) and call.tile.rows == 281          # 2 x 9 x 9 columns; 256 + 2 x 9 + 2 = 276 rows
+    assert call.tile.smem_bytes == 4 * 128 * 128 + 2 * 8 * 281 * 16 + 1024
+    for y, x, w, stride in ((np.zeros((2, 64, 4, 4), np.float32), x16, w16, 2),
+                            (np.zeros((2, 64, 8, 8), np.float32), np.zeros((2, 8, 8, 32), np.uint16),
+                             np.zeros((64, 3, 3, 32), np.uint16), 1),
+                            (np.zeros((2, 64, 8, 8), np.float32), x16, np.zeros((64, 1, 1, 64), np.uint16), 1)):
+        with pytest.raises(ValueError, match="does not run"):
+            halo.plan(mm.plan_conv16(y, x, w, None, stride, 1 if w.shape[1] == 3 else 0, 0, tile))
+    with pytest.raises(ValueError, match="not a halo convolution"):
+        halo.plan(mm.plan_conv16(np.zeros((2, 64, 8, 8), np.float32), x16, w16, None, 1, 1, 0, "w128x256s4"))
+    names = {t.name for t in mm.tiles16("fwd", "bf16")}
+    assert not names & {t.name for t in halo.TILES16H["fwd"]} and "HN_CONV16H" not in kernels.cu_text("mma")
 
 
 def test_division_by_an_invariant_divisor(emu, rng):

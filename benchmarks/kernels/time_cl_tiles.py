@@ -1,12 +1,13 @@
 """Time every channels-last bf16 wgmma tile -- conv.py's candidates (mma_tiles.TILES16W) and the sandbox's
-warp-specialised "ws" tiles (conv16_ws.TILES16WS, launched from their own module) -- on cifar-wide's 3x3 convolutions
-at batch 512: the forward, the data gradient, the pooled forward and the filter gradient, each planned by mma.py on
-copies made once (mma.to_nhwc, turn_weights), so that only the kernels are timed.
+warp-specialised "ws" tiles (conv16_ws.TILES16WS) and halo "h" tiles (conv16_halo.TILES16H: forward and data gradient),
+each launched from its own module -- on cifar-wide's 3x3 convolutions at batch 512: the forward, the data gradient,
+the pooled forward and the filter gradient, each planned by mma.py (the h tiles then by conv16_halo.plan) on copies
+made once (mma.to_nhwc, turn_weights), so that only the kernels are timed.
 
-Each tile's forward (filter gradient) is first checked against the first wgmma tile's (relative error within
-RTOL_TC_ROUNDED of the norm; a tile that fails is reported, never timed). Times: run_conv_variants.time_ms (CUDA events
-around back-to-back launches queued behind a spin kernel, median of several samples). --out writes the rows as JSON
-with the card, hetnet's commit and the date (hetnet.bench.common.environment).
+Each tile's forward and data gradient (filter gradient) are first checked against the first wgmma tile's (relative
+error within RTOL_TC_ROUNDED of the norm; a tile that fails is reported, never timed). Times: run_conv_variants.time_ms
+(CUDA events around back-to-back launches queued behind a spin kernel, median of several samples). --out writes the
+rows as JSON with the card, hetnet's commit and the date (hetnet.bench.common.environment).
 
     PYTHONPATH=src python benchmarks/kernels/time_cl_tiles.py [--batch 512] [--out tiles.json]    # on an sm_90a GPU
 """
@@ -33,6 +34,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import cupy
 
+    import conv16_halo as halo
     import conv16_ws as ws
     from run_conv_variants import time_ms
     from run_tc_conv_nhwc import RTOL_TC_ROUNDED
@@ -56,7 +58,10 @@ def main(argv=None) -> int:
         part = cupy.zeros((o, 3, 3, c), np.float32)
         buf, _, _ = mma.pooled_outputs(cupy, args.batch, o, h // 2, w // 2)
 
-        def forward_calls(tile):          # the first one is checked (its output y); tile: a Tc16Tile
+        def forward_calls(tile):          # tile: a Tc16Tile (an h tile: the halo's plans, no pooled forward)
+            if isinstance(tile, halo.HaloTile):
+                return {"fwd": halo.plan(mma.plan_conv16(y, x16, w16, None, 1, 1, 0, tile)),
+                        "data": halo.plan(mma.plan_conv16_data(dx, dy16, wt16, None, 1, tile))}
             calls = {"fwd": mma.plan_conv16(y, x16, w16, None, 1, 1, 0, tile),
                      "data": mma.plan_conv16_data(dx, dy16, wt16, None, 1, tile)}
             if pooled:
@@ -66,19 +71,26 @@ def main(argv=None) -> int:
         def filter_calls(tile):           # (it adds into part: the timed launches only add more)
             return {"filter": mma.plan_conv16_filter(part, dy16, x16, 1, 1, be.sms, tile)}
 
-        for op, out, make_calls in (("fwd", y, forward_calls), ("filter", part, filter_calls)):
-            ref = None
-            for tile in [t for t in mma.tiles16(op, "bf16") if t.wgmma] + list(ws.TILES16WS[op]):
-                is_ws = isinstance(tile, ws.WsTile)
-                launch = ws.launch if is_ws else mma.launch_conv
+        sandbox = {"fwd": list(ws.TILES16WS["fwd"]) + list(halo.TILES16H["fwd"]), "filter": list(ws.TILES16WS["filter"])}
+        for op, outs, make_calls in (("fwd", {"fwd": y, "data": dx}, forward_calls),
+                                     ("filter", {"filter": part}, filter_calls)):
+            refs = {}
+            for tile in [t for t in mma.tiles16(op, "bf16") if t.wgmma] + sandbox[op]:
+                kind = "ws" if isinstance(tile, ws.WsTile) else "halo" if isinstance(tile, halo.HaloTile) else ""
+                launch = {"ws": ws.launch, "halo": halo.launch}.get(kind, mma.launch_conv)
                 calls = make_calls(tile)
-                out.fill(0)
-                launch(be, next(iter(calls.values())))
-                got = cupy.asnumpy(out)
-                ref = got if ref is None else ref
-                err = float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-30))
-                row = {"layer": f"{c}x{h}x{w}->{o}", "tile": tile.name, "ws": is_ws, "check_rel_err": err}
-                if not (np.all(np.isfinite(got)) and err <= RTOL_TC_ROUNDED):
+                errs = {}
+                for name, out in outs.items():          # each output checked against the first tile's
+                    out.fill(0)
+                    launch(be, calls[name])
+                    got = cupy.asnumpy(out)
+                    ref = refs.setdefault(name, got)
+                    errs[name] = float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-30))
+                    if not np.all(np.isfinite(got)):
+                        errs[name] = float("inf")
+                row = {"layer": f"{c}x{h}x{w}->{o}", "tile": tile.name, "sandbox": kind,
+                       "check_rel_err": max(errs.values())}
+                if row["check_rel_err"] > RTOL_TC_ROUNDED:
                     row["status"] = "wrong"
                 else:
                     for name, call in calls.items():

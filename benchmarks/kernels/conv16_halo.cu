@@ -1,0 +1,158 @@
+// Sandbox: the stride-1 bf16 convolution forward (EPI 1) and data gradient as a forward (EPI 2) on wgmma with the
+// input read once per block as a halo instead of gathered once per tap ("h" tiles, conv16_halo.py; not in the package
+// until measured: time_cl_tiles.py times them beside the shipped tiles).
+//
+// The shipped forward (mma.cu hn_convw_fwd) gathers B = x im2col-style: every K tile is one tap's 64 channels of the
+// block's 256 output pixels, so each input pixel is copied from L2 once per tap (9 times for 3 x 3), each chunk's
+// address computed by the threads that also issue the products. Here the output pixels are numbered in a frame: the
+// images one after another, each Hp = H + pad rows of Wp = W + pad columns, pixel (h, w) at frame row pad + h, column
+// pad + w and zeros elsewhere, so that one image's padding on the right (bottom) is the next row's (image's) on the
+// left (top). Output (img, p, q) is virtual column v = (img Hp + p) Wp + q and its tap (r, s) reads the frame at
+// u = v + r Wp + s, the same shift for every column: q + s < Wp + pad, so a read past a row's end lands in the next
+// row's zeros (pad <= S - 1 keeps Q <= Wp; likewise the rows). So a block of BN consecutive columns v0 .. v0 + BN - 1
+// reads the frame's rows u in [v0, v0 + BN + (R - 1) Wp + S - 1) (the halo), and tap (r, s)'s B tile is the halo from
+// row r Wp + s on. Columns with p >= P or q >= Q ((Hp Wp - P Q) / Hp Wp of the GEMM: 6% at 32 x 32, 11% at 16 x 16,
+// 21% at 8 x 8, 36% at 4 x 4 for 3 x 3 at pad 1) are computed and dropped.
+//
+// Shared memory: STAGES A tiles (the weights' 64 channels of one tap, BM rows, the 128-byte swizzle as mma.cu's) and
+// two halo buffers (channel chunk cc's in buffer cc % 2), each 8 regions of `rows` x 16 bytes: region j holds
+// channels 8 j .. 8 j + 7 of every halo row, row i at 16 i. That is wgmma's K-major layout without swizzle (core
+// matrices of 8 rows x 16 bytes, rows 16 bytes apart: stride byte offset 128 between groups of 8 rows, leading byte
+// offset rows x 16 between the two 8-channel halves of a K step of 16), so a tap's tile starting at any halo row is
+// a descriptor whose start moves by 16 bytes a row. rows = the halo rounded up to 1 mod 8, so that the 8 regions' same
+// row falls in 8 different 16-byte bank groups for the copies (8 lanes a halo row).
+//
+// The K loop runs over (cc, tap), taps inner: K tile kt = cc R S + tap is w[m][tap][64 cc ..] against halo cc shifted by
+// the tap. Its copies (issue(kt)): the A tile, and at tap 0 the halo of chunk cc (each halo row's 8 chunks by 8
+// threads, the padding zero-filled). The pipeline is hn_wgmma_loop's (STAGES - 2 tiles ahead, one wgmma group in
+// flight); the halo buffer refilled at kt = cc R S was last read by tile kt - R S - 1, finished by then when R S >=
+// STAGES - 1. Requires stride 1, pad < R and pad < S, C a multiple of 64, n Hp Wp < 2^31.
+#include "mma.cu"
+
+// The smem descriptor (PTX ISA 9.7.15.5.1) of a K-major bf16 tile without swizzle whose rows lie 16 bytes apart (8
+// rows a core matrix: stride byte offset 128) and whose two 8-element halves of a K step lie `lbo` bytes apart.
+__device__ __forceinline__ unsigned long long hn_wgmma_desc_rows(const void* p, unsigned lbo) {
+    return static_cast<unsigned long long>((hn_smem_addr(p) & 0x3FFFF) >> 4) |
+           (static_cast<unsigned long long>(lbo >> 4) << 16) | (static_cast<unsigned long long>(128 >> 4) << 32);
+}
+
+// The halo's rows for BN columns of an R x S convolution over a frame Wp wide, and its buffer's rows (1 mod 8).
+__device__ __forceinline__ int hn_halo_need(int bn, int r, int s, int wp) { return bn + (r - 1) * wp + s - 1; }
+__device__ __forceinline__ int hn_halo_rows(int need) { return need + (9 - need % 8) % 8; }
+
+template <int EPI, int WGM, int WN, int STAGES>
+__device__ __forceinline__ void hn_conv16_halo(unsigned char* smem, const unsigned short* W, const unsigned short* x,
+                                               float* y, int M, int N, int K, const HnConv& cv) {
+    constexpr int BM = 64 * WGM, BN = WN, BK = 64, THREADS = 128 * WGM, EA = BM * BK, AHEAD = STAGES - 2;
+    static_assert(EPI == 1 || EPI == 2, "the forward or the stride-1 data gradient");
+    const int images = N / (cv.p * cv.q), hp = cv.h + cv.pad, wp = cv.w + cv.pad, frame = hp * wp;
+    const int nv = images * frame, need = hn_halo_need(BN, cv.r, cv.s, wp), rows = hn_halo_rows(need);
+    const int rs = cv.r * cv.s, tiles = cv.c / 64 * rs, tid = threadIdx.x, gm = tid / 128;
+    const HnDiv by_frame = hn_div_of(frame), by_wp = hn_div_of(wp);
+    unsigned short* sa = reinterpret_cast<unsigned short*>(hn_smem_align1024(smem));   // STAGES x EA
+    unsigned short* sh = sa + STAGES * EA;                                              // 2 x 8 x rows x 8
+    const HnBlock blk = hn_block(nullptr, nullptr, y, M, nv, K, K, 0, 0, 0, 0, 0, 1.f, 0.f, 1, K, BM, BN, BK);
+    float acc[1][WN / 8][4];
+    hn_zero(acc);
+
+    // the frame's row u (a pixel or a zero) as (image, row, column)
+    auto frame_at = [&](int u, int& img, int& fh, int& fw) {
+        img = hn_div(u, by_frame);
+        const int t = u - img * frame;
+        fh = hn_div(t, by_wp);
+        fw = t - fh * wp;
+    };
+    auto issue = [&](int kt) {
+        const int cc = kt / rs, tap = kt - cc * rs;
+        hn_copy16_tile<BM, 8, HnSwizzle128, THREADS>(sa + (kt % STAGES) * EA, W, K, blk.m0, M, tap * cv.c + 64 * cc,
+                                                     K, tid);
+        if (tap != 0) return;
+        unsigned short* h = sh + (cc & 1) * 8 * rows * 8;
+        const int j = tid & 7;
+        for (int i = tid >> 3; i < need; i += THREADS / 8) {
+            int img, fh, fw;
+            frame_at(blk.n0 + i, img, fh, fw);
+            const int ih = fh - cv.pad, iw = fw - cv.pad;
+            const bool ok = img < images && ih >= 0 && ih < cv.h && iw >= 0 && iw < cv.w;
+            const int at = ok ? ((img * cv.h + ih) * cv.w + iw) * cv.c + 64 * cc + 8 * j : 0;
+            hn_cp_async16(h + (j * rows + i) * 8, x + at, ok ? 16 : 0);
+        }
+    };
+
+    hn_pipeline_fill<AHEAD + 1>(tiles, issue);
+    for (int kt = 0; kt < tiles; ++kt) {
+        const int cc = kt / rs, tap = kt - cc * rs, r = tap / cv.s, s = tap - r * cv.s;
+        hn_cp_async_wait<AHEAD - 1>();
+        hn_fence_proxy_async();
+        __syncthreads();
+        if (kt + AHEAD < tiles) issue(kt + AHEAD);
+        hn_cp_async_commit();
+        hn_wgmma_fence();
+        const unsigned short* a = sa + (kt % STAGES) * EA + gm * 64 * BK;
+        const unsigned short* b = sh + (cc & 1) * 8 * rows * 8 + (r * wp + s) * 8;
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk)
+            hn_wgmma_bf16<WN, 0>(acc[0], hn_wgmma_desc(a + 16 * kk),
+                                 hn_wgmma_desc_rows(b + 2 * kk * rows * 8, rows * 16));
+        hn_wgmma_commit();
+        hn_wgmma_wait<1>();
+    }
+    hn_wgmma_wait<0>();
+    hn_cp_async_wait<0>();
+
+    // hn_conv_epilogue's outputs at the virtual columns that are pixels (p < P, q < Q); a pair of neighbours in one
+    // output row at an even offset as one store
+    const int PQ = cv.p * cv.q;
+    auto finish = [&](int m, float z, long long at) {
+        if (EPI == 1) {
+            z += cv.aux ? hn_ldg(cv.aux + m) : 0.f;
+            if (cv.act == 1) z = z > 0.f ? z : 0.f;
+        } else if (cv.aux) {
+            z = hn_ldg(cv.aux + at) > 0.f ? z : 0.f;
+        }
+        return z;
+    };
+    hn_each_pair(blk, acc, M, nv, 64 * gm + 16 * ((tid >> 5) & 3), 0, tid & 31,
+                 [&](int m, int v, float z0, float z1, bool two) {
+        long long at[2];
+        bool in[2];
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {            // v + 1 may lie in the next frame row (wp odd)
+            int img, p, q;
+            frame_at(v + e, img, p, q);
+            in[e] = (e == 0 || two) && img < images && p < cv.p && q < cv.q;
+            at[e] = (static_cast<long long>(img) * M + m) * PQ + p * cv.q + q;
+        }
+        if (in[0]) z0 = finish(m, z0, at[0]);
+        if (in[1]) z1 = finish(m, z1, at[1]);
+        const bool pair = in[0] && in[1] && at[1] == at[0] + 1 && (at[0] & 1) == 0;
+        if (cv.out16) {
+            unsigned short* c16 = reinterpret_cast<unsigned short*>(y);
+            if (pair) {
+                hn_st_u32(c16 + at[0], hn_pack_bf16x2(z0, z1));
+            } else {
+                if (in[0]) hn_st_u16(c16 + at[0], hn_bf16_of(z0));
+                if (in[1]) hn_st_u16(c16 + at[1], hn_bf16_of(z1));
+            }
+        } else if (pair) {
+            hn_st2(y + at[0], z0, z1);
+        } else {
+            if (in[0]) hn_st(y + at[0], z0);
+            if (in[1]) hn_st(y + at[1], z1);
+        }
+    });
+}
+
+// HN_CONV16H(hn_conv16_fwd_h128x256s4, 1, 2, 256, 4): HN_CONV16W's forward (EPI 1) or stride-1 data gradient (EPI 2)
+// with its arguments, on the halo (hn_conv16_halo): WGM warpgroups of 64 x WN, block tile 64 WGM x WN x 64, ST A
+// buffers; 128 WGM threads, grid (ceil(n Hp Wp / WN), ceil(M / (64 WGM))), shared memory ST x 64 WGM x 128 + 2 x 8 x
+// rows x 16 + 1024 bytes (conv16_halo.py's HaloTile.smem_bytes).
+#define HN_CONV16H(name, EPI, WGM, WN, ST)                                                                        \
+    extern "C" __global__ void __launch_bounds__(128 * WGM, 1) name(                                            \
+        const unsigned short* __restrict__ B, const unsigned short* __restrict__ Wt, const float* __restrict__ AUX,  \
+        float* __restrict__ Y, int M, int N, int K, int C, int H, int W, int R, int S, int P, int Q, int O,         \
+        int stride, int pad, int act, int splits, int kchunk) {                                                   \
+        HN_DYNAMIC_SMEM(hn_smem);                                                                              \
+        const HnConv cv = hn_conv_of<1>(AUX, C, H, W, R, S, P, Q, O, stride, pad, act);                         \
+        hn_conv16_halo<EPI, WGM, WN, ST>(hn_smem, Wt, B, Y, M, N, K, cv);                                      \
+    }

@@ -1,0 +1,131 @@
+"""The bf16 wgmma convolutions that read their input as a halo, the "h" tiles (conv16_halo.cu; not in the package until
+measured): their tile table, their CUDA text (mma.cu, conv16_halo.cu and the tiles' entry points), their plan (mma.py's
+plan_conv16 / plan_conv16_data given the tile, then `plan` for the halo's grid and shared memory) and their launch
+from a module of their own. The stride-1 forward and data gradient only, C (the data gradient's O) a multiple of 64.
+
+time_cl_tiles.py checks and times them beside the shipped tiles; tests/test_mma_emulated.py runs them on the CPU
+emulator.
+
+    >>> import conv16_halo as halo                                     # (with benchmarks/kernels on sys.path)
+    >>> [t.name for t in halo.TILES16H["fwd"]]
+    ['h128x256s4', 'h64x256s4', 'h128x128s4']
+    >>> call = halo.plan(mma.plan_conv16(y, x16, w16, b, 1, 1, 0, halo.TILES16H["fwd"][0]))   # doctest: +SKIP
+    >>> halo.launch(be, call)                                                                 # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from hetnet.backends.cuda import kernels
+from hetnet.backends.cuda.mma_tiles import CONV16_OPS, Tc16Tile
+
+SOURCE = Path(__file__).resolve().parent / "conv16_halo.cu"
+SMEM_LIMIT = 227 * 1024      # an H100 / H200 block's dynamic shared memory
+
+
+@dataclass(frozen=True)
+class HaloTile(Tc16Tile):
+    """A bf16 wgmma tile of (bm / 64) warpgroups of 64 x bn (bn = wn) reading its input as a halo of `rows` rows (set
+    by `plan` for a convolution's frame: conv16_halo.cu's hn_halo_rows), in two buffers after the STAGES A tiles."""
+
+    rows: int = 0
+
+    def __post_init__(self):
+        super().__post_init__()
+        assert self.wgmma and self.precision == "bf16" and self.bn == self.wn and self.min_blocks == 1, self
+
+    @property
+    def name(self) -> str:
+        return "h" + super().name[1:]
+
+    @property
+    def smem_bytes(self) -> int:
+        return self.stages * self.bm * 128 + 2 * 8 * self.rows * 16 + 1024
+
+    def instantiation(self, op: str) -> str:
+        """conv16_halo.cu's line that defines conv_kernel(op)."""
+        return f"HN_CONV16H({self.conv_kernel(op)}, {CONV16_OPS[op]}, {self.bm // 64}, {self.wn}, {self.stages})"
+
+
+def halo_tile(bm: int, bn: int, stages: int) -> HaloTile:
+    return HaloTile(bm, bn, 64, 64, bn, stages, wgmma=True)
+
+
+TILES16H = {"fwd": (halo_tile(128, 256, 4), halo_tile(64, 256, 4), halo_tile(128, 128, 4))}
+TILES16H["data"] = TILES16H["fwd"]       # the data gradient runs as the forward over dy (EPI 2)
+
+
+def instantiations() -> str:
+    """The HN_CONV16H lines of every tile of each op of TILES16H."""
+    return "\n".join(t.instantiation(op) for op, tiles in TILES16H.items() for t in tiles) + "\n"
+
+
+def source_text() -> str:
+    """conv16_halo.cu with mma.cu's text in place of its #include (none of the package's entry points) and the h
+    tiles' entry points, as nvcc compiles it (with -I the cuda folder); NVRTC gets it with the header inlined."""
+    mma_cu = (kernels.HERE / "mma.cu").read_text()
+    return SOURCE.read_text().replace('#include "mma.cu"', mma_cu) + "\n" + instantiations()
+
+
+def halo_rows(bn: int, r: int, s: int, wp: int) -> int:
+    """conv16_halo.cu's hn_halo_rows(hn_halo_need(...)): the halo's rows rounded up to 1 mod 8."""
+    need = bn + (r - 1) * wp + s - 1
+    return need + (9 - need % 8) % 8
+
+
+def plan(call):
+    """mma.py's ConvCall of an h tile (plan_conv16, or plan_conv16_data) made the halo's: its grid over the frame's n
+    Hp Wp columns (Hp = H + pad, Wp = W + pad) and its tile's halo rows; ValueError where the halo kernel does not run
+    it."""
+    if call is None:
+        return None
+    t = call.tile
+    c, h, w, r, s, p, q, o, stride, pad = call.geometry
+    if call.op not in TILES16H or not isinstance(t, HaloTile):
+        raise ValueError(f"conv16_halo: {call.op} on tile {t.name} is not a halo convolution")
+    hp, wp, images = h + pad, w + pad, call.n // (p * q)          # conv16_halo.cu's frame
+    tile = dataclasses.replace(t, rows=halo_rows(t.bn, r, s, wp))
+    if (stride != 1 or pad >= min(r, s) or c % 64 or r * s < t.stages - 1 or images * hp * wp >= 2**31
+            or tile.smem_bytes > SMEM_LIMIT):
+        raise ValueError(f"conv16_halo: {t.name} does not run C {c}, {r}x{s}, stride {stride}, pad {pad}, frame "
+                         f"{hp}x{wp} (stride 1, pad < R and S, C a multiple of 64, R S >= {t.stages - 1}, "
+                         f"{tile.smem_bytes} bytes of shared memory at most {SMEM_LIMIT})")
+    return dataclasses.replace(call, tile=tile, grid=(math.ceil(images * hp * wp / t.bn), math.ceil(call.m / t.bm), 1))
+
+
+def fits(call) -> bool:
+    """Whether `plan` takes mma.py's call."""
+    try:
+        plan(call)
+    except ValueError:
+        return False
+    return True
+
+
+_modules: dict[int, object] = {}
+_kernels: dict[tuple[int, str, int], object] = {}
+
+
+def module(device_id: int):
+    """source_text() compiled once per device for sm_90a (kernels.compile_module); RuntimeError where that build is
+    not to be had (the h kernels are wgmma's)."""
+    mod = _modules.get(device_id)
+    if mod is None:
+        mod = kernels.compile_module(device_id, kernels.inline_header(source_text()), sm90a=True)
+        if not kernels.built_for_sm90a(mod):
+            raise RuntimeError("conv16_halo: the h tiles need wgmma, and this device's build is not for sm_90a")
+        _modules[device_id] = mod
+    return mod
+
+
+def launch(be, call) -> None:
+    """Run a `plan`ned call on `be`'s device (current stream), from this sandbox's module."""
+    key = (be.device_id, call.kernel, call.tile.smem_bytes)
+    kern = _kernels.get(key)
+    if kern is None:
+        kern = _kernels[key] = module(be.device_id).get_function(call.kernel)
+        kern.max_dynamic_shared_size_bytes = call.tile.smem_bytes
+    kern(call.grid, call.block, call.args(lambda a: a, kernels.NULL), shared_mem=call.tile.smem_bytes)
