@@ -625,9 +625,10 @@ def test_conv16_ws_tiles_do_not_ship(ws):
 # --- the halo tiles that do not ship (benchmarks/kernels/conv16_halo.py, HN_CONV16H) -------------------------------
 
 # (n, C, H, W, O, R, S, stride, pad): one block short of its columns; two and three channel chunks (the halo's two
-# buffers, the first refilled), O past a block's rows, pad 0; 5 x 5 over blocks that span images; a wide frame
+# buffers, the first refilled), O past a block's rows, pad 0; 5 x 5 over blocks that span images; a wide frame;
+# channels that are not a multiple of 64 (the filter gradient only)
 HALO_SHAPES = [(2, 64, 6, 7, 64, 3, 3, 1, 1), (1, 128, 5, 5, 192, 3, 3, 1, 0), (3, 64, 9, 9, 64, 5, 5, 1, 2),
-               (2, 64, 3, 40, 64, 3, 3, 1, 1)]
+               (2, 64, 3, 40, 64, 3, 3, 1, 1), (3, 24, 7, 5, 40, 3, 3, 1, 1)]
 
 
 @pytest.fixture(scope="module")
@@ -645,29 +646,53 @@ def emu_halo(tmp_path_factory, halo):
 
 @pytest.mark.parametrize("shape", HALO_SHAPES, ids=str)
 def test_conv16_halo(emu_halo, halo, rng, shape):
-    """The sandbox's halo tiles (the input read once a block as the padded frame's rows, each tap a shifted wgmma
-    descriptor without swizzle): the forward with bias + ReLU and without, also stored in bf16 (the bits of the same
-    tile's float32 output), and the data gradient with the mask and without, against float64 of the bf16 inputs;
-    outputs poisoned where they are written, the emulator's checks of every shared-memory access included."""
+    """The sandbox's halo tiles (the input read once a block as the frame's rows, each tap a shifted wgmma descriptor
+    without swizzle) where they run: the forward with bias + ReLU and without, also stored in bf16 (the bits of the
+    same tile's float32 output), the data gradient with the mask and without, and the filter gradient added into dw
+    in one K part and in several, against float64 of the bf16 inputs; outputs poisoned where they are written, the
+    emulator's checks of every shared-memory access included."""
     stride, pad = shape[7:]
+    ran = 0
     for k, tile in enumerate(halo.TILES16H["fwd"]):
         x, w, b, y = conv_inputs(rng, shape, bias=k % 2 == 0)
         x16, w16, act = nhwc_copy(x, "bf16"), nhwc_copy(w, "bf16"), 1 - k % 2
-        call = halo.plan(mm.plan_conv16(y, x16, w16, b, stride, pad, act, tile))
-        frame = shape[0] * (shape[2] + pad) * (shape[3] + pad)
-        assert call.tile.rows % 8 == 1 and call.grid[0] == -(-frame // tile.bn)
-        run_conv(emu_halo, call)
-        err = rel_err(y, conv_expected(x, w, b, stride, pad, act, "bf16"))
-        assert err <= RTOL_EMULATED, f"fwd {shape} {tile.name}: relative error {err:.3g}"
-        y16 = np.full(y.shape, 0xFFFF, np.uint16)
-        run_conv(emu_halo, halo.plan(mm.plan_conv16(y16, x16, w16, b, stride, pad, act | mm.OUT16, tile)))
-        np.testing.assert_array_equal(y16, bf16_bits(y), err_msg=f"{shape} {tile.name}: out16")
-        if shape[4] % 64 == 0:
-            dy, w, relu_x, dx = conv_data_inputs(rng, shape, mask=k % 2 == 0)
-            run_conv(emu_halo, halo.plan(mm.plan_conv16_data(dx, nhwc_copy(dy, "bf16"), turned_copy(w, "bf16"),
-                                                             relu_x, pad, tile)))
+        call = mm.plan_conv16(y, x16, w16, b, stride, pad, act, tile)
+        if halo.fits(call):
+            call = halo.plan(call)
+            frame = shape[0] * (shape[2] + pad) * (shape[3] + pad)
+            assert call.tile.rows % 8 == 1 and call.grid[0] == -(-frame // tile.bn)
+            run_conv(emu_halo, call)
+            err = rel_err(y, conv_expected(x, w, b, stride, pad, act, "bf16"))
+            assert err <= RTOL_EMULATED, f"fwd {shape} {tile.name}: relative error {err:.3g}"
+            y16 = np.full(y.shape, 0xFFFF, np.uint16)
+            run_conv(emu_halo, halo.plan(mm.plan_conv16(y16, x16, w16, b, stride, pad, act | mm.OUT16, tile)))
+            np.testing.assert_array_equal(y16, bf16_bits(y), err_msg=f"{shape} {tile.name}: out16")
+            ran += 1
+        dy, w, relu_x, dx = conv_data_inputs(rng, shape, mask=k % 2 == 0)
+        call = mm.plan_conv16_data(dx, nhwc_copy(dy, "bf16"), turned_copy(w, "bf16"), relu_x, pad, tile)
+        if halo.fits(call):
+            run_conv(emu_halo, halo.plan(call))
             err = rel_err(dx, conv_data_expected(dy, w, relu_x, shape, "bf16"))
             assert err <= RTOL_EMULATED, f"data {shape} {tile.name}: relative error {err:.3g}"
+            ran += 1
+    for tile in halo.TILES16H["filter"]:
+        dy, x, dw0 = conv_filter_inputs(rng, shape)
+        c = shape[1]
+        part0 = np.zeros((*dw0.shape[:1], *dw0.shape[2:], mm.padded_channels(c, "bf16")), np.float32)
+        part0[..., :c] = dw0.transpose(0, 2, 3, 1)
+        want = conv_filter_expected(dy, x, dw0, shape, "bf16").transpose(0, 2, 3, 1)
+        for sms in (1, 64):                       # one K part where the blocks fill the "GPU", several
+            part = part0.copy()
+            call = mm.plan_conv16_filter(part, nhwc_copy(dy, "bf16"), nhwc_copy(x, "bf16"), stride, pad, sms, tile, 1)
+            if not halo.fits(call):
+                continue
+            call = halo.plan(call, sms)
+            run_conv(emu_halo, call)
+            err = rel_err(part[..., :c] - part0[..., :c], want - part0[..., :c])
+            assert err <= RTOL_EMULATED, f"filter {shape} {tile.name} splits {call.splits}: {err:.3g}"
+            assert not part[..., c:].any(), "the padded channels' gradient"
+            ran += 1
+    assert ran >= 4, shape
 
 
 def test_conv16_halo_plans_only_what_it_runs(halo):

@@ -1,6 +1,6 @@
-// Sandbox: the stride-1 bf16 convolution forward (EPI 1) and data gradient as a forward (EPI 2) on wgmma with the
-// input read once per block as a halo instead of gathered once per tap ("h" tiles, conv16_halo.py; not in the package
-// until measured: time_cl_tiles.py times them beside the shipped tiles).
+// Sandbox: the stride-1 bf16 convolution forward (EPI 1), data gradient as a forward (EPI 2) and filter gradient (EPI
+// 3, below) on wgmma with the input read once per block as a halo instead of gathered once per tap ("h" and "hf"
+// tiles, conv16_halo.py; not in the package until measured: time_cl_tiles.py times them beside the shipped tiles).
 //
 // The shipped forward (mma.cu hn_convw_fwd) gathers B = x im2col-style: every K tile is one tap's 64 channels of the
 // block's 256 output pixels, so each input pixel is copied from L2 once per tap (9 times for 3 x 3), each chunk's
@@ -143,6 +143,111 @@ __device__ __forceinline__ void hn_conv16_halo(unsigned char* smem, const unsign
     });
 }
 
+// The smem descriptor of an MN-major bf16 tile without swizzle whose K rows lie 16 bytes apart (8 elements of M or N a
+// core matrix row: leading byte offset 128 between groups of 8 K rows) and whose 8-element groups of M or N lie `sbo`
+// bytes apart (the ISA's canonical ((T,1,m),(8,k)):((1,T,SBO),(1T,LBO))).
+__device__ __forceinline__ unsigned long long hn_wgmma_desc_mn_rows(const void* p, unsigned sbo) {
+    return static_cast<unsigned long long>((hn_smem_addr(p) & 0x3FFFF) >> 4) |
+           (static_cast<unsigned long long>(128 >> 4) << 16) | (static_cast<unsigned long long>(sbo >> 4) << 32);
+}
+
+// The filter gradient on the halo (EPI 3): dw[o][(r, s, c)] += sum over the frame's columns v of dyf[v][o] xf[v + r Wp
+// + s][c], xf the frame of x above and dyf the frame of dy (dy at the columns that are output pixels, 0 elsewhere). A
+// block takes 64 output channels from o0 = 64 blockIdx.y (M), 64 input channels from c0 = 64 blockIdx.x and every tap,
+// over the columns of its K part (blockIdx.z, kchunk each) in K tiles of 64 columns. WGS warpgroups, warpgroup g the
+// taps g TPW .. g TPW + TPW - 1 (R S = WGS TPW), a tap 64 x 64 accumulators. A stage holds dyf's tile (64 columns x 64
+// o, MN-major in the 128-byte swizzle, hn_conv16w_filter's) and xf's halo for it, rows v0 .. v0 + 64 + (R - 1) Wp + S -
+// 1, as 8 regions (channels c0 + 8 j ..) of `rows` x 16 bytes; tap (r, s)'s B (K rows v, N = 64 channels) is the halo
+// from row r Wp + s on, MN-major without swizzle (hn_wgmma_desc_mn_rows with the regions `rows` x 16 bytes apart).
+// So a stage's copies are 64 + (R - 1) Wp + S - 1 halo rows for the 9 taps' 576 gathered rows of hn_conv16w_filter.
+// The parts are added into dw with atomics (beta 1 when there is one part).
+template <int WGS, int TPW, int STAGES>
+__device__ __forceinline__ void hn_conv16_halo_filter(unsigned char* smem, const unsigned short* dy,
+                                                      const unsigned short* x, float* dw, int M, int N, int K,
+                                                      int splits, int kchunk, const HnConv& cv) {
+    constexpr int BK = 64, THREADS = 128 * WGS, EA = 64 * BK, AHEAD = STAGES - 2;
+    const int images = K / (cv.p * cv.q), hp = cv.h + cv.pad, wp = cv.w + cv.pad, frame = hp * wp;
+    const int nv = images * frame, need = hn_halo_need(BK, cv.r, cv.s, wp), rows = hn_halo_rows(need);
+    const int EH = 8 * rows * 8, tid = threadIdx.x, g = tid / 128, o0 = 64 * blockIdx.y, c0 = 64 * blockIdx.x;
+    const int kbeg = blockIdx.z * kchunk, kend = hn_imin(nv, kbeg + kchunk);
+    const int tiles = kend > kbeg ? (kend - kbeg + BK - 1) / BK : 0;
+    const HnDiv by_frame = hn_div_of(frame), by_wp = hn_div_of(wp);
+    unsigned short* sa = reinterpret_cast<unsigned short*>(hn_smem_align1024(smem));   // STAGES x EA
+    unsigned short* sh = sa + STAGES * EA;                                              // STAGES x EH
+    int off[TPW];                                                  // this warpgroup's taps' first halo rows
+#pragma unroll
+    for (int t = 0; t < TPW; ++t) {
+        const int tap = g * TPW + t, r = tap / cv.s;
+        off[t] = r * wp + tap - r * cv.s;
+    }
+    float acc[TPW][1][8][4];
+#pragma unroll
+    for (int t = 0; t < TPW; ++t) hn_zero(acc[t]);
+
+    auto frame_at = [&](int u, int& img, int& fh, int& fw) {
+        img = hn_div(u, by_frame);
+        const int t = u - img * frame;
+        fh = hn_div(t, by_wp);
+        fw = t - fh * wp;
+    };
+    auto issue = [&](int kt) {
+        const int v0 = kbeg + kt * BK, st = kt % STAGES;
+        for (int i = tid; i < BK * 8; i += THREADS) {              // dyf: row v, chunk j of 8 o
+            const int row = i >> 3, j = i & 7, v = v0 + row;
+            int img, p, q;
+            frame_at(v, img, p, q);
+            const bool ok = v < kend && img < images && p < cv.p && q < cv.q && o0 + 8 * j < M;
+            const int at = ok ? ((img * cv.p + p) * cv.q + q) * M + o0 + 8 * j : 0;
+            hn_cp_async16(sa + st * EA + HnSwizzle128MN::at(row, 8 * j), dy + at, ok ? 16 : 0);
+        }
+        unsigned short* h = sh + st * EH;
+        for (int i = tid; i < need * 8; i += THREADS) {            // xf: halo row u, channels c0 + 8 j ..
+            const int row = i >> 3, j = i & 7;
+            int img, fh, fw;
+            frame_at(v0 + row, img, fh, fw);
+            const int ih = fh - cv.pad, iw = fw - cv.pad;
+            const bool ok = img < images && ih >= 0 && ih < cv.h && iw >= 0 && iw < cv.w && c0 + 8 * j < cv.c;
+            const int at = ok ? ((img * cv.h + ih) * cv.w + iw) * cv.c + c0 + 8 * j : 0;
+            hn_cp_async16(h + (j * rows + row) * 8, x + at, ok ? 16 : 0);
+        }
+    };
+
+    hn_pipeline_fill<AHEAD + 1>(tiles, issue);
+    for (int kt = 0; kt < tiles; ++kt) {
+        const int st = kt % STAGES;
+        hn_cp_async_wait<AHEAD - 1>();
+        hn_fence_proxy_async();
+        __syncthreads();
+        if (kt + AHEAD < tiles) issue(kt + AHEAD);
+        hn_cp_async_commit();
+        hn_wgmma_fence();
+        const unsigned short *a = sa + st * EA, *h = sh + st * EH;
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+            const unsigned long long da = hn_wgmma_desc_mn(a + kk * 16 * 64);   // K rows 16 kk .. of dyf's tile
+#pragma unroll
+            for (int t = 0; t < TPW; ++t)
+                hn_wgmma_bf16<64, 1>(acc[t][0], da, hn_wgmma_desc_mn_rows(h + (off[t] + 16 * kk) * 8, rows * 16));
+        }
+        hn_wgmma_commit();
+        hn_wgmma_wait<1>();
+    }
+    hn_wgmma_wait<0>();
+    hn_cp_async_wait<0>();
+
+    // tap (r, s)'s 64 x 64 block of dw [O][R S][C]: rows o0 .., columns c0 .. of the [O][C] matrix at dw + tap C with
+    // leading dimension R S C
+#pragma unroll
+    for (int t = 0; t < TPW; ++t) {
+        HnBlock b;
+        b.C = dw + (g * TPW + t) * cv.c;
+        b.m0 = o0;
+        b.n0 = c0;
+        b.atomic = splits > 1;
+        hn_epilogue<1, 8>(b, acc[t], M, cv.c, N, 1.f, 1.f, 16 * ((tid >> 5) & 3), 0, tid & 31);
+    }
+}
+
 // HN_CONV16H(hn_conv16_fwd_h128x256s4, 1, 2, 256, 4): HN_CONV16W's forward (EPI 1) or stride-1 data gradient (EPI 2)
 // with its arguments, on the halo (hn_conv16_halo): WGM warpgroups of 64 x WN, block tile 64 WGM x WN x 64, ST A
 // buffers; 128 WGM threads, grid (ceil(n Hp Wp / WN), ceil(M / (64 WGM))), shared memory ST x 64 WGM x 128 + 2 x 8 x
@@ -155,4 +260,18 @@ __device__ __forceinline__ void hn_conv16_halo(unsigned char* smem, const unsign
         HN_DYNAMIC_SMEM(hn_smem);                                                                              \
         const HnConv cv = hn_conv_of<1>(AUX, C, H, W, R, S, P, Q, O, stride, pad, act);                         \
         hn_conv16_halo<EPI, WGM, WN, ST>(hn_smem, Wt, B, Y, M, N, K, cv);                                      \
+    }
+
+// HN_CONV16HF(hn_conv16_filter_hf3x3s4, 3, 3, 4): HN_CONV16W's filter gradient (EPI 3) with its arguments on the halo
+// (hn_conv16_halo_filter): WGS warpgroups of TPW taps each (R S = WGS TPW), 128 WGS threads, grid (ceil(C / 64),
+// ceil(O / 64), splits), kchunk a multiple of 64 columns of the frame, shared memory ST x (64 x 128 + 8 x rows x 16) +
+// 1024 bytes (conv16_halo.py's HaloFilterTile.smem_bytes).
+#define HN_CONV16HF(name, WGS, TPW, ST)                                                                           \
+    extern "C" __global__ void __launch_bounds__(128 * WGS, 1) name(                                            \
+        const unsigned short* __restrict__ B, const unsigned short* __restrict__ Wt, const float* __restrict__ AUX,  \
+        float* __restrict__ Y, int M, int N, int K, int C, int H, int W, int R, int S, int P, int Q, int O,         \
+        int stride, int pad, int act, int splits, int kchunk) {                                                   \
+        HN_DYNAMIC_SMEM(hn_smem);                                                                              \
+        const HnConv cv = hn_conv_of<3>(AUX, C, H, W, R, S, P, Q, O, stride, pad, act);                         \
+        hn_conv16_halo_filter<WGS, TPW, ST>(hn_smem, Wt, B, Y, M, N, K, splits, kchunk, cv);                   \
     }

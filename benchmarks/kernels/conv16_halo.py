@@ -1,7 +1,8 @@
 """The bf16 wgmma convolutions that read their input as a halo, the "h" tiles (conv16_halo.cu; not in the package until
 measured): their tile table, their CUDA text (mma.cu, conv16_halo.cu and the tiles' entry points), their plan (mma.py's
-plan_conv16 / plan_conv16_data given the tile, then `plan` for the halo's grid and shared memory) and their launch
-from a module of their own. The stride-1 forward and data gradient only, C (the data gradient's O) a multiple of 64.
+plan_conv16 / plan_conv16_data / plan_conv16_filter given the tile, then `plan` for the halo's grid and shared memory)
+and their launch from a module of their own. Stride 1 only: the forward and data gradient ("h" tiles, C (the data
+gradient's O) a multiple of 64) and the filter gradient ("hf" tiles, 3 x 3).
 
 time_cl_tiles.py checks and times them beside the shipped tiles; tests/test_mma_emulated.py runs them on the CPU
 emulator.
@@ -54,12 +55,49 @@ def halo_tile(bm: int, bn: int, stages: int) -> HaloTile:
     return HaloTile(bm, bn, 64, 64, bn, stages, wgmma=True)
 
 
-TILES16H = {"fwd": (halo_tile(128, 256, 4), halo_tile(64, 256, 4), halo_tile(128, 128, 4))}
+@dataclass(frozen=True)
+class HaloFilterTile(Tc16Tile):
+    """The filter gradient's halo tile: 64 output x 64 input channels and every tap of a block, `wgs` warpgroups of
+    `tpw` taps each (R S = wgs tpw), K tiles of 64 frame columns, each stage dy's tile and the halo of `rows` rows
+    (set by `plan`)."""
+
+    wgs: int = 3
+    tpw: int = 3
+    rows: int = 0
+
+    def __post_init__(self):
+        super().__post_init__()
+        assert (self.bm, self.bn, self.wn) == (64, 64, 64) and self.wgmma and self.precision == "bf16", self
+
+    @property
+    def name(self) -> str:
+        return f"hf{self.wgs}x{self.tpw}s{self.stages}"
+
+    @property
+    def threads(self) -> int:
+        return 128 * self.wgs
+
+    @property
+    def smem_bytes(self) -> int:
+        return self.stages * (64 * 128 + 8 * self.rows * 16) + 1024
+
+    def instantiation(self, op: str) -> str:
+        assert op == "filter", op
+        return f"HN_CONV16HF({self.conv_kernel(op)}, {self.wgs}, {self.tpw}, {self.stages})"
+
+
+def halo_filter_tile(stages: int, wgs: int = 3, tpw: int = 3) -> HaloFilterTile:
+    return HaloFilterTile(64, 64, 64, 64, 64, stages, wgmma=True, wgs=wgs, tpw=tpw)
+
+
+TILES16H = {"fwd": (halo_tile(128, 256, 4), halo_tile(64, 256, 4), halo_tile(128, 128, 4)),
+            "filter": (halo_filter_tile(4), halo_filter_tile(6))}
 TILES16H["data"] = TILES16H["fwd"]       # the data gradient runs as the forward over dy (EPI 2)
+WAVES = 2                                # the filter gradient's K parts: about this many blocks per SM
 
 
 def instantiations() -> str:
-    """The HN_CONV16H lines of every tile of each op of TILES16H."""
+    """The HN_CONV16H / HN_CONV16HF lines of every tile of each op of TILES16H."""
     return "\n".join(t.instantiation(op) for op, tiles in TILES16H.items() for t in tiles) + "\n"
 
 
@@ -76,24 +114,34 @@ def halo_rows(bn: int, r: int, s: int, wp: int) -> int:
     return need + (9 - need % 8) % 8
 
 
-def plan(call):
-    """mma.py's ConvCall of an h tile (plan_conv16, or plan_conv16_data) made the halo's: its grid over the frame's n
-    Hp Wp columns (Hp = H + pad, Wp = W + pad) and its tile's halo rows; ValueError where the halo kernel does not run
-    it."""
+def plan(call, sms: int = 132):
+    """mma.py's ConvCall of an h tile (plan_conv16 or plan_conv16_data; plan_conv16_filter for an hf tile) made the
+    halo's: its grid over the frame's n Hp Wp columns (Hp = H + pad, Wp = W + pad; the filter gradient's K split in
+    about WAVES blocks per SM of `sms`) and its tile's halo rows; ValueError where the halo kernel does not run it."""
     if call is None:
         return None
     t = call.tile
     c, h, w, r, s, p, q, o, stride, pad = call.geometry
-    if call.op not in TILES16H or not isinstance(t, HaloTile):
+    filt = call.op == "filter"
+    if call.op not in TILES16H or not isinstance(t, HaloFilterTile if filt else HaloTile):
         raise ValueError(f"conv16_halo: {call.op} on tile {t.name} is not a halo convolution")
-    hp, wp, images = h + pad, w + pad, call.n // (p * q)          # conv16_halo.cu's frame
-    tile = dataclasses.replace(t, rows=halo_rows(t.bn, r, s, wp))
-    if (stride != 1 or pad >= min(r, s) or c % 64 or r * s < t.stages - 1 or images * hp * wp >= 2**31
-            or tile.smem_bytes > SMEM_LIMIT):
+    images = (call.k if filt else call.n) // (p * q)
+    hp, wp = h + pad, w + pad                                      # conv16_halo.cu's frame
+    nv = images * hp * wp
+    tile = dataclasses.replace(t, rows=halo_rows(64 if filt else t.bn, r, s, wp))
+    fits = (r * s == t.wgs * t.tpw) if filt else (c % 64 == 0 and r * s >= t.stages - 1)
+    if stride != 1 or pad >= min(r, s) or not fits or nv >= 2**31 or tile.smem_bytes > SMEM_LIMIT:
+        need = f"R S = {t.wgs * t.tpw}" if filt else f"C a multiple of 64, R S >= {t.stages - 1}"
         raise ValueError(f"conv16_halo: {t.name} does not run C {c}, {r}x{s}, stride {stride}, pad {pad}, frame "
-                         f"{hp}x{wp} (stride 1, pad < R and S, C a multiple of 64, R S >= {t.stages - 1}, "
-                         f"{tile.smem_bytes} bytes of shared memory at most {SMEM_LIMIT})")
-    return dataclasses.replace(call, tile=tile, grid=(math.ceil(images * hp * wp / t.bn), math.ceil(call.m / t.bm), 1))
+                         f"{hp}x{wp} (stride 1, pad < R and S, {need}, {tile.smem_bytes} bytes of shared memory at "
+                         f"most {SMEM_LIMIT})")
+    if not filt:
+        return dataclasses.replace(call, tile=tile, grid=(math.ceil(nv / t.bn), math.ceil(call.m / t.bm), 1))
+    blocks = math.ceil(c / 64) * math.ceil(o / 64)
+    kchunk = math.ceil(nv / max(1, min(WAVES * sms // blocks, math.ceil(nv / 64))) / 64) * 64
+    splits = math.ceil(nv / kchunk)
+    return dataclasses.replace(call, tile=tile, grid=(math.ceil(c / 64), math.ceil(o / 64), splits), splits=splits,
+                               kchunk=kchunk)
 
 
 def fits(call) -> bool:

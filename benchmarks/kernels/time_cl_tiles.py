@@ -1,6 +1,6 @@
 """Time every channels-last bf16 wgmma tile -- conv.py's candidates (mma_tiles.TILES16W) and the sandbox's
-warp-specialised "ws" tiles (conv16_ws.TILES16WS) and halo "h" tiles (conv16_halo.TILES16H: forward and data gradient),
-each launched from its own module -- on cifar-wide's 3x3 convolutions at batch 512: the forward, the data gradient,
+warp-specialised "ws" tiles (conv16_ws.TILES16WS) and halo "h" / "hf" tiles (conv16_halo.TILES16H), each launched
+from its own module -- on cifar-wide's 3x3 convolutions at batch 512: the forward, the data gradient,
 the pooled forward and the filter gradient, each planned by mma.py (the h tiles then by conv16_halo.plan) on copies
 made once (mma.to_nhwc, turn_weights), so that only the kernels are timed.
 
@@ -69,14 +69,17 @@ def main(argv=None) -> int:
             return calls
 
         def filter_calls(tile):           # (it adds into part: the timed launches only add more)
+            if isinstance(tile, halo.HaloFilterTile):
+                return {"filter": halo.plan(mma.plan_conv16_filter(part, dy16, x16, 1, 1, be.sms, tile, 1), be.sms)}
             return {"filter": mma.plan_conv16_filter(part, dy16, x16, 1, 1, be.sms, tile)}
 
-        sandbox = {"fwd": list(ws.TILES16WS["fwd"]) + list(halo.TILES16H["fwd"]), "filter": list(ws.TILES16WS["filter"])}
+        sandbox = {op: list(ws.TILES16WS[op]) + list(halo.TILES16H[op]) for op in ("fwd", "filter")}
         for op, outs, make_calls in (("fwd", {"fwd": y, "data": dx}, forward_calls),
                                      ("filter", {"filter": part}, filter_calls)):
             refs = {}
             for tile in [t for t in mma.tiles16(op, "bf16") if t.wgmma] + sandbox[op]:
-                kind = "ws" if isinstance(tile, ws.WsTile) else "halo" if isinstance(tile, halo.HaloTile) else ""
+                kind = ("ws" if isinstance(tile, ws.WsTile) else
+                        "halo" if isinstance(tile, (halo.HaloTile, halo.HaloFilterTile)) else "")
                 launch = {"ws": ws.launch, "halo": halo.launch}.get(kind, mma.launch_conv)
                 calls = make_calls(tile)
                 errs = {}

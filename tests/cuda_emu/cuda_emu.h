@@ -716,9 +716,11 @@ namespace emu {
 // 49-51, swizzle 62-63. K-major, no swizzle: core matrices of 8 rows x 16 bytes (8 x 8 bf16, 8 x 4 tf32), rows 8
 // apart by the stride byte offset, the next 16 bytes of K by the leading byte offset. K-major, 128-byte swizzle: rows
 // of 128 bytes, groups of 8 rows by the stride byte offset, and the address's bits 4-6 XORed with its bits 7-9.
-// MN-major (the transpose flag set; 16-bit elements and the 128-byte swizzle only): K rows of 64 elements of M or N
-// (128 bytes), groups of 8 K rows by the stride byte offset, the next 64 of M or N by the leading byte offset, then
-// the same XOR.
+// MN-major (the transpose flag set; 16-bit elements only), no swizzle: core matrices of 8 K rows x 16 bytes (8
+// elements of M or N), K rows 16 bytes apart, the next 8 of M or N by the stride byte offset, the next 8 K rows by the
+// leading byte offset (the ISA's canonical ((T,1,m),(8,k)):((1,T,SBO),(1T,LBO))). MN-major, 128-byte swizzle: K rows
+// of 64 elements of M or N (128 bytes), groups of 8 K rows by the stride byte offset, the next 64 of M or N by the
+// leading byte offset, then the same XOR.
 inline unsigned wgmma_at(unsigned long long desc, int bytes, bool mn_major, int row, int k, const char* what) {
     const unsigned start = static_cast<unsigned>(desc & 0x3FFF) << 4;
     const unsigned lbo = static_cast<unsigned>((desc >> 16) & 0x3FFF) << 4;
@@ -729,7 +731,8 @@ inline unsigned wgmma_at(unsigned long long desc, int bytes, bool mn_major, int 
     if (mn_major && bytes != 2) fail("%s: MN-major operand of %d-byte elements (16-bit only)", what, bytes);
     if (mode == 0 && !mn_major)
         return start + (row / 8) * sbo + (k / core) * lbo + (row % 8) * 16 + (k % core) * bytes;
-    if (mode != 1) fail("%s: descriptor swizzle mode %u (only 128 bytes, and none K-major, emulated)", what, mode);
+    if (mode == 0) return start + (row / 8) * sbo + (row % 8) * 2 + (k / 8) * lbo + (k % 8) * 16;
+    if (mode != 1) fail("%s: descriptor swizzle mode %u (only 128 bytes and none emulated)", what, mode);
     const unsigned a = mn_major ? start + (row / 64) * lbo + (k / 8) * sbo + (k % 8) * 128 + (row % 64) * 2
                                 : start + (row / 8) * sbo + (row % 8) * 128 + k * bytes;
     return a ^ (((a >> 7) & 7) << 4);
