@@ -648,7 +648,8 @@ def emu_halo(tmp_path_factory, halo):
 def test_conv16_halo(emu_halo, halo, rng, shape):
     """The sandbox's halo tiles (the input read once a block as the frame's rows, each tap a shifted wgmma descriptor
     without swizzle) where they run: the forward with bias + ReLU and without, also stored in bf16 (the bits of the
-    same tile's float32 output), the data gradient with the mask and without, and the filter gradient added into dw
+    same tile's float32 output), the pooled forward (y and the argmax bytes those of max pooling of that output, y in
+    float32 and in bf16), the data gradient with the mask and without, and the filter gradient added into dw
     in one K part and in several, against float64 of the bf16 inputs; outputs poisoned where they are written, the
     emulator's checks of every shared-memory access included."""
     stride, pad = shape[7:]
@@ -668,6 +669,17 @@ def test_conv16_halo(emu_halo, halo, rng, shape):
             run_conv(emu_halo, halo.plan(mm.plan_conv16(y16, x16, w16, b, stride, pad, act | mm.OUT16, tile)))
             np.testing.assert_array_equal(y16, bf16_bits(y), err_msg=f"{shape} {tile.name}: out16")
             ran += 1
+            # the pooled forward: max pooling of the same forward (the same sums), its argmax bytes; bf16 too
+            want_y, want_arg = max_pool_2x2(y)
+            for out16 in (False, True):
+                buf, py, parg = mm.pooled_outputs(np, shape[0], shape[4], *want_y.shape[2:], out16)
+                buf[:] = 0xFFFF if out16 else np.nan
+                call = mm.plan_conv16_pool(buf, x16, w16, b, stride, pad, act | (mm.OUT16 if out16 else 0), tile)
+                if want_y.size and halo.fits(call):
+                    run_conv(emu_halo, halo.plan(call))
+                    np.testing.assert_array_equal(py, bf16_bits(want_y) if out16 else want_y, err_msg=f"{tile.name}")
+                    np.testing.assert_array_equal(parg, want_arg, err_msg=f"{shape} {tile.name}: argmax")
+                    ran += 1
         dy, w, relu_x, dx = conv_data_inputs(rng, shape, mask=k % 2 == 0)
         call = mm.plan_conv16_data(dx, nhwc_copy(dy, "bf16"), turned_copy(w, "bf16"), relu_x, pad, tile)
         if halo.fits(call):

@@ -40,18 +40,105 @@ __device__ __forceinline__ unsigned long long hn_wgmma_desc_rows(const void* p, 
 __device__ __forceinline__ int hn_halo_need(int bn, int r, int s, int wp) { return bn + (r - 1) * wp + s - 1; }
 __device__ __forceinline__ int hn_halo_rows(int need) { return need + (9 - need % 8) % 8; }
 
+// The pooled forward's epilogue on the halo (EPI 4): max_pool(act(conv + b)) over 2 x 2 windows at stride 2 and each
+// window's argmax byte, as mma.cu's hn_conv_pool_epilogue writes them (y [n][O][P'][Q'] float32 or bf16 bits, the
+// bytes after y; the first maximum in window order, NaN winning). A window's four pixels are frame columns v, v + 1,
+// v + Wp, v + Wp + 1 (v its top left: frame row and column even, p' < P', q' < Q'), so blocks start STEP = BN - Wp - 1
+// columns apart (their last Wp + 1 columns computed twice) and a block owns the windows whose top left lies in its
+// first STEP columns, all four pixels inside its BN. act(acc + b) goes through shared memory (the pipeline's, free
+// after the K loop: st [BM][BN + 8] float32, rows 8 banks apart for the accumulators' pair stores), the owned windows
+// are listed in column order (ballot and prefix: win[i] the column in the block, at[i] y's offset of its channel 0),
+// then each warp takes rows m and its lanes the windows.
+template <int WGM, int WN, class FrameAt>
+__device__ __forceinline__ void hn_halo_pool_epilogue(float* st, float (&acc)[1][WN / 8][4], float* y, int M,
+                                                      const HnConv& cv, int m0, int v0, int step, int nv, int images,
+                                                      int wp, const FrameAt& frame_at) {
+    constexpr int BM = 64 * WGM, BN = WN, LD = BN + 8, THREADS = 128 * WGM, WARPS = THREADS / 32;
+    int* win = reinterpret_cast<int*>(st + BM * LD);        // BN
+    int* at = win + BN;                                      // BN
+    int* count = at + BN;                                    // WARPS
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gm = tid / 128, PQ = cv.p * cv.q;
+    __syncthreads();                                         // every warpgroup done reading the pipeline's buffers
+    {
+        const int g = lane >> 2, t = lane & 3, row0 = 64 * gm + 16 * (warp & 3) + g;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int ml = row0 + 8 * h, m = m0 + ml;
+            const float bias = m < M && cv.aux ? hn_ldg(cv.aux + m) : 0.f;
+#pragma unroll
+            for (int j = 0; j < WN / 8; ++j) {
+                float a = acc[0][j][2 * h] + bias, b = acc[0][j][2 * h + 1] + bias;
+                if (cv.act == 1) {
+                    a = a > 0.f ? a : 0.f;
+                    b = b > 0.f ? b : 0.f;
+                }
+                *reinterpret_cast<float2*>(st + ml * LD + 8 * j + 2 * t) = make_float2(a, b);
+            }
+        }
+    }
+    int total = 0;
+    for (int base = 0; base < step; base += THREADS) {     // the owned windows, in column order
+        const int c = base + tid, v = v0 + c;
+        int img = 0, p = 1, q = 1;
+        if (c < step && v < nv) frame_at(v, img, p, q);
+        const bool top = c < step && v < nv && ((p | q) & 1) == 0 && (p >> 1) < cv.p && (q >> 1) < cv.q;
+        const unsigned ballot = __ballot_sync(0xffffffffu, top);
+        if (lane == 0) count[warp] = __popc(ballot);
+        __syncthreads();
+        int before = total, all = total;
+        for (int w = 0; w < WARPS; ++w) {
+            before += w < warp ? count[w] : 0;
+            all += count[w];
+        }
+        if (top) {
+            const int i = before + __popc(ballot & ((1u << lane) - 1u));
+            win[i] = c;
+            at[i] = img * M * PQ + (p >> 1) * cv.q + (q >> 1);
+        }
+        total = all;
+        __syncthreads();
+    }
+    unsigned char* arg = reinterpret_cast<unsigned char*>(y) + static_cast<long long>(cv.pooled) * M * (cv.out16 ? 2 : 4);
+    for (int ml = warp; ml < BM; ml += WARPS) {
+        const int m = m0 + ml;
+        if (m >= M) break;
+        const float* r = st + ml * LD;
+        for (int i = lane; i < total; i += 32) {
+            const int c = win[i];
+            const float v[4] = {r[c], r[c + 1], r[c + wp], r[c + wp + 1]};
+            float best = v[0];
+            int bi = 0;
+#pragma unroll
+            for (int e = 1; e < 4; ++e)
+                if (v[e] > best || (v[e] != v[e] && best == best)) {
+                    best = v[e];
+                    bi = e;
+                }
+            const long long out = at[i] + static_cast<long long>(m) * PQ;
+            if (cv.out16)
+                hn_st_u16(reinterpret_cast<unsigned short*>(y) + out, hn_bf16_of(best));
+            else
+                hn_st(y + out, best);
+            hn_st_byte(arg + out, static_cast<unsigned char>(bi));
+        }
+    }
+}
+
 template <int EPI, int WGM, int WN, int STAGES>
 __device__ __forceinline__ void hn_conv16_halo(unsigned char* smem, const unsigned short* W, const unsigned short* x,
                                                float* y, int M, int N, int K, const HnConv& cv) {
     constexpr int BM = 64 * WGM, BN = WN, BK = 64, THREADS = 128 * WGM, EA = BM * BK, AHEAD = STAGES - 2;
-    static_assert(EPI == 1 || EPI == 2, "the forward or the stride-1 data gradient");
-    const int images = N / (cv.p * cv.q), hp = cv.h + cv.pad, wp = cv.w + cv.pad, frame = hp * wp;
+    static_assert(EPI == 1 || EPI == 2 || EPI == 4, "the forward, the stride-1 data gradient, the pooled forward");
+    // EPI 4: cv.p, cv.q are the pooled sizes and cv.pooled the pooled outputs; blocks STEP columns apart
+    const int images = EPI == 4 ? cv.pooled / (cv.p * cv.q) : N / (cv.p * cv.q);
+    const int hp = cv.h + cv.pad, wp = cv.w + cv.pad, frame = hp * wp, step = EPI == 4 ? BN - wp - 1 : BN;
     const int nv = images * frame, need = hn_halo_need(BN, cv.r, cv.s, wp), rows = hn_halo_rows(need);
     const int rs = cv.r * cv.s, tiles = cv.c / 64 * rs, tid = threadIdx.x, gm = tid / 128;
     const HnDiv by_frame = hn_div_of(frame), by_wp = hn_div_of(wp);
     unsigned short* sa = reinterpret_cast<unsigned short*>(hn_smem_align1024(smem));   // STAGES x EA
     unsigned short* sh = sa + STAGES * EA;                                              // 2 x 8 x rows x 8
     const HnBlock blk = hn_block(nullptr, nullptr, y, M, nv, K, K, 0, 0, 0, 0, 0, 1.f, 0.f, 1, K, BM, BN, BK);
+    const int v0 = blockIdx.x * step;                       // the block's first column (blk.n0 but for EPI 4)
     float acc[1][WN / 8][4];
     hn_zero(acc);
 
@@ -71,7 +158,7 @@ __device__ __forceinline__ void hn_conv16_halo(unsigned char* smem, const unsign
         const int j = tid & 7;
         for (int i = tid >> 3; i < need; i += THREADS / 8) {
             int img, fh, fw;
-            frame_at(blk.n0 + i, img, fh, fw);
+            frame_at(v0 + i, img, fh, fw);
             const int ih = fh - cv.pad, iw = fw - cv.pad;
             const bool ok = img < images && ih >= 0 && ih < cv.h && iw >= 0 && iw < cv.w;
             const int at = ok ? ((img * cv.h + ih) * cv.w + iw) * cv.c + 64 * cc + 8 * j : 0;
@@ -100,6 +187,11 @@ __device__ __forceinline__ void hn_conv16_halo(unsigned char* smem, const unsign
     hn_wgmma_wait<0>();
     hn_cp_async_wait<0>();
 
+    if constexpr (EPI == 4) {
+        hn_halo_pool_epilogue<WGM, WN>(reinterpret_cast<float*>(sa), acc, y, M, cv, blk.m0, v0, step, nv, images, wp,
+                                       [&](int u, int& img, int& fh, int& fw) { frame_at(u, img, fh, fw); });
+        return;
+    }
     // hn_conv_epilogue's outputs at the virtual columns that are pixels (p < P, q < Q); a pair of neighbours in one
     // output row at an even offset as one store
     const int PQ = cv.p * cv.q;
@@ -248,17 +340,19 @@ __device__ __forceinline__ void hn_conv16_halo_filter(unsigned char* smem, const
     }
 }
 
-// HN_CONV16H(hn_conv16_fwd_h128x256s4, 1, 2, 256, 4): HN_CONV16W's forward (EPI 1) or stride-1 data gradient (EPI 2)
-// with its arguments, on the halo (hn_conv16_halo): WGM warpgroups of 64 x WN, block tile 64 WGM x WN x 64, ST A
-// buffers; 128 WGM threads, grid (ceil(n Hp Wp / WN), ceil(M / (64 WGM))), shared memory ST x 64 WGM x 128 + 2 x 8 x
-// rows x 16 + 1024 bytes (conv16_halo.py's HaloTile.smem_bytes).
+// HN_CONV16H(hn_conv16_fwd_h128x256s4, 1, 2, 256, 4): HN_CONV16W's forward (EPI 1), stride-1 data gradient (EPI 2)
+// or pooled forward (EPI 4) with its arguments, on the halo (hn_conv16_halo): WGM warpgroups of 64 x WN, block tile 64
+// WGM x WN x 64, ST A buffers; 128 WGM threads, grid (ceil(n Hp Wp / STEP), ceil(M / (64 WGM))) with STEP = WN, or
+// WN - Wp - 1 for EPI 4; shared memory the larger of ST x 64 WGM x 128 + 2 x 8 x rows x 16 and (EPI 4's staging) 64
+// WGM x (WN + 8) x 4 + WN x 8 + 4 WGM x 4, plus 1024 bytes (conv16_halo.py's HaloTile.smem_bytes).
 #define HN_CONV16H(name, EPI, WGM, WN, ST)                                                                        \
     extern "C" __global__ void __launch_bounds__(128 * WGM, 1) name(                                            \
         const unsigned short* __restrict__ B, const unsigned short* __restrict__ Wt, const float* __restrict__ AUX,  \
         float* __restrict__ Y, int M, int N, int K, int C, int H, int W, int R, int S, int P, int Q, int O,         \
         int stride, int pad, int act, int splits, int kchunk) {                                                   \
         HN_DYNAMIC_SMEM(hn_smem);                                                                              \
-        const HnConv cv = hn_conv_of<1>(AUX, C, H, W, R, S, P, Q, O, stride, pad, act);                         \
+        HnConv cv = hn_conv_of<1>(AUX, C, H, W, R, S, P, Q, O, stride, pad, act);                               \
+        cv.pooled = kchunk;                                                                                      \
         hn_conv16_halo<EPI, WGM, WN, ST>(hn_smem, Wt, B, Y, M, N, K, cv);                                      \
     }
 

@@ -1,8 +1,8 @@
 """The bf16 wgmma convolutions that read their input as a halo, the "h" tiles (conv16_halo.cu; not in the package until
 measured): their tile table, their CUDA text (mma.cu, conv16_halo.cu and the tiles' entry points), their plan (mma.py's
 plan_conv16 / plan_conv16_data / plan_conv16_filter given the tile, then `plan` for the halo's grid and shared memory)
-and their launch from a module of their own. Stride 1 only: the forward and data gradient ("h" tiles, C (the data
-gradient's O) a multiple of 64) and the filter gradient ("hf" tiles, 3 x 3).
+and their launch from a module of their own. Stride 1 only: the forward, data gradient and pooled forward ("h" tiles,
+C (the data gradient's O) a multiple of 64) and the filter gradient ("hf" tiles, 3 x 3).
 
 time_cl_tiles.py checks and times them beside the shipped tiles; tests/test_mma_emulated.py runs them on the CPU
 emulator.
@@ -44,7 +44,9 @@ class HaloTile(Tc16Tile):
 
     @property
     def smem_bytes(self) -> int:
-        return self.stages * self.bm * 128 + 2 * 8 * self.rows * 16 + 1024
+        pipeline = self.stages * self.bm * 128 + 2 * 8 * self.rows * 16
+        staging = self.bm * (self.bn + 8) * 4 + self.bn * 8 + self.threads // 32 * 4     # the pooled epilogue's
+        return max(pipeline, staging) + 1024
 
     def instantiation(self, op: str) -> str:
         """conv16_halo.cu's line that defines conv_kernel(op)."""
@@ -92,7 +94,7 @@ def halo_filter_tile(stages: int, wgs: int = 3, tpw: int = 3) -> HaloFilterTile:
 
 TILES16H = {"fwd": (halo_tile(128, 256, 4), halo_tile(64, 256, 4), halo_tile(128, 128, 4)),
             "filter": (halo_filter_tile(4), halo_filter_tile(6))}
-TILES16H["data"] = TILES16H["fwd"]       # the data gradient runs as the forward over dy (EPI 2)
+TILES16H["data"] = TILES16H["pool"] = TILES16H["fwd"]    # the data gradient (EPI 2), pooled forward (EPI 4)
 WAVES = 2                                # the filter gradient's K parts: about this many blocks per SM
 
 
@@ -115,9 +117,10 @@ def halo_rows(bn: int, r: int, s: int, wp: int) -> int:
 
 
 def plan(call, sms: int = 132):
-    """mma.py's ConvCall of an h tile (plan_conv16 or plan_conv16_data; plan_conv16_filter for an hf tile) made the
-    halo's: its grid over the frame's n Hp Wp columns (Hp = H + pad, Wp = W + pad; the filter gradient's K split in
-    about WAVES blocks per SM of `sms`) and its tile's halo rows; ValueError where the halo kernel does not run it."""
+    """mma.py's ConvCall of an h tile (plan_conv16, plan_conv16_data or plan_conv16_pool; plan_conv16_filter for an
+    hf tile) made the halo's: its grid over the frame's n Hp Wp columns (Hp = H + pad, Wp = W + pad; the pooled
+    forward's blocks BN - Wp - 1 columns apart; the filter gradient's K split in about WAVES blocks per SM of `sms`)
+    and its tile's halo rows; ValueError where the halo kernel does not run it."""
     if call is None:
         return None
     t = call.tile
@@ -125,18 +128,19 @@ def plan(call, sms: int = 132):
     filt = call.op == "filter"
     if call.op not in TILES16H or not isinstance(t, HaloFilterTile if filt else HaloTile):
         raise ValueError(f"conv16_halo: {call.op} on tile {t.name} is not a halo convolution")
-    images = (call.k if filt else call.n) // (p * q)
+    images = (call.k if filt else call.kchunk if call.op == "pool" else call.n) // (p * q)   # (pool: P, Q pooled)
     hp, wp = h + pad, w + pad                                      # conv16_halo.cu's frame
     nv = images * hp * wp
+    step = t.bn - wp - 1 if call.op == "pool" else t.bn           # the blocks' first columns, STEP apart
     tile = dataclasses.replace(t, rows=halo_rows(64 if filt else t.bn, r, s, wp))
-    fits = (r * s == t.wgs * t.tpw) if filt else (c % 64 == 0 and r * s >= t.stages - 1)
+    fits = (r * s == t.wgs * t.tpw) if filt else (c % 64 == 0 and r * s >= t.stages - 1 and step > 0)
     if stride != 1 or pad >= min(r, s) or not fits or nv >= 2**31 or tile.smem_bytes > SMEM_LIMIT:
         need = f"R S = {t.wgs * t.tpw}" if filt else f"C a multiple of 64, R S >= {t.stages - 1}"
         raise ValueError(f"conv16_halo: {t.name} does not run C {c}, {r}x{s}, stride {stride}, pad {pad}, frame "
                          f"{hp}x{wp} (stride 1, pad < R and S, {need}, {tile.smem_bytes} bytes of shared memory at "
                          f"most {SMEM_LIMIT})")
     if not filt:
-        return dataclasses.replace(call, tile=tile, grid=(math.ceil(nv / t.bn), math.ceil(call.m / t.bm), 1))
+        return dataclasses.replace(call, tile=tile, grid=(math.ceil(nv / step), math.ceil(call.m / t.bm), 1))
     blocks = math.ceil(c / 64) * math.ceil(o / 64)
     kchunk = math.ceil(nv / max(1, min(WAVES * sms // blocks, math.ceil(nv / 64))) / 64) * 64
     splits = math.ceil(nv / kchunk)

@@ -58,14 +58,13 @@ def main(argv=None) -> int:
         part = cupy.zeros((o, 3, 3, c), np.float32)
         buf, _, _ = mma.pooled_outputs(cupy, args.batch, o, h // 2, w // 2)
 
-        def forward_calls(tile):          # tile: a Tc16Tile (an h tile: the halo's plans, no pooled forward)
-            if isinstance(tile, halo.HaloTile):
-                return {"fwd": halo.plan(mma.plan_conv16(y, x16, w16, None, 1, 1, 0, tile)),
-                        "data": halo.plan(mma.plan_conv16_data(dx, dy16, wt16, None, 1, tile))}
+        def forward_calls(tile):          # tile: a Tc16Tile
             calls = {"fwd": mma.plan_conv16(y, x16, w16, None, 1, 1, 0, tile),
                      "data": mma.plan_conv16_data(dx, dy16, wt16, None, 1, tile)}
             if pooled:
                 calls["pool"] = mma.plan_conv16_pool(buf, x16, w16, None, 1, 1, 0, tile)
+            if isinstance(tile, halo.HaloTile):      # (the halo's grid and shared memory)
+                return {name: halo.plan(call) for name, call in calls.items()}
             return calls
 
         def filter_calls(tile):           # (it adds into part: the timed launches only add more)

@@ -423,6 +423,24 @@ inline T __shfl_xor_sync(unsigned mask, T v, int o) {
     emu::warp_meet("shfl.sync.bfly");   // the deposits stay until every lane has read its partner's
     return r;
 }
+// vote.sync.ballot (__ballot_sync, full warps only): bit l of the result is lane l's predicate, in every lane.
+inline unsigned __ballot_sync(unsigned mask, int pred) {
+    if (mask != 0xffffffffu) emu::fail("vote.sync.ballot: mask %#x is not the full warp", mask);
+    emu::Warp& w = emu::S().warps[emu::me().linear / 32];
+    const int l = emu::lane();
+    const unsigned bit = pred ? 1u : 0u;
+    std::memcpy(w.in[w.gen & 1][l], &bit, sizeof(bit));
+    const int slot = emu::warp_meet("vote.sync.ballot");
+    unsigned r = 0;
+    for (int i = 0; i < 32; ++i) {
+        unsigned b;
+        std::memcpy(&b, w.in[slot][i], sizeof(b));
+        r |= b << i;
+    }
+    emu::warp_meet("vote.sync.ballot");
+    return r;
+}
+inline int __popc(unsigned v) { return __builtin_popcount(v); }
 template <class T>
 inline T atomicAdd(T* p, T v) {
     const T old = *p;
