@@ -10,14 +10,13 @@ Needs g++ (skipped without); no GPU. The GPU versions of these checks are tests/
 from __future__ import annotations
 
 import ctypes
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import RTOL_EMULATED, RTOL_TC, rel_err
 from emu_backend import EmulatedBackend, build_libraries, route_kernels
 from emu_build import EMU_DIR, build_emulated
+from halo_cases import HALO_SHAPES, check_halo, sandbox
 from mma_cases import (CONV16_SHAPES, CONV32_SHAPES, CONV_SHAPES, POOL16_SHAPES, POOL32_SHAPES, SHAPES,
                        conv_data_expected, conv_data_inputs, conv_expected, conv_filter_expected, conv_filter_inputs,
                        bf16_bits, conv_inputs, expected, max_pool_2x2, nhwc16, nhwc_copy, stored, turned_copy)
@@ -252,12 +251,7 @@ def test_split_k_parts_at_fp32_are_short():
 def test_runner_without_a_gpu(capsys):
     """benchmarks/kernels/run_tc_gemm.py imports without CuPy, lists its problems (cifar-wide's convolutions from
     the spec: 6 distinct shapes, 3 GEMMs each), and a bad --layers is a one-line error with status 2."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels" / "run_tc_gemm.py"
-    spec = importlib.util.spec_from_file_location("run_tc_gemm", path)
-    run_tc = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(run_tc)
+    run_tc = sandbox("run_tc_gemm")
     assert run_tc.main(["--list", "--sets", "conv"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 18 and "conv2 64->128 32x32" in lines[3] and "nn 128 x 524288 x 576" in lines[3]
@@ -565,22 +559,10 @@ def test_conv16_launcher():
 
 # --- the warp-specialised tiles that do not ship (benchmarks/kernels/conv16_ws.py, HN_CONV16WS) --------------------
 
-def _sandbox(name: str):
-    """benchmarks/kernels/<name>.py as a module (the sandbox's tile modules import no GPU library)."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod                    # (dataclasses resolve the module's string annotations through it)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.fixture(scope="module")
 def ws():
     """benchmarks/kernels/conv16_ws.py as a module."""
-    return _sandbox("conv16_ws")
+    return sandbox("conv16_ws")
 
 
 @pytest.fixture(scope="module")
@@ -624,17 +606,10 @@ def test_conv16_ws_tiles_do_not_ship(ws):
 
 # --- the halo tiles that do not ship (benchmarks/kernels/conv16_halo.py, HN_CONV16H) -------------------------------
 
-# (n, C, H, W, O, R, S, stride, pad): one block short of its columns; two and three channel chunks (the halo's two
-# buffers, the first refilled), O past a block's rows, pad 0; 5 x 5 over blocks that span images; a wide frame;
-# channels that are not a multiple of 64 (the filter gradient only)
-HALO_SHAPES = [(2, 64, 6, 7, 64, 3, 3, 1, 1), (1, 128, 5, 5, 192, 3, 3, 1, 0), (3, 64, 9, 9, 64, 5, 5, 1, 2),
-               (2, 64, 3, 40, 64, 3, 3, 1, 1), (3, 24, 7, 5, 40, 3, 3, 1, 1)]
-
-
 @pytest.fixture(scope="module")
 def halo():
     """benchmarks/kernels/conv16_halo.py as a module."""
-    return _sandbox("conv16_halo")
+    return sandbox("conv16_halo")
 
 
 @pytest.fixture(scope="module")
@@ -647,64 +622,8 @@ def emu_halo(tmp_path_factory, halo):
 @pytest.mark.parametrize("shape", HALO_SHAPES, ids=str)
 def test_conv16_halo(emu_halo, halo, rng, shape):
     """The sandbox's halo tiles (the input read once a block as the frame's rows, each tap a shifted wgmma descriptor
-    without swizzle) where they run: the forward with bias + ReLU and without, also stored in bf16 (the bits of the
-    same tile's float32 output), the pooled forward (y and the argmax bytes those of max pooling of that output, y in
-    float32 and in bf16), the data gradient with the mask and without, and the filter gradient added into dw
-    in one K part and in several, against float64 of the bf16 inputs; outputs poisoned where they are written, the
-    emulator's checks of every shared-memory access included."""
-    stride, pad = shape[7:]
-    ran = 0
-    for k, tile in enumerate(halo.TILES16H["fwd"]):
-        x, w, b, y = conv_inputs(rng, shape, bias=k % 2 == 0)
-        x16, w16, act = nhwc_copy(x, "bf16"), nhwc_copy(w, "bf16"), 1 - k % 2
-        call = mm.plan_conv16(y, x16, w16, b, stride, pad, act, tile)
-        if halo.fits(call):
-            call = halo.plan(call)
-            frame = shape[0] * (shape[2] + pad) * (shape[3] + pad)
-            assert call.tile.rows % 8 == 1 and call.grid[0] == -(-frame // tile.bn)
-            run_conv(emu_halo, call)
-            err = rel_err(y, conv_expected(x, w, b, stride, pad, act, "bf16"))
-            assert err <= RTOL_EMULATED, f"fwd {shape} {tile.name}: relative error {err:.3g}"
-            y16 = np.full(y.shape, 0xFFFF, np.uint16)
-            run_conv(emu_halo, halo.plan(mm.plan_conv16(y16, x16, w16, b, stride, pad, act | mm.OUT16, tile)))
-            np.testing.assert_array_equal(y16, bf16_bits(y), err_msg=f"{shape} {tile.name}: out16")
-            ran += 1
-            # the pooled forward: max pooling of the same forward (the same sums), its argmax bytes; bf16 too
-            want_y, want_arg = max_pool_2x2(y)
-            for out16 in (False, True):
-                buf, py, parg = mm.pooled_outputs(np, shape[0], shape[4], *want_y.shape[2:], out16)
-                buf[:] = 0xFFFF if out16 else np.nan
-                call = mm.plan_conv16_pool(buf, x16, w16, b, stride, pad, act | (mm.OUT16 if out16 else 0), tile)
-                if want_y.size and halo.fits(call):
-                    run_conv(emu_halo, halo.plan(call))
-                    np.testing.assert_array_equal(py, bf16_bits(want_y) if out16 else want_y, err_msg=f"{tile.name}")
-                    np.testing.assert_array_equal(parg, want_arg, err_msg=f"{shape} {tile.name}: argmax")
-                    ran += 1
-        dy, w, relu_x, dx = conv_data_inputs(rng, shape, mask=k % 2 == 0)
-        call = mm.plan_conv16_data(dx, nhwc_copy(dy, "bf16"), turned_copy(w, "bf16"), relu_x, pad, tile)
-        if halo.fits(call):
-            run_conv(emu_halo, halo.plan(call))
-            err = rel_err(dx, conv_data_expected(dy, w, relu_x, shape, "bf16"))
-            assert err <= RTOL_EMULATED, f"data {shape} {tile.name}: relative error {err:.3g}"
-            ran += 1
-    for tile in halo.TILES16H["filter"]:
-        dy, x, dw0 = conv_filter_inputs(rng, shape)
-        c = shape[1]
-        part0 = np.zeros((*dw0.shape[:1], *dw0.shape[2:], mm.padded_channels(c, "bf16")), np.float32)
-        part0[..., :c] = dw0.transpose(0, 2, 3, 1)
-        want = conv_filter_expected(dy, x, dw0, shape, "bf16").transpose(0, 2, 3, 1)
-        for sms in (1, 64):                       # one K part where the blocks fill the "GPU", several
-            part = part0.copy()
-            call = mm.plan_conv16_filter(part, nhwc_copy(dy, "bf16"), nhwc_copy(x, "bf16"), stride, pad, sms, tile, 1)
-            if not halo.fits(call):
-                continue
-            call = halo.plan(call, sms)
-            run_conv(emu_halo, call)
-            err = rel_err(part[..., :c] - part0[..., :c], want - part0[..., :c])
-            assert err <= RTOL_EMULATED, f"filter {shape} {tile.name} splits {call.splits}: {err:.3g}"
-            assert not part[..., c:].any(), "the padded channels' gradient"
-            ran += 1
-    assert ran >= 4, shape
+    without swizzle) pass halo_cases.check_halo on the emulator, its checks of every shared-memory access included."""
+    assert check_halo(halo, rng, shape, lambda call: run_conv(emu_halo, call), RTOL_EMULATED) >= 4, shape
 
 
 def test_conv16_halo_plans_only_what_it_runs(halo):

@@ -1,0 +1,105 @@
+"""The checks of the sandbox's halo convolutions (benchmarks/kernels/conv16_halo.py), shared by the emulator
+(test_mma_emulated) and the GPU (test_mma): each op of each tile on a shape, planned by mma.py then conv16_halo.plan,
+run by `run(call)` on arrays made by `xp`, against float64 of the bf16 inputs; and the loader of the sandbox's
+modules."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+from conftest import rel_err
+from mma_cases import (bf16_bits, conv_data_expected, conv_data_inputs, conv_expected, conv_filter_expected,
+                       conv_filter_inputs, conv_inputs, max_pool_2x2, nhwc_copy, turned_copy)
+
+from hetnet.backends.cuda import mma as mm
+
+# (n, C, H, W, O, R, S, stride, pad): one block short of its columns; two and three channel chunks (the halo's two
+# buffers, the first refilled), O past a block's rows, pad 0; 5 x 5 over blocks that span images; a wide frame;
+# channels that are not a multiple of 64 (the filter gradient only)
+HALO_SHAPES = [(2, 64, 6, 7, 64, 3, 3, 1, 1), (1, 128, 5, 5, 192, 3, 3, 1, 0), (3, 64, 9, 9, 64, 5, 5, 1, 2),
+               (2, 64, 3, 40, 64, 3, 3, 1, 1), (3, 24, 7, 5, 40, 3, 3, 1, 1)]
+
+
+def sandbox(name: str):
+    """benchmarks/kernels/<name>.py as a module (the sandbox's tile modules import no GPU library)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod                    # (dataclasses resolve the module's string annotations through it)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def check_halo(halo, rng, shape, run, rtol: float, xp=np, sms=(1, 64)) -> int:
+    """Every halo tile where it runs on `shape`: the forward with bias + ReLU and without, also stored in bf16 (the
+    bits of the same tile's float32 output), the pooled forward (y and the argmax bytes those of max pooling of that
+    output, y in float32 and in bf16), the data gradient with the mask and without, and the filter gradient added
+    into dw (planned for each of `sms`: one K part, several); outputs poisoned where they are written. Returns how
+    many outputs it checked."""
+    stride, pad = shape[7:]
+    dev = xp.array                 # (a copy: the filter gradient adds into its own)
+
+    def host(a):
+        return a.get() if hasattr(a, "get") else a
+
+    ran = 0
+    for k, tile in enumerate(halo.TILES16H["fwd"]):
+        x, w, b, y = conv_inputs(rng, shape, bias=k % 2 == 0)
+        x16, w16, act = dev(nhwc_copy(x, "bf16")), dev(nhwc_copy(w, "bf16")), 1 - k % 2
+        bd, yd = (None if b is None else dev(b)), dev(y)
+        call = mm.plan_conv16(yd, x16, w16, bd, stride, pad, act, tile)
+        if halo.fits(call):
+            call = halo.plan(call)
+            frame = shape[0] * (shape[2] + pad) * (shape[3] + pad)
+            assert call.tile.rows % 8 == 1 and call.grid[0] == -(-frame // tile.bn)
+            run(call)
+            y = host(yd)
+            err = rel_err(y, conv_expected(x, w, b, stride, pad, act, "bf16"))
+            assert err <= rtol, f"fwd {shape} {tile.name}: relative error {err:.3g}"
+            y16 = dev(np.full(y.shape, 0xFFFF, np.uint16))
+            run(halo.plan(mm.plan_conv16(y16, x16, w16, bd, stride, pad, act | mm.OUT16, tile)))
+            np.testing.assert_array_equal(host(y16), bf16_bits(y), err_msg=f"{shape} {tile.name}: out16")
+            ran += 1
+            # the pooled forward: max pooling of the same forward (the same sums), its argmax bytes; bf16 too
+            want_y, want_arg = max_pool_2x2(y)
+            for out16 in (False, True):
+                buf, py, parg = mm.pooled_outputs(xp, shape[0], shape[4], *want_y.shape[2:], out16)
+                buf[:] = 0xFFFF if out16 else np.nan
+                call = mm.plan_conv16_pool(buf, x16, w16, bd, stride, pad, act | (mm.OUT16 if out16 else 0), tile)
+                if want_y.size and halo.fits(call):
+                    run(halo.plan(call))
+                    np.testing.assert_array_equal(host(py), bf16_bits(want_y) if out16 else want_y,
+                                                  err_msg=f"{shape} {tile.name}: pooled y")
+                    np.testing.assert_array_equal(host(parg), want_arg, err_msg=f"{shape} {tile.name}: argmax")
+                    ran += 1
+        dy, w, relu_x, dx = conv_data_inputs(rng, shape, mask=k % 2 == 0)
+        dxd = dev(dx)
+        call = mm.plan_conv16_data(dxd, dev(nhwc_copy(dy, "bf16")), dev(turned_copy(w, "bf16")),
+                                   None if relu_x is None else dev(relu_x), pad, tile)
+        if halo.fits(call):
+            run(halo.plan(call))
+            err = rel_err(host(dxd), conv_data_expected(dy, w, relu_x, shape, "bf16"))
+            assert err <= rtol, f"data {shape} {tile.name}: relative error {err:.3g}"
+            ran += 1
+    for tile in halo.TILES16H["filter"]:
+        dy, x, dw0 = conv_filter_inputs(rng, shape)
+        c = shape[1]
+        part0 = np.zeros((*dw0.shape[:1], *dw0.shape[2:], mm.padded_channels(c, "bf16")), np.float32)
+        part0[..., :c] = dw0.transpose(0, 2, 3, 1)
+        want = conv_filter_expected(dy, x, dw0, shape, "bf16").transpose(0, 2, 3, 1)
+        for n_sms in sms:
+            partd = dev(part0)
+            call = mm.plan_conv16_filter(partd, dev(nhwc_copy(dy, "bf16")), dev(nhwc_copy(x, "bf16")), stride, pad,
+                                         n_sms, tile, 1)
+            if not halo.fits(call):
+                continue
+            call = halo.plan(call, n_sms)
+            run(call)
+            part = host(partd)
+            err = rel_err(part[..., :c] - part0[..., :c], want - part0[..., :c])
+            assert err <= rtol, f"filter {shape} {tile.name} splits {call.splits}: {err:.3g}"
+            assert not part[..., c:].any(), "the padded channels' gradient"
+            ran += 1
+    return ran
