@@ -14,6 +14,7 @@
 // row r Wp + s on. Columns with p >= P or q >= Q ((Hp Wp - P Q) / Hp Wp of the GEMM: 6% at 32 x 32, 11% at 16 x 16,
 // 21% at 8 x 8, 36% at 4 x 4 for 3 x 3 at pad 1) are computed and dropped.
 //
+// Warpgroup (gm, gn) of WGM x WGN computes rows 64 gm .., columns WN gn .. of the block's BM x BN tile.
 // Shared memory: STAGES A tiles (the weights' 64 channels of one tap, BM rows, the 128-byte swizzle as mma.cu's) and
 // two halo buffers (channel chunk cc's in buffer cc % 2), each 8 regions of `rows` x 16 bytes: region j holds
 // channels 8 j .. 8 j + 7 of every halo row, row i at 16 i. That is wgmma's K-major layout without swizzle (core
@@ -49,15 +50,16 @@ __device__ __forceinline__ int hn_halo_rows(int need) { return need + (9 - need 
 // after the K loop: st [BM][BN + 8] float32, rows 8 banks apart for the accumulators' pair stores), the owned windows
 // are listed in column order (ballot and prefix: win[i] the column in the block, at[i] y's offset of its channel 0),
 // then each warp takes rows m and its lanes the windows.
-template <int WGM, int WN, class FrameAt>
+template <int WGM, int WGN, int WN, class FrameAt>
 __device__ __forceinline__ void hn_halo_pool_epilogue(float* st, float (&acc)[1][WN / 8][4], float* y, int M,
                                                       const HnConv& cv, int m0, int v0, int step, int nv, int images,
                                                       int wp, const FrameAt& frame_at) {
-    constexpr int BM = 64 * WGM, BN = WN, LD = BN + 8, THREADS = 128 * WGM, WARPS = THREADS / 32;
+    constexpr int BM = 64 * WGM, BN = WN * WGN, LD = BN + 8, THREADS = 128 * WGM * WGN, WARPS = THREADS / 32;
     int* win = reinterpret_cast<int*>(st + BM * LD);        // BN
     int* at = win + BN;                                      // BN
     int* count = at + BN;                                    // WARPS
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gm = tid / 128, PQ = cv.p * cv.q;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gm = tid / 128 / WGN, gn = tid / 128 % WGN;
+    const int PQ = cv.p * cv.q;
     __syncthreads();                                         // every warpgroup done reading the pipeline's buffers
     {
         const int g = lane >> 2, t = lane & 3, row0 = 64 * gm + 16 * (warp & 3) + g;
@@ -72,7 +74,7 @@ __device__ __forceinline__ void hn_halo_pool_epilogue(float* st, float (&acc)[1]
                     a = a > 0.f ? a : 0.f;
                     b = b > 0.f ? b : 0.f;
                 }
-                *reinterpret_cast<float2*>(st + ml * LD + 8 * j + 2 * t) = make_float2(a, b);
+                *reinterpret_cast<float2*>(st + ml * LD + WN * gn + 8 * j + 2 * t) = make_float2(a, b);
             }
         }
     }
@@ -124,16 +126,18 @@ __device__ __forceinline__ void hn_halo_pool_epilogue(float* st, float (&acc)[1]
     }
 }
 
-template <int EPI, int WGM, int WN, int STAGES>
+template <int EPI, int WGM, int WGN, int WN, int STAGES>
 __device__ __forceinline__ void hn_conv16_halo(unsigned char* smem, const unsigned short* W, const unsigned short* x,
                                                float* y, int M, int N, int K, const HnConv& cv) {
-    constexpr int BM = 64 * WGM, BN = WN, BK = 64, THREADS = 128 * WGM, EA = BM * BK, AHEAD = STAGES - 2;
+    constexpr int BM = 64 * WGM, BN = WN * WGN, BK = 64, THREADS = 128 * WGM * WGN, EA = BM * BK;
+    constexpr int AHEAD = STAGES - 2;
     static_assert(EPI == 1 || EPI == 2 || EPI == 4, "the forward, the stride-1 data gradient, the pooled forward");
     // EPI 4: cv.p, cv.q are the pooled sizes and cv.pooled the pooled outputs; blocks STEP columns apart
     const int images = EPI == 4 ? cv.pooled / (cv.p * cv.q) : N / (cv.p * cv.q);
     const int hp = cv.h + cv.pad, wp = cv.w + cv.pad, frame = hp * wp, step = EPI == 4 ? BN - wp - 1 : BN;
     const int nv = images * frame, need = hn_halo_need(BN, cv.r, cv.s, wp), rows = hn_halo_rows(need);
-    const int rs = cv.r * cv.s, tiles = cv.c / 64 * rs, tid = threadIdx.x, gm = tid / 128;
+    const int rs = cv.r * cv.s, tiles = cv.c / 64 * rs, tid = threadIdx.x;
+    const int gm = tid / 128 / WGN, gn = tid / 128 % WGN;                  // this warpgroup's rows and columns
     const HnDiv by_frame = hn_div_of(frame), by_wp = hn_div_of(wp);
     unsigned short* sa = reinterpret_cast<unsigned short*>(hn_smem_align1024(smem));   // STAGES x EA
     unsigned short* sh = sa + STAGES * EA;                                              // 2 x 8 x rows x 8
@@ -176,7 +180,7 @@ __device__ __forceinline__ void hn_conv16_halo(unsigned char* smem, const unsign
         hn_cp_async_commit();
         hn_wgmma_fence();
         const unsigned short* a = sa + (kt % STAGES) * EA + gm * 64 * BK;
-        const unsigned short* b = sh + (cc & 1) * 8 * rows * 8 + (r * wp + s) * 8;
+        const unsigned short* b = sh + (cc & 1) * 8 * rows * 8 + (r * wp + s + WN * gn) * 8;   // this group's columns
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk)
             hn_wgmma_bf16<WN, 0>(acc[0], hn_wgmma_desc(a + 16 * kk),
@@ -188,7 +192,7 @@ __device__ __forceinline__ void hn_conv16_halo(unsigned char* smem, const unsign
     hn_cp_async_wait<0>();
 
     if constexpr (EPI == 4) {
-        hn_halo_pool_epilogue<WGM, WN>(reinterpret_cast<float*>(sa), acc, y, M, cv, blk.m0, v0, step, nv, images, wp,
+        hn_halo_pool_epilogue<WGM, WGN, WN>(reinterpret_cast<float*>(sa), acc, y, M, cv, blk.m0, v0, step, nv, images, wp,
                                        [&](int u, int& img, int& fh, int& fw) { frame_at(u, img, fh, fw); });
         return;
     }
@@ -204,7 +208,7 @@ __device__ __forceinline__ void hn_conv16_halo(unsigned char* smem, const unsign
         }
         return z;
     };
-    hn_each_pair(blk, acc, M, nv, 64 * gm + 16 * ((tid >> 5) & 3), 0, tid & 31,
+    hn_each_pair(blk, acc, M, nv, 64 * gm + 16 * ((tid >> 5) & 3), WN * gn, tid & 31,
                  [&](int m, int v, float z0, float z1, bool two) {
         long long at[2];
         bool in[2];
@@ -340,20 +344,21 @@ __device__ __forceinline__ void hn_conv16_halo_filter(unsigned char* smem, const
     }
 }
 
-// HN_CONV16H(hn_conv16_fwd_h128x256s4, 1, 2, 256, 4): HN_CONV16W's forward (EPI 1), stride-1 data gradient (EPI 2)
-// or pooled forward (EPI 4) with its arguments, on the halo (hn_conv16_halo): WGM warpgroups of 64 x WN, block tile 64
-// WGM x WN x 64, ST A buffers; 128 WGM threads, grid (ceil(n Hp Wp / STEP), ceil(M / (64 WGM))) with STEP = WN, or
-// WN - Wp - 1 for EPI 4; shared memory the larger of ST x 64 WGM x 128 + 2 x 8 x rows x 16 and (EPI 4's staging) 64
-// WGM x (WN + 8) x 4 + WN x 8 + 4 WGM x 4, plus 1024 bytes (conv16_halo.py's HaloTile.smem_bytes).
-#define HN_CONV16H(name, EPI, WGM, WN, ST)                                                                        \
-    extern "C" __global__ void __launch_bounds__(128 * WGM, 1) name(                                            \
+// HN_CONV16H(hn_conv16_fwd_h128x256s4, 1, 2, 1, 256, 4): HN_CONV16W's forward (EPI 1), stride-1 data gradient (EPI
+// 2) or pooled forward (EPI 4) with its arguments, on the halo (hn_conv16_halo): WGM x WGN warpgroups of 64 x WN, block
+// tile BM x BN x 64 (BM = 64 WGM, BN = WN WGN), ST A buffers; 128 WGM WGN threads, grid (ceil(n Hp Wp / STEP), ceil(M
+// / BM)) with STEP = BN, or BN - Wp - 1 for EPI 4; shared memory the larger of ST x BM x 128 + 2 x 8 x rows x 16 and
+// (EPI 4's staging) BM x (BN + 8) x 4 + BN x 8 + 4 WGM WGN x 4, plus 1024 bytes (conv16_halo.py's
+// HaloTile.smem_bytes).
+#define HN_CONV16H(name, EPI, WGM, WGN, WN, ST)                                                                   \
+    extern "C" __global__ void __launch_bounds__(128 * WGM * WGN, 1) name(                                      \
         const unsigned short* __restrict__ B, const unsigned short* __restrict__ Wt, const float* __restrict__ AUX,  \
         float* __restrict__ Y, int M, int N, int K, int C, int H, int W, int R, int S, int P, int Q, int O,         \
         int stride, int pad, int act, int splits, int kchunk) {                                                   \
         HN_DYNAMIC_SMEM(hn_smem);                                                                              \
         HnConv cv = hn_conv_of<1>(AUX, C, H, W, R, S, P, Q, O, stride, pad, act);                               \
         cv.pooled = kchunk;                                                                                      \
-        hn_conv16_halo<EPI, WGM, WN, ST>(hn_smem, Wt, B, Y, M, N, K, cv);                                      \
+        hn_conv16_halo<EPI, WGM, WGN, WN, ST>(hn_smem, Wt, B, Y, M, N, K, cv);                                 \
     }
 
 // HN_CONV16HF(hn_conv16_filter_hf3x3s4, 3, 3, 4): HN_CONV16W's filter gradient (EPI 3) with its arguments on the halo

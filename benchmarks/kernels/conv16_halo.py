@@ -9,7 +9,7 @@ emulator.
 
     >>> import conv16_halo as halo                                     # (with benchmarks/kernels on sys.path)
     >>> [t.name for t in halo.TILES16H["fwd"]]
-    ['h128x256s4', 'h64x256s4', 'h128x128s4']
+    ['h128x256s4', 'h64x256s4', 'h128x128s4', 'h128x256s6', 'h64x512s4n256']
     >>> call = halo.plan(mma.plan_conv16(y, x16, w16, b, 1, 1, 0, halo.TILES16H["fwd"][0]))   # doctest: +SKIP
     >>> halo.launch(be, call)                                                                 # doctest: +SKIP
 """
@@ -29,14 +29,15 @@ SMEM_LIMIT = 227 * 1024      # an H100 / H200 block's dynamic shared memory
 
 @dataclass(frozen=True)
 class HaloTile(Tc16Tile):
-    """A bf16 wgmma tile of (bm / 64) warpgroups of 64 x bn (bn = wn) reading its input as a halo of `rows` rows (set
-    by `plan` for a convolution's frame: conv16_halo.cu's hn_halo_rows), in two buffers after the STAGES A tiles."""
+    """A bf16 wgmma tile of (bm / 64) x (bn / wn) warpgroups of 64 x wn reading its input as a halo of `rows` rows
+    (set by `plan` for a convolution's frame: conv16_halo.cu's hn_halo_rows), in two buffers after the STAGES A
+    tiles."""
 
     rows: int = 0
 
     def __post_init__(self):
         super().__post_init__()
-        assert self.wgmma and self.precision == "bf16" and self.bn == self.wn and self.min_blocks == 1, self
+        assert self.wgmma and self.precision == "bf16" and self.min_blocks == 1, self
 
     @property
     def name(self) -> str:
@@ -50,11 +51,12 @@ class HaloTile(Tc16Tile):
 
     def instantiation(self, op: str) -> str:
         """conv16_halo.cu's line that defines conv_kernel(op)."""
-        return f"HN_CONV16H({self.conv_kernel(op)}, {CONV16_OPS[op]}, {self.bm // 64}, {self.wn}, {self.stages})"
+        return (f"HN_CONV16H({self.conv_kernel(op)}, {CONV16_OPS[op]}, {self.bm // 64}, {self.bn // self.wn}, "
+                f"{self.wn}, {self.stages})")
 
 
-def halo_tile(bm: int, bn: int, stages: int) -> HaloTile:
-    return HaloTile(bm, bn, 64, 64, bn, stages, wgmma=True)
+def halo_tile(bm: int, bn: int, stages: int, wn: int = 0) -> HaloTile:
+    return HaloTile(bm, bn, 64, 64, wn or bn, stages, wgmma=True)
 
 
 @dataclass(frozen=True)
@@ -92,7 +94,10 @@ def halo_filter_tile(stages: int, wgs: int = 3, tpw: int = 3) -> HaloFilterTile:
     return HaloFilterTile(64, 64, 64, 64, 64, stages, wgmma=True, wgs=wgs, tpw=tpw)
 
 
-TILES16H = {"fwd": (halo_tile(128, 256, 4), halo_tile(64, 256, 4), halo_tile(128, 128, 4)),
+# h128x256s6: the halo of the next channel chunk four K tiles ahead instead of two; h64x512s4n256: half the weights'
+# bytes a product (the A tile shared by twice the columns)
+TILES16H = {"fwd": (halo_tile(128, 256, 4), halo_tile(64, 256, 4), halo_tile(128, 128, 4), halo_tile(128, 256, 6),
+                    halo_tile(64, 512, 4, 256)),
             "filter": (halo_filter_tile(4), halo_filter_tile(6))}
 TILES16H["data"] = TILES16H["pool"] = TILES16H["fwd"]    # the data gradient (EPI 2), pooled forward (EPI 4)
 WAVES = 2                                # the filter gradient's K parts: about this many blocks per SM
