@@ -17,9 +17,9 @@ from hetnet.backends.cuda import mma as mm
 
 # (n, C, H, W, O, R, S, stride, pad): one block short of its columns; two and three channel chunks (the halo's two
 # buffers, the first refilled), O past a block's rows, pad 0; 5 x 5 over blocks that span images; a wide frame;
-# channels that are not a multiple of 64 (the filter gradient only)
+# channels that are not a multiple of 64, and 3 channels as in a first layer (the filter gradient only)
 HALO_SHAPES = [(2, 64, 6, 7, 64, 3, 3, 1, 1), (1, 128, 5, 5, 192, 3, 3, 1, 0), (3, 64, 9, 9, 64, 5, 5, 1, 2),
-               (2, 64, 3, 40, 64, 3, 3, 1, 1), (3, 24, 7, 5, 40, 3, 3, 1, 1)]
+               (2, 64, 3, 40, 64, 3, 3, 1, 1), (3, 24, 7, 5, 40, 3, 3, 1, 1), (2, 3, 9, 10, 16, 3, 3, 1, 1)]
 
 
 def sandbox(name: str):

@@ -247,24 +247,63 @@ __device__ __forceinline__ unsigned long long hn_wgmma_desc_mn_rows(const void* 
            (static_cast<unsigned long long>(128 >> 4) << 16) | (static_cast<unsigned long long>(sbo >> 4) << 32);
 }
 
+// d += A B for N = 8, 16 or 32 (hn_wgmma_bf16's narrow shapes; the filter gradient of a few input channels), both
+// operands MN-major.
+template <int N>
+__device__ __forceinline__ void hn_wgmma_bf16_narrow(float (&d)[N / 8][4], unsigned long long da,
+                                                     unsigned long long db) {
+    static_assert(N == 8 || N == 16 || N == 32, "a narrow wgmma tile");
+#if defined(HN_EMULATE)
+    hn_wgmma_bf16<N, 1>(d, da, db);
+#elif defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    if constexpr (N == 8) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %6, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n8k16.f32.bf16.bf16 {%0, %1, %2, %3}, %4, %5, p, 1, 1, 1, 1;\n}\n"
+                     : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3])
+                     : "l"(da), "l"(db), "r"(1));
+    }
+    if constexpr (N == 16) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7}, %8, %9, "
+                     "p, 1, 1, 1, 1;\n}\n"
+                     : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]),
+                       "+f"(d[1][2]), "+f"(d[1][3])
+                     : "l"(da), "l"(db), "r"(1));
+    }
+    if constexpr (N == 32) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, "
+                     "%10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, 1, 1;\n}\n"
+                     : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]),
+                       "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
+                       "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3])
+                     : "l"(da), "l"(db), "r"(1));
+    }
+#else
+    __trap();
+#endif
+}
+
 // The filter gradient on the halo (EPI 3): dw[o][(r, s, c)] += sum over the frame's columns v of dyf[v][o] xf[v + r Wp
 // + s][c], xf the frame of x above and dyf the frame of dy (dy at the columns that are output pixels, 0 elsewhere). A
-// block takes 64 output channels from o0 = 64 blockIdx.y (M), 64 input channels from c0 = 64 blockIdx.x and every tap,
+// block takes 64 output channels from o0 = 64 blockIdx.y (M), CB input channels from c0 = CB blockIdx.x and every tap,
 // over the columns of its K part (blockIdx.z, kchunk each) in K tiles of 64 columns. WGS warpgroups, warpgroup g the
-// taps g TPW .. g TPW + TPW - 1 (R S = WGS TPW), a tap 64 x 64 accumulators. A stage holds dyf's tile (64 columns x 64
+// taps g TPW .. g TPW + TPW - 1 (R S = WGS TPW), a tap 64 x CB accumulators. A stage holds dyf's tile (64 columns x 64
 // o, MN-major in the 128-byte swizzle, hn_conv16w_filter's) and xf's halo for it, rows v0 .. v0 + 64 + (R - 1) Wp + S -
-// 1, as 8 regions (channels c0 + 8 j ..) of `rows` x 16 bytes; tap (r, s)'s B (K rows v, N = 64 channels) is the halo
-// from row r Wp + s on, MN-major without swizzle (hn_wgmma_desc_mn_rows with the regions `rows` x 16 bytes apart).
-// So a stage's copies are 64 + (R - 1) Wp + S - 1 halo rows for the 9 taps' 576 gathered rows of hn_conv16w_filter.
-// The parts are added into dw with atomics (beta 1 when there is one part).
-template <int WGS, int TPW, int STAGES>
+// 1, as CB / 8 regions (channels c0 + 8 j ..) of `rows` x 16 bytes; tap (r, s)'s B (K rows v, N = CB channels) is the
+// halo from row r Wp + s on, MN-major without swizzle (hn_wgmma_desc_mn_rows with the regions `rows` x 16 bytes
+// apart). So a stage's copies are 64 + (R - 1) Wp + S - 1 halo rows for the 9 taps' 576 gathered rows of
+// hn_conv16w_filter. The parts are added into dw with atomics (beta 1 when there is one part). CB = 64, or 8 .. 32 for
+// a layer of a few input channels (the first: x's copy padded to 8).
+template <int WGS, int TPW, int CB, int STAGES>
 __device__ __forceinline__ void hn_conv16_halo_filter(unsigned char* smem, const unsigned short* dy,
                                                       const unsigned short* x, float* dw, int M, int N, int K,
                                                       int splits, int kchunk, const HnConv& cv) {
     constexpr int BK = 64, THREADS = 128 * WGS, EA = 64 * BK, AHEAD = STAGES - 2;
     const int images = K / (cv.p * cv.q), hp = cv.h + cv.pad, wp = cv.w + cv.pad, frame = hp * wp;
     const int nv = images * frame, need = hn_halo_need(BK, cv.r, cv.s, wp), rows = hn_halo_rows(need);
-    const int EH = 8 * rows * 8, tid = threadIdx.x, g = tid / 128, o0 = 64 * blockIdx.y, c0 = 64 * blockIdx.x;
+    constexpr int NR = CB / 8;                                      // the halo's regions
+    const int EH = NR * rows * 8, tid = threadIdx.x, g = tid / 128, o0 = 64 * blockIdx.y, c0 = CB * blockIdx.x;
     const int kbeg = blockIdx.z * kchunk, kend = hn_imin(nv, kbeg + kchunk);
     const int tiles = kend > kbeg ? (kend - kbeg + BK - 1) / BK : 0;
     const HnDiv by_frame = hn_div_of(frame), by_wp = hn_div_of(wp);
@@ -276,7 +315,7 @@ __device__ __forceinline__ void hn_conv16_halo_filter(unsigned char* smem, const
         const int tap = g * TPW + t, r = tap / cv.s;
         off[t] = r * wp + tap - r * cv.s;
     }
-    float acc[TPW][1][8][4];
+    float acc[TPW][1][CB / 8][4];
 #pragma unroll
     for (int t = 0; t < TPW; ++t) hn_zero(acc[t]);
 
@@ -297,8 +336,8 @@ __device__ __forceinline__ void hn_conv16_halo_filter(unsigned char* smem, const
             hn_cp_async16(sa + st * EA + HnSwizzle128MN::at(row, 8 * j), dy + at, ok ? 16 : 0);
         }
         unsigned short* h = sh + st * EH;
-        for (int i = tid; i < need * 8; i += THREADS) {            // xf: halo row u, channels c0 + 8 j ..
-            const int row = i >> 3, j = i & 7;
+        for (int i = tid; i < need * NR; i += THREADS) {           // xf: halo row u, channels c0 + 8 j ..
+            const int row = i / NR, j = i % NR;
             int img, fh, fw;
             frame_at(v0 + row, img, fh, fw);
             const int ih = fh - cv.pad, iw = fw - cv.pad;
@@ -322,8 +361,13 @@ __device__ __forceinline__ void hn_conv16_halo_filter(unsigned char* smem, const
         for (int kk = 0; kk < 4; ++kk) {
             const unsigned long long da = hn_wgmma_desc_mn(a + kk * 16 * 64);   // K rows 16 kk .. of dyf's tile
 #pragma unroll
-            for (int t = 0; t < TPW; ++t)
-                hn_wgmma_bf16<64, 1>(acc[t][0], da, hn_wgmma_desc_mn_rows(h + (off[t] + 16 * kk) * 8, rows * 16));
+            for (int t = 0; t < TPW; ++t) {
+                const unsigned long long db = hn_wgmma_desc_mn_rows(h + (off[t] + 16 * kk) * 8, rows * 16);
+                if constexpr (CB >= 64)
+                    hn_wgmma_bf16<CB, 1>(acc[t][0], da, db);
+                else
+                    hn_wgmma_bf16_narrow<CB>(acc[t][0], da, db);
+            }
         }
         hn_wgmma_commit();
         hn_wgmma_wait<1>();
@@ -340,7 +384,7 @@ __device__ __forceinline__ void hn_conv16_halo_filter(unsigned char* smem, const
         b.m0 = o0;
         b.n0 = c0;
         b.atomic = splits > 1;
-        hn_epilogue<1, 8>(b, acc[t], M, cv.c, N, 1.f, 1.f, 16 * ((tid >> 5) & 3), 0, tid & 31);
+        hn_epilogue<1, CB / 8>(b, acc[t], M, cv.c, N, 1.f, 1.f, 16 * ((tid >> 5) & 3), 0, tid & 31);
     }
 }
 
@@ -361,16 +405,16 @@ __device__ __forceinline__ void hn_conv16_halo_filter(unsigned char* smem, const
         hn_conv16_halo<EPI, WGM, WGN, WN, ST>(hn_smem, Wt, B, Y, M, N, K, cv);                                 \
     }
 
-// HN_CONV16HF(hn_conv16_filter_hf3x3s4, 3, 3, 4): HN_CONV16W's filter gradient (EPI 3) with its arguments on the halo
-// (hn_conv16_halo_filter): WGS warpgroups of TPW taps each (R S = WGS TPW), 128 WGS threads, grid (ceil(C / 64),
-// ceil(O / 64), splits), kchunk a multiple of 64 columns of the frame, shared memory ST x (64 x 128 + 8 x rows x 16) +
-// 1024 bytes (conv16_halo.py's HaloFilterTile.smem_bytes).
-#define HN_CONV16HF(name, WGS, TPW, ST)                                                                           \
+// HN_CONV16HF(hn_conv16_filter_hf3x3s4, 3, 3, 64, 4): HN_CONV16W's filter gradient (EPI 3) with its arguments on the
+// halo (hn_conv16_halo_filter): WGS warpgroups of TPW taps each (R S = WGS TPW), CB input channels a block, 128 WGS
+// threads, grid (ceil(C / CB), ceil(O / 64), splits), kchunk a multiple of 64 columns of the frame, shared memory ST x
+// (64 x 128 + CB x rows x 2) + 1024 bytes (conv16_halo.py's HaloFilterTile.smem_bytes).
+#define HN_CONV16HF(name, WGS, TPW, CB, ST)                                                                       \
     extern "C" __global__ void __launch_bounds__(128 * WGS, 1) name(                                            \
         const unsigned short* __restrict__ B, const unsigned short* __restrict__ Wt, const float* __restrict__ AUX,  \
         float* __restrict__ Y, int M, int N, int K, int C, int H, int W, int R, int S, int P, int Q, int O,         \
         int stride, int pad, int act, int splits, int kchunk) {                                                   \
         HN_DYNAMIC_SMEM(hn_smem);                                                                              \
         const HnConv cv = hn_conv_of<3>(AUX, C, H, W, R, S, P, Q, O, stride, pad, act);                         \
-        hn_conv16_halo_filter<WGS, TPW, ST>(hn_smem, Wt, B, Y, M, N, K, splits, kchunk, cv);                   \
+        hn_conv16_halo_filter<WGS, TPW, CB, ST>(hn_smem, Wt, B, Y, M, N, K, splits, kchunk, cv);               \
     }

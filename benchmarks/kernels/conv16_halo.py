@@ -61,21 +61,23 @@ def halo_tile(bm: int, bn: int, stages: int, wn: int = 0) -> HaloTile:
 
 @dataclass(frozen=True)
 class HaloFilterTile(Tc16Tile):
-    """The filter gradient's halo tile: 64 output x 64 input channels and every tap of a block, `wgs` warpgroups of
+    """The filter gradient's halo tile: 64 output x `cb` input channels and every tap of a block, `wgs` warpgroups of
     `tpw` taps each (R S = wgs tpw), K tiles of 64 frame columns, each stage dy's tile and the halo of `rows` rows
     (set by `plan`)."""
 
     wgs: int = 3
     tpw: int = 3
+    cb: int = 64
     rows: int = 0
 
     def __post_init__(self):
         super().__post_init__()
         assert (self.bm, self.bn, self.wn) == (64, 64, 64) and self.wgmma and self.precision == "bf16", self
+        assert self.cb in (8, 16, 32, 64), self
 
     @property
     def name(self) -> str:
-        return f"hf{self.wgs}x{self.tpw}s{self.stages}"
+        return f"hf{self.wgs}x{self.tpw}" + (f"c{self.cb}" if self.cb != 64 else "") + f"s{self.stages}"
 
     @property
     def threads(self) -> int:
@@ -83,22 +85,23 @@ class HaloFilterTile(Tc16Tile):
 
     @property
     def smem_bytes(self) -> int:
-        return self.stages * (64 * 128 + 8 * self.rows * 16) + 1024
+        return self.stages * (64 * 128 + self.cb * self.rows * 2) + 1024
 
     def instantiation(self, op: str) -> str:
         assert op == "filter", op
-        return f"HN_CONV16HF({self.conv_kernel(op)}, {self.wgs}, {self.tpw}, {self.stages})"
+        return f"HN_CONV16HF({self.conv_kernel(op)}, {self.wgs}, {self.tpw}, {self.cb}, {self.stages})"
 
 
-def halo_filter_tile(stages: int, wgs: int = 3, tpw: int = 3) -> HaloFilterTile:
-    return HaloFilterTile(64, 64, 64, 64, 64, stages, wgmma=True, wgs=wgs, tpw=tpw)
+def halo_filter_tile(stages: int, wgs: int = 3, tpw: int = 3, cb: int = 64) -> HaloFilterTile:
+    return HaloFilterTile(64, 64, 64, 64, 64, stages, wgmma=True, wgs=wgs, tpw=tpw, cb=cb)
 
 
 # h128x256s6: the halo of the next channel chunk four K tiles ahead instead of two; h64x512s4n256: half the weights'
 # bytes a product (the A tile shared by twice the columns)
 TILES16H = {"fwd": (halo_tile(128, 256, 4), halo_tile(64, 256, 4), halo_tile(128, 128, 4), halo_tile(128, 256, 6),
                     halo_tile(64, 512, 4, 256)),
-            "filter": (halo_filter_tile(4), halo_filter_tile(6))}
+            # hf1x9c8s4: one warpgroup of all nine taps over 8 channels (the first layer's x, 3 channels padded to 8)
+            "filter": (halo_filter_tile(4), halo_filter_tile(6), halo_filter_tile(4, 1, 9, 8))}
 TILES16H["data"] = TILES16H["pool"] = TILES16H["fwd"]    # the data gradient (EPI 2), pooled forward (EPI 4)
 WAVES = 2                                # the filter gradient's K parts: about this many blocks per SM
 
@@ -146,10 +149,10 @@ def plan(call, sms: int = 132):
                          f"most {SMEM_LIMIT})")
     if not filt:
         return dataclasses.replace(call, tile=tile, grid=(math.ceil(nv / step), math.ceil(call.m / t.bm), 1))
-    blocks = math.ceil(c / 64) * math.ceil(o / 64)
+    blocks = math.ceil(c / t.cb) * math.ceil(o / 64)
     kchunk = math.ceil(nv / max(1, min(WAVES * sms // blocks, math.ceil(nv / 64))) / 64) * 64
     splits = math.ceil(nv / kchunk)
-    return dataclasses.replace(call, tile=tile, grid=(math.ceil(c / 64), math.ceil(o / 64), splits), splits=splits,
+    return dataclasses.replace(call, tile=tile, grid=(math.ceil(c / t.cb), math.ceil(o / 64), splits), splits=splits,
                                kchunk=kchunk)
 
 
