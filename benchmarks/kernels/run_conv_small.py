@@ -1,7 +1,8 @@
 """Time the small-convolution kernels on cifar-wide's first layer (3 -> 64, 3 x 3, pad 1, 32 x 32) against the cuda
 backend's own candidates for that shape (conv.py's implicit-GEMM tiles at their splits): the forward that ships
 (conv.cu's conv_small_fwd, conv.py's candidate "small", compiled by the package's kernel loader; also with its bf16
-output, out16) and the sandbox's filter gradient (conv_small.cu: conv_small_filter2 + conv_small_filter2_add). Each
+output, out16) and the sandbox's filter gradients (conv_small.cu: conv_small_filter2 + conv_small_filter2_add; and
+conv16_halo.py's hf tiles on bf16 copies, checked against float64 of the rounded inputs, halo_filter_rows). Each
 output is first checked against the first shipped candidate's (relative error of the largest value within RTOL; the
 bf16 output: equal bits to the bf16 of the float32 "small" output; one that fails is reported, never timed), then its
 median GPU time (run_conv_variants.time_ms). The JSON names the card, hetnet's commit and the date.
@@ -38,6 +39,48 @@ def out16_row(cupy, spin, launch16, y32: np.ndarray) -> dict:
     if differ == 0:
         row["ms"] = round(time_ms(cupy, spin, lambda: launch16(y16)), 4)
     return row
+
+
+def halo_filter_rows(cupy, spin, be, x, dy, shape) -> list[dict]:
+    """The sandbox's halo filter gradients (conv16_halo.py's hf tiles) on bf16 channels-last copies of dy and x made
+    once (x's 3 channels padded to 8), summed [O][R][S][Cp] and added into dw by add_from_nhwc as mma.conv16_filter
+    does: checked against float64 of the bf16-rounded inputs (within RTOL_TC_ROUNDED), then timed."""
+    import conv16_halo as halo
+    from mma_cases import conv_filter_expected
+    from run_conv_variants import time_ms
+    from run_tc_conv_nhwc import RTOL_TC_ROUNDED
+
+    from hetnet.backends.cuda import mma
+    from hetnet.device import get_backend
+
+    be16 = get_backend("cuda", "bf16")
+    o, c, r, s = shape
+    x16, dy16 = mma.to_nhwc(be16, x), mma.to_nhwc(be16, dy)
+    cp = x16.shape[3]
+    part = cupy.zeros((o, r, s, cp), np.float32)
+    dw = cupy.zeros(shape, np.float32)
+    want = conv_filter_expected(cupy.asnumpy(dy), cupy.asnumpy(x), np.zeros(shape, np.float32),
+                                (x.shape[0], c, *x.shape[2:], o, r, s, 1, 1), "bf16")
+    rows = []
+    for tile in halo.TILES16H["filter"]:
+        call = halo.plan(mma.plan_conv16_filter(part, dy16, x16, 1, 1, be16.sms, tile, 1), be16.sms)
+
+        def run(call=call):
+            part.fill(0)
+            halo.launch(be16, call)
+            be16.launch("conv", "add_from_nhwc", dw.size, dw, part, np.int32(o), np.int32(c), np.int32(r * s),
+                        np.int32(cp))
+
+        dw.fill(0)
+        run()
+        got = cupy.asnumpy(dw)
+        err = float(np.linalg.norm(got - want) / np.linalg.norm(want))
+        row = {"op": "filter", "candidate": f"sandbox {tile.name} (bf16)", "check_rel_err": err}
+        if err <= RTOL_TC_ROUNDED:
+            row["ms"] = round(time_ms(cupy, spin, run), 4)
+        rows.append(row)
+        print(" ".join(f"{key}={v}" for key, v in row.items()), flush=True)
+    return rows
 
 
 def main(argv=None) -> int:
@@ -78,6 +121,7 @@ def main(argv=None) -> int:
 
     filt["sandbox conv_small_filter2"] = small_filter
     rows = []
+    rows += halo_filter_rows(cupy, spin, be, x, dy, (k, c, 3, 3))
     for op, cands, shape in (("fwd", fwd, (n, k, g.p, g.q)), ("filter", filt, (k, c, 3, 3))):
         out = cupy.zeros(shape, np.float32)
         first = None
