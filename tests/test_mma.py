@@ -23,7 +23,7 @@ if _N_GPUS == 0:
     pytest.skip("no CUDA GPU", allow_module_level=True)
 
 from conftest import RTOL_FP32_PARTS, RTOL_TC, RTOL_TC_ROUNDED, rel_err, tolerance
-from halo_cases import HALO_SHAPES, check_halo, sandbox
+from halo_cases import HALO_CASES, check_halo, sandbox
 from mma_cases import (CONV16_SHAPES, CONV32_SHAPES, CONV_SHAPES, POOL16_SHAPES, POOL32_SHAPES, SHAPES,
                        conv_data_expected, conv_data_inputs, conv_expected, conv_filter_expected, conv_filter_inputs,
                        bf16_bits, conv_inputs, expected, max_pool_2x2, nhwc16, nhwc_copy, stored, turned16,
@@ -976,13 +976,14 @@ def test_fp32_filter_gradient_of_a_long_sum(rng):
 
 # --- the halo tiles that do not ship (benchmarks/kernels/conv16_halo.py) ---------------------------------------------
 
-@pytest.mark.parametrize("shape", HALO_SHAPES, ids=str)
-def test_conv16_halo_on_the_gpu(be, rng, shape):
+@pytest.mark.parametrize(("precision", "shape"), HALO_CASES, ids=str)
+def test_conv16_halo_on_the_gpu(be, rng, precision, shape):
     """The sandbox's halo tiles pass halo_cases.check_halo on an sm_90a GPU (their first run there: wgmma's operands
     without swizzle, K-major and MN-major, as the emulator reads them), within RTOL_TC_ROUNDED of float64 of the
-    bf16 inputs."""
+    inputs as the precision's copies round them."""
     if not wgmma_ok(be.device_id):
         pytest.skip("the halo tiles are wgmma's (sm_90a)")
     halo = sandbox("conv16_halo")
-    assert check_halo(halo, rng, shape, lambda call: halo.launch(be, call), RTOL_TC_ROUNDED, cupy,
-                      (1, be.sms)) >= 4, shape
+    ran = check_halo(halo, rng, shape, lambda call: halo.launch(be, call), RTOL_TC_ROUNDED, cupy, (1, be.sms),
+                     precision)
+    assert ran >= 4, shape

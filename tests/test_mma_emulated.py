@@ -16,7 +16,7 @@ import pytest
 from conftest import RTOL_EMULATED, RTOL_TC, rel_err
 from emu_backend import EmulatedBackend, build_libraries, route_kernels
 from emu_build import EMU_DIR, build_emulated
-from halo_cases import HALO_SHAPES, check_halo, sandbox
+from halo_cases import HALO_CASES, check_halo, sandbox
 from mma_cases import (CONV16_SHAPES, CONV32_SHAPES, CONV_SHAPES, POOL16_SHAPES, POOL32_SHAPES, SHAPES,
                        conv_data_expected, conv_data_inputs, conv_expected, conv_filter_expected, conv_filter_inputs,
                        bf16_bits, conv_inputs, expected, max_pool_2x2, nhwc16, nhwc_copy, stored, turned_copy)
@@ -619,11 +619,12 @@ def emu_halo(tmp_path_factory, halo):
                           EMU_DIR / "gemm_launch.cpp")
 
 
-@pytest.mark.parametrize("shape", HALO_SHAPES, ids=str)
-def test_conv16_halo(emu_halo, halo, rng, shape):
+@pytest.mark.parametrize(("precision", "shape"), HALO_CASES, ids=str)
+def test_conv16_halo(emu_halo, halo, rng, precision, shape):
     """The sandbox's halo tiles (the input read once a block as the frame's rows, each tap a shifted wgmma descriptor
     without swizzle) pass halo_cases.check_halo on the emulator, its checks of every shared-memory access included."""
-    assert check_halo(halo, rng, shape, lambda call: run_conv(emu_halo, call), RTOL_EMULATED) >= 4, shape
+    ran = check_halo(halo, rng, shape, lambda call: run_conv(emu_halo, call), RTOL_EMULATED, precision=precision)
+    assert ran >= 4, shape
 
 
 def test_conv16_halo_plans_only_what_it_runs(halo):

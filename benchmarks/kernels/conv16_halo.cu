@@ -126,21 +126,28 @@ __device__ __forceinline__ void hn_halo_pool_epilogue(float* st, float (&acc)[1]
     }
 }
 
-template <int EPI, int WGM, int WGN, int WN, int STAGES>
-__device__ __forceinline__ void hn_conv16_halo(unsigned char* smem, const unsigned short* W, const unsigned short* x,
-                                               float* y, int M, int N, int K, const HnConv& cv) {
-    constexpr int BM = 64 * WGM, BN = WN * WGN, BK = 64, THREADS = 128 * WGM * WGN, EA = BM * BK;
-    constexpr int AHEAD = STAGES - 2;
+// T: unsigned short (bf16 copies) or float (tf32 copies; SPLIT 1: fp32 as split copies, hi + lo tf32, each 16-byte
+// chunk of 4 channels as its hi chunk then its lo chunk: hn_cp_chunk). A K tile is 128 bytes of channels (BK = 64 bf16 or
+// 32 float32), 8 chunks of CE = 8 or 4; with SPLIT each stage and each halo buffer holds the lo parts after the hi
+// ones, and each K step is three products, a_hi b_hi + a_hi b_lo + a_lo b_hi (hn_wgmma_loop's).
+template <class T, int EPI, int WGM, int WGN, int WN, int STAGES, int SPLIT = 0>
+__device__ __forceinline__ void hn_conv_halo(unsigned char* smem, const T* W, const T* x, float* y, int M, int N, int K,
+                                             const HnConv& cv) {
+    constexpr int CE = 16 / static_cast<int>(sizeof(T)), BK = 8 * CE;
+    constexpr int BM = 64 * WGM, BN = WN * WGN, THREADS = 128 * WGM * WGN, EA = BM * BK, ALO = SPLIT * EA;
+    constexpr int SA = EA + ALO, AHEAD = STAGES - 2;
+    static_assert(SPLIT == 0 || sizeof(T) == 4, "split copies are float32");
     static_assert(EPI == 1 || EPI == 2 || EPI == 4, "the forward, the stride-1 data gradient, the pooled forward");
     // EPI 4: cv.p, cv.q are the pooled sizes and cv.pooled the pooled outputs; blocks STEP columns apart
     const int images = EPI == 4 ? cv.pooled / (cv.p * cv.q) : N / (cv.p * cv.q);
     const int hp = cv.h + cv.pad, wp = cv.w + cv.pad, frame = hp * wp, step = EPI == 4 ? BN - wp - 1 : BN;
     const int nv = images * frame, need = hn_halo_need(BN, cv.r, cv.s, wp), rows = hn_halo_rows(need);
-    const int rs = cv.r * cv.s, tiles = cv.c / 64 * rs, tid = threadIdx.x;
+    const int rs = cv.r * cv.s, tiles = cv.c / BK * rs, tid = threadIdx.x;
+    const int hlo = SPLIT * 8 * rows * CE, hb = 8 * rows * CE + hlo;      // a halo buffer: hi regions, then lo
     const int gm = tid / 128 / WGN, gn = tid / 128 % WGN;                  // this warpgroup's rows and columns
     const HnDiv by_frame = hn_div_of(frame), by_wp = hn_div_of(wp);
-    unsigned short* sa = reinterpret_cast<unsigned short*>(hn_smem_align1024(smem));   // STAGES x EA
-    unsigned short* sh = sa + STAGES * EA;                                              // 2 x 8 x rows x 8
+    T* sa = reinterpret_cast<T*>(hn_smem_align1024(smem));   // STAGES x SA
+    T* sh = sa + STAGES * SA;                                 // 2 x hb
     const HnBlock blk = hn_block(nullptr, nullptr, y, M, nv, K, K, 0, 0, 0, 0, 0, 1.f, 0.f, 1, K, BM, BN, BK);
     const int v0 = blockIdx.x * step;                       // the block's first column (blk.n0 but for EPI 4)
     float acc[1][WN / 8][4];
@@ -155,18 +162,23 @@ __device__ __forceinline__ void hn_conv16_halo(unsigned char* smem, const unsign
     };
     auto issue = [&](int kt) {
         const int cc = kt / rs, tap = kt - cc * rs;
-        hn_copy16_tile<BM, 8, HnSwizzle128, THREADS>(sa + (kt % STAGES) * EA, W, K, blk.m0, M, tap * cv.c + 64 * cc,
-                                                     K, tid);
+        hn_copy16_tile<BM, 8, HnSwizzle128T<T>, THREADS, ALO>(sa + (kt % STAGES) * SA, W, K, blk.m0, M,
+                                                              tap * cv.c + BK * cc, K, tid);
         if (tap != 0) return;
-        unsigned short* h = sh + (cc & 1) * 8 * rows * 8;
+        T* h = sh + (cc & 1) * hb;
         const int j = tid & 7;
         for (int i = tid >> 3; i < need; i += THREADS / 8) {
             int img, fh, fw;
             frame_at(v0 + i, img, fh, fw);
             const int ih = fh - cv.pad, iw = fw - cv.pad;
             const bool ok = img < images && ih >= 0 && ih < cv.h && iw >= 0 && iw < cv.w;
-            const int at = ok ? ((img * cv.h + ih) * cv.w + iw) * cv.c + 64 * cc + 8 * j : 0;
-            hn_cp_async16(h + (j * rows + i) * 8, x + at, ok ? 16 : 0);
+            const int at = ok ? ((img * cv.h + ih) * cv.w + iw) * cv.c + BK * cc + CE * j : 0;
+            if constexpr (SPLIT) {          // element at of the split copy: hi chunk at 2 at, lo chunk at 2 at + 4
+                hn_cp_async16(h + (j * rows + i) * CE, x + 2LL * at, ok ? 16 : 0);
+                hn_cp_async16(h + hlo + (j * rows + i) * CE, x + 2LL * at + 4, ok ? 16 : 0);
+            } else {
+                hn_cp_async16(h + (j * rows + i) * CE, x + at, ok ? 16 : 0);
+            }
         }
     };
 
@@ -179,12 +191,21 @@ __device__ __forceinline__ void hn_conv16_halo(unsigned char* smem, const unsign
         if (kt + AHEAD < tiles) issue(kt + AHEAD);
         hn_cp_async_commit();
         hn_wgmma_fence();
-        const unsigned short* a = sa + (kt % STAGES) * EA + gm * 64 * BK;
-        const unsigned short* b = sh + (cc & 1) * 8 * rows * 8 + (r * wp + s + WN * gn) * 8;   // this group's columns
+        const T* a = sa + (kt % STAGES) * SA + gm * 64 * BK;
+        const T* b = sh + (cc & 1) * hb + (r * wp + s + WN * gn) * CE;      // this group's columns
 #pragma unroll
-        for (int kk = 0; kk < 4; ++kk)
-            hn_wgmma_bf16<WN, 0>(acc[0], hn_wgmma_desc(a + 16 * kk),
-                                 hn_wgmma_desc_rows(b + 2 * kk * rows * 8, rows * 16));
+        for (int kk = 0; kk < 4; ++kk) {     // 32 bytes of K a step: two regions of B, rows x 16 bytes apart
+            const T *ak = a + 2 * CE * kk, *bk = b + 2 * kk * rows * CE;
+            if constexpr (sizeof(T) == 2) {
+                hn_wgmma_bf16<WN, 0>(acc[0], hn_wgmma_desc(ak), hn_wgmma_desc_rows(bk, rows * 16));
+            } else {
+                hn_wgmma_tf32<WN>(acc[0], hn_wgmma_desc(ak), hn_wgmma_desc_rows(bk, rows * 16));
+                if constexpr (SPLIT) {
+                    hn_wgmma_tf32<WN>(acc[0], hn_wgmma_desc(ak), hn_wgmma_desc_rows(bk + hlo, rows * 16));
+                    hn_wgmma_tf32<WN>(acc[0], hn_wgmma_desc(ak + ALO), hn_wgmma_desc_rows(bk, rows * 16));
+                }
+            }
+        }
         hn_wgmma_commit();
         hn_wgmma_wait<1>();
     }
@@ -389,7 +410,7 @@ __device__ __forceinline__ void hn_conv16_halo_filter(unsigned char* smem, const
 }
 
 // HN_CONV16H(hn_conv16_fwd_h128x256s4, 1, 2, 1, 256, 4): HN_CONV16W's forward (EPI 1), stride-1 data gradient (EPI
-// 2) or pooled forward (EPI 4) with its arguments, on the halo (hn_conv16_halo): WGM x WGN warpgroups of 64 x WN, block
+// 2) or pooled forward (EPI 4) with its arguments, on the halo (hn_conv_halo): WGM x WGN warpgroups of 64 x WN, block
 // tile BM x BN x 64 (BM = 64 WGM, BN = WN WGN), ST A buffers; 128 WGM WGN threads, grid (ceil(n Hp Wp / STEP), ceil(M
 // / BM)) with STEP = BN, or BN - Wp - 1 for EPI 4; shared memory the larger of ST x BM x 128 + 2 x 8 x rows x 16 and
 // (EPI 4's staging) BM x (BN + 8) x 4 + BN x 8 + 4 WGM WGN x 4, plus 1024 bytes (conv16_halo.py's
@@ -402,7 +423,22 @@ __device__ __forceinline__ void hn_conv16_halo_filter(unsigned char* smem, const
         HN_DYNAMIC_SMEM(hn_smem);                                                                              \
         HnConv cv = hn_conv_of<1>(AUX, C, H, W, R, S, P, Q, O, stride, pad, act);                               \
         cv.pooled = kchunk;                                                                                      \
-        hn_conv16_halo<EPI, WGM, WGN, WN, ST>(hn_smem, Wt, B, Y, M, N, K, cv);                                 \
+        hn_conv_halo<unsigned short, EPI, WGM, WGN, WN, ST>(hn_smem, Wt, B, Y, M, N, K, cv);                   \
+    }
+
+// HN_CONV32H(hn_conv32_fwd_h128x256s4, 1, 2, 1, 256, 4, 0): HN_CONV16H in tf32 on float32 copies rounded to tf32
+// (conv.cu's to_nhwc32, turn_weights32; C a multiple of 32), or with SPLIT 1 in fp32 on split copies (to_nhwc32x3,
+// turn_weights32x3): twice the shared memory, three products a step (HN_CONV32W's). Shared memory as HN_CONV16H's with
+// (1 + SPLIT) times the pipeline's buffers.
+#define HN_CONV32H(name, EPI, WGM, WGN, WN, ST, SPLIT)                                                            \
+    extern "C" __global__ void __launch_bounds__(128 * WGM * WGN, 1) name(                                      \
+        const float* __restrict__ B, const float* __restrict__ Wt, const float* __restrict__ AUX,                 \
+        float* __restrict__ Y, int M, int N, int K, int C, int H, int W, int R, int S, int P, int Q, int O,         \
+        int stride, int pad, int act, int splits, int kchunk) {                                                   \
+        HN_DYNAMIC_SMEM(hn_smem);                                                                              \
+        HnConv cv = hn_conv_of<1>(AUX, C, H, W, R, S, P, Q, O, stride, pad, act);                               \
+        cv.pooled = kchunk;                                                                                      \
+        hn_conv_halo<float, EPI, WGM, WGN, WN, ST, SPLIT>(hn_smem, Wt, B, Y, M, N, K, cv);                     \
     }
 
 // HN_CONV16HF(hn_conv16_filter_hf3x3s4, 3, 3, 64, 4): HN_CONV16W's filter gradient (EPI 3) with its arguments on the

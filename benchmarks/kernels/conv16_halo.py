@@ -2,7 +2,8 @@
 measured): their tile table, their CUDA text (mma.cu, conv16_halo.cu and the tiles' entry points), their plan (mma.py's
 plan_conv16 / plan_conv16_data / plan_conv16_filter given the tile, then `plan` for the halo's grid and shared memory)
 and their launch from a module of their own. Stride 1 only: the forward, data gradient and pooled forward ("h" tiles,
-C (the data gradient's O) a multiple of 64) and the filter gradient ("hf" tiles, 3 x 3).
+C (the data gradient's O) a multiple of 64 in bf16, TILES16H; of 32 in tf32 and fp32, TILES32H) and the bf16 filter
+gradient ("hf" tiles, 3 x 3).
 
 time_cl_tiles.py checks and times them beside the shipped tiles; tests/test_mma_emulated.py runs them on the CPU
 emulator.
@@ -37,7 +38,7 @@ class HaloTile(Tc16Tile):
 
     def __post_init__(self):
         super().__post_init__()
-        assert self.wgmma and self.precision == "bf16" and self.min_blocks == 1, self
+        assert self.wgmma and self.min_blocks == 1, self
 
     @property
     def name(self) -> str:
@@ -45,18 +46,20 @@ class HaloTile(Tc16Tile):
 
     @property
     def smem_bytes(self) -> int:
-        pipeline = self.stages * self.bm * 128 + 2 * 8 * self.rows * 16
+        pipeline = (self.stages * self.bm * 128 + 2 * 8 * self.rows * 16) * (1 + self.split)
         staging = self.bm * (self.bn + 8) * 4 + self.bn * 8 + self.threads // 32 * 4     # the pooled epilogue's
         return max(pipeline, staging) + 1024
 
     def instantiation(self, op: str) -> str:
         """conv16_halo.cu's line that defines conv_kernel(op)."""
-        return (f"HN_CONV16H({self.conv_kernel(op)}, {CONV16_OPS[op]}, {self.bm // 64}, {self.bn // self.wn}, "
-                f"{self.wn}, {self.stages})")
+        shape = f"{CONV16_OPS[op]}, {self.bm // 64}, {self.bn // self.wn}, {self.wn}, {self.stages}"
+        if self.precision == "bf16":
+            return f"HN_CONV16H({self.conv_kernel(op)}, {shape})"
+        return f"HN_CONV32H({self.conv_kernel(op)}, {shape}, {self.split})"
 
 
-def halo_tile(bm: int, bn: int, stages: int, wn: int = 0) -> HaloTile:
-    return HaloTile(bm, bn, 64, 64, wn or bn, stages, wgmma=True)
+def halo_tile(bm: int, bn: int, stages: int, wn: int = 0, precision: str = "bf16") -> HaloTile:
+    return HaloTile(bm, bn, 64 if precision == "bf16" else 32, 64, wn or bn, stages, wgmma=True, precision=precision)
 
 
 @dataclass(frozen=True)
@@ -103,12 +106,18 @@ TILES16H = {"fwd": (halo_tile(128, 256, 4), halo_tile(64, 256, 4), halo_tile(128
             # hf1x9c8s4: one warpgroup of all nine taps over 8 channels (the first layer's x, 3 channels padded to 8)
             "filter": (halo_filter_tile(4), halo_filter_tile(6), halo_filter_tile(4, 1, 9, 8))}
 TILES16H["data"] = TILES16H["pool"] = TILES16H["fwd"]    # the data gradient (EPI 2), pooled forward (EPI 4)
+# tf32 and fp32 (split copies: twice the shared memory a stage and a halo, so narrower tiles), forward, data gradient
+# and pooled forward (tf32 wgmma has no MN-major operands: no filter gradient)
+TILES32H = {"fwd": (halo_tile(128, 256, 4, precision="tf32"), halo_tile(128, 128, 4, precision="tf32"),
+                    halo_tile(128, 128, 3, precision="fp32"), halo_tile(64, 128, 4, precision="fp32"))}
+TILES32H["data"] = TILES32H["pool"] = TILES32H["fwd"]
 WAVES = 2                                # the filter gradient's K parts: about this many blocks per SM
 
 
 def instantiations() -> str:
-    """The HN_CONV16H / HN_CONV16HF lines of every tile of each op of TILES16H."""
-    return "\n".join(t.instantiation(op) for op, tiles in TILES16H.items() for t in tiles) + "\n"
+    """The HN_CONV16H / HN_CONV16HF / HN_CONV32H lines of every tile of each op of TILES16H and TILES32H."""
+    return "\n".join(t.instantiation(op) for table in (TILES16H, TILES32H) for op, tiles in table.items()
+                     for t in tiles) + "\n"
 
 
 def source_text() -> str:
@@ -141,9 +150,9 @@ def plan(call, sms: int = 132):
     nv = images * hp * wp
     step = t.bn - wp - 1 if call.op == "pool" else t.bn           # the blocks' first columns, STEP apart
     tile = dataclasses.replace(t, rows=halo_rows(64 if filt else t.bn, r, s, wp))
-    fits = (r * s == t.wgs * t.tpw) if filt else (c % 64 == 0 and r * s >= t.stages - 1 and step > 0)
+    fits = (r * s == t.wgs * t.tpw) if filt else (c % t.bk == 0 and r * s >= t.stages - 1 and step > 0)
     if stride != 1 or pad >= min(r, s) or not fits or nv >= 2**31 or tile.smem_bytes > SMEM_LIMIT:
-        need = f"R S = {t.wgs * t.tpw}" if filt else f"C a multiple of 64, R S >= {t.stages - 1}"
+        need = f"R S = {t.wgs * t.tpw}" if filt else f"C a multiple of {t.bk}, R S >= {t.stages - 1}"
         raise ValueError(f"conv16_halo: {t.name} does not run C {c}, {r}x{s}, stride {stride}, pad {pad}, frame "
                          f"{hp}x{wp} (stride 1, pad < R and S, {need}, {tile.smem_bytes} bytes of shared memory at "
                          f"most {SMEM_LIMIT})")

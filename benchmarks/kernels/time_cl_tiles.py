@@ -1,15 +1,17 @@
-"""Time every channels-last bf16 wgmma tile -- conv.py's candidates (mma_tiles.TILES16W) and the sandbox's
-warp-specialised "ws" tiles (conv16_ws.TILES16WS) and halo "h" / "hf" tiles (conv16_halo.TILES16H), each launched
-from its own module -- on cifar-wide's 3x3 convolutions at batch 512: the forward, the data gradient,
-the pooled forward and the filter gradient, each planned by mma.py (the h tiles then by conv16_halo.plan) on copies
-made once (mma.to_nhwc, turn_weights), so that only the kernels are timed.
+"""Time every channels-last wgmma tile -- conv.py's candidates (mma_tiles.TILES16W) and the sandbox's warp-specialised
+"ws" tiles (conv16_ws.TILES16WS) and halo "h" / "hf" tiles (conv16_halo.TILES16H), each launched from its own module
+-- on cifar-wide's 3x3 convolutions at batch 512 in bf16 (or tf32, fp32: --precision): the forward, the data
+gradient, the pooled forward and the filter gradient, each planned by mma.py (the h tiles then by conv16_halo.plan) on
+copies made once (mma.to_nhwc, turn_weights), so that only the kernels are timed.
 
 Each tile's forward and data gradient (filter gradient) are first checked against the first wgmma tile's (relative
 error within RTOL_TC_ROUNDED of the norm; a tile that fails is reported, never timed). Times: run_conv_variants.time_ms
 (CUDA events around back-to-back launches queued behind a spin kernel, median of several samples). --out writes the
-rows as JSON with the card, hetnet's commit and the date (hetnet.bench.common.environment).
+rows as JSON with the card, hetnet's commit and the date (hetnet.bench.common.environment). --precision tf32 or fp32
+times the shipped tf32 / fp32 tiles (wgmma forward, mma.sync filter gradient) and the halo tiles of that precision
+(on an sm_90a GPU).
 
-    PYTHONPATH=src python benchmarks/kernels/time_cl_tiles.py [--batch 512] [--out tiles.json]    # on an sm_90a GPU
+    PYTHONPATH=src python benchmarks/kernels/time_cl_tiles.py [--batch 512] [--precision bf16] [--out tiles.json]
 """
 from __future__ import annotations
 
@@ -30,6 +32,9 @@ LAYERS = [(64, 32, 32, 128, True), (128, 16, 16, 128, False), (128, 16, 16, 256,
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=512)
+    ap.add_argument("--precision", choices=("bf16", "tf32", "fp32"), default="bf16",
+                    help="the copies' precision (tf32, fp32: the shipped wgmma forward tiles and mma.sync filter "
+                         "tiles, the halo tiles of TILES32H; no ws tiles)")
     ap.add_argument("--out", type=Path, default=None, help="write the times as JSON (card, commit, date)")
     args = ap.parse_args(argv)
     import cupy
@@ -44,7 +49,11 @@ def main(argv=None) -> int:
     from hetnet.bench.common import environment, write_result
     from hetnet.device import get_backend
 
-    be = get_backend("cuda", "bf16")
+    be = get_backend("cuda", args.precision)
+    bf16 = args.precision == "bf16"
+    halo_fwd = halo.TILES16H["fwd"] if bf16 else [t for t in halo.TILES32H["fwd"] if t.precision == args.precision]
+    sandbox = {"fwd": (list(ws.TILES16WS["fwd"]) if bf16 else []) + list(halo_fwd),
+               "filter": list(ws.TILES16WS["filter"]) + list(halo.TILES16H["filter"]) if bf16 else []}
     spin = get_kernel(be.device_id, "elementwise", "hn_spin")
     rng = np.random.default_rng(0)
     rows = []
@@ -55,7 +64,7 @@ def main(argv=None) -> int:
         x16, w16, dy16, wt16 = mma.to_nhwc(be, x), mma.to_nhwc(be, wt), mma.to_nhwc(be, dy), mma.turn_weights(be, wt)
         y = cupy.empty((args.batch, o, h, w), np.float32)
         dx = cupy.empty((args.batch, c, h, w), np.float32)
-        part = cupy.zeros((o, 3, 3, c), np.float32)
+        part = cupy.zeros((o, 3, 3, c), np.float32)      # (c a multiple of 8: the copies' padding is none)
         buf, _, _ = mma.pooled_outputs(cupy, args.batch, o, h // 2, w // 2)
 
         def forward_calls(tile):          # tile: a Tc16Tile
@@ -72,11 +81,11 @@ def main(argv=None) -> int:
                 return {"filter": halo.plan(mma.plan_conv16_filter(part, dy16, x16, 1, 1, be.sms, tile, 1), be.sms)}
             return {"filter": mma.plan_conv16_filter(part, dy16, x16, 1, 1, be.sms, tile)}
 
-        sandbox = {op: list(ws.TILES16WS[op]) + list(halo.TILES16H[op]) for op in ("fwd", "filter")}
         for op, outs, make_calls in (("fwd", {"fwd": y, "data": dx}, forward_calls),
                                      ("filter", {"filter": part}, filter_calls)):
             refs = {}
-            for tile in [t for t in mma.tiles16(op, "bf16") if t.wgmma] + sandbox[op]:
+            shipped = [t for t in mma.tiles16(op, args.precision) if t.wgmma or (op == "filter" and not bf16)]
+            for tile in shipped + sandbox[op]:
                 kind = ("ws" if isinstance(tile, ws.WsTile) else
                         "halo" if isinstance(tile, (halo.HaloTile, halo.HaloFilterTile)) else "")
                 launch = {"ws": ws.launch, "halo": halo.launch}.get(kind, mma.launch_conv)
@@ -102,6 +111,7 @@ def main(argv=None) -> int:
                 print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
     if args.out:
         write_result(args.out, {"environment": environment(threads=1, want_gpu=True), "batch": args.batch,
+                                "precision": args.precision,
                                 "method": " ".join(__doc__.split("\n\n")[:2]).replace("\n", " "), "rows": rows})
     return 0
 
