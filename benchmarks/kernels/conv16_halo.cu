@@ -1,6 +1,7 @@
-// Sandbox: the stride-1 bf16 convolution forward (EPI 1), data gradient as a forward (EPI 2) and filter gradient (EPI
-// 3, below) on wgmma with the input read once per block as a halo instead of gathered once per tap ("h" and "hf"
-// tiles, conv16_halo.py; not in the package until measured: time_cl_tiles.py times them beside the shipped tiles).
+// Sandbox: the stride-1 convolution forward (EPI 1), data gradient as a forward (EPI 2), pooled forward (EPI 4) and
+// filter gradient (EPI 3, below) on wgmma with the input read once per block as a halo instead of gathered once per
+// tap ("h" and "hf" tiles, conv16_halo.py; bf16, and tf32 / fp32 but for the filter gradient; not in the package until
+// measured: time_cl_tiles.py times them beside the shipped tiles).
 //
 // The shipped forward (mma.cu hn_convw_fwd) gathers B = x im2col-style: every K tile is one tap's 64 channels of the
 // block's 256 output pixels, so each input pixel is copied from L2 once per tap (9 times for 3 x 3), each chunk's
@@ -15,19 +16,20 @@
 // 21% at 8 x 8, 36% at 4 x 4 for 3 x 3 at pad 1) are computed and dropped.
 //
 // Warpgroup (gm, gn) of WGM x WGN computes rows 64 gm .., columns WN gn .. of the block's BM x BN tile.
-// Shared memory: STAGES A tiles (the weights' 64 channels of one tap, BM rows, the 128-byte swizzle as mma.cu's) and
-// two halo buffers (channel chunk cc's in buffer cc % 2), each 8 regions of `rows` x 16 bytes: region j holds
-// channels 8 j .. 8 j + 7 of every halo row, row i at 16 i. That is wgmma's K-major layout without swizzle (core
-// matrices of 8 rows x 16 bytes, rows 16 bytes apart: stride byte offset 128 between groups of 8 rows, leading byte
-// offset rows x 16 between the two 8-channel halves of a K step of 16), so a tap's tile starting at any halo row is
-// a descriptor whose start moves by 16 bytes a row. rows = the halo rounded up to 1 mod 8, so that the 8 regions' same
+// Shared memory (bf16; tf32 and fp32 alike with 32 float32 channels in place of 64 bf16, hn_conv_halo): STAGES A
+// tiles (the weights' 64 channels of one tap, BM rows, the 128-byte swizzle as mma.cu's) and two halo buffers (channel
+// chunk cc's in buffer cc % 2), each 8 regions of `rows` x 16 bytes: region j holds channels 8 j .. 8 j + 7 of every
+// halo row, row i at 16 i. That is wgmma's K-major layout without swizzle (core matrices of 8 rows x 16 bytes, rows 16
+// bytes apart: stride byte offset 128 between groups of 8 rows, leading byte offset rows x 16 between the two
+// 8-channel halves of a K step of 16), so a tap's tile starting at any halo row is a descriptor whose start moves by
+// 16 bytes a row. rows = the halo rounded up to 1 mod 8, so that the 8 regions' same
 // row falls in 8 different 16-byte bank groups for the copies (8 lanes a halo row).
 //
 // The K loop runs over (cc, tap), taps inner: K tile kt = cc R S + tap is w[m][tap][64 cc ..] against halo cc shifted by
 // the tap. Its copies (issue(kt)): the A tile, and at tap 0 the halo of chunk cc (each halo row's 8 chunks by 8
 // threads, the padding zero-filled). The pipeline is hn_wgmma_loop's (STAGES - 2 tiles ahead, one wgmma group in
 // flight); the halo buffer refilled at kt = cc R S was last read by tile kt - R S - 1, finished by then when R S >=
-// STAGES - 1. Requires stride 1, pad < R and pad < S, C a multiple of 64, n Hp Wp < 2^31.
+// STAGES - 1. Requires stride 1, pad < R and pad < S, C a multiple of 64 (32 in tf32 / fp32), n Hp Wp < 2^31.
 #include "mma.cu"
 
 // The smem descriptor (PTX ISA 9.7.15.5.1) of a K-major bf16 tile without swizzle whose rows lie 16 bytes apart (8
