@@ -27,8 +27,8 @@
 //
 // The K loop runs over (cc, tap), taps inner: K tile kt = cc R S + tap is w[m][tap][64 cc ..] against halo cc shifted by
 // the tap. Its copies (issue(kt)): the A tile, and at tap 0 the halo of chunk cc (each halo row's 8 chunks by 8
-// threads, the padding zero-filled). The pipeline is hn_wgmma_loop's (STAGES - 2 tiles ahead, one wgmma group in
-// flight); the halo buffer refilled at kt = cc R S was last read by tile kt - R S - 1, finished by then when R S >=
+// threads, the padding zero-filled). The pipeline is hn_wgmma_loop's (hn_halo_loop: STAGES - 2 tiles ahead, one wgmma
+// group in flight); the halo buffer refilled at kt = cc R S was last read by tile kt - R S - 1, finished by then when R S >=
 // STAGES - 1. Requires stride 1, pad < R and pad < S, C a multiple of 64 (32 in tf32 / fp32), n Hp Wp < 2^31.
 #include "mma.cu"
 
@@ -43,6 +43,42 @@ __device__ __forceinline__ unsigned long long hn_wgmma_desc_rows(const void* p, 
 __device__ __forceinline__ int hn_halo_need(int bn, int r, int s, int wp) { return bn + (r - 1) * wp + s - 1; }
 __device__ __forceinline__ int hn_halo_rows(int need) { return need + (9 - need % 8) % 8; }
 
+// The frame of `images` images of H + pad rows x W + pad columns (above): column u as (image, row, column) of it.
+struct HnFrame {
+    int wp, size;        // the columns of a row, of an image
+    HnDiv by_size, by_wp;
+    __device__ __forceinline__ HnFrame(int h, int w, int pad)
+        : wp(w + pad), size((h + pad) * (w + pad)), by_size(hn_div_of(size)), by_wp(hn_div_of(wp)) {}
+    __device__ __forceinline__ void at(int u, int& img, int& fh, int& fw) const {
+        img = hn_div(u, by_size);
+        const int t = u - img * size;
+        fh = hn_div(t, by_wp);
+        fw = t - fh * wp;
+    }
+};
+
+// The halo kernels' K loop: hn_wgmma_loop's pipeline (STAGES - 2 tiles ahead, one wgmma group in flight) with the
+// copies (issue(kt)) and the products of tile kt (multiply(kt): its wgmma, between the fence and the commit) given.
+template <int STAGES, class Issue, class Multiply>
+__device__ __forceinline__ void hn_halo_loop(int tiles, const Issue& issue, const Multiply& multiply) {
+    constexpr int AHEAD = STAGES - 2;
+    static_assert(AHEAD >= 1, "a buffer being filled, one read by wgmma");
+    hn_pipeline_fill<AHEAD + 1>(tiles, issue);
+    for (int kt = 0; kt < tiles; ++kt) {
+        hn_cp_async_wait<AHEAD - 1>();
+        hn_fence_proxy_async();
+        __syncthreads();
+        if (kt + AHEAD < tiles) issue(kt + AHEAD);
+        hn_cp_async_commit();
+        hn_wgmma_fence();
+        multiply(kt);
+        hn_wgmma_commit();
+        hn_wgmma_wait<1>();
+    }
+    hn_wgmma_wait<0>();
+    hn_cp_async_wait<0>();
+}
+
 // The pooled forward's epilogue on the halo (EPI 4): max_pool(act(conv + b)) over 2 x 2 windows at stride 2 and each
 // window's argmax byte, as mma.cu's hn_conv_pool_epilogue writes them (y [n][O][P'][Q'] float32 or bf16 bits, the
 // bytes after y; the first maximum in window order, NaN winning). A window's four pixels are frame columns v, v + 1,
@@ -52,10 +88,10 @@ __device__ __forceinline__ int hn_halo_rows(int need) { return need + (9 - need 
 // after the K loop: st [BM][BN + 8] float32, rows 8 banks apart for the accumulators' pair stores), the owned windows
 // are listed in column order (ballot and prefix: win[i] the column in the block, at[i] y's offset of its channel 0),
 // then each warp takes rows m and its lanes the windows.
-template <int WGM, int WGN, int WN, class FrameAt>
+template <int WGM, int WGN, int WN>
 __device__ __forceinline__ void hn_halo_pool_epilogue(float* st, float (&acc)[1][WN / 8][4], float* y, int M,
                                                       const HnConv& cv, int m0, int v0, int step, int nv, int images,
-                                                      int wp, const FrameAt& frame_at) {
+                                                      const HnFrame& fr) {
     constexpr int BM = 64 * WGM, BN = WN * WGN, LD = BN + 8, THREADS = 128 * WGM * WGN, WARPS = THREADS / 32;
     int* win = reinterpret_cast<int*>(st + BM * LD);        // BN
     int* at = win + BN;                                      // BN
@@ -84,7 +120,7 @@ __device__ __forceinline__ void hn_halo_pool_epilogue(float* st, float (&acc)[1]
     for (int base = 0; base < step; base += THREADS) {     // the owned windows, in column order
         const int c = base + tid, v = v0 + c;
         int img = 0, p = 1, q = 1;
-        if (c < step && v < nv) frame_at(v, img, p, q);
+        if (c < step && v < nv) fr.at(v, img, p, q);
         const bool top = c < step && v < nv && ((p | q) & 1) == 0 && (p >> 1) < cv.p && (q >> 1) < cv.q;
         const unsigned ballot = __ballot_sync(0xffffffffu, top);
         if (lane == 0) count[warp] = __popc(ballot);
@@ -109,7 +145,7 @@ __device__ __forceinline__ void hn_halo_pool_epilogue(float* st, float (&acc)[1]
         const float* r = st + ml * LD;
         for (int i = lane; i < total; i += 32) {
             const int c = win[i];
-            const float v[4] = {r[c], r[c + 1], r[c + wp], r[c + wp + 1]};
+            const float v[4] = {r[c], r[c + 1], r[c + fr.wp], r[c + fr.wp + 1]};
             float best = v[0];
             int bi = 0;
 #pragma unroll
@@ -137,17 +173,17 @@ __device__ __forceinline__ void hn_conv_halo(unsigned char* smem, const T* W, co
                                              const HnConv& cv) {
     constexpr int CE = 16 / static_cast<int>(sizeof(T)), BK = 8 * CE;
     constexpr int BM = 64 * WGM, BN = WN * WGN, THREADS = 128 * WGM * WGN, EA = BM * BK, ALO = SPLIT * EA;
-    constexpr int SA = EA + ALO, AHEAD = STAGES - 2;
+    constexpr int SA = EA + ALO;
     static_assert(SPLIT == 0 || sizeof(T) == 4, "split copies are float32");
     static_assert(EPI == 1 || EPI == 2 || EPI == 4, "the forward, the stride-1 data gradient, the pooled forward");
     // EPI 4: cv.p, cv.q are the pooled sizes and cv.pooled the pooled outputs; blocks STEP columns apart
     const int images = EPI == 4 ? cv.pooled / (cv.p * cv.q) : N / (cv.p * cv.q);
-    const int hp = cv.h + cv.pad, wp = cv.w + cv.pad, frame = hp * wp, step = EPI == 4 ? BN - wp - 1 : BN;
-    const int nv = images * frame, need = hn_halo_need(BN, cv.r, cv.s, wp), rows = hn_halo_rows(need);
+    const HnFrame fr(cv.h, cv.w, cv.pad);
+    const int wp = fr.wp, step = EPI == 4 ? BN - wp - 1 : BN;
+    const int nv = images * fr.size, need = hn_halo_need(BN, cv.r, cv.s, wp), rows = hn_halo_rows(need);
     const int rs = cv.r * cv.s, tiles = cv.c / BK * rs, tid = threadIdx.x;
     const int hlo = SPLIT * 8 * rows * CE, hb = 8 * rows * CE + hlo;      // a halo buffer: hi regions, then lo
     const int gm = tid / 128 / WGN, gn = tid / 128 % WGN;                  // this warpgroup's rows and columns
-    const HnDiv by_frame = hn_div_of(frame), by_wp = hn_div_of(wp);
     T* sa = reinterpret_cast<T*>(hn_smem_align1024(smem));   // STAGES x SA
     T* sh = sa + STAGES * SA;                                 // 2 x hb
     const HnBlock blk = hn_block(nullptr, nullptr, y, M, nv, K, K, 0, 0, 0, 0, 0, 1.f, 0.f, 1, K, BM, BN, BK);
@@ -155,13 +191,6 @@ __device__ __forceinline__ void hn_conv_halo(unsigned char* smem, const T* W, co
     float acc[1][WN / 8][4];
     hn_zero(acc);
 
-    // the frame's row u (a pixel or a zero) as (image, row, column)
-    auto frame_at = [&](int u, int& img, int& fh, int& fw) {
-        img = hn_div(u, by_frame);
-        const int t = u - img * frame;
-        fh = hn_div(t, by_wp);
-        fw = t - fh * wp;
-    };
     auto issue = [&](int kt) {
         const int cc = kt / rs, tap = kt - cc * rs;
         hn_copy16_tile<BM, 8, HnSwizzle128T<T>, THREADS, ALO>(sa + (kt % STAGES) * SA, W, K, blk.m0, M,
@@ -171,7 +200,7 @@ __device__ __forceinline__ void hn_conv_halo(unsigned char* smem, const T* W, co
         const int j = tid & 7;
         for (int i = tid >> 3; i < need; i += THREADS / 8) {
             int img, fh, fw;
-            frame_at(v0 + i, img, fh, fw);
+            fr.at(v0 + i, img, fh, fw);
             const int ih = fh - cv.pad, iw = fw - cv.pad;
             const bool ok = img < images && ih >= 0 && ih < cv.h && iw >= 0 && iw < cv.w;
             const int at = ok ? ((img * cv.h + ih) * cv.w + iw) * cv.c + BK * cc + CE * j : 0;
@@ -184,15 +213,8 @@ __device__ __forceinline__ void hn_conv_halo(unsigned char* smem, const T* W, co
         }
     };
 
-    hn_pipeline_fill<AHEAD + 1>(tiles, issue);
-    for (int kt = 0; kt < tiles; ++kt) {
+    hn_halo_loop<STAGES>(tiles, issue, [&](int kt) {
         const int cc = kt / rs, tap = kt - cc * rs, r = tap / cv.s, s = tap - r * cv.s;
-        hn_cp_async_wait<AHEAD - 1>();
-        hn_fence_proxy_async();
-        __syncthreads();
-        if (kt + AHEAD < tiles) issue(kt + AHEAD);
-        hn_cp_async_commit();
-        hn_wgmma_fence();
         const T* a = sa + (kt % STAGES) * SA + gm * 64 * BK;
         const T* b = sh + (cc & 1) * hb + (r * wp + s + WN * gn) * CE;      // this group's columns
 #pragma unroll
@@ -208,15 +230,11 @@ __device__ __forceinline__ void hn_conv_halo(unsigned char* smem, const T* W, co
                 }
             }
         }
-        hn_wgmma_commit();
-        hn_wgmma_wait<1>();
-    }
-    hn_wgmma_wait<0>();
-    hn_cp_async_wait<0>();
+    });
 
     if constexpr (EPI == 4) {
-        hn_halo_pool_epilogue<WGM, WGN, WN>(reinterpret_cast<float*>(sa), acc, y, M, cv, blk.m0, v0, step, nv, images, wp,
-                                       [&](int u, int& img, int& fh, int& fw) { frame_at(u, img, fh, fw); });
+        hn_halo_pool_epilogue<WGM, WGN, WN>(reinterpret_cast<float*>(sa), acc, y, M, cv, blk.m0, v0, step, nv, images,
+                                            fr);
         return;
     }
     // hn_conv_epilogue's outputs at the virtual columns that are pixels (p < P, q < Q); a pair of neighbours in one
@@ -238,7 +256,7 @@ __device__ __forceinline__ void hn_conv_halo(unsigned char* smem, const T* W, co
 #pragma unroll
         for (int e = 0; e < 2; ++e) {            // v + 1 may lie in the next frame row (wp odd)
             int img, p, q;
-            frame_at(v + e, img, p, q);
+            fr.at(v + e, img, p, q);
             in[e] = (e == 0 || two) && img < images && p < cv.p && q < cv.q;
             at[e] = (static_cast<long long>(img) * M + m) * PQ + p * cv.q + q;
         }
@@ -322,14 +340,14 @@ template <int WGS, int TPW, int CB, int STAGES>
 __device__ __forceinline__ void hn_conv16_halo_filter(unsigned char* smem, const unsigned short* dy,
                                                       const unsigned short* x, float* dw, int M, int N, int K,
                                                       int splits, int kchunk, const HnConv& cv) {
-    constexpr int BK = 64, THREADS = 128 * WGS, EA = 64 * BK, AHEAD = STAGES - 2;
-    const int images = K / (cv.p * cv.q), hp = cv.h + cv.pad, wp = cv.w + cv.pad, frame = hp * wp;
-    const int nv = images * frame, need = hn_halo_need(BK, cv.r, cv.s, wp), rows = hn_halo_rows(need);
+    constexpr int BK = 64, THREADS = 128 * WGS, EA = 64 * BK;
+    const HnFrame fr(cv.h, cv.w, cv.pad);
+    const int images = K / (cv.p * cv.q), wp = fr.wp;
+    const int nv = images * fr.size, need = hn_halo_need(BK, cv.r, cv.s, wp), rows = hn_halo_rows(need);
     constexpr int NR = CB / 8;                                      // the halo's regions
     const int EH = NR * rows * 8, tid = threadIdx.x, g = tid / 128, o0 = 64 * blockIdx.y, c0 = CB * blockIdx.x;
     const int kbeg = blockIdx.z * kchunk, kend = hn_imin(nv, kbeg + kchunk);
     const int tiles = kend > kbeg ? (kend - kbeg + BK - 1) / BK : 0;
-    const HnDiv by_frame = hn_div_of(frame), by_wp = hn_div_of(wp);
     unsigned short* sa = reinterpret_cast<unsigned short*>(hn_smem_align1024(smem));   // STAGES x EA
     unsigned short* sh = sa + STAGES * EA;                                              // STAGES x EH
     int off[TPW];                                                  // this warpgroup's taps' first halo rows
@@ -342,18 +360,12 @@ __device__ __forceinline__ void hn_conv16_halo_filter(unsigned char* smem, const
 #pragma unroll
     for (int t = 0; t < TPW; ++t) hn_zero(acc[t]);
 
-    auto frame_at = [&](int u, int& img, int& fh, int& fw) {
-        img = hn_div(u, by_frame);
-        const int t = u - img * frame;
-        fh = hn_div(t, by_wp);
-        fw = t - fh * wp;
-    };
     auto issue = [&](int kt) {
         const int v0 = kbeg + kt * BK, st = kt % STAGES;
         for (int i = tid; i < BK * 8; i += THREADS) {              // dyf: row v, chunk j of 8 o
             const int row = i >> 3, j = i & 7, v = v0 + row;
             int img, p, q;
-            frame_at(v, img, p, q);
+            fr.at(v, img, p, q);
             const bool ok = v < kend && img < images && p < cv.p && q < cv.q && o0 + 8 * j < M;
             const int at = ok ? ((img * cv.p + p) * cv.q + q) * M + o0 + 8 * j : 0;
             hn_cp_async16(sa + st * EA + HnSwizzle128MN::at(row, 8 * j), dy + at, ok ? 16 : 0);
@@ -362,7 +374,7 @@ __device__ __forceinline__ void hn_conv16_halo_filter(unsigned char* smem, const
         for (int i = tid; i < need * NR; i += THREADS) {           // xf: halo row u, channels c0 + 8 j ..
             const int row = i / NR, j = i % NR;
             int img, fh, fw;
-            frame_at(v0 + row, img, fh, fw);
+            fr.at(v0 + row, img, fh, fw);
             const int ih = fh - cv.pad, iw = fw - cv.pad;
             const bool ok = img < images && ih >= 0 && ih < cv.h && iw >= 0 && iw < cv.w && c0 + 8 * j < cv.c;
             const int at = ok ? ((img * cv.h + ih) * cv.w + iw) * cv.c + c0 + 8 * j : 0;
@@ -370,16 +382,8 @@ __device__ __forceinline__ void hn_conv16_halo_filter(unsigned char* smem, const
         }
     };
 
-    hn_pipeline_fill<AHEAD + 1>(tiles, issue);
-    for (int kt = 0; kt < tiles; ++kt) {
-        const int st = kt % STAGES;
-        hn_cp_async_wait<AHEAD - 1>();
-        hn_fence_proxy_async();
-        __syncthreads();
-        if (kt + AHEAD < tiles) issue(kt + AHEAD);
-        hn_cp_async_commit();
-        hn_wgmma_fence();
-        const unsigned short *a = sa + st * EA, *h = sh + st * EH;
+    hn_halo_loop<STAGES>(tiles, issue, [&](int kt) {
+        const unsigned short *a = sa + kt % STAGES * EA, *h = sh + kt % STAGES * EH;
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
             const unsigned long long da = hn_wgmma_desc_mn(a + kk * 16 * 64);   // K rows 16 kk .. of dyf's tile
@@ -392,11 +396,7 @@ __device__ __forceinline__ void hn_conv16_halo_filter(unsigned char* smem, const
                     hn_wgmma_bf16_narrow<CB>(acc[t][0], da, db);
             }
         }
-        hn_wgmma_commit();
-        hn_wgmma_wait<1>();
-    }
-    hn_wgmma_wait<0>();
-    hn_cp_async_wait<0>();
+    });
 
     // tap (r, s)'s 64 x 64 block of dw [O][R S][C]: rows o0 .., columns c0 .. of the [O][C] matrix at dw + tap C with
     // leading dimension R S C
