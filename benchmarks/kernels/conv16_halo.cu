@@ -27,8 +27,8 @@
 //
 // The K loop runs over (cc, tap), taps inner: K tile kt = cc R S + tap is w[m][tap][64 cc ..] against halo cc shifted by
 // the tap. Its copies (issue(kt)): the A tile, and at tap 0 the halo of chunk cc (each halo row's 8 chunks by 8
-// threads, the padding zero-filled). The pipeline is hn_wgmma_loop's (hn_halo_loop: STAGES - 2 tiles ahead, one wgmma
-// group in flight); the halo buffer refilled at kt = cc R S was last read by tile kt - R S - 1, finished by then when R S >=
+// threads, the padding zero-filled). The pipeline is hn_wgmma_loop's (hn_wgmma_pipeline: STAGES - 2 tiles ahead, one
+// wgmma group in flight); the halo buffer refilled at kt = cc R S was last read by tile kt - R S - 1, finished by then when R S >=
 // STAGES - 1. Requires stride 1, pad < R and pad < S, C a multiple of 64 (32 in tf32 / fp32), n Hp Wp < 2^31.
 #include "mma.cu"
 
@@ -56,28 +56,6 @@ struct HnFrame {
         fw = t - fh * wp;
     }
 };
-
-// The halo kernels' K loop: hn_wgmma_loop's pipeline (STAGES - 2 tiles ahead, one wgmma group in flight) with the
-// copies (issue(kt)) and the products of tile kt (multiply(kt): its wgmma, between the fence and the commit) given.
-template <int STAGES, class Issue, class Multiply>
-__device__ __forceinline__ void hn_halo_loop(int tiles, const Issue& issue, const Multiply& multiply) {
-    constexpr int AHEAD = STAGES - 2;
-    static_assert(AHEAD >= 1, "a buffer being filled, one read by wgmma");
-    hn_pipeline_fill<AHEAD + 1>(tiles, issue);
-    for (int kt = 0; kt < tiles; ++kt) {
-        hn_cp_async_wait<AHEAD - 1>();
-        hn_fence_proxy_async();
-        __syncthreads();
-        if (kt + AHEAD < tiles) issue(kt + AHEAD);
-        hn_cp_async_commit();
-        hn_wgmma_fence();
-        multiply(kt);
-        hn_wgmma_commit();
-        hn_wgmma_wait<1>();
-    }
-    hn_wgmma_wait<0>();
-    hn_cp_async_wait<0>();
-}
 
 // The pooled forward's epilogue on the halo (EPI 4): max_pool(act(conv + b)) over 2 x 2 windows at stride 2 and each
 // window's argmax byte, as mma.cu's hn_conv_pool_epilogue writes them (y [n][O][P'][Q'] float32 or bf16 bits, the
@@ -213,7 +191,7 @@ __device__ __forceinline__ void hn_conv_halo(unsigned char* smem, const T* W, co
         }
     };
 
-    hn_halo_loop<STAGES>(tiles, issue, [&](int kt) {
+    hn_wgmma_pipeline<STAGES>(tiles, issue, [&](int kt) {
         const int cc = kt / rs, tap = kt - cc * rs, r = tap / cv.s, s = tap - r * cv.s;
         const T* a = sa + (kt % STAGES) * SA + gm * 64 * BK;
         const T* b = sh + (cc & 1) * hb + (r * wp + s + WN * gn) * CE;      // this group's columns
@@ -382,7 +360,7 @@ __device__ __forceinline__ void hn_conv16_halo_filter(unsigned char* smem, const
         }
     };
 
-    hn_halo_loop<STAGES>(tiles, issue, [&](int kt) {
+    hn_wgmma_pipeline<STAGES>(tiles, issue, [&](int kt) {
         const unsigned short *a = sa + kt % STAGES * EA, *h = sh + kt % STAGES * EH;
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {

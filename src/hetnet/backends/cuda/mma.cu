@@ -1324,22 +1324,35 @@ __device__ __forceinline__ void hn_conv16_fwd(unsigned char* smem, const unsigne
 // is three products, a_hi b_hi + a_hi b_lo + a_lo b_hi (a_lo b_lo, 2^-22 of the product, left out). INFLIGHT 0:
 // each iteration ends waiting for all its wgmma, so that the copies run STAGES - 1 tiles ahead instead of STAGES - 2
 // (the buffer refilled is tile kt-1's), at the cost of the tensor pipe idling from that wait to the next issue.
-template <int STAGES, int WN, int MN, int ALO = 0, int BLO = 0, int INFLIGHT = 1, class T, class Issue, class Desc>
-__device__ __forceinline__ void hn_wgmma_loop(int tiles, const Issue& issue, const T* a, int ea, const T* b, int eb,
-                                              int kstep, float (&acc)[WN / 8][4], const Desc& desc) {
+// hn_wgmma_loop's pipeline with the products given: multiply(kt) issues K tile kt's wgmma (between the fence and the
+// commit), issue(kt) starts its copies.
+template <int STAGES, int INFLIGHT = 1, class Issue, class Multiply>
+__device__ __forceinline__ void hn_wgmma_pipeline(int tiles, const Issue& issue, const Multiply& multiply) {
     constexpr int AHEAD = STAGES - 1 - INFLIGHT;          // tiles in flight ahead of the one multiplied
-    static_assert(sizeof(T) == 2 || MN == 0, "tf32 operands are K-major");
-    static_assert((ALO == 0 && BLO == 0) || (sizeof(T) == 4 && ALO > 0 && BLO > 0), "split copies are tf32");
     static_assert((INFLIGHT == 0 || INFLIGHT == 1) && AHEAD >= 1, "a buffer being filled, one read by wgmma");
     hn_pipeline_fill<AHEAD + 1>(tiles, issue);            // tiles 0 .. AHEAD - 1 in flight
     for (int kt = 0; kt < tiles; ++kt) {
-        const int s = kt % STAGES;
         hn_cp_async_wait<AHEAD - 1>();
         hn_fence_proxy_async();
         __syncthreads();
         if (kt + AHEAD < tiles) issue(kt + AHEAD);
         hn_cp_async_commit();
         hn_wgmma_fence();
+        multiply(kt);
+        hn_wgmma_commit();
+        hn_wgmma_wait<INFLIGHT>();
+    }
+    hn_wgmma_wait<0>();
+    hn_cp_async_wait<0>();
+}
+
+template <int STAGES, int WN, int MN, int ALO = 0, int BLO = 0, int INFLIGHT = 1, class T, class Issue, class Desc>
+__device__ __forceinline__ void hn_wgmma_loop(int tiles, const Issue& issue, const T* a, int ea, const T* b, int eb,
+                                              int kstep, float (&acc)[WN / 8][4], const Desc& desc) {
+    static_assert(sizeof(T) == 2 || MN == 0, "tf32 operands are K-major");
+    static_assert((ALO == 0 && BLO == 0) || (sizeof(T) == 4 && ALO > 0 && BLO > 0), "split copies are tf32");
+    hn_wgmma_pipeline<STAGES, INFLIGHT>(tiles, issue, [&](int kt) {
+        const int s = kt % STAGES;
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
             const T *ak = a + s * ea + kk * kstep, *bk = b + s * eb + kk * kstep;
@@ -1353,11 +1366,7 @@ __device__ __forceinline__ void hn_wgmma_loop(int tiles, const Issue& issue, con
                 hn_wgmma_bf16<WN, MN>(acc, desc(ak), desc(bk));
             }
         }
-        hn_wgmma_commit();
-        hn_wgmma_wait<INFLIGHT>();
-    }
-    hn_wgmma_wait<0>();
-    hn_cp_async_wait<0>();
+    });
 }
 
 // The forward (EPI 1) or stride-1 data gradient (EPI 2) of hn_conv16_fwd on wgmma (sm_90a): the same GEMM, C[M, N]
