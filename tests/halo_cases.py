@@ -27,8 +27,12 @@ HALO_CASES = ([("bf16", s) for s in HALO_SHAPES]
 
 
 def sandbox(name: str):
-    """benchmarks/kernels/<name>.py as a module (the sandbox's tile modules import no GPU library)."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels" / f"{name}.py"
+    """benchmarks/kernels/<name>.py as a module (the sandbox's tile modules import no GPU library), its folder on
+    sys.path for the modules it imports."""
+    folder = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels"
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    path = folder / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[name] = mod                    # (dataclasses resolve the module's string annotations through it)

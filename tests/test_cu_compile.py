@@ -8,17 +8,17 @@ table checks always run.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import re
 import shutil
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from halo_cases import sandbox
 
 from hetnet.backends.cuda import conv as C
 from hetnet.backends.cuda import conv_tiles as T
@@ -39,12 +39,7 @@ ARCHS = ("sm_80", "sm_90")
 def _runner(name: str = "run_conv_variants"):
     """benchmarks/kernels/<name>.py as a module (run_conv_variants, conv16_ws and conv16_halo import no GPU library
     until run)."""
-    path = ROOT / "benchmarks" / "kernels" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod                    # (dataclasses resolve the module's string annotations through it)
-    spec.loader.exec_module(mod)
-    return mod
+    return sandbox(name)
 
 
 def _text(name: str) -> str:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from hetnet.backends.cuda import kernels
 from hetnet.backends.cuda.mma_tiles import CONV16_OPS, Tc16Tile
+from wgmma_sandbox import WgmmaSandbox
 
 SOURCE = Path(__file__).resolve().parent / "conv16_halo.cu"
 SMEM_LIMIT = 227 * 1024      # an H100 / H200 block's dynamic shared memory
@@ -174,27 +175,6 @@ def fits(call) -> bool:
     return True
 
 
-_modules: dict[int, object] = {}
-_kernels: dict[tuple[int, str, int], object] = {}
-
-
-def module(device_id: int):
-    """source_text() compiled once per device for sm_90a (kernels.compile_module); RuntimeError where that build is
-    not to be had (the h kernels are wgmma's)."""
-    mod = _modules.get(device_id)
-    if mod is None:
-        mod = kernels.compile_module(device_id, kernels.inline_header(source_text()), sm90a=True)
-        if not kernels.built_for_sm90a(mod):
-            raise RuntimeError("conv16_halo: the h tiles need wgmma, and this device's build is not for sm_90a")
-        _modules[device_id] = mod
-    return mod
-
-
-def launch(be, call) -> None:
-    """Run a `plan`ned call on `be`'s device (current stream), from this sandbox's module."""
-    key = (be.device_id, call.kernel, call.tile.smem_bytes)
-    kern = _kernels.get(key)
-    if kern is None:
-        kern = _kernels[key] = module(be.device_id).get_function(call.kernel)
-        kern.max_dynamic_shared_size_bytes = call.tile.smem_bytes
-    kern(call.grid, call.block, call.args(lambda a: a, kernels.NULL), shared_mem=call.tile.smem_bytes)
+_SANDBOX = WgmmaSandbox("conv16_halo", source_text)
+module = _SANDBOX.module          # source_text() compiled once per device for sm_90a
+launch = _SANDBOX.launch          # a planned ConvCall of one of these tiles, from that module
