@@ -38,8 +38,8 @@ def main(argv=None) -> int:
 
     be = get_backend("cuda", "bf16")
     spin = get_kernel(be.device_id, "elementwise", "hn_spin")
-    text = kernels.inline_header((HERE / "pool_grad_px.cu").read_text().replace('#include "conv.cu"',
-                                                                                 kernels.cu_text("conv")))
+    conv_cu = (kernels.HERE / "conv.cu").read_text()           # (none of the tiles' entry points)
+    text = kernels.inline_header((HERE / "pool_grad_px.cu").read_text().replace('#include "conv.cu"', conv_cu))
     px = kernels.compile_module(be.device_id, text).get_function("pool_grad16_nhwc16_px")
     rng = np.random.default_rng(0)
     rows = []
