@@ -25,11 +25,12 @@
 // 16 bytes a row. rows = the halo rounded up to 1 mod 8, so that the 8 regions' same
 // row falls in 8 different 16-byte bank groups for the copies (8 lanes a halo row).
 //
-// The K loop runs over (cc, tap), taps inner: K tile kt = cc R S + tap is w[m][tap][64 cc ..] against halo cc shifted by
-// the tap. Its copies (issue(kt)): the A tile, and at tap 0 the halo of chunk cc (each halo row's 8 chunks by 8
-// threads, the padding zero-filled). The pipeline is hn_wgmma_loop's (hn_wgmma_pipeline: STAGES - 2 tiles ahead, one
-// wgmma group in flight); the halo buffer refilled at kt = cc R S was last read by tile kt - R S - 1, finished by then when R S >=
-// STAGES - 1. Requires stride 1, pad < R and pad < S, C a multiple of 64 (32 in tf32 / fp32), n Hp Wp < 2^31.
+// The K loop runs over (cc, tap), taps inner: K tile kt = cc R S + tap is w[m][tap][64 cc ..] against halo cc
+// shifted by the tap. Its copies (issue(kt)): the A tile, and at tap 0 the halo of chunk cc (each halo row's 8 chunks
+// by 8 threads, the padding zero-filled). The pipeline is hn_wgmma_loop's (hn_wgmma_pipeline: STAGES - 2 tiles ahead,
+// one wgmma group in flight); the halo buffer refilled at kt = cc R S was last read by tile kt - R S - 1, finished by
+// then when R S >= STAGES - 1. Requires stride 1, pad < R and pad < S, C a multiple of 64 (32 in tf32 / fp32),
+// n Hp Wp < 2^31.
 #include "mma.cu"
 
 // The smem descriptor (PTX ISA 9.7.15.5.1) of a K-major bf16 tile without swizzle whose rows lie 16 bytes apart (8
@@ -116,7 +117,8 @@ __device__ __forceinline__ void hn_halo_pool_epilogue(float* st, float (&acc)[1]
         total = all;
         __syncthreads();
     }
-    unsigned char* arg = reinterpret_cast<unsigned char*>(y) + static_cast<long long>(cv.pooled) * M * (cv.out16 ? 2 : 4);
+    unsigned char* arg =
+        reinterpret_cast<unsigned char*>(y) + static_cast<long long>(cv.pooled) * M * (cv.out16 ? 2 : 4);
     for (int ml = warp; ml < BM; ml += WARPS) {
         const int m = m0 + ml;
         if (m >= M) break;
@@ -143,9 +145,9 @@ __device__ __forceinline__ void hn_halo_pool_epilogue(float* st, float (&acc)[1]
 }
 
 // T: unsigned short (bf16 copies) or float (tf32 copies; SPLIT 1: fp32 as split copies, hi + lo tf32, each 16-byte
-// chunk of 4 channels as its hi chunk then its lo chunk: hn_cp_chunk). A K tile is 128 bytes of channels (BK = 64 bf16 or
-// 32 float32), 8 chunks of CE = 8 or 4; with SPLIT each stage and each halo buffer holds the lo parts after the hi
-// ones, and each K step is three products, a_hi b_hi + a_hi b_lo + a_lo b_hi (hn_wgmma_loop's).
+// chunk of 4 channels as its hi chunk then its lo chunk: hn_cp_chunk). A K tile is 128 bytes of channels (BK = 64
+// bf16 or 32 float32), 8 chunks of CE = 8 or 4; with SPLIT each stage and each halo buffer holds the lo parts after
+// the hi ones, and each K step is three products, a_hi b_hi + a_hi b_lo + a_lo b_hi (hn_wgmma_loop's).
 template <class T, int EPI, int WGM, int WGN, int WN, int STAGES, int SPLIT = 0>
 __device__ __forceinline__ void hn_conv_halo(unsigned char* smem, const T* W, const T* x, float* y, int M, int N, int K,
                                              const HnConv& cv) {

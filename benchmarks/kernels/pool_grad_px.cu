@@ -1,7 +1,7 @@
 // Sandbox: the pooling gradient to a bf16 channels-last copy, one block per 32 pixels of z (the input of the pooling)
 // x 64 channels: the kernel conv.cu's pool_grad16_nhwc16 replaced (that one takes 32 pooled pixels x 64 channels and
-// writes their windows). Kept to be timed beside it (time_pool_grad.py). It uses conv.cu's HnPoolWindow and common.cuh's
-// HnTilePixel.
+// writes their windows). Kept to be timed beside it (time_pool_grad.py). It uses conv.cu's HnPoolWindow and
+// common.cuh's HnTilePixel.
 #include "conv.cu"
 
 // pool_grad_nhwc16 from the pooled gradient already channels-last in bf16 (dy16 [n][P][Q][C / 2] bf16 pairs, the batch

@@ -974,7 +974,7 @@ extern "C" __global__ void __launch_bounds__(256) pool_grad16_nhwc16(const unsig
                                                                      const unsigned char* __restrict__ arg,
                                                                      unsigned* __restrict__ y, int n, int C, int H,
                                                                      int W, int P, int Q, int k) {
-    __shared__ unsigned at[32][17];            // [pooled pixel][word]: byte b of word w is channel c0 + 4 w + b's argmax
+    __shared__ unsigned at[32][17];            // [pooled pixel][word]: byte b of word w, channel c0 + 4 w + b's argmax
     const int c0 = blockIdx.y * 64, lane = threadIdx.x & 31, row = threadIdx.x >> 5, PQ = P * Q, NPQ = n * PQ;
     const int half = C / 2, cp = c0 / 2 + lane;                        // this lane's channel pair in phase two
     {
