@@ -34,6 +34,7 @@ POOL_SANDBOX = "pool_grad_px"      # benchmarks/kernels: the pooling gradient by
 HALO_SANDBOX = "conv16_halo"       # benchmarks/kernels: the bf16 wgmma tiles reading a halo (includes mma.cu)
 SANDBOXES = (SANDBOX, NHWC_SANDBOX, WS_SANDBOX, POOL_SANDBOX, HALO_SANDBOX)
 ARCHS = ("sm_80", "sm_90")
+WGMMA = ("mma", WS_SANDBOX, HALO_SANDBOX)   # also built for sm_90a (kernels.compile_module): the wgmma code itself
 
 
 def _runner(name: str = "run_conv_variants"):
@@ -71,7 +72,7 @@ def results(tmp_path_factory):
     if shutil.which("nvcc") is None:
         pytest.skip("nvcc not installed")
     out = tmp_path_factory.mktemp("cubin")
-    jobs = [(s, a) for s in [*SOURCES, *SANDBOXES] for a in ARCHS]
+    jobs = [(s, a) for s in [*SOURCES, *SANDBOXES] for a in ARCHS] + [(s, "sm_90a") for s in WGMMA]
     with ThreadPoolExecutor(max_workers=4) as pool:
         done = list(pool.map(lambda j: _compile(j[0], j[1], out), jobs))
     return dict(zip(jobs, done))
@@ -84,13 +85,13 @@ def test_sources_found():
 
 def test_compiled_gemm_kernels_are_the_table(results):
     """mma.cu compiles to one entry point per tensor-core tile and operand order of mma_tiles.TILES and one per
-    convolution op and tile of CONV_CHOICE, each within an SM's registers for its block and with the dynamic shared
-    memory the launcher gives it under an H200's 227 KB (tests/test_mma_emulated.py checks the kernels stay inside
-    it)."""
+    convolution op and tile of CONV_CHOICE (at sm_80, sm_90 and sm_90a), each within an SM's registers for its block
+    and with the dynamic shared memory the launcher gives it under an H200's 227 KB (tests/test_mma_emulated.py
+    checks the kernels stay inside it)."""
     threads = {t.kernel(layout): t.threads for t in mma_tiles.TILES for layout in mma_tiles.LAYOUTS}
     threads.update({t.conv_kernel(op): t.threads for t in mma_tiles.conv_tiles() for op in mma_tiles.CONV_OPS})
     assert len(mma_tiles.conv_tiles()) == 4
-    for arch in ARCHS:
+    for arch in (*ARCHS, "sm_90a"):          # sm_90a: the wgmma kernels' own registers
         log = results[("mma", arch)][1]
         found = dict(re.findall(r"Compiling entry function '(hn_(?:gemm|conv)_\w+)' for '\w+'\s+.*?Used (\d+) "
                                 r"registers", log, re.DOTALL))
@@ -100,15 +101,19 @@ def test_compiled_gemm_kernels_are_the_table(results):
     assert all(t.smem_bytes <= 227 * 1024 for t in mma_tiles.TILES)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("src", [*SOURCES, *SANDBOXES])
+@pytest.mark.parametrize(("src", "arch"), [(s, a) for s in [*SOURCES, *SANDBOXES] for a in ARCHS]
+                         + [(s, "sm_90a") for s in WGMMA])
 def test_compiles_without_spills(results, src, arch):
+    """No spills, no warnings; at sm_90a, where the wgmma code is compiled rather than trapped, no wgmma that ptxas
+    serialises (C7515: other instructions writing a wgmma's accumulators inside its pipeline stage)."""
     rc, log = results[(src, arch)]
     assert rc == 0, f"nvcc failed for {src} ({arch}):\n{log}"
     spills = [line for line in log.splitlines()
               if re.search(r"[1-9]\d* bytes (spill stores|spill loads|stack frame)", line)]
     assert not spills, f"{src} ({arch}) spills registers:\n" + "\n".join(spills)
     assert "warning" not in log.lower(), f"{src} ({arch}) compiles with warnings:\n{log}"
+    serialised = [line for line in log.splitlines() if "C7515" in line]
+    assert not serialised, f"{src} ({arch}) serialises wgmma:\n" + "\n".join(serialised)
 
 
 @pytest.mark.parametrize("src,numbered", [("conv", False), (SANDBOX, True)])

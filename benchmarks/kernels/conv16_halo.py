@@ -10,7 +10,7 @@ emulator.
 
     >>> import conv16_halo as halo                                     # (with benchmarks/kernels on sys.path)
     >>> [t.name for t in halo.TILES16H["fwd"]]
-    ['h128x256s4', 'h64x256s4', 'h128x128s4', 'h128x256s6', 'h64x512s4n256']
+    ['h128x256s4', 'h64x256s4', 'h128x128s4', 'h128x256s6']
     >>> call = halo.plan(mma.plan_conv16(y, x16, w16, b, 1, 1, 0, halo.TILES16H["fwd"][0]))   # doctest: +SKIP
     >>> halo.launch(be, call)                                                                 # doctest: +SKIP
 """
@@ -100,10 +100,9 @@ def halo_filter_tile(stages: int, wgs: int = 3, tpw: int = 3, cb: int = 64) -> H
     return HaloFilterTile(64, 64, 64, 64, 64, stages, wgmma=True, wgs=wgs, tpw=tpw, cb=cb)
 
 
-# h128x256s6: the halo of the next channel chunk four K tiles ahead instead of two; h64x512s4n256: half the weights'
-# bytes a product (the A tile shared by twice the columns)
-TILES16H = {"fwd": (halo_tile(128, 256, 4), halo_tile(64, 256, 4), halo_tile(128, 128, 4), halo_tile(128, 256, 6),
-                    halo_tile(64, 512, 4, 256)),
+# h128x256s6: the halo of the next channel chunk four K tiles ahead instead of two. (Two warpgroups side by side,
+# h64x512s4n256, one weights tile for 512 columns: ptxas serialises its forward's and data gradient's wgmma, C7515.)
+TILES16H = {"fwd": (halo_tile(128, 256, 4), halo_tile(64, 256, 4), halo_tile(128, 128, 4), halo_tile(128, 256, 6)),
             # hf1x9c8s4: one warpgroup of all nine taps over 8 channels (the first layer's x, 3 channels padded to 8)
             "filter": (halo_filter_tile(4), halo_filter_tile(6), halo_filter_tile(4, 1, 9, 8))}
 TILES16H["data"] = TILES16H["pool"] = TILES16H["fwd"]    # the data gradient (EPI 2), pooled forward (EPI 4)
