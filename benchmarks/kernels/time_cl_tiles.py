@@ -53,7 +53,8 @@ def main(argv=None) -> int:
     bf16 = args.precision == "bf16"
     halo_fwd = halo.TILES16H["fwd"] if bf16 else [t for t in halo.TILES32H["fwd"] if t.precision == args.precision]
     sandbox = {"fwd": (list(ws.TILES16WS["fwd"]) if bf16 else []) + list(halo_fwd),
-               "filter": list(ws.TILES16WS["filter"]) + list(halo.TILES16H["filter"]) if bf16 else []}
+               "filter": list(ws.TILES16WS["filter"]) + list(halo.TILES16H["filter"]) if bf16 else
+               [t for t in halo.TILES32H["filter"] if t.precision == args.precision]}
     spin = get_kernel(be.device_id, "elementwise", "hn_spin")
     rng = np.random.default_rng(0)
     rows = []
@@ -77,7 +78,7 @@ def main(argv=None) -> int:
             return calls
 
         def filter_calls(tile):           # (it adds into part: the timed launches only add more)
-            if isinstance(tile, halo.HaloFilterTile):
+            if isinstance(tile, (halo.HaloFilterTile, halo.HaloSyncFilterTile)):
                 return {"filter": halo.plan(mma.plan_conv16_filter(part, dy16, x16, 1, 1, be.sms, tile, 1), be.sms)}
             return {"filter": mma.plan_conv16_filter(part, dy16, x16, 1, 1, be.sms, tile)}
 
@@ -87,7 +88,8 @@ def main(argv=None) -> int:
             shipped = [t for t in mma.tiles16(op, args.precision) if t.wgmma or (op == "filter" and not bf16)]
             for tile in shipped + sandbox[op]:
                 kind = ("ws" if isinstance(tile, ws.WsTile) else
-                        "halo" if isinstance(tile, (halo.HaloTile, halo.HaloFilterTile)) else "")
+                        "halo" if isinstance(tile, (halo.HaloTile, halo.HaloFilterTile, halo.HaloSyncFilterTile))
+                        else "")
                 launch = {"ws": ws.launch, "halo": halo.launch}.get(kind, mma.launch_conv)
                 calls = make_calls(tile)
                 errs = {}
