@@ -627,6 +627,38 @@ def test_conv16_halo(emu_halo, halo, rng, precision, shape):
     assert ran >= 2, shape
 
 
+def test_sandbox_launch_raises_the_shared_memory_limit_only():
+    """A sandbox kernel launched with less shared memory after more keeps the larger limit (a halo tile's size
+    depends on the frame, so one kernel is launched with several sizes)."""
+    from types import SimpleNamespace
+
+    class Function:
+        def __init__(self):
+            self.limits, self.launches, self._limit = [], [], 0
+
+        @property
+        def max_dynamic_shared_size_bytes(self):
+            return self._limit
+
+        @max_dynamic_shared_size_bytes.setter
+        def max_dynamic_shared_size_bytes(self, v):
+            self._limit = v
+            self.limits.append(v)
+
+        def __call__(self, grid, block, args, shared_mem):
+            assert shared_mem <= self._limit
+            self.launches.append(shared_mem)
+
+    fn = Function()
+    box = sandbox("wgmma_sandbox").WgmmaSandbox("test", lambda: "")
+    box.module = lambda device_id: SimpleNamespace(get_function=lambda name: fn)
+    for smem in (150_000, 100_000, 150_000, 200_000, 120_000):
+        call = SimpleNamespace(tile=SimpleNamespace(smem_bytes=smem), kernel="k", grid=(1,), block=(128,),
+                               args=lambda ptr, null: ())
+        box.launch(SimpleNamespace(device_id=0), call)
+    assert fn.launches == [150_000, 100_000, 150_000, 200_000, 120_000] and fn.limits == [150_000, 200_000]
+
+
 def test_conv16_halo_plans_only_what_it_runs(halo):
     """The halo plan takes the stride-1 forward and data gradient of C (O) a multiple of 64 and R S >= STAGES - 1
     only, and its tiles are none of the package's."""

@@ -1,6 +1,6 @@
 """A sandbox's wgmma kernels built into a module of their own and launched from it (conv16_ws.py, conv16_halo.py):
-the text compiled once per device for sm_90a (kernels.compile_module), each kernel fetched once per shared-memory size
-it is launched with (its dynamic shared-memory limit set to that size)."""
+the text compiled once per device for sm_90a (kernels.compile_module), each kernel fetched once, its dynamic
+shared-memory limit raised to the largest size it has been launched with (a halo tile's size depends on the frame)."""
 from __future__ import annotations
 
 from hetnet.backends.cuda import kernels
@@ -13,7 +13,7 @@ class WgmmaSandbox:
     def __init__(self, what: str, source_text):
         self.what, self.source_text = what, source_text
         self._modules: dict[int, object] = {}
-        self._kernels: dict[tuple[int, str, int], object] = {}
+        self._kernels: dict[tuple[int, str], list] = {}      # (device, kernel) -> [function, its smem limit]
 
     def module(self, device_id: int):
         """The module for the device; RuntimeError where an sm_90a build is not to be had (the kernels are wgmma's)."""
@@ -28,9 +28,11 @@ class WgmmaSandbox:
     def launch(self, be, call) -> None:
         """Run a planned ConvCall (mma.py's, of one of the sandbox's tiles) on `be`'s device (current stream)."""
         smem = call.tile.smem_bytes
-        key = (be.device_id, call.kernel, smem)
-        kern = self._kernels.get(key)
-        if kern is None:
-            kern = self._kernels[key] = self.module(be.device_id).get_function(call.kernel)
-            kern.max_dynamic_shared_size_bytes = smem
+        key = (be.device_id, call.kernel)
+        entry = self._kernels.get(key)
+        if entry is None:
+            entry = self._kernels[key] = [self.module(be.device_id).get_function(call.kernel), 0]
+        kern, limit = entry
+        if smem > limit:         # a limit only ever raised: a launch with less after one with more still fits
+            kern.max_dynamic_shared_size_bytes = entry[1] = smem
         kern(call.grid, call.block, call.args(lambda a: a, kernels.NULL), shared_mem=smem)
