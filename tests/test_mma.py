@@ -976,14 +976,19 @@ def test_fp32_filter_gradient_of_a_long_sum(rng):
 
 # --- the halo tiles that do not ship (benchmarks/kernels/conv16_halo.py) ---------------------------------------------
 
+@pytest.fixture(scope="module")
+def halo():
+    """benchmarks/kernels/conv16_halo.py, loaded once (its module is compiled once per device)."""
+    return sandbox("conv16_halo")
+
+
 @pytest.mark.parametrize(("precision", "shape"), HALO_CASES, ids=str)
-def test_conv16_halo_on_the_gpu(be, rng, precision, shape):
+def test_conv16_halo_on_the_gpu(be, halo, rng, precision, shape):
     """The sandbox's halo tiles pass halo_cases.check_halo on an sm_90a GPU (their first run there: wgmma's operands
     without swizzle, K-major and MN-major, as the emulator reads them), within RTOL_TC_ROUNDED of float64 of the
     inputs as the precision's copies round them."""
     if not wgmma_ok(be.device_id):
         pytest.skip("the halo tiles are wgmma's (sm_90a)")
-    halo = sandbox("conv16_halo")
     ran = check_halo(halo, rng, shape, lambda call: halo.launch(be, call), RTOL_TC_ROUNDED, cupy, (1, be.sms),
                      precision)
     assert ran >= 2, shape
