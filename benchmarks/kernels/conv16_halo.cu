@@ -63,10 +63,10 @@ struct HnFrame {
 // bytes after y; the first maximum in window order, NaN winning). A window's four pixels are frame columns v, v + 1,
 // v + Wp, v + Wp + 1 (v its top left: frame row and column even, p' < P', q' < Q'), so blocks start STEP = BN - Wp - 1
 // columns apart (their last Wp + 1 columns computed twice) and a block owns the windows whose top left lies in its
-// first STEP columns, all four pixels inside its BN. act(acc + b) goes through shared memory (the pipeline's, free
-// after the K loop: st [BM][BN + 8] float32, rows 8 banks apart for the accumulators' pair stores), the owned windows
-// are listed in column order (ballot and prefix: win[i] the column in the block, at[i] y's offset of its channel 0),
-// then each warp takes rows m and its lanes the windows.
+// first STEP columns, all four pixels inside its BN. acc goes through shared memory (the pipeline's, free after the
+// K loop: st [BM][BN + 8] float32, rows 8 banks apart for the accumulators' pair stores), the owned windows are
+// listed in column order (ballot and prefix: win[i] the column in the block, at[i] y's offset of its channel 0), then
+// each warp takes rows m and its lanes the windows (hn_window_store: act(acc + b), the first maximum).
 template <int WGM, int WGN, int WN>
 __device__ __forceinline__ void hn_halo_pool_epilogue(float* st, float (&acc)[1][WN / 8][4], float* y, int M,
                                                       const HnConv& cv, int m0, int v0, int step, int nv, int images,
@@ -82,17 +82,11 @@ __device__ __forceinline__ void hn_halo_pool_epilogue(float* st, float (&acc)[1]
         const int g = lane >> 2, t = lane & 3, row0 = 64 * gm + 16 * (warp & 3) + g;
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-            const int ml = row0 + 8 * h, m = m0 + ml;
-            const float bias = m < M && cv.aux ? hn_ldg(cv.aux + m) : 0.f;
+            const int ml = row0 + 8 * h;
 #pragma unroll
-            for (int j = 0; j < WN / 8; ++j) {
-                float a = acc[0][j][2 * h] + bias, b = acc[0][j][2 * h + 1] + bias;
-                if (cv.act == 1) {
-                    a = a > 0.f ? a : 0.f;
-                    b = b > 0.f ? b : 0.f;
-                }
-                *reinterpret_cast<float2*>(st + ml * LD + WN * gn + 8 * j + 2 * t) = make_float2(a, b);
-            }
+            for (int j = 0; j < WN / 8; ++j)
+                *reinterpret_cast<float2*>(st + ml * LD + WN * gn + 8 * j + 2 * t) =
+                    make_float2(acc[0][j][2 * h], acc[0][j][2 * h + 1]);
         }
     }
     int total = 0;
@@ -123,23 +117,11 @@ __device__ __forceinline__ void hn_halo_pool_epilogue(float* st, float (&acc)[1]
         const int m = m0 + ml;
         if (m >= M) break;
         const float* r = st + ml * LD;
+        const float bias = cv.aux ? hn_ldg(cv.aux + m) : 0.f;
         for (int i = lane; i < total; i += 32) {
             const int c = win[i];
             const float v[4] = {r[c], r[c + 1], r[c + fr.wp], r[c + fr.wp + 1]};
-            float best = v[0];
-            int bi = 0;
-#pragma unroll
-            for (int e = 1; e < 4; ++e)
-                if (v[e] > best || (v[e] != v[e] && best == best)) {
-                    best = v[e];
-                    bi = e;
-                }
-            const long long out = at[i] + static_cast<long long>(m) * PQ;
-            if (cv.out16)
-                hn_st_u16(reinterpret_cast<unsigned short*>(y) + out, hn_bf16_of(best));
-            else
-                hn_st(y + out, best);
-            hn_st_byte(arg + out, static_cast<unsigned char>(bi));
+            hn_window_store(y, arg, at[i] + static_cast<long long>(m) * PQ, v, bias, cv);
         }
     }
 }
@@ -217,18 +199,9 @@ __device__ __forceinline__ void hn_conv_halo(unsigned char* smem, const T* W, co
                                             fr);
         return;
     }
-    // hn_conv_epilogue's outputs at the virtual columns that are pixels (p < P, q < Q); a pair of neighbours in one
-    // output row at an even offset as one store
+    // hn_conv_epilogue's outputs at the virtual columns that are pixels (p < P, q < Q), by hn_conv_store; a pair of
+    // neighbours in one output row at an even offset as one store
     const int PQ = cv.p * cv.q;
-    auto finish = [&](int m, float z, long long at) {
-        if (EPI == 1) {
-            z += cv.aux ? hn_ldg(cv.aux + m) : 0.f;
-            if (cv.act == 1) z = z > 0.f ? z : 0.f;
-        } else if (cv.aux) {
-            z = hn_ldg(cv.aux + at) > 0.f ? z : 0.f;
-        }
-        return z;
-    };
     hn_each_pair(blk, acc, M, nv, 64 * gm + 16 * ((tid >> 5) & 3), WN * gn, tid & 31,
                  [&](int m, int v, float z0, float z1, bool two) {
         long long at[2];
@@ -240,23 +213,10 @@ __device__ __forceinline__ void hn_conv_halo(unsigned char* smem, const T* W, co
             in[e] = (e == 0 || two) && img < images && p < cv.p && q < cv.q;
             at[e] = (static_cast<long long>(img) * M + m) * PQ + p * cv.q + q;
         }
-        if (in[0]) z0 = finish(m, z0, at[0]);
-        if (in[1]) z1 = finish(m, z1, at[1]);
-        const bool pair = in[0] && in[1] && at[1] == at[0] + 1 && (at[0] & 1) == 0;
-        if (cv.out16) {
-            unsigned short* c16 = reinterpret_cast<unsigned short*>(y);
-            if (pair) {
-                hn_st_u32(c16 + at[0], hn_pack_bf16x2(z0, z1));
-            } else {
-                if (in[0]) hn_st_u16(c16 + at[0], hn_bf16_of(z0));
-                if (in[1]) hn_st_u16(c16 + at[1], hn_bf16_of(z1));
-            }
-        } else if (pair) {
-            hn_st2(y + at[0], z0, z1);
-        } else {
-            if (in[0]) hn_st(y + at[0], z0);
-            if (in[1]) hn_st(y + at[1], z1);
-        }
+        if (in[0])
+            hn_conv_store<EPI>(y, cv, m, z0, z1, at[0], at[1], in[1], at[1] == at[0] + 1 && (at[0] & 1) == 0);
+        else if (in[1])
+            hn_conv_store<EPI>(y, cv, m, z1, 0.f, at[1], 0, false, false);
     });
 }
 

@@ -653,9 +653,43 @@ __device__ __forceinline__ void hn_conv_copy_a(float* s, const float* src, const
     }
 }
 
-// The forward's and data gradient's epilogue: the output (M channels of `plane` pixels per image, NCHW) = acc;
-// forward: + the bias, then the activation; data gradient: times (mask > 0) where a mask is given; stored as float32
-// or (cv.out16) bf16 bits.
+// One pair of a convolution's outputs finished and stored: x at `at` and (two) y at `at1` of C (NCHW); MODE 1, the
+// forward: + the bias of channel m, then the activation; MODE 2, the data gradient: times (mask > 0) where a mask is
+// given; stored as float32 or (cv.out16) bf16 bits, the pair as one 8- or 4-byte store where `pair` (at1 = at + 1,
+// at even, C 8-byte aligned).
+template <int MODE>
+__device__ __forceinline__ void hn_conv_store(float* C, const HnConv& cv, int m, float x, float y, long long at,
+                                              long long at1, bool two, bool pair) {
+    if (MODE == 1) {
+        const float bias = cv.aux ? hn_ldg(cv.aux + m) : 0.f;
+        x += bias;
+        y += bias;
+        if (cv.act == 1) {
+            x = x > 0.f ? x : 0.f;
+            y = y > 0.f ? y : 0.f;
+        }
+    } else if (cv.aux) {
+        x = hn_ldg(cv.aux + at) > 0.f ? x : 0.f;
+        if (two) y = hn_ldg(cv.aux + at1) > 0.f ? y : 0.f;
+    }
+    if (cv.out16) {
+        unsigned short* c16 = reinterpret_cast<unsigned short*>(C);
+        if (two && pair) {
+            hn_st_u32(c16 + at, hn_pack_bf16x2(x, y));
+        } else {
+            hn_st_u16(c16 + at, hn_bf16_of(x));
+            if (two) hn_st_u16(c16 + at1, hn_bf16_of(y));
+        }
+    } else if (two && pair) {
+        hn_st2(C + at, x, y);
+    } else {
+        hn_st(C + at, x);
+        if (two) hn_st(C + at1, y);
+    }
+}
+
+// The forward's and data gradient's epilogue: the output (M channels of `plane` pixels per image, NCHW) = acc,
+// finished and stored by hn_conv_store.
 template <int MODE, int MT, int NT>
 __device__ __forceinline__ void hn_conv_epilogue(const HnBlock& b, float (&acc)[MT][NT][4], int M, int N,
                                                  const HnConv& cv, int wm, int wn, int lane) {
@@ -666,32 +700,7 @@ __device__ __forceinline__ void hn_conv_epilogue(const HnBlock& b, float (&acc)[
         const int img = hn_div(n, cv.out_plane), img1 = hn_div(n + 1, cv.out_plane);
         const long long at = (static_cast<long long>(img) * M + m) * plane + (n - img * plane);
         const long long at1 = (static_cast<long long>(img1) * M + m) * plane + (n + 1 - img1 * plane);
-        if (MODE == 1) {
-            const float bias = cv.aux ? hn_ldg(cv.aux + m) : 0.f;
-            x += bias;
-            y += bias;
-            if (cv.act == 1) {
-                x = x > 0.f ? x : 0.f;
-                y = y > 0.f ? y : 0.f;
-            }
-        } else if (cv.aux) {
-            x = hn_ldg(cv.aux + at) > 0.f ? x : 0.f;
-            if (two) y = hn_ldg(cv.aux + at1) > 0.f ? y : 0.f;
-        }
-        if (cv.out16) {
-            unsigned short* c16 = reinterpret_cast<unsigned short*>(b.C);
-            if (two && pair) {
-                hn_st_u32(c16 + at, hn_pack_bf16x2(x, y));
-            } else {
-                hn_st_u16(c16 + at, hn_bf16_of(x));
-                if (two) hn_st_u16(c16 + at1, hn_bf16_of(y));
-            }
-        } else if (two && pair) {
-            hn_st2(b.C + at, x, y);
-        } else {
-            hn_st(b.C + at, x);
-            if (two) hn_st(b.C + at1, y);
-        }
+        hn_conv_store<MODE>(b.C, cv, m, x, y, at, at1, two, pair);
     });
 }
 
@@ -1150,6 +1159,29 @@ __device__ __forceinline__ HnNhwcRows<ROWS * (COLS / 4) / THREADS> hn_nhwc_rows(
     return rows;
 }
 
+// One 2 x 2 window of the pooled forward: its four pixels' act(v + bias) in window order compared, the maximum stored
+// at y's offset `out` (float32, or bf16 bits with cv.out16) and its position (the first maximum, NaN winning:
+// maxpool_fwd's argmax byte) at arg + out.
+__device__ __forceinline__ void hn_window_store(float* y, unsigned char* arg, long long out, const float (&v)[4],
+                                                float bias, const HnConv& cv) {
+    float best = 0.f;
+    int bi = 0;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+        float z = v[e] + bias;
+        if (cv.act == 1) z = z > 0.f ? z : 0.f;
+        if (e == 0 || z > best || (z != z && best == best)) {
+            best = z;
+            bi = e;
+        }
+    }
+    if (cv.out16)
+        hn_st_u16(reinterpret_cast<unsigned short*>(y) + out, hn_bf16_of(best));
+    else
+        hn_st(y + out, best);
+    hn_st_byte(arg + out, static_cast<unsigned char>(bi));
+}
+
 // The pooled forward's epilogue (EPI 4, above): per pooled output, the four pixels' act(acc + bias) compared in
 // window order, the maximum written to y (NCHW, cv.out_plane pixels a channel; float32, or bf16 bits with cv.out16)
 // and its position to the bytes after y.
@@ -1167,24 +1199,8 @@ __device__ __forceinline__ void hn_conv_pool_epilogue(const HnBlock& b, float (&
             const int at = (b.n0 + wn + 8 * j) / 4 + t;      // the pooled output
             if (at >= cv.pooled) continue;
             const float v[4] = {acc[i][j][2 * h], acc[i][j][2 * h + 1], acc[i][j + 1][2 * h], acc[i][j + 1][2 * h + 1]};
-            float best = 0.f;
-            int bi = 0;
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                float z = v[e] + bias;
-                if (cv.act == 1) z = z > 0.f ? z : 0.f;
-                if (e == 0 || z > best || (z != z && best == best)) {
-                    best = z;
-                    bi = e;
-                }
-            }
             const int img = hn_div(at, cv.out_plane);
-            const long long out = (static_cast<long long>(img) * M + m) * plane + (at - img * plane);
-            if (cv.out16)
-                hn_st_u16(reinterpret_cast<unsigned short*>(b.C) + out, hn_bf16_of(best));
-            else
-                hn_st(b.C + out, best);
-            hn_st_byte(arg + out, static_cast<unsigned char>(bi));
+            hn_window_store(b.C, arg, (static_cast<long long>(img) * M + m) * plane + (at - img * plane), v, bias, cv);
         }
     });
 }
