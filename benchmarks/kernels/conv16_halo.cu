@@ -1,7 +1,7 @@
 // Sandbox: the stride-1 convolution forward (EPI 1), data gradient as a forward (EPI 2), pooled forward (EPI 4) and
 // filter gradient (EPI 3, below) on wgmma with the input read once per block as a halo instead of gathered once per
-// tap ("h" and "hf" tiles, conv16_halo.py; bf16, and tf32 / fp32 but for the filter gradient; not in the package until
-// measured: time_cl_tiles.py times them beside the shipped tiles).
+// tap ("h" and "hf" tiles, conv16_halo.py; bf16, and tf32 / fp32 but for the filter gradient). Correct on the H200 and
+// 1.2-2.3x slower than the package's tiles there (NOTES.md); time_cl_tiles.py times them beside the shipped tiles.
 //
 // The shipped forward (mma.cu hn_convw_fwd) gathers B = x im2col-style: every K tile is one tap's 64 channels of the
 // block's 256 output pixels, so each input pixel is copied from L2 once per tap (9 times for 3 x 3), each chunk's

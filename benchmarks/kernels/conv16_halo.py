@@ -1,9 +1,9 @@
-"""The bf16 wgmma convolutions that read their input as a halo, the "h" tiles (conv16_halo.cu; not in the package until
-measured): their tile table, their CUDA text (mma.cu, conv16_halo.cu and the tiles' entry points), their plan (mma.py's
-plan_conv16 / plan_conv16_data / plan_conv16_filter given the tile, then `plan` for the halo's grid and shared memory)
-and their launch from a module of their own. Stride 1 only: the forward, data gradient and pooled forward ("h" tiles,
-C (the data gradient's O) a multiple of 64 in bf16, TILES16H; of 32 in tf32 and fp32, TILES32H) and the bf16 filter
-gradient ("hf" tiles, 3 x 3).
+"""The bf16 wgmma convolutions that read their input as a halo, the "h" tiles (conv16_halo.cu; correct on the H200 and
+1.2-2.3x slower than the package's tiles there, NOTES.md): their tile table, their CUDA text (mma.cu, conv16_halo.cu
+and the tiles' entry points), their plan (mma.py's plan_conv16 / plan_conv16_data / plan_conv16_filter given the
+tile, then `plan` for the halo's grid and shared memory) and their launch from a module of their own. Stride 1 only:
+the forward, data gradient and pooled forward ("h" tiles, C (the data gradient's O) a multiple of 64 in bf16,
+TILES16H; of 32 in tf32 and fp32, TILES32H) and the bf16 filter gradient ("hf" tiles, 3 x 3).
 
 time_cl_tiles.py checks and times them beside the shipped tiles; tests/test_mma_emulated.py runs them on the CPU
 emulator.
