@@ -16,9 +16,12 @@ def round_tf32(x):
 
 
 def round_bf16(x):
-    """cvt.rn.bf16.f32: 7 mantissa bits, to nearest even (finite values)."""
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    return (((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16).astype(np.uint32).view(np.float32)
+    """cvt.rn.bf16.f32: 7 mantissa bits, to nearest even (finite values). A CuPy float32 array (contiguous) is rounded
+    on its device; anything else as a NumPy float32 array."""
+    if not hasattr(x, "__cuda_array_interface__"):
+        x = np.ascontiguousarray(x, dtype=np.float32)
+    u = x.view(np.uint32)
+    return ((u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) & np.uint32(0xFFFF0000)).view(np.float32)
 
 
 ROUND = {"tf32": round_tf32, "bf16": round_bf16, None: lambda x: np.asarray(x, dtype=np.float32)}

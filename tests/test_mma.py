@@ -26,7 +26,7 @@ from conftest import RTOL_FP32_PARTS, RTOL_TC, RTOL_TC_ROUNDED, rel_err, toleran
 from halo_cases import HALO_CASES, check_halo, sandbox
 from mma_cases import (CONV16_SHAPES, CONV32_SHAPES, CONV_SHAPES, POOL16_SHAPES, POOL32_SHAPES, SHAPES,
                        conv_data_expected, conv_data_inputs, conv_expected, conv_filter_expected, conv_filter_inputs,
-                       bf16_bits, conv_inputs, expected, max_pool_2x2, nhwc16, nhwc_copy, stored, turned16,
+                       bf16_bits, conv_inputs, expected, max_pool_2x2, nhwc16, nhwc_copy, round_bf16, stored, turned16,
                        turned_copy)
 
 import hetnet as hn
@@ -827,12 +827,6 @@ def test_convolution_hands_its_input_gradient_to_a_batch_norm_in_bf16(rng, op, p
                         np.testing.assert_array_equal(b[i], a[i], err_msg=f"x {type(xin).__name__}: output {i}")
 
 
-def _bf16_rounded(a):
-    """float32 CuPy array a rounded to bf16 (to nearest even, finite values), as float32."""
-    u = a.view(cupy.uint32)
-    return ((u + cupy.uint32(0x7FFF) + ((u >> 16) & cupy.uint32(1))) & cupy.uint32(0xFFFF0000)).view(cupy.float32)
-
-
 def test_training_with_batch_norm_inputs_in_bf16(rng, monkeypatch):
     """bf16 training steps of conv -> BN -> ReLU -> conv -> BN -> ReLU -> conv -> pool -> BN -> ReLU -> dense, the
     second and third convolutions' ops set as if measured on "tc16" candidates: the plan hands their outputs to the
@@ -855,7 +849,7 @@ def test_training_with_batch_norm_inputs_in_bf16(rng, monkeypatch):
         if rounding["on"]:
             rounding["fwd"] += 1
             if rounding["fwd"] % 3 != 1:              # the second and third batch norms of a step
-                x_ = _bf16_rounded(x_)
+                x_ = round_bf16(x_)
         return bn_relu(x_, *a, **kw)
 
     def spy_back(dy_, *a, **kw):
@@ -863,7 +857,7 @@ def test_training_with_batch_norm_inputs_in_bf16(rng, monkeypatch):
         if rounding["on"]:
             rounding["bwd"] += 1
             if rounding["bwd"] % 3 != 1:              # backwards: the second and first
-                dy_ = _bf16_rounded(dy_)
+                dy_ = round_bf16(dy_)
         return bn_relu_back(dy_, *a, **kw)
 
     monkeypatch.setattr(be, "bn_relu_forward", spy)
