@@ -134,6 +134,15 @@ def _every_tile():
     return _runner().all_tiles()
 
 
+def test_batch_norm_launch_constants_are_norm_cu_s():
+    """norm.py's grids assume norm.cu's blocks an SM (the bound its per-channel kernels are compiled to) and tiles a
+    block of its channels-last kernels."""
+    from hetnet.backends.cuda import norm
+    text = (CUDA_DIR / "norm.cu").read_text()
+    assert re.search(r"^#define HN_BN_BLOCKS (\d+)$", text, re.M).group(1) == str(norm.BN_BLOCKS)
+    assert re.search(r"^#define HN_NHWC16_TILES (\d+)\b", text, re.M).group(1) == str(norm.NHWC16_TILES)
+
+
 def test_the_table_is_the_only_source_of_tile_kernels():
     """conv.cu instantiates no tile itself, its macros take the arguments in the order `instantiations` writes them,
     and its BK is the table's: the tile kernels compiled are exactly the generated lines."""

@@ -64,8 +64,8 @@ extern "C" int emu_walk(int wide, int take, int* out, int N, int C, int HW, unsi
 extern "C" int emu_bn_apply16(const void* x, int x16, unsigned* y, const float* mean, const float* var,
                                const float* gamma, const float* beta, int n, int C, int HW, float eps, int act,
                                unsigned seed, char* err, int len) {
-    std::string msg = emu::launch({(unsigned)((n * HW + 31) / 32), (unsigned)((C + 63) / 64), 1}, {256, 1, 1}, 0,
-                                  [=] {
+    std::string msg = emu::launch({(unsigned)((n * HW + 32 * HN_NHWC16_TILES - 1) / (32 * HN_NHWC16_TILES)),
+                                   (unsigned)((C + 63) / 64), 1}, {256, 1, 1}, 0, [=] {
         if (x16)
             bn_apply_nhwc16_x16(static_cast<const unsigned short*>(x), y, mean, var, gamma, beta, n, C, HW, eps, act);
         else
@@ -77,8 +77,8 @@ extern "C" int emu_bn_apply16(const void* x, int x16, unsigned* y, const float* 
 extern "C" int emu_bn_bwd_dx16(const float* dy, const void* x, int x16, const float* mean, const float* var,
                                 const float* gamma, const float* beta, const float* red, unsigned* dx, int n, int C,
                                 int HW, float eps, int act, unsigned seed, char* err, int len) {
-    std::string msg = emu::launch({(unsigned)((n * HW + 31) / 32), (unsigned)((C + 63) / 64), 1}, {256, 1, 1}, 0,
-                                  [=] {
+    std::string msg = emu::launch({(unsigned)((n * HW + 32 * HN_NHWC16_TILES - 1) / (32 * HN_NHWC16_TILES)),
+                                   (unsigned)((C + 63) / 64), 1}, {256, 1, 1}, 0, [=] {
         if (x16)
             bn_bwd_dx_nhwc16_x16(dy, static_cast<const unsigned short*>(x), mean, var, gamma, beta, red, dx, n, C, HW,
                                  eps, act);
@@ -150,6 +150,7 @@ def _kernels_text() -> str:
     common, conv, norm = ((kernels.HERE / "common.cuh").read_text(), kernels.cu_text("conv"), kernels.cu_text("norm"))
     parts = [line for line in common.splitlines() if line.startswith(("#define HN_RELU", "#define HN_GELU",
                                                                        "#define HN_INV_SQRT"))]
+    parts += [line for line in norm.splitlines() if line.startswith("#define HN_NHWC16_TILES")]
     i = common.index("#define HN_GRID_STRIDE(i, n)")
     parts.append(common[i:common.index("\n\n", i) + 1])
     for start in ("template <typename I>\nstruct HnPlaneWalk {", "struct HnTilePixel {"):
@@ -188,12 +189,12 @@ def _kernels_text() -> str:
                         (norm, "__device__ __forceinline__ float hn_bn_z("),
                         (norm, "__device__ __forceinline__ float hn_bn_value("),
                         (norm, "template <typename X>\n__device__ __forceinline__ void bn_apply_nhwc16_body("),
-                        (norm, 'extern "C" __global__ void __launch_bounds__(256) bn_apply_nhwc16('),
-                        (norm, 'extern "C" __global__ void __launch_bounds__(256) bn_apply_nhwc16_x16('),
+                        (norm, 'extern "C" __global__ void __launch_bounds__(256, 4) bn_apply_nhwc16('),
+                        (norm, 'extern "C" __global__ void __launch_bounds__(256, 4) bn_apply_nhwc16_x16('),
                         (norm, "__device__ __forceinline__ float hn_bn_out_grad("),
                         (norm, "template <typename D, typename X>\n__device__ __forceinline__ void bn_bwd_dx_nhwc16_body("),
-                        (norm, 'extern "C" __global__ void __launch_bounds__(256) bn_bwd_dx_nhwc16('),
-                        (norm, 'extern "C" __global__ void __launch_bounds__(256) bn_bwd_dx_nhwc16_x16(')):
+                        (norm, 'extern "C" __global__ void __launch_bounds__(256, 4) bn_bwd_dx_nhwc16('),
+                        (norm, 'extern "C" __global__ void __launch_bounds__(256, 4) bn_bwd_dx_nhwc16_x16(')):
         i = text.index(start)
         parts.append(text[i:text.index("\n}\n", i) + 3])
     return "\n".join(parts)

@@ -54,9 +54,21 @@ def _inputs(rng, shape):
     return bits, bf16_values(bits), dbits, bf16_values(dbits), gamma, beta
 
 
-def _kernels(emu, x16, wide, xs, dy, gamma, beta, act, train, G, dy16=0):
+def _shifted(a):
+    """A copy of a one element past a 16-byte boundary (so that no kernel may read it in 16-byte vectors)."""
+    out = np.empty(a.size + 16, a.dtype)
+    skip = (-out.ctypes.data % 16) // a.itemsize + 1
+    out = out[skip:skip + a.size].reshape(a.shape)
+    out[...] = a
+    assert out.ctypes.data % 16
+    return out
+
+
+def _kernels(emu, x16, wide, xs, dy, gamma, beta, act, train, G, dy16=0, shift_out=False):
     """Every kernel on x (float32 values, or their bf16 bits with x16) and dy (the same with dy16): (stats, running
-    stats, sums, y, red, dgamma, dbeta, dx, dx channels-last in bf16) as NumPy arrays."""
+    stats, sums, y, red, dgamma, dbeta, dx, dx channels-last in bf16) as NumPy arrays. shift_out: y and dx written
+    one element past a 16-byte boundary (_shifted)."""
+    out = _shifted if shift_out else (lambda a: a)
     n, c = xs.shape[:2]
     hw = xs.size // (n * c)
     acc, cnt = np.zeros(2 * c), np.zeros(c, np.uint32)
@@ -66,22 +78,27 @@ def _kernels(emu, x16, wide, xs, dy, gamma, beta, act, train, G, dy16=0):
     sums = np.full(2 * c + 1, np.nan)
     _launch(emu, _version("bn_sums", x16, 0, wide), (c, G), xs, sums, acc, cnt, n, c, hw)
     mean, var = (stats[:c], stats[c:]) if train else (rm, rv)
-    y = np.full(xs.shape, np.nan, f32)
+    y = out(np.full(xs.shape, np.nan, f32))
     _launch(emu, _version("bn_apply", x16, 0, wide), (c, G), xs, y, mean, var, gamma, beta, n, c, hw, 1e-5, act)
     red, dg, db = np.full(2 * c, np.nan, f32), np.ones(c, f32), np.ones(c, f32)
     _launch(emu, _version("bn_bwd_reduce", x16, dy16, wide), (c, G), dy, xs, mean, var, gamma, beta, red, dg, db, acc,
             cnt, n, c, hw, 1e-5, act)
-    dx = np.full(xs.shape, np.nan, f32)
+    dx = out(np.full(xs.shape, np.nan, f32))
     _launch(emu, _version("bn_bwd_dx", x16, dy16, wide), (c, G), dy, xs, mean, var, gamma, beta,
             red if train else None, dx, n, c, hw, 1e-5, act)
     dx16 = np.full((n, *xs.shape[2:], c + c % 2), 0xDEAD, np.uint16)
     if c % 2 == 0:                                          # (its bf16 pairs need C even)
-        _launch(emu, _version("bn_bwd_dx_nhwc16", x16, dy16, True), (-(-n * hw // 32), -(-c // 64)), dy, xs, mean,
+        _launch(emu, _version("bn_bwd_dx_nhwc16", x16, dy16, True), norm_ops._nhwc16_grid(n * hw, c), dy, xs, mean,
                 var, gamma, beta, red if train else None, dx16, n, c, hw, 1e-5, act)
     return stats, rm, rv, sums, y, red, dg, db, dx, dx16
 
 
-SHAPES = [(3, 5, 7, 9), (2, 3, 1, 1), (4, 2, 16, 16), (1, 6, 5, 3)]
+# Planes of HW a multiple of 8 are walked in vectors of 8 elements (common.cuh's hn_bn_walk: (4, 2, 16, 16), (5, 3,
+# 4, 8), (4, 2, 48, 48), whose threads take two or three vectors on grids of 2 and 3 blocks, so that the bf16
+# statistics' takes of two vectors are whole and cut short), the others element by element ((3, 2, 45, 61): several
+# takes of four a thread).
+SHAPES = [(3, 5, 7, 9), (2, 3, 1, 1), (4, 2, 16, 16), (1, 6, 5, 3), (3, 4, 6, 2), (5, 3, 4, 8), (4, 2, 48, 48),
+          (3, 2, 45, 61)]
 
 
 @pytest.mark.parametrize("act", [0, 1, 2], ids=["none", "relu", "gelu"])
@@ -124,6 +141,23 @@ def test_batch_norm_kernels_emulated(emu, rng, shape, act):
     np.testing.assert_allclose(dx, want_dx, rtol=1e-4, atol=1e-4)
     if c % 2 == 0:
         np.testing.assert_array_equal(dx16, bf16_bits(dx.transpose(0, 2, 3, 1)), "dx channels-last: bf16 of dx")
+
+
+@pytest.mark.parametrize("shifted", ["x", "dy", "outputs"])
+def test_batch_norm_kernels_off_16_byte_boundaries_emulated(emu, rng, shifted):
+    """A plane that could be walked in vectors, with one tensor not 16-byte aligned: the kernels walk it element by
+    element (the emulator fails a misaligned 16-byte access) and give the aligned run's outputs, bit for bit where
+    the order of the sums does not change them (y; dx given the same statistics)."""
+    bits, x, dbits, dy, gamma, beta = _inputs(rng, (4, 2, 16, 16))
+    for x16 in (0, 1):
+        xs, dys = (bits if x16 else x), (dbits if x16 else dy)
+        want = _kernels(emu, x16, 0, xs, dys, gamma, beta, 2, False, 2, x16)
+        got = _kernels(emu, x16, 0, _shifted(xs) if shifted == "x" else xs, _shifted(dys) if shifted == "dy" else dys,
+                       gamma, beta, 2, False, 2, x16, shift_out=shifted == "outputs")
+        for i in (4, 8, 9):                                     # y, dx and dx channels-last (eval: no batch sums)
+            np.testing.assert_array_equal(got[i], want[i], err_msg=f"x16 {x16}: output {i}")
+        for i in (0, 1, 2, 3, 5, 6, 7):                         # the sums, in another order
+            np.testing.assert_allclose(got[i], want[i], rtol=1e-6, atol=1e-6, err_msg=f"x16 {x16}: output {i}")
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])

@@ -850,6 +850,17 @@ inline unsigned hn_pack_bf16x2(float lo, float hi) {
     return static_cast<unsigned>(emu::bf16(lo)) | (static_cast<unsigned>(emu::bf16(hi)) << 16);
 }
 
+// common.cuh's 16-byte global load and store (the batch-norm kernels' vectors): plain copies, the alignment checked.
+inline uint4 hn_ld16(const void* p) {
+    emu::aligned(p, 16, "ld.global.v4 (16 bytes)");
+    uint4 v;
+    std::memcpy(&v, p, 16);
+    return v;
+}
+inline void hn_st16(void* p, uint4 v) {
+    emu::aligned(p, 16, "st.global.v4 (16 bytes)");
+    std::memcpy(p, &v, 16);
+}
 inline float4 hn_ldg4(const float* p) {
     emu::aligned(p, 16, "ld.global.v4");
     emu::global_check(p, 16, false, "ld.global.v4");

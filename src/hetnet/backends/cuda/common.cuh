@@ -87,20 +87,129 @@ __device__ __forceinline__ float hn_act(const unsigned short* p, long long i) {
     return __uint_as_float(static_cast<unsigned>(p[i]) << 16);
 }
 
-// HN_BN_ILP elements of a walk, taken at once (HnPlaneWalk::take): where they are, whether they exist, and read(p, v)
-// their values in p (float32 or bf16 bits: hn_act; 0 past the end), all loads in flight before any is used.
+// HN_BN_ILP elements of a walk, taken at once (HnPlaneWalk::take): where they are (at(u)), whether they exist (ok(u)),
+// read(p, v) their values in p (float32 or bf16 bits: hn_act; 0 past the end), all loads in flight before any is
+// used, and write(p, v) stores float32 values where they exist.
 #define HN_BN_ILP 4
 template <typename I>
 struct HnTaken {
-    I at[HN_BN_ILP];
-    bool ok[HN_BN_ILP];
-    __device__ __forceinline__ explicit HnTaken(HnPlaneWalk<I>& w) { w.take(at, ok); }
+    static constexpr int U = HN_BN_ILP;
+    I at_[U];
+    bool ok_[U];
+    __device__ __forceinline__ explicit HnTaken(HnPlaneWalk<I>& w) { w.take(at_, ok_); }
+    __device__ __forceinline__ bool ok(int u) const { return ok_[u]; }
+    __device__ __forceinline__ I at(int u) const { return at_[u]; }
     template <typename X>
-    __device__ __forceinline__ void read(const X* p, float (&v)[HN_BN_ILP]) const {
+    __device__ __forceinline__ void read(const X* p, float (&v)[U]) const {
 #pragma unroll
-        for (int u = 0; u < HN_BN_ILP; ++u) v[u] = ok[u] ? hn_act(p, at[u]) : 0.f;
+        for (int u = 0; u < U; ++u) v[u] = ok_[u] ? hn_act(p, at_[u]) : 0.f;
+    }
+    __device__ __forceinline__ void write(float* p, const float (&v)[U]) const {
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+            if (ok_[u]) p[at_[u]] = v[u];
     }
 };
+
+// One 16-byte global load or store (p 16-byte aligned); the CPU emulator's versions check the alignment.
+#ifndef HN_EMULATE
+__device__ __forceinline__ uint4 hn_ld16(const void* p) { return *reinterpret_cast<const uint4*>(p); }
+__device__ __forceinline__ void hn_st16(void* p, uint4 v) { *reinterpret_cast<uint4*>(p) = v; }
+#endif
+
+// VW consecutive elements of a plane as float32, from element i on (i a multiple of VW, p 16-byte aligned), in
+// 16-byte loads: 4 float32 a load, or 8 bf16 (the low half of a word first).
+template <int VW>
+__device__ __forceinline__ void hn_act_vec(const float* p, long long i, float (&v)[VW]) {
+#pragma unroll
+    for (int k = 0; k < VW; k += 4) {
+        const uint4 q = hn_ld16(p + i + k);
+        v[k] = __uint_as_float(q.x), v[k + 1] = __uint_as_float(q.y);
+        v[k + 2] = __uint_as_float(q.z), v[k + 3] = __uint_as_float(q.w);
+    }
+}
+template <int VW>
+__device__ __forceinline__ void hn_act_vec(const unsigned short* p, long long i, float (&v)[VW]) {
+#pragma unroll
+    for (int k = 0; k < VW; k += 8) {
+        const uint4 q = hn_ld16(p + i + k);
+        const unsigned w[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            v[k + 2 * j] = __uint_as_float(w[j] << 16);
+            v[k + 2 * j + 1] = __uint_as_float(w[j] & 0xFFFF0000u);
+        }
+    }
+}
+
+// A walk in vectors (HnPlaneWalk over HW / VW vectors a plane, hn_bn_vec true): its next VN vectors of VW elements,
+// HnTaken's interface with one 16-byte load (or store) a vector and tensor in place of one an element.
+template <typename I, int VW, int VN>
+struct HnVecTaken {
+    static constexpr int U = VW * VN;
+    I base[VN];
+    bool there[VN];
+    __device__ __forceinline__ explicit HnVecTaken(HnPlaneWalk<I>& w) {
+#pragma unroll
+        for (int k = 0; k < VN; ++k) {
+            base[k] = w.idx * VW;
+            there[k] = w.more();
+            w.next();
+        }
+    }
+    __device__ __forceinline__ bool ok(int u) const { return there[u / VW]; }
+    __device__ __forceinline__ I at(int u) const { return base[u / VW] + u % VW; }
+    template <typename X>
+    __device__ __forceinline__ void read(const X* p, float (&v)[U]) const {
+#pragma unroll
+        for (int k = 0; k < VN; ++k) {
+            float q[VW];
+            if (there[k]) {
+                hn_act_vec<VW>(p, base[k], q);
+            } else {
+#pragma unroll
+                for (int j = 0; j < VW; ++j) q[j] = 0.f;
+            }
+#pragma unroll
+            for (int j = 0; j < VW; ++j) v[k * VW + j] = q[j];
+        }
+    }
+    __device__ __forceinline__ void write(float* p, const float (&v)[U]) const {
+#pragma unroll
+        for (int k = 0; k < VN; ++k) {
+            if (!there[k]) continue;
+#pragma unroll
+            for (int j = 0; j < VW; j += 4)
+                hn_st16(p + base[k] + j, make_uint4(__float_as_uint(v[k * VW + j]), __float_as_uint(v[k * VW + j + 1]),
+                                                    __float_as_uint(v[k * VW + j + 2]),
+                                                    __float_as_uint(v[k * VW + j + 3])));
+        }
+    }
+};
+
+// The batch-norm kernels' vectors: HN_BN_VW elements of a plane (one 16-byte load of bf16, two of float32), the same
+// for every storage, so that a kernel's versions for bf16 and float32 tensors add their values in the same order.
+#define HN_BN_VW 8
+// Whether a batch-norm kernel may walk planes of HW elements in vectors (hn_bn_walk): HW a multiple of HN_BN_VW and
+// every tensor (null: none) 16-byte aligned.
+__device__ __forceinline__ bool hn_bn_vec(int HW, const void* a, const void* b = nullptr, const void* c = nullptr) {
+    const unsigned long long bits = reinterpret_cast<unsigned long long>(a) | reinterpret_cast<unsigned long long>(b) |
+                                    reinterpret_cast<unsigned long long>(c);
+    return HW % HN_BN_VW == 0 && (bits & 15ull) == 0;
+}
+
+// A batch-norm kernel's walk over channel c's N * HW values (HnPlaneWalk; blocks along gridDim.y), handing each take
+// to f: VN vectors of HN_BN_VW elements (HnVecTaken) where `vec` (hn_bn_vec), else HN_BN_ILP single elements
+// (HnTaken). Either way a thread takes its HnPlaneWalk steps in order, one element after another within a take, so
+// the order in which a thread meets the elements does not depend on VN.
+template <typename I, int VN, typename F>
+__device__ __forceinline__ void hn_bn_walk(int N, int C, int HW, int c, bool vec, F&& f) {
+    if (vec) {
+        for (HnPlaneWalk<I> w(N, C, HW / HN_BN_VW, c); w.more();) f(HnVecTaken<I, HN_BN_VW, VN>(w));
+    } else {
+        for (HnPlaneWalk<I> w(N, C, HW, c); w.more();) f(HnTaken<I>(w));
+    }
+}
 
 // Block-wide sum of a double (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
 __device__ __forceinline__ double hn_block_sum(double v, double* shm /* >= 32 doubles */) {
@@ -218,8 +327,10 @@ __device__ __forceinline__ long long hn_split_at(long long e) {
 struct HnTilePixel {
     int pix, img, hw;
     bool in;
-    __device__ __forceinline__ HnTilePixel(int NP, int HW) {
-        pix = blockIdx.x * 32 + (threadIdx.x & 31);
+    __device__ __forceinline__ HnTilePixel(int NP, int HW) : HnTilePixel(NP, HW, blockIdx.x) {}
+    // the pixel of tile `tile` (a block of several tiles)
+    __device__ __forceinline__ HnTilePixel(int NP, int HW, int tile) {
+        pix = tile * 32 + (threadIdx.x & 31);
         in = pix < NP;
         img = in ? pix / HW : 0;
         hw = in ? pix - img * HW : 0;

@@ -17,6 +17,19 @@
 // the sums, then bn_stats_synced; its backward all-reduces bn_bwd_reduce's sums before bn_bwd_dx (CudaBackend).
 #include "common.cuh"
 
+// The per-channel kernels on a (C, G) grid (the statistics, sums, apply, and the backward's reduction and dx) are
+// compiled to fit HN_BN_BLOCKS blocks of 256 threads on an SM (40 registers), and norm.py's _bn_grid launches at most
+// that many an SM: one wave, every block's share the same. (bn_relu_maxpool_bwd_reduce_i32, on the same grid, needs
+// no bound to fit; its 64-bit index version would spill under one.)
+#define HN_BN_BLOCKS 6
+// Vectors a take (hn_bn_walk) of a kernel reading one tensor of X: 32 bytes a thread in flight (two kernels reading
+// two tensors take one vector each).
+template <typename X>
+constexpr int hn_bn_vectors = sizeof(X) == 2 ? 2 : 1;
+#define HN_BN_KERNELS(name, body, params, args) \
+    extern "C" __global__ void __launch_bounds__(256, HN_BN_BLOCKS) name params { body##_body<long long> args; } \
+    extern "C" __global__ void __launch_bounds__(256, HN_BN_BLOCKS) name##_i32 params { body##_body<unsigned> args; }
+
 __device__ __forceinline__ bool hn_last_block(unsigned* count, int c) {
     __shared__ bool last;
     __threadfence();
@@ -34,16 +47,15 @@ __device__ __forceinline__ bool hn_bn_channel_sums(const X* __restrict__ x, doub
     __shared__ double shm[32];
     const int c = blockIdx.x;
     double s = 0.0, ss = 0.0;
-    for (HnPlaneWalk<I> w(N, C, HW, c); w.more();) {
-        const HnTaken<I> t(w);
-        float v[HN_BN_ILP];
+    hn_bn_walk<I, hn_bn_vectors<X>>(N, C, HW, c, hn_bn_vec(HW, x), [&](auto t) {
+        float v[decltype(t)::U];
         t.read(x, v);
 #pragma unroll
-        for (int u = 0; u < HN_BN_ILP; ++u) {
+        for (int u = 0; u < t.U; ++u) {
             s += (double)v[u];
             ss += (double)v[u] * v[u];
         }
-    }
+    });
     s = hn_block_sum(s, shm);
     ss = hn_block_sum(ss, shm);
     if (threadIdx.x == 0) {
@@ -85,12 +97,12 @@ __device__ __forceinline__ void bn_stats_body(const X* __restrict__ x, float* __
         count[c] = 0u;
     }
 }
-HN_TWO_INDEX_KERNELS(bn_stats,
+HN_BN_KERNELS(bn_stats, bn_stats,
     (const float* __restrict__ x, float* __restrict__ stats, float* __restrict__ running_mean,
      float* __restrict__ running_var, double* __restrict__ acc, unsigned* __restrict__ count, int N, int C, int HW,
      float momentum),
     (x, stats, running_mean, running_var, acc, count, N, C, HW, momentum))
-HN_TWO_INDEX_KERNELS_OF(bn_stats_x16, bn_stats,
+HN_BN_KERNELS(bn_stats_x16, bn_stats,
     (const unsigned short* __restrict__ x, float* __restrict__ stats, float* __restrict__ running_mean,
      float* __restrict__ running_var, double* __restrict__ acc, unsigned* __restrict__ count, int N, int C, int HW,
      float momentum),
@@ -114,11 +126,11 @@ __device__ __forceinline__ void bn_sums_body(const X* __restrict__ x, double* __
         count[c] = 0u;
     }
 }
-HN_TWO_INDEX_KERNELS(bn_sums,
+HN_BN_KERNELS(bn_sums, bn_sums,
     (const float* __restrict__ x, double* __restrict__ sums, double* __restrict__ acc, unsigned* __restrict__ count,
      int N, int C, int HW),
     (x, sums, acc, count, N, C, HW))
-HN_TWO_INDEX_KERNELS_OF(bn_sums_x16, bn_sums,
+HN_BN_KERNELS(bn_sums_x16, bn_sums,
     (const unsigned short* __restrict__ x, double* __restrict__ sums, double* __restrict__ acc,
      unsigned* __restrict__ count, int N, int C, int HW),
     (x, sums, acc, count, N, C, HW))
@@ -159,20 +171,19 @@ __device__ __forceinline__ void bn_apply_body(const X* __restrict__ x, float* __
                                               int C, int HW, float eps, int act) {
     const int c = blockIdx.x;
     const float mu = mean[c], inv = 1.f / sqrtf(var[c] + eps), ga = gamma[c], be = beta[c];
-    for (HnPlaneWalk<I> w(N, C, HW, c); w.more();) {
-        const HnTaken<I> t(w);
-        float xv[HN_BN_ILP];
-        t.read(x, xv);
+    hn_bn_walk<I, hn_bn_vectors<X>>(N, C, HW, c, hn_bn_vec(HW, x, y), [&](auto t) {
+        float v[decltype(t)::U];
+        t.read(x, v);
 #pragma unroll
-        for (int u = 0; u < HN_BN_ILP; ++u)
-            if (t.ok[u]) y[t.at[u]] = hn_bn_value(xv[u], true, mu, inv, ga, be, act);
-    }
+        for (int u = 0; u < t.U; ++u) v[u] = hn_bn_value(v[u], true, mu, inv, ga, be, act);
+        t.write(y, v);
+    });
 }
-HN_TWO_INDEX_KERNELS(bn_apply,
+HN_BN_KERNELS(bn_apply, bn_apply,
     (const float* __restrict__ x, float* __restrict__ y, const float* __restrict__ mean, const float* __restrict__ var,
      const float* __restrict__ gamma, const float* __restrict__ beta, int N, int C, int HW, float eps, int act),
     (x, y, mean, var, gamma, beta, N, C, HW, eps, act))
-HN_TWO_INDEX_KERNELS_OF(bn_apply_x16, bn_apply,
+HN_BN_KERNELS(bn_apply_x16, bn_apply,
     (const unsigned short* __restrict__ x, float* __restrict__ y, const float* __restrict__ mean,
      const float* __restrict__ var, const float* __restrict__ gamma, const float* __restrict__ beta, int N, int C,
      int HW, float eps, int act),
@@ -180,21 +191,27 @@ HN_TWO_INDEX_KERNELS_OF(bn_apply_x16, bn_apply,
 
 // bn_apply's y written channels-last in bf16 instead (the copy the next convolution reads, conv.cu's to_nhwc16 of y):
 // y16[img][p][c] = bf16(act(bn(x[img][c][p]))) as bf16 pairs [n][HW][C / 2] (C even), in to_nhwc16's tiles of 64
-// channels x 32 pixels of the n * HW through shared memory, each channel's mean, 1 / sqrt(var + eps), gamma and beta
-// read once per block; with mean null, bf16(act(x)) (a GELU on its own: elementwise.cu's gelu_fwd, the same
-// hn_gelu). Grid (ceil(n * HW / 32), ceil(C / 64)), 256 threads; n * HW < 2^31.
+// channels x 32 pixels of the n * HW through shared memory, HN_NHWC16_TILES consecutive tiles a block (all their
+// loads in flight at once), each channel's mean, 1 / sqrt(var + eps), gamma and beta read once per block; with mean
+// null, bf16(act(x)) (a GELU on its own: elementwise.cu's gelu_fwd, the same hn_gelu). Grid (ceil(n * HW / (32
+// HN_NHWC16_TILES)), ceil(C / 64)), 256 threads; n * HW < 2^31.
+#define HN_NHWC16_TILES 2   // (these kernels and bn_bwd_dx_nhwc16's: bounded to 64 registers, 4+ blocks an SM)
 template <typename X>
 __device__ __forceinline__ void bn_apply_nhwc16_body(
     const X* __restrict__ x, unsigned* __restrict__ y16, const float* __restrict__ mean,
     const float* __restrict__ var, const float* __restrict__ gamma, const float* __restrict__ beta, int n, int C,
     int HW, float eps, int act) {
-    __shared__ float t[64][33];
+    constexpr int T = HN_NHWC16_TILES;
+    __shared__ float t[T][64][33];
     __shared__ float coef[4][64];      // the block's channels' mean, inv, gamma, beta
     const int c0 = blockIdx.y * 64, lane = threadIdx.x & 31, row = threadIdx.x >> 5, NP = n * HW;
     const bool stats = mean != nullptr;
-    const HnTilePixel px(NP, HW);
-    float v[8];                        // channels c0 + row + 8u
-    hn_load_nhwc16_rows(v, x + (long long)px.img * C * HW + px.hw, c0, C, HW, px.in);
+    float v[T][8];                     // tile k's channels c0 + row + 8u
+#pragma unroll
+    for (int k = 0; k < T; ++k) {
+        const HnTilePixel px(NP, HW, blockIdx.x * T + k);
+        hn_load_nhwc16_rows(v[k], x + (long long)px.img * C * HW + px.hw, c0, C, HW, px.in);
+    }
     if (stats && threadIdx.x < 64 && c0 + (int)threadIdx.x < C) {
         const int c = c0 + threadIdx.x;
         coef[0][threadIdx.x] = mean[c];
@@ -204,22 +221,26 @@ __device__ __forceinline__ void bn_apply_nhwc16_body(
     }
     __syncthreads();
 #pragma unroll
-    for (int u = 0; u < 8; ++u) {
-        const int i = row + 8 * u;
-        t[i][lane] = c0 + i < C && px.in ? hn_bn_value(v[u], stats, stats ? coef[0][i] : 0.f, stats ? coef[1][i] : 0.f,
-                                                       stats ? coef[2][i] : 0.f, stats ? coef[3][i] : 0.f, act)
-                                         : 0.f;
-    }
+    for (int k = 0; k < T; ++k)
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+            const int i = row + 8 * u;
+            t[k][i][lane] = c0 + i < C    // (pixels past NP: read as 0, never stored)
+                                ? hn_bn_value(v[k][u], stats, stats ? coef[0][i] : 0.f, stats ? coef[1][i] : 0.f,
+                                              stats ? coef[2][i] : 0.f, stats ? coef[3][i] : 0.f, act)
+                                : 0.f;
+        }
     __syncthreads();
-    hn_store_nhwc16_tile(t, y16, blockIdx.x * 32, c0, C, NP);
+#pragma unroll
+    for (int k = 0; k < T; ++k) hn_store_nhwc16_tile(t[k], y16, (blockIdx.x * T + k) * 32, c0, C, NP);
 }
-extern "C" __global__ void __launch_bounds__(256) bn_apply_nhwc16(
+extern "C" __global__ void __launch_bounds__(256, 4) bn_apply_nhwc16(
     const float* __restrict__ x, unsigned* __restrict__ y16, const float* __restrict__ mean,
     const float* __restrict__ var, const float* __restrict__ gamma, const float* __restrict__ beta, int n, int C,
     int HW, float eps, int act) {
     bn_apply_nhwc16_body(x, y16, mean, var, gamma, beta, n, C, HW, eps, act);
 }
-extern "C" __global__ void __launch_bounds__(256) bn_apply_nhwc16_x16(
+extern "C" __global__ void __launch_bounds__(256, 4) bn_apply_nhwc16_x16(
     const unsigned short* __restrict__ x, unsigned* __restrict__ y16, const float* __restrict__ mean,
     const float* __restrict__ var, const float* __restrict__ gamma, const float* __restrict__ beta, int n, int C,
     int HW, float eps, int act) {
@@ -276,40 +297,39 @@ __device__ __forceinline__ void bn_bwd_reduce_body(const D* __restrict__ dy, con
     const int c = blockIdx.x;
     const float mu = mean[c], inv = 1.f / sqrtf(var[c] + eps), ga = gamma[c], be = beta[c];
     double s = 0.0, sx = 0.0;
-    for (HnPlaneWalk<I> w(N, C, HW, c); w.more();) {
-        const HnTaken<I> t(w);
-        float xv[HN_BN_ILP], dv[HN_BN_ILP];
+    hn_bn_walk<I, 1>(N, C, HW, c, hn_bn_vec(HW, x, dy), [&](auto t) {
+        float xv[decltype(t)::U], dv[decltype(t)::U];
         t.read(x, xv);
         t.read(dy, dv);
 #pragma unroll
-        for (int u = 0; u < HN_BN_ILP; ++u) {
-            if (!t.ok[u]) continue;
+        for (int u = 0; u < t.U; ++u) {
+            if (!t.ok(u)) continue;
             const float xhat = (xv[u] - mu) * inv, g = hn_bn_out_grad(dv[u], xv[u], mu, inv, ga, be, act);
             s += g;
             sx += (double)g * xhat;
         }
-    }
+    });
     hn_bn_bwd_finish(s, sx, shm, red, dgamma, dbeta, acc, count, c, C);
 }
-HN_TWO_INDEX_KERNELS(bn_bwd_reduce,
+HN_BN_KERNELS(bn_bwd_reduce, bn_bwd_reduce,
     (const float* __restrict__ dy, const float* __restrict__ x, const float* __restrict__ mean,
      const float* __restrict__ var, const float* __restrict__ gamma, const float* __restrict__ beta,
      float* __restrict__ red, float* __restrict__ dgamma, float* __restrict__ dbeta, double* __restrict__ acc,
      unsigned* __restrict__ count, int N, int C, int HW, float eps, int act),
     (dy, x, mean, var, gamma, beta, red, dgamma, dbeta, acc, count, N, C, HW, eps, act))
-HN_TWO_INDEX_KERNELS_OF(bn_bwd_reduce_x16, bn_bwd_reduce,
+HN_BN_KERNELS(bn_bwd_reduce_x16, bn_bwd_reduce,
     (const float* __restrict__ dy, const unsigned short* __restrict__ x, const float* __restrict__ mean,
      const float* __restrict__ var, const float* __restrict__ gamma, const float* __restrict__ beta,
      float* __restrict__ red, float* __restrict__ dgamma, float* __restrict__ dbeta, double* __restrict__ acc,
      unsigned* __restrict__ count, int N, int C, int HW, float eps, int act),
     (dy, x, mean, var, gamma, beta, red, dgamma, dbeta, acc, count, N, C, HW, eps, act))
-HN_TWO_INDEX_KERNELS_OF(bn_bwd_reduce_dy16, bn_bwd_reduce,
+HN_BN_KERNELS(bn_bwd_reduce_dy16, bn_bwd_reduce,
     (const unsigned short* __restrict__ dy, const float* __restrict__ x, const float* __restrict__ mean,
      const float* __restrict__ var, const float* __restrict__ gamma, const float* __restrict__ beta,
      float* __restrict__ red, float* __restrict__ dgamma, float* __restrict__ dbeta, double* __restrict__ acc,
      unsigned* __restrict__ count, int N, int C, int HW, float eps, int act),
     (dy, x, mean, var, gamma, beta, red, dgamma, dbeta, acc, count, N, C, HW, eps, act))
-HN_TWO_INDEX_KERNELS_OF(bn_bwd_reduce_x16_dy16, bn_bwd_reduce,
+HN_BN_KERNELS(bn_bwd_reduce_x16_dy16, bn_bwd_reduce,
     (const unsigned short* __restrict__ dy, const unsigned short* __restrict__ x, const float* __restrict__ mean,
      const float* __restrict__ var, const float* __restrict__ gamma, const float* __restrict__ beta,
      float* __restrict__ red, float* __restrict__ dgamma, float* __restrict__ dbeta, double* __restrict__ acc,
@@ -329,35 +349,34 @@ __device__ __forceinline__ void bn_bwd_dx_body(const D* __restrict__ dy, const X
     const float inv_m = 1.f / ((float)N * HW);
     const float mu = mean[c], inv = 1.f / sqrtf(var[c] + eps), ga = gamma[c], be = beta[c], scale = ga * inv;
     const float rs = red ? red[c] * inv_m : 0.f, rx = red ? red[C + c] : 0.f;
-    for (HnPlaneWalk<I> w(N, C, HW, c); w.more();) {
-        const HnTaken<I> t(w);
-        float xv[HN_BN_ILP], dv[HN_BN_ILP];
+    hn_bn_walk<I, 1>(N, C, HW, c, hn_bn_vec(HW, x, dy, dx), [&](auto t) {
+        float xv[decltype(t)::U], dv[decltype(t)::U];
         t.read(x, xv);                          // x and dy of all the elements read before dx is written (dx may be x)
         t.read(dy, dv);
 #pragma unroll
-        for (int u = 0; u < HN_BN_ILP; ++u) {
-            if (!t.ok[u]) continue;
+        for (int u = 0; u < t.U; ++u) {
             const float xhat = (xv[u] - mu) * inv, g = hn_bn_out_grad(dv[u], xv[u], mu, inv, ga, be, act);
-            dx[t.at[u]] = red ? scale * (g - rs - xhat * rx * inv_m) : g * scale;
+            xv[u] = red ? scale * (g - rs - xhat * rx * inv_m) : g * scale;
         }
-    }
+        t.write(dx, xv);
+    });
 }
-HN_TWO_INDEX_KERNELS(bn_bwd_dx,
+HN_BN_KERNELS(bn_bwd_dx, bn_bwd_dx,
     (const float* __restrict__ dy, const float* x, const float* __restrict__ mean, const float* __restrict__ var,
      const float* __restrict__ gamma, const float* __restrict__ beta, const float* __restrict__ red, float* dx, int N,
      int C, int HW, float eps, int act),
     (dy, x, mean, var, gamma, beta, red, dx, N, C, HW, eps, act))
-HN_TWO_INDEX_KERNELS_OF(bn_bwd_dx_x16, bn_bwd_dx,
+HN_BN_KERNELS(bn_bwd_dx_x16, bn_bwd_dx,
     (const float* __restrict__ dy, const unsigned short* __restrict__ x, const float* __restrict__ mean,
      const float* __restrict__ var, const float* __restrict__ gamma, const float* __restrict__ beta,
      const float* __restrict__ red, float* __restrict__ dx, int N, int C, int HW, float eps, int act),
     (dy, x, mean, var, gamma, beta, red, dx, N, C, HW, eps, act))
-HN_TWO_INDEX_KERNELS_OF(bn_bwd_dx_dy16, bn_bwd_dx,
+HN_BN_KERNELS(bn_bwd_dx_dy16, bn_bwd_dx,
     (const unsigned short* __restrict__ dy, const float* __restrict__ x, const float* __restrict__ mean,
      const float* __restrict__ var, const float* __restrict__ gamma, const float* __restrict__ beta,
      const float* __restrict__ red, float* __restrict__ dx, int N, int C, int HW, float eps, int act),
     (dy, x, mean, var, gamma, beta, red, dx, N, C, HW, eps, act))
-HN_TWO_INDEX_KERNELS_OF(bn_bwd_dx_x16_dy16, bn_bwd_dx,
+HN_BN_KERNELS(bn_bwd_dx_x16_dy16, bn_bwd_dx,
     (const unsigned short* __restrict__ dy, const unsigned short* __restrict__ x, const float* __restrict__ mean,
      const float* __restrict__ var, const float* __restrict__ gamma, const float* __restrict__ beta,
      const float* __restrict__ red, float* __restrict__ dx, int N, int C, int HW, float eps, int act),
@@ -365,23 +384,27 @@ HN_TWO_INDEX_KERNELS_OF(bn_bwd_dx_x16_dy16, bn_bwd_dx,
 
 // bn_bwd_dx's dx written channels-last in bf16 instead: the copy of dE/dy that the convolution (-> max pool) whose
 // output x is reads in its backward (conv.cu's to_nhwc16 of dx), dx16[img][p][c] = bf16(dx[img][c][p]) as bf16 pairs
-// [n][HW][C / 2] (C even), in bn_apply_nhwc16's tiles (64 channels x 32 pixels through shared memory, a channel's
-// constants read once per block). The same arithmetic as bn_bwd_dx, so the two give the same bits. Grid
-// (ceil(n * HW / 32), ceil(C / 64)), 256 threads; n * HW < 2^31.
+// [n][HW][C / 2] (C even), in bn_apply_nhwc16's blocks (HN_NHWC16_TILES tiles of 64 channels x 32 pixels through
+// shared memory, a channel's constants read once per block). The same arithmetic as bn_bwd_dx, so the two give the
+// same bits. Grid (ceil(n * HW / (32 HN_NHWC16_TILES)), ceil(C / 64)), 256 threads; n * HW < 2^31.
 template <typename D, typename X>
 __device__ __forceinline__ void bn_bwd_dx_nhwc16_body(
     const D* __restrict__ dy, const X* __restrict__ x, const float* __restrict__ mean,
     const float* __restrict__ var, const float* __restrict__ gamma, const float* __restrict__ beta,
     const float* __restrict__ red, unsigned* __restrict__ dx16, int n, int C, int HW, float eps, int act) {
-    __shared__ float t[64][33];
+    constexpr int T = HN_NHWC16_TILES;
+    __shared__ float t[T][64][33];
     __shared__ float coef[6][64];      // the block's channels' mean, inv, gamma, beta, sum g / m, sum g xhat
     const int c0 = blockIdx.y * 64, lane = threadIdx.x & 31, row = threadIdx.x >> 5, NP = n * HW;
     const float inv_m = 1.f / ((float)n * HW);
-    const HnTilePixel px(NP, HW);
-    const long long at = (long long)px.img * C * HW + px.hw;
-    float xv[8], dv[8];                // channels c0 + row + 8u
-    hn_load_nhwc16_rows(xv, x + at, c0, C, HW, px.in);
-    hn_load_nhwc16_rows(dv, dy + at, c0, C, HW, px.in);
+    float xv[T][8], dv[T][8];          // tile k's channels c0 + row + 8u
+#pragma unroll
+    for (int k = 0; k < T; ++k) {
+        const HnTilePixel px(NP, HW, blockIdx.x * T + k);
+        const long long at = (long long)px.img * C * HW + px.hw;
+        hn_load_nhwc16_rows(xv[k], x + at, c0, C, HW, px.in);
+        hn_load_nhwc16_rows(dv[k], dy + at, c0, C, HW, px.in);
+    }
     if (threadIdx.x < 64 && c0 + (int)threadIdx.x < C) {
         const int c = c0 + threadIdx.x;
         coef[0][threadIdx.x] = mean[c];
@@ -393,38 +416,42 @@ __device__ __forceinline__ void bn_bwd_dx_nhwc16_body(
     }
     __syncthreads();
 #pragma unroll
-    for (int u = 0; u < 8; ++u) {
-        const int i = row + 8 * u;
-        float v = 0.f;
-        if (c0 + i < C && px.in) {
-            const float mu = coef[0][i], inv = coef[1][i], ga = coef[2][i], scale = ga * inv;
-            const float xhat = (xv[u] - mu) * inv, g = hn_bn_out_grad(dv[u], xv[u], mu, inv, ga, coef[3][i], act);
-            v = red ? scale * (g - coef[4][i] - xhat * coef[5][i] * inv_m) : g * scale;
+    for (int k = 0; k < T; ++k)
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+            const int i = row + 8 * u;
+            float v = 0.f;
+            if (c0 + i < C) {                  // (pixels past NP: read as 0, never stored)
+                const float mu = coef[0][i], inv = coef[1][i], ga = coef[2][i], scale = ga * inv;
+                const float xhat = (xv[k][u] - mu) * inv;
+                const float g = hn_bn_out_grad(dv[k][u], xv[k][u], mu, inv, ga, coef[3][i], act);
+                v = red ? scale * (g - coef[4][i] - xhat * coef[5][i] * inv_m) : g * scale;
+            }
+            t[k][i][lane] = v;
         }
-        t[i][lane] = v;
-    }
     __syncthreads();
-    hn_store_nhwc16_tile(t, dx16, blockIdx.x * 32, c0, C, NP);
+#pragma unroll
+    for (int k = 0; k < T; ++k) hn_store_nhwc16_tile(t[k], dx16, (blockIdx.x * T + k) * 32, c0, C, NP);
 }
-extern "C" __global__ void __launch_bounds__(256) bn_bwd_dx_nhwc16(
+extern "C" __global__ void __launch_bounds__(256, 4) bn_bwd_dx_nhwc16(
     const float* __restrict__ dy, const float* __restrict__ x, const float* __restrict__ mean,
     const float* __restrict__ var, const float* __restrict__ gamma, const float* __restrict__ beta,
     const float* __restrict__ red, unsigned* __restrict__ dx16, int n, int C, int HW, float eps, int act) {
     bn_bwd_dx_nhwc16_body(dy, x, mean, var, gamma, beta, red, dx16, n, C, HW, eps, act);
 }
-extern "C" __global__ void __launch_bounds__(256) bn_bwd_dx_nhwc16_x16(
+extern "C" __global__ void __launch_bounds__(256, 4) bn_bwd_dx_nhwc16_x16(
     const float* __restrict__ dy, const unsigned short* __restrict__ x, const float* __restrict__ mean,
     const float* __restrict__ var, const float* __restrict__ gamma, const float* __restrict__ beta,
     const float* __restrict__ red, unsigned* __restrict__ dx16, int n, int C, int HW, float eps, int act) {
     bn_bwd_dx_nhwc16_body(dy, x, mean, var, gamma, beta, red, dx16, n, C, HW, eps, act);
 }
-extern "C" __global__ void __launch_bounds__(256) bn_bwd_dx_nhwc16_dy16(
+extern "C" __global__ void __launch_bounds__(256, 4) bn_bwd_dx_nhwc16_dy16(
     const unsigned short* __restrict__ dy, const float* __restrict__ x, const float* __restrict__ mean,
     const float* __restrict__ var, const float* __restrict__ gamma, const float* __restrict__ beta,
     const float* __restrict__ red, unsigned* __restrict__ dx16, int n, int C, int HW, float eps, int act) {
     bn_bwd_dx_nhwc16_body(dy, x, mean, var, gamma, beta, red, dx16, n, C, HW, eps, act);
 }
-extern "C" __global__ void __launch_bounds__(256) bn_bwd_dx_nhwc16_x16_dy16(
+extern "C" __global__ void __launch_bounds__(256, 4) bn_bwd_dx_nhwc16_x16_dy16(
     const unsigned short* __restrict__ dy, const unsigned short* __restrict__ x, const float* __restrict__ mean,
     const float* __restrict__ var, const float* __restrict__ gamma, const float* __restrict__ beta,
     const float* __restrict__ red, unsigned* __restrict__ dx16, int n, int C, int HW, float eps, int act) {

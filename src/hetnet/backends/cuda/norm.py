@@ -29,13 +29,23 @@ def _x(x) -> tuple:
     return (x.data, "_x16") if isinstance(x, Nchw16) else (x, "")
 
 
+BN_BLOCKS = 6       # norm.cu's HN_BN_BLOCKS: the per-channel kernels' blocks of 256 threads an SM
+NHWC16_TILES = 2    # norm.cu's HN_NHWC16_TILES: the channels-last kernels' tiles (32 pixels x 64 channels) a block
+
+
+def _nhwc16_grid(pixels: int, c: int) -> tuple:
+    """The grid of bn_apply_nhwc16 and bn_bwd_dx_nhwc16 over `pixels` (n * HW) and c channels."""
+    return (math.ceil(pixels / (32 * NHWC16_TILES)), math.ceil(c / 64))
+
+
 class NormOps:
     """CudaBackend's batch-normalisation ops (norm.cu)."""
 
     def _bn_grid(self, n, c, hw):
-        """The per-channel reductions' grid (c, G): about 8 blocks of 256 threads per SM (a full SM at 32 registers),
-        each thread at least HN_BN_ILP = 4 values."""
-        return (c, max(1, min(math.ceil(n * hw / 1024), math.ceil(8 * self.sms / c))), 1)
+        """The per-channel kernels' grid (c, G): at most BN_BLOCKS blocks of 256 threads an SM (norm.cu compiles them
+        to fit that many), so that they run in one wave of blocks with equal shares, each thread at least HN_BN_ILP =
+        4 values; G = 1 where c alone fills more than a wave."""
+        return (c, max(1, min(math.ceil(n * hw / 1024), BN_BLOCKS * self.sms // c)), 1)
 
     def _bn_batch_stats(self, x, running_mean, running_var, momentum, training, reduce=None):
         """(mean, var, sync) per channel of x[N, C, ...]: in training the batch's (one kernel, which also updates the
@@ -132,7 +142,7 @@ class NormOps:
         y16 = self.xp.empty((n, *x.shape[2:], c), dtype=self.xp.uint16)
         xa, xs = _x(x)
         if y16.size:
-            get_kernel(self.device_id, "norm", "bn_apply_nhwc16" + xs)((math.ceil(n * hw / 32), math.ceil(c / 64)),
+            get_kernel(self.device_id, "norm", "bn_apply_nhwc16" + xs)(_nhwc16_grid(n * hw, c),
                                                                        (256,), (
                 xa, y16, *(stats or (NULL,) * 4), _i32(n), _i32(c), _i32(hw), _f32(eps), _i32(act)))
         return Nhwc16(y16, x.shape)
@@ -163,8 +173,7 @@ class NormOps:
             return None
         if not relu_mask and takes_dy16(self, x.shape, grad_feeds):
             dx16 = self.xp.empty((n, *x.shape[2:], c), dtype=self.xp.uint16)
-            get_kernel(self.device_id, "norm", "bn_bwd_dx_nhwc16" + ks)(
-                (math.ceil(n * hw / 32), math.ceil(c / 64)), (256,), (
+            get_kernel(self.device_id, "norm", "bn_bwd_dx_nhwc16" + ks)(_nhwc16_grid(n * hw, c), (256,), (
                 dy, xa, mean, var, gamma, beta, red if training else NULL, dx16, _i32(n), _i32(c), _i32(hw),
                 _f32(eps), _i32(act)))
             return Nhwc16(dx16, x.shape)
