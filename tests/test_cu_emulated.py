@@ -180,7 +180,7 @@ def _kernels_text() -> str:
                         (conv, 'extern "C" __global__ void __launch_bounds__(256) pool_grad_nhwc32x3('),
                         (conv, 'extern "C" __global__ void __launch_bounds__(256) pool_grad16_nhwc16('),
                         (conv, 'extern "C" __global__ void __launch_bounds__(256) conv_gelu_nhwc16('),
-                        (conv, 'extern "C" __global__ void __launch_bounds__(256, 2) conv_small_fwd('),
+                        (conv, 'extern "C" __global__ void __launch_bounds__(256, 3) conv_small_fwd('),
                         (conv, 'extern "C" __global__ void turn_weights16('),
                         (conv, 'extern "C" __global__ void turn_weights32('),
                         (conv, 'extern "C" __global__ void turn_weights32x3('),

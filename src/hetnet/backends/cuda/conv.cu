@@ -660,12 +660,13 @@ __device__ __forceinline__ void conv_bwd_filter_impl(const float* __restrict__ d
 // (out16 = 0) or, out16 = 1, bf16 bits (round to nearest even), unsigned short.
 // A block's pixels are 128 consecutive output pixels of the n * P * Q (img, p, q) (n P Q + 128 <= 2^31), tap j = (c, r,
 // s) in that order. The block stages its pixels' taps in shared memory (xs[j][pixel], zero outside x and for
-// j >= CRS) and the weights (wt[j][k], zero for k >= K). Thread t: channels 8 (t / 32) .. + 7 (warp-uniform, so a
+// j >= CRS) and the weights (wt[j][k], zero for k >= K), a thread's 8 weights' and then its 16 taps' loads each
+// issued at once (80 registers at three blocks an SM, no spills). Thread t: channels 8 (t / 32) .. + 7 (warp-uniform, so a
 // tap's 8 weights are two broadcast reads) and pixels 4 (t % 32) .. + 3 (one 16-byte read of a tap's 4 values):
 // 32 sums of 8 channels x 4 pixels, each a float32 fmaf chain over the taps in order, the bias first; then ReLU
 // (act = HN_RELU) and the store, 4 pixels of one image as one 16-byte (float32) or 8-byte (bf16) store where they
 // are 4-aligned in the image (P Q a multiple of 4), else one at a time.
-extern "C" __global__ void __launch_bounds__(256, 2) conv_small_fwd(const float* __restrict__ x,
+extern "C" __global__ void __launch_bounds__(256, 3) conv_small_fwd(const float* __restrict__ x,
                                                                  const float* __restrict__ w,
                                                                  const float* __restrict__ b, void* __restrict__ out,
                                                                  int n, int C, int H, int W, int K, int R, int S,
@@ -674,23 +675,33 @@ extern "C" __global__ void __launch_bounds__(256, 2) conv_small_fwd(const float*
     __shared__ __align__(16) float xs[32][128];
     __shared__ __align__(16) float wt[32][64];
     const int RS = R * S, CRS = C * RS, PQ = P * Q, NP = n * PQ, p0 = blockIdx.x * 128;
-    for (int i = threadIdx.x; i < 32 * 64; i += 256) {
-        const int j = i >> 6, k = i & 63;
-        wt[j][k] = j < CRS && k < K ? w[k * CRS + j] : 0.f;
-    }
-    {   // taps: pixel threadIdx.x % 128, taps threadIdx.x / 128 + 2 u
+    {   // a thread's loads in two rounds, all of a round in flight before its first store: the weights i =
+        // threadIdx.x + 256 u, then the taps threadIdx.x / 128 + 2 u of pixel threadIdx.x % 128
+        float wv[8], tv[16];
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+            const int i = threadIdx.x + 256 * u, j = i >> 6, k = i & 63;
+            wv[u] = j < CRS && k < K ? w[k * CRS + j] : 0.f;
+        }
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+            const int i = threadIdx.x + 256 * u;
+            wt[i >> 6][i & 63] = wv[u];
+        }
         const int pix = p0 + (threadIdx.x & 127);
         const bool in = pix < NP;
         const int img = in ? pix / PQ : 0, pq = pix - img * PQ, p = pq / Q, q = pq - p * Q;
         const int h0 = p * stride - pad, w0 = q * stride - pad;
         const float* xi = x + (long long)img * C * H * W;
-#pragma unroll 4
+#pragma unroll
         for (int u = 0; u < 16; ++u) {
             const int j = (threadIdx.x >> 7) + 2 * u, c = j / RS, rs = j - c * RS, r = rs / S;
             const int ih = h0 + r, iw = w0 + rs - r * S;
-            xs[j][threadIdx.x & 127] = in && j < CRS && ih >= 0 && ih < H && iw >= 0 && iw < W
-                                           ? xi[((long long)c * H + ih) * W + iw] : 0.f;
+            tv[u] = in && j < CRS && ih >= 0 && ih < H && iw >= 0 && iw < W ? xi[((long long)c * H + ih) * W + iw]
+                                                                             : 0.f;
         }
+#pragma unroll
+        for (int u = 0; u < 16; ++u) xs[(threadIdx.x >> 7) + 2 * u][threadIdx.x & 127] = tv[u];
     }
     __syncthreads();
     const int k0 = 8 * (threadIdx.x >> 5), q0 = 4 * (threadIdx.x & 31);
