@@ -176,6 +176,18 @@ def test_batch_norm_kernels_on_bf16_inputs_emulated(emu, rng, shape, act, train)
                 np.testing.assert_array_equal(a, b, err_msg=f"wide {wide}, x16 {x16}, dy16 {dy16}: output {i}")
 
 
+def test_batch_norm_grid_is_one_wave():
+    """norm.py's per-channel grid puts at most BN_BLOCKS blocks an SM (norm.cu's launch bound), so that no block of
+    equal share waits for a second wave (on 132 SMs ceil(8 x 132 / 64) = 17 blocks a channel was 1088 for 1056
+    places); a channel always gets a block, and small planes no more blocks than their values need."""
+    class Card:
+        sms = 132
+    for n, c, hw in ((512, 64, 1024), (512, 128, 256), (512, 256, 64), (512, 256, 16), (2, 3, 5), (64, 2048, 49)):
+        grid = norm_ops.NormOps._bn_grid(Card(), n, c, hw)
+        assert grid[0] == c and grid[1] >= 1 and grid[1] <= max(1, math.ceil(n * hw / 1024))
+        assert grid[1] == 1 or c * grid[1] <= norm_ops.BN_BLOCKS * Card.sms, (n, c, hw, grid)
+
+
 # --- norm.py's ops on the emulated kernels --------------------------------------------------------------------------
 
 @pytest.fixture
