@@ -1,10 +1,13 @@
 """The precision setting (hetnet.device): where it is taken (model.to, get_backend, hetnet train / evaluate
 --precision, a preset's default), and that cpu and reference compute in float32 / float64 whatever is asked, saying
 so once. The cuda backend's tensor-core products are checked against float64 in test_ops.py (cuda@tf32, ...) and
-tests/test_cuda.py."""
+tests/test_cuda.py. And benchmarks/precision_accuracy.py, the sweep that measures a precision's accuracy against
+fp32's."""
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -81,3 +84,62 @@ def test_a_presets_precision_is_its_cuda_default(capsys, monkeypatch):
     assert config["precision"] == "fp32" and "note:" not in capsys.readouterr().err      # on the CPU: no notice
     asked = runs.make_config(runs.RunConfig(model="cifar-speed", dataset="folder", device="cpu", precision="tf32"))
     assert asked["precision"] == "tf32"                                                    # a flag is kept as asked
+
+
+# --- benchmarks/precision_accuracy.py: the accuracy target's sweep ----------------------------------------------------
+
+def _accuracy_script():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "precision_accuracy.py"
+    spec = importlib.util.spec_from_file_location("precision_accuracy", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_precision_accuracy_pairs_runs_of_one_commit_and_seed():
+    """The summary pairs each bf16 run with the fp32 run of the same job, commit and seed only, and judges the mean
+    paired difference (points) against the target, with its standard error; runs go seed-major, fp32 first."""
+    pa = _accuracy_script()
+    assert pa.plan([3, 1], ["bf16"]) == [(3, "fp32"), (3, "bf16"), (1, "fp32"), (1, "bf16")]
+
+    def row(precision, seed, acc, commit="a"):
+        return {"job": "cifar-wide", "precision": precision, "seed": seed, "accuracy": acc, "commit": commit}
+
+    rows = [row("fp32", 0, 0.890), row("bf16", 0, 0.886), row("fp32", 1, 0.880), row("bf16", 1, 0.882),
+            row("fp32", 2, 0.885), row("bf16", 3, 0.7),                       # seed 3: no fp32 pair
+            row("fp32", 0, 0.95, "b"), row("bf16", 0, 0.90, "b")]             # another commit
+    a, b = pa.summary(rows)
+    assert a["seeds"] == [0, 1] and a["differences"] == [-0.4, 0.2] and a["mean_difference"] == -0.1
+    assert a["standard_error"] == 0.3 and a["within_target"] and a["fp32_mean"] == 88.5 and a["mean"] == 88.4
+    assert b["commit"] == "b" and b["mean_difference"] == -5.0 and b["standard_error"] is None
+    assert not b["within_target"]
+
+
+def test_precision_accuracy_refuses_a_file_it_did_not_write(tmp_path, capsys):
+    pa = _accuracy_script()
+    bad = tmp_path / "other.json"
+    bad.write_text('{"rows": [{"model": "x"}]}')
+    assert pa.main(["--job", "fashion-cnn", "--device", "cpu", "--out", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --out") and "other.json" in err[0]
+    assert pa.main(["--job", "fashion-cnn", "--seeds", "1,x", "--out", str(tmp_path / "a.json")]) == 2
+    assert capsys.readouterr().err.startswith("error: --seeds")
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists(),
+                    reason="dataset-fashion-mnist not installed")
+def test_precision_accuracy_runs_and_adds_to_its_json(tmp_path):
+    """A CPU smoke sweep (one epoch on 300 images): a row per run as `hetnet train` scores it, the JSON naming the
+    host, commit and date; a second sweep adds its rows to the same file. (The cpu backend computes bf16's runs in
+    float32: the pair is equal.)"""
+    pa = _accuracy_script()
+    out = tmp_path / "acc.json"
+    argv = ["--job", "fashion-cnn", "--device", "cpu", "--epochs", "1", "--limit", "300", "--out", str(out)]
+    assert pa.main([*argv, "--seeds", "0"]) == 0
+    assert pa.main([*argv, "--seeds", "1"]) == 0
+    doc = json.loads(out.read_text())
+    assert [(r["seed"], r["precision"]) for r in doc["rows"]] == [(0, "fp32"), (0, "bf16"), (1, "fp32"), (1, "bf16")]
+    assert doc["environment"]["host"] and doc["environment"]["commit"] and doc["environment"]["time_utc"]
+    assert all(0 < r["accuracy"] <= 1 and r["epochs"] == 1 for r in doc["rows"])
+    (s,) = doc["summary"]
+    assert s["seeds"] == [0, 1] and s["differences"] == [0.0, 0.0] and s["within_target"]
