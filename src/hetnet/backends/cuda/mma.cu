@@ -1246,7 +1246,7 @@ struct HnSwizzle128MN {
 #endif
 
 // One 16-byte chunk, element `off` of a channels-last copy, into shared memory at s (cp.async, src-size `bytes`;
-// through L1 with L1). LO > 0: the copy is split (fp32 as two tf32 parts, hi + lo: hn_split_tf32), each 16-byte
+// L1 true: through L1). LO > 0: the copy is split (fp32 as two tf32 parts, hi + lo: hn_split_tf32), each 16-byte
 // chunk of 4 floats stored as its hi chunk then its lo chunk, so element off of the tensor lies at 2 off (hi) and
 // 2 off + 4 (lo), off a multiple of 4; the lo chunk goes LO elements after s.
 template <int LO, bool L1 = false, class T>
