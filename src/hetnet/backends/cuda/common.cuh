@@ -87,9 +87,9 @@ __device__ __forceinline__ float hn_act(const unsigned short* p, long long i) {
     return __uint_as_float(static_cast<unsigned>(p[i]) << 16);
 }
 
-// HN_BN_ILP elements of a walk, taken at once (HnPlaneWalk::take): where they are (at(u)), whether they exist (ok(u)),
-// read(p, v) their values in p (float32 or bf16 bits: hn_act; 0 past the end), all loads in flight before any is
-// used, and write(p, v) stores float32 values where they exist.
+// HN_BN_ILP elements of a walk, taken at once (HnPlaneWalk::take): whether they exist (ok(u)), read(p, v) their
+// values in p (float32 or bf16 bits: hn_act; 0 past the end), all loads in flight before any is used, and
+// write(p, v) stores float32 values where they exist.
 #define HN_BN_ILP 4
 template <typename I>
 struct HnTaken {
@@ -98,7 +98,6 @@ struct HnTaken {
     bool ok_[U];
     __device__ __forceinline__ explicit HnTaken(HnPlaneWalk<I>& w) { w.take(at_, ok_); }
     __device__ __forceinline__ bool ok(int u) const { return ok_[u]; }
-    __device__ __forceinline__ I at(int u) const { return at_[u]; }
     template <typename X>
     __device__ __forceinline__ void read(const X* p, float (&v)[U]) const {
 #pragma unroll
@@ -158,7 +157,6 @@ struct HnVecTaken {
         }
     }
     __device__ __forceinline__ bool ok(int u) const { return there[u / VW]; }
-    __device__ __forceinline__ I at(int u) const { return base[u / VW] + u % VW; }
     template <typename X>
     __device__ __forceinline__ void read(const X* p, float (&v)[U]) const {
 #pragma unroll
@@ -264,11 +262,6 @@ __device__ __forceinline__ unsigned hn_counter_hash(unsigned seed, unsigned i) {
 #define HN_TWO_INDEX_KERNELS(name, params, args) \
     extern "C" __global__ void name params { name##_body<long long> args; } \
     extern "C" __global__ void name##_i32 params { name##_body<unsigned> args; }
-// The same with the body of another kernel (its parameter types deduced from the arguments: a batch-norm kernel on
-// an activation stored in bf16, norm.cu): HN_TWO_INDEX_KERNELS_OF(name, body, (parameter list), (argument list))
-#define HN_TWO_INDEX_KERNELS_OF(name, body, params, args) \
-    extern "C" __global__ void name params { body##_body<long long> args; } \
-    extern "C" __global__ void name##_i32 params { body##_body<unsigned> args; }
 
 // Max-pooling backward at one input element (n*C + c = nc, h, w): the sum of dy over the windows whose first
 // maximum is this element (arg holds each window's argmax position, row-major), skipping windows whose pooled

@@ -8,7 +8,8 @@
 // bits) to form dE/dz = dE/dy * act'(z) wherever the plain backward reads dy.
 // The reductions run over a (C, G) grid; each block adds doubles into `acc`, and the last block of a channel
 // (counted in `count`) finishes that channel and resets acc and count for the next call (no memset needed).
-// Every kernel comes in a 64-bit and a 32-bit index version (common.cuh, HN_TWO_INDEX_KERNELS).
+// Every kernel comes in a 64-bit and a 32-bit index version (common.cuh's HN_TWO_INDEX_KERNELS, HN_BN_KERNELS below:
+// the same with another kernel's body and a launch bound).
 // The input x of the statistics, apply and backward kernels is float32, or in their "_x16" versions bf16 bits (an
 // activation a bf16 step stores in bf16: a convolution's output that only this batch norm reads, conv.Nchw16), read
 // as float32 (hn_act) with the same arithmetic after; so is the backward's dy in the "_dy16" versions (the data
@@ -26,6 +27,8 @@
 // two tensors take one vector each).
 template <typename X>
 constexpr int hn_bn_vectors = sizeof(X) == 2 ? 2 : 1;
+// HN_BN_KERNELS(name, body, (parameter list), (argument list)): both index versions of a kernel whose body is
+// body##_body<I> (its parameter types deduced from the arguments: the "_x16" / "_dy16" versions share a body).
 #define HN_BN_KERNELS(name, body, params, args) \
     extern "C" __global__ void __launch_bounds__(256, HN_BN_BLOCKS) name params { body##_body<long long> args; } \
     extern "C" __global__ void __launch_bounds__(256, HN_BN_BLOCKS) name##_i32 params { body##_body<unsigned> args; }
