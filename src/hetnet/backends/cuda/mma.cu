@@ -1239,11 +1239,26 @@ struct HnSwizzle128MN {
 
 // Which of the convolutions' gathers copy through L1 (hn_cp_async16_l1) instead of L2 only: bit 0 the forward's and
 // data gradient's (hn_nhwc_copy_b: a K tile is one tap's channels, and the next taps read the same pixels shifted),
-// bit 1 the filter gradient's (hn_nhwc_copy_x_taps: a K tile's columns span taps of the same pixels). 0 ships;
-// benchmarks/kernels/time_cl_tiles.py --gather-l1 times the shipped tiles built with 3 beside them.
+// bit 1 the filter gradient's (hn_nhwc_copy_x_taps: a K tile's columns span taps of the same pixels). Bit 2: the
+// forward's and data gradient's K tiles in the order that keeps those pixels close in time (hn_k_tile). 0 ships;
+// benchmarks/kernels/time_cl_tiles.py --gather-l1 times the shipped tiles built with 3 and with 7 beside them.
 #ifndef HN_GATHER_L1
 #define HN_GATHER_L1 0
 #endif
+constexpr bool HN_TAPS_INNER = (HN_GATHER_L1 & 4) != 0;
+
+// The first K index of K tile kt (BK columns) of the forward's and data gradient's GEMM, K = R x S x C with the
+// channels innermost (k = (r S + s) C + c). In K order, tile kt starts at kt BK: at C = 4 BK the tiles of one tap are
+// four apart, so a tap shifted by one column re-reads the pixels of the tile four back. Where C is a multiple of BK,
+// hn_k_tile runs one chunk of BK channels through all R x S taps before the next chunk: tile kt is chunk kt / (R S)
+// at tap kt % (R S), and each tap re-reads the pixels of the tile one back (S back for the next row of taps). The
+// same tiles, so the same sum in another order. The K loops take it where HN_TAPS_INNER (HN_GATHER_L1 bit 2).
+template <int BK>
+__device__ __forceinline__ int hn_k_tile(int kt, const HnConv& cv) {
+    if (cv.c % BK != 0) return kt * BK;
+    const int chunk = hn_div(kt, cv.kb_plane);                    // kb_plane: R x S (hn_conv_of<1>)
+    return (kt - chunk * cv.r * cv.s) * cv.c + chunk * BK;
+}
 
 // One 16-byte chunk, element `off` of a channels-last copy, into shared memory at s (cp.async, src-size `bytes`;
 // L1 true: through L1). LO > 0: the copy is split (fp32 as two tf32 parts, hi + lo: hn_split_tf32), each 16-byte
@@ -1333,7 +1348,7 @@ __device__ __forceinline__ void hn_conv16_fwd(unsigned char* smem, const unsigne
     const HnDiv by_c = hn_div_of(cv.c);
 
     auto issue = [&](int kt) {
-        const int k0 = kt * BK, s = kt % STAGES;
+        const int k0 = HN_TAPS_INNER ? hn_k_tile<BK>(kt, cv) : kt * BK, s = kt % STAGES;
         hn_copy16_tile<BM, CPR, HnRowTile<OA::STRIDE>, THREADS>(sa + s * OA::ELEMS, W, K, blk.m0, M, k0, K, tid);
         hn_nhwc_copy_b<unsigned short, CPR, HnRowTile<OB::STRIDE>, THREADS>(sb + s * OB::ELEMS, x, cv, rows, by_c,
                                                                             k0, K, tid);
@@ -1431,7 +1446,7 @@ __device__ __forceinline__ void hn_convw_fwd(unsigned char* smem, const T* W, co
     const HnDiv by_c = hn_div_of(cv.c);
 
     auto issue = [&](int kt) {
-        const int k0 = kt * BK, s = kt % STAGES;
+        const int k0 = HN_TAPS_INNER ? hn_k_tile<BK>(kt, cv) : kt * BK, s = kt % STAGES;
         hn_copy16_tile<BM, CPR, L, THREADS, ALO>(sa + s * SA, W, K, blk.m0, M, k0, K, tid);
         hn_nhwc_copy_b<T, CPR, L, THREADS, decltype(rows)::N, BLO>(sb + s * SB, x, cv, rows, by_c, k0, K, tid);
     };
