@@ -7,6 +7,12 @@ node's kernels run back to back), and an NVTX range "prof" around one step for N
     HETNET_TUNE_CACHE=0 ncu --profile-from-start off --clock-control none --cache-control none \\
         --section SpeedOfLight --section WarpStateStats --print-details all -k regex:conv16 \\
         python benchmarks/kernels/profile_step.py --model cifar-speed --batch 1024 --quiet
+    ncu --profile-from-start off --metrics gpu__time_duration.sum --csv \\
+        python benchmarks/kernels/profile_step.py --model cifar-wide --batch 512 --precision bf16 --torch
+
+--torch: PyTorch's step of the same model instead (interop.to_torch of hetnet's, SGD with momentum, eager), as
+`hetnet bench` runs it at that precision (bf16: autocast + channels_last; tf32: the allow_tf32 switches;
+cudnn.benchmark on), one step in the profiler range after three: which cuDNN and cuBLAS kernels it runs.
 
 (--clock-control none: the card's own clocks; --cache-control none: the L2 as the step leaves it, where ncu would
 flush it before each kernel; the whitening layer of cifar-speed is filled from the random images.
@@ -30,7 +36,10 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--quiet", action="store_true", help="only the NVTX-marked step (for ncu)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--torch", action="store_true", help="PyTorch's step of the model instead, for ncu")
     args = ap.parse_args(argv)
+    if args.torch:
+        return torch_step(args)
 
     import cupy
 
@@ -103,6 +112,43 @@ def main(argv=None):
                                        "us_per_step": total * 1000, "nodes_us": rows,
                                        "conv_choices": {f"{e['op']} {e['shape']}": e["choice"] for e in be.tune_log},
                                        "conv_trials": be.tune_log})
+
+
+def torch_step(args) -> None:
+    """One PyTorch training step of args.model in a profiler range, at the precision as `hetnet bench`'s torch side
+    runs it (hetnet.bench.sides), after three uncaptured ones (cuDNN's algorithm search)."""
+    import torch
+    import torch.nn.functional as F
+
+    import hetnet as hn
+    from hetnet import interop
+    from hetnet.bench.models import resolve_model
+    from hetnet.bench.sides import autocast_for, for_precision, torch_precision
+
+    hn.seed(0)
+    precision = args.precision or "fp32"
+    model, input_shape = resolve_model(args.model)
+    torch_precision(precision)
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.normal(size=(args.batch, *input_shape)).astype(np.float32)).cuda()
+    y = torch.from_numpy(rng.integers(0, 10, size=args.batch)).cuda()
+    tmodel, x = for_precision(interop.to_torch(model, device="cuda"), x, precision)
+    opt = torch.optim.SGD(tmodel.parameters(), lr=0.01, momentum=0.9)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with autocast_for(precision, "cuda"):
+            loss = F.cross_entropy(tmodel(x), y)
+        loss.backward()
+        opt.step()
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.profiler.start()
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.profiler.stop()
 
 
 if __name__ == "__main__":
