@@ -414,7 +414,8 @@ def test_precision_targets_judge_gpu_rows_only():
 def test_precision_rows_merge_into_an_earlier_table(tmp_path, capsys):
     """--merge FILE: the written table has this run's rows and FILE's rows it did not measure, in the tables'
     order, each naming the commit it was measured at (FILE's own, or its table's); the targets are judged on all of
-    them. A file that is not a precision_step.json is one error naming the flag and the file."""
+    them. A file that is not a precision_step.json, or one measured on another card, is one error naming the flag
+    and the file."""
     def row(m, b, p, vs):
         return dict(dict.fromkeys(precision.ROW_KEYS), model=m, batch_size=b, precision=p, status="ok",
                     hetnet_backend="cuda:0", hetnet_img_per_s=2.0, speedup_vs_torch_graph=vs)
@@ -437,6 +438,9 @@ def test_precision_rows_merge_into_an_earlier_table(tmp_path, capsys):
     path = tmp_path / "old.json"
     path.write_text(json.dumps(old))
     assert bench.parse_args(["--precision", "bf16", "--merge", str(path)]).merge == old
+    precision.check_merge_card(old, env, str(path))             # the same card
+    with pytest.raises(UsageError, match=f"--merge: {path} was measured on X, this run is on Y"):
+        precision.check_merge_card(old, dict(env, card="Y"), str(path))
     for text in ("{", json.dumps({"rows": []})):
         path.write_text(text)
         with pytest.raises(UsageError, match=f"--merge: {path}"):

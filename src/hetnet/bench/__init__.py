@@ -71,7 +71,8 @@ from .common import (
 from .layers import PRECISION_LAYER_MODEL, bench_conv_precision, bench_layers, run_conv_precision, run_layers
 from .loaders import LOADER_ROWS, run_loader_epochs
 from .models import check_model, model_label
-from .precision import PRECISION_BATCHES, PRECISION_MODELS, bench_precision_step, load_merge, run_precision_step
+from .precision import (PRECISION_BATCHES, PRECISION_MODELS, bench_precision_step, check_merge_card, load_merge,
+                        run_precision_step)
 from .profile import PROFILE_ROWS, run_profile
 from .speedrun import RUNS as SPEEDRUN_RUNS
 from .speedrun import run_speedrun
@@ -261,7 +262,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.merge is not None:
         if not args.precision:
             raise UsageError("--merge: merges precision rows; give --precision")
-        args.merge = load_merge(args.merge, "--merge")
+        args.merge_path, args.merge = args.merge, load_merge(args.merge, "--merge")
     return args
 
 
@@ -305,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     gpu = any(d.startswith("cuda") for d in args.devices)
     env = environment(threads, gpu)
     env["hetnet_cpu_threads"] = hetnet_threads
+    if args.merge is not None:
+        check_merge_card(args.merge, env, args.merge_path)
     out = Path(args.out) if args.out else Path("benchmarks") / "results" / slug(env.get("card") or env["host"])
     try:
         out.mkdir(parents=True, exist_ok=True)

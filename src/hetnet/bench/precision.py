@@ -356,6 +356,14 @@ def load_merge(path: str, flag: str) -> dict:
     return doc
 
 
+def check_merge_card(old: dict, env: dict, path: str) -> None:
+    """A UsageError naming --merge and the file where its table was measured on another card (or host) than this
+    run: a table of one card's rows, so that every ratio in it is of the same card."""
+    was, now = _measured(old["environment"])["card"], _measured(env)["card"]
+    if was != now:
+        raise UsageError(f"--merge: {path} was measured on {was}, this run is on {now}")
+
+
 def merged_rows(rows: list[dict], old: dict, env: dict) -> list[dict]:
     """This run's rows, then the rows of the earlier table `old` that it did not measure (same model, batch,
     precision and backend; a row this run skipped for its time budget is not measured), in the tables' order (model,
