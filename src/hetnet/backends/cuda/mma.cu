@@ -1245,7 +1245,7 @@ struct HnSwizzle128MN {
 #ifndef HN_GATHER_L1
 #define HN_GATHER_L1 0
 #endif
-constexpr bool HN_TAPS_INNER = (HN_GATHER_L1 & 4) != 0;
+#define HN_TAPS_INNER ((HN_GATHER_L1 & 4) != 0)
 
 // The first K index of K tile kt (BK columns) of the forward's and data gradient's GEMM, K = R x S x C with the
 // channels innermost (k = (r S + s) C + c). In K order, tile kt starts at kt BK: at C = 4 BK the tiles of one tap are
