@@ -11,7 +11,6 @@ median GPU time (run_conv_variants.time_ms). The JSON names the card, hetnet's c
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from pathlib import Path
@@ -47,7 +46,7 @@ def halo_filter_rows(cupy, spin, be, x, dy, shape) -> list[dict]:
     does: checked against float64 of the bf16-rounded inputs (within RTOL_TC_ROUNDED), then timed."""
     import conv16_halo as halo
     from mma_cases import conv_filter_expected
-    from run_conv_variants import time_ms
+    from run_conv_variants import add_row, time_ms
     from run_tc_conv_nhwc import RTOL_TC_ROUNDED
 
     from hetnet.backends.cuda import mma
@@ -78,26 +77,16 @@ def halo_filter_rows(cupy, spin, be, x, dy, shape) -> list[dict]:
         row = {"op": "filter", "candidate": f"sandbox {tile.name} (bf16)", "check_rel_err": err}
         if err <= RTOL_TC_ROUNDED:
             row["ms"] = round(time_ms(cupy, spin, run), 4)
-        rows.append(row)
-        print(" ".join(f"{key}={v}" for key, v in row.items()), flush=True)
+        add_row(rows, row)
     return rows
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--batch", type=int, default=512)
-    ap.add_argument("--out", type=Path, default=None, help="write the times as JSON")
-    args = ap.parse_args(argv)
-    import cupy
+    from run_conv_variants import add_row, gpu_runner, time_ms, write_rows
 
+    args, cupy, be, spin = gpu_runner(__doc__, argv, "fp32")
     from hetnet.backends.cuda import conv as C
-    from hetnet.backends.cuda.kernels import get_kernel
-    from hetnet.bench.common import environment, write_result
-    from hetnet.device import get_backend
-    from run_conv_variants import time_ms
 
-    be = get_backend("cuda", "fp32")
-    spin = get_kernel(be.device_id, "elementwise", "hn_spin")
     mod = cupy.RawModule(code=(HERE / "conv_small.cu").read_text(), options=("-std=c++17",))
     filt2, add2 = (mod.get_function(f) for f in ("conv_small_filter2", "conv_small_filter2_add"))
     n, c, h, w_, k = args.batch, 3, 32, 32, 64
@@ -134,15 +123,11 @@ def main(argv=None) -> int:
             row = {"op": op, "candidate": name, "check_rel_err": err}
             if err <= RTOL:
                 row["ms"] = round(time_ms(cupy, spin, lambda fn=fn, out=out: fn(out)), 4)
-            rows.append(row)
-            print(" ".join(f"{key}={v}" for key, v in row.items()), flush=True)
+            add_row(rows, row)
             if name == "small":
-                rows.append(out16_row(cupy, spin, lambda y16: C._fwd_small(be, g, x, w, None, y16, 0, out16=True),
-                                      got))
-                print(" ".join(f"{key}={v}" for key, v in rows[-1].items()), flush=True)
-    if args.out:
-        write_result(args.out, {"environment": environment(threads=1, want_gpu=True), "batch": n,
-                                "method": " ".join(__doc__.split("\n\n")[0].split()), "rows": rows})
+                add_row(rows, out16_row(cupy, spin, lambda y16: C._fwd_small(be, g, x, w, None, y16, 0, out16=True),
+                                        got))
+    write_rows(args, __doc__, rows)
     return 0
 
 

@@ -149,6 +149,39 @@ class Layer:
         return 2.0 * g.npq * g.k * g.crs
 
 
+def gpu_runner(doc: str, argv, precision: str):
+    """The one-shape sandbox runners' start (run_conv_small.py, run_winograd.py, time_pool_grad.py): --batch and
+    --out parsed (the description: doc's first paragraph), then (args, cupy, the cuda backend at `precision`, the
+    spin kernel time_ms queues launches behind)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--batch", type=int, default=512)
+    ap.add_argument("--out", type=Path, default=None, help="write the times as JSON")
+    args = ap.parse_args(argv)
+    import cupy
+
+    from hetnet.backends.cuda.kernels import get_kernel
+    from hetnet.device import get_backend
+
+    be = get_backend("cuda", precision)
+    return args, cupy, be, get_kernel(be.device_id, "elementwise", "hn_spin")
+
+
+def add_row(rows: list, row: dict) -> None:
+    """A runner's row kept for write_rows and printed as key=value pairs."""
+    rows.append(row)
+    print(" ".join(f"{key}={v}" for key, v in row.items()), flush=True)
+
+
+def write_rows(args, doc: str, rows: list) -> None:
+    """gpu_runner's --out, where given: the rows as JSON beside the card, hetnet's commit and the date, the batch and
+    the method (doc's first paragraph)."""
+    from hetnet.bench.common import environment, write_result
+
+    if args.out:
+        write_result(args.out, {"environment": environment(threads=1, want_gpu=True), "batch": args.batch,
+                                "method": " ".join(doc.split("\n\n")[0].split()), "rows": rows})
+
+
 def time_ms(cupy, spin, launch) -> float:
     """Median GPU ms of one launch (see the module's docstring)."""
     for _ in range(WARMUP):

@@ -9,7 +9,6 @@ card, hetnet's commit and the date.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from pathlib import Path
@@ -24,20 +23,11 @@ SHAPES = ((128, 32, 32), (256, 16, 16), (256, 8, 8))
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--batch", type=int, default=512)
-    ap.add_argument("--out", type=Path, default=None, help="write the times as JSON")
-    args = ap.parse_args(argv)
-    import cupy
+    from run_conv_variants import add_row, gpu_runner, time_ms, write_rows
 
+    args, cupy, be, spin = gpu_runner(__doc__, argv, "bf16")
     from hetnet.backends.cuda import kernels, mma
-    from hetnet.backends.cuda.kernels import get_kernel
-    from hetnet.bench.common import environment, write_result
-    from hetnet.device import get_backend
-    from run_conv_variants import time_ms
 
-    be = get_backend("cuda", "bf16")
-    spin = get_kernel(be.device_id, "elementwise", "hn_spin")
     conv_cu = (kernels.HERE / "conv.cu").read_text()           # (none of the tiles' entry points)
     text = kernels.inline_header((HERE / "pool_grad_px.cu").read_text().replace('#include "conv.cu"', conv_cu))
     px = kernels.compile_module(be.device_id, text).get_function("pool_grad16_nhwc16_px")
@@ -66,11 +56,8 @@ def main(argv=None) -> int:
             if row["check_bits_differ"] == 0:
                 ms = time_ms(cupy, spin, fn)
                 row.update(ms=round(ms, 4), gb_per_s=round(moved / ms / 1e6, 1))
-            rows.append(row)
-            print(" ".join(f"{key}={v}" for key, v in row.items()), flush=True)
-    if args.out:
-        write_result(args.out, {"environment": environment(threads=1, want_gpu=True), "batch": args.batch,
-                                "method": " ".join(__doc__.split("\n\n")[0].split()), "rows": rows})
+            add_row(rows, row)
+    write_rows(args, __doc__, rows)
     return 0
 
 

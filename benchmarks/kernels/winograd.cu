@@ -1,0 +1,123 @@
+// Sandbox (not shipped): the float32 filter gradient of a 3 x 3, stride-1 convolution by Winograd's F(3 x 3, 2 x 2)
+// (benchmarks/kernels/winograd.py plans it, run_winograd.py checks it against float64 and times it on a GPU beside
+// the cuda backend's measured choice).
+//
+// dw[o][c][r][s] = sum over images and output pixels (p, q) of dy[o][p][q] x[c][p + r - pad][q + s - pad]. Cut dy
+// into 2 x 2 tiles g (rows 2 ty, 2 ty + 1; zero past P, Q) and x into the 4 x 4 patches d they meet (rows 2 ty - pad
+// .. 2 ty - pad + 3; zero outside the image): each tile adds the 3 x 3 correlation of d with g, which F(3, 2) gives in
+// 16 products,
+//     dw_tile = G^T [(A g A^T) (.) (B^T d B)] G,
+// with B^T the input transform of F(2, 3), A (4 x 2) the transpose of F(2, 3)'s output transform and G^T (3 x 4) the
+// transpose of its filter transform (the trilinear form of F(2, 3) with the output and the filter exchanged):
+//     B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1],  A = [1 0; 1 1; 1 -1; 0 -1],
+//     G^T = [1 1/2 1/2 0; 0 1/2 -1/2 0; 0 1/2 1/2 1].
+// The sum over tiles t moves inside: dw = G^T M G with M[xi][o][c] = sum_t U[xi][o][t] V[xi][c][t] for the 16
+// elements xi of the 4 x 4 transforms, U = A g A^T of dy's tiles and V = B^T d B of x's patches: 16 GEMMs (O x C, K =
+// tiles), 4x fewer products than the 9 of the direct sum for every 4 pixels, at the price of writing U and V.
+// The transforms only add, subtract and halve, exactly or within one rounding of the inputs' magnitude.
+
+// One item of a transform: channel ch and tile t = (image TH + ty) TW + tx of a chunk's `tiles` tiles. wino_each
+// calls f on every (ch, t) of channels x tiles, consecutive threads along t, in a grid-stride loop.
+struct WinoItem {
+    int ch, t, image, ty, tx, tiles;
+};
+
+template <class F>
+__device__ __forceinline__ void wino_each(int tiles, int channels, int TH, int TW, const F& f) {
+    const long long count = static_cast<long long>(channels) * tiles;
+    for (long long e = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; e < count;
+         e += static_cast<long long>(gridDim.x) * blockDim.x) {
+        const int ch = static_cast<int>(e / tiles), t = static_cast<int>(e - static_cast<long long>(ch) * tiles);
+        f(WinoItem{ch, t, t / (TH * TW), (t / TW) % TH, t % TW, tiles});
+    }
+}
+
+// x [n][C][H][W] float32 -> v [16][C][T] for images n0 .. n0 + nb - 1, T = nb TH TW tiles, t = (i TH + ty) TW + tx
+// (i the image within the chunk); one thread a (c, t), consecutive threads along t.
+extern "C" __global__ void wino_x(const float* __restrict__ x, float* __restrict__ v, int n0, int nb, int C, int H,
+                                  int W, int pad, int TH, int TW) {
+    wino_each(nb * TH * TW, C, TH, TW, [&](const WinoItem& it) {
+        const int c = it.ch, t = it.t, ty = it.ty, tx = it.tx, T = it.tiles;
+        const float* plane = x + (static_cast<long long>(n0 + it.image) * C + c) * H * W;
+        float d[4][4];
+#pragma unroll
+        for (int a = 0; a < 4; ++a) {
+            const int ih = 2 * ty - pad + a;
+#pragma unroll
+            for (int b = 0; b < 4; ++b) {
+                const int iw = 2 * tx - pad + b;
+                d[a][b] = ih >= 0 && ih < H && iw >= 0 && iw < W ? plane[ih * W + iw] : 0.f;
+            }
+        }
+        float e4[4][4];                                   // B^T d: each column
+#pragma unroll
+        for (int b = 0; b < 4; ++b) {
+            e4[0][b] = d[0][b] - d[2][b];
+            e4[1][b] = d[1][b] + d[2][b];
+            e4[2][b] = d[2][b] - d[1][b];
+            e4[3][b] = d[1][b] - d[3][b];
+        }
+        const long long stride = static_cast<long long>(C) * T, at = static_cast<long long>(c) * T + t;
+#pragma unroll
+        for (int a = 0; a < 4; ++a) {                     // (B^T d) B: each row
+            const float r[4] = {e4[a][0] - e4[a][2], e4[a][1] + e4[a][2], e4[a][2] - e4[a][1], e4[a][1] - e4[a][3]};
+#pragma unroll
+            for (int b = 0; b < 4; ++b) v[(4 * a + b) * stride + at] = r[b];
+        }
+    });
+}
+
+// dy [n][O][P][Q] float32 -> u [16][O][T] for the same images and tiles as wino_x (TH = ceil(P / 2), TW = ceil(Q /
+// 2)): A g A^T of each 2 x 2 tile g.
+extern "C" __global__ void wino_dy(const float* __restrict__ dy, float* __restrict__ u, int n0, int nb, int O, int P,
+                                   int Q, int TH, int TW) {
+    wino_each(nb * TH * TW, O, TH, TW, [&](const WinoItem& it) {
+        const int o = it.ch, t = it.t, ty = it.ty, tx = it.tx, T = it.tiles;
+        const float* plane = dy + (static_cast<long long>(n0 + it.image) * O + o) * P * Q;
+        float g[2][2];
+#pragma unroll
+        for (int a = 0; a < 2; ++a)
+#pragma unroll
+            for (int b = 0; b < 2; ++b) {
+                const int p = 2 * ty + a, q = 2 * tx + b;
+                g[a][b] = p < P && q < Q ? plane[p * Q + q] : 0.f;
+            }
+        const float e4[4][2] = {{g[0][0], g[0][1]},                       // A g: each column
+                                {g[0][0] + g[1][0], g[0][1] + g[1][1]},
+                                {g[0][0] - g[1][0], g[0][1] - g[1][1]},
+                                {-g[1][0], -g[1][1]}};
+        const long long stride = static_cast<long long>(O) * T, at = static_cast<long long>(o) * T + t;
+#pragma unroll
+        for (int a = 0; a < 4; ++a) {                                     // (A g) A^T: each row
+            const float r[4] = {e4[a][0], e4[a][0] + e4[a][1], e4[a][0] - e4[a][1], -e4[a][1]};
+#pragma unroll
+            for (int b = 0; b < 4; ++b) u[(4 * a + b) * stride + at] = r[b];
+        }
+    });
+}
+
+// m [16][O][C] (the 16 GEMMs' sums) -> dw [O][C][3][3] = G^T M G, added into dw where add != 0; one thread an (o, c).
+extern "C" __global__ void wino_dw(const float* __restrict__ m, float* __restrict__ dw, int O, int C, int add) {
+    const long long OC = static_cast<long long>(O) * C;
+    for (long long e = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; e < OC;
+         e += static_cast<long long>(gridDim.x) * blockDim.x) {
+        float w[4][4];
+#pragma unroll
+        for (int xi = 0; xi < 16; ++xi) w[xi / 4][xi % 4] = m[xi * OC + e];
+        float e3[3][4];                                   // G^T M: each column
+#pragma unroll
+        for (int b = 0; b < 4; ++b) {
+            e3[0][b] = w[0][b] + 0.5f * (w[1][b] + w[2][b]);
+            e3[1][b] = 0.5f * (w[1][b] - w[2][b]);
+            e3[2][b] = 0.5f * (w[1][b] + w[2][b]) + w[3][b];
+        }
+        float* out = dw + e * 9;
+#pragma unroll
+        for (int a = 0; a < 3; ++a) {                     // (G^T M) G: each row
+            const float r[3] = {e3[a][0] + 0.5f * (e3[a][1] + e3[a][2]), 0.5f * (e3[a][1] - e3[a][2]),
+                                0.5f * (e3[a][1] + e3[a][2]) + e3[a][3]};
+#pragma unroll
+            for (int b = 0; b < 3; ++b) out[3 * a + b] = (add ? out[3 * a + b] : 0.f) + r[b];
+        }
+    }
+}

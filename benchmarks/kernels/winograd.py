@@ -1,0 +1,67 @@
+"""The sandbox's float32 filter gradient by Winograd's F(3 x 3, 2 x 2) (winograd.cu, where the maths is): x and dy
+transformed a chunk of images at a time into V [16][C][T] and U [16][O][T] (T: the chunk's 2 x 2 tiles of dy), the 16
+GEMMs M[xi] += U[xi] V[xi]^T (O x C, K = T) accumulated over the chunks, then dw = G^T M G. Not in the package: it
+runs wherever `launch` runs winograd.cu's kernels (CuPy on a GPU, the CPU emulator in the tests) and `gemm` computes
+row-major c = a b^T + beta c (the cuda backend's fp32 GEMM, or NumPy).
+
+    filter_gradient(xp, launch, gemm, dw, x, dy, pad)       # dw [O, C, 3, 3] = dE/dw of a 3 x 3 stride-1 conv
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+SOURCE = Path(__file__).resolve().parent / "winograd.cu"
+THREADS = 256
+WORKSPACE = 256 << 20       # bytes of U and V a chunk of images may take
+
+
+def fits(c: int, o: int, r: int, s: int, stride: int) -> bool:
+    """Whether the sandbox computes this convolution's filter gradient: 3 x 3 at stride 1 (any padding)."""
+    return (r, s, stride) == (3, 3, 1) and c > 0 and o > 0
+
+
+def tiles(p: int, q: int) -> tuple[int, int]:
+    """(TH, TW): dy's P x Q cut into 2 x 2 tiles, the last row and column half zero when P or Q is odd."""
+    return -(-p // 2), -(-q // 2)
+
+
+def chunk_images(n: int, c: int, o: int, th: int, tw: int, workspace: int = WORKSPACE) -> int:
+    """Images a chunk takes so that its U and V (16 x (C + O) x tiles x 4 bytes) fit in `workspace` (at least 1)."""
+    per_image = 16 * (c + o) * th * tw * 4
+    return max(1, min(n, workspace // per_image))
+
+
+def _grid(elements: int, sms: int = 132) -> tuple[int]:
+    return (max(1, min(-(-elements // THREADS), 32 * sms)),)
+
+
+def filter_gradient(xp, launch, gemm, dw, x, dy, pad: int, add: bool = False, workspace: int = WORKSPACE,
+                    sms: int = 132) -> None:
+    """dw [O, C, 3, 3] float32 = (add: dw +) the filter gradient of a 3 x 3 stride-1 convolution with padding `pad`
+    from x [n, C, H, W] and dy [n, O, P, Q] (float32, contiguous). launch(name, grid, block, args) runs a kernel of
+    winograd.cu (args: arrays and NumPy int32 scalars); gemm(c, a, b, beta) computes c = a b^T + beta c on 2-D row-major
+    views (a [O, T], b [C, T], c [O, C])."""
+    n, c, h, w = x.shape
+    o, p, q = dy.shape[1:]
+    if dy.shape[0] != n or (p, q) != (h + 2 * pad - 2, w + 2 * pad - 2) or tuple(dw.shape) != (o, c, 3, 3):
+        raise ValueError(f"winograd: x {x.shape}, dy {dy.shape}, dw {dw.shape} do not fit a 3 x 3 stride-1 conv")
+    th, tw = tiles(p, q)
+    nb = chunk_images(n, c, o, th, tw, workspace)
+    t_max = nb * th * tw
+    v = xp.empty(16 * c * t_max, np.float32)
+    u = xp.empty(16 * o * t_max, np.float32)
+    m = xp.zeros((16, o, c), np.float32)
+    i32 = np.int32
+    for n0 in range(0, n, nb):
+        k = min(nb, n - n0)
+        t = k * th * tw
+        launch("wino_x", _grid(c * t, sms), (THREADS,), (x, v, i32(n0), i32(k), i32(c), i32(h), i32(w), i32(pad),
+                                                         i32(th), i32(tw)))
+        launch("wino_dy", _grid(o * t, sms), (THREADS,), (dy, u, i32(n0), i32(k), i32(o), i32(p), i32(q), i32(th),
+                                                          i32(tw)))
+        vv, uu = v[:16 * c * t].reshape(16, c, t), u[:16 * o * t].reshape(16, o, t)
+        for xi in range(16):
+            gemm(m[xi], uu[xi], vv[xi], 0.0 if n0 == 0 else 1.0)
+    launch("wino_dw", _grid(o * c, sms), (THREADS,), (m, dw, i32(o), i32(c), i32(1 if add else 0)))

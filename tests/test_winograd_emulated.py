@@ -1,0 +1,109 @@
+"""The sandbox's float32 filter gradient by Winograd's F(3 x 3, 2 x 2) (benchmarks/kernels/winograd.cu, .py) on the
+CPU emulator: its transforms' kernels and its chunks over images against float64 of the direct sum, with float32
+GEMMs in NumPy; the three transforms against their matrices."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import RTOL_EMULATED, rel_err
+from emu_build import EmulatedKernel, build_emulated
+from halo_cases import sandbox
+from mma_cases import conv_filter_expected
+
+# the F(3, 2) matrices of winograd.cu's comment
+BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float64)
+A = np.array([[1, 0], [1, 1], [1, -1], [0, -1]], np.float64)
+GT = np.array([[1, .5, .5, 0], [0, .5, -.5, 0], [0, .5, .5, 1]], np.float64)
+
+# (n, C, H, W, O, pad): odd H and W (a half tile of dy at the edges), pad 0 and 2, one channel, a workspace of one
+# image a chunk (the GEMMs' sums carried over chunks)
+CASES = [((2, 3, 7, 9, 5, 1), None), ((1, 4, 6, 6, 8, 0), None), ((3, 1, 5, 4, 2, 1), 1), ((2, 2, 4, 5, 3, 2), None),
+         ((4, 6, 8, 8, 7, 1), 1)]
+
+
+@pytest.fixture(scope="module")
+def wino():
+    return sandbox("winograd")
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory, wino):
+    text = wino.SOURCE.read_text()
+    return build_emulated(tmp_path_factory.mktemp("emu_wino"), "wino_emu", text, launchers_of=text)
+
+
+def _launch(emu):
+    return lambda name, grid, block, args: EmulatedKernel(emu, name)(grid, block, args)
+
+
+def _gemm(c, a, b, beta):
+    """c = a b^T + beta c in float32 (the sum in float64, rounded once)."""
+    prod = a.astype(np.float64) @ b.astype(np.float64).T
+    c[...] = (prod if beta == 0 else prod + beta * c).astype(np.float32)
+
+
+def test_the_matrices_give_the_correlation():
+    """G^T [(A g A^T) (.) (B^T d B)] G is the 3 x 3 correlation of a 4 x 4 d with a 2 x 2 g (the maths the kernels
+    follow); a wrong sign in any matrix breaks it."""
+    rng = np.random.default_rng(0)
+    d, g = rng.standard_normal((4, 4)), rng.standard_normal((2, 2))
+    want = np.array([[np.sum(d[r:r + 2, s:s + 2] * g) for s in range(3)] for r in range(3)])
+    np.testing.assert_allclose(GT @ ((A @ g @ A.T) * (BT @ d @ BT.T)) @ GT.T, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(("case", "chunk"), CASES, ids=str)
+def test_winograd_filter_gradient_emulated(emu, wino, rng, case, chunk):
+    """dw (and dw + the gradient, add=True) against float64 of the direct sum (mma_cases.conv_filter_expected), within
+    the emulated kernels' tolerance; workspace `chunk` images' worth where given, else all images in one chunk."""
+    n, c, h, w, o, pad = case
+    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    p, q = h + 2 * pad - 2, w + 2 * pad - 2
+    dy = rng.standard_normal((n, o, p, q)).astype(np.float32)
+    th, tw = wino.tiles(p, q)
+    workspace = chunk * 16 * (c + o) * th * tw * 4 if chunk else wino.WORKSPACE
+    shape = (n, c, h, w, o, 3, 3, 1, pad)
+    dw0 = rng.standard_normal((o, c, 3, 3)).astype(np.float32)
+    for add in (False, True):
+        dw = dw0.copy() if add else np.full((o, c, 3, 3), np.nan, np.float32)
+        wino.filter_gradient(np, _launch(emu), _gemm, dw, x, dy, pad, add=add, workspace=workspace, sms=2)
+        want = conv_filter_expected(dy, x, dw0 if add else np.zeros_like(dw0), shape)
+        err = rel_err(dw, want)
+        assert err <= RTOL_EMULATED, f"{case} add={add}: relative error {err:.3g}"
+
+
+def test_transforms_are_the_matrices_emulated(emu, wino, rng):
+    """Each kernel's output against its matrix product in float64: V = B^T d B of x's 4 x 4 patches (zero outside the
+    image), U = A g A^T of dy's 2 x 2 tiles (zero past P, Q), dw = G^T M G."""
+    n, c, h, w, o, pad = 2, 2, 5, 6, 3, 1
+    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    dy = rng.standard_normal((n, o, h, w)).astype(np.float32)
+    th, tw = wino.tiles(h, w)
+    t = n * th * tw
+    v, u = np.empty(16 * c * t, np.float32), np.empty(16 * o * t, np.float32)
+    launch, i32 = _launch(emu), np.int32
+    launch("wino_x", (3,), (64,), (x, v, i32(0), i32(n), i32(c), i32(h), i32(w), i32(pad), i32(th), i32(tw)))
+    launch("wino_dy", (3,), (64,), (dy, u, i32(0), i32(n), i32(o), i32(h), i32(w), i32(th), i32(tw)))
+    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (pad, pad + 2), (pad, pad + 2)))
+    gp = np.pad(dy.astype(np.float64), ((0, 0), (0, 0), (0, 1), (0, 1)))
+    v, u = v.reshape(4, 4, c, n, th, tw), u.reshape(4, 4, o, n, th, tw)
+    for i in range(n):
+        for ty in range(th):
+            for tx in range(tw):
+                d = xp[i, :, 2 * ty:2 * ty + 4, 2 * tx:2 * tx + 4]
+                g = gp[i, :, 2 * ty:2 * ty + 2, 2 * tx:2 * tx + 2]
+                np.testing.assert_allclose(v[..., i, ty, tx].transpose(2, 0, 1), BT @ d @ BT.T, rtol=1e-6, atol=1e-6)
+                np.testing.assert_allclose(u[..., i, ty, tx].transpose(2, 0, 1), A @ g @ A.T, rtol=1e-6, atol=1e-6)
+    m = rng.standard_normal((16, o, c)).astype(np.float32)
+    dw = np.empty((o, c, 3, 3), np.float32)
+    launch("wino_dw", (1,), (64,), (m, dw, i32(o), i32(c), i32(0)))
+    want = np.einsum("ax,xyoc,by->ocab", GT, m.astype(np.float64).reshape(4, 4, o, c), GT)
+    np.testing.assert_allclose(dw, want, rtol=1e-6, atol=1e-6)
+
+
+def test_plan_refuses_what_it_does_not_compute(wino):
+    assert wino.fits(64, 128, 3, 3, 1) and not wino.fits(64, 128, 3, 3, 2) and not wino.fits(64, 128, 5, 5, 1)
+    with pytest.raises(ValueError, match="do not fit"):
+        wino.filter_gradient(np, None, None, np.zeros((2, 3, 3, 3), np.float32), np.zeros((1, 3, 5, 5), np.float32),
+                             np.zeros((1, 2, 4, 4), np.float32), 1)
+    assert wino.chunk_images(512, 64, 128, 16, 16) == wino.WORKSPACE // (16 * (64 + 128) * 16 * 16 * 4) < 512
+    assert wino.chunk_images(4, 64, 128, 16, 16) == 4 and wino.chunk_images(4, 64, 128, 16, 16, workspace=1) == 1
