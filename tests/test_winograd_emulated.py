@@ -36,10 +36,10 @@ def _launch(emu):
     return lambda name, grid, block, args: EmulatedKernel(emu, name)(grid, block, args)
 
 
-def _gemm(c, a, b, beta):
-    """c = a b^T + beta c in float32 (the sum in float64, rounded once)."""
-    prod = a.astype(np.float64) @ b.astype(np.float64).T
-    c[...] = (prod if beta == 0 else prod + beta * c).astype(np.float32)
+def _gemm(m, u, v, beta):
+    """m[xi] = u[xi] v[xi]^T + beta m[xi] in float32 (each sum in float64, rounded once)."""
+    prod = u.astype(np.float64) @ v.astype(np.float64).transpose(0, 2, 1)
+    m[...] = (prod if beta == 0 else prod + beta * m).astype(np.float32)
 
 
 def test_the_matrices_give_the_correlation():

@@ -3,7 +3,8 @@ on CUDA cores, the 16 GEMMs on the cuda backend's fp32 GEMM) against the cuda ba
 (conv.conv_backward, which measures its candidates on first use), on cifar-wide's 3x3 convolutions at batch 512.
 Each layer: both results against float64 of the direct sum on the batch's first images (relative error within
 float32's tolerance, RTOL_F32; one that fails is reported, never timed), then the median GPU time of each
-(run_conv_variants.time_ms), the Winograd one also split into its transforms and its GEMMs, with its workspace.
+(run_conv_variants.time_ms), the Winograd one with its 16 GEMMs a chunk as 16 sgemm calls and as one batched cuBLAS
+call, also split into its transforms and its GEMMs, with its workspace.
 The JSON names the card, hetnet's commit and the date.
 
     HETNET_TUNE_CACHE=0 PYTHONPATH=src python benchmarks/kernels/run_winograd.py [--batch 512] [--out wino.json]
@@ -39,8 +40,17 @@ def main(argv=None) -> int:
     def launch(name, grid, block, kargs):
         mod.get_function(name)(grid, block, kargs)
 
-    def gemm(c, a, b, beta):
-        be.gemm(c, a, False, b, True, 1.0, beta)
+    def gemm_each(m, u, v, beta):          # the backend's fp32 GEMM (cuBLAS sgemm) on each of the 16
+        for xi in range(16):
+            be.gemm(m[xi], u[xi], False, v[xi], True, 1.0, beta)
+
+    def gemm_batched(m, u, v, beta):       # one strided-batched cuBLAS call (float32 throughout: CUPY_TF32 unset)
+        if beta == 0:
+            cupy.matmul(u, v.transpose(0, 2, 1), out=m)
+        else:
+            m += cupy.matmul(u, v.transpose(0, 2, 1))
+
+    gemms = {"winograd": gemm_each, "winograd_batched": gemm_batched}
 
     rng = np.random.default_rng(0)
     rows = []
@@ -55,9 +65,10 @@ def main(argv=None) -> int:
                                     (k, c, h, w, o, 3, 3, 1, 1))
         th, tw = wino.tiles(h, w)
         nb = wino.chunk_images(n, c, o, th, tw)
-        sides = {"hetnet": lambda x_, dy_: C.conv_backward(be, dy_, x_, wt, dw, None, 1, 1, need_dx=False),
-                 "winograd": lambda x_, dy_: wino.filter_gradient(cupy, launch, gemm, dw, x_, dy_, 1, add=True,
-                                                                  sms=be.sms)}
+        sides = {"hetnet": lambda x_, dy_: C.conv_backward(be, dy_, x_, wt, dw, None, 1, 1, need_dx=False)}
+        for name, gemm in gemms.items():
+            sides[name] = lambda x_, dy_, gemm=gemm: wino.filter_gradient(cupy, launch, gemm, dw, x_, dy_, 1,
+                                                                          add=True, sms=be.sms)
         row = {"layer": f"{c}x{h}x{w}->{o}", "batch": n, "winograd_chunk_images": nb,
                "winograd_workspace_mib": round(16 * (c + o) * nb * th * tw * 4 / 2**20, 1)}
         for name, run in sides.items():
@@ -81,15 +92,13 @@ def main(argv=None) -> int:
                     launch("wino_dy", wino._grid(o * kk * th * tw, be.sms), (wino.THREADS,),
                            (dy, u, i32(n0), i32(kk), i32(o), i32(h), i32(w), i32(th), i32(tw)))
 
-            def gemms():
-                for _ in range(0, n, nb):
-                    for xi in range(16):
-                        gemm(m[xi], u[xi], v[xi], 1.0)
-
             row["winograd_transforms_ms"] = round(time_ms(cupy, spin, transforms), 4)
-            row["winograd_gemms_ms"] = round(time_ms(cupy, spin, gemms), 4)
-        if "hetnet_ms" in row and "winograd_ms" in row:
-            row["speedup"] = round(row["hetnet_ms"] / row["winograd_ms"], 3)
+            for name, gemm in gemms.items():
+                row[f"{name}_gemms_ms"] = round(time_ms(cupy, spin, lambda gemm=gemm: [
+                    gemm(m, u, v, 1.0) for _ in range(0, n, nb)]), 4)
+        for name in gemms:
+            if "hetnet_ms" in row and f"{name}_ms" in row:
+                row[f"{name}_speedup"] = round(row["hetnet_ms"] / row[f"{name}_ms"], 3)
         row["hetnet_choice"] = next((e["choice"] for e in reversed(be.tune_log) if e["op"] == "filter"
                                      and list(e["shape"])[1:5] == [c, h, w, o]), None)
         add_row(rows, row)

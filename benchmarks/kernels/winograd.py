@@ -2,7 +2,8 @@
 transformed a chunk of images at a time into V [16][C][T] and U [16][O][T] (T: the chunk's 2 x 2 tiles of dy), the 16
 GEMMs M[xi] += U[xi] V[xi]^T (O x C, K = T) accumulated over the chunks, then dw = G^T M G. Not in the package: it
 runs wherever `launch` runs winograd.cu's kernels (CuPy on a GPU, the CPU emulator in the tests) and `gemm` computes
-row-major c = a b^T + beta c (the cuda backend's fp32 GEMM, or NumPy).
+the 16 GEMMs of a chunk, m[xi] = u[xi] v[xi]^T + beta m[xi] (the cuda backend's fp32 GEMM sixteen times, one batched
+cuBLAS call, or NumPy).
 
     filter_gradient(xp, launch, gemm, dw, x, dy, pad)       # dw [O, C, 3, 3] = dE/dw of a 3 x 3 stride-1 conv
 """
@@ -41,8 +42,8 @@ def filter_gradient(xp, launch, gemm, dw, x, dy, pad: int, add: bool = False, wo
                     sms: int = 132) -> None:
     """dw [O, C, 3, 3] float32 = (add: dw +) the filter gradient of a 3 x 3 stride-1 convolution with padding `pad`
     from x [n, C, H, W] and dy [n, O, P, Q] (float32, contiguous). launch(name, grid, block, args) runs a kernel of
-    winograd.cu (args: arrays and NumPy int32 scalars); gemm(c, a, b, beta) computes c = a b^T + beta c on 2-D row-major
-    views (a [O, T], b [C, T], c [O, C])."""
+    winograd.cu (args: arrays and NumPy int32 scalars); gemm(m, u, v, beta) computes m[xi] = u[xi] v[xi]^T + beta
+    m[xi] for xi < 16 on row-major arrays u [16, O, T], v [16, C, T], m [16, O, C]."""
     n, c, h, w = x.shape
     o, p, q = dy.shape[1:]
     if dy.shape[0] != n or (p, q) != (h + 2 * pad - 2, w + 2 * pad - 2) or tuple(dw.shape) != (o, c, 3, 3):
@@ -61,7 +62,5 @@ def filter_gradient(xp, launch, gemm, dw, x, dy, pad: int, add: bool = False, wo
                                                          i32(th), i32(tw)))
         launch("wino_dy", _grid(o * t, sms), (THREADS,), (dy, u, i32(n0), i32(k), i32(o), i32(p), i32(q), i32(th),
                                                           i32(tw)))
-        vv, uu = v[:16 * c * t].reshape(16, c, t), u[:16 * o * t].reshape(16, o, t)
-        for xi in range(16):
-            gemm(m[xi], uu[xi], vv[xi], 0.0 if n0 == 0 else 1.0)
+        gemm(m, u[:16 * o * t].reshape(16, o, t), v[:16 * c * t].reshape(16, c, t), 0.0 if n0 == 0 else 1.0)
     launch("wino_dw", _grid(o * c, sms), (THREADS,), (m, dw, i32(o), i32(c), i32(1 if add else 0)))
