@@ -1,6 +1,7 @@
-"""The sandbox's float32 filter gradient by Winograd's F(3 x 3, 2 x 2) (benchmarks/kernels/winograd.cu, .py) on the
-CPU emulator: its transforms' kernels and its chunks over images against float64 of the direct sum, with float32
-GEMMs in NumPy; the three transforms against their matrices."""
+"""The sandbox's float32 Winograd convolutions (benchmarks/kernels/winograd.cu, .py) on the CPU emulator: the filter
+gradient by F(3 x 3, 2 x 2), the forward and the data gradient by F(2 x 2, 3 x 3), their transforms' kernels and
+their chunks over images against float64 of the direct sums, with float32 GEMMs in NumPy; the filter gradient's
+three transforms against their matrices."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 from conftest import RTOL_EMULATED, rel_err
 from emu_build import EmulatedKernel, build_emulated
 from halo_cases import sandbox
-from mma_cases import conv_filter_expected
+from mma_cases import conv_data_expected, conv_expected, conv_filter_expected
 
 # the F(3, 2) matrices of winograd.cu's comment
 BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float64)
@@ -107,3 +108,45 @@ def test_plan_refuses_what_it_does_not_compute(wino):
                              np.zeros((1, 2, 4, 4), np.float32), 1)
     assert wino.chunk_images(512, 64, 128, 16, 16) == wino.WORKSPACE // (16 * (64 + 128) * 16 * 16 * 4) < 512
     assert wino.chunk_images(4, 64, 128, 16, 16) == 4 and wino.chunk_images(4, 64, 128, 16, 16, workspace=1) == 1
+
+
+def _gemm_nn(m, u, v):
+    """m[xi] = u[xi] v[xi] in float32 (each sum in float64, rounded once)."""
+    m[...] = (u.astype(np.float64) @ v.astype(np.float64)).astype(np.float32)
+
+
+@pytest.mark.parametrize(("case", "chunk"), CASES, ids=str)
+def test_winograd_forward_emulated(emu, wino, rng, case, chunk):
+    """y = act(conv(x, w) + b) by F(2 x 2, 3 x 3) against float64 (with bias + ReLU and without; y poisoned with
+    NaN, so every output is written): odd P and Q (a half tile at the edges), pads 0 to 2, chunks of one image."""
+    n, c, h, w, o, pad = case
+    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    wt = rng.standard_normal((o, c, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(o).astype(np.float32)
+    p, q = h + 2 * pad - 2, w + 2 * pad - 2
+    th, tw = wino.tiles(p, q)
+    workspace = chunk * 16 * (c + o) * th * tw * 4 if chunk else wino.WORKSPACE
+    for bias, act in ((b, 1), (None, 0)):
+        y = np.full((n, o, p, q), np.nan, np.float32)
+        wino.conv_forward(np, _launch(emu), _gemm_nn, y, x, wt, bias, pad, act, workspace=workspace, sms=2)
+        err = rel_err(y, conv_expected(x, wt, bias, 1, pad, act))
+        assert err <= RTOL_EMULATED, f"{case} act={act}: relative error {err:.3g}"
+
+
+@pytest.mark.parametrize(("case", "chunk"), CASES, ids=str)
+def test_winograd_data_gradient_emulated(emu, wino, rng, case, chunk):
+    """dx by the forward of dy with the weights turned (F(2 x 2, 3 x 3) at padding 2 - pad) against float64, with the
+    ReLU mask and without."""
+    n, c, h, w, o, pad = case
+    p, q = h + 2 * pad - 2, w + 2 * pad - 2
+    dy = rng.standard_normal((n, o, p, q)).astype(np.float32)
+    wt = rng.standard_normal((o, c, 3, 3)).astype(np.float32)
+    th, tw = wino.tiles(h, w)
+    workspace = chunk * 16 * (c + o) * th * tw * 4 if chunk else wino.WORKSPACE
+    mask = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    mask[..., 0] = 0.0                                  # (the mask is relu_x > 0: zero masks)
+    for relu_x in (mask, None):
+        dx = np.full((n, c, h, w), np.nan, np.float32)
+        wino.data_gradient(np, _launch(emu), _gemm_nn, dx, dy, wt, pad, relu_x, workspace=workspace, sms=2)
+        err = rel_err(dx, conv_data_expected(dy, wt, relu_x, (n, c, h, w, o, 3, 3, 1, pad)))
+        assert err <= RTOL_EMULATED, f"{case} mask={relu_x is not None}: relative error {err:.3g}"

@@ -1,7 +1,8 @@
-// Sandbox (not shipped): the float32 filter gradient of a 3 x 3, stride-1 convolution by Winograd's F(3 x 3, 2 x 2)
-// (benchmarks/kernels/winograd.py plans it, run_winograd.py checks it against float64 and times it on a GPU beside
-// the cuda backend's measured choice).
+// Sandbox (not shipped): float32 3 x 3, stride-1 convolutions by Winograd's algorithms -- the filter gradient by
+// F(3 x 3, 2 x 2), the forward and the data gradient by F(2 x 2, 3 x 3) (benchmarks/kernels/winograd.py plans them,
+// run_winograd.py checks them against float64 and times them on a GPU beside the cuda backend's measured choices).
 //
+// The filter gradient.
 // dw[o][c][r][s] = sum over images and output pixels (p, q) of dy[o][p][q] x[c][p + r - pad][q + s - pad]. Cut dy
 // into 2 x 2 tiles g (rows 2 ty, 2 ty + 1; zero past P, Q) and x into the 4 x 4 patches d they meet (rows 2 ty - pad
 // .. 2 ty - pad + 3; zero outside the image): each tile adds the 3 x 3 correlation of d with g, which F(3, 2) gives in
@@ -120,4 +121,81 @@ extern "C" __global__ void wino_dw(const float* __restrict__ m, float* __restric
             for (int b = 0; b < 3; ++b) out[3 * a + b] = (add ? out[3 * a + b] : 0.f) + r[b];
         }
     }
+}
+
+// The forward, F(2 x 2, 3 x 3): y[o] (2 x 2 tile) = A^T [sum over c of (G w[o][c] G^T) (.) (B^T d[c] B)] A, with d the
+// 4 x 4 patch of x the tile reads (wino_x's V, the same tiles: y's P x Q in 2 x 2 tiles, patches from row 2 ty - pad)
+// and F(2, 3)'s matrices,
+//     G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1],  A^T = [1 1 1 0; 0 1 -1 -1].
+// The sum over c is 16 GEMMs, M[xi] = U[xi] V[xi] (OUT x IN times IN x T). The data gradient of a stride-1 conv is the
+// forward of dy with the weights turned (w'[c][o][r][s] = w[o][c][2 - r][2 - s]) at padding 2 - pad.
+
+// w -> u [16][OUT][IN] = G g G^T of each 3 x 3 filter g: w [OUT][IN][3][3] as it is, or (turn) w [IN][OUT][3][3]
+// turned; one thread an (out, in).
+extern "C" __global__ void wino_w(const float* __restrict__ w, float* __restrict__ u, int OUT, int IN, int turn) {
+    const long long count = static_cast<long long>(OUT) * IN;
+    for (long long e = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; e < count;
+         e += static_cast<long long>(gridDim.x) * blockDim.x) {
+        const int a = static_cast<int>(e / IN), b = static_cast<int>(e - static_cast<long long>(a) * IN);
+        float g[3][3];
+#pragma unroll
+        for (int r = 0; r < 3; ++r)
+#pragma unroll
+            for (int s = 0; s < 3; ++s)
+                g[r][s] = turn ? w[(static_cast<long long>(b) * OUT + a) * 9 + (2 - r) * 3 + (2 - s)]
+                               : w[e * 9 + r * 3 + s];
+        float e4[4][3];                                   // G g: each column
+#pragma unroll
+        for (int s = 0; s < 3; ++s) {
+            e4[0][s] = g[0][s];
+            e4[1][s] = 0.5f * (g[0][s] + g[1][s] + g[2][s]);
+            e4[2][s] = 0.5f * (g[0][s] - g[1][s] + g[2][s]);
+            e4[3][s] = g[2][s];
+        }
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {                     // (G g) G^T: each row
+            const float q[4] = {e4[r][0], 0.5f * (e4[r][0] + e4[r][1] + e4[r][2]),
+                                0.5f * (e4[r][0] - e4[r][1] + e4[r][2]), e4[r][2]};
+#pragma unroll
+            for (int c = 0; c < 4; ++c) u[(4 * r + c) * count + e] = q[c];
+        }
+    }
+}
+
+// m [16][OUT][T] (the GEMMs' sums of a chunk) -> y [n][OUT][P][Q] = A^T M A of each tile of images n0 .. n0 + nb - 1,
+// + bias[o] (unless null), ReLU where act == 1, times (relu_x > 0) where relu_x is given (the data gradient's mask,
+// [n][OUT][P][Q]); the tiles' pixels past P or Q are not written.
+extern "C" __global__ void wino_y(const float* __restrict__ m, const float* __restrict__ bias,
+                                  const float* __restrict__ relu_x, float* __restrict__ y, int n0, int nb, int OUT,
+                                  int P, int Q, int TH, int TW, int act) {
+    wino_each(nb * TH * TW, OUT, TH, TW, [&](const WinoItem& it) {
+        const long long stride = static_cast<long long>(OUT) * it.tiles;
+        const long long at = static_cast<long long>(it.ch) * it.tiles + it.t;
+        float w[4][4];
+#pragma unroll
+        for (int xi = 0; xi < 16; ++xi) w[xi / 4][xi % 4] = m[xi * stride + at];
+        float e2[2][4];                                   // A^T M: each column
+#pragma unroll
+        for (int b = 0; b < 4; ++b) {
+            e2[0][b] = w[0][b] + w[1][b] + w[2][b];
+            e2[1][b] = w[1][b] - w[2][b] - w[3][b];
+        }
+        const long long plane = (static_cast<long long>(n0 + it.image) * OUT + it.ch) * P * Q;
+        const float add = bias ? bias[it.ch] : 0.f;
+#pragma unroll
+        for (int a = 0; a < 2; ++a) {                     // (A^T M) A: each row
+            const float r[2] = {e2[a][0] + e2[a][1] + e2[a][2], e2[a][1] - e2[a][2] - e2[a][3]};
+            const int p = 2 * it.ty + a;
+#pragma unroll
+            for (int b = 0; b < 2; ++b) {
+                const int q = 2 * it.tx + b;
+                if (p >= P || q >= Q) continue;
+                const long long o = plane + p * Q + q;
+                float z = r[b] + add;
+                if (act == 1) z = z > 0.f ? z : 0.f;
+                if (relu_x && !(relu_x[o] > 0.f)) z = 0.f;
+                y[o] = z;
+            }
+        }
+    });
 }

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from hetnet.backends.cuda.kernels import NULL
+
 SOURCE = Path(__file__).resolve().parent / "winograd.cu"
 THREADS = 256
 WORKSPACE = 256 << 20       # bytes of U and V a chunk of images may take
@@ -64,3 +66,42 @@ def filter_gradient(xp, launch, gemm, dw, x, dy, pad: int, add: bool = False, wo
                                                           i32(tw)))
         gemm(m, u[:16 * o * t].reshape(16, o, t), v[:16 * c * t].reshape(16, c, t), 0.0 if n0 == 0 else 1.0)
     launch("wino_dw", _grid(o * c, sms), (THREADS,), (m, dw, i32(o), i32(c), i32(1 if add else 0)))
+
+
+def conv_forward(xp, launch, gemm, y, x, w, bias, pad: int, act: int = 0, relu_x=None, turn: bool = False,
+                 workspace: int = WORKSPACE, sms: int = 132) -> None:
+    """y [n, OUT, P, Q] float32 = act(conv(x, w) + bias) of a 3 x 3 stride-1 convolution with padding `pad` by
+    F(2 x 2, 3 x 3), times (relu_x > 0) where relu_x [n, OUT, P, Q] is given; x [n, IN, H, W], w [OUT, IN, 3, 3], or
+    (turn) w [IN, OUT, 3, 3] used turned (w'[a][b][r][s] = w[b][a][2 - r][2 - s]: the data gradient, data_gradient).
+    bias [OUT] or None; act 0 or 1 (ReLU). gemm(m, u, v) computes m[xi] = u[xi] v[xi] for xi < 16 on row-major arrays
+    u [16, OUT, IN], v [16, IN, T], m [16, OUT, T]; launch as in filter_gradient."""
+    n, cin, h, wd = x.shape
+    cout, p, q = y.shape[1:]
+    want_w = (cin, cout, 3, 3) if turn else (cout, cin, 3, 3)
+    if y.shape[0] != n or (p, q) != (h + 2 * pad - 2, wd + 2 * pad - 2) or tuple(w.shape) != want_w:
+        raise ValueError(f"winograd: x {x.shape}, w {w.shape}, y {y.shape} do not fit a 3 x 3 stride-1 conv")
+    th, tw = tiles(p, q)
+    nb = chunk_images(n, cin, cout, th, tw, workspace)
+    t_max = nb * th * tw
+    v = xp.empty(16 * cin * t_max, np.float32)
+    m = xp.empty(16 * cout * t_max, np.float32)
+    u = xp.empty((16, cout, cin), np.float32)
+    i32 = np.int32
+    launch("wino_w", _grid(cout * cin, sms), (THREADS,), (w, u, i32(cout), i32(cin), i32(1 if turn else 0)))
+    for n0 in range(0, n, nb):
+        k = min(nb, n - n0)
+        t = k * th * tw
+        launch("wino_x", _grid(cin * t, sms), (THREADS,), (x, v, i32(n0), i32(k), i32(cin), i32(h), i32(wd),
+                                                            i32(pad), i32(th), i32(tw)))
+        mm = m[:16 * cout * t].reshape(16, cout, t)
+        gemm(mm, u, v[:16 * cin * t].reshape(16, cin, t))
+        launch("wino_y", _grid(cout * t, sms), (THREADS,), (mm, NULL if bias is None else bias,
+                                                             NULL if relu_x is None else relu_x, y, i32(n0), i32(k),
+                                                             i32(cout), i32(p), i32(q), i32(th), i32(tw), i32(act)))
+
+
+def data_gradient(xp, launch, gemm, dx, dy, w, pad: int, relu_x=None, workspace: int = WORKSPACE,
+                  sms: int = 132) -> None:
+    """dx [n, C, H, W] float32 = dE/dx of a 3 x 3 stride-1 convolution with padding `pad` and weights w [O, C, 3, 3]
+    for dE/dy = dy [n, O, P, Q], times (relu_x > 0) where given: the forward of dy with w turned at padding 2 - pad."""
+    conv_forward(xp, launch, gemm, dx, dy, w, None, 2 - pad, relu_x=relu_x, turn=True, workspace=workspace, sms=sms)
