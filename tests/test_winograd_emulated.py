@@ -37,6 +37,15 @@ def _launch(emu):
     return lambda name, grid, block, args: EmulatedKernel(emu, name)(grid, block, args)
 
 
+class NanXp:
+    """NumPy whose empty arrays are NaN: a workspace element the kernels use before writing it poisons the result."""
+    zeros = staticmethod(np.zeros)
+
+    @staticmethod
+    def empty(shape, dtype):
+        return np.full(shape, np.nan, dtype)
+
+
 def _gemm(m, u, v, beta):
     """m[xi] = u[xi] v[xi]^T + beta m[xi] in float32 (each sum in float64, rounded once)."""
     prod = u.astype(np.float64) @ v.astype(np.float64).transpose(0, 2, 1)
@@ -52,10 +61,12 @@ def test_the_matrices_give_the_correlation():
     np.testing.assert_allclose(GT @ ((A @ g @ A.T) * (BT @ d @ BT.T)) @ GT.T, want, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("parts", [None, 3])
 @pytest.mark.parametrize(("case", "chunk"), CASES, ids=str)
-def test_winograd_filter_gradient_emulated(emu, wino, rng, case, chunk):
+def test_winograd_filter_gradient_emulated(emu, wino, rng, case, chunk, parts):
     """dw (and dw + the gradient, add=True) against float64 of the direct sum (mma_cases.conv_filter_expected), within
-    the emulated kernels' tolerance; workspace `chunk` images' worth where given, else all images in one chunk."""
+    the emulated kernels' tolerance; workspace `chunk` images' worth where given, else all images in one chunk; K in
+    filter_parts' runs, or in 3 (a chunk's tiles not a multiple of 3: the last run zero-padded)."""
     n, c, h, w, o, pad = case
     x = rng.standard_normal((n, c, h, w)).astype(np.float32)
     p, q = h + 2 * pad - 2, w + 2 * pad - 2
@@ -66,7 +77,8 @@ def test_winograd_filter_gradient_emulated(emu, wino, rng, case, chunk):
     dw0 = rng.standard_normal((o, c, 3, 3)).astype(np.float32)
     for add in (False, True):
         dw = dw0.copy() if add else np.full((o, c, 3, 3), np.nan, np.float32)
-        wino.filter_gradient(np, _launch(emu), _gemm, dw, x, dy, pad, add=add, workspace=workspace, sms=2)
+        wino.filter_gradient(NanXp, _launch(emu), _gemm, dw, x, dy, pad, add=add, workspace=workspace, sms=2,
+                             parts=parts)
         want = conv_filter_expected(dy, x, dw0 if add else np.zeros_like(dw0), shape)
         err = rel_err(dw, want)
         assert err <= RTOL_EMULATED, f"{case} add={add}: relative error {err:.3g}"
@@ -82,8 +94,8 @@ def test_transforms_are_the_matrices_emulated(emu, wino, rng):
     t = n * th * tw
     v, u = np.empty(16 * c * t, np.float32), np.empty(16 * o * t, np.float32)
     launch, i32 = _launch(emu), np.int32
-    launch("wino_x", (3,), (64,), (x, v, i32(0), i32(n), i32(c), i32(h), i32(w), i32(pad), i32(th), i32(tw)))
-    launch("wino_dy", (3,), (64,), (dy, u, i32(0), i32(n), i32(o), i32(h), i32(w), i32(th), i32(tw)))
+    launch("wino_x", (3,), (64,), (x, v, i32(0), i32(n), i32(c), i32(h), i32(w), i32(pad), i32(th), i32(tw), i32(1)))
+    launch("wino_dy", (3,), (64,), (dy, u, i32(0), i32(n), i32(o), i32(h), i32(w), i32(th), i32(tw), i32(1)))
     xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (pad, pad + 2), (pad, pad + 2)))
     gp = np.pad(dy.astype(np.float64), ((0, 0), (0, 0), (0, 1), (0, 1)))
     v, u = v.reshape(4, 4, c, n, th, tw), u.reshape(4, 4, o, n, th, tw)
@@ -96,7 +108,7 @@ def test_transforms_are_the_matrices_emulated(emu, wino, rng):
                 np.testing.assert_allclose(u[..., i, ty, tx].transpose(2, 0, 1), A @ g @ A.T, rtol=1e-6, atol=1e-6)
     m = rng.standard_normal((16, o, c)).astype(np.float32)
     dw = np.empty((o, c, 3, 3), np.float32)
-    launch("wino_dw", (1,), (64,), (m, dw, i32(o), i32(c), i32(0)))
+    launch("wino_dw", (1,), (64,), (m, dw, i32(o), i32(c), i32(1), i32(0)))
     want = np.einsum("ax,xyoc,by->ocab", GT, m.astype(np.float64).reshape(4, 4, o, c), GT)
     np.testing.assert_allclose(dw, want, rtol=1e-6, atol=1e-6)
 
@@ -108,6 +120,8 @@ def test_plan_refuses_what_it_does_not_compute(wino):
                              np.zeros((1, 2, 4, 4), np.float32), 1)
     assert wino.chunk_images(512, 64, 128, 16, 16) == wino.WORKSPACE // (16 * (64 + 128) * 16 * 16 * 4) < 512
     assert wino.chunk_images(4, 64, 128, 16, 16) == 4 and wino.chunk_images(4, 64, 128, 16, 16, workspace=1) == 1
+    assert wino.filter_parts(128, 128, 32768, 132) == 9          # 16 x 4 blocks of 64 x 64: 9 runs for 4 an SM
+    assert wino.filter_parts(128, 128, 1000, 132) == 1000 // wino.MIN_PART and wino.filter_parts(8, 8, 10, 2) == 1
 
 
 def _gemm_nn(m, u, v):
@@ -128,7 +142,7 @@ def test_winograd_forward_emulated(emu, wino, rng, case, chunk):
     workspace = chunk * 16 * (c + o) * th * tw * 4 if chunk else wino.WORKSPACE
     for bias, act in ((b, 1), (None, 0)):
         y = np.full((n, o, p, q), np.nan, np.float32)
-        wino.conv_forward(np, _launch(emu), _gemm_nn, y, x, wt, bias, pad, act, workspace=workspace, sms=2)
+        wino.conv_forward(NanXp, _launch(emu), _gemm_nn, y, x, wt, bias, pad, act, workspace=workspace, sms=2)
         err = rel_err(y, conv_expected(x, wt, bias, 1, pad, act))
         assert err <= RTOL_EMULATED, f"{case} act={act}: relative error {err:.3g}"
 
@@ -147,6 +161,6 @@ def test_winograd_data_gradient_emulated(emu, wino, rng, case, chunk):
     mask[..., 0] = 0.0                                  # (the mask is relu_x > 0: zero masks)
     for relu_x in (mask, None):
         dx = np.full((n, c, h, w), np.nan, np.float32)
-        wino.data_gradient(np, _launch(emu), _gemm_nn, dx, dy, wt, pad, relu_x, workspace=workspace, sms=2)
+        wino.data_gradient(NanXp, _launch(emu), _gemm_nn, dx, dy, wt, pad, relu_x, workspace=workspace, sms=2)
         err = rel_err(dx, conv_data_expected(dy, wt, relu_x, (n, c, h, w, o, 3, 3, 1, pad)))
         assert err <= RTOL_EMULATED, f"{case} mask={relu_x is not None}: relative error {err:.3g}"

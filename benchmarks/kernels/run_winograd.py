@@ -4,10 +4,10 @@ float32) against the cuda backend's measured fp32 choices (conv.conv_forward / c
 candidates on first use), on cifar-wide's 3x3 convolutions at batch 512.
 Each layer and op: every side against float64 of the direct sum on the batch's first images (relative error within
 float32's tolerance, RTOL_F32; one that fails is reported, never timed), then its median GPU time
-(run_conv_variants.time_ms). The Winograd sides run their 16 GEMMs a chunk as 16 calls of the backend's fp32 GEMM
-("winograd") and as one strided-batched cuBLAS call ("winograd_batched"); each row also gives the workspace, and the
-filter gradient's transforms alone. The forward has bias + ReLU, the data gradient the ReLU mask.
-The JSON names the card, hetnet's commit and the date.
+(run_conv_variants.time_ms). The Winograd sides run a chunk's GEMMs (the forward's 16; the filter gradient's 16 x
+filter_parts, K cut into runs) as one call of the backend's fp32 GEMM each ("winograd") and as one strided-batched
+cuBLAS call ("winograd_batched"); each row also gives the workspace, and the filter gradient's transforms alone. The
+forward has bias + ReLU, the data gradient the ReLU mask. The JSON names the card, hetnet's commit and the date.
 
     HETNET_TUNE_CACHE=0 PYTHONPATH=src python benchmarks/kernels/run_winograd.py [--batch 512] [--out wino.json]
 """
@@ -42,9 +42,9 @@ def main(argv=None) -> int:
     def launch(name, grid, block, kargs):
         mod.get_function(name)(grid, block, kargs)
 
-    def nt_each(m, u, v, beta):            # the filter gradient's: m[xi] = u[xi] v[xi]^T + beta m[xi]
-        for xi in range(16):
-            be.gemm(m[xi], u[xi], False, v[xi], True, 1.0, beta)
+    def nt_each(m, u, v, beta):            # the filter gradient's: m[i] = u[i] v[i]^T + beta m[i], 16 x parts of them
+        for i in range(m.shape[0]):
+            be.gemm(m[i], u[i], False, v[i], True, 1.0, beta)
 
     def nt_batched(m, u, v, beta):
         if beta == 0:

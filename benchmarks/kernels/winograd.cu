@@ -14,31 +14,48 @@
 //     G^T = [1 1/2 1/2 0; 0 1/2 -1/2 0; 0 1/2 1/2 1].
 // The sum over tiles t moves inside: dw = G^T M G with M[xi][o][c] = sum_t U[xi][o][t] V[xi][c][t] for the 16
 // elements xi of the 4 x 4 transforms, U = A g A^T of dy's tiles and V = B^T d B of x's patches: 16 GEMMs (O x C, K =
-// tiles), 4x fewer products than the 9 of the direct sum for every 4 pixels, at the price of writing U and V.
+// tiles), 4x fewer products than the 9 of the direct sum for every 4 pixels, at the price of writing U and V. Their
+// outputs are small and their K long, so K is cut into parts (16 x parts GEMMs side by side) that wino_dw adds.
 // The transforms only add, subtract and halve, exactly or within one rounding of the inputs' magnitude.
 
-// One item of a transform: channel ch and tile t = (image TH + ty) TW + tx of a chunk's `tiles` tiles. wino_each
-// calls f on every (ch, t) of channels x tiles, consecutive threads along t, in a grid-stride loop.
+// One item of a transform: channel ch of tile (image, ty, tx) of a chunk, and where its 16 transformed elements go
+// (element xi at at + xi * stride). A chunk's T tiles are cut into `parts` runs of L = ceil(T / parts) (the filter
+// gradient's GEMMs, split along their K), laid out [parts][16][channels][L]: tile t = (image TH + ty) TW + tx is
+// element t % L of part t / L. The slots of the last part past T are `past`: their elements are zeros, so that every
+// part is a whole K of L. wino_each calls f on every (ch, slot), consecutive threads along a part's slots, in a
+// grid-stride loop.
 struct WinoItem {
-    int ch, t, image, ty, tx, tiles;
+    int ch, image, ty, tx;
+    long long at, stride;
+    bool past;
 };
 
 template <class F>
-__device__ __forceinline__ void wino_each(int tiles, int channels, int TH, int TW, const F& f) {
-    const long long count = static_cast<long long>(channels) * tiles;
+__device__ __forceinline__ void wino_each(int tiles, int parts, int channels, int TH, int TW, const F& f) {
+    const int L = (tiles + parts - 1) / parts;
+    const long long count = static_cast<long long>(channels) * parts * L;
     for (long long e = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; e < count;
          e += static_cast<long long>(gridDim.x) * blockDim.x) {
-        const int ch = static_cast<int>(e / tiles), t = static_cast<int>(e - static_cast<long long>(ch) * tiles);
-        f(WinoItem{ch, t, t / (TH * TW), (t / TW) % TH, t % TW, tiles});
+        const long long sc = e / L;                       // (part, channel)
+        const int slot = static_cast<int>(e - sc * L), part = static_cast<int>(sc / channels);
+        const int ch = static_cast<int>(sc - static_cast<long long>(part) * channels), t = part * L + slot;
+        const long long stride = static_cast<long long>(channels) * L;
+        f(WinoItem{ch, t / (TH * TW), (t / TW) % TH, t % TW, part * 16 * stride + static_cast<long long>(ch) * L + slot,
+                   stride, t >= tiles});
     }
 }
 
-// x [n][C][H][W] float32 -> v [16][C][T] for images n0 .. n0 + nb - 1, T = nb TH TW tiles, t = (i TH + ty) TW + tx
-// (i the image within the chunk); one thread a (c, t), consecutive threads along t.
+// x [n][C][H][W] float32 -> v [parts][16][C][L] (wino_each) for images n0 .. n0 + nb - 1, T = nb TH TW tiles: B^T d
+// B of each tile's 4 x 4 patch d.
 extern "C" __global__ void wino_x(const float* __restrict__ x, float* __restrict__ v, int n0, int nb, int C, int H,
-                                  int W, int pad, int TH, int TW) {
-    wino_each(nb * TH * TW, C, TH, TW, [&](const WinoItem& it) {
-        const int c = it.ch, t = it.t, ty = it.ty, tx = it.tx, T = it.tiles;
+                                  int W, int pad, int TH, int TW, int parts) {
+    wino_each(nb * TH * TW, parts, C, TH, TW, [&](const WinoItem& it) {
+        if (it.past) {
+#pragma unroll
+            for (int xi = 0; xi < 16; ++xi) v[it.at + xi * it.stride] = 0.f;
+            return;
+        }
+        const int c = it.ch, ty = it.ty, tx = it.tx;
         const float* plane = x + (static_cast<long long>(n0 + it.image) * C + c) * H * W;
         float d[4][4];
 #pragma unroll
@@ -58,22 +75,26 @@ extern "C" __global__ void wino_x(const float* __restrict__ x, float* __restrict
             e4[2][b] = d[2][b] - d[1][b];
             e4[3][b] = d[1][b] - d[3][b];
         }
-        const long long stride = static_cast<long long>(C) * T, at = static_cast<long long>(c) * T + t;
 #pragma unroll
         for (int a = 0; a < 4; ++a) {                     // (B^T d) B: each row
             const float r[4] = {e4[a][0] - e4[a][2], e4[a][1] + e4[a][2], e4[a][2] - e4[a][1], e4[a][1] - e4[a][3]};
 #pragma unroll
-            for (int b = 0; b < 4; ++b) v[(4 * a + b) * stride + at] = r[b];
+            for (int b = 0; b < 4; ++b) v[it.at + (4 * a + b) * it.stride] = r[b];
         }
     });
 }
 
-// dy [n][O][P][Q] float32 -> u [16][O][T] for the same images and tiles as wino_x (TH = ceil(P / 2), TW = ceil(Q /
-// 2)): A g A^T of each 2 x 2 tile g.
+// dy [n][O][P][Q] float32 -> u [parts][16][O][L] for the same images and tiles as wino_x (TH = ceil(P / 2), TW =
+// ceil(Q / 2)): A g A^T of each 2 x 2 tile g.
 extern "C" __global__ void wino_dy(const float* __restrict__ dy, float* __restrict__ u, int n0, int nb, int O, int P,
-                                   int Q, int TH, int TW) {
-    wino_each(nb * TH * TW, O, TH, TW, [&](const WinoItem& it) {
-        const int o = it.ch, t = it.t, ty = it.ty, tx = it.tx, T = it.tiles;
+                                   int Q, int TH, int TW, int parts) {
+    wino_each(nb * TH * TW, parts, O, TH, TW, [&](const WinoItem& it) {
+        if (it.past) {
+#pragma unroll
+            for (int xi = 0; xi < 16; ++xi) u[it.at + xi * it.stride] = 0.f;
+            return;
+        }
+        const int o = it.ch, ty = it.ty, tx = it.tx;
         const float* plane = dy + (static_cast<long long>(n0 + it.image) * O + o) * P * Q;
         float g[2][2];
 #pragma unroll
@@ -87,24 +108,29 @@ extern "C" __global__ void wino_dy(const float* __restrict__ dy, float* __restri
                                 {g[0][0] + g[1][0], g[0][1] + g[1][1]},
                                 {g[0][0] - g[1][0], g[0][1] - g[1][1]},
                                 {-g[1][0], -g[1][1]}};
-        const long long stride = static_cast<long long>(O) * T, at = static_cast<long long>(o) * T + t;
 #pragma unroll
         for (int a = 0; a < 4; ++a) {                                     // (A g) A^T: each row
             const float r[4] = {e4[a][0], e4[a][0] + e4[a][1], e4[a][0] - e4[a][1], -e4[a][1]};
 #pragma unroll
-            for (int b = 0; b < 4; ++b) u[(4 * a + b) * stride + at] = r[b];
+            for (int b = 0; b < 4; ++b) u[it.at + (4 * a + b) * it.stride] = r[b];
         }
     });
 }
 
-// m [16][O][C] (the 16 GEMMs' sums) -> dw [O][C][3][3] = G^T M G, added into dw where add != 0; one thread an (o, c).
-extern "C" __global__ void wino_dw(const float* __restrict__ m, float* __restrict__ dw, int O, int C, int add) {
+// m [parts][16][O][C] (the GEMMs' sums of each part of K) -> dw [O][C][3][3] = G^T M G with M the sum of the parts
+// (in part order), added into dw where add != 0; one thread an (o, c).
+extern "C" __global__ void wino_dw(const float* __restrict__ m, float* __restrict__ dw, int O, int C, int parts,
+                                   int add) {
     const long long OC = static_cast<long long>(O) * C;
     for (long long e = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; e < OC;
          e += static_cast<long long>(gridDim.x) * blockDim.x) {
         float w[4][4];
 #pragma unroll
-        for (int xi = 0; xi < 16; ++xi) w[xi / 4][xi % 4] = m[xi * OC + e];
+        for (int xi = 0; xi < 16; ++xi) {
+            float sum = 0.f;
+            for (int part = 0; part < parts; ++part) sum += m[(part * 16 + xi) * OC + e];
+            w[xi / 4][xi % 4] = sum;
+        }
         float e3[3][4];                                   // G^T M: each column
 #pragma unroll
         for (int b = 0; b < 4; ++b) {
@@ -124,8 +150,8 @@ extern "C" __global__ void wino_dw(const float* __restrict__ m, float* __restric
 }
 
 // The forward, F(2 x 2, 3 x 3): y[o] (2 x 2 tile) = A^T [sum over c of (G w[o][c] G^T) (.) (B^T d[c] B)] A, with d the
-// 4 x 4 patch of x the tile reads (wino_x's V, the same tiles: y's P x Q in 2 x 2 tiles, patches from row 2 ty - pad)
-// and F(2, 3)'s matrices,
+// 4 x 4 patch of x the tile reads (wino_x's V in one part, the same tiles: y's P x Q in 2 x 2 tiles, patches from
+// row 2 ty - pad) and F(2, 3)'s matrices,
 //     G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1],  A^T = [1 1 1 0; 0 1 -1 -1].
 // The sum over c is 16 GEMMs, M[xi] = U[xi] V[xi] (OUT x IN times IN x T). The data gradient of a stride-1 conv is the
 // forward of dy with the weights turned (w'[c][o][r][s] = w[o][c][2 - r][2 - s]) at padding 2 - pad.
@@ -162,18 +188,16 @@ extern "C" __global__ void wino_w(const float* __restrict__ w, float* __restrict
     }
 }
 
-// m [16][OUT][T] (the GEMMs' sums of a chunk) -> y [n][OUT][P][Q] = A^T M A of each tile of images n0 .. n0 + nb - 1,
-// + bias[o] (unless null), ReLU where act == 1, times (relu_x > 0) where relu_x is given (the data gradient's mask,
-// [n][OUT][P][Q]); the tiles' pixels past P or Q are not written.
+// m [16][OUT][T] (the GEMMs' sums of a chunk: wino_each's layout in one part) -> y [n][OUT][P][Q] = A^T M A of each
+// tile of images n0 .. n0 + nb - 1, + bias[o] (unless null), ReLU where act == 1, times (relu_x > 0) where relu_x is
+// given (the data gradient's mask, [n][OUT][P][Q]); the tiles' pixels past P or Q are not written.
 extern "C" __global__ void wino_y(const float* __restrict__ m, const float* __restrict__ bias,
                                   const float* __restrict__ relu_x, float* __restrict__ y, int n0, int nb, int OUT,
                                   int P, int Q, int TH, int TW, int act) {
-    wino_each(nb * TH * TW, OUT, TH, TW, [&](const WinoItem& it) {
-        const long long stride = static_cast<long long>(OUT) * it.tiles;
-        const long long at = static_cast<long long>(it.ch) * it.tiles + it.t;
+    wino_each(nb * TH * TW, 1, OUT, TH, TW, [&](const WinoItem& it) {
         float w[4][4];
 #pragma unroll
-        for (int xi = 0; xi < 16; ++xi) w[xi / 4][xi % 4] = m[xi * stride + at];
+        for (int xi = 0; xi < 16; ++xi) w[xi / 4][xi % 4] = m[it.at + xi * it.stride];
         float e2[2][4];                                   // A^T M: each column
 #pragma unroll
         for (int b = 0; b < 4; ++b) {

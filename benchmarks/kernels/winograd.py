@@ -1,11 +1,16 @@
-"""The sandbox's float32 filter gradient by Winograd's F(3 x 3, 2 x 2) (winograd.cu, where the maths is): x and dy
-transformed a chunk of images at a time into V [16][C][T] and U [16][O][T] (T: the chunk's 2 x 2 tiles of dy), the 16
-GEMMs M[xi] += U[xi] V[xi]^T (O x C, K = T) accumulated over the chunks, then dw = G^T M G. Not in the package: it
-runs wherever `launch` runs winograd.cu's kernels (CuPy on a GPU, the CPU emulator in the tests) and `gemm` computes
-the 16 GEMMs of a chunk, m[xi] = u[xi] v[xi]^T + beta m[xi] (the cuda backend's fp32 GEMM sixteen times, one batched
-cuBLAS call, or NumPy).
+"""The sandbox's float32 Winograd convolutions (winograd.cu, where the maths is), 3 x 3 at stride 1, any padding.
 
-    filter_gradient(xp, launch, gemm, dw, x, dy, pad)       # dw [O, C, 3, 3] = dE/dw of a 3 x 3 stride-1 conv
+The filter gradient by F(3 x 3, 2 x 2): x and dy transformed a chunk of images at a time into V and U, laid out
+[parts][16][C or O][L] (the chunk's T tiles of dy cut into `parts` runs of L, zero-padded), the 16 x parts GEMMs
+M[part, xi] += U V^T (O x C, K = L) accumulated over the chunks, then dw = G^T (sum of the parts) G. The forward and
+the data gradient by F(2 x 2, 3 x 3): U = G w G^T once, then per chunk V, the 16 GEMMs M = U V (OUT x T) and y =
+A^T M A. Not in the package: they run wherever `launch` runs winograd.cu's kernels (CuPy on a GPU, the CPU emulator
+in the tests) and `gemm` computes a chunk's GEMMs (the cuda backend's fp32 GEMM once for each, one batched cuBLAS
+call, or NumPy).
+
+    filter_gradient(xp, launch, gemm, dw, x, dy, pad)       # dw [O, C, 3, 3] = dE/dw
+    conv_forward(xp, launch, gemm, y, x, w, b, pad, act)    # y = act(conv(x, w) + b)
+    data_gradient(xp, launch, gemm, dx, dy, w, pad)         # dx = dE/dx
 """
 from __future__ import annotations
 
@@ -40,12 +45,23 @@ def _grid(elements: int, sms: int = 132) -> tuple[int]:
     return (max(1, min(-(-elements // THREADS), 32 * sms)),)
 
 
+MIN_PART = 256             # the filter gradient's shortest K run (tiles)
+
+
+def filter_parts(o: int, c: int, tiles_: int, sms: int = 132) -> int:
+    """The runs the filter gradient cuts a chunk's K (its T tiles) into: enough GEMMs side by side for four blocks
+    an SM at 64 x 64 outputs a block, each run at least MIN_PART tiles long."""
+    blocks = 16 * -(-o // 64) * -(-c // 64)
+    return max(1, min(-(-4 * sms // blocks), tiles_ // MIN_PART))
+
+
 def filter_gradient(xp, launch, gemm, dw, x, dy, pad: int, add: bool = False, workspace: int = WORKSPACE,
-                    sms: int = 132) -> None:
+                    sms: int = 132, parts: int | None = None) -> None:
     """dw [O, C, 3, 3] float32 = (add: dw +) the filter gradient of a 3 x 3 stride-1 convolution with padding `pad`
     from x [n, C, H, W] and dy [n, O, P, Q] (float32, contiguous). launch(name, grid, block, args) runs a kernel of
-    winograd.cu (args: arrays and NumPy int32 scalars); gemm(m, u, v, beta) computes m[xi] = u[xi] v[xi]^T + beta
-    m[xi] for xi < 16 on row-major arrays u [16, O, T], v [16, C, T], m [16, O, C]."""
+    winograd.cu (args: arrays and NumPy int32 scalars); gemm(m, u, v, beta) computes m[i] = u[i] v[i]^T + beta m[i]
+    for every i on row-major arrays u [B, O, L], v [B, C, L], m [B, O, C] (B = 16 parts). parts: K's runs a chunk
+    (default filter_parts)."""
     n, c, h, w = x.shape
     o, p, q = dy.shape[1:]
     if dy.shape[0] != n or (p, q) != (h + 2 * pad - 2, w + 2 * pad - 2) or tuple(dw.shape) != (o, c, 3, 3):
@@ -53,19 +69,23 @@ def filter_gradient(xp, launch, gemm, dw, x, dy, pad: int, add: bool = False, wo
     th, tw = tiles(p, q)
     nb = chunk_images(n, c, o, th, tw, workspace)
     t_max = nb * th * tw
-    v = xp.empty(16 * c * t_max, np.float32)
-    u = xp.empty(16 * o * t_max, np.float32)
-    m = xp.zeros((16, o, c), np.float32)
+    parts = parts or filter_parts(o, c, t_max, sms)
+    room = parts * -(-t_max // parts)                   # the slots of the longest chunk's parts
+    v = xp.empty(16 * c * room, np.float32)
+    u = xp.empty(16 * o * room, np.float32)
+    m = xp.zeros((parts * 16, o, c), np.float32)
     i32 = np.int32
     for n0 in range(0, n, nb):
         k = min(nb, n - n0)
         t = k * th * tw
-        launch("wino_x", _grid(c * t, sms), (THREADS,), (x, v, i32(n0), i32(k), i32(c), i32(h), i32(w), i32(pad),
-                                                         i32(th), i32(tw)))
-        launch("wino_dy", _grid(o * t, sms), (THREADS,), (dy, u, i32(n0), i32(k), i32(o), i32(p), i32(q), i32(th),
-                                                          i32(tw)))
-        gemm(m, u[:16 * o * t].reshape(16, o, t), v[:16 * c * t].reshape(16, c, t), 0.0 if n0 == 0 else 1.0)
-    launch("wino_dw", _grid(o * c, sms), (THREADS,), (m, dw, i32(o), i32(c), i32(1 if add else 0)))
+        ln = -(-t // parts)                            # L: a part's tiles (the last part zero-padded)
+        launch("wino_x", _grid(c * parts * ln, sms), (THREADS,), (x, v, i32(n0), i32(k), i32(c), i32(h), i32(w),
+                                                                   i32(pad), i32(th), i32(tw), i32(parts)))
+        launch("wino_dy", _grid(o * parts * ln, sms), (THREADS,), (dy, u, i32(n0), i32(k), i32(o), i32(p), i32(q),
+                                                                    i32(th), i32(tw), i32(parts)))
+        gemm(m, u[:16 * o * parts * ln].reshape(parts * 16, o, ln), v[:16 * c * parts * ln].reshape(parts * 16, c, ln),
+             0.0 if n0 == 0 else 1.0)
+    launch("wino_dw", _grid(o * c, sms), (THREADS,), (m, dw, i32(o), i32(c), i32(parts), i32(1 if add else 0)))
 
 
 def conv_forward(xp, launch, gemm, y, x, w, bias, pad: int, act: int = 0, relu_x=None, turn: bool = False,
@@ -92,7 +112,7 @@ def conv_forward(xp, launch, gemm, y, x, w, bias, pad: int, act: int = 0, relu_x
         k = min(nb, n - n0)
         t = k * th * tw
         launch("wino_x", _grid(cin * t, sms), (THREADS,), (x, v, i32(n0), i32(k), i32(cin), i32(h), i32(wd),
-                                                            i32(pad), i32(th), i32(tw)))
+                                                            i32(pad), i32(th), i32(tw), i32(1)))
         mm = m[:16 * cout * t].reshape(16, cout, t)
         gemm(mm, u, v[:16 * cin * t].reshape(16, cin, t))
         launch("wino_y", _grid(cout * t, sms), (THREADS,), (mm, NULL if bias is None else bias,
