@@ -543,3 +543,52 @@ def test_sandbox_conv_small_emulated(emu_small, rng, case):
     _check(emu_small.emu_filter(_ptr(dy), _ptr(x), _ptr(part), _ptr(dw), n, c, h, w_, k, ks, ks, stride, pad, p, q,
                                 blocks, 7, err, 512), err)
     np.testing.assert_allclose(dw, dw_want, rtol=0, atol=RTOL_EMULATED * np.sqrt(n * p * q))
+
+
+# The kernel sandbox's tensor-core forward for small convolutions (benchmarks/kernels/conv_small_tc.cu, timed by
+# run_conv_small.py beside conv_small_fwd), checked here so that the variant stays correct while it is kept
+SMALL_TC_ENTRY = """
+extern "C" int emu_small_tc(const float* x, const float* w, const float* b, void* y, int n, int C, int H, int W, int K,
+                            int R, int S, int st, int pad, int P, int Q, int act, int out16, unsigned seed, char* err,
+                            int len) {
+    const unsigned blocks = (unsigned)((n * P * Q + 127) / 128);
+    std::string msg = emu::launch({blocks, 1, 1}, {256, 1, 1}, HN_SMALL_TC_SMEM, [=] {
+        conv_small_fwd_tc(x, w, b, y, n, C, H, W, K, R, S, st, pad, P, Q, act, out16);
+    }, seed);
+    snprintf(err, len, "%s", msg.c_str());
+    return msg.empty() ? 0 : 1;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def emu_small_tc(tmp_path_factory):
+    text = (SANDBOX / "conv_small_tc.cu").read_text().replace('#include "mma.cu"', kernels.cu_text("mma"))
+    return build_emulated(tmp_path_factory.mktemp("emu_small_tc"), "conv_small_tc", text + SMALL_TC_ENTRY)
+
+
+@pytest.mark.parametrize("case", SMALL_CASES, ids=lambda c: "N{}C{}H{}W{}K{}k{}s{}p{}b{:d}".format(*c))
+def test_sandbox_conv_small_tc_emulated(emu_small_tc, rng, case):
+    """conv_small_fwd_tc: y = act(conv2d(x, w) + b) on bf16 tensor cores against float64 of the bf16-rounded x and w
+    (the bias not rounded) within the emulator's tolerance, no activation and ReLU; with out16 the bf16 bits of that
+    float32 output, bit for bit. Nothing written past y (guard elements)."""
+    n, c, h, w_, k, ks, stride, pad, bias = case
+    x, w, b, _ = _small_conv(rng, case)
+    xr, wr = bf16_values(bf16_bits(x)), bf16_values(bf16_bits(w))
+    want, _ = ref.conv2d_forward(xr.astype(np.float64), wr.astype(np.float64), b.astype(np.float64) if bias else None,
+                                 stride, pad)
+    p, q = want.shape[2:]
+    size, guard = want.size, 64
+    err = ctypes.create_string_buffer(512)
+    for act in (0, 1):
+        y = np.full(size + guard, np.nan, np.float32)
+        _check(emu_small_tc.emu_small_tc(_ptr(x), _ptr(w), _ptr(b) if bias else None, _ptr(y), n, c, h, w_, k, ks,
+                                         ks, stride, pad, p, q, act, 0, 3 + act, err, 512), err)
+        assert np.isnan(y[size:]).all(), "written past y"
+        y = y[:size].reshape(want.shape)
+        np.testing.assert_allclose(y, np.maximum(want, 0) if act else want, rtol=RTOL_EMULATED, atol=RTOL_EMULATED)
+        y16 = np.full(size + guard, 0xDEAD, np.uint16)
+        _check(emu_small_tc.emu_small_tc(_ptr(x), _ptr(w), _ptr(b) if bias else None, _ptr(y16), n, c, h, w_, k, ks,
+                                         ks, stride, pad, p, q, act, 1, 5 + act, err, 512), err)
+        assert (y16[size:] == 0xDEAD).all(), "written past y"
+        np.testing.assert_array_equal(y16[:size].reshape(want.shape), bf16_bits(y))

@@ -5,7 +5,9 @@ output, out16) and the sandbox's filter gradients (conv_small.cu: conv_small_fil
 conv16_halo.py's hf tiles on bf16 copies, checked against float64 of the rounded inputs, halo_filter_rows). Each
 output is first checked against the first shipped candidate's (relative error of the largest value within RTOL; the
 bf16 output: equal bits to the bf16 of the float32 "small" output; one that fails is reported, never timed), then its
-median GPU time (run_conv_variants.time_ms). The JSON names the card, hetnet's commit and the date.
+median GPU time (run_conv_variants.time_ms). Also the sandbox's tensor-core forward (conv_small_tc.cu, x and w rounded
+to bf16: checked against float64 of the rounded inputs), float32 and bf16 output. The JSON names the card, hetnet's
+commit and the date.
 
     PYTHONPATH=src python benchmarks/kernels/run_conv_small.py [--batch 512] [--out conv_small.json]   # on a GPU
 """
@@ -22,6 +24,7 @@ sys.path.insert(0, str(HERE.parents[1] / "tests"))   # mma_cases: the bf16 round
 sys.path.insert(0, str(HERE))
 
 RTOL = 1e-5          # float32 sums of 27 (forward) or n P Q (filter) terms in another order
+CHECK_IMAGES = 8     # the tensor-core forward's float64 check (on the CPU)
 GRID_PER_SM = 4      # conv_small_filter2's blocks per SM (its grid-stride loop over 64-pixel tiles)
 
 
@@ -81,6 +84,48 @@ def halo_filter_rows(cupy, spin, be, x, dy, shape) -> list[dict]:
     return rows
 
 
+def small_tc_rows(cupy, spin, be, x, w) -> list[dict]:
+    """The sandbox's tensor-core forward (conv_small_tc.cu: x and w rounded to bf16, sums in float32), its float32
+    output checked against float64 of the rounded inputs on the first CHECK_IMAGES images (within RTOL_TC_ROUNDED),
+    its bf16 output against the bf16 of that float32 output (bits equal), then each timed."""
+    from mma_cases import bf16_bits, bf16_values
+    from run_conv_variants import add_row, time_ms
+    from run_tc_conv_nhwc import RTOL_TC_ROUNDED
+
+    from hetnet.backends import reference
+    from hetnet.backends.cuda import kernels
+
+    text = (HERE / "conv_small_tc.cu").read_text().replace('#include "mma.cu"', (kernels.HERE / "mma.cu").read_text())
+    kern = kernels.compile_module(be.device_id, kernels.inline_header(text)).get_function("conv_small_fwd_tc")
+    n, c, h, wd = x.shape
+    k = w.shape[0]
+    smem = 64 * 132 * 4                                  # conv_small_tc.cu's HN_SMALL_TC_SMEM
+    ints = tuple(np.int32(v) for v in (n, c, h, wd, k, 3, 3, 1, 1, h, wd, 0))
+
+    def launch(y, out16):
+        kern((math.ceil(n * h * wd / 128),), (256,), (x, w, kernels.NULL, y, *ints, np.int32(out16)), shared_mem=smem)
+
+    y, y16 = cupy.zeros((n, k, h, wd), np.float32), cupy.zeros((n, k, h, wd), np.uint16)
+    launch(y, 0)
+    launch(y16, 1)
+    m = CHECK_IMAGES
+    xr, wr = (bf16_values(bf16_bits(cupy.asnumpy(a))).astype(np.float64) for a in (x[:m], w))
+    want, _ = reference.conv2d_forward(xr, wr, None, 1, 1)
+    got = cupy.asnumpy(y[:m])
+    rows = []
+    err = float(np.linalg.norm(got - want) / np.linalg.norm(want))
+    row = {"op": "fwd", "candidate": "sandbox conv_small_fwd_tc (bf16 inputs)", "check_rel_err": err}
+    if err <= RTOL_TC_ROUNDED:
+        row["ms"] = round(time_ms(cupy, spin, lambda: launch(y, 0)), 4)
+    add_row(rows, row)
+    differ = int((cupy.asnumpy(y16) != bf16_bits(cupy.asnumpy(y))).sum())
+    row = {"op": "fwd", "candidate": "sandbox conv_small_fwd_tc out16", "check_bits_differ": differ}
+    if differ == 0:
+        row["ms"] = round(time_ms(cupy, spin, lambda: launch(y16, 1)), 4)
+    add_row(rows, row)
+    return rows
+
+
 def main(argv=None) -> int:
     from run_conv_variants import add_row, gpu_runner, time_ms, write_rows
 
@@ -111,6 +156,7 @@ def main(argv=None) -> int:
     filt["sandbox conv_small_filter2"] = small_filter
     rows = []
     rows += halo_filter_rows(cupy, spin, be, x, dy, (k, c, 3, 3))
+    rows += small_tc_rows(cupy, spin, be, x, w)
     for op, cands, shape in (("fwd", fwd, (n, k, g.p, g.q)), ("filter", filt, (k, c, 3, 3))):
         out = cupy.zeros(shape, np.float32)
         first = None
