@@ -561,9 +561,8 @@ def test_conv16_launcher():
 
 # (n, C, H, W, O, R, S, stride, pad) with C (and O, the data gradient's gathered channels) a multiple of the K tile
 # and more than one: bf16 K tiles of 64 channels, tf32 and fp32 of 32; two or three chunks at 3 x 3, and a data
-# gradient whose 16 channels keep the K order
-TAPS_INNER_CASES = [("bf16", (1, 128, 5, 6, 128, 3, 3, 1, 1)), ("bf16", (1, 192, 4, 5, 16, 3, 3, 1, 1)),
-                    ("tf32", (1, 64, 5, 6, 64, 3, 3, 1, 1)),
+# gradient whose 12 channels keep the K order
+TAPS_INNER_CASES = [("bf16", (1, 128, 5, 6, 128, 3, 3, 1, 1)), ("tf32", (1, 64, 5, 6, 64, 3, 3, 1, 1)),
                     ("fp32", (1, 96, 6, 5, 12, 3, 3, 1, 1))]
 
 
