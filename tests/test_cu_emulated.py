@@ -558,6 +558,15 @@ extern "C" int emu_small_tc(const float* x, const float* w, const float* b, void
     snprintf(err, len, "%s", msg.c_str());
     return msg.empty() ? 0 : 1;
 }
+extern "C" int emu_small_filter_tc(const float* dy, const float* x, float* part, int n, int C, int H, int W, int K,
+                                   int R, int S, int st, int pad, int P, int Q, unsigned blocks, unsigned seed,
+                                   char* err, int len) {
+    std::string msg = emu::launch({blocks, 1, 1}, {256, 1, 1}, HN_SMALL_TC_FSMEM, [=] {
+        conv_small_filter_tc(dy, x, part, n, C, H, W, K, R, S, st, pad, P, Q);
+    }, seed);
+    snprintf(err, len, "%s", msg.c_str());
+    return msg.empty() ? 0 : 1;
+}
 """
 
 
@@ -592,3 +601,26 @@ def test_sandbox_conv_small_tc_emulated(emu_small_tc, rng, case):
                                          ks, stride, pad, p, q, act, 1, 5 + act, err, 512), err)
         assert (y16[size:] == 0xDEAD).all(), "written past y"
         np.testing.assert_array_equal(y16[:size].reshape(want.shape), bf16_bits(y))
+
+
+@pytest.mark.parametrize("case", [(3, 3, 9, 9, 64, 3, 1, 1, 2), (2, 2, 7, 6, 8, 3, 2, 1, 1), (1, 2, 5, 5, 16, 4, 1, 2, 3),
+                                  (2, 1, 6, 7, 24, 5, 1, 2, 2), (2, 3, 8, 8, 64, 3, 1, 1, 1)],
+                         ids=lambda c: "N{}C{}H{}W{}K{}k{}s{}p{}-blocks{}".format(*c))
+def test_sandbox_conv_small_filter_tc_emulated(emu_small_tc, rng, case):
+    """conv_small_filter_tc: the blocks' parts summed in block order are dE/dw against float64 of the bf16-rounded dy
+    and x, within the emulator's tolerance; every part written (poisoned with NaN first); grids with fewer blocks
+    than 128-pixel tiles (the grid-stride loop) and with more (blocks with no pixels), 32 taps."""
+    n, c, h, w_, k, ks, stride, pad, blocks = case
+    x = rng.standard_normal((n, c, h, w_)).astype(np.float32)
+    w = np.zeros((k, c, ks, ks))
+    _, cache = ref.conv2d_forward(bf16_values(bf16_bits(x)).astype(np.float64), w, None, stride, pad)
+    p, q = (h + 2 * pad - ks) // stride + 1, (w_ + 2 * pad - ks) // stride + 1
+    dy = rng.standard_normal((n, k, p, q)).astype(np.float32)
+    want = np.zeros(w.shape)
+    ref.conv2d_backward(bf16_values(bf16_bits(dy)).astype(np.float64), cache, want, None, need_dx=False)
+    part = np.full((blocks, 64, 32), np.nan, np.float32)
+    err = ctypes.create_string_buffer(512)
+    _check(emu_small_tc.emu_small_filter_tc(_ptr(dy), _ptr(x), _ptr(part), n, c, h, w_, k, ks, ks, stride, pad, p, q,
+                                            blocks, 9, err, 512), err)
+    dw = part.astype(np.float64).sum(axis=0)[:k, :c * ks * ks].reshape(w.shape)
+    np.testing.assert_allclose(dw, want, rtol=0, atol=RTOL_EMULATED * np.sqrt(n * p * q) * np.abs(want).max())

@@ -119,3 +119,98 @@ extern "C" __global__ void __launch_bounds__(256) conv_small_fwd_tc(const float*
         }
     }
 }
+
+// The filter gradient of the same small convolutions on bf16 tensor cores: part[block][k][j] = sum over the block's
+// pixels of dy[img][k][p][q] * tap j of x at (img, p, q), dy and x rounded to bf16 (a bf16 step's gradient and
+// input), sums in float32; dw[k][j] is the sum of the blocks' parts in block order (conv_small.cu's
+// conv_small_filter2_add, or NumPy in the tests): deterministic. Blocks take 128 pixels at a time in a grid-stride
+// loop over the n P Q. Per 128 pixels the GEMM D [64 k][32 j] += dy^T [64][128] X [128][32], K = the pixels: dy^T
+// staged as ds[k][pixel], the taps as xs[j][pixel] (bf16 rows of 128 pixels, padded to 136: ldmatrix's 8 rows in
+// different banks); warp w takes taps 16 (w % 2) .. + 15 over pixels 32 (w / 2) .. + 31 (8 tiles of D, 32 float32
+// sums a thread), and the four warps of each half of the taps add their sums in warp order through shared memory at
+// the end. dy [n][K][P][Q], x [n][C][H][W] float32; K <= 64, C R S <= 32.
+#define HN_SMALL_TC_PROW 136                                        // bf16 elements a staged row of pixels
+#define HN_SMALL_TC_FSMEM ((64 + 32) * HN_SMALL_TC_PROW * 2)        // dynamic shared memory a block: ds, xs
+
+extern "C" __global__ void __launch_bounds__(256, 2) conv_small_filter_tc(const float* __restrict__ dy,
+                                                                       const float* __restrict__ x,
+                                                                       float* __restrict__ part, int n, int C, int H,
+                                                                       int W, int K, int R, int S, int stride,
+                                                                       int pad, int P, int Q) {
+    HN_DYNAMIC_SMEM(hn_smem);
+    unsigned short* ds = reinterpret_cast<unsigned short*>(hn_smem);   // [64][PROW]
+    unsigned short* xs = ds + 64 * HN_SMALL_TC_PROW;                    // [32][PROW]
+    float* red = reinterpret_cast<float*>(hn_smem);                     // [64][32], over ds once the products end
+    const int tid = threadIdx.x, RS = R * S, CRS = C * RS, PQ = P * Q, NP = n * PQ;
+    const int warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3, quad = 4 * (tid & 31);
+    const int half = warp & 1;                            // this warp's taps 16 half .. + 15: D's tiles 2 half, + 1
+    float acc[4][2][4] = {};
+    for (int p0 = blockIdx.x * 128; p0 < NP; p0 += gridDim.x * 128) {
+        // stage: thread t pixels quad .. quad + 3, dy's channels t / 32 + 8 u (u < 8) and taps t / 32 + 8 u (u < 4)
+        int img[4], pq[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int pix = p0 + quad + e;
+            img[e] = pix < NP ? pix / PQ : -1;
+            pq[e] = pix - (img[e] < 0 ? 0 : img[e]) * PQ;
+        }
+#pragma unroll 4
+        for (int u = 0; u < 8; ++u) {                     // (16 loads in flight: under 128 registers)
+            const int k = (tid >> 5) + 8 * u;
+            float v[4];
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+                v[e] = img[e] >= 0 && k < K ? dy[(static_cast<long long>(img[e]) * K + k) * PQ + pq[e]] : 0.f;
+            hn_sts2(ds + k * HN_SMALL_TC_PROW + quad, hn_pack_bf16x2(v[0], v[1]), hn_pack_bf16x2(v[2], v[3]));
+        }
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            const int j = (tid >> 5) + 8 * u, c = j / RS, rs = j - c * RS, r = rs / S, s = rs - r * S;
+            float v[4];
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int p = pq[e] / Q, q = pq[e] - p * Q, ih = p * stride - pad + r, iw = q * stride - pad + s;
+                const bool ok = img[e] >= 0 && j < CRS && ih >= 0 && ih < H && iw >= 0 && iw < W;
+                v[e] = ok ? x[((static_cast<long long>(img[e]) * C + c) * H + ih) * W + iw] : 0.f;
+            }
+            hn_sts2(xs + j * HN_SMALL_TC_PROW + quad, hn_pack_bf16x2(v[0], v[1]), hn_pack_bf16x2(v[2], v[3]));
+        }
+        __syncthreads();
+#pragma unroll
+        for (int ks = 0; ks < 2; ++ks) {
+            const int k0 = 32 * (warp >> 1) + 16 * ks;    // 16 of this warp's 32 pixels
+            unsigned r[4];
+            hn_ldmatrix_x4(r, xs + (16 * half + (lane & 7) + 8 * (lane >> 4)) * HN_SMALL_TC_PROW + k0 +
+                                  8 * ((lane >> 3) & 1));
+            const unsigned b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
+#pragma unroll
+            for (int mb = 0; mb < 4; ++mb) {
+                unsigned a[4];
+                hn_ldmatrix_x4(a, ds + (16 * mb + (lane & 15)) * HN_SMALL_TC_PROW + k0 + 8 * (lane >> 4));
+                hn_mma_bf16(acc[mb][0], a, b0);
+                hn_mma_bf16(acc[mb][1], a, b1);
+            }
+        }
+        __syncthreads();                                  // (every warp done with ds and xs)
+    }
+    // each half's four warps' sums added in warp order, round i the warps 2 i and 2 i + 1 (D tile (mb, 2 half + nb):
+    // rows 16 mb + g, + 8, taps 16 half + 8 nb + 2 t, + 1)
+    for (int i = 0; i < 4; ++i) {
+        if (warp >> 1 == i) {
+#pragma unroll
+            for (int mb = 0; mb < 4; ++mb)
+#pragma unroll
+                for (int nb = 0; nb < 2; ++nb)
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+                        float* at = red + (16 * mb + g + 8 * h) * 32 + 16 * half + 8 * nb + 2 * t;
+                        const float x0 = i ? hn_lds(at) : 0.f, x1 = i ? hn_lds(at + 1) : 0.f;
+                        hn_sts2(at, hn_bits(x0 + acc[mb][nb][2 * h]), hn_bits(x1 + acc[mb][nb][2 * h + 1]));
+                    }
+        }
+        __syncthreads();
+    }
+    float* out = part + static_cast<long long>(blockIdx.x) * 64 * 32;
+#pragma unroll
+    for (int u = 0; u < 8; ++u) out[tid + 256 * u] = hn_lds(red + tid + 256 * u);
+}

@@ -5,9 +5,9 @@ output, out16) and the sandbox's filter gradients (conv_small.cu: conv_small_fil
 conv16_halo.py's hf tiles on bf16 copies, checked against float64 of the rounded inputs, halo_filter_rows). Each
 output is first checked against the first shipped candidate's (relative error of the largest value within RTOL; the
 bf16 output: equal bits to the bf16 of the float32 "small" output; one that fails is reported, never timed), then its
-median GPU time (run_conv_variants.time_ms). Also the sandbox's tensor-core forward (conv_small_tc.cu, x and w rounded
-to bf16: checked against float64 of the rounded inputs), float32 and bf16 output. The JSON names the card, hetnet's
-commit and the date.
+median GPU time (run_conv_variants.time_ms). Also the sandbox's tensor-core forward (float32 and bf16 output) and
+filter gradient (conv_small_tc.cu, x, w and dy rounded to bf16: checked against float64 of the rounded inputs). The
+JSON names the card, hetnet's commit and the date.
 
     PYTHONPATH=src python benchmarks/kernels/run_conv_small.py [--batch 512] [--out conv_small.json]   # on a GPU
 """
@@ -26,6 +26,7 @@ sys.path.insert(0, str(HERE))
 RTOL = 1e-5          # float32 sums of 27 (forward) or n P Q (filter) terms in another order
 CHECK_IMAGES = 8     # the tensor-core forward's float64 check (on the CPU)
 GRID_PER_SM = 4      # conv_small_filter2's blocks per SM (its grid-stride loop over 64-pixel tiles)
+TC_BLOCKS_PER_SM = 2  # conv_small_filter_tc's (its grid-stride loop over 128-pixel tiles; 105-108 registers)
 
 
 def out16_row(cupy, spin, launch16, y32: np.ndarray) -> dict:
@@ -84,10 +85,12 @@ def halo_filter_rows(cupy, spin, be, x, dy, shape) -> list[dict]:
     return rows
 
 
-def small_tc_rows(cupy, spin, be, x, w) -> list[dict]:
-    """The sandbox's tensor-core forward (conv_small_tc.cu: x and w rounded to bf16, sums in float32), its float32
-    output checked against float64 of the rounded inputs on the first CHECK_IMAGES images (within RTOL_TC_ROUNDED),
-    its bf16 output against the bf16 of that float32 output (bits equal), then each timed."""
+def small_tc_rows(cupy, spin, be, x, w, dy, add2) -> list[dict]:
+    """The sandbox's tensor-core forward and filter gradient (conv_small_tc.cu: x, w and dy rounded to bf16, sums in
+    float32). The forward's float32 output and the filter gradient (its blocks' parts added by conv_small.cu's
+    conv_small_filter2_add, add2) checked against float64 of the rounded inputs on the first CHECK_IMAGES images
+    (within RTOL_TC_ROUNDED), the forward's bf16 output against the bf16 of its float32 output (bits equal); then
+    each timed."""
     from mma_cases import bf16_bits, bf16_values
     from run_conv_variants import add_row, time_ms
     from run_tc_conv_nhwc import RTOL_TC_ROUNDED
@@ -96,7 +99,8 @@ def small_tc_rows(cupy, spin, be, x, w) -> list[dict]:
     from hetnet.backends.cuda import kernels
 
     text = (HERE / "conv_small_tc.cu").read_text().replace('#include "mma.cu"', (kernels.HERE / "mma.cu").read_text())
-    kern = kernels.compile_module(be.device_id, kernels.inline_header(text)).get_function("conv_small_fwd_tc")
+    mod = kernels.compile_module(be.device_id, kernels.inline_header(text))
+    kern, filt = mod.get_function("conv_small_fwd_tc"), mod.get_function("conv_small_filter_tc")
     n, c, h, wd = x.shape
     k = w.shape[0]
     smem = 64 * 132 * 4                                  # conv_small_tc.cu's HN_SMALL_TC_SMEM
@@ -122,6 +126,27 @@ def small_tc_rows(cupy, spin, be, x, w) -> list[dict]:
     row = {"op": "fwd", "candidate": "sandbox conv_small_fwd_tc out16", "check_bits_differ": differ}
     if differ == 0:
         row["ms"] = round(time_ms(cupy, spin, lambda: launch(y16, 1)), 4)
+    add_row(rows, row)
+
+    fsmem = (64 + 32) * 136 * 2                          # conv_small_tc.cu's HN_SMALL_TC_FSMEM
+    dw = cupy.zeros((k, c, 3, 3), np.float32)
+
+    def filter_tc(images):
+        pixels = images * h * wd
+        blocks = max(1, min(TC_BLOCKS_PER_SM * be.sms, math.ceil(pixels / 128)))
+        part = cupy.empty((blocks, 64, 32), np.float32)
+        filt((blocks,), (256,), (dy, x, part, np.int32(images), *ints[1:11]), shared_mem=fsmem)
+        add2((math.ceil(k * 32 / 256),), (256,), (part, dw, np.int32(blocks), np.int32(k), np.int32(c * 9)))
+
+    filter_tc(m)
+    dyr = bf16_values(bf16_bits(cupy.asnumpy(dy[:m]))).astype(np.float64)
+    _, cache = reference.conv2d_forward(xr, np.zeros((k, c, 3, 3)), None, 1, 1)
+    want_dw = np.zeros((k, c, 3, 3))
+    reference.conv2d_backward(dyr, cache, want_dw, None, need_dx=False)
+    err = float(np.linalg.norm(cupy.asnumpy(dw) - want_dw) / np.linalg.norm(want_dw))
+    row = {"op": "filter", "candidate": "sandbox conv_small_filter_tc (bf16 inputs)", "check_rel_err": err}
+    if err <= RTOL_TC_ROUNDED:
+        row["ms"] = round(time_ms(cupy, spin, lambda: filter_tc(n)), 4)
     add_row(rows, row)
     return rows
 
@@ -156,7 +181,7 @@ def main(argv=None) -> int:
     filt["sandbox conv_small_filter2"] = small_filter
     rows = []
     rows += halo_filter_rows(cupy, spin, be, x, dy, (k, c, 3, 3))
-    rows += small_tc_rows(cupy, spin, be, x, w)
+    rows += small_tc_rows(cupy, spin, be, x, w, dy, add2)
     for op, cands, shape in (("fwd", fwd, (n, k, g.p, g.q)), ("filter", filt, (k, c, 3, 3))):
         out = cupy.zeros(shape, np.float32)
         first = None
