@@ -21,17 +21,17 @@
 // One item of a transform: channel ch of tile (image, ty, tx) of a chunk, and where its 16 transformed elements go
 // (element xi at at + xi * stride). A chunk's T tiles are cut into `parts` runs of L = ceil(T / parts) (the filter
 // gradient's GEMMs, split along their K), laid out [parts][16][channels][L]: tile t = (image TH + ty) TW + tx is
-// element t % L of part t / L. The slots of the last part past T are `past`: their elements are zeros, so that every
-// part is a whole K of L. wino_each calls f on every (ch, slot), consecutive threads along a part's slots, in a
-// grid-stride loop.
+// element t % L of part t / L. wino_each calls f on every (ch, tile), consecutive threads along a part's slots, in a
+// grid-stride loop, and writes zeros to `out`'s 16 elements of each slot of the last part past T, so that every part
+// is a whole K of L (out: the transform's output; unused in one part).
 struct WinoItem {
     int ch, image, ty, tx;
     long long at, stride;
-    bool past;
 };
 
 template <class F>
-__device__ __forceinline__ void wino_each(int tiles, int parts, int channels, int TH, int TW, const F& f) {
+__device__ __forceinline__ void wino_each(int tiles, int parts, int channels, int TH, int TW, float* out,
+                                          const F& f) {
     const int L = (tiles + parts - 1) / parts;
     const long long count = static_cast<long long>(channels) * parts * L;
     for (long long e = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; e < count;
@@ -40,8 +40,13 @@ __device__ __forceinline__ void wino_each(int tiles, int parts, int channels, in
         const int slot = static_cast<int>(e - sc * L), part = static_cast<int>(sc / channels);
         const int ch = static_cast<int>(sc - static_cast<long long>(part) * channels), t = part * L + slot;
         const long long stride = static_cast<long long>(channels) * L;
-        f(WinoItem{ch, t / (TH * TW), (t / TW) % TH, t % TW, part * 16 * stride + static_cast<long long>(ch) * L + slot,
-                   stride, t >= tiles});
+        const long long at = part * 16 * stride + static_cast<long long>(ch) * L + slot;
+        if (t >= tiles) {
+#pragma unroll
+            for (int xi = 0; xi < 16; ++xi) out[at + xi * stride] = 0.f;
+            continue;
+        }
+        f(WinoItem{ch, t / (TH * TW), (t / TW) % TH, t % TW, at, stride});
     }
 }
 
@@ -49,12 +54,7 @@ __device__ __forceinline__ void wino_each(int tiles, int parts, int channels, in
 // B of each tile's 4 x 4 patch d.
 extern "C" __global__ void wino_x(const float* __restrict__ x, float* __restrict__ v, int n0, int nb, int C, int H,
                                   int W, int pad, int TH, int TW, int parts) {
-    wino_each(nb * TH * TW, parts, C, TH, TW, [&](const WinoItem& it) {
-        if (it.past) {
-#pragma unroll
-            for (int xi = 0; xi < 16; ++xi) v[it.at + xi * it.stride] = 0.f;
-            return;
-        }
+    wino_each(nb * TH * TW, parts, C, TH, TW, v, [&](const WinoItem& it) {
         const int c = it.ch, ty = it.ty, tx = it.tx;
         const float* plane = x + (static_cast<long long>(n0 + it.image) * C + c) * H * W;
         float d[4][4];
@@ -88,12 +88,7 @@ extern "C" __global__ void wino_x(const float* __restrict__ x, float* __restrict
 // ceil(Q / 2)): A g A^T of each 2 x 2 tile g.
 extern "C" __global__ void wino_dy(const float* __restrict__ dy, float* __restrict__ u, int n0, int nb, int O, int P,
                                    int Q, int TH, int TW, int parts) {
-    wino_each(nb * TH * TW, parts, O, TH, TW, [&](const WinoItem& it) {
-        if (it.past) {
-#pragma unroll
-            for (int xi = 0; xi < 16; ++xi) u[it.at + xi * it.stride] = 0.f;
-            return;
-        }
+    wino_each(nb * TH * TW, parts, O, TH, TW, u, [&](const WinoItem& it) {
         const int o = it.ch, ty = it.ty, tx = it.tx;
         const float* plane = dy + (static_cast<long long>(n0 + it.image) * O + o) * P * Q;
         float g[2][2];
@@ -194,7 +189,7 @@ extern "C" __global__ void wino_w(const float* __restrict__ w, float* __restrict
 extern "C" __global__ void wino_y(const float* __restrict__ m, const float* __restrict__ bias,
                                   const float* __restrict__ relu_x, float* __restrict__ y, int n0, int nb, int OUT,
                                   int P, int Q, int TH, int TW, int act) {
-    wino_each(nb * TH * TW, 1, OUT, TH, TW, [&](const WinoItem& it) {
+    wino_each(nb * TH * TW, 1, OUT, TH, TW, nullptr, [&](const WinoItem& it) {
         float w[4][4];
 #pragma unroll
         for (int xi = 0; xi < 16; ++xi) w[xi / 4][xi % 4] = m[it.at + xi * it.stride];
