@@ -3,8 +3,8 @@ in a shuffled order between barriers, over the whole grid): the channels-last co
 pool_grad_nhwc16 (from float32 or channels-last bf16), to_nhwc32 and pool_grad_nhwc32 (tf32) and norm.cu's bn_apply_nhwc16 and bn_bwd_dx_nhwc16 (with the
 store half they share), NumPy's bf16 bits (round to nearest even) of the float32 tensor they stand for -- x, the max
 pooling's input gradient, the batch norm's (+ GELU's) output or its input gradient; conv.cu's conv_gelu_nhwc16 and
-conv_small_fwd (float32 and bf16 output); and
-common.cuh's HnPlaneWalk, which the batch-norm kernels and channel_sum loop with, each element visited once with its
+conv_small_fwd (float32 and bf16 output); the kernel sandbox's small-convolution variants (conv_small.cu,
+conv_small_tc.cu); and common.cuh's HnPlaneWalk, which the batch-norm kernels and channel_sum loop with, each element visited once with its
 channel.
 Needs g++ (skipped without); no GPU. On a GPU the copies are also checked by tests/test_mma.py's
 test_channels_last_copies and test_pool_grad_nhwc16, the walks by every batch-norm test of tests/test_ops.py."""
@@ -545,8 +545,9 @@ def test_sandbox_conv_small_emulated(emu_small, rng, case):
     np.testing.assert_allclose(dw, dw_want, rtol=0, atol=RTOL_EMULATED * np.sqrt(n * p * q))
 
 
-# The kernel sandbox's tensor-core forward for small convolutions (benchmarks/kernels/conv_small_tc.cu, timed by
-# run_conv_small.py beside conv_small_fwd), checked here so that the variant stays correct while it is kept
+# The kernel sandbox's tensor-core forward and filter gradient for small convolutions (benchmarks/kernels/
+# conv_small_tc.cu, timed by run_conv_small.py beside conv_small_fwd and the filter gradient's candidates), checked
+# here so that the variants stay correct while they are kept
 SMALL_TC_ENTRY = """
 extern "C" int emu_small_tc(const float* x, const float* w, const float* b, void* y, int n, int C, int H, int W, int K,
                             int R, int S, int st, int pad, int P, int Q, int act, int out16, unsigned seed, char* err,
