@@ -32,9 +32,8 @@ NHWC_SANDBOX = "tc_conv_nhwc"      # benchmarks/kernels: the channels-last tenso
 WS_SANDBOX = "conv16_ws"           # benchmarks/kernels: the warp-specialised bf16 wgmma tiles (includes mma.cu)
 POOL_SANDBOX = "pool_grad_px"      # benchmarks/kernels: the pooling gradient by pixels of the input (includes conv.cu)
 HALO_SANDBOX = "conv16_halo"       # benchmarks/kernels: the bf16 wgmma tiles reading a halo (includes mma.cu)
-WINO_SANDBOX = "winograd"          # benchmarks/kernels: the float32 convolutions by Winograd's algorithms
 SMALL_TC_SANDBOX = "conv_small_tc"  # benchmarks/kernels: the first layer's forward on bf16 tensor cores (includes mma.cu)
-SANDBOXES = (SANDBOX, NHWC_SANDBOX, WS_SANDBOX, POOL_SANDBOX, HALO_SANDBOX, WINO_SANDBOX, SMALL_TC_SANDBOX)
+SANDBOXES = (SANDBOX, NHWC_SANDBOX, WS_SANDBOX, POOL_SANDBOX, HALO_SANDBOX, SMALL_TC_SANDBOX)
 ARCHS = ("sm_80", "sm_90")
 WGMMA = ("mma", WS_SANDBOX, HALO_SANDBOX)   # also built for sm_90a (kernels.compile_module): the wgmma code itself
 
@@ -49,13 +48,13 @@ def _text(name: str) -> str:
     """What is compiled: a source as the backend compiles it (conv with its generated entry points), the sandbox's
     variants (its runner compiles them beside the shipped tiles, which conv's compile covers), the warp-specialised
     and halo tiles with their entry points (conv16_ws.source_text, conv16_halo.source_text), or the channels-last and pooling sandboxes as their files
-    stand (they include mma.cu or conv.cu; winograd.cu includes nothing)."""
+    stand (they include mma.cu or conv.cu)."""
     if name == SANDBOX:
         run = _runner()
         return run.sandbox_text(run.VARIANTS)
     if name in (WS_SANDBOX, HALO_SANDBOX):
         return _runner(name).source_text()
-    if name in (NHWC_SANDBOX, POOL_SANDBOX, WINO_SANDBOX, SMALL_TC_SANDBOX):
+    if name in (NHWC_SANDBOX, POOL_SANDBOX, SMALL_TC_SANDBOX):
         return (ROOT / "benchmarks" / "kernels" / f"{name}.cu").read_text()
     return kernels.cu_text(name)
 

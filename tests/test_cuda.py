@@ -70,14 +70,16 @@ CONV_CASES = [  # (N, C, H, W, K, kernel, stride, padding)
     (3, 1, 7, 8, 24, 5, 2, 2),
 ]
 TABLES = {"fwd": C.FWD_CFGS, "data": C.DATA_CFGS, "filter": C.FILTER_CFGS}      # the shipped tiles (conv_tiles.py)
-FWD = list(C.FWD_CFGS) + ["im2col", "small"]
-DATA = list(C.DATA_CFGS) + ["im2col"]
-FILTER = list(C.FILTER_CFGS) + ["im2col"]
+FWD = list(C.FWD_CFGS) + ["im2col", "small", "wino"]
+DATA = list(C.DATA_CFGS) + ["im2col", "wino"]
+FILTER = list(C.FILTER_CFGS) + ["im2col", "wino"]
 
 
 def _fits(cfg, op, g):
     if cfg == "small":               # conv.cu's conv_small_fwd
         return op == "fwd" and C.small_fits(g)
+    if cfg == "wino":                # winograd.py, at fp32 (this module's backend)
+        return C.winograd.fits(g.c, g.k, g.r, g.s, g.stride) and g.pad <= 2
     return cfg == "im2col" or TABLES[op][cfg].fits(g.c, g.k)
 
 
@@ -697,10 +699,10 @@ def test_graph_captured_again_when_flags_flip_with_groups(rng):
         assert_close(runs[1][k], runs[0][k], F32, f"graph vs eager: {k}")
 
 
-@pytest.mark.parametrize("algo", ["implicit", "im2col"])
+@pytest.mark.parametrize("algo", ["implicit", "im2col", "wino"])
 def test_graph_replay_equals_eager_plan(rng, algo):
     """The captured graph computes what the same plan computes without capture, with each algorithm forced
-    (im2col puts cuBLAS GEMMs into the graph)."""
+    (im2col puts cuBLAS GEMMs into the graph, wino cuBLAS's strided-batched ones and workspaces)."""
     be = get_backend("cuda")
     x, y = _data(rng)
     hn.seed(11)

@@ -1,14 +1,13 @@
-"""The sandbox's float32 Winograd convolutions (benchmarks/kernels/winograd.cu, .py) on the CPU emulator: the filter
-gradient by F(3 x 3, 2 x 2), the forward and the data gradient by F(2 x 2, 3 x 3), their transforms' kernels and
-their chunks over images against float64 of the direct sums, with float32 GEMMs in NumPy; the filter gradient's
-three transforms against their matrices."""
+"""The fp32 Winograd convolutions (backends/cuda/winograd.cu and .py, conv.py's "wino" candidates) on the CPU
+emulator: the filter gradient by F(3 x 3, 2 x 2), the forward and the data gradient by F(2 x 2, 3 x 3), their
+transforms' kernels and their chunks over images against float64 of the direct sums, with float32 GEMMs in NumPy;
+the filter gradient's three transforms against their matrices."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from conftest import RTOL_EMULATED, rel_err
 from emu_build import EmulatedKernel, build_emulated
-from halo_cases import sandbox
 from mma_cases import conv_data_expected, conv_expected, conv_filter_expected
 
 # the F(3, 2) matrices of winograd.cu's comment
@@ -24,7 +23,8 @@ CASES = [((2, 3, 7, 9, 5, 1), None), ((1, 4, 6, 6, 8, 0), None), ((3, 1, 5, 4, 2
 
 @pytest.fixture(scope="module")
 def wino():
-    return sandbox("winograd")
+    from hetnet.backends.cuda import winograd
+    return winograd
 
 
 @pytest.fixture(scope="module")
@@ -164,3 +164,49 @@ def test_winograd_data_gradient_emulated(emu, wino, rng, case, chunk):
         wino.data_gradient(NanXp, _launch(emu), _gemm_nn, dx, dy, wt, pad, relu_x, workspace=workspace, sms=2)
         err = rel_err(dx, conv_data_expected(dy, wt, relu_x, (n, c, h, w, o, 3, 3, 1, pad)))
         assert err <= RTOL_EMULATED, f"{case} mask={relu_x is not None}: relative error {err:.3g}"
+
+
+def test_the_backend_runs_the_wino_candidates_emulated(emu, rng, monkeypatch):
+    """conv.py's "wino" candidates through the fp32 backend's own ops (an EmulatedBackend whose choices are set to
+    "wino", cuBLAS's batched GEMM in NumPy): conv2d_forward with bias, conv2d_backward with the ReLU mask and the
+    bias gradient, the filter gradient added to the one there. Each op must run the batched GEMM (the candidate, not
+    a fallback) and match float64; a layer they do not compute (stride 2) has no such candidate."""
+    from emu_backend import EmulatedBackend, route_kernels
+
+    from hetnet.backends.cuda import conv as C
+    route_kernels(monkeypatch, {"winograd": emu})
+    # conv.cu's bias gradient (not emulated here): out[k] += the sum over n and hw of x[n, k, hw]
+    monkeypatch.setattr(C, "channel_sum", lambda be_, x_, out, n_, k_, hw: out.__iadd__(
+        x_.reshape(n_, k_, hw).astype(np.float64).sum(axis=(0, 2)).astype(np.float32)))
+    be = EmulatedBackend("fp32")
+    calls = []
+
+    def gemm_batched(c, a, trans_a, b, trans_b, alpha=1.0, beta=0.0):
+        calls.append(c.shape)
+        prod = a.astype(np.float64).transpose(0, 2, 1) if trans_a else a.astype(np.float64)
+        prod = prod @ (b.astype(np.float64).transpose(0, 2, 1) if trans_b else b.astype(np.float64))
+        c[...] = (alpha * prod + (beta * c if beta else 0)).astype(np.float32)
+
+    be.gemm_batched = gemm_batched
+    n, c, h, w, o, pad = 3, 5, 7, 6, 4, 1
+    g = C.Geometry(n, c, h, w, o, 3, 3, 1, pad)
+    for op in ("fwd", "data", "filter"):
+        be._tune[(op, g.key())] = "wino"
+    x, wt = rng.standard_normal((n, c, h, w)).astype(np.float32), rng.standard_normal((o, c, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(o).astype(np.float32)
+    y, cache = be.conv2d_forward(x, wt, b, 1, pad, relu_mask=True)
+    assert calls, "the forward did not run the Winograd candidate"
+    assert rel_err(y, conv_expected(x, wt, b, 1, pad, 0)) <= RTOL_EMULATED
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    dw0, db0 = rng.standard_normal(wt.shape).astype(np.float32), rng.standard_normal(o).astype(np.float32)
+    dw, db = dw0.copy(), db0.copy()
+    calls.clear()
+    dx = be.conv2d_backward(dy, cache, dw, db, need_dx=True, relu_mask=True)
+    assert len(calls) >= 2, "the gradients did not run the Winograd candidates"
+    shape = (n, c, h, w, o, 3, 3, 1, pad)
+    assert rel_err(dx, conv_data_expected(dy, wt, x, shape)) <= RTOL_EMULATED
+    assert rel_err(dw, conv_filter_expected(dy, x, dw0, shape)) <= RTOL_EMULATED
+    np.testing.assert_allclose(db, db0 + dy.astype(np.float64).sum(axis=(0, 2, 3)), rtol=1e-5, atol=1e-5)
+    assert not C.wino_fits(be, C.Geometry(n, c, h, w, o, 3, 3, 2, pad), x)
+    assert not C.wino_fits(EmulatedBackend("tf32"), g, x)
+

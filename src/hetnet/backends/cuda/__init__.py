@@ -71,28 +71,30 @@ def describe() -> dict:
     return info
 
 
-_sgemm = None
+_cublas_fns: dict = {}
 
 
-def _raw_sgemm():
-    """cublasSgemm_v2 from the libcublas CuPy has loaded (found in /proc/self/maps), through ctypes."""
-    global _sgemm
-    if _sgemm is None:
+def _raw_cublas(name: str):
+    """cuBLAS's `name` (cublasSgemm_v2, cublasSgemmStridedBatched) from the libcublas CuPy has loaded (found in
+    /proc/self/maps), through ctypes: what a graph capture calls (CuPy's wrappers re-bind the stream first)."""
+    fn = _cublas_fns.get(name)
+    if fn is None:
         path = None
         with open("/proc/self/maps") as f:
             for line in f:
-                name = line.rsplit(" ", 1)[-1].strip()
-                if "/libcublas.so" in name:
-                    path = name
+                lib = line.rsplit(" ", 1)[-1].strip()
+                if "/libcublas.so" in lib:
+                    path = lib
                     break
         if path is None:
             raise RuntimeError("libcublas is not loaded")
-        fn = ctypes.CDLL(path).cublasSgemm_v2
-        p, i = ctypes.c_void_p, ctypes.c_int
-        fn.argtypes = [p, i, i, i, i, i, p, p, i, p, i, p, p, i]
+        fn = getattr(ctypes.CDLL(path), name)
+        p, i, s = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong
+        fn.argtypes = ([p, i, i, i, i, i, p, p, i, p, i, p, p, i] if name == "cublasSgemm_v2"
+                       else [p, i, i, i, i, i, p, p, i, s, p, i, s, p, p, i, s, i])
         fn.restype = i
-        _sgemm = fn
-    return _sgemm
+        _cublas_fns[name] = fn
+    return fn
 
 
 def _version(v: int) -> str:
@@ -167,10 +169,10 @@ class CudaBackend(ConvOps, PoolOps, NormOps, ElementwiseOps, LossOps, OptimOps, 
         self.gpu_name, self.sms = props["name"], props["sms"]
         # the matrix products' precision (hetnet.device): fp32, our FMA kernels and cuBLAS sgemm; tf32 / bf16, every
         # GEMM on our tensor-core kernels (mma.cu), the convolutions' algorithm chosen by measurement between the
-        # fp32 implicit-GEMM kernels and im2col + those GEMMs
+        # fp32 implicit-GEMM kernels and im2col + those GEMMs (and at fp32 Winograd's algorithms, winograd.py)
         self.precision = precision
         self.cuda_graph = _env_flag("HETNET_CUDA_GRAPH", True)
-        self.force_conv_algo: str | None = None   # "implicit" | "im2col" to skip the measurement (tests)
+        self.force_conv_algo: str | None = None   # a name of conv.FORCEABLE: no measurement (tests)
         self._cache: dict = {}                     # gather tables, scratch buffers
         self._tune: dict = {}                      # (op, shape) -> chosen algorithm
         self._tune_times: dict = {}                # (op, shape) -> {algorithm: ms}
@@ -223,15 +225,35 @@ class CudaBackend(ConvOps, PoolOps, NormOps, ElementwiseOps, LossOps, OptimOps, 
         if self.capturing is not None:
             # CuPy's cuBLAS wrappers refuse to run inside a stream capture (they re-bind the stream first), so
             # the captured call goes to libcublas directly; the handle was bound to the capture stream before.
-            status = _raw_sgemm()(*args)
+            status = _raw_cublas("cublasSgemm_v2")(*args)
             if status != 0:
                 raise RuntimeError(f"cublasSgemm_v2 failed with status {status} during graph capture")
             return
-        cublas.setStream(handle, self.cupy.cuda.get_current_stream().ptr)
-        cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
-        if hasattr(cublas, "setMathMode"):
-            cublas.setMathMode(handle, getattr(cublas, "CUBLAS_DEFAULT_MATH", 0))
+        self.prepare_capture(self.cupy.cuda.get_current_stream())
         cublas.sgemm(*args)
+
+    def gemm_batched(self, c, a, trans_a: bool, b, trans_b: bool, alpha: float = 1.0, beta: float = 0.0) -> None:
+        """c[i] = alpha * op(a[i]) @ op(b[i]) + beta * c[i] for every i of C-contiguous float32 arrays [B, rows,
+        cols]: one cuBLAS sgemmStridedBatched in float32 on the current stream, at any precision (the fp32
+        convolutions by Winograd's algorithms, winograd.py)."""
+        check(c, a, b)
+        if not (c.ndim == a.ndim == b.ndim == 3 and c.shape[0] == a.shape[0] == b.shape[0]):
+            raise ValueError(f"gemm_batched: c {c.shape}, a {a.shape}, b {b.shape} are not batches of one length")
+        _, trans_a, _, trans_b, m, n, k = gemm_operands(c[0], a[0], trans_a, b[0], trans_b, "gemm_batched")
+        key = (float(alpha), float(beta))
+        ab = self._alpha_beta.get(key)
+        if ab is None:
+            ab = self._alpha_beta[key] = np.array([alpha, beta], dtype=np.float32)
+        op = {False: 0, True: 1}                        # CUBLAS_OP_N, CUBLAS_OP_T
+        # column-major view: c^T[N,M] = op(b)^T op(a)^T, batch after batch
+        args = (self.cupy.cuda.device.get_cublas_handle(), op[trans_b], op[trans_a], n, m, k, ab.ctypes.data,
+                b.data.ptr, b.shape[2], b.shape[1] * b.shape[2], a.data.ptr, a.shape[2], a.shape[1] * a.shape[2],
+                ab.ctypes.data + 4, c.data.ptr, c.shape[2], c.shape[1] * c.shape[2], c.shape[0])
+        if self.capturing is None:
+            self.prepare_capture(self.cupy.cuda.get_current_stream())
+        status = _raw_cublas("cublasSgemmStridedBatched")(*args)
+        if status != 0:
+            raise RuntimeError(f"cublasSgemmStridedBatched failed with status {status}")
 
     def prepare_capture(self, stream) -> None:
         """Bind the cuBLAS handle to `stream` (host scalars, math mode) before a capture on it begins."""

@@ -1,8 +1,9 @@
 """Convolution and dense launchers: implicit GEMM (conv.cu; at tf32 / bf16 also on tensor cores, mma.conv_tc /
 conv_data_tc / conv_filter_tc, and on channels-last copies of the operands, bf16 at bf16, tf32-rounded float32 at
 tf32 and at fp32 split in two tf32 parts, mma.conv16 / conv16_data / conv16_filter) or im2col + cuBLAS (or our
-tensor-core GEMMs), and for a small convolution's forward (C R S <= 32 taps, K <= 64) a direct kernel
-(conv_small_fwd), chosen per shape by measurement.
+tensor-core GEMMs), for a small convolution's forward (C R S <= 32 taps, K <= 64) a direct kernel
+(conv_small_fwd), and at fp32 for 3 x 3 stride-1 convolutions Winograd's algorithms (winograd.py: transforms on CUDA
+cores, cuBLAS's strided-batched GEMMs between), chosen per shape by measurement.
 
 Every op here has the op contract's optional fused epilogues (used by hetnet.plan): `act` (ReLU after bias in the
 forward) and `relu_x` (the input of this layer is a ReLU output, so the data gradient is zeroed where relu_x <= 0).
@@ -19,7 +20,7 @@ import os
 import numpy as np
 
 from .. import compose
-from . import mma, tune_cache
+from . import mma, tune_cache, winograd
 from .conv_tiles import BK, TILES, Tile
 from .kernels import NULL, act_code, check, get_kernel, grid_for, wgmma_ok
 
@@ -47,8 +48,9 @@ _i32 = np.int32
 # copies, mma.conv16 / conv16_data / conv16_filter, on their large tile; "tc16s" their small one) at bf16 where
 # mma.conv16_fits. At tf32 and fp32 the channels-last candidates are "tc32..." and "tc32x3..." (CL_PREFIX; not
 # forceable).
-FORCEABLE = ("implicit", "im2col", "tc", "tc16")
-OWN_TC = ("tc", "tc16")      # the forceable names that exist only at some precisions and shapes
+FORCEABLE = ("implicit", "im2col", "tc", "tc16", "wino")
+OWN_TC = ("tc", "tc16", "wino")   # the forceable names that exist only at some precisions and shapes
+CUBLAS = ("im2col", "wino")  # the candidates that call cuBLAS (not where a graph capture could not take it)
 # The candidates on channels-last copies (mma.COPY_DTYPE) start with their precision's prefix; at fp32 they are the
 # tf32 kernels on split copies, three products for one (mma_tiles.Tc16Tile), float32's accuracy on tensor cores.
 CL_PREFIX = {"bf16": "tc16", "tf32": "tc32", "fp32": "tc32x3"}
@@ -319,6 +321,40 @@ def _filter_tc16(be, g, copies, dy, dw, db, tile):
         channel_sum(be, dy, db, g.n, g.k, g.p * g.q)
 
 
+def wino_fits(be, g: Geometry, *arrays) -> bool:
+    """Whether the Winograd candidates ("wino") run g: at fp32, 3 x 3 at stride 1 with padding at most 2 (the data
+    gradient's is 2 - pad), contiguous operands."""
+    return (be.precision == "fp32" and winograd.fits(g.c, g.k, g.r, g.s, g.stride) and g.pad <= 2 and g.n > 0
+            and _contiguous(*arrays))
+
+
+def _wino(be, *operands) -> dict:
+    """winograd.py's launch and its workspace for one call on be: at most the bytes of the call's operands (so that
+    the transforms never take more than twice the memory of the tensors they read and write), at most WORKSPACE."""
+    def launch(name, grid, block, args):
+        get_kernel(be.device_id, "winograd", name)(grid, block, args)
+
+    return {"launch": launch, "sms": be.sms,
+            "workspace": min(winograd.WORKSPACE, sum(a.nbytes for a in operands if a is not None))}
+
+
+def _fwd_wino(be, g, x, w, b, y, act):
+    winograd.conv_forward(be.xp, gemm=lambda m, u, v: be.gemm_batched(m, u, False, v, False), y=y, x=x, w=w,
+                          bias=b, pad=g.pad, act=act, **_wino(be, x, y))
+
+
+def _data_wino(be, g, dy, w, dx, relu_x):
+    winograd.data_gradient(be.xp, gemm=lambda m, u, v: be.gemm_batched(m, u, False, v, False), dx=dx, dy=dy, w=w,
+                           pad=g.pad, relu_x=relu_x, **_wino(be, dy, dx))
+
+
+def _filter_wino(be, g, dy, x, dw, db):
+    winograd.filter_gradient(be.xp, gemm=lambda m, u, v, beta: be.gemm_batched(m, u, False, v, True, 1.0, beta),
+                             dw=dw, x=x, dy=dy, pad=g.pad, add=True, **_wino(be, x, dy))
+    if db is not None:
+        channel_sum(be, dy, db, g.n, g.k, g.p * g.q)
+
+
 def _tiles16(be, op: str, run) -> dict:
     """The channels-last candidates of op at be's precision (CL_PREFIX p): p on the large mma.sync tile of
     mma.tiles16(op), p + "s" on the small one, and where the device runs wgmma (kernels.wgmma_ok) p + the name of each
@@ -387,13 +423,13 @@ def _forced() -> str | None:
 
 def _forced_candidate(forced: str, candidates: dict) -> str:
     """The candidate a forced algorithm names: "im2col"; "tc" / "tc16" (the tensor-core implicit GEMMs, where they
-    exist for the op, precision and shape, else "tc", else as "implicit"); "implicit" (our first fp32 implicit-GEMM
-    tile)."""
+    exist for the op, precision and shape, else "tc", else as "implicit"); "wino" (Winograd's, where it runs g,
+    else as "implicit"); "implicit" (our first fp32 implicit-GEMM tile)."""
     if forced in candidates:
         return forced
     if forced == "tc16" and "tc" in candidates:
         return "tc"
-    return next(n for n in candidates if n not in ("im2col", *OWN_TC))
+    return next(n for n in candidates if n not in (*CUBLAS, *OWN_TC))
 
 
 def _choose(be, op: str, g: Geometry, candidates: dict, run_scratch):
@@ -403,7 +439,7 @@ def _choose(be, op: str, g: Geometry, candidates: dict, run_scratch):
     key = (op, g.key())
     forced = be.force_conv_algo or _forced()
     if forced:
-        if be.capturing is not None and not be.graph_cublas and forced == "im2col":
+        if be.capturing is not None and not be.graph_cublas and forced in CUBLAS:
             forced = "implicit"
         return _forced_candidate(forced, candidates)
     remembered = tune_cache.for_backend(be)
@@ -411,11 +447,11 @@ def _choose(be, op: str, g: Geometry, candidates: dict, run_scratch):
         be._tune[key] = remembered.get(key)           # measured by an earlier process on this card (tune_cache)
         be._tune_times[key] = remembered.times(key)
     choice = be._tune.get(key)
-    if choice is not None and (be.capturing is None or be.graph_cublas or choice != "im2col"):
+    if choice is not None and (be.capturing is None or be.graph_cublas or choice not in CUBLAS):
         return choice
     if be.capturing is not None:     # no measuring inside a capture; the best of our own kernels
         times = be._tune_times.get(key, {})
-        own = [n for n in candidates if n != "im2col"]
+        own = [n for n in candidates if n not in CUBLAS]
         return min(own, key=lambda n: times.get(n, float("inf")))
     import cupy
 
@@ -470,6 +506,8 @@ def conv_forward(be, x, w, b, stride, pad, act=0, geometry=None, out16=False):
     cands["im2col"] = lambda out: _fwd_im2col(be, g, x, w, b, out, act, x.nbytes + 4 * size)
     if _contiguous(x, w, b) and small_fits(g):
         cands["small"] = lambda out: _fwd_small(be, g, x, w, b, out, act)
+    if act in (0, 1) and wino_fits(be, g, x, w, b):
+        cands["wino"] = lambda out: _fwd_wino(be, g, x, w, b, out, act)
     if _contiguous(x, w, b) and mma.conv_fits(x, size):
         if be.precision != "fp32":
             cands["tc"] = lambda out: mma.conv_tc(be, out, x, w, b, stride, pad, act)
@@ -508,6 +546,8 @@ def _filter_backward(be, g, copies, dy, x, dw, db):
     sharing its channels-last copy of dy with the data gradient."""
     fc = _split_cands(be, FILTER_CFGS, g, lambda cfg, sp, dw_, db_: _filter_implicit(be, cfg, g, dy, x, dw_, db_, sp))
     fc["im2col"] = lambda dw_, db_: _filter_im2col(be, g, dy, x, dw_, db_, x.nbytes + dy.nbytes)
+    if wino_fits(be, g, dy, x, dw):
+        fc["wino"] = lambda dw_, db_: _filter_wino(be, g, dy, x, dw_, db_)
     if _contiguous(dy, x, dw) and mma.conv_fits(x, dw.size) and dy.size < 2**31:
         if be.precision != "fp32":
             fc["tc"] = lambda dw_, db_: _filter_tc(be, g, dy, x, dw_, db_)
@@ -695,6 +735,8 @@ def conv_backward(be, dy, x, w, dw, db, stride, pad, need_dx=True, relu_x=None, 
     size = n * c * h * wd
     dc = _split_cands(be, DATA_CFGS, g, lambda cfg, sp, out: _data_implicit(be, cfg, sp, g, dy, w, out, relu_x))
     dc["im2col"] = lambda out: _data_im2col(be, g, dy, w, out, relu_x, 4 * size + dy.nbytes)
+    if wino_fits(be, g, dy, w, relu_x):
+        dc["wino"] = lambda out: _data_wino(be, g, dy, w, out, relu_x)
     if _contiguous(dy, w, relu_x) and mma.conv_fits(dy, size):
         if be.precision != "fp32":
             dc["tc"] = lambda out: mma.conv_data_tc(be, out, dy, w, relu_x, stride, pad)

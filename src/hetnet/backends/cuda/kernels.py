@@ -16,7 +16,7 @@ import numpy as np
 from . import conv_tiles, mma_tiles
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ("conv", "pool", "norm", "elementwise", "loss", "optim", "data", "mma")
+SOURCES = ("conv", "pool", "norm", "elementwise", "loss", "optim", "data", "mma", "winograd")
 NULL = np.uint64(0)  # a null pointer argument
 
 _modules: dict[tuple[int, str], object] = {}

@@ -1,12 +1,12 @@
-"""The sandbox's float32 Winograd convolutions (winograd.cu, where the maths is), 3 x 3 at stride 1, any padding.
+"""float32 3 x 3, stride-1 convolutions by Winograd's algorithms (winograd.cu, where the maths is), the fp32
+candidates "wino" of conv.py's forward, data gradient and filter gradient.
 
 The filter gradient by F(3 x 3, 2 x 2): x and dy transformed a chunk of images at a time into V and U, laid out
 [parts][16][C or O][L] (the chunk's T tiles of dy cut into `parts` runs of L, zero-padded), the 16 x parts GEMMs
 M[part, xi] += U V^T (O x C, K = L) accumulated over the chunks, then dw = G^T (sum of the parts) G. The forward and
 the data gradient by F(2 x 2, 3 x 3): U = G w G^T once, then per chunk V, the 16 GEMMs M = U V (OUT x T) and y =
-A^T M A. Not in the package: they run wherever `launch` runs winograd.cu's kernels (CuPy on a GPU, the CPU emulator
-in the tests) and `gemm` computes a chunk's GEMMs (the cuda backend's fp32 GEMM once for each, one batched cuBLAS
-call, or NumPy).
+A^T M A. The functions run wherever `launch` runs winograd.cu's kernels (the cuda backend; the CPU emulator in the
+tests) and `gemm` computes a chunk's GEMMs (one strided-batched cuBLAS call on the GPU, NumPy in the tests).
 
     filter_gradient(xp, launch, gemm, dw, x, dy, pad)       # dw [O, C, 3, 3] = dE/dw
     conv_forward(xp, launch, gemm, y, x, w, b, pad, act)    # y = act(conv(x, w) + b)
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hetnet.backends.cuda.kernels import NULL
+from .kernels import NULL
 
 SOURCE = Path(__file__).resolve().parent / "winograd.cu"
 THREADS = 256
@@ -26,7 +26,7 @@ WORKSPACE = 256 << 20       # bytes of U and V a chunk of images may take
 
 
 def fits(c: int, o: int, r: int, s: int, stride: int) -> bool:
-    """Whether the sandbox computes this convolution's filter gradient: 3 x 3 at stride 1 (any padding)."""
+    """Whether these algorithms compute this convolution: 3 x 3 at stride 1 (any padding)."""
     return (r, s, stride) == (3, 3, 1) and c > 0 and o > 0
 
 
