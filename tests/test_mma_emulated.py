@@ -557,31 +557,6 @@ def test_conv16_launcher():
         is mm.TILES32W["fwd"][0]
 
 
-# --- mma.cu's HN_GATHER_L1 switch on: the gathers through L1, the K tiles a channel chunk's taps at a time ----------
-
-# (n, C, H, W, O, R, S, stride, pad) with C (and O, the data gradient's gathered channels) a multiple of the K tile
-# and more than one: bf16 K tiles of 64 channels, tf32 and fp32 of 32; two or three chunks at 3 x 3, and a data
-# gradient whose 12 channels keep the K order
-TAPS_INNER_CASES = [("bf16", (1, 128, 5, 6, 128, 3, 3, 1, 1)), ("tf32", (1, 64, 5, 6, 64, 3, 3, 1, 1)),
-                    ("fp32", (1, 96, 6, 5, 12, 3, 3, 1, 1))]
-
-
-@pytest.fixture(scope="module")
-def emu_l1(tmp_path_factory):
-    """mma.cu built with HN_GATHER_L1 = 7 (what time_cl_tiles.py --gather-l1 times as "l1t"), against the emulator."""
-    return build_emulated(tmp_path_factory.mktemp("emu_l1"), "mma_l1_emu",
-                          "#define HN_GATHER_L1 7\n" + kernels.cu_text("mma"), EMU_DIR / "gemm_launch.cpp")
-
-
-@pytest.mark.parametrize(("precision", "shape"), TAPS_INNER_CASES, ids=str)
-def test_conv16_with_the_l1_switch_on(emu_l1, rng, precision, shape):
-    """Every channels-last tile's ops (test_conv16's checks) and pooled forward (test_conv16_pool's) with the gathers
-    through L1 and the K tiles in chunk-major order (hn_k_tile): the same products in another order."""
-    check_cl_ops(emu_l1, rng, precision, shape, {op: mm.tiles16(op, precision) for op in ("fwd", "filter")})
-    if shape[7] == 1 and shape[5] == 3:
-        check_pool(emu_l1, rng, precision, shape, mm.tiles16("pool", precision))
-
-
 # --- the warp-specialised tiles that do not ship (benchmarks/kernels/conv16_ws.py, HN_CONV16WS) --------------------
 
 @pytest.fixture(scope="module")

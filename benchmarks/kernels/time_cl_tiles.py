@@ -9,12 +9,10 @@ error within RTOL_TC_ROUNDED of the norm; a tile that fails is reported, never t
 (CUDA events around back-to-back launches queued behind a spin kernel, median of several samples). --out writes the
 rows as JSON with the card, hetnet's commit and the date (hetnet.bench.common.environment). --precision tf32 or fp32
 times the shipped tf32 / fp32 tiles (wgmma forward, mma.sync filter gradient) and the halo tiles of that precision
-(on an sm_90a GPU). --gather-l1 also times each shipped tile built with mma.cu's HN_GATHER_L1 = 3 (its gathers of
-the input copied through L1, cp.async.ca, instead of L2 only; sandbox "l1") and = 7 (also the forward's and data
-gradient's K tiles a channel chunk's taps at a time, hn_k_tile; sandbox "l1t"), each from a module of its own.
+(on an sm_90a GPU); --no-sandbox leaves those out.
 
-    PYTHONPATH=src python benchmarks/kernels/time_cl_tiles.py [--batch 512] [--precision bf16] [--gather-l1]
-        [--no-sandbox] [--out tiles.json]
+    PYTHONPATH=src python benchmarks/kernels/time_cl_tiles.py [--batch 512] [--precision bf16] [--no-sandbox]
+        [--out tiles.json]
 """
 from __future__ import annotations
 
@@ -38,9 +36,6 @@ def main(argv=None) -> int:
     ap.add_argument("--precision", choices=("bf16", "tf32", "fp32"), default="bf16",
                     help="the copies' precision (tf32, fp32: the shipped wgmma forward tiles and mma.sync filter "
                          "tiles, the halo tiles of TILES32H; no ws tiles)")
-    ap.add_argument("--gather-l1", action="store_true",
-                    help="also each shipped tile with its gathers through L1 (mma.cu's HN_GATHER_L1 = 3, and 7: "
-                         "the K tiles a channel chunk's taps at a time)")
     ap.add_argument("--no-sandbox", action="store_true", help="leave out the sandbox's ws and halo tiles")
     ap.add_argument("--out", type=Path, default=None, help="write the times as JSON (card, commit, date)")
     args = ap.parse_args(argv)
@@ -50,9 +45,8 @@ def main(argv=None) -> int:
     import conv16_ws as ws
     from run_conv_variants import time_ms
     from run_tc_conv_nhwc import RTOL_TC_ROUNDED
-    from wgmma_sandbox import WgmmaSandbox
 
-    from hetnet.backends.cuda import kernels, mma
+    from hetnet.backends.cuda import mma
     from hetnet.backends.cuda.kernels import get_kernel
     from hetnet.bench.common import environment, write_result
     from hetnet.device import get_backend
@@ -66,8 +60,6 @@ def main(argv=None) -> int:
     if args.no_sandbox:
         sandbox = {"fwd": [], "filter": []}
     spin = get_kernel(be.device_id, "elementwise", "hn_spin")
-    l1 = {kind: WgmmaSandbox(f"HN_GATHER_L1 {bits}", lambda bits=bits: f"#define HN_GATHER_L1 {bits}\n"
-                             + kernels.cu_text("mma")) for kind, bits in (("l1", 3), ("l1t", 7))}
     rng = np.random.default_rng(0)
     rows = []
     for c, h, w, o, pooled in LAYERS:
@@ -98,12 +90,11 @@ def main(argv=None) -> int:
                                      ("filter", {"filter": part}, filter_calls)):
             refs = {}
             shipped = [t for t in mma.tiles16(op, args.precision) if t.wgmma or (op == "filter" and not bf16)]
-            l1_kinds = [k for k in l1 if args.gather_l1 and (op == "fwd" or k == "l1")]   # (l1t: the same filter)
-            entries = [(t, "") for t in shipped] + [(t, k) for k in l1_kinds for t in shipped] + [
-                (t, "ws" if isinstance(t, ws.WsTile) else "halo") for t in sandbox[op]]
-            for tile, kind in entries:
-                launch = {"ws": ws.launch, "halo": halo.launch, **{k: m.launch for k, m in l1.items()}}.get(
-                    kind, mma.launch_conv)
+            for tile in shipped + sandbox[op]:
+                kind = ("ws" if isinstance(tile, ws.WsTile) else
+                        "halo" if isinstance(tile, (halo.HaloTile, halo.HaloFilterTile, halo.HaloSyncFilterTile))
+                        else "")
+                launch = {"ws": ws.launch, "halo": halo.launch}.get(kind, mma.launch_conv)
                 calls = make_calls(tile)
                 errs = {}
                 for name, out in outs.items():          # each output checked against the first tile's

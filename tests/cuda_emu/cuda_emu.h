@@ -486,9 +486,6 @@ inline void hn_cp_async(void* dst, const void* src, int size, int src_bytes, con
     emu::me().pending.push_back(p);
 }
 inline void hn_cp_async16(void* dst, const void* src, int src_bytes) { hn_cp_async(dst, src, 16, src_bytes, "cp.async 16"); }
-inline void hn_cp_async16_l1(void* dst, const void* src, int src_bytes) {
-    hn_cp_async(dst, src, 16, src_bytes, "cp.async.ca 16");
-}
 inline void hn_cp_async4(void* dst, const void* src, int src_bytes) { hn_cp_async(dst, src, 4, src_bytes, "cp.async 4"); }
 inline void hn_cp_async_commit() {
     emu::Thread& t = emu::me();

@@ -38,13 +38,6 @@ __device__ __forceinline__ void hn_cp_async16(void* dst, const void* src, int sr
                  "r"(src_bytes)
                  : "memory");
 }
-// The same 16 bytes through L1 (.ca: the line also kept in L1), for gathers that read the same input pixels at
-// several taps (HN_GATHER_L1).
-__device__ __forceinline__ void hn_cp_async16_l1(void* dst, const void* src, int src_bytes) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;\n" ::"r"(hn_smem_addr(dst)), "l"(src),
-                 "r"(src_bytes)
-                 : "memory");
-}
 __device__ __forceinline__ void hn_cp_async4(void* dst, const void* src, int src_bytes) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(hn_smem_addr(dst)), "l"(src),
                  "r"(src_bytes)
@@ -1237,44 +1230,17 @@ struct HnSwizzle128MN {
     }
 };
 
-// Which of the convolutions' gathers copy through L1 (hn_cp_async16_l1) instead of L2 only: bit 0 the forward's and
-// data gradient's (hn_nhwc_copy_b: a K tile is one tap's channels, and the next taps read the same pixels shifted),
-// bit 1 the filter gradient's (hn_nhwc_copy_x_taps: a K tile's columns span taps of the same pixels). Bit 2: the
-// forward's and data gradient's K tiles in the order that keeps those pixels close in time (hn_k_tile). 0 ships;
-// benchmarks/kernels/time_cl_tiles.py --gather-l1 times the shipped tiles built with 3 and with 7 beside them.
-#ifndef HN_GATHER_L1
-#define HN_GATHER_L1 0
-#endif
-#define HN_TAPS_INNER ((HN_GATHER_L1 & 4) != 0)
-
-// The first K index of K tile kt (BK columns) of the forward's and data gradient's GEMM, K = R x S x C with the
-// channels innermost (k = (r S + s) C + c). In K order, tile kt starts at kt BK: at C = 4 BK the tiles of one tap are
-// four apart, so a tap shifted by one column re-reads the pixels of the tile four back. Where C is a multiple of BK,
-// hn_k_tile runs one chunk of BK channels through all R x S taps before the next chunk: tile kt is chunk kt / (R S)
-// at tap kt % (R S), and each tap re-reads the pixels of the tile one back (S back for the next row of taps). The
-// same tiles, so the same sum in another order. The K loops take it where HN_TAPS_INNER (HN_GATHER_L1 bit 2).
-template <int BK>
-__device__ __forceinline__ int hn_k_tile(int kt, const HnConv& cv) {
-    if (cv.c % BK != 0) return kt * BK;
-    const int chunk = hn_div(kt, cv.kb_plane);                    // kb_plane: R x S (hn_conv_of<1>)
-    return (kt - chunk * cv.r * cv.s) * cv.c + chunk * BK;
-}
-
-// One 16-byte chunk, element `off` of a channels-last copy, into shared memory at s (cp.async, src-size `bytes`;
-// L1 true: through L1). LO > 0: the copy is split (fp32 as two tf32 parts, hi + lo: hn_split_tf32), each 16-byte
-// chunk of 4 floats stored as its hi chunk then its lo chunk, so element off of the tensor lies at 2 off (hi) and
-// 2 off + 4 (lo), off a multiple of 4; the lo chunk goes LO elements after s.
-template <int LO, bool L1 = false, class T>
+// One 16-byte chunk, element `off` of a channels-last copy, into shared memory at s (cp.async, src-size `bytes`). LO
+// > 0: the copy is split (fp32 as two tf32 parts, hi + lo: hn_split_tf32), each 16-byte chunk of 4 floats stored as
+// its hi chunk then its lo chunk, so element off of the tensor lies at 2 off (hi) and 2 off + 4 (lo), off a multiple
+// of 4; the lo chunk goes LO elements after s.
+template <int LO, class T>
 __device__ __forceinline__ void hn_cp_chunk(T* s, const T* src, long long off, int bytes) {
-    const auto copy = [](void* d, const void* g, int n) {
-        if constexpr (L1) hn_cp_async16_l1(d, g, n);
-        else hn_cp_async16(d, g, n);
-    };
     if constexpr (LO == 0) {
-        copy(s, src + off, bytes);
+        hn_cp_async16(s, src + off, bytes);
     } else {
-        copy(s, src + 2 * off, bytes);
-        copy(s + LO, src + 2 * off + 4, bytes);
+        hn_cp_async16(s, src + 2 * off, bytes);
+        hn_cp_async16(s + LO, src + 2 * off + 4, bytes);
     }
 }
 
@@ -1291,7 +1257,7 @@ __device__ __forceinline__ void hn_nhwc_copy_b(T* s, const T* x, const HnConv& c
         const int ih = rows.ih0[i] + r, iw = rows.iw0[i] + sx;
         const bool ok = k < kend && ih >= 0 && ih < cv.h && iw >= 0 && iw < cv.w;
         const int at = ok ? rows.base[i] + (ih * cv.w + iw) * cv.c + c : 0;
-        hn_cp_chunk<LO, (HN_GATHER_L1 & 1) != 0>(s + L::at((tid + i * THREADS) / CPR, col), x, at, ok ? 16 : 0);
+        hn_cp_chunk<LO>(s + L::at((tid + i * THREADS) / CPR, col), x, at, ok ? 16 : 0);
     }
 }
 
@@ -1348,7 +1314,7 @@ __device__ __forceinline__ void hn_conv16_fwd(unsigned char* smem, const unsigne
     const HnDiv by_c = hn_div_of(cv.c);
 
     auto issue = [&](int kt) {
-        const int k0 = HN_TAPS_INNER ? hn_k_tile<BK>(kt, cv) : kt * BK, s = kt % STAGES;
+        const int k0 = kt * BK, s = kt % STAGES;
         hn_copy16_tile<BM, CPR, HnRowTile<OA::STRIDE>, THREADS>(sa + s * OA::ELEMS, W, K, blk.m0, M, k0, K, tid);
         hn_nhwc_copy_b<unsigned short, CPR, HnRowTile<OB::STRIDE>, THREADS>(sb + s * OB::ELEMS, x, cv, rows, by_c,
                                                                             k0, K, tid);
@@ -1446,7 +1412,7 @@ __device__ __forceinline__ void hn_convw_fwd(unsigned char* smem, const T* W, co
     const HnDiv by_c = hn_div_of(cv.c);
 
     auto issue = [&](int kt) {
-        const int k0 = HN_TAPS_INNER ? hn_k_tile<BK>(kt, cv) : kt * BK, s = kt % STAGES;
+        const int k0 = kt * BK, s = kt % STAGES;
         hn_copy16_tile<BM, CPR, L, THREADS, ALO>(sa + s * SA, W, K, blk.m0, M, k0, K, tid);
         hn_nhwc_copy_b<T, CPR, L, THREADS, decltype(rows)::N, BLO>(sb + s * SB, x, cv, rows, by_c, k0, K, tid);
     };
@@ -1480,7 +1446,7 @@ __device__ __forceinline__ void hn_nhwc_copy_x_taps(T* s, const T* x, const HnCo
         const int ih = p * cv.stride - cv.pad + r, iw = q * cv.stride - cv.pad + sx;
         const bool ok = k < kend && n < N && ih >= 0 && ih < cv.h && iw >= 0 && iw < cv.w;
         const int at = ok ? ((img * cv.h + ih) * cv.w + iw) * cv.c + c : 0;
-        hn_cp_chunk<LO, (HN_GATHER_L1 & 2) != 0>(s + L::at(row, col), x, at, ok ? 16 : 0);
+        hn_cp_chunk<LO>(s + L::at(row, col), x, at, ok ? 16 : 0);
     }
 }
 
