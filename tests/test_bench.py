@@ -496,11 +496,10 @@ def test_benchmark_scripts_import_without_a_gpu_and_wrap_the_harness(monkeypatch
                        "kernels/conv16_halo.py", "kernels/conv16_ws.py", "kernels/conv_variants.py",
                        "kernels/gelu_fit.py", "kernels/host_overhead.py", "kernels/profile_step.py",
                        "kernels/run_conv_small.py", "kernels/run_conv_variants.py", "kernels/run_tc_conv_nhwc.py",
-                       "kernels/run_tc_gemm.py", "kernels/run_winograd.py", "kernels/time_cl_tiles.py",
-                       "kernels/time_pool_grad.py", "kernels/wgmma_sandbox.py", "kernels/winograd.py",
-                       "precision_accuracy.py", "scaling.py"]
+                       "kernels/run_tc_gemm.py", "kernels/time_cl_tiles.py", "kernels/time_pool_grad.py",
+                       "kernels/wgmma_sandbox.py", "precision_accuracy.py", "scaling.py"]
     libraries = ("kernels/conv_variants.py", "kernels/conv16_ws.py", "kernels/conv16_halo.py",
-                 "kernels/wgmma_sandbox.py", "kernels/winograd.py")
+                 "kernels/wgmma_sandbox.py")
     for name in scripts:
         if name in libraries:              # the sandbox's tile tables and their module builder, read by runners
             continue

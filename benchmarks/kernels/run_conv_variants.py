@@ -150,7 +150,7 @@ class Layer:
 
 
 def gpu_runner(doc: str, argv, precision: str):
-    """The one-shape sandbox runners' start (run_conv_small.py, run_winograd.py, time_pool_grad.py): --batch and
+    """The one-shape sandbox runners' start (run_conv_small.py, time_pool_grad.py): --batch and
     --out parsed (the description: doc's first paragraph), then (args, cupy, the cuda backend at `precision`, the
     spin kernel time_ms queues launches behind)."""
     ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
