@@ -2,9 +2,11 @@
 node's kernels run back to back), and an NVTX range "prof" around one step for Nsight Compute.
 
     PYTHONPATH=src python benchmarks/kernels/profile_step.py --model fashion-cnn --batch 32
-    HETNET_TUNE_CACHE=0 ncu --profile-from-start off --metrics gpu__time_duration.sum --csv \\
+    export HETNET_CACHE_DIR=/tmp/hc         # the choices of a run without ncu, read by the run under it
+    python benchmarks/kernels/profile_step.py --model thesis-m1 --batch 1024 --quiet
+    ncu --profile-from-start off --metrics gpu__time_duration.sum --csv \\
         python benchmarks/kernels/profile_step.py --model thesis-m1 --batch 1024 --quiet
-    HETNET_TUNE_CACHE=0 ncu --profile-from-start off --clock-control none --cache-control none \\
+    ncu --profile-from-start off --clock-control none --cache-control none \\
         --section SpeedOfLight --section WarpStateStats --print-details all -k regex:conv16 \\
         python benchmarks/kernels/profile_step.py --model cifar-speed --batch 1024 --quiet
     ncu --profile-from-start off --metrics gpu__time_duration.sum --csv \\
@@ -16,8 +18,9 @@ cudnn.benchmark on), one step in the profiler range after three: which cuDNN and
 
 (--clock-control none: the card's own clocks; --cache-control none: the L2 as the step leaves it, where ncu would
 flush it before each kernel; the whitening layer of cifar-speed is filled from the random images.
-HETNET_TUNE_CACHE=0: the convolution choices measured under the profiler are not kept for the processes after it
-(hetnet.backends.cuda.tune_cache), whose own measurements they would replace.)
+The convolutions' algorithms are measured on first use (hetnet.backends.cuda.tune_cache). Measured under ncu, which
+intercepts every launch, candidates of several launches lose to one-launch ones that a timed step never picks: run
+the step once without ncu first, so that the run under it reads those choices from the cache folder.)
 """
 from __future__ import annotations
 
