@@ -79,7 +79,7 @@ def _fits(cfg, op, g):
     if cfg == "small":               # conv.cu's conv_small_fwd
         return op == "fwd" and C.small_fits(g)
     if cfg == "wino":                # winograd.py, at fp32 (this module's backend)
-        return C.winograd.fits(g.c, g.k, g.r, g.s, g.stride) and g.pad <= 2
+        return C.winograd.fits(g.c, g.k, g.r, g.s, g.stride, g.pad)
     return cfg == "im2col" or TABLES[op][cfg].fits(g.c, g.k)
 
 

@@ -10,6 +10,8 @@ from conftest import RTOL_EMULATED, rel_err
 from emu_build import EmulatedKernel, build_emulated
 from mma_cases import conv_data_expected, conv_expected, conv_filter_expected
 
+from hetnet.backends.cuda import kernels
+
 # the F(3, 2) matrices of winograd.cu's comment
 BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float64)
 A = np.array([[1, 0], [1, 1], [1, -1], [0, -1]], np.float64)
@@ -28,8 +30,8 @@ def wino():
 
 
 @pytest.fixture(scope="module")
-def emu(tmp_path_factory, wino):
-    text = wino.SOURCE.read_text()
+def emu(tmp_path_factory):
+    text = kernels.cu_text("winograd")
     return build_emulated(tmp_path_factory.mktemp("emu_wino"), "wino_emu", text, launchers_of=text)
 
 
@@ -114,7 +116,8 @@ def test_transforms_are_the_matrices_emulated(emu, wino, rng):
 
 
 def test_plan_refuses_what_it_does_not_compute(wino):
-    assert wino.fits(64, 128, 3, 3, 1) and not wino.fits(64, 128, 3, 3, 2) and not wino.fits(64, 128, 5, 5, 1)
+    assert wino.fits(64, 128, 3, 3, 1, 1) and not wino.fits(64, 128, 3, 3, 2, 1) and not wino.fits(64, 128, 5, 5, 1, 1)
+    assert wino.fits(64, 128, 3, 3, 1, 2) and not wino.fits(64, 128, 3, 3, 1, 3)
     with pytest.raises(ValueError, match="do not fit"):
         wino.filter_gradient(np, None, None, np.zeros((2, 3, 3, 3), np.float32), np.zeros((1, 3, 5, 5), np.float32),
                              np.zeros((1, 2, 4, 4), np.float32), 1)

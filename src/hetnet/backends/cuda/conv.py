@@ -322,9 +322,8 @@ def _filter_tc16(be, g, copies, dy, dw, db, tile):
 
 
 def wino_fits(be, g: Geometry, *arrays) -> bool:
-    """Whether the Winograd candidates ("wino") run g: at fp32, 3 x 3 at stride 1 with padding at most 2 (the data
-    gradient's is 2 - pad), contiguous operands."""
-    return (be.precision == "fp32" and winograd.fits(g.c, g.k, g.r, g.s, g.stride) and g.pad <= 2 and g.n > 0
+    """Whether the Winograd candidates ("wino") run g: at fp32, where winograd.fits, contiguous operands."""
+    return (be.precision == "fp32" and winograd.fits(g.c, g.k, g.r, g.s, g.stride, g.pad) and g.n > 0
             and _contiguous(*arrays))
 
 

@@ -14,20 +14,18 @@ tests) and `gemm` computes a chunk's GEMMs (one strided-batched cuBLAS call on t
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from .kernels import NULL
 
-SOURCE = Path(__file__).resolve().parent / "winograd.cu"
 THREADS = 256
 WORKSPACE = 256 << 20       # bytes of U and V a chunk of images may take
 
 
-def fits(c: int, o: int, r: int, s: int, stride: int) -> bool:
-    """Whether these algorithms compute this convolution: 3 x 3 at stride 1 (any padding)."""
-    return (r, s, stride) == (3, 3, 1) and c > 0 and o > 0
+def fits(c: int, o: int, r: int, s: int, stride: int, pad: int) -> bool:
+    """Whether these algorithms compute this convolution: 3 x 3 at stride 1 with padding at most 2 (the data
+    gradient is the forward of dy at padding 2 - pad)."""
+    return (r, s, stride) == (3, 3, 1) and 0 <= pad <= 2 and c > 0 and o > 0
 
 
 def tiles(p: int, q: int) -> tuple[int, int]:
