@@ -3,37 +3,13 @@
 // cifar-wide (benchmarks/kernels/NOTES.md, "Warp-specialised bf16 convolutions"; timings in
 // benchmarks/results/NVIDIA-H200/cl_tiles_2888ce2.json). conv16_ws.py appends the entry points of its tile table
 // (HN_CONV16WS lines) to this text and plans their launches through mma.py; time_cl_tiles.py checks and times them
-// beside the shipped tiles, tests/test_mma_emulated.py runs them on the CPU emulator (which defines the hn_mbar_*
-// wrappers below itself).
+// beside the shipped tiles, tests/test_mma_emulated.py runs them on the CPU emulator. The mbarrier wrappers (hn_mbar_*)
+// are mma.cu's (the emulator defines its own).
 //
 // One producer warpgroup copies each K tile into a stage and signals it through a "full" mbarrier, while the WGM x WGN
 // consumer warpgroups multiply and free the stage through an "empty" one (hn_wgmma_ws_loop): no block-wide barrier in
 // the K loop. The gathers, shared tiles, wgmma and epilogues are mma.cu's (hn_convw_fwd, hn_conv16w_filter).
 #include "mma.cu"
-
-#ifndef HN_EMULATE   // (the emulator defines the same functions on the CPU)
-// mbarrier (PTX ISA 9.7.13.15), an 8-byte object in shared memory: init with the count of arrivals that complete a
-// phase; arrive (a release); try_wait.parity: whether the phase of that parity has completed (the current one's
-// parity differs; an acquire; a kernel loops on it). try_wait needs sm_90 (the warp-specialised kernels run on sm_90a
-// only).
-__device__ __forceinline__ void hn_mbar_init(void* bar, unsigned count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(hn_smem_addr(bar)), "r"(count) : "memory");
-}
-__device__ __forceinline__ unsigned long long hn_mbar_arrive(void* bar) {
-    unsigned long long state;
-    asm volatile("mbarrier.arrive.shared::cta.b64 %0, [%1];\n" : "=l"(state) : "r"(hn_smem_addr(bar)) : "memory");
-    return state;
-}
-__device__ __forceinline__ bool hn_mbar_try_wait(void* bar, unsigned parity) {
-    unsigned done = 0;
-    HN_SM90A(asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-                          "selp.u32 %0, 1, 0, p;\n}\n"
-                          : "=r"(done)
-                          : "r"(hn_smem_addr(bar)), "r"(parity)
-                          : "memory"));
-    return done != 0;
-}
-#endif
 
 // The K loop of the warp-specialised bf16 wgmma convolutions (HN_CONV16WS), `consumers` warpgroups multiplying and
 // one more, the producer, copying; no block-wide barrier inside it. Shared memory: `bars` holds the STAGES "full"

@@ -1,6 +1,6 @@
-"""Time every channels-last wgmma tile -- conv.py's candidates (mma_tiles.TILES16W) and the sandbox's warp-specialised
-"ws" tiles (conv16_ws.TILES16WS) and halo "h" / "hf" tiles (conv16_halo.TILES16H), each launched from its own module
--- on cifar-wide's 3x3 convolutions at batch 512 in bf16 (or tf32, fp32: --precision): the forward, the data
+"""Time every channels-last wgmma tile -- conv.py's candidates (mma_tiles.TILES16W, the TMA-fed TILES16T) and the
+sandbox's warp-specialised "ws" tiles (conv16_ws.TILES16WS) and halo "h" / "hf" tiles (conv16_halo.TILES16H), each
+launched from its own module -- on cifar-wide's 3x3 convolutions at batch 512 in bf16 (or tf32, fp32: --precision): the forward, the data
 gradient, the pooled forward and the filter gradient, each planned by mma.py (the h tiles then by conv16_halo.plan) on
 copies made once (mma.to_nhwc, turn_weights), so that only the kernels are timed.
 
@@ -9,10 +9,10 @@ error within RTOL_TC_ROUNDED of the norm; a tile that fails is reported, never t
 (CUDA events around back-to-back launches queued behind a spin kernel, median of several samples). --out writes the
 rows as JSON with the card, hetnet's commit and the date (hetnet.bench.common.environment). --precision tf32 or fp32
 times the shipped tf32 / fp32 tiles (wgmma forward, mma.sync filter gradient) and the halo tiles of that precision
-(on an sm_90a GPU); --no-sandbox leaves those out.
+(on an sm_90a GPU); --no-sandbox leaves those out, --sandbox picks some (ws, halo).
 
     PYTHONPATH=src python benchmarks/kernels/time_cl_tiles.py [--batch 512] [--precision bf16] [--no-sandbox]
-        [--out tiles.json]
+        [--sandbox ws,halo] [--ops fwd,filter] [--out tiles.json]
 """
 from __future__ import annotations
 
@@ -37,6 +37,9 @@ def main(argv=None) -> int:
                     help="the copies' precision (tf32, fp32: the shipped wgmma forward tiles and mma.sync filter "
                          "tiles, the halo tiles of TILES32H; no ws tiles)")
     ap.add_argument("--no-sandbox", action="store_true", help="leave out the sandbox's ws and halo tiles")
+    ap.add_argument("--sandbox", default="ws,halo", help="the sandboxes whose tiles are timed (ws, halo)")
+    ap.add_argument("--ops", default="fwd,filter",
+                    help="fwd (the forward, data gradient and pooled forward), filter (the filter gradient), or both")
     ap.add_argument("--out", type=Path, default=None, help="write the times as JSON (card, commit, date)")
     args = ap.parse_args(argv)
     import cupy
@@ -47,6 +50,7 @@ def main(argv=None) -> int:
     from run_tc_conv_nhwc import RTOL_TC_ROUNDED
 
     from hetnet.backends.cuda import mma
+    from hetnet.backends.cuda.mma_tiles import TILES16T, TmaTile, tma_fits
     from hetnet.backends.cuda.kernels import get_kernel
     from hetnet.bench.common import environment, write_result
     from hetnet.device import get_backend
@@ -54,11 +58,15 @@ def main(argv=None) -> int:
     be = get_backend("cuda", args.precision)
     bf16 = args.precision == "bf16"
     halo_fwd = halo.TILES16H["fwd"] if bf16 else [t for t in halo.TILES32H["fwd"] if t.precision == args.precision]
-    sandbox = {"fwd": (list(ws.TILES16WS["fwd"]) if bf16 else []) + list(halo_fwd),
-               "filter": list(ws.TILES16WS["filter"]) + list(halo.TILES16H["filter"]) if bf16 else
-               [t for t in halo.TILES32H["filter"] if t.precision == args.precision]}
-    if args.no_sandbox:
-        sandbox = {"fwd": [], "filter": []}
+    picked = set(args.sandbox.split(",")) - {""}
+    if args.no_sandbox or not picked <= {"ws", "halo"}:
+        picked = set()
+    ws_fwd, ws_filter = (ws.TILES16WS["fwd"], ws.TILES16WS["filter"]) if bf16 and "ws" in picked else ((), ())
+    halo_filter = (halo.TILES16H["filter"] if bf16 else
+                   [t for t in halo.TILES32H["filter"] if t.precision == args.precision])
+    if "halo" not in picked:
+        halo_fwd = halo_filter = ()
+    sandbox = {"fwd": [*ws_fwd, *halo_fwd], "filter": [*ws_filter, *halo_filter]}
     spin = get_kernel(be.device_id, "elementwise", "hn_spin")
     rng = np.random.default_rng(0)
     rows = []
@@ -79,17 +87,24 @@ def main(argv=None) -> int:
                 calls["pool"] = mma.plan_conv16_pool(buf, x16, w16, None, 1, 1, 0, tile)
             if isinstance(tile, halo.HaloTile):      # (the halo's grid and shared memory)
                 return {name: halo.plan(call) for name, call in calls.items()}
+            if isinstance(tile, TmaTile):            # (no pooled forward; channels in whole boxes)
+                return {name: call for name, call in calls.items() if tma_fits(name, call.geometry[0])}
             return calls
 
         def filter_calls(tile):           # (it adds into part: the timed launches only add more)
             if isinstance(tile, (halo.HaloFilterTile, halo.HaloSyncFilterTile)):
                 return {"filter": halo.plan(mma.plan_conv16_filter(part, dy16, x16, 1, 1, be.sms, tile, 1), be.sms)}
+            if isinstance(tile, TmaTile) and not tma_fits("filter", c):
+                return {}
             return {"filter": mma.plan_conv16_filter(part, dy16, x16, 1, 1, be.sms, tile)}
 
         for op, outs, make_calls in (("fwd", {"fwd": y, "data": dx}, forward_calls),
                                      ("filter", {"filter": part}, filter_calls)):
+            if op not in args.ops.split(","):
+                continue
             refs = {}
             shipped = [t for t in mma.tiles16(op, args.precision) if t.wgmma or (op == "filter" and not bf16)]
+            shipped += list(TILES16T[op]) if bf16 else []
             for tile in shipped + sandbox[op]:
                 kind = ("ws" if isinstance(tile, ws.WsTile) else
                         "halo" if isinstance(tile, (halo.HaloTile, halo.HaloFilterTile, halo.HaloSyncFilterTile))
@@ -98,6 +113,8 @@ def main(argv=None) -> int:
                 calls = make_calls(tile)
                 errs = {}
                 for name, out in outs.items():          # each output checked against the first tile's
+                    if name not in calls:
+                        continue
                     out.fill(0)
                     launch(be, calls[name])
                     got = cupy.asnumpy(out)
@@ -106,7 +123,7 @@ def main(argv=None) -> int:
                     if not np.all(np.isfinite(got)):
                         errs[name] = float("inf")
                 row = {"layer": f"{c}x{h}x{w}->{o}", "tile": tile.name, "sandbox": kind,
-                       "check_rel_err": max(errs.values())}
+                       "check_rel_err": max(errs.values(), default=0.0)}
                 if row["check_rel_err"] > RTOL_TC_ROUNDED:
                     row["status"] = "wrong"
                 else:

@@ -1542,6 +1542,279 @@ __device__ __forceinline__ void hn_conv16(unsigned char* smem, const unsigned sh
     }
 }
 
+// --- convolutions fed by the Tensor Memory Accelerator (sm_90a; HN_CONV16T) --------------------------------------
+// A producer warp has the TMA unit copy each K tile's operands into shared memory, where the tensor maps (built on
+// the host, mma.py: tensor_maps) say: the weights or dy as boxes of a 2D tensor, the channels-last input as im2col
+// boxes (the hardware walks the block's output pixels, q fastest, then p, then the image, from the first one's input
+// corner, adds the tap's offsets and fills what lies outside the image, and past the last image, with zeros). The
+// consumer warpgroups only wait, multiply and write the epilogue. Not on the CPU emulator: it has no TMA (the GPU tests
+// check the hardware's im2col box against a NumPy model first, with hn_tma_probe).
+#ifndef HN_EMULATE
+// A CUtensorMap (cuda.h: 128 bytes, 64-byte aligned), passed by value as a __grid_constant__ kernel parameter: the
+// copies read it at its parameter address.
+struct __align__(64) HnTensorMap {
+    unsigned long long bits[16];
+};
+
+// mbarrier (PTX ISA 9.7.13.15), an 8-byte object in shared memory: init with the count of arrivals that complete a
+// phase; arrive (a release); arrive.expect_tx: one arrival and `bytes` more of asynchronous copies that the phase
+// also waits for (their complete_tx); try_wait.parity: whether the phase of that parity has completed (the current
+// one's parity differs; an acquire; a kernel loops on it).
+__device__ __forceinline__ void hn_mbar_init(void* bar, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(hn_smem_addr(bar)), "r"(count) : "memory");
+}
+__device__ __forceinline__ unsigned long long hn_mbar_arrive(void* bar) {
+    unsigned long long state;
+    asm volatile("mbarrier.arrive.shared::cta.b64 %0, [%1];\n" : "=l"(state) : "r"(hn_smem_addr(bar)) : "memory");
+    return state;
+}
+__device__ __forceinline__ void hn_mbar_arrive_tx(void* bar, unsigned bytes) {
+    HN_SM90A(asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(hn_smem_addr(bar)),
+                          "r"(bytes)
+                          : "memory"));
+}
+__device__ __forceinline__ bool hn_mbar_try_wait(void* bar, unsigned parity) {
+    unsigned done = 0;
+    HN_SM90A(asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+                          "selp.u32 %0, 1, 0, p;\n}\n"
+                          : "=r"(done)
+                          : "r"(hn_smem_addr(bar)), "r"(parity)
+                          : "memory"));
+    return done != 0;
+}
+// The mbarriers' initialisation made visible to the async proxy (the TMA unit); a barrier after it.
+__device__ __forceinline__ void hn_fence_mbar_init() {
+    HN_SM90A(asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"));
+}
+// A tiled 2D box of `map` (coordinates innermost first: column, row) into shared memory, completing on `bar`.
+__device__ __forceinline__ void hn_tma_tile2d(void* dst, const HnTensorMap& map, int col, int row, void* bar) {
+    HN_SM90A(asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+                          " [%0], [%1, {%2, %3}], [%4];\n" ::"r"(hn_smem_addr(dst)),
+                          "l"(reinterpret_cast<unsigned long long>(&map)), "r"(col), "r"(row), "r"(hn_smem_addr(bar))
+                          : "memory"));
+}
+// An im2col box of a 4D channels-last map ({c, w, h, n}: the first pixel's channel offset and input corner; {s, r}:
+// the tap's offsets, 16-bit) into shared memory, completing on `bar`.
+__device__ __forceinline__ void hn_tma_im2col4d(void* dst, const HnTensorMap& map, int c, int w, int h, int n, int s,
+                                                int r, void* bar) {
+    HN_SM90A(asm volatile("cp.async.bulk.tensor.4d.shared::cluster.global.im2col.mbarrier::complete_tx::bytes"
+                          " [%0], [%1, {%2, %3, %4, %5}], [%6], {%7, %8};\n" ::"r"(hn_smem_addr(dst)),
+                          "l"(reinterpret_cast<unsigned long long>(&map)), "r"(c), "r"(w), "r"(h), "r"(n),
+                          "r"(hn_smem_addr(bar)), "h"(static_cast<unsigned short>(s)),
+                          "h"(static_cast<unsigned short>(r))
+                          : "memory"));
+}
+
+// The K loop shared by the TMA kernels, with one wgmma group in flight. Shared memory at `bars`: STAGES "full"
+// mbarriers (count 1: the producer's arrive.expect_tx of TX bytes; the phase completes when the stage's boxes have
+// landed) and STAGES "empty" ones (count CONSUMERS: every consumer thread once its wgmma on the stage finished),
+// initialised here (then a barrier). The producer (thread CONSUMERS, the first of the last warp) waits for a stage's
+// "empty", arms its "full" and issues copy(kt, s, full + s) for K tile kt; the rest of its warp returns at once. A
+// consumer waits on "full", issues multiply(s) (the tile's wgmma) and, once the previous tile's group has finished,
+// arrives on that tile's "empty". Returns true in the consumers (their accumulators complete), false in the producer
+// warp.
+template <int STAGES, int CONSUMERS, class Copy, class Multiply>
+__device__ __forceinline__ bool hn_tma_loop(unsigned char* bars, int tiles, unsigned tx, const Copy& copy,
+                                            const Multiply& multiply) {
+    unsigned long long* full = reinterpret_cast<unsigned long long*>(bars);
+    unsigned long long* empty = full + STAGES;
+    const int tid = threadIdx.x;
+    if (tid == 0) {
+        for (int s = 0; s < STAGES; ++s) {
+            hn_mbar_init(full + s, 1);
+            hn_mbar_init(empty + s, CONSUMERS);
+        }
+        hn_fence_mbar_init();
+    }
+    __syncthreads();
+    if (tid >= CONSUMERS) {
+        if (tid == CONSUMERS)
+            for (int kt = 0; kt < tiles; ++kt) {
+                const int s = kt % STAGES;
+                while (!hn_mbar_try_wait(empty + s, ((kt / STAGES) & 1) ^ 1)) {}   // (a fresh barrier passes parity 1)
+                hn_mbar_arrive_tx(full + s, tx);
+                copy(kt, s, full + s);
+            }
+        return false;
+    }
+    for (int kt = 0; kt < tiles; ++kt) {
+        const int s = kt % STAGES;
+        while (!hn_mbar_try_wait(full + s, (kt / STAGES) & 1)) {}
+        hn_wgmma_fence();
+        multiply(s);
+        hn_wgmma_commit();
+        hn_wgmma_wait<1>();
+        if (kt > 0) hn_mbar_arrive(empty + (kt - 1) % STAGES);
+    }
+    hn_wgmma_wait<0>();
+    return true;
+}
+
+// The pooled forward's epilogue on row-order columns (hn_convt_fwd's EPI 4): the GEMM's columns are the convolution's
+// output pixels (Qu = 8 D to a row, Qu = 2 cv.q), and each warpgroup's WN columns start at a multiple of 2 Qu (the
+// plan checks 2 Qu | WN), so a window's two rows lie in fragments j (row 2i: (j / D) even) and j + D of one thread:
+// acc[j][2h], acc[j][2h + 1], acc[j + D][2h], acc[j + D][2h + 1] are its pixels in window order (hn_window_store).
+template <int D, int NT>
+__device__ __forceinline__ void hn_convt_pool_epilogue(const HnBlock& b, float (&acc)[1][NT][4], int M, int N,
+                                                       const HnConv& cv, int wm, int wn, int lane) {
+    static_assert(NT % (2 * D) == 0, "whole pairs of rows");
+    constexpr int QU = 8 * D;
+    const int t = lane & 3, plane = cv.out_plane.d, uplane = 4 * plane;
+    unsigned char* arg =
+        reinterpret_cast<unsigned char*>(b.C) + static_cast<long long>(cv.pooled) * M * (cv.out16 ? 2 : 4);
+    hn_each_row<1>(b, M, wm, lane, [&](int, int h, int m) {
+        const float bias = cv.aux ? hn_ldg(cv.aux + m) : 0.f;
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+            if ((j / D) % 2) continue;                         // (row 2i + 1: the window's bottom row)
+            const int n = b.n0 + wn + 8 * j + 2 * t;           // the window's top-left pixel
+            if (n >= N) continue;
+            const int img = n / uplane, pq = n - img * uplane, p = pq / QU, q = pq - p * QU;
+            const float v[4] = {acc[0][j][2 * h], acc[0][j][2 * h + 1], acc[0][j + D][2 * h], acc[0][j + D][2 * h + 1]};
+            hn_window_store(b.C, arg, (static_cast<long long>(img) * M + m) * plane + (p / 2) * cv.q + q / 2, v, bias,
+                            cv);
+        }
+    });
+}
+
+// The forward (EPI 1), stride-1 data gradient (EPI 2) or pooled forward (EPI 4: cv.p, cv.q the pooled sizes, the
+// convolution's output 2 cv.p x 2 cv.q with 2 cv.q in 8, 16, 32; N its pixels, in rows) of hn_convw_fwd fed by TMA: C[M, N] = A[M, K] B[K, N], A = w
+// [O][R][S][C] as [M = O][K = R S C] (amap: boxes of 64 K x BM rows), B^T = x gathered [N = n P Q][K] (bmap: im2col
+// boxes of BN pixels x 64 channels, element strides {1, stride, stride, 1}, corners {-pad, -pad} and {pad - (S-1),
+// pad - (R-1)}), both K-major in K tiles of 64 bf16 -- one tap r, s and channels c0 .. c0 + 63 (C a multiple of
+// 64) -- stored with the 128-byte swizzle (HnSwizzle128: TMA's CU_TENSOR_MAP_SWIZZLE_128B on 1024-byte aligned
+// tiles). WGM x WGN consumer warpgroups of 64 x WN as hn_convw_fwd's, one producer warp (hn_tma_loop). Shared memory:
+// 2 STAGES mbarriers, then the stages (A tiles, then B tiles) aligned to 1024 bytes.
+template <int EPI, int WGM, int WGN, int WN, int STAGES>
+__device__ __forceinline__ void hn_convt_fwd(unsigned char* smem, const HnTensorMap& amap, const HnTensorMap& bmap,
+                                             float* y, int M, int N, int K, const HnConv& cv) {
+    using T = unsigned short;
+    constexpr int CONSUMERS = 128 * WGM * WGN, BM = 64 * WGM, BN = WN * WGN, BK = 64, EA = BM * BK, EB = BN * BK;
+    static_assert(STAGES >= 2 && BN <= 256 && BM <= 256, "a box holds at most 256 rows");
+    T* sa = reinterpret_cast<T*>(hn_smem_align1024(smem + 16 * STAGES));   // STAGES x EA
+    T* sb = sa + STAGES * EA;                                                // STAGES x EB
+    const HnBlock blk = hn_block(nullptr, nullptr, y, M, N, K, K, 0, 0, 0, 0, 0, 1.f, 0.f, 1, K, BM, BN, BK);
+    const int tid = threadIdx.x, gm = tid / 128 / WGN, gn = tid / 128 % WGN;
+    // the block's first output pixel: its image and input corner (over the convolution's output P x Q)
+    const int P = EPI == 4 ? 2 * cv.p : cv.p, Q = EPI == 4 ? 2 * cv.q : cv.q;
+    const int img = blk.n0 / (P * Q), pq = blk.n0 - img * P * Q, p0 = pq / Q, w0 = (pq - p0 * Q) * cv.stride - cv.pad,
+              h0 = p0 * cv.stride - cv.pad;
+    auto copy = [&](int kt, int s, void* bar) {
+        const int k0 = kt * BK, rs = k0 / cv.c, r = rs / cv.s;
+        hn_tma_tile2d(sa + s * EA, amap, k0, blk.m0, bar);
+        hn_tma_im2col4d(sb + s * EB, bmap, k0 - rs * cv.c, w0, h0, img, rs - r * cv.s, r, bar);
+    };
+    const T* a = sa + gm * 64 * BK;
+    const T* b = sb + gn * WN * BK;
+    float acc[1][WN / 8][4];
+    hn_zero(acc);
+    auto multiply = [&](int s) {
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk)
+            hn_wgmma_bf16<WN, 0>(acc[0], hn_wgmma_desc(a + s * EA + kk * 16), hn_wgmma_desc(b + s * EB + kk * 16));
+    };
+    if (!hn_tma_loop<STAGES, CONSUMERS>(smem, blk.tiles, 2u * (EA + EB), copy, multiply)) return;
+    const int wm = 64 * gm + 16 * ((tid >> 5) & 3), wn = WN * gn, lane = tid & 31;
+    if constexpr (EPI == 4) {
+        if (Q == 8)
+            hn_convt_pool_epilogue<1, WN / 8>(blk, acc, M, N, cv, wm, wn, lane);
+        else if (Q == 16)
+            hn_convt_pool_epilogue<2, WN / 8>(blk, acc, M, N, cv, wm, wn, lane);
+        else
+            hn_convt_pool_epilogue<4, WN / 8>(blk, acc, M, N, cv, wm, wn, lane);
+    } else {
+        hn_conv_epilogue<EPI, 1, WN / 8>(blk, acc, M, N, cv, wm, wn, lane);
+    }
+}
+
+// The filter gradient of hn_conv16w_filter fed by TMA: C[M = O, N = R S C] += A[M, K] B[K, N] over K = images x P x
+// Q (the block's part, kbeg .. kend, whole K tiles of 64), A = dy [k][o] and B = x gathered [k][(r, s, c)], both
+// MN-major in blocks of 64 k rows x 64 columns (HnSwizzle128MN). Per K tile the producer issues BM / 64 boxes of dy
+// (amap: the 2D tensor [n P Q][O], boxes of 64 o x 64 k) and BN / 64 im2col boxes of x (bmap: 64 pixels x 64
+// channels), each box one block: column block j of B is the tap (r, s) and channels c0 .. c0 + 63 of column n0 + 64 j
+// (C a multiple of 64), read at the K tile's 64 pixels. Rows past the last pixel are zeros; a part's boxes never
+// reach another part's pixels. Shared memory as hn_convt_fwd's.
+template <int WGM, int WGN, int WN, int STAGES>
+__device__ __forceinline__ void hn_convt_filter(unsigned char* smem, const HnTensorMap& amap, const HnTensorMap& bmap,
+                                                float* dw, int M, int N, int K, int splits, int kchunk,
+                                                const HnConv& cv) {
+    using T = unsigned short;
+    constexpr int CONSUMERS = 128 * WGM * WGN, BM = 64 * WGM, BN = WN * WGN, BK = 64, EA = BM * BK, EB = BN * BK;
+    static_assert(STAGES >= 2 && WN % 64 == 0, "64-column blocks");
+    T* sa = reinterpret_cast<T*>(hn_smem_align1024(smem + 16 * STAGES));
+    T* sb = sa + STAGES * EA;
+    const HnBlock blk = hn_block(nullptr, nullptr, dw, M, N, K, 0, 0, N, 0, 0, 0, 1.f, 1.f, splits, kchunk, BM, BN, BK);
+    const int tid = threadIdx.x, gm = tid / 128 / WGN, gn = tid / 128 % WGN, plane = cv.p * cv.q;
+    auto copy = [&](int kt, int s, void* bar) {
+        const int k0 = blk.kbeg + kt * BK, img = k0 / plane, pq = k0 - img * plane, p0 = pq / cv.q,
+                  w0 = (pq - p0 * cv.q) * cv.stride - cv.pad, h0 = p0 * cv.stride - cv.pad;
+#pragma unroll
+        for (int j = 0; j < BM / 64; ++j) hn_tma_tile2d(sa + s * EA + j * 4096, amap, blk.m0 + 64 * j, k0, bar);
+#pragma unroll
+        for (int j = 0; j < BN / 64; ++j) {
+            const int n = blk.n0 + 64 * j < N ? blk.n0 + 64 * j : 0;   // (past N: any tap; those columns never written)
+            const int rs = n / cv.c, r = rs / cv.s;
+            hn_tma_im2col4d(sb + s * EB + j * 4096, bmap, n - rs * cv.c, w0, h0, img, rs - r * cv.s, r, bar);
+        }
+    };
+    const T* a = sa + gm * 64 * BK;
+    const T* b = sb + gn * WN * BK;
+    float acc[1][WN / 8][4];
+    hn_zero(acc);
+    auto multiply = [&](int s) {
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk)
+            hn_wgmma_bf16<WN, 1>(acc[0], hn_wgmma_desc_mn(a + s * EA + kk * 16 * 64),
+                                 hn_wgmma_desc_mn(b + s * EB + kk * 16 * 64));
+    };
+    if (hn_tma_loop<STAGES, CONSUMERS>(smem, blk.tiles, 2u * (EA + EB), copy, multiply))
+        hn_epilogue<1, WN / 8>(blk, acc, M, N, N, 1.f, 1.f, 64 * gm + 16 * ((tid >> 5) & 3), WN * gn, tid & 31);
+}
+
+// HN_CONV16T(hn_conv16_fwd_w128x256s4t, 1, 2, 1, 256, 4, 1): HN_CONV16W's forward (EPI 1), data gradient (EPI 2),
+// filter gradient (EPI 3) or pooled forward (EPI 4, its N the convolution's output pixels in rows), its arguments
+// followed by the two tensor maps (the weights' and the input's for EPI 1, 2 and 4, dy's and x's for EPI 3), on hn_convt_fwd or hn_convt_filter: WGM x WGN consumer warpgroups and a producer warp,
+// 128 WGM WGN + 32 threads, MINB blocks an SM; shared memory HN_CONV16W's and 16 ST bytes of mbarriers.
+#define HN_CONV16T(name, EPI, WGM, WGN, WN, ST, MINB)                                                             \
+    extern "C" __global__ void __launch_bounds__(128 * WGM * WGN + 32, MINB) name(                              \
+        const unsigned short* __restrict__ B, const unsigned short* __restrict__ Wt, const float* __restrict__ AUX,  \
+        float* __restrict__ Y, int M, int N, int K, int C, int H, int W, int R, int S, int P, int Q, int O,         \
+        int stride, int pad, int act, int splits, int kchunk, const __grid_constant__ HnTensorMap amap,            \
+        const __grid_constant__ HnTensorMap bmap) {                                                              \
+        HN_DYNAMIC_SMEM(hn_smem);                                                                              \
+        if constexpr (EPI == 3) {                                                                                \
+            const HnConv cv = hn_conv_of<3>(AUX, C, H, W, R, S, P, Q, O, stride, pad, act);                     \
+            hn_convt_filter<WGM, WGN, WN, ST>(hn_smem, amap, bmap, Y, M, N, K, splits, kchunk, cv);             \
+        } else {                                                                                                 \
+            HnConv cv = hn_conv_of<1>(AUX, C, H, W, R, S, P, Q, O, stride, pad, act);                           \
+            cv.pooled = kchunk;                                                                                  \
+            hn_convt_fwd<EPI, WGM, WGN, WN, ST>(hn_smem, amap, bmap, Y, M, N, K, cv);                          \
+        }                                                                                                        \
+    }
+
+// The hardware's im2col copy on its own, for its test (tests/test_mma.py): one box of `rows` pixels x 64 channels
+// from (c, w, h, n) at tap (s, r) into shared memory, written out as it lies there (swizzled) to out[rows][64].
+extern "C" __global__ void hn_tma_probe(const __grid_constant__ HnTensorMap map, unsigned short* out, int rows,
+                                        int c, int w, int h, int n, int s, int r) {
+    HN_DYNAMIC_SMEM(hn_smem);
+    unsigned long long* bar = reinterpret_cast<unsigned long long*>(hn_smem);
+    unsigned short* tile = reinterpret_cast<unsigned short*>(hn_smem_align1024(hn_smem + 16));
+    if (threadIdx.x == 0) {
+        hn_mbar_init(bar, 1);
+        hn_fence_mbar_init();
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        hn_mbar_arrive_tx(bar, rows * 128u);
+        hn_tma_im2col4d(tile, map, c, w, h, n, s, r, bar);
+    }
+    while (!hn_mbar_try_wait(bar, 0)) {}
+    for (int i = threadIdx.x; i < rows * 64; i += blockDim.x) out[i] = tile[i];
+}
+#else
+#define HN_CONV16T(...)
+#endif
+
 // --- entry points ---------------------------------------------------------------------------------------------------
 
 // HN_GEMM(hn_gemm_tf32_nn_128x128x32s3, hn_gemm_tf32, false, false, 128, 128, 32, 64, 32, 3, 1) defines the

@@ -14,14 +14,15 @@ parts are added into C with float atomics (C is scaled by beta first), so such r
 """
 from __future__ import annotations
 
+import ctypes
 import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from .kernels import NULL, gemm_operands, get_kernel, leading_dim, wgmma_ok
-from .mma_tiles import (CONV_CHOICE, LAYOUTS, PRECISIONS, TILES, TILES16, TILES16W, TILES32, TILES32W, TILES32X3,
-                        TILES32X3W, Tc16Tile, TcTile)
+from .mma_tiles import (CONV_CHOICE, LAYOUTS, PRECISIONS, TILES, TILES16, TILES16T, TILES16W, TILES32, TILES32W,
+                        TILES32X3, TILES32X3W, Tc16Tile, TcTile, TmaTile, tma_fits, tma_pool_fits)
 
 _i32, _i64, _f32 = np.int32, np.int64, np.float32
 DEFAULT_SMEM = 48 * 1024       # dynamic shared memory a launch gets without raising the kernel's limit
@@ -185,15 +186,20 @@ def launch(be, call: GemmCall) -> None:
     _launch_kernel(be, call, call.args(lambda x: x))
 
 
+def _raise_smem(be, name: str, smem: int):
+    """mma.cu's kernel `name`, its dynamic shared-memory limit raised to smem first where that is over the
+    default."""
+    kern = get_kernel(be.device_id, "mma", name)
+    if smem > DEFAULT_SMEM and (be.device_id, name) not in _raised:
+        kern.max_dynamic_shared_size_bytes = smem
+        _raised.add((be.device_id, name))
+    return kern
+
+
 def _launch_kernel(be, call, args: tuple) -> None:
     """Launch a plan's kernel (a GemmCall or ConvCall) with `args`, its tile's dynamic shared memory allowed first
     where it is over the default."""
-    kern = get_kernel(be.device_id, "mma", call.kernel)
-    smem = call.tile.smem_bytes
-    if smem > DEFAULT_SMEM and (be.device_id, call.kernel) not in _raised:
-        kern.max_dynamic_shared_size_bytes = smem
-        _raised.add((be.device_id, call.kernel))
-    kern(call.grid, call.block, args, shared_mem=smem)
+    _raise_smem(be, call.kernel, call.tile.smem_bytes)(call.grid, call.block, args, shared_mem=call.tile.smem_bytes)
 
 
 def gemm_tc(be, c, a, trans_a: bool, b, trans_b: bool, alpha: float = 1.0, beta: float = 0.0,
@@ -374,11 +380,104 @@ def plan_conv_filter(dw, dy, x, stride: int, pad: int, precision: str = "tf32", 
 
 
 def launch_conv(be, call: ConvCall | None) -> None:
-    """Run a convolution plan on `be`'s device (current stream); a wgmma tile only where the device runs it."""
+    """Run a convolution plan on `be`'s device (current stream); a wgmma tile only where the device runs it, a TMA
+    tile with its two tensor maps (tensor_maps) as the kernel's last parameters."""
     if call is not None:
         if getattr(call.tile, "wgmma", False) and not wgmma_ok(be.device_id):
             raise ValueError(f"conv16: tile {call.tile.name} needs wgmma (sm_90a), which this device's build lacks")
-        _launch_kernel(be, call, call.args(lambda a: a, NULL))
+        if isinstance(call.tile, TmaTile):
+            kern = _raise_smem(be, call.kernel, call.tile.smem_bytes)
+            args = call.args(lambda a: ctypes.c_void_p(a.data.ptr), ctypes.c_void_p(0))
+            launch_raw(be, kern, call.grid, call.block, call.tile.smem_bytes,
+                       [ctypes.c_int32(int(a)) if isinstance(a, np.integer) else a for a in args]
+                       + list(tensor_maps(call)))
+        else:
+            _launch_kernel(be, call, call.args(lambda a: a, NULL))
+
+
+# --- the TMA-fed convolutions (mma.cu HN_CONV16T): tensor maps and the launch ----------------------------------------
+# A tensor map (CUtensorMap, 128 bytes) is encoded on the host by the driver (cuTensorMapEncodeTiled / Im2col, from
+# libcuda through ctypes) for the call's own arrays, and passed by value as a kernel parameter: nothing is written to
+# the device, so a launch inside a graph capture keeps its maps in the graph. cuda.h's enumerators:
+_BFLOAT16, _SWIZZLE_128B, _L2_128B, _OOB_ZERO, _INTERLEAVE_NONE = 9, 3, 2, 0, 0
+_libcuda = None
+
+
+def _driver():
+    global _libcuda
+    if _libcuda is None:
+        lib = ctypes.CDLL("libcuda.so.1")
+        for name in ("cuTensorMapEncodeTiled", "cuTensorMapEncodeIm2col", "cuLaunchKernel"):
+            getattr(lib, name).restype = ctypes.c_int
+        _libcuda = lib
+    return _libcuda
+
+
+class TensorMap(ctypes.Structure):
+    """A CUtensorMap: 128 opaque bytes, 64-byte aligned where the encoder writes them (_encode)."""
+    _fields_ = [("bits", ctypes.c_uint64 * 16)]
+
+
+def _encode(fn: str, *args) -> TensorMap:
+    raw = ctypes.create_string_buffer(128 + 64)               # the encoder wants 64-byte alignment; ctypes gives 16
+    addr = (ctypes.addressof(raw) + 63) & ~63
+    rc = getattr(_driver(), fn)(ctypes.c_void_p(addr), *args)
+    if rc != 0:
+        raise RuntimeError(f"conv16: {fn} failed with CUresult {rc}")
+    return TensorMap.from_buffer_copy(ctypes.string_at(addr, 128))
+
+
+def _u64(*v):
+    return (ctypes.c_uint64 * len(v))(*v)
+
+
+def _u32(*v):
+    return (ctypes.c_uint32 * len(v))(*v)
+
+
+def rows_map(a16, cols: int, box_rows: int) -> TensorMap:
+    """A contiguous bf16 tensor as a 2D [rows][cols] one, boxes of 64 columns x box_rows rows, 128-byte swizzle,
+    zeros past its edges: the weights [M][R][S][C] as [M][K] (the forward's A), dy [n][P][Q][O] as [n P Q][O] (the
+    filter gradient's)."""
+    rows = a16.size // cols
+    return _encode("cuTensorMapEncodeTiled", _BFLOAT16, 2, ctypes.c_void_p(a16.data.ptr), _u64(cols, rows),
+                   _u64(2 * cols), _u32(64, box_rows), _u32(1, 1), _INTERLEAVE_NONE, _SWIZZLE_128B, _L2_128B,
+                   _OOB_ZERO)
+
+
+def im2col_map(x16, r: int, s: int, stride: int, pad: int, pixels: int) -> TensorMap:
+    """The channels-last input x [n][H][W][C] bf16 as im2col boxes of `pixels` output pixels x 64 channels of an R x
+    S convolution (stride, padding pad), 128-byte swizzle, zeros outside the image and past the last one: the corners
+    {-pad, -pad} and {pad - (S-1), pad - (R-1)} (W, H) bound the first tap's input corners."""
+    n, h, w, c = x16.shape
+    lower = (ctypes.c_int * 2)(-pad, -pad)
+    upper = (ctypes.c_int * 2)(pad - (s - 1), pad - (r - 1))
+    return _encode("cuTensorMapEncodeIm2col", _BFLOAT16, 4, ctypes.c_void_p(x16.data.ptr), _u64(c, w, h, n),
+                   _u64(2 * c, 2 * c * w, 2 * c * w * h), lower, upper, 64, pixels, _u32(1, stride, stride, 1),
+                   _INTERLEAVE_NONE, _SWIZZLE_128B, _L2_128B, _OOB_ZERO)
+
+
+def tensor_maps(call: ConvCall) -> tuple:
+    """(A's map, B's map) of a TMA tile's call: the forward and data gradient's weights [M][K] in boxes of 64 K x BM
+    and input in im2col boxes of BN pixels; the filter gradient's dy [n P Q][O] in boxes of 64 x 64 and x in im2col
+    boxes of 64 pixels."""
+    c, h, w, r, s, p, q, o, stride, pad = call.geometry     # (the pooled forward's p, q: its pooled sizes)
+    if call.op == "filter":
+        return rows_map(call.w, o, 64), im2col_map(call.src, r, s, stride, pad, 64)
+    return (rows_map(call.w, call.w.size // call.w.shape[0], call.tile.bm),
+            im2col_map(call.src, r, s, stride, pad, call.tile.bn))
+
+
+def launch_raw(be, kern, grid: tuple, block: tuple, smem: int, params: list) -> None:
+    """Launch a compiled kernel (kernels.get_kernel's) with cuLaunchKernel on the current stream, `params` its
+    parameters as ctypes values in order (structures such as TensorMap passed by value)."""
+    grid, block = (tuple(grid) + (1, 1))[:3], (tuple(block) + (1, 1))[:3]
+    ptrs = (ctypes.c_void_p * len(params))(*(ctypes.addressof(v) for v in params))
+    stream = be.cupy.cuda.get_current_stream().ptr
+    rc = _driver().cuLaunchKernel(ctypes.c_void_p(kern.kernel.ptr), *(ctypes.c_uint(v) for v in grid + block),
+                                  ctypes.c_uint(smem), ctypes.c_void_p(stream), ptrs, None)
+    if rc != 0:
+        raise RuntimeError(f"cuLaunchKernel failed with CUresult {rc}")
 
 
 def conv_tc(be, y, x, w, b, stride: int, pad: int, act: int = 0, tile: str | None = None) -> None:
@@ -444,7 +543,7 @@ def _tile16(op: str, tile: str | Tc16Tile | None, m: int, n: int, precision: str
         if tile.precision != precision:
             raise ValueError(f"conv16: tile {tile.name} is {tile.precision}, the copies {precision}")
         return tile
-    have = tiles16(op, precision)
+    have = tiles16(op, precision) + (TILES16T.get(op, ()) if precision == "bf16" else ())
     if tile is not None:
         found = [t for t in have if t.name == tile]
         if not found:
@@ -482,7 +581,11 @@ def _call16(op, tile, src, w, aux, out, m, n, k, geometry, act=0, sms=None, spli
         raise ValueError(f"conv16: a tensor of shape {src.shape} is past the kernel's 32-bit offsets")
     if m == 0 or n == 0 or k == 0:
         return None
-    return _tile_call(op, _tile16(op, tile, m, n, precision), src, w, aux, out, m, n, k, geometry, act, sms, splits)
+    t = _tile16(op, tile, m, n, precision)
+    if isinstance(t, TmaTile) and not tma_fits(op, geometry[0]):       # geometry[0]: the gathered channels
+        raise ValueError(f"conv16: the TMA tile {t.name} runs the forward, data and filter gradients on channels a "
+                         f"multiple of 64, not the {op} op on {geometry[0]}")
+    return _tile_call(op, t, src, w, aux, out, m, n, k, geometry, act, sms, splits)
 
 
 def plan_conv16(y, x16, w16, b, stride: int, pad: int, act: int = 0, tile: str | Tc16Tile | None = None
@@ -526,8 +629,15 @@ def plan_conv16_pool(buf, x16, w16, b, stride: int, pad: int, act: int = 0, tile
         raise ValueError(f"conv16: x {x16.shape}, w {w16.shape}, pooled buffer {buf.shape} do not fit together")
     if not conv_fits(x16, buf.size) or count * 4 >= 2**31:
         raise ValueError(f"conv16: a tensor of shape {x16.shape} is past the kernel's 32-bit offsets")
-    call = _call16("pool", tile, x16, w16, b, buf, o, 16 * (-(-count // 4)), r * s * c,
-                   (c, h, wd, r, s, pp, pq, o, stride, pad), act)
+    columns = 16 * (-(-count // 4))          # in window order
+    if isinstance(_tile16("pool", tile, o, columns, _copy_precision(x16)) if tile is not None else None, TmaTile):
+        t = _tile16("pool", tile, o, columns, _copy_precision(x16))
+        if p != 2 * pp or q != 2 * pq or not tma_pool_fits(t, p, q):
+            raise ValueError(f"conv16: the TMA tile {t.name} pools an even output of 8, 16 or 32 columns, whole pairs "
+                             f"of rows to a warpgroup, not {p} x {q}")
+        columns = n * p * q                  # the convolution's output pixels, in rows
+    call = _call16("pool", tile, x16, w16, b, buf, o, columns, r * s * c, (c, h, wd, r, s, pp, pq, o, stride, pad),
+                   act)
     if call is not None:
         call.kchunk = count          # the kernel's count of pooled outputs (HN_CONV16's EPI 4)
     return call

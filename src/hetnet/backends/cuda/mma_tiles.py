@@ -259,11 +259,72 @@ TILES32X3 = {"filter": (Tc16Tile(128, 128, 32, 64, 32, 3, precision="fp32"),
                         Tc16Tile(64, 64, 32, 32, 32, 4, precision="fp32"))}
 
 
+@dataclass(frozen=True)
+class TmaTile(Tc16Tile):
+    """A bf16 wgmma tile fed by the Tensor Memory Accelerator (mma.cu HN_CONV16T): its (bm / 64) x (bn / wn) consumer
+    warpgroups only multiply and write the epilogue, one more warp issues the TMA copies, and shared memory holds 2 x
+    STAGES mbarriers before the stages. Its name is its cp.async twin's (wgmma_tile) and "t". Runs where the
+    gathered channels (C of the forwards and the filter gradient, O of the data gradient) are a multiple of 64
+    (tma_fits): one im2col box is one tap's 64 channels; the pooled forward also where tma_pool_fits."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        assert self.wgmma and self.precision == "bf16" and self.bn <= 256 and self.wn % 64 == 0, self
+
+    @property
+    def name(self) -> str:
+        return super().name + "t"
+
+    @property
+    def threads(self) -> int:
+        return super().threads + 32
+
+    @property
+    def smem_bytes(self) -> int:
+        return super().smem_bytes + 16 * self.stages
+
+    def instantiation(self, op: str) -> str:
+        """mma.cu's line that defines conv_kernel(op)."""
+        assert op in TMA_OPS, (self, op)
+        return (f"HN_CONV16T({self.conv_kernel(op)}, {CONV16_OPS[op]}, {self.bm // 64}, {self.bn // self.wn}, "
+                f"{self.wn}, {self.stages}, {self.min_blocks})")
+
+
+def tma_tile(bm: int, bn: int, stages: int, min_blocks: int = 1) -> TmaTile:
+    """A TMA-fed bf16 tile of (bm / 64) warpgroups of 64 x bn, K tiles of 64, min_blocks blocks an SM."""
+    return TmaTile(bm, bn, 64, 64, bn, stages, min_blocks, wgmma=True)
+
+
+TMA_OPS = ("fwd", "data", "filter", "pool")
+
+
+def tma_fits(op: str, gathered_channels: int) -> bool:
+    """Whether op's TMA tiles run on a convolution whose gathered tensor (x for the forward, the pooled forward and
+    the filter gradient, dy for the data gradient) has that many channels: whole im2col boxes of 64. The pooled
+    forward also needs tma_pool_fits."""
+    return op in TMA_OPS and gathered_channels % 64 == 0
+
+
+def tma_pool_fits(tile: TmaTile, p: int, q: int) -> bool:
+    """Whether the TMA tile's pooled forward (its columns the convolution's p x q output pixels, in rows) runs: even p
+    and q, q of 8, 16 or 32, and a warpgroup's columns whole pairs of rows (mma.cu hn_convt_pool_epilogue)."""
+    return p % 2 == 0 and q in (8, 16, 32) and tile.wn % (2 * q) == 0
+
+
+# The TMA-fed tiles, measured as candidates beside TILES16W's on every shape they fit (conv.py). The two-blocks-an-SM
+# ones overlap one block's epilogue with the other's K loop.
+TILES16T = {"fwd": (tma_tile(128, 256, 4), tma_tile(128, 128, 6), tma_tile(64, 256, 5), tma_tile(128, 128, 3, 2),
+                    tma_tile(64, 128, 4, 2)),
+            "filter": (tma_tile(128, 256, 4), tma_tile(128, 128, 6), tma_tile(128, 128, 3, 2))}
+TILES16T["data"] = TILES16T["pool"] = TILES16T["fwd"]      # (the forward's kernel body)
+
+
 def instantiations(tiles: Iterable[TcTile], conv: Iterable[TcTile] = (),
-                   conv16: Iterable[dict] = (TILES16, TILES16W, TILES32W, TILES32, TILES32X3W, TILES32X3)) -> str:
+                   conv16: Iterable[dict] = (TILES16, TILES16W, TILES32W, TILES32, TILES32X3W, TILES32X3,
+                                             TILES16T)) -> str:
     """mma.cu's HN_GEMM lines, each tile in each operand order, its HN_CONV lines, each `conv` tile for each
-    convolution op, and its channels-last lines (HN_CONV16, HN_CONV16W, HN_CONV32W, HN_CONV32F), each tile of each op
-    of each `conv16` table."""
+    convolution op, and its channels-last lines (HN_CONV16, HN_CONV16W, HN_CONV32W, HN_CONV32F, HN_CONV16T), each tile
+    of each op of each `conv16` table."""
     lines = []
     for t in tiles:
         for layout in LAYOUTS:
