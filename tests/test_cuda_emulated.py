@@ -167,3 +167,19 @@ def test_plan_at_each_precision_on_the_emulated_cuda_backend(libs, rng, monkeypa
             assert rel_err(g, ref_grads[i]) <= bound, (i, rel_err(g, ref_grads[i]))
     else:
         assert rel_err(logits, ref_logits) <= RTOL_PRECISION[precision], rel_err(logits, ref_logits)
+
+
+def test_trial_outputs_are_made_once_and_dropped_by_release():
+    """conv._TrialOutputs makes the trials' outputs at the first trial, hands every trial the same ones, and drops
+    them at release(), which conv._choose calls before it empties the trial pool they come from (the GPU test
+    test_trial_runs_use_their_own_pool_emptied_after sees that pool empty afterwards)."""
+    made = []
+    run = C._TrialOutputs(lambda: made.append(1) or (np.zeros(3),))
+    seen = []
+    for _ in range(2):
+        run(lambda y: seen.append(y))
+    assert made == [1] and seen[0] is seen[1]
+    run.release()
+    assert run.out == []
+    run(lambda y: seen.append(y))
+    assert made == [1, 1]

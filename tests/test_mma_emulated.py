@@ -16,14 +16,18 @@ import pytest
 from conftest import RTOL_EMULATED, RTOL_TC, rel_err
 from emu_backend import EmulatedBackend, build_libraries, route_kernels
 from emu_build import EMU_DIR, build_emulated
+from emu_tma import emu_map
 from halo_cases import HALO_CASES, check_halo, sandbox
+from tma_cases import POOL_SHAPES as TMA_POOL_SHAPES
+from tma_cases import SHAPES as TMA_SHAPES
+from tma_cases import run_ops as run_tma_ops
 from mma_cases import (CONV16_SHAPES, CONV32_SHAPES, CONV_SHAPES, POOL16_SHAPES, POOL32_SHAPES, SHAPES,
                        conv_data_expected, conv_data_inputs, conv_expected, conv_filter_expected, conv_filter_inputs,
                        bf16_bits, conv_inputs, expected, max_pool_2x2, nhwc16, nhwc_copy, stored, turned_copy)
 
 from hetnet.backends.cuda import kernels
 from hetnet.backends.cuda import mma as mm
-from hetnet.backends.cuda.mma_tiles import LAYOUTS, TILES, TILES16, TILES16W
+from hetnet.backends.cuda.mma_tiles import LAYOUTS, TILES, TILES16, TILES16T, TILES16W
 from hetnet.bench.common import GEMM_RTOL
 
 SMS = 4      # a small "GPU", so that split-K and the choice between tiles happen at emulator sizes
@@ -807,3 +811,34 @@ def test_small_forward_hands_over_to_a_batch_norm_emulated(conv_ops, rng):
     assert isinstance(y16, C.Nchw16)
     np.testing.assert_array_equal(y16.data, bf16_bits(y32))
     assert rel_err(y32, conv_expected(x, w, None, 1, 1, 0, "fp32")) <= RTOL_EMULATED
+
+
+# --- the TMA-fed convolutions (mma.cu HN_CONV16T), the copies by the emulator's model of TMA --------------------------
+
+def run_conv_tma(emu, call: mm.ConvCall, seed: int = 0) -> None:
+    """Execute a TMA tile's plan on the emulator, its two maps in the emulator's encoding of mma.map_specs (as
+    mma.launch_conv passes the driver's)."""
+    args = call.args(lambda a: a.ctypes.data, None)
+    err = ctypes.create_string_buffer(1024)
+    c = ctypes
+    maps = [np.ascontiguousarray(emu_map(spec)) for spec in mm.map_specs(call)]
+
+    def buf(a):
+        return (c.c_void_p(None), c.c_longlong(0)) if a is None else (c.c_void_p(a.ctypes.data), c.c_longlong(a.nbytes))
+
+    rc = emu.emu_conv_tma(c.cast(getattr(emu, call.kernel), c.c_void_p), *(c.c_uint(v) for v in call.grid),
+                          c.c_uint(call.tile.threads), c.c_int(call.tile.smem_bytes), *buf(call.src), *buf(call.w),
+                          *buf(call.aux), *buf(call.out), *(c.c_int(int(v)) for v in args[4:]),
+                          *(c.c_void_p(m.ctypes.data) for m in maps), c.c_uint(seed), err, c.c_int(len(err)))
+    assert rc == 0, f"{call.kernel} grid {call.grid}: {err.value.decode()}"
+
+
+@pytest.mark.parametrize("shape", TMA_SHAPES + TMA_POOL_SHAPES, ids=str)
+def test_tma_tiles_emulated(emu, rng, shape):
+    """Every TMA tile of every op (tma_cases.run_ops: the forward, the pooled forward where it fits, the data and
+    filter gradients) on the emulator, against float64; the emulator checks the producer's and consumers'
+    synchronisation (the mbarriers' arrivals and transaction bytes) as it runs."""
+    ran = run_tma_ops(np, lambda a: a, rng, shape, TILES16T, lambda call: run_conv_tma(emu, call,
+                                                                                     int(rng.integers(2**31))), SMS)
+    assert ran >= (13 if shape in TMA_POOL_SHAPES else 10), ran
+

@@ -17,9 +17,8 @@
 // (the last 128 threads) builds its copier with make_issue(its thread index 0..127) and for each K tile kt waits on
 // stage s = kt % STAGES's "empty" and issues tile kt (issue(kt, s): cp.async into stage s, one group); then it waits
 // for its copies of tile kt-1, fences them to the async proxy that wgmma reads through, and arrives on that tile's
-// "full" (a release: as the other kernels, each writer fences its own copies before the synchronisation). A
-// consumer waits on "full", issues the tile's 4 wgmma (a and b in stage 0, stages ea and eb elements apart, K steps
-// kstep apart, MN as hn_wgmma_bf16's) and, once the previous tile's have finished, arrives on that tile's "empty".
+// "full" (a release: as the other kernels, each writer fences its own copies before the synchronisation). The
+// consumers run mma.cu's hn_ws_consume (wait on "full", the tile's 4 wgmma, "empty" once the previous tile's are done).
 // STAGES >= 3: the producer arrives on tile kt's "full" only after issuing tile kt+1, whose stage the consumers free
 // after tile kt+1-STAGES. Returns true in the consumers (their acc complete), false in the producer (done).
 template <int STAGES, int CONSUMERS, int WN, int MN, class T, class MakeIssue, class Desc>
@@ -54,18 +53,7 @@ __device__ __forceinline__ bool hn_wgmma_ws_loop(unsigned char* bars, int tiles,
         if (tiles > 0) hn_mbar_arrive(full + (tiles - 1) % STAGES);
         return false;
     }
-    for (int kt = 0; kt < tiles; ++kt) {
-        const int s = kt % STAGES;
-        while (!hn_mbar_try_wait(full + s, (kt / STAGES) & 1)) {}
-        hn_wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk)
-            hn_wgmma_bf16<WN, MN>(acc, desc(a + s * ea + kk * kstep), desc(b + s * eb + kk * kstep));
-        hn_wgmma_commit();
-        hn_wgmma_wait<1>();
-        if (kt > 0) hn_mbar_arrive(empty + (kt - 1) % STAGES);
-    }
-    hn_wgmma_wait<0>();
+    hn_ws_consume<STAGES, WN, MN>(full, empty, tiles, a, ea, b, eb, kstep, acc, desc);
     return true;
 }
 

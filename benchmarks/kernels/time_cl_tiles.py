@@ -1,8 +1,8 @@
-"""Time every channels-last wgmma tile -- conv.py's candidates (mma_tiles.TILES16W, the TMA-fed TILES16T) and the
-sandbox's warp-specialised "ws" tiles (conv16_ws.TILES16WS) and halo "h" / "hf" tiles (conv16_halo.TILES16H), each
-launched from its own module -- on cifar-wide's 3x3 convolutions at batch 512 in bf16 (or tf32, fp32: --precision): the forward, the data
-gradient, the pooled forward and the filter gradient, each planned by mma.py (the h tiles then by conv16_halo.plan) on
-copies made once (mma.to_nhwc, turn_weights), so that only the kernels are timed.
+"""Time every channels-last wgmma tile -- conv.py's candidates (mma_tiles.TILES16W), the TMA-fed tiles (TILES16T) and
+the sandbox's warp-specialised "ws" tiles (conv16_ws.TILES16WS) and halo "h" / "hf" tiles (conv16_halo.TILES16H), each
+launched from its own module -- on cifar-wide's 3x3 convolutions at batch 512 in bf16 (or tf32, fp32: --precision):
+the forward, the data gradient, the pooled forward and the filter gradient, each planned by mma.py (the h tiles then
+by conv16_halo.plan) on copies made once (mma.to_nhwc, turn_weights), so that only the kernels are timed.
 
 Each tile's forward and data gradient (filter gradient) are first checked against the first wgmma tile's (relative
 error within RTOL_TC_ROUNDED of the norm; a tile that fails is reported, never timed). Times: run_conv_variants.time_ms

@@ -16,8 +16,14 @@
 //     swizzle or the 128-byte swizzle; a tf32 element is its float32 word, low 13 bits ignored), D in the ISA's
 //     accumulator fragment order; the result reaches the registers only when a wgmma.wait_group retires its group,
 //     and the words it read may not be written before that.
-//   - mbarrier (PTX ISA 9.7.13.15) objects of 8 bytes in dynamic shared memory: init, arrive, try_wait.parity (a
-//     false result lets the other threads run); a phase completes when its count of arrivals is reached.
+//   - mbarrier (PTX ISA 9.7.13.15) objects of 8 bytes in dynamic shared memory: init, arrive, arrive.expect_tx,
+//     try_wait.parity (a false result lets the other threads run); a phase completes when its count of arrivals is
+//     reached and its expected transaction bytes have all completed;
+//   - the TMA copies cp.async.bulk.tensor (PTX ISA 9.7.9.25) in tile mode (2D) and im2col mode (4D, channels last:
+//     the box's pixels walked q fastest, then p, then the image, from the first one's input corner, inside the
+//     bounding box the map's corners give, each read at corner + the im2col offsets; zeros outside the tensor), into
+//     shared memory with the 128-byte swizzle, completing their bytes on an mbarrier at once. The tensor maps are the
+//     emulator's own encoding of the encoder's parameters (tests/emu_tma.py), not the driver's.
 // wgmma reads shared memory through the async proxy: a word it reads must have been written before, by a thread that
 // then ran fence.proxy.async (a missing fence is an error).
 // Ordering: happens-before by vector clocks. Each thread's clock advances at every release (a barrier, an mbarrier
@@ -53,6 +59,7 @@
 #define __launch_bounds__(...)
 #define __restrict__ __restrict
 #define __align__(n) __attribute__((aligned(n)))
+#define __grid_constant__
 
 // CUDA's fast intrinsics as the correctly rounded operations they approximate (within 2 ulps on the GPU)
 inline float __expf(float x) { return std::exp(x); }
@@ -124,6 +131,7 @@ struct MBarrier {      // an mbarrier object: its arrival count, the phases comp
     bool init = false;
     int init_tid = -1, init_clock = 0;
     int count = 0, pending = 0;
+    long tx = 0;                     // transaction bytes expected (arrive.expect_tx) and not yet completed
     long phase = 0;                  // phases completed
     std::vector<int> carried;        // the clocks known to the arrivals of the current phase
     std::vector<int> done[2];        // ... of the last completed phase of each parity
@@ -353,7 +361,8 @@ inline int lane() { return me().linear & 31; }
 template <class F>
 inline void group_meet(const char* what, F&& last) {
     State& s = S();
-    if (s.threads.size() % 128) fail("%s: the block is not whole warpgroups", what);
+    if ((me().linear / 128 + 1) * 128 > static_cast<int>(s.threads.size()))
+        fail("%s: the calling warpgroup is not whole (a block of %zu threads)", what, s.threads.size());
     Warpgroup& g = s.warpgroups[me().linear / 128];
     const long gen = g.gen;
     if (g.arrived == 0) {
@@ -651,20 +660,30 @@ inline MBarrier& mbarrier_at(void* p, const char* what, bool use) {
 }
 // One arrival of the calling thread: the phase takes what the thread knows, the thread's clock moves on (a release),
 // and the phase completes at its count of arrivals.
-inline unsigned long long mbarrier_arrive(MBarrier& m) {
-    State& s = S();
-    Thread& t = me();
-    const unsigned long long state = static_cast<unsigned long long>(m.phase);
-    for (size_t u = 0; u < m.carried.size(); ++u)
-        m.carried[u] = std::max(m.carried[u], known(t.linear, static_cast<int>(u)));
-    ++t.clock;
-    ++s.events;
-    if (--m.pending == 0) {
+// The phase completes once its arrivals are all in and its transaction bytes have all landed.
+inline void mbarrier_settle(MBarrier& m) {
+    if (m.pending == 0 && m.tx == 0) {
         m.done[m.phase & 1] = m.carried;
         std::fill(m.carried.begin(), m.carried.end(), 0);
         ++m.phase;
         m.pending = m.count;
     }
+}
+// What the calling thread knows joins the current phase (a release: its clock moves on).
+inline void mbarrier_release(MBarrier& m) {
+    Thread& t = me();
+    for (size_t u = 0; u < m.carried.size(); ++u)
+        m.carried[u] = std::max(m.carried[u], known(t.linear, static_cast<int>(u)));
+    ++t.clock;
+    ++S().events;
+}
+inline unsigned long long mbarrier_arrive(MBarrier& m, long tx = 0) {
+    const unsigned long long state = static_cast<unsigned long long>(m.phase);
+    if (m.pending == 0) fail("mbarrier.arrive: the phase's arrivals are all in, its transactions pending");
+    mbarrier_release(m);
+    m.tx += tx;
+    --m.pending;
+    mbarrier_settle(m);
     return state;
 }
 }  // namespace emu
@@ -705,6 +724,97 @@ inline bool hn_mbar_try_wait(void* bar, unsigned parity) {
     for (size_t u = 0; u < done.size(); ++u) t.acq[u] = std::max(t.acq[u], done[u]);
     return true;
 }
+// mbarrier.arrive.expect_tx.shared::cta.b64 _, [bar], bytes: one arrival, and `bytes` more transaction bytes the
+// phase waits for.
+inline void hn_mbar_arrive_tx(void* bar, unsigned bytes) {
+    emu::mbarrier_arrive(emu::mbarrier_at(bar, "mbarrier.arrive.expect_tx", true), static_cast<long>(bytes));
+}
+inline void hn_fence_mbar_init() {}
+
+// --- TMA (PTX ISA 9.7.9.25, cp.async.bulk.tensor): the emulator's tensor maps, as tests/emu_tma.py encodes them ----
+// bits[0] mode (1 tile, 2 im2col), [1] the tensor's address, [2..5] its sizes (innermost first), [6..8] the byte
+// strides of dimensions 1..3, [9] the box's elements a row (tile) or channels a pixel (im2col), [10] its rows or
+// pixels, [11..14] (im2col) the corners lower W, lower H, upper W, upper H (signed), [15] (im2col) the element
+// strides of W and H (low and high 32 bits). Elements of 2 bytes, rows of 128 bytes, the 128-byte swizzle.
+namespace emu {
+// One box's bytes landed in shared memory at dst (row i, 16-byte chunk j of a 128-byte row at chunk j ^ (address bit
+// 7..9), the 128-byte swizzle on a 1024-byte aligned box), written by the issuing thread through the async proxy (no
+// fence.proxy.async needed before wgmma reads them), completing `bytes` of bar's transactions: the phase then also
+// carries what the issuing thread knew.
+inline void tma_land(void* dst, const std::vector<unsigned short>& box, int rows, void* bar, const char* what) {
+    State& s = S();
+    const int tid = me().linear;
+    if ((static_cast<unsigned char*>(dst) - s.smem) % 1024) fail("%s: a 128-byte swizzled box not 1024-byte aligned", what);
+    const int bytes = rows * 128;
+    smem_write_check(dst, bytes, tid, what);
+    for (int i = 0; i < rows; ++i)
+        for (int j = 0; j < 8; ++j) {
+            const long a = (static_cast<unsigned char*>(dst) - s.smem) + i * 128 + j * 16;
+            std::memcpy(s.smem + (a ^ (((a >> 7) & 7) << 4)), box.data() + i * 64 + j * 8, 16);
+        }
+    smem_wrote(dst, bytes, tid);
+    for (int o = 0; o < bytes; o += 4) word(static_cast<unsigned char*>(dst) + o).w_seq = 0;   // (async proxy)
+    MBarrier& m = mbarrier_at(bar, what, true);
+    if (m.tx < bytes) fail("%s: %d bytes complete on an mbarrier expecting %ld", what, bytes, m.tx);
+    m.tx -= bytes;
+    mbarrier_release(m);
+    mbarrier_settle(m);
+}
+inline unsigned short tma_read(const unsigned long long* b, long long offset, const char* what) {
+    const unsigned short* p = reinterpret_cast<const unsigned short*>(b[1]) + offset;
+    global_check(p, 2, false, what);
+    return *p;
+}
+}  // namespace emu
+
+// cp.async.bulk.tensor.2d...tile: the box of bits[10] rows x bits[9] elements from (col, row) of the 2D tensor, zeros
+// past its edges.
+template <class Map>
+inline void hn_tma_tile2d(void* dst, const Map& map, int col, int row, void* bar) {
+    const char* what = "cp.async.bulk.tensor.2d (tile)";
+    const unsigned long long* b = map.bits;
+    if (b[0] != 1 || b[9] != 64) emu::fail("%s: not a tile map of 64-element rows", what);
+    const long long cols = static_cast<long long>(b[2]), rows = static_cast<long long>(b[3]);
+    const int box_rows = static_cast<int>(b[10]);
+    std::vector<unsigned short> box(box_rows * 64, 0);
+    for (int i = 0; i < box_rows; ++i)
+        for (int j = 0; j < 64; ++j) {
+            const long long r = row + i, c = col + j;
+            if (r >= 0 && r < rows && c >= 0 && c < cols)
+                box[i * 64 + j] = emu::tma_read(b, r * static_cast<long long>(b[6]) / 2 + c, what);
+        }
+    emu::tma_land(dst, box, box_rows, bar, what);
+}
+
+// cp.async.bulk.tensor.4d...im2col: bits[10] pixels x 64 channels from channel c of the output pixel whose input
+// corner is (w, h) of image n, each pixel read at its corner + (s, r); zeros outside the image and past the last one.
+template <class Map>
+inline void hn_tma_im2col4d(void* dst, const Map& map, int c, int w, int h, int n, int s, int r, void* bar) {
+    const char* what = "cp.async.bulk.tensor.4d (im2col)";
+    const unsigned long long* b = map.bits;
+    if (b[0] != 2 || b[9] != 64) emu::fail("%s: not an im2col map of 64 channels a pixel", what);
+    const long long C = static_cast<long long>(b[2]), W = static_cast<long long>(b[3]), H = static_cast<long long>(b[4]),
+                    N = static_cast<long long>(b[5]);
+    const long long lw = static_cast<long long>(b[11]), lh = static_cast<long long>(b[12]),
+                    uw = static_cast<long long>(b[13]), uh = static_cast<long long>(b[14]);
+    const long long sw = static_cast<long long>(b[15] & 0xffffffffu), sh = static_cast<long long>(b[15] >> 32);
+    const long long Q = (W - 1 + uw - lw) / sw + 1, P = (H - 1 + uh - lh) / sh + 1;
+    if ((w - lw) % sw || (h - lh) % sh || w < lw || h < lh)
+        emu::fail("%s: a corner (%d, %d) off the bounding box's grid", what, w, h);
+    const long long first = n * P * Q + (h - lh) / sh * Q + (w - lw) / sw;
+    const int pixels = static_cast<int>(b[10]);
+    std::vector<unsigned short> box(pixels * 64, 0);
+    for (int i = 0; i < pixels; ++i) {
+        const long long at = first + i, img = at / (P * Q), pq = at - img * P * Q, p = pq / Q, q = pq - p * Q;
+        const long long ih = lh + p * sh + r, iw = lw + q * sw + s;
+        if (img >= N || ih < 0 || ih >= H || iw < 0 || iw >= W) continue;
+        for (int j = 0; j < 64 && c + j < C; ++j)
+            box[i * 64 + j] = emu::tma_read(b, (img * static_cast<long long>(b[8]) + ih * static_cast<long long>(b[7]) +
+                                                iw * static_cast<long long>(b[6])) / 2 + c + j, what);
+    }
+    emu::tma_land(dst, box, pixels, bar, what);
+}
+
 inline void hn_wgmma_fence() { emu::group_meet("wgmma.fence", [](emu::Warpgroup&) {}); }
 inline void hn_wgmma_commit() {
     emu::group_meet("wgmma.commit_group", [](emu::Warpgroup& g) { ++g.committed; });

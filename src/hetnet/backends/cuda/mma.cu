@@ -1547,14 +1547,17 @@ __device__ __forceinline__ void hn_conv16(unsigned char* smem, const unsigned sh
 // the host, mma.py: tensor_maps) say: the weights or dy as boxes of a 2D tensor, the channels-last input as im2col
 // boxes (the hardware walks the block's output pixels, q fastest, then p, then the image, from the first one's input
 // corner, adds the tap's offsets and fills what lies outside the image, and past the last image, with zeros). The
-// consumer warpgroups only wait, multiply and write the epilogue. Not on the CPU emulator: it has no TMA (the GPU tests
-// check the hardware's im2col box against a NumPy model first, with hn_tma_probe).
-#ifndef HN_EMULATE
+// consumer warpgroups only wait, multiply and write the epilogue. The CPU emulator runs them with its own model of the
+// two copies (cuda_emu.h, from the PTX ISA's tile and im2col modes; its maps are its own encoding of the same
+// parameters), and the GPU tests check the hardware's im2col box against that model (hn_tma_probe).
+
 // A CUtensorMap (cuda.h: 128 bytes, 64-byte aligned), passed by value as a __grid_constant__ kernel parameter: the
 // copies read it at its parameter address.
 struct __align__(64) HnTensorMap {
     unsigned long long bits[16];
 };
+
+#ifndef HN_EMULATE   // (the emulator defines the same functions on the CPU)
 
 // mbarrier (PTX ISA 9.7.13.15), an 8-byte object in shared memory: init with the count of arrivals that complete a
 // phase; arrive (a release); arrive.expect_tx: one arrival and `bytes` more of asynchronous copies that the phase
@@ -1605,17 +1608,41 @@ __device__ __forceinline__ void hn_tma_im2col4d(void* dst, const HnTensorMap& ma
                           : "memory"));
 }
 
+#endif
+
+// The consumer side of a warp-specialised K loop (hn_tma_loop; the ws sandbox's hn_wgmma_ws_loop): for each K tile
+// kt, wait on stage kt % STAGES's "full" mbarrier, issue the tile's 4 bf16 wgmma (this warpgroup's operands a and b
+// in stage 0, stages ea and eb elements apart, K steps kstep apart, described by desc, MN as hn_wgmma_bf16's) into
+// acc, and once the previous tile's group has finished arrive on that tile's "empty". Ends with every wgmma retired.
+template <int STAGES, int WN, int MN, class Desc>
+__device__ __forceinline__ void hn_ws_consume(unsigned long long* full, unsigned long long* empty, int tiles,
+                                              const unsigned short* a, int ea, const unsigned short* b, int eb,
+                                              int kstep, float (&acc)[WN / 8][4], const Desc& desc) {
+    for (int kt = 0; kt < tiles; ++kt) {
+        const int s = kt % STAGES;
+        while (!hn_mbar_try_wait(full + s, (kt / STAGES) & 1)) {}
+        hn_wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk)
+            hn_wgmma_bf16<WN, MN>(acc, desc(a + s * ea + kk * kstep), desc(b + s * eb + kk * kstep));
+        hn_wgmma_commit();
+        hn_wgmma_wait<1>();
+        if (kt > 0) hn_mbar_arrive(empty + (kt - 1) % STAGES);
+    }
+    hn_wgmma_wait<0>();
+}
+
 // The K loop shared by the TMA kernels, with one wgmma group in flight. Shared memory at `bars`: STAGES "full"
-// mbarriers (count 1: the producer's arrive.expect_tx of TX bytes; the phase completes when the stage's boxes have
+// mbarriers (count 1: the producer's arrive.expect_tx of tx bytes; the phase completes when the stage's boxes have
 // landed) and STAGES "empty" ones (count CONSUMERS: every consumer thread once its wgmma on the stage finished),
 // initialised here (then a barrier). The producer (thread CONSUMERS, the first of the last warp) waits for a stage's
-// "empty", arms its "full" and issues copy(kt, s, full + s) for K tile kt; the rest of its warp returns at once. A
-// consumer waits on "full", issues multiply(s) (the tile's wgmma) and, once the previous tile's group has finished,
-// arrives on that tile's "empty". Returns true in the consumers (their accumulators complete), false in the producer
-// warp.
-template <int STAGES, int CONSUMERS, class Copy, class Multiply>
+// "empty", arms its "full" and issues copy(kt, s, full + s) for K tile kt; the rest of its warp returns at once. The
+// consumers run hn_ws_consume into acc (zeroed before). Returns true in the consumers (acc complete), false in the
+// producer warp.
+template <int STAGES, int CONSUMERS, int WN, int MN, class Copy, class Desc>
 __device__ __forceinline__ bool hn_tma_loop(unsigned char* bars, int tiles, unsigned tx, const Copy& copy,
-                                            const Multiply& multiply) {
+                                            const unsigned short* a, int ea, const unsigned short* b, int eb,
+                                            int kstep, float (&acc)[WN / 8][4], const Desc& desc) {
     unsigned long long* full = reinterpret_cast<unsigned long long*>(bars);
     unsigned long long* empty = full + STAGES;
     const int tid = threadIdx.x;
@@ -1637,16 +1664,7 @@ __device__ __forceinline__ bool hn_tma_loop(unsigned char* bars, int tiles, unsi
             }
         return false;
     }
-    for (int kt = 0; kt < tiles; ++kt) {
-        const int s = kt % STAGES;
-        while (!hn_mbar_try_wait(full + s, (kt / STAGES) & 1)) {}
-        hn_wgmma_fence();
-        multiply(s);
-        hn_wgmma_commit();
-        hn_wgmma_wait<1>();
-        if (kt > 0) hn_mbar_arrive(empty + (kt - 1) % STAGES);
-    }
-    hn_wgmma_wait<0>();
+    hn_ws_consume<STAGES, WN, MN>(full, empty, tiles, a, ea, b, eb, kstep, acc, desc);
     return true;
 }
 
@@ -1678,13 +1696,14 @@ __device__ __forceinline__ void hn_convt_pool_epilogue(const HnBlock& b, float (
 }
 
 // The forward (EPI 1), stride-1 data gradient (EPI 2) or pooled forward (EPI 4: cv.p, cv.q the pooled sizes, the
-// convolution's output 2 cv.p x 2 cv.q with 2 cv.q in 8, 16, 32; N its pixels, in rows) of hn_convw_fwd fed by TMA: C[M, N] = A[M, K] B[K, N], A = w
-// [O][R][S][C] as [M = O][K = R S C] (amap: boxes of 64 K x BM rows), B^T = x gathered [N = n P Q][K] (bmap: im2col
-// boxes of BN pixels x 64 channels, element strides {1, stride, stride, 1}, corners {-pad, -pad} and {pad - (S-1),
-// pad - (R-1)}), both K-major in K tiles of 64 bf16 -- one tap r, s and channels c0 .. c0 + 63 (C a multiple of
-// 64) -- stored with the 128-byte swizzle (HnSwizzle128: TMA's CU_TENSOR_MAP_SWIZZLE_128B on 1024-byte aligned
-// tiles). WGM x WGN consumer warpgroups of 64 x WN as hn_convw_fwd's, one producer warp (hn_tma_loop). Shared memory:
-// 2 STAGES mbarriers, then the stages (A tiles, then B tiles) aligned to 1024 bytes.
+// convolution's output 2 cv.p x 2 cv.q with 2 cv.q in 8, 16, 32; N its pixels, in rows) of hn_convw_fwd fed by TMA:
+// C[M, N] = A[M, K] B[K, N], A = w [O][R][S][C] as [M = O][K = R S C] (amap: boxes of 64 K x BM rows), B^T = x
+// gathered [N = n P Q][K] (bmap: im2col boxes of BN pixels x 64 channels, element strides {1, stride, stride, 1},
+// corners {-pad, -pad} and {pad - (S-1), pad - (R-1)}), both K-major in K tiles of 64 bf16 -- one tap r, s and
+// channels c0 .. c0 + 63 (C a multiple of 64) -- stored with the 128-byte swizzle (HnSwizzle128: TMA's
+// CU_TENSOR_MAP_SWIZZLE_128B on 1024-byte aligned tiles). WGM x WGN consumer warpgroups of 64 x WN as
+// hn_convw_fwd's, one producer warp (hn_tma_loop). Shared memory: 2 STAGES mbarriers, then the stages (A tiles,
+// then B tiles) aligned to 1024 bytes.
 template <int EPI, int WGM, int WGN, int WN, int STAGES>
 __device__ __forceinline__ void hn_convt_fwd(unsigned char* smem, const HnTensorMap& amap, const HnTensorMap& bmap,
                                              float* y, int M, int N, int K, const HnConv& cv) {
@@ -1704,16 +1723,12 @@ __device__ __forceinline__ void hn_convt_fwd(unsigned char* smem, const HnTensor
         hn_tma_tile2d(sa + s * EA, amap, k0, blk.m0, bar);
         hn_tma_im2col4d(sb + s * EB, bmap, k0 - rs * cv.c, w0, h0, img, rs - r * cv.s, r, bar);
     };
-    const T* a = sa + gm * 64 * BK;
-    const T* b = sb + gn * WN * BK;
     float acc[1][WN / 8][4];
     hn_zero(acc);
-    auto multiply = [&](int s) {
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk)
-            hn_wgmma_bf16<WN, 0>(acc[0], hn_wgmma_desc(a + s * EA + kk * 16), hn_wgmma_desc(b + s * EB + kk * 16));
-    };
-    if (!hn_tma_loop<STAGES, CONSUMERS>(smem, blk.tiles, 2u * (EA + EB), copy, multiply)) return;
+    if (!hn_tma_loop<STAGES, CONSUMERS, WN, 0>(smem, blk.tiles, 2u * (EA + EB), copy, sa + gm * 64 * BK, EA,
+                                               sb + gn * WN * BK, EB, 16, acc[0],
+                                               [](const T* p) { return hn_wgmma_desc(p); }))
+        return;
     const int wm = 64 * gm + 16 * ((tid >> 5) & 3), wn = WN * gn, lane = tid & 31;
     if constexpr (EPI == 4) {
         if (Q == 8)
@@ -1757,24 +1772,20 @@ __device__ __forceinline__ void hn_convt_filter(unsigned char* smem, const HnTen
             hn_tma_im2col4d(sb + s * EB + j * 4096, bmap, n - rs * cv.c, w0, h0, img, rs - r * cv.s, r, bar);
         }
     };
-    const T* a = sa + gm * 64 * BK;
-    const T* b = sb + gn * WN * BK;
+    // a warpgroup's columns start 64 gm (A) and WN gn (B) columns in: whole blocks of 64 x 64 (HnSwizzle128MN)
     float acc[1][WN / 8][4];
     hn_zero(acc);
-    auto multiply = [&](int s) {
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk)
-            hn_wgmma_bf16<WN, 1>(acc[0], hn_wgmma_desc_mn(a + s * EA + kk * 16 * 64),
-                                 hn_wgmma_desc_mn(b + s * EB + kk * 16 * 64));
-    };
-    if (hn_tma_loop<STAGES, CONSUMERS>(smem, blk.tiles, 2u * (EA + EB), copy, multiply))
+    if (hn_tma_loop<STAGES, CONSUMERS, WN, 1>(smem, blk.tiles, 2u * (EA + EB), copy, sa + gm * 64 * BK, EA,
+                                              sb + gn * WN * BK, EB, 16 * 64, acc[0],
+                                              [](const T* p) { return hn_wgmma_desc_mn(p); }))
         hn_epilogue<1, WN / 8>(blk, acc, M, N, N, 1.f, 1.f, 64 * gm + 16 * ((tid >> 5) & 3), WN * gn, tid & 31);
 }
 
 // HN_CONV16T(hn_conv16_fwd_w128x256s4t, 1, 2, 1, 256, 4, 1): HN_CONV16W's forward (EPI 1), data gradient (EPI 2),
 // filter gradient (EPI 3) or pooled forward (EPI 4, its N the convolution's output pixels in rows), its arguments
-// followed by the two tensor maps (the weights' and the input's for EPI 1, 2 and 4, dy's and x's for EPI 3), on hn_convt_fwd or hn_convt_filter: WGM x WGN consumer warpgroups and a producer warp,
-// 128 WGM WGN + 32 threads, MINB blocks an SM; shared memory HN_CONV16W's and 16 ST bytes of mbarriers.
+// followed by the two tensor maps (the weights' and the input's for EPI 1, 2 and 4, dy's and x's for EPI 3), on
+// hn_convt_fwd or hn_convt_filter: WGM x WGN consumer warpgroups and a producer warp, 128 WGM WGN + 32 threads, MINB
+// blocks an SM; shared memory HN_CONV16W's and 16 ST bytes of mbarriers.
 #define HN_CONV16T(name, EPI, WGM, WGN, WN, ST, MINB)                                                             \
     extern "C" __global__ void __launch_bounds__(128 * WGM * WGN + 32, MINB) name(                              \
         const unsigned short* __restrict__ B, const unsigned short* __restrict__ Wt, const float* __restrict__ AUX,  \
@@ -1792,7 +1803,7 @@ __device__ __forceinline__ void hn_convt_filter(unsigned char* smem, const HnTen
         }                                                                                                        \
     }
 
-// The hardware's im2col copy on its own, for its test (tests/test_mma.py): one box of `rows` pixels x 64 channels
+// The hardware's im2col copy on its own, for its test (tests/test_tma_conv.py): one box of `rows` pixels x 64 channels
 // from (c, w, h, n) at tap (s, r) into shared memory, written out as it lies there (swizzled) to out[rows][64].
 extern "C" __global__ void hn_tma_probe(const __grid_constant__ HnTensorMap map, unsigned short* out, int rows,
                                         int c, int w, int h, int n, int s, int r) {
@@ -1811,9 +1822,6 @@ extern "C" __global__ void hn_tma_probe(const __grid_constant__ HnTensorMap map,
     while (!hn_mbar_try_wait(bar, 0)) {}
     for (int i = threadIdx.x; i < rows * 64; i += blockDim.x) out[i] = tile[i];
 }
-#else
-#define HN_CONV16T(...)
-#endif
 
 // --- entry points ---------------------------------------------------------------------------------------------------
 

@@ -457,15 +457,21 @@ def im2col_map(x16, r: int, s: int, stride: int, pad: int, pixels: int) -> Tenso
                    _INTERLEAVE_NONE, _SWIZZLE_128B, _L2_128B, _OOB_ZERO)
 
 
-def tensor_maps(call: ConvCall) -> tuple:
-    """(A's map, B's map) of a TMA tile's call: the forward and data gradient's weights [M][K] in boxes of 64 K x BM
-    and input in im2col boxes of BN pixels; the filter gradient's dy [n P Q][O] in boxes of 64 x 64 and x in im2col
-    boxes of 64 pixels."""
+def map_specs(call: ConvCall) -> tuple:
+    """The parameters of a TMA tile's two maps, (A's, B's): ("tile", array, cols, box_rows) for rows_map, ("im2col",
+    array, r, s, stride, pad, pixels) for im2col_map. The forward's, pooled forward's and data gradient's A is the
+    weights [M][K] in boxes of 64 K x BM, B the input in im2col boxes of BN pixels; the filter gradient's A is dy
+    [n P Q][O] in boxes of 64 x 64, B x in im2col boxes of 64 pixels."""
     c, h, w, r, s, p, q, o, stride, pad = call.geometry     # (the pooled forward's p, q: its pooled sizes)
     if call.op == "filter":
-        return rows_map(call.w, o, 64), im2col_map(call.src, r, s, stride, pad, 64)
-    return (rows_map(call.w, call.w.size // call.w.shape[0], call.tile.bm),
-            im2col_map(call.src, r, s, stride, pad, call.tile.bn))
+        return ("tile", call.w, o, 64), ("im2col", call.src, r, s, stride, pad, 64)
+    return (("tile", call.w, call.w.size // call.w.shape[0], call.tile.bm),
+            ("im2col", call.src, r, s, stride, pad, call.tile.bn))
+
+
+def tensor_maps(call: ConvCall) -> tuple:
+    """(A's map, B's map) of a TMA tile's call, encoded by the driver (map_specs)."""
+    return tuple(rows_map(*spec[1:]) if spec[0] == "tile" else im2col_map(*spec[1:]) for spec in map_specs(call))
 
 
 def launch_raw(be, kern, grid: tuple, block: tuple, smem: int, params: list) -> None:
