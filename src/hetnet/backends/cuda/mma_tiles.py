@@ -312,8 +312,8 @@ def tma_pool_fits(tile: TmaTile, p: int, q: int) -> bool:
 
 
 # The TMA-fed tiles (mma.plan_conv16 and the others take them by name or as tiles; conv.py does not measure them
-# yet: benchmarks/kernels/NOTES.md, "The bf16 convolutions fed by TMA"). The two-blocks-an-SM ones overlap one
-# block's epilogue with the other's K loop.
+# yet: benchmarks/kernels/NOTES.md, "The bf16 convolutions fed by TMA"). The two-blocks-an-SM ones are there so
+# that one block's epilogue can overlap the other's K loop (not timed yet).
 TILES16T = {"fwd": (tma_tile(128, 256, 4), tma_tile(128, 128, 6), tma_tile(64, 256, 5), tma_tile(128, 128, 3, 2),
                     tma_tile(64, 128, 4, 2)),
             "filter": (tma_tile(128, 256, 4), tma_tile(128, 128, 6), tma_tile(128, 128, 3, 2))}
