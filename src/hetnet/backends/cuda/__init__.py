@@ -202,6 +202,14 @@ class CudaBackend(ConvOps, PoolOps, NormOps, ElementwiseOps, LossOps, OptimOps, 
         (common.cuh, HN_TWO_INDEX_KERNELS), unless index64 is set (tests of the 64-bit versions)."""
         return kernel if self.index64 or size >= 2**31 else kernel + "_i32"
 
+    def _host_scalars(self, alpha: float, beta: float):
+        """cuBLAS's alpha and beta in host memory: float32 [alpha, beta], made once per pair (gemm, gemm_batched)."""
+        key = (float(alpha), float(beta))
+        ab = self._alpha_beta.get(key)
+        if ab is None:
+            ab = self._alpha_beta[key] = np.array([alpha, beta], dtype=np.float32)
+        return ab
+
     def gemm(self, c, a, trans_a: bool, b, trans_b: bool, alpha: float = 1.0, beta: float = 0.0) -> None:
         """Row-major c[M,N] = alpha * op(a) @ op(b) + beta * c on the current stream: cuBLAS sgemm in fp32, our
         tensor-core kernels (mma.cu) in tf32 / bf16. Each matrix is row-major with contiguous rows and any row
@@ -213,10 +221,7 @@ class CudaBackend(ConvOps, PoolOps, NormOps, ElementwiseOps, LossOps, OptimOps, 
             return
         a, trans_a, b, trans_b, m, n, k = gemm_operands(c, a, trans_a, b, trans_b)
         handle = self.cupy.cuda.device.get_cublas_handle()
-        key = (float(alpha), float(beta))
-        ab = self._alpha_beta.get(key)
-        if ab is None:
-            ab = self._alpha_beta[key] = np.array([alpha, beta], dtype=np.float32)
+        ab = self._host_scalars(alpha, beta)
         op_a = cublas.CUBLAS_OP_T if trans_a else cublas.CUBLAS_OP_N
         op_b = cublas.CUBLAS_OP_T if trans_b else cublas.CUBLAS_OP_N
         # column-major view: c^T[N,M] = op(b)^T op(a)^T
@@ -240,10 +245,7 @@ class CudaBackend(ConvOps, PoolOps, NormOps, ElementwiseOps, LossOps, OptimOps, 
         if not (c.ndim == a.ndim == b.ndim == 3 and c.shape[0] == a.shape[0] == b.shape[0]):
             raise ValueError(f"gemm_batched: c {c.shape}, a {a.shape}, b {b.shape} are not batches of one length")
         _, trans_a, _, trans_b, m, n, k = gemm_operands(c[0], a[0], trans_a, b[0], trans_b, "gemm_batched")
-        key = (float(alpha), float(beta))
-        ab = self._alpha_beta.get(key)
-        if ab is None:
-            ab = self._alpha_beta[key] = np.array([alpha, beta], dtype=np.float32)
+        ab = self._host_scalars(alpha, beta)
         op = {False: 0, True: 1}                        # CUBLAS_OP_N, CUBLAS_OP_T
         # column-major view: c^T[N,M] = op(b)^T op(a)^T, batch after batch
         args = (self.cupy.cuda.device.get_cublas_handle(), op[trans_b], op[trans_a], n, m, k, ab.ctypes.data,
