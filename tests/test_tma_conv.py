@@ -84,8 +84,8 @@ def probe(cupy, be, x16, r: int, s: int, stride: int, pad: int, rows: int, coord
     smem = 16 + 1024 + rows * 128
     kern = mm._raise_smem(be, "hn_tma_probe", smem)
     mm.launch_raw(be, kern, (1,), (128,), smem,
-                  [mm.im2col_map(x16, r, s, stride, pad, rows), ctypes.c_void_p(out.data.ptr), ctypes.c_int32(rows),
-                   *(ctypes.c_int32(v) for v in (*coords, *tap))])
+                  [mm.encode_map(mm.im2col_spec(x16, r, s, stride, pad, rows)), ctypes.c_void_p(out.data.ptr),
+                   *(ctypes.c_int32(v) for v in (rows, *coords, *tap))])
     tile = out.get().reshape(rows, 8, 8)
     chunks = np.arange(8)[None, :] ^ (np.arange(rows) % 8)[:, None]
     return np.take_along_axis(tile, chunks[:, :, None], axis=1).reshape(rows, 64)

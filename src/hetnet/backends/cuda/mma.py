@@ -427,6 +427,37 @@ def _encode(fn: str, *args) -> TensorMap:
     return TensorMap.from_buffer_copy(ctypes.string_at(addr, 128))
 
 
+def rows_spec(a16, cols: int, box_rows: int) -> dict:
+    """A tile-mode map of a contiguous bf16 tensor as a 2D [rows][cols] one, boxes of 64 columns x box_rows rows,
+    128-byte swizzle, zeros past its edges: the weights [M][R][S][C] as [M][K] (the forward's A), dy [n][P][Q][O] as
+    [n P Q][O] (the filter gradient's). A spec holds the encoder's parameters (encode_map; the CPU emulator's
+    encoder, tests/emu_tma.py, reads the same)."""
+    return {"mode": "tile", "array": a16, "dims": (cols, a16.size // cols), "strides": (2 * cols,),
+            "box": (64, box_rows)}
+
+
+def im2col_spec(x16, r: int, s: int, stride: int, pad: int, pixels: int) -> dict:
+    """An im2col-mode map of the channels-last input x [n][H][W][C] bf16: boxes of `pixels` output pixels x 64
+    channels of an R x S convolution (stride, padding pad), 128-byte swizzle, zeros outside the image and past the
+    last one; the corners (W, H) {-pad, -pad} and {pad - (S-1), pad - (R-1)} bound the first tap's input corners."""
+    n, h, w, c = x16.shape
+    return {"mode": "im2col", "array": x16, "dims": (c, w, h, n), "strides": (2 * c, 2 * c * w, 2 * c * w * h),
+            "lower": (-pad, -pad), "upper": (pad - (s - 1), pad - (r - 1)), "channels": 64, "pixels": pixels,
+            "element_strides": (1, stride, stride, 1)}
+
+
+def encode_map(spec: dict) -> TensorMap:
+    """The driver's CUtensorMap of a rows_spec or im2col_spec."""
+    args = (_BFLOAT16, len(spec["dims"]), ctypes.c_void_p(spec["array"].data.ptr), _u64(*spec["dims"]),
+            _u64(*spec["strides"]))
+    if spec["mode"] == "tile":
+        return _encode("cuTensorMapEncodeTiled", *args, _u32(*spec["box"]), _u32(1, 1), _INTERLEAVE_NONE,
+                       _SWIZZLE_128B, _L2_128B, _OOB_ZERO)
+    return _encode("cuTensorMapEncodeIm2col", *args, (ctypes.c_int * 2)(*spec["lower"]),
+                   (ctypes.c_int * 2)(*spec["upper"]), spec["channels"], spec["pixels"],
+                   _u32(*spec["element_strides"]), _INTERLEAVE_NONE, _SWIZZLE_128B, _L2_128B, _OOB_ZERO)
+
+
 def _u64(*v):
     return (ctypes.c_uint64 * len(v))(*v)
 
@@ -435,43 +466,20 @@ def _u32(*v):
     return (ctypes.c_uint32 * len(v))(*v)
 
 
-def rows_map(a16, cols: int, box_rows: int) -> TensorMap:
-    """A contiguous bf16 tensor as a 2D [rows][cols] one, boxes of 64 columns x box_rows rows, 128-byte swizzle,
-    zeros past its edges: the weights [M][R][S][C] as [M][K] (the forward's A), dy [n][P][Q][O] as [n P Q][O] (the
-    filter gradient's)."""
-    rows = a16.size // cols
-    return _encode("cuTensorMapEncodeTiled", _BFLOAT16, 2, ctypes.c_void_p(a16.data.ptr), _u64(cols, rows),
-                   _u64(2 * cols), _u32(64, box_rows), _u32(1, 1), _INTERLEAVE_NONE, _SWIZZLE_128B, _L2_128B,
-                   _OOB_ZERO)
-
-
-def im2col_map(x16, r: int, s: int, stride: int, pad: int, pixels: int) -> TensorMap:
-    """The channels-last input x [n][H][W][C] bf16 as im2col boxes of `pixels` output pixels x 64 channels of an R x
-    S convolution (stride, padding pad), 128-byte swizzle, zeros outside the image and past the last one: the corners
-    {-pad, -pad} and {pad - (S-1), pad - (R-1)} (W, H) bound the first tap's input corners."""
-    n, h, w, c = x16.shape
-    lower = (ctypes.c_int * 2)(-pad, -pad)
-    upper = (ctypes.c_int * 2)(pad - (s - 1), pad - (r - 1))
-    return _encode("cuTensorMapEncodeIm2col", _BFLOAT16, 4, ctypes.c_void_p(x16.data.ptr), _u64(c, w, h, n),
-                   _u64(2 * c, 2 * c * w, 2 * c * w * h), lower, upper, 64, pixels, _u32(1, stride, stride, 1),
-                   _INTERLEAVE_NONE, _SWIZZLE_128B, _L2_128B, _OOB_ZERO)
-
-
 def map_specs(call: ConvCall) -> tuple:
-    """The parameters of a TMA tile's two maps, (A's, B's): ("tile", array, cols, box_rows) for rows_map, ("im2col",
-    array, r, s, stride, pad, pixels) for im2col_map. The forward's, pooled forward's and data gradient's A is the
+    """A TMA tile's two maps, (A's, B's), as specs: the forward's, pooled forward's and data gradient's A is the
     weights [M][K] in boxes of 64 K x BM, B the input in im2col boxes of BN pixels; the filter gradient's A is dy
     [n P Q][O] in boxes of 64 x 64, B x in im2col boxes of 64 pixels."""
     c, h, w, r, s, p, q, o, stride, pad = call.geometry     # (the pooled forward's p, q: its pooled sizes)
     if call.op == "filter":
-        return ("tile", call.w, o, 64), ("im2col", call.src, r, s, stride, pad, 64)
-    return (("tile", call.w, call.w.size // call.w.shape[0], call.tile.bm),
-            ("im2col", call.src, r, s, stride, pad, call.tile.bn))
+        return rows_spec(call.w, o, 64), im2col_spec(call.src, r, s, stride, pad, 64)
+    return (rows_spec(call.w, call.w.size // call.w.shape[0], call.tile.bm),
+            im2col_spec(call.src, r, s, stride, pad, call.tile.bn))
 
 
 def tensor_maps(call: ConvCall) -> tuple:
-    """(A's map, B's map) of a TMA tile's call, encoded by the driver (map_specs)."""
-    return tuple(rows_map(*spec[1:]) if spec[0] == "tile" else im2col_map(*spec[1:]) for spec in map_specs(call))
+    """(A's map, B's map) of a TMA tile's call, encoded by the driver."""
+    return tuple(encode_map(spec) for spec in map_specs(call))
 
 
 def launch_raw(be, kern, grid: tuple, block: tuple, smem: int, params: list) -> None:
