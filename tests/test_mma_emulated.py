@@ -27,7 +27,7 @@ from mma_cases import (CONV16_SHAPES, CONV32_SHAPES, CONV_SHAPES, POOL16_SHAPES,
 
 from hetnet.backends.cuda import kernels
 from hetnet.backends.cuda import mma as mm
-from hetnet.backends.cuda.mma_tiles import LAYOUTS, TILES, TILES16, TILES16T, TILES16W
+from hetnet.backends.cuda.mma_tiles import LAYOUTS, TILES, TILES16, TILES16T, TILES16W, TmaTile
 from hetnet.bench.common import GEMM_RTOL
 
 SMS = 4      # a small "GPU", so that split-K and the choice between tiles happen at emulator sizes
@@ -266,7 +266,8 @@ def test_runner_without_a_gpu(capsys):
 # --- the implicit-GEMM forward convolution (mma.cu HN_CONV, mma.plan_conv) -------------------------------------------
 
 def run_conv(emu, call: mm.ConvCall, seed: int = 0) -> None:
-    """Execute a convolution plan on the emulator (NumPy arrays), as mma.launch_conv does on a GPU."""
+    """Execute a convolution plan on the emulator (NumPy arrays), as mma.launch_conv does on a GPU: a TMA tile's
+    through emu_conv_tma with its two maps in the emulator's encoding of mma.map_specs."""
     args = call.args(lambda a: a.ctypes.data, None)
     err = ctypes.create_string_buffer(1024)
     kernel = ctypes.cast(getattr(emu, call.kernel), ctypes.c_void_p)
@@ -275,9 +276,12 @@ def run_conv(emu, call: mm.ConvCall, seed: int = 0) -> None:
     def buf(a):
         return (c.c_void_p(None), c.c_longlong(0)) if a is None else (c.c_void_p(a.ctypes.data), c.c_longlong(a.nbytes))
 
-    rc = emu.emu_conv(kernel, *(c.c_uint(v) for v in call.grid), c.c_uint(call.tile.threads),
-                      c.c_int(call.tile.smem_bytes), *buf(call.src), *buf(call.w), *buf(call.aux), *buf(call.out),
-                      *(c.c_int(int(v)) for v in args[4:]), c.c_uint(seed), err, c.c_int(len(err)))
+    tma = isinstance(call.tile, TmaTile)
+    maps = [np.ascontiguousarray(emu_map(spec)) for spec in mm.map_specs(call)] if tma else []
+    rc = (emu.emu_conv_tma if tma else emu.emu_conv)(
+        kernel, *(c.c_uint(v) for v in call.grid), c.c_uint(call.tile.threads), c.c_int(call.tile.smem_bytes),
+        *buf(call.src), *buf(call.w), *buf(call.aux), *buf(call.out), *(c.c_int(int(v)) for v in args[4:]),
+        *(c.c_void_p(m.ctypes.data) for m in maps), c.c_uint(seed), err, c.c_int(len(err)))
     assert rc == 0, f"{call.kernel} grid {call.grid}: {err.value.decode()}"
 
 
@@ -815,30 +819,14 @@ def test_small_forward_hands_over_to_a_batch_norm_emulated(conv_ops, rng):
 
 # --- the TMA-fed convolutions (mma.cu HN_CONV16T), the copies by the emulator's model of TMA --------------------------
 
-def run_conv_tma(emu, call: mm.ConvCall, seed: int = 0) -> None:
-    """Execute a TMA tile's plan on the emulator, its two maps in the emulator's encoding of mma.map_specs (as
-    mma.launch_conv passes the driver's)."""
-    args = call.args(lambda a: a.ctypes.data, None)
-    err = ctypes.create_string_buffer(1024)
-    c = ctypes
-    maps = [np.ascontiguousarray(emu_map(spec)) for spec in mm.map_specs(call)]
-
-    def buf(a):
-        return (c.c_void_p(None), c.c_longlong(0)) if a is None else (c.c_void_p(a.ctypes.data), c.c_longlong(a.nbytes))
-
-    rc = emu.emu_conv_tma(c.cast(getattr(emu, call.kernel), c.c_void_p), *(c.c_uint(v) for v in call.grid),
-                          c.c_uint(call.tile.threads), c.c_int(call.tile.smem_bytes), *buf(call.src), *buf(call.w),
-                          *buf(call.aux), *buf(call.out), *(c.c_int(int(v)) for v in args[4:]),
-                          *(c.c_void_p(m.ctypes.data) for m in maps), c.c_uint(seed), err, c.c_int(len(err)))
-    assert rc == 0, f"{call.kernel} grid {call.grid}: {err.value.decode()}"
-
-
 @pytest.mark.parametrize("shape", TMA_SHAPES + TMA_POOL_SHAPES, ids=str)
 def test_tma_tiles_emulated(emu, rng, shape):
     """Every TMA tile of every op (tma_cases.run_ops: the forward, the pooled forward where it fits, the data and
     filter gradients) on the emulator, against float64; the emulator checks the producer's and consumers'
     synchronisation (the mbarriers' arrivals and transaction bytes) as it runs."""
-    ran = run_tma_ops(np, lambda a: a, rng, shape, TILES16T, lambda call: run_conv_tma(emu, call,
-                                                                                     int(rng.integers(2**31))), SMS)
+    def launch(call):
+        run_conv(emu, call, int(rng.integers(2**31)))
+
+    ran = run_tma_ops(np, lambda a: a, rng, shape, TILES16T, launch, SMS)
     assert ran >= (13 if shape in TMA_POOL_SHAPES else 10), ran
 
