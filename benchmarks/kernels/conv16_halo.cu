@@ -477,8 +477,7 @@ __device__ __forceinline__ void hn_conv32_halo_filter(unsigned char* smem, const
         float* __restrict__ Y, int M, int N, int K, int C, int H, int W, int R, int S, int P, int Q, int O,         \
         int stride, int pad, int act, int splits, int kchunk) {                                                   \
         HN_DYNAMIC_SMEM(hn_smem);                                                                              \
-        HnConv cv = hn_conv_of<1>(AUX, C, H, W, R, S, P, Q, O, stride, pad, act);                               \
-        cv.pooled = kchunk;                                                                                      \
+        const HnConv cv = hn_conv16_of<EPI>(AUX, C, H, W, R, S, P, Q, O, stride, pad, act, kchunk);            \
         hn_conv_halo<unsigned short, EPI, WGM, WGN, WN, ST>(hn_smem, Wt, B, Y, M, N, K, cv);                   \
     }
 
@@ -492,8 +491,7 @@ __device__ __forceinline__ void hn_conv32_halo_filter(unsigned char* smem, const
         float* __restrict__ Y, int M, int N, int K, int C, int H, int W, int R, int S, int P, int Q, int O,         \
         int stride, int pad, int act, int splits, int kchunk) {                                                   \
         HN_DYNAMIC_SMEM(hn_smem);                                                                              \
-        HnConv cv = hn_conv_of<1>(AUX, C, H, W, R, S, P, Q, O, stride, pad, act);                               \
-        cv.pooled = kchunk;                                                                                      \
+        const HnConv cv = hn_conv16_of<EPI>(AUX, C, H, W, R, S, P, Q, O, stride, pad, act, kchunk);            \
         hn_conv_halo<float, EPI, WGM, WGN, WN, ST, SPLIT>(hn_smem, Wt, B, Y, M, N, K, cv);                     \
     }
 

@@ -134,12 +134,9 @@ __device__ __forceinline__ void hn_conv16w_ws_filter(unsigned char* smem, const 
         float* __restrict__ Y, int M, int N, int K, int C, int H, int W, int R, int S, int P, int Q, int O,         \
         int stride, int pad, int act, int splits, int kchunk) {                                                   \
         HN_DYNAMIC_SMEM(hn_smem);                                                                              \
-        if constexpr (EPI == 3) {                                                                                \
-            const HnConv cv = hn_conv_of<3>(AUX, C, H, W, R, S, P, Q, O, stride, pad, act);                     \
+        const HnConv cv = hn_conv16_of<EPI>(AUX, C, H, W, R, S, P, Q, O, stride, pad, act, kchunk);            \
+        if constexpr (EPI == 3)                                                                                \
             hn_conv16w_ws_filter<WGM, WGN, WN, ST>(hn_smem, Wt, B, Y, M, N, K, splits, kchunk, cv);             \
-        } else {                                                                                                 \
-            HnConv cv = hn_conv_of<1>(AUX, C, H, W, R, S, P, Q, O, stride, pad, act);                           \
-            cv.pooled = kchunk;                                                                                  \
+        else                                                                                                   \
             hn_convw_ws_fwd<EPI, WGM, WGN, WN, ST>(hn_smem, Wt, B, Y, M, N, K, cv);                             \
-        }                                                                                                        \
     }

@@ -1526,20 +1526,27 @@ __device__ __forceinline__ void hn_conv16w_filter(unsigned char* smem, const uns
     hn_epilogue<1, WN / 8>(blk, acc, M, N, N, 1.f, 1.f, 64 * gm + 16 * ((tid >> 5) & 3), WN * gn, tid & 31);
 }
 
+// The HnConv of a channels-last kernel's arguments (HN_CONV16 and its kin): EPI 3 the filter gradient's; 1, 2 and 4
+// the forward's, with kchunk the pooled forward's count of pooled outputs (EPI 4).
+template <int EPI>
+__device__ __forceinline__ HnConv hn_conv16_of(const float* aux, int C, int H, int W, int R, int S, int P, int Q,
+                                               int O, int stride, int pad, int act, int kchunk) {
+    HnConv cv = hn_conv_of<EPI == 3 ? 3 : 1>(aux, C, H, W, R, S, P, Q, O, stride, pad, act);
+    if constexpr (EPI != 3) cv.pooled = kchunk;
+    return cv;
+}
+
 // HN_CONV16's body: EPI 1, 2 or 4, hn_conv16_fwd; 3, hn_conv_filter_sync (arguments as HN_CONV16 says).
 template <int EPI, int BM, int BN, int BK, int WM, int WN, int ST>
 __device__ __forceinline__ void hn_conv16(unsigned char* smem, const unsigned short* B, const unsigned short* Wt,
                                           const float* aux, float* Y, int M, int N, int K, int C, int H, int W, int R,
                                           int S, int P, int Q, int O, int stride, int pad, int act, int splits,
                                           int kchunk) {
-    if constexpr (EPI == 3) {
-        const HnConv cv = hn_conv_of<3>(aux, C, H, W, R, S, P, Q, O, stride, pad, act);
+    const HnConv cv = hn_conv16_of<EPI>(aux, C, H, W, R, S, P, Q, O, stride, pad, act, kchunk);
+    if constexpr (EPI == 3)
         hn_conv_filter_sync<unsigned short, BM, BN, BK, WM, WN, ST>(smem, Wt, B, Y, M, N, K, splits, kchunk, cv);
-    } else {
-        HnConv cv = hn_conv_of<1>(aux, C, H, W, R, S, P, Q, O, stride, pad, act);
-        cv.pooled = kchunk;
+    else
         hn_conv16_fwd<EPI, BM, BN, BK, WM, WN, ST>(smem, Wt, B, Y, M, N, K, cv);
-    }
 }
 
 // --- convolutions fed by the Tensor Memory Accelerator (sm_90a; HN_CONV16T) --------------------------------------
@@ -1793,14 +1800,11 @@ __device__ __forceinline__ void hn_convt_filter(unsigned char* smem, const HnTen
         int stride, int pad, int act, int splits, int kchunk, const __grid_constant__ HnTensorMap amap,            \
         const __grid_constant__ HnTensorMap bmap) {                                                              \
         HN_DYNAMIC_SMEM(hn_smem);                                                                              \
-        if constexpr (EPI == 3) {                                                                                \
-            const HnConv cv = hn_conv_of<3>(AUX, C, H, W, R, S, P, Q, O, stride, pad, act);                     \
+        const HnConv cv = hn_conv16_of<EPI>(AUX, C, H, W, R, S, P, Q, O, stride, pad, act, kchunk);            \
+        if constexpr (EPI == 3)                                                                                \
             hn_convt_filter<WGM, WGN, WN, ST>(hn_smem, amap, bmap, Y, M, N, K, splits, kchunk, cv);             \
-        } else {                                                                                                 \
-            HnConv cv = hn_conv_of<1>(AUX, C, H, W, R, S, P, Q, O, stride, pad, act);                           \
-            cv.pooled = kchunk;                                                                                  \
+        else                                                                                                   \
             hn_convt_fwd<EPI, WGM, WGN, WN, ST>(hn_smem, amap, bmap, Y, M, N, K, cv);                          \
-        }                                                                                                        \
     }
 
 // The hardware's im2col copy on its own, for its test (tests/test_tma_conv.py): one box of `rows` pixels x 64 channels
@@ -1881,14 +1885,11 @@ extern "C" __global__ void hn_tma_probe(const __grid_constant__ HnTensorMap map,
         float* __restrict__ Y, int M, int N, int K, int C, int H, int W, int R, int S, int P, int Q, int O,         \
         int stride, int pad, int act, int splits, int kchunk) {                                                   \
         HN_DYNAMIC_SMEM(hn_smem);                                                                              \
-        if constexpr (EPI == 3) {                                                                                \
-            const HnConv cv = hn_conv_of<3>(AUX, C, H, W, R, S, P, Q, O, stride, pad, act);                     \
+        const HnConv cv = hn_conv16_of<EPI>(AUX, C, H, W, R, S, P, Q, O, stride, pad, act, kchunk);            \
+        if constexpr (EPI == 3)                                                                                \
             hn_conv16w_filter<WGM, WGN, WN, ST>(hn_smem, Wt, B, Y, M, N, K, splits, kchunk, cv);                \
-        } else {                                                                                                 \
-            HnConv cv = hn_conv_of<1>(AUX, C, H, W, R, S, P, Q, O, stride, pad, act);                           \
-            cv.pooled = kchunk;                                                                                  \
+        else                                                                                                   \
             hn_convw_fwd<unsigned short, EPI, WGM, WGN, WN, ST>(hn_smem, Wt, B, Y, M, N, K, cv);               \
-        }                                                                                                        \
     }
 
 // HN_CONV32W(hn_conv32_fwd_w128x256s4, 1, 2, 1, 256, 4, 1, 0, 1): HN_CONV16W's forward (EPI 1), data gradient (EPI 2)
@@ -1903,8 +1904,7 @@ extern "C" __global__ void hn_tma_probe(const __grid_constant__ HnTensorMap map,
         float* __restrict__ Y, int M, int N, int K, int C, int H, int W, int R, int S, int P, int Q, int O,         \
         int stride, int pad, int act, int splits, int kchunk) {                                                   \
         HN_DYNAMIC_SMEM(hn_smem);                                                                              \
-        HnConv cv = hn_conv_of<1>(AUX, C, H, W, R, S, P, Q, O, stride, pad, act);                               \
-        cv.pooled = kchunk;                                                                                      \
+        const HnConv cv = hn_conv16_of<EPI>(AUX, C, H, W, R, S, P, Q, O, stride, pad, act, kchunk);            \
         hn_convw_fwd<float, EPI, WGM, WGN, WN, ST, SPLIT, INFLIGHT>(hn_smem, Wt, B, Y, M, N, K, cv);             \
     }
 
