@@ -64,6 +64,16 @@ def test_tma_tiles_are_planned_only_where_they_fit():
         mm.plan_conv16_pool(buf, x16, w16, None, 1, 1, 0, TILES16T["fwd"][0])
 
 
+def test_pooled_forward_takes_the_forwards_fastest_pooled_tile():
+    """Inside a capture the pooled forward is not measured: it runs the forward's choice, or where that is a TMA tile
+    (no pooled kernel) the forward's fastest measured tile that has one."""
+    from hetnet.backends.cuda import conv as C
+    cands = {"tc16": None, "tc16w128x256s4": None, "tc16w128x128s4": None}
+    assert C._pool_as_forward("tc16w128x128s4", cands, {}) == "tc16w128x128s4"
+    times = {"tc16w128x256s4t": 0.1, "tc16": 0.5, "tc16w128x256s4": 0.3, "tc16w128x128s4": 0.2}
+    assert C._pool_as_forward("tc16w128x256s4t", cands, times) == "tc16w128x128s4"
+
+
 def _gpu():
     cupy = pytest.importorskip("cupy", reason="CuPy not installed")
     from hetnet.backends.cuda.kernels import wgmma_ok

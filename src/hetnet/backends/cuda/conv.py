@@ -354,12 +354,18 @@ def _filter_wino(be, g, dy, x, dw, db):
         channel_sum(be, dy, db, g.n, g.k, g.p * g.q)
 
 
-def _tiles16(be, op: str, run) -> dict:
+def _tiles16(be, op: str, run, g: Geometry | None = None) -> dict:
     """The channels-last candidates of op at be's precision (CL_PREFIX p): p on the large mma.sync tile of
     mma.tiles16(op), p + "s" on the small one, and where the device runs wgmma (kernels.wgmma_ok) p + the name of each
-    wgmma tile (run(tile name, *outputs) launches one). All are measured on every shape: the large tile can win even
-    where M fits the small one (64 channels), which a rule by size would not try."""
-    tiles = {name: _tile16_of(op, name) for name in _names16(be.precision, op, wgmma_ok(be.device_id))}
+    wgmma tile (run(tile name, *outputs) launches one), and at bf16 on a convolution g that they fit (mma.tma_fits) p
+    + the name of each TMA-fed tile. All are measured on every shape: the large tile can win even where M fits the
+    small one (64 channels), which a rule by size would not try."""
+    wgmma = wgmma_ok(be.device_id)
+    names = _names16(be.precision, op, wgmma)
+    if wgmma and g is not None and be.precision == "bf16" and mma.tma_fits(op, g.k if op == "data" else g.c):
+        names += [CL_PREFIX["bf16"] + t.name for t in mma.TILES16T[op]
+                  if op != "pool" or mma.tma_pool_fits(t, g.p, g.q)]
+    tiles = {name: _tile16_of(op, name) for name in names}
     return {name: lambda *a, tile=tile: run(tile, *a) for name, tile in tiles.items()}
 
 
@@ -513,7 +519,8 @@ def conv_forward(be, x, w, b, stride, pad, act=0, geometry=None, out16=False):
         if be.precision != "fp32":
             cands["tc"] = lambda out: mma.conv_tc(be, out, x, w, b, stride, pad, act)
         if _fits16(be, "fwd", g):
-            cands.update(_tiles16(be, "fwd", lambda tile, out: mma.conv16(be, out, x, w, b, stride, pad, act, tile)))
+            cands.update(_tiles16(be, "fwd", lambda tile, out: mma.conv16(be, out, x, w, b, stride, pad, act, tile),
+                                  g))
     choice = _choose(be, "fwd", g, cands, _float32_outputs(be, shape))
     if out16 and choice == "small":
         y16 = be.xp.empty(shape, dtype=be.xp.uint16)
@@ -557,7 +564,8 @@ def _filter_backward(be, g, copies, dy, x, dw, db):
         if be.precision != "fp32":
             fc["tc"] = lambda dw_, db_: _filter_tc(be, g, dy, x, dw_, db_)
         if _fits16(be, "filter", g):
-            fc.update(_tiles16(be, "filter", lambda tile, dw_, db_: _filter_tc16(be, g, copies, dy, dw_, db_, tile)))
+            fc.update(_tiles16(be, "filter", lambda tile, dw_, db_: _filter_tc16(be, g, copies, dy, dw_, db_, tile),
+                               g))
     # the filter gradient accumulates: measured on zeroed outputs of its own
     choice = _choose(be, "filter", g, fc, _TrialOutputs(
         lambda: (be.xp.zeros_like(dw), be.xp.zeros_like(db) if db is not None else None)))
@@ -706,14 +714,24 @@ def conv_maxpool_forward(be, x, w, b, stride, pad, act, kernel, pool_stride, kee
     x16 = x.data if isinstance(x, Nhwc16) else mma.to_nhwc(be, x)
     act |= mma.OUT16 if out16 else 0
     cands = _tiles16(be, "pool", lambda tile, out: out.append(
-        mma.conv16_pool(be, x, w, b, stride, pad, act, tile, x16)))
+        mma.conv16_pool(be, x, w, b, stride, pad, act, tile, x16)), g)
     # measured where it can be (not inside a graph capture: there an unmeasured shape takes the forward's tile)
     measure = be.capturing is None or ("pool", g.key()) in be._tune
-    choice = _choose(be, "pool", g, cands, lambda fn: fn([])) if measure else fwd
+    choice = (_choose(be, "pool", g, cands, lambda fn: fn([])) if measure
+              else _pool_as_forward(fwd, cands, be._tune_times.get(("fwd", g.key()), {})))
     out = []
     cands[choice](out)
     y, arg = out[0]
     return (Nchw16(y) if out16 else y, arg), (x16 if isinstance(x, Nhwc16) or (keep and _kept16(be, g)) else None)
+
+
+def _pool_as_forward(fwd: str, cands: dict, fwd_times: dict) -> str:
+    """The pooled forward's tile where it is not measured (inside a capture): the forward's measured choice, or where
+    that is not among them (a TMA tile whose pooled forward does not fit) the fastest of the forward's measured times
+    among the pooled candidates."""
+    if fwd in cands:
+        return fwd
+    return min(cands, key=lambda name: fwd_times.get(name, float("inf")))
 
 
 def conv_backward(be, dy, x, w, dw, db, stride, pad, need_dx=True, relu_x=None, x16=None, x_shape=None,
@@ -746,7 +764,8 @@ def conv_backward(be, dy, x, w, dw, db, stride, pad, need_dx=True, relu_x=None, 
         if be.precision != "fp32":
             dc["tc"] = lambda out: mma.conv_data_tc(be, out, dy, w, relu_x, stride, pad)
         if _fits16(be, "data", g):
-            dc.update(_tiles16(be, "data", lambda tile, out: mma.conv16_data(be, out, copies("dy"), w, relu_x, pad, tile)))
+            dc.update(_tiles16(be, "data", lambda tile, out: mma.conv16_data(be, out, copies("dy"), w, relu_x, pad,
+                                                                               tile), g))
     copies.share = False
     choice = _choose(be, "data", g, dc, _float32_outputs(be, (n, c, h, wd)))
     copies.share = True
