@@ -273,7 +273,8 @@ def test_small_forward_hands_its_output_to_a_batch_norm_in_bf16(rng):
 
 def test_conv_choice_is_kept_for_the_next_process(rng, tmp_path, monkeypatch):
     """A backend of a later process (a fresh CudaBackend) takes the choice from the tuning cache, measuring nothing;
-    a cache that names an algorithm the call does not offer is measured again."""
+    a cache that names an algorithm the call does not offer, or was measured without one the call offers, is
+    measured again."""
     from hetnet.backends.cuda import CudaBackend, tune_cache
 
     monkeypatch.setenv("HETNET_TUNE_CACHE", "1")
@@ -293,6 +294,12 @@ def test_conv_choice_is_kept_for_the_next_process(rng, tmp_path, monkeypatch):
     again.conv2d_forward(again.asarray(x), again.asarray(w), None, 1, 1)
     assert [e["op"] for e in again.tune_log] == ["fwd"]
     assert tune_cache.for_backend(again).get(key) == again.tune_log[0]["choice"]
+    tf = tune_cache.for_backend(again)
+    choice = tf.get(key)
+    tf.put(key, choice, {choice: 1.0})                  # measured without the call's other candidates
+    fourth = CudaBackend(0)
+    fourth.conv2d_forward(fourth.asarray(x), fourth.asarray(w), None, 1, 1)
+    assert [e["op"] for e in fourth.tune_log] == ["fwd"]
 
 
 def test_conv_variant_runner(tmp_path):

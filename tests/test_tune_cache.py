@@ -69,3 +69,18 @@ def test_off_when_asked_and_quiet_when_unwritable(tmp_path, monkeypatch):
     tf = TC.TuneFile(blocker / "tune" / "x.json")            # its folder cannot be made
     tf.put(("fwd", (1,)), "tc")                             # no error: the next process measures again
     assert tf.get(("fwd", (1,))) == "tc"
+
+
+def test_a_choice_stands_only_against_the_candidates_it_was_measured_with(tmp_path):
+    """A remembered choice is used where the call offers it and every candidate of the call was measured with it;
+    a kernel added since makes it measured again, except inside a graph capture, where nothing can be."""
+    tf = TC.TuneFile(tmp_path / "t.json")
+    key = ("data", (512, 128, 16, 16, 128, 3, 3, 1, 1))
+    tf.put(key, "tc16w128x256s4", {"tc16w128x256s4": 0.11, "tc16": 0.2})
+    assert tf.standing(key, {"tc16w128x256s4": 0, "tc16": 0}, capturing=False) == "tc16w128x256s4"
+    assert tf.standing(key, {"tc16w128x256s4": 0}, capturing=False) == "tc16w128x256s4"
+    added = {"tc16w128x256s4": 0, "tc16": 0, "tc16w128x256s4t": 0}
+    assert tf.standing(key, added, capturing=False) is None
+    assert tf.standing(key, added, capturing=True) == "tc16w128x256s4"
+    assert tf.standing(key, {"tc16": 0}, capturing=True) is None               # not offered
+    assert tf.standing(("fwd", key[1]), added, capturing=True) is None         # never measured

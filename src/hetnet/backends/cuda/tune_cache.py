@@ -6,7 +6,8 @@ tables of this folder, hetnet's version and CuPy's, CUDA's runtime and driver ve
 Content: {"format": FORMAT, "choices": [[op, [shape...], algorithm, {algorithm: ms}], ...]}, JSON written whole
 (files.atomic_write_text); the times let a graph capture that cannot use cuBLAS fall back to the fastest own kernel.
 A choice is only a decision about speed: every algorithm computes the same result within the precision's tolerance,
-so a stale file costs time, never correctness. A choice that is not among the candidates of a call is measured
+so a stale file costs time, never correctness. A choice that is not among the candidates of a call, or (outside a
+graph capture, where measuring is possible) was measured without one of them, a kernel added since, is measured
 again; an unreadable file is ignored; an unwritable folder costs the next process the measurement. HETNET_TUNE_CACHE=0
 turns it off (the test suite does, so that its measurements run).
 """
@@ -62,6 +63,16 @@ class TuneFile:
 
     def get(self, key) -> str | None:
         return self.choices[key][0] if key in self.choices else None
+
+    def standing(self, key, candidates, capturing: bool) -> str | None:
+        """The remembered choice for key where it still stands: one of `candidates` and, unless inside a graph capture
+        (where nothing can be measured and it is the best known), measured against every one of them."""
+        if key not in self.choices:
+            return None
+        algorithm, times = self.choices[key]
+        if algorithm not in candidates or (not capturing and any(name not in times for name in candidates)):
+            return None
+        return algorithm
 
     def times(self, key) -> dict:
         return dict(self.choices[key][1]) if key in self.choices else {}
