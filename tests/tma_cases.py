@@ -12,7 +12,9 @@ from hetnet.backends.cuda import mma as mm
 from hetnet.backends.cuda.mma_tiles import tma_fits, tma_pool_fits
 
 # (n, C, H, W, O, R, S, stride, pad): blocks across images and past the last one; O past a block's rows; two channel
-# blocks a tap; 5 x 5 at pad 2; stride 2 (the forward and filter gradient: the data gradient is a stride-1 forward)
+# blocks a tap; 5 x 5 at pad 2; stride 2 (the forward and filter gradient: the data gradient is a stride-1 forward).
+# The third's planes (9 x 8) are whole multiples of 8 pixels, so its forward and unmasked data gradient take the
+# epilogue staged in shared memory; the others' do not.
 SHAPES = [(3, 64, 7, 9, 64, 3, 3, 1, 1), (1, 128, 5, 6, 192, 3, 3, 1, 0), (2, 64, 9, 8, 64, 5, 5, 1, 2),
           (2, 64, 11, 10, 128, 3, 3, 2, 1)]
 # the pooled forward's: outputs of 16 and 8 columns (O past a block's rows; one image), 32 columns at stride 2
@@ -52,11 +54,11 @@ def gather(x16: np.ndarray, r: int, s: int, stride: int, pad: int, rows: int, co
 
 def run_ops(xp, host, rng, shape, tiles: dict, launch, sms: int) -> int:
     """Each tile of tiles[op] on shape through mma.py's plans and launch(call), arrays made by xp.asarray and read
-    back by host(): the forward (bias + ReLU), the pooled
+    back by host(): the forward (bias + ReLU; y in float32, and in bf16 exactly its values rounded), the pooled
     forward where it fits (y in float32 and bf16, and the argmax bytes, exactly those of max pooling of the forward),
-    the stride-1 data gradient (with the ReLU mask) and the filter gradient (added into dw, in one K part and in
-    three), against float64 of the bf16 inputs within RTOL_TC_ROUNDED, outputs poisoned first. Returns the outputs
-    checked."""
+    the stride-1 data gradient (with the ReLU mask and without; dx in float32, and in bf16 exactly the unmasked one
+    rounded) and the filter gradient (added into dw, in one K part and in three), against float64 of the bf16 inputs
+    within RTOL_TC_ROUNDED, outputs poisoned first. Returns the outputs checked."""
     n, c, h, w, o, r, s, stride, pad = shape
     ran = 0
     for tile in tiles["fwd"]:
@@ -66,7 +68,11 @@ def run_ops(xp, host, rng, shape, tiles: dict, launch, sms: int) -> int:
         y = host(yd)
         err = rel_err(y, conv_expected(x, wt, b, stride, pad, 1, "bf16"))
         assert err <= RTOL_TC_ROUNDED, f"fwd {shape} {tile.name}: {err:.3g}"
-        ran += 1
+        # stored as bf16: the same sums rounded (the epilogue staged in shared memory where the plane allows)
+        y16 = xp.asarray(np.full(y.shape, 0xFFFF, np.uint16))
+        launch(mm.plan_conv16(y16, x16, w16, bd, stride, pad, 1 | mm.OUT16, tile))
+        np.testing.assert_array_equal(host(y16), bf16_bits(y), err_msg=f"{shape} {tile.name}: bf16 y")
+        ran += 2
         if tile not in tiles["pool"] or not tma_pool_fits(tile, *y.shape[2:]):
             continue
         # the pooled forward: max pooling of the same tile's forward (the same sums), its argmax bytes; bf16 too
@@ -81,11 +87,17 @@ def run_ops(xp, host, rng, shape, tiles: dict, launch, sms: int) -> int:
             ran += 1
     for tile in tiles["data"] if stride == 1 and tma_fits("data", o) else ():
         dy, wt, relu_x, dx = conv_data_inputs(rng, shape)
-        dxd = xp.asarray(dx)
-        launch(mm.plan_conv16_data(dxd, xp.asarray(nhwc_copy(dy, "bf16")), xp.asarray(turned_copy(wt, "bf16")),
-                                   xp.asarray(relu_x), pad, tile))
-        err = rel_err(host(dxd), conv_data_expected(dy, wt, relu_x, shape, "bf16"))
-        assert err <= RTOL_TC_ROUNDED, f"data {shape} {tile.name}: {err:.3g}"
+        dy16, wt16 = xp.asarray(nhwc_copy(dy, "bf16")), xp.asarray(turned_copy(wt, "bf16"))
+        for mask in (relu_x, None):
+            dxd = xp.asarray(dx)
+            launch(mm.plan_conv16_data(dxd, dy16, wt16, None if mask is None else xp.asarray(mask), pad, tile))
+            got = host(dxd)
+            err = rel_err(got, conv_data_expected(dy, wt, mask, shape, "bf16"))
+            assert err <= RTOL_TC_ROUNDED, f"data {shape} {tile.name} mask {mask is not None}: {err:.3g}"
+            ran += 1
+        dx16 = xp.asarray(np.full(dx.shape, 0xFFFF, np.uint16))
+        launch(mm.plan_conv16_data(dx16, dy16, wt16, None, pad, tile, out16=True))
+        np.testing.assert_array_equal(host(dx16), bf16_bits(got), err_msg=f"{shape} {tile.name}: bf16 dx")
         ran += 1
     for tile in tiles["filter"]:
         dy, x, dw0 = conv_filter_inputs(rng, shape)

@@ -9,10 +9,11 @@ error within RTOL_TC_ROUNDED of the norm; a tile that fails is reported, never t
 (CUDA events around back-to-back launches queued behind a spin kernel, median of several samples). --out writes the
 rows as JSON with the card, hetnet's commit and the date (hetnet.bench.common.environment). --precision tf32 or fp32
 times the shipped tf32 / fp32 tiles (wgmma forward, mma.sync filter gradient) and the halo tiles of that precision
-(on an sm_90a GPU); --no-sandbox leaves those out, --sandbox picks some (ws, halo).
+(on an sm_90a GPU); --no-sandbox leaves those out, --sandbox picks some (ws, halo). --out16 stores the forward's
+and data gradient's outputs as bf16, as a bf16 training step does (float32 otherwise).
 
     PYTHONPATH=src python benchmarks/kernels/time_cl_tiles.py [--batch 512] [--precision bf16] [--no-sandbox]
-        [--sandbox ws,halo] [--ops fwd,filter] [--out tiles.json]
+        [--sandbox ws,halo] [--ops fwd,filter] [--out16] [--out tiles.json]
 """
 from __future__ import annotations
 
@@ -40,6 +41,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sandbox", default="ws,halo", help="the sandboxes whose tiles are timed (ws, halo)")
     ap.add_argument("--ops", default="fwd,filter",
                     help="fwd (the forward, data gradient and pooled forward), filter (the filter gradient), or both")
+    ap.add_argument("--out16", action="store_true",
+                    help="the forward's and data gradient's outputs stored as bf16 (as a bf16 step stores them)")
     ap.add_argument("--out", type=Path, default=None, help="write the times as JSON (card, commit, date)")
     args = ap.parse_args(argv)
     import cupy
@@ -75,14 +78,16 @@ def main(argv=None) -> int:
         wt = cupy.asarray((rng.standard_normal((o, c, 3, 3)) * 0.05).astype(np.float32))
         dy = cupy.asarray(rng.standard_normal((args.batch, o, h, w)).astype(np.float32))
         x16, w16, dy16, wt16 = mma.to_nhwc(be, x), mma.to_nhwc(be, wt), mma.to_nhwc(be, dy), mma.turn_weights(be, wt)
-        y = cupy.empty((args.batch, o, h, w), np.float32)
-        dx = cupy.empty((args.batch, c, h, w), np.float32)
+        out_dtype = np.uint16 if args.out16 else np.float32        # (bf16 bits)
+        y = cupy.empty((args.batch, o, h, w), out_dtype)
+        dx = cupy.empty((args.batch, c, h, w), out_dtype)
+        act = mma.OUT16 if args.out16 else 0
         part = cupy.zeros((o, 3, 3, c), np.float32)      # (c a multiple of 8: the copies' padding is none)
         buf, _, _ = mma.pooled_outputs(cupy, args.batch, o, h // 2, w // 2)
 
         def forward_calls(tile):          # tile: a Tc16Tile
-            calls = {"fwd": mma.plan_conv16(y, x16, w16, None, 1, 1, 0, tile),
-                     "data": mma.plan_conv16_data(dx, dy16, wt16, None, 1, tile)}
+            calls = {"fwd": mma.plan_conv16(y, x16, w16, None, 1, 1, act, tile),
+                     "data": mma.plan_conv16_data(dx, dy16, wt16, None, 1, tile, out16=args.out16)}
             if pooled:
                 calls["pool"] = mma.plan_conv16_pool(buf, x16, w16, None, 1, 1, 0, tile)
             if isinstance(tile, halo.HaloTile):      # (the halo's grid and shared memory)
@@ -118,6 +123,8 @@ def main(argv=None) -> int:
                     out.fill(0)
                     launch(be, calls[name])
                     got = cupy.asnumpy(out)
+                    if got.dtype == np.uint16:                  # bf16 bits
+                        got = (got.astype(np.uint32) << 16).view(np.float32)
                     ref = refs.setdefault(name, got)
                     errs[name] = float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-30))
                     if not np.all(np.isfinite(got)):
@@ -134,7 +141,7 @@ def main(argv=None) -> int:
                 print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
     if args.out:
         write_result(args.out, {"environment": environment(threads=1, want_gpu=True), "batch": args.batch,
-                                "precision": args.precision,
+                                "precision": args.precision, "out16": args.out16,
                                 "method": " ".join(__doc__.split("\n\n")[:2]).replace("\n", " "), "rows": rows})
     return 0
 

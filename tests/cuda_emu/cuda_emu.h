@@ -180,6 +180,8 @@ struct State {
     std::vector<std::vector<int>> readers;   // the reader clocks of words read by more than READERS threads
     int bar_arrived = 0;
     long bar_gen = 0;
+    std::vector<int> named[16];    // bar.sync id, count: the threads waiting at named barrier id
+    long named_gen[16] = {};
     long events = 0;
     std::string error;
     alignas(16) unsigned char smem[MAX_SMEM];
@@ -330,6 +332,26 @@ inline void syncthreads() {
         for (Thread& t : s.threads) s.bar_known[t.linear] = t.clock++;   // every thread knows every clock
     } else {
         while (s.bar_gen == gen) yield();
+    }
+}
+
+// bar.sync id, count (id 1..15): the first `count` threads to arrive meet there; each then knows what every other
+// one knew (its clock, through acq, as an mbarrier phase carries it), and nothing of the threads outside.
+inline void bar_sync(int id, int count) {
+    State& s = S();
+    if (id < 1 || id > 15 || count <= 0 || count % 32) fail("bar.sync %d, %d: not a named barrier of whole warps", id, count);
+    std::vector<int>& members = s.named[id];
+    const long gen = s.named_gen[id];
+    ++s.events;
+    members.push_back(me().linear);
+    if (static_cast<int>(members.size()) == count) {
+        for (int r : members)
+            for (int u : members) s.threads[r].acq[u] = std::max(s.threads[r].acq[u], s.threads[u].clock);
+        for (int u : members) ++s.threads[u].clock;
+        members.clear();
+        ++s.named_gen[id];
+    } else {
+        while (s.named_gen[id] == gen) yield();
     }
 }
 
@@ -538,6 +560,13 @@ inline void hn_sts4(void* p, unsigned x, unsigned y, unsigned z, unsigned w) {
     emu::smem_wrote(p, 16, emu::me().linear);
 }
 inline unsigned hn_bits(float x) { return emu::bits(x); }
+inline void hn_bar_sync(int id, int count) { emu::bar_sync(id, count); }
+inline void hn_sts1(void* p, unsigned x) {
+    emu::aligned(p, 4, "st.shared.b32");
+    emu::smem_write_check(p, 4, emu::me().linear, "st.shared.b32");
+    std::memcpy(p, &x, 4);
+    emu::smem_wrote(p, 4, emu::me().linear);
+}
 inline void hn_sts2(void* p, unsigned x, unsigned y) {
     emu::aligned(p, 8, "st.shared.v2");
     emu::smem_write_check(p, 8, emu::me().linear, "st.shared.v2");
@@ -1007,6 +1036,11 @@ inline void hn_st_u32(unsigned short* p, unsigned v) {
     emu::global_check(p, 4, true, "st.global.u32");
     std::memcpy(p, &v, 4);
 }
+inline void hn_st_v4(void* p, uint4 v) {
+    emu::aligned(p, 16, "st.global.v4.b32");
+    emu::global_check(p, 16, true, "st.global.v4.b32");
+    std::memcpy(p, &v, 16);
+}
 inline void hn_st2(float* p, float x, float y) {
     emu::aligned(p, 8, "st.global.v2");
     emu::global_check(p, 8, true, "st.global.v2");
@@ -1068,6 +1102,7 @@ inline std::string launch(EmuDim3 grid, EmuDim3 block, int smem_bytes, std::func
                 std::fill(s.mbars.begin(), s.mbars.begin() + (smem_bytes + 7) / 8, MBarrier());
                 s.bar_arrived = 0;
                 s.bar_gen = 0;
+                for (int id = 0; id < 16; ++id) s.named[id].clear();
                 std::memset(s.smem, 0xff, smem_bytes);   // NaN everywhere: unwritten words also show in results
                 std::fill(s.shadow.begin(), s.shadow.begin() + (smem_bytes + 3) / 4, Word());
                 for (int i = 0; i < n; ++i) {

@@ -62,6 +62,9 @@ __device__ __forceinline__ float4 hn_lds4(const float* p) {               // 16-
 __device__ __forceinline__ void hn_sts2(void* p, unsigned x, unsigned y) {
     asm volatile("st.shared.v2.b32 [%0], {%1, %2};\n" ::"r"(hn_smem_addr(p)), "r"(x), "r"(y) : "memory");
 }
+__device__ __forceinline__ void hn_sts1(void* p, unsigned x) {
+    asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(hn_smem_addr(p)), "r"(x) : "memory");
+}
 __device__ __forceinline__ void hn_sts4(void* p, unsigned x, unsigned y, unsigned z, unsigned w) {
     asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(hn_smem_addr(p)), "r"(x), "r"(y), "r"(z),
                  "r"(w)
@@ -122,6 +125,11 @@ __device__ __forceinline__ void hn_st_byte(unsigned char* p, unsigned char v) { 
 __device__ __forceinline__ void hn_st_u16(unsigned short* p, unsigned short v) { *p = v; }
 __device__ __forceinline__ void hn_st_u32(unsigned short* p, unsigned v) { *reinterpret_cast<unsigned*>(p) = v; }
 __device__ __forceinline__ void hn_st2(float* p, float x, float y) { *reinterpret_cast<float2*>(p) = make_float2(x, y); }
+__device__ __forceinline__ void hn_st_v4(void* p, uint4 v) { *reinterpret_cast<uint4*>(p) = v; }   // 16-byte aligned
+// Named barrier `id` (1..15; 0 is __syncthreads') of the first `count` threads (whole warps) to reach it.
+__device__ __forceinline__ void hn_bar_sync(int id, int count) {
+    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
 __device__ __forceinline__ void hn_atomic_add(float* p, float v) { atomicAdd(p, v); }
 __device__ __forceinline__ unsigned hn_umulhi(unsigned a, unsigned b) { return __umulhi(a, b); }
 // --- wgmma (sm_90a: PTX ISA 9.7.15, "Asynchronous warpgroup level matrix multiply-accumulate") ----------------------
@@ -1702,6 +1710,53 @@ __device__ __forceinline__ void hn_convt_pool_epilogue(const HnBlock& b, float (
     });
 }
 
+// The forward's and data gradient's epilogue through shared memory (hn_convt_fwd's EPI 1 and 2 where the output's
+// planes are whole multiples of 8 pixels, C is 16-byte aligned and there is no mask): the NCHW output's row m holds a
+// tile row's pixels of one image contiguously, where a fragment's stores cover 8 rows x 16 or 32 bytes (half a 32-byte
+// sector each in bf16). Once every consumer's wgmma has retired (named barrier 1: the producer warp has left), each
+// finishes its values (MODE 1: + bias, then the activation) and writes them to the block's BM x BN tile at `tile`
+// (bf16 or float32 pairs; rows BN + 8 elements apart, so that the 8 rows x 4 pairs a warp (bf16) or half-warp
+// (float32) stores fall in distinct banks); after a second barrier, consecutive threads take consecutive 16-byte
+// chunks of a row and store them: a warp writes whole sectors (8 bf16 or 4 float32 pixels a chunk, never across an
+// image: the plane is a multiple of 8).
+template <int MODE, typename T, int BM, int BN, int CONSUMERS, int NT>
+__device__ __forceinline__ void hn_conv_staged_epilogue(const HnBlock& b, float (&acc)[1][NT][4], int M, int N,
+                                                        const HnConv& cv, int wm, int wn, int lane, T* tile) {
+    constexpr bool B16 = sizeof(T) == 2;
+    constexpr int LD = BN + 8, VEC = 16 / sizeof(T), CPR = BN / VEC;
+    const int g = lane >> 2, t = lane & 3, tid = threadIdx.x;
+    hn_bar_sync(1, CONSUMERS);                   // every warpgroup done reading the stages
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int r = wm + g + 8 * h;
+        const float bias = MODE == 1 && cv.aux && b.m0 + r < M ? hn_ldg(cv.aux + b.m0 + r) : 0.f;
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+            float x = acc[0][j][2 * h] + bias, y = acc[0][j][2 * h + 1] + bias;
+            if (MODE == 1 && cv.act == 1) {
+                x = x > 0.f ? x : 0.f;
+                y = y > 0.f ? y : 0.f;
+            }
+            T* at = tile + r * LD + wn + 8 * j + 2 * t;
+            if constexpr (B16)
+                hn_sts1(at, hn_pack_bf16x2(x, y));
+            else
+                hn_sts2(at, hn_bits(x), hn_bits(y));
+        }
+    }
+    hn_bar_sync(1, CONSUMERS);
+    const int plane = cv.out_plane.d;
+    T* out = reinterpret_cast<T*>(b.C);
+    for (int i = tid; i < BM * CPR; i += CONSUMERS) {
+        const int r = i / CPR, c = (i - r * CPR) * VEC, m = b.m0 + r, n = b.n0 + c;
+        if (m >= M || n >= N) continue;
+        const int img = hn_div(n, cv.out_plane);
+        const float4 v = hn_lds4(reinterpret_cast<const float*>(tile + r * LD + c));
+        hn_st_v4(out + (static_cast<long long>(img) * M + m) * plane + (n - img * plane),
+                make_uint4(hn_bits(v.x), hn_bits(v.y), hn_bits(v.z), hn_bits(v.w)));
+    }
+}
+
 // The forward (EPI 1), stride-1 data gradient (EPI 2) or pooled forward (EPI 4: cv.p, cv.q the pooled sizes, the
 // convolution's output 2 cv.p x 2 cv.q with 2 cv.q in 8, 16, 32; N its pixels, in rows) of hn_convw_fwd fed by TMA:
 // C[M, N] = A[M, K] B[K, N], A = w [O][R][S][C] as [M = O][K = R S C] (amap: boxes of 64 K x BM rows), B^T = x
@@ -1717,6 +1772,7 @@ __device__ __forceinline__ void hn_convt_fwd(unsigned char* smem, const HnTensor
     using T = unsigned short;
     constexpr int CONSUMERS = 128 * WGM * WGN, BM = 64 * WGM, BN = WN * WGN, BK = 64, EA = BM * BK, EB = BN * BK;
     static_assert(STAGES >= 2 && BN <= 256 && BM <= 256, "a box holds at most 256 rows");
+    static_assert(BM * (BN + 8) * 4 <= STAGES * (EA + EB) * 2, "the staged epilogue's tile fits in the stages");
     T* sa = reinterpret_cast<T*>(hn_smem_align1024(smem + 16 * STAGES));   // STAGES x EA
     T* sb = sa + STAGES * EA;                                                // STAGES x EB
     const HnBlock blk = hn_block(nullptr, nullptr, y, M, N, K, K, 0, 0, 0, 0, 0, 1.f, 0.f, 1, K, BM, BN, BK);
@@ -1744,6 +1800,13 @@ __device__ __forceinline__ void hn_convt_fwd(unsigned char* smem, const HnTensor
             hn_convt_pool_epilogue<2, WN / 8>(blk, acc, M, N, cv, wm, wn, lane);
         else
             hn_convt_pool_epilogue<4, WN / 8>(blk, acc, M, N, cv, wm, wn, lane);
+    } else if (cv.out_plane.d % 8 == 0 && (reinterpret_cast<unsigned long long>(y) & 15) == 0 &&
+               (EPI == 1 || !cv.aux)) {
+        if (cv.out16)
+            hn_conv_staged_epilogue<EPI, T, BM, BN, CONSUMERS, WN / 8>(blk, acc, M, N, cv, wm, wn, lane, sa);
+        else
+            hn_conv_staged_epilogue<EPI, float, BM, BN, CONSUMERS, WN / 8>(blk, acc, M, N, cv, wm, wn, lane,
+                                                                            reinterpret_cast<float*>(sa));
     } else {
         hn_conv_epilogue<EPI, 1, WN / 8>(blk, acc, M, N, cv, wm, wn, lane);
     }
