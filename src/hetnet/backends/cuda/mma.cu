@@ -1167,13 +1167,12 @@ __device__ __forceinline__ HnNhwcRows<ROWS * (COLS / 4) / THREADS> hn_nhwc_rows(
     return rows;
 }
 
-// One 2 x 2 window of the pooled forward: its four pixels' act(v + bias) in window order compared, the maximum stored
-// at y's offset `out` (float32, or bf16 bits with cv.out16) and its position (the first maximum, NaN winning:
-// maxpool_fwd's argmax byte) at arg + out.
-__device__ __forceinline__ void hn_window_store(float* y, unsigned char* arg, long long out, const float (&v)[4],
-                                                float bias, const HnConv& cv) {
+// One 2 x 2 window of the pooled forward: its four pixels' act(v + bias) in window order compared (hn_window_max: the
+// maximum, and in bi its position, the first maximum, NaN winning: maxpool_fwd's argmax byte); hn_window_store
+// stores the maximum at y's offset `out` (float32, or bf16 bits with cv.out16) and the position at arg + out.
+__device__ __forceinline__ float hn_window_max(const float (&v)[4], float bias, const HnConv& cv, int& bi) {
     float best = 0.f;
-    int bi = 0;
+    bi = 0;
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
         float z = v[e] + bias;
@@ -1183,6 +1182,12 @@ __device__ __forceinline__ void hn_window_store(float* y, unsigned char* arg, lo
             bi = e;
         }
     }
+    return best;
+}
+__device__ __forceinline__ void hn_window_store(float* y, unsigned char* arg, long long out, const float (&v)[4],
+                                                float bias, const HnConv& cv) {
+    int bi;
+    const float best = hn_window_max(v, bias, cv, bi);
     if (cv.out16)
         hn_st_u16(reinterpret_cast<unsigned short*>(y) + out, hn_bf16_of(best));
     else
@@ -1710,6 +1715,76 @@ __device__ __forceinline__ void hn_convt_pool_epilogue(const HnBlock& b, float (
     });
 }
 
+// The pooled forward's epilogue through shared memory (hn_convt_fwd's EPI 4 where the pooled planes are whole
+// multiples of 16 outputs and y is 16-byte aligned): the block's columns are whole pairs of rows, so its windows are
+// the BN / 4 consecutive pooled outputs from n0 / 4 on, and window (row pair k, column q / 2) is the tile's pooled
+// column k Q + q / 2. Once every warpgroup's wgmma has retired, each thread pools its windows in registers (as
+// hn_convt_pool_epilogue) and writes each maximum (float32) and position (a word) to the block's two BM x BN / 4 tiles
+// at `tile` (rows BN / 4 + 4 words apart: a warp's 8 rows x 4 windows in distinct banks); after a second barrier,
+// consecutive threads store a row's 16-byte chunks: 8 bf16 or 4 float32 maxima, 16 position bytes (never across an
+// image: the pooled plane is a multiple of 16).
+template <int D, bool B16, int BM, int BN, int CONSUMERS, int NT>
+__device__ __forceinline__ void hn_convt_pool_staged(const HnBlock& b, float (&acc)[1][NT][4], int M, const HnConv& cv,
+                                                     int wm, int wn, int lane, float* tile) {
+    constexpr int QU = 8 * D, PW = BN / 4, LD = PW + 4, VY = B16 ? 8 : 4;
+    static_assert(NT % (2 * D) == 0 && PW % 16 == 0, "whole pairs of rows, whole chunks of positions");
+    float* ty = tile;
+    float* targ = tile + BM * LD;
+    const int g = lane >> 2, t = lane & 3, tid = threadIdx.x;
+    hn_bar_sync(1, CONSUMERS);                   // every warpgroup done reading the stages
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int r = wm + g + 8 * h;
+        const float bias = cv.aux && b.m0 + r < M ? hn_ldg(cv.aux + b.m0 + r) : 0.f;
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+            if ((j / D) % 2) continue;                          // (row 2i + 1: the window's bottom row)
+            const int c = wn + 8 * j + 2 * t, col = c / (2 * QU) * (QU / 2) + (c % QU) / 2;
+            const float v[4] = {acc[0][j][2 * h], acc[0][j][2 * h + 1], acc[0][j + D][2 * h], acc[0][j + D][2 * h + 1]};
+            int bi;
+            const float best = hn_window_max(v, bias, cv, bi);
+            hn_sts1(ty + r * LD + col, hn_bits(best));
+            hn_sts1(targ + r * LD + col, static_cast<unsigned>(bi));
+        }
+    }
+    hn_bar_sync(1, CONSUMERS);
+    const int plane = cv.out_plane.d, first = b.n0 / 4;
+    unsigned char* arg = reinterpret_cast<unsigned char*>(b.C) + static_cast<long long>(cv.pooled) * M * (B16 ? 2 : 4);
+    auto offset = [&](int r, int c, long long& o) {        // the output of tile row r, pooled column c (if any)
+        const int m = b.m0 + r, at = first + c;
+        if (m >= M || at >= cv.pooled) return false;
+        const int img = hn_div(at, cv.out_plane);
+        o = (static_cast<long long>(img) * M + m) * plane + (at - img * plane);
+        return true;
+    };
+    for (int i = tid; i < BM * (PW / VY); i += CONSUMERS) {
+        const int r = i / (PW / VY), c = (i - r * (PW / VY)) * VY;
+        long long o;
+        if (!offset(r, c, o)) continue;
+        const float4 lo = hn_lds4(ty + r * LD + c);
+        if constexpr (B16) {
+            const float4 hi = hn_lds4(ty + r * LD + c + 4);
+            hn_st_v4(reinterpret_cast<unsigned short*>(b.C) + o,
+                     make_uint4(hn_pack_bf16x2(lo.x, lo.y), hn_pack_bf16x2(lo.z, lo.w), hn_pack_bf16x2(hi.x, hi.y),
+                                hn_pack_bf16x2(hi.z, hi.w)));
+        } else {
+            hn_st_v4(b.C + o, make_uint4(hn_bits(lo.x), hn_bits(lo.y), hn_bits(lo.z), hn_bits(lo.w)));
+        }
+    }
+    for (int i = tid; i < BM * (PW / 16); i += CONSUMERS) {
+        const int r = i / (PW / 16), c = (i - r * (PW / 16)) * 16;
+        long long o;
+        if (!offset(r, c, o)) continue;
+        unsigned w[4];
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            const float4 p = hn_lds4(targ + r * LD + c + 4 * q);
+            w[q] = hn_bits(p.x) | hn_bits(p.y) << 8 | hn_bits(p.z) << 16 | hn_bits(p.w) << 24;
+        }
+        hn_st_v4(arg + o, make_uint4(w[0], w[1], w[2], w[3]));
+    }
+}
+
 // The forward's and data gradient's epilogue through shared memory (hn_convt_fwd's EPI 1 and 2 where the output's
 // planes are whole multiples of 8 pixels, C is 16-byte aligned and there is no mask): the NCHW output's row m holds a
 // tile row's pixels of one image contiguously, where a fragment's stores cover 8 rows x 16 or 32 bytes (half a 32-byte
@@ -1757,6 +1832,21 @@ __device__ __forceinline__ void hn_conv_staged_epilogue(const HnBlock& b, float 
     }
 }
 
+// The pooled forward's epilogue for D = Q / 8: staged (hn_convt_pool_staged) where it can be, else
+// hn_convt_pool_epilogue.
+template <int D, int BM, int BN, int CONSUMERS, int NT>
+__device__ __forceinline__ void hn_convt_pool_epilogue_of(const HnBlock& b, float (&acc)[1][NT][4], int M, int N,
+                                                          const HnConv& cv, int wm, int wn, int lane,
+                                                          unsigned short* stages, const float* y) {
+    if (cv.out_plane.d % 16 || (reinterpret_cast<unsigned long long>(y) & 15))
+        hn_convt_pool_epilogue<D, NT>(b, acc, M, N, cv, wm, wn, lane);
+    else if (cv.out16)
+        hn_convt_pool_staged<D, true, BM, BN, CONSUMERS>(b, acc, M, cv, wm, wn, lane, reinterpret_cast<float*>(stages));
+    else
+        hn_convt_pool_staged<D, false, BM, BN, CONSUMERS>(b, acc, M, cv, wm, wn, lane,
+                                                          reinterpret_cast<float*>(stages));
+}
+
 // The forward (EPI 1), stride-1 data gradient (EPI 2) or pooled forward (EPI 4: cv.p, cv.q the pooled sizes, the
 // convolution's output 2 cv.p x 2 cv.q with 2 cv.q in 8, 16, 32; N its pixels, in rows) of hn_convw_fwd fed by TMA:
 // C[M, N] = A[M, K] B[K, N], A = w [O][R][S][C] as [M = O][K = R S C] (amap: boxes of 64 K x BM rows), B^T = x
@@ -1795,11 +1885,11 @@ __device__ __forceinline__ void hn_convt_fwd(unsigned char* smem, const HnTensor
     const int wm = 64 * gm + 16 * ((tid >> 5) & 3), wn = WN * gn, lane = tid & 31;
     if constexpr (EPI == 4) {
         if (Q == 8)
-            hn_convt_pool_epilogue<1, WN / 8>(blk, acc, M, N, cv, wm, wn, lane);
+            hn_convt_pool_epilogue_of<1, BM, BN, CONSUMERS>(blk, acc, M, N, cv, wm, wn, lane, sa, y);
         else if (Q == 16)
-            hn_convt_pool_epilogue<2, WN / 8>(blk, acc, M, N, cv, wm, wn, lane);
+            hn_convt_pool_epilogue_of<2, BM, BN, CONSUMERS>(blk, acc, M, N, cv, wm, wn, lane, sa, y);
         else
-            hn_convt_pool_epilogue<4, WN / 8>(blk, acc, M, N, cv, wm, wn, lane);
+            hn_convt_pool_epilogue_of<4, BM, BN, CONSUMERS>(blk, acc, M, N, cv, wm, wn, lane, sa, y);
     } else if (cv.out_plane.d % 8 == 0 && (reinterpret_cast<unsigned long long>(y) & 15) == 0 &&
                (EPI == 1 || !cv.aux)) {
         if (cv.out16)
