@@ -27,8 +27,9 @@
 // wgmma reads shared memory through the async proxy: a word it reads must have been written before, by a thread that
 // then ran fence.proxy.async (a missing fence is an error).
 // Ordering: happens-before by vector clocks. Each thread's clock advances at every release (a barrier, an mbarrier
-// arrive); a barrier makes every thread know every clock; an mbarrier phase carries what its arriving threads knew to
-// the threads whose try_wait sees it complete. A shared-memory access by one thread is ordered after another's write
+// arrive); a barrier makes every thread know every clock, a named barrier (bar.sync id, count) every member's clock
+// to its members; an mbarrier phase carries what its arriving threads knew to the threads whose try_wait sees it
+// complete. A shared-memory access by one thread is ordered after another's write
 // (or read, for a write) only through those; anything else is a race.
 // Checks, each a launch error with a message: every shared-memory word read was written before (no reads of
 // uninitialised or padding words); a word written by one thread and read or written by another without a barrier or
@@ -339,7 +340,8 @@ inline void syncthreads() {
 // one knew (its clock, through acq, as an mbarrier phase carries it), and nothing of the threads outside.
 inline void bar_sync(int id, int count) {
     State& s = S();
-    if (id < 1 || id > 15 || count <= 0 || count % 32) fail("bar.sync %d, %d: not a named barrier of whole warps", id, count);
+    if (id < 1 || id > 15 || count <= 0 || count % 32)
+        fail("bar.sync %d, %d: not a named barrier of whole warps", id, count);
     std::vector<int>& members = s.named[id];
     const long gen = s.named_gen[id];
     ++s.events;

@@ -1828,7 +1828,7 @@ __device__ __forceinline__ void hn_conv_staged_epilogue(const HnBlock& b, float 
         const int img = hn_div(n, cv.out_plane);
         const float4 v = hn_lds4(reinterpret_cast<const float*>(tile + r * LD + c));
         hn_st_v4(out + (static_cast<long long>(img) * M + m) * plane + (n - img * plane),
-                make_uint4(hn_bits(v.x), hn_bits(v.y), hn_bits(v.z), hn_bits(v.w)));
+                 make_uint4(hn_bits(v.x), hn_bits(v.y), hn_bits(v.z), hn_bits(v.w)));
     }
 }
 
