@@ -448,9 +448,10 @@ def _choose(be, op: str, g: Geometry, candidates: dict, run_scratch):
             forced = "implicit"
         return _forced_candidate(forced, candidates)
     remembered = tune_cache.for_backend(be)
-    if (key not in be._tune and remembered is not None
-            and remembered.standing(key, candidates, be.capturing is not None) is not None):
-        be._tune[key] = remembered.get(key)           # measured by an earlier process on this card (tune_cache)
+    stored = (remembered.standing(key, candidates, be.capturing is not None)
+              if key not in be._tune and remembered is not None else None)
+    if stored is not None:
+        be._tune[key] = stored                        # measured by an earlier process on this card (tune_cache)
         be._tune_times[key] = remembered.times(key)
     choice = be._tune.get(key)
     if choice is not None and (be.capturing is None or be.graph_cublas or choice not in CUBLAS):

@@ -281,6 +281,12 @@ __device__ __forceinline__ int hn_div(int x, const HnDiv& v) {
     return static_cast<int>((hn_umulhi(static_cast<unsigned>(x), v.m) + static_cast<unsigned>(x)) >> v.l);
 }
 
+// Where channel m of pixel n (n over images x plane pixels) lies in an NCHW tensor of M channels.
+__device__ __forceinline__ long long hn_nchw_at(const HnDiv& plane, int M, int m, int n) {
+    const int img = hn_div(n, plane);
+    return (static_cast<long long>(img) * M + m) * plane.d + (n - img * plane.d);
+}
+
 // v rounded to bf16 (nearest even), its bits.
 __device__ __forceinline__ unsigned short hn_bf16_of(float v) {
     return static_cast<unsigned short>(hn_pack_bf16x2(v, 0.f) & 0xffffu);
@@ -701,14 +707,11 @@ __device__ __forceinline__ void hn_conv_store(float* C, const HnConv& cv, int m,
 template <int MODE, int MT, int NT>
 __device__ __forceinline__ void hn_conv_epilogue(const HnBlock& b, float (&acc)[MT][NT][4], int M, int N,
                                                  const HnConv& cv, int wm, int wn, int lane) {
-    const int plane = cv.out_plane.d;
     // n even and the plane even: n and n+1 lie in one image, and the pair's offset is even (8-byte stores)
-    const bool pair = (plane & 1) == 0 && (reinterpret_cast<unsigned long long>(b.C) & 7) == 0;
+    const bool pair = (cv.out_plane.d & 1) == 0 && (reinterpret_cast<unsigned long long>(b.C) & 7) == 0;
     hn_each_pair(b, acc, M, N, wm, wn, lane, [&](int m, int n, float x, float y, bool two) {
-        const int img = hn_div(n, cv.out_plane), img1 = hn_div(n + 1, cv.out_plane);
-        const long long at = (static_cast<long long>(img) * M + m) * plane + (n - img * plane);
-        const long long at1 = (static_cast<long long>(img1) * M + m) * plane + (n + 1 - img1 * plane);
-        hn_conv_store<MODE>(b.C, cv, m, x, y, at, at1, two, pair);
+        hn_conv_store<MODE>(b.C, cv, m, x, y, hn_nchw_at(cv.out_plane, M, m, n),
+                            hn_nchw_at(cv.out_plane, M, m, n + 1), two, pair);
     });
 }
 
@@ -1202,7 +1205,7 @@ template <int MT, int NT>
 __device__ __forceinline__ void hn_conv_pool_epilogue(const HnBlock& b, float (&acc)[MT][NT][4], int M,
                                                       const HnConv& cv, int wm, int wn, int lane) {
     static_assert(NT % 2 == 0, "a window's two rows are fragments j and j + 1");
-    const int t = lane & 3, plane = cv.out_plane.d;
+    const int t = lane & 3;
     unsigned char* arg =
         reinterpret_cast<unsigned char*>(b.C) + static_cast<long long>(cv.pooled) * M * (cv.out16 ? 2 : 4);
     hn_each_row<MT>(b, M, wm, lane, [&](int i, int h, int m) {
@@ -1212,8 +1215,7 @@ __device__ __forceinline__ void hn_conv_pool_epilogue(const HnBlock& b, float (&
             const int at = (b.n0 + wn + 8 * j) / 4 + t;      // the pooled output
             if (at >= cv.pooled) continue;
             const float v[4] = {acc[i][j][2 * h], acc[i][j][2 * h + 1], acc[i][j + 1][2 * h], acc[i][j + 1][2 * h + 1]};
-            const int img = hn_div(at, cv.out_plane);
-            hn_window_store(b.C, arg, (static_cast<long long>(img) * M + m) * plane + (at - img * plane), v, bias, cv);
+            hn_window_store(b.C, arg, hn_nchw_at(cv.out_plane, M, m, at), v, bias, cv);
         }
     });
 }
@@ -1748,13 +1750,12 @@ __device__ __forceinline__ void hn_convt_pool_staged(const HnBlock& b, float (&a
         }
     }
     hn_bar_sync(1, CONSUMERS);
-    const int plane = cv.out_plane.d, first = b.n0 / 4;
+    const int first = b.n0 / 4;
     unsigned char* arg = reinterpret_cast<unsigned char*>(b.C) + static_cast<long long>(cv.pooled) * M * (B16 ? 2 : 4);
     auto offset = [&](int r, int c, long long& o) {        // the output of tile row r, pooled column c (if any)
         const int m = b.m0 + r, at = first + c;
         if (m >= M || at >= cv.pooled) return false;
-        const int img = hn_div(at, cv.out_plane);
-        o = (static_cast<long long>(img) * M + m) * plane + (at - img * plane);
+        o = hn_nchw_at(cv.out_plane, M, m, at);
         return true;
     };
     for (int i = tid; i < BM * (PW / VY); i += CONSUMERS) {
@@ -1820,14 +1821,12 @@ __device__ __forceinline__ void hn_conv_staged_epilogue(const HnBlock& b, float 
         }
     }
     hn_bar_sync(1, CONSUMERS);
-    const int plane = cv.out_plane.d;
     T* out = reinterpret_cast<T*>(b.C);
     for (int i = tid; i < BM * CPR; i += CONSUMERS) {
         const int r = i / CPR, c = (i - r * CPR) * VEC, m = b.m0 + r, n = b.n0 + c;
         if (m >= M || n >= N) continue;
-        const int img = hn_div(n, cv.out_plane);
         const float4 v = hn_lds4(reinterpret_cast<const float*>(tile + r * LD + c));
-        hn_st_v4(out + (static_cast<long long>(img) * M + m) * plane + (n - img * plane),
+        hn_st_v4(out + hn_nchw_at(cv.out_plane, M, m, n),
                  make_uint4(hn_bits(v.x), hn_bits(v.y), hn_bits(v.z), hn_bits(v.w)));
     }
 }
