@@ -644,8 +644,8 @@ def plan_conv16_pool(buf, x16, w16, b, stride: int, pad: int, act: int = 0, tile
     if not conv_fits(x16, buf.size) or count * 4 >= 2**31:
         raise ValueError(f"conv16: a tensor of shape {x16.shape} is past the kernel's 32-bit offsets")
     columns = 16 * (-(-count // 4))          # in window order
-    if isinstance(_tile16("pool", tile, o, columns, _copy_precision(x16)) if tile is not None else None, TmaTile):
-        t = _tile16("pool", tile, o, columns, _copy_precision(x16))
+    t = _tile16("pool", tile, o, columns, _copy_precision(x16)) if tile is not None else None
+    if isinstance(t, TmaTile):
         if p != 2 * pp or q != 2 * pq or not tma_pool_fits(t, p, q):
             raise ValueError(f"conv16: the TMA tile {t.name} pools an even output of 8, 16 or 32 columns, whole pairs "
                              f"of rows to a warpgroup, not {p} x {q}")
