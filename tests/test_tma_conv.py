@@ -48,7 +48,8 @@ def test_gather_reads_zeros_outside(rng):
 
 
 def test_tma_tiles_are_planned_only_where_they_fit():
-    """A TMA tile's plan needs the gathered channels in whole boxes of 64, and there is no pooled forward on one."""
+    """A TMA tile's plan needs the gathered channels in whole boxes of 64, and its pooled forward an output that
+    tma_pool_fits."""
     assert tma_fits("fwd", 128) and tma_fits("data", 64) and not tma_fits("fwd", 96) and tma_fits("pool", 64)
     wide, narrow = TILES16T["pool"][0], TILES16T["pool"][1]                # warpgroups of 256 and 128 columns
     assert tma_pool_fits(wide, 32, 32) and tma_pool_fits(narrow, 8, 16) and tma_pool_fits(narrow, 2, 8)

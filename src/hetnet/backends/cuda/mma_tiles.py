@@ -311,9 +311,9 @@ def tma_pool_fits(tile: TmaTile, p: int, q: int) -> bool:
     return p % 2 == 0 and q in (8, 16, 32) and tile.wn % (2 * q) == 0
 
 
-# The TMA-fed tiles (mma.plan_conv16 and the others take them by name or as tiles; conv.py does not measure them
-# yet: benchmarks/kernels/NOTES.md, "The bf16 convolutions fed by TMA"). The two-blocks-an-SM ones are there so
-# that one block's epilogue can overlap the other's K loop (not timed yet).
+# The TMA-fed tiles (mma.plan_conv16 and the others take them by name or as tiles; conv.py measures them at bf16
+# where tma_fits: benchmarks/kernels/NOTES.md, "The bf16 convolutions fed by TMA" and the section after it). The
+# two-blocks-an-SM ones are there so that one block's epilogue can overlap the other's K loop.
 TILES16T = {"fwd": (tma_tile(128, 256, 4), tma_tile(128, 128, 6), tma_tile(64, 256, 5), tma_tile(128, 128, 3, 2),
                     tma_tile(64, 128, 4, 2)),
             "filter": (tma_tile(128, 256, 4), tma_tile(128, 128, 6), tma_tile(128, 128, 3, 2))}
