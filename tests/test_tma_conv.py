@@ -131,6 +131,22 @@ def test_tma_tiles_on_the_gpu(rng, shape):
     assert ran >= (13 if shape in POOL_SHAPES else 10), ran
 
 
+def test_tma_persistent_tiles_on_a_grid(rng):
+    """The persistent tiles with a grid of several blocks, some taking several tiles: a shape of 1,152 output pixels
+    planned for 3 SMs."""
+    cupy, be = _gpu()
+    persistent = {op: tuple(t for t in ts if t.persistent) for op, ts in TILES16T.items()}
+    grids = []
+
+    def launch(call):
+        grids.append(call.grid)
+        mm.launch_conv(be, call)
+
+    assert run_ops(cupy, cupy.asnumpy, rng, (18, 64, 8, 8, 192, 3, 3, 1, 1), persistent, launch, be.sms,
+                   fwd_sms=3) >= 10
+    assert (3, 1, 1) in grids
+
+
 def test_tma_tiles_in_a_captured_graph(rng):
     """The maps are kernel parameters: a launch captured in a CUDA graph and replayed (on inputs rewritten in place)
     gives the eager launch's result."""

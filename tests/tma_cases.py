@@ -13,12 +13,18 @@ from hetnet.backends.cuda.mma_tiles import tma_fits, tma_pool_fits
 
 # (n, C, H, W, O, R, S, stride, pad): blocks across images and past the last one; O past a block's rows; two channel
 # blocks a tap; 5 x 5 at pad 2; stride 2 (the forward and filter gradient: the data gradient is a stride-1 forward).
-# The third's planes (9 x 8) are whole multiples of 8 pixels, so its forward and unmasked data gradient take the
-# epilogue staged in shared memory; the others' do not.
+# The third's and fifth's planes (9 x 8, 8 x 8) are whole multiples of 8 pixels, so their forward and unmasked data
+# gradient take the epilogue staged in shared memory; the others' do not. The fifth, 1 x 1, has fewer K tiles than a
+# tile has stages: nothing but the epilogue's own barrier orders a persistent block's next tile after the last one.
 SHAPES = [(3, 64, 7, 9, 64, 3, 3, 1, 1), (1, 128, 5, 6, 192, 3, 3, 1, 0), (2, 64, 9, 8, 64, 5, 5, 1, 2),
-          (2, 64, 11, 10, 128, 3, 3, 2, 1)]
-# the pooled forward's: outputs of 16 and 8 columns (O past a block's rows; one image), 32 columns at stride 2
-POOL_SHAPES = [(2, 64, 8, 16, 96, 3, 3, 1, 1), (1, 128, 6, 8, 64, 3, 3, 1, 1), (2, 64, 8, 64, 64, 3, 3, 2, 1)]
+          (2, 64, 11, 10, 128, 3, 3, 2, 1), (4, 64, 8, 8, 192, 1, 1, 1, 0)]
+# the pooled forward's: outputs of 16 and 8 columns (O past a block's rows; one image), 32 columns at stride 2, and
+# 16 columns of a 1 x 1 convolution (one K tile)
+POOL_SHAPES = [(2, 64, 8, 16, 96, 3, 3, 1, 1), (1, 128, 6, 8, 64, 3, 3, 1, 1), (2, 64, 8, 64, 64, 3, 3, 2, 1),
+               (2, 64, 8, 16, 64, 1, 1, 1, 0)]
+# The forwards' and data gradient's plans for a device of one SM: a persistent tile's one block takes every tile in turn
+# (its stages' phases carried across tiles, the next tile's loads under the last one's epilogue).
+ONE_SM = 1
 
 
 
@@ -52,25 +58,26 @@ def gather(x16: np.ndarray, r: int, s: int, stride: int, pad: int, rows: int, co
     return out
 
 
-def run_ops(xp, host, rng, shape, tiles: dict, launch, sms: int) -> int:
+def run_ops(xp, host, rng, shape, tiles: dict, launch, sms: int, fwd_sms: int = ONE_SM) -> int:
     """Each tile of tiles[op] on shape through mma.py's plans and launch(call), arrays made by xp.asarray and read
     back by host(): the forward (bias + ReLU; y in float32, and in bf16 exactly its values rounded), the pooled
     forward where it fits (y in float32 and bf16, and the argmax bytes, exactly those of max pooling of the forward),
     the stride-1 data gradient (with the ReLU mask and without; dx in float32, and in bf16 exactly the unmasked one
     rounded) and the filter gradient (added into dw, in one K part and in three), against float64 of the bf16 inputs
-    within RTOL_TC_ROUNDED, outputs poisoned first. Returns the outputs checked."""
+    within RTOL_TC_ROUNDED, outputs poisoned first; the forwards and data gradient planned for fwd_sms SMs, the
+    filter gradient's K parts for sms. Returns the outputs checked."""
     n, c, h, w, o, r, s, stride, pad = shape
     ran = 0
     for tile in tiles["fwd"]:
         x, wt, b, y = conv_inputs(rng, shape)
         x16, w16, bd, yd = (xp.asarray(a) for a in (nhwc_copy(x, "bf16"), nhwc_copy(wt, "bf16"), b, y))
-        launch(mm.plan_conv16(yd, x16, w16, bd, stride, pad, 1, tile))
+        launch(mm.plan_conv16(yd, x16, w16, bd, stride, pad, 1, tile, fwd_sms))
         y = host(yd)
         err = rel_err(y, conv_expected(x, wt, b, stride, pad, 1, "bf16"))
         assert err <= RTOL_TC_ROUNDED, f"fwd {shape} {tile.name}: {err:.3g}"
         # stored as bf16: the same sums rounded (the epilogue staged in shared memory where the plane allows)
         y16 = xp.asarray(np.full(y.shape, 0xFFFF, np.uint16))
-        launch(mm.plan_conv16(y16, x16, w16, bd, stride, pad, 1 | mm.OUT16, tile))
+        launch(mm.plan_conv16(y16, x16, w16, bd, stride, pad, 1 | mm.OUT16, tile, fwd_sms))
         np.testing.assert_array_equal(host(y16), bf16_bits(y), err_msg=f"{shape} {tile.name}: bf16 y")
         ran += 2
         if tile not in tiles["pool"] or not tma_pool_fits(tile, *y.shape[2:]):
@@ -80,7 +87,7 @@ def run_ops(xp, host, rng, shape, tiles: dict, launch, sms: int) -> int:
         for out16 in (False, True):
             buf, py, parg = mm.pooled_outputs(xp, n, o, *want_y.shape[2:], out16)
             buf[:] = 0xFFFF if out16 else np.nan
-            launch(mm.plan_conv16_pool(buf, x16, w16, bd, stride, pad, 1 | (mm.OUT16 if out16 else 0), tile))
+            launch(mm.plan_conv16_pool(buf, x16, w16, bd, stride, pad, 1 | (mm.OUT16 if out16 else 0), tile, fwd_sms))
             np.testing.assert_array_equal(host(py), bf16_bits(want_y) if out16 else want_y,
                                           err_msg=f"{shape} {tile.name}: pooled y")
             np.testing.assert_array_equal(host(parg), want_arg, err_msg=f"{shape} {tile.name}: argmax")
@@ -90,13 +97,14 @@ def run_ops(xp, host, rng, shape, tiles: dict, launch, sms: int) -> int:
         dy16, wt16 = xp.asarray(nhwc_copy(dy, "bf16")), xp.asarray(turned_copy(wt, "bf16"))
         for mask in (relu_x, None):
             dxd = xp.asarray(dx)
-            launch(mm.plan_conv16_data(dxd, dy16, wt16, None if mask is None else xp.asarray(mask), pad, tile))
+            launch(mm.plan_conv16_data(dxd, dy16, wt16, None if mask is None else xp.asarray(mask), pad, tile,
+                                       sms=fwd_sms))
             got = host(dxd)
             err = rel_err(got, conv_data_expected(dy, wt, mask, shape, "bf16"))
             assert err <= RTOL_TC_ROUNDED, f"data {shape} {tile.name} mask {mask is not None}: {err:.3g}"
             ran += 1
         dx16 = xp.asarray(np.full(dx.shape, 0xFFFF, np.uint16))
-        launch(mm.plan_conv16_data(dx16, dy16, wt16, None, pad, tile, out16=True))
+        launch(mm.plan_conv16_data(dx16, dy16, wt16, None, pad, tile, out16=True, sms=fwd_sms))
         np.testing.assert_array_equal(host(dx16), bf16_bits(got), err_msg=f"{shape} {tile.name}: bf16 dx")
         ran += 1
     for tile in tiles["filter"]:

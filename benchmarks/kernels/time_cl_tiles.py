@@ -9,7 +9,7 @@ error within RTOL_TC_ROUNDED of the norm; a tile that fails is reported, never t
 (CUDA events around back-to-back launches queued behind a spin kernel, median of several samples). --out writes the
 rows as JSON with the card, hetnet's commit and the date (hetnet.bench.common.environment). --precision tf32 or fp32
 times the shipped tf32 / fp32 tiles (wgmma forward, mma.sync filter gradient) and the halo tiles of that precision
-(on an sm_90a GPU); --no-sandbox leaves those out, --sandbox picks some (ws, halo). --out16 stores the forward's
+(on an sm_90a GPU); --no-sandbox leaves those out, --sandbox picks some (ws, halo). --out16 stores the forwards'
 and data gradient's outputs as bf16, as a bf16 training step does (float32 otherwise).
 
     PYTHONPATH=src python benchmarks/kernels/time_cl_tiles.py [--batch 512] [--precision bf16] [--no-sandbox]
@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ops", default="fwd,filter",
                     help="fwd (the forward, data gradient and pooled forward), filter (the filter gradient), or both")
     ap.add_argument("--out16", action="store_true",
-                    help="the forward's and data gradient's outputs stored as bf16 (as a bf16 step stores them)")
+                    help="the forwards' and data gradient's outputs stored as bf16 (as a bf16 step stores them)")
     ap.add_argument("--out", type=Path, default=None, help="write the times as JSON (card, commit, date)")
     args = ap.parse_args(argv)
     import cupy
@@ -83,13 +83,14 @@ def main(argv=None) -> int:
         dx = cupy.empty((args.batch, c, h, w), out_dtype)
         act = mma.OUT16 if args.out16 else 0
         part = cupy.zeros((o, 3, 3, c), np.float32)      # (c a multiple of 8: the copies' padding is none)
-        buf, _, _ = mma.pooled_outputs(cupy, args.batch, o, h // 2, w // 2)
+        buf, _, _ = mma.pooled_outputs(cupy, args.batch, o, h // 2, w // 2, args.out16)
 
         def forward_calls(tile):          # tile: a Tc16Tile
-            calls = {"fwd": mma.plan_conv16(y, x16, w16, None, 1, 1, act, tile),
-                     "data": mma.plan_conv16_data(dx, dy16, wt16, None, 1, tile, out16=args.out16)}
+            calls = {"fwd": mma.plan_conv16(y, x16, w16, None, 1, 1, act, tile, be.sms),
+                     "data": mma.plan_conv16_data(dx, dy16, wt16, None, 1, tile, out16=args.out16,
+                                                  sms=be.sms)}
             if pooled:
-                calls["pool"] = mma.plan_conv16_pool(buf, x16, w16, None, 1, 1, 0, tile)
+                calls["pool"] = mma.plan_conv16_pool(buf, x16, w16, None, 1, 1, act, tile, be.sms)
             if isinstance(tile, halo.HaloTile):      # (the halo's grid and shared memory)
                 return {name: halo.plan(call) for name, call in calls.items()}
             if isinstance(tile, TmaTile):            # (no pooled forward; channels in whole boxes)

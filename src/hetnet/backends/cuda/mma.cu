@@ -1632,39 +1632,43 @@ __device__ __forceinline__ void hn_tma_im2col4d(void* dst, const HnTensorMap& ma
 
 #endif
 
-// The consumer side of a warp-specialised K loop (hn_tma_loop; the ws sandbox's hn_wgmma_ws_loop): for each K tile
-// kt, wait on stage kt % STAGES's "full" mbarrier, issue the tile's 4 bf16 wgmma (this warpgroup's operands a and b
-// in stage 0, stages ea and eb elements apart, K steps kstep apart, described by desc, MN as hn_wgmma_bf16's) into
-// acc, and once the previous tile's group has finished arrive on that tile's "empty". Ends with every wgmma retired.
+// The consumer side of a warp-specialised K loop (hn_tma_loop; the ws sandbox's hn_wgmma_ws_loop): for K tiles i =
+// first .. first + tiles - 1 of the block's sequence (stage i % STAGES, phase parity (i / STAGES) & 1), wait on the
+// stage's "full" mbarrier, issue the tile's 4 bf16 wgmma (this warpgroup's operands a and b in stage 0, stages ea and
+// eb elements apart, K steps kstep apart, described by desc, MN as hn_wgmma_bf16's) into acc, and once the previous
+// tile's group has finished arrive on that tile's "empty". Ends with every wgmma retired and the last tile's stage
+// released.
 template <int STAGES, int WN, int MN, class Desc>
-__device__ __forceinline__ void hn_ws_consume(unsigned long long* full, unsigned long long* empty, int tiles,
+__device__ __forceinline__ void hn_ws_consume(unsigned long long* full, unsigned long long* empty, int first, int tiles,
                                               const unsigned short* a, int ea, const unsigned short* b, int eb,
                                               int kstep, float (&acc)[WN / 8][4], const Desc& desc) {
     for (int kt = 0; kt < tiles; ++kt) {
-        const int s = kt % STAGES;
-        while (!hn_mbar_try_wait(full + s, (kt / STAGES) & 1)) {}
+        const int i = first + kt, s = i % STAGES;
+        while (!hn_mbar_try_wait(full + s, (i / STAGES) & 1)) {}
         hn_wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk)
             hn_wgmma_bf16<WN, MN>(acc, desc(a + s * ea + kk * kstep), desc(b + s * eb + kk * kstep));
         hn_wgmma_commit();
         hn_wgmma_wait<1>();
-        if (kt > 0) hn_mbar_arrive(empty + (kt - 1) % STAGES);
+        if (kt > 0) hn_mbar_arrive(empty + (i - 1) % STAGES);
     }
     hn_wgmma_wait<0>();
+    if (tiles > 0) hn_mbar_arrive(empty + (first + tiles - 1) % STAGES);
 }
 
-// The K loop shared by the TMA kernels, with one wgmma group in flight. Shared memory at `bars`: STAGES "full"
+// The K loops shared by the TMA kernels, with one wgmma group in flight: the block's `count` output tiles, `ktiles` K
+// tiles each, one sequence of K tiles i = t ktiles + kt through the stages. Shared memory at `bars`: STAGES "full"
 // mbarriers (count 1: the producer's arrive.expect_tx of tx bytes; the phase completes when the stage's boxes have
 // landed) and STAGES "empty" ones (count CONSUMERS: every consumer thread once its wgmma on the stage finished),
 // initialised here (then a barrier). The producer (thread CONSUMERS, the first of the last warp) waits for a stage's
-// "empty", arms its "full" and issues copy(kt, s, full + s) for K tile kt; the rest of its warp returns at once. The
-// consumers run hn_ws_consume into acc (zeroed before). Returns true in the consumers (acc complete), false in the
-// producer warp.
-template <int STAGES, int CONSUMERS, int WN, int MN, class Copy, class Desc>
-__device__ __forceinline__ bool hn_tma_loop(unsigned char* bars, int tiles, unsigned tx, const Copy& copy,
+// "empty", arms its "full" and issues copy(t, kt, s, full + s); the rest of its warp returns at once. So while the
+// consumers finish tile t (epi(t, acc), acc float[1][WN / 8][4]), the producer already fills the freed stages with
+// tile t + 1's first K tiles. The consumers run hn_ws_consume into acc, zeroed for each tile.
+template <int STAGES, int CONSUMERS, int WN, int MN, class Copy, class Desc, class Epi>
+__device__ __forceinline__ void hn_tma_loop(unsigned char* bars, int count, int ktiles, unsigned tx, const Copy& copy,
                                             const unsigned short* a, int ea, const unsigned short* b, int eb,
-                                            int kstep, float (&acc)[WN / 8][4], const Desc& desc) {
+                                            int kstep, const Desc& desc, const Epi& epi) {
     unsigned long long* full = reinterpret_cast<unsigned long long*>(bars);
     unsigned long long* empty = full + STAGES;
     const int tid = threadIdx.x;
@@ -1678,16 +1682,21 @@ __device__ __forceinline__ bool hn_tma_loop(unsigned char* bars, int tiles, unsi
     __syncthreads();
     if (tid >= CONSUMERS) {
         if (tid == CONSUMERS)
-            for (int kt = 0; kt < tiles; ++kt) {
-                const int s = kt % STAGES;
-                while (!hn_mbar_try_wait(empty + s, ((kt / STAGES) & 1) ^ 1)) {}   // (a fresh barrier passes parity 1)
-                hn_mbar_arrive_tx(full + s, tx);
-                copy(kt, s, full + s);
-            }
-        return false;
+            for (int t = 0, i = 0; t < count; ++t)
+                for (int kt = 0; kt < ktiles; ++kt, ++i) {
+                    const int s = i % STAGES;
+                    while (!hn_mbar_try_wait(empty + s, ((i / STAGES) & 1) ^ 1)) {}   // (a fresh barrier passes parity 1)
+                    hn_mbar_arrive_tx(full + s, tx);
+                    copy(t, kt, s, full + s);
+                }
+        return;
     }
-    hn_ws_consume<STAGES, WN, MN>(full, empty, tiles, a, ea, b, eb, kstep, acc, desc);
-    return true;
+    float acc[1][WN / 8][4];
+    for (int t = 0; t < count; ++t) {
+        hn_zero(acc);
+        hn_ws_consume<STAGES, WN, MN>(full, empty, t * ktiles, ktiles, a, ea, b, eb, kstep, acc[0], desc);
+        epi(t, acc);
+    }
 }
 
 // The pooled forward's epilogue on row-order columns (hn_convt_fwd's EPI 4): the GEMM's columns are the convolution's
@@ -1846,6 +1855,13 @@ __device__ __forceinline__ void hn_convt_pool_epilogue_of(const HnBlock& b, floa
                                                           reinterpret_cast<float*>(stages));
 }
 
+// The staged epilogue's own tile in a persistent TMA kernel, after its stages: the larger of hn_conv_staged_epilogue's
+// bf16 BM x (BN + 8) and hn_convt_pool_staged's two float32 BM x (BN / 4 + 4) (mma_tiles.TmaTile.smem_bytes).
+template <int BM, int BN>
+constexpr int hn_staged_tile_bytes() {
+    return BM * (BN + 8) * 2 > 8 * BM * (BN / 4 + 4) ? BM * (BN + 8) * 2 : 8 * BM * (BN / 4 + 4);
+}
+
 // The forward (EPI 1), stride-1 data gradient (EPI 2) or pooled forward (EPI 4: cv.p, cv.q the pooled sizes, the
 // convolution's output 2 cv.p x 2 cv.q with 2 cv.q in 8, 16, 32; N its pixels, in rows) of hn_convw_fwd fed by TMA:
 // C[M, N] = A[M, K] B[K, N], A = w [O][R][S][C] as [M = O][K = R S C] (amap: boxes of 64 K x BM rows), B^T = x
@@ -1854,51 +1870,66 @@ __device__ __forceinline__ void hn_convt_pool_epilogue_of(const HnBlock& b, floa
 // channels c0 .. c0 + 63 (C a multiple of 64) -- stored with the 128-byte swizzle (HnSwizzle128: TMA's
 // CU_TENSOR_MAP_SWIZZLE_128B on 1024-byte aligned tiles). WGM x WGN consumer warpgroups of 64 x WN as
 // hn_convw_fwd's, one producer warp (hn_tma_loop). Shared memory: 2 STAGES mbarriers, then the stages (A tiles,
-// then B tiles) aligned to 1024 bytes.
-template <int EPI, int WGM, int WGN, int WN, int STAGES>
+// then B tiles) aligned to 1024 bytes. A block computes the BM x BN tile at (blockIdx.y, blockIdx.x); PERSIST, the
+// tiles blockIdx.x, blockIdx.x + gridDim.x, ... of the (M / BM) x (N / BN) in order (M fastest: blocks side by side
+// read the same pixels), its producer loading the next tile while the consumers store the last, and the staged
+// epilogue in its own tile after the stages (hn_staged_tile_bytes; bf16 outputs only), the stages never idle.
+template <int EPI, int WGM, int WGN, int WN, int STAGES, bool PERSIST>
 __device__ __forceinline__ void hn_convt_fwd(unsigned char* smem, const HnTensorMap& amap, const HnTensorMap& bmap,
                                              float* y, int M, int N, int K, const HnConv& cv) {
     using T = unsigned short;
     constexpr int CONSUMERS = 128 * WGM * WGN, BM = 64 * WGM, BN = WN * WGN, BK = 64, EA = BM * BK, EB = BN * BK;
     static_assert(STAGES >= 2 && BN <= 256 && BM <= 256, "a box holds at most 256 rows");
-    static_assert(BM * (BN + 8) * 4 <= STAGES * (EA + EB) * 2, "the staged epilogue's tile fits in the stages");
+    static_assert(PERSIST || BM * (BN + 8) * 4 <= STAGES * (EA + EB) * 2, "the staged epilogue's tile fits in the stages");
     T* sa = reinterpret_cast<T*>(hn_smem_align1024(smem + 16 * STAGES));   // STAGES x EA
     T* sb = sa + STAGES * EA;                                                // STAGES x EB
-    const HnBlock blk = hn_block(nullptr, nullptr, y, M, N, K, K, 0, 0, 0, 0, 0, 1.f, 0.f, 1, K, BM, BN, BK);
+    T* staged = PERSIST ? sb + STAGES * EB : sa;                             // (PERSIST: hn_staged_tile_bytes)
+    const int mtiles = (M + BM - 1) / BM, tiles = mtiles * ((N + BN - 1) / BN);
+    const int count = PERSIST ? (tiles - static_cast<int>(blockIdx.x) + gridDim.x - 1) / gridDim.x : 1;
+    auto block_of = [&](int t) {                 // the HnBlock of the block's t-th tile
+        HnBlock blk = hn_block(nullptr, nullptr, y, M, N, K, K, 0, 0, 0, 0, 0, 1.f, 0.f, 1, K, BM, BN, BK);
+        if (PERSIST) {
+            const int i = blockIdx.x + t * gridDim.x;
+            blk.m0 = i % mtiles * BM;
+            blk.n0 = i / mtiles * BN;
+        }
+        return blk;
+    };
     const int tid = threadIdx.x, gm = tid / 128 / WGN, gn = tid / 128 % WGN;
-    // the block's first output pixel: its image and input corner (over the convolution's output P x Q)
     const int P = EPI == 4 ? 2 * cv.p : cv.p, Q = EPI == 4 ? 2 * cv.q : cv.q;
-    const int img = blk.n0 / (P * Q), pq = blk.n0 - img * P * Q, p0 = pq / Q, w0 = (pq - p0 * Q) * cv.stride - cv.pad,
-              h0 = p0 * cv.stride - cv.pad;
-    auto copy = [&](int kt, int s, void* bar) {
+    auto copy = [&](int t, int kt, int s, void* bar) {
+        // the tile's first output pixel: its image and input corner (over the convolution's output P x Q)
+        const HnBlock blk = block_of(t);
+        const int img = blk.n0 / (P * Q), pq = blk.n0 - img * P * Q, p0 = pq / Q,
+                  w0 = (pq - p0 * Q) * cv.stride - cv.pad, h0 = p0 * cv.stride - cv.pad;
         const int k0 = kt * BK, rs = k0 / cv.c, r = rs / cv.s;
         hn_tma_tile2d(sa + s * EA, amap, k0, blk.m0, bar);
         hn_tma_im2col4d(sb + s * EB, bmap, k0 - rs * cv.c, w0, h0, img, rs - r * cv.s, r, bar);
     };
-    float acc[1][WN / 8][4];
-    hn_zero(acc);
-    if (!hn_tma_loop<STAGES, CONSUMERS, WN, 0>(smem, blk.tiles, 2u * (EA + EB), copy, sa + gm * 64 * BK, EA,
-                                               sb + gn * WN * BK, EB, 16, acc[0],
-                                               [](const T* p) { return hn_wgmma_desc(p); }))
-        return;
     const int wm = 64 * gm + 16 * ((tid >> 5) & 3), wn = WN * gn, lane = tid & 31;
-    if constexpr (EPI == 4) {
-        if (Q == 8)
-            hn_convt_pool_epilogue_of<1, BM, BN, CONSUMERS>(blk, acc, M, N, cv, wm, wn, lane, sa, y);
-        else if (Q == 16)
-            hn_convt_pool_epilogue_of<2, BM, BN, CONSUMERS>(blk, acc, M, N, cv, wm, wn, lane, sa, y);
-        else
-            hn_convt_pool_epilogue_of<4, BM, BN, CONSUMERS>(blk, acc, M, N, cv, wm, wn, lane, sa, y);
-    } else if (cv.out_plane.d % 8 == 0 && (reinterpret_cast<unsigned long long>(y) & 15) == 0 &&
-               (EPI == 1 || !cv.aux)) {
-        if (cv.out16)
-            hn_conv_staged_epilogue<EPI, T, BM, BN, CONSUMERS, WN / 8>(blk, acc, M, N, cv, wm, wn, lane, sa);
-        else
-            hn_conv_staged_epilogue<EPI, float, BM, BN, CONSUMERS, WN / 8>(blk, acc, M, N, cv, wm, wn, lane,
-                                                                            reinterpret_cast<float*>(sa));
-    } else {
-        hn_conv_epilogue<EPI, 1, WN / 8>(blk, acc, M, N, cv, wm, wn, lane);
-    }
+    auto epilogue = [&](int t, float(&acc)[1][WN / 8][4]) {
+        const HnBlock blk = block_of(t);
+        if constexpr (EPI == 4) {
+            if (Q == 8)
+                hn_convt_pool_epilogue_of<1, BM, BN, CONSUMERS>(blk, acc, M, N, cv, wm, wn, lane, staged, y);
+            else if (Q == 16)
+                hn_convt_pool_epilogue_of<2, BM, BN, CONSUMERS>(blk, acc, M, N, cv, wm, wn, lane, staged, y);
+            else
+                hn_convt_pool_epilogue_of<4, BM, BN, CONSUMERS>(blk, acc, M, N, cv, wm, wn, lane, staged, y);
+        } else if (cv.out_plane.d % 8 == 0 && (reinterpret_cast<unsigned long long>(y) & 15) == 0 &&
+                   (EPI == 1 || !cv.aux) && (cv.out16 || !PERSIST)) {
+            if (cv.out16)
+                hn_conv_staged_epilogue<EPI, T, BM, BN, CONSUMERS, WN / 8>(blk, acc, M, N, cv, wm, wn, lane, staged);
+            else if constexpr (!PERSIST)
+                hn_conv_staged_epilogue<EPI, float, BM, BN, CONSUMERS, WN / 8>(blk, acc, M, N, cv, wm, wn, lane,
+                                                                                reinterpret_cast<float*>(staged));
+        } else {
+            hn_conv_epilogue<EPI, 1, WN / 8>(blk, acc, M, N, cv, wm, wn, lane);
+        }
+    };
+    hn_tma_loop<STAGES, CONSUMERS, WN, 0>(smem, count, K / BK, 2u * (EA + EB), copy, sa + gm * 64 * BK, EA,
+                                          sb + gn * WN * BK, EB, 16, [](const T* p) { return hn_wgmma_desc(p); },
+                                          epilogue);
 }
 
 // The filter gradient of hn_conv16w_filter fed by TMA: C[M = O, N = R S C] += A[M, K] B[K, N] over K = images x P x
@@ -1919,7 +1950,7 @@ __device__ __forceinline__ void hn_convt_filter(unsigned char* smem, const HnTen
     T* sb = sa + STAGES * EA;
     const HnBlock blk = hn_block(nullptr, nullptr, dw, M, N, K, 0, 0, N, 0, 0, 0, 1.f, 1.f, splits, kchunk, BM, BN, BK);
     const int tid = threadIdx.x, gm = tid / 128 / WGN, gn = tid / 128 % WGN, plane = cv.p * cv.q;
-    auto copy = [&](int kt, int s, void* bar) {
+    auto copy = [&](int, int kt, int s, void* bar) {
         const int k0 = blk.kbeg + kt * BK, img = k0 / plane, pq = k0 - img * plane, p0 = pq / cv.q,
                   w0 = (pq - p0 * cv.q) * cv.stride - cv.pad, h0 = p0 * cv.stride - cv.pad;
 #pragma unroll
@@ -1932,20 +1963,20 @@ __device__ __forceinline__ void hn_convt_filter(unsigned char* smem, const HnTen
         }
     };
     // a warpgroup's columns start 64 gm (A) and WN gn (B) columns in: whole blocks of 64 x 64 (HnSwizzle128MN)
-    float acc[1][WN / 8][4];
-    hn_zero(acc);
-    if (hn_tma_loop<STAGES, CONSUMERS, WN, 1>(smem, blk.tiles, 2u * (EA + EB), copy, sa + gm * 64 * BK, EA,
-                                              sb + gn * WN * BK, EB, 16 * 64, acc[0],
-                                              [](const T* p) { return hn_wgmma_desc_mn(p); }))
-        hn_epilogue<1, WN / 8>(blk, acc, M, N, N, 1.f, 1.f, 64 * gm + 16 * ((tid >> 5) & 3), WN * gn, tid & 31);
+    hn_tma_loop<STAGES, CONSUMERS, WN, 1>(
+        smem, 1, blk.tiles, 2u * (EA + EB), copy, sa + gm * 64 * BK, EA, sb + gn * WN * BK, EB, 16 * 64,
+        [](const T* p) { return hn_wgmma_desc_mn(p); }, [&](int, float(&acc)[1][WN / 8][4]) {
+            hn_epilogue<1, WN / 8>(blk, acc, M, N, N, 1.f, 1.f, 64 * gm + 16 * ((tid >> 5) & 3), WN * gn, tid & 31);
+        });
 }
 
-// HN_CONV16T(hn_conv16_fwd_w128x256s4t, 1, 2, 1, 256, 4, 1): HN_CONV16W's forward (EPI 1), data gradient (EPI 2),
+// HN_CONV16T(hn_conv16_fwd_w128x256s4t, 1, 2, 1, 256, 4, 1, 0): HN_CONV16W's forward (EPI 1), data gradient (EPI 2),
 // filter gradient (EPI 3) or pooled forward (EPI 4, its N the convolution's output pixels in rows), its arguments
 // followed by the two tensor maps (the weights' and the input's for EPI 1, 2 and 4, dy's and x's for EPI 3), on
-// hn_convt_fwd or hn_convt_filter: WGM x WGN consumer warpgroups and a producer warp, 128 WGM WGN + 32 threads, MINB
-// blocks an SM; shared memory HN_CONV16W's and 16 ST bytes of mbarriers.
-#define HN_CONV16T(name, EPI, WGM, WGN, WN, ST, MINB)                                                             \
+// hn_convt_fwd (PERSIST 1: persistent) or hn_convt_filter: WGM x WGN consumer warpgroups and a producer warp, 128 WGM
+// WGN + 32 threads, MINB blocks an SM; shared memory HN_CONV16W's, 16 ST bytes of mbarriers and, PERSIST, the
+// staged epilogue's tile (hn_staged_tile_bytes).
+#define HN_CONV16T(name, EPI, WGM, WGN, WN, ST, MINB, PERSIST)                                                    \
     extern "C" __global__ void __launch_bounds__(128 * WGM * WGN + 32, MINB) name(                              \
         const unsigned short* __restrict__ B, const unsigned short* __restrict__ Wt, const float* __restrict__ AUX,  \
         float* __restrict__ Y, int M, int N, int K, int C, int H, int W, int R, int S, int P, int Q, int O,         \
@@ -1953,10 +1984,11 @@ __device__ __forceinline__ void hn_convt_filter(unsigned char* smem, const HnTen
         const __grid_constant__ HnTensorMap bmap) {                                                              \
         HN_DYNAMIC_SMEM(hn_smem);                                                                              \
         const HnConv cv = hn_conv16_of<EPI>(AUX, C, H, W, R, S, P, Q, O, stride, pad, act, kchunk);            \
+        static_assert(EPI != 3 || !PERSIST, "the filter gradient's parts are its blocks");                      \
         if constexpr (EPI == 3)                                                                                \
             hn_convt_filter<WGM, WGN, WN, ST>(hn_smem, amap, bmap, Y, M, N, K, splits, kchunk, cv);             \
         else                                                                                                   \
-            hn_convt_fwd<EPI, WGM, WGN, WN, ST>(hn_smem, amap, bmap, Y, M, N, K, cv);                          \
+            hn_convt_fwd<EPI, WGM, WGN, WN, ST, PERSIST>(hn_smem, amap, bmap, Y, M, N, K, cv);                 \
     }
 
 // The hardware's im2col copy on its own, for its test (tests/test_tma_conv.py): one box of `rows` pixels x 64 channels

@@ -323,11 +323,13 @@ def _conv_call(op: str, precision: str, tile: str | None, src, w, aux, out, m: i
 def _tile_call(op: str, t, src, w, aux, out, m: int, n: int, k: int, geometry: tuple, act: int, sms: int | None,
                splits: int | None) -> ConvCall:
     """The ConvCall of op on tile t (a TcTile or Tc16Tile): the filter gradient's K split as `split_k_waves` says
-    for `sms` SMs, or in `splits` parts."""
+    for `sms` SMs, or in `splits` parts; a persistent tile's grid at most its min_blocks on each of `sms` SMs."""
     parts = 1 if op != "filter" else (split_k_waves(t, m, n, k, sms) if splits is None else max(1, int(splits)))
     kchunk = math.ceil(math.ceil(k / parts) / t.bk) * t.bk
     parts = math.ceil(k / kchunk)                      # no empty part
     grid = (math.ceil(n / t.bn), math.ceil(m / t.bm), parts)
+    if getattr(t, "persistent", False):                # min_blocks blocks an SM, each taking tiles in turn
+        grid = (min(grid[0] * grid[1], sms * t.min_blocks), 1, 1)
     if grid[2] > GRID_YZ:
         raise ValueError(f"conv_tc: {parts} K parts are past the grid's limit")
     return ConvCall(op, t, grid, src, w, aux, out, m, n, k, geometry, int(act), parts, kchunk)
@@ -602,18 +604,19 @@ def _call16(op, tile, src, w, aux, out, m, n, k, geometry, act=0, sms=None, spli
     return _tile_call(op, t, src, w, aux, out, m, n, k, geometry, act, sms, splits)
 
 
-def plan_conv16(y, x16, w16, b, stride: int, pad: int, act: int = 0, tile: str | Tc16Tile | None = None
-                ) -> ConvCall | None:
+def plan_conv16(y, x16, w16, b, stride: int, pad: int, act: int = 0, tile: str | Tc16Tile | None = None,
+                sms: int = 132) -> ConvCall | None:
     """y [n, O, P, Q] = act(conv(x, w) + b) from the channels-last copies x16 [n, H, W, C] and w16 [O, R, S, C]
-    (COPY_DTYPE), b [O] float32 or None; act 0 none, 1 ReLU, plus OUT16 for y uint16 (bf16 bits) instead of float32.
-    None when y is empty."""
+    (COPY_DTYPE), b [O] float32 or None; act 0 none, 1 ReLU, plus OUT16 for y uint16 (bf16 bits) instead of float32;
+    sms: the device's SMs (a persistent tile's grid). None when y is empty."""
     n, h, wd, c = _nhwc_shape(x16)
     o, r, s, c2 = _nhwc_shape(w16)
     *_, p, q = _conv_sizes((n, c, h, wd), (o, c, r, s), stride, pad)
     if (c2 != c or tuple(y.shape) != (n, o, p, q) or (b is not None and tuple(b.shape) != (o,))
             or not conv16_fits("fwd", c, o, r, s, stride, pad, _copy_precision(x16))):
         raise ValueError(f"conv16: x {x16.shape}, w {w16.shape}, y {y.shape} do not fit together")
-    return _call16("fwd", tile, x16, w16, b, y, o, n * p * q, r * s * c, (c, h, wd, r, s, p, q, o, stride, pad), act)
+    return _call16("fwd", tile, x16, w16, b, y, o, n * p * q, r * s * c, (c, h, wd, r, s, p, q, o, stride, pad), act,
+                   sms)
 
 
 def pooled_outputs(xp, n: int, o: int, p: int, q: int, out16: bool = False):
@@ -625,12 +628,12 @@ def pooled_outputs(xp, n: int, o: int, p: int, q: int, out16: bool = False):
     return buf, buf[:size].reshape(n, o, p, q), buf.view(np.uint8)[item * size:(item + 1) * size].reshape(n, o, p, q)
 
 
-def plan_conv16_pool(buf, x16, w16, b, stride: int, pad: int, act: int = 0, tile: str | Tc16Tile | None = None
-                     ) -> ConvCall | None:
+def plan_conv16_pool(buf, x16, w16, b, stride: int, pad: int, act: int = 0, tile: str | Tc16Tile | None = None,
+                     sms: int = 132) -> ConvCall | None:
     """max_pool2d(act(conv(x, w) + b), 2, 2) and its argmax bytes into buf (pooled_outputs), from x16 [n, H, W, C]
     and w16 [O, R, S, C] (copies, COPY_DTYPE), b [O] float32 or None: the forward's GEMM on its tile, its columns in window
-    order, pooled in the epilogue (mma.cu, EPI 4); act as plan_conv16's (OUT16: buf is pooled_outputs' out16 buffer).
-    None when the pooled output is empty."""
+    order, pooled in the epilogue (mma.cu, EPI 4); act and sms as plan_conv16's (OUT16: buf is pooled_outputs' out16
+    buffer). None when the pooled output is empty."""
     n, h, wd, c = _nhwc_shape(x16)
     o, r, s, c2 = _nhwc_shape(w16)
     *_, p, q = _conv_sizes((n, c, h, wd), (o, c, r, s), stride, pad)
@@ -651,18 +654,18 @@ def plan_conv16_pool(buf, x16, w16, b, stride: int, pad: int, act: int = 0, tile
                              f"of rows to a warpgroup, not {p} x {q}")
         columns = n * p * q                  # the convolution's output pixels, in rows
     call = _call16("pool", tile, x16, w16, b, buf, o, columns, r * s * c, (c, h, wd, r, s, pp, pq, o, stride, pad),
-                   act)
+                   act, sms)
     if call is not None:
         call.kchunk = count          # the kernel's count of pooled outputs (HN_CONV16's EPI 4)
     return call
 
 
-def plan_conv16_data(dx, dy16, wt16, relu_x, pad: int, tile: str | Tc16Tile | None = None, out16: bool = False
-                     ) -> ConvCall | None:
+def plan_conv16_data(dx, dy16, wt16, relu_x, pad: int, tile: str | Tc16Tile | None = None, out16: bool = False,
+                     sms: int = 132) -> ConvCall | None:
     """dx [n, C, H, W] = conv_backward_data(dy, w) (* (relu_x > 0) when relu_x is given) of a stride-1 convolution
     with padding `pad`, from the copies dy16 [n, P, Q, O] and wt16, the turned weights [C, R, S, O] (turn_weights),
-    as the forward over dy with padding R - 1 - pad; dx float32, or with out16 uint16 (bf16 bits). None when dx is
-    empty."""
+    as the forward over dy with padding R - 1 - pad; dx float32, or with out16 uint16 (bf16 bits); sms as
+    plan_conv16's. None when dx is empty."""
     n, p, q, o = _nhwc_shape(dy16)
     c, r, s, o2 = _nhwc_shape(wt16)
     h, wd = dx.shape[2:]
@@ -671,7 +674,7 @@ def plan_conv16_data(dx, dy16, wt16, relu_x, pad: int, tile: str | Tc16Tile | No
             or not conv16_fits("data", c, o, r, s, 1, pad, _copy_precision(dy16))):
         raise ValueError(f"conv16: dy {dy16.shape}, turned w {wt16.shape}, dx {dx.shape} do not fit together")
     return _call16("data", tile, dy16, wt16, relu_x, dx, c, n * h * wd, r * s * o,
-                   (o, p, q, r, s, h, wd, c, 1, r - 1 - pad), OUT16 if out16 else 0)
+                   (o, p, q, r, s, h, wd, c, 1, r - 1 - pad), OUT16 if out16 else 0, sms)
 
 
 def plan_conv16_filter(dw16, dy16, x16, stride: int, pad: int, sms: int = 132, tile: str | Tc16Tile | None = None,
@@ -801,7 +804,7 @@ def turn_weights(be, w):
 
 def conv16(be, y, x, w, b, stride: int, pad: int, act: int = 0, tile: str | None = None) -> None:
     """y = act(conv(x, w) + b) from NCHW float32 x and w, copied channels-last first (to_nhwc, plan_conv16)."""
-    launch_conv(be, plan_conv16(y, to_nhwc(be, x), to_nhwc(be, w), b, stride, pad, act, tile))
+    launch_conv(be, plan_conv16(y, to_nhwc(be, x), to_nhwc(be, w), b, stride, pad, act, tile, be.sms))
 
 
 def conv16_pool(be, x, w, b, stride: int, pad: int, act: int = 0, tile: str | None = None, x16=None):
@@ -811,14 +814,14 @@ def conv16_pool(be, x, w, b, stride: int, pad: int, act: int = 0, tile: str | No
     n, c, h, wd, o, r, s, p, q = _conv_sizes(x.shape, w.shape, stride, pad)
     buf, y, arg = pooled_outputs(be.xp, n, o, p // 2, q // 2, bool(act & OUT16))
     x16 = to_nhwc(be, x) if x16 is None else x16
-    launch_conv(be, plan_conv16_pool(buf, x16, to_nhwc(be, w), b, stride, pad, act, tile))
+    launch_conv(be, plan_conv16_pool(buf, x16, to_nhwc(be, w), b, stride, pad, act, tile, be.sms))
     return y, arg
 
 
 def conv16_data(be, dx, dy16, w, relu_x, pad: int, tile: str | None = None, out16: bool = False) -> None:
     """dx = conv_backward_data(dy, w) (* (relu_x > 0)) at stride 1 from dy16 = to_nhwc(dy) and w [O, C, R, S]
     float32 (plan_conv16_data; out16: dx uint16, bf16 bits)."""
-    launch_conv(be, plan_conv16_data(dx, dy16, turn_weights(be, w), relu_x, pad, tile, out16))
+    launch_conv(be, plan_conv16_data(dx, dy16, turn_weights(be, w), relu_x, pad, tile, out16, be.sms))
 
 
 def conv16_filter(be, dw, dy16, x16, stride: int, pad: int, tile: str | None = None,

@@ -265,7 +265,12 @@ class TmaTile(Tc16Tile):
     warpgroups only multiply and write the epilogue, one more warp issues the TMA copies, and shared memory holds 2 x
     STAGES mbarriers before the stages. Its name is its cp.async twin's (wgmma_tile) and "t". Runs where the
     gathered channels (C of the forwards and the filter gradient, O of the data gradient) are a multiple of 64
-    (tma_fits): one im2col box is one tap's 64 channels; the pooled forward also where tma_pool_fits."""
+    (tma_fits): one im2col box is one tap's 64 channels; the pooled forward also where tma_pool_fits. A persistent
+    one ("tp"; the forwards and the data gradient) runs at most min_blocks blocks an SM, each taking tiles in turn,
+    its producer loading the next tile while the consumers write the last one's epilogue from a tile of its own after
+    the stages (staged_tile_bytes)."""
+
+    persistent: bool = False
 
     def __post_init__(self):
         super().__post_init__()
@@ -273,26 +278,33 @@ class TmaTile(Tc16Tile):
 
     @property
     def name(self) -> str:
-        return super().name + "t"
+        return super().name + "t" + ("p" if self.persistent else "")
 
     @property
     def threads(self) -> int:
         return super().threads + 32
 
     @property
+    def staged_tile_bytes(self) -> int:
+        """A persistent tile's epilogue tile (mma.cu hn_staged_tile_bytes): bf16 bm x (bn + 8) for the forward and
+        data gradient, two float32 bm x (bn / 4 + 4) for the pooled forward, whichever is larger."""
+        return max(self.bm * (self.bn + 8) * 2, 8 * self.bm * (self.bn // 4 + 4)) if self.persistent else 0
+
+    @property
     def smem_bytes(self) -> int:
-        return super().smem_bytes + 16 * self.stages
+        return super().smem_bytes + 16 * self.stages + self.staged_tile_bytes
 
     def instantiation(self, op: str) -> str:
         """mma.cu's line that defines conv_kernel(op)."""
-        assert op in TMA_OPS, (self, op)
+        assert op in TMA_OPS and not (self.persistent and op == "filter"), (self, op)
         return (f"HN_CONV16T({self.conv_kernel(op)}, {CONV16_OPS[op]}, {self.bm // 64}, {self.bn // self.wn}, "
-                f"{self.wn}, {self.stages}, {self.min_blocks})")
+                f"{self.wn}, {self.stages}, {self.min_blocks}, {int(self.persistent)})")
 
 
-def tma_tile(bm: int, bn: int, stages: int, min_blocks: int = 1) -> TmaTile:
-    """A TMA-fed bf16 tile of (bm / 64) warpgroups of 64 x bn, K tiles of 64, min_blocks blocks an SM."""
-    return TmaTile(bm, bn, 64, 64, bn, stages, min_blocks, wgmma=True)
+def tma_tile(bm: int, bn: int, stages: int, min_blocks: int = 1, persistent: bool = False) -> TmaTile:
+    """A TMA-fed bf16 tile of (bm / 64) warpgroups of 64 x bn, K tiles of 64, min_blocks blocks an SM; persistent:
+    at most min_blocks blocks an SM, each looping over tiles."""
+    return TmaTile(bm, bn, 64, 64, bn, stages, min_blocks, wgmma=True, persistent=persistent)
 
 
 TMA_OPS = ("fwd", "data", "filter", "pool")
@@ -312,10 +324,12 @@ def tma_pool_fits(tile: TmaTile, p: int, q: int) -> bool:
 
 
 # The TMA-fed tiles (mma.plan_conv16 and the others take them by name or as tiles; conv.py measures them at bf16
-# where tma_fits: benchmarks/kernels/NOTES.md, "The bf16 convolutions fed by TMA" and the section after it). The
-# two-blocks-an-SM ones are there so that one block's epilogue can overlap the other's K loop.
+# where tma_fits: benchmarks/kernels/NOTES.md, "The bf16 convolutions fed by TMA" and the sections after it). The
+# two-blocks-an-SM ones are there so that one block's epilogue can overlap the other's K loop; the persistent ones
+# so that a block's epilogue overlaps its own next tile's loads.
 TILES16T = {"fwd": (tma_tile(128, 256, 4), tma_tile(128, 128, 6), tma_tile(64, 256, 5), tma_tile(128, 128, 3, 2),
-                    tma_tile(64, 128, 4, 2)),
+                    tma_tile(64, 128, 4, 2), tma_tile(128, 256, 3, persistent=True),
+                    tma_tile(128, 128, 5, persistent=True)),
             "filter": (tma_tile(128, 256, 4), tma_tile(128, 128, 6), tma_tile(128, 128, 3, 2))}
 TILES16T["data"] = TILES16T["pool"] = TILES16T["fwd"]      # (the forward's kernel body)
 
