@@ -833,9 +833,9 @@ def test_tma_tiles_emulated(emu, rng, shape):
 
 
 def test_tma_persistent_grid_emulated(emu, rng):
-    """The persistent TMA tiles on a grid of several blocks (SMS SMs): the forward's 2 x 5 tiles of 128 x 128 (M
-    fastest) or 2 x 3 of 128 x 256, so that some blocks take two or three tiles and others fewer (tiles blockIdx.x,
-    blockIdx.x + gridDim.x, ...), every op against float64 as test_tma_tiles_emulated's."""
+    """The persistent TMA tiles on a grid of several blocks (SMS SMs): the forward's 2 x 3 tiles of 128 x 256 (M
+    fastest), so that some blocks take two tiles and others one (tiles blockIdx.x, blockIdx.x + gridDim.x, ...), every
+    op against float64 as test_tma_tiles_emulated's."""
     persistent = {op: tuple(t for t in ts if t.persistent) for op, ts in TILES16T.items()}
     assert persistent["fwd"] and not persistent["filter"]
     shape = (9, 64, 8, 8, 192, 3, 3, 1, 1)           # N = 576 pixels, M = 192 channels; planes of 64 (staged)
@@ -848,5 +848,5 @@ def test_tma_persistent_grid_emulated(emu, rng):
             shared.append(tiles > SMS)
         run_conv(emu, call, int(rng.integers(2**31)))
 
-    assert run_tma_ops(np, lambda a: a, rng, shape, persistent, launch, SMS, fwd_sms=SMS) >= 10
-    assert sum(shared) >= 6, shared
+    assert run_tma_ops(np, lambda a: a, rng, shape, persistent, launch, SMS, fwd_sms=SMS) >= 7
+    assert sum(shared) >= 3, shared

@@ -328,8 +328,7 @@ def tma_pool_fits(tile: TmaTile, p: int, q: int) -> bool:
 # two-blocks-an-SM ones are there so that one block's epilogue can overlap the other's K loop; the persistent ones
 # so that a block's epilogue overlaps its own next tile's loads.
 TILES16T = {"fwd": (tma_tile(128, 256, 4), tma_tile(128, 128, 6), tma_tile(64, 256, 5), tma_tile(128, 128, 3, 2),
-                    tma_tile(64, 128, 4, 2), tma_tile(128, 256, 3, persistent=True),
-                    tma_tile(128, 128, 5, persistent=True)),
+                    tma_tile(64, 128, 4, 2), tma_tile(128, 256, 3, persistent=True)),
             "filter": (tma_tile(128, 256, 4), tma_tile(128, 128, 6), tma_tile(128, 128, 3, 2))}
 TILES16T["data"] = TILES16T["pool"] = TILES16T["fwd"]      # (the forward's kernel body)
 
