@@ -60,30 +60,46 @@ extern "C" int emu_walk(int wide, int take, int* out, int N, int C, int HW, unsi
     snprintf(err, len, "%s", msg.c_str());
     return msg.empty() ? 0 : 1;
 }
-// x16: x is bf16 bits (the "_x16" kernels), else float32
-extern "C" int emu_bn_apply16(const void* x, int x16, unsigned* y, const float* mean, const float* var,
+// x16: x is bf16 bits (the "_x16" kernels), else float32; vec: the 16-byte vector versions (bn_apply_nhwc16v, tiles
+// of 64 pixels)
+extern "C" int emu_bn_apply16(const void* x, int x16, void* y, const float* mean, const float* var,
                                const float* gamma, const float* beta, int n, int C, int HW, float eps, int act,
-                               unsigned seed, char* err, int len) {
-    std::string msg = emu::launch({(unsigned)((n * HW + 32 * HN_NHWC16_TILES - 1) / (32 * HN_NHWC16_TILES)),
-                                   (unsigned)((C + 63) / 64), 1}, {256, 1, 1}, 0, [=] {
-        if (x16)
-            bn_apply_nhwc16_x16(static_cast<const unsigned short*>(x), y, mean, var, gamma, beta, n, C, HW, eps, act);
-        else
-            bn_apply_nhwc16(static_cast<const float*>(x), y, mean, var, gamma, beta, n, C, HW, eps, act);
+                               int vec, unsigned seed, char* err, int len) {
+    const unsigned px = (vec ? 64 : 32) * HN_NHWC16_TILES;
+    std::string msg = emu::launch({(unsigned)((n * HW + px - 1) / px), (unsigned)((C + 63) / 64), 1}, {256, 1, 1}, 0,
+                                  [=] {
+        const unsigned short* xb = static_cast<const unsigned short*>(x);
+        const float* xf = static_cast<const float*>(x);
+        unsigned short* yv = static_cast<unsigned short*>(y);
+        unsigned* yp = static_cast<unsigned*>(y);
+        if (vec && x16) bn_apply_nhwc16v_x16(xb, yv, mean, var, gamma, beta, n, C, HW, eps, act);
+        else if (vec) bn_apply_nhwc16v(xf, yv, mean, var, gamma, beta, n, C, HW, eps, act);
+        else if (x16) bn_apply_nhwc16_x16(xb, yp, mean, var, gamma, beta, n, C, HW, eps, act);
+        else bn_apply_nhwc16(xf, yp, mean, var, gamma, beta, n, C, HW, eps, act);
     }, seed);
     snprintf(err, len, "%s", msg.c_str());
     return msg.empty() ? 0 : 1;
 }
-extern "C" int emu_bn_bwd_dx16(const float* dy, const void* x, int x16, const float* mean, const float* var,
-                                const float* gamma, const float* beta, const float* red, unsigned* dx, int n, int C,
-                                int HW, float eps, int act, unsigned seed, char* err, int len) {
-    std::string msg = emu::launch({(unsigned)((n * HW + 32 * HN_NHWC16_TILES - 1) / (32 * HN_NHWC16_TILES)),
-                                   (unsigned)((C + 63) / 64), 1}, {256, 1, 1}, 0, [=] {
-        if (x16)
-            bn_bwd_dx_nhwc16_x16(dy, static_cast<const unsigned short*>(x), mean, var, gamma, beta, red, dx, n, C, HW,
-                                 eps, act);
-        else
-            bn_bwd_dx_nhwc16(dy, static_cast<const float*>(x), mean, var, gamma, beta, red, dx, n, C, HW, eps, act);
+// dy16, x16: dy, x as bf16 bits (the "_dy16", "_x16" kernels); vec as emu_bn_apply16's
+extern "C" int emu_bn_bwd_dx16(const void* dy, int dy16, const void* x, int x16, const float* mean, const float* var,
+                                const float* gamma, const float* beta, const float* red, void* dx, int n, int C,
+                                int HW, float eps, int act, int vec, unsigned seed, char* err, int len) {
+    const unsigned px = (vec ? 64 : 32) * HN_NHWC16_TILES;
+    std::string msg = emu::launch({(unsigned)((n * HW + px - 1) / px), (unsigned)((C + 63) / 64), 1}, {256, 1, 1}, 0,
+                                  [=] {
+        const unsigned short *xb = static_cast<const unsigned short*>(x), *db = static_cast<const unsigned short*>(dy);
+        const float *xf = static_cast<const float*>(x), *df = static_cast<const float*>(dy);
+        unsigned short* dv = static_cast<unsigned short*>(dx);
+        unsigned* dp = static_cast<unsigned*>(dx);
+        const int k = 4 * vec + 2 * dy16 + x16;
+        if (k == 7) bn_bwd_dx_nhwc16v_x16_dy16(db, xb, mean, var, gamma, beta, red, dv, n, C, HW, eps, act);
+        else if (k == 6) bn_bwd_dx_nhwc16v_dy16(db, xf, mean, var, gamma, beta, red, dv, n, C, HW, eps, act);
+        else if (k == 5) bn_bwd_dx_nhwc16v_x16(df, xb, mean, var, gamma, beta, red, dv, n, C, HW, eps, act);
+        else if (k == 4) bn_bwd_dx_nhwc16v(df, xf, mean, var, gamma, beta, red, dv, n, C, HW, eps, act);
+        else if (k == 3) bn_bwd_dx_nhwc16_x16_dy16(db, xb, mean, var, gamma, beta, red, dp, n, C, HW, eps, act);
+        else if (k == 2) bn_bwd_dx_nhwc16_dy16(db, xf, mean, var, gamma, beta, red, dp, n, C, HW, eps, act);
+        else if (k == 1) bn_bwd_dx_nhwc16_x16(df, xb, mean, var, gamma, beta, red, dp, n, C, HW, eps, act);
+        else bn_bwd_dx_nhwc16(df, xf, mean, var, gamma, beta, red, dp, n, C, HW, eps, act);
     }, seed);
     snprintf(err, len, "%s", msg.c_str());
     return msg.empty() ? 0 : 1;
@@ -194,9 +210,18 @@ def _kernels_text() -> str:
                         (norm, "__device__ __forceinline__ float hn_bn_out_grad("),
                         (norm, "template <typename D, typename X>\n__device__ __forceinline__ void bn_bwd_dx_nhwc16_body("),
                         (norm, 'extern "C" __global__ void __launch_bounds__(256, 4) bn_bwd_dx_nhwc16('),
-                        (norm, 'extern "C" __global__ void __launch_bounds__(256, 4) bn_bwd_dx_nhwc16_x16(')):
+                        (norm, 'extern "C" __global__ void __launch_bounds__(256, 4) bn_bwd_dx_nhwc16_x16('),
+                        (norm, 'extern "C" __global__ void __launch_bounds__(256, 4) bn_bwd_dx_nhwc16_dy16('),
+                        (norm, 'extern "C" __global__ void __launch_bounds__(256, 4) bn_bwd_dx_nhwc16_x16_dy16(')):
         i = text.index(start)
         parts.append(text[i:text.index("\n}\n", i) + 3])
+    # the 16-byte vector versions: their helpers (common.cuh), and norm.cu's last section (their bodies and kernels)
+    for start in ("template <typename X>\nstruct HnRaw8 {", "struct HnVecTile {"):
+        i = common.index(start)
+        parts.append(common[i:common.index("\n};\n", i) + 4])
+    i = common.index("__device__ __forceinline__ void hn_store_nhwc16_vec(")
+    parts.append(common[i:common.index("\n}\n", i) + 3])
+    parts.append(norm[norm.index("// --- the channels-last bf16 copies in 16-byte vectors"):])
     return "\n".join(parts)
 
 
@@ -398,14 +423,22 @@ def _stored(x, x16: bool):
     return bits, bf16_values(bits)
 
 
+# The channels-last kernels' shapes: in elements (partial 64 x 32 tiles), and (vec) in 16-byte vectors where planes
+# and channels are multiples of 8: a partial second tile of pixels and a second block of 8 channels; 8 channels of
+# planes of 8, a tile across five images; two blocks of two whole tiles; a 3-D input.
+NHWC16_CASES = ([(shape, False) for shape in [(2, 6, 37), (1, 70, 5, 7), (3, 64, 3, 3), (9, 6, 1, 3)]]
+                + [(shape, True) for shape in [(3, 72, 4, 6), (5, 8, 2, 4), (2, 64, 16, 8), (3, 16, 40)]])
+
+
 @pytest.mark.parametrize("x16", [False, True], ids=["x32", "x16"])
 @pytest.mark.parametrize("act", [0, 1, 2], ids=["none", "relu", "gelu"])
-@pytest.mark.parametrize("shape", [(2, 6, 37), (1, 70, 5, 7), (3, 64, 3, 3), (9, 6, 1, 3)], ids=str)
-def test_bn_apply_nhwc16_emulated(emu, rng, shape, act, x16):
+@pytest.mark.parametrize(("shape", "vec"), NHWC16_CASES, ids=str)
+def test_bn_apply_nhwc16_emulated(emu, rng, shape, vec, act, x16):
     """bn_apply_nhwc16: act(fmaf((x - mean) / sqrt(var + eps), gamma, beta)) channels-last in bf16, every element of
-    partial 64 x 32 tiles; NumPy's float32 of the same expression, rounded to bf16: equal bits without an activation
-    and with the ReLU, within one bf16 step with the GELU (erfc's float32 rounding may differ by an ulp from
-    math.erfc's). x16: x stored in bf16 (bn_apply_nhwc16_x16), the same of its values."""
+    partial tiles; NumPy's float32 of the same expression, rounded to bf16: equal bits without an activation and with
+    the ReLU, within one bf16 step with the GELU (erfc's float32 rounding may differ by an ulp from math.erfc's).
+    x16: x stored in bf16 (bn_apply_nhwc16_x16), the same of its values; vec: the vector versions
+    (bn_apply_nhwc16v)."""
     import math
 
     given, x = _stored(rng.standard_normal(shape).astype(np.float32) * 3 + 1, x16)
@@ -425,27 +458,27 @@ def test_bn_apply_nhwc16_emulated(emu, rng, shape, act, x16):
         z = (z * phi).astype(np.float32)
     out = np.full((n, *shape[2:], c), 0xDEAD, np.uint16)
     err = ctypes.create_string_buffer(512)
-    _check(emu.emu_bn_apply16(_ptr(given), int(x16), _ptr(out), _ptr(mean), _ptr(var), _ptr(gamma), _ptr(beta), n, c, hw,
-                              ctypes.c_float(eps), act, 5, err, 512), err)
+    _check(emu.emu_bn_apply16(_ptr(given), int(x16), _ptr(out), _ptr(mean), _ptr(var), _ptr(gamma), _ptr(beta), n, c,
+                              hw, ctypes.c_float(eps), act, int(vec), 5, err, 512), err)
     steps = _bf16_ulps(out, nhwc16(z))
     assert steps.max() <= (1 if act == 2 else 0), f"{steps.max()} bf16 steps apart"
     assert (steps == 0).mean() > 0.99
 
 
-@pytest.mark.parametrize("x16", [False, True], ids=["x32", "x16"])
+@pytest.mark.parametrize(("x16", "dy16"), [(False, False), (True, False), (True, True)], ids=["x32", "x16", "x16dy16"])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("act", [0, 1, 2], ids=["none", "relu", "gelu"])
-@pytest.mark.parametrize("shape", [(2, 6, 37), (1, 70, 5, 7), (3, 64, 3, 3), (9, 6, 1, 3)], ids=str)
-def test_bn_bwd_dx_nhwc16_emulated(emu, rng, shape, act, train, x16):
+@pytest.mark.parametrize(("shape", "vec"), NHWC16_CASES, ids=str)
+def test_bn_bwd_dx_nhwc16_emulated(emu, rng, shape, vec, act, train, x16, dy16):
     """bn_bwd_dx_nhwc16: the batch norm's (+ ReLU's or GELU's) input gradient channels-last in bf16, every element
-    of partial 64 x 32 tiles; NumPy's float32 of bn_bwd_dx's expression (g = dy; dy where z > 0; dy gelu'(z) from
-    math.erfc; training: scale (g - sum g / m - xhat sum g xhat / m), eval: g scale), rounded to bf16: equal bits
-    without the GELU, within one bf16 step with it. x16: x stored in bf16 (bn_bwd_dx_nhwc16_x16), the same of its
-    values."""
+    of partial tiles; NumPy's float32 of bn_bwd_dx's expression (g = dy; dy where z > 0; dy gelu'(z) from math.erfc;
+    training: scale (g - sum g / m - xhat sum g xhat / m), eval: g scale), rounded to bf16: equal bits without the
+    GELU, within one bf16 step with it. x16, dy16: x, dy stored in bf16 (bn_bwd_dx_nhwc16_x16, _x16_dy16), the same
+    of their values; vec: the vector versions (bn_bwd_dx_nhwc16v)."""
     import math
 
     given, x = _stored(rng.standard_normal(shape).astype(np.float32) * 3 + 1, x16)
-    dy = rng.standard_normal(shape).astype(np.float32)
+    dy_given, dy = _stored(rng.standard_normal(shape).astype(np.float32), dy16)
     n, c = shape[:2]
     hw = x.size // (n * c)
     mean, var = rng.standard_normal(c).astype(np.float32), rng.uniform(0.5, 2, c).astype(np.float32)
@@ -473,9 +506,9 @@ def test_bn_bwd_dx_nhwc16_emulated(emu, rng, shape, act, train, x16):
         want = g * (ga * inv)
     out = np.full((n, *shape[2:], c), 0xDEAD, np.uint16)
     err = ctypes.create_string_buffer(512)
-    _check(emu.emu_bn_bwd_dx16(_ptr(dy), _ptr(given), int(x16), _ptr(mean), _ptr(var), _ptr(gamma), _ptr(beta),
-                               _ptr(red) if train else None, _ptr(out), n, c, hw, ctypes.c_float(eps), act, 7, err,
-                               512), err)
+    _check(emu.emu_bn_bwd_dx16(_ptr(dy_given), int(dy16), _ptr(given), int(x16), _ptr(mean), _ptr(var), _ptr(gamma),
+                               _ptr(beta), _ptr(red) if train else None, _ptr(out), n, c, hw, ctypes.c_float(eps), act,
+                               int(vec), 7, err, 512), err)
     steps = _bf16_ulps(out, nhwc16(want.astype(np.float32)))
     assert steps.max() <= (1 if act == 2 else 0), f"{steps.max()} bf16 steps apart"
     assert (steps == 0).mean() > 0.98

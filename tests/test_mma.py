@@ -548,15 +548,20 @@ def test_conv_maxpool_forward_pools_in_the_epilogue(rng, relu, precision, monkey
         assert rel_err(out[0][2], out[1][2]) <= 1e-5
 
 
+# The hand-overs' shapes: planes of 15 x 13 (the channels-last kernels in elements), and of 16 x 12 (in 16-byte
+# vectors: planes and channels multiples of 8, norm.py's _nhwc16_vectors)
+HAND_OVER_SHAPES = [(4, 16, 15, 13, 32, 3, 3, 1, 1), (4, 16, 16, 12, 32, 3, 3, 1, 1)]
+
+
+@pytest.mark.parametrize("shape", HAND_OVER_SHAPES, ids=["elements", "vectors"])
 @pytest.mark.parametrize("op", ["batchnorm", "bn_gelu", "bn_relu", "gelu"])
-def test_batch_norm_hands_its_output_over_channels_last(rng, op):
+def test_batch_norm_hands_its_output_over_channels_last(rng, op, shape):
     """Where the convolution that alone reads a batch norm's (-> GELU's, -> own ReLU's) or a GELU's output keeps its
     channels-last copy (its forward and filter gradient set here as if measured on "tc16" candidates), the forward
     given `feeds` returns that copy (conv.Nhwc16): the bits of to_nhwc16 of its float32 output; the convolution and
     the pooled one take it: y, dx bit for bit as from the float32 output, dw within DW_RTOL. Where the convolution
     does not keep it, the output is float32."""
     be = get_backend("cuda", "bf16")
-    shape = (4, 16, 15, 13, 32, 3, 3, 1, 1)
     n, c, h, w_, o = shape[:5]
     x = cupy.asarray((rng.standard_normal((n, c, h, w_)) * 2 + 0.5).astype(np.float32))
     gamma = cupy.asarray(rng.uniform(0.5, 1.5, c).astype(np.float32))
@@ -588,16 +593,16 @@ def test_batch_norm_hands_its_output_over_channels_last(rng, op):
         assert rel_err(out[1][3], out[0][3]) <= DW_RTOL
 
 
+@pytest.mark.parametrize("shape", HAND_OVER_SHAPES, ids=["elements", "vectors"])
 @pytest.mark.parametrize("pooled", [False, True], ids=["conv", "conv_pool"])
 @pytest.mark.parametrize("op", ["batchnorm", "bn_gelu", "bn_relu"])
-def test_batch_norm_hands_its_gradient_over_channels_last(rng, op, pooled):
+def test_batch_norm_hands_its_gradient_over_channels_last(rng, op, pooled, shape):
     """Where the convolution (-> max pool) whose output a batch norm (-> GELU) normalises runs its filter and data
     gradients on "tc16" candidates (set here as if measured), the batch norm's backward given `grad_feeds` returns
     dE/dx channels-last in bf16 (conv.Nhwc16): the bits of to_nhwc16 of the float32 dx; the convolution's (pooled
     convolution's) backward takes it: dx bit for bit as from the float32 dy, dw within DW_RTOL. Where the
     convolution does not run so, the gradient is float32; with a bias gradient the hand-over is refused."""
     be = get_backend("cuda", "bf16")
-    shape = (4, 16, 15, 13, 32, 3, 3, 1, 1)
     n, c, h, w_, o = shape[:5]
     x = cupy.asarray(rng.standard_normal((n, c, h, w_)).astype(np.float32))
     w = cupy.asarray((rng.standard_normal((o, c, 3, 3)) * 0.1).astype(np.float32))

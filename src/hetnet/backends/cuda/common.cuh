@@ -368,6 +368,80 @@ __device__ __forceinline__ void hn_store_nhwc16_tile(const float (&t)[64][33], u
     }
 }
 
+// The channels-last bf16 copies in 16-byte vectors (norm.cu's bn_apply_nhwc16v, bn_bwd_dx_nhwc16v), where HW and C
+// are multiples of 8 and every tensor is 16-byte aligned: a tile of 64 channels from c0 = 64 blockIdx.y x 64 pixels
+// of the n * HW from p0 = 64 tile. Thread tid takes channels c = c0 + 2 (tid / 8) and c + 1 at the 8 pixels p = p0 +
+// 8 (tid % 8) .. p + 7 (one image, as HW % 8 == 0): one vector of each channel (HnRaw8; a warp's loads are 4 rows x
+// 128 bytes of bf16 [n][C][HW]). Its values go to the tile's words s[pixel][channel pair] (bf16 pairs, channel
+// c in the low half), the pair columns XOR 4 (pixel / 8 % 8), so that a warp's stores of one pixel offset k fall in
+// 32 banks (pairs 4w .. 4w + 3 at 8 pixel groups); after a barrier each thread stores two 16-byte chunks of 8
+// channels of a pixel (the swizzle keeps a chunk's 4 words together), a warp 4 pixels x 128 bytes of y [n HW][C].
+// 8 consecutive elements of a plane as their 16-byte words, loaded (from element i, p 16-byte aligned; zeros where
+// `in` is false) before they are used: one word of 8 bf16, or two of 4 float32; unpack gives them as float32 (bf16:
+// the low half of a word first, as hn_act_vec).
+template <typename X>
+struct HnRaw8 {
+    static constexpr int W = 16 / sizeof(X) == 8 ? 1 : 2;
+    uint4 q[W];
+    __device__ __forceinline__ void load(const X* __restrict__ p, long long i, bool in) {
+#pragma unroll
+        for (int k = 0; k < W; ++k) q[k] = in ? hn_ld16(p + i + k * (8 / W)) : make_uint4(0, 0, 0, 0);
+    }
+    __device__ __forceinline__ void unpack(float (&v)[8]) const {
+#pragma unroll
+        for (int k = 0; k < W; ++k) {
+            const unsigned w[4] = {q[k].x, q[k].y, q[k].z, q[k].w};
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                if constexpr (W == 1) {
+                    v[2 * j] = __uint_as_float(w[j] << 16);
+                    v[2 * j + 1] = __uint_as_float(w[j] & 0xFFFF0000u);
+                } else {
+                    v[4 * k + j] = __uint_as_float(w[j]);
+                }
+            }
+        }
+    }
+};
+
+struct HnVecTile {
+    int c, p;                  // the thread's first channel and pixel
+    bool in;                   // c < C and p < NP (so c + 1 < C and p + 7 < NP: C and NP multiples of 8)
+    long long at;              // the offset of (c, p) in [n][C][HW]
+    __device__ __forceinline__ HnVecTile(int NP, int C, int HW, int tile) {
+        c = blockIdx.y * 64 + 2 * (threadIdx.x >> 3);
+        p = tile * 64 + 8 * (threadIdx.x & 7);
+        in = c < C && p < NP;
+        const int img = in ? p / HW : 0;
+        at = in ? ((long long)img * C + c) * HW + (p - img * HW) : 0;
+    }
+    // r[0], r[1]: channels c and c + 1 at the 8 pixels (zeros outside)
+    template <typename X>
+    __device__ __forceinline__ void load(const X* __restrict__ x, int HW, HnRaw8<X> (&r)[2]) const {
+        r[0].load(x, at, in);
+        r[1].load(x, at + HW, in);
+    }
+    // the thread's 8 pixels of channels c, c + 1 (v0, v1 rounded to bf16 pairs) into the tile s
+    __device__ __forceinline__ void stage(unsigned (&s)[64][32], const float (&v0)[8], const float (&v1)[8]) const {
+        const int pv = threadIdx.x & 7, cp = (threadIdx.x >> 3) ^ (4 * pv);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) s[8 * pv + k][cp] = hn_bf16x2_bits(v0[k], v1[k]);
+    }
+};
+
+// The store half of HnVecTile: tile s (16-byte aligned, published by a barrier) to y [NP][C] bf16 channels-last,
+// pixels p0 .. p0 + 63.
+__device__ __forceinline__ void hn_store_nhwc16_vec(const unsigned (&s)[64][32], unsigned short* __restrict__ y,
+                                                    int p0, int C, int NP) {
+    const int c0 = blockIdx.y * 64;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int i = threadIdx.x + 256 * h, r = i >> 3, j = i & 7, p = p0 + r, c = c0 + 8 * j;
+        if (p >= NP || c >= C) continue;
+        hn_st16(y + (long long)p * C + c, *reinterpret_cast<const uint4*>(&s[r][4 * (j ^ ((r >> 3) & 7))]));
+    }
+}
+
 // The same tile moved channels-last in tf32: y[p][c] = tf32(t[c - c0][p - p0]) as float32 [NP][C] (any C); each warp
 // writes 32 consecutive channels of a pixel at a time.
 // SPLIT: the split copy (hn_split_tf32; C a multiple of 4), y [NP][2 C].

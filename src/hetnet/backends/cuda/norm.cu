@@ -563,3 +563,122 @@ HN_TWO_INDEX_KERNELS(bn_relu_maxpool_bwd_dx,
      const float* __restrict__ beta, const float* __restrict__ red, float* dz, int N, int C, int H, int W, int P,
      int Q, int k, int st, float eps),
     (dy, arg, z, mean, var, gamma, beta, red, dz, N, C, H, W, P, Q, k, st, eps))
+
+// --- the channels-last bf16 copies in 16-byte vectors (after the others: ptxas then allocates those as before) ---
+// bn_apply_nhwc16 in 16-byte vectors (HnVecTile) where HW and C are multiples of 8 and x, y16 are 16-byte aligned:
+// HN_NHWC16_TILES tiles of 64 channels x 64 pixels a block, every load in flight before the first value is used, the
+// same arithmetic (hn_bn_value, the same bits). Grid (ceil(n * HW / (64 HN_NHWC16_TILES)), ceil(C / 64)), 256
+// threads; n * HW < 2^31.
+template <typename X>
+__device__ __forceinline__ void bn_apply_nhwc16v_body(
+    const X* __restrict__ x, unsigned short* __restrict__ y16, const float* __restrict__ mean,
+    const float* __restrict__ var, const float* __restrict__ gamma, const float* __restrict__ beta, int n, int C,
+    int HW, float eps, int act) {
+    constexpr int T = HN_NHWC16_TILES;
+    __shared__ __align__(16) unsigned s[T][64][32];
+    const int NP = n * HW;
+    const bool stats = mean != nullptr;
+    HnRaw8<X> r[T][2];
+#pragma unroll
+    for (int k = 0; k < T; ++k) HnVecTile(NP, C, HW, blockIdx.x * T + k).load(x, HW, r[k]);
+    const HnVecTile me(NP, C, HW, blockIdx.x * T);
+    float mu[2], inv[2], ga[2], be[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int c = me.c + h;
+        const bool ok = stats && c < C;
+        mu[h] = ok ? mean[c] : 0.f, inv[h] = ok ? 1.f / sqrtf(var[c] + eps) : 0.f, ga[h] = ok ? gamma[c] : 0.f;
+        be[h] = ok ? beta[c] : 0.f;
+    }
+#pragma unroll
+    for (int k = 0; k < T; ++k) {
+        float v[2][8];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            r[k][h].unpack(v[h]);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) v[h][e] = hn_bn_value(v[h][e], stats, mu[h], inv[h], ga[h], be[h], act);
+        }
+        me.stage(s[k], v[0], v[1]);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int k = 0; k < T; ++k) hn_store_nhwc16_vec(s[k], y16, (blockIdx.x * T + k) * 64, C, NP);
+}
+extern "C" __global__ void __launch_bounds__(256, 4) bn_apply_nhwc16v(
+    const float* __restrict__ x, unsigned short* __restrict__ y16, const float* __restrict__ mean,
+    const float* __restrict__ var, const float* __restrict__ gamma, const float* __restrict__ beta, int n, int C,
+    int HW, float eps, int act) {
+    bn_apply_nhwc16v_body(x, y16, mean, var, gamma, beta, n, C, HW, eps, act);
+}
+extern "C" __global__ void __launch_bounds__(256, 4) bn_apply_nhwc16v_x16(
+    const unsigned short* __restrict__ x, unsigned short* __restrict__ y16, const float* __restrict__ mean,
+    const float* __restrict__ var, const float* __restrict__ gamma, const float* __restrict__ beta, int n, int C,
+    int HW, float eps, int act) {
+    bn_apply_nhwc16v_body(x, y16, mean, var, gamma, beta, n, C, HW, eps, act);
+}
+
+// bn_bwd_dx_nhwc16 in 16-byte vectors (HnVecTile, as bn_apply_nhwc16v) where HW and C are multiples of 8 and dy,
+// x, dx16 are 16-byte aligned; the same arithmetic, the same bits. Grid as bn_apply_nhwc16v's. Four blocks an SM
+// where both tensors are bf16 (64 registers), three where one is float32, two where both are (their words take
+// twice the registers).
+template <typename D, typename X>
+__device__ __forceinline__ void bn_bwd_dx_nhwc16v_body(
+    const D* __restrict__ dy, const X* __restrict__ x, const float* __restrict__ mean,
+    const float* __restrict__ var, const float* __restrict__ gamma, const float* __restrict__ beta,
+    const float* __restrict__ red, unsigned short* __restrict__ dx16, int n, int C, int HW, float eps, int act) {
+    constexpr int T = HN_NHWC16_TILES;
+    __shared__ __align__(16) unsigned s[T][64][32];
+    const int NP = n * HW;
+    const float inv_m = 1.f / ((float)n * HW);
+    HnRaw8<X> xr[T][2];
+    HnRaw8<D> dr[T][2];
+#pragma unroll
+    for (int k = 0; k < T; ++k) {
+        const HnVecTile t(NP, C, HW, blockIdx.x * T + k);
+        t.load(x, HW, xr[k]);
+        t.load(dy, HW, dr[k]);
+    }
+    const HnVecTile me(NP, C, HW, blockIdx.x * T);
+    float mu[2], inv[2], ga[2], be[2], s1[2], s2[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int c = me.c + h;
+        const bool ok = c < C;
+        mu[h] = ok ? mean[c] : 0.f, inv[h] = ok ? 1.f / sqrtf(var[c] + eps) : 0.f, ga[h] = ok ? gamma[c] : 0.f;
+        be[h] = ok ? beta[c] : 0.f, s1[h] = ok && red ? red[c] * inv_m : 0.f, s2[h] = ok && red ? red[C + c] : 0.f;
+    }
+#pragma unroll
+    for (int k = 0; k < T; ++k) {
+        float v[2][8];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            float xv[8];
+            xr[k][h].unpack(xv);
+            dr[k][h].unpack(v[h]);
+            const float scale = ga[h] * inv[h];
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                const float xhat = (xv[e] - mu[h]) * inv[h];
+                const float g = hn_bn_out_grad(v[h][e], xv[e], mu[h], inv[h], ga[h], be[h], act);
+                v[h][e] = red ? scale * (g - s1[h] - xhat * s2[h] * inv_m) : g * scale;
+            }
+        }
+        me.stage(s[k], v[0], v[1]);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int k = 0; k < T; ++k) hn_store_nhwc16_vec(s[k], dx16, (blockIdx.x * T + k) * 64, C, NP);
+}
+#define HN_BN_BWD_DX_NHWC16V(name, D, X, MINB)                                                                     \
+    extern "C" __global__ void __launch_bounds__(256, MINB) name(                                                \
+        const D* __restrict__ dy, const X* __restrict__ x, const float* __restrict__ mean,                       \
+        const float* __restrict__ var, const float* __restrict__ gamma, const float* __restrict__ beta,          \
+        const float* __restrict__ red, unsigned short* __restrict__ dx16, int n, int C, int HW, float eps,       \
+        int act) {                                                                                               \
+        bn_bwd_dx_nhwc16v_body(dy, x, mean, var, gamma, beta, red, dx16, n, C, HW, eps, act);                   \
+    }
+HN_BN_BWD_DX_NHWC16V(bn_bwd_dx_nhwc16v, float, float, 2)
+HN_BN_BWD_DX_NHWC16V(bn_bwd_dx_nhwc16v_x16, float, unsigned short, 3)
+HN_BN_BWD_DX_NHWC16V(bn_bwd_dx_nhwc16v_dy16, unsigned short, float, 3)
+HN_BN_BWD_DX_NHWC16V(bn_bwd_dx_nhwc16v_x16_dy16, unsigned short, unsigned short, 4)

@@ -30,12 +30,19 @@ def _x(x) -> tuple:
 
 
 BN_BLOCKS = 6       # norm.cu's HN_BN_BLOCKS: the per-channel kernels' blocks of 256 threads an SM
-NHWC16_TILES = 2    # norm.cu's HN_NHWC16_TILES: the channels-last kernels' tiles (32 pixels x 64 channels) a block
+NHWC16_TILES = 2    # norm.cu's HN_NHWC16_TILES: the channels-last kernels' tiles (32 or 64 pixels x 64 channels) a block
 
 
-def _nhwc16_grid(pixels: int, c: int) -> tuple:
-    """The grid of bn_apply_nhwc16 and bn_bwd_dx_nhwc16 over `pixels` (n * HW) and c channels."""
-    return (math.ceil(pixels / (32 * NHWC16_TILES)), math.ceil(c / 64))
+def _nhwc16_grid(pixels: int, c: int, vectors: bool = False) -> tuple:
+    """The grid of bn_apply_nhwc16 and bn_bwd_dx_nhwc16 over `pixels` (n * HW) and c channels; vectors: of their
+    16-byte vector versions (bn_apply_nhwc16v, bn_bwd_dx_nhwc16v: tiles of 64 pixels)."""
+    return (math.ceil(pixels / ((64 if vectors else 32) * NHWC16_TILES)), math.ceil(c / 64))
+
+
+def _nhwc16_vectors(hw: int, c: int, *arrays) -> bool:
+    """Whether the channels-last bf16 kernels' vector versions apply: planes and channels multiples of 8 (a vector
+    of 8 pixels never crosses an image; 8 channels are one 16-byte store) and every array 16-byte aligned."""
+    return hw % 8 == 0 and c % 8 == 0 and all(a.data.ptr % 16 == 0 for a in arrays)
 
 
 class NormOps:
@@ -142,9 +149,10 @@ class NormOps:
         y16 = self.xp.empty((n, *x.shape[2:], c), dtype=self.xp.uint16)
         xa, xs = _x(x)
         if y16.size:
-            get_kernel(self.device_id, "norm", "bn_apply_nhwc16" + xs)(_nhwc16_grid(n * hw, c),
-                                                                       (256,), (
-                xa, y16, *(stats or (NULL,) * 4), _i32(n), _i32(c), _i32(hw), _f32(eps), _i32(act)))
+            v = _nhwc16_vectors(hw, c, xa, y16)
+            get_kernel(self.device_id, "norm", "bn_apply_nhwc16" + ("v" if v else "") + xs)(
+                _nhwc16_grid(n * hw, c, v), (256,),
+                (xa, y16, *(stats or (NULL,) * 4), _i32(n), _i32(c), _i32(hw), _f32(eps), _i32(act)))
         return Nhwc16(y16, x.shape)
 
     def _bn_backward(self, dy, cache, dgamma, dbeta, need_dx, relu_mask, inplace, grad_feeds=None):
@@ -173,9 +181,11 @@ class NormOps:
             return None
         if not relu_mask and takes_dy16(self, x.shape, grad_feeds):
             dx16 = self.xp.empty((n, *x.shape[2:], c), dtype=self.xp.uint16)
-            get_kernel(self.device_id, "norm", "bn_bwd_dx_nhwc16" + ks)(_nhwc16_grid(n * hw, c), (256,), (
-                dy, xa, mean, var, gamma, beta, red if training else NULL, dx16, _i32(n), _i32(c), _i32(hw),
-                _f32(eps), _i32(act)))
+            v = _nhwc16_vectors(hw, c, dy, xa, dx16)
+            get_kernel(self.device_id, "norm", "bn_bwd_dx_nhwc16" + ("v" if v else "") + ks)(
+                _nhwc16_grid(n * hw, c, v), (256,),
+                (dy, xa, mean, var, gamma, beta, red if training else NULL, dx16, _i32(n), _i32(c), _i32(hw),
+                 _f32(eps), _i32(act)))
             return Nhwc16(dx16, x.shape)
         dx = x if inplace and not relu_mask and not xs else self.xp.empty(x.shape, dtype=self.xp.float32)
         get_kernel(self.device_id, "norm", self.ix("bn_bwd_dx" + ks, x.size))(self._bn_grid(n, c, hw), (256,), (
