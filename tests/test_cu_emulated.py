@@ -111,6 +111,14 @@ extern "C" int emu_pool_grad16(const unsigned* dy16, const unsigned char* arg, u
     snprintf(err, len, "%s", msg.c_str());
     return msg.empty() ? 0 : 1;
 }
+extern "C" int emu_pool_grad16v(const unsigned short* dy16, const unsigned char* arg, unsigned short* y, int n,
+                                int C, int H, int W, int P, int Q, int k, unsigned seed, char* err, int len) {
+    std::string msg = emu::launch({(unsigned)((n * P * Q + 63) / 64), (unsigned)((C + 63) / 64), 1},
+                                  {256, 1, 1}, 0, [=] { pool_grad16_nhwc16v(dy16, arg, y, n, C, H, W, P, Q, k); },
+                                  seed);
+    snprintf(err, len, "%s", msg.c_str());
+    return msg.empty() ? 0 : 1;
+}
 extern "C" int emu_conv_gelu(const float* x, const float* w, const float* b, float* z, unsigned* y, int n, int C,
                              int H, int W, int K, int R, int S, int stride, int pad, int P, int Q, unsigned blocks,
                              unsigned seed, char* err, int len) {
@@ -195,6 +203,7 @@ def _kernels_text() -> str:
                         (conv, 'extern "C" __global__ void __launch_bounds__(256) pool_grad_nhwc32('),
                         (conv, 'extern "C" __global__ void __launch_bounds__(256) pool_grad_nhwc32x3('),
                         (conv, 'extern "C" __global__ void __launch_bounds__(256) pool_grad16_nhwc16('),
+                        (conv, 'extern "C" __global__ void __launch_bounds__(256) pool_grad16_nhwc16v('),
                         (conv, 'extern "C" __global__ void __launch_bounds__(256) conv_gelu_nhwc16('),
                         (conv, 'extern "C" __global__ void __launch_bounds__(256, 3) conv_small_fwd('),
                         (conv, 'extern "C" __global__ void turn_weights16('),
@@ -275,11 +284,13 @@ def test_to_nhwc16_emulated(emu, rng, shape):
 
 
 @pytest.mark.parametrize("shape,k", [((2, 6, 11, 9), 2), ((1, 70, 7, 7), 2), ((2, 8, 8, 11), 3), ((1, 66, 4, 4), 2),
-                                     ((5, 6, 5, 5), 2)], ids=str)
+                                     ((5, 6, 5, 5), 2), ((3, 72, 9, 10), 2), ((4, 16, 16, 16), 2)], ids=str)
 def test_pool_grad_nhwc16_emulated(emu, rng, shape, k):
     """Every element of the copy: the gradient at each window's first maximum (ties in the first window), 0 at the
     window's other elements and at the rows and columns no window covers; partial 64 x 32 tiles; from the pooled
-    gradient in float32 NCHW (pool_grad_nhwc16) and in bf16 channels-last (pool_grad16_nhwc16)."""
+    gradient in float32 NCHW (pool_grad_nhwc16) and in bf16 channels-last (pool_grad16_nhwc16; where C is a
+    multiple of 8 also pool_grad16_nhwc16v, in 16-byte vectors: a partial block and a second block of channels, four
+    blocks of whole tiles)."""
     z = rng.standard_normal(shape).astype(np.float32)
     z[:, :, :k, :k] = 1.0
     y, cache = ref.maxpool2d_forward(z.astype(np.float64), k, k)
@@ -297,6 +308,10 @@ def test_pool_grad_nhwc16_emulated(emu, rng, shape, k):
     out16 = np.full((n, h, w, c), 0xBEEF, np.uint16)
     _check(emu.emu_pool_grad16(_ptr(nhwc16(dy)), _ptr(arg), _ptr(out16), n, c, h, w, p, q, k, 13, err, 512), err)
     np.testing.assert_array_equal(out16, want)
+    if c % 8 == 0:
+        outv = np.full((n, h, w, c), 0xBEEF, np.uint16)
+        _check(emu.emu_pool_grad16v(_ptr(nhwc16(dy)), _ptr(arg), _ptr(outv), n, c, h, w, p, q, k, 17, err, 512), err)
+        np.testing.assert_array_equal(outv, want)
     # pool_grad_nhwc32: the same gradient as the tf32 copy
     out32 = np.full((n, h, w, c), np.nan, np.float32)
     _check(emu.emu_pool_grad32(_ptr(dy), _ptr(arg), _ptr(out32), n, c, h, w, p, q, k, 0, 17, err, 512), err)

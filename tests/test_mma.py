@@ -453,12 +453,13 @@ def test_tf32_conv_keeps_its_copy_beside_x(rng):
 
 
 @pytest.mark.parametrize("precision", ["bf16", "tf32", "fp32"])
-@pytest.mark.parametrize("shape,k", [((3, 6, 31, 31), 2), ((2, 70, 15, 9), 2), ((2, 8, 7, 11), 3), ((1, 66, 4, 4), 2)],
-                         ids=str)
+@pytest.mark.parametrize("shape,k", [((3, 6, 31, 31), 2), ((2, 70, 15, 9), 2), ((2, 8, 7, 11), 3), ((1, 66, 4, 4), 2),
+                                     ((3, 72, 9, 10), 2), ((8, 64, 16, 16), 2)], ids=str)
 def test_pool_grad_nhwc16(rng, shape, k, precision):
     """pool_grad_nhwc gives exactly to_nhwc(maxpool2d_backward(dy)) (its C channels, unpadded) for windows that tile z
     (rows and columns no window covers, partial 64-channel x 32-pixel tiles, ties in a window: the first maximum), in
-    bf16, tf32 and fp32 (split; C a multiple of 4); at bf16 so does pool_grad16_nhwc16 from dy channels-last in bf16."""
+    bf16, tf32 and fp32 (split; C a multiple of 4); at bf16 so does pool_grad16_nhwc16 from dy channels-last in bf16
+    (in 16-byte vectors where C is a multiple of 8: the last three shapes)."""
     be = get_backend("cuda", precision)
     if precision == "fp32" and shape[1] % 4:
         pytest.skip("split copies take C in chunks of 4")

@@ -1026,6 +1026,65 @@ extern "C" __global__ void __launch_bounds__(256) pool_grad16_nhwc16(const unsig
     }
 }
 
+// pool_grad16_nhwc16 in 16-byte vectors, where C is a multiple of 8 and dy16, y are 16-byte aligned: the same bits.
+// A block takes 64 pooled pixels x 64 channels: the argmax bytes staged as pool_grad16_nhwc16's (two rounds of 32
+// pooled pixels; 8 channels' bytes are two words of a pixel's row), then thread item (pooled pixel jb, chunk u of 8
+// channels) -- items tid and tid + 256, jb = item / 8, u = item % 8, a warp 4 pooled pixels x 128 bytes -- reads its
+// 8 channels of dy16 as one vector (issued before the barrier) and writes each pixel of the window as one 16-byte
+// vector: a channel's value where its argmax byte names the pixel, else 0. Grid (ceil(n * P * Q / 64), ceil(C /
+// 64)), 256 threads; n * H * W < 2^31, P, Q >= 1.
+extern "C" __global__ void __launch_bounds__(256) pool_grad16_nhwc16v(const unsigned short* __restrict__ dy16,
+                                                                      const unsigned char* __restrict__ arg,
+                                                                      unsigned short* __restrict__ y, int n, int C,
+                                                                      int H, int W, int P, int Q, int k) {
+    __shared__ unsigned at[64][17];            // [pooled pixel][word]: byte b of word w, channel c0 + 4 w + b's argmax
+    const int c0 = blockIdx.y * 64, lane = threadIdx.x & 31, row = threadIdx.x >> 5, PQ = P * Q, NPQ = n * PQ;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int jb = 32 * h + lane, j = blockIdx.x * 64 + jb, img = j < NPQ ? j / PQ : 0;
+        const long long base = (long long)img * C * PQ + (j - img * PQ);
+        unsigned w[2] = {0u, 0u};
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {                                  // channels c0 + 8 row + u
+            const int c = c0 + 8 * row + u;
+            const unsigned a = j < NPQ && c < C ? arg[base + (long long)c * PQ] : 0xffu;
+            w[u >> 2] |= a << (8 * (u & 3));
+        }
+        at[jb][2 * row] = w[0];
+        at[jb][2 * row + 1] = w[1];
+    }
+    uint4 d[2];                                                        // items tid and tid + 256
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int i = threadIdx.x + 256 * h, j = blockIdx.x * 64 + (i >> 3), c = c0 + 8 * (i & 7);
+        d[h] = j < NPQ && c < C ? hn_ld16(dy16 + (long long)j * C + c) : make_uint4(0, 0, 0, 0);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int i = threadIdx.x + 256 * h, jb = i >> 3, u = i & 7, j = blockIdx.x * 64 + jb, c = c0 + 8 * u;
+        if (j >= NPQ || c >= C) continue;
+        const unsigned a[2] = {at[jb][2 * u], at[jb][2 * u + 1]};     // channels c .. c + 7's argmax bytes
+        const unsigned dw[4] = {d[h].x, d[h].y, d[h].z, d[h].w};       // channels c + 2 m (low), c + 2 m + 1 (high)
+        const int img = j / PQ, t = j - img * PQ, p = t / Q, q = t - p * Q;
+        const int rows = p == P - 1 ? H - p * k : k, cols = q == Q - 1 ? W - q * k : k;
+        for (int dr = 0; dr < rows; ++dr) {
+            const long long out = ((long long)img * H + p * k + dr) * W + q * k;
+            for (int ds = 0; ds < cols; ++ds) {
+                const unsigned e = dr < k && ds < k ? dr * k + ds : 0xffffu;
+                unsigned v[4];
+#pragma unroll
+                for (int m = 0; m < 4; ++m) {
+                    const unsigned bytes = a[m >> 1] >> (16 * (m & 1));      // channels c + 2 m, c + 2 m + 1
+                    v[m] = ((bytes & 0xffu) == e ? dw[m] & 0xffffu : 0u) |
+                           (((bytes >> 8) & 0xffu) == e ? dw[m] & 0xffff0000u : 0u);
+                }
+                hn_st16(y + (out + ds) * C + c, make_uint4(v[0], v[1], v[2], v[3]));
+            }
+        }
+    }
+}
+
 // A small convolution and its GELU in one pass, the GELU's output handed over channels-last in bf16 (airbench's
 // whitening layer: C = 3, 2 x 2, K = 24): z = conv2d(x, w) + b and y16 = bf16(gelu(z)), x [n][C][H][W], w [K][C][R][S]
 // (CRS = C R S <= 32 taps a pixel), b [K] or null, K <= 64 a multiple of 8. One thread per output pixel (img, p, q) of

@@ -764,14 +764,16 @@ def pool_grad16_nhwc16(be, dy16, arg, z_shape, k: int):
     if dy16.dtype != np.uint16 or tuple(dy16.shape) != (n, *arg.shape[2:], c):
         raise ValueError(f"pool_grad16_nhwc16: dy16 of shape {dy16.shape} must be bf16 bits [n, P, Q, C] of the "
                          f"argmax's [n, C, P, Q] {arg.shape}")
-    return _pool_grad16("pool_grad16_nhwc16", be, dy16, arg, z_shape, k, pooled_tiles=True)
+    if c % 8 == 0 and dy16.data.ptr % 16 == 0:         # 8 channels a 16-byte vector (pool_grad16_nhwc16v)
+        return _pool_grad16("pool_grad16_nhwc16v", be, dy16, arg, z_shape, k, pooled_tiles=64)
+    return _pool_grad16("pool_grad16_nhwc16", be, dy16, arg, z_shape, k, pooled_tiles=32)
 
 
-def _pool_grad16(kernel: str, be, dy, arg, z_shape, k: int, precision: str = "bf16", pooled_tiles: bool = False):
+def _pool_grad16(kernel: str, be, dy, arg, z_shape, k: int, precision: str = "bf16", pooled_tiles: int = 0):
     """The channels-last copy at `precision` (COPIES) of dE/dz [n, H, W, C] of a k x k max pooling at stride k over z
     (z_shape) from its pooled gradient dy and argmax bytes arg [n, C, P, Q], by conv.cu's `kernel`: its blocks take 32
-    pixels of z x 64 channels, or with pooled_tiles 32 pooled pixels x 64 channels and their windows (a pooling with
-    no window, P or Q 0, is all zeros)."""
+    pixels of z x 64 channels, or with pooled_tiles that many pooled pixels x 64 channels and their windows (a pooling
+    with no window, P or Q 0, is all zeros)."""
     n, c, h, w = z_shape
     p, q = arg.shape[2], arg.shape[3]
     if c % COPIES[precision][2] or n * h * w >= 2**31 or not dy.flags.c_contiguous or not arg.flags.c_contiguous:
@@ -782,8 +784,8 @@ def _pool_grad16(kernel: str, be, dy, arg, z_shape, k: int, precision: str = "bf
         return be.xp.zeros(shape, dtype=dtype)
     out = be.xp.empty(shape, dtype=dtype)
     if out.size:
-        pixels = n * p * q if pooled_tiles else n * h * w
-        get_kernel(be.device_id, "conv", kernel)((math.ceil(pixels / 32), math.ceil(c / 64)), (256,), (
+        blocks = math.ceil(n * p * q / pooled_tiles) if pooled_tiles else math.ceil(n * h * w / 32)
+        get_kernel(be.device_id, "conv", kernel)((blocks, math.ceil(c / 64)), (256,), (
             dy, arg, out, _i32(n), _i32(c), _i32(h), _i32(w), _i32(p), _i32(q), _i32(k)))
     return out
 
