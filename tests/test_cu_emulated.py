@@ -202,6 +202,8 @@ def _kernels_text() -> str:
                         (conv, "template <int SPLIT>\n__device__ __forceinline__ void hn_pool_grad_nhwc32("),
                         (conv, 'extern "C" __global__ void __launch_bounds__(256) pool_grad_nhwc32('),
                         (conv, 'extern "C" __global__ void __launch_bounds__(256) pool_grad_nhwc32x3('),
+                        (conv, "template <class F>\n__device__ __forceinline__ void hn_each_window_pixel("),
+                        (conv, "__device__ __forceinline__ void hn_stage_argmax8("),
                         (conv, 'extern "C" __global__ void __launch_bounds__(256) pool_grad16_nhwc16('),
                         (conv, 'extern "C" __global__ void __launch_bounds__(256) pool_grad16_nhwc16v('),
                         (conv, 'extern "C" __global__ void __launch_bounds__(256) conv_gelu_nhwc16('),

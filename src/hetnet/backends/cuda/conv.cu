@@ -971,6 +971,38 @@ extern "C" __global__ void __launch_bounds__(256) pool_grad_nhwc32x3(const float
     hn_pool_grad_nhwc32<1>(dy, arg, y, n, C, H, W, P, Q, k);
 }
 
+// f(px, e) for each pixel px = (img H + h) W + w of z [n][H][W] whose gradient pooled pixel j of the n * P * Q (k x k
+// windows at stride k) writes: its window's pixels, e = their position in the window (the argmax byte that names
+// them), and for the last pooled row and column also the rows h >= P k and columns w >= Q k that no window covers,
+// e = 0xffff (never an argmax byte: those get 0).
+template <class F>
+__device__ __forceinline__ void hn_each_window_pixel(int j, int H, int W, int P, int Q, int k, F&& f) {
+    const int PQ = P * Q, img = j / PQ, t = j - img * PQ, p = t / Q, q = t - p * Q;
+    const int rows = p == P - 1 ? H - p * k : k, cols = q == Q - 1 ? W - q * k : k;
+    for (int dr = 0; dr < rows; ++dr) {
+        const long long out = ((long long)img * H + p * k + dr) * W + q * k;
+        for (int ds = 0; ds < cols; ++ds) f(out + ds, dr < k && ds < k ? (unsigned)(dr * k + ds) : 0xffffu);
+    }
+}
+
+// The argmax bytes (arg [n][C][P][Q]) of pooled pixel j of the n * P * Q for channels c0 + 8 row .. c0 + 8 row + 7,
+// row = the thread's warp, into at_j[2 row] and at_j[2 row + 1] (byte b of word w: channel c0 + 8 row + 4 w + b; 0xff
+// past C and past the last pixel): a block of 8 warps stages 64 channels of a pooled pixel a lane.
+__device__ __forceinline__ void hn_stage_argmax8(unsigned* at_j, const unsigned char* __restrict__ arg, int j, int c0,
+                                                 int C, int PQ, int NPQ) {
+    const int row = threadIdx.x >> 5, img = j < NPQ ? j / PQ : 0;
+    const long long base = (long long)img * C * PQ + (j - img * PQ);
+    unsigned w[2] = {0u, 0u};
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+        const int c = c0 + 8 * row + u;
+        const unsigned a = j < NPQ && c < C ? arg[base + (long long)c * PQ] : 0xffu;
+        w[u >> 2] |= a << (8 * (u & 3));
+    }
+    at_j[2 * row] = w[0];
+    at_j[2 * row + 1] = w[1];
+}
+
 // pool_grad_nhwc16 from the pooled gradient already channels-last in bf16 (dy16 [n][P][Q][C / 2] bf16 pairs, the batch
 // norm's hand-over, norm.cu's bn_bwd_dx_nhwc16): the same dz16 [n][H][W][C / 2] bits, since a bf16 value or zero
 // moves unchanged. A block takes 32 pooled pixels (of the n * P * Q, image-major) x 64 channels and writes their
@@ -988,19 +1020,7 @@ extern "C" __global__ void __launch_bounds__(256) pool_grad16_nhwc16(const unsig
     __shared__ unsigned at[32][17];            // [pooled pixel][word]: byte b of word w, channel c0 + 4 w + b's argmax
     const int c0 = blockIdx.y * 64, lane = threadIdx.x & 31, row = threadIdx.x >> 5, PQ = P * Q, NPQ = n * PQ;
     const int half = C / 2, cp = c0 / 2 + lane;                        // this lane's channel pair in phase two
-    {
-        const int j = blockIdx.x * 32 + lane, img = j < NPQ ? j / PQ : 0;
-        const long long base = (long long)img * C * PQ + (j - img * PQ);
-        unsigned w[2] = {0u, 0u};
-#pragma unroll
-        for (int u = 0; u < 8; ++u) {                                  // channels c0 + 8 row + u
-            const int c = c0 + 8 * row + u;
-            const unsigned a = j < NPQ && c < C ? arg[base + (long long)c * PQ] : 0xffu;
-            w[u >> 2] |= a << (8 * (u & 3));
-        }
-        at[lane][2 * row] = w[0];
-        at[lane][2 * row + 1] = w[1];
-    }
+    hn_stage_argmax8(at[lane], arg, blockIdx.x * 32 + lane, c0, C, PQ, NPQ);
     unsigned d[4];                                                     // pooled pixels row + 8 u of the block
 #pragma unroll
     for (int u = 0; u < 4; ++u) {
@@ -1014,15 +1034,9 @@ extern "C" __global__ void __launch_bounds__(256) pool_grad16_nhwc16(const unsig
         if (j >= NPQ || cp >= half) continue;
         const unsigned pair = at[jb][lane >> 1] >> (16 * (lane & 1));  // the argmax bytes of channels 2 cp, 2 cp + 1
         const unsigned a0 = pair & 0xffu, a1 = (pair >> 8) & 0xffu;
-        const int img = j / PQ, t = j - img * PQ, p = t / Q, q = t - p * Q;
-        const int rows = p == P - 1 ? H - p * k : k, cols = q == Q - 1 ? W - q * k : k;
-        for (int dr = 0; dr < rows; ++dr) {
-            const long long out = ((long long)img * H + p * k + dr) * W + q * k;
-            for (int ds = 0; ds < cols; ++ds) {
-                const unsigned e = dr < k && ds < k ? dr * k + ds : 0xffffu;
-                y[(out + ds) * half + cp] = (a0 == e ? d[u] & 0xffffu : 0u) | (a1 == e ? d[u] & 0xffff0000u : 0u);
-            }
-        }
+        hn_each_window_pixel(j, H, W, P, Q, k, [&](long long px, unsigned e) {
+            y[px * half + cp] = (a0 == e ? d[u] & 0xffffu : 0u) | (a1 == e ? d[u] & 0xffff0000u : 0u);
+        });
     }
 }
 
@@ -1038,21 +1052,10 @@ extern "C" __global__ void __launch_bounds__(256) pool_grad16_nhwc16v(const unsi
                                                                       unsigned short* __restrict__ y, int n, int C,
                                                                       int H, int W, int P, int Q, int k) {
     __shared__ unsigned at[64][17];            // [pooled pixel][word]: byte b of word w, channel c0 + 4 w + b's argmax
-    const int c0 = blockIdx.y * 64, lane = threadIdx.x & 31, row = threadIdx.x >> 5, PQ = P * Q, NPQ = n * PQ;
+    const int c0 = blockIdx.y * 64, lane = threadIdx.x & 31, PQ = P * Q, NPQ = n * PQ;
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        const int jb = 32 * h + lane, j = blockIdx.x * 64 + jb, img = j < NPQ ? j / PQ : 0;
-        const long long base = (long long)img * C * PQ + (j - img * PQ);
-        unsigned w[2] = {0u, 0u};
-#pragma unroll
-        for (int u = 0; u < 8; ++u) {                                  // channels c0 + 8 row + u
-            const int c = c0 + 8 * row + u;
-            const unsigned a = j < NPQ && c < C ? arg[base + (long long)c * PQ] : 0xffu;
-            w[u >> 2] |= a << (8 * (u & 3));
-        }
-        at[jb][2 * row] = w[0];
-        at[jb][2 * row + 1] = w[1];
-    }
+    for (int h = 0; h < 2; ++h)
+        hn_stage_argmax8(at[32 * h + lane], arg, blockIdx.x * 64 + 32 * h + lane, c0, C, PQ, NPQ);
     uint4 d[2];                                                        // items tid and tid + 256
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -1066,22 +1069,16 @@ extern "C" __global__ void __launch_bounds__(256) pool_grad16_nhwc16v(const unsi
         if (j >= NPQ || c >= C) continue;
         const unsigned a[2] = {at[jb][2 * u], at[jb][2 * u + 1]};     // channels c .. c + 7's argmax bytes
         const unsigned dw[4] = {d[h].x, d[h].y, d[h].z, d[h].w};       // channels c + 2 m (low), c + 2 m + 1 (high)
-        const int img = j / PQ, t = j - img * PQ, p = t / Q, q = t - p * Q;
-        const int rows = p == P - 1 ? H - p * k : k, cols = q == Q - 1 ? W - q * k : k;
-        for (int dr = 0; dr < rows; ++dr) {
-            const long long out = ((long long)img * H + p * k + dr) * W + q * k;
-            for (int ds = 0; ds < cols; ++ds) {
-                const unsigned e = dr < k && ds < k ? dr * k + ds : 0xffffu;
-                unsigned v[4];
+        hn_each_window_pixel(j, H, W, P, Q, k, [&](long long px, unsigned e) {
+            unsigned v[4];
 #pragma unroll
-                for (int m = 0; m < 4; ++m) {
-                    const unsigned bytes = a[m >> 1] >> (16 * (m & 1));      // channels c + 2 m, c + 2 m + 1
-                    v[m] = ((bytes & 0xffu) == e ? dw[m] & 0xffffu : 0u) |
-                           (((bytes >> 8) & 0xffu) == e ? dw[m] & 0xffff0000u : 0u);
-                }
-                hn_st16(y + (out + ds) * C + c, make_uint4(v[0], v[1], v[2], v[3]));
+            for (int m = 0; m < 4; ++m) {
+                const unsigned bytes = a[m >> 1] >> (16 * (m & 1));          // channels c + 2 m, c + 2 m + 1
+                v[m] = ((bytes & 0xffu) == e ? dw[m] & 0xffffu : 0u) |
+                       (((bytes >> 8) & 0xffu) == e ? dw[m] & 0xffff0000u : 0u);
             }
-        }
+            hn_st16(y + px * C + c, make_uint4(v[0], v[1], v[2], v[3]));
+        });
     }
 }
 
