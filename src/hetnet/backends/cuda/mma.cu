@@ -1685,7 +1685,8 @@ __device__ __forceinline__ void hn_tma_loop(unsigned char* bars, int count, int 
             for (int t = 0, i = 0; t < count; ++t)
                 for (int kt = 0; kt < ktiles; ++kt, ++i) {
                     const int s = i % STAGES;
-                    while (!hn_mbar_try_wait(empty + s, ((i / STAGES) & 1) ^ 1)) {}   // (a fresh barrier passes parity 1)
+                    // (a fresh barrier passes parity 1)
+                    while (!hn_mbar_try_wait(empty + s, ((i / STAGES) & 1) ^ 1)) {}
                     hn_mbar_arrive_tx(full + s, tx);
                     copy(t, kt, s, full + s);
                 }
@@ -1855,13 +1856,6 @@ __device__ __forceinline__ void hn_convt_pool_epilogue_of(const HnBlock& b, floa
                                                           reinterpret_cast<float*>(stages));
 }
 
-// The staged epilogue's own tile in a persistent TMA kernel, after its stages: the larger of hn_conv_staged_epilogue's
-// bf16 BM x (BN + 8) and hn_convt_pool_staged's two float32 BM x (BN / 4 + 4) (mma_tiles.TmaTile.smem_bytes).
-template <int BM, int BN>
-constexpr int hn_staged_tile_bytes() {
-    return BM * (BN + 8) * 2 > 8 * BM * (BN / 4 + 4) ? BM * (BN + 8) * 2 : 8 * BM * (BN / 4 + 4);
-}
-
 // The forward (EPI 1), stride-1 data gradient (EPI 2) or pooled forward (EPI 4: cv.p, cv.q the pooled sizes, the
 // convolution's output 2 cv.p x 2 cv.q with 2 cv.q in 8, 16, 32; N its pixels, in rows) of hn_convw_fwd fed by TMA:
 // C[M, N] = A[M, K] B[K, N], A = w [O][R][S][C] as [M = O][K = R S C] (amap: boxes of 64 K x BM rows), B^T = x
@@ -1873,17 +1867,19 @@ constexpr int hn_staged_tile_bytes() {
 // then B tiles) aligned to 1024 bytes. A block computes the BM x BN tile at (blockIdx.y, blockIdx.x); PERSIST, the
 // tiles blockIdx.x, blockIdx.x + gridDim.x, ... of the (M / BM) x (N / BN) in order (M fastest: blocks side by side
 // read the same pixels), its producer loading the next tile while the consumers store the last, and the staged
-// epilogue in its own tile after the stages (hn_staged_tile_bytes; bf16 outputs only), the stages never idle.
+// epilogue in its own tile after the stages (the larger of hn_conv_staged_epilogue's bf16 BM x (BN + 8) and
+// hn_convt_pool_staged's two float32 BM x (BN / 4 + 4): mma_tiles.TmaTile.staged_tile_bytes; bf16 outputs only).
 template <int EPI, int WGM, int WGN, int WN, int STAGES, bool PERSIST>
 __device__ __forceinline__ void hn_convt_fwd(unsigned char* smem, const HnTensorMap& amap, const HnTensorMap& bmap,
                                              float* y, int M, int N, int K, const HnConv& cv) {
     using T = unsigned short;
     constexpr int CONSUMERS = 128 * WGM * WGN, BM = 64 * WGM, BN = WN * WGN, BK = 64, EA = BM * BK, EB = BN * BK;
     static_assert(STAGES >= 2 && BN <= 256 && BM <= 256, "a box holds at most 256 rows");
-    static_assert(PERSIST || BM * (BN + 8) * 4 <= STAGES * (EA + EB) * 2, "the staged epilogue's tile fits in the stages");
+    static_assert(PERSIST || BM * (BN + 8) * 4 <= STAGES * (EA + EB) * 2,
+                  "the staged epilogue's tile fits in the stages");
     T* sa = reinterpret_cast<T*>(hn_smem_align1024(smem + 16 * STAGES));   // STAGES x EA
     T* sb = sa + STAGES * EA;                                                // STAGES x EB
-    T* staged = PERSIST ? sb + STAGES * EB : sa;                             // (PERSIST: hn_staged_tile_bytes)
+    T* staged = PERSIST ? sb + STAGES * EB : sa;                             // (PERSIST: after the stages)
     const int mtiles = (M + BM - 1) / BM, tiles = mtiles * ((N + BN - 1) / BN);
     const int count = PERSIST ? (tiles - static_cast<int>(blockIdx.x) + gridDim.x - 1) / gridDim.x : 1;
     auto block_of = [&](int t) {                 // the HnBlock of the block's t-th tile
@@ -1975,7 +1971,7 @@ __device__ __forceinline__ void hn_convt_filter(unsigned char* smem, const HnTen
 // followed by the two tensor maps (the weights' and the input's for EPI 1, 2 and 4, dy's and x's for EPI 3), on
 // hn_convt_fwd (PERSIST 1: persistent) or hn_convt_filter: WGM x WGN consumer warpgroups and a producer warp, 128 WGM
 // WGN + 32 threads, MINB blocks an SM; shared memory HN_CONV16W's, 16 ST bytes of mbarriers and, PERSIST, the
-// staged epilogue's tile (hn_staged_tile_bytes).
+// staged epilogue's tile (mma_tiles.TmaTile.staged_tile_bytes).
 #define HN_CONV16T(name, EPI, WGM, WGN, WN, ST, MINB, PERSIST)                                                    \
     extern "C" __global__ void __launch_bounds__(128 * WGM * WGN + 32, MINB) name(                              \
         const unsigned short* __restrict__ B, const unsigned short* __restrict__ Wt, const float* __restrict__ AUX,  \

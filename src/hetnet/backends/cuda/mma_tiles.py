@@ -286,8 +286,9 @@ class TmaTile(Tc16Tile):
 
     @property
     def staged_tile_bytes(self) -> int:
-        """A persistent tile's epilogue tile (mma.cu hn_staged_tile_bytes): bf16 bm x (bn + 8) for the forward and
-        data gradient, two float32 bm x (bn / 4 + 4) for the pooled forward, whichever is larger."""
+        """A persistent tile's epilogue tile after its stages (mma.cu hn_convt_fwd): bf16 bm x (bn + 8) for the
+        forward and data gradient (hn_conv_staged_epilogue), two float32 bm x (bn / 4 + 4) for the pooled forward
+        (hn_convt_pool_staged), whichever is larger."""
         return max(self.bm * (self.bn + 8) * 2, 8 * self.bm * (self.bn // 4 + 4)) if self.persistent else 0
 
     @property

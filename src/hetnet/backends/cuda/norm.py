@@ -30,7 +30,7 @@ def _x(x) -> tuple:
 
 
 BN_BLOCKS = 6       # norm.cu's HN_BN_BLOCKS: the per-channel kernels' blocks of 256 threads an SM
-NHWC16_TILES = 2    # norm.cu's HN_NHWC16_TILES: the channels-last kernels' tiles (32 or 64 pixels x 64 channels) a block
+NHWC16_TILES = 2    # norm.cu's HN_NHWC16_TILES: the channels-last kernels' tiles (32 or 64 pixels x 64 channels)
 
 
 def _nhwc16_grid(pixels: int, c: int, vectors: bool = False) -> tuple:
