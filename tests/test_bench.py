@@ -533,8 +533,8 @@ def test_readme_results_table_is_generated_from_the_results_json():
 
 
 def test_readme_precision_rows_come_from_the_newest_table_that_has_them(tmp_path):
-    """cifar-wide's row per precision: from the newest precision_step*.json holding it (a later run of bf16 alone
-    replaces only the bf16 row), each source named once."""
+    """cifar-wide's row per precision: from the newest precision_step*.json holding it, of any card (a later run of
+    bf16 alone, here on another card, replaces only the bf16 row, which names that card), each source named once."""
     from hetnet.bench import readme
 
     def doc(time, *rows):
@@ -542,15 +542,20 @@ def test_readme_precision_rows_come_from_the_newest_table_that_has_them(tmp_path
             {"model": "cifar-wide", "batch_size": 512, "status": "ok", "precision": p, "hetnet_img_per_s": h,
              "torch_graph_img_per_s": 100.0} for p, h in rows]}
 
-    folder = tmp_path / readme.GPU_DIR
-    folder.mkdir()
-    (folder / "precision_step_old.json").write_text(json.dumps(doc("2026-01-01T00:00:00Z", ("fp32", 1.0),
-                                                                   ("bf16", 2.0))))
-    (folder / "precision_step.json").write_text(json.dumps(doc("2026-02-01T00:00:00Z", ("bf16", 3.0))))
-    rows, sources = readme._precision_rows(folder)
-    assert [(r["precision"], r["hetnet_img_per_s"]) for r in rows] == [("fp32", 1.0), ("bf16", 3.0)]
-    assert sources == [f"{readme.GPU_DIR}/precision_step_old.json (2026-01-01)",
-                       f"{readme.GPU_DIR}/precision_step.json (2026-02-01)"]
+    for card in ("NVIDIA-H200", "NVIDIA-H100"):
+        (tmp_path / card).mkdir()
+    (tmp_path / "NVIDIA-H200" / "precision_step_old.json").write_text(
+        json.dumps(doc("2026-01-01T00:00:00Z", ("fp32", 1.0), ("bf16", 2.0))))
+    (tmp_path / "NVIDIA-H200" / "precision_step.json").write_text(json.dumps(doc("2026-01-15T00:00:00Z")))
+    (tmp_path / "NVIDIA-H100" / "precision_step_bf16.json").write_text(
+        json.dumps(doc("2026-02-01T00:00:00Z", ("bf16", 3.0))))
+    rows, sources = readme._precision_rows(tmp_path)
+    assert [(card, r["precision"], r["hetnet_img_per_s"]) for card, r in rows] == [("H200", "fp32", 1.0),
+                                                                                   ("H100", "bf16", 3.0)]
+    assert sources == ["NVIDIA-H200/precision_step_old.json (2026-01-01)",
+                       "NVIDIA-H100/precision_step_bf16.json (2026-02-01)"]
+    assert "| GPU training, cifar-wide, batch 512, bf16, H100 (images/s) | 3 | 100 PyTorch CUDA graph | 0.03x |" \
+        in readme.results_table(tmp_path)
 
 
 def test_readme_update_replaces_only_the_block(tmp_path):

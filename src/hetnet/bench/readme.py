@@ -4,8 +4,9 @@
 `<!-- results -->` and `<!-- /results -->` markers. tests/test_bench.py checks that the committed README holds exactly
 what the committed JSON gives, so a number cannot drift from its source.
 
-Rows: the GPU training step against PyTorch's CUDA graph (benchmarks/results/<card>/train_step.json, and
-cifar-wide's row per precision from the newest precision table that measured it, precision_step*.json), the CPU step against PyTorch CPU (benchmarks/results/vm/
+Rows: the GPU training step against PyTorch's CUDA graph (benchmarks/results/NVIDIA-H200/train_step.json, and
+cifar-wide's row per precision from the newest precision table of any card that measured it, naming the card,
+NVIDIA-<card>/precision_step*.json), the CPU step against PyTorch CPU (benchmarks/results/vm/
 train_step.json), and learning quality: `make run`'s Fashion-MNIST job (fashion-cnn-main-job/metrics.jsonl) and the
 CIFAR-10 speed run beside airbench94 (cifar_speedrun.json) when present.
 """
@@ -37,22 +38,23 @@ def _date(doc) -> str:
     return (doc or {}).get("environment", {}).get("time_utc", "")[:10]
 
 
-def _precision_rows(folder: Path) -> tuple[list, list]:
-    """cifar-wide's batch-512 rows of the precision tables, one per precision in PRECISION_ORDER: each from the newest
-    of precision_step.json and its dated predecessors (precision_step_<commit or date>.json) that has it (a run may
-    measure one precision only); and the sources used, as "file (date)"."""
-    docs = [(p.name, _load(p)) for p in sorted(folder.glob("precision_step*.json"))]
+def _precision_rows(results: Path) -> tuple[list, list]:
+    """cifar-wide's batch-512 rows of the precision tables, one per precision in PRECISION_ORDER, as (card, row): each
+    from the newest of every card's precision_step.json and its dated predecessors (results/NVIDIA-<card>/
+    precision_step_<commit or date>.json) that has it (a run may measure one precision only; the ratio is always
+    PyTorch's in the same run on the same card); and the sources used, as "folder/file (date)"."""
+    docs = [(f"{p.parent.name}/{p.name}", _load(p)) for p in sorted(results.glob("NVIDIA-*/precision_step*.json"))]
     docs.sort(key=lambda nd: nd[1].get("environment", {}).get("time_utc", ""), reverse=True)
     rows, used = [], []
     for precision in PRECISION_ORDER:
         for name, doc in docs:
             r = _row(doc, "cifar-wide", 512, precision=precision)
             if r and r.get("hetnet_img_per_s") and r.get("torch_graph_img_per_s"):
-                rows.append(r)
+                rows.append((name.split("/")[0].removeprefix("NVIDIA-"), r))
                 if name not in used:
                     used.append(name)
                 break
-    return rows, [f"{GPU_DIR}/{name} ({_date(dict(docs)[name])})" for name in used]
+    return rows, [f"{name} ({_date(dict(docs)[name])})" for name in used]
 
 
 def results_table(results: Path) -> str:
@@ -65,9 +67,9 @@ def results_table(results: Path) -> str:
             lines.append(f"| GPU training step, {model}, batch {batch} (ms) | {r['hetnet_ms_per_step']:.3f} | "
                          f"{r['torch_graph_ms_per_step']:.3f} PyTorch CUDA graph | "
                          f"{r['torch_graph_ms_per_step'] / r['hetnet_ms_per_step']:.2f}x faster |")
-    prec_rows, prec_sources = _precision_rows(results / GPU_DIR)
-    for r in prec_rows:
-        lines.append(f"| GPU training, cifar-wide, batch 512, {r['precision']} (images/s) | "
+    prec_rows, prec_sources = _precision_rows(results)
+    for card, r in prec_rows:
+        lines.append(f"| GPU training, cifar-wide, batch 512, {r['precision']}, {card} (images/s) | "
                      f"{r['hetnet_img_per_s']:,.0f} | {r['torch_graph_img_per_s']:,.0f} PyTorch CUDA graph | "
                      f"{r['hetnet_img_per_s'] / r['torch_graph_img_per_s']:.2f}x |")
     cpu = _load(results / CPU_DIR / "train_step.json")
