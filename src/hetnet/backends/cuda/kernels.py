@@ -122,6 +122,13 @@ def device_props(device_id: int) -> dict:
     return p
 
 
+def address(a) -> int:
+    """The address of an array's first element: a CuPy array's on the device, a NumPy array's on the host (the
+    emulated backend's arrays); for the alignment the 16-byte vector kernels need."""
+    face = getattr(a, "__cuda_array_interface__", None) or a.__array_interface__
+    return int(face["data"][0])
+
+
 def grid_for(n: int, sms: int, block: int = 256) -> int:
     """Blocks for a grid-stride loop over n elements: enough to fill the GPU, no more."""
     return int(max(1, min((n + block - 1) // block, sms * 16)))

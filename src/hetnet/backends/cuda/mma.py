@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .kernels import NULL, gemm_operands, get_kernel, leading_dim, wgmma_ok
+from .kernels import NULL, address, gemm_operands, get_kernel, leading_dim, wgmma_ok
 from .mma_tiles import (CONV_CHOICE, LAYOUTS, PRECISIONS, TILES, TILES16, TILES16T, TILES16W, TILES32, TILES32W,
                         TILES32X3, TILES32X3W, Tc16Tile, TcTile, TmaTile, tma_fits, tma_pool_fits)
 
@@ -764,7 +764,7 @@ def pool_grad16_nhwc16(be, dy16, arg, z_shape, k: int):
     if dy16.dtype != np.uint16 or tuple(dy16.shape) != (n, *arg.shape[2:], c):
         raise ValueError(f"pool_grad16_nhwc16: dy16 of shape {dy16.shape} must be bf16 bits [n, P, Q, C] of the "
                          f"argmax's [n, C, P, Q] {arg.shape}")
-    if c % 8 == 0 and dy16.data.ptr % 16 == 0:         # 8 channels a 16-byte vector (pool_grad16_nhwc16v)
+    if c % 8 == 0 and address(dy16) % 16 == 0:         # 8 channels a 16-byte vector (pool_grad16_nhwc16v)
         return _pool_grad16("pool_grad16_nhwc16v", be, dy16, arg, z_shape, k, pooled_tiles=64)
     return _pool_grad16("pool_grad16_nhwc16", be, dy16, arg, z_shape, k, pooled_tiles=32)
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from .. import compose
 from .conv import Nchw16, Nhwc16, takes_dy16, takes_nhwc16
-from .kernels import NULL, get_kernel
+from .kernels import NULL, address, get_kernel
 from .kernels import act_code as _act
 
 _i32, _i64, _f32 = np.int32, np.int64, np.float32
@@ -42,7 +42,7 @@ def _nhwc16_grid(pixels: int, c: int, vectors: bool = False) -> tuple:
 def _nhwc16_vectors(hw: int, c: int, *arrays) -> bool:
     """Whether the channels-last bf16 kernels' vector versions apply: planes and channels multiples of 8 (a vector
     of 8 pixels never crosses an image; 8 channels are one 16-byte store) and every array 16-byte aligned."""
-    return hw % 8 == 0 and c % 8 == 0 and all(a.data.ptr % 16 == 0 for a in arrays)
+    return hw % 8 == 0 and c % 8 == 0 and all(address(a) % 16 == 0 for a in arrays)
 
 
 class NormOps:
