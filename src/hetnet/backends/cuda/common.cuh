@@ -368,14 +368,6 @@ __device__ __forceinline__ void hn_store_nhwc16_tile(const float (&t)[64][33], u
     }
 }
 
-// The channels-last bf16 copies in 16-byte vectors (norm.cu's bn_apply_nhwc16v, bn_bwd_dx_nhwc16v), where HW and C
-// are multiples of 8 and every tensor is 16-byte aligned: a tile of 64 channels from c0 = 64 blockIdx.y x 64 pixels
-// of the n * HW from p0 = 64 tile. Thread tid takes channels c = c0 + 2 (tid / 8) and c + 1 at the 8 pixels p = p0 +
-// 8 (tid % 8) .. p + 7 (one image, as HW % 8 == 0): one vector of each channel (HnRaw8; a warp's loads are 4 rows x
-// 128 bytes of bf16 [n][C][HW]). Its values go to the tile's words s[pixel][channel pair] (bf16 pairs, channel
-// c in the low half), the pair columns XOR 4 (pixel / 8 % 8), so that a warp's stores of one pixel offset k fall in
-// 32 banks (pairs 4w .. 4w + 3 at 8 pixel groups); after a barrier each thread stores two 16-byte chunks of 8
-// channels of a pixel (the swizzle keeps a chunk's 4 words together), a warp 4 pixels x 128 bytes of y [n HW][C].
 // 8 consecutive elements of a plane as their 16-byte words, loaded (from element i, p 16-byte aligned; zeros where
 // `in` is false) before they are used: one word of 8 bf16, or two of 4 float32; unpack gives them as float32 (bf16:
 // the low half of a word first, as hn_act_vec).
@@ -404,6 +396,14 @@ struct HnRaw8 {
     }
 };
 
+// The channels-last bf16 copies in 16-byte vectors (norm.cu's bn_apply_nhwc16v, bn_bwd_dx_nhwc16v), where HW and C
+// are multiples of 8 and every tensor is 16-byte aligned: a tile of 64 channels from c0 = 64 blockIdx.y x 64 pixels
+// of the n * HW from p0 = 64 tile. Thread tid takes channels c = c0 + 2 (tid / 8) and c + 1 at the 8 pixels p = p0 +
+// 8 (tid % 8) .. p + 7 (one image, as HW % 8 == 0): one vector of each channel (HnRaw8; a warp's loads are 4 rows x
+// 128 bytes of bf16 [n][C][HW]). Its values go to the tile's words s[pixel][channel pair] (bf16 pairs, channel
+// c in the low half), the pair columns XOR 4 (pixel / 8 % 8), so that a warp's stores of one pixel offset k fall in
+// 32 banks (pairs 4w .. 4w + 3 at 8 pixel groups); after a barrier each thread stores two 16-byte chunks of 8
+// channels of a pixel (the swizzle keeps a chunk's 4 words together), a warp 4 pixels x 128 bytes of y [n HW][C].
 struct HnVecTile {
     int c, p;                  // the thread's first channel and pixel
     bool in;                   // c < C and p < NP (so c + 1 < C and p + 7 < NP: C and NP multiples of 8)
