@@ -33,9 +33,11 @@ WS_SANDBOX = "conv16_ws"           # benchmarks/kernels: the warp-specialised bf
 POOL_SANDBOX = "pool_grad_px"      # benchmarks/kernels: the pooling gradient by pixels of the input (includes conv.cu)
 HALO_SANDBOX = "conv16_halo"       # benchmarks/kernels: the bf16 wgmma tiles reading a halo (includes mma.cu)
 SMALL_TC_SANDBOX = "conv_small_tc"  # benchmarks/kernels: the first layer's forward on bf16 tensor cores (includes mma.cu)
+MC_SANDBOX = "conv16_mc"           # benchmarks/kernels: the filter gradient in clusters of two (sm_90 and later only)
 SANDBOXES = (SANDBOX, NHWC_SANDBOX, WS_SANDBOX, POOL_SANDBOX, HALO_SANDBOX, SMALL_TC_SANDBOX)
 ARCHS = ("sm_80", "sm_90")
 WGMMA = ("mma", WS_SANDBOX, HALO_SANDBOX)   # also built for sm_90a (kernels.compile_module): the wgmma code itself
+CLUSTER_JOBS = ((MC_SANDBOX, "sm_90"), (MC_SANDBOX, "sm_90a"))   # (clusters: no sm_80 build)
 
 
 def _runner(name: str = "run_conv_variants"):
@@ -52,7 +54,7 @@ def _text(name: str) -> str:
     if name == SANDBOX:
         run = _runner()
         return run.sandbox_text(run.VARIANTS)
-    if name in (WS_SANDBOX, HALO_SANDBOX):
+    if name in (WS_SANDBOX, HALO_SANDBOX, MC_SANDBOX):
         return _runner(name).source_text()
     if name in (NHWC_SANDBOX, POOL_SANDBOX, SMALL_TC_SANDBOX):
         return (ROOT / "benchmarks" / "kernels" / f"{name}.cu").read_text()
@@ -73,7 +75,7 @@ def results(tmp_path_factory):
     if shutil.which("nvcc") is None:
         pytest.skip("nvcc not installed")
     out = tmp_path_factory.mktemp("cubin")
-    jobs = [(s, a) for s in [*SOURCES, *SANDBOXES] for a in ARCHS] + [(s, "sm_90a") for s in WGMMA]
+    jobs = [(s, a) for s in [*SOURCES, *SANDBOXES] for a in ARCHS] + [(s, "sm_90a") for s in WGMMA] + [*CLUSTER_JOBS]
     with ThreadPoolExecutor(max_workers=4) as pool:
         done = list(pool.map(lambda j: _compile(j[0], j[1], out), jobs))
     return dict(zip(jobs, done))
@@ -103,7 +105,7 @@ def test_compiled_gemm_kernels_are_the_table(results):
 
 
 @pytest.mark.parametrize(("src", "arch"), [(s, a) for s in [*SOURCES, *SANDBOXES] for a in ARCHS]
-                         + [(s, "sm_90a") for s in WGMMA])
+                         + [(s, "sm_90a") for s in WGMMA] + [*CLUSTER_JOBS])
 def test_compiles_without_spills(results, src, arch):
     """No spills, no warnings; at sm_90a, where the wgmma code is compiled rather than trapped, no wgmma that ptxas
     serialises (C7515: other instructions writing a wgmma's accumulators inside its pipeline stage)."""
