@@ -3,8 +3,8 @@
 from a module of their own. Their plan is mma.plan_conv16_filter's, given the tile itself; the launch makes the
 grid's x even (a cluster is two blocks along x) and passes the two tensor maps (mma.tensor_maps).
 
-Written in the twentieth session and not yet run on a GPU (benchmarks/kernels/NOTES.md, "The channels-last hand-overs
-in 16-byte vectors": the filter gradient reads (BM + BN) x 64 bf16 from L2 a K tile, which these halve for A).
+Written in the twentieth session and not yet run on a GPU (benchmarks/kernels/NOTES.md, "The filter gradient in
+clusters of two": a K tile reads (BM + BN) x 64 bf16 from L2 a block, of which these halve A's share).
 time_cl_tiles.py --sandbox mc checks each output against the first shipped tile's before it times it; the CPU
 emulator has no clusters, so tests/test_cu_compile.py only compiles them.
 
