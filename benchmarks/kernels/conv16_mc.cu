@@ -52,9 +52,9 @@ __device__ __forceinline__ void hn_tma_tile2d_mc(void* dst, const HnTensorMap& m
 // warp, STAGES stages, shared memory as hn_convt_filter's. The grid's x is even (a block past N loads its share of A
 // for its peer and writes nothing).
 template <int WGM, int WGN, int WN, int STAGES>
-__device__ __forceinline__ void hn_convt_filter_mc(unsigned char* smem, const HnTensorMap& amap, const HnTensorMap& bmap,
-                                                   float* dw, int M, int N, int K, int splits, int kchunk,
-                                                   const HnConv& cv) {
+__device__ __forceinline__ void hn_convt_filter_mc(unsigned char* smem, const HnTensorMap& amap,
+                                                   const HnTensorMap& bmap, float* dw, int M, int N, int K, int splits,
+                                                   int kchunk, const HnConv& cv) {
     using T = unsigned short;
     constexpr int CONSUMERS = 128 * WGM * WGN, BM = 64 * WGM, BN = WN * WGN, BK = 64, EA = BM * BK, EB = BN * BK;
     static_assert(STAGES >= 2 && WN % 64 == 0 && BM % 128 == 0, "64-column blocks, A's boxes in pairs");
@@ -63,7 +63,7 @@ __device__ __forceinline__ void hn_convt_filter_mc(unsigned char* smem, const Hn
     T* sa = reinterpret_cast<T*>(hn_smem_align1024(smem + 16 * STAGES));
     T* sb = sa + STAGES * EA;
     const HnBlock blk = hn_block(nullptr, nullptr, dw, M, N, K, 0, 0, N, 0, 0, 0, 1.f, 1.f, splits, kchunk, BM, BN, BK);
-    const int tid = threadIdx.x, gm = tid / 128 / WGN, gn = tid / 128 % WGN, plane = cv.p * cv.q;
+    const int tid = threadIdx.x, gm = tid / 128 / WGN, gn = tid / 128 % WGN;
     const unsigned rank = hn_cluster_rank();
     if (tid == 0) {
         for (int s = 0; s < STAGES; ++s) {
@@ -76,44 +76,23 @@ __device__ __forceinline__ void hn_convt_filter_mc(unsigned char* smem, const Hn
     if (tid >= CONSUMERS) {
         if (tid == CONSUMERS)
             for (int kt = 0; kt < blk.tiles; ++kt) {
-                const int s = kt % STAGES;
+                const int s = kt % STAGES, k0 = blk.kbeg + kt * BK;
                 while (!hn_mbar_try_wait(empty + s, ((kt / STAGES) & 1) ^ 1)) {}   // (a fresh barrier passes parity 1)
                 hn_mbar_arrive_tx(full + s, 2u * (EA + EB));
-                const int k0 = blk.kbeg + kt * BK, img = k0 / plane, pq = k0 - img * plane, p0 = pq / cv.q,
-                          w0 = (pq - p0 * cv.q) * cv.stride - cv.pad, h0 = p0 * cv.stride - cv.pad;
 #pragma unroll
                 for (int j = rank; j < BM / 64; j += 2)      // this block's half of A, into both blocks
                     hn_tma_tile2d_mc(sa + s * EA + j * 4096, amap, blk.m0 + 64 * j, k0, full + s, 3);
-#pragma unroll
-                for (int j = 0; j < BN / 64; ++j) {
-                    const int n = blk.n0 + 64 * j < N ? blk.n0 + 64 * j : 0;   // (past N: any tap, never written)
-                    const int rs = n / cv.c, r = rs / cv.s;
-                    hn_tma_im2col4d(sb + s * EB + j * 4096, bmap, n - rs * cv.c, w0, h0, img, rs - r * cv.s, r,
-                                    full + s);
-                }
+                hn_convt_filter_x_boxes<BN>(sb + s * EB, bmap, blk.n0, N, k0, cv, full + s);
             }
         return;
     }
-    // the consumers: hn_ws_consume's loop, each thread releasing a stage in the block of rank tid % 2
+    // the consumers: hn_ws_consume, each thread releasing a stage in the block of rank tid % 2
     const unsigned release = hn_mapa(empty, tid & 1);
     float acc[1][WN / 8][4];
     hn_zero(acc);
-    const T* a = sa + gm * 64 * BK;
-    const T* b = sb + gn * WN * BK;
-    for (int kt = 0; kt < blk.tiles; ++kt) {
-        const int s = kt % STAGES;
-        while (!hn_mbar_try_wait(full + s, (kt / STAGES) & 1)) {}
-        hn_wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk)
-            hn_wgmma_bf16<WN, 1>(acc[0], hn_wgmma_desc_mn(a + s * EA + kk * 16 * 64),
-                                 hn_wgmma_desc_mn(b + s * EB + kk * 16 * 64));
-        hn_wgmma_commit();
-        hn_wgmma_wait<1>();
-        if (kt > 0) hn_mbar_arrive_cluster(release + 8 * ((kt - 1) % STAGES));
-    }
-    hn_wgmma_wait<0>();
-    if (blk.tiles > 0) hn_mbar_arrive_cluster(release + 8 * ((blk.tiles - 1) % STAGES));
+    hn_ws_consume<STAGES, WN, 1>(full, 0, blk.tiles, sa + gm * 64 * BK, EA, sb + gn * WN * BK, EB, 16 * 64, acc[0],
+                                 [](const T* p) { return hn_wgmma_desc_mn(p); },
+                                 [&](int stage) { hn_mbar_arrive_cluster(release + 8 * stage); });
     hn_epilogue<1, WN / 8>(blk, acc, M, N, N, 1.f, 1.f, 64 * gm + 16 * ((tid >> 5) & 3), WN * gn, tid & 31);
     hn_cluster_sync();
 }

@@ -53,7 +53,8 @@ __device__ __forceinline__ bool hn_wgmma_ws_loop(unsigned char* bars, int tiles,
         if (tiles > 0) hn_mbar_arrive(full + (tiles - 1) % STAGES);
         return false;
     }
-    hn_ws_consume<STAGES, WN, MN>(full, empty, 0, tiles, a, ea, b, eb, kstep, acc, desc);
+    hn_ws_consume<STAGES, WN, MN>(full, 0, tiles, a, ea, b, eb, kstep, acc, desc,
+                                  [&](int stage) { hn_mbar_arrive(empty + stage); });
     return true;
 }
 

@@ -1636,12 +1636,12 @@ __device__ __forceinline__ void hn_tma_im2col4d(void* dst, const HnTensorMap& ma
 // first .. first + tiles - 1 of the block's sequence (stage i % STAGES, phase parity (i / STAGES) & 1), wait on the
 // stage's "full" mbarrier, issue the tile's 4 bf16 wgmma (this warpgroup's operands a and b in stage 0, stages ea and
 // eb elements apart, K steps kstep apart, described by desc, MN as hn_wgmma_bf16's) into acc, and once the previous
-// tile's group has finished arrive on that tile's "empty". Ends with every wgmma retired and the last tile's stage
-// released.
-template <int STAGES, int WN, int MN, class Desc>
-__device__ __forceinline__ void hn_ws_consume(unsigned long long* full, unsigned long long* empty, int first, int tiles,
-                                              const unsigned short* a, int ea, const unsigned short* b, int eb,
-                                              int kstep, float (&acc)[WN / 8][4], const Desc& desc) {
+// tile's group has finished release that tile's stage: release(stage), an arrival on its "empty" mbarrier (the
+// cluster sandbox's on a block of its cluster). Ends with every wgmma retired and the last tile's stage released.
+template <int STAGES, int WN, int MN, class Desc, class Release>
+__device__ __forceinline__ void hn_ws_consume(unsigned long long* full, int first, int tiles, const unsigned short* a,
+                                              int ea, const unsigned short* b, int eb, int kstep,
+                                              float (&acc)[WN / 8][4], const Desc& desc, const Release& release) {
     for (int kt = 0; kt < tiles; ++kt) {
         const int i = first + kt, s = i % STAGES;
         while (!hn_mbar_try_wait(full + s, (i / STAGES) & 1)) {}
@@ -1651,10 +1651,10 @@ __device__ __forceinline__ void hn_ws_consume(unsigned long long* full, unsigned
             hn_wgmma_bf16<WN, MN>(acc, desc(a + s * ea + kk * kstep), desc(b + s * eb + kk * kstep));
         hn_wgmma_commit();
         hn_wgmma_wait<1>();
-        if (kt > 0) hn_mbar_arrive(empty + (i - 1) % STAGES);
+        if (kt > 0) release((i - 1) % STAGES);
     }
     hn_wgmma_wait<0>();
-    if (tiles > 0) hn_mbar_arrive(empty + (first + tiles - 1) % STAGES);
+    if (tiles > 0) release((first + tiles - 1) % STAGES);
 }
 
 // The K loops shared by the TMA kernels, with one wgmma group in flight: the block's `count` output tiles, `ktiles` K
@@ -1695,7 +1695,8 @@ __device__ __forceinline__ void hn_tma_loop(unsigned char* bars, int count, int 
     float acc[1][WN / 8][4];
     for (int t = 0; t < count; ++t) {
         hn_zero(acc);
-        hn_ws_consume<STAGES, WN, MN>(full, empty, t * ktiles, ktiles, a, ea, b, eb, kstep, acc[0], desc);
+        hn_ws_consume<STAGES, WN, MN>(full, t * ktiles, ktiles, a, ea, b, eb, kstep, acc[0], desc,
+                                      [&](int stage) { hn_mbar_arrive(empty + stage); });
         epi(t, acc);
     }
 }
@@ -1928,6 +1929,22 @@ __device__ __forceinline__ void hn_convt_fwd(unsigned char* smem, const HnTensor
                                           epilogue);
 }
 
+// The filter gradient's B boxes of the K tile from pixel k0 (hn_convt_filter): BN / 64 im2col boxes of x (bmap: 64
+// pixels x 64 channels) into the stage at sb, column block j the tap (r, s) and channels c0 .. c0 + 63 of column n0 +
+// 64 j (past N: column 0, any tap, never written), completing on bar.
+template <int BN>
+__device__ __forceinline__ void hn_convt_filter_x_boxes(unsigned short* sb, const HnTensorMap& bmap, int n0, int N,
+                                                        int k0, const HnConv& cv, void* bar) {
+    const int plane = cv.p * cv.q, img = k0 / plane, pq = k0 - img * plane, p0 = pq / cv.q,
+              w0 = (pq - p0 * cv.q) * cv.stride - cv.pad, h0 = p0 * cv.stride - cv.pad;
+#pragma unroll
+    for (int j = 0; j < BN / 64; ++j) {
+        const int n = n0 + 64 * j < N ? n0 + 64 * j : 0;
+        const int rs = n / cv.c, r = rs / cv.s;
+        hn_tma_im2col4d(sb + j * 4096, bmap, n - rs * cv.c, w0, h0, img, rs - r * cv.s, r, bar);
+    }
+}
+
 // The filter gradient of hn_conv16w_filter fed by TMA: C[M = O, N = R S C] += A[M, K] B[K, N] over K = images x P x
 // Q (the block's part, kbeg .. kend, whole K tiles of 64), A = dy [k][o] and B = x gathered [k][(r, s, c)], both
 // MN-major in blocks of 64 k rows x 64 columns (HnSwizzle128MN). Per K tile the producer issues BM / 64 boxes of dy
@@ -1945,18 +1962,12 @@ __device__ __forceinline__ void hn_convt_filter(unsigned char* smem, const HnTen
     T* sa = reinterpret_cast<T*>(hn_smem_align1024(smem + 16 * STAGES));
     T* sb = sa + STAGES * EA;
     const HnBlock blk = hn_block(nullptr, nullptr, dw, M, N, K, 0, 0, N, 0, 0, 0, 1.f, 1.f, splits, kchunk, BM, BN, BK);
-    const int tid = threadIdx.x, gm = tid / 128 / WGN, gn = tid / 128 % WGN, plane = cv.p * cv.q;
+    const int tid = threadIdx.x, gm = tid / 128 / WGN, gn = tid / 128 % WGN;
     auto copy = [&](int, int kt, int s, void* bar) {
-        const int k0 = blk.kbeg + kt * BK, img = k0 / plane, pq = k0 - img * plane, p0 = pq / cv.q,
-                  w0 = (pq - p0 * cv.q) * cv.stride - cv.pad, h0 = p0 * cv.stride - cv.pad;
+        const int k0 = blk.kbeg + kt * BK;
 #pragma unroll
         for (int j = 0; j < BM / 64; ++j) hn_tma_tile2d(sa + s * EA + j * 4096, amap, blk.m0 + 64 * j, k0, bar);
-#pragma unroll
-        for (int j = 0; j < BN / 64; ++j) {
-            const int n = blk.n0 + 64 * j < N ? blk.n0 + 64 * j : 0;   // (past N: any tap; those columns never written)
-            const int rs = n / cv.c, r = rs / cv.s;
-            hn_tma_im2col4d(sb + s * EB + j * 4096, bmap, n - rs * cv.c, w0, h0, img, rs - r * cv.s, r, bar);
-        }
+        hn_convt_filter_x_boxes<BN>(sb + s * EB, bmap, blk.n0, N, k0, cv, bar);
     };
     // a warpgroup's columns start 64 gm (A) and WN gn (B) columns in: whole blocks of 64 x 64 (HnSwizzle128MN)
     hn_tma_loop<STAGES, CONSUMERS, WN, 1>(
