@@ -168,8 +168,8 @@ extern "C" int emu_pool_grad(const float* dy, const unsigned char* arg, unsigned
 
 def _kernels_text() -> str:
     """The walks, GELU and hn_store_nhwc16_tile as common.cuh has them; to_nhwc16, pool_grad_nhwc16,
-    pool_grad16_nhwc16, conv_gelu_nhwc16, conv_small_fwd, the turned weights, add_from_nhwc and relu_mask_inplace
-    as conv.cu,
+    pool_grad16_nhwc16, conv_gelu_nhwc16, conv_small_fwd, the turned weights, a step's weight copies, add_from_nhwc
+    and relu_mask_inplace as conv.cu,
     hn_bn_z, hn_bn_value, bn_apply_nhwc16, hn_bn_out_grad and bn_bwd_dx_nhwc16 as norm.cu has them."""
     common, conv, norm = ((kernels.HERE / "common.cuh").read_text(), kernels.cu_text("conv"), kernels.cu_text("norm"))
     parts = [line for line in common.splitlines() if line.startswith(("#define HN_RELU", "#define HN_GELU",
@@ -211,6 +211,10 @@ def _kernels_text() -> str:
                         (conv, 'extern "C" __global__ void turn_weights16('),
                         (conv, 'extern "C" __global__ void turn_weights32('),
                         (conv, 'extern "C" __global__ void turn_weights32x3('),
+                        (conv, "template <class Put>\n__device__ __forceinline__ void hn_weight_copies("),
+                        (conv, 'extern "C" __global__ void weight_copies16('),
+                        (conv, 'extern "C" __global__ void weight_copies32('),
+                        (conv, 'extern "C" __global__ void weight_copies32x3('),
                         (conv, 'extern "C" __global__ void add_from_nhwc('),
                         (conv, 'extern "C" __global__ void relu_mask_inplace('),
                         (norm, "__device__ __forceinline__ float hn_bn_z("),

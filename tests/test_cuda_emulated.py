@@ -183,3 +183,83 @@ def test_trial_outputs_are_made_once_and_dropped_by_release():
     assert run.out == []
     run(lambda y: seen.append(y))
     assert made == [1, 1]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16"])
+def test_weight_copies_in_one_launch_emulated(libs, rng, monkeypatch, precision):
+    """A step's weight copies (the op contract's weight_copies; mma.StepCopies, conv.cu's weight_copies<s>): the
+    copies asked for in one scope are made on demand and remembered; the next scope makes them all in one launch, bit
+    for bit to_nhwc's and turn_weights' (channels past C zero, any C, R, S, a weight with only one of its copies
+    asked for), over copies overwritten with garbage in between. An array that is not a parameter is copied where
+    asked, every time."""
+    from hetnet.backends.cuda import mma as M
+
+    route_kernels(monkeypatch, libs)
+    be = EmulatedBackend(precision, sms=2)
+    ws = [rng.standard_normal(shape).astype(np.float32) for shape in ((8, 3, 3, 3), (4, 10, 5, 5), (12, 8, 1, 1),
+                                                                      (16, 6, 3, 3))]
+    other = rng.standard_normal((8, 3, 3, 3)).astype(np.float32)
+    asks = [(0, False), (0, True), (1, False), (2, True), (3, False), (3, True)]
+    store: dict = {}
+    launches = []
+    get_kernel = M.get_kernel
+    monkeypatch.setattr(M, "get_kernel", lambda d, m, name: launches.append(name) or get_kernel(d, m, name))
+    with be.weight_copies(store, ws):
+        first = [M.weight_copy(be, ws[i], turned) for i, turned in asks]
+        M.weight_copy(be, other)
+    assert not [n for n in launches if n.startswith("weight_copies")]
+    for out in first:
+        out.view(np.uint8)[...] = 0xFF                   # NaN and garbage: the launch must write every element
+    launches.clear()
+    with be.weight_copies(store, ws):
+        again = [M.weight_copy(be, ws[i], turned) for i, turned in asks]
+        assert M.weight_copy(be, other) is not M.weight_copy(be, other)
+    assert launches.count("weight_copies" + M.COPIES[precision][0]) == 1, launches
+    assert not [n for n in launches if n.startswith("turn_weights")], launches
+    for (i, turned), a, b in zip(asks, first, again):
+        assert a is b
+        want = M.turn_weights(be, ws[i]) if turned else M.to_nhwc(be, ws[i])
+        np.testing.assert_array_equal(b.view(np.uint8), want.view(np.uint8), err_msg=f"weight {i} turned {turned}")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16"])
+def test_training_steps_with_weight_copies_emulated(libs, rng, monkeypatch, precision):
+    """Three SGD training steps whose weight copies are made in one launch as each step starts (hetnet.plan's steps
+    open the backend's weight_copies) give the weights and loss sums of the same steps with every convolution
+    copying its weights itself, bit for bit; the first step copies each weight on demand (the dense layer's as the
+    1 x 1 convolution's view of it), the next two copy none (the launch did), and each launches weight_copies<s>
+    once."""
+    from hetnet import train as T
+    from hetnet.backends.cuda import mma as M
+
+    route_kernels(monkeypatch, libs, wgmma=True)
+    be = EmulatedBackend(precision)
+    prefix, tile = C.CL_PREFIX[precision], WGMMA_TILE[precision]
+    for shape, ops in [*CHOICES.items(), (DENSE, ("fwd", "data", "filter"))]:
+        be._tune.update({(op, C.Geometry(*shape).key()): prefix + ("" if op == "filter" else tile) for op in ops})
+    x = rng.standard_normal((3 * BATCH, 3, 8, 8)).astype(np.float32)
+    y = rng.integers(0, 10, size=3 * BATCH)
+    shapes = {(16, 3, 3, 3), (32, 16, 3, 3), (32, 32, 3, 3), (16, 32, 1, 1)}     # (the dense layer's view)
+    seen = []
+    to_nhwc, turn_weights, get_kernel = M.to_nhwc, M.turn_weights, M.get_kernel
+    monkeypatch.setattr(M, "to_nhwc", lambda be_, a: seen.append(("copy", a.shape in shapes)) or to_nhwc(be_, a))
+    monkeypatch.setattr(M, "turn_weights", lambda be_, a: seen.append(("copy", a.shape in shapes)) or turn_weights(be_, a))
+    monkeypatch.setattr(M, "get_kernel", lambda d, m, name: seen.append((name, False)) or get_kernel(d, m, name))
+    results = []
+    for scoped in (True, False):
+        if not scoped:
+            monkeypatch.setattr(be, "weight_copies", None)
+        model = _model(be)
+        step = T.make_train_step(model, T.make_optimizer("sgd", model.parameters(), lr=0.05, momentum=0.9))
+        counts = []
+        for i in range(3):
+            seen.clear()
+            step.step(be.asarray(x[i * BATCH:(i + 1) * BATCH]), be.labels(y[i * BATCH:(i + 1) * BATCH]))
+            counts.append((seen.count(("copy", True)), seen.count(("weight_copies" + M.COPIES[precision][0], False))))
+        results.append((counts, step.collect(), {k: be.to_numpy(v) for k, v in model.state_dict().items()}))
+    (counts, sums, weights), (counts_each, sums_each, weights_each) = results
+    made = counts_each[0][0]
+    assert made >= 5 and counts == [(made, 0), (0, 1), (0, 1)] and counts_each == [(made, 0)] * 3, results
+    assert sums == sums_each, (sums, sums_each)
+    for k, v in weights.items():
+        np.testing.assert_array_equal(v, weights_each[k], err_msg=k)

@@ -34,6 +34,7 @@ from hetnet import plan as P
 from hetnet import train as T
 from hetnet.backends import compose
 from hetnet.backends.cuda import conv as C
+from hetnet.backends.cuda import kernels
 from hetnet.backends.cuda import mma as mm
 from hetnet.backends.cuda.kernels import wgmma_ok
 from hetnet.backends.cuda.mma_tiles import LAYOUTS, PRECISIONS, TILES, TILES16W
@@ -658,6 +659,45 @@ def _hand_over_models(be, act_layer):
             hn.Flatten(), hn.Dense(16 * 6 * 6, 4)]).to(be)
         steps[key] = T.make_train_step(models[key], T.make_optimizer("sgd", models[key].parameters(), lr=0.05))
     return models, steps
+
+
+@pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16"])
+def test_captured_steps_copy_their_weights_in_one_launch(rng, precision):
+    """Training steps (the eager first, then the captured one, then a replay) of a model whose convolutions run on
+    channels-last copies (set as if measured), from weights loaded anew before each step: after each step the
+    copies the step read (mma.StepCopies, made on demand in the first step, by one launch as each later one starts)
+    are bit for bit to_nhwc's and turn_weights' of the weights that step started from, and the weights' updates
+    agree with those of the same steps with every convolution copying its weights itself."""
+    be = get_backend("cuda", precision)
+    if not wgmma_ok(be.device_id):
+        pytest.skip("no wgmma on this device")
+    x = rng.standard_normal((48, 8, 12, 12)).astype(np.float32)
+    y = rng.integers(0, 4, size=48)
+    prefix, tile = C.CL_PREFIX[precision], {"bf16": "w128x128s4", "tf32": "w128x128s4", "fp32": "w64x128s4"}[precision]
+    measured = {"fwd": prefix + tile, "pool": prefix + tile, "data": prefix + tile, "filter": prefix}
+    bound = {"fp32": tolerance(np.float32), **RTOL_TC}[precision]
+    with (_measured_as(be, (16, 8, 12, 12, 16, 3, 3, 1, 1), measured),
+          _measured_as(be, (16, 16, 12, 12, 16, 3, 3, 1, 1), measured)):
+        models, steps = _hand_over_models(be, hn.ReLU)
+        steps[False]._weight_copies = contextlib.nullcontext         # each convolution copies its weights
+        for i in range(3):
+            models[True].load_state_dict(models[False].state_dict())
+            before = models[False].state_dict()
+            start = {kernels.address(p.data): p.data.copy() for p in models[True].parameters()}
+            for copies in (False, True):
+                steps[copies].step(be.asarray(x[16 * i:16 * i + 16]), be.labels(y[16 * i:16 * i + 16]))
+            cupy.cuda.runtime.deviceSynchronize()          # (the steps run on the backend's compute stream)
+            store = steps[True]._copies[(be.name, precision)]
+            assert len(store.entries) >= 5 and len(store.kept) == 1, (i, len(store.entries), len(store.kept))
+            for (addr, shape, turned), (_, copy) in store.entries.items():
+                w = start[addr].reshape(shape)
+                want = mm.turn_weights(be, w) if turned else mm.to_nhwc(be, w)
+                np.testing.assert_array_equal(cupy.asnumpy(copy).view(np.uint8), cupy.asnumpy(want).view(np.uint8),
+                                              err_msg=f"step {i}: weight of shape {shape}, turned {turned}")
+            want, got = models[False].state_dict(), models[True].state_dict()
+            for k, v in want.items():
+                if not k.endswith(("running_mean", "running_var", "num_batches_tracked")):
+                    assert rel_err(got[k] - before[k], v - before[k]) <= bound, (i, k)
 
 
 @pytest.mark.parametrize("act", ["gelu", "relu"])

@@ -38,10 +38,13 @@ Steps: `TrainStep(model, optimizer, schedule, label_smoothing)` and `EvalStep(mo
 `step(xb, yb)` and return the sums since the last call with `collect() -> (loss_sum, correct, count)`; the loss and
 the count of right answers are accumulated by the backend (`softmax_cross_entropy_into`), so a step makes no host
 round trip. How a step runs is the backend's `step_runner` (cuda: captured once per batch shape as a CUDA graph and
-replayed, backends/cuda/graph.py) or `EagerRunner` (call it).
+replayed, backends/cuda/graph.py) or `EagerRunner` (call it). A step opens the backend's `weight_copies` (where it has
+one) around its forward and backward: the copies of the weights its convolutions read are then made in one launch as
+the step starts, not one per convolution.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -648,12 +651,21 @@ class EvalStep:
         self.count = 0
         self.predictions: list | None = None
         self._out: dict = {}       # batch shape -> (logits, labels) of its last _run (a replayed graph's buffers)
+        self._copies: dict = {}    # the backend's weight_copies store for this step's model
+
+    def _weight_copies(self):
+        """The backend's weight_copies scope for the model's parameters (op contract, optional), or none."""
+        scope = getattr(self.backend, "weight_copies", None)
+        if scope is None:
+            return contextlib.nullcontext()
+        return scope(self._copies, [p.data for p in self.model.parameters()])
 
     def n_scalars(self) -> int:
         return 0
 
     def _run(self, x, y) -> None:
-        logits = self.plan.forward(x, self.runner, keep=False)
+        with self._weight_copies():
+            logits = self.plan.forward(x, self.runner, keep=False)
         self.backend.softmax_cross_entropy_into(logits, y, None, self.loss_sum, self.correct)
         self._out[tuple(x.shape)] = (logits, y)
 
@@ -736,27 +748,27 @@ class TrainStep(EvalStep):
         return entry[1], entry[2]
 
     def _run(self, x, y) -> None:
-        be, opt = self.backend, self.optimizer
-        logits = self.plan.forward(x, self.runner)
-        dlogits = be.xp.empty_like(logits)
-        be.softmax_cross_entropy_into(logits, y, dlogits, self.loss_sum, self.correct, self.label_smoothing)
-        written, zero = self._written_nodes(self.plan.nodes)
-        if len(zero) == len(opt.params):
-            opt.zero_grad()
-        else:
-            for p in zero:
-                p.zero_grad()
-        for nd in written:
-            nd.accumulate = False
-        reducer = self.reducer
-        if reducer is not None:
-            reducer.begin(self.plan.nodes)
-        try:
-            self.plan.backward(dlogits, need_dx=False, keep=False,
-                               after_node=None if reducer is None else reducer.after_node)
-        finally:
+        be, opt, reducer = self.backend, self.optimizer, self.reducer
+        with self._weight_copies():          # (closed before the update writes the weights)
+            logits = self.plan.forward(x, self.runner)
+            dlogits = be.xp.empty_like(logits)
+            be.softmax_cross_entropy_into(logits, y, dlogits, self.loss_sum, self.correct, self.label_smoothing)
+            written, zero = self._written_nodes(self.plan.nodes)
+            if len(zero) == len(opt.params):
+                opt.zero_grad()
+            else:
+                for p in zero:
+                    p.zero_grad()
             for nd in written:
-                nd.accumulate = True
+                nd.accumulate = False
+            if reducer is not None:
+                reducer.begin(self.plan.nodes)
+            try:
+                self.plan.backward(dlogits, need_dx=False, keep=False,
+                                   after_node=None if reducer is None else reducer.after_node)
+            finally:
+                for nd in written:
+                    nd.accumulate = True
         if reducer is not None:
             reducer.finish()
         if self.fused:

@@ -49,6 +49,14 @@ step_runner(n_scalars, n_seeds) -> runner
     `read_and_reset(*accumulators)` and `reset()` (forget the captured steps: the step's launches changed, see
     plan.TrainStep).
 
+Weight copies (optional)
+------------------------
+weight_copies(store: dict, params) -> context manager
+    hetnet.plan's steps open it around a step's forward and backward (not its update): params are the model's
+    parameter arrays, store a dict the step keeps for its model. While it is open the weights do not change, and the
+    convolutions may read copies of their weights that the backend made when it opened (cuda: the channels-last and
+    turned copies of its tensor-core kernels, all in one launch, mma.StepCopies), instead of copying them per op.
+
 Ops: forward returns (y, cache); backward takes the cache. Backward *accumulates* parameter gradients into the arrays it
 is given (dw += ..., db += ...; PyTorch semantics) and returns dx, or None when need_dx is False. No op modifies its
 inputs (x, dy, w, b); the only in-place effects are the gradient accumulators, BatchNorm's running statistics, the

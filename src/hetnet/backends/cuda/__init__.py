@@ -15,6 +15,7 @@ convolution algorithm instead of measuring.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import math
 import os
@@ -29,7 +30,7 @@ from .graph import GraphRunner
 from .kernels import NULL, check, device_props, gemm_operands, get_kernel, grid_for
 from .kernels import leading_dim as _ld
 from .loss import LossOps
-from .mma import gemm_tc
+from .mma import StepCopies, gemm_tc
 from .norm import NormOps
 from .optim import OptimOps
 from .pool import PoolOps
@@ -142,6 +143,8 @@ class CudaBackend(ConvOps, PoolOps, NormOps, ElementwiseOps, LossOps, OptimOps, 
     # bytes a workspace may take right now without raising the step's peak (conv._chunks); a step object sets it
     # on the instance while it captures a graph
     workspace_headroom = staticmethod(_no_headroom)
+    # the open weight_copies scope's mma.StepCopies (None outside a step's scope)
+    copy_scope = None
 
     def __init__(self, device_id: int = 0, precision: str = "fp32"):
         try:
@@ -190,6 +193,21 @@ class CudaBackend(ConvOps, PoolOps, NormOps, ElementwiseOps, LossOps, OptimOps, 
         return f"CudaBackend({self.device_id}: {self.gpu_name})"
 
     # --- helpers ---------------------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def weight_copies(self, store: dict, params):
+        """The op contract's weight_copies: inside, the convolutions read the copies of their weights (mma.weight_copy)
+        that one launch made on entry (mma.StepCopies, kept in store per device and precision)."""
+        copies = store.get((self.name, self.precision))
+        if copies is None:
+            copies = store[(self.name, self.precision)] = StepCopies(params, self.precision)
+        copies.enter(self)
+        self.copy_scope = copies
+        try:
+            yield
+        finally:
+            self.copy_scope = None
+            copies.exit(self)
 
     def launch(self, module: str, kernel: str, n: int, *args) -> None:
         """A grid-stride kernel over n elements."""

@@ -1173,6 +1173,47 @@ extern "C" __global__ void turn_weights32x3(const float* __restrict__ w, float* 
     }
 }
 
+// A step's weight copies in one launch (mma.StepCopies): row j of table [rows][8] (int64) is a weight w [O][C][R][S]
+// float32 (row[0]), where to write its channels-last copy [O][RS][Cp] (row[1], to_nhwc's: channels C..Cp-1 zero) and
+// its turned copy [C][RS][O] (row[2], turn_weights'), 0 for a copy not wanted, then O, C, RS and Cp. Grid (any,
+// rows): blockIdx.y the weight, the x blocks striding over both copies' elements; put(y, e, v) stores element e of a
+// copy as to_nhwc<s> / turn_weights<s> store it, so the copies are those kernels' bit for bit.
+template <class Put>
+__device__ __forceinline__ void hn_weight_copies(const long long* __restrict__ table, Put put) {
+    const long long* row = table + 8 * blockIdx.y;
+    const float* __restrict__ w = reinterpret_cast<const float*>(row[0]);
+    void* fwd = reinterpret_cast<void*>(row[1]);
+    void* turned = reinterpret_cast<void*>(row[2]);
+    const int O = (int)row[3], C = (int)row[4], RS = (int)row[5], Cp = (int)row[6];
+    const long long nf = fwd ? (long long)O * RS * Cp : 0, n = nf + (turned ? (long long)O * C * RS : 0);
+    for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < n; e += (long long)gridDim.x * blockDim.x) {
+        if (e < nf) {                                   // fwd[o][rs][c] = w[o][c][rs]
+            const int c = (int)(e % Cp), t = (int)(e / Cp), rs = t % RS, o = t / RS;
+            put(fwd, e, c < C ? w[((long long)o * C + c) * RS + rs] : 0.f);
+        } else {                                        // turned[c][rs][o] = w[o][c][RS - 1 - rs]
+            const long long u = e - nf;
+            const int o = (int)(u % O), t = (int)(u / O), rs = t % RS, c = t / RS;
+            put(turned, u, w[((long long)o * C + c) * RS + (RS - 1 - rs)]);
+        }
+    }
+}
+extern "C" __global__ void weight_copies16(const long long* __restrict__ table) {
+    hn_weight_copies(table, [](void* y, long long e, float v) {
+        static_cast<unsigned short*>(y)[e] = (unsigned short)(hn_bf16x2_bits(v, 0.f) & 0xffffu);
+    });
+}
+extern "C" __global__ void weight_copies32(const long long* __restrict__ table) {
+    hn_weight_copies(table, [](void* y, long long e, float v) { static_cast<float*>(y)[e] = hn_tf32_round(v); });
+}
+extern "C" __global__ void weight_copies32x3(const long long* __restrict__ table) {
+    hn_weight_copies(table, [](void* y, long long e, float v) {
+        const float2 s = hn_split_tf32(v);
+        const long long at = hn_split_at(e);
+        static_cast<float*>(y)[at] = s.x;
+        static_cast<float*>(y)[at + 4] = s.y;
+    });
+}
+
 // dw[o][c][rs] += t[o][rs][c]: a filter gradient computed channels-last over Cp >= C channels (those of a padded
 // copy of x, to_nhwc16), added into the weights' layout.
 extern "C" __global__ void add_from_nhwc(float* __restrict__ dw, const float* __restrict__ t, int O, int C, int RS,

@@ -690,8 +690,8 @@ def conv_forward_kept(be, x, w, b, stride, pad, act=0, out16=False):
         check(x)
     y = be.xp.empty((n, k, g.p, g.q), dtype=be.xp.uint16 if out16 else be.xp.float32)
     x16 = x.data if isinstance(x, Nhwc16) else mma.to_nhwc(be, x)
-    mma.launch_conv(be, mma.plan_conv16(y, x16, mma.to_nhwc(be, w), b, stride, pad, act | (mma.OUT16 if out16 else 0),
-                                        _tile16_of("fwd", fwd), be.sms))
+    mma.launch_conv(be, mma.plan_conv16(y, x16, mma.weight_copy(be, w), b, stride, pad,
+                                        act | (mma.OUT16 if out16 else 0), _tile16_of("fwd", fwd), be.sms))
     return (Nchw16(y) if out16 else y), x16
 
 

@@ -804,9 +804,77 @@ def turn_weights(be, w):
     return out
 
 
+def weight_copy(be, w, turned: bool = False):
+    """The copy of w [O, C, R, S] that the convolutions read at be's precision: channels-last (to_nhwc) or turned
+    (turn_weights). Inside a step's weight_copies scope (be.copy_scope, a StepCopies) the one made when the step
+    started, else made now."""
+    scope = getattr(be, "copy_scope", None)
+    if scope is None:
+        return turn_weights(be, w) if turned else to_nhwc(be, w)
+    return scope.copy(be, w, turned)
+
+
+class StepCopies:
+    """The copies of a model's weights that one kind of step reads (the op contract's weight_copies(store): this is
+    what the store holds), made in one launch when the step starts (conv.cu's weight_copies<s>) instead of one
+    launch per convolution.
+
+    A copy a convolution asks for (weight_copy) that the launch did not make is made on the spot and remembered
+    (`entries`); the launch makes it from the next step on. The launch's table ([rows, 8] int64, a row per weight:
+    its address, its copies' addresses, O, C, R S, Cp) is uploaded when a step ends with new entries, outside a CUDA
+    graph capture; a captured step's launch reads that table and writes the copies at the same addresses on every
+    replay, so the entries (and the weights they read) live as long as the store. Only the model's parameters
+    (`params`, their data arrays, or a view of one of the same size) are copied so; any other array, which the step
+    itself may write before the convolution reads it, is copied where asked, as outside a step."""
+
+    def __init__(self, params, precision: str):
+        self.params = {(address(p), p.size) for p in params}
+        self.precision = precision
+        self.entries: dict = {}        # (address, shape, turned) -> (w, copy)
+        self.made: set = set()         # the keys whose copies this step has made (the launch, or on demand)
+        self.table, self.covers, self.rows, self.longest = None, set(), 0, 0
+        self.kept: list = []           # tables and copies replaced since: a captured graph may still use them
+
+    def enter(self, be) -> None:
+        self.made = set()
+        if self.table is not None and be.precision == self.precision:
+            grid = (max(1, min(4 * be.sms, -(-self.longest // 256))), self.rows)
+            get_kernel(be.device_id, "conv", "weight_copies" + COPIES[self.precision][0])(grid, (256,), (self.table,))
+            self.made = set(self.covers)
+
+    def exit(self, be) -> None:
+        if len(self.covers) < len(self.entries) and be.capturing is None:
+            rows: dict = {}            # (address, shape) -> [w, channels-last copy, turned copy]
+            for (addr, shape, turned), (w, out) in self.entries.items():
+                rows.setdefault((addr, shape), [w, None, None])[2 if turned else 1] = out
+            table = np.zeros((len(rows), 8), dtype=np.int64)
+            sizes = []
+            for i, (w, w16, wt) in enumerate(rows.values()):
+                o, c, r, s = w.shape
+                cp = _nhwc_shape(w16)[3] if w16 is not None else c
+                table[i] = (address(w), 0 if w16 is None else address(w16), 0 if wt is None else address(wt),
+                            o, c, r * s, cp, 0)
+                sizes.append((0 if w16 is None else o * r * s * cp) + (0 if wt is None else w.size))
+            self.table, self.covers, self.rows, self.longest = be.xp.asarray(table), set(self.entries), len(rows), \
+                max(sizes)
+            self.kept.append(self.table)
+
+    def copy(self, be, w, turned: bool):
+        key = (address(w), tuple(w.shape), bool(turned))
+        if key in self.made:
+            return self.entries[key][1]
+        out = turn_weights(be, w) if turned else to_nhwc(be, w)
+        if (key[0], w.size) in self.params and be.precision == self.precision:     # (or a view of one: Dense)
+            if key in self.entries:
+                self.kept.append(self.entries[key])
+            self.entries[key] = (w, out)     # the launch makes it too from the table made when a step next ends
+            self.made.add(key)
+        return out
+
+
 def conv16(be, y, x, w, b, stride: int, pad: int, act: int = 0, tile: str | None = None) -> None:
     """y = act(conv(x, w) + b) from NCHW float32 x and w, copied channels-last first (to_nhwc, plan_conv16)."""
-    launch_conv(be, plan_conv16(y, to_nhwc(be, x), to_nhwc(be, w), b, stride, pad, act, tile, be.sms))
+    launch_conv(be, plan_conv16(y, to_nhwc(be, x), weight_copy(be, w), b, stride, pad, act, tile, be.sms))
 
 
 def conv16_pool(be, x, w, b, stride: int, pad: int, act: int = 0, tile: str | None = None, x16=None):
@@ -816,14 +884,15 @@ def conv16_pool(be, x, w, b, stride: int, pad: int, act: int = 0, tile: str | No
     n, c, h, wd, o, r, s, p, q = _conv_sizes(x.shape, w.shape, stride, pad)
     buf, y, arg = pooled_outputs(be.xp, n, o, p // 2, q // 2, bool(act & OUT16))
     x16 = to_nhwc(be, x) if x16 is None else x16
-    launch_conv(be, plan_conv16_pool(buf, x16, to_nhwc(be, w), b, stride, pad, act, tile, be.sms))
+    launch_conv(be, plan_conv16_pool(buf, x16, weight_copy(be, w), b, stride, pad, act, tile, be.sms))
     return y, arg
 
 
 def conv16_data(be, dx, dy16, w, relu_x, pad: int, tile: str | None = None, out16: bool = False) -> None:
     """dx = conv_backward_data(dy, w) (* (relu_x > 0)) at stride 1 from dy16 = to_nhwc(dy) and w [O, C, R, S]
     float32 (plan_conv16_data; out16: dx uint16, bf16 bits)."""
-    launch_conv(be, plan_conv16_data(dx, dy16, turn_weights(be, w), relu_x, pad, tile, out16, be.sms))
+    wt = weight_copy(be, w, turned=True)
+    launch_conv(be, plan_conv16_data(dx, dy16, wt, relu_x, pad, tile, out16, be.sms))
 
 
 def conv16_filter(be, dw, dy16, x16, stride: int, pad: int, tile: str | None = None,
