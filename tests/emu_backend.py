@@ -62,8 +62,22 @@ def build_libraries(folder, mma_lib=None, whole=WHOLE) -> dict:
             ((m, whole_module_text(m)) for m in whole)}
     conv = emulated_kernels_text()
     libs["conv"] = build_emulated(folder, "conv_emu", conv, launchers_of=conv)
-    libs["mma"] = mma_lib or build_emulated(folder, "mma_emu", kernels.cu_text("mma"), EMU_DIR / "gemm_launch.cpp")
+    libs["mma"] = mma_lib or build_mma(folder)
     return libs
+
+
+def small_tc_text() -> str:
+    """mma.cu's small convolutions on tensor cores (conv_small_fwd_tc, conv_small_filter_tc and its add), the part of
+    it whose kernels EmulatedKernel launches by name."""
+    text = kernels.cu_text("mma")
+    return text[text.index("// --- a small convolution on bf16 tensor cores"):]
+
+
+def build_mma(folder):
+    """mma.cu compiled whole for the emulator: its convolutions launched through gemm_launch.cpp's emu_conv
+    (EmulatedConvKernel), its small convolutions by name (EmulatedKernel)."""
+    return build_emulated(folder, "mma_emu", kernels.cu_text("mma"), EMU_DIR / "gemm_launch.cpp",
+                          launchers_of=small_tc_text())
 
 
 def route_kernels(monkeypatch, libs: dict, wgmma: bool = False) -> None:
@@ -73,7 +87,7 @@ def route_kernels(monkeypatch, libs: dict, wgmma: bool = False) -> None:
     from hetnet.backends.cuda import conv, elementwise, loss, mma, norm, pool, tune_cache
 
     def get_kernel(device, module, name):
-        if module == "mma":
+        if module == "mma" and name not in libs["mma"].entries:
             return EmulatedConvKernel(libs["mma"], name)
         return EmulatedKernel(libs[module], name)
 

@@ -48,15 +48,15 @@ def entry_points(text: str) -> dict:
 
 
 def launchers(entries: dict) -> str:
-    """A C entry point emk_<name>(grid, block, args, ...) per kernel: args[i] is the pointer argument itself, or
-    points to the scalar one."""
+    """A C entry point emk_<name>(grid, block, dynamic shared memory, args, ...) per kernel: args[i] is the pointer
+    argument itself, or points to the scalar one."""
     out = []
     for name, types in entries.items():
         args = ", ".join(f"static_cast<{t}>(a[{i}])" if t.endswith("*") else f"*static_cast<{t}*>(a[{i}])"
                          for i, t in enumerate(types))
-        out.append(f"""extern "C" int emk_{name}(unsigned gx, unsigned gy, unsigned gz, unsigned bx, void** a,
-                          unsigned seed, char* err, int len) {{
-    std::string msg = emu::launch({{gx, gy, gz}}, {{bx, 1, 1}}, 0, [=] {{ {name}({args}); }}, seed);
+        out.append(f"""extern "C" int emk_{name}(unsigned gx, unsigned gy, unsigned gz, unsigned bx, int smem,
+                          void** a, unsigned seed, char* err, int len) {{
+    std::string msg = emu::launch({{gx, gy, gz}}, {{bx, 1, 1}}, smem, [=] {{ {name}({args}); }}, seed);
     snprintf(err, len, "%s", msg.c_str());
     return msg.empty() ? 0 : 1;
 }}""")
@@ -73,15 +73,15 @@ SCALARS = {"int": (np.int32, ctypes.c_int), "float": (np.float32, ctypes.c_float
 
 
 class EmulatedKernel:
-    """get_kernel's stand-in: launches the emulated kernel `name` with a launcher's (grid, block, args), each argument
-    checked against the kernel's parameter (an array of the pointee's dtype or the null pointer, or a NumPy scalar of
+    """get_kernel's stand-in: launches the emulated kernel `name` with a launcher's (grid, block, args, shared_mem),
+    each argument checked against the kernel's parameter (an array of the pointee's dtype or the null pointer, or a NumPy scalar of
     the parameter's type)."""
 
     def __init__(self, lib, name: str):
         assert name in lib.entries, f"no kernel {name} in the emulated library"
         self.lib, self.name, self.types = lib, name, lib.entries[name]
 
-    def __call__(self, grid, block, args):
+    def __call__(self, grid, block, args, shared_mem=0):
         assert len(args) == len(self.types), f"{self.name}: {len(args)} arguments for {len(self.types)} parameters"
         ptrs, keep = (ctypes.c_void_p * len(args))(), []
         for i, (a, t) in enumerate(zip(args, self.types)):
@@ -101,6 +101,6 @@ class EmulatedKernel:
                 ptrs[i] = ctypes.addressof(keep[-1])
         grid = tuple(int(g) for g in grid) + (1,) * (3 - len(grid))
         err = ctypes.create_string_buffer(512)
-        rc = getattr(self.lib, "emk_" + self.name)(*grid, int(block[0]), ptrs, 5, err, 512)
+        rc = getattr(self.lib, "emk_" + self.name)(*grid, int(block[0]), int(shared_mem), ptrs, 5, err, 512)
         assert rc == 0, f"{self.name}: {err.value.decode()}"
 

@@ -3,8 +3,8 @@ in a shuffled order between barriers, over the whole grid): the channels-last co
 pool_grad_nhwc16 (from float32 or channels-last bf16), to_nhwc32 and pool_grad_nhwc32 (tf32) and norm.cu's bn_apply_nhwc16 and bn_bwd_dx_nhwc16 (with the
 store half they share), NumPy's bf16 bits (round to nearest even) of the float32 tensor they stand for -- x, the max
 pooling's input gradient, the batch norm's (+ GELU's) output or its input gradient; conv.cu's conv_gelu_nhwc16 and
-conv_small_fwd (float32 and bf16 output); the kernel sandbox's small-convolution variants (conv_small.cu,
-conv_small_tc.cu); and common.cuh's HnPlaneWalk, which the batch-norm kernels and channel_sum loop with, each element visited once with its
+conv_small_fwd (float32 and bf16 output) and mma.cu's small convolutions on tensor cores (conv_small_fwd_tc,
+conv_small_filter_tc); the kernel sandbox's small-convolution variant (conv_small.cu); and common.cuh's HnPlaneWalk, which the batch-norm kernels and channel_sum loop with, each element visited once with its
 channel.
 Needs g++ (skipped without); no GPU. On a GPU the copies are also checked by tests/test_mma.py's
 test_channels_last_copies and test_pool_grad_nhwc16, the walks by every batch-norm test of tests/test_ops.py."""
@@ -599,9 +599,7 @@ def test_sandbox_conv_small_emulated(emu_small, rng, case):
     np.testing.assert_allclose(dw, dw_want, rtol=0, atol=RTOL_EMULATED * np.sqrt(n * p * q))
 
 
-# The kernel sandbox's tensor-core forward and filter gradient for small convolutions (benchmarks/kernels/
-# conv_small_tc.cu, timed by run_conv_small.py beside conv_small_fwd and the filter gradient's candidates), checked
-# here so that the variants stay correct while they are kept
+# mma.cu's tensor-core forward and filter gradient for small convolutions (conv.py's "small_tc" at bf16)
 SMALL_TC_ENTRY = """
 extern "C" int emu_small_tc(const float* x, const float* w, const float* b, void* y, int n, int C, int H, int W, int K,
                             int R, int S, int st, int pad, int P, int Q, int act, int out16, unsigned seed, char* err,
@@ -613,12 +611,16 @@ extern "C" int emu_small_tc(const float* x, const float* w, const float* b, void
     snprintf(err, len, "%s", msg.c_str());
     return msg.empty() ? 0 : 1;
 }
-extern "C" int emu_small_filter_tc(const float* dy, const float* x, float* part, int n, int C, int H, int W, int K,
-                                   int R, int S, int st, int pad, int P, int Q, unsigned blocks, unsigned seed,
-                                   char* err, int len) {
+extern "C" int emu_small_filter_tc(const float* dy, const float* x, float* part, float* dw, int n, int C, int H,
+                                   int W, int K, int R, int S, int st, int pad, int P, int Q, unsigned blocks,
+                                   unsigned seed, char* err, int len) {
     std::string msg = emu::launch({blocks, 1, 1}, {256, 1, 1}, HN_SMALL_TC_FSMEM, [=] {
         conv_small_filter_tc(dy, x, part, n, C, H, W, K, R, S, st, pad, P, Q);
     }, seed);
+    if (msg.empty())
+        msg = emu::launch({(unsigned)((K * 32 + 255) / 256), 1, 1}, {256, 1, 1}, 0, [=] {
+            conv_small_filter_tc_add(part, dw, (int)blocks, K, C * R * S);
+        }, seed + 1);
     snprintf(err, len, "%s", msg.c_str());
     return msg.empty() ? 0 : 1;
 }
@@ -627,12 +629,12 @@ extern "C" int emu_small_filter_tc(const float* dy, const float* x, float* part,
 
 @pytest.fixture(scope="module")
 def emu_small_tc(tmp_path_factory):
-    text = (SANDBOX / "conv_small_tc.cu").read_text().replace('#include "mma.cu"', kernels.cu_text("mma"))
-    return build_emulated(tmp_path_factory.mktemp("emu_small_tc"), "conv_small_tc", text + SMALL_TC_ENTRY)
+    return build_emulated(tmp_path_factory.mktemp("emu_small_tc"), "conv_small_tc", kernels.cu_text("mma") +
+                          SMALL_TC_ENTRY)
 
 
 @pytest.mark.parametrize("case", SMALL_CASES, ids=lambda c: "N{}C{}H{}W{}K{}k{}s{}p{}b{:d}".format(*c))
-def test_sandbox_conv_small_tc_emulated(emu_small_tc, rng, case):
+def test_conv_small_tc_emulated(emu_small_tc, rng, case):
     """conv_small_fwd_tc: y = act(conv2d(x, w) + b) on bf16 tensor cores against float64 of the bf16-rounded x and w
     (the bias not rounded) within the emulator's tolerance, no activation and ReLU; with out16 the bf16 bits of that
     float32 output, bit for bit. Nothing written past y (guard elements)."""
@@ -661,10 +663,10 @@ def test_sandbox_conv_small_tc_emulated(emu_small_tc, rng, case):
 @pytest.mark.parametrize("case", [(3, 3, 9, 9, 64, 3, 1, 1, 2), (2, 2, 7, 6, 8, 3, 2, 1, 1), (1, 2, 5, 5, 16, 4, 1, 2, 3),
                                   (2, 1, 6, 7, 24, 5, 1, 2, 2), (2, 3, 8, 8, 64, 3, 1, 1, 1)],
                          ids=lambda c: "N{}C{}H{}W{}K{}k{}s{}p{}-blocks{}".format(*c))
-def test_sandbox_conv_small_filter_tc_emulated(emu_small_tc, rng, case):
-    """conv_small_filter_tc: the blocks' parts summed in block order are dE/dw against float64 of the bf16-rounded dy
-    and x, within the emulator's tolerance; every part written (poisoned with NaN first); grids with fewer blocks
-    than 128-pixel tiles (the grid-stride loop) and with more (blocks with no pixels), 32 taps."""
+def test_conv_small_filter_tc_emulated(emu_small_tc, rng, case):
+    """conv_small_filter_tc + conv_small_filter_tc_add: dw += dE/dw against float64 of the bf16-rounded dy and x,
+    within the emulator's tolerance; every part written (poisoned with NaN first); grids with fewer blocks than
+    128-pixel tiles (the grid-stride loop) and with more (blocks with no pixels), 32 taps."""
     n, c, h, w_, k, ks, stride, pad, blocks = case
     x = rng.standard_normal((n, c, h, w_)).astype(np.float32)
     w = np.zeros((k, c, ks, ks))
@@ -674,8 +676,8 @@ def test_sandbox_conv_small_filter_tc_emulated(emu_small_tc, rng, case):
     want = np.zeros(w.shape)
     ref.conv2d_backward(bf16_values(bf16_bits(dy)).astype(np.float64), cache, want, None, need_dx=False)
     part = np.full((blocks, 64, 32), np.nan, np.float32)
+    dw = np.ones(w.shape, np.float32)
     err = ctypes.create_string_buffer(512)
-    _check(emu_small_tc.emu_small_filter_tc(_ptr(dy), _ptr(x), _ptr(part), n, c, h, w_, k, ks, ks, stride, pad, p, q,
-                                            blocks, 9, err, 512), err)
-    dw = part.astype(np.float64).sum(axis=0)[:k, :c * ks * ks].reshape(w.shape)
-    np.testing.assert_allclose(dw, want, rtol=0, atol=RTOL_EMULATED * np.sqrt(n * p * q) * np.abs(want).max())
+    _check(emu_small_tc.emu_small_filter_tc(_ptr(dy), _ptr(x), _ptr(part), _ptr(dw), n, c, h, w_, k, ks, ks, stride,
+                                            pad, p, q, blocks, 9, err, 512), err)
+    np.testing.assert_allclose(dw, want + 1, rtol=0, atol=RTOL_EMULATED * np.sqrt(n * p * q) * np.abs(want).max())

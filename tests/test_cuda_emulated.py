@@ -59,7 +59,7 @@ def _step(model, x, y):
     return be.to_numpy(logits), {i: be.to_numpy(p.grad) for i, p in enumerate(model.parameters())}
 
 
-@pytest.mark.parametrize("first", ["tc16", "small"])
+@pytest.mark.parametrize("first", ["tc16", "small", "small_tc"])
 def test_bf16_plan_on_the_emulated_cuda_backend(be, rng, monkeypatch, first):
     """The plan's hand-overs on the cuda backend at bf16. Each batch norm (-> ReLU) gets its input and its gradient
     stored in bf16 from the convolutions around it (Node.to_norm, grad_to_norm; conv.Nchw16) and hands its output
@@ -67,8 +67,12 @@ def test_bf16_plan_on_the_emulated_cuda_backend(be, rng, monkeypatch, first):
     bit for bit those of the same step without the hand-overs to batch norms whose batch norms round their float32
     input and gradient to bf16 themselves: the hand-overs store exactly those values, and the emulator adds in a
     fixed order. The logits are within 2 RTOL_TC["bf16"] of the reference backend's float64 step. The first
-    convolution's forward on the channels-last tiles or on conv_small_fwd ("small")."""
-    be._tune[("fwd", C.Geometry(*next(iter(CHOICES))).key())] = first
+    convolution's forward on the channels-last tiles, on conv_small_fwd ("small") or on mma.cu's conv_small_fwd_tc
+    (with its filter gradient on conv_small_filter_tc: "small_tc")."""
+    first_key = C.Geometry(*next(iter(CHOICES))).key()
+    be._tune[("fwd", first_key)] = first
+    if first == "small_tc":
+        be._tune[("filter", first_key)] = first
     x = rng.standard_normal((BATCH, 3, 8, 8)).astype(np.float32)
     y = rng.integers(0, 10, size=BATCH)
     seen = []

@@ -33,6 +33,7 @@ import hetnet as hn
 from hetnet import plan as P
 from hetnet import train as T
 from hetnet.backends import compose
+from hetnet.backends import reference as reference_backend
 from hetnet.backends.cuda import conv as C
 from hetnet.backends.cuda import kernels
 from hetnet.backends.cuda import mma as mm
@@ -659,6 +660,42 @@ def _hand_over_models(be, act_layer):
             hn.Flatten(), hn.Dense(16 * 6 * 6, 4)]).to(be)
         steps[key] = T.make_train_step(models[key], T.make_optimizer("sgd", models[key].parameters(), lr=0.05))
     return models, steps
+
+
+SMALL_TC_CASES = [  # (N, C, H, W, K, kernel, stride, padding): C R S <= 32, K <= 64
+    (2, 3, 9, 11, 64, 3, 1, 1),      # cifar-wide's first layer, odd planes (pixels not 4-aligned in an image)
+    (3, 1, 28, 28, 32, 3, 1, 1),     # fashion-cnn's
+    (1, 2, 7, 6, 8, 4, 2, 1),        # stride 2, 32 taps
+    (2, 3, 8, 8, 20, 3, 2, 0),       # K not a multiple of 8
+]
+
+
+@pytest.mark.parametrize("case", SMALL_TC_CASES, ids=lambda c: "N{}C{}H{}W{}K{}k{}s{}p{}".format(*c))
+def test_small_convolutions_on_tensor_cores(rng, monkeypatch, case):
+    """At bf16 the forward and the filter gradient run as "small_tc" (mma.cu's conv_small_fwd_tc and
+    conv_small_filter_tc + conv_small_filter_tc_add, set as the measured choice): y (bias, with and without ReLU)
+    and dw (added into a prior gradient) against float64 of x, w and dy rounded to bf16, within RTOL_TC_ROUNDED; the
+    bias gradient float32's sum of dy; the forward's bf16 output (to_norm's Nchw16) the bf16 bits of its float32
+    output."""
+    be = get_backend("cuda", "bf16")
+    n, c, h, w_, k, ks, stride, pad = case
+    x, w, b = (rng.standard_normal(s).astype(np.float32) for s in ((n, c, h, w_), (k, c, ks, ks), (k,)))
+    xr, wr = round_bf16(x).astype(np.float64), round_bf16(w).astype(np.float64)
+    want, cache = reference_backend.conv2d_forward(xr, wr, b.astype(np.float64), stride, pad)
+    dy = rng.standard_normal(want.shape).astype(np.float32)
+    dw_want, db_want = np.ones(w.shape), np.ones(k)
+    reference_backend.conv2d_backward(round_bf16(dy).astype(np.float64), cache, dw_want, None, need_dx=False)
+    db_want += dy.astype(np.float64).sum(axis=(0, 2, 3))
+    monkeypatch.setattr(C, "_choose", lambda be_, op, g, cands, *run: "small_tc")
+    for act in (0, 1):
+        y = be.to_numpy(C.conv_forward(be, be.asarray(x), be.asarray(w), be.asarray(b), stride, pad, act))
+        assert rel_err(y, np.maximum(want, 0) if act else want) <= RTOL_TC_ROUNDED, act
+        y16 = C.conv_forward(be, be.asarray(x), be.asarray(w), be.asarray(b), stride, pad, act, None, True)
+        np.testing.assert_array_equal(cupy.asnumpy(y16.data), bf16_bits(y), err_msg=f"act {act}")
+    dw, db = be.asarray(np.ones(w.shape)), be.asarray(np.ones(k))
+    C.conv_backward(be, be.asarray(dy), be.asarray(x), be.asarray(w), dw, db, stride, pad, need_dx=False)
+    assert rel_err(be.to_numpy(dw) - 1, dw_want - 1) <= RTOL_TC_ROUNDED
+    assert rel_err(be.to_numpy(db), db_want) <= tolerance(np.float32)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16"])

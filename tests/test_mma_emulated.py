@@ -14,7 +14,7 @@ import ctypes
 import numpy as np
 import pytest
 from conftest import RTOL_EMULATED, RTOL_TC, rel_err
-from emu_backend import EmulatedBackend, build_libraries, route_kernels
+from emu_backend import EmulatedBackend, build_libraries, route_kernels, small_tc_text
 from emu_build import EMU_DIR, build_emulated
 from emu_tma import emu_map
 from halo_cases import HALO_CASES, check_halo, sandbox
@@ -46,7 +46,7 @@ extern "C" void emu_div(const int* x, int n, int d, int* q) {
 def emu(tmp_path_factory):
     """mma.cu with its entry points, compiled as C++ against the emulator into a shared library."""
     return build_emulated(tmp_path_factory.mktemp("emu"), "mma_emu", kernels.cu_text("mma") + EMU_DIV,
-                          EMU_DIR / "gemm_launch.cpp")
+                          EMU_DIR / "gemm_launch.cpp", launchers_of=small_tc_text())
 
 
 def _span(x, items: int, stride: int) -> tuple[int, int]:

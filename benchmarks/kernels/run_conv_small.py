@@ -5,9 +5,10 @@ output, out16) and the sandbox's filter gradients (conv_small.cu: conv_small_fil
 conv16_halo.py's hf tiles on bf16 copies, checked against float64 of the rounded inputs, halo_filter_rows). Each
 output is first checked against the first shipped candidate's (relative error of the largest value within RTOL; the
 bf16 output: equal bits to the bf16 of the float32 "small" output; one that fails is reported, never timed), then its
-median GPU time (run_conv_variants.time_ms). Also the sandbox's tensor-core forward (float32 and bf16 output) and
-filter gradient (conv_small_tc.cu, x, w and dy rounded to bf16: checked against float64 of the rounded inputs). The
-JSON names the card, hetnet's commit and the date.
+median GPU time (run_conv_variants.time_ms). Also the tensor-core forward (float32 and bf16 output) and filter
+gradient that conv.py runs at bf16 ("small_tc": mma.cu's conv_small_fwd_tc, conv_small_filter_tc; x, w and dy
+rounded to bf16: checked against float64 of the rounded inputs). The JSON names the card, hetnet's commit and the
+date.
 
     PYTHONPATH=src python benchmarks/kernels/run_conv_small.py [--batch 512] [--out conv_small.json]   # on a GPU
 """
@@ -26,7 +27,6 @@ sys.path.insert(0, str(HERE))
 RTOL = 1e-5          # float32 sums of 27 (forward) or n P Q (filter) terms in another order
 CHECK_IMAGES = 8     # the tensor-core forward's float64 check (on the CPU)
 GRID_PER_SM = 4      # conv_small_filter2's blocks per SM (its grid-stride loop over 64-pixel tiles)
-TC_BLOCKS_PER_SM = 2  # conv_small_filter_tc's (its grid-stride loop over 128-pixel tiles; 105-108 registers)
 
 
 def out16_row(cupy, spin, launch16, y32: np.ndarray) -> dict:
@@ -85,10 +85,10 @@ def halo_filter_rows(cupy, spin, be, x, dy, shape) -> list[dict]:
     return rows
 
 
-def small_tc_rows(cupy, spin, be, x, w, dy, add2) -> list[dict]:
-    """The sandbox's tensor-core forward and filter gradient (conv_small_tc.cu: x, w and dy rounded to bf16, sums in
-    float32). The forward's float32 output and the filter gradient (its blocks' parts added by conv_small.cu's
-    conv_small_filter2_add, add2) checked against float64 of the rounded inputs on the first CHECK_IMAGES images
+def small_tc_rows(cupy, spin, be, x, w, dy) -> list[dict]:
+    """The tensor-core forward and filter gradient (mma.cu's conv_small_fwd_tc, conv_small_filter_tc: conv.py's
+    "small_tc" at bf16; x, w and dy rounded to bf16, sums in float32), launched by conv.py. The forward's float32
+    output and the filter gradient checked against float64 of the rounded inputs on the first CHECK_IMAGES images
     (within RTOL_TC_ROUNDED), the forward's bf16 output against the bf16 of its float32 output (bits equal); then
     each timed."""
     from mma_cases import bf16_bits, bf16_values
@@ -96,57 +96,40 @@ def small_tc_rows(cupy, spin, be, x, w, dy, add2) -> list[dict]:
     from run_tc_conv_nhwc import RTOL_TC_ROUNDED
 
     from hetnet.backends import reference
-    from hetnet.backends.cuda import kernels
+    from hetnet.backends.cuda import conv as C
 
-    text = (HERE / "conv_small_tc.cu").read_text().replace('#include "mma.cu"', (kernels.HERE / "mma.cu").read_text())
-    mod = kernels.compile_module(be.device_id, kernels.inline_header(text))
-    kern, filt = mod.get_function("conv_small_fwd_tc"), mod.get_function("conv_small_filter_tc")
     n, c, h, wd = x.shape
     k = w.shape[0]
-    smem = 64 * 132 * 4                                  # conv_small_tc.cu's HN_SMALL_TC_SMEM
-    ints = tuple(np.int32(v) for v in (n, c, h, wd, k, 3, 3, 1, 1, h, wd, 0))
-
-    def launch(y, out16):
-        kern((math.ceil(n * h * wd / 128),), (256,), (x, w, kernels.NULL, y, *ints, np.int32(out16)), shared_mem=smem)
-
-    y, y16 = cupy.zeros((n, k, h, wd), np.float32), cupy.zeros((n, k, h, wd), np.uint16)
-    launch(y, 0)
-    launch(y16, 1)
     m = CHECK_IMAGES
+    g, gm = (C.Geometry(i, c, h, wd, k, 3, 3, 1, 1) for i in (n, m))
+    y, y16 = cupy.zeros((n, k, h, wd), np.float32), cupy.zeros((n, k, h, wd), np.uint16)
+    C._fwd_small(be, g, x, w, None, y, 0, tc=True)
+    C._fwd_small(be, g, x, w, None, y16, 0, out16=True, tc=True)
     xr, wr = (bf16_values(bf16_bits(cupy.asnumpy(a))).astype(np.float64) for a in (x[:m], w))
     want, _ = reference.conv2d_forward(xr, wr, None, 1, 1)
     got = cupy.asnumpy(y[:m])
     rows = []
     err = float(np.linalg.norm(got - want) / np.linalg.norm(want))
-    row = {"op": "fwd", "candidate": "sandbox conv_small_fwd_tc (bf16 inputs)", "check_rel_err": err}
+    row = {"op": "fwd", "candidate": "small_tc (bf16 inputs)", "check_rel_err": err}
     if err <= RTOL_TC_ROUNDED:
-        row["ms"] = round(time_ms(cupy, spin, lambda: launch(y, 0)), 4)
+        row["ms"] = round(time_ms(cupy, spin, lambda: C._fwd_small(be, g, x, w, None, y, 0, tc=True)), 4)
     add_row(rows, row)
     differ = int((cupy.asnumpy(y16) != bf16_bits(cupy.asnumpy(y))).sum())
-    row = {"op": "fwd", "candidate": "sandbox conv_small_fwd_tc out16", "check_bits_differ": differ}
+    row = {"op": "fwd", "candidate": "small_tc out16", "check_bits_differ": differ}
     if differ == 0:
-        row["ms"] = round(time_ms(cupy, spin, lambda: launch(y16, 1)), 4)
+        row["ms"] = round(time_ms(cupy, spin, lambda: C._fwd_small(be, g, x, w, None, y16, 0, out16=True, tc=True)), 4)
     add_row(rows, row)
 
-    fsmem = (64 + 32) * 136 * 2                          # conv_small_tc.cu's HN_SMALL_TC_FSMEM
     dw = cupy.zeros((k, c, 3, 3), np.float32)
-
-    def filter_tc(images):
-        pixels = images * h * wd
-        blocks = max(1, min(TC_BLOCKS_PER_SM * be.sms, math.ceil(pixels / 128)))
-        part = cupy.empty((blocks, 64, 32), np.float32)
-        filt((blocks,), (256,), (dy, x, part, np.int32(images), *ints[1:11]), shared_mem=fsmem)
-        add2((math.ceil(k * 32 / 256),), (256,), (part, dw, np.int32(blocks), np.int32(k), np.int32(c * 9)))
-
-    filter_tc(m)
+    C._filter_small_tc(be, gm, dy[:m], x[:m], dw, None)
     dyr = bf16_values(bf16_bits(cupy.asnumpy(dy[:m]))).astype(np.float64)
     _, cache = reference.conv2d_forward(xr, np.zeros((k, c, 3, 3)), None, 1, 1)
     want_dw = np.zeros((k, c, 3, 3))
     reference.conv2d_backward(dyr, cache, want_dw, None, need_dx=False)
     err = float(np.linalg.norm(cupy.asnumpy(dw) - want_dw) / np.linalg.norm(want_dw))
-    row = {"op": "filter", "candidate": "sandbox conv_small_filter_tc (bf16 inputs)", "check_rel_err": err}
+    row = {"op": "filter", "candidate": "small_tc (bf16 inputs)", "check_rel_err": err}
     if err <= RTOL_TC_ROUNDED:
-        row["ms"] = round(time_ms(cupy, spin, lambda: filter_tc(n)), 4)
+        row["ms"] = round(time_ms(cupy, spin, lambda: C._filter_small_tc(be, g, dy, x, dw, None)), 4)
     add_row(rows, row)
     return rows
 
@@ -181,7 +164,7 @@ def main(argv=None) -> int:
     filt["sandbox conv_small_filter2"] = small_filter
     rows = []
     rows += halo_filter_rows(cupy, spin, be, x, dy, (k, c, 3, 3))
-    rows += small_tc_rows(cupy, spin, be, x, w, dy, add2)
+    rows += small_tc_rows(cupy, spin, be, x, w, dy)
     for op, cands, shape in (("fwd", fwd, (n, k, g.p, g.q)), ("filter", filt, (k, c, 3, 3))):
         out = cupy.zeros(shape, np.float32)
         first = None

@@ -2,8 +2,10 @@
 conv_data_tc / conv_filter_tc, and on channels-last copies of the operands, bf16 at bf16, tf32-rounded float32 at
 tf32 and at fp32 split in two tf32 parts, mma.conv16 / conv16_data / conv16_filter) or im2col + cuBLAS (or our
 tensor-core GEMMs), for a small convolution's forward (C R S <= 32 taps, K <= 64) a direct kernel
-(conv_small_fwd), and at fp32 for 3 x 3 stride-1 convolutions Winograd's algorithms (winograd.py: transforms on CUDA
-cores, cuBLAS's strided-batched GEMMs between), chosen per shape by measurement.
+(conv_small_fwd), at bf16 for its forward and filter gradient direct kernels on tensor cores (mma.cu's
+conv_small_fwd_tc, conv_small_filter_tc: "small_tc"), and at fp32 for 3 x 3 stride-1 convolutions Winograd's
+algorithms (winograd.py: transforms on CUDA cores, cuBLAS's strided-batched GEMMs between), chosen per shape by
+measurement.
 
 Every op here has the op contract's optional fused epilogues (used by hetnet.plan): `act` (ReLU after bias in the
 forward) and `relu_x` (the input of this layer is a ReLU output, so the data gradient is zeroed where relu_x <= 0).
@@ -176,17 +178,47 @@ def small_fits(g: Geometry) -> bool:
     return g.crs <= 32 and g.k <= 64 and g.k % 8 == 0 and g.npq + 128 <= 2**31
 
 
-def _fwd_small(be, g, x, w, b, y, act, out16: bool = False):
-    """y = act(conv(x, w) + b) by conv.cu's conv_small_fwd (small_fits), 128 output pixels a block: y float32
-    [N, K, P, Q], or with out16 uint16 of that shape, the bf16 bits (round to nearest even) of the same values."""
+SMALL_TC_SMEM = 64 * 132 * 4               # mma.cu's HN_SMALL_TC_SMEM: conv_small_fwd_tc's dynamic shared memory
+SMALL_TC_FSMEM = (64 + 32) * 136 * 2       # HN_SMALL_TC_FSMEM: conv_small_filter_tc's
+SMALL_TC_BLOCKS_PER_SM = 2                 # conv_small_filter_tc's blocks (its grid-stride loop over 128-pixel tiles)
+
+
+def _fwd_small(be, g, x, w, b, y, act, out16: bool = False, tc: bool = False):
+    """y = act(conv(x, w) + b) by conv.cu's conv_small_fwd (small_fits), or with tc by mma.cu's conv_small_fwd_tc
+    from x and w rounded to bf16 (small_tc_fits), 128 output pixels a block: y float32 [N, K, P, Q], or with out16
+    uint16 of that shape, the bf16 bits (round to nearest even) of the same values."""
+    name = "conv_small_fwd_tc" if tc else "conv_small_fwd"
     want = np.uint16 if out16 else np.float32
     if y.dtype != want or y.shape != (g.n, g.k, g.p, g.q):
-        raise ValueError(f"conv_small_fwd: y must be {np.dtype(want).name} of shape {(g.n, g.k, g.p, g.q)}, "
+        raise ValueError(f"{name}: y must be {np.dtype(want).name} of shape {(g.n, g.k, g.p, g.q)}, "
                          f"not {y.dtype} of shape {y.shape}")
     check(x, w, b, y)
-    get_kernel(be.device_id, "conv", "conv_small_fwd")((math.ceil(g.npq / 128),), (256,), (
+    get_kernel(be.device_id, "mma" if tc else "conv", name)((math.ceil(g.npq / 128),), (256,), (
         x, w, b if b is not None else NULL, y, *(_i32(v) for v in (g.n, g.c, g.h, g.w, g.k, g.r, g.s, g.stride,
-                                                                    g.pad, g.p, g.q, act, out16))))
+                                                                    g.pad, g.p, g.q, act, out16))),
+        shared_mem=SMALL_TC_SMEM if tc else 0)
+
+
+def small_tc_fits(be, g: Geometry, *arrays) -> bool:
+    """Whether mma.cu's conv_small_fwd_tc / conv_small_filter_tc ("small_tc") run g: at bf16 (they round x, w and
+    dy to bf16), C R S <= 32 taps, K <= 64, N P Q + 128 <= 2^31, contiguous float32 operands."""
+    return (be.precision == "bf16" and g.crs <= 32 and g.k <= 64 and g.npq + 128 <= 2**31 and _contiguous(*arrays)
+            and all(a is None or a.dtype == np.float32 for a in arrays))
+
+
+def _filter_small_tc(be, g, dy, x, dw, db):
+    """dw += dE/dw from dy and x rounded to bf16 by mma.cu's conv_small_filter_tc (small_tc_fits): each block's part
+    over its 128-pixel tiles, then added into dw in block order (conv_small_filter_tc_add); db from dy."""
+    check(dy, x, dw)
+    blocks = max(1, min(SMALL_TC_BLOCKS_PER_SM * be.sms, math.ceil(g.npq / 128)))
+    part = be.xp.empty((blocks, 64, 32), dtype=be.xp.float32)
+    get_kernel(be.device_id, "mma", "conv_small_filter_tc")((blocks,), (256,), (
+        dy, x, part, *(_i32(v) for v in (g.n, g.c, g.h, g.w, g.k, g.r, g.s, g.stride, g.pad, g.p, g.q))),
+        shared_mem=SMALL_TC_FSMEM)
+    get_kernel(be.device_id, "mma", "conv_small_filter_tc_add")((math.ceil(g.k * 32 / 256),), (256,), (
+        part, dw, _i32(blocks), _i32(g.k), _i32(g.crs)))
+    if db is not None:
+        channel_sum(be, dy, db, g.n, g.k, g.p * g.q)
 
 
 def _chunks(be, g, tensor_bytes: int):
@@ -503,8 +535,8 @@ def _contiguous(*arrays) -> bool:
 
 
 def conv_forward(be, x, w, b, stride, pad, act=0, geometry=None, out16=False):
-    """y = act(conv(x, w) + b) (act 1 = ReLU); out16: y as an Nchw16 where the measured choice writes bf16 ("small"),
-    else float32."""
+    """y = act(conv(x, w) + b) (act 1 = ReLU); out16: y as an Nchw16 where the measured choice writes bf16 ("small",
+    "small_tc"), else float32."""
     check(x, w, b)
     n, c, h, wd = x.shape
     k, _, r, s = w.shape
@@ -515,6 +547,8 @@ def conv_forward(be, x, w, b, stride, pad, act=0, geometry=None, out16=False):
     cands["im2col"] = lambda out: _fwd_im2col(be, g, x, w, b, out, act, x.nbytes + 4 * size)
     if _contiguous(x, w, b) and small_fits(g):
         cands["small"] = lambda out: _fwd_small(be, g, x, w, b, out, act)
+    if small_tc_fits(be, g, x, w, b):
+        cands["small_tc"] = lambda out: _fwd_small(be, g, x, w, b, out, act, tc=True)
     if act in (0, 1) and wino_fits(be, g, x, w, b):
         cands["wino"] = lambda out: _fwd_wino(be, g, x, w, b, out, act)
     if _contiguous(x, w, b) and mma.conv_fits(x, size):
@@ -524,9 +558,9 @@ def conv_forward(be, x, w, b, stride, pad, act=0, geometry=None, out16=False):
             cands.update(_tiles16(be, "fwd", lambda tile, out: mma.conv16(be, out, x, w, b, stride, pad, act, tile),
                                   g))
     choice = _choose(be, "fwd", g, cands, _float32_outputs(be, shape))
-    if out16 and choice == "small":
+    if out16 and choice in ("small", "small_tc"):
         y16 = be.xp.empty(shape, dtype=be.xp.uint16)
-        _fwd_small(be, g, x, w, b, y16, act, out16=True)
+        _fwd_small(be, g, x, w, b, y16, act, out16=True, tc=choice == "small_tc")
         return Nchw16(y16)
     y = be.xp.empty(shape, dtype=be.xp.float32)
     cands[choice](y)
@@ -560,6 +594,8 @@ def _filter_backward(be, g, copies, dy, x, dw, db):
     sharing its channels-last copy of dy with the data gradient."""
     fc = _split_cands(be, FILTER_CFGS, g, lambda cfg, sp, dw_, db_: _filter_implicit(be, cfg, g, dy, x, dw_, db_, sp))
     fc["im2col"] = lambda dw_, db_: _filter_im2col(be, g, dy, x, dw_, db_, x.nbytes + dy.nbytes)
+    if small_tc_fits(be, g, dy, x, dw):
+        fc["small_tc"] = lambda dw_, db_: _filter_small_tc(be, g, dy, x, dw_, db_)
     if wino_fits(be, g, dy, x, dw):
         fc["wino"] = lambda dw_, db_: _filter_wino(be, g, dy, x, dw_, db_)
     if _contiguous(dy, x, dw) and mma.conv_fits(x, dw.size) and dy.size < 2**31:
