@@ -865,8 +865,9 @@ class StepCopies:
             return self.entries[key][1]
         out = turn_weights(be, w) if turned else to_nhwc(be, w)
         if (key[0], w.size) in self.params and be.precision == self.precision:     # (or a view of one: Dense)
-            if key in self.entries:
+            if key in self.entries:          # (made anew where the last launch did not make it)
                 self.kept.append(self.entries[key])
+                self.covers.discard(key)     # the next table writes the new one
             self.entries[key] = (w, out)     # the launch makes it too from the table made when a step next ends
             self.made.add(key)
         return out
