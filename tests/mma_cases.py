@@ -1,6 +1,7 @@
 """What the tensor-core GEMM tests share (tests/test_mma.py on a GPU, tests/test_mma_emulated.py on the CPU
 emulator): inputs with views of every kind CudaBackend.gemm takes, NumPy versions of the kernels' roundings, and the
-float64 result."""
+float64 result; and one forward and backward through a model's plan (plan_step, for the tests of the plan's
+hand-overs on a GPU and on the emulated backend)."""
 from __future__ import annotations
 
 import numpy as np
@@ -203,3 +204,16 @@ def turned_copy(w, precision: str):
         return turned16(w)
     turned = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 2, 3, 0))
     return split_copy(turned) if precision == "fp32" else round_tf32(turned)
+
+
+def plan_step(model, x, y):
+    """(logits, {parameter index: gradient}) of one forward and backward of the mean cross-entropy through the model's
+    plan, as NumPy."""
+    be = model.backend
+    logits = model.plan.forward(be.asarray(x))
+    dlogits = be.xp.empty_like(logits)
+    be.softmax_cross_entropy_into(logits, be.labels(y), dlogits, be.zeros((1,), np.float64),
+                                  be.zeros((1,), np.int64))
+    model.zero_grad()
+    model.plan.backward(dlogits, need_dx=False)
+    return be.to_numpy(logits), {i: be.to_numpy(p.grad) for i, p in enumerate(model.parameters())}

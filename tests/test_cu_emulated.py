@@ -611,11 +611,15 @@ extern "C" int emu_small_tc(const float* x, const float* w, const float* b, void
     snprintf(err, len, "%s", msg.c_str());
     return msg.empty() ? 0 : 1;
 }
-extern "C" int emu_small_filter_tc(const float* dy, const float* x, float* part, float* dw, int n, int C, int H,
-                                   int W, int K, int R, int S, int st, int pad, int P, int Q, unsigned blocks,
+extern "C" int emu_small_filter_tc(const void* dy, int dy16, const float* x, float* part, float* dw, int n, int C,
+                                   int H, int W, int K, int R, int S, int st, int pad, int P, int Q, unsigned blocks,
                                    unsigned seed, char* err, int len) {
     std::string msg = emu::launch({blocks, 1, 1}, {256, 1, 1}, HN_SMALL_TC_FSMEM, [=] {
-        conv_small_filter_tc(dy, x, part, n, C, H, W, K, R, S, st, pad, P, Q);
+        if (dy16)
+            conv_small_filter_tc_dy16(static_cast<const unsigned short*>(dy), x, part, n, C, H, W, K, R, S, st, pad,
+                                      P, Q);
+        else
+            conv_small_filter_tc(static_cast<const float*>(dy), x, part, n, C, H, W, K, R, S, st, pad, P, Q);
     }, seed);
     if (msg.empty())
         msg = emu::launch({(unsigned)((K * 32 + 255) / 256), 1, 1}, {256, 1, 1}, 0, [=] {
@@ -666,7 +670,8 @@ def test_conv_small_tc_emulated(emu_small_tc, rng, case):
 def test_conv_small_filter_tc_emulated(emu_small_tc, rng, case):
     """conv_small_filter_tc + conv_small_filter_tc_add: dw += dE/dw against float64 of the bf16-rounded dy and x,
     within the emulator's tolerance; every part written (poisoned with NaN first); grids with fewer blocks than
-    128-pixel tiles (the grid-stride loop) and with more (blocks with no pixels), 32 taps."""
+    128-pixel tiles (the grid-stride loop) and with more (blocks with no pixels), 32 taps. conv_small_filter_tc_dy16
+    on dy's bf16 bits: the same dw, bit for bit."""
     n, c, h, w_, k, ks, stride, pad, blocks = case
     x = rng.standard_normal((n, c, h, w_)).astype(np.float32)
     w = np.zeros((k, c, ks, ks))
@@ -675,9 +680,12 @@ def test_conv_small_filter_tc_emulated(emu_small_tc, rng, case):
     dy = rng.standard_normal((n, k, p, q)).astype(np.float32)
     want = np.zeros(w.shape)
     ref.conv2d_backward(bf16_values(bf16_bits(dy)).astype(np.float64), cache, want, None, need_dx=False)
-    part = np.full((blocks, 64, 32), np.nan, np.float32)
-    dw = np.ones(w.shape, np.float32)
     err = ctypes.create_string_buffer(512)
-    _check(emu_small_tc.emu_small_filter_tc(_ptr(dy), _ptr(x), _ptr(part), _ptr(dw), n, c, h, w_, k, ks, ks, stride,
-                                            pad, p, q, blocks, 9, err, 512), err)
-    np.testing.assert_allclose(dw, want + 1, rtol=0, atol=RTOL_EMULATED * np.sqrt(n * p * q) * np.abs(want).max())
+    out = []
+    for dy16, dys in ((0, dy), (1, bf16_bits(dy))):
+        part = np.full((blocks, 64, 32), np.nan, np.float32)
+        out.append(np.ones(w.shape, np.float32))
+        _check(emu_small_tc.emu_small_filter_tc(_ptr(dys), dy16, _ptr(x), _ptr(part), _ptr(out[-1]), n, c, h, w_, k,
+                                                ks, ks, stride, pad, p, q, blocks, 9, err, 512), err)
+    np.testing.assert_allclose(out[0], want + 1, rtol=0, atol=RTOL_EMULATED * np.sqrt(n * p * q) * np.abs(want).max())
+    np.testing.assert_array_equal(out[1], out[0])

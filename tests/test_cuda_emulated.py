@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import RTOL, RTOL_PRECISION, RTOL_TC, rel_err
 from emu_backend import EmulatedBackend, build_libraries, route_kernels
-from mma_cases import round_bf16
+from mma_cases import plan_step, round_bf16
 
 import hetnet as hn
 from hetnet import plan as P
@@ -47,18 +47,6 @@ def _model(device):
         hn.MaxPool2D(4), hn.Flatten(), hn.Dense(32, 16, bias=False)]).to(device)
 
 
-def _step(model, x, y):
-    """(logits, {parameter index: gradient}) of one forward and backward of the mean cross-entropy, as NumPy."""
-    be = model.backend
-    logits = model.plan.forward(be.asarray(x))
-    dlogits = be.xp.empty_like(logits)
-    be.softmax_cross_entropy_into(logits, be.labels(y), dlogits, be.zeros((1,), np.float64),
-                                  be.zeros((1,), np.int64))
-    model.zero_grad()
-    model.plan.backward(dlogits, need_dx=False)
-    return be.to_numpy(logits), {i: be.to_numpy(p.grad) for i, p in enumerate(model.parameters())}
-
-
 @pytest.mark.parametrize("first", ["tc16", "small", "small_tc"])
 def test_bf16_plan_on_the_emulated_cuda_backend(be, rng, monkeypatch, first):
     """The plan's hand-overs on the cuda backend at bf16. Each batch norm (-> ReLU) gets its input and its gradient
@@ -68,7 +56,8 @@ def test_bf16_plan_on_the_emulated_cuda_backend(be, rng, monkeypatch, first):
     input and gradient to bf16 themselves: the hand-overs store exactly those values, and the emulator adds in a
     fixed order. The logits are within 2 RTOL_TC["bf16"] of the reference backend's float64 step. The first
     convolution's forward on the channels-last tiles, on conv_small_fwd ("small") or on mma.cu's conv_small_fwd_tc
-    (with its filter gradient on conv_small_filter_tc: "small_tc")."""
+    (with its filter gradient on conv_small_filter_tc: "small_tc", which the batch norm after it hands dE/dy in
+    bf16)."""
     first_key = C.Geometry(*next(iter(CHOICES))).key()
     be._tune[("fwd", first_key)] = first
     if first == "small_tc":
@@ -86,23 +75,36 @@ def test_bf16_plan_on_the_emulated_cuda_backend(be, rng, monkeypatch, first):
     def spy_back(dy_, *a, **kw):
         dx = backward(dy_, *a, **kw)
         seen.append(("bwd", isinstance(dy_, C.Nchw16), isinstance(dx, C.Nhwc16)))
+        forms.append(type(dx).__name__)
         return dx
 
+    forms = []
     monkeypatch.setattr(be, "bn_relu_forward", spy)
     monkeypatch.setattr(be, "bn_relu_backward", spy_back)
-    logits, grads = _step(_model(be), x, y)
+    logits, grads = plan_step(_model(be), x, y)
     # the first two batch norms (-> ReLU); the last runs fused with its ReLU and max pooling (bn_relu_pool), which
     # takes no hand-over. The first one's gradient goes to the first convolution, whose data gradient does not run
-    # (need_dx False): float32
+    # (need_dx False): float32, or stored in bf16 where its filter gradient runs "small_tc" (takes_dy16_nchw)
     assert seen == [("fwd", True, True), ("fwd", True, True), ("bwd", True, True), ("bwd", True, False)], seen
+    assert forms[-1] == ("Nchw16" if first == "small_tc" else "ndarray"), forms
+    if first == "small_tc":              # the same gradients from float32 dE/dy (conv_small_filter_tc rounds it)
+        from hetnet.backends.cuda import norm as N
+
+        with monkeypatch.context() as m:
+            m.setattr(N, "takes_dy16_nchw", lambda *a: False)
+            logits32, grads32 = plan_step(_model(be), x, y)
+        assert forms[-1] == "ndarray", forms
+        np.testing.assert_array_equal(logits, logits32)
+        for i, g in grads.items():
+            np.testing.assert_array_equal(g, grads32[i], err_msg=f"parameter {i} (float32 dE/dy)")
     monkeypatch.setattr(P, "_to_norm", lambda node, be, grad=False: {})
     monkeypatch.setattr(be, "bn_relu_forward", lambda x_, *a, **kw: forward(round_bf16(x_), *a, **kw))
     monkeypatch.setattr(be, "bn_relu_backward", lambda dy_, *a, **kw: backward(round_bf16(dy_), *a, **kw))
-    rounded_logits, rounded_grads = _step(_model(be), x, y)
+    rounded_logits, rounded_grads = plan_step(_model(be), x, y)
     np.testing.assert_array_equal(logits, rounded_logits)
     for i, g in grads.items():
         np.testing.assert_array_equal(g, rounded_grads[i], err_msg=f"parameter {i}")
-    ref_logits, _ = _step(_model("reference"), x, y)
+    ref_logits, _ = plan_step(_model("reference"), x, y)
     assert rel_err(logits, ref_logits) <= 2 * RTOL_TC["bf16"], rel_err(logits, ref_logits)
 
 
@@ -161,9 +163,9 @@ def test_plan_at_each_precision_on_the_emulated_cuda_backend(libs, rng, monkeypa
                         or forward(x_, *a, **kw))
     x = rng.standard_normal((BATCH, 3, 8, 8)).astype(np.float32)
     y = rng.integers(0, 10, size=BATCH)
-    logits, grads = _step(_model(be), x, y)
+    logits, grads = plan_step(_model(be), x, y)
     assert stored == [precision == "bf16"] * 2, stored
-    ref_logits, ref_grads = _step(_model("reference"), x, y)
+    ref_logits, ref_grads = plan_step(_model("reference"), x, y)
     if precision == "fp32":
         bound = RTOL[np.dtype(np.float32)]
         assert rel_err(logits, ref_logits) <= bound

@@ -26,8 +26,8 @@ from conftest import RTOL_FP32_PARTS, RTOL_TC, RTOL_TC_ROUNDED, rel_err, toleran
 from halo_cases import HALO_CASES, check_halo, sandbox
 from mma_cases import (CONV16_SHAPES, CONV32_SHAPES, CONV_SHAPES, POOL16_SHAPES, POOL32_SHAPES, SHAPES,
                        conv_data_expected, conv_data_inputs, conv_expected, conv_filter_expected, conv_filter_inputs,
-                       bf16_bits, conv_inputs, expected, max_pool_2x2, nhwc16, nhwc_copy, round_bf16, stored, turned16,
-                       turned_copy)
+                       bf16_bits, conv_inputs, expected, max_pool_2x2, nhwc16, nhwc_copy, plan_step, round_bf16, stored,
+                       turned16, turned_copy)
 
 import hetnet as hn
 from hetnet import plan as P
@@ -696,6 +696,38 @@ def test_small_convolutions_on_tensor_cores(rng, monkeypatch, case):
     C.conv_backward(be, be.asarray(dy), be.asarray(x), be.asarray(w), dw, db, stride, pad, need_dx=False)
     assert rel_err(be.to_numpy(dw) - 1, dw_want - 1) <= RTOL_TC_ROUNDED
     assert rel_err(be.to_numpy(db), db_want) <= tolerance(np.float32)
+
+
+def test_batch_norm_hands_a_small_convolution_its_gradient_in_bf16(rng, monkeypatch):
+    """At bf16, a convolution whose filter gradient runs "small_tc" (set as if measured) gets dE/dy from the batch norm
+    after it stored in bf16 (conv.Nchw16: norm.cu's bn_bwd_dx16, mma.cu's conv_small_filter_tc_dy16); the
+    gradients are those of the same step with dE/dy in float32 (which conv_small_filter_tc rounds to the same bf16
+    values) within RTOL_TC_ROUNDED."""
+    from hetnet.backends.cuda import norm as N
+
+    be = get_backend("cuda", "bf16")
+    x = rng.standard_normal((16, 3, 12, 12)).astype(np.float32)
+    y = rng.integers(0, 4, size=16)
+    forms, back = [], be.bn_relu_backward
+
+    def spy(*a, **kw):
+        dx = back(*a, **kw)
+        forms.append(type(dx).__name__)
+        return dx
+
+    monkeypatch.setattr(be, "bn_relu_backward", spy)
+    grads = []
+    with _measured_as(be, (16, 3, 12, 12, 16, 3, 3, 1, 1), {"fwd": "small_tc", "filter": "small_tc"}):
+        for handed in (True, False):
+            if not handed:
+                monkeypatch.setattr(N, "takes_dy16_nchw", lambda *a: False)
+            hn.seed(3)
+            model = hn.Sequential([hn.Conv2D(3, 16, 3, padding=1, bias=False), hn.BatchNorm2D(16), hn.ReLU(),
+                                   hn.Flatten(), hn.Dense(16 * 12 * 12, 4)]).to(be)
+            grads.append(plan_step(model, x, y)[1])
+    assert forms == ["Nchw16", "ndarray"], forms
+    for i, g in grads[0].items():
+        assert rel_err(g, grads[1][i]) <= RTOL_TC_ROUNDED, (i, rel_err(g, grads[1][i]))
 
 
 @pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16"])

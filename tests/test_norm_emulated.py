@@ -66,8 +66,8 @@ def _shifted(a):
 
 def _kernels(emu, x16, wide, xs, dy, gamma, beta, act, train, G, dy16=0, shift_out=False):
     """Every kernel on x (float32 values, or their bf16 bits with x16) and dy (the same with dy16): (stats, running
-    stats, sums, y, red, dgamma, dbeta, dx, dx channels-last in bf16) as NumPy arrays. shift_out: y and dx written
-    one element past a 16-byte boundary (_shifted)."""
+    stats, sums, y, red, dgamma, dbeta, dx, dx channels-last in bf16, dx in bf16) as NumPy arrays. shift_out: y and
+    both NCHW dx written one element past a 16-byte boundary (_shifted)."""
     out = _shifted if shift_out else (lambda a: a)
     n, c = xs.shape[:2]
     hw = xs.size // (n * c)
@@ -90,7 +90,10 @@ def _kernels(emu, x16, wide, xs, dy, gamma, beta, act, train, G, dy16=0, shift_o
     if c % 2 == 0:                                          # (its bf16 pairs need C even)
         _launch(emu, _version("bn_bwd_dx_nhwc16", x16, dy16, True), norm_ops._nhwc16_grid(n * hw, c), dy, xs, mean,
                 var, gamma, beta, red if train else None, dx16, n, c, hw, 1e-5, act)
-    return stats, rm, rv, sums, y, red, dg, db, dx, dx16
+    dxb = out(np.full(xs.shape, 0xDEAD, np.uint16))
+    _launch(emu, _version("bn_bwd_dx16", x16, dy16, wide), (c, G), dy, xs, mean, var, gamma, beta,
+            red if train else None, dxb, n, c, hw, 1e-5, act)
+    return stats, rm, rv, sums, y, red, dg, db, dx, dx16, dxb
 
 
 # Planes of HW a multiple of 8 are walked in vectors of 8 elements (common.cuh's hn_bn_walk: (4, 2, 16, 16), (5, 3,
@@ -115,7 +118,7 @@ def test_batch_norm_kernels_emulated(emu, rng, shape, act):
     for i, (a, b) in enumerate(zip(got, wide)):
         if i not in (0, 1, 2, 3, 5, 6, 7):                     # reductions: another grid, another order
             np.testing.assert_array_equal(a, b, err_msg=f"output {i}")
-    stats, rm, rv, sums, y, red, dg, db, dx, dx16 = got
+    stats, rm, rv, sums, y, red, dg, db, dx, dx16, dxb = got
     xd = x.astype(np.float64).transpose(1, 0, 2, 3).reshape(c, -1)
     mean, var = xd.mean(1), xd.var(1)
     np.testing.assert_allclose(stats[:c], mean, rtol=1e-6, atol=1e-6)
@@ -141,6 +144,7 @@ def test_batch_norm_kernels_emulated(emu, rng, shape, act):
     np.testing.assert_allclose(dx, want_dx, rtol=1e-4, atol=1e-4)
     if c % 2 == 0:
         np.testing.assert_array_equal(dx16, bf16_bits(dx.transpose(0, 2, 3, 1)), "dx channels-last: bf16 of dx")
+    np.testing.assert_array_equal(dxb, bf16_bits(dx), "dx in bf16: bf16 of dx")
 
 
 @pytest.mark.parametrize("shifted", ["x", "dy", "outputs"])
@@ -154,7 +158,7 @@ def test_batch_norm_kernels_off_16_byte_boundaries_emulated(emu, rng, shifted):
         want = _kernels(emu, x16, 0, xs, dys, gamma, beta, 2, False, 2, x16)
         got = _kernels(emu, x16, 0, _shifted(xs) if shifted == "x" else xs, _shifted(dys) if shifted == "dy" else dys,
                        gamma, beta, 2, False, 2, x16, shift_out=shifted == "outputs")
-        for i in (4, 8, 9):                                     # y, dx and dx channels-last (eval: no batch sums)
+        for i in (4, 8, 9, 10):                                 # y and the dx (eval: no batch sums)
             np.testing.assert_array_equal(got[i], want[i], err_msg=f"x16 {x16}: output {i}")
         for i in (0, 1, 2, 3, 5, 6, 7):                         # the sums, in another order
             np.testing.assert_allclose(got[i], want[i], rtol=1e-6, atol=1e-6, err_msg=f"x16 {x16}: output {i}")

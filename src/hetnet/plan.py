@@ -22,7 +22,8 @@ backend's convolutions read (cuda at bf16: the channels-last bf16 copy the convo
 before instead of a float32 output). Backwards, a batch norm (-> GELU or ReLU) right after a convolution (-> max
 pool) without bias or ReLU names that node (Node.grad_feeds); its backward op gets grad_feeds=(weight shape, stride,
 padding, the convolution's input shape, the pool's (kernel, stride) or None) and may return dE/dx in the form that
-node's backward reads (cuda at bf16: the channels-last bf16 copy of its dE/dy). And a convolution (-> max pool)
+node's backward reads (cuda at bf16: the channels-last bf16 copy of its dE/dy, or dE/dy stored in bf16 for a small
+convolution's filter gradient). And a convolution (-> max pool)
 without act whose output only the batch norm (-> GELU or ReLU of its own) after it reads, not for a ReLU mask, is
 told so (Node.to_norm; its forward op gets to_norm=True) and may return the output in a form only that backend's
 batch norms read (cuda at bf16: stored in bf16); and a convolution (-> max pool) right after a batch norm (-> GELU or

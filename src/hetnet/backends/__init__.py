@@ -115,7 +115,8 @@ batchnorm_backward(dy, cache, dgamma[C]|None, dbeta[C]|None, need_dx=True, relu_
     grad_feeds=None or grad_feeds=(w_shape, stride, padding, x_shape, pool), saying that x is the output of a Conv2D
     with weights of that shape, without bias or act, on an input of x_shape, max-pooled after it (pool = (kernel,
     stride), conv2d_maxpool_forward) or not (None), and that dx's one reader is that op's backward; the backend may
-    then return dx in a form only that backward reads (cuda at bf16: the channels-last bf16 copy of its dE/dy).
+    then return dx in a form only that backward reads (cuda at bf16: the channels-last bf16 copy of its dE/dy, or
+    dE/dy stored in bf16 where its filter gradient reads that, conv.takes_dy16_nchw).
     And conv2d_forward and conv2d_maxpool_forward also take to_norm=False or True: True says that y's one reader is
     the batchnorm_forward, bn_relu_forward or bn_gelu_forward after it (and that op's backward, through its cache,
     given relu_mask=False); the backend may then return y in a form only those ops of its own read (cuda at bf16:

@@ -87,9 +87,11 @@ __device__ __forceinline__ float hn_act(const unsigned short* p, long long i) {
     return __uint_as_float(static_cast<unsigned>(p[i]) << 16);
 }
 
+__device__ __forceinline__ unsigned hn_bf16x2_bits(float lo, float hi);   // (below)
+
 // HN_BN_ILP elements of a walk, taken at once (HnPlaneWalk::take): whether they exist (ok(u)), read(p, v) their
 // values in p (float32 or bf16 bits: hn_act; 0 past the end), all loads in flight before any is used, and
-// write(p, v) stores float32 values where they exist.
+// write(p, v) stores the values where they exist (float32, or bf16 bits: round to nearest even).
 #define HN_BN_ILP 4
 template <typename I>
 struct HnTaken {
@@ -107,6 +109,11 @@ struct HnTaken {
 #pragma unroll
         for (int u = 0; u < U; ++u)
             if (ok_[u]) p[at_[u]] = v[u];
+    }
+    __device__ __forceinline__ void write(unsigned short* p, const float (&v)[U]) const {
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+            if (ok_[u]) p[at_[u]] = static_cast<unsigned short>(hn_bf16x2_bits(v[u], 0.f) & 0xffffu);
     }
 };
 
@@ -181,6 +188,19 @@ struct HnVecTaken {
                 hn_st16(p + base[k] + j, make_uint4(__float_as_uint(v[k * VW + j]), __float_as_uint(v[k * VW + j + 1]),
                                                     __float_as_uint(v[k * VW + j + 2]),
                                                     __float_as_uint(v[k * VW + j + 3])));
+        }
+    }
+    __device__ __forceinline__ void write(unsigned short* p, const float (&v)[U]) const {
+        static_assert(VW % 8 == 0, "whole 16-byte words of bf16");
+#pragma unroll
+        for (int k = 0; k < VN; ++k) {
+            if (!there[k]) continue;
+            const float* q = v + k * VW;
+#pragma unroll
+            for (int j = 0; j < VW; j += 8)
+                hn_st16(p + base[k] + j, make_uint4(hn_bf16x2_bits(q[j], q[j + 1]), hn_bf16x2_bits(q[j + 2], q[j + 3]),
+                                                    hn_bf16x2_bits(q[j + 4], q[j + 5]),
+                                                    hn_bf16x2_bits(q[j + 6], q[j + 7])));
         }
     }
 };

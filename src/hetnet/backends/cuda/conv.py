@@ -208,11 +208,13 @@ def small_tc_fits(be, g: Geometry, *arrays) -> bool:
 
 def _filter_small_tc(be, g, dy, x, dw, db):
     """dw += dE/dw from dy and x rounded to bf16 by mma.cu's conv_small_filter_tc (small_tc_fits): each block's part
-    over its 128-pixel tiles, then added into dw in block order (conv_small_filter_tc_add); db from dy."""
+    over its 128-pixel tiles, then added into dw in block order (conv_small_filter_tc_add); db from dy. dy may be
+    bf16 bits (uint16: conv_small_filter_tc_dy16, the batch norm's hand-over; then no db)."""
     check(dy, x, dw)
     blocks = max(1, min(SMALL_TC_BLOCKS_PER_SM * be.sms, math.ceil(g.npq / 128)))
     part = be.xp.empty((blocks, 64, 32), dtype=be.xp.float32)
-    get_kernel(be.device_id, "mma", "conv_small_filter_tc")((blocks,), (256,), (
+    name = "conv_small_filter_tc" + ("_dy16" if dy.dtype == np.uint16 else "")
+    get_kernel(be.device_id, "mma", name)((blocks,), (256,), (
         dy, x, part, *(_i32(v) for v in (g.n, g.c, g.h, g.w, g.k, g.r, g.s, g.stride, g.pad, g.p, g.q))),
         shared_mem=SMALL_TC_FSMEM)
     get_kernel(be.device_id, "mma", "conv_small_filter_tc_add")((math.ceil(g.k * 32 / 256),), (256,), (
@@ -703,6 +705,31 @@ def takes_dy16(be, y_shape, grad_feeds) -> bool:
             and _measured16(be, "data", g) is not None)
 
 
+def takes_dy16_nchw(be, y_shape, grad_feeds) -> bool:
+    """Whether the convolution backward that `grad_feeds` names reads the gradient of y_shape (N, K, P, Q) stored in
+    bf16 (an Nchw16): at bf16, where no pooling follows the convolution and its filter gradient was measured to run
+    "small_tc" (mma.cu's conv_small_filter_tc, which rounds dy to bf16 itself: the same values, half the bytes)."""
+    if grad_feeds is None or len(y_shape) != 4 or be.precision != "bf16" or be.force_conv_algo or _forced():
+        return False
+    w_shape, stride, pad, x_shape, pool = grad_feeds
+    if pool is not None or x_shape is None or len(x_shape) != 4 or len(w_shape) != 4 or w_shape[1] != x_shape[1]:
+        return False
+    g = Geometry(*x_shape, w_shape[0], w_shape[2], w_shape[3], int(stride), int(pad))
+    return tuple(y_shape) == (g.n, g.k, g.p, g.q) and be.conv_choice("filter", g.key()) == "small_tc"
+
+
+def conv_backward_nchw16(be, g: Geometry, dy16, x, w, dw, need_dx=True, relu_x=None, out16=False):
+    """conv_backward from dy16, dE/dy in bf16 (uint16 NCHW, the batch norm's hand-over: takes_dy16_nchw; no bias
+    gradient): the filter gradient on "small_tc" (unless dw is None), the data gradient (if need_dx) by the measured
+    choice from dy16's float32 values."""
+    if dw is not None:
+        _filter_small_tc(be, g, dy16, x, dw, None)
+    if not need_dx:
+        return None
+    dy = (dy16.astype(be.xp.uint32) << 16).view(be.xp.float32)
+    return conv_backward(be, dy, x, w, None, None, g.stride, g.pad, True, relu_x, None, x.shape, out16)
+
+
 def _kept16(be, g: Geometry) -> str | None:
     """The forward's channels-last candidate for g when the forward and the filter gradient were both measured to run on
     channels-last copies (so the forward's copy of x can serve the backward instead of x), else None."""
@@ -906,7 +933,8 @@ class ConvOps:
 
     def conv2d_backward(self, dy, cache, dw, db, need_dx=True, relu_mask=False, grad_to_norm=False):
         """dy may be the channels-last bf16 copy of dE/dy (an Nhwc16 handed over by the batch norm after the
-        convolution, takes_dy16): its gradients then run on it alone (conv_backward16); no bias gradient.
+        convolution, takes_dy16): its gradients then run on it alone (conv_backward16); or dE/dy in bf16 (an Nchw16,
+        takes_dy16_nchw: conv_backward_nchw16); either way no bias gradient.
         grad_to_norm (the op contract's hand-over to the batch norm before): at bf16, dE/dx as an Nchw16 where the
         data gradient runs on channels-last copies."""
         x, w, stride, padding, x16, x_shape = cache
@@ -918,6 +946,11 @@ class ConvOps:
             if db is not None or not conv_backward16_ready(self, g, dw, need_dx):
                 raise ValueError("conv2d_backward: a channels-last dy where its gradients do not run on it")
             return conv_backward16(self, g, dy.data, x, x16, w, dw, need_dx, x if relu_mask else None, out16)
+        if isinstance(dy, Nchw16):          # the batch norm's hand-over in bf16 (takes_dy16_nchw)
+            g = Geometry(*x_shape, *(w.shape[i] for i in (0, 2, 3)), stride, padding)
+            if db is not None or x is None or self.conv_choice("filter", g.key()) != "small_tc":
+                raise ValueError("conv2d_backward: a bf16 dy where the filter gradient does not run on it")
+            return conv_backward_nchw16(self, g, dy.data, x, w, dw, need_dx, x if relu_mask else None, out16)
         return conv_backward(self, self._c(dy), x, w, dw, db, stride, padding, need_dx, x if relu_mask else None,
                              x16, x_shape, out16)
 

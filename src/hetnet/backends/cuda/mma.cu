@@ -2240,17 +2240,24 @@ extern "C" __global__ void __launch_bounds__(256) conv_small_fwd_tc(const float*
 // [64][128] X [128][32], K = the pixels: dy^T staged as ds[k][pixel], the taps as xs[j][pixel] (bf16 rows of 128
 // pixels, padded to 136: ldmatrix's 8 rows in different banks); warp w takes taps 16 (w % 2) .. + 15 over pixels 32
 // (w / 2) .. + 31 (8 tiles of D, 32 float32 sums a thread), and the four warps of each half of the taps add their sums
-// in warp order through shared memory at the end. dy [n][K][P][Q], x [n][C][H][W] float32; K <= 64, C R S <= 32;
-// part [blocks][64][32]. 256 threads, HN_SMALL_TC_FSMEM bytes of dynamic shared memory.
+// in warp order through shared memory at the end. dy [n][K][P][Q] float32, or its bf16 bits in
+// conv_small_filter_tc_dy16 (the batch norm's hand-over, conv.Nchw16: the same bf16 values the float32 version rounds
+// to), x [n][C][H][W] float32; K <= 64, C R S <= 32; part [blocks][64][32]. 256 threads, HN_SMALL_TC_FSMEM bytes of
+// dynamic shared memory.
 #define HN_SMALL_TC_PROW 136                                        // bf16 elements a staged row of pixels
 #define HN_SMALL_TC_FSMEM ((64 + 32) * HN_SMALL_TC_PROW * 2)        // dynamic shared memory a block: ds, xs
 
-extern "C" __global__ void __launch_bounds__(256, 2) conv_small_filter_tc(const float* __restrict__ dy,
-                                                                       const float* __restrict__ x,
-                                                                       float* __restrict__ part, int n, int C, int H,
-                                                                       int W, int K, int R, int S, int stride,
-                                                                       int pad, int P, int Q) {
-    HN_DYNAMIC_SMEM(hn_smem);
+// An element of dy as float32: float32, or bf16 bits.
+__device__ __forceinline__ float hn_small_value(const float* p, long long i) { return p[i]; }
+__device__ __forceinline__ float hn_small_value(const unsigned short* p, long long i) {
+    return __uint_as_float(static_cast<unsigned>(p[i]) << 16);
+}
+
+template <typename D>
+__device__ __forceinline__ void hn_conv_small_filter_tc(unsigned char* hn_smem, const D* __restrict__ dy,
+                                                        const float* __restrict__ x, float* __restrict__ part, int n,
+                                                        int C, int H, int W, int K, int R, int S, int stride, int pad,
+                                                        int P, int Q) {
     unsigned short* ds = reinterpret_cast<unsigned short*>(hn_smem);   // [64][PROW]
     unsigned short* xs = ds + 64 * HN_SMALL_TC_PROW;                    // [32][PROW]
     float* red = reinterpret_cast<float*>(hn_smem);                     // [64][32], over ds once the products end
@@ -2272,8 +2279,10 @@ extern "C" __global__ void __launch_bounds__(256, 2) conv_small_filter_tc(const 
             const int k = (tid >> 5) + 8 * u;
             float v[4];
 #pragma unroll
-            for (int e = 0; e < 4; ++e)
-                v[e] = img[e] >= 0 && k < K ? dy[(static_cast<long long>(img[e]) * K + k) * PQ + pq[e]] : 0.f;
+            for (int e = 0; e < 4; ++e) {
+                const long long at = (static_cast<long long>(img[e]) * K + k) * PQ + pq[e];
+                v[e] = img[e] >= 0 && k < K ? hn_small_value(dy, at) : 0.f;
+            }
             hn_sts2(ds + k * HN_SMALL_TC_PROW + quad, hn_pack_bf16x2(v[0], v[1]), hn_pack_bf16x2(v[2], v[3]));
         }
 #pragma unroll
@@ -2326,6 +2335,22 @@ extern "C" __global__ void __launch_bounds__(256, 2) conv_small_filter_tc(const 
     float* out = part + static_cast<long long>(blockIdx.x) * 64 * 32;
 #pragma unroll
     for (int u = 0; u < 8; ++u) out[tid + 256 * u] = hn_lds(red + tid + 256 * u);
+}
+extern "C" __global__ void __launch_bounds__(256, 2) conv_small_filter_tc(const float* __restrict__ dy,
+                                                                       const float* __restrict__ x,
+                                                                       float* __restrict__ part, int n, int C, int H,
+                                                                       int W, int K, int R, int S, int stride,
+                                                                       int pad, int P, int Q) {
+    HN_DYNAMIC_SMEM(hn_smem);
+    hn_conv_small_filter_tc(hn_smem, dy, x, part, n, C, H, W, K, R, S, stride, pad, P, Q);
+}
+extern "C" __global__ void __launch_bounds__(256, 2) conv_small_filter_tc_dy16(const unsigned short* __restrict__ dy,
+                                                                            const float* __restrict__ x,
+                                                                            float* __restrict__ part, int n, int C,
+                                                                            int H, int W, int K, int R, int S,
+                                                                            int stride, int pad, int P, int Q) {
+    HN_DYNAMIC_SMEM(hn_smem);
+    hn_conv_small_filter_tc(hn_smem, dy, x, part, n, C, H, W, K, R, S, stride, pad, P, Q);
 }
 
 // dw[k][j] += the sum of the G blocks' parts part[g][k][j] in block order (conv_small_filter_tc's), k < K, j < CRS.

@@ -341,12 +341,13 @@ HN_BN_KERNELS(bn_bwd_reduce_x16_dy16, bn_bwd_reduce,
 
 // With g = dE/dz (hn_bn_out_grad of dy), training: dx = gamma*inv * (g - sum_g/m - xhat * sum_gxhat/m); eval
 // (red == nullptr): dx = g * gamma * inv. On bn_bwd_reduce's (C, G) grid, so that a block's channel constants are
-// computed once. Elementwise after bn_bwd_reduce: dx may be x's own memory (x float32).
-template <typename I, typename D, typename X>
+// computed once. Elementwise after bn_bwd_reduce: dx may be x's own memory (x float32). dx float32, or in the
+// "bn_bwd_dx16" versions (below) its bf16 bits.
+template <typename I, typename D, typename X, typename O>
 __device__ __forceinline__ void bn_bwd_dx_body(const D* __restrict__ dy, const X* x,
                                                const float* __restrict__ mean, const float* __restrict__ var,
                                                const float* __restrict__ gamma, const float* __restrict__ beta,
-                                               const float* __restrict__ red, float* dx, int N, int C, int HW,
+                                               const float* __restrict__ red, O* dx, int N, int C, int HW,
                                                float eps, int act) {
     const int c = blockIdx.x;
     const float inv_m = 1.f / ((float)N * HW);
@@ -383,6 +384,30 @@ HN_BN_KERNELS(bn_bwd_dx_x16_dy16, bn_bwd_dx,
     (const unsigned short* __restrict__ dy, const unsigned short* __restrict__ x, const float* __restrict__ mean,
      const float* __restrict__ var, const float* __restrict__ gamma, const float* __restrict__ beta,
      const float* __restrict__ red, float* __restrict__ dx, int N, int C, int HW, float eps, int act),
+    (dy, x, mean, var, gamma, beta, red, dx, N, C, HW, eps, act))
+
+// bn_bwd_dx with dx stored in bf16 (NCHW), the "bn_bwd_dx16" versions: the gradient the batch norm hands to a
+// convolution whose filter gradient reads dy in bf16 (conv.py's takes_dy16_nchw: mma.cu's conv_small_filter_tc_dy16),
+// the bits of bf16 of bn_bwd_dx's float32 dx.
+HN_BN_KERNELS(bn_bwd_dx16, bn_bwd_dx,
+    (const float* __restrict__ dy, const float* __restrict__ x, const float* __restrict__ mean,
+     const float* __restrict__ var, const float* __restrict__ gamma, const float* __restrict__ beta,
+     const float* __restrict__ red, unsigned short* __restrict__ dx, int N, int C, int HW, float eps, int act),
+    (dy, x, mean, var, gamma, beta, red, dx, N, C, HW, eps, act))
+HN_BN_KERNELS(bn_bwd_dx16_x16, bn_bwd_dx,
+    (const float* __restrict__ dy, const unsigned short* __restrict__ x, const float* __restrict__ mean,
+     const float* __restrict__ var, const float* __restrict__ gamma, const float* __restrict__ beta,
+     const float* __restrict__ red, unsigned short* __restrict__ dx, int N, int C, int HW, float eps, int act),
+    (dy, x, mean, var, gamma, beta, red, dx, N, C, HW, eps, act))
+HN_BN_KERNELS(bn_bwd_dx16_dy16, bn_bwd_dx,
+    (const unsigned short* __restrict__ dy, const float* __restrict__ x, const float* __restrict__ mean,
+     const float* __restrict__ var, const float* __restrict__ gamma, const float* __restrict__ beta,
+     const float* __restrict__ red, unsigned short* __restrict__ dx, int N, int C, int HW, float eps, int act),
+    (dy, x, mean, var, gamma, beta, red, dx, N, C, HW, eps, act))
+HN_BN_KERNELS(bn_bwd_dx16_x16_dy16, bn_bwd_dx,
+    (const unsigned short* __restrict__ dy, const unsigned short* __restrict__ x, const float* __restrict__ mean,
+     const float* __restrict__ var, const float* __restrict__ gamma, const float* __restrict__ beta,
+     const float* __restrict__ red, unsigned short* __restrict__ dx, int N, int C, int HW, float eps, int act),
     (dy, x, mean, var, gamma, beta, red, dx, N, C, HW, eps, act))
 
 // bn_bwd_dx's dx written channels-last in bf16 instead: the copy of dE/dy that the convolution (-> max pool) whose

@@ -10,7 +10,7 @@ import math
 import numpy as np
 
 from .. import compose
-from .conv import Nchw16, Nhwc16, takes_dy16, takes_nhwc16
+from .conv import Nchw16, Nhwc16, takes_dy16, takes_dy16_nchw, takes_nhwc16
 from .kernels import NULL, address, get_kernel
 from .kernels import act_code as _act
 
@@ -159,7 +159,8 @@ class NormOps:
         """The backward of _bn_forward's act: the derivative of an act the op owns is applied here (dy is dE/dy),
         else there is none to apply (dy is dE/dz; a ReLU's is the consumer's). grad_feeds (the op contract's backward
         hand-over): dx as the channels-last bf16 copy of dE/dy that the convolution (-> max pool) whose output x is
-        reads (Nhwc16, bn_bwd_dx_nhwc16) where it takes one (conv.takes_dy16). x (the cache's) may be an Nchw16,
+        reads (Nhwc16, bn_bwd_dx_nhwc16) where it takes one (conv.takes_dy16), or stored in bf16 (Nchw16,
+        bn_bwd_dx16) where it reads that (conv.takes_dy16_nchw). x (the cache's) may be an Nchw16,
         which is never written over and cannot give a ReLU mask; dy may be an Nchw16 too."""
         x, mean, var, gamma, beta, eps, training, sync, act = cache
         xa, xs = _x(x)
@@ -187,6 +188,12 @@ class NormOps:
                 (dy, xa, mean, var, gamma, beta, red if training else NULL, dx16, _i32(n), _i32(c), _i32(hw),
                  _f32(eps), _i32(act)))
             return Nhwc16(dx16, x.shape)
+        if not relu_mask and takes_dy16_nchw(self, x.shape, grad_feeds):
+            dx16 = self.xp.empty(x.shape, dtype=self.xp.uint16)
+            get_kernel(self.device_id, "norm", self.ix("bn_bwd_dx16" + ks, x.size))(self._bn_grid(n, c, hw), (256,), (
+                dy, xa, mean, var, gamma, beta, red if training else NULL, dx16, _i32(n), _i32(c), _i32(hw),
+                _f32(eps), _i32(act)))
+            return Nchw16(dx16)
         dx = x if inplace and not relu_mask and not xs else self.xp.empty(x.shape, dtype=self.xp.float32)
         get_kernel(self.device_id, "norm", self.ix("bn_bwd_dx" + ks, x.size))(self._bn_grid(n, c, hw), (256,), (
             dy, xa, mean, var, gamma, beta, red if training else NULL, dx, _i32(n), _i32(c), _i32(hw), _f32(eps),
