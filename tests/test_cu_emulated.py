@@ -602,11 +602,11 @@ def test_sandbox_conv_small_emulated(emu_small, rng, case):
 # mma.cu's tensor-core forward and filter gradient for small convolutions (conv.py's "small_tc" at bf16)
 SMALL_TC_ENTRY = """
 extern "C" int emu_small_tc(const float* x, const float* w, const float* b, void* y, int n, int C, int H, int W, int K,
-                            int R, int S, int st, int pad, int P, int Q, int act, int out16, unsigned seed, char* err,
-                            int len) {
+                            int R, int S, int st, int pad, int P, int Q, int act, int out16, double* sums,
+                            unsigned seed, char* err, int len) {
     const unsigned blocks = (unsigned)((n * P * Q + 127) / 128);
     std::string msg = emu::launch({blocks, 1, 1}, {256, 1, 1}, HN_SMALL_TC_SMEM, [=] {
-        conv_small_fwd_tc(x, w, b, y, n, C, H, W, K, R, S, st, pad, P, Q, act, out16);
+        conv_small_fwd_tc(x, w, b, y, n, C, H, W, K, R, S, st, pad, P, Q, act, out16, sums);
     }, seed);
     snprintf(err, len, "%s", msg.c_str());
     return msg.empty() ? 0 : 1;
@@ -641,7 +641,8 @@ def emu_small_tc(tmp_path_factory):
 def test_conv_small_tc_emulated(emu_small_tc, rng, case):
     """conv_small_fwd_tc: y = act(conv2d(x, w) + b) on bf16 tensor cores against float64 of the bf16-rounded x and w
     (the bias not rounded) within the emulator's tolerance, no activation and ReLU; with out16 the bf16 bits of that
-    float32 output, bit for bit. Nothing written past y (guard elements)."""
+    float32 output, bit for bit. Nothing written past y (guard elements). The sums it adds for a batch norm: each
+    channel's sum and sum of squares of y as stored (float32, or the bf16 values), in float64, and the count."""
     n, c, h, w_, k, ks, stride, pad, bias = case
     x, w, b, _ = _small_conv(rng, case)
     xr, wr = bf16_values(bf16_bits(x)), bf16_values(bf16_bits(w))
@@ -650,18 +651,26 @@ def test_conv_small_tc_emulated(emu_small_tc, rng, case):
     p, q = want.shape[2:]
     size, guard = want.size, 64
     err = ctypes.create_string_buffer(512)
+    def sums_of(values):
+        v = values.astype(np.float64)
+        return np.concatenate([v.sum(axis=(0, 2, 3)), (v * v).sum(axis=(0, 2, 3)), [n * p * q]])
+
     for act in (0, 1):
-        y = np.full(size + guard, np.nan, np.float32)
+        y, sums = np.full(size + guard, np.nan, np.float32), np.zeros(2 * k + 1)
         _check(emu_small_tc.emu_small_tc(_ptr(x), _ptr(w), _ptr(b) if bias else None, _ptr(y), n, c, h, w_, k, ks,
-                                         ks, stride, pad, p, q, act, 0, 3 + act, err, 512), err)
+                                         ks, stride, pad, p, q, act, 0, _ptr(sums), 3 + act, err, 512), err)
         assert np.isnan(y[size:]).all(), "written past y"
         y = y[:size].reshape(want.shape)
         np.testing.assert_allclose(y, np.maximum(want, 0) if act else want, rtol=RTOL_EMULATED, atol=RTOL_EMULATED)
-        y16 = np.full(size + guard, 0xDEAD, np.uint16)
+        np.testing.assert_allclose(sums, sums_of(y), rtol=1e-12, atol=1e-12)
+        y16, sums = np.full(size + guard, 0xDEAD, np.uint16), np.zeros(2 * k + 1)
         _check(emu_small_tc.emu_small_tc(_ptr(x), _ptr(w), _ptr(b) if bias else None, _ptr(y16), n, c, h, w_, k, ks,
-                                         ks, stride, pad, p, q, act, 1, 5 + act, err, 512), err)
+                                         ks, stride, pad, p, q, act, 1, _ptr(sums), 5 + act, err, 512), err)
         assert (y16[size:] == 0xDEAD).all(), "written past y"
         np.testing.assert_array_equal(y16[:size].reshape(want.shape), bf16_bits(y))
+        np.testing.assert_allclose(sums, sums_of(bf16_values(y16[:size].reshape(want.shape))), rtol=1e-12, atol=1e-12)
+        _check(emu_small_tc.emu_small_tc(_ptr(x), _ptr(w), _ptr(b) if bias else None, _ptr(y16), n, c, h, w_, k, ks,
+                                         ks, stride, pad, p, q, act, 1, None, 7 + act, err, 512), err)     # no sums
 
 
 @pytest.mark.parametrize("case", [(3, 3, 9, 9, 64, 3, 1, 1, 2), (2, 2, 7, 6, 8, 3, 2, 1, 1), (1, 2, 5, 5, 16, 4, 1, 2, 3),

@@ -249,7 +249,8 @@ def test_training_steps_with_weight_copies_emulated(libs, rng, monkeypatch, prec
     seen = []
     to_nhwc, turn_weights, get_kernel = M.to_nhwc, M.turn_weights, M.get_kernel
     monkeypatch.setattr(M, "to_nhwc", lambda be_, a: seen.append(("copy", a.shape in shapes)) or to_nhwc(be_, a))
-    monkeypatch.setattr(M, "turn_weights", lambda be_, a: seen.append(("copy", a.shape in shapes)) or turn_weights(be_, a))
+    monkeypatch.setattr(M, "turn_weights",
+                        lambda be_, a: seen.append(("copy", a.shape in shapes)) or turn_weights(be_, a))
     monkeypatch.setattr(M, "get_kernel", lambda d, m, name: seen.append((name, False)) or get_kernel(d, m, name))
     results = []
     for scoped in (True, False):

@@ -26,8 +26,8 @@ from conftest import RTOL_FP32_PARTS, RTOL_TC, RTOL_TC_ROUNDED, rel_err, toleran
 from halo_cases import HALO_CASES, check_halo, sandbox
 from mma_cases import (CONV16_SHAPES, CONV32_SHAPES, CONV_SHAPES, POOL16_SHAPES, POOL32_SHAPES, SHAPES,
                        conv_data_expected, conv_data_inputs, conv_expected, conv_filter_expected, conv_filter_inputs,
-                       bf16_bits, conv_inputs, expected, max_pool_2x2, nhwc16, nhwc_copy, plan_step, round_bf16, stored,
-                       turned16, turned_copy)
+                       bf16_bits, bf16_values, conv_inputs, expected, max_pool_2x2, nhwc16, nhwc_copy, plan_step,
+                       round_bf16, stored, turned16, turned_copy)
 
 import hetnet as hn
 from hetnet import plan as P
@@ -676,7 +676,7 @@ def test_small_convolutions_on_tensor_cores(rng, monkeypatch, case):
     conv_small_filter_tc + conv_small_filter_tc_add, set as the measured choice): y (bias, with and without ReLU)
     and dw (added into a prior gradient) against float64 of x, w and dy rounded to bf16, within RTOL_TC_ROUNDED; the
     bias gradient float32's sum of dy; the forward's bf16 output (to_norm's Nchw16) the bf16 bits of its float32
-    output."""
+    output, with each channel's sum and sum of squares of those values (Nchw16.sums, for the batch norm)."""
     be = get_backend("cuda", "bf16")
     n, c, h, w_, k, ks, stride, pad = case
     x, w, b = (rng.standard_normal(s).astype(np.float32) for s in ((n, c, h, w_), (k, c, ks, ks), (k,)))
@@ -692,6 +692,9 @@ def test_small_convolutions_on_tensor_cores(rng, monkeypatch, case):
         assert rel_err(y, np.maximum(want, 0) if act else want) <= RTOL_TC_ROUNDED, act
         y16 = C.conv_forward(be, be.asarray(x), be.asarray(w), be.asarray(b), stride, pad, act, None, True)
         np.testing.assert_array_equal(cupy.asnumpy(y16.data), bf16_bits(y), err_msg=f"act {act}")
+        v = bf16_values(bf16_bits(y)).astype(np.float64)        # the batch norm's sums of the values stored
+        want_sums = [*v.sum(axis=(0, 2, 3)), *(v * v).sum(axis=(0, 2, 3)), v.size // k]
+        np.testing.assert_allclose(cupy.asnumpy(y16.sums), want_sums, rtol=1e-9, err_msg=f"act {act}")
     dw, db = be.asarray(np.ones(w.shape)), be.asarray(np.ones(k))
     C.conv_backward(be, be.asarray(dy), be.asarray(x), be.asarray(w), dw, db, stride, pad, need_dx=False)
     assert rel_err(be.to_numpy(dw) - 1, dw_want - 1) <= RTOL_TC_ROUNDED

@@ -183,10 +183,12 @@ SMALL_TC_FSMEM = (64 + 32) * 136 * 2       # HN_SMALL_TC_FSMEM: conv_small_filte
 SMALL_TC_BLOCKS_PER_SM = 2                 # conv_small_filter_tc's blocks (its grid-stride loop over 128-pixel tiles)
 
 
-def _fwd_small(be, g, x, w, b, y, act, out16: bool = False, tc: bool = False):
+def _fwd_small(be, g, x, w, b, y, act, out16: bool = False, tc: bool = False, sums=None):
     """y = act(conv(x, w) + b) by conv.cu's conv_small_fwd (small_fits), or with tc by mma.cu's conv_small_fwd_tc
     from x and w rounded to bf16 (small_tc_fits), 128 output pixels a block: y float32 [N, K, P, Q], or with out16
-    uint16 of that shape, the bf16 bits (round to nearest even) of the same values."""
+    uint16 of that shape, the bf16 bits (round to nearest even) of the same values. sums (tc only): a zeroed float64
+    [2 K + 1] the kernel adds y's per-channel sums and sums of squares into, and its count (a batch norm's
+    statistics, Nchw16.sums)."""
     name = "conv_small_fwd_tc" if tc else "conv_small_fwd"
     want = np.uint16 if out16 else np.float32
     if y.dtype != want or y.shape != (g.n, g.k, g.p, g.q):
@@ -195,8 +197,8 @@ def _fwd_small(be, g, x, w, b, y, act, out16: bool = False, tc: bool = False):
     check(x, w, b, y)
     get_kernel(be.device_id, "mma" if tc else "conv", name)((math.ceil(g.npq / 128),), (256,), (
         x, w, b if b is not None else NULL, y, *(_i32(v) for v in (g.n, g.c, g.h, g.w, g.k, g.r, g.s, g.stride,
-                                                                    g.pad, g.p, g.q, act, out16))),
-        shared_mem=SMALL_TC_SMEM if tc else 0)
+                                                                    g.pad, g.p, g.q, act, out16)),
+        *((NULL if sums is None else sums,) if tc else ())), shared_mem=SMALL_TC_SMEM if tc else 0)
 
 
 def small_tc_fits(be, g: Geometry, *arrays) -> bool:
@@ -562,8 +564,9 @@ def conv_forward(be, x, w, b, stride, pad, act=0, geometry=None, out16=False):
     choice = _choose(be, "fwd", g, cands, _float32_outputs(be, shape))
     if out16 and choice in ("small", "small_tc"):
         y16 = be.xp.empty(shape, dtype=be.xp.uint16)
-        _fwd_small(be, g, x, w, b, y16, act, out16=True, tc=choice == "small_tc")
-        return Nchw16(y16)
+        sums = be.xp.zeros((2 * g.k + 1,), dtype=be.xp.float64) if choice == "small_tc" else None
+        _fwd_small(be, g, x, w, b, y16, act, out16=True, tc=choice == "small_tc", sums=sums)
+        return Nchw16(y16, sums)
     y = be.xp.empty(shape, dtype=be.xp.float32)
     cands[choice](y)
     return y
@@ -638,12 +641,15 @@ class Nhwc16:
 class Nchw16:
     """An activation stored in bf16: `data` [n, C, H, W] bf16 bits (uint16, NCHW as the float32 it stands for).
     A bf16 convolution forward writes its output so where that output's one reader is the batch norm after it (the op
-    contract's `to_norm`); only the batch-norm ops read it (norm.cu's "_x16" kernels), forward and backward."""
+    contract's `to_norm`); only the batch-norm ops read it (norm.cu's "_x16" kernels), forward and backward. `sums`:
+    None, or float64 [sum per channel, sum of squares per channel, count] of those values, which the convolution
+    made as it wrote them ("small_tc"), so that the batch norm's statistics need no pass over them (norm.py). A batch
+    norm's dE/dx handed to a convolution's backward (takes_dy16_nchw) is one too, without sums."""
 
-    __slots__ = ("data",)
+    __slots__ = ("data", "sums")
 
-    def __init__(self, data):
-        self.data = data
+    def __init__(self, data, sums=None):
+        self.data, self.sums = data, sums
 
     @property
     def shape(self) -> tuple:

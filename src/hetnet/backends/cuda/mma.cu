@@ -2126,7 +2126,11 @@ extern "C" __global__ void hn_tma_probe(const __grid_constant__ HnTensorMap map,
 // steps. The outputs go through shared memory (ys[k][pixel], float32, over the staged operands once the products are
 // done) so that each thread stores 4 consecutive pixels of one channel: one 16-byte (float32) or 8-byte (bf16) store
 // where they are 4-aligned in one image (P Q a multiple of 4), else one at a time. act: 1 ReLU (kernels.py's ACTS).
-// Grid ceil(n P Q / 128), 256 threads, HN_SMALL_TC_SMEM bytes of dynamic shared memory.
+// sums (null: none), zeroed [2 K + 1] doubles: sums[k] += the sum of channel k's outputs as stored (bf16 values with
+// out16), sums[K + k] += the sum of their squares, sums[2 K] = n P Q, the batch norm's statistics of y
+// (norm.py: bn_stats_synced); a warp's sums added in double (a thread's 4 pixels, then the warp's lanes), one
+// atomic add a warp and channel. Grid ceil(n P Q / 128), 256 threads, HN_SMALL_TC_SMEM bytes of dynamic shared
+// memory.
 #define HN_SMALL_TC_ROW 40       // bf16 elements a staged row: 32 taps + 8, 80 bytes (a fragment's 8 rows, 8 banks)
 #define HN_SMALL_TC_YS 132       // floats a row of ys: 128 pixels + 4 (rows 16-byte aligned)
 #define HN_SMALL_TC_SMEM (64 * HN_SMALL_TC_YS * 4)      // dynamic shared memory a block: ys (ws and xs before it)
@@ -2136,7 +2140,7 @@ extern "C" __global__ void __launch_bounds__(256) conv_small_fwd_tc(const float*
                                                                     const float* __restrict__ b, void* __restrict__ out,
                                                                     int n, int C, int H, int W, int K, int R, int S,
                                                                     int stride, int pad, int P, int Q, int act,
-                                                                    int out16) {
+                                                                    int out16, double* __restrict__ sums) {
     HN_DYNAMIC_SMEM(hn_smem);                                       // HN_SMALL_TC_SMEM bytes: ws and xs, then ys
     float* smem = reinterpret_cast<float*>(hn_smem);
     unsigned short* ws = reinterpret_cast<unsigned short*>(smem);   // [64][ROW]
@@ -2201,17 +2205,36 @@ extern "C" __global__ void __launch_bounds__(256) conv_small_fwd_tc(const float*
         hn_sts2(y0 + 8 * HN_SMALL_TC_YS, hn_bits(acc[nb][2]), hn_bits(acc[nb][3]));
     }
     __syncthreads();
-    // stores: thread t channel k = t / 32 + 8 i, pixels 4 (t % 32) .. + 3, for i < 8
+    // stores: thread t channel k = t / 32 + 8 i (one channel a warp), pixels 4 (t % 32) .. + 3, for i < 8
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
         const int k = (tid >> 5) + 8 * i, pl = 4 * (tid & 31), pix = p0 + pl;
-        if (k >= K || pix >= NP) continue;
+        if (k >= K) continue;                         // (the whole warp)
         const float bias = b ? b[k] : 0.f;
         const float4 d = hn_lds4(ys + k * HN_SMALL_TC_YS + pl);
         float v[4] = {d.x + bias, d.y + bias, d.z + bias, d.w + bias};
 #pragma unroll
         for (int e = 0; e < 4; ++e)
             if (act == 1) v[e] = v[e] > 0.f ? v[e] : 0.f;
+        if (sums) {
+            double s = 0.0, ss = 0.0;
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                if (pix + e >= NP) continue;
+                const double r = out16 ? __uint_as_float(static_cast<unsigned>(hn_bf16_of(v[e])) << 16) : v[e];
+                s += r;
+                ss += r * r;
+            }
+            for (int o = 16; o > 0; o >>= 1) {
+                s += __shfl_xor_sync(0xffffffffu, s, o);
+                ss += __shfl_xor_sync(0xffffffffu, ss, o);
+            }
+            if (lane == 0) {
+                atomicAdd(sums + k, s);
+                atomicAdd(sums + K + k, ss);
+            }
+        }
+        if (pix >= NP) continue;
         const int img = pix / PQ, pq = pix - img * PQ;
         const long long at = (static_cast<long long>(img) * K + k) * PQ + pq;
         if (PQ % 4 == 0 && pix + 3 < NP) {                // 4 pixels of one image, 4-aligned
@@ -2231,6 +2254,7 @@ extern "C" __global__ void __launch_bounds__(256) conv_small_fwd_tc(const float*
             }
         }
     }
+    if (sums && blockIdx.x == 0 && tid == 0) sums[2 * K] = static_cast<double>(NP);
 }
 
 // conv_small_filter_tc: the filter gradient of the same convolutions, part[block][k][j] = the sum over the block's

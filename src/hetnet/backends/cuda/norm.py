@@ -56,9 +56,11 @@ class NormOps:
 
     def _bn_batch_stats(self, x, running_mean, running_var, momentum, training, reduce=None):
         """(mean, var, sync) per channel of x[N, C, ...]: in training the batch's (one kernel, which also updates the
-        running statistics), else copies of the running ones. With `reduce` (synchronised BatchNorm), the statistics
-        of every process's batch together: this batch's sums (bn_sums), all-reduced, then bn_stats_synced; sync is
-        then (reduce, the all-reduced count: a device array of one double) for the backward, else None."""
+        running statistics), else copies of the running ones. From the sums that came with x where the convolution
+        that wrote it made them (an Nchw16's sums): bn_stats_synced alone. With `reduce` (synchronised BatchNorm),
+        the statistics of every process's batch together: this batch's sums (bn_sums, or x's), all-reduced, then
+        bn_stats_synced; sync is then (reduce, the all-reduced count: a device array of one double) for the
+        backward, else None."""
         if not training:
             return running_mean.copy(), running_var.copy(), None
         n, c = x.shape[0], x.shape[1]
@@ -67,17 +69,20 @@ class NormOps:
         acc = self.scratch("bn_acc", (2 * c,), np.float64)
         cnt = self.scratch("bn_cnt", (c,), np.uint32)
         xa, xs = _x(x)
-        if reduce is None:
+        sums = x.sums if isinstance(x, Nchw16) else None                # [sum x, sum x^2, count]
+        if sums is None and reduce is None:
             get_kernel(self.device_id, "norm", self.ix("bn_stats" + xs, x.size))(self._bn_grid(n, c, hw), (256,), (
                 xa, stats, running_mean, running_var, acc, cnt, _i32(n), _i32(c), _i32(hw), _f32(momentum)))
             return stats[:c], stats[c:], None
-        sums = self.xp.empty((2 * c + 1,), dtype=self.xp.float64)      # [sum x, sum x^2, count]
-        get_kernel(self.device_id, "norm", self.ix("bn_sums" + xs, x.size))(self._bn_grid(n, c, hw), (256,), (
-            xa, sums, acc, cnt, _i32(n), _i32(c), _i32(hw)))
-        reduce(sums)
+        if sums is None:
+            sums = self.xp.empty((2 * c + 1,), dtype=self.xp.float64)
+            get_kernel(self.device_id, "norm", self.ix("bn_sums" + xs, x.size))(self._bn_grid(n, c, hw), (256,), (
+                xa, sums, acc, cnt, _i32(n), _i32(c), _i32(hw)))
+        if reduce is not None:
+            reduce(sums)
         get_kernel(self.device_id, "norm", "bn_stats_synced")((math.ceil(c / 256),), (256,), (
             sums, stats, running_mean, running_var, _i32(c), _f32(momentum)))
-        return stats[:c], stats[c:], (reduce, sums[2 * c:])
+        return stats[:c], stats[c:], None if reduce is None else (reduce, sums[2 * c:])
 
     def _bn_sync_grad_sums(self, red, m: int, sync) -> None:
         """Synchronised BatchNorm's backward: red = this process's [sum g, sum g * xhat] per channel (already added
