@@ -189,6 +189,7 @@ def _kernels_text() -> str:
                         (common, "template <typename X>\n__device__ __forceinline__ void hn_load_nhwc16_rows("),
                         (common, "__device__ __forceinline__ void hn_load_nhwc_tile("),
                         (common, "__device__ __forceinline__ void hn_store_nhwc16_tile("),
+                        (common, "__device__ __forceinline__ unsigned short hn_bf16_bits(float v) {"),
                         (common, "__device__ __forceinline__ float hn_tf32_round("),
                         (common, "__device__ __forceinline__ float2 hn_split_tf32("),
                         (common, "__device__ __forceinline__ long long hn_split_at("),

@@ -87,7 +87,16 @@ __device__ __forceinline__ float hn_act(const unsigned short* p, long long i) {
     return __uint_as_float(static_cast<unsigned>(p[i]) << 16);
 }
 
-__device__ __forceinline__ unsigned hn_bf16x2_bits(float lo, float hi);   // (below)
+// bf16 values as their bits (round to nearest even, cvt.rn.bf16x2.f32 puts its first source in the high half).
+__device__ __forceinline__ unsigned hn_bf16x2_bits(float lo, float hi) {
+    unsigned r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+// One value's bf16 bits.
+__device__ __forceinline__ unsigned short hn_bf16_bits(float v) {
+    return static_cast<unsigned short>(hn_bf16x2_bits(v, 0.f) & 0xffffu);
+}
 
 // HN_BN_ILP elements of a walk, taken at once (HnPlaneWalk::take): whether they exist (ok(u)), read(p, v) their
 // values in p (float32 or bf16 bits: hn_act; 0 past the end), all loads in flight before any is used, and
@@ -113,7 +122,7 @@ struct HnTaken {
     __device__ __forceinline__ void write(unsigned short* p, const float (&v)[U]) const {
 #pragma unroll
         for (int u = 0; u < U; ++u)
-            if (ok_[u]) p[at_[u]] = static_cast<unsigned short>(hn_bf16x2_bits(v[u], 0.f) & 0xffffu);
+            if (ok_[u]) p[at_[u]] = hn_bf16_bits(v[u]);
     }
 };
 
@@ -309,12 +318,6 @@ __device__ __forceinline__ float hn_pool_grad(const float* __restrict__ dy, cons
 }
 
 // --- channels-last bf16 copies (conv.cu's to_nhwc16, norm.cu's bn_apply_nhwc16): the operands of mma.cu's HN_CONV16 ---
-// bf16 values as their bits (round to nearest even, cvt.rn.bf16x2.f32 puts its first source in the high half).
-__device__ __forceinline__ unsigned hn_bf16x2_bits(float lo, float hi) {
-    unsigned r;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
-}
 
 // x rounded to tf32 (to nearest, ties away from zero: cvt.rna.tf32.f32) as a float32 with its low 13 bits zero: the
 // operands of mma.cu's tf32 channels-last convolutions (HN_CONV32W, HN_CONV32F). NaN stays NaN, overflow goes to inf.

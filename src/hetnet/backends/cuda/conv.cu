@@ -1150,7 +1150,7 @@ extern "C" __global__ void turn_weights16(const float* __restrict__ w, unsigned 
                                           int RS) {
     HN_GRID_STRIDE(e, (long long)O * C * RS) {
         const int o = (int)(e % O), t = (int)(e / O), rs = t % RS, c = t / RS;
-        wt[e] = (unsigned short)(hn_bf16x2_bits(w[((long long)o * C + c) * RS + (RS - 1 - rs)], 0.f) & 0xffffu);
+        wt[e] = hn_bf16_bits(w[((long long)o * C + c) * RS + (RS - 1 - rs)]);
     }
 }
 
@@ -1199,7 +1199,7 @@ __device__ __forceinline__ void hn_weight_copies(const long long* __restrict__ t
 }
 extern "C" __global__ void weight_copies16(const long long* __restrict__ table) {
     hn_weight_copies(table, [](void* y, long long e, float v) {
-        static_cast<unsigned short*>(y)[e] = (unsigned short)(hn_bf16x2_bits(v, 0.f) & 0xffffu);
+        static_cast<unsigned short*>(y)[e] = hn_bf16_bits(v);
     });
 }
 extern "C" __global__ void weight_copies32(const long long* __restrict__ table) {
