@@ -832,13 +832,13 @@ class StepCopies:
         self.precision = precision
         self.entries: dict = {}        # (address, shape, turned) -> (w, copy)
         self.made: set = set()         # the keys whose copies this step has made (the launch, or on demand)
-        self.table, self.covers, self.rows, self.longest = None, set(), 0, 0
+        self.table, self.covers, self.longest = None, set(), 0
         self.kept: list = []           # tables and copies replaced since: a captured graph may still use them
 
     def enter(self, be) -> None:
         self.made = set()
-        if self.table is not None and be.precision == self.precision:
-            grid = (max(1, min(4 * be.sms, -(-self.longest // 256))), self.rows)
+        if self.table is not None:
+            grid = (max(1, min(4 * be.sms, -(-self.longest // 256))), self.table.shape[0])
             get_kernel(be.device_id, "conv", "weight_copies" + COPIES[self.precision][0])(grid, (256,), (self.table,))
             self.made = set(self.covers)
 
@@ -855,8 +855,7 @@ class StepCopies:
                 table[i] = (address(w), 0 if w16 is None else address(w16), 0 if wt is None else address(wt),
                             o, c, r * s, cp, 0)
                 sizes.append((0 if w16 is None else o * r * s * cp) + (0 if wt is None else w.size))
-            self.table, self.covers, self.rows, self.longest = be.xp.asarray(table), set(self.entries), len(rows), \
-                max(sizes)
+            self.table, self.covers, self.longest = be.xp.asarray(table), set(self.entries), max(sizes)
             self.kept.append(self.table)
 
     def copy(self, be, w, turned: bool):
@@ -864,7 +863,7 @@ class StepCopies:
         if key in self.made:
             return self.entries[key][1]
         out = turn_weights(be, w) if turned else to_nhwc(be, w)
-        if (key[0], w.size) in self.params and be.precision == self.precision:     # (or a view of one: Dense)
+        if (key[0], w.size) in self.params:      # a parameter (or a view of one: Dense)
             if key in self.entries:          # (made anew where the last launch did not make it)
                 self.kept.append(self.entries[key])
                 self.covers.discard(key)     # the next table writes the new one

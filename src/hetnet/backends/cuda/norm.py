@@ -193,16 +193,16 @@ class NormOps:
                 (dy, xa, mean, var, gamma, beta, red if training else NULL, dx16, _i32(n), _i32(c), _i32(hw),
                  _f32(eps), _i32(act)))
             return Nhwc16(dx16, x.shape)
-        if not relu_mask and takes_dy16_nchw(self, x.shape, grad_feeds):
-            dx16 = self.xp.empty(x.shape, dtype=self.xp.uint16)
-            get_kernel(self.device_id, "norm", self.ix("bn_bwd_dx16" + ks, x.size))(self._bn_grid(n, c, hw), (256,), (
-                dy, xa, mean, var, gamma, beta, red if training else NULL, dx16, _i32(n), _i32(c), _i32(hw),
-                _f32(eps), _i32(act)))
-            return Nchw16(dx16)
-        dx = x if inplace and not relu_mask and not xs else self.xp.empty(x.shape, dtype=self.xp.float32)
-        get_kernel(self.device_id, "norm", self.ix("bn_bwd_dx" + ks, x.size))(self._bn_grid(n, c, hw), (256,), (
-            dy, xa, mean, var, gamma, beta, red if training else NULL, dx, _i32(n), _i32(c), _i32(hw), _f32(eps),
-            _i32(act)))
+        dx16 = not relu_mask and takes_dy16_nchw(self, x.shape, grad_feeds)      # dx stored in bf16 (Nchw16)
+        if dx16:
+            dx = self.xp.empty(x.shape, dtype=self.xp.uint16)
+        else:
+            dx = x if inplace and not relu_mask and not xs else self.xp.empty(x.shape, dtype=self.xp.float32)
+        get_kernel(self.device_id, "norm", self.ix(("bn_bwd_dx16" if dx16 else "bn_bwd_dx") + ks, x.size))(
+            self._bn_grid(n, c, hw), (256,), (dy, xa, mean, var, gamma, beta, red if training else NULL, dx, _i32(n),
+                                              _i32(c), _i32(hw), _f32(eps), _i32(act)))
+        if dx16:
+            return Nchw16(dx)
         return self.relu_mask(dx, x) if relu_mask else dx
 
     def bn_relu_maxpool_forward(self, x, gamma, beta, running_mean, running_var, momentum, eps, training, pool_kernel,
