@@ -83,7 +83,6 @@ class Pair:
     def __init__(self, model_name: str, batch: int, backend, tdev: str, data_seed: int, precision: str = "fp32"):
         import torch
 
-
         hn_seed(0)
         self.hmodel, shape = resolve_model(model_name)
         self.input_shape = shape
@@ -91,6 +90,7 @@ class Pair:
         self.hetnet_note = hetnet_to(self.hmodel, backend, precision)
         self.hmodel.train()
         self.backend = backend
+        self.data_seed = data_seed
         self.tmodel = interop.to_torch(self.hmodel, device=tdev)
         self.tmodel.train()
         rng = np.random.default_rng(data_seed)
@@ -321,33 +321,55 @@ def _against_peer(errs: dict, peer: dict, floor: float) -> tuple[str, float, boo
     """(the key nearest its bound or over it, that bound, whether every key is within its bound): key k's bound is
     max(floor, min(PEER_FACTOR * peer[k], PEER_BOUND_MAX)): hetnet's error against float64 within a multiple of
     PyTorch's, and never a bound of 1 or more."""
-    bounds = {k: max(floor, min(PEER_FACTOR * peer.get(k, 0.0), PEER_BOUND_MAX)) for k in errs}
+    bounds = {k: _peer_bound(peer, k, floor) for k in errs}
     worst = max(errs, key=lambda k: errs[k] / bounds[k])
     return worst, bounds[worst], all(errs[k] <= bounds[k] for k in errs)
 
 
+def _peer_bound(peer: dict, key: str, floor: float) -> float:
+    return max(floor, min(PEER_FACTOR * peer.get(key, 0.0), PEER_BOUND_MAX))
+
+
+PEER_BATCHES = (1, 2, 3)   # the data seeds of the tf32 / bf16 rows' small checks (_gate_against_peer)
+
+
 def _gate_against_peer(make_pair, batch: int, tol: float, full_tol: float) -> tuple[Pair, dict, str | None]:
     """gate for tf32 and bf16 rows: hetnet at the row's precision and PyTorch at it (Pair.peer_errors) are each
-    held against PyTorch in float64 on the same <= 32 images (a second batch when the first fails), then on the
-    whole batch (the update of all parameters together: a parameter whose gradient terms cancel, such as a batch
-    norm's scale, has a large relative error at any precision, and the small check has looked at each one)."""
+    held against PyTorch in float64 on the same <= 32 images, then on the whole batch (the update of all parameters
+    together: a parameter whose gradient terms cancel, such as a batch norm's scale, has a large relative error at any
+    precision, and the small check has looked at each one).
+
+    A row is refused only when one quantity is over its bound on each of the batches of PEER_BATCHES (checked until
+    every quantity has been within its bound on one of them). A ReLU whose input is within the precision's rounding
+    of 0 decides differently on the two sides and moves the gradients of the weights before it: in float64 with
+    fashion-cnn's weights and 32 images rounded to tf32 once, its first dense weight gradient (13.weight) is 3e-4 to
+    4e-4 from float64 on the 9 of 12 batches where no ReLU after it flips, 7e-3 to 2.6e-2 on the 3 where one does
+    (benchmarks/relu_flips.py; results/vm/relu_flips.json). Such a flip falls on one batch and not the next, on either
+    side; a defect repeats on every batch."""
     n_check = min(batch, CHECK_IMAGES)
     info: dict = {"check_images": n_check, "check_reference": "float64", "check_peer_factor": PEER_FACTOR}
-    for data_seed in (1, 2):
+    failing, seen = None, []          # the quantities over their bound on every batch so far; each batch's figures
+    for data_seed in PEER_BATCHES:
         pair = make_pair(data_seed)
         peer = pair.peer_errors(n_check)   # first: it reads hetnet's weights before the check steps them
         errs = pair.check(n_check, float64=True)
         worst, bound, ok = _against_peer(errs, peer, tol)
-        if ok:
+        over = {k for k in errs if errs[k] > _peer_bound(peer, k, tol)}
+        failing = over if failing is None else failing & over
+        seen.append((errs, peer))
+        if not failing:
             break
         info.setdefault("check_first_batch_failed", {"data_seed": data_seed, "worst": worst,
                                                      "rel_err": _sig(errs[worst]), "bound": _sig(bound)})
     info.update(check_max_rel_err=_sig(errs[worst]), check_worst=worst, check_bound=_sig(bound),
-                check_peer_rel_err=_sig(peer.get(worst, 0.0)), hetnet_path=pair.path)
-    if not ok:
-        return pair, info, (f"hetnet is further from float64 than {PEER_FACTOR:g}x PyTorch at the same precision, "
-                            f"on two different batches: {worst} relative error {errs[worst]:.3g} > {bound:.3g} "
-                            f"(PyTorch's {peer.get(worst, 0.0):.3g}, tolerance {tol:g})")
+                check_peer_rel_err=_sig(peer.get(worst, 0.0)), check_batches=len(seen), hetnet_path=pair.path)
+    if failing:
+        key = max(failing, key=lambda k: min(e[k] / _peer_bound(p, k, tol) for e, p in seen))
+        figures = ", ".join(f"{e[key]:.3g} > {_peer_bound(p, key, tol):.3g} (PyTorch's {p.get(key, 0.0):.3g})"
+                            for e, p in seen)
+        return pair, info, (f"hetnet is further from float64 than {PEER_FACTOR:g}x PyTorch at the same precision "
+                            f"(or the tolerance {tol:g}) on each of {len(seen)} batches: {key} relative error "
+                            f"{figures}")
     if batch > n_check:
         pair = make_pair(data_seed)        # a fresh pair, as in gate
         peer = pair.peer_errors(None, prefix="full batch ")

@@ -41,7 +41,7 @@ from .common import (
     write_text,
 )
 from .models import model_label, train_step_flops
-from .pair import Pair, gate, peak_memory
+from .pair import PEER_BATCHES, Pair, gate, peak_memory
 from .sides import TorchCompileStep, TorchGraphStep, torch_flags, torch_precision
 
 PRECISION_MODELS = ("thesis-m1", "fashion-cnn", "cifar-wide")
@@ -212,8 +212,11 @@ def method_text(gpu: bool) -> str:
             f"(as in train_step.json), then the timed step's updates on the whole batch within "
             f"max({FULL_BATCH_RTOL:g}, the tolerance); tf32 and bf16 against PyTorch float64, the exact result, each "
             f"quantity within the larger of the tolerance and {PEER_FACTOR:g}x PyTorch's own error at the same "
-            "precision against float64 on the same images, then the update of all parameters on the whole batch "
-            "the same way (check_bound, check_peer_rel_err). A row failing is refused and not timed. hetnet_tflops = the step's dense FLOPs (3 x the forward's Conv2D and Dense "
+            "precision against float64 on the same images (check_bound, check_peer_rel_err), on up to "
+            f"{len(PEER_BATCHES)} batches: a row is refused only where one quantity is over its bound on each of "
+            "them (a ReLU input within the precision's rounding of 0 flips on one batch, a defect repeats; "
+            "check_batches), then the update of all parameters on the whole batch the same way. A row failing is "
+            "refused and not timed. hetnet_tflops = the step's dense FLOPs (3 x the forward's Conv2D and Dense "
             "multiply-adds x 2, step_gflop) / hetnet's time. Median over repetitions after warm-up, sides "
             "alternating. ")
     if gpu:
