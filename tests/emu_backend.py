@@ -14,8 +14,11 @@ import re
 import numpy as np
 
 from emu_build import EMU_DIR, EmulatedKernel, build_emulated
+from emu_tma import emu_map
 
 from hetnet.backends.cuda import CudaBackend, kernels
+from hetnet.backends.cuda import mma as mm
+from hetnet.backends.cuda.mma_tiles import TmaTile
 
 WHOLE = ("norm", "pool", "loss", "elementwise", "optim")
 
@@ -54,6 +57,27 @@ class EmulatedConvKernel:
         assert rc == 0, f"{self.name} grid {grid}: {err.value.decode()}"
 
 
+def run_conv(emu, call: mm.ConvCall, seed: int = 0) -> None:
+    """Execute a convolution plan on the emulator (NumPy arrays), as mma.launch_conv does on a GPU: a TMA tile's
+    through emu_conv_tma with its sums and its two maps in the emulator's encoding of mma.map_specs."""
+    args = call.args(lambda a: a.ctypes.data, None)
+    err = ctypes.create_string_buffer(1024)
+    kernel = ctypes.cast(getattr(emu, call.kernel), ctypes.c_void_p)
+    c = ctypes
+
+    def buf(a):
+        return (c.c_void_p(None), c.c_longlong(0)) if a is None else (c.c_void_p(a.ctypes.data), c.c_longlong(a.nbytes))
+
+    tma = isinstance(call.tile, TmaTile)
+    maps = [np.ascontiguousarray(emu_map(spec)) for spec in mm.map_specs(call)] if tma else []
+    rc = (emu.emu_conv_tma if tma else emu.emu_conv)(
+        kernel, *(c.c_uint(v) for v in call.grid), c.c_uint(call.tile.threads), c.c_int(call.tile.smem_bytes),
+        *buf(call.src), *buf(call.w), *buf(call.aux), *buf(call.out), *(c.c_int(int(v)) for v in args[4:]),
+        *(buf(call.sums) if tma else ()), *(c.c_void_p(m.ctypes.data) for m in maps), c.c_uint(seed), err,
+        c.c_int(len(err)))
+    assert rc == 0, f"{call.kernel} grid {call.grid}: {err.value.decode()}"
+
+
 def build_libraries(folder, mma_lib=None, whole=WHOLE) -> dict:
     """{module: emulated library} of conv, mma (mma_lib: one built already) and the `whole` modules."""
     from test_cu_emulated import emulated_kernels_text
@@ -81,8 +105,8 @@ def build_mma(folder):
 
 
 def route_kernels(monkeypatch, libs: dict, wgmma: bool = False) -> None:
-    """Every get_kernel of the cuda backend's modules to the emulated libraries; the wgmma tiles offered or not (the
-    emulator runs both), no tuning cache."""
+    """Every get_kernel of the cuda backend's modules to the emulated libraries, and mma.launch_conv's TMA tiles to
+    run_conv; the wgmma tiles (the TMA ones among them) offered or not (the emulator runs both), no tuning cache."""
     import hetnet.backends.cuda as cuda_pkg
     from hetnet.backends.cuda import conv, elementwise, loss, mma, norm, pool, tune_cache
 
@@ -93,8 +117,17 @@ def route_kernels(monkeypatch, libs: dict, wgmma: bool = False) -> None:
 
     for mod in (cuda_pkg, conv, mma, norm, elementwise, pool, loss):
         monkeypatch.setattr(mod, "get_kernel", get_kernel)
+    real_launch = mma.launch_conv
+
+    def launch_conv(be, call):
+        if call is not None and isinstance(call.tile, TmaTile):
+            run_conv(libs["mma"], call)
+        else:
+            real_launch(be, call)
+
     for mod in (conv, mma):
         monkeypatch.setattr(mod, "wgmma_ok", lambda device: wgmma)
+    monkeypatch.setattr(mma, "launch_conv", launch_conv)
     monkeypatch.setattr(tune_cache, "for_backend", lambda be: None)
 
 

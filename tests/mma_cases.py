@@ -1,10 +1,12 @@
 """What the tensor-core GEMM tests share (tests/test_mma.py on a GPU, tests/test_mma_emulated.py on the CPU
 emulator): inputs with views of every kind CudaBackend.gemm takes, NumPy versions of the kernels' roundings, and the
 float64 result; and one forward and backward through a model's plan (plan_step, for the tests of the plan's
-hand-overs on a GPU and on the emulated backend)."""
+hand-overs on a GPU and on the emulated backend), and their model (pooled_cnn)."""
 from __future__ import annotations
 
 import numpy as np
+
+import hetnet as hn
 
 # (M, N, K): 1 and odd sizes, more than one tile each way, K tails, K = 0
 SHAPES = [(1, 1, 1), (7, 33, 1), (33, 7, 127), (127, 129, 33), (129, 128, 7), (65, 63, 300)]
@@ -204,6 +206,18 @@ def turned_copy(w, precision: str):
         return turned16(w)
     turned = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 2, 3, 0))
     return split_copy(turned) if precision == "fp32" else round_tf32(turned)
+
+
+def pooled_cnn(device, widths: tuple, seed: int):
+    """The plan tests' model of 8 x 8 images (no biases): conv 3 -> widths[0], BN, ReLU; conv -> widths[1], MaxPool 2,
+    BN, ReLU; a conv, BN, ReLU to each further width; MaxPool 4, Flatten, Dense to 16; weights from hetnet's seed."""
+    hn.seed(seed)
+    layers = [hn.Conv2D(3, widths[0], 3, padding=1, bias=False), hn.BatchNorm2D(widths[0]), hn.ReLU(),
+              hn.Conv2D(widths[0], widths[1], 3, padding=1, bias=False), hn.MaxPool2D(2), hn.BatchNorm2D(widths[1]),
+              hn.ReLU()]
+    for c, k in zip(widths[1:], widths[2:]):
+        layers += [hn.Conv2D(c, k, 3, padding=1, bias=False), hn.BatchNorm2D(k), hn.ReLU()]
+    return hn.Sequential(layers + [hn.MaxPool2D(4), hn.Flatten(), hn.Dense(widths[-1], 16, bias=False)]).to(device)
 
 
 def plan_step(model, x, y):

@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 from conftest import RTOL, RTOL_PRECISION, RTOL_TC, rel_err
 from emu_backend import EmulatedBackend, build_libraries, route_kernels
-from mma_cases import plan_step, round_bf16
+from mma_cases import plan_step, pooled_cnn, round_bf16
 
-import hetnet as hn
 from hetnet import plan as P
 from hetnet.backends.cuda import conv as C
 
@@ -39,12 +38,7 @@ def be(libs, monkeypatch):
 
 
 def _model(device):
-    hn.seed(5)
-    return hn.Sequential([
-        hn.Conv2D(3, 16, 3, padding=1, bias=False), hn.BatchNorm2D(16), hn.ReLU(),
-        hn.Conv2D(16, 32, 3, padding=1, bias=False), hn.MaxPool2D(2), hn.BatchNorm2D(32), hn.ReLU(),
-        hn.Conv2D(32, 32, 3, padding=1, bias=False), hn.BatchNorm2D(32), hn.ReLU(),
-        hn.MaxPool2D(4), hn.Flatten(), hn.Dense(32, 16, bias=False)]).to(device)
+    return pooled_cnn(device, (16, 32, 32), 5)
 
 
 @pytest.mark.parametrize("first", ["tc16", "small", "small_tc"])
@@ -270,3 +264,51 @@ def test_training_steps_with_weight_copies_emulated(libs, rng, monkeypatch, prec
     assert sums == sums_each, (sums, sums_each)
     for k, v in weights.items():
         np.testing.assert_array_equal(v, weights_each[k], err_msg=k)
+
+
+# A model whose convolutions of 64 channels take the TMA-fed tiles (channels a multiple of 64): the second pooled in
+# its epilogue, the third not, each handing its bf16 output to the batch norm after it (the fourth's batch norm runs
+# fused with its ReLU and pooling, bn_relu_pool, which takes no hand-over); (N, C, H, W, K, R, S, stride, padding) ->
+# {op: choice}, as if measured
+TMA_CHOICES = {(2, 3, 8, 8, 64, 3, 3, 1, 1): {"fwd": "tc16", "filter": "tc16"},
+               (2, 64, 8, 8, 64, 3, 3, 1, 1): {"fwd": "tc16w128x256s4t", "pool": "tc16w128x256s3tp",
+                                               "filter": "tc16", "data": "tc16"},
+               (2, 64, 4, 4, 64, 3, 3, 1, 1): {"fwd": "tc16w128x256s4t", "filter": "tc16", "data": "tc16"}}
+
+
+def _tma_model(device):
+    return pooled_cnn(device, (64, 64, 64, 64), 9)
+
+
+def test_batch_norm_statistics_from_the_tma_tiles_emulated(libs, rng, monkeypatch):
+    """At bf16, the TMA tiles' forward and pooled forward (the persistent one) hand the batch norm after them their
+    output's statistics (mma.with_sums: Nchw16.sums), and the batch norm reads them instead of making its own pass:
+    the logits and every gradient are bit for bit those of the same step whose batch norms make their statistics
+    themselves (sums of bf16 values in float64 are exact in either order), and within 2 RTOL_TC["bf16"] of the
+    reference backend's float64 logits."""
+    from hetnet.backends.cuda import mma as M
+
+    route_kernels(monkeypatch, libs, wgmma=True)
+    be = EmulatedBackend("bf16")
+    for shape, ops in TMA_CHOICES.items():
+        be._tune.update({(op, C.Geometry(*shape).key()): choice for op, choice in ops.items()})
+    dense = (2, 64, 1, 1, 16, 1, 1, 1, 0)
+    be._tune.update({(op, C.Geometry(*dense).key()): "tc" for op in ("fwd", "data", "filter")})
+    x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
+    y = rng.integers(0, 10, size=2)
+    forward, stats = be.bn_relu_forward, []
+    monkeypatch.setattr(be, "bn_relu_forward", lambda x_, *a, **kw: stats.append(
+        isinstance(x_, C.Nchw16) and x_.sums is not None) or forward(x_, *a, **kw))
+    logits, grads = plan_step(_tma_model(be), x, y)
+    # the first batch norm's input comes from the small channels-last tile (no sums), the next two from the TMA tiles
+    assert stats == [False, True, True], stats
+    with monkeypatch.context() as m:
+        m.setattr(M, "with_sums", lambda xp, call: call)
+        stats.clear()
+        plain_logits, plain_grads = plan_step(_tma_model(be), x, y)
+    assert stats == [False, False, False], stats
+    np.testing.assert_array_equal(logits, plain_logits)
+    for i, g in grads.items():
+        np.testing.assert_array_equal(g, plain_grads[i], err_msg=f"parameter {i}")
+    ref_logits, _ = plan_step(_tma_model("reference"), x, y)
+    assert rel_err(logits, ref_logits) <= 2 * RTOL_TC["bf16"], rel_err(logits, ref_logits)

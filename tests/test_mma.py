@@ -26,7 +26,7 @@ from conftest import RTOL_FP32_PARTS, RTOL_TC, RTOL_TC_ROUNDED, rel_err, toleran
 from halo_cases import HALO_CASES, check_halo, sandbox
 from mma_cases import (CONV16_SHAPES, CONV32_SHAPES, CONV_SHAPES, POOL16_SHAPES, POOL32_SHAPES, SHAPES,
                        conv_data_expected, conv_data_inputs, conv_expected, conv_filter_expected, conv_filter_inputs,
-                       bf16_bits, bf16_values, conv_inputs, expected, max_pool_2x2, nhwc16, nhwc_copy, plan_step,
+                       bf16_bits, bf16_values, conv_inputs, expected, max_pool_2x2, nhwc16, nhwc_copy, plan_step, pooled_cnn,
                        round_bf16, stored, turned16, turned_copy)
 
 import hetnet as hn
@@ -495,7 +495,7 @@ def test_conv16_pool(rng, precision, shape):
         gy = cupy.asarray(y)
         mm.conv16(be, gy, gx, gw, gb, stride, pad, act, tile.name)
         want_y, want_arg = max_pool_2x2(cupy.asnumpy(gy))
-        py, parg = mm.conv16_pool(be, gx, gw, gb, stride, pad, act, tile.name)
+        py, parg, _ = mm.conv16_pool(be, gx, gw, gb, stride, pad, act, tile.name)
         np.testing.assert_array_equal(cupy.asnumpy(py), want_y, err_msg=f"{shape} {tile.name}: y")
         np.testing.assert_array_equal(cupy.asnumpy(parg), want_arg, err_msg=f"{shape} {tile.name}: argmax")
         _checked16(f"{shape} {tile.name}", cupy.asnumpy(py), max_pool_2x2(conv_expected(x, w, b, stride, pad, act))[0],
@@ -731,6 +731,39 @@ def test_batch_norm_hands_a_small_convolution_its_gradient_in_bf16(rng, monkeypa
     assert forms == ["Nchw16", "ndarray"], forms
     for i, g in grads[0].items():
         assert rel_err(g, grads[1][i]) <= RTOL_TC_ROUNDED, (i, rel_err(g, grads[1][i]))
+
+
+def test_batch_norm_statistics_from_the_tma_tiles(rng, monkeypatch):
+    """At bf16 a TMA tile's forward and a persistent one's pooled forward (set as if measured) hand the batch norms
+    after them their outputs' statistics (mma.with_sums, Nchw16.sums), which those read instead of making their own:
+    the logits and every gradient within 1e-6 of the same step whose batch norms make the statistics themselves
+    (float64 sums of the same bf16 values, added in another order). test_cuda_emulated runs the same on the CPU."""
+    be = get_backend("cuda", "bf16")
+    if not wgmma_ok(be.device_id):
+        pytest.skip("the TMA tiles need sm_90a")
+    n = 8
+    choices = {(n, 3, 8, 8, 64, 3, 3, 1, 1): {"fwd": "tc16", "filter": "tc16"},
+               (n, 64, 8, 8, 64, 3, 3, 1, 1): {"fwd": "tc16w128x256s4t", "pool": "tc16w128x256s3tp",
+                                               "filter": "tc16", "data": "tc16"},
+               (n, 64, 4, 4, 64, 3, 3, 1, 1): {"fwd": "tc16w128x256s4t", "filter": "tc16", "data": "tc16"}}
+    x = rng.standard_normal((n, 3, 8, 8)).astype(np.float32)
+    y = rng.integers(0, 10, size=n)
+    forward, handed = be.bn_relu_forward, []
+    monkeypatch.setattr(be, "bn_relu_forward", lambda x_, *a, **kw: handed.append(
+        isinstance(x_, C.Nchw16) and x_.sums is not None) or forward(x_, *a, **kw))
+    runs = []
+    with contextlib.ExitStack() as stack:
+        for shape, measured in choices.items():
+            stack.enter_context(_measured_as(be, shape, measured))
+        for sums in (True, False):
+            if not sums:
+                monkeypatch.setattr(mm, "with_sums", lambda xp, call: call)
+            runs.append(plan_step(pooled_cnn(be, (64, 64, 64, 64), 9), x, y))
+    assert handed == [False, True, True, False, False, False], handed
+    (logits, grads), (plain_logits, plain_grads) = runs
+    assert rel_err(logits, plain_logits) <= 1e-6
+    for i, g in grads.items():
+        assert rel_err(g, plain_grads[i]) <= 1e-6, (i, rel_err(g, plain_grads[i]))
 
 
 @pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16"])

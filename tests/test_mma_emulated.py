@@ -14,9 +14,8 @@ import ctypes
 import numpy as np
 import pytest
 from conftest import RTOL_EMULATED, RTOL_TC, rel_err
-from emu_backend import EmulatedBackend, build_libraries, route_kernels, small_tc_text
+from emu_backend import EmulatedBackend, build_libraries, route_kernels, run_conv, small_tc_text
 from emu_build import EMU_DIR, build_emulated
-from emu_tma import emu_map
 from halo_cases import HALO_CASES, check_halo, sandbox
 from tma_cases import POOL_SHAPES as TMA_POOL_SHAPES
 from tma_cases import SHAPES as TMA_SHAPES
@@ -27,7 +26,7 @@ from mma_cases import (CONV16_SHAPES, CONV32_SHAPES, CONV_SHAPES, POOL16_SHAPES,
 
 from hetnet.backends.cuda import kernels
 from hetnet.backends.cuda import mma as mm
-from hetnet.backends.cuda.mma_tiles import LAYOUTS, TILES, TILES16, TILES16T, TILES16W, TmaTile
+from hetnet.backends.cuda.mma_tiles import LAYOUTS, TILES, TILES16, TILES16T, TILES16W
 from hetnet.bench.common import GEMM_RTOL
 
 SMS = 4      # a small "GPU", so that split-K and the choice between tiles happen at emulator sizes
@@ -264,26 +263,6 @@ def test_runner_without_a_gpu(capsys):
 
 
 # --- the implicit-GEMM forward convolution (mma.cu HN_CONV, mma.plan_conv) -------------------------------------------
-
-def run_conv(emu, call: mm.ConvCall, seed: int = 0) -> None:
-    """Execute a convolution plan on the emulator (NumPy arrays), as mma.launch_conv does on a GPU: a TMA tile's
-    through emu_conv_tma with its two maps in the emulator's encoding of mma.map_specs."""
-    args = call.args(lambda a: a.ctypes.data, None)
-    err = ctypes.create_string_buffer(1024)
-    kernel = ctypes.cast(getattr(emu, call.kernel), ctypes.c_void_p)
-    c = ctypes
-
-    def buf(a):
-        return (c.c_void_p(None), c.c_longlong(0)) if a is None else (c.c_void_p(a.ctypes.data), c.c_longlong(a.nbytes))
-
-    tma = isinstance(call.tile, TmaTile)
-    maps = [np.ascontiguousarray(emu_map(spec)) for spec in mm.map_specs(call)] if tma else []
-    rc = (emu.emu_conv_tma if tma else emu.emu_conv)(
-        kernel, *(c.c_uint(v) for v in call.grid), c.c_uint(call.tile.threads), c.c_int(call.tile.smem_bytes),
-        *buf(call.src), *buf(call.w), *buf(call.aux), *buf(call.out), *(c.c_int(int(v)) for v in args[4:]),
-        *(c.c_void_p(m.ctypes.data) for m in maps), c.c_uint(seed), err, c.c_int(len(err)))
-    assert rc == 0, f"{call.kernel} grid {call.grid}: {err.value.decode()}"
-
 
 def check_conv(emu, rng, precision, shape, bias=True, act=0, tile=None):
     """One convolution through plan_conv + emulator: y (NaN-poisoned) against float64 of the rounded x and w."""

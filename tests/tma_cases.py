@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 from conftest import RTOL_TC_ROUNDED, rel_err
-from mma_cases import (bf16_bits, conv_data_expected, conv_data_inputs, conv_expected, conv_filter_expected,
+from mma_cases import (bf16_bits, bf16_values, conv_data_expected, conv_data_inputs, conv_expected, conv_filter_expected,
                        conv_filter_inputs, conv_inputs, max_pool_2x2, nhwc_copy, turned_copy)
 
 from hetnet.backends.cuda import mma as mm
@@ -58,6 +58,27 @@ def gather(x16: np.ndarray, r: int, s: int, stride: int, pad: int, rows: int, co
     return out
 
 
+def _check_sums(xp, host, launch, call, where: str) -> int:
+    """Where the call's staged epilogue makes its bf16 output's batch-norm statistics (mma.with_sums), run it again
+    with them: the output unchanged, and each channel's sum and sum of squares of its values as stored (bf16) and
+    their count, as NumPy adds them in float64 (within 1e-12 of the sum of magnitudes: the order differs). Returns the
+    checks run (0 or 1)."""
+    before = host(call.out).copy()
+    if mm.with_sums(xp, call).sums is None:
+        return 0
+    launch(call)
+    np.testing.assert_array_equal(host(call.out), before, err_msg=f"{where}: the output with sums")
+    n, m, plane = call.src.shape[0], call.m, call.geometry[5] * call.geometry[6]
+    y = bf16_values(before.reshape(-1)[:n * m * plane]).astype(np.float64).reshape(n, m, plane)
+    got = host(call.sums)
+    assert got[2 * m] == n * plane, f"{where}: count {got[2 * m]}, not {n * plane}"
+    for part, values in (("sums", y), ("sums of squares", y * y)):
+        got_part = got[:m] if part == "sums" else got[m:2 * m]
+        np.testing.assert_allclose(got_part, values.sum(axis=(0, 2)), rtol=0,
+                                   atol=1e-12 * np.abs(values).sum(), err_msg=f"{where}: {part}")
+    return 1
+
+
 def run_ops(xp, host, rng, shape, tiles: dict, launch, sms: int, fwd_sms: int = ONE_SM) -> int:
     """Each tile of tiles[op] on shape through mma.py's plans and launch(call), arrays made by xp.asarray and read
     back by host(): the forward (bias + ReLU; y in float32, and in bf16 exactly its values rounded), the pooled
@@ -65,7 +86,8 @@ def run_ops(xp, host, rng, shape, tiles: dict, launch, sms: int, fwd_sms: int = 
     the stride-1 data gradient (with the ReLU mask and without; dx in float32, and in bf16 exactly the unmasked one
     rounded) and the filter gradient (added into dw, in one K part and in three), against float64 of the bf16 inputs
     within RTOL_TC_ROUNDED, outputs poisoned first; the forwards and data gradient planned for fwd_sms SMs, the
-    filter gradient's K parts for sms. Returns the outputs checked."""
+    filter gradient's K parts for sms. The bf16 forwards, where their staged epilogues make them, once more with their
+    outputs' batch-norm statistics (_check_sums). Returns the outputs checked."""
     n, c, h, w, o, r, s, stride, pad = shape
     ran = 0
     for tile in tiles["fwd"]:
@@ -79,7 +101,8 @@ def run_ops(xp, host, rng, shape, tiles: dict, launch, sms: int, fwd_sms: int = 
         y16 = xp.asarray(np.full(y.shape, 0xFFFF, np.uint16))
         launch(mm.plan_conv16(y16, x16, w16, bd, stride, pad, 1 | mm.OUT16, tile, fwd_sms))
         np.testing.assert_array_equal(host(y16), bf16_bits(y), err_msg=f"{shape} {tile.name}: bf16 y")
-        ran += 2
+        ran += 2 + _check_sums(xp, host, launch, mm.plan_conv16(y16, x16, w16, bd, stride, pad, 1 | mm.OUT16, tile,
+                                                                 fwd_sms), f"{shape} {tile.name}")
         if tile not in tiles["pool"] or not tma_pool_fits(tile, *y.shape[2:]):
             continue
         # the pooled forward: max pooling of the same tile's forward (the same sums), its argmax bytes; bf16 too
@@ -92,6 +115,9 @@ def run_ops(xp, host, rng, shape, tiles: dict, launch, sms: int, fwd_sms: int = 
                                           err_msg=f"{shape} {tile.name}: pooled y")
             np.testing.assert_array_equal(host(parg), want_arg, err_msg=f"{shape} {tile.name}: argmax")
             ran += 1
+            if out16:
+                ran += _check_sums(xp, host, launch, mm.plan_conv16_pool(buf, x16, w16, bd, stride, pad, 1 | mm.OUT16,
+                                                                         tile, fwd_sms), f"{shape} {tile.name} pooled")
     for tile in tiles["data"] if stride == 1 and tma_fits("data", o) else ():
         dy, wt, relu_x, dx = conv_data_inputs(rng, shape)
         dy16, wt16 = xp.asarray(nhwc_copy(dy, "bf16")), xp.asarray(turned_copy(wt, "bf16"))

@@ -52,27 +52,32 @@ extern "C" int emu_conv(void* kernel, unsigned gx, unsigned gy, unsigned gz, uns
     return msg.empty() ? 0 : 1;
 }
 
-// One of mma.cu's TMA-fed convolution kernels (HN_CONV16T) on the emulator: emu_conv's arguments, then its two tensor
-// maps (the emulator's encoding, tests/emu_tma.py) passed by value as the kernel takes them. B and W are read only
-// through the maps, whose tensors must lie inside those two buffers.
+// One of mma.cu's TMA-fed convolution kernels (HN_CONV16T) on the emulator: emu_conv's arguments, its sums (the
+// forwards' batch-norm statistics, written; may be null), then its two tensor maps (the emulator's encoding,
+// tests/emu_tma.py) passed by value as the kernel takes them. B and W are read only through the maps, whose tensors
+// must lie inside those two buffers.
 struct __attribute__((aligned(64))) HnTensorMap {   // mma.cu's, the same layout
     unsigned long long bits[16];
 };
 typedef void (*HnConvTmaKernel)(const unsigned short*, const unsigned short*, const float*, float*, int, int, int, int,
-                                int, int, int, int, int, int, int, int, int, int, int, int, HnTensorMap, HnTensorMap);
+                                int, int, int, int, int, int, int, int, int, int, int, int, double*, HnTensorMap,
+                                HnTensorMap);
 
 extern "C" int emu_conv_tma(void* kernel, unsigned gx, unsigned gy, unsigned gz, unsigned threads, int smem_bytes,
                             const unsigned short* B, long long b_bytes, const unsigned short* W, long long w_bytes,
                             const float* aux, long long aux_bytes, float* Y, long long y_bytes, int M, int N, int K,
                             int C, int H, int Wd, int R, int S, int P, int Q, int O, int stride, int pad, int act,
-                            int splits, int kchunk, const HnTensorMap* amap, const HnTensorMap* bmap, unsigned seed,
-                            char* err, int err_len) {
+                            int splits, int kchunk, double* sums, long long sums_bytes, const HnTensorMap* amap,
+                            const HnTensorMap* bmap, unsigned seed, char* err, int err_len) {
     HnConvTmaKernel fn = reinterpret_cast<HnConvTmaKernel>(kernel);
     const HnTensorMap a = *amap, b = *bmap;
     conv_ranges(B, b_bytes, W, w_bytes, aux, aux_bytes, Y, y_bytes);
+    if (sums != nullptr)
+        emu::S().ranges.push_back({reinterpret_cast<const unsigned char*>(sums), static_cast<size_t>(sums_bytes), true});
     const std::string msg = emu::launch(
         {gx, gy, gz}, {threads, 1, 1}, smem_bytes,
-        [=] { fn(B, W, aux, Y, M, N, K, C, H, Wd, R, S, P, Q, O, stride, pad, act, splits, kchunk, a, b); }, seed);
+        [=] { fn(B, W, aux, Y, M, N, K, C, H, Wd, R, S, P, Q, O, stride, pad, act, splits, kchunk, sums, a, b); },
+        seed);
     snprintf(err, err_len, "%s", msg.c_str());
     return msg.empty() ? 0 : 1;
 }

@@ -643,7 +643,8 @@ class Nchw16:
     A bf16 convolution forward writes its output so where that output's one reader is the batch norm after it (the op
     contract's `to_norm`); only the batch-norm ops read it (norm.cu's "_x16" kernels), forward and backward. `sums`:
     None, or float64 [sum per channel, sum of squares per channel, count] of those values, which the convolution
-    made as it wrote them ("small_tc"), so that the batch norm's statistics need no pass over them (norm.py). A batch
+    made as it wrote them ("small_tc"; a TMA tile's forward or pooled forward where mma.epilogue_sums_fit), so that
+    the batch norm's statistics need no pass over them (norm.py). A batch
     norm's dE/dx handed to a convolution's backward (takes_dy16_nchw) is one too, without sums."""
 
     __slots__ = ("data", "sums")
@@ -759,9 +760,12 @@ def conv_forward_kept(be, x, w, b, stride, pad, act=0, out16=False):
         check(x)
     y = be.xp.empty((n, k, g.p, g.q), dtype=be.xp.uint16 if out16 else be.xp.float32)
     x16 = x.data if isinstance(x, Nhwc16) else mma.to_nhwc(be, x)
-    mma.launch_conv(be, mma.plan_conv16(y, x16, mma.weight_copy(be, w), b, stride, pad,
-                                        act | (mma.OUT16 if out16 else 0), _tile16_of("fwd", fwd), be.sms))
-    return (Nchw16(y) if out16 else y), x16
+    call = mma.plan_conv16(y, x16, mma.weight_copy(be, w), b, stride, pad, act | (mma.OUT16 if out16 else 0),
+                           _tile16_of("fwd", fwd), be.sms)
+    if out16:             # the batch norm's statistics from the epilogue where it makes them (a TMA tile's)
+        mma.with_sums(be.xp, call)
+    mma.launch_conv(be, call)
+    return (Nchw16(y, None if call is None else call.sums) if out16 else y), x16
 
 
 def conv_maxpool_forward(be, x, w, b, stride, pad, act, kernel, pool_stride, keep, out16=False):
@@ -785,15 +789,15 @@ def conv_maxpool_forward(be, x, w, b, stride, pad, act, kernel, pool_stride, kee
     x16 = x.data if isinstance(x, Nhwc16) else mma.to_nhwc(be, x)
     act |= mma.OUT16 if out16 else 0
     cands = _tiles16(be, "pool", lambda tile, out: out.append(
-        mma.conv16_pool(be, x, w, b, stride, pad, act, tile, x16)), g)
+        mma.conv16_pool(be, x, w, b, stride, pad, act, tile, x16, stats=out16)), g)
     # measured where it can be (not inside a graph capture: there an unmeasured shape takes the forward's tile)
     measure = be.capturing is None or ("pool", g.key()) in be._tune
     choice = (_choose(be, "pool", g, cands, lambda fn: fn([])) if measure
               else _pool_as_forward(fwd, cands, be._tune_times.get(("fwd", g.key()), {})))
     out = []
     cands[choice](out)
-    y, arg = out[0]
-    return (Nchw16(y) if out16 else y, arg), (x16 if isinstance(x, Nhwc16) or (keep and _kept16(be, g)) else None)
+    y, arg, sums = out[0]
+    return (Nchw16(y, sums) if out16 else y, arg), (x16 if isinstance(x, Nhwc16) or (keep and _kept16(be, g)) else None)
 
 
 def _pool_as_forward(fwd: str, cands: dict, fwd_times: dict) -> str:

@@ -1728,6 +1728,27 @@ __device__ __forceinline__ void hn_convt_pool_epilogue(const HnBlock& b, float (
     });
 }
 
+// A batch norm's statistics from a staged epilogue (sums: zeroed [2 M + 1] doubles, norm.py's bn_stats_synced reads
+// them): the G consecutive lanes of a warp (G | 32) that hold output row m's values add their sums s and sums of
+// squares ss (in double) by shuffles, and the first adds them into sums[m] and sums[M + m] (two atomics a row and
+// tile). The whole warp calls this; a lane with no values passes zeros.
+template <int G>
+__device__ __forceinline__ void hn_add_row_sums(double* sums, int M, int m, double s, double ss, int lane) {
+    static_assert(G > 0 && 32 % G == 0, "a row's lanes within one warp");
+#pragma unroll
+    for (int o = G / 2; o > 0; o >>= 1) {
+        s += __shfl_xor_sync(0xffffffffu, s, o);
+        ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    }
+    if (lane % G == 0 && m < M) {
+        atomicAdd(sums + m, s);
+        atomicAdd(sums + M + m, ss);
+    }
+}
+
+// The value of one bf16 (its bits), in double.
+__device__ __forceinline__ double hn_bf16_value(unsigned bits) { return __uint_as_float(bits << 16); }
+
 // The pooled forward's epilogue through shared memory (hn_convt_fwd's EPI 4 where the pooled planes are whole
 // multiples of 16 outputs and y is 16-byte aligned): the block's columns are whole pairs of rows, so its windows are
 // the BN / 4 consecutive pooled outputs from n0 / 4 on, and window (row pair k, column q / 2) is the tile's pooled
@@ -1735,10 +1756,11 @@ __device__ __forceinline__ void hn_convt_pool_epilogue(const HnBlock& b, float (
 // hn_convt_pool_epilogue) and writes each maximum (float32) and position (a word) to the block's two BM x BN / 4 tiles
 // at `tile` (rows BN / 4 + 4 words apart: a warp's 8 rows x 4 windows in distinct banks); after a second barrier,
 // consecutive threads store a row's 16-byte chunks: 8 bf16 or 4 float32 maxima, 16 position bytes (never across an
-// image: the pooled plane is a multiple of 16).
+// image: the pooled plane is a multiple of 16). sums (bf16 only; null: none): the pooled outputs' batch-norm
+// statistics (hn_add_row_sums), and sums[2 M] = their count.
 template <int D, bool B16, int BM, int BN, int CONSUMERS, int NT>
 __device__ __forceinline__ void hn_convt_pool_staged(const HnBlock& b, float (&acc)[1][NT][4], int M, const HnConv& cv,
-                                                     int wm, int wn, int lane, float* tile) {
+                                                     int wm, int wn, int lane, float* tile, double* sums) {
     constexpr int QU = 8 * D, PW = BN / 4, LD = PW + 4, VY = B16 ? 8 : 4;
     static_assert(NT % (2 * D) == 0 && PW % 16 == 0, "whole pairs of rows, whole chunks of positions");
     float* ty = tile;
@@ -1783,6 +1805,20 @@ __device__ __forceinline__ void hn_convt_pool_staged(const HnBlock& b, float (&a
             hn_st_v4(b.C + o, make_uint4(hn_bits(lo.x), hn_bits(lo.y), hn_bits(lo.z), hn_bits(lo.w)));
         }
     }
+    if (B16 && sums) {          // a warp a row at a time, its lanes its outputs as stored (a pass of its own: fewer
+        for (int r = tid >> 5; r < BM; r += CONSUMERS / 32) {     // registers than in the loop above)
+            double s = 0.0, ss = 0.0;
+            for (int c = lane; c < PW; c += 32) {
+                long long o;
+                if (!offset(r, c, o)) continue;
+                const double v = hn_bf16_value(hn_bf16_of(hn_lds(ty + r * LD + c)));
+                s += v;
+                ss += v * v;
+            }
+            hn_add_row_sums<32>(sums, M, b.m0 + r, s, ss, lane);
+        }
+        if (b.m0 == 0 && b.n0 == 0 && tid == 0) sums[2 * M] = static_cast<double>(cv.pooled);
+    }
     for (int i = tid; i < BM * (PW / 16); i += CONSUMERS) {
         const int r = i / (PW / 16), c = (i - r * (PW / 16)) * 16;
         long long o;
@@ -1805,12 +1841,16 @@ __device__ __forceinline__ void hn_convt_pool_staged(const HnBlock& b, float (&a
 // (bf16 or float32 pairs; rows BN + 8 elements apart, so that the 8 rows x 4 pairs a warp (bf16) or half-warp
 // (float32) stores fall in distinct banks); after a second barrier, consecutive threads take consecutive 16-byte
 // chunks of a row and store them: a warp writes whole sectors (8 bf16 or 4 float32 pixels a chunk, never across an
-// image: the plane is a multiple of 8).
+// image: the plane is a multiple of 8). sums (bf16 only; null: none): the outputs' batch-norm statistics
+// (hn_add_row_sums), and sums[2 M] = their count N.
 template <int MODE, typename T, int BM, int BN, int CONSUMERS, int NT>
 __device__ __forceinline__ void hn_conv_staged_epilogue(const HnBlock& b, float (&acc)[1][NT][4], int M, int N,
-                                                        const HnConv& cv, int wm, int wn, int lane, T* tile) {
+                                                        const HnConv& cv, int wm, int wn, int lane, T* tile,
+                                                        double* sums = nullptr) {
     constexpr bool B16 = sizeof(T) == 2;
     constexpr int LD = BN + 8, VEC = 16 / sizeof(T), CPR = BN / VEC;
+    static_assert(BM * CPR % CONSUMERS == 0 && (CPR % 32 == 0 || 32 % CPR == 0),
+                  "every consumer thread the same number of chunks, a row's chunks whole warps or within one");
     const int g = lane >> 2, t = lane & 3, tid = threadIdx.x;
     hn_bar_sync(1, CONSUMERS);                   // every warpgroup done reading the stages
 #pragma unroll
@@ -1835,11 +1875,28 @@ __device__ __forceinline__ void hn_conv_staged_epilogue(const HnBlock& b, float 
     T* out = reinterpret_cast<T*>(b.C);
     for (int i = tid; i < BM * CPR; i += CONSUMERS) {
         const int r = i / CPR, c = (i - r * CPR) * VEC, m = b.m0 + r, n = b.n0 + c;
-        if (m >= M || n >= N) continue;
-        const float4 v = hn_lds4(reinterpret_cast<const float*>(tile + r * LD + c));
-        hn_st_v4(out + hn_nchw_at(cv.out_plane, M, m, n),
-                 make_uint4(hn_bits(v.x), hn_bits(v.y), hn_bits(v.z), hn_bits(v.w)));
+        const bool in = m < M && n < N;
+        unsigned w[4] = {0u, 0u, 0u, 0u};
+        if (in) {
+            const float4 v = hn_lds4(reinterpret_cast<const float*>(tile + r * LD + c));
+            w[0] = hn_bits(v.x);
+            w[1] = hn_bits(v.y);
+            w[2] = hn_bits(v.z);
+            w[3] = hn_bits(v.w);
+            hn_st_v4(out + hn_nchw_at(cv.out_plane, M, m, n), make_uint4(w[0], w[1], w[2], w[3]));
+        }
+        if (B16 && sums) {           // the chunk's 8 values as stored; a row's CPR lanes (or whole warps) together
+            double s = 0.0, ss = 0.0;
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const double lo = hn_bf16_value(w[e] & 0xffffu), hi = hn_bf16_value(w[e] >> 16);
+                s += lo + hi;
+                ss += lo * lo + hi * hi;
+            }
+            hn_add_row_sums<(CPR < 32 ? CPR : 32)>(sums, M, m, s, ss, lane);
+        }
     }
+    if (B16 && sums && b.m0 == 0 && b.n0 == 0 && tid == 0) sums[2 * M] = static_cast<double>(N);
 }
 
 // The pooled forward's epilogue for D = Q / 8: staged (hn_convt_pool_staged) where it can be, else
@@ -1847,14 +1904,15 @@ __device__ __forceinline__ void hn_conv_staged_epilogue(const HnBlock& b, float 
 template <int D, int BM, int BN, int CONSUMERS, int NT>
 __device__ __forceinline__ void hn_convt_pool_epilogue_of(const HnBlock& b, float (&acc)[1][NT][4], int M, int N,
                                                           const HnConv& cv, int wm, int wn, int lane,
-                                                          unsigned short* stages, const float* y) {
+                                                          unsigned short* stages, const float* y, double* sums) {
     if (cv.out_plane.d % 16 || (reinterpret_cast<unsigned long long>(y) & 15))
         hn_convt_pool_epilogue<D, NT>(b, acc, M, N, cv, wm, wn, lane);
     else if (cv.out16)
-        hn_convt_pool_staged<D, true, BM, BN, CONSUMERS>(b, acc, M, cv, wm, wn, lane, reinterpret_cast<float*>(stages));
+        hn_convt_pool_staged<D, true, BM, BN, CONSUMERS>(b, acc, M, cv, wm, wn, lane, reinterpret_cast<float*>(stages),
+                                                         sums);
     else
         hn_convt_pool_staged<D, false, BM, BN, CONSUMERS>(b, acc, M, cv, wm, wn, lane,
-                                                          reinterpret_cast<float*>(stages));
+                                                          reinterpret_cast<float*>(stages), nullptr);
 }
 
 // The forward (EPI 1), stride-1 data gradient (EPI 2) or pooled forward (EPI 4: cv.p, cv.q the pooled sizes, the
@@ -1870,9 +1928,11 @@ __device__ __forceinline__ void hn_convt_pool_epilogue_of(const HnBlock& b, floa
 // read the same pixels), its producer loading the next tile while the consumers store the last, and the staged
 // epilogue in its own tile after the stages (the larger of hn_conv_staged_epilogue's bf16 BM x (BN + 8) and
 // hn_convt_pool_staged's two float32 BM x (BN / 4 + 4): mma_tiles.TmaTile.staged_tile_bytes; bf16 outputs only).
+// sums (null: none): the batch-norm statistics of the forward's or pooled forward's bf16 output, added by the staged
+// epilogues (hn_add_row_sums); the host passes them only where those run (mma.py: epilogue_sums_fit).
 template <int EPI, int WGM, int WGN, int WN, int STAGES, bool PERSIST>
 __device__ __forceinline__ void hn_convt_fwd(unsigned char* smem, const HnTensorMap& amap, const HnTensorMap& bmap,
-                                             float* y, int M, int N, int K, const HnConv& cv) {
+                                             float* y, int M, int N, int K, const HnConv& cv, double* sums) {
     using T = unsigned short;
     constexpr int CONSUMERS = 128 * WGM * WGN, BM = 64 * WGM, BN = WN * WGN, BK = 64, EA = BM * BK, EB = BN * BK;
     static_assert(STAGES >= 2 && BN <= 256 && BM <= 256, "a box holds at most 256 rows");
@@ -1908,15 +1968,16 @@ __device__ __forceinline__ void hn_convt_fwd(unsigned char* smem, const HnTensor
         const HnBlock blk = block_of(t);
         if constexpr (EPI == 4) {
             if (Q == 8)
-                hn_convt_pool_epilogue_of<1, BM, BN, CONSUMERS>(blk, acc, M, N, cv, wm, wn, lane, staged, y);
+                hn_convt_pool_epilogue_of<1, BM, BN, CONSUMERS>(blk, acc, M, N, cv, wm, wn, lane, staged, y, sums);
             else if (Q == 16)
-                hn_convt_pool_epilogue_of<2, BM, BN, CONSUMERS>(blk, acc, M, N, cv, wm, wn, lane, staged, y);
+                hn_convt_pool_epilogue_of<2, BM, BN, CONSUMERS>(blk, acc, M, N, cv, wm, wn, lane, staged, y, sums);
             else
-                hn_convt_pool_epilogue_of<4, BM, BN, CONSUMERS>(blk, acc, M, N, cv, wm, wn, lane, staged, y);
+                hn_convt_pool_epilogue_of<4, BM, BN, CONSUMERS>(blk, acc, M, N, cv, wm, wn, lane, staged, y, sums);
         } else if (cv.out_plane.d % 8 == 0 && (reinterpret_cast<unsigned long long>(y) & 15) == 0 &&
                    (EPI == 1 || !cv.aux) && (cv.out16 || !PERSIST)) {
             if (cv.out16)
-                hn_conv_staged_epilogue<EPI, T, BM, BN, CONSUMERS, WN / 8>(blk, acc, M, N, cv, wm, wn, lane, staged);
+                hn_conv_staged_epilogue<EPI, T, BM, BN, CONSUMERS, WN / 8>(blk, acc, M, N, cv, wm, wn, lane, staged,
+                                                                            EPI == 1 ? sums : nullptr);
             else if constexpr (!PERSIST)
                 hn_conv_staged_epilogue<EPI, float, BM, BN, CONSUMERS, WN / 8>(blk, acc, M, N, cv, wm, wn, lane,
                                                                                 reinterpret_cast<float*>(staged));
@@ -1979,23 +2040,23 @@ __device__ __forceinline__ void hn_convt_filter(unsigned char* smem, const HnTen
 
 // HN_CONV16T(hn_conv16_fwd_w128x256s4t, 1, 2, 1, 256, 4, 1, 0): HN_CONV16W's forward (EPI 1), data gradient (EPI 2),
 // filter gradient (EPI 3) or pooled forward (EPI 4, its N the convolution's output pixels in rows), its arguments
-// followed by the two tensor maps (the weights' and the input's for EPI 1, 2 and 4, dy's and x's for EPI 3), on
-// hn_convt_fwd (PERSIST 1: persistent) or hn_convt_filter: WGM x WGN consumer warpgroups and a producer warp, 128 WGM
-// WGN + 32 threads, MINB blocks an SM; shared memory HN_CONV16W's, 16 ST bytes of mbarriers and, PERSIST, the
-// staged epilogue's tile (mma_tiles.TmaTile.staged_tile_bytes).
+// followed by sums (hn_convt_fwd's; null for the gradients) and the two tensor maps (the weights' and the input's for
+// EPI 1, 2 and 4, dy's and x's for EPI 3), on hn_convt_fwd (PERSIST 1: persistent) or hn_convt_filter: WGM x WGN
+// consumer warpgroups and a producer warp, 128 WGM WGN + 32 threads, MINB blocks an SM; shared memory HN_CONV16W's,
+// 16 ST bytes of mbarriers and, PERSIST, the staged epilogue's tile (mma_tiles.TmaTile.staged_tile_bytes).
 #define HN_CONV16T(name, EPI, WGM, WGN, WN, ST, MINB, PERSIST)                                                    \
     extern "C" __global__ void __launch_bounds__(128 * WGM * WGN + 32, MINB) name(                              \
         const unsigned short* __restrict__ B, const unsigned short* __restrict__ Wt, const float* __restrict__ AUX,  \
         float* __restrict__ Y, int M, int N, int K, int C, int H, int W, int R, int S, int P, int Q, int O,         \
-        int stride, int pad, int act, int splits, int kchunk, const __grid_constant__ HnTensorMap amap,            \
-        const __grid_constant__ HnTensorMap bmap) {                                                              \
+        int stride, int pad, int act, int splits, int kchunk, double* __restrict__ sums,                          \
+        const __grid_constant__ HnTensorMap amap, const __grid_constant__ HnTensorMap bmap) {                    \
         HN_DYNAMIC_SMEM(hn_smem);                                                                              \
         const HnConv cv = hn_conv16_of<EPI>(AUX, C, H, W, R, S, P, Q, O, stride, pad, act, kchunk);            \
         static_assert(EPI != 3 || !PERSIST, "the filter gradient's parts are its blocks");                      \
         if constexpr (EPI == 3)                                                                                \
             hn_convt_filter<WGM, WGN, WN, ST>(hn_smem, amap, bmap, Y, M, N, K, splits, kchunk, cv);             \
         else                                                                                                   \
-            hn_convt_fwd<EPI, WGM, WGN, WN, ST, PERSIST>(hn_smem, amap, bmap, Y, M, N, K, cv);                 \
+            hn_convt_fwd<EPI, WGM, WGN, WN, ST, PERSIST>(hn_smem, amap, bmap, Y, M, N, K, cv, sums);           \
     }
 
 // The hardware's im2col copy on its own, for its test (tests/test_tma_conv.py): one box of `rows` pixels x 64 channels
@@ -2221,7 +2282,7 @@ extern "C" __global__ void __launch_bounds__(256) conv_small_fwd_tc(const float*
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 if (pix + e >= NP) continue;
-                const double r = out16 ? __uint_as_float(static_cast<unsigned>(hn_bf16_of(v[e])) << 16) : v[e];
+                const double r = out16 ? hn_bf16_value(hn_bf16_of(v[e])) : v[e];
                 s += r;
                 ss += r * r;
             }

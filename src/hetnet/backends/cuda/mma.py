@@ -272,6 +272,8 @@ class ConvCall:
     act: int                   # kernels.ACTS code (fwd)
     splits: int = 1            # K parts over grid.z (filter), each kchunk long
     kchunk: int = 0
+    sums: object = None        # a TMA tile's forward or pooled forward: its bf16 output's batch-norm statistics
+    #                            (zeroed float64 [2 M + 1]; epilogue_sums_fit), else None
 
     @property
     def kernel(self) -> str:
@@ -383,7 +385,7 @@ def plan_conv_filter(dw, dy, x, stride: int, pad: int, precision: str = "tf32", 
 
 def launch_conv(be, call: ConvCall | None) -> None:
     """Run a convolution plan on `be`'s device (current stream); a wgmma tile only where the device runs it, a TMA
-    tile with its two tensor maps (tensor_maps) as the kernel's last parameters."""
+    tile with its sums (or null) and its two tensor maps (tensor_maps) as the kernel's last parameters."""
     if call is not None:
         if getattr(call.tile, "wgmma", False) and not wgmma_ok(be.device_id):
             raise ValueError(f"conv16: tile {call.tile.name} needs wgmma (sm_90a), which this device's build lacks")
@@ -392,7 +394,9 @@ def launch_conv(be, call: ConvCall | None) -> None:
             args = call.args(lambda a: ctypes.c_void_p(a.data.ptr), ctypes.c_void_p(0))
             launch_raw(be, kern, call.grid, call.block, call.tile.smem_bytes,
                        [ctypes.c_int32(int(a)) if isinstance(a, np.integer) else a for a in args]
-                       + list(tensor_maps(call)))
+                       + [ctypes.c_void_p(0 if call.sums is None else call.sums.data.ptr)] + list(tensor_maps(call)))
+        elif call.sums is not None:
+            raise ValueError(f"conv16: tile {call.tile.name} makes no batch-norm statistics (epilogue_sums_fit)")
         else:
             _launch_kernel(be, call, call.args(lambda a: a, NULL))
 
@@ -660,6 +664,24 @@ def plan_conv16_pool(buf, x16, w16, b, stride: int, pad: int, act: int = 0, tile
     return call
 
 
+def epilogue_sums_fit(call: ConvCall | None) -> bool:
+    """Whether the call's epilogue can add its output's batch-norm statistics (mma.cu hn_bf16_row_sums, ConvCall.sums):
+    a TMA tile's forward or pooled forward with bf16 output (OUT16) through its staged epilogue, which runs where the
+    output is 16-byte aligned and its planes whole multiples of 8 (forward) or 16 (pooled) outputs (hn_convt_fwd,
+    hn_convt_pool_epilogue_of)."""
+    if call is None or not isinstance(call.tile, TmaTile) or call.op not in ("fwd", "pool") or not call.act & OUT16:
+        return False
+    p, q = call.geometry[5:7]                  # (the pooled forward's: its pooled sizes)
+    return p * q % (8 if call.op == "fwd" else 16) == 0 and address(call.out) % 16 == 0
+
+
+def with_sums(xp, call: ConvCall | None) -> ConvCall | None:
+    """The call with zeroed sums for its output's batch-norm statistics where epilogue_sums_fit, else as it is."""
+    if epilogue_sums_fit(call):
+        call.sums = xp.zeros((2 * call.m + 1,), dtype=np.float64)
+    return call
+
+
 def plan_conv16_data(dx, dy16, wt16, relu_x, pad: int, tile: str | Tc16Tile | None = None, out16: bool = False,
                      sms: int = 132) -> ConvCall | None:
     """dx [n, C, H, W] = conv_backward_data(dy, w) (* (relu_x > 0) when relu_x is given) of a stride-1 convolution
@@ -877,15 +899,20 @@ def conv16(be, y, x, w, b, stride: int, pad: int, act: int = 0, tile: str | None
     launch_conv(be, plan_conv16(y, to_nhwc(be, x), weight_copy(be, w), b, stride, pad, act, tile, be.sms))
 
 
-def conv16_pool(be, x, w, b, stride: int, pad: int, act: int = 0, tile: str | None = None, x16=None):
-    """(y, arg) = maxpool2d_forward(act(conv(x, w) + b), 2, 2) from NCHW float32 x (or its copy x16) and w, on the
-    channels-last copies (to_nhwc), pooled in the forward's epilogue (plan_conv16_pool); act & OUT16: y uint16 (bf16
-    bits)."""
+def conv16_pool(be, x, w, b, stride: int, pad: int, act: int = 0, tile: str | None = None, x16=None,
+                stats: bool = False):
+    """(y, arg, sums): (y, arg) = maxpool2d_forward(act(conv(x, w) + b), 2, 2) from NCHW float32 x (or its copy x16)
+    and w, on the channels-last copies (to_nhwc), pooled in the forward's epilogue (plan_conv16_pool); act & OUT16: y
+    uint16 (bf16 bits). sums: y's batch-norm statistics from the epilogue where `stats` asks for them and it makes
+    them (with_sums), else None."""
     n, c, h, wd, o, r, s, p, q = _conv_sizes(x.shape, w.shape, stride, pad)
     buf, y, arg = pooled_outputs(be.xp, n, o, p // 2, q // 2, bool(act & OUT16))
     x16 = to_nhwc(be, x) if x16 is None else x16
-    launch_conv(be, plan_conv16_pool(buf, x16, weight_copy(be, w), b, stride, pad, act, tile, be.sms))
-    return y, arg
+    call = plan_conv16_pool(buf, x16, weight_copy(be, w), b, stride, pad, act, tile, be.sms)
+    if stats:
+        with_sums(be.xp, call)
+    launch_conv(be, call)
+    return y, arg, None if call is None else call.sums
 
 
 def conv16_data(be, dx, dy16, w, relu_x, pad: int, tile: str | None = None, out16: bool = False) -> None:
