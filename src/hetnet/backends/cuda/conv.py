@@ -644,8 +644,8 @@ class Nchw16:
     contract's `to_norm`); only the batch-norm ops read it (norm.cu's "_x16" kernels), forward and backward. `sums`:
     None, or float64 [sum per channel, sum of squares per channel, count] of those values, which the convolution
     made as it wrote them ("small_tc"; a TMA tile's forward or pooled forward where mma.epilogue_sums_fit), so that
-    the batch norm's statistics need no pass over them (norm.py). A batch
-    norm's dE/dx handed to a convolution's backward (takes_dy16_nchw) is one too, without sums."""
+    the batch norm's statistics need no pass over them (norm.py). A batch norm's dE/dx handed to a convolution's
+    backward (takes_dy16_nchw) is one too, without sums."""
 
     __slots__ = ("data", "sums")
 

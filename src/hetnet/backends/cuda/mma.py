@@ -665,7 +665,7 @@ def plan_conv16_pool(buf, x16, w16, b, stride: int, pad: int, act: int = 0, tile
 
 
 def epilogue_sums_fit(call: ConvCall | None) -> bool:
-    """Whether the call's epilogue can add its output's batch-norm statistics (mma.cu hn_bf16_row_sums, ConvCall.sums):
+    """Whether the call's epilogue can add its output's batch-norm statistics (mma.cu hn_add_row_sums, ConvCall.sums):
     a TMA tile's forward or pooled forward with bf16 output (OUT16) through its staged epilogue, which runs where the
     output is 16-byte aligned and its planes whole multiples of 8 (forward) or 16 (pooled) outputs (hn_convt_fwd,
     hn_convt_pool_epilogue_of)."""
