@@ -951,18 +951,19 @@ class ConvOps:
         out16 = bool(grad_to_norm) and self.precision == "bf16"
         if relu_mask and x is None:
             raise ValueError("conv2d_backward: relu_mask=True after a forward given relu_mask=False")
+        relu_x = x if relu_mask else None
+        if not isinstance(dy, (Nhwc16, Nchw16)):
+            return conv_backward(self, self._c(dy), x, w, dw, db, stride, padding, need_dx, relu_x, x16, x_shape,
+                                 out16)
+        g = Geometry(*x_shape, *(w.shape[i] for i in (0, 2, 3)), stride, padding)
         if isinstance(dy, Nhwc16):
-            g = Geometry(*x_shape, *(w.shape[i] for i in (0, 2, 3)), stride, padding)
             if db is not None or not conv_backward16_ready(self, g, dw, need_dx):
                 raise ValueError("conv2d_backward: a channels-last dy where its gradients do not run on it")
-            return conv_backward16(self, g, dy.data, x, x16, w, dw, need_dx, x if relu_mask else None, out16)
-        if isinstance(dy, Nchw16):          # the batch norm's hand-over in bf16 (takes_dy16_nchw)
-            g = Geometry(*x_shape, *(w.shape[i] for i in (0, 2, 3)), stride, padding)
-            if db is not None or x is None or self.conv_choice("filter", g.key()) != "small_tc":
-                raise ValueError("conv2d_backward: a bf16 dy where the filter gradient does not run on it")
-            return conv_backward_nchw16(self, g, dy.data, x, w, dw, need_dx, x if relu_mask else None, out16)
-        return conv_backward(self, self._c(dy), x, w, dw, db, stride, padding, need_dx, x if relu_mask else None,
-                             x16, x_shape, out16)
+            return conv_backward16(self, g, dy.data, x, x16, w, dw, need_dx, relu_x, out16)
+        # the batch norm's hand-over in bf16 (takes_dy16_nchw)
+        if db is not None or x is None or self.conv_choice("filter", g.key()) != "small_tc":
+            raise ValueError("conv2d_backward: a bf16 dy where the filter gradient does not run on it")
+        return conv_backward_nchw16(self, g, dy.data, x, w, dw, need_dx, relu_x, out16)
 
     def conv2d_gelu_forward(self, x, w, b, stride, padding, relu_mask=None, feeds=None):
         """gelu(conv2d(x)) in one kernel (conv.cu's conv_gelu_nhwc16) where the GELU hands its output over as the
