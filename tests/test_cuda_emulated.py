@@ -284,8 +284,8 @@ def test_batch_norm_statistics_from_the_tma_tiles_emulated(libs, rng, monkeypatc
     """At bf16, the TMA tiles' forward and pooled forward (the persistent one) hand the batch norm after them their
     output's statistics (mma.with_sums: Nchw16.sums), and the batch norm reads them instead of making its own pass:
     the logits and every gradient are bit for bit those of the same step whose batch norms make their statistics
-    themselves (sums of bf16 values in float64 are exact in either order), and within 2 RTOL_TC["bf16"] of the
-    reference backend's float64 logits."""
+    themselves (float64 sums of the same bf16 values in another order differ by float64's rounding at most, far
+    below the float32 statistics' own), and within 2 RTOL_TC["bf16"] of the reference backend's float64 logits."""
     from hetnet.backends.cuda import mma as M
 
     route_kernels(monkeypatch, libs, wgmma=True)
