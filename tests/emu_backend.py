@@ -33,6 +33,13 @@ def whole_module_text(module: str) -> str:
     return "#define __shared__ static\n" + re.sub(r"\bhn_bf16x2_bits\b", "hn_pack_bf16x2", text)
 
 
+def _buffer(a) -> tuple:
+    """An emulated launch's (pointer, bytes) of an array argument: (null, 0) for anything not a NumPy array."""
+    if not isinstance(a, np.ndarray):
+        return ctypes.c_void_p(None), ctypes.c_longlong(0)
+    return ctypes.c_void_p(a.ctypes.data), ctypes.c_longlong(a.nbytes)
+
+
 class EmulatedConvKernel:
     """get_kernel's stand-in for an mma.cu convolution kernel: a launch with a ConvCall's (grid, block, args) runs
     it on the emulator (gemm_launch.cpp's emu_conv, every buffer registered with its size)."""
@@ -45,15 +52,11 @@ class EmulatedConvKernel:
     def __call__(self, grid, block, args, shared_mem=0):
         c = ctypes
         src, w, aux, out, *ints = args
-
-        def buf(a):
-            return (c.c_void_p(None), c.c_longlong(0)) if not isinstance(a, np.ndarray) else (
-                c.c_void_p(a.ctypes.data), c.c_longlong(a.nbytes))
-
         err = c.create_string_buffer(1024)
         rc = self.lib.emu_conv(c.cast(getattr(self.lib, self.name), c.c_void_p), *(c.c_uint(int(v)) for v in grid),
-                               c.c_uint(int(block[0])), c.c_int(int(shared_mem)), *buf(src), *buf(w), *buf(aux),
-                               *buf(out), *(c.c_int(int(v)) for v in ints), c.c_uint(3), err, c.c_int(len(err)))
+                               c.c_uint(int(block[0])), c.c_int(int(shared_mem)), *_buffer(src), *_buffer(w),
+                               *_buffer(aux), *_buffer(out), *(c.c_int(int(v)) for v in ints), c.c_uint(3), err,
+                               c.c_int(len(err)))
         assert rc == 0, f"{self.name} grid {grid}: {err.value.decode()}"
 
 
@@ -64,17 +67,13 @@ def run_conv(emu, call: mm.ConvCall, seed: int = 0) -> None:
     err = ctypes.create_string_buffer(1024)
     kernel = ctypes.cast(getattr(emu, call.kernel), ctypes.c_void_p)
     c = ctypes
-
-    def buf(a):
-        return (c.c_void_p(None), c.c_longlong(0)) if a is None else (c.c_void_p(a.ctypes.data), c.c_longlong(a.nbytes))
-
     tma = isinstance(call.tile, TmaTile)
     maps = [np.ascontiguousarray(emu_map(spec)) for spec in mm.map_specs(call)] if tma else []
     rc = (emu.emu_conv_tma if tma else emu.emu_conv)(
         kernel, *(c.c_uint(v) for v in call.grid), c.c_uint(call.tile.threads), c.c_int(call.tile.smem_bytes),
-        *buf(call.src), *buf(call.w), *buf(call.aux), *buf(call.out), *(c.c_int(int(v)) for v in args[4:]),
-        *(buf(call.sums) if tma else ()), *(c.c_void_p(m.ctypes.data) for m in maps), c.c_uint(seed), err,
-        c.c_int(len(err)))
+        *_buffer(call.src), *_buffer(call.w), *_buffer(call.aux), *_buffer(call.out),
+        *(c.c_int(int(v)) for v in args[4:]), *(_buffer(call.sums) if tma else ()),
+        *(c.c_void_p(m.ctypes.data) for m in maps), c.c_uint(seed), err, c.c_int(len(err)))
     assert rc == 0, f"{call.kernel} grid {call.grid}: {err.value.decode()}"
 
 

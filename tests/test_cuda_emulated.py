@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import RTOL, RTOL_PRECISION, RTOL_TC, rel_err
 from emu_backend import EmulatedBackend, build_libraries, route_kernels
-from mma_cases import plan_step, pooled_cnn, round_bf16
+from mma_cases import plan_step, pooled_cnn, round_bf16, tma_choices
 
 from hetnet import plan as P
 from hetnet.backends.cuda import conv as C
@@ -266,16 +266,6 @@ def test_training_steps_with_weight_copies_emulated(libs, rng, monkeypatch, prec
         np.testing.assert_array_equal(v, weights_each[k], err_msg=k)
 
 
-# A model whose convolutions of 64 channels take the TMA-fed tiles (channels a multiple of 64): the second pooled in
-# its epilogue, the third not, each handing its bf16 output to the batch norm after it (the fourth's batch norm runs
-# fused with its ReLU and pooling, bn_relu_pool, which takes no hand-over); (N, C, H, W, K, R, S, stride, padding) ->
-# {op: choice}, as if measured
-TMA_CHOICES = {(2, 3, 8, 8, 64, 3, 3, 1, 1): {"fwd": "tc16", "filter": "tc16"},
-               (2, 64, 8, 8, 64, 3, 3, 1, 1): {"fwd": "tc16w128x256s4t", "pool": "tc16w128x256s3tp",
-                                               "filter": "tc16", "data": "tc16"},
-               (2, 64, 4, 4, 64, 3, 3, 1, 1): {"fwd": "tc16w128x256s4t", "filter": "tc16", "data": "tc16"}}
-
-
 def _tma_model(device):
     return pooled_cnn(device, (64, 64, 64, 64), 9)
 
@@ -290,7 +280,7 @@ def test_batch_norm_statistics_from_the_tma_tiles_emulated(libs, rng, monkeypatc
 
     route_kernels(monkeypatch, libs, wgmma=True)
     be = EmulatedBackend("bf16")
-    for shape, ops in TMA_CHOICES.items():
+    for shape, ops in tma_choices(2).items():
         be._tune.update({(op, C.Geometry(*shape).key()): choice for op, choice in ops.items()})
     dense = (2, 64, 1, 1, 16, 1, 1, 1, 0)
     be._tune.update({(op, C.Geometry(*dense).key()): "tc" for op in ("fwd", "data", "filter")})

@@ -26,8 +26,8 @@ from conftest import RTOL_FP32_PARTS, RTOL_TC, RTOL_TC_ROUNDED, rel_err, toleran
 from halo_cases import HALO_CASES, check_halo, sandbox
 from mma_cases import (CONV16_SHAPES, CONV32_SHAPES, CONV_SHAPES, POOL16_SHAPES, POOL32_SHAPES, SHAPES,
                        conv_data_expected, conv_data_inputs, conv_expected, conv_filter_expected, conv_filter_inputs,
-                       bf16_bits, bf16_values, conv_inputs, expected, max_pool_2x2, nhwc16, nhwc_copy, plan_step, pooled_cnn,
-                       round_bf16, stored, turned16, turned_copy)
+                       bf16_bits, bf16_values, conv_inputs, expected, max_pool_2x2, nhwc16, nhwc_copy, plan_step,
+                       pooled_cnn, round_bf16, stored, tma_choices, turned16, turned_copy)
 
 import hetnet as hn
 from hetnet import plan as P
@@ -742,10 +742,6 @@ def test_batch_norm_statistics_from_the_tma_tiles(rng, monkeypatch):
     if not wgmma_ok(be.device_id):
         pytest.skip("the TMA tiles need sm_90a")
     n = 8
-    choices = {(n, 3, 8, 8, 64, 3, 3, 1, 1): {"fwd": "tc16", "filter": "tc16"},
-               (n, 64, 8, 8, 64, 3, 3, 1, 1): {"fwd": "tc16w128x256s4t", "pool": "tc16w128x256s3tp",
-                                               "filter": "tc16", "data": "tc16"},
-               (n, 64, 4, 4, 64, 3, 3, 1, 1): {"fwd": "tc16w128x256s4t", "filter": "tc16", "data": "tc16"}}
     x = rng.standard_normal((n, 3, 8, 8)).astype(np.float32)
     y = rng.integers(0, 10, size=n)
     forward, handed = be.bn_relu_forward, []
@@ -753,7 +749,7 @@ def test_batch_norm_statistics_from_the_tma_tiles(rng, monkeypatch):
         isinstance(x_, C.Nchw16) and x_.sums is not None) or forward(x_, *a, **kw))
     runs = []
     with contextlib.ExitStack() as stack:
-        for shape, measured in choices.items():
+        for shape, measured in tma_choices(n).items():
             stack.enter_context(_measured_as(be, shape, measured))
         for sums in (True, False):
             if not sums:

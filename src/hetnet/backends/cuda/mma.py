@@ -830,10 +830,9 @@ def weight_copy(be, w, turned: bool = False):
     """The copy of w [O, C, R, S] that the convolutions read at be's precision: channels-last (to_nhwc) or turned
     (turn_weights). Inside a step's weight_copies scope (be.copy_scope, a StepCopies) the one made when the step
     started, else made now."""
-    scope = getattr(be, "copy_scope", None)
-    if scope is None:
+    if be.copy_scope is None:
         return turn_weights(be, w) if turned else to_nhwc(be, w)
-    return scope.copy(be, w, turned)
+    return be.copy_scope.copy(be, w, turned)
 
 
 class StepCopies:
