@@ -125,6 +125,12 @@ def test_info_never_crashes(capsys):
     assert "numpy" in out and "cpu" in out and "cuda" in out and "fashion-mnist" in out
 
 
+@pytest.mark.parametrize("name", ["fashon-cnn", "nosuchdir/"])
+def test_info_of_an_unknown_name_is_one_error_line(name, capsys):
+    rc = main(["info", name])
+    _assert_usage_error(rc, capsys.readouterr().err, f"info: {name!r} is not a preset", "run directory")
+
+
 def test_bench_forwards_or_says_one_line(capsys, monkeypatch):
     import types
 

@@ -5,7 +5,7 @@
     hetnet train --resume runs/20261127-031500-fashion-cnn-fashion-mnist [--epochs 30]
     hetnet train --epochs 7.5 --drop-last         # ceil(7.5 x full batches per epoch) steps, the eighth epoch cut
     hetnet train --config runs/20261127-031500-fashion-cnn-fashion-mnist/config.json --seed 1
-    hetnet train --gpus 4 --model cifar-wide --dataset cifar10           # data parallel, one process per GPU
+    hetnet train --gpus 4 --model benchmarks/specs/cifar-wide.json --dataset cifar10   # data parallel, a process a GPU
     mpirun -n 2 hetnet train --device cpu --batch-size 64                # data parallel over MPI (hetnet.parallel)
     hetnet runs
     hetnet evaluate runs/20261127-031500-fashion-cnn-fashion-mnist
@@ -398,6 +398,9 @@ def cmd_runs(args) -> int:
 def cmd_info(args) -> int:
 
     if args.name is not None:
+        if args.name not in zoo.PRESETS and not args.name.endswith(".json") and not Path(args.name).exists():
+            raise UsageError(f"info: {args.name!r} is not a preset ({', '.join(zoo.PRESETS)}), a SPEC.json, a run "
+                             "directory or a model file")
         saved = Path(args.name).is_dir() or args.name.endswith(".safetensors")
         for line in describe_model_file(args.name) if saved else zoo.describe(args.name):
             print(line)
