@@ -1060,6 +1060,12 @@ inline void hn_atomic_add(float* p, float v) {
     emu::global_check(p, 4, true, "red.global.add");
     *p += v;
 }
+inline void hn_atomic_add2(float* p, float x, float y) {
+    emu::aligned(p, 8, "red.global.add.v2.f32");
+    emu::global_check(p, 8, true, "red.global.add.v2.f32");
+    p[0] += x;
+    p[1] += y;
+}
 
 // --- launching -------------------------------------------------------------------------------------------------------
 

@@ -131,6 +131,16 @@ __device__ __forceinline__ void hn_bar_sync(int id, int count) {
     asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
 }
 __device__ __forceinline__ void hn_atomic_add(float* p, float v) { atomicAdd(p, v); }
+// p[0] += x, p[1] += y, p 8-byte aligned: one vector reduction from sm_90 (PTX ISA 9.7.13.6, red .v2.f32), two
+// before it.
+__device__ __forceinline__ void hn_atomic_add2(float* p, float x, float y) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(p), "f"(x), "f"(y) : "memory");
+#else
+    atomicAdd(p, x);
+    atomicAdd(p + 1, y);
+#endif
+}
 __device__ __forceinline__ unsigned hn_umulhi(unsigned a, unsigned b) { return __umulhi(a, b); }
 // --- wgmma (sm_90a: PTX ISA 9.7.15, "Asynchronous warpgroup level matrix multiply-accumulate") ----------------------
 // Compiled only where the module is built for sm_90a (kernels.py); elsewhere these trap, and mma.launch_conv refuses
@@ -497,19 +507,23 @@ __device__ __forceinline__ void hn_each_pair(const HnBlock& b, float (&acc)[MT][
 }
 
 // The GEMM's epilogue: C = alpha * acc + beta * C (C never read when beta == 0), or, split over K, atomics adding
-// alpha * acc.
+// alpha * acc (a pair of columns in one where C allows 8-byte accesses).
 template <int MT, int NT>
 __device__ __forceinline__ void hn_epilogue(const HnBlock& b, float (&acc)[MT][NT][4], int M, int N, int ldc,
                                             float alpha, float beta, int wm, int wn, int lane) {
-    // n even: with `pair`, &C[m][n] is 8-byte aligned (8-byte stores)
+    // n even: with `pair`, &C[m][n] is 8-byte aligned (8-byte stores and reductions)
     const bool pair = (reinterpret_cast<unsigned long long>(b.C) & 7) == 0 && (ldc & 1) == 0;
     hn_each_pair(b, acc, M, N, wm, wn, lane, [&](int m, int n, float x, float y, bool two) {
         float* p = b.C + (static_cast<long long>(m) * ldc + n);
         x *= alpha;
         y *= alpha;
         if (b.atomic) {
-            hn_atomic_add(p, x);
-            if (two) hn_atomic_add(p + 1, y);
+            if (two && pair) {
+                hn_atomic_add2(p, x, y);
+            } else {
+                hn_atomic_add(p, x);
+                if (two) hn_atomic_add(p + 1, y);
+            }
             return;
         }
         if (beta != 0.f) {
