@@ -125,6 +125,15 @@ def test_info_never_crashes(capsys):
     assert "numpy" in out and "cpu" in out and "cuda" in out and "fashion-mnist" in out
 
 
+@pytest.mark.parametrize("argv, points_at", [(["train", "--bogus-flag"], "hetnet train --help"),
+                                              (["info", "a", "b"], "hetnet info --help"),
+                                              (["--bogus"], "hetnet --help")])
+def test_an_unknown_flag_points_at_its_commands_help(argv, points_at, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    _assert_usage_error(e.value.code, capsys.readouterr().err, "unrecognized arguments", f"(see `{points_at}`)")
+
+
 @pytest.mark.parametrize("name", ["fashon-cnn", "nosuchdir/"])
 def test_info_of_an_unknown_name_is_one_error_line(name, capsys):
     rc = main(["info", name])

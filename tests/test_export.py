@@ -127,7 +127,8 @@ def test_export_without_the_onnx_package_says_what_to_install(model_file, tmp_pa
     assert not (tmp_path / "x.onnx").exists()
 
 
-@pytest.mark.parametrize("case", ["missing-model", "not-a-model", "out-is-a-directory", "bad-format"])
+@pytest.mark.parametrize("case", ["missing-model", "not-a-model", "out-is-a-directory", "out-under-a-file",
+                                  "bad-format"])
 def test_export_bad_input(model_file, tmp_path, capsys, case):
     argv = ["export", str(model_file), "--out", str(tmp_path / "x.onnx")]
     needle = str(model_file)
@@ -139,6 +140,10 @@ def test_export_bad_input(model_file, tmp_path, capsys, case):
     elif case == "out-is-a-directory":
         argv[3] = str(tmp_path)
         needle = "--out"
+    elif case == "out-under-a-file":
+        (tmp_path / "notes.txt").write_text("a file")
+        argv[3] = str(tmp_path / "notes.txt" / "x.onnx")
+        needle = f"{tmp_path / 'notes.txt'} is a file, not a folder"
     else:
         argv += ["--format", "tflite"]
         needle = "--format"

@@ -302,6 +302,9 @@ def test_one_note_when_the_data_are_adapted_to_the_model(setup, tmp_path, capsys
     notes = [s for s in capsys.readouterr().err.splitlines() if s.startswith("note:")]
     assert notes == [("note: images adapted to the model's input 3x12x12: 300 converted from grey to RGB; "
                       "300 resized from 28x28 to 12x12 (bilinear)")]
+    assert main(["info", str(tmp_path / "m0")]) == 0       # what it was trained on names the limit
+    trained = [s for s in capsys.readouterr().out.splitlines() if s.startswith("trained: ")]
+    assert len(trained) == 1 and "limit 64" in trained[0]
 
 
 # --- speed figures --------------------------------------------------------------------------------------------

@@ -90,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="hetnet", description="A readable deep-learning engine for image classification.")
     sub = parser.add_subparsers(dest="command", metavar="{train,evaluate,predict,export,runs,info,bench}",
                                 parser_class=_Parser)
+    parser.commands = sub.choices     # name -> the subcommand's parser
 
 
     width = max(map(len, zoo.PRESETS))
@@ -490,7 +491,9 @@ def main(argv: list[str] | None = None) -> int:
         if argv and argv[0] == "bench":
             return cmd_bench(argv[1:])
         parser = build_parser()
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:       # said by the subcommand's parser, so that the line points at its --help
+            parser.commands.get(args.command, parser).error(f"unrecognized arguments: {' '.join(extra)}")
         if args.command is None:
             parser.print_help()
             return 0

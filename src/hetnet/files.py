@@ -2,6 +2,7 @@
 a crash or a Ctrl-C never leaves a half-written model, checkpoint, metrics file or cache behind."""
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -19,6 +20,11 @@ _FILE_MODE = 0o666 & ~_umask()   # what open() would give; mkstemp's 0600 is too
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write data to path atomically: temporary file in the same folder, fsync, os.replace."""
     path = Path(path)
+    for folder in (path.parent, *path.parent.parents):     # mkdir would say only "File exists"
+        if folder.exists():
+            if not folder.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, f"{folder} is a file, not a folder")
+            break
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

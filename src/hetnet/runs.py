@@ -966,7 +966,7 @@ def describe_model_file(target: str | Path) -> list[str]:
     lines.append(f"classes ({len(lm.class_names)}): {', '.join(lm.class_names)}")
     lines.append("normalisation: mean " + ", ".join(f"{v:.4g}" for v in lm.mean) + "; std "
                  + ", ".join(f"{v:.4g}" for v in lm.std))
-    trained = [f"{k} {info[k]}" for k in ("model", "dataset", "data", "epochs", "precision", "tta")
+    trained = [f"{k} {info[k]}" for k in ("model", "dataset", "data", "limit", "epochs", "precision", "tta")
                if info.get(k) is not None]
     if trained:
         lines.append("trained: " + ", ".join(trained))
