@@ -399,3 +399,16 @@ def test_recipe_fields_of_airbench_recipes(setup, first, tmp_path):
     path = tmp_path / "old-config.json"
     path.write_text(json.dumps(old))
     assert rerun_config(path)["recipe"] == json.loads((first / "config.json").read_text())["recipe"]
+
+
+def test_limit_without_a_split_draws_from_every_class(tmp_path):
+    """A folder with a test split is read class by class and needs no validation split: --limit N takes a seeded
+    draw of N (every class here), not the first classes' images."""
+    from test_data_folder import classes_tree, make_tree
+
+    from hetnet.runs import RunConfig, make_config, prepare
+    root = make_tree(tmp_path / "imgs", {**classes_tree(8, prefix="train/"), **classes_tree(2, prefix="test/")})
+    cfg = make_config(RunConfig(model="mlp", dataset="folder", data=str(root), device="cpu", limit=9))
+    p = prepare(cfg, cache=False)
+    assert p.counts["train"] == 9 and p.config["val_fraction"] == 0.0
+    assert set(p.train_loader.y.tolist()) == {0, 1, 2}

@@ -134,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--val-fraction", type=_fraction, help="held-out stratified validation share (default 0.1 "
                                                           "for data sets without a test split, else 0)")
     t.add_argument("--seed", type=_int, help="default: 0")
-    t.add_argument("--limit", type=_positive_int, metavar="N", help="use only the first N training examples")
+    t.add_argument("--limit", type=_positive_int, metavar="N",
+                   help="use only N training examples (the first N of the seeded split; without one, N drawn with "
+                        "--seed)")
     t.add_argument("--skip-bad-images", action="store_true", help="skip unreadable image files (and count them)")
     t.add_argument("--no-cache", action="store_true", help="decode image folders and archives again instead of "
                                                            "reading their decoded copy (kept in ~/.cache/hetnet, "

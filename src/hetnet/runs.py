@@ -375,7 +375,11 @@ def prepare(config: dict, log: Callable[[str], None] | None = None, cache: bool 
     limit = config.get("limit")
     if limit is not None:
         limit = check_positive_int(limit, "limit")
-        tx, ty = tx[:limit], ty[:limit]
+        if vx is None and limit < len(tx):   # no split put them in a seeded order: a folder's would be by class
+            keep = np.sort(np.random.default_rng(config["seed"]).permutation(len(tx))[:limit])
+            tx, ty = tx[keep], ty[keep]
+        else:
+            tx, ty = tx[:limit], ty[:limit]
     if len(tx) == 0:
         raise UsageError("--val-fraction: no training examples left after the split")
     # the data's fingerprint (checked on --resume) hashed on a thread beside what follows: sha256 releases the GIL
