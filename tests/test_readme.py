@@ -22,9 +22,9 @@ def _python_blocks(text: str) -> list[str]:
 def _small_fashion_mnist(name, *args, **kwargs) -> Dataset:
     assert name == "fashion-mnist"
     rng = np.random.default_rng(0)
-    images = lambda n: rng.integers(0, 256, (n, 1, 28, 28), dtype=np.uint8)  # noqa: E731
-    labels = lambda n: rng.integers(0, 10, n).astype(np.int64)              # noqa: E731
-    return Dataset(name, images(600), labels(600), images(100), labels(100), list(FASHION_MNIST_CLASSES), "synthetic")
+    x = rng.integers(0, 256, (700, 1, 28, 28), dtype=np.uint8)
+    y = rng.integers(0, 10, 700).astype(np.int64)
+    return Dataset(name, x[:600], y[:600], x[600:], y[600:], list(FASHION_MNIST_CLASSES), "synthetic")
 
 
 def test_the_python_example_runs(tmp_path, monkeypatch):
