@@ -41,6 +41,42 @@ def test_model_round_trip_is_exact(tmp_path):
     assert not list(tmp_path.glob(".*tmp"))                              # no temporary file left behind
 
 
+def test_safetensors_bytes_are_the_format_and_the_same_for_the_same_contents(tmp_path):
+    """files.safetensors_bytes: the safetensors package reads every dtype, shape (0-d and empty included) and the
+    metadata back exactly; the same arrays and metadata given in another order are the same bytes."""
+    from safetensors import safe_open
+
+    from hetnet.files import safetensors_bytes
+    rng = np.random.default_rng(0)
+    arrays = {"w": rng.standard_normal((3, 4)).astype(np.float32), "d": rng.standard_normal(5),
+              "h": rng.standard_normal(7).astype(np.float16), "n": np.arange(6, dtype=np.int64).reshape(2, 3),
+              "i": np.arange(3, dtype=np.int32), "u": np.arange(9, dtype=np.uint8), "b": np.array([True, False]),
+              "big": np.arange(4, dtype=">f8"), "s": np.float32(2.5), "e": np.zeros((0, 3), np.float32),
+              "t": rng.standard_normal((4, 6)).astype(np.float32).T}
+    meta = {"z": "1", "format": "x", "a": json.dumps({"k": [1, 2]})}
+    data = safetensors_bytes(arrays, meta)
+    back = stnp.load(data)
+    assert back.keys() == arrays.keys()
+    for k, a in arrays.items():
+        a = np.asarray(a)
+        assert back[k].dtype == a.dtype.newbyteorder("=") and back[k].shape == a.shape and np.array_equal(back[k], a), k
+    path = tmp_path / "f.safetensors"
+    path.write_bytes(data)
+    with safe_open(str(path), framework="np") as f:
+        assert f.metadata() == meta
+    assert safetensors_bytes(dict(reversed(list(arrays.items()))), dict(reversed(list(meta.items())))) == data
+    with pytest.raises(TypeError, match="complex64"):
+        safetensors_bytes({"c": np.zeros(2, np.complex64)}, {})
+
+
+def test_the_same_model_saved_twice_is_the_same_file(tmp_path):
+    model, _ = _trained_model()
+    for name in ("a", "b"):
+        serialize.save_model(tmp_path / f"{name}.safetensors", model, SPEC, [0.25], [0.5], NAMES,
+                             {"dataset": "toy", "epochs": 1, "seed": 0})
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+
+
 def test_new_layers_and_frozen_parameters_round_trip(tmp_path):
     """A spec with GELU, Scale, BatchNorm without a scale (no 'weight' array) and frozen parameters: the file
     holds exactly the model's arrays, and the loaded model has the same flags (they come from the spec)."""

@@ -25,7 +25,7 @@ import safetensors.numpy as stnp
 
 from . import random as hrandom
 from .errors import ModelFileError, UsageError
-from .files import atomic_write_bytes
+from .files import atomic_write_bytes, safetensors_bytes
 from .model import Sequential
 from .version import __version__
 from .zoo import build_from_spec
@@ -41,9 +41,8 @@ _MAX_HEADER = 100 * 1024 * 1024
 
 def write_safetensors(path: str | Path, arrays: dict, metadata: dict) -> None:
     """arrays: name -> NumPy array; metadata: name -> JSON-serialisable value (stored as JSON strings)."""
-    tensors = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
     meta = {k: json.dumps(v) for k, v in metadata.items()}
-    atomic_write_bytes(path, stnp.save(tensors, metadata=meta))
+    atomic_write_bytes(path, safetensors_bytes(arrays, meta))
 
 
 def read_safetensors(path: str | Path, what: str = "model file") -> tuple[dict, dict]:

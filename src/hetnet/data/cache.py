@@ -32,11 +32,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import safetensors.numpy
 from safetensors import safe_open
 
 from ..errors import DataError
-from ..files import atomic_write_bytes, cache_dir
+from ..files import atomic_write_bytes, cache_dir, safetensors_bytes
 from . import folder
 from .transforms import Adaptation
 
@@ -125,7 +124,7 @@ def save(path: Path, d: folder.FolderData, input_shape, key: tuple[int, str]) ->
             "source_key": key[1], "decoding": _decoding(input_shape), "class_names": json.dumps(d.class_names),
             "skipped_files": json.dumps(d.skipped_files), "adapted": json.dumps(_adaptation_json(d.adapted)),
             "arrays_sha256": _arrays_digest(arrays)}
-    atomic_write_bytes(path, safetensors.numpy.save(arrays, metadata=meta))
+    atomic_write_bytes(path, safetensors_bytes(arrays, meta))
 
 
 class _Stale(Exception):
