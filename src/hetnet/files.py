@@ -1,5 +1,6 @@
 """Files written whole or not at all: a temporary file in the same folder, fsync, then a rename over the target, so
-a crash or a Ctrl-C never leaves a half-written model, checkpoint, metrics file or cache behind."""
+a crash or a Ctrl-C never leaves a half-written model, checkpoint, metrics file or cache behind; and the safetensors
+bytes that models, checkpoints and the image cache are written as (safetensors_bytes)."""
 from __future__ import annotations
 
 import errno
@@ -68,7 +69,7 @@ _SAFETENSORS_DTYPES = {np.dtype(np.float64): "F64", np.dtype(np.float32): "F32",
 def safetensors_bytes(arrays: dict, metadata: dict) -> bytes:
     """A safetensors file of NumPy arrays and str -> str metadata, the same bytes for the same contents: the header's
     keys in sorted order (the safetensors package writes its metadata in a hash map's order, which changes from
-    process to process). Layout: the header's length (8 bytes, little-endian), the JSON header padded with spaces to
+    call to call). Layout: the header's length (8 bytes, little-endian), the JSON header padded with spaces to
     a multiple of 8 bytes, then the arrays' little-endian bytes back to back, the widest element types first (each
     array starts at a multiple of its element size), names in sorted order within a width."""
     header: dict = {"__metadata__": {k: str(metadata[k]) for k in sorted(metadata)}} if metadata else {}
@@ -85,4 +86,3 @@ def safetensors_bytes(arrays: dict, metadata: dict) -> bytes:
     text = json.dumps(header, separators=(",", ":")).encode("utf-8")
     text += b" " * (-len(text) % 8)
     return struct.pack("<Q", len(text)) + text + b"".join(blobs)
-
