@@ -401,7 +401,7 @@ def cmd_runs(args) -> int:
 def cmd_info(args) -> int:
 
     if args.name is not None:
-        if args.name not in zoo.PRESETS and not args.name.endswith(".json") and not Path(args.name).exists():
+        if not zoo.names_a_model(args.name):           # (a run directory or model file exists)
             raise UsageError(f"info: {args.name!r} is not a preset ({', '.join(zoo.PRESETS)}), a SPEC.json, a run "
                              "directory or a model file")
         saved = Path(args.name).is_dir() or args.name.endswith(".safetensors")

@@ -289,13 +289,18 @@ def build(name_or_path: str) -> Sequential:
     return resolve(name_or_path)[0]
 
 
+def names_a_model(name_or_path: str) -> bool:
+    """Whether resolve takes it: a preset's name, or a path that is a spec file (or may be one: a .json name)."""
+    return name_or_path in PRESETS or name_or_path.endswith(".json") or Path(name_or_path).exists()
+
+
 def resolve(name_or_path: str) -> tuple[Sequential, tuple, dict]:
     """(model, input_shape, spec) for a preset name or a spec file path."""
     if name_or_path in PRESETS:
         spec = spec_of(name_or_path)
         model, shape = build_from_spec(spec, name_or_path)
         return model, shape, spec
-    if name_or_path.endswith(".json") or Path(name_or_path).exists():
+    if names_a_model(name_or_path):
         spec = load_spec_file(name_or_path)
         model, shape = build_from_spec(spec, str(name_or_path))
         return model, shape, spec
