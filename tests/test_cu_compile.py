@@ -145,6 +145,13 @@ def test_batch_norm_launch_constants_are_norm_cu_s():
     assert re.search(r"^#define HN_NHWC16_TILES (\d+)\b", text, re.M).group(1) == str(norm.NHWC16_TILES)
 
 
+def test_batch_norm_sums_copies_are_mma_cu_s():
+    """mma.zeroed_sums allocates the copies that mma.cu's HN_SUMS_COPIES has the convolutions add into."""
+    from hetnet.backends.cuda import mma
+    text = (CUDA_DIR / "mma.cu").read_text()
+    assert re.search(r"^#define HN_SUMS_COPIES (\d+)$", text, re.M).group(1) == str(mma.SUMS_COPIES)
+
+
 def test_the_table_is_the_only_source_of_tile_kernels():
     """conv.cu instantiates no tile itself, its macros take the arguments in the order `instantiations` writes them,
     and its BK is the table's: the tile kernels compiled are exactly the generated lines."""

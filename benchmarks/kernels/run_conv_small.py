@@ -89,14 +89,15 @@ def small_tc_rows(cupy, spin, be, x, w, dy) -> list[dict]:
     """The tensor-core forward and filter gradient (mma.cu's conv_small_fwd_tc, conv_small_filter_tc: conv.py's
     "small_tc" at bf16; x, w and dy rounded to bf16, sums in float32), launched by conv.py. The forward's float32
     output and the filter gradient checked against float64 of the rounded inputs on the first CHECK_IMAGES images
-    (within RTOL_TC_ROUNDED), the forward's bf16 output against the bf16 of its float32 output (bits equal); then
-    each timed."""
+    (within RTOL_TC_ROUNDED), the forward's bf16 output against the bf16 of its float32 output (bits equal), and with
+    the batch norm's sums; then each timed."""
     from mma_cases import bf16_bits, bf16_values
     from run_conv_variants import add_row, time_ms
     from run_tc_conv_nhwc import RTOL_TC_ROUNDED
 
     from hetnet.backends import reference
     from hetnet.backends.cuda import conv as C
+    from hetnet.backends.cuda import mma
 
     n, c, h, wd = x.shape
     k = w.shape[0]
@@ -118,6 +119,20 @@ def small_tc_rows(cupy, spin, be, x, w, dy) -> list[dict]:
     row = {"op": "fwd", "candidate": "small_tc out16", "check_bits_differ": differ}
     if differ == 0:
         row["ms"] = round(time_ms(cupy, spin, lambda: C._fwd_small(be, g, x, w, None, y16, 0, out16=True, tc=True)), 4)
+    add_row(rows, row)
+    # with the batch norm's sums, as the bf16 step runs it (conv.conv_forward's out16 + mma.zeroed_sums): the folded
+    # sums against NumPy's float64 of the stored values (1e-12 of the sum of magnitudes), then timed (each launch
+    # adding into the same sums: the same atomics)
+    sums = mma.zeroed_sums(cupy, k)
+    C._fwd_small(be, g, x, w, None, y16, 0, out16=True, tc=True, sums=sums)
+    v = bf16_values(cupy.asnumpy(y16)).astype(np.float64)
+    got = np.array(mma.folded_sums(cupy.asnumpy(sums), k))
+    want = np.concatenate([v.sum(axis=(0, 2, 3)), (v * v).sum(axis=(0, 2, 3)), [v.size // k]])
+    err = float(np.abs(got - want).max() / np.abs(want).sum())
+    row = {"op": "fwd", "candidate": "small_tc out16 + sums", "check_rel_err": err}
+    if err <= 1e-12:
+        row["ms"] = round(time_ms(cupy, spin, lambda: C._fwd_small(be, g, x, w, None, y16, 0, out16=True, tc=True,
+                                                                    sums=sums)), 4)
     add_row(rows, row)
 
     dw = cupy.zeros((k, c, 3, 3), np.float32)

@@ -186,8 +186,8 @@ SMALL_TC_BLOCKS_PER_SM = 2                 # conv_small_filter_tc's blocks (its 
 def _fwd_small(be, g, x, w, b, y, act, out16: bool = False, tc: bool = False, sums=None):
     """y = act(conv(x, w) + b) by conv.cu's conv_small_fwd (small_fits), or with tc by mma.cu's conv_small_fwd_tc
     from x and w rounded to bf16 (small_tc_fits), 128 output pixels a block: y float32 [N, K, P, Q], or with out16
-    uint16 of that shape, the bf16 bits (round to nearest even) of the same values. sums (tc only): a zeroed float64
-    [2 K + 1] the kernel adds y's per-channel sums and sums of squares into, and its count (a batch norm's
+    uint16 of that shape, the bf16 bits (round to nearest even) of the same values. sums (tc only): mma.zeroed_sums
+    of K channels, which the kernel adds y's per-channel sums and sums of squares into, and its count (a batch norm's
     statistics, Nchw16.sums)."""
     name = "conv_small_fwd_tc" if tc else "conv_small_fwd"
     want = np.uint16 if out16 else np.float32
@@ -564,7 +564,7 @@ def conv_forward(be, x, w, b, stride, pad, act=0, geometry=None, out16=False):
     choice = _choose(be, "fwd", g, cands, _float32_outputs(be, shape))
     if out16 and choice in ("small", "small_tc"):
         y16 = be.xp.empty(shape, dtype=be.xp.uint16)
-        sums = be.xp.zeros((2 * g.k + 1,), dtype=be.xp.float64) if choice == "small_tc" else None
+        sums = mma.zeroed_sums(be.xp, g.k) if choice == "small_tc" else None
         _fwd_small(be, g, x, w, b, y16, act, out16=True, tc=choice == "small_tc", sums=sums)
         return Nchw16(y16, sums)
     y = be.xp.empty(shape, dtype=be.xp.float32)
@@ -642,8 +642,8 @@ class Nchw16:
     """An activation stored in bf16: `data` [n, C, H, W] bf16 bits (uint16, NCHW as the float32 it stands for).
     A bf16 convolution forward writes its output so where that output's one reader is the batch norm after it (the op
     contract's `to_norm`); only the batch-norm ops read it (norm.cu's "_x16" kernels), forward and backward. `sums`:
-    None, or float64 [sum per channel, sum of squares per channel, count] of those values, which the convolution
-    made as it wrote them ("small_tc"; a TMA tile's forward or pooled forward where mma.epilogue_sums_fit), so that
+    None, or float64 sums per channel and sums of squares of those values, and their count (mma.zeroed_sums' copies),
+    which the convolution made as it wrote them ("small_tc"; a TMA tile's forward or pooled forward where mma.epilogue_sums_fit), so that
     the batch norm's statistics need no pass over them (norm.py). A batch norm's dE/dx handed to a convolution's
     backward (takes_dy16_nchw) is one too, without sums."""
 

@@ -1742,12 +1742,19 @@ __device__ __forceinline__ void hn_convt_pool_epilogue(const HnBlock& b, float (
     });
 }
 
-// A batch norm's statistics from a staged epilogue (sums: zeroed [2 M + 1] doubles, norm.py's bn_stats_synced reads
-// them): the G consecutive lanes of a warp (G | 32) that hold output row m's values add their sums s and sums of
-// squares ss (in double) by shuffles, and the first adds them into sums[m] and sums[M + m] (two atomics a row and
-// tile). The whole warp calls this; a lane with no values passes zeros.
+// A batch norm's sums as the kernel that writes its input adds them (conv_small_fwd_tc, the TMA tiles' staged
+// epilogues; norm.cu's bn_stats_synced reads them): HN_SUMS_COPIES copies of [sum x (M channels), sum x^2 (M)], then
+// the count, zeroed HN_SUMS_COPIES * 2 M + 1 doubles. A block adds its tile's sums into copy (its tile's index modulo
+// HN_SUMS_COPIES), so that the float64 atomics of the blocks in flight spread over that many addresses a channel (and
+// L2 slices) instead of queueing on one; bn_stats_synced adds the copies up. (mma.py's SUMS_COPIES: the same number.)
+#define HN_SUMS_COPIES 32
+
+// A batch norm's statistics from a staged epilogue (sums: HN_SUMS_COPIES copies of 2 M doubles and the count): the G consecutive lanes of a warp (G | 32) that hold output
+// row m's values add their sums s and sums of squares ss (in double) by shuffles, and the first adds them into row m
+// of the tile's copy (tile: the tile's index; two atomics a row and tile). The whole warp calls this; a lane with no
+// values passes zeros.
 template <int G>
-__device__ __forceinline__ void hn_add_row_sums(double* sums, int M, int m, double s, double ss, int lane) {
+__device__ __forceinline__ void hn_add_row_sums(double* sums, int M, int m, double s, double ss, int lane, int tile) {
     static_assert(G > 0 && 32 % G == 0, "a row's lanes within one warp");
 #pragma unroll
     for (int o = G / 2; o > 0; o >>= 1) {
@@ -1755,10 +1762,14 @@ __device__ __forceinline__ void hn_add_row_sums(double* sums, int M, int m, doub
         ss += __shfl_xor_sync(0xffffffffu, ss, o);
     }
     if (lane % G == 0 && m < M) {
-        atomicAdd(sums + m, s);
-        atomicAdd(sums + M + m, ss);
+        double* copy = sums + 2LL * M * (tile % HN_SUMS_COPIES);
+        atomicAdd(copy + m, s);
+        atomicAdd(copy + M + m, ss);
     }
 }
+
+// Where a staged epilogue's batch-norm count goes: after the HN_SUMS_COPIES copies of 2 M sums.
+__device__ __forceinline__ double* hn_sums_count(double* sums, int M) { return sums + 2LL * M * HN_SUMS_COPIES; }
 
 // The value of one bf16 (its bits), in double.
 __device__ __forceinline__ double hn_bf16_value(unsigned bits) { return __uint_as_float(bits << 16); }
@@ -1771,7 +1782,7 @@ __device__ __forceinline__ double hn_bf16_value(unsigned bits) { return __uint_a
 // at `tile` (rows BN / 4 + 4 words apart: a warp's 8 rows x 4 windows in distinct banks); after a second barrier,
 // consecutive threads store a row's 16-byte chunks: 8 bf16 or 4 float32 maxima, 16 position bytes (never across an
 // image: the pooled plane is a multiple of 16). sums (bf16 only; null: none): the pooled outputs' batch-norm
-// statistics (hn_add_row_sums), and sums[2 M] = their count.
+// statistics (hn_add_row_sums), and their count (hn_sums_count).
 template <int D, bool B16, int BM, int BN, int CONSUMERS, int NT>
 __device__ __forceinline__ void hn_convt_pool_staged(const HnBlock& b, float (&acc)[1][NT][4], int M, const HnConv& cv,
                                                      int wm, int wn, int lane, float* tile, double* sums) {
@@ -1829,9 +1840,9 @@ __device__ __forceinline__ void hn_convt_pool_staged(const HnBlock& b, float (&a
                 s += v;
                 ss += v * v;
             }
-            hn_add_row_sums<32>(sums, M, b.m0 + r, s, ss, lane);
+            hn_add_row_sums<32>(sums, M, b.m0 + r, s, ss, lane, b.n0 / BN);
         }
-        if (b.m0 == 0 && b.n0 == 0 && tid == 0) sums[2 * M] = static_cast<double>(cv.pooled);
+        if (b.m0 == 0 && b.n0 == 0 && tid == 0) *hn_sums_count(sums, M) = static_cast<double>(cv.pooled);
     }
     for (int i = tid; i < BM * (PW / 16); i += CONSUMERS) {
         const int r = i / (PW / 16), c = (i - r * (PW / 16)) * 16;
@@ -1856,7 +1867,7 @@ __device__ __forceinline__ void hn_convt_pool_staged(const HnBlock& b, float (&a
 // (float32) stores fall in distinct banks); after a second barrier, consecutive threads take consecutive 16-byte
 // chunks of a row and store them: a warp writes whole sectors (8 bf16 or 4 float32 pixels a chunk, never across an
 // image: the plane is a multiple of 8). sums (bf16 only; null: none): the outputs' batch-norm statistics
-// (hn_add_row_sums), and sums[2 M] = their count N.
+// (hn_add_row_sums), and their count N (hn_sums_count).
 template <int MODE, typename T, int BM, int BN, int CONSUMERS, int NT>
 __device__ __forceinline__ void hn_conv_staged_epilogue(const HnBlock& b, float (&acc)[1][NT][4], int M, int N,
                                                         const HnConv& cv, int wm, int wn, int lane, T* tile,
@@ -1907,10 +1918,10 @@ __device__ __forceinline__ void hn_conv_staged_epilogue(const HnBlock& b, float 
                 s += lo + hi;
                 ss += lo * lo + hi * hi;
             }
-            hn_add_row_sums<(CPR < 32 ? CPR : 32)>(sums, M, m, s, ss, lane);
+            hn_add_row_sums<(CPR < 32 ? CPR : 32)>(sums, M, m, s, ss, lane, b.n0 / BN);
         }
     }
-    if (B16 && sums && b.m0 == 0 && b.n0 == 0 && tid == 0) sums[2 * M] = static_cast<double>(N);
+    if (B16 && sums && b.m0 == 0 && b.n0 == 0 && tid == 0) *hn_sums_count(sums, M) = static_cast<double>(N);
 }
 
 // The pooled forward's epilogue for D = Q / 8: staged (hn_convt_pool_staged) where it can be, else
@@ -2201,10 +2212,11 @@ extern "C" __global__ void hn_tma_probe(const __grid_constant__ HnTensorMap map,
 // steps. The outputs go through shared memory (ys[k][pixel], float32, over the staged operands once the products are
 // done) so that each thread stores 4 consecutive pixels of one channel: one 16-byte (float32) or 8-byte (bf16) store
 // where they are 4-aligned in one image (P Q a multiple of 4), else one at a time. act: 1 ReLU (kernels.py's ACTS).
-// sums (null: none), zeroed [2 K + 1] doubles: sums[k] += the sum of channel k's outputs as stored (bf16 values with
-// out16), sums[K + k] += the sum of their squares, sums[2 K] = n P Q, the batch norm's statistics of y
-// (norm.py: bn_stats_synced); a warp's sums added in double (a thread's 4 pixels, then the warp's lanes), one
-// atomic add a warp and channel. Grid ceil(n P Q / 128), 256 threads, HN_SMALL_TC_SMEM bytes of dynamic shared
+// sums (null: none), zeroed HN_SUMS_COPIES copies of 2 K doubles and the count (above): in the block's copy
+// (blockIdx.x modulo HN_SUMS_COPIES) [k] += the sum of channel k's outputs as stored (bf16 values with out16),
+// [K + k] += the sum of their squares; the count n P Q after the copies: the batch norm's statistics of y (norm.py:
+// bn_stats_synced); a warp's sums added in double (a thread's 4 pixels, then the warp's lanes), one atomic add a warp
+// and channel. Grid ceil(n P Q / 128), 256 threads, HN_SMALL_TC_SMEM bytes of dynamic shared
 // memory.
 #define HN_SMALL_TC_ROW 40       // bf16 elements a staged row: 32 taps + 8, 80 bytes (a fragment's 8 rows, 8 banks)
 #define HN_SMALL_TC_YS 132       // floats a row of ys: 128 pixels + 4 (rows 16-byte aligned)
@@ -2305,8 +2317,9 @@ extern "C" __global__ void __launch_bounds__(256) conv_small_fwd_tc(const float*
                 ss += __shfl_xor_sync(0xffffffffu, ss, o);
             }
             if (lane == 0) {
-                atomicAdd(sums + k, s);
-                atomicAdd(sums + K + k, ss);
+                double* copy = sums + 2LL * K * (blockIdx.x % HN_SUMS_COPIES);
+                atomicAdd(copy + k, s);
+                atomicAdd(copy + K + k, ss);
             }
         }
         if (pix >= NP) continue;
@@ -2329,7 +2342,7 @@ extern "C" __global__ void __launch_bounds__(256) conv_small_fwd_tc(const float*
             }
         }
     }
-    if (sums && blockIdx.x == 0 && tid == 0) sums[2 * K] = static_cast<double>(NP);
+    if (sums && blockIdx.x == 0 && tid == 0) sums[2LL * K * HN_SUMS_COPIES] = static_cast<double>(NP);
 }
 
 // conv_small_filter_tc: the filter gradient of the same convolutions, part[block][k][j] = the sum over the block's

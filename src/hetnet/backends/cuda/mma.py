@@ -273,7 +273,7 @@ class ConvCall:
     splits: int = 1            # K parts over grid.z (filter), each kchunk long
     kchunk: int = 0
     sums: object = None        # a TMA tile's forward or pooled forward: its bf16 output's batch-norm statistics
-    #                            (zeroed float64 [2 M + 1]; epilogue_sums_fit), else None
+    #                            (zeroed_sums; epilogue_sums_fit), else None
 
     @property
     def kernel(self) -> str:
@@ -675,10 +675,26 @@ def epilogue_sums_fit(call: ConvCall | None) -> bool:
     return p * q % (8 if call.op == "fwd" else 16) == 0 and address(call.out) % 16 == 0
 
 
+SUMS_COPIES = 32        # mma.cu's HN_SUMS_COPIES: the copies of a batch norm's sums that a convolution adds into
+
+
+def zeroed_sums(xp, channels: int):
+    """The float64 sums a convolution adds its output's batch-norm statistics into (conv_small_fwd_tc, the TMA
+    tiles' staged epilogues), zeroed: SUMS_COPIES copies of [sum per channel, sum of squares per channel], each block
+    adding into one, then the count (mma.cu's HN_SUMS_COPIES; norm.py's batch norm adds the copies up)."""
+    return xp.zeros((SUMS_COPIES * 2 * channels + 1,), dtype=np.float64)
+
+
+def folded_sums(sums, channels: int):
+    """[sum per channel, sum of squares per channel, count] of zeroed_sums' copies (NumPy or CuPy)."""
+    return sums[:-1].reshape(-1, 2 * channels).sum(axis=0).tolist() + [sums[-1].item()]
+
+
 def with_sums(xp, call: ConvCall | None) -> ConvCall | None:
-    """The call with zeroed sums for its output's batch-norm statistics where epilogue_sums_fit, else as it is."""
+    """The call with zeroed sums (zeroed_sums) for its output's batch-norm statistics where epilogue_sums_fit, else
+    as it is."""
     if epilogue_sums_fit(call):
-        call.sums = xp.zeros((2 * call.m + 1,), dtype=np.float64)
+        call.sums = zeroed_sums(xp, call.m)
     return call
 
 

@@ -138,14 +138,19 @@ HN_BN_KERNELS(bn_sums_x16, bn_sums,
      unsigned* __restrict__ count, int N, int C, int HW),
     (x, sums, acc, count, N, C, HW))
 
-// stats and running statistics (as bn_stats) from the all-reduced sums of bn_sums; one thread per channel.
+// stats and running statistics (as bn_stats) from sums of `copies` copies of [sum x (C), sum x^2 (C)] and the count
+// after them: bn_sums' (copies 1), all-reduced, or a convolution's (HN_SUMS_COPIES); one thread per channel.
 extern "C" __global__ void bn_stats_synced(const double* __restrict__ sums, float* __restrict__ stats,
                                            float* __restrict__ running_mean, float* __restrict__ running_var, int C,
-                                           float momentum) {
+                                           int copies, float momentum) {
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c < C)
-        hn_bn_finish_stats<double>(sums[c], sums[C + c], sums[2 * C], c, C, stats, running_mean, running_var,
-                                   momentum);
+    if (c >= C) return;
+    double s = 0.0, ss = 0.0;
+    for (int r = 0; r < copies; ++r) {
+        s += sums[2LL * C * r + c];
+        ss += sums[2LL * C * r + C + c];
+    }
+    hn_bn_finish_stats<double>(s, ss, sums[2LL * C * copies], c, C, stats, running_mean, running_var, momentum);
 }
 
 // z = (x - mean) * inv * gamma + beta, inv = 1 / sqrt(var + eps): every kernel's batch-norm output, so that the

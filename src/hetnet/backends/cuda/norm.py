@@ -69,7 +69,7 @@ class NormOps:
         acc = self.scratch("bn_acc", (2 * c,), np.float64)
         cnt = self.scratch("bn_cnt", (c,), np.uint32)
         xa, xs = _x(x)
-        sums = x.sums if isinstance(x, Nchw16) else None                # [sum x, sum x^2, count]
+        sums = x.sums if isinstance(x, Nchw16) else None       # copies of [sum x, sum x^2], count (mma.zeroed_sums)
         if sums is None and reduce is None:
             get_kernel(self.device_id, "norm", self.ix("bn_stats" + xs, x.size))(self._bn_grid(n, c, hw), (256,), (
                 xa, stats, running_mean, running_var, acc, cnt, _i32(n), _i32(c), _i32(hw), _f32(momentum)))
@@ -81,8 +81,8 @@ class NormOps:
         if reduce is not None:
             reduce(sums)
         get_kernel(self.device_id, "norm", "bn_stats_synced")((math.ceil(c / 256),), (256,), (
-            sums, stats, running_mean, running_var, _i32(c), _f32(momentum)))
-        return stats[:c], stats[c:], None if reduce is None else (reduce, sums[2 * c:])
+            sums, stats, running_mean, running_var, _i32(c), _i32((sums.size - 1) // (2 * c)), _f32(momentum)))
+        return stats[:c], stats[c:], None if reduce is None else (reduce, sums[-1:])
 
     def _bn_sync_grad_sums(self, red, m: int, sync) -> None:
         """Synchronised BatchNorm's backward: red = this process's [sum g, sum g * xhat] per channel (already added
