@@ -643,9 +643,9 @@ class Nchw16:
     A bf16 convolution forward writes its output so where that output's one reader is the batch norm after it (the op
     contract's `to_norm`); only the batch-norm ops read it (norm.cu's "_x16" kernels), forward and backward. `sums`:
     None, or float64 sums per channel and sums of squares of those values, and their count (mma.zeroed_sums' copies),
-    which the convolution made as it wrote them ("small_tc"; a TMA tile's forward or pooled forward where mma.epilogue_sums_fit), so that
-    the batch norm's statistics need no pass over them (norm.py). A batch norm's dE/dx handed to a convolution's
-    backward (takes_dy16_nchw) is one too, without sums."""
+    which the convolution made as it wrote them ("small_tc"; a TMA tile's forward or pooled forward where
+    mma.epilogue_sums_fit), so that the batch norm's statistics need no pass over them (norm.py). A batch norm's
+    dE/dx handed to a convolution's backward (takes_dy16_nchw) is one too, without sums."""
 
     __slots__ = ("data", "sums")
 

@@ -1749,10 +1749,10 @@ __device__ __forceinline__ void hn_convt_pool_epilogue(const HnBlock& b, float (
 // L2 slices) instead of queueing on one; bn_stats_synced adds the copies up. (mma.py's SUMS_COPIES: the same number.)
 #define HN_SUMS_COPIES 32
 
-// A batch norm's statistics from a staged epilogue (sums: HN_SUMS_COPIES copies of 2 M doubles and the count): the G consecutive lanes of a warp (G | 32) that hold output
-// row m's values add their sums s and sums of squares ss (in double) by shuffles, and the first adds them into row m
-// of the tile's copy (tile: the tile's index; two atomics a row and tile). The whole warp calls this; a lane with no
-// values passes zeros.
+// A batch norm's statistics from a staged epilogue (sums: HN_SUMS_COPIES copies of 2 M doubles and the count): the G
+// consecutive lanes of a warp (G | 32) that hold output row m's values add their sums s and sums of squares ss (in
+// double) by shuffles, and the first adds them into row m of the tile's copy (tile: the tile's index; two atomics a
+// row and tile). The whole warp calls this; a lane with no values passes zeros.
 template <int G>
 __device__ __forceinline__ void hn_add_row_sums(double* sums, int M, int m, double s, double ss, int lane, int tile) {
     static_assert(G > 0 && 32 % G == 0, "a row's lanes within one warp");
@@ -2216,8 +2216,7 @@ extern "C" __global__ void hn_tma_probe(const __grid_constant__ HnTensorMap map,
 // (blockIdx.x modulo HN_SUMS_COPIES) [k] += the sum of channel k's outputs as stored (bf16 values with out16),
 // [K + k] += the sum of their squares; the count n P Q after the copies: the batch norm's statistics of y (norm.py:
 // bn_stats_synced); a warp's sums added in double (a thread's 4 pixels, then the warp's lanes), one atomic add a warp
-// and channel. Grid ceil(n P Q / 128), 256 threads, HN_SMALL_TC_SMEM bytes of dynamic shared
-// memory.
+// and channel. Grid ceil(n P Q / 128), 256 threads, HN_SMALL_TC_SMEM bytes of dynamic shared memory.
 #define HN_SMALL_TC_ROW 40       // bf16 elements a staged row: 32 taps + 8, 80 bytes (a fragment's 8 rows, 8 banks)
 #define HN_SMALL_TC_YS 132       // floats a row of ys: 128 pixels + 4 (rows 16-byte aligned)
 #define HN_SMALL_TC_SMEM (64 * HN_SMALL_TC_YS * 4)      // dynamic shared memory a block: ys (ws and xs before it)
