@@ -302,3 +302,37 @@ def test_batch_norm_statistics_from_the_tma_tiles_emulated(libs, rng, monkeypatc
         np.testing.assert_array_equal(g, plain_grads[i], err_msg=f"parameter {i}")
     ref_logits, _ = plan_step(_tma_model("reference"), x, y)
     assert rel_err(logits, ref_logits) <= 2 * RTOL_TC["bf16"], rel_err(logits, ref_logits)
+
+
+@pytest.mark.parametrize("sync", [False, True])
+def test_batch_norm_reads_a_convolutions_sums_in_copies_emulated(be, rng, sync):
+    """A batch norm whose bf16 input came with a convolution's sums (Nchw16.sums: mma.zeroed_sums' copies, here
+    with each channel's values spread over the copies by pixel) makes the statistics of its own pass from them: the
+    output, running statistics and, in the backward, dx and the parameters' gradients equal to those without sums
+    to float32 rounding; also synchronised (a world of one, whose all-reduce leaves the sums as they are), where the
+    backward takes the count from after the copies."""
+    from hetnet.backends.cuda import mma as M
+    from mma_cases import bf16_bits, bf16_values
+
+    n, c, h, w = 3, 5, 6, 7
+    bits = bf16_bits(rng.normal(1.0, 2.0, (n, c, h, w)).astype(np.float32))
+    v = bf16_values(bits).astype(np.float64).transpose(1, 0, 2, 3).reshape(c, -1)
+    sums = M.zeroed_sums(np, c)
+    copies = sums[:-1].reshape(M.SUMS_COPIES, 2, c)
+    for copy in range(M.SUMS_COPIES):                 # pixel j of each channel into copy j mod SUMS_COPIES
+        part = v[:, copy::M.SUMS_COPIES]
+        copies[copy, 0], copies[copy, 1] = part.sum(axis=1), (part * part).sum(axis=1)
+    sums[-1] = n * h * w
+    gamma, beta = rng.uniform(0.5, 1.5, c).astype(np.float32), rng.normal(0, 0.5, c).astype(np.float32)
+    dy = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    out = []
+    for with_sums in (True, False):
+        rm, rv = np.zeros(c, np.float32), np.ones(c, np.float32)
+        dg, db = np.zeros(c, np.float32), np.zeros(c, np.float32)
+        x16 = C.Nchw16(bits.copy(), sums.copy() if with_sums else None)
+        kw = {"reduce": lambda a: None} if sync else {}
+        y, cache = be.batchnorm_forward(x16, gamma, beta, rm, rv, 0.1, 1e-5, True, **kw)
+        dx = be.batchnorm_backward(dy, cache, dg, db)
+        out.append([be.to_numpy(a) for a in (y, rm, rv, dx, dg, db)])
+    for name, got, want in zip(("y", "running mean", "running var", "dx", "dgamma", "dbeta"), *out):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=name)
