@@ -2215,8 +2215,9 @@ extern "C" __global__ void hn_tma_probe(const __grid_constant__ HnTensorMap map,
 // sums (null: none), zeroed HN_SUMS_COPIES copies of 2 K doubles and the count (above): in the block's copy
 // (blockIdx.x modulo HN_SUMS_COPIES) [k] += the sum of channel k's outputs as stored (bf16 values with out16),
 // [K + k] += the sum of their squares; the count n P Q after the copies: the batch norm's statistics of y (norm.py:
-// bn_stats_synced); a warp's sums added in double (a thread's 4 pixels, then the warp's lanes), one atomic add a warp
-// and channel. Grid ceil(n P Q / 128), 256 threads, HN_SMALL_TC_SMEM bytes of dynamic shared memory.
+// bn_stats_synced), added in double after the stores: a thread's 32 pixels of one channel, then the channel's four
+// quarters through shared memory, one atomic add a block and channel. Grid ceil(n P Q / 128), 256 threads,
+// HN_SMALL_TC_SMEM bytes of dynamic shared memory.
 #define HN_SMALL_TC_ROW 40       // bf16 elements a staged row: 32 taps + 8, 80 bytes (a fragment's 8 rows, 8 banks)
 #define HN_SMALL_TC_YS 132       // floats a row of ys: 128 pixels + 4 (rows 16-byte aligned)
 #define HN_SMALL_TC_SMEM (64 * HN_SMALL_TC_YS * 4)      // dynamic shared memory a block: ys (ws and xs before it)
@@ -2291,36 +2292,25 @@ extern "C" __global__ void __launch_bounds__(256) conv_small_fwd_tc(const float*
         hn_sts2(y0 + 8 * HN_SMALL_TC_YS, hn_bits(acc[nb][2]), hn_bits(acc[nb][3]));
     }
     __syncthreads();
+    // channel k's outputs at pixels pl .. pl + 3 of the block as stored: + bias, then the activation
+    auto outputs = [&](int k, int pl, float (&v)[4]) {
+        const float bias = b ? b[k] : 0.f;
+        const float4 d = hn_lds4(ys + k * HN_SMALL_TC_YS + pl);
+        v[0] = d.x + bias;
+        v[1] = d.y + bias;
+        v[2] = d.z + bias;
+        v[3] = d.w + bias;
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+            if (act == 1) v[e] = v[e] > 0.f ? v[e] : 0.f;
+    };
     // stores: thread t channel k = t / 32 + 8 i (one channel a warp), pixels 4 (t % 32) .. + 3, for i < 8
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
         const int k = (tid >> 5) + 8 * i, pl = 4 * (tid & 31), pix = p0 + pl;
         if (k >= K) continue;                         // (the whole warp)
-        const float bias = b ? b[k] : 0.f;
-        const float4 d = hn_lds4(ys + k * HN_SMALL_TC_YS + pl);
-        float v[4] = {d.x + bias, d.y + bias, d.z + bias, d.w + bias};
-#pragma unroll
-        for (int e = 0; e < 4; ++e)
-            if (act == 1) v[e] = v[e] > 0.f ? v[e] : 0.f;
-        if (sums) {
-            double s = 0.0, ss = 0.0;
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                if (pix + e >= NP) continue;
-                const double r = out16 ? hn_bf16_value(hn_bf16_of(v[e])) : v[e];
-                s += r;
-                ss += r * r;
-            }
-            for (int o = 16; o > 0; o >>= 1) {
-                s += __shfl_xor_sync(0xffffffffu, s, o);
-                ss += __shfl_xor_sync(0xffffffffu, ss, o);
-            }
-            if (lane == 0) {
-                double* copy = sums + 2LL * K * (blockIdx.x % HN_SUMS_COPIES);
-                atomicAdd(copy + k, s);
-                atomicAdd(copy + K + k, ss);
-            }
-        }
+        float v[4];
+        outputs(k, pl, v);
         if (pix >= NP) continue;
         const int img = pix / PQ, pq = pix - img * PQ;
         const long long at = (static_cast<long long>(img) * K + k) * PQ + pq;
@@ -2339,6 +2329,40 @@ extern "C" __global__ void __launch_bounds__(256) conv_small_fwd_tc(const float*
                 else
                     static_cast<float*>(out)[ae] = v[e];
             }
+        }
+    }
+    if (sums) {
+        // the batch norm's sums: thread t adds channel k = t % 64's outputs at pixels 32 (t / 64) .. + 31 as stored
+        // (a warp's lanes 32 channels: their 16-byte reads of ys in distinct banks), then the four quarters of a
+        // channel meet in shared memory (over ys, once every thread has read it) and thread k adds them into the
+        // block's copy
+        const int k = tid & 63, q = tid >> 6;
+        double s = 0.0, ss = 0.0;
+        if (k < K) {
+#pragma unroll 2
+            for (int j = 32 * q; j < 32 * q + 32; j += 4) {
+                float v[4];
+                outputs(k, j, v);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    if (p0 + j + e >= NP) continue;
+                    const double r = out16 ? hn_bf16_value(hn_bf16_of(v[e])) : v[e];
+                    s += r;
+                    ss += r * r;
+                }
+            }
+        }
+        __syncthreads();                              // (every thread done with ys)
+        double* quarter = reinterpret_cast<double*>(smem);              // [4][64][2]
+        quarter[2 * tid] = s;
+        quarter[2 * tid + 1] = ss;
+        __syncthreads();
+        if (tid < K) {
+            double* copy = sums + 2LL * K * (blockIdx.x % HN_SUMS_COPIES);
+            atomicAdd(copy + tid, quarter[2 * tid] + quarter[2 * (tid + 64)] + quarter[2 * (tid + 128)] +
+                                      quarter[2 * (tid + 192)]);
+            atomicAdd(copy + K + tid, quarter[2 * tid + 1] + quarter[2 * (tid + 64) + 1] +
+                                          quarter[2 * (tid + 128) + 1] + quarter[2 * (tid + 192) + 1]);
         }
     }
     if (sums && blockIdx.x == 0 && tid == 0) sums[2LL * K * HN_SUMS_COPIES] = static_cast<double>(NP);
