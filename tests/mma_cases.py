@@ -151,6 +151,13 @@ def bf16_values(bits):
     return (np.asarray(bits).astype(np.uint32) << 16).view(np.float32)
 
 
+def batch_norm_sums(y):
+    """A batch norm's sums of NCHW values y in float64, as mma.folded_sums gives them: [sum per channel, sum of
+    squares per channel, count per channel]."""
+    v = np.asarray(y).astype(np.float64)
+    return np.concatenate([v.sum(axis=(0, 2, 3)), (v * v).sum(axis=(0, 2, 3)), [v.size // v.shape[1]]])
+
+
 def nhwc16(a, chunk: int = 1):
     """a [n, C, *spatial] (or weights [O, C, R, S]) channels-last as bf16 bits, as the kernels that write a copy of
     its C channels make it; chunk 8: what mma.to_nhwc16 makes (C padded with zeros to a multiple of 8)."""

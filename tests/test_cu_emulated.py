@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from conftest import RTOL_EMULATED
 from emu_build import build_emulated
-from mma_cases import bf16_bits, bf16_values, nhwc16, nhwc_copy
+from mma_cases import batch_norm_sums, bf16_bits, bf16_values, nhwc16, nhwc_copy
 
 from hetnet.backends import reference as ref
 from hetnet.backends.cuda import kernels, mma
@@ -652,10 +652,6 @@ def test_conv_small_tc_emulated(emu_small_tc, rng, case):
     p, q = want.shape[2:]
     size, guard = want.size, 64
     err = ctypes.create_string_buffer(512)
-    def sums_of(values):
-        v = values.astype(np.float64)
-        return np.concatenate([v.sum(axis=(0, 2, 3)), (v * v).sum(axis=(0, 2, 3)), [n * p * q]])
-
     def copies_used(sums):            # the copies a block's sums went to: one a block (blockIdx.x modulo the copies)
         return int((sums[:-1].reshape(mma.SUMS_COPIES, 2 * k) != 0).any(axis=1).sum())
 
@@ -666,15 +662,15 @@ def test_conv_small_tc_emulated(emu_small_tc, rng, case):
         assert np.isnan(y[size:]).all(), "written past y"
         y = y[:size].reshape(want.shape)
         np.testing.assert_allclose(y, np.maximum(want, 0) if act else want, rtol=RTOL_EMULATED, atol=RTOL_EMULATED)
-        np.testing.assert_allclose(mma.folded_sums(sums, k), sums_of(y), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(mma.folded_sums(sums, k), batch_norm_sums(y), rtol=1e-12, atol=1e-12)
         assert copies_used(sums) == min(-(-n * p * q // 128), mma.SUMS_COPIES)
         y16, sums = np.full(size + guard, 0xDEAD, np.uint16), mma.zeroed_sums(np, k)
         _check(emu_small_tc.emu_small_tc(_ptr(x), _ptr(w), _ptr(b) if bias else None, _ptr(y16), n, c, h, w_, k, ks,
                                          ks, stride, pad, p, q, act, 1, _ptr(sums), 5 + act, err, 512), err)
         assert (y16[size:] == 0xDEAD).all(), "written past y"
         np.testing.assert_array_equal(y16[:size].reshape(want.shape), bf16_bits(y))
-        np.testing.assert_allclose(mma.folded_sums(sums, k), sums_of(bf16_values(y16[:size].reshape(want.shape))),
-                                   rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(mma.folded_sums(sums, k), batch_norm_sums(bf16_values(y16[:size].reshape(
+            want.shape))), rtol=1e-12, atol=1e-12)
         _check(emu_small_tc.emu_small_tc(_ptr(x), _ptr(w), _ptr(b) if bias else None, _ptr(y16), n, c, h, w_, k, ks,
                                          ks, stride, pad, p, q, act, 1, None, 7 + act, err, 512), err)     # no sums
 

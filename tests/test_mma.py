@@ -26,8 +26,8 @@ from conftest import RTOL_FP32_PARTS, RTOL_TC, RTOL_TC_ROUNDED, rel_err, toleran
 from halo_cases import HALO_CASES, check_halo, sandbox
 from mma_cases import (CONV16_SHAPES, CONV32_SHAPES, CONV_SHAPES, POOL16_SHAPES, POOL32_SHAPES, SHAPES,
                        conv_data_expected, conv_data_inputs, conv_expected, conv_filter_expected, conv_filter_inputs,
-                       bf16_bits, bf16_values, conv_inputs, expected, max_pool_2x2, nhwc16, nhwc_copy, plan_step,
-                       pooled_cnn, round_bf16, stored, tma_choices, turned16, turned_copy)
+                       batch_norm_sums, bf16_bits, bf16_values, conv_inputs, expected, max_pool_2x2, nhwc16,
+                       nhwc_copy, plan_step, pooled_cnn, round_bf16, stored, tma_choices, turned16, turned_copy)
 
 import hetnet as hn
 from hetnet import plan as P
@@ -692,8 +692,7 @@ def test_small_convolutions_on_tensor_cores(rng, monkeypatch, case):
         assert rel_err(y, np.maximum(want, 0) if act else want) <= RTOL_TC_ROUNDED, act
         y16 = C.conv_forward(be, be.asarray(x), be.asarray(w), be.asarray(b), stride, pad, act, None, True)
         np.testing.assert_array_equal(cupy.asnumpy(y16.data), bf16_bits(y), err_msg=f"act {act}")
-        v = bf16_values(bf16_bits(y)).astype(np.float64)        # the batch norm's sums of the values stored
-        want_sums = [*v.sum(axis=(0, 2, 3)), *(v * v).sum(axis=(0, 2, 3)), v.size // k]
+        want_sums = batch_norm_sums(bf16_values(bf16_bits(y)))        # of the values stored
         np.testing.assert_allclose(mm.folded_sums(cupy.asnumpy(y16.sums), k), want_sums, rtol=1e-9,
                                    err_msg=f"act {act}")
     dw, db = be.asarray(np.ones(w.shape)), be.asarray(np.ones(k))

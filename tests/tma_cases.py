@@ -70,12 +70,11 @@ def _check_sums(xp, host, launch, call, where: str) -> int:
     np.testing.assert_array_equal(host(call.out), before, err_msg=f"{where}: the output with sums")
     n, m, plane = call.src.shape[0], call.m, call.geometry[5] * call.geometry[6]
     y = bf16_values(before.reshape(-1)[:n * m * plane]).astype(np.float64).reshape(n, m, plane)
-    copies = host(call.sums)[:-1].reshape(mm.SUMS_COPIES, 2 * m)
-    used = int((copies != 0).any(axis=1).sum())                 # a tile column's sums in copy (its index mod 32)
+    sums = host(call.sums)
+    used = int((sums[:-1].reshape(mm.SUMS_COPIES, 2 * m) != 0).any(axis=1).sum())   # a tile column's: its index mod 32
     assert used == min(-(-call.n // call.tile.bn), mm.SUMS_COPIES), f"{where}: {used} copies of the sums used"
-    got = mm.folded_sums(host(call.sums), m)
+    got = mm.folded_sums(sums, m)
     assert got[2 * m] == n * plane, f"{where}: count {got[2 * m]}, not {n * plane}"
-    got = np.array(got)
     for part, values in (("sums", y), ("sums of squares", y * y)):
         got_part = got[:m] if part == "sums" else got[m:2 * m]
         np.testing.assert_allclose(got_part, values.sum(axis=(0, 2)), rtol=0,

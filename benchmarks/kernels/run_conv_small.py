@@ -91,7 +91,7 @@ def small_tc_rows(cupy, spin, be, x, w, dy) -> list[dict]:
     output and the filter gradient checked against float64 of the rounded inputs on the first CHECK_IMAGES images
     (within RTOL_TC_ROUNDED), the forward's bf16 output against the bf16 of its float32 output (bits equal), and with
     the batch norm's sums; then each timed."""
-    from mma_cases import bf16_bits, bf16_values
+    from mma_cases import batch_norm_sums, bf16_bits, bf16_values
     from run_conv_variants import add_row, time_ms
     from run_tc_conv_nhwc import RTOL_TC_ROUNDED
 
@@ -125,9 +125,8 @@ def small_tc_rows(cupy, spin, be, x, w, dy) -> list[dict]:
     # adding into the same sums: the same atomics)
     sums = mma.zeroed_sums(cupy, k)
     C._fwd_small(be, g, x, w, None, y16, 0, out16=True, tc=True, sums=sums)
-    v = bf16_values(cupy.asnumpy(y16)).astype(np.float64)
-    got = np.array(mma.folded_sums(cupy.asnumpy(sums), k))
-    want = np.concatenate([v.sum(axis=(0, 2, 3)), (v * v).sum(axis=(0, 2, 3)), [v.size // k]])
+    got = mma.folded_sums(cupy.asnumpy(sums), k)
+    want = batch_norm_sums(bf16_values(cupy.asnumpy(y16)))
     err = float(np.abs(got - want).max() / np.abs(want).sum())
     row = {"op": "fwd", "candidate": "small_tc out16 + sums", "check_rel_err": err}
     if err <= 1e-12:

@@ -685,9 +685,9 @@ def zeroed_sums(xp, channels: int):
     return xp.zeros((SUMS_COPIES * 2 * channels + 1,), dtype=np.float64)
 
 
-def folded_sums(sums, channels: int):
-    """[sum per channel, sum of squares per channel, count] of zeroed_sums' copies (NumPy or CuPy)."""
-    return sums[:-1].reshape(-1, 2 * channels).sum(axis=0).tolist() + [sums[-1].item()]
+def folded_sums(sums: np.ndarray, channels: int) -> np.ndarray:
+    """[sum per channel, sum of squares per channel, count] of zeroed_sums' copies, copied to the host."""
+    return np.append(sums[:-1].reshape(-1, 2 * channels).sum(axis=0), sums[-1])
 
 
 def with_sums(xp, call: ConvCall | None) -> ConvCall | None:
