@@ -615,6 +615,11 @@ extern "C" int emu_small_tc(const float* x, const float* w, const float* b, void
 extern "C" int emu_small_filter_tc(const void* dy, int dy16, const float* x, float* part, float* dw, int n, int C,
                                    int H, int W, int K, int R, int S, int st, int pad, int P, int Q, unsigned blocks,
                                    unsigned seed, char* err, int len) {
+    // the buffers that vector loads (hn_ldg4) are checked against: dy and x read, part written
+    const size_t npq = (size_t)n * P * Q;
+    emu::S().ranges = {{static_cast<const unsigned char*>(dy), npq * K * (dy16 ? 2 : 4), false},
+                       {reinterpret_cast<const unsigned char*>(x), (size_t)n * C * H * W * 4, false},
+                       {reinterpret_cast<const unsigned char*>(part), (size_t)blocks * 64 * 32 * 4, true}};
     std::string msg = emu::launch({blocks, 1, 1}, {256, 1, 1}, HN_SMALL_TC_FSMEM, [=] {
         if (dy16)
             conv_small_filter_tc_dy16(static_cast<const unsigned short*>(dy), x, part, n, C, H, W, K, R, S, st, pad,
@@ -676,13 +681,16 @@ def test_conv_small_tc_emulated(emu_small_tc, rng, case):
 
 
 @pytest.mark.parametrize("case", [(3, 3, 9, 9, 64, 3, 1, 1, 2), (2, 2, 7, 6, 8, 3, 2, 1, 1), (1, 2, 5, 5, 16, 4, 1, 2, 3),
-                                  (2, 1, 6, 7, 24, 5, 1, 2, 2), (2, 3, 8, 8, 64, 3, 1, 1, 1)],
+                                  (2, 1, 6, 7, 24, 5, 1, 2, 2), (2, 3, 8, 8, 64, 3, 1, 1, 1),
+                                  (4, 3, 12, 12, 64, 3, 1, 1, 2)],
                          ids=lambda c: "N{}C{}H{}W{}K{}k{}s{}p{}-blocks{}".format(*c))
 def test_conv_small_filter_tc_emulated(emu_small_tc, rng, case):
     """conv_small_filter_tc + conv_small_filter_tc_add: dw += dE/dw against float64 of the bf16-rounded dy and x,
     within the emulator's tolerance; every part written (poisoned with NaN first); grids with fewer blocks than
-    128-pixel tiles (the grid-stride loop) and with more (blocks with no pixels), 32 taps. conv_small_filter_tc_dy16
-    on dy's bf16 bits: the same dw, bit for bit."""
+    128-pixel tiles (the grid-stride loop: the last case's blocks take 3 and 2 tiles, each loaded while the last one
+    is multiplied, tiles across images, a partial last one) and with more (blocks with no pixels), 32 taps; P Q a
+    multiple of 4 (dy read 4 pixels a vector) or not. conv_small_filter_tc_dy16 on dy's bf16 bits: the same dw, bit
+    for bit."""
     n, c, h, w_, k, ks, stride, pad, blocks = case
     x = rng.standard_normal((n, c, h, w_)).astype(np.float32)
     w = np.zeros((k, c, ks, ks))

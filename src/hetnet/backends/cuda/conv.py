@@ -203,8 +203,10 @@ def _fwd_small(be, g, x, w, b, y, act, out16: bool = False, tc: bool = False, su
 
 def small_tc_fits(be, g: Geometry, *arrays) -> bool:
     """Whether mma.cu's conv_small_fwd_tc / conv_small_filter_tc ("small_tc") run g: at bf16 (they round x, w and
-    dy to bf16), C R S <= 32 taps, K <= 64, N P Q + 128 <= 2^31, contiguous float32 operands."""
-    return (be.precision == "bf16" and g.crs <= 32 and g.k <= 64 and g.npq + 128 <= 2**31 and _contiguous(*arrays)
+    dy to bf16), C R S <= 32 taps, K <= 64, N P Q + 128 <= 2^31, an image's C H W < 2^31 (int offsets within it),
+    contiguous float32 operands."""
+    return (be.precision == "bf16" and g.crs <= 32 and g.k <= 64 and g.npq + 128 <= 2**31 and g.c * g.h * g.w < 2**31
+            and _contiguous(*arrays)
             and all(a is None or a.dtype == np.float32 for a in arrays))
 
 

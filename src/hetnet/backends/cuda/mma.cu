@@ -2249,13 +2249,19 @@ extern "C" __global__ void __launch_bounds__(256) conv_small_fwd_tc(const float*
         const bool in = pix < NP;
         const int img = in ? pix / PQ : 0, pq = pix - img * PQ, p = pq / Q, q = pq - p * Q;
         const int h0 = p * stride - pad, w0 = q * stride - pad;
-        const float* xi = x + static_cast<long long>(img) * C * H * W;
+        const float* xi = x + static_cast<long long>(img) * C * H * W;    // (C H W < 2^31: small_tc_fits)
+        int c = j0 / RS, r = (j0 - c * RS) / S, s = j0 - c * RS - r * S;  // tap j0, then stepped: no division a tap
         float v[16];
 #pragma unroll
         for (int u = 0; u < 16; ++u) {
-            const int j = j0 + u, c = j / RS, rs = j - c * RS, r = rs / S, ih = h0 + r, iw = w0 + rs - r * S;
-            const bool ok = in && j < CRS && ih >= 0 && ih < H && iw >= 0 && iw < W;
-            v[u] = ok ? xi[(static_cast<long long>(c) * H + ih) * W + iw] : 0.f;
+            const int ih = h0 + r, iw = w0 + s;
+            const bool ok = in && j0 + u < CRS && static_cast<unsigned>(ih) < static_cast<unsigned>(H) &&
+                            static_cast<unsigned>(iw) < static_cast<unsigned>(W);
+            v[u] = ok ? xi[(c * H + ih) * W + iw] : 0.f;
+            if (++s == S) {
+                s = 0;
+                if (++r == R) r = 0, ++c;
+            }
         }
 #pragma unroll
         for (int u = 0; u < 16; u += 8)
@@ -2305,16 +2311,18 @@ extern "C" __global__ void __launch_bounds__(256) conv_small_fwd_tc(const float*
             if (act == 1) v[e] = v[e] > 0.f ? v[e] : 0.f;
     };
     // stores: thread t channel k = t / 32 + 8 i (one channel a warp), pixels 4 (t % 32) .. + 3, for i < 8
+    const int pl = 4 * (tid & 31), pix = p0 + pl, img = pix < NP ? pix / PQ : 0;
+    const long long base = static_cast<long long>(img) * K * PQ + (pix - img * PQ);   // y's offset of channel 0
+    const bool vec = PQ % 4 == 0 && pix + 3 < NP;         // 4 pixels of one image, 4-aligned
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-        const int k = (tid >> 5) + 8 * i, pl = 4 * (tid & 31), pix = p0 + pl;
+        const int k = (tid >> 5) + 8 * i;
         if (k >= K) continue;                         // (the whole warp)
         float v[4];
         outputs(k, pl, v);
         if (pix >= NP) continue;
-        const int img = pix / PQ, pq = pix - img * PQ;
-        const long long at = (static_cast<long long>(img) * K + k) * PQ + pq;
-        if (PQ % 4 == 0 && pix + 3 < NP) {                // 4 pixels of one image, 4-aligned
+        const long long at = base + static_cast<long long>(k) * PQ;
+        if (vec) {
             if (out16)
                 *reinterpret_cast<uint2*>(static_cast<unsigned short*>(out) + at) =
                     make_uint2(hn_pack_bf16x2(v[0], v[1]), hn_pack_bf16x2(v[2], v[3]));
@@ -2375,17 +2383,91 @@ extern "C" __global__ void __launch_bounds__(256) conv_small_fwd_tc(const float*
 // [64][128] X [128][32], K = the pixels: dy^T staged as ds[k][pixel], the taps as xs[j][pixel] (bf16 rows of 128
 // pixels, padded to 136: ldmatrix's 8 rows in different banks); warp w takes taps 16 (w % 2) .. + 15 over pixels 32
 // (w / 2) .. + 31 (8 tiles of D, 32 float32 sums a thread), and the four warps of each half of the taps add their sums
-// in warp order through shared memory at the end. dy [n][K][P][Q] float32, or its bf16 bits in
-// conv_small_filter_tc_dy16 (the batch norm's hand-over, conv.Nchw16: the same bf16 values the float32 version rounds
-// to), x [n][C][H][W] float32; K <= 64, C R S <= 32; part [blocks][64][32]. 256 threads, HN_SMALL_TC_FSMEM bytes of
-// dynamic shared memory.
+// in warp order through shared memory at the end. A thread loads the next 128 pixels' dy and x into registers (a
+// HnSmallFilterTile) before the products of these: the loads of one tile are in flight while the block multiplies the
+// last. dy [n][K][P][Q] float32, or its bf16 bits in conv_small_filter_tc_dy16 (the batch norm's hand-over,
+// conv.Nchw16: the same bf16 values the float32 version rounds to), x [n][C][H][W] float32; K <= 64, C R S <= 32,
+// C H W < 2^31; part [blocks][64][32]. 256 threads, HN_SMALL_TC_FSMEM bytes of dynamic shared memory.
 #define HN_SMALL_TC_PROW 136                                        // bf16 elements a staged row of pixels
 #define HN_SMALL_TC_FSMEM ((64 + 32) * HN_SMALL_TC_PROW * 2)        // dynamic shared memory a block: ds, xs
 
-// An element of dy as float32: float32, or bf16 bits.
-__device__ __forceinline__ float hn_small_value(const float* p, long long i) { return p[i]; }
-__device__ __forceinline__ float hn_small_value(const unsigned short* p, long long i) {
-    return __uint_as_float(static_cast<unsigned>(p[i]) << 16);
+// Four consecutive pixels of one channel of dy as loaded: float32 (float4) or bf16 bits (uint2, already the staged
+// row's layout); one vector where the four are 4-aligned in one image, else one element at a time (zero outside).
+__device__ __forceinline__ void hn_small_dy4(const float* dy, const long long (&at)[4], bool vec, float4& v) {
+    if (vec) {
+        v = hn_ldg4(dy + at[0]);
+    } else {
+        v.x = at[0] >= 0 ? dy[at[0]] : 0.f;
+        v.y = at[1] >= 0 ? dy[at[1]] : 0.f;
+        v.z = at[2] >= 0 ? dy[at[2]] : 0.f;
+        v.w = at[3] >= 0 ? dy[at[3]] : 0.f;
+    }
+}
+__device__ __forceinline__ void hn_small_dy4(const unsigned short* dy, const long long (&at)[4], bool vec, uint2& v) {
+    if (vec) {
+        v = *reinterpret_cast<const uint2*>(dy + at[0]);
+    } else {
+        unsigned e[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) e[i] = at[i] >= 0 ? dy[at[i]] : 0u;
+        v = make_uint2(e[0] | e[1] << 16, e[2] | e[3] << 16);
+    }
+}
+__device__ __forceinline__ uint2 hn_small_dy_bf16(const float4& v) {
+    return make_uint2(hn_pack_bf16x2(v.x, v.y), hn_pack_bf16x2(v.z, v.w));
+}
+__device__ __forceinline__ uint2 hn_small_dy_bf16(const uint2& v) { return v; }
+
+// A thread's share of one 128-pixel tile (pixels 4 (t % 32) .. + 3 of it): dy of channels t / 32 + 8 u (u < 8), x of
+// taps t / 32 + 8 u (u < 4), as loaded.
+template <typename D> struct HnSmallDy4 { using T = float4; };
+template <> struct HnSmallDy4<unsigned short> { using T = uint2; };
+template <typename D>
+struct HnSmallFilterTile {
+    typename HnSmallDy4<D>::T dy[8];
+    float x[4][4];
+};
+
+template <typename D>
+__device__ __forceinline__ void hn_small_filter_load(HnSmallFilterTile<D>& f, const D* __restrict__ dy,
+                                                     const float* __restrict__ x, int pix, int NP, int P, int Q,
+                                                     int K, int C, int H, int W, int stride, int pad,
+                                                     const int (&tc)[4], const int (&tr)[4], const int (&ts)[4]) {
+    // the four pixels' (img, p, q): the first by division, the next three stepped along q, p, img
+    const int PQ = P * Q;
+    int img = pix < NP ? pix / PQ : 0, pq = pix - img * PQ, p = pq / Q, q = pq - p * Q;
+    long long at[4], xo[4];                               // dy's offset of pixel e at channel 0 (-1 outside), x's
+    int h0[4], w0[4];                                     // the window's top-left
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+        const bool in = pix + e < NP;
+        at[e] = in ? static_cast<long long>(img) * K * PQ + p * Q + q : -1;
+        xo[e] = static_cast<long long>(img) * C * H * W;
+        h0[e] = in ? p * stride - pad : -(1 << 30);      // (outside: every tap's row out of range)
+        w0[e] = q * stride - pad;
+        if (++q == Q) {
+            q = 0;
+            if (++p == P) p = 0, ++img;
+        }
+    }
+    const bool vec = PQ % 4 == 0 && pix + 3 < NP;
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+        const int k = (threadIdx.x >> 5) + 8 * u;
+        long long a[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) a[e] = at[e] >= 0 && k < K ? at[e] + static_cast<long long>(k) * PQ : -1;
+        hn_small_dy4(dy, a, vec && k < K, f.dy[u]);
+    }
+#pragma unroll
+    for (int u = 0; u < 4; ++u)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int ih = h0[e] + tr[u], iw = w0[e] + ts[u];
+            const bool ok = tc[u] < C && static_cast<unsigned>(ih) < static_cast<unsigned>(H) &&
+                            static_cast<unsigned>(iw) < static_cast<unsigned>(W);
+            f.x[u][e] = ok ? x[xo[e] + (tc[u] * H + ih) * W + iw] : 0.f;
+        }
 }
 
 template <typename D>
@@ -2399,40 +2481,33 @@ __device__ __forceinline__ void hn_conv_small_filter_tc(unsigned char* hn_smem, 
     const int tid = threadIdx.x, RS = R * S, CRS = C * RS, PQ = P * Q, NP = n * PQ;
     const int warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3, quad = 4 * (tid & 31);
     const int half = warp & 1;                            // this warp's taps 16 half .. + 15: D's tiles 2 half, + 1
+    int tc[4], tr[4], ts[4];                              // this thread's taps t / 32 + 8 u as (c, r, s); c = C: none
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+        const int j = (tid >> 5) + 8 * u, c = j / RS, rs = j - c * RS;
+        tc[u] = j < CRS ? c : C;
+        tr[u] = rs / S;
+        ts[u] = rs - tr[u] * S;
+    }
     float acc[4][2][4] = {};
-    for (int p0 = blockIdx.x * 128; p0 < NP; p0 += gridDim.x * 128) {
-        // stage: thread t pixels quad .. quad + 3, dy's channels t / 32 + 8 u (u < 8) and taps t / 32 + 8 u (u < 4)
-        int img[4], pq[4];
+    HnSmallFilterTile<D> f;
+    const int step = gridDim.x * 128, first = blockIdx.x * 128;
+    if (first < NP)
+        hn_small_filter_load(f, dy, x, first + quad, NP, P, Q, K, C, H, W, stride, pad, tc, tr, ts);
+    for (int p0 = first; p0 < NP; p0 += step) {
+        // stage this tile from the registers, then load the next one's while the products run
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const int pix = p0 + quad + e;
-            img[e] = pix < NP ? pix / PQ : -1;
-            pq[e] = pix - (img[e] < 0 ? 0 : img[e]) * PQ;
-        }
-#pragma unroll 4
-        for (int u = 0; u < 8; ++u) {                     // (16 loads in flight: under 128 registers)
-            const int k = (tid >> 5) + 8 * u;
-            float v[4];
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const long long at = (static_cast<long long>(img[e]) * K + k) * PQ + pq[e];
-                v[e] = img[e] >= 0 && k < K ? hn_small_value(dy, at) : 0.f;
-            }
-            hn_sts2(ds + k * HN_SMALL_TC_PROW + quad, hn_pack_bf16x2(v[0], v[1]), hn_pack_bf16x2(v[2], v[3]));
+        for (int u = 0; u < 8; ++u) {
+            const uint2 d = hn_small_dy_bf16(f.dy[u]);
+            hn_sts2(ds + ((tid >> 5) + 8 * u) * HN_SMALL_TC_PROW + quad, d.x, d.y);
         }
 #pragma unroll
-        for (int u = 0; u < 4; ++u) {
-            const int j = (tid >> 5) + 8 * u, c = j / RS, rs = j - c * RS, r = rs / S, s = rs - r * S;
-            float v[4];
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int p = pq[e] / Q, q = pq[e] - p * Q, ih = p * stride - pad + r, iw = q * stride - pad + s;
-                const bool ok = img[e] >= 0 && j < CRS && ih >= 0 && ih < H && iw >= 0 && iw < W;
-                v[e] = ok ? x[((static_cast<long long>(img[e]) * C + c) * H + ih) * W + iw] : 0.f;
-            }
-            hn_sts2(xs + j * HN_SMALL_TC_PROW + quad, hn_pack_bf16x2(v[0], v[1]), hn_pack_bf16x2(v[2], v[3]));
-        }
+        for (int u = 0; u < 4; ++u)
+            hn_sts2(xs + ((tid >> 5) + 8 * u) * HN_SMALL_TC_PROW + quad, hn_pack_bf16x2(f.x[u][0], f.x[u][1]),
+                    hn_pack_bf16x2(f.x[u][2], f.x[u][3]));
         __syncthreads();
+        if (p0 + step < NP)
+            hn_small_filter_load(f, dy, x, p0 + step + quad, NP, P, Q, K, C, H, W, stride, pad, tc, tr, ts);
 #pragma unroll
         for (int ks = 0; ks < 2; ++ks) {
             const int k0 = 32 * (warp >> 1) + 16 * ks;    // 16 of this warp's 32 pixels
