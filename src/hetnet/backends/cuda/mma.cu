@@ -2233,7 +2233,15 @@ extern "C" __global__ void __launch_bounds__(256) conv_small_fwd_tc(const float*
     unsigned short* ws = reinterpret_cast<unsigned short*>(smem);   // [64][ROW]
     unsigned short* xs = ws + 64 * HN_SMALL_TC_ROW;                  // [128][ROW]
     float* ys = smem;                                               // [64][YS]
+    int* taps = reinterpret_cast<int*>(xs + 128 * HN_SMALL_TC_ROW);   // [32][4], after xs
     const int tid = threadIdx.x, RS = R * S, CRS = C * RS, PQ = P * Q, NP = n * PQ, p0 = blockIdx.x * 128;
+    // the taps j < 32 as x's offset of (c, r, s) from a pixel's window (c H + r) W + s, r and s (r = -2^29 for j >=
+    // C R S: no row in range)
+    if (tid < 32) {
+        const int c = tid / RS, r = (tid - c * RS) / S, s = tid - c * RS - r * S;
+        hn_sts4(taps + 4 * tid, static_cast<unsigned>((c * H + r) * W + s),
+                static_cast<unsigned>(tid < CRS ? r : -(1 << 29)), static_cast<unsigned>(s), 0u);
+    }
     // stage: thread t the weights of row t / 4, taps 8 (t % 4) .. + 7; and the taps 16 (t / 128) .. + 15 of pixel
     // t % 128
     {
@@ -2244,24 +2252,23 @@ extern "C" __global__ void __launch_bounds__(256) conv_small_fwd_tc(const float*
         hn_sts4(ws + k * HN_SMALL_TC_ROW + j0, hn_pack_bf16x2(v[0], v[1]), hn_pack_bf16x2(v[2], v[3]),
                 hn_pack_bf16x2(v[4], v[5]), hn_pack_bf16x2(v[6], v[7]));
     }
+    __syncthreads();                                  // (the taps written)
     {
         const int pl = tid & 127, j0 = 16 * (tid >> 7), pix = p0 + pl;
         const bool in = pix < NP;
         const int img = in ? pix / PQ : 0, pq = pix - img * PQ, p = pq / Q, q = pq - p * Q;
-        const int h0 = p * stride - pad, w0 = q * stride - pad;
+        const int h0 = p * stride - pad, w0 = q * stride - pad, hw0 = h0 * W + w0;
+        const int hb = in ? h0 : -(1 << 29);           // the window's first row (past the pixels: none in range)
         const float* xi = x + static_cast<long long>(img) * C * H * W;    // (C H W < 2^31: small_tc_fits)
-        int c = j0 / RS, r = (j0 - c * RS) / S, s = j0 - c * RS - r * S;  // tap j0, then stepped: no division a tap
         float v[16];
 #pragma unroll
         for (int u = 0; u < 16; ++u) {
-            const int ih = h0 + r, iw = w0 + s;
-            const bool ok = in && j0 + u < CRS && static_cast<unsigned>(ih) < static_cast<unsigned>(H) &&
+            const float4 tp = hn_lds4(reinterpret_cast<const float*>(taps + 4 * (j0 + u)));   // (a broadcast)
+            const int off = static_cast<int>(hn_bits(tp.x)), ih = hb + static_cast<int>(hn_bits(tp.y)),
+                      iw = w0 + static_cast<int>(hn_bits(tp.z));
+            const bool ok = static_cast<unsigned>(ih) < static_cast<unsigned>(H) &&
                             static_cast<unsigned>(iw) < static_cast<unsigned>(W);
-            v[u] = ok ? xi[(c * H + ih) * W + iw] : 0.f;
-            if (++s == S) {
-                s = 0;
-                if (++r == R) r = 0, ++c;
-            }
+            v[u] = ok ? xi[off + hw0] : 0.f;
         }
 #pragma unroll
         for (int u = 0; u < 16; u += 8)
