@@ -139,16 +139,27 @@ HN_BN_KERNELS(bn_sums_x16, bn_sums,
     (x, sums, acc, count, N, C, HW))
 
 // stats and running statistics (as bn_stats) from sums of `copies` copies of [sum x (C), sum x^2 (C)] and the count
-// after them: bn_sums' (copies 1), all-reduced, or a convolution's (HN_SUMS_COPIES); one thread per channel.
+// after them: bn_sums' (copies 1), all-reduced, or a convolution's (HN_SUMS_COPIES); one thread per channel, adding
+// the copies in order, 16 copies' loads in flight at a time (32 copies one after another took 10 us).
 extern "C" __global__ void bn_stats_synced(const double* __restrict__ sums, float* __restrict__ stats,
                                            float* __restrict__ running_mean, float* __restrict__ running_var, int C,
                                            int copies, float momentum) {
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= C) return;
     double s = 0.0, ss = 0.0;
-    for (int r = 0; r < copies; ++r) {
-        s += sums[2LL * C * r + c];
-        ss += sums[2LL * C * r + C + c];
+    for (int r0 = 0; r0 < copies; r0 += 16) {
+        double a[16], b[16];
+#pragma unroll
+        for (int u = 0; u < 16; ++u) {
+            const bool in = r0 + u < copies;
+            a[u] = in ? sums[2LL * C * (r0 + u) + c] : 0.0;
+            b[u] = in ? sums[2LL * C * (r0 + u) + C + c] : 0.0;
+        }
+#pragma unroll
+        for (int u = 0; u < 16; ++u) {
+            s += a[u];
+            ss += b[u];
+        }
     }
     hn_bn_finish_stats<double>(s, ss, sums[2LL * C * copies], c, C, stats, running_mean, running_var, momentum);
 }
