@@ -1,0 +1,62 @@
+"""Per-kernel table of one training step from Nsight Compute's CSV: each kernel's launches and summed
+gpu__time_duration, largest first, with its share of the step. Writes what the results' ncu_*.txt files hold.
+
+    export HETNET_CACHE_DIR=/tmp/hc      # the algorithms of a run without ncu, read by the run under it
+    python benchmarks/kernels/profile_step.py --model cifar-wide --batch 1024 --precision bf16 --quiet
+    ncu --profile-from-start off --metrics gpu__time_duration.sum --csv \\
+        python benchmarks/kernels/profile_step.py --model cifar-wide --batch 1024 --precision bf16 --quiet > ncu.csv
+    python benchmarks/kernels/ncu_table.py ncu.csv --title "H100, cifar-wide bf16 1024, <commit>" > ncu.txt
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import re
+import sys
+from collections import defaultdict
+
+UNITS_US = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3, "s": 1e6, "second": 1e6}
+
+
+def kernel_times(text: str) -> dict[str, tuple[int, float]]:
+    """{kernel name (60 characters, 'void ' dropped): (launches, microseconds)} from ncu's --csv output (the lines
+    before its header, ncu's own messages and the program's output, are skipped)."""
+    start = text.find('"ID"')
+    if start < 0:
+        raise ValueError("no ncu CSV header (\"ID\", ...) in the input")
+    count, total = defaultdict(int), defaultdict(float)
+    for row in csv.DictReader(io.StringIO(text[start:])):
+        if row.get("Metric Name") != "gpu__time_duration.sum":
+            continue
+        name = re.sub(r"^void ", "", row["Kernel Name"])[:60]
+        scale = UNITS_US.get(row.get("Metric Unit", "nsecond"))
+        if scale is None:
+            raise ValueError(f"unknown time unit {row.get('Metric Unit')!r}")
+        count[name] += 1
+        total[name] += float(row["Metric Value"].replace(",", "")) * scale
+    return {k: (count[k], total[k]) for k in total}
+
+
+def table(times: dict[str, tuple[int, float]], title: str = "") -> str:
+    whole = sum(t for _, t in times.values())
+    lines = [title] if title else []
+    lines.append(f"{'kernel':60s} {'count':>6s} {'total_us':>12s} {'%':>6s}")
+    for name, (n, t) in sorted(times.items(), key=lambda kv: -kv[1][1]):
+        lines.append(f"{name:60s} {n:6d} {t:12.1f} {100 * t / whole if whole else 0.0:6.1f}")
+    lines.append(f"{'total':60s} {sum(n for n, _ in times.values()):6d} {whole:12.1f}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("csv", help="ncu --csv output (- for stdin)")
+    ap.add_argument("--title", default="", help="the table's first line (card, model, batch, precision, commit)")
+    args = ap.parse_args(argv)
+    text = sys.stdin.read() if args.csv == "-" else open(args.csv, errors="replace").read()
+    print(table(kernel_times(text), args.title))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
