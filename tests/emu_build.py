@@ -48,14 +48,19 @@ def entry_points(text: str) -> dict:
 
 
 def launchers(entries: dict) -> str:
-    """A C entry point emk_<name>(grid, block, dynamic shared memory, args, ...) per kernel: args[i] is the pointer
-    argument itself, or points to the scalar one."""
+    """A C entry point emk_<name>(grid, block, dynamic shared memory, args, ..., ranges, n) per kernel: args[i] is the
+    pointer argument itself, or points to the scalar one; ranges holds n (address, bytes, writable) triples, the
+    launch's buffers that the emulator's checked global accesses (hn_ldg4, the TMA copies) must stay within."""
     out = []
     for name, types in entries.items():
         args = ", ".join(f"static_cast<{t}>(a[{i}])" if t.endswith("*") else f"*static_cast<{t}*>(a[{i}])"
                          for i, t in enumerate(types))
         out.append(f"""extern "C" int emk_{name}(unsigned gx, unsigned gy, unsigned gz, unsigned bx, int smem,
-                          void** a, unsigned seed, char* err, int len) {{
+                          void** a, unsigned seed, char* err, int len, const long long* ranges, int n) {{
+    emu::S().ranges.clear();
+    for (int i = 0; i < n; ++i)
+        emu::S().ranges.push_back({{reinterpret_cast<const unsigned char*>(ranges[3 * i]),
+                                   static_cast<size_t>(ranges[3 * i + 1]), ranges[3 * i + 2] != 0}});
     std::string msg = emu::launch({{gx, gy, gz}}, {{bx, 1, 1}}, smem, [=] {{ {name}({args}); }}, seed);
     snprintf(err, len, "%s", msg.c_str());
     return msg.empty() ? 0 : 1;
@@ -83,7 +88,7 @@ class EmulatedKernel:
 
     def __call__(self, grid, block, args, shared_mem=0):
         assert len(args) == len(self.types), f"{self.name}: {len(args)} arguments for {len(self.types)} parameters"
-        ptrs, keep = (ctypes.c_void_p * len(args))(), []
+        ptrs, keep, ranges = (ctypes.c_void_p * len(args))(), [], []
         for i, (a, t) in enumerate(zip(args, self.types)):
             if t.endswith("*"):
                 if isinstance(a, np.ndarray):
@@ -91,6 +96,7 @@ class EmulatedKernel:
                     assert (base == "void" or a.dtype.type in POINTEE[base]) and a.flags.c_contiguous, \
                         f"{self.name} argument {i}: {t}"
                     ptrs[i] = a.ctypes.data
+                    ranges += [a.ctypes.data, a.nbytes, int(not t.startswith("const"))]
                 else:
                     assert a is NULL, f"{self.name} argument {i}: {t} given {a!r}"
                     ptrs[i] = None
@@ -101,6 +107,7 @@ class EmulatedKernel:
                 ptrs[i] = ctypes.addressof(keep[-1])
         grid = tuple(int(g) for g in grid) + (1,) * (3 - len(grid))
         err = ctypes.create_string_buffer(512)
-        rc = getattr(self.lib, "emk_" + self.name)(*grid, int(block[0]), int(shared_mem), ptrs, 5, err, 512)
+        rc = getattr(self.lib, "emk_" + self.name)(*grid, int(block[0]), int(shared_mem), ptrs, 5, err, 512,
+                                                   (ctypes.c_longlong * len(ranges))(*ranges), len(ranges) // 3)
         assert rc == 0, f"{self.name}: {err.value.decode()}"
 
