@@ -2239,7 +2239,7 @@ extern "C" __global__ void __launch_bounds__(256) conv_small_fwd_tc(const float*
     // C R S: no row in range)
     if (tid < 32) {
         const int c = tid / RS, r = (tid - c * RS) / S, s = tid - c * RS - r * S;
-        hn_sts4(taps + 4 * tid, static_cast<unsigned>((c * H + r) * W + s),
+        hn_sts4(taps + 4 * tid, static_cast<unsigned>(tid < CRS ? (c * H + r) * W + s : 0),
                 static_cast<unsigned>(tid < CRS ? r : -(1 << 29)), static_cast<unsigned>(s), 0u);
     }
     // stage: thread t the weights of row t / 4, taps 8 (t % 4) .. + 7; and the taps 16 (t / 128) .. + 15 of pixel
@@ -2256,7 +2256,7 @@ extern "C" __global__ void __launch_bounds__(256) conv_small_fwd_tc(const float*
     {
         const int pl = tid & 127, j0 = 16 * (tid >> 7), pix = p0 + pl;
         const bool in = pix < NP;
-        const int img = in ? pix / PQ : 0, pq = pix - img * PQ, p = pq / Q, q = pq - p * Q;
+        const int img = in ? pix / PQ : 0, pq = in ? pix - img * PQ : 0, p = pq / Q, q = pq - p * Q;
         const int h0 = p * stride - pad, w0 = q * stride - pad, hw0 = h0 * W + w0;
         const int hb = in ? h0 : -(1 << 29);           // the window's first row (past the pixels: none in range)
         const float* xi = x + static_cast<long long>(img) * C * H * W;    // (C H W < 2^31: small_tc_fits)
@@ -2502,6 +2502,7 @@ __device__ __forceinline__ void hn_conv_small_filter_tc(unsigned char* hn_smem, 
     if (first < NP)
         hn_small_filter_load(f, dy, x, first + quad, NP, P, Q, K, C, H, W, stride, pad, tc, tr, ts);
     for (int p0 = first; p0 < NP; p0 += step) {
+        const bool more = step < NP - p0;                 // a next tile (p0 + step may pass 2^31)
         // stage this tile from the registers, then load the next one's while the products run
 #pragma unroll
         for (int u = 0; u < 8; ++u) {
@@ -2513,7 +2514,7 @@ __device__ __forceinline__ void hn_conv_small_filter_tc(unsigned char* hn_smem, 
             hn_sts2(xs + ((tid >> 5) + 8 * u) * HN_SMALL_TC_PROW + quad, hn_pack_bf16x2(f.x[u][0], f.x[u][1]),
                     hn_pack_bf16x2(f.x[u][2], f.x[u][3]));
         __syncthreads();
-        if (p0 + step < NP)
+        if (more)
             hn_small_filter_load(f, dy, x, p0 + step + quad, NP, P, Q, K, C, H, W, stride, pad, tc, tr, ts);
 #pragma unroll
         for (int ks = 0; ks < 2; ++ks) {
@@ -2531,6 +2532,7 @@ __device__ __forceinline__ void hn_conv_small_filter_tc(unsigned char* hn_smem, 
             }
         }
         __syncthreads();                                  // (every warp done with ds and xs)
+        if (!more) break;
     }
     // each half's four warps' sums added in warp order, round i the warps 2 i and 2 i + 1 (D tile (mb, 2 half + nb):
     // rows 16 mb + g, + 8, taps 16 half + 8 nb + 2 t, + 1)

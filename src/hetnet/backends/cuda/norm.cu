@@ -140,7 +140,8 @@ HN_BN_KERNELS(bn_sums_x16, bn_sums,
 
 // stats and running statistics (as bn_stats) from sums of `copies` copies of [sum x (C), sum x^2 (C)] and the count
 // after them: bn_sums' (copies 1), all-reduced, or a convolution's (HN_SUMS_COPIES); one thread per channel, adding
-// the copies in order, 16 copies' loads in flight at a time (32 copies one after another took 10 us).
+// the copies in order, 16 copies' loads issued before their additions (a copy at a time waits a round trip to L2
+// for each).
 extern "C" __global__ void bn_stats_synced(const double* __restrict__ sums, float* __restrict__ stats,
                                            float* __restrict__ running_mean, float* __restrict__ running_var, int C,
                                            int copies, float momentum) {
