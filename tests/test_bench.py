@@ -527,7 +527,8 @@ def test_benchmark_scripts_import_without_a_gpu_and_wrap_the_harness(monkeypatch
     assert scripts == ["cifar_speedrun.py", "conv_algos.py", "cpu_step.py", "fashion_recipes.py", "kernels/ab_step.py",
                        "kernels/conv16_halo.py", "kernels/conv16_mc.py", "kernels/conv16_ws.py",
                        "kernels/conv_variants.py",
-                       "kernels/gelu_fit.py", "kernels/host_overhead.py", "kernels/profile_step.py",
+                       "kernels/gelu_fit.py", "kernels/host_overhead.py", "kernels/ncu_table.py",
+                       "kernels/profile_step.py",
                        "kernels/run_conv_small.py", "kernels/run_conv_variants.py", "kernels/run_tc_conv_nhwc.py",
                        "kernels/run_tc_gemm.py", "kernels/time_cl_tiles.py", "kernels/time_pool_grad.py",
                        "kernels/wgmma_sandbox.py", "precision_accuracy.py", "relu_flips.py", "scaling.py"]
@@ -547,6 +548,21 @@ def test_benchmark_scripts_import_without_a_gpu_and_wrap_the_harness(monkeypatch
     speedrun = _load(REPO / "benchmarks" / "cifar_speedrun.py")
     args = bench.parse_args(speedrun.bench_argv(*speedrun.parse_args(["--runs", "7", "--", "--speedrun-epochs", "1"])))
     assert args.cifar_speedrun and args.speedrun_runs == 7 and args.speedrun_epochs == 1
+
+
+def test_ncu_table_sums_each_kernels_launches():
+    """benchmarks/kernels/ncu_table.py: ncu's CSV (after the program's own output) to one line a kernel, its launches
+    and summed time in microseconds whatever the unit, largest first; other metrics ignored."""
+    ncu_table = _load(REPO / "benchmarks" / "kernels" / "ncu_table.py")
+    head = '"ID","Kernel Name","Metric Name","Metric Unit","Metric Value"\n'
+    rows = ['"0","void conv(int)","gpu__time_duration.sum","ns","1,500"', '"1","bn","gpu__time_duration.sum","us","3"',
+            '"2","void conv(int)","gpu__time_duration.sum","usecond","0.5"', '"3","bn","dram__bytes.sum","byte","9"']
+    times = ncu_table.kernel_times("program output\n==PROF== profiling\n" + head + "\n".join(rows) + "\n")
+    assert times == {"conv(int)": (2, 2.0), "bn": (1, 3.0)}
+    lines = ncu_table.table(times, "title").splitlines()
+    assert lines[0] == "title" and lines[2].startswith("bn ") and lines[-1].split()[1:] == ["3", "5.0"]
+    with pytest.raises(ValueError):
+        ncu_table.kernel_times("no csv here")
 
 
 def test_gpu_check_calls_the_harness():
