@@ -1749,6 +1749,11 @@ __device__ __forceinline__ void hn_convt_pool_epilogue(const HnBlock& b, float (
 // L2 slices) instead of queueing on one; bn_stats_synced adds the copies up. (mma.py's SUMS_COPIES: the same number.)
 #define HN_SUMS_COPIES 32
 
+// The copy of a batch norm's sums (of M channels) that the tile of index `tile` adds into.
+__device__ __forceinline__ double* hn_sums_copy(double* sums, int M, int tile) {
+    return sums + 2LL * M * (tile % HN_SUMS_COPIES);
+}
+
 // A batch norm's statistics from a staged epilogue (sums: HN_SUMS_COPIES copies of 2 M doubles and the count): the G
 // consecutive lanes of a warp (G | 32) that hold output row m's values add their sums s and sums of squares ss (in
 // double) by shuffles, and the first adds them into row m of the tile's copy (tile: the tile's index; two atomics a
@@ -1762,13 +1767,13 @@ __device__ __forceinline__ void hn_add_row_sums(double* sums, int M, int m, doub
         ss += __shfl_xor_sync(0xffffffffu, ss, o);
     }
     if (lane % G == 0 && m < M) {
-        double* copy = sums + 2LL * M * (tile % HN_SUMS_COPIES);
+        double* copy = hn_sums_copy(sums, M, tile);
         atomicAdd(copy + m, s);
         atomicAdd(copy + M + m, ss);
     }
 }
 
-// Where a staged epilogue's batch-norm count goes: after the HN_SUMS_COPIES copies of 2 M sums.
+// Where a convolution's batch-norm count goes: after the HN_SUMS_COPIES copies of 2 M sums.
 __device__ __forceinline__ double* hn_sums_count(double* sums, int M) { return sums + 2LL * M * HN_SUMS_COPIES; }
 
 // The value of one bf16 (its bits), in double.
@@ -2373,14 +2378,14 @@ extern "C" __global__ void __launch_bounds__(256) conv_small_fwd_tc(const float*
         quarter[2 * tid + 1] = ss;
         __syncthreads();
         if (tid < K) {
-            double* copy = sums + 2LL * K * (blockIdx.x % HN_SUMS_COPIES);
+            double* copy = hn_sums_copy(sums, K, blockIdx.x);
             atomicAdd(copy + tid, quarter[2 * tid] + quarter[2 * (tid + 64)] + quarter[2 * (tid + 128)] +
                                       quarter[2 * (tid + 192)]);
             atomicAdd(copy + K + tid, quarter[2 * tid + 1] + quarter[2 * (tid + 64) + 1] +
                                           quarter[2 * (tid + 128) + 1] + quarter[2 * (tid + 192) + 1]);
         }
     }
-    if (sums && blockIdx.x == 0 && tid == 0) sums[2LL * K * HN_SUMS_COPIES] = static_cast<double>(NP);
+    if (sums && blockIdx.x == 0 && tid == 0) *hn_sums_count(sums, K) = static_cast<double>(NP);
 }
 
 // conv_small_filter_tc: the filter gradient of the same convolutions, part[block][k][j] = the sum over the block's
