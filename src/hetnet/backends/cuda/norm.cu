@@ -270,7 +270,9 @@ extern "C" __global__ void __launch_bounds__(256, 4) bn_apply_nhwc16_x16(
 // The end of a batch-norm backward reduction for channel c: this block's sums s (of the gradient) and sx (of the
 // gradient times xhat) are added across the block, then across the channel's blocks in double (acc); the last block
 // to finish writes red[c] = s, red[C + c] = sx, adds them to dbeta[c] and dgamma[c] (either may be null: a frozen
-// or constant parameter, whose gradient is not wanted), and resets acc and count.
+// or constant parameter, whose gradient is not wanted), and resets acc and count. A thread adds at most HN_BN_VW
+// values in float before it adds their sum into its double s and sx: conversions to double run at 16 a clock on an
+// SM, so one a value would bound these bandwidth-bound passes.
 __device__ __forceinline__ void hn_bn_bwd_finish(double s, double sx, double* shm, float* __restrict__ red,
                                                  float* __restrict__ dgamma, float* __restrict__ dbeta,
                                                  double* __restrict__ acc, unsigned* __restrict__ count, int c,
@@ -321,13 +323,16 @@ __device__ __forceinline__ void bn_bwd_reduce_body(const D* __restrict__ dy, con
         float xv[decltype(t)::U], dv[decltype(t)::U];
         t.read(x, xv);
         t.read(dy, dv);
+        float ts = 0.f, tx = 0.f;       // a take's sums (at most HN_BN_VW values), see hn_bn_bwd_finish
 #pragma unroll
         for (int u = 0; u < t.U; ++u) {
             if (!t.ok(u)) continue;
             const float xhat = (xv[u] - mu) * inv, g = hn_bn_out_grad(dv[u], xv[u], mu, inv, ga, be, act);
-            s += g;
-            sx += (double)g * xhat;
+            ts += g;
+            tx += g * xhat;
         }
+        s += ts;
+        sx += tx;
     });
     hn_bn_bwd_finish(s, sx, shm, red, dgamma, dbeta, acc, count, c, C);
 }
@@ -562,14 +567,24 @@ __device__ __forceinline__ void bn_relu_maxpool_bwd_reduce_body(
     const I per = (I)N * HW;
     const float mu = mean[c], inv = 1.f / sqrtf(var[c] + eps), g = gamma[c], b = beta[c];
     double s = 0.0, sx = 0.0;
+    float ts = 0.f, tx = 0.f;           // HN_BN_VW values' sums, see hn_bn_bwd_finish
+    int t = 0;
     for (I i = (I)blockIdx.y * blockDim.x + threadIdx.x; i < per; i += (I)gridDim.y * blockDim.x) {
         const I n = i / (I)HW, nc = n * C + c;
         const int hw = (int)(i - n * (I)HW), h = hw / W, w = hw - h * W;
         const float zv = z[nc * (I)HW + hw];
         const float gr = hn_bn_pool_grad<I>(dy, arg, zv, mu, inv, g, b, nc, h, w, P, Q, k, st);
-        s += gr;
-        sx += (double)gr * ((zv - mu) * inv);
+        ts += gr;
+        tx += gr * ((zv - mu) * inv);
+        if (++t == HN_BN_VW) {
+            s += ts;
+            sx += tx;
+            ts = tx = 0.f;
+            t = 0;
+        }
     }
+    s += ts;
+    sx += tx;
     hn_bn_bwd_finish(s, sx, shm, red, dgamma, dbeta, acc, count, c, C);
 }
 HN_TWO_INDEX_KERNELS(bn_relu_maxpool_bwd_reduce,
