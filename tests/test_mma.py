@@ -764,16 +764,35 @@ def test_batch_norm_statistics_from_the_tma_tiles(rng, monkeypatch):
         assert rel_err(g, plain_grads[i]) <= 1e-6, (i, rel_err(g, plain_grads[i]))
 
 
+class _RecordingPool:
+    """A step pool (CudaBackend.step_pool) that records the blocks it hands out: (address, bytes)."""
+
+    def __init__(self, pool):
+        self.pool, self.blocks = pool, []
+
+    def malloc(self, size):
+        mem = self.pool.malloc(size)
+        self.blocks.append((mem.ptr, size))
+        return mem
+
+    def __getattr__(self, name):
+        return getattr(self.pool, name)
+
+
 @pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16"])
-def test_captured_steps_copy_their_weights_in_one_launch(rng, precision):
+def test_captured_steps_copy_their_weights_in_one_launch(rng, monkeypatch, precision):
     """Training steps (the eager first, then the captured one, then a replay) of a model whose convolutions run on
     channels-last copies (set as if measured), from weights loaded anew before each step: after each step the
     copies the step read (mma.StepCopies, made on demand in the first step, by one launch as each later one starts)
     are bit for bit to_nhwc's and turn_weights' of the weights that step started from, and the weights' updates
-    agree with those of the same steps with every convolution copying its weights itself."""
+    agree with those of the same steps with every convolution copying its weights itself. The copies and the
+    launch's table never come from the step pool, whose free blocks an earlier captured graph may still use as its
+    temporaries (a graph replayed after another batch shape's eager step overwrote the table)."""
     be = get_backend("cuda", precision)
     if not wgmma_ok(be.device_id):
         pytest.skip("no wgmma on this device")
+    pool = _RecordingPool(be.step_pool())
+    monkeypatch.setattr(be, "_step_pool", pool)
     x = rng.standard_normal((48, 8, 12, 12)).astype(np.float32)
     y = rng.integers(0, 4, size=48)
     prefix, tile = C.CL_PREFIX[precision], {"bf16": "w128x128s4", "tf32": "w128x128s4", "fp32": "w64x128s4"}[precision]
@@ -792,6 +811,9 @@ def test_captured_steps_copy_their_weights_in_one_launch(rng, precision):
             cupy.cuda.runtime.deviceSynchronize()          # (the steps run on the backend's compute stream)
             store = steps[True]._copies[(be.name, precision)]
             assert len(store.entries) >= 5 and len(store.kept) == 1, (i, len(store.entries), len(store.kept))
+            assert pool.blocks, "the steps ran in the step pool"
+            for a in [store.table] + [copy for _, copy in store.entries.values()]:
+                assert not any(p <= a.data.ptr < p + n for p, n in pool.blocks), "kept in a block of the step pool"
             for (addr, shape, turned), (_, copy) in store.entries.items():
                 w = start[addr].reshape(shape)
                 want = mm.turn_weights(be, w) if turned else mm.to_nhwc(be, w)

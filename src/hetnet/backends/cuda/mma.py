@@ -862,7 +862,9 @@ class StepCopies:
     graph capture; a captured step's launch reads that table and writes the copies at the same addresses on every
     replay, so the entries (and the weights they read) live as long as the store. Only the model's parameters
     (`params`, their data arrays, or a view of one of the same size) are copied so; any other array, which the step
-    itself may write before the convolution reads it, is copied where asked, as outside a step."""
+    itself may write before the convolution reads it, is copied where asked, as outside a step. The table and the
+    parameters' copies outlive the step that made them: they come from be.persistent(), never from the step pool,
+    whose free blocks a graph captured earlier may still use as its temporaries."""
 
     def __init__(self, params, precision: str):
         self.params = {(address(p), p.size) for p in params}
@@ -892,20 +894,24 @@ class StepCopies:
                 table[i] = (address(w), 0 if w16 is None else address(w16), 0 if wt is None else address(wt),
                             o, c, r * s, cp, 0)
                 sizes.append((0 if w16 is None else o * r * s * cp) + (0 if wt is None else w.size))
-            self.table, self.covers, self.longest = be.xp.asarray(table), set(self.entries), max(sizes)
+            with be.persistent():
+                self.table = be.xp.asarray(table)
+            self.covers, self.longest = set(self.entries), max(sizes)
             self.kept.append(self.table)
 
     def copy(self, be, w, turned: bool):
         key = (address(w), tuple(w.shape), bool(turned))
         if key in self.made:
             return self.entries[key][1]
-        out = turn_weights(be, w) if turned else to_nhwc(be, w)
-        if (key[0], w.size) in self.params:      # a parameter (or a view of one: Dense)
-            if key in self.entries:          # (made anew where the last launch did not make it)
-                self.kept.append(self.entries[key])
-                self.covers.discard(key)     # the next table writes the new one
-            self.entries[key] = (w, out)     # the launch makes it too from the table made when a step next ends
-            self.made.add(key)
+        if (key[0], w.size) not in self.params:  # not a parameter (nor a view of one: Dense): this step's own
+            return turn_weights(be, w) if turned else to_nhwc(be, w)
+        with be.persistent():
+            out = turn_weights(be, w) if turned else to_nhwc(be, w)
+        if key in self.entries:              # (made anew where the last launch did not make it)
+            self.kept.append(self.entries[key])
+            self.covers.discard(key)         # the next table writes the new one
+        self.entries[key] = (w, out)         # the launch makes it too from the table made when a step next ends
+        self.made.add(key)
         return out
 
 
