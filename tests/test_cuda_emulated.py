@@ -5,6 +5,8 @@ exactly the values they stand for. Needs g++ (skipped without); no GPU. On a GPU
 test_training_with_batch_norm_inputs_in_bf16 runs the same hand-overs in captured training steps."""
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 from conftest import RTOL, RTOL_PRECISION, RTOL_TC, rel_err
@@ -220,6 +222,53 @@ def test_weight_copies_in_one_launch_emulated(libs, rng, monkeypatch, precision)
         assert a is b
         want = M.turn_weights(be, ws[i]) if turned else M.to_nhwc(be, ws[i])
         np.testing.assert_array_equal(b.view(np.uint8), want.view(np.uint8), err_msg=f"weight {i} turned {turned}")
+
+
+def test_weight_copies_outlive_the_step_pool_emulated(libs, rng, monkeypatch):
+    """The copies a step's weight_copies scope keeps for later steps (a parameter's) and the launch's table come
+    from be.persistent(), never from the step pool, whose free blocks a graph captured earlier may still use as its
+    temporaries; a copy of an array that is not a parameter is the step's own (the step pool)."""
+    from hetnet.backends.cuda import mma as M
+
+    route_kernels(monkeypatch, libs)
+    be = EmulatedBackend("bf16", sms=2)
+    depth = [0]
+
+    @contextlib.contextmanager
+    def persistent():
+        depth[0] += 1
+        try:
+            yield
+        finally:
+            depth[0] -= 1
+
+    made = []                                   # (what, made inside persistent())
+
+    def recorded(name, f):
+        return lambda be_, w: made.append((name, depth[0] > 0)) or f(be_, w)
+
+    monkeypatch.setattr(be, "persistent", persistent)
+    for name in ("to_nhwc", "turn_weights"):
+        monkeypatch.setattr(M, name, recorded(name, getattr(M, name)))
+
+    class Xp:                                   # NumPy, with asarray recording where it ran
+        def __getattr__(self, name):
+            return getattr(np, name)
+
+        def asarray(self, a, *args, **kw):
+            made.append(("asarray", depth[0] > 0))
+            return np.asarray(a, *args, **kw)
+
+    monkeypatch.setattr(be, "xp", Xp())
+    ws = [rng.standard_normal(shape).astype(np.float32) for shape in ((8, 3, 3, 3), (4, 10, 5, 5))]
+    store: dict = {}
+    with be.weight_copies(store, ws):
+        M.weight_copy(be, ws[0])
+        M.weight_copy(be, ws[1], True)
+        assert made == [("to_nhwc", True), ("turn_weights", True)], made
+        M.weight_copy(be, rng.standard_normal((8, 3, 3, 3)).astype(np.float32))
+        assert made[2:] == [("to_nhwc", False)], made
+    assert made[3:] == [("asarray", True)], made         # the table, as the scope closes
 
 
 @pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16"])
