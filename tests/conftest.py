@@ -63,6 +63,23 @@ def assert_close(actual, expected, dtype, what: str = "") -> None:
     assert err <= tol, f"{what}: relative error {err:.3g} > {tol:.0e}"
 
 
+# CUDA errors after which the process's context is lost: every later CUDA call in the process fails with the same one.
+STICKY_CUDA_ERRORS = ("cudaErrorIllegalAddress", "cudaErrorLaunchFailure", "cudaErrorIllegalInstruction",
+                      "cudaErrorMisalignedAddress", "cudaErrorHardwareStackError", "cudaErrorInvalidPc")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A test that loses the CUDA context (STICKY_CUDA_ERRORS) stops the session after it, naming itself: the tests
+    after it would all fail with its error, hiding which test caused it (rerun that one under compute-sanitizer)."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and call.excinfo is not None:
+        lost = next((e for e in STICKY_CUDA_ERRORS if e in str(call.excinfo.value)), None)
+        if lost:
+            item.session.shouldstop = f"{item.nodeid} lost the CUDA context ({lost}); the later tests did not run"
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _private_cache_dir(tmp_path_factory):
     """Decoded image folders (hetnet.data.cache) go to a folder of this test session, never to the user's cache;
