@@ -188,6 +188,77 @@ def test_batch_norm_kernels_on_bf16_inputs_emulated(emu, rng, shape, act, train)
                 np.testing.assert_array_equal(a, b, err_msg=f"wide {wide}, x16 {x16}, dy16 {dy16}: output {i}")
 
 
+POOL_CASES = [  # (N, C, H, W, kernel, stride)
+    (2, 3, 8, 8, 2, 2),         # windows tile the plane: a thread a 2 x 2 block
+    (3, 2, 4, 4, 4, 4),         # one window a plane (cifar-wide's last block: MaxPool 4 at 4 x 4)
+    (1, 2, 9, 7, 2, 2),         # a row and a column past the last window: blocks of the margin, g 0
+    (2, 2, 9, 8, 3, 2),         # overlapping windows: an element the maximum of two adds both dy
+    (1, 2, 6, 7, 3, 1),
+    (2, 2, 8, 10, 2, 3),        # gaps between windows: a thread an element
+    (1, 2, 2, 5, 3, 3),         # no window (H < k): dz from the sums of nothing
+]
+
+
+@pytest.mark.parametrize("case", POOL_CASES, ids=str)
+def test_bn_relu_maxpool_kernels_emulated(emu, rng, case):
+    """The fused BatchNorm -> ReLU -> MaxPool's kernels given the statistics: the forward's pooled output and argmax,
+    the backward's sums (over windows) and dz (a thread a k x k block where the windows do not overlap, else an
+    element), against NumPy in float64 of the same expressions; the 64-bit index versions bit for bit the 32-bit
+    ones; dz written over z equal to dz beside it."""
+    n, c, h, w, k, st = case
+    p, q = max(0, (h - k) // st + 1), max(0, (w - k) // st + 1)
+    z = (rng.standard_normal((n, c, h, w)) * 2).astype(f32)
+    dy = rng.standard_normal((n, c, p, q)).astype(f32)
+    mean, var = rng.standard_normal(c).astype(f32), rng.uniform(0.5, 2.0, c).astype(f32)
+    gamma, beta = rng.uniform(0.5, 1.5, c).astype(f32), (rng.standard_normal(c) * 0.5).astype(f32)
+    dims = (n, c, h, w, p, q, k, st, 1e-5)
+    steps = n * c * -(-h // k) * -(-w // k) if k == st else z.size
+    runs = []
+    for wide in (0, 1):
+        suffix = "" if wide else "_i32"
+        y, arg = np.full((n, c, p, q), np.nan, f32), np.full((n, c, p, q), 255, np.uint8)
+        _launch(emu, "bn_relu_maxpool_fwd" + suffix, (2,), z, y, arg, mean, var, gamma, beta, *dims)
+        red, dg, db = np.full(2 * c, np.nan, f32), np.ones(c, f32), np.ones(c, f32)
+        acc, cnt = np.zeros(2 * c), np.zeros(c, np.uint32)
+        _launch(emu, "bn_relu_maxpool_bwd_reduce" + suffix, (c, 2), dy, arg, z, mean, var, gamma, beta, red, dg, db,
+                acc, cnt, *dims)
+        assert not acc.any() and not cnt.any(), "the last block resets acc and count"
+        dz = np.full(z.shape, np.nan, f32)
+        _launch(emu, "bn_relu_maxpool_bwd_dx" + suffix, (max(1, -(-steps // 512)),), dy, arg, z, mean, var, gamma,
+                beta, red, dz, *dims)
+        inplace = z.copy()
+        _launch(emu, "bn_relu_maxpool_bwd_dx" + suffix, (max(1, -(-steps // 512)),), dy, arg, inplace, mean, var,
+                gamma, beta, red, inplace, *dims)
+        np.testing.assert_array_equal(inplace, dz, err_msg="dz over z")
+        runs.append((y, arg, red, dg, db, dz))
+    for i, (a, b) in enumerate(zip(*runs)):
+        np.testing.assert_array_equal(a, b, err_msg=f"64-bit index version: output {i}")
+    y, arg, red, dg, db, dz = runs[0]
+    bc = (1, c, 1, 1)
+    inv = 1 / np.sqrt(var.astype(np.float64) + 1e-5)
+    xhat = (z - mean.reshape(bc)) * inv.reshape(bc)
+    a = np.maximum(xhat * gamma.reshape(bc) + beta.reshape(bc), 0)
+    g = np.zeros(z.shape)
+    for i in range(p):
+        for j in range(q):
+            win = a[:, :, i * st:i * st + k, j * st:j * st + k].reshape(n, c, k * k)
+            first = win.argmax(-1)                               # the first maximum, row-major
+            np.testing.assert_array_equal(arg[:, :, i, j], first, err_msg=f"argmax of window ({i}, {j})")
+            np.testing.assert_allclose(y[:, :, i, j], win.max(-1), rtol=1e-6, atol=1e-6)
+            nn, cc = np.indices((n, c))
+            hit = np.take_along_axis(win, first[..., None], -1)[..., 0] > 0
+            np.add.at(g, (nn, cc, i * st + first // k, j * st + first % k), dy[:, :, i, j] * hit)
+    m = n * h * w
+    want_red = np.concatenate([g.sum((0, 2, 3)), (g * xhat).sum((0, 2, 3))])
+    np.testing.assert_allclose(red, want_red, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dg, 1 + want_red[c:], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(db, 1 + want_red[:c], rtol=1e-5, atol=1e-5)
+    want_dz = (gamma.reshape(bc) * inv.reshape(bc)) * (g - (want_red[:c] / m).reshape(bc)
+                                                       - xhat * (want_red[c:] / m).reshape(bc))
+    np.testing.assert_allclose(dz, want_dz, rtol=1e-5, atol=1e-5)
+    assert np.count_nonzero(g) > 0 or p == 0, "some window's maximum took its gradient"
+
+
 def test_batch_norm_grid_is_one_wave():
     """norm.py's per-channel grid puts at most BN_BLOCKS blocks an SM (norm.cu's launch bound), so that no block of
     equal share waits for a second wave (on 132 SMs ceil(8 x 132 / 64) = 17 blocks a channel was 1088 for 1056
@@ -270,3 +341,29 @@ def test_batch_norm_ops_on_bf16_inputs_emulated(ops, rng, op, train):
     for name, a, b in (("y", y, want_y), ("running mean", rm, rm64), ("running var", rv, rv64), ("dx", dx, want_dx),
                        ("dgamma", dg, dg64), ("dbeta", db, db64)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("case", [(2, 3, 8, 8, 2, 2), (3, 2, 4, 4, 4, 4), (1, 2, 9, 7, 2, 2), (2, 2, 9, 8, 3, 2)],
+                         ids=str)
+def test_bn_relu_maxpool_op_emulated(ops, rng, case):
+    """norm.py's fused BatchNorm -> ReLU -> MaxPool (training) on the emulated kernels, as the launchers size their
+    grids (the backward's dz a k x k block a thread where the windows do not overlap): y, dx (also written over x,
+    inplace), dgamma and dbeta within float32's rounding of the reference backend's."""
+    n, c, h, w, k, st = case
+    x = (rng.standard_normal((n, c, h, w)) * 2 + 0.5).astype(f32)
+    gamma, beta = rng.uniform(0.5, 1.5, c).astype(f32), (rng.standard_normal(c) * 0.5).astype(f32)
+    x64 = x.astype(np.float64)
+    want_y, cache = ref.bn_relu_maxpool_forward(x64, gamma.astype(np.float64), beta.astype(np.float64), np.zeros(c),
+                                                np.ones(c), 0.1, 1e-5, True, k, st)
+    dy = rng.standard_normal(want_y.shape).astype(f32)
+    dg64, db64 = np.zeros(c), np.zeros(c)
+    want_dx = ref.bn_relu_maxpool_backward(dy.astype(np.float64), cache, dg64, db64)
+    for inplace in (False, True):
+        xin = x.copy()
+        y, cache = ops.bn_relu_maxpool_forward(xin, gamma, beta, np.zeros(c, f32), np.ones(c, f32), 0.1, 1e-5, True, k,
+                                               st)
+        dg, db = np.zeros(c, f32), np.zeros(c, f32)
+        dx = ops.bn_relu_maxpool_backward(dy, cache, dg, db, inplace=inplace)
+        assert (dx is xin) == inplace
+        for name, a, b in (("y", y, want_y), ("dx", dx, want_dx), ("dgamma", dg, dg64), ("dbeta", db, db64)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=f"inplace {inplace}: {name}")

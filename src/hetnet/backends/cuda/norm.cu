@@ -545,16 +545,10 @@ HN_TWO_INDEX_KERNELS(bn_relu_maxpool_fwd,
      const float* __restrict__ beta, int N, int C, int H, int W, int P, int Q, int k, int st, float eps),
     (z, y, arg, mean, var, gamma, beta, N, C, H, W, P, Q, k, st, eps))
 
-// g at z[nc, h, w]: the pooled gradient where a = relu(bn(z)) > 0, else 0
-template <typename I>
-__device__ __forceinline__ float hn_bn_pool_grad(const float* __restrict__ dy, const unsigned char* __restrict__ arg,
-                                                 float zv, float mu, float inv, float g, float b, I nc, int h, int w,
-                                                 int P, int Q, int k, int st) {
-    if ((zv - mu) * inv * g + b <= 0.f) return 0.f;
-    return hn_pool_grad<I>(dy, arg, nullptr, nc, h, w, P, Q, k, st);
-}
-
-// red[0:C] = sum g, red[C:2C] = sum g * xhat; dgamma += red[C:], dbeta += red[:C]  (grid (C, G), last block).
+// red[0:C] = sum g, red[C:2C] = sum g * xhat; dgamma += red[C:], dbeta += red[:C]  (grid (C, G), last block). g is
+// dy[o] at the element arg[o] of each window o (where a = relu(bn(z)) > 0 there) and 0 at every other element, so the
+// sums run over channel c's N P Q windows, one element of z each (an element that is the maximum of several
+// overlapping windows adds each one's dy, as its g is their sum): three divisions a window, not a few an element.
 template <typename I>
 __device__ __forceinline__ void bn_relu_maxpool_bwd_reduce_body(
         const float* __restrict__ dy, const unsigned char* __restrict__ arg, const float* __restrict__ z,
@@ -563,17 +557,19 @@ __device__ __forceinline__ void bn_relu_maxpool_bwd_reduce_body(
         double* __restrict__ acc, unsigned* __restrict__ count, int N, int C, int H, int W, int P, int Q, int k,
         int st, float eps) {
     __shared__ double shm[32];
-    const int c = blockIdx.x, HW = H * W;
-    const I per = (I)N * HW;
+    const int c = blockIdx.x, PQ = P * Q;
+    const I per = (I)N * PQ;
     const float mu = mean[c], inv = 1.f / sqrtf(var[c] + eps), g = gamma[c], b = beta[c];
     double s = 0.0, sx = 0.0;
-    float ts = 0.f, tx = 0.f;           // HN_BN_VW values' sums, see hn_bn_bwd_finish
+    float ts = 0.f, tx = 0.f;           // HN_BN_VW windows' sums, see hn_bn_bwd_finish
     int t = 0;
     for (I i = (I)blockIdx.y * blockDim.x + threadIdx.x; i < per; i += (I)gridDim.y * blockDim.x) {
-        const I n = i / (I)HW, nc = n * C + c;
-        const int hw = (int)(i - n * (I)HW), h = hw / W, w = hw - h * W;
-        const float zv = z[nc * (I)HW + hw];
-        const float gr = hn_bn_pool_grad<I>(dy, arg, zv, mu, inv, g, b, nc, h, w, P, Q, k, st);
+        const I n = i / (I)PQ, nc = n * C + c;
+        const int pq = (int)(i - n * (I)PQ), p = pq / Q, q = pq - p * Q;
+        const I o = nc * (I)PQ + pq;
+        const int a = arg[o], r = a / k;                // the maximum's row and column in its window: (r, a - r k)
+        const float zv = z[nc * (I)(H * W) + (I)((p * st + r) * W + q * st + a - r * k)];
+        const float gr = (zv - mu) * inv * g + b <= 0.f ? 0.f : dy[o];
         ts += gr;
         tx += gr * ((zv - mu) * inv);
         if (++t == HN_BN_VW) {
@@ -595,8 +591,19 @@ HN_TWO_INDEX_KERNELS(bn_relu_maxpool_bwd_reduce,
      float eps),
     (dy, arg, z, mean, var, gamma, beta, red, dgamma, dbeta, acc, count, N, C, H, W, P, Q, k, st, eps))
 
-// dz = gamma*inv * (g - sum_g/m - xhat * sum_gxhat/m). dz may be z itself (in place, after the reduction: each
-// thread reads z[e] only, then writes dz[e]), so z and dz are not __restrict__.
+// One element's dz = gamma*inv * (g - sum_g/m - xhat * sum_gxhat/m), g = dE/da where a = relu(bn(z)) > 0, else 0.
+__device__ __forceinline__ float hn_bn_pool_dz(float zv, float g_pooled, float mu, float inv, float g, float b,
+                                               float r0, float r1, float inv_m) {
+    const float gr = (zv - mu) * inv * g + b <= 0.f ? 0.f : g_pooled;
+    const float xhat = (zv - mu) * inv;
+    return g * inv * (gr - r0 * inv_m - xhat * r1 * inv_m);
+}
+
+// dz of every element of z (N C H W threads' worth of work). Where the windows do not overlap (k == st) a thread takes
+// one k x k block of a plane: window (p, q), whose maximum arg[o] takes dy[o], or past the last window a block of the
+// margin (g 0 throughout); norm.py launches N C ceil(H / k) ceil(W / k) of them. Otherwise a thread takes an element
+// (g: hn_pool_grad's sum over the windows whose maximum it is). dz may be z itself (in place, after the reduction:
+// each thread reads its elements of z before it writes them), so z and dz are not __restrict__.
 template <typename I>
 __device__ __forceinline__ void bn_relu_maxpool_bwd_dx_body(
         const float* __restrict__ dy, const unsigned char* __restrict__ arg, const float* z,
@@ -604,14 +611,34 @@ __device__ __forceinline__ void bn_relu_maxpool_bwd_dx_body(
         const float* __restrict__ beta, const float* __restrict__ red, float* dz, int N, int C, int H, int W, int P,
         int Q, int k, int st, float eps) {
     const float inv_m = 1.f / ((float)N * H * W);
+    if (k == st) {
+        const int BQ = (W + k - 1) / k, BPQ = (H + k - 1) / k * BQ;      // a plane's blocks: ceil(H / k) x BQ
+        HN_GRID_STRIDE_T(I, e, (I)N * C * BPQ) {
+            const I nc = e / (I)BPQ;
+            const int bpq = (int)(e - nc * (I)BPQ), bp = bpq / BQ, bq = bpq - bp * BQ, c = (int)(nc % (I)C);
+            const float mu = mean[c], inv = 1.f / sqrtf(var[c] + eps), g = gamma[c], b = beta[c];
+            const float r0 = red[c], r1 = red[C + c];
+            const bool win = bp < P && bq < Q;
+            const I o = nc * (I)(P * Q) + (I)(bp * Q + bq);
+            const int a = win ? arg[o] : -1;
+            const float d = win ? dy[o] : 0.f;
+            const int h0 = bp * k, w0 = bq * k, rows = min(k, H - h0), cols = min(k, W - w0);
+            const I base = nc * (I)(H * W) + (I)(h0 * W + w0);
+            for (int i = 0; i < rows; ++i)
+                for (int j = 0; j < cols; ++j) {
+                    const I at = base + (I)(i * W + j);
+                    dz[at] = hn_bn_pool_dz(z[at], i * k + j == a ? d : 0.f, mu, inv, g, b, r0, r1, inv_m);
+                }
+        }
+        return;
+    }
     HN_GRID_STRIDE_T(I, e, (I)N * C * H * W) {
         const I nc = e / (I)(H * W);
         const int hw = (int)(e - nc * (I)(H * W)), h = hw / W, w = hw - h * W, c = (int)(nc % (I)C);
         const float mu = mean[c], inv = 1.f / sqrtf(var[c] + eps), g = gamma[c];
         const float zv = z[e];
-        const float gr = hn_bn_pool_grad<I>(dy, arg, zv, mu, inv, g, beta[c], nc, h, w, P, Q, k, st);
-        const float xhat = (zv - mu) * inv;
-        dz[e] = g * inv * (gr - red[c] * inv_m - xhat * red[C + c] * inv_m);
+        dz[e] = hn_bn_pool_dz(zv, hn_pool_grad<I>(dy, arg, nullptr, nc, h, w, P, Q, k, st), mu, inv, g, beta[c],
+                              red[c], red[C + c], inv_m);
     }
 }
 HN_TWO_INDEX_KERNELS(bn_relu_maxpool_bwd_dx,

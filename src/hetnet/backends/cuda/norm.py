@@ -243,13 +243,15 @@ class NormOps:
         cnt = self.scratch("bn_cnt", (c,), np.uint32)
         dims = (_i32(n), _i32(c), _i32(h), _i32(w), _i32(p), _i32(q), _i32(kernel), _i32(stride), _f32(eps))
         reduce = get_kernel(self.device_id, "norm", self.ix("bn_relu_maxpool_bwd_reduce", x.size))
-        reduce(self._bn_grid(n, c, h * w), (256,), (dy, arg, x, mean, var, gamma, beta, red,
+        reduce(self._bn_grid(n, c, p * q), (256,), (dy, arg, x, mean, var, gamma, beta, red,     # (a window a step)
                                                      _or_null(dgamma), _or_null(dbeta), acc, cnt, *dims))
         if sync is not None:
             self._bn_sync_grad_sums(red, n * h * w, sync)
         if not need_dx:
             return None
         dx = x if inplace and not relu_mask else self.xp.empty_like(x)
-        self.launch("norm", self.ix("bn_relu_maxpool_bwd_dx", x.size), x.size, dy, arg, x, mean, var, gamma, beta, red,
+        # a k x k block of a plane a step where the windows do not overlap, else an element
+        steps = n * c * -(-h // kernel) * -(-w // kernel) if kernel == stride else x.size
+        self.launch("norm", self.ix("bn_relu_maxpool_bwd_dx", x.size), steps, dy, arg, x, mean, var, gamma, beta, red,
                     dx, *dims)
         return self.relu_mask(dx, x) if relu_mask else dx
