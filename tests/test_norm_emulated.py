@@ -123,6 +123,20 @@ def test_batch_norm_kernels_emulated(emu, rng, shape, act):
         _check_batch_norm_kernels(run, x, dy, gamma, beta, act, m)
 
 
+def _check_backward(red, dg, db, dx, g, xhat, gamma, inv, m, tol):
+    """A batch-norm backward's kernels against NumPy in float64, given g = dE/dz and xhat over m values a channel:
+    red = (sum g, sum g xhat), dgamma and dbeta (1 before) added into, and dx; each within tol (rtol and atol)."""
+    c = red.size // 2
+    bc = (1, c, 1, 1)
+    want_red = np.concatenate([g.sum((0, 2, 3)), (g * xhat).sum((0, 2, 3))])
+    np.testing.assert_allclose(red, want_red, rtol=tol, atol=tol)
+    np.testing.assert_allclose(dg, 1 + want_red[c:], rtol=tol, atol=tol)
+    np.testing.assert_allclose(db, 1 + want_red[:c], rtol=tol, atol=tol)
+    want_dx = (gamma.reshape(bc) * inv.reshape(bc)) * (g - (want_red[:c] / m).reshape(bc)
+                                                       - xhat * (want_red[c:] / m).reshape(bc))
+    np.testing.assert_allclose(dx, want_dx, rtol=tol, atol=tol)
+
+
 def _check_batch_norm_kernels(got, x, dy, gamma, beta, act, m):
     """_kernels' training outputs against NumPy in float64 (test_batch_norm_kernels_emulated)."""
     c = x.shape[1]
@@ -142,14 +156,7 @@ def _check_batch_norm_kernels(got, x, dy, gamma, beta, act, m):
     act_z = [z, np.maximum(z, 0), z * phi][act]
     np.testing.assert_allclose(y, act_z, rtol=1e-5, atol=1e-5)
     dact = [np.ones_like(z), (z > 0) * 1.0, phi + z * np.exp(-z * z / 2) / math.sqrt(2 * math.pi)][act]
-    g = dy * dact
-    want_red = np.concatenate([g.sum((0, 2, 3)), (g * xhat).sum((0, 2, 3))])
-    np.testing.assert_allclose(red, want_red, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(dg, 1 + want_red[c:], rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(db, 1 + want_red[:c], rtol=1e-4, atol=1e-4)
-    want_dx = (gamma.reshape(bc) * inv.reshape(bc)) * (g - (want_red[:c] / m).reshape(bc)
-                                                       - xhat * (want_red[c:] / m).reshape(bc))
-    np.testing.assert_allclose(dx, want_dx, rtol=1e-4, atol=1e-4)
+    _check_backward(red, dg, db, dx, dy * dact, xhat, gamma, inv, m, 1e-4)
     if c % 2 == 0:
         np.testing.assert_array_equal(dx16, bf16_bits(dx.transpose(0, 2, 3, 1)), "dx channels-last: bf16 of dx")
     np.testing.assert_array_equal(dxb, bf16_bits(dx), "dx in bf16: bf16 of dx")
@@ -248,14 +255,7 @@ def test_bn_relu_maxpool_kernels_emulated(emu, rng, case):
             nn, cc = np.indices((n, c))
             hit = np.take_along_axis(win, first[..., None], -1)[..., 0] > 0
             np.add.at(g, (nn, cc, i * st + first // k, j * st + first % k), dy[:, :, i, j] * hit)
-    m = n * h * w
-    want_red = np.concatenate([g.sum((0, 2, 3)), (g * xhat).sum((0, 2, 3))])
-    np.testing.assert_allclose(red, want_red, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(dg, 1 + want_red[c:], rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(db, 1 + want_red[:c], rtol=1e-5, atol=1e-5)
-    want_dz = (gamma.reshape(bc) * inv.reshape(bc)) * (g - (want_red[:c] / m).reshape(bc)
-                                                       - xhat * (want_red[c:] / m).reshape(bc))
-    np.testing.assert_allclose(dz, want_dz, rtol=1e-5, atol=1e-5)
+    _check_backward(red, dg, db, dz, g, xhat, gamma, inv, n * h * w, 1e-5)
     assert np.count_nonzero(g) > 0 or p == 0, "some window's maximum took its gradient"
 
 
