@@ -545,6 +545,11 @@ HN_TWO_INDEX_KERNELS(bn_relu_maxpool_fwd,
      const float* __restrict__ beta, int N, int C, int H, int W, int P, int Q, int k, int st, float eps),
     (z, y, arg, mean, var, gamma, beta, N, C, H, W, P, Q, k, st, eps))
 
+// Whether relu(bn(z)) passes a gradient at z: bn(z) as the forward computes it (the same bits), not <= 0.
+__device__ __forceinline__ bool hn_bn_relu_open(float zv, float mu, float inv, float g, float b) {
+    return !((zv - mu) * inv * g + b <= 0.f);
+}
+
 // red[0:C] = sum g, red[C:2C] = sum g * xhat; dgamma += red[C:], dbeta += red[:C]  (grid (C, G), last block). g is
 // dy[o] at the element arg[o] of each window o (where a = relu(bn(z)) > 0 there) and 0 at every other element, so the
 // sums run over channel c's N P Q windows, one element of z each (an element that is the maximum of several
@@ -569,7 +574,7 @@ __device__ __forceinline__ void bn_relu_maxpool_bwd_reduce_body(
         const I o = nc * (I)PQ + pq;
         const int a = arg[o], r = a / k;                // the maximum's row and column in its window: (r, a - r k)
         const float zv = z[nc * (I)(H * W) + (I)((p * st + r) * W + q * st + a - r * k)];
-        const float gr = (zv - mu) * inv * g + b <= 0.f ? 0.f : dy[o];
+        const float gr = hn_bn_relu_open(zv, mu, inv, g, b) ? dy[o] : 0.f;
         ts += gr;
         tx += gr * ((zv - mu) * inv);
         if (++t == HN_BN_VW) {
@@ -594,7 +599,7 @@ HN_TWO_INDEX_KERNELS(bn_relu_maxpool_bwd_reduce,
 // One element's dz = gamma*inv * (g - sum_g/m - xhat * sum_gxhat/m), g = dE/da where a = relu(bn(z)) > 0, else 0.
 __device__ __forceinline__ float hn_bn_pool_dz(float zv, float g_pooled, float mu, float inv, float g, float b,
                                                float r0, float r1, float inv_m) {
-    const float gr = (zv - mu) * inv * g + b <= 0.f ? 0.f : g_pooled;
+    const float gr = hn_bn_relu_open(zv, mu, inv, g, b) ? g_pooled : 0.f;
     const float xhat = (zv - mu) * inv;
     return g * inv * (gr - r0 * inv_m - xhat * r1 * inv_m);
 }
