@@ -196,8 +196,10 @@ def test_batch_norm_kernels_on_bf16_inputs_emulated(emu, rng, shape, act, train)
 
 
 POOL_CASES = [  # (N, C, H, W, kernel, stride)
-    (2, 3, 8, 8, 2, 2),         # windows tile the plane: a thread a 2 x 2 block
-    (3, 2, 4, 4, 4, 4),         # one window a plane (cifar-wide's last block: MaxPool 4 at 4 x 4)
+    (2, 3, 8, 8, 2, 2),         # windows tile the plane: a thread a row of a 2 x 2 block
+    (3, 2, 4, 4, 4, 4),         # one window a plane (cifar-wide's last block: MaxPool 4 at 4 x 4): a float4 a row
+    (1, 2, 9, 12, 4, 4),        # a margin row past the last window, float4 rows
+    (2, 1, 8, 10, 4, 4),        # a margin column of 2: rows of 4 elements and of 2, no float4
     (1, 2, 9, 7, 2, 2),         # a row and a column past the last window: blocks of the margin, g 0
     (2, 2, 9, 8, 3, 2),         # overlapping windows: an element the maximum of two adds both dy
     (1, 2, 6, 7, 3, 1),
@@ -209,9 +211,10 @@ POOL_CASES = [  # (N, C, H, W, kernel, stride)
 @pytest.mark.parametrize("case", POOL_CASES, ids=str)
 def test_bn_relu_maxpool_kernels_emulated(emu, rng, case):
     """The fused BatchNorm -> ReLU -> MaxPool's kernels given the statistics: the forward's pooled output and argmax,
-    the backward's sums (over windows) and dz (a thread a k x k block where the windows do not overlap, else an
-    element), against NumPy in float64 of the same expressions; the 64-bit index versions bit for bit the 32-bit
-    ones; dz written over z equal to dz beside it."""
+    the backward's sums (over windows) and dz (a thread a row of a window's block where the windows do not overlap,
+    else an element), against NumPy in float64 of the same expressions; the 64-bit index versions bit for bit the
+    32-bit ones; dz written over z, and dz from z and into dz 4 bytes past 16-byte alignment (no float4), equal to
+    dz beside it."""
     n, c, h, w, k, st = case
     p, q = max(0, (h - k) // st + 1), max(0, (w - k) // st + 1)
     z = (rng.standard_normal((n, c, h, w)) * 2).astype(f32)
@@ -219,7 +222,8 @@ def test_bn_relu_maxpool_kernels_emulated(emu, rng, case):
     mean, var = rng.standard_normal(c).astype(f32), rng.uniform(0.5, 2.0, c).astype(f32)
     gamma, beta = rng.uniform(0.5, 1.5, c).astype(f32), (rng.standard_normal(c) * 0.5).astype(f32)
     dims = (n, c, h, w, p, q, k, st, 1e-5)
-    steps = n * c * -(-h // k) * -(-w // k) if k == st else z.size
+    steps = n * c * h * -(-w // k) if k == st else z.size
+    grid = (max(1, -(-steps // 512)),)
     runs = []
     for wide in (0, 1):
         suffix = "" if wide else "_i32"
@@ -231,12 +235,16 @@ def test_bn_relu_maxpool_kernels_emulated(emu, rng, case):
                 acc, cnt, *dims)
         assert not acc.any() and not cnt.any(), "the last block resets acc and count"
         dz = np.full(z.shape, np.nan, f32)
-        _launch(emu, "bn_relu_maxpool_bwd_dx" + suffix, (max(1, -(-steps // 512)),), dy, arg, z, mean, var, gamma,
-                beta, red, dz, *dims)
+        _launch(emu, "bn_relu_maxpool_bwd_dx" + suffix, grid, dy, arg, z, mean, var, gamma, beta, red, dz, *dims)
         inplace = z.copy()
-        _launch(emu, "bn_relu_maxpool_bwd_dx" + suffix, (max(1, -(-steps // 512)),), dy, arg, inplace, mean, var,
-                gamma, beta, red, inplace, *dims)
+        _launch(emu, "bn_relu_maxpool_bwd_dx" + suffix, grid, dy, arg, inplace, mean, var, gamma, beta, red, inplace,
+                *dims)
         np.testing.assert_array_equal(inplace, dz, err_msg="dz over z")
+        z1, dz1 = (np.empty(z.size + 4, f32)[1:z.size + 1].reshape(z.shape) for _ in range(2))
+        z1[...] = z
+        assert z1.ctypes.data % 16 == dz1.ctypes.data % 16 == 4
+        _launch(emu, "bn_relu_maxpool_bwd_dx" + suffix, grid, dy, arg, z1, mean, var, gamma, beta, red, dz1, *dims)
+        np.testing.assert_array_equal(dz1, dz, err_msg="dz at 4 bytes past 16-byte alignment")
         runs.append((y, arg, red, dg, db, dz))
     for i, (a, b) in enumerate(zip(*runs)):
         np.testing.assert_array_equal(a, b, err_msg=f"64-bit index version: output {i}")

@@ -217,12 +217,16 @@ struct HnVecTaken {
 // The batch-norm kernels' vectors: HN_BN_VW elements of a plane (one 16-byte load of bf16, two of float32), the same
 // for every storage, so that a kernel's versions for bf16 and float32 tensors add their values in the same order.
 #define HN_BN_VW 8
-// Whether a batch-norm kernel may walk planes of HW elements in vectors (hn_bn_walk): HW a multiple of HN_BN_VW and
-// every tensor (null: none) 16-byte aligned.
-__device__ __forceinline__ bool hn_bn_vec(int HW, const void* a, const void* b = nullptr, const void* c = nullptr) {
+// Whether every tensor (null: none) is 16-byte aligned.
+__device__ __forceinline__ bool hn_aligned16(const void* a, const void* b = nullptr, const void* c = nullptr) {
     const unsigned long long bits = reinterpret_cast<unsigned long long>(a) | reinterpret_cast<unsigned long long>(b) |
                                     reinterpret_cast<unsigned long long>(c);
-    return HW % HN_BN_VW == 0 && (bits & 15ull) == 0;
+    return (bits & 15ull) == 0;
+}
+// Whether a batch-norm kernel may walk planes of HW elements in vectors (hn_bn_walk): HW a multiple of HN_BN_VW and
+// every tensor 16-byte aligned.
+__device__ __forceinline__ bool hn_bn_vec(int HW, const void* a, const void* b = nullptr, const void* c = nullptr) {
+    return HW % HN_BN_VW == 0 && hn_aligned16(a, b, c);
 }
 
 // A batch-norm kernel's walk over channel c's N * HW values (HnPlaneWalk; blocks along gridDim.y), handing each take

@@ -605,10 +605,12 @@ __device__ __forceinline__ float hn_bn_pool_dz(float zv, float g_pooled, float m
 }
 
 // dz of every element of z (N C H W threads' worth of work). Where the windows do not overlap (k == st) a thread takes
-// one k x k block of a plane: window (p, q), whose maximum arg[o] takes dy[o], or past the last window a block of the
-// margin (g 0 throughout); norm.py launches N C ceil(H / k) ceil(W / k) of them. Otherwise a thread takes an element
-// (g: hn_pool_grad's sum over the windows whose maximum it is). dz may be z itself (in place, after the reduction:
-// each thread reads its elements of z before it writes them), so z and dz are not __restrict__.
+// one row of a window's block, k adjacent elements (h, bq k .. bq k + k - 1) of a plane, so that a warp's accesses are
+// contiguous: the window (h / k, bq) gives its maximum arg[o] dy[o], or past the last window the block is margin (g 0);
+// with k == 4, W a multiple of 4 and z, dz 16-byte aligned the row is one float4. norm.py launches N C H ceil(W / k)
+// of them. Otherwise a thread takes an element (g: hn_pool_grad's sum over the windows whose maximum it is). dz may be
+// z itself (in place, after the reduction: each thread reads its elements of z before it writes them), so z and dz are
+// not __restrict__.
 template <typename I>
 __device__ __forceinline__ void bn_relu_maxpool_bwd_dx_body(
         const float* __restrict__ dy, const unsigned char* __restrict__ arg, const float* z,
@@ -617,23 +619,32 @@ __device__ __forceinline__ void bn_relu_maxpool_bwd_dx_body(
         int Q, int k, int st, float eps) {
     const float inv_m = 1.f / ((float)N * H * W);
     if (k == st) {
-        const int BQ = (W + k - 1) / k, BPQ = (H + k - 1) / k * BQ;      // a plane's blocks: ceil(H / k) x BQ
-        HN_GRID_STRIDE_T(I, e, (I)N * C * BPQ) {
-            const I nc = e / (I)BPQ;
-            const int bpq = (int)(e - nc * (I)BPQ), bp = bpq / BQ, bq = bpq - bp * BQ, c = (int)(nc % (I)C);
+        const int BQ = (W + k - 1) / k, HBQ = H * BQ;                   // a plane's rows of blocks: H x BQ
+        const bool vec4 = k == 4 && W % 4 == 0 && hn_aligned16(z, dz);
+        HN_GRID_STRIDE_T(I, e, (I)N * C * HBQ) {
+            const I nc = e / (I)HBQ;
+            const int hb = (int)(e - nc * (I)HBQ), h = hb / BQ, bq = hb - h * BQ, c = (int)(nc % (I)C);
+            const int bp = h / k, i = h - bp * k;                        // the window's row, and the row within it
             const float mu = mean[c], inv = 1.f / sqrtf(var[c] + eps), g = gamma[c], b = beta[c];
             const float r0 = red[c], r1 = red[C + c];
             const bool win = bp < P && bq < Q;
             const I o = nc * (I)(P * Q) + (I)(bp * Q + bq);
-            const int a = win ? arg[o] : -1;
+            const int a = win ? arg[o] - i * k : -1;                    // the maximum's column in this row, if here
             const float d = win ? dy[o] : 0.f;
-            const int h0 = bp * k, w0 = bq * k, rows = min(k, H - h0), cols = min(k, W - w0);
-            const I base = nc * (I)(H * W) + (I)(h0 * W + w0);
-            for (int i = 0; i < rows; ++i)
-                for (int j = 0; j < cols; ++j) {
-                    const I at = base + (I)(i * W + j);
-                    dz[at] = hn_bn_pool_dz(z[at], i * k + j == a ? d : 0.f, mu, inv, g, b, r0, r1, inv_m);
-                }
+            const I at = nc * (I)(H * W) + (I)(h * W + bq * k);
+            if (vec4) {
+                const uint4 v = hn_ld16(z + at);
+                const unsigned u[4] = {v.x, v.y, v.z, v.w};
+                unsigned o4[4];
+                for (int j = 0; j < 4; ++j)
+                    o4[j] = __float_as_uint(hn_bn_pool_dz(__uint_as_float(u[j]), a == j ? d : 0.f, mu, inv, g, b, r0,
+                                                          r1, inv_m));
+                hn_st16(dz + at, make_uint4(o4[0], o4[1], o4[2], o4[3]));
+            } else {
+                const int cols = min(k, W - bq * k);
+                for (int j = 0; j < cols; ++j)
+                    dz[at + j] = hn_bn_pool_dz(z[at + j], a == j ? d : 0.f, mu, inv, g, b, r0, r1, inv_m);
+            }
         }
         return;
     }

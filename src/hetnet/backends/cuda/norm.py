@@ -250,8 +250,8 @@ class NormOps:
         if not need_dx:
             return None
         dx = x if inplace and not relu_mask else self.xp.empty_like(x)
-        # a k x k block of a plane a step where the windows do not overlap, else an element
-        steps = n * c * -(-h // kernel) * -(-w // kernel) if kernel == stride else x.size
+        # a row of a window's block (k elements) a step where the windows do not overlap, else an element
+        steps = n * c * h * -(-w // kernel) if kernel == stride else x.size
         self.launch("norm", self.ix("bn_relu_maxpool_bwd_dx", x.size), steps, dy, arg, x, mean, var, gamma, beta, red,
                     dx, *dims)
         return self.relu_mask(dx, x) if relu_mask else dx
