@@ -2,12 +2,14 @@
 kernel sandbox's convolution variants and warp-specialised tiles; and the convolution tile table (conv_tiles.py), the
 one source of the tile kernels' entry points and of the launcher's tables, is consistent with conv.cu.
 
-The compiles run where nvcc is installed (CI without the CUDA toolkit skips them), in parallel; no GPU needed. The
-table checks always run.
+The compiles run where nvcc is installed (CI without the CUDA toolkit skips them), in parallel; no GPU needed; a
+source whose text, included files, flags and nvcc are those of its last compile takes that compile's output from
+pytest's cache (a fresh clone has none). The table checks always run.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import re
 import shutil
@@ -60,24 +62,57 @@ def _text(name: str) -> str:
     return kernels.cu_text(name)
 
 
-def _compile(name: str, arch: str, out_dir: Path) -> tuple[int, str]:
+def _included(text: str, seen: dict[str, str] | None = None) -> dict[str, str]:
+    """Every file that text's quoted #includes read, recursively, as nvcc -I CUDA_DIR finds them: {name: text}."""
+    seen = {} if seen is None else seen
+    for name in re.findall(r'^\s*#include\s+"([^"]+)"', text, re.MULTILINE):
+        if name not in seen and (CUDA_DIR / name).is_file():
+            seen[name] = (CUDA_DIR / name).read_text()
+            _included(seen[name], seen)
+    return seen
+
+
+def _compile(name: str, arch: str, out_dir: Path, nvcc_version: str = "", cache=None) -> tuple[int, str]:
+    """(nvcc's exit status, its output) for one source at one arch. cache (pytest's, where the cache provider is on):
+    the result of the last compile of the same text, the same included files and flags with the same nvcc, which
+    gives the same output; any change to one of them compiles again."""
+    text = _text(name)
     src = out_dir / f"{name}_{arch}.cu"
-    src.write_text(_text(name))
-    cmd = ["nvcc", "-cubin", f"-arch={arch}", "-std=c++17", "-I", str(CUDA_DIR), "-Xptxas", "-v", "-o",
-           str(src.with_suffix(".cubin")), str(src)]
+    flags = ["-cubin", f"-arch={arch}", "-std=c++17", "-Xptxas", "-v"]
+    key = hashlib.sha256(json.dumps([nvcc_version, flags, text, sorted(_included(text).items())]).encode()).hexdigest()
+    slot = f"hetnet/nvcc/{name}_{arch}"
+    if cache is not None:
+        hit = cache.get(slot, None)
+        if isinstance(hit, dict) and hit.get("key") == key:
+            return hit["rc"], hit["log"]
+    src.write_text(text)
+    cmd = ["nvcc", *flags, "-I", str(CUDA_DIR), "-o", str(src.with_suffix(".cubin")), str(src)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
-    return proc.returncode, proc.stdout + proc.stderr
+    rc, log = proc.returncode, proc.stdout + proc.stderr
+    if cache is not None:
+        cache.set(slot, {"key": key, "rc": rc, "log": log})
+    return rc, log
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
+def results(tmp_path_factory, pytestconfig):
     if shutil.which("nvcc") is None:
         pytest.skip("nvcc not installed")
     out = tmp_path_factory.mktemp("cubin")
+    version = subprocess.run(["nvcc", "--version"], capture_output=True, text=True, check=False).stdout
+    cache = getattr(pytestconfig, "cache", None)       # None under -p no:cacheprovider
     jobs = [(s, a) for s in [*SOURCES, *SANDBOXES] for a in ARCHS] + [(s, "sm_90a") for s in WGMMA] + [*CLUSTER_JOBS]
     with ThreadPoolExecutor(max_workers=4) as pool:
-        done = list(pool.map(lambda j: _compile(j[0], j[1], out), jobs))
+        done = list(pool.map(lambda j: _compile(j[0], j[1], out, version, cache), jobs))
     return dict(zip(jobs, done))
+
+
+def test_compile_cache_keys_read_the_included_files():
+    """A cached compile is keyed by every file its text includes, through the includes of those: a change to
+    common.cuh compiles norm.cu again, and to conv.cu the pooling sandbox that includes it."""
+    assert set(_included(kernels.cu_text("norm"))) == {"common.cuh"}
+    assert set(_included(_text(POOL_SANDBOX))) == {"conv.cu", "common.cuh"}
+    assert _included(kernels.cu_text("mma")) == {}
 
 
 def test_sources_found():
