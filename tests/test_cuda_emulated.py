@@ -192,16 +192,17 @@ def test_weight_copies_in_one_launch_emulated(libs, rng, monkeypatch, precision)
     """A step's weight copies (the op contract's weight_copies; mma.StepCopies, conv.cu's weight_copies<s>): the
     copies asked for in one scope are made on demand and remembered; the next scope makes them all in one launch, bit
     for bit to_nhwc's and turn_weights' (channels past C zero, any C, R, S, a weight with only one of its copies
-    asked for), over copies overwritten with garbage in between. An array that is not a parameter is copied where
-    asked, every time."""
+    asked for; O past one 32 x 32 tile of the turned copy, C R S past one chunk of the channels-last one), over copies
+    overwritten with garbage in between. An array that is not a parameter is copied where asked, every time."""
     from hetnet.backends.cuda import mma as M
 
     route_kernels(monkeypatch, libs)
     be = EmulatedBackend(precision, sms=2)
     ws = [rng.standard_normal(shape).astype(np.float32) for shape in ((8, 3, 3, 3), (4, 10, 5, 5), (12, 8, 1, 1),
-                                                                      (16, 6, 3, 3))]
+                                                                      (16, 6, 3, 3), (40, 33, 3, 3), (4, 600, 3, 3))]
     other = rng.standard_normal((8, 3, 3, 3)).astype(np.float32)
-    asks = [(0, False), (0, True), (1, False), (2, True), (3, False), (3, True)]
+    asks = [(0, False), (0, True), (1, False), (2, True), (3, False), (3, True), (4, False), (4, True), (5, False),
+            (5, True)]
     store: dict = {}
     launches = []
     get_kernel = M.get_kernel

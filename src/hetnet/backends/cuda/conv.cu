@@ -1176,25 +1176,58 @@ extern "C" __global__ void turn_weights32x3(const float* __restrict__ w, float* 
 // A step's weight copies in one launch (mma.StepCopies): row j of table [rows][8] (int64) is a weight w [O][C][R][S]
 // float32 (row[0]), where to write its channels-last copy [O][RS][Cp] (row[1], to_nhwc's: channels C..Cp-1 zero) and
 // its turned copy [C][RS][O] (row[2], turn_weights'), 0 for a copy not wanted, then O, C, RS and Cp. Grid (any,
-// rows): blockIdx.y the weight, the x blocks striding over both copies' elements; put(y, e, v) stores element e of a
-// copy as to_nhwc<s> / turn_weights<s> store it, so the copies are those kernels' bit for bit.
+// rows), 256 threads: blockIdx.y the weight, the x blocks striding over its units of work, each a transpose through
+// shared memory so that both the reads of w and the writes of the copies are contiguous across a warp:
+// - channels-last: a unit is HN_WC_CHUNK / RS channels c0.. of one o: w[o][c0..][0..RS) is contiguous (read into s),
+//   fwd[o][rs][c0..] is contiguous for each rs (written from s[c RS + rs], RS apart: no bank conflicts for odd RS);
+// - turned: w as [O][C RS] and turned as [C RS][O], a unit a 32 x 32 tile of (k = c RS + rs, o): read along k (the
+//   column c RS + RS - 1 - rs, a permutation within each channel's RS), written along o.
+// put(y, e, v) stores element e of a copy as to_nhwc<s> / turn_weights<s> store it, so the copies are those kernels'
+// bit for bit.
 template <class Put>
 __device__ __forceinline__ void hn_weight_copies(const long long* __restrict__ table, Put put) {
+    constexpr int HN_WC_CHUNK = 4096;                                  // the floats of w a channels-last unit reads
+    __shared__ float s[HN_WC_CHUNK];
+    float (*tile)[33] = reinterpret_cast<float (*)[33]>(s);          // the turned copy's 32 x 32 tiles (+1: banks)
     const long long* row = table + 8 * blockIdx.y;
     const float* __restrict__ w = reinterpret_cast<const float*>(row[0]);
     void* fwd = reinterpret_cast<void*>(row[1]);
     void* turned = reinterpret_cast<void*>(row[2]);
     const int O = (int)row[3], C = (int)row[4], RS = (int)row[5], Cp = (int)row[6];
-    const long long nf = fwd ? (long long)O * RS * Cp : 0, n = nf + (turned ? (long long)O * C * RS : 0);
-    for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < n; e += (long long)gridDim.x * blockDim.x) {
-        if (e < nf) {                                   // fwd[o][rs][c] = w[o][c][rs]
-            const int c = (int)(e % Cp), t = (int)(e / Cp), rs = t % RS, o = t / RS;
-            put(fwd, e, c < C ? w[((long long)o * C + c) * RS + rs] : 0.f);
-        } else {                                        // turned[c][rs][o] = w[o][c][RS - 1 - rs]
-            const long long u = e - nf;
-            const int o = (int)(u % O), t = (int)(u / O), rs = t % RS, c = t / RS;
-            put(turned, u, w[((long long)o * C + c) * RS + (RS - 1 - rs)]);
+    const int ch = max(1, HN_WC_CHUNK / RS), chunks = (Cp + ch - 1) / ch;   // channels a unit, units an o
+    const int KT = (C * RS + 31) / 32, OT = (O + 31) / 32;                  // the turned copy's tiles
+    const long long nf = fwd ? (long long)O * chunks : 0, n = nf + (turned ? (long long)KT * OT : 0);
+    const int tx = threadIdx.x & 31, ty = threadIdx.x >> 5;
+    for (long long u = blockIdx.x; u < n; u += gridDim.x) {             // the same trip count in every thread
+        if (u < nf) {
+            const int o = (int)(u / chunks), c0 = (int)(u - (long long)o * chunks) * ch;
+            const int cw = min(ch, C - c0), cn = min(ch, Cp - c0);      // channels read (cw <= 0: padding only)
+            const float* src = w + ((long long)o * C + c0) * RS;
+            for (int t = threadIdx.x; t < cw * RS; t += blockDim.x)
+                s[t] = src[t];
+            __syncthreads();
+            for (int t = threadIdx.x; t < cn * RS; t += blockDim.x) {   // fwd[o][rs][c0 + c]
+                const int rs = t / cn, c = t - rs * cn;
+                put(fwd, ((long long)o * RS + rs) * Cp + c0 + c, c < cw ? s[c * RS + rs] : 0.f);
+            }
+        } else {
+            const long long v = u - nf;
+            const int k0 = (int)(v / OT) * 32, o0 = (int)(v % OT) * 32, CRS = C * RS;
+            for (int r = ty; r < 32; r += blockDim.x >> 5) {            // tile[o - o0][k - k0], k along the warp
+                const int o = o0 + r, k = k0 + tx;
+                if (o < O && k < CRS) {
+                    const int c = k / RS, rs = k - c * RS;
+                    tile[r][tx] = w[(long long)o * CRS + c * RS + (RS - 1 - rs)];
+                }
+            }
+            __syncthreads();
+            for (int r = ty; r < 32; r += blockDim.x >> 5) {            // turned[k][o], o along the warp
+                const int k = k0 + r, o = o0 + tx;
+                if (o < O && k < CRS)
+                    put(turned, (long long)k * O + o, tile[tx][r]);
+            }
         }
+        __syncthreads();                                                // s is the next unit's
     }
 }
 extern "C" __global__ void weight_copies16(const long long* __restrict__ table) {

@@ -851,6 +851,16 @@ def weight_copy(be, w, turned: bool = False):
     return be.copy_scope.copy(be, w, turned)
 
 
+WC_CHUNK = 4096     # conv.cu's HN_WC_CHUNK (hn_weight_copies): the floats of w a channels-last unit reads
+
+
+def _copy_units(o: int, c: int, rs: int, cp: int, nhwc: bool, turned: bool) -> int:
+    """The units of work (a block's each) of one weight's row of conv.cu's weight_copies<s> (hn_weight_copies): o
+    times the chunks of its channels-last copy, the 32 x 32 tiles of its turned one."""
+    ch = max(1, WC_CHUNK // rs)
+    return (o * -(-cp // ch) if nhwc else 0) + (-(-c * rs // 32) * -(-o // 32) if turned else 0)
+
+
 class StepCopies:
     """The copies of a model's weights that one kind of step reads (the op contract's weight_copies(store): this is
     what the store holds), made in one launch when the step starts (conv.cu's weight_copies<s>) instead of one
@@ -871,13 +881,13 @@ class StepCopies:
         self.precision = precision
         self.entries: dict = {}        # (address, shape, turned) -> (w, copy)
         self.made: set = set()         # the keys whose copies this step has made (the launch, or on demand)
-        self.table, self.covers, self.longest = None, set(), 0
+        self.table, self.covers, self.longest = None, set(), 0    # longest: units
         self.kept: list = []           # tables and copies replaced since: a captured graph may still use them
 
     def enter(self, be) -> None:
         self.made = set()
         if self.table is not None:
-            grid = (max(1, min(4 * be.sms, -(-self.longest // 256))), self.table.shape[0])
+            grid = (max(1, min(4 * be.sms, self.longest)), self.table.shape[0])
             get_kernel(be.device_id, "conv", "weight_copies" + COPIES[self.precision][0])(grid, (256,), (self.table,))
             self.made = set(self.covers)
 
@@ -893,7 +903,7 @@ class StepCopies:
                 cp = _nhwc_shape(w16)[3] if w16 is not None else c
                 table[i] = (address(w), 0 if w16 is None else address(w16), 0 if wt is None else address(wt),
                             o, c, r * s, cp, 0)
-                sizes.append((0 if w16 is None else o * r * s * cp) + (0 if wt is None else w.size))
+                sizes.append(_copy_units(o, c, r * s, cp, w16 is not None, wt is not None))
             with be.persistent():
                 self.table = be.xp.asarray(table)
             self.covers, self.longest = set(self.entries), max(sizes)
