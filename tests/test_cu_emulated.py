@@ -216,7 +216,7 @@ def _kernels_text() -> str:
                         (conv, 'extern "C" __global__ void weight_copies16('),
                         (conv, 'extern "C" __global__ void weight_copies32('),
                         (conv, 'extern "C" __global__ void weight_copies32x3('),
-                        (conv, 'extern "C" __global__ void add_from_nhwc('),
+                        (conv, 'extern "C" __global__ void __launch_bounds__(256) add_from_nhwc('),
                         (conv, 'extern "C" __global__ void relu_mask_inplace('),
                         (norm, "__device__ __forceinline__ float hn_bn_z("),
                         (norm, "__device__ __forceinline__ float hn_bn_value("),

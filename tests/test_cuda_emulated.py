@@ -187,6 +187,21 @@ def test_trial_outputs_are_made_once_and_dropped_by_release():
     assert made == [1, 1]
 
 
+@pytest.mark.parametrize(("o", "c", "rs", "cp", "blocks"), [(3, 600, 9, 608, 2), (5, 7, 25, 8, 3), (40, 33, 1, 40, 1),
+                                                          (2, 5000, 1, 5000, 4)])
+def test_add_from_nhwc_emulated(libs, rng, o, c, rs, cp, blocks):
+    """conv.cu's add_from_nhwc (a filter gradient summed channels-last over Cp >= C channels, added into the weights'
+    layout): dw[o][c][rs] + t[o][rs][c] bit for bit, the channels past C dropped, over several chunks of one o's
+    channels (C RS past 4096 floats) and any grid."""
+    from emu_build import EmulatedKernel
+
+    t = rng.standard_normal((o, rs, cp)).astype(np.float32)
+    dw = rng.standard_normal((o, c, rs)).astype(np.float32)
+    want = dw + t[:, :, :c].transpose(0, 2, 1)
+    EmulatedKernel(libs["conv"], "add_from_nhwc")((blocks,), (256,), [dw, t, *map(np.int32, (o, c, rs, cp))])
+    np.testing.assert_array_equal(dw, want)
+
+
 @pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16"])
 def test_weight_copies_in_one_launch_emulated(libs, rng, monkeypatch, precision):
     """A step's weight copies (the op contract's weight_copies; mma.StepCopies, conv.cu's weight_copies<s>): the

@@ -1248,11 +1248,25 @@ extern "C" __global__ void weight_copies32x3(const long long* __restrict__ table
 }
 
 // dw[o][c][rs] += t[o][rs][c]: a filter gradient computed channels-last over Cp >= C channels (those of a padded
-// copy of x, to_nhwc16), added into the weights' layout.
-extern "C" __global__ void add_from_nhwc(float* __restrict__ dw, const float* __restrict__ t, int O, int C, int RS,
-                                         int Cp) {
-    HN_GRID_STRIDE(e, (long long)O * C * RS) {
-        const int rs = (int)(e % RS), u = (int)(e / RS), c = u % C, o = u / C;
-        dw[e] += t[((long long)o * RS + rs) * Cp + c];
+// copy of x, to_nhwc16), added into the weights' layout; the channels-last copy of hn_weight_copies backwards. A
+// unit of work (a block's) is HN_AFN_CHUNK / RS channels c0.. of one o: t[o][rs][c0..] read contiguously for each rs
+// into s[c RS + rs] (RS apart: no bank conflicts for odd RS), then dw[o][c0..][0..RS), contiguous, added from s.
+// Grid: any (mma.conv16_filter: min(O ceil(C / (HN_AFN_CHUNK / RS)), 8 SMs)), 256 threads.
+extern "C" __global__ void __launch_bounds__(256) add_from_nhwc(float* __restrict__ dw, const float* __restrict__ t,
+                                                                int O, int C, int RS, int Cp) {
+    constexpr int HN_AFN_CHUNK = 4096;
+    __shared__ float s[HN_AFN_CHUNK];
+    const int ch = max(1, HN_AFN_CHUNK / RS), chunks = (C + ch - 1) / ch;
+    for (long long u = blockIdx.x; u < (long long)O * chunks; u += gridDim.x) {    // the same trip count: barriers
+        const int o = (int)(u / chunks), c0 = (int)(u - (long long)o * chunks) * ch, cw = min(ch, C - c0);
+        for (int i = threadIdx.x; i < cw * RS; i += blockDim.x) {
+            const int rs = i / cw, c = i - rs * cw;
+            s[c * RS + rs] = t[((long long)o * RS + rs) * Cp + c0 + c];
+        }
+        __syncthreads();
+        float* d = dw + ((long long)o * C + c0) * RS;
+        for (int i = threadIdx.x; i < cw * RS; i += blockDim.x)
+            d[i] += s[i];
+        __syncthreads();
     }
 }

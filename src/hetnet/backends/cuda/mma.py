@@ -962,4 +962,6 @@ def conv16_filter(be, dw, dy16, x16, stride: int, pad: int, tile: str | None = N
     cp = _nhwc_shape(x16)[3]
     part = be.xp.zeros((o, r, s, cp), dtype=np.float32)
     launch_conv(be, plan_conv16_filter(part, dy16, x16, stride, pad, be.sms, tile, splits))
-    be.launch("conv", "add_from_nhwc", dw.size, dw, part, _i32(o), _i32(c), _i32(r * s), _i32(cp))
+    units = o * -(-c // max(1, WC_CHUNK // (r * s)))          # conv.cu add_from_nhwc's, HN_AFN_CHUNK = WC_CHUNK
+    get_kernel(be.device_id, "conv", "add_from_nhwc")((max(1, min(units, 8 * be.sms)),), (256,),
+                                                      (dw, part, _i32(o), _i32(c), _i32(r * s), _i32(cp)))
