@@ -264,8 +264,9 @@ def gate(make_pair, batch: int, tol: float, float32_first: bool = True,
     Then the timed step's updates on the whole batch at `full_tol`; where the two float32 steps are further apart,
     each against PyTorch in float64, hetnet within the larger of full_tol and PEER_FACTOR times PyTorch float32's
     own error (a float32 algorithm's rounding flips max-pool near-ties on either side; the row records both), on a
-    second batch where the first fails (_full_batch_float32). Otherwise (tf32 and bf16 rows: _gate_against_peer) against float64, each quantity within the larger of the
-    tolerance and PEER_FACTOR times PyTorch's own error at that precision. make_pair(seed) builds a fresh Pair on
+    second batch where the first fails (_full_batch_float32). Otherwise (tf32 and bf16 rows: _gate_against_peer)
+    against float64, each quantity within the larger of the tolerance and PEER_FACTOR times PyTorch's own error at
+    that precision. make_pair(seed) builds a fresh Pair on
     the batch drawn from `seed`."""
     if not float32_first:
         return _gate_against_peer(make_pair, batch, tol, full_tol)
@@ -308,8 +309,8 @@ def _full_batch_float32(make_pair, seeds, full_tol: float) -> tuple[Pair, dict, 
     full_tol; where they are further apart, both float32 steps against float64, hetnet within the larger of full_tol
     and PEER_FACTOR times PyTorch float32's own error (each side's float32 rounding routes some max-pool near-ties
     away from the exact step's). Refused only when one quantity is over its bound on the batch of each seed: a
-    near-tie routed the other way falls on one batch, a defect repeats. Returns a fresh pair of the last batch
-    checked, fresh where a check stepped hetnet alone."""
+    near-tie routed the other way falls on one batch, a defect repeats. Returns the pair to time: the one the
+    float32 check stepped alike on both sides, else a fresh one (the float64 check steps hetnet alone)."""
     info: dict = {}
     failing = None                     # the quantities over their bound on every batch so far
     for seed in seeds:

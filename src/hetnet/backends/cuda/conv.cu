@@ -1254,7 +1254,7 @@ extern "C" __global__ void weight_copies32x3(const long long* __restrict__ table
 // Grid: any (mma.conv16_filter: min(O ceil(C / (HN_AFN_CHUNK / RS)), 8 SMs)), 256 threads.
 extern "C" __global__ void __launch_bounds__(256) add_from_nhwc(float* __restrict__ dw, const float* __restrict__ t,
                                                                 int O, int C, int RS, int Cp) {
-    constexpr int HN_AFN_CHUNK = 4096;
+    constexpr int HN_AFN_CHUNK = 4096;                                 // hn_weight_copies' HN_WC_CHUNK (mma.WC_CHUNK)
     __shared__ float s[HN_AFN_CHUNK];
     const int ch = max(1, HN_AFN_CHUNK / RS), chunks = (C + ch - 1) / ch;
     for (long long u = blockIdx.x; u < (long long)O * chunks; u += gridDim.x) {    // the same trip count: barriers
