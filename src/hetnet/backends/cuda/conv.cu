@@ -1184,9 +1184,9 @@ extern "C" __global__ void turn_weights32x3(const float* __restrict__ w, float* 
 //   column c RS + RS - 1 - rs, a permutation within each channel's RS), written along o.
 // put(y, e, v) stores element e of a copy as to_nhwc<s> / turn_weights<s> store it, so the copies are those kernels'
 // bit for bit.
+#define HN_WC_CHUNK 4096      // the floats of w a channels-last unit reads (add_from_nhwc's too; mma.WC_CHUNK)
 template <class Put>
 __device__ __forceinline__ void hn_weight_copies(const long long* __restrict__ table, Put put) {
-    constexpr int HN_WC_CHUNK = 4096;                                  // the floats of w a channels-last unit reads
     __shared__ float s[HN_WC_CHUNK];
     float (*tile)[33] = reinterpret_cast<float (*)[33]>(s);          // the turned copy's 32 x 32 tiles (+1: banks)
     const long long* row = table + 8 * blockIdx.y;
@@ -1249,14 +1249,13 @@ extern "C" __global__ void weight_copies32x3(const long long* __restrict__ table
 
 // dw[o][c][rs] += t[o][rs][c]: a filter gradient computed channels-last over Cp >= C channels (those of a padded
 // copy of x, to_nhwc16), added into the weights' layout; the channels-last copy of hn_weight_copies backwards. A
-// unit of work (a block's) is HN_AFN_CHUNK / RS channels c0.. of one o: t[o][rs][c0..] read contiguously for each rs
+// unit of work (a block's) is HN_WC_CHUNK / RS channels c0.. of one o: t[o][rs][c0..] read contiguously for each rs
 // into s[c RS + rs] (RS apart: no bank conflicts for odd RS), then dw[o][c0..][0..RS), contiguous, added from s.
-// Grid: any (mma.conv16_filter: min(O ceil(C / (HN_AFN_CHUNK / RS)), 8 SMs)), 256 threads.
+// Grid: any (mma.conv16_filter: min(O ceil(C / (HN_WC_CHUNK / RS)), 8 SMs)), 256 threads.
 extern "C" __global__ void __launch_bounds__(256) add_from_nhwc(float* __restrict__ dw, const float* __restrict__ t,
                                                                 int O, int C, int RS, int Cp) {
-    constexpr int HN_AFN_CHUNK = 4096;                                 // hn_weight_copies' HN_WC_CHUNK (mma.WC_CHUNK)
-    __shared__ float s[HN_AFN_CHUNK];
-    const int ch = max(1, HN_AFN_CHUNK / RS), chunks = (C + ch - 1) / ch;
+    __shared__ float s[HN_WC_CHUNK];
+    const int ch = max(1, HN_WC_CHUNK / RS), chunks = (C + ch - 1) / ch;
     for (long long u = blockIdx.x; u < (long long)O * chunks; u += gridDim.x) {    // the same trip count: barriers
         const int o = (int)(u / chunks), c0 = (int)(u - (long long)o * chunks) * ch, cw = min(ch, C - c0);
         for (int i = threadIdx.x; i < cw * RS; i += blockDim.x) {

@@ -851,7 +851,7 @@ def weight_copy(be, w, turned: bool = False):
     return be.copy_scope.copy(be, w, turned)
 
 
-WC_CHUNK = 4096     # conv.cu's HN_WC_CHUNK (hn_weight_copies): the floats of w a channels-last unit reads
+WC_CHUNK = 4096     # conv.cu's HN_WC_CHUNK: the floats of w a channels-last unit of weight_copies<s> reads
 
 
 def _copy_units(o: int, c: int, rs: int, cp: int, nhwc: bool, turned: bool) -> int:
@@ -962,6 +962,6 @@ def conv16_filter(be, dw, dy16, x16, stride: int, pad: int, tile: str | None = N
     cp = _nhwc_shape(x16)[3]
     part = be.xp.zeros((o, r, s, cp), dtype=np.float32)
     launch_conv(be, plan_conv16_filter(part, dy16, x16, stride, pad, be.sms, tile, splits))
-    units = o * -(-c // max(1, WC_CHUNK // (r * s)))          # conv.cu add_from_nhwc's, HN_AFN_CHUNK = WC_CHUNK
+    units = _copy_units(o, c, r * s, c, True, False)           # add_from_nhwc's: the channels-last copy's, backwards
     get_kernel(be.device_id, "conv", "add_from_nhwc")((max(1, min(units, 8 * be.sms)),), (256,),
                                                       (dw, part, _i32(o), _i32(c), _i32(r * s), _i32(cp)))
