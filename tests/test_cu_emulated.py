@@ -175,7 +175,7 @@ def _kernels_text() -> str:
     parts = [line for line in common.splitlines() if line.startswith(("#define HN_RELU", "#define HN_GELU",
                                                                        "#define HN_INV_SQRT"))]
     parts += [line for line in norm.splitlines() if line.startswith("#define HN_NHWC16_TILES")]
-    parts += [line for line in conv.splitlines() if line.startswith("#define HN_WC_CHUNK")]
+    parts += [line for line in conv.splitlines() if line.startswith(("#define HN_WC_UNIT", "#define HN_WC_SMEM"))]
     i = common.index("#define HN_GRID_STRIDE(i, n)")
     parts.append(common[i:common.index("\n\n", i) + 1])
     for start in ("template <typename I>\nstruct HnPlaneWalk {", "struct HnTilePixel {"):

@@ -188,11 +188,11 @@ def test_trial_outputs_are_made_once_and_dropped_by_release():
 
 
 @pytest.mark.parametrize(("o", "c", "rs", "cp", "blocks"), [(3, 600, 9, 608, 2), (5, 7, 25, 8, 3), (40, 33, 1, 40, 1),
-                                                          (2, 5000, 1, 5000, 4)])
+                                                          (2, 5000, 1, 5000, 4), (2, 3, 361, 8, 3)])
 def test_add_from_nhwc_emulated(libs, rng, o, c, rs, cp, blocks):
     """conv.cu's add_from_nhwc (a filter gradient summed channels-last over Cp >= C channels, added into the weights'
     layout): dw[o][c][rs] + t[o][rs][c] bit for bit, the channels past C dropped, over several chunks of one o's
-    channels (C RS past 4096 floats) and any grid."""
+    channels (C RS past HN_WC_UNIT floats; R S past it: a channel a unit) and any grid."""
     from emu_build import EmulatedKernel
 
     t = rng.standard_normal((o, rs, cp)).astype(np.float32)
@@ -207,17 +207,19 @@ def test_weight_copies_in_one_launch_emulated(libs, rng, monkeypatch, precision)
     """A step's weight copies (the op contract's weight_copies; mma.StepCopies, conv.cu's weight_copies<s>): the
     copies asked for in one scope are made on demand and remembered; the next scope makes them all in one launch, bit
     for bit to_nhwc's and turn_weights' (channels past C zero, any C, R, S, a weight with only one of its copies
-    asked for; O past one 32 x 32 tile of the turned copy, C R S past one chunk of the channels-last one), over copies
+    asked for; O past one 32 x 32 tile of the turned copy, C R S past one chunk of the channels-last one, R S past
+    a chunk: a channel a unit), over copies
     overwritten with garbage in between. An array that is not a parameter is copied where asked, every time."""
     from hetnet.backends.cuda import mma as M
 
     route_kernels(monkeypatch, libs)
     be = EmulatedBackend(precision, sms=2)
     ws = [rng.standard_normal(shape).astype(np.float32) for shape in ((8, 3, 3, 3), (4, 10, 5, 5), (12, 8, 1, 1),
-                                                                      (16, 6, 3, 3), (40, 33, 3, 3), (4, 600, 3, 3))]
+                                                                      (16, 6, 3, 3), (40, 33, 3, 3), (4, 600, 3, 3),
+                                                                      (4, 2, 17, 17))]
     other = rng.standard_normal((8, 3, 3, 3)).astype(np.float32)
     asks = [(0, False), (0, True), (1, False), (2, True), (3, False), (3, True), (4, False), (4, True), (5, False),
-            (5, True)]
+            (5, True), (6, False), (6, True)]
     store: dict = {}
     launches = []
     get_kernel = M.get_kernel
@@ -285,6 +287,41 @@ def test_weight_copies_outlive_the_step_pool_emulated(libs, rng, monkeypatch):
         M.weight_copy(be, rng.standard_normal((8, 3, 3, 3)).astype(np.float32))
         assert made[2:] == [("to_nhwc", False)], made
     assert made[3:] == [("asarray", True)], made         # the table, as the scope closes
+
+
+def test_filters_past_the_copy_kernels_emulated(libs, rng, monkeypatch):
+    """A filter of more taps than conv.cu's weight copies and add_from_nhwc hold in shared memory (R S > WC_SMEM):
+    its copies are made where asked, every time, outside the step's launch, bit for bit to_nhwc's and turn_weights';
+    and conv16_filter adds its gradient into dw without add_from_nhwc, as the kernel adds a small filter's."""
+    from hetnet.backends.cuda import mma as M
+
+    route_kernels(monkeypatch, libs)
+    be = EmulatedBackend("bf16", sms=2)
+    big = rng.standard_normal((8, 3, 65, 65)).astype(np.float32)            # 4225 taps
+    launches = []
+    get_kernel = M.get_kernel
+    monkeypatch.setattr(M, "get_kernel", lambda d, m, name: launches.append(name) or get_kernel(d, m, name))
+    store: dict = {}
+    made = []
+    for _ in range(2):
+        with be.weight_copies(store, [big]):
+            made.append([M.weight_copy(be, big, turned) for turned in (False, True)])
+    assert made[0][0] is not made[1][0] and made[0][1] is not made[1][1]
+    assert not [n for n in launches if n.startswith("weight_copies")], launches
+    for copies in made:
+        np.testing.assert_array_equal(copies[0].view(np.uint8), M.to_nhwc(be, big).view(np.uint8))
+        np.testing.assert_array_equal(copies[1].view(np.uint8), M.turn_weights(be, big).view(np.uint8))
+    x = rng.standard_normal((1, 3, 65, 65)).astype(np.float32)
+    dy = rng.standard_normal((1, 8, 1, 1)).astype(np.float32)
+    small_x, small_w = x[:, :, :5, :5].copy(), np.zeros((8, 3, 5, 5), np.float32)
+    for xs, dw, kernel in ((x, rng.standard_normal(big.shape).astype(np.float32), False), (small_x, small_w, True)):
+        want = dw.copy()
+        launches.clear()
+        M.conv16_filter(be, dw, M.to_nhwc(be, dy), M.to_nhwc(be, xs), 1, 0)
+        got = dw - want                          # the gradient of one pixel: dy[o] x[c] in bf16, summed in float32
+        expect = (round_bf16(dy[0, :, 0, 0])[:, None, None, None] * round_bf16(xs[0])[None]).astype(np.float32)
+        np.testing.assert_allclose(got, expect, rtol=1e-6, atol=1e-6)
+        assert ("add_from_nhwc" in launches) == kernel, launches
 
 
 @pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16"])
