@@ -227,19 +227,15 @@ def pooled_cnn(device, widths: tuple, seed: int):
     return hn.Sequential(layers + [hn.MaxPool2D(4), hn.Flatten(), hn.Dense(widths[-1], 16, bias=False)]).to(device)
 
 
-# (forward, pooled forward) TMA tiles for tma_choices: the plain and persistent ones, and the ping-pong one for both
-TMA_SUMS_TILES = (("tc16w128x256s4t", "tc16w128x256s3tp"), ("tc16w128x128s5tpp", "tc16w128x128s5tpp"))
-
-
-def tma_choices(n: int, tiles: tuple = TMA_SUMS_TILES[0]) -> dict:
+def tma_choices(n: int) -> dict:
     """pooled_cnn(widths (64, 64, 64, 64)) on n 8 x 8 images, its convolutions' choices as if measured ({(N, C, H, W,
-    K, R, S, stride, padding): {op: candidate}}): the second and third forwards (the second pooled) on the TMA tiles
-    `tiles` (forward, pooled forward), each handing its bf16 output to the batch norm after it (the fourth's batch
-    norm runs fused with its ReLU and pooling, bn_relu_pool, which takes no hand-over; it shares the third's shape)."""
-    fwd, pool = tiles
+    K, R, S, stride, padding): {op: candidate}}): the second and third forwards (the second pooled, on the persistent
+    tile) on TMA tiles, each handing its bf16 output to the batch norm after it (the fourth's batch norm runs fused
+    with its ReLU and pooling, bn_relu_pool, which takes no hand-over; it shares the third's shape)."""
     return {(n, 3, 8, 8, 64, 3, 3, 1, 1): {"fwd": "tc16", "filter": "tc16"},
-            (n, 64, 8, 8, 64, 3, 3, 1, 1): {"fwd": fwd, "pool": pool, "filter": "tc16", "data": "tc16"},
-            (n, 64, 4, 4, 64, 3, 3, 1, 1): {"fwd": fwd, "filter": "tc16", "data": "tc16"}}
+            (n, 64, 8, 8, 64, 3, 3, 1, 1): {"fwd": "tc16w128x256s4t", "pool": "tc16w128x256s3tp", "filter": "tc16",
+                                            "data": "tc16"},
+            (n, 64, 4, 4, 64, 3, 3, 1, 1): {"fwd": "tc16w128x256s4t", "filter": "tc16", "data": "tc16"}}
 
 
 def plan_step(model, x, y):

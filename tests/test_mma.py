@@ -24,7 +24,7 @@ if _N_GPUS == 0:
 
 from conftest import RTOL_FP32_PARTS, RTOL_TC, RTOL_TC_ROUNDED, rel_err, tolerance
 from halo_cases import HALO_CASES, check_halo, sandbox
-from mma_cases import (CONV16_SHAPES, CONV32_SHAPES, CONV_SHAPES, POOL16_SHAPES, POOL32_SHAPES, SHAPES, TMA_SUMS_TILES,
+from mma_cases import (CONV16_SHAPES, CONV32_SHAPES, CONV_SHAPES, POOL16_SHAPES, POOL32_SHAPES, SHAPES,
                        conv_data_expected, conv_data_inputs, conv_expected, conv_filter_expected, conv_filter_inputs,
                        batch_norm_sums, bf16_bits, bf16_values, conv_inputs, expected, max_pool_2x2, nhwc16,
                        nhwc_copy, plan_step, pooled_cnn, round_bf16, stored, tma_choices, turned16, turned_copy)
@@ -735,9 +735,8 @@ def test_batch_norm_hands_a_small_convolution_its_gradient_in_bf16(rng, monkeypa
         assert rel_err(g, grads[1][i]) <= RTOL_TC_ROUNDED, (i, rel_err(g, grads[1][i]))
 
 
-@pytest.mark.parametrize("tiles", TMA_SUMS_TILES, ids=lambda t: "+".join(t))
-def test_batch_norm_statistics_from_the_tma_tiles(rng, monkeypatch, tiles):
-    """At bf16 the TMA tiles' forward and pooled forward (`tiles`, set as if measured) hand the batch norms
+def test_batch_norm_statistics_from_the_tma_tiles(rng, monkeypatch):
+    """At bf16 a TMA tile's forward and a persistent one's pooled forward (set as if measured) hand the batch norms
     after them their outputs' statistics (mma.with_sums, Nchw16.sums), which those read instead of making their own:
     the logits and every gradient within 1e-6 of the same step whose batch norms make the statistics themselves
     (float64 sums of the same bf16 values, added in another order). test_cuda_emulated runs the same on the CPU."""
@@ -752,7 +751,7 @@ def test_batch_norm_statistics_from_the_tma_tiles(rng, monkeypatch, tiles):
         isinstance(x_, C.Nchw16) and x_.sums is not None) or forward(x_, *a, **kw))
     runs = []
     with contextlib.ExitStack() as stack:
-        for shape, measured in tma_choices(n, tiles).items():
+        for shape, measured in tma_choices(n).items():
             stack.enter_context(_measured_as(be, shape, measured))
         for sums in (True, False):
             if not sums:

@@ -1646,27 +1646,23 @@ __device__ __forceinline__ void hn_tma_im2col4d(void* dst, const HnTensorMap& ma
 
 #endif
 
-// The consumer side of a warp-specialised K loop (hn_tma_loop, hn_tma_pingpong; the ws sandbox's hn_wgmma_ws_loop):
-// for K tiles i = first .. first + tiles - 1 of the block's sequence (stage i % STAGES, phase parity (i / STAGES) & 1),
-// wait on the stage's "full" mbarrier, issue the tile's 4 K steps of bf16 wgmma for each of the warpgroup's MT row
-// blocks of 64 (this warpgroup's operands a and b in stage 0, stages ea and eb elements apart, K steps kstep apart,
-// row block i of A am elements after a, described by desc, MN as hn_wgmma_bf16's) into acc[i], and once the previous
+// The consumer side of a warp-specialised K loop (hn_tma_loop; the ws sandbox's hn_wgmma_ws_loop): for K tiles i =
+// first .. first + tiles - 1 of the block's sequence (stage i % STAGES, phase parity (i / STAGES) & 1), wait on the
+// stage's "full" mbarrier, issue the tile's 4 bf16 wgmma (this warpgroup's operands a and b in stage 0, stages ea and
+// eb elements apart, K steps kstep apart, described by desc, MN as hn_wgmma_bf16's) into acc, and once the previous
 // tile's group has finished release that tile's stage: release(stage), an arrival on its "empty" mbarrier (the
 // cluster sandbox's on a block of its cluster). Ends with every wgmma retired and the last tile's stage released.
-template <int STAGES, int MT, int WN, int MN, class Desc, class Release>
-__device__ __forceinline__ void hn_ws_consume_rows(unsigned long long* full, int first, int tiles,
-                                                   const unsigned short* a, int ea, int am, const unsigned short* b,
-                                                   int eb, int kstep, float (&acc)[MT][WN / 8][4], const Desc& desc,
-                                                   const Release& release) {
+template <int STAGES, int WN, int MN, class Desc, class Release>
+__device__ __forceinline__ void hn_ws_consume(unsigned long long* full, int first, int tiles, const unsigned short* a,
+                                              int ea, const unsigned short* b, int eb, int kstep,
+                                              float (&acc)[WN / 8][4], const Desc& desc, const Release& release) {
     for (int kt = 0; kt < tiles; ++kt) {
         const int i = first + kt, s = i % STAGES;
         while (!hn_mbar_try_wait(full + s, (i / STAGES) & 1)) {}
         hn_wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk)
-#pragma unroll
-            for (int r = 0; r < MT; ++r)
-                hn_wgmma_bf16<WN, MN>(acc[r], desc(a + s * ea + r * am + kk * kstep), desc(b + s * eb + kk * kstep));
+            hn_wgmma_bf16<WN, MN>(acc, desc(a + s * ea + kk * kstep), desc(b + s * eb + kk * kstep));
         hn_wgmma_commit();
         hn_wgmma_wait<1>();
         if (kt > 0) release((i - 1) % STAGES);
@@ -1674,50 +1670,13 @@ __device__ __forceinline__ void hn_ws_consume_rows(unsigned long long* full, int
     hn_wgmma_wait<0>();
     if (tiles > 0) release((first + tiles - 1) % STAGES);
 }
-// hn_ws_consume_rows for one row block of 64.
-template <int STAGES, int WN, int MN, class Desc, class Release>
-__device__ __forceinline__ void hn_ws_consume(unsigned long long* full, int first, int tiles, const unsigned short* a,
-                                              int ea, const unsigned short* b, int eb, int kstep,
-                                              float (&acc)[WN / 8][4], const Desc& desc, const Release& release) {
-    hn_ws_consume_rows<STAGES, 1, WN, MN>(full, first, tiles, a, ea, 0, b, eb, kstep,
-                                          reinterpret_cast<float(&)[1][WN / 8][4]>(acc), desc, release);
-}
 
-// The mbarriers and the producer of the TMA K loops (hn_tma_loop, hn_tma_pingpong): the block's `count` output tiles,
-// `ktiles` K tiles each, one sequence of K tiles i = t ktiles + kt through the stages. Shared memory at `full`:
-// STAGES "full" mbarriers (count 1: the producer's arrive.expect_tx of tx bytes; the phase completes when the stage's
-// boxes have landed) and STAGES "empty" ones (count `releasers`: the consumer threads that multiply a tile, each once
-// its wgmma on the stage finished), initialised here (then a barrier). The producer (thread `consumers`, the first of
-// the warp after the consumers) waits for a stage's "empty", arms its "full" and issues copy(t, kt, s, full + s); the
-// rest of its warp returns at once. Returns whether the calling thread is a consumer.
-template <int STAGES, class Copy>
-__device__ __forceinline__ bool hn_tma_produce(unsigned long long* full, int consumers, int releasers, int count,
-                                               int ktiles, unsigned tx, const Copy& copy) {
-    unsigned long long* empty = full + STAGES;
-    const int tid = threadIdx.x;
-    if (tid == 0) {
-        for (int s = 0; s < STAGES; ++s) {
-            hn_mbar_init(full + s, 1);
-            hn_mbar_init(empty + s, releasers);
-        }
-        hn_fence_mbar_init();
-    }
-    __syncthreads();
-    if (tid < consumers) return true;
-    if (tid == consumers)
-        for (int t = 0, i = 0; t < count; ++t)
-            for (int kt = 0; kt < ktiles; ++kt, ++i) {
-                const int s = i % STAGES;
-                // (a fresh barrier passes parity 1)
-                while (!hn_mbar_try_wait(empty + s, ((i / STAGES) & 1) ^ 1)) {}
-                hn_mbar_arrive_tx(full + s, tx);
-                copy(t, kt, s, full + s);
-            }
-    return false;
-}
-
-// The K loop shared by the cooperative TMA kernels, with one wgmma group in flight: hn_tma_produce's producer, and
-// CONSUMERS threads (all the consumer warpgroups, each its part of every tile) releasing each stage. So while the
+// The K loops shared by the TMA kernels, with one wgmma group in flight: the block's `count` output tiles, `ktiles` K
+// tiles each, one sequence of K tiles i = t ktiles + kt through the stages. Shared memory at `bars`: STAGES "full"
+// mbarriers (count 1: the producer's arrive.expect_tx of tx bytes; the phase completes when the stage's boxes have
+// landed) and STAGES "empty" ones (count CONSUMERS: every consumer thread once its wgmma on the stage finished),
+// initialised here (then a barrier). The producer (thread CONSUMERS, the first of the last warp) waits for a stage's
+// "empty", arms its "full" and issues copy(t, kt, s, full + s); the rest of its warp returns at once. So while the
 // consumers finish tile t (epi(t, acc), acc float[1][WN / 8][4]), the producer already fills the freed stages with
 // tile t + 1's first K tiles. The consumers run hn_ws_consume into acc, zeroed for each tile.
 template <int STAGES, int CONSUMERS, int WN, int MN, class Copy, class Desc, class Epi>
@@ -1726,48 +1685,32 @@ __device__ __forceinline__ void hn_tma_loop(unsigned char* bars, int count, int 
                                             int kstep, const Desc& desc, const Epi& epi) {
     unsigned long long* full = reinterpret_cast<unsigned long long*>(bars);
     unsigned long long* empty = full + STAGES;
-    if (!hn_tma_produce<STAGES>(full, CONSUMERS, CONSUMERS, count, ktiles, tx, copy)) return;
+    const int tid = threadIdx.x;
+    if (tid == 0) {
+        for (int s = 0; s < STAGES; ++s) {
+            hn_mbar_init(full + s, 1);
+            hn_mbar_init(empty + s, CONSUMERS);
+        }
+        hn_fence_mbar_init();
+    }
+    __syncthreads();
+    if (tid >= CONSUMERS) {
+        if (tid == CONSUMERS)
+            for (int t = 0, i = 0; t < count; ++t)
+                for (int kt = 0; kt < ktiles; ++kt, ++i) {
+                    const int s = i % STAGES;
+                    // (a fresh barrier passes parity 1)
+                    while (!hn_mbar_try_wait(empty + s, ((i / STAGES) & 1) ^ 1)) {}
+                    hn_mbar_arrive_tx(full + s, tx);
+                    copy(t, kt, s, full + s);
+                }
+        return;
+    }
     float acc[1][WN / 8][4];
     for (int t = 0; t < count; ++t) {
         hn_zero(acc);
         hn_ws_consume<STAGES, WN, MN>(full, t * ktiles, ktiles, a, ea, b, eb, kstep, acc[0], desc,
                                       [&](int stage) { hn_mbar_arrive(empty + stage); });
-        epi(t, acc);
-    }
-}
-
-// The K loop of the ping-pong TMA kernels (hn_convt_fwd's PERSIST 2): hn_tma_produce's producer, and two consumer
-// warpgroups that take the block's tiles in turn, warpgroup g tiles g, g + 2, ..., each a whole tile of MT row blocks
-// of 64 x WN (acc float[MT][WN / 8][4], zeroed for each tile; A's row block r am elements after a), so that one's
-// epilogue (epi(t, acc)) runs while the other multiplies. A stage holds one tile's K tile, so its "empty" mbarrier
-// waits for one warpgroup (128 threads). The K tiles' sequence is the producer's (warpgroup g's are i = t ktiles + kt
-// of its tiles t), and the warpgroups multiply in that order: two more mbarriers after the stages' (`bars`: 16
-// STAGES + 16 bytes), order[g] (count 128) completing a phase each time warpgroup g has multiplied a tile, and a
-// warpgroup starts tile t > 0 once the other's phase for tile t - 1 has completed. So a warpgroup waiting on a
-// stage's "full" phase (or on order[]) is never a whole phase behind it, as try_wait.parity needs.
-template <int STAGES, int MT, int WN, class Copy, class Desc, class Epi>
-__device__ __forceinline__ void hn_tma_pingpong(unsigned char* bars, int count, int ktiles, unsigned tx,
-                                                const Copy& copy, const unsigned short* a, int ea, int am,
-                                                const unsigned short* b, int eb, int kstep, const Desc& desc,
-                                                const Epi& epi) {
-    unsigned long long* full = reinterpret_cast<unsigned long long*>(bars);
-    unsigned long long* empty = full + STAGES;
-    unsigned long long* order = empty + STAGES;
-    if (threadIdx.x == 0) {                      // (made visible with hn_tma_produce's, by the same thread)
-        hn_mbar_init(order, 128);
-        hn_mbar_init(order + 1, 128);
-    }
-    if (!hn_tma_produce<STAGES>(full, 256, 128, count, ktiles, tx, copy)) return;
-    const int g = threadIdx.x / 128;
-    float acc[MT][WN / 8][4];
-    for (int t = g, j = 0; t < count; t += 2, ++j) {
-        // tile t - 1: the other warpgroup's (j + g)-th, order[1 - g]'s phase j + g - 1
-        if (t > 0)
-            while (!hn_mbar_try_wait(order + 1 - g, (j + g - 1) & 1)) {}
-        hn_zero(acc);
-        hn_ws_consume_rows<STAGES, MT, WN, 0>(full, t * ktiles, ktiles, a, ea, am, b, eb, kstep, acc, desc,
-                                              [&](int stage) { hn_mbar_arrive(empty + stage); });
-        hn_mbar_arrive(order + g);
         epi(t, acc);
     }
 }
@@ -1839,9 +1782,7 @@ __device__ __forceinline__ double hn_bf16_value(unsigned bits) { return __uint_a
 // The pooled forward's epilogue through shared memory (hn_convt_fwd's EPI 4 where the pooled planes are whole
 // multiples of 16 outputs and y is 16-byte aligned): the block's columns are whole pairs of rows, so its windows are
 // the BN / 4 consecutive pooled outputs from n0 / 4 on, and window (row pair k, column q / 2) is the tile's pooled
-// column k Q + q / 2. Its CONSUMERS threads (tid: the thread's index among them) meet at named barrier `bar` (1 for
-// every consumer of a block; a ping-pong warpgroup's own). Once every one's wgmma has retired and the tile is free,
-// each thread pools its windows in registers (as
+// column k Q + q / 2. Once every warpgroup's wgmma has retired, each thread pools its windows in registers (as
 // hn_convt_pool_epilogue) and writes each maximum (float32) and position (a word) to the block's two BM x BN / 4 tiles
 // at `tile` (rows BN / 4 + 4 words apart: a warp's 8 rows x 4 windows in distinct banks); after a second barrier,
 // consecutive threads store a row's 16-byte chunks: 8 bf16 or 4 float32 maxima, 16 position bytes (never across an
@@ -1849,14 +1790,13 @@ __device__ __forceinline__ double hn_bf16_value(unsigned bits) { return __uint_a
 // statistics (hn_add_row_sums), and their count (hn_sums_count).
 template <int D, bool B16, int BM, int BN, int CONSUMERS, int NT>
 __device__ __forceinline__ void hn_convt_pool_staged(const HnBlock& b, float (&acc)[1][NT][4], int M, const HnConv& cv,
-                                                     int wm, int wn, int lane, int tid, int bar, float* tile,
-                                                     double* sums) {
+                                                     int wm, int wn, int lane, float* tile, double* sums) {
     constexpr int QU = 8 * D, PW = BN / 4, LD = PW + 4, VY = B16 ? 8 : 4;
     static_assert(NT % (2 * D) == 0 && PW % 16 == 0, "whole pairs of rows, whole chunks of positions");
     float* ty = tile;
     float* targ = tile + BM * LD;
-    const int g = lane >> 2, t = lane & 3;
-    hn_bar_sync(bar, CONSUMERS);                 // every warpgroup done reading the stages (or the tile)
+    const int g = lane >> 2, t = lane & 3, tid = threadIdx.x;
+    hn_bar_sync(1, CONSUMERS);                   // every warpgroup done reading the stages
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
         const int r = wm + g + 8 * h;
@@ -1872,7 +1812,7 @@ __device__ __forceinline__ void hn_convt_pool_staged(const HnBlock& b, float (&a
             hn_sts1(targ + r * LD + col, static_cast<unsigned>(bi));
         }
     }
-    hn_bar_sync(bar, CONSUMERS);
+    hn_bar_sync(1, CONSUMERS);
     const int first = b.n0 / 4;
     unsigned char* arg = reinterpret_cast<unsigned char*>(b.C) + static_cast<long long>(cv.pooled) * M * (B16 ? 2 : 4);
     auto offset = [&](int r, int c, long long& o) {        // the output of tile row r, pooled column c (if any)
@@ -1926,8 +1866,7 @@ __device__ __forceinline__ void hn_convt_pool_staged(const HnBlock& b, float (&a
 // The forward's and data gradient's epilogue through shared memory (hn_convt_fwd's EPI 1 and 2 where the output's
 // planes are whole multiples of 8 pixels, C is 16-byte aligned and there is no mask): the NCHW output's row m holds a
 // tile row's pixels of one image contiguously, where a fragment's stores cover 8 rows x 16 or 32 bytes (half a 32-byte
-// sector each in bf16). Its CONSUMERS threads (tid: the thread's index among them) meet at named barrier `bar`
-// (hn_convt_pool_staged's). Once every one's wgmma has retired and the tile is free, each
+// sector each in bf16). Once every consumer's wgmma has retired (named barrier 1: the producer warp has left), each
 // finishes its values (MODE 1: + bias, then the activation) and writes them to the block's BM x BN tile at `tile`
 // (bf16 or float32 pairs; rows BN + 8 elements apart, so that the 8 rows x 4 pairs a warp (bf16) or half-warp
 // (float32) stores fall in distinct banks); after a second barrier, consecutive threads take consecutive 16-byte
@@ -1936,14 +1875,14 @@ __device__ __forceinline__ void hn_convt_pool_staged(const HnBlock& b, float (&a
 // (hn_add_row_sums), and their count N (hn_sums_count).
 template <int MODE, typename T, int BM, int BN, int CONSUMERS, int NT>
 __device__ __forceinline__ void hn_conv_staged_epilogue(const HnBlock& b, float (&acc)[1][NT][4], int M, int N,
-                                                        const HnConv& cv, int wm, int wn, int lane, int tid, int bar,
-                                                        T* tile, double* sums = nullptr) {
+                                                        const HnConv& cv, int wm, int wn, int lane, T* tile,
+                                                        double* sums = nullptr) {
     constexpr bool B16 = sizeof(T) == 2;
     constexpr int LD = BN + 8, VEC = 16 / sizeof(T), CPR = BN / VEC;
     static_assert(BM * CPR % CONSUMERS == 0 && (CPR % 32 == 0 || 32 % CPR == 0),
                   "every consumer thread the same number of chunks, a row's chunks whole warps or within one");
-    const int g = lane >> 2, t = lane & 3;
-    hn_bar_sync(bar, CONSUMERS);                 // every warpgroup done reading the stages (or the tile)
+    const int g = lane >> 2, t = lane & 3, tid = threadIdx.x;
+    hn_bar_sync(1, CONSUMERS);                   // every warpgroup done reading the stages
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
         const int r = wm + g + 8 * h;
@@ -1962,7 +1901,7 @@ __device__ __forceinline__ void hn_conv_staged_epilogue(const HnBlock& b, float 
                 hn_sts2(at, hn_bits(x), hn_bits(y));
         }
     }
-    hn_bar_sync(bar, CONSUMERS);
+    hn_bar_sync(1, CONSUMERS);
     T* out = reinterpret_cast<T*>(b.C);
     for (int i = tid; i < BM * CPR; i += CONSUMERS) {
         const int r = i / CPR, c = (i - r * CPR) * VEC, m = b.m0 + r, n = b.n0 + c;
@@ -1994,16 +1933,15 @@ __device__ __forceinline__ void hn_conv_staged_epilogue(const HnBlock& b, float 
 // hn_convt_pool_epilogue.
 template <int D, int BM, int BN, int CONSUMERS, int NT>
 __device__ __forceinline__ void hn_convt_pool_epilogue_of(const HnBlock& b, float (&acc)[1][NT][4], int M, int N,
-                                                          const HnConv& cv, int wm, int wn, int lane, int tid,
-                                                          int bar, unsigned short* stages, const float* y,
-                                                          double* sums) {
+                                                          const HnConv& cv, int wm, int wn, int lane,
+                                                          unsigned short* stages, const float* y, double* sums) {
     if (cv.out_plane.d % 16 || (reinterpret_cast<unsigned long long>(y) & 15))
         hn_convt_pool_epilogue<D, NT>(b, acc, M, N, cv, wm, wn, lane);
     else if (cv.out16)
-        hn_convt_pool_staged<D, true, BM, BN, CONSUMERS>(b, acc, M, cv, wm, wn, lane, tid, bar,
-                                                         reinterpret_cast<float*>(stages), sums);
+        hn_convt_pool_staged<D, true, BM, BN, CONSUMERS>(b, acc, M, cv, wm, wn, lane, reinterpret_cast<float*>(stages),
+                                                         sums);
     else
-        hn_convt_pool_staged<D, false, BM, BN, CONSUMERS>(b, acc, M, cv, wm, wn, lane, tid, bar,
+        hn_convt_pool_staged<D, false, BM, BN, CONSUMERS>(b, acc, M, cv, wm, wn, lane,
                                                           reinterpret_cast<float*>(stages), nullptr);
 }
 
@@ -2013,40 +1951,26 @@ __device__ __forceinline__ void hn_convt_pool_epilogue_of(const HnBlock& b, floa
 // gathered [N = n P Q][K] (bmap: im2col boxes of BN pixels x 64 channels, element strides {1, stride, stride, 1},
 // corners {-pad, -pad} and {pad - (S-1), pad - (R-1)}), both K-major in K tiles of 64 bf16 -- one tap r, s and
 // channels c0 .. c0 + 63 (C a multiple of 64) -- stored with the 128-byte swizzle (HnSwizzle128: TMA's
-// CU_TENSOR_MAP_SWIZZLE_128B on 1024-byte aligned tiles). Shared memory: 2 STAGES mbarriers, then the stages (A tiles,
-// then B tiles) aligned to 1024 bytes, each one BM x BN tile's K tile (ping-pong: 2 more mbarriers before the
-// alignment). One producer warp (hn_tma_produce).
-// - PERSIST 0: a block computes the BM x BN tile at (blockIdx.y, blockIdx.x), WGM x WGN consumer warpgroups of 64 x
-//   WN as hn_convw_fwd's (hn_tma_loop).
-// - PERSIST 1 (persistent): as 0, but a block takes the tiles blockIdx.x, blockIdx.x + gridDim.x, ... of the
-//   (M / BM) x (N / BN) in order (M fastest: blocks side by side read the same pixels), its producer loading the next
-//   tile while the consumers store the last, and the staged epilogue in its own tile after the stages (the larger of
-//   hn_conv_staged_epilogue's bf16 BM x (BN + 8) and hn_convt_pool_staged's two float32 BM x (BN / 4 + 4):
-//   mma_tiles.TmaTile.staged_tile_bytes; bf16 outputs only).
-// - PERSIST 2 (ping-pong): the tiles of 1, but each of the two consumer warpgroups (WGM 2, WGN 1) takes a whole 128 x
-//   WN tile in turn (hn_tma_pingpong), so that one's epilogue runs while the other multiplies. Its epilogue takes the
-//   tile's two row blocks of 64 one after the other, with the warpgroup's own named barrier (1 + warpgroup) and half
-//   of 1's staged tile.
+// CU_TENSOR_MAP_SWIZZLE_128B on 1024-byte aligned tiles). WGM x WGN consumer warpgroups of 64 x WN as
+// hn_convw_fwd's, one producer warp (hn_tma_loop). Shared memory: 2 STAGES mbarriers, then the stages (A tiles,
+// then B tiles) aligned to 1024 bytes. A block computes the BM x BN tile at (blockIdx.y, blockIdx.x); PERSIST, the
+// tiles blockIdx.x, blockIdx.x + gridDim.x, ... of the (M / BM) x (N / BN) in order (M fastest: blocks side by side
+// read the same pixels), its producer loading the next tile while the consumers store the last, and the staged
+// epilogue in its own tile after the stages (the larger of hn_conv_staged_epilogue's bf16 BM x (BN + 8) and
+// hn_convt_pool_staged's two float32 BM x (BN / 4 + 4): mma_tiles.TmaTile.staged_tile_bytes; bf16 outputs only).
 // sums (null: none): the batch-norm statistics of the forward's or pooled forward's bf16 output, added by the staged
 // epilogues (hn_add_row_sums); the host passes them only where those run (mma.py: epilogue_sums_fit).
-template <int EPI, int WGM, int WGN, int WN, int STAGES, int PERSIST>
+template <int EPI, int WGM, int WGN, int WN, int STAGES, bool PERSIST>
 __device__ __forceinline__ void hn_convt_fwd(unsigned char* smem, const HnTensorMap& amap, const HnTensorMap& bmap,
                                              float* y, int M, int N, int K, const HnConv& cv, double* sums) {
     using T = unsigned short;
-    constexpr bool PP = PERSIST == 2;
     constexpr int CONSUMERS = 128 * WGM * WGN, BM = 64 * WGM, BN = WN * WGN, BK = 64, EA = BM * BK, EB = BN * BK;
     static_assert(STAGES >= 2 && BN <= 256 && BM <= 256, "a box holds at most 256 rows");
     static_assert(PERSIST || BM * (BN + 8) * 4 <= STAGES * (EA + EB) * 2,
                   "the staged epilogue's tile fits in the stages");
-    static_assert(!PP || (WGM == 2 && WGN == 1 && WN <= 128), "ping-pong: two warpgroups, each a whole 128 x WN tile");
-    // the epilogue's rows and threads: the tile's and every consumer's, or (ping-pong) 64 rows and one warpgroup's
-    constexpr int EBM = PP ? 64 : BM, ECONS = PP ? 128 : CONSUMERS;
-    constexpr int UNIT = EBM * (BN + 8) * 2 > 8 * EBM * (BN / 4 + 4) ? EBM * (BN + 8) * 2 : 8 * EBM * (BN / 4 + 4);
-    const int tid = threadIdx.x;
-    T* sa = reinterpret_cast<T*>(hn_smem_align1024(smem + 16 * STAGES + (PP ? 16 : 0)));   // STAGES x EA
+    T* sa = reinterpret_cast<T*>(hn_smem_align1024(smem + 16 * STAGES));   // STAGES x EA
     T* sb = sa + STAGES * EA;                                                // STAGES x EB
-    // (PERSIST: after the stages; ping-pong: a warpgroup's UNIT bytes of them)
-    T* staged = PERSIST ? sb + STAGES * EB + (PP ? tid / 128 * (UNIT / 2) : 0) : sa;
+    T* staged = PERSIST ? sb + STAGES * EB : sa;                             // (PERSIST: after the stages)
     const int mtiles = (M + BM - 1) / BM, tiles = mtiles * ((N + BN - 1) / BN);
     const int count = PERSIST ? (tiles - static_cast<int>(blockIdx.x) + gridDim.x - 1) / gridDim.x : 1;
     auto block_of = [&](int t) {                 // the HnBlock of the block's t-th tile
@@ -2058,7 +1982,7 @@ __device__ __forceinline__ void hn_convt_fwd(unsigned char* smem, const HnTensor
         }
         return blk;
     };
-    const int gm = tid / 128 / WGN, gn = tid / 128 % WGN;
+    const int tid = threadIdx.x, gm = tid / 128 / WGN, gn = tid / 128 % WGN;
     const int P = EPI == 4 ? 2 * cv.p : cv.p, Q = EPI == 4 ? 2 * cv.q : cv.q;
     auto copy = [&](int t, int kt, int s, void* bar) {
         // the tile's first output pixel: its image and input corner (over the convolution's output P x Q)
@@ -2069,53 +1993,31 @@ __device__ __forceinline__ void hn_convt_fwd(unsigned char* smem, const HnTensor
         hn_tma_tile2d(sa + s * EA, amap, k0, blk.m0, bar);
         hn_tma_im2col4d(sb + s * EB, bmap, k0 - rs * cv.c, w0, h0, img, rs - r * cv.s, r, bar);
     };
-    const int lane = tid & 31;
-    // the epilogue of EBM rows of blk from acc (the warp's rows from wm, columns from wn), by ECONS threads (tid
-    // among them etid, named barrier bar)
-    auto epilogue = [&](const HnBlock& blk, float(&acc)[1][WN / 8][4], int wm, int wn, int etid, int bar) {
+    const int wm = 64 * gm + 16 * ((tid >> 5) & 3), wn = WN * gn, lane = tid & 31;
+    auto epilogue = [&](int t, float(&acc)[1][WN / 8][4]) {
+        const HnBlock blk = block_of(t);
         if constexpr (EPI == 4) {
             if (Q == 8)
-                hn_convt_pool_epilogue_of<1, EBM, BN, ECONS>(blk, acc, M, N, cv, wm, wn, lane, etid, bar, staged, y,
-                                                            sums);
+                hn_convt_pool_epilogue_of<1, BM, BN, CONSUMERS>(blk, acc, M, N, cv, wm, wn, lane, staged, y, sums);
             else if (Q == 16)
-                hn_convt_pool_epilogue_of<2, EBM, BN, ECONS>(blk, acc, M, N, cv, wm, wn, lane, etid, bar, staged, y,
-                                                            sums);
+                hn_convt_pool_epilogue_of<2, BM, BN, CONSUMERS>(blk, acc, M, N, cv, wm, wn, lane, staged, y, sums);
             else
-                hn_convt_pool_epilogue_of<4, EBM, BN, ECONS>(blk, acc, M, N, cv, wm, wn, lane, etid, bar, staged, y,
-                                                            sums);
+                hn_convt_pool_epilogue_of<4, BM, BN, CONSUMERS>(blk, acc, M, N, cv, wm, wn, lane, staged, y, sums);
         } else if (cv.out_plane.d % 8 == 0 && (reinterpret_cast<unsigned long long>(y) & 15) == 0 &&
                    (EPI == 1 || !cv.aux) && (cv.out16 || !PERSIST)) {
             if (cv.out16)
-                hn_conv_staged_epilogue<EPI, T, EBM, BN, ECONS, WN / 8>(blk, acc, M, N, cv, wm, wn, lane, etid, bar,
-                                                                         staged, EPI == 1 ? sums : nullptr);
+                hn_conv_staged_epilogue<EPI, T, BM, BN, CONSUMERS, WN / 8>(blk, acc, M, N, cv, wm, wn, lane, staged,
+                                                                            EPI == 1 ? sums : nullptr);
             else if constexpr (!PERSIST)
-                hn_conv_staged_epilogue<EPI, float, EBM, BN, ECONS, WN / 8>(blk, acc, M, N, cv, wm, wn, lane, etid,
-                                                                             bar, reinterpret_cast<float*>(staged));
+                hn_conv_staged_epilogue<EPI, float, BM, BN, CONSUMERS, WN / 8>(blk, acc, M, N, cv, wm, wn, lane,
+                                                                                reinterpret_cast<float*>(staged));
         } else {
             hn_conv_epilogue<EPI, 1, WN / 8>(blk, acc, M, N, cv, wm, wn, lane);
         }
     };
-    const auto desc = [](const T* p) { return hn_wgmma_desc(p); };
-    if constexpr (PP) {
-        hn_tma_pingpong<STAGES, 2, WN>(smem, count, K / BK, 2u * (EA + EB), copy, sa, EA, 64 * BK, sb, EB, 16, desc,
-                                       [&](int t, float(&acc)[2][WN / 8][4]) {
-#pragma unroll
-                                           for (int h = 0; h < 2; ++h) {        // the tile's two row blocks of 64
-                                               HnBlock blk = block_of(t);
-                                               blk.m0 += 64 * h;
-                                               if (blk.m0 < M)
-                                                   epilogue(blk, reinterpret_cast<float(&)[1][WN / 8][4]>(acc[h]),
-                                                            16 * ((tid >> 5) & 3), 0, tid & 127, 1 + tid / 128);
-                                           }
-                                       });
-    } else {
-        const int wm = 64 * gm + 16 * ((tid >> 5) & 3), wn = WN * gn;
-        hn_tma_loop<STAGES, CONSUMERS, WN, 0>(smem, count, K / BK, 2u * (EA + EB), copy, sa + gm * 64 * BK, EA,
-                                              sb + gn * WN * BK, EB, 16, desc,
-                                              [&](int t, float(&acc)[1][WN / 8][4]) {
-                                                  epilogue(block_of(t), acc, wm, wn, tid, 1);
-                                              });
-    }
+    hn_tma_loop<STAGES, CONSUMERS, WN, 0>(smem, count, K / BK, 2u * (EA + EB), copy, sa + gm * 64 * BK, EA,
+                                          sb + gn * WN * BK, EB, 16, [](const T* p) { return hn_wgmma_desc(p); },
+                                          epilogue);
 }
 
 // The filter gradient's B boxes of the K tile from pixel k0 (hn_convt_filter): BN / 64 im2col boxes of x (bmap: 64
@@ -2169,9 +2071,9 @@ __device__ __forceinline__ void hn_convt_filter(unsigned char* smem, const HnTen
 // HN_CONV16T(hn_conv16_fwd_w128x256s4t, 1, 2, 1, 256, 4, 1, 0): HN_CONV16W's forward (EPI 1), data gradient (EPI 2),
 // filter gradient (EPI 3) or pooled forward (EPI 4, its N the convolution's output pixels in rows), its arguments
 // followed by sums (hn_convt_fwd's; null for the gradients) and the two tensor maps (the weights' and the input's for
-// EPI 1, 2 and 4, dy's and x's for EPI 3), on hn_convt_fwd (PERSIST 1: persistent, 2: ping-pong) or hn_convt_filter:
-// WGM x WGN consumer warpgroups and a producer warp, 128 WGM WGN + 32 threads, MINB blocks an SM; shared memory
-// HN_CONV16W's, 16 ST bytes of mbarriers and, PERSIST, the staged epilogue's tile (mma_tiles.TmaTile.staged_tile_bytes).
+// EPI 1, 2 and 4, dy's and x's for EPI 3), on hn_convt_fwd (PERSIST 1: persistent) or hn_convt_filter: WGM x WGN
+// consumer warpgroups and a producer warp, 128 WGM WGN + 32 threads, MINB blocks an SM; shared memory HN_CONV16W's,
+// 16 ST bytes of mbarriers and, PERSIST, the staged epilogue's tile (mma_tiles.TmaTile.staged_tile_bytes).
 #define HN_CONV16T(name, EPI, WGM, WGN, WN, ST, MINB, PERSIST)                                                    \
     extern "C" __global__ void __launch_bounds__(128 * WGM * WGN + 32, MINB) name(                              \
         const unsigned short* __restrict__ B, const unsigned short* __restrict__ Wt, const float* __restrict__ AUX,  \

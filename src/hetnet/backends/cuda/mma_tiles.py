@@ -268,20 +268,17 @@ class TmaTile(Tc16Tile):
     (tma_fits): one im2col box is one tap's 64 channels; the pooled forward also where tma_pool_fits. A persistent
     one ("tp"; the forwards and the data gradient) runs at most min_blocks blocks an SM, each taking tiles in turn,
     its producer loading the next tile while the consumers write the last one's epilogue from a tile of its own after
-    the stages (staged_tile_bytes). A ping-pong one ("tpp", persistent too) has its two warpgroups take whole 128 x
-    bn tiles in turn, each writing its epilogue from its half of that tile while the other multiplies."""
+    the stages (staged_tile_bytes)."""
 
     persistent: bool = False
-    pingpong: bool = False
 
     def __post_init__(self):
         super().__post_init__()
         assert self.wgmma and self.precision == "bf16" and self.bn <= 256 and self.wn % 64 == 0, self
-        assert not self.pingpong or (self.persistent and self.bm == 128 and self.wn == self.bn <= 128), self
 
     @property
     def name(self) -> str:
-        return super().name + "t" + ("p" if self.persistent else "") + ("p" if self.pingpong else "")
+        return super().name + "t" + ("p" if self.persistent else "")
 
     @property
     def threads(self) -> int:
@@ -296,24 +293,19 @@ class TmaTile(Tc16Tile):
 
     @property
     def smem_bytes(self) -> int:
-        # (ping-pong: two more mbarriers, hn_tma_pingpong's order[2])
-        return super().smem_bytes + 16 * self.stages + 16 * self.pingpong + self.staged_tile_bytes
+        return super().smem_bytes + 16 * self.stages + self.staged_tile_bytes
 
     def instantiation(self, op: str) -> str:
         """mma.cu's line that defines conv_kernel(op)."""
         assert op in TMA_OPS and not (self.persistent and op == "filter"), (self, op)
-        persist = 2 if self.pingpong else int(self.persistent)
         return (f"HN_CONV16T({self.conv_kernel(op)}, {CONV16_OPS[op]}, {self.bm // 64}, {self.bn // self.wn}, "
-                f"{self.wn}, {self.stages}, {self.min_blocks}, {persist})")
+                f"{self.wn}, {self.stages}, {self.min_blocks}, {int(self.persistent)})")
 
 
-def tma_tile(bm: int, bn: int, stages: int, min_blocks: int = 1, persistent: bool = False,
-             pingpong: bool = False) -> TmaTile:
+def tma_tile(bm: int, bn: int, stages: int, min_blocks: int = 1, persistent: bool = False) -> TmaTile:
     """A TMA-fed bf16 tile of (bm / 64) warpgroups of 64 x bn, K tiles of 64, min_blocks blocks an SM; persistent:
-    at most min_blocks blocks an SM, each looping over tiles; pingpong (persistent, bm 128): its two warpgroups
-    taking whole 128 x bn tiles in turn, one's epilogue while the other multiplies."""
-    return TmaTile(bm, bn, 64, 64, bn, stages, min_blocks, wgmma=True, persistent=persistent or pingpong,
-                   pingpong=pingpong)
+    at most min_blocks blocks an SM, each looping over tiles."""
+    return TmaTile(bm, bn, 64, 64, bn, stages, min_blocks, wgmma=True, persistent=persistent)
 
 
 TMA_OPS = ("fwd", "data", "filter", "pool")
@@ -335,11 +327,9 @@ def tma_pool_fits(tile: TmaTile, p: int, q: int) -> bool:
 # The TMA-fed tiles (mma.plan_conv16 and the others take them by name or as tiles; conv.py measures them at bf16
 # where tma_fits: benchmarks/kernels/NOTES.md, "The bf16 convolutions fed by TMA" and the sections after it). The
 # two-blocks-an-SM ones are there so that one block's epilogue can overlap the other's K loop; the persistent ones
-# so that a block's epilogue overlaps its own next tile's loads; the ping-pong one so that it overlaps the other
-# warpgroup's products too.
+# so that a block's epilogue overlaps its own next tile's loads.
 TILES16T = {"fwd": (tma_tile(128, 256, 4), tma_tile(128, 128, 6), tma_tile(64, 256, 5), tma_tile(128, 128, 3, 2),
-                    tma_tile(64, 128, 4, 2), tma_tile(128, 256, 3, persistent=True),
-                    tma_tile(128, 128, 5, pingpong=True)),
+                    tma_tile(64, 128, 4, 2), tma_tile(128, 256, 3, persistent=True)),
             "filter": (tma_tile(128, 256, 4), tma_tile(128, 128, 6), tma_tile(128, 128, 3, 2))}
 TILES16T["data"] = TILES16T["pool"] = TILES16T["fwd"]      # (the forward's kernel body)
 
