@@ -175,7 +175,7 @@ def _kernels_text() -> str:
     parts = [line for line in common.splitlines() if line.startswith(("#define HN_RELU", "#define HN_GELU",
                                                                        "#define HN_INV_SQRT"))]
     parts += [line for line in norm.splitlines() if line.startswith("#define HN_NHWC16_TILES")]
-    parts += [line for line in conv.splitlines() if line.startswith(("#define HN_WC_UNIT", "#define HN_WC_SMEM"))]
+    parts += [line for line in conv.splitlines() if line.startswith("#define HN_WC_CHUNK")]
     i = common.index("#define HN_GRID_STRIDE(i, n)")
     parts.append(common[i:common.index("\n\n", i) + 1])
     for start in ("template <typename I>\nstruct HnPlaneWalk {", "struct HnTilePixel {"):
@@ -217,7 +217,7 @@ def _kernels_text() -> str:
                         (conv, 'extern "C" __global__ void weight_copies16('),
                         (conv, 'extern "C" __global__ void weight_copies32('),
                         (conv, 'extern "C" __global__ void weight_copies32x3('),
-                        (conv, 'extern "C" __global__ void __launch_bounds__(256) add_from_nhwc('),
+                        (conv, 'extern "C" __global__ void add_from_nhwc('),
                         (conv, 'extern "C" __global__ void relu_mask_inplace('),
                         (norm, "__device__ __forceinline__ float hn_bn_z("),
                         (norm, "__device__ __forceinline__ float hn_bn_value("),

@@ -1178,26 +1178,24 @@ extern "C" __global__ void turn_weights32x3(const float* __restrict__ w, float* 
 // its turned copy [C][RS][O] (row[2], turn_weights'), 0 for a copy not wanted, then O, C, RS and Cp. Grid (any,
 // rows), 256 threads: blockIdx.y the weight, the x blocks striding over its units of work, each a transpose through
 // shared memory so that both the reads of w and the writes of the copies are contiguous across a warp:
-// - channels-last: a unit is max(1, HN_WC_UNIT / RS) channels c0.. of one o (RS <= HN_WC_SMEM: mma.StepCopies copies
-//   larger filters on their own): w[o][c0..][0..RS) is contiguous (read into s),
+// - channels-last: a unit is HN_WC_CHUNK / RS channels c0.. of one o (RS <= HN_WC_CHUNK: mma.StepCopies copies larger
+//   filters where they are asked for): w[o][c0..][0..RS) is contiguous (read into s),
 //   fwd[o][rs][c0..] is contiguous for each rs (written from s[c RS + rs], RS apart: no bank conflicts for odd RS);
 // - turned: w as [O][C RS] and turned as [C RS][O], a unit a 32 x 32 tile of (k = c RS + rs, o): read along k (the
 //   column c RS + RS - 1 - rs, a permutation within each channel's RS), written along o.
 // put(y, e, v) stores element e of a copy as to_nhwc<s> / turn_weights<s> store it, so the copies are those kernels'
 // bit for bit.
-// A unit of about one float a thread: enough blocks to keep the loads in flight (mma.WC_UNIT, add_from_nhwc's too).
-#define HN_WC_UNIT 288
-#define HN_WC_SMEM 4096       // the floats of s: RS at most this, and the 32 x 33 tiles (mma.WC_SMEM)
+#define HN_WC_CHUNK 4096      // the floats of w a channels-last unit reads at most (mma.WC_CHUNK)
 template <class Put>
 __device__ __forceinline__ void hn_weight_copies(const long long* __restrict__ table, Put put) {
-    __shared__ float s[HN_WC_SMEM];
+    __shared__ float s[HN_WC_CHUNK];
     float (*tile)[33] = reinterpret_cast<float (*)[33]>(s);          // the turned copy's 32 x 32 tiles (+1: banks)
     const long long* row = table + 8 * blockIdx.y;
     const float* __restrict__ w = reinterpret_cast<const float*>(row[0]);
     void* fwd = reinterpret_cast<void*>(row[1]);
     void* turned = reinterpret_cast<void*>(row[2]);
     const int O = (int)row[3], C = (int)row[4], RS = (int)row[5], Cp = (int)row[6];
-    const int ch = max(1, HN_WC_UNIT / RS), chunks = (Cp + ch - 1) / ch;    // channels a unit, units an o
+    const int ch = max(1, HN_WC_CHUNK / RS), chunks = (Cp + ch - 1) / ch;   // channels a unit, units an o
     const int KT = (C * RS + 31) / 32, OT = (O + 31) / 32;                  // the turned copy's tiles
     const long long nf = fwd ? (long long)O * chunks : 0, n = nf + (turned ? (long long)KT * OT : 0);
     const int tx = threadIdx.x & 31, ty = threadIdx.x >> 5;
@@ -1251,25 +1249,11 @@ extern "C" __global__ void weight_copies32x3(const long long* __restrict__ table
 }
 
 // dw[o][c][rs] += t[o][rs][c]: a filter gradient computed channels-last over Cp >= C channels (those of a padded
-// copy of x, to_nhwc16), added into the weights' layout; the channels-last copy of hn_weight_copies backwards. A
-// unit of work (a block's) is max(1, HN_WC_UNIT / RS) channels c0.. of one o (RS <= HN_WC_SMEM: mma.conv16_filter
-// adds larger filters otherwise): t[o][rs][c0..] read contiguously for each rs
-// into s[c RS + rs] (RS apart: no bank conflicts for odd RS), then dw[o][c0..][0..RS), contiguous, added from s.
-// Grid: any (mma.conv16_filter: min(its units, 8 SMs)), 256 threads.
-extern "C" __global__ void __launch_bounds__(256) add_from_nhwc(float* __restrict__ dw, const float* __restrict__ t,
-                                                                int O, int C, int RS, int Cp) {
-    __shared__ float s[HN_WC_SMEM];
-    const int ch = max(1, HN_WC_UNIT / RS), chunks = (C + ch - 1) / ch;
-    for (long long u = blockIdx.x; u < (long long)O * chunks; u += gridDim.x) {    // the same trip count: barriers
-        const int o = (int)(u / chunks), c0 = (int)(u - (long long)o * chunks) * ch, cw = min(ch, C - c0);
-        for (int i = threadIdx.x; i < cw * RS; i += blockDim.x) {
-            const int rs = i / cw, c = i - rs * cw;
-            s[c * RS + rs] = t[((long long)o * RS + rs) * Cp + c0 + c];
-        }
-        __syncthreads();
-        float* d = dw + ((long long)o * C + c0) * RS;
-        for (int i = threadIdx.x; i < cw * RS; i += blockDim.x)
-            d[i] += s[i];
-        __syncthreads();
+// copy of x, to_nhwc16), added into the weights' layout.
+extern "C" __global__ void add_from_nhwc(float* __restrict__ dw, const float* __restrict__ t, int O, int C, int RS,
+                                         int Cp) {
+    HN_GRID_STRIDE(e, (long long)O * C * RS) {
+        const int rs = (int)(e % RS), u = (int)(e / RS), c = u % C, o = u / C;
+        dw[e] += t[((long long)o * RS + rs) * Cp + c];
     }
 }

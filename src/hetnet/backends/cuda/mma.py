@@ -851,14 +851,13 @@ def weight_copy(be, w, turned: bool = False):
     return be.copy_scope.copy(be, w, turned)
 
 
-WC_UNIT = 288       # conv.cu's HN_WC_UNIT: about the floats of w a channels-last unit of weight_copies<s> reads
-WC_SMEM = 4096      # conv.cu's HN_WC_SMEM: the largest R S weight_copies<s> and add_from_nhwc take
+WC_CHUNK = 4096     # conv.cu's HN_WC_CHUNK: the floats of w a channels-last unit of weight_copies<s> reads at most
 
 
 def _copy_units(o: int, c: int, rs: int, cp: int, nhwc: bool, turned: bool) -> int:
     """The units of work (a block's each) of one weight's row of conv.cu's weight_copies<s> (hn_weight_copies): o
     times the chunks of its channels-last copy, the 32 x 32 tiles of its turned one."""
-    ch = max(1, WC_UNIT // rs)
+    ch = max(1, WC_CHUNK // rs)
     return (o * -(-cp // ch) if nhwc else 0) + (-(-c * rs // 32) * -(-o // 32) if turned else 0)
 
 
@@ -914,7 +913,7 @@ class StepCopies:
         key = (address(w), tuple(w.shape), bool(turned))
         if key in self.made:
             return self.entries[key][1]
-        if (key[0], w.size) not in self.params or w.shape[2] * w.shape[3] > WC_SMEM:
+        if (key[0], w.size) not in self.params or w.shape[2] * w.shape[3] > WC_CHUNK:
             # not a parameter (nor a view of one: Dense): this step's own; or a filter past the launch's
             return turn_weights(be, w) if turned else to_nhwc(be, w)
         with be.persistent():
@@ -964,9 +963,4 @@ def conv16_filter(be, dw, dy16, x16, stride: int, pad: int, tile: str | None = N
     cp = _nhwc_shape(x16)[3]
     part = be.xp.zeros((o, r, s, cp), dtype=np.float32)
     launch_conv(be, plan_conv16_filter(part, dy16, x16, stride, pad, be.sms, tile, splits))
-    if r * s > WC_SMEM:                                        # (past add_from_nhwc's shared memory)
-        dw += part[..., :c].transpose(0, 3, 1, 2)
-        return
-    units = _copy_units(o, c, r * s, c, True, False)           # add_from_nhwc's: the channels-last copy's, backwards
-    get_kernel(be.device_id, "conv", "add_from_nhwc")((max(1, min(units, 8 * be.sms)),), (256,),
-                                                      (dw, part, _i32(o), _i32(c), _i32(r * s), _i32(cp)))
+    be.launch("conv", "add_from_nhwc", dw.size, dw, part, _i32(o), _i32(c), _i32(r * s), _i32(cp))
