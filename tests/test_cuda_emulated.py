@@ -208,7 +208,8 @@ def test_weight_copies_in_one_launch_emulated(libs, rng, monkeypatch, precision)
     copies asked for in one scope are made on demand and remembered; the next scope makes them all in one launch, bit
     for bit to_nhwc's and turn_weights' (channels past C zero, any C, R, S, a weight with only one of its copies
     asked for; O past one 32 x 32 tile of the turned copy, C R S past one chunk of the channels-last one, a 17 x 17
-    filter), over copies overwritten with garbage in between. An array that is not a parameter is copied where asked, every time."""
+    filter), over copies overwritten with garbage in between. An array that is not a parameter is copied where asked,
+    every time."""
     from hetnet.backends.cuda import mma as M
 
     route_kernels(monkeypatch, libs)
