@@ -832,8 +832,11 @@ def test_training_with_hand_overs_equals_training_without(rng, monkeypatch, act)
     second and third convolutions' ops set as if measured on "tc16" candidates, with the batch norms handing their
     outputs over channels-last to them (the plan's feeds) and the second and third their gradients to the
     convolutions before them (grad_feeds), and without (takes_feeds off): from the same weights, the eager first
-    step and the captured second step give the same weights within RTOL_TC_ROUNDED, and the hand-overs happened in
-    both steps of the first model.
+    step and the captured second step give the same weight updates within RTOL_TC["bf16"], and the hand-overs
+    happened in both steps of the first model. The updates, not the weights: a batch norm's shift starts at zero, so
+    its weight is its update, a sum over the batch that nearly cancels (the next batch norm centres the gradient);
+    one bf16 operand rounded the other way (its float32 value computed in another order) moves such a sum by 3e-4
+    relative (one run in several on the H100), far past RTOL_TC_ROUNDED, while a wrong hand-over moves it by O(1).
     Each step starts both models from the same state: a trajectory cannot be compared, since the filter gradients'
     split-K atomics add in any order and a last-bit change of a convolution's output can move a max pool's argmax
     (bf16 inputs make ties common), which moves the gradients by far more than rounding from the next step on (two
@@ -862,13 +865,16 @@ def test_training_with_hand_overs_equals_training_without(rng, monkeypatch, act)
     with _measured_as(be, (16, 16, 12, 12, 16, 3, 3, 1, 1), measured):
         models, steps = _hand_over_models(be, layer)
         for i in range(2):                    # the eager step, then the captured one
-            models[True].load_state_dict(models[False].state_dict())
+            before = models[False].state_dict()
+            models[True].load_state_dict(before)
             for takes in (False, True):
                 monkeypatch.setattr(be, "takes_feeds", takes)
                 steps[takes].step(be.asarray(x[16 * i:16 * i + 16]), be.labels(y[16 * i:16 * i + 16]))
             want, got = models[False].state_dict(), models[True].state_dict()
             for k, v in want.items():
-                assert rel_err(got[k], v) <= RTOL_TC_ROUNDED, (i, k, rel_err(got[k], v))
+                if not k.endswith(("running_mean", "running_var", "num_batches_tracked")):
+                    err = rel_err(got[k] - before[k], v - before[k])
+                    assert err <= RTOL_TC["bf16"], (i, k, err)
     # per step three BN -> acts: the first two hand their output to a convolution, the last two (the backward
     # meets them first) their gradient to the convolution (-> pool) before them
     handed = {takes: [isinstance(o, C.Nhwc16) for t, o in outputs if t == takes] for takes in (False, True)}
