@@ -15,6 +15,9 @@ node's kernels run back to back), and an NVTX range "prof" around one step for N
 --torch: PyTorch's step of the same model instead (interop.to_torch of hetnet's, SGD with momentum, eager), as
 `hetnet bench` runs it at that precision (bf16: autocast + channels_last; tf32: the allow_tf32 switches;
 cudnn.benchmark on), one step in the profiler range after three: which cuDNN and cuBLAS kernels it runs.
+--torch-compile: the same with the model compiled as `hetnet bench --torch-compile` compiles it (bench.sides
+.TorchCompileStep: inductor's kernels and CUDA graphs; its autotuning runs under ncu too, so its choices may differ
+from an unprofiled run's).
 
 (--clock-control none: the card's own clocks; --cache-control none: the L2 as the step leaves it, where ncu would
 flush it before each kernel; the whitening layer of cifar-speed is filled from the random images.
@@ -40,8 +43,10 @@ def main(argv=None):
     ap.add_argument("--quiet", action="store_true", help="only the NVTX-marked step (for ncu)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--torch", action="store_true", help="PyTorch's step of the model instead, for ncu")
+    ap.add_argument("--torch-compile", action="store_true",
+                    help="with --torch: the step of torch.compile(mode='max-autotune')'s model (minutes to compile)")
     args = ap.parse_args(argv)
-    if args.torch:
+    if args.torch or args.torch_compile:
         return torch_step(args)
 
     import cupy
@@ -119,14 +124,15 @@ def main(argv=None):
 
 def torch_step(args) -> None:
     """One PyTorch training step of args.model in a profiler range, at the precision as `hetnet bench`'s torch side
-    runs it (hetnet.bench.sides), after three uncaptured ones (cuDNN's algorithm search)."""
+    runs it (hetnet.bench.sides), after three uncaptured ones (cuDNN's algorithm search); args.torch_compile: of
+    the compiled model."""
     import torch
     import torch.nn.functional as F
 
     import hetnet as hn
     from hetnet import interop
     from hetnet.bench.models import resolve_model
-    from hetnet.bench.sides import autocast_for, for_precision, torch_precision
+    from hetnet.bench.sides import TorchCompileStep, autocast_for, for_precision, torch_precision
 
     hn.seed(0)
     precision = args.precision or "fp32"
@@ -145,6 +151,8 @@ def torch_step(args) -> None:
         loss.backward()
         opt.step()
 
+    if args.torch_compile:                 # its three warm-up steps compile and autotune
+        step = TorchCompileStep(tmodel, opt, x, y, precision).step
     for _ in range(3):
         step()
     torch.cuda.synchronize()
