@@ -592,6 +592,36 @@ def test_ncu_table_sums_each_kernels_launches():
         ncu_table.kernel_times("no csv here")
 
 
+def test_ncu_pipe_table_reads_each_launch():
+    """ncu_table.py --pipe: ncu's plain metric output (after the program's own lines) to a row a launch in launch
+    order, n/a kept as n/a, the stall reasons largest first."""
+    ncu_table = _load(REPO / "benchmarks" / "kernels" / "ncu_table.py")
+    text = """==PROF== Connected to process 1
+[1] python3@127.0.0.1
+  hn_conv16_pool_w128x128s3b2 (8192, 1, 1)x(256, 1, 1), Context 1, Stream 13, Device 0, CC 9.0
+    Section: Command line profiler metrics
+    ------------------------------------------------------ ----------- ------------
+    gpu__time_duration.sum                                          us     1,472.29
+    lts__throughput.avg.pct_of_peak_sustained_elapsed                %        75.11
+    sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active  %  34.07
+    smsp__average_warps_issue_stalled_barrier_per_issue_active.ratio  inst   0.35
+    smsp__average_warps_issue_stalled_wait_per_issue_active.ratio   inst         1.77
+    smsp__average_warps_issue_stalled_drain_per_issue_active.ratio  inst            0
+  void sm90_xmma_fprop(int) (15, 8, 1)x(384, 1, 1), Context 1, Stream 7, Device 0, CC 9.0
+    gpu__time_duration.sum                                          us       251.42
+    sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active   (!) n/a
+"""
+    launches = ncu_table.pipe_launches(text)
+    assert [(r["kernel"], r["launch"]) for r in launches] == [
+        ("hn_conv16_pool_w128x128s3b2", "(8192, 1, 1)x(256, 1, 1)"), ("sm90_xmma_fprop", "(15, 8, 1)x(384, 1, 1)")]
+    assert launches[0]["metrics"]["gpu__time_duration.sum"] == 1472.29
+    assert launches[1]["metrics"]["sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active"] is None
+    rows = ncu_table.pipe_table(launches, "title").splitlines()
+    assert rows[0] == "title" and rows[4].startswith("| hn_conv16_pool_w128x128s3b2 | (8192, 1, 1)x(256, 1, 1) | 1472.3 |")
+    assert rows[4].endswith("| 34.1 | n/a | 75.1 | wait 1.77, barrier 0.35 |"), rows[4]
+    assert rows[5].split(" | ")[3] == "n/a"
+
+
 def test_gpu_check_calls_the_harness():
     text = (REPO / "scripts" / "gpu-check").read_text()
     assert "hetnet bench" in text and "--precision fp32,tf32,bf16" in text and "--loader-epochs" in text

@@ -6,6 +6,11 @@ gpu__time_duration, largest first, with its share of the step. Writes what the r
     ncu --profile-from-start off --metrics gpu__time_duration.sum --csv \\
         python benchmarks/kernels/profile_step.py --model cifar-wide --batch 1024 --precision bf16 --quiet > ncu.csv
     python benchmarks/kernels/ncu_table.py ncu.csv --title "H100, cifar-wide bf16 1024, <commit>" > ncu.txt
+
+--pipe: instead one line a launch from ncu's plain (not --csv) output of --metrics with the tensor pipe's active
+cycles (sm__pipe_tensor_op_hmma_cycles_active..., which counts wgmma's on sm_90: the gmma metric reads n/a there),
+SM and L2 throughput and the stall reasons (smsp__average_warps_issue_stalled_<reason>_per_issue_active.ratio):
+scripts/gpu-ab's NCU_PIPE runs, a markdown table.
 """
 from __future__ import annotations
 
@@ -48,13 +53,54 @@ def table(times: dict[str, tuple[int, float]], title: str = "") -> str:
     return "\n".join(lines)
 
 
+PIPE_METRICS = {"us": "gpu__time_duration.sum",
+                "tensor %": "sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active",
+                "SM %": "sm__throughput.avg.pct_of_peak_sustained_elapsed",
+                "L2 %": "lts__throughput.avg.pct_of_peak_sustained_elapsed"}
+STALL = re.compile(r"^smsp__average_warps_issue_stalled_(\w+)_per_issue_active\.ratio$")
+
+
+def pipe_launches(text: str) -> list[dict]:
+    """One dict a profiled launch of ncu's plain output: kernel (its name up to the first "(" or space), grid and
+    block ("(x, y, z)x(t, 1, 1)"), and each metric's value (a float, None where ncu says n/a), in launch order."""
+    launches, cur = [], None
+    for line in text.splitlines():
+        m = re.match(r"^  (?:void )?(\S+?)(?:\(.*?\))? (\(\d+, \d+, \d+\)x\(\d+, \d+, \d+\)), Context", line)
+        if m:
+            cur = {"kernel": m.group(1), "launch": m.group(2), "metrics": {}}
+            launches.append(cur)
+            continue
+        m = re.match(r"^\s{4}([a-z]\w*__[\w.]+)\s+(?:\S+\s+)?(\(!\) n/a|[\d.,]+)\s*$", line)
+        if cur is not None and m:
+            v = m.group(2)
+            cur["metrics"][m.group(1)] = None if "n/a" in v else float(v.replace(",", ""))
+    return launches
+
+
+def pipe_table(launches: list[dict], title: str = "", stalls: int = 5) -> str:
+    """Markdown: a launch a row, PIPE_METRICS' columns and its `stalls` largest stall reasons (warps stalled per
+    issued instruction)."""
+    lines = [title, ""] if title else []
+    lines += ["| kernel | launch | " + " | ".join(PIPE_METRICS) + " | largest stalls (warps per issue) |",
+              "|---|---|" + "---:|" * len(PIPE_METRICS) + "---|"]
+    for r in launches:
+        vals = [r["metrics"].get(k) for k in PIPE_METRICS.values()]
+        cells = ["n/a" if v is None else f"{v:.1f}" for v in vals]
+        st = sorted(((v, STALL.match(k).group(1)) for k, v in r["metrics"].items() if STALL.match(k) and v),
+                    reverse=True)[:stalls]
+        lines.append(f"| {r['kernel']} | {r['launch']} | " + " | ".join(cells) + " | "
+                     + ", ".join(f"{name} {v:.2f}" for v, name in st) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("csv", help="ncu --csv output (- for stdin)")
+    ap.add_argument("csv", help="ncu --csv output (- for stdin); with --pipe its plain output")
     ap.add_argument("--title", default="", help="the table's first line (card, model, batch, precision, commit)")
+    ap.add_argument("--pipe", action="store_true", help="a launch a row: tensor pipe, throughputs, stall reasons")
     args = ap.parse_args(argv)
     text = sys.stdin.read() if args.csv == "-" else open(args.csv, errors="replace").read()
-    print(table(kernel_times(text), args.title))
+    print(pipe_table(pipe_launches(text), args.title) if args.pipe else table(kernel_times(text), args.title))
     return 0
 
 
