@@ -622,6 +622,25 @@ def test_ncu_pipe_table_reads_each_launch():
     assert rows[5].split(" | ")[3] == "n/a"
 
 
+def test_ncu_source_table_sums_samples_by_opcode():
+    """ncu_table.py --source: ncu's per-instruction CSV (a block a profiled launch, a kernel's repeated block read
+    once) to each kernel's samples by opcode, predicates dropped, and its hottest instructions, largest first."""
+    ncu_table = _load(REPO / "benchmarks" / "kernels" / "ncu_table.py")
+    cols = '"Address","Source","Warp Stall Sampling (All Samples)","Instructions Executed","stall_long_sb",' \
+           '"stall_wait","stall_long_sb (Not Issued)"'
+    body = ['"0x10","      HGMMA.64x128x16.F32.BF16 R24, gdesc[UR20], R24","5","8","0","5","7"',
+            '"0x20","      @!P0  BRA 0x30","30","8","29","1","9"',
+            '"0x30","      BRA 0x10","2","1","0","2","0"']
+    block = '"Kernel Name","k1",\n' + cols + "\n" + "\n".join(body) + "\n"
+    kernels = ncu_table.source_kernels("==PROF== x\n" + block + block.replace("30", "99"))
+    assert list(kernels) == ["k1"] and len(kernels["k1"]) == 3
+    lines = ncu_table.source_table(kernels, "T").splitlines()
+    assert lines[2] == "## k1: 37 samples, 3 instructions"
+    assert lines[6] == "| BRA | 32 | 86.5 | long_sb 29, wait 3 |" and lines[7].startswith("| HGMMA | 5 |")
+    hot = [line for line in lines if line.startswith("| `")]
+    assert hot[0] == "| `@!P0  BRA 0x30` | 8 | 30 | 81.1 | long_sb 29, wait 1 |", hot
+
+
 def test_gpu_check_calls_the_harness():
     text = (REPO / "scripts" / "gpu-check").read_text()
     assert "hetnet bench" in text and "--precision fp32,tf32,bf16" in text and "--loader-epochs" in text

@@ -11,6 +11,10 @@ gpu__time_duration, largest first, with its share of the step. Writes what the r
 cycles (sm__pipe_tensor_op_hmma_cycles_active..., which counts wgmma's on sm_90: the gmma metric reads n/a there),
 SM and L2 throughput and the stall reasons (smsp__average_warps_issue_stalled_<reason>_per_issue_active.ratio):
 scripts/gpu-ab's NCU_PIPE runs, a markdown table.
+
+--source: where each kernel's warps are, from ncu's warp-state sampling per SASS instruction (--section
+SourceCounters --page source --print-source sass --csv): per kernel, the samples of each opcode (the mnemonic's
+first part) and the instructions holding the most, each with its largest stall reasons, as markdown.
 """
 from __future__ import annotations
 
@@ -93,14 +97,64 @@ def pipe_table(launches: list[dict], title: str = "", stalls: int = 5) -> str:
     return "\n".join(lines)
 
 
+def source_kernels(text: str) -> dict[str, list[dict]]:
+    """{kernel name: its SASS rows (ncu's CSV columns)} from ncu's --page source --csv output; ncu prints a
+    kernel's block once per profiled launch, and a name seen again keeps its first block."""
+    kernels = {}
+    for block in re.split(r'^"Kernel Name",', text, flags=re.M)[1:]:
+        head, _, body = block.partition("\n")
+        name = next(csv.reader([head]))[0]
+        if name not in kernels:
+            kernels[name] = list(csv.DictReader(io.StringIO(body)))
+    return kernels
+
+
+SAMPLES = "Warp Stall Sampling (All Samples)"
+
+
+def _stalls(row: dict, n: int) -> str:
+    st = [(int(v or 0), k[6:]) for k, v in row.items() if k.startswith("stall_") and "Not Issued" not in k]
+    return ", ".join(f"{k} {v}" for v, k in sorted(st, reverse=True)[:n] if v)
+
+
+def source_table(kernels: dict[str, list[dict]], title: str = "", opcodes: int = 12, hot: int = 8) -> str:
+    """Per kernel: its `opcodes` opcodes with the most samples and the `hot` instructions with the most, with the
+    share of the kernel's samples and the largest stall reasons (samples)."""
+    lines = [title, ""] if title else []
+    for name, rows in kernels.items():
+        total = sum(int(r[SAMPLES] or 0) for r in rows) or 1
+        by_op: dict[str, dict] = {}
+        for r in rows:
+            op = re.sub(r"^@!?U?P\w+\s+", "", r["Source"].strip()).split(" ")[0].split(".")[0]
+            acc = by_op.setdefault(op, defaultdict(int))
+            for k, v in r.items():
+                if k == SAMPLES or (k.startswith("stall_") and "Not Issued" not in k):
+                    acc[k] += int(v or 0)
+        lines += [f"## {name}: {total} samples, {len(rows)} instructions", "",
+                  "| opcode | samples | % | largest stalls |", "|---|---:|---:|---|"]
+        for op, acc in sorted(by_op.items(), key=lambda kv: -kv[1][SAMPLES])[:opcodes]:
+            lines.append(f"| {op} | {acc[SAMPLES]} | {100 * acc[SAMPLES] / total:.1f} | {_stalls(acc, 4)} |")
+        lines += ["", "| instruction | executed | samples | % | largest stalls |", "|---|---:|---:|---:|---|"]
+        for r in sorted(rows, key=lambda r: -int(r[SAMPLES] or 0))[:hot]:
+            n = int(r[SAMPLES] or 0)
+            lines.append(f"| `{r['Source'].strip()}` | {r.get('Instructions Executed', '')} | {n} | "
+                         f"{100 * n / total:.1f} | {_stalls(r, 3)} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("csv", help="ncu --csv output (- for stdin); with --pipe its plain output")
     ap.add_argument("--title", default="", help="the table's first line (card, model, batch, precision, commit)")
     ap.add_argument("--pipe", action="store_true", help="a launch a row: tensor pipe, throughputs, stall reasons")
+    ap.add_argument("--source", action="store_true", help="per kernel: warp samples by opcode and instruction")
     args = ap.parse_args(argv)
     text = sys.stdin.read() if args.csv == "-" else open(args.csv, errors="replace").read()
-    print(pipe_table(pipe_launches(text), args.title) if args.pipe else table(kernel_times(text), args.title))
+    if args.source:
+        print(source_table(source_kernels(text), args.title))
+    else:
+        print(pipe_table(pipe_launches(text), args.title) if args.pipe else table(kernel_times(text), args.title))
     return 0
 
 
