@@ -641,6 +641,20 @@ def test_ncu_source_table_sums_samples_by_opcode():
     assert hot[0] == "| `@!P0  BRA 0x30` | 8 | 30 | 81.1 | long_sb 29, wait 1 |", hot
 
 
+def test_profile_step_sums_torch_profilers_kernels_a_step():
+    """profile_step.kernel_times: torch.profiler's device events (CUDA kernels) summed by name over the steps, CPU
+    events left out."""
+    from types import SimpleNamespace as NS
+    profile_step = _load(REPO / "benchmarks" / "kernels" / "profile_step.py")
+
+    def event(name, device, us):
+        return NS(name=name, device_type=NS(name=device), time_range=NS(elapsed_us=lambda: us))
+
+    events = [event("triton_conv", "CUDA", 30.0), event("aten::conv2d", "CPU", 500.0), event("triton_conv", "CUDA", 10.0),
+              event("sm90_xmma_fprop", "CUDA", 4.0)]
+    assert profile_step.kernel_times(events, 2) == {"triton_conv": 20.0, "sm90_xmma_fprop": 2.0}
+
+
 def test_gpu_check_calls_the_harness():
     text = (REPO / "scripts" / "gpu-check").read_text()
     assert "hetnet bench" in text and "--precision fp32,tf32,bf16" in text and "--loader-epochs" in text

@@ -17,7 +17,9 @@ node's kernels run back to back), and an NVTX range "prof" around one step for N
 cudnn.benchmark on), one step in the profiler range after three: which cuDNN and cuBLAS kernels it runs.
 --torch-compile: the same with the model compiled as `hetnet bench --torch-compile` compiles it (bench.sides
 .TorchCompileStep: inductor's kernels and CUDA graphs; its autotuning runs under ncu too, so its choices may differ
-from an unprofiled run's).
+from an unprofiled run's, and the compile under ncu took more than 250 s for cifar-wide at 1024). Without --quiet
+(and without ncu) either PyTorch step then prints its kernels' time a step over --reps steps from torch.profiler,
+largest first (--json: written there).
 
 (--clock-control none: the card's own clocks; --cache-control none: the L2 as the step leaves it, where ncu would
 flush it before each kernel; the whitening layer of cifar-speed is filled from the random images.
@@ -160,6 +162,34 @@ def torch_step(args) -> None:
     step()
     torch.cuda.synchronize()
     torch.cuda.profiler.stop()
+    if args.quiet:
+        return
+    # the kernels of args.reps steps through torch.profiler (CUPTI): no ncu around the compile and its autotuning
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.reps):
+            step()
+        torch.cuda.synchronize()
+    kernels = kernel_times(prof.events(), args.reps)
+    print(f"{args.model} batch {args.batch} {precision}, PyTorch{' torch.compile' if args.torch_compile else ''}: "
+          f"{sum(kernels.values()):.1f} us of kernels a step")
+    for name, us in sorted(kernels.items(), key=lambda kv: -kv[1]):
+        print(f"  {us:9.1f} us  {name}")
+    if args.json:
+        from hetnet.bench.common import environment, write_result
+        write_result(Path(args.json), {"environment": environment(1, True), "model": args.model, "batch": args.batch,
+                                       "precision": precision, "torch_compile": bool(args.torch_compile),
+                                       "kernels_us_per_step": kernels})
+
+
+def kernel_times(events, steps: int) -> dict[str, float]:
+    """{kernel name (first 100 characters): microseconds a step} summed over torch.profiler's device events of
+    `steps` steps."""
+    out: dict[str, float] = {}
+    for e in events:
+        if e.device_type.name == "CUDA":
+            out[e.name[:100]] = out.get(e.name[:100], 0.0) + e.time_range.elapsed_us() / steps
+    return out
 
 
 if __name__ == "__main__":
