@@ -265,6 +265,11 @@ __device__ __forceinline__ unsigned long long hn_wgmma_desc(const void* p) { ret
 // M or N lie 64 rows on (8192 bytes, the leading byte offset); p is where the instruction's 16 K rows start (the tile
 // start + 2048 bytes per step).
 __device__ __forceinline__ unsigned long long hn_wgmma_desc_mn(const void* p) { return hn_wgmma_desc128(p, 8192); }
+// The descriptor of the operand `units` 16-byte units after d's: only the start field changes, and it never carries
+// out of its 14 bits (shared memory lies below 2^18 bytes), so a 32-bit add of the low word.
+__device__ __forceinline__ unsigned long long hn_wgmma_desc_add(unsigned long long d, unsigned units) {
+    return (d & 0xFFFFFFFF00000000ull) | (static_cast<unsigned>(d) + units);
+}
 // p rounded up to the next 1024-byte boundary of shared memory (the swizzle's pattern repeats every 1024 bytes).
 __device__ __forceinline__ unsigned char* hn_smem_align1024(unsigned char* p) {
     return p + ((1024u - (hn_smem_addr(p) & 1023u)) & 1023u);
@@ -1159,12 +1164,14 @@ __device__ __forceinline__ bool hn_out_pixel(const HnConv& cv, int n, int N, int
     return n < N && (EPI != 4 || at < cv.pooled);
 }
 
-// The pixels of the ROWS / (THREADS / CPR) chunk rows a thread copies (rows tid / CPR + i * THREADS / CPR): where
-// the pixel's image starts in x (elements), and its window's top-left corner (out of range past N).
+// The pixels of the ROWS / (THREADS / CPR) chunk rows a thread copies (rows tid / CPR + i * THREADS / CPR): their
+// window's top-left corner (ih0, iw0; ih0 out of range past N), and where that corner's channel 0 lies in x
+// (elements: off = image start + (ih0 W + iw0) C, 0 past N), so that tap (r, s) channel c of the row is element
+// off + (r W + s) C + c, the tap's part the same for every row.
 template <int NROWS>
 struct HnNhwcRows {
     static constexpr int N = NROWS;
-    int base[NROWS], ih0[NROWS], iw0[NROWS];
+    int off[NROWS], ih0[NROWS], iw0[NROWS];
 };
 
 template <int EPI, int ROWS, int COLS, int THREADS>
@@ -1177,9 +1184,9 @@ __device__ __forceinline__ HnNhwcRows<ROWS * (COLS / 4) / THREADS> hn_nhwc_rows(
     for (int i = 0; i < NROWS; ++i) {
         int img, p, q;
         const bool in = hn_out_pixel<EPI>(cv, n0 + (tid + i * THREADS) / CPR, N, img, p, q);
-        rows.base[i] = img * cv.h * cv.w * cv.c;
         rows.ih0[i] = in ? p * cv.stride - cv.pad : -(1 << 30);
         rows.iw0[i] = q * cv.stride - cv.pad;
+        rows.off[i] = in ? (img * cv.h * cv.w + rows.ih0[i] * cv.w + rows.iw0[i]) * cv.c : 0;
     }
     return rows;
 }
@@ -1281,11 +1288,13 @@ __device__ __forceinline__ void hn_nhwc_copy_b(T* s, const T* x, const HnConv& c
                                                const HnDiv& by_c, int k0, int kend, int tid) {
     const int col = (tid % CPR) * (16 / static_cast<int>(sizeof(T))), k = k0 + col;
     const int rs = hn_div(k, by_c), c = k - rs * cv.c, r = hn_div(rs, cv.kb_inner), sx = rs - r * cv.s;
+    const int tap = (r * cv.w + sx) * cv.c + c;                 // the same for each of this thread's rows
+    const bool in_k = k < kend;
 #pragma unroll
-    for (int i = 0; i < NROWS; ++i) {
-        const int ih = rows.ih0[i] + r, iw = rows.iw0[i] + sx;
-        const bool ok = k < kend && ih >= 0 && ih < cv.h && iw >= 0 && iw < cv.w;
-        const int at = ok ? rows.base[i] + (ih * cv.w + iw) * cv.c + c : 0;
+    for (int i = 0; i < NROWS; ++i) {            // 0 <= ih < H and 0 <= iw < W as one unsigned compare each
+        const bool ok = in_k && static_cast<unsigned>(rows.ih0[i] + r) < static_cast<unsigned>(cv.h) &&
+                        static_cast<unsigned>(rows.iw0[i] + sx) < static_cast<unsigned>(cv.w);
+        const unsigned at = ok ? rows.off[i] + tap : 0;       // x's element: >= 0 where ok
         hn_cp_chunk<LO>(s + L::at((tid + i * THREADS) / CPR, col), x, at, ok ? 16 : 0);
     }
 }
@@ -1396,19 +1405,23 @@ __device__ __forceinline__ void hn_wgmma_loop(int tiles, const Issue& issue, con
                                               int kstep, float (&acc)[WN / 8][4], const Desc& desc) {
     static_assert(sizeof(T) == 2 || MN == 0, "tf32 operands are K-major");
     static_assert((ALO == 0 && BLO == 0) || (sizeof(T) == 4 && ALO > 0 && BLO > 0), "split copies are tf32");
+    // the stage's descriptors once a K tile, each K step's and lo tile's from them (hn_wgmma_desc_add)
+    const unsigned step = kstep * static_cast<unsigned>(sizeof(T)) / 16;
+    constexpr unsigned alo = ALO * sizeof(T) / 16, blo = BLO * sizeof(T) / 16;
     hn_wgmma_pipeline<STAGES, INFLIGHT>(tiles, issue, [&](int kt) {
         const int s = kt % STAGES;
+        const unsigned long long da0 = desc(a + s * ea), db0 = desc(b + s * eb);
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
-            const T *ak = a + s * ea + kk * kstep, *bk = b + s * eb + kk * kstep;
+            const unsigned long long da = hn_wgmma_desc_add(da0, kk * step), db = hn_wgmma_desc_add(db0, kk * step);
             if constexpr (sizeof(T) == 4) {
-                hn_wgmma_tf32<WN>(acc, desc(ak), desc(bk));
+                hn_wgmma_tf32<WN>(acc, da, db);
                 if constexpr (ALO > 0) {
-                    hn_wgmma_tf32<WN>(acc, desc(ak), desc(bk + BLO));
-                    hn_wgmma_tf32<WN>(acc, desc(ak + ALO), desc(bk));
+                    hn_wgmma_tf32<WN>(acc, da, hn_wgmma_desc_add(db, blo));
+                    hn_wgmma_tf32<WN>(acc, hn_wgmma_desc_add(da, alo), db);
                 }
             } else {
-                hn_wgmma_bf16<WN, MN>(acc, desc(ak), desc(bk));
+                hn_wgmma_bf16<WN, MN>(acc, da, db);
             }
         }
     });
