@@ -10,7 +10,7 @@ node's kernels run back to back), and an NVTX range "prof" around one step for N
         --section SpeedOfLight --section WarpStateStats --print-details all -k regex:conv16 \\
         python benchmarks/kernels/profile_step.py --model cifar-speed --batch 1024 --quiet
     ncu --profile-from-start off --metrics gpu__time_duration.sum --csv \\
-        python benchmarks/kernels/profile_step.py --model cifar-wide --batch 512 --precision bf16 --torch
+        python benchmarks/kernels/profile_step.py --model cifar-wide --batch 512 --precision bf16 --torch --quiet
 
 --torch: PyTorch's step of the same model instead (interop.to_torch of hetnet's, SGD with momentum, eager), as
 `hetnet bench` runs it at that precision (bf16: autocast + channels_last; tf32: the allow_tf32 switches;
@@ -19,7 +19,7 @@ cudnn.benchmark on), one step in the profiler range after three: which cuDNN and
 .TorchCompileStep: inductor's kernels and CUDA graphs; its autotuning runs under ncu too, so its choices may differ
 from an unprofiled run's, and the compile under ncu took more than 250 s for cifar-wide at 1024). Without --quiet
 (and without ncu) either PyTorch step then prints its kernels' time a step over --reps steps from torch.profiler,
-largest first (--json: written there).
+largest first (--json: written there); under ncu pass --quiet (ncu and torch.profiler both hook CUPTI).
 
 (--clock-control none: the card's own clocks; --cache-control none: the L2 as the step leaves it, where ncu would
 flush it before each kernel; the whitening layer of cifar-speed is filled from the random images.
@@ -46,7 +46,7 @@ def main(argv=None):
     ap.add_argument("--json", default=None)
     ap.add_argument("--torch", action="store_true", help="PyTorch's step of the model instead, for ncu")
     ap.add_argument("--torch-compile", action="store_true",
-                    help="with --torch: the step of torch.compile(mode='max-autotune')'s model (minutes to compile)")
+                    help="PyTorch's step (as --torch) of torch.compile(mode='max-autotune')'s model (minutes)")
     args = ap.parse_args(argv)
     if args.torch or args.torch_compile:
         return torch_step(args)
