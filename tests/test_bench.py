@@ -553,14 +553,14 @@ def test_benchmark_scripts_import_without_a_gpu_and_wrap_the_harness(monkeypatch
     scripts = sorted(p.relative_to(REPO / "benchmarks").as_posix() for p in (REPO / "benchmarks").rglob("*.py"))
     assert scripts == ["cifar_speedrun.py", "conv_algos.py", "cpu_step.py", "fashion_recipes.py", "kernels/ab_step.py",
                        "kernels/conv16_halo.py", "kernels/conv16_mc.py", "kernels/conv16_ws.py",
-                       "kernels/conv_variants.py",
+                       "kernels/conv32_fx.py", "kernels/conv_variants.py",
                        "kernels/gelu_fit.py", "kernels/host_overhead.py", "kernels/ncu_table.py",
                        "kernels/profile_step.py",
                        "kernels/run_conv_small.py", "kernels/run_conv_variants.py", "kernels/run_tc_conv_nhwc.py",
                        "kernels/run_tc_gemm.py", "kernels/time_cl_tiles.py", "kernels/time_pool_grad.py",
                        "kernels/wgmma_sandbox.py", "precision_accuracy.py", "relu_flips.py", "scaling.py"]
     libraries = ("kernels/conv_variants.py", "kernels/conv16_ws.py", "kernels/conv16_halo.py", "kernels/conv16_mc.py",
-                 "kernels/wgmma_sandbox.py")
+                 "kernels/conv32_fx.py", "kernels/wgmma_sandbox.py")
     for name in scripts:
         if name in libraries:              # the sandbox's tile tables and their module builder, read by runners
             continue
@@ -617,7 +617,8 @@ def test_ncu_pipe_table_reads_each_launch():
     assert launches[0]["metrics"]["gpu__time_duration.sum"] == 1472.29
     assert launches[1]["metrics"]["sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active"] is None
     rows = ncu_table.pipe_table(launches, "title").splitlines()
-    assert rows[0] == "title" and rows[4].startswith("| hn_conv16_pool_w128x128s3b2 | (8192, 1, 1)x(256, 1, 1) | 1472.3 |")
+    assert rows[0] == "title"
+    assert rows[4].startswith("| hn_conv16_pool_w128x128s3b2 | (8192, 1, 1)x(256, 1, 1) | 1472.3 |")
     assert rows[4].endswith("| 34.1 | n/a | 75.1 | wait 1.77, barrier 0.35 |"), rows[4]
     assert rows[5].split(" | ")[3] == "n/a"
 
@@ -650,8 +651,8 @@ def test_profile_step_sums_torch_profilers_kernels_a_step():
     def event(name, device, us):
         return NS(name=name, device_type=NS(name=device), time_range=NS(elapsed_us=lambda: us))
 
-    events = [event("triton_conv", "CUDA", 30.0), event("aten::conv2d", "CPU", 500.0), event("triton_conv", "CUDA", 10.0),
-              event("sm90_xmma_fprop", "CUDA", 4.0)]
+    events = [event("triton_conv", "CUDA", 30.0), event("aten::conv2d", "CPU", 500.0),
+              event("triton_conv", "CUDA", 10.0), event("sm90_xmma_fprop", "CUDA", 4.0)]
     assert profile_step.kernel_times(events, 2) == {"triton_conv": 20.0, "sm90_xmma_fprop": 2.0}
 
 

@@ -591,6 +591,39 @@ def test_conv16_ws_tiles_do_not_ship(ws):
                        np.zeros((256, 3, 3, 16), np.float32), None, 1, 1, tile=ws.TILES16WS["fwd"][0])
 
 
+# --- the tf32 filter gradient on wgmma through a transposing stage (benchmarks/kernels/conv32_fx.py) ---------------
+
+@pytest.fixture(scope="module")
+def fx():
+    """benchmarks/kernels/conv32_fx.py as a module."""
+    return sandbox("conv32_fx")
+
+
+@pytest.fixture(scope="module")
+def emu_fx(tmp_path_factory, fx):
+    """conv32_fx.cu (mma.cu and the fx tiles' entry points only), compiled as C++ against the emulator."""
+    return build_emulated(tmp_path_factory.mktemp("emu_fx"), "fx_emu", fx.source_text(), EMU_DIR / "gemm_launch.cpp")
+
+
+@pytest.mark.parametrize("shape", CONV32_SHAPES, ids=str)
+def test_conv32_fx(emu_fx, fx, rng, shape):
+    """The sandbox's fx tiles (cp.async staging, every warp moving its units K-major, wgmma m64nNk8 tf32) pass
+    test_conv16's filter-gradient checks at tf32, split and not, the emulator's checks of every shared-memory access
+    and of wgmma's async-proxy reads included."""
+    check_cl_ops(emu_fx, rng, "tf32", shape, {"fwd": (), "filter": fx.TILES32FX["filter"]}, by_name=False)
+
+
+def test_conv32_fx_tiles_do_not_ship(fx):
+    """The fx tiles are none of the package's: not in its tables, their kernels not in its mma.cu, each within an
+    H200 block's shared memory."""
+    text = kernels.cu_text("mma")
+    names = {t.name for t in mm.tiles16("filter", "tf32")}
+    for t in fx.TILES32FX["filter"]:
+        assert t.name not in names and t.name.endswith("x") and t.smem_bytes <= 227 * 1024, t
+        assert t.conv_kernel("filter") not in text and t.conv_kernel("filter") in fx.source_text()
+    assert "HN_CONV32FX" not in text
+
+
 # --- the halo tiles that do not ship (benchmarks/kernels/conv16_halo.py, HN_CONV16H) -------------------------------
 
 @pytest.fixture(scope="module")

@@ -21,9 +21,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from hetnet.backends.cuda import kernels
 from hetnet.backends.cuda.mma_tiles import CONV16_OPS, Tc16Tile
-from wgmma_sandbox import WgmmaSandbox
+from wgmma_sandbox import WgmmaSandbox, with_mma
 
 SOURCE = Path(__file__).resolve().parent / "conv16_halo.cu"
 SMEM_LIMIT = 227 * 1024      # an H100 / H200 block's dynamic shared memory
@@ -173,8 +172,7 @@ def instantiations() -> str:
 def source_text() -> str:
     """conv16_halo.cu with mma.cu's text in place of its #include (none of the package's entry points) and the h
     tiles' entry points, as nvcc compiles it (with -I the cuda folder); NVRTC gets it with the header inlined."""
-    mma_cu = (kernels.HERE / "mma.cu").read_text()
-    return SOURCE.read_text().replace('#include "mma.cu"', mma_cu) + "\n" + instantiations()
+    return with_mma(SOURCE, instantiations())
 
 
 def halo_rows(bn: int, r: int, s: int, wp: int) -> int:

@@ -20,10 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from hetnet.backends.cuda import kernels
 from hetnet.backends.cuda import mma
 from hetnet.backends.cuda.mma_tiles import TmaTile
-from wgmma_sandbox import WgmmaSandbox
+from wgmma_sandbox import WgmmaSandbox, with_mma
 
 SOURCE = Path(__file__).resolve().parent / "conv16_mc.cu"
 
@@ -65,8 +64,7 @@ def instantiations() -> str:
 def source_text() -> str:
     """conv16_mc.cu with mma.cu's text in place of its #include and the mc tiles' entry points, as nvcc compiles it
     (with -I the cuda folder); NVRTC gets it with the header inlined."""
-    mma_cu = (kernels.HERE / "mma.cu").read_text()
-    return SOURCE.read_text().replace('#include "mma.cu"', mma_cu) + "\n" + instantiations()
+    return with_mma(SOURCE, instantiations())
 
 
 _SANDBOX = WgmmaSandbox("conv16_mc", source_text)

@@ -19,9 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from hetnet.backends.cuda import kernels
 from hetnet.backends.cuda.mma_tiles import CONV16_OPS, Tc16Tile
-from wgmma_sandbox import WgmmaSandbox
+from wgmma_sandbox import WgmmaSandbox, with_mma
 
 SOURCE = Path(__file__).resolve().parent / "conv16_ws.cu"
 
@@ -75,8 +74,7 @@ def instantiations() -> str:
 def source_text() -> str:
     """conv16_ws.cu with mma.cu's text in place of its #include (none of the package's entry points) and the ws
     tiles' entry points, as nvcc compiles it (with -I the cuda folder); NVRTC gets it with the header inlined."""
-    mma_cu = (kernels.HERE / "mma.cu").read_text()
-    return SOURCE.read_text().replace('#include "mma.cu"', mma_cu) + "\n" + instantiations()
+    return with_mma(SOURCE, instantiations())
 
 
 _SANDBOX = WgmmaSandbox("conv16_ws", source_text)

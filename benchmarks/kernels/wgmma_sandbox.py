@@ -3,7 +3,17 @@ the text compiled once per device for sm_90a (kernels.compile_module), each kern
 shared-memory limit raised to the largest size it has been launched with (a halo tile's size depends on the frame)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from hetnet.backends.cuda import kernels
+
+
+def with_mma(source: Path, entries: str) -> str:
+    """A sandbox's .cu text with mma.cu's text in place of its `#include "mma.cu"` (so none of the package's entry
+    points) and `entries`, its tiles' entry-point lines, after it: what nvcc compiles (with -I the cuda folder);
+    NVRTC gets it with the header inlined."""
+    mma_cu = (kernels.HERE / "mma.cu").read_text()
+    return source.read_text().replace('#include "mma.cu"', mma_cu) + "\n" + entries
 
 
 class WgmmaSandbox:
