@@ -14,8 +14,8 @@
 // in 32 banks under the swizzle), fence.proxy.async, barrier, then the warpgroup's 4 wgmma m64nBNk8 and a wait for
 // them. (So the moves do not overlap the products: leaving the group in flight over the next tile's moves, as
 // hn_wgmma_pipeline does, makes ptxas serialise the wgmma (C7515), even with the accumulators pinned. Overlap needs
-// the moves in warps of their own.) WGM warpgroups of 64 rows of M each take all BN columns; the K sum split over blockIdx.z and added
-// with atomics (hn_conv16w_filter's epilogue).
+// the moves in warps of their own.) WGM warpgroups of 64 rows of M each take all BN columns; the K sum split over
+// blockIdx.z and added with atomics (hn_conv16w_filter's epilogue).
 #include "mma.cu"
 
 // Units of 32 rows x 4 columns of a staging tile ([32][SROW], COLS columns) into K-major rows (HnSwizzle128T<float>):
