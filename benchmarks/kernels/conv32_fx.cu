@@ -71,9 +71,7 @@ __device__ __forceinline__ void hn_conv32_filter_fx(unsigned char* smem, const f
         __syncthreads();
         const unsigned long long da = hn_wgmma_desc(ka + gm * 64 * BK), db = hn_wgmma_desc(ka + EA);
         hn_wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk)                    // 8 tf32 (32 bytes) a K step
-            hn_wgmma_tf32<BN>(acc[0], hn_wgmma_desc_add(da, 2 * kk), hn_wgmma_desc_add(db, 2 * kk));
+        hn_wgmma_ktile<float, BN>(acc[0], da, db, 2);    // 8 tf32 (32 bytes, 2 units) a K step
         hn_wgmma_commit();
         hn_wgmma_wait<0>();   // (one group left in flight over the next tile's moves: ptxas serialises it, C7515)
     }

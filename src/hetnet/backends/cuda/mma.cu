@@ -1400,6 +1400,20 @@ __device__ __forceinline__ void hn_wgmma_pipeline(int tiles, const Issue& issue,
     hn_cp_async_wait<0>();
 }
 
+// A K tile's 4 wgmma (bf16 m64nWNk16, MN as hn_wgmma_bf16's, or tf32 m64nWNk8 for T = float: 32 bytes of K each)
+// from its stage's descriptors da and db, each K step `step` 16-byte units further (hn_wgmma_desc_add).
+template <class T, int WN, int MN = 0>
+__device__ __forceinline__ void hn_wgmma_ktile(float (&acc)[WN / 8][4], unsigned long long da, unsigned long long db,
+                                               unsigned step) {
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+        if constexpr (sizeof(T) == 4)
+            hn_wgmma_tf32<WN>(acc, hn_wgmma_desc_add(da, kk * step), hn_wgmma_desc_add(db, kk * step));
+        else
+            hn_wgmma_bf16<WN, MN>(acc, hn_wgmma_desc_add(da, kk * step), hn_wgmma_desc_add(db, kk * step));
+    }
+}
+
 template <int STAGES, int WN, int MN, int ALO = 0, int BLO = 0, int INFLIGHT = 1, class T, class Issue, class Desc>
 __device__ __forceinline__ void hn_wgmma_loop(int tiles, const Issue& issue, const T* a, int ea, const T* b, int eb,
                                               int kstep, float (&acc)[WN / 8][4], const Desc& desc) {
@@ -1411,17 +1425,16 @@ __device__ __forceinline__ void hn_wgmma_loop(int tiles, const Issue& issue, con
     hn_wgmma_pipeline<STAGES, INFLIGHT>(tiles, issue, [&](int kt) {
         const int s = kt % STAGES;
         const unsigned long long da0 = desc(a + s * ea), db0 = desc(b + s * eb);
+        if constexpr (ALO == 0) {
+            hn_wgmma_ktile<T, WN, MN>(acc, da0, db0, step);
+        } else {                           // three products a K step: a_hi b_hi + a_hi b_lo + a_lo b_hi
 #pragma unroll
-        for (int kk = 0; kk < 4; ++kk) {
-            const unsigned long long da = hn_wgmma_desc_add(da0, kk * step), db = hn_wgmma_desc_add(db0, kk * step);
-            if constexpr (sizeof(T) == 4) {
+            for (int kk = 0; kk < 4; ++kk) {
+                const unsigned long long da = hn_wgmma_desc_add(da0, kk * step);
+                const unsigned long long db = hn_wgmma_desc_add(db0, kk * step);
                 hn_wgmma_tf32<WN>(acc, da, db);
-                if constexpr (ALO > 0) {
-                    hn_wgmma_tf32<WN>(acc, da, hn_wgmma_desc_add(db, blo));
-                    hn_wgmma_tf32<WN>(acc, hn_wgmma_desc_add(da, alo), db);
-                }
-            } else {
-                hn_wgmma_bf16<WN, MN>(acc, da, db);
+                hn_wgmma_tf32<WN>(acc, da, hn_wgmma_desc_add(db, blo));
+                hn_wgmma_tf32<WN>(acc, hn_wgmma_desc_add(da, alo), db);
             }
         }
     });
@@ -1673,9 +1686,7 @@ __device__ __forceinline__ void hn_ws_consume(unsigned long long* full, int firs
         const int i = first + kt, s = i % STAGES;
         while (!hn_mbar_try_wait(full + s, (i / STAGES) & 1)) {}
         hn_wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk)
-            hn_wgmma_bf16<WN, MN>(acc, desc(a + s * ea + kk * kstep), desc(b + s * eb + kk * kstep));
+        hn_wgmma_ktile<unsigned short, WN, MN>(acc, desc(a + s * ea), desc(b + s * eb), kstep * 2 / 16);
         hn_wgmma_commit();
         hn_wgmma_wait<1>();
         if (kt > 0) release((i - 1) % STAGES);
