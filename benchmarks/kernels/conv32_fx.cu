@@ -5,17 +5,17 @@
 // through two buffers:
 //   - STAGES stages of two staging tiles, [BK = 32 rows k][BM] and [32][BN] (rows padded by 4 floats), filled by
 //     cp.async as hn_conv_filter_sync fills its own (hn_copy16_tile, hn_nhwc_copy_x_taps);
-//   - one K-major stage, [BM rows o][32 k] and [BN rows n][32 k] with the 128-byte swizzle (HnSwizzle128T<float>),
-//     which wgmma reads.
+//   - 1 + INFLIGHT K-major stages, [BM rows o][32 k] and [BN rows n][32 k] with the 128-byte swizzle
+//     (HnSwizzle128T<float>), which wgmma reads; K tile kt's is kt % (1 + INFLIGHT).
 // K tile kt: wait for its copies, barrier (every copy of kt landed; every warp done moving kt-1 out of its staging
-// tile, which is refilled next; every warpgroup's wgmma of kt-1 retired, so the K-major stage is free), copies of
-// kt + STAGES - 1, every warp moves units of 32 rows k x 4 columns of the staging tile into the K-major stage (a
-// lane a row k: one 16-byte read, four 4-byte writes to rows c..c+3 at column k; a warp's 32 writes of one row fall
-// in 32 banks under the swizzle), fence.proxy.async, barrier, then the warpgroup's 4 wgmma m64nBNk8 and a wait for
-// them. (So the moves do not overlap the products: leaving the group in flight over the next tile's moves, as
-// hn_wgmma_pipeline does, makes ptxas serialise the wgmma (C7515), even with the accumulators pinned. Overlap needs
-// the moves in warps of their own.) WGM warpgroups of 64 rows of M each take all BN columns; the K sum split over
-// blockIdx.z and added with atomics (hn_conv16w_filter's epilogue).
+// tile, which is refilled next; every warpgroup's wgmma of kt-1-INFLIGHT retired, so K-major stage kt's is free),
+// copies of kt + STAGES - 1, every warp moves units of 32 rows k x 4 columns of the staging tile into the K-major
+// stage (a lane a row k: one 16-byte read, four 4-byte writes to rows c..c+3 at column k; a warp's 32 writes of one
+// row fall in 32 banks under the swizzle), fence.proxy.async, barrier, then the warpgroup's 4 wgmma m64nBNk8 and a
+// wait until INFLIGHT groups are pending. With INFLIGHT 1 the moves of kt + 1 overlap the products of kt. The last
+// K tile waits for all its wgmma inside the loop: a wait<0> after it, where the path of no K tiles (the accumulators
+// zeroed) meets the loop's, makes ptxas serialise every wgmma (C7515). WGM warpgroups of 64 rows of M each take all
+// BN columns; the K sum split over blockIdx.z and added with atomics (hn_conv16w_filter's epilogue).
 #include "mma.cu"
 
 // Units of 32 rows x 4 columns of a staging tile ([32][SROW], COLS columns) into K-major rows (HnSwizzle128T<float>):
@@ -33,7 +33,7 @@ __device__ __forceinline__ void hn_fx_transpose(const float* st, float* kmaj, in
     }
 }
 
-template <int WGM, int BN, int STAGES>
+template <int WGM, int BN, int STAGES, int INFLIGHT>
 __device__ __forceinline__ void hn_conv32_filter_fx(unsigned char* smem, const float* dy, const float* x, float* dw,
                                                     int M, int N, int K, int splits, int kchunk, const HnConv& cv) {
     constexpr int BM = 64 * WGM, BK = 32, THREADS = 128 * WGM, NWARPS = THREADS / 32;
@@ -41,9 +41,11 @@ __device__ __forceinline__ void hn_conv32_filter_fx(unsigned char* smem, const f
                                                           // bank group (k + j) % 8, so 8 lanes' rows k read apart
     constexpr int SA = BK * RA, SS = SA + BK * RB;        // a stage: A's staging tile, then B's
     constexpr int EA = BM * BK;                           // the K-major A tile (a multiple of 1024 bytes), then B
+    constexpr int EK = EA + BN * BK;                      // a K-major stage
     static_assert(BN % 64 == 0 && BN <= 256 && (BK * BM / 4) % THREADS == 0 && THREADS % (BN / 4) == 0, "tile");
-    float* ka = reinterpret_cast<float*>(hn_smem_align1024(smem));    // EA + BN x BK: the K-major stage
-    float* st = ka + EA + BN * BK;                                     // STAGES x SS: the staging tiles
+    static_assert(STAGES >= 2 && (INFLIGHT == 0 || INFLIGHT == 1), "a staging tile filled, one moved");
+    float* ka = reinterpret_cast<float*>(hn_smem_align1024(smem));    // (1 + INFLIGHT) x EK: the K-major stages
+    float* st = ka + (1 + INFLIGHT) * EK;                              // STAGES x SS: the staging tiles
 
     const HnBlock blk = hn_block(nullptr, nullptr, dw, M, N, K, 0, 0, N, 0, 0, 0, 1.f, 1.f, splits, kchunk, BM, BN, BK);
     const int tid = threadIdx.x, gm = tid / 128, warp = tid / 32, lane = tid & 31;
@@ -65,28 +67,32 @@ __device__ __forceinline__ void hn_conv32_filter_fx(unsigned char* smem, const f
         if (kt + STAGES - 1 < blk.tiles) issue(kt + STAGES - 1);
         hn_cp_async_commit();
         const float* s = st + (kt % STAGES) * SS;
-        hn_fx_transpose<BM, RA, NWARPS>(s, ka, warp, lane);
-        hn_fx_transpose<BN, RB, NWARPS>(s + SA, ka + EA, warp, lane);
+        float* kb = ka + (INFLIGHT ? (kt & 1) * EK : 0);
+        hn_fx_transpose<BM, RA, NWARPS>(s, kb, warp, lane);
+        hn_fx_transpose<BN, RB, NWARPS>(s + SA, kb + EA, warp, lane);
         hn_fence_proxy_async();
         __syncthreads();
-        const unsigned long long da = hn_wgmma_desc(ka + gm * 64 * BK), db = hn_wgmma_desc(ka + EA);
+        const unsigned long long da = hn_wgmma_desc(kb + gm * 64 * BK), db = hn_wgmma_desc(kb + EA);
         hn_wgmma_fence();
         hn_wgmma_ktile<float, BN>(acc[0], da, db, 2);    // 8 tf32 (32 bytes, 2 units) a K step
         hn_wgmma_commit();
-        hn_wgmma_wait<0>();   // (one group left in flight over the next tile's moves: ptxas serialises it, C7515)
+        if (INFLIGHT == 1 && kt + 1 < blk.tiles)
+            hn_wgmma_wait<1>();
+        else
+            hn_wgmma_wait<0>();
     }
     hn_cp_async_wait<0>();
     hn_epilogue<1, BN / 8>(blk, acc, M, N, N, 1.f, 1.f, 64 * gm + 16 * ((tid >> 5) & 3), 0, tid & 31);
 }
 
-// HN_CONV32FX(hn_conv32_filter_w128x128s3x, 2, 128, 3): the fx filter gradient with HN_CONV32F's arguments (B = x,
-// Wt = dy), WGM warpgroups of 64 x BN, STAGES staging tiles.
-#define HN_CONV32FX(name, WGM, BN, ST)                                                                            \
+// HN_CONV32FX(hn_conv32_filter_w128x128s3x, 2, 128, 3, 1): the fx filter gradient with HN_CONV32F's arguments
+// (B = x, Wt = dy), WGM warpgroups of 64 x BN, ST staging tiles, INFL wgmma groups in flight over the next moves.
+#define HN_CONV32FX(name, WGM, BN, ST, INFL)                                                                           \
     extern "C" __global__ void __launch_bounds__(128 * WGM, 1) name(                                             \
         const float* __restrict__ B, const float* __restrict__ Wt, const float* __restrict__ AUX,                 \
         float* __restrict__ Y, int M, int N, int K, int C, int H, int W, int R, int S, int P, int Q, int O,         \
         int stride, int pad, int act, int splits, int kchunk) {                                                   \
         HN_DYNAMIC_SMEM(hn_smem);                                                                              \
         const HnConv cv = hn_conv_of<3>(AUX, C, H, W, R, S, P, Q, O, stride, pad, act);                         \
-        hn_conv32_filter_fx<WGM, BN, ST>(hn_smem, Wt, B, Y, M, N, K, splits, kchunk, cv);                       \
+        hn_conv32_filter_fx<WGM, BN, ST, INFL>(hn_smem, Wt, B, Y, M, N, K, splits, kchunk, cv);                       \
     }
