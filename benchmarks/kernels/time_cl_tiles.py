@@ -15,7 +15,7 @@ times the shipped tf32 / fp32 tiles (wgmma forward, mma.sync filter gradient) an
 forwards' and data gradient's outputs as bf16, as a bf16 training step does (float32 otherwise).
 
     PYTHONPATH=src python benchmarks/kernels/time_cl_tiles.py [--batch 512] [--precision bf16] [--no-sandbox]
-        [--sandbox ws,halo,mc,fx] [--ops fwd,filter] [--out16] [--out tiles.json]
+        [--sandbox ws,halo,mc,fx] [--ops fwd,filter] [--layers 128x16x16->128] [--out16] [--out tiles.json]
 """
 from __future__ import annotations
 
@@ -45,6 +45,8 @@ def main(argv=None) -> int:
                          "fx: the tf32 filter gradient on wgmma)")
     ap.add_argument("--ops", default="fwd,filter",
                     help="fwd (the forward, data gradient and pooled forward), filter (the filter gradient), or both")
+    ap.add_argument("--layers", default="",
+                    help="only these layers, as the rows name them (e.g. 128x16x16->128,256x8x8->256; default all)")
     ap.add_argument("--out16", action="store_true",
                     help="the forwards' and data gradient's outputs stored as bf16 (as a bf16 step stores them)")
     ap.add_argument("--out", type=Path, default=None, help="write the times as JSON (card, commit, date)")
@@ -81,7 +83,10 @@ def main(argv=None) -> int:
     spin = get_kernel(be.device_id, "elementwise", "hn_spin")
     rng = np.random.default_rng(0)
     rows = []
+    only = set(args.layers.split(",")) - {""}
     for c, h, w, o, pooled in LAYERS:
+        if only and f"{c}x{h}x{w}->{o}" not in only:
+            continue
         x = cupy.asarray(rng.standard_normal((args.batch, c, h, w)).astype(np.float32))
         wt = cupy.asarray((rng.standard_normal((o, c, 3, 3)) * 0.05).astype(np.float32))
         dy = cupy.asarray(rng.standard_normal((args.batch, o, h, w)).astype(np.float32))
