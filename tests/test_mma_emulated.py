@@ -624,6 +624,39 @@ def test_conv32_fx_tiles_do_not_ship(fx):
     assert "HN_CONV32FX" not in text
 
 
+# --- the tf32 filter gradient on mma.sync from a row table, A by 8-byte loads (benchmarks/kernels/conv32_fv.py) -----
+
+@pytest.fixture(scope="module")
+def fv():
+    """benchmarks/kernels/conv32_fv.py as a module."""
+    return sandbox("conv32_fv")
+
+
+@pytest.fixture(scope="module")
+def emu_fv(tmp_path_factory, fv):
+    """conv32_fv.cu (mma.cu and the fv tiles' entry points only), compiled as C++ against the emulator."""
+    return build_emulated(tmp_path_factory.mktemp("emu_fv"), "fv_emu", fv.source_text(), EMU_DIR / "gemm_launch.cpp")
+
+
+@pytest.mark.parametrize("shape", CONV32_SHAPES, ids=str)
+def test_conv32_fv(emu_fv, fv, rng, shape):
+    """The sandbox's fv tiles (x gathered from per-K-tile row tables, A's fragments by 8-byte loads in their own row
+    order) pass test_conv16's filter-gradient checks at tf32, split and not, the emulator's checks of every
+    shared-memory access included (the row tables' slots written a K tile ahead)."""
+    check_cl_ops(emu_fv, rng, "tf32", shape, {"fwd": (), "filter": fv.TILES32FV["filter"]}, by_name=False)
+
+
+def test_conv32_fv_tiles_do_not_ship(fv):
+    """The fv tiles are none of the package's: not in its tables, their kernels not in its mma.cu, each within an
+    H100's block shared memory."""
+    text = kernels.cu_text("mma")
+    names = {t.name for t in mm.tiles16("filter", "tf32")}
+    for t in fv.TILES32FV["filter"]:
+        assert t.name not in names and t.name.endswith("v") and t.smem_bytes <= 227 * 1024, t
+        assert t.conv_kernel("filter") not in text and t.conv_kernel("filter") in fv.source_text()
+    assert "HN_CONV32FV" not in text
+
+
 # --- the halo tiles that do not ship (benchmarks/kernels/conv16_halo.py, HN_CONV16H) -------------------------------
 
 @pytest.fixture(scope="module")
