@@ -165,11 +165,11 @@ __device__ __forceinline__ void hn_conv32_filter_fv(unsigned char* smem, const f
             if (m >= M) continue;
 #pragma unroll
             for (int j = 0; j < NT; ++j) {
-                const int n = blk.n0 + th.wn + 8 * j + 2 * t;     // even
-                if (n >= N) continue;
-                float* p = blk.C + (static_cast<long long>(m) * N + n);
+                const int col = blk.n0 + th.wn + 8 * j + 2 * t;     // even
+                if (col >= N) continue;
+                float* p = blk.C + (static_cast<long long>(m) * N + col);
                 const float x0 = acc[i][j][2 * h], x1 = acc[i][j][2 * h + 1];
-                const bool two = n + 1 < N;
+                const bool two = col + 1 < N;
                 if (blk.atomic) {
                     if (two && pair) {
                         hn_atomic_add2(p, x0, x1);

@@ -87,12 +87,12 @@ __device__ __forceinline__ void hn_conv32_filter_fx(unsigned char* smem, const f
 
 // HN_CONV32FX(hn_conv32_filter_w128x128s3x, 2, 128, 3, 1): the fx filter gradient with HN_CONV32F's arguments
 // (B = x, Wt = dy), WGM warpgroups of 64 x BN, ST staging tiles, INFL wgmma groups in flight over the next moves.
-#define HN_CONV32FX(name, WGM, BN, ST, INFL)                                                                           \
+#define HN_CONV32FX(name, WGM, BN, ST, INFL)                                                                      \
     extern "C" __global__ void __launch_bounds__(128 * WGM, 1) name(                                             \
         const float* __restrict__ B, const float* __restrict__ Wt, const float* __restrict__ AUX,                 \
         float* __restrict__ Y, int M, int N, int K, int C, int H, int W, int R, int S, int P, int Q, int O,         \
         int stride, int pad, int act, int splits, int kchunk) {                                                   \
         HN_DYNAMIC_SMEM(hn_smem);                                                                              \
         const HnConv cv = hn_conv_of<3>(AUX, C, H, W, R, S, P, Q, O, stride, pad, act);                         \
-        hn_conv32_filter_fx<WGM, BN, ST, INFL>(hn_smem, Wt, B, Y, M, N, K, splits, kchunk, cv);                       \
+        hn_conv32_filter_fx<WGM, BN, ST, INFL>(hn_smem, Wt, B, Y, M, N, K, splits, kchunk, cv);                   \
     }
