@@ -104,13 +104,15 @@ __device__ __forceinline__ void hn_fv_copy_x(float* s, const float* x, const int
     }
 }
 
-template <int BM, int BN, int WM, int WN, int STAGES>
+// EARLY: the K steps of tile kt issued before the copies of tile kt + STAGES - 1 (0: all after them, as the shipped
+// tile does), so that the tensor pipe has work while the copies' address arithmetic issues.
+template <int BM, int BN, int WM, int WN, int STAGES, int EARLY>
 __device__ __forceinline__ void hn_conv32_filter_fv(unsigned char* smem, const float* dy, const float* x, float* dw,
                                                     int M, int N, int K, int splits, int kchunk, const HnConv& cv) {
     constexpr int BK = 32, WARPS_N = BN / WN, THREADS = 32 * (BM / WM) * WARPS_N, MT = WM / 16, NT = WN / 8;
     constexpr int CPA = BM / 4, CPB = BN / 4, SA = BM + 8, SB = BN + 8;   // rows of MN + 8 floats
     static_assert(BM % WM == 0 && BN % WN == 0 && WM % 16 == 0 && WN % 8 == 0 && STAGES >= 2 && THREADS % CPB == 0 &&
-                  (BK * CPA) % THREADS == 0 && (BK * CPB) % THREADS == 0, "tile");
+                  (BK * CPA) % THREADS == 0 && (BK * CPB) % THREADS == 0 && EARLY >= 0 && EARLY <= BK / 8, "tile");
     float* sa = reinterpret_cast<float*>(smem);   // STAGES x BK x SA
     float* sb = sa + STAGES * BK * SA;            // STAGES x BK x SB
     int* tab = reinterpret_cast<int*>(sb + STAGES * BK * SB);   // 2 x BK x int4: the row tables
@@ -138,6 +140,13 @@ __device__ __forceinline__ void hn_conv32_filter_fv(unsigned char* smem, const f
     for (int kt = 0; kt < blk.tiles; ++kt) {
         hn_cp_async_wait<STAGES - 2>();
         __syncthreads();
+        const int s = kt % STAGES;
+        auto ksteps = [&](int from, int to) {
+#pragma unroll
+            for (int kk = 8 * from; kk < 8 * to; kk += 8)
+                hn_fv_kstep<SA, SB, MT, NT>(sa + s * BK * SA, sb + s * BK * SB, acc, th.wm, th.wn, kk, th.lane);
+        };
+        ksteps(0, EARLY);
         const int next = kt + STAGES - 1;
         if (next < blk.tiles) {
             copy_a(next);
@@ -147,10 +156,7 @@ __device__ __forceinline__ void hn_conv32_filter_fv(unsigned char* smem, const f
         hn_cp_async_commit();
         if (next + 1 < blk.tiles)
             hn_fv_rows<BK>(tab + ((next + 1) & 1) * 4 * BK, cv, dv, blk.kbeg + (next + 1) * BK, blk.kend, tid);
-        const int s = kt % STAGES;
-#pragma unroll
-        for (int kk = 0; kk < BK; kk += 8)
-            hn_fv_kstep<SA, SB, MT, NT>(sa + s * BK * SA, sb + s * BK * SB, acc, th.wm, th.wn, kk, th.lane);
+        ksteps(EARLY, BK / 8);
     }
     hn_cp_async_wait<0>();
 
@@ -185,15 +191,15 @@ __device__ __forceinline__ void hn_conv32_filter_fv(unsigned char* smem, const f
         }
 }
 
-// HN_CONV32FV(hn_conv32_filter_128x128x32s4v, 128, 128, 64, 64, 4): the fv filter gradient with HN_CONV32F's
-// arguments (B = x, Wt = dy), warps of WM x WN, ST stages; shared memory ST x 32 x ((BM + 8) + (BN + 8)) x 4 bytes
-// and 1 KB of row tables.
-#define HN_CONV32FV(name, BM, BN, WM, WN, ST)                                                                     \
+// HN_CONV32FV(hn_conv32_filter_128x128x32s4v, 128, 128, 64, 64, 4, 0): the fv filter gradient with HN_CONV32F's
+// arguments (B = x, Wt = dy), warps of WM x WN, ST stages, EARLY K steps before the copies; shared memory
+// ST x 32 x ((BM + 8) + (BN + 8)) x 4 bytes and 1 KB of row tables.
+#define HN_CONV32FV(name, BM, BN, WM, WN, ST, EARLY)                                                              \
     extern "C" __global__ void __launch_bounds__(32 * (BM / WM) * (BN / WN), 1) name(                             \
         const float* __restrict__ B, const float* __restrict__ Wt, const float* __restrict__ AUX,                 \
         float* __restrict__ Y, int M, int N, int K, int C, int H, int W, int R, int S, int P, int Q, int O,         \
         int stride, int pad, int act, int splits, int kchunk) {                                                   \
         HN_DYNAMIC_SMEM(hn_smem);                                                                              \
         const HnConv cv = hn_conv_of<3>(AUX, C, H, W, R, S, P, Q, O, stride, pad, act);                         \
-        hn_conv32_filter_fv<BM, BN, WM, WN, ST>(hn_smem, Wt, B, Y, M, N, K, splits, kchunk, cv);                \
+        hn_conv32_filter_fv<BM, BN, WM, WN, ST, EARLY>(hn_smem, Wt, B, Y, M, N, K, splits, kchunk, cv);         \
     }

@@ -11,8 +11,8 @@ tests/test_mma_emulated.py runs them on the CPU emulator; time_cl_tiles.py --pre
 output against the first shipped tile's and times it.
 
     >>> import conv32_fv as fv                                         # (with benchmarks/kernels on sys.path)
-    >>> [t.name for t in fv.TILES32FV["filter"]]
-    ['128x128x32s3v', '128x128x32s4v', '128x256x32s3v', '256x128x32s3v']
+    >>> [t.name for t in fv.TILES32FV["filter"]][3:]
+    ['256x128x32s3v', '128x128x32s4ve1', '128x256x32s3ve1', '256x128x32s3ve1']
 """
 from __future__ import annotations
 
@@ -29,15 +29,18 @@ SOURCE = Path(__file__).resolve().parent / "conv32_fv.cu"
 class FvTile(Tc16Tile):
     """A tf32 filter-gradient tile of bm x bn on mma.sync, warps of wm x wn, K tiles of 32, `stages` stages of rows of
     bm + 8 and bn + 8 floats and two row tables of 32 x 16 bytes (conv32_fv.cu). Its name is its mma.sync twin's and
-    "v"."""
+    "v"; early: K steps issued before the next tile's copies ("e1")."""
+
+    early: int = 0
 
     def __post_init__(self):
         super().__post_init__()
         assert not self.wgmma and self.precision == "tf32" and self.bk == 32 and self.split == 0, self
+        assert 0 <= self.early <= 4, self
 
     @property
     def name(self) -> str:
-        return super().name + "v"
+        return super().name + "v" + (f"e{self.early}" if self.early else "")
 
     @property
     def smem_bytes(self) -> int:
@@ -46,17 +49,20 @@ class FvTile(Tc16Tile):
     def instantiation(self, op: str) -> str:
         """conv32_fv.cu's line that defines conv_kernel(op) (the filter gradient only)."""
         assert op == "filter", (self, op)
-        return f"HN_CONV32FV({self.conv_kernel(op)}, {self.bm}, {self.bn}, {self.wm}, {self.wn}, {self.stages})"
+        return (f"HN_CONV32FV({self.conv_kernel(op)}, {self.bm}, {self.bn}, {self.wm}, {self.wn}, {self.stages}, "
+                f"{self.early})")
 
 
-def fv_tile(bm: int, bn: int, wm: int, wn: int, stages: int) -> FvTile:
+def fv_tile(bm: int, bn: int, wm: int, wn: int, stages: int, early: int = 0) -> FvTile:
     """An fv tile of bm x bn, warps of wm x wn."""
-    return FvTile(bm, bn, 32, wm, wn, stages, precision="tf32")
+    return FvTile(bm, bn, 32, wm, wn, stages, precision="tf32", early=early)
 
 
-# twins of the shipped TILES32["filter"] tiles that win on cifar-wide's layers (time_cl_tiles.py), and the first
+# twins of the shipped TILES32["filter"] tiles that win on cifar-wide's layers (time_cl_tiles.py), and the first;
+# the 64 x 64 warp tiles also with one K step before the copies
 TILES32FV = {"filter": (fv_tile(128, 128, 64, 32, 3), fv_tile(128, 128, 64, 64, 4), fv_tile(128, 256, 64, 64, 3),
-                        fv_tile(256, 128, 64, 64, 3))}
+                        fv_tile(256, 128, 64, 64, 3), fv_tile(128, 128, 64, 64, 4, 1), fv_tile(128, 256, 64, 64, 3, 1),
+                        fv_tile(256, 128, 64, 64, 3, 1))}
 
 
 def instantiations() -> str:
