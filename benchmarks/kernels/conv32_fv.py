@@ -76,5 +76,5 @@ def source_text() -> str:
     return with_mma(SOURCE, instantiations())
 
 
-_SANDBOX = WgmmaSandbox("conv32_fv", source_text)
+_SANDBOX = WgmmaSandbox("conv32_fv", source_text)     # (built for sm_90a, as the wgmma sandboxes: H100 / H200 only)
 launch = _SANDBOX.launch          # launch(be, call): a planned ConvCall of an fv tile on be's device
