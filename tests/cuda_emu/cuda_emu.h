@@ -142,6 +142,8 @@ struct WgmmaOp {        // one issued wgmma.mma_async of a warpgroup: its result
     int group;          // the warpgroup's commit count at issue (the group it joins)
     float* d[128];
     std::vector<float> value[128];
+    const unsigned* ra[128] = {};   // A from registers: each thread's 4 fragment registers, and what they held at
+    unsigned ra_was[128][4] = {};   // issue (they may not change before the group retires)
 };
 
 struct Warpgroup {      // wgmma state of 4 consecutive warps
@@ -150,6 +152,7 @@ struct Warpgroup {      // wgmma state of 4 consecutive warps
     const char* what = nullptr;
     float* d[128];
     unsigned long long da[128], db[128];
+    const unsigned* ra[128];          // A's registers (null: A in shared memory through da)
     int committed = 0, retired = 0;   // groups committed, and retired by wait_group (all before `retired`)
     std::vector<WgmmaOp> ops;
 };
@@ -859,6 +862,10 @@ inline void hn_wgmma_wait() {
         for (emu::WgmmaOp& op : g.ops) {
             if (op.group < upto) {
                 for (int t = 0; t < 128; ++t)
+                    if (op.ra[t] && std::memcmp(op.ra[t], op.ra_was[t], sizeof op.ra_was[t]) != 0)
+                        emu::fail("wgmma.wait_group: thread %d wrote a register of A before the wgmma reading it "
+                                  "retired", t);
+                for (int t = 0; t < 128; ++t)
                     for (size_t i = 0; i < op.value[t].size(); ++i) op.d[t][i] = op.value[t][i];
             } else {
                 still.push_back(std::move(op));
@@ -913,18 +920,24 @@ inline double wgmma_value(const unsigned char* p, int bytes) {
 // elements, both K-major or both MN-major. d: this thread's N / 2 accumulators, in the fragment order of PTX ISA
 // 9.7.15.5.2 ("Register fragments"): thread t of the warpgroup holds d_i at row 16 (warp % 4) + lane / 4 +
 // 8 ((i / 2) % 2), column 8 (i / 4) + 2 (lane % 4) + i % 2. The result reaches d when wait_group retires the group.
+// ra (tf32, K = 8 only): A from this thread's 4 registers instead of da, in the same ISA section's order for A
+// (m64nNk8 .tf32): ra[i] at row 16 (warp % 4) + lane / 4 + 8 (i % 2), column lane % 4 + 4 (i / 2), low 13 bits ignored.
 template <int N, int K>
-inline void wgmma(float* d, unsigned long long da, unsigned long long db, int bytes, bool mn_major, const char* what) {
+inline void wgmma(float* d, unsigned long long da, unsigned long long db, int bytes, bool mn_major, const char* what,
+                  const unsigned* ra = nullptr) {
     State& s = S();
     const int t = me().linear % 128;
     Warpgroup& g0 = s.warpgroups[me().linear / 128];
     g0.d[t] = d;
     g0.da[t] = da;
     g0.db[t] = db;
+    g0.ra[t] = ra;
+    if (ra && (K != 8 || bytes != 4 || mn_major)) fail("%s: A from registers is emulated for tf32 only", what);
     group_meet(what, [&](Warpgroup& g) {
         const int wg = static_cast<int>(&g - s.warpgroups.data());
         for (int i = 1; i < 128; ++i)
-            if (g.da[i] != g.da[0] || g.db[i] != g.db[0]) fail("%s: descriptors differ across the warpgroup", what);
+            if ((!g.ra[0] && g.da[i] != g.da[0]) || g.db[i] != g.db[0] || !g.ra[i] != !g.ra[0])
+                fail("%s: descriptors differ across the warpgroup", what);
         auto load = [&](unsigned long long desc, int rows, std::vector<double>& m) {   // m[row * K + k]
             m.assign(rows * K, 0.0);
             for (int r = 0; r < rows; ++r)
@@ -949,10 +962,23 @@ inline void wgmma(float* d, unsigned long long da, unsigned long long db, int by
                 }
         };
         std::vector<double> A, B;
-        load(g.da[0], 64, A);
+        WgmmaOp op;
+        if (g.ra[0]) {
+            A.assign(64 * K, 0.0);
+            for (int th = 0; th < 128; ++th) {
+                const int warp = th / 32, ln = th % 32;
+                for (int i = 0; i < 4; ++i) {
+                    const int r = 16 * warp + ln / 4 + 8 * (i % 2), k = ln % 4 + 4 * (i / 2);
+                    A[r * K + k] = from_bits(g.ra[th][i] & 0xffffe000u);
+                    op.ra_was[th][i] = g.ra[th][i];
+                }
+                op.ra[th] = g.ra[th];
+            }
+        } else {
+            load(g.da[0], 64, A);
+        }
         load(g.db[0], N, B);
         // the accumulator going in: the newest pending result for the same registers, else the registers
-        WgmmaOp op;
         op.group = g.committed;
         for (int th = 0; th < 128; ++th) {
             op.d[th] = g.d[th];
