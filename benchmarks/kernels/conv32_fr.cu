@@ -4,17 +4,18 @@
 //   - wgmma's A (64 rows (r, s, c) a warpgroup x 8 k) from registers. x is gathered as hn_conv_filter_sync gathers it
 //     (hn_nhwc_copy_x_taps: rows k of BN + 8 floats, MN-major), and each thread reads its fragments with scalar LDS:
 //     a warp's rows 16w + g (+8) at k = t (+4), words 8 (k + ...) + g + const mod 32 under the row stride of
-//     BN + 8 = 8 mod 32 words, so no bank conflicts; 16 LDS a K tile of 32, for 4 wgmma.
+//     BN + 8 = 8 mod 32 words, so no bank conflicts; 16 LDS a K tile of 32, for 4 wgmma. A K tile of BK = 64 holds
+//     8 K steps: half the barriers and waits a K step, twice the registers of fragments.
 //   - wgmma's B from a K-major copy of dy, dyt [O][ldk] (ldk = K rounded up to 4, zeros past K; float32 already
 //     rounded to tf32), copied by cp.async in 16-byte chunks under the 128-byte swizzle (HnSwizzle128T<float>, rows o
-//     of 32 k). wgmma reads tf32 operands K-major only, and the channels-last dy is MN-major: dyt is the one operand
+//     of 32 k; a K tile of 64 as two such halves). wgmma reads tf32 operands K-major only, and the channels-last dy is MN-major: dyt is the one operand
 //     stored the other way, a copy the producer of dy would write beside its channels-last one.
 // So a K tile has no transposing pass and a quarter of the mma.sync tile's loads (hn_gemm_tf32_tile reads 128 for 128
 // mma.sync of a 64 x 64 warp tile).
 // Pipeline (hn_wgmma_pipeline's with one wgmma group in flight): K tile kt waits for its copies, fences the async
 // proxy, meets the barrier (every warpgroup's wgmma of kt - 2 retired, so stage (kt - 2) % STAGES is free), issues the
 // copies of kt + STAGES - 2 into it, loads its fragments into register set kt % 2 (the set of kt - 2, retired), then
-// its 4 wgmma and a wait until one group is pending (none after the last tile). The K loop runs two tiles an
+// its BK / 8 wgmma and a wait until one group is pending (none after the last tile). The K loop runs two tiles an
 // iteration so that the register set is a compile-time index. WGN warpgroups take 64 rows (r, s, c) each and all BM
 // columns o; the K sum split over blockIdx.z and added with atomics. hn_block's m0 / n0 are the o / (r, s, c) starts
 // (the planner's M = O, N = R S C).
@@ -86,14 +87,15 @@ struct HnFrSet {
     static constexpr int value = P;
 };
 
-template <int WGN, int BM, int STAGES>
+template <int WGN, int BM, int BK, int STAGES>
 __device__ __forceinline__ void hn_conv32_filter_fr(unsigned char* smem, const float* dyt, const float* x, float* dw,
                                                     int M, int N, int K, int splits, int kchunk, const HnConv& cv) {
-    constexpr int BN = 64 * WGN, BK = 32, THREADS = 128 * WGN, AHEAD = STAGES - 2;
+    constexpr int BN = 64 * WGN, THREADS = 128 * WGN, AHEAD = STAGES - 2, KS = BK / 8;   // KS: K steps a tile
     constexpr int RX = BN + 8;                  // x's staging rows k (fragment reads conflict-free: RX = 8 mod 32)
-    constexpr int EB = BM * BK, SS = EB + BK * RX;   // a stage: dyt's K-major tile [BM][32], then x's [32][RX]
-    static_assert(BM % 64 == 0 && BM <= 256 && (BM * 8) % THREADS == 0 && (SS * 4) % 1024 == 0 && AHEAD >= 1,
-                  "tile: stages 1024-byte aligned, a stage filled while one is read by wgmma");
+    constexpr int EH = BM * 32, EB = EH * (BK / 32), SS = EB + BK * RX;   // a stage: dyt's K-major tile as BK / 32
+                                                                          // halves [BM][32], then x's [BK][RX]
+    static_assert(BM % 64 == 0 && BM <= 256 && (BM * 8) % THREADS == 0 && (SS * 4) % 1024 == 0 && AHEAD >= 1 &&
+                  (BK == 32 || BK == 64), "tile: stages 1024-byte aligned, a stage filled while one is read by wgmma");
     float* st = reinterpret_cast<float*>(hn_smem_align1024(smem));
 
     const HnBlock blk = hn_block(nullptr, nullptr, dw, M, N, K, 0, 0, N, 0, 0, 0, 1.f, 1.f, splits, kchunk, BM, BN, BK);
@@ -102,13 +104,16 @@ __device__ __forceinline__ void hn_conv32_filter_fr(unsigned char* smem, const f
     const int ldk = (K + 3) & ~3;
     float acc[1][BM / 8][4];
     hn_zero(acc);
-    unsigned a[2][4][4];                                     // register set, K step, fragment
+    unsigned a[2][KS][4];                                    // register set, K step, fragment
     const HnTapDivs dv = {hn_div_of(cv.c), hn_div_of(cv.s), hn_div_of(cv.p * cv.q), hn_div_of(cv.q)};
 
     auto issue = [&](int kt) {
         const int k0 = blk.kbeg + kt * BK;
         float* s = st + (kt % STAGES) * SS;
-        hn_copy16_tile<BM, 8, HnSwizzle128T<float>, THREADS>(s, dyt, ldk, blk.m0, M, k0, blk.kend, tid);
+#pragma unroll
+        for (int h = 0; h < BK / 32; ++h)
+            hn_copy16_tile<BM, 8, HnSwizzle128T<float>, THREADS>(s + h * EH, dyt, ldk, blk.m0, M, k0 + 32 * h,
+                                                                 blk.kend, tid);
         hn_nhwc_copy_x_taps<BK, BN / 4, HnRowTile<RX>, THREADS>(s + EB, x, cv, blk.n0, N, dv, k0, blk.kend, tid);
     };
     auto step = [&](auto set, int kt) {
@@ -121,16 +126,17 @@ __device__ __forceinline__ void hn_conv32_filter_fr(unsigned char* smem, const f
         const float* s = st + (kt % STAGES) * SS;
         const float* xs = s + EB + t * RX + row;
 #pragma unroll
-        for (int kk = 0; kk < 4; ++kk) {
+        for (int kk = 0; kk < KS; ++kk) {
             a[P][kk][0] = hn_bits(hn_lds(xs + 8 * kk * RX));
             a[P][kk][1] = hn_bits(hn_lds(xs + 8 * kk * RX + 8));
             a[P][kk][2] = hn_bits(hn_lds(xs + (8 * kk + 4) * RX));
             a[P][kk][3] = hn_bits(hn_lds(xs + (8 * kk + 4) * RX + 8));
         }
-        const unsigned long long db = hn_wgmma_desc(s);
+        const unsigned long long db = hn_wgmma_desc(s);   // half h's K step kk at EH h floats and 32 kk bytes on
         hn_wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < 4; ++kk) hn_wgmma_tf32_ra<BM>(acc[0], a[P][kk], hn_wgmma_desc_add(db, 2 * kk));
+        for (int kk = 0; kk < KS; ++kk)
+            hn_wgmma_tf32_ra<BM>(acc[0], a[P][kk], hn_wgmma_desc_add(db, kk / 4 * (EH / 4) + 2 * (kk % 4)));
         hn_wgmma_commit();
         if (kt + 1 < blk.tiles)
             hn_wgmma_wait<1>();
@@ -164,15 +170,15 @@ __device__ __forceinline__ void hn_conv32_filter_fr(unsigned char* smem, const f
     }
 }
 
-// HN_CONV32FR(hn_conv32_filter_w128x128s4r, 2, 128, 4, 1): the fr filter gradient with HN_CONV32F's arguments but Wt
-// = dyt [O][ldk] (conv32_fr.py's dy_t), WGN warpgroups of 64 rows (r, s, c) x BM columns o, ST stages, MINB blocks
-// an SM; shared memory ST x (BM x 32 + 32 x (64 WGN + 8)) x 4 bytes and 1 KB to align them.
-#define HN_CONV32FR(name, WGN, BM, ST, MINB)                                                                      \
+// HN_CONV32FR(hn_conv32_filter_w128x128s4r, 2, 128, 32, 4, 1): the fr filter gradient with HN_CONV32F's arguments
+// but Wt = dyt [O][ldk] (conv32_fr.py's dy_t), WGN warpgroups of 64 rows (r, s, c) x BM columns o, K tiles of BK (32
+// or 64), ST stages, MINB blocks an SM; shared memory ST x (BM + 64 WGN + 8) x BK x 4 bytes and 1 KB to align them.
+#define HN_CONV32FR(name, WGN, BM, BK, ST, MINB)                                                                      \
     extern "C" __global__ void __launch_bounds__(128 * WGN, MINB) name(                                          \
         const float* __restrict__ B, const float* __restrict__ Wt, const float* __restrict__ AUX,                 \
         float* __restrict__ Y, int M, int N, int K, int C, int H, int W, int R, int S, int P, int Q, int O,         \
         int stride, int pad, int act, int splits, int kchunk) {                                                   \
         HN_DYNAMIC_SMEM(hn_smem);                                                                              \
         const HnConv cv = hn_conv_of<3>(AUX, C, H, W, R, S, P, Q, O, stride, pad, act);                         \
-        hn_conv32_filter_fr<WGN, BM, ST>(hn_smem, Wt, B, Y, M, N, K, splits, kchunk, cv);                   \
+        hn_conv32_filter_fr<WGN, BM, BK, ST>(hn_smem, Wt, B, Y, M, N, K, splits, kchunk, cv);                   \
     }

@@ -10,7 +10,7 @@ checks each output against the first shipped tile's and times it (dy_t's copy ma
 
     >>> import conv32_fr as fr                                         # (with benchmarks/kernels on sys.path)
     >>> [t.name for t in fr.TILES32FR["filter"]]
-    ['w128x128s4r', 'w128x128s6r', 'w128x128s3b2r', 'w256x128s4r', 'w128x256s4r', 'w256x64s5r']
+    ['w128x128s4r', 'w128x128s6r', 'w128x128s3b2r', 'w256x128s4r', 'w128x256s4r', 'w256x64s5r', 'w128x128s3k64r']
 """
 from __future__ import annotations
 
@@ -27,17 +27,19 @@ SOURCE = Path(__file__).resolve().parent / "conv32_fr.cu"
 @dataclass(frozen=True)
 class FrTile(Tc16Tile):
     """A tf32 filter-gradient tile of bm output channels o x bn columns (r, s, c): bn / 64 warpgroups, each 64 columns
-    (r, s, c) x all bm o on wgmma m64n{bm}k8 with A (x) from registers, K tiles of 32, `stages` stages; min_blocks
-    blocks an SM. Its name is "w{bm}x{bn}s{stages}" and "r"."""
+    (r, s, c) x all bm o on wgmma m64n{bm}k8 with A (x) from registers, K tiles of bk (32 or 64), `stages` stages;
+    min_blocks blocks an SM. Its name is "w{bm}x{bn}s{stages}", "k64" for K tiles of 64, and "r". (Not the package's
+    wgmma tiles: those take K tiles of 128 bytes, and tf32 A from shared memory.)"""
 
     def __post_init__(self):
         super().__post_init__()
-        assert self.wgmma and self.precision == "tf32" and self.bm in (64, 128, 256) and self.bn % 64 == 0, self
-        assert self.stages >= 3 and self.smem_bytes * self.min_blocks <= 228 * 1024, self
+        assert not self.wgmma and self.precision == "tf32" and self.bm in (64, 128, 256) and self.bn % 64 == 0, self
+        assert self.bk in (32, 64) and self.stages >= 3 and self.smem_bytes * self.min_blocks <= 228 * 1024, self
 
     @property
     def name(self) -> str:
-        return f"w{self.bm}x{self.bn}s{self.stages}" + (f"b{self.min_blocks}" if self.min_blocks > 1 else "") + "r"
+        return (f"w{self.bm}x{self.bn}s{self.stages}" + (f"b{self.min_blocks}" if self.min_blocks > 1 else "")
+                + ("k64" if self.bk == 64 else "") + "r")
 
     @property
     def threads(self) -> int:
@@ -45,24 +47,24 @@ class FrTile(Tc16Tile):
 
     @property
     def smem_bytes(self) -> int:
-        """`stages` stages of dy_t's tile (bm rows of 32 float32) and x's (32 rows of bn + 8 float32), and 1024 bytes to
+        """`stages` stages of dy_t's tile (bm rows of bk float32) and x's (bk rows of bn + 8 float32), and 1024 bytes to
         align them."""
-        return self.stages * (self.bm * 32 + 32 * (self.bn + 8)) * 4 + 1024
+        return self.stages * (self.bm + self.bn + 8) * self.bk * 4 + 1024
 
     def instantiation(self, op: str) -> str:
         """conv32_fr.cu's line that defines conv_kernel(op) (the filter gradient only)."""
         assert op == "filter", (self, op)
-        return (f"HN_CONV32FR({self.conv_kernel(op)}, {self.bn // 64}, {self.bm}, {self.stages}, "
+        return (f"HN_CONV32FR({self.conv_kernel(op)}, {self.bn // 64}, {self.bm}, {self.bk}, {self.stages}, "
                 f"{self.min_blocks})")
 
 
-def fr_tile(bm: int, bn: int, stages: int, min_blocks: int = 1) -> FrTile:
+def fr_tile(bm: int, bn: int, stages: int, min_blocks: int = 1, bk: int = 32) -> FrTile:
     """An fr tile of bm output channels x bn columns (r, s, c)."""
-    return FrTile(bm, bn, 32, 64, 64, stages, min_blocks, wgmma=True, precision="tf32")
+    return FrTile(bm, bn, bk, 64, 64, stages, min_blocks, precision="tf32")
 
 
 TILES32FR = {"filter": (fr_tile(128, 128, 4), fr_tile(128, 128, 6), fr_tile(128, 128, 3, 2), fr_tile(256, 128, 4),
-                        fr_tile(128, 256, 4), fr_tile(256, 64, 5))}
+                        fr_tile(128, 256, 4), fr_tile(256, 64, 5), fr_tile(128, 128, 3, bk=64))}
 
 
 def instantiations() -> str:
