@@ -8,17 +8,19 @@
 //     8 K steps: half the barriers and waits a K step, twice the registers of fragments.
 //   - wgmma's B from a K-major copy of dy, dyt [O][ldk] (ldk = K rounded up to 4, zeros past K; float32 already
 //     rounded to tf32), copied by cp.async in 16-byte chunks under the 128-byte swizzle (HnSwizzle128T<float>, rows o
-//     of 32 k; a K tile of 64 as two such halves). wgmma reads tf32 operands K-major only, and the channels-last dy is MN-major: dyt is the one operand
-//     stored the other way, a copy the producer of dy would write beside its channels-last one.
+//     of 32 k; a K tile of 64 as two such halves). wgmma reads tf32 operands K-major only, and the channels-last dy
+//     is MN-major: dyt is the one operand stored the other way, a copy the producer of dy would write beside its
+//     channels-last one.
 // So a K tile has no transposing pass and a quarter of the mma.sync tile's loads (hn_gemm_tf32_tile reads 128 for 128
 // mma.sync of a 64 x 64 warp tile).
 // Pipeline (hn_wgmma_pipeline's with one wgmma group in flight): K tile kt waits for its copies, fences the async
 // proxy, meets the barrier (every warpgroup's wgmma of kt - 2 retired, so stage (kt - 2) % STAGES is free), issues the
 // copies of kt + STAGES - 2 into it, loads its fragments into register set kt % 2 (the set of kt - 2, retired), then
 // its BK / 8 wgmma and a wait until one group is pending (none after the last tile). The K loop runs two tiles an
-// iteration so that the register set is a compile-time index. WGN warpgroups take 64 rows (r, s, c) each and all BM
-// columns o; the K sum split over blockIdx.z and added with atomics. hn_block's m0 / n0 are the o / (r, s, c) starts
-// (the planner's M = O, N = R S C).
+// iteration so that the register set is a compile-time index, and an odd last tile after it (a conditional second
+// tile inside the loop joins paths with a group pending, and ptxas then waits for every group before the back edge,
+// C7517). WGN warpgroups take 64 rows (r, s, c) each and all BM columns o; the K sum split over blockIdx.z and added
+// with atomics. hn_block's m0 / n0 are the o / (r, s, c) starts (the planner's M = O, N = R S C).
 #include "mma.cu"
 
 #ifndef HN_EMULATE
@@ -144,11 +146,13 @@ __device__ __forceinline__ void hn_conv32_filter_fr(unsigned char* smem, const f
             hn_wgmma_wait<0>();
     };
     hn_pipeline_fill<AHEAD + 1>(blk.tiles, issue);
+    int kt = 0;
 #pragma unroll 1
-    for (int kt = 0; kt < blk.tiles; kt += 2) {
+    for (; kt + 1 < blk.tiles; kt += 2) {
         step(HnFrSet<0>{}, kt);
-        if (kt + 1 < blk.tiles) step(HnFrSet<1>{}, kt + 1);
+        step(HnFrSet<1>{}, kt + 1);
     }
+    if (kt < blk.tiles) step(HnFrSet<0>{}, kt);
     hn_cp_async_wait<0>();
     // acc[0][j][2h + e]: C^T's row row + 8h (n), column 8j + 2t + e (m), added into C [M][N]
 #pragma unroll
