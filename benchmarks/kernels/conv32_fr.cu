@@ -17,10 +17,11 @@
 // proxy, meets the barrier (every warpgroup's wgmma of kt - 2 retired, so stage (kt - 2) % STAGES is free), issues the
 // copies of kt + STAGES - 2 into it, loads its fragments into register set kt % 2 (the set of kt - 2, retired), then
 // its BK / 8 wgmma and a wait until one group is pending (none after the last tile). The K loop runs two tiles an
-// iteration so that the register set is a compile-time index, and an odd last tile after it (a conditional second
-// tile inside the loop joins paths with a group pending, and ptxas then waits for every group before the back edge,
-// C7517). WGN warpgroups take 64 rows (r, s, c) each and all BM columns o; the K sum split over blockIdx.z and added
-// with atomics. hn_block's m0 / n0 are the o / (r, s, c) starts (the planner's M = O, N = R S C).
+// iteration so that the register set is a compile-time index. (ptxas waits for every group before the back edge,
+// C7517, where the paths of the conditional second tile join: every other K tile's wgmma does not overlap the next
+// tile's loads. Peeling an odd last tile out of the loop removes that wait, but spills at 128 registers.) WGN
+// warpgroups take 64 rows (r, s, c) each and all BM columns o; the K sum split over blockIdx.z and added with
+// atomics. hn_block's m0 / n0 are the o / (r, s, c) starts (the planner's M = O, N = R S C).
 #include "mma.cu"
 
 #ifndef HN_EMULATE
@@ -146,13 +147,11 @@ __device__ __forceinline__ void hn_conv32_filter_fr(unsigned char* smem, const f
             hn_wgmma_wait<0>();
     };
     hn_pipeline_fill<AHEAD + 1>(blk.tiles, issue);
-    int kt = 0;
 #pragma unroll 1
-    for (; kt + 1 < blk.tiles; kt += 2) {
+    for (int kt = 0; kt < blk.tiles; kt += 2) {
         step(HnFrSet<0>{}, kt);
-        step(HnFrSet<1>{}, kt + 1);
+        if (kt + 1 < blk.tiles) step(HnFrSet<1>{}, kt + 1);
     }
-    if (kt < blk.tiles) step(HnFrSet<0>{}, kt);
     hn_cp_async_wait<0>();
     // acc[0][j][2h + e]: C^T's row row + 8h (n), column 8j + 2t + e (m), added into C [M][N]
 #pragma unroll
