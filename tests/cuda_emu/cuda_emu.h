@@ -13,9 +13,10 @@
 //   - cvt.rna.tf32.f32 and cvt.rn.bf16x2.f32 bit-exact (finite inputs);
 //   - wgmma.mma_async m64nNk16 .bf16 and m64nNk8 .tf32 (PTX ISA 9.7.15) as a warpgroup collective: A and B read from
 //     shared memory through their matrix descriptors (decoded by the ISA's bit fields and canonical layouts, no
-//     swizzle or the 128-byte swizzle; a tf32 element is its float32 word, low 13 bits ignored), D in the ISA's
-//     accumulator fragment order; the result reaches the registers only when a wgmma.wait_group retires its group,
-//     and the words it read may not be written before that.
+//     swizzle or the 128-byte swizzle; a tf32 element is its float32 word, low 13 bits ignored), or A (tf32) from
+//     each thread's registers in the ISA's A fragment order, D in the ISA's accumulator fragment order; the result
+//     reaches the registers only when a wgmma.wait_group retires its group, and the words it read (and A's
+//     registers) may not be written before that.
 //   - mbarrier (PTX ISA 9.7.13.15) objects of 8 bytes in dynamic shared memory: init, arrive, arrive.expect_tx,
 //     try_wait.parity (a false result lets the other threads run); a phase completes when its count of arrivals is
 //     reached and its expected transaction bytes have all completed;
