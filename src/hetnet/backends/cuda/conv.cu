@@ -892,6 +892,25 @@ extern "C" __global__ void __launch_bounds__(256) to_nhwc32x3(const float* __res
     hn_to_nhwc32<1>(x, y, n, C, HW, Cp);
 }
 
+// The K-major copy of a channels-last tf32 copy, for mma.cu's r tiles (hn_conv32_filter_fr): y[o][k] = x[k][o] for x
+// [K][O] (O a multiple of 4: x's rows are whole 16-byte chunks), y [O][ldk], ldk = K rounded up to 4, y[o][k] = 0 for
+// K <= k < ldk. A block moves 32 rows k x 32 columns o through shared memory: each warp reads 32 consecutive o of a
+// row k, then writes 32 consecutive k of a column o. Grid (ceil(ldk / 32), ceil(O / 32)), 256 threads; K O < 2^31.
+extern "C" __global__ void __launch_bounds__(256) nhwc32_t(const float* __restrict__ x, float* __restrict__ y, int K,
+                                                           int O, int ldk) {
+    __shared__ float t[32][33];
+    const int k0 = blockIdx.x * 32, o0 = blockIdx.y * 32, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int i = warp; i < 32; i += 8) {
+        const int k = k0 + i, o = o0 + lane;
+        t[i][lane] = k < K && o < O ? x[(long long)k * O + o] : 0.f;
+    }
+    __syncthreads();
+    for (int i = warp; i < 32; i += 8) {
+        const int o = o0 + i, k = k0 + lane;
+        if (o < O && k < ldk) y[(long long)o * ldk + k] = t[lane][i];
+    }
+}
+
 // The window of a tile's pixel (HnTilePixel) of z [n][C][H][W] under k x k max pooling at stride k: (p, q) the
 // window, covered whether the pixel is in one (rows h >= P k and columns w >= Q k are in none), at its position in it
 // (maxpool_fwd's argmax byte: (h - p k) k + (w - q k)), pq the pooled element's offset in [n][C][P][Q] at channel 0.

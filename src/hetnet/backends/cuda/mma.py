@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import ctypes
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from .kernels import NULL, address, gemm_operands, get_kernel, leading_dim, wgmma_ok
-from .mma_tiles import (CONV_CHOICE, LAYOUTS, PRECISIONS, TILES, TILES16, TILES16T, TILES16W, TILES32, TILES32W,
+from .mma_tiles import (CONV_CHOICE, FrTile, LAYOUTS, PRECISIONS, TILES, TILES16, TILES16T, TILES16W, TILES32, TILES32W,
                         TILES32X3, TILES32X3W, Tc16Tile, TcTile, TmaTile, tma_fits, tma_pool_fits)
 
 _i32, _i64, _f32 = np.int32, np.int64, np.float32
@@ -716,18 +716,44 @@ def plan_conv16_data(dx, dy16, wt16, relu_x, pad: int, tile: str | Tc16Tile | No
 
 
 def plan_conv16_filter(dw16, dy16, x16, stride: int, pad: int, sms: int = 132, tile: str | Tc16Tile | None = None,
-                       splits: int | None = None) -> ConvCall | None:
+                       splits: int | None = None, k_major=None) -> ConvCall | None:
     """dw16 [O, R, S, C] float32 += conv_backward_filter(dy, x) from the copies dy16 [n, P, Q, O] and x16 [n, H, W,
     C], the K sum over images x P x Q split over grid.z (`split_k_waves`, or `splits` parts) and added with
-    atomics."""
+    atomics. An r tile (FrTile) reads dy from its K-major copy instead: k_major() makes it (dy_t's layout), called
+    only for such a tile."""
     n, h, wd, c = _nhwc_shape(x16)
     o, r, s, c2 = dw16.shape
     *_, p, q = _conv_sizes((n, c, h, wd), (o, c, r, s), stride, pad)
     if (c2 != c or _nhwc_shape(dy16) != (n, p, q, o) or _copy_precision(dy16) != _copy_precision(x16)
             or not conv16_fits("filter", c, o, r, s, stride, pad, _copy_precision(x16))):
         raise ValueError(f"conv16: dy {dy16.shape}, x {x16.shape}, dw {dw16.shape} do not fit together")
-    return _call16("filter", tile, x16, dy16, None, dw16, o, r * s * c, n * p * q,
+    call = _call16("filter", tile, x16, dy16, None, dw16, o, r * s * c, n * p * q,
                    (c, h, wd, r, s, p, q, o, stride, pad), sms=sms, splits=splits)
+    if call is None or not isinstance(call.tile, FrTile):
+        return call
+    if k_major is None:
+        raise ValueError(f"conv16: the r tile {call.tile.name} reads dy's K-major copy (dy_t): give k_major")
+    dyt = k_major()
+    if tuple(dyt.shape) != (o, _k_major_ld(n * p * q)) or dyt.dtype != np.float32 or not dyt.flags.c_contiguous:
+        raise ValueError(f"conv16: dy's K-major copy {dyt.shape} is not dy_t's of dy {dy16.shape}")
+    return replace(call, w=dyt)
+
+
+def _k_major_ld(k: int) -> int:
+    """dy_t's row length for K = n P Q: K rounded up to 4 (rows of whole 16-byte chunks)."""
+    return -(-k // 4) * 4
+
+
+def dy_t(be, dy16):
+    """The K-major copy the r tiles read of the tf32 channels-last copy dy16 [n, P, Q, O]: [O, ldk], column k = (img,
+    p, q), ldk = n P Q rounded up to 4, zeros past n P Q (conv.cu's nhwc32_t)."""
+    o = dy16.shape[-1]
+    k = dy16.size // max(o, 1)
+    out = be.xp.empty((o, _k_major_ld(k)), dtype=np.float32)
+    if out.size:
+        get_kernel(be.device_id, "conv", "nhwc32_t")((math.ceil(out.shape[1] / 32), math.ceil(o / 32)), (256,),
+                                                     (dy16, out, _i32(k), _i32(o), _i32(out.shape[1])))
+    return out
 
 
 def to_nhwc16(be, x):
@@ -962,5 +988,5 @@ def conv16_filter(be, dw, dy16, x16, stride: int, pad: int, tile: str | None = N
     o, c, r, s = dw.shape
     cp = _nhwc_shape(x16)[3]
     part = be.xp.zeros((o, r, s, cp), dtype=np.float32)
-    launch_conv(be, plan_conv16_filter(part, dy16, x16, stride, pad, be.sms, tile, splits))
+    launch_conv(be, plan_conv16_filter(part, dy16, x16, stride, pad, be.sms, tile, splits, lambda: dy_t(be, dy16)))
     be.launch("conv", "add_from_nhwc", dw.size, dw, part, _i32(o), _i32(c), _i32(r * s), _i32(cp))
