@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from conftest import RTOL_EMULATED
 from emu_build import build_emulated
-from mma_cases import batch_norm_sums, bf16_bits, bf16_values, nhwc16, nhwc_copy
+from mma_cases import batch_norm_sums, bf16_bits, bf16_values, dy_t_host, nhwc16, nhwc_copy
 
 from hetnet.backends import reference as ref
 from hetnet.backends.cuda import kernels, mma
@@ -146,6 +146,12 @@ extern "C" int emu_to_nhwc32(const float* x, float* y, int n, int C, int HW, int
     snprintf(err, len, "%s", msg.c_str());
     return msg.empty() ? 0 : 1;
 }
+extern "C" int emu_nhwc32_t(const float* x, float* y, int K, int O, int ldk, unsigned seed, char* err, int len) {
+    std::string msg = emu::launch({(unsigned)((ldk + 31) / 32), (unsigned)((O + 31) / 32), 1}, {256, 1, 1}, 0,
+                                  [=] { nhwc32_t(x, y, K, O, ldk); }, seed);
+    snprintf(err, len, "%s", msg.c_str());
+    return msg.empty() ? 0 : 1;
+}
 extern "C" int emu_pool_grad32(const float* dy, const unsigned char* arg, float* y, int n, int C, int H, int W,
                                int P, int Q, int k, int split, unsigned seed, char* err, int len) {
     std::string msg = emu::launch({(unsigned)((n * H * W + 31) / 32), (unsigned)((C + 63) / 64), 1}, {256, 1, 1}, 0,
@@ -199,6 +205,7 @@ def _kernels_text() -> str:
                         (conv, "template <int SPLIT>\n__device__ __forceinline__ void hn_to_nhwc32("),
                         (conv, 'extern "C" __global__ void __launch_bounds__(256) to_nhwc32('),
                         (conv, 'extern "C" __global__ void __launch_bounds__(256) to_nhwc32x3('),
+                        (conv, 'extern "C" __global__ void __launch_bounds__(256) nhwc32_t('),
                         (conv, "__device__ __forceinline__ void hn_pool_grad_tile("),
                         (conv, 'extern "C" __global__ void __launch_bounds__(256) pool_grad_nhwc16('),
                         (conv, "template <int SPLIT>\n__device__ __forceinline__ void hn_pool_grad_nhwc32("),
@@ -289,6 +296,18 @@ def test_to_nhwc16_emulated(emu, rng, shape):
     ys = np.full(want.shape, np.nan, np.float32)
     _check(emu.emu_to_nhwc32(_ptr(x), _ptr(ys), n, c, hw, 4 * want.shape[-3], 1, 5, err, 512), err)
     np.testing.assert_array_equal(ys.view(np.uint32), want.view(np.uint32))
+
+
+@pytest.mark.parametrize("k,o", [(45, 12), (64, 32), (100, 68), (3, 4)], ids=str)
+def test_nhwc32_t_emulated(emu, rng, k, o):
+    """nhwc32_t, the r tiles' K-major copy of dy: y[o][k] = x[k][o], every element of [O, ldk] written (poisoned
+    first), zeros past K; partial 32 x 32 blocks in both directions."""
+    x = rng.standard_normal((k, o)).astype(np.float32)
+    want = dy_t_host(x.reshape(1, k, 1, o))
+    y = np.full(want.shape, np.nan, np.float32)
+    err = ctypes.create_string_buffer(512)
+    _check(emu.emu_nhwc32_t(_ptr(x), _ptr(y), k, o, want.shape[1], 3, err, 512), err)
+    np.testing.assert_array_equal(y, want)
 
 
 @pytest.mark.parametrize("shape,k", [((2, 6, 11, 9), 2), ((1, 70, 7, 7), 2), ((2, 8, 8, 11), 3), ((1, 66, 4, 4), 2),
