@@ -278,8 +278,7 @@ def fr_tile(bm: int, bn: int, stages: int, min_blocks: int = 1) -> FrTile:
 # At tf32 (float32 copies rounded to tf32): the forward, data gradient and pooled forward on wgmma (sm_90a only); the
 # filter gradient on mma.sync (TILES32) and on wgmma with x's fragments in registers (the "r" tiles: tf32 wgmma reads
 # operands from shared memory K-major only, and both of the filter gradient's are stored along K, so x comes from
-# registers and dy from a K-major copy). The r tiles won every cifar-wide layer in the sandbox (1.33-1.41x on the
-# H100): 128 x 128 on two blocks an SM for 128 output channels, 256 x 128 for 256.
+# registers and dy from a K-major copy): 128 x 128 on two blocks an SM for 128 output channels, 256 x 128 for 256.
 TILES32W = {"fwd": tuple(wgmma_tile(*a, precision="tf32") for a in ((128, 256, 4), (128, 128, 4), (64, 256, 4, 128),
                                                                     (128, 128, 3, None, 2))),
             "filter": (fr_tile(128, 128, 3, 2), fr_tile(256, 128, 4))}
