@@ -1622,27 +1622,19 @@ __device__ __forceinline__ void hn_conv16w_filter(unsigned char* smem, const uns
 //     a warp's rows 16w + g (+8) at k = t (+4), words 8 (k + ...) + g + const mod 32 under the row stride of
 //     BN + 8 = 8 mod 32 words, so no bank conflicts; 16 LDS a K tile of 32, for 4 wgmma.
 //   - wgmma's B from a K-major copy of dy, dyt [O][ldk] (ldk = K rounded up to 4, zeros past K; float32 already
-//     rounded to tf32; mma.dy_t), copied by cp.async in 16-byte chunks under the 128-byte swizzle
+//     rounded to tf32; mma.to_nhwc k_major), copied by cp.async in 16-byte chunks under the 128-byte swizzle
 //     (HnSwizzle128T<float>, rows o of 32 k). wgmma reads tf32 operands K-major only, and the channels-last dy is
 //     MN-major: dyt is the one operand stored the other way.
 // So a K tile has no transposing pass and a quarter of the mma.sync tile's loads (hn_gemm_tf32_tile reads 128 for 128
 // mma.sync of a 64 x 64 warp tile).
 // Pipeline (hn_wgmma_pipeline's with one wgmma group in flight): K tile kt waits for its copies, fences the async
-// proxy, meets the barrier (every warpgroup's wgmma of kt - 2 retired, so stage (kt - 2) % STAGES is free), issues the
-// copies of kt + STAGES - 2 into it, loads its fragments into register set kt % 2 (the set of kt - 2, retired), then
-// its 4 wgmma and a wait until one group is pending (none after the last tile). The K loop runs two tiles an
-// iteration so that the register set is a compile-time index. (ptxas waits for every group before the back edge,
-// C7517, where the paths of the conditional second tile join: every other K tile's wgmma does not overlap the next
-// tile's loads. Peeling an odd last tile out of the loop removes that wait, but spills at 128 registers.) WGN
-// warpgroups take 64 rows (r, s, c) each and all BM columns o; the K sum split over blockIdx.z and added with
-// atomics. hn_block's m0 / n0 are the o / (r, s, c) starts (the planner's M = O, N = R S C).
-//
-// A register set's index as a type, so that a generic lambda's a[P] is a compile-time index.
-template <int P>
-struct HnFrSet {
-    static constexpr int value = P;
-};
-
+// proxy, waits until one wgmma group is pending, meets the barrier (every warpgroup's wgmma of kt - 2 retired, so
+// stage (kt - 2) % STAGES is free) and issues the copies of kt + STAGES - 2 into it. Its 4 K steps run as two groups
+// of 2 wgmma, each reading its own register set, loaded once the group that read that set before (the previous
+// tile's same half) has retired: 16 registers of fragments, the wait the same at every K tile (no branch for ptxas
+// to join with a group pending, where it would wait for all, C7517). WGN warpgroups take 64 rows (r, s, c) each and
+// all BM columns o; the K sum split over blockIdx.z and added with atomics. hn_block's m0 / n0 are the o / (r, s, c)
+// starts (the planner's M = O, N = R S C).
 template <int WGN, int BM, int STAGES>
 __device__ __forceinline__ void hn_conv32_filter_fr(unsigned char* smem, const float* dyt, const float* x, float* dw,
                                                     int M, int N, int K, int splits, int kchunk, const HnConv& cv) {
@@ -1659,7 +1651,7 @@ __device__ __forceinline__ void hn_conv32_filter_fr(unsigned char* smem, const f
     const int ldk = (K + 3) & ~3;
     float acc[1][BM / 8][4];
     hn_zero(acc);
-    unsigned a[2][4][4];                                     // register set, K step, fragment
+    unsigned a[2][2][4];                                     // register set (half tile), K step, fragment
     const HnTapDivs dv = {hn_div_of(cv.c), hn_div_of(cv.s), hn_div_of(cv.p * cv.q), hn_div_of(cv.q)};
 
     auto issue = [&](int kt) {
@@ -1668,38 +1660,38 @@ __device__ __forceinline__ void hn_conv32_filter_fr(unsigned char* smem, const f
         hn_copy16_tile<BM, 8, HnSwizzle128T<float>, THREADS>(s, dyt, ldk, blk.m0, M, k0, blk.kend, tid);
         hn_nhwc_copy_x_taps<BK, BN / 4, HnRowTile<RX>, THREADS>(s + EB, x, cv, blk.n0, N, dv, k0, blk.kend, tid);
     };
-    auto step = [&](auto set, int kt) {
-        constexpr int P = decltype(set)::value;
+    hn_pipeline_fill<AHEAD + 1>(blk.tiles, issue);
+    // K tile kt: two halves h of 2 K steps, each its own wgmma group reading register set a[h]; before a set is
+    // loaded, the group that read it last (the previous tile's half h) has retired: at most one group is pending.
+#pragma unroll 1
+    for (int kt = 0; kt < blk.tiles; ++kt) {
         hn_cp_async_wait<AHEAD - 1>();
         hn_fence_proxy_async();
+        hn_wgmma_wait<1>();
         __syncthreads();
         if (kt + AHEAD < blk.tiles) issue(kt + AHEAD);
         hn_cp_async_commit();
         const float* s = st + (kt % STAGES) * SS;
         const float* xs = s + EB + t * RX + row;
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk) {
-            a[P][kk][0] = hn_bits(hn_lds(xs + 8 * kk * RX));
-            a[P][kk][1] = hn_bits(hn_lds(xs + 8 * kk * RX + 8));
-            a[P][kk][2] = hn_bits(hn_lds(xs + (8 * kk + 4) * RX));
-            a[P][kk][3] = hn_bits(hn_lds(xs + (8 * kk + 4) * RX + 8));
-        }
         const unsigned long long db = hn_wgmma_desc(s);   // K step kk 32 bytes (2 units) on
-        hn_wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < 4; ++kk) hn_wgmma_tf32_ra<BM>(acc[0], a[P][kk], hn_wgmma_desc_add(db, 2 * kk));
-        hn_wgmma_commit();
-        if (kt + 1 < blk.tiles)
-            hn_wgmma_wait<1>();
-        else
-            hn_wgmma_wait<0>();
-    };
-    hn_pipeline_fill<AHEAD + 1>(blk.tiles, issue);
-#pragma unroll 1
-    for (int kt = 0; kt < blk.tiles; kt += 2) {
-        step(HnFrSet<0>{}, kt);
-        if (kt + 1 < blk.tiles) step(HnFrSet<1>{}, kt + 1);
+        for (int h = 0; h < 2; ++h) {
+            if (h) hn_wgmma_wait<1>();
+#pragma unroll
+            for (int u = 0; u < 2; ++u) {
+                const int kk = 2 * h + u;
+                a[h][u][0] = hn_bits(hn_lds(xs + 8 * kk * RX));
+                a[h][u][1] = hn_bits(hn_lds(xs + 8 * kk * RX + 8));
+                a[h][u][2] = hn_bits(hn_lds(xs + (8 * kk + 4) * RX));
+                a[h][u][3] = hn_bits(hn_lds(xs + (8 * kk + 4) * RX + 8));
+            }
+            hn_wgmma_fence();
+#pragma unroll
+            for (int u = 0; u < 2; ++u) hn_wgmma_tf32_ra<BM>(acc[0], a[h][u], hn_wgmma_desc_add(db, 2 * (2 * h + u)));
+            hn_wgmma_commit();
+        }
     }
+    hn_wgmma_wait<0>();
     hn_cp_async_wait<0>();
     // acc[0][j][2h + e]: C^T's row row + 8h (n), column 8j + 2t + e (m), added into C [M][N]
 #pragma unroll
@@ -2368,8 +2360,9 @@ extern "C" __global__ void hn_tma_probe(const __grid_constant__ HnTensorMap map,
     }
 
 // HN_CONV32FR(hn_conv32_filter_w128x128s3b2r, 2, 128, 3, 2): the r filter gradient (hn_conv32_filter_fr) with
-// HN_CONV32F's arguments but Wt = dyt [O][ldk] (mma.dy_t), WGN warpgroups of 64 rows (r, s, c) x BM columns o, ST
-// stages, MINB blocks an SM; shared memory ST x (BM + 64 WGN + 8) x 32 x 4 bytes and 1 KB to align them.
+// HN_CONV32F's arguments but Wt = dyt [O][ldk] (mma.to_nhwc k_major, or mma.dy_t), WGN warpgroups of 64 rows (r, s,
+// c) x BM columns o, ST stages, MINB blocks an SM; shared memory ST x (BM + 64 WGN + 8) x 32 x 4 bytes and 1 KB to
+// align them.
 #define HN_CONV32FR(name, WGN, BM, ST, MINB)                                                                      \
     extern "C" __global__ void __launch_bounds__(128 * WGN, MINB) name(                                          \
         const float* __restrict__ B, const float* __restrict__ Wt, const float* __restrict__ AUX,                 \
