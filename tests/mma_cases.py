@@ -187,6 +187,16 @@ CONV32_SHAPES = [(2, 4, 7, 9, 12, 3, 3, 1, 1), (1, 12, 6, 6, 72, 1, 1, 1, 0), (3
 POOL32_SHAPES = [(2, 4, 7, 9, 12, 3, 3, 1, 1), (2, 20, 5, 7, 132, 3, 3, 2, 0)]
 
 
+def dy_t_host(dy16):
+    """mma.dy_t's K-major copy of a tf32 channels-last copy dy16 [n, P, Q, O], on the host: [O, ldk], column k = (img,
+    p, q), ldk = n P Q rounded up to 4, zeros past n P Q."""
+    o = dy16.shape[-1]
+    k = dy16.size // o
+    out = np.zeros((o, -(-k // 4) * 4), np.float32)
+    out[:, :k] = dy16.reshape(k, o).T
+    return out
+
+
 def split_copy(a):
     """The split copy of float32 a [..., C] (C a multiple of 4) as the fp32 kernels read it: each value as hi =
     tf32(v) and lo = tf32(v - hi), each chunk of 4 channels as its hi chunk then its lo chunk: [..., C / 4, 2, 4]."""

@@ -553,15 +553,14 @@ def test_benchmark_scripts_import_without_a_gpu_and_wrap_the_harness(monkeypatch
     scripts = sorted(p.relative_to(REPO / "benchmarks").as_posix() for p in (REPO / "benchmarks").rglob("*.py"))
     assert scripts == ["cifar_speedrun.py", "conv_algos.py", "cpu_step.py", "fashion_recipes.py", "kernels/ab_step.py",
                        "kernels/conv16_halo.py", "kernels/conv16_mc.py", "kernels/conv16_ws.py",
-                       "kernels/conv32_fr.py", "kernels/conv32_fv.py", "kernels/conv32_fx.py",
-                       "kernels/conv_variants.py",
+                       "kernels/conv32_fv.py", "kernels/conv32_fx.py", "kernels/conv_variants.py",
                        "kernels/gelu_fit.py", "kernels/host_overhead.py", "kernels/ncu_table.py",
                        "kernels/profile_step.py",
                        "kernels/run_conv_small.py", "kernels/run_conv_variants.py", "kernels/run_tc_conv_nhwc.py",
                        "kernels/run_tc_gemm.py", "kernels/time_cl_tiles.py", "kernels/time_pool_grad.py",
                        "kernels/wgmma_sandbox.py", "precision_accuracy.py", "relu_flips.py", "scaling.py"]
     libraries = ("kernels/conv_variants.py", "kernels/conv16_ws.py", "kernels/conv16_halo.py", "kernels/conv16_mc.py",
-                 "kernels/conv32_fr.py", "kernels/conv32_fv.py", "kernels/conv32_fx.py", "kernels/wgmma_sandbox.py")
+                 "kernels/conv32_fv.py", "kernels/conv32_fx.py", "kernels/wgmma_sandbox.py")
     for name in scripts:
         if name in libraries:              # the sandbox's tile tables and their module builder, read by runners
             continue

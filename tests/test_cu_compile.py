@@ -37,10 +37,9 @@ HALO_SANDBOX = "conv16_halo"       # benchmarks/kernels: the bf16 wgmma tiles re
 MC_SANDBOX = "conv16_mc"           # benchmarks/kernels: the filter gradient in clusters of two (sm_90 and later only)
 FX_SANDBOX = "conv32_fx"           # benchmarks/kernels: the tf32 filter gradient on wgmma through a transposing stage
 FV_SANDBOX = "conv32_fv"           # benchmarks/kernels: the tf32 filter gradient on mma.sync from row tables
-FR_SANDBOX = "conv32_fr"           # benchmarks/kernels: the tf32 filter gradient on wgmma, x's fragments in registers
-SANDBOXES = (SANDBOX, NHWC_SANDBOX, WS_SANDBOX, POOL_SANDBOX, HALO_SANDBOX, FX_SANDBOX, FV_SANDBOX, FR_SANDBOX)
+SANDBOXES = (SANDBOX, NHWC_SANDBOX, WS_SANDBOX, POOL_SANDBOX, HALO_SANDBOX, FX_SANDBOX, FV_SANDBOX)
 ARCHS = ("sm_80", "sm_90")
-WGMMA = ("mma", WS_SANDBOX, HALO_SANDBOX, FX_SANDBOX, FR_SANDBOX)   # also built for sm_90a (kernels.compile_module): the wgmma code
+WGMMA = ("mma", WS_SANDBOX, HALO_SANDBOX, FX_SANDBOX)   # also built for sm_90a (kernels.compile_module): the wgmma code
 CLUSTER_JOBS = ((MC_SANDBOX, "sm_90"), (MC_SANDBOX, "sm_90a"))   # (clusters: no sm_80 build)
 
 
@@ -58,7 +57,7 @@ def _text(name: str) -> str:
     if name == SANDBOX:
         run = _runner()
         return run.sandbox_text(run.VARIANTS)
-    if name in (WS_SANDBOX, HALO_SANDBOX, MC_SANDBOX, FX_SANDBOX, FV_SANDBOX, FR_SANDBOX):
+    if name in (WS_SANDBOX, HALO_SANDBOX, MC_SANDBOX, FX_SANDBOX, FV_SANDBOX):
         return _runner(name).source_text()
     if name in (NHWC_SANDBOX, POOL_SANDBOX):
         return (ROOT / "benchmarks" / "kernels" / f"{name}.cu").read_text()

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from conftest import RTOL_EMULATED
 from emu_build import build_emulated
-from mma_cases import batch_norm_sums, bf16_bits, bf16_values, nhwc16, nhwc_copy
+from mma_cases import batch_norm_sums, bf16_bits, bf16_values, dy_t_host, nhwc16, nhwc_copy
 
 from hetnet.backends import reference as ref
 from hetnet.backends.cuda import kernels, mma
@@ -138,20 +138,27 @@ extern "C" int emu_conv_small(const float* x, const float* w, const float* b, vo
     snprintf(err, len, "%s", msg.c_str());
     return msg.empty() ? 0 : 1;
 }
-extern "C" int emu_to_nhwc32(const float* x, float* y, int n, int C, int HW, int Cp, int split, unsigned seed,
-                             char* err, int len) {
+extern "C" int emu_to_nhwc32(const float* x, float* y, int n, int C, int HW, int Cp, int split, float* yt, int ldk,
+                             unsigned seed, char* err, int len) {
     std::string msg = emu::launch({(unsigned)((n * HW + 31) / 32), (unsigned)((Cp + 63) / 64), 1}, {256, 1, 1}, 0,
-                                  [=] { split ? to_nhwc32x3(x, y, n, C, HW, Cp) : to_nhwc32(x, y, n, C, HW, Cp); },
-                                  seed);
+                                  [=] {
+                                      split ? to_nhwc32x3(x, y, n, C, HW, Cp) : to_nhwc32(x, y, n, C, HW, Cp, yt, ldk);
+                                  }, seed);
+    snprintf(err, len, "%s", msg.c_str());
+    return msg.empty() ? 0 : 1;
+}
+extern "C" int emu_nhwc32_t(const float* x, float* y, int K, int O, int ldk, unsigned seed, char* err, int len) {
+    std::string msg = emu::launch({(unsigned)((ldk + 31) / 32), (unsigned)((O + 31) / 32), 1}, {256, 1, 1}, 0,
+                                  [=] { nhwc32_t(x, y, K, O, ldk); }, seed);
     snprintf(err, len, "%s", msg.c_str());
     return msg.empty() ? 0 : 1;
 }
 extern "C" int emu_pool_grad32(const float* dy, const unsigned char* arg, float* y, int n, int C, int H, int W,
-                               int P, int Q, int k, int split, unsigned seed, char* err, int len) {
+                               int P, int Q, int k, int split, float* yt, int ldk, unsigned seed, char* err, int len) {
     std::string msg = emu::launch({(unsigned)((n * H * W + 31) / 32), (unsigned)((C + 63) / 64), 1}, {256, 1, 1}, 0,
                                   [=] {
                                       split ? pool_grad_nhwc32x3(dy, arg, y, n, C, H, W, P, Q, k)
-                                            : pool_grad_nhwc32(dy, arg, y, n, C, H, W, P, Q, k);
+                                            : pool_grad_nhwc32(dy, arg, y, n, C, H, W, P, Q, k, yt, ldk);
                                   }, seed);
     snprintf(err, len, "%s", msg.c_str());
     return msg.empty() ? 0 : 1;
@@ -195,10 +202,12 @@ def _kernels_text() -> str:
                         (common, "__device__ __forceinline__ float2 hn_split_tf32("),
                         (common, "__device__ __forceinline__ long long hn_split_at("),
                         (common, "template <int SPLIT = 0>\n__device__ __forceinline__ void hn_store_nhwc32_tile("),
+                        (common, "__device__ __forceinline__ void hn_store_kmajor32_tile("),
                         (conv, 'extern "C" __global__ void __launch_bounds__(256) to_nhwc16('),
                         (conv, "template <int SPLIT>\n__device__ __forceinline__ void hn_to_nhwc32("),
                         (conv, 'extern "C" __global__ void __launch_bounds__(256) to_nhwc32('),
                         (conv, 'extern "C" __global__ void __launch_bounds__(256) to_nhwc32x3('),
+                        (conv, 'extern "C" __global__ void __launch_bounds__(256) nhwc32_t('),
                         (conv, "__device__ __forceinline__ void hn_pool_grad_tile("),
                         (conv, 'extern "C" __global__ void __launch_bounds__(256) pool_grad_nhwc16('),
                         (conv, "template <int SPLIT>\n__device__ __forceinline__ void hn_pool_grad_nhwc32("),
@@ -281,14 +290,32 @@ def test_to_nhwc16_emulated(emu, rng, shape):
     # to_nhwc32: the float32 copy rounded to tf32 (to nearest, ties away: the first values are ties), padded to a
     # multiple of 4 (the kernel takes any Cp >= C)
     x.reshape(-1)[:4] = np.array([0x3F801000, 0x3F803000, 0xBF801000, 0x3F80FFFF], np.uint32).view(np.float32)
+    # multiple of 4 (the kernel takes any Cp >= C); then with the K-major copy beside it (the r tiles' dy_t: every
+    # element written, zeros past the n HW pixels)
     want = nhwc_copy(x, "tf32")
-    y32 = np.full(want.shape, np.nan, np.float32)
-    _check(emu.emu_to_nhwc32(_ptr(x), _ptr(y32), n, c, hw, want.shape[-1], 0, 5, err, 512), err)
-    np.testing.assert_array_equal(y32.view(np.uint32), want.view(np.uint32))
+    want_t = dy_t_host(want)
+    for yt in (None, np.full(want_t.shape, np.nan, np.float32)):
+        y32 = np.full(want.shape, np.nan, np.float32)
+        _check(emu.emu_to_nhwc32(_ptr(x), _ptr(y32), n, c, hw, want.shape[-1], 0, yt if yt is None else _ptr(yt),
+                                 want_t.shape[1], 5, err, 512), err)
+        np.testing.assert_array_equal(y32.view(np.uint32), want.view(np.uint32))
+    np.testing.assert_array_equal(yt.view(np.uint32), want_t.view(np.uint32))
     want = nhwc_copy(x, "fp32")             # to_nhwc32x3: the split copy of fp32 [..., Cp / 4, 2, 4]
     ys = np.full(want.shape, np.nan, np.float32)
-    _check(emu.emu_to_nhwc32(_ptr(x), _ptr(ys), n, c, hw, 4 * want.shape[-3], 1, 5, err, 512), err)
+    _check(emu.emu_to_nhwc32(_ptr(x), _ptr(ys), n, c, hw, 4 * want.shape[-3], 1, None, 0, 5, err, 512), err)
     np.testing.assert_array_equal(ys.view(np.uint32), want.view(np.uint32))
+
+
+@pytest.mark.parametrize("k,o", [(45, 12), (64, 32), (100, 68), (3, 4)], ids=str)
+def test_nhwc32_t_emulated(emu, rng, k, o):
+    """nhwc32_t, the r tiles' K-major copy of dy: y[o][k] = x[k][o], every element of [O, ldk] written (poisoned
+    first), zeros past K; partial 32 x 32 blocks in both directions."""
+    x = rng.standard_normal((k, o)).astype(np.float32)
+    want = dy_t_host(x.reshape(1, k, 1, o))
+    y = np.full(want.shape, np.nan, np.float32)
+    err = ctypes.create_string_buffer(512)
+    _check(emu.emu_nhwc32_t(_ptr(x), _ptr(y), k, o, want.shape[1], 3, err, 512), err)
+    np.testing.assert_array_equal(y, want)
 
 
 @pytest.mark.parametrize("shape,k", [((2, 6, 11, 9), 2), ((1, 70, 7, 7), 2), ((2, 8, 8, 11), 3), ((1, 66, 4, 4), 2),
@@ -320,14 +347,20 @@ def test_pool_grad_nhwc16_emulated(emu, rng, shape, k):
         outv = np.full((n, h, w, c), 0xBEEF, np.uint16)
         _check(emu.emu_pool_grad16v(_ptr(nhwc16(dy)), _ptr(arg), _ptr(outv), n, c, h, w, p, q, k, 17, err, 512), err)
         np.testing.assert_array_equal(outv, want)
-    # pool_grad_nhwc32: the same gradient as the tf32 copy
-    out32 = np.full((n, h, w, c), np.nan, np.float32)
-    _check(emu.emu_pool_grad32(_ptr(dy), _ptr(arg), _ptr(out32), n, c, h, w, p, q, k, 0, 17, err, 512), err)
+    # pool_grad_nhwc32: the same gradient as the tf32 copy, then with its K-major copy (as to_nhwc32's)
     dz = ref.maxpool2d_backward(dy.astype(np.float64), cache).astype(np.float32)
-    np.testing.assert_array_equal(out32, nhwc_copy(dz, "tf32", padded=False))
+    want32 = nhwc_copy(dz, "tf32", padded=False)
+    want_t = dy_t_host(want32)
+    for yt in (None, np.full(want_t.shape, np.nan, np.float32)):
+        out32 = np.full((n, h, w, c), np.nan, np.float32)
+        _check(emu.emu_pool_grad32(_ptr(dy), _ptr(arg), _ptr(out32), n, c, h, w, p, q, k, 0,
+                                   yt if yt is None else _ptr(yt), want_t.shape[1], 17, err, 512), err)
+        np.testing.assert_array_equal(out32, want32)
+    np.testing.assert_array_equal(yt, want_t)
     if c % 4 == 0:   # pool_grad_nhwc32x3: the split copy of fp32
         outs = np.full(nhwc_copy(dz, "fp32").shape, np.nan, np.float32)
-        _check(emu.emu_pool_grad32(_ptr(dy), _ptr(arg), _ptr(outs), n, c, h, w, p, q, k, 1, 19, err, 512), err)
+        _check(emu.emu_pool_grad32(_ptr(dy), _ptr(arg), _ptr(outs), n, c, h, w, p, q, k, 1, None, 0, 19, err, 512),
+               err)
         np.testing.assert_array_equal(outs, nhwc_copy(dz, "fp32", padded=False))
 
 

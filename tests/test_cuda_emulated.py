@@ -171,6 +171,36 @@ def test_plan_at_each_precision_on_the_emulated_cuda_backend(libs, rng, monkeypa
         assert rel_err(logits, ref_logits) <= RTOL_PRECISION[precision], rel_err(logits, ref_logits)
 
 
+def test_tf32_filter_gradient_on_the_r_tiles_in_the_plan_emulated(libs, rng, monkeypatch):
+    """The tf32 plan of test_plan_at_each_precision with every filter gradient on an r tile (wgmma, dy's K-major copy)
+    gives the gradients of the same plan on the mma.sync tile within float32's tolerance (the same tf32 products
+    summed in another order; nothing else differs); each r tile's dy_t comes from the launch that writes dy's
+    channels-last copy (to_nhwc32, or pool_grad_nhwc32 after the pooling), never from a transpose (nhwc32_t)."""
+    from hetnet.backends.cuda import mma as M
+
+    route_kernels(monkeypatch, libs, wgmma=True)
+    launches = []
+    get_kernel = M.get_kernel
+    monkeypatch.setattr(M, "get_kernel", lambda d, m, name: launches.append(name) or get_kernel(d, m, name))
+    x = rng.standard_normal((BATCH, 3, 8, 8)).astype(np.float32)
+    y = rng.integers(0, 10, size=BATCH)
+    runs = {}
+    for flt in ("", "w128x128s3b2r"):
+        be = EmulatedBackend("tf32")
+        for shape, ops in [*CHOICES.items(), (DENSE, ("fwd", "data", "filter"))]:
+            be._tune.update({(op, C.Geometry(*shape).key()): "tc32" + (flt if op == "filter" else "w128x128s4")
+                             for op in ops})
+        launches.clear()
+        runs[flt] = plan_step(_model(be), x, y)
+        runs[flt] += (list(launches),)
+    (logits, grads, _), (logits_r, grads_r, made) = runs[""], runs["w128x128s3b2r"]
+    np.testing.assert_array_equal(logits_r, logits)
+    for i, g in grads.items():
+        assert rel_err(grads_r[i], g) <= RTOL[np.dtype(np.float32)], (i, rel_err(grads_r[i], g))
+    assert "nhwc32_t" not in made and "pool_grad_nhwc32" in made, made
+    assert made.count("hn_conv32_filter_w128x128s3b2r") == len(CHOICES) + 1, made
+
+
 def test_trial_outputs_are_made_once_and_dropped_by_release():
     """conv._TrialOutputs makes the trials' outputs at the first trial, hands every trial the same ones, and drops
     them at release(), which conv._choose calls before it empties the trial pool they come from (the GPU test

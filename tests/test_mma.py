@@ -26,7 +26,7 @@ from conftest import RTOL_FP32_PARTS, RTOL_TC, RTOL_TC_ROUNDED, rel_err, toleran
 from halo_cases import HALO_CASES, check_halo, sandbox
 from mma_cases import (CONV16_SHAPES, CONV32_SHAPES, CONV_SHAPES, POOL16_SHAPES, POOL32_SHAPES, SHAPES,
                        conv_data_expected, conv_data_inputs, conv_expected, conv_filter_expected, conv_filter_inputs,
-                       batch_norm_sums, bf16_bits, bf16_values, conv_inputs, expected, max_pool_2x2, nhwc16,
+                       batch_norm_sums, bf16_bits, bf16_values, conv_inputs, dy_t_host, expected, max_pool_2x2, nhwc16,
                        nhwc_copy, plan_step, pooled_cnn, round_bf16, stored, tma_choices, turned16, turned_copy)
 
 import hetnet as hn
@@ -268,6 +268,10 @@ def test_channels_last_tf32_copies(rng, precision):
         got = cupy.asnumpy(mm.to_nhwc(be, cupy.asarray(x)))
         assert got.dtype == np.float32
         np.testing.assert_array_equal(got.view(np.uint32), nhwc_copy(x, precision).view(np.uint32), f"{shape}")
+        if precision == "tf32":     # with the r tiles' K-major copy from the same launch: mma.dy_t's of the copy
+            pair = mm.to_nhwc(be, cupy.asarray(x), k_major=True)
+            np.testing.assert_array_equal(cupy.asnumpy(pair[0]).view(np.uint32), got.view(np.uint32))
+            np.testing.assert_array_equal(cupy.asnumpy(pair[1]), dy_t_host(got), f"{shape}")
     w = rng.standard_normal((12, 8, 3, 5)).astype(np.float32)
     w[0, 0, 0, 0] = np.nan
     got = cupy.asnumpy(mm.turn_weights(be, cupy.asarray(w)))
@@ -476,6 +480,10 @@ def test_pool_grad_nhwc16(rng, shape, k, precision):
     got = mm.pool_grad_nhwc(be, dy, cache[2], shape, k)
     assert got.dtype == want.dtype
     np.testing.assert_array_equal(cupy.asnumpy(got), cupy.asnumpy(want))
+    if precision == "tf32":         # with the r tiles' K-major copy from the same launch
+        got, got_t = mm.pool_grad_nhwc(be, dy, cache[2], shape, k, k_major=True)
+        np.testing.assert_array_equal(cupy.asnumpy(got), cupy.asnumpy(want))
+        np.testing.assert_array_equal(cupy.asnumpy(got_t), dy_t_host(cupy.asnumpy(want)))
     if precision == "bf16":   # from the pooled gradient already channels-last in bf16 (a batch norm's hand-over)
         got16 = mm.pool_grad16_nhwc16(be, cupy.asarray(nhwc16(cupy.asnumpy(dy))), cache[2], shape, k)
         np.testing.assert_array_equal(cupy.asnumpy(got16), cupy.asnumpy(want))

@@ -22,7 +22,8 @@ from tma_cases import SHAPES as TMA_SHAPES
 from tma_cases import run_ops as run_tma_ops
 from mma_cases import (CONV16_SHAPES, CONV32_SHAPES, CONV_SHAPES, POOL16_SHAPES, POOL32_SHAPES, SHAPES,
                        conv_data_expected, conv_data_inputs, conv_expected, conv_filter_expected, conv_filter_inputs,
-                       bf16_bits, conv_inputs, expected, max_pool_2x2, nhwc16, nhwc_copy, stored, turned_copy)
+                       bf16_bits, conv_inputs, dy_t_host, expected, max_pool_2x2, nhwc16, nhwc_copy, stored,
+                       turned_copy)
 
 from hetnet.backends.cuda import kernels
 from hetnet.backends.cuda import mma as mm
@@ -393,10 +394,9 @@ def test_conv16(emu, rng, precision, shape):
     check_cl_ops(emu, rng, precision, shape, {op: mm.tiles16(op, precision) for op in ("fwd", "filter")})
 
 
-def check_cl_ops(emu, rng, precision, shape, tiles: dict, by_name: bool = True, prepare=None):
+def check_cl_ops(emu, rng, precision, shape, tiles: dict, by_name: bool = True):
     """test_conv16's checks of the "fwd" tiles (forward and data gradient) and "filter" tiles of `tiles`, each planned
-    by its name (by_name: the tables' tiles) or given itself (a sandbox's); prepare(call): the filter gradient's call
-    as the tile runs it (a sandbox's operands), default the plan."""
+    by its name (by_name: the tables' tiles) or given itself (a sandbox's); an r tile reads dy_t's copy of dy."""
     stride, pad = shape[7:]
     for k, tile in enumerate(tiles["fwd"]):
         arg = tile.name if by_name else tile
@@ -421,9 +421,10 @@ def check_cl_ops(emu, rng, precision, shape, tiles: dict, by_name: bool = True, 
                 part0 = np.zeros((*dw0.shape[:1], *dw0.shape[2:], mm.padded_channels(c, precision)), np.float32)
                 part0[..., :c] = dw0.transpose(0, 2, 3, 1)              # [O, R, S, Cp] (x's copy padded), added into
                 part = part0.copy()
-                call = mm.plan_conv16_filter(part, nhwc_copy(dy, precision), nhwc_copy(x, precision), stride, pad,
-                                             SMS, arg, splits)
-                run_conv(emu, prepare(call) if prepare else call)
+                dy16 = nhwc_copy(dy, precision)
+                call = mm.plan_conv16_filter(part, dy16, nhwc_copy(x, precision), stride, pad, SMS, arg, splits,
+                                             lambda dy16=dy16: dy_t_host(dy16))
+                run_conv(emu, call)
                 want = conv_filter_expected(dy, x, dw0, shape, precision).transpose(0, 2, 3, 1)
                 err = rel_err(part[..., :c] - part0[..., :c], want - part0[..., :c])
                 assert err <= RTOL_EMULATED, f"filter {shape} {tile.name} splits {call.splits}: {err:.3g}"
@@ -656,49 +657,6 @@ def test_conv32_fv_tiles_do_not_ship(fv):
         assert t.name not in names and "v" in t.name and t.smem_bytes <= 227 * 1024, t
         assert t.conv_kernel("filter") not in text and t.conv_kernel("filter") in fv.source_text()
     assert "HN_CONV32FV" not in text
-
-
-# --- the tf32 filter gradient on wgmma, x's fragments in registers, dy K-major (benchmarks/kernels/conv32_fr.py) ----
-
-@pytest.fixture(scope="module")
-def fr():
-    """benchmarks/kernels/conv32_fr.py as a module."""
-    return sandbox("conv32_fr")
-
-
-@pytest.fixture(scope="module")
-def emu_fr(tmp_path_factory, fr):
-    """conv32_fr.cu (mma.cu and the fr tiles' entry points only), compiled as C++ against the emulator."""
-    return build_emulated(tmp_path_factory.mktemp("emu_fr"), "fr_emu", fr.source_text(), EMU_DIR / "gemm_launch.cpp")
-
-
-@pytest.mark.parametrize("shape", CONV32_SHAPES, ids=str)
-def test_conv32_fr(emu_fr, fr, rng, shape):
-    """The sandbox's fr tiles (wgmma m64nNk8 tf32 with x's fragments from registers, dy from its K-major copy dy_t)
-    pass test_conv16's filter-gradient checks at tf32, split and not, the emulator's checks of every shared-memory
-    access, of wgmma's async-proxy reads and of A's registers held until their wgmma retire included."""
-    check_cl_ops(emu_fr, rng, "tf32", shape, {"fwd": (), "filter": fr.TILES32FR["filter"]}, by_name=False,
-                 prepare=lambda call: fr.with_dy_t(np, call))
-
-
-def test_conv32_fr_dy_t(fr, rng):
-    """dy_t: [O, n P Q rounded up to 4], column k = (img, p, q) of the channels-last dy, zeros past n P Q."""
-    dy16 = rng.standard_normal((3, 5, 3, 12)).astype(np.float32)
-    got = fr.dy_t(np, dy16)
-    assert got.shape == (12, 48) and got.dtype == np.float32
-    np.testing.assert_array_equal(got[:, :45], dy16.reshape(45, 12).T)
-    assert not got[:, 45:].any()
-
-
-def test_conv32_fr_tiles_do_not_ship(fr):
-    """The fr tiles are none of the package's: not in its tables, their kernels not in its mma.cu, each within an
-    H100's shared memory at its blocks an SM."""
-    text = kernels.cu_text("mma")
-    names = {t.name for t in mm.tiles16("filter", "tf32")}
-    for t in fr.TILES32FR["filter"]:
-        assert t.name not in names and t.name.endswith("r") and t.smem_bytes * t.min_blocks <= 228 * 1024, t
-        assert t.conv_kernel("filter") not in text and t.conv_kernel("filter") in fr.source_text()
-    assert "HN_CONV32FR" not in text and "hn_wgmma_tf32_ra" not in text
 
 
 # --- the halo tiles that do not ship (benchmarks/kernels/conv16_halo.py, HN_CONV16H) -------------------------------

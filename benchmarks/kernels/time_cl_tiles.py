@@ -1,9 +1,8 @@
 """Time every channels-last wgmma tile -- conv.py's candidates (mma_tiles.TILES16W), the TMA-fed tiles (TILES16T) and
 the sandbox's warp-specialised "ws" tiles (conv16_ws.TILES16WS), halo "h" / "hf" tiles (conv16_halo.TILES16H) and
 filter gradients in clusters, "mc" (conv16_mc.TILES16MC), and tf32 filter gradients on wgmma through a transposing
-stage, "fx" (conv32_fx.TILES32FX), on mma.sync from row tables, "fv" (conv32_fv.TILES32FV), and on wgmma with x's
-fragments in registers, "fr" (conv32_fr.TILES32FR: dy read from its K-major copy, made before the timed launches),
-each launched from its own module -- on cifar-wide's 3x3 convolutions at batch 512 in bf16 (or tf32, fp32: --precision):
+stage, "fx" (conv32_fx.TILES32FX), and on mma.sync from row tables, "fv" (conv32_fv.TILES32FV), each launched from its
+own module -- on cifar-wide's 3x3 convolutions at batch 512 in bf16 (or tf32, fp32: --precision):
 the forward, the data gradient, the pooled forward and the filter gradient, each planned by mma.py (the h tiles then
 by conv16_halo.plan) on copies made once (mma.to_nhwc, turn_weights), so that only the kernels are timed.
 
@@ -12,11 +11,11 @@ error within RTOL_TC_ROUNDED of the norm; a tile that fails is reported, never t
 (CUDA events around back-to-back launches queued behind a spin kernel, median of several samples). --out writes the
 rows as JSON with the card, hetnet's commit and the date (hetnet.bench.common.environment). --precision tf32 or fp32
 times the shipped tf32 / fp32 tiles (wgmma forward, mma.sync filter gradient) and the halo tiles of that precision
-(on an sm_90a GPU); --no-sandbox leaves those out, --sandbox picks some (ws, halo, mc, fx, fv, fr). --out16 stores the
+(on an sm_90a GPU); --no-sandbox leaves those out, --sandbox picks some (ws, halo, mc, fx, fv). --out16 stores the
 forwards' and data gradient's outputs as bf16, as a bf16 training step does (float32 otherwise).
 
     PYTHONPATH=src python benchmarks/kernels/time_cl_tiles.py [--batch 512] [--precision bf16] [--no-sandbox]
-        [--sandbox ws,halo,mc,fx,fv,fr] [--ops fwd,filter] [--layers 128x16x16->128] [--out16] [--out tiles.json]
+        [--sandbox ws,halo,mc,fx,fv] [--ops fwd,filter] [--layers 128x16x16->128] [--out16] [--out tiles.json]
 """
 from __future__ import annotations
 
@@ -43,8 +42,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-sandbox", action="store_true", help="leave out the sandbox's tiles")
     ap.add_argument("--sandbox", default="ws,halo",
                     help="the sandboxes whose tiles are timed (ws, halo, mc: the filter gradient in clusters, "
-                         "fx: the tf32 filter gradient on wgmma, fv: on mma.sync from row tables, "
-                         "fr: on wgmma with x's fragments in registers)")
+                         "fx: the tf32 filter gradient on wgmma, fv: on mma.sync from row tables)")
     ap.add_argument("--ops", default="fwd,filter",
                     help="fwd (the forward, data gradient and pooled forward), filter (the filter gradient), or both")
     ap.add_argument("--layers", default="",
@@ -58,7 +56,6 @@ def main(argv=None) -> int:
     import conv16_halo as halo
     import conv16_mc as mc
     import conv16_ws as ws
-    import conv32_fr as fr
     import conv32_fv as fv
     import conv32_fx as fx
     from run_conv_variants import time_ms
@@ -74,7 +71,7 @@ def main(argv=None) -> int:
     bf16 = args.precision == "bf16"
     halo_fwd = halo.TILES16H["fwd"] if bf16 else [t for t in halo.TILES32H["fwd"] if t.precision == args.precision]
     picked = set(args.sandbox.split(",")) - {""}
-    if args.no_sandbox or not picked <= {"ws", "halo", "mc", "fx", "fv", "fr"}:
+    if args.no_sandbox or not picked <= {"ws", "halo", "mc", "fx", "fv"}:
         picked = set()
     ws_fwd, ws_filter = (ws.TILES16WS["fwd"], ws.TILES16WS["filter"]) if bf16 and "ws" in picked else ((), ())
     halo_filter = (halo.TILES16H["filter"] if bf16 else
@@ -84,9 +81,7 @@ def main(argv=None) -> int:
     mc_filter = mc.TILES16MC["filter"] if bf16 and "mc" in picked else ()
     fx_filter = fx.TILES32FX["filter"] if args.precision == "tf32" and "fx" in picked else ()
     fv_filter = fv.TILES32FV["filter"] if args.precision == "tf32" and "fv" in picked else ()
-    fr_filter = fr.TILES32FR["filter"] if args.precision == "tf32" and "fr" in picked else ()
-    sandbox = {"fwd": [*ws_fwd, *halo_fwd], "filter": [*ws_filter, *halo_filter, *mc_filter, *fx_filter, *fv_filter,
-                                                  *fr_filter]}
+    sandbox = {"fwd": [*ws_fwd, *halo_fwd], "filter": [*ws_filter, *halo_filter, *mc_filter, *fx_filter, *fv_filter]}
     spin = get_kernel(be.device_id, "elementwise", "hn_spin")
     rng = np.random.default_rng(0)
     rows = []
@@ -117,12 +112,19 @@ def main(argv=None) -> int:
                 return {name: call for name, call in calls.items() if tma_fits(name, call.geometry[0])}
             return calls
 
+        kept = []                         # the r tiles' K-major copy of dy, made once (outside the timed launches)
+
+        def k_major():
+            if not kept:
+                kept.append(mma.dy_t(be, dy16))
+            return kept[0]
+
         def filter_calls(tile):           # (it adds into part: the timed launches only add more)
             if isinstance(tile, (halo.HaloFilterTile, halo.HaloSyncFilterTile)):
                 return {"filter": halo.plan(mma.plan_conv16_filter(part, dy16, x16, 1, 1, be.sms, tile, 1), be.sms)}
             if isinstance(tile, TmaTile) and not tma_fits("filter", c):
                 return {}
-            return {"filter": mma.plan_conv16_filter(part, dy16, x16, 1, 1, be.sms, tile)}
+            return {"filter": mma.plan_conv16_filter(part, dy16, x16, 1, 1, be.sms, tile, k_major=k_major)}
 
         for op, outs, make_calls in (("fwd", {"fwd": y, "data": dx}, forward_calls),
                                      ("filter", {"filter": part}, filter_calls)):
@@ -134,11 +136,9 @@ def main(argv=None) -> int:
             for tile in shipped + sandbox[op]:
                 kind = ("ws" if isinstance(tile, ws.WsTile) else "mc" if isinstance(tile, mc.McTile) else
                         "fx" if isinstance(tile, fx.FxTile) else "fv" if isinstance(tile, fv.FvTile) else
-                        "fr" if isinstance(tile, fr.FrTile) else
                         "halo" if isinstance(tile, (halo.HaloTile, halo.HaloFilterTile, halo.HaloSyncFilterTile))
                         else "")
-                launch = {"ws": ws.launch, "halo": halo.launch, "mc": mc.launch, "fx": fx.launch, "fv": fv.launch,
-                          "fr": fr.launch}.get(
+                launch = {"ws": ws.launch, "halo": halo.launch, "mc": mc.launch, "fx": fx.launch, "fv": fv.launch}.get(
                     kind, mma.launch_conv)
                 calls = make_calls(tile)
                 errs = {}

@@ -1013,6 +1013,12 @@ inline void hn_wgmma_tf32(float (&d)[N / 8][4], unsigned long long da, unsigned 
     emu::wgmma<N, 8>(&d[0][0], da, db, 4, false, "wgmma.mma_async.m64nNk8.tf32");
 }
 
+// hn_wgmma_tf32 with A from this thread's registers a[0..3] (mma.cu's hn_wgmma_tf32_ra): the ISA's A fragment order.
+template <int N>
+inline void hn_wgmma_tf32_ra(float (&d)[N / 8][4], const unsigned (&a)[4], unsigned long long db) {
+    emu::wgmma<N, 8>(&d[0][0], 0, db, 4, false, "wgmma.mma_async.m64nNk8.tf32 (A in registers)", a);
+}
+
 inline unsigned hn_tf32(float x) { return emu::tf32(x); }
 inline unsigned hn_pack_bf16x2(float lo, float hi) {
     return static_cast<unsigned>(emu::bf16(lo)) | (static_cast<unsigned>(emu::bf16(hi)) << 16);

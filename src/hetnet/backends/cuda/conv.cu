@@ -873,23 +873,44 @@ extern "C" __global__ void __launch_bounds__(256) to_nhwc16(const float* __restr
 }
 
 // to_nhwc16 in tf32: y[img][p][c] = tf32(x[img][c][p]) as float32 [n][HW][Cp] (any Cp >= C, channels past C zero),
-// the operands of mma.cu's HN_CONV32W / HN_CONV32F; the same tiles (hn_store_nhwc32_tile). to_nhwc32x3: the split
-// copy [n][HW][2 Cp] of the fp32 kernels (Cp a multiple of 4).
+// the operands of mma.cu's HN_CONV32W / HN_CONV32F; the same tiles (hn_store_nhwc32_tile). Where yt is given, also
+// the K-major copy yt [Cp][ldk] of mma.cu's r tiles, yt[c][img HW + p] = y[img][p][c] (hn_store_kmajor32_tile).
+// to_nhwc32x3: the split copy [n][HW][2 Cp] of the fp32 kernels (Cp a multiple of 4).
 template <int SPLIT>
 __device__ __forceinline__ void hn_to_nhwc32(const float* __restrict__ x, float* __restrict__ y, int n, int C, int HW,
-                                             int Cp) {
+                                             int Cp, float* __restrict__ yt, int ldk) {
     __shared__ float t[64][33];
     const HnTilePixel px(n * HW, HW);
     hn_load_nhwc_tile(t, x, px, blockIdx.y * 64, C, HW);         // (0 past C)
     hn_store_nhwc32_tile<SPLIT>(t, y, blockIdx.x * 32, blockIdx.y * 64, Cp, n * HW);
+    if (yt) hn_store_kmajor32_tile(t, yt, blockIdx.x * 32, blockIdx.y * 64, Cp, ldk);
 }
 extern "C" __global__ void __launch_bounds__(256) to_nhwc32(const float* __restrict__ x, float* __restrict__ y, int n,
-                                                            int C, int HW, int Cp) {
-    hn_to_nhwc32<0>(x, y, n, C, HW, Cp);
+                                                            int C, int HW, int Cp, float* __restrict__ yt, int ldk) {
+    hn_to_nhwc32<0>(x, y, n, C, HW, Cp, yt, ldk);
 }
 extern "C" __global__ void __launch_bounds__(256) to_nhwc32x3(const float* __restrict__ x, float* __restrict__ y,
                                                               int n, int C, int HW, int Cp) {
-    hn_to_nhwc32<1>(x, y, n, C, HW, Cp);
+    hn_to_nhwc32<1>(x, y, n, C, HW, Cp, nullptr, 0);
+}
+
+// The K-major copy of a channels-last tf32 copy, for mma.cu's r tiles (hn_conv32_filter_fr): y[o][k] = x[k][o] for x
+// [K][O] (O a multiple of 4: x's rows are whole 16-byte chunks), y [O][ldk], ldk = K rounded up to 4, y[o][k] = 0 for
+// K <= k < ldk. A block moves 32 rows k x 32 columns o through shared memory: each warp reads 32 consecutive o of a
+// row k, then writes 32 consecutive k of a column o. Grid (ceil(ldk / 32), ceil(O / 32)), 256 threads; K O < 2^31.
+extern "C" __global__ void __launch_bounds__(256) nhwc32_t(const float* __restrict__ x, float* __restrict__ y, int K,
+                                                           int O, int ldk) {
+    __shared__ float t[32][33];
+    const int k0 = blockIdx.x * 32, o0 = blockIdx.y * 32, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int i = warp; i < 32; i += 8) {
+        const int k = k0 + i, o = o0 + lane;
+        t[i][lane] = k < K && o < O ? x[(long long)k * O + o] : 0.f;
+    }
+    __syncthreads();
+    for (int i = warp; i < 32; i += 8) {
+        const int o = o0 + i, k = k0 + lane;
+        if (o < O && k < ldk) y[(long long)o * ldk + k] = t[lane][i];
+    }
 }
 
 // The window of a tile's pixel (HnTilePixel) of z [n][C][H][W] under k x k max pooling at stride k: (p, q) the
@@ -948,27 +969,30 @@ extern "C" __global__ void __launch_bounds__(256) pool_grad_nhwc16(const float* 
 }
 
 // pool_grad_nhwc16 in tf32: dz as float32 [n][H][W][C] rounded to tf32 (any C), the tf32 convolutions' copy
-// (to_nhwc32's layout); pool_grad_nhwc32x3, the split copy [n][H][W][2 C] (to_nhwc32x3's, C a multiple of 4).
+// (to_nhwc32's layout), and where yt is given its K-major copy yt [C][ldk] too (to_nhwc32's); pool_grad_nhwc32x3,
+// the split copy [n][H][W][2 C] (to_nhwc32x3's, C a multiple of 4).
 template <int SPLIT>
 __device__ __forceinline__ void hn_pool_grad_nhwc32(const float* __restrict__ dy, const unsigned char* __restrict__ arg,
                                                     float* __restrict__ y, int n, int C, int H, int W, int P, int Q,
-                                                    int k) {
+                                                    int k, float* __restrict__ yt, int ldk) {
     __shared__ float t[64][33];
     const HnTilePixel px(n * H * W, H * W);
     hn_pool_grad_tile(t, dy, arg, px, blockIdx.y * 64, C, W, P, Q, k);
     hn_store_nhwc32_tile<SPLIT>(t, y, blockIdx.x * 32, blockIdx.y * 64, C, n * H * W);
+    if (yt) hn_store_kmajor32_tile(t, yt, blockIdx.x * 32, blockIdx.y * 64, C, ldk);
 }
 extern "C" __global__ void __launch_bounds__(256) pool_grad_nhwc32(const float* __restrict__ dy,
                                                                    const unsigned char* __restrict__ arg,
                                                                    float* __restrict__ y, int n, int C, int H, int W,
-                                                                   int P, int Q, int k) {
-    hn_pool_grad_nhwc32<0>(dy, arg, y, n, C, H, W, P, Q, k);
+                                                                   int P, int Q, int k, float* __restrict__ yt,
+                                                                   int ldk) {
+    hn_pool_grad_nhwc32<0>(dy, arg, y, n, C, H, W, P, Q, k, yt, ldk);
 }
 extern "C" __global__ void __launch_bounds__(256) pool_grad_nhwc32x3(const float* __restrict__ dy,
                                                                      const unsigned char* __restrict__ arg,
                                                                      float* __restrict__ y, int n, int C, int H, int W,
                                                                      int P, int Q, int k) {
-    hn_pool_grad_nhwc32<1>(dy, arg, y, n, C, H, W, P, Q, k);
+    hn_pool_grad_nhwc32<1>(dy, arg, y, n, C, H, W, P, Q, k, nullptr, 0);
 }
 
 // f(px, e) for each pixel px = (img H + h) W + w of z [n][H][W] whose gradient pooled pixel j of the n * P * Q (k x k

@@ -354,7 +354,11 @@ def _filter_tc(be, g, dy, x, dw, db):
 
 def _filter_tc16(be, g, copies, dy, dw, db, tile):
     """The filter gradient on the channels-last copies (copies: _Copies16) on `tile`, and db from dy."""
-    mma.conv16_filter(be, dw, copies("dy"), copies("x"), g.stride, g.pad, tile)
+    if mma.reads_k_major(tile):
+        dy16, dy_t = copies.k_major()
+        mma.conv16_filter(be, dw, dy16, copies("x"), g.stride, g.pad, tile, k_major=lambda: dy_t)
+    else:
+        mma.conv16_filter(be, dw, copies("dy"), copies("x"), g.stride, g.pad, tile)
     if db is not None:
         channel_sum(be, dy, db, g.n, g.k, g.p * g.q)
 
@@ -432,7 +436,8 @@ def _fits16(be, op: str, g: Geometry) -> bool:
 class _Copies16:
     """dy and x of one backward call copied channels-last (mma.to_nhwc) for the channels-last gradients: a
     measured trial makes its own (so that its time includes them); the final filter and data gradients share one
-    copy of dy once `share` is set. x16: the forward's copy of x, kept for this backward (conv_forward_kept)."""
+    copy of dy once `share` is set. x16: the forward's copy of x, kept for this backward (conv_forward_kept).
+    made["dy_t"]: dy's K-major copy for the r tiles (k_major)."""
 
     def __init__(self, be, dy, x, x16=None):
         self.be, self.src, self.share, self.made, self.x16 = be, {"dy": dy, "x": x}, False, {}, x16
@@ -445,6 +450,19 @@ class _Copies16:
         if name not in self.made:
             self.made[name] = mma.to_nhwc(self.be, self.src[name])
         return self.made[name]
+
+    def k_major(self):
+        """(dy's channels-last copy, its K-major copy) for an r tile: both from one to_nhwc launch where neither is
+        made yet, else the K-major copy transposed from the channels-last one (mma.dy_t)."""
+        if not self.share or "dy" not in self.made and self.src["dy"] is not None:
+            pair = mma.to_nhwc(self.be, self.src["dy"], k_major=True)
+            if self.share:
+                self.made["dy"], self.made["dy_t"] = pair
+            return pair
+        dy16 = self("dy")
+        if "dy_t" not in self.made:
+            self.made["dy_t"] = mma.dy_t(self.be, dy16)
+        return dy16, self.made["dy_t"]
 
     def drop(self, name: str) -> None:
         self.made.pop(name, None)
@@ -860,12 +878,15 @@ def _data16(be, g: Geometry, dy16, w, relu_x, choice: str):
     return Nchw16(dx16)
 
 
-def conv_backward16(be, g: Geometry, dy16, x, x16, w, dw, need_dx=True, relu_x=None, out16=False):
+def conv_backward16(be, g: Geometry, dy16, x, x16, w, dw, need_dx=True, relu_x=None, out16=False, dy_t=None):
     """conv_backward from dy16, the channels-last copy of dy alone (mma.to_nhwc's; no float32 dy, so no bias gradient
     here): the filter gradient (unless dw is None) and the data gradient (if need_dx) by their measured channels-last
-    choices, which must exist (conv_backward16_ready); out16: dE/dx as an Nchw16."""
+    choices, which must exist (conv_backward16_ready); out16: dE/dx as an Nchw16. dy_t: dy's K-major copy where its
+    maker wrote it (filter_reads_k_major)."""
     copies = _Copies16(be, None, x, x16)
     copies.made["dy"], copies.share = dy16, True
+    if dy_t is not None:
+        copies.made["dy_t"] = dy_t
     if dw is not None:
         _filter_tc16(be, g, copies, None, dw, None, _tile16_of("filter", _measured16(be, "filter", g)))
     if not need_dx:
@@ -875,6 +896,12 @@ def conv_backward16(be, g: Geometry, dy16, x, x16, w, dw, need_dx=True, relu_x=N
     dx = be.xp.empty((g.n, g.c, g.h, g.w), dtype=be.xp.float32)
     mma.conv16_data(be, dx, dy16, w, relu_x, g.pad, _tile16_of("data", _measured16(be, "data", g)))
     return dx
+
+
+def filter_reads_k_major(be, g: Geometry, dw) -> bool:
+    """Whether conv_backward16's filter gradient of g runs an r tile, which reads dy's K-major copy as well: then
+    dy16's maker writes that copy too (mma.pool_grad_nhwc's k_major)."""
+    return dw is not None and mma.reads_k_major(_tile16_of("filter", _measured16(be, "filter", g)))
 
 
 def conv_backward16_ready(be, g: Geometry, dw, need_dx: bool) -> bool:
@@ -1045,9 +1072,12 @@ class ConvOps:
             dy = self._c(dy)
             if db is not None:
                 channel_sum(self, dy, db, g.n, g.k, dy.shape[2] * dy.shape[3])
-            dz16 = mma.pool_grad_nhwc(self, dy, arg, z_shape, kernel)
+            dz16 = mma.pool_grad_nhwc(self, dy, arg, z_shape, kernel, filter_reads_k_major(self, g, dw))
+        dz_t = None
+        if isinstance(dz16, tuple):
+            dz16, dz_t = dz16
         return conv_backward16(self, g, dz16, x, x16, w, dw, need_dx, x if relu_mask else None,
-                               bool(grad_to_norm) and self.precision == "bf16")
+                               bool(grad_to_norm) and self.precision == "bf16", dz_t)
 
     def dense_chain_forward(self, x, layers):
         return compose.dense_chain_forward(self, x, layers)

@@ -242,6 +242,39 @@ __device__ __forceinline__ void hn_wgmma_tf32(float (&d)[N / 8][4], unsigned lon
     __trap();
 #endif
 }
+// hn_wgmma_tf32 with A from registers: a[0..3] in mma.sync m16n8k8's A fragment order per warp (warp w of the group:
+// a[0] at row 16w + g, column t (lane = 4g + t); a[1] row + 8; a[2] column + 4; a[3] both; PTX ISA 9.7.15.5.2), each
+// read as tf32; B 8 x N K-major in shared memory (db). a may not be written until the wgmma's group is retired.
+template <int N>
+__device__ __forceinline__ void hn_wgmma_tf32_ra(float (&d)[N / 8][4], const unsigned (&a)[4],
+                                                 unsigned long long db) {
+    static_assert(N == 64 || N == 128 || N == 256, "wgmma tile");
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    if constexpr (N == 64) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n64k8.f32.tf32.tf32 {" HN_R32
+                     "}, {%32, %33, %34, %35}, %36, p, 1, 1;\n}\n"
+                     : HN_D16(0), HN_D16(4)
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
+    }
+    if constexpr (N == 128) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n128k8.f32.tf32.tf32 {" HN_R64
+                     "}, {%64, %65, %66, %67}, %68, p, 1, 1;\n}\n"
+                     : HN_D16(0), HN_D16(4), HN_D16(8), HN_D16(12)
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
+    }
+    if constexpr (N == 256) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n256k8.f32.tf32.tf32 {" HN_R128
+                     "}, {%128, %129, %130, %131}, %132, p, 1, 1;\n}\n"
+                     : HN_D16(0), HN_D16(4), HN_D16(8), HN_D16(12), HN_D16(16), HN_D16(20), HN_D16(24), HN_D16(28)
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
+    }
+#else
+    __trap();
+#endif
+}
 #undef HN_R128
 #undef HN_R64
 #undef HN_R32
@@ -1581,6 +1614,105 @@ __device__ __forceinline__ void hn_conv16w_filter(unsigned char* smem, const uns
     hn_epilogue<1, WN / 8>(blk, acc, M, N, N, 1.f, 1.f, 64 * gm + 16 * ((tid >> 5) & 3), WN * gn, tid & 31);
 }
 
+// The tf32 filter gradient on wgmma with x's fragments in registers ("r" tiles, mma_tiles.FrTile; sm_90a):
+// C[M = O, N = R S C] += dy^T x over K = images x P x Q, computed as its transpose C^T[(r, s, c)][o] = sum_k X[k][(r,
+// s, c)] dy[k][o] on wgmma m64nBMk8 .tf32:
+//   - wgmma's A (64 rows (r, s, c) a warpgroup x 8 k) from registers. x is gathered as hn_conv_filter_sync gathers it
+//     (hn_nhwc_copy_x_taps: rows k of BN + 8 floats, MN-major), and each thread reads its fragments with scalar LDS:
+//     a warp's rows 16w + g (+8) at k = t (+4), words 8 (k + ...) + g + const mod 32 under the row stride of
+//     BN + 8 = 8 mod 32 words, so no bank conflicts; 16 LDS a K tile of 32, for 4 wgmma.
+//   - wgmma's B from a K-major copy of dy, dyt [O][ldk] (ldk = K rounded up to 4, zeros past K; float32 already
+//     rounded to tf32; mma.to_nhwc k_major), copied by cp.async in 16-byte chunks under the 128-byte swizzle
+//     (HnSwizzle128T<float>, rows o of 32 k). wgmma reads tf32 operands K-major only, and the channels-last dy is
+//     MN-major: dyt is the one operand stored the other way.
+// So a K tile has no transposing pass and a quarter of the mma.sync tile's loads (hn_gemm_tf32_tile reads 128 for 128
+// mma.sync of a 64 x 64 warp tile).
+// Pipeline (hn_wgmma_pipeline's with one wgmma group in flight): K tile kt waits for its copies, fences the async
+// proxy, waits until one wgmma group is pending, meets the barrier (every warpgroup's wgmma of kt - 2 retired, so
+// stage (kt - 2) % STAGES is free) and issues the copies of kt + STAGES - 2 into it. Its 4 K steps run as two groups
+// of 2 wgmma, each reading its own register set, loaded once the group that read that set before (the previous
+// tile's same half) has retired: 16 registers of fragments, the wait the same at every K tile (no branch for ptxas
+// to join with a group pending, where it would wait for all, C7517). WGN warpgroups take 64 rows (r, s, c) each and
+// all BM columns o; the K sum split over blockIdx.z and added with atomics. hn_block's m0 / n0 are the o / (r, s, c)
+// starts (the planner's M = O, N = R S C).
+template <int WGN, int BM, int STAGES>
+__device__ __forceinline__ void hn_conv32_filter_fr(unsigned char* smem, const float* dyt, const float* x, float* dw,
+                                                    int M, int N, int K, int splits, int kchunk, const HnConv& cv) {
+    constexpr int BN = 64 * WGN, BK = 32, THREADS = 128 * WGN, AHEAD = STAGES - 2;
+    constexpr int RX = BN + 8;                  // x's staging rows k (fragment reads conflict-free: RX = 8 mod 32)
+    constexpr int EB = BM * BK, SS = EB + BK * RX;   // a stage: dyt's K-major tile [BM][32], then x's [32][RX]
+    static_assert(BM % 64 == 0 && BM <= 256 && (BM * 8) % THREADS == 0 && (SS * 4) % 1024 == 0 && AHEAD >= 1,
+                  "tile: stages 1024-byte aligned, a stage filled while one is read by wgmma");
+    float* st = reinterpret_cast<float*>(hn_smem_align1024(smem));
+
+    const HnBlock blk = hn_block(nullptr, nullptr, dw, M, N, K, 0, 0, N, 0, 0, 0, 1.f, 1.f, splits, kchunk, BM, BN, BK);
+    const int tid = threadIdx.x, gn = tid / 128, lane = tid & 31, g = lane >> 2, t = lane & 3;
+    const int row = 64 * gn + 16 * ((tid >> 5) & 3) + g;     // this thread's fragment rows row, row + 8 of the tile
+    const int ldk = (K + 3) & ~3;
+    float acc[1][BM / 8][4];
+    hn_zero(acc);
+    unsigned a[2][2][4];                                     // register set (half tile), K step, fragment
+    const HnTapDivs dv = {hn_div_of(cv.c), hn_div_of(cv.s), hn_div_of(cv.p * cv.q), hn_div_of(cv.q)};
+
+    auto issue = [&](int kt) {
+        const int k0 = blk.kbeg + kt * BK;
+        float* s = st + (kt % STAGES) * SS;
+        hn_copy16_tile<BM, 8, HnSwizzle128T<float>, THREADS>(s, dyt, ldk, blk.m0, M, k0, blk.kend, tid);
+        hn_nhwc_copy_x_taps<BK, BN / 4, HnRowTile<RX>, THREADS>(s + EB, x, cv, blk.n0, N, dv, k0, blk.kend, tid);
+    };
+    hn_pipeline_fill<AHEAD + 1>(blk.tiles, issue);
+    // K tile kt: two halves h of 2 K steps, each its own wgmma group reading register set a[h]; before a set is
+    // loaded, the group that read it last (the previous tile's half h) has retired: at most one group is pending.
+#pragma unroll 1
+    for (int kt = 0; kt < blk.tiles; ++kt) {
+        hn_cp_async_wait<AHEAD - 1>();
+        hn_fence_proxy_async();
+        hn_wgmma_wait<1>();
+        __syncthreads();
+        if (kt + AHEAD < blk.tiles) issue(kt + AHEAD);
+        hn_cp_async_commit();
+        const float* s = st + (kt % STAGES) * SS;
+        const float* xs = s + EB + t * RX + row;
+        const unsigned long long db = hn_wgmma_desc(s);   // K step kk 32 bytes (2 units) on
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            if (h) hn_wgmma_wait<1>();
+#pragma unroll
+            for (int u = 0; u < 2; ++u) {
+                const int kk = 2 * h + u;
+                a[h][u][0] = hn_bits(hn_lds(xs + 8 * kk * RX));
+                a[h][u][1] = hn_bits(hn_lds(xs + 8 * kk * RX + 8));
+                a[h][u][2] = hn_bits(hn_lds(xs + (8 * kk + 4) * RX));
+                a[h][u][3] = hn_bits(hn_lds(xs + (8 * kk + 4) * RX + 8));
+            }
+            hn_wgmma_fence();
+#pragma unroll
+            for (int u = 0; u < 2; ++u) hn_wgmma_tf32_ra<BM>(acc[0], a[h][u], hn_wgmma_desc_add(db, 2 * (2 * h + u)));
+            hn_wgmma_commit();
+        }
+    }
+    hn_wgmma_wait<0>();
+    hn_cp_async_wait<0>();
+    // acc[0][j][2h + e]: C^T's row row + 8h (n), column 8j + 2t + e (m), added into C [M][N]
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int n = blk.n0 + row + 8 * h;
+        if (n >= N) continue;
+#pragma unroll
+        for (int j = 0; j < BM / 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int m = blk.m0 + 8 * j + 2 * t + e;
+                if (m >= M) continue;
+                float* p = blk.C + (static_cast<long long>(m) * N + n);
+                if (blk.atomic)
+                    hn_atomic_add(p, acc[0][j][2 * h + e]);
+                else
+                    *p = acc[0][j][2 * h + e] + hn_ld_c(p);
+            }
+    }
+}
+
 // The HnConv of a channels-last kernel's arguments (HN_CONV16 and its kin): EPI 3 the filter gradient's; 1, 2 and 4
 // the forward's, with kchunk the pooled forward's count of pooled outputs (EPI 4).
 template <int EPI>
@@ -2225,6 +2357,20 @@ extern "C" __global__ void hn_tma_probe(const __grid_constant__ HnTensorMap map,
         HN_DYNAMIC_SMEM(hn_smem);                                                                              \
         const HnConv cv = hn_conv_of<3>(AUX, C, H, W, R, S, P, Q, O, stride, pad, act);                         \
         hn_conv_filter_sync<float, BM, BN, BK, WM, WN, ST, SPLIT>(hn_smem, Wt, B, Y, M, N, K, splits, kchunk, cv); \
+    }
+
+// HN_CONV32FR(hn_conv32_filter_w128x128s3b2r, 2, 128, 3, 2): the r filter gradient (hn_conv32_filter_fr) with
+// HN_CONV32F's arguments but Wt = dyt [O][ldk] (mma.to_nhwc k_major, or mma.dy_t), WGN warpgroups of 64 rows (r, s,
+// c) x BM columns o, ST stages, MINB blocks an SM; shared memory ST x (BM + 64 WGN + 8) x 32 x 4 bytes and 1 KB to
+// align them.
+#define HN_CONV32FR(name, WGN, BM, ST, MINB)                                                                      \
+    extern "C" __global__ void __launch_bounds__(128 * WGN, MINB) name(                                          \
+        const float* __restrict__ B, const float* __restrict__ Wt, const float* __restrict__ AUX,                 \
+        float* __restrict__ Y, int M, int N, int K, int C, int H, int W, int R, int S, int P, int Q, int O,         \
+        int stride, int pad, int act, int splits, int kchunk) {                                                   \
+        HN_DYNAMIC_SMEM(hn_smem);                                                                              \
+        const HnConv cv = hn_conv_of<3>(AUX, C, H, W, R, S, P, Q, O, stride, pad, act);                         \
+        hn_conv32_filter_fr<WGN, BM, ST>(hn_smem, Wt, B, Y, M, N, K, splits, kchunk, cv);                       \
     }
 
 // --- a small convolution on bf16 tensor cores: the first layer of an image model at bf16 (conv.py's "small_tc") ------

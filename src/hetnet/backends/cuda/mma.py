@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import ctypes
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from .kernels import NULL, address, gemm_operands, get_kernel, leading_dim, wgmma_ok
-from .mma_tiles import (CONV_CHOICE, LAYOUTS, PRECISIONS, TILES, TILES16, TILES16T, TILES16W, TILES32, TILES32W,
+from .mma_tiles import (CONV_CHOICE, FrTile, LAYOUTS, PRECISIONS, TILES, TILES16, TILES16T, TILES16W, TILES32, TILES32W,
                         TILES32X3, TILES32X3W, Tc16Tile, TcTile, TmaTile, tma_fits, tma_pool_fits)
 
 _i32, _i64, _f32 = np.int32, np.int64, np.float32
@@ -716,18 +716,58 @@ def plan_conv16_data(dx, dy16, wt16, relu_x, pad: int, tile: str | Tc16Tile | No
 
 
 def plan_conv16_filter(dw16, dy16, x16, stride: int, pad: int, sms: int = 132, tile: str | Tc16Tile | None = None,
-                       splits: int | None = None) -> ConvCall | None:
+                       splits: int | None = None, k_major=None) -> ConvCall | None:
     """dw16 [O, R, S, C] float32 += conv_backward_filter(dy, x) from the copies dy16 [n, P, Q, O] and x16 [n, H, W,
     C], the K sum over images x P x Q split over grid.z (`split_k_waves`, or `splits` parts) and added with
-    atomics."""
+    atomics. An r tile (FrTile) reads dy from its K-major copy instead: k_major() makes it (dy_t's layout), called
+    only for such a tile."""
     n, h, wd, c = _nhwc_shape(x16)
     o, r, s, c2 = dw16.shape
     *_, p, q = _conv_sizes((n, c, h, wd), (o, c, r, s), stride, pad)
     if (c2 != c or _nhwc_shape(dy16) != (n, p, q, o) or _copy_precision(dy16) != _copy_precision(x16)
             or not conv16_fits("filter", c, o, r, s, stride, pad, _copy_precision(x16))):
         raise ValueError(f"conv16: dy {dy16.shape}, x {x16.shape}, dw {dw16.shape} do not fit together")
-    return _call16("filter", tile, x16, dy16, None, dw16, o, r * s * c, n * p * q,
+    call = _call16("filter", tile, x16, dy16, None, dw16, o, r * s * c, n * p * q,
                    (c, h, wd, r, s, p, q, o, stride, pad), sms=sms, splits=splits)
+    if call is None or not isinstance(call.tile, FrTile):
+        return call
+    if k_major is None:
+        raise ValueError(f"conv16: the r tile {call.tile.name} reads dy's K-major copy (dy_t): give k_major")
+    dyt = k_major()
+    if tuple(dyt.shape) != (o, _k_major_ld(n * p * q)) or dyt.dtype != np.float32 or not dyt.flags.c_contiguous:
+        raise ValueError(f"conv16: dy's K-major copy {dyt.shape} is not dy_t's of dy {dy16.shape}")
+    return replace(call, w=dyt)
+
+
+def _k_major_ld(k: int) -> int:
+    """dy_t's row length for K = n P Q: K rounded up to 4 (rows of whole 16-byte chunks)."""
+    return -(-k // 4) * 4
+
+
+def reads_k_major(tile) -> bool:
+    """Whether filter-gradient tile `tile` (a name or a tile) reads dy's K-major copy (an r tile: plan_conv16_filter's
+    k_major)."""
+    if isinstance(tile, str):
+        tile = next((t for t in tiles16("filter", "tf32") if t.name == tile), None)
+    return isinstance(tile, FrTile)
+
+
+def _k_major_copy(be, c: int, k: int):
+    """An uninitialised K-major copy [c, ldk] of a channels-last tf32 copy of c channels over k pixels."""
+    return be.xp.empty((c, _k_major_ld(k)), dtype=np.float32)
+
+
+def dy_t(be, dy16):
+    """The K-major copy the r tiles read of the tf32 channels-last copy dy16 [n, P, Q, O]: [O, ldk], column k = (img,
+    p, q), ldk = n P Q rounded up to 4, zeros past n P Q (conv.cu's nhwc32_t). to_nhwc and pool_grad_nhwc make it
+    beside the channels-last copy in the same launch (k_major): this transpose is for a copy made without it."""
+    o = dy16.shape[-1]
+    k = dy16.size // max(o, 1)
+    out = _k_major_copy(be, o, k)
+    if out.size:
+        get_kernel(be.device_id, "conv", "nhwc32_t")((math.ceil(out.shape[1] / 32), math.ceil(o / 32)), (256,),
+                                                     (dy16, out, _i32(k), _i32(o), _i32(out.shape[1])))
+    return out
 
 
 def to_nhwc16(be, x):
@@ -736,11 +776,12 @@ def to_nhwc16(be, x):
     return _to_nhwc(be, x, "bf16")
 
 
-def to_nhwc(be, x):
+def to_nhwc(be, x, k_major: bool = False):
     """x's channels-last copy at `be`'s precision, its channels C padded with zeros to Cp, a multiple of CHUNK:
     to_nhwc16 at bf16; at tf32 float32 rounded to tf32 [n, *spatial, Cp] (conv.cu's to_nhwc32); at fp32 the split
-    copy [n, *spatial, Cp / 4, 2, 4] (to_nhwc32x3)."""
-    return _to_nhwc(be, x, be.precision)
+    copy [n, *spatial, Cp / 4, 2, 4] (to_nhwc32x3). k_major (tf32 only): the pair (that copy, its K-major copy as
+    dy_t's, the r tiles' dy), both from one launch."""
+    return _to_nhwc(be, x, be.precision, k_major)
 
 
 def padded_channels(c: int, precision: str) -> int:
@@ -758,7 +799,7 @@ def _copies_at(precision: str) -> None:
         raise ValueError(f"channels-last copies exist at {' and '.join(COPY_DTYPE)}, not at {precision}")
 
 
-def _to_nhwc(be, x, precision: str):
+def _to_nhwc(be, x, precision: str, k_major: bool = False):
     _copies_at(precision)
     suffix, dtype, _ = COPIES[precision]
     n, c = x.shape[:2]
@@ -768,10 +809,22 @@ def _to_nhwc(be, x, precision: str):
     if n * hw >= 2**31 or x.dtype != np.float32 or not x.flags.c_contiguous:
         raise ValueError(f"{name}: x of shape {x.shape} must be contiguous float32 under 2^31 pixels")
     out = be.xp.empty(_copy_shape((n, *x.shape[2:], cp), precision), dtype=dtype)
+    args, out_t = _k_major_args(precision, k_major, be, cp, n * hw)
     if out.size:
         get_kernel(be.device_id, "conv", name)((math.ceil(n * hw / 32), math.ceil(cp / 64)), (256,),
-                                                (x, out, _i32(n), _i32(c), _i32(hw), _i32(cp)))
-    return out
+                                                (x, out, _i32(n), _i32(c), _i32(hw), _i32(cp), *args))
+    return (out, out_t) if k_major else out
+
+
+def _k_major_args(precision: str, k_major: bool, be, c: int, k: int):
+    """The K-major copy's kernel arguments (yt, ldk) of to_nhwc32 and pool_grad_nhwc32 (none at other precisions),
+    and that copy (None unless k_major)."""
+    if k_major and precision != "tf32":
+        raise ValueError(f"K-major copies (the r tiles' dy) exist at tf32, not at {precision}")
+    if precision != "tf32":
+        return (), None
+    out_t = _k_major_copy(be, c, k) if k_major else None
+    return (NULL, _i32(0)) if out_t is None else (out_t, _i32(out_t.shape[1])), out_t
 
 
 def pool_grad_nhwc16(be, dy, arg, z_shape, k: int):
@@ -780,19 +833,22 @@ def pool_grad_nhwc16(be, dy, arg, z_shape, k: int):
     return _pool_grad_at(be, dy, arg, z_shape, k, "bf16")
 
 
-def pool_grad_nhwc(be, dy, arg, z_shape, k: int):
+def pool_grad_nhwc(be, dy, arg, z_shape, k: int, k_major: bool = False):
     """pool_grad_nhwc16 at bf16; at tf32 and fp32 the same gradient as to_nhwc's copy (conv.cu's pool_grad_nhwc32,
-    pool_grad_nhwc32x3)."""
-    return _pool_grad_at(be, dy, arg, z_shape, k, be.precision)
+    pool_grad_nhwc32x3); k_major as to_nhwc's."""
+    return _pool_grad_at(be, dy, arg, z_shape, k, be.precision, k_major)
 
 
-def _pool_grad_at(be, dy, arg, z_shape, k: int, precision: str):
+def _pool_grad_at(be, dy, arg, z_shape, k: int, precision: str, k_major: bool = False):
     """The copy at `precision` of the pooling gradient from float32 dy (conv.cu's pool_grad_nhwc<suffix>)."""
     _copies_at(precision)
     name = "pool_grad_nhwc" + COPIES[precision][0]
     if dy.dtype != np.float32 or tuple(dy.shape) != tuple(arg.shape):
         raise ValueError(f"{name}: dy of shape {dy.shape} must be float32 of the argmax's shape {arg.shape}")
-    return _pool_grad16(name, be, dy, arg, z_shape, k, precision)
+    n, c, h, w = z_shape
+    args, out_t = _k_major_args(precision, k_major, be, c, n * h * w)
+    out = _pool_grad16(name, be, dy, arg, z_shape, k, precision, extra=args)
+    return (out, out_t) if k_major else out
 
 
 def pool_grad16_nhwc16(be, dy16, arg, z_shape, k: int):
@@ -807,11 +863,12 @@ def pool_grad16_nhwc16(be, dy16, arg, z_shape, k: int):
     return _pool_grad16("pool_grad16_nhwc16", be, dy16, arg, z_shape, k, pooled_tiles=32)
 
 
-def _pool_grad16(kernel: str, be, dy, arg, z_shape, k: int, precision: str = "bf16", pooled_tiles: int = 0):
+def _pool_grad16(kernel: str, be, dy, arg, z_shape, k: int, precision: str = "bf16", pooled_tiles: int = 0,
+                 extra: tuple = ()):
     """The channels-last copy at `precision` (COPIES) of dE/dz [n, H, W, C] of a k x k max pooling at stride k over z
-    (z_shape) from its pooled gradient dy and argmax bytes arg [n, C, P, Q], by conv.cu's `kernel`: its blocks take 32
-    pixels of z x 64 channels, or with pooled_tiles that many pooled pixels x 64 channels and their windows (a pooling
-    with no window, P or Q 0, is all zeros)."""
+    (z_shape) from its pooled gradient dy and argmax bytes arg [n, C, P, Q], by conv.cu's `kernel` (its further
+    arguments `extra`): its blocks take 32 pixels of z x 64 channels, or with pooled_tiles that many pooled pixels x
+    64 channels and their windows (a pooling with no window, P or Q 0, is all zeros)."""
     n, c, h, w = z_shape
     p, q = arg.shape[2], arg.shape[3]
     if c % COPIES[precision][2] or n * h * w >= 2**31 or not dy.flags.c_contiguous or not arg.flags.c_contiguous:
@@ -824,7 +881,7 @@ def _pool_grad16(kernel: str, be, dy, arg, z_shape, k: int, precision: str = "bf
     if out.size:
         blocks = math.ceil(n * p * q / pooled_tiles) if pooled_tiles else math.ceil(n * h * w / 32)
         get_kernel(be.device_id, "conv", kernel)((blocks, math.ceil(c / 64)), (256,), (
-            dy, arg, out, _i32(n), _i32(c), _i32(h), _i32(w), _i32(p), _i32(q), _i32(k)))
+            dy, arg, out, _i32(n), _i32(c), _i32(h), _i32(w), _i32(p), _i32(q), _i32(k), *extra))
     return out
 
 
@@ -955,12 +1012,13 @@ def conv16_data(be, dx, dy16, w, relu_x, pad: int, tile: str | None = None, out1
 
 
 def conv16_filter(be, dw, dy16, x16, stride: int, pad: int, tile: str | None = None,
-                  splits: int | None = None) -> None:
+                  splits: int | None = None, k_major=None) -> None:
     """dw [O, C, R, S] += conv_backward_filter(dy, x) from dy16 = to_nhwc(dy) and x16 = to_nhwc(x): summed
     channels-last into a zeroed scratch over x16's Cp channels (C padded: those past C are dropped), then added into
-    dw (plan_conv16_filter)."""
+    dw (plan_conv16_filter). An r tile reads dy's K-major copy: k_major() (default: dy_t of dy16)."""
     o, c, r, s = dw.shape
     cp = _nhwc_shape(x16)[3]
     part = be.xp.zeros((o, r, s, cp), dtype=np.float32)
-    launch_conv(be, plan_conv16_filter(part, dy16, x16, stride, pad, be.sms, tile, splits))
+    launch_conv(be, plan_conv16_filter(part, dy16, x16, stride, pad, be.sms, tile, splits,
+                                       k_major or (lambda: dy_t(be, dy16))))
     be.launch("conv", "add_from_nhwc", dw.size, dw, part, _i32(o), _i32(c), _i32(r * s), _i32(cp))

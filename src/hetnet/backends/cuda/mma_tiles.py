@@ -236,10 +236,52 @@ TILES16W = {"fwd": (wgmma_tile(128, 256, 4), wgmma_tile(128, 128, 4), wgmma_tile
             "filter": (wgmma_tile(128, 256, 4), wgmma_tile(128, 128, 4), wgmma_tile(64, 256, 4, 128),
                        wgmma_tile(128, 128, 3, min_blocks=2))}
 TILES16W["data"] = TILES16W["pool"] = TILES16W["fwd"]
-# At tf32 (float32 copies rounded to tf32): the forward, data gradient and pooled forward on wgmma (sm_90a only), the
-# filter gradient on mma.sync (wgmma reads tf32 operands K-major only, and its operands are both stored along K).
+
+
+@dataclass(frozen=True)
+class FrTile(Tc16Tile):
+    """A tf32 filter-gradient tile on wgmma with x's fragments in registers (mma.cu's HN_CONV32FR): bm output
+    channels o x bn columns (r, s, c), bn / 64 warpgroups each of 64 columns (r, s, c) x all bm o (m64n{bm}k8, A = x
+    gathered, from registers; B = dy from its K-major copy mma.dy_t), K tiles of 32, `stages` stages, min_blocks blocks
+    an SM. Its name is its shape's and "r"."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        assert self.precision == "tf32" and self.bk == 32 and self.bm in (64, 128, 256) and self.bn % 64 == 0, self
+        assert self.smem_bytes * self.min_blocks <= 228 * 1024, self
+
+    @property
+    def name(self) -> str:
+        return f"w{self.bm}x{self.bn}s{self.stages}" + (f"b{self.min_blocks}" if self.min_blocks > 1 else "") + "r"
+
+    @property
+    def threads(self) -> int:
+        return 128 * (self.bn // 64)
+
+    @property
+    def smem_bytes(self) -> int:
+        """`stages` stages of dy_t's tile (bm rows of 32 float32) and x's (32 rows of bn + 8 float32), and 1024 bytes to
+        align them."""
+        return self.stages * (self.bm + self.bn + 8) * 32 * 4 + 1024
+
+    def instantiation(self, op: str) -> str:
+        """mma.cu's line that defines conv_kernel(op) (the filter gradient only)."""
+        assert op == "filter", (self, op)
+        return f"HN_CONV32FR({self.conv_kernel(op)}, {self.bn // 64}, {self.bm}, {self.stages}, {self.min_blocks})"
+
+
+def fr_tile(bm: int, bn: int, stages: int, min_blocks: int = 1) -> FrTile:
+    """An fr tile of bm output channels x bn columns (r, s, c)."""
+    return FrTile(bm, bn, 32, 64, 64, stages, min_blocks, wgmma=True, precision="tf32")
+
+
+# At tf32 (float32 copies rounded to tf32): the forward, data gradient and pooled forward on wgmma (sm_90a only); the
+# filter gradient on mma.sync (TILES32) and on wgmma with x's fragments in registers (the "r" tiles: tf32 wgmma reads
+# operands from shared memory K-major only, and both of the filter gradient's are stored along K, so x comes from
+# registers and dy from a K-major copy): 128 x 128 on two blocks an SM for 128 output channels, 256 x 128 for 256.
 TILES32W = {"fwd": tuple(wgmma_tile(*a, precision="tf32") for a in ((128, 256, 4), (128, 128, 4), (64, 256, 4, 128),
-                                                                    (128, 128, 3, None, 2)))}
+                                                                    (128, 128, 3, None, 2))),
+            "filter": (fr_tile(128, 128, 3, 2), fr_tile(256, 128, 4))}
 TILES32W["data"] = TILES32W["pool"] = TILES32W["fwd"]
 # The first two are the (large, small) pair chosen between by size; further ones are measured candidates only:
 # warp tiles of 64 x 64 read 32 scalar fragments per 32 mma.sync (64 x 32: 24 per 16).
