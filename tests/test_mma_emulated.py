@@ -615,15 +615,21 @@ def test_conv32_fx(emu_fx, fx, rng, shape):
     check_cl_ops(emu_fx, rng, "tf32", shape, {"fwd": (), "filter": fx.TILES32FX["filter"]}, by_name=False)
 
 
-def test_conv32_fx_tiles_do_not_ship(fx):
-    """The fx tiles are none of the package's: not in its tables, their kernels not in its mma.cu, each within an
-    H200 block's shared memory."""
+def _tf32_filter_tiles_do_not_ship(mod, tiles, macro: str) -> None:
+    """A sandbox's tf32 filter tiles are none of the package's: not in its tables, their kernels (macro's) in the
+    sandbox's source and not in the package's mma.cu, each within a block's shared memory (227 KB)."""
     text = kernels.cu_text("mma")
     names = {t.name for t in mm.tiles16("filter", "tf32")}
-    for t in fx.TILES32FX["filter"]:
-        assert t.name not in names and t.name.endswith("x") and t.smem_bytes <= 227 * 1024, t
-        assert t.conv_kernel("filter") not in text and t.conv_kernel("filter") in fx.source_text()
-    assert "HN_CONV32FX" not in text
+    for t in tiles:
+        assert t.name not in names and t.smem_bytes <= 227 * 1024, t
+        assert t.conv_kernel("filter") not in text and t.conv_kernel("filter") in mod.source_text()
+    assert macro not in text and macro in mod.source_text()
+
+
+def test_conv32_fx_tiles_do_not_ship(fx):
+    """The fx tiles (named "...x") are none of the package's (_tf32_filter_tiles_do_not_ship)."""
+    assert all(t.name.endswith("x") for t in fx.TILES32FX["filter"])
+    _tf32_filter_tiles_do_not_ship(fx, fx.TILES32FX["filter"], "HN_CONV32FX")
 
 
 # --- the tf32 filter gradient on mma.sync from a row table, A by 8-byte loads (benchmarks/kernels/conv32_fv.py) -----
@@ -649,14 +655,9 @@ def test_conv32_fv(emu_fv, fv, rng, shape):
 
 
 def test_conv32_fv_tiles_do_not_ship(fv):
-    """The fv tiles are none of the package's: not in its tables, their kernels not in its mma.cu, each within an
-    H100's block shared memory."""
-    text = kernels.cu_text("mma")
-    names = {t.name for t in mm.tiles16("filter", "tf32")}
-    for t in fv.TILES32FV["filter"]:
-        assert t.name not in names and "v" in t.name and t.smem_bytes <= 227 * 1024, t
-        assert t.conv_kernel("filter") not in text and t.conv_kernel("filter") in fv.source_text()
-    assert "HN_CONV32FV" not in text
+    """The fv tiles (named "...v", "...ve1") are none of the package's (_tf32_filter_tiles_do_not_ship)."""
+    assert all("v" in t.name for t in fv.TILES32FV["filter"])
+    _tf32_filter_tiles_do_not_ship(fv, fv.TILES32FV["filter"], "HN_CONV32FV")
 
 
 # --- the halo tiles that do not ship (benchmarks/kernels/conv16_halo.py, HN_CONV16H) -------------------------------
