@@ -454,7 +454,7 @@ class _Copies16:
     def k_major(self):
         """(dy's channels-last copy, its K-major copy) for an r tile: both from one to_nhwc launch where neither is
         made yet, else the K-major copy transposed from the channels-last one (mma.dy_t)."""
-        if not self.share or "dy" not in self.made and self.src["dy"] is not None:
+        if not self.share or ("dy" not in self.made and self.src["dy"] is not None):
             pair = mma.to_nhwc(self.be, self.src["dy"], k_major=True)
             if self.share:
                 self.made["dy"], self.made["dy_t"] = pair
@@ -1065,17 +1065,16 @@ class ConvOps:
         if isinstance(dy, Nhwc16):          # the batch norm's hand-over (takes_dy16): the pooled gradient in bf16
             if db is not None or not direct:
                 raise ValueError("conv2d_maxpool_backward: a channels-last dy where its gradients do not run on it")
-            dz16 = mma.pool_grad16_nhwc16(self, dy.data, arg, z_shape, kernel)
+            dz16, dz_t = mma.pool_grad16_nhwc16(self, dy.data, arg, z_shape, kernel), None
         elif not direct:
             return compose.conv2d_maxpool_backward(self, dy, cache, dw, db, need_dx, relu_mask)
         else:
             dy = self._c(dy)
             if db is not None:
                 channel_sum(self, dy, db, g.n, g.k, dy.shape[2] * dy.shape[3])
-            dz16 = mma.pool_grad_nhwc(self, dy, arg, z_shape, kernel, filter_reads_k_major(self, g, dw))
-        dz_t = None
-        if isinstance(dz16, tuple):
-            dz16, dz_t = dz16
+            k_major = filter_reads_k_major(self, g, dw)      # dz's K-major copy too, in the same launch
+            dz = mma.pool_grad_nhwc(self, dy, arg, z_shape, kernel, k_major)
+            dz16, dz_t = dz if k_major else (dz, None)
         return conv_backward16(self, g, dz16, x, x16, w, dw, need_dx, x if relu_mask else None,
                                bool(grad_to_norm) and self.precision == "bf16", dz_t)
 
