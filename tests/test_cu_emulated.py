@@ -80,6 +80,16 @@ extern "C" int emu_bn_apply16(const void* x, int x16, void* y, const float* mean
     snprintf(err, len, "%s", msg.c_str());
     return msg.empty() ? 0 : 1;
 }
+// bn_apply_nhwc32: the tf32 copy, float32 [n][HW][C]
+extern "C" int emu_bn_apply32(const float* x, float* y, const float* mean, const float* var, const float* gamma,
+                               const float* beta, int n, int C, int HW, float eps, int act, unsigned seed, char* err,
+                               int len) {
+    const unsigned px = 32 * HN_NHWC16_TILES;
+    std::string msg = emu::launch({(unsigned)((n * HW + px - 1) / px), (unsigned)((C + 63) / 64), 1}, {256, 1, 1}, 0,
+                                  [=] { bn_apply_nhwc32(x, y, mean, var, gamma, beta, n, C, HW, eps, act); }, seed);
+    snprintf(err, len, "%s", msg.c_str());
+    return msg.empty() ? 0 : 1;
+}
 // dy16, x16: dy, x as bf16 bits (the "_dy16", "_x16" kernels); vec as emu_bn_apply16's
 extern "C" int emu_bn_bwd_dx16(const void* dy, int dy16, const void* x, int x16, const float* mean, const float* var,
                                 const float* gamma, const float* beta, const float* red, void* dx, int n, int C,
@@ -230,8 +240,11 @@ def _kernels_text() -> str:
                         (conv, 'extern "C" __global__ void relu_mask_inplace('),
                         (norm, "__device__ __forceinline__ float hn_bn_z("),
                         (norm, "__device__ __forceinline__ float hn_bn_value("),
-                        (norm, "template <typename X>\n__device__ __forceinline__ void bn_apply_nhwc16_body("),
+                        (norm, "__device__ __forceinline__ void hn_store_nhwc_tile(const float (&t)[64][33], unsigned"),
+                        (norm, "__device__ __forceinline__ void hn_store_nhwc_tile(const float (&t)[64][33], float"),
+                        (norm, "template <typename X, typename Y>\n__device__ __forceinline__ void bn_apply_nhwc16_body("),
                         (norm, 'extern "C" __global__ void __launch_bounds__(256, 4) bn_apply_nhwc16('),
+                        (norm, 'extern "C" __global__ void __launch_bounds__(256, 4) bn_apply_nhwc32('),
                         (norm, 'extern "C" __global__ void __launch_bounds__(256, 4) bn_apply_nhwc16_x16('),
                         (norm, "__device__ __forceinline__ float hn_bn_out_grad("),
                         (norm, "template <typename D, typename X>\n__device__ __forceinline__ void bn_bwd_dx_nhwc16_body("),
@@ -518,6 +531,38 @@ def test_bn_apply_nhwc16_emulated(emu, rng, shape, vec, act, x16):
                               hw, ctypes.c_float(eps), act, int(vec), 5, err, 512), err)
     steps = _bf16_ulps(out, nhwc16(z))
     assert steps.max() <= (1 if act == 2 else 0), f"{steps.max()} bf16 steps apart"
+    assert (steps == 0).mean() > 0.99
+
+
+@pytest.mark.parametrize("act", [0, 1, 2], ids=["none", "relu", "gelu"])
+@pytest.mark.parametrize("shape", [s for s, _ in NHWC16_CASES] + [(2, 7, 5, 3)], ids=str)
+def test_bn_apply_nhwc32_emulated(emu, rng, shape, act):
+    """bn_apply_nhwc32: bn_apply_nhwc16's value as the tf32 copy (float32 rounded to tf32, to_nhwc32's rounding),
+    every element of partial tiles (poisoned first), any C: equal bits to NumPy's float32 of the same expression so
+    rounded without an activation and with the ReLU, within one tf32 step with the GELU (erfc's float32 rounding)."""
+    import math
+
+    x = rng.standard_normal(shape).astype(np.float32) * 3 + 1
+    n, c = shape[:2]
+    hw = x.size // (n * c)
+    mean, var = rng.standard_normal(c).astype(np.float32), rng.uniform(0.5, 2, c).astype(np.float32)
+    gamma, beta = rng.standard_normal(c).astype(np.float32), rng.standard_normal(c).astype(np.float32)
+    eps = np.float32(1e-5)
+    bc = (1, c) + (1,) * (x.ndim - 2)
+    inv = (np.float32(1) / np.sqrt(var + eps)).reshape(bc)
+    z = _bn_z(x, mean.reshape(bc), inv, gamma.reshape(bc), beta.reshape(bc))
+    if act == 1:
+        z = np.maximum(z, 0)
+    if act == 2:
+        phi = np.vectorize(lambda v: 0.5 * math.erfc(-v / math.sqrt(2)))(z.astype(np.float64))
+        z = (z * phi).astype(np.float32)
+    want = nhwc_copy(z, "tf32", padded=False)
+    out = np.full(want.shape, np.nan, np.float32)
+    err = ctypes.create_string_buffer(512)
+    _check(emu.emu_bn_apply32(_ptr(x), _ptr(out), _ptr(mean), _ptr(var), _ptr(gamma), _ptr(beta), n, c, hw,
+                              ctypes.c_float(eps), act, 5, err, 512), err)
+    steps = np.abs(out.view(np.int32).astype(np.int64) - want.view(np.int32).astype(np.int64)) >> 13
+    assert steps.max() <= (1 if act == 2 else 0), f"{steps.max()} tf32 steps apart"
     assert (steps == 0).mean() > 0.99
 
 

@@ -175,13 +175,16 @@ def test_tf32_filter_gradient_on_the_r_tiles_in_the_plan_emulated(libs, rng, mon
     """The tf32 plan of test_plan_at_each_precision with every filter gradient on an r tile (wgmma, dy's K-major copy)
     gives the gradients of the same plan on the mma.sync tile within float32's tolerance (the same tf32 products
     summed in another order; nothing else differs); each r tile's dy_t comes from the launch that writes dy's
-    channels-last copy (to_nhwc32, or pool_grad_nhwc32 after the pooling), never from a transpose (nhwc32_t)."""
+    channels-last copy (to_nhwc32, or pool_grad_nhwc32 after the pooling), never from a transpose (nhwc32_t); the
+    batch norms hand the convolutions after them their tf32 copies (bn_apply_nhwc32)."""
     from hetnet.backends.cuda import mma as M
+    from hetnet.backends.cuda import norm as N
 
     route_kernels(monkeypatch, libs, wgmma=True)
     launches = []
-    get_kernel = M.get_kernel
-    monkeypatch.setattr(M, "get_kernel", lambda d, m, name: launches.append(name) or get_kernel(d, m, name))
+    for mod in (M, N):
+        monkeypatch.setattr(mod, "get_kernel", lambda d, m, name, get=mod.get_kernel: launches.append(name)
+                            or get(d, m, name))
     x = rng.standard_normal((BATCH, 3, 8, 8)).astype(np.float32)
     y = rng.integers(0, 10, size=BATCH)
     runs = {}
@@ -199,6 +202,36 @@ def test_tf32_filter_gradient_on_the_r_tiles_in_the_plan_emulated(libs, rng, mon
         assert rel_err(grads_r[i], g) <= RTOL[np.dtype(np.float32)], (i, rel_err(grads_r[i], g))
     assert "nhwc32_t" not in made and "pool_grad_nhwc32" in made, made
     assert made.count("hn_conv32_filter_w128x128s3b2r") == len(CHOICES) + 1, made
+    assert made.count("bn_apply_nhwc32") == 2, made          # both batch norms hand over their outputs
+
+
+def test_tf32_hand_overs_change_nothing_emulated(libs, rng, monkeypatch):
+    """At tf32 the batch norms' hand-overs (their outputs written as the tf32 copies the convolutions read,
+    bn_apply_nhwc32) give the logits and gradients of the same plan without them (bn_apply, then to_nhwc32) bit for
+    bit: the same value rounded the same way."""
+    from hetnet.backends.cuda import norm as N
+
+    route_kernels(monkeypatch, libs, wgmma=True)
+    launches = []
+    get_kernel = N.get_kernel
+    monkeypatch.setattr(N, "get_kernel", lambda d, m, name: launches.append(name) or get_kernel(d, m, name))
+    x = rng.standard_normal((BATCH, 3, 8, 8)).astype(np.float32)
+    y = rng.integers(0, 10, size=BATCH)
+    runs = []
+    for hand_over in (True, False):
+        if not hand_over:
+            monkeypatch.setattr(N, "takes_nhwc16", lambda *a: False)
+        be = EmulatedBackend("tf32")
+        for shape, ops in [*CHOICES.items(), (DENSE, ("fwd", "data", "filter"))]:
+            be._tune.update({(op, C.Geometry(*shape).key()): "tc32" + ("" if op == "filter" else "w128x128s4")
+                             for op in ops})
+        launches.clear()
+        runs.append(plan_step(_model(be), x, y))
+        assert launches.count("bn_apply_nhwc32") == (2 if hand_over else 0), launches
+    (logits, grads), (logits0, grads0) = runs
+    np.testing.assert_array_equal(logits, logits0)
+    for i, g in grads.items():
+        np.testing.assert_array_equal(g, grads0[i], err_msg=str(i))
 
 
 def test_trial_outputs_are_made_once_and_dropped_by_release():

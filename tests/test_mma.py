@@ -833,8 +833,8 @@ def test_captured_steps_copy_their_weights_in_one_launch(rng, monkeypatch, preci
                     assert rel_err(got[k] - before[k], v - before[k]) <= bound, (i, k)
 
 
-@pytest.mark.parametrize("act", ["gelu", "relu"])
-def test_training_with_hand_overs_equals_training_without(rng, monkeypatch, act):
+@pytest.mark.parametrize(("precision", "act"), [("bf16", "gelu"), ("bf16", "relu"), ("tf32", "relu")])
+def test_training_with_hand_overs_equals_training_without(rng, monkeypatch, precision, act):
     """bf16 training steps of conv -> BN -> act -> conv -> BN -> act -> conv -> pool -> BN -> act -> dense (act: GELU,
     or ReLU, run as the fused BN -> ReLU owning its derivative), the
     second and third convolutions' ops set as if measured on "tc16" candidates, with the batch norms handing their
@@ -849,8 +849,9 @@ def test_training_with_hand_overs_equals_training_without(rng, monkeypatch, act)
     Each step starts both models from the same state: a trajectory cannot be compared, since the filter gradients'
     split-K atomics add in any order and a last-bit change of a convolution's output can move a max pool's argmax
     (bf16 inputs make ties common), which moves the gradients by far more than rounding from the next step on (two
-    runs of the same four steps end up 1e-4 to 5e-3 apart on the H200)."""
-    be = get_backend("cuda", "bf16")
+    runs of the same four steps end up 1e-4 to 5e-3 apart on the H200). At tf32 the same with the forward's
+    hand-overs alone (the batch norms' tf32 copies, bn_apply_nhwc32), within RTOL_TC["tf32"]."""
+    be = get_backend("cuda", precision)
     x = rng.standard_normal((32, 8, 12, 12)).astype(np.float32)
     y = rng.integers(0, 4, size=32)
     outputs, grads = [], []
@@ -870,7 +871,7 @@ def test_training_with_hand_overs_equals_training_without(rng, monkeypatch, act)
     monkeypatch.setattr(be, f"bn_{act}_forward", spy)
     monkeypatch.setattr(be, f"bn_{act}_backward", spy_back)
     monkeypatch.setattr(P, "_to_norm", lambda node, be, grad=False: {})     # batch norms: float32 x and dy
-    measured = {"fwd": "tc16", "pool": "tc16", "filter": "tc16", "data": "tc16"}
+    measured = dict.fromkeys(("fwd", "pool", "filter", "data"), C.CL_PREFIX[precision])
     with _measured_as(be, (16, 16, 12, 12, 16, 3, 3, 1, 1), measured):
         models, steps = _hand_over_models(be, layer)
         for i in range(2):                    # the eager step, then the captured one
@@ -883,13 +884,13 @@ def test_training_with_hand_overs_equals_training_without(rng, monkeypatch, act)
             for k, v in want.items():
                 if not k.endswith(("running_mean", "running_var", "num_batches_tracked")):
                     err = rel_err(got[k] - before[k], v - before[k])
-                    assert err <= RTOL_TC["bf16"], (i, k, err)
+                    assert err <= RTOL_TC[precision], (i, k, err)
     # per step three BN -> acts: the first two hand their output to a convolution, the last two (the backward
-    # meets them first) their gradient to the convolution (-> pool) before them
+    # meets them first) their gradient to the convolution (-> pool) before them (bf16 only)
     handed = {takes: [isinstance(o, C.Nhwc16) for t, o in outputs if t == takes] for takes in (False, True)}
     assert handed[True] == [True, True, False] * 2 and not any(handed[False]), handed
     handed = {takes: [isinstance(d, C.Nhwc16) for t, d in grads if t == takes] for takes in (False, True)}
-    assert handed[True] == [True, True, False] * 2 and not any(handed[False]), handed
+    assert handed[True] == [precision == "bf16", precision == "bf16", False] * 2 and not any(handed[False]), handed
 
 
 def _bits_values(a):

@@ -61,6 +61,9 @@ CL_PREFIX = {"bf16": "tc16", "tf32": "tc32", "fp32": "tc32x3"}
 # activation's bytes for one copy less (two at fp32, whose copies are split). At tf32 and fp32 cifar-wide's step stays
 # within PyTorch's peak memory with it; at bf16 it would not (precision_step.json).
 KEEP_BESIDE_X = ("tf32", "fp32")
+# The precisions at which an op hands a convolution its input as the channels-last copy it reads (Nhwc16,
+# takes_nhwc16); the gradient's hand-over (takes_dy16) is bf16's alone.
+HANDS_OVER = ("bf16", "tf32")
 
 
 class Geometry:
@@ -646,8 +649,9 @@ def _measured16(be, op: str, g: Geometry) -> str | None:
 
 
 class Nhwc16:
-    """An activation handed over to a convolution as the channels-last bf16 copy its kernels read (mma.to_nhwc16's
-    layout) instead of NCHW float32: `data` [n, H, W, C] bf16 bits (uint16), `shape` the NCHW shape it stands for.
+    """An activation handed over to a convolution as the channels-last copy its kernels read (mma.to_nhwc's layout,
+    unpadded) instead of NCHW float32: `data` [n, H, W, C], bf16 bits (uint16) at bf16 or float32 rounded to tf32 at
+    tf32 (the forward's hand-over only), `shape` the NCHW shape it stands for.
     The op before makes it for its one reader, a convolution that keeps that copy (takes_nhwc16), and so does a batch
     norm's backward for the gradient of the convolution before it (takes_dy16); only the convolution forwards and
     conv2d_backward read it."""
@@ -692,15 +696,15 @@ def conv_gelu_fits(be, x, w, b, g: Geometry) -> bool:
 
 def takes_nhwc16(be, x_shape, feeds) -> bool:
     """Whether the convolution forward that `feeds` names ((w_shape, stride, padding), the op contract's hand-over;
-    None: no hand-over) reads an Nhwc16 of x_shape (N, C, H, W): at bf16, where its forward and filter gradient were
-    measured on channels-last copies (_kept16), so that it keeps x's copy, not x; C a multiple of the chunk (the
-    hand-over's copy is not padded as to_nhwc's would be)."""
-    if feeds is None or len(x_shape) != 4:
+    None: no hand-over) reads an Nhwc16 of x_shape (N, C, H, W): at bf16 and tf32, where its forward and filter
+    gradient were measured on channels-last copies (_kept16), so that it keeps x's copy, not x; C a multiple of the
+    chunk (the hand-over's copy is not padded as to_nhwc's would be)."""
+    if feeds is None or len(x_shape) != 4 or be.precision not in HANDS_OVER:
         return False
     w_shape, stride, pad = feeds
     n, c, h, wd = x_shape
     k, c2, r, s = w_shape
-    return (be.precision == "bf16" and c2 == c and c % mma.CHUNK["bf16"] == 0 and 0 < n <= mma.GRID_YZ
+    return (c2 == c and c % mma.CHUNK[be.precision] == 0 and 0 < n <= mma.GRID_YZ
             and n * h * wd < 2**31
             and _kept16(be, Geometry(n, c, h, wd, k, r, s, int(stride), int(pad))) is not None)
 

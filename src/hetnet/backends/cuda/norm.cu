@@ -214,11 +214,21 @@ HN_BN_KERNELS(bn_apply_x16, bn_apply,
 // channels x 32 pixels of the n * HW through shared memory, HN_NHWC16_TILES consecutive tiles a block (all their
 // loads in flight at once), each channel's mean, 1 / sqrt(var + eps), gamma and beta read once per block; with mean
 // null, bf16(act(x)) (a GELU on its own: elementwise.cu's gelu_fwd, the same hn_gelu). Grid (ceil(n * HW / (32
-// HN_NHWC16_TILES)), ceil(C / 64)), 256 threads; n * HW < 2^31.
+// HN_NHWC16_TILES)), ceil(C / 64)), 256 threads; n * HW < 2^31. bn_apply_nhwc32: the same in tf32, y as float32
+// [n][HW][C] rounded to tf32 (conv.cu's to_nhwc32 of y; any C).
 #define HN_NHWC16_TILES 2   // (these kernels and bn_bwd_dx_nhwc16's: bounded to 64 registers, 4+ blocks an SM)
-template <typename X>
+// A channels-last tile's store by the copy's type: bf16 pairs (unsigned) or float32 rounded to tf32.
+__device__ __forceinline__ void hn_store_nhwc_tile(const float (&t)[64][33], unsigned* __restrict__ y, int p0,
+                                                   int c0, int C, int NP) {
+    hn_store_nhwc16_tile(t, y, p0, c0, C, NP);
+}
+__device__ __forceinline__ void hn_store_nhwc_tile(const float (&t)[64][33], float* __restrict__ y, int p0,
+                                                   int c0, int C, int NP) {
+    hn_store_nhwc32_tile(t, y, p0, c0, C, NP);
+}
+template <typename X, typename Y>
 __device__ __forceinline__ void bn_apply_nhwc16_body(
-    const X* __restrict__ x, unsigned* __restrict__ y16, const float* __restrict__ mean,
+    const X* __restrict__ x, Y* __restrict__ y16, const float* __restrict__ mean,
     const float* __restrict__ var, const float* __restrict__ gamma, const float* __restrict__ beta, int n, int C,
     int HW, float eps, int act) {
     constexpr int T = HN_NHWC16_TILES;
@@ -252,13 +262,19 @@ __device__ __forceinline__ void bn_apply_nhwc16_body(
         }
     __syncthreads();
 #pragma unroll
-    for (int k = 0; k < T; ++k) hn_store_nhwc16_tile(t[k], y16, (blockIdx.x * T + k) * 32, c0, C, NP);
+    for (int k = 0; k < T; ++k) hn_store_nhwc_tile(t[k], y16, (blockIdx.x * T + k) * 32, c0, C, NP);
 }
 extern "C" __global__ void __launch_bounds__(256, 4) bn_apply_nhwc16(
     const float* __restrict__ x, unsigned* __restrict__ y16, const float* __restrict__ mean,
     const float* __restrict__ var, const float* __restrict__ gamma, const float* __restrict__ beta, int n, int C,
     int HW, float eps, int act) {
     bn_apply_nhwc16_body(x, y16, mean, var, gamma, beta, n, C, HW, eps, act);
+}
+extern "C" __global__ void __launch_bounds__(256, 4) bn_apply_nhwc32(
+    const float* __restrict__ x, float* __restrict__ y32, const float* __restrict__ mean,
+    const float* __restrict__ var, const float* __restrict__ gamma, const float* __restrict__ beta, int n, int C,
+    int HW, float eps, int act) {
+    bn_apply_nhwc16_body(x, y32, mean, var, gamma, beta, n, C, HW, eps, act);
 }
 extern "C" __global__ void __launch_bounds__(256, 4) bn_apply_nhwc16_x16(
     const unsigned short* __restrict__ x, unsigned* __restrict__ y16, const float* __restrict__ mean,

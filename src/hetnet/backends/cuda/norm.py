@@ -130,8 +130,8 @@ class NormOps:
     def _bn_forward(self, x, gamma, beta, running_mean, running_var, momentum, eps, training, act: int, reduce,
                     feeds=None, owns_act=False):
         """owns_act: the backward applies act's derivative (norm.cu's backward act), else a ReLU's is the consumer's.
-        feeds (the op contract's hand-over to a convolution): y as the channels-last bf16 copy that convolution
-        reads (Nhwc16, bn_apply_nhwc16) where it takes one (conv.takes_nhwc16) and no consumer masks by y. x may be
+        feeds (the op contract's hand-over to a convolution): y as the channels-last copy that convolution reads
+        (Nhwc16, _apply_nhwc16) where it takes one (conv.takes_nhwc16) and no consumer masks by y. x may be
         an Nchw16 (the module's docstring)."""
         x = x if isinstance(x, Nchw16) else self._c(x)
         n, c = x.shape[0], x.shape[1]
@@ -148,16 +148,18 @@ class NormOps:
 
     def _apply_nhwc16(self, x, stats, eps, act: int) -> Nhwc16:
         """act(batchnorm(x)) of x [n, C, H, W] (float32 or an Nchw16) with stats = (mean, var, gamma, beta), or act(x)
-        with stats None, written as the channels-last bf16 copy a convolution reads (norm.cu's bn_apply_nhwc16)."""
+        with stats None, written as the channels-last copy a convolution reads: in bf16 (norm.cu's bn_apply_nhwc16),
+        at tf32 float32 rounded to tf32 (bn_apply_nhwc32)."""
         n, c = x.shape[:2]
         hw = x.size // max(n * c, 1)
-        y16 = self.xp.empty((n, *x.shape[2:], c), dtype=self.xp.uint16)
+        tf32 = self.precision == "tf32"
+        y16 = self.xp.empty((n, *x.shape[2:], c), dtype=self.xp.float32 if tf32 else self.xp.uint16)
         xa, xs = _x(x)
         if y16.size:
-            v = _nhwc16_vectors(hw, c, xa, y16)
-            get_kernel(self.device_id, "norm", "bn_apply_nhwc16" + ("v" if v else "") + xs)(
-                _nhwc16_grid(n * hw, c, v), (256,),
-                (xa, y16, *(stats or (NULL,) * 4), _i32(n), _i32(c), _i32(hw), _f32(eps), _i32(act)))
+            v = not tf32 and _nhwc16_vectors(hw, c, xa, y16)
+            get_kernel(self.device_id, "norm", ("bn_apply_nhwc32" if tf32 else "bn_apply_nhwc16") + ("v" if v else "")
+                       + xs)(_nhwc16_grid(n * hw, c, v), (256,),
+                             (xa, y16, *(stats or (NULL,) * 4), _i32(n), _i32(c), _i32(hw), _f32(eps), _i32(act)))
         return Nhwc16(y16, x.shape)
 
     def _bn_backward(self, dy, cache, dgamma, dbeta, need_dx, relu_mask, inplace, grad_feeds=None):
