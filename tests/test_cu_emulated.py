@@ -114,6 +114,18 @@ extern "C" int emu_bn_bwd_dx16(const void* dy, int dy16, const void* x, int x16,
     snprintf(err, len, "%s", msg.c_str());
     return msg.empty() ? 0 : 1;
 }
+// bn_bwd_dx_nhwc32: the tf32 copy, float32 [n][HW][C]; yt (or null): its K-major copy [C][ldk]
+extern "C" int emu_bn_bwd_dx32(const float* dy, const float* x, const float* mean, const float* var,
+                                const float* gamma, const float* beta, const float* red, float* dx, float* yt, int ldk,
+                                int n, int C, int HW, float eps, int act, unsigned seed, char* err, int len) {
+    const unsigned px = 32 * HN_NHWC16_TILES;
+    std::string msg = emu::launch({(unsigned)((n * HW + px - 1) / px), (unsigned)((C + 63) / 64), 1}, {256, 1, 1}, 0,
+                                  [=] {
+        bn_bwd_dx_nhwc32(dy, x, mean, var, gamma, beta, red, dx, n, C, HW, eps, act, yt, ldk);
+    }, seed);
+    snprintf(err, len, "%s", msg.c_str());
+    return msg.empty() ? 0 : 1;
+}
 extern "C" int emu_pool_grad16(const unsigned* dy16, const unsigned char* arg, unsigned* y, int n, int C, int H,
                                int W, int P, int Q, int k, unsigned seed, char* err, int len) {
     std::string msg = emu::launch({(unsigned)((n * P * Q + 31) / 32), (unsigned)((C + 63) / 64), 1},
@@ -247,7 +259,9 @@ def _kernels_text() -> str:
                         (norm, 'extern "C" __global__ void __launch_bounds__(256, 4) bn_apply_nhwc32('),
                         (norm, 'extern "C" __global__ void __launch_bounds__(256, 4) bn_apply_nhwc16_x16('),
                         (norm, "__device__ __forceinline__ float hn_bn_out_grad("),
-                        (norm, "template <typename D, typename X>\n__device__ __forceinline__ void bn_bwd_dx_nhwc16_body("),
+                        (norm, "template <typename D, typename X, typename Y>\n__device__ __forceinline__ void "
+                               "bn_bwd_dx_nhwc16_body("),
+                        (norm, 'extern "C" __global__ void __launch_bounds__(256, 4) bn_bwd_dx_nhwc32('),
                         (norm, 'extern "C" __global__ void __launch_bounds__(256, 4) bn_bwd_dx_nhwc16('),
                         (norm, 'extern "C" __global__ void __launch_bounds__(256, 4) bn_bwd_dx_nhwc16_x16('),
                         (norm, 'extern "C" __global__ void __launch_bounds__(256, 4) bn_bwd_dx_nhwc16_dy16('),
@@ -576,11 +590,58 @@ def test_bn_bwd_dx_nhwc16_emulated(emu, rng, shape, vec, act, train, x16, dy16):
     training: scale (g - sum g / m - xhat sum g xhat / m), eval: g scale), rounded to bf16: equal bits without the
     GELU, within one bf16 step with it. x16, dy16: x, dy stored in bf16 (bn_bwd_dx_nhwc16_x16, _x16_dy16), the same
     of their values; vec: the vector versions (bn_bwd_dx_nhwc16v)."""
-    import math
-
     given, x = _stored(rng.standard_normal(shape).astype(np.float32) * 3 + 1, x16)
     dy_given, dy = _stored(rng.standard_normal(shape).astype(np.float32), dy16)
     n, c = shape[:2]
+    hw = x.size // (n * c)
+    want, args = _bn_bwd_dx_want(rng, x, dy, act, train)
+    out = np.full((n, *shape[2:], c), 0xDEAD, np.uint16)
+    err = ctypes.create_string_buffer(512)
+    _check(emu.emu_bn_bwd_dx16(_ptr(dy_given), int(dy16), _ptr(given), int(x16), *map(_ptr, args[:4]),
+                               _ptr(args[4]) if train else None, _ptr(out), n, c, hw, ctypes.c_float(args[5]), act,
+                               int(vec), 7, err, 512), err)
+    steps = _bf16_ulps(out, nhwc16(want))
+    assert steps.max() <= (1 if act == 2 else 0), f"{steps.max()} bf16 steps apart"
+    assert (steps == 0).mean() > 0.98
+
+
+@pytest.mark.parametrize("k_major", [False, True], ids=["nhwc", "k_major"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("act", [0, 1, 2], ids=["none", "relu", "gelu"])
+@pytest.mark.parametrize("shape", [s for s, _ in NHWC16_CASES] + [(2, 68, 5, 3)], ids=str)
+def test_bn_bwd_dx_nhwc32_emulated(emu, rng, shape, act, train, k_major):
+    """bn_bwd_dx_nhwc32: bn_bwd_dx_nhwc16's value as the tf32 copy (to_nhwc32's rounding), every element of partial
+    tiles (poisoned first), any C: equal bits to NumPy's float32 of bn_bwd_dx's expression so rounded without the
+    GELU, within one tf32 step (or 2^-20 of the largest, where gelu' crosses 0) with it; k_major: its K-major copy too (the r tiles' dy_t, mma.dy_t's layout), every
+    element, zeros past the n HW pixels (partial last tiles: n HW 74, 105, 27 ...)."""
+    x = rng.standard_normal(shape).astype(np.float32) * 3 + 1
+    dy = rng.standard_normal(shape).astype(np.float32)
+    n, c = shape[:2]
+    hw = x.size // (n * c)
+    want, args = _bn_bwd_dx_want(rng, x, dy, act, train)
+    want = nhwc_copy(want, "tf32", padded=False)
+    want_t = dy_t_host(want)
+    out = np.full(want.shape, np.nan, np.float32)
+    yt = np.full(want_t.shape, np.nan, np.float32) if k_major else None
+    err = ctypes.create_string_buffer(512)
+    _check(emu.emu_bn_bwd_dx32(_ptr(dy), _ptr(x), *map(_ptr, args[:4]), _ptr(args[4]) if train else None, _ptr(out),
+                               None if yt is None else _ptr(yt), want_t.shape[1], n, c, hw, ctypes.c_float(args[5]),
+                               act, 5, err, 512), err)
+    if act == 2:        # gelu'(z) crosses 0: float32's erfc against float64's, within a tf32 step or 2^-20 of the scale
+        np.testing.assert_allclose(out, want, rtol=2**-10, atol=2**-20 * np.abs(want).max())
+    else:
+        np.testing.assert_array_equal(out.view(np.uint32), want.view(np.uint32))
+    if k_major:
+        np.testing.assert_array_equal(yt.view(np.uint32), dy_t_host(out).view(np.uint32))
+
+
+def _bn_bwd_dx_want(rng, x, dy, act: int, train: bool):
+    """NumPy's float32 of norm.cu's bn_bwd_dx of x, dy (float32 [n, C, *spatial]) with random statistics: g = dy;
+    dy where z > 0; dy gelu'(z) from math.erfc; training: scale (g - sum g / m - xhat sum g xhat / m), eval: g scale;
+    and the kernels' other arguments (mean, var, gamma, beta, red, eps)."""
+    import math
+
+    n, c = x.shape[:2]
     hw = x.size // (n * c)
     mean, var = rng.standard_normal(c).astype(np.float32), rng.uniform(0.5, 2, c).astype(np.float32)
     gamma, beta = rng.standard_normal(c).astype(np.float32), rng.standard_normal(c).astype(np.float32)
@@ -605,14 +666,7 @@ def test_bn_bwd_dx_nhwc16_emulated(emu, rng, shape, vec, act, train, x16, dy16):
         want = ga * inv * (g - (red[:c] * inv_m).reshape(bc) - xhat * red[c:].reshape(bc) * inv_m)
     else:
         want = g * (ga * inv)
-    out = np.full((n, *shape[2:], c), 0xDEAD, np.uint16)
-    err = ctypes.create_string_buffer(512)
-    _check(emu.emu_bn_bwd_dx16(_ptr(dy_given), int(dy16), _ptr(given), int(x16), _ptr(mean), _ptr(var), _ptr(gamma),
-                               _ptr(beta), _ptr(red) if train else None, _ptr(out), n, c, hw, ctypes.c_float(eps), act,
-                               int(vec), 7, err, 512), err)
-    steps = _bf16_ulps(out, nhwc16(want.astype(np.float32)))
-    assert steps.max() <= (1 if act == 2 else 0), f"{steps.max()} bf16 steps apart"
-    assert (steps == 0).mean() > 0.98
+    return want.astype(np.float32), (mean, var, gamma, beta, red, eps)
 
 
 @pytest.mark.parametrize("wide", [False, True], ids=["i32", "i64"])

@@ -205,29 +205,39 @@ def test_tf32_filter_gradient_on_the_r_tiles_in_the_plan_emulated(libs, rng, mon
     assert made.count("bn_apply_nhwc32") == 2, made          # both batch norms hand over their outputs
 
 
-def test_tf32_hand_overs_change_nothing_emulated(libs, rng, monkeypatch):
-    """At tf32 the batch norms' hand-overs (their outputs written as the tf32 copies the convolutions read,
-    bn_apply_nhwc32) give the logits and gradients of the same plan without them (bn_apply, then to_nhwc32) bit for
-    bit: the same value rounded the same way."""
+@pytest.mark.parametrize("flt", ["", "w128x128s3b2r"], ids=["sync", "r"])
+def test_tf32_hand_overs_change_nothing_emulated(libs, rng, monkeypatch, flt):
+    """At tf32 the batch norms' hand-overs give the logits and gradients of the same plan without them bit for bit
+    (the same values rounded the same way): their outputs written as the tf32 copies the convolutions read
+    (bn_apply_nhwc32; without: bn_apply, then to_nhwc32), and the input gradient of the one batch norm after an
+    unpooled convolution with a backward on channels-last copies (the third's; the fourth's runs fused with its
+    ReLU and pooling) written as that convolution's copy of dE/dy (bn_bwd_dx_nhwc32; without: bn_bwd_dx, then
+    to_nhwc32), with its K-major copy where the filter gradient runs an r tile (flt "w128x128s3b2r", else the
+    mma.sync tile)."""
+    from hetnet.backends.cuda import mma as M
     from hetnet.backends.cuda import norm as N
 
     route_kernels(monkeypatch, libs, wgmma=True)
     launches = []
-    get_kernel = N.get_kernel
-    monkeypatch.setattr(N, "get_kernel", lambda d, m, name: launches.append(name) or get_kernel(d, m, name))
+    for mod in (M, N):
+        monkeypatch.setattr(mod, "get_kernel", lambda d, m, name, get=mod.get_kernel: launches.append(name)
+                            or get(d, m, name))
     x = rng.standard_normal((BATCH, 3, 8, 8)).astype(np.float32)
     y = rng.integers(0, 10, size=BATCH)
     runs = []
     for hand_over in (True, False):
         if not hand_over:
             monkeypatch.setattr(N, "takes_nhwc16", lambda *a: False)
+            monkeypatch.setattr(N, "takes_dy16", lambda *a: False)
         be = EmulatedBackend("tf32")
         for shape, ops in [*CHOICES.items(), (DENSE, ("fwd", "data", "filter"))]:
-            be._tune.update({(op, C.Geometry(*shape).key()): "tc32" + ("" if op == "filter" else "w128x128s4")
+            be._tune.update({(op, C.Geometry(*shape).key()): "tc32" + (flt if op == "filter" else "w128x128s4")
                              for op in ops})
         launches.clear()
-        runs.append(plan_step(_model(be), x, y))
-        assert launches.count("bn_apply_nhwc32") == (2 if hand_over else 0), launches
+        runs.append(plan_step(pooled_cnn(be, (16, 32, 32, 32), 5), x, y))
+        assert launches.count("bn_apply_nhwc32") == (3 if hand_over else 0), launches
+        assert launches.count("bn_bwd_dx_nhwc32") == (1 if hand_over else 0), launches
+        assert "nhwc32_t" not in launches, launches
     (logits, grads), (logits0, grads0) = runs
     np.testing.assert_array_equal(logits, logits0)
     for i, g in grads.items():

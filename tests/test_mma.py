@@ -606,16 +606,29 @@ def test_batch_norm_hands_its_output_over_channels_last(rng, op, shape):
         assert rel_err(out[1][3], out[0][3]) <= DW_RTOL
 
 
+# the gradient hand-over's cases: bf16 ("tc16" candidates), tf32 (MEASURED_CL's, the filter gradient on the mma.sync
+# tile "tc32s" or on an r tile, which reads dy's K-major copy too)
+GRAD_HAND_OVERS = {"bf16": {"fwd": "tc16", "pool": "tc16", "filter": "tc16", "data": "tc16"},
+                   "tf32": MEASURED_CL["tf32"],
+                   "tf32r": {**MEASURED_CL["tf32"], "filter": "tc32w128x128s3b2r"}}
+
+
 @pytest.mark.parametrize("shape", HAND_OVER_SHAPES, ids=["elements", "vectors"])
 @pytest.mark.parametrize("pooled", [False, True], ids=["conv", "conv_pool"])
 @pytest.mark.parametrize("op", ["batchnorm", "bn_gelu", "bn_relu"])
-def test_batch_norm_hands_its_gradient_over_channels_last(rng, op, pooled, shape):
+@pytest.mark.parametrize("case", list(GRAD_HAND_OVERS))
+def test_batch_norm_hands_its_gradient_over_channels_last(rng, op, pooled, shape, case):
     """Where the convolution (-> max pool) whose output a batch norm (-> GELU) normalises runs its filter and data
-    gradients on "tc16" candidates (set here as if measured), the batch norm's backward given `grad_feeds` returns
-    dE/dx channels-last in bf16 (conv.Nhwc16): the bits of to_nhwc16 of the float32 dx; the convolution's (pooled
+    gradients on channels-last candidates (GRAD_HAND_OVERS, set here as if measured), the batch norm's backward given
+    `grad_feeds` returns dE/dx as their channels-last copy (conv.Nhwc16): the bits of mma.to_nhwc of the float32 dx
+    (at tf32 with its K-major copy where the filter gradient runs an r tile); the convolution's (pooled
     convolution's) backward takes it: dx bit for bit as from the float32 dy, dw within DW_RTOL. Where the
-    convolution does not run so, the gradient is float32; with a bias gradient the hand-over is refused."""
-    be = get_backend("cuda", "bf16")
+    convolution does not run so, or at tf32 after a pooling, the gradient is float32; with a bias gradient the
+    hand-over is refused."""
+    precision = case[:4]
+    be = get_backend("cuda", precision)
+    if precision == "tf32" and not wgmma_ok(be.device_id):
+        pytest.skip("the tf32 channels-last forward runs on wgmma (sm_90a) only")
     n, c, h, w_, o = shape[:5]
     x = cupy.asarray(rng.standard_normal((n, c, h, w_)).astype(np.float32))
     w = cupy.asarray((rng.standard_normal((o, c, 3, 3)) * 0.1).astype(np.float32))
@@ -639,12 +652,20 @@ def test_batch_norm_hands_its_gradient_over_channels_last(rng, op, pooled, shape
     z, _ = conv()
     dy = cupy.asarray(rng.standard_normal(z.shape).astype(np.float32))
     assert isinstance(bn_back(dy, bn(z), grad_feeds=grad_feeds), cupy.ndarray)    # not measured: float32
-    with _measured_as(be, shape, {"fwd": "tc16", "pool": "tc16", "filter": "tc16", "data": "tc16"}):
+    with _measured_as(be, shape, GRAD_HAND_OVERS[case]):
         z, conv_cache = conv()
         bn_cache = bn(z)
         dz32, dz16 = bn_back(dy, bn_cache), bn_back(dy, bn_cache, grad_feeds=grad_feeds)
+        if pooled and precision == "tf32":
+            assert isinstance(dz16, cupy.ndarray)
+            return
         assert isinstance(dz16, C.Nhwc16) and dz16.shape == tuple(z.shape)
-        np.testing.assert_array_equal(cupy.asnumpy(dz16.data), cupy.asnumpy(mm.to_nhwc16(be, dz32)))
+        want = mm.to_nhwc(be, dz32, k_major=case == "tf32r")
+        want, want_t = want if case == "tf32r" else (want, None)
+        np.testing.assert_array_equal(cupy.asnumpy(dz16.data), cupy.asnumpy(want))
+        assert (dz16.k_major is None) == (want_t is None)
+        if want_t is not None:
+            np.testing.assert_array_equal(cupy.asnumpy(dz16.k_major), cupy.asnumpy(want_t))
         out = []
         for d in (dz32, dz16):
             dw = cupy.zeros_like(w)
@@ -849,8 +870,9 @@ def test_training_with_hand_overs_equals_training_without(rng, monkeypatch, prec
     Each step starts both models from the same state: a trajectory cannot be compared, since the filter gradients'
     split-K atomics add in any order and a last-bit change of a convolution's output can move a max pool's argmax
     (bf16 inputs make ties common), which moves the gradients by far more than rounding from the next step on (two
-    runs of the same four steps end up 1e-4 to 5e-3 apart on the H200). At tf32 the same with the forward's
-    hand-overs alone (the batch norms' tf32 copies, bn_apply_nhwc32), within RTOL_TC["tf32"]."""
+    runs of the same four steps end up 1e-4 to 5e-3 apart on the H200). At tf32 the same (the batch norms' tf32
+    copies: bn_apply_nhwc32, bn_bwd_dx_nhwc32), within RTOL_TC["tf32"], except that the batch norm after the pooling
+    keeps its float32 gradient (conv.takes_dy16)."""
     be = get_backend("cuda", precision)
     x = rng.standard_normal((32, 8, 12, 12)).astype(np.float32)
     y = rng.integers(0, 4, size=32)
@@ -871,7 +893,9 @@ def test_training_with_hand_overs_equals_training_without(rng, monkeypatch, prec
     monkeypatch.setattr(be, f"bn_{act}_forward", spy)
     monkeypatch.setattr(be, f"bn_{act}_backward", spy_back)
     monkeypatch.setattr(P, "_to_norm", lambda node, be, grad=False: {})     # batch norms: float32 x and dy
-    measured = dict.fromkeys(("fwd", "pool", "filter", "data"), C.CL_PREFIX[precision])
+    if precision == "tf32" and not wgmma_ok(be.device_id):
+        pytest.skip("the tf32 channels-last forward runs on wgmma (sm_90a) only")
+    measured = MEASURED_CL["tf32"] if precision == "tf32" else dict.fromkeys(("fwd", "pool", "filter", "data"), "tc16")
     with _measured_as(be, (16, 16, 12, 12, 16, 3, 3, 1, 1), measured):
         models, steps = _hand_over_models(be, layer)
         for i in range(2):                    # the eager step, then the captured one
@@ -886,11 +910,11 @@ def test_training_with_hand_overs_equals_training_without(rng, monkeypatch, prec
                     err = rel_err(got[k] - before[k], v - before[k])
                     assert err <= RTOL_TC[precision], (i, k, err)
     # per step three BN -> acts: the first two hand their output to a convolution, the last two (the backward
-    # meets them first) their gradient to the convolution (-> pool) before them (bf16 only)
+    # meets them first) their gradient to the convolution (-> pool) before them (after the pool: bf16 only)
     handed = {takes: [isinstance(o, C.Nhwc16) for t, o in outputs if t == takes] for takes in (False, True)}
     assert handed[True] == [True, True, False] * 2 and not any(handed[False]), handed
     handed = {takes: [isinstance(d, C.Nhwc16) for t, d in grads if t == takes] for takes in (False, True)}
-    assert handed[True] == [precision == "bf16", precision == "bf16", False] * 2 and not any(handed[False]), handed
+    assert handed[True] == [precision == "bf16", True, False] * 2 and not any(handed[False]), handed
 
 
 def _bits_values(a):

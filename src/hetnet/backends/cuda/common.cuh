@@ -470,13 +470,14 @@ __device__ __forceinline__ void hn_store_nhwc16_vec(const unsigned (&s)[64][32],
 }
 
 // The same tile as mma.cu's r tiles read dy (their K-major copy): yt[c][p] = tf32(t[c - c0][p - p0]) as float32
-// [C][ldk], ldk >= NP the pixels rounded up to 4 (t is 0 past NP, so the columns NP..ldk-1 get zeros); each warp
-// writes 32 consecutive pixels of a channel at a time.
+// [C][ldk] for the NP pixels, ldk >= NP the pixels rounded up to 4, zeros in the columns NP..ldk-1; each warp writes
+// 32 consecutive pixels of a channel at a time.
 __device__ __forceinline__ void hn_store_kmajor32_tile(const float (&t)[64][33], float* __restrict__ yt, int p0,
-                                                       int c0, int C, int ldk) {
+                                                       int c0, int C, int NP, int ldk) {
     const int lane = threadIdx.x & 31, row = threadIdx.x >> 5, p = p0 + lane;
     if (p >= ldk) return;
-    for (int j = row; j < 64 && c0 + j < C; j += 8) yt[(long long)(c0 + j) * ldk + p] = hn_tf32_round(t[j][lane]);
+    for (int j = row; j < 64 && c0 + j < C; j += 8)
+        yt[(long long)(c0 + j) * ldk + p] = p < NP ? hn_tf32_round(t[j][lane]) : 0.f;
 }
 
 // The same tile moved channels-last in tf32: y[p][c] = tf32(t[c - c0][p - p0]) as float32 [NP][C] (any C); each warp

@@ -883,7 +883,7 @@ __device__ __forceinline__ void hn_to_nhwc32(const float* __restrict__ x, float*
     const HnTilePixel px(n * HW, HW);
     hn_load_nhwc_tile(t, x, px, blockIdx.y * 64, C, HW);         // (0 past C)
     hn_store_nhwc32_tile<SPLIT>(t, y, blockIdx.x * 32, blockIdx.y * 64, Cp, n * HW);
-    if (yt) hn_store_kmajor32_tile(t, yt, blockIdx.x * 32, blockIdx.y * 64, Cp, ldk);
+    if (yt) hn_store_kmajor32_tile(t, yt, blockIdx.x * 32, blockIdx.y * 64, Cp, n * HW, ldk);
 }
 extern "C" __global__ void __launch_bounds__(256) to_nhwc32(const float* __restrict__ x, float* __restrict__ y, int n,
                                                             int C, int HW, int Cp, float* __restrict__ yt, int ldk) {
@@ -979,7 +979,7 @@ __device__ __forceinline__ void hn_pool_grad_nhwc32(const float* __restrict__ dy
     const HnTilePixel px(n * H * W, H * W);
     hn_pool_grad_tile(t, dy, arg, px, blockIdx.y * 64, C, W, P, Q, k);
     hn_store_nhwc32_tile<SPLIT>(t, y, blockIdx.x * 32, blockIdx.y * 64, C, n * H * W);
-    if (yt) hn_store_kmajor32_tile(t, yt, blockIdx.x * 32, blockIdx.y * 64, C, ldk);
+    if (yt) hn_store_kmajor32_tile(t, yt, blockIdx.x * 32, blockIdx.y * 64, C, n * H * W, ldk);
 }
 extern "C" __global__ void __launch_bounds__(256) pool_grad_nhwc32(const float* __restrict__ dy,
                                                                    const unsigned char* __restrict__ arg,

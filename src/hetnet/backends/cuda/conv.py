@@ -62,7 +62,7 @@ CL_PREFIX = {"bf16": "tc16", "tf32": "tc32", "fp32": "tc32x3"}
 # within PyTorch's peak memory with it; at bf16 it would not (precision_step.json).
 KEEP_BESIDE_X = ("tf32", "fp32")
 # The precisions at which an op hands a convolution its input as the channels-last copy it reads (Nhwc16,
-# takes_nhwc16); the gradient's hand-over (takes_dy16) is bf16's alone.
+# takes_nhwc16), and a batch norm hands the convolution before it dE/dy so (takes_dy16).
 HANDS_OVER = ("bf16", "tf32")
 
 
@@ -651,15 +651,16 @@ def _measured16(be, op: str, g: Geometry) -> str | None:
 class Nhwc16:
     """An activation handed over to a convolution as the channels-last copy its kernels read (mma.to_nhwc's layout,
     unpadded) instead of NCHW float32: `data` [n, H, W, C], bf16 bits (uint16) at bf16 or float32 rounded to tf32 at
-    tf32 (the forward's hand-over only), `shape` the NCHW shape it stands for.
+    tf32, `shape` the NCHW shape it stands for.
     The op before makes it for its one reader, a convolution that keeps that copy (takes_nhwc16), and so does a batch
     norm's backward for the gradient of the convolution before it (takes_dy16); only the convolution forwards and
-    conv2d_backward read it."""
+    conv2d_backward read it. `k_major`: None, or a gradient's K-major copy too (mma.dy_t's layout, tf32), made where
+    the convolution's filter gradient runs an r tile (dy16_k_major)."""
 
-    __slots__ = ("data", "shape")
+    __slots__ = ("data", "shape", "k_major")
 
-    def __init__(self, data, shape):
-        self.data, self.shape = data, tuple(shape)
+    def __init__(self, data, shape, k_major=None):
+        self.data, self.shape, self.k_major = data, tuple(shape), k_major
 
 
 class Nchw16:
@@ -713,16 +714,20 @@ def takes_dy16(be, y_shape, grad_feeds) -> bool:
     """Whether the convolution backward that `grad_feeds` names reads the gradient of y_shape (N, K, P, Q) as an
     Nhwc16 alone: grad_feeds = (w_shape, stride, padding, x_shape, pool) of the Conv2D (-> MaxPool2D, pool = (kernel,
     stride), else None) whose output y is, its input of x_shape (the op contract's backward hand-over; None: none).
-    At bf16, where the convolution's filter and data gradients were both measured on channels-last copies
-    (conv_backward16) and a pooling's windows tile its input (pool_grad16_nhwc16)."""
-    if grad_feeds is None or len(y_shape) != 4 or be.precision != "bf16":
+    At bf16 and tf32, where the convolution's filter and data gradients were both measured on channels-last copies
+    (conv_backward16), and a pooling's windows tile its input (pool_grad16_nhwc16), at bf16 only: at tf32 the
+    pooled gradient's copy would take as many bytes as the float32 that pool_grad_nhwc32 reads."""
+    if grad_feeds is None or len(y_shape) != 4 or be.precision not in HANDS_OVER:
         return False
     w_shape, stride, pad, x_shape, pool = grad_feeds
     if x_shape is None or len(x_shape) != 4 or len(w_shape) != 4:
         return False
     n, c, h, wd = x_shape
     k, c2, r, s = w_shape
-    if c2 != c or k % 2 or not 0 < n <= mma.GRID_YZ or n * h * wd >= 2**31:
+    chunk = 2 if be.precision == "bf16" else mma.CHUNK[be.precision]    # (bf16 pairs; tf32's 16-byte chunks)
+    if c2 != c or k % chunk or not 0 < n <= mma.GRID_YZ or n * h * wd >= 2**31:
+        return False
+    if pool is not None and be.precision != "bf16":
         return False
     g = Geometry(n, c, h, wd, k, r, s, int(stride), int(pad))
     if pool is None:
@@ -734,6 +739,14 @@ def takes_dy16(be, y_shape, grad_feeds) -> bool:
         want = (n, k, g.p // kernel, g.q // kernel)
     return (tuple(y_shape) == want and _measured16(be, "filter", g) is not None
             and _measured16(be, "data", g) is not None)
+
+
+def dy16_k_major(be, grad_feeds) -> bool:
+    """Whether a gradient handed over by takes_dy16 comes with its K-major copy (Nhwc16.k_major): where the
+    convolution's filter gradient runs an r tile (filter_reads_k_major)."""
+    w_shape, stride, pad, x_shape, _ = grad_feeds
+    g = Geometry(*x_shape, w_shape[0], w_shape[2], w_shape[3], int(stride), int(pad))
+    return mma.reads_k_major(_tile16_of("filter", _measured16(be, "filter", g)))
 
 
 def takes_dy16_nchw(be, y_shape, grad_feeds) -> bool:
@@ -992,7 +1005,7 @@ class ConvOps:
         if isinstance(dy, Nhwc16):
             if db is not None or not conv_backward16_ready(self, g, dw, need_dx):
                 raise ValueError("conv2d_backward: a channels-last dy where its gradients do not run on it")
-            return conv_backward16(self, g, dy.data, x, x16, w, dw, need_dx, relu_x, out16)
+            return conv_backward16(self, g, dy.data, x, x16, w, dw, need_dx, relu_x, out16, dy.k_major)
         # the batch norm's hand-over in bf16 (takes_dy16_nchw)
         if db is not None or x is None or self.conv_choice("filter", g.key()) != "small_tc":
             raise ValueError("conv2d_backward: a bf16 dy where the filter gradient does not run on it")

@@ -752,7 +752,7 @@ def reads_k_major(tile) -> bool:
     return isinstance(tile, FrTile)
 
 
-def _k_major_copy(be, c: int, k: int):
+def k_major_copy(be, c: int, k: int):
     """An uninitialised K-major copy [c, ldk] of a channels-last tf32 copy of c channels over k pixels."""
     return be.xp.empty((c, _k_major_ld(k)), dtype=np.float32)
 
@@ -763,7 +763,7 @@ def dy_t(be, dy16):
     beside the channels-last copy in the same launch (k_major): this transpose is for a copy made without it."""
     o = dy16.shape[-1]
     k = dy16.size // max(o, 1)
-    out = _k_major_copy(be, o, k)
+    out = k_major_copy(be, o, k)
     if out.size:
         get_kernel(be.device_id, "conv", "nhwc32_t")((math.ceil(out.shape[1] / 32), math.ceil(o / 32)), (256,),
                                                      (dy16, out, _i32(k), _i32(o), _i32(out.shape[1])))
@@ -823,7 +823,7 @@ def _k_major_args(precision: str, k_major: bool, be, c: int, k: int):
         raise ValueError(f"K-major copies (the r tiles' dy) exist at tf32, not at {precision}")
     if precision != "tf32":
         return (), None
-    out_t = _k_major_copy(be, c, k) if k_major else None
+    out_t = k_major_copy(be, c, k) if k_major else None
     return (NULL, _i32(0)) if out_t is None else (out_t, _i32(out_t.shape[1])), out_t
 
 

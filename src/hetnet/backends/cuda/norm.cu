@@ -453,11 +453,15 @@ HN_BN_KERNELS(bn_bwd_dx16_x16_dy16, bn_bwd_dx,
 // [n][HW][C / 2] (C even), in bn_apply_nhwc16's blocks (HN_NHWC16_TILES tiles of 64 channels x 32 pixels through
 // shared memory, a channel's constants read once per block). The same arithmetic as bn_bwd_dx, so the two give the
 // same bits. Grid (ceil(n * HW / (32 HN_NHWC16_TILES)), ceil(C / 64)), 256 threads; n * HW < 2^31.
-template <typename D, typename X>
+// bn_bwd_dx_nhwc32: the same in tf32, dx as float32 [n][HW][C] rounded to tf32 (conv.cu's to_nhwc32 of dx; any C),
+// and where yt is given its K-major copy yt [C][ldk] too (to_nhwc32's, for mma.cu's r tiles; ldk = n HW rounded up
+// to 4, zeros past n HW).
+template <typename D, typename X, typename Y>
 __device__ __forceinline__ void bn_bwd_dx_nhwc16_body(
     const D* __restrict__ dy, const X* __restrict__ x, const float* __restrict__ mean,
     const float* __restrict__ var, const float* __restrict__ gamma, const float* __restrict__ beta,
-    const float* __restrict__ red, unsigned* __restrict__ dx16, int n, int C, int HW, float eps, int act) {
+    const float* __restrict__ red, Y* __restrict__ dx16, int n, int C, int HW, float eps, int act,
+    float* __restrict__ yt = nullptr, int ldk = 0) {
     constexpr int T = HN_NHWC16_TILES;
     __shared__ float t[T][64][33];
     __shared__ float coef[6][64];      // the block's channels' mean, inv, gamma, beta, sum g / m, sum g xhat
@@ -497,7 +501,17 @@ __device__ __forceinline__ void bn_bwd_dx_nhwc16_body(
         }
     __syncthreads();
 #pragma unroll
-    for (int k = 0; k < T; ++k) hn_store_nhwc16_tile(t[k], dx16, (blockIdx.x * T + k) * 32, c0, C, NP);
+    for (int k = 0; k < T; ++k) {
+        hn_store_nhwc_tile(t[k], dx16, (blockIdx.x * T + k) * 32, c0, C, NP);
+        if (yt) hn_store_kmajor32_tile(t[k], yt, (blockIdx.x * T + k) * 32, c0, C, NP, ldk);
+    }
+}
+extern "C" __global__ void __launch_bounds__(256, 4) bn_bwd_dx_nhwc32(
+    const float* __restrict__ dy, const float* __restrict__ x, const float* __restrict__ mean,
+    const float* __restrict__ var, const float* __restrict__ gamma, const float* __restrict__ beta,
+    const float* __restrict__ red, float* __restrict__ dx32, int n, int C, int HW, float eps, int act,
+    float* __restrict__ yt, int ldk) {
+    bn_bwd_dx_nhwc16_body(dy, x, mean, var, gamma, beta, red, dx32, n, C, HW, eps, act, yt, ldk);
 }
 extern "C" __global__ void __launch_bounds__(256, 4) bn_bwd_dx_nhwc16(
     const float* __restrict__ dy, const float* __restrict__ x, const float* __restrict__ mean,

@@ -10,8 +10,9 @@ import math
 import numpy as np
 
 from .. import compose
-from .conv import Nchw16, Nhwc16, takes_dy16, takes_dy16_nchw, takes_nhwc16
+from .conv import Nchw16, Nhwc16, dy16_k_major, takes_dy16, takes_dy16_nchw, takes_nhwc16
 from .kernels import NULL, address, get_kernel
+from .mma import k_major_copy
 from .kernels import act_code as _act
 
 _i32, _i64, _f32 = np.int32, np.int64, np.float32
@@ -165,8 +166,9 @@ class NormOps:
     def _bn_backward(self, dy, cache, dgamma, dbeta, need_dx, relu_mask, inplace, grad_feeds=None):
         """The backward of _bn_forward's act: the derivative of an act the op owns is applied here (dy is dE/dy),
         else there is none to apply (dy is dE/dz; a ReLU's is the consumer's). grad_feeds (the op contract's backward
-        hand-over): dx as the channels-last bf16 copy of dE/dy that the convolution (-> max pool) whose output x is
-        reads (Nhwc16, bn_bwd_dx_nhwc16) where it takes one (conv.takes_dy16), or stored in bf16 (Nchw16,
+        hand-over): dx as the channels-last copy of dE/dy that the convolution (-> max pool) whose output x is
+        reads (Nhwc16: bn_bwd_dx_nhwc16 in bf16; bn_bwd_dx_nhwc32 in tf32, with its K-major copy where
+        conv.dy16_k_major) where it takes one (conv.takes_dy16), or stored in bf16 (Nchw16,
         bn_bwd_dx16) where it reads that (conv.takes_dy16_nchw). x (the cache's) may be an Nchw16,
         which is never written over and cannot give a ReLU mask; dy may be an Nchw16 too."""
         x, mean, var, gamma, beta, eps, training, sync, act = cache
@@ -187,6 +189,13 @@ class NormOps:
             self._bn_sync_grad_sums(red, n * hw, sync)
         if not need_dx:
             return None
+        if not relu_mask and takes_dy16(self, x.shape, grad_feeds) and self.precision == "tf32":
+            dx32 = self.xp.empty((n, *x.shape[2:], c), dtype=self.xp.float32)
+            dx_t = k_major_copy(self, c, n * hw) if dy16_k_major(self, grad_feeds) else None
+            get_kernel(self.device_id, "norm", "bn_bwd_dx_nhwc32")(_nhwc16_grid(n * hw, c), (256,), (
+                dy, xa, mean, var, gamma, beta, red if training else NULL, dx32, _i32(n), _i32(c), _i32(hw),
+                _f32(eps), _i32(act), _or_null(dx_t), _i32(0 if dx_t is None else dx_t.shape[1])))
+            return Nhwc16(dx32, x.shape, dx_t)
         if not relu_mask and takes_dy16(self, x.shape, grad_feeds):
             dx16 = self.xp.empty((n, *x.shape[2:], c), dtype=self.xp.uint16)
             v = _nhwc16_vectors(hw, c, dy, xa, dx16)
