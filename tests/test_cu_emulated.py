@@ -522,23 +522,10 @@ def test_bn_apply_nhwc16_emulated(emu, rng, shape, vec, act, x16):
     the ReLU, within one bf16 step with the GELU (erfc's float32 rounding may differ by an ulp from math.erfc's).
     x16: x stored in bf16 (bn_apply_nhwc16_x16), the same of its values; vec: the vector versions
     (bn_apply_nhwc16v)."""
-    import math
-
     given, x = _stored(rng.standard_normal(shape).astype(np.float32) * 3 + 1, x16)
     n, c = shape[:2]
     hw = x.size // (n * c)
-    mean, var = rng.standard_normal(c).astype(np.float32), rng.uniform(0.5, 2, c).astype(np.float32)
-    gamma, beta = rng.standard_normal(c).astype(np.float32), rng.standard_normal(c).astype(np.float32)
-    eps = np.float32(1e-5)
-    bc = (1, c) + (1,) * (x.ndim - 2)
-    inv = (np.float32(1) / np.sqrt(var + eps)).reshape(bc)
-    z = _bn_z(x, mean.reshape(bc), inv, gamma.reshape(bc), beta.reshape(bc))
-    if act == 1:
-        assert (z < 0).any() and (z > 0).any()
-        z = np.maximum(z, 0)
-    if act == 2:
-        phi = np.vectorize(lambda v: 0.5 * math.erfc(-v / math.sqrt(2)))(z.astype(np.float64))
-        z = (z * phi).astype(np.float32)
+    z, (mean, var, gamma, beta, eps) = _bn_apply_want(rng, x, act)
     out = np.full((n, *shape[2:], c), 0xDEAD, np.uint16)
     err = ctypes.create_string_buffer(512)
     _check(emu.emu_bn_apply16(_ptr(given), int(x16), _ptr(out), _ptr(mean), _ptr(var), _ptr(gamma), _ptr(beta), n, c,
@@ -554,22 +541,10 @@ def test_bn_apply_nhwc32_emulated(emu, rng, shape, act):
     """bn_apply_nhwc32: bn_apply_nhwc16's value as the tf32 copy (float32 rounded to tf32, to_nhwc32's rounding),
     every element of partial tiles (poisoned first), any C: equal bits to NumPy's float32 of the same expression so
     rounded without an activation and with the ReLU, within one tf32 step with the GELU (erfc's float32 rounding)."""
-    import math
-
     x = rng.standard_normal(shape).astype(np.float32) * 3 + 1
     n, c = shape[:2]
     hw = x.size // (n * c)
-    mean, var = rng.standard_normal(c).astype(np.float32), rng.uniform(0.5, 2, c).astype(np.float32)
-    gamma, beta = rng.standard_normal(c).astype(np.float32), rng.standard_normal(c).astype(np.float32)
-    eps = np.float32(1e-5)
-    bc = (1, c) + (1,) * (x.ndim - 2)
-    inv = (np.float32(1) / np.sqrt(var + eps)).reshape(bc)
-    z = _bn_z(x, mean.reshape(bc), inv, gamma.reshape(bc), beta.reshape(bc))
-    if act == 1:
-        z = np.maximum(z, 0)
-    if act == 2:
-        phi = np.vectorize(lambda v: 0.5 * math.erfc(-v / math.sqrt(2)))(z.astype(np.float64))
-        z = (z * phi).astype(np.float32)
+    z, (mean, var, gamma, beta, eps) = _bn_apply_want(rng, x, act)
     want = nhwc_copy(z, "tf32", padded=False)
     out = np.full(want.shape, np.nan, np.float32)
     err = ctypes.create_string_buffer(512)
@@ -578,6 +553,28 @@ def test_bn_apply_nhwc32_emulated(emu, rng, shape, act):
     steps = np.abs(out.view(np.int32).astype(np.int64) - want.view(np.int32).astype(np.int64)) >> 13
     assert steps.max() <= (1 if act == 2 else 0), f"{steps.max()} tf32 steps apart"
     assert (steps == 0).mean() > 0.99
+
+
+def _bn_apply_want(rng, x, act: int):
+    """NumPy's float32 of norm.cu's bn_apply of x (float32 [n, C, *spatial]) with random statistics:
+    act(fmaf((x - mean) / sqrt(var + eps), gamma, beta)), act none, ReLU (both signs present) or GELU from
+    math.erfc; and the kernels' other arguments (mean, var, gamma, beta, eps)."""
+    import math
+
+    c = x.shape[1]
+    mean, var = rng.standard_normal(c).astype(np.float32), rng.uniform(0.5, 2, c).astype(np.float32)
+    gamma, beta = rng.standard_normal(c).astype(np.float32), rng.standard_normal(c).astype(np.float32)
+    eps = np.float32(1e-5)
+    bc = (1, c) + (1,) * (x.ndim - 2)
+    inv = (np.float32(1) / np.sqrt(var + eps)).reshape(bc)
+    z = _bn_z(x, mean.reshape(bc), inv, gamma.reshape(bc), beta.reshape(bc))
+    if act == 1:
+        assert (z < 0).any() and (z > 0).any()
+        z = np.maximum(z, 0)
+    if act == 2:
+        phi = np.vectorize(lambda v: 0.5 * math.erfc(-v / math.sqrt(2)))(z.astype(np.float64))
+        z = (z * phi).astype(np.float32)
+    return z, (mean, var, gamma, beta, eps)
 
 
 @pytest.mark.parametrize(("x16", "dy16"), [(False, False), (True, False), (True, True)], ids=["x32", "x16", "x16dy16"])

@@ -171,12 +171,9 @@ def test_plan_at_each_precision_on_the_emulated_cuda_backend(libs, rng, monkeypa
         assert rel_err(logits, ref_logits) <= RTOL_PRECISION[precision], rel_err(logits, ref_logits)
 
 
-def test_tf32_filter_gradient_on_the_r_tiles_in_the_plan_emulated(libs, rng, monkeypatch):
-    """The tf32 plan of test_plan_at_each_precision with every filter gradient on an r tile (wgmma, dy's K-major copy)
-    gives the gradients of the same plan on the mma.sync tile within float32's tolerance (the same tf32 products
-    summed in another order; nothing else differs); each r tile's dy_t comes from the launch that writes dy's
-    channels-last copy (to_nhwc32, or pool_grad_nhwc32 after the pooling), never from a transpose (nhwc32_t); the
-    batch norms hand the convolutions after them their tf32 copies (bn_apply_nhwc32)."""
+def _tf32_launches(monkeypatch, libs) -> list:
+    """The kernels routed to the emulator (wgmma included) and a list that gets the name of every kernel mma.py and
+    norm.py launch."""
     from hetnet.backends.cuda import mma as M
     from hetnet.backends.cuda import norm as N
 
@@ -185,6 +182,16 @@ def test_tf32_filter_gradient_on_the_r_tiles_in_the_plan_emulated(libs, rng, mon
     for mod in (M, N):
         monkeypatch.setattr(mod, "get_kernel", lambda d, m, name, get=mod.get_kernel: launches.append(name)
                             or get(d, m, name))
+    return launches
+
+
+def test_tf32_filter_gradient_on_the_r_tiles_in_the_plan_emulated(libs, rng, monkeypatch):
+    """The tf32 plan of test_plan_at_each_precision with every filter gradient on an r tile (wgmma, dy's K-major copy)
+    gives the gradients of the same plan on the mma.sync tile within float32's tolerance (the same tf32 products
+    summed in another order; nothing else differs); each r tile's dy_t comes from the launch that writes dy's
+    channels-last copy (to_nhwc32, or pool_grad_nhwc32 after the pooling), never from a transpose (nhwc32_t); the
+    batch norms hand the convolutions after them their tf32 copies (bn_apply_nhwc32)."""
+    launches = _tf32_launches(monkeypatch, libs)
     x = rng.standard_normal((BATCH, 3, 8, 8)).astype(np.float32)
     y = rng.integers(0, 10, size=BATCH)
     runs = {}
@@ -214,14 +221,9 @@ def test_tf32_hand_overs_change_nothing_emulated(libs, rng, monkeypatch, flt):
     ReLU and pooling) written as that convolution's copy of dE/dy (bn_bwd_dx_nhwc32; without: bn_bwd_dx, then
     to_nhwc32), with its K-major copy where the filter gradient runs an r tile (flt "w128x128s3b2r", else the
     mma.sync tile)."""
-    from hetnet.backends.cuda import mma as M
     from hetnet.backends.cuda import norm as N
 
-    route_kernels(monkeypatch, libs, wgmma=True)
-    launches = []
-    for mod in (M, N):
-        monkeypatch.setattr(mod, "get_kernel", lambda d, m, name, get=mod.get_kernel: launches.append(name)
-                            or get(d, m, name))
+    launches = _tf32_launches(monkeypatch, libs)
     x = rng.standard_normal((BATCH, 3, 8, 8)).astype(np.float32)
     y = rng.integers(0, 10, size=BATCH)
     runs = []
