@@ -606,11 +606,11 @@ def test_batch_norm_hands_its_output_over_channels_last(rng, op, shape):
         assert rel_err(out[1][3], out[0][3]) <= DW_RTOL
 
 
-# the gradient hand-over's cases: bf16 ("tc16" candidates), tf32 (MEASURED_CL's, the filter gradient on the mma.sync
-# tile "tc32s" or on an r tile, which reads dy's K-major copy too)
-GRAD_HAND_OVERS = {"bf16": {"fwd": "tc16", "pool": "tc16", "filter": "tc16", "data": "tc16"},
-                   "tf32": MEASURED_CL["tf32"],
-                   "tf32r": {**MEASURED_CL["tf32"], "filter": "tc32w128x128s3b2r"}}
+# the gradient hand-over's cases, (precision, the choices set as if measured): bf16 ("tc16" candidates), tf32
+# (MEASURED_CL's, the filter gradient on the mma.sync tile "tc32s" or on an r tile, which reads dy's K-major copy too)
+GRAD_HAND_OVERS = {"bf16": ("bf16", {"fwd": "tc16", "pool": "tc16", "filter": "tc16", "data": "tc16"}),
+                   "tf32": ("tf32", MEASURED_CL["tf32"]),
+                   "tf32r": ("tf32", {**MEASURED_CL["tf32"], "filter": "tc32w128x128s3b2r"})}
 
 
 @pytest.mark.parametrize("shape", HAND_OVER_SHAPES, ids=["elements", "vectors"])
@@ -625,7 +625,7 @@ def test_batch_norm_hands_its_gradient_over_channels_last(rng, op, pooled, shape
     convolution's) backward takes it: dx bit for bit as from the float32 dy, dw within DW_RTOL. Where the
     convolution does not run so, or at tf32 after a pooling, the gradient is float32; with a bias gradient the
     hand-over is refused."""
-    precision = case[:4]
+    precision, measured = GRAD_HAND_OVERS[case]
     be = get_backend("cuda", precision)
     if precision == "tf32" and not wgmma_ok(be.device_id):
         pytest.skip("the tf32 channels-last forward runs on wgmma (sm_90a) only")
@@ -652,7 +652,7 @@ def test_batch_norm_hands_its_gradient_over_channels_last(rng, op, pooled, shape
     z, _ = conv()
     dy = cupy.asarray(rng.standard_normal(z.shape).astype(np.float32))
     assert isinstance(bn_back(dy, bn(z), grad_feeds=grad_feeds), cupy.ndarray)    # not measured: float32
-    with _measured_as(be, shape, GRAD_HAND_OVERS[case]):
+    with _measured_as(be, shape, measured):
         z, conv_cache = conv()
         bn_cache = bn(z)
         dz32, dz16 = bn_back(dy, bn_cache), bn_back(dy, bn_cache, grad_feeds=grad_feeds)
@@ -660,8 +660,9 @@ def test_batch_norm_hands_its_gradient_over_channels_last(rng, op, pooled, shape
             assert isinstance(dz16, cupy.ndarray)
             return
         assert isinstance(dz16, C.Nhwc16) and dz16.shape == tuple(z.shape)
-        want = mm.to_nhwc(be, dz32, k_major=case == "tf32r")
-        want, want_t = want if case == "tf32r" else (want, None)
+        k_major = case == "tf32r"                   # (the r tile reads dy's K-major copy too)
+        want = mm.to_nhwc(be, dz32, k_major=k_major)
+        want, want_t = want if k_major else (want, None)
         np.testing.assert_array_equal(cupy.asnumpy(dz16.data), cupy.asnumpy(want))
         assert (dz16.k_major is None) == (want_t is None)
         if want_t is not None:
