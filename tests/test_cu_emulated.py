@@ -535,30 +535,33 @@ def test_bn_apply_nhwc16_emulated(emu, rng, shape, vec, act, x16):
     assert (steps == 0).mean() > 0.99
 
 
-@pytest.mark.parametrize("act", [0, 1, 2], ids=["none", "relu", "gelu"])
+@pytest.mark.parametrize(("act", "stats"), [(0, True), (1, True), (2, True), (2, False)],
+                         ids=["none", "relu", "gelu", "gelu_alone"])
 @pytest.mark.parametrize("shape", [s for s, _ in NHWC16_CASES] + [(2, 7, 5, 3)], ids=str)
-def test_bn_apply_nhwc32_emulated(emu, rng, shape, act):
+def test_bn_apply_nhwc32_emulated(emu, rng, shape, act, stats):
     """bn_apply_nhwc32: bn_apply_nhwc16's value as the tf32 copy (float32 rounded to tf32, to_nhwc32's rounding),
     every element of partial tiles (poisoned first), any C: equal bits to NumPy's float32 of the same expression so
-    rounded without an activation and with the ReLU, within one tf32 step with the GELU (erfc's float32 rounding)."""
+    rounded without an activation and with the ReLU, within one tf32 step with the GELU (erfc's float32 rounding);
+    stats False: a GELU on its own (mean null: elementwise.py's hand-over)."""
     x = rng.standard_normal(shape).astype(np.float32) * 3 + 1
     n, c = shape[:2]
     hw = x.size // (n * c)
-    z, (mean, var, gamma, beta, eps) = _bn_apply_want(rng, x, act)
+    z, (mean, var, gamma, beta, eps) = _bn_apply_want(rng, x, act, stats)
     want = nhwc_copy(z, "tf32", padded=False)
     out = np.full(want.shape, np.nan, np.float32)
     err = ctypes.create_string_buffer(512)
-    _check(emu.emu_bn_apply32(_ptr(x), _ptr(out), _ptr(mean), _ptr(var), _ptr(gamma), _ptr(beta), n, c, hw,
-                              ctypes.c_float(eps), act, 5, err, 512), err)
+    _check(emu.emu_bn_apply32(_ptr(x), _ptr(out), *((_ptr(a) for a in (mean, var, gamma, beta)) if stats else
+                                                    (None,) * 4), n, c, hw, ctypes.c_float(eps), act, 5, err, 512),
+           err)
     steps = np.abs(out.view(np.int32).astype(np.int64) - want.view(np.int32).astype(np.int64)) >> 13
     assert steps.max() <= (1 if act == 2 else 0), f"{steps.max()} tf32 steps apart"
     assert (steps == 0).mean() > 0.99
 
 
-def _bn_apply_want(rng, x, act: int):
+def _bn_apply_want(rng, x, act: int, stats: bool = True):
     """NumPy's float32 of norm.cu's bn_apply of x (float32 [n, C, *spatial]) with random statistics:
-    act(fmaf((x - mean) / sqrt(var + eps), gamma, beta)), act none, ReLU (both signs present) or GELU from
-    math.erfc; and the kernels' other arguments (mean, var, gamma, beta, eps)."""
+    act(fmaf((x - mean) / sqrt(var + eps), gamma, beta)), or act(x) without stats; act none, ReLU (both signs
+    present) or GELU from math.erfc; and the kernels' other arguments (mean, var, gamma, beta, eps)."""
     import math
 
     c = x.shape[1]
@@ -567,7 +570,7 @@ def _bn_apply_want(rng, x, act: int):
     eps = np.float32(1e-5)
     bc = (1, c) + (1,) * (x.ndim - 2)
     inv = (np.float32(1) / np.sqrt(var + eps)).reshape(bc)
-    z = _bn_z(x, mean.reshape(bc), inv, gamma.reshape(bc), beta.reshape(bc))
+    z = _bn_z(x, mean.reshape(bc), inv, gamma.reshape(bc), beta.reshape(bc)) if stats else x
     if act == 1:
         assert (z < 0).any() and (z > 0).any()
         z = np.maximum(z, 0)

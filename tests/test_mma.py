@@ -564,17 +564,32 @@ def test_conv_maxpool_forward_pools_in_the_epilogue(rng, relu, precision, monkey
 # The hand-overs' shapes: planes of 15 x 13 (the channels-last kernels in elements), and of 16 x 12 (in 16-byte
 # vectors: planes and channels multiples of 8, norm.py's _nhwc16_vectors)
 HAND_OVER_SHAPES = [(4, 16, 15, 13, 32, 3, 3, 1, 1), (4, 16, 16, 12, 32, 3, 3, 1, 1)]
+# the hand-over tests' cases, (precision, the choices set as if measured): bf16 ("tc16" candidates), tf32
+# (MEASURED_CL's, the filter gradient on the mma.sync tile "tc32s" or on an r tile, which reads dy's K-major copy too)
+HAND_OVERS = {"bf16": ("bf16", {"fwd": "tc16", "pool": "tc16", "filter": "tc16", "data": "tc16"}),
+              "tf32": ("tf32", MEASURED_CL["tf32"]),
+              "tf32r": ("tf32", {**MEASURED_CL["tf32"], "filter": "tc32w128x128s3b2r"})}
+
+
+def _hand_over_backend(case: str):
+    """(backend, choices) of a HAND_OVERS case; tf32 skipped where wgmma does not run (its forward's only tiles)."""
+    precision, measured = HAND_OVERS[case]
+    be = get_backend("cuda", precision)
+    if precision == "tf32" and not wgmma_ok(be.device_id):
+        pytest.skip("the tf32 channels-last forward runs on wgmma (sm_90a) only")
+    return be, measured
 
 
 @pytest.mark.parametrize("shape", HAND_OVER_SHAPES, ids=["elements", "vectors"])
 @pytest.mark.parametrize("op", ["batchnorm", "bn_gelu", "bn_relu", "gelu"])
-def test_batch_norm_hands_its_output_over_channels_last(rng, op, shape):
+@pytest.mark.parametrize("case", list(HAND_OVERS))
+def test_batch_norm_hands_its_output_over_channels_last(rng, op, shape, case):
     """Where the convolution that alone reads a batch norm's (-> GELU's, -> own ReLU's) or a GELU's output keeps its
-    channels-last copy (its forward and filter gradient set here as if measured on "tc16" candidates), the forward
-    given `feeds` returns that copy (conv.Nhwc16): the bits of to_nhwc16 of its float32 output; the convolution and
-    the pooled one take it: y, dx bit for bit as from the float32 output, dw within DW_RTOL. Where the convolution
-    does not keep it, the output is float32."""
-    be = get_backend("cuda", "bf16")
+    channels-last copy (its ops set here as if measured on channels-last candidates, HAND_OVERS), the forward given
+    `feeds` returns that copy (conv.Nhwc16): the bits of mma.to_nhwc of its float32 output; the convolution and the
+    pooled one take it: y, dx bit for bit as from the float32 output, dw within DW_RTOL. Where the convolution does
+    not keep it, the output is float32."""
+    be, measured = _hand_over_backend(case)
     n, c, h, w_, o = shape[:5]
     x = cupy.asarray((rng.standard_normal((n, c, h, w_)) * 2 + 0.5).astype(np.float32))
     gamma = cupy.asarray(rng.uniform(0.5, 1.5, c).astype(np.float32))
@@ -588,10 +603,10 @@ def test_batch_norm_hands_its_output_over_channels_last(rng, op, shape):
         return forward(x, gamma, beta, cupy.zeros(c, np.float32), cupy.ones(c, np.float32), 0.1, 1e-5, True, **kw)
 
     assert isinstance(bn(feeds=feeds)[0], cupy.ndarray)               # not measured: float32
-    with _measured_as(be, shape, {"fwd": "tc16", "pool": "tc16", "filter": "tc16", "data": "tc16"}):
+    with _measured_as(be, shape, measured):
         y32, y16 = bn()[0], bn(feeds=feeds)[0]
         assert isinstance(y16, C.Nhwc16) and y16.shape == tuple(x.shape)
-        np.testing.assert_array_equal(cupy.asnumpy(y16.data), cupy.asnumpy(mm.to_nhwc16(be, y32)))
+        np.testing.assert_array_equal(cupy.asnumpy(y16.data), cupy.asnumpy(mm.to_nhwc(be, y32)))
         dy = cupy.asarray(rng.standard_normal((n, o, h, w_)).astype(np.float32))
         out = []
         for a in (y32, y16):
@@ -606,29 +621,20 @@ def test_batch_norm_hands_its_output_over_channels_last(rng, op, shape):
         assert rel_err(out[1][3], out[0][3]) <= DW_RTOL
 
 
-# the gradient hand-over's cases, (precision, the choices set as if measured): bf16 ("tc16" candidates), tf32
-# (MEASURED_CL's, the filter gradient on the mma.sync tile "tc32s" or on an r tile, which reads dy's K-major copy too)
-GRAD_HAND_OVERS = {"bf16": ("bf16", {"fwd": "tc16", "pool": "tc16", "filter": "tc16", "data": "tc16"}),
-                   "tf32": ("tf32", MEASURED_CL["tf32"]),
-                   "tf32r": ("tf32", {**MEASURED_CL["tf32"], "filter": "tc32w128x128s3b2r"})}
-
-
 @pytest.mark.parametrize("shape", HAND_OVER_SHAPES, ids=["elements", "vectors"])
 @pytest.mark.parametrize("pooled", [False, True], ids=["conv", "conv_pool"])
 @pytest.mark.parametrize("op", ["batchnorm", "bn_gelu", "bn_relu"])
-@pytest.mark.parametrize("case", list(GRAD_HAND_OVERS))
+@pytest.mark.parametrize("case", list(HAND_OVERS))
 def test_batch_norm_hands_its_gradient_over_channels_last(rng, op, pooled, shape, case):
     """Where the convolution (-> max pool) whose output a batch norm (-> GELU) normalises runs its filter and data
-    gradients on channels-last candidates (GRAD_HAND_OVERS, set here as if measured), the batch norm's backward given
+    gradients on channels-last candidates (HAND_OVERS, set here as if measured), the batch norm's backward given
     `grad_feeds` returns dE/dx as their channels-last copy (conv.Nhwc16): the bits of mma.to_nhwc of the float32 dx
     (at tf32 with its K-major copy where the filter gradient runs an r tile); the convolution's (pooled
     convolution's) backward takes it: dx bit for bit as from the float32 dy, dw within DW_RTOL. Where the
     convolution does not run so, or at tf32 after a pooling, the gradient is float32; with a bias gradient the
     hand-over is refused."""
-    precision, measured = GRAD_HAND_OVERS[case]
-    be = get_backend("cuda", precision)
-    if precision == "tf32" and not wgmma_ok(be.device_id):
-        pytest.skip("the tf32 channels-last forward runs on wgmma (sm_90a) only")
+    be, measured = _hand_over_backend(case)
+    precision = be.precision
     n, c, h, w_, o = shape[:5]
     x = cupy.asarray(rng.standard_normal((n, c, h, w_)).astype(np.float32))
     w = cupy.asarray((rng.standard_normal((o, c, 3, 3)) * 0.1).astype(np.float32))
