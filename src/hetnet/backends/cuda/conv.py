@@ -741,12 +741,17 @@ def takes_dy16(be, y_shape, grad_feeds) -> bool:
             and _measured16(be, "data", g) is not None)
 
 
+def _fed_geometry(grad_feeds) -> Geometry:
+    """The geometry of the convolution that grad_feeds names (takes_dy16's layout)."""
+    w_shape, stride, pad, x_shape, _ = grad_feeds
+    return Geometry(*x_shape, w_shape[0], w_shape[2], w_shape[3], int(stride), int(pad))
+
+
 def dy16_k_major(be, grad_feeds) -> bool:
     """Whether a gradient handed over by takes_dy16 comes with its K-major copy (Nhwc16.k_major): where the
-    convolution's filter gradient runs an r tile (filter_reads_k_major)."""
-    w_shape, stride, pad, x_shape, _ = grad_feeds
-    g = Geometry(*x_shape, w_shape[0], w_shape[2], w_shape[3], int(stride), int(pad))
-    return mma.reads_k_major(_tile16_of("filter", _measured16(be, "filter", g)))
+    convolution's filter gradient runs an r tile (filter_reads_k_major; the batch norm cannot tell frozen weights,
+    so it makes the copy for any)."""
+    return filter_reads_k_major(be, _fed_geometry(grad_feeds))
 
 
 def takes_dy16_nchw(be, y_shape, grad_feeds) -> bool:
@@ -755,10 +760,10 @@ def takes_dy16_nchw(be, y_shape, grad_feeds) -> bool:
     "small_tc" (mma.cu's conv_small_filter_tc, which rounds dy to bf16 itself: the same values, half the bytes)."""
     if grad_feeds is None or len(y_shape) != 4 or be.precision != "bf16" or be.force_conv_algo or _forced():
         return False
-    w_shape, stride, pad, x_shape, pool = grad_feeds
+    w_shape, _, _, x_shape, pool = grad_feeds
     if pool is not None or x_shape is None or len(x_shape) != 4 or len(w_shape) != 4 or w_shape[1] != x_shape[1]:
         return False
-    g = Geometry(*x_shape, w_shape[0], w_shape[2], w_shape[3], int(stride), int(pad))
+    g = _fed_geometry(grad_feeds)
     return tuple(y_shape) == (g.n, g.k, g.p, g.q) and be.conv_choice("filter", g.key()) == "small_tc"
 
 
@@ -915,10 +920,10 @@ def conv_backward16(be, g: Geometry, dy16, x, x16, w, dw, need_dx=True, relu_x=N
     return dx
 
 
-def filter_reads_k_major(be, g: Geometry, dw) -> bool:
-    """Whether conv_backward16's filter gradient of g runs an r tile, which reads dy's K-major copy as well: then
-    dy16's maker writes that copy too (mma.pool_grad_nhwc's k_major)."""
-    return dw is not None and mma.reads_k_major(_tile16_of("filter", _measured16(be, "filter", g)))
+def filter_reads_k_major(be, g: Geometry) -> bool:
+    """Whether conv_backward16's filter gradient of g (measured on a channels-last candidate) runs an r tile, which
+    reads dy's K-major copy as well: then dy16's maker writes that copy too (mma.pool_grad_nhwc's k_major)."""
+    return mma.reads_k_major(_tile16_of("filter", _measured16(be, "filter", g)))
 
 
 def conv_backward16_ready(be, g: Geometry, dw, need_dx: bool) -> bool:
@@ -1089,7 +1094,7 @@ class ConvOps:
             dy = self._c(dy)
             if db is not None:
                 channel_sum(self, dy, db, g.n, g.k, dy.shape[2] * dy.shape[3])
-            k_major = filter_reads_k_major(self, g, dw)      # dz's K-major copy too, in the same launch
+            k_major = dw is not None and filter_reads_k_major(self, g)     # dz's K-major copy, in the same launch
             dz = mma.pool_grad_nhwc(self, dy, arg, z_shape, kernel, k_major)
             dz16, dz_t = dz if k_major else (dz, None)
         return conv_backward16(self, g, dz16, x, x16, w, dw, need_dx, x if relu_mask else None,

@@ -752,7 +752,7 @@ def reads_k_major(tile) -> bool:
     return isinstance(tile, FrTile)
 
 
-def k_major_copy(be, c: int, k: int):
+def _k_major_copy(be, c: int, k: int):
     """An uninitialised K-major copy [c, ldk] of a channels-last tf32 copy of c channels over k pixels."""
     return be.xp.empty((c, _k_major_ld(k)), dtype=np.float32)
 
@@ -763,7 +763,7 @@ def dy_t(be, dy16):
     beside the channels-last copy in the same launch (k_major): this transpose is for a copy made without it."""
     o = dy16.shape[-1]
     k = dy16.size // max(o, 1)
-    out = k_major_copy(be, o, k)
+    out = _k_major_copy(be, o, k)
     if out.size:
         get_kernel(be.device_id, "conv", "nhwc32_t")((math.ceil(out.shape[1] / 32), math.ceil(o / 32)), (256,),
                                                      (dy16, out, _i32(k), _i32(o), _i32(out.shape[1])))
@@ -809,21 +809,21 @@ def _to_nhwc(be, x, precision: str, k_major: bool = False):
     if n * hw >= 2**31 or x.dtype != np.float32 or not x.flags.c_contiguous:
         raise ValueError(f"{name}: x of shape {x.shape} must be contiguous float32 under 2^31 pixels")
     out = be.xp.empty(_copy_shape((n, *x.shape[2:], cp), precision), dtype=dtype)
-    args, out_t = _k_major_args(precision, k_major, be, cp, n * hw)
+    args, out_t = k_major_args(precision, k_major, be, cp, n * hw)
     if out.size:
         get_kernel(be.device_id, "conv", name)((math.ceil(n * hw / 32), math.ceil(cp / 64)), (256,),
                                                 (x, out, _i32(n), _i32(c), _i32(hw), _i32(cp), *args))
     return (out, out_t) if k_major else out
 
 
-def _k_major_args(precision: str, k_major: bool, be, c: int, k: int):
-    """The K-major copy's kernel arguments (yt, ldk) of to_nhwc32 and pool_grad_nhwc32 (none at other precisions),
-    and that copy (None unless k_major)."""
+def k_major_args(precision: str, k_major: bool, be, c: int, k: int):
+    """The K-major copy's kernel arguments (yt, ldk) of to_nhwc32, pool_grad_nhwc32 and norm.cu's bn_bwd_dx_nhwc32
+    (none at other precisions), and that copy of c channels over k pixels (None unless k_major)."""
     if k_major and precision != "tf32":
         raise ValueError(f"K-major copies (the r tiles' dy) exist at tf32, not at {precision}")
     if precision != "tf32":
         return (), None
-    out_t = k_major_copy(be, c, k) if k_major else None
+    out_t = _k_major_copy(be, c, k) if k_major else None
     return (NULL, _i32(0)) if out_t is None else (out_t, _i32(out_t.shape[1])), out_t
 
 
@@ -846,7 +846,7 @@ def _pool_grad_at(be, dy, arg, z_shape, k: int, precision: str, k_major: bool = 
     if dy.dtype != np.float32 or tuple(dy.shape) != tuple(arg.shape):
         raise ValueError(f"{name}: dy of shape {dy.shape} must be float32 of the argmax's shape {arg.shape}")
     n, c, h, w = z_shape
-    args, out_t = _k_major_args(precision, k_major, be, c, n * h * w)
+    args, out_t = k_major_args(precision, k_major, be, c, n * h * w)
     out = _pool_grad16(name, be, dy, arg, z_shape, k, precision, extra=args)
     return (out, out_t) if k_major else out
 

@@ -12,7 +12,7 @@ import numpy as np
 from .. import compose
 from .conv import Nchw16, Nhwc16, dy16_k_major, takes_dy16, takes_dy16_nchw, takes_nhwc16
 from .kernels import NULL, address, get_kernel
-from .mma import k_major_copy
+from .mma import k_major_args
 from .kernels import act_code as _act
 
 _i32, _i64, _f32 = np.int32, np.int64, np.float32
@@ -189,21 +189,16 @@ class NormOps:
             self._bn_sync_grad_sums(red, n * hw, sync)
         if not need_dx:
             return None
-        if not relu_mask and takes_dy16(self, x.shape, grad_feeds) and self.precision == "tf32":
-            dx32 = self.xp.empty((n, *x.shape[2:], c), dtype=self.xp.float32)
-            dx_t = k_major_copy(self, c, n * hw) if dy16_k_major(self, grad_feeds) else None
-            get_kernel(self.device_id, "norm", "bn_bwd_dx_nhwc32")(_nhwc16_grid(n * hw, c), (256,), (
-                dy, xa, mean, var, gamma, beta, red if training else NULL, dx32, _i32(n), _i32(c), _i32(hw),
-                _f32(eps), _i32(act), _or_null(dx_t), _i32(0 if dx_t is None else dx_t.shape[1])))
-            return Nhwc16(dx32, x.shape, dx_t)
         if not relu_mask and takes_dy16(self, x.shape, grad_feeds):
-            dx16 = self.xp.empty((n, *x.shape[2:], c), dtype=self.xp.uint16)
-            v = _nhwc16_vectors(hw, c, dy, xa, dx16)
-            get_kernel(self.device_id, "norm", "bn_bwd_dx_nhwc16" + ("v" if v else "") + ks)(
-                _nhwc16_grid(n * hw, c, v), (256,),
-                (dy, xa, mean, var, gamma, beta, red if training else NULL, dx16, _i32(n), _i32(c), _i32(hw),
-                 _f32(eps), _i32(act)))
-            return Nhwc16(dx16, x.shape)
+            tf32 = self.precision == "tf32"
+            dx16 = self.xp.empty((n, *x.shape[2:], c), dtype=self.xp.float32 if tf32 else self.xp.uint16)
+            k_major, dx_t = k_major_args(self.precision, tf32 and dy16_k_major(self, grad_feeds), self, c, n * hw)
+            v = not tf32 and _nhwc16_vectors(hw, c, dy, xa, dx16)
+            name = "bn_bwd_dx_nhwc32" if tf32 else "bn_bwd_dx_nhwc16" + ("v" if v else "") + ks
+            get_kernel(self.device_id, "norm", name)(_nhwc16_grid(n * hw, c, v), (256,), (
+                dy, xa, mean, var, gamma, beta, red if training else NULL, dx16, _i32(n), _i32(c), _i32(hw),
+                _f32(eps), _i32(act), *k_major))
+            return Nhwc16(dx16, x.shape, dx_t)
         dx16 = not relu_mask and takes_dy16_nchw(self, x.shape, grad_feeds)      # dx stored in bf16 (Nchw16)
         if dx16:
             dx = self.xp.empty(x.shape, dtype=self.xp.uint16)
