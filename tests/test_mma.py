@@ -880,7 +880,7 @@ def test_training_with_hand_overs_equals_training_without(rng, monkeypatch, prec
     runs of the same four steps end up 1e-4 to 5e-3 apart on the H200). At tf32 the same (the batch norms' tf32
     copies: bn_apply_nhwc32, bn_bwd_dx_nhwc32), within RTOL_TC["tf32"], except that the batch norm after the pooling
     keeps its float32 gradient (conv.takes_dy16)."""
-    be = get_backend("cuda", precision)
+    be, measured = _hand_over_backend(precision)
     x = rng.standard_normal((32, 8, 12, 12)).astype(np.float32)
     y = rng.integers(0, 4, size=32)
     outputs, grads = [], []
@@ -900,9 +900,6 @@ def test_training_with_hand_overs_equals_training_without(rng, monkeypatch, prec
     monkeypatch.setattr(be, f"bn_{act}_forward", spy)
     monkeypatch.setattr(be, f"bn_{act}_backward", spy_back)
     monkeypatch.setattr(P, "_to_norm", lambda node, be, grad=False: {})     # batch norms: float32 x and dy
-    if precision == "tf32" and not wgmma_ok(be.device_id):
-        pytest.skip("the tf32 channels-last forward runs on wgmma (sm_90a) only")
-    measured = MEASURED_CL["tf32"] if precision == "tf32" else dict.fromkeys(("fwd", "pool", "filter", "data"), "tc16")
     with _measured_as(be, (16, 16, 12, 12, 16, 3, 3, 1, 1), measured):
         models, steps = _hand_over_models(be, layer)
         for i in range(2):                    # the eager step, then the captured one

@@ -242,8 +242,9 @@ TILES16W["data"] = TILES16W["pool"] = TILES16W["fwd"]
 class FrTile(Tc16Tile):
     """A tf32 filter-gradient tile on wgmma with x's fragments in registers (mma.cu's HN_CONV32FR): bm output
     channels o x bn columns (r, s, c), bn / 64 warpgroups each of 64 columns (r, s, c) x all bm o (m64n{bm}k8, A = x
-    gathered, from registers; B = dy from its K-major copy: mma.to_nhwc's or pool_grad_nhwc's k_major, or mma.dy_t),
-    K tiles of 32, `stages` stages, min_blocks blocks an SM. Its name is its shape's and "r"."""
+    gathered, from registers; B = dy from its K-major copy: mma.to_nhwc's or pool_grad_nhwc's k_major, a batch norm's
+    hand-over (Nhwc16.k_major), or mma.dy_t), K tiles of 32, `stages` stages, min_blocks blocks an SM. Its name is its
+    shape's and "r"."""
 
     def __post_init__(self):
         super().__post_init__()
