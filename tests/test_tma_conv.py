@@ -131,9 +131,10 @@ def test_tma_tiles_on_the_gpu(rng, shape):
     assert ran >= (13 if shape in POOL_SHAPES else 10), ran
 
 
-def test_tma_persistent_tiles_on_a_grid(rng):
+@pytest.mark.parametrize("o", [192, 128], ids=str)
+def test_tma_persistent_tiles_on_a_grid(rng, o):
     """The persistent tiles with a grid of several blocks, some taking several tiles: a shape of 1,152 output pixels
-    planned for 3 SMs."""
+    planned for 3 SMs (128 channels out: the resident tile's too)."""
     cupy, be = _gpu()
     persistent = {op: tuple(t for t in ts if t.persistent) for op, ts in TILES16T.items()}
     grids = []
@@ -142,7 +143,7 @@ def test_tma_persistent_tiles_on_a_grid(rng):
         grids.append(call.grid)
         mm.launch_conv(be, call)
 
-    assert run_ops(cupy, cupy.asnumpy, rng, (18, 64, 8, 8, 192, 3, 3, 1, 1), persistent, launch, be.sms,
+    assert run_ops(cupy, cupy.asnumpy, rng, (18, 64, 8, 8, o, 3, 3, 1, 1), persistent, launch, be.sms,
                    fwd_sms=3) >= 7
     assert (3, 1, 1) in grids
 
