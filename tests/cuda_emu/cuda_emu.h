@@ -24,14 +24,18 @@
 //     the box's pixels walked q fastest, then p, then the image, from the first one's input corner, inside the
 //     bounding box the map's corners give, each read at corner + the im2col offsets; zeros outside the tensor), into
 //     shared memory with the 128-byte swizzle, completing their bytes on an mbarrier at once. The tensor maps are the
-//     emulator's own encoding of the encoder's parameters (tests/emu_tma.py), not the driver's.
+//     emulator's own encoding of the encoder's parameters (tests/emu_tma.py), not the driver's. A copy's bytes are
+//     written by the async proxy, not by the issuing thread: a thread reads them only once it has waited on the
+//     mbarrier the copy completes on (or a barrier followed a thread's wait), as on the hardware.
 // wgmma reads shared memory through the async proxy: a word it reads must have been written before, by a thread that
 // then ran fence.proxy.async (a missing fence is an error).
 // Ordering: happens-before by vector clocks. Each thread's clock advances at every release (a barrier, an mbarrier
-// arrive); a barrier makes every thread know every clock, a named barrier (bar.sync id, count) every member's clock
-// to its members; an mbarrier phase carries what its arriving threads knew to the threads whose try_wait sees it
-// complete. A shared-memory access by one thread is ordered after another's write
-// (or read, for a write) only through those; anything else is a race.
+// arrive); the TMA copies that complete on the k-th mbarrier initialised in a block are one more "thread" (ASYNC of
+// them, after the block's threads), its clock advanced by each copy and carried only by that mbarrier's phases; a
+// barrier makes every thread know every clock (of the copies: what any thread had acquired), a named barrier (bar.sync
+// id, count) every member's clock to its members; an mbarrier phase carries what its arriving threads knew to the
+// threads whose try_wait sees it complete. A shared-memory access by one thread is ordered after another's write (or
+// read, for a write) only through those; anything else is a race.
 // Checks, each a launch error with a message: every shared-memory word read was written before (no reads of
 // uninitialised or padding words); a word written by one thread and read or written by another without a barrier or
 // mbarrier wait between (the same for a write after another thread's read); a read of, or write to, a word with a
@@ -113,6 +117,7 @@ struct Thread {
 };
 
 constexpr int READERS = 8;   // the readers of a word tracked since its last write
+constexpr int ASYNC = 64;    // the mbarriers of a block whose TMA copies are told apart (their writers, see above)
 
 struct Word {          // shadow state of one 4-byte shared-memory word
     bool written = false;
@@ -135,6 +140,7 @@ struct MBarrier {      // an mbarrier object: its arrival count, the phases comp
     int count = 0, pending = 0;
     long tx = 0;                     // transaction bytes expected (arrive.expect_tx) and not yet completed
     long phase = 0;                  // phases completed
+    int async = -1;                  // the index of the TMA copies completing on it (among the block's ASYNC)
     std::vector<int> carried;        // the clocks known to the arrivals of the current phase
     std::vector<int> done[2];        // ... of the last completed phase of each parity
 };
@@ -179,6 +185,8 @@ struct State {
     std::vector<Warpgroup> warpgroups;
     ucontext_t sched;
     int cur = 0;
+    int async_bars = 0;            // mbarriers initialised so far, each the writer of the copies completing on it
+    int async_clock[ASYNC] = {};   // those writers' clocks
     int epoch = 0;                 // barrier intervals so far
     std::vector<int> bar_known;    // every thread's clock at the last barrier (what a barrier makes all threads know)
     std::vector<MBarrier> mbars = std::vector<MBarrier>(MAX_SMEM / 8);   // by 8-byte slot of shared memory
@@ -236,6 +244,14 @@ inline int known(int r, int u) {
     State& s = S();
     return r == u ? s.threads[r].clock : std::max(s.bar_known[u], s.threads[r].acq[u]);
 }
+// Who u is, for a message: a thread, or the copies of an mbarrier (writer_id: its thread or the mbarrier's index).
+inline const char* writer_kind(int u) {
+    return u < static_cast<int>(S().threads.size()) ? "thread" : "the TMA copies of (initialised) mbarrier";
+}
+inline int writer_id(int u) {
+    const int n = static_cast<int>(S().threads.size());
+    return u < n ? u : u - n;
+}
 // Whether thread u's access at its clock `clock` happens before thread r's next one.
 inline bool ordered(int u, int clock, int r) { return u == r || known(r, u) >= clock; }
 
@@ -250,8 +266,8 @@ inline void smem_read(const void* p, int bytes, int tid, const char* what) {
         if (w.pending >= 0) fail("%s: reads shared byte %ld while thread %d's cp.async to it is in flight", what, off, w.pending);
         if (!w.written) fail("%s: reads shared byte %ld, never written", what, off);
         if (!ordered(w.w_tid, w.w_clock, tid))
-            fail("%s: reads shared byte %ld written by thread %d without a barrier or mbarrier wait between", what, off,
-                 w.w_tid);
+            fail("%s: reads shared byte %ld written by %s %d without a barrier or mbarrier wait between", what, off,
+                 writer_kind(w.w_tid), writer_id(w.w_tid));
         int i = 0;
         while (i < w.nr && w.r_tid[i] != tid) ++i;
         if (i < w.nr) {
@@ -278,8 +294,8 @@ inline void smem_write_check(const void* p, int bytes, int tid, const char* what
         if (w.mbarrier) fail("%s: an ordinary write of mbarrier byte %ld", what, off);
         if (w.pending >= 0) fail("%s: writes shared byte %ld while thread %d's cp.async to it is in flight", what, off, w.pending);
         if (w.written && !ordered(w.w_tid, w.w_clock, tid))
-            fail("%s: writes shared byte %ld also written by thread %d without a barrier or mbarrier wait between",
-                 what, off, w.w_tid);
+            fail("%s: writes shared byte %ld also written by %s %d without a barrier or mbarrier wait between",
+                 what, off, writer_kind(w.w_tid), writer_id(w.w_tid));
         for (int i = 0; i < w.nr; ++i)
             if (!ordered(w.r_tid[i], w.r_clock[i], tid))
                 fail("%s: writes shared byte %ld read by thread %d without a barrier or mbarrier wait between", what,
@@ -335,6 +351,9 @@ inline void syncthreads() {
         ++s.bar_gen;
         ++s.epoch;
         for (Thread& t : s.threads) s.bar_known[t.linear] = t.clock++;   // every thread knows every clock
+        const size_t n = s.threads.size();
+        for (size_t u = n; u < n + s.async_bars; ++u)                     // and every copy any thread waited for
+            for (const Thread& t : s.threads) s.bar_known[u] = std::max(s.bar_known[u], t.acq[u]);
     } else {
         while (s.bar_gen == gen) yield();
     }
@@ -353,6 +372,12 @@ inline void bar_sync(int id, int count) {
     if (static_cast<int>(members.size()) == count) {
         for (int r : members)
             for (int u : members) s.threads[r].acq[u] = std::max(s.threads[r].acq[u], s.threads[u].clock);
+        const size_t n = s.threads.size();
+        for (size_t u = n; u < n + s.async_bars; ++u) {                   // the copies any member waited for
+            int most = 0;
+            for (int r : members) most = std::max(most, s.threads[r].acq[u]);
+            for (int r : members) s.threads[r].acq[u] = most;
+        }
         for (int u : members) ++s.threads[u].clock;
         members.clear();
         ++s.named_gen[id];
@@ -727,8 +752,10 @@ inline unsigned long long mbarrier_arrive(MBarrier& m, long tx = 0) {
 inline void hn_mbar_init(void* bar, unsigned count) {
     emu::MBarrier& m = emu::mbarrier_at(bar, "mbarrier.init", false);
     if (count < 1 || count > (1u << 20) - 1) emu::fail("mbarrier.init: count %u outside 1..2^20-1", count);
-    const int n = static_cast<int>(emu::S().threads.size());
+    const int n = static_cast<int>(emu::S().threads.size()) + emu::ASYNC;
     m = emu::MBarrier();
+    if (emu::S().async_bars == emu::ASYNC) emu::fail("mbarrier.init: more than %d mbarriers in a block", emu::ASYNC);
+    m.async = emu::S().async_bars++;
     m.init = true;
     m.init_tid = emu::me().linear;
     m.init_clock = emu::me().clock;
@@ -773,26 +800,37 @@ inline void hn_fence_mbar_init() {}
 // strides of W and H (low and high 32 bits). Elements of 2 bytes, rows of 128 bytes, the 128-byte swizzle.
 namespace emu {
 // One box's bytes landed in shared memory at dst (row i, 16-byte chunk j of a 128-byte row at chunk j ^ (address bit
-// 7..9), the 128-byte swizzle on a 1024-byte aligned box), written by the issuing thread through the async proxy (no
-// fence.proxy.async needed before wgmma reads them), completing `bytes` of bar's transactions: the phase then also
-// carries what the issuing thread knew.
+// 7..9), the 128-byte swizzle on a 1024-byte aligned box), written through the async proxy (no fence.proxy.async
+// needed before wgmma reads them) by bar's copies (their own clock, after the block's threads: see "Ordering"),
+// ordered after what the issuing thread knew, completing `bytes` of bar's transactions: the phase then carries the
+// write.
 inline void tma_land(void* dst, const std::vector<unsigned short>& box, int rows, void* bar, const char* what) {
     State& s = S();
     const int tid = me().linear;
     if ((static_cast<unsigned char*>(dst) - s.smem) % 1024) fail("%s: a 128-byte swizzled box not 1024-byte aligned", what);
     const int bytes = rows * 128;
     smem_write_check(dst, bytes, tid, what);
+    MBarrier& m = mbarrier_at(bar, what, true);
+    if (m.tx < bytes) fail("%s: %d bytes complete on an mbarrier expecting %ld", what, bytes, m.tx);
     for (int i = 0; i < rows; ++i)
         for (int j = 0; j < 8; ++j) {
             const long a = (static_cast<unsigned char*>(dst) - s.smem) + i * 128 + j * 16;
             std::memcpy(s.smem + (a ^ (((a >> 7) & 7) << 4)), box.data() + i * 64 + j * 8, 16);
         }
-    smem_wrote(dst, bytes, tid);
-    for (int o = 0; o < bytes; o += 4) word(static_cast<unsigned char*>(dst) + o).w_seq = 0;   // (async proxy)
-    MBarrier& m = mbarrier_at(bar, what, true);
-    if (m.tx < bytes) fail("%s: %d bytes complete on an mbarrier expecting %ld", what, bytes, m.tx);
+    const int writer = static_cast<int>(s.threads.size()) + m.async, clock = ++s.async_clock[m.async];
+    for (int o = 0; o < bytes; o += 4) {
+        Word& w = word(static_cast<unsigned char*>(dst) + o);
+        w.written = true;
+        w.w_tid = writer;
+        w.w_clock = clock;
+        w.w_seq = 0;                                     // (the async proxy: no fence needed)
+        w.pending = -1;
+        w.nr = 0;
+        if (w.many >= 0) std::fill(s.readers[w.many].begin(), s.readers[w.many].end(), 0);
+    }
+    m.carried[writer] = std::max(m.carried[writer], clock);
     m.tx -= bytes;
-    mbarrier_release(m);
+    ++s.events;
     mbarrier_settle(m);
 }
 inline unsigned short tma_read(const unsigned long long* b, long long offset, const char* what) {
@@ -952,9 +990,9 @@ inline void wgmma(float* d, unsigned long long da, unsigned long long db, int by
                     if (w.pending >= 0) fail("%s: reads shared byte %u with a cp.async in flight", what, off);
                     if (!w.written) fail("%s: reads shared byte %u, never written", what, off);
                     if (!ordered(w.w_tid, w.w_clock, first.linear))
-                        fail("%s: reads shared byte %u written by thread %d without a barrier or mbarrier wait before "
-                             "the warpgroup's first thread", what, off, w.w_tid);
-                    if (s.threads[w.w_tid].fenced < w.w_seq)
+                        fail("%s: reads shared byte %u written by %s %d without a barrier or mbarrier wait before "
+                             "the warpgroup's first thread", what, off, writer_kind(w.w_tid), writer_id(w.w_tid));
+                    if (w.w_seq > 0 && s.threads[w.w_tid].fenced < w.w_seq)
                         fail("%s: reads shared byte %u written by thread %d, no fence.proxy.async after", what, off,
                              w.w_tid);
                     w.wg_busy = wg;
@@ -1138,7 +1176,9 @@ inline std::string launch(EmuDim3 grid, EmuDim3 block, int smem_bytes, std::func
                 s.warps.assign(n / 32, Warp());
                 s.warpgroups.assign((n + 127) / 128, Warpgroup());
                 s.epoch = 0;
-                s.bar_known.assign(n, 0);
+                s.bar_known.assign(n + ASYNC, 0);
+                s.async_bars = 0;
+                std::fill(s.async_clock, s.async_clock + ASYNC, 0);
                 s.readers.clear();
                 std::fill(s.mbars.begin(), s.mbars.begin() + (smem_bytes + 7) / 8, MBarrier());
                 s.bar_arrived = 0;
@@ -1149,7 +1189,7 @@ inline std::string launch(EmuDim3 grid, EmuDim3 block, int smem_bytes, std::func
                 for (int i = 0; i < n; ++i) {
                     Thread& t = s.threads[i];
                     t.linear = i;
-                    t.acq.assign(n, 0);
+                    t.acq.assign(n + ASYNC, 0);
                     t.tid = {static_cast<unsigned>(i % block.x), static_cast<unsigned>((i / block.x) % block.y),
                              static_cast<unsigned>(i / (block.x * block.y))};
                     getcontext(&t.ctx);
