@@ -312,7 +312,7 @@ class TmaTile(Tc16Tile):
     (tma_fits): one im2col box is one tap's 64 channels; the pooled forward also where tma_pool_fits. A persistent
     one ("tp"; the forwards and the data gradient) runs at most min_blocks blocks an SM, each taking tiles in turn,
     its producer loading the next tile while the consumers write the last one's epilogue from a tile of its own after
-    the stages (staged_tile_bytes). A resident one ("tpr"; persistent, the forwards) holds the whole weight tile, up to
+    the stages (staged_tile_bytes). A resident one ("tpr", persistent) holds the whole weight tile, up to
     `resident` K tiles of bm x 64, in shared memory for all its tiles, loaded once, and streams only the gathered
     input through the stages: half the bytes a K tile of a square tile reads from L2. It runs where M <= bm and K <= 64
     resident (tma_tile_fits)."""
