@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     from run_tc_conv_nhwc import RTOL_TC_ROUNDED
 
     from hetnet.backends.cuda import mma
-    from hetnet.backends.cuda.mma_tiles import TILES16T, TmaTile, tma_fits, tma_pool_fits, tma_tile_fits
+    from hetnet.backends.cuda.mma_tiles import TILES16T, TmaTile, tma_fits
     from hetnet.backends.cuda.kernels import get_kernel
     from hetnet.bench.common import environment, write_result
     from hetnet.device import get_backend
@@ -101,19 +101,15 @@ def main(argv=None) -> int:
         buf, _, _ = mma.pooled_outputs(cupy, args.batch, o, h // 2, w // 2, args.out16)
 
         def forward_calls(tile):          # tile: a Tc16Tile
-            plans = {"fwd": lambda: mma.plan_conv16(y, x16, w16, None, 1, 1, act, tile, be.sms),
-                     "data": lambda: mma.plan_conv16_data(dx, dy16, wt16, None, 1, tile, out16=args.out16,
-                                                          sms=be.sms)}
+            calls = {"fwd": mma.plan_conv16(y, x16, w16, None, 1, 1, act, tile, be.sms),
+                     "data": mma.plan_conv16_data(dx, dy16, wt16, None, 1, tile, out16=args.out16,
+                                                  sms=be.sms)}
             if pooled:
-                plans["pool"] = lambda: mma.plan_conv16_pool(buf, x16, w16, None, 1, 1, act, tile, be.sms)
-            if isinstance(tile, TmaTile):            # channels in whole boxes, weights that a resident tile holds
-                fits = {"fwd": tma_fits("fwd", c) and tma_tile_fits(tile, o, 9 * c),
-                        "data": tma_fits("data", o) and tma_tile_fits(tile, c, 9 * o)}
-                fits["pool"] = fits["fwd"] and tma_pool_fits(tile, h, w)
-                plans = {name: plan for name, plan in plans.items() if fits[name]}
-            calls = {name: plan() for name, plan in plans.items()}
+                calls["pool"] = mma.plan_conv16_pool(buf, x16, w16, None, 1, 1, act, tile, be.sms)
             if isinstance(tile, halo.HaloTile):      # (the halo's grid and shared memory)
                 return {name: halo.plan(call) for name, call in calls.items()}
+            if isinstance(tile, TmaTile):            # (no pooled forward; channels in whole boxes)
+                return {name: call for name, call in calls.items() if tma_fits(name, call.geometry[0])}
             return calls
 
         kept = []                         # the r tiles' K-major copy of dy, made once (outside the timed launches)

@@ -402,15 +402,14 @@ def _filter_wino(be, g, dy, x, dw, db):
 def _tiles16(be, op: str, run, g: Geometry | None = None) -> dict:
     """The channels-last candidates of op at be's precision (CL_PREFIX p): p on the large mma.sync tile of
     mma.tiles16(op), p + "s" on the small one, and where the device runs wgmma (kernels.wgmma_ok) p + the name of each
-    wgmma tile (run(tile name, *outputs) launches one), and at bf16 on a convolution g that they fit (mma.tma_fits,
-    tma_tile_fits, tma_pool_fits) p + the name of each TMA-fed tile. All are measured on every shape: the large tile
-    can win even where M fits the small one (64 channels), which a rule by size would not try."""
+    wgmma tile (run(tile name, *outputs) launches one), and at bf16 on a convolution g that they fit (mma.tma_fits) p
+    + the name of each TMA-fed tile. All are measured on every shape: the large tile can win even where M fits the
+    small one (64 channels), which a rule by size would not try."""
     wgmma = wgmma_ok(be.device_id)
     names = _names16(be.precision, op, wgmma)
     if wgmma and g is not None and be.precision == "bf16" and mma.tma_fits(op, g.k if op == "data" else g.c):
-        m, k = (g.c, g.krs) if op == "data" else (g.k, g.crs)      # (the GEMM's rows and reduction)
-        names += [CL_PREFIX["bf16"] + t.name for t in mma.TILES16T[op] if mma.tma_tile_fits(t, m, k)
-                  and (op != "pool" or mma.tma_pool_fits(t, g.p, g.q))]
+        names += [CL_PREFIX["bf16"] + t.name for t in mma.TILES16T[op]
+                  if op != "pool" or mma.tma_pool_fits(t, g.p, g.q)]
     tiles = {name: _tile16_of(op, name) for name in names}
     return {name: lambda *a, tile=tile: run(tile, *a) for name, tile in tiles.items()}
 

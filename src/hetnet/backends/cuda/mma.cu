@@ -1810,8 +1810,7 @@ __device__ __forceinline__ void hn_tma_im2col4d(void* dst, const HnTensorMap& ma
 // eb elements apart, K steps kstep apart, described by desc, MN as hn_wgmma_bf16's) into acc, and once the previous
 // tile's group has finished release that tile's stage: release(stage), an arrival on its "empty" mbarrier (the
 // cluster sandbox's on a block of its cluster). Ends with every wgmma retired and the last tile's stage released.
-// RESIDENT: a is not staged but held whole, K tile kt (of this call's tiles) ea elements after K tile kt - 1.
-template <int STAGES, int WN, int MN, bool RESIDENT = false, class Desc, class Release>
+template <int STAGES, int WN, int MN, class Desc, class Release>
 __device__ __forceinline__ void hn_ws_consume(unsigned long long* full, int first, int tiles, const unsigned short* a,
                                               int ea, const unsigned short* b, int eb, int kstep,
                                               float (&acc)[WN / 8][4], const Desc& desc, const Release& release) {
@@ -1819,8 +1818,7 @@ __device__ __forceinline__ void hn_ws_consume(unsigned long long* full, int firs
         const int i = first + kt, s = i % STAGES;
         while (!hn_mbar_try_wait(full + s, (i / STAGES) & 1)) {}
         hn_wgmma_fence();
-        hn_wgmma_ktile<unsigned short, WN, MN>(acc, desc(a + (RESIDENT ? kt : s) * ea), desc(b + s * eb),
-                                               kstep * 2 / 16);
+        hn_wgmma_ktile<unsigned short, WN, MN>(acc, desc(a + s * ea), desc(b + s * eb), kstep * 2 / 16);
         hn_wgmma_commit();
         hn_wgmma_wait<1>();
         if (kt > 0) release((i - 1) % STAGES);
@@ -1837,34 +1835,23 @@ __device__ __forceinline__ void hn_ws_consume(unsigned long long* full, int firs
 // "empty", arms its "full" and issues copy(t, kt, s, full + s); the rest of its warp returns at once. So while the
 // consumers finish tile t (epi(t, acc), acc float[1][WN / 8][4]), the producer already fills the freed stages with
 // tile t + 1's first K tiles. The consumers run hn_ws_consume into acc, zeroed for each tile.
-// RESIDENT (a persistent block's tiles share A's rows): A is loaded once, before the first stage, and stays: one more
-// mbarrier after the "empty" ones (count 1), which the producer arms with resident_tx bytes and on which it issues
-// load_a(bar); the consumers wait on it once, and read A's K tile kt at a + kt ea (copy fills the B stages only).
-template <int STAGES, int CONSUMERS, int WN, int MN, bool RESIDENT = false, class Copy, class Desc, class Epi,
-          class LoadA = int>
+template <int STAGES, int CONSUMERS, int WN, int MN, class Copy, class Desc, class Epi>
 __device__ __forceinline__ void hn_tma_loop(unsigned char* bars, int count, int ktiles, unsigned tx, const Copy& copy,
                                             const unsigned short* a, int ea, const unsigned short* b, int eb,
-                                            int kstep, const Desc& desc, const Epi& epi, unsigned resident_tx = 0,
-                                            const LoadA& load_a = 0) {
+                                            int kstep, const Desc& desc, const Epi& epi) {
     unsigned long long* full = reinterpret_cast<unsigned long long*>(bars);
     unsigned long long* empty = full + STAGES;
-    unsigned long long* held = empty + STAGES;          // (RESIDENT: A's mbarrier)
     const int tid = threadIdx.x;
     if (tid == 0) {
         for (int s = 0; s < STAGES; ++s) {
             hn_mbar_init(full + s, 1);
             hn_mbar_init(empty + s, CONSUMERS);
         }
-        if constexpr (RESIDENT) hn_mbar_init(held, 1);
         hn_fence_mbar_init();
     }
     __syncthreads();
     if (tid >= CONSUMERS) {
-        if (tid == CONSUMERS && count > 0) {
-            if constexpr (RESIDENT) {
-                hn_mbar_arrive_tx(held, resident_tx);
-                load_a(held);
-            }
+        if (tid == CONSUMERS)
             for (int t = 0, i = 0; t < count; ++t)
                 for (int kt = 0; kt < ktiles; ++kt, ++i) {
                     const int s = i % STAGES;
@@ -1873,17 +1860,13 @@ __device__ __forceinline__ void hn_tma_loop(unsigned char* bars, int count, int 
                     hn_mbar_arrive_tx(full + s, tx);
                     copy(t, kt, s, full + s);
                 }
-        }
         return;
     }
-    if constexpr (RESIDENT)
-        if (count > 0)
-            while (!hn_mbar_try_wait(held, 0)) {}
     float acc[1][WN / 8][4];
     for (int t = 0; t < count; ++t) {
         hn_zero(acc);
-        hn_ws_consume<STAGES, WN, MN, RESIDENT>(full, t * ktiles, ktiles, a, ea, b, eb, kstep, acc[0], desc,
-                                                [&](int stage) { hn_mbar_arrive(empty + stage); });
+        hn_ws_consume<STAGES, WN, MN>(full, t * ktiles, ktiles, a, ea, b, eb, kstep, acc[0], desc,
+                                      [&](int stage) { hn_mbar_arrive(empty + stage); });
         epi(t, acc);
     }
 }
@@ -2133,21 +2116,16 @@ __device__ __forceinline__ void hn_convt_pool_epilogue_of(const HnBlock& b, floa
 // hn_convt_pool_staged's two float32 BM x (BN / 4 + 4): mma_tiles.TmaTile.staged_tile_bytes; bf16 outputs only).
 // sums (null: none): the batch-norm statistics of the forward's or pooled forward's bf16 output, added by the staged
 // epilogues (hn_add_row_sums); the host passes them only where those run (mma.py: epilogue_sums_fit).
-// KT > 0 (PERSIST, M <= BM, K <= 64 KT: mma_tiles.TmaTile.resident): the whole A, K / 64 tiles of BM x 64, is loaded
-// once into KT tiles in place of the A stages and stays for every tile of the block (hn_tma_loop's RESIDENT); the
-// stages hold B only. Shared memory then: 2 STAGES + 1 mbarriers, A's KT tiles, the B stages, the staged tile.
-template <int EPI, int WGM, int WGN, int WN, int STAGES, bool PERSIST, int KT = 0>
+template <int EPI, int WGM, int WGN, int WN, int STAGES, bool PERSIST>
 __device__ __forceinline__ void hn_convt_fwd(unsigned char* smem, const HnTensorMap& amap, const HnTensorMap& bmap,
                                              float* y, int M, int N, int K, const HnConv& cv, double* sums) {
     using T = unsigned short;
     constexpr int CONSUMERS = 128 * WGM * WGN, BM = 64 * WGM, BN = WN * WGN, BK = 64, EA = BM * BK, EB = BN * BK;
-    constexpr int HELD = KT > 0 ? KT : STAGES;                               // A's tiles in shared memory
     static_assert(STAGES >= 2 && BN <= 256 && BM <= 256, "a box holds at most 256 rows");
     static_assert(PERSIST || BM * (BN + 8) * 4 <= STAGES * (EA + EB) * 2,
                   "the staged epilogue's tile fits in the stages");
-    static_assert(KT == 0 || PERSIST, "A stays for the tiles of a persistent block");
-    T* sa = reinterpret_cast<T*>(hn_smem_align1024(smem + 16 * STAGES + (KT > 0 ? 8 : 0)));   // HELD x EA
-    T* sb = sa + HELD * EA;                                                  // STAGES x EB
+    T* sa = reinterpret_cast<T*>(hn_smem_align1024(smem + 16 * STAGES));   // STAGES x EA
+    T* sb = sa + STAGES * EA;                                                // STAGES x EB
     T* staged = PERSIST ? sb + STAGES * EB : sa;                             // (PERSIST: after the stages)
     const int mtiles = (M + BM - 1) / BM, tiles = mtiles * ((N + BN - 1) / BN);
     const int count = PERSIST ? (tiles - static_cast<int>(blockIdx.x) + gridDim.x - 1) / gridDim.x : 1;
@@ -2168,11 +2146,8 @@ __device__ __forceinline__ void hn_convt_fwd(unsigned char* smem, const HnTensor
         const int img = blk.n0 / (P * Q), pq = blk.n0 - img * P * Q, p0 = pq / Q,
                   w0 = (pq - p0 * Q) * cv.stride - cv.pad, h0 = p0 * cv.stride - cv.pad;
         const int k0 = kt * BK, rs = k0 / cv.c, r = rs / cv.s;
-        if constexpr (KT == 0) hn_tma_tile2d(sa + s * EA, amap, k0, blk.m0, bar);
+        hn_tma_tile2d(sa + s * EA, amap, k0, blk.m0, bar);
         hn_tma_im2col4d(sb + s * EB, bmap, k0 - rs * cv.c, w0, h0, img, rs - r * cv.s, r, bar);
-    };
-    auto load_a = [&](void* bar) {             // (KT > 0) A's K tiles, rows 0 .. BM - 1 (every tile's m0 is 0)
-        for (int kt = 0; kt < K / BK; ++kt) hn_tma_tile2d(sa + kt * EA, amap, kt * BK, 0, bar);
     };
     const int wm = 64 * gm + 16 * ((tid >> 5) & 3), wn = WN * gn, lane = tid & 31;
     auto epilogue = [&](int t, float(&acc)[1][WN / 8][4]) {
@@ -2196,10 +2171,9 @@ __device__ __forceinline__ void hn_convt_fwd(unsigned char* smem, const HnTensor
             hn_conv_epilogue<EPI, 1, WN / 8>(blk, acc, M, N, cv, wm, wn, lane);
         }
     };
-    hn_tma_loop<STAGES, CONSUMERS, WN, 0, (KT > 0)>(smem, count, K / BK, 2u * ((KT > 0 ? 0 : EA) + EB), copy,
-                                                     sa + gm * 64 * BK, EA, sb + gn * WN * BK, EB, 16,
-                                                     [](const T* p) { return hn_wgmma_desc(p); }, epilogue,
-                                                     2u * EA * (K / BK), load_a);
+    hn_tma_loop<STAGES, CONSUMERS, WN, 0>(smem, count, K / BK, 2u * (EA + EB), copy, sa + gm * 64 * BK, EA,
+                                          sb + gn * WN * BK, EB, 16, [](const T* p) { return hn_wgmma_desc(p); },
+                                          epilogue);
 }
 
 // The filter gradient's B boxes of the K tile from pixel k0 (hn_convt_filter): BN / 64 im2col boxes of x (bmap: 64
@@ -2250,14 +2224,13 @@ __device__ __forceinline__ void hn_convt_filter(unsigned char* smem, const HnTen
         });
 }
 
-// HN_CONV16T(hn_conv16_fwd_w128x256s4t, 1, 2, 1, 256, 4, 1, 0, 0): HN_CONV16W's forward (EPI 1), data gradient (EPI 2),
+// HN_CONV16T(hn_conv16_fwd_w128x256s4t, 1, 2, 1, 256, 4, 1, 0): HN_CONV16W's forward (EPI 1), data gradient (EPI 2),
 // filter gradient (EPI 3) or pooled forward (EPI 4, its N the convolution's output pixels in rows), its arguments
 // followed by sums (hn_convt_fwd's; null for the gradients) and the two tensor maps (the weights' and the input's for
 // EPI 1, 2 and 4, dy's and x's for EPI 3), on hn_convt_fwd (PERSIST 1: persistent) or hn_convt_filter: WGM x WGN
 // consumer warpgroups and a producer warp, 128 WGM WGN + 32 threads, MINB blocks an SM; shared memory HN_CONV16W's,
-// 16 ST bytes of mbarriers and, PERSIST, the staged epilogue's tile (mma_tiles.TmaTile.staged_tile_bytes); KT > 0,
-// A resident in KT tiles instead (hn_convt_fwd; mma_tiles.TmaTile.smem_bytes).
-#define HN_CONV16T(name, EPI, WGM, WGN, WN, ST, MINB, PERSIST, KT)                                                \
+// 16 ST bytes of mbarriers and, PERSIST, the staged epilogue's tile (mma_tiles.TmaTile.staged_tile_bytes).
+#define HN_CONV16T(name, EPI, WGM, WGN, WN, ST, MINB, PERSIST)                                                    \
     extern "C" __global__ void __launch_bounds__(128 * WGM * WGN + 32, MINB) name(                              \
         const unsigned short* __restrict__ B, const unsigned short* __restrict__ Wt, const float* __restrict__ AUX,  \
         float* __restrict__ Y, int M, int N, int K, int C, int H, int W, int R, int S, int P, int Q, int O,         \
@@ -2269,7 +2242,7 @@ __device__ __forceinline__ void hn_convt_filter(unsigned char* smem, const HnTen
         if constexpr (EPI == 3)                                                                                \
             hn_convt_filter<WGM, WGN, WN, ST>(hn_smem, amap, bmap, Y, M, N, K, splits, kchunk, cv);             \
         else                                                                                                   \
-            hn_convt_fwd<EPI, WGM, WGN, WN, ST, PERSIST, KT>(hn_smem, amap, bmap, Y, M, N, K, cv, sums);       \
+            hn_convt_fwd<EPI, WGM, WGN, WN, ST, PERSIST>(hn_smem, amap, bmap, Y, M, N, K, cv, sums);           \
     }
 
 // The hardware's im2col copy on its own, for its test (tests/test_tma_conv.py): one box of `rows` pixels x 64 channels

@@ -22,8 +22,7 @@ import numpy as np
 
 from .kernels import NULL, address, gemm_operands, get_kernel, leading_dim, wgmma_ok
 from .mma_tiles import (CONV_CHOICE, FrTile, LAYOUTS, PRECISIONS, TILES, TILES16, TILES16T, TILES16W, TILES32, TILES32W,
-                        TILES32X3, TILES32X3W, Tc16Tile, TcTile, TmaTile, tma_fits, tma_pool_fits,
-                        tma_tile_fits)
+                        TILES32X3, TILES32X3W, Tc16Tile, TcTile, TmaTile, tma_fits, tma_pool_fits)
 
 _i32, _i64, _f32 = np.int32, np.int64, np.float32
 DEFAULT_SMEM = 48 * 1024       # dynamic shared memory a launch gets without raising the kernel's limit
@@ -606,9 +605,6 @@ def _call16(op, tile, src, w, aux, out, m, n, k, geometry, act=0, sms=None, spli
     if isinstance(t, TmaTile) and not tma_fits(op, geometry[0]):       # geometry[0]: the gathered channels
         raise ValueError(f"conv16: the TMA tile {t.name} runs the forward, data and filter gradients on channels a "
                          f"multiple of 64, not the {op} op on {geometry[0]}")
-    if isinstance(t, TmaTile) and not tma_tile_fits(t, m, k):
-        raise ValueError(f"conv16: the TMA tile {t.name} holds {t.bm} rows of {64 * t.resident} products, not "
-                         f"{m} of {k}")
     return _tile_call(op, t, src, w, aux, out, m, n, k, geometry, act, sms, splits)
 
 

@@ -39,7 +39,6 @@ CONV_OPS = {"fwd": 1, "data": 2, "filter": 3}
 # windows at stride 2 in its epilogue (EPI 4)
 CONV16_OPS = {**CONV_OPS, "pool": 4}
 CL_PRECISIONS = ("bf16", "tf32", "fp32")      # the precisions with channels-last tiles (Tc16Tile)
-SMEM_LIMIT = 227 * 1024     # a block's dynamic shared memory on sm_90 (sm_80: 163 KB, where no TMA tile runs)
 
 
 @dataclass(frozen=True)
@@ -312,23 +311,17 @@ class TmaTile(Tc16Tile):
     (tma_fits): one im2col box is one tap's 64 channels; the pooled forward also where tma_pool_fits. A persistent
     one ("tp"; the forwards and the data gradient) runs at most min_blocks blocks an SM, each taking tiles in turn,
     its producer loading the next tile while the consumers write the last one's epilogue from a tile of its own after
-    the stages (staged_tile_bytes). A resident one ("tpr", persistent) holds the whole weight tile, up to
-    `resident` K tiles of bm x 64, in shared memory for all its tiles, loaded once, and streams only the gathered
-    input through the stages: half the bytes a K tile of a square tile reads from L2. It runs where M <= bm and K <= 64
-    resident (tma_tile_fits)."""
+    the stages (staged_tile_bytes)."""
 
     persistent: bool = False
-    resident: int = 0        # A's K tiles held in shared memory (0: A streamed through the stages)
 
     def __post_init__(self):
         super().__post_init__()
         assert self.wgmma and self.precision == "bf16" and self.bn <= 256 and self.wn % 64 == 0, self
-        assert not self.resident or self.persistent, self
-        assert self.smem_bytes <= SMEM_LIMIT and self.smem_bytes * self.min_blocks <= 228 * 1024, self
 
     @property
     def name(self) -> str:
-        return super().name + "t" + ("p" if self.persistent else "") + ("r" if self.resident else "")
+        return super().name + "t" + ("p" if self.persistent else "")
 
     @property
     def threads(self) -> int:
@@ -343,23 +336,19 @@ class TmaTile(Tc16Tile):
 
     @property
     def smem_bytes(self) -> int:
-        """Tc16Tile's stages and alignment, 2 stages mbarriers (and a resident tile's one more, with A's resident K
-        tiles in place of its A stages), the staged tile."""
-        a_tiles = (self.resident - self.stages) * self.bm * 128 + 8 if self.resident else 0
-        return super().smem_bytes + 16 * self.stages + a_tiles + self.staged_tile_bytes
+        return super().smem_bytes + 16 * self.stages + self.staged_tile_bytes
 
     def instantiation(self, op: str) -> str:
         """mma.cu's line that defines conv_kernel(op)."""
         assert op in TMA_OPS and not (self.persistent and op == "filter"), (self, op)
         return (f"HN_CONV16T({self.conv_kernel(op)}, {CONV16_OPS[op]}, {self.bm // 64}, {self.bn // self.wn}, "
-                f"{self.wn}, {self.stages}, {self.min_blocks}, {int(self.persistent)}, {self.resident})")
+                f"{self.wn}, {self.stages}, {self.min_blocks}, {int(self.persistent)})")
 
 
-def tma_tile(bm: int, bn: int, stages: int, min_blocks: int = 1, persistent: bool = False,
-             resident: int = 0) -> TmaTile:
+def tma_tile(bm: int, bn: int, stages: int, min_blocks: int = 1, persistent: bool = False) -> TmaTile:
     """A TMA-fed bf16 tile of (bm / 64) warpgroups of 64 x bn, K tiles of 64, min_blocks blocks an SM; persistent:
-    at most min_blocks blocks an SM, each looping over tiles; resident: A's K tiles held (persistent)."""
-    return TmaTile(bm, bn, 64, 64, bn, stages, min_blocks, wgmma=True, persistent=persistent, resident=resident)
+    at most min_blocks blocks an SM, each looping over tiles."""
+    return TmaTile(bm, bn, 64, 64, bn, stages, min_blocks, wgmma=True, persistent=persistent)
 
 
 TMA_OPS = ("fwd", "data", "filter", "pool")
@@ -372,12 +361,6 @@ def tma_fits(op: str, gathered_channels: int) -> bool:
     return op in TMA_OPS and gathered_channels % 64 == 0
 
 
-def tma_tile_fits(tile: TmaTile, m: int, k: int) -> bool:
-    """Whether the TMA tile runs an op of GEMM rows m and reduction k: a resident tile holds the whole A (m <= bm,
-    k <= 64 resident); the others any."""
-    return not tile.resident or (m <= tile.bm and k <= 64 * tile.resident)
-
-
 def tma_pool_fits(tile: TmaTile, p: int, q: int) -> bool:
     """Whether the TMA tile's pooled forward (its columns the convolution's p x q output pixels, in rows) runs: even p
     and q, q of 8, 16 or 32, and a warpgroup's columns whole pairs of rows (mma.cu hn_convt_pool_epilogue)."""
@@ -387,11 +370,9 @@ def tma_pool_fits(tile: TmaTile, p: int, q: int) -> bool:
 # The TMA-fed tiles (mma.plan_conv16 and the others take them by name or as tiles; conv.py measures them at bf16
 # where tma_fits: benchmarks/kernels/NOTES.md, "The bf16 convolutions fed by TMA" and the sections after it). The
 # two-blocks-an-SM ones are there so that one block's epilogue can overlap the other's K loop; the persistent ones
-# so that a block's epilogue overlaps its own next tile's loads; the resident one for convolutions whose weights fit
-# shared memory (up to 128 channels out of 576 = 64 x 3 x 3 products), so that a K tile reads only the input from L2.
+# so that a block's epilogue overlaps its own next tile's loads.
 TILES16T = {"fwd": (tma_tile(128, 256, 4), tma_tile(128, 128, 6), tma_tile(64, 256, 5), tma_tile(128, 128, 3, 2),
-                    tma_tile(64, 128, 4, 2), tma_tile(128, 256, 3, persistent=True),
-                    tma_tile(128, 64, 7, persistent=True, resident=9)),
+                    tma_tile(64, 128, 4, 2), tma_tile(128, 256, 3, persistent=True)),
             "filter": (tma_tile(128, 256, 4), tma_tile(128, 128, 6), tma_tile(128, 128, 3, 2))}
 TILES16T["data"] = TILES16T["pool"] = TILES16T["fwd"]      # (the forward's kernel body)
 
