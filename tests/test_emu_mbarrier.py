@@ -4,6 +4,7 @@ a consumer warp waits on it, reads every word of the stage (each written by anot
 memory and frees the stage through an "empty" mbarrier, which the producer waits on before it refills the stage -- the
 warp-specialised pipeline of a convolution's producer and consumer warps, without a __syncthreads in the loop. The
 correct kernel passes for several orders of the threads; each mutation is one launch error with its own message.
+Then a TMA copy: its bytes are read only by threads ordered after a wait on the mbarrier it completes on.
 Needs g++ (skipped without); no GPU."""
 from __future__ import annotations
 
@@ -112,3 +113,78 @@ def test_each_missing_order_is_an_error(emu, mode, message):
     for seed in (1, 2, 3):
         rc, msg, _, _ = _run(emu, mode, seed)
         assert rc == 1 and re.search(message, msg), (seed, msg)
+
+
+TMA_KERNEL = """
+struct EmuMap { unsigned long long bits[16]; };
+// Thread 0 copies a 64 x 64 bf16 tile by TMA (completing on "bar"), then arrives on "ready"; warp 1 reads it.
+// mode 0: warp 1 waits on "bar"; 1: warp 1 waits on "ready" only (it knows what thread 0 knew, not the copy);
+// 2: thread 32 alone waits on "bar", then a __syncthreads, then warp 1 reads (the barrier publishes the copy)
+__global__ void tma_read(const EmuMap map, float* out, int mode) {
+    HN_DYNAMIC_SMEM(smem);
+    void* bar = smem;
+    void* ready = smem + 8;
+    const float* tile = reinterpret_cast<const float*>(smem + 1024);
+    const int t = threadIdx.x;
+    if (t == 0) {
+        hn_mbar_init(bar, 1);
+        hn_mbar_init(ready, 1);
+        hn_fence_mbar_init();
+    }
+    __syncthreads();
+    if (t == 0) {
+        hn_mbar_arrive_tx(bar, 64 * 128);
+        hn_tma_tile2d(smem + 1024, map, 0, 0, bar);
+        hn_mbar_arrive(ready);
+    }
+    if (t >= 32 && (mode == 0 || (mode == 2 && t == 32)))
+        while (!hn_mbar_try_wait(bar, 0)) {}
+    if (t >= 32 && mode == 1)
+        while (!hn_mbar_try_wait(ready, 0)) {}
+    if (mode == 2) __syncthreads();
+    if (t >= 32) hn_st(out + t - 32, hn_lds(tile + 33 * (t - 32)));
+}
+extern "C" int emu_tma_read(const unsigned short* src, float* out, int mode, unsigned seed, char* err, int len) {
+    emu::S().ranges = {{(const unsigned char*)src, 64 * 128, false}, {(const unsigned char*)out, 32 * 4, true}};
+    EmuMap map = {};
+    map.bits[0] = 1;                                         // a tile map (tests/emu_tma.py's encoding)
+    map.bits[1] = reinterpret_cast<unsigned long long>(src);
+    map.bits[2] = map.bits[3] = 64;                          // 64 x 64 elements
+    map.bits[6] = 128;                                       // bytes a row
+    map.bits[9] = map.bits[10] = 64;                         // the box: 64 rows of 64
+    std::string msg = emu::launch({1, 1, 1}, {64, 1, 1}, 1024 + 64 * 128, [=] { tma_read(map, out, mode); }, seed);
+    snprintf(err, len, "%s", msg.c_str());
+    return msg.empty() ? 0 : 1;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def emu_tma(tmp_path_factory):
+    return build_emulated(tmp_path_factory.mktemp("emu_tma"), "tma", TMA_KERNEL)
+
+
+@pytest.mark.parametrize("mode,message", [(0, ""), (2, ""), (1, "written by the TMA copies of .*mbarrier 0 without")],
+                         ids=["waits-on-the-copy", "barrier-after-one-wait", "waits-on-another-mbarrier"])
+def test_a_tma_copy_is_read_only_after_a_wait_on_its_mbarrier(emu_tma, mode, message):
+    """A TMA copy's bytes are the async proxy's, not the issuing thread's: a thread reads them after waiting on the
+    mbarrier the copy completes on, or after a barrier that follows some thread's wait on it; waiting on another
+    mbarrier that the issuing thread arrived on after the copy is a race. The words read are the source's, swizzled
+    (row i's 16-byte chunk j at chunk j ^ (i % 8))."""
+    import re
+
+    src = np.arange(64 * 64, dtype=np.uint16)
+    for seed in (1, 2, 3):
+        out = np.full(32, np.nan, np.float32)
+        err = ctypes.create_string_buffer(512)
+        rc = emu_tma.emu_tma_read(src.ctypes.data_as(ctypes.c_void_p), out.ctypes.data_as(ctypes.c_void_p), mode,
+                                  seed, err, 512)
+        if message:
+            assert rc == 1 and re.search(message, err.value.decode()), (seed, err.value.decode())
+            continue
+        assert rc == 0, err.value.decode()
+        got = out.view(np.uint32)
+        for i in range(32):                    # word 33 i: row, 16-byte chunk and word of the swizzled tile
+            row, chunk, word = 33 * i // 32, 33 * i % 32 // 4, 33 * i % 4
+            first = row * 64 + (chunk ^ (row % 8)) * 8 + 2 * word
+            assert got[i] == int(src[first]) | int(src[first + 1]) << 16, (i, hex(got[i]))
