@@ -710,6 +710,12 @@ def takes_nhwc16(be, x_shape, feeds) -> bool:
             and _kept16(be, Geometry(n, c, h, wd, k, r, s, int(stride), int(pad))) is not None)
 
 
+def _fed_geometry(grad_feeds) -> Geometry:
+    """The geometry of the convolution that grad_feeds names (takes_dy16's layout)."""
+    w_shape, stride, pad, x_shape, _ = grad_feeds
+    return Geometry(*x_shape, w_shape[0], w_shape[2], w_shape[3], int(stride), int(pad))
+
+
 def takes_dy16(be, y_shape, grad_feeds) -> bool:
     """Whether the convolution backward that `grad_feeds` names reads the gradient of y_shape (N, K, P, Q) as an
     Nhwc16 alone: grad_feeds = (w_shape, stride, padding, x_shape, pool) of the Conv2D (-> MaxPool2D, pool = (kernel,
@@ -719,17 +725,17 @@ def takes_dy16(be, y_shape, grad_feeds) -> bool:
     pooled gradient's copy would take as many bytes as the float32 that pool_grad_nhwc32 reads."""
     if grad_feeds is None or len(y_shape) != 4 or be.precision not in HANDS_OVER:
         return False
-    w_shape, stride, pad, x_shape, pool = grad_feeds
+    w_shape, _, _, x_shape, pool = grad_feeds
     if x_shape is None or len(x_shape) != 4 or len(w_shape) != 4:
         return False
     n, c, h, wd = x_shape
-    k, c2, r, s = w_shape
+    k, c2 = w_shape[:2]
     chunk = 2 if be.precision == "bf16" else mma.CHUNK[be.precision]    # (bf16 pairs; tf32's 16-byte chunks)
     if c2 != c or k % chunk or not 0 < n <= mma.GRID_YZ or n * h * wd >= 2**31:
         return False
     if pool is not None and be.precision != "bf16":
         return False
-    g = Geometry(n, c, h, wd, k, r, s, int(stride), int(pad))
+    g = _fed_geometry(grad_feeds)
     if pool is None:
         want = (n, k, g.p, g.q)
     else:
@@ -739,12 +745,6 @@ def takes_dy16(be, y_shape, grad_feeds) -> bool:
         want = (n, k, g.p // kernel, g.q // kernel)
     return (tuple(y_shape) == want and _measured16(be, "filter", g) is not None
             and _measured16(be, "data", g) is not None)
-
-
-def _fed_geometry(grad_feeds) -> Geometry:
-    """The geometry of the convolution that grad_feeds names (takes_dy16's layout)."""
-    w_shape, stride, pad, x_shape, _ = grad_feeds
-    return Geometry(*x_shape, w_shape[0], w_shape[2], w_shape[3], int(stride), int(pad))
 
 
 def dy16_k_major(be, grad_feeds) -> bool:
